@@ -1,0 +1,2048 @@
+"""stackops: run a Python function or script detached on this machine or one reachable over SSH.
+
+A job is a folder: the function or script to call, its arguments, a generated shell launcher and
+Python wrapper, and a copy of this very file, so the executing machine needs nothing but python3
+(3.8 or newer). The job runs detached, waits for one of the machine's slots (at most
+``max_simultaneous_jobs`` at once, first come first served), and leaves its status, times, log
+and results path in the folder, where ``check_job_status`` reads them.
+
+Three ways to use it:
+
+    import stackops                               # vendored module
+    python stackops.py run train.py --wait        # command line (also the `stackops` script)
+    python3 stackops.py --help                    # copied onto a server: standard library only
+
+Sections (bottom-up; each uses only the sections above it; 0-8 are standard library only):
+
+     0  header          this docstring, version, __all__
+     1  imports         standard library; lazy accessor for psutil
+     2  constants       defaults, file names inside a job folder, status literals
+     3  errors          StackopsError and its subclasses
+     4  utilities       atomic writes, home-relative paths, quoting, times, process liveness
+     5  models          RemoteStackOpsConfig, WorkloadParams, JobStatus, ExecutionTimings, JobParams
+     6  templates       the shell launcher and the Python wrapper, one strict renderer
+     7  job folder      FileManager: layout, slots and queue, status
+     8  job execution   what the wrapper runs on the executing machine
+     9  remote machine  RemoteMachine: generate, submit, fire, status, results
+    10  CLI             argument parser, one small handler per command, main(argv) -> int
+
+Environment variables (read on the machine where they matter):
+
+    STACKOPS_STATE_DIR   slots, queue and job views of this machine and user
+                         (default ~/tmp_results/remote_machines/file_manager)
+    STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
+"""
+
+from __future__ import annotations
+
+# ============================================================================================
+# 1. imports
+# ============================================================================================
+
+import dataclasses
+import datetime as _dt
+import errno
+import fcntl
+import json
+import logging
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:  # pragma: no cover
+    import psutil as _psutil_module
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StackopsError", "ConfigError", "DependencyError", "SlotError", "CommandError", "JobFailedError",
+    "RemoteStackOpsConfig", "WorkloadParams", "JobStatus", "ExecutionTimings", "JobParams",
+    "FileManager", "render_execution_script", "render_shell_script", "RemoteMachine",
+    "run_job", "call_job_part", "demo_job", "main",
+]
+
+log = logging.getLogger("stackops")
+
+
+def _psutil() -> "_psutil_module | None":
+    """psutil when installed, else None: every caller has a standard-library fallback."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+# ============================================================================================
+# 2. constants
+# ============================================================================================
+
+DEFAULT_BASE_DIR = "~/tmp_results/remote_machines/jobs"
+DEFAULT_STATE_DIR = "~/tmp_results/remote_machines/file_manager"
+DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
+DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
+
+STATUSES = ("queued", "waiting", "running", "completed", "failed")
+TERMINAL_STATUSES = ("completed", "failed")
+TRANSFER_METHODS = ("sftp", "cloud")
+LAUNCH_METHODS = ("remotely", "cloud_manager")
+MACHINE_TYPES = ("Linux",)
+
+# inside a job folder {base_dir}/queued/{job_id}/
+JOB_PARAMS_JSON = "data/job_params.json"
+KWARGS_JSON = "data/func_kwargs.json"
+FILE_MANAGER_JSON = "data/file_manager.json"
+REMOTE_MACHINE_JSON = "data/remote_machine.json"
+CONFIG_JSON = "data/remote_machine_config.json"
+INSTANCE_PICKLE = "data/instance.pickle"
+WRAPPER_PY = "python/cluster_wrap.py"
+STACKOPS_COPY = "python/stackops.py"
+LAUNCHER_SH = "shell/cluster_script.sh"
+LOGS = "logs"
+STATUS_TXT = "logs/status.txt"
+PID_TXT = "logs/pid.txt"
+LAUNCHER_PID_TXT = "logs/launcher_pid.txt"
+TICKET_TXT = "logs/ticket.txt"
+START_TXT = "logs/start_time.txt"
+END_TXT = "logs/end_time.txt"
+ERROR_TXT = "logs/error_message.txt"
+RESULTS_TXT = "logs/results_folder_path.txt"
+TIMINGS_JSON = "logs/execution_timings.json"
+OUTPUT_LOG = "logs/output.log"
+
+# inside the state directory of a machine and user
+QUEUED_VIEW = "queued_jobs.json"
+RUNNING_VIEW = "running_jobs.json"
+HISTORY_VIEW = "history_jobs.json"
+HISTORY_KEEP = 500
+
+SLOT_POLL_HEAD = 0.05    # the first waiter looks for a free slot this often (seconds)
+SLOT_POLL_OTHERS = 0.25  # the others look whether they have become first
+STARTUP_GRACE = 60.0     # an unlocked queue entry of a job whose wrapper has not started yet
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_ADJECTIVES = ("amber", "brisk", "calm", "deft", "eager", "fair", "glad", "keen", "lucid",
+               "mellow", "nimble", "proud", "quiet", "rapid", "sunny", "tidy", "vivid", "witty")
+_NOUNS = ("badger", "cedar", "comet", "falcon", "fjord", "heron", "lynx", "maple", "otter",
+          "pebble", "quartz", "raven", "river", "spruce", "tundra", "walrus", "willow", "zephyr")
+
+
+# ============================================================================================
+# 3. errors
+# ============================================================================================
+
+class StackopsError(Exception):
+    """Root of every error stackops raises; ``hint`` says what to do about it."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class ConfigError(StackopsError, ValueError):
+    """Bad input: refused before anything is written or sent."""
+
+
+class DependencyError(StackopsError, ImportError):
+    """A program or package this operation needs is missing."""
+
+
+class SlotError(StackopsError):
+    """Trouble with the slots or the queue of a machine."""
+
+
+class CommandError(StackopsError):
+    """A command failed: carries where, what, its exit status and the tail of its stderr."""
+
+    def __init__(self, host: str, command: str, exit_status: int | None, stderr: str,
+                 hint: str | None = None) -> None:
+        self.host, self.command, self.exit_status = host, command, exit_status
+        self.stderr_tail = _tail(stderr, 20)
+        message = f"command failed on {host} (exit status {exit_status}): {_shorten(command, 200)}"
+        if self.stderr_tail:
+            message += "\n" + self.stderr_tail
+        super().__init__(message, hint)
+
+
+class JobFailedError(StackopsError):
+    """A job ended in ``failed``; ``error_message`` holds its traceback or reason."""
+
+    def __init__(self, job_id: str, error_message: str) -> None:
+        self.job_id, self.error_message = job_id, error_message
+        super().__init__(f"job {job_id} failed: {_last_line(error_message) or 'no reason recorded'}",
+                         hint=f"full error: python stackops.py status {job_id}")
+
+
+# ============================================================================================
+# 4. utilities
+# ============================================================================================
+
+def _tail(text: str, lines: int) -> str:
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:]) if text else ""
+
+
+def _last_line(text: str) -> str:
+    return _tail(text, 1).strip()
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _mkdir_private(path: Path) -> Path:
+    """Create ``path`` and missing parents; the leaf is private to the user (0700)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write a whole file or nothing: temp file, fsync, rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    _atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    """Parse a JSON file; a corrupted or missing one is a StackopsError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StackopsError(f"missing file: {path}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StackopsError(f"corrupted JSON in {path}: {exc}",
+                            hint="the job folder was damaged; submit the job again") from exc
+
+
+def _read_text(path: Path, default: str = "") -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return default
+
+
+class _suppress:
+    """contextlib.suppress without importing contextlib on the hot path."""
+
+    def __init__(self, *exceptions: type[BaseException]) -> None:
+        self.exceptions = exceptions
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, self.exceptions)
+
+
+def collapse_home(path: str | os.PathLike[str]) -> str:
+    """``~/rel`` for a path inside this machine's home, else the absolute path."""
+    full = Path(os.path.abspath(os.path.expanduser(str(path))))
+    home = Path.home()
+    if full == home:
+        return "~"
+    try:
+        return "~/" + full.relative_to(home).as_posix()
+    except ValueError:
+        return full.as_posix()
+
+
+def expand_home(path: str | os.PathLike[str]) -> Path:
+    """The home-relative or absolute ``path`` as an absolute path on this machine."""
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def _sh_path(path: str) -> str:
+    """A path for generated shell: ``~/x y`` becomes ``"$HOME"/'x y'``; the rest is quoted."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def check_safe_name(name: Any, what: str = "job_id") -> str:
+    """A name usable as a folder and in commands: letters, digits and ``._-``, not first ``.``/``-``."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+        raise ConfigError(f"{what} {name!r} is not a safe name",
+                          hint="use letters, digits, '.', '_' and '-', not starting with '.' or '-', "
+                               "at most 128 characters")
+    return name
+
+
+def _random_job_id() -> str:
+    rng = random.SystemRandom()
+    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{rng.getrandbits(16):04x}"
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _iso(moment: _dt.datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _parse_iso(text: str | None) -> _dt.datetime | None:
+    if not text:
+        return None
+    try:
+        return _dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _process_state(pid: int) -> tuple[bool, str]:
+    """(alive, command line) of ``pid`` on this machine; a zombie counts as dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        state = stat.rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X"), cmdline.decode("utf-8", "replace")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        if Path("/proc/self/stat").exists():
+            return False, ""
+    except PermissionError:
+        return True, ""
+    psutil = _psutil()  # no /proc (macOS): psutil when present, else a bare signal 0
+    if psutil is not None:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False, ""
+            return True, " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return False, ""
+        except psutil.AccessDenied:
+            return True, ""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, ""
+    except PermissionError:
+        pass
+    return True, ""
+
+
+def pid_is_alive(pid: int, marker: str | None = None) -> bool:
+    """True when ``pid`` runs and is not a zombie; with ``marker``, its command line must name it
+    (a reused pid belongs to some other program and does not count)."""
+    alive, cmdline = _process_state(pid)
+    return alive and (marker is None or not cmdline or marker in cmdline)
+
+
+def _read_int(path: Path) -> int | None:
+    text = _read_text(path).strip()
+    return int(text) if text.isdigit() else None
+
+
+# ============================================================================================
+# 5. models
+# ============================================================================================
+
+_SIMPLE_TYPES: dict[str, Any] = {"str": str, "int": int, "float": (int, float), "bool": bool,
+                                 "dict": dict, "None": type(None), "Any": object}
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    if annotation.startswith("list[") and annotation.endswith("]"):
+        inner = annotation[5:-1]
+        return isinstance(value, list) and all(_matches(item, inner) for item in value)
+    if annotation.startswith("dict["):
+        return isinstance(value, dict)
+    if annotation in ("int", "float") and isinstance(value, bool):
+        return False  # True is an int to Python, not to a config file
+    kind = _SIMPLE_TYPES.get(annotation) or globals().get(annotation)
+    return kind is not None and isinstance(value, kind)
+
+
+def _validate_fields(instance: Any) -> None:
+    """Refuse a dataclass whose values do not match the annotations (strings, since PEP 563)."""
+    for spec in dataclasses.fields(instance):
+        value = getattr(instance, spec.name)
+        options = [part.strip() for part in str(spec.type).split("|")]
+        if not any(_matches(value, option) for option in options):
+            raise ConfigError(f"{type(instance).__name__}.{spec.name} must be {spec.type}, "
+                              f"got {type(value).__name__} {_shorten(repr(value), 60)}")
+
+
+def _from_plain(cls: Any, data: Any, required: tuple[str, ...] = ()) -> Any:
+    """Build dataclass ``cls`` from a dict, refusing unknown and missing required keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    names = {spec.name for spec in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"{cls.__name__}: missing field(s) {', '.join(missing)}")
+    return cls(**data)
+
+
+@dataclasses.dataclass
+class WorkloadParams:
+    """A slice ``[idx_start, idx_end)`` of the index range ``[idx_min, idx_max)`` of a workload."""
+
+    idx_min: int = 0
+    idx_max: int = 1000
+    idx_start: int = 0
+    idx_end: int = 1000
+    idx: int = 0
+    jobs: int = 3
+    job_id: str = ""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        if not self.idx_min <= self.idx_start <= self.idx_end <= self.idx_max:
+            raise ConfigError(f"WorkloadParams needs idx_min <= idx_start <= idx_end <= idx_max, got "
+                              f"{self.idx_min}, {self.idx_start}, {self.idx_end}, {self.idx_max}")
+        if self.jobs < 1:
+            raise ConfigError(f"WorkloadParams.jobs must be at least 1, got {self.jobs}")
+
+    @classmethod
+    def default(cls) -> WorkloadParams:
+        return cls()
+
+    @property
+    def save_suffix(self) -> str:
+        return f"machine_{self.idx_start}_{self.idx_end}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> WorkloadParams:
+        return _from_plain(cls, data)
+
+    def split_to_jobs(self, jobs: int | None = None) -> list[WorkloadParams]:
+        """Cut this slice into ``jobs`` contiguous parts that cover it exactly once, the larger
+        parts last: [0, 7) in 3 gives [0, 2), [2, 4), [4, 7)."""
+        jobs = self.jobs if jobs is None else jobs
+        total = self.idx_end - self.idx_start
+        count = min(jobs, total)
+        if count <= 0:
+            return []
+        bounds = [self.idx_start + (i * total) // count for i in range(count + 1)]
+        return [dataclasses.replace(self, idx_start=bounds[i], idx_end=bounds[i + 1], idx=i)
+                for i in range(count)]
+
+    def get_section_from_series(self, series: list[Any]) -> tuple[Any, Any]:
+        """The items of ``series`` (e.g. dates) at this slice's start and end, mapped onto it by
+        the slice's position in the whole range."""
+        if not series:
+            raise ConfigError("get_section_from_series needs a non-empty series")
+        span = self.idx_max - self.idx_min
+        if span <= 0:
+            raise ConfigError("get_section_from_series needs idx_max > idx_min")
+        last = len(series) - 1
+        return (series[last * (self.idx_start - self.idx_min) // span],
+                series[last * (self.idx_end - self.idx_min) // span])
+
+    def summary(self) -> str:
+        span = self.idx_max - self.idx_min
+        share = (self.idx_end - self.idx_start) / span * 100 if span > 0 else 0.0
+        return f"Workload: {share:.2f}% of total, split among {self.jobs} threads."
+
+
+def _user_config_path() -> Path:
+    return expand_home(os.environ.get("STACKOPS_CONFIG") or DEFAULT_USER_CONFIG)
+
+
+def read_user_config_value(key: str, purpose: str) -> str:
+    """One string from the user config file, or a ConfigError naming the file and the key."""
+    path = _user_config_path()
+    hint = f'add {{"{key}": "..."}} to {path}, or pass the value explicitly'
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{purpose} needs '{key}', and {path} does not exist", hint=hint) from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{purpose} needs '{key}', and {path} cannot be read: {exc}", hint=hint) from exc
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{purpose} needs '{key}', which {path} does not set", hint=hint)
+    return value
+
+
+@dataclasses.dataclass
+class RemoteStackOpsConfig:
+    """What to run where, and how: the typed job description a RemoteMachine consumes."""
+
+    job_id: str = dataclasses.field(default_factory=_random_job_id)
+    base_dir: str = DEFAULT_BASE_DIR
+    description: str = ""
+    ssh_host: str | None = None
+    copy_repo: bool = False
+    update_repo: bool = False
+    install_repo: bool = False
+    data: list[str] = dataclasses.field(default_factory=list)
+    transfer_method: str = "sftp"
+    cloud_name: str | None = None
+    allowed_remotes: list[str] | None = None
+    notify_upon_completion: bool = False
+    to_email: str | None = None
+    email_config_name: str | None = None
+    launch_method: str = "remotely"
+    interactive: bool = False
+    wrap_in_try_except: bool = False
+    parallelize: bool = False
+    lock_resources: bool = True
+    max_simultaneous_jobs: int = 1
+    workload_params: WorkloadParams | None = None
+    python: str | None = None  # interpreter on the executing machine; None: this one locally
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workload_params, dict):
+            self.workload_params = WorkloadParams.from_dict(self.workload_params)
+        _validate_fields(self)
+        check_safe_name(self.job_id)
+        if not self.base_dir.strip():
+            raise ConfigError("base_dir must not be empty")
+        if self.transfer_method not in TRANSFER_METHODS:
+            raise ConfigError(f"transfer_method must be one of {', '.join(TRANSFER_METHODS)}, "
+                              f"got {self.transfer_method!r}")
+        if self.launch_method not in LAUNCH_METHODS:
+            raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
+                              f"got {self.launch_method!r}")
+        if self.transfer_method == "cloud" and not self.cloud_name:
+            raise ConfigError("cloud_name must be provided when transfer_method is 'cloud'",
+                              hint="pass cloud_name=<an rclone remote name>")
+        if self.max_simultaneous_jobs < 1:
+            raise ConfigError(f"max_simultaneous_jobs must be at least 1, got {self.max_simultaneous_jobs}")
+        if self.parallelize and self.workload_params is None:
+            raise ConfigError("parallelize=True needs workload_params: the index range to split",
+                              hint="pass workload_params=WorkloadParams(idx_start=0, idx_end=N, jobs=K)")
+        if self.python is not None and not self.python.strip():
+            raise ConfigError("python must name an interpreter, e.g. 'python3'")
+        if self.notify_upon_completion:
+            if self.to_email is None:
+                self.to_email = read_user_config_value("default_email_address", "notify_upon_completion")
+            if self.email_config_name is None:
+                self.email_config_name = read_user_config_value("default_email_config",
+                                                                "notify_upon_completion")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RemoteStackOpsConfig:
+        return _from_plain(cls, data, required=("job_id",))
+
+
+@dataclasses.dataclass
+class JobStatus:
+    """Everything known about a job at one moment, as plain data."""
+
+    job_id: str
+    status: str
+    pid: int | None = None
+    submission_time: str | None = None
+    start_time: str | None = None
+    end_time: str | None = None
+    results_path: str | None = None
+    error_message: str = ""
+    place: int | None = None  # 1 = next to get a slot, while waiting
+    host: str = "localhost"
+    log_tail: str = ""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        if self.status not in STATUSES:
+            raise ConfigError(f"unsupported job status {self.status!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> JobStatus:
+        return _from_plain(cls, data, required=("job_id", "status"))
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclasses.dataclass
+class ExecutionTimings:
+    """When a job was submitted, started and ended (timezone-aware)."""
+
+    submission_time: _dt.datetime | None = None
+    start_utc: _dt.datetime | None = None
+    end_utc: _dt.datetime | None = None
+    start_local: _dt.datetime | None = None
+    end_local: _dt.datetime | None = None
+
+    @property
+    def execution_duration(self) -> _dt.timedelta | None:
+        return self.end_utc - self.start_utc if self.start_utc and self.end_utc else None
+
+    @property
+    def wait_duration(self) -> _dt.timedelta | None:
+        return self.start_utc - self.submission_time if self.start_utc and self.submission_time else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {spec.name: _iso(getattr(self, spec.name)) for spec in dataclasses.fields(self)}
+        for name in ("execution_duration", "wait_duration"):
+            delta = getattr(self, name)
+            data[name + "_seconds"] = delta.total_seconds() if delta is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ExecutionTimings:
+        if not isinstance(data, dict):
+            raise ConfigError("ExecutionTimings: expected a JSON object")
+        names = [spec.name for spec in dataclasses.fields(cls)]
+        return cls(**{name: _parse_iso(data.get(name)) for name in names})
+
+
+def find_repo_root(path: Path, fallback: Path | None = None) -> Path:
+    """The git work tree holding ``path`` (a folder with ``.git``), else ``fallback`` or the
+    file's folder."""
+    start = path if path.is_dir() else path.parent
+    for folder in (start, *start.parents):
+        if (folder / ".git").exists():
+            return folder
+    return fallback or start
+
+
+def _import_root(file: Path, module: str) -> Path:
+    """The folder that must be on sys.path for ``import module`` to load ``file``."""
+    parts = module.split(".")
+    ups = len(parts) if file.name == "__init__.py" else len(parts) - 1
+    root = file.parent
+    for _ in range(ups):
+        root = root.parent
+    expected = Path(*parts) / "__init__.py" if file.name == "__init__.py" else Path(*parts).with_suffix(".py")
+    if root / expected != file:
+        raise ConfigError(f"module {module} does not match its file {file}",
+                          hint="pass a function imported normally from a module of your repo")
+    return root
+
+
+def _module_name_for(file: Path) -> str:
+    """Dotted module name of ``file``, climbing while the folders are packages."""
+    parts = [file.stem] if file.name != "__init__.py" else []
+    folder = file.parent
+    while (folder / "__init__.py").exists():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return ".".join(parts)
+
+
+def _top_level_names(file: Path) -> set[str]:
+    """Names a module defines at its top level, read without importing it."""
+    import ast
+
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+    except (SyntaxError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"cannot read {file}: {exc}") from exc
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    return names
+
+
+@dataclasses.dataclass
+class JobParams:
+    """What the wrapper runs, located relative to home and to the repo so that it travels:
+    ``*_rh`` paths are home-relative (``~/...``), ``*_r`` paths are relative to the repo root."""
+
+    description: str = ""
+    ssh_repr: str = ""
+    ssh_repr_remote: str = ""
+    error_message: str = ""
+    session_name: str = ""
+    tab_name: str = ""
+    file_manager_path: str = FILE_MANAGER_JSON
+    repo_path_rh: str = ""
+    file_path_rh: str = ""
+    file_path_r: str = ""
+    func_module: str = ""
+    func_class: str | None = None
+    func_name: str | None = None
+    kind: str = "script"  # script | function | method | run_path
+    import_root_r: str = "."
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        if self.kind not in ("script", "function", "method", "run_path"):
+            raise ConfigError(f"JobParams.kind {self.kind!r} is not script, function, method or run_path")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> JobParams:
+        return _from_plain(cls, data)
+
+    @classmethod
+    def _located(cls, file: Path, repo: Path | None = None, **fields: Any) -> JobParams:
+        repo = repo or find_repo_root(file)
+        rel = file.relative_to(repo).as_posix()
+        return cls(repo_path_rh=collapse_home(repo), file_path_rh=collapse_home(file), file_path_r=rel,
+                   **fields)
+
+    @classmethod
+    def from_script(cls, path: str | os.PathLike[str]) -> JobParams:
+        file = expand_home(path)
+        if not file.exists():
+            raise ConfigError(f"script not found: {path}")
+        if not file.is_file():
+            raise ConfigError(f"not a script file: {path} is a {'directory' if file.is_dir() else 'special file'}")
+        return cls._located(file.resolve(), func_module=file.stem, kind="script")
+
+    @classmethod
+    def from_function_ref(cls, ref: str) -> JobParams:
+        """``path/to/file.py:func`` or ``path/to/file.py:Class.func``, checked without importing it."""
+        path, sep, qualname = ref.rpartition(":")
+        if not sep or not path or not re.match(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?\Z", qualname):
+            raise ConfigError(f"{ref!r} is not FILE.py:FUNCTION", hint="e.g. mypkg/jobs.py:train")
+        file = expand_home(path)
+        if not file.is_file() or file.suffix != ".py":
+            raise ConfigError(f"no Python file {path!r} (from {ref!r})")
+        file = file.resolve()
+        head = qualname.split(".")[0]
+        if head not in _top_level_names(file):
+            raise ConfigError(f"{path} defines no top-level {head!r}")
+        module = _module_name_for(file)
+        cls_name, _, func = qualname.rpartition(".")
+        return cls._for_module(file, module, func, cls_name or None, "function")
+
+    @classmethod
+    def _for_module(cls, file: Path, module: str, name: str, owner: str | None, kind: str) -> JobParams:
+        root = _import_root(file, module)
+        repo = find_repo_root(file, fallback=root)
+        params = cls._located(file, repo, func_module=module, func_name=name, func_class=owner, kind=kind)
+        try:
+            params.import_root_r = root.relative_to(repo).as_posix() or "."
+        except ValueError:
+            raise ConfigError(f"{module} is imported from {root}, outside its repo {repo}") from None
+        return params
+
+    @classmethod
+    def from_callable(cls, func: Callable[..., Any]) -> JobParams:
+        """A function, a bound method (its instance travels pickled) or a ``runpy.run_path`` function."""
+        target = getattr(func, "__func__", func)
+        name = getattr(target, "__name__", None)
+        qualname = getattr(target, "__qualname__", "") or ""
+        module = getattr(target, "__module__", None)
+        code = getattr(target, "__code__", None)
+        if name is None or code is None:
+            raise ConfigError(f"{func!r} is not a Python function, method or script path")
+        if name == "<lambda>":
+            raise ConfigError("a lambda cannot be sent as a job", hint="define it with def at the top of a module")
+        if "<locals>" in qualname:
+            raise ConfigError(f"{qualname} is defined inside another function and cannot be imported by the job",
+                              hint="move it to the top level of its module")
+        if module == "__main__":
+            raise ConfigError(f"{name} is defined in __main__, which the job cannot import",
+                              hint=f"move {name} into a module file and import it from there")
+        file = Path(code.co_filename).resolve()
+        if not file.is_file():
+            raise ConfigError(f"the source of {name} ({code.co_filename}) is not a file")
+        owner = qualname.rpartition(".")[0] or None
+        if hasattr(func, "__self__") and not isinstance(func.__self__, type(sys)):
+            return cls._for_module(file, module or file.stem, name, owner, "method") \
+                if module != "<run_path>" else cls._run_path(file, name, owner, "method")
+        if module == "<run_path>":
+            return cls._run_path(file, name, owner, "run_path")
+        return cls._for_module(file, module or file.stem, name, owner, "function")
+
+    @classmethod
+    def _run_path(cls, file: Path, name: str, owner: str | None, kind: str) -> JobParams:
+        params = cls._located(file, func_module=file.name, func_name=name, func_class=owner, kind=kind)
+        params.import_root_r = Path(params.file_path_r).parent.as_posix() or "."
+        return params
+
+    def get_execution_line(self, workload_params: WorkloadParams | None = None, parallelize: bool = False,
+                           wrap_in_try_except: bool = False) -> str:
+        """The Python lines (indented for the wrapper's ``execute``) that call the job."""
+        if self.kind == "script":
+            if parallelize:
+                raise ConfigError("parallelize=True needs a function; a script cannot be split")
+            lines = []
+            if workload_params is not None:
+                lines.append(f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})")
+            else:
+                lines.append("workload_params = None")
+            lines.append("res = job.run_script(func_kwargs, workload_params)")
+        elif workload_params is None:
+            if parallelize:
+                raise ConfigError("parallelize=True needs workload_params")
+            lines = ["func = job.load_callable()", "res = func(**func_kwargs)"]
+        elif not parallelize:
+            lines = [f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})",
+                     "func = job.load_callable()",
+                     "res = func(workload_params=workload_params, **func_kwargs)"]
+        else:
+            lines = [f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})",
+                     "parts = workload_params.split_to_jobs(workload_params.jobs)",
+                     "from concurrent.futures import ProcessPoolExecutor",
+                     "with ProcessPoolExecutor(max_workers=max(1, len(parts))) as pool:",
+                     "    futures = [pool.submit(stackops.call_job_part, JOB_ROOT, part.to_dict(), func_kwargs)",
+                     "               for part in parts]",
+                     "    res = [future.result() for future in futures]"]
+        if wrap_in_try_except:
+            lines = (["try:"] + ["    " + line for line in lines]
+                     + ["except Exception:", "    error_message = traceback.format_exc()", "    res = None"])
+        return "\n".join("    " + line for line in lines)
+
+
+# ============================================================================================
+# 6. templates
+# ============================================================================================
+
+class _Template(string.Template):
+    delimiter = "@@"  # used by neither shell nor Python, so neither needs escaping
+
+
+def render_template(template: str, **values: str) -> str:
+    """Fill ``@@name`` placeholders; a missing or an unused value is an error, never a blank."""
+    compiled = _Template(template)
+    wanted = {m.group("named") or m.group("braced") for m in compiled.pattern.finditer(template)} - {None}
+    missing, unused = sorted(wanted - set(values)), sorted(set(values) - wanted)
+    if missing or unused:
+        raise StackopsError(f"template values missing {missing} or unused {unused}")
+    return compiled.substitute(values)
+
+
+SHELL_TEMPLATE = r"""#!/usr/bin/env bash
+# Generated by stackops @@version: the launcher of one job. It finds its job folder from its own
+# path, so the folder works wherever it lands. fire() starts it detached, in its own session.
+set -u
+umask 077
+JOB_ROOT=$(cd "$(dirname "$0")/.." && pwd -P) || exit 1
+LOGS="$JOB_ROOT/logs"
+PYTHON=@@python
+printf '%s' "$$" > "$LOGS/launcher_pid.txt"
+_write() { printf '%s' "$2" > "$LOGS/.$1.tmp" && mv -f "$LOGS/.$1.tmp" "$LOGS/$1"; }
+_fail() {
+    _write error_message.txt "$1"
+    _write end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
+    _write status.txt failed
+    echo "JOB FAILED: $1" >&2
+    exit 1
+}
+echo "=== SHELL START $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) ==="
+cd @@repo_dir || _fail "cannot enter the repo folder "@@repo_dir_text
+@@setup_lines
+echo "=== SHELL END ==="
+"$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py"
+rc=$?
+case "$(cat "$LOGS/status.txt" 2>/dev/null)" in
+    completed|failed) ;;
+    *)  if [ "$rc" -gt 128 ]; then why="killed by signal $((rc - 128))"; else why="exit status $rc"; fi
+        [ "$rc" -eq 127 ] && why="$why: is $PYTHON installed?"
+        _fail "process gone: the job's Python process ended ($why) without recording its end" ;;
+esac
+"""
+
+PYTHON_TEMPLATE = '''#!/usr/bin/env python3
+# Generated by stackops @@version: the wrapper of one job. It needs only python3: the stackops.py
+# beside it is the copy shipped with the job. run_job() takes a slot, records status and times,
+# calls execute() below, and always ends in completed or failed, releasing the slot.
+import os
+import sys
+import traceback
+
+JOB_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(JOB_ROOT, "python"))
+import stackops  # noqa: E402
+from stackops import WorkloadParams  # noqa: E402,F401
+
+
+def execute(job, func_kwargs):
+    """The job itself; returns (result, error_message)."""
+    res = None
+    error_message = ""
+@@execution_line
+    return res, error_message
+
+
+if __name__ == "__main__":
+    res = stackops.run_job(JOB_ROOT, execute)
+'''
+
+
+def render_execution_script(execution_line: str) -> str:
+    """The Python wrapper around one execution line (see JobParams.get_execution_line)."""
+    return render_template(PYTHON_TEMPLATE, version=__version__, execution_line=execution_line)
+
+
+def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, python: str) -> str:
+    """The bash launcher: enter the repo, optional git pull / pip install, run the wrapper."""
+    setup = []
+    if config.update_repo:
+        setup.append('git pull --ff-only || _fail "git pull failed in $(pwd)"')
+    if config.install_repo:
+        setup.append('"$PYTHON" -m pip install -e . || _fail "pip install -e . failed in $(pwd)"')
+    repo = job_params.repo_path_rh or "~"
+    return render_template(SHELL_TEMPLATE, version=__version__, python=shlex.quote(python),
+                           repo_dir=_sh_path(repo), repo_dir_text=shlex.quote(repo),
+                           setup_lines="\n".join(setup) or ": no repo update or install",
+                           python_flags="-i " if config.interactive else "")
+
+
+# ============================================================================================
+# 7. job folder: FileManager, slots and queue, status
+# ============================================================================================
+
+def state_dir() -> Path:
+    """Where this machine's slots, queue and views live, for the current user."""
+    return expand_home(os.environ.get("STACKOPS_STATE_DIR") or DEFAULT_STATE_DIR)
+
+
+class _FileLock:
+    """An exclusive flock on a file, held while the block runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, -1
+
+    def __enter__(self) -> _FileLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)
+
+
+def _try_flock(path: Path, shared: bool = False) -> int | None:
+    """An fd holding a non-blocking flock on ``path``, or None when someone else holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return None
+        raise
+    return fd
+
+
+class Slots:
+    """The slots and the queue of one machine and user, held by the kernel, not by JSON.
+
+    A slot is an flock on ``slots/slot-<i>.lock``: a job holds it while it runs, and a holder
+    killed with SIGKILL frees it with nobody cleaning up. A job waits in ``queue/`` under an entry
+    named ``<fire time in ns>-<job_id>``, created by the fire command before the job starts and
+    flocked by the job's wrapper while it waits. Only the first live entry may take a slot, so
+    jobs start in the order they were fired. ``*_jobs.json`` are views for people, rewritten
+    atomically under ``state.lock``.
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or state_dir()
+        self.queue, self.slots = self.root / "queue", self.root / "slots"
+
+    def _ensure(self) -> None:
+        for folder in (self.root, self.queue, self.slots):
+            _mkdir_private(folder)
+
+    def entries(self) -> list[str]:
+        try:
+            return sorted(name for name in os.listdir(self.queue) if not name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def entry_state(self, name: str) -> str:
+        """``waiting`` (its wrapper holds it), ``pending`` (its job has not started yet) or ``stale``."""
+        path = self.queue / name
+        try:
+            fd = _try_flock(path, shared=True)
+        except FileNotFoundError:
+            return "stale"
+        if fd is None:
+            return "waiting"
+        try:
+            job_root = Path(os.read(fd, 4096).decode("utf-8", "replace").strip())
+        finally:
+            os.close(fd)
+        started = (job_root / PID_TXT).exists() or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES
+        launcher = _read_int(job_root / LAUNCHER_PID_TXT)
+        if started or (launcher is not None and not pid_is_alive(launcher, job_root.name)):
+            return "stale"
+        ticket = name.split("-", 1)[0]
+        age = time.time() - int(ticket) / 1e9 if ticket.isdigit() else STARTUP_GRACE
+        return "pending" if age < STARTUP_GRACE else "stale"
+
+    def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int,
+                      on_start: Callable[[], None]) -> tuple[int, int]:
+        """Wait in line under ``entry``, then take a free slot among the first ``max_jobs``.
+        Returns (slot index, fd holding it); ``on_start`` runs once the entry is ours."""
+        self._ensure()
+        path = self.queue / entry
+        if not path.exists():
+            log.warning("queue entry %s is missing; joining the end of the queue", entry)
+            entry = f"{time.time_ns():019d}-{job_root.name}"
+            path = self.queue / entry
+            _atomic_write_text(path, str(job_root) + "\n")
+        entry_fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(entry_fd, fcntl.LOCK_EX)
+            on_start()
+            while True:
+                ahead = [name for name in self.entries() if name < entry]
+                if ahead and self.entry_state(ahead[0]) == "stale":
+                    with _suppress(FileNotFoundError):
+                        os.unlink(self.queue / ahead[0])
+                    continue
+                if ahead:
+                    time.sleep(SLOT_POLL_OTHERS)
+                    continue
+                for index in range(max_jobs):
+                    fd = _try_flock(self.slots / f"slot-{index}.lock")
+                    if fd is not None:
+                        with _suppress(FileNotFoundError):
+                            os.unlink(path)
+                        return index, fd
+                time.sleep(SLOT_POLL_HEAD)
+        finally:
+            os.close(entry_fd)
+
+    def place_of(self, entry: str) -> int | None:
+        names = self.entries()
+        return sum(1 for name in names if name < entry) + 1 if entry in names else None
+
+    def holders(self) -> list[dict[str, Any]]:
+        """The jobs holding a slot now (a slot lock nobody holds is free, whatever its JSON says)."""
+        found = []
+        for lock in sorted(self.slots.glob("slot-*.lock"), key=lambda p: int(p.stem.split("-")[1])):
+            fd = _try_flock(lock)
+            if fd is not None:
+                os.close(fd)
+                continue
+            info = lock.with_suffix(".json")
+            try:
+                holder = json.loads(info.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                holder = {"job_id": "?", "note": "slot held; its record is being written"}
+            holder["slot"] = int(lock.stem.split("-")[1])
+            found.append(holder)
+        return found
+
+    def waiters(self) -> list[dict[str, Any]]:
+        result = []
+        for name in self.entries():
+            state = self.entry_state(name)
+            if state == "stale":
+                continue
+            ticket, _, job_id = name.partition("-")
+            queued = _dt.datetime.fromtimestamp(int(ticket) / 1e9, _dt.timezone.utc) if ticket.isdigit() else None
+            result.append({"place": len(result) + 1, "job_id": job_id, "state": state,
+                           "job_root": _read_text(self.queue / name).strip(), "queued_since": _iso(queued)})
+        return result
+
+    def history(self) -> list[dict[str, Any]]:
+        try:
+            data = _read_json(self.root / HISTORY_VIEW)
+        except StackopsError:
+            return []
+        return data if isinstance(data, list) else []
+
+    def refresh_views(self, finished: dict[str, Any] | None = None) -> None:
+        """Rewrite the three JSON views from the truth; append ``finished`` to the history."""
+        self._ensure()
+        with _FileLock(self.root / "state.lock"):
+            _atomic_write_json(self.root / RUNNING_VIEW, self.holders())
+            _atomic_write_json(self.root / QUEUED_VIEW, self.waiters())
+            if finished is not None:
+                history = (self.history() + [finished])[-HISTORY_KEEP:]
+                _atomic_write_json(self.root / HISTORY_VIEW, history)
+
+
+class FileManager:
+    """The layout of one job folder ``{base_dir}/queued/{job_id}/`` and its slot on the machine."""
+
+    def __init__(self, job_id: str, remote_machine_type: str = "Linux", lock_resources: bool = True,
+                 max_simultaneous_jobs: int = 1, base: str | None = None,
+                 submission_time: _dt.datetime | None = None) -> None:
+        self.job_id = check_safe_name(job_id)
+        if remote_machine_type not in MACHINE_TYPES:
+            raise ConfigError(f"remote_machine_type {remote_machine_type!r} is not supported (Linux only)")
+        if not isinstance(max_simultaneous_jobs, int) or isinstance(max_simultaneous_jobs, bool) \
+                or max_simultaneous_jobs < 1:
+            raise ConfigError(f"max_simultaneous_jobs must be at least 1, got {max_simultaneous_jobs!r}")
+        self.remote_machine_type = remote_machine_type
+        self.lock_resources = bool(lock_resources)
+        self.max_simultaneous_jobs = max_simultaneous_jobs
+        self.base_dir = collapse_home(base or DEFAULT_BASE_DIR)
+        self.submission_time = submission_time or _utcnow()
+        self.job_root_rh = f"{self.base_dir.rstrip('/')}/queued/{job_id}"
+        self.job_root = expand_home(self.job_root_rh)
+        self._slot: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"FileManager({self.job_id!r}, job_root={self.job_root_rh!r})"
+
+    def path(self, relative: str) -> Path:
+        return self.job_root / relative
+
+    py_script_path = property(lambda self: self.path(WRAPPER_PY))
+    shell_script_path = property(lambda self: self.path(LAUNCHER_SH))
+    kwargs_path = property(lambda self: self.path(KWARGS_JSON))
+    file_manager_path = property(lambda self: self.path(FILE_MANAGER_JSON))
+    remote_machine_path = property(lambda self: self.path(REMOTE_MACHINE_JSON))
+    remote_machine_config_path = property(lambda self: self.path(CONFIG_JSON))
+    execution_log_dir = property(lambda self: self.path(LOGS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"remote_machine_type": self.remote_machine_type, "job_id": self.job_id,
+                "max_simultaneous_jobs": self.max_simultaneous_jobs, "lock_resources": self.lock_resources,
+                "submission_time": _iso(self.submission_time), "base_dir": self.base_dir}
+
+    @classmethod
+    def from_dict(cls, data: Any, job_root: Path | None = None) -> FileManager:
+        if not isinstance(data, dict) or not isinstance(data.get("job_id"), str):
+            raise ConfigError("file_manager.json: expected an object with a job_id")
+        manager = cls(data["job_id"], data.get("remote_machine_type", "Linux"), data.get("lock_resources", True),
+                      data.get("max_simultaneous_jobs", 1), data.get("base_dir"),
+                      _parse_iso(data.get("submission_time")))
+        if job_root is not None:  # the folder is where it is, wherever it was made
+            manager.job_root = job_root
+        return manager
+
+    @classmethod
+    def from_job_root(cls, job_root: str | os.PathLike[str]) -> FileManager:
+        root = Path(job_root)
+        return cls.from_dict(_read_json(root / FILE_MANAGER_JSON), job_root=root)
+
+    # -- launching -----------------------------------------------------------------------------
+
+    def get_fire_command(self, interactive: bool = False) -> str:
+        """The bash command that starts this job detached on the executing machine and prints the
+        launcher's pid. It joins the machine's queue first, so jobs start in the order fired."""
+        job = _sh_path(self.job_root_rh) if self.job_root_rh.startswith("~") else shlex.quote(str(self.job_root))
+        parts = ["umask 077", f"J={job}", 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
+        if self.lock_resources:
+            entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
+            parts += ['S="${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"',
+                      'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
+                      f'printf "%s\\n" "$J" > {entry}', 'printf "%s" "$t" > "$J/logs/ticket.txt"']
+        if interactive:
+            session = shlex.quote(self.job_id.replace(".", "_"))
+            parts += ["command -v tmux >/dev/null || { echo 'interactive jobs need tmux on this machine' >&2; exit 3; }",
+                      f'tmux new-session -d -s {session} "exec bash $(printf %q "$J/shell/cluster_script.sh")"',
+                      f'tmux pipe-pane -t {session} -o "cat >> $(printf %q "$J/logs/output.log")"',
+                      f"tmux display-message -p -t {session} '#{{pane_pid}}'"]
+        else:
+            parts += ['cd "$J"', 'D=$(command -v setsid || echo nohup)',
+                      '{ "$D" bash "$J/shell/cluster_script.sh" < /dev/null >> "$J/logs/output.log" 2>&1 & }',
+                      'echo $!']
+        return " && ".join(parts)
+
+    # -- on the executing machine --------------------------------------------------------------
+
+    def write_log(self, relative: str, text: str) -> None:
+        _atomic_write_text(self.path(relative), text)
+
+    def secure_resources(self) -> bool:
+        """Announce this process as the job's (pid), then wait in line for a slot; returns True."""
+        if not self.lock_resources:
+            self.write_log(PID_TXT, str(os.getpid()))
+            return True
+        slots = Slots()
+        ticket = _read_text(self.path(TICKET_TXT)).strip() or f"{time.time_ns():019d}"
+        entry = f"{ticket}-{self.job_id}"
+
+        def started() -> None:
+            self.write_log(PID_TXT, str(os.getpid()))
+            self.write_log(STATUS_TXT, "waiting")
+            slots.refresh_views()
+
+        index, fd = slots.wait_for_slot(entry, self.job_root, self.max_simultaneous_jobs, started)
+        self._slot = (index, fd)
+        holder = {"job_id": self.job_id, "job_root": str(self.job_root), "pid": os.getpid(),
+                  "submission_time": _iso(self.submission_time), "start_time": _iso(_utcnow())}
+        _atomic_write_json(slots.slots / f"slot-{index}.json", holder)
+        slots.refresh_views()
+        log.info("job %s holds slot %d of %d", self.job_id, index + 1, self.max_simultaneous_jobs)
+        return True
+
+    def unlock_resources(self, record: dict[str, Any] | None = None) -> None:
+        """Give the slot back and add ``record`` to the machine's history."""
+        if self._slot is None:
+            return
+        index, fd = self._slot
+        self._slot = None
+        slots = Slots()
+        with _suppress(FileNotFoundError):
+            os.unlink(slots.slots / f"slot-{index}.json")
+        os.close(fd)
+        slots.refresh_views(finished=record)
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def _mark_failed(self, reason: str) -> None:
+        self.write_log(ERROR_TXT, reason)
+        self.write_log(END_TXT, _iso(_utcnow()) or "")
+        self.write_log(STATUS_TXT, "failed")
+
+    def _verify_alive(self, status: str) -> str:
+        """Turn a job whose process is gone into ``failed``; returns the status that holds now."""
+        pid_file = PID_TXT if status in ("waiting", "running") else LAUNCHER_PID_TXT
+        pid = _read_int(self.path(pid_file))
+        if pid is None or pid_is_alive(pid, self.job_id):
+            return status
+        now = _read_text(self.path(STATUS_TXT)).strip()  # it may have finished meanwhile
+        if now != status:
+            return now
+        what = "the job's process" if pid_file == PID_TXT else "the job's launcher"
+        self._mark_failed(f"process gone: {what} (pid {pid}) ended without recording the job's end")
+        return "failed"
+
+    def get_job_status(self) -> str:
+        """queued, waiting, running, completed or failed, with the recorded pid checked on this
+        machine: a dead, zombie or reused pid makes a running job ``failed``."""
+        raw = _read_text(self.path(STATUS_TXT)).strip() or "queued"
+        if raw not in STATUSES:
+            self._mark_failed(f"unreadable status {raw!r} in {STATUS_TXT}")
+            return "failed"
+        return raw if raw in TERMINAL_STATUSES else self._verify_alive(raw)
+
+    def status_report(self, log_lines: int = 20) -> JobStatus:
+        """Everything about the job in one call: status, pid, times, results, error, log tail."""
+        if not self.path(FILE_MANAGER_JSON).exists():
+            raise StackopsError(f"no job folder at {self.job_root}")
+        status = self.get_job_status()
+        place = None
+        if status == "waiting":
+            place = Slots().place_of(f"{_read_text(self.path(TICKET_TXT)).strip()}-{self.job_id}")
+        output = _read_text(self.path(OUTPUT_LOG))
+        return JobStatus(job_id=self.job_id, status=status, pid=_read_int(self.path(PID_TXT)),
+                         submission_time=_iso(self.submission_time),
+                         start_time=_read_text(self.path(START_TXT)).strip() or None,
+                         end_time=_read_text(self.path(END_TXT)).strip() or None,
+                         results_path=_read_text(self.path(RESULTS_TXT)).strip() or None,
+                         error_message=_read_text(self.path(ERROR_TXT)), place=place,
+                         host=os.uname().nodename, log_tail=_tail(output, log_lines))
+
+
+# ============================================================================================
+# 8. job execution (what the wrapper runs on the executing machine)
+# ============================================================================================
+
+class _Terminated(BaseException):
+    """SIGTERM reached the job: unwind so that it ends as failed and frees its slot."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated(f"terminated by signal {signum}")
+
+
+class JobContext:
+    """The job folder as the wrapper sees it: its parameters and how to load the callable."""
+
+    def __init__(self, job_root: str | os.PathLike[str]) -> None:
+        self.job_root = Path(job_root)
+        self.params = JobParams.from_dict(_read_json(self.job_root / JOB_PARAMS_JSON))
+        self.repo = expand_home(self.params.repo_path_rh)
+        self._func: Callable[..., Any] | None = None
+
+    def _put_on_path(self, folder: Path) -> None:
+        entry = str(folder)
+        if entry in sys.path:
+            sys.path.remove(entry)
+        sys.path.insert(0, entry)
+
+    def load_callable(self) -> Callable[..., Any]:
+        """The job's function, imported from the shipped repo (first on sys.path)."""
+        if self._func is not None:
+            return self._func
+        params = self.params
+        self._put_on_path(self.repo / params.import_root_r)
+        if params.kind == "method":
+            import pickle
+
+            with open(self.job_root / INSTANCE_PICKLE, "rb") as handle:
+                owner: Any = pickle.load(handle)
+        elif params.kind == "run_path":
+            import runpy
+
+            owner = _Namespace(runpy.run_path(str(self.repo / params.file_path_r)))
+        else:
+            import importlib
+
+            owner = importlib.import_module(params.func_module)
+        if params.kind != "method" and params.func_class:
+            for part in params.func_class.split("."):
+                owner = getattr(owner, part)
+        self._func = getattr(owner, params.func_name or "")
+        return self._func
+
+    def run_script(self, func_kwargs: dict[str, Any], workload_params: WorkloadParams | None) -> Any:
+        """Run the script as ``__main__``; it sees ``func_kwargs`` and ``workload_params`` as globals,
+        and a global ``res`` it sets names its results folder."""
+        import runpy
+
+        script = self.repo / self.params.file_path_r
+        self._put_on_path(script.parent)
+        sys.argv = [str(script)]
+        try:
+            namespace = runpy.run_path(str(script), run_name="__main__",
+                                       init_globals={"func_kwargs": func_kwargs, "workload_params": workload_params})
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                raise StackopsError(f"the script exited with status {exc.code}") from exc
+            return None
+        return namespace.get("res")
+
+
+class _Namespace:
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+
+_CONTEXTS: dict[str, JobContext] = {}
+
+
+def call_job_part(job_root: str, part: dict[str, Any], func_kwargs: dict[str, Any]) -> Any:
+    """Run one part of a parallelized job (in a worker process): load the callable, call it."""
+    context = _CONTEXTS.get(job_root) or _CONTEXTS.setdefault(job_root, JobContext(job_root))
+    return context.load_callable()(workload_params=WorkloadParams.from_dict(part), **func_kwargs)
+
+
+def _results_folder(manager: FileManager, res: Any) -> tuple[Path, bool]:
+    """(folder holding the results, whether the job named it itself)."""
+    if isinstance(res, (str, os.PathLike)):
+        named = Path(os.path.abspath(os.path.expanduser(os.fspath(res))))
+        if named.exists():
+            return named, True
+        log.warning("the job returned %s, which does not exist; using the default results folder", res)
+    folder = expand_home(f"{DEFAULT_RESULTS_DIR}/{manager.job_id}")
+    _mkdir_private(folder)
+    return folder, False
+
+
+def _save_result(folder: Path, res: Any) -> None:
+    if res is None:
+        return
+    try:
+        _atomic_write_text(folder / "result.json", json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    except (TypeError, ValueError):
+        _atomic_write_text(folder / "result.txt", repr(res) + "\n")
+
+
+def _banner(text: str) -> None:
+    print(f"{'=' * 20} {text} {'=' * 20}", flush=True)
+
+
+def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any, error: str) -> dict[str, Any]:
+    """Record results, times and error (everything but the status); returns the history record."""
+    timings.end_utc = _utcnow()
+    timings.end_local = timings.end_utc.astimezone()
+    folder, named = _results_folder(manager, res)
+    if not named:
+        _save_result(folder, res)
+    manager.write_log(END_TXT, _iso(timings.end_utc) or "")
+    manager.write_log(RESULTS_TXT, collapse_home(folder))
+    manager.write_log(ERROR_TXT, error)
+    _atomic_write_json(manager.path(TIMINGS_JSON), timings.to_dict())
+    status = "failed" if error else "completed"
+    took = timings.execution_duration.total_seconds() if timings.execution_duration else 0.0
+    _banner(f"JOB {status.upper()} | id={manager.job_id} | duration={_format_duration(took)} | "
+            f"results={collapse_home(folder)}")
+    if error:
+        print(error, file=sys.stderr, flush=True)
+    return {"job_id": manager.job_id, "status": status, "submission_time": _iso(timings.submission_time),
+            "start_time": _iso(timings.start_utc), "end_time": _iso(timings.end_utc), "duration_seconds": took}
+
+
+def run_job(job_root: str | os.PathLike[str],
+            execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]]) -> Any:
+    """The wrapper's lifecycle: slot, pid/status/times, kwargs, execute, results, end, release.
+    Whatever happens inside, the job ends completed or failed and its slot is released."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s stackops %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    manager = FileManager.from_job_root(Path(job_root).resolve())
+    timings = ExecutionTimings(submission_time=manager.submission_time)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    res: Any = None
+    error = "the job ended before it started"
+    record: dict[str, Any] | None = None
+    try:
+        try:
+            manager.secure_resources()
+            timings.start_utc = _utcnow()
+            timings.start_local = timings.start_utc.astimezone()
+            manager.write_log(START_TXT, _iso(timings.start_utc) or "")
+            manager.write_log(STATUS_TXT, "running")
+            func_kwargs = _read_json(manager.kwargs_path)
+            _banner(f"EXECUTION START | id={manager.job_id} | pid={os.getpid()}")
+            res, error = execute(JobContext(manager.job_root), func_kwargs)
+        except BaseException:  # a crash of any kind still ends the job: failed, traceback kept
+            error = traceback.format_exc()
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            record = _finish_job(manager, timings, res, error)
+    finally:
+        try:
+            manager.unlock_resources(record)
+        finally:
+            manager.write_log(STATUS_TXT, "failed" if error or record is None else "completed")
+    return res
+
+
+def demo_job(seconds: float = 1.0, message: str = "hello from stackops") -> str:
+    """A small real job for trying stackops out: waits, then writes a results folder."""
+    folder = expand_home(f"{DEFAULT_RESULTS_DIR}/demo-{os.getpid()}")
+    _mkdir_private(folder)
+    time.sleep(seconds)
+    (folder / "message.txt").write_text(f"{message}\nhost={os.uname().nodename} pid={os.getpid()}\n")
+    return str(folder)
+
+
+# ============================================================================================
+# 9. remote machine
+# ============================================================================================
+
+def _check_kwargs(func_kwargs: Any) -> dict[str, Any]:
+    if func_kwargs is None:
+        return {}
+    if not isinstance(func_kwargs, dict) or not all(isinstance(key, str) for key in func_kwargs):
+        raise ConfigError(f"func_kwargs must be a dict with string keys, got {type(func_kwargs).__name__}")
+    try:
+        json.dumps(func_kwargs, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"func_kwargs must be JSON data (they travel as JSON): {exc}") from exc
+    return func_kwargs
+
+
+def parse_kwargs(text: str) -> dict[str, Any]:
+    """Keyword arguments from the command line: a JSON object, or ``@file.json``."""
+    source = "--kwargs"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = expand_home(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read kwargs file {source}: {exc.strerror}") from exc
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{source} is not JSON: {exc}", hint='e.g. --kwargs \'{"epochs": 3}\'') from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
+    """JobParams for a script path, FILE.py:FUNC, function or bound method (+ pickled instance)."""
+    if isinstance(func, (str, os.PathLike)):
+        text = os.fspath(func)
+        if re.search(r"\.py:[^/\\]+\Z", text):
+            return JobParams.from_function_ref(text), None
+        return JobParams.from_script(text), None
+    if not callable(func):
+        raise ConfigError(f"func must be a script path, a function or a bound method, got {type(func).__name__}")
+    params = JobParams.from_callable(func)
+    if params.kind != "method":
+        return params, None
+    import pickle
+
+    try:
+        return params, pickle.dumps(func.__self__, protocol=4)
+    except Exception as exc:
+        raise ConfigError(f"the instance of {params.func_class} cannot travel with the job: it does not "
+                          f"pickle ({exc})", hint="make the object picklable, or pass a plain function") from exc
+
+
+class RemoteMachine:
+    """One job: generate its folder, submit it, fire it detached, follow it, fetch its results.
+
+    With ``config.ssh_host=None`` (the embedded default) the job runs on this machine.
+    """
+
+    def __init__(self, func: Any, config: RemoteStackOpsConfig, func_kwargs: dict[str, Any] | None = None,
+                 data: list[str] | None = None) -> None:
+        if not isinstance(config, RemoteStackOpsConfig):
+            raise ConfigError("config must be a RemoteStackOpsConfig")
+        if config.ssh_host is not None:
+            raise ConfigError(f"ssh_host={config.ssh_host!r}: this version runs jobs on this machine only",
+                              hint="leave ssh_host=None")
+        self.config = config
+        self.job_params, self._instance = _job_params_for(func)
+        self.kwargs = _check_kwargs(func_kwargs)
+        if config.workload_params is not None and "workload_params" in self.kwargs:
+            raise ConfigError("workload_params given both in config and in func_kwargs")
+        self.job_params.get_execution_line(config.workload_params, config.parallelize, config.wrap_in_try_except)
+        self.data = list(config.data) + list(data or [])
+        for item in self.data:
+            if not isinstance(item, str) or not expand_home(item).exists():
+                raise ConfigError(f"data path not found: {item!r}")
+        self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources,
+                                        config.max_simultaneous_jobs, config.base_dir)
+        self.scripts_generated = self.submitted = self.results_downloaded = False
+        self.results_path: Path | None = None
+        self.launcher_pid: int | None = None
+        self.launch_command = ""
+
+    def __repr__(self) -> str:
+        return f"RemoteMachine({self.config.job_id!r} @ {self.host_name})"
+
+    @property
+    def job_id(self) -> str:
+        return self.config.job_id
+
+    @property
+    def host_name(self) -> str:
+        return self.config.ssh_host or "localhost"
+
+    @property
+    def python(self) -> str:
+        return self.config.python or sys.executable or "python3"
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "job_params": self.job_params.to_dict(),
+                "file_manager": self.file_manager.to_dict(), "kwargs": self.kwargs, "data": self.data,
+                "scripts_generated": self.scripts_generated, "submitted": self.submitted,
+                "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
+                "results_path": collapse_home(self.results_path) if self.results_path else None}
+
+    @classmethod
+    def from_dict(cls, data: Any, job_root: Path | None = None) -> RemoteMachine:
+        if not isinstance(data, dict):
+            raise ConfigError("remote_machine.json: expected a JSON object")
+        machine = cls.__new__(cls)
+        try:
+            machine.config = RemoteStackOpsConfig.from_dict(data["config"])
+            machine.job_params = JobParams.from_dict(data["job_params"])
+            machine.file_manager = FileManager.from_dict(data["file_manager"], job_root)
+            machine.kwargs = _check_kwargs(data["kwargs"])
+            machine.data = list(data["data"])
+            machine.scripts_generated, machine.submitted = bool(data["scripts_generated"]), bool(data["submitted"])
+            machine.results_downloaded = bool(data["results_downloaded"])
+            machine.launcher_pid = data.get("launcher_pid")
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
+        machine._instance = None
+        path = data.get("results_path")
+        machine.results_path = expand_home(path) if path else None
+        machine.launch_command = ""
+        return machine
+
+    @classmethod
+    def from_job_dir(cls, job_dir: str | os.PathLike[str]) -> RemoteMachine:
+        root = expand_home(job_dir)
+        return cls.from_dict(_read_json(root / REMOTE_MACHINE_JSON), job_root=root)
+
+    @classmethod
+    def load(cls, job_id: str, base_dir: str | None = None) -> RemoteMachine:
+        """The job ``job_id`` submitted earlier from this machine (by this or another process)."""
+        root = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued/{check_safe_name(job_id)}")
+        if not (root / REMOTE_MACHINE_JSON).exists():
+            raise ConfigError(f"no job {job_id!r} under {collapse_home(root.parent.parent)}",
+                              hint="python stackops.py list shows the jobs")
+        return cls.from_job_dir(root)
+
+    def _save(self) -> None:
+        _atomic_write_json(self.file_manager.path(REMOTE_MACHINE_JSON), self.to_dict())
+
+    # -- the lifecycle --------------------------------------------------------------------------
+
+    def generate_scripts(self) -> RemoteMachine:
+        """Write the whole job folder at once: it appears complete under its name, or not at all."""
+        root = self.file_manager.job_root
+        if root.exists():
+            raise ConfigError(f"job {self.job_id!r} already exists at {collapse_home(root)}",
+                              hint="choose another job_id, or leave it out for a fresh one")
+        source = Path(sys.modules[__name__].__file__ or "")
+        if not source.is_file():
+            raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
+        staging = _mkdir_private(root.parent) / f".{self.job_id}.{os.getpid()}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self._write_folder(staging, source)
+            os.rename(staging, root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.scripts_generated = True
+        self._save()
+        log.info("job %s generated at %s", self.job_id, collapse_home(root))
+        return self
+
+    def _write_folder(self, folder: Path, source: Path) -> None:
+        for sub in ("data", "python", "shell", "logs"):
+            _mkdir_private(folder / sub)
+        os.chmod(folder, 0o700)
+        config = self.config
+        self.job_params.description = config.description
+        self.job_params.session_name = self.job_params.tab_name = self.job_id
+        line = self.job_params.get_execution_line(config.workload_params, config.parallelize,
+                                                  config.wrap_in_try_except)
+        _atomic_write_json(folder / JOB_PARAMS_JSON, self.job_params.to_dict())
+        _atomic_write_json(folder / KWARGS_JSON, self.kwargs)
+        _atomic_write_json(folder / FILE_MANAGER_JSON, self.file_manager.to_dict())
+        _atomic_write_json(folder / CONFIG_JSON, config.to_dict())
+        if self._instance is not None:
+            (folder / INSTANCE_PICKLE).write_bytes(self._instance)
+        _atomic_write_text(folder / WRAPPER_PY, render_execution_script(line))
+        _atomic_write_text(folder / LAUNCHER_SH, render_shell_script(self.job_params, config, self.python), 0o700)
+        shutil.copyfile(source, folder / STACKOPS_COPY)
+        os.chmod(folder / STACKOPS_COPY, 0o600)
+        _atomic_write_text(folder / STATUS_TXT, "queued")
+        self.scripts_generated = True
+        _atomic_write_json(folder / REMOTE_MACHINE_JSON, self.to_dict())
+
+    def show_scripts(self) -> str:
+        """Print the generated launcher and wrapper (and return the same text)."""
+        if not self.scripts_generated:
+            raise StackopsError("no scripts yet", hint="call generate_scripts() first")
+        text = ""
+        for title, relative in (("Shell script", LAUNCHER_SH), ("Python script", WRAPPER_PY)):
+            path = self.file_manager.path(relative)
+            text += f"---- {title}: {collapse_home(path)}\n{path.read_text(encoding='utf-8')}\n"
+        print(text, end="")
+        return text
+
+    def submit(self) -> RemoteMachine:
+        """Put the job where it runs. On this machine the folder already is where it runs."""
+        if not self.scripts_generated:
+            self.generate_scripts()
+        self.submitted = True
+        self._save()
+        return self
+
+    def fire(self, run: bool = True) -> tuple[int | None, str]:
+        """Start the job detached and return (launcher pid, launch command) at once.
+        With ``run=False`` nothing starts: the pid is None and the command is what would run."""
+        if not self.submitted:
+            raise StackopsError(f"job {self.job_id} is not submitted yet", hint="call submit() first")
+        command = self.file_manager.get_fire_command(self.config.interactive)
+        self.launch_command = command
+        if not run:
+            log.info("job %s is ready and was not launched; launch it with: bash -c %s",
+                     self.job_id, shlex.quote(command))
+            return None, command
+        if self.launcher_pid is not None:
+            raise StackopsError(f"job {self.job_id} was already fired (launcher pid {self.launcher_pid})",
+                                hint="submit it again under a new job_id to run it again")
+        done = subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=60)
+        pid = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+        if not pid or not pid[0].isdigit():
+            raise CommandError(self.host_name, command, done.returncode, done.stderr or done.stdout)
+        self.launcher_pid = int(pid[0])
+        self._save()
+        log.info("job %s fired on %s (launcher pid %d)", self.job_id, self.host_name, self.launcher_pid)
+        return self.launcher_pid, command
+
+    def run(self, run: bool = True, show_scripts: bool = False) -> RemoteMachine:
+        """generate_scripts, optionally show_scripts, submit, fire(run)."""
+        self.generate_scripts()
+        if show_scripts:
+            self.show_scripts()
+        self.submit()
+        self.fire(run)
+        return self
+
+    def get_status(self, log_lines: int = 20) -> JobStatus:
+        """The job's full status, read where it runs (pid verified there)."""
+        return self.file_manager.status_report(log_lines)
+
+    def check_job_status(self) -> Path | None:
+        """The results folder once the job completed; None while it is queued, waiting or running.
+        A failed job raises JobFailedError carrying its error (the traceback, or why it died)."""
+        report = self.get_status()
+        if report.status == "failed":
+            raise JobFailedError(self.job_id, report.error_message)
+        if report.status != "completed":
+            return None
+        self.results_path = expand_home(report.results_path) if report.results_path else None
+        self._save()
+        return self.results_path
+
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> Path | None:
+        """Block until the job ends; returns its results folder (raises JobFailedError if it failed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            results = self.check_job_status()
+            if results is not None or self.get_status(0).status == "completed":
+                return results
+            if deadline is not None and time.monotonic() > deadline:
+                raise StackopsError(f"job {self.job_id} still {self.get_status(0).status} after {timeout}s")
+            time.sleep(poll)
+
+    def download_results(self, target: str | os.PathLike[str] | None = None,
+                         overwrite: bool = False) -> Path:
+        """The results folder on this machine. On this machine it is already here; with ``target``
+        it is copied there (the copy appears whole under its name, or not at all)."""
+        results = self._results()
+        if target is None:
+            self.results_downloaded = True
+            self._save()
+            return results
+        destination = expand_home(target)
+        if destination.exists() and not overwrite:
+            raise ConfigError(f"{target} already exists", hint="choose another target or pass overwrite=True")
+        staging = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
+        try:
+            if results.is_dir():
+                shutil.copytree(results, staging)
+            else:
+                shutil.copy2(results, staging)
+            if destination.exists():
+                shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
+            os.rename(staging, destination)
+        except BaseException:
+            if staging.is_dir():
+                shutil.rmtree(staging, ignore_errors=True)
+            elif staging.exists():
+                staging.unlink()
+            raise
+        self.results_downloaded = True
+        self._save()
+        return destination
+
+    def _results(self) -> Path:
+        results = self.results_path or self.check_job_status()
+        if results is None:
+            raise StackopsError(f"job {self.job_id} has no results yet ({self.get_status(0).status})",
+                                hint="wait until it completes")
+        return results
+
+    def _own_results(self, path: Path) -> bool:
+        own = (expand_home(f"{DEFAULT_RESULTS_DIR}/{self.job_id}"), self.file_manager.job_root)
+        real = Path(os.path.realpath(path))
+        return any(real == Path(os.path.realpath(base)) or Path(os.path.realpath(base)) in real.parents
+                   for base in own)
+
+    def delete_remote_results(self) -> RemoteMachine:
+        """Delete the job's results folder, only if it is the job's own (its default results folder
+        or inside its job folder); a path the job returned from elsewhere is refused."""
+        results = self._results()
+        if not self._own_results(results):
+            raise ConfigError(f"refusing to delete {collapse_home(results)}: it is not this job's own "
+                              "results folder", hint="delete it yourself if you are sure")
+        if results.is_dir():
+            shutil.rmtree(results)
+        elif results.exists():
+            results.unlink()
+        return self
+
+
+def list_jobs(base_dir: str | None = None) -> list[JobStatus]:
+    """Every job under ``base_dir`` on this machine, newest first."""
+    queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
+    reports = []
+    for root in queued.glob("*/" + FILE_MANAGER_JSON):
+        job_root = root.parent.parent
+        try:
+            reports.append(FileManager.from_job_root(job_root).status_report(log_lines=0))
+        except StackopsError as exc:
+            log.warning("skipping %s: %s", job_root, exc)
+    return sorted(reports, key=lambda r: r.submission_time or "", reverse=True)
+
+
+# ============================================================================================
+# 10. CLI
+# ============================================================================================
+
+def _print_table(rows: list[list[str]], header: list[str] | None = None) -> None:
+    rows = ([header] if header else []) + rows
+    if not rows:
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _duration(report: JobStatus) -> str:
+    start, end = _parse_iso(report.start_time), _parse_iso(report.end_time)
+    if start is None:
+        return "-"
+    return _format_duration(((end or _utcnow()) - start).total_seconds())
+
+
+def _status_rows(report: JobStatus) -> list[list[str]]:
+    status = report.status + (f" (place {report.place} in the queue)" if report.place else "")
+    rows = [["job", report.job_id], ["status", status], ["host", report.host],
+            ["pid", str(report.pid or "-")], ["submitted", report.submission_time or "-"],
+            ["started", report.start_time or "-"], ["ended", report.end_time or "-"],
+            ["duration", _duration(report)], ["results", report.results_path or "-"]]
+    if report.error_message:
+        rows.append(["error", _last_line(report.error_message)])
+    return rows
+
+
+def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | None:
+    if text is None:
+        return None
+    match = re.match(r"(\d+):(\d+)(?::(\d+))?\Z", text)
+    if not match:
+        raise ConfigError(f"--workload {text!r} is not START:END[:PARTS]", hint="e.g. --workload 0:1000:4")
+    start, end, parts = int(match[1]), int(match[2]), int(match[3] or 1)
+    return WorkloadParams(idx_min=start, idx_max=max(start, end), idx_start=start, idx_end=max(start, end),
+                          jobs=parts)
+
+
+def _cmd_run(args: Any) -> int:
+    config = RemoteStackOpsConfig(
+        job_id=args.job_id or _random_job_id(), base_dir=args.base_dir, description=args.description,
+        update_repo=args.update_repo, install_repo=args.install_repo, data=args.data,
+        interactive=args.interactive, wrap_in_try_except=args.try_except, parallelize=args.parallelize,
+        lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs,
+        workload_params=_parse_workload(args.workload, args.parallelize), python=args.python)
+    machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
+    machine.run(run=not args.no_launch, show_scripts=args.show_scripts)
+    if args.no_launch:
+        print(f"job {machine.job_id} is ready at {machine.file_manager.job_root_rh}; nothing was started.")
+        print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
+        return 0
+    if not args.wait:
+        report = machine.get_status(0)
+        if args.json:
+            _print_json(report.to_dict())
+        else:
+            print(f"job {machine.job_id} {report.status} on {report.host} (launcher pid {machine.launcher_pid})")
+            print(f"  status:  python stackops.py status {machine.job_id}")
+            print(f"  logs:    python stackops.py logs {machine.job_id} -f")
+        return 0
+    try:
+        machine.wait()
+    except JobFailedError:
+        pass
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; job {machine.job_id} goes on (detached)", file=sys.stderr)
+        return 130
+    report = machine.get_status()
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        _print_table(_status_rows(report))
+        if report.status == "failed":
+            print("\n" + report.error_message.rstrip(), file=sys.stderr)
+    return 0 if report.status == "completed" else 1
+
+
+def _cmd_status(args: Any) -> int:
+    report = RemoteMachine.load(args.job_id, args.base_dir).get_status(args.lines)
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    _print_table(_status_rows(report))
+    if report.status == "failed" and report.error_message:
+        print("\n" + report.error_message.rstrip())
+    if args.lines and report.log_tail:
+        print(f"\nlast lines of the log:\n{report.log_tail}")
+    return 0
+
+
+def _cmd_list(args: Any) -> int:
+    reports = list_jobs(args.base_dir)
+    if args.json:
+        _print_json([report.to_dict() for report in reports])
+        return 0
+    if not reports:
+        print(f"no jobs under {args.base_dir}")
+        return 0
+    _print_table([[r.job_id, r.status, (r.submission_time or "-")[:19], _duration(r), r.results_path or "-"]
+                  for r in reports], ["JOB", "STATUS", "SUBMITTED (UTC)", "DURATION", "RESULTS"])
+    return 0
+
+
+def _cmd_logs(args: Any) -> int:
+    machine = RemoteMachine.load(args.job_id, args.base_dir)
+    path = machine.file_manager.path(OUTPUT_LOG)
+    text = _read_text(path)
+    print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n", flush=True)
+    offset = len(text.encode("utf-8"))
+    while args.follow:
+        finished = machine.file_manager.get_job_status() in TERMINAL_STATUSES
+        with open(path, "rb") if path.exists() else open(os.devnull, "rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+        if chunk:
+            offset += len(chunk)
+            sys.stdout.write(chunk.decode("utf-8", "replace"))
+            sys.stdout.flush()
+        elif finished:
+            break
+        else:
+            time.sleep(0.2)
+    return 0
+
+
+def _cmd_queue(args: Any) -> int:
+    slots = Slots()
+    view = {"state_dir": collapse_home(slots.root), "running": slots.holders(), "waiting": slots.waiters(),
+            "history": slots.history()[-args.history:] if args.history else []}
+    if args.json:
+        _print_json(view)
+        return 0
+    print(f"running ({len(view['running'])}):")
+    _print_table([["  slot " + str(h["slot"] + 1), h.get("job_id", "?"), f"pid {h.get('pid', '?')}",
+                   "since " + str(h.get("start_time", "?"))[:19]] for h in view["running"]])
+    print(f"waiting ({len(view['waiting'])}):")
+    _print_table([[f"  {w['place']}.", w["job_id"], w["state"], "since " + str(w["queued_since"])[:19]]
+                  for w in view["waiting"]])
+    print(f"history (last {len(view['history'])}):")
+    _print_table([["  " + h.get("job_id", "?"), h.get("status", "?"),
+                   _format_duration(h.get("duration_seconds") or 0), "ended " + str(h.get("end_time"))[:19]]
+                  for h in reversed(view["history"])])
+    return 0
+
+
+def _cmd_download(args: Any) -> int:
+    machine = RemoteMachine.load(args.job_id, args.base_dir)
+    print(machine.download_results(args.to, overwrite=args.overwrite))
+    return 0
+
+
+def _cmd_delete_results(args: Any) -> int:
+    machine = RemoteMachine.load(args.job_id, args.base_dir)
+    results = machine._results()
+    machine.delete_remote_results()
+    print(f"deleted {collapse_home(results)}")
+    return 0
+
+
+def _add_run_args(parser: Any) -> None:
+    parser.add_argument("target", help="a script (path/to/train.py) or a function (path/to/module.py:func)")
+    parser.add_argument("--kwargs", default="{}", metavar="JSON",
+                        help="keyword arguments: a JSON object, or @file.json (scripts see them as func_kwargs)")
+    parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random readable name)")
+    parser.add_argument("--description", default="", help="free text kept with the job")
+    parser.add_argument("--max-jobs", type=int, default=1, metavar="N",
+                        help="at most N jobs hold a slot on the machine at once; the rest queue (default 1)")
+    parser.add_argument("--no-lock", action="store_true", help="start at once, without taking a slot")
+    parser.add_argument("--workload", metavar="START:END[:PARTS]",
+                        help="call the function with workload_params covering [START, END) in PARTS parts")
+    parser.add_argument("--parallelize", action="store_true",
+                        help="with --workload: run the PARTS in parallel processes; the result is their list")
+    parser.add_argument("--try-except", action="store_true",
+                        help="catch the job's exception inside the wrapper (kept with its traceback)")
+    parser.add_argument("--interactive", action="store_true",
+                        help="run with python -i in a tmux session named after the job")
+    parser.add_argument("--update-repo", action="store_true", help="git pull in the repo before the job")
+    parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo before the job")
+    parser.add_argument("--data", action="append", default=[], metavar="PATH", help="data that goes with the job")
+    parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
+    parser.add_argument("--show-scripts", action="store_true", help="print the generated scripts")
+    parser.add_argument("--no-launch", action="store_true",
+                        help="prepare everything and print the launch command; start nothing")
+    parser.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if it failed")
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+
+
+def _build_parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="stackops", description="Run a Python function or script detached, capped by slots, and follow it.")
+    parser.add_argument("--version", action="version", version=f"stackops {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics (-vv: tracebacks)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer diagnostics")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def command(name: str, handler: Callable[[Any], int], help_text: str, job: bool = True) -> Any:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        if job:
+            sub.add_argument("job_id", help="the job's id")
+        sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR, help=f"where jobs live (default {DEFAULT_BASE_DIR})")
+        return sub
+
+    _add_run_args(command("run", _cmd_run, "run a script or function as a detached job", job=False))
+    sub = command("status", _cmd_status, "status, times, results and error of a job")
+    sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
+    sub.add_argument("--json", action="store_true")
+    sub = command("list", _cmd_list, "every job with its status, newest first", job=False)
+    sub.add_argument("--json", action="store_true")
+    sub = command("logs", _cmd_logs, "the job's output")
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
+    sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
+    sub = commands.add_parser("queue", help="slots in use, who waits in what order, recent history")
+    sub.set_defaults(handler=_cmd_queue)
+    sub.add_argument("--history", type=int, default=10, metavar="N", help="show the last N finished jobs")
+    sub.add_argument("--json", action="store_true")
+    sub = command("download", _cmd_download, "copy a finished job's results folder")
+    sub.add_argument("--to", help="target path (default: print where the results are)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    command("delete-results", _cmd_delete_results, "delete a finished job's own results folder")
+    return parser
+
+
+def _configure_logging(level: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("stackops: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(max(-1, min(level, 2)),
+                                                                              logging.DEBUG))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 success, 1 failure, 2 bad input, 130 interrupted."""
+    sys.modules.setdefault("stackops", sys.modules[__name__])
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    _configure_logging(args.verbose - args.quiet)
+    try:
+        return int(args.handler(args))
+    except StackopsError as exc:
+        if args.verbose >= 2:
+            traceback.print_exc()
+        print(f"stackops: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"stackops: hint: {exc.hint}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt:
+        print("stackops: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.modules.setdefault("stackops", sys.modules[__name__])
+    sys.exit(main())

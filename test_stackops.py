@@ -1,0 +1,876 @@
+"""Tests for stackops.py, ordered like its sections. Every job here is a real detached process;
+slots are exercised by real competing processes; nothing is mocked."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import stackops
+from stackops import (ConfigError, FileManager, JobFailedError, JobParams, JobStatus, RemoteMachine,
+                      RemoteStackOpsConfig, Slots, StackopsError, WorkloadParams)
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "stackops.py"
+
+
+# ============================================================================================
+# fixtures and helpers
+# ============================================================================================
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A private home: jobs, slots and results of each test live in it (and its jobs inherit it)."""
+    fake = tmp_path / "home"
+    fake.mkdir()
+    monkeypatch.setenv("HOME", str(fake))
+    monkeypatch.setenv("TMUX_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("STACKOPS_STATE_DIR", raising=False)
+    monkeypatch.delenv("STACKOPS_CONFIG", raising=False)
+    yield fake
+    _stop_leftovers(fake)
+
+
+def _stop_leftovers(home: Path) -> None:
+    """Kill, by pid, the job processes a test started and left behind."""
+    for pid_file in itertools.chain(home.glob("**/logs/launcher_pid.txt"), home.glob("**/logs/pid.txt")):
+        pid = int(pid_file.read_text() or 0)
+        if pid and stackops.pid_is_alive(pid, pid_file.parent.parent.name):
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+_counter = itertools.count()
+
+
+def make_module(home: Path, source: str, package: str | None = None):
+    """Write a module into ~/proj (optionally inside a fresh package) and import it."""
+    name = f"jobmod{next(_counter)}_{os.getpid()}"
+    package = f"{package}{name}" if package else None
+    root = home / "proj"
+    folder = root / package if package else root
+    folder.mkdir(parents=True, exist_ok=True)
+    if package:
+        (folder / "__init__.py").write_text("")
+    (folder / f"{name}.py").write_text(textwrap.dedent(source))
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    importlib.invalidate_caches()
+    return importlib.import_module(f"{package}.{name}" if package else name)
+
+
+def config(**kw) -> RemoteStackOpsConfig:
+    return RemoteStackOpsConfig(**kw)
+
+
+def wait_done(machine: RemoteMachine, timeout: float = 60) -> JobStatus:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        report = machine.get_status(50)
+        if report.finished:
+            return report
+        time.sleep(0.05)
+    raise AssertionError(f"job {machine.job_id} did not finish: {machine.get_status(50)}")
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cli(*args, home: Path, cwd: Path | None = None, python: list[str] | None = None, timeout: float = 120):
+    env = dict(os.environ, HOME=str(home))
+    return subprocess.run((python or [sys.executable]) + [str(SOURCE), *args], cwd=cwd or home, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+JOBS_SOURCE = """
+    import json, os, time, fcntl
+
+    def train(epochs=1, out="~/results/train"):
+        folder = os.path.expanduser(out)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "model.txt"), "w") as handle:
+            handle.write(f"epochs={epochs}\\n")
+        return out
+
+    def boom():
+        raise ValueError("the job exploded on purpose")
+
+    def sleeper(seconds=30.0):
+        time.sleep(seconds)
+
+    def echo(**kwargs):
+        return kwargs
+
+    def part(workload_params, scale=1):
+        return [i * scale for i in range(workload_params.idx_start, workload_params.idx_end)]
+
+    def counted(i, counter, seconds=0.3):
+        def change(delta):
+            with open(counter, "a+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                handle.seek(0)
+                now, peak = (json.loads(handle.read() or "[0, 0]"))
+                now += delta
+                handle.seek(0); handle.truncate()
+                handle.write(json.dumps([now, max(peak, now)]))
+        change(+1)
+        time.sleep(seconds)
+        change(-1)
+        return i
+
+    class Model:
+        def __init__(self, weight):
+            self.weight = weight
+
+        def predict(self, x):
+            return {"weight": self.weight, "y": self.weight * x}
+"""
+
+
+# ============================================================================================
+# 4. utilities
+# ============================================================================================
+
+def test_utilities_home_paths_collapse_and_expand(home):
+    assert stackops.collapse_home(home / "a b" / "c") == "~/a b/c"
+    assert stackops.collapse_home("/opt/x") == "/opt/x"
+    assert stackops.expand_home("~/a") == home / "a"
+    assert stackops._sh_path("~/it's here") == '"$HOME"/\'it\'"\'"\'s here\''
+    out = subprocess.run(["bash", "-c", "printf %s " + stackops._sh_path("~/it's $(x) here")],
+                         capture_output=True, text=True, env=dict(os.environ, HOME="/h")).stdout
+    assert out == "/h/it's $(x) here"
+
+
+@pytest.mark.parametrize("name", ["a", "job-1", "x.y_z", "A" * 128])
+def test_utilities_safe_names_accepted(name):
+    assert stackops.check_safe_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "-x", "a/b", "..", "a b", "a\nb", "A" * 129, "é", 5, None])
+def test_utilities_unsafe_names_refused(name):
+    with pytest.raises(ConfigError):
+        stackops.check_safe_name(name)
+
+
+def test_utilities_atomic_json_never_torn(tmp_path):
+    target = tmp_path / "view.json"
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(HERE)!r}); import stackops
+        from pathlib import Path
+        for i in range(400):
+            stackops._atomic_write_json(Path({str(target)!r}), {{"i": i, "pad": "x" * 5000}})
+    """)])
+    reads = 0
+    while writer.poll() is None:
+        if target.exists():
+            json.loads(target.read_text())
+            reads += 1
+    assert writer.returncode == 0 and reads > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_utilities_pid_liveness(tmp_path):
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        assert stackops.pid_is_alive(proc.pid)
+        wait_for(lambda: "sleep" in stackops._process_state(proc.pid)[1], what="exec of sleep")
+        assert stackops.pid_is_alive(proc.pid, "sleep")
+        assert not stackops.pid_is_alive(proc.pid, "some-other-job")  # a reused pid does not count
+    finally:
+        proc.kill()
+    # killed but not yet reaped: a zombie is dead
+    wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+             what="zombie")
+    assert not stackops.pid_is_alive(proc.pid)
+    proc.wait()
+    assert not stackops.pid_is_alive(proc.pid)
+
+
+# ============================================================================================
+# 5. models
+# ============================================================================================
+
+def test_models_workload_split_reference_example():
+    parts = WorkloadParams(idx_min=0, idx_max=7, idx_start=0, idx_end=7, jobs=3).split_to_jobs()
+    assert [(p.idx_start, p.idx_end, p.idx) for p in parts] == [(0, 2, 0), (2, 4, 1), (4, 7, 2)]
+    assert WorkloadParams(idx_start=5, idx_end=5).split_to_jobs(3) == []
+    assert len(WorkloadParams(idx_start=0, idx_end=2).split_to_jobs(5)) == 2
+
+
+@pytest.mark.parametrize("start,end,jobs", [(0, 1000, 3), (3, 17, 4), (0, 1, 1), (10, 20, 10), (0, 999, 7)])
+def test_models_workload_split_covers_once(start, end, jobs):
+    wp = WorkloadParams(idx_min=0, idx_max=1000, idx_start=start, idx_end=end, jobs=jobs)
+    covered = [i for p in wp.split_to_jobs() for i in range(p.idx_start, p.idx_end)]
+    assert covered == list(range(start, end))
+
+
+def test_models_workload_section_of_series_and_default():
+    wp = WorkloadParams(idx_min=0, idx_max=10, idx_start=0, idx_end=5)
+    assert wp.get_section_from_series(list(range(11))) == (0, 5)
+    assert WorkloadParams.default().to_dict() == {"idx_min": 0, "idx_max": 1000, "idx_start": 0,
+                                                  "idx_end": 1000, "idx": 0, "jobs": 3, "job_id": ""}
+    with pytest.raises(ConfigError):
+        wp.get_section_from_series([])
+    with pytest.raises(ConfigError):
+        WorkloadParams(idx_start=5, idx_end=2)
+
+
+def test_models_config_round_trip_exact(home):
+    original = config(job_id="rt", description="d", data=["~/x"], workload_params=WorkloadParams(jobs=4),
+                      max_simultaneous_jobs=3, interactive=True, transfer_method="cloud", cloud_name="drive")
+    data = json.loads(json.dumps(original.to_dict()))
+    assert RemoteStackOpsConfig.from_dict(data) == original
+    assert RemoteStackOpsConfig.from_dict(data).to_dict() == data
+
+
+@pytest.mark.parametrize("field,value", [("copy_repo", "false"), ("max_simultaneous_jobs", "3"),
+                                         ("max_simultaneous_jobs", True), ("data", "x"), ("data", [1]),
+                                         ("ssh_host", 5), ("description", None)])
+def test_models_config_wrong_types_refused(field, value):
+    data = config(job_id="t").to_dict()
+    data[field] = value
+    with pytest.raises(ConfigError, match=field):
+        RemoteStackOpsConfig.from_dict(data)
+
+
+def test_models_config_validation_rules(home):
+    with pytest.raises(ConfigError, match="cloud_name"):
+        config(transfer_method="cloud")
+    with pytest.raises(ConfigError, match="max_simultaneous_jobs"):
+        config(max_simultaneous_jobs=0)
+    with pytest.raises(ConfigError, match="unknown field"):
+        RemoteStackOpsConfig.from_dict({"job_id": "x", "bogus": 1})
+    with pytest.raises(ConfigError, match="job_id"):
+        RemoteStackOpsConfig.from_dict({"base_dir": "~/x"})
+    assert stackops._SAFE_NAME.match(config().job_id)
+    assert config().job_id != config().job_id
+
+
+def test_models_config_notification_defaults_from_user_config(home):
+    path = home / ".config" / "stackops" / "config.json"
+    with pytest.raises(ConfigError, match=r"default_email_address.*config\.json|config\.json.*default_email"):
+        config(notify_upon_completion=True)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"default_email_address": "me@example.org"}))
+    with pytest.raises(ConfigError, match="default_email_config"):
+        config(notify_upon_completion=True)
+    path.write_text(json.dumps({"default_email_address": "me@example.org", "default_email_config": "work"}))
+    made = config(notify_upon_completion=True)
+    assert (made.to_email, made.email_config_name) == ("me@example.org", "work")
+    explicit = config(notify_upon_completion=True, to_email="a@b.c", email_config_name="x")
+    assert explicit.to_email == "a@b.c"
+
+
+def test_models_job_status_and_timings_round_trip():
+    status = JobStatus(job_id="j", status="running", pid=4, place=None)
+    assert JobStatus.from_dict(status.to_dict()) == status
+    with pytest.raises(ConfigError):
+        JobStatus(job_id="j", status="locked")
+    timings = stackops.ExecutionTimings(submission_time=stackops._utcnow())
+    timings.start_utc = timings.submission_time
+    timings.end_utc = timings.start_utc
+    again = stackops.ExecutionTimings.from_dict(timings.to_dict())
+    assert again.start_utc == timings.start_utc and again.execution_duration.total_seconds() == 0
+
+
+def test_models_job_params_sources(home):
+    mod = make_module(home, JOBS_SOURCE, package="pkg")
+    params = JobParams.from_callable(mod.train)
+    assert (params.kind, params.func_name, params.func_module) == ("function", "train", mod.__name__)
+    assert params.repo_path_rh == "~/proj" and params.file_path_r.startswith("pkg")
+    method = JobParams.from_callable(mod.Model(2).predict)
+    assert (method.kind, method.func_class) == ("method", "Model")
+    ref = JobParams.from_function_ref(str(Path(mod.__file__)) + ":train")
+    assert (ref.func_module, ref.func_name, ref.import_root_r) == (mod.__name__, "train", ".")
+    script = home / "proj" / "s.py"
+    script.write_text("print(1)\n")
+    assert JobParams.from_script(script).kind == "script"
+
+
+def test_models_job_params_git_root(home):
+    repo = home / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "src" / "deep").mkdir(parents=True)
+    (repo / "src" / "deep" / "run.py").write_text("x = 1\n")
+    params = JobParams.from_script(repo / "src" / "deep" / "run.py")
+    assert (params.repo_path_rh, params.file_path_r) == ("~/repo", "src/deep/run.py")
+
+
+def test_models_job_params_run_path(home):
+    import runpy
+
+    file = home / "proj" / "loose.py"
+    file.parent.mkdir(parents=True)
+    file.write_text("def go(x):\n    return x * 2\n")
+    func = runpy.run_path(str(file))["go"]
+    params = JobParams.from_callable(func)
+    assert (params.kind, params.func_module, params.func_name) == ("run_path", "loose.py", "go")
+
+
+def _nested():
+    def inner():
+        return 1
+    return inner
+
+
+@pytest.mark.parametrize("func,match", [(lambda: 1, "lambda"), (_nested(), "inside another function"),
+                                        (len, "not a Python function")])
+def test_models_job_params_refused_callables(func, match):
+    with pytest.raises(ConfigError, match=match):
+        JobParams.from_callable(func)
+
+
+def test_models_job_params_main_function_refused(home):
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(HERE)!r}); import stackops
+        def f(): pass
+        try:
+            stackops.JobParams.from_callable(f)
+        except stackops.ConfigError as e:
+            print("refused:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert "refused: f is defined in __main__" in out
+
+
+def test_models_execution_lines_compile_for_every_combination(home):
+    mod = make_module(home, JOBS_SOURCE)
+    script = home / "proj" / "s.py"
+    script.write_text("res = None\n")
+    sources = {"function": JobParams.from_callable(mod.part), "method": JobParams.from_callable(mod.Model(1).predict),
+               "script": JobParams.from_script(script)}
+    for (kind, params), wp, par, wrap in itertools.product(sources.items(), [None, WorkloadParams()],
+                                                           [False, True], [False, True]):
+        if par and (wp is None or kind == "script"):
+            with pytest.raises(ConfigError):
+                params.get_execution_line(wp, par, wrap)
+            continue
+        code = stackops.render_execution_script(params.get_execution_line(wp, par, wrap))
+        compile(code, f"{kind}-{wp}-{par}-{wrap}", "exec")
+
+
+# ============================================================================================
+# 6. templates
+# ============================================================================================
+
+def test_templates_renderer_is_strict():
+    assert stackops.render_template("a @@x b @@@@", x="1") == "a 1 b @@"
+    with pytest.raises(StackopsError, match="missing"):
+        stackops.render_template("@@x @@y", x="1")
+    with pytest.raises(StackopsError, match="unused"):
+        stackops.render_template("@@x", x="1", y="2")
+
+
+def test_templates_shell_passes_bash_n_for_every_option(home, tmp_path):
+    mod = make_module(home, JOBS_SOURCE)
+    params = JobParams.from_callable(mod.train)
+    for update, install, interactive in itertools.product([False, True], repeat=3):
+        cfg = config(update_repo=update, install_repo=install, interactive=interactive)
+        script = tmp_path / "launcher.sh"
+        script.write_text(stackops.render_shell_script(params, cfg, "/usr/bin/python3"))
+        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+    for interactive, lock in itertools.product([False, True], repeat=2):
+        manager = FileManager("x", lock_resources=lock)
+        command = manager.get_fire_command(interactive)
+        check = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+
+
+# ============================================================================================
+# 7-9. jobs on this machine: lifecycle, status, slots
+# ============================================================================================
+
+def test_job_function_with_kwargs_completes_and_returns_its_folder(home):
+    mod = make_module(home, JOBS_SOURCE, package="pkg")
+    machine = RemoteMachine(mod.train, config=config(job_id="fn"), func_kwargs={"epochs": 3}, data=None)
+    assert machine.run(run=True, show_scripts=False) is machine
+    report = wait_done(machine)
+    assert report.status == "completed", report
+    assert machine.check_job_status() == home / "results" / "train"
+    assert (home / "results" / "train" / "model.txt").read_text() == "epochs=3\n"
+    assert machine.download_results(None) == home / "results" / "train"
+    copy = machine.download_results(home / "copy")
+    assert (copy / "model.txt").read_text() == "epochs=3\n"
+    timings = json.loads(machine.file_manager.path(stackops.TIMINGS_JSON).read_text())
+    assert timings["execution_duration_seconds"] >= 0 and timings["wait_duration_seconds"] >= 0
+
+
+def test_job_folder_layout_is_private_and_names_no_absolute_local_path(home):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.train, config=config(job_id="layout")).run()
+    wait_done(machine)
+    root = machine.file_manager.job_root
+    for relative in ("data/file_manager.json", "data/func_kwargs.json", "data/job_params.json",
+                     "data/remote_machine.json", "data/remote_machine_config.json", "python/cluster_wrap.py",
+                     "python/stackops.py", "shell/cluster_script.sh", "logs/status.txt", "logs/pid.txt",
+                     "logs/start_time.txt", "logs/end_time.txt", "logs/error_message.txt",
+                     "logs/results_folder_path.txt"):
+        assert (root / relative).is_file(), relative
+    assert oct(root.stat().st_mode & 0o777) == "0o700"
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o077 == 0, path
+            if path.name not in ("stackops.py", "output.log"):
+                assert str(home) not in path.read_text(errors="replace"), path
+
+
+def test_job_script_sees_kwargs_and_picks_results(home):
+    script = home / "proj" / "train.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(textwrap.dedent("""
+        import json, os
+        out = os.path.expanduser("~/script_out")
+        os.makedirs(out, exist_ok=True)
+        json.dump({"kwargs": func_kwargs, "name": __name__}, open(os.path.join(out, "seen.json"), "w"))
+        res = out
+    """))
+    machine = RemoteMachine(str(script), config=config(job_id="script"), func_kwargs={"epochs": 2}).run()
+    assert wait_done(machine).status == "completed"
+    assert machine.check_job_status() == home / "script_out"
+    assert json.loads((home / "script_out" / "seen.json").read_text()) == {"kwargs": {"epochs": 2},
+                                                                           "name": "__main__"}
+
+
+def test_job_script_exit_status(home):
+    script = home / "proj" / "quit.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("import sys\nsys.exit(func_kwargs['code'])\n")
+    ok = RemoteMachine(str(script), config=config(job_id="exit0"), func_kwargs={"code": 0}).run()
+    bad = RemoteMachine(str(script), config=config(job_id="exit3", lock_resources=False),
+                        func_kwargs={"code": 3}).run()
+    assert wait_done(ok).status == "completed"
+    assert wait_done(bad).status == "failed" and "status 3" in bad.get_status().error_message
+
+
+def test_job_bound_method_sees_its_instance(home):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.Model(7).predict, config=config(job_id="method"), func_kwargs={"x": 3}).run()
+    results = wait_for(machine.check_job_status, what="method job")
+    assert json.loads((results / "result.json").read_text()) == {"weight": 7, "y": 21}
+
+
+def test_job_unpicklable_instance_refused_before_writing(home):
+    mod = make_module(home, JOBS_SOURCE)
+    obj = mod.Model(1)
+    obj.weight = lambda: 1
+    with pytest.raises(ConfigError, match="pickle"):
+        RemoteMachine(obj.predict, config=config(job_id="nopickle"))
+    assert not (home / "tmp_results").exists()
+
+
+def test_job_run_path_function(home):
+    import runpy
+
+    file = home / "proj" / "loose.py"
+    file.parent.mkdir(parents=True)
+    file.write_text("def double(x):\n    return {'double': x * 2}\n")
+    machine = RemoteMachine(runpy.run_path(str(file))["double"], config=config(job_id="runpath"),
+                            func_kwargs={"x": 21}).run()
+    results = wait_for(machine.check_job_status, what="run_path job")
+    assert json.loads((results / "result.json").read_text()) == {"double": 42}
+
+
+def test_job_imports_shipped_repo_not_installed_copy(home, tmp_path):
+    """A module of the same name earlier on the path must not win over the job's own repo."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    mod = make_module(home, "def which():\n    return 'repo'\n")
+    (shadow / f"{mod.__name__}.py").write_text("def which():\n    return 'shadow'\n")
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = str(shadow)
+    try:
+        machine = RemoteMachine(mod.which, config=config(job_id="shadowed")).run()
+    finally:
+        os.environ["PYTHONPATH"] = env_path
+    results = wait_for(machine.check_job_status, what="shadowed job")
+    assert json.loads((results / "result.json").read_text()) == "repo"
+
+
+def test_job_workload_parallelize_splits_and_returns_each_part(home):
+    mod = make_module(home, JOBS_SOURCE)
+    wp = WorkloadParams(idx_min=0, idx_max=7, idx_start=0, idx_end=7, jobs=3)
+    machine = RemoteMachine(mod.part, config=config(job_id="par", workload_params=wp, parallelize=True),
+                            func_kwargs={"scale": 10}).run()
+    results = wait_for(machine.check_job_status, what="parallel job")
+    assert json.loads((results / "result.json").read_text()) == [[0, 10], [20, 30], [40, 50, 60]]
+    single = RemoteMachine(mod.part, config=config(job_id="wl", workload_params=wp)).run()
+    results = wait_for(single.check_job_status, what="workload job")
+    assert json.loads((results / "result.json").read_text()) == list(range(7))
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_job_that_raises_fails_with_traceback_and_frees_slot(home, wrap):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.boom, config=config(job_id=f"boom{int(wrap)}", wrap_in_try_except=wrap)).run()
+    report = wait_done(machine)
+    assert report.status == "failed"
+    assert "Traceback" in report.error_message and "ValueError: the job exploded on purpose" in report.error_message
+    assert "boom" in report.error_message  # the frame of the job's own function is kept
+    with pytest.raises(JobFailedError, match="exploded"):
+        machine.check_job_status()
+    assert Slots().holders() == []
+    after = RemoteMachine(mod.train, config=config(job_id=f"after{int(wrap)}")).run()
+    assert wait_done(after).status == "completed"
+
+
+def test_job_killed_is_failed_process_gone_and_frees_slot(home):
+    mod = make_module(home, JOBS_SOURCE)
+    victim = RemoteMachine(mod.sleeper, config=config(job_id="victim")).run()
+    wait_for(lambda: victim.get_status().status == "running", what="victim running")
+    os.killpg(victim.launcher_pid, signal.SIGKILL)  # the whole detached session, launcher included
+    report = wait_for(lambda: victim.get_status() if victim.get_status().finished else None, what="failed")
+    assert report.status == "failed" and "process gone" in report.error_message
+    assert Slots().holders() == []
+    nxt = RemoteMachine(mod.train, config=config(job_id="next")).run()
+    assert wait_done(nxt).status == "completed"
+
+
+def test_job_sigterm_ends_failed_with_reason(home):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.sleeper, config=config(job_id="termed")).run()
+    wait_for(lambda: machine.get_status().status == "running", what="running")
+    os.kill(machine.get_status().pid, signal.SIGTERM)
+    report = wait_done(machine)
+    assert report.status == "failed" and "terminated by signal 15" in report.error_message
+    assert Slots().holders() == []
+
+
+def test_slots_twenty_jobs_three_slots_fifo(home):
+    mod = make_module(home, JOBS_SOURCE)
+    counter = home / "counter.json"
+    machines = []
+    for i in range(20):
+        cfg = config(job_id=f"q{i:02d}", max_simultaneous_jobs=3)
+        machines.append(RemoteMachine(mod.counted, config=cfg, func_kwargs={"i": i, "counter": str(counter)}).run())
+    reports = [wait_done(m, timeout=120) for m in machines]
+    assert [r.status for r in reports] == ["completed"] * 20
+    now, peak = json.loads(counter.read_text())
+    assert now == 0 and peak == 3, (now, peak)
+    starts = [stackops._parse_iso(r.start_time) for r in reports]
+    assert starts == sorted(starts), "jobs must start in the order they were submitted"
+    history = Slots().history()
+    assert sorted(h["job_id"] for h in history) == [f"q{i:02d}" for i in range(20)]
+    assert Slots().holders() == [] and Slots().waiters() == []
+    for view in ("queued_jobs.json", "running_jobs.json", "history_jobs.json"):
+        json.loads((Slots().root / view).read_text())
+
+
+def test_slots_sigkilled_holder_lets_next_start_without_cleanup(home):
+    mod = make_module(home, JOBS_SOURCE)
+    holder = RemoteMachine(mod.sleeper, config=config(job_id="holder")).run()
+    wait_for(lambda: holder.get_status().status == "running", what="holder running")
+    waiter = RemoteMachine(mod.train, config=config(job_id="waiter")).run()
+    report = wait_for(lambda: waiter.get_status() if waiter.get_status().status == "waiting" else None,
+                      what="waiter waiting")
+    assert report.place == 1
+    queue = Slots().waiters()
+    assert [w["job_id"] for w in queue] == ["waiter"]
+    assert [h["job_id"] for h in Slots().holders()] == ["holder"]
+    killed_at = time.monotonic()
+    os.kill(holder.get_status().pid, signal.SIGKILL)  # only the wrapper: nobody cleans up
+    assert wait_done(waiter).status == "completed"
+    assert time.monotonic() - killed_at < 10
+    assert holder.get_status().status == "failed"
+    assert "killed by signal 9" in holder.get_status().error_message
+
+
+def test_status_truthful_for_dead_reused_and_garbage(home):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.train, config=config(job_id="truth")).run()
+    wait_done(machine)
+    manager = machine.file_manager
+    sleeper = subprocess.Popen(["sleep", "30"])  # a live pid that is not the job's: a reused pid
+    try:
+        manager.write_log(stackops.PID_TXT, str(sleeper.pid))
+        manager.write_log(stackops.STATUS_TXT, "running")
+        assert manager.get_job_status() == "failed"
+        assert "process gone" in manager.path(stackops.ERROR_TXT).read_text()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    manager.write_log(stackops.STATUS_TXT, "weird")
+    assert manager.get_job_status() == "failed"
+
+
+def test_job_run_false_launches_nothing(home):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.train, config=config(job_id="dry"))
+    machine.run(run=False)
+    assert machine.submitted and machine.launcher_pid is None
+    assert "cluster_script.sh" in machine.launch_command
+    time.sleep(0.3)
+    assert machine.get_status().status == "queued"
+    assert not machine.file_manager.path(stackops.LAUNCHER_PID_TXT).exists()
+    # the printed command really launches it
+    out = subprocess.run(["bash", "-c", machine.launch_command], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().isdigit()
+    assert wait_done(machine).status == "completed"
+
+
+def test_job_reload_in_new_process(home):
+    mod = make_module(home, JOBS_SOURCE)
+    RemoteMachine(mod.train, config=config(job_id="later"), func_kwargs={"epochs": 5}).run()
+    code = textwrap.dedent(f"""
+        import sys, time; sys.path.insert(0, {str(HERE)!r}); import stackops
+        m = stackops.RemoteMachine.load("later")
+        print(m.wait(timeout=60))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+    assert out.stdout.strip() == str(home / "results" / "train"), out.stderr
+    assert RemoteMachine.load("later").results_path == home / "results" / "train"
+
+
+def test_job_delete_results_only_its_own(home):
+    mod = make_module(home, JOBS_SOURCE)
+    own = RemoteMachine(mod.echo, config=config(job_id="own"), func_kwargs={"a": 1}).run()
+    folder = wait_for(own.check_job_status, what="own")
+    assert folder == home / "tmp_results" / "tmp_dirs" / "own"
+    own.delete_remote_results()
+    assert not folder.exists()
+    for returned in ("~", "~/results/train", "/"):
+        machine = RemoteMachine(mod.train, config=config(job_id=f"del{len(returned)}{returned[-1:] == '/'}"),
+                                func_kwargs={"out": returned})
+        machine.run()
+        wait_done(machine)
+        with pytest.raises(ConfigError, match="refusing"):
+            machine.delete_remote_results()
+    assert (home / "results" / "train").exists() and home.exists()
+
+
+def test_job_existing_id_refused(home):
+    mod = make_module(home, JOBS_SOURCE)
+    RemoteMachine(mod.train, config=config(job_id="twice")).run(run=False)
+    with pytest.raises(ConfigError, match="already exists"):
+        RemoteMachine(mod.train, config=config(job_id="twice")).run(run=False)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None and not os.environ.get("CI"), reason="tmux not installed")
+def test_job_interactive_runs_in_tmux_session(home, tmp_path):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.train, config=config(job_id="inter.active", interactive=True)).run()
+    try:
+        assert wait_done(machine).status == "completed"
+        sessions = subprocess.run(["tmux", "list-sessions", "-F", "#{session_name}"], capture_output=True,
+                                  text=True).stdout.split()
+        assert "inter_active" in sessions  # python -i keeps the session open for a person to attach
+        assert Slots().holders() == []
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", "inter_active"], capture_output=True)
+
+
+# ============================================================================================
+# bad input: refused before anything is written, one clear line, CLI exit 2
+# ============================================================================================
+
+def _bad_inputs(home: Path):
+    mod = make_module(home, JOBS_SOURCE)
+    return [
+        ("missing script", lambda: RemoteMachine(str(home / "nope.py"), config=config())),
+        ("directory as script", lambda: RemoteMachine(str(home), config=config())),
+        ("lambda", lambda: RemoteMachine(lambda: 1, config=config())),
+        ("kwargs not JSON", lambda: stackops.parse_kwargs("{epochs: 3")),
+        ("kwargs not an object", lambda: stackops.parse_kwargs("[1, 2]")),
+        ("kwargs not JSON data", lambda: RemoteMachine(mod.train, config=config(), func_kwargs={"x": object()})),
+        ("unsafe job id", lambda: config(job_id="../escape")),
+        ("cloud without cloud_name", lambda: config(transfer_method="cloud")),
+        ("zero slots", lambda: config(max_simultaneous_jobs=0)),
+        ("data missing", lambda: RemoteMachine(mod.train, config=config(), data=["~/no/such/file"])),
+        ("workload twice", lambda: RemoteMachine(mod.part, config=config(workload_params=WorkloadParams()),
+                                                 func_kwargs={"workload_params": 1})),
+        ("parallel script", lambda: RemoteMachine(mod.__file__, config=config(
+            workload_params=WorkloadParams(), parallelize=True))),
+    ]
+
+
+def test_bad_input_refused_before_anything_is_written(home):
+    for what, attempt in _bad_inputs(home):
+        with pytest.raises(ConfigError) as info:
+            attempt()
+        assert "\n" not in str(info.value), what
+        assert not (home / "tmp_results").exists(), what
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "nope.py"], "script not found"),
+    (["run", "proj/m.py:missing"], "defines no top-level 'missing'"),
+    (["run", "proj/m.py:f", "--kwargs", "{bad"], "not JSON"),
+    (["run", "proj/m.py:f", "--kwargs", "[1]"], "must be a JSON object"),
+    (["run", "proj/m.py:f", "--job-id", "a b"], "not a safe name"),
+    (["run", "proj/m.py:f", "--job-id=-x"], "not a safe name"),
+    (["run", "proj/m.py:f", "--max-jobs", "0"], "max_simultaneous_jobs"),
+    (["run", "proj/m.py:f", "--workload", "x"], "START:END"),
+    (["run", "proj/m.py:f", "--parallelize"], "parallelize"),
+    (["run", "proj"], "not a script file"),
+    (["status", "no-such-job"], "no job"),
+    (["run"], "required"),
+])
+def test_bad_input_cli_exits_2_with_one_line(home, args, message):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    done = cli(*args, home=home)
+    assert done.returncode == 2, done
+    assert message in done.stderr
+    assert done.stderr.splitlines()[0].startswith(("stackops: error:", "usage:"))
+    assert not (home / "tmp_results" / "remote_machines" / "jobs" / "queued").exists() or args[0] == "status"
+
+
+# ============================================================================================
+# hostile values travel intact and inject nothing
+# ============================================================================================
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+HOSTILE = st.sampled_from(["'", '"', "$(touch PWNED)", "`touch PWNED`", ";", "\n", "\\", "é", "☃", " ", "$HOME",
+                           "%s", "@@x", "{x}", "&&", "|", "*", "#", "\t"])
+hostile_text = st.lists(HOSTILE | st.text(max_size=3), min_size=1, max_size=6).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(description=hostile_text, folder=hostile_text.filter(lambda s: "/" not in s and s.strip(". ") == s
+                                                            and "\0" not in s and s))
+def test_security_hostile_values_render_to_valid_scripts(home, description, folder):
+    repo = home / folder
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "s.py").write_text("res = None\n")
+    params = JobParams.from_script(repo / "s.py")
+    params.description = description
+    cfg = config(description=description, base_dir=f"~/{folder}/jobs", update_repo=True, install_repo=True)
+    shell = stackops.render_shell_script(params, cfg, f"/x/{folder}/python")
+    assert subprocess.run(["bash", "-n", "-c", shell], capture_output=True).returncode == 0
+    command = FileManager("j", base=cfg.base_dir).get_fire_command()
+    assert subprocess.run(["bash", "-n", "-c", command], capture_output=True).returncode == 0
+    compile(stackops.render_execution_script(params.get_execution_line(WorkloadParams(), False, True)), "w", "exec")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=hostile_text, folder=hostile_text.filter(lambda s: "/" not in s and s.strip(". ") == s and s))
+def test_security_hostile_values_reach_the_job_intact(home, value, folder):
+    repo = home / folder
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "s.py").write_text(textwrap.dedent("""
+        import json, os
+        out = os.path.join(os.path.expanduser("~"), "seen-" + func_kwargs["tag"] + ".json")
+        json.dump(func_kwargs, open(out, "w", encoding="utf-8"), ensure_ascii=False)
+    """))
+    tag = f"{next(_counter)}"
+    kwargs = {"tag": tag, "value": value, value: [value]}
+    machine = RemoteMachine(str(repo / "s.py"), config=config(description=value, base_dir=f"~/{folder}/jobs"),
+                            func_kwargs=kwargs).run()
+    report = wait_done(machine)
+    assert report.status == "completed", report
+    assert json.loads((home / f"seen-{tag}.json").read_text(encoding="utf-8")) == kwargs
+    assert not list(home.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+
+
+# ============================================================================================
+# the file as it is used: copied, on a bare interpreter, from the command line
+# ============================================================================================
+
+def test_bare_interpreter_runs_help_and_a_whole_job(home, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(SOURCE, bare / "stackops.py")
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("import sys\ndef f(n):\n    return {'n': n, 'mods': 'paramiko' in sys.modules}\n")
+    barepy = tmp_path / "barepy"
+    barepy.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    barepy.chmod(0o755)
+    env = dict(os.environ, HOME=str(home))
+    run = [sys.executable, "-I", "-S", str(bare / "stackops.py")]
+    assert subprocess.run(run + ["--help"], capture_output=True, env=env).returncode == 0
+    done = subprocess.run(run + ["run", "proj/m.py:f", "--kwargs", '{"n": 4}', "--python", str(barepy), "--wait",
+                                "--json"], cwd=home, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["status"] == "completed"
+    result = json.loads((stackops.expand_home(report["results_path"].replace("~", str(home), 1)) /
+                         "result.json").read_text())
+    assert result == {"n": 4, "mods": False}
+
+
+def test_bare_python38_runs_a_job_when_present(home, tmp_path):
+    candidates = [shutil.which("python3.8"), os.path.expanduser("~root/.pyenv/versions/3.8.18/bin/python3")]
+    py38 = next((c for c in candidates if c and os.path.exists(c) and subprocess.run(
+        [c, "-c", "import sys; assert sys.version_info[:2] == (3, 8)"], capture_output=True).returncode == 0), None)
+    if py38 is None:
+        pytest.skip("no Python 3.8 on this machine")
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("import sys\ndef f():\n    return list(sys.version_info[:2])\n")
+    barepy = tmp_path / "py38"
+    barepy.write_text(f"#!/bin/sh\nexec {py38} -I -S \"$@\"\n")
+    barepy.chmod(0o755)
+    done = cli("run", "proj/m.py:f", "--python", str(barepy), "--wait", "--json", home=home)
+    assert done.returncode == 0, done.stderr + done.stdout
+    folder = Path(json.loads(done.stdout)["results_path"].replace("~", str(home), 1))
+    assert json.loads((folder / "result.json").read_text()) == [3, 8]
+
+
+def test_import_loads_neither_paramiko_nor_psutil(tmp_path):
+    shutil.copy(SOURCE, tmp_path / "stackops.py")
+    out = subprocess.run([sys.executable, "-c", "import sys, stackops; "
+                          "print([m for m in ('paramiko', 'psutil') if m in sys.modules])"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_main_aliases_module_so_errors_are_one_class():
+    code = (f"import runpy, sys; sys.argv = ['stackops', '--version']\n"
+            f"try:\n    runpy.run_path({str(SOURCE)!r}, run_name='__main__')\n"
+            f"except SystemExit:\n    pass\n"
+            f"print(sys.modules['stackops'].StackopsError.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("__main__"), out
+
+
+def test_cli_readme_first_command_shows_completed_job(home):
+    done = cli("run", str(SOURCE) + ":demo_job", "--kwargs", '{"seconds": 0.2}', "--wait", home=home)
+    assert done.returncode == 0, done.stderr
+    assert "completed" in done.stdout and "results" in done.stdout
+    folder = next(line.split()[-1] for line in done.stdout.splitlines() if line.startswith("results"))
+    assert "hello from stackops" in (Path(folder.replace("~", str(home), 1)) / "message.txt").read_text()
+
+
+def test_cli_run_status_list_logs_queue(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("import time\ndef f(n=1):\n    print('working', n, flush=True)\n"
+                                        "    time.sleep(0.5)\n    return n\n")
+    started = cli("run", "proj/m.py:f", "--kwargs", '{"n": 2}', "--job-id", "cli-job", home=home)
+    assert started.returncode == 0 and "cli-job" in started.stdout, started.stderr
+    follow = cli("logs", "cli-job", "-f", home=home)
+    assert "working 2" in follow.stdout and "JOB COMPLETED" in follow.stdout
+    status = json.loads(cli("status", "cli-job", "--json", home=home).stdout)
+    assert status["status"] == "completed" and status["results_path"].endswith("cli-job")
+    assert "completed" in cli("status", "cli-job", home=home).stdout
+    listing = json.loads(cli("list", "--json", home=home).stdout)
+    assert [j["job_id"] for j in listing] == ["cli-job"]
+    assert "cli-job" in cli("list", home=home).stdout
+    queue = json.loads(cli("queue", "--json", home=home).stdout)
+    assert queue["running"] == [] and queue["history"][-1]["job_id"] == "cli-job"
+    assert "history" in cli("queue", home=home).stdout
+    failing = cli("run", "proj/m.py:f", "--kwargs", '{"n": "x", "bad": 1}', "--wait", home=home)
+    assert failing.returncode == 1 and "unexpected keyword argument" in failing.stderr
+    dry = cli("run", "proj/m.py:f", "--no-launch", "--job-id", "dry", home=home)
+    assert dry.returncode == 0 and "nothing was started" in dry.stdout and "bash -c" in dry.stdout
