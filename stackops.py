@@ -852,8 +852,8 @@ umask 077
 JOB_ROOT=$(cd "$(dirname "$0")/.." && pwd -P) || exit 1
 LOGS="$JOB_ROOT/logs"
 PYTHON=@@python
-printf '%s' "$$" > "$LOGS/launcher_pid.txt"
 _write() { printf '%s' "$2" > "$LOGS/.$1.tmp" && mv -f "$LOGS/.$1.tmp" "$LOGS/$1"; }
+_write launcher_pid.txt "$$"
 _fail() {
     _write error_message.txt "$1"
     _write end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
@@ -1005,9 +1005,10 @@ class Slots:
         return "pending" if age < STARTUP_GRACE else "stale"
 
     def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int,
-                      on_start: Callable[[], None]) -> tuple[int, int]:
+                      on_start: Callable[[], None]) -> tuple[int, int, _dt.datetime]:
         """Wait in line under ``entry``, then take a free slot among the first ``max_jobs``.
-        Returns (slot index, fd holding it); ``on_start`` runs once the entry is ours."""
+        Returns (slot index, fd holding it, when it was taken); ``on_start`` runs once the entry
+        is ours. The time is taken before the entry goes, so start times follow queue order."""
         self._ensure()
         path = self.queue / entry
         if not path.exists():
@@ -1031,9 +1032,10 @@ class Slots:
                 for index in range(max_jobs):
                     fd = _try_flock(self.slots / f"slot-{index}.lock")
                     if fd is not None:
+                        taken = _utcnow()
                         with _suppress(FileNotFoundError):
                             os.unlink(path)
-                        return index, fd
+                        return index, fd, taken
                 time.sleep(SLOT_POLL_HEAD)
         finally:
             os.close(entry_fd)
@@ -1109,6 +1111,7 @@ class FileManager:
         self.job_root_rh = f"{self.base_dir.rstrip('/')}/queued/{job_id}"
         self.job_root = expand_home(self.job_root_rh)
         self._slot: tuple[int, int] | None = None
+        self.admitted_at: _dt.datetime | None = None  # when this process got its slot
 
     def __repr__(self) -> str:
         return f"FileManager({self.job_id!r}, job_root={self.job_root_rh!r})"
@@ -1178,6 +1181,7 @@ class FileManager:
         """Announce this process as the job's (pid), then wait in line for a slot; returns True."""
         if not self.lock_resources:
             self.write_log(PID_TXT, str(os.getpid()))
+            self.admitted_at = _utcnow()
             return True
         slots = Slots()
         ticket = _read_text(self.path(TICKET_TXT)).strip() or f"{time.time_ns():019d}"
@@ -1188,10 +1192,11 @@ class FileManager:
             self.write_log(STATUS_TXT, "waiting")
             slots.refresh_views()
 
-        index, fd = slots.wait_for_slot(entry, self.job_root, self.max_simultaneous_jobs, started)
+        index, fd, self.admitted_at = slots.wait_for_slot(entry, self.job_root, self.max_simultaneous_jobs,
+                                                          started)
         self._slot = (index, fd)
         holder = {"job_id": self.job_id, "job_root": str(self.job_root), "pid": os.getpid(),
-                  "submission_time": _iso(self.submission_time), "start_time": _iso(_utcnow())}
+                  "submission_time": _iso(self.submission_time), "start_time": _iso(self.admitted_at)}
         _atomic_write_json(slots.slots / f"slot-{index}.json", holder)
         slots.refresh_views()
         log.info("job %s holds slot %d of %d", self.job_id, index + 1, self.max_simultaneous_jobs)
@@ -1404,7 +1409,7 @@ def run_job(job_root: str | os.PathLike[str],
     try:
         try:
             manager.secure_resources()
-            timings.start_utc = _utcnow()
+            timings.start_utc = manager.admitted_at or _utcnow()
             timings.start_local = timings.start_utc.astimezone()
             manager.write_log(START_TXT, _iso(timings.start_utc) or "")
             manager.write_log(STATUS_TXT, "running")

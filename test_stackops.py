@@ -766,7 +766,8 @@ def test_security_hostile_values_render_to_valid_scripts(home, description, fold
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(value=hostile_text, folder=hostile_text.filter(lambda s: "/" not in s and s.strip(". ") == s and s))
+@given(value=hostile_text, folder=hostile_text.filter(lambda s: "/" not in s and s.strip(". ") == s
+                                                      and "\0" not in s and s))
 def test_security_hostile_values_reach_the_job_intact(home, value, folder):
     repo = home / folder
     repo.mkdir(parents=True, exist_ok=True)
