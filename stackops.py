@@ -57,7 +57,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     import psutil as _psutil_module
@@ -74,7 +74,7 @@ __all__ = [
 log = logging.getLogger("stackops")
 
 
-def _psutil() -> "_psutil_module | None":
+def _psutil() -> _psutil_module | None:
     """psutil when installed, else None: every caller has a standard-library fallback."""
     try:
         import psutil
@@ -993,7 +993,7 @@ class Slots:
         if fd is None:
             return "waiting"
         try:
-            job_root = Path(os.read(fd, 4096).decode("utf-8", "replace").strip())
+            job_root = Path(os.read(fd, 65536).decode("utf-8", "surrogateescape"))
         finally:
             os.close(fd)
         started = (job_root / PID_TXT).exists() or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES
@@ -1015,7 +1015,7 @@ class Slots:
             log.warning("queue entry %s is missing; joining the end of the queue", entry)
             entry = f"{time.time_ns():019d}-{job_root.name}"
             path = self.queue / entry
-            _atomic_write_text(path, str(job_root) + "\n")
+            _atomic_write_text(path, str(job_root))
         entry_fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(entry_fd, fcntl.LOCK_EX)
@@ -1062,7 +1062,7 @@ class Slots:
         return found
 
     def waiters(self) -> list[dict[str, Any]]:
-        result = []
+        result: list[dict[str, Any]] = []
         for name in self.entries():
             state = self.entry_state(name)
             if state == "stale":
@@ -1070,7 +1070,7 @@ class Slots:
             ticket, _, job_id = name.partition("-")
             queued = _dt.datetime.fromtimestamp(int(ticket) / 1e9, _dt.timezone.utc) if ticket.isdigit() else None
             result.append({"place": len(result) + 1, "job_id": job_id, "state": state,
-                           "job_root": _read_text(self.queue / name).strip(), "queued_since": _iso(queued)})
+                           "job_root": _read_text(self.queue / name), "queued_since": _iso(queued)})
         return result
 
     def history(self) -> list[dict[str, Any]]:
@@ -1154,15 +1154,16 @@ class FileManager:
         """The bash command that starts this job detached on the executing machine and prints the
         launcher's pid. It joins the machine's queue first, so jobs start in the order fired."""
         job = _sh_path(self.job_root_rh) if self.job_root_rh.startswith("~") else shlex.quote(str(self.job_root))
-        parts = ["umask 077", f"J={job}", 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
+        parts = ["umask 077", f"J={job}",
+                 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
         if self.lock_resources:
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
             parts += ['S="${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"',
                       'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
-                      f'printf "%s\\n" "$J" > {entry}', 'printf "%s" "$t" > "$J/logs/ticket.txt"']
+                      f'printf "%s" "$J" > {entry}', 'printf "%s" "$t" > "$J/logs/ticket.txt"']
         if interactive:
             session = shlex.quote(self.job_id.replace(".", "_"))
-            parts += ["command -v tmux >/dev/null || { echo 'interactive jobs need tmux on this machine' >&2; exit 3; }",
+            parts += ["command -v tmux >/dev/null || { echo 'interactive jobs need tmux' >&2; exit 3; }",
                       f'tmux new-session -d -s {session} "exec bash $(printf %q "$J/shell/cluster_script.sh")"',
                       f'tmux pipe-pane -t {session} -o "cat >> $(printf %q "$J/logs/output.log")"',
                       f"tmux display-message -p -t {session} '#{{pane_pid}}'"]
@@ -1506,6 +1507,9 @@ class RemoteMachine:
         if config.ssh_host is not None:
             raise ConfigError(f"ssh_host={config.ssh_host!r}: this version runs jobs on this machine only",
                               hint="leave ssh_host=None")
+        if config.notify_upon_completion:
+            raise ConfigError("notify_upon_completion: this version cannot send e-mail yet",
+                              hint="leave notify_upon_completion=False")
         self.config = config
         self.job_params, self._instance = _job_params_for(func)
         self.kwargs = _check_kwargs(func_kwargs)
@@ -1692,24 +1696,27 @@ class RemoteMachine:
     def check_job_status(self) -> Path | None:
         """The results folder once the job completed; None while it is queued, waiting or running.
         A failed job raises JobFailedError carrying its error (the traceback, or why it died)."""
-        report = self.get_status()
+        return self._settle(self.get_status(0))
+
+    def _settle(self, report: JobStatus) -> Path | None:
         if report.status == "failed":
             raise JobFailedError(self.job_id, report.error_message)
-        if report.status != "completed":
+        if report.status != "completed" or not report.results_path:
             return None
-        self.results_path = expand_home(report.results_path) if report.results_path else None
+        self.results_path = expand_home(report.results_path)
         self._save()
         return self.results_path
 
-    def wait(self, timeout: float | None = None, poll: float = 0.2) -> Path | None:
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> Path:
         """Block until the job ends; returns its results folder (raises JobFailedError if it failed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            results = self.check_job_status()
-            if results is not None or self.get_status(0).status == "completed":
+            report = self.get_status(0)
+            results = self._settle(report)
+            if results is not None:
                 return results
             if deadline is not None and time.monotonic() > deadline:
-                raise StackopsError(f"job {self.job_id} still {self.get_status(0).status} after {timeout}s")
+                raise StackopsError(f"job {self.job_id} still {report.status} after {timeout}s")
             time.sleep(poll)
 
     def download_results(self, target: str | os.PathLike[str] | None = None,
@@ -1918,8 +1925,9 @@ def _cmd_logs(args: Any) -> int:
 
 def _cmd_queue(args: Any) -> int:
     slots = Slots()
-    view = {"state_dir": collapse_home(slots.root), "running": slots.holders(), "waiting": slots.waiters(),
-            "history": slots.history()[-args.history:] if args.history else []}
+    view: dict[str, Any] = {"state_dir": collapse_home(slots.root), "running": slots.holders(),
+                            "waiting": slots.waiters(),
+                            "history": slots.history()[-args.history:] if args.history else []}
     if args.json:
         _print_json(view)
         return 0
