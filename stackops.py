@@ -521,7 +521,8 @@ class RemoteStackOpsConfig:
     lock_resources: bool = True
     max_simultaneous_jobs: int = 1
     workload_params: WorkloadParams | None = None
-    python: str | None = None  # interpreter on the executing machine; None: this one locally
+    python: str | None = None  # interpreter on the executing machine; None: this one locally, python3 on a host
+    accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
 
     def __post_init__(self) -> None:
         if isinstance(self.workload_params, dict):
@@ -1430,6 +1431,49 @@ def run_job(job_root: str | os.PathLike[str],
     return res
 
 
+def job_report(job_root: str | os.PathLike[str], log_lines: int = 20) -> dict[str, Any]:
+    """The status of a job plus its small log files, read in one go where the job runs."""
+    manager = FileManager.from_job_root(Path(job_root))
+    report = manager.status_report(log_lines)
+    logs = {}
+    for relative in (STATUS_TXT, PID_TXT, START_TXT, END_TXT, ERROR_TXT, RESULTS_TXT, TIMINGS_JSON):
+        text = _read_text(manager.path(relative), "\0")
+        if text != "\0":
+            logs[relative] = text
+    return {"status": report.to_dict(), "logs": logs}
+
+
+def _is_own_results(job_root: Path, job_id: str, path: Path) -> bool:
+    real = Path(os.path.realpath(path))
+    for base in (expand_home(f"{DEFAULT_RESULTS_DIR}/{job_id}"), job_root):
+        own = Path(os.path.realpath(base))
+        if real == own or own in real.parents:
+            return True
+    return False
+
+
+def delete_own_results(job_root: str | os.PathLike[str]) -> str:
+    """Delete a finished job's results folder, only when it is the job's own (its default results
+    folder or inside its job folder); whatever path the job returned, nothing else is touched."""
+    manager = FileManager.from_job_root(Path(job_root))
+    recorded = _read_text(manager.path(RESULTS_TXT)).strip()
+    if not recorded:
+        raise StackopsError(f"job {manager.job_id} has no results yet ({manager.get_job_status()})")
+    results = expand_home(recorded)
+    if not _is_own_results(manager.job_root, manager.job_id, results):
+        raise ConfigError(f"refusing to delete {recorded}: it is not job {manager.job_id}'s own results folder",
+                          hint="delete it yourself if you are sure")
+    _remove(results)
+    return recorded
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def demo_job(seconds: float = 1.0, message: str = "hello from stackops") -> str:
     """A small real job for trying stackops out: waits, then writes a results folder."""
     folder = expand_home(f"{DEFAULT_RESULTS_DIR}/demo-{os.getpid()}")
@@ -1440,7 +1484,610 @@ def demo_job(seconds: float = 1.0, message: str = "hello from stackops") -> str:
 
 
 # ============================================================================================
-# 9. remote machine
+# 9. SSH (paramiko, imported lazily)
+# ============================================================================================
+
+class StackopsConnectionError(StackopsError, ConnectionError):
+    """Could not reach, trust or log in to a host."""
+
+
+class HostKeyError(StackopsConnectionError):
+    """The host's key is unknown (refused until accepted) or changed (always refused)."""
+
+
+class TransferError(StackopsError):
+    """A copy failed; nothing was left under the target's name."""
+
+
+def _paramiko() -> Any:
+    try:
+        import paramiko
+    except ImportError as exc:
+        raise DependencyError("SSH needs paramiko, which is not installed",
+                              hint="pip install paramiko (or: pip install stackops)") from exc
+    return paramiko
+
+
+_TARGET = re.compile(r"(?:(?P<user>[^@\s/:]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
+                     r"(?::(?P<port>\d+))?\Z")
+
+
+def _check_port(port: Any, where: str) -> int:
+    try:
+        value = int(port)
+    except (TypeError, ValueError):
+        raise ConfigError(f"port {port!r} of {where} is not a number") from None
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"port {value} of {where} is outside 1..65535")
+    return value
+
+
+def parse_ssh_target(text: str) -> tuple[str | None, str, int | None]:
+    """(user, host, port) of ``user@host[:port]``, ``[v6]:port`` or an alias; refuses the rest."""
+    match = _TARGET.match(text or "")
+    if not match:
+        raise ConfigError(f"{text!r} is not an SSH target", hint="use an alias from ~/.ssh/config or user@host[:port]")
+    port = _check_port(match["port"], text) if match["port"] else None
+    return match["user"], match["v6"] or match["host"], port
+
+
+@dataclasses.dataclass
+class SSHTarget:
+    """Where and how to connect, resolved the way OpenSSH resolves ``ssh <host>``."""
+
+    alias: str
+    hostname: str
+    user: str
+    port: int = 22
+    identity_files: list[str] = dataclasses.field(default_factory=list)
+    proxy_jump: str | None = None
+    proxy_command: str | None = None
+    known_hosts: list[str] = dataclasses.field(default_factory=lambda: ["~/.ssh/known_hosts"])
+    strict_host_key_checking: str = "yes"
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.hostname}:{self.port}"
+
+
+def _ssh_config_path() -> Path:
+    return expand_home(os.environ.get("STACKOPS_SSH_CONFIG") or "~/.ssh/config")
+
+
+def resolve_ssh_target(host: str) -> SSHTarget:
+    """Resolve an alias of ~/.ssh/config (or ``user@host[:port]``) into an SSHTarget."""
+    import getpass
+
+    user, name, port = parse_ssh_target(host)
+    path = _ssh_config_path()
+    paramiko = _paramiko()
+    try:
+        config = paramiko.SSHConfig.from_path(str(path)) if path.exists() else paramiko.SSHConfig()
+        entry = config.lookup(name)
+    except Exception as exc:  # paramiko raises assorted errors for a bad config
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    strict = str(entry.get("stricthostkeychecking", "yes")).lower()
+    return SSHTarget(alias=host, hostname=entry.get("hostname", name), user=user or entry.get("user") or getpass.getuser(),
+                     port=port or _check_port(entry.get("port", 22), host),
+                     identity_files=[os.path.expanduser(f) for f in entry.get("identityfile", [])],
+                     proxy_jump=None if str(entry.get("proxyjump", "none")).lower() == "none" else entry["proxyjump"],
+                     proxy_command=None if str(entry.get("proxycommand", "none")).lower() == "none"
+                     else entry["proxycommand"],
+                     known_hosts=str(entry.get("userknownhostsfile", "~/.ssh/known_hosts")).split(),
+                     strict_host_key_checking=strict)
+
+
+@dataclasses.dataclass
+class Response:
+    """What a remote command did: its output, its exit status, where and what it was."""
+
+    stdout: str
+    stderr: str
+    returncode: int
+    command: str = ""
+    host: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+REMOTE_FACTS_PY = r"""
+import json, os, platform, sys
+mem = 0
+try:
+    with open("/proc/meminfo") as f:
+        mem = int(next(l for l in f if l.startswith("MemTotal:")).split()[1]) * 1024
+except Exception:
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+print(json.dumps({"os": platform.system(), "release": platform.release(), "machine": platform.machine(),
+                  "hostname": platform.node(), "python": sys.executable,
+                  "python_version": ".".join(map(str, sys.version_info[:3])), "home": os.path.expanduser("~"),
+                  "user": os.environ.get("USER") or os.environ.get("LOGNAME") or "", "cpu_count": os.cpu_count(),
+                  "memory_bytes": mem}))
+"""
+
+
+class SSH:
+    """One SSH connection (paramiko) that behaves like OpenSSH: config aliases, ProxyJump,
+    ProxyCommand, host keys checked against known_hosts, timeouts everywhere."""
+
+    def __init__(self, host: str | None = None, username: str | None = None, hostname: str | None = None,
+                 ssh_key_path: str | None = None, password: str | None = None, port: int | None = None,
+                 enable_compression: bool = False, accept_new_host_key: bool = False, timeout: float = 15.0,
+                 _hop: int = 0) -> None:
+        if host is None and hostname is None:
+            raise ConfigError("SSH needs a host alias or a hostname")
+        target = resolve_ssh_target(host or hostname or "")
+        if hostname and host:
+            target.hostname = hostname
+        if username:
+            target.user = username
+        if port is not None:
+            target.port = _check_port(port, host or hostname or "")
+        if ssh_key_path:
+            key = expand_home(ssh_key_path)
+            if not key.is_file():
+                raise ConfigError(f"SSH key file not found: {ssh_key_path}")
+            target.identity_files = [str(key)]
+        self.target, self.timeout, self.compress = target, timeout, enable_compression
+        self.accept_new = accept_new_host_key or target.strict_host_key_checking in ("accept-new", "no", "off")
+        self._password = password
+        self._jumps: list[SSH] = []
+        self._specs: dict[str, Any] | None = None
+        if _hop > 8:
+            raise ConfigError(f"ProxyJump chain to {target} is longer than 8 hops (a loop?)")
+        self.client = self._connect(_hop)
+
+    def __repr__(self) -> str:  # never the password
+        return f"SSH({self.target})"
+
+    @classmethod
+    def from_config_file(cls, host: str, **kwargs: Any) -> SSH:
+        """Connect to an alias of ~/.ssh/config, or to ``user@host[:port]``."""
+        return cls(host=host, **kwargs)
+
+    def __enter__(self) -> SSH:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with _suppress(Exception):
+            self.client.close()
+        for jump in reversed(self._jumps):
+            jump.close()
+
+    # -- connecting ------------------------------------------------------------------------------
+
+    def _socket(self, hop: int) -> Any:
+        import socket
+
+        target = self.target
+        if target.proxy_command:
+            return _paramiko().ProxyCommand(target.proxy_command)
+        if target.proxy_jump:
+            first, *rest = [jump.strip() for jump in target.proxy_jump.split(",")]
+            via = SSH(first, accept_new_host_key=self.accept_new, timeout=self.timeout, _hop=hop + 1)
+            self._jumps.append(via)
+            for jump in rest:
+                via = via._jump_to(jump, hop + 1)
+                self._jumps.append(via)
+            return via._channel_to(target.hostname, target.port)
+        try:
+            sock = socket.create_connection((target.hostname, target.port), timeout=self.timeout)
+        except socket.gaierror as exc:
+            raise StackopsConnectionError(f"cannot resolve {target.hostname} (from {target.alias}): {exc.strerror}",
+                                          hint="check the alias in ~/.ssh/config") from exc
+        except OSError as exc:
+            raise StackopsConnectionError(f"cannot connect to {target}: {exc.strerror or exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paramiko waits on Nagle otherwise
+        return sock
+
+    def _channel_to(self, hostname: str, port: int) -> Any:
+        transport = self.client.get_transport()
+        try:
+            return transport.open_channel("direct-tcpip", (hostname, port), ("127.0.0.1", 0), timeout=self.timeout)
+        except Exception as exc:
+            raise StackopsConnectionError(f"jump host {self.target} cannot reach {hostname}:{port}: {exc}") from exc
+
+    def _jump_to(self, jump: str, hop: int) -> SSH:
+        """The next hop of a ProxyJump chain, tunnelled through this connection."""
+        nxt = SSH.__new__(SSH)
+        nxt.target = resolve_ssh_target(jump)
+        nxt.target.proxy_jump = nxt.target.proxy_command = None
+        nxt.timeout, nxt.compress, nxt.accept_new, nxt._password = self.timeout, False, self.accept_new, None
+        nxt._jumps, nxt._specs = [], None
+        nxt.client = nxt._connect(hop, sock=self._channel_to(nxt.target.hostname, nxt.target.port))
+        return nxt
+
+    def _host_keys(self, client: Any) -> Path:
+        """Load every known_hosts file; return the first, where accepted keys are recorded."""
+        files = [expand_home(f) for f in self.target.known_hosts]
+        for path in files:
+            if path.is_file():
+                client.load_host_keys(str(path)) if path == files[0] else client.get_host_keys().load(str(path))
+        return files[0]
+
+    def _policy(self, record: Path) -> Any:
+        paramiko = _paramiko()
+        accept = self.accept_new
+
+        class _Policy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,name-defined]
+            def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+                if not accept:
+                    raise HostKeyError(
+                        f"host key of {hostname} is unknown ({key.get_name()} {key.get_fingerprint().hex()})",
+                        hint="if you trust it: pass --accept-new (accept_new_host_key=True), or set "
+                             "StrictHostKeyChecking accept-new for it in ~/.ssh/config")
+                client.get_host_keys().add(hostname, key.get_name(), key)
+                _mkdir_private(record.parent)
+                client.save_host_keys(str(record))
+                log.warning("recorded the host key of %s in %s", hostname, record)
+
+        return _Policy()
+
+    def _credentials(self) -> dict[str, Any]:
+        keys = [f for f in self.target.identity_files if os.path.exists(f)]
+        if self.target.identity_files and not keys and not self._password:
+            raise ConfigError(f"no identity file of {self.target.alias} exists: "
+                              f"{', '.join(self.target.identity_files)}")
+        return {"key_filename": keys or None, "password": self._password,
+                "allow_agent": not keys, "look_for_keys": not keys}
+
+    def _connect(self, hop: int, sock: Any = None) -> Any:
+        paramiko = _paramiko()
+        client = paramiko.SSHClient()
+        record = self._host_keys(client)
+        client.set_missing_host_key_policy(self._policy(record))
+        credentials = self._credentials()
+        sock = sock if sock is not None else self._socket(hop)
+        target = self.target
+        try:
+            client.connect(target.hostname, target.port, username=target.user, sock=sock, timeout=self.timeout,
+                           banner_timeout=self.timeout, auth_timeout=self.timeout, compress=self.compress,
+                           **credentials)
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyError(f"host key of {target} CHANGED: it does not match {record}; refusing to connect",
+                               hint="if the host was really reinstalled, remove its old line from known_hosts") from exc
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise StackopsConnectionError(f"authentication failed for {target.user}@{target.hostname}:{target.port}",
+                                          hint="check the user and the key (IdentityFile) for this host") from exc
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            client.close()
+            raise StackopsConnectionError(f"cannot connect to {target}: {exc or type(exc).__name__}") from exc
+        client.get_transport().set_keepalive(30)
+        return client
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def run_shell_cmd_on_remote(self, command: str, timeout: float | None = None, strict: bool = True,
+                                stdin: bytes | None = None) -> Response:
+        """Run ``command`` through the remote login shell; read stdout and stderr together (no
+        stall on large output). ``strict``: a non-zero exit raises CommandError with its stderr."""
+        channel = self._open_channel()
+        try:
+            channel.exec_command(command)
+            if stdin is not None:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+            out, err, status = self._drain(channel, timeout, command)
+        finally:
+            channel.close()
+        response = Response(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), status, command,
+                            str(self.target))
+        if strict and status != 0:
+            raise CommandError(str(self.target), command, status, response.stderr or response.stdout)
+        return response
+
+    def _open_channel(self) -> Any:
+        try:
+            return self.client.get_transport().open_session(timeout=self.timeout)
+        except Exception as exc:
+            raise StackopsConnectionError(f"lost the connection to {self.target}: {exc}") from exc
+
+    def _drain(self, channel: Any, timeout: float | None, command: str) -> tuple[bytes, bytes, int]:
+        import select
+
+        out, err = bytearray(), bytearray()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            got = False
+            while channel.recv_ready():
+                out += channel.recv(1 << 20)
+                got = True
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(1 << 20)
+                got = True
+            if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise CommandError(str(self.target), command, None, f"timed out after {timeout}s")
+            if not got:
+                select.select([channel], [], [], 0.5)
+        return bytes(out), bytes(err), channel.recv_exit_status()
+
+    def run_py_remotely(self, code: str, timeout: float | None = None, strict: bool = True,
+                        python: str = "python3") -> Response:
+        """Run Python ``code`` on the host, sent over stdin: nothing is written there."""
+        return self.run_shell_cmd_on_remote(f"{shlex.quote(python)} -", timeout, strict, stdin=code.encode())
+
+    @property
+    def remote_specs(self) -> dict[str, Any]:
+        """OS, python, home, cpu count and memory of the host, read once, standard library only."""
+        if self._specs is None:
+            self._specs = json.loads(self.run_py_remotely(REMOTE_FACTS_PY, timeout=self.timeout).stdout)
+        return self._specs
+
+    # -- keys and power --------------------------------------------------------------------------
+
+    def send_ssh_key(self, key_path: str | None = None) -> bool:
+        """Add the local public key to the host's authorized_keys once; True when it was added."""
+        candidates = [key_path] if key_path else ["~/.ssh/id_ed25519.pub", "~/.ssh/id_rsa.pub", "~/.ssh/id_ecdsa.pub"]
+        path = next((expand_home(c) for c in candidates if expand_home(c).is_file()), None)
+        if path is None:
+            raise ConfigError(f"no public key found (looked at {', '.join(candidates)})",
+                              hint="create one with: ssh-keygen -t ed25519")
+        key = path.read_text().strip()
+        if not re.match(r"(ssh-|ecdsa-|sk-)[\w@.-]+ [A-Za-z0-9+/=]+( [^\n]*)?\Z", key):
+            raise ConfigError(f"{path} does not hold one public key")
+        script = ('umask 077; mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh" && A="$HOME/.ssh/authorized_keys" '
+                  f'&& touch "$A" && chmod 600 "$A" && K={shlex.quote(key)} && '
+                  'if grep -qxF "$K" "$A"; then echo present; else printf "%s\\n" "$K" >> "$A"; echo added; fi')
+        return self.run_shell_cmd_on_remote(script, timeout=self.timeout).stdout.strip() == "added"
+
+    def restart_computer(self) -> Response:
+        """Reboot the host with non-interactive sudo; a host that wants a password says so."""
+        response = self.run_shell_cmd_on_remote("sudo -n /sbin/reboot || sudo -n reboot", timeout=self.timeout,
+                                                strict=False)
+        if response.returncode != 0 and response.returncode != -1:
+            raise CommandError(str(self.target), "sudo -n reboot", response.returncode, response.stderr,
+                               hint="allow it without a password (sudoers NOPASSWD for reboot), or reboot by hand")
+        return response
+
+    # -- copies ----------------------------------------------------------------------------------
+
+    def copy_from_here(self, source_path: str | os.PathLike[str], target_rel2home: str | None = None,
+                       compress_with_zip: bool = False, recursive: bool = False, overwrite_existing: bool = False,
+                       progress: Callable[[int], None] | None = None, excludes: tuple[str, ...] = ()) -> str:
+        """Upload a file or (with ``recursive``) a folder; ``None`` target: the same home-relative
+        path on the host. It arrives whole under its name or not at all. Returns the remote path."""
+        source = expand_home(source_path)
+        if not source.exists():
+            raise ConfigError(f"nothing to copy at {source_path}")
+        if source.is_dir() and not recursive:
+            raise ConfigError(f"{source_path} is a folder", hint="pass recursive=True (-r) to copy folders")
+        target = _remote_path(target_rel2home if target_rel2home is not None else _home_relative(source))
+        staging = self._prepare_target(target, overwrite_existing)
+        if source.is_dir():
+            command = f"tar x{'z' if compress_with_zip else ''}f - -C {_sh_path(staging)}"
+            producer = ["tar", f"c{'z' if compress_with_zip else ''}f", "-", "-C", str(source.parent),
+                        *[f"--exclude={e}" for e in excludes], "--", source.name]
+            self._upload_stream(command, producer, None, f"{staging}/{source.name}", staging, target, progress)
+        else:
+            command = f"cat > {_sh_path(staging + '/payload')}"
+            self._upload_stream(command, None, source, f"{staging}/payload", staging, target, progress)
+        return target
+
+    def _prepare_target(self, target: str, overwrite: bool) -> str:
+        """Refuse an existing target unless asked; make a hidden staging folder beside it."""
+        script = (f"T={_sh_path(target)}; " + ("" if overwrite else
+                  'if [ -e "$T" ] || [ -L "$T" ]; then echo "exists: $T" >&2; exit 17; fi; ') +
+                  'P=$(dirname "$T") && mkdir -p "$P" && mktemp -d "$P/.stackops-partial.XXXXXX"')
+        response = self.run_shell_cmd_on_remote(script, timeout=self.timeout, strict=False)
+        if response.returncode == 17:
+            raise ConfigError(f"{target} already exists on {self.target.alias}",
+                              hint="pass overwrite (--overwrite) to replace it")
+        if response.returncode != 0:
+            raise TransferError(f"cannot prepare {target} on {self.target.alias}: {_last_line(response.stderr)}")
+        return collapse_remote(response.stdout.strip(), self.remote_home)
+
+    @property
+    def remote_home(self) -> str:
+        return str(self.remote_specs["home"])
+
+    def _upload_stream(self, command: str, producer: list[str] | None, source: Path | None, arrived: str,
+                       staging: str, target: str, progress: Callable[[int], None] | None) -> None:
+        finish = (f"T={_sh_path(target)}; "
+                  'if [ -e "$T" ] || [ -L "$T" ]; then rm -rf -- "$T"; fi; '
+                  f'mv -- {_sh_path(arrived)} "$T" && rmdir -- {_sh_path(staging)}')
+        channel = self._open_channel()
+        sent = 0
+        proc = None
+        try:
+            channel.exec_command(f"set -e; {command}; {finish}")
+            if producer is not None:
+                proc = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                stream: Any = proc.stdout
+            else:
+                stream = open(source, "rb")  # noqa: SIM115 (closed below)
+            with stream:
+                while True:
+                    chunk = stream.read(1 << 18)
+                    if not chunk:
+                        break
+                    channel.sendall(chunk)
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent)
+            if proc is not None and proc.wait() != 0:
+                raise TransferError(f"local tar failed: {_last_line(proc.stderr.read().decode(errors='replace'))}")
+            channel.shutdown_write()
+            _out, err, status = self._drain(channel, None, command)
+        except TransferError:
+            self._discard(staging)
+            raise
+        except (OSError, EOFError, _paramiko().SSHException) as exc:
+            self._discard(staging)
+            raise TransferError(f"upload to {self.target.alias}:{target} broke off after {sent} bytes: {exc}",
+                                hint="nothing was left under the target's name; run the copy again") from exc
+        except BaseException:
+            self._discard(staging)
+            raise
+        finally:
+            channel.close()
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if status != 0:
+            self._discard(staging)
+            raise TransferError(f"upload to {self.target.alias}:{target} failed (exit status {status}): "
+                                f"{_last_line(err.decode(errors='replace'))}")
+
+    def _discard(self, staging: str) -> None:
+        with _suppress(Exception):
+            self.run_shell_cmd_on_remote(f"rm -rf -- {_sh_path(staging)}", timeout=self.timeout, strict=False)
+
+    def copy_to_here(self, source: str, target: str | os.PathLike[str] | None = None,
+                     compress_with_zip: bool = False, recursive: bool = False, overwrite: bool = False,
+                     progress: Callable[[int], None] | None = None) -> Path:
+        """Download a remote file or (with ``recursive``) folder; ``None`` target: the same
+        home-relative path here. It appears whole under its name or not at all."""
+        remote = _remote_path(source)
+        kind = self.run_shell_cmd_on_remote(
+            f"S={_sh_path(remote)}; if [ -d \"$S\" ]; then echo dir; elif [ -e \"$S\" ]; then echo file; "
+            "else echo missing; fi", timeout=self.timeout).stdout.strip()
+        if kind == "missing":
+            raise ConfigError(f"nothing to copy at {self.target.alias}:{remote}")
+        if kind == "dir" and not recursive:
+            raise ConfigError(f"{remote} is a folder", hint="pass recursive=True (-r) to copy folders")
+        if target is None and not remote.startswith("~"):
+            raise ConfigError(f"{remote} is outside the host's home, so it has no home-relative place here",
+                              hint="give the target path explicitly")
+        destination = expand_home(target if target is not None else remote)
+        if (destination.exists() or destination.is_symlink()) and not overwrite:
+            raise ConfigError(f"{destination} already exists", hint="pass overwrite (--overwrite) to replace it")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(_make_temp_dir(destination.parent))
+        try:
+            if kind == "dir":
+                parent, name = _sh_path(str(Path(remote).parent)), shlex.quote(Path(remote).name)
+                command = f"tar c{'z' if compress_with_zip else ''}f - -C {parent} -- {name}"
+                self._download_tar(command, staging, compress_with_zip, progress)
+                produced = staging / Path(remote).name
+            else:
+                produced = staging / "payload"
+                self._download_file(f"cat -- {_sh_path(remote)}", produced, progress)
+            _remove(destination)
+            os.rename(produced, destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return destination
+
+    def _download_file(self, command: str, path: Path, progress: Callable[[int], None] | None) -> None:
+        channel = self._open_channel()
+        received = 0
+        try:
+            channel.exec_command(command)
+            channel.shutdown_write()
+            with open(path, "wb") as handle:
+                while True:
+                    chunk = channel.recv(1 << 20)
+                    if not chunk:
+                        break
+                    handle.write(chunk)
+                    received += len(chunk)
+                    if progress is not None:
+                        progress(received)
+            status = channel.recv_exit_status()
+            err = channel.recv_stderr(65536).decode(errors="replace") if channel.recv_stderr_ready() else ""
+        except (OSError, EOFError, _paramiko().SSHException) as exc:
+            raise TransferError(f"download from {self.target.alias} broke off after {received} bytes: {exc}",
+                                hint="nothing was left under the target's name; run the copy again") from exc
+        finally:
+            channel.close()
+        if status != 0:
+            raise TransferError(f"download from {self.target.alias} failed (exit status {status}): {_last_line(err)}")
+
+    def _download_tar(self, command: str, staging: Path, compressed: bool,
+                      progress: Callable[[int], None] | None) -> None:
+        channel = self._open_channel()
+        reader = _CountingReader(channel, progress)
+        try:
+            channel.exec_command(command)
+            channel.shutdown_write()
+            _extract_tar(reader, staging, compressed)
+            status = channel.recv_exit_status()
+            err = channel.recv_stderr(65536).decode(errors="replace") if channel.recv_stderr_ready() else ""
+        except (OSError, EOFError, _paramiko().SSHException) as exc:
+            raise TransferError(f"download from {self.target.alias} broke off after {reader.count} bytes: {exc}",
+                                hint="nothing was left under the target's name; run the copy again") from exc
+        finally:
+            channel.close()
+        if status != 0:
+            raise TransferError(f"download from {self.target.alias} failed (exit status {status}): {_last_line(err)}")
+
+
+class _CountingReader:
+    """A file-like view of a channel's stdout that reports how many bytes went by."""
+
+    def __init__(self, channel: Any, progress: Callable[[int], None] | None) -> None:
+        self.channel, self.progress, self.count = channel, progress, 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.channel.recv(size if size > 0 else 1 << 20)
+        self.count += len(chunk)
+        if self.progress is not None and chunk:
+            self.progress(self.count)
+        return chunk
+
+
+def _extract_tar(stream: Any, folder: Path, compressed: bool) -> None:
+    """Unpack a tar stream into ``folder``, refusing members that would land outside it."""
+    import tarfile
+
+    try:
+        with tarfile.open(fileobj=stream, mode="r|gz" if compressed else "r|") as archive:
+            for member in archive:
+                name = Path(member.name)
+                if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()
+                                                                   or member.issym()):
+                    raise TransferError(f"refusing archive member {member.name!r}")
+                if member.issym() and (os.path.isabs(member.linkname) or ".." in Path(member.linkname).parts):
+                    raise TransferError(f"refusing link {member.name!r} -> {member.linkname!r}")
+                archive.extract(member, folder, set_attrs=not member.issym())
+    except tarfile.TarError as exc:
+        raise TransferError(f"the archive broke off: {exc}") from exc
+
+
+def _make_temp_dir(parent: Path) -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=".stackops-partial.", dir=parent)
+
+
+def _home_relative(path: Path) -> str:
+    collapsed = collapse_home(path)
+    if not collapsed.startswith("~"):
+        raise ConfigError(f"{path} is outside your home, so it has no home-relative place on the host",
+                          hint="give the target path explicitly")
+    return collapsed
+
+
+def _remote_path(path: str) -> str:
+    """A remote path as given: ``~/...`` or absolute; a relative one is taken from the home."""
+    if not path:
+        raise ConfigError("empty remote path")
+    return path if path.startswith(("~", "/")) else "~/" + path
+
+
+def collapse_remote(path: str, home: str) -> str:
+    home = home.rstrip("/")
+    if path == home:
+        return "~"
+    return "~/" + path[len(home) + 1:] if path.startswith(home + "/") else path
+
+
+# ============================================================================================
+# 10. remote machine
 # ============================================================================================
 
 def _check_kwargs(func_kwargs: Any) -> dict[str, Any]:
@@ -1494,22 +2141,43 @@ def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
                           f"pickle ({exc})", hint="make the object picklable, or pass a plain function") from exc
 
 
+REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache", ".ruff_cache",
+                 ".tox", "*.egg-info")
+
+
+def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
+                  data: list[str], progress: Callable[[int], None] | None = None) -> None:
+    """Send the job folder, the repo (with ``copy_repo``; .git, virtual environments and caches
+    left out) and the data to the host over one connection, each to its home-relative place."""
+    ssh.copy_from_here(file_manager.job_root, file_manager.job_root_rh, recursive=True, progress=progress)
+    if config.copy_repo:
+        ssh.copy_from_here(expand_home(job_params.repo_path_rh), job_params.repo_path_rh, recursive=True,
+                           overwrite_existing=True, excludes=REPO_EXCLUDES, progress=progress)
+    for item in data:
+        path = expand_home(item)
+        ssh.copy_from_here(path, _home_relative(path), recursive=path.is_dir(), overwrite_existing=True,
+                           progress=progress)
+
+
 class RemoteMachine:
     """One job: generate its folder, submit it, fire it detached, follow it, fetch its results.
 
-    With ``config.ssh_host=None`` (the embedded default) the job runs on this machine.
+    With ``config.ssh_host=None`` (the embedded default) the job runs on this machine; otherwise on
+    that host, over one SSH connection reused for every step (``close()`` ends it).
     """
 
     def __init__(self, func: Any, config: RemoteStackOpsConfig, func_kwargs: dict[str, Any] | None = None,
                  data: list[str] | None = None) -> None:
         if not isinstance(config, RemoteStackOpsConfig):
             raise ConfigError("config must be a RemoteStackOpsConfig")
-        if config.ssh_host is not None:
-            raise ConfigError(f"ssh_host={config.ssh_host!r}: this version runs jobs on this machine only",
-                              hint="leave ssh_host=None")
         if config.notify_upon_completion:
             raise ConfigError("notify_upon_completion: this version cannot send e-mail yet",
                               hint="leave notify_upon_completion=False")
+        if config.ssh_host is not None:
+            parse_ssh_target(config.ssh_host)
+            if config.transfer_method == "cloud":
+                raise ConfigError("transfer_method='cloud': this version transfers over SSH only",
+                                  hint="use transfer_method='sftp'")
         self.config = config
         self.job_params, self._instance = _job_params_for(func)
         self.kwargs = _check_kwargs(func_kwargs)
@@ -1520,12 +2188,18 @@ class RemoteMachine:
         for item in self.data:
             if not isinstance(item, str) or not expand_home(item).exists():
                 raise ConfigError(f"data path not found: {item!r}")
+            if config.ssh_host is not None:
+                _home_relative(expand_home(item))
         self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources,
                                         config.max_simultaneous_jobs, config.base_dir)
+        self._init_state()
+
+    def _init_state(self) -> None:
         self.scripts_generated = self.submitted = self.results_downloaded = False
         self.results_path: Path | None = None
         self.launcher_pid: int | None = None
         self.launch_command = ""
+        self._ssh: SSH | None = None
 
     def __repr__(self) -> str:
         return f"RemoteMachine({self.config.job_id!r} @ {self.host_name})"
@@ -1535,12 +2209,37 @@ class RemoteMachine:
         return self.config.job_id
 
     @property
+    def is_remote(self) -> bool:
+        return self.config.ssh_host is not None
+
+    @property
     def host_name(self) -> str:
         return self.config.ssh_host or "localhost"
 
     @property
     def python(self) -> str:
-        return self.config.python or sys.executable or "python3"
+        return self.config.python or ("python3" if self.is_remote else sys.executable or "python3")
+
+    @property
+    def ssh(self) -> SSH:
+        """The one connection to the host, opened on first use."""
+        if self._ssh is None:
+            if self.config.ssh_host is None:
+                raise StackopsError(f"job {self.job_id} runs on this machine; it has no SSH connection")
+            self._ssh = SSH.from_config_file(self.config.ssh_host,
+                                             accept_new_host_key=self.config.accept_new_host_key)
+        return self._ssh
+
+    def close(self) -> None:
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+
+    def __enter__(self) -> RemoteMachine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- persistence ----------------------------------------------------------------------------
 
@@ -1549,13 +2248,14 @@ class RemoteMachine:
                 "file_manager": self.file_manager.to_dict(), "kwargs": self.kwargs, "data": self.data,
                 "scripts_generated": self.scripts_generated, "submitted": self.submitted,
                 "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
-                "results_path": collapse_home(self.results_path) if self.results_path else None}
+                "results_path": self.results_path.as_posix() if self.results_path else None}
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> RemoteMachine:
         if not isinstance(data, dict):
             raise ConfigError("remote_machine.json: expected a JSON object")
         machine = cls.__new__(cls)
+        machine._init_state()
         try:
             machine.config = RemoteStackOpsConfig.from_dict(data["config"])
             machine.job_params = JobParams.from_dict(data["job_params"])
@@ -1569,8 +2269,7 @@ class RemoteMachine:
             raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
         machine._instance = None
         path = data.get("results_path")
-        machine.results_path = expand_home(path) if path else None
-        machine.launch_command = ""
+        machine.results_path = Path(path) if path else None
         return machine
 
     @classmethod
@@ -1593,11 +2292,13 @@ class RemoteMachine:
     # -- the lifecycle --------------------------------------------------------------------------
 
     def generate_scripts(self) -> RemoteMachine:
-        """Write the whole job folder at once: it appears complete under its name, or not at all."""
+        """Write the whole job folder here at once: it appears complete under its name, or not at all."""
         root = self.file_manager.job_root
         if root.exists():
             raise ConfigError(f"job {self.job_id!r} already exists at {collapse_home(root)}",
                               hint="choose another job_id, or leave it out for a fresh one")
+        if self.is_remote:
+            _home_relative(root)
         source = Path(sys.modules[__name__].__file__ or "")
         if not source.is_file():
             raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
@@ -1621,6 +2322,7 @@ class RemoteMachine:
         config = self.config
         self.job_params.description = config.description
         self.job_params.session_name = self.job_params.tab_name = self.job_id
+        self.job_params.ssh_repr = self.host_name
         line = self.job_params.get_execution_line(config.workload_params, config.parallelize,
                                                   config.wrap_in_try_except)
         _atomic_write_json(folder / JOB_PARAMS_JSON, self.job_params.to_dict())
@@ -1648,33 +2350,44 @@ class RemoteMachine:
         print(text, end="")
         return text
 
-    def submit(self) -> RemoteMachine:
-        """Put the job where it runs. On this machine the folder already is where it runs."""
+    def submit(self, progress: Callable[[int], None] | None = None) -> RemoteMachine:
+        """Put the job where it runs: over SSH, the job folder, the repo (``copy_repo``) and the data
+        go to their home-relative places on the host; here, the folder already is where it runs."""
         if not self.scripts_generated:
             self.generate_scripts()
+        if self.is_remote:
+            transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data, progress)
         self.submitted = True
         self._save()
         return self
 
+    def _run_remote_or_here(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
+        if self.is_remote:
+            response = self.ssh.run_shell_cmd_on_remote(f"bash -c {shlex.quote(command)}", timeout, strict=False)
+            return response.returncode, response.stdout, response.stderr
+        done = subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+        return done.returncode, done.stdout, done.stderr
+
     def fire(self, run: bool = True) -> tuple[int | None, str]:
-        """Start the job detached and return (launcher pid, launch command) at once.
-        With ``run=False`` nothing starts: the pid is None and the command is what would run."""
+        """Start the job detached and return (launcher pid, launch command) at once; the job
+        survives the connection closing. With ``run=False`` nothing starts: the pid is None and
+        the command is what would run (on the host, with bash)."""
         if not self.submitted:
             raise StackopsError(f"job {self.job_id} is not submitted yet", hint="call submit() first")
         command = self.file_manager.get_fire_command(self.config.interactive)
         self.launch_command = command
         if not run:
-            log.info("job %s is ready and was not launched; launch it with: bash -c %s",
-                     self.job_id, shlex.quote(command))
+            log.info("job %s is ready on %s and was not launched; launch it with: bash -c %s",
+                     self.job_id, self.host_name, shlex.quote(command))
             return None, command
         if self.launcher_pid is not None:
             raise StackopsError(f"job {self.job_id} was already fired (launcher pid {self.launcher_pid})",
                                 hint="submit it again under a new job_id to run it again")
-        done = subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=60)
-        pid = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+        status, out, err = self._run_remote_or_here(command)
+        pid = out.strip().splitlines()[-1:] if status == 0 else []
         if not pid or not pid[0].isdigit():
-            raise CommandError(self.host_name, command, done.returncode, done.stderr or done.stdout)
+            raise CommandError(self.host_name, command, status, err or out)
         self.launcher_pid = int(pid[0])
         self._save()
         log.info("job %s fired on %s (launcher pid %d)", self.job_id, self.host_name, self.launcher_pid)
@@ -1689,13 +2402,30 @@ class RemoteMachine:
         self.fire(run)
         return self
 
+    def _job_command(self, action: str, *args: str) -> str:
+        root = _sh_path(self.file_manager.job_root_rh)
+        return (f"{shlex.quote(self.python)} {root}/{STACKOPS_COPY} {action} {root} "
+                + " ".join(shlex.quote(a) for a in args))
+
     def get_status(self, log_lines: int = 20) -> JobStatus:
-        """The job's full status, read where it runs (pid verified there)."""
-        return self.file_manager.status_report(log_lines)
+        """The job's full status, read where it runs (pid verified there). Over SSH this is one
+        round trip, and the job's small log files are mirrored into the local job folder."""
+        if not self.is_remote:
+            return self.file_manager.status_report(log_lines)
+        response = self.ssh.run_shell_cmd_on_remote(self._job_command("job-report", "--lines", str(log_lines)),
+                                                    timeout=60, strict=False)
+        if response.returncode != 0:
+            raise CommandError(self.host_name, response.command, response.returncode, response.stderr,
+                               hint="is the job folder still on the host?")
+        report = json.loads(response.stdout)
+        for relative, text in report["logs"].items():
+            if relative.startswith(LOGS + "/") and ".." not in relative:
+                _atomic_write_text(self.file_manager.path(relative), text)
+        return JobStatus.from_dict(report["status"])
 
     def check_job_status(self) -> Path | None:
-        """The results folder once the job completed; None while it is queued, waiting or running.
-        A failed job raises JobFailedError carrying its error (the traceback, or why it died)."""
+        """The results folder once the job completed (on the host, for a remote job); None while
+        it is queued, waiting or running. A failed job raises JobFailedError with its error."""
         return self._settle(self.get_status(0))
 
     def _settle(self, report: JobStatus) -> Path | None:
@@ -1703,7 +2433,7 @@ class RemoteMachine:
             raise JobFailedError(self.job_id, report.error_message)
         if report.status != "completed" or not report.results_path:
             return None
-        self.results_path = expand_home(report.results_path)
+        self.results_path = Path(report.results_path) if self.is_remote else expand_home(report.results_path)
         self._save()
         return self.results_path
 
@@ -1719,62 +2449,59 @@ class RemoteMachine:
                 raise StackopsError(f"job {self.job_id} still {report.status} after {timeout}s")
             time.sleep(poll)
 
-    def download_results(self, target: str | os.PathLike[str] | None = None,
-                         overwrite: bool = False) -> Path:
-        """The results folder on this machine. On this machine it is already here; with ``target``
-        it is copied there (the copy appears whole under its name, or not at all)."""
-        results = self._results()
-        if target is None:
-            self.results_downloaded = True
-            self._save()
-            return results
-        destination = expand_home(target)
-        if destination.exists() and not overwrite:
-            raise ConfigError(f"{target} already exists", hint="choose another target or pass overwrite=True")
-        staging = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
-        try:
-            if results.is_dir():
-                shutil.copytree(results, staging)
-            else:
-                shutil.copy2(results, staging)
-            if destination.exists():
-                shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
-            os.rename(staging, destination)
-        except BaseException:
-            if staging.is_dir():
-                shutil.rmtree(staging, ignore_errors=True)
-            elif staging.exists():
-                staging.unlink()
-            raise
-        self.results_downloaded = True
-        self._save()
-        return destination
-
-    def _results(self) -> Path:
+    def results(self) -> Path:
+        """The results folder, or an error saying why there is none yet."""
         results = self.results_path or self.check_job_status()
         if results is None:
             raise StackopsError(f"job {self.job_id} has no results yet ({self.get_status(0).status})",
                                 hint="wait until it completes")
         return results
 
-    def _own_results(self, path: Path) -> bool:
-        own = (expand_home(f"{DEFAULT_RESULTS_DIR}/{self.job_id}"), self.file_manager.job_root)
-        real = Path(os.path.realpath(path))
-        return any(real == Path(os.path.realpath(base)) or Path(os.path.realpath(base)) in real.parents
-                   for base in own)
+    def download_results(self, target: str | os.PathLike[str] | None = None, overwrite: bool = False,
+                         progress: Callable[[int], None] | None = None) -> Path:
+        """The results folder on this machine. From a host it is downloaded (``None``: to the same
+        home-relative path here); here it is already local, and ``target`` makes a copy. Either
+        way the copy appears whole under its name or not at all."""
+        results = self.results()
+        if self.is_remote:
+            local = self.ssh.copy_to_here(results.as_posix(), target, recursive=True, overwrite=overwrite,
+                                          progress=progress)
+        elif target is None:
+            local = results
+        else:
+            local = _copy_local(results, expand_home(target), overwrite)
+        self.results_downloaded = True
+        self._save()
+        return local
 
     def delete_remote_results(self) -> RemoteMachine:
-        """Delete the job's results folder, only if it is the job's own (its default results folder
-        or inside its job folder); a path the job returned from elsewhere is refused."""
-        results = self._results()
-        if not self._own_results(results):
-            raise ConfigError(f"refusing to delete {collapse_home(results)}: it is not this job's own "
-                              "results folder", hint="delete it yourself if you are sure")
-        if results.is_dir():
-            shutil.rmtree(results)
-        elif results.exists():
-            results.unlink()
+        """Delete the job's results folder where it ran, only if it is the job's own (its default
+        results folder or inside its job folder); a path the job returned from elsewhere is refused."""
+        self.results()
+        if not self.is_remote:
+            delete_own_results(self.file_manager.job_root)
+            return self
+        response = self.ssh.run_shell_cmd_on_remote(self._job_command("job-delete-results"), timeout=60,
+                                                    strict=False)
+        if response.returncode == 2:
+            raise ConfigError(_last_line(response.stderr).replace("stackops: error: ", ""))
+        if response.returncode != 0:
+            raise CommandError(self.host_name, response.command, response.returncode, response.stderr)
         return self
+
+
+def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
+    if (destination.exists() or destination.is_symlink()) and not overwrite:
+        raise ConfigError(f"{destination} already exists", hint="choose another target or pass overwrite=True")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(_make_temp_dir(destination.parent)) / "payload"
+    try:
+        shutil.copytree(source, staging, symlinks=True) if source.is_dir() else shutil.copy2(source, staging)
+        _remove(destination)
+        os.rename(staging, destination)
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)
+    return destination
 
 
 def list_jobs(base_dir: str | None = None) -> list[JobStatus]:
@@ -1791,7 +2518,7 @@ def list_jobs(base_dir: str | None = None) -> list[JobStatus]:
 
 
 # ============================================================================================
-# 10. CLI
+# 11. CLI
 # ============================================================================================
 
 def _print_table(rows: list[list[str]], header: list[str] | None = None) -> None:
@@ -1839,12 +2566,22 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
 def _cmd_run(args: Any) -> int:
     config = RemoteStackOpsConfig(
         job_id=args.job_id or _random_job_id(), base_dir=args.base_dir, description=args.description,
+        ssh_host=args.host, copy_repo=args.copy_repo, accept_new_host_key=args.accept_new,
         update_repo=args.update_repo, install_repo=args.install_repo, data=args.data,
         interactive=args.interactive, wrap_in_try_except=args.try_except, parallelize=args.parallelize,
         lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs,
         workload_params=_parse_workload(args.workload, args.parallelize), python=args.python)
     machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
-    machine.run(run=not args.no_launch, show_scripts=args.show_scripts)
+    with machine:
+        return _run_and_report(machine, args)
+
+
+def _run_and_report(machine: RemoteMachine, args: Any) -> int:
+    machine.generate_scripts()
+    if args.show_scripts:
+        machine.show_scripts()
+    machine.submit(progress=_progress())
+    machine.fire(run=not args.no_launch)
     if args.no_launch:
         print(f"job {machine.job_id} is ready at {machine.file_manager.job_root_rh}; nothing was started.")
         print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
@@ -1876,7 +2613,8 @@ def _cmd_run(args: Any) -> int:
 
 
 def _cmd_status(args: Any) -> int:
-    report = RemoteMachine.load(args.job_id, args.base_dir).get_status(args.lines)
+    with RemoteMachine.load(args.job_id, args.base_dir) as machine:
+        report = machine.get_status(args.lines)
     if args.json:
         _print_json(report.to_dict())
         return 0
@@ -1903,6 +2641,9 @@ def _cmd_list(args: Any) -> int:
 
 def _cmd_logs(args: Any) -> int:
     machine = RemoteMachine.load(args.job_id, args.base_dir)
+    if machine.is_remote:
+        with machine:
+            return _remote_logs(machine, args)
     path = machine.file_manager.path(OUTPUT_LOG)
     text = _read_text(path)
     print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n", flush=True)
@@ -1921,6 +2662,22 @@ def _cmd_logs(args: Any) -> int:
         else:
             time.sleep(0.2)
     return 0
+
+
+def _remote_logs(machine: RemoteMachine, args: Any) -> int:
+    log_file = _sh_path(machine.file_manager.job_root_rh + "/" + OUTPUT_LOG)
+    command = f"tail -n {args.lines} {log_file}" if args.lines else f"cat {log_file}"
+    offset = 0
+    while True:
+        status = machine.get_status(0).status if args.follow else "completed"
+        text = machine.ssh.run_shell_cmd_on_remote(f"tail -c +{offset + 1} {log_file}" if offset else command,
+                                                   timeout=60, strict=False).stdout
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        offset += len(text.encode("utf-8"))
+        if status in TERMINAL_STATUSES:
+            return 0
+        time.sleep(0.5)
 
 
 def _cmd_queue(args: Any) -> int:
@@ -1945,21 +2702,101 @@ def _cmd_queue(args: Any) -> int:
 
 
 def _cmd_download(args: Any) -> int:
-    machine = RemoteMachine.load(args.job_id, args.base_dir)
-    print(machine.download_results(args.to, overwrite=args.overwrite))
+    with RemoteMachine.load(args.job_id, args.base_dir) as machine:
+        print(machine.download_results(args.to, overwrite=args.overwrite, progress=_progress()))
     return 0
 
 
 def _cmd_delete_results(args: Any) -> int:
-    machine = RemoteMachine.load(args.job_id, args.base_dir)
-    results = machine._results()
-    machine.delete_remote_results()
-    print(f"deleted {collapse_home(results)}")
+    with RemoteMachine.load(args.job_id, args.base_dir) as machine:
+        results = machine.results()
+        machine.delete_remote_results()
+    print(f"deleted {results.as_posix()} on {machine.host_name}")
+    return 0
+
+
+def _cmd_job_report(args: Any) -> int:
+    _print_json(job_report(expand_home(args.job_root), args.lines))
+    return 0
+
+
+def _cmd_job_delete_results(args: Any) -> int:
+    print(delete_own_results(expand_home(args.job_root)))
+    return 0
+
+
+def _progress() -> Callable[[int], None] | None:
+    """A byte counter on stderr when it is a terminal (and nothing otherwise)."""
+    if not sys.stderr.isatty():
+        return None
+    started = time.monotonic()
+    shown = [0.0]
+
+    def show(done: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= 0.2:
+            shown[0] = now
+            rate = done / max(now - started, 1e-6) / 2**20
+            sys.stderr.write(f"\r  {done / 2**20:9.1f} MiB  {rate:7.1f} MiB/s ")
+            sys.stderr.flush()
+    return show
+
+
+def _cmd_ssh(args: Any) -> int:
+    command = " ".join(args.command) if len(args.command) != 1 else args.command[0]
+    if not command:
+        raise ConfigError("no command given", hint="python stackops.py ssh HOST -- COMMAND")
+    with SSH.from_config_file(args.host, accept_new_host_key=args.accept_new) as ssh:
+        response = ssh.run_shell_cmd_on_remote(command, timeout=args.timeout, strict=False)
+    sys.stdout.write(response.stdout)
+    sys.stderr.write(response.stderr)
+    return response.returncode
+
+
+_REMOTE_ARG = re.compile(r"(?P<host>[^/:\s]+):(?P<path>.*)\Z")
+
+
+def _split_remote(text: str) -> tuple[str, str] | None:
+    match = _REMOTE_ARG.match(text)
+    if match is None or os.path.exists(text):
+        return None
+    return match["host"], match["path"] or "~"
+
+
+def _cmd_copy(args: Any) -> int:
+    source, target = _split_remote(args.source), _split_remote(args.target)
+    if (source is None) == (target is None):
+        raise ConfigError("copy needs exactly one side on a host (HOST:PATH) and one here",
+                          hint="e.g. copy ./results gpu-box:~/backup -r, or copy gpu-box:~/x ./x")
+    host = (source or target or ("", ""))[0]
+    with SSH.from_config_file(host, accept_new_host_key=args.accept_new) as ssh:
+        if target is not None:
+            remote = target[1] + (Path(args.source).name if target[1].endswith("/") else "")
+            where = ssh.copy_from_here(args.source, remote, args.compress, args.recursive, args.overwrite,
+                                       _progress())
+            print(f"{host}:{where}")
+        else:
+            assert source is not None  # noqa: S101 (exactly one side is remote)
+            local = args.target + (Path(source[1]).name if args.target.endswith("/") else "")
+            print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite, _progress()))
+    return 0
+
+
+def _cmd_send_key(args: Any) -> int:
+    with SSH.from_config_file(args.host, accept_new_host_key=args.accept_new) as ssh:
+        added = ssh.send_ssh_key(args.key)
+    print(f"key {'added to' if added else 'already in'} {args.host}:~/.ssh/authorized_keys")
     return 0
 
 
 def _add_run_args(parser: Any) -> None:
     parser.add_argument("target", help="a script (path/to/train.py) or a function (path/to/module.py:func)")
+    parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or user@host[:port]); "
+                                       "default: this machine")
+    parser.add_argument("--copy-repo", action="store_true",
+                        help="send the repo along (without .git, virtual environments and caches)")
+    parser.add_argument("--accept-new", action="store_true",
+                        help="trust and record the host's key if it is unknown (a changed key is always refused)")
     parser.add_argument("--kwargs", default="{}", metavar="JSON",
                         help="keyword arguments: a JSON object, or @file.json (scripts see them as func_kwargs)")
     parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random readable name)")
@@ -2022,6 +2859,32 @@ def _build_parser() -> Any:
     sub.add_argument("--to", help="target path (default: print where the results are)")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
     command("delete-results", _cmd_delete_results, "delete a finished job's own results folder")
+    sub = commands.add_parser("ssh", help="run a command on a host; its exit status is passed through")
+    sub.set_defaults(handler=_cmd_ssh)
+    sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
+    sub.add_argument("command", nargs="*", help="the command (after --)")
+    sub.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
+    sub = commands.add_parser("copy", help="copy a file or folder to or from a host (HOST:PATH on one side)")
+    sub.set_defaults(handler=_cmd_copy)
+    sub.add_argument("source")
+    sub.add_argument("target")
+    sub.add_argument("-r", "--recursive", action="store_true", help="copy folders")
+    sub.add_argument("-z", "--compress", action="store_true", help="compress on the wire")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
+    sub = commands.add_parser("send-key", help="install your public key in a host's authorized_keys (once)")
+    sub.set_defaults(handler=_cmd_send_key)
+    sub.add_argument("host")
+    sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then id_rsa.pub)")
+    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
+    sub = commands.add_parser("job-report")  # no help: run on the host by the job's own stackops copy
+    sub.set_defaults(handler=_cmd_job_report)
+    sub.add_argument("job_root")
+    sub.add_argument("--lines", type=int, default=20)
+    sub = commands.add_parser("job-delete-results")
+    sub.set_defaults(handler=_cmd_job_delete_results)
+    sub.add_argument("job_root")
     return parser
 
 

@@ -3,6 +3,7 @@ slots are exercised by real competing processes; nothing is mocked."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import json
@@ -912,3 +913,160 @@ def test_cli_run_status_list_logs_queue(home):
     assert failing.returncode == 1 and "unexpected keyword argument" in failing.stderr
     dry = cli("run", "proj/m.py:f", "--no-launch", "--job-id", "dry", home=home)
     assert dry.returncode == 0 and "nothing was started" in dry.stdout and "bash -c" in dry.stdout
+
+
+# ============================================================================================
+# 9-10. SSH against a real OpenSSH server on loopback, as an account whose home is not ours
+# ============================================================================================
+
+import socket  # noqa: E402
+
+REMOTE_USER = "stackopsremote"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _keygen(path: Path, comment: str) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True)
+
+
+def _remote_account(base: Path) -> tuple[str, Path]:
+    """(user, home) of the login account: a dedicated one as root, else ourselves with HOME moved."""
+    home = base / "remote-home"
+    if os.geteuid() != 0:
+        home.mkdir()
+        return subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip(), home
+    if subprocess.run(["id", REMOTE_USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-s", "/bin/bash", "-d", str(home), REMOTE_USER], check=True)
+    subprocess.run(["usermod", "-d", str(home), "-p", "*", "-s", "/bin/bash", REMOTE_USER], check=True)
+    home.mkdir()
+    shutil.chown(home, REMOTE_USER, REMOTE_USER)
+    home.chmod(0o700)
+    base.chmod(0o755)
+    return REMOTE_USER, home
+
+
+class SSHD:
+    """A real sshd on loopback, stopped by pid."""
+
+    def __init__(self, base: Path, user: str, remote_home: Path, client_pub: Path, port: int | None = None,
+                 address: str = "127.0.0.1") -> None:
+        self.base, self.user, self.remote_home, self.address = base, user, remote_home, address
+        self.port = port or _free_port()
+        self.host_key = base / f"host_key_{self.port}"
+        _keygen(self.host_key, "stackops-test-host")
+        keys = base / "authorized"
+        keys.mkdir(exist_ok=True)
+        keys.chmod(0o711)
+        shutil.copy(client_pub, keys / "keys")
+        (keys / "keys").chmod(0o644)
+        config = base / f"sshd_{self.port}.conf"
+        config.write_text(textwrap.dedent(f"""
+            Port {self.port}
+            ListenAddress {address}
+            HostKey {self.host_key}
+            PidFile none
+            AuthorizedKeysFile {keys / "keys"} .ssh/authorized_keys
+            PubkeyAuthentication yes
+            PasswordAuthentication no
+            KbdInteractiveAuthentication no
+            PermitRootLogin prohibit-password
+            UsePAM no
+            StrictModes no
+            MaxSessions 100
+            MaxStartups 100:30:200
+            Subsystem sftp internal-sftp
+        """) + (f"SetEnv HOME={remote_home}\n" if os.geteuid() != 0 else ""))
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.log = open(base / f"sshd_{self.port}.log", "w")
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((address, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError((base / f"sshd_{self.port}.log").read_text())
+                time.sleep(0.05)
+        raise RuntimeError("sshd did not start")
+
+    def known_hosts_line(self) -> str:
+        return f"[{self.address}]:{self.port} " + " ".join(Path(f"{self.host_key}.pub").read_text().split()[:2])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # by pid, ours
+            self.proc.wait()
+        self.log.close()
+
+
+def _sshd_binary_or_skip() -> None:
+    if not Path("/usr/sbin/sshd").exists():
+        if os.environ.get("CI"):
+            pytest.fail("sshd is missing; .ci/run installs openssh-server")
+        pytest.skip("no OpenSSH server on this machine (apt-get install openssh-server)")
+
+
+@pytest.fixture(scope="session")
+def sshd():
+    _sshd_binary_or_skip()
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="stackops-sshd-"))  # outside pytest's 0700 tree: the account must enter
+    try:
+        user, remote_home = _remote_account(base)
+        client = base / "client_key"
+        _keygen(client, "stackops-test-client")
+        server = SSHD(base, user, remote_home, Path(f"{client}.pub"))
+        server.client_key = client
+        yield server
+        server.stop()
+        _kill_remote_leftovers(remote_home)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _kill_remote_leftovers(remote_home: Path) -> None:
+    for pid_file in itertools.chain(remote_home.glob("**/logs/launcher_pid.txt"), remote_home.glob("**/logs/pid.txt")):
+        text = pid_file.read_text().strip()
+        if text.isdigit() and stackops.pid_is_alive(int(text), pid_file.parent.parent.name):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(text), signal.SIGKILL)
+
+
+def _write_ssh_config(home: Path, server: SSHD, alias: str = "tb", extra: str = "", known: bool = True) -> None:
+    ssh_dir = home / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    key = ssh_dir / "id_ed25519"
+    if not key.exists():
+        shutil.copy(server.client_key, key)
+        shutil.copy(f"{server.client_key}.pub", f"{key}.pub")
+        key.chmod(0o600)
+    with open(ssh_dir / "config", "a") as handle:
+        handle.write(f"Host {alias}\n  HostName {server.address}\n  Port {server.port}\n  User {server.user}\n"
+                     f"  IdentityFile ~/.ssh/id_ed25519\n{extra}")
+    if known:
+        with open(ssh_dir / "known_hosts", "a") as handle:
+            handle.write(server.known_hosts_line() + "\n")
+
+
+@pytest.fixture
+def remote(home, sshd):
+    """A laptop home with ~/.ssh/config naming the test sshd as `tb`; yields the server."""
+    _write_ssh_config(home, sshd)
+    return sshd
+
+
+def test_ssh_remote_home_differs_and_facts_in_one_round_trip(remote, home):
+    with stackops.SSH.from_config_file("tb") as ssh:
+        specs = ssh.remote_specs
+        assert specs["home"] == str(remote.remote_home) != str(home)
+        assert specs["cpu_count"] >= 1 and specs["memory_bytes"] > 0 and specs["os"] == "Linux"
+        assert specs["python_version"].startswith("3.")
