@@ -1807,7 +1807,8 @@ class SSH:
             while channel.recv_stderr_ready():
                 err += channel.recv_stderr(1 << 20)
                 got = True
-            if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+            ended = channel.eof_received or channel.closed  # the exit status can come before the last output
+            if ended and not channel.recv_ready() and not channel.recv_stderr_ready():
                 break
             if deadline is not None and time.monotonic() > deadline:
                 raise CommandError(str(self.target), command, None, f"timed out after {timeout}s")
@@ -1864,7 +1865,7 @@ class SSH:
         if not source.exists():
             raise ConfigError(f"nothing to copy at {source_path}")
         if source.is_dir() and not recursive:
-            raise ConfigError(f"{source_path} is a folder", hint="pass recursive=True (-r) to copy folders")
+            raise ConfigError(f"{source_path} is a folder: pass recursive=True (-r) to copy folders")
         target = _remote_path(target_rel2home if target_rel2home is not None else _home_relative(source))
         staging = self._prepare_target(target, overwrite_existing)
         if source.is_dir():
@@ -1896,14 +1897,13 @@ class SSH:
 
     def _upload_stream(self, command: str, producer: list[str] | None, source: Path | None, arrived: str,
                        staging: str, target: str, progress: Callable[[int], None] | None) -> None:
-        finish = (f"T={_sh_path(target)}; "
-                  'if [ -e "$T" ] || [ -L "$T" ]; then rm -rf -- "$T"; fi; '
-                  f'mv -- {_sh_path(arrived)} "$T" && rmdir -- {_sh_path(staging)}')
+        """Stream into the hidden staging folder; only once everything went through does a second
+        command move it under the target's name (a broken connection can never trigger that)."""
         channel = self._open_channel()
         sent = 0
         proc = None
         try:
-            channel.exec_command(f"set -e; {command}; {finish}")
+            channel.exec_command(command)
             if producer is not None:
                 proc = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 stream: Any = proc.stdout
@@ -1941,6 +1941,15 @@ class SSH:
             self._discard(staging)
             raise TransferError(f"upload to {self.target.alias}:{target} failed (exit status {status}): "
                                 f"{_last_line(err.decode(errors='replace'))}")
+        size_check = "" if source is None else f'[ "$(wc -c < {_sh_path(arrived)})" -eq {sent} ] && '
+        commit = (f"T={_sh_path(target)}; {size_check}"
+                  '{ if [ -e "$T" ] || [ -L "$T" ]; then rm -rf -- "$T"; fi; } && '
+                  f'mv -- {_sh_path(arrived)} "$T" && rmdir -- {_sh_path(staging)}')
+        response = self.run_shell_cmd_on_remote(commit, timeout=self.timeout, strict=False)
+        if response.returncode != 0:
+            self._discard(staging)
+            raise TransferError(f"upload to {self.target.alias}:{target} could not be put in place: "
+                                f"{_last_line(response.stderr) or 'size mismatch'}")
 
     def _discard(self, staging: str) -> None:
         with _suppress(Exception):
@@ -1952,13 +1961,13 @@ class SSH:
         """Download a remote file or (with ``recursive``) folder; ``None`` target: the same
         home-relative path here. It appears whole under its name or not at all."""
         remote = _remote_path(source)
-        kind = self.run_shell_cmd_on_remote(
-            f"S={_sh_path(remote)}; if [ -d \"$S\" ]; then echo dir; elif [ -e \"$S\" ]; then echo file; "
-            "else echo missing; fi", timeout=self.timeout).stdout.strip()
+        kind, _, size = self.run_shell_cmd_on_remote(
+            f"S={_sh_path(remote)}; if [ -d \"$S\" ]; then echo dir; elif [ -e \"$S\" ]; then "
+            'echo "file $(wc -c < "$S")"; else echo missing; fi', timeout=self.timeout).stdout.strip().partition(" ")
         if kind == "missing":
             raise ConfigError(f"nothing to copy at {self.target.alias}:{remote}")
         if kind == "dir" and not recursive:
-            raise ConfigError(f"{remote} is a folder", hint="pass recursive=True (-r) to copy folders")
+            raise ConfigError(f"{remote} is a folder: pass recursive=True (-r) to copy folders")
         if target is None and not remote.startswith("~"):
             raise ConfigError(f"{remote} is outside the host's home, so it has no home-relative place here",
                               hint="give the target path explicitly")
@@ -1975,14 +1984,15 @@ class SSH:
                 produced = staging / Path(remote).name
             else:
                 produced = staging / "payload"
-                self._download_file(f"cat -- {_sh_path(remote)}", produced, progress)
+                self._download_file(f"cat -- {_sh_path(remote)}", produced, int(size.strip() or -1), progress)
             _remove(destination)
             os.rename(produced, destination)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return destination
 
-    def _download_file(self, command: str, path: Path, progress: Callable[[int], None] | None) -> None:
+    def _download_file(self, command: str, path: Path, size: int,
+                       progress: Callable[[int], None] | None) -> None:
         channel = self._open_channel()
         received = 0
         try:
@@ -2004,8 +2014,9 @@ class SSH:
                                 hint="nothing was left under the target's name; run the copy again") from exc
         finally:
             channel.close()
-        if status != 0:
-            raise TransferError(f"download from {self.target.alias} failed (exit status {status}): {_last_line(err)}")
+        if status != 0 or received != size:
+            raise TransferError(f"download from {self.target.alias} failed (exit status {status}, {received} of "
+                                f"{size} bytes): {_last_line(err)}")
 
     def _download_tar(self, command: str, staging: Path, compressed: bool,
                       progress: Callable[[int], None] | None) -> None:
@@ -2484,7 +2495,8 @@ class RemoteMachine:
         response = self.ssh.run_shell_cmd_on_remote(self._job_command("job-delete-results"), timeout=60,
                                                     strict=False)
         if response.returncode == 2:
-            raise ConfigError(_last_line(response.stderr).replace("stackops: error: ", ""))
+            lines = [line for line in response.stderr.splitlines() if line.startswith("stackops: error: ")]
+            raise ConfigError(f"on {self.host_name}: " + (lines[0][17:] if lines else _last_line(response.stderr)))
         if response.returncode != 0:
             raise CommandError(self.host_name, response.command, response.returncode, response.stderr)
         return self

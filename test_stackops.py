@@ -970,7 +970,7 @@ class SSHD:
             ListenAddress {address}
             HostKey {self.host_key}
             PidFile none
-            AuthorizedKeysFile {keys / "keys"} .ssh/authorized_keys
+            AuthorizedKeysFile {keys / "keys"} {remote_home}/.ssh/authorized_keys
             PubkeyAuthentication yes
             PasswordAuthentication no
             KbdInteractiveAuthentication no
@@ -1070,3 +1070,248 @@ def test_ssh_remote_home_differs_and_facts_in_one_round_trip(remote, home):
         assert specs["home"] == str(remote.remote_home) != str(home)
         assert specs["cpu_count"] >= 1 and specs["memory_bytes"] > 0 and specs["os"] == "Linux"
         assert specs["python_version"].startswith("3.")
+
+
+def _tree_hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+REMOTE_JOBS = """
+    import hashlib, os, time, json
+
+    def crunch(data, out, seconds=0.0):
+        time.sleep(seconds)
+        folder = os.path.expanduser(out)
+        os.makedirs(os.path.join(folder, "nested", "deeper"), exist_ok=True)
+        raw = open(os.path.expanduser(data), "rb").read()
+        with open(os.path.join(folder, "digest.txt"), "w") as handle:
+            handle.write(hashlib.sha256(raw).hexdigest())
+        with open(os.path.join(folder, "nested", "deeper", "where.json"), "w") as handle:
+            json.dump({"home": os.path.expanduser("~"), "module": __file__}, handle)
+        with open(os.path.join(folder, "nested", "blob.bin"), "wb") as handle:
+            handle.write(os.urandom(300000))
+        return out
+
+    def sleeper(seconds=30.0):
+        time.sleep(seconds)
+"""
+
+
+def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
+    mod = make_module(home, REMOTE_JOBS, package="rpkg")
+    (home / "data").mkdir()
+    (home / "data" / "input.csv").write_bytes(os.urandom(50000))
+    cfg = config(job_id="remote-crunch", ssh_host="tb", copy_repo=True, data=["~/data/input.csv"])
+    machine = RemoteMachine(mod.crunch, config=cfg, func_kwargs={"data": "~/data/input.csv", "out": "~/out/crunch",
+                                                                  "seconds": 1.0})
+    with machine:
+        machine.run()
+    # the connection is closed while the job runs; the job goes on and a new connection finds it
+    again = RemoteMachine.load("remote-crunch")
+    with again:
+        results = again.wait(timeout=60)
+        assert results.as_posix() == "~/out/crunch"
+        local = again.download_results(None)
+    assert local == home / "out" / "crunch"
+    remote_results = remote.remote_home / "out" / "crunch"
+    assert _tree_hashes(local) == _tree_hashes(remote_results) and len(_tree_hashes(local)) == 3
+    import hashlib
+    assert (local / "digest.txt").read_text() == hashlib.sha256((home / "data" / "input.csv").read_bytes()).hexdigest()
+    where = json.loads((local / "nested" / "deeper" / "where.json").read_text())
+    assert where["home"] == str(remote.remote_home)
+    assert where["module"].startswith(str(remote.remote_home / "proj"))  # imported from the shipped repo
+    # the local job folder mirrors the host's logs; nothing on the host names the local home
+    assert (machine.file_manager.path("logs/status.txt")).read_text() == "completed"
+    remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "remote-crunch"
+    for path in remote_job.rglob("*"):
+        if path.is_file() and path.name != "stackops.py":
+            assert str(home) not in path.read_text(errors="replace"), path
+
+
+def test_remote_job_killed_on_host_is_failed(remote, home):
+    mod = make_module(home, REMOTE_JOBS)
+    with RemoteMachine(mod.sleeper, config=config(job_id="remote-victim", ssh_host="tb", copy_repo=True)) as m:
+        m.run()
+        report = wait_for(lambda: m.get_status() if m.get_status().status == "running" else None, what="running")
+        os.killpg(m.launcher_pid, signal.SIGKILL)  # on loopback the host's pids are ours to see
+        report = wait_for(lambda: m.get_status() if m.get_status().finished else None, what="failed")
+        assert report.status == "failed" and "process gone" in report.error_message
+        with pytest.raises(JobFailedError):
+            m.check_job_status()
+
+
+def test_remote_delete_results_only_its_own(remote, home):
+    mod = make_module(home, JOBS_SOURCE)
+    with RemoteMachine(mod.echo, config=config(job_id="remote-own", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"a": 1}) as own:
+        own.run()
+        own.wait(timeout=60)
+        own.delete_remote_results()
+        assert not (remote.remote_home / "tmp_results" / "tmp_dirs" / "remote-own").exists()
+    with RemoteMachine(mod.train, config=config(job_id="remote-home", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"out": "~"}) as bad:
+        bad.run()
+        bad.wait(timeout=60)
+        with pytest.raises(ConfigError, match="refusing"):
+            bad.delete_remote_results()
+    assert remote.remote_home.exists() and (remote.remote_home / "proj").exists()
+
+
+def test_remote_commands_exact_also_for_large_output(remote, home):
+    with stackops.SSH.from_config_file("tb") as ssh:
+        res = ssh.run_shell_cmd_on_remote("printf 'out\\n'; printf 'err\\n' >&2; exit 3", strict=False)
+        assert (res.stdout, res.stderr, res.returncode) == ("out\n", "err\n", 3)
+        with pytest.raises(stackops.CommandError) as info:
+            ssh.run_shell_cmd_on_remote("echo nope >&2; exit 4")
+        assert info.value.exit_status == 4 and "nope" in str(info.value) and "127.0.0.1" in str(info.value)
+        big = ssh.run_py_remotely("import sys\nsys.stdout.write('a' * 10**7)\nsys.stderr.write('b' * 10**7)\n"
+                                  "sys.exit(5)", strict=False)
+        assert (len(big.stdout), set(big.stdout), len(big.stderr), big.returncode) == (10**7, {"a"}, 10**7, 5)
+        py = ssh.run_py_remotely("import os\nprint(os.path.expanduser('~'))")
+        assert py.stdout.strip() == str(remote.remote_home)
+        assert not [p for p in remote.remote_home.iterdir() if p.suffix == ".py"]  # nothing left behind
+        with pytest.raises(stackops.CommandError, match="timed out"):
+            ssh.run_shell_cmd_on_remote("sleep 5", timeout=0.5)
+
+
+@pytest.mark.parametrize("name", ["plain.txt", "with space.txt", "it's \"quoted\".txt"])
+def test_remote_copies_both_ways(remote, home, name):
+    source = home / "up" / name
+    source.parent.mkdir()
+    source.write_bytes(os.urandom(100000))
+    folder = home / "tree" / f"dir {name}"
+    (folder / "a" / "b").mkdir(parents=True)
+    for i in range(30):
+        (folder / "a" / "b" / f"f{i} {name}").write_bytes(os.urandom(1000 + i))
+    (folder / "top.txt").write_text("top")
+    with stackops.SSH.from_config_file("tb") as ssh:
+        where = ssh.copy_from_here(source)  # None: the same home-relative path
+        assert where == f"~/up/{name}"
+        assert (remote.remote_home / "up" / name).read_bytes() == source.read_bytes()
+        with pytest.raises(ConfigError, match="already exists"):
+            ssh.copy_from_here(source)
+        ssh.copy_from_here(source, overwrite_existing=True)
+        with pytest.raises(ConfigError, match="recursive"):
+            ssh.copy_from_here(folder)
+        ssh.copy_from_here(folder, f"~/remote tree {name}", recursive=True, compress_with_zip=True)
+        assert _tree_hashes(remote.remote_home / f"remote tree {name}") == _tree_hashes(folder)
+        back = ssh.copy_to_here(f"~/remote tree {name}", home / "back", recursive=True)
+        assert _tree_hashes(back) == _tree_hashes(folder)
+        single = ssh.copy_to_here(f"~/up/{name}", home / "single.bin")
+        assert single.read_bytes() == source.read_bytes()
+    assert not [p for p in remote.remote_home.rglob(".stackops-partial*")]
+    assert not [p for p in home.rglob(".stackops-partial*")]
+
+
+def test_remote_interrupted_copies_leave_nothing_under_the_name(remote, home):
+    big = home / "big.bin"
+    big.write_bytes(os.urandom(20 * 2**20))
+    ssh = stackops.SSH.from_config_file("tb")
+
+    def cut(done):
+        if done > 4 * 2**20:
+            ssh.client.get_transport().close()
+
+    with pytest.raises(stackops.TransferError):
+        ssh.copy_from_here(big, "~/big.bin", progress=cut)
+    assert not (remote.remote_home / "big.bin").exists()
+    with stackops.SSH.from_config_file("tb") as ssh:
+        ssh.copy_from_here(big, "~/big.bin")  # a retry succeeds
+    ssh = stackops.SSH.from_config_file("tb")
+    with pytest.raises(stackops.TransferError):
+        ssh.copy_to_here("~/big.bin", home / "big-back.bin", progress=cut)
+    assert not (home / "big-back.bin").exists()
+    assert not [p for p in home.glob(".stackops-partial*")]
+
+
+def test_remote_host_keys_unknown_refused_accept_new_recorded_changed_refused(remote, home):
+    (home / ".ssh" / "known_hosts").write_text("")
+    with pytest.raises(stackops.HostKeyError) as info:
+        stackops.SSH.from_config_file("tb")
+    assert "unknown" in str(info.value) and "accept-new" in info.value.hint
+    done = cli("ssh", "tb", "--", "true", home=home)
+    assert done.returncode == 1 and "unknown" in done.stderr and "accept-new" in done.stderr
+    with stackops.SSH.from_config_file("tb", accept_new_host_key=True) as ssh:
+        assert ssh.run_shell_cmd_on_remote("echo ok").stdout == "ok\n"
+    recorded = (home / ".ssh" / "known_hosts").read_text()
+    assert f"[127.0.0.1]:{remote.port}" in recorded
+    stackops.SSH.from_config_file("tb").close()  # now known: no option needed
+    other = home / "other_host_key"
+    _keygen(other, "impostor")
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{remote.port} "
+                                               + " ".join(Path(f"{other}.pub").read_text().split()[:2]) + "\n")
+    with pytest.raises(stackops.HostKeyError, match="CHANGED"):
+        stackops.SSH.from_config_file("tb", accept_new_host_key=True)
+
+
+def test_remote_wrong_key_and_closed_port(remote, home):
+    _keygen(home / "stranger", "stranger")
+    with pytest.raises(stackops.StackopsConnectionError) as info:
+        stackops.SSH.from_config_file("tb", ssh_key_path=str(home / "stranger"))
+    assert f"{remote.user}@127.0.0.1" in str(info.value) and "authentication failed" in str(info.value)
+    started = time.monotonic()
+    with pytest.raises(stackops.StackopsConnectionError, match="cannot connect"):
+        stackops.SSH.from_config_file(f"{remote.user}@127.0.0.1:{_free_port()}", timeout=3)
+    assert time.monotonic() - started < 3.5
+    with pytest.raises(ConfigError):
+        stackops.SSH.from_config_file("user@host:70000")
+
+
+def test_remote_proxy_jump_through_second_sshd(remote, home, sshd):
+    jump = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"))
+    try:
+        _write_ssh_config(home, jump, alias="jump")
+        _write_ssh_config(home, remote, alias="behind", extra="  ProxyJump jump\n", known=False)
+        with stackops.SSH.from_config_file("behind") as ssh:
+            assert ssh.run_shell_cmd_on_remote("echo through").stdout == "through\n"
+        assert "Accepted publickey" in (jump.base / f"sshd_{jump.port}.log").read_text()
+    finally:
+        jump.stop()
+
+
+def test_remote_send_key_once_then_login_with_it(remote, home):
+    new_key = home / "fresh_key"
+    _keygen(new_key, "fresh")
+    with stackops.SSH.from_config_file("tb") as ssh:
+        assert ssh.send_ssh_key(f"{new_key}.pub") is True
+        assert ssh.send_ssh_key(f"{new_key}.pub") is False
+    authorized = (remote.remote_home / ".ssh" / "authorized_keys").read_text()
+    assert authorized.count(Path(f"{new_key}.pub").read_text().split()[1]) == 1
+    assert oct((remote.remote_home / ".ssh" / "authorized_keys").stat().st_mode & 0o777) == "0o600"
+    with stackops.SSH.from_config_file("tb", ssh_key_path=str(new_key)) as ssh:
+        assert ssh.run_shell_cmd_on_remote("echo in").stdout == "in\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only with the dedicated test account (never reboot a developer box)")
+def test_remote_restart_without_sudo_says_so(remote, home):
+    with stackops.SSH.from_config_file("tb") as ssh, pytest.raises(stackops.CommandError) as info:
+        ssh.restart_computer()
+    assert "sudo" in str(info.value) and "NOPASSWD" in info.value.hint
+
+
+def test_remote_cli_run_status_download_ssh_copy(remote, home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("import os\ndef f(n=1):\n    d = os.path.expanduser('~/cli-out')\n"
+                                        "    os.makedirs(d, exist_ok=True)\n"
+                                        "    open(os.path.join(d, 'n.txt'), 'w').write(str(n))\n    return d\n")
+    done = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--kwargs", '{"n": 7}', "--job-id", "cli-remote",
+               "--wait", home=home)
+    assert done.returncode == 0, done.stderr
+    assert "completed" in done.stdout
+    status = json.loads(cli("status", "cli-remote", "--json", home=home).stdout)
+    assert status["status"] == "completed" and status["results_path"] == "~/cli-out"
+    got = cli("download", "cli-remote", home=home)
+    assert got.returncode == 0 and (home / "cli-out" / "n.txt").read_text() == "7"
+    assert "JOB COMPLETED" in cli("logs", "cli-remote", home=home).stdout
+    ssh = cli("ssh", "tb", "--", "echo hi; exit 6", home=home)
+    assert (ssh.returncode, ssh.stdout) == (6, "hi\n")
+    (home / "c.txt").write_text("c")
+    assert cli("copy", "c.txt", "tb:~/c-copy.txt", home=home).returncode == 0
+    assert (remote.remote_home / "c-copy.txt").read_text() == "c"
+    assert cli("copy", "tb:~/c-copy.txt", "c-back.txt", home=home).returncode == 0
+    assert (home / "c-back.txt").read_text() == "c"
+    exists = cli("copy", "c.txt", "tb:~/c-copy.txt", home=home)
+    assert exists.returncode == 2 and "already exists" in exists.stderr
