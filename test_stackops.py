@@ -1102,6 +1102,9 @@ REMOTE_JOBS = """
 
 def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
     mod = make_module(home, REMOTE_JOBS, package="rpkg")
+    for junk in (".git/HEAD", "__pycache__/x.pyc", ".venv/bin/python", "rpkg_notes.txt"):
+        (home / "proj" / junk).parent.mkdir(parents=True, exist_ok=True)
+        (home / "proj" / junk).write_text("junk")
     (home / "data").mkdir()
     (home / "data" / "input.csv").write_bytes(os.urandom(50000))
     cfg = config(job_id="remote-crunch", ssh_host="tb", copy_repo=True, data=["~/data/input.csv"])
@@ -1120,6 +1123,9 @@ def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
     assert _tree_hashes(local) == _tree_hashes(remote_results) and len(_tree_hashes(local)) == 3
     import hashlib
     assert (local / "digest.txt").read_text() == hashlib.sha256((home / "data" / "input.csv").read_bytes()).hexdigest()
+    shipped = remote.remote_home / "proj"
+    assert (shipped / "rpkg_notes.txt").exists()
+    assert not any((shipped / junk).exists() for junk in (".git", "__pycache__", ".venv"))
     where = json.loads((local / "nested" / "deeper" / "where.json").read_text())
     assert where["home"] == str(remote.remote_home)
     assert where["module"].startswith(str(remote.remote_home / "proj"))  # imported from the shipped repo
@@ -1315,3 +1321,29 @@ def test_remote_cli_run_status_download_ssh_copy(remote, home):
     assert (home / "c-back.txt").read_text() == "c"
     exists = cli("copy", "c.txt", "tb:~/c-copy.txt", home=home)
     assert exists.returncode == 2 and "already exists" in exists.stderr
+
+
+@pytest.mark.parametrize("text,expected", [("host", (None, "host", None)), ("u@h:2222", ("u", "h", 2222)),
+                                           ("[::1]:2200", (None, "::1", 2200)), ("u@[fe80::1%eth0]", ("u", "fe80::1%eth0", None))])
+def test_ssh_target_parsing(text, expected):
+    assert stackops.parse_ssh_target(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "u@", "u@h:0", "u@h:70000", "a b", "h:port", "u@h:2:3"])
+def test_ssh_target_parsing_refuses(text):
+    with pytest.raises(ConfigError):
+        stackops.parse_ssh_target(text)
+
+
+def test_remote_proxy_command_and_simple_sftp_get(remote, home):
+    relay = (f"{sys.executable} -c \"import socket,sys,threading; s=socket.create_connection(('127.0.0.1',%p)); "
+             "threading.Thread(target=lambda: [s.sendall(b) for b in iter(lambda: sys.stdin.buffer.read1(65536), b'')],"
+             "daemon=True).start(); [sys.stdout.buffer.write(b) or sys.stdout.buffer.flush() "
+             "for b in iter(lambda: s.recv(65536), b'')]\"")
+    _write_ssh_config(home, remote, alias="relayed", extra=f"  ProxyCommand {relay}\n", known=False)
+    with stackops.SSH.from_config_file("relayed") as ssh:
+        assert ssh.run_shell_cmd_on_remote("echo relayed").stdout == "relayed\n"
+        (remote.remote_home / "plain.txt").write_text("sftp")
+        shutil.chown(remote.remote_home / "plain.txt", remote.user) if os.geteuid() == 0 else None
+        stackops.simple_sftp_get(str(remote.remote_home / "plain.txt"), home / "got.txt", ssh)
+    assert (home / "got.txt").read_text() == "sftp"
