@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ACCOUNT = "stackopsremote"
+ACCOUNT = "stackopsbench"  # not the test suite's account: both may run at once
 
 
 def free_port() -> int:
@@ -133,10 +133,10 @@ def compare(name: str, ours, reference, runs: int, reference_name: str, setup=No
     for i in range(runs):
         if setup:
             setup(i)
-        mine.append(timed(lambda: ours(i)))
+        mine.append(timed(lambda i=i: ours(i)))
         if setup:
             setup(i)
-        theirs.append(timed(lambda: reference(i)))
+        theirs.append(timed(lambda i=i: reference(i)))
     row = {"case": name, "stackops_s": statistics.median(mine), "reference": reference_name,
            "reference_s": statistics.median(theirs)}
     row["ratio"] = row["stackops_s"] / row["reference_s"]

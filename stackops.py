@@ -1571,15 +1571,17 @@ def resolve_ssh_target(host: str) -> SSHTarget:
         entry = config.lookup(name)
     except Exception as exc:  # paramiko raises assorted errors for a bad config
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    strict = str(entry.get("stricthostkeychecking", "yes")).lower()
-    return SSHTarget(alias=host, hostname=entry.get("hostname", name), user=user or entry.get("user") or getpass.getuser(),
+    def option(key: str) -> str | None:  # OpenSSH's "none" switches a proxy off
+        value = entry.get(key)
+        return None if value is None or str(value).lower() == "none" else str(value)
+
+    return SSHTarget(alias=host, hostname=entry.get("hostname", name),
+                     user=user or entry.get("user") or getpass.getuser(),
                      port=port or _check_port(entry.get("port", 22), host),
                      identity_files=[os.path.expanduser(f) for f in entry.get("identityfile", [])],
-                     proxy_jump=None if str(entry.get("proxyjump", "none")).lower() == "none" else entry["proxyjump"],
-                     proxy_command=None if str(entry.get("proxycommand", "none")).lower() == "none"
-                     else entry["proxycommand"],
+                     proxy_jump=option("proxyjump"), proxy_command=option("proxycommand"),
                      known_hosts=str(entry.get("userknownhostsfile", "~/.ssh/known_hosts")).split(),
-                     strict_host_key_checking=strict)
+                     strict_host_key_checking=str(entry.get("stricthostkeychecking", "yes")).lower())
 
 
 @dataclasses.dataclass
@@ -1933,7 +1935,7 @@ class SSH:
                 proc = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 stream: Any = proc.stdout
             else:
-                stream = open(source, "rb")  # noqa: SIM115 (closed below)
+                stream = open(str(source), "rb")  # noqa: SIM115 (closed below)
             with stream:
                 while True:
                     chunk = stream.read(1 << 18)
@@ -1944,7 +1946,8 @@ class SSH:
                     if progress is not None:
                         progress(sent)
             if proc is not None and proc.wait() != 0:
-                raise TransferError(f"local tar failed: {_last_line(proc.stderr.read().decode(errors='replace'))}")
+                why = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise TransferError(f"local tar failed: {_last_line(why)}")
             channel.shutdown_write()
             _out, err, status = self._drain(channel, None, command)
         except TransferError:
@@ -2810,15 +2813,14 @@ def _cmd_copy(args: Any) -> int:
     if (source is None) == (target is None):
         raise ConfigError("copy needs exactly one side on a host (HOST:PATH) and one here",
                           hint="e.g. copy ./results gpu-box:~/backup -r, or copy gpu-box:~/x ./x")
-    host = (source or target or ("", ""))[0]
-    with SSH.from_config_file(host, accept_new_host_key=args.accept_new) as ssh:
-        if target is not None:
+    if target is not None:
+        with SSH.from_config_file(target[0], accept_new_host_key=args.accept_new) as ssh:
             remote = target[1] + (Path(args.source).name if target[1].endswith("/") else "")
             where = ssh.copy_from_here(args.source, remote, args.compress, args.recursive, args.overwrite,
                                        _progress())
-            print(f"{host}:{where}")
-        else:
-            assert source is not None  # noqa: S101 (exactly one side is remote)
+        print(f"{target[0]}:{where}")
+    elif source is not None:
+        with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
             local = args.target + (Path(source[1]).name if args.target.endswith("/") else "")
             print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite, _progress()))
     return 0

@@ -993,7 +993,7 @@ class SSHD:
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError((base / f"sshd_{self.port}.log").read_text())
+                    raise RuntimeError((base / f"sshd_{self.port}.log").read_text()) from None
                 time.sleep(0.05)
         raise RuntimeError("sshd did not start")
 
@@ -1324,7 +1324,8 @@ def test_remote_cli_run_status_download_ssh_copy(remote, home):
 
 
 @pytest.mark.parametrize("text,expected", [("host", (None, "host", None)), ("u@h:2222", ("u", "h", 2222)),
-                                           ("[::1]:2200", (None, "::1", 2200)), ("u@[fe80::1%eth0]", ("u", "fe80::1%eth0", None))])
+                                           ("[::1]:2200", (None, "::1", 2200)),
+                                           ("u@[fe80::1%eth0]", ("u", "fe80::1%eth0", None))])
 def test_ssh_target_parsing(text, expected):
     assert stackops.parse_ssh_target(text) == expected
 
@@ -1347,3 +1348,24 @@ def test_remote_proxy_command_and_simple_sftp_get(remote, home):
         shutil.chown(remote.remote_home / "plain.txt", remote.user) if os.geteuid() == 0 else None
         stackops.simple_sftp_get(str(remote.remote_home / "plain.txt"), home / "got.txt", ssh)
     assert (home / "got.txt").read_text() == "sftp"
+
+
+def test_remote_cli_send_key(remote, home):
+    fresh = home / ".ssh" / "id_rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(fresh)], check=True)
+    first = cli("send-key", "tb", "--key", f"{fresh}.pub", home=home)
+    again = cli("send-key", "tb", "--key", f"{fresh}.pub", home=home)
+    assert "added" in first.stdout and "already" in again.stdout, first.stderr
+    missing = cli("send-key", "tb", "--key", str(home / "nope.pub"), home=home)
+    assert missing.returncode == 2 and "no public key" in missing.stderr
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"), reason="no sshd")
+def test_bench_quick_runs(tmp_path):
+    """The benchmark works end to end (its figures are for people; nothing about speed is asserted)."""
+    done = subprocess.run([sys.executable, str(HERE / "bench_stackops.py"), "--quick", "--runs", "1", "--json",
+                           str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert {"connect + run `true`", "CLI start: stackops.py --help"} <= {row["case"] for row in rows}
+    assert all(row["stackops_s"] > 0 and row["reference_s"] > 0 for row in rows)
