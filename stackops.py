@@ -25,7 +25,8 @@ Sections (bottom-up; each uses only the sections above it; 0-8 are standard libr
      8  job execution   what the wrapper runs on the executing machine
      9  SSH             paramiko (lazily): OpenSSH-style targets, host keys, commands, copies
     10  remote machine  transfer_sftp, RemoteMachine: generate, submit, fire, status, results
-    11  CLI             argument parser, one small handler per command, main(argv) -> int
+    11  cluster         load calculators, Cluster: one workload split over several hosts
+    12  CLI             argument parser, one small handler per command, main(argv) -> int
 
 Environment variables (read on the machine where they matter):
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import enum
 import errno
 import fcntl
 import json
@@ -74,7 +76,8 @@ __all__ = [
     "FileManager", "Slots", "render_execution_script", "render_shell_script", "run_job", "call_job_part",
     "job_report", "delete_own_results", "demo_job",
     "SSH", "SSHTarget", "Response", "resolve_ssh_target", "parse_ssh_target", "simple_sftp_get",
-    "transfer_sftp", "RemoteMachine", "list_jobs", "main",
+    "transfer_sftp", "RemoteMachine", "list_jobs",
+    "LoadCriterion", "MachineSpecs", "ThreadLoadCalculator", "MachineLoadCalculator", "Cluster", "main",
 ]
 
 log = logging.getLogger("stackops")
@@ -548,9 +551,6 @@ class RemoteStackOpsConfig:
                               hint="pass cloud_name=<an rclone remote name>")
         if self.max_simultaneous_jobs < 1:
             raise ConfigError(f"max_simultaneous_jobs must be at least 1, got {self.max_simultaneous_jobs}")
-        if self.parallelize and self.workload_params is None:
-            raise ConfigError("parallelize=True needs workload_params: the index range to split",
-                              hint="pass workload_params=WorkloadParams(idx_start=0, idx_end=N, jobs=K)")
         if self.python is not None and not self.python.strip():
             raise ConfigError("python must name an interpreter, e.g. 'python3'")
         if self.notify_upon_completion:
@@ -2563,7 +2563,337 @@ def list_jobs(base_dir: str | None = None) -> list[JobStatus]:
 
 
 # ============================================================================================
-# 11. CLI
+# 11. cluster: one workload split over several hosts by their CPU and RAM
+# ============================================================================================
+
+class LoadCriterion(enum.Enum):
+    """What a host's share follows: its CPUs, its RAM, or their product; ``*_norm`` is the same as a
+    share of the cluster's total (the shares sum to 1)."""
+
+    cpu = "cpu"
+    ram = "ram"
+    product = "product"
+    cpu_norm = "cpu_norm"
+    ram_norm = "ram_norm"
+    product_norm = "product_norm"
+
+    @property
+    def normalised(self) -> LoadCriterion:
+        return self if self.name.endswith("_norm") else LoadCriterion[self.name + "_norm"]
+
+
+@dataclasses.dataclass
+class MachineSpecs:
+    """A host's CPUs and RAM (GiB), their product, and each as a share of the cluster's total."""
+
+    cpu: float
+    ram: float
+    product: float = 0.0
+    cpu_norm: float = 0.0
+    ram_norm: float = 0.0
+    product_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.product = self.cpu * self.ram
+
+    @classmethod
+    def from_facts(cls, facts: dict[str, Any]) -> MachineSpecs:
+        """From ``SSH.remote_specs`` (or the same facts read here)."""
+        return cls(cpu=float(facts.get("cpu_count") or 1), ram=float(facts.get("memory_bytes") or 0) / 2**30)
+
+    @classmethod
+    def from_local(cls) -> MachineSpecs:
+        namespace: dict[str, Any] = {}
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            exec(compile(REMOTE_FACTS_PY, "<facts>", "exec"), namespace)  # noqa: S102 (our own constant)
+        return cls.from_facts(json.loads(out.getvalue()))
+
+    def value(self, criterion: LoadCriterion) -> float:
+        return float(getattr(self, criterion.value))
+
+    @staticmethod
+    def normalise(specs: list[MachineSpecs]) -> list[MachineSpecs]:
+        """Fill each host's ``*_norm`` fields with its share of the total (0 when the total is 0)."""
+        for name in ("cpu", "ram", "product"):
+            total = sum(getattr(spec, name) for spec in specs)
+            for spec in specs:
+                setattr(spec, name + "_norm", getattr(spec, name) / total if total else 0.0)
+        return specs
+
+
+@dataclasses.dataclass
+class ThreadLoadCalculator:
+    """How many parallel parts a host runs: ``num_jobs`` on a host like the reference, scaled by
+    the criterion (half the CPUs of the reference: half the parts), at least 1. ``num_jobs=None``: 1."""
+
+    num_jobs: int | None = None
+    load_criterion: LoadCriterion = LoadCriterion.cpu
+    reference_specs: MachineSpecs | None = None  # None: this machine (largest host for *_norm)
+
+    def get_num_threads(self, machine: MachineSpecs, reference: MachineSpecs | None = None) -> int:
+        reference = self.reference_specs or reference
+        if self.num_jobs is None or reference is None or reference.value(self.load_criterion) <= 0:
+            return 1
+        return max(1, int(self.num_jobs * machine.value(self.load_criterion) / reference.value(self.load_criterion)))
+
+    @classmethod
+    def default(cls) -> ThreadLoadCalculator:
+        return cls(None, LoadCriterion.cpu, None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_jobs": self.num_jobs, "load_criterion": self.load_criterion.name,
+                "reference_specs": dataclasses.asdict(self.reference_specs) if self.reference_specs else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ThreadLoadCalculator:
+        ref = data.get("reference_specs")
+        return cls(data.get("num_jobs"), LoadCriterion[data.get("load_criterion", "cpu")],
+                   MachineSpecs(**{k: ref[k] for k in ("cpu", "ram")}) if ref else None)
+
+
+@dataclasses.dataclass
+class MachineLoadCalculator:
+    """Cuts ``[0, max_num)`` into one contiguous slice per host, sized by its share of the criterion;
+    the last host ends at ``max_num``, so the slices cover the range exactly once."""
+
+    max_num: int = 1000
+    load_criterion: LoadCriterion = LoadCriterion.cpu_norm
+
+    def get_workload_params(self, specs: list[MachineSpecs], threads: list[int]) -> list[WorkloadParams]:
+        if len(specs) != len(threads) or not specs:
+            raise ConfigError("get_workload_params needs one thread count per host, and at least one host")
+        criterion = self.load_criterion.normalised
+        result, start = [], 0
+        for i, (spec, jobs) in enumerate(zip(specs, threads)):
+            end = self.max_num if i == len(specs) - 1 else min(self.max_num, start + int(spec.value(criterion)
+                                                                                          * self.max_num))
+            result.append(WorkloadParams(idx_min=0, idx_max=self.max_num, idx_start=start, idx_end=end,
+                                         idx=i, jobs=max(1, jobs)))
+            start = end
+        return result
+
+
+class Cluster:
+    """The same callable split over several hosts: each gets a slice of the index range in
+    proportion to its CPU/RAM, all launched together, watched together, gathered together."""
+
+    def __init__(self, func: Any, ssh_hosts: list[str], config: RemoteStackOpsConfig | None = None,
+                 func_kwargs: dict[str, Any] | None = None, thread_load_calc: ThreadLoadCalculator | None = None,
+                 ditch_unavailable: bool = True, description: str = "", job_id: str | None = None,
+                 base_dir: str | None = None, max_num: int = 1000) -> None:
+        if not ssh_hosts or len(set(ssh_hosts)) != len(ssh_hosts):
+            raise ConfigError("Cluster needs at least one host, each named once")
+        for host in ssh_hosts:
+            parse_ssh_target(host)
+        self.func = func
+        self.job_params: JobParams | None = _job_params_for(func)[0]
+        if self.job_params is not None and self.job_params.kind == "script":
+            raise ConfigError("a Cluster splits a function's workload; a script cannot be split",
+                              hint="pass a function that takes workload_params")
+        self.ssh_hosts = list(ssh_hosts)
+        self.config = config or RemoteStackOpsConfig()
+        self.func_kwargs = _check_kwargs(func_kwargs)
+        if "workload_params" in self.func_kwargs:
+            raise ConfigError("the Cluster sets workload_params itself; remove it from func_kwargs")
+        self.thread_load_calc = thread_load_calc or ThreadLoadCalculator.default()
+        self.machine_load_calc = MachineLoadCalculator(max_num, self.thread_load_calc.load_criterion.normalised)
+        self.ditch_unavailable = ditch_unavailable
+        self.description = description
+        self.job_id = check_safe_name(job_id or _random_job_id())
+        self.base_dir = collapse_home(base_dir or DEFAULT_BASE_DIR.rsplit("/", 1)[0])
+        self.root_dir = expand_home(f"{self.base_dir}/job_id__{self.job_id}")
+        self.unavailable: dict[str, str] = {}
+        self.specs: dict[str, MachineSpecs] = {}
+        self.workloads: dict[str, WorkloadParams] = {}
+        self.machines: dict[str, RemoteMachine] = {}
+        self._ssh: dict[str, SSH] = {}
+
+    def __repr__(self) -> str:
+        lines = [f"Cluster {self.job_id}:"] + [f"  {host}: {wp.idx_start}..{wp.idx_end} x{wp.jobs}"
+                                                for host, wp in self.workloads.items()]
+        return "\n".join(lines)
+
+    def probe_specs(self, host: str, ssh: SSH) -> MachineSpecs:
+        """A host's CPUs and RAM (one round trip, standard library on the host). Override it to
+        pretend hosts differ (the tests do, since loopback hosts share one machine)."""
+        return MachineSpecs.from_facts(ssh.remote_specs)
+
+    # -- launching -------------------------------------------------------------------------------
+
+    def _parallel(self, action: Callable[[str], Any], hosts: list[str]) -> dict[str, Any]:
+        """Run ``action(host)`` for every host at once; a failure is returned, not raised."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def guarded(host: str) -> Any:
+            try:
+                return action(host)
+            except StackopsError as exc:
+                return exc
+            except Exception as exc:  # a host's failure is evidence for its row, not a crash of all
+                return StackopsError(f"{type(exc).__name__}: {exc}")
+
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(hosts)))) as pool:
+            return dict(zip(hosts, pool.map(guarded, hosts)))
+
+    def connect(self) -> Cluster:
+        """Connect to and probe every host in parallel. An unreachable host is left out (and said
+        so) with ``ditch_unavailable``; otherwise nothing is launched anywhere and an error names it."""
+        def open_and_probe(host: str) -> tuple[SSH, MachineSpecs]:
+            ssh = SSH.from_config_file(host, accept_new_host_key=self.config.accept_new_host_key)
+            return ssh, self.probe_specs(host, ssh)
+
+        results = self._parallel(open_and_probe, [h for h in self.ssh_hosts if h not in self._ssh])
+        failed = {host: str(r) for host, r in results.items() if isinstance(r, Exception)}
+        for host, result in results.items():
+            if not isinstance(result, Exception):
+                self._ssh[host], self.specs[host] = result
+        if failed and not self.ditch_unavailable:
+            self.close()
+            raise StackopsConnectionError("cannot reach " + "; ".join(f"{h}: {e}" for h, e in failed.items()),
+                                          hint="fix them, or pass ditch_unavailable=True to go on without them")
+        for host, error in failed.items():
+            log.warning("leaving %s out of cluster %s: %s", host, self.job_id, error)
+        self.unavailable.update(failed)
+        if not self._ssh:
+            raise StackopsConnectionError(f"no host of cluster {self.job_id} is reachable")
+        return self
+
+    def generate_standard_kwargs(self) -> dict[str, WorkloadParams]:
+        """Each reachable host's slice of ``[0, max_num)`` and its thread count."""
+        hosts = [h for h in self.ssh_hosts if h in self._ssh]
+        specs = MachineSpecs.normalise([self.specs[h] for h in hosts])
+        criterion = self.thread_load_calc.load_criterion
+        reference = max(specs, key=lambda s: s.value(criterion)) if criterion.name.endswith("_norm") \
+            else MachineSpecs.from_local()
+        threads = [self.thread_load_calc.get_num_threads(spec, reference) for spec in specs]
+        workloads = self.machine_load_calc.get_workload_params(specs, threads)
+        self.workloads = dict(zip(hosts, workloads))
+        return self.workloads
+
+    def _machine_config(self, index: int, host: str) -> RemoteStackOpsConfig:
+        data = self.config.to_dict()
+        data.update(job_id=f"{self.job_id}_{index}", ssh_host=host, base_dir=collapse_home(self.root_dir),
+                    description=self.description or self.config.description,
+                    workload_params=self.workloads[host].to_dict())
+        return RemoteStackOpsConfig.from_dict(data)
+
+    def submit(self) -> Cluster:
+        """One RemoteMachine per host, generated here and submitted to all hosts in parallel."""
+        if not self.workloads:
+            raise StackopsError("no workloads yet", hint="call connect() and generate_standard_kwargs() first")
+        _mkdir_private(self.root_dir)
+        for index, host in enumerate(self.ssh_hosts):
+            if host in self.workloads and host not in self.machines:
+                machine = RemoteMachine(self.func, self._machine_config(index, host), self.func_kwargs)
+                machine._ssh = self._ssh[host]
+                machine.generate_scripts()
+                self.machines[host] = machine
+        self._raise_failures("submit", self._parallel(lambda h: self.machines[h].submit(), list(self.machines)))
+        self._save()
+        return self
+
+    def fire(self, run: bool = True) -> dict[str, tuple[int | None, str]]:
+        """Start every host's job at once (detached); returns each (launcher pid, command)."""
+        results = self._parallel(lambda h: self.machines[h].fire(run), list(self.machines))
+        self._save()
+        self._raise_failures("fire", results)
+        return results
+
+    def _raise_failures(self, what: str, results: dict[str, Any]) -> None:
+        failed = {host: r for host, r in results.items() if isinstance(r, Exception)}
+        if failed:
+            raise StackopsError(f"{what} failed on " + "; ".join(f"{h}: {e}" for h, e in failed.items()))
+
+    def run(self, run: bool = True) -> Cluster:
+        """connect, generate_standard_kwargs, submit, fire: the whole launch."""
+        self.connect()
+        self.generate_standard_kwargs()
+        self.submit()
+        self.fire(run)
+        return self
+
+    # -- following -------------------------------------------------------------------------------
+
+    def check_job_status(self) -> dict[str, JobStatus | StackopsError]:
+        """Every host's JobStatus, read in parallel; an unreachable host gets its error instead."""
+        return self._parallel(lambda h: self.machines[h].get_status(0), list(self.machines))
+
+    def download_results(self, target: str | os.PathLike[str] | None = None) -> Path:
+        """Every completed host's results into one local folder, one sub-folder per host."""
+        folder = expand_home(target) if target is not None else self.root_dir / "results"
+        _mkdir_private(folder)
+
+        def fetch(host: str) -> Path:
+            return self.machines[host].download_results(folder / _host_folder(host), overwrite=True)
+
+        results = self._parallel(fetch, list(self.machines))
+        self._save()
+        self._raise_failures("download", results)
+        return folder
+
+    def close(self) -> None:
+        for ssh in self._ssh.values():
+            ssh.close()
+        self._ssh.clear()
+        for machine in self.machines.values():
+            machine._ssh = None
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "base_dir": self.base_dir, "description": self.description,
+                "ssh_hosts": self.ssh_hosts, "func_kwargs": self.func_kwargs, "config": self.config.to_dict(),
+                "unavailable": self.unavailable, "ditch_unavailable": self.ditch_unavailable,
+                "specs": {h: dataclasses.asdict(s) for h, s in self.specs.items()},
+                "workloads": {h: w.to_dict() for h, w in self.workloads.items()},
+                "machines": {h: collapse_home(m.file_manager.job_root) for h, m in self.machines.items()},
+                "thread_load_calc": self.thread_load_calc.to_dict(),
+                "machine_load_calc": {"max_num": self.machine_load_calc.max_num,
+                                      "load_criterion": self.machine_load_calc.load_criterion.name}}
+
+    def _save(self) -> None:
+        _atomic_write_json(self.root_dir / "cluster.json", self.to_dict())
+
+    @classmethod
+    def load(cls, job_id: str, base_dir: str | None = None) -> Cluster:
+        """A cluster launched earlier (by this or another process), ready for status and download."""
+        root = expand_home(f"{base_dir or DEFAULT_BASE_DIR.rsplit('/', 1)[0]}/job_id__{check_safe_name(job_id)}")
+        data = _read_json(root / "cluster.json")
+        cluster = cls.__new__(cls)
+        try:
+            cluster.func, cluster.job_params = None, None
+            cluster.job_id, cluster.base_dir, cluster.root_dir = data["job_id"], data["base_dir"], root
+            cluster.description, cluster.ssh_hosts = data["description"], list(data["ssh_hosts"])
+            cluster.func_kwargs, cluster.config = data["func_kwargs"], RemoteStackOpsConfig.from_dict(data["config"])
+            cluster.unavailable, cluster.ditch_unavailable = dict(data["unavailable"]), data["ditch_unavailable"]
+            cluster.specs = {h: MachineSpecs(cpu=s["cpu"], ram=s["ram"]) for h, s in data["specs"].items()}
+            cluster.workloads = {h: WorkloadParams.from_dict(w) for h, w in data["workloads"].items()}
+            cluster.machines = {h: RemoteMachine.from_job_dir(p) for h, p in data["machines"].items()}
+            cluster.thread_load_calc = ThreadLoadCalculator.from_dict(data["thread_load_calc"])
+            calc = data["machine_load_calc"]
+            cluster.machine_load_calc = MachineLoadCalculator(calc["max_num"], LoadCriterion[calc["load_criterion"]])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{root / 'cluster.json'} is incomplete: {exc}") from exc
+        cluster._ssh = {}
+        return cluster
+
+
+def _host_folder(host: str) -> str:
+    """A folder name for a host: its alias with anything unsafe replaced."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", host).lstrip(".-") or "host"
+
+
+# ============================================================================================
+# 12. CLI
 # ============================================================================================
 
 def _print_table(rows: list[list[str]], header: list[str] | None = None) -> None:
@@ -2833,6 +3163,99 @@ def _cmd_send_key(args: Any) -> int:
     return 0
 
 
+def _cmd_cluster_run(args: Any) -> int:
+    config = RemoteStackOpsConfig(copy_repo=args.copy_repo, parallelize=args.parallelize,
+                                  accept_new_host_key=args.accept_new, max_simultaneous_jobs=args.max_jobs)
+    threads = ThreadLoadCalculator(args.threads, LoadCriterion[args.criterion])
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    with Cluster(args.target, hosts, config, parse_kwargs(args.kwargs), threads, not args.strict,
+                 args.description, args.job_id, args.base_dir, args.max_num) as cluster:
+        cluster.run()
+        for host, error in cluster.unavailable.items():
+            print(f"left out {host}: {_last_line(error)}", file=sys.stderr)
+        _print_table([[host, f"{wp.idx_start}..{wp.idx_end}", str(wp.jobs)] for host, wp in cluster.workloads.items()],
+                     ["HOST", "SHARE", "THREADS"])
+        print(f"cluster {cluster.job_id} launched on {len(cluster.machines)} host(s); "
+              f"python stackops.py cluster status {cluster.job_id}")
+        if args.wait:
+            return _wait_cluster(cluster)
+    return 0
+
+
+def _wait_cluster(cluster: Cluster) -> int:
+    while True:
+        statuses = cluster.check_job_status()
+        if all(isinstance(s, JobStatus) and s.finished for s in statuses.values()):
+            return _show_cluster(cluster, statuses, as_json=False)
+        time.sleep(0.5)
+
+
+def _show_cluster(cluster: Cluster, statuses: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        _print_json({host: s.to_dict() if isinstance(s, JobStatus) else {"error": str(s)}
+                     for host, s in statuses.items()})
+    else:
+        rows = []
+        for host, status in statuses.items():
+            wp = cluster.workloads.get(host)
+            share = f"{wp.idx_start}..{wp.idx_end}" if wp else "-"
+            if isinstance(status, JobStatus):
+                rows.append([host, share, status.status, _duration(status), _last_line(status.error_message) or "-"])
+            else:
+                rows.append([host, share, "unreachable", "-", _last_line(str(status))])
+        rows += [[host, "-", "left out", "-", _last_line(error)] for host, error in cluster.unavailable.items()]
+        _print_table(rows, ["HOST", "SHARE", "STATUS", "DURATION", "ERROR"])
+    ok = all(isinstance(s, JobStatus) and s.status != "failed" for s in statuses.values())
+    return 0 if ok else 1
+
+
+def _cmd_cluster_status(args: Any) -> int:
+    with Cluster.load(args.cluster_id, args.base_dir) as cluster:
+        return _show_cluster(cluster, cluster.check_job_status(), args.json)
+
+
+def _cmd_cluster_download(args: Any) -> int:
+    with Cluster.load(args.cluster_id, args.base_dir) as cluster:
+        print(cluster.download_results(args.to))
+    return 0
+
+
+def _add_cluster_args(commands: Any) -> None:
+    cluster = commands.add_parser("cluster", help="split one workload over several hosts by CPU/RAM")
+    sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
+    sub.required = True
+    default_base = DEFAULT_BASE_DIR.rsplit("/", 1)[0]
+    run = sub.add_parser("run", help="launch a function on several hosts, each on its share of [0, MAX)")
+    run.set_defaults(handler=_cmd_cluster_run)
+    run.add_argument("target", help="path/to/module.py:func; it gets workload_params (its slice) and the kwargs")
+    run.add_argument("--hosts", required=True, help="comma-separated ~/.ssh/config aliases or user@host[:port]")
+    run.add_argument("--kwargs", default="{}", metavar="JSON", help="keyword arguments (JSON object or @file)")
+    run.add_argument("--criterion", default="cpu", choices=[c.name for c in LoadCriterion],
+                     help="what a host's share and threads follow (default cpu)")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="parts a host like this one runs; others scale by the criterion (default 1)")
+    run.add_argument("--parallelize", action="store_true", help="run each host's parts in parallel processes")
+    run.add_argument("--max-num", type=int, default=1000, help="the index range [0, MAX) to split (default 1000)")
+    run.add_argument("--max-jobs", type=int, default=1, metavar="N", help="slots per host (default 1)")
+    run.add_argument("--strict", action="store_true", help="refuse to launch anywhere if a host is unreachable")
+    run.add_argument("--copy-repo", action="store_true", help="send the repo along to every host")
+    run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
+    run.add_argument("--job-id", help="the cluster's id (a safe name)")
+    run.add_argument("--description", default="")
+    run.add_argument("--wait", action="store_true", help="block until every host's job ended")
+    for name, handler, text in (("status", _cmd_cluster_status, "one line per host: share, status, times"),
+                                ("download", _cmd_cluster_download, "every host's results into one folder")):
+        action = sub.add_parser(name, help=text)
+        action.set_defaults(handler=handler)
+        action.add_argument("cluster_id")
+        if name == "status":
+            action.add_argument("--json", action="store_true")
+        else:
+            action.add_argument("--to", help="the local folder (default: the cluster's results folder)")
+    for action in (run, *[p for n, p in sub.choices.items() if n != "run"]):
+        action.add_argument("--base-dir", default=default_base, help=f"where clusters live (default {default_base})")
+
+
 def _add_run_args(parser: Any) -> None:
     parser.add_argument("target", help="a script (path/to/train.py) or a function (path/to/module.py:func)")
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or user@host[:port]); "
@@ -2922,6 +3345,7 @@ def _build_parser() -> Any:
     sub.add_argument("host")
     sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then id_rsa.pub)")
     sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
+    _add_cluster_args(commands)
     sub = commands.add_parser("job-report")  # no help: run on the host by the job's own stackops copy
     sub.set_defaults(handler=_cmd_job_report)
     sub.add_argument("job_root")

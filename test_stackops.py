@@ -954,17 +954,17 @@ class SSHD:
     """A real sshd on loopback, stopped by pid."""
 
     def __init__(self, base: Path, user: str, remote_home: Path, client_pub: Path, port: int | None = None,
-                 address: str = "127.0.0.1") -> None:
+                 address: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
         self.base, self.user, self.remote_home, self.address = base, user, remote_home, address
         self.port = port or _free_port()
-        self.host_key = base / f"host_key_{self.port}"
+        self.host_key = base / f"host_key_{address}_{self.port}"
         _keygen(self.host_key, "stackops-test-host")
         keys = base / "authorized"
         keys.mkdir(exist_ok=True)
         keys.chmod(0o711)
         shutil.copy(client_pub, keys / "keys")
         (keys / "keys").chmod(0o644)
-        config = base / f"sshd_{self.port}.conf"
+        config = base / f"sshd_{address}_{self.port}.conf"
         config.write_text(textwrap.dedent(f"""
             Port {self.port}
             ListenAddress {address}
@@ -983,8 +983,9 @@ class SSHD:
         """) + (f"SetEnv HOME={remote_home}\n" if os.geteuid() != 0 else ""))
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        self.log = open(base / f"sshd_{self.port}.log", "w")
-        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=self.log,
+        self.log_path = base / f"sshd_{address}_{self.port}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([*prefix, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -993,7 +994,7 @@ class SSHD:
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError((base / f"sshd_{self.port}.log").read_text()) from None
+                    raise RuntimeError(self.log_path.read_text()) from None
                 time.sleep(0.05)
         raise RuntimeError("sshd did not start")
 
@@ -1273,7 +1274,7 @@ def test_remote_proxy_jump_through_second_sshd(remote, home, sshd):
         _write_ssh_config(home, remote, alias="behind", extra="  ProxyJump jump\n", known=False)
         with stackops.SSH.from_config_file("behind") as ssh:
             assert ssh.run_shell_cmd_on_remote("echo through").stdout == "through\n"
-        assert "Accepted publickey" in (jump.base / f"sshd_{jump.port}.log").read_text()
+        assert "Accepted publickey" in jump.log_path.read_text()
     finally:
         jump.stop()
 
@@ -1369,3 +1370,173 @@ def test_bench_quick_runs(tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert {"connect + run `true`", "CLI start: stackops.py --help"} <= {row["case"] for row in rows}
     assert all(row["stackops_s"] > 0 and row["reference_s"] > 0 for row in rows)
+
+
+
+# ============================================================================================
+# 11. cluster: several hosts (network namespaces as root, 127.0.0.x otherwise)
+# ============================================================================================
+
+class Nodes:
+    """Three hosts. As root: network namespaces on a private bridge, each sshd in its own PID
+    namespace (its pids are not ours). Otherwise: extra sshds on 127.0.0.11-13."""
+
+    def __init__(self, server: SSHD, count: int = 3) -> None:
+        self.tag = f"sk{os.getpid() % 100000}"
+        self.netns = os.geteuid() == 0 and shutil.which("ip") is not None
+        self.subnet = f"10.231.{os.getpid() % 200 + 1}"
+        self.servers: list[SSHD] = []
+        self.namespaces: list[str] = []
+        if self.netns:
+            self._ip("link", "add", f"{self.tag}br", "type", "bridge")
+            self._ip("addr", "add", f"{self.subnet}.1/24", "dev", f"{self.tag}br")
+            self._ip("link", "set", f"{self.tag}br", "up")
+        for i in range(1, count + 1):
+            prefix: tuple[str, ...] = ()
+            address = f"127.0.0.{10 + i}"
+            if self.netns:
+                ns, address = f"{self.tag}n{i}", f"{self.subnet}.{10 + i}"
+                self._ip("netns", "add", ns)
+                self.namespaces.append(ns)
+                self._ip("link", "add", f"{self.tag}v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+                self._ip("link", "set", f"{self.tag}v{i}", "master", f"{self.tag}br", "up")
+                self._ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+                self._ip("-n", ns, "link", "set", "eth0", "up")
+                self._ip("-n", ns, "link", "set", "lo", "up")
+                prefix = ("ip", "netns", "exec", ns, "unshare", "--pid", "--fork", "--kill-child", "--mount-proc")
+            node = SSHD(server.base, server.user, server.remote_home, Path(f"{server.client_key}.pub"),
+                        address=address, prefix=prefix)
+            node.client_key = server.client_key
+            self.servers.append(node)
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        for i, ns in enumerate(self.namespaces, 1):
+            subprocess.run(["ip", "link", "del", f"{self.tag}v{i}"], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if self.netns:
+            subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def nodes(sshd):
+    group = Nodes(sshd)
+    yield group
+    group.stop()
+
+
+@pytest.fixture
+def cluster_home(home, nodes, sshd):
+    for i, server in enumerate(nodes.servers, 1):
+        _write_ssh_config(home, server, alias=f"node{i}")
+    with open(home / ".ssh" / "config", "a") as handle:
+        handle.write(f"Host deadnode\n  HostName 127.0.0.1\n  Port {_free_port()}\n  User {sshd.user}\n"
+                     "  IdentityFile ~/.ssh/id_ed25519\n")
+    return home
+
+
+CLUSTER_JOBS = """
+    import os, socket
+
+    def indices(workload_params, tag="x"):
+        return {"tag": tag, "host": socket.gethostname(), "pid": os.getpid(),
+                "indices": list(range(workload_params.idx_start, workload_params.idx_end))}
+"""
+
+CPUS = {"node1": 1, "node2": 2, "node3": 4}
+
+
+class CPUsPerHost(stackops.Cluster):
+    """Loopback and namespace hosts share one machine: pretend their CPU counts differ."""
+
+    def probe_specs(self, host, ssh):
+        real = super().probe_specs(host, ssh)
+        return stackops.MachineSpecs(cpu=CPUS[host], ram=real.ram)
+
+
+def test_cluster_calculators_reference_examples():
+    threads = stackops.ThreadLoadCalculator(8, stackops.LoadCriterion.cpu, stackops.MachineSpecs(cpu=0.5, ram=1))
+    assert threads.get_num_threads(stackops.MachineSpecs(cpu=0.25, ram=1)) == 4
+    assert stackops.ThreadLoadCalculator(None).get_num_threads(stackops.MachineSpecs(cpu=64, ram=1)) == 1
+    specs = stackops.MachineSpecs.normalise([stackops.MachineSpecs(cpu=6, ram=1), stackops.MachineSpecs(cpu=4, ram=1)])
+    parts = stackops.MachineLoadCalculator(10, stackops.LoadCriterion.cpu).get_workload_params(specs, [1, 1])
+    assert [(p.idx_start, p.idx_end) for p in parts] == [(0, 6), (6, 10)]
+    ram = stackops.MachineSpecs.normalise([stackops.MachineSpecs(cpu=1, ram=r) for r in (1, 1, 2)])
+    parts = stackops.MachineLoadCalculator(1000, stackops.LoadCriterion.ram_norm).get_workload_params(ram, [1] * 3)
+    assert [(p.idx_start, p.idx_end) for p in parts] == [(0, 250), (250, 500), (500, 1000)]
+
+
+def test_cluster_shares_follow_cpus_cover_range_once_and_reload(cluster_home, nodes):
+    home = cluster_home
+    mod = make_module(home, CLUSTER_JOBS)
+    cluster = CPUsPerHost(mod.indices, ["node1", "node2", "node3"], config(copy_repo=True),
+                          func_kwargs={"tag": "t"}, job_id="clu", max_num=70)
+    with cluster:
+        cluster.run()
+        shares = {h: (w.idx_start, w.idx_end) for h, w in cluster.workloads.items()}
+    assert shares == {"node1": (0, 10), "node2": (10, 30), "node3": (30, 70)}  # 1 : 2 : 4 CPUs
+    code = textwrap.dedent(f"""
+        import sys, time, json; sys.path.insert(0, {str(HERE)!r}); import stackops
+        with stackops.Cluster.load("clu") as cluster:
+            deadline = time.monotonic() + 90
+            while True:
+                statuses = cluster.check_job_status()
+                if all(isinstance(s, stackops.JobStatus) and s.finished for s in statuses.values()):
+                    break
+                assert time.monotonic() < deadline, statuses
+                time.sleep(0.2)
+            print(json.dumps({{h: s.status for h, s in statuses.items()}}))
+            print(cluster.download_results())
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HOME=str(home)))
+    assert done.returncode == 0, done.stderr
+    statuses, folder = done.stdout.splitlines()[0], Path(done.stdout.splitlines()[1])
+    assert json.loads(statuses) == {"node1": "completed", "node2": "completed", "node3": "completed"}
+    results = {h: json.loads((folder / h / "result.json").read_text()) for h in ("node1", "node2", "node3")}
+    union = sorted(i for r in results.values() for i in r["indices"])
+    assert union == list(range(70))
+    if nodes.netns:  # each host is its own machine: own hostname space aside, its pids are not ours
+        assert all(r["pid"] < 1000 for r in results.values())
+
+
+def test_cluster_unreachable_host_ditched_or_refused(cluster_home, sshd):
+    home = cluster_home
+    mod = make_module(home, CLUSTER_JOBS)
+    with pytest.raises(stackops.StackopsConnectionError, match="deadnode"):
+        stackops.Cluster(mod.indices, ["node1", "deadnode", "node2"], config(copy_repo=True), job_id="strict",
+                         ditch_unavailable=False).run()
+    assert not (sshd.remote_home / "tmp_results" / "remote_machines" / "job_id__strict").exists()
+    assert not (home / "tmp_results" / "remote_machines" / "job_id__strict").exists()
+    with CPUsPerHost(mod.indices, ["node1", "deadnode", "node2"], config(copy_repo=True), job_id="ditch",
+                     max_num=30) as cluster:
+        cluster.run()
+        assert set(cluster.unavailable) == {"deadnode"} and set(cluster.machines) == {"node1", "node2"}
+        deadline = time.monotonic() + 90
+        while not all(isinstance(s, JobStatus) and s.finished for s in cluster.check_job_status().values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        folder = cluster.download_results()
+    union = sorted(i for h in ("node1", "node2") for i in json.loads((folder / h / "result.json").read_text())["indices"])
+    assert union == list(range(30))
+
+
+def test_cluster_cli_run_status_download(cluster_home):
+    home = cluster_home
+    (home / "proj").mkdir(exist_ok=True)
+    (home / "proj" / "cj.py").write_text(textwrap.dedent(CLUSTER_JOBS))
+    done = cli("cluster", "run", "proj/cj.py:indices", "--hosts", "node1,node2,deadnode", "--copy-repo",
+               "--job-id", "cliclu", "--threads", "2", "--wait", home=home)
+    assert done.returncode == 0, done.stderr
+    assert "left out deadnode" in done.stderr and "node1" in done.stdout
+    status = json.loads(cli("cluster", "status", "cliclu", "--json", home=home).stdout)
+    assert {h: s["status"] for h, s in status.items()} == {"node1": "completed", "node2": "completed"}
+    got = cli("cluster", "download", "cliclu", home=home)
+    folder = Path(got.stdout.strip())
+    union = sorted(i for h in ("node1", "node2") for i in json.loads((folder / h / "result.json").read_text())["indices"])
+    assert union == list(range(1000))
