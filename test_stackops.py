@@ -1522,7 +1522,8 @@ def test_cluster_unreachable_host_ditched_or_refused(cluster_home, sshd):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         folder = cluster.download_results()
-    union = sorted(i for h in ("node1", "node2") for i in json.loads((folder / h / "result.json").read_text())["indices"])
+    union = sorted(i for h in ("node1", "node2")
+                   for i in json.loads((folder / h / "result.json").read_text())["indices"])
     assert union == list(range(30))
 
 
@@ -1538,5 +1539,6 @@ def test_cluster_cli_run_status_download(cluster_home):
     assert {h: s["status"] for h, s in status.items()} == {"node1": "completed", "node2": "completed"}
     got = cli("cluster", "download", "cliclu", home=home)
     folder = Path(got.stdout.strip())
-    union = sorted(i for h in ("node1", "node2") for i in json.loads((folder / h / "result.json").read_text())["indices"])
+    union = sorted(i for h in ("node1", "node2")
+                   for i in json.loads((folder / h / "result.json").read_text())["indices"])
     assert union == list(range(1000))
