@@ -34,6 +34,7 @@ Environment variables (read on the machine where they matter):
     STACKOPS_STATE_DIR   slots, queue and job views of this machine and user
                          (default ~/tmp_results/remote_machines/file_manager)
     STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
+    STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600 (default ~/.config/stackops/email.json)
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ DEFAULT_BASE_DIR = "~/tmp_results/remote_machines/jobs"
 DEFAULT_STATE_DIR = "~/tmp_results/remote_machines/file_manager"
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
+DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
 
 STATUSES = ("queued", "waiting", "running", "completed", "failed")
 TERMINAL_STATUSES = ("completed", "failed")
@@ -1399,6 +1401,82 @@ def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any, error
             "start_time": _iso(timings.start_utc), "end_time": _iso(timings.end_utc), "duration_seconds": took}
 
 
+# -- e-mail on completion (sent by the executing machine) ------------------------------------------
+
+def _email_config_path() -> Path:
+    return expand_home(os.environ.get("STACKOPS_EMAIL_CONFIG") or DEFAULT_EMAIL_CONFIG)
+
+
+def load_email_config(name: str) -> dict[str, Any]:
+    """The SMTP settings called ``name`` from this machine's private e-mail config file, checked:
+    a missing, unreadable, shared (not 0600) or incomplete file is a ConfigError naming the fix."""
+    path = _email_config_path()
+    example = ('{"%s": {"host": "smtp.example.org", "port": 587, "security": "starttls", '
+               '"user": "me@example.org", "password": "...", "from": "me@example.org"}}' % name)
+    try:
+        mode = path.stat().st_mode
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"e-mail config {path} does not exist on {os.uname().nodename}",
+                          hint=f"create it (chmod 600) with: {example}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"e-mail config {path} cannot be read: {exc}") from exc
+    if mode & 0o077:
+        raise ConfigError(f"e-mail config {path} holds credentials but others may read it",
+                          hint=f"chmod 600 {path}")
+    entry = data.get(name) if isinstance(data, dict) else None
+    if not isinstance(entry, dict):
+        raise ConfigError(f"e-mail config {path} has no entry {name!r}", hint=f"add one like: {example}")
+    missing = [key for key in ("host", "port", "security", "from") if key not in entry]
+    if missing or entry["security"] not in ("ssl", "starttls", "plain"):
+        raise ConfigError(f"e-mail config {name!r} in {path} needs host, port, from and security "
+                          f"(ssl, starttls or plain); missing or wrong: {', '.join(missing) or 'security'}")
+    return entry
+
+
+def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str) -> None:
+    """One plain-text message over SMTP (SSL, STARTTLS or plain), with a timeout."""
+    import smtplib
+    import ssl
+    from email.message import EmailMessage
+
+    message = EmailMessage()
+    message["Subject"], message["From"], message["To"] = subject, settings["from"], to
+    message.set_content(body)
+    context = ssl.create_default_context(cafile=settings.get("cafile"))
+    host, port = settings["host"], int(settings["port"])
+    if settings["security"] == "ssl":
+        server: Any = smtplib.SMTP_SSL(host, port, timeout=30, context=context)
+    else:
+        server = smtplib.SMTP(host, port, timeout=30)
+    with server:
+        if settings["security"] == "starttls":
+            server.starttls(context=context)
+        if settings.get("user"):
+            server.login(settings["user"], settings.get("password", ""))
+        server.send_message(message)
+
+
+def _notify(manager: FileManager, record: dict[str, Any] | None, status: str, error: str) -> None:
+    """Send the job's one e-mail if its config asks for it; a failure is logged, never raised."""
+    try:
+        config = _read_json(manager.path(CONFIG_JSON))
+        if not config.get("notify_upon_completion"):
+            return
+        host = os.uname().nodename
+        took = _format_duration((record or {}).get("duration_seconds") or 0.0)
+        results = _read_text(manager.path(RESULTS_TXT)).strip() or "-"
+        body = (f"Job {manager.job_id} {status} on {host}.\n\nhost: {host}\njob: {manager.job_id}\n"
+                f"status: {status}\nduration: {took}\nresults: {results}\n")
+        if error:
+            body += f"\nerror (last lines):\n{_tail(error, 20)}\n"
+        send_job_email(load_email_config(config["email_config_name"]), config["to_email"],
+                       f"stackops: job {manager.job_id} {status} on {host}", body)
+        log.info("sent the completion e-mail of job %s to %s", manager.job_id, config["to_email"])
+    except Exception as exc:  # the job's outcome stands whatever the mail server does
+        log.warning("could not send the completion e-mail of job %s: %s", manager.job_id, exc)
+
+
 def run_job(job_root: str | os.PathLike[str],
             execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]]) -> Any:
     """The wrapper's lifecycle: slot, pid/status/times, kwargs, execute, results, end, release.
@@ -1433,7 +1511,9 @@ def run_job(job_root: str | os.PathLike[str],
         try:
             manager.unlock_resources(record)
         finally:
-            manager.write_log(STATUS_TXT, "failed" if error or record is None else "completed")
+            status = "failed" if error or record is None else "completed"
+            manager.write_log(STATUS_TXT, status)
+    _notify(manager, record, status, error)
     return res
 
 
@@ -2211,9 +2291,6 @@ class RemoteMachine:
                  data: list[str] | None = None) -> None:
         if not isinstance(config, RemoteStackOpsConfig):
             raise ConfigError("config must be a RemoteStackOpsConfig")
-        if config.notify_upon_completion:
-            raise ConfigError("notify_upon_completion: this version cannot send e-mail yet",
-                              hint="leave notify_upon_completion=False")
         if config.ssh_host is not None:
             parse_ssh_target(config.ssh_host)
             if config.transfer_method == "cloud":
@@ -2398,9 +2475,23 @@ class RemoteMachine:
             self.generate_scripts()
         if self.is_remote:
             transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data, progress)
+        self._check_notification()
         self.submitted = True
         self._save()
         return self
+
+    def _check_notification(self) -> None:
+        """A job that will e-mail must find its SMTP settings where it runs: checked now, not at its end."""
+        if not self.config.notify_upon_completion:
+            return
+        if not self.is_remote:
+            load_email_config(self.config.email_config_name or "")
+            return
+        response = self.ssh.run_shell_cmd_on_remote(self._job_command("job-check-email"), timeout=60, strict=False)
+        if response.returncode != 0:
+            lines = [line[17:] for line in response.stderr.splitlines() if line.startswith("stackops: error: ")]
+            raise ConfigError(f"on {self.host_name}: " + (lines[0] if lines else _last_line(response.stderr)),
+                              hint=f"create the e-mail config on {self.host_name} (chmod 600)")
 
     def _run_remote_or_here(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
         if self.is_remote:
@@ -3095,6 +3186,12 @@ def _cmd_job_report(args: Any) -> int:
     return 0
 
 
+def _cmd_job_check_email(args: Any) -> int:
+    config = _read_json(expand_home(args.job_root) / CONFIG_JSON)
+    load_email_config(config.get("email_config_name") or "")
+    return 0
+
+
 def _cmd_job_delete_results(args: Any) -> int:
     print(delete_own_results(expand_home(args.job_root)))
     return 0
@@ -3352,6 +3449,9 @@ def _build_parser() -> Any:
     sub.add_argument("--lines", type=int, default=20)
     sub = commands.add_parser("job-delete-results")
     sub.set_defaults(handler=_cmd_job_delete_results)
+    sub.add_argument("job_root")
+    sub = commands.add_parser("job-check-email")
+    sub.set_defaults(handler=_cmd_job_check_email)
     sub.add_argument("job_root")
     return parser
 

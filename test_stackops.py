@@ -734,8 +734,6 @@ def _bad_inputs(home: Path):
         ("data missing", lambda: RemoteMachine(mod.train, config=config(), data=["~/no/such/file"])),
         ("workload twice", lambda: RemoteMachine(mod.part, config=config(workload_params=WorkloadParams()),
                                                  func_kwargs={"workload_params": 1})),
-        ("notify (no e-mail yet)", lambda: RemoteMachine(mod.train, config=config(
-            notify_upon_completion=True, to_email="a@b.c", email_config_name="x"))),
         ("parallel script", lambda: RemoteMachine(mod.__file__, config=config(
             workload_params=WorkloadParams(), parallelize=True))),
     ]
@@ -1542,3 +1540,95 @@ def test_cluster_cli_run_status_download(cluster_home):
     union = sorted(i for h in ("node1", "node2")
                    for i in json.loads((folder / h / "result.json").read_text())["indices"])
     assert union == list(range(1000))
+
+
+
+# ============================================================================================
+# e-mail on completion, against a real SMTP server on loopback
+# ============================================================================================
+
+@pytest.fixture
+def smtp(home):
+    aiosmtpd = pytest.importorskip("aiosmtpd.controller") if not os.environ.get("CI") else \
+        importlib.import_module("aiosmtpd.controller")
+    received = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            received.append(envelope)
+            return "250 OK"
+
+    port = _free_port()
+    controller = aiosmtpd.Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    path = home / ".config" / "stackops" / "email.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"test": {"host": "127.0.0.1", "port": port, "security": "plain",
+                                         "from": "stackops@test.invalid"}}))
+    path.chmod(0o600)
+    yield received, path
+    controller.stop()
+
+
+def _wait_mail(received, count, timeout=30):
+    wait_for(lambda: len(received) >= count, timeout=timeout, what=f"{count} e-mail(s)")
+    time.sleep(0.3)  # a second message, if one were (wrongly) sent, would arrive by now
+    import email
+
+    return [email.message_from_bytes(envelope.content) for envelope in received]
+
+
+def test_email_one_message_on_success_and_on_failure(home, smtp):
+    received, _ = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    notify = {"notify_upon_completion": True, "to_email": "me@test.invalid", "email_config_name": "test"}
+    ok = RemoteMachine(mod.train, config=config(job_id="mail-ok", **notify)).run()
+    assert wait_done(ok).status == "completed"
+    [message] = _wait_mail(received, 1)
+    body = message.get_payload()
+    assert message["Subject"].startswith("stackops: job mail-ok completed on ") and message["To"] == "me@test.invalid"
+    assert "job: mail-ok" in body and "host: " in body and "duration: " in body and "results: ~/results/train" in body
+    bad = RemoteMachine(mod.boom, config=config(job_id="mail-bad", **notify)).run()
+    assert wait_done(bad).status == "failed"
+    messages = _wait_mail(received, 2)
+    assert len(messages) == 2
+    assert "failed" in messages[1]["Subject"] and "the job exploded on purpose" in messages[1].get_payload()
+
+
+def test_email_config_checked_at_submit(home, smtp):
+    _, path = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    notify = {"notify_upon_completion": True, "to_email": "me@test.invalid"}
+    with pytest.raises(ConfigError, match="no entry 'other'"):
+        RemoteMachine(mod.train, config=config(job_id="mail-x", email_config_name="other", **notify)).run()
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="others may read"):
+        RemoteMachine(mod.train, config=config(job_id="mail-y", email_config_name="test", **notify)).run()
+    path.unlink()
+    with pytest.raises(ConfigError, match="does not exist"):
+        RemoteMachine(mod.train, config=config(job_id="mail-z", email_config_name="test", **notify)).run()
+    for job in ("mail-x", "mail-y", "mail-z"):  # refused before anything was launched
+        assert not (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / job / "logs" /
+                    "launcher_pid.txt").exists()
+
+
+def test_email_from_a_remote_job_and_checked_on_the_host(remote, home, smtp):
+    received, local_config = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    notify = {"notify_upon_completion": True, "to_email": "me@test.invalid", "email_config_name": "test"}
+    remote_config = remote.remote_home / ".config" / "stackops" / "email.json"
+    shutil.rmtree(remote_config.parent, ignore_errors=True)
+    with pytest.raises(ConfigError, match="on tb: e-mail config .* does not exist"):
+        RemoteMachine(mod.train, config=config(job_id="rmail-missing", ssh_host="tb", copy_repo=True,
+                                               **notify)).run()
+    remote_config.parent.mkdir(parents=True)
+    shutil.copy(local_config, remote_config)
+    if os.geteuid() == 0:
+        for path in (remote_config.parent.parent, remote_config.parent, remote_config):
+            shutil.chown(path, remote.user, remote.user)
+    remote_config.chmod(0o600)
+    with RemoteMachine(mod.train, config=config(job_id="rmail", ssh_host="tb", copy_repo=True, **notify)) as m:
+        m.run()
+        m.wait(timeout=60)
+    [message] = _wait_mail(received, 1)
+    assert "rmail completed" in message["Subject"]
