@@ -77,7 +77,7 @@ __all__ = [
     "FileManager", "Slots", "render_execution_script", "render_shell_script", "run_job", "call_job_part",
     "job_report", "delete_own_results", "demo_job",
     "SSH", "SSHTarget", "Response", "resolve_ssh_target", "parse_ssh_target", "simple_sftp_get",
-    "transfer_sftp", "RemoteMachine", "list_jobs",
+    "transfer_sftp", "transfer_cloud", "cloud_base", "RemoteMachine", "list_jobs",
     "LoadCriterion", "MachineSpecs", "ThreadLoadCalculator", "MachineLoadCalculator", "Cluster", "main",
 ]
 
@@ -2280,6 +2280,77 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
                            progress=progress)
 
 
+# -- cloud transfer (rclone) ---------------------------------------------------------------------
+
+def _rclone(*args: str, what: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+    """Run rclone here; a failure is a TransferError quoting rclone's own message."""
+    binary = shutil.which("rclone")
+    if binary is None:
+        raise DependencyError("rclone is not installed on this machine",
+                              hint="install it (e.g. apt-get install rclone) and configure a remote")
+    done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise TransferError(f"rclone {what} failed (exit status {done.returncode}): "
+                            f"{_tail(done.stderr or done.stdout, 3) or 'no message'}")
+    return done
+
+
+def cloud_base(cloud_name: str) -> str:
+    """Where stackops keeps things on a cloud remote: ``name`` means ``name:stackops``;
+    ``name:path`` is used as given."""
+    return cloud_name if ":" in cloud_name else f"{cloud_name}:stackops"
+
+
+def check_cloud_remote(cloud_name: str) -> None:
+    """Refuse a cloud name rclone does not know here (before anything is sent)."""
+    name = cloud_name.split(":", 1)[0]
+    known = _rclone("listremotes", what="listremotes", timeout=60).stdout.split()
+    if f"{name}:" not in known:
+        raise ConfigError(f"rclone knows no remote called {name!r} here (it knows: {' '.join(known) or 'none'})",
+                          hint="add it with: rclone config")
+
+
+def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
+                   data: list[str]) -> str:
+    """Pack the job folder (and the repo with ``copy_repo``, and the data) into one archive and
+    upload it with rclone; the host fetches it with its own rclone when the job is fired.
+    One object instead of thousands of files: rclone's per-file hash check runs once."""
+    cloud = config.cloud_name or ""
+    check_cloud_remote(cloud)
+    if ssh is not None:
+        remote = ssh.run_shell_cmd_on_remote("command -v rclone >/dev/null && rclone listremotes", timeout=60,
+                                             strict=False)
+        if remote.returncode != 0 or f"{cloud.split(':', 1)[0]}:" not in remote.stdout.split():
+            raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r} "
+                              f"({_last_line(remote.stderr) or 'rclone there does not know it'})",
+                              hint="install rclone on the host and configure the same remote there")
+    members = [_home_relative(file_manager.job_root)]
+    if config.copy_repo:
+        members.append(_home_relative(expand_home(job_params.repo_path_rh)))
+    members += [_home_relative(expand_home(item)) for item in data]
+    archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
+    try:
+        tar = subprocess.run(["tar", "cf", str(archive), "-C", str(Path.home()),
+                              *[f"--exclude={e}" for e in REPO_EXCLUDES],
+                              "--", *[m[2:] if m.startswith("~/") else m for m in members]],
+                             capture_output=True, text=True)
+        if tar.returncode != 0:
+            raise TransferError(f"packing the job failed: {_last_line(tar.stderr)}")
+        target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
+        _rclone("copyto", str(archive), target, what=f"upload to {target}")
+    finally:
+        shutil.rmtree(archive.parent, ignore_errors=True)
+    return target
+
+
+def cloud_fetch_command(cloud_name: str, job_id: str) -> str:
+    """Shell that fetches and unpacks a job's archive into the home of the machine that runs it."""
+    source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{job_id}.tar")
+    return ('A=$(mktemp "$HOME/.stackops-fetch.XXXXXX") && '
+            f'{{ rclone copyto {source} "$A" && tar xf "$A" -C "$HOME"; r=$?; rm -f "$A"; [ "$r" -eq 0 ]; }}')
+
+
 class RemoteMachine:
     """One job: generate its folder, submit it, fire it detached, follow it, fetch its results.
 
@@ -2293,9 +2364,6 @@ class RemoteMachine:
             raise ConfigError("config must be a RemoteStackOpsConfig")
         if config.ssh_host is not None:
             parse_ssh_target(config.ssh_host)
-            if config.transfer_method == "cloud":
-                raise ConfigError("transfer_method='cloud': this version transfers over SSH only",
-                                  hint="use transfer_method='sftp'")
         self.config = config
         self.job_params, self._instance = _job_params_for(func)
         self.kwargs = _check_kwargs(func_kwargs)
@@ -2473,9 +2541,12 @@ class RemoteMachine:
         go to their home-relative places on the host; here, the folder already is where it runs."""
         if not self.scripts_generated:
             self.generate_scripts()
-        if self.is_remote:
+        if self.is_remote and self.config.transfer_method == "cloud":
+            transfer_cloud(self.ssh, self.config, self.job_params, self.file_manager, self.data)
+        elif self.is_remote:
             transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data, progress)
-        self._check_notification()
+        if not self.is_remote or self.config.transfer_method != "cloud":
+            self._check_notification()  # a cloud job's folder reaches the host only when fired
         self.submitted = True
         self._save()
         return self
@@ -2508,6 +2579,9 @@ class RemoteMachine:
         if not self.submitted:
             raise StackopsError(f"job {self.job_id} is not submitted yet", hint="call submit() first")
         command = self.file_manager.get_fire_command(self.config.interactive)
+        if self.is_remote and self.config.transfer_method == "cloud":
+            check = f"{self._job_command('job-check-email')} && " if self.config.notify_upon_completion else ""
+            command = f"{cloud_fetch_command(self.config.cloud_name or '', self.job_id)} && {check}{command}"
         self.launch_command = command
         if not run:
             log.info("job %s is ready on %s and was not launched; launch it with: bash -c %s",
@@ -2598,7 +2672,9 @@ class RemoteMachine:
         home-relative path here); here it is already local, and ``target`` makes a copy. Either
         way the copy appears whole under its name or not at all."""
         results = self.results()
-        if self.is_remote:
+        if self.is_remote and self.config.transfer_method == "cloud":
+            local = self._download_via_cloud(results.as_posix(), target, overwrite)
+        elif self.is_remote:
             local = self.ssh.copy_to_here(results.as_posix(), target, recursive=True, overwrite=overwrite,
                                           progress=progress)
         elif target is None:
@@ -2608,6 +2684,28 @@ class RemoteMachine:
         self.results_downloaded = True
         self._save()
         return local
+
+    def _download_via_cloud(self, results: str, target: str | os.PathLike[str] | None, overwrite: bool) -> Path:
+        """The host uploads the results with its rclone; they come down here the same way."""
+        destination = expand_home(target if target is not None else results)
+        if (destination.exists() or destination.is_symlink()) and not overwrite:
+            raise ConfigError(f"{destination} already exists", hint="pass overwrite (--overwrite) to replace it")
+        where = shlex.quote(f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}")
+        up = self.ssh.run_shell_cmd_on_remote(
+            f'S={_sh_path(results)}; if [ -d "$S" ]; then rclone copy "$S" {where}/payload; '
+            f'else rclone copyto "$S" {where}/payload; fi', timeout=3600, strict=False)
+        if up.returncode != 0:
+            raise TransferError(f"rclone on {self.host_name} could not upload the results: {_tail(up.stderr, 3)}")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(_make_temp_dir(destination.parent))
+        try:
+            _rclone("copy", f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}", str(staging),
+                    what="download of the results")
+            _remove(destination)
+            os.rename(staging / "payload", destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return destination
 
     def delete_remote_results(self) -> RemoteMachine:
         """Delete the job's results folder where it ran, only if it is the job's own (its default
@@ -3033,6 +3131,7 @@ def _cmd_run(args: Any) -> int:
     config = RemoteStackOpsConfig(
         job_id=args.job_id or _random_job_id(), base_dir=args.base_dir, description=args.description,
         ssh_host=args.host, copy_repo=args.copy_repo, accept_new_host_key=args.accept_new,
+        transfer_method=args.transfer, cloud_name=args.cloud,
         update_repo=args.update_repo, install_repo=args.install_repo, data=args.data,
         interactive=args.interactive, wrap_in_try_except=args.try_except, parallelize=args.parallelize,
         lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs,
@@ -3359,6 +3458,10 @@ def _add_run_args(parser: Any) -> None:
                                        "default: this machine")
     parser.add_argument("--copy-repo", action="store_true",
                         help="send the repo along (without .git, virtual environments and caches)")
+    parser.add_argument("--transfer", choices=TRANSFER_METHODS, default="sftp",
+                        help="how the job reaches the host: over SSH (sftp, default) or through cloud storage")
+    parser.add_argument("--cloud", metavar="REMOTE[:PATH]",
+                        help="the rclone remote for --transfer cloud (REMOTE means REMOTE:stackops)")
     parser.add_argument("--accept-new", action="store_true",
                         help="trust and record the host's key if it is unknown (a changed key is always refused)")
     parser.add_argument("--kwargs", default="{}", metavar="JSON",

@@ -1632,3 +1632,102 @@ def test_email_from_a_remote_job_and_checked_on_the_host(remote, home, smtp):
         m.wait(timeout=60)
     [message] = _wait_mail(received, 1)
     assert "rmail completed" in message["Subject"]
+
+
+# ============================================================================================
+# cloud: real rclone with a `local` remote and an `sftp` remote pointing at the test sshd
+# ============================================================================================
+
+def _rclone_or_skip() -> None:
+    if shutil.which("rclone") is None:
+        if os.environ.get("CI"):
+            pytest.fail("rclone is missing; .ci/run installs it")
+        pytest.skip("rclone is not installed")
+
+
+def _rclone_conf(port: int, user: str, key: Path, known_hosts: Path) -> str:
+    return textwrap.dedent(f"""
+        [tblocal]
+        type = local
+
+        [tbsftp]
+        type = sftp
+        host = 127.0.0.1
+        port = {port}
+        user = {user}
+        key_file = {key}
+        known_hosts_file = {known_hosts}
+        shell_type = unix
+        md5sum_command = md5sum
+        sha1sum_command = sha1sum
+    """)
+
+
+@pytest.fixture
+def clouds(remote, home):
+    """rclone remotes `tblocal` and `tbsftp`, configured alike here and for the host's account."""
+    _rclone_or_skip()
+    import tempfile
+
+    bucket = Path(tempfile.mkdtemp(prefix="stackops-cloud-"))
+    bucket.chmod(0o1777)
+    local_conf = home / ".config" / "rclone" / "rclone.conf"
+    local_conf.parent.mkdir(parents=True)
+    local_conf.write_text(_rclone_conf(remote.port, remote.user, home / ".ssh" / "id_ed25519",
+                                       home / ".ssh" / "known_hosts"))
+    there = remote.remote_home
+    for folder in (there / ".config" / "rclone", there / ".ssh"):
+        folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(remote.client_key, there / ".ssh" / "rclone_key")
+    (there / ".ssh" / "rclone_known_hosts").write_text(remote.known_hosts_line() + "\n")
+    (there / ".config" / "rclone" / "rclone.conf").write_text(
+        _rclone_conf(remote.port, remote.user, there / ".ssh" / "rclone_key", there / ".ssh" / "rclone_known_hosts"))
+    if os.geteuid() == 0:
+        for path in [there / ".config", there / ".config" / "rclone", there / ".config" / "rclone" / "rclone.conf",
+                     there / ".ssh", there / ".ssh" / "rclone_key", there / ".ssh" / "rclone_known_hosts"]:
+            shutil.chown(path, remote.user, remote.user)
+    (there / ".ssh" / "rclone_key").chmod(0o600)
+    yield bucket
+    shutil.rmtree(bucket, ignore_errors=True)
+
+
+@pytest.mark.parametrize("kind", ["local", "sftp"])
+def test_cloud_transfer_job_runs_and_results_come_back(remote, home, clouds, kind):
+    mod = make_module(home, REMOTE_JOBS, package="cpkg")
+    (home / "data").mkdir()
+    (home / "data" / "input.csv").write_bytes(os.urandom(20000))
+    cloud = f"tblocal:{clouds}" if kind == "local" else "tbsftp"
+    cfg = config(job_id=f"cloud-{kind}", ssh_host="tb", copy_repo=True, data=["~/data/input.csv"],
+                 transfer_method="cloud", cloud_name=cloud)
+    with RemoteMachine(mod.crunch, config=cfg, func_kwargs={"data": "~/data/input.csv",
+                                                             "out": f"~/out/cloud-{kind}"}) as machine:
+        machine.run()
+        assert machine.wait(timeout=90).as_posix() == f"~/out/cloud-{kind}"
+        local = machine.download_results(None)
+    remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / f"cloud-{kind}"
+    for part in ("data", "python", "shell"):  # the folder arrived whole (but the laptop's own bookkeeping)
+        sent, arrived = (_tree_hashes(root / part) for root in (machine.file_manager.job_root, remote_job))
+        for made_there in ("remote_machine.json", "__pycache__/stackops.cpython-311.pyc"):
+            sent.pop(made_there, None)
+        arrived = {name: digest for name, digest in arrived.items()
+                   if name != "remote_machine.json" and not name.startswith("__pycache__/")}
+        assert sent == arrived and sent
+    assert _tree_hashes(local) == _tree_hashes(remote.remote_home / "out" / f"cloud-{kind}")
+    assert (local / "digest.txt").exists()
+
+
+def test_cloud_bad_remote_missing_and_failing_rclone(remote, home, clouds, tmp_path, monkeypatch):
+    mod = make_module(home, JOBS_SOURCE)
+    cfg = dict(ssh_host="tb", copy_repo=True, transfer_method="cloud")
+    with pytest.raises(ConfigError, match="no remote called 'nosuch'"):
+        RemoteMachine(mod.train, config=config(job_id="cloud-unknown", cloud_name="nosuch", **cfg)).run()
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "rclone").write_text("#!/bin/sh\necho 'Failed to copy: the stub says the bucket is on fire' >&2\nexit 1\n")
+    (stub / "rclone").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub}:{os.environ['PATH']}")
+    with pytest.raises(stackops.TransferError, match="the bucket is on fire"):
+        RemoteMachine(mod.train, config=config(job_id="cloud-failing", cloud_name="tblocal", **cfg)).run()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(stackops.DependencyError, match="rclone is not installed"):
+        RemoteMachine(mod.train, config=config(job_id="cloud-missing", cloud_name="tblocal", **cfg)).run()
