@@ -26,7 +26,8 @@ Sections (bottom-up; each uses only the sections above it; 0-8 are standard libr
      9  SSH             paramiko (lazily): OpenSSH-style targets, host keys, commands, copies
     10  remote machine  transfer_sftp, RemoteMachine: generate, submit, fire, status, results
     11  cluster         load calculators, Cluster: one workload split over several hosts
-    12  CLI             argument parser, one small handler per command, main(argv) -> int
+    12  cloud worker    claims and runs the work units of a cloud queue (CloudQueue is in 10)
+    13  CLI             argument parser, one small handler per command, main(argv) -> int
 
 Environment variables (read on the machine where they matter):
 
@@ -78,7 +79,8 @@ __all__ = [
     "job_report", "delete_own_results", "demo_job",
     "SSH", "SSHTarget", "Response", "resolve_ssh_target", "parse_ssh_target", "simple_sftp_get",
     "transfer_sftp", "transfer_cloud", "cloud_base", "RemoteMachine", "list_jobs",
-    "LoadCriterion", "MachineSpecs", "ThreadLoadCalculator", "MachineLoadCalculator", "Cluster", "main",
+    "LoadCriterion", "MachineSpecs", "ThreadLoadCalculator", "MachineLoadCalculator", "Cluster",
+    "CloudQueue", "run_worker", "main",
 ]
 
 log = logging.getLogger("stackops")
@@ -2282,14 +2284,15 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
 
 # -- cloud transfer (rclone) ---------------------------------------------------------------------
 
-def _rclone(*args: str, what: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+def _rclone(*args: str, what: str, timeout: float = 3600,
+            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run rclone here; a failure is a TransferError quoting rclone's own message."""
     binary = shutil.which("rclone")
     if binary is None:
         raise DependencyError("rclone is not installed on this machine",
                               hint="install it (e.g. apt-get install rclone) and configure a remote")
-    done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout, input=stdin,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)
     if done.returncode != 0:
         raise TransferError(f"rclone {what} failed (exit status {done.returncode}): "
                             f"{_tail(done.stderr or done.stdout, 3) or 'no message'}")
@@ -2311,6 +2314,19 @@ def check_cloud_remote(cloud_name: str) -> None:
                           hint="add it with: rclone config")
 
 
+def _pack(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
+    """One tar of a job folder, its repo (caches and .git left out) and its data, with paths
+    relative to home, so it unpacks into the same places under another home."""
+    members = [_home_relative(job_root)] + ([_home_relative(expand_home(repo))] if repo else [])
+    members += [_home_relative(expand_home(item)) for item in data]
+    tar = subprocess.run(["tar", "cf", str(archive), "-C", str(Path.home()),
+                          *[f"--exclude={e}" for e in REPO_EXCLUDES], "--",
+                          *[m[2:] if m.startswith("~/") else m for m in members]], capture_output=True, text=True)
+    if tar.returncode != 0:
+        raise TransferError(f"packing {job_root.name} failed: {_last_line(tar.stderr)}")
+    return archive
+
+
 def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
                    data: list[str]) -> str:
     """Pack the job folder (and the repo with ``copy_repo``, and the data) into one archive and
@@ -2325,18 +2341,9 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
             raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r} "
                               f"({_last_line(remote.stderr) or 'rclone there does not know it'})",
                               hint="install rclone on the host and configure the same remote there")
-    members = [_home_relative(file_manager.job_root)]
-    if config.copy_repo:
-        members.append(_home_relative(expand_home(job_params.repo_path_rh)))
-    members += [_home_relative(expand_home(item)) for item in data]
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
-        tar = subprocess.run(["tar", "cf", str(archive), "-C", str(Path.home()),
-                              *[f"--exclude={e}" for e in REPO_EXCLUDES],
-                              "--", *[m[2:] if m.startswith("~/") else m for m in members]],
-                             capture_output=True, text=True)
-        if tar.returncode != 0:
-            raise TransferError(f"packing the job failed: {_last_line(tar.stderr)}")
+        _pack(archive, file_manager.job_root, job_params.repo_path_rh if config.copy_repo else None, data)
         target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
         _rclone("copyto", str(archive), target, what=f"upload to {target}")
     finally:
@@ -2349,6 +2356,126 @@ def cloud_fetch_command(cloud_name: str, job_id: str) -> str:
     source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{job_id}.tar")
     return ('A=$(mktemp "$HOME/.stackops-fetch.XXXXXX") && '
             f'{{ rclone copyto {source} "$A" && tar xf "$A" -C "$HOME"; r=$?; rm -f "$A"; [ "$r" -eq 0 ]; }}')
+
+
+CLOUD_SETTLE = 1.0   # seconds a claim waits before it looks who else claimed
+CLOUD_LEASE = 60.0   # a claim not refreshed for this long is dead: its unit returns to the queue
+
+
+def _rclone_time(text: str) -> float:
+    """Seconds since the epoch of rclone's ModTime (RFC 3339, up to nanoseconds)."""
+    match = re.match(r"(.*?T\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)\Z", text)
+    if not match:
+        return 0.0
+    zone = "+00:00" if match[3] == "Z" else match[3]
+    moment = _dt.datetime.fromisoformat(match[1] + zone).timestamp()
+    return moment + float("0" + (match[2] or ".0"))
+
+
+class CloudQueue:
+    """Work units on a cloud remote, claimed without any atomic operation of the storage.
+
+    A claim is a new file ``claims/<time_ns>-<worker>``; after ``settle`` seconds its writer lists
+    the claims again and the earliest live one wins, the others withdraw. The winner refreshes its
+    claim while the unit runs; one not refreshed for ``lease`` seconds is dead and the unit is free
+    again. ``status.json``, written last, marks a unit done.
+    """
+
+    def __init__(self, cloud_name: str, settle: float = CLOUD_SETTLE, lease: float = CLOUD_LEASE) -> None:
+        self.base = cloud_base(cloud_name) + "/units"
+        self.settle, self.lease = settle, lease
+        self._meta: dict[str, dict[str, Any]] = {}
+
+    def _put(self, path: str, text: str) -> None:
+        _rclone("rcat", f"{self.base}/{path}", what=f"write of {path}", stdin=text)
+
+    def _list(self, path: str = "") -> list[dict[str, Any]]:
+        try:
+            done = _rclone("lsjson", "-R", "--files-only", f"{self.base}/{path}".rstrip("/"), what="listing")
+        except TransferError as exc:
+            if "not found" in str(exc):
+                return []
+            raise
+        return json.loads(done.stdout or "[]")
+
+    def listing(self) -> dict[str, dict[str, Any]]:
+        """Every unit: whether it is complete and done, and its claims (name, age in seconds)."""
+        units: dict[str, dict[str, Any]] = {}
+        now = time.time()
+        for row in self._list():
+            unit, _, rest = row["Path"].partition("/")
+            info = units.setdefault(unit, {"ready": False, "done": False, "claims": []})
+            if rest == "unit.json":
+                info["ready"] = True
+            elif rest == "status.json":
+                info["done"] = True
+            elif rest.startswith("claims/"):
+                info["claims"].append((rest[7:], now - _rclone_time(row["ModTime"])))
+        return units
+
+    def live_claims(self, claims: list[tuple[str, float]]) -> list[str]:
+        return sorted(name for name, age in claims if age < self.lease)
+
+    def add(self, unit_id: str, archive: Path, meta: dict[str, Any]) -> None:
+        _rclone("copyto", str(archive), f"{self.base}/{unit_id}/unit.tar", what=f"upload of unit {unit_id}")
+        self._put(f"{unit_id}/unit.json", json.dumps(meta))
+
+    def meta(self, unit_id: str) -> dict[str, Any]:
+        if unit_id not in self._meta:
+            text = _rclone("cat", f"{self.base}/{unit_id}/unit.json", what=f"read of unit {unit_id}").stdout
+            self._meta[unit_id] = json.loads(text)
+        return self._meta[unit_id]
+
+    def claim(self, unit_id: str, worker: str) -> str | None:
+        """Try to own a unit: the claim's name when this worker won, None when another did."""
+        name = f"{time.time_ns():019d}-{worker}"
+        self._put(f"{unit_id}/claims/{name}", json.dumps({"worker": worker, "host": os.uname().nodename}))
+        time.sleep(self.settle)
+        live = self._live(unit_id)
+        if live and live[0] == name:
+            return name
+        with _suppress(StackopsError):
+            _rclone("deletefile", f"{self.base}/{unit_id}/claims/{name}", what="withdrawal of a claim")
+        return None
+
+    def heartbeat(self, unit_id: str, claim: str, worker: str) -> None:
+        self._put(f"{unit_id}/claims/{claim}", json.dumps({"worker": worker, "host": os.uname().nodename}))
+
+    def _live(self, unit_id: str) -> list[str]:
+        now = time.time()
+        return self.live_claims([(row["Path"], now - _rclone_time(row["ModTime"]))
+                                 for row in self._list(f"{unit_id}/claims")])
+
+    def still_ours(self, unit_id: str, claim: str) -> bool:
+        live = self._live(unit_id)
+        return bool(live) and live[0] == claim
+
+    def finish(self, unit_id: str, results: Path | None, status: dict[str, Any]) -> None:
+        if results is not None and results.exists():
+            verb = "copy" if results.is_dir() else "copyto"
+            _rclone(verb, str(results), f"{self.base}/{unit_id}/results" + ("" if results.is_dir() else
+                                                                           f"/{results.name}"),
+                    what=f"upload of unit {unit_id}'s results")
+        self._put(f"{unit_id}/status.json", json.dumps(status))
+
+    def report(self) -> list[dict[str, Any]]:
+        """One row per unit: queued, running on a worker, stale (its worker went quiet), or done."""
+        rows = []
+        for unit_id, info in sorted(self.listing().items()):
+            row: dict[str, Any] = {"unit": unit_id, "state": "queued", "worker": None}
+            if not info["ready"]:
+                row["state"] = "incomplete"
+            elif info["done"]:
+                status = json.loads(_rclone("cat", f"{self.base}/{unit_id}/status.json",
+                                            what="read of a status").stdout)
+                row.update(state=status["status"], worker=status.get("worker"), host=status.get("host"),
+                           duration_seconds=status.get("duration_seconds"), error=status.get("error", ""))
+            elif info["claims"]:
+                name, age = min(info["claims"], key=lambda c: c[0] if c[1] < self.lease else "~" + c[0])
+                row.update(state="running" if age < self.lease else "stale", worker=name.split("-", 1)[1],
+                           last_seen_seconds=round(age, 1))
+            rows.append(row)
+        return rows
 
 
 class RemoteMachine:
@@ -2706,6 +2833,49 @@ class RemoteMachine:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return destination
+
+    def submit_to_cloud(self, split: int) -> list[str]:
+        """Expand this job into ``split`` work units, each with its slice of the workload, and put
+        them in the queue on ``config.cloud_name``; any ``worker`` (among ``allowed_remotes``) runs them."""
+        config = self.config
+        if not config.cloud_name:
+            raise ConfigError("submit_to_cloud needs cloud_name (an rclone remote)")
+        if split < 1 or (split > 1 and self.job_params.kind == "script"):
+            raise ConfigError(f"cannot split into {split} units" + (": a script cannot be split" if split > 1 else ""))
+        check_cloud_remote(config.cloud_name)
+        whole = config.workload_params or WorkloadParams(jobs=1)
+        parts = whole.split_to_jobs(split) if split > 1 or config.workload_params else [None]
+        queue = CloudQueue(config.cloud_name)
+        staging = Path(_make_temp_dir(_mkdir_private(expand_home(config.base_dir))))
+        units = []
+        try:
+            for k, part in enumerate(parts):
+                unit = self._unit(f"{self.job_id}-{k}-{len(parts)}", part)
+                archive = _pack(staging / f"{unit.job_id}.tar", unit.file_manager.job_root,
+                                unit.job_params.repo_path_rh if config.copy_repo else None, unit.data)
+                queue.add(unit.job_id, archive,
+                          {"unit": unit.job_id, "job_root": collapse_home(unit.file_manager.job_root),
+                           "allowed_remotes": config.allowed_remotes, "submitted_at": _iso(_utcnow())})
+                units.append(unit.job_id)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return units
+
+    def _unit(self, unit_id: str, part: WorkloadParams | None) -> RemoteMachine:
+        data = self.config.to_dict()
+        data.update(job_id=unit_id, ssh_host=None, launch_method="cloud_manager",
+                    workload_params=part.to_dict() if part else None, python=self.config.python or "python3")
+        unit = RemoteMachine.__new__(RemoteMachine)
+        unit.__dict__.update(self.__dict__)
+        unit._init_state()
+        unit.config = RemoteStackOpsConfig.from_dict(data)
+        unit.job_params = JobParams.from_dict(self.job_params.to_dict())
+        unit.file_manager = FileManager(unit_id, "Linux", unit.config.lock_resources,
+                                        unit.config.max_simultaneous_jobs, unit.config.base_dir)
+        unit.generate_scripts()
+        unit.submitted = True
+        unit._save()
+        return unit
 
     def delete_remote_results(self) -> RemoteMachine:
         """Delete the job's results folder where it ran, only if it is the job's own (its default
@@ -3082,7 +3252,85 @@ def _host_folder(host: str) -> str:
 
 
 # ============================================================================================
-# 12. CLI
+# 12. cloud worker: claims and runs work units from a cloud queue
+# ============================================================================================
+
+def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str) -> str:
+    """Fetch a claimed unit, run it here with this machine's slots while refreshing the claim,
+    then upload its results and status. Returns the unit's status."""
+    meta = queue.meta(unit_id)
+    root = expand_home(meta["job_root"])
+    staging = Path(_make_temp_dir(_mkdir_private(Path.home())))
+    try:
+        _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"), what="download of a unit")
+        _remove(root)  # an earlier attempt's logs must not pass for this one's
+        tar = subprocess.run(["tar", "xf", str(staging / "unit.tar"), "-C", str(Path.home())], capture_output=True,
+                             text=True)
+        if tar.returncode != 0:
+            raise TransferError(f"unpacking unit {unit_id} failed: {_last_line(tar.stderr)}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    machine = RemoteMachine.from_job_dir(root)
+    machine.launcher_pid = None
+    started = time.time()
+    machine.fire()
+    beat = time.monotonic()
+    while not (report := machine.get_status(0)).finished:
+        time.sleep(0.2)
+        if time.monotonic() - beat > queue.lease / 4:
+            queue.heartbeat(unit_id, claim, worker)
+            beat = time.monotonic()
+    if not queue.still_ours(unit_id, claim):
+        log.warning("unit %s ran past its lease and was claimed by another worker; not uploading", unit_id)
+        return "lost"
+    queue.finish(unit_id, expand_home(report.results_path) if report.results_path else None,
+                 {"unit": unit_id, "status": report.status, "worker": worker, "host": os.uname().nodename,
+                  "start_time": report.start_time, "end_time": report.end_time,
+                  "duration_seconds": round(time.time() - started, 3), "error": _tail(report.error_message, 20)})
+    return report.status
+
+
+def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll: float = 5.0,
+               until_idle: bool = False, settle: float = CLOUD_SETTLE, lease: float = CLOUD_LEASE) -> int:
+    """Claim and run work units from the cloud queue, up to ``max_jobs`` at a time, until stopped
+    (``until_idle``: until every unit is done). Returns how many units this worker finished."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    worker = check_safe_name(name or f"{os.uname().nodename}-{os.getpid()}", "worker name")
+    if max_jobs < 1:
+        raise ConfigError("max_jobs must be at least 1")
+    check_cloud_remote(cloud_name)
+    queue = CloudQueue(cloud_name, settle, lease)
+    running: dict[str, Any] = {}
+    finished = 0
+    with ThreadPoolExecutor(max_workers=max_jobs) as pool:
+        while True:
+            for unit_id in [u for u, f in running.items() if f.done()]:
+                try:
+                    log.info("unit %s: %s", unit_id, running.pop(unit_id).result())
+                    finished += 1
+                except Exception as exc:  # one unit's trouble must not stop the worker
+                    log.warning("unit %s failed to run here: %s", unit_id, exc)
+            mine = [unit_id for unit_id, info in sorted(queue.listing().items())
+                    if info["ready"] and not info["done"] and unit_id not in running
+                    and worker in (queue.meta(unit_id).get("allowed_remotes") or [worker])]
+            units = queue.listing()
+            for unit_id in mine:
+                if len(running) >= max_jobs:
+                    break
+                if units.get(unit_id, {}).get("done") or queue.live_claims(units.get(unit_id, {}).get("claims", [])):
+                    continue
+                claim = queue.claim(unit_id, worker)
+                if claim is not None:
+                    log.info("worker %s claimed unit %s", worker, unit_id)
+                    running[unit_id] = pool.submit(_run_unit, queue, unit_id, claim, worker)
+            if until_idle and not running and not mine:
+                return finished
+            time.sleep(0.2 if running else poll)
+
+
+# ============================================================================================
+# 13. CLI
 # ============================================================================================
 
 def _print_table(rows: list[list[str]], header: list[str] | None = None) -> None:
@@ -3452,6 +3700,65 @@ def _add_cluster_args(commands: Any) -> None:
         action.add_argument("--base-dir", default=default_base, help=f"where clusters live (default {default_base})")
 
 
+def _cmd_cloud_submit(args: Any) -> int:
+    allowed = [w.strip() for w in args.allowed.split(",")] if args.allowed else None
+    config = RemoteStackOpsConfig(job_id=args.job_id or _random_job_id(), copy_repo=args.copy_repo,
+                                  transfer_method="cloud", cloud_name=args.cloud, launch_method="cloud_manager",
+                                  allowed_remotes=allowed, python=args.python,
+                                  workload_params=_parse_workload(args.workload, False))
+    units = RemoteMachine(args.target, config, parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
+    print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")
+    return 0
+
+
+def _cmd_cloud_status(args: Any) -> int:
+    rows = CloudQueue(args.cloud).report()
+    if args.json:
+        _print_json(rows)
+        return 0
+    _print_table([[r["unit"], r["state"], r.get("worker") or "-", r.get("host") or "-",
+                   _format_duration(r["duration_seconds"]) if r.get("duration_seconds") is not None else
+                   (f"seen {r['last_seen_seconds']}s ago" if "last_seen_seconds" in r else "-")] for r in rows],
+                 ["UNIT", "STATE", "WORKER", "HOST", "DURATION"])
+    return 0
+
+
+def _cmd_worker(args: Any) -> int:
+    done = run_worker(args.cloud, args.name, args.max_jobs, args.poll, args.until_idle, args.settle, args.lease)
+    print(f"worker finished {done} unit(s)")
+    return 0
+
+
+def _add_cloud_args(commands: Any) -> None:
+    cloud = commands.add_parser("cloud", help="a queue of work units on an rclone remote, for any worker")
+    sub = cloud.add_subparsers(dest="cloud_command", metavar="ACTION")
+    sub.required = True
+    submit = sub.add_parser("submit", help="split a job into work units and queue them on the cloud remote")
+    submit.set_defaults(handler=_cmd_cloud_submit)
+    submit.add_argument("target", help="path/to/module.py:func (or a script, with --split 1)")
+    submit.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]", help="the rclone remote")
+    submit.add_argument("--split", type=int, required=True, help="how many work units")
+    submit.add_argument("--kwargs", default="{}", metavar="JSON")
+    submit.add_argument("--workload", metavar="START:END[:PARTS]", help="the range to split (default 0:1000)")
+    submit.add_argument("--copy-repo", action="store_true", help="the units carry the repo")
+    submit.add_argument("--allowed", metavar="W1,W2", help="only these workers may run the units")
+    submit.add_argument("--python", help="interpreter on the workers (default python3)")
+    submit.add_argument("--job-id")
+    status = sub.add_parser("status", help="each unit: queued, running (where), stale, completed or failed")
+    status.set_defaults(handler=_cmd_cloud_status)
+    status.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
+    status.add_argument("--json", action="store_true")
+    worker = commands.add_parser("worker", help="claim and run work units from a cloud queue")
+    worker.set_defaults(handler=_cmd_worker)
+    worker.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
+    worker.add_argument("--max-jobs", type=int, default=1, help="units run at once on this machine (default 1)")
+    worker.add_argument("--name", help="this worker's name (default HOST-PID); see --allowed")
+    worker.add_argument("--poll", type=float, default=5.0, help="seconds between looks at an idle queue")
+    worker.add_argument("--until-idle", action="store_true", help="stop once every unit is done")
+    worker.add_argument("--lease", type=float, default=CLOUD_LEASE, help="seconds a silent claim stays valid")
+    worker.add_argument("--settle", type=float, default=CLOUD_SETTLE, help="seconds a claim waits for rivals")
+
+
 def _add_run_args(parser: Any) -> None:
     parser.add_argument("target", help="a script (path/to/train.py) or a function (path/to/module.py:func)")
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or user@host[:port]); "
@@ -3546,6 +3853,7 @@ def _build_parser() -> Any:
     sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then id_rsa.pub)")
     sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
     _add_cluster_args(commands)
+    _add_cloud_args(commands)
     sub = commands.add_parser("job-report")  # no help: run on the host by the job's own stackops copy
     sub.set_defaults(handler=_cmd_job_report)
     sub.add_argument("job_root")

@@ -1731,3 +1731,101 @@ def test_cloud_bad_remote_missing_and_failing_rclone(remote, home, clouds, tmp_p
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(stackops.DependencyError, match="rclone is not installed"):
         RemoteMachine(mod.train, config=config(job_id="cloud-missing", cloud_name="tblocal", **cfg)).run()
+
+
+QUEUE_JOBS = """
+    import os, time
+
+    def record(workload_params, log, seconds=0.3):
+        with open(log, "a") as handle:
+            handle.write(f"{workload_params.idx_start} {os.environ['HOME']} {os.getpid()}\\n")
+        time.sleep(seconds)
+        return workload_params.idx_start
+"""
+
+
+def _local_cloud(home: Path, bucket: Path) -> str:
+    conf = home / ".config" / "rclone" / "rclone.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text("[tblocal]\ntype = local\n")
+    return f"tblocal:{bucket}"
+
+
+def _start_worker(tmp_path: Path, bucket: Path, name: str, *extra: str) -> subprocess.Popen:
+    worker_home = tmp_path / f"home-{name}"  # each worker is its own machine: its own home and slots
+    worker_home.mkdir(exist_ok=True)
+    cloud = _local_cloud(worker_home, bucket)
+    return subprocess.Popen([sys.executable, str(SOURCE), "worker", "--cloud", cloud, "--name", name, "--poll", "0.3",
+                             *extra], env=dict(os.environ, HOME=str(worker_home)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _queue_job(home: Path, bucket: Path, job_id: str, units: int, **kwargs) -> RemoteMachine:
+    mod = make_module(home, QUEUE_JOBS)
+    cfg = config(job_id=job_id, copy_repo=True, transfer_method="cloud", cloud_name=_local_cloud(home, bucket),
+                 python=sys.executable, workload_params=WorkloadParams(idx_min=0, idx_max=units, idx_start=0,
+                                                                       idx_end=units, jobs=1), **kwargs.pop("cfg", {}))
+    return RemoteMachine(mod.record, config=cfg, func_kwargs=kwargs)
+
+
+def test_cloud_queue_twelve_units_three_workers_each_runs_once(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    units = _queue_job(home, bucket, "q12", 12, log=str(runs)).submit_to_cloud(12)
+    assert len(units) == 12
+    workers = [_start_worker(tmp_path, bucket, f"w{k}", "--max-jobs", "2", "--until-idle", "--settle", "0.5")
+               for k in range(3)]
+    try:
+        outputs = [w.communicate(timeout=180) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0, 0], [o[1][-2000:] for o in outputs]
+    starts = [int(line.split()[0]) for line in runs.read_text().splitlines()]
+    assert sorted(starts) == list(range(12)), "every unit runs exactly once"
+    report = stackops.CloudQueue(f"tblocal:{bucket}").report()
+    assert [r["state"] for r in report] == ["completed"] * 12
+    assert {r["worker"] for r in report} <= {"w0", "w1", "w2"} and len({r["worker"] for r in report}) >= 2
+    shown = cli("cloud", "status", "--cloud", f"tblocal:{bucket}", home=home)
+    assert shown.returncode == 0 and shown.stdout.count("completed") == 12 and "w1" in shown.stdout
+
+
+def test_cloud_queue_killed_worker_unit_rerun_after_lease(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    _queue_job(home, bucket, "qkill", 1, log=str(runs), seconds=3).submit_to_cloud(1)
+    queue = stackops.CloudQueue(f"tblocal:{bucket}", lease=3)
+    first = _start_worker(tmp_path, bucket, "wa", "--lease", "3", "--settle", "0.3")
+    try:
+        wait_for(lambda: [r for r in queue.report() if r["state"] == "running" and r["worker"] == "wa"], timeout=60,
+                 what="wa running the unit")
+        wait_for(lambda: runs.exists(), what="the unit started on wa")
+    finally:
+        first.kill()  # the worker dies mid-unit ...
+        first.wait()
+        _stop_leftovers(tmp_path / "home-wa")  # ... and its machine with it
+    stale = wait_for(lambda: [r for r in queue.report() if r["state"] == "stale"], timeout=30, what="stale")
+    assert stale[0]["worker"] == "wa"
+    second = _start_worker(tmp_path, bucket, "wb", "--lease", "3", "--settle", "0.3", "--until-idle")
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err[-2000:]
+    [row] = queue.report()
+    assert (row["state"], row["worker"]) == ("completed", "wb")
+    assert len(runs.read_text().splitlines()) == 2  # started on wa, run again on wb
+
+
+def test_cloud_queue_allowed_remotes(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    _queue_job(home, bucket, "qallow", 2, log=str(runs), cfg={"allowed_remotes": ["wgood"]}).submit_to_cloud(2)
+    bad = _start_worker(tmp_path, bucket, "wbad", "--until-idle", "--settle", "0.3")
+    assert bad.communicate(timeout=60)[0].strip() == "worker finished 0 unit(s)"
+    good = _start_worker(tmp_path, bucket, "wgood", "--until-idle", "--settle", "0.3", "--max-jobs", "2")
+    assert good.communicate(timeout=120)[0].strip() == "worker finished 2 unit(s)"
+    assert {r["worker"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()} == {"wgood"}
