@@ -12,10 +12,10 @@ Three ways to use it:
     python stackops.py run train.py --wait        # command line (also the `stackops` script)
     python3 stackops.py --help                    # copied onto a server: standard library only
 
-Sections (bottom-up; each uses only the sections above it; 0-8 are standard library only):
+Sections (bottom-up; each uses only the sections above it; 0-9 are standard library only):
 
      0  header          this docstring, version, __all__
-     1  imports         standard library; lazy accessor for psutil (paramiko's is in 9)
+     1  imports         standard library; lazy accessor for psutil (paramiko's is in 10)
      2  constants       defaults, file names inside a job folder, status literals
      3  errors          StackopsError and its subclasses
      4  utilities       atomic writes, home-relative paths, quoting, times, process liveness
@@ -23,11 +23,12 @@ Sections (bottom-up; each uses only the sections above it; 0-8 are standard libr
      6  templates       the shell launcher and the Python wrapper, one strict renderer
      7  job folder      FileManager: layout, slots and queue, status
      8  job execution   what the wrapper runs on the executing machine
-     9  SSH             paramiko (lazily): OpenSSH-style targets, host keys, commands, copies
-    10  remote machine  transfer_sftp, RemoteMachine: generate, submit, fire, status, results
-    11  cluster         load calculators, Cluster: one workload split over several hosts
-    12  cloud worker    claims and runs the work units of a cloud queue (CloudQueue is in 10)
-    13  CLI             argument parser, one small handler per command, main(argv) -> int
+     9  network         local addresses, the LAN address, the public IP and its rotation (warp-cli)
+    10  SSH             paramiko (lazily): OpenSSH-style targets, host keys, commands, copies
+    11  remote machine  transfer_sftp, transfer_cloud, CloudQueue, RemoteMachine
+    12  cluster         load calculators, Cluster: one workload split over several hosts
+    13  cloud worker    claims and runs the work units of a cloud queue
+    14  CLI             argument parser, one small handler per command, main(argv) -> int
 
 Environment variables (read on the machine where they matter):
 
@@ -36,6 +37,7 @@ Environment variables (read on the machine where they matter):
                          (default ~/tmp_results/remote_machines/file_manager)
     STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
     STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600 (default ~/.config/stackops/email.json)
+    STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup (default https://ipinfo.io/json)
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ __all__ = [
     "SSH", "SSHTarget", "Response", "resolve_ssh_target", "parse_ssh_target", "simple_sftp_get",
     "transfer_sftp", "transfer_cloud", "cloud_base", "RemoteMachine", "list_jobs",
     "LoadCriterion", "MachineSpecs", "ThreadLoadCalculator", "MachineLoadCalculator", "Cluster",
-    "CloudQueue", "run_worker", "main",
+    "CloudQueue", "run_worker", "InterfaceAddress", "interface_table", "get_all_ipv4_addresses", "lan_score",
+    "choose_lan_ipv4", "select_lan_ipv4", "get_public_ip_address", "switch_public_ip_address",
+    "switch_public_ip_address_with_log", "main",
 ]
 
 log = logging.getLogger("stackops")
@@ -185,6 +189,18 @@ class CommandError(StackopsError):
         if self.stderr_tail:
             message += "\n" + self.stderr_tail
         super().__init__(message, hint)
+
+
+class StackopsConnectionError(StackopsError, ConnectionError):
+    """Could not reach, trust or log in to a host."""
+
+
+class HostKeyError(StackopsConnectionError):
+    """The host's key is unknown (refused until accepted) or changed (always refused)."""
+
+
+class TransferError(StackopsError):
+    """A copy failed; nothing was left under the target's name."""
 
 
 class JobFailedError(StackopsError):
@@ -1572,20 +1588,234 @@ def demo_job(seconds: float = 1.0, message: str = "hello from stackops") -> str:
 
 
 # ============================================================================================
-# 9. SSH (paramiko, imported lazily)
+# 9. network helpers: local addresses, the LAN address, the public IP and its rotation
 # ============================================================================================
 
-class StackopsConnectionError(StackopsError, ConnectionError):
-    """Could not reach, trust or log in to a host."""
+DEFAULT_PUBLIC_IP_URL = "https://ipinfo.io/json"
+_VIRTUAL_IFACE = re.compile(r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
+                            r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)",
+                            re.IGNORECASE)
+_PHYSICAL_IFACE = re.compile(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)", re.IGNORECASE)
+_NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16", "192.168.49.0/24",
+                   "10.0.2.0/24")
 
 
-class HostKeyError(StackopsConnectionError):
-    """The host's key is unknown (refused until accepted) or changed (always refused)."""
+@dataclasses.dataclass(frozen=True)
+class InterfaceAddress:
+    """One IPv4 address of a local interface, with what the LAN choice looks at."""
+
+    interface: str
+    ipv4_address: str
+    mac_address: str | None = None
+    is_up: bool = True
+    broadcast: str | None = None
+    speed: int = 0  # Mbit/s, 0 when unknown
 
 
-class TransferError(StackopsError):
-    """A copy failed; nothing was left under the target's name."""
+def _normalise_mac(text: str | None) -> str | None:
+    parts = (text or "").strip().replace("-", ":").lower().split(":")
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9a-f]{1,2}", p) for p in parts):
+        return None
+    mac = ":".join(p.zfill(2) for p in parts)
+    return None if mac == "00:00:00:00:00:00" else mac
 
+
+def _table_from_psutil(psutil: Any) -> list[InterfaceAddress]:
+    import socket
+
+    link_families = {getattr(psutil, "AF_LINK", None), getattr(socket, "AF_PACKET", None)} - {None}
+    stats = psutil.net_if_stats()
+    rows = []
+    for name, addresses in psutil.net_if_addrs().items():
+        mac = next((m for m in (_normalise_mac(a.address) for a in addresses if a.family in link_families) if m),
+                   None)
+        stat = stats.get(name)
+        for addr in addresses:
+            if addr.family == socket.AF_INET and addr.address:
+                # getifaddrs reports the address itself when no broadcast is set; iproute2 says none
+                broadcast = addr.broadcast if addr.broadcast != addr.address else None
+                rows.append(InterfaceAddress(name, addr.address, mac, bool(stat and stat.isup), broadcast,
+                                             int(stat.speed) if stat and stat.speed else 0))
+    return rows
+
+
+def _link_speed(name: str) -> int:
+    try:
+        return max(0, int(Path(f"/sys/class/net/{name}/speed").read_text().strip()))
+    except (OSError, ValueError):
+        return 0
+
+
+def _table_from_ip_command() -> list[InterfaceAddress]:
+    """The same table from ``ip -j addr`` (iproute2), for a copied file with no psutil."""
+    try:
+        done = subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, timeout=10)
+        links = json.loads(done.stdout or "[]")
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise DependencyError(f"cannot list the interfaces without psutil: ip -j addr failed ({exc})",
+                              hint="pip install psutil, or install iproute2") from exc
+    rows = []
+    for link in links:
+        name, flags = link.get("ifname", ""), link.get("flags", [])
+        for info in link.get("addr_info", []):
+            if info.get("family") == "inet" and info.get("local"):
+                rows.append(InterfaceAddress(name, info["local"], _normalise_mac(link.get("address")), "UP" in flags,
+                                             info.get("broadcast"), _link_speed(name)))
+    return rows
+
+
+def interface_table() -> list[InterfaceAddress]:
+    """Every local IPv4 address with its interface, MAC, state, broadcast and link speed."""
+    psutil = _psutil()
+    return _table_from_psutil(psutil) if psutil is not None else _table_from_ip_command()
+
+
+def get_all_ipv4_addresses() -> list[tuple[str, str]]:
+    """``(interface, ip)`` for every local IPv4 address, loopback included."""
+    return [(row.interface, row.ipv4_address) for row in interface_table()]
+
+
+def lan_score(row: InterfaceAddress, prefer_vpn: bool = False) -> float | None:
+    """How much ``row`` looks like the machine's real LAN address; None when it is out of the race
+    (down, loopback, link-local, or - unless ``prefer_vpn`` - a virtual interface or a noisy network)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.IPv4Address(row.ipv4_address)
+    except ValueError:
+        return None
+    if not row.is_up or ip.is_loopback or ip.is_link_local:
+        return None
+    if not prefer_vpn and (_VIRTUAL_IFACE.fullmatch(row.interface)
+                           or any(ip in ipaddress.ip_network(net) for net in _NOISY_NETWORKS)):
+        return None
+    score = 200.0 if _PHYSICAL_IFACE.fullmatch(row.interface) else 0.0
+    score += 100.0 if row.broadcast is not None else 0.0
+    if ip.is_private:
+        for network, points in (("192.168.0.0/16", 90), ("10.0.0.0/8", 70), ("172.16.0.0/12", 50)):
+            if ip in ipaddress.ip_network(network):
+                score += points
+                break
+    else:
+        score -= 50.0
+    score += 20.0 if row.speed > 0 else 0.0
+    return score - 0.01 * len(row.interface)
+
+
+def choose_lan_ipv4(table: list[InterfaceAddress], prefer_vpn: bool = False) -> InterfaceAddress | None:
+    """The best-scoring row of ``table`` (the first one on a tie), or None."""
+    best, best_score = None, -1e9
+    for row in table:
+        score = lan_score(row, prefer_vpn)
+        if score is not None and score > best_score:
+            best, best_score = row, score
+    return best
+
+
+def select_lan_ipv4(prefer_vpn: bool = False) -> str | None:
+    """This machine's real LAN IPv4: physical interfaces first, 192.168 > 10 > 172.16, up only;
+    loopback, link-local, container/VPN interfaces and noisy networks left out unless ``prefer_vpn``."""
+    chosen = choose_lan_ipv4(interface_table(), prefer_vpn)
+    return chosen.ipv4_address if chosen else None
+
+
+def get_public_ip_address(endpoint: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """What the internet sees of this machine: the ``ipinfo`` CLI when installed, otherwise an HTTPS
+    JSON lookup (``endpoint``, or STACKOPS_PUBLIC_IP_URL, or ipinfo.io). Installs nothing."""
+    url = endpoint or os.environ.get("STACKOPS_PUBLIC_IP_URL")
+    if url is None and shutil.which("ipinfo"):
+        try:
+            done = subprocess.run(["ipinfo", "myip", "--json"], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise StackopsConnectionError(f"ipinfo myip timed out after {timeout}s") from exc
+        if done.returncode != 0:
+            raise CommandError("localhost", "ipinfo myip --json", done.returncode, done.stderr)
+        return _public_ip_json(done.stdout, "ipinfo myip")
+    import urllib.error
+    import urllib.request
+
+    url = url or DEFAULT_PUBLIC_IP_URL
+    request = urllib.request.Request(url, headers={"Accept": "application/json",
+                                                   "User-Agent": f"stackops/{__version__}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only, below)
+            return _public_ip_json(response.read().decode("utf-8", "replace"), url)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StackopsConnectionError(f"public IP lookup at {url} failed: {reason}",
+                                      hint="set STACKOPS_PUBLIC_IP_URL to another JSON endpoint") from exc
+
+
+def _public_ip_json(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise StackopsError(f"{source} did not answer JSON: {_shorten(text, 80)!r}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("ip"), str):
+        raise StackopsError(f"{source} answered no 'ip': {_shorten(text, 80)!r}")
+    return data
+
+
+def _warp(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["warp-cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float = 2.0,
+                                      target_ip_addresses: list[str] | None = None,
+                                      endpoint: str | None = None) -> tuple[bool, str, list[str]]:
+    """switch_public_ip_address, also returning every address seen after a new registration."""
+    if shutil.which("warp-cli") is None:
+        raise DependencyError("warp-cli is not installed", hint="install Cloudflare WARP to rotate the public IP")
+    if max_trials < 1 or wait_seconds < 0:
+        raise ConfigError("max_trials must be at least 1 and wait_seconds not negative")
+    targets = set(target_ip_addresses or [])
+    try:
+        current: str | None = get_public_ip_address(endpoint)["ip"]
+    except StackopsError as exc:
+        log.warning("cannot read the current public IP: %s", exc)
+        current = None
+    if targets and current in targets:
+        return True, current or "", []
+    seen: list[str] = []
+    for trial in range(1, max_trials + 1):
+        _warp("registration", "delete")
+        time.sleep(wait_seconds)
+        if _warp("registration", "new").returncode != 0:
+            log.warning("warp-cli registration new failed (trial %d)", trial)
+            continue
+        _warp("connect")
+        time.sleep(wait_seconds)
+        address = _lookup_a_few_times(endpoint, wait_seconds)
+        if not address:
+            continue
+        seen.append(address)
+        log.info("trial %d: public IP %s", trial, address)
+        if (address in targets) if targets else (address != current):
+            return True, address, seen
+    return False, seen[-1] if seen else (current or ""), seen
+
+
+def _lookup_a_few_times(endpoint: str | None, wait_seconds: float) -> str | None:
+    for _ in range(5):
+        try:
+            return get_public_ip_address(endpoint)["ip"] or None
+        except StackopsError as exc:
+            log.warning("public IP lookup failed: %s", exc)
+            time.sleep(wait_seconds)
+    return None
+
+
+def switch_public_ip_address(max_trials: int = 10, wait_seconds: float = 2.0,
+                             target_ip_addresses: list[str] | None = None) -> tuple[bool, str]:
+    """Rotate the public IP with Cloudflare WARP (delete the registration, register, connect, look),
+    until it changes - or, with targets, until it is one of them. Returns (success, address)."""
+    success, address, _ = switch_public_ip_address_with_log(max_trials, wait_seconds, target_ip_addresses)
+    return success, address
+
+
+# ============================================================================================
+# 10. SSH (paramiko, imported lazily)
+# ============================================================================================
 
 def _paramiko() -> Any:
     try:
@@ -2210,7 +2440,7 @@ def _remote_path(path: str) -> str:
 
 
 # ============================================================================================
-# 10. remote machine
+# 11. remote machine
 # ============================================================================================
 
 def _check_kwargs(func_kwargs: Any) -> dict[str, Any]:
@@ -2922,7 +3152,7 @@ def list_jobs(base_dir: str | None = None) -> list[JobStatus]:
 
 
 # ============================================================================================
-# 11. cluster: one workload split over several hosts by their CPU and RAM
+# 12. cluster: one workload split over several hosts by their CPU and RAM
 # ============================================================================================
 
 class LoadCriterion(enum.Enum):
@@ -3252,7 +3482,7 @@ def _host_folder(host: str) -> str:
 
 
 # ============================================================================================
-# 12. cloud worker: claims and runs work units from a cloud queue
+# 13. cloud worker: claims and runs work units from a cloud queue
 # ============================================================================================
 
 def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str) -> str:
@@ -3330,7 +3560,7 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
 
 
 # ============================================================================================
-# 13. CLI
+# 14. CLI
 # ============================================================================================
 
 def _print_table(rows: list[list[str]], header: list[str] | None = None) -> None:
@@ -3759,6 +3989,48 @@ def _add_cloud_args(commands: Any) -> None:
     worker.add_argument("--settle", type=float, default=CLOUD_SETTLE, help="seconds a claim waits for rivals")
 
 
+def _cmd_ip(args: Any) -> int:
+    if args.action == "switch":
+        success, address, seen = switch_public_ip_address_with_log(args.max_trials, args.wait, args.target or None,
+                                                                   args.endpoint)
+        if args.json:
+            _print_json({"success": success, "ip": address, "attempted": seen})
+        else:
+            print(f"{'switched to' if success else 'could not switch; last address'} {address or '-'}")
+            if seen:
+                print("attempted: " + ", ".join(seen))
+        return 0 if success else 1
+    if args.public:
+        info = get_public_ip_address(args.endpoint)
+        if args.json:
+            _print_json(info)
+        else:
+            _print_table([[key, str(value)] for key, value in info.items()])
+        return 0
+    table = interface_table()
+    lan = choose_lan_ipv4(table, args.prefer_vpn)
+    if args.json:
+        _print_json({"interfaces": [dataclasses.asdict(row) for row in table],
+                     "lan": lan.ipv4_address if lan else None})
+        return 0
+    _print_table([[row.interface, row.ipv4_address, row.mac_address or "-", "LAN" if row == lan else ""]
+                  for row in table], ["INTERFACE", "IPV4", "MAC", ""])
+    return 0
+
+
+def _add_ip_args(commands: Any) -> None:
+    sub = commands.add_parser("ip", help="local addresses and the LAN one; --public: the public IP; switch: rotate it")
+    sub.set_defaults(handler=_cmd_ip)
+    sub.add_argument("action", nargs="?", choices=["switch"], help="rotate the public IP with warp-cli")
+    sub.add_argument("--public", action="store_true", help="the public address and what is known of it")
+    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--prefer-vpn", action="store_true", help="let VPN/tunnel interfaces compete for the LAN choice")
+    sub.add_argument("--endpoint", help="JSON endpoint of the public-IP lookup (default: ipinfo CLI or ipinfo.io)")
+    sub.add_argument("--max-trials", type=int, default=10, help="switch: registrations to try (default 10)")
+    sub.add_argument("--wait", type=float, default=2.0, help="switch: seconds to wait after each step (default 2)")
+    sub.add_argument("--target", action="append", default=[], metavar="IP", help="switch: stop at one of these")
+
+
 def _add_run_args(parser: Any) -> None:
     parser.add_argument("target", help="a script (path/to/train.py) or a function (path/to/module.py:func)")
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or user@host[:port]); "
@@ -3854,6 +4126,7 @@ def _build_parser() -> Any:
     sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
     _add_cluster_args(commands)
     _add_cloud_args(commands)
+    _add_ip_args(commands)
     sub = commands.add_parser("job-report")  # no help: run on the host by the job's own stackops copy
     sub.set_defaults(handler=_cmd_job_report)
     sub.add_argument("job_root")

@@ -1829,3 +1829,157 @@ def test_cloud_queue_allowed_remotes(home, tmp_path):
     good = _start_worker(tmp_path, bucket, "wgood", "--until-idle", "--settle", "0.3", "--max-jobs", "2")
     assert good.communicate(timeout=120)[0].strip() == "worker finished 2 unit(s)"
     assert {r["worker"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()} == {"wgood"}
+
+
+# ============================================================================================
+# 9. network helpers
+# ============================================================================================
+
+from stackops import InterfaceAddress as Row  # noqa: E402
+
+
+@pytest.mark.parametrize("table,prefer_vpn,expected", [
+    ([Row("eth0", "10.1.2.3", broadcast="10.1.2.255"), Row("eth1", "192.168.1.5", broadcast="192.168.1.255")],
+     False, "192.168.1.5"),                                                     # 192.168 > 10
+    ([Row("eth0", "172.16.0.5", broadcast="x"), Row("eth1", "10.0.0.5", broadcast="x")], False, "10.0.0.5"),
+    ([Row("docker0", "192.168.9.1", broadcast="x"), Row("eth0", "10.0.0.5")], False, "10.0.0.5"),    # virtual out
+    ([Row("wg0", "192.168.9.1", broadcast="x"), Row("foo0", "10.0.0.5")], True, "192.168.9.1"),       # VPN allowed
+    ([Row("wg0", "192.168.9.1", broadcast="x")], False, None),
+    ([Row("eth0", "172.17.0.2", broadcast="x"), Row("foo1", "10.9.9.9")], False, "10.9.9.9"),       # noisy network
+    ([Row("eth0", "192.168.1.2", is_up=False), Row("foo", "10.0.0.1")], False, "10.0.0.1"),         # down
+    ([Row("lo", "127.0.0.1"), Row("eth0", "169.254.3.3")], True, None),                             # loopback, link-local
+    ([Row("foo", "192.168.1.2"), Row("eth0", "10.0.0.9")], False, "10.0.0.9"),                       # physical +200
+    ([Row("eth0", "192.168.1.2"), Row("eth1", "192.168.1.3", broadcast="x")], False, "192.168.1.3"),   # broadcast +100
+    ([Row("eth0", "8.8.4.4", broadcast="x"), Row("eth1", "192.168.1.3")], False, "192.168.1.3"),      # public -50
+    ([Row("eth0", "10.0.0.1"), Row("eth1", "10.0.0.2", speed=1000)], False, "10.0.0.2"),              # link speed
+    ([Row("ethernet0", "10.0.0.1"), Row("eth0", "10.0.0.2")], False, "10.0.0.2"),  # shorter name
+    ([Row("eth0", "10.0.0.1"), Row("eth1", "10.0.0.2")], False, "10.0.0.1"),                          # tie: first
+    ([Row("eth0", "not-an-ip"), Row("eth1", "10.0.0.2")], False, "10.0.0.2"),
+])
+def test_network_lan_scoring(table, prefer_vpn, expected):
+    chosen = stackops.choose_lan_ipv4(table, prefer_vpn)
+    assert (chosen.ipv4_address if chosen else None) == expected
+
+
+def test_network_real_interfaces_psutil_and_stdlib_agree():
+    import psutil
+
+    assert stackops._table_from_ip_command() == stackops._table_from_psutil(psutil)
+    addresses = [ip for _, ip in stackops.get_all_ipv4_addresses()]
+    assert "127.0.0.1" in addresses
+    chosen = stackops.select_lan_ipv4()
+    assert chosen is None or chosen in addresses
+    shown = json.loads(cli("ip", "--json", home=Path.home()).stdout)
+    assert shown["lan"] == chosen and {"interface", "ipv4_address", "mac_address"} <= set(shown["interfaces"][0])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+def test_network_lan_choice_inside_a_namespace():
+    ns = f"sknet{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        def ip(*args):
+            subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
+
+        ip("link", "add", "eth1", "type", "veth", "peer", "name", "eth2")
+        ip("addr", "add", "10.77.0.2/24", "brd", "+", "dev", "eth1")
+        ip("addr", "add", "192.168.77.2/24", "brd", "+", "dev", "eth2")
+        ip("link", "add", "wg0", "type", "veth", "peer", "name", "wgpeer")  # no dummy driver in every kernel
+        ip("addr", "add", "192.168.88.2/24", "brd", "+", "dev", "wg0")
+        for link in ("eth1", "eth2", "wg0", "wgpeer", "lo"):
+            ip("link", "set", link, "up")
+
+        def choose(*flags):  # with psutil, and from a bare interpreter through `ip -j addr`
+            code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import stackops; "
+                    f"print(stackops.select_lan_ipv4({'True' if flags else 'False'}))")
+            return {subprocess.run(["ip", "netns", "exec", ns, *python, "-c", code], capture_output=True, text=True,
+                                   check=True).stdout.strip() for python in ([sys.executable], [sys.executable, "-S"])}
+
+        assert choose() == {"192.168.77.2"}
+        ip("link", "set", "eth1", "down")
+        ip("link", "set", "eth2", "down")
+        assert choose() == {"None"}
+        assert choose("prefer_vpn") == {"192.168.88.2"}
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def ip_server():
+    """A JSON endpoint on loopback: answers {"ip": ...} from a file, or hangs when told to."""
+    import http.server
+    import threading
+
+    state = {"ip": "203.0.113.1", "hang": False, "registrations": None}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if state["hang"]:
+                time.sleep(5)
+                return
+            address = state["ip"]
+            if state["registrations"] is not None:  # the warp stub's registrations decide the address
+                count = len(state["registrations"].read_text().split()) if state["registrations"].exists() else 0
+                address = "203.0.113.1" if count < 2 else f"203.0.113.{count}"
+            body = json.dumps({"ip": address, "city": "Loopback"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/json"
+    yield state
+    server.shutdown()
+
+
+def test_network_public_ip_from_configured_endpoint_and_timeout(ip_server, monkeypatch, home):
+    assert stackops.get_public_ip_address(ip_server["url"]) == {"ip": "203.0.113.1", "city": "Loopback"}
+    monkeypatch.setenv("STACKOPS_PUBLIC_IP_URL", ip_server["url"])
+    assert stackops.get_public_ip_address()["ip"] == "203.0.113.1"
+    shown = cli("ip", "--public", "--json", home=home)
+    assert json.loads(shown.stdout)["city"] == "Loopback"
+    ip_server["hang"] = True
+    started = time.monotonic()
+    with pytest.raises(stackops.StackopsConnectionError, match="timed out|failed"):
+        stackops.get_public_ip_address(ip_server["url"], timeout=0.5)
+    assert time.monotonic() - started < 3
+
+
+@pytest.fixture
+def warp(tmp_path, monkeypatch, ip_server):
+    """A stub warp-cli on PATH that records each registration; the loopback endpoint's answer
+    changes with the number of registrations (the 2nd one brings a new address)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    registrations = tmp_path / "registrations"
+    (bin_dir / "warp-cli").write_text(f'#!/bin/sh\nif [ "$1 $2" = "registration new" ]; then '
+                                      f'echo new >> {registrations}; fi\necho "Success"\n')
+    (bin_dir / "warp-cli").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("STACKOPS_PUBLIC_IP_URL", ip_server["url"])
+    ip_server["registrations"] = registrations
+    return registrations
+
+
+def test_network_switch_public_ip_changes_on_second_registration(warp):
+    success, address = stackops.switch_public_ip_address(max_trials=5, wait_seconds=0)
+    assert (success, address) == (True, "203.0.113.2")
+    assert len(warp.read_text().split()) == 2
+
+
+def test_network_switch_public_ip_targets_never_reached(warp, home):
+    success, address, seen = stackops.switch_public_ip_address_with_log(3, 0, ["198.51.100.7"])
+    assert success is False and len(seen) == 3 and address == seen[-1]
+    shown = cli("ip", "switch", "--max-trials", "2", "--wait", "0", "--target", "198.51.100.7", home=home)
+    assert shown.returncode == 1 and "attempted" in shown.stdout
+
+
+def test_network_switch_without_warp_cli(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(stackops.DependencyError, match="warp-cli"):
+        stackops.switch_public_ip_address(1, 0)
