@@ -2281,10 +2281,14 @@ class SSH:
             self._discard(staging)
             raise TransferError(f"upload to {self.target.alias}:{target} failed (exit status {status}): "
                                 f"{_last_line(err.decode(errors='replace'))}")
-        size_check = "" if source is None else f'[ "$(wc -c < {_sh_path(arrived)})" -eq {sent} ] && '
-        commit = (f"T={_sh_path(target)}; {size_check}"
-                  '{ if [ -e "$T" ] || [ -L "$T" ]; then rm -rf -- "$T"; fi; } && '
-                  f'mv -- {_sh_path(arrived)} "$T" && rmdir -- {_sh_path(staging)}')
+        size_check = "" if source is None else f'[ "$(wc -c < {_sh_path(arrived)})" -eq {sent} ] || exit 1; '
+        # replace by rename only: whatever stands in the way is renamed aside, so uploads of the same
+        # target racing each other (hosts sharing a home) each leave a whole copy, never one inside another
+        commit = (f"T={_sh_path(target)}; A={_sh_path(arrived)}; O={_sh_path(staging + '.old')}; {size_check}"
+                  'n=0; while ! mv -T -- "$A" "$T" 2>/dev/null; do n=$((n + 1)); '
+                  '[ "$n" -le 20 ] || { echo "cannot put $T in place" >&2; exit 1; }; '
+                  'mv -T -- "$T" "$O.$n" 2>/dev/null; done; '
+                  f'rm -rf -- "$O".*; rmdir -- {_sh_path(staging)}')
         response = self.run_shell_cmd_on_remote(commit, timeout=self.timeout, strict=False)
         if response.returncode != 0:
             self._discard(staging)

@@ -1983,3 +1983,23 @@ def test_network_switch_without_warp_cli(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(stackops.DependencyError, match="warp-cli"):
         stackops.switch_public_ip_address(1, 0)
+
+
+def test_remote_concurrent_uploads_of_one_target_stay_whole(remote, home):
+    """Hosts sharing a home receive the same repo at once: each upload leaves a whole copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = home / "shared-repo"
+    (folder / "pkg").mkdir(parents=True)
+    for i in range(40):
+        (folder / "pkg" / f"m{i}.py").write_text(f"x = {i}\n")
+
+    def upload(_):
+        with stackops.SSH.from_config_file("tb") as ssh:
+            return ssh.copy_from_here(folder, "~/shared-repo", recursive=True, overwrite_existing=True)
+
+    before = set(remote.remote_home.glob(".stackops-*"))  # an earlier test's broken connection may leave one
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(upload, range(6))) == ["~/shared-repo"] * 6
+    assert _tree_hashes(remote.remote_home / "shared-repo") == _tree_hashes(folder)
+    assert set(remote.remote_home.glob(".stackops-*")) == before
