@@ -1847,7 +1847,7 @@ from stackops import InterfaceAddress as Row  # noqa: E402
     ([Row("wg0", "192.168.9.1", broadcast="x")], False, None),
     ([Row("eth0", "172.17.0.2", broadcast="x"), Row("foo1", "10.9.9.9")], False, "10.9.9.9"),       # noisy network
     ([Row("eth0", "192.168.1.2", is_up=False), Row("foo", "10.0.0.1")], False, "10.0.0.1"),         # down
-    ([Row("lo", "127.0.0.1"), Row("eth0", "169.254.3.3")], True, None),                             # loopback, link-local
+    ([Row("lo", "127.0.0.1"), Row("eth0", "169.254.3.3")], True, None),  # loopback, link-local
     ([Row("foo", "192.168.1.2"), Row("eth0", "10.0.0.9")], False, "10.0.0.9"),                       # physical +200
     ([Row("eth0", "192.168.1.2"), Row("eth1", "192.168.1.3", broadcast="x")], False, "192.168.1.3"),   # broadcast +100
     ([Row("eth0", "8.8.4.4", broadcast="x"), Row("eth1", "192.168.1.3")], False, "192.168.1.3"),      # public -50
