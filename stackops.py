@@ -217,7 +217,7 @@ class JobFailedError(StackopsError):
 # ============================================================================================
 
 def _tail(text: str, lines: int) -> str:
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:]) if text else ""
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:]) if text and lines > 0 else ""
 
 
 def _last_line(text: str) -> str:
@@ -948,6 +948,56 @@ def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, pyt
                            python_flags="-i " if config.interactive else "")
 
 
+# The status of a job read where it runs, by bash alone: one round trip that starts no Python. It
+# applies FileManager.get_job_status's rules (a dead, zombie or reused pid makes a waiting or running
+# job failed; a dead launcher, a queued one) and prints each field after a marker line that no log
+# can forge. A machine without /proc runs @@fallback (the Python report) instead.
+STATUS_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; M=@@marker
+[ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
+[ -r /proc/self/stat ] || exec @@fallback
+get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
+put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
+fail() { put error_message.txt "$1"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"; put status.txt failed; }
+alive() {  # not a zombie, and the command line names the job (else the pid was reused)
+    local s a c=; [ -r "/proc/$1/stat" ] || return 1
+    IFS= read -r s < "/proc/$1/stat"; s=${s##*) }; s=${s%% *}
+    [ "$s" != Z ] && [ "$s" != X ] || return 1
+    while IFS= read -r -d '' a || [ -n "$a" ]; do c="$c $a"; done < "/proc/$1/cmdline"
+    [ -z "$c" ] || [[ $c == *"$id"* ]]
+}
+get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; f=
+case "$st" in
+    completed|failed) ;;
+    waiting|running) f=pid.txt; what="the job's process" ;;
+    queued) f=launcher_pid.txt; what="the job's launcher" ;;
+    *) fail "unreadable status '$st' in logs/status.txt"; st=failed ;;
+esac
+if [ -n "$f" ]; then
+    get "$f"; p=${R//[[:space:]]/}
+    if [[ $p =~ ^[0-9]+$ ]] && ! alive "$p"; then
+        get status.txt; now=${R//[[:space:]]/}  # it may have ended meanwhile
+        if [ "$now" = "$st" ]; then fail "process gone: $what (pid $p) ended without recording the job's end"
+            st=failed; else st=$now; fi
+    fi
+fi
+place=
+if [ "$st" = waiting ]; then
+    S="${STACKOPS_STATE_DIR:-$HOME/@@state_dir}"; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
+    for e in "$S"/queue/*; do e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1)); done
+    [ -n "$found" ] && place=$n
+fi
+out() { printf '\n%s:%s\n%s' "$M" "$1" "$2"; }
+out status "$st"
+for k in pid:pid start:start_time end:end_time results:results_folder_path error:error_message; do
+    get "${k#*:}.txt"; out "${k%%:*}" "$R"
+done
+get execution_timings.json; out timings "$R"; out place "$place"; out host "$HOSTNAME"; out tail ""
+if [ @@lines -gt 0 ] && [ -r "$L/output.log" ]; then tail -n $((@@lines + 16)) "$L/output.log"; fi
+exit 0
+"""
+
+
+
 # ============================================================================================
 # 7. job folder: FileManager, slots and queue, status
 # ============================================================================================
@@ -1175,13 +1225,16 @@ class FileManager:
         root = Path(job_root)
         return cls.from_dict(_read_json(root / FILE_MANAGER_JSON), job_root=root)
 
+    def _job_root_sh(self) -> str:
+        """The job folder for generated shell: home-relative where it runs, when it can be."""
+        return _sh_path(self.job_root_rh) if self.job_root_rh.startswith("~") else shlex.quote(str(self.job_root))
+
     # -- launching -----------------------------------------------------------------------------
 
     def get_fire_command(self, interactive: bool = False) -> str:
         """The bash command that starts this job detached on the executing machine and prints the
         launcher's pid. It joins the machine's queue first, so jobs start in the order fired."""
-        job = _sh_path(self.job_root_rh) if self.job_root_rh.startswith("~") else shlex.quote(str(self.job_root))
-        parts = ["umask 077", f"J={job}",
+        parts = ["umask 077", f"J={self._job_root_sh()}",
                  'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
         if self.lock_resources:
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
@@ -1287,6 +1340,35 @@ class FileManager:
                          results_path=_read_text(self.path(RESULTS_TXT)).strip() or None,
                          error_message=_read_text(self.path(ERROR_TXT)), place=place,
                          host=os.uname().nodename, log_tail=_tail(output, log_lines))
+
+    def status_command(self, marker: str, log_lines: int, fallback: str) -> str:
+        """A bash command that reports this job where it runs (STATUS_TEMPLATE); ``fallback``
+        runs instead on a machine without /proc. parse_status_output reads what it prints."""
+        script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
+                                 marker=marker, lines=str(max(0, int(log_lines))), state_dir=DEFAULT_STATE_DIR[2:],
+                                 fallback=fallback)
+        return f"bash -c {shlex.quote(script)}"
+
+    def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus, dict[str, str]]:
+        """The JobStatus printed by status_command, and the log files it carried (path: text).
+        The log comes with a few lines to spare: trailing blank lines do not count, as in _tail."""
+        fence = re.escape(marker)
+        parts = dict(re.findall(rf"\n{fence}:(\w+)\n(.*?)(?=\n{fence}:|\Z)", text, re.S))
+
+        def field(key: str) -> str | None:
+            return parts.get(key, "").strip() or None
+
+        pid, place = field("pid"), field("place")
+        report = JobStatus(job_id=self.job_id, status=parts.get("status", "queued"),
+                           pid=int(pid) if pid and pid.isdigit() else None, submission_time=_iso(self.submission_time),
+                           start_time=field("start"), end_time=field("end"), results_path=field("results"),
+                           error_message=parts.get("error", ""), place=int(place) if place and place.isdigit() else None,
+                           host=parts.get("host") or "?", log_tail=_tail(parts.get("tail", ""), log_lines))
+        logs = {relative: parts[key] for key, relative in (("status", STATUS_TXT), ("start", START_TXT),
+                                                            ("end", END_TXT), ("error", ERROR_TXT),
+                                                            ("results", RESULTS_TXT), ("timings", TIMINGS_JSON))
+                if parts.get(key)}
+        return report, logs
 
 
 # ============================================================================================
@@ -2979,19 +3061,26 @@ class RemoteMachine:
 
     def get_status(self, log_lines: int = 20) -> JobStatus:
         """The job's full status, read where it runs (pid verified there). Over SSH this is one
-        round trip, and the job's small log files are mirrored into the local job folder."""
+        round trip that starts no Python, and the job's small log files are mirrored into the
+        local job folder."""
         if not self.is_remote:
             return self.file_manager.status_report(log_lines)
-        response = self.ssh.run_shell_cmd_on_remote(self._job_command("job-report", "--lines", str(log_lines)),
+        marker = f"--stackops-{random.getrandbits(64):016x}"
+        fallback = self._job_command("job-report", "--lines", str(int(log_lines)))
+        response = self.ssh.run_shell_cmd_on_remote(self.file_manager.status_command(marker, log_lines, fallback),
                                                     timeout=60, strict=False)
         if response.returncode != 0:
-            raise CommandError(self.host_name, response.command, response.returncode, response.stderr,
+            raise CommandError(self.host_name, "job status", response.returncode, response.stderr,
                                hint="is the job folder still on the host?")
-        report = json.loads(response.stdout)
-        for relative, text in report["logs"].items():
+        if response.stdout.startswith("{"):  # a host without /proc answered with the Python report
+            answer = json.loads(response.stdout)
+            report, logs = JobStatus.from_dict(answer["status"]), answer["logs"]
+        else:
+            report, logs = self.file_manager.parse_status_output(response.stdout, marker, log_lines)
+        for relative, text in logs.items():
             if relative.startswith(LOGS + "/") and ".." not in relative:
                 _atomic_write_text(self.file_manager.path(relative), text)
-        return JobStatus.from_dict(report["status"])
+        return report
 
     def check_job_status(self) -> Path | None:
         """The results folder once the job completed (on the host, for a remote job); None while

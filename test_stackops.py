@@ -640,6 +640,52 @@ def test_status_truthful_for_dead_reused_and_garbage(home):
     assert manager.get_job_status() == "failed"
 
 
+def _shell_status(manager: FileManager, lines: int) -> JobStatus:
+    """The status as a host reports it: the bash of status_command, run here."""
+    marker = "--stackops-test"
+    done = subprocess.run(["bash", "-c", manager.status_command(marker, lines, "false")], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return manager.parse_status_output(done.stdout, marker, lines)[0]
+
+
+def test_status_shell_and_python_agree_in_every_state(home):
+    """The bash status a host runs and the Python one apply the same rules to the same folder."""
+    mod = make_module(home, JOBS_SOURCE)
+    done = RemoteMachine(mod.boom, config=config(job_id="agree-done")).run()
+    wait_done(done)
+    holder = RemoteMachine(mod.sleeper, config=config(job_id="agree-run")).run()
+    wait_for(lambda: holder.get_status(0).status == "running", what="running")
+    waiter = RemoteMachine(mod.sleeper, config=config(job_id="agree-wait")).run()
+    wait_for(lambda: waiter.get_status(0).status == "waiting", what="waiting")
+    (holder.file_manager.path(stackops.OUTPUT_LOG)).write_text("one\ntwo\n\nthree $(x) `y`\n")
+    for machine in (done, holder, waiter):
+        for lines in (0, 2, 50):
+            shell, python = _shell_status(machine.file_manager, lines), machine.file_manager.status_report(lines)
+            assert shell.to_dict() == python.to_dict()
+    assert _shell_status(waiter.file_manager, 0).place == 1
+
+    manager = done.file_manager
+    sleeper = subprocess.Popen(["sleep", "30"])  # alive, but not the job's: a reused pid
+    cases = {"reused pid": ("running", str(sleeper.pid)), "dead pid": ("waiting", "999999999"),
+             "garbage status": ("weird", ""), "dead launcher": ("queued", None)}
+    try:
+        for case, (status, pid) in cases.items():
+            reports = []
+            for read in (lambda: _shell_status(manager, 5), lambda: manager.status_report(5)):
+                manager.write_log(stackops.STATUS_TXT, status)
+                manager.write_log(stackops.PID_TXT, pid or "")
+                manager.write_log(stackops.LAUNCHER_PID_TXT, "999999999" if pid is None else "")
+                manager.write_log(stackops.END_TXT, "")
+                reports.append(read().to_dict())
+            assert reports[0]["status"] == reports[1]["status"] == "failed", case
+            assert reports[0].pop("end_time") and reports[1].pop("end_time"), case
+            assert reports[0] == reports[1], case
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_job_run_false_launches_nothing(home):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="dry"))
