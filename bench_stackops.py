@@ -1,16 +1,25 @@
 """Benchmarks of stackops against the OpenSSH tools, measured alternately in the same run.
 
-    python bench_stackops.py [--quick] [--json out.json] [--runs N]
+    python bench_stackops.py [--quick] [--disk] [--json out.json] [--runs N]
 
-It starts its own sshd on loopback (as root: logging in as a dedicated account, so that no
-shell start-up file of root's distorts the figures), runs every case several times, and prints
-the median of each side and their ratio (stackops / reference; below 1.0 means stackops is faster).
+It starts its own sshd on loopback (as root: logging in as a dedicated account, so that no shell
+start-up file of root's distorts the figures) and, for the cluster case, four more hosts (network
+namespaces as root, 127.0.0.2x otherwise). Every case runs several times, alternating stackops and
+the reference tool, and prints the median of each side and their ratio (stackops / reference; below
+1.0 means stackops is faster). Cases without a reference print an absolute median.
+
+Both homes live on tmpfs (/dev/shm) unless ``--disk`` is given: both tools create the same files,
+and on a disk mounted with ``discard`` (this VM's) creating files after any large delete stalls for
+a random 0.3-1.5 s that belongs to neither tool. Every transfer writes to a fresh target; targets are
+deleted after each case, outside the timing.
+
 Needs: openssh-server, openssh-client (ssh, scp), rsync, and paramiko.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -25,6 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ACCOUNT = "stackopsbench"  # not the test suite's account: both may run at once
+_fresh = itertools.count()
 
 
 def free_port() -> int:
@@ -33,58 +43,49 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Bed:
-    """A loopback sshd, an ssh_config for both OpenSSH and stackops, and a private local home."""
+def wait_port(address: str, port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((address, port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sshd on {address}:{port} exited") from None
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd on {address}:{port} did not start")
 
-    def __init__(self) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="stackops-bench-"))
+
+class Bed:
+    """Loopback sshd (and extra hosts on demand), an ssh_config that both OpenSSH and stackops
+    read, and a private local home."""
+
+    def __init__(self, disk: bool = False) -> None:
+        memory = None if disk or not os.path.isdir("/dev/shm") else "/dev/shm"
+        self.base = Path(tempfile.mkdtemp(prefix="stackops-bench-", dir=memory))
+        self.where = "tmpfs" if memory else f"disk ({self.base.parent})"
         self.base.chmod(0o755)
         self.local_home = self.base / "local-home"
         self.local_home.mkdir()
         self.remote_home = self.base / "remote-home"
         self.remote_home.mkdir()
         self.user = self._account()
-        self.port = free_port()
-        for name in ("host_key", "client_key"):
+        self.netns = os.geteuid() == 0 and shutil.which("ip") is not None
+        self.tag = f"sb{os.getpid() % 100000}"
+        self.namespaces: list[str] = []
+        self.servers: list[subprocess.Popen] = []
+        for name in ("client_key",):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.base / name)], check=True)
         keys = self.base / "keys"
         keys.mkdir(mode=0o711)
         shutil.copy(self.base / "client_key.pub", keys / "authorized")
         (keys / "authorized").chmod(0o644)
-        config = self.base / "sshd.conf"
-        config.write_text(textwrap.dedent(f"""
-            Port {self.port}
-            ListenAddress 127.0.0.1
-            HostKey {self.base / "host_key"}
-            PidFile none
-            AuthorizedKeysFile {keys / "authorized"}
-            PasswordAuthentication no
-            KbdInteractiveAuthentication no
-            UsePAM no
-            StrictModes no
-            MaxSessions 100
-            Subsystem sftp internal-sftp
-        """) + ("" if os.geteuid() == 0 else f"SetEnv HOME={self.remote_home}\n"))
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._wait_port()
-        host_key = " ".join((self.base / "host_key.pub").read_text().split()[:2])
-        (self.base / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_key}\n")
         self.ssh_config = self.base / "ssh_config"
-        self.ssh_config.write_text(textwrap.dedent(f"""
-            Host tb
-              HostName 127.0.0.1
-              Port {self.port}
-              User {self.user}
-              IdentityFile {self.base / "client_key"}
-              IdentitiesOnly yes
-              BatchMode yes
-              UserKnownHostsFile {self.base / "known_hosts"}
-              StrictHostKeyChecking yes
-              ControlPath {self.base / "cm-%C"}
-        """))
+        self.known_hosts = self.base / "known_hosts"
+        self.port = free_port()
+        self.add_host("tb", "127.0.0.1", self.port)
         os.environ["HOME"] = str(self.local_home)
         os.environ["STACKOPS_SSH_CONFIG"] = str(self.ssh_config)
 
@@ -97,15 +98,74 @@ class Bed:
         shutil.chown(self.remote_home, ACCOUNT, ACCOUNT)
         return ACCOUNT
 
-    def _wait_port(self) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("sshd did not start")
+    def add_host(self, alias: str, address: str, port: int, prefix: tuple[str, ...] = ()) -> None:
+        """Start an sshd on ``address:port`` (inside ``prefix``, e.g. a namespace) known as ``alias``."""
+        key = self.base / f"host_key_{alias}"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        config = self.base / f"sshd_{alias}.conf"
+        config.write_text(textwrap.dedent(f"""
+            Port {port}
+            ListenAddress {address}
+            HostKey {key}
+            PidFile none
+            AuthorizedKeysFile {self.base / "keys" / "authorized"}
+            PasswordAuthentication no
+            KbdInteractiveAuthentication no
+            UsePAM no
+            StrictModes no
+            MaxSessions 100
+            MaxStartups 100:30:200
+            Subsystem sftp internal-sftp
+        """) + ("" if os.geteuid() == 0 else f"SetEnv HOME={self.remote_home}\n"))
+        proc = subprocess.Popen([*prefix, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.servers.append(proc)
+        wait_port(address, port, proc)
+        host_key = " ".join(Path(f"{key}.pub").read_text().split()[:2])
+        with open(self.known_hosts, "a") as handle:
+            handle.write(f"{address if port == 22 else f'[{address}]:{port}'} {host_key}\n")
+        with open(self.ssh_config, "a") as handle:
+            handle.write(textwrap.dedent(f"""
+                Host {alias}
+                  HostName {address}
+                  Port {port}
+                  User {self.user}
+                  IdentityFile {self.base / "client_key"}
+                  IdentitiesOnly yes
+                  BatchMode yes
+                  UserKnownHostsFile {self.known_hosts}
+                  StrictHostKeyChecking yes
+                  ControlPath {self.base / "cm-%C"}
+            """))
+
+    def add_nodes(self, count: int) -> list[str]:
+        """``count`` more hosts: network namespaces on a private bridge as root, else 127.0.0.2x."""
+        subnet = f"10.232.{os.getpid() % 200 + 1}"
+        if self.netns:
+            self._ip("link", "add", f"{self.tag}br", "type", "bridge")
+            self._ip("addr", "add", f"{subnet}.1/24", "dev", f"{self.tag}br")
+            self._ip("link", "set", f"{self.tag}br", "up")
+        aliases = []
+        for i in range(1, count + 1):
+            prefix: tuple[str, ...] = ()
+            address = f"127.0.0.{20 + i}"
+            if self.netns:
+                ns, address = f"{self.tag}n{i}", f"{subnet}.{10 + i}"
+                self._ip("netns", "add", ns)
+                self.namespaces.append(ns)
+                self._ip("link", "add", f"{self.tag}v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+                self._ip("link", "set", f"{self.tag}v{i}", "master", f"{self.tag}br", "up")
+                self._ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+                self._ip("-n", ns, "link", "set", "eth0", "up")
+                self._ip("-n", ns, "link", "set", "lo", "up")
+                prefix = ("ip", "netns", "exec", ns, "unshare", "--pid", "--fork", "--kill-child", "--mount-proc")
+            self.add_host(f"n{i}", address, 22 if self.netns else self.port, prefix)
+            aliases.append(f"n{i}")
+        return aliases
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
 
     def ssh(self, *args: str) -> list[str]:
         """ssh without connection sharing (an explicit ControlMaster=no -o ControlPath=... re-enables it)."""
@@ -115,9 +175,15 @@ class Bed:
         return ["ssh", "-F", str(self.ssh_config), *args]
 
     def close(self) -> None:
-        subprocess.run(self.ssh_shared("-O", "exit", "tb"), capture_output=True)
-        self.sshd.kill()  # ours, by pid
-        self.sshd.wait()
+        subprocess.run(self.ssh_shared("-O", "exit", "tb"), capture_output=True, check=False)
+        for proc in self.servers:  # ours, by pid
+            proc.kill()
+            proc.wait()
+        for i, ns in enumerate(self.namespaces, 1):
+            subprocess.run(["ip", "link", "del", f"{self.tag}v{i}"], capture_output=True, check=False)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        if self.netns and self.namespaces:
+            subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True, check=False)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -127,108 +193,213 @@ def timed(action) -> float:
     return time.perf_counter() - started
 
 
-def compare(name: str, ours, reference, runs: int, reference_name: str, setup=None) -> dict:
+def compare(name: str, ours, reference, runs: int, reference_name: str) -> dict:
     """Run both sides alternately ``runs`` times; medians and ratio."""
     mine, theirs = [], []
-    for i in range(runs):
-        if setup:
-            setup(i)
-        mine.append(timed(lambda i=i: ours(i)))
-        if setup:
-            setup(i)
-        theirs.append(timed(lambda i=i: reference(i)))
+    for _ in range(runs):
+        mine.append(timed(ours))
+        theirs.append(timed(reference))
     row = {"case": name, "stackops_s": statistics.median(mine), "reference": reference_name,
            "reference_s": statistics.median(theirs)}
     row["ratio"] = row["stackops_s"] / row["reference_s"]
-    print(f"{name:44s} {row['stackops_s'] * 1000:9.1f} ms  {reference_name:28s} {row['reference_s'] * 1000:9.1f} ms"
+    print(f"{name:48s} {row['stackops_s'] * 1000:9.1f} ms  {reference_name:30s} {row['reference_s'] * 1000:9.1f} ms"
           f"  ratio {row['ratio']:5.2f}", flush=True)
     return row
 
 
-def run(bed: Bed, quick: bool, runs: int) -> list[dict]:
-    sys.path.insert(0, str(HERE))
-    import stackops
+def absolute(name: str, values: list[float], unit: str = "ms", note: str = "") -> dict:
+    value = statistics.median(values)
+    shown = value * 1000 if unit == "ms" else value
+    print(f"{name:48s} {shown:9.1f} {unit}  {note}", flush=True)
+    return {"case": name, "stackops_s" if unit == "ms" else "value": value, "unit": unit, "note": note,
+            "samples": len(values)}
 
-    rows = []
-    run_cmd = lambda cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
 
-    def connect_and_true(_):
+def run_cmd(cmd: list[str], **kwargs) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, **kwargs)
+
+
+# -- cases ---------------------------------------------------------------------------------------
+
+def ssh_cases(bed: Bed, stackops, runs: int) -> list[dict]:
+    def connect_and_true():
         with stackops.SSH.from_config_file("tb") as ssh:
             ssh.run_shell_cmd_on_remote("true")
 
-    rows.append(compare("connect + run `true`", connect_and_true, lambda _: run_cmd(bed.ssh("tb", "true")), runs,
-                        "ssh host true"))
-    subprocess.Popen(bed.ssh_shared("-o", "ControlMaster=yes", "-o", "ControlPersist=60", "-N", "-f", "tb")).wait()
+    rows = [compare("connect + run `true`", connect_and_true, lambda: run_cmd(bed.ssh("tb", "true")), runs,
+                    "ssh host true")]
+    # from here on the OpenSSH tools share one open connection, as stackops does
+    run_cmd(bed.ssh_shared("-o", "ControlMaster=yes", "-o", "ControlPersist=600", "-N", "-f", "tb"))
     with stackops.SSH.from_config_file("tb") as ssh:
-        rows.append(compare("run `true`, connection open", lambda _: ssh.run_shell_cmd_on_remote("true"),
-                            lambda _: run_cmd(bed.ssh_shared("-o", "ControlMaster=no", "tb", "true")), runs * 3,
+        rows.append(compare("run `true`, connection open", lambda: ssh.run_shell_cmd_on_remote("true"),
+                            lambda: run_cmd(bed.ssh_shared("-o", "ControlMaster=no", "tb", "true")), runs * 3,
                             "ssh true via ControlMaster"))
+    return rows
 
-        size = (50 if quick else 200) * 2**20
-        blob = bed.local_home / "blob.bin"
-        with open(blob, "wb") as handle:
-            for _ in range(size // 2**20):
-                handle.write(os.urandom(2**20))
-        mib = size // 2**20
 
-        def clear(_):
-            subprocess.run(bed.ssh("tb", "rm -rf ~/blob-up ~/blob-scp"), check=True)
-            for path in ("blob-down", "blob-scp-down"):
-                (bed.local_home / path).unlink(missing_ok=True)
+def peak_python_memory(action) -> int:
+    import tracemalloc
 
-        rows.append(compare(f"{mib} MiB upload", lambda _: ssh.copy_from_here(blob, "~/blob-up"),
-                            lambda _: run_cmd(["scp", "-q", "-F", str(bed.ssh_config), str(blob), "tb:blob-scp"]),
-                            max(3, runs // 2), "scp", setup=clear))
-        ssh.copy_from_here(blob, "~/blob-src", overwrite_existing=True)
-        rows.append(compare(f"{mib} MiB download",
-                            lambda _: ssh.copy_to_here("~/blob-src", bed.local_home / "blob-down"),
-                            lambda _: run_cmd(["scp", "-q", "-F", str(bed.ssh_config), "tb:blob-src",
-                                               str(bed.local_home / "blob-scp-down")]),
-                            max(3, runs // 2), "scp", setup=clear))
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
+
+def transfer_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
+    """Folder upload first, big files after; everything is deleted once, at the end (see the top)."""
+    rows = []
+    scp = ["scp", "-q", "-F", str(bed.ssh_config)]  # the config's ControlPath: through the open master
+    down = bed.local_home / "down"
+    down.mkdir()
+    with stackops.SSH.from_config_file("tb") as ssh:
         files = 500 if quick else 2000
         tree = bed.local_home / "tree"
         for i in range(files):
             folder = tree / f"d{i % 20:02d}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"f{i}.bin").write_bytes(os.urandom(4096))
-
-        def clear_trees(_):
-            subprocess.run(bed.ssh("tb", "rm -rf ~/tree-up ~/tree-rsync"), check=True)
-
+        rsync = ["rsync", "-a", "-e", f"ssh -F {bed.ssh_config}", f"{tree}/"]
         rows.append(compare(f"{files} x 4 KiB folder upload",
-                            lambda _: ssh.copy_from_here(tree, "~/tree-up", recursive=True),
-                            lambda _: run_cmd(["rsync", "-a", "-e", f"ssh -F {bed.ssh_config}", f"{tree}/",
-                                               "tb:tree-rsync/"]),
-                            runs, "rsync -a", setup=clear_trees))
+                            lambda: ssh.copy_from_here(tree, f"~/up-{next(_fresh)}", recursive=True),
+                            lambda: run_cmd([*rsync, f"tb:scp-{next(_fresh)}/"]), runs,
+                            "rsync -a (open connection)"))
+        mib = 50 if quick else 200
+        blob = bed.local_home / "blob.bin"
+        with open(blob, "wb") as handle:
+            for _ in range(mib):
+                handle.write(os.urandom(2**20))
+        transfers = max(3, runs // 2)
+        rows.append(compare(f"{mib} MiB upload", lambda: ssh.copy_from_here(blob, f"~/up-{next(_fresh)}"),
+                            lambda: run_cmd([*scp, str(blob), f"tb:scp-{next(_fresh)}"]), transfers,
+                            "scp (open connection)"))
+        run_cmd(bed.ssh("tb", "rm -rf ~/up-* ~/scp-*"))
+        ssh.copy_from_here(blob, "~/blob-src", overwrite_existing=True)
+        rows.append(compare(f"{mib} MiB download",
+                            lambda: ssh.copy_to_here("~/blob-src", down / f"ours-{next(_fresh)}"),
+                            lambda: run_cmd([*scp, "tb:blob-src", str(down / f"scp-{next(_fresh)}")]),
+                            transfers, "scp (open connection)"))
+        shutil.rmtree(down)
+        down.mkdir()
+        rows.append(memory_row(ssh, blob, down, mib))
+        run_cmd(bed.ssh("tb", "rm -rf ~/up-* ~/scp-* ~/blob-src"))
+    shutil.rmtree(down)
+    blob.unlink()
+    return rows
 
+
+def memory_row(ssh, blob: Path, down: Path, mib: int) -> dict:
+    """Peak Python memory of an upload and a download, for the whole file and a quarter of it."""
+    small = blob.with_name("quarter.bin")
+    with open(blob, "rb") as source, open(small, "wb") as target:
+        target.write(source.read(blob.stat().st_size // 4))
+    ssh.copy_from_here(small, "~/up-quarter")
+    peaks = {}
+    for label, path, remote in (("quarter", small, "~/up-quarter"), ("whole", blob, "~/blob-src")):
+        peaks[f"upload_{label}"] = peak_python_memory(
+            lambda path=path: ssh.copy_from_here(path, f"~/up-{next(_fresh)}"))
+        peaks[f"download_{label}"] = peak_python_memory(
+            lambda remote=remote: ssh.copy_to_here(remote, down / f"m-{next(_fresh)}"))
+    small.unlink()
+    note = (f"upload {peaks['upload_quarter'] / 2**20:.1f} / {peaks['upload_whole'] / 2**20:.1f} MiB, "
+            f"download {peaks['download_quarter'] / 2**20:.1f} / {peaks['download_whole'] / 2**20:.1f} MiB "
+            f"for {mib // 4} / {mib} MiB files")
+    print(f"{'peak Python memory during transfers':48s} {note}", flush=True)
+    return {"case": "peak Python memory during transfers", "unit": "bytes", "note": note, **peaks}
+
+
+def job_cases(bed: Bed, stackops, runs: int) -> list[dict]:
     project = bed.local_home / "proj"
-    project.mkdir()
+    project.mkdir(exist_ok=True)
     (project / "trivial.py").write_text("res = None\n")
 
-    def hand_over(i):
-        config = stackops.RemoteStackOpsConfig(job_id=f"bench-{i}-{time.monotonic_ns()}", ssh_host="tb",
-                                               copy_repo=True, lock_resources=False)
+    def hand_over():
+        config = stackops.RemoteStackOpsConfig(job_id=f"bench-{next(_fresh)}", ssh_host="tb", copy_repo=True,
+                                               lock_resources=False)
         with stackops.RemoteMachine(str(project / "trivial.py"), config=config) as machine:
             machine.run()
 
-    rows.append(compare("hand a trivial job over (RemoteMachine.run)", hand_over,
-                        lambda _: run_cmd(bed.ssh("tb", "true")), runs, "ssh host true"))
-
+    rows = [compare("hand a trivial job over (RemoteMachine.run)", hand_over, lambda: run_cmd(bed.ssh("tb", "true")),
+                    runs, "ssh host true")]
     config = stackops.RemoteStackOpsConfig(job_id="bench-status", ssh_host="tb", copy_repo=True)
     (project / "sleepy.py").write_text("import time\ntime.sleep(120)\n")
     with stackops.RemoteMachine(str(project / "sleepy.py"), config=config) as machine:
         machine.run()
-        machine.get_status(0)
-        rows.append(compare("status of a running job, connection open", lambda _: machine.get_status(0),
-                            lambda _: run_cmd(bed.ssh_shared("-o", "ControlMaster=no", "tb", "true")), runs * 2,
+        while machine.get_status(0).status != "running":
+            time.sleep(0.05)
+        rows.append(compare("status of a running job, connection open", lambda: machine.get_status(0),
+                            lambda: run_cmd(bed.ssh_shared("-o", "ControlMaster=no", "tb", "true")), runs * 2,
                             "ssh true via ControlMaster"))
         # the launcher leads its own session: end the job's whole process group, by its pid
-        subprocess.run(bed.ssh("tb", f"kill -9 -- -{machine.launcher_pid}"), capture_output=True)
+        run_cmd(bed.ssh("tb", f"kill -9 -- -{machine.launcher_pid}"))
+    return rows
 
-    rows.append(compare("CLI start: stackops.py --help",
-                        lambda _: run_cmd([sys.executable, str(HERE / "stackops.py"), "--help"]),
-                        lambda _: run_cmd([sys.executable, "-c", "pass"]), runs * 2, "python -c pass"))
+
+def _local_jobs(stackops, script: Path, count: int, slots: int) -> list:
+    """Fire ``count`` jobs of ``script`` here with ``slots`` slots (a private state folder); wait for all."""
+    os.environ["STACKOPS_STATE_DIR"] = str(Path(tempfile.mkdtemp(dir=os.environ["HOME"])))
+    machines = []
+    for _ in range(count):
+        config = stackops.RemoteStackOpsConfig(job_id=f"local-{next(_fresh)}", max_simultaneous_jobs=slots)
+        machines.append(stackops.RemoteMachine(str(script), config=config).run())
+    for machine in machines:
+        machine.wait(timeout=600)
+    return machines
+
+
+def _times(machine) -> tuple[float, float]:
+    from datetime import datetime
+
+    logs = machine.file_manager.path("logs")
+    return tuple(datetime.fromisoformat((logs / name).read_text().strip()).timestamp()  # type: ignore[return-value]
+                 for name in ("start_time.txt", "end_time.txt"))
+
+
+def slot_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
+    project = bed.local_home / "proj"
+    project.mkdir(exist_ok=True)
+    (project / "nap.py").write_text("import time\ntime.sleep(0.4)\n")
+    (project / "trivial.py").write_text("res = None\n")
+    chain = sorted(_times(m) for m in _local_jobs(stackops, project / "nap.py", 5 if quick else 12, 1))
+    gaps = [later[0] - earlier[1] for earlier, later in zip(chain, chain[1:])]
+    rows = [absolute("slot hand-off: one job ends, the next starts", gaps, note="(target <= 100 ms)")]
+    count, slots = (20, 4) if quick else (50, 4)
+    started = time.time()
+    machines = _local_jobs(stackops, project / "trivial.py", count, slots)
+    fired = time.time() - started
+    wall = max(_times(m)[1] for m in machines) - started
+    rows.append(absolute(f"{count} trivial jobs, {slots} slots: wall per job", [wall / count],
+                         note=f"(all fired in {fired:.2f} s, last ended after {wall:.2f} s)"))
+    os.environ.pop("STACKOPS_STATE_DIR")
+    return rows
+
+
+def cluster_case(bed: Bed, stackops, runs: int) -> list[dict]:
+    hosts = bed.add_nodes(4)
+    project = bed.local_home / "proj"
+    project.mkdir(exist_ok=True)
+    (project / "work.py").write_text("def work(workload_params):\n    return workload_params.idx_start\n")
+
+    def launch(on: list[str]):
+        config = stackops.RemoteStackOpsConfig(copy_repo=True, lock_resources=False)
+        with stackops.Cluster(f"{project}/work.py:work", on, config, job_id=f"cl-{next(_fresh)}") as cluster:
+            cluster.run()
+
+    return [compare("launch on 4 hosts vs 1 host (Cluster.run)", lambda: launch(hosts), lambda: launch(hosts[:1]),
+                    runs, "the same on 1 host")]
+
+
+def cli_cases(stackops, runs: int) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as users run it
+    run_cmd([sys.executable, "-m", "stackops", "--help"], cwd=HERE, env=env)  # writes the bytecode cache
+    rows = [compare("CLI start: python stackops.py --help",
+                    lambda: run_cmd([sys.executable, str(HERE / "stackops.py"), "--help"], env=env),
+                    lambda: run_cmd([sys.executable, "-c", "pass"], env=env), runs * 2, "python -c pass")]
+    rows.append(compare("CLI start: python -m stackops --help (cached)",
+                        lambda: run_cmd([sys.executable, "-m", "stackops", "--help"], cwd=HERE, env=env),
+                        lambda: run_cmd([sys.executable, "-c", "pass"], env=env), runs * 2, "python -c pass"))
     return rows
 
 
@@ -236,6 +407,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller files and fewer runs (a smoke test)")
     parser.add_argument("--runs", type=int, default=None, help="runs per case (default 7, quick 3)")
+    parser.add_argument("--disk", action="store_true", help="keep both homes on disk instead of tmpfs")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     for tool in ("/usr/sbin/sshd", shutil.which("ssh"), shutil.which("scp"), shutil.which("rsync")):
@@ -243,14 +415,25 @@ def main() -> int:
             print("bench needs openssh-server, openssh-client and rsync", file=sys.stderr)
             return 2
     runs = args.runs or (3 if args.quick else 7)
-    bed = Bed()
+    bed = Bed(args.disk)
+    sys.path.insert(0, str(HERE))
+    import stackops
+
+    rows: list[dict] = []
     try:
-        print(f"stackops benchmark: {runs} runs per case, medians; ratio = stackops / reference\n", flush=True)
-        rows = run(bed, args.quick, runs)
+        print(f"stackops benchmark: {runs} runs per case, medians; ratio = stackops / reference; homes on "
+              f"{bed.where}; extra hosts: {'network namespaces' if bed.netns else 'loopback addresses'}\n",
+              flush=True)
+        rows += ssh_cases(bed, stackops, runs)
+        rows += transfer_cases(bed, stackops, args.quick, runs)
+        rows += job_cases(bed, stackops, runs)
+        rows += slot_cases(bed, stackops, args.quick)
+        rows += cluster_case(bed, stackops, runs)
+        rows += cli_cases(stackops, runs)
     finally:
         bed.close()
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

@@ -66,9 +66,10 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
-
+TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable
+
     import psutil as _psutil_module
 
 __version__ = "0.1.0"
@@ -2964,6 +2965,7 @@ class RemoteMachine:
         _atomic_write_text(folder / LAUNCHER_SH, render_shell_script(self.job_params, config, self.python), 0o700)
         shutil.copyfile(source, folder / STACKOPS_COPY)
         os.chmod(folder / STACKOPS_COPY, 0o600)
+        _ship_bytecode(source, folder / "python")  # the job's start skips compiling this file (~40 ms of CPU)
         _atomic_write_text(folder / STATUS_TXT, "queued")
         self.scripts_generated = True
         _atomic_write_json(folder / REMOTE_MACHINE_JSON, self.to_dict())
@@ -3215,6 +3217,36 @@ class RemoteMachine:
         if response.returncode != 0:
             raise CommandError(self.host_name, response.command, response.returncode, response.stderr)
         return self
+
+
+def _ship_bytecode(source: Path, folder: Path) -> None:
+    """Put ``source`` compiled for this Python into ``folder/__pycache__``, validated by the hash of
+    the source rather than its mtime, so it stays valid beside a copy of the source wherever both
+    land (an interpreter of another version ignores it). Compiled once per version of the file and
+    kept in ~/.cache/stackops; any trouble just means the job compiles the file itself."""
+    import hashlib
+    import py_compile
+
+    tag = sys.implementation.cache_tag
+    if tag is None:
+        return
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:20]
+    cache = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "stackops"
+    compiled = cache / f"{source.stem}-{digest}.{tag}.pyc"
+    partial = cache / f".{compiled.name}.{os.getpid()}"
+    try:
+        if not compiled.exists():
+            _mkdir_private(cache)
+            py_compile.compile(str(source), cfile=str(partial), dfile=f"python/{source.name}", doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+            os.replace(partial, compiled)
+        shipped = _mkdir_private(folder / "__pycache__") / f"{source.stem}.{tag}.pyc"
+        shutil.copyfile(compiled, shipped)
+        os.chmod(shipped, 0o600)
+    except (OSError, py_compile.PyCompileError) as exc:
+        log.debug("no bytecode shipped with the job: %s", exc)
+        with _suppress(OSError):
+            os.unlink(partial)
 
 
 def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
