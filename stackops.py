@@ -144,8 +144,8 @@ RUNNING_VIEW = "running_jobs.json"
 HISTORY_VIEW = "history_jobs.json"
 HISTORY_KEEP = 500
 
-SLOT_POLL_HEAD = 0.05    # the first waiter looks for a free slot this often (seconds)
-SLOT_POLL_OTHERS = 0.25  # the others look whether they have become first
+SLOT_POLL_HEAD = 0.05    # the first two waiters look this often (seconds): for a free slot, for being first
+SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
 STARTUP_GRACE = 60.0     # an unlocked queue entry of a job whose wrapper has not started yet
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
@@ -1023,9 +1023,10 @@ class _FileLock:
         os.close(self.fd)
 
 
-def _try_flock(path: Path, shared: bool = False) -> int | None:
-    """An fd holding a non-blocking flock on ``path``, or None when someone else holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | None:
+    """An fd holding a non-blocking flock on ``path``, or None when someone else holds it.
+    ``create=False`` for files whose owner may delete them: a check must never bring one back."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o600)
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
@@ -1065,15 +1066,18 @@ class Slots:
         """``waiting`` (its wrapper holds it), ``pending`` (its job has not started yet) or ``stale``."""
         path = self.queue / name
         try:
-            fd = _try_flock(path, shared=True)
-        except FileNotFoundError:
+            fd = _try_flock(path, shared=True, create=False)
+        except FileNotFoundError:  # its job took a slot meanwhile
             return "stale"
         if fd is None:
             return "waiting"
         try:
-            job_root = Path(os.read(fd, 65536).decode("utf-8", "surrogateescape"))
+            text = os.read(fd, 65536).decode("utf-8", "surrogateescape")
         finally:
             os.close(fd)
+        if not text:
+            return "stale"
+        job_root = Path(text)
         started = (job_root / PID_TXT).exists() or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES
         launcher = _read_int(job_root / LAUNCHER_PID_TXT)
         if started or (launcher is not None and not pid_is_alive(launcher, job_root.name)):
@@ -1104,8 +1108,8 @@ class Slots:
                     with _suppress(FileNotFoundError):
                         os.unlink(self.queue / ahead[0])
                     continue
-                if ahead:
-                    time.sleep(SLOT_POLL_OTHERS)
+                if ahead:  # the next in line looks as often as the first, so a freed slot passes on fast
+                    time.sleep(SLOT_POLL_HEAD if len(ahead) == 1 else SLOT_POLL_OTHERS)
                     continue
                 for index in range(max_jobs):
                     fd = _try_flock(self.slots / f"slot-{index}.lock")

@@ -629,6 +629,20 @@ def test_slots_sigkilled_holder_lets_next_start_without_cleanup(home):
     assert "killed by signal 9" in holder.get_status().error_message
 
 
+def test_slots_checking_a_vanished_entry_never_brings_it_back(home):
+    """A waiter looking at the entry ahead just as its job takes a slot (and deletes it) once
+    recreated it empty, and the phantom blocked the whole queue for the 60 s start-up grace."""
+    slots = Slots()
+    slots._ensure()
+    entry = slots.queue / f"{time.time_ns():019d}-gone"
+    entry.write_text(str(home / "nowhere"))
+    entry.unlink()
+    assert slots.entry_state(entry.name) == "stale"
+    assert not entry.exists()
+    entry.write_text("")  # an entry that names no job folder is nobody's
+    assert slots.entry_state(entry.name) == "stale"
+
+
 def test_status_truthful_for_dead_reused_and_garbage(home):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="truth")).run()
