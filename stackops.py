@@ -553,6 +553,7 @@ class RemoteStackOpsConfig:
     workload_params: WorkloadParams | None = None
     python: str | None = None  # interpreter on the executing machine; None: this one locally, python3 on a host
     accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
+    ssh_timeout: float = 15.0  # seconds to connect, to open a command, or for a transfer to stall
 
     def __post_init__(self) -> None:
         if isinstance(self.workload_params, dict):
@@ -574,6 +575,8 @@ class RemoteStackOpsConfig:
             raise ConfigError(f"max_simultaneous_jobs must be at least 1, got {self.max_simultaneous_jobs}")
         if self.python is not None and not self.python.strip():
             raise ConfigError("python must name an interpreter, e.g. 'python3'")
+        if not self.ssh_timeout > 0:
+            raise ConfigError(f"ssh_timeout must be positive seconds, got {self.ssh_timeout}")
         if self.notify_upon_completion:
             if self.to_email is None:
                 self.to_email = read_user_config_value("default_email_address", "notify_upon_completion")
@@ -2151,6 +2154,11 @@ class SSH:
         if self.target.identity_files and not keys and not self._password:
             raise ConfigError(f"no identity file of {self.target.alias} exists: "
                               f"{', '.join(self.target.identity_files)}")
+        for key in keys:
+            info = os.stat(key)
+            if info.st_mode & 0o077 and info.st_uid == os.getuid():
+                raise ConfigError(f"private key {key} is readable by others (mode {info.st_mode & 0o777:o}); "
+                                  "OpenSSH refuses such a key, and so does stackops", hint=f"chmod 600 {key}")
         return {"key_filename": keys or None, "password": self._password,
                 "allow_agent": not keys, "look_for_keys": not keys}
 
@@ -2177,6 +2185,11 @@ class SSH:
             client.close()
             raise HostKeyError(f"host key of {target} CHANGED: it does not match {record}; refusing to connect",
                                hint="if the host was really reinstalled, remove its old line from known_hosts") from exc
+        except paramiko.PasswordRequiredException as exc:
+            client.close()
+            raise ConfigError(f"the key for {target.user}@{target.hostname} is encrypted and no passphrase was given",
+                              hint="add it to ssh-agent (ssh-add), or pass password=... (used as the passphrase)") \
+                from exc
         except paramiko.AuthenticationException as exc:
             client.close()
             raise StackopsConnectionError(f"authentication failed for {target.user}@{target.hostname}:{target.port}",
@@ -2208,11 +2221,45 @@ class SSH:
             raise CommandError(str(self.target), command, status, response.stderr or response.stdout)
         return response
 
+    @property
+    def is_alive(self) -> bool:
+        """Whether the connection is still usable (a dropped one is never revived)."""
+        transport = self.client.get_transport()
+        return transport is not None and transport.is_active()
+
+    def _lost(self) -> None:
+        """Drop a connection that stopped answering, so that whoever holds it connects anew."""
+        with _suppress(Exception):
+            self.client.close()
+
     def _open_channel(self) -> Any:
         try:
+            if not self.is_alive:
+                raise EOFError("the connection was closed")
             return self.client.get_transport().open_session(timeout=self.timeout)
         except Exception as exc:
-            raise StackopsConnectionError(f"lost the connection to {self.target}: {exc}") from exc
+            self._lost()
+            raise StackopsConnectionError(f"lost the connection to {self.target}: {exc or type(exc).__name__}",
+                                          hint=f"is {self.target.alias} reachable? (timeout {self.timeout:g}s)") from exc
+
+    def _transfer_channel(self) -> Any:
+        """A channel whose reads and writes give up after the timeout: a stalled transfer has
+        lost its host (a cut link sends no error, it just goes quiet)."""
+        channel = self._open_channel()
+        channel.settimeout(self.timeout)
+        return channel
+
+    def _broke_off(self, what: str, done: int, exc: BaseException, channel: Any,
+                   stalled: bool = False) -> TransferError:
+        """The error for a transfer that broke off, with what the remote side said (a full disk)."""
+        import socket
+
+        reason = _reason(_stderr_so_far(channel))
+        if stalled or isinstance(exc, socket.timeout):
+            self._lost()
+            reason = reason or f"no progress for {self.timeout:g}s; the connection is dropped"
+        return TransferError(f"{what} broke off after {done} bytes: {reason or exc or type(exc).__name__}",
+                             hint="nothing was left under the target's name; run the copy again")
 
     def _drain(self, channel: Any, timeout: float | None, command: str) -> tuple[bytes, bytes, int]:
         import select
@@ -2325,9 +2372,10 @@ class SSH:
                        staging: str, target: str, progress: Callable[[int], None] | None) -> None:
         """Stream into the hidden staging folder; only once everything went through does a second
         command move it under the target's name (a broken connection can never trigger that)."""
-        channel = self._open_channel()
+        channel = self._transfer_channel()
         sent = 0
         proc = None
+        watchdog = _Watchdog(self)
         try:
             channel.exec_command(command)
             if producer is not None:
@@ -2335,12 +2383,13 @@ class SSH:
                 stream: Any = proc.stdout
             else:
                 stream = open(str(source), "rb")  # noqa: SIM115 (closed below)
-            with stream:
+            with stream, watchdog:
                 while True:
                     chunk = stream.read(1 << 18)
                     if not chunk:
                         break
                     channel.sendall(chunk)
+                    watchdog.tick()
                     sent += len(chunk)
                     if progress is not None:
                         progress(sent)
@@ -2348,14 +2397,19 @@ class SSH:
                 why = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
                 raise TransferError(f"local tar failed: {_last_line(why)}")
             channel.shutdown_write()
-            _out, err, status = self._drain(channel, None, command)
+            _out, err, status = self._drain(channel, max(60.0, 4 * self.timeout), command)
         except TransferError:
             self._discard(staging)
             raise
+        except CommandError as exc:  # everything was sent, and then the host went quiet
+            self._lost()
+            raise TransferError(f"upload to {self.target.alias}:{target}: the host stopped answering after "
+                                f"{sent} bytes", hint="nothing was left under the target's name; run the copy "
+                                                      "again") from exc
         except (OSError, EOFError, _paramiko().SSHException) as exc:
-            self._discard(staging)
-            raise TransferError(f"upload to {self.target.alias}:{target} broke off after {sent} bytes: {exc}",
-                                hint="nothing was left under the target's name; run the copy again") from exc
+            error = self._broke_off(f"upload to {self.target.alias}:{target}", sent, exc, channel, watchdog.fired)
+            self._discard(staging)  # a dropped connection keeps the hidden staging folder, not the name
+            raise error from exc
         except BaseException:
             self._discard(staging)
             raise
@@ -2367,7 +2421,7 @@ class SSH:
         if status != 0:
             self._discard(staging)
             raise TransferError(f"upload to {self.target.alias}:{target} failed (exit status {status}): "
-                                f"{_last_line(err.decode(errors='replace'))}")
+                                f"{_reason(err.decode(errors='replace'))}")
         size_check = "" if source is None else f'[ "$(wc -c < {_sh_path(arrived)})" -eq {sent} ] || exit 1; '
         # replace by rename only: whatever stands in the way is renamed aside, so uploads of the same
         # target racing each other (hosts sharing a home) each leave a whole copy, never one inside another
@@ -2383,6 +2437,8 @@ class SSH:
                                 f"{_last_line(response.stderr) or 'size mismatch'}")
 
     def _discard(self, staging: str) -> None:
+        if not self.is_alive:
+            return
         with _suppress(Exception):
             self.run_shell_cmd_on_remote(f"rm -rf -- {_sh_path(staging)}", timeout=self.timeout, strict=False)
 
@@ -2424,7 +2480,7 @@ class SSH:
 
     def _download_file(self, command: str, path: Path, size: int,
                        progress: Callable[[int], None] | None) -> None:
-        channel = self._open_channel()
+        channel = self._transfer_channel()
         received = 0
         try:
             channel.exec_command(command)
@@ -2441,17 +2497,16 @@ class SSH:
             status = channel.recv_exit_status()
             err = channel.recv_stderr(65536).decode(errors="replace") if channel.recv_stderr_ready() else ""
         except (OSError, EOFError, _paramiko().SSHException) as exc:
-            raise TransferError(f"download from {self.target.alias} broke off after {received} bytes: {exc}",
-                                hint="nothing was left under the target's name; run the copy again") from exc
+            raise self._broke_off(f"download from {self.target.alias}", received, exc, channel) from exc
         finally:
             channel.close()
         if status != 0 or received != size:
             raise TransferError(f"download from {self.target.alias} failed (exit status {status}, {received} of "
-                                f"{size} bytes): {_last_line(err)}")
+                                f"{size} bytes): {_reason(err)}")
 
     def _download_tar(self, command: str, staging: Path, compressed: bool,
                       progress: Callable[[int], None] | None) -> None:
-        channel = self._open_channel()
+        channel = self._transfer_channel()
         reader = _CountingReader(channel, progress)
         try:
             channel.exec_command(command)
@@ -2460,12 +2515,11 @@ class SSH:
             status = channel.recv_exit_status()
             err = channel.recv_stderr(65536).decode(errors="replace") if channel.recv_stderr_ready() else ""
         except (OSError, EOFError, _paramiko().SSHException) as exc:
-            raise TransferError(f"download from {self.target.alias} broke off after {reader.count} bytes: {exc}",
-                                hint="nothing was left under the target's name; run the copy again") from exc
+            raise self._broke_off(f"download from {self.target.alias}", reader.count, exc, channel) from exc
         finally:
             channel.close()
         if status != 0:
-            raise TransferError(f"download from {self.target.alias} failed (exit status {status}): {_last_line(err)}")
+            raise TransferError(f"download from {self.target.alias} failed (exit status {status}): {_reason(err)}")
 
 
 def simple_sftp_get(remote_path: str, local_path: str | os.PathLike[str], host: str | SSH) -> None:
@@ -2475,6 +2529,53 @@ def simple_sftp_get(remote_path: str, local_path: str | os.PathLike[str], host: 
         return
     with SSH.from_config_file(host) as ssh:
         ssh.simple_sftp_get(remote_path, local_path)
+
+
+class _Watchdog:
+    """Drops a connection whose upload made no progress for its timeout. paramiko's writes wait
+    forever on a socket that stopped taking data (a cut link sends no error, it just goes quiet);
+    closing the connection makes the stuck write fail at once."""
+
+    def __init__(self, ssh: SSH) -> None:
+        import threading
+
+        self.ssh, self.fired, self.last = ssh, False, time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stackops-watchdog", daemon=True)
+
+    def __enter__(self) -> _Watchdog:
+        self.last = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def tick(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.ssh.timeout / 4)):
+            if time.monotonic() - self.last > self.ssh.timeout:
+                self.fired = True
+                self.ssh._lost()
+                return
+
+
+def _stderr_so_far(channel: Any) -> str:
+    data = b""
+    with _suppress(Exception):
+        while channel.recv_stderr_ready():
+            data += channel.recv_stderr(65536)
+    return data.decode("utf-8", "replace")
+
+
+def _reason(stderr: str) -> str:
+    """The line of a failed command's stderr that says why (tar's closing summary says nothing)."""
+    lines = [line.strip() for line in stderr.splitlines()
+             if line.strip() and "Exiting with failure status" not in line]
+    return lines[0] if lines else ""
 
 
 class _CountingReader:
@@ -2591,9 +2692,9 @@ REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache",
 
 def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
                   data: list[str], progress: Callable[[int], None] | None = None) -> None:
-    """Send the job folder, the repo (with ``copy_repo``; .git, virtual environments and caches
-    left out) and the data to the host over one connection, each to its home-relative place."""
-    ssh.copy_from_here(file_manager.job_root, file_manager.job_root_rh, recursive=True, progress=progress)
+    """Send the repo (with ``copy_repo``; .git, virtual environments and caches left out), the data
+    and then the job folder to the host over one connection, each to its home-relative place. The
+    folder goes last: on the host, its presence means everything it needs has arrived."""
     if config.copy_repo:
         ssh.copy_from_here(expand_home(job_params.repo_path_rh), job_params.repo_path_rh, recursive=True,
                            overwrite_existing=True, excludes=REPO_EXCLUDES, progress=progress)
@@ -2601,6 +2702,7 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
         path = expand_home(item)
         ssh.copy_from_here(path, _home_relative(path), recursive=path.is_dir(), overwrite_existing=True,
                            progress=progress)
+    ssh.copy_from_here(file_manager.job_root, file_manager.job_root_rh, recursive=True, progress=progress)
 
 
 # -- cloud transfer (rclone) ---------------------------------------------------------------------
@@ -2626,11 +2728,19 @@ def cloud_base(cloud_name: str) -> str:
     return cloud_name if ":" in cloud_name else f"{cloud_name}:stackops"
 
 
+_KNOWN_CLOUDS: set[str] = set()
+
+
 def check_cloud_remote(cloud_name: str) -> None:
-    """Refuse a cloud name rclone does not know here (before anything is sent)."""
+    """Refuse a cloud name rclone does not know here (before anything is sent); asked once."""
     name = cloud_name.split(":", 1)[0]
+    key = f"{Path.home()}|{os.environ.get('RCLONE_CONFIG', '')}|{name}"  # the same rclone config, the same answer
+    if key in _KNOWN_CLOUDS:
+        return
     known = _rclone("listremotes", what="listremotes", timeout=60).stdout.split()
-    if f"{name}:" not in known:
+    if f"{name}:" in known:
+        _KNOWN_CLOUDS.add(key)
+    else:
         raise ConfigError(f"rclone knows no remote called {name!r} here (it knows: {' '.join(known) or 'none'})",
                           hint="add it with: rclone config")
 
@@ -2857,10 +2967,13 @@ class RemoteMachine:
     @property
     def ssh(self) -> SSH:
         """The one connection to the host, opened on first use."""
+        if self._ssh is not None and not self._ssh.is_alive:  # dropped (the host went away): connect anew
+            self._ssh.close()
+            self._ssh = None
         if self._ssh is None:
             if self.config.ssh_host is None:
                 raise StackopsError(f"job {self.job_id} runs on this machine; it has no SSH connection")
-            self._ssh = SSH.from_config_file(self.config.ssh_host,
+            self._ssh = SSH.from_config_file(self.config.ssh_host, timeout=self.config.ssh_timeout,
                                              accept_new_host_key=self.config.accept_new_host_key)
         return self._ssh
 
@@ -2929,8 +3042,7 @@ class RemoteMachine:
         """Write the whole job folder here at once: it appears complete under its name, or not at all."""
         root = self.file_manager.job_root
         if root.exists():
-            raise ConfigError(f"job {self.job_id!r} already exists at {collapse_home(root)}",
-                              hint="choose another job_id, or leave it out for a fresh one")
+            raise self._exists_error()
         if self.is_remote:
             _home_relative(root)
         source = Path(sys.modules[__name__].__file__ or "")
@@ -2941,6 +3053,11 @@ class RemoteMachine:
         try:
             self._write_folder(staging, source)
             os.rename(staging, root)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if root.exists():  # another process made the same job at the same moment
+                raise self._exists_error() from exc
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -2948,6 +3065,16 @@ class RemoteMachine:
         self._save()
         log.info("job %s generated at %s", self.job_id, collapse_home(root))
         return self
+
+    def _exists_error(self) -> ConfigError:
+        root = self.file_manager.job_root
+        try:
+            unfinished = not _read_json(root / REMOTE_MACHINE_JSON).get("submitted", True)
+        except (StackopsError, AttributeError):
+            unfinished = False
+        return ConfigError(f"job {self.job_id!r} already exists at {collapse_home(root)}"
+                           + (" (its submission was interrupted; nothing of it runs)" if unfinished else ""),
+                           hint="choose another job_id, or leave it out for a fresh one")
 
     def _write_folder(self, folder: Path, source: Path) -> None:
         for sub in ("data", "python", "shell", "logs"):
@@ -3048,12 +3175,23 @@ class RemoteMachine:
         log.info("job %s fired on %s (launcher pid %d)", self.job_id, self.host_name, self.launcher_pid)
         return self.launcher_pid, command
 
-    def run(self, run: bool = True, show_scripts: bool = False) -> RemoteMachine:
-        """generate_scripts, optionally show_scripts, submit, fire(run)."""
+    def preflight(self) -> RemoteMachine:
+        """Check what can be checked before anything is written or sent: the host answers and is
+        trusted, and the cloud remote is known. run() starts with it."""
+        if self.is_remote:
+            self.ssh
+            if self.config.transfer_method == "cloud":
+                check_cloud_remote(self.config.cloud_name or "")
+        return self
+
+    def run(self, run: bool = True, show_scripts: bool = False,
+            progress: Callable[[int], None] | None = None) -> RemoteMachine:
+        """preflight, generate_scripts, optionally show_scripts, submit, fire(run)."""
+        self.preflight()
         self.generate_scripts()
         if show_scripts:
             self.show_scripts()
-        self.submit()
+        self.submit(progress)
         self.fire(run)
         return self
 
@@ -3071,10 +3209,14 @@ class RemoteMachine:
         local job folder."""
         if not self.is_remote:
             return self.file_manager.status_report(log_lines)
+        if not self.submitted:
+            raise StackopsError(f"job {self.job_id} was never completely submitted to {self.host_name}, "
+                                "so nothing of it runs there (was the submission interrupted?)",
+                                hint="run it again under a new job_id")
         marker = f"--stackops-{random.getrandbits(64):016x}"
         fallback = self._job_command("job-report", "--lines", str(int(log_lines)))
         response = self.ssh.run_shell_cmd_on_remote(self.file_manager.status_command(marker, log_lines, fallback),
-                                                    timeout=60, strict=False)
+                                                    timeout=max(self.config.ssh_timeout, 10.0), strict=False)
         if response.returncode != 0:
             raise CommandError(self.host_name, "job status", response.returncode, response.stderr,
                                hint="is the job folder still on the host?")
@@ -3460,7 +3602,8 @@ class Cluster:
         """Connect to and probe every host in parallel. An unreachable host is left out (and said
         so) with ``ditch_unavailable``; otherwise nothing is launched anywhere and an error names it."""
         def open_and_probe(host: str) -> tuple[SSH, MachineSpecs]:
-            ssh = SSH.from_config_file(host, accept_new_host_key=self.config.accept_new_host_key)
+            ssh = SSH.from_config_file(host, accept_new_host_key=self.config.accept_new_host_key,
+                                       timeout=self.config.ssh_timeout)
             return ssh, self.probe_specs(host, ssh)
 
         results = self._parallel(open_and_probe, [h for h in self.ssh_hosts if h not in self._ssh])
@@ -3741,7 +3884,7 @@ def _cmd_run(args: Any) -> int:
         transfer_method=args.transfer, cloud_name=args.cloud,
         update_repo=args.update_repo, install_repo=args.install_repo, data=args.data,
         interactive=args.interactive, wrap_in_try_except=args.try_except, parallelize=args.parallelize,
-        lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs,
+        lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs, ssh_timeout=args.ssh_timeout,
         workload_params=_parse_workload(args.workload, args.parallelize), python=args.python)
     machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
@@ -3749,11 +3892,7 @@ def _cmd_run(args: Any) -> int:
 
 
 def _run_and_report(machine: RemoteMachine, args: Any) -> int:
-    machine.generate_scripts()
-    if args.show_scripts:
-        machine.show_scripts()
-    machine.submit(progress=_progress())
-    machine.fire(run=not args.no_launch)
+    machine.run(run=not args.no_launch, show_scripts=args.show_scripts, progress=_progress())
     if args.no_launch:
         print(f"job {machine.job_id} is ready at {machine.file_manager.job_root_rh}; nothing was started.")
         print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
@@ -4172,6 +4311,8 @@ def _add_run_args(parser: Any) -> None:
                         help="the rclone remote for --transfer cloud (REMOTE means REMOTE:stackops)")
     parser.add_argument("--accept-new", action="store_true",
                         help="trust and record the host's key if it is unknown (a changed key is always refused)")
+    parser.add_argument("--ssh-timeout", type=float, default=15.0, metavar="SECONDS",
+                        help="give up connecting, or on a transfer that stalls, after this long (default 15)")
     parser.add_argument("--kwargs", default="{}", metavar="JSON",
                         help="keyword arguments: a JSON object, or @file.json (scripts see them as func_kwargs)")
     parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random readable name)")

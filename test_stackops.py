@@ -1049,19 +1049,28 @@ class SSHD:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.log_path = base / f"sshd_{address}_{self.port}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([*prefix, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.command = [*prefix, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)]
+        self.log = open(self.log_path, "w")  # noqa: SIM115 (closed by stop)
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                socket.create_connection((address, self.port), timeout=0.2).close()
+                socket.create_connection((self.address, self.port), timeout=0.2).close()
                 return
             except OSError:
                 if self.proc.poll() is not None:
                     raise RuntimeError(self.log_path.read_text()) from None
                 time.sleep(0.05)
         raise RuntimeError("sshd did not start")
+
+    def restart(self) -> None:
+        """Kill the listener (its sessions live on, as with a real restart) and start it again."""
+        self.proc.kill()
+        self.proc.wait()
+        self._start()
 
     def known_hosts_line(self) -> str:
         return f"[{self.address}]:{self.port} " + " ".join(Path(f"{self.host_key}.pub").read_text().split()[:2])
@@ -1454,10 +1463,10 @@ class Nodes:
     """Three hosts. As root: network namespaces on a private bridge, each sshd in its own PID
     namespace (its pids are not ours). Otherwise: extra sshds on 127.0.0.11-13."""
 
-    def __init__(self, server: SSHD, count: int = 3) -> None:
-        self.tag = f"sk{os.getpid() % 100000}"
+    def __init__(self, server: SSHD, count: int = 3, name: str = "sk", octet: int = 231) -> None:
+        self.tag = f"{name}{os.getpid() % 100000}"  # several groups may live at once: own names, own subnet
         self.netns = os.geteuid() == 0 and shutil.which("ip") is not None
-        self.subnet = f"10.231.{os.getpid() % 200 + 1}"
+        self.subnet = f"10.{octet}.{os.getpid() % 200 + 1}"
         self.servers: list[SSHD] = []
         self.namespaces: list[str] = []
         if self.netns:
@@ -1485,6 +1494,35 @@ class Nodes:
     @staticmethod
     def _ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    # -- faults (network namespaces only) -------------------------------------------------------
+
+    def link(self, i: int, up: bool) -> None:
+        """Cut or restore host i's only link, as a pulled cable would."""
+        self._ip("link", "set", f"{self.tag}v{i}", "up" if up else "down")
+
+    def pids(self, i: int) -> list[int]:
+        listed = subprocess.run(["ip", "netns", "pids", f"{self.tag}n{i}"], capture_output=True, text=True,
+                                check=True).stdout
+        return [int(pid) for pid in listed.split()]
+
+    def freeze(self, i: int, frozen: bool) -> None:
+        """Stop (or continue) every process of host i: a hung machine whose kernel still answers TCP."""
+        for pid in self.pids(i):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+
+    def nft(self, i: int, rules: str) -> None:
+        subprocess.run(["ip", "netns", "exec", f"{self.tag}n{i}", "nft", "-f", "-"], input=rules, text=True,
+                       check=True, capture_output=True)
+
+    def mount_tmpfs(self, i: int, folder: Path, size: str, owner: str) -> None:
+        """A small disk at ``folder``, seen only by host i (its own mount namespace)."""
+        sshd = min(pid for pid in self.pids(i) if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd")
+        uid, gid = (subprocess.run(["id", flag, owner], capture_output=True, text=True, check=True).stdout.strip()
+                    for flag in ("-u", "-g"))
+        subprocess.run(["nsenter", "-t", str(sshd), "-m", "mount", "-t", "tmpfs", "-o",
+                        f"size={size},mode=0700,uid={uid},gid={gid}", "tmpfs", str(folder)], check=True)
 
     def stop(self) -> None:
         for server in self.servers:
@@ -2079,3 +2117,308 @@ def test_remote_concurrent_uploads_of_one_target_stay_whole(remote, home):
         assert list(pool.map(upload, range(6))) == ["~/shared-repo"] * 6
     assert _tree_hashes(remote.remote_home / "shared-repo") == _tree_hashes(folder)
     assert set(remote.remote_home.glob(".stackops-*")) == before
+
+
+# ============================================================================================
+# faults: hosts that go away, freeze or fill up, laptops that die, processes that race
+# (network namespaces: as root, which CI is)
+# ============================================================================================
+
+import hashlib  # noqa: E402
+
+
+@pytest.fixture
+def fault_node(home, sshd):
+    """One host of its own (a network, PID and mount namespace) that a test may cut off, freeze,
+    make lossy or fill up; reachable as `fnode`. A fresh one for every test."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("faults are injected into network namespaces, which need root")
+    group = Nodes(sshd, count=1, name="sf", octet=233)
+    try:
+        _write_ssh_config(home, group.servers[0], alias="fnode")
+        yield group
+    finally:
+        group.stop()
+
+
+def _random_file(path: Path, mib: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        for _ in range(mib):
+            block = os.urandom(2**20)
+            digest.update(block)
+            handle.write(block)
+    return digest.hexdigest()
+
+
+def _remote_sha(ssh, path: str) -> str:
+    return ssh.run_shell_cmd_on_remote(f"sha256sum {path}").stdout.split()[0]
+
+
+def _reconnects(action, timeout: float = 30):
+    """``action()`` once the host answers again (the first tries after a link comes back may fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return action()
+        except stackops.StackopsConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_fault_link_cut_mid_upload_errors_in_time_and_a_retry_succeeds(fault_node, home, sshd):
+    digest = _random_file(home / "big.bin", 48)
+    ssh = stackops.SSH.from_config_file("fnode", timeout=3)
+
+    def cut_after_8_mib(sent):
+        if sent > 8 * 2**20 and not cut_after_8_mib.done:
+            cut_after_8_mib.done = True
+            fault_node.link(1, up=False)
+    cut_after_8_mib.done = False
+
+    started = time.monotonic()
+    with pytest.raises(stackops.TransferError, match="broke off") as info:
+        ssh.copy_from_here(home / "big.bin", "~/cut/big.bin", progress=cut_after_8_mib)
+    assert time.monotonic() - started < 15, "the stall is noticed within the timeout, not after TCP gives up"
+    assert "\n" not in str(info.value) and "3s" in str(info.value)
+    assert not ssh.is_alive  # the dead connection is dropped, not reused
+    fault_node.link(1, up=True)
+    assert not (sshd.remote_home / "cut" / "big.bin").exists()  # nothing under the final name
+    with _reconnects(lambda: stackops.SSH.from_config_file("fnode", timeout=3)) as again:
+        assert again.copy_from_here(home / "big.bin", "~/cut/big.bin") == "~/cut/big.bin"
+        assert _remote_sha(again, "~/cut/big.bin") == digest
+
+
+def test_fault_link_cut_while_a_job_runs_status_unreachable_then_right(fault_node, home):
+    mod = make_module(home, REMOTE_JOBS)
+    cfg = config(job_id="cut-while-running", ssh_host="fnode", copy_repo=True, ssh_timeout=2)
+    with RemoteMachine(mod.sleeper, config=cfg, func_kwargs={"seconds": 5}) as machine:
+        machine.run()
+        wait_for(lambda: machine.get_status(0).status == "running", what="running")
+        fault_node.link(1, up=False)
+        started = time.monotonic()
+        with pytest.raises(stackops.StackopsConnectionError, match="lost the connection") as info:
+            machine.get_status(0)
+        assert "fnode" in info.value.hint
+        assert time.monotonic() - started < 6
+        fault_node.link(1, up=True)
+        report = _reconnects(lambda: machine.get_status(0))  # the same RemoteMachine connects anew
+        assert report.status in ("running", "completed")
+        report = wait_for(lambda: _reconnects(lambda: machine.get_status(0)).finished and machine.get_status(5),
+                          timeout=30, what="the job's end")
+    assert report.status == "completed", report  # the job never noticed its laptop was gone
+
+
+def test_fault_frozen_host_times_out_and_refused_port_fails_at_once(fault_node, home):
+    fault_node.freeze(1, True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(stackops.StackopsConnectionError):
+            stackops.SSH.from_config_file("fnode", timeout=2)
+        assert 1.5 < time.monotonic() - started < 8, "a hung host costs the timeout, not forever"
+    finally:
+        fault_node.freeze(1, False)
+    port = fault_node.servers[0].port
+    fault_node.nft(1, "table inet fault {\n chain input {\n  type filter hook input priority 0\n"
+                      f"  tcp dport {port} reject with tcp reset\n }}\n}}\n")
+    started = time.monotonic()
+    with pytest.raises(stackops.StackopsConnectionError, match="cannot connect"):
+        stackops.SSH.from_config_file("fnode", timeout=5)
+    assert time.monotonic() - started < 1, "a refused connection is an immediate error"
+
+
+def test_fault_five_percent_packet_loss_transfers_complete_intact(fault_node, home):
+    digest = _random_file(home / "lossy.bin", 50)
+    fault_node.nft(1, "table inet fault {\n"
+                      " chain input {\n  type filter hook input priority 0\n  numgen random mod 100 < 5 drop\n }\n"
+                      " chain output {\n  type filter hook output priority 0\n  numgen random mod 100 < 5 drop\n }\n"
+                      "}\n")
+    with stackops.SSH.from_config_file("fnode", timeout=15) as ssh:
+        ssh.copy_from_here(home / "lossy.bin", "~/lossy/up.bin")
+        assert _remote_sha(ssh, "~/lossy/up.bin") == digest
+        back = ssh.copy_to_here("~/lossy/up.bin", home / "lossy-back.bin")
+    assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
+
+
+def test_fault_remote_disk_full_clear_error_and_nothing_left(fault_node, home, sshd):
+    small = sshd.remote_home / "smalldisk"
+    small.mkdir()
+    shutil.chown(small, sshd.user, sshd.user)
+    fault_node.mount_tmpfs(1, small, "4m", sshd.user)
+    _random_file(home / "huge.bin", 12)
+    for i in range(12):
+        _random_file(home / "tree" / f"part{i}.bin", 1)
+    with stackops.SSH.from_config_file("fnode", timeout=5) as ssh:
+        with pytest.raises(stackops.TransferError, match="No space left on device"):
+            ssh.copy_from_here(home / "huge.bin", "~/smalldisk/huge.bin")
+        with pytest.raises(stackops.TransferError, match="No space left on device"):
+            ssh.copy_from_here(home / "tree", "~/smalldisk/tree", recursive=True)
+        left = ssh.run_shell_cmd_on_remote("ls -A ~/smalldisk").stdout
+        used = ssh.run_shell_cmd_on_remote("df -k ~/smalldisk | tail -1").stdout.split()[2]
+    assert left == "", "partial files are removed"
+    assert used == "0"  # the small disk is empty again
+
+
+def test_fault_sshd_restarted_while_a_job_runs(home, sshd):
+    server = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"))
+    server.client_key = sshd.client_key
+    _write_ssh_config(home, server, alias="restarting")
+    mod = make_module(home, REMOTE_JOBS)
+    try:
+        cfg = config(job_id="sshd-restart", ssh_host="restarting", copy_repo=True)
+        with RemoteMachine(mod.sleeper, config=cfg, func_kwargs={"seconds": 3}) as machine:
+            machine.run()
+            wait_for(lambda: machine.get_status(0).status == "running", what="running")
+            server.restart()
+            assert machine.get_status(0).status == "running"  # the session outlives the listener
+        later = RemoteMachine.load("sshd-restart")  # a new connection, to the new listener
+        with later:
+            report = wait_for(lambda: later.get_status(0).finished and later.get_status(0), what="the end")
+        assert report.status == "completed"
+    finally:
+        server.stop()
+
+
+def test_fault_laptop_killed_during_submit_leaves_no_job_that_looks_ready(remote, home, sshd):
+    mod = make_module(home, JOBS_SOURCE)
+    _random_file(home / "data" / "big.bin", 64)
+    marker = home / "mid-transfer"
+    code = textwrap.dedent(f"""
+        import sys, time; sys.path.insert(0, {str(HERE)!r}); import stackops
+        config = stackops.RemoteStackOpsConfig(job_id="killed-submit", ssh_host="tb", copy_repo=True)
+        machine = stackops.RemoteMachine({mod.__file__ + ":train"!r}, config, data=["~/data/big.bin"])
+        def progress(sent):
+            if sent > 4 * 2**20:
+                open({str(marker)!r}, "w").close()
+                time.sleep(120)
+        machine.run(progress=progress)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, HOME=str(home)))
+    try:
+        wait_for(marker.exists, timeout=60, what="the submission to be mid-transfer")
+    finally:
+        child.kill()  # SIGKILL: no clean-up of any kind
+        child.wait()
+    remote_root = sshd.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "killed-submit"
+    assert not remote_root.exists(), "the job folder goes last: without it nothing on the host looks ready"
+    shown = cli("status", "killed-submit", home=home)
+    assert shown.returncode == 1 and "never completely submitted" in shown.stderr
+    again = cli("run", f"{mod.__file__}:train", "--host", "tb", "--job-id", "killed-submit", home=home)
+    assert again.returncode == 2 and "submission was interrupted" in again.stderr
+    assert not remote_root.exists()
+
+
+def test_fault_two_processes_submit_and_check_one_job_at_once(home):
+    mod = make_module(home, JOBS_SOURCE)
+    go = home / "go"
+    code = textwrap.dedent(f"""
+        import sys, time, os; sys.path.insert(0, {str(HERE)!r}); import stackops
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        try:
+            stackops.RemoteMachine({mod.__file__ + ":sleeper"!r}, stackops.RemoteStackOpsConfig(job_id="twin"),
+                                   func_kwargs={{"seconds": 1.5}}).run()
+            print("started")
+        except stackops.ConfigError as exc:
+            assert "already exists" in str(exc), exc
+            print("refused")
+        seen = set()
+        deadline = time.monotonic() + 60
+        while "completed" not in seen and time.monotonic() < deadline:
+            machine = stackops.RemoteMachine.load("twin")
+            seen.add(machine.get_status(5).status)
+            machine.check_job_status()
+        print(sorted(seen))
+    """)
+    twins = [subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, HOME=str(home)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    outputs = [twin.communicate(timeout=120) for twin in twins]
+    assert [twin.returncode for twin in twins] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sorted(out.split()[0] for out, _ in outputs) == ["refused", "started"]
+    root = home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "twin"
+    for path in [*root.rglob("*.json"), *(home / "tmp_results" / "remote_machines" / "file_manager").glob("*.json")]:
+        json.loads(path.read_text())  # every state file whole
+    assert (root / "logs" / "status.txt").read_text() == "completed"
+    assert not list(root.parent.glob(".twin.*")), "the loser's staging folder is gone"
+
+
+CROWD_JOBS = """
+    import os, time
+
+    def crowded(i, folder, seconds=0.15):
+        # how many jobs run at this moment, this one included: live pids that announced themselves
+        mine = os.path.join(folder, str(i))
+        with open(mine, "w") as handle:
+            handle.write(str(os.getpid()))
+        alive = 0
+        for name in os.listdir(folder):
+            try:
+                pid = int(open(os.path.join(folder, name)).read())
+                state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            except (OSError, ValueError, IndexError):
+                continue
+            alive += state not in ("Z", "X")
+        time.sleep(seconds)
+        os.unlink(mine)
+        return alive
+"""
+
+
+def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
+    import random as _random
+
+    mod = make_module(home, CROWD_JOBS)
+    crowd = tmp_path / "crowd"
+    crowd.mkdir()
+    machines = [RemoteMachine(mod.crowded, config=config(job_id=f"crowd-{i:03d}", max_simultaneous_jobs=5),
+                              func_kwargs={"i": i, "folder": str(crowd)}) for i in range(200)]
+    state = home / "tmp_results" / "remote_machines" / "file_manager"
+    stop, problems, killed = threading.Event(), [], set()
+
+    def read_views():
+        while not stop.is_set():
+            for name in ("running_jobs.json", "queued_jobs.json", "history_jobs.json"):
+                try:
+                    view = json.loads((state / name).read_text())
+                except FileNotFoundError:
+                    continue
+                except ValueError as exc:
+                    problems.append(f"{name}: {exc}")
+                    continue
+                if name == "running_jobs.json" and len(view) > 5:
+                    problems.append(f"{len(view)} jobs in running view")
+
+    def kill_some():  # a holder of a slot, chosen at random, every quarter second
+        rng = _random.Random(7)
+        while not stop.wait(0.25) and len(killed) < 25:
+            holders = [h for h in Slots().holders() if isinstance(h.get("pid"), int)]
+            if holders:
+                victim = rng.choice(holders)
+                if stackops.pid_is_alive(victim["pid"], victim["job_id"]):
+                    os.kill(victim["pid"], signal.SIGKILL)
+                    killed.add(victim["job_id"])
+
+    watchers = [threading.Thread(target=read_views), threading.Thread(target=kill_some)]
+    for watcher in watchers:
+        watcher.start()
+    try:
+        for machine in machines:
+            machine.run()
+        reports = [wait_done(machine, timeout=300) for machine in machines]
+    finally:
+        stop.set()
+        for watcher in watchers:
+            watcher.join()
+    assert problems == []
+    assert len(killed) >= 10
+    assert all(report.status in ("completed", "failed") for report in reports), "no job lost"
+    counts = [json.loads(Path(report.results_path.replace("~", str(home), 1), "result.json").read_text())
+              for report in reports if report.status == "completed"]
+    assert counts and max(counts) <= 5, f"at most 5 at once, saw {max(counts)}"
+    failed = {report.job_id for report in reports if report.status == "failed"}
+    assert failed <= killed and all("process gone" in r.error_message or "killed by signal 9" in r.error_message
+                                    for r in reports if r.status == "failed")
+    assert Slots().holders() == [] and Slots().waiters() == []
