@@ -3179,7 +3179,7 @@ class RemoteMachine:
         """Check what can be checked before anything is written or sent: the host answers and is
         trusted, and the cloud remote is known. run() starts with it."""
         if self.is_remote:
-            self.ssh
+            _ = self.ssh  # connects: an unknown, untrusted or unreachable host stops us here
             if self.config.transfer_method == "cloud":
                 check_cloud_remote(self.config.cloud_name or "")
         return self
