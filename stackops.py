@@ -3270,6 +3270,8 @@ class RemoteMachine:
         home-relative path here); here it is already local, and ``target`` makes a copy. Either
         way the copy appears whole under its name or not at all."""
         results = self.results()
+        if not self.is_remote and not results.exists():
+            raise ConfigError(f"the results folder of job {self.job_id}, {collapse_home(results)}, no longer exists")
         if self.is_remote and self.config.transfer_method == "cloud":
             local = self._download_via_cloud(results.as_posix(), target, overwrite)
         elif self.is_remote:

@@ -2120,6 +2120,153 @@ def test_remote_concurrent_uploads_of_one_target_stay_whole(remote, home):
 
 
 # ============================================================================================
+# bad input, whole table: through the CLI, against the real sshd
+# ============================================================================================
+
+BAD_INPUT = [  # (arguments, exit status, what the one error line says)
+    (["run", "nope.py"], 2, "script not found"),
+    (["run", "proj"], 2, "not a script file"),
+    (["run", "proj/m.py:missing"], 2, "defines no top-level 'missing'"),
+    (["run", "proj/none.py:f"], 2, "no Python file"),
+    (["run", "proj/m.py:f", "--kwargs", "{bad"], 2, "not JSON"),
+    (["run", "proj/m.py:f", "--kwargs", "[1]"], 2, "must be a JSON object"),
+    (["run", "proj/m.py:f", "--kwargs", "@nope.json"], 2, "cannot read kwargs file"),
+    (["run", "proj/m.py:f", "--job-id", "a/b"], 2, "not a safe name"),
+    (["run", "proj/m.py:f", "--job-id", ".."], 2, "not a safe name"),
+    (["run", "proj/m.py:f", "--job-id", "a b"], 2, "not a safe name"),
+    (["run", "proj/m.py:f", "--job-id=-x"], 2, "not a safe name"),
+    (["run", "proj/m.py:f", "--job-id", "x" * 200], 2, "not a safe name"),
+    (["run", "proj/m.py:f", "--job-id", "exists-already"], 2, "already exists"),
+    (["run", "proj/m.py:f", "--max-jobs", "0"], 2, "max_simultaneous_jobs"),
+    (["run", "proj/m.py:f", "--data", "nope.csv"], 2, "data path not found"),
+    (["run", "proj/m.py:f", "--host", "tb", "--data", "/etc/hostname"], 2, "outside your home"),
+    (["run", "proj/m.py:f", "--transfer", "cloud"], 2, "cloud_name"),
+    (["run", "proj/m.py:f", "--host", "tb", "--transfer", "cloud", "--cloud", "nosuchremote"], 2,
+     "rclone knows no remote"),
+    (["run", "proj/m.py:f", "--host", "a@b@c"], 2, "not an SSH target"),
+    (["run", "proj/m.py:f", "--host", "user@"], 2, "not an SSH target"),
+    (["run", "proj/m.py:f", "--host", "h:0"], 2, "outside 1..65535"),
+    (["run", "proj/m.py:f", "--host", "h:70000"], 2, "outside 1..65535"),
+    (["run", "proj/m.py:f", "--host", "tbnokey"], 2, "no identity file"),
+    (["run", "proj/m.py:f", "--host", "tbopen"], 2, "readable by others"),
+    (["run", "proj/m.py:f", "--host", "tbenc"], 2, "encrypted and no passphrase"),
+    (["run", "proj/m.py:f", "--host", "tbunknown"], 1, "is unknown"),
+    (["run", "proj/m.py:f", "--host", "tbdead"], 1, "cannot connect"),
+    (["run", "proj/m.py:f", "--host", "nosuchhost.example"], 1, "cannot resolve"),
+    (["run", "proj/m.py:f", "--workload", "x"], 2, "START:END"),
+    (["run", "proj/m.py:f", "--parallelize"], 2, "parallelize"),
+    (["run", "proj/m.py:f", "--ssh-timeout", "0"], 2, "ssh_timeout"),
+    (["status", "no-such-job"], 2, "no job"),
+    (["status", "corrupt"], 1, "corrupted JSON"),
+    (["delete-results", "gave-home"], 2, "refusing to delete"),
+    (["download", "lost-results", "--to", "out"], 2, "no longer exists"),
+    (["copy", "a", "b"], 2, "exactly one side"),
+    (["copy", "tb:x", "tb:y"], 2, "exactly one side"),
+    (["copy", "tb:~/nothing-here", "got"], 2, "nothing to copy"),
+    (["copy", "proj", "tb:~/projcopy"], 2, "is a folder"),
+    (["copy", "proj/m.py", "tb:~/existing.txt"], 2, "already exists"),
+    (["ssh", "tb"], 2, "no command"),
+    (["cluster", "run", "proj/m.py:f", "--hosts", "tb,tb"], 2, "each named once"),
+    (["cluster", "run", "proj/m.py", "--hosts", "tb"], 2, "a script cannot be split"),
+    (["nosuchcommand"], 2, "invalid choice"),
+]
+
+
+def _tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+def _prepare_bad_input_home(home: Path, sshd: SSHD) -> None:
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n\ndef give(where):\n    return where\n")
+    ssh_dir = home / ".ssh"
+    key = sshd.client_key
+    shutil.copy(key, ssh_dir / "open_key")
+    (ssh_dir / "open_key").chmod(0o644)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(ssh_dir / "enc_key")],
+                   check=True)
+    target = f"  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+    with open(ssh_dir / "config", "a") as handle:
+        handle.write(f"Host tbnokey\n{target}  IdentityFile ~/.ssh/missing_key\n"
+                     f"Host tbopen\n{target}  IdentityFile ~/.ssh/open_key\n"
+                     f"Host tbenc\n{target}  IdentityFile ~/.ssh/enc_key\n"
+                     f"Host tbunknown\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+                     f"  IdentityFile ~/.ssh/id_ed25519\n  UserKnownHostsFile ~/.ssh/empty_known_hosts\n"
+                     f"Host tbdead\n  HostName 127.0.0.1\n  Port {_free_port()}\n  User {sshd.user}\n")
+    for args in (["run", "proj/m.py:f", "--job-id", "exists-already", "--no-launch"],
+                 ["run", "proj/m.py:give", "--job-id", "gave-home", "--kwargs", '{"where": "~"}', "--wait"],
+                 ["run", "proj/m.py:f", "--job-id", "lost-results", "--wait"],
+                 ["run", "proj/m.py:f", "--job-id", "corrupt", "--no-launch"]):
+        done = cli(*args, home=home)
+        assert done.returncode == 0, done.stderr
+    jobs = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    (jobs / "corrupt" / "data" / "remote_machine.json").write_text('{"config": {"job_id": "corr')
+    shutil.rmtree(home / "tmp_results" / "tmp_dirs" / "lost-results")
+    with stackops.SSH.from_config_file("tb") as ssh:
+        ssh.run_shell_cmd_on_remote("echo here > ~/existing.txt")
+    (home / ".config" / "rclone").mkdir(parents=True)  # rclone set up, as for anyone who uses clouds
+    (home / ".config" / "rclone" / "rclone.conf").write_text("[tblocal]\ntype = local\n")
+
+
+def test_bad_input_table_exits_2_or_typed_error_one_line_nothing_written_or_sent(remote, home):
+    _prepare_bad_input_home(home, remote)
+    isolated = ["unshare", "-rn"] if shutil.which("unshare") else []  # a name lookup stays in our namespace
+    wrong = []
+    for args, status, message in BAD_INPUT:
+        if "nosuchremote" in args and shutil.which("rclone") is None and not os.environ.get("CI"):
+            continue
+        local_before, remote_before = _tree(home), _tree(remote.remote_home)
+        if "nosuchhost.example" in args:
+            done = subprocess.run([*isolated, sys.executable, str(SOURCE), *args], cwd=home, capture_output=True,
+                                  text=True, env=dict(os.environ, HOME=str(home)), timeout=60)
+        else:
+            done = cli(*args, home=home)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("stackops: error:")]
+        problems = []
+        if done.returncode != status:
+            problems.append(f"exit {done.returncode}")
+        if message not in done.stderr or "Traceback" in done.stderr or len(errors) != 1:
+            problems.append(f"stderr {done.stderr[-600:]!r}")
+        if _tree(home) != local_before:
+            problems.append(f"wrote {sorted(set(_tree(home)) ^ set(local_before))[:5]}")
+        if _tree(remote.remote_home) != remote_before:
+            problems.append(f"sent {sorted(set(_tree(remote.remote_home)) ^ set(remote_before))[:5]}")
+        if problems:
+            wrong.append((args, problems))
+    assert len(BAD_INPUT) >= 30
+    assert wrong == [], "\n".join(map(str, wrong))
+
+
+def test_bad_input_kwargs_too_big_for_a_command_line_travel_by_file(home):
+    mod = make_module(home, JOBS_SOURCE)
+    big = {"blob": "é$(x)`y`'\"" * 400000}  # 3.6 MB: more than fits in argv (ARG_MAX is 2 MB here)
+    (home / "big.json").write_text(json.dumps(big))
+    done = cli("run", f"{mod.__file__}:echo", "--kwargs", "@big.json", "--job-id", "bigkw", "--wait", home=home)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((home / "tmp_results" / "tmp_dirs" / "bigkw" / "result.json").read_text()) == big
+
+
+def test_bad_input_ctrl_c_during_a_transfer_exits_130_and_leaves_nothing(remote, home):
+    _random_file(home / "big.bin", 400)
+    for source, target, staging_in in (("big.bin", "tb:~/interrupted.bin", remote.remote_home),
+                                       ("tb:~/blob-for-ctrl-c.bin", "back.bin", home)):
+        if source.startswith("tb:"):
+            with stackops.SSH.from_config_file("tb") as ssh:
+                ssh.copy_from_here(home / "big.bin", "~/blob-for-ctrl-c.bin", overwrite_existing=True)
+        copying = subprocess.Popen([sys.executable, str(SOURCE), "copy", source, target], cwd=home,
+                                   env=dict(os.environ, HOME=str(home)), stderr=subprocess.PIPE, text=True)
+        wait_for(lambda staging_in=staging_in: list(staging_in.glob(".stackops-partial.*")), timeout=30,
+                 what="the transfer to start")
+        copying.send_signal(signal.SIGINT)
+        _, err = copying.communicate(timeout=60)
+        assert copying.returncode == 130, err
+        name = target.split(":")[-1].replace("~/", "")
+        assert not (remote.remote_home / name).exists() and not (home / name).exists()
+        wait_for(lambda staging_in=staging_in: not list(staging_in.glob(".stackops-partial.*")), timeout=10,
+                 what="the partial copy to be removed")
+
+
+# ============================================================================================
 # faults: hosts that go away, freeze or fill up, laptops that die, processes that race
 # (network namespaces: as root, which CI is)
 # ============================================================================================
