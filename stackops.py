@@ -230,14 +230,21 @@ def _shorten(text: str, width: int) -> str:
 
 
 def _mkdir_private(path: Path) -> Path:
-    """Create ``path`` and missing parents; the leaf is private to the user (0700)."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    """Create ``path`` and its missing parents, each private to the user (0700); folders that
+    exist already are left as they are."""
+    missing = []
+    while not path.is_dir() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        with _suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+    return missing[0] if missing else path
 
 
 def _atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
     """Write a whole file or nothing: temp file, fsync, rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir_private(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -1640,6 +1647,8 @@ def job_report(job_root: str | os.PathLike[str], log_lines: int = 20) -> dict[st
 def _is_own_results(job_root: Path, job_id: str, path: Path) -> bool:
     real = Path(os.path.realpath(path))
     for base in (expand_home(f"{DEFAULT_RESULTS_DIR}/{job_id}"), job_root):
+        if os.path.islink(base):  # a folder swapped for a link owns nothing it points into
+            continue
         own = Path(os.path.realpath(base))
         if real == own or own in real.parents:
             return True
@@ -2358,7 +2367,7 @@ class SSH:
         """Refuse an existing target unless asked; make a hidden staging folder beside it."""
         script = (f"T={_sh_path(target)}; " + ("" if overwrite else
                   'if [ -e "$T" ] || [ -L "$T" ]; then echo "exists: $T" >&2; exit 17; fi; ') +
-                  'P=$(dirname "$T") && mkdir -p "$P" && S=$(mktemp -d "$P/.stackops-partial.XXXXXX") && '
+                  'P=$(dirname "$T") && (umask 077 && mkdir -p "$P") && S=$(mktemp -d "$P/.stackops-partial.XXXXXX") && '
                   'printf "%s" "${S##*/}"')
         response = self.run_shell_cmd_on_remote(script, timeout=self.timeout, strict=False)
         if response.returncode == 17:
@@ -2461,7 +2470,7 @@ class SSH:
         destination = expand_home(target if target is not None else remote)
         if (destination.exists() or destination.is_symlink()) and not overwrite:
             raise ConfigError(f"{destination} already exists", hint="pass overwrite (--overwrite) to replace it")
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        _mkdir_private(destination.parent)
         staging = Path(_make_temp_dir(destination.parent))
         try:
             if kind == "dir":
@@ -2785,7 +2794,7 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
 def cloud_fetch_command(cloud_name: str, job_id: str) -> str:
     """Shell that fetches and unpacks a job's archive into the home of the machine that runs it."""
     source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{job_id}.tar")
-    return ('A=$(mktemp "$HOME/.stackops-fetch.XXXXXX") && '
+    return ('umask 077 && A=$(mktemp "$HOME/.stackops-fetch.XXXXXX") && '
             f'{{ rclone copyto {source} "$A" && tar xf "$A" -C "$HOME"; r=$?; rm -f "$A"; [ "$r" -eq 0 ]; }}')
 
 
@@ -3296,7 +3305,7 @@ class RemoteMachine:
             f'else rclone copyto "$S" {where}/payload; fi', timeout=3600, strict=False)
         if up.returncode != 0:
             raise TransferError(f"rclone on {self.host_name} could not upload the results: {_tail(up.stderr, 3)}")
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        _mkdir_private(destination.parent)
         staging = Path(_make_temp_dir(destination.parent))
         try:
             _rclone("copy", f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}", str(staging),
@@ -3400,7 +3409,7 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
 def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
     if (destination.exists() or destination.is_symlink()) and not overwrite:
         raise ConfigError(f"{destination} already exists", hint="choose another target or pass overwrite=True")
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir_private(destination.parent)
     staging = Path(_make_temp_dir(destination.parent)) / "payload"
     try:
         shutil.copytree(source, staging, symlinks=True) if source.is_dir() else shutil.copy2(source, staging)
@@ -3768,6 +3777,7 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str) -> str:
     try:
         _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"), what="download of a unit")
         _remove(root)  # an earlier attempt's logs must not pass for this one's
+        _mkdir_private(root.parent)
         tar = subprocess.run(["tar", "xf", str(staging / "unit.tar"), "-C", str(Path.home())], capture_output=True,
                              text=True)
         if tar.returncode != 0:

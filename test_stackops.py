@@ -842,7 +842,7 @@ def test_bad_input_cli_exits_2_with_one_line(home, args, message):
 # hostile values travel intact and inject nothing
 # ============================================================================================
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 HOSTILE = st.sampled_from(["'", '"', "$(touch PWNED)", "`touch PWNED`", ";", "\n", "\\", "é", "☃", " ", "$HOME",
@@ -885,7 +885,157 @@ def test_security_hostile_values_reach_the_job_intact(home, value, folder):
     report = wait_done(machine)
     assert report.status == "completed", report
     assert json.loads((home / f"seen-{tag}.json").read_text(encoding="utf-8")) == kwargs
+    assert _shell_status(machine.file_manager, 5).to_dict() == machine.file_manager.status_report(5).to_dict()
     assert not list(home.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=(st.text(min_size=1, max_size=40) | hostile_text).filter(lambda p: "\0" not in p))  # no path holds NUL
+@example(path="~")
+@example(path="~/x y")
+@example(path="~user")
+def test_security_every_path_reaches_the_shell_literally(path):
+    """_sh_path puts every path into generated shell (launcher, fire, status, copies): bash must
+    see exactly that path, with ~/ meaning the home of the machine it runs on."""
+    home_relative = path == "~" or path.startswith("~/")
+    for given, meant in ((path, "/home/of/x" + path[1:] if home_relative else path),
+                         (f"~/{path}", f"/home/of/x/{path}")):
+        done = subprocess.run(["bash", "-c", "printf '%s' " + stackops._sh_path(given)], capture_output=True,
+                              env={"HOME": "/home/of/x", "PATH": os.environ["PATH"]}, check=False)
+        assert done.returncode == 0 and done.stdout.decode("utf-8", "surrogateescape") == meant
+
+
+HOSTILE_NAMES = ["$(touch PWNED)", "`touch PWNED`", "a;touch PWNED", "new\nline", "ünï çødé ☃", "-dash",
+                 "it's \"q\" $HOME", "tab\there", "*"]
+
+
+def test_security_hostile_names_travel_over_ssh_intact_and_run_nothing(remote, home):
+    with stackops.SSH.from_config_file("tb") as ssh:
+        for i, name in enumerate(HOSTILE_NAMES):
+            data = f"{i}: {name}".encode()
+            (home / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+            (home / "out" / name).write_bytes(data)
+            (home / "dirs" / name / name).mkdir(parents=True)
+            (home / "dirs" / name / name / name).write_bytes(data)
+            assert ssh.copy_from_here(home / "out" / name, f"~/hostile/{name}") == f"~/hostile/{name}"
+            assert (remote.remote_home / "hostile" / name).read_bytes() == data
+            assert ssh.copy_to_here(f"~/hostile/{name}", home / "back" / name).read_bytes() == data
+            ssh.copy_from_here(home / "dirs" / name, f"~/hostile-dirs/{name}", recursive=True)
+            assert (remote.remote_home / "hostile-dirs" / name / name / name).read_bytes() == data
+            back = ssh.copy_to_here(f"~/hostile-dirs/{name}", home / "back-dirs" / name, recursive=True)
+            assert (back / name / name).read_bytes() == data
+    for where in (remote.remote_home, home, Path.cwd()):
+        assert not list(where.rglob("PWNED")), where
+
+
+ESCAPES = """
+    import os
+
+    def escape(kind):
+        home = os.path.expanduser("~")
+        own = os.path.join(home, "tmp_results", "tmp_dirs", "escape-" + kind)
+        os.makedirs(os.path.join(home, "precious"), exist_ok=True)
+        open(os.path.join(home, "precious", "keep.txt"), "w").close()
+        if kind == "dotdot":  # its own folder's parent, the results of every job
+            os.makedirs(own, exist_ok=True)
+            return own + "/.."
+        if kind == "link":  # a link inside its own folder, pointing home
+            os.makedirs(own, exist_ok=True)
+            os.symlink(home, os.path.join(own, "link"))
+            return os.path.join(own, "link")
+        if kind == "swapped":  # its own folder swapped for a link home, returning a path through it
+            os.makedirs(os.path.dirname(own), exist_ok=True)
+            os.symlink(home, own)
+            return os.path.join(own, "precious")
+        return {"tilde": "~", "root": "/", "home-abs": home}[kind]
+"""
+
+
+@pytest.mark.parametrize("kind", ["tilde", "root", "home-abs", "dotdot", "link", "swapped"])
+def test_security_delete_results_never_leaves_the_job(home, kind):
+    mod = make_module(home, ESCAPES)
+    machine = RemoteMachine(mod.escape, config=config(job_id=f"escape-{kind}"), func_kwargs={"kind": kind}).run()
+    assert wait_done(machine).status == "completed"
+    with pytest.raises(ConfigError, match="refusing to delete"):
+        machine.delete_remote_results()
+    assert (home / "precious" / "keep.txt").exists() and (home / "proj").exists()
+
+
+def test_security_secrets_stay_out_of_reprs_errors_logs_and_job_folders(sshd, home, caplog):
+    import logging
+
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+
+    secret = "hunter2-S3CRET-never-shown"
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(stackops.StackopsConnectionError) as info:  # the server takes no passwords
+        stackops.SSH(hostname="127.0.0.1", port=sshd.port, username=sshd.user, password=secret,
+                     accept_new_host_key=True, timeout=5)
+    shown = [str(info.value), repr(info.value), info.value.hint or "", caplog.text]
+    _write_ssh_config(home, sshd)
+    with stackops.SSH("tb", password=secret) as ssh:  # the key gets in; the password stays with it
+        shown += [repr(ssh), str(ssh.target), repr(ssh.target)]
+
+    class Refuse:
+        async def handle_DATA(self, server, session, envelope):
+            return "250 OK"
+
+    port = _free_port()
+    controller = Controller(Refuse(), hostname="127.0.0.1", port=port, auth_require_tls=False,
+                            authenticator=lambda *args: AuthResult(success=False, handled=False))
+    controller.start()
+    try:
+        settings = home / ".config" / "stackops" / "email.json"
+        settings.parent.mkdir(parents=True)
+        settings.write_text(json.dumps({"mail": {"host": "127.0.0.1", "port": port, "security": "plain",
+                                                 "user": "me", "password": secret, "from": "me@test.invalid"}}))
+        settings.chmod(0o600)
+        mod = make_module(home, JOBS_SOURCE)
+        cfg = config(job_id="secretive", notify_upon_completion=True, to_email="you@test.invalid",
+                     email_config_name="mail")
+        machine = RemoteMachine(mod.echo, config=cfg, func_kwargs={"a": 1}).run()
+        wait_done(machine)
+        log = wait_for(lambda: "e-mail" in machine.file_manager.path(stackops.OUTPUT_LOG).read_text() and
+                       machine.file_manager.path(stackops.OUTPUT_LOG).read_text(), what="the e-mail attempt")
+        assert "could not send" in log  # the login was refused, and said so without the password
+    finally:
+        controller.stop()
+    shown += [repr(cfg), json.dumps(cfg.to_dict())]
+    shown += [p.read_text(errors="replace") for p in home.rglob("*") if p.is_file() and p != settings]
+    assert not [text for text in shown if secret in text]
+
+
+def test_security_state_cache_and_remote_job_folders_are_private(remote, home):
+    mod = make_module(home, JOBS_SOURCE)
+    RemoteMachine(mod.echo, config=config(job_id="private-here"), func_kwargs={"a": 1}).run().wait(timeout=60)
+    with RemoteMachine(mod.echo, config=config(job_id="private-there", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"a": 1}) as there:
+        there.run()
+        there.wait(timeout=60)
+    remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "private-there"
+    assert (home / ".cache" / "stackops").stat().st_mode & 0o077 == 0  # shipped bytecode: code, but ours
+    for root in (home / "tmp_results", remote.remote_home / "tmp_results"):
+        assert root.stat().st_mode & 0o077 == 0, root
+        for path in root.rglob("*"):
+            assert path.stat().st_mode & 0o077 == 0, path
+    assert remote_job.is_dir()
+
+
+def test_security_hostile_base_dir_for_a_remote_job(remote, home):
+    mod = make_module(home, JOBS_SOURCE)
+    base = "~/jobs $(touch PWNED) `touch PWNED` 'q\" ;x\nnext"
+    with RemoteMachine(mod.echo, config=config(job_id="hostile-base", ssh_host="tb", copy_repo=True, base_dir=base),
+                       func_kwargs={"a": "$(touch PWNED)"}) as machine:
+        machine.run()
+        assert machine.wait(timeout=60).as_posix() == "~/tmp_results/tmp_dirs/hostile-base"
+        assert machine.get_status(5).status == "completed"
+        local = machine.download_results(home / "got")
+        assert json.loads((local / "result.json").read_text()) == {"a": "$(touch PWNED)"}
+        machine.delete_remote_results()
+    assert (remote.remote_home / "jobs $(touch PWNED) `touch PWNED` 'q\" ;x\nnext" / "queued" / "hostile-base").is_dir()
+    for where in (remote.remote_home, home, Path.cwd()):
+        assert not list(where.rglob("PWNED")), where
 
 
 # ============================================================================================
@@ -2253,17 +2403,18 @@ def test_bad_input_ctrl_c_during_a_transfer_exits_130_and_leaves_nothing(remote,
         if source.startswith("tb:"):
             with stackops.SSH.from_config_file("tb") as ssh:
                 ssh.copy_from_here(home / "big.bin", "~/blob-for-ctrl-c.bin", overwrite_existing=True)
+        before = set(staging_in.glob(".stackops-partial.*"))  # an earlier test's broken connection may leave one
         copying = subprocess.Popen([sys.executable, str(SOURCE), "copy", source, target], cwd=home,
                                    env=dict(os.environ, HOME=str(home)), stderr=subprocess.PIPE, text=True)
-        wait_for(lambda staging_in=staging_in: list(staging_in.glob(".stackops-partial.*")), timeout=30,
-                 what="the transfer to start")
+        wait_for(lambda staging_in=staging_in, before=before: set(staging_in.glob(".stackops-partial.*")) - before,
+                 timeout=30, what="the transfer to start")
         copying.send_signal(signal.SIGINT)
         _, err = copying.communicate(timeout=60)
         assert copying.returncode == 130, err
         name = target.split(":")[-1].replace("~/", "")
         assert not (remote.remote_home / name).exists() and not (home / name).exists()
-        wait_for(lambda staging_in=staging_in: not list(staging_in.glob(".stackops-partial.*")), timeout=10,
-                 what="the partial copy to be removed")
+        wait_for(lambda staging_in=staging_in, before=before: set(staging_in.glob(".stackops-partial.*")) <= before,
+                 timeout=10, what="the partial copy to be removed")
 
 
 # ============================================================================================
