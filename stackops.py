@@ -3705,8 +3705,8 @@ class Cluster:
             if host in self.workloads and host not in self.machines:
                 machine = RemoteMachine(self.func, self._machine_config(index, host), self.func_kwargs)
                 machine._ssh = self._ssh[host]
-                machine.generate_scripts()
                 self.machines[host] = machine
+        # submit() generates each folder first, in parallel: its writes wait on the disk (fsync)
         self._raise_failures("submit", self._parallel(lambda h: self.machines[h].submit(), list(self.machines)))
         self._save()
         return self
