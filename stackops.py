@@ -1008,7 +1008,6 @@ exit 0
 """
 
 
-
 # ============================================================================================
 # 7. job folder: FileManager, slots and queue, status
 # ============================================================================================
@@ -2380,7 +2379,7 @@ class SSH:
             raise ConfigError(f"nothing to copy at {source_path}")
         if source.is_dir() and not recursive:
             raise ConfigError(f"{source_path} is a folder: pass recursive=True (-r) to copy folders")
-        target = _remote_path(target_rel2home if target_rel2home is not None else _home_relative(source))
+        target = _remote_target(target_rel2home if target_rel2home is not None else _home_relative(source))
         staging = self._prepare_target(target, overwrite_existing)
         if source.is_dir():
             command = f"tar x{'z' if compress_with_zip else ''}f - -C {_sh_path(staging)}"
@@ -2680,7 +2679,13 @@ def _remote_path(path: str) -> str:
     """A remote path as given: ``~/...`` or absolute; a relative one is taken from the home."""
     if not path:
         raise ConfigError("empty remote path")
-    path = path if path.startswith(("~", "/")) else "~/" + path
+    return path if path.startswith(("~", "/")) else "~/" + path
+
+
+def _remote_target(path: str) -> str:
+    """A remote path that a copy may (re)place: never the host's home, a folder holding it, or a
+    path climbing with '..'."""
+    path = _remote_path(path)
     if posixpath.normpath(path) in ("~", "/") or ".." in path.split("/"):
         raise ConfigError(f"{path!r} is the host's home, holds it, or climbs out of it with '..': "
                           "a copy never replaces such a folder", hint="name a folder inside it, e.g. ~/backup")
