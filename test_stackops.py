@@ -924,6 +924,8 @@ def test_security_hostile_names_travel_over_ssh_intact_and_run_nothing(remote, h
             assert (remote.remote_home / "hostile-dirs" / name / name / name).read_bytes() == data
             back = ssh.copy_to_here(f"~/hostile-dirs/{name}", home / "back-dirs" / name, recursive=True)
             assert (back / name / name).read_bytes() == data
+        # only targets refuse '..': a source may climb (it replaces nothing)
+        assert ssh.copy_to_here("~/hostile/../hostile", home / "via-dots", recursive=True).is_dir()
     for where in (remote.remote_home, home, Path.cwd()):
         assert not list(where.rglob("PWNED")), where
 
