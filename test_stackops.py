@@ -898,9 +898,9 @@ def test_security_every_path_reaches_the_shell_literally(path):
     """_sh_path puts every path into generated shell (launcher, fire, status, copies): bash must
     see exactly that path, with ~/ meaning the home of the machine it runs on."""
     home_relative = path == "~" or path.startswith("~/")
-    for given, meant in ((path, "/home/of/x" + path[1:] if home_relative else path),
-                         (f"~/{path}", f"/home/of/x/{path}")):
-        done = subprocess.run(["bash", "-c", "printf '%s' " + stackops._sh_path(given)], capture_output=True,
+    for written, meant in ((path, "/home/of/x" + path[1:] if home_relative else path),
+                           (f"~/{path}", f"/home/of/x/{path}")):
+        done = subprocess.run(["bash", "-c", "printf '%s' " + stackops._sh_path(written)], capture_output=True,
                               env={"HOME": "/home/of/x", "PATH": os.environ["PATH"]}, check=False)
         assert done.returncode == 0 and done.stdout.decode("utf-8", "surrogateescape") == meant
 
