@@ -1138,7 +1138,18 @@ def test_cli_run_status_list_logs_queue(home):
 
 import socket  # noqa: E402
 
-REMOTE_USER = "stackopsremote"
+def _remote_user_name() -> str:
+    """A login of this suite's own: two suites on one machine never share (or usermod) an account."""
+    return f"sor{os.getpid()}"
+
+
+def _remove_stale_test_users() -> None:
+    """Delete accounts left by suites that were killed before their teardown (their pid is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/passwd").read_text().splitlines():
+            name = line.split(":", 1)[0]
+            if name.startswith("sor") and name[3:].isdigit() and not Path(f"/proc/{name[3:]}").exists():
+                subprocess.run(["userdel", name], capture_output=True)
 
 
 def _free_port() -> int:
@@ -1152,19 +1163,19 @@ def _keygen(path: Path, comment: str) -> None:
 
 
 def _remote_account(base: Path) -> tuple[str, Path]:
-    """(user, home) of the login account: a dedicated one as root, else ourselves with HOME moved."""
+    """(user, home) of the login account: a fresh one of this suite's as root, else ourselves with HOME moved."""
     home = base / "remote-home"
     if os.geteuid() != 0:
         home.mkdir()
         return subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip(), home
-    if subprocess.run(["id", REMOTE_USER], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "-M", "-s", "/bin/bash", "-d", str(home), REMOTE_USER], check=True)
-    subprocess.run(["usermod", "-d", str(home), "-p", "*", "-s", "/bin/bash", REMOTE_USER], check=True)
+    _remove_stale_test_users()
+    user = _remote_user_name()
+    subprocess.run(["useradd", "-M", "-s", "/bin/bash", "-p", "*", "-d", str(home), user], check=True)
     home.mkdir()
-    shutil.chown(home, REMOTE_USER, REMOTE_USER)
+    shutil.chown(home, user, user)
     home.chmod(0o700)
     base.chmod(0o755)
-    return REMOTE_USER, home
+    return user, home
 
 
 class SSHD:
@@ -1258,6 +1269,8 @@ def sshd():
         _kill_remote_leftovers(remote_home)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+        if os.geteuid() == 0:
+            subprocess.run(["userdel", _remote_user_name()], capture_output=True)
 
 
 def _kill_remote_leftovers(remote_home: Path) -> None:
