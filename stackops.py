@@ -334,7 +334,7 @@ def check_safe_name(name: Any, what: str = "job_id") -> str:
 
 # sbatch long options a job may set (``slurm_options``); stackops sets the rest itself (the name,
 # output, working folder, array, dependency). An empty value renders the bare flag.
-SLURM_OPTIONS = frozenset("""
+_SLURM_OPTION_WORDS = """
     account acctg-freq batch bb begin clusters comment constraint contiguous core-spec cores-per-socket
     cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot distribution exclude exclusive extra-node-info
     gpu-bind gpu-freq gpus gpus-per-node gpus-per-socket gpus-per-task gres gres-flags hint licenses
@@ -342,7 +342,8 @@ SLURM_OPTIONS = frozenset("""
     nodefile nodelist nodes ntasks ntasks-per-core ntasks-per-gpu ntasks-per-node ntasks-per-socket
     overcommit oversubscribe partition power prefer priority profile propagate qos reboot requeue
     reservation signal sockets-per-node spread-job switches thread-spec threads-per-core time time-min
-    tmp use-min-nodes wckey""".split())
+    tmp use-min-nodes wckey"""
+SLURM_OPTIONS = frozenset(_SLURM_OPTION_WORDS.split())
 _SLURM_VALUE = re.compile(r"[A-Za-z0-9_.:,=/@%+*&|!\[\]()-]{0,200}\Z")
 
 
