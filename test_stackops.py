@@ -1989,7 +1989,7 @@ def slurm(home, slurm_cluster, monkeypatch):
 SLURM_JOBS = """
     import os, time
 
-    def where(tag="x"):
+    def where(tag="x", workload_params=None):
         return {"tag": tag, "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid()}
 
     def boom():
@@ -2060,6 +2060,51 @@ def test_slurm_sigkilled_job_reads_failed(slurm, home):
     assert report.error_message
 
 
+SLURM_ARRAY_JOBS = """
+    import os
+
+    def indices(workload_params, fail_at=-1):
+        if workload_params.idx_start <= fail_at < workload_params.idx_end:
+            raise RuntimeError(f"index {fail_at} is cursed")
+        return {"task": os.environ.get("SLURM_ARRAY_TASK_ID"), "array": os.environ.get("SLURM_ARRAY_JOB_ID"),
+                "indices": list(range(workload_params.idx_start, workload_params.idx_end))}
+"""
+
+
+def test_slurm_workload_runs_as_one_array_covering_each_index_once(slurm, home):
+    module = make_module(home, SLURM_ARRAY_JOBS)
+    workload = WorkloadParams(idx_min=0, idx_max=40, idx_start=0, idx_end=40, jobs=4)
+    machine = RemoteMachine(module.indices, config(launch_method="slurm", workload_params=workload,
+                                                   max_simultaneous_jobs=2))
+    machine.run()
+    assert "#SBATCH --array=0-3%2" in machine.file_manager.path("shell/sbatch.sh").read_text()
+    report = _slurm_wait(machine, 120)
+    assert report.status == "completed", report
+    assert report.slurm_job_id == machine.slurm_job_id and "4 completed" in report.reason
+    folder = machine.download_results(home / "all")
+    seen = []
+    for k, task in enumerate(machine.array_tasks()):
+        result = json.loads((folder / task.job_id / "result.json").read_text())
+        assert result["task"] == str(k) and result["array"] == machine.slurm_job_id
+        assert task.get_status(0).slurm_job_id == f"{machine.slurm_job_id}_{k}"
+        seen += result["indices"]
+    assert sorted(seen) == list(range(40)) and len(seen) == 40
+
+
+def test_slurm_array_with_a_failing_task_is_failed_and_names_it(slurm, home):
+    module = make_module(home, SLURM_ARRAY_JOBS)
+    workload = WorkloadParams(idx_min=0, idx_max=8, idx_start=0, idx_end=8, jobs=2)
+    machine = RemoteMachine(module.indices, config(launch_method="slurm", workload_params=workload),
+                            func_kwargs={"fail_at": 6})
+    machine.run()
+    report = _slurm_wait(machine, 120)
+    assert report.status == "failed", report
+    assert f"task {machine.job_id}-1: failed" in report.error_message and "cursed" in report.error_message
+    assert [task.get_status(0).status for task in machine.array_tasks()] == ["completed", "failed"]
+    again = RemoteMachine.load(machine.job_id)
+    assert again.get_status(0).status == "failed"
+
+
 def test_slurm_job_forgotten_by_slurm_is_failed_not_running(slurm, home):
     machine = _slurm_machine(home, "where").run(run=False)
     machine.slurm_job_id = "999999"  # a job Slurm never had (or forgot after MinJobAge)
@@ -2102,6 +2147,14 @@ def test_slurm_cli_run_wait_and_status_json(slurm, home):
     assert "completed" in done.stdout and "slurm job" in done.stdout
     status = json.loads(cli("status", "sl1", "--json", home=home).stdout)
     assert status["status"] == "completed" and status["slurm_job_id"].isdigit()
+    done = cli("run", "proj/jobs.py:where", "--slurm", "--workload", "0:10:3", "--job-id", "arr", "--wait",
+               home=home)
+    assert done.returncode == 0, done.stderr + done.stdout
+    status = json.loads(cli("status", "arr", "--json", home=home).stdout)
+    assert [task["job_id"] for task in status["tasks"]] == ["arr-0", "arr-1", "arr-2"]
+    assert {task["status"] for task in status["tasks"]} == {"completed"}
+    table = cli("status", "arr", home=home).stdout
+    assert "arr-2" in table and f"{status['slurm_job_id']}_2" in table
 
 
 # ============================================================================================
