@@ -1092,7 +1092,8 @@ case "$st:$state" in
     *:CANCELLED*) end cancelled "cancelled ($why)"; st=cancelled ;;
     *:gone) end failed "lost by Slurm: job $sid is unknown to Slurm and recorded no end"; st=failed ;;
     *:COMPLETED) end failed "the job recorded no end though $why; do the compute nodes see $J?"; st=failed ;;
-    *) end failed "$why"; st=failed ;;
+    *) [ -e "$L/launcher_pid.txt" ] || why="$why; the job never started: do the compute nodes see $J?"
+       end failed "$why"; st=failed ;;
 esac
 out() { printf '\n%s:%s\n%s' "$M" "$1" "$2"; }
 out status "$st"

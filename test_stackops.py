@@ -1183,7 +1183,7 @@ class SSHD:
     """A real sshd on loopback, stopped by pid."""
 
     def __init__(self, base: Path, user: str, remote_home: Path, client_pub: Path, port: int | None = None,
-                 address: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
+                 address: str = "127.0.0.1", prefix: tuple[str, ...] = (), extra: str = "") -> None:
         self.base, self.user, self.remote_home, self.address = base, user, remote_home, address
         self.port = port or _free_port()
         self.host_key = base / f"host_key_{address}_{self.port}"
@@ -1209,7 +1209,7 @@ class SSHD:
             MaxSessions 100
             MaxStartups 100:30:200
             Subsystem sftp internal-sftp
-        """) + (f"SetEnv HOME={remote_home}\n" if os.geteuid() != 0 else ""))
+        """) + (f"SetEnv HOME={remote_home}\n" if os.geteuid() != 0 else "") + extra)
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.log_path = base / f"sshd_{address}_{self.port}.log"
@@ -2103,6 +2103,32 @@ def test_slurm_array_with_a_failing_task_is_failed_and_names_it(slurm, home):
     assert [task.get_status(0).status for task in machine.array_tasks()] == ["completed", "failed"]
     again = RemoteMachine.load(machine.job_id)
     assert again.get_status(0).status == "failed"
+
+
+def test_slurm_over_ssh_to_a_login_node_submits_watches_and_cancels(slurm, home, sshd):
+    """The login node is a host whose home is not ours; its sessions know the cluster (SLURM_CONF)."""
+    login = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"),
+                 extra=f"SetEnv SLURM_CONF={slurm.conf}\n")
+    login.client_key = sshd.client_key
+    try:
+        _write_ssh_config(home, login, alias="login")
+        module = make_module(home, SLURM_JOBS)
+        with RemoteMachine(module.where, config(ssh_host="login", launch_method="slurm", copy_repo=True),
+                           func_kwargs={"tag": "far"}) as machine:
+            machine.run()
+            report = _slurm_wait(machine, 90)
+            assert report.status == "completed", report
+            local = machine.download_results(home / "back")
+            result = json.loads((local / "result.json").read_text())
+            assert result["tag"] == "far" and result["slurm_job_id"] == machine.slurm_job_id
+        with RemoteMachine(module.sleeper, config(ssh_host="login", launch_method="slurm", copy_repo=True)) as job:
+            job.run()
+            wait_for(lambda: job.get_status(0).status == "running", 60, "the job to run")
+            job.cancel()
+            assert _slurm_wait(job, 30).status == "cancelled"
+    finally:
+        login.stop()
+        _kill_remote_leftovers(sshd.remote_home)
 
 
 def test_slurm_job_forgotten_by_slurm_is_failed_not_running(slurm, home):
