@@ -1555,7 +1555,8 @@ class _Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated(f"terminated by signal {signum}")
+    why = " (Slurm sends it at the time limit, on scancel and on preemption)" if "SLURM_JOB_ID" in os.environ else ""
+    raise _Terminated(f"terminated by signal {signum}{why}")
 
 
 class JobContext:

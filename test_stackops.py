@@ -1889,7 +1889,7 @@ class SlurmCluster:
             MpiDefault=none
             SwitchType=switch/none
             ReturnToService=2
-            MinJobAge=300
+            MinJobAge=3600
             KillWait=2
             InactiveLimit=0
             AccountingStorageType=accounting_storage/none
@@ -3119,3 +3119,4 @@ def test_slurm_time_limit_reads_failed_with_the_reason(slurm, slurm_time_limit_j
     report = wait_for(ended, 150, "Slurm to end the job at its time limit")
     assert report["status"] == "failed", report
     assert "TIMEOUT" in report["reason"] and "TimeLimit" in report["reason"], report
+    assert "Slurm sends it at the time limit" in report["error_message"]
