@@ -591,7 +591,7 @@ def test_slots_twenty_jobs_three_slots_fifo(home):
         for i in range(20):
             cfg = config(job_id=f"q{i:02d}", max_simultaneous_jobs=3)
             machines.append(RemoteMachine(mod.counted, config=cfg,
-                                          func_kwargs={"i": i, "counter": str(counter)}).run())
+                                          func_kwargs={"i": i, "counter": str(counter), "seconds": 1.0}).run())
         reports = [wait_done(m, timeout=120) for m in machines]
     finally:
         stop.set()
