@@ -950,6 +950,7 @@ _write launcher_pid.txt "$$"
 _fail() {
     _write error_message.txt "$1"
     _write end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
+    if [ -e "$LOGS/cancel_requested.txt" ]; then _write status.txt cancelled; exit 1; fi
     _write status.txt failed
     echo "JOB FAILED: $1" >&2
     exit 1
@@ -961,7 +962,7 @@ echo "=== SHELL END ==="
 "$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py"
 rc=$?
 case "$(cat "$LOGS/status.txt" 2>/dev/null)" in
-    completed|failed) ;;
+    completed|failed|cancelled) ;;
     *)  if [ "$rc" -gt 128 ]; then why="killed by signal $((rc - 128))"; else why="exit status $rc"; fi
         [ "$rc" -eq 127 ] && why="$why: is $PYTHON installed?"
         _fail "process gone: the job's Python process ended ($why) without recording its end" ;;
@@ -1107,6 +1108,55 @@ exit 0
 """
 
 
+# Cancel a job where it runs, by bash alone (one round trip): mark it, take it out of the queue,
+# SIGTERM its launcher's process group (only when the recorded pid provably is the job's: its
+# command line runs this job folder's launcher or wrapper), SIGKILL what is left after the grace,
+# and record `cancelled` if the job could not. Prints the status that holds after.
+CANCEL_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; ticks=@@ticks
+[ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
+get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
+put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
+now() { date -u +%Y-%m-%dT%H:%M:%S+00:00; }
+get status.txt; st=${R//[[:space:]]/}
+case "$st" in completed|failed|cancelled) echo "ended $st"; exit 0 ;; esac
+[ -e "$L/cancel_requested.txt" ] || put cancel_requested.txt "$(now)"
+S="${STACKOPS_STATE_DIR:-$HOME/@@state_dir}"; get ticket.txt; t=${R//[[:space:]]/}
+[ -n "$t" ] && rm -f -- "$S/queue/$t-$id"
+cmd() { C=; local a; [ -r "/proc/$1/cmdline" ] || return 1
+    while IFS= read -r -d '' a || [ -n "$a" ]; do C="$C $a"; done < "/proc/$1/cmdline"; }
+stat() { local s; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
+    s=${s##*) }; set -- $s; STATE=$1; PGRP=$3; }
+g=; get launcher_pid.txt; p=${R//[[:space:]]/}
+if [[ $p =~ ^[0-9]+$ ]] && cmd "$p" && [[ $C == *"/queued/$id/shell/cluster_script.sh"* ]]; then g=$p; fi
+get pid.txt; w=${R//[[:space:]]/}
+if [ -z "$g" ] && [[ $w =~ ^[0-9]+$ ]] && cmd "$w" && [[ $C == *"/queued/$id/python/cluster_wrap.py"* ]] \
+    && stat "$w"; then g=$PGRP; fi
+members() { local d; for d in /proc/[0-9]*; do stat "${d#/proc/}" || continue
+    [ "$PGRP" = "$g" ] && [ "$STATE" != Z ] && return 0; done; return 1; }
+killed=
+if [ -n "$g" ]; then
+    kill -TERM -- "-$g" 2>/dev/null
+    i=0; while members && [ $i -lt $ticks ]; do sleep 0.1; i=$((i + 1)); done
+    if members; then kill -KILL -- "-$g" 2>/dev/null; killed=1; fi
+    i=0; while members && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+fi
+get status.txt; st=${R//[[:space:]]/}
+case "$st" in
+    completed|failed|cancelled) ;;
+    *) put error_message.txt "cancelled${killed:+ (killed: it ignored SIGTERM for the grace period)}"
+       put end_time.txt "$(now)"; put status.txt cancelled; st=cancelled ;;
+esac
+echo "$st"
+"""
+
+
+# Remove a job folder where the job ran: only a real folder (not a link) that holds a job.
+DELETE_TEMPLATE = r"""J=@@job_root
+[ -e "$J" ] || [ -L "$J" ] || exit 0
+if [ -L "$J" ] || [ ! -f "$J/data/file_manager.json" ]; then echo "$J is not a stackops job folder" >&2; exit 3; fi
+rm -rf -- "$J"
+"""
+
 # The status of a job read where it runs, by bash alone: one round trip that starts no Python. It
 # applies FileManager.get_job_status's rules (a dead, zombie or reused pid makes a waiting or running
 # job failed; a dead launcher, a queued one) and prints each field after a marker line that no log
@@ -1126,7 +1176,7 @@ alive() {  # not a zombie, and the command line names the job (else the pid was 
 }
 get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; f=
 case "$st" in
-    completed|failed) ;;
+    completed|failed|cancelled) ;;
     waiting|running) f=pid.txt; what="the job's process" ;;
     queued) f=launcher_pid.txt; what="the job's launcher" ;;
     *) fail "unreadable status '$st' in logs/status.txt"; st=failed ;;
@@ -1135,8 +1185,9 @@ if [ -n "$f" ]; then
     get "$f"; p=${R//[[:space:]]/}
     if [[ $p =~ ^[0-9]+$ ]] && ! alive "$p"; then
         get status.txt; now=${R//[[:space:]]/}  # it may have ended meanwhile
-        if [ "$now" = "$st" ]; then fail "process gone: $what (pid $p) ended without recording the job's end"
-            st=failed; else st=$now; fi
+        if [ "$now" != "$st" ]; then st=$now
+        elif [ -e "$L/cancel_requested.txt" ]; then fail cancelled; put status.txt cancelled; st=cancelled
+        else fail "process gone: $what (pid $p) ended without recording the job's end"; st=failed; fi
     fi
 fi
 place=
@@ -1459,10 +1510,10 @@ class FileManager:
 
     # -- status ----------------------------------------------------------------------------------
 
-    def _mark_failed(self, reason: str) -> None:
+    def _mark_failed(self, reason: str, status: str = "failed") -> None:
         self.write_log(ERROR_TXT, reason)
         self.write_log(END_TXT, _iso(_utcnow()) or "")
-        self.write_log(STATUS_TXT, "failed")
+        self.write_log(STATUS_TXT, status)
 
     def _verify_alive(self, status: str) -> str:
         """Turn a job whose process is gone into ``failed``; returns the status that holds now."""
@@ -1476,6 +1527,9 @@ class FileManager:
         if now != status:
             return now
         what = "the job's process" if pid_file == PID_TXT else "the job's launcher"
+        if self.path(CANCEL_TXT).exists():
+            self._mark_failed("cancelled", "cancelled")
+            return "cancelled"
         self._mark_failed(f"process gone: {what} (pid {pid}) ended without recording the job's end")
         return "failed"
 
@@ -1504,6 +1558,15 @@ class FileManager:
                          results_path=_read_text(self.path(RESULTS_TXT)).strip() or None,
                          error_message=_read_text(self.path(ERROR_TXT)), place=place,
                          host=os.uname().nodename, log_tail=_tail(output, log_lines))
+
+    def cancel_command(self, grace: float) -> str:
+        """The bash script that cancels this job where it runs (CANCEL_TEMPLATE)."""
+        return render_template(CANCEL_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
+                               ticks=str(max(0, round(grace * 10))), state_dir=DEFAULT_STATE_DIR[2:])
+
+    def delete_command(self) -> str:
+        """The bash script that removes this job's folder where it ran, only if it is one."""
+        return render_template(DELETE_TEMPLATE, job_root=self._job_root_sh())
 
     def sbatch_command(self, tasks: int = 0) -> str:
         """The bash script that hands this job to Slurm where it runs and prints Slurm's job id."""
@@ -1668,6 +1731,8 @@ def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any, error
     manager.write_log(ERROR_TXT, error)
     _atomic_write_json(manager.path(TIMINGS_JSON), timings.to_dict())
     status = "failed" if error else "completed"
+    if error and manager.path(CANCEL_TXT).exists():
+        status = "cancelled"
     took = timings.execution_duration.total_seconds() if timings.execution_duration else 0.0
     _banner(f"JOB {status.upper()} | id={manager.job_id} | duration={_format_duration(took)} | "
             f"results={collapse_home(folder)}")
@@ -3484,16 +3549,50 @@ class RemoteMachine:
             raise ConfigError(f"launch_method='slurm' needs sbatch on {self.host_name}, and there is none",
                               hint="submit from a Slurm login node (--host), or leave out --slurm")
 
-    def cancel(self) -> JobStatus:
-        """Stop the job: Slurm's ``scancel`` for a Slurm job. Returns the status that holds after."""
-        if not self.uses_slurm:
-            raise ConfigError(f"job {self.job_id}: cancel needs a Slurm job in this version",
-                              hint="a job on a slot ends with kill of its process group for now")
-        if self.slurm_job_id is None:
-            raise ConfigError(f"job {self.job_id} was never handed to Slurm")
-        root = self.file_manager._job_root_sh()
-        status, out, err = self._run_remote_or_here(
-            f"date -u +%Y-%m-%dT%H:%M:%S+00:00 > {root}/{CANCEL_TXT} && scancel {shlex.quote(self.slurm_job_id)}")
+    def cancel(self, grace: float = 10.0) -> JobStatus:
+        """Stop the job where it runs and return the status that holds after: ``cancelled``, or
+        how it had already ended. A running job gets SIGTERM on its whole process group and
+        SIGKILL after ``grace`` seconds; a waiting one leaves the queue and never starts; its
+        slot is free at once. A Slurm job is cancelled with ``scancel``."""
+        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not 0 <= grace <= 3600:
+            raise ConfigError(f"grace must be 0 to 3600 seconds, got {grace!r}")
+        if self.is_remote and not self.submitted:
+            raise StackopsError(f"job {self.job_id} never reached {self.host_name}: nothing to cancel")
+        if self.uses_slurm and self.slurm_job_id is not None:
+            return self._cancel_slurm()
+        status, out, err = self._run_remote_or_here(self.file_manager.cancel_command(grace), timeout=grace + 60)
+        if status != 0:
+            raise CommandError(self.host_name, "cancel", status, err or out)
+        return self.get_status(0)
+
+    def delete(self, results: bool = False) -> None:
+        """Remove the job's folder where it ran and its record here (with ``results``, also its
+        own results folder). A job that was started and has not ended is refused: cancel it first."""
+        started = self.launcher_pid is not None or self.slurm_job_id is not None
+        report = self.get_status(0) if started else None
+        if report is not None and not report.finished:
+            raise ConfigError(f"job {self.job_id} is {report.status}; cancel it before deleting it",
+                              hint=f"stackops cancel {self.job_id}")
+        if results and report is not None and report.status == "completed":
+            self.delete_remote_results()
+        for task in self.array_tasks() if self.array_parts else []:
+            task.delete(results)
+        if self.is_remote and self.submitted:
+            status, out, err = self._run_remote_or_here(self.file_manager.delete_command())
+            if status != 0:
+                raise CommandError(self.host_name, "delete", status, err or out)
+        root = self.file_manager.job_root
+        if root.is_symlink() or not (root / FILE_MANAGER_JSON).is_file():
+            raise ConfigError(f"{collapse_home(root)} is not a stackops job folder; nothing deleted")
+        shutil.rmtree(root)
+        log.info("job %s deleted", self.job_id)
+
+    def _cancel_slurm(self) -> JobStatus:
+        marks = [self.file_manager] + [task.file_manager for task in self.array_tasks()] if self.array_parts \
+            else [self.file_manager]
+        mark = " && ".join(f"date -u +%Y-%m-%dT%H:%M:%S+00:00 > {manager._job_root_sh()}/{CANCEL_TXT}"
+                           for manager in marks)
+        status, out, err = self._run_remote_or_here(f"{mark} && scancel {shlex.quote(self.slurm_job_id or '')}")
         if status != 0:
             raise CommandError(self.host_name, "scancel", status, err or out)
         return self.get_status(0)
@@ -4061,6 +4160,10 @@ class Cluster:
         """Every host's JobStatus, read in parallel; an unreachable host gets its error instead."""
         return self._parallel(lambda h: self.machines[h].get_status(0), list(self.machines))
 
+    def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
+        """Cancel every host's part at once; an unreachable host gets its error instead."""
+        return self._parallel(lambda h: self.machines[h].cancel(grace), list(self.machines))
+
     def download_results(self, target: str | os.PathLike[str] | None = None) -> Path:
         """Every completed host's results into one local folder, one sub-folder per host."""
         folder = expand_home(target) if target is not None else self.root_dir / "results"
@@ -4271,6 +4374,7 @@ def _cmd_run(args: Any) -> int:
         lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs, ssh_timeout=args.ssh_timeout,
         workload_params=_parse_workload(args.workload, args.parallelize), python=args.python,
         launch_method="slurm" if args.slurm else "remotely",
+        notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
@@ -4417,6 +4521,144 @@ def _cmd_delete_results(args: Any) -> int:
         results = machine.results()
         machine.delete_remote_results()
     print(f"deleted {results.as_posix()} on {machine.host_name}")
+    return 0
+
+
+# -- job control: cancel, wait, start, delete, prune ----------------------------------------------
+
+def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster:
+    """A job, or else a cluster, by id; neither is bad input."""
+    try:
+        return RemoteMachine.load(job_id, base_dir)
+    except ConfigError:
+        pass
+    try:
+        return Cluster.load(job_id, base_dir.rstrip("/").rsplit("/", 1)[0])
+    except StackopsError:
+        raise ConfigError(f"no job or cluster {job_id!r} here",
+                          hint=f"{_program()} list shows the jobs") from None
+
+
+def _program() -> str:
+    return "stackops" if Path(sys.argv[0]).name == "stackops" else "python stackops.py"
+
+
+def _cmd_cancel(args: Any) -> int:
+    targets = [_load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids]  # all known first
+    code = 0
+    for target in targets:
+        with target:
+            answer = target.cancel(args.grace)
+        reports = answer if isinstance(answer, dict) else {target.job_id: answer}
+        for part, report in reports.items():
+            if isinstance(report, Exception):
+                print(f"{part}: not cancelled: {report}", file=sys.stderr)
+                code = 1
+            elif report.status == "cancelled":
+                print(f"{report.job_id} cancelled")
+            else:
+                print(f"{report.job_id} had already ended ({report.status})")
+    return code
+
+
+def _overall_status(target: RemoteMachine | Cluster) -> str:
+    """One status for a job or a whole cluster (an unreachable part counts as not ended)."""
+    if isinstance(target, RemoteMachine):
+        return target.get_status(0).status
+    statuses = [r.status if isinstance(r, JobStatus) else "running" for r in target.check_job_status().values()]
+    if not all(status in TERMINAL_STATUSES for status in statuses):
+        return "running"
+    if all(status == "completed" for status in statuses):
+        return "completed"
+    return "failed" if "failed" in statuses else "cancelled"
+
+
+def _cmd_wait(args: Any) -> int:
+    if args.timeout is not None and args.timeout < 0:
+        raise ConfigError(f"--timeout must be positive seconds, got {args.timeout}")
+    targets = {job_id: _load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids}
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    ended: dict[str, str] = {}
+    try:
+        while len(ended) < len(targets):
+            for job_id, target in targets.items():
+                if job_id not in ended:
+                    status = _overall_status(target)
+                    if status in TERMINAL_STATUSES:
+                        ended[job_id] = status
+                        print(f"{job_id} {status}", flush=True)
+            if len(ended) < len(targets):
+                if deadline is not None and time.monotonic() >= deadline:
+                    waiting = ", ".join(job_id for job_id in targets if job_id not in ended)
+                    print(f"still not ended after {args.timeout:g}s: {waiting}", file=sys.stderr)
+                    return 124
+                time.sleep(0.3)
+    finally:
+        for target in targets.values():
+            target.close()
+    return 0 if all(status == "completed" for status in ended.values()) else 1
+
+
+def _cmd_start(args: Any) -> int:
+    with RemoteMachine.load(args.job_id, args.base_dir) as machine:
+        if machine.launcher_pid is not None or machine.slurm_job_id is not None:
+            raise ConfigError(f"job {machine.job_id} was already started",
+                              hint=f"{_program()} rerun {machine.job_id} runs it again")
+        if not machine.submitted:
+            raise ConfigError(f"job {machine.job_id} was never completely submitted; nothing to start")
+        machine.fire(True)
+        report = machine.get_status(0)
+    print(f"job {machine.job_id} {report.status} on {report.host}")
+    return 0
+
+
+def _cmd_delete(args: Any) -> int:
+    machines = [RemoteMachine.load(job_id, args.base_dir) for job_id in args.job_ids]
+    for machine in machines:
+        with machine:
+            machine.delete(results=args.results)
+        print(f"deleted job {machine.job_id}" + (" and its results" if args.results else ""))
+    return 0
+
+
+def _parse_age(text: str) -> float:
+    match = re.match(r"(\d+(?:\.\d+)?)([smhdw])\Z", text.strip())
+    if not match:
+        raise ConfigError(f"--older-than {text!r} is not an age", hint="e.g. 30m, 12h, 7d, 2w")
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match[2]]
+
+
+def prune_jobs(older_than: float, status: str | None = None, host: str | None = None, results: bool = False,
+               base_dir: str | None = None) -> list[str]:
+    """Delete the jobs submitted from here that ended more than ``older_than`` seconds ago
+    (only ``status`` ones, only on ``host`` when given); a job that has not ended is never touched.
+    Returns the ids deleted."""
+    queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
+    cutoff = _utcnow() - _dt.timedelta(seconds=older_than)
+    deleted: list[str] = []
+    for record in sorted(queued.glob("*/" + REMOTE_MACHINE_JSON)):
+        root = record.parent.parent
+        if not record.exists():  # an array task deleted with its array
+            continue
+        with RemoteMachine.from_job_dir(root) as machine:
+            if host is not None and machine.host_name != host:
+                continue
+            report = machine.get_status(0) if machine.submitted or not machine.is_remote else None
+            ended = _parse_iso(report.end_time) if report is not None and report.finished else None
+            if ended is None or ended > cutoff or (status is not None and report.status != status):
+                continue
+            machine.delete(results=results)
+            deleted.append(machine.job_id)
+    return deleted
+
+
+def _cmd_prune(args: Any) -> int:
+    if args.status is not None and args.status not in TERMINAL_STATUSES:
+        raise ConfigError(f"--status must be one of {', '.join(TERMINAL_STATUSES)}: only ended jobs are pruned")
+    deleted = prune_jobs(_parse_age(args.older_than), args.status, args.host, args.results, args.base_dir)
+    for job_id in deleted:
+        print(f"deleted job {job_id}")
+    print(f"{len(deleted)} job(s) deleted", file=sys.stderr)
     return 0
 
 
@@ -4726,6 +4968,9 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo before the job")
     parser.add_argument("--data", action="append", default=[], metavar="PATH", help="data that goes with the job")
     parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
+    parser.add_argument("--notify", action="store_true",
+                        help="e-mail when the job ends (SMTP settings on the executing machine, see README)")
+    parser.add_argument("--email", metavar="ADDR", help="with --notify: the address (default: your user config's)")
     parser.add_argument("--slurm", action="store_true",
                         help="hand the job to Slurm with sbatch (here, or on the --host login node)")
     parser.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -4735,6 +4980,27 @@ def _add_run_args(parser: Any) -> None:
                         help="prepare everything and print the launch command; start nothing")
     parser.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if it failed")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
+
+
+def _add_control_args(command: Callable[..., Any]) -> None:
+    sub = command("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL after --grace; "
+                  "a waiting job leaves the queue", job=False)
+    sub.add_argument("job_ids", nargs="+", metavar="ID")
+    sub.add_argument("--grace", type=float, default=10.0, metavar="S",
+                     help="seconds between SIGTERM and SIGKILL (default 10)")
+    sub = command("wait", _cmd_wait, "block until the jobs end: exit 0 if all completed, 1 if not, 124 on timeout",
+                  job=False)
+    sub.add_argument("job_ids", nargs="+", metavar="ID")
+    sub.add_argument("--timeout", type=float, default=None, metavar="S", help="give up after S seconds (exit 124)")
+    command("start", _cmd_start, "launch a job prepared with run --no-launch")
+    sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran", job=False)
+    sub.add_argument("job_ids", nargs="+", metavar="ID")
+    sub.add_argument("--results", action="store_true", help="also delete their own results folders")
+    sub = command("prune", _cmd_prune, "delete the jobs that ended longer ago than --older-than", job=False)
+    sub.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 12h, 7d, 2w")
+    sub.add_argument("--status", help="only jobs that ended so (completed, failed, cancelled)")
+    sub.add_argument("--host", help="only jobs on this host (the alias used; localhost for this machine)")
+    sub.add_argument("--results", action="store_true", help="also delete their own results folders")
 
 
 def _build_parser() -> Any:
@@ -4773,6 +5039,7 @@ def _build_parser() -> Any:
     sub.add_argument("--to", help="target path (default: print where the results are)")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
     command("delete-results", _cmd_delete_results, "delete a finished job's own results folder")
+    _add_control_args(command)
     sub = commands.add_parser("ssh", help="run a command on a host; its exit status is passed through")
     sub.set_defaults(handler=_cmd_ssh)
     sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")

@@ -784,6 +784,142 @@ def test_job_interactive_runs_in_tmux_session(home, tmp_path):
 
 
 # ============================================================================================
+# job control: cancel, wait, start, delete, prune (here and over SSH)
+# ============================================================================================
+
+CONTROL_SOURCE = """
+    import os, signal, subprocess, time
+
+    def busy(seconds=60.0, ignore_term=False, tag="busy"):
+        if ignore_term:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen(["sleep", str(seconds)])
+        with open(os.path.expanduser(f"~/{tag}.pids"), "w") as handle:
+            handle.write(f"{os.getpid()} {child.pid}")
+        child.wait()
+        return tag
+
+    def quick(tag="quick"):
+        return tag
+
+    def bad():
+        raise RuntimeError("bad on purpose")
+"""
+
+
+def _pids(home: Path, tag: str) -> list[int]:
+    path = home / f"{tag}.pids"
+    text = wait_for(lambda: path.exists() and path.read_text().strip(), 60, f"{tag} to start")
+    return [int(pid) for pid in text.split()]
+
+
+def _gone(pids: list[int]) -> bool:
+    return not any(stackops.pid_is_alive(pid) for pid in pids)
+
+
+def test_control_cancel_running_job_kills_its_group_fast_and_frees_the_slot(home):
+    mod = make_module(home, CONTROL_SOURCE)
+    first = RemoteMachine(mod.busy, config(job_id="c-run"), func_kwargs={"tag": "first"}).run()
+    pids = _pids(home, "first")
+    second = RemoteMachine(mod.quick, config(job_id="c-next")).run()
+    started = time.monotonic()
+    report = first.cancel(grace=10)
+    took = time.monotonic() - started
+    assert report.status == "cancelled", report
+    assert took < 1.5, f"cancel took {took:.2f}s"
+    wait_for(lambda: _gone(pids), 5, "the job and its child to be gone")
+    assert wait_done(second, 30).status == "completed"  # the slot passed on
+    assert first.get_status(0).status == "cancelled"
+    done = cli("status", "c-run", "--json", home=home)
+    assert json.loads(done.stdout)["status"] == "cancelled"
+
+
+def test_control_cancel_waiting_job_never_starts(home):
+    mod = make_module(home, CONTROL_SOURCE)
+    holder = RemoteMachine(mod.busy, config(job_id="c-hold"), func_kwargs={"tag": "hold"}).run()
+    _pids(home, "hold")
+    waiting = RemoteMachine(mod.quick, config(job_id="c-wait")).run()
+    wait_for(lambda: waiting.get_status(0).status == "waiting", 30, "the second job to wait")
+    assert waiting.cancel().status == "cancelled"
+    third = RemoteMachine(mod.quick, config(job_id="c-third")).run()
+    assert holder.cancel(grace=2).status == "cancelled"
+    assert wait_done(third, 30).status == "completed"
+    report = waiting.get_status(0)
+    assert report.status == "cancelled" and report.start_time is None
+    assert Slots().waiters() == [] and Slots().holders() == []
+    assert {h["job_id"]: h["status"] for h in Slots().history()}["c-hold"] == "cancelled"
+
+
+def test_control_cancel_after_grace_kills_a_job_that_ignores_sigterm(home):
+    mod = make_module(home, CONTROL_SOURCE)
+    job = RemoteMachine(mod.busy, config(job_id="c-stub"), func_kwargs={"tag": "stub", "ignore_term": True}).run()
+    pids = _pids(home, "stub")
+    started = time.monotonic()
+    report = job.cancel(grace=1)
+    assert report.status == "cancelled" and "ignored SIGTERM" in report.error_message
+    assert 1 <= time.monotonic() - started < 5
+    wait_for(lambda: _gone(pids), 5, "the job to be gone")
+
+
+def test_control_cli_cancel_wait_start_delete_prune(home):
+    (home / "jobs.py").write_text(textwrap.dedent(CONTROL_SOURCE))
+    assert cli("run", "jobs.py:quick", "--job-id", "w-ok", home=home).returncode == 0
+    assert cli("run", "jobs.py:bad", "--job-id", "w-bad", "--no-lock", home=home).returncode == 0
+    done = cli("wait", "w-ok", home=home)
+    assert done.returncode == 0 and "w-ok completed" in done.stdout, done.stderr
+    done = cli("wait", "w-ok", "w-bad", home=home)
+    assert done.returncode == 1 and "w-bad failed" in done.stdout
+    assert cli("run", "jobs.py:busy", "--job-id", "w-long", "--no-lock", home=home).returncode == 0
+    done = cli("wait", "w-long", "--timeout", "0.5", home=home)
+    assert done.returncode == 124 and "w-long" in done.stderr
+    done = cli("delete", "w-long", home=home)
+    assert done.returncode == 2 and "cancel it before deleting" in done.stderr
+    done = cli("cancel", "w-long", "w-ok", "--grace", "2", home=home)
+    assert done.returncode == 0 and "w-long cancelled" in done.stdout and "w-ok had already ended" in done.stdout
+    assert cli("wait", "w-long", home=home).returncode == 1
+    done = cli("run", "jobs.py:quick", "--job-id", "w-later", "--no-launch", home=home)
+    assert done.returncode == 0 and "nothing was started" in done.stdout
+    done = cli("start", "w-later", home=home)
+    assert done.returncode == 0, done.stderr
+    assert cli("wait", "w-later", home=home).returncode == 0
+    assert cli("start", "w-later", home=home).returncode == 2
+    for args in (("cancel", "nope"), ("wait", "nope"), ("start", "nope"), ("delete", "nope"), ("prune",),
+                 ("prune", "--older-than", "soon"), ("prune", "--older-than", "1d", "--status", "running")):
+        done = cli(*args, home=home)
+        errors = [line for line in done.stderr.splitlines() if "error:" in line]
+        assert done.returncode == 2 and len(errors) == 1, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+    done = cli("delete", "w-ok", "--results", home=home)
+    assert done.returncode == 0 and not (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "w-ok").exists()
+    done = cli("prune", "--older-than", "0s", "--status", "failed", home=home)
+    assert done.returncode == 0 and "deleted job w-bad" in done.stdout and "w-later" not in done.stdout
+    listed = {row["job_id"] for row in json.loads(cli("list", "--json", home=home).stdout)}
+    assert listed == {"w-long", "w-later"}
+
+
+def test_control_cancel_on_a_host_running_and_waiting(remote, home):
+    mod = make_module(home, CONTROL_SOURCE)
+    running = RemoteMachine(mod.busy, config(job_id="r-run", ssh_host="tb", copy_repo=True),
+                            func_kwargs={"tag": "far"})
+    waiting = RemoteMachine(mod.quick, config(job_id="r-wait", ssh_host="tb", copy_repo=True))
+    with running, waiting:
+        running.run()
+        wait_for(lambda: running.get_status(0).status == "running", 60, "the job to run on the host")
+        waiting.run()
+        wait_for(lambda: waiting.get_status(0).status == "waiting", 30, "the second job to wait")
+        assert waiting.cancel().status == "cancelled"
+        started = time.monotonic()
+        assert running.cancel().status == "cancelled"
+        assert time.monotonic() - started < 3
+        pids = [int(pid) for pid in (remote.remote_home / "far.pids").read_text().split()]
+        wait_for(lambda: _gone(pids), 5, "the remote job to be gone")
+        assert waiting.get_status(0).start_time is None
+        running.delete()
+        assert not (remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "r-run").exists()
+        assert not running.file_manager.job_root.exists()
+
+
+# ============================================================================================
 # bad input: refused before anything is written, one clear line, CLI exit 2
 # ============================================================================================
 
