@@ -140,6 +140,8 @@ RESULTS_TXT = "logs/results_folder_path.txt"
 TIMINGS_JSON = "logs/execution_timings.json"
 OUTPUT_LOG = "logs/output.log"
 CANCEL_TXT = "logs/cancel_requested.txt"  # written before the job is stopped: its end is "cancelled"
+ATTEMPT_TXT = "logs/attempt.txt"  # "2/4": the second of four runs allowed by retries
+REASON_TXT = "logs/reason.txt"  # why a job waits (the jobs it runs after)
 
 # inside the state directory of a machine and user
 QUEUED_VIEW = "queued_jobs.json"
@@ -603,6 +605,9 @@ class RemoteStackOpsConfig:
     accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
     ssh_timeout: float = 15.0  # seconds to connect, to open a command, or for a transfer to stall
     slurm_options: dict[str, str] = dataclasses.field(default_factory=dict)  # sbatch long options
+    retries: int = 0  # a failed run is repeated in place up to this many times
+    retry_delay: float = 0.0  # seconds between a failed run and the next
+    after: list[str] = dataclasses.field(default_factory=list)  # start only once these jobs completed
 
     def __post_init__(self) -> None:
         if isinstance(self.workload_params, dict):
@@ -618,6 +623,13 @@ class RemoteStackOpsConfig:
             raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
                               f"got {self.launch_method!r}")
         check_slurm_options(self.slurm_options)
+        if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
+            raise ConfigError(f"retries must be 0 to 100 and retry_delay 0 to 86400 seconds, got "
+                              f"{self.retries} and {self.retry_delay}")
+        for parent in self.after:
+            check_safe_name(parent, "after")
+            if parent == self.job_id:
+                raise ConfigError(f"job {self.job_id} cannot run after itself")
         if self.launch_method == "slurm":
             self._check_slurm_combination()
         elif self.slurm_options:
@@ -668,7 +680,8 @@ class JobStatus:
     host: str = "localhost"
     log_tail: str = ""
     slurm_job_id: str | None = None  # "123", or "123_4" for an array task
-    reason: str = ""  # why it is queued or how it ended, in the scheduler's words (Slurm)
+    reason: str = ""  # why it waits (the jobs it runs after) or, for Slurm, how Slurm sees it
+    attempt: str = ""  # "2/4" while retries are allowed: the run it is on, of how many
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -967,6 +980,7 @@ case "$(cat "$LOGS/status.txt" 2>/dev/null)" in
         [ "$rc" -eq 127 ] && why="$why: is $PYTHON installed?"
         _fail "process gone: the job's Python process ended ($why) without recording its end" ;;
 esac
+[ "$(cat "$LOGS/status.txt" 2>/dev/null)" = completed ]  # the launcher's exit status tells (Slurm's afterok)
 """
 
 PYTHON_TEMPLATE = '''#!/usr/bin/env python3
@@ -1032,12 +1046,16 @@ cd "$T" && exec bash shell/cluster_script.sh
 """
 
 
-def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, throttle: int = 0) -> str:
+def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, throttle: int = 0,
+                         after: list[str] | None = None) -> str:
     """The batch script Slurm runs: the job's own launcher, with ``options`` as #SBATCH lines; with
     ``tasks`` it is an array whose task K runs the job folder ``{job_id}-K`` beside this one,
     at most ``throttle`` at once (0: as many as Slurm allows)."""
     lines = [f"#SBATCH --{key}={value}" if value else f"#SBATCH --{key}"
              for key, value in sorted(check_slurm_options(options).items())]
+    if after:  # a parent that fails makes Slurm cancel this job, never leave it pending forever
+        lines += ["#SBATCH --dependency=afterok:" + ":".join(check_safe_name(i, "slurm job") for i in after),
+                  "#SBATCH --kill-on-invalid-dep=yes"]
     output, task_dir = "logs/output.log", "."
     if tasks:
         lines.append(f"#SBATCH --array=0-{tasks - 1}" + (f"%{throttle}" if throttle else ""))
@@ -1102,7 +1120,7 @@ for k in pid:pid start:start_time end:end_time results:results_folder_path error
     get "${k#*:}.txt"; out "${k%%:*}" "$R"
 done
 get execution_timings.json; out timings "$R"; out place ""; out host "$HOSTNAME"
-out slurm "$sid"; out reason "$why"; out tail ""
+get attempt.txt; out attempt "$R"; out slurm "$sid"; out reason "$why"; out tail ""
 if [ @@lines -gt 0 ] && [ -r "$L/output.log" ]; then tail -n $((@@lines + 16)) "$L/output.log"; fi
 exit 0
 """
@@ -1201,7 +1219,8 @@ out status "$st"
 for k in pid:pid start:start_time end:end_time results:results_folder_path error:error_message; do
     get "${k#*:}.txt"; out "${k%%:*}" "$R"
 done
-get execution_timings.json; out timings "$R"; out place "$place"; out host "$HOSTNAME"; out tail ""
+get execution_timings.json; out timings "$R"; out place "$place"; out host "$HOSTNAME"
+get attempt.txt; out attempt "$R"; R=; [ "$st" = waiting ] && get reason.txt; out reason "$R"; out tail ""
 if [ @@lines -gt 0 ] && [ -r "$L/output.log" ]; then tail -n $((@@lines + 16)) "$L/output.log"; fi
 exit 0
 """
@@ -1444,12 +1463,12 @@ class FileManager:
 
     # -- launching -----------------------------------------------------------------------------
 
-    def get_fire_command(self, interactive: bool = False) -> str:
+    def get_fire_command(self, interactive: bool = False, join_queue: bool = True) -> str:
         """The bash command that starts this job detached on the executing machine and prints the
         launcher's pid. It joins the machine's queue first, so jobs start in the order fired."""
         parts = ["umask 077", f"J={self._job_root_sh()}",
                  'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
-        if self.lock_resources:
+        if self.lock_resources and join_queue:
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
             parts += ['S="${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"',
                       'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
@@ -1557,7 +1576,9 @@ class FileManager:
                          end_time=_read_text(self.path(END_TXT)).strip() or None,
                          results_path=_read_text(self.path(RESULTS_TXT)).strip() or None,
                          error_message=_read_text(self.path(ERROR_TXT)), place=place,
-                         host=os.uname().nodename, log_tail=_tail(output, log_lines))
+                         host=os.uname().nodename, log_tail=_tail(output, log_lines),
+                         reason=_read_text(self.path(REASON_TXT)).strip() if status == "waiting" else "",
+                         attempt=_read_text(self.path(ATTEMPT_TXT)).strip())
 
     def cancel_command(self, grace: float) -> str:
         """The bash script that cancels this job where it runs (CANCEL_TEMPLATE)."""
@@ -1601,7 +1622,8 @@ class FileManager:
                            start_time=field("start"), end_time=field("end"), results_path=field("results"),
                            error_message=parts.get("error", ""), place=int(place) if place and place.isdigit() else None,
                            host=parts.get("host") or "?", log_tail=_tail(parts.get("tail", ""), log_lines),
-                           slurm_job_id=field("slurm"), reason=(field("reason") or ""))
+                           slurm_job_id=field("slurm"), reason=(field("reason") or ""),
+                           attempt=(field("attempt") or ""))
         logs = {relative: parts[key] for key, relative in (("status", STATUS_TXT), ("start", START_TXT),
                                                             ("end", END_TXT), ("error", ERROR_TXT),
                                                             ("results", RESULTS_TXT), ("timings", TIMINGS_JSON))
@@ -1818,6 +1840,62 @@ def _notify(manager: FileManager, record: dict[str, Any] | None, status: str, er
         log.warning("could not send the completion e-mail of job %s: %s", manager.job_id, exc)
 
 
+class _ParentEnded(BaseException):
+    """A job this one runs after ended without completing: this one never runs."""
+
+
+def _wait_for_parents(manager: FileManager, parents: list[str]) -> None:
+    """Wait, holding no slot and no place in the queue, until the jobs in ``parents`` (folders
+    beside this one) completed; then join the queue. One that failed or was cancelled ends this
+    job ``cancelled`` with that reason."""
+    manager.write_log(PID_TXT, str(os.getpid()))
+    manager.write_log(STATUS_TXT, "waiting")
+    while True:
+        states = {}
+        for parent in parents:
+            folder = manager.job_root.parent / parent
+            states[parent] = FileManager.from_job_root(folder).get_job_status() \
+                if (folder / FILE_MANAGER_JSON).exists() else "gone"
+        ended = [f"{parent} {state}" for parent, state in states.items() if state in ("failed", "cancelled", "gone")]
+        if ended:
+            why = f"cancelled: it runs after {', '.join(ended)}"
+            manager.write_log(CANCEL_TXT, why)
+            raise _ParentEnded(why)
+        pending = [f"{parent} ({state})" for parent, state in states.items() if state != "completed"]
+        if not pending:
+            break
+        manager.write_log(REASON_TXT, "after " + ", ".join(pending))
+        time.sleep(0.5)
+    manager.write_log(REASON_TXT, "")
+    if manager.lock_resources:  # now in line, like a job fired at this moment
+        ticket = f"{time.time_ns():019d}"
+        manager.write_log(TICKET_TXT, ticket)
+        slots = Slots()
+        slots._ensure()
+        _atomic_write_text(slots.queue / f"{ticket}-{manager.job_id}", str(manager.job_root))
+
+
+def _run_attempts(manager: FileManager, execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]],
+                  config: dict[str, Any]) -> tuple[Any, str]:
+    """Call the job, and again after a failure while ``retries`` allow (a cancel stops it)."""
+    retries, delay = int(config.get("retries") or 0), float(config.get("retry_delay") or 0.0)
+    attempt = 0
+    while True:
+        attempt += 1
+        if retries:
+            manager.write_log(ATTEMPT_TXT, f"{attempt}/{retries + 1}")
+        func_kwargs = _read_json(manager.kwargs_path)  # fresh for every attempt
+        try:
+            res, error = execute(JobContext(manager.job_root), func_kwargs)
+        except (Exception, SystemExit):
+            res, error = None, traceback.format_exc()
+        if not error or attempt > retries or manager.path(CANCEL_TXT).exists():
+            return res, error
+        log.warning("job %s: attempt %d of %d failed; again in %gs", manager.job_id, attempt, retries + 1, delay)
+        print(error, file=sys.stderr, flush=True)
+        time.sleep(delay)
+
+
 def run_job(job_root: str | os.PathLike[str],
             execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]]) -> Any:
     """The wrapper's lifecycle: slot, pid/status/times, kwargs, execute, results, end, release.
@@ -1835,14 +1913,18 @@ def run_job(job_root: str | os.PathLike[str],
     record: dict[str, Any] | None = None
     try:
         try:
+            config = _read_json(manager.path(CONFIG_JSON))
+            if config.get("after") and config.get("launch_method") != "slurm":
+                _wait_for_parents(manager, list(config["after"]))
             manager.secure_resources()
             timings.start_utc = manager.admitted_at or _utcnow()
             timings.start_local = timings.start_utc.astimezone()
             manager.write_log(START_TXT, _iso(timings.start_utc) or "")
             manager.write_log(STATUS_TXT, "running")
-            func_kwargs = _read_json(manager.kwargs_path)
             _banner(f"EXECUTION START | id={manager.job_id} | pid={os.getpid()}")
-            res, error = execute(JobContext(manager.job_root), func_kwargs)
+            res, error = _run_attempts(manager, execute, config)
+        except _ParentEnded as exc:
+            error = str(exc)
         except BaseException:  # a crash of any kind still ends the job: failed, traceback kept
             error = traceback.format_exc()
         finally:
@@ -3227,6 +3309,7 @@ class RemoteMachine:
         self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources and not self.uses_slurm,
                                         config.max_simultaneous_jobs, config.base_dir)
         self._init_state()
+        self._parent_slurm_ids = [self._check_parent(parent) for parent in config.after]
 
     def _init_state(self) -> None:
         self.scripts_generated = self.submitted = self.results_downloaded = False
@@ -3274,6 +3357,20 @@ class RemoteMachine:
         for task in self._tasks:
             task._ssh = self._ssh
         return self._tasks
+
+    def _check_parent(self, parent_id: str) -> str:
+        """A job this one runs after: submitted from here to the same place (for Slurm, already
+        handed to Slurm); returns its Slurm id or ""."""
+        try:
+            parent = RemoteMachine.load(parent_id, self.config.base_dir)
+        except ConfigError:
+            raise ConfigError(f"--after {parent_id}: no such job here", hint="list shows the jobs") from None
+        if parent.host_name != self.host_name or parent.uses_slurm != self.uses_slurm:
+            raise ConfigError(f"--after {parent_id}: that job runs on {parent.host_name}"
+                              f"{' under Slurm' if parent.uses_slurm else ''}; this one must run in the same place")
+        if self.uses_slurm and parent.slurm_job_id is None:
+            raise ConfigError(f"--after {parent_id}: that job was never handed to Slurm")
+        return parent.slurm_job_id or ""
 
     def _new_array_task(self, k: int, part: WorkloadParams) -> RemoteMachine:
         data = self.config.to_dict()
@@ -3343,6 +3440,7 @@ class RemoteMachine:
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
         machine._instance = None
+        machine._parent_slurm_ids = []
         path = data.get("results_path")
         machine.results_path = Path(path) if path else None
         return machine
@@ -3429,7 +3527,8 @@ class RemoteMachine:
         _atomic_write_text(folder / LAUNCHER_SH, render_shell_script(self.job_params, config, self.python), 0o700)
         if self.uses_slurm:
             throttle = config.max_simultaneous_jobs if config.max_simultaneous_jobs > 1 else 0
-            script = render_sbatch_script(self.job_id, config.slurm_options, len(self.array_parts), throttle)
+            script = render_sbatch_script(self.job_id, config.slurm_options, len(self.array_parts), throttle,
+                                          after=self._parent_slurm_ids)
             _atomic_write_text(folder / SBATCH_SH, script, 0o700)
         shutil.copyfile(source, folder / STACKOPS_COPY)
         os.chmod(folder / STACKOPS_COPY, 0o600)
@@ -3496,7 +3595,7 @@ class RemoteMachine:
             raise StackopsError(f"job {self.job_id} is not submitted yet", hint="call submit() first")
         if self.uses_slurm:
             return self._fire_slurm(run)
-        command = self.file_manager.get_fire_command(self.config.interactive)
+        command = self.file_manager.get_fire_command(self.config.interactive, join_queue=not self.config.after)
         if self.is_remote and self.config.transfer_method == "cloud":
             check = f"{self._job_command('job-check-email')} && " if self.config.notify_upon_completion else ""
             command = f"{cloud_fetch_command(self.config.cloud_name or '', self.job_id)} && {check}{command}"
@@ -3586,6 +3685,36 @@ class RemoteMachine:
             raise ConfigError(f"{collapse_home(root)} is not a stackops job folder; nothing deleted")
         shutil.rmtree(root)
         log.info("job %s deleted", self.job_id)
+
+    def rerun(self, run: bool = True) -> RemoteMachine:
+        """The same function or script, kwargs, data and options as a new job ``<id>-r1`` (a rerun
+        of ``x-r1`` is ``x-r2``), run now; refused while this job has not ended."""
+        started = self.launcher_pid is not None or self.slurm_job_id is not None
+        report = self.get_status(0) if started else None
+        if report is None or not report.finished:
+            state = report.status if report is not None else "never started"
+            raise ConfigError(f"job {self.job_id} is {state}: only an ended job can be rerun",
+                              hint=f"{'cancel it first' if report is not None else 'start it'}")
+        stem = re.sub(r"-r\d+\Z", "", self.job_id)
+        queued = self.file_manager.job_root.parent
+        number = 1
+        while (queued / f"{stem}-r{number}").exists():
+            number += 1
+        data = self.config.to_dict()
+        data["job_id"] = check_safe_name(f"{stem}-r{number}")
+        again = RemoteMachine.__new__(RemoteMachine)
+        again._init_state()
+        again.config = RemoteStackOpsConfig.from_dict(data)
+        again.job_params = JobParams.from_dict(self.job_params.to_dict())
+        again.kwargs, again.data = dict(self.kwargs), list(self.data)
+        pickled = self.file_manager.path(INSTANCE_PICKLE)
+        again._instance = pickled.read_bytes() if pickled.exists() else None
+        again.file_manager = FileManager(again.job_id, "Linux", self.file_manager.lock_resources,
+                                         again.config.max_simultaneous_jobs, again.config.base_dir)
+        again._parent_slurm_ids = [again._check_parent(parent) for parent in again.config.after]
+        again._ssh = self._ssh
+        self._ssh = None  # the connection goes on with the new job
+        return again.run(run)
 
     def _cancel_slurm(self) -> JobStatus:
         marks = [self.file_manager] + [task.file_manager for task in self.array_tasks()] if self.array_parts \
@@ -4160,6 +4289,19 @@ class Cluster:
         """Every host's JobStatus, read in parallel; an unreachable host gets its error instead."""
         return self._parallel(lambda h: self.machines[h].get_status(0), list(self.machines))
 
+    def rerun_failed(self) -> dict[str, str]:
+        """Run again, on the same host with the same slice, every part that failed or was
+        cancelled; the cluster follows the new parts from then on. Returns {host: new job id}."""
+        ended = {host: r for host, r in self.check_job_status().items() if isinstance(r, JobStatus)}
+        failed = [host for host, report in ended.items() if report.status in ("failed", "cancelled")]
+        if not failed:
+            raise ConfigError(f"cluster {self.job_id} has no failed part to rerun")
+        results = self._parallel(lambda h: self.machines[h].rerun(), failed)
+        self._raise_failures("rerun", results)
+        self.machines.update(results)
+        self._save()
+        return {host: machine.job_id for host, machine in results.items()}
+
     def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
         """Cancel every host's part at once; an unreachable host gets its error instead."""
         return self._parallel(lambda h: self.machines[h].cancel(grace), list(self.machines))
@@ -4344,6 +4486,8 @@ def _status_rows(report: JobStatus) -> list[list[str]]:
             ["pid", str(report.pid or "-")], ["submitted", report.submission_time or "-"],
             ["started", report.start_time or "-"], ["ended", report.end_time or "-"],
             ["duration", _duration(report)], ["results", report.results_path or "-"]]
+    if report.attempt:
+        rows.append(["attempt", report.attempt])
     if report.slurm_job_id:
         rows.append(["slurm job", report.slurm_job_id])
     if report.reason:
@@ -4375,6 +4519,8 @@ def _cmd_run(args: Any) -> int:
         workload_params=_parse_workload(args.workload, args.parallelize), python=args.python,
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
+        retries=args.retries, retry_delay=args.retry_delay,
+        after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
@@ -4597,6 +4743,30 @@ def _cmd_wait(args: Any) -> int:
         for target in targets.values():
             target.close()
     return 0 if all(status == "completed" for status in ended.values()) else 1
+
+
+def _cmd_rerun(args: Any) -> int:
+    target = _load_job_or_cluster(args.job_id, args.base_dir)
+    if isinstance(target, Cluster):
+        if not args.failed:
+            raise ConfigError(f"{args.job_id} is a cluster: rerun --failed runs its failed parts again")
+        with target:
+            for host, job_id in target.rerun_failed().items():
+                print(f"{host}: rerun as job {job_id}")
+            return _wait_cluster(target) if args.wait else 0
+    if args.failed:
+        raise ConfigError("--failed is for a cluster id")
+    with target:
+        again = target.rerun()
+        with again:
+            print(f"job {target.job_id} rerun as job {again.job_id}")
+            if not args.wait:
+                return 0
+            with _suppress(JobFailedError):
+                again.wait()
+            report = again.get_status(0)
+    print(f"job {again.job_id} {report.status}")
+    return 0 if report.status == "completed" else 1
 
 
 def _cmd_start(args: Any) -> int:
@@ -4968,6 +5138,11 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo before the job")
     parser.add_argument("--data", action="append", default=[], metavar="PATH", help="data that goes with the job")
     parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
+    parser.add_argument("--retries", type=int, default=0, metavar="N",
+                        help="repeat a failed run in place up to N times (status shows the attempt)")
+    parser.add_argument("--retry-delay", type=float, default=0.0, metavar="S", help="seconds between attempts")
+    parser.add_argument("--after", metavar="ID[,ID...]", default="",
+                        help="start only once these jobs completed; if one fails the job ends cancelled")
     parser.add_argument("--notify", action="store_true",
                         help="e-mail when the job ends (SMTP settings on the executing machine, see README)")
     parser.add_argument("--email", metavar="ADDR", help="with --notify: the address (default: your user config's)")
@@ -4993,6 +5168,9 @@ def _add_control_args(command: Callable[..., Any]) -> None:
     sub.add_argument("job_ids", nargs="+", metavar="ID")
     sub.add_argument("--timeout", type=float, default=None, metavar="S", help="give up after S seconds (exit 124)")
     command("start", _cmd_start, "launch a job prepared with run --no-launch")
+    sub = command("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed parts)")
+    sub.add_argument("--failed", action="store_true", help="for a cluster id: only the parts that failed")
+    sub.add_argument("--wait", action="store_true", help="block until it ends; exit 1 if it did not complete")
     sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran", job=False)
     sub.add_argument("job_ids", nargs="+", metavar="ID")
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")

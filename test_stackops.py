@@ -897,6 +897,82 @@ def test_control_cli_cancel_wait_start_delete_prune(home):
     assert listed == {"w-long", "w-later"}
 
 
+FLAKY_SOURCE = """
+    import os
+
+    def flaky(counter, fail_times=1):
+        with open(counter, "a+") as handle:
+            handle.seek(0)
+            runs = len(handle.read())
+            handle.write("x")
+        if runs < fail_times:
+            raise RuntimeError(f"flaky run {runs + 1}")
+        return {"runs": runs + 1}
+"""
+
+
+def test_control_retries_turn_a_flaky_first_run_into_completed_with_one_mail(home, smtp):
+    mod = make_module(home, FLAKY_SOURCE)
+    counter = home / "runs.txt"
+    job = RemoteMachine(mod.flaky, config(job_id="flaky", retries=2, retry_delay=0.2, notify_upon_completion=True,
+                                          to_email="me@example.org", email_config_name="test"),
+                        func_kwargs={"counter": str(counter)}).run()
+    report = wait_done(job)
+    assert report.status == "completed" and report.attempt == "2/3", report
+    assert counter.read_text() == "xx"
+    assert "flaky run 1" in job.file_manager.path(stackops.OUTPUT_LOG).read_text()
+    received = _wait_mail(smtp[0], 1)
+    assert len(received) == 1 and "completed" in received[0]["Subject"]
+    never = RemoteMachine(mod.flaky, config(job_id="never", retries=1), func_kwargs={"counter": str(counter),
+                                                                                    "fail_times": 9}).run()
+    report = wait_done(never)
+    assert report.status == "failed" and report.attempt == "2/2" and "flaky run 4" in report.error_message
+
+
+def test_control_after_waits_holding_no_slot_then_runs_or_ends_cancelled(home):
+    mod = make_module(home, CONTROL_SOURCE)
+    parent = RemoteMachine(mod.busy, config(job_id="a-parent", lock_resources=False),
+                           func_kwargs={"tag": "parent", "seconds": 3}).run()
+    child = RemoteMachine(mod.quick, config(job_id="a-child", after=["a-parent"])).run()
+    report = wait_for(lambda: (lambda r: r if r.status == "waiting" and r.reason else None)(child.get_status(0)),
+                      30, "the child to wait for its parent")
+    assert "after a-parent (running)" in report.reason
+    other = RemoteMachine(mod.quick, config(job_id="a-other")).run()  # the child holds no slot or place
+    assert wait_done(other, 30).status == "completed"
+    assert wait_done(child, 60).status == "completed"
+    assert child.get_status(0).start_time >= parent.get_status(0).end_time
+    failing = RemoteMachine(mod.bad, config(job_id="a-bad")).run()
+    orphan = RemoteMachine(mod.quick, config(job_id="a-orphan", after=["a-parent", "a-bad"])).run()
+    report = wait_done(orphan, 60)
+    assert report.status == "cancelled" and "a-bad failed" in report.error_message and report.start_time is None
+    assert wait_done(failing).status == "failed"
+    for bad, message in ((["nope"], "no such job"), (["a-self"], "cannot run after itself")):
+        with pytest.raises(ConfigError, match=message):
+            RemoteMachine(mod.quick, config(job_id="a-self", after=bad))
+    done = cli("run", "x.py", "--retries", "-1", home=home)
+    assert done.returncode == 2 and "retries must be 0 to 100" in done.stderr
+
+
+def test_control_rerun_same_call_as_a_new_job(home):
+    mod = make_module(home, FLAKY_SOURCE)
+    counter = home / "rerun.txt"
+    first = RemoteMachine(mod.flaky, config(job_id="rr"), func_kwargs={"counter": str(counter)}).run()
+    assert wait_done(first).status == "failed"
+    again = first.rerun()
+    assert again.job_id == "rr-r1" and again.kwargs == {"counter": str(counter)}
+    assert wait_done(again).status == "completed"
+    done = cli("rerun", "rr-r1", "--wait", home=home)
+    assert done.returncode == 0 and "rerun as job rr-r2" in done.stdout and "rr-r2 completed" in done.stdout
+    mod2 = make_module(home, CONTROL_SOURCE)
+    running = RemoteMachine(mod2.busy, config(job_id="rr-busy", lock_resources=False),
+                            func_kwargs={"tag": "rb"}).run()
+    _pids(home, "rb")
+    done = cli("rerun", "rr-busy", home=home)
+    assert done.returncode == 2 and "only an ended job can be rerun" in done.stderr
+    assert cli("rerun", "nope", home=home).returncode == 2
+    running.cancel(grace=1)
+
+
 def test_control_cancel_on_a_host_running_and_waiting(remote, home):
     mod = make_module(home, CONTROL_SOURCE)
     running = RemoteMachine(mod.busy, config(job_id="r-run", ssh_host="tb", copy_repo=True),
@@ -1958,6 +2034,52 @@ def test_cluster_cli_run_status_download(cluster_home):
 
 
 
+FLAKY_CLUSTER = """
+    import os, time
+
+    def part(workload_params, flag="~/fail-first"):
+        flag = os.path.expanduser(flag)
+        if workload_params.idx_start == 0 and not os.path.exists(flag):
+            open(flag, "w").close()
+            raise RuntimeError("the first slice fails once")
+        return list(range(workload_params.idx_start, workload_params.idx_end))
+
+    def long(workload_params):
+        time.sleep(120)
+"""
+
+
+def test_cluster_cancel_all_parts_and_rerun_only_the_failed_part(cluster_home, nodes):
+    home = cluster_home
+    (home / "proj").mkdir(exist_ok=True)
+    (home / "proj" / "fc.py").write_text(textwrap.dedent(FLAKY_CLUSTER))
+    flag = f"~/fail-first-{os.getpid()}-{time.monotonic_ns()}"  # the nodes share the remote home
+    done = cli("cluster", "run", "proj/fc.py:part", "--hosts", "node1,node2", "--copy-repo", "--job-id", "flc",
+               "--kwargs", json.dumps({"flag": flag}), "--wait", home=home)
+    assert done.returncode == 1, done.stdout + done.stderr
+    before = json.loads(cli("cluster", "status", "flc", "--json", home=home).stdout)
+    failed = [h for h, s in before.items() if s["status"] == "failed"]
+    assert len(failed) == 1
+    done = cli("rerun", "flc", "--failed", "--wait", home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = json.loads(cli("cluster", "status", "flc", "--json", home=home).stdout)
+    assert {h: s["status"] for h, s in after.items()} == {"node1": "completed", "node2": "completed"}
+    assert after[failed[0]]["job_id"].endswith("-r1")
+    kept = [h for h in after if h not in failed][0]
+    assert after[kept]["job_id"] == before[kept]["job_id"]
+    done = cli("cluster", "run", "proj/fc.py:long", "--hosts", "node1,node2", "--copy-repo", "--job-id", "flc2",
+               "--max-jobs", "2", home=home)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: all(s["status"] == "running" for s in
+                         json.loads(cli("cluster", "status", "flc2", "--json", home=home).stdout).values()),
+             60, "both parts to run")
+    done = cli("cancel", "flc2", "--grace", "2", home=home)
+    assert done.returncode == 0 and done.stdout.count("cancelled") == 2, done.stdout + done.stderr
+    statuses = json.loads(cli("cluster", "status", "flc2", "--json", home=home).stdout)
+    assert {s["status"] for s in statuses.values()} == {"cancelled"}
+    assert cli("wait", "flc", home=home).returncode == 0
+    assert cli("wait", "flc2", home=home).returncode == 1
+
 # ============================================================================================
 # 12b. Slurm as a launcher: a real single-node cluster (slurmctld, slurmd, a private munged), root only
 # ============================================================================================
@@ -2265,6 +2387,21 @@ def test_slurm_over_ssh_to_a_login_node_submits_watches_and_cancels(slurm, home,
     finally:
         login.stop()
         _kill_remote_leftovers(sshd.remote_home)
+
+
+def test_slurm_after_a_failing_job_never_runs_and_never_hangs(slurm, home):
+    good = _slurm_machine(home, "where", job_id="sa-good").run()
+    bad = _slurm_machine(home, "boom", job_id="sa-bad").run()
+    after_good = _slurm_machine(home, "where", job_id="sa-child", after=["sa-good"]).run()
+    after_bad = _slurm_machine(home, "where", job_id="sa-orphan", after=["sa-bad"]).run()
+    assert "--dependency=afterok:" + good.slurm_job_id in after_good.file_manager.path("shell/sbatch.sh").read_text()
+    assert _slurm_wait(after_good).status == "completed"
+    report = _slurm_wait(after_bad, 60)
+    assert report.status == "cancelled" and "DependencyNeverSatisfied" in report.reason, report
+    assert report.start_time is None
+    assert _slurm_wait(bad).status == "failed"
+    with pytest.raises(ConfigError, match="this one must run in the same place"):
+        RemoteMachine(make_module(home, SLURM_JOBS).where, config(job_id="sa-mixed", after=["sa-good"]))
 
 
 def test_slurm_job_forgotten_by_slurm_is_failed_not_running(slurm, home):
