@@ -2226,6 +2226,17 @@ def switch_public_ip_address(max_trials: int = 10, wait_seconds: float = 2.0,
 # 10. SSH (paramiko, imported lazily)
 # ============================================================================================
 
+# Runs a stackops.py read from stdin as the module ``stackops`` and calls main(argv).
+REMOTE_ENTRY_PY = """import sys, types
+source = sys.stdin.buffer.read()
+module = types.ModuleType("stackops")
+module.__file__ = "stackops.py"
+sys.modules["stackops"] = module
+exec(compile(source, "stackops.py", "exec"), module.__dict__)
+sys.exit(module.main(sys.argv[1:]))
+"""
+
+
 def _paramiko() -> Any:
     try:
         import paramiko
@@ -2628,6 +2639,13 @@ class SSH:
             if not got:
                 select.select([channel], [], [], 0.5)
         return bytes(out), bytes(err), channel.recv_exit_status()
+
+    def run_stackops(self, args: list[str], timeout: float | None = None, python: str = "python3") -> Response:
+        """Run this very module on the host (sent over stdin, nothing installed or written there)
+        as ``stackops ARGS``; strict: a non-zero exit raises CommandError with its stderr."""
+        source = Path(sys.modules[__name__].__file__ or "").read_bytes()
+        command = " ".join(shlex.quote(part) for part in [python, "-S", "-c", REMOTE_ENTRY_PY, *args])
+        return self.run_shell_cmd_on_remote(command, timeout, strict=True, stdin=source)
 
     def run_py_remotely(self, code: str, timeout: float | None = None, strict: bool = True,
                         python: str = "python3") -> Response:
@@ -4582,7 +4600,11 @@ def _cmd_status(args: Any) -> int:
 
 
 def _cmd_list(args: Any) -> int:
-    reports = list_jobs(args.base_dir)
+    if args.host:  # the host's own job folders, whoever submitted them, judged there
+        rows = _on_host(args.host, ["list", "--base-dir", args.base_dir])
+        reports = [JobStatus.from_dict(row) for row in rows]
+    else:
+        reports = list_jobs(args.base_dir)
     if args.json:
         _print_json([report.to_dict() for report in reports])
         return 0
@@ -4599,6 +4621,10 @@ def _cmd_logs(args: Any) -> int:
     if machine.is_remote:
         with machine:
             return _remote_logs(machine, args)
+    return _local_logs(machine, args)
+
+
+def _local_logs(machine: RemoteMachine, args: Any) -> int:
     path = machine.file_manager.path(OUTPUT_LOG)
     text = _read_text(path)
     print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n", flush=True)
@@ -4635,11 +4661,19 @@ def _remote_logs(machine: RemoteMachine, args: Any) -> int:
         time.sleep(0.5)
 
 
+def _on_host(host: str, argv: list[str], accept_new: bool = False) -> Any:
+    """What ``stackops ARGV --json`` prints on ``host``: one round trip, nothing installed there."""
+    with SSH.from_config_file(host, accept_new_host_key=accept_new) as ssh:
+        return json.loads(ssh.run_stackops([*argv, "--json"], timeout=120).stdout)
+
+
 def _cmd_queue(args: Any) -> int:
-    slots = Slots()
-    view: dict[str, Any] = {"state_dir": collapse_home(slots.root), "running": slots.holders(),
-                            "waiting": slots.waiters(),
-                            "history": slots.history()[-args.history:] if args.history else []}
+    if args.host:
+        view = _on_host(args.host, ["queue", "--history", str(args.history)])
+    else:
+        slots = Slots()
+        view = {"state_dir": collapse_home(slots.root), "running": slots.holders(), "waiting": slots.waiters(),
+                "history": slots.history()[-args.history:] if args.history else []}
     if args.json:
         _print_json(view)
         return 0
@@ -4968,6 +5002,27 @@ def _cmd_cluster_download(args: Any) -> int:
     return 0
 
 
+def _cmd_cluster_logs(args: Any) -> int:
+    with Cluster.load(args.cluster_id, args.base_dir) as cluster:
+        hosts = list(cluster.machines)
+        if args.part is None and args.follow and len(hosts) > 1:
+            raise ConfigError("-f follows one part: name it with --part", hint=f"parts: {', '.join(hosts)}")
+        if args.part is not None:
+            chosen = hosts[int(args.part) - 1] if args.part.isdigit() and 0 < int(args.part) <= len(hosts) \
+                else args.part
+            if chosen not in cluster.machines:
+                raise ConfigError(f"cluster {cluster.job_id} has no part {args.part!r}",
+                                  hint=f"parts: {', '.join(hosts)} (or 1 to {len(hosts)})")
+            hosts = [chosen]
+        for host in hosts:
+            if len(hosts) > 1:
+                print(f"==> {host} ({cluster.machines[host].job_id}) <==", flush=True)
+            machine = cluster.machines[host]
+            with machine:
+                _remote_logs(machine, args) if machine.is_remote else _local_logs(machine, args)
+    return 0
+
+
 def _add_cluster_args(commands: Any) -> None:
     cluster = commands.add_parser("cluster", help="split one workload over several hosts by CPU/RAM")
     sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
@@ -4992,14 +5047,19 @@ def _add_cluster_args(commands: Any) -> None:
     run.add_argument("--description", default="")
     run.add_argument("--wait", action="store_true", help="block until every host's job ended")
     for name, handler, text in (("status", _cmd_cluster_status, "one line per host: share, status, times"),
-                                ("download", _cmd_cluster_download, "every host's results into one folder")):
+                                ("download", _cmd_cluster_download, "every host's results into one folder"),
+                                ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
         action = sub.add_parser(name, help=text)
         action.set_defaults(handler=handler)
         action.add_argument("cluster_id")
         if name == "status":
             action.add_argument("--json", action="store_true")
-        else:
+        elif name == "download":
             action.add_argument("--to", help="the local folder (default: the cluster's results folder)")
+        else:
+            action.add_argument("--part", metavar="K", help="the part: its host, or its number (1, 2, ...)")
+            action.add_argument("-f", "--follow", action="store_true", help="keep printing while the part runs")
+            action.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     for action in (run, *[p for n, p in sub.choices.items() if n != "run"]):
         action.add_argument("--base-dir", default=default_base, help=f"where clusters live (default {default_base})")
 
@@ -5206,12 +5266,14 @@ def _build_parser() -> Any:
     sub.add_argument("--json", action="store_true")
     sub = command("list", _cmd_list, "every job with its status, newest first", job=False)
     sub.add_argument("--json", action="store_true")
+    sub.add_argument("--host", help="the jobs whose folders are on this host (from any machine), read there")
     sub = command("logs", _cmd_logs, "the job's output")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
     sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     sub = commands.add_parser("queue", help="slots in use, who waits in what order, recent history")
     sub.set_defaults(handler=_cmd_queue)
     sub.add_argument("--history", type=int, default=10, metavar="N", help="show the last N finished jobs")
+    sub.add_argument("--host", help="the queue of this host, read there in one round trip")
     sub.add_argument("--json", action="store_true")
     sub = command("download", _cmd_download, "copy a finished job's results folder")
     sub.add_argument("--to", help="target path (default: print where the results are)")

@@ -973,6 +973,31 @@ def test_control_rerun_same_call_as_a_new_job(home):
     running.cancel(grace=1)
 
 
+def test_control_queue_and_list_of_a_host_in_one_round_trip(remote, home, tmp_path):
+    mod = make_module(home, CONTROL_SOURCE)
+    with RemoteMachine(mod.busy, config(job_id="h-run", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"tag": "hq"}) as running:
+        running.run()
+        wait_for(lambda: running.get_status(0).status == "running", 60, "the job to run")
+        other_home = tmp_path / "laptop2"  # a second machine submits to the same host
+        other_home.mkdir()
+        (other_home / "j.py").write_text(textwrap.dedent(CONTROL_SOURCE))
+        _write_ssh_config(other_home, remote)
+        done = cli("run", "j.py:quick", "--host", "tb", "--job-id", "h-other", home=other_home)
+        assert done.returncode == 0, done.stderr
+        queue = json.loads(cli("queue", "--host", "tb", "--json", home=home).stdout)
+        assert [h["job_id"] for h in queue["running"]] == ["h-run"]
+        assert [w["job_id"] for w in queue["waiting"]] == ["h-other"]
+        table = cli("queue", "--host", "tb", home=home).stdout
+        assert "h-run" in table and "h-other" in table
+        listed = {r["job_id"]: r["status"] for r in json.loads(cli("list", "--host", "tb", "--json", home=home).stdout)}
+        assert listed == {"h-run": "running", "h-other": "waiting"}
+        assert "h-other" not in cli("list", home=home).stdout  # only the host knows it from here
+        running.cancel(grace=2)
+    done = cli("queue", "--host", "nosuchhost", home=home)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+
+
 def test_control_cancel_on_a_host_running_and_waiting(remote, home):
     mod = make_module(home, CONTROL_SOURCE)
     running = RemoteMachine(mod.busy, config(job_id="r-run", ssh_host="tb", copy_repo=True),
@@ -2067,6 +2092,11 @@ def test_cluster_cancel_all_parts_and_rerun_only_the_failed_part(cluster_home, n
     assert after[failed[0]]["job_id"].endswith("-r1")
     kept = [h for h in after if h not in failed][0]
     assert after[kept]["job_id"] == before[kept]["job_id"]
+    done = cli("cluster", "logs", "flc", home=home)
+    assert done.returncode == 0 and "==> node1" in done.stdout and "==> node2" in done.stdout, done.stderr
+    done = cli("cluster", "logs", "flc", "--part", failed[0], "-f", home=home)
+    assert done.returncode == 0 and "EXECUTION START" in done.stdout and "==>" not in done.stdout
+    assert cli("cluster", "logs", "flc", "--part", "9", home=home).returncode == 2
     done = cli("cluster", "run", "proj/fc.py:long", "--hosts", "node1,node2", "--copy-repo", "--job-id", "flc2",
                "--max-jobs", "2", home=home)
     assert done.returncode == 0, done.stderr
