@@ -1130,7 +1130,7 @@ exit 0
 # SIGTERM its launcher's process group (only when the recorded pid provably is the job's: its
 # command line runs this job folder's launcher or wrapper), SIGKILL what is left after the grace,
 # and record `cancelled` if the job could not. Prints the status that holds after.
-CANCEL_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; ticks=@@ticks
+CANCEL_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; ticks=@@ticks
 [ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
 get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
 put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
@@ -1149,14 +1149,16 @@ if [[ $p =~ ^[0-9]+$ ]] && cmd "$p" && [[ $C == *"/queued/$id/shell/cluster_scri
 get pid.txt; w=${R//[[:space:]]/}
 if [ -z "$g" ] && [[ $w =~ ^[0-9]+$ ]] && cmd "$w" && [[ $C == *"/queued/$id/python/cluster_wrap.py"* ]] \
     && stat "$w"; then g=$PGRP; fi
-members() { local d; for d in /proc/[0-9]*; do stat "${d#/proc/}" || continue
+members() {  # a live (not zombie) process in the group; the scan only while kill -0 finds one
+    kill -0 -- "-$g" 2>/dev/null || return 1
+    local d; for d in /proc/[0-9]*; do stat "${d#/proc/}" || continue
     [ "$PGRP" = "$g" ] && [ "$STATE" != Z ] && return 0; done; return 1; }
 killed=
 if [ -n "$g" ]; then
     kill -TERM -- "-$g" 2>/dev/null
-    i=0; while members && [ $i -lt $ticks ]; do sleep 0.1; i=$((i + 1)); done
+    i=0; while members && [ $i -lt $ticks ]; do sleep 0.05; i=$((i + 1)); done
     if members; then kill -KILL -- "-$g" 2>/dev/null; killed=1; fi
-    i=0; while members && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    i=0; while members && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
 fi
 get status.txt; st=${R//[[:space:]]/}
 case "$st" in
@@ -1583,7 +1585,7 @@ class FileManager:
     def cancel_command(self, grace: float) -> str:
         """The bash script that cancels this job where it runs (CANCEL_TEMPLATE)."""
         return render_template(CANCEL_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
-                               ticks=str(max(0, round(grace * 10))), state_dir=DEFAULT_STATE_DIR[2:])
+                               ticks=str(max(0, round(grace * 20))), state_dir=DEFAULT_STATE_DIR[2:])
 
     def delete_command(self) -> str:
         """The bash script that removes this job's folder where it ran, only if it is one."""
@@ -3739,7 +3741,8 @@ class RemoteMachine:
             else [self.file_manager]
         mark = " && ".join(f"date -u +%Y-%m-%dT%H:%M:%S+00:00 > {manager._job_root_sh()}/{CANCEL_TXT}"
                            for manager in marks)
-        status, out, err = self._run_remote_or_here(f"{mark} && scancel {shlex.quote(self.slurm_job_id or '')}")
+        command = f"umask 077 && {mark} && scancel {shlex.quote(self.slurm_job_id or '')}"
+        status, out, err = self._run_remote_or_here(command)
         if status != 0:
             raise CommandError(self.host_name, "scancel", status, err or out)
         return self.get_status(0)

@@ -822,11 +822,8 @@ def test_control_cancel_running_job_kills_its_group_fast_and_frees_the_slot(home
     first = RemoteMachine(mod.busy, config(job_id="c-run"), func_kwargs={"tag": "first"}).run()
     pids = _pids(home, "first")
     second = RemoteMachine(mod.quick, config(job_id="c-next")).run()
-    started = time.monotonic()
-    report = first.cancel(grace=10)
-    took = time.monotonic() - started
+    report = first.cancel(grace=10)  # how fast: bench_stackops.py (never a timed assertion here)
     assert report.status == "cancelled", report
-    assert took < 1.5, f"cancel took {took:.2f}s"
     wait_for(lambda: _gone(pids), 5, "the job and its child to be gone")
     assert wait_done(second, 30).status == "completed"  # the slot passed on
     assert first.get_status(0).status == "cancelled"
@@ -857,7 +854,7 @@ def test_control_cancel_after_grace_kills_a_job_that_ignores_sigterm(home):
     started = time.monotonic()
     report = job.cancel(grace=1)
     assert report.status == "cancelled" and "ignored SIGTERM" in report.error_message
-    assert 1 <= time.monotonic() - started < 5
+    assert time.monotonic() - started >= 1  # it did wait the grace before SIGKILL
     wait_for(lambda: _gone(pids), 5, "the job to be gone")
 
 
@@ -1009,9 +1006,7 @@ def test_control_cancel_on_a_host_running_and_waiting(remote, home):
         waiting.run()
         wait_for(lambda: waiting.get_status(0).status == "waiting", 30, "the second job to wait")
         assert waiting.cancel().status == "cancelled"
-        started = time.monotonic()
         assert running.cancel().status == "cancelled"
-        assert time.monotonic() - started < 3
         pids = [int(pid) for pid in (remote.remote_home / "far.pids").read_text().split()]
         wait_for(lambda: _gone(pids), 5, "the remote job to be gone")
         assert waiting.get_status(0).start_time is None
