@@ -2776,8 +2776,8 @@ def _rclone(*args: str, what: str, timeout: float = 3600,
         raise DependencyError("rclone is not installed on this machine",
                               hint="install it (e.g. apt-get install rclone) and configure a remote")
     try:
-        done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout, input=stdin,
-                              stdin=None if stdin is not None else subprocess.DEVNULL)
+        done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout,
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         raise TransferError(f"rclone {what} did not finish within {timeout:g}s") from exc
     if done.returncode != 0:
@@ -2812,9 +2812,8 @@ def check_cloud_remote(cloud_name: str) -> None:
 def _archive_members(job_root_rh: str, repo: str | None, data: list[str]) -> list[str]:
     """The top-level members of a job's archive: the job folder, its repo and its data, each as
     its path relative to home (so it unpacks into the same places under another home)."""
-    members = [_home_relative(expand_home(job_root_rh))] + ([_home_relative(expand_home(repo))] if repo else [])
-    members += [_home_relative(expand_home(item)) for item in data]
-    return [m[2:] for m in members]
+    paths = [job_root_rh] + ([repo] if repo else []) + list(data)
+    return [_home_relative(expand_home(path))[2:] for path in paths]
 
 
 def _pack(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
@@ -2822,7 +2821,8 @@ def _pack(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> P
     relative to home, so it unpacks into the same places under another home."""
     members = _archive_members(collapse_home(job_root), repo, data)
     tar = subprocess.run(["tar", "cf", str(archive), "-C", str(Path.home()),
-                          *[f"--exclude={e}" for e in REPO_EXCLUDES], "--", *members], capture_output=True, text=True)
+                          *[f"--exclude={e}" for e in REPO_EXCLUDES], "--", *members],
+                         capture_output=True, text=True)
     if tar.returncode != 0:
         raise TransferError(f"packing {job_root.name} failed: {_last_line(tar.stderr)}")
     return archive
@@ -2876,8 +2876,9 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
             f"if test -e {file_manager._job_root_sh()}; then exit {JOB_EXISTS_STATUS}; fi; "
             "command -v rclone >/dev/null && rclone listremotes", timeout=60, strict=False)
         if remote.returncode == JOB_EXISTS_STATUS:
-            raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias} at "
-                              f"{file_manager.job_root_rh}", hint="choose another job_id, or leave it out for a fresh one")
+            raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias} "
+                              f"at {file_manager.job_root_rh}",
+                              hint="choose another job_id, or leave it out for a fresh one")
         if remote.returncode != 0 or f"{cloud.split(':', 1)[0]}:" not in remote.stdout.split():
             raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r} "
                               f"({_last_line(remote.stderr) or 'rclone there does not know it'})",
@@ -2893,27 +2894,31 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
     return target, digest
 
 
-# Run by the fire command on the host (bash): fetch the job's archive into a private staging folder
-# beside the job folder, check its SHA-256 against the one recorded at upload, accept only members
-# under the job folder, the code and the data, move the job folder into place (never over an existing
-# one), put the code and the data at their home-relative places, and remove the archive from the bucket.
+# Run by the fire command on the host (bash): fetch the job's archive into a private staging
+# folder beside the job folder, check its SHA-256 against the one recorded at upload, accept only
+# members under the job folder, the code and the data, move the job folder into place (never over
+# an existing one), put the code and the data at their home-relative places, and remove the
+# archive from the bucket.
 CLOUD_FETCH_TEMPLATE = r"""umask 077; J=@@job_root; P=$(dirname "$J")
 _no() { echo "stackops: $1" >&2; exit 3; }
 [ ! -e "$J" ] || _no "job folder $J already exists on this host: a job id runs once"
-mkdir -p "$P" && S=$(mktemp -d "$P/.stackops-fetch.XXXXXX") || _no "cannot create a staging folder in $P"
+mkdir -p "$P" && S=$(mktemp -d "$P/.stackops-fetch.XXXXXX") || _no "no staging folder in $P"
 trap 'rm -rf "$S"' EXIT
 rclone copyto @@source "$S/job.tar" || _no "rclone could not fetch "@@source
 h=$({ sha256sum || shasum -a 256; } < "$S/job.tar" 2>/dev/null); h=${h%% *}
-[ "$h" = @@sha256 ] || _no "the archive "@@source" is not the one uploaded (its sha256 is ${h:-unknown}, expected "@@sha256"): another writer of the bucket replaced it; nothing was unpacked"
+[ "$h" = @@sha256 ] || _no "the archive "@@source" is not the one uploaded (its sha256 is \
+${h:-unknown}, expected "@@sha256"): another writer of the bucket replaced it; nothing was unpacked"
 tar tf "$S/job.tar" > "$S/members" || _no "cannot list the archive "@@source
 while IFS= read -r m; do
-    case "/$m/" in */../*) _no "archive member $m climbs out of its folder; nothing was unpacked" ;; esac
-    case "$m" in @@allowed) ;; *) _no "archive member $m is not in the job folder, the code or the data; nothing was unpacked" ;; esac
+    case "/$m/" in */../*) _no "archive member $m climbs out; nothing was unpacked";; esac
+    case "$m" in @@allowed) ;; *) _no "archive member $m is not in the job folder, the code or \
+the data; nothing was unpacked" ;; esac
 done < "$S/members"
-mkdir "$S/x" && tar xf "$S/job.tar" -C "$S/x" --no-same-owner -- @@job_member || _no "cannot unpack the job folder"
-mv -T "$S/x/"@@job_member "$J" || _no "job folder $J already exists on this host: a job id runs once"
+mkdir "$S/x" && tar xf "$S/job.tar" -C "$S/x" --no-same-owner -- @@job_member \
+    || _no "cannot unpack the job folder"
+mv -T "$S/x/"@@job_member "$J" || _no "job folder $J already exists on this host: an id runs once"
 @@others
-rclone deletefile @@source 2>/dev/null || echo "stackops: could not remove "@@source" from the bucket" >&2
+rclone deletefile @@source 2>/dev/null || echo "stackops: could not remove "@@source >&2
 true"""
 
 
@@ -2925,10 +2930,13 @@ def cloud_fetch_command(cloud_name: str, job_id: str, sha256: str, members: list
     source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{check_safe_name(job_id)}.tar")
     quoted = [shlex.quote(m) for m in members]
     allowed = "|".join(f"{q}|{q}/*" for q in quoted)
-    others = (f'tar xf "$S/job.tar" -C "$HOME" --no-same-owner -- {" ".join(quoted[1:])} '
-              '|| _no "cannot unpack the code and the data"') if members[1:] else ": no code or data"
-    script = render_template(CLOUD_FETCH_TEMPLATE, job_root=_sh_path("~/" + members[0]), source=source,
-                             sha256=shlex.quote(sha256), allowed=allowed, job_member=quoted[0], others=others)
+    others = ": no code or data"
+    if members[1:]:
+        others = (f'tar xf "$S/job.tar" -C "$HOME" --no-same-owner -- {" ".join(quoted[1:])} '
+                  '|| _no "cannot unpack the code and the data"')
+    script = render_template(CLOUD_FETCH_TEMPLATE, job_root=_sh_path("~/" + members[0]),
+                             source=source, sha256=shlex.quote(sha256), allowed=allowed,
+                             job_member=quoted[0], others=others)
     return f"bash -c {shlex.quote(script)}"
 
 
@@ -2995,7 +3003,8 @@ class CloudQueue:
         self._put(f"{unit_id}/unit.json", json.dumps(meta))
 
     def remove(self, unit_id: str) -> None:
-        _rclone("purge", f"{self.base}/{check_safe_name(unit_id, 'unit id')}", what=f"removal of unit {unit_id}")
+        _rclone("purge", f"{self.base}/{check_safe_name(unit_id, 'unit id')}",
+                what=f"removal of unit {unit_id}")
 
     def meta(self, unit_id: str) -> dict[str, Any]:
         if unit_id not in self._meta:
@@ -3279,8 +3288,8 @@ class RemoteMachine:
         if not self.scripts_generated:
             self.generate_scripts()
         if self.is_remote and self.config.transfer_method == "cloud":
-            _, self.cloud_sha256 = transfer_cloud(self.ssh, self.config, self.job_params, self.file_manager,
-                                                  self.data)
+            _, self.cloud_sha256 = transfer_cloud(self.ssh, self.config, self.job_params,
+                                                  self.file_manager, self.data)
         elif self.is_remote:
             transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data, progress)
         if not self.is_remote or self.config.transfer_method != "cloud":
@@ -3320,8 +3329,9 @@ class RemoteMachine:
         if self.is_remote and self.config.transfer_method == "cloud":
             check = f"{self._job_command('job-check-email')} && " if self.config.notify_upon_completion else ""
             repo = self.job_params.repo_path_rh if self.config.copy_repo else None
-            fetch = cloud_fetch_command(self.config.cloud_name or "", self.job_id, self.cloud_sha256,
-                                        _archive_members(self.file_manager.job_root_rh, repo, self.data))
+            members = _archive_members(self.file_manager.job_root_rh, repo, self.data)
+            fetch = cloud_fetch_command(self.config.cloud_name or "", self.job_id,
+                                        self.cloud_sha256, members)
             command = f"{fetch} && {check}{command}"
         self.launch_command = command
         if not run:
@@ -3455,7 +3465,8 @@ class RemoteMachine:
         (a later job with the same id never mixes in); they come down here the same way, and the
         prefix is removed from the bucket afterwards, whatever happened."""
         destination = _free_destination(expand_home(target if target is not None else results), overwrite)
-        prefix = f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}/{random.getrandbits(64):016x}"
+        prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}/"
+                  f"{random.getrandbits(64):016x}")
         where = shlex.quote(f"{prefix}/payload")
         try:
             up = self.ssh.run_shell_cmd_on_remote(
@@ -3496,10 +3507,11 @@ class RemoteMachine:
             for unit_id, part in zip(unit_ids, parts):
                 unit = self._unit(unit_id, part)
                 units.append(unit)
-                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root,
-                                     unit.job_params.repo_path_rh if config.copy_repo else None, unit.data)
-                queue.add(unit_id, archive, {"unit": unit_id, "allowed_remotes": config.allowed_remotes,
-                                             "submitted_at": _iso(_utcnow())})
+                repo = unit.job_params.repo_path_rh if config.copy_repo else None
+                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root, repo,
+                                     unit.data)
+                queue.add(unit_id, archive, {"unit": unit_id, "submitted_at": _iso(_utcnow()),
+                                             "allowed_remotes": config.allowed_remotes})
         except BaseException:  # all units or none: what went up comes down, what was made here goes
             for unit in units:
                 with _suppress(StackopsError):
@@ -3515,7 +3527,7 @@ class RemoteMachine:
         no unit in the queue by that name."""
         unit_ids = [f"{self.job_id}-{k}-{count}" for k in range(count)]
         for unit_id in unit_ids:
-            check_safe_name(unit_id, f"unit id (job_id {self.job_id!r} with '-{count - 1}-{count}')")
+            check_safe_name(unit_id, f"unit id (job_id {self.job_id!r} + '-{count - 1}-{count}')")
             root = FileManager(unit_id, base=self.config.base_dir).job_root
             if root.exists():
                 raise ConfigError(f"unit {unit_id!r} already exists at {collapse_home(root)}",
@@ -3982,7 +3994,8 @@ class _ClaimKeeper:
                 self.queue.heartbeat(self.unit_id, self.claim, self.worker)
                 refreshed = began
                 if not self.queue.still_ours(self.unit_id, self.claim):
-                    log.warning("unit %s was claimed by another worker; it will not be uploaded", self.unit_id)
+                    log.warning("unit %s was claimed by another worker; it will not be uploaded",
+                                self.unit_id)
                     self.lost.set()
                     return
             except StackopsError as exc:
@@ -4000,7 +4013,9 @@ def _unit_member_ok(info: Any, data: list[str]) -> bool:
     """A member of a unit's archive that may be unpacked: a file, folder or link under ``job/``,
     ``code/`` or one of the unit's data paths (``home/<path>``), and a link that stays there."""
     name = posixpath.normpath(info.name)
-    if info.name.startswith("/") or name.startswith("..") or not (info.isfile() or info.isdir() or info.issym()):
+    if info.name.startswith("/") or name.startswith(".."):
+        return False
+    if not (info.isfile() or info.isdir() or info.issym()):
         return False
     places = ["job", "code"] + [f"home/{item}" for item in data]
     top = next((place for place in places if name == place or name.startswith(place + "/")), None)
@@ -4020,16 +4035,17 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
-            job = tar.extractfile("job/" + REMOTE_MACHINE_JSON) if "job/" + REMOTE_MACHINE_JSON in tar.getnames() \
-                else None
+            record = "job/" + REMOTE_MACHINE_JSON
+            job = tar.extractfile(record) if record in tar.getnames() else None
             recorded = json.loads(job.read()) if job is not None else {}
             data = [_home_relative(expand_home(d))[2:] for d in recorded.get("data", [])]
             bad = [m.name for m in members if not _unit_member_ok(m, data)]
             if job is None or bad:
-                raise TransferError(f"unit archive {archive.name} holds {', '.join(bad[:3]) or 'no job folder'}, "
-                                    "outside the unit's job folder, code and data: nothing was unpacked",
+                what = ", ".join(bad[:3]) or "no job folder"
+                raise TransferError(f"unit archive {archive.name} holds {what}, outside the unit's "
+                                    "job folder, code and data: nothing was unpacked",
                                     hint="a unit packed by an older stackops? submit it again")
-            tar.chown = lambda *args, **kwargs: None  # type: ignore[method-assign]  # files are ours here
+            tar.chown = lambda *args, **kwargs: None  # type: ignore[method-assign]  # never chown
             extra: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
             tar.extractall(str(staging), members=members, **extra)
     except (tarfile.TarError, OSError, ValueError, AttributeError, TypeError) as exc:
@@ -4052,15 +4068,18 @@ def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
     _atomic_write_text(root / LAUNCHER_SH, render_shell_script(JobParams.from_dict(params), config,
                                                                config.python or "python3"), 0o700)
     manager = _read_json(root / FILE_MANAGER_JSON)
-    mine = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR) / "queued" / root.name / FILE_MANAGER_JSON
+    base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
+    mine = base / "queued" / root.name / FILE_MANAGER_JSON
     with _suppress(OSError):
         if mine.read_bytes() == (root / FILE_MANAGER_JSON).read_bytes():
             return  # the submitter's own folder is here: so are its data
     for item in data:
         source = staging / "home" / item
-        files = [source] if not source.is_dir() else sorted(p for p in source.rglob("*") if not p.is_dir())
+        files = [source]
+        if source.is_dir():
+            files = sorted(p for p in source.rglob("*") if not p.is_dir())
         for path in files:
-            target = Path.home() / item / path.relative_to(source) if path != source else Path.home() / item
+            target = Path.home() / item / path.relative_to(source)  # a file's relative path is "."
             _mkdir_private(target.parent)
             os.replace(path, target)
 
@@ -4083,7 +4102,8 @@ def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None) ->
     return root
 
 
-def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str, base_dir: str | None = None) -> str:
+def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
+              base_dir: str | None = None) -> str:
     """Fetch a claimed unit, run it here with this machine's slots, then upload its results and
     status, all while a background heartbeat refreshes the claim. A unit whose claim was lost is
     not uploaded. Returns the unit's status (or ``lost``)."""
@@ -4097,20 +4117,23 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str, base_dir
         while not (report := machine.get_status(0)).finished:
             time.sleep(0.2)
         if not keeper.held():
-            log.warning("unit %s was claimed by another worker meanwhile; not uploading its results", unit_id)
+            log.warning("unit %s was claimed by another worker meanwhile; not uploading its "
+                        "results", unit_id)
             return "lost"
-        status = {"unit": unit_id, "status": report.status, "worker": worker, "host": os.uname().nodename,
-                  "start_time": report.start_time, "end_time": report.end_time,
-                  "duration_seconds": round(time.time() - started, 3), "error": _tail(report.error_message, 20)}
-        if not queue.finish(unit_id, expand_home(report.results_path) if report.results_path else None, status,
-                            keeper.held):
-            log.warning("unit %s was claimed by another worker during the upload; its status stays unwritten",
-                        unit_id)
+        status = {"unit": unit_id, "status": report.status, "worker": worker,
+                  "host": os.uname().nodename, "start_time": report.start_time,
+                  "end_time": report.end_time, "duration_seconds": round(time.time() - started, 3),
+                  "error": _tail(report.error_message, 20)}
+        results = expand_home(report.results_path) if report.results_path else None
+        if not queue.finish(unit_id, results, status, keeper.held):
+            log.warning("unit %s was claimed by another worker during the upload; its status stays "
+                        "unwritten", unit_id)
             return "lost"
     return report.status
 
 
-def _units_to_claim(queue: CloudQueue, worker: str, running: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+def _units_to_claim(queue: CloudQueue, worker: str,
+                    running: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """(units this worker may run and nobody runs, the fresh listing). A unit whose name or
     unit.json cannot be used is skipped with a warning; it stops nothing."""
     mine = []
@@ -4118,7 +4141,8 @@ def _units_to_claim(queue: CloudQueue, worker: str, running: dict[str, Any]) -> 
         if not info["ready"] or info["done"] or unit_id in running:
             continue
         try:
-            allowed = queue.meta(check_safe_name(unit_id, "unit id")).get("allowed_remotes") or [worker]
+            meta = queue.meta(check_safe_name(unit_id, "unit id"))
+            allowed = meta.get("allowed_remotes") or [worker]
         except StackopsError as exc:
             log.warning("skipping unit %r: %s", unit_id, exc)
             continue
@@ -4156,16 +4180,19 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
                 for unit_id in mine:
                     if len(running) >= max_jobs:
                         break
-                    if units.get(unit_id, {}).get("done") or queue.live_claims(units.get(unit_id, {}).get("claims", [])):
+                    info = units.get(unit_id, {})
+                    if info.get("done") or queue.live_claims(info.get("claims", [])):
                         continue
                     claim = queue.claim(unit_id, worker)
                     if claim is not None:
                         log.info("worker %s claimed unit %s", worker, unit_id)
-                        running[unit_id] = pool.submit(_run_unit, queue, unit_id, claim, worker, base_dir)
+                        running[unit_id] = pool.submit(_run_unit, queue, unit_id, claim, worker,
+                                                       base_dir)
             except StackopsError as exc:  # the remote went away for a moment: back off, go on
                 failures += 1
                 delay = min(poll * 2 ** min(failures, 16), max(poll, CLOUD_BACKOFF_MAX))
-                log.warning("cannot read the queue on %s (%s); looking again in %.1fs", queue.base, exc, delay)
+                log.warning("cannot read the queue on %s (%s); looking again in %.1fs", queue.base,
+                            exc, delay)
                 time.sleep(delay)
                 continue
             failures = 0
