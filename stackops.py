@@ -2901,7 +2901,10 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
 # archive from the bucket.
 CLOUD_FETCH_TEMPLATE = r"""umask 077; J=@@job_root; P=$(dirname "$J")
 _no() { echo "stackops: $1" >&2; exit 3; }
-[ ! -e "$J" ] || _no "job folder $J already exists on this host: a job id runs once"
+if [ -e "$J" ]; then  # fetched before from this very archive (a fire that failed later): go on
+    [ "$(cat "$J/logs/archive_sha256.txt" 2>/dev/null)" = @@sha256 ] && exit 0
+    _no "job folder $J already exists on this host: a job id runs once"
+fi
 mkdir -p "$P" && S=$(mktemp -d "$P/.stackops-fetch.XXXXXX") || _no "no staging folder in $P"
 trap 'rm -rf "$S"' EXIT
 rclone copyto @@source "$S/job.tar" || _no "rclone could not fetch "@@source
@@ -2915,6 +2918,7 @@ while IFS= read -r m; do
 the data; nothing was unpacked" ;; esac
 done < "$S/members"
 mkdir "$S/x" && tar xf "$S/job.tar" -C "$S/x" --no-same-owner -- @@job_member \
+    && printf '%s' @@sha256 > "$S/x/"@@job_member/logs/archive_sha256.txt \
     || _no "cannot unpack the job folder"
 mv -T "$S/x/"@@job_member "$J" || _no "job folder $J already exists on this host: an id runs once"
 @@others
@@ -4027,6 +4031,10 @@ def _unit_member_ok(info: Any, data: list[str]) -> bool:
     return True
 
 
+class _UnitRefused(TransferError):
+    """A unit whose archive is refused: it ends failed rather than be tried again and again."""
+
+
 def _unpack_unit(archive: Path, staging: Path) -> list[str]:
     """Unpack a unit's archive into the private ``staging`` folder, refusing the whole archive if a
     member is outside the unit's places; never chowns. Returns its data paths (relative to home)."""
@@ -4042,13 +4050,15 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
             bad = [m.name for m in members if not _unit_member_ok(m, data)]
             if job is None or bad:
                 what = ", ".join(bad[:3]) or "no job folder"
-                raise TransferError(f"unit archive {archive.name} holds {what}, outside the unit's "
+                raise _UnitRefused(f"unit archive {archive.name} holds {what}, outside the unit's "
                                     "job folder, code and data: nothing was unpacked",
                                     hint="a unit packed by an older stackops? submit it again")
             tar.chown = lambda *args, **kwargs: None  # type: ignore[method-assign]  # never chown
             extra: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
             tar.extractall(str(staging), members=members, **extra)
-    except (tarfile.TarError, OSError, ValueError, AttributeError, TypeError) as exc:
+    except (tarfile.TarError, ValueError, AttributeError, TypeError) as exc:  # not a unit's archive
+        raise _UnitRefused(f"cannot unpack unit archive {archive.name}: {exc}") from exc
+    except OSError as exc:
         raise TransferError(f"cannot unpack unit archive {archive.name}: {exc}") from exc
     return data
 
@@ -4108,7 +4118,14 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
     status, all while a background heartbeat refreshes the claim. A unit whose claim was lost is
     not uploaded. Returns the unit's status (or ``lost``)."""
     with _ClaimKeeper(queue, unit_id, claim, worker) as keeper:
-        root = _fetch_unit(queue, unit_id, base_dir)
+        try:
+            root = _fetch_unit(queue, unit_id, base_dir)
+        except _UnitRefused as exc:  # a unit refused here ends failed, not retried forever
+            status = {"unit": unit_id, "status": "failed", "worker": worker,
+                      "host": os.uname().nodename, "error": str(exc)}
+            if keeper.held():
+                queue.finish(unit_id, None, status)
+            raise
         machine = RemoteMachine.from_job_dir(root)
         machine.file_manager.job_root_rh = collapse_home(root)
         machine.launcher_pid = None

@@ -2151,6 +2151,7 @@ def test_cloud_fetch_refuses_members_outside_job_code_and_data(home, tmp_path):
     job = "tmp_results/remote_machines/jobs/queued/cloud-evil"
     evil = tmp_path / "evil"
     (evil / job / "shell").mkdir(parents=True)
+    (evil / job / "logs").mkdir()
     (evil / job / "shell" / "cluster_script.sh").write_text("exit 0\n")
     (evil / ".bashrc").write_text("echo owned\n")
     archive = bucket / "jobs" / "cloud-evil.tar"
@@ -2166,6 +2167,18 @@ def test_cloud_fetch_refuses_members_outside_job_code_and_data(home, tmp_path):
     assert not list((home / job).parent.glob(".stackops-fetch*")) and archive.exists()
     with pytest.raises(StackopsError, match="no recorded archive digest"):
         stackops.cloud_fetch_command(cloud, "cloud-evil", "", [job])
+    good = bucket / "jobs" / "cloud-good.tar"  # a fire that failed after the fetch may be run again
+    subprocess.run(["tar", "cf", str(good), "-C", str(evil), job], check=True)
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    for _ in range(2):
+        done = subprocess.run(["bash", "-c", stackops.cloud_fetch_command(cloud, "cloud-good", digest, [job])],
+                              env=dict(os.environ, HOME=str(home)), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and (home / job / "shell" / "cluster_script.sh").exists(), done.stderr
+        assert not good.exists()  # the archive went from the bucket once fetched
+    other = stackops.cloud_fetch_command(cloud, "cloud-good", "0" * 64, [job])  # another archive, same id
+    done = subprocess.run(["bash", "-c", other], env=dict(os.environ, HOME=str(home)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3 and "already exists on this host" in done.stderr
 
 
 def test_cloud_transfer_existing_id_on_host_refused(remote, home, clouds):
@@ -2280,6 +2293,30 @@ def test_cloud_worker_never_deletes_a_path_a_unit_json_names(home, tmp_path):
     assert (worker_home / "precious" / "keep.txt").read_text() == "mine\n"
     assert (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).is_dir()
     assert [r["state"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()] == ["completed"]
+
+
+def test_cloud_worker_refuses_a_unit_archive_with_foreign_members_and_fails_it(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    [unit] = _queue_job(home, bucket, "qevil", 1, log=str(runs)).submit_to_cloud(1)
+    evil = tmp_path / "evil"
+    for folder in ("job/data", "home", "tmp_results/remote_machines/jobs/queued/" + unit + "/data"):
+        (evil / folder).mkdir(parents=True)
+    (evil / "job" / "data" / "remote_machine.json").write_text('{"data": []}')
+    (evil / "home" / ".bashrc").write_text("echo owned\n")
+    (evil / ".bashrc").write_text("echo owned\n")
+    subprocess.run(["tar", "cf", str(bucket / "units" / unit / "unit.tar"), "-C", str(evil), "job", "home", ".bashrc",
+                    "tmp_results"], check=True)  # another writer of the bucket swaps the unit's archive
+    worker_home = tmp_path / "home-we"
+    worker = _worker(worker_home, bucket, "we", "--until-idle", "--settle", "0.3")
+    worker.communicate(timeout=120)
+    assert worker.returncode == 0, (tmp_path / "we.err").read_text()[-2000:]
+    assert not (worker_home / ".bashrc").exists() and not runs.exists()
+    assert not (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).exists()
+    [row] = stackops.CloudQueue(f"tblocal:{bucket}").report()
+    assert row["state"] == "failed" and "outside the unit's job folder" in row["error"], row
 
 
 VERSIONED_JOB = """
