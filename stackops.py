@@ -3531,7 +3531,9 @@ class RemoteMachine:
         no unit in the queue by that name."""
         unit_ids = [f"{self.job_id}-{k}-{count}" for k in range(count)]
         for unit_id in unit_ids:
-            check_safe_name(unit_id, f"unit id (job_id {self.job_id!r} + '-{count - 1}-{count}')")
+            if not _SAFE_NAME.match(unit_id):  # the job_id is safe: only the length can fail
+                raise ConfigError(f"unit id {unit_id!r} is {len(unit_id)} characters long, more than 128",
+                                  hint=f"choose a shorter job_id for {count} units")
             root = FileManager(unit_id, base=self.config.base_dir).job_root
             if root.exists():
                 raise ConfigError(f"unit {unit_id!r} already exists at {collapse_home(root)}",

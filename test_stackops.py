@@ -2227,7 +2227,7 @@ def test_cloud_submit_checks_every_unit_id_before_uploading_any(home, tmp_path):
     bucket = tmp_path / "bucket"
     bucket.mkdir()
     long_id = "a" * 123  # its units -0-11 .. -9-11 are safe names, -10-11 is one character too long
-    with pytest.raises(ConfigError, match="is not a safe name"):
+    with pytest.raises(ConfigError, match="-10-11' is 129 characters long, more than 128"):
         _queue_job(home, bucket, long_id, 11, log=str(tmp_path / "runs.log")).submit_to_cloud(11)
     assert _bucket_files(bucket) == []
     assert not list((home / "tmp_results" / "remote_machines" / "jobs" / "queued").glob("a*"))
