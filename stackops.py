@@ -2911,7 +2911,8 @@ rclone copyto @@source "$S/job.tar" || _no "rclone could not fetch "@@source
 h=$({ sha256sum || shasum -a 256; } < "$S/job.tar" 2>/dev/null); h=${h%% *}
 [ "$h" = @@sha256 ] || _no "the archive "@@source" is not the one uploaded (its sha256 is \
 ${h:-unknown}, expected "@@sha256"): another writer of the bucket replaced it; nothing was unpacked"
-tar tf "$S/job.tar" > "$S/members" || _no "cannot list the archive "@@source
+{ tar --quoting-style=literal -tf "$S/job.tar" 2>/dev/null || tar tf "$S/job.tar"; } > "$S/members" \
+    || _no "cannot list the archive "@@source
 while IFS= read -r m; do
     case "/$m/" in */../*) _no "archive member $m climbs out; nothing was unpacked";; esac
     case "$m" in @@allowed) ;; *) _no "archive member $m is not in the job folder, the code or \

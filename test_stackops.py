@@ -2168,12 +2168,16 @@ def test_cloud_fetch_refuses_members_outside_job_code_and_data(home, tmp_path):
     with pytest.raises(StackopsError, match="no recorded archive digest"):
         stackops.cloud_fetch_command(cloud, "cloud-evil", "", [job])
     good = bucket / "jobs" / "cloud-good.tar"  # a fire that failed after the fetch may be run again
-    subprocess.run(["tar", "cf", str(good), "-C", str(evil), job], check=True)
+    data = "donn\u00e9es \\ 'x'"  # a data path any locale lists differently
+    (evil / data).write_text("data\n")
+    subprocess.run(["tar", "cf", str(good), "-C", str(evil), job, data], check=True)
     digest = hashlib.sha256(good.read_bytes()).hexdigest()
     for _ in range(2):
-        done = subprocess.run(["bash", "-c", stackops.cloud_fetch_command(cloud, "cloud-good", digest, [job])],
-                              env=dict(os.environ, HOME=str(home)), capture_output=True, text=True, timeout=60)
+        command = stackops.cloud_fetch_command(cloud, "cloud-good", digest, [job, data])
+        done = subprocess.run(["bash", "-c", command], env=dict(os.environ, HOME=str(home), LC_ALL="C"),
+                              capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and (home / job / "shell" / "cluster_script.sh").exists(), done.stderr
+        assert (home / data).read_text() == "data\n"
         assert not good.exists()  # the archive went from the bucket once fetched
     other = stackops.cloud_fetch_command(cloud, "cloud-good", "0" * 64, [job])  # another archive, same id
     done = subprocess.run(["bash", "-c", other], env=dict(os.environ, HOME=str(home)), capture_output=True,
