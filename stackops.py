@@ -3106,8 +3106,11 @@ def _rclone(*args: str, what: str, timeout: float = 3600,
     if binary is None:
         raise DependencyError("rclone is not installed on this machine",
                               hint="install it (e.g. apt-get install rclone) and configure a remote")
-    done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout, input=stdin,
-                          stdin=None if stdin is not None else subprocess.DEVNULL)
+    try:
+        done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout,
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise TransferError(f"rclone {what} did not finish within {timeout:g}s") from exc
     if done.returncode != 0:
         raise TransferError(f"rclone {what} failed (exit status {done.returncode}): "
                             f"{_tail(done.stderr or done.stdout, 3) or 'no message'}")
@@ -3137,29 +3140,76 @@ def check_cloud_remote(cloud_name: str) -> None:
                           hint="add it with: rclone config")
 
 
+def _archive_members(job_root_rh: str, repo: str | None, data: list[str]) -> list[str]:
+    """The top-level members of a job's archive: the job folder, its repo and its data, each as
+    its path relative to home (so it unpacks into the same places under another home)."""
+    paths = [job_root_rh] + ([repo] if repo else []) + list(data)
+    return [_home_relative(expand_home(path))[2:] for path in paths]
+
+
 def _pack(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
     """One tar of a job folder, its repo (caches and .git left out) and its data, with paths
     relative to home, so it unpacks into the same places under another home."""
-    members = [_home_relative(job_root)] + ([_home_relative(expand_home(repo))] if repo else [])
-    members += [_home_relative(expand_home(item)) for item in data]
+    members = _archive_members(collapse_home(job_root), repo, data)
     tar = subprocess.run(["tar", "cf", str(archive), "-C", str(Path.home()),
-                          *[f"--exclude={e}" for e in REPO_EXCLUDES], "--",
-                          *[m[2:] if m.startswith("~/") else m for m in members]], capture_output=True, text=True)
+                          *[f"--exclude={e}" for e in REPO_EXCLUDES], "--", *members],
+                         capture_output=True, text=True)
     if tar.returncode != 0:
         raise TransferError(f"packing {job_root.name} failed: {_last_line(tar.stderr)}")
     return archive
 
 
+def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
+    """One tar of a cloud unit, laid out so that a worker unpacks it into the unit's own folder:
+    ``job/`` (the job folder), ``code/`` (the repo, caches and .git left out) and ``home/<path>``
+    for each data path (relative to home)."""
+    import fnmatch
+    import tarfile
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        name = info.name.rsplit("/", 1)[-1]
+        return None if any(fnmatch.fnmatch(name, pattern) for pattern in REPO_EXCLUDES) else info
+
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(str(job_root), arcname="job")
+        if repo:
+            tar.add(str(expand_home(repo)), arcname="code", filter=keep)
+        for item in data:
+            tar.add(str(expand_home(item)), arcname="home/" + _home_relative(expand_home(item))[2:])
+    return archive
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+JOB_EXISTS_STATUS = 5  # what the host's check answers when the job folder is there already
+
+
 def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
-                   data: list[str]) -> str:
+                   data: list[str]) -> tuple[str, str]:
     """Pack the job folder (and the repo with ``copy_repo``, and the data) into one archive and
     upload it with rclone; the host fetches it with its own rclone when the job is fired.
-    One object instead of thousands of files: rclone's per-file hash check runs once."""
+    One object instead of thousands of files: rclone's per-file hash check runs once.
+    Returns (where the archive is, its SHA-256): the fire command checks the digest on the host
+    before it unpacks anything, so an archive another writer of the bucket replaced is refused.
+    A job id whose folder exists on the host is refused before anything is uploaded."""
     cloud = config.cloud_name or ""
     check_cloud_remote(cloud)
     if ssh is not None:
-        remote = ssh.run_shell_cmd_on_remote("command -v rclone >/dev/null && rclone listremotes", timeout=60,
-                                             strict=False)
+        remote = ssh.run_shell_cmd_on_remote(
+            f"if test -e {file_manager._job_root_sh()}; then exit {JOB_EXISTS_STATUS}; fi; "
+            "command -v rclone >/dev/null && rclone listremotes", timeout=60, strict=False)
+        if remote.returncode == JOB_EXISTS_STATUS:
+            raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias} "
+                              f"at {file_manager.job_root_rh}",
+                              hint="choose another job_id, or leave it out for a fresh one")
         if remote.returncode != 0 or f"{cloud.split(':', 1)[0]}:" not in remote.stdout.split():
             raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r} "
                               f"({_last_line(remote.stderr) or 'rclone there does not know it'})",
@@ -3167,18 +3217,63 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
         _pack(archive, file_manager.job_root, job_params.repo_path_rh if config.copy_repo else None, data)
+        digest = _sha256_file(archive)
         target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
         _rclone("copyto", str(archive), target, what=f"upload to {target}")
     finally:
         shutil.rmtree(archive.parent, ignore_errors=True)
-    return target
+    return target, digest
 
 
-def cloud_fetch_command(cloud_name: str, job_id: str) -> str:
-    """Shell that fetches and unpacks a job's archive into the home of the machine that runs it."""
-    source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{job_id}.tar")
-    return ('umask 077 && A=$(mktemp "$HOME/.stackops-fetch.XXXXXX") && '
-            f'{{ rclone copyto {source} "$A" && tar xf "$A" -C "$HOME"; r=$?; rm -f "$A"; [ "$r" -eq 0 ]; }}')
+# Run by the fire command on the host (bash): fetch the job's archive into a private staging
+# folder beside the job folder, check its SHA-256 against the one recorded at upload, accept only
+# members under the job folder, the code and the data, move the job folder into place (never over
+# an existing one), put the code and the data at their home-relative places, and remove the
+# archive from the bucket.
+CLOUD_FETCH_TEMPLATE = r"""umask 077; J=@@job_root; P=$(dirname "$J")
+_no() { echo "stackops: $1" >&2; exit 3; }
+if [ -e "$J" ]; then  # fetched before from this very archive (a fire that failed later): go on
+    [ "$(cat "$J/logs/archive_sha256.txt" 2>/dev/null)" = @@sha256 ] && exit 0
+    _no "job folder $J already exists on this host: a job id runs once"
+fi
+mkdir -p "$P" && S=$(mktemp -d "$P/.stackops-fetch.XXXXXX") || _no "no staging folder in $P"
+trap 'rm -rf "$S"' EXIT
+rclone copyto @@source "$S/job.tar" || _no "rclone could not fetch "@@source
+h=$({ sha256sum || shasum -a 256; } < "$S/job.tar" 2>/dev/null); h=${h%% *}
+[ "$h" = @@sha256 ] || _no "the archive "@@source" is not the one uploaded (its sha256 is \
+${h:-unknown}, expected "@@sha256"): another writer of the bucket replaced it; nothing was unpacked"
+{ tar --quoting-style=literal -tf "$S/job.tar" 2>/dev/null || tar tf "$S/job.tar"; } >"$S/members" \
+    || _no "cannot list the archive "@@source
+while IFS= read -r m; do
+    case "/$m/" in */../*) _no "archive member $m climbs out; nothing was unpacked";; esac
+    case "$m" in @@allowed) ;; *) _no "archive member $m is not in the job folder, the code or \
+the data; nothing was unpacked" ;; esac
+done < "$S/members"
+mkdir "$S/x" && tar xf "$S/job.tar" -C "$S/x" --no-same-owner -- @@job_member \
+    && printf '%s' @@sha256 > "$S/x/"@@job_member/logs/archive_sha256.txt \
+    || _no "cannot unpack the job folder"
+mv -T "$S/x/"@@job_member "$J" || _no "job folder $J already exists on this host: an id runs once"
+@@others
+rclone deletefile @@source 2>/dev/null || echo "stackops: could not remove "@@source >&2
+true"""
+
+
+def cloud_fetch_command(cloud_name: str, job_id: str, sha256: str, members: list[str]) -> str:
+    """Shell that fetches a job's archive, checks it and unpacks it on the machine that runs it
+    (``members``: the job folder first, then the code and the data, relative to home)."""
+    if not re.match(r"[0-9a-f]{64}\Z", sha256 or ""):
+        raise StackopsError(f"job {job_id} has no recorded archive digest", hint="submit it again")
+    source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{check_safe_name(job_id)}.tar")
+    quoted = [shlex.quote(m) for m in members]
+    allowed = "|".join(f"{q}|{q}/*" for q in quoted)
+    others = ": no code or data"
+    if members[1:]:
+        others = (f'tar xf "$S/job.tar" -C "$HOME" --no-same-owner -- {" ".join(quoted[1:])} '
+                  '|| _no "cannot unpack the code and the data"')
+    script = render_template(CLOUD_FETCH_TEMPLATE, job_root=_sh_path("~/" + members[0]),
+                             source=source, sha256=shlex.quote(sha256), allowed=allowed,
+                             job_member=quoted[0], others=others)
+    return f"bash -c {shlex.quote(script)}"
 
 
 CLOUD_SETTLE = 1.0   # seconds a claim waits before it looks who else claimed
@@ -3243,10 +3338,20 @@ class CloudQueue:
         _rclone("copyto", str(archive), f"{self.base}/{unit_id}/unit.tar", what=f"upload of unit {unit_id}")
         self._put(f"{unit_id}/unit.json", json.dumps(meta))
 
+    def remove(self, unit_id: str) -> None:
+        _rclone("purge", f"{self.base}/{check_safe_name(unit_id, 'unit id')}",
+                what=f"removal of unit {unit_id}")
+
     def meta(self, unit_id: str) -> dict[str, Any]:
         if unit_id not in self._meta:
             text = _rclone("cat", f"{self.base}/{unit_id}/unit.json", what=f"read of unit {unit_id}").stdout
-            self._meta[unit_id] = json.loads(text)
+            try:
+                meta = json.loads(text)
+            except ValueError as exc:
+                raise TransferError(f"unit {unit_id}'s unit.json is not JSON: {exc}") from exc
+            if not isinstance(meta, dict):
+                raise TransferError(f"unit {unit_id}'s unit.json is not a JSON object")
+            self._meta[unit_id] = meta
         return self._meta[unit_id]
 
     def claim(self, unit_id: str, worker: str) -> str | None:
@@ -3273,13 +3378,19 @@ class CloudQueue:
         live = self._live(unit_id)
         return bool(live) and live[0] == claim
 
-    def finish(self, unit_id: str, results: Path | None, status: dict[str, Any]) -> None:
+    def finish(self, unit_id: str, results: Path | None, status: dict[str, Any],
+               held: Callable[[], bool] | None = None) -> bool:
+        """Upload the results, then ``status.json`` only if ``held()`` still says the unit is
+        ours after the upload. Returns whether the status was written."""
         if results is not None and results.exists():
             verb = "copy" if results.is_dir() else "copyto"
             _rclone(verb, str(results), f"{self.base}/{unit_id}/results" + ("" if results.is_dir() else
                                                                            f"/{results.name}"),
                     what=f"upload of unit {unit_id}'s results")
+        if held is not None and not held():
+            return False
         self._put(f"{unit_id}/status.json", json.dumps(status))
+        return True
 
     def report(self) -> list[dict[str, Any]]:
         """One row per unit: queued, running on a worker, stale (its worker went quiet), or done."""
@@ -3338,6 +3449,7 @@ class RemoteMachine:
         self.slurm_job_id: str | None = None
         self._tasks: list[RemoteMachine] | None = None
         self.launch_command = ""
+        self.cloud_sha256 = ""  # the SHA-256 of the archive a cloud transfer uploaded
         self._ssh: SSH | None = None
 
     def __repr__(self) -> str:
@@ -3439,7 +3551,8 @@ class RemoteMachine:
                 "scripts_generated": self.scripts_generated, "submitted": self.submitted,
                 "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
                 "slurm_job_id": self.slurm_job_id,
-                "results_path": self.results_path.as_posix() if self.results_path else None}
+                "results_path": self.results_path.as_posix() if self.results_path else None,
+                "cloud_sha256": self.cloud_sha256}
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> RemoteMachine:
@@ -3457,6 +3570,7 @@ class RemoteMachine:
             machine.results_downloaded = bool(data["results_downloaded"])
             machine.launcher_pid = data.get("launcher_pid")
             machine.slurm_job_id = data.get("slurm_job_id")
+            machine.cloud_sha256 = str(data.get("cloud_sha256") or "")
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
         machine._instance = None
@@ -3577,7 +3691,8 @@ class RemoteMachine:
             for task in self.array_tasks():
                 task.submit(progress)
         if self.is_remote and self.config.transfer_method == "cloud":
-            transfer_cloud(self.ssh, self.config, self.job_params, self.file_manager, self.data)
+            _, self.cloud_sha256 = transfer_cloud(self.ssh, self.config, self.job_params,
+                                                  self.file_manager, self.data)
         elif self.is_remote:
             transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data, progress)
         if not self.is_remote or self.config.transfer_method != "cloud":
@@ -3618,7 +3733,11 @@ class RemoteMachine:
         command = self.file_manager.get_fire_command(self.config.interactive, join_queue=not self.config.after)
         if self.is_remote and self.config.transfer_method == "cloud":
             check = f"{self._job_command('job-check-email')} && " if self.config.notify_upon_completion else ""
-            command = f"{cloud_fetch_command(self.config.cloud_name or '', self.job_id)} && {check}{command}"
+            repo = self.job_params.repo_path_rh if self.config.copy_repo else None
+            members = _archive_members(self.file_manager.job_root_rh, repo, self.data)
+            fetch = cloud_fetch_command(self.config.cloud_name or "", self.job_id,
+                                        self.cloud_sha256, members)
+            command = f"{fetch} && {check}{command}"
         self.launch_command = command
         if not run:
             log.info("job %s is ready on %s and was not launched; launch it with: bash -c %s",
@@ -3915,23 +4034,31 @@ class RemoteMachine:
         return folder
 
     def _download_via_cloud(self, results: str, target: str | os.PathLike[str] | None, overwrite: bool) -> Path:
-        """The host uploads the results with its rclone; they come down here the same way."""
+        """The host uploads the results with its rclone under a fresh prefix of this download's own
+        (a later job with the same id never mixes in); they come down here the same way, and the
+        prefix is removed from the bucket afterwards, whatever happened."""
         destination = _free_destination(expand_home(target if target is not None else results), overwrite)
-        where = shlex.quote(f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}")
-        up = self.ssh.run_shell_cmd_on_remote(
-            f'S={_sh_path(results)}; if [ -d "$S" ]; then rclone copy "$S" {where}/payload; '
-            f'else rclone copyto "$S" {where}/payload; fi', timeout=3600, strict=False)
-        if up.returncode != 0:
-            raise TransferError(f"rclone on {self.host_name} could not upload the results: {_tail(up.stderr, 3)}")
-        _mkdir_private(destination.parent)
-        staging = Path(_make_temp_dir(destination.parent))
+        prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}/"
+                  f"{random.getrandbits(64):016x}")
+        where = shlex.quote(f"{prefix}/payload")
         try:
-            _rclone("copy", f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}", str(staging),
-                    what="download of the results")
-            _remove(destination)
-            os.rename(staging / "payload", destination)
+            up = self.ssh.run_shell_cmd_on_remote(
+                f'S={_sh_path(results)}; if [ -d "$S" ]; then rclone copy "$S" {where}; '
+                f'else rclone copyto "$S" {where}; fi', timeout=3600, strict=False)
+            if up.returncode != 0:
+                raise TransferError(f"rclone on {self.host_name} could not upload the results: "
+                                    f"{_tail(up.stderr, 3)}")
+            _mkdir_private(destination.parent)
+            staging = Path(_make_temp_dir(destination.parent))
+            try:
+                _rclone("copy", prefix, str(staging), what="download of the results")
+                _remove(destination)
+                os.rename(staging / "payload", destination)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            with _suppress(StackopsError):
+                _rclone("purge", prefix, what="removal of the downloaded results from the bucket")
         return destination
 
     def submit_to_cloud(self, split: int) -> list[str]:
@@ -3946,20 +4073,45 @@ class RemoteMachine:
         whole = config.workload_params or WorkloadParams(jobs=1)
         parts = whole.split_to_jobs(split) if split > 1 or config.workload_params else [None]
         queue = CloudQueue(config.cloud_name)
+        unit_ids = self._check_unit_ids(queue, len(parts))
         staging = Path(_make_temp_dir(_mkdir_private(expand_home(config.base_dir))))
-        units = []
+        units: list[RemoteMachine] = []
         try:
-            for k, part in enumerate(parts):
-                unit = self._unit(f"{self.job_id}-{k}-{len(parts)}", part)
-                archive = _pack(staging / f"{unit.job_id}.tar", unit.file_manager.job_root,
-                                unit.job_params.repo_path_rh if config.copy_repo else None, unit.data)
-                queue.add(unit.job_id, archive,
-                          {"unit": unit.job_id, "job_root": collapse_home(unit.file_manager.job_root),
-                           "allowed_remotes": config.allowed_remotes, "submitted_at": _iso(_utcnow())})
-                units.append(unit.job_id)
+            for unit_id, part in zip(unit_ids, parts):
+                unit = self._unit(unit_id, part)
+                units.append(unit)
+                repo = unit.job_params.repo_path_rh if config.copy_repo else None
+                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root, repo,
+                                     unit.data)
+                queue.add(unit_id, archive, {"unit": unit_id, "submitted_at": _iso(_utcnow()),
+                                             "allowed_remotes": config.allowed_remotes})
+        except BaseException:  # all units or none: what went up comes down, what was made here goes
+            for unit in units:
+                with _suppress(StackopsError):
+                    queue.remove(unit.job_id)
+                shutil.rmtree(unit.file_manager.job_root, ignore_errors=True)
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return units
+        return unit_ids
+
+    def _check_unit_ids(self, queue: CloudQueue, count: int) -> list[str]:
+        """Every unit's id, checked before any is made or uploaded: a safe name, no job here and
+        no unit in the queue by that name."""
+        unit_ids = [f"{self.job_id}-{k}-{count}" for k in range(count)]
+        for unit_id in unit_ids:
+            if not _SAFE_NAME.match(unit_id):  # the job_id is safe: only the length can fail
+                raise ConfigError(f"unit id {unit_id!r} is {len(unit_id)} characters, over 128",
+                                  hint=f"choose a shorter job_id for {count} units")
+            root = FileManager(unit_id, base=self.config.base_dir).job_root
+            if root.exists():
+                raise ConfigError(f"unit {unit_id!r} already exists at {collapse_home(root)}",
+                                  hint="choose another job_id, or leave it out for a fresh one")
+        taken = sorted(set(unit_ids) & set(queue.listing()))
+        if taken:
+            raise ConfigError(f"the queue on {queue.base} already holds unit(s) {', '.join(taken)}",
+                              hint="choose another job_id, or leave it out for a fresh one")
+        return unit_ids
 
     def _unit(self, unit_id: str, part: WorkloadParams | None) -> RemoteMachine:
         data = self.config.to_dict()
@@ -4402,46 +4554,215 @@ def _host_folder(host: str) -> str:
 # 13. cloud worker: claims and runs work units from a cloud queue
 # ============================================================================================
 
-def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str) -> str:
-    """Fetch a claimed unit, run it here with this machine's slots while refreshing the claim,
-    then upload its results and status. Returns the unit's status."""
-    meta = queue.meta(unit_id)
-    root = expand_home(meta["job_root"])
-    staging = Path(_make_temp_dir(_mkdir_private(Path.home())))
+CLOUD_UNITS_DIR = "cloud_units"  # under the worker's base dir: one folder per unit it runs
+CLOUD_BACKOFF_MAX = 60.0  # seconds at most between two looks at a queue that cannot be listed
+
+
+class _ClaimKeeper:
+    """Refreshes a claim in the background for the whole time a unit is held (its download, its
+    run, its upload). ``lost`` is set once another claim wins, or once the claim could not be
+    refreshed for a whole lease: from then on the unit is not ours and nothing of it is uploaded."""
+
+    def __init__(self, queue: CloudQueue, unit_id: str, claim: str, worker: str) -> None:
+        import threading
+
+        self.queue, self.unit_id, self.claim, self.worker = queue, unit_id, claim, worker
+        self.lost, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"claim-{unit_id}", daemon=True)
+
+    def __enter__(self) -> _ClaimKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        refreshed = time.monotonic()
+        while not self._stop.wait(self.queue.lease / 4):
+            began = time.monotonic()
+            try:
+                self.queue.heartbeat(self.unit_id, self.claim, self.worker)
+                refreshed = began
+                if not self.queue.still_ours(self.unit_id, self.claim):
+                    log.warning("unit %s was claimed by another worker; it will not be uploaded",
+                                self.unit_id)
+                    self.lost.set()
+                    return
+            except StackopsError as exc:
+                log.warning("could not refresh the claim on unit %s: %s", self.unit_id, exc)
+                if time.monotonic() - refreshed > self.queue.lease:
+                    self.lost.set()
+                    return
+
+    def held(self) -> bool:
+        """Still ours: never lost, and the earliest live claim in a fresh listing."""
+        return not self.lost.is_set() and self.queue.still_ours(self.unit_id, self.claim)
+
+
+def _unit_member_ok(info: Any, data: list[str]) -> bool:
+    """A member of a unit's archive that may be unpacked: a file, folder or link under ``job/``,
+    ``code/`` or one of the unit's data paths (``home/<path>``), and a link that stays there."""
+    name = posixpath.normpath(info.name)
+    if info.name.startswith("/") or name.startswith(".."):
+        return False
+    if not (info.isfile() or info.isdir() or info.issym()):
+        return False
+    places = ["job", "code"] + [f"home/{item}" for item in data]
+    top = next((place for place in places if name == place or name.startswith(place + "/")), None)
+    if top is None:
+        return False
+    if info.issym():
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(name), info.linkname))
+        return not info.linkname.startswith("/") and (target == top or target.startswith(top + "/"))
+    return True
+
+
+class _UnitRefused(TransferError):
+    """A unit whose archive is refused: it ends failed rather than be tried again and again."""
+
+
+def _unpack_unit(archive: Path, staging: Path) -> list[str]:
+    """Unpack a unit's archive into the private ``staging`` folder, refusing the whole archive if a
+    member is outside the unit's places; never chowns. Returns its data paths (relative to home)."""
+    import tarfile
+
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            record = "job/" + REMOTE_MACHINE_JSON
+            job = tar.extractfile(record) if record in tar.getnames() else None
+            recorded = json.loads(job.read()) if job is not None else {}
+            data = [_home_relative(expand_home(d))[2:] for d in recorded.get("data", [])]
+            bad = [m.name for m in members if not _unit_member_ok(m, data)]
+            if job is None or bad:
+                what = ", ".join(bad[:3]) or "no job folder"
+                raise _UnitRefused(f"unit archive {archive.name} holds {what}, outside the unit's "
+                                    "job folder, code and data: nothing was unpacked",
+                                    hint="a unit packed by an older stackops? submit it again")
+            tar.chown = lambda *args, **kwargs: None  # type: ignore[method-assign]  # never chown
+            extra: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+            tar.extractall(str(staging), members=members, **extra)
+    except (tarfile.TarError, ValueError, AttributeError, TypeError) as exc:  # not a unit's archive
+        raise _UnitRefused(f"cannot unpack unit archive {archive.name}: {exc}") from exc
+    except OSError as exc:
+        raise TransferError(f"cannot unpack unit archive {archive.name}: {exc}") from exc
+    return data
+
+
+def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
+    """Move an unpacked unit into its own folder ``root`` (its code inside it, at ``root/code``)
+    and rewrite its records to say so. Data go to their home-relative places file by file, unless
+    this machine sees the submitter's files (a worker on the submitting machine): then they are
+    there already, and nothing of yours is written over."""
+    os.rename(staging / "job", root)
+    params = _read_json(root / JOB_PARAMS_JSON)
+    if (staging / "code").is_dir():
+        os.rename(staging / "code", root / "code")
+        params["repo_path_rh"] = collapse_home(root / "code")
+        _atomic_write_json(root / JOB_PARAMS_JSON, params)
+    config = RemoteStackOpsConfig.from_dict(_read_json(root / CONFIG_JSON))
+    _atomic_write_text(root / LAUNCHER_SH, render_shell_script(JobParams.from_dict(params), config,
+                                                               config.python or "python3"), 0o700)
+    manager = _read_json(root / FILE_MANAGER_JSON)
+    base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
+    mine = base / "queued" / root.name / FILE_MANAGER_JSON
+    with _suppress(OSError):
+        if mine.read_bytes() == (root / FILE_MANAGER_JSON).read_bytes():
+            return  # the submitter's own folder is here: so are its data
+    for item in data:
+        source = staging / "home" / item
+        files = [source]
+        if source.is_dir():
+            files = sorted(p for p in source.rglob("*") if not p.is_dir())
+        for path in files:
+            target = Path.home() / item / path.relative_to(source)  # a file's relative path is "."
+            _mkdir_private(target.parent)
+            os.replace(path, target)
+
+
+def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None) -> Path:
+    """Download a claimed unit and unpack it into its own folder under this worker's base dir,
+    named by the unit id (never a path a record names); an earlier attempt's folder goes."""
+    units = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/{CLOUD_UNITS_DIR}")
+    _mkdir_private(units)
+    root = units / check_safe_name(unit_id, "unit id")
+    staging = Path(_make_temp_dir(units))
     try:
         _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"), what="download of a unit")
+        (staging / "x").mkdir(mode=0o700)
+        data = _unpack_unit(staging / "unit.tar", staging / "x")
         _remove(root)  # an earlier attempt's logs must not pass for this one's
-        _mkdir_private(root.parent)
-        tar = subprocess.run(["tar", "xf", str(staging / "unit.tar"), "-C", str(Path.home())], capture_output=True,
-                             text=True)
-        if tar.returncode != 0:
-            raise TransferError(f"unpacking unit {unit_id} failed: {_last_line(tar.stderr)}")
+        _place_unit(staging / "x", root, data)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    machine = RemoteMachine.from_job_dir(root)
-    machine.launcher_pid = None
-    started = time.time()
-    machine.fire()
-    beat = time.monotonic()
-    while not (report := machine.get_status(0)).finished:
-        time.sleep(0.2)
-        if time.monotonic() - beat > queue.lease / 4:
-            queue.heartbeat(unit_id, claim, worker)
-            beat = time.monotonic()
-    if not queue.still_ours(unit_id, claim):
-        log.warning("unit %s ran past its lease and was claimed by another worker; not uploading", unit_id)
-        return "lost"
-    queue.finish(unit_id, expand_home(report.results_path) if report.results_path else None,
-                 {"unit": unit_id, "status": report.status, "worker": worker, "host": os.uname().nodename,
-                  "start_time": report.start_time, "end_time": report.end_time,
-                  "duration_seconds": round(time.time() - started, 3), "error": _tail(report.error_message, 20)})
+    return root
+
+
+def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
+              base_dir: str | None = None) -> str:
+    """Fetch a claimed unit, run it here with this machine's slots, then upload its results and
+    status, all while a background heartbeat refreshes the claim. A unit whose claim was lost is
+    not uploaded. Returns the unit's status (or ``lost``)."""
+    with _ClaimKeeper(queue, unit_id, claim, worker) as keeper:
+        try:
+            root = _fetch_unit(queue, unit_id, base_dir)
+        except _UnitRefused as exc:  # a unit refused here ends failed, not retried forever
+            status: dict[str, Any] = {"unit": unit_id, "status": "failed", "worker": worker,
+                                      "host": os.uname().nodename, "error": str(exc)}
+            if keeper.held():
+                queue.finish(unit_id, None, status)
+            raise
+        machine = RemoteMachine.from_job_dir(root)
+        machine.file_manager.job_root_rh = collapse_home(root)
+        machine.launcher_pid = None
+        started = time.time()
+        machine.fire()
+        while not (report := machine.get_status(0)).finished:
+            time.sleep(0.2)
+        if not keeper.held():
+            log.warning("unit %s was claimed by another worker meanwhile; not uploading its "
+                        "results", unit_id)
+            return "lost"
+        status = {"unit": unit_id, "status": report.status, "worker": worker,
+                  "host": os.uname().nodename, "start_time": report.start_time,
+                  "end_time": report.end_time, "duration_seconds": round(time.time() - started, 3),
+                  "error": _tail(report.error_message, 20)}
+        results = expand_home(report.results_path) if report.results_path else None
+        if not queue.finish(unit_id, results, status, keeper.held):
+            log.warning("unit %s was claimed by another worker during the upload; its status stays "
+                        "unwritten", unit_id)
+            return "lost"
     return report.status
 
 
+def _units_to_claim(queue: CloudQueue, worker: str,
+                    running: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """(units this worker may run and nobody runs, the fresh listing). A unit whose name or
+    unit.json cannot be used is skipped with a warning; it stops nothing."""
+    mine = []
+    for unit_id, info in sorted(queue.listing().items()):
+        if not info["ready"] or info["done"] or unit_id in running:
+            continue
+        try:
+            meta = queue.meta(check_safe_name(unit_id, "unit id"))
+            allowed = meta.get("allowed_remotes") or [worker]
+        except StackopsError as exc:
+            log.warning("skipping unit %r: %s", unit_id, exc)
+            continue
+        if worker in allowed:
+            mine.append(unit_id)
+    return mine, queue.listing()
+
+
 def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll: float = 5.0,
-               until_idle: bool = False, settle: float = CLOUD_SETTLE, lease: float = CLOUD_LEASE) -> int:
+               until_idle: bool = False, settle: float = CLOUD_SETTLE, lease: float = CLOUD_LEASE,
+               base_dir: str | None = None) -> int:
     """Claim and run work units from the cloud queue, up to ``max_jobs`` at a time, until stopped
-    (``until_idle``: until every unit is done). Returns how many units this worker finished."""
+    (``until_idle``: until every unit is done). Returns how many units this worker finished.
+    A queue that cannot be read (rclone failed) is logged and looked at again later, each time
+    waiting longer (up to CLOUD_BACKOFF_MAX seconds): the worker goes on."""
     from concurrent.futures import ThreadPoolExecutor
 
     worker = check_safe_name(name or f"{os.uname().nodename}-{os.getpid()}", "worker name")
@@ -4450,7 +4771,7 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
     check_cloud_remote(cloud_name)
     queue = CloudQueue(cloud_name, settle, lease)
     running: dict[str, Any] = {}
-    finished = 0
+    finished = failures = 0
     with ThreadPoolExecutor(max_workers=max_jobs) as pool:
         while True:
             for unit_id in [u for u, f in running.items() if f.done()]:
@@ -4459,19 +4780,27 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
                     finished += 1
                 except Exception as exc:  # one unit's trouble must not stop the worker
                     log.warning("unit %s failed to run here: %s", unit_id, exc)
-            mine = [unit_id for unit_id, info in sorted(queue.listing().items())
-                    if info["ready"] and not info["done"] and unit_id not in running
-                    and worker in (queue.meta(unit_id).get("allowed_remotes") or [worker])]
-            units = queue.listing()
-            for unit_id in mine:
-                if len(running) >= max_jobs:
-                    break
-                if units.get(unit_id, {}).get("done") or queue.live_claims(units.get(unit_id, {}).get("claims", [])):
-                    continue
-                claim = queue.claim(unit_id, worker)
-                if claim is not None:
-                    log.info("worker %s claimed unit %s", worker, unit_id)
-                    running[unit_id] = pool.submit(_run_unit, queue, unit_id, claim, worker)
+            try:
+                mine, units = _units_to_claim(queue, worker, running)
+                for unit_id in mine:
+                    if len(running) >= max_jobs:
+                        break
+                    info = units.get(unit_id, {})
+                    if info.get("done") or queue.live_claims(info.get("claims", [])):
+                        continue
+                    claim = queue.claim(unit_id, worker)
+                    if claim is not None:
+                        log.info("worker %s claimed unit %s", worker, unit_id)
+                        running[unit_id] = pool.submit(_run_unit, queue, unit_id, claim, worker,
+                                                       base_dir)
+            except StackopsError as exc:  # the remote went away for a moment: back off, go on
+                failures += 1
+                delay = min(poll * 2 ** min(failures, 16), max(poll, CLOUD_BACKOFF_MAX))
+                log.warning("cannot read the queue on %s (%s); looking again in %.1fs", queue.base,
+                            exc, delay)
+                time.sleep(delay)
+                continue
+            failures = 0
             if until_idle and not running and not mine:
                 return finished
             time.sleep(0.2 if running else poll)

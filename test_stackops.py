@@ -2770,6 +2770,340 @@ def test_cloud_queue_allowed_remotes(home, tmp_path):
     assert {r["worker"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()} == {"wgood"}
 
 
+# -- a bucket is shared: archives are checked, records are data, units own their folders -------------
+
+def _bucket_files(bucket: Path, under: str = "") -> list[str]:
+    root = bucket / under
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def _remote_job_root(remote, job_id: str) -> Path:
+    return remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / job_id
+
+
+def test_cloud_transfer_replaced_archive_refused_on_host_nothing_unpacked(remote, home, clouds, tmp_path):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.train, config=config(job_id="cloud-swap", ssh_host="tb", transfer_method="cloud",
+                                                     cloud_name=f"tblocal:{clouds}"))
+    with machine:
+        machine.generate_scripts().submit()
+        evil = tmp_path / "evil"
+        (evil / ".ssh").mkdir(parents=True)
+        (evil / ".bashrc").write_text("echo owned\n")
+        (evil / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAA intruder\n")
+        subprocess.run(["tar", "cf", str(clouds / "jobs" / "cloud-swap.tar"), "-C", str(evil), ".bashrc", ".ssh"],
+                       check=True)  # another writer of the bucket swaps the archive
+        before = {p: p.read_bytes() for p in [remote.remote_home / ".bashrc"] if p.exists()}
+        with pytest.raises(stackops.CommandError, match="not the one uploaded"):
+            machine.fire()
+    assert {p: p.read_bytes() for p in [remote.remote_home / ".bashrc"] if p.exists()} == before
+    assert b"intruder" not in (remote.remote_home / ".ssh" / "authorized_keys").read_bytes() \
+        if (remote.remote_home / ".ssh" / "authorized_keys").exists() else True
+    queued = _remote_job_root(remote, "cloud-swap").parent
+    assert not (queued / "cloud-swap").exists() and not list(queued.glob(".stackops-fetch*"))
+
+
+def test_cloud_fetch_refuses_members_outside_job_code_and_data(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    (bucket / "jobs").mkdir(parents=True)
+    cloud = _local_cloud(home, bucket)
+    job = "tmp_results/remote_machines/jobs/queued/cloud-evil"
+    evil = tmp_path / "evil"
+    (evil / job / "shell").mkdir(parents=True)
+    (evil / job / "logs").mkdir()
+    (evil / job / "shell" / "cluster_script.sh").write_text("exit 0\n")
+    (evil / ".bashrc").write_text("echo owned\n")
+    archive = bucket / "jobs" / "cloud-evil.tar"
+    subprocess.run(["tar", "cf", str(archive), "-C", str(evil), job, ".bashrc"], check=True)
+    import hashlib
+
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()  # right digest, wrong members
+    command = stackops.cloud_fetch_command(cloud, "cloud-evil", digest, [job, "proj"])
+    done = subprocess.run(["bash", "-c", command], env=dict(os.environ, HOME=str(home)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3 and "not in the job folder, the code or the data" in done.stderr, done.stderr
+    assert not (home / ".bashrc").exists() and not (home / job).exists()
+    assert not list((home / job).parent.glob(".stackops-fetch*")) and archive.exists()
+    with pytest.raises(StackopsError, match="no recorded archive digest"):
+        stackops.cloud_fetch_command(cloud, "cloud-evil", "", [job])
+    good = bucket / "jobs" / "cloud-good.tar"  # a fire that failed after the fetch may be run again
+    data = "donn\u00e9es \\ 'x'"  # a data path any locale lists differently
+    (evil / data).write_text("data\n")
+    subprocess.run(["tar", "cf", str(good), "-C", str(evil), job, data], check=True)
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    for _ in range(2):
+        command = stackops.cloud_fetch_command(cloud, "cloud-good", digest, [job, data])
+        done = subprocess.run(["bash", "-c", command], env=dict(os.environ, HOME=str(home), LC_ALL="C"),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and (home / job / "shell" / "cluster_script.sh").exists(), done.stderr
+        assert (home / data).read_text() == "data\n"
+        assert not good.exists()  # the archive went from the bucket once fetched
+    other = stackops.cloud_fetch_command(cloud, "cloud-good", "0" * 64, [job])  # another archive, same id
+    done = subprocess.run(["bash", "-c", other], env=dict(os.environ, HOME=str(home)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3 and "already exists on this host" in done.stderr
+
+
+def test_cloud_transfer_existing_id_on_host_refused(remote, home, clouds):
+    mod = make_module(home, JOBS_SOURCE)
+    with stackops.SSH.from_config_file("tb") as ssh:  # a job of that id is on the host already
+        ssh.run_shell_cmd_on_remote("mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup && "
+                                    "echo mine > ~/tmp_results/remote_machines/jobs/queued/cloud-dup/marker")
+    cfg = dict(ssh_host="tb", transfer_method="cloud", cloud_name=f"tblocal:{clouds}")
+    with pytest.raises(ConfigError, match="'cloud-dup' already exists on tb"):
+        RemoteMachine(mod.sleeper, config=config(job_id="cloud-dup", **cfg)).run()
+    assert not (clouds / "jobs" / "cloud-dup.tar").exists()
+    machine = RemoteMachine(mod.sleeper, config=config(job_id="cloud-dup2", **cfg), func_kwargs={"seconds": 1})
+    with machine:
+        machine.generate_scripts().submit()
+        with stackops.SSH.from_config_file("tb") as ssh:  # ... or arrives between submit and fire
+            ssh.run_shell_cmd_on_remote("mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup2 && "
+                                        "echo mine > ~/tmp_results/remote_machines/jobs/queued/cloud-dup2/marker")
+        with pytest.raises(stackops.CommandError, match="already exists on this host"):
+            machine.fire()
+    for job_id in ("cloud-dup", "cloud-dup2"):
+        folder = _remote_job_root(remote, job_id)
+        assert sorted(p.name for p in folder.iterdir()) == ["marker"] and (folder / "marker").read_text() == "mine\n"
+
+
+def test_cloud_transfer_results_from_a_fresh_prefix_and_bucket_left_clean(remote, home, clouds):
+    mod = make_module(home, JOBS_SOURCE)
+    stale = clouds / "results" / "cloud-clean" / "payload" / "stale.txt"  # an earlier job with the same id
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old job\n")
+    for folder in (clouds / "jobs", stale.parent.parent):  # the host's account shares the bucket with us
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o777)
+    cfg = config(job_id="cloud-clean", ssh_host="tb", copy_repo=True, transfer_method="cloud",
+                 cloud_name=f"tblocal:{clouds}")
+    with RemoteMachine(mod.train, config=cfg, func_kwargs={"out": "~/out/cloud-clean"}) as machine:
+        machine.run()
+        assert _bucket_files(clouds, "jobs") == []  # the archive went once fetched
+        machine.wait(timeout=90)
+        local = machine.download_results(None)
+    assert sorted(p.name for p in local.iterdir()) == ["model.txt"]
+    assert _bucket_files(clouds, "results/cloud-clean") == ["payload/stale.txt"]  # ours came and went
+
+
+def test_cloud_submit_checks_every_unit_id_before_uploading_any(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    long_id = "a" * 123  # its units -0-11 .. -9-11 are safe names, -10-11 is one character too long
+    with pytest.raises(ConfigError, match="-10-11' is 129 characters, over 128"):
+        _queue_job(home, bucket, long_id, 11, log=str(tmp_path / "runs.log")).submit_to_cloud(11)
+    assert _bucket_files(bucket) == []
+    assert not list((home / "tmp_results" / "remote_machines" / "jobs" / "queued").glob("a*"))
+    _queue_job(home, bucket, "twice", 2, log=str(tmp_path / "runs.log")).submit_to_cloud(2)
+    uploaded = _bucket_files(bucket)
+    with pytest.raises(ConfigError, match="already exists"):
+        _queue_job(home, bucket, "twice", 2, log=str(tmp_path / "runs.log")).submit_to_cloud(2)
+    assert _bucket_files(bucket) == uploaded
+
+
+def _worker(home: Path, bucket: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """A worker with its own home (or the given one), its diagnostics in HOME/../NAME.err."""
+    home.mkdir(exist_ok=True)
+    cloud = _local_cloud(home, bucket)
+    err = open(home.parent / f"{name}.err", "w")  # noqa: SIM115 (the worker holds it)
+    return subprocess.Popen([sys.executable, str(SOURCE), "worker", "--cloud", cloud, "--name", name, "--poll", "0.3",
+                             *extra], env=dict(os.environ, HOME=str(home), **(env or {})), stdout=subprocess.PIPE,
+                            stderr=err, text=True)
+
+
+def test_cloud_worker_backs_off_and_goes_on_when_a_listing_fails(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    _queue_job(home, bucket, "qflaky", 1, log=str(runs)).submit_to_cloud(1)
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    count = tmp_path / "failures"
+    count.write_text("")
+    (stub / "rclone").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        if [ "$1" = lsjson ] && [ "$(wc -c < {count})" -lt 3 ]; then
+            printf x >> {count}; echo 'Failed to lsjson: the bucket is on fire' >&2; exit 1
+        fi
+        exec {shutil.which("rclone")} "$@"
+    """))
+    (stub / "rclone").chmod(0o755)
+    worker = _worker(tmp_path / "home-wf", bucket, "wf", "--until-idle", "--settle", "0.3",
+                     env={"PATH": f"{stub}:{os.environ['PATH']}"})
+    out, _ = worker.communicate(timeout=120)
+    err = (tmp_path / "wf.err").read_text()
+    assert worker.returncode == 0 and out.strip() == "worker finished 1 unit(s)", err[-2000:]
+    assert err.count("the bucket is on fire") == 3 and "looking again in" in err
+    assert len(runs.read_text().splitlines()) == 1
+
+
+def test_cloud_worker_never_deletes_a_path_a_unit_json_names(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    [unit] = _queue_job(home, bucket, "qroot", 1, log=str(runs)).submit_to_cloud(1)
+    meta = json.loads((bucket / "units" / unit / "unit.json").read_text())
+    meta["job_root"] = "~/precious"  # a writer of the bucket names a folder of the worker's
+    (bucket / "units" / unit / "unit.json").write_text(json.dumps(meta))
+    worker_home = tmp_path / "home-wr"
+    (worker_home / "precious").mkdir(parents=True)
+    (worker_home / "precious" / "keep.txt").write_text("mine\n")
+    worker = _worker(worker_home, bucket, "wr", "--until-idle", "--settle", "0.3")
+    out, _ = worker.communicate(timeout=120)
+    assert out.strip() == "worker finished 1 unit(s)", (tmp_path / "wr.err").read_text()[-2000:]
+    assert (worker_home / "precious" / "keep.txt").read_text() == "mine\n"
+    assert (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).is_dir()
+    assert [r["state"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()] == ["completed"]
+
+
+def test_cloud_worker_refuses_a_unit_archive_with_foreign_members_and_fails_it(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    [unit] = _queue_job(home, bucket, "qevil", 1, log=str(runs)).submit_to_cloud(1)
+    evil = tmp_path / "evil"
+    for folder in ("job/data", "home", "tmp_results/remote_machines/jobs/queued/" + unit + "/data"):
+        (evil / folder).mkdir(parents=True)
+    (evil / "job" / "data" / "remote_machine.json").write_text('{"data": []}')
+    (evil / "home" / ".bashrc").write_text("echo owned\n")
+    (evil / ".bashrc").write_text("echo owned\n")
+    subprocess.run(["tar", "cf", str(bucket / "units" / unit / "unit.tar"), "-C", str(evil), "job", "home", ".bashrc",
+                    "tmp_results"], check=True)  # another writer of the bucket swaps the unit's archive
+    worker_home = tmp_path / "home-we"
+    worker = _worker(worker_home, bucket, "we", "--until-idle", "--settle", "0.3")
+    worker.communicate(timeout=120)
+    assert worker.returncode == 0, (tmp_path / "we.err").read_text()[-2000:]
+    assert not (worker_home / ".bashrc").exists() and not runs.exists()
+    assert not (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).exists()
+    [row] = stackops.CloudQueue(f"tblocal:{bucket}").report()
+    assert row["state"] == "failed" and "outside the unit's job folder" in row["error"], row
+
+
+VERSIONED_JOB = """
+    import json, os
+
+    VERSION = 1
+
+    def record(workload_params, log, data):
+        with open(log, "a") as handle:
+            handle.write(json.dumps({"version": VERSION, "file": __file__, "cwd": os.getcwd(),
+                                     "data": open(os.path.expanduser(data)).read()}) + "\\n")
+"""
+
+
+def test_cloud_worker_on_the_submitting_machine_keeps_your_working_copy(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    mod = make_module(home, VERSIONED_JOB)
+    source = Path(mod.__file__)
+    (home / "data").mkdir()
+    (home / "data" / "in.txt").write_text("v1")
+    whole = WorkloadParams(idx_min=0, idx_max=1, idx_start=0, idx_end=1, jobs=1)
+    for job_id, allowed in (("qsame", "wsame"), ("qother", "wother")):
+        cfg = config(job_id=job_id, copy_repo=True, transfer_method="cloud", cloud_name=_local_cloud(home, bucket),
+                     python=sys.executable, workload_params=whole, data=["~/data/in.txt"], allowed_remotes=[allowed])
+        RemoteMachine(mod.record, config=cfg, func_kwargs={"log": str(runs), "data": "~/data/in.txt"}
+                      ).submit_to_cloud(1)
+    source.write_text(source.read_text().replace("VERSION = 1", "VERSION = 2"))  # you go on working
+    (home / "data" / "in.txt").write_text("v2")
+    edited = source.read_text()
+    for name, worker_home in (("wsame", home), ("wother", tmp_path / "home-wother")):
+        worker = _worker(worker_home, bucket, name, "--until-idle", "--settle", "0.3")
+        out, _ = worker.communicate(timeout=120)
+        assert out.strip() == "worker finished 1 unit(s)", (worker_home.parent / f"{name}.err").read_text()[-2000:]
+    assert source.read_text() == edited and (home / "data" / "in.txt").read_text() == "v2"
+    same, other = (json.loads(line) for line in runs.read_text().splitlines())
+    units = home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
+    assert same["version"] == 1 and Path(same["file"]).is_relative_to(units / "qsame-0-1" / "code")
+    assert Path(same["cwd"]) == units / "qsame-0-1" / "code" and same["data"] == "v2"  # your data, in place
+    other_units = tmp_path / "home-wother" / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
+    assert other["version"] == 1 and Path(other["file"]).is_relative_to(other_units / "qother-0-1" / "code")
+    assert other["data"] == "v1" and (tmp_path / "home-wother" / "data" / "in.txt").read_text() == "v1"
+
+
+BIG_UNIT_JOB = """
+    import os
+
+    def record(workload_params, log, data, out, out_mib=0):
+        with open(log, "a") as handle:
+            handle.write(f"{os.environ['HOME']} {os.path.getsize(os.path.expanduser(data))}\\n")
+        folder = os.path.expanduser(out)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "big.bin"), "wb") as handle:
+            handle.write(os.urandom(out_mib << 20))
+        return folder
+"""
+
+
+@pytest.mark.parametrize("slow", ["download", "upload"])
+def test_cloud_big_unit_keeps_its_claim_and_runs_once(home, tmp_path, slow):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    mod = make_module(home, BIG_UNIT_JOB)
+    (home / "data").mkdir()
+    (home / "data" / "big.bin").write_bytes(os.urandom((8 if slow == "download" else 0) << 20))
+    cfg = config(job_id=f"qbig-{slow}", copy_repo=True, transfer_method="cloud", cloud_name=_local_cloud(home, bucket),
+                 python=sys.executable, data=["~/data/big.bin"],
+                 workload_params=WorkloadParams(idx_min=0, idx_max=1, idx_start=0, idx_end=1, jobs=1))
+    RemoteMachine(mod.record, config=cfg, func_kwargs={"log": str(runs), "data": "~/data/big.bin",
+                                                       "out": "~/out/big", "out_mib": 8 if slow == "upload" else 0}
+                  ).submit_to_cloud(1)
+    queue = stackops.CloudQueue(f"tblocal:{bucket}", lease=3)
+    lease = ("--lease", "3", "--settle", "0.3")
+    slow_worker = _worker(tmp_path / "home-wslow", bucket, "wslow", *lease, env={"RCLONE_BWLIMIT": "1M"})
+    try:  # 8 MiB at 1 MiB/s: the transfer takes far longer than a lease
+        wait_for(lambda: [r for r in queue.report() if r["worker"] == "wslow"], timeout=60, what="wslow's claim")
+        rival = _worker(tmp_path / "home-wrival", bucket, "wrival", "--until-idle", *lease)
+        out, _ = rival.communicate(timeout=180)
+        assert out.strip() == "worker finished 0 unit(s)", (tmp_path / "wrival.err").read_text()[-2000:]
+    finally:
+        slow_worker.kill()
+        slow_worker.wait()
+    assert len(runs.read_text().splitlines()) == 1, runs.read_text()
+    [row] = queue.report()
+    assert (row["state"], row["worker"]) == ("completed", "wslow")
+    if slow == "upload":
+        assert (bucket / "units" / "qbig-upload-0-1" / "results" / "big.bin").stat().st_size == 8 << 20
+
+
+def test_cloud_worker_that_lost_its_claim_uploads_nothing(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    [unit] = _queue_job(home, bucket, "qlost", 1, log=str(runs), seconds=6).submit_to_cloud(1)
+    worker = _worker(tmp_path / "home-wl", bucket, "wl", "--lease", "3", "--settle", "0.3")
+    try:
+        wait_for(runs.exists, timeout=60, what="the unit started")
+        claims = bucket / "units" / unit / "claims"  # an earlier claim appears once, then goes quiet
+        (claims / f"{1:019d}-intruder").write_text("{}")
+        wait_for(lambda: "not uploading" in (tmp_path / "wl.err").read_text(), timeout=60, what="the loss noticed")
+    finally:
+        worker.kill()
+        worker.wait()
+    assert not (bucket / "units" / unit / "results").exists() and not (bucket / "units" / unit / "status.json").exists()
+
+
+def test_cloud_rclone_that_hangs_is_a_transfer_error(tmp_path, monkeypatch):
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "rclone").write_text("#!/bin/sh\nexec sleep 30\n")
+    (stub / "rclone").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub}:{os.environ['PATH']}")
+    started = time.monotonic()
+    with pytest.raises(stackops.TransferError, match="did not finish within 0.5s"):
+        stackops._rclone("lsjson", "x:", what="listing", timeout=0.5)
+    assert time.monotonic() - started < 10
+
+
 # ============================================================================================
 # 9. network helpers
 # ============================================================================================
