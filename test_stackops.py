@@ -3767,7 +3767,8 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
     machines = [RemoteMachine(mod.crowded, config=config(job_id=f"crowd-{i:03d}", max_simultaneous_jobs=5),
                               func_kwargs={"i": i, "folder": str(crowd)}) for i in range(200)]
     state = home / "tmp_results" / "remote_machines" / "file_manager"
-    stop, problems, killed = threading.Event(), [], set()
+    stop, problems, killed, cancelled = threading.Event(), [], set(), set()
+    launched: list[RemoteMachine] = []
 
     def read_views():
         while not stop.is_set():
@@ -3792,12 +3793,24 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
                     os.kill(victim["pid"], signal.SIGKILL)
                     killed.add(victim["job_id"])
 
-    watchers = [threading.Thread(target=read_views), threading.Thread(target=kill_some)]
+    def cancel_some():  # a launched job in any state, chosen at random, every 0.3 s
+        rng = _random.Random(11)
+        while not stop.wait(0.3) and len(cancelled) < 15:
+            if launched:
+                victim = rng.choice(launched)
+                cancelled.add(victim.job_id)
+                try:
+                    victim.cancel(grace=2)
+                except StackopsError as exc:
+                    problems.append(f"cancel {victim.job_id}: {exc}")
+
+    watchers = [threading.Thread(target=target) for target in (read_views, kill_some, cancel_some)]
     for watcher in watchers:
         watcher.start()
     try:
         for machine in machines:
             machine.run()
+            launched.append(machine)
         reports = [wait_done(machine, timeout=300) for machine in machines]
     finally:
         stop.set()
@@ -3805,7 +3818,9 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
             watcher.join()
     assert problems == []
     assert len(killed) >= 10
-    assert all(report.status in ("completed", "failed") for report in reports), "no job lost"
+    assert all(report.status in ("completed", "failed", "cancelled") for report in reports), "no job lost"
+    assert len(cancelled) >= 10
+    assert {report.job_id for report in reports if report.status == "cancelled"} <= cancelled
     counts = [json.loads(Path(report.results_path.replace("~", str(home), 1), "result.json").read_text())
               for report in reports if report.status == "completed"]
     assert counts and max(counts) <= 5, f"at most 5 at once, saw {max(counts)}"
