@@ -91,7 +91,7 @@ __all__ = [
 log = logging.getLogger("stackops")
 
 
-def _psutil() -> _psutil_module | None:
+def _psutil() -> Any:
     """psutil when installed, else None: every caller has a standard-library fallback."""
     try:
         import psutil
@@ -3390,11 +3390,13 @@ class CloudQueue:
         now = time.time()
         for row in self._list():
             unit, _, rest = row["Path"].partition("/")
-            info = units.setdefault(unit, {"ready": False, "done": False, "claims": []})
+            info = units.setdefault(unit, {"ready": False, "done": False, "claims": [], "cancelled": False})
             if rest == "unit.json":
                 info["ready"] = True
             elif rest == "status.json":
                 info["done"] = True
+            elif rest == "cancel.json":
+                info["cancelled"] = True
             elif rest.startswith("claims/"):
                 info["claims"].append((rest[7:], now - _rclone_time(row["ModTime"])))
         return units
@@ -3434,6 +3436,21 @@ class CloudQueue:
             _rclone("deletefile", f"{self.base}/{unit_id}/claims/{name}", what="withdrawal of a claim")
         return None
 
+    def cancel(self, unit_id: str) -> None:
+        """Mark a unit cancelled: no worker claims it any more, and the one running it stops it
+        at its next heartbeat."""
+        self._put(f"{check_safe_name(unit_id, 'unit id')}/cancel.json", json.dumps({"at": _iso(_utcnow())}))
+
+    def look(self, unit_id: str, claim: str) -> tuple[bool, bool]:
+        """(the unit is still ours, it was cancelled), from one listing of the unit."""
+        now, claims, cancelled = time.time(), [], False
+        for row in self._list(unit_id):
+            if row["Path"].startswith("claims/"):
+                claims.append((row["Path"][7:], now - _rclone_time(row["ModTime"])))
+            cancelled = cancelled or row["Path"] == "cancel.json"
+        live = self.live_claims(claims)
+        return bool(live) and live[0] == claim, cancelled
+
     def heartbeat(self, unit_id: str, claim: str, worker: str) -> None:
         self._put(f"{unit_id}/claims/{claim}", json.dumps({"worker": worker, "host": os.uname().nodename}))
 
@@ -3472,10 +3489,12 @@ class CloudQueue:
                                             what="read of a status").stdout)
                 row.update(state=status["status"], worker=status.get("worker"), host=status.get("host"),
                            duration_seconds=status.get("duration_seconds"), error=status.get("error", ""))
-            elif info["claims"]:
+            elif info["claims"] and self.live_claims(info["claims"]) or info["claims"] and not info["cancelled"]:
                 name, age = min(info["claims"], key=lambda c: c[0] if c[1] < self.lease else "~" + c[0])
                 row.update(state="running" if age < self.lease else "stale", worker=name.split("-", 1)[1],
                            last_seen_seconds=round(age, 1))
+            elif info["cancelled"]:
+                row["state"] = "cancelled"
             rows.append(row)
         return rows
 
@@ -3867,6 +3886,12 @@ class RemoteMachine:
             raise StackopsError(f"job {self.job_id} never reached {self.host_name}: nothing to cancel")
         if self.uses_slurm and self.slurm_job_id is not None:
             return self._cancel_slurm()
+        if self.config.launch_method == "cloud_manager" and self.config.cloud_name:
+            return self._cancel_unit()
+        return self._cancel_here(grace)
+
+    def _cancel_here(self, grace: float) -> JobStatus:
+        """Stop the job where its folder is (CANCEL_TEMPLATE), and return its status after."""
         status, out, err = self._run_remote_or_here(self.file_manager.cancel_command(grace), timeout=grace + 60)
         if status != 0:
             raise CommandError(self.host_name, "cancel", status, err or out)
@@ -3924,6 +3949,21 @@ class RemoteMachine:
         again._ssh = self._ssh
         self._ssh = None  # the connection goes on with the new job
         return again.run(run)
+
+    def _cancel_unit(self) -> JobStatus:
+        """A unit of a cloud queue: marked cancelled in the bucket (workers skip it; the one running
+        it stops it at its next heartbeat). The status is the queue's view of it."""
+        queue = CloudQueue(self.config.cloud_name or "")
+        rows = {row["unit"]: row for row in queue.report()}
+        row = rows.get(self.job_id)
+        if row is None:
+            raise ConfigError(f"unit {self.job_id} is not in the queue on {self.config.cloud_name}")
+        if row["state"] in TERMINAL_STATUSES:
+            return JobStatus(job_id=self.job_id, status=row["state"], host=str(row.get("host") or "?"))
+        queue.cancel(self.job_id)
+        state = "cancelled" if row["state"] in ("queued", "stale") else "running"
+        return JobStatus(job_id=self.job_id, status=state, host=str(row.get("worker") or "?"),
+                         reason="" if state == "cancelled" else "cancel requested: the worker stops it")
 
     def _cancel_slurm(self) -> JobStatus:
         marks = [self.file_manager] + [task.file_manager for task in self.array_tasks()] if self.array_parts \
@@ -4652,7 +4692,7 @@ class _ClaimKeeper:
         import threading
 
         self.queue, self.unit_id, self.claim, self.worker = queue, unit_id, claim, worker
-        self.lost, self._stop = threading.Event(), threading.Event()
+        self.lost, self._stop, self.cancelled = threading.Event(), threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"claim-{unit_id}", daemon=True)
 
     def __enter__(self) -> _ClaimKeeper:
@@ -4670,7 +4710,10 @@ class _ClaimKeeper:
             try:
                 self.queue.heartbeat(self.unit_id, self.claim, self.worker)
                 refreshed = began
-                if not self.queue.still_ours(self.unit_id, self.claim):
+                ours, cancelled = self.queue.look(self.unit_id, self.claim)
+                if cancelled:
+                    self.cancelled.set()
+                if not ours:
                     log.warning("unit %s was claimed by another worker; it will not be uploaded",
                                 self.unit_id)
                     self.lost.set()
@@ -4805,6 +4848,10 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
         started = time.time()
         machine.fire()
         while not (report := machine.get_status(0)).finished:
+            if keeper.cancelled.is_set():
+                log.info("unit %s was cancelled: stopping it", unit_id)
+                report = machine._cancel_here(10.0)
+                break
             time.sleep(0.2)
         if not keeper.held():
             log.warning("unit %s was claimed by another worker meanwhile; not uploading its "
@@ -4814,7 +4861,7 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
                   "host": os.uname().nodename, "start_time": report.start_time,
                   "end_time": report.end_time, "duration_seconds": round(time.time() - started, 3),
                   "error": _tail(report.error_message, 20)}
-        results = expand_home(report.results_path) if report.results_path else None
+        results = expand_home(report.results_path) if report.results_path and report.status != "cancelled" else None
         if not queue.finish(unit_id, results, status, keeper.held):
             log.warning("unit %s was claimed by another worker during the upload; its status stays "
                         "unwritten", unit_id)
@@ -4828,7 +4875,7 @@ def _units_to_claim(queue: CloudQueue, worker: str,
     unit.json cannot be used is skipped with a warning; it stops nothing."""
     mine = []
     for unit_id, info in sorted(queue.listing().items()):
-        if not info["ready"] or info["done"] or unit_id in running:
+        if not info["ready"] or info["done"] or info.get("cancelled") or unit_id in running:
             continue
         try:
             meta = queue.meta(check_safe_name(unit_id, "unit id"))
@@ -5136,8 +5183,45 @@ def _cmd_delete_results(args: Any) -> int:
 
 # -- job control: cancel, wait, start, delete, prune ----------------------------------------------
 
-def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster:
-    """A job, or else a cluster, by id; neither is bad input."""
+class _CloudUnits:
+    """The units of a job submitted to a cloud queue, named by the job's id (for cancel)."""
+
+    def __init__(self, job_id: str, units: list[RemoteMachine]) -> None:
+        self.job_id, self.units = job_id, units
+
+    def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
+        answers: dict[str, JobStatus | StackopsError] = {}
+        for unit in self.units:
+            try:
+                answers[unit.job_id] = unit.cancel(grace)
+            except StackopsError as exc:
+                answers[unit.job_id] = exc
+        return answers
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _CloudUnits:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def _cloud_units_of(job_id: str, base_dir: str) -> _CloudUnits | None:
+    """The units ``<job_id>-K-N`` this machine put in a cloud queue, if any."""
+    queued = expand_home(f"{base_dir}/queued")
+    units = []
+    for record in sorted(queued.glob(f"{job_id}-*-*/{REMOTE_MACHINE_JSON}")):
+        if re.match(rf"{re.escape(job_id)}-\d+-\d+\Z", record.parent.parent.name):
+            unit = RemoteMachine.from_job_dir(record.parent.parent)
+            if unit.config.launch_method == "cloud_manager":
+                units.append(unit)
+    return _CloudUnits(job_id, units) if units else None
+
+
+def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster | _CloudUnits:
+    """A job, a cluster, or a cloud job's units, by id; none of them is bad input."""
     try:
         return RemoteMachine.load(job_id, base_dir)
     except ConfigError:
@@ -5145,8 +5229,11 @@ def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster:
     try:
         return Cluster.load(job_id, base_dir.rstrip("/").rsplit("/", 1)[0])
     except StackopsError:
-        raise ConfigError(f"no job or cluster {job_id!r} here",
-                          hint=f"{_program()} list shows the jobs") from None
+        pass
+    units = _cloud_units_of(job_id, base_dir)
+    if units is None:
+        raise ConfigError(f"no job or cluster {job_id!r} here", hint=f"{_program()} list shows the jobs")
+    return units
 
 
 def _program() -> str:
@@ -5171,10 +5258,12 @@ def _cmd_cancel(args: Any) -> int:
     return code
 
 
-def _overall_status(target: RemoteMachine | Cluster) -> str:
+def _overall_status(target: RemoteMachine | Cluster | _CloudUnits) -> str:
     """One status for a job or a whole cluster (an unreachable part counts as not ended)."""
     if isinstance(target, RemoteMachine):
         return target.get_status(0).status
+    if isinstance(target, _CloudUnits):
+        raise ConfigError(f"{target.job_id} is in a cloud queue", hint=f"{_program()} cloud status shows its units")
     statuses = [r.status if isinstance(r, JobStatus) else "running" for r in target.check_job_status().values()]
     if not all(status in TERMINAL_STATUSES for status in statuses):
         return "running"
@@ -5218,8 +5307,8 @@ def _cmd_rerun(args: Any) -> int:
             for host, job_id in target.rerun_failed().items():
                 print(f"{host}: rerun as job {job_id}")
             return _wait_cluster(target) if args.wait else 0
-    if args.failed:
-        raise ConfigError("--failed is for a cluster id")
+    if args.failed or isinstance(target, _CloudUnits):
+        raise ConfigError("--failed is for a cluster id" if args.failed else "a cloud queue's units are not rerun")
     with target:
         again = target.rerun()
         with again:
@@ -5279,7 +5368,7 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
                 continue
             report = machine.get_status(0) if machine.submitted or not machine.is_remote else None
             ended = _parse_iso(report.end_time) if report is not None and report.finished else None
-            if ended is None or ended > cutoff or (status is not None and report.status != status):
+            if report is None or ended is None or ended > cutoff or status not in (None, report.status):
                 continue
             machine.delete(results=results)
             deleted.append(machine.job_id)

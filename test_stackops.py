@@ -2809,6 +2809,38 @@ def test_cloud_queue_twelve_units_three_workers_each_runs_once(home, tmp_path):
     assert all(f" {r['worker']} " in shown.stdout for r in report)
 
 
+def test_cloud_queue_cancel_skips_a_queued_unit_and_stops_a_running_one(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    units = _queue_job(home, bucket, "qc", 3, log=str(runs), seconds=60).submit_to_cloud(3)
+    done = cli("cancel", units[2], home=home)  # still queued: no worker will take it
+    assert done.returncode == 0 and f"{units[2]} cancelled" in done.stdout, done.stdout + done.stderr
+    worker = _start_worker(tmp_path, bucket, "wc", "--max-jobs", "1", "--until-idle", "--settle", "0.3",
+                           "--lease", "8")
+    try:
+        wait_for(lambda: runs.exists() and runs.read_text().strip(), 60, "the first unit to start")
+        started = time.monotonic()
+        done = cli("cancel", "qc", home=home)  # the job's id names all its units
+        assert done.returncode == 0, done.stderr
+        try:
+            wait_for(lambda: {r["unit"]: r["state"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()}
+                     .get(units[0]) == "cancelled", 60, "the running unit to be stopped")
+        except AssertionError:
+            worker.kill()
+            raise AssertionError(worker.communicate()[1][-3000:]) from None
+        assert time.monotonic() - started < 30  # at its next heartbeat, not after its 60 s
+        out, err = worker.communicate(timeout=120)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err[-2000:]
+    starts = [int(line.split()[0]) for line in runs.read_text().splitlines()]
+    assert starts == [0], "the cancelled units never ran"
+    states = {r["unit"]: r["state"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()}
+    assert states == {unit: "cancelled" for unit in units}
+
+
 def test_cloud_queue_killed_worker_unit_rerun_after_lease(home, tmp_path):
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
