@@ -70,7 +70,6 @@ TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are s
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Callable
 
-    import psutil as _psutil_module
 
 __version__ = "0.1.0"
 
