@@ -3534,6 +3534,7 @@ class RemoteMachine:
         self.results_path: Path | None = None
         self.launcher_pid: int | None = None
         self.slurm_job_id: str | None = None
+        self.task_ids: list[str] = []  # an array's tasks when some were rerun (else <id>-0, <id>-1, ...)
         self._tasks: list[RemoteMachine] | None = None
         self.launch_command = ""
         self.cloud_sha256 = ""  # the SHA-256 of the archive a cloud transfer uploaded
@@ -3571,8 +3572,8 @@ class RemoteMachine:
     def array_tasks(self) -> list[RemoteMachine]:
         """The jobs of the array's tasks, in index order, sharing this job's connection."""
         if self._tasks is None:
-            self._tasks = [RemoteMachine.load(f"{self.job_id}-{k}", self.config.base_dir)
-                           for k in range(len(self.array_parts))]
+            ids = self.task_ids or [f"{self.job_id}-{k}" for k in range(len(self.array_parts))]
+            self._tasks = [RemoteMachine.load(task_id, self.config.base_dir) for task_id in ids]
         for task in self._tasks:
             task._ssh = self._ssh
         return self._tasks
@@ -3637,7 +3638,7 @@ class RemoteMachine:
                 "file_manager": self.file_manager.to_dict(), "kwargs": self.kwargs, "data": self.data,
                 "scripts_generated": self.scripts_generated, "submitted": self.submitted,
                 "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
-                "slurm_job_id": self.slurm_job_id,
+                "slurm_job_id": self.slurm_job_id, "task_ids": self.task_ids,
                 "results_path": self.results_path.as_posix() if self.results_path else None,
                 "cloud_sha256": self.cloud_sha256}
 
@@ -3657,6 +3658,7 @@ class RemoteMachine:
             machine.results_downloaded = bool(data["results_downloaded"])
             machine.launcher_pid = data.get("launcher_pid")
             machine.slurm_job_id = data.get("slurm_job_id")
+            machine.task_ids = list(data.get("task_ids") or [])
             machine.cloud_sha256 = str(data.get("cloud_sha256") or "")
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
@@ -3963,6 +3965,22 @@ class RemoteMachine:
         state = "cancelled" if row["state"] in ("queued", "stale") else "running"
         return JobStatus(job_id=self.job_id, status=state, host=str(row.get("worker") or "?"),
                          reason="" if state == "cancelled" else "cancel requested: the worker stops it")
+
+    def rerun_failed_tasks(self) -> list[str]:
+        """Run again, each as a Slurm job of its own, every task of this array that failed or was
+        cancelled; the array follows the new tasks from then on. Returns their ids."""
+        if not self.array_parts or self.slurm_job_id is None:
+            raise ConfigError(f"job {self.job_id} is not a Slurm array: rerun it whole")
+        tasks = self.array_tasks()
+        reports = [task.get_status(0) for task in tasks]
+        failed = [k for k, report in enumerate(reports) if report.status in ("failed", "cancelled")]
+        if not failed:
+            raise ConfigError(f"array {self.job_id} has no failed task to rerun")
+        for k in failed:
+            tasks[k] = tasks[k].rerun()
+        self.task_ids = [task.job_id for task in tasks]
+        self._save()
+        return [tasks[k].job_id for k in failed]
 
     def _cancel_slurm(self) -> JobStatus:
         marks = [self.file_manager] + [task.file_manager for task in self.array_tasks()] if self.array_parts \
@@ -5306,6 +5324,11 @@ def _cmd_rerun(args: Any) -> int:
             for host, job_id in target.rerun_failed().items():
                 print(f"{host}: rerun as job {job_id}")
             return _wait_cluster(target) if args.wait else 0
+    if isinstance(target, RemoteMachine) and args.failed:
+        with target:
+            for task_id in target.rerun_failed_tasks():
+                print(f"rerun task as job {task_id}")
+            return _wait_ids([target]) if args.wait else 0
     if args.failed or isinstance(target, _CloudUnits):
         raise ConfigError("--failed is for a cluster id" if args.failed else "a cloud queue's units are not rerun")
     with target:
@@ -5319,6 +5342,17 @@ def _cmd_rerun(args: Any) -> int:
             report = again.get_status(0)
     print(f"job {again.job_id} {report.status}")
     return 0 if report.status == "completed" else 1
+
+
+def _wait_ids(targets: list[RemoteMachine]) -> int:
+    """Block until every job ends; 0 if all completed."""
+    ended = {}
+    for target in targets:
+        while (report := target.get_status(0)).status not in TERMINAL_STATUSES:
+            time.sleep(0.3)
+        ended[target.job_id] = report.status
+        print(f"{target.job_id} {report.status}", flush=True)
+    return 0 if all(status == "completed" for status in ended.values()) else 1
 
 
 def _cmd_start(args: Any) -> int:

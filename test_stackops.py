@@ -2424,9 +2424,12 @@ def test_slurm_sigkilled_job_reads_failed(slurm, home):
 SLURM_ARRAY_JOBS = """
     import os
 
-    def indices(workload_params, fail_at=-1):
+    def indices(workload_params, fail_at=-1, flag=""):
         if workload_params.idx_start <= fail_at < workload_params.idx_end:
-            raise RuntimeError(f"index {fail_at} is cursed")
+            if not flag or not os.path.exists(flag):
+                if flag:
+                    open(flag, "w").close()
+                raise RuntimeError(f"index {fail_at} is cursed")
         return {"task": os.environ.get("SLURM_ARRAY_TASK_ID"), "array": os.environ.get("SLURM_ARRAY_JOB_ID"),
                 "indices": list(range(workload_params.idx_start, workload_params.idx_end))}
 """
@@ -2456,7 +2459,7 @@ def test_slurm_array_with_a_failing_task_is_failed_and_names_it(slurm, home):
     module = make_module(home, SLURM_ARRAY_JOBS)
     workload = WorkloadParams(idx_min=0, idx_max=8, idx_start=0, idx_end=8, jobs=2)
     machine = RemoteMachine(module.indices, config(launch_method="slurm", workload_params=workload),
-                            func_kwargs={"fail_at": 6})
+                            func_kwargs={"fail_at": 6, "flag": str(home / "cursed-once")})
     machine.run()
     report = _slurm_wait(machine, 120)
     assert report.status == "failed", report
@@ -2464,6 +2467,11 @@ def test_slurm_array_with_a_failing_task_is_failed_and_names_it(slurm, home):
     assert [task.get_status(0).status for task in machine.array_tasks()] == ["completed", "failed"]
     again = RemoteMachine.load(machine.job_id)
     assert again.get_status(0).status == "failed"
+    done = cli("rerun", machine.job_id, "--failed", "--wait", home=home)
+    assert done.returncode == 0 and f"rerun task as job {machine.job_id}-1-r1" in done.stdout, done.stdout
+    again = RemoteMachine.load(machine.job_id)
+    assert [task.job_id for task in again.array_tasks()] == [f"{machine.job_id}-0", f"{machine.job_id}-1-r1"]
+    assert again.get_status(0).status == "completed"
 
 
 def test_slurm_over_ssh_to_a_login_node_submits_watches_and_cancels(slurm, home, sshd):
