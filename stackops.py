@@ -1994,6 +1994,17 @@ def resolve_ssh_target(host: str) -> SSHTarget:
                      strict_host_key_checking=str(entry.get("stricthostkeychecking", "yes")).lower())
 
 
+_LOGIN_SHELL_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ,._+:@%/=-")
+
+
+def _bash_line(command: str) -> str:
+    """``command`` (bash) as one line that every login shell runs the same way: bash, sh, csh,
+    tcsh, fish. Each byte outside a plain set becomes ``\\xHH`` for bash's printf, so the single-
+    quoted word holds no newline, quote, ``!`` or ``\\\\`` that csh or fish would read otherwise."""
+    text = "".join(chr(b) if b in _LOGIN_SHELL_SAFE else f"\\x{b:02x}" for b in command.encode())
+    return f"exec bash -c 'eval \"$(printf %b \"{text}\")\"'"
+
+
 @dataclasses.dataclass
 class Response:
     """What a remote command did: its output, its exit status, where and what it was."""
@@ -2239,11 +2250,11 @@ class SSH:
 
     def run_shell_cmd_on_remote(self, command: str, timeout: float | None = None, strict: bool = True,
                                 stdin: bytes | None = None) -> Response:
-        """Run ``command`` through the remote login shell; read stdout and stderr together (no
-        stall on large output). ``strict``: a non-zero exit raises CommandError with its stderr."""
+        """Run ``command`` with bash on the host, whatever its login shell; read stdout and stderr
+        together (no stall on large output). ``strict``: a non-zero exit raises CommandError."""
         channel = self._open_channel()
         try:
-            channel.exec_command(command)
+            channel.exec_command(_bash_line(command))
             if stdin is not None:
                 channel.sendall(stdin)
             channel.shutdown_write()
@@ -2419,7 +2430,7 @@ class SSH:
         proc = None
         watchdog = _Watchdog(self)
         try:
-            channel.exec_command(command)
+            channel.exec_command(_bash_line(command))
             if producer is not None:
                 proc = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 stream: Any = proc.stdout
@@ -2523,7 +2534,7 @@ class SSH:
         channel = self._transfer_channel()
         received = 0
         try:
-            channel.exec_command(command)
+            channel.exec_command(_bash_line(command))
             channel.shutdown_write()
             with open(path, "wb") as handle:
                 while True:
@@ -2549,7 +2560,7 @@ class SSH:
         channel = self._transfer_channel()
         reader = _CountingReader(channel, progress)
         try:
-            channel.exec_command(command)
+            channel.exec_command(_bash_line(command))
             channel.shutdown_write()
             _extract_tar(reader, staging, compressed)
             status = channel.recv_exit_status()

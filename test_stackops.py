@@ -1563,6 +1563,61 @@ def test_remote_cli_run_status_download_ssh_copy(remote, home):
     assert exists.returncode == 2 and "already exists" in exists.stderr
 
 
+@contextlib.contextmanager
+def _login_account(sshd: SSHD, shell: str):
+    """A throwaway account whose login shell is ``shell`` (root only), deleted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("creating an account with another login shell needs root")
+    if not Path(shell).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{shell} is missing; .ci/run installs it")
+        pytest.skip(f"{shell} is not installed")
+    user = f"so{Path(shell).name[:4]}{os.getpid()}"
+    home = sshd.base / f"home-{user}"
+    subprocess.run(["useradd", "-M", "-s", shell, "-p", "*", "-d", str(home), user], check=True)
+    try:
+        home.mkdir()
+        (home / ".cshrc").write_text("set stackops_test_var = 1\n")  # csh syntax bash cannot read
+        (home / ".config" / "fish").mkdir(parents=True)
+        (home / ".config" / "fish" / "config.fish").write_text("set -gx STACKOPS_FISH 1\n")
+        subprocess.run(["chown", "-R", f"{user}:{user}", str(home)], check=True)
+        home.chmod(0o700)
+        yield user, home
+    finally:
+        _kill_remote_leftovers(home)
+        subprocess.run(["userdel", user], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("shell", ["/usr/bin/tcsh", "/usr/bin/fish"])
+def test_remote_login_shell_csh_or_fish_runs_everything_under_bash(remote, home, shell):
+    with _login_account(remote, shell) as (user, remote_home):
+        with open(home / ".ssh" / "config", "a") as handle:  # known_hosts already has this server
+            handle.write(f"Host odd\n  HostName {remote.address}\n  Port {remote.port}\n  User {user}\n"
+                         "  IdentityFile ~/.ssh/id_ed25519\n")
+        with stackops.SSH.from_config_file("odd") as ssh:
+            said = ssh.run_shell_cmd_on_remote('x="$(printf \'%s!\' "a b")"; [ -n "$x" ] && echo "$x $0"')
+            assert said.stdout == "a b! bash\n"
+            assert ssh.remote_specs["home"] == str(remote_home)
+        (home / "proj").mkdir()
+        (home / "proj" / "m.py").write_text("import os\ndef f(n=1):\n    d = os.path.expanduser('~/out')\n"
+                                            "    os.makedirs(d, exist_ok=True)\n    print('line', n)\n"
+                                            "    open(os.path.join(d, 'n.txt'), 'w').write(str(n))\n    return d\n")
+        done = cli("run", "proj/m.py:f", "--host", "odd", "--copy-repo", "--kwargs", '{"n": 7}', "--job-id",
+                   "odd-shell", "--wait", home=home)
+        assert done.returncode == 0 and "completed" in done.stdout, done.stderr
+        assert json.loads(cli("status", "odd-shell", "--json", home=home).stdout)["status"] == "completed"
+        assert "line 7" in cli("logs", "odd-shell", "-n", "50", home=home).stdout
+        assert cli("download", "odd-shell", home=home).returncode == 0
+        assert (home / "out" / "n.txt").read_text() == "7"
+        (home / "tree" / "in").mkdir(parents=True)
+        (home / "tree" / "in" / "it's $x!.txt").write_text("payload")
+        assert cli("copy", "tree", "odd:~/tree", "-r", home=home).returncode == 0
+        assert (remote_home / "tree" / "in" / "it's $x!.txt").read_text() == "payload"
+        assert cli("copy", "odd:~/tree", "back", "-r", home=home).returncode == 0
+        assert (home / "back" / "in" / "it's $x!.txt").read_text() == "payload"
+
+
 @pytest.mark.parametrize("text,expected", [("host", (None, "host", None)), ("u@h:2222", ("u", "h", 2222)),
                                            ("[::1]:2200", (None, "::1", 2200)),
                                            ("u@[fe80::1%eth0]", ("u", "fe80::1%eth0", None))])
