@@ -2102,7 +2102,12 @@ class SSH:
         self._specs: dict[str, Any] | None = None
         if _hop > 8:
             raise ConfigError(f"ProxyJump chain to {target} is longer than 8 hops (a loop?)")
-        self.client = self._connect(_hop)
+        try:
+            self.client = self._connect(_hop)
+        except BaseException:  # a failure behind a jump host closes the jump connections it opened
+            for jump in reversed(self._jumps):
+                jump.close()
+            raise
 
     def __repr__(self) -> str:  # never the password
         return f"SSH({self.target})"

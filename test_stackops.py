@@ -1518,6 +1518,33 @@ def test_remote_proxy_jump_through_second_sshd(remote, home, sshd):
         jump.stop()
 
 
+def test_remote_proxy_jump_failure_behind_closes_the_jump_connection(remote, home, sshd):
+    import psutil
+
+    jump = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"))
+    try:
+        _write_ssh_config(home, jump, alias="jump")
+        _write_ssh_config(home, remote, alias="closed", extra="  ProxyJump jump\n", known=False)
+        (home / ".ssh" / "config").write_text((home / ".ssh" / "config").read_text().replace(
+            f"Port {remote.port}\n  User {remote.user}\n  IdentityFile ~/.ssh/id_ed25519\n  ProxyJump",
+            f"Port {_free_port()}\n  User {remote.user}\n  IdentityFile ~/.ssh/id_ed25519\n  ProxyJump"))
+        _keygen(home / "stranger", "stranger")
+
+        def to_jump():
+            return [c for c in psutil.Process().net_connections("tcp")
+                    if c.raddr and c.raddr.port == jump.port and c.status == psutil.CONN_ESTABLISHED]
+
+        _write_ssh_config(home, remote, alias="refused", extra="  ProxyJump jump\n", known=False)
+        for _ in range(3):
+            with pytest.raises(stackops.StackopsConnectionError, match="cannot reach"):
+                stackops.SSH.from_config_file("closed")
+            with pytest.raises(stackops.StackopsConnectionError, match="authentication failed"):
+                stackops.SSH.from_config_file("refused", ssh_key_path=str(home / "stranger"))
+        wait_for(lambda: not to_jump(), timeout=10, what="the jump connections to close")
+    finally:
+        jump.stop()
+
+
 def test_remote_send_key_once_then_login_with_it(remote, home):
     new_key = home / "fresh_key"
     _keygen(new_key, "fresh")
