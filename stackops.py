@@ -2100,6 +2100,7 @@ class SSH:
         self._password = password
         self._jumps: list[SSH] = []
         self._specs: dict[str, Any] | None = None
+        self._revoked: set[str] = set()
         if _hop > 8:
             raise ConfigError(f"ProxyJump chain to {target} is longer than 8 hops (a loop?)")
         try:
@@ -2175,27 +2176,39 @@ class SSH:
         return nxt
 
     def _host_keys(self, client: Any) -> Path:
-        """Load every known_hosts file; return the first, where accepted keys are recorded."""
+        """Load every known_hosts file (never rewritten: accepted keys are appended to the first);
+        keys of ``@revoked`` lines are left out, so they are refused like unknown ones."""
         files = [expand_home(f) for f in self.target.known_hosts]
+        lines: list[str] = []
         for path in files:
-            if path.is_file():
-                client.load_host_keys(str(path)) if path == files[0] else client.get_host_keys().load(str(path))
+            with _suppress(OSError):
+                lines += path.read_text(errors="replace").splitlines()
+        self._revoked = {line.split()[3] for line in lines if line.startswith("@revoked") and len(line.split()) > 3}
+        host_keys = client.get_host_keys()
+        for line in lines:
+            entry = _known_hosts_entry(line)
+            if entry is not None and entry.key.get_base64() not in self._revoked:
+                for name in entry.hostnames:
+                    host_keys.add(name, entry.key.get_name(), entry.key)
         return files[0]
 
     def _policy(self, record: Path) -> Any:
         paramiko = _paramiko()
-        accept = self.accept_new
+        accept, revoked = self.accept_new, self._revoked
 
         class _Policy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,name-defined]
             def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+                if key.get_base64() in revoked:
+                    raise HostKeyError(f"host key of {hostname} ({key.get_name()} {_fingerprint(key)}) is "
+                                       "REVOKED in known_hosts; refusing to connect",
+                                       hint="ask the host's administrator for its new key")
                 if not accept:
                     raise HostKeyError(
-                        f"host key of {hostname} is unknown ({key.get_name()} {key.get_fingerprint().hex()})",
+                        f"host key of {hostname} is unknown ({key.get_name()} {_fingerprint(key)})",
                         hint="if you trust it: pass --accept-new (accept_new_host_key=True), or set "
                              "StrictHostKeyChecking accept-new for it in ~/.ssh/config")
                 client.get_host_keys().add(hostname, key.get_name(), key)
-                _mkdir_private(record.parent)
-                client.save_host_keys(str(record))
+                _append_known_host(record, f"{hostname} {key.get_name()} {key.get_base64()}")
                 log.warning("recorded the host key of %s in %s", hostname, record)
 
         return _Policy()
@@ -2617,6 +2630,41 @@ class _Watchdog:
                 self.fired = True
                 self.ssh._lost()
                 return
+
+
+def _known_hosts_entry(line: str) -> Any:
+    """The paramiko entry of a plain known_hosts line; None for comments, markers (``@revoked``,
+    ``@cert-authority``) and key types paramiko does not know (``sk-`` keys): OpenSSH accepts them."""
+    if not line.strip() or line.lstrip().startswith(("#", "@")):
+        return None
+    try:
+        return _paramiko().hostkeys.HostKeyEntry.from_line(line)
+    except Exception as exc:  # paramiko raises assorted errors for keys it cannot read
+        log.debug("known_hosts line skipped (%s): %.60s", exc, line)
+        return None
+
+
+def _fingerprint(key: Any) -> str:
+    """A host key's fingerprint as OpenSSH shows it: SHA256 and unpadded base64."""
+    import base64
+    import hashlib
+
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+def _append_known_host(path: Path, line: str) -> None:
+    """Append one line to known_hosts under a lock, as OpenSSH does: the file is never rewritten,
+    and hosts accepted at once by several connections are all recorded, each once."""
+    _mkdir_private(path.parent)
+    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with open(str(path), "rb") as handle:
+            text = handle.read()
+        if line.encode() not in (old.strip() for old in text.splitlines()):
+            os.write(fd, (b"\n" if text and not text.endswith(b"\n") else b"") + line.encode() + b"\n")
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _stderr_so_far(channel: Any) -> str:

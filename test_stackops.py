@@ -1493,6 +1493,80 @@ def test_remote_host_keys_unknown_refused_accept_new_recorded_changed_refused(re
         stackops.SSH.from_config_file("tb", accept_new_host_key=True)
 
 
+SK_LINE = ("sk.example.org sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIDYFUqgbNrNKRMlE"
+           "VkU5Z0pF8P1fY0Zh61ia/0MYF6vEAAAABHNzaDo= security key\n")
+
+
+def test_remote_known_hosts_accept_appends_one_line_and_keeps_everything(remote, home):
+    other = home / "other_host_key"
+    _keygen(other, "other")
+    other_pub = " ".join(Path(f"{other}.pub").read_text().split()[:2])
+    mine = home / ".ssh" / "known_hosts"
+    original = (f"# my hosts, by hand\n{SK_LINE}@cert-authority *.example.org {other_pub}\n"
+                f"@revoked old.example.org {other_pub}\n|1|c2FsdA==|aGFzaA== {other_pub}\n"
+                f"plain.example.org {other_pub}")  # no newline at the end
+    mine.write_text(original)
+    second = home / "global_known_hosts"
+    second.write_text(f"elsewhere.example.org {other_pub}\n")
+    (home / ".ssh" / "config").write_text((home / ".ssh" / "config").read_text()
+                                          + f"  UserKnownHostsFile ~/.ssh/known_hosts {second}\n")
+    with pytest.raises(stackops.HostKeyError) as info:
+        stackops.SSH.from_config_file("tb")
+    shown = subprocess.run(["ssh-keygen", "-lf", f"{remote.host_key}.pub"], capture_output=True,
+                           text=True).stdout.split()[1]
+    assert shown.startswith("SHA256:") and shown in str(info.value)
+    with stackops.SSH.from_config_file("tb", accept_new_host_key=True) as ssh:
+        assert ssh.run_shell_cmd_on_remote("echo ok").stdout == "ok\n"
+    assert mine.read_text() == original + "\n" + remote.known_hosts_line() + "\n"
+    assert second.read_text() == f"elsewhere.example.org {other_pub}\n"
+    with stackops.SSH.from_config_file("tb") as ssh:  # known now, and a markered file does not crash
+        assert ssh.run_shell_cmd_on_remote("echo again").stdout == "again\n"
+    assert mine.read_text() == original + "\n" + remote.known_hosts_line() + "\n"
+
+
+def test_remote_known_hosts_revoked_key_refused_even_when_listed(remote, home):
+    key = " ".join(Path(f"{remote.host_key}.pub").read_text().split()[:2])
+    known = home / ".ssh" / "known_hosts"
+    known.write_text(known.read_text() + f"@revoked * {key}\n")
+    for accept in (False, True):
+        with pytest.raises(stackops.HostKeyError, match="REVOKED"):
+            stackops.SSH.from_config_file("tb", accept_new_host_key=accept)
+    done = cli("ssh", "--accept-new", "tb", "--", "true", home=home)
+    assert done.returncode == 1 and "REVOKED" in done.stderr and "Traceback" not in done.stderr
+    assert known.read_text().count(key) == 2  # nothing appended
+
+
+def test_remote_known_hosts_ten_hosts_accepted_at_once_all_recorded(remote, home, sshd):
+    servers = [SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub")) for _ in range(10)]
+    try:
+        for i, server in enumerate(servers):
+            _write_ssh_config(home, server, alias=f"n{i}", known=False)
+        known = home / ".ssh" / "known_hosts"
+        known.write_text("# keep me\n" + SK_LINE)
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(10)
+
+        def accept(i: int) -> None:
+            try:
+                barrier.wait()
+                stackops.SSH.from_config_file(f"n{i}", accept_new_host_key=True).close()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=accept, args=(i,)) for i in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        lines = known.read_text().splitlines()
+        assert lines[:2] == ["# keep me", SK_LINE.strip()]
+        assert sorted(lines[2:]) == sorted(server.known_hosts_line() for server in servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def test_remote_wrong_key_and_closed_port(remote, home):
     _keygen(home / "stranger", "stranger")
     with pytest.raises(stackops.StackopsConnectionError) as info:
