@@ -2424,14 +2424,17 @@ class SSH:
         """Refuse an existing target unless asked; make a hidden staging folder beside it, named
         here, so that an interruption at any moment knows what to remove."""
         staging = f"{posixpath.dirname(target)}/.stackops-partial.{random.getrandbits(48):012x}"
-        script = (f"T={_sh_path(target)}; S={_sh_path(staging)}; " + ("" if overwrite else
-                  'if [ -e "$T" ] || [ -L "$T" ]; then echo "exists: $T" >&2; exit 17; fi; ') +
+        exists = "" if overwrite else 'if [ -e "$T" ] || [ -L "$T" ]; then echo "exists: $T" >&2; exit 17; fi; '
+        script = (f"T={_sh_path(target)}; S={_sh_path(staging)}; {_HOME_GUARD_SH}{exists}"
                   '(umask 077 && mkdir -p "$(dirname "$T")" && mkdir "$S")')
         try:
             response = self.run_shell_cmd_on_remote(script, timeout=self.timeout, strict=False)
         except BaseException:
             self._discard(staging)
             raise
+        if response.returncode == 18:
+            raise ConfigError(f"{target} on {self.target.alias} {_last_line(response.stderr)}: a copy never "
+                              "replaces the home, a folder holding it, or /", hint="name a folder inside it")
         if response.returncode == 17:
             raise ConfigError(f"{target} already exists on {self.target.alias}",
                               hint="pass overwrite (--overwrite) to replace it")
@@ -2717,7 +2720,8 @@ def _extract_tar(stream: Any, folder: Path, compressed: bool) -> None:
 def _free_destination(destination: Path, overwrite: bool) -> Path:
     """A local copy target that may be (re)placed: never the home or a folder holding it, and an
     existing one only with ``overwrite``."""
-    if destination == Path.home() or destination in Path.home().parents:
+    real, home = os.path.realpath(destination), os.path.realpath(Path.home())
+    if real in (home, os.sep) or home.startswith(real.rstrip(os.sep) + os.sep):
         raise ConfigError(f"{destination} is your home, or holds it: a copy never replaces that",
                           hint="name a folder inside it")
     if (destination.exists() or destination.is_symlink()) and not overwrite:
@@ -2754,6 +2758,14 @@ def _remote_target(path: str) -> str:
         raise ConfigError(f"{path!r} is the host's home, holds it, or climbs out of it with '..': "
                           "a copy never replaces such a folder", hint="name a folder inside it, e.g. ~/backup")
     return path
+
+
+# The upload target $T resolved on the host (links and all) against the home resolved there: the
+# home, any folder holding it and / are refused (exit 18) before anything is created or moved.
+_HOME_GUARD_SH = ('H=$(cd "$HOME" && pwd -P) && R=$(cd "$T" 2>/dev/null && pwd -P) && '
+                  'H=/${H#"${H%%[!/]*}"} && R=/${R#"${R%%[!/]*}"} && '  # bash keeps a leading //
+                  '{ [ "$R" = / ] || [ "$R" = "$H" ] || case "$H" in "$R"/*) true;; *) false;; esac; } && '
+                  '{ echo "is $R (the home is $H)" >&2; exit 18; }; ')
 
 
 # ============================================================================================

@@ -1452,6 +1452,34 @@ def test_remote_copies_both_ways(remote, home, name):
     assert not [p for p in home.rglob(".stackops-partial*")]
 
 
+def test_remote_copy_never_replaces_the_home_by_any_spelling(remote, home):
+    (home / "x").mkdir()
+    (home / "x" / "f.txt").write_text("x")
+    rhome = remote.remote_home
+    (rhome / ".ssh").mkdir(exist_ok=True)
+    (rhome / ".ssh" / "keep").write_text("keep")
+    os.symlink(rhome, rhome / "loop")
+    os.symlink("/", rhome / "root-link")
+    (rhome / "r.txt").write_text("r")
+    before = sorted(p.name for p in rhome.iterdir())
+    done = cli("copy", "x", f"tb:{rhome}", "-r", "--overwrite", home=home)
+    assert done.returncode == 2 and "the home" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    os.symlink(home, home.parent / "home-link")
+    (home / "sub").mkdir()
+    with stackops.SSH.from_config_file("tb") as ssh:
+        for where in (f"{rhome}/.", f"/{rhome}", str(rhome.parent), "/.", "~/loop", "~/root-link", "~/."):
+            with pytest.raises(ConfigError, match="home"):
+                ssh.copy_from_here(home / "x", where, recursive=True, overwrite_existing=True)
+            assert (rhome / ".ssh" / "keep").read_text() == "keep"
+            assert sorted(p.name for p in rhome.iterdir()) == before
+        assert ssh.copy_from_here(home / "x", "~/inside", recursive=True) == "~/inside"  # inside is fine
+        for where in (str(home.parent / "home-link"), f"{home}/sub/..", str(home.parent), "/."):
+            with pytest.raises(ConfigError, match="your home, or holds it"):
+                ssh.copy_to_here("~/r.txt", where, overwrite=True)
+            assert (home / "x" / "f.txt").read_text() == "x" and (home / ".ssh" / "config").exists()
+    assert not list(rhome.glob(".stackops-partial*")) and not list(home.glob(".stackops-partial*"))
+
+
 def test_remote_interrupted_copies_leave_nothing_under_the_name(remote, home):
     big = home / "big.bin"
     big.write_bytes(os.urandom(20 * 2**20))
