@@ -4092,10 +4092,17 @@ def _cmd_logs(args: Any) -> int:
     if machine.is_remote:
         with machine:
             return _remote_logs(machine, args)
+    import codecs
+
     path = machine.file_manager.path(OUTPUT_LOG)
-    text = _read_text(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character split by a read waits
+    text = decoder.decode(data)
     print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n", flush=True)
-    offset = len(text.encode("utf-8"))
+    offset = len(data)  # bytes, not re-encoded text: invalid UTF-8 would move it past later output
     while args.follow:
         finished = machine.file_manager.get_job_status() in TERMINAL_STATUSES
         with open(path, "rb") if path.exists() else open(os.devnull, "rb") as handle:
@@ -4103,7 +4110,7 @@ def _cmd_logs(args: Any) -> int:
             chunk = handle.read()
         if chunk:
             offset += len(chunk)
-            sys.stdout.write(chunk.decode("utf-8", "replace"))
+            sys.stdout.write(decoder.decode(chunk))
             sys.stdout.flush()
         elif finished:
             break
@@ -4114,18 +4121,26 @@ def _cmd_logs(args: Any) -> int:
 
 def _remote_logs(machine: RemoteMachine, args: Any) -> int:
     log_file = _sh_path(machine.file_manager.job_root_rh + "/" + OUTPUT_LOG)
-    command = f"tail -n {args.lines} {log_file}" if args.lines else f"cat {log_file}"
-    offset = 0
+    offset: int | None = None
     while True:
         status = machine.get_status(0).status if args.follow else "completed"
-        text = machine.ssh.run_shell_cmd_on_remote(f"tail -c +{offset + 1} {log_file}" if offset else command,
-                                                   timeout=60, strict=False).stdout
+        size, _, text = machine.ssh.run_shell_cmd_on_remote(_log_slice_command(log_file, offset, args.lines),
+                                                            timeout=60, strict=False).stdout.partition("\n")
         sys.stdout.write(text)
         sys.stdout.flush()
-        offset += len(text.encode("utf-8"))
+        offset = int(size) if size.strip().isdigit() else offset or 0
         if status in TERMINAL_STATUSES:
             return 0
         time.sleep(0.5)
+
+
+def _log_slice_command(log_file: str, offset: int | None, lines: int) -> str:
+    """Print the log's size in bytes, then what the follower has not shown yet, from one snapshot
+    of that size: the next read starts where this one ended, however the log grows meanwhile."""
+    size = f'F={log_file}; S=$(wc -c 2>/dev/null < "$F") || S=0; S=$((S)); echo "$S"; '
+    if offset is not None:
+        return size + f'[ "$S" -gt {offset} ] && tail -c +{offset + 1} "$F" | head -c $((S - {offset})); true'
+    return size + 'head -c "$S" "$F" 2>/dev/null' + (f" | tail -n {int(lines)}" if lines else "") + "; true"
 
 
 def _cmd_queue(args: Any) -> int:

@@ -1132,6 +1132,29 @@ def test_cli_run_status_list_logs_queue(home):
     assert dry.returncode == 0 and "nothing was started" in dry.stdout and "bash -c" in dry.stdout
 
 
+def test_cli_logs_follow_counts_bytes_so_invalid_utf8_drops_nothing(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text(textwrap.dedent("""
+        import os, sys, time
+        def f():
+            sys.stdout.buffer.write(b"bad " + b"\\xff" * 300 + b"\\n")
+            sys.stdout.flush()
+            while not os.path.exists(os.path.expanduser("~/go")):
+                time.sleep(0.05)
+            print("AFTER-THE-BAD-BYTES", flush=True)
+    """))
+    started = cli("run", "proj/m.py:f", "--job-id", "bad-utf8", home=home)
+    assert started.returncode == 0, started.stderr
+    wait_for(lambda: b"\xff" in b"".join(p.read_bytes() for p in home.rglob("bad-utf8/**/*.log")),
+             what="the bad bytes in the log")
+    follower = subprocess.Popen([sys.executable, str(SOURCE), "logs", "bad-utf8", "-f"], cwd=home,
+                                env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the follower has read the bad bytes and is polling (a later start would hide the bug)
+    (home / "go").write_text("")
+    out, _ = follower.communicate(timeout=60)
+    assert "bad \ufffd" in out and "AFTER-THE-BAD-BYTES" in out, out[-500:]
+
+
 # ============================================================================================
 # 9-10. SSH against a real OpenSSH server on loopback, as an account whose home is not ours
 # ============================================================================================
@@ -1690,6 +1713,28 @@ def test_remote_cli_run_status_download_ssh_copy(remote, home):
     assert (home / "c-back.txt").read_text() == "c"
     exists = cli("copy", "c.txt", "tb:~/c-copy.txt", home=home)
     assert exists.returncode == 2 and "already exists" in exists.stderr
+
+
+def test_remote_cli_logs_follow_last_lines_starts_at_the_end(remote, home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text(textwrap.dedent("""
+        import time
+        def chatty(n=300, pause=3.0):
+            for i in range(n):
+                print(f"early {i:04d}", flush=True)
+            time.sleep(pause)
+            for i in range(5):
+                print(f"late {i}", flush=True)
+    """))
+    started = cli("run", "proj/m.py:chatty", "--host", "tb", "--copy-repo", "--job-id", "chatty", home=home)
+    assert started.returncode == 0, started.stderr
+    wait_for(lambda: "early 0299" in cli("logs", "chatty", home=home).stdout, what="the early lines")
+    follow = cli("logs", "chatty", "-f", "-n", "2", home=home)
+    assert follow.returncode == 0, follow.stderr
+    lines = follow.stdout.splitlines()
+    assert lines[:2] == ["early 0298", "early 0299"], lines[:5]
+    assert "early 0297" not in follow.stdout and follow.stdout.count("early 0299") == 1
+    assert [line for line in lines if line.startswith("late")] == [f"late {i}" for i in range(5)]
 
 
 @contextlib.contextmanager
