@@ -2543,7 +2543,9 @@ class SSH:
                 produced = staging / Path(remote).name
             else:
                 produced = staging / "payload"
-                self._download_file(f"cat -- {_sh_path(remote)}", produced, int(size.strip() or -1), progress)
+                size_now = int(size.strip() or -1)  # a file that grows meanwhile comes as it was then
+                self._download_file(f"head -c {size_now} -- {_sh_path(remote)}", produced, size_now, progress,
+                                    remote)
             _remove(destination)
             os.rename(produced, destination)
         finally:
@@ -2551,7 +2553,7 @@ class SSH:
         return destination
 
     def _download_file(self, command: str, path: Path, size: int,
-                       progress: Callable[[int], None] | None) -> None:
+                       progress: Callable[[int], None] | None, remote: str = "") -> None:
         channel = self._transfer_channel()
         received = 0
         try:
@@ -2573,8 +2575,9 @@ class SSH:
         finally:
             channel.close()
         if status != 0 or received != size:
-            raise TransferError(f"download from {self.target.alias} failed (exit status {status}, {received} of "
-                                f"{size} bytes): {_reason(err)}")
+            why = _reason(err) or f"{remote} shrank while it was read (truncated or replaced?)"
+            raise TransferError(f"download of {self.target.alias}:{remote} failed (exit status {status}, "
+                                f"{received} of {size} bytes): {why}", hint="run the copy again")
 
     def _download_tar(self, command: str, staging: Path, compressed: bool,
                       progress: Callable[[int], None] | None) -> None:

@@ -1503,6 +1503,35 @@ def test_remote_copy_never_replaces_the_home_by_any_spelling(remote, home):
     assert not list(rhome.glob(".stackops-partial*")) and not list(home.glob(".stackops-partial*"))
 
 
+def test_remote_download_of_a_growing_file_is_a_snapshot_or_names_the_file(remote, home):
+    grow = remote.remote_home / "grow"
+    grow.mkdir()
+    log = grow / "train.log"
+    log.write_bytes(b"x" * 5_000_000)
+    stop = threading.Event()
+
+    def writer():
+        with open(log, "ab") as handle:
+            while not stop.wait(0.002):  # about 5 MB/s, while the download runs
+                handle.write(b"more\n" * 2000)
+                handle.flush()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        with stackops.SSH.from_config_file("tb") as ssh:
+            got = ssh.copy_to_here("~/grow/train.log", home / "train.log").read_bytes()
+            try:
+                folder = ssh.copy_to_here("~/grow", home / "grow", recursive=True)
+                assert (folder / "train.log").stat().st_size >= 5_000_000
+            except stackops.TransferError as exc:
+                assert "train.log" in str(exc), str(exc)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(got) >= 5_000_000 and log.read_bytes().startswith(got)
+
+
 def test_remote_interrupted_copies_leave_nothing_under_the_name(remote, home):
     big = home / "big.bin"
     big.write_bytes(os.urandom(20 * 2**20))
