@@ -2411,10 +2411,11 @@ class SSH:
         target = _remote_target(target_rel2home if target_rel2home is not None else _home_relative(source))
         staging = self._prepare_target(target, overwrite_existing)
         if source.is_dir():
+            folder = Path(os.path.realpath(source))  # ~/dataset -> /big/dataset travels as the folder
             command = f"tar x{'z' if compress_with_zip else ''}f - -C {_sh_path(staging)}"
-            producer = ["tar", f"c{'z' if compress_with_zip else ''}f", "-", "-C", str(source.parent),
-                        *[f"--exclude={e}" for e in excludes], "--", source.name]
-            self._upload_stream(command, producer, None, f"{staging}/{source.name}", staging, target, progress)
+            producer = ["tar", f"c{'z' if compress_with_zip else ''}f", "-", "-C", str(folder.parent),
+                        *[f"--exclude={e}" for e in excludes], "--", folder.name]
+            self._upload_stream(command, producer, None, f"{staging}/{folder.name}", staging, target, progress)
         else:
             command = f"cat > {_sh_path(staging + '/payload')}"
             self._upload_stream(command, None, source, f"{staging}/payload", staging, target, progress)
@@ -2536,11 +2537,10 @@ class SSH:
         _mkdir_private(destination.parent)
         staging = Path(_make_temp_dir(destination.parent))
         try:
-            if kind == "dir":
-                parent, name = _sh_path(str(Path(remote).parent)), shlex.quote(Path(remote).name)
-                command = f"tar c{'z' if compress_with_zip else ''}f - -C {parent} -- {name}"
-                self._download_tar(command, staging, compress_with_zip, progress)
-                produced = staging / Path(remote).name
+            if kind == "dir":  # from inside, so that a results folder reached by a link comes as a folder
+                command = f"cd -P -- {_sh_path(remote)} && tar c{'z' if compress_with_zip else ''}f - -- ."
+                produced = staging / "payload"
+                self._download_tar(command, produced, compress_with_zip, progress)
             else:
                 produced = staging / "payload"
                 size_now = int(size.strip() or -1)  # a file that grows meanwhile comes as it was then

@@ -1532,6 +1532,29 @@ def test_remote_download_of_a_growing_file_is_a_snapshot_or_names_the_file(remot
     assert len(got) >= 5_000_000 and log.read_bytes().startswith(got)
 
 
+def test_remote_folder_named_by_a_link_travels_as_the_folder_both_ways(remote, home):
+    real = home / "big" / "dataset-v2"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "f.bin").write_bytes(os.urandom(3000))
+    (real / "top.txt").write_text("top")
+    os.symlink("sub/f.bin", real / "inside-link")
+    os.symlink(real, home / "dataset")
+    with stackops.SSH.from_config_file("tb") as ssh:
+        assert ssh.copy_from_here(home / "dataset", recursive=True) == "~/dataset"
+        arrived = remote.remote_home / "dataset"
+        assert arrived.is_dir() and not arrived.is_symlink()
+        assert _tree_hashes(arrived) == _tree_hashes(real)
+        assert os.readlink(arrived / "inside-link") == "sub/f.bin"
+        os.rename(arrived, remote.remote_home / "real-results")
+        os.symlink(remote.remote_home / "real-results", remote.remote_home / "results")
+        got = ssh.copy_to_here("~/results", home / "got", recursive=True)
+        assert got.is_dir() and not got.is_symlink() and _tree_hashes(got) == _tree_hashes(real)
+        os.symlink("/etc/passwd", remote.remote_home / "real-results" / "out-link")
+        with pytest.raises(stackops.TransferError, match="out-link"):
+            ssh.copy_to_here("~/results", home / "got2", recursive=True)
+    assert not (home / "got2").exists() and not list(home.glob(".stackops-partial*"))
+
+
 def test_remote_interrupted_copies_leave_nothing_under_the_name(remote, home):
     big = home / "big.bin"
     big.write_bytes(os.urandom(20 * 2**20))
