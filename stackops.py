@@ -2427,7 +2427,7 @@ class SSH:
         staging = f"{posixpath.dirname(target)}/.stackops-partial.{random.getrandbits(48):012x}"
         exists = "" if overwrite else 'if [ -e "$T" ] || [ -L "$T" ]; then echo "exists: $T" >&2; exit 17; fi; '
         script = (f"T={_sh_path(target)}; S={_sh_path(staging)}; {_HOME_GUARD_SH}{exists}"
-                  '(umask 077 && mkdir -p "$(dirname "$T")" && mkdir "$S")')
+                  f'{_STALE_PARTIALS_SH}(umask 077 && mkdir -p "$(dirname "$T")" && mkdir "$S")')
         try:
             response = self.run_shell_cmd_on_remote(script, timeout=self.timeout, strict=False)
         except BaseException:
@@ -2735,7 +2735,23 @@ def _free_destination(destination: Path, overwrite: bool) -> Path:
 def _make_temp_dir(parent: Path) -> str:
     import tempfile
 
+    _remove_stale_partials(parent)
     return tempfile.mkdtemp(prefix=".stackops-partial.", dir=parent)
+
+
+def _remove_stale_partials(parent: Path) -> None:
+    """Remove the staging folders that a dropped download left in ``parent`` (our names only)
+    once nothing in them changed for a day: a live download writes all the time."""
+    since = time.time() - 86400
+    for folder in parent.glob(".stackops-partial.*"):
+        if not re.match(r"\.stackops-partial\.[a-z0-9_]{8}\Z", folder.name) or folder.is_symlink():
+            continue
+        with _suppress(OSError):
+            fresh = folder.lstat().st_mtime > since or any(
+                os.lstat(os.path.join(root, name)).st_mtime > since
+                for root, dirs, files in os.walk(folder) for name in dirs + files)
+            if not fresh:
+                shutil.rmtree(folder)
 
 
 def _home_relative(path: Path) -> str:
@@ -2769,6 +2785,13 @@ _HOME_GUARD_SH = ('H=$(cd "$HOME" && pwd -P) && R=$(cd "$T" 2>/dev/null && pwd -
                   'H=/${H#"${H%%[!/]*}"} && R=/${R#"${R%%[!/]*}"} && '  # bash keeps a leading //
                   '{ [ "$R" = / ] || [ "$R" = "$H" ] || case "$H" in "$R"/*) true;; *) false;; esac; } && '
                   '{ echo "is $R (the home is $H)" >&2; exit 18; }; ')
+
+
+# Staging folders that a dropped upload left beside $T (our names only), removed when nothing in
+# them changed for a day: a live upload writes all the time, and a stalled one timed out long ago.
+_STALE_PARTIALS_SH = ('for d in "$(dirname "$T")"/.stackops-partial.*; do '
+                      '[[ "${d##*/}" =~ ^\\.stackops-partial\\.[0-9a-f]{12}(\\.old\\.[0-9]+)?$ ]] || continue; '
+                      '[ -z "$(find "$d" -mmin -1440 2>/dev/null | head -n 1)" ] && rm -rf -- "$d"; done; ')
 
 
 # ============================================================================================

@@ -1555,6 +1555,47 @@ def test_remote_folder_named_by_a_link_travels_as_the_folder_both_ways(remote, h
     assert not (home / "got2").exists() and not list(home.glob(".stackops-partial*"))
 
 
+def _aged(folder: Path, days: float) -> Path:
+    """Make ``folder`` and everything in it look untouched for ``days``."""
+    then = time.time() - days * 86400
+    for path in [*folder.rglob("*"), folder]:
+        os.utime(path, (then, then), follow_symlinks=False)
+    return folder
+
+
+def test_remote_stale_partial_folders_removed_by_a_later_copy_to_that_parent(remote, home):
+    def partial(parent: Path, name: str, days: float, fresh_inside: bool = False) -> Path:
+        (parent / name / "deep").mkdir(parents=True)
+        (parent / name / "deep" / "half.bin").write_bytes(b"half")
+        _aged(parent / name, days)
+        if fresh_inside:
+            (parent / name / "deep" / "half.bin").write_bytes(b"still being written")
+        return parent / name
+
+    for side in (remote.remote_home / "drop", home / "drop"):
+        side.mkdir()
+        hexes = "0123456789ab" if side.is_relative_to(remote.remote_home) else "abc_1234"
+        stale = [partial(side, f".stackops-partial.{hexes}", 2)]
+        if side.is_relative_to(remote.remote_home):
+            stale.append(partial(side, f".stackops-partial.{hexes}.old.1", 3))
+        kept = [partial(side, ".stackops-partial.fedcba987654" if hexes[0] == "0" else ".stackops-partial.zzz_9999",
+                        0.1),  # an upload a few hours old that still runs
+                partial(side, ".stackops-partial.ffffffffffff" if hexes[0] == "0" else ".stackops-partial.yyy_8888",
+                        5, fresh_inside=True),
+                partial(side, ".stackops-partial.mine", 9)]  # not a name stackops makes
+        if os.geteuid() == 0 and side.is_relative_to(remote.remote_home):
+            subprocess.run(["chown", "-R", f"{remote.user}:", str(side)], check=True)
+        with stackops.SSH.from_config_file("tb") as ssh:
+            (home / "f.txt").write_text("f")
+            if side.is_relative_to(remote.remote_home):
+                ssh.copy_from_here(home / "f.txt", "~/drop/f.txt")
+            else:
+                (remote.remote_home / "r.txt").write_text("r")
+                ssh.copy_to_here("~/r.txt", side / "r.txt")
+        assert [p for p in stale if p.exists()] == []
+        assert [p for p in kept if not (p / "deep" / "half.bin").exists()] == []
+
+
 def test_remote_interrupted_copies_leave_nothing_under_the_name(remote, home):
     big = home / "big.bin"
     big.write_bytes(os.urandom(20 * 2**20))
