@@ -842,7 +842,7 @@ def test_bad_input_cli_exits_2_with_one_line(home, args, message):
 # hostile values travel intact and inject nothing
 # ============================================================================================
 
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 HOSTILE = st.sampled_from(["'", '"', "$(touch PWNED)", "`touch PWNED`", ";", "\n", "\\", "é", "☃", " ", "$HOME",
@@ -1594,6 +1594,106 @@ def test_remote_stale_partial_folders_removed_by_a_later_copy_to_that_parent(rem
                 ssh.copy_to_here("~/r.txt", side / "r.txt")
         assert [p for p in stale if p.exists()] == []
         assert [p for p in kept if not (p / "deep" / "half.bin").exists()] == []
+
+
+HOSTILE_NAMES = ["plain", "with space", "it's", '"dq"', "$(touch PWNED)", "`id`", "-rf", "--", "*", "?", "ü-ñ",
+                 "日本語", "back\\slash", "new\nline", "tab\tbed", ".hidden", "...", "~", "x:y", "%s%n", "!bang",
+                 "a;b&c|d", "<in>", "#hash", "é" * 40]
+_copy_trials = itertools.count()
+
+
+@st.composite
+def _trees(draw):
+    """A random tree: (relative parts, kind, payload) with files of any size, empty folders, and
+    links inside it (relative) or out of it (absolute, or climbing with '..')."""
+    names = st.sampled_from(HOSTILE_NAMES)
+    entries, folders = [], [()]
+    for _ in range(draw(st.integers(0, 9))):
+        parent = draw(st.sampled_from(folders))
+        path = (*parent, draw(names))
+        if any(path[:len(e[0])] == e[0] or e[0][:len(path)] == path for e in entries):
+            continue  # one thing per name
+        kind = draw(st.sampled_from(["file", "file", "dir", "link-in", "link-out"]))
+        if kind == "file":
+            entries.append((path, kind, draw(st.sampled_from([0, 1, 4096, 3 * 2**20]))))
+        elif kind == "dir":
+            entries.append((path, kind, None))
+            folders.append(path)
+        else:
+            entries.append((path, kind, draw(st.sampled_from(["/etc/hostname", "../../outside"]))
+                            if kind == "link-out" else "target-in-tree"))
+    return draw(names), entries
+
+
+def _build(root: Path, entries) -> None:
+    root.mkdir()
+    for parts, kind, payload in entries:
+        path = root.joinpath(*parts)
+        if kind == "file":
+            path.write_bytes(os.urandom(payload))
+        elif kind == "dir":
+            path.mkdir()
+        else:
+            os.symlink(payload, path)
+
+
+def _snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple]:
+    """Every entry under ``root`` (but ``skip``): kind, and content digest or link target."""
+    import hashlib
+
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if Path(folder, d) not in skip]
+        for name in dirs + files:
+            path = Path(folder, name)
+            if path in skip:
+                continue
+            key = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                found[key] = ("link", os.readlink(path))
+            elif path.is_dir():
+                found[key] = ("dir",)
+            else:
+                found[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+    return found
+
+
+def _changes(before: dict, after: dict) -> list[str]:
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+@settings(max_examples=int(os.environ.get("STACKOPS_COPY_EXAMPLES", "12")), deadline=None,
+          phases=[Phase.explicit, Phase.generate],  # shrinking costs minutes of copies; the example is shown
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tree=_trees(), compress=st.booleans())
+def test_remote_copy_property_identical_or_refused_in_one_line(remote, home, tree, compress):
+    top, entries = tree
+    trial = next(_copy_trials)
+    source = home / f"src{trial}" / top
+    source.parent.mkdir()
+    _build(source, entries)
+    rhome, target, back = remote.remote_home, f"~/dst{trial}/{top}", home / f"back{trial}"
+    outside_here = (back, home / f"src{trial}")
+    remote_before, local_before = _snapshot(rhome), _snapshot(home, skip=outside_here)
+    with stackops.SSH.from_config_file("tb") as ssh:
+        try:
+            assert ssh.copy_from_here(source, target, recursive=True, compress_with_zip=compress) == target
+            assert _snapshot(rhome / f"dst{trial}" / top) == _snapshot(source)
+            event("upload identical")
+        except StackopsError as exc:
+            event(f"upload refused: {type(exc).__name__}")
+            assert "\n" not in str(exc), str(exc)
+        assert _changes(remote_before, _snapshot(rhome, skip=(rhome / f"dst{trial}",))) == []
+        if (rhome / f"dst{trial}" / top).exists():
+            try:
+                ssh.copy_to_here(target, back, recursive=True, compress_with_zip=compress)
+                assert _snapshot(back) == _snapshot(source)
+                event("download identical")
+            except StackopsError as exc:
+                event(f"download refused: {str(exc)[:40]}")
+                assert "\n" not in str(exc) and not back.exists(), str(exc)
+    assert _changes(local_before, _snapshot(home, skip=outside_here)) == []
+    assert not list(rhome.rglob(".stackops-partial*")) and not list(home.rglob(".stackops-partial*"))
 
 
 def test_remote_interrupted_copies_leave_nothing_under_the_name(remote, home):
