@@ -1641,6 +1641,8 @@ def _snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple]:
     """Every entry under ``root`` (but ``skip``): kind, and content digest or link target."""
     import hashlib
 
+    if root.is_symlink():
+        return {".": ("link", os.readlink(root))}
     found = {}
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if Path(folder, d) not in skip]
@@ -1665,20 +1667,26 @@ def _changes(before: dict, after: dict) -> list[str]:
 @settings(max_examples=int(os.environ.get("STACKOPS_COPY_EXAMPLES", "12")), deadline=None,
           phases=[Phase.explicit, Phase.generate],  # shrinking costs minutes of copies; the example is shown
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(tree=_trees(), compress=st.booleans())
-def test_remote_copy_property_identical_or_refused_in_one_line(remote, home, tree, compress):
+@given(tree=_trees(), compress=st.booleans(), via_link=st.booleans())
+def test_remote_copy_property_identical_or_refused_in_one_line(remote, home, tree, compress, via_link):
     top, entries = tree
     trial = next(_copy_trials)
     source = home / f"src{trial}" / top
     source.parent.mkdir()
-    _build(source, entries)
+    if via_link:  # the folder is named by a link to it (~/dataset -> /big/dataset)
+        (home / f"src{trial}" / "real").mkdir()
+        _build(home / f"src{trial}" / "real" / top, entries)
+        os.symlink(home / f"src{trial}" / "real" / top, source)
+    else:
+        _build(source, entries)
+    expected = _snapshot(Path(os.path.realpath(source)))
     rhome, target, back = remote.remote_home, f"~/dst{trial}/{top}", home / f"back{trial}"
     outside_here = (back, home / f"src{trial}")
     remote_before, local_before = _snapshot(rhome), _snapshot(home, skip=outside_here)
     with stackops.SSH.from_config_file("tb") as ssh:
         try:
             assert ssh.copy_from_here(source, target, recursive=True, compress_with_zip=compress) == target
-            assert _snapshot(rhome / f"dst{trial}" / top) == _snapshot(source)
+            assert _snapshot(rhome / f"dst{trial}" / top) == expected
             event("upload identical")
         except StackopsError as exc:
             event(f"upload refused: {type(exc).__name__}")
@@ -1687,7 +1695,7 @@ def test_remote_copy_property_identical_or_refused_in_one_line(remote, home, tre
         if (rhome / f"dst{trial}" / top).exists():
             try:
                 ssh.copy_to_here(target, back, recursive=True, compress_with_zip=compress)
-                assert _snapshot(back) == _snapshot(source)
+                assert _snapshot(back) == expected
                 event("download identical")
             except StackopsError as exc:
                 event(f"download refused: {str(exc)[:40]}")
