@@ -2002,7 +2002,7 @@ def _bash_line(command: str) -> str:
     tcsh, fish. Each byte outside a plain set becomes ``\\xHH`` for bash's printf, so the single-
     quoted word holds no newline, quote, ``!`` or ``\\\\`` that csh or fish would read otherwise."""
     text = "".join(chr(b) if b in _LOGIN_SHELL_SAFE else f"\\x{b:02x}" for b in command.encode())
-    return f"exec bash -c 'eval \"$(printf %b \"{text}\")\"'"
+    return f"exec bash --norc -c 'printf -v _so_c %b \"{text}\" && eval \"$_so_c\"'"
 
 
 @dataclasses.dataclass
