@@ -1994,7 +1994,8 @@ def resolve_ssh_target(host: str) -> SSHTarget:
                      strict_host_key_checking=str(entry.get("stricthostkeychecking", "yes")).lower())
 
 
-_LOGIN_SHELL_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ,._+:@%/=-")
+_LOGIN_SHELL_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ" b"abcdefghijklmnopqrstuvwxyz"
+                              b"0123456789 ,._+:@%/=-")
 
 
 def _bash_line(command: str) -> str:
@@ -2183,7 +2184,8 @@ class SSH:
         for path in files:
             with _suppress(OSError):
                 lines += path.read_text(errors="replace").splitlines()
-        self._revoked = {line.split()[3] for line in lines if line.startswith("@revoked") and len(line.split()) > 3}
+        self._revoked = {line.split()[3] for line in lines
+                         if line.startswith("@revoked") and len(line.split()) > 3}
         host_keys = client.get_host_keys()
         for line in lines:
             entry = _known_hosts_entry(line)
@@ -2199,8 +2201,9 @@ class SSH:
         class _Policy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,name-defined]
             def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
                 if key.get_base64() in revoked:
-                    raise HostKeyError(f"host key of {hostname} ({key.get_name()} {_fingerprint(key)}) is "
-                                       "REVOKED in known_hosts; refusing to connect",
+                    raise HostKeyError(f"host key of {hostname} ({key.get_name()} "
+                                       f"{_fingerprint(key)}) is REVOKED in known_hosts; "
+                                       "refusing to connect",
                                        hint="ask the host's administrator for its new key")
                 if not accept:
                     raise HostKeyError(
@@ -2411,11 +2414,13 @@ class SSH:
         target = _remote_target(target_rel2home if target_rel2home is not None else _home_relative(source))
         staging = self._prepare_target(target, overwrite_existing)
         if source.is_dir():
-            folder = Path(os.path.realpath(source))  # ~/dataset -> /big/dataset travels as the folder
+            folder = Path(os.path.realpath(source))  # ~/data -> /big/data travels as the folder
             command = f"tar x{'z' if compress_with_zip else ''}f - -C {_sh_path(staging)}"
-            producer = ["tar", f"c{'z' if compress_with_zip else ''}f", "-", "-C", str(folder.parent),
-                        *[f"--exclude={e}" for e in excludes], "--", folder.name]
-            self._upload_stream(command, producer, None, f"{staging}/{folder.name}", staging, target, progress)
+            producer = ["tar", f"c{'z' if compress_with_zip else ''}f", "-", "-C",
+                        str(folder.parent), *[f"--exclude={e}" for e in excludes], "--",
+                        folder.name]
+            arrived = f"{staging}/{folder.name}"
+            self._upload_stream(command, producer, None, arrived, staging, target, progress)
         else:
             command = f"cat > {_sh_path(staging + '/payload')}"
             self._upload_stream(command, None, source, f"{staging}/payload", staging, target, progress)
@@ -2425,7 +2430,8 @@ class SSH:
         """Refuse an existing target unless asked; make a hidden staging folder beside it, named
         here, so that an interruption at any moment knows what to remove."""
         staging = f"{posixpath.dirname(target)}/.stackops-partial.{random.getrandbits(48):012x}"
-        exists = "" if overwrite else 'if [ -e "$T" ] || [ -L "$T" ]; then echo "exists: $T" >&2; exit 17; fi; '
+        exists = "" if overwrite else \
+            'if [ -e "$T" ] || [ -L "$T" ]; then echo "exists: $T" >&2; exit 17; fi; '
         script = (f"T={_sh_path(target)}; S={_sh_path(staging)}; {_HOME_GUARD_SH}{exists}"
                   f'{_STALE_PARTIALS_SH}(umask 077 && mkdir -p "$(dirname "$T")" && mkdir "$S")')
         try:
@@ -2434,8 +2440,9 @@ class SSH:
             self._discard(staging)
             raise
         if response.returncode == 18:
-            raise ConfigError(f"{target} on {self.target.alias} {_last_line(response.stderr)}: a copy never "
-                              "replaces the home, a folder holding it, or /", hint="name a folder inside it")
+            where = f"{target} on {self.target.alias} {_last_line(response.stderr)}"
+            raise ConfigError(f"{where}: a copy never replaces the home, a folder holding it, or /",
+                              hint="name a folder inside it")
         if response.returncode == 17:
             raise ConfigError(f"{target} already exists on {self.target.alias}",
                               hint="pass overwrite (--overwrite) to replace it")
@@ -2537,15 +2544,16 @@ class SSH:
         _mkdir_private(destination.parent)
         staging = Path(_make_temp_dir(destination.parent))
         try:
-            if kind == "dir":  # from inside, so that a results folder reached by a link comes as a folder
-                command = f"cd -P -- {_sh_path(remote)} && tar c{'z' if compress_with_zip else ''}f - -- ."
+            if kind == "dir":  # from inside: a results folder reached by a link comes as a folder
+                z = "z" if compress_with_zip else ""
+                command = f"cd -P -- {_sh_path(remote)} && tar c{z}f - -- ."
                 produced = staging / "payload"
                 self._download_tar(command, produced, compress_with_zip, progress)
             else:
                 produced = staging / "payload"
-                size_now = int(size.strip() or -1)  # a file that grows meanwhile comes as it was then
-                self._download_file(f"head -c {size_now} -- {_sh_path(remote)}", produced, size_now, progress,
-                                    remote)
+                size_now = int(size.strip() or -1)  # a file growing meanwhile comes as it was then
+                self._download_file(f"head -c {size_now} -- {_sh_path(remote)}", produced, size_now,
+                                    progress, remote)
             _remove(destination)
             os.rename(produced, destination)
         finally:
@@ -2576,8 +2584,9 @@ class SSH:
             channel.close()
         if status != 0 or received != size:
             why = _reason(err) or f"{remote} shrank while it was read (truncated or replaced?)"
-            raise TransferError(f"download of {self.target.alias}:{remote} failed (exit status {status}, "
-                                f"{received} of {size} bytes): {why}", hint="run the copy again")
+            raise TransferError(f"download of {self.target.alias}:{remote} failed (exit status "
+                                f"{status}, {received} of {size} bytes): {why}",
+                                hint="run the copy again")
 
     def _download_tar(self, command: str, staging: Path, compressed: bool,
                       progress: Callable[[int], None] | None) -> None:
@@ -2640,7 +2649,8 @@ class _Watchdog:
 
 def _known_hosts_entry(line: str) -> Any:
     """The paramiko entry of a plain known_hosts line; None for comments, markers (``@revoked``,
-    ``@cert-authority``) and key types paramiko does not know (``sk-`` keys): OpenSSH accepts them."""
+    ``@cert-authority``) and key types paramiko does not know (``sk-`` keys): OpenSSH accepts
+    them all."""
     if not line.strip() or line.lstrip().startswith(("#", "@")):
         return None
     try:
@@ -2668,7 +2678,8 @@ def _append_known_host(path: Path, line: str) -> None:
         with open(str(path), "rb") as handle:
             text = handle.read()
         if line.encode() not in (old.strip() for old in text.splitlines()):
-            os.write(fd, (b"\n" if text and not text.endswith(b"\n") else b"") + line.encode() + b"\n")
+            gap = b"\n" if text and not text.endswith(b"\n") else b""
+            os.write(fd, gap + line.encode() + b"\n")
     finally:
         os.close(fd)  # releases the lock
 
@@ -2783,15 +2794,17 @@ def _remote_target(path: str) -> str:
 # home, any folder holding it and / are refused (exit 18) before anything is created or moved.
 _HOME_GUARD_SH = ('H=$(cd "$HOME" && pwd -P) && R=$(cd "$T" 2>/dev/null && pwd -P) && '
                   'H=/${H#"${H%%[!/]*}"} && R=/${R#"${R%%[!/]*}"} && '  # bash keeps a leading //
-                  '{ [ "$R" = / ] || [ "$R" = "$H" ] || case "$H" in "$R"/*) true;; *) false;; esac; } && '
+                  '{ [ "$R" = / ] || [ "$R" = "$H" ] || '
+                  'case "$H" in "$R"/*) true;; *) false;; esac; } && '
                   '{ echo "is $R (the home is $H)" >&2; exit 18; }; ')
 
 
 # Staging folders that a dropped upload left beside $T (our names only), removed when nothing in
 # them changed for a day: a live upload writes all the time, and a stalled one timed out long ago.
 _STALE_PARTIALS_SH = ('for d in "$(dirname "$T")"/.stackops-partial.*; do '
-                      '[[ "${d##*/}" =~ ^\\.stackops-partial\\.[0-9a-f]{12}(\\.old\\.[0-9]+)?$ ]] || continue; '
-                      '[ -z "$(find "$d" -mmin -1440 2>/dev/null | head -n 1)" ] && rm -rf -- "$d"; done; ')
+                      '[[ "${d##*/}" =~ ^\\.stackops-partial\\.[0-9a-f]{12}(\\.old\\.[0-9]+)?$ ]] '
+                      '|| continue; [ -z "$(find "$d" -mmin -1440 2>/dev/null | head -n 1)" ] '
+                      '&& rm -rf -- "$d"; done; ')
 
 
 # ============================================================================================
@@ -4150,8 +4163,9 @@ def _remote_logs(machine: RemoteMachine, args: Any) -> int:
     offset: int | None = None
     while True:
         status = machine.get_status(0).status if args.follow else "completed"
-        size, _, text = machine.ssh.run_shell_cmd_on_remote(_log_slice_command(log_file, offset, args.lines),
-                                                            timeout=60, strict=False).stdout.partition("\n")
+        command = _log_slice_command(log_file, offset, args.lines)
+        reply = machine.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False).stdout
+        size, _, text = reply.partition("\n")
         sys.stdout.write(text)
         sys.stdout.flush()
         offset = int(size) if size.strip().isdigit() else offset or 0
@@ -4165,8 +4179,10 @@ def _log_slice_command(log_file: str, offset: int | None, lines: int) -> str:
     of that size: the next read starts where this one ended, however the log grows meanwhile."""
     size = f'F={log_file}; S=$(wc -c 2>/dev/null < "$F") || S=0; S=$((S)); echo "$S"; '
     if offset is not None:
-        return size + f'[ "$S" -gt {offset} ] && tail -c +{offset + 1} "$F" | head -c $((S - {offset})); true'
-    return size + 'head -c "$S" "$F" 2>/dev/null' + (f" | tail -n {int(lines)}" if lines else "") + "; true"
+        return size + (f'[ "$S" -gt {offset} ] && tail -c +{offset + 1} "$F" '
+                       f'| head -c $((S - {offset})); true')
+    last = f" | tail -n {int(lines)}" if lines else ""
+    return size + f'head -c "$S" "$F" 2>/dev/null{last}; true'
 
 
 def _cmd_queue(args: Any) -> int:

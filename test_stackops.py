@@ -1594,6 +1594,7 @@ def test_remote_stale_partial_folders_removed_by_a_later_copy_to_that_parent(rem
                 ssh.copy_to_here("~/r.txt", side / "r.txt")
         assert [p for p in stale if p.exists()] == []
         assert [p for p in kept if not (p / "deep" / "half.bin").exists()] == []
+        shutil.rmtree(side)  # the remote home lives for the whole session
 
 
 HOSTILE_NAMES = ["plain", "with space", "it's", '"dq"', "$(touch PWNED)", "`id`", "-rf", "--", "*", "?", "ü-ñ",
@@ -1701,7 +1702,8 @@ def test_remote_copy_property_identical_or_refused_in_one_line(remote, home, tre
                 event(f"download refused: {str(exc)[:40]}")
                 assert "\n" not in str(exc) and not back.exists(), str(exc)
     assert _changes(local_before, _snapshot(home, skip=outside_here)) == []
-    assert not list(rhome.rglob(".stackops-partial*")) and not list(home.rglob(".stackops-partial*"))
+    assert not list(rhome.glob(".stackops-partial*")) and not list(rhome.rglob(f"dst{trial}/.stackops-partial*"))
+    assert not list(home.rglob(".stackops-partial*"))
 
 
 def test_remote_interrupted_copies_leave_nothing_under_the_name(remote, home):
@@ -1919,23 +1921,27 @@ def test_remote_cli_run_status_download_ssh_copy(remote, home):
 def test_remote_cli_logs_follow_last_lines_starts_at_the_end(remote, home):
     (home / "proj").mkdir()
     (home / "proj" / "m.py").write_text(textwrap.dedent("""
-        import time
-        def chatty(n=300, pause=3.0):
+        import os, time
+        def chatty(n=300):
             for i in range(n):
                 print(f"early {i:04d}", flush=True)
-            time.sleep(pause)
+            while not os.path.exists(os.path.expanduser("~/go-on")):
+                time.sleep(0.05)
             for i in range(5):
                 print(f"late {i}", flush=True)
     """))
     started = cli("run", "proj/m.py:chatty", "--host", "tb", "--copy-repo", "--job-id", "chatty", home=home)
     assert started.returncode == 0, started.stderr
     wait_for(lambda: "early 0299" in cli("logs", "chatty", home=home).stdout, what="the early lines")
-    follow = cli("logs", "chatty", "-f", "-n", "2", home=home)
-    assert follow.returncode == 0, follow.stderr
-    lines = follow.stdout.splitlines()
-    assert lines[:2] == ["early 0298", "early 0299"], lines[:5]
-    assert "early 0297" not in follow.stdout and follow.stdout.count("early 0299") == 1
-    assert [line for line in lines if line.startswith("late")] == [f"late {i}" for i in range(5)]
+    follower = subprocess.Popen([sys.executable, str(SOURCE), "logs", "chatty", "-f", "-n", "2"], cwd=home,
+                                env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE, text=True)
+    first = [follower.stdout.readline(), follower.stdout.readline()]
+    (remote.remote_home / "go-on").write_text("")
+    rest, _ = follower.communicate(timeout=120)
+    (remote.remote_home / "go-on").unlink()
+    assert follower.returncode == 0 and first == ["early 0298\n", "early 0299\n"], first
+    assert "early" not in rest, rest[:300]
+    assert [line for line in rest.splitlines() if line.startswith("late")] == [f"late {i}" for i in range(5)]
 
 
 @contextlib.contextmanager
