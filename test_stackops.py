@@ -1708,12 +1708,19 @@ def test_remote_copies_both_ways(remote, home, name):
     assert not [p for p in home.rglob(".stackops-partial*")]
 
 
+def _remove_path(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 def test_remote_copy_never_replaces_the_home_by_any_spelling(remote, home):
     (home / "x").mkdir()
     (home / "x" / "f.txt").write_text("x")
     rhome = remote.remote_home
-    (rhome / ".ssh").mkdir(exist_ok=True)
-    (rhome / ".ssh" / "keep").write_text("keep")
+    (rhome / "precious").mkdir()
+    (rhome / "precious" / "keep").write_text("keep")
     os.symlink(rhome, rhome / "loop")
     os.symlink("/", rhome / "root-link")
     (rhome / "r.txt").write_text("r")
@@ -1726,7 +1733,7 @@ def test_remote_copy_never_replaces_the_home_by_any_spelling(remote, home):
         for where in (f"{rhome}/.", f"/{rhome}", str(rhome.parent), "/.", "~/loop", "~/root-link", "~/."):
             with pytest.raises(ConfigError, match="home"):
                 ssh.copy_from_here(home / "x", where, recursive=True, overwrite_existing=True)
-            assert (rhome / ".ssh" / "keep").read_text() == "keep"
+            assert (rhome / "precious" / "keep").read_text() == "keep"
             assert sorted(p.name for p in rhome.iterdir()) == before
         assert ssh.copy_from_here(home / "x", "~/inside", recursive=True) == "~/inside"  # inside is fine
         for where in (str(home.parent / "home-link"), f"{home}/sub/..", str(home.parent), "/."):
@@ -1734,6 +1741,8 @@ def test_remote_copy_never_replaces_the_home_by_any_spelling(remote, home):
                 ssh.copy_to_here("~/r.txt", where, overwrite=True)
             assert (home / "x" / "f.txt").read_text() == "x" and (home / ".ssh" / "config").exists()
     assert not list(rhome.glob(".stackops-partial*")) and not list(home.glob(".stackops-partial*"))
+    for made in ("precious", "loop", "root-link", "r.txt", "inside"):  # the remote home is the session's
+        _remove_path(rhome / made)
 
 
 def test_remote_download_of_a_growing_file_is_a_snapshot_or_names_the_file(remote, home):
@@ -1763,6 +1772,7 @@ def test_remote_download_of_a_growing_file_is_a_snapshot_or_names_the_file(remot
         stop.set()
         thread.join()
     assert len(got) >= 5_000_000 and log.read_bytes().startswith(got)
+    shutil.rmtree(grow)
 
 
 def test_remote_folder_named_by_a_link_travels_as_the_folder_both_ways(remote, home):
@@ -1786,6 +1796,8 @@ def test_remote_folder_named_by_a_link_travels_as_the_folder_both_ways(remote, h
         with pytest.raises(stackops.TransferError, match="out-link"):
             ssh.copy_to_here("~/results", home / "got2", recursive=True)
     assert not (home / "got2").exists() and not list(home.glob(".stackops-partial*"))
+    for made in ("results", "real-results"):
+        _remove_path(remote.remote_home / made)
 
 
 def _aged(folder: Path, days: float) -> Path:
