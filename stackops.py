@@ -2385,6 +2385,18 @@ def resolve_ssh_target(host: str) -> SSHTarget:
                      strict_host_key_checking=str(entry.get("stricthostkeychecking", "yes")).lower())
 
 
+_LOGIN_SHELL_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ" b"abcdefghijklmnopqrstuvwxyz"
+                              b"0123456789 ,._+:@%/=-")
+
+
+def _bash_line(command: str) -> str:
+    """``command`` (bash) as one line that every login shell runs the same way: bash, sh, csh,
+    tcsh, fish. Each byte outside a plain set becomes ``\\xHH`` for bash's printf, so the single-
+    quoted word holds no newline, quote, ``!`` or ``\\\\`` that csh or fish would read otherwise."""
+    text = "".join(chr(b) if b in _LOGIN_SHELL_SAFE else f"\\x{b:02x}" for b in command.encode())
+    return f"exec bash --norc -c 'printf -v _so_c %b \"{text}\" && eval \"$_so_c\"'"
+
+
 @dataclasses.dataclass
 class Response:
     """What a remote command did: its output, its exit status, where and what it was."""
@@ -2480,9 +2492,15 @@ class SSH:
         self._password = password
         self._jumps: list[SSH] = []
         self._specs: dict[str, Any] | None = None
+        self._revoked: set[str] = set()
         if _hop > 8:
             raise ConfigError(f"ProxyJump chain to {target} is longer than 8 hops (a loop?)")
-        self.client = self._connect(_hop)
+        try:
+            self.client = self._connect(_hop)
+        except BaseException:  # a failure behind a jump host closes the jump connections it opened
+            for jump in reversed(self._jumps):
+                jump.close()
+            raise
 
     def __repr__(self) -> str:  # never the password
         return f"SSH({self.target})"
@@ -2550,27 +2568,41 @@ class SSH:
         return nxt
 
     def _host_keys(self, client: Any) -> Path:
-        """Load every known_hosts file; return the first, where accepted keys are recorded."""
+        """Load every known_hosts file (never rewritten: accepted keys are appended to the first);
+        keys of ``@revoked`` lines are left out, so they are refused like unknown ones."""
         files = [expand_home(f) for f in self.target.known_hosts]
+        lines: list[str] = []
         for path in files:
-            if path.is_file():
-                client.load_host_keys(str(path)) if path == files[0] else client.get_host_keys().load(str(path))
+            with _suppress(OSError):
+                lines += path.read_text(errors="replace").splitlines()
+        self._revoked = {line.split()[3] for line in lines
+                         if line.startswith("@revoked") and len(line.split()) > 3}
+        host_keys = client.get_host_keys()
+        for line in lines:
+            entry = _known_hosts_entry(line)
+            if entry is not None and entry.key.get_base64() not in self._revoked:
+                for name in entry.hostnames:
+                    host_keys.add(name, entry.key.get_name(), entry.key)
         return files[0]
 
     def _policy(self, record: Path) -> Any:
         paramiko = _paramiko()
-        accept = self.accept_new
+        accept, revoked = self.accept_new, self._revoked
 
         class _Policy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,name-defined]
             def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+                if key.get_base64() in revoked:
+                    raise HostKeyError(f"host key of {hostname} ({key.get_name()} "
+                                       f"{_fingerprint(key)}) is REVOKED in known_hosts; "
+                                       "refusing to connect",
+                                       hint="ask the host's administrator for its new key")
                 if not accept:
                     raise HostKeyError(
-                        f"host key of {hostname} is unknown ({key.get_name()} {key.get_fingerprint().hex()})",
+                        f"host key of {hostname} is unknown ({key.get_name()} {_fingerprint(key)})",
                         hint="if you trust it: pass --accept-new (accept_new_host_key=True), or set "
                              "StrictHostKeyChecking accept-new for it in ~/.ssh/config")
                 client.get_host_keys().add(hostname, key.get_name(), key)
-                _mkdir_private(record.parent)
-                client.save_host_keys(str(record))
+                _append_known_host(record, f"{hostname} {key.get_name()} {key.get_base64()}")
                 log.warning("recorded the host key of %s in %s", hostname, record)
 
         return _Policy()
@@ -2630,11 +2662,11 @@ class SSH:
 
     def run_shell_cmd_on_remote(self, command: str, timeout: float | None = None, strict: bool = True,
                                 stdin: bytes | None = None) -> Response:
-        """Run ``command`` through the remote login shell; read stdout and stderr together (no
-        stall on large output). ``strict``: a non-zero exit raises CommandError with its stderr."""
+        """Run ``command`` with bash on the host, whatever its login shell; read stdout and stderr
+        together (no stall on large output). ``strict``: a non-zero exit raises CommandError."""
         channel = self._open_channel()
         try:
-            channel.exec_command(command)
+            channel.exec_command(_bash_line(command))
             if stdin is not None:
                 channel.sendall(stdin)
             channel.shutdown_write()
@@ -2780,10 +2812,13 @@ class SSH:
         target = _remote_target(target_rel2home if target_rel2home is not None else _home_relative(source))
         staging = self._prepare_target(target, overwrite_existing)
         if source.is_dir():
+            folder = Path(os.path.realpath(source))  # ~/data -> /big/data travels as the folder
             command = f"tar x{'z' if compress_with_zip else ''}f - -C {_sh_path(staging)}"
-            producer = ["tar", f"c{'z' if compress_with_zip else ''}f", "-", "-C", str(source.parent),
-                        *[f"--exclude={e}" for e in excludes], "--", source.name]
-            self._upload_stream(command, producer, None, f"{staging}/{source.name}", staging, target, progress)
+            producer = ["tar", f"c{'z' if compress_with_zip else ''}f", "-", "-C",
+                        str(folder.parent), *[f"--exclude={e}" for e in excludes], "--",
+                        folder.name]
+            arrived = f"{staging}/{folder.name}"
+            self._upload_stream(command, producer, None, arrived, staging, target, progress)
         else:
             command = f"cat > {_sh_path(staging + '/payload')}"
             self._upload_stream(command, None, source, f"{staging}/payload", staging, target, progress)
@@ -2793,14 +2828,19 @@ class SSH:
         """Refuse an existing target unless asked; make a hidden staging folder beside it, named
         here, so that an interruption at any moment knows what to remove."""
         staging = f"{posixpath.dirname(target)}/.stackops-partial.{random.getrandbits(48):012x}"
-        script = (f"T={_sh_path(target)}; S={_sh_path(staging)}; " + ("" if overwrite else
-                  'if [ -e "$T" ] || [ -L "$T" ]; then echo "exists: $T" >&2; exit 17; fi; ') +
-                  '(umask 077 && mkdir -p "$(dirname "$T")" && mkdir "$S")')
+        exists = "" if overwrite else \
+            'if [ -e "$T" ] || [ -L "$T" ]; then echo "exists: $T" >&2; exit 17; fi; '
+        script = (f"T={_sh_path(target)}; S={_sh_path(staging)}; {_HOME_GUARD_SH}{exists}"
+                  f'{_STALE_PARTIALS_SH}(umask 077 && mkdir -p "$(dirname "$T")" && mkdir "$S")')
         try:
             response = self.run_shell_cmd_on_remote(script, timeout=self.timeout, strict=False)
         except BaseException:
             self._discard(staging)
             raise
+        if response.returncode == 18:
+            where = f"{target} on {self.target.alias} {_last_line(response.stderr)}"
+            raise ConfigError(f"{where}: a copy never replaces the home, a folder holding it, or /",
+                              hint="name a folder inside it")
         if response.returncode == 17:
             raise ConfigError(f"{target} already exists on {self.target.alias}",
                               hint="pass overwrite (--overwrite) to replace it")
@@ -2817,7 +2857,7 @@ class SSH:
         proc = None
         watchdog = _Watchdog(self)
         try:
-            channel.exec_command(command)
+            channel.exec_command(_bash_line(command))
             if producer is not None:
                 proc = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 stream: Any = proc.stdout
@@ -2902,14 +2942,16 @@ class SSH:
         _mkdir_private(destination.parent)
         staging = Path(_make_temp_dir(destination.parent))
         try:
-            if kind == "dir":
-                parent, name = _sh_path(str(Path(remote).parent)), shlex.quote(Path(remote).name)
-                command = f"tar c{'z' if compress_with_zip else ''}f - -C {parent} -- {name}"
-                self._download_tar(command, staging, compress_with_zip, progress)
-                produced = staging / Path(remote).name
+            if kind == "dir":  # from inside: a results folder reached by a link comes as a folder
+                z = "z" if compress_with_zip else ""
+                command = f"cd -P -- {_sh_path(remote)} && tar c{z}f - -- ."
+                produced = staging / "payload"
+                self._download_tar(command, produced, compress_with_zip, progress)
             else:
                 produced = staging / "payload"
-                self._download_file(f"cat -- {_sh_path(remote)}", produced, int(size.strip() or -1), progress)
+                size_now = int(size.strip() or -1)  # a file growing meanwhile comes as it was then
+                self._download_file(f"head -c {size_now} -- {_sh_path(remote)}", produced, size_now,
+                                    progress, remote)
             _remove(destination)
             os.rename(produced, destination)
         finally:
@@ -2917,11 +2959,11 @@ class SSH:
         return destination
 
     def _download_file(self, command: str, path: Path, size: int,
-                       progress: Callable[[int], None] | None) -> None:
+                       progress: Callable[[int], None] | None, remote: str = "") -> None:
         channel = self._transfer_channel()
         received = 0
         try:
-            channel.exec_command(command)
+            channel.exec_command(_bash_line(command))
             channel.shutdown_write()
             with open(path, "wb") as handle:
                 while True:
@@ -2939,15 +2981,17 @@ class SSH:
         finally:
             channel.close()
         if status != 0 or received != size:
-            raise TransferError(f"download from {self.target.alias} failed (exit status {status}, {received} of "
-                                f"{size} bytes): {_reason(err)}")
+            why = _reason(err) or f"{remote} shrank while it was read (truncated or replaced?)"
+            raise TransferError(f"download of {self.target.alias}:{remote} failed (exit status "
+                                f"{status}, {received} of {size} bytes): {why}",
+                                hint="run the copy again")
 
     def _download_tar(self, command: str, staging: Path, compressed: bool,
                       progress: Callable[[int], None] | None) -> None:
         channel = self._transfer_channel()
         reader = _CountingReader(channel, progress)
         try:
-            channel.exec_command(command)
+            channel.exec_command(_bash_line(command))
             channel.shutdown_write()
             _extract_tar(reader, staging, compressed)
             status = channel.recv_exit_status()
@@ -3001,6 +3045,43 @@ class _Watchdog:
                 return
 
 
+def _known_hosts_entry(line: str) -> Any:
+    """The paramiko entry of a plain known_hosts line; None for comments, markers (``@revoked``,
+    ``@cert-authority``) and key types paramiko does not know (``sk-`` keys): OpenSSH accepts
+    them all."""
+    if not line.strip() or line.lstrip().startswith(("#", "@")):
+        return None
+    try:
+        return _paramiko().hostkeys.HostKeyEntry.from_line(line)
+    except Exception as exc:  # paramiko raises assorted errors for keys it cannot read
+        log.debug("known_hosts line skipped (%s): %.60s", exc, line)
+        return None
+
+
+def _fingerprint(key: Any) -> str:
+    """A host key's fingerprint as OpenSSH shows it: SHA256 and unpadded base64."""
+    import base64
+    import hashlib
+
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+def _append_known_host(path: Path, line: str) -> None:
+    """Append one line to known_hosts under a lock, as OpenSSH does: the file is never rewritten,
+    and hosts accepted at once by several connections are all recorded, each once."""
+    _mkdir_private(path.parent)
+    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with open(str(path), "rb") as handle:
+            text = handle.read()
+        if line.encode() not in (old.strip() for old in text.splitlines()):
+            gap = b"\n" if text and not text.endswith(b"\n") else b""
+            os.write(fd, gap + line.encode() + b"\n")
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _stderr_so_far(channel: Any) -> str:
     data = b""
     with _suppress(Exception):
@@ -3051,7 +3132,8 @@ def _extract_tar(stream: Any, folder: Path, compressed: bool) -> None:
 def _free_destination(destination: Path, overwrite: bool) -> Path:
     """A local copy target that may be (re)placed: never the home or a folder holding it, and an
     existing one only with ``overwrite``."""
-    if destination == Path.home() or destination in Path.home().parents:
+    real, home = os.path.realpath(destination), os.path.realpath(Path.home())
+    if real in (home, os.sep) or home.startswith(real.rstrip(os.sep) + os.sep):
         raise ConfigError(f"{destination} is your home, or holds it: a copy never replaces that",
                           hint="name a folder inside it")
     if (destination.exists() or destination.is_symlink()) and not overwrite:
@@ -3062,7 +3144,23 @@ def _free_destination(destination: Path, overwrite: bool) -> Path:
 def _make_temp_dir(parent: Path) -> str:
     import tempfile
 
+    _remove_stale_partials(parent)
     return tempfile.mkdtemp(prefix=".stackops-partial.", dir=parent)
+
+
+def _remove_stale_partials(parent: Path) -> None:
+    """Remove the staging folders that a dropped download left in ``parent`` (our names only)
+    once nothing in them changed for a day: a live download writes all the time."""
+    since = time.time() - 86400
+    for folder in parent.glob(".stackops-partial.*"):
+        if not re.match(r"\.stackops-partial\.[a-z0-9_]{8}\Z", folder.name) or folder.is_symlink():
+            continue
+        with _suppress(OSError):
+            fresh = folder.lstat().st_mtime > since or any(
+                os.lstat(os.path.join(root, name)).st_mtime > since
+                for root, dirs, files in os.walk(folder) for name in dirs + files)
+            if not fresh:
+                shutil.rmtree(folder)
 
 
 def _home_relative(path: Path) -> str:
@@ -3088,6 +3186,23 @@ def _remote_target(path: str) -> str:
         raise ConfigError(f"{path!r} is the host's home, holds it, or climbs out of it with '..': "
                           "a copy never replaces such a folder", hint="name a folder inside it, e.g. ~/backup")
     return path
+
+
+# The upload target $T resolved on the host (links and all) against the home resolved there: the
+# home, any folder holding it and / are refused (exit 18) before anything is created or moved.
+_HOME_GUARD_SH = ('H=$(cd "$HOME" && pwd -P) && R=$(cd "$T" 2>/dev/null && pwd -P) && '
+                  'H=/${H#"${H%%[!/]*}"} && R=/${R#"${R%%[!/]*}"} && '  # bash keeps a leading //
+                  '{ [ "$R" = / ] || [ "$R" = "$H" ] || '
+                  'case "$H" in "$R"/*) true;; *) false;; esac; } && '
+                  '{ echo "is $R (the home is $H)" >&2; exit 18; }; ')
+
+
+# Staging folders that a dropped upload left beside $T (our names only), removed when nothing in
+# them changed for a day: a live upload writes all the time, and a stalled one timed out long ago.
+_STALE_PARTIALS_SH = ('for d in "$(dirname "$T")"/.stackops-partial.*; do '
+                      '[[ "${d##*/}" =~ ^\\.stackops-partial\\.[0-9a-f]{12}(\\.old\\.[0-9]+)?$ ]] '
+                      '|| continue; [ -z "$(find "$d" -mmin -1440 2>/dev/null | head -n 1)" ] '
+                      '&& rm -rf -- "$d"; done; ')
 
 
 # ============================================================================================
@@ -5106,10 +5221,17 @@ def _cmd_logs(args: Any) -> int:
 
 
 def _local_logs(machine: RemoteMachine, args: Any) -> int:
+    import codecs
+
     path = machine.file_manager.path(OUTPUT_LOG)
-    text = _read_text(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character split by a read waits
+    text = decoder.decode(data)
     print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n", flush=True)
-    offset = len(text.encode("utf-8"))
+    offset = len(data)  # bytes, not re-encoded text: invalid UTF-8 would move it past later output
     while args.follow:
         finished = machine.file_manager.get_job_status() in TERMINAL_STATUSES
         with open(path, "rb") if path.exists() else open(os.devnull, "rb") as handle:
@@ -5117,7 +5239,7 @@ def _local_logs(machine: RemoteMachine, args: Any) -> int:
             chunk = handle.read()
         if chunk:
             offset += len(chunk)
-            sys.stdout.write(chunk.decode("utf-8", "replace"))
+            sys.stdout.write(decoder.decode(chunk))
             sys.stdout.flush()
         elif finished:
             break
@@ -5128,18 +5250,29 @@ def _local_logs(machine: RemoteMachine, args: Any) -> int:
 
 def _remote_logs(machine: RemoteMachine, args: Any) -> int:
     log_file = _sh_path(machine.file_manager.job_root_rh + "/" + OUTPUT_LOG)
-    command = f"tail -n {args.lines} {log_file}" if args.lines else f"cat {log_file}"
-    offset = 0
+    offset: int | None = None
     while True:
         status = machine.get_status(0).status if args.follow else "completed"
-        text = machine.ssh.run_shell_cmd_on_remote(f"tail -c +{offset + 1} {log_file}" if offset else command,
-                                                   timeout=60, strict=False).stdout
+        command = _log_slice_command(log_file, offset, args.lines)
+        reply = machine.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False).stdout
+        size, _, text = reply.partition("\n")
         sys.stdout.write(text)
         sys.stdout.flush()
-        offset += len(text.encode("utf-8"))
+        offset = int(size) if size.strip().isdigit() else offset or 0
         if status in TERMINAL_STATUSES:
             return 0
         time.sleep(0.5)
+
+
+def _log_slice_command(log_file: str, offset: int | None, lines: int) -> str:
+    """Print the log's size in bytes, then what the follower has not shown yet, from one snapshot
+    of that size: the next read starts where this one ended, however the log grows meanwhile."""
+    size = f'F={log_file}; S=$(wc -c 2>/dev/null < "$F") || S=0; S=$((S)); echo "$S"; '
+    if offset is not None:
+        return size + (f'[ "$S" -gt {offset} ] && tail -c +{offset + 1} "$F" '
+                       f'| head -c $((S - {offset})); true')
+    last = f" | tail -n {int(lines)}" if lines else ""
+    return size + f'head -c "$S" "$F" 2>/dev/null{last}; true'
 
 
 def _on_host(host: str, argv: list[str], accept_new: bool = False) -> Any:

@@ -1153,7 +1153,7 @@ def test_bad_input_cli_exits_2_with_one_line(home, args, message):
 # hostile values travel intact and inject nothing
 # ============================================================================================
 
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 HOSTILE = st.sampled_from(["'", '"', "$(touch PWNED)", "`touch PWNED`", ";", "\n", "\\", "é", "☃", " ", "$HOME",
@@ -1441,6 +1441,29 @@ def test_cli_run_status_list_logs_queue(home):
     assert failing.returncode == 1 and "unexpected keyword argument" in failing.stderr
     dry = cli("run", "proj/m.py:f", "--no-launch", "--job-id", "dry", home=home)
     assert dry.returncode == 0 and "nothing was started" in dry.stdout and "bash -c" in dry.stdout
+
+
+def test_cli_logs_follow_counts_bytes_so_invalid_utf8_drops_nothing(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text(textwrap.dedent("""
+        import os, sys, time
+        def f():
+            sys.stdout.buffer.write(b"bad " + b"\\xff" * 300 + b"\\n")
+            sys.stdout.flush()
+            while not os.path.exists(os.path.expanduser("~/go")):
+                time.sleep(0.05)
+            print("AFTER-THE-BAD-BYTES", flush=True)
+    """))
+    started = cli("run", "proj/m.py:f", "--job-id", "bad-utf8", home=home)
+    assert started.returncode == 0, started.stderr
+    wait_for(lambda: b"\xff" in b"".join(p.read_bytes() for p in home.rglob("bad-utf8/**/*.log")),
+             what="the bad bytes in the log")
+    follower = subprocess.Popen([sys.executable, str(SOURCE), "logs", "bad-utf8", "-f"], cwd=home,
+                                env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the follower has read the bad bytes and is polling (a later start would hide the bug)
+    (home / "go").write_text("")
+    out, _ = follower.communicate(timeout=60)
+    assert "bad \ufffd" in out and "AFTER-THE-BAD-BYTES" in out, out[-500:]
 
 
 # ============================================================================================
@@ -1763,6 +1786,249 @@ def test_remote_copies_both_ways(remote, home, name):
     assert not [p for p in home.rglob(".stackops-partial*")]
 
 
+def _remove_path(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def test_remote_copy_never_replaces_the_home_by_any_spelling(remote, home):
+    (home / "x").mkdir()
+    (home / "x" / "f.txt").write_text("x")
+    rhome = remote.remote_home
+    (rhome / "precious").mkdir()
+    (rhome / "precious" / "keep").write_text("keep")
+    os.symlink(rhome, rhome / "loop")
+    os.symlink("/", rhome / "root-link")
+    (rhome / "r.txt").write_text("r")
+    before = sorted(p.name for p in rhome.iterdir())
+    done = cli("copy", "x", f"tb:{rhome}", "-r", "--overwrite", home=home)
+    assert done.returncode == 2 and "the home" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    os.symlink(home, home.parent / "home-link")
+    (home / "sub").mkdir()
+    with stackops.SSH.from_config_file("tb") as ssh:
+        for where in (f"{rhome}/.", f"/{rhome}", str(rhome.parent), "/.", "~/loop", "~/root-link", "~/."):
+            with pytest.raises(ConfigError, match="home"):
+                ssh.copy_from_here(home / "x", where, recursive=True, overwrite_existing=True)
+            assert (rhome / "precious" / "keep").read_text() == "keep"
+            assert sorted(p.name for p in rhome.iterdir()) == before
+        assert ssh.copy_from_here(home / "x", "~/inside", recursive=True) == "~/inside"  # inside is fine
+        for where in (str(home.parent / "home-link"), f"{home}/sub/..", str(home.parent), "/."):
+            with pytest.raises(ConfigError, match="your home, or holds it"):
+                ssh.copy_to_here("~/r.txt", where, overwrite=True)
+            assert (home / "x" / "f.txt").read_text() == "x" and (home / ".ssh" / "config").exists()
+    assert not list(rhome.glob(".stackops-partial*")) and not list(home.glob(".stackops-partial*"))
+    for made in ("precious", "loop", "root-link", "r.txt", "inside"):  # the remote home is the session's
+        _remove_path(rhome / made)
+
+
+def test_remote_download_of_a_growing_file_is_a_snapshot_or_names_the_file(remote, home):
+    grow = remote.remote_home / "grow"
+    grow.mkdir()
+    log = grow / "train.log"
+    log.write_bytes(b"x" * 5_000_000)
+    stop = threading.Event()
+
+    def writer():
+        with open(log, "ab") as handle:
+            while not stop.wait(0.002):  # about 5 MB/s, while the download runs
+                handle.write(b"more\n" * 2000)
+                handle.flush()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        with stackops.SSH.from_config_file("tb") as ssh:
+            got = ssh.copy_to_here("~/grow/train.log", home / "train.log").read_bytes()
+            try:
+                folder = ssh.copy_to_here("~/grow", home / "grow", recursive=True)
+                assert (folder / "train.log").stat().st_size >= 5_000_000
+            except stackops.TransferError as exc:
+                assert "train.log" in str(exc), str(exc)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(got) >= 5_000_000 and log.read_bytes().startswith(got)
+    shutil.rmtree(grow)
+
+
+def test_remote_folder_named_by_a_link_travels_as_the_folder_both_ways(remote, home):
+    real = home / "big" / "dataset-v2"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "f.bin").write_bytes(os.urandom(3000))
+    (real / "top.txt").write_text("top")
+    os.symlink("sub/f.bin", real / "inside-link")
+    os.symlink(real, home / "dataset")
+    with stackops.SSH.from_config_file("tb") as ssh:
+        assert ssh.copy_from_here(home / "dataset", recursive=True) == "~/dataset"
+        arrived = remote.remote_home / "dataset"
+        assert arrived.is_dir() and not arrived.is_symlink()
+        assert _tree_hashes(arrived) == _tree_hashes(real)
+        assert os.readlink(arrived / "inside-link") == "sub/f.bin"
+        os.rename(arrived, remote.remote_home / "real-results")
+        os.symlink(remote.remote_home / "real-results", remote.remote_home / "results")
+        got = ssh.copy_to_here("~/results", home / "got", recursive=True)
+        assert got.is_dir() and not got.is_symlink() and _tree_hashes(got) == _tree_hashes(real)
+        os.symlink("/etc/passwd", remote.remote_home / "real-results" / "out-link")
+        with pytest.raises(stackops.TransferError, match="out-link"):
+            ssh.copy_to_here("~/results", home / "got2", recursive=True)
+    assert not (home / "got2").exists() and not list(home.glob(".stackops-partial*"))
+    for made in ("results", "real-results"):
+        _remove_path(remote.remote_home / made)
+
+
+def _aged(folder: Path, days: float) -> Path:
+    """Make ``folder`` and everything in it look untouched for ``days``."""
+    then = time.time() - days * 86400
+    for path in [*folder.rglob("*"), folder]:
+        os.utime(path, (then, then), follow_symlinks=False)
+    return folder
+
+
+def test_remote_stale_partial_folders_removed_by_a_later_copy_to_that_parent(remote, home):
+    def partial(parent: Path, name: str, days: float, fresh_inside: bool = False) -> Path:
+        (parent / name / "deep").mkdir(parents=True)
+        (parent / name / "deep" / "half.bin").write_bytes(b"half")
+        _aged(parent / name, days)
+        if fresh_inside:
+            (parent / name / "deep" / "half.bin").write_bytes(b"still being written")
+        return parent / name
+
+    for side in (remote.remote_home / "drop", home / "drop"):
+        side.mkdir()
+        hexes = "0123456789ab" if side.is_relative_to(remote.remote_home) else "abc_1234"
+        stale = [partial(side, f".stackops-partial.{hexes}", 2)]
+        if side.is_relative_to(remote.remote_home):
+            stale.append(partial(side, f".stackops-partial.{hexes}.old.1", 3))
+        kept = [partial(side, ".stackops-partial.fedcba987654" if hexes[0] == "0" else ".stackops-partial.zzz_9999",
+                        0.1),  # an upload a few hours old that still runs
+                partial(side, ".stackops-partial.ffffffffffff" if hexes[0] == "0" else ".stackops-partial.yyy_8888",
+                        5, fresh_inside=True),
+                partial(side, ".stackops-partial.mine", 9)]  # not a name stackops makes
+        if os.geteuid() == 0 and side.is_relative_to(remote.remote_home):
+            subprocess.run(["chown", "-R", f"{remote.user}:", str(side)], check=True)
+        with stackops.SSH.from_config_file("tb") as ssh:
+            (home / "f.txt").write_text("f")
+            if side.is_relative_to(remote.remote_home):
+                ssh.copy_from_here(home / "f.txt", "~/drop/f.txt")
+            else:
+                (remote.remote_home / "r.txt").write_text("r")
+                ssh.copy_to_here("~/r.txt", side / "r.txt")
+        assert [p for p in stale if p.exists()] == []
+        assert [p for p in kept if not (p / "deep" / "half.bin").exists()] == []
+        shutil.rmtree(side)  # the remote home lives for the whole session
+
+
+HOSTILE_NAMES = ["plain", "with space", "it's", '"dq"', "$(touch PWNED)", "`id`", "-rf", "--", "*", "?", "ü-ñ",
+                 "日本語", "back\\slash", "new\nline", "tab\tbed", ".hidden", "...", "~", "x:y", "%s%n", "!bang",
+                 "a;b&c|d", "<in>", "#hash", "é" * 40]
+_copy_trials = itertools.count()
+
+
+@st.composite
+def _trees(draw):
+    """A random tree: (relative parts, kind, payload) with files of any size, empty folders, and
+    links inside it (relative) or out of it (absolute, or climbing with '..')."""
+    names = st.sampled_from(HOSTILE_NAMES)
+    entries, folders = [], [()]
+    for _ in range(draw(st.integers(0, 9))):
+        parent = draw(st.sampled_from(folders))
+        path = (*parent, draw(names))
+        if any(path[:len(e[0])] == e[0] or e[0][:len(path)] == path for e in entries):
+            continue  # one thing per name
+        kind = draw(st.sampled_from(["file", "file", "dir", "link-in", "link-out"]))
+        if kind == "file":
+            entries.append((path, kind, draw(st.sampled_from([0, 1, 4096, 3 * 2**20]))))
+        elif kind == "dir":
+            entries.append((path, kind, None))
+            folders.append(path)
+        else:
+            entries.append((path, kind, draw(st.sampled_from(["/etc/hostname", "../../outside"]))
+                            if kind == "link-out" else "target-in-tree"))
+    return draw(names), entries
+
+
+def _build(root: Path, entries) -> None:
+    root.mkdir()
+    for parts, kind, payload in entries:
+        path = root.joinpath(*parts)
+        if kind == "file":
+            path.write_bytes(os.urandom(payload))
+        elif kind == "dir":
+            path.mkdir()
+        else:
+            os.symlink(payload, path)
+
+
+def _snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple]:
+    """Every entry under ``root`` (but ``skip``): kind, and content digest or link target."""
+    import hashlib
+
+    if root.is_symlink():
+        return {".": ("link", os.readlink(root))}
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if Path(folder, d) not in skip]
+        for name in dirs + files:
+            path = Path(folder, name)
+            if path in skip:
+                continue
+            key = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                found[key] = ("link", os.readlink(path))
+            elif path.is_dir():
+                found[key] = ("dir",)
+            else:
+                found[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+    return found
+
+
+def _changes(before: dict, after: dict) -> list[str]:
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+@settings(max_examples=int(os.environ.get("STACKOPS_COPY_EXAMPLES", "12")), deadline=None,
+          phases=[Phase.explicit, Phase.generate],  # shrinking costs minutes of copies; the example is shown
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tree=_trees(), compress=st.booleans(), via_link=st.booleans())
+def test_remote_copy_property_identical_or_refused_in_one_line(remote, home, tree, compress, via_link):
+    top, entries = tree
+    trial = next(_copy_trials)
+    source = home / f"src{trial}" / top
+    source.parent.mkdir()
+    if via_link:  # the folder is named by a link to it (~/dataset -> /big/dataset)
+        (home / f"src{trial}" / "real").mkdir()
+        _build(home / f"src{trial}" / "real" / top, entries)
+        os.symlink(home / f"src{trial}" / "real" / top, source)
+    else:
+        _build(source, entries)
+    expected = _snapshot(Path(os.path.realpath(source)))
+    rhome, target, back = remote.remote_home, f"~/dst{trial}/{top}", home / f"back{trial}"
+    outside_here = (back, home / f"src{trial}")
+    remote_before, local_before = _snapshot(rhome), _snapshot(home, skip=outside_here)
+    with stackops.SSH.from_config_file("tb") as ssh:
+        try:
+            assert ssh.copy_from_here(source, target, recursive=True, compress_with_zip=compress) == target
+            assert _snapshot(rhome / f"dst{trial}" / top) == expected
+            event("upload identical")
+        except StackopsError as exc:
+            event(f"upload refused: {type(exc).__name__}")
+            assert "\n" not in str(exc), str(exc)
+        assert _changes(remote_before, _snapshot(rhome, skip=(rhome / f"dst{trial}",))) == []
+        if (rhome / f"dst{trial}" / top).exists():
+            try:
+                ssh.copy_to_here(target, back, recursive=True, compress_with_zip=compress)
+                assert _snapshot(back) == expected
+                event("download identical")
+            except StackopsError as exc:
+                event(f"download refused: {str(exc)[:40]}")
+                assert "\n" not in str(exc) and not back.exists(), str(exc)
+    assert _changes(local_before, _snapshot(home, skip=outside_here)) == []
+    assert not list(rhome.glob(".stackops-partial*")) and not list(rhome.rglob(f"dst{trial}/.stackops-partial*"))
+    assert not list(home.rglob(".stackops-partial*"))
+
+
 def test_remote_interrupted_copies_leave_nothing_under_the_name(remote, home):
     big = home / "big.bin"
     big.write_bytes(os.urandom(20 * 2**20))
@@ -1804,6 +2070,80 @@ def test_remote_host_keys_unknown_refused_accept_new_recorded_changed_refused(re
         stackops.SSH.from_config_file("tb", accept_new_host_key=True)
 
 
+SK_LINE = ("sk.example.org sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIDYFUqgbNrNKRMlE"
+           "VkU5Z0pF8P1fY0Zh61ia/0MYF6vEAAAABHNzaDo= security key\n")
+
+
+def test_remote_known_hosts_accept_appends_one_line_and_keeps_everything(remote, home):
+    other = home / "other_host_key"
+    _keygen(other, "other")
+    other_pub = " ".join(Path(f"{other}.pub").read_text().split()[:2])
+    mine = home / ".ssh" / "known_hosts"
+    original = (f"# my hosts, by hand\n{SK_LINE}@cert-authority *.example.org {other_pub}\n"
+                f"@revoked old.example.org {other_pub}\n|1|c2FsdA==|aGFzaA== {other_pub}\n"
+                f"plain.example.org {other_pub}")  # no newline at the end
+    mine.write_text(original)
+    second = home / "global_known_hosts"
+    second.write_text(f"elsewhere.example.org {other_pub}\n")
+    (home / ".ssh" / "config").write_text((home / ".ssh" / "config").read_text()
+                                          + f"  UserKnownHostsFile ~/.ssh/known_hosts {second}\n")
+    with pytest.raises(stackops.HostKeyError) as info:
+        stackops.SSH.from_config_file("tb")
+    shown = subprocess.run(["ssh-keygen", "-lf", f"{remote.host_key}.pub"], capture_output=True,
+                           text=True).stdout.split()[1]
+    assert shown.startswith("SHA256:") and shown in str(info.value)
+    with stackops.SSH.from_config_file("tb", accept_new_host_key=True) as ssh:
+        assert ssh.run_shell_cmd_on_remote("echo ok").stdout == "ok\n"
+    assert mine.read_text() == original + "\n" + remote.known_hosts_line() + "\n"
+    assert second.read_text() == f"elsewhere.example.org {other_pub}\n"
+    with stackops.SSH.from_config_file("tb") as ssh:  # known now, and a markered file does not crash
+        assert ssh.run_shell_cmd_on_remote("echo again").stdout == "again\n"
+    assert mine.read_text() == original + "\n" + remote.known_hosts_line() + "\n"
+
+
+def test_remote_known_hosts_revoked_key_refused_even_when_listed(remote, home):
+    key = " ".join(Path(f"{remote.host_key}.pub").read_text().split()[:2])
+    known = home / ".ssh" / "known_hosts"
+    known.write_text(known.read_text() + f"@revoked * {key}\n")
+    for accept in (False, True):
+        with pytest.raises(stackops.HostKeyError, match="REVOKED"):
+            stackops.SSH.from_config_file("tb", accept_new_host_key=accept)
+    done = cli("ssh", "--accept-new", "tb", "--", "true", home=home)
+    assert done.returncode == 1 and "REVOKED" in done.stderr and "Traceback" not in done.stderr
+    assert known.read_text().count(key) == 2  # nothing appended
+
+
+def test_remote_known_hosts_ten_hosts_accepted_at_once_all_recorded(remote, home, sshd):
+    servers = [SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub")) for _ in range(10)]
+    try:
+        for i, server in enumerate(servers):
+            _write_ssh_config(home, server, alias=f"n{i}", known=False)
+        known = home / ".ssh" / "known_hosts"
+        known.write_text("# keep me\n" + SK_LINE)
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(10)
+
+        def accept(i: int) -> None:
+            try:
+                barrier.wait()
+                stackops.SSH.from_config_file(f"n{i}", accept_new_host_key=True).close()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=accept, args=(i,)) for i in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        lines = known.read_text().splitlines()
+        assert lines[:2] == ["# keep me", SK_LINE.strip()]
+        assert sorted(lines[2:]) == sorted(server.known_hosts_line() for server in servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def test_remote_wrong_key_and_closed_port(remote, home):
     _keygen(home / "stranger", "stranger")
     with pytest.raises(stackops.StackopsConnectionError) as info:
@@ -1825,6 +2165,33 @@ def test_remote_proxy_jump_through_second_sshd(remote, home, sshd):
         with stackops.SSH.from_config_file("behind") as ssh:
             assert ssh.run_shell_cmd_on_remote("echo through").stdout == "through\n"
         assert "Accepted publickey" in jump.log_path.read_text()
+    finally:
+        jump.stop()
+
+
+def test_remote_proxy_jump_failure_behind_closes_the_jump_connection(remote, home, sshd):
+    import psutil
+
+    jump = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"))
+    try:
+        _write_ssh_config(home, jump, alias="jump")
+        _write_ssh_config(home, remote, alias="closed", extra="  ProxyJump jump\n", known=False)
+        (home / ".ssh" / "config").write_text((home / ".ssh" / "config").read_text().replace(
+            f"Port {remote.port}\n  User {remote.user}\n  IdentityFile ~/.ssh/id_ed25519\n  ProxyJump",
+            f"Port {_free_port()}\n  User {remote.user}\n  IdentityFile ~/.ssh/id_ed25519\n  ProxyJump"))
+        _keygen(home / "stranger", "stranger")
+
+        def to_jump():
+            return [c for c in psutil.Process().net_connections("tcp")
+                    if c.raddr and c.raddr.port == jump.port and c.status == psutil.CONN_ESTABLISHED]
+
+        _write_ssh_config(home, remote, alias="refused", extra="  ProxyJump jump\n", known=False)
+        for _ in range(3):
+            with pytest.raises(stackops.StackopsConnectionError, match="cannot reach"):
+                stackops.SSH.from_config_file("closed")
+            with pytest.raises(stackops.StackopsConnectionError, match="authentication failed"):
+                stackops.SSH.from_config_file("refused", ssh_key_path=str(home / "stranger"))
+        wait_for(lambda: not to_jump(), timeout=10, what="the jump connections to close")
     finally:
         jump.stop()
 
@@ -1872,6 +2239,87 @@ def test_remote_cli_run_status_download_ssh_copy(remote, home):
     assert (home / "c-back.txt").read_text() == "c"
     exists = cli("copy", "c.txt", "tb:~/c-copy.txt", home=home)
     assert exists.returncode == 2 and "already exists" in exists.stderr
+
+
+def test_remote_cli_logs_follow_last_lines_starts_at_the_end(remote, home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text(textwrap.dedent("""
+        import os, time
+        def chatty(n=300):
+            for i in range(n):
+                print(f"early {i:04d}", flush=True)
+            while not os.path.exists(os.path.expanduser("~/go-on")):
+                time.sleep(0.05)
+            for i in range(5):
+                print(f"late {i}", flush=True)
+    """))
+    started = cli("run", "proj/m.py:chatty", "--host", "tb", "--copy-repo", "--job-id", "chatty", home=home)
+    assert started.returncode == 0, started.stderr
+    wait_for(lambda: "early 0299" in cli("logs", "chatty", home=home).stdout, what="the early lines")
+    follower = subprocess.Popen([sys.executable, str(SOURCE), "logs", "chatty", "-f", "-n", "2"], cwd=home,
+                                env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE, text=True)
+    first = [follower.stdout.readline(), follower.stdout.readline()]
+    (remote.remote_home / "go-on").write_text("")
+    rest, _ = follower.communicate(timeout=120)
+    (remote.remote_home / "go-on").unlink()
+    assert follower.returncode == 0 and first == ["early 0298\n", "early 0299\n"], first
+    assert "early" not in rest, rest[:300]
+    assert [line for line in rest.splitlines() if line.startswith("late")] == [f"late {i}" for i in range(5)]
+
+
+@contextlib.contextmanager
+def _login_account(sshd: SSHD, shell: str):
+    """A throwaway account whose login shell is ``shell`` (root only), deleted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("creating an account with another login shell needs root")
+    if not Path(shell).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{shell} is missing; .ci/run installs it")
+        pytest.skip(f"{shell} is not installed")
+    user = f"so{Path(shell).name[:4]}{os.getpid()}"
+    home = sshd.base / f"home-{user}"
+    subprocess.run(["useradd", "-M", "-s", shell, "-p", "*", "-d", str(home), user], check=True)
+    try:
+        home.mkdir()
+        (home / ".cshrc").write_text("set stackops_test_var = 1\n")  # csh syntax bash cannot read
+        (home / ".config" / "fish").mkdir(parents=True)
+        (home / ".config" / "fish" / "config.fish").write_text("set -gx STACKOPS_FISH 1\n")
+        subprocess.run(["chown", "-R", f"{user}:{user}", str(home)], check=True)
+        home.chmod(0o700)
+        yield user, home
+    finally:
+        _kill_remote_leftovers(home)
+        subprocess.run(["userdel", user], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("shell", ["/usr/bin/tcsh", "/usr/bin/fish"])
+def test_remote_login_shell_csh_or_fish_runs_everything_under_bash(remote, home, shell):
+    with _login_account(remote, shell) as (user, remote_home):
+        with open(home / ".ssh" / "config", "a") as handle:  # known_hosts already has this server
+            handle.write(f"Host odd\n  HostName {remote.address}\n  Port {remote.port}\n  User {user}\n"
+                         "  IdentityFile ~/.ssh/id_ed25519\n")
+        with stackops.SSH.from_config_file("odd") as ssh:
+            said = ssh.run_shell_cmd_on_remote('x="$(printf \'%s!\' "a b")"; [ -n "$x" ] && echo "$x $0"')
+            assert said.stdout == "a b! bash\n"
+            assert ssh.remote_specs["home"] == str(remote_home)
+        (home / "proj").mkdir()
+        (home / "proj" / "m.py").write_text("import os\ndef f(n=1):\n    d = os.path.expanduser('~/out')\n"
+                                            "    os.makedirs(d, exist_ok=True)\n    print('line', n)\n"
+                                            "    open(os.path.join(d, 'n.txt'), 'w').write(str(n))\n    return d\n")
+        done = cli("run", "proj/m.py:f", "--host", "odd", "--copy-repo", "--kwargs", '{"n": 7}', "--job-id",
+                   "odd-shell", "--wait", home=home)
+        assert done.returncode == 0 and "completed" in done.stdout, done.stderr
+        assert json.loads(cli("status", "odd-shell", "--json", home=home).stdout)["status"] == "completed"
+        assert "line 7" in cli("logs", "odd-shell", "-n", "50", home=home).stdout
+        assert cli("download", "odd-shell", home=home).returncode == 0
+        assert (home / "out" / "n.txt").read_text() == "7"
+        (home / "tree" / "in").mkdir(parents=True)
+        (home / "tree" / "in" / "it's $x!.txt").write_text("payload")
+        assert cli("copy", "tree", "odd:~/tree", "-r", home=home).returncode == 0
+        assert (remote_home / "tree" / "in" / "it's $x!.txt").read_text() == "payload"
+        assert cli("copy", "odd:~/tree", "back", "-r", home=home).returncode == 0
+        assert (home / "back" / "in" / "it's $x!.txt").read_text() == "payload"
 
 
 @pytest.mark.parametrize("text,expected", [("host", (None, "host", None)), ("u@h:2222", ("u", "h", 2222)),
