@@ -80,6 +80,7 @@ __all__ = [
     "RemoteStackOpsConfig", "WorkloadParams", "JobStatus", "ExecutionTimings", "JobParams",
     "FileManager", "Slots", "render_execution_script", "render_shell_script", "run_job", "call_job_part",
     "job_report", "delete_own_results", "demo_job",
+    "notify_job_end", "is_job_process", "job_process_alive", "process_start_ticks",
     "SSH", "SSHTarget", "Response", "resolve_ssh_target", "parse_ssh_target", "simple_sftp_get",
     "transfer_sftp", "transfer_cloud", "cloud_base", "RemoteMachine", "list_jobs",
     "LoadCriterion", "MachineSpecs", "ThreadLoadCalculator", "MachineLoadCalculator", "Cluster",
@@ -130,6 +131,9 @@ LOGS = "logs"
 STATUS_TXT = "logs/status.txt"
 PID_TXT = "logs/pid.txt"
 LAUNCHER_PID_TXT = "logs/launcher_pid.txt"
+PID_START_TXT = "logs/pid_start.txt"            # when the wrapper started (clock ticks since boot)
+LAUNCHER_START_TXT = "logs/launcher_pid_start.txt"  # when the launcher started
+NOTIFIED_TXT = "logs/notified.txt"              # the job's one end-of-job e-mail was claimed (and how it went)
 TICKET_TXT = "logs/ticket.txt"
 START_TXT = "logs/start_time.txt"
 END_TXT = "logs/end_time.txt"
@@ -146,7 +150,8 @@ HISTORY_KEEP = 500
 
 SLOT_POLL_HEAD = 0.05    # the first two waiters look this often (seconds): for a free slot, for being first
 SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
-STARTUP_GRACE = 60.0     # an unlocked queue entry of a job whose wrapper has not started yet
+STARTUP_GRACE = 60.0     # a queue entry of a job whose launcher has not recorded itself yet
+LAUNCHER_GRACE = 2.0     # how long a status check lets a live launcher record its wrapper's end
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _ADJECTIVES = ("amber", "brisk", "calm", "deft", "eager", "fair", "glad", "keen", "lucid",
@@ -397,6 +402,30 @@ def pid_is_alive(pid: int, marker: str | None = None) -> bool:
     (a reused pid belongs to some other program and does not count)."""
     alive, cmdline = _process_state(pid)
     return alive and (marker is None or not cmdline or marker in cmdline)
+
+
+def process_start_ticks(pid: int | str = "self") -> int | None:
+    """When ``pid`` started: field 22 of /proc/<pid>/stat, clock ticks since boot (None without it)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def is_job_process(pid: int, path: str, start: int | None) -> bool:
+    """True only when ``pid`` is provably a job's own process: alive and not a zombie, ``path`` (the
+    wrapper's or launcher's exact path) one of its command-line arguments, and started at the
+    recorded ``start``. A kernel thread, a stranger naming the job, a reused pid are all dead."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        if Path("/proc/self/stat").exists():
+            return False
+        return pid_is_alive(pid, path)  # no /proc (macOS): psutil or a bare signal 0
+    if fields[0] in ("Z", "X") or os.fsencode(path) not in args:
+        return False
+    return start is None or fields[19] == str(start)
 
 
 def _read_int(path: Path) -> int | None:
@@ -891,12 +920,15 @@ JOB_ROOT=$(cd "$(dirname "$0")/.." && pwd -P) || exit 1
 LOGS="$JOB_ROOT/logs"
 PYTHON=@@python
 _write() { printf '%s' "$2" > "$LOGS/.$1.tmp" && mv -f "$LOGS/.$1.tmp" "$LOGS/$1"; }
+s=; { IFS= read -r s < "/proc/$$/stat"; } 2>/dev/null; s=${s##*) }; set -f; set -- $s; set +f
+_write launcher_pid_start.txt "${20:-}"  # with the pid, what proves this process is the launcher
 _write launcher_pid.txt "$$"
 _fail() {
     _write error_message.txt "$1"
     _write end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
     _write status.txt failed
     echo "JOB FAILED: $1" >&2
+    @@notify
     exit 1
 }
 echo "=== SHELL START $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) ==="
@@ -953,43 +985,58 @@ def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, pyt
     if config.install_repo:
         setup.append('"$PYTHON" -m pip install -e . || _fail "pip install -e . failed in $(pwd)"')
     repo = job_params.repo_path_rh or "~"
-    return render_template(SHELL_TEMPLATE, version=__version__, python=shlex.quote(python),
+    notify = ": no e-mail asked for"
+    if config.notify_upon_completion:  # the job's own copy sends it; python3 when $PYTHON is what failed
+        notify = ('{ "$PYTHON" -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT" '
+                  '|| python3 -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT"; }')
+    return render_template(SHELL_TEMPLATE, version=__version__, python=shlex.quote(python), notify=notify,
                            repo_dir=_sh_path(repo), repo_dir_text=shlex.quote(repo),
                            setup_lines="\n".join(setup) or ": no repo update or install",
                            python_flags="-i " if config.interactive else "")
 
 
 # The status of a job read where it runs, by bash alone: one round trip that starts no Python. It
-# applies FileManager.get_job_status's rules (a dead, zombie or reused pid makes a waiting or running
-# job failed; a dead launcher, a queued one) and prints each field after a marker line that no log
-# can forge. A machine without /proc runs @@fallback (the Python report) instead.
+# applies FileManager.get_job_status's rules (a waiting or running job whose process is not provably
+# its own, by the wrapper's exact path and start time, is failed; likewise a queued one's launcher)
+# and prints each field after a marker line that no log can forge. A job it finds dead is reported
+# by @@notify, started in the background (the only case that starts Python). A machine without
+# /proc runs @@fallback (the Python report) instead.
 STATUS_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; M=@@marker
 [ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
 [ -r /proc/self/stat ] || exec @@fallback
+cd -P "$J" 2>/dev/null && P=$PWD || P=$J
 get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
 put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
 fail() { put error_message.txt "$1"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"; put status.txt failed; }
-alive() {  # not a zombie, and the command line names the job (else the pid was reused)
-    local s a c=; [ -r "/proc/$1/stat" ] || return 1
-    IFS= read -r s < "/proc/$1/stat"; s=${s##*) }; s=${s%% *}
-    [ "$s" != Z ] && [ "$s" != X ] || return 1
-    while IFS= read -r -d '' a || [ -n "$a" ]; do c="$c $a"; done < "/proc/$1/cmdline"
-    [ -z "$c" ] || [[ $c == *"$id"* ]]
+owns() {  # pid $1 is alive, not a zombie, started at tick $3 (if recorded) and names the script $2
+    local s a f hit=; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
+    s=${s##*) }; set -f; f=($s); set +f
+    [ "${f[0]}" != Z ] && [ "${f[0]}" != X ] || return 1
+    [ -z "$3" ] || [ "${f[19]:-}" = "$3" ] || return 1
+    while IFS= read -r -d '' a || [ -n "$a" ]; do [ "$a" = "$2" ] && hit=1; done 2>/dev/null < "/proc/$1/cmdline"
+    [ -n "$hit" ]
+}
+job() {  # $1: "" (the wrapper) or launcher_; is the process recorded the job's own? none yet: yes
+    local x; get "$1pid.txt"; pid=${R//[[:space:]]/}; [[ $pid =~ ^[0-9]+$ ]] || return 0
+    [ -z "$1" ] && x="$P/python/cluster_wrap.py" || x="$P/shell/cluster_script.sh"
+    get "$1pid_start.txt"; owns "$pid" "$x" "${R//[[:space:]]/}"
 }
 get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; f=
 case "$st" in
     completed|failed) ;;
-    waiting|running) f=pid.txt; what="the job's process" ;;
-    queued) f=launcher_pid.txt; what="the job's launcher" ;;
+    waiting|running) f=w; what="the job's process" ;;
+    queued) f=launcher_; what="the job's launcher" ;;
     *) fail "unreadable status '$st' in logs/status.txt"; st=failed ;;
 esac
-if [ -n "$f" ]; then
-    get "$f"; p=${R//[[:space:]]/}
-    if [[ $p =~ ^[0-9]+$ ]] && ! alive "$p"; then
-        get status.txt; now=${R//[[:space:]]/}  # it may have ended meanwhile
-        if [ "$now" = "$st" ]; then fail "process gone: $what (pid $p) ended without recording the job's end"
-            st=failed; else st=$now; fi
+if [ -n "$f" ] && ! job "${f#w}"; then
+    p=$pid  # a live launcher records why its wrapper ended: give it that moment
+    if [ "$f" = w ] && job launcher_ && [ -n "$pid" ]; then
+        for ((i = 0; i < @@grace; i++)); do get status.txt; [ "${R//[[:space:]]/}" = "$st" ] || break; sleep 0.05; done
     fi
+    get status.txt; now=${R//[[:space:]]/}  # it may have ended meanwhile
+    if [ "$now" = "$st" ]; then fail "process gone: $what (pid $p) ended without recording the job's end"
+        st=failed; @@notify
+    else st=$now; fi
 fi
 place=
 if [ "$st" = waiting ]; then
@@ -1046,6 +1093,20 @@ def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | N
     return fd
 
 
+_OWN_SCRIPT = {PID_TXT: (PID_START_TXT, WRAPPER_PY), LAUNCHER_PID_TXT: (LAUNCHER_START_TXT, LAUNCHER_SH)}
+
+
+def job_process_alive(job_root: Path, pid_file: str = PID_TXT) -> bool | None:
+    """Whether the process recorded in ``pid_file`` (the wrapper's or the launcher's) is provably
+    the job's own and alive (is_job_process); None when no pid is recorded (yet)."""
+    pid = _read_int(job_root / pid_file)
+    if pid is None:
+        return None
+    start_file, script = _OWN_SCRIPT[pid_file]
+    path = os.path.join(os.path.realpath(job_root), script)
+    return is_job_process(pid, path, _read_int(job_root / start_file))
+
+
 class Slots:
     """The slots and the queue of one machine and user, held by the kernel, not by JSON.
 
@@ -1088,9 +1149,9 @@ class Slots:
             return "stale"
         job_root = Path(text)
         started = (job_root / PID_TXT).exists() or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES
-        launcher = _read_int(job_root / LAUNCHER_PID_TXT)
-        if started or (launcher is not None and not pid_is_alive(launcher, job_root.name)):
-            return "stale"
+        launcher = job_process_alive(job_root, LAUNCHER_PID_TXT)
+        if started or launcher is not None:  # a live launcher's job is pending however slow its start
+            return "pending" if launcher and not started else "stale"
         ticket = name.split("-", 1)[0]
         age = time.time() - int(ticket) / 1e9 if ticket.isdigit() else STARTUP_GRACE
         return "pending" if age < STARTUP_GRACE else "stale"
@@ -1249,12 +1310,15 @@ class FileManager:
         """The bash command that starts this job detached on the executing machine and prints the
         launcher's pid. It joins the machine's queue first, so jobs start in the order fired."""
         parts = ["umask 077", f"J={self._job_root_sh()}",
-                 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
-        if self.lock_resources:
+                 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }',
+                 'J=$(cd -P "$J" && pwd)']  # the launcher's command line names its exact path
+        if self.lock_resources:  # the entry appears whole under its name (a reader never sees it empty)
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
+            temp = f'"$S/queue/.$t-"{shlex.quote(self.job_id)}.tmp'
             parts += ['S="${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"',
                       'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
-                      f'printf "%s" "$J" > {entry}', 'printf "%s" "$t" > "$J/logs/ticket.txt"']
+                      f'printf "%s" "$J" > {temp}', f"mv -f {temp} {entry}",
+                      'printf "%s" "$t" > "$J/logs/ticket.txt"']
         if interactive:
             session = shlex.quote(self.job_id.replace(".", "_"))
             parts += ["command -v tmux >/dev/null || { echo 'interactive jobs need tmux' >&2; exit 3; }",
@@ -1272,10 +1336,15 @@ class FileManager:
     def write_log(self, relative: str, text: str) -> None:
         _atomic_write_text(self.path(relative), text)
 
+    def _announce(self) -> None:
+        """Record this process as the job's: its start time first, so a pid never lacks it."""
+        self.write_log(PID_START_TXT, str(process_start_ticks() or ""))
+        self.write_log(PID_TXT, str(os.getpid()))
+
     def secure_resources(self) -> bool:
         """Announce this process as the job's (pid), then wait in line for a slot; returns True."""
         if not self.lock_resources:
-            self.write_log(PID_TXT, str(os.getpid()))
+            self._announce()
             self.admitted_at = _utcnow()
             return True
         slots = Slots()
@@ -1283,7 +1352,7 @@ class FileManager:
         entry = f"{ticket}-{self.job_id}"
 
         def started() -> None:
-            self.write_log(PID_TXT, str(os.getpid()))
+            self._announce()
             self.write_log(STATUS_TXT, "waiting")
             slots.refresh_views()
 
@@ -1317,16 +1386,22 @@ class FileManager:
         self.write_log(STATUS_TXT, "failed")
 
     def _verify_alive(self, status: str) -> str:
-        """Turn a job whose process is gone into ``failed``; returns the status that holds now."""
+        """Turn a job whose process is gone into ``failed`` (and report it); returns the status that
+        holds now. A process counts only if it is provably the job's own (job_process_alive)."""
         pid_file = PID_TXT if status in ("waiting", "running") else LAUNCHER_PID_TXT
-        pid = _read_int(self.path(pid_file))
-        if pid is None or pid_is_alive(pid, self.job_id):
+        if job_process_alive(self.job_root, pid_file) is not False:
             return status
+        if pid_file == PID_TXT and job_process_alive(self.job_root, LAUNCHER_PID_TXT):
+            deadline = time.monotonic() + LAUNCHER_GRACE  # a live launcher records why its wrapper ended
+            while _read_text(self.path(STATUS_TXT)).strip() == status and time.monotonic() < deadline:
+                time.sleep(0.05)
         now = _read_text(self.path(STATUS_TXT)).strip()  # it may have finished meanwhile
         if now != status:
             return now
         what = "the job's process" if pid_file == PID_TXT else "the job's launcher"
+        pid = _read_int(self.path(pid_file))
         self._mark_failed(f"process gone: {what} (pid {pid}) ended without recording the job's end")
+        notify_job_end(self.job_root)  # found dead (the whole tree gone): this machine reports it
         return "failed"
 
     def get_job_status(self) -> str:
@@ -1355,12 +1430,15 @@ class FileManager:
                          error_message=_read_text(self.path(ERROR_TXT)), place=place,
                          host=os.uname().nodename, log_tail=_tail(output, log_lines))
 
-    def status_command(self, marker: str, log_lines: int, fallback: str) -> str:
+    def status_command(self, marker: str, log_lines: int, fallback: str, notify: str = "") -> str:
         """A bash command that reports this job where it runs (STATUS_TEMPLATE); ``fallback``
-        runs instead on a machine without /proc. parse_status_output reads what it prints."""
+        runs instead on a machine without /proc; ``notify`` (a command), started in the background
+        when the check finds the job dead. parse_status_output reads what it prints."""
+        if notify:
+            notify = f'[ -e "$L/notified.txt" ] || {{ setsid {notify} </dev/null >>"$L/output.log" 2>&1 & }}'
         script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
                                  marker=marker, lines=str(max(0, int(log_lines))), state_dir=DEFAULT_STATE_DIR[2:],
-                                 fallback=fallback)
+                                 fallback=fallback, notify=notify or ":", grace=str(int(LAUNCHER_GRACE / 0.05)))
         return f"bash -c {shlex.quote(script)}"
 
     def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus, dict[str, str]]:
@@ -1494,15 +1572,21 @@ def _banner(text: str) -> None:
     print(f"{'=' * 20} {text} {'=' * 20}", flush=True)
 
 
-def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any, error: str) -> dict[str, Any]:
-    """Record results, times and error (everything but the status); returns the history record."""
+def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any,
+                error: str) -> tuple[dict[str, Any], str]:
+    """Record results, times and error (everything but the status); returns the history record
+    and the error, to which a failure of this step itself is added (a result that cannot be saved)."""
     timings.end_utc = _utcnow()
     timings.end_local = timings.end_utc.astimezone()
-    folder, named = _results_folder(manager, res)
-    if not named:
-        _save_result(folder, res)
-    manager.write_log(END_TXT, _iso(timings.end_utc) or "")
-    manager.write_log(RESULTS_TXT, collapse_home(folder))
+    manager.write_log(END_TXT, _iso(timings.end_utc) or "")  # first: every end has its time
+    try:
+        folder, named = _results_folder(manager, res)
+        if not named:
+            _save_result(folder, res)
+        manager.write_log(RESULTS_TXT, collapse_home(folder))
+    except Exception:
+        error = _add_error(error, "the finishing step could not save the job's result:\n" + traceback.format_exc())
+        folder = Path("-")
     manager.write_log(ERROR_TXT, error)
     _atomic_write_json(manager.path(TIMINGS_JSON), timings.to_dict())
     status = "failed" if error else "completed"
@@ -1511,8 +1595,27 @@ def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any, error
             f"results={collapse_home(folder)}")
     if error:
         print(error, file=sys.stderr, flush=True)
-    return {"job_id": manager.job_id, "status": status, "submission_time": _iso(timings.submission_time),
-            "start_time": _iso(timings.start_utc), "end_time": _iso(timings.end_utc), "duration_seconds": took}
+    record = {"job_id": manager.job_id, "status": status, "submission_time": _iso(timings.submission_time),
+              "start_time": _iso(timings.start_utc), "end_time": _iso(timings.end_utc), "duration_seconds": took}
+    return record, error
+
+
+def _add_error(error: str, more: str) -> str:
+    return f"{error.rstrip()}\n\n{more}" if error else more
+
+
+def _finish_job_anyway(manager: FileManager, timings: ExecutionTimings, res: Any,
+                       error: str) -> tuple[dict[str, Any] | None, str]:
+    """_finish_job, and when even that fails: the error and the end time, whatever else is lost."""
+    try:
+        return _finish_job(manager, timings, res, error)
+    except BaseException:
+        error = _add_error(error, "the finishing step failed:\n" + traceback.format_exc())
+        with _suppress(Exception):
+            manager.write_log(ERROR_TXT, error)
+            if not _read_text(manager.path(END_TXT)).strip():
+                manager.write_log(END_TXT, _iso(_utcnow()) or "")
+        return None, error
 
 
 # -- e-mail on completion (sent by the executing machine) ------------------------------------------
@@ -1571,11 +1674,24 @@ def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str) -
         server.send_message(message)
 
 
+def _claim_notification(manager: FileManager) -> bool:
+    """True for the one caller that reports this job's end: the launcher, the wrapper and any
+    status check that finds the job dead race here, and the job folder keeps the winner's mark."""
+    try:
+        fd = os.open(manager.path(NOTIFIED_TXT), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    os.write(fd, f"claimed {_iso(_utcnow())} by pid {os.getpid()} on {os.uname().nodename}\n".encode())
+    os.close(fd)
+    return True
+
+
 def _notify(manager: FileManager, record: dict[str, Any] | None, status: str, error: str) -> None:
-    """Send the job's one e-mail if its config asks for it; a failure is logged, never raised."""
+    """Send the job's one e-mail if its config asks for it and nobody sent it yet; a failure is
+    logged (and noted in logs/notified.txt), never raised."""
     try:
         config = _read_json(manager.path(CONFIG_JSON))
-        if not config.get("notify_upon_completion"):
+        if not config.get("notify_upon_completion") or not _claim_notification(manager):
             return
         host = os.uname().nodename
         took = _format_duration((record or {}).get("duration_seconds") or 0.0)
@@ -1586,9 +1702,30 @@ def _notify(manager: FileManager, record: dict[str, Any] | None, status: str, er
             body += f"\nerror (last lines):\n{_tail(error, 20)}\n"
         send_job_email(load_email_config(config["email_config_name"]), config["to_email"],
                        f"stackops: job {manager.job_id} {status} on {host}", body)
+        _append_text(manager.path(NOTIFIED_TXT), f"sent {_iso(_utcnow())} to {config['to_email']}\n")
         log.info("sent the completion e-mail of job %s to %s", manager.job_id, config["to_email"])
     except Exception as exc:  # the job's outcome stands whatever the mail server does
         log.warning("could not send the completion e-mail of job %s: %s", manager.job_id, exc)
+        with _suppress(OSError):
+            _append_text(manager.path(NOTIFIED_TXT), f"not sent: {_last_line(str(exc))}\n")
+
+
+def _append_text(path: Path, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def notify_job_end(job_root: str | os.PathLike[str]) -> None:
+    """Report a job's end that its wrapper could not report (killed by a signal, a launcher-side
+    failure, the whole process tree gone), once, from what its folder records."""
+    manager = FileManager.from_job_root(Path(job_root))
+    status = _read_text(manager.path(STATUS_TXT)).strip()
+    if status not in TERMINAL_STATUSES:
+        return
+    start = _parse_iso(_read_text(manager.path(START_TXT)).strip())
+    end = _parse_iso(_read_text(manager.path(END_TXT)).strip())
+    took = (end - start).total_seconds() if start and end else 0.0
+    _notify(manager, {"duration_seconds": took}, status, _read_text(manager.path(ERROR_TXT)))
 
 
 def run_job(job_root: str | os.PathLike[str],
@@ -1620,14 +1757,14 @@ def run_job(job_root: str | os.PathLike[str],
             error = traceback.format_exc()
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            record = _finish_job(manager, timings, res, error)
+            record, error = _finish_job_anyway(manager, timings, res, error)
     finally:
+        status = "failed" if error or record is None else "completed"
         try:
             manager.unlock_resources(record)
         finally:
-            status = "failed" if error or record is None else "completed"
             manager.write_log(STATUS_TXT, status)
-    _notify(manager, record, status, error)
+            _notify(manager, record, status, error)
     return res
 
 
@@ -3276,8 +3413,10 @@ class RemoteMachine:
                                 hint="run it again under a new job_id")
         marker = f"--stackops-{random.getrandbits(64):016x}"
         fallback = self._job_command("job-report", "--lines", str(int(log_lines)))
-        response = self.ssh.run_shell_cmd_on_remote(self.file_manager.status_command(marker, log_lines, fallback),
-                                                    timeout=max(self.config.ssh_timeout, 10.0), strict=False)
+        notify = self._job_command("job-notify") if self.config.notify_upon_completion else ""
+        command = self.file_manager.status_command(marker, log_lines, fallback, notify)
+        response = self.ssh.run_shell_cmd_on_remote(command, timeout=max(self.config.ssh_timeout, 10.0),
+                                                    strict=False)
         if response.returncode != 0:
             raise CommandError(self.host_name, "job status", response.returncode, response.stderr,
                                hint="is the job folder still on the host?")
@@ -4098,6 +4237,11 @@ def _cmd_job_check_email(args: Any) -> int:
     return 0
 
 
+def _cmd_job_notify(args: Any) -> int:
+    notify_job_end(expand_home(args.job_root))
+    return 0
+
+
 def _cmd_job_delete_results(args: Any) -> int:
     print(delete_own_results(expand_home(args.job_root)))
     return 0
@@ -4467,6 +4611,9 @@ def _build_parser() -> Any:
     sub.add_argument("job_root")
     sub = commands.add_parser("job-check-email")
     sub.set_defaults(handler=_cmd_job_check_email)
+    sub.add_argument("job_root")
+    sub = commands.add_parser("job-notify")  # the launcher or a status check reports an end the wrapper could not
+    sub.set_defaults(handler=_cmd_job_notify)
     sub.add_argument("job_root")
     return parser
 

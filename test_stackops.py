@@ -782,6 +782,99 @@ def test_job_interactive_runs_in_tmux_session(home, tmp_path):
         subprocess.run(["tmux", "kill-session", "-t", "inter_active"], capture_output=True)
 
 
+# -- status never lies, every end is reported (issue 12) -------------------------------------
+
+import hypothesis  # noqa: E402
+from hypothesis import stateful  # noqa: E402
+
+SLEEP_CODE = "import time; time.sleep(300)"
+
+
+def _kernel_threads() -> list[int]:
+    """kthreadd (pid 2) and its children: processes with an empty command line."""
+    found = [2]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == "2":
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@contextlib.contextmanager
+def _impostors(manager: FileManager):
+    """Live processes that are not the job's, and one that is: {kind: (pid, recorded start)}."""
+    root = os.path.realpath(manager.job_root)
+    wrapper, launcher = f"{root}/python/cluster_wrap.py", f"{root}/shell/cluster_script.sh"
+    procs = {"own": [sys.executable, "-c", SLEEP_CODE, wrapper],
+             "own launcher": [sys.executable, "-c", SLEEP_CODE, launcher],
+             "stranger": [sys.executable, "-c", SLEEP_CODE, manager.job_id, "--for", root + "/python"],
+             "zombie": [sys.executable, "-c", "pass", wrapper]}
+    started = {kind: subprocess.Popen(argv) for kind, argv in procs.items()}
+    try:
+        wait_for(lambda: all(stackops.process_start_ticks(p.pid) for p in started.values()), what="starts")
+        # the zombie is left unreaped on purpose until the end
+        wait_for(lambda: Path(f"/proc/{started['zombie'].pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                 == "Z", what="zombie")
+        cases = {kind: (proc.pid, stackops.process_start_ticks(proc.pid)) for kind, proc in started.items()}
+        own_pid, own_start = cases["own"]
+        cases["recycled"] = (own_pid, own_start - 7)  # the pid now runs a process started later
+        cases["dead"] = (_dead_pid(), own_start)
+        kthread = _kernel_threads()
+        cases["kernel thread"] = (kthread[-1], stackops.process_start_ticks(kthread[-1]))
+        cases["kthreadd"] = (2, stackops.process_start_ticks(2))
+        yield cases
+    finally:
+        for proc in started.values():
+            proc.kill()
+            proc.wait()
+
+
+def _record(manager: FileManager, status: str, pid_file: str, pid: int | None, start: int | None) -> None:
+    for name in (stackops.PID_TXT, stackops.PID_START_TXT, stackops.LAUNCHER_PID_TXT,
+                 stackops.LAUNCHER_START_TXT, stackops.END_TXT, stackops.ERROR_TXT):
+        manager.write_log(name, "")
+    start_file = stackops.PID_START_TXT if pid_file == stackops.PID_TXT else stackops.LAUNCHER_START_TXT
+    manager.write_log(pid_file, str(pid))
+    manager.write_log(start_file, str(start or ""))
+    manager.write_log(stackops.STATUS_TXT, status)
+
+
+def test_status_property_never_running_unless_the_jobs_own_process_lives(home):
+    """For any recorded pid (dead, a zombie, a kernel thread, a stranger naming the job, a recycled
+    pid started later), the Python and the bash status say the job is alive only when its own
+    process lives: the wrapper's exact path in its command line and its recorded start time."""
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.train, config=config(job_id="py")).run()  # a short id matches a lot
+    wait_done(machine)
+    manager = machine.file_manager
+    with _impostors(manager) as cases:
+        @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+        @hypothesis.given(kind=hypothesis.strategies.sampled_from(sorted(cases)),
+                          status=hypothesis.strategies.sampled_from(["running", "waiting", "queued"]),
+                          shell=hypothesis.strategies.booleans())
+        @hypothesis.example(kind="kthreadd", status="running", shell=False)
+        @hypothesis.example(kind="kthreadd", status="running", shell=True)
+        @hypothesis.example(kind="stranger", status="running", shell=False)
+        @hypothesis.example(kind="stranger", status="running", shell=True)
+        @hypothesis.example(kind="recycled", status="running", shell=True)
+        @hypothesis.example(kind="own launcher", status="queued", shell=True)
+        def check(kind: str, status: str, shell: bool) -> None:
+            pid_file = stackops.LAUNCHER_PID_TXT if status == "queued" else stackops.PID_TXT
+            _record(manager, status, pid_file, *cases[kind])
+            report = _shell_status(manager, 0) if shell else manager.status_report(0)
+            own = kind == ("own launcher" if status == "queued" else "own")
+            assert report.status == (status if own else "failed"), (kind, status, shell)
+            if not own:
+                assert "process gone" in report.error_message and report.end_time, (kind, report)
+        check()
+
+
 # ============================================================================================
 # bad input: refused before anything is written, one clear line, CLI exit 2
 # ============================================================================================
