@@ -643,6 +643,70 @@ def test_slots_checking_a_vanished_entry_never_brings_it_back(home):
     assert slots.entry_state(entry.name) == "stale"
 
 
+def _gated_python(home: Path, gate: Path) -> Path:
+    """An interpreter that starts only once ``gate`` exists: a slow launcher (an install, a pull)."""
+    stub = home / "slow-python"
+    stub.write_text(f"#!/bin/bash\nwhile [ ! -e {gate} ]; do sleep 0.05; done\nexec {sys.executable} \"$@\"\n")
+    stub.chmod(0o755)
+    return stub
+
+
+def test_slots_slow_launcher_stays_pending_however_old_and_jobs_start_in_order(home):
+    """An entry whose launcher lives is pending, even 2 minutes after it was fired: it was deleted
+    as stale after 60 s and the next job started first."""
+    mod = make_module(home, JOBS_SOURCE)
+    gate = home / "gate"
+    slow = RemoteMachine(mod.train, config=config(job_id="slow", python=str(_gated_python(home, gate)))).run()
+    queue = Slots().queue
+    [entry] = Slots().entries()
+    old = f"{int(entry.split('-', 1)[0]) - 120 * 10**9:019d}"  # as if fired 2 minutes ago
+    slow.file_manager.write_log(stackops.TICKET_TXT, old)
+    os.rename(queue / entry, queue / f"{old}-slow")
+    wait_for(lambda: slow.file_manager.path(stackops.LAUNCHER_PID_TXT).exists(), what="slow launcher")
+    fast = RemoteMachine(mod.train, config=config(job_id="fast")).run()
+    wait_for(lambda: fast.get_status(0).status == "waiting", what="fast waiting")
+    waiters = Slots().waiters()
+    assert [(w["job_id"], w["state"]) for w in waiters] == [("slow", "pending"), ("fast", "waiting")]
+    assert slow.get_status(0).status == "queued" and fast.get_status(0).place == 2
+    gate.touch()
+    reports = [wait_done(slow), wait_done(fast)]
+    assert [r.status for r in reports] == ["completed", "completed"]
+    assert reports[0].start_time < reports[1].start_time, "the job fired first must start first"
+
+
+def test_slots_queue_entry_never_seen_empty(home, monkeypatch):
+    """A reader looking while the fire command writes the queue entry sees it whole or not at all
+    (an empty entry is stale to a waiter, which deletes it: the job lost its place)."""
+    mod = make_module(home, JOBS_SOURCE)
+    shims, gate, entered = home / "shims", home / "gate", home / "entered"
+    shims.mkdir()
+    (shims / "printf").write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        case "$(readlink /proc/$$/fd/1)" in  # the write of a queue entry stalls (a slow disk)
+            */queue/*) touch {entered}; while [ ! -e {gate} ]; do sleep 0.02; done ;;
+        esac
+        exec /usr/bin/printf "$@"
+    """))
+    (shims / "printf").chmod(0o755)
+    (home / "bash_env").write_text("enable -n printf\n")  # use the stalling printf instead of the builtin
+    monkeypatch.setenv("BASH_ENV", str(home / "bash_env"))
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    machine = RemoteMachine(mod.train, config=config(job_id="whole")).run(run=False)
+    firing = threading.Thread(target=machine.fire)
+    firing.start()
+    try:
+        wait_for(entered.exists, what="the entry being written")
+        slots = Slots()
+        for name in slots.entries():
+            assert (slots.queue / name).read_text(), f"entry {name} is visible before it is written"
+            assert slots.entry_state(name) != "stale"
+    finally:
+        gate.touch()
+        firing.join()
+    monkeypatch.delenv("BASH_ENV")
+    assert wait_done(machine).status == "completed"
+
+
 def test_status_truthful_for_dead_reused_and_garbage(home):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="truth")).run()
@@ -2003,6 +2067,126 @@ def test_email_from_a_remote_job_and_checked_on_the_host(remote, home, smtp):
         m.wait(timeout=60)
     [message] = _wait_mail(received, 1)
     assert "rmail completed" in message["Subject"]
+
+
+# -- every end is reported, exactly once (issue 12) -----------------------------------------
+
+MAIL = {"notify_upon_completion": True, "to_email": "me@test.invalid", "email_config_name": "test"}
+
+
+def _one_mail(received, job_id: str):
+    """The one message about ``job_id`` (a second one would arrive within _wait_mail's pause)."""
+    messages = [m for m in _wait_mail(received, 1) if f"job {job_id} " in m["Subject"]]
+    assert len(messages) == 1, [m["Subject"] for m in messages]
+    return messages[0]
+
+
+def test_email_finishing_step_failure_records_end_reason_and_mails(home, smtp):
+    """A result whose repr raises used to leave failed with no message, no end time, no e-mail."""
+    received, _ = smtp
+    mod = make_module(home, """
+        class Unprintable:
+            def __repr__(self):
+                raise RuntimeError("this result refuses to be printed")
+
+        def make():
+            return Unprintable()
+    """)
+    machine = RemoteMachine(mod.make, config=config(job_id="unprintable", **MAIL)).run()
+    report = wait_done(machine)
+    assert report.status == "failed" and report.end_time
+    assert "finishing step" in report.error_message and "refuses to be printed" in report.error_message
+    message = _one_mail(received, "unprintable")
+    assert "failed" in message["Subject"] and "refuses to be printed" in message.get_payload()
+    assert Slots().holders() == [] and Slots().history()[-1]["status"] == "failed"
+
+
+def test_email_wrapper_sigkilled_is_reported_by_its_launcher(home, smtp):
+    """The out-of-memory killer's SIGKILL: the launcher records it and sends the one message."""
+    received, _ = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.sleeper, config=config(job_id="oom", **MAIL)).run()
+    wait_for(lambda: machine.get_status(0).status == "running", what="running")
+    os.kill(machine.get_status(0).pid, signal.SIGKILL)
+    report = wait_done(machine)
+    assert report.status == "failed" and "killed by signal 9" in report.error_message and report.end_time
+    message = _one_mail(received, "oom")
+    assert "failed" in message["Subject"] and "killed by signal 9" in message.get_payload()
+    assert "sent" in machine.file_manager.path(stackops.NOTIFIED_TXT).read_text()
+
+
+def test_email_launcher_failures_are_reported(home, smtp):
+    """git pull, pip install, a missing repo folder: failed before Python ran, and said so by mail."""
+    received, _ = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    cases = {"no-pull": ({"update_repo": True}, "git pull failed"),
+             "no-pip": ({"install_repo": True}, "pip install -e . failed"),
+             "no-repo": ({}, "cannot enter the repo folder")}
+    machines = {}
+    for job_id, (extra, _) in cases.items():
+        machines[job_id] = RemoteMachine(mod.train, config=config(job_id=job_id, **MAIL, **extra)).run(run=False)
+    for job_id in ("no-pull", "no-pip"):
+        machines[job_id].fire()
+        wait_done(machines[job_id], timeout=120)
+    shutil.rmtree(home / "proj")  # the repo folder is gone when the last one starts
+    machines["no-repo"].fire()
+    for job_id, (_, reason) in cases.items():
+        report = wait_done(machines[job_id], timeout=120)
+        assert report.status == "failed" and reason in report.error_message and report.end_time, job_id
+        message = _one_mail(received, job_id)
+        assert "failed" in message["Subject"] and reason in message.get_payload(), job_id
+    assert len(received) == 3
+
+
+def test_email_whole_tree_gone_is_reported_once_by_the_status_check(home, smtp):
+    """A reboot: launcher and wrapper gone without a word. The first status check that finds it
+    reports it; the job folder records that, and later checks send nothing more."""
+    received, _ = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.sleeper, config=config(job_id="rebooted", **MAIL)).run()
+    wait_for(lambda: machine.get_status(0).status == "running", what="running")
+    os.killpg(machine.launcher_pid, signal.SIGKILL)
+    pid = int(machine.file_manager.path(stackops.PID_TXT).read_text())
+    wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
+    report = machine.get_status(0)
+    assert report.status == "failed" and "process gone" in report.error_message and report.end_time
+    message = _one_mail(received, "rebooted")
+    assert "failed" in message["Subject"] and "process gone" in message.get_payload()
+    for _ in range(3):
+        assert machine.get_status(0).status == "failed"
+    assert len(received) == 1 and "sent" in machine.file_manager.path(stackops.NOTIFIED_TXT).read_text()
+
+
+def _install_remote_mail_config(remote, local_config: Path) -> None:
+    remote_config = remote.remote_home / ".config" / "stackops" / "email.json"
+    remote_config.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(local_config, remote_config)
+    if os.geteuid() == 0:
+        for path in (remote_config.parent.parent, remote_config.parent, remote_config):
+            shutil.chown(path, remote.user, remote.user)
+    remote_config.chmod(0o600)
+
+
+def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote, home, smtp):
+    """Over SSH the bash status finds the dead job (no Python on the way), and the host reports it once."""
+    received, local_config = smtp
+    _install_remote_mail_config(remote, local_config)
+    mod = make_module(home, JOBS_SOURCE)
+    with RemoteMachine(mod.sleeper, config=config(job_id="rgone", ssh_host="tb", copy_repo=True, **MAIL)) as m:
+        m.run()
+        wait_for(lambda: m.get_status(0).status == "running", what="running")
+        os.killpg(m.launcher_pid, signal.SIGKILL)  # loopback: the host's processes are ours to see
+        remote_root = remote.remote_home / m.file_manager.job_root_rh[2:]
+        pid = int((remote_root / stackops.PID_TXT).read_text())
+        wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
+        report = m.get_status(0)
+        assert report.status == "failed" and "process gone" in report.error_message and report.end_time
+        message = _one_mail(received, "rgone")
+        assert "failed" in message["Subject"] and "process gone" in message.get_payload()
+        for _ in range(3):
+            assert m.get_status(0).status == "failed"
+    assert len(received) == 1
+    assert "sent" in (remote_root / stackops.NOTIFIED_TXT).read_text()
 
 
 # ============================================================================================
