@@ -82,7 +82,7 @@ __all__ = [
     "job_report", "delete_own_results", "demo_job",
     "notify_job_end", "is_job_process", "job_process_alive", "process_start_ticks",
     "SSH", "SSHTarget", "Response", "resolve_ssh_target", "parse_ssh_target", "simple_sftp_get",
-    "transfer_sftp", "transfer_cloud", "cloud_base", "RemoteMachine", "list_jobs",
+    "transfer_sftp", "transfer_cloud", "cloud_base", "RemoteMachine", "list_jobs", "list_job_rows",
     "LoadCriterion", "MachineSpecs", "ThreadLoadCalculator", "MachineLoadCalculator", "Cluster",
     "CloudQueue", "run_worker", "InterfaceAddress", "interface_table", "get_all_ipv4_addresses", "lan_score",
     "choose_lan_ipv4", "select_lan_ipv4", "get_public_ip_address", "switch_public_ip_address",
@@ -1413,11 +1413,13 @@ class FileManager:
             return "failed"
         return raw if raw in TERMINAL_STATUSES else self._verify_alive(raw)
 
-    def status_report(self, log_lines: int = 20) -> JobStatus:
-        """Everything about the job in one call: status, pid, times, results, error, log tail."""
+    def status_report(self, log_lines: int = 20, verify: bool = True) -> JobStatus:
+        """Everything about the job in one call: status, pid, times, results, error, log tail.
+        ``verify=False`` reads the folder as it is (a remote job's local mirror: its pid is not ours)."""
         if not self.path(FILE_MANAGER_JSON).exists():
             raise StackopsError(f"no job folder at {self.job_root}")
-        status = self.get_job_status()
+        raw = _read_text(self.path(STATUS_TXT)).strip() or "queued"
+        status = self.get_job_status() if verify else raw if raw in STATUSES else "failed"
         place = None
         if status == "waiting":
             place = Slots().place_of(f"{_read_text(self.path(TICKET_TXT)).strip()}-{self.job_id}")
@@ -3412,19 +3414,26 @@ class RemoteMachine:
                                 "so nothing of it runs there (was the submission interrupted?)",
                                 hint="run it again under a new job_id")
         marker = f"--stackops-{random.getrandbits(64):016x}"
-        fallback = self._job_command("job-report", "--lines", str(int(log_lines)))
-        notify = self._job_command("job-notify") if self.config.notify_upon_completion else ""
-        command = self.file_manager.status_command(marker, log_lines, fallback, notify)
-        response = self.ssh.run_shell_cmd_on_remote(command, timeout=max(self.config.ssh_timeout, 10.0),
-                                                    strict=False)
+        response = self.ssh.run_shell_cmd_on_remote(self._status_command(marker, log_lines),
+                                                    timeout=max(self.config.ssh_timeout, 10.0), strict=False)
         if response.returncode != 0:
             raise CommandError(self.host_name, "job status", response.returncode, response.stderr,
                                hint="is the job folder still on the host?")
-        if response.stdout.startswith("{"):  # a host without /proc answered with the Python report
-            answer = json.loads(response.stdout)
+        return self._take_report(response.stdout, marker, log_lines)
+
+    def _status_command(self, marker: str, log_lines: int) -> str:
+        """The one bash command that reports this job on its host (FileManager.status_command)."""
+        fallback = self._job_command("job-report", "--lines", str(int(log_lines)))
+        notify = self._job_command("job-notify") if self.config.notify_upon_completion else ""
+        return self.file_manager.status_command(marker, log_lines, fallback, notify)
+
+    def _take_report(self, stdout: str, marker: str, log_lines: int) -> JobStatus:
+        """The JobStatus in a host's answer; its small log files are mirrored into the local folder."""
+        if stdout.startswith("{"):  # a host without /proc answered with the Python report
+            answer = json.loads(stdout)
             report, logs = JobStatus.from_dict(answer["status"]), answer["logs"]
         else:
-            report, logs = self.file_manager.parse_status_output(response.stdout, marker, log_lines)
+            report, logs = self.file_manager.parse_status_output(stdout, marker, log_lines)
         for relative, text in logs.items():
             if relative.startswith(LOGS + "/") and ".." not in relative:
                 _atomic_write_text(self.file_manager.path(relative), text)
@@ -3608,17 +3617,119 @@ def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
     return destination
 
 
-def list_jobs(base_dir: str | None = None) -> list[JobStatus]:
-    """Every job under ``base_dir`` on this machine, newest first."""
-    queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
-    reports = []
-    for root in queued.glob("*/" + FILE_MANAGER_JSON):
-        job_root = root.parent.parent
+def list_jobs(base_dir: str | None = None, timeout: float = 10.0) -> list[JobStatus]:
+    """Every job under ``base_dir`` on this machine and the parts of the clusters beside it, newest
+    first, each as its host reports it now (list_job_rows says which could not be refreshed)."""
+    return [row["report"] for row in list_job_rows(base_dir, timeout)]
+
+
+def _job_folders(base_dir: str | None) -> list[tuple[Path, str | None]]:
+    """(job folder, cluster id or None): the jobs under ``base_dir`` and the clusters' parts."""
+    base = expand_home(base_dir or DEFAULT_BASE_DIR)
+    found: list[tuple[Path, str | None]] = [(p.parent.parent, None) for p in base.glob("queued/*/" + REMOTE_MACHINE_JSON)]
+    for cluster_json in sorted(base.parent.glob("job_id__*/cluster.json")):
         try:
-            reports.append(FileManager.from_job_root(job_root).status_report(log_lines=0))
+            data = _read_json(cluster_json)
+            found += [(expand_home(path), str(data["job_id"])) for path in data["machines"].values()]
+        except (StackopsError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("skipping cluster %s: %s", collapse_home(cluster_json.parent), exc)
+    return found
+
+
+def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """One row per job (see list_jobs): ``job_id``, ``host`` (the alias it was submitted to),
+    ``cluster``, ``report`` (a JobStatus), ``as_of`` (None when current; else when it was last seen,
+    because its host could not be asked within ``timeout`` seconds) and ``error`` (why not)."""
+    rows, remote = [], {}
+    for root, cluster in _job_folders(base_dir):
+        try:
+            machine = RemoteMachine.from_job_dir(root)
         except StackopsError as exc:
-            log.warning("skipping %s: %s", job_root, exc)
-    return sorted(reports, key=lambda r: r.submission_time or "", reverse=True)
+            log.warning("skipping %s: %s", collapse_home(root), exc)
+            continue
+        row = {"job_id": machine.job_id, "host": machine.host_name, "cluster": cluster, "as_of": None,
+               "error": None, "machine": machine}
+        rows.append(row)
+        if machine.is_remote and machine.submitted:
+            remote.setdefault(machine.host_name, []).append(row)
+        elif machine.is_remote:
+            row["error"] = "never completely submitted: nothing of it runs on the host"
+    answers = _ask_hosts(remote, timeout)
+    for row in rows:
+        machine = row.pop("machine")
+        report = answers.get((row["host"], row["job_id"]))
+        if isinstance(report, JobStatus):
+            row["report"] = report
+            continue
+        if report is not None:
+            row["error"] = str(report)
+        try:
+            row["report"] = machine.file_manager.status_report(0, verify=not machine.is_remote)
+        except StackopsError as exc:
+            row["report"] = JobStatus(job_id=row["job_id"], status="failed", error_message=str(exc))
+        if machine.is_remote:
+            row["report"].host = "?"
+            row["as_of"] = _last_seen(machine.file_manager.path(STATUS_TXT))
+    return sorted(rows, key=lambda r: r["report"].submission_time or "", reverse=True)
+
+
+def _last_seen(status_file: Path) -> str | None:
+    """When a remote job's status was last mirrored here (the file is rewritten at every refresh)."""
+    try:
+        return _iso(_dt.datetime.fromtimestamp(status_file.stat().st_mtime, _dt.timezone.utc))
+    except OSError:
+        return None
+
+
+def _ask_hosts(remote: dict[str, list[dict[str, Any]]], timeout: float) -> dict[tuple[str, str], Any]:
+    """Every host's jobs refreshed in one round trip per host, all hosts at once, within
+    ``timeout`` seconds: {(host, job_id): JobStatus or the error that kept it from being read}."""
+    import threading
+
+    results: dict[str, Any] = {}  # one assignment per host: a late thread changes nothing we read
+
+    def ask(host: str, rows: list[dict[str, Any]]) -> None:
+        try:
+            results[host] = _ask_host(host, [row["machine"] for row in rows], timeout)
+        except Exception as exc:  # the host's rows stay as last seen, and say why
+            results[host] = exc
+
+    threads = [threading.Thread(target=ask, args=item, daemon=True) for item in remote.items()]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout + 1.0
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    done = dict(results)
+    answers: dict[tuple[str, str], Any] = {}
+    for host, rows in remote.items():
+        result = done.get(host, StackopsConnectionError(f"{host} did not answer within {timeout:g}s"))
+        for row in rows:
+            key = (host, row["job_id"])
+            missing = StackopsError(f"{host} sent no status for job {row['job_id']}")
+            answers[key] = result.get(key, missing) if isinstance(result, dict) else result
+    return answers
+
+
+def _ask_host(host: str, machines: list[RemoteMachine], timeout: float) -> dict[tuple[str, str], Any]:
+    """One SSH round trip that reports every job of ``host`` (each job's bash status, in turn)."""
+    fence = f"--stackops-list-{random.getrandbits(64):016x}"
+    markers = [f"{fence}-{index}" for index in range(len(machines))]
+    script = "".join(f"{m._status_command(marker, 0)}; printf '\\n%s:%s:%s\\n' {fence} {index} $?\n"
+                     for index, (m, marker) in enumerate(zip(machines, markers)))
+    with SSH.from_config_file(host, timeout=timeout) as ssh:
+        response = ssh.run_shell_cmd_on_remote(f"bash -c {shlex.quote(script)}", timeout=timeout, strict=False)
+    pieces = re.split(rf"\n{re.escape(fence)}:(\d+):(\d+)\n", response.stdout)
+    answers: dict[tuple[str, str], Any] = {}
+    for start in range(0, len(pieces) - 2, 3):
+        text, index, status = pieces[start], int(pieces[start + 1]), int(pieces[start + 2])
+        machine = machines[index]
+        if status == 0:
+            answers[(host, machine.job_id)] = machine._take_report(text, markers[index], 0)
+        else:
+            answers[(host, machine.job_id)] = CommandError(host, "job status", status, response.stderr,
+                                                           hint="is the job folder still on the host?")
+    return answers
 
 
 # ============================================================================================
@@ -4138,16 +4249,56 @@ def _cmd_status(args: Any) -> int:
 
 
 def _cmd_list(args: Any) -> int:
-    reports = list_jobs(args.base_dir)
+    rows = list_job_rows(args.base_dir, args.timeout)
+    for host, error in sorted({(r["host"], _last_line(r["error"])) for r in rows if r["error"]}):
+        print(f"stackops: {host}: not refreshed ({error})", file=sys.stderr)
     if args.json:
-        _print_json([report.to_dict() for report in reports])
+        _print_json([_list_json(row) for row in rows])
         return 0
-    if not reports:
+    if not rows:
         print(f"no jobs under {args.base_dir}")
         return 0
-    _print_table([[r.job_id, r.status, (r.submission_time or "-")[:19], _duration(r), r.results_path or "-"]
-                  for r in reports], ["JOB", "STATUS", "SUBMITTED (UTC)", "DURATION", "RESULTS"])
+    table, clusters = [], {}
+    for row in rows:
+        if row["cluster"] is None:
+            table.append(_list_row(row["job_id"], row))
+        elif row["cluster"] not in clusters:
+            parts = [r for r in rows if r["cluster"] == row["cluster"]]
+            clusters[row["cluster"]] = parts
+            table.append(_cluster_row(row["cluster"], parts))
+            table += [_list_row("  " + part["job_id"], part) for part in sorted(parts, key=lambda r: r["job_id"])]
+    _print_table(table, ["JOB", "HOST", "STATUS", "SUBMITTED (UTC)", "DURATION", "RESULTS"])
     return 0
+
+
+def _list_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of ``list --json``: the JobStatus, with ``host`` the alias used and ``hostname`` its answer."""
+    data = row["report"].to_dict()
+    data.update(hostname=data.pop("host"), host=row["host"], cluster=row["cluster"], as_of=row["as_of"],
+                not_refreshed=row["error"])
+    return data
+
+
+def _list_row(name: str, row: dict[str, Any]) -> list[str]:
+    """A job's line in ``list``: a row its host could not refresh says when it was last seen."""
+    report: JobStatus = row["report"]
+    status, end = report.status, _parse_iso(report.end_time)
+    seen = _parse_iso(row["as_of"])
+    if seen is not None:
+        status += f" (as of {seen.strftime('%Y-%m-%d %H:%M:%S')})"
+        end = end or seen  # its duration stops where our knowledge does
+    start = _parse_iso(report.start_time)
+    took = _format_duration(((end or _utcnow()) - start).total_seconds()) if start else "-"
+    return [name, row["host"], status, (report.submission_time or "-")[:19], took, report.results_path or "-"]
+
+
+def _cluster_row(cluster: str, parts: list[dict[str, Any]]) -> list[str]:
+    counts: dict[str, int] = {}
+    for part in parts:
+        counts[part["report"].status] = counts.get(part["report"].status, 0) + 1
+    summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+    submitted = min((p["report"].submission_time or "-" for p in parts), default="-")
+    return [f"{cluster} (cluster)", f"{len(parts)} host(s)", summary, submitted[:19], "", ""]
 
 
 def _cmd_logs(args: Any) -> int:
@@ -4567,8 +4718,11 @@ def _build_parser() -> Any:
     sub = command("status", _cmd_status, "status, times, results and error of a job")
     sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
     sub.add_argument("--json", action="store_true")
-    sub = command("list", _cmd_list, "every job with its status, newest first", job=False)
+    sub = command("list", _cmd_list, "every job and cluster part with its host and status, newest first; "
+                  "remote rows are asked of their hosts (in parallel)", job=False)
     sub.add_argument("--json", action="store_true")
+    sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the hosts; rows not refreshed say when they were last seen")
     sub = command("logs", _cmd_logs, "the job's output")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
     sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
@@ -4637,6 +4791,10 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose - args.quiet)
     try:
         return int(args.handler(args))
+    except BrokenPipeError:  # `stackops list | head`: the reader has all it wanted
+        with _suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except StackopsError as exc:
         if args.verbose >= 2:
             traceback.print_exc()

@@ -1977,6 +1977,72 @@ def test_cluster_cli_run_status_download(cluster_home):
     assert union == list(range(1000))
 
 
+def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home, fault_node, sshd):
+    """`list` shows the alias each job went to, a cluster's parts under it, remote rows as their host
+    says now (a job that ended since the last look is not `running`), and a host that does not
+    answer in time leaves its rows marked with when they were last seen."""
+    home = cluster_home
+    mod = make_module(home, JOBS_SOURCE + CLUSTER_JOBS)
+    local = RemoteMachine(mod.train, config=config(job_id="lst-local")).run()
+    wait_done(local)
+    ended = RemoteMachine(mod.sleeper, config=config(job_id="lst-ended", ssh_host="node1", copy_repo=True,
+                                                    lock_resources=False), func_kwargs={"seconds": 1.0}).run()
+    wait_for(lambda: ended.get_status(0).status == "running", what="running")  # the mirror's last word
+    on_host = sshd.remote_home / ended.file_manager.job_root_rh[2:] / stackops.STATUS_TXT  # a shared disk
+    wait_for(lambda: on_host.read_text() == "completed", what="the remote job to end on its own")
+    with CPUsPerHost(mod.indices, ["node2", "node3"], config(copy_repo=True, lock_resources=False),
+                     job_id="lstclu", max_num=10) as cluster:
+        cluster.run()
+        wait_for(lambda: all(isinstance(s, JobStatus) and s.finished for s in cluster.check_job_status().values()),
+                 timeout=90, what="cluster done")
+    away = RemoteMachine(mod.sleeper, config=config(job_id="lst-away", ssh_host="fnode", copy_repo=True,
+                                                   lock_resources=False), func_kwargs={"seconds": 120}).run()
+    wait_for(lambda: away.get_status(0).status == "running", what="running")
+    ended.close()
+    away.close()
+
+    listing = {row["job_id"]: row for row in json.loads(cli("list", "--json", home=home).stdout)}
+    assert listing["lst-ended"]["status"] == "completed" and listing["lst-ended"]["as_of"] is None
+    assert {j: listing[j]["host"] for j in ("lst-local", "lst-ended", "lstclu_0", "lstclu_1", "lst-away")} == \
+        {"lst-local": "localhost", "lst-ended": "node1", "lstclu_0": "node2", "lstclu_1": "node3",
+         "lst-away": "fnode"}
+    assert listing["lstclu_0"]["cluster"] == listing["lstclu_1"]["cluster"] == "lstclu"
+    table = cli("list", home=home).stdout.splitlines()
+    assert table[0].split()[:3] == ["JOB", "HOST", "STATUS"]
+    at = next(i for i, line in enumerate(table) if line.startswith("lstclu (cluster)"))
+    assert [line.split()[:3] for line in table[at + 1:at + 3]] == [["lstclu_0", "node2", "completed"],
+                                                                    ["lstclu_1", "node3", "completed"]]
+
+    fault_node.link(1, up=False)  # fnode's cable is pulled
+    try:
+        started = time.monotonic()
+        cut = cli("list", "--timeout", "3", home=home)
+        took = time.monotonic() - started
+    finally:
+        fault_node.link(1, up=True)
+    assert cut.returncode == 0 and took < 15, (took, cut.stderr)
+    row = next(line for line in cut.stdout.splitlines() if line.startswith("lst-away"))
+    assert "fnode" in row and "running (as of " in row, row
+    assert "fnode: not refreshed" in cut.stderr and "node1" not in cut.stderr
+    fresh = next(line for line in cut.stdout.splitlines() if line.startswith("lst-ended"))
+    assert "completed" in fresh and "as of" not in fresh
+
+
+def test_cli_list_into_a_closed_pipe_ends_quietly(home):
+    """`stackops list | head` ended in a BrokenPipeError traceback."""
+    mod = make_module(home, JOBS_SOURCE)
+    for i in range(3):
+        wait_done(RemoteMachine(mod.train, config=config(job_id=f"pipe{i}")).run())
+    for args in (["list"], ["list", "--json"], ["queue"], ["status", "pipe0"]):
+        proc = subprocess.Popen([sys.executable, str(SOURCE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(os.environ, HOME=str(home)))
+        proc.stdout.close()  # the reader is gone before the first line
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=60)
+        assert "Traceback" not in err and "BrokenPipe" not in err, (args, err)
+        assert proc.returncode != 0, args
+
+
 
 # ============================================================================================
 # e-mail on completion, against a real SMTP server on loopback
