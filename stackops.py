@@ -133,7 +133,7 @@ PID_TXT = "logs/pid.txt"
 LAUNCHER_PID_TXT = "logs/launcher_pid.txt"
 PID_START_TXT = "logs/pid_start.txt"            # when the wrapper started (clock ticks since boot)
 LAUNCHER_START_TXT = "logs/launcher_pid_start.txt"  # when the launcher started
-NOTIFIED_TXT = "logs/notified.txt"              # the job's one end-of-job e-mail was claimed (and how it went)
+NOTIFIED_TXT = "logs/notified.txt"              # the end's one e-mail was claimed (and how it went)
 TICKET_TXT = "logs/ticket.txt"
 START_TXT = "logs/start_time.txt"
 END_TXT = "logs/end_time.txt"
@@ -405,7 +405,7 @@ def pid_is_alive(pid: int, marker: str | None = None) -> bool:
 
 
 def process_start_ticks(pid: int | str = "self") -> int | None:
-    """When ``pid`` started: field 22 of /proc/<pid>/stat, clock ticks since boot (None without it)."""
+    """When ``pid`` started: /proc/<pid>/stat field 22, clock ticks since boot (or None)."""
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
@@ -986,11 +986,11 @@ def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, pyt
         setup.append('"$PYTHON" -m pip install -e . || _fail "pip install -e . failed in $(pwd)"')
     repo = job_params.repo_path_rh or "~"
     notify = ": no e-mail asked for"
-    if config.notify_upon_completion:  # the job's own copy sends it; python3 when $PYTHON is what failed
+    if config.notify_upon_completion:  # the job's copy sends it; python3 if $PYTHON is what failed
         notify = ('{ "$PYTHON" -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT" '
                   '|| python3 -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT"; }')
-    return render_template(SHELL_TEMPLATE, version=__version__, python=shlex.quote(python), notify=notify,
-                           repo_dir=_sh_path(repo), repo_dir_text=shlex.quote(repo),
+    return render_template(SHELL_TEMPLATE, version=__version__, python=shlex.quote(python),
+                           notify=notify, repo_dir=_sh_path(repo), repo_dir_text=shlex.quote(repo),
                            setup_lines="\n".join(setup) or ": no repo update or install",
                            python_flags="-i " if config.interactive else "")
 
@@ -1013,7 +1013,8 @@ owns() {  # pid $1 is alive, not a zombie, started at tick $3 (if recorded) and 
     s=${s##*) }; set -f; f=($s); set +f
     [ "${f[0]}" != Z ] && [ "${f[0]}" != X ] || return 1
     [ -z "$3" ] || [ "${f[19]:-}" = "$3" ] || return 1
-    while IFS= read -r -d '' a || [ -n "$a" ]; do [ "$a" = "$2" ] && hit=1; done 2>/dev/null < "/proc/$1/cmdline"
+    while IFS= read -r -d '' a || [ -n "$a" ]; do [ "$a" = "$2" ] && hit=1
+    done 2>/dev/null < "/proc/$1/cmdline"
     [ -n "$hit" ]
 }
 job() {  # $1: "" (the wrapper) or launcher_; is the process recorded the job's own? none yet: yes
@@ -1031,10 +1032,13 @@ esac
 if [ -n "$f" ] && ! job "${f#w}"; then
     p=$pid  # a live launcher records why its wrapper ended: give it that moment
     if [ "$f" = w ] && job launcher_ && [ -n "$pid" ]; then
-        for ((i = 0; i < @@grace; i++)); do get status.txt; [ "${R//[[:space:]]/}" = "$st" ] || break; sleep 0.05; done
+        for ((i = 0; i < @@grace; i++)); do
+            get status.txt; [ "${R//[[:space:]]/}" = "$st" ] || break; sleep 0.05
+        done
     fi
     get status.txt; now=${R//[[:space:]]/}  # it may have ended meanwhile
-    if [ "$now" = "$st" ]; then fail "process gone: $what (pid $p) ended without recording the job's end"
+    if [ "$now" = "$st" ]; then
+        fail "process gone: $what (pid $p) ended without recording the job's end"
         st=failed; @@notify
     else st=$now; fi
 fi
@@ -1093,7 +1097,8 @@ def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | N
     return fd
 
 
-_OWN_SCRIPT = {PID_TXT: (PID_START_TXT, WRAPPER_PY), LAUNCHER_PID_TXT: (LAUNCHER_START_TXT, LAUNCHER_SH)}
+_OWN_SCRIPT = {PID_TXT: (PID_START_TXT, WRAPPER_PY),
+               LAUNCHER_PID_TXT: (LAUNCHER_START_TXT, LAUNCHER_SH)}
 
 
 def job_process_alive(job_root: Path, pid_file: str = PID_TXT) -> bool | None:
@@ -1150,7 +1155,7 @@ class Slots:
         job_root = Path(text)
         started = (job_root / PID_TXT).exists() or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES
         launcher = job_process_alive(job_root, LAUNCHER_PID_TXT)
-        if started or launcher is not None:  # a live launcher's job is pending however slow its start
+        if started or launcher is not None:  # a live launcher's job is pending, however slow
             return "pending" if launcher and not started else "stale"
         ticket = name.split("-", 1)[0]
         age = time.time() - int(ticket) / 1e9 if ticket.isdigit() else STARTUP_GRACE
@@ -1310,9 +1315,9 @@ class FileManager:
         """The bash command that starts this job detached on the executing machine and prints the
         launcher's pid. It joins the machine's queue first, so jobs start in the order fired."""
         parts = ["umask 077", f"J={self._job_root_sh()}",
-                 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }',
-                 'J=$(cd -P "$J" && pwd)']  # the launcher's command line names its exact path
-        if self.lock_resources:  # the entry appears whole under its name (a reader never sees it empty)
+                 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
+        parts.append('J=$(cd -P "$J" && pwd)')  # the launcher's command line names its exact path
+        if self.lock_resources:  # the entry appears whole under its name, never empty
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
             temp = f'"$S/queue/.$t-"{shlex.quote(self.job_id)}.tmp'
             parts += ['S="${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"',
@@ -1392,8 +1397,10 @@ class FileManager:
         if job_process_alive(self.job_root, pid_file) is not False:
             return status
         if pid_file == PID_TXT and job_process_alive(self.job_root, LAUNCHER_PID_TXT):
-            deadline = time.monotonic() + LAUNCHER_GRACE  # a live launcher records why its wrapper ended
-            while _read_text(self.path(STATUS_TXT)).strip() == status and time.monotonic() < deadline:
+            deadline = time.monotonic() + LAUNCHER_GRACE  # a live launcher records why it ended
+            while _read_text(self.path(STATUS_TXT)).strip() == status:
+                if time.monotonic() > deadline:
+                    break
                 time.sleep(0.05)
         now = _read_text(self.path(STATUS_TXT)).strip()  # it may have finished meanwhile
         if now != status:
@@ -1415,7 +1422,7 @@ class FileManager:
 
     def status_report(self, log_lines: int = 20, verify: bool = True) -> JobStatus:
         """Everything about the job in one call: status, pid, times, results, error, log tail.
-        ``verify=False`` reads the folder as it is (a remote job's local mirror: its pid is not ours)."""
+        ``verify=False`` reads the folder as it is (a remote job's mirror: its pid is not ours)."""
         if not self.path(FILE_MANAGER_JSON).exists():
             raise StackopsError(f"no job folder at {self.job_root}")
         raw = _read_text(self.path(STATUS_TXT)).strip() or "queued"
@@ -1437,10 +1444,12 @@ class FileManager:
         runs instead on a machine without /proc; ``notify`` (a command), started in the background
         when the check finds the job dead. parse_status_output reads what it prints."""
         if notify:
-            notify = f'[ -e "$L/notified.txt" ] || {{ setsid {notify} </dev/null >>"$L/output.log" 2>&1 & }}'
+            notify = (f'[ -e "$L/notified.txt" ] || '
+                      f'{{ setsid {notify} </dev/null >>"$L/output.log" 2>&1 & }}')
         script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
                                  marker=marker, lines=str(max(0, int(log_lines))), state_dir=DEFAULT_STATE_DIR[2:],
-                                 fallback=fallback, notify=notify or ":", grace=str(int(LAUNCHER_GRACE / 0.05)))
+                                 fallback=fallback, notify=notify or ":",
+                                 grace=str(int(LAUNCHER_GRACE / 0.05)))
         return f"bash -c {shlex.quote(script)}"
 
     def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus, dict[str, str]]:
@@ -1577,7 +1586,7 @@ def _banner(text: str) -> None:
 def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any,
                 error: str) -> tuple[dict[str, Any], str]:
     """Record results, times and error (everything but the status); returns the history record
-    and the error, to which a failure of this step itself is added (a result that cannot be saved)."""
+    and the error, with a failure of this step itself added (a result that cannot be saved)."""
     timings.end_utc = _utcnow()
     timings.end_local = timings.end_utc.astimezone()
     manager.write_log(END_TXT, _iso(timings.end_utc) or "")  # first: every end has its time
@@ -1587,7 +1596,8 @@ def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any,
             _save_result(folder, res)
         manager.write_log(RESULTS_TXT, collapse_home(folder))
     except Exception:
-        error = _add_error(error, "the finishing step could not save the job's result:\n" + traceback.format_exc())
+        why = "the finishing step could not save the job's result:\n" + traceback.format_exc()
+        error = _add_error(error, why)
         folder = Path("-")
     manager.write_log(ERROR_TXT, error)
     _atomic_write_json(manager.path(TIMINGS_JSON), timings.to_dict())
@@ -1597,8 +1607,10 @@ def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any,
             f"results={collapse_home(folder)}")
     if error:
         print(error, file=sys.stderr, flush=True)
-    record = {"job_id": manager.job_id, "status": status, "submission_time": _iso(timings.submission_time),
-              "start_time": _iso(timings.start_utc), "end_time": _iso(timings.end_utc), "duration_seconds": took}
+    record = {"job_id": manager.job_id, "status": status,
+              "submission_time": _iso(timings.submission_time),
+              "start_time": _iso(timings.start_utc), "end_time": _iso(timings.end_utc),
+              "duration_seconds": took}
     return record, error
 
 
@@ -1683,7 +1695,8 @@ def _claim_notification(manager: FileManager) -> bool:
         fd = os.open(manager.path(NOTIFIED_TXT), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return False
-    os.write(fd, f"claimed {_iso(_utcnow())} by pid {os.getpid()} on {os.uname().nodename}\n".encode())
+    claim = f"claimed {_iso(_utcnow())} by pid {os.getpid()} on {os.uname().nodename}\n"
+    os.write(fd, claim.encode())
     os.close(fd)
     return True
 
@@ -1704,7 +1717,8 @@ def _notify(manager: FileManager, record: dict[str, Any] | None, status: str, er
             body += f"\nerror (last lines):\n{_tail(error, 20)}\n"
         send_job_email(load_email_config(config["email_config_name"]), config["to_email"],
                        f"stackops: job {manager.job_id} {status} on {host}", body)
-        _append_text(manager.path(NOTIFIED_TXT), f"sent {_iso(_utcnow())} to {config['to_email']}\n")
+        sent = f"sent {_iso(_utcnow())} to {config['to_email']}\n"
+        _append_text(manager.path(NOTIFIED_TXT), sent)
         log.info("sent the completion e-mail of job %s to %s", manager.job_id, config["to_email"])
     except Exception as exc:  # the job's outcome stands whatever the mail server does
         log.warning("could not send the completion e-mail of job %s: %s", manager.job_id, exc)
@@ -3428,7 +3442,7 @@ class RemoteMachine:
         return self.file_manager.status_command(marker, log_lines, fallback, notify)
 
     def _take_report(self, stdout: str, marker: str, log_lines: int) -> JobStatus:
-        """The JobStatus in a host's answer; its small log files are mirrored into the local folder."""
+        """The JobStatus in a host's answer; its small log files are mirrored into our folder."""
         if stdout.startswith("{"):  # a host without /proc answered with the Python report
             answer = json.loads(stdout)
             report, logs = JobStatus.from_dict(answer["status"]), answer["logs"]
@@ -3626,11 +3640,14 @@ def list_jobs(base_dir: str | None = None, timeout: float = 10.0) -> list[JobSta
 def _job_folders(base_dir: str | None) -> list[tuple[Path, str | None]]:
     """(job folder, cluster id or None): the jobs under ``base_dir`` and the clusters' parts."""
     base = expand_home(base_dir or DEFAULT_BASE_DIR)
-    found: list[tuple[Path, str | None]] = [(p.parent.parent, None) for p in base.glob("queued/*/" + REMOTE_MACHINE_JSON)]
+    found: list[tuple[Path, str | None]] = []
+    for path in base.glob("queued/*/" + REMOTE_MACHINE_JSON):
+        found.append((path.parent.parent, None))
     for cluster_json in sorted(base.parent.glob("job_id__*/cluster.json")):
         try:
             data = _read_json(cluster_json)
-            found += [(expand_home(path), str(data["job_id"])) for path in data["machines"].values()]
+            parts = data["machines"].values()
+            found += [(expand_home(path), str(data["job_id"])) for path in parts]
         except (StackopsError, KeyError, TypeError, AttributeError) as exc:
             log.warning("skipping cluster %s: %s", collapse_home(cluster_json.parent), exc)
     return found
@@ -3640,15 +3657,16 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[di
     """One row per job (see list_jobs): ``job_id``, ``host`` (the alias it was submitted to),
     ``cluster``, ``report`` (a JobStatus), ``as_of`` (None when current; else when it was last seen,
     because its host could not be asked within ``timeout`` seconds) and ``error`` (why not)."""
-    rows, remote = [], {}
+    rows: list[dict[str, Any]] = []
+    remote: dict[str, list[dict[str, Any]]] = {}
     for root, cluster in _job_folders(base_dir):
         try:
             machine = RemoteMachine.from_job_dir(root)
         except StackopsError as exc:
             log.warning("skipping %s: %s", collapse_home(root), exc)
             continue
-        row = {"job_id": machine.job_id, "host": machine.host_name, "cluster": cluster, "as_of": None,
-               "error": None, "machine": machine}
+        row: dict[str, Any] = {"job_id": machine.job_id, "host": machine.host_name,
+                               "cluster": cluster, "as_of": None, "error": None, "machine": machine}
         rows.append(row)
         if machine.is_remote and machine.submitted:
             remote.setdefault(machine.host_name, []).append(row)
@@ -3674,14 +3692,15 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[di
 
 
 def _last_seen(status_file: Path) -> str | None:
-    """When a remote job's status was last mirrored here (the file is rewritten at every refresh)."""
+    """When a remote job's status was last mirrored here (rewritten at every refresh)."""
     try:
         return _iso(_dt.datetime.fromtimestamp(status_file.stat().st_mtime, _dt.timezone.utc))
     except OSError:
         return None
 
 
-def _ask_hosts(remote: dict[str, list[dict[str, Any]]], timeout: float) -> dict[tuple[str, str], Any]:
+def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
+               timeout: float) -> dict[tuple[str, str], Any]:
     """Every host's jobs refreshed in one round trip per host, all hosts at once, within
     ``timeout`` seconds: {(host, job_id): JobStatus or the error that kept it from being read}."""
     import threading
@@ -3703,7 +3722,8 @@ def _ask_hosts(remote: dict[str, list[dict[str, Any]]], timeout: float) -> dict[
     done = dict(results)
     answers: dict[tuple[str, str], Any] = {}
     for host, rows in remote.items():
-        result = done.get(host, StackopsConnectionError(f"{host} did not answer within {timeout:g}s"))
+        silent = StackopsConnectionError(f"{host} did not answer within {timeout:g}s")
+        result = done.get(host, silent)
         for row in rows:
             key = (host, row["job_id"])
             missing = StackopsError(f"{host} sent no status for job {row['job_id']}")
@@ -3711,14 +3731,16 @@ def _ask_hosts(remote: dict[str, list[dict[str, Any]]], timeout: float) -> dict[
     return answers
 
 
-def _ask_host(host: str, machines: list[RemoteMachine], timeout: float) -> dict[tuple[str, str], Any]:
+def _ask_host(host: str, machines: list[RemoteMachine],
+              timeout: float) -> dict[tuple[str, str], Any]:
     """One SSH round trip that reports every job of ``host`` (each job's bash status, in turn)."""
     fence = f"--stackops-list-{random.getrandbits(64):016x}"
     markers = [f"{fence}-{index}" for index in range(len(machines))]
     script = "".join(f"{m._status_command(marker, 0)}; printf '\\n%s:%s:%s\\n' {fence} {index} $?\n"
                      for index, (m, marker) in enumerate(zip(machines, markers)))
     with SSH.from_config_file(host, timeout=timeout) as ssh:
-        response = ssh.run_shell_cmd_on_remote(f"bash -c {shlex.quote(script)}", timeout=timeout, strict=False)
+        response = ssh.run_shell_cmd_on_remote(f"bash -c {shlex.quote(script)}", timeout=timeout,
+                                               strict=False)
     pieces = re.split(rf"\n{re.escape(fence)}:(\d+):(\d+)\n", response.stdout)
     answers: dict[tuple[str, str], Any] = {}
     for start in range(0, len(pieces) - 2, 3):
@@ -3727,8 +3749,9 @@ def _ask_host(host: str, machines: list[RemoteMachine], timeout: float) -> dict[
         if status == 0:
             answers[(host, machine.job_id)] = machine._take_report(text, markers[index], 0)
         else:
-            answers[(host, machine.job_id)] = CommandError(host, "job status", status, response.stderr,
-                                                           hint="is the job folder still on the host?")
+            answers[(host, machine.job_id)] = CommandError(
+                host, "job status", status, response.stderr,
+                hint="is the job folder still on the host?")
     return answers
 
 
@@ -4266,16 +4289,17 @@ def _cmd_list(args: Any) -> int:
             parts = [r for r in rows if r["cluster"] == row["cluster"]]
             clusters[row["cluster"]] = parts
             table.append(_cluster_row(row["cluster"], parts))
-            table += [_list_row("  " + part["job_id"], part) for part in sorted(parts, key=lambda r: r["job_id"])]
+            parts.sort(key=lambda part: part["job_id"])
+            table += [_list_row("  " + part["job_id"], part) for part in parts]
     _print_table(table, ["JOB", "HOST", "STATUS", "SUBMITTED (UTC)", "DURATION", "RESULTS"])
     return 0
 
 
 def _list_json(row: dict[str, Any]) -> dict[str, Any]:
-    """A row of ``list --json``: the JobStatus, with ``host`` the alias used and ``hostname`` its answer."""
+    """A row of ``list --json``: its JobStatus; ``host`` is the alias, ``hostname`` its answer."""
     data = row["report"].to_dict()
-    data.update(hostname=data.pop("host"), host=row["host"], cluster=row["cluster"], as_of=row["as_of"],
-                not_refreshed=row["error"])
+    data.update(hostname=data.pop("host"), host=row["host"], cluster=row["cluster"],
+                as_of=row["as_of"], not_refreshed=row["error"])
     return data
 
 
@@ -4289,7 +4313,8 @@ def _list_row(name: str, row: dict[str, Any]) -> list[str]:
         end = end or seen  # its duration stops where our knowledge does
     start = _parse_iso(report.start_time)
     took = _format_duration(((end or _utcnow()) - start).total_seconds()) if start else "-"
-    return [name, row["host"], status, (report.submission_time or "-")[:19], took, report.results_path or "-"]
+    submitted = (report.submission_time or "-")[:19]
+    return [name, row["host"], status, submitted, took, report.results_path or "-"]
 
 
 def _cluster_row(cluster: str, parts: list[dict[str, Any]]) -> list[str]:
@@ -4695,6 +4720,17 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
 
 
+_LIST_HELP = ("every job and cluster part with its host and status, newest first; remote rows are "
+              "asked of their hosts (in parallel)")
+
+
+def _add_list_args(sub: Any) -> None:
+    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the hosts; a row not refreshed says when it was "
+                          "last seen")
+
+
 def _build_parser() -> Any:
     import argparse
 
@@ -4718,11 +4754,7 @@ def _build_parser() -> Any:
     sub = command("status", _cmd_status, "status, times, results and error of a job")
     sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
     sub.add_argument("--json", action="store_true")
-    sub = command("list", _cmd_list, "every job and cluster part with its host and status, newest first; "
-                  "remote rows are asked of their hosts (in parallel)", job=False)
-    sub.add_argument("--json", action="store_true")
-    sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                     help="how long to wait for the hosts; rows not refreshed say when they were last seen")
+    _add_list_args(command("list", _cmd_list, _LIST_HELP, job=False))
     sub = command("logs", _cmd_logs, "the job's output")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
     sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
@@ -4766,7 +4798,7 @@ def _build_parser() -> Any:
     sub = commands.add_parser("job-check-email")
     sub.set_defaults(handler=_cmd_job_check_email)
     sub.add_argument("job_root")
-    sub = commands.add_parser("job-notify")  # the launcher or a status check reports an end the wrapper could not
+    sub = commands.add_parser("job-notify")  # an end the wrapper could not report
     sub.set_defaults(handler=_cmd_job_notify)
     sub.add_argument("job_root")
     return parser
@@ -4793,7 +4825,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except BrokenPipeError:  # `stackops list | head`: the reader has all it wanted
         with _suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none at exit
         return 141
     except StackopsError as exc:
         if args.verbose >= 2:
