@@ -4501,16 +4501,53 @@ def _cmd_cluster_run(args: Any) -> int:
         print(f"cluster {cluster.job_id} launched on {len(cluster.machines)} host(s); "
               f"python stackops.py cluster status {cluster.job_id}")
         if args.wait:
-            return _wait_cluster(cluster)
+            return _wait_cluster(cluster, args.host_timeout)
     return 0
 
 
-def _wait_cluster(cluster: Cluster) -> int:
-    while True:
-        statuses = cluster.check_job_status()
-        if all(isinstance(s, JobStatus) and s.finished for s in statuses.values()):
-            return _show_cluster(cluster, statuses, as_json=False)
+def _wait_cluster(cluster: Cluster, host_timeout: float) -> int:
+    """Follow every host's job until it ends, saying on stderr what it waits for; a host that has
+    not answered for ``host_timeout`` seconds is given up (reported, and the exit status is 1)."""
+    import threading
+
+    jobs = ", ".join(f"{m.job_id} on {host}" for host, m in cluster.machines.items())
+    print(f"stackops: waiting for {len(cluster.machines)} job(s) to end: {jobs}; a host that "
+          f"does not answer for {host_timeout:g}s is given up (Ctrl-C stops waiting, the jobs "
+          "go on)", file=sys.stderr)
+    answers: dict[str, Any] = {}  # each host's latest answer: a JobStatus, or the error instead
+    heard = dict.fromkeys(cluster.machines, time.monotonic())  # when it last answered
+    given_up: dict[str, StackopsError] = {}
+    polls: dict[str, threading.Thread] = {}
+
+    def poll(host: str) -> None:
+        try:
+            answers[host] = cluster.machines[host].get_status(0)
+            heard[host] = time.monotonic()
+        except Exception as exc:  # an unreachable host answers with its error
+            answers[host] = exc
+
+    waiting = set(cluster.machines)
+    while waiting:
+        for host in waiting:
+            if host not in polls or not polls[host].is_alive():
+                polls[host] = threading.Thread(target=poll, args=(host,), daemon=True)
+                polls[host].start()
         time.sleep(0.5)
+        for host in sorted(waiting):
+            answer = answers.get(host)
+            if isinstance(answer, JobStatus) and answer.finished:
+                waiting.discard(host)
+                print(f"stackops: {host}: job {answer.job_id} {answer.status}", file=sys.stderr)
+            elif time.monotonic() - heard[host] > host_timeout:
+                waiting.discard(host)
+                given_up[host] = _give_up(host, answer, time.monotonic() - heard[host])
+    return _show_cluster(cluster, {**answers, **given_up}, as_json=False)
+
+
+def _give_up(host: str, answer: Any, silent: float) -> StackopsError:
+    why = _last_line(str(answer)) if isinstance(answer, Exception) else "no answer"
+    print(f"stackops: {host}: giving up, unreachable for {silent:.0f}s ({why})", file=sys.stderr)
+    return StackopsConnectionError(f"unreachable for {silent:.0f}s: {why}")
 
 
 def _show_cluster(cluster: Cluster, statuses: dict[str, Any], as_json: bool) -> int:
@@ -4565,7 +4602,10 @@ def _add_cluster_args(commands: Any) -> None:
     run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
     run.add_argument("--job-id", help="the cluster's id (a safe name)")
     run.add_argument("--description", default="")
-    run.add_argument("--wait", action="store_true", help="block until every host's job ended")
+    run.add_argument("--wait", action="store_true", help="block until every host's job ended "
+                     "(exit status 1 if one failed or a host stayed unreachable)")
+    run.add_argument("--host-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="with --wait: give up on a host silent this long (default 120)")
     for name, handler, text in (("status", _cmd_cluster_status, "one line per host: share, status, times"),
                                 ("download", _cmd_cluster_download, "every host's results into one folder")):
         action = sub.add_parser(name, help=text)

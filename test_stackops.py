@@ -2028,6 +2028,38 @@ def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home,
     assert "completed" in fresh and "as of" not in fresh
 
 
+def test_cluster_cli_wait_says_what_it_waits_for_and_gives_up_on_a_silent_host(cluster_home, fault_node):
+    """`cluster run --wait` hung silently forever once a host went away: now it says what it waits
+    for, reports the host that stays unreachable past --host-timeout, and ends with status 1."""
+    home = cluster_home
+    (home / "proj").mkdir(exist_ok=True)
+    (home / "proj" / "slowcj.py").write_text("import time\n\ndef part(workload_params, seconds=8.0):\n"
+                                             "    time.sleep(seconds)\n    return workload_params.idx_start\n")
+    proc = subprocess.Popen([sys.executable, str(SOURCE), "cluster", "run", "proj/slowcj.py:part", "--hosts",
+                             "node1,fnode", "--copy-repo", "--job-id", "silent", "--wait", "--host-timeout", "3"],
+                            cwd=home, env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")))
+    reader.start()
+    try:
+        wait_for(lambda: any("waiting for 2 job(s)" in line for line in lines), timeout=60, what="waiting")
+        fault_node.link(1, up=False)  # fnode's cable is pulled while its job runs
+        proc.wait(timeout=90)
+    finally:
+        fault_node.link(1, up=True)
+        if proc.poll() is None:
+            proc.kill()
+        reader.join()
+    out, err = proc.stdout.read(), "".join(lines)
+    assert "silent_0 on node1" in err and "silent_1 on fnode" in err
+    assert "fnode: giving up, unreachable for" in err and "node1: job silent_0 completed" in err, err
+    assert proc.returncode == 1, (out, err)
+    table = out.split("DURATION  ERROR\n")[-1]
+    rows = {line.split()[0]: line.split()[2] for line in table.splitlines() if line.strip()}
+    assert rows == {"node1": "completed", "fnode": "unreachable"}, out
+
+
 def test_cli_list_into_a_closed_pipe_ends_quietly(home):
     """`stackops list | head` ended in a BrokenPipeError traceback."""
     mod = make_module(home, JOBS_SOURCE)
