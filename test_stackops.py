@@ -4,6 +4,7 @@ slots are exercised by real competing processes; nothing is mocked."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import itertools
 import json
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -937,6 +939,231 @@ def test_status_property_never_running_unless_the_jobs_own_process_lives(home):
             if not own:
                 assert "process gone" in report.error_message and report.end_time, (kind, report)
         check()
+
+
+QUEUE_SOURCE = """
+    import os, time
+
+    def gated(gate):
+        while True:
+            if os.path.exists(gate + ".ok"):
+                return "ok"
+            if os.path.exists(gate + ".fail"):
+                raise RuntimeError("failed on purpose")
+            time.sleep(0.02)
+"""
+
+
+def _procs_naming(text: str) -> list[int]:
+    """Live (not zombie) processes whose command line names ``text``: the process table's own view."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, IndexError):
+            if text.encode() in cmdline.read_bytes():
+                state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state not in "ZX":
+                    found.append(int(cmdline.parent.name))
+    return found
+
+
+def _observed(step):
+    """Record a broken property and stop acting, instead of raising: a run of real processes cannot
+    be replayed step for step, so hypothesis would report its own replay, not the bug. The test
+    reports what was seen, with the steps that led there."""
+    @functools.wraps(step)
+    def run(self, *args, **kwargs):
+        if QueueMachine.violations:
+            return None
+        self.steps.append(f"{step.__name__}{kwargs or ''}")
+        try:
+            return step(self, *args, **kwargs)
+        except AssertionError as exc:
+            QueueMachine.violations.append(f"{step.__name__}: {exc}\n  statuses: {self.seen}\n"
+                                           f"  steps: {self.steps}")
+            return None
+    return run
+
+
+class QueueMachine(stateful.RuleBasedStateMachine):
+    """The queue of one machine under submits, finishes, failures, SIGKILLed holders and launchers,
+    and launchers that are slow (a `git pull` that takes its time); invariants after every step."""
+
+    SLOTS = 2
+    base: Path
+    violations: list[str] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.home = Path(tempfile.mkdtemp(dir=QueueMachine.base))
+        os.environ["HOME"] = str(self.home)
+        self.mod = make_module(self.home, QUEUE_SOURCE)
+        self.gates = self.home / "gates"
+        self.gates.mkdir()
+        self.jobs: list[dict] = []
+        self.seen: dict[str, str] = {}
+        self.steps: list[str] = []
+
+    # -- steps --------------------------------------------------------------------------------------
+
+    @stateful.initialize(slows=hypothesis.strategies.lists(hypothesis.strategies.booleans(), min_size=1,
+                                                           max_size=3))
+    @_observed
+    def first_submits(self, slows: list[bool]) -> None:
+        for slow in slows:
+            self.submit_one(slow)
+
+    @stateful.precondition(lambda self: len(self.jobs) < 8)
+    @stateful.rule(slows=hypothesis.strategies.lists(hypothesis.strategies.booleans(), min_size=1, max_size=2))
+    @_observed
+    def submit(self, slows: list[bool]) -> None:
+        for slow in slows:
+            self.submit_one(slow)
+
+    def submit_one(self, slow: bool) -> None:
+        job_id = f"j{len(self.jobs)}"
+        cfg = config(job_id=job_id, max_simultaneous_jobs=self.SLOTS, update_repo=slow)
+        machine = RemoteMachine(self.mod.gated, config=cfg, func_kwargs={"gate": str(self.gates / job_id)})
+        self.jobs.append({"machine": machine.run(), "slow": slow, "killed": False})
+        entries = Slots().entries()
+        if slow and entries and entries[0].endswith(f"-{job_id}"):  # as if in its `git pull` for minutes
+            old = f"{int(entries[0].split('-', 1)[0]) - 120 * 10**9:019d}"
+            machine.file_manager.write_log(stackops.TICKET_TXT, old)
+            os.rename(Slots().queue / entries[0], Slots().queue / f"{old}-{job_id}")
+        if not slow:  # its wrapper is in line (or beyond) before the next step
+            wait_for(lambda: machine.get_status(0).status != "queued", what=f"{job_id}'s wrapper")
+
+    # Rules never depend on what the processes did (no preconditions on it): hypothesis draws the
+    # same choices again when it replays, and a rule with nothing to act on does nothing.
+
+    @stateful.rule(pick=hypothesis.strategies.integers(0, 99))
+    @_observed
+    def release_slow_launcher(self, pick: int) -> None:
+        slow = [j for j in self.jobs if j["slow"]]
+        if not slow:
+            return
+        job = slow[pick % len(slow)]
+        job["slow"] = False
+        pid = wait_for(lambda: self._read(job, stackops.LAUNCHER_PID_TXT), what="launcher pid")
+        (self.gates / pid).touch()
+
+    @stateful.rule(outcome=hypothesis.strategies.sampled_from(["ok", "fail", "sigkill"]),
+                   pick=hypothesis.strategies.integers(0, 99))
+    @_observed
+    def end_a_running_job(self, outcome: str, pick: int) -> None:
+        running = [j for j in self.jobs if self.seen.get(j["machine"].job_id) == "running"]
+        if not running:
+            return
+        machine = running[pick % len(running)]["machine"]
+        if outcome == "sigkill":  # the holder dies without a word: the kernel frees its slot
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(self._read({"machine": machine}, stackops.PID_TXT)), signal.SIGKILL)
+        else:
+            Path(f"{self.gates / machine.job_id}.{outcome}").touch()
+        report = wait_for(lambda: (r := machine.get_status(0)).finished and r, what="the end")
+        expected = {"ok": "completed", "fail": "failed", "sigkill": "failed"}[outcome]
+        assert report.status == expected, report
+        if outcome == "sigkill":
+            assert "killed by signal 9" in report.error_message, report
+
+    def _killable(self) -> list[dict]:
+        """Jobs whose launcher may die: a started wrapper's, or a slow one's (its Python may be
+        starting right after a fast launcher: a window this test does not model)."""
+        return [j for j in self.jobs if self.seen.get(j["machine"].job_id) in ("waiting", "running")
+                or (self.seen.get(j["machine"].job_id) == "queued" and j["slow"])]
+
+    @stateful.rule(pick=hypothesis.strategies.integers(0, 99))
+    @_observed
+    def sigkill_a_launcher(self, pick: int) -> None:
+        """Only the launcher dies: a started wrapper goes on; a slow launcher's job never starts."""
+        alive = self._killable()
+        if not alive:
+            return
+        job = alive[pick % len(alive)]
+        status = self.seen[job["machine"].job_id]
+        pid = wait_for(lambda: self._read(job, stackops.LAUNCHER_PID_TXT), what="launcher pid")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+        job["killed"] = True
+        if status == "queued":
+            job["slow"] = False
+            report = wait_for(lambda: (r := job["machine"].get_status(0)).finished and r, what="found dead")
+            assert report.status == "failed" and "launcher" in report.error_message, report
+
+    # -- invariants ---------------------------------------------------------------------------------
+
+    @stateful.invariant()
+    @_observed
+    def truthful_and_in_order(self) -> None:
+        slots = Slots()
+        for view in (stackops.QUEUED_VIEW, stackops.RUNNING_VIEW, stackops.HISTORY_VIEW):
+            if (slots.root / view).exists():
+                json.loads((slots.root / view).read_text())  # every view is valid JSON at every instant
+        assert len(slots.holders()) <= self.SLOTS
+        starts, unstarted = [], []
+        for job in self.jobs:
+            machine = job["machine"]
+            report = machine.get_status(0)
+            self.seen[machine.job_id] = report.status
+            if report.start_time:  # live entries start in order: nobody passes a job still in line
+                assert not unstarted, f"{machine.job_id} started before {unstarted}, fired earlier"
+            elif not report.finished:
+                unstarted.append(machine.job_id)
+            wrapper = f"{os.path.realpath(machine.file_manager.job_root)}/python/cluster_wrap.py"
+            if report.status in ("waiting", "running"):  # the process table agrees
+                assert _procs_naming(wrapper), (machine.job_id, report.status)
+            if "process gone" in report.error_message:
+                assert not _procs_naming(wrapper), (machine.job_id, report.error_message)
+            if report.start_time:
+                starts.append(report.start_time)
+        assert list(self.seen.values()).count("running") <= self.SLOTS, self.seen
+        assert starts == sorted(starts), "jobs started out of the order they were fired"
+
+    def teardown(self) -> None:
+        """Every job ends: release everything and wait for each to finish, then nothing is held."""
+        try:
+            self._every_job_ends()
+        finally:
+            for pid in _procs_naming(str(self.home)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    @_observed
+    def _every_job_ends(self) -> None:
+        for job in self.jobs:  # a launcher fired just now records itself in a moment
+            pid = wait_for(lambda j=job: self._read(j, stackops.LAUNCHER_PID_TXT), what="launcher pid")
+            (self.gates / pid).touch()
+            Path(f"{self.gates / job['machine'].job_id}.ok").touch()
+        for job in self.jobs:
+            report = wait_for(lambda j=job: (r := j["machine"].get_status(0)).finished and r, timeout=60,
+                              what=f"{job['machine'].job_id} to end")
+            assert report.end_time, report
+        assert Slots().holders() == [] and Slots().waiters() == []
+
+    @staticmethod
+    def _read(job: dict, relative: str) -> str:
+        return job["machine"].file_manager.path(relative).read_text().strip() \
+            if job["machine"].file_manager.path(relative).exists() else ""
+
+
+def test_slots_queue_state_machine(home, tmp_path, monkeypatch):
+    """Stateful property of the queue (issue 12): whatever order of submits, ends, failures, SIGKILLs
+    and slow launchers, never more than N run, jobs start in order, every view is valid JSON, status
+    agrees with the process table, and every job ends."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    gates = "$HOME/gates"
+    (shims / "git").write_text(f"#!/bin/bash\n# a slow `git pull`: waits until the test lets its launcher go\n"
+                               f"while [ ! -e {gates}/$PPID ] && [ -d /proc/$PPID ]; do sleep 0.02; done\n")
+    (shims / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    QueueMachine.base = tmp_path
+    QueueMachine.violations = []
+    started = time.monotonic()
+    stateful.run_state_machine_as_test(QueueMachine, settings=hypothesis.settings(
+        max_examples=4, stateful_step_count=8, deadline=None, database=None,
+        suppress_health_check=list(hypothesis.HealthCheck)))
+    assert not QueueMachine.violations, "\n".join(QueueMachine.violations)
+    assert time.monotonic() - started < 120
 
 
 # ============================================================================================
