@@ -993,7 +993,7 @@ echo "=== SHELL END ==="
 "$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py"
 rc=$?
 case "$(cat "$LOGS/status.txt" 2>/dev/null)" in
-    completed|failed) ;;
+    completed|failed|cancelled) ;;
     *)  if [ "$rc" -gt 128 ]; then why="killed by signal $((rc - 128))"; else why="exit status $rc"; fi
         [ "$rc" -eq 127 ] && why="$why: is $PYTHON installed?"
         _fail "process gone: the job's Python process ended ($why) without recording its end" ;;
@@ -1172,7 +1172,7 @@ job() {  # $1: "" (the wrapper) or launcher_; is the process recorded the job's 
 }
 get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; f=
 case "$st" in
-    completed|failed) ;;
+    completed|failed|cancelled) ;;
     waiting|running) f=w; what="the job's process" ;;
     queued) f=launcher_; what="the job's launcher" ;;
     *) fail "unreadable status '$st' in logs/status.txt"; st=failed ;;
