@@ -4057,9 +4057,9 @@ def _ask_host(host: str, machines: list[RemoteMachine],
     markers = [f"{fence}-{index}" for index in range(len(machines))]
     script = "".join(f"{m._status_command(marker, 0)}; printf '\\n%s:%s:%s\\n' {fence} {index} $?\n"
                      for index, (m, marker) in enumerate(zip(machines, markers)))
-    with SSH.from_config_file(host, timeout=timeout) as ssh:
-        response = ssh.run_shell_cmd_on_remote(f"bash -c {shlex.quote(script)}", timeout=timeout,
-                                               strict=False)
+    with SSH.from_config_file(host, timeout=timeout) as ssh:  # stdin: no length limit, any shell
+        response = ssh.run_shell_cmd_on_remote("bash -s", timeout=timeout, strict=False,
+                                               stdin=script.encode())
     pieces = re.split(rf"\n{re.escape(fence)}:(\d+):(\d+)\n", response.stdout)
     answers: dict[tuple[str, str], Any] = {}
     for start in range(0, len(pieces) - 2, 3):

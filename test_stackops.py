@@ -2762,8 +2762,16 @@ MAIL = {"notify_upon_completion": True, "to_email": "me@test.invalid", "email_co
 
 
 def _one_mail(received, job_id: str):
-    """The one message about ``job_id`` (a second one would arrive within _wait_mail's pause)."""
-    messages = [m for m in _wait_mail(received, 1) if f"job {job_id} " in m["Subject"]]
+    """The one message about ``job_id`` (a second one would arrive within the pause)."""
+    import email
+
+    def about() -> list:
+        messages = [email.message_from_bytes(envelope.content) for envelope in list(received)]
+        return [m for m in messages if f"job {job_id} " in m["Subject"]]
+
+    wait_for(about, timeout=60, what=f"the e-mail about {job_id}")
+    time.sleep(0.3)
+    messages = about()
     assert len(messages) == 1, [m["Subject"] for m in messages]
     return messages[0]
 
