@@ -1539,7 +1539,7 @@ class FileManager:
         parts = ["umask 077", f"J={self._job_root_sh()}",
                  'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
         parts.append('J=$(cd -P "$J" && pwd)')  # the launcher's command line names its exact path
-        if self.lock_resources and join_queue:  # the entry appears whole under its name, never empty
+        if self.lock_resources and join_queue:  # the entry appears whole, never empty
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
             temp = f'"$S/queue/.$t-"{shlex.quote(self.job_id)}.tmp'
             parts += ['S="${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"',
@@ -5237,7 +5237,8 @@ def _cmd_list(args: Any) -> int:
 
 def _row_from_host(host: str, data: dict[str, Any]) -> dict[str, Any]:
     """A row of ``list --host``: what the host's own ``list --json`` says about one of its jobs."""
-    plain = {spec.name: data[spec.name] for spec in dataclasses.fields(JobStatus) if spec.name in data}
+    names = [spec.name for spec in dataclasses.fields(JobStatus)]
+    plain = {name: data[name] for name in names if name in data}
     plain["host"] = data.get("hostname") or data.get("host") or "?"
     return {"job_id": plain.get("job_id"), "host": host, "cluster": data.get("cluster"),
             "as_of": data.get("as_of"), "error": data.get("not_refreshed"),
@@ -5930,7 +5931,8 @@ def _add_list_args(sub: Any) -> None:
     sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                      help="how long to wait for the hosts; a row not refreshed says when it was "
                           "last seen")
-    sub.add_argument("--host", help="the jobs whose folders are on this host (from any machine), read there")
+    sub.add_argument("--host", help="the jobs whose folders are on this host (from any machine), "
+                     "read there")
 
 
 def _add_control_args(command: Callable[..., Any]) -> None:
