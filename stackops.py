@@ -79,8 +79,9 @@ __all__ = [
     "RemoteStackOpsConfig", "WorkloadParams", "JobStatus", "ExecutionTimings", "JobParams",
     "FileManager", "Slots", "render_execution_script", "render_shell_script", "run_job", "call_job_part",
     "job_report", "delete_own_results", "demo_job",
+    "notify_job_end", "is_job_process", "job_process_alive", "process_start_ticks",
     "SSH", "SSHTarget", "Response", "resolve_ssh_target", "parse_ssh_target", "simple_sftp_get",
-    "transfer_sftp", "transfer_cloud", "cloud_base", "RemoteMachine", "list_jobs",
+    "transfer_sftp", "transfer_cloud", "cloud_base", "RemoteMachine", "list_jobs", "list_job_rows",
     "LoadCriterion", "MachineSpecs", "ThreadLoadCalculator", "MachineLoadCalculator", "Cluster",
     "CloudQueue", "run_worker", "InterfaceAddress", "interface_table", "get_all_ipv4_addresses", "lan_score",
     "choose_lan_ipv4", "select_lan_ipv4", "get_public_ip_address", "switch_public_ip_address",
@@ -131,6 +132,9 @@ LOGS = "logs"
 STATUS_TXT = "logs/status.txt"
 PID_TXT = "logs/pid.txt"
 LAUNCHER_PID_TXT = "logs/launcher_pid.txt"
+PID_START_TXT = "logs/pid_start.txt"            # when the wrapper started (clock ticks since boot)
+LAUNCHER_START_TXT = "logs/launcher_pid_start.txt"  # when the launcher started
+NOTIFIED_TXT = "logs/notified.txt"              # the end's one e-mail was claimed (and how it went)
 TICKET_TXT = "logs/ticket.txt"
 START_TXT = "logs/start_time.txt"
 END_TXT = "logs/end_time.txt"
@@ -150,7 +154,8 @@ HISTORY_KEEP = 500
 
 SLOT_POLL_HEAD = 0.05    # the first two waiters look this often (seconds): for a free slot, for being first
 SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
-STARTUP_GRACE = 60.0     # an unlocked queue entry of a job whose wrapper has not started yet
+STARTUP_GRACE = 60.0     # a queue entry of a job whose launcher has not recorded itself yet
+LAUNCHER_GRACE = 2.0     # how long a status check lets a live launcher record its wrapper's end
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _ADJECTIVES = ("amber", "brisk", "calm", "deft", "eager", "fair", "glad", "keen", "lucid",
@@ -439,6 +444,30 @@ def pid_is_alive(pid: int, marker: str | None = None) -> bool:
     (a reused pid belongs to some other program and does not count)."""
     alive, cmdline = _process_state(pid)
     return alive and (marker is None or not cmdline or marker in cmdline)
+
+
+def process_start_ticks(pid: int | str = "self") -> int | None:
+    """When ``pid`` started: /proc/<pid>/stat field 22, clock ticks since boot (or None)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def is_job_process(pid: int, path: str, start: int | None) -> bool:
+    """True only when ``pid`` is provably a job's own process: alive and not a zombie, ``path`` (the
+    wrapper's or launcher's exact path) one of its command-line arguments, and started at the
+    recorded ``start``. A kernel thread, a stranger naming the job, a reused pid are all dead."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        if Path("/proc/self/stat").exists():
+            return False
+        return pid_is_alive(pid, path)  # no /proc (macOS): psutil or a bare signal 0
+    if fields[0] in ("Z", "X") or os.fsencode(path) not in args:
+        return False
+    return start is None or fields[19] == str(start)
 
 
 def _read_int(path: Path) -> int | None:
@@ -976,6 +1005,8 @@ JOB_ROOT=$(cd "$(dirname "$0")/.." && pwd -P) || exit 1
 LOGS="$JOB_ROOT/logs"
 PYTHON=@@python
 _write() { printf '%s' "$2" > "$LOGS/.$1.tmp" && mv -f "$LOGS/.$1.tmp" "$LOGS/$1"; }
+s=; { IFS= read -r s < "/proc/$$/stat"; } 2>/dev/null; s=${s##*) }; set -f; set -- $s; set +f
+_write launcher_pid_start.txt "${20:-}"  # with the pid, what proves this process is the launcher
 _write launcher_pid.txt "$$"
 _fail() {
     _write error_message.txt "$1"
@@ -983,6 +1014,7 @@ _fail() {
     if [ -e "$LOGS/cancel_requested.txt" ]; then _write status.txt cancelled; exit 1; fi
     _write status.txt failed
     echo "JOB FAILED: $1" >&2
+    @@notify
     exit 1
 }
 echo "=== SHELL START $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) ==="
@@ -1040,8 +1072,12 @@ def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, pyt
     if config.install_repo:
         setup.append('"$PYTHON" -m pip install -e . || _fail "pip install -e . failed in $(pwd)"')
     repo = job_params.repo_path_rh or "~"
+    notify = ": no e-mail asked for"
+    if config.notify_upon_completion:  # the job's copy sends it; python3 if $PYTHON is what failed
+        notify = ('{ "$PYTHON" -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT" '
+                  '|| python3 -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT"; }')
     return render_template(SHELL_TEMPLATE, version=__version__, python=shlex.quote(python),
-                           repo_dir=_sh_path(repo), repo_dir_text=shlex.quote(repo),
+                           notify=notify, repo_dir=_sh_path(repo), repo_dir_text=shlex.quote(repo),
                            setup_lines="\n".join(setup) or ": no repo update or install",
                            python_flags="-i " if config.interactive else "")
 
@@ -1195,36 +1231,53 @@ rm -rf -- "$J"
 """
 
 # The status of a job read where it runs, by bash alone: one round trip that starts no Python. It
-# applies FileManager.get_job_status's rules (a dead, zombie or reused pid makes a waiting or running
-# job failed; a dead launcher, a queued one) and prints each field after a marker line that no log
-# can forge. A machine without /proc runs @@fallback (the Python report) instead.
+# applies FileManager.get_job_status's rules (a waiting or running job whose process is not provably
+# its own, by the wrapper's exact path and start time, is failed; likewise a queued one's launcher)
+# and prints each field after a marker line that no log can forge. A job it finds dead is reported
+# by @@notify, started in the background (the only case that starts Python). A machine without
+# /proc runs @@fallback (the Python report) instead.
 STATUS_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; M=@@marker
 [ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
 [ -r /proc/self/stat ] || exec @@fallback
+cd -P "$J" 2>/dev/null && P=$PWD || P=$J
 get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
 put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
 fail() { put error_message.txt "$1"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"; put status.txt failed; }
-alive() {  # not a zombie, and the command line names the job (else the pid was reused)
-    local s a c=; [ -r "/proc/$1/stat" ] || return 1
-    IFS= read -r s < "/proc/$1/stat"; s=${s##*) }; s=${s%% *}
-    [ "$s" != Z ] && [ "$s" != X ] || return 1
-    while IFS= read -r -d '' a || [ -n "$a" ]; do c="$c $a"; done < "/proc/$1/cmdline"
-    [ -z "$c" ] || [[ $c == *"$id"* ]]
+owns() {  # pid $1 is alive, not a zombie, started at tick $3 (if recorded) and names the script $2
+    local s a f hit=; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
+    s=${s##*) }; set -f; f=($s); set +f
+    [ "${f[0]}" != Z ] && [ "${f[0]}" != X ] || return 1
+    [ -z "$3" ] || [ "${f[19]:-}" = "$3" ] || return 1
+    while IFS= read -r -d '' a || [ -n "$a" ]; do [ "$a" = "$2" ] && hit=1
+    done 2>/dev/null < "/proc/$1/cmdline"
+    [ -n "$hit" ]
+}
+job() {  # $1: "" (the wrapper) or launcher_; is the process recorded the job's own? none yet: yes
+    local x; get "$1pid.txt"; pid=${R//[[:space:]]/}; [[ $pid =~ ^[0-9]+$ ]] || return 0
+    [ -z "$1" ] && x="$P/python/cluster_wrap.py" || x="$P/shell/cluster_script.sh"
+    get "$1pid_start.txt"; owns "$pid" "$x" "${R//[[:space:]]/}"
 }
 get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; f=
 case "$st" in
     completed|failed|cancelled) ;;
-    waiting|running) f=pid.txt; what="the job's process" ;;
-    queued) f=launcher_pid.txt; what="the job's launcher" ;;
+    waiting|running) f=w; what="the job's process" ;;
+    queued) f=launcher_; what="the job's launcher" ;;
     *) fail "unreadable status '$st' in logs/status.txt"; st=failed ;;
 esac
-if [ -n "$f" ]; then
-    get "$f"; p=${R//[[:space:]]/}
-    if [[ $p =~ ^[0-9]+$ ]] && ! alive "$p"; then
-        get status.txt; now=${R//[[:space:]]/}  # it may have ended meanwhile
-        if [ "$now" != "$st" ]; then st=$now
-        elif [ -e "$L/cancel_requested.txt" ]; then fail cancelled; put status.txt cancelled; st=cancelled
-        else fail "process gone: $what (pid $p) ended without recording the job's end"; st=failed; fi
+if [ -n "$f" ] && ! job "${f#w}"; then
+    p=$pid  # a live launcher records why its wrapper ended: give it that moment
+    if [ "$f" = w ] && job launcher_ && [ -n "$pid" ]; then
+        for ((i = 0; i < @@grace; i++)); do
+            get status.txt; [ "${R//[[:space:]]/}" = "$st" ] || break; sleep 0.05
+        done
+    fi
+    get status.txt; now=${R//[[:space:]]/}  # it may have ended meanwhile
+    if [ "$now" != "$st" ]; then st=$now
+    elif [ -e "$L/cancel_requested.txt" ]; then
+        fail cancelled; put status.txt cancelled; st=cancelled; @@notify
+    else
+        fail "process gone: $what (pid $p) ended without recording the job's end"
+        st=failed; @@notify
     fi
 fi
 place=
@@ -1305,6 +1358,21 @@ def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | N
     return fd
 
 
+_OWN_SCRIPT = {PID_TXT: (PID_START_TXT, WRAPPER_PY),
+               LAUNCHER_PID_TXT: (LAUNCHER_START_TXT, LAUNCHER_SH)}
+
+
+def job_process_alive(job_root: Path, pid_file: str = PID_TXT) -> bool | None:
+    """Whether the process recorded in ``pid_file`` (the wrapper's or the launcher's) is provably
+    the job's own and alive (is_job_process); None when no pid is recorded (yet)."""
+    pid = _read_int(job_root / pid_file)
+    if pid is None:
+        return None
+    start_file, script = _OWN_SCRIPT[pid_file]
+    path = os.path.join(os.path.realpath(job_root), script)
+    return is_job_process(pid, path, _read_int(job_root / start_file))
+
+
 class Slots:
     """The slots and the queue of one machine and user, held by the kernel, not by JSON.
 
@@ -1347,9 +1415,9 @@ class Slots:
             return "stale"
         job_root = Path(text)
         started = (job_root / PID_TXT).exists() or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES
-        launcher = _read_int(job_root / LAUNCHER_PID_TXT)
-        if started or (launcher is not None and not pid_is_alive(launcher, job_root.name)):
-            return "stale"
+        launcher = job_process_alive(job_root, LAUNCHER_PID_TXT)
+        if started or launcher is not None:  # a live launcher's job is pending, however slow
+            return "pending" if launcher and not started else "stale"
         ticket = name.split("-", 1)[0]
         age = time.time() - int(ticket) / 1e9 if ticket.isdigit() else STARTUP_GRACE
         return "pending" if age < STARTUP_GRACE else "stale"
@@ -1528,11 +1596,14 @@ class FileManager:
         launcher's pid. It joins the machine's queue first, so jobs start in the order fired."""
         parts = ["umask 077", f"J={self._job_root_sh()}",
                  'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
-        if self.lock_resources and join_queue:
+        parts.append('J=$(cd -P "$J" && pwd)')  # the launcher's command line names its exact path
+        if self.lock_resources and join_queue:  # the entry appears whole, never empty
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
+            temp = f'"$S/queue/.$t-"{shlex.quote(self.job_id)}.tmp'
             parts += ['S="${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"' + self._pool_sh(),
                       'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
-                      f'printf "%s" "$J" > {entry}', 'printf "%s" "$t" > "$J/logs/ticket.txt"']
+                      f'printf "%s" "$J" > {temp}', f"mv -f {temp} {entry}",
+                      'printf "%s" "$t" > "$J/logs/ticket.txt"']
         if interactive:
             session = shlex.quote(self.job_id.replace(".", "_"))
             parts += ["command -v tmux >/dev/null || { echo 'interactive jobs need tmux' >&2; exit 3; }",
@@ -1550,10 +1621,15 @@ class FileManager:
     def write_log(self, relative: str, text: str) -> None:
         _atomic_write_text(self.path(relative), text)
 
+    def _announce(self) -> None:
+        """Record this process as the job's: its start time first, so a pid never lacks it."""
+        self.write_log(PID_START_TXT, str(process_start_ticks() or ""))
+        self.write_log(PID_TXT, str(os.getpid()))
+
     def secure_resources(self) -> bool:
         """Announce this process as the job's (pid), then wait in line for a slot; returns True."""
         if not self.lock_resources:
-            self.write_log(PID_TXT, str(os.getpid()))
+            self._announce()
             self.admitted_at = _utcnow()
             return True
         slots = Slots(state_dir(self.pool))
@@ -1564,7 +1640,7 @@ class FileManager:
             raise SlotError(f"job {self.job_id} needs {self.gpus} GPU(s) and this machine has {len(gpus)}")
 
         def started() -> None:
-            self.write_log(PID_TXT, str(os.getpid()))
+            self._announce()
             self.write_log(STATUS_TXT, "waiting")
             slots.refresh_views()
 
@@ -1603,21 +1679,30 @@ class FileManager:
         self.write_log(STATUS_TXT, status)
 
     def _verify_alive(self, status: str) -> str:
-        """Turn a job whose process is gone into ``failed``; returns the status that holds now."""
+        """Turn a job whose process is gone into ``failed`` (and report it); returns the status that
+        holds now. A process counts only if it is provably the job's own (job_process_alive)."""
         if self.path(SLURM_ID_TXT).exists():
             return status  # its pids are on a compute node: Slurm answers for it (slurm_status_command)
         pid_file = PID_TXT if status in ("waiting", "running") else LAUNCHER_PID_TXT
-        pid = _read_int(self.path(pid_file))
-        if pid is None or pid_is_alive(pid, self.job_id):
+        if job_process_alive(self.job_root, pid_file) is not False:
             return status
+        if pid_file == PID_TXT and job_process_alive(self.job_root, LAUNCHER_PID_TXT):
+            deadline = time.monotonic() + LAUNCHER_GRACE  # a live launcher records why it ended
+            while _read_text(self.path(STATUS_TXT)).strip() == status:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
         now = _read_text(self.path(STATUS_TXT)).strip()  # it may have finished meanwhile
         if now != status:
             return now
         what = "the job's process" if pid_file == PID_TXT else "the job's launcher"
+        pid = _read_int(self.path(pid_file))
         if self.path(CANCEL_TXT).exists():
             self._mark_failed("cancelled", "cancelled")
+            notify_job_end(self.job_root)
             return "cancelled"
         self._mark_failed(f"process gone: {what} (pid {pid}) ended without recording the job's end")
+        notify_job_end(self.job_root)  # found dead (the whole tree gone): this machine reports it
         return "failed"
 
     def get_job_status(self) -> str:
@@ -1629,11 +1714,13 @@ class FileManager:
             return "failed"
         return raw if raw in TERMINAL_STATUSES else self._verify_alive(raw)
 
-    def status_report(self, log_lines: int = 20) -> JobStatus:
-        """Everything about the job in one call: status, pid, times, results, error, log tail."""
+    def status_report(self, log_lines: int = 20, verify: bool = True) -> JobStatus:
+        """Everything about the job in one call: status, pid, times, results, error, log tail.
+        ``verify=False`` reads the folder as it is (a remote job's mirror: its pid is not ours)."""
         if not self.path(FILE_MANAGER_JSON).exists():
             raise StackopsError(f"no job folder at {self.job_root}")
-        status = self.get_job_status()
+        raw = _read_text(self.path(STATUS_TXT)).strip() or "queued"
+        status = self.get_job_status() if verify else raw if raw in STATUSES else "failed"
         place = None
         if status == "waiting":
             place = Slots(state_dir(self.pool)).place_of(f"{_read_text(self.path(TICKET_TXT)).strip()}-{self.job_id}")
@@ -1668,12 +1755,17 @@ class FileManager:
         return render_template(SLURM_STATUS_TEMPLATE, job_root=self._job_root_sh(), marker=marker,
                                lines=str(max(0, int(log_lines))))
 
-    def status_command(self, marker: str, log_lines: int, fallback: str) -> str:
+    def status_command(self, marker: str, log_lines: int, fallback: str, notify: str = "") -> str:
         """A bash command that reports this job where it runs (STATUS_TEMPLATE); ``fallback``
-        runs instead on a machine without /proc. parse_status_output reads what it prints."""
+        runs instead on a machine without /proc; ``notify`` (a command), started in the background
+        when the check finds the job dead. parse_status_output reads what it prints."""
+        if notify:
+            notify = (f'[ -e "$L/notified.txt" ] || '
+                      f'{{ setsid {notify} </dev/null >>"$L/output.log" 2>&1 & }}')
         script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
                                  marker=marker, lines=str(max(0, int(log_lines))), state_dir=DEFAULT_STATE_DIR[2:],
-                                 fallback=fallback, pool=self._pool_sh())
+                                 fallback=fallback, pool=self._pool_sh(), notify=notify or ":",
+                                 grace=str(int(LAUNCHER_GRACE / 0.05)))
         return f"bash -c {shlex.quote(script)}"
 
     def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus, dict[str, str]]:
@@ -1810,15 +1902,22 @@ def _banner(text: str) -> None:
     print(f"{'=' * 20} {text} {'=' * 20}", flush=True)
 
 
-def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any, error: str) -> dict[str, Any]:
-    """Record results, times and error (everything but the status); returns the history record."""
+def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any,
+                error: str) -> tuple[dict[str, Any], str]:
+    """Record results, times and error (everything but the status); returns the history record
+    and the error, with a failure of this step itself added (a result that cannot be saved)."""
     timings.end_utc = _utcnow()
     timings.end_local = timings.end_utc.astimezone()
-    folder, named = _results_folder(manager, res)
-    if not named:
-        _save_result(folder, res)
-    manager.write_log(END_TXT, _iso(timings.end_utc) or "")
-    manager.write_log(RESULTS_TXT, collapse_home(folder))
+    manager.write_log(END_TXT, _iso(timings.end_utc) or "")  # first: every end has its time
+    try:
+        folder, named = _results_folder(manager, res)
+        if not named:
+            _save_result(folder, res)
+        manager.write_log(RESULTS_TXT, collapse_home(folder))
+    except Exception:
+        why = "the finishing step could not save the job's result:\n" + traceback.format_exc()
+        error = _add_error(error, why)
+        folder = Path("-")
     manager.write_log(ERROR_TXT, error)
     _atomic_write_json(manager.path(TIMINGS_JSON), timings.to_dict())
     status = "failed" if error else "completed"
@@ -1829,8 +1928,29 @@ def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any, error
             f"results={collapse_home(folder)}")
     if error:
         print(error, file=sys.stderr, flush=True)
-    return {"job_id": manager.job_id, "status": status, "submission_time": _iso(timings.submission_time),
-            "start_time": _iso(timings.start_utc), "end_time": _iso(timings.end_utc), "duration_seconds": took}
+    record = {"job_id": manager.job_id, "status": status,
+              "submission_time": _iso(timings.submission_time),
+              "start_time": _iso(timings.start_utc), "end_time": _iso(timings.end_utc),
+              "duration_seconds": took}
+    return record, error
+
+
+def _add_error(error: str, more: str) -> str:
+    return f"{error.rstrip()}\n\n{more}" if error else more
+
+
+def _finish_job_anyway(manager: FileManager, timings: ExecutionTimings, res: Any,
+                       error: str) -> tuple[dict[str, Any] | None, str]:
+    """_finish_job, and when even that fails: the error and the end time, whatever else is lost."""
+    try:
+        return _finish_job(manager, timings, res, error)
+    except BaseException:
+        error = _add_error(error, "the finishing step failed:\n" + traceback.format_exc())
+        with _suppress(Exception):
+            manager.write_log(ERROR_TXT, error)
+            if not _read_text(manager.path(END_TXT)).strip():
+                manager.write_log(END_TXT, _iso(_utcnow()) or "")
+        return None, error
 
 
 # -- e-mail on completion (sent by the executing machine) ------------------------------------------
@@ -1889,11 +2009,25 @@ def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str) -
         server.send_message(message)
 
 
+def _claim_notification(manager: FileManager) -> bool:
+    """True for the one caller that reports this job's end: the launcher, the wrapper and any
+    status check that finds the job dead race here, and the job folder keeps the winner's mark."""
+    try:
+        fd = os.open(manager.path(NOTIFIED_TXT), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    claim = f"claimed {_iso(_utcnow())} by pid {os.getpid()} on {os.uname().nodename}\n"
+    os.write(fd, claim.encode())
+    os.close(fd)
+    return True
+
+
 def _notify(manager: FileManager, record: dict[str, Any] | None, status: str, error: str) -> None:
-    """Send the job's one e-mail if its config asks for it; a failure is logged, never raised."""
+    """Send the job's one e-mail if its config asks for it and nobody sent it yet; a failure is
+    logged (and noted in logs/notified.txt), never raised."""
     try:
         config = _read_json(manager.path(CONFIG_JSON))
-        if not config.get("notify_upon_completion"):
+        if not config.get("notify_upon_completion") or not _claim_notification(manager):
             return
         host = os.uname().nodename
         took = _format_duration((record or {}).get("duration_seconds") or 0.0)
@@ -1904,9 +2038,31 @@ def _notify(manager: FileManager, record: dict[str, Any] | None, status: str, er
             body += f"\nerror (last lines):\n{_tail(error, 20)}\n"
         send_job_email(load_email_config(config["email_config_name"]), config["to_email"],
                        f"stackops: job {manager.job_id} {status} on {host}", body)
+        sent = f"sent {_iso(_utcnow())} to {config['to_email']}\n"
+        _append_text(manager.path(NOTIFIED_TXT), sent)
         log.info("sent the completion e-mail of job %s to %s", manager.job_id, config["to_email"])
     except Exception as exc:  # the job's outcome stands whatever the mail server does
         log.warning("could not send the completion e-mail of job %s: %s", manager.job_id, exc)
+        with _suppress(OSError):
+            _append_text(manager.path(NOTIFIED_TXT), f"not sent: {_last_line(str(exc))}\n")
+
+
+def _append_text(path: Path, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def notify_job_end(job_root: str | os.PathLike[str]) -> None:
+    """Report a job's end that its wrapper could not report (killed by a signal, a launcher-side
+    failure, the whole process tree gone), once, from what its folder records."""
+    manager = FileManager.from_job_root(Path(job_root))
+    status = _read_text(manager.path(STATUS_TXT)).strip()
+    if status not in TERMINAL_STATUSES:
+        return
+    start = _parse_iso(_read_text(manager.path(START_TXT)).strip())
+    end = _parse_iso(_read_text(manager.path(END_TXT)).strip())
+    took = (end - start).total_seconds() if start and end else 0.0
+    _notify(manager, {"duration_seconds": took}, status, _read_text(manager.path(ERROR_TXT)))
 
 
 class _ParentEnded(BaseException):
@@ -1998,16 +2154,16 @@ def run_job(job_root: str | os.PathLike[str],
             error = traceback.format_exc()
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            record = _finish_job(manager, timings, res, error)
+            record, error = _finish_job_anyway(manager, timings, res, error)
     finally:
+        status = "failed" if error or record is None else "completed"
+        if status == "failed" and manager.path(CANCEL_TXT).exists():
+            status = "cancelled"
         try:
             manager.unlock_resources(record)
         finally:
-            status = "failed" if error or record is None else "completed"
-            if status == "failed" and manager.path(CANCEL_TXT).exists():
-                status = "cancelled"
             manager.write_log(STATUS_TXT, status)
-    _notify(manager, record, status, error)
+            _notify(manager, record, status, error)
     return res
 
 
@@ -4168,17 +4324,26 @@ class RemoteMachine:
                                 "so nothing of it runs there (was the submission interrupted?)",
                                 hint="run it again under a new job_id")
         marker = f"--stackops-{random.getrandbits(64):016x}"
-        fallback = self._job_command("job-report", "--lines", str(int(log_lines)))
-        response = self.ssh.run_shell_cmd_on_remote(self.file_manager.status_command(marker, log_lines, fallback),
+        response = self.ssh.run_shell_cmd_on_remote(self._status_command(marker, log_lines),
                                                     timeout=max(self.config.ssh_timeout, 10.0), strict=False)
         if response.returncode != 0:
             raise CommandError(self.host_name, "job status", response.returncode, response.stderr,
                                hint="is the job folder still on the host?")
-        if response.stdout.startswith("{"):  # a host without /proc answered with the Python report
-            answer = json.loads(response.stdout)
+        return self._take_report(response.stdout, marker, log_lines)
+
+    def _status_command(self, marker: str, log_lines: int) -> str:
+        """The one bash command that reports this job on its host (FileManager.status_command)."""
+        fallback = self._job_command("job-report", "--lines", str(int(log_lines)))
+        notify = self._job_command("job-notify") if self.config.notify_upon_completion else ""
+        return self.file_manager.status_command(marker, log_lines, fallback, notify)
+
+    def _take_report(self, stdout: str, marker: str, log_lines: int) -> JobStatus:
+        """The JobStatus in a host's answer; its small log files are mirrored into our folder."""
+        if stdout.startswith("{"):  # a host without /proc answered with the Python report
+            answer = json.loads(stdout)
             report, logs = JobStatus.from_dict(answer["status"]), answer["logs"]
         else:
-            report, logs = self.file_manager.parse_status_output(response.stdout, marker, log_lines)
+            report, logs = self.file_manager.parse_status_output(stdout, marker, log_lines)
         for relative, text in logs.items():
             if relative.startswith(LOGS + "/") and ".." not in relative:
                 _atomic_write_text(self.file_manager.path(relative), text)
@@ -4446,17 +4611,128 @@ def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
     return destination
 
 
-def list_jobs(base_dir: str | None = None) -> list[JobStatus]:
-    """Every job under ``base_dir`` on this machine, newest first."""
-    queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
-    reports = []
-    for root in queued.glob("*/" + FILE_MANAGER_JSON):
-        job_root = root.parent.parent
+def list_jobs(base_dir: str | None = None, timeout: float = 10.0) -> list[JobStatus]:
+    """Every job under ``base_dir`` on this machine and the parts of the clusters beside it, newest
+    first, each as its host reports it now (list_job_rows says which could not be refreshed)."""
+    return [row["report"] for row in list_job_rows(base_dir, timeout)]
+
+
+def _job_folders(base_dir: str | None) -> list[tuple[Path, str | None]]:
+    """(job folder, cluster id or None): the jobs under ``base_dir`` and the clusters' parts."""
+    base = expand_home(base_dir or DEFAULT_BASE_DIR)
+    found: list[tuple[Path, str | None]] = []
+    for path in base.glob("queued/*/" + REMOTE_MACHINE_JSON):
+        found.append((path.parent.parent, None))
+    for cluster_json in sorted(base.parent.glob("job_id__*/cluster.json")):
         try:
-            reports.append(FileManager.from_job_root(job_root).status_report(log_lines=0))
+            data = _read_json(cluster_json)
+            parts = data["machines"].values()
+            found += [(expand_home(path), str(data["job_id"])) for path in parts]
+        except (StackopsError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("skipping cluster %s: %s", collapse_home(cluster_json.parent), exc)
+    return found
+
+
+def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """One row per job (see list_jobs): ``job_id``, ``host`` (the alias it was submitted to),
+    ``cluster``, ``report`` (a JobStatus), ``as_of`` (None when current; else when it was last seen,
+    because its host could not be asked within ``timeout`` seconds) and ``error`` (why not)."""
+    rows: list[dict[str, Any]] = []
+    remote: dict[str, list[dict[str, Any]]] = {}
+    for root, cluster in _job_folders(base_dir):
+        try:
+            machine = RemoteMachine.from_job_dir(root)
         except StackopsError as exc:
-            log.warning("skipping %s: %s", job_root, exc)
-    return sorted(reports, key=lambda r: r.submission_time or "", reverse=True)
+            log.warning("skipping %s: %s", collapse_home(root), exc)
+            continue
+        row: dict[str, Any] = {"job_id": machine.job_id, "host": machine.host_name,
+                               "cluster": cluster, "as_of": None, "error": None, "machine": machine}
+        rows.append(row)
+        if machine.is_remote and machine.submitted:
+            remote.setdefault(machine.host_name, []).append(row)
+        elif machine.is_remote:
+            row["error"] = "never completely submitted: nothing of it runs on the host"
+    answers = _ask_hosts(remote, timeout)
+    for row in rows:
+        machine = row.pop("machine")
+        report = answers.get((row["host"], row["job_id"]))
+        if isinstance(report, JobStatus):
+            row["report"] = report
+            continue
+        if report is not None:
+            row["error"] = str(report)
+        try:
+            row["report"] = machine.file_manager.status_report(0, verify=not machine.is_remote)
+        except StackopsError as exc:
+            row["report"] = JobStatus(job_id=row["job_id"], status="failed", error_message=str(exc))
+        if machine.is_remote:
+            row["report"].host = "?"
+            row["as_of"] = _last_seen(machine.file_manager.path(STATUS_TXT))
+    return sorted(rows, key=lambda r: r["report"].submission_time or "", reverse=True)
+
+
+def _last_seen(status_file: Path) -> str | None:
+    """When a remote job's status was last mirrored here (rewritten at every refresh)."""
+    try:
+        return _iso(_dt.datetime.fromtimestamp(status_file.stat().st_mtime, _dt.timezone.utc))
+    except OSError:
+        return None
+
+
+def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
+               timeout: float) -> dict[tuple[str, str], Any]:
+    """Every host's jobs refreshed in one round trip per host, all hosts at once, within
+    ``timeout`` seconds: {(host, job_id): JobStatus or the error that kept it from being read}."""
+    import threading
+
+    results: dict[str, Any] = {}  # one assignment per host: a late thread changes nothing we read
+
+    def ask(host: str, rows: list[dict[str, Any]]) -> None:
+        try:
+            results[host] = _ask_host(host, [row["machine"] for row in rows], timeout)
+        except Exception as exc:  # the host's rows stay as last seen, and say why
+            results[host] = exc
+
+    threads = [threading.Thread(target=ask, args=item, daemon=True) for item in remote.items()]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout + 1.0
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    done = dict(results)
+    answers: dict[tuple[str, str], Any] = {}
+    for host, rows in remote.items():
+        silent = StackopsConnectionError(f"{host} did not answer within {timeout:g}s")
+        result = done.get(host, silent)
+        for row in rows:
+            key = (host, row["job_id"])
+            missing = StackopsError(f"{host} sent no status for job {row['job_id']}")
+            answers[key] = result.get(key, missing) if isinstance(result, dict) else result
+    return answers
+
+
+def _ask_host(host: str, machines: list[RemoteMachine],
+              timeout: float) -> dict[tuple[str, str], Any]:
+    """One SSH round trip that reports every job of ``host`` (each job's bash status, in turn)."""
+    fence = f"--stackops-list-{random.getrandbits(64):016x}"
+    markers = [f"{fence}-{index}" for index in range(len(machines))]
+    script = "".join(f"{m._status_command(marker, 0)}; printf '\\n%s:%s:%s\\n' {fence} {index} $?\n"
+                     for index, (m, marker) in enumerate(zip(machines, markers)))
+    with SSH.from_config_file(host, timeout=timeout) as ssh:  # stdin: no length limit, any shell
+        response = ssh.run_shell_cmd_on_remote("bash -s", timeout=timeout, strict=False,
+                                               stdin=script.encode())
+    pieces = re.split(rf"\n{re.escape(fence)}:(\d+):(\d+)\n", response.stdout)
+    answers: dict[tuple[str, str], Any] = {}
+    for start in range(0, len(pieces) - 2, 3):
+        text, index, status = pieces[start], int(pieces[start + 1]), int(pieces[start + 2])
+        machine = machines[index]
+        if status == 0:
+            answers[(host, machine.job_id)] = machine._take_report(text, markers[index], 0)
+        else:
+            answers[(host, machine.job_id)] = CommandError(
+                host, "job status", status, response.stderr,
+                hint="is the job folder still on the host?")
+    return answers
 
 
 # ============================================================================================
@@ -5197,19 +5473,71 @@ def _cmd_status(args: Any) -> int:
 
 def _cmd_list(args: Any) -> int:
     if args.host:  # the host's own job folders, whoever submitted them, judged there
-        rows = _on_host(args.host, ["list", "--base-dir", args.base_dir])
-        reports = [JobStatus.from_dict(row) for row in rows]
+        answer = _on_host(args.host, ["list", "--base-dir", args.base_dir])
+        rows = [_row_from_host(args.host, data) for data in answer]
     else:
-        reports = list_jobs(args.base_dir)
+        rows = list_job_rows(args.base_dir, args.timeout)
+    for host, error in sorted({(r["host"], _last_line(r["error"])) for r in rows if r["error"]}):
+        print(f"stackops: {host}: not refreshed ({error})", file=sys.stderr)
     if args.json:
-        _print_json([report.to_dict() for report in reports])
+        _print_json([_list_json(row) for row in rows])
         return 0
-    if not reports:
+    if not rows:
         print(f"no jobs under {args.base_dir}")
         return 0
-    _print_table([[r.job_id, r.status, (r.submission_time or "-")[:19], _duration(r), r.results_path or "-"]
-                  for r in reports], ["JOB", "STATUS", "SUBMITTED (UTC)", "DURATION", "RESULTS"])
+    table, clusters = [], {}
+    for row in rows:
+        if row["cluster"] is None:
+            table.append(_list_row(row["job_id"], row))
+        elif row["cluster"] not in clusters:
+            parts = [r for r in rows if r["cluster"] == row["cluster"]]
+            clusters[row["cluster"]] = parts
+            table.append(_cluster_row(row["cluster"], parts))
+            parts.sort(key=lambda part: part["job_id"])
+            table += [_list_row("  " + part["job_id"], part) for part in parts]
+    _print_table(table, ["JOB", "HOST", "STATUS", "SUBMITTED (UTC)", "DURATION", "RESULTS"])
     return 0
+
+
+def _row_from_host(host: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A row of ``list --host``: what the host's own ``list --json`` says about one of its jobs."""
+    names = [spec.name for spec in dataclasses.fields(JobStatus)]
+    plain = {name: data[name] for name in names if name in data}
+    plain["host"] = data.get("hostname") or data.get("host") or "?"
+    return {"job_id": plain.get("job_id"), "host": host, "cluster": data.get("cluster"),
+            "as_of": data.get("as_of"), "error": data.get("not_refreshed"),
+            "report": JobStatus.from_dict(plain)}
+
+
+def _list_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of ``list --json``: its JobStatus; ``host`` is the alias, ``hostname`` its answer."""
+    data = row["report"].to_dict()
+    data.update(hostname=data.pop("host"), host=row["host"], cluster=row["cluster"],
+                as_of=row["as_of"], not_refreshed=row["error"])
+    return data
+
+
+def _list_row(name: str, row: dict[str, Any]) -> list[str]:
+    """A job's line in ``list``: a row its host could not refresh says when it was last seen."""
+    report: JobStatus = row["report"]
+    status, end = report.status, _parse_iso(report.end_time)
+    seen = _parse_iso(row["as_of"])
+    if seen is not None:
+        status += f" (as of {seen.strftime('%Y-%m-%d %H:%M:%S')})"
+        end = end or seen  # its duration stops where our knowledge does
+    start = _parse_iso(report.start_time)
+    took = _format_duration(((end or _utcnow()) - start).total_seconds()) if start else "-"
+    submitted = (report.submission_time or "-")[:19]
+    return [name, row["host"], status, submitted, took, report.results_path or "-"]
+
+
+def _cluster_row(cluster: str, parts: list[dict[str, Any]]) -> list[str]:
+    counts: dict[str, int] = {}
+    for part in parts:
+        counts[part["report"].status] = counts.get(part["report"].status, 0) + 1
+    summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+    submitted = min((p["report"].submission_time or "-" for p in parts), default="-")
+    return [f"{cluster} (cluster)", f"{len(parts)} host(s)", summary, submitted[:19], "", ""]
 
 
 def _cmd_logs(args: Any) -> int:
@@ -5562,6 +5890,11 @@ def _cmd_job_check_email(args: Any) -> int:
     return 0
 
 
+def _cmd_job_notify(args: Any) -> int:
+    notify_job_end(expand_home(args.job_root))
+    return 0
+
+
 def _cmd_job_delete_results(args: Any) -> int:
     print(delete_own_results(expand_home(args.job_root)))
     return 0
@@ -5645,16 +5978,53 @@ def _cmd_cluster_run(args: Any) -> int:
         print(f"cluster {cluster.job_id} launched on {len(cluster.machines)} host(s); "
               f"python stackops.py cluster status {cluster.job_id}")
         if args.wait:
-            return _wait_cluster(cluster)
+            return _wait_cluster(cluster, args.host_timeout)
     return 0
 
 
-def _wait_cluster(cluster: Cluster) -> int:
-    while True:
-        statuses = cluster.check_job_status()
-        if all(isinstance(s, JobStatus) and s.finished for s in statuses.values()):
-            return _show_cluster(cluster, statuses, as_json=False)
+def _wait_cluster(cluster: Cluster, host_timeout: float = 120.0) -> int:
+    """Follow every host's job until it ends, saying on stderr what it waits for; a host that has
+    not answered for ``host_timeout`` seconds is given up (reported, and the exit status is 1)."""
+    import threading
+
+    jobs = ", ".join(f"{m.job_id} on {host}" for host, m in cluster.machines.items())
+    print(f"stackops: waiting for {len(cluster.machines)} job(s) to end: {jobs}; a host that "
+          f"does not answer for {host_timeout:g}s is given up (Ctrl-C stops waiting, the jobs "
+          "go on)", file=sys.stderr)
+    answers: dict[str, Any] = {}  # each host's latest answer: a JobStatus, or the error instead
+    heard = dict.fromkeys(cluster.machines, time.monotonic())  # when it last answered
+    given_up: dict[str, StackopsError] = {}
+    polls: dict[str, threading.Thread] = {}
+
+    def poll(host: str) -> None:
+        try:
+            answers[host] = cluster.machines[host].get_status(0)
+            heard[host] = time.monotonic()
+        except Exception as exc:  # an unreachable host answers with its error
+            answers[host] = exc
+
+    waiting = set(cluster.machines)
+    while waiting:
+        for host in waiting:
+            if host not in polls or not polls[host].is_alive():
+                polls[host] = threading.Thread(target=poll, args=(host,), daemon=True)
+                polls[host].start()
         time.sleep(0.5)
+        for host in sorted(waiting):
+            answer = answers.get(host)
+            if isinstance(answer, JobStatus) and answer.finished:
+                waiting.discard(host)
+                print(f"stackops: {host}: job {answer.job_id} {answer.status}", file=sys.stderr)
+            elif time.monotonic() - heard[host] > host_timeout:
+                waiting.discard(host)
+                given_up[host] = _give_up(host, answer, time.monotonic() - heard[host])
+    return _show_cluster(cluster, {**answers, **given_up}, as_json=False)
+
+
+def _give_up(host: str, answer: Any, silent: float) -> StackopsError:
+    why = _last_line(str(answer)) if isinstance(answer, Exception) else "no answer"
+    print(f"stackops: {host}: giving up, unreachable for {silent:.0f}s ({why})", file=sys.stderr)
+    return StackopsConnectionError(f"unreachable for {silent:.0f}s: {why}")
 
 
 def _show_cluster(cluster: Cluster, statuses: dict[str, Any], as_json: bool) -> int:
@@ -5730,7 +6100,10 @@ def _add_cluster_args(commands: Any) -> None:
     run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
     run.add_argument("--job-id", help="the cluster's id (a safe name)")
     run.add_argument("--description", default="")
-    run.add_argument("--wait", action="store_true", help="block until every host's job ended")
+    run.add_argument("--wait", action="store_true", help="block until every host's job ended "
+                     "(exit status 1 if one failed or a host stayed unreachable)")
+    run.add_argument("--host-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="with --wait: give up on a host silent this long (default 120)")
     for name, handler, text in (("status", _cmd_cluster_status, "one line per host: share, status, times"),
                                 ("download", _cmd_cluster_download, "every host's results into one folder"),
                                 ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
@@ -5907,6 +6280,19 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
 
 
+_LIST_HELP = ("every job and cluster part with its host and status, newest first; remote rows are "
+              "asked of their hosts (in parallel)")
+
+
+def _add_list_args(sub: Any) -> None:
+    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the hosts; a row not refreshed says when it was "
+                          "last seen")
+    sub.add_argument("--host", help="the jobs whose folders are on this host (from any machine), "
+                     "read there")
+
+
 def _add_control_args(command: Callable[..., Any]) -> None:
     sub = command("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL after --grace; "
                   "a waiting job leaves the queue", job=False)
@@ -5954,9 +6340,7 @@ def _build_parser() -> Any:
     sub = command("status", _cmd_status, "status, times, results and error of a job")
     sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
     sub.add_argument("--json", action="store_true")
-    sub = command("list", _cmd_list, "every job with its status, newest first", job=False)
-    sub.add_argument("--json", action="store_true")
-    sub.add_argument("--host", help="the jobs whose folders are on this host (from any machine), read there")
+    _add_list_args(command("list", _cmd_list, _LIST_HELP, job=False))
     sub = command("logs", _cmd_logs, "the job's output")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
     sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
@@ -6002,6 +6386,9 @@ def _build_parser() -> Any:
     sub = commands.add_parser("job-check-email")
     sub.set_defaults(handler=_cmd_job_check_email)
     sub.add_argument("job_root")
+    sub = commands.add_parser("job-notify")  # an end the wrapper could not report
+    sub.set_defaults(handler=_cmd_job_notify)
+    sub.add_argument("job_root")
     return parser
 
 
@@ -6024,6 +6411,10 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose - args.quiet)
     try:
         return int(args.handler(args))
+    except BrokenPipeError:  # `stackops list | head`: the reader has all it wanted
+        with _suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none at exit
+        return 141
     except StackopsError as exc:
         if args.verbose >= 2:
             traceback.print_exc()

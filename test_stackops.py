@@ -4,6 +4,7 @@ slots are exercised by real competing processes; nothing is mocked."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import itertools
 import json
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -645,6 +647,70 @@ def test_slots_checking_a_vanished_entry_never_brings_it_back(home):
     assert slots.entry_state(entry.name) == "stale"
 
 
+def _gated_python(home: Path, gate: Path) -> Path:
+    """An interpreter that starts only once ``gate`` exists: a slow launcher (an install, a pull)."""
+    stub = home / "slow-python"
+    stub.write_text(f"#!/bin/bash\nwhile [ ! -e {gate} ]; do sleep 0.05; done\nexec {sys.executable} \"$@\"\n")
+    stub.chmod(0o755)
+    return stub
+
+
+def test_slots_slow_launcher_stays_pending_however_old_and_jobs_start_in_order(home):
+    """An entry whose launcher lives is pending, even 2 minutes after it was fired: it was deleted
+    as stale after 60 s and the next job started first."""
+    mod = make_module(home, JOBS_SOURCE)
+    gate = home / "gate"
+    slow = RemoteMachine(mod.train, config=config(job_id="slow", python=str(_gated_python(home, gate)))).run()
+    queue = Slots().queue
+    [entry] = Slots().entries()
+    old = f"{int(entry.split('-', 1)[0]) - 120 * 10**9:019d}"  # as if fired 2 minutes ago
+    slow.file_manager.write_log(stackops.TICKET_TXT, old)
+    os.rename(queue / entry, queue / f"{old}-slow")
+    wait_for(lambda: slow.file_manager.path(stackops.LAUNCHER_PID_TXT).exists(), what="slow launcher")
+    fast = RemoteMachine(mod.train, config=config(job_id="fast")).run()
+    wait_for(lambda: fast.get_status(0).status == "waiting", what="fast waiting")
+    waiters = Slots().waiters()
+    assert [(w["job_id"], w["state"]) for w in waiters] == [("slow", "pending"), ("fast", "waiting")]
+    assert slow.get_status(0).status == "queued" and fast.get_status(0).place == 2
+    gate.touch()
+    reports = [wait_done(slow), wait_done(fast)]
+    assert [r.status for r in reports] == ["completed", "completed"]
+    assert reports[0].start_time < reports[1].start_time, "the job fired first must start first"
+
+
+def test_slots_queue_entry_never_seen_empty(home, monkeypatch):
+    """A reader looking while the fire command writes the queue entry sees it whole or not at all
+    (an empty entry is stale to a waiter, which deletes it: the job lost its place)."""
+    mod = make_module(home, JOBS_SOURCE)
+    shims, gate, entered = home / "shims", home / "gate", home / "entered"
+    shims.mkdir()
+    (shims / "printf").write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        case "$(readlink /proc/$$/fd/1)" in  # the write of a queue entry stalls (a slow disk)
+            */queue/*) touch {entered}; while [ ! -e {gate} ]; do sleep 0.02; done ;;
+        esac
+        exec /usr/bin/printf "$@"
+    """))
+    (shims / "printf").chmod(0o755)
+    (home / "bash_env").write_text("enable -n printf\n")  # use the stalling printf instead of the builtin
+    monkeypatch.setenv("BASH_ENV", str(home / "bash_env"))
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    machine = RemoteMachine(mod.train, config=config(job_id="whole")).run(run=False)
+    firing = threading.Thread(target=machine.fire)
+    firing.start()
+    try:
+        wait_for(entered.exists, what="the entry being written")
+        slots = Slots()
+        for name in slots.entries():
+            assert (slots.queue / name).read_text(), f"entry {name} is visible before it is written"
+            assert slots.entry_state(name) != "stale"
+    finally:
+        gate.touch()
+        firing.join()
+    monkeypatch.delenv("BASH_ENV")
+    assert wait_done(machine).status == "completed"
+
+
 def test_status_truthful_for_dead_reused_and_garbage(home):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="truth")).run()
@@ -782,6 +848,324 @@ def test_job_interactive_runs_in_tmux_session(home, tmp_path):
         assert Slots().holders() == []
     finally:
         subprocess.run(["tmux", "kill-session", "-t", "inter_active"], capture_output=True)
+
+
+# -- status never lies, every end is reported (issue 12) -------------------------------------
+
+import hypothesis  # noqa: E402
+from hypothesis import stateful  # noqa: E402
+
+SLEEP_CODE = "import time; time.sleep(300)"
+
+
+def _kernel_threads() -> list[int]:
+    """kthreadd (pid 2) and its children: processes with an empty command line."""
+    found = [2]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == "2":
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@contextlib.contextmanager
+def _impostors(manager: FileManager):
+    """Live processes that are not the job's, and one that is: {kind: (pid, recorded start)}."""
+    root = os.path.realpath(manager.job_root)
+    wrapper, launcher = f"{root}/python/cluster_wrap.py", f"{root}/shell/cluster_script.sh"
+    procs = {"own": [sys.executable, "-c", SLEEP_CODE, wrapper],
+             "own launcher": [sys.executable, "-c", SLEEP_CODE, launcher],
+             "stranger": [sys.executable, "-c", SLEEP_CODE, manager.job_id, "--for", root + "/python"],
+             "zombie": [sys.executable, "-c", "pass", wrapper]}
+    started = {kind: subprocess.Popen(argv) for kind, argv in procs.items()}
+    try:
+        wait_for(lambda: all(stackops.process_start_ticks(p.pid) for p in started.values()), what="starts")
+        # the zombie is left unreaped on purpose until the end
+        wait_for(lambda: Path(f"/proc/{started['zombie'].pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                 == "Z", what="zombie")
+        cases = {kind: (proc.pid, stackops.process_start_ticks(proc.pid)) for kind, proc in started.items()}
+        own_pid, own_start = cases["own"]
+        cases["recycled"] = (own_pid, own_start - 7)  # the pid now runs a process started later
+        cases["dead"] = (_dead_pid(), own_start)
+        kthread = _kernel_threads()
+        cases["kernel thread"] = (kthread[-1], stackops.process_start_ticks(kthread[-1]))
+        cases["kthreadd"] = (2, stackops.process_start_ticks(2))
+        yield cases
+    finally:
+        for proc in started.values():
+            proc.kill()
+            proc.wait()
+
+
+def _record(manager: FileManager, status: str, pid_file: str, pid: int | None, start: int | None) -> None:
+    for name in (stackops.PID_TXT, stackops.PID_START_TXT, stackops.LAUNCHER_PID_TXT,
+                 stackops.LAUNCHER_START_TXT, stackops.END_TXT, stackops.ERROR_TXT):
+        manager.write_log(name, "")
+    start_file = stackops.PID_START_TXT if pid_file == stackops.PID_TXT else stackops.LAUNCHER_START_TXT
+    manager.write_log(pid_file, str(pid))
+    manager.write_log(start_file, str(start or ""))
+    manager.write_log(stackops.STATUS_TXT, status)
+
+
+def test_status_property_never_running_unless_the_jobs_own_process_lives(home):
+    """For any recorded pid (dead, a zombie, a kernel thread, a stranger naming the job, a recycled
+    pid started later), the Python and the bash status say the job is alive only when its own
+    process lives: the wrapper's exact path in its command line and its recorded start time."""
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.train, config=config(job_id="py")).run()  # a short id matches a lot
+    wait_done(machine)
+    manager = machine.file_manager
+    with _impostors(manager) as cases:
+        @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+        @hypothesis.given(kind=hypothesis.strategies.sampled_from(sorted(cases)),
+                          status=hypothesis.strategies.sampled_from(["running", "waiting", "queued"]),
+                          shell=hypothesis.strategies.booleans())
+        @hypothesis.example(kind="kthreadd", status="running", shell=False)
+        @hypothesis.example(kind="kthreadd", status="running", shell=True)
+        @hypothesis.example(kind="stranger", status="running", shell=False)
+        @hypothesis.example(kind="stranger", status="running", shell=True)
+        @hypothesis.example(kind="recycled", status="running", shell=True)
+        @hypothesis.example(kind="own launcher", status="queued", shell=True)
+        def check(kind: str, status: str, shell: bool) -> None:
+            pid_file = stackops.LAUNCHER_PID_TXT if status == "queued" else stackops.PID_TXT
+            _record(manager, status, pid_file, *cases[kind])
+            report = _shell_status(manager, 0) if shell else manager.status_report(0)
+            own = kind == ("own launcher" if status == "queued" else "own")
+            assert report.status == (status if own else "failed"), (kind, status, shell)
+            if not own:
+                assert "process gone" in report.error_message and report.end_time, (kind, report)
+        check()
+
+
+QUEUE_SOURCE = """
+    import os, time
+
+    def gated(gate):
+        while True:
+            if os.path.exists(gate + ".ok"):
+                return "ok"
+            if os.path.exists(gate + ".fail"):
+                raise RuntimeError("failed on purpose")
+            time.sleep(0.02)
+"""
+
+
+def _procs_naming(text: str) -> list[int]:
+    """Live (not zombie) processes whose command line names ``text``: the process table's own view."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, IndexError):
+            if text.encode() in cmdline.read_bytes():
+                state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state not in "ZX":
+                    found.append(int(cmdline.parent.name))
+    return found
+
+
+def _observed(step):
+    """Record a broken property and stop acting, instead of raising: a run of real processes cannot
+    be replayed step for step, so hypothesis would report its own replay, not the bug. The test
+    reports what was seen, with the steps that led there."""
+    @functools.wraps(step)
+    def run(self, *args, **kwargs):
+        if QueueMachine.violations:
+            return None
+        self.steps.append(f"{step.__name__}{kwargs or ''}")
+        try:
+            return step(self, *args, **kwargs)
+        except AssertionError as exc:
+            QueueMachine.violations.append(f"{step.__name__}: {exc}\n  statuses: {self.seen}\n"
+                                           f"  steps: {self.steps}")
+            return None
+    return run
+
+
+class QueueMachine(stateful.RuleBasedStateMachine):
+    """The queue of one machine under submits, finishes, failures, SIGKILLed holders and launchers,
+    and launchers that are slow (a `git pull` that takes its time); invariants after every step."""
+
+    SLOTS = 2
+    base: Path
+    violations: list[str] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.home = Path(tempfile.mkdtemp(dir=QueueMachine.base))
+        os.environ["HOME"] = str(self.home)
+        self.mod = make_module(self.home, QUEUE_SOURCE)
+        self.gates = self.home / "gates"
+        self.gates.mkdir()
+        self.jobs: list[dict] = []
+        self.seen: dict[str, str] = {}
+        self.steps: list[str] = []
+
+    # -- steps --------------------------------------------------------------------------------------
+
+    @stateful.initialize(slows=hypothesis.strategies.lists(hypothesis.strategies.booleans(), min_size=1,
+                                                           max_size=3))
+    @_observed
+    def first_submits(self, slows: list[bool]) -> None:
+        for slow in slows:
+            self.submit_one(slow)
+
+    @stateful.precondition(lambda self: len(self.jobs) < 8)
+    @stateful.rule(slows=hypothesis.strategies.lists(hypothesis.strategies.booleans(), min_size=1, max_size=2))
+    @_observed
+    def submit(self, slows: list[bool]) -> None:
+        for slow in slows:
+            self.submit_one(slow)
+
+    def submit_one(self, slow: bool) -> None:
+        job_id = f"j{len(self.jobs)}"
+        cfg = config(job_id=job_id, max_simultaneous_jobs=self.SLOTS, update_repo=slow)
+        machine = RemoteMachine(self.mod.gated, config=cfg, func_kwargs={"gate": str(self.gates / job_id)})
+        self.jobs.append({"machine": machine.run(), "slow": slow, "killed": False})
+        entries = Slots().entries()
+        if slow and entries and entries[0].endswith(f"-{job_id}"):  # as if in its `git pull` for minutes
+            old = f"{int(entries[0].split('-', 1)[0]) - 120 * 10**9:019d}"
+            machine.file_manager.write_log(stackops.TICKET_TXT, old)
+            os.rename(Slots().queue / entries[0], Slots().queue / f"{old}-{job_id}")
+        if not slow:  # its wrapper is in line (or beyond) before the next step
+            wait_for(lambda: machine.get_status(0).status != "queued", what=f"{job_id}'s wrapper")
+
+    # Rules never depend on what the processes did (no preconditions on it): hypothesis draws the
+    # same choices again when it replays, and a rule with nothing to act on does nothing.
+
+    @stateful.rule(pick=hypothesis.strategies.integers(0, 99))
+    @_observed
+    def release_slow_launcher(self, pick: int) -> None:
+        slow = [j for j in self.jobs if j["slow"]]
+        if not slow:
+            return
+        job = slow[pick % len(slow)]
+        job["slow"] = False
+        pid = wait_for(lambda: self._read(job, stackops.LAUNCHER_PID_TXT), what="launcher pid")
+        (self.gates / pid).touch()
+
+    @stateful.rule(outcome=hypothesis.strategies.sampled_from(["ok", "fail", "sigkill"]),
+                   pick=hypothesis.strategies.integers(0, 99))
+    @_observed
+    def end_a_running_job(self, outcome: str, pick: int) -> None:
+        running = [j for j in self.jobs if self.seen.get(j["machine"].job_id) == "running"]
+        if not running:
+            return
+        machine = running[pick % len(running)]["machine"]
+        if outcome == "sigkill":  # the holder dies without a word: the kernel frees its slot
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(self._read({"machine": machine}, stackops.PID_TXT)), signal.SIGKILL)
+        else:
+            Path(f"{self.gates / machine.job_id}.{outcome}").touch()
+        report = wait_for(lambda: (r := machine.get_status(0)).finished and r, what="the end")
+        expected = {"ok": "completed", "fail": "failed", "sigkill": "failed"}[outcome]
+        assert report.status == expected, report
+        if outcome == "sigkill":
+            assert "killed by signal 9" in report.error_message, report
+
+    def _killable(self) -> list[dict]:
+        """Jobs whose launcher may die: a started wrapper's, or a slow one's (its Python may be
+        starting right after a fast launcher: a window this test does not model)."""
+        return [j for j in self.jobs if self.seen.get(j["machine"].job_id) in ("waiting", "running")
+                or (self.seen.get(j["machine"].job_id) == "queued" and j["slow"])]
+
+    @stateful.rule(pick=hypothesis.strategies.integers(0, 99))
+    @_observed
+    def sigkill_a_launcher(self, pick: int) -> None:
+        """Only the launcher dies: a started wrapper goes on; a slow launcher's job never starts."""
+        alive = self._killable()
+        if not alive:
+            return
+        job = alive[pick % len(alive)]
+        status = self.seen[job["machine"].job_id]
+        pid = wait_for(lambda: self._read(job, stackops.LAUNCHER_PID_TXT), what="launcher pid")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+        job["killed"] = True
+        if status == "queued":
+            job["slow"] = False
+            report = wait_for(lambda: (r := job["machine"].get_status(0)).finished and r, what="found dead")
+            assert report.status == "failed" and "launcher" in report.error_message, report
+
+    # -- invariants ---------------------------------------------------------------------------------
+
+    @stateful.invariant()
+    @_observed
+    def truthful_and_in_order(self) -> None:
+        slots = Slots()
+        for view in (stackops.QUEUED_VIEW, stackops.RUNNING_VIEW, stackops.HISTORY_VIEW):
+            if (slots.root / view).exists():
+                json.loads((slots.root / view).read_text())  # every view is valid JSON at every instant
+        assert len(slots.holders()) <= self.SLOTS
+        starts, unstarted = [], []
+        for job in self.jobs:
+            machine = job["machine"]
+            report = machine.get_status(0)
+            self.seen[machine.job_id] = report.status
+            if report.start_time:  # live entries start in order: nobody passes a job still in line
+                assert not unstarted, f"{machine.job_id} started before {unstarted}, fired earlier"
+            elif not report.finished:
+                unstarted.append(machine.job_id)
+            wrapper = f"{os.path.realpath(machine.file_manager.job_root)}/python/cluster_wrap.py"
+            if report.status in ("waiting", "running"):  # the process table agrees
+                assert _procs_naming(wrapper), (machine.job_id, report.status)
+            if "process gone" in report.error_message:
+                assert not _procs_naming(wrapper), (machine.job_id, report.error_message)
+            if report.start_time:
+                starts.append(report.start_time)
+        assert list(self.seen.values()).count("running") <= self.SLOTS, self.seen
+        assert starts == sorted(starts), "jobs started out of the order they were fired"
+
+    def teardown(self) -> None:
+        """Every job ends: release everything and wait for each to finish, then nothing is held."""
+        try:
+            self._every_job_ends()
+        finally:
+            for pid in _procs_naming(str(self.home)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    @_observed
+    def _every_job_ends(self) -> None:
+        for job in self.jobs:  # a launcher fired just now records itself in a moment
+            pid = wait_for(lambda j=job: self._read(j, stackops.LAUNCHER_PID_TXT), what="launcher pid")
+            (self.gates / pid).touch()
+            Path(f"{self.gates / job['machine'].job_id}.ok").touch()
+        for job in self.jobs:
+            report = wait_for(lambda j=job: (r := j["machine"].get_status(0)).finished and r, timeout=60,
+                              what=f"{job['machine'].job_id} to end")
+            assert report.end_time, report
+        assert Slots().holders() == [] and Slots().waiters() == []
+
+    @staticmethod
+    def _read(job: dict, relative: str) -> str:
+        return job["machine"].file_manager.path(relative).read_text().strip() \
+            if job["machine"].file_manager.path(relative).exists() else ""
+
+
+def test_slots_queue_state_machine(home, tmp_path, monkeypatch):
+    """Stateful property of the queue (issue 12): whatever order of submits, ends, failures, SIGKILLs
+    and slow launchers, never more than N run, jobs start in order, every view is valid JSON, status
+    agrees with the process table, and every job ends."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    gates = "$HOME/gates"
+    (shims / "git").write_text(f"#!/bin/bash\n# a slow `git pull`: waits until the test lets its launcher go\n"
+                               f"while [ ! -e {gates}/$PPID ] && [ -d /proc/$PPID ]; do sleep 0.02; done\n")
+    (shims / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    QueueMachine.base = tmp_path
+    QueueMachine.violations = []
+    started = time.monotonic()
+    stateful.run_state_machine_as_test(QueueMachine, settings=hypothesis.settings(
+        max_examples=4, stateful_step_count=8, deadline=None, database=None,
+        suppress_health_check=list(hypothesis.HealthCheck)))
+    assert not QueueMachine.violations, "\n".join(QueueMachine.violations)
+    assert time.monotonic() - started < 120
 
 
 # ============================================================================================
@@ -2579,6 +2963,104 @@ def test_cluster_cli_run_status_download(cluster_home):
     assert union == list(range(1000))
 
 
+def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home, fault_node, sshd):
+    """`list` shows the alias each job went to, a cluster's parts under it, remote rows as their host
+    says now (a job that ended since the last look is not `running`), and a host that does not
+    answer in time leaves its rows marked with when they were last seen."""
+    home = cluster_home
+    mod = make_module(home, JOBS_SOURCE + CLUSTER_JOBS)
+    local = RemoteMachine(mod.train, config=config(job_id="lst-local")).run()
+    wait_done(local)
+    ended = RemoteMachine(mod.sleeper, config=config(job_id="lst-ended", ssh_host="node1", copy_repo=True,
+                                                    lock_resources=False), func_kwargs={"seconds": 1.0}).run()
+    wait_for(lambda: ended.get_status(0).status == "running", what="running")  # the mirror's last word
+    on_host = sshd.remote_home / ended.file_manager.job_root_rh[2:] / stackops.STATUS_TXT  # a shared disk
+    wait_for(lambda: on_host.read_text() == "completed", what="the remote job to end on its own")
+    with CPUsPerHost(mod.indices, ["node2", "node3"], config(copy_repo=True, lock_resources=False),
+                     job_id="lstclu", max_num=10) as cluster:
+        cluster.run()
+        wait_for(lambda: all(isinstance(s, JobStatus) and s.finished for s in cluster.check_job_status().values()),
+                 timeout=90, what="cluster done")
+    away = RemoteMachine(mod.sleeper, config=config(job_id="lst-away", ssh_host="fnode", copy_repo=True,
+                                                   lock_resources=False), func_kwargs={"seconds": 120}).run()
+    wait_for(lambda: away.get_status(0).status == "running", what="running")
+    ended.close()
+    away.close()
+
+    listing = {row["job_id"]: row for row in json.loads(cli("list", "--json", home=home).stdout)}
+    assert listing["lst-ended"]["status"] == "completed" and listing["lst-ended"]["as_of"] is None
+    assert {j: listing[j]["host"] for j in ("lst-local", "lst-ended", "lstclu_0", "lstclu_1", "lst-away")} == \
+        {"lst-local": "localhost", "lst-ended": "node1", "lstclu_0": "node2", "lstclu_1": "node3",
+         "lst-away": "fnode"}
+    assert listing["lstclu_0"]["cluster"] == listing["lstclu_1"]["cluster"] == "lstclu"
+    table = cli("list", home=home).stdout.splitlines()
+    assert table[0].split()[:3] == ["JOB", "HOST", "STATUS"]
+    at = next(i for i, line in enumerate(table) if line.startswith("lstclu (cluster)"))
+    assert [line.split()[:3] for line in table[at + 1:at + 3]] == [["lstclu_0", "node2", "completed"],
+                                                                    ["lstclu_1", "node3", "completed"]]
+
+    fault_node.link(1, up=False)  # fnode's cable is pulled
+    try:
+        started = time.monotonic()
+        cut = cli("list", "--timeout", "3", home=home)
+        took = time.monotonic() - started
+    finally:
+        fault_node.link(1, up=True)
+    assert cut.returncode == 0 and took < 15, (took, cut.stderr)
+    row = next(line for line in cut.stdout.splitlines() if line.startswith("lst-away"))
+    assert "fnode" in row and "running (as of " in row, row
+    assert "fnode: not refreshed" in cut.stderr and "node1" not in cut.stderr
+    fresh = next(line for line in cut.stdout.splitlines() if line.startswith("lst-ended"))
+    assert "completed" in fresh and "as of" not in fresh
+
+
+def test_cluster_cli_wait_says_what_it_waits_for_and_gives_up_on_a_silent_host(cluster_home, fault_node):
+    """`cluster run --wait` hung silently forever once a host went away: now it says what it waits
+    for, reports the host that stays unreachable past --host-timeout, and ends with status 1."""
+    home = cluster_home
+    (home / "proj").mkdir(exist_ok=True)
+    (home / "proj" / "slowcj.py").write_text("import time\n\ndef part(workload_params, seconds=8.0):\n"
+                                             "    time.sleep(seconds)\n    return workload_params.idx_start\n")
+    proc = subprocess.Popen([sys.executable, str(SOURCE), "cluster", "run", "proj/slowcj.py:part", "--hosts",
+                             "node1,fnode", "--copy-repo", "--job-id", "silent", "--wait", "--host-timeout", "3"],
+                            cwd=home, env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")))
+    reader.start()
+    try:
+        wait_for(lambda: any("waiting for 2 job(s)" in line for line in lines), timeout=60, what="waiting")
+        fault_node.link(1, up=False)  # fnode's cable is pulled while its job runs
+        proc.wait(timeout=90)
+    finally:
+        fault_node.link(1, up=True)
+        if proc.poll() is None:
+            proc.kill()
+        reader.join()
+    out, err = proc.stdout.read(), "".join(lines)
+    assert "silent_0 on node1" in err and "silent_1 on fnode" in err
+    assert "fnode: giving up, unreachable for" in err and "node1: job silent_0 completed" in err, err
+    assert proc.returncode == 1, (out, err)
+    table = out.split("DURATION  ERROR\n")[-1]
+    rows = {line.split()[0]: line.split()[2] for line in table.splitlines() if line.strip()}
+    assert rows == {"node1": "completed", "fnode": "unreachable"}, out
+
+
+def test_cli_list_into_a_closed_pipe_ends_quietly(home):
+    """`stackops list | head` ended in a BrokenPipeError traceback."""
+    mod = make_module(home, JOBS_SOURCE)
+    for i in range(3):
+        wait_done(RemoteMachine(mod.train, config=config(job_id=f"pipe{i}")).run())
+    for args in (["list"], ["list", "--json"], ["queue"], ["status", "pipe0"]):
+        proc = subprocess.Popen([sys.executable, str(SOURCE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(os.environ, HOME=str(home)))
+        proc.stdout.close()  # the reader is gone before the first line
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=60)
+        assert "Traceback" not in err and "BrokenPipe" not in err, (args, err)
+        assert proc.returncode != 0, args
+
+
 
 FLAKY_CLUSTER = """
     import os, time
@@ -3104,6 +3586,134 @@ def test_email_from_a_remote_job_and_checked_on_the_host(remote, home, smtp):
         m.wait(timeout=60)
     [message] = _wait_mail(received, 1)
     assert "rmail completed" in message["Subject"]
+
+
+# -- every end is reported, exactly once (issue 12) -----------------------------------------
+
+MAIL = {"notify_upon_completion": True, "to_email": "me@test.invalid", "email_config_name": "test"}
+
+
+def _one_mail(received, job_id: str):
+    """The one message about ``job_id`` (a second one would arrive within the pause)."""
+    import email
+
+    def about() -> list:
+        messages = [email.message_from_bytes(envelope.content) for envelope in list(received)]
+        return [m for m in messages if f"job {job_id} " in m["Subject"]]
+
+    wait_for(about, timeout=60, what=f"the e-mail about {job_id}")
+    time.sleep(0.3)
+    messages = about()
+    assert len(messages) == 1, [m["Subject"] for m in messages]
+    return messages[0]
+
+
+def test_email_finishing_step_failure_records_end_reason_and_mails(home, smtp):
+    """A result whose repr raises used to leave failed with no message, no end time, no e-mail."""
+    received, _ = smtp
+    mod = make_module(home, """
+        class Unprintable:
+            def __repr__(self):
+                raise RuntimeError("this result refuses to be printed")
+
+        def make():
+            return Unprintable()
+    """)
+    machine = RemoteMachine(mod.make, config=config(job_id="unprintable", **MAIL)).run()
+    report = wait_done(machine)
+    assert report.status == "failed" and report.end_time
+    assert "finishing step" in report.error_message and "refuses to be printed" in report.error_message
+    message = _one_mail(received, "unprintable")
+    assert "failed" in message["Subject"] and "refuses to be printed" in message.get_payload()
+    assert Slots().holders() == [] and Slots().history()[-1]["status"] == "failed"
+
+
+def test_email_wrapper_sigkilled_is_reported_by_its_launcher(home, smtp):
+    """The out-of-memory killer's SIGKILL: the launcher records it and sends the one message."""
+    received, _ = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.sleeper, config=config(job_id="oom", **MAIL)).run()
+    wait_for(lambda: machine.get_status(0).status == "running", what="running")
+    os.kill(machine.get_status(0).pid, signal.SIGKILL)
+    report = wait_done(machine)
+    assert report.status == "failed" and "killed by signal 9" in report.error_message and report.end_time
+    message = _one_mail(received, "oom")
+    assert "failed" in message["Subject"] and "killed by signal 9" in message.get_payload()
+    assert "sent" in machine.file_manager.path(stackops.NOTIFIED_TXT).read_text()
+
+
+def test_email_launcher_failures_are_reported(home, smtp):
+    """git pull, pip install, a missing repo folder: failed before Python ran, and said so by mail."""
+    received, _ = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    cases = {"no-pull": ({"update_repo": True}, "git pull failed"),
+             "no-pip": ({"install_repo": True}, "pip install -e . failed"),
+             "no-repo": ({}, "cannot enter the repo folder")}
+    machines = {}
+    for job_id, (extra, _) in cases.items():
+        machines[job_id] = RemoteMachine(mod.train, config=config(job_id=job_id, **MAIL, **extra)).run(run=False)
+    for job_id in ("no-pull", "no-pip"):
+        machines[job_id].fire()
+        wait_done(machines[job_id], timeout=120)
+    shutil.rmtree(home / "proj")  # the repo folder is gone when the last one starts
+    machines["no-repo"].fire()
+    for job_id, (_, reason) in cases.items():
+        report = wait_done(machines[job_id], timeout=120)
+        assert report.status == "failed" and reason in report.error_message and report.end_time, job_id
+        message = _one_mail(received, job_id)
+        assert "failed" in message["Subject"] and reason in message.get_payload(), job_id
+    assert len(received) == 3
+
+
+def test_email_whole_tree_gone_is_reported_once_by_the_status_check(home, smtp):
+    """A reboot: launcher and wrapper gone without a word. The first status check that finds it
+    reports it; the job folder records that, and later checks send nothing more."""
+    received, _ = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.sleeper, config=config(job_id="rebooted", **MAIL)).run()
+    wait_for(lambda: machine.get_status(0).status == "running", what="running")
+    os.killpg(machine.launcher_pid, signal.SIGKILL)
+    pid = int(machine.file_manager.path(stackops.PID_TXT).read_text())
+    wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
+    report = machine.get_status(0)
+    assert report.status == "failed" and "process gone" in report.error_message and report.end_time
+    message = _one_mail(received, "rebooted")
+    assert "failed" in message["Subject"] and "process gone" in message.get_payload()
+    for _ in range(3):
+        assert machine.get_status(0).status == "failed"
+    assert len(received) == 1 and "sent" in machine.file_manager.path(stackops.NOTIFIED_TXT).read_text()
+
+
+def _install_remote_mail_config(remote, local_config: Path) -> None:
+    remote_config = remote.remote_home / ".config" / "stackops" / "email.json"
+    remote_config.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(local_config, remote_config)
+    if os.geteuid() == 0:
+        for path in (remote_config.parent.parent, remote_config.parent, remote_config):
+            shutil.chown(path, remote.user, remote.user)
+    remote_config.chmod(0o600)
+
+
+def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote, home, smtp):
+    """Over SSH the bash status finds the dead job (no Python on the way), and the host reports it once."""
+    received, local_config = smtp
+    _install_remote_mail_config(remote, local_config)
+    mod = make_module(home, JOBS_SOURCE)
+    with RemoteMachine(mod.sleeper, config=config(job_id="rgone", ssh_host="tb", copy_repo=True, **MAIL)) as m:
+        m.run()
+        wait_for(lambda: m.get_status(0).status == "running", what="running")
+        os.killpg(m.launcher_pid, signal.SIGKILL)  # loopback: the host's processes are ours to see
+        remote_root = remote.remote_home / m.file_manager.job_root_rh[2:]
+        pid = int((remote_root / stackops.PID_TXT).read_text())
+        wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
+        report = m.get_status(0)
+        assert report.status == "failed" and "process gone" in report.error_message and report.end_time
+        message = _one_mail(received, "rgone")
+        assert "failed" in message["Subject"] and "process gone" in message.get_payload()
+        for _ in range(3):
+            assert m.get_status(0).status == "failed"
+    assert len(received) == 1
+    assert "sent" in (remote_root / stackops.NOTIFIED_TXT).read_text()
 
 
 # ============================================================================================
