@@ -210,7 +210,7 @@ class JobFailedError(StackopsError):
     def __init__(self, job_id: str, error_message: str) -> None:
         self.job_id, self.error_message = job_id, error_message
         super().__init__(f"job {job_id} failed: {_last_line(error_message) or 'no reason recorded'}",
-                         hint=f"full error: python stackops.py status {job_id}")
+                         hint=f"full error: {_prog()} status {job_id}")
 
 
 # ============================================================================================
@@ -227,6 +227,26 @@ def _last_line(text: str) -> str:
 
 def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+_PROGRAM: list[str] = []  # how main() was run, once it has been
+
+
+def _prog() -> str:
+    """The program as the user runs it, for hints: ``stackops`` (the installed console script) or
+    ``python3 path/to/stackops.py``; outside main(), the console script when it is installed."""
+    if _PROGRAM:
+        return _PROGRAM[0]
+    return "stackops" if shutil.which("stackops") else "python3 stackops.py"
+
+
+def _note_program(argv0: str) -> None:
+    name = os.path.basename(argv0)
+    if name.endswith(".py"):
+        python = os.path.basename(sys.executable or "") or "python3"
+        _PROGRAM[:] = [f"{python} {shlex.quote(argv0)}"]
+    elif name == "stackops":
+        _PROGRAM[:] = ["stackops"]
 
 
 def _mkdir_private(path: Path) -> Path:
@@ -397,6 +417,29 @@ def pid_is_alive(pid: int, marker: str | None = None) -> bool:
     (a reused pid belongs to some other program and does not count)."""
     alive, cmdline = _process_state(pid)
     return alive and (marker is None or not cmdline or marker in cmdline)
+
+
+def _run_bounded(argv: list[str], timeout: float,
+                 error: type[StackopsError] = StackopsError) -> subprocess.CompletedProcess[str]:
+    """Run a program here in a process group of its own and stop the whole group once ``timeout``
+    seconds pass (a plain timeout would wait for grandchildren that hold its output open): the
+    ``error`` raised then says which command did not answer in time."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    except OSError as exc:
+        raise DependencyError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:
+        with _suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with _suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=1.0)  # reaps it; a child that left the group may keep the pipes
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise error(f"{' '.join(argv)} did not answer within {timeout:g}s and was stopped") from None
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def _read_int(path: Path) -> int | None:
@@ -854,7 +897,7 @@ class JobParams:
             lines = [f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})",
                      "parts = workload_params.split_to_jobs(workload_params.jobs)",
                      "from concurrent.futures import ProcessPoolExecutor",
-                     "with ProcessPoolExecutor(max_workers=max(1, len(parts))) as pool:",
+                     "with ProcessPoolExecutor(max_workers=stackops.pool_size(len(parts))) as pool:",
                      "    futures = [pool.submit(stackops.call_job_part, JOB_ROOT, part.to_dict(), func_kwargs)",
                      "               for part in parts]",
                      "    res = [future.result() for future in futures]"]
@@ -1469,6 +1512,19 @@ def call_job_part(job_root: str, part: dict[str, Any], func_kwargs: dict[str, An
     return context.load_callable()(workload_params=WorkloadParams.from_dict(part), **func_kwargs)
 
 
+def pool_size(parts: int) -> int:
+    """How many processes run ``parts`` parallel parts: one per part, at most one per CPU this
+    process may use (more would only compete for the same CPUs and memory)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    size = max(1, min(parts, cpus))
+    if size < parts:
+        log.info("running %d parts on %d processes (at most one per CPU)", parts, size)
+    return size
+
+
 def _results_folder(manager: FileManager, res: Any) -> tuple[Path, bool]:
     """(folder holding the results, whether the job named it itself)."""
     if isinstance(res, (str, os.PathLike)):
@@ -1818,30 +1874,78 @@ def select_lan_ipv4(prefer_vpn: bool = False) -> str | None:
 
 
 def get_public_ip_address(endpoint: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    """What the internet sees of this machine: the ``ipinfo`` CLI when installed, otherwise an HTTPS
-    JSON lookup (``endpoint``, or STACKOPS_PUBLIC_IP_URL, or ipinfo.io). Installs nothing."""
+    """What the internet sees of this machine: the ``ipinfo`` CLI when installed, otherwise a JSON
+    lookup over http(s) (``endpoint``, or STACKOPS_PUBLIC_IP_URL, or ipinfo.io). Installs nothing.
+    ``timeout`` bounds the whole lookup (name resolution, connection and answer together)."""
+    if not timeout > 0:
+        raise ConfigError(f"the public-IP lookup needs a positive timeout, got {timeout}")
     url = endpoint or os.environ.get("STACKOPS_PUBLIC_IP_URL")
     if url is None and shutil.which("ipinfo"):
-        try:
-            done = subprocess.run(["ipinfo", "myip", "--json"], capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise StackopsConnectionError(f"ipinfo myip timed out after {timeout}s") from exc
+        done = _run_bounded(["ipinfo", "myip", "--json"], timeout, StackopsConnectionError)
         if done.returncode != 0:
             raise CommandError("localhost", "ipinfo myip --json", done.returncode, done.stderr)
         return _public_ip_json(done.stdout, "ipinfo myip")
+    url = _check_http_url(url or DEFAULT_PUBLIC_IP_URL)
+    return _public_ip_json(_fetch_within(url, timeout), url)
+
+
+def _check_http_url(url: str) -> str:
+    """``url`` when it is http:// or https:// with a host (a file:// or ftp:// URL reads what it
+    should not), else a ConfigError."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"the public-IP endpoint must be an http:// or https:// URL, got {_shorten(url, 80)!r}",
+                          hint="e.g. --endpoint https://ipinfo.io/json (or STACKOPS_PUBLIC_IP_URL)")
+    return url
+
+
+def _http_only_opener() -> Any:
+    """A urllib opener that speaks http and https only, redirects included (no file:, ftp:, data:)."""
+    import urllib.request as request
+
+    opener = request.OpenerDirector()
+    for handler in (request.ProxyHandler(), request.HTTPHandler(), request.HTTPSHandler(),
+                    request.HTTPDefaultErrorHandler(), request.HTTPRedirectHandler(), request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def _fetch_within(url: str, timeout: float, limit: int = 1 << 20) -> str:
+    """The body of ``url`` (at most ``limit`` bytes), all within ``timeout`` seconds: a silent DNS
+    server or an endpoint that trickles its answer ends in an error at the deadline. The lookup runs
+    in a daemon thread, which is left to finish on its own when it overruns."""
+    import http.client
+    import threading
     import urllib.error
     import urllib.request
 
-    url = url or DEFAULT_PUBLIC_IP_URL
     request = urllib.request.Request(url, headers={"Accept": "application/json",
                                                    "User-Agent": f"stackops/{__version__}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only, below)
-            return _public_ip_json(response.read().decode("utf-8", "replace"), url)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise StackopsConnectionError(f"public IP lookup at {url} failed: {reason}",
-                                      hint="set STACKOPS_PUBLIC_IP_URL to another JSON endpoint") from exc
+    box: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            with _http_only_opener().open(request, timeout=timeout) as response:
+                box["body"] = response.read(limit)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    worker = threading.Thread(target=fetch, name="stackops-public-ip", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    hint = "set STACKOPS_PUBLIC_IP_URL (or --endpoint) to another JSON endpoint"
+    if worker.is_alive():
+        raise StackopsConnectionError(f"public IP lookup at {url} timed out: no whole answer within {timeout:g}s",
+                                      hint=hint)
+    error = box.get("error")
+    if isinstance(error, (urllib.error.URLError, OSError, ValueError, http.client.HTTPException)):
+        reason = getattr(error, "reason", error)
+        raise StackopsConnectionError(f"public IP lookup at {url} failed: {reason}", hint=hint) from error
+    if error is not None:
+        raise error
+    return bytes(box.get("body", b"")).decode("utf-8", "replace")
 
 
 def _public_ip_json(text: str, source: str) -> dict[str, Any]:
@@ -1854,21 +1958,36 @@ def _public_ip_json(text: str, source: str) -> dict[str, Any]:
     return data
 
 
-def _warp(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["warp-cli", *args], capture_output=True, text=True, timeout=60)
+WARP_TIMEOUT = 30.0  # seconds one warp-cli call may take
+
+
+def _warp(*args: str, timeout: float = WARP_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    try:
+        return _run_bounded(["warp-cli", *args], timeout)
+    except StackopsError as exc:
+        exc.hint = exc.hint or "is the WARP service running? (warp-cli status; systemctl status warp-svc)"
+        raise
 
 
 def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float = 2.0,
                                       target_ip_addresses: list[str] | None = None,
-                                      endpoint: str | None = None) -> tuple[bool, str, list[str]]:
-    """switch_public_ip_address, also returning every address seen after a new registration."""
+                                      endpoint: str | None = None,
+                                      timeout: float | None = None) -> tuple[bool, str, list[str]]:
+    """switch_public_ip_address, also returning every address seen after a new registration.
+    ``timeout`` bounds each lookup and each warp-cli call (default 5 s and WARP_TIMEOUT): a
+    warp-cli that does not answer in time stops the switch with a StackopsError."""
     if shutil.which("warp-cli") is None:
         raise DependencyError("warp-cli is not installed", hint="install Cloudflare WARP to rotate the public IP")
-    if max_trials < 1 or wait_seconds < 0:
-        raise ConfigError("max_trials must be at least 1 and wait_seconds not negative")
+    if max_trials < 1 or wait_seconds < 0 or (timeout is not None and not timeout > 0):
+        raise ConfigError("max_trials must be at least 1, wait_seconds not negative and timeout positive")
+    url = endpoint or os.environ.get("STACKOPS_PUBLIC_IP_URL")
+    if url is not None:
+        _check_http_url(url)  # a bad endpoint is refused now, not retried in every trial
+    lookup = timeout or 5.0
+    warp = timeout or WARP_TIMEOUT
     targets = set(target_ip_addresses or [])
     try:
-        current: str | None = get_public_ip_address(endpoint)["ip"]
+        current: str | None = get_public_ip_address(endpoint, lookup)["ip"]
     except StackopsError as exc:
         log.warning("cannot read the current public IP: %s", exc)
         current = None
@@ -1876,14 +1995,14 @@ def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float 
         return True, current or "", []
     seen: list[str] = []
     for trial in range(1, max_trials + 1):
-        _warp("registration", "delete")
+        _warp("registration", "delete", timeout=warp)
         time.sleep(wait_seconds)
-        if _warp("registration", "new").returncode != 0:
+        if _warp("registration", "new", timeout=warp).returncode != 0:
             log.warning("warp-cli registration new failed (trial %d)", trial)
             continue
-        _warp("connect")
+        _warp("connect", timeout=warp)
         time.sleep(wait_seconds)
-        address = _lookup_a_few_times(endpoint, wait_seconds)
+        address = _lookup_a_few_times(endpoint, wait_seconds, lookup)
         if not address:
             continue
         seen.append(address)
@@ -1893,10 +2012,10 @@ def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float 
     return False, seen[-1] if seen else (current or ""), seen
 
 
-def _lookup_a_few_times(endpoint: str | None, wait_seconds: float) -> str | None:
+def _lookup_a_few_times(endpoint: str | None, wait_seconds: float, timeout: float = 5.0) -> str | None:
     for _ in range(5):
         try:
-            return get_public_ip_address(endpoint)["ip"] or None
+            return get_public_ip_address(endpoint, timeout)["ip"] or None
         except StackopsError as exc:
             log.warning("public IP lookup failed: %s", exc)
             time.sleep(wait_seconds)
@@ -2708,15 +2827,48 @@ def _check_kwargs(func_kwargs: Any) -> dict[str, Any]:
     return func_kwargs
 
 
+MAX_KWARGS_BYTES = 512 * 2**20  # a kwargs file is parsed in memory: bigger data travels with --data
+
+
+def _read_kwargs_file(source: str) -> str:
+    """The text of a kwargs file: a regular file (not a FIFO or a device, which may never end) of
+    at most MAX_KWARGS_BYTES, read without blocking on what is not a regular file."""
+    import stat
+
+    path = expand_home(source)
+    limit = f"{MAX_KWARGS_BYTES // 2**20} MiB"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"cannot read kwargs file {source}: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"kwargs file {source} is not a regular file",
+                              hint="write the JSON object into a file and pass @that-file")
+        if info.st_size > MAX_KWARGS_BYTES:
+            raise ConfigError(f"kwargs file {source} is {info.st_size / 2**20:.0f} MiB, more than {limit}",
+                              hint="send big inputs as files with --data and pass their paths as kwargs")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(MAX_KWARGS_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read kwargs file {source}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KWARGS_BYTES:  # it grew while we read it
+        raise ConfigError(f"kwargs file {source} is more than {limit}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"kwargs file {source} is not UTF-8 text: {exc}") from exc
+
+
 def parse_kwargs(text: str) -> dict[str, Any]:
     """Keyword arguments from the command line: a JSON object, or ``@file.json``."""
     source = "--kwargs"
     if text.startswith("@"):
         source = text[1:]
-        try:
-            text = expand_home(source).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read kwargs file {source}: {exc.strerror}") from exc
+        text = _read_kwargs_file(source)
     try:
         value = json.loads(text)
     except ValueError as exc:
@@ -2977,6 +3129,8 @@ class RemoteMachine:
     that host, over one SSH connection reused for every step (``close()`` ends it).
     """
 
+    _kwargs: dict[str, Any] | None = None
+
     def __init__(self, func: Any, config: RemoteStackOpsConfig, func_kwargs: dict[str, Any] | None = None,
                  data: list[str] | None = None) -> None:
         if not isinstance(config, RemoteStackOpsConfig):
@@ -3008,6 +3162,18 @@ class RemoteMachine:
 
     def __repr__(self) -> str:
         return f"RemoteMachine({self.config.job_id!r} @ {self.host_name})"
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The job's keyword arguments. They are stored once, in the job folder's KWARGS_JSON (a big
+        one is not rewritten by every save), and a loaded job reads them only when asked."""
+        if self._kwargs is None:
+            self._kwargs = _check_kwargs(_read_json(self.file_manager.path(KWARGS_JSON)))
+        return self._kwargs
+
+    @kwargs.setter
+    def kwargs(self, value: dict[str, Any]) -> None:
+        self._kwargs = value
 
     @property
     def job_id(self) -> str:
@@ -3053,7 +3219,7 @@ class RemoteMachine:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "job_params": self.job_params.to_dict(),
-                "file_manager": self.file_manager.to_dict(), "kwargs": self.kwargs, "data": self.data,
+                "file_manager": self.file_manager.to_dict(), "data": self.data,  # kwargs: KWARGS_JSON
                 "scripts_generated": self.scripts_generated, "submitted": self.submitted,
                 "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
                 "results_path": self.results_path.as_posix() if self.results_path else None}
@@ -3068,7 +3234,7 @@ class RemoteMachine:
             machine.config = RemoteStackOpsConfig.from_dict(data["config"])
             machine.job_params = JobParams.from_dict(data["job_params"])
             machine.file_manager = FileManager.from_dict(data["file_manager"], job_root)
-            machine.kwargs = _check_kwargs(data["kwargs"])
+            machine._kwargs = _check_kwargs(data["kwargs"]) if "kwargs" in data else None  # None: read lazily
             machine.data = list(data["data"])
             machine.scripts_generated, machine.submitted = bool(data["scripts_generated"]), bool(data["submitted"])
             machine.results_downloaded = bool(data["results_downloaded"])
@@ -3091,7 +3257,7 @@ class RemoteMachine:
         root = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued/{check_safe_name(job_id)}")
         if not (root / REMOTE_MACHINE_JSON).exists():
             raise ConfigError(f"no job {job_id!r} under {collapse_home(root.parent.parent)}",
-                              hint="python stackops.py list shows the jobs")
+                              hint=f"{_prog()} list shows the jobs")
         return cls.from_job_dir(root)
 
     def _save(self) -> None:
@@ -3934,6 +4100,9 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
     if not match:
         raise ConfigError(f"--workload {text!r} is not START:END[:PARTS]", hint="e.g. --workload 0:1000:4")
     start, end, parts = int(match[1]), int(match[2]), int(match[3] or 1)
+    if end <= start:
+        raise ConfigError(f"--workload {text!r} is an empty range: END must be greater than START",
+                          hint="e.g. --workload 0:1000:4 covers [0, 1000) in 4 parts")
     return WorkloadParams(idx_min=start, idx_max=max(start, end), idx_start=start, idx_end=max(start, end),
                           jobs=parts)
 
@@ -3964,8 +4133,8 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
             _print_json(report.to_dict())
         else:
             print(f"job {machine.job_id} {report.status} on {report.host} (launcher pid {machine.launcher_pid})")
-            print(f"  status:  python stackops.py status {machine.job_id}")
-            print(f"  logs:    python stackops.py logs {machine.job_id} -f")
+            print(f"  status:  {_prog()} status {machine.job_id}")
+            print(f"  logs:    {_prog()} logs {machine.job_id} -f")
         return 0
     try:
         machine.wait()
@@ -4123,7 +4292,7 @@ def _progress() -> Callable[[int], None] | None:
 def _cmd_ssh(args: Any) -> int:
     command = " ".join(args.command) if len(args.command) != 1 else args.command[0]
     if not command:
-        raise ConfigError("no command given", hint="python stackops.py ssh HOST -- COMMAND")
+        raise ConfigError("no command given", hint=f"{_prog()} ssh HOST -- COMMAND")
     with SSH.from_config_file(args.host, accept_new_host_key=args.accept_new) as ssh:
         response = ssh.run_shell_cmd_on_remote(command, timeout=args.timeout, strict=False)
     sys.stdout.write(response.stdout)
@@ -4179,7 +4348,7 @@ def _cmd_cluster_run(args: Any) -> int:
         _print_table([[host, f"{wp.idx_start}..{wp.idx_end}", str(wp.jobs)] for host, wp in cluster.workloads.items()],
                      ["HOST", "SHARE", "THREADS"])
         print(f"cluster {cluster.job_id} launched on {len(cluster.machines)} host(s); "
-              f"python stackops.py cluster status {cluster.job_id}")
+              f"{_prog()} cluster status {cluster.job_id}")
         if args.wait:
             return _wait_cluster(cluster)
     return 0
@@ -4237,7 +4406,8 @@ def _add_cluster_args(commands: Any) -> None:
                      help="what a host's share and threads follow (default cpu)")
     run.add_argument("--threads", type=int, default=None, metavar="N",
                      help="parts a host like this one runs; others scale by the criterion (default 1)")
-    run.add_argument("--parallelize", action="store_true", help="run each host's parts in parallel processes")
+    run.add_argument("--parallelize", action="store_true",
+                     help="run each host's parts in parallel processes, at most one per CPU of the host")
     run.add_argument("--max-num", type=int, default=1000, help="the index range [0, MAX) to split (default 1000)")
     run.add_argument("--max-jobs", type=int, default=1, metavar="N", help="slots per host (default 1)")
     run.add_argument("--strict", action="store_true", help="refuse to launch anywhere if a host is unreachable")
@@ -4321,7 +4491,7 @@ def _add_cloud_args(commands: Any) -> None:
 def _cmd_ip(args: Any) -> int:
     if args.action == "switch":
         success, address, seen = switch_public_ip_address_with_log(args.max_trials, args.wait, args.target or None,
-                                                                   args.endpoint)
+                                                                   args.endpoint, args.timeout)
         if args.json:
             _print_json({"success": success, "ip": address, "attempted": seen})
         else:
@@ -4330,7 +4500,7 @@ def _cmd_ip(args: Any) -> int:
                 print("attempted: " + ", ".join(seen))
         return 0 if success else 1
     if args.public:
-        info = get_public_ip_address(args.endpoint)
+        info = get_public_ip_address(args.endpoint, 5.0 if args.timeout is None else args.timeout)
         if args.json:
             _print_json(info)
         else:
@@ -4354,7 +4524,10 @@ def _add_ip_args(commands: Any) -> None:
     sub.add_argument("--public", action="store_true", help="the public address and what is known of it")
     sub.add_argument("--json", action="store_true")
     sub.add_argument("--prefer-vpn", action="store_true", help="let VPN/tunnel interfaces compete for the LAN choice")
-    sub.add_argument("--endpoint", help="JSON endpoint of the public-IP lookup (default: ipinfo CLI or ipinfo.io)")
+    sub.add_argument("--endpoint", help="JSON endpoint of the public-IP lookup, http:// or https:// "
+                                        "(default: ipinfo CLI or ipinfo.io)")
+    sub.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                     help="the most one public-IP lookup (default 5) or one warp-cli call (default 30) may take")
     sub.add_argument("--max-trials", type=int, default=10, help="switch: registrations to try (default 10)")
     sub.add_argument("--wait", type=float, default=2.0, help="switch: seconds to wait after each step (default 2)")
     sub.add_argument("--target", action="append", default=[], metavar="IP", help="switch: stop at one of these")
@@ -4384,7 +4557,8 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--workload", metavar="START:END[:PARTS]",
                         help="call the function with workload_params covering [START, END) in PARTS parts")
     parser.add_argument("--parallelize", action="store_true",
-                        help="with --workload: run the PARTS in parallel processes; the result is their list")
+                        help="with --workload: run the PARTS in parallel processes, at most one per CPU "
+                             "of the machine; the result is their list")
     parser.add_argument("--try-except", action="store_true",
                         help="catch the job's exception inside the wrapper (kept with its traceback)")
     parser.add_argument("--interactive", action="store_true",
@@ -4404,7 +4578,7 @@ def _build_parser() -> Any:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="stackops", description="Run a Python function or script detached, capped by slots, and follow it.")
+        prog=_prog(), description="Run a Python function or script detached, capped by slots, and follow it.")
     parser.add_argument("--version", action="version", version=f"stackops {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics (-vv: tracebacks)")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer diagnostics")
@@ -4468,7 +4642,24 @@ def _build_parser() -> Any:
     sub = commands.add_parser("job-check-email")
     sub.set_defaults(handler=_cmd_job_check_email)
     sub.add_argument("job_root")
+    _add_verbosity_everywhere(parser)
     return parser
+
+
+def _add_verbosity_everywhere(parser: Any) -> None:
+    """-v/-q after the command too (``stackops status JOB -v``): every subcommand counts them into
+    its own field, which main() adds to the ones given before the command."""
+    import argparse
+
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in set(action.choices.values()):
+            sub.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0,
+                             help="more diagnostics (-vv: tracebacks)")
+            sub.add_argument("-q", "--quiet", dest="quiet_after", action="count", default=0,
+                             help="fewer diagnostics")
+            _add_verbosity_everywhere(sub)
 
 
 def _configure_logging(level: int) -> None:
@@ -4479,19 +4670,43 @@ def _configure_logging(level: int) -> None:
                                                                               logging.DEBUG))
 
 
+def _take_ssh_command(args: Any, extras: list[str], parser: Any) -> None:
+    """``ssh HOST --timeout 5 -- CMD``: argparse has given HOST an empty command before it met
+    the option, so the command comes back as extra words; anything else extra is an error."""
+    if extras and getattr(args, "handler", None) is _cmd_ssh and not args.command:
+        words = extras[1:] if extras[0] == "--" else extras
+        if extras[0] == "--" or not extras[0].startswith("-"):
+            args.command = words
+            return
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+
+
+def _os_error_line(exc: OSError) -> tuple[str, str]:
+    """One line for an OSError that no caller turned into a StackopsError: what, which path, a hint."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    hint = "check that path (its permissions, its free space, that its folders exist)" if paths \
+        else "run again with -vv to see where it happened"
+    return f"{what}: {paths}" if paths else what, hint
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 success, 1 failure, 2 bad input, 130 interrupted."""
     sys.modules.setdefault("stackops", sys.modules[__name__])
+    _note_program(sys.argv[0] if sys.argv else "")
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        _take_ssh_command(args, extras, parser)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    _configure_logging(args.verbose - args.quiet)
+    verbose = args.verbose + getattr(args, "verbose_after", 0)
+    _configure_logging(verbose - args.quiet - getattr(args, "quiet_after", 0))
     try:
         return int(args.handler(args))
     except StackopsError as exc:
-        if args.verbose >= 2:
+        if verbose >= 2:
             traceback.print_exc()
         print(f"stackops: error: {exc}", file=sys.stderr)
         if exc.hint:
@@ -4500,6 +4715,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stackops: interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError) as exc:
+        if verbose >= 2:
+            traceback.print_exc()
+        if isinstance(exc, OSError):
+            line, hint = _os_error_line(exc)
+        else:
+            line, hint = "out of memory", "give it less to hold at once (smaller --kwargs, data as files)"
+        print(f"stackops: error: {line}", file=sys.stderr)
+        print(f"stackops: hint: {hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
