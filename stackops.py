@@ -186,9 +186,15 @@ class CommandError(StackopsError):
                  hint: str | None = None) -> None:
         self.host, self.command, self.exit_status = host, command, exit_status
         self.stderr_tail = _tail(stderr, 20)
-        message = f"command failed on {host} (exit status {exit_status}): {_shorten(command, 200)}"
-        if self.stderr_tail:
-            message += "\n" + self.stderr_tail
+        lines = command.strip().splitlines() or [""]
+        shown = _shorten(lines[0], 120) + (" ..." if len(lines) > 1 else "")  # never a whole script
+        if exit_status is None:  # it never ended: a timeout, or the connection went away
+            message = f"no answer from {host}: {_last_line(stderr) or 'the command did not end'} ({shown})"
+            hint = hint or f"is {host} reachable and not overloaded? A longer timeout may help"
+        else:
+            message = f"command failed on {host} (exit status {exit_status}): {shown}"
+            if self.stderr_tail:
+                message += "\n" + self.stderr_tail
         super().__init__(message, hint)
 
 
@@ -2254,7 +2260,8 @@ class SSH:
             raise StackopsConnectionError(f"cannot resolve {target.hostname} (from {target.alias}): {exc.strerror}",
                                           hint="check the alias in ~/.ssh/config") from exc
         except OSError as exc:
-            raise StackopsConnectionError(f"cannot connect to {target}: {exc.strerror or exc}") from exc
+            raise StackopsConnectionError(f"cannot connect to {target}: {self._connect_reason(exc)}",
+                                          hint=self._connect_hint()) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paramiko waits on Nagle otherwise
         if hasattr(socket, "TCP_QUICKACK"):  # Linux: see _QuickAckSocket
             sock.__class__ = _quickack_socket()
@@ -2350,9 +2357,31 @@ class SSH:
                                           hint="check the user and the key (IdentityFile) for this host") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
-            raise StackopsConnectionError(f"cannot connect to {target}: {exc or type(exc).__name__}") from exc
+            raise StackopsConnectionError(f"cannot connect to {target}: {self._connect_reason(exc)}",
+                                          hint=self._connect_hint()) from exc
         client.get_transport().set_keepalive(30)
         return client
+
+    def _connect_reason(self, exc: BaseException) -> str:
+        """What went wrong while connecting, in words, not paramiko's internals."""
+        import socket
+
+        text = str(exc)
+        if "banner" in text or "No existing session" in text:
+            return (f"no SSH greeting within {self.timeout:g}s (the host is hung or overloaded, "
+                    "or that port is not an SSH server)")
+        if isinstance(exc, (socket.timeout, TimeoutError)) or "timed out" in text.lower():
+            return f"no answer within {self.timeout:g}s"
+        if isinstance(exc, ConnectionRefusedError):
+            return f"connection refused (nothing listens on port {self.target.port})"
+        if isinstance(exc, (EOFError, ConnectionResetError)) or not text:
+            return "the other side closed the connection"
+        strerror = getattr(exc, "strerror", None)
+        return _last_line(strerror or text)
+
+    def _connect_hint(self) -> str:
+        return (f"is {self.target.alias} up, and its sshd answering on port {self.target.port}? "
+                f"(the timeout was {self.timeout:g}s)")
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -3272,7 +3301,7 @@ class RemoteMachine:
             raise self._exists_error()
         if self.is_remote:
             _home_relative(root)
-        source = Path(sys.modules[__name__].__file__ or "")
+        source = _own_file()
         if not source.is_file():
             raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
         staging = _mkdir_private(root.parent) / f".{self.job_id}.{os.getpid()}.partial"
@@ -3590,6 +3619,27 @@ class RemoteMachine:
         if response.returncode != 0:
             raise CommandError(self.host_name, response.command, response.returncode, response.stderr)
         return self
+
+
+def _own_file() -> Path:
+    """This module's own file, which every job ships as its stackops.py. Read from this code's own
+    globals: under ``python -m cProfile stackops.py`` sys.modules['__main__'] is cProfile."""
+    own = globals().get("__file__") or getattr(sys.modules.get("stackops"), "__file__", None) or ""
+    return Path(os.path.abspath(own))
+
+
+def _this_module() -> Any:
+    """The module this code runs as. A runner that executes the file in a plain namespace
+    (cProfile, trace) has none: a module is made from that namespace, with the same objects, so
+    ``except stackops.StackopsError`` still catches what this code raises."""
+    module = sys.modules.get(__name__)
+    if module is not None and vars(module) is globals():
+        return module
+    import types
+
+    module = types.ModuleType("stackops", __doc__)
+    module.__dict__.update(globals())
+    return module
 
 
 def _ship_bytecode(source: Path, folder: Path) -> None:
@@ -4293,7 +4343,8 @@ def _cmd_ssh(args: Any) -> int:
     command = " ".join(args.command) if len(args.command) != 1 else args.command[0]
     if not command:
         raise ConfigError("no command given", hint=f"{_prog()} ssh HOST -- COMMAND")
-    with SSH.from_config_file(args.host, accept_new_host_key=args.accept_new) as ssh:
+    connect = {"timeout": args.timeout} if args.timeout else {}  # also the most connecting may take
+    with SSH.from_config_file(args.host, accept_new_host_key=args.accept_new, **connect) as ssh:
         response = ssh.run_shell_cmd_on_remote(command, timeout=args.timeout, strict=False)
     sys.stdout.write(response.stdout)
     sys.stderr.write(response.stderr)
@@ -4578,7 +4629,7 @@ def _build_parser() -> Any:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog=_prog(), description="Run a Python function or script detached, capped by slots, and follow it.")
+        prog="stackops", description="Run a Python function or script detached, capped by slots, and follow it.")
     parser.add_argument("--version", action="version", version=f"stackops {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics (-vv: tracebacks)")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer diagnostics")
@@ -4614,7 +4665,8 @@ def _build_parser() -> Any:
     sub.set_defaults(handler=_cmd_ssh)
     sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
     sub.add_argument("command", nargs="*", help="the command (after --)")
-    sub.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    sub.add_argument("--timeout", type=float, default=None,
+                     help="give up connecting, or on the command, after this many seconds")
     sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
     sub = commands.add_parser("copy", help="copy a file or folder to or from a host (HOST:PATH on one side)")
     sub.set_defaults(handler=_cmd_copy)
@@ -4663,9 +4715,17 @@ def _add_verbosity_everywhere(parser: Any) -> None:
 
 
 def _configure_logging(level: int) -> None:
+    """One stderr handler for stackops, replaced (not added to) by every main() call. paramiko's
+    own log (an "Exception (client)" with a traceback from its thread, before our one line) shows
+    only with -vv."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("stackops: %(message)s"))
-    log.addHandler(handler)
+    quiet_paramiko: logging.Handler = logging.NullHandler() if level < 2 else handler
+    for logger, new in ((log, handler), (logging.getLogger("paramiko"), quiet_paramiko)):
+        for old in [h for h in logger.handlers if getattr(h, "_stackops_cli", False)]:
+            logger.removeHandler(old)
+        new._stackops_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(new)
     log.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(max(-1, min(level, 2)),
                                                                               logging.DEBUG))
 
@@ -4693,7 +4753,7 @@ def _os_error_line(exc: OSError) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 success, 1 failure, 2 bad input, 130 interrupted."""
-    sys.modules.setdefault("stackops", sys.modules[__name__])
+    sys.modules.setdefault("stackops", _this_module())
     _note_program(sys.argv[0] if sys.argv else "")
     parser = _build_parser()
     try:
@@ -4728,5 +4788,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("stackops", sys.modules[__name__])
+    sys.modules.setdefault("stackops", _this_module())
     sys.exit(main())
