@@ -189,7 +189,8 @@ class CommandError(StackopsError):
         lines = command.strip().splitlines() or [""]
         shown = _shorten(lines[0], 120) + (" ..." if len(lines) > 1 else "")  # never a whole script
         if exit_status is None:  # it never ended: a timeout, or the connection went away
-            message = f"no answer from {host}: {_last_line(stderr) or 'the command did not end'} ({shown})"
+            reason = _last_line(stderr) or "the command did not end"
+            message = f"no answer from {host}: {reason} ({shown})"
             hint = hint or f"is {host} reachable and not overloaded? A longer timeout may help"
         else:
             message = f"command failed on {host} (exit status {exit_status}): {shown}"
@@ -431,8 +432,8 @@ def _run_bounded(argv: list[str], timeout: float,
     seconds pass (a plain timeout would wait for grandchildren that hold its output open): the
     ``error`` raised then says which command did not answer in time."""
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     except OSError as exc:
         raise DependencyError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
     try:
@@ -441,9 +442,10 @@ def _run_bounded(argv: list[str], timeout: float,
         with _suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)
         with _suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=1.0)  # reaps it; a child that left the group may keep the pipes
+            proc.communicate(timeout=1.0)  # reaps it (a child out of its group may hold the pipes)
         if isinstance(exc, subprocess.TimeoutExpired):
-            raise error(f"{' '.join(argv)} did not answer within {timeout:g}s and was stopped") from None
+            command = " ".join(argv)
+            raise error(f"{command} did not answer within {timeout:g}s and was stopped") from None
         raise
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
@@ -624,6 +626,13 @@ class RemoteStackOpsConfig:
         if self.launch_method not in LAUNCH_METHODS:
             raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
                               f"got {self.launch_method!r}")
+        if self.launch_method == "cloud_manager" and not self.cloud_name:
+            raise ConfigError("launch_method 'cloud_manager' queues the job on a cloud remote: "
+                              "it needs cloud_name", hint="pass cloud_name=<an rclone remote name>")
+        if self.launch_method == "cloud_manager" and self.ssh_host is not None:
+            raise ConfigError("launch_method 'cloud_manager' runs the job on whichever worker "
+                              f"claims it, not on ssh_host {self.ssh_host!r}",
+                              hint="leave out one of the two")
         if self.transfer_method == "cloud" and not self.cloud_name:
             raise ConfigError("cloud_name must be provided when transfer_method is 'cloud'",
                               hint="pass cloud_name=<an rclone remote name>")
@@ -903,7 +912,8 @@ class JobParams:
             lines = [f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})",
                      "parts = workload_params.split_to_jobs(workload_params.jobs)",
                      "from concurrent.futures import ProcessPoolExecutor",
-                     "with ProcessPoolExecutor(max_workers=stackops.pool_size(len(parts))) as pool:",
+                     "workers = stackops.pool_size(len(parts))",
+                     "with ProcessPoolExecutor(max_workers=workers) as pool:",
                      "    futures = [pool.submit(stackops.call_job_part, JOB_ROOT, part.to_dict(), func_kwargs)",
                      "               for part in parts]",
                      "    res = [future.result() for future in futures]"]
@@ -1902,18 +1912,21 @@ def _check_http_url(url: str) -> str:
 
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"the public-IP endpoint must be an http:// or https:// URL, got {_shorten(url, 80)!r}",
+        shown = _shorten(url, 80)
+        raise ConfigError(f"the public-IP endpoint must be an http:// or https:// URL, "
+                          f"got {shown!r}",
                           hint="e.g. --endpoint https://ipinfo.io/json (or STACKOPS_PUBLIC_IP_URL)")
     return url
 
 
 def _http_only_opener() -> Any:
-    """A urllib opener that speaks http and https only, redirects included (no file:, ftp:, data:)."""
+    """A urllib opener for http and https only, redirects included (no file:, ftp:, data:)."""
     import urllib.request as request
 
     opener = request.OpenerDirector()
     for handler in (request.ProxyHandler(), request.HTTPHandler(), request.HTTPSHandler(),
-                    request.HTTPDefaultErrorHandler(), request.HTTPRedirectHandler(), request.HTTPErrorProcessor()):
+                    request.HTTPDefaultErrorHandler(), request.HTTPRedirectHandler(),
+                    request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
 
@@ -1943,12 +1956,13 @@ def _fetch_within(url: str, timeout: float, limit: int = 1 << 20) -> str:
     worker.join(timeout)
     hint = "set STACKOPS_PUBLIC_IP_URL (or --endpoint) to another JSON endpoint"
     if worker.is_alive():
-        raise StackopsConnectionError(f"public IP lookup at {url} timed out: no whole answer within {timeout:g}s",
-                                      hint=hint)
+        raise StackopsConnectionError(f"public IP lookup at {url} timed out: no whole answer "
+                                      f"within {timeout:g}s", hint=hint)
     error = box.get("error")
     if isinstance(error, (urllib.error.URLError, OSError, ValueError, http.client.HTTPException)):
         reason = getattr(error, "reason", error)
-        raise StackopsConnectionError(f"public IP lookup at {url} failed: {reason}", hint=hint) from error
+        raise StackopsConnectionError(f"public IP lookup at {url} failed: {reason}",
+                                      hint=hint) from error
     if error is not None:
         raise error
     return bytes(box.get("body", b"")).decode("utf-8", "replace")
@@ -1971,7 +1985,8 @@ def _warp(*args: str, timeout: float = WARP_TIMEOUT) -> subprocess.CompletedProc
     try:
         return _run_bounded(["warp-cli", *args], timeout)
     except StackopsError as exc:
-        exc.hint = exc.hint or "is the WARP service running? (warp-cli status; systemctl status warp-svc)"
+        exc.hint = exc.hint or ("is the WARP service running? (warp-cli status, or: systemctl "
+                                "status warp-svc)")
         raise
 
 
@@ -1985,7 +2000,8 @@ def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float 
     if shutil.which("warp-cli") is None:
         raise DependencyError("warp-cli is not installed", hint="install Cloudflare WARP to rotate the public IP")
     if max_trials < 1 or wait_seconds < 0 or (timeout is not None and not timeout > 0):
-        raise ConfigError("max_trials must be at least 1, wait_seconds not negative and timeout positive")
+        raise ConfigError("max_trials must be at least 1, wait_seconds not negative "
+                          "and timeout positive")
     url = endpoint or os.environ.get("STACKOPS_PUBLIC_IP_URL")
     if url is not None:
         _check_http_url(url)  # a bad endpoint is refused now, not retried in every trial
@@ -2018,7 +2034,8 @@ def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float 
     return False, seen[-1] if seen else (current or ""), seen
 
 
-def _lookup_a_few_times(endpoint: str | None, wait_seconds: float, timeout: float = 5.0) -> str | None:
+def _lookup_a_few_times(endpoint: str | None, wait_seconds: float,
+                        timeout: float = 5.0) -> str | None:
     for _ in range(5):
         try:
             return get_public_ip_address(endpoint, timeout)["ip"] or None
@@ -2260,7 +2277,8 @@ class SSH:
             raise StackopsConnectionError(f"cannot resolve {target.hostname} (from {target.alias}): {exc.strerror}",
                                           hint="check the alias in ~/.ssh/config") from exc
         except OSError as exc:
-            raise StackopsConnectionError(f"cannot connect to {target}: {self._connect_reason(exc)}",
+            reason = self._connect_reason(exc)
+            raise StackopsConnectionError(f"cannot connect to {target}: {reason}",
                                           hint=self._connect_hint()) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paramiko waits on Nagle otherwise
         if hasattr(socket, "TCP_QUICKACK"):  # Linux: see _QuickAckSocket
@@ -2357,7 +2375,8 @@ class SSH:
                                           hint="check the user and the key (IdentityFile) for this host") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
-            raise StackopsConnectionError(f"cannot connect to {target}: {self._connect_reason(exc)}",
+            reason = self._connect_reason(exc)
+            raise StackopsConnectionError(f"cannot connect to {target}: {reason}",
                                           hint=self._connect_hint()) from exc
         client.get_transport().set_keepalive(30)
         return client
@@ -2876,8 +2895,9 @@ def _read_kwargs_file(source: str) -> str:
             raise ConfigError(f"kwargs file {source} is not a regular file",
                               hint="write the JSON object into a file and pass @that-file")
         if info.st_size > MAX_KWARGS_BYTES:
-            raise ConfigError(f"kwargs file {source} is {info.st_size / 2**20:.0f} MiB, more than {limit}",
-                              hint="send big inputs as files with --data and pass their paths as kwargs")
+            size = f"{info.st_size / 2**20:.0f} MiB"
+            raise ConfigError(f"kwargs file {source} is {size}, more than {limit}",
+                              hint="send big inputs as --data files; pass their paths as kwargs")
         with os.fdopen(os.dup(fd), "rb") as handle:
             data = handle.read(MAX_KWARGS_BYTES + 1)
     except OSError as exc:
@@ -2926,6 +2946,82 @@ def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
     except Exception as exc:
         raise ConfigError(f"the instance of {params.func_class} cannot travel with the job: it does not "
                           f"pickle ({exc})", hint="make the object picklable, or pass a plain function") from exc
+
+
+def _parameters(func: Any, params: JobParams) -> list[tuple[str, str, bool]] | None:
+    """(name, kind, has a default) of each parameter the job's callable takes; None when that
+    cannot be known. A function object is asked; a FILE.py:FUNC is read with ast, never imported."""
+    if params.kind == "script":
+        return None
+    if not isinstance(func, (str, os.PathLike)):
+        import inspect
+
+        try:
+            found = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        return [(p.name, p.kind.name, p.default is not p.empty) for p in found]
+    file = expand_home(params.file_path_rh)
+    return _parameters_in_source(file, params.func_class, params.func_name or "")
+
+
+def _parameters_in_source(file: Path, owner: str | None,
+                          name: str) -> list[tuple[str, str, bool]] | None:
+    import ast
+
+    try:
+        body = ast.parse(file.read_text(encoding="utf-8")).body
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    for part in owner.split(".") if owner else []:
+        holder = next((n for n in reversed(body)
+                       if isinstance(n, ast.ClassDef) and n.name == part), None)
+        if holder is None:
+            return None
+        body = holder.body
+    node = next((n for n in reversed(body) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.name == name), None)
+    decorators = [d.id for d in node.decorator_list if isinstance(d, ast.Name)] if node else []
+    if node is None or len(decorators) != len(node.decorator_list) \
+            or set(decorators) - {"staticmethod", "classmethod"}:
+        return None  # defined some other way, or behind a decorator that may change what it takes
+    spec = node.args
+    positional = spec.posonlyargs + spec.args
+    first_default = len(positional) - len(spec.defaults)
+    found = [(arg.arg, "POSITIONAL_ONLY" if i < len(spec.posonlyargs) else "POSITIONAL_OR_KEYWORD",
+              i >= first_default) for i, arg in enumerate(positional)]
+    if owner and "staticmethod" not in decorators:
+        found = found[1:]  # self or cls
+    if spec.vararg:
+        found.append((spec.vararg.arg, "VAR_POSITIONAL", True))
+    for arg, default in zip(spec.kwonlyargs, spec.kw_defaults):
+        found.append((arg.arg, "KEYWORD_ONLY", default is not None))
+    if spec.kwarg:
+        found.append((spec.kwarg.arg, "VAR_KEYWORD", True))
+    return found
+
+
+def _check_call(parameters: list[tuple[str, str, bool]] | None, kwargs: dict[str, Any],
+                workload: bool, what: str) -> None:
+    """Refuse now a call that can only fail once the job runs: a keyword the function does not
+    take, or a parameter without a default that nothing gives."""
+    if parameters is None:
+        return
+    names = [n for n, kind, _ in parameters if kind in ("POSITIONAL_OR_KEYWORD", "KEYWORD_ONLY")]
+    given = set(kwargs) | ({"workload_params"} if workload else set())
+    if not any(kind == "VAR_KEYWORD" for _, kind, _ in parameters):
+        unknown = sorted(given - set(names))
+        if unknown:
+            raise ConfigError(f"{what} takes no parameter {', '.join(map(repr, unknown))} "
+                              f"(it takes: {', '.join(names) or 'nothing'})",
+                              hint="a function run with a workload must take workload_params"
+                              if unknown == ["workload_params"] else "fix the names in the kwargs")
+    missing = [n for n, kind, has_default in parameters
+               if not has_default and not kind.startswith("VAR_") and n not in given]
+    if missing:
+        needed = ", ".join(map(repr, missing))
+        raise ConfigError(f"{what} needs {needed}, which the kwargs do not give",
+                          hint=f"e.g. --kwargs '{{\"{missing[0]}\": ...}}'")
 
 
 REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache", ".ruff_cache",
@@ -3171,6 +3267,8 @@ class RemoteMachine:
         self.kwargs = _check_kwargs(func_kwargs)
         if config.workload_params is not None and "workload_params" in self.kwargs:
             raise ConfigError("workload_params given both in config and in func_kwargs")
+        _check_call(_parameters(func, self.job_params), self.kwargs,
+                    config.workload_params is not None, f"{self.job_params.func_name}()")
         self.job_params.get_execution_line(config.workload_params, config.parallelize, config.wrap_in_try_except)
         self.data = list(config.data) + list(data or [])
         for item in self.data:
@@ -3188,6 +3286,8 @@ class RemoteMachine:
         self.launcher_pid: int | None = None
         self.launch_command = ""
         self._ssh: SSH | None = None
+        self.units: list[str] = []  # the work units a cloud_manager run queued
+        self.downloaded_to: Path | None = None  # where download_results() put the results here
 
     def __repr__(self) -> str:
         return f"RemoteMachine({self.config.job_id!r} @ {self.host_name})"
@@ -3248,10 +3348,11 @@ class RemoteMachine:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "job_params": self.job_params.to_dict(),
-                "file_manager": self.file_manager.to_dict(), "data": self.data,  # kwargs: KWARGS_JSON
+                "file_manager": self.file_manager.to_dict(), "data": self.data,  # kwargs: a file
                 "scripts_generated": self.scripts_generated, "submitted": self.submitted,
                 "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
-                "results_path": self.results_path.as_posix() if self.results_path else None}
+                "results_path": self.results_path.as_posix() if self.results_path else None,
+                "downloaded_to": str(self.downloaded_to) if self.downloaded_to else None}
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> RemoteMachine:
@@ -3263,7 +3364,8 @@ class RemoteMachine:
             machine.config = RemoteStackOpsConfig.from_dict(data["config"])
             machine.job_params = JobParams.from_dict(data["job_params"])
             machine.file_manager = FileManager.from_dict(data["file_manager"], job_root)
-            machine._kwargs = _check_kwargs(data["kwargs"]) if "kwargs" in data else None  # None: read lazily
+            inline = data.get("kwargs")  # older records held them; now they are read when asked
+            machine._kwargs = _check_kwargs(inline) if inline is not None else None
             machine.data = list(data["data"])
             machine.scripts_generated, machine.submitted = bool(data["scripts_generated"]), bool(data["submitted"])
             machine.results_downloaded = bool(data["results_downloaded"])
@@ -3273,6 +3375,8 @@ class RemoteMachine:
         machine._instance = None
         path = data.get("results_path")
         machine.results_path = Path(path) if path else None
+        downloaded = data.get("downloaded_to")
+        machine.downloaded_to = Path(downloaded) if isinstance(downloaded, str) else None
         return machine
 
     @classmethod
@@ -3340,6 +3444,7 @@ class RemoteMachine:
         self.job_params.description = config.description
         self.job_params.session_name = self.job_params.tab_name = self.job_id
         self.job_params.ssh_repr = self.host_name
+        self.job_params.ssh_repr_remote = self._executing_account()
         line = self.job_params.get_execution_line(config.workload_params, config.parallelize,
                                                   config.wrap_in_try_except)
         _atomic_write_json(folder / JOB_PARAMS_JSON, self.job_params.to_dict())
@@ -3357,6 +3462,20 @@ class RemoteMachine:
         self.scripts_generated = True
         _atomic_write_json(folder / REMOTE_MACHINE_JSON, self.to_dict())
 
+    def _executing_account(self) -> str:
+        """``user@host:port`` the job is sent to (its SSH target), or ``user@node`` here."""
+        if self.is_remote:
+            if self._ssh is not None:
+                return str(self._ssh.target)
+            return str(resolve_ssh_target(self.host_name))
+        import getpass
+
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # no USER and no passwd entry
+            user = str(os.getuid())
+        return f"{user}@{os.uname().nodename}"
+
     def show_scripts(self) -> str:
         """Print the generated launcher and wrapper (and return the same text)."""
         if not self.scripts_generated:
@@ -3373,15 +3492,60 @@ class RemoteMachine:
         go to their home-relative places on the host; here, the folder already is where it runs."""
         if not self.scripts_generated:
             self.generate_scripts()
-        if self.is_remote and self.config.transfer_method == "cloud":
-            transfer_cloud(self.ssh, self.config, self.job_params, self.file_manager, self.data)
-        elif self.is_remote:
-            transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data, progress)
-        if not self.is_remote or self.config.transfer_method != "cloud":
-            self._check_notification()  # a cloud job's folder reaches the host only when fired
+        sent = False
+        try:
+            self._check_where_it_runs()
+            if self.is_remote and self.config.transfer_method == "cloud":
+                transfer_cloud(self.ssh, self.config, self.job_params, self.file_manager, self.data)
+            elif self.is_remote:
+                transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data,
+                              progress)
+                sent = True
+            if not self.is_remote or self.config.transfer_method != "cloud":
+                self._check_notification()  # a cloud job's folder reaches the host only when fired
+        except BaseException:
+            self._withdraw(sent)
+            raise
         self.submitted = True
         self._save()
         return self
+
+    def _withdraw(self, sent: bool) -> None:
+        """A submission refused or broken off before launch leaves no job behind (its folder here,
+        and on the host once it was sent there), so the same job_id works again."""
+        if self.submitted or self.launcher_pid is not None:
+            return
+        if sent:
+            with _suppress(Exception):
+                where = _sh_path(self.file_manager.job_root_rh)
+                self.ssh.run_shell_cmd_on_remote(f"rm -rf -- {where}",
+                                                 timeout=self.config.ssh_timeout, strict=False)
+        shutil.rmtree(self.file_manager.job_root, ignore_errors=True)
+        self.scripts_generated = False
+        log.info("job %s was not submitted; its id is free again", self.job_id)
+
+    def _check_where_it_runs(self) -> None:
+        """Refuse now what would fail only after launch: an interpreter the executing machine lacks,
+        or (without copy_repo) the job's script or module file missing there. One round trip."""
+        if not self.is_remote:
+            if shutil.which(self.python) is None:
+                raise ConfigError(f"the interpreter {self.python!r} is not found on this machine",
+                                  hint="pass --python (python=) with an installed interpreter")
+            return
+        checks = [f"command -v {shlex.quote(self.python)} >/dev/null 2>&1 || echo no-python"]
+        params = self.job_params
+        file = f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
+        if not self.config.copy_repo:
+            checks.append(f"[ -f {_sh_path(file)} ] || echo no-file")
+        answer = self.ssh.run_shell_cmd_on_remote("; ".join(checks) + "; true",
+                                                  timeout=self.config.ssh_timeout,
+                                                  strict=False).stdout.split()
+        if "no-python" in answer:
+            raise ConfigError(f"the interpreter {self.python!r} is not found on {self.host_name}",
+                              hint="install it there, or pass --python (python=) with one it has")
+        if "no-file" in answer:
+            raise ConfigError(f"{file} is not on {self.host_name}, and the job needs it",
+                              hint="pass --copy-repo (copy_repo=True) to send the repo along")
 
     def _check_notification(self) -> None:
         """A job that will e-mail must find its SMTP settings where it runs: checked now, not at its end."""
@@ -3442,7 +3606,19 @@ class RemoteMachine:
 
     def run(self, run: bool = True, show_scripts: bool = False,
             progress: Callable[[int], None] | None = None) -> RemoteMachine:
-        """preflight, generate_scripts, optionally show_scripts, submit, fire(run)."""
+        """Launch the job as ``config.launch_method`` says (decided here, and only here).
+        ``remotely``: preflight, generate_scripts, optionally show_scripts, submit, fire(run): a
+        detached process that takes a slot where it runs. ``cloud_manager``: the job goes, as
+        one work unit, to the queue on ``config.cloud_name``; any worker runs it
+        (submit_to_cloud)."""
+        if self.config.launch_method == "cloud_manager":
+            if not run:
+                raise ConfigError("a cloud_manager job is started by a worker as soon as it is "
+                                  "queued: run=False (--no-launch) has no meaning for it")
+            self.units = self.submit_to_cloud(1)
+            log.info("job %s queued on %s as unit %s", self.job_id,
+                     cloud_base(self.config.cloud_name or ""), ", ".join(self.units))
+            return self
         self.preflight()
         self.generate_scripts()
         if show_scripts:
@@ -3500,17 +3676,26 @@ class RemoteMachine:
         self._save()
         return self.results_path
 
-    def wait(self, timeout: float | None = None, poll: float = 0.2) -> Path:
-        """Block until the job ends; returns its results folder (raises JobFailedError if it failed)."""
+    def wait(self, timeout: float | None = None, poll: float = 0.2, download: bool = True) -> Path:
+        """Block until the job ends (raises JobFailedError if it failed) and return its results
+        folder as a path usable on this machine: a local job's folder itself; a remote job's
+        folder downloaded here first (download_results() with its default target; only once).
+        ``download=False`` returns the folder's path on the host as the host recorded it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             report = self.get_status(0)
             results = self._settle(report)
             if results is not None:
-                return results
+                break
             if deadline is not None and time.monotonic() > deadline:
                 raise StackopsError(f"job {self.job_id} still {report.status} after {timeout}s")
             time.sleep(poll)
+        if not self.is_remote or not download:
+            return results
+        done = self.downloaded_to
+        if self.results_downloaded and done is not None and done.exists():
+            return done
+        return self.download_results()
 
     def results(self) -> Path:
         """The results folder, or an error saying why there is none yet."""
@@ -3538,6 +3723,7 @@ class RemoteMachine:
         else:
             local = _copy_local(results, expand_home(target), overwrite)
         self.results_downloaded = True
+        self.downloaded_to = local
         self._save()
         return local
 
@@ -3834,6 +4020,9 @@ class Cluster:
         self.func_kwargs = _check_kwargs(func_kwargs)
         if "workload_params" in self.func_kwargs:
             raise ConfigError("the Cluster sets workload_params itself; remove it from func_kwargs")
+        if self.job_params is not None:
+            _check_call(_parameters(func, self.job_params), self.func_kwargs, True,
+                        f"{self.job_params.func_name}()")
         self.thread_load_calc = thread_load_calc or ThreadLoadCalculator.default()
         self.machine_load_calc = MachineLoadCalculator(max_num, self.thread_load_calc.load_criterion.normalised)
         self.ditch_unavailable = ditch_unavailable
@@ -4187,7 +4376,7 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
             print(f"  logs:    {_prog()} logs {machine.job_id} -f")
         return 0
     try:
-        machine.wait()
+        machine.wait(download=False)  # the table says where the results are; download gets them
     except JobFailedError:
         pass
     except KeyboardInterrupt:
@@ -4458,7 +4647,8 @@ def _add_cluster_args(commands: Any) -> None:
     run.add_argument("--threads", type=int, default=None, metavar="N",
                      help="parts a host like this one runs; others scale by the criterion (default 1)")
     run.add_argument("--parallelize", action="store_true",
-                     help="run each host's parts in parallel processes, at most one per CPU of the host")
+                     help="run each host's parts in parallel processes, at most one per CPU "
+                          "of the host")
     run.add_argument("--max-num", type=int, default=1000, help="the index range [0, MAX) to split (default 1000)")
     run.add_argument("--max-jobs", type=int, default=1, metavar="N", help="slots per host (default 1)")
     run.add_argument("--strict", action="store_true", help="refuse to launch anywhere if a host is unreachable")
@@ -4575,10 +4765,11 @@ def _add_ip_args(commands: Any) -> None:
     sub.add_argument("--public", action="store_true", help="the public address and what is known of it")
     sub.add_argument("--json", action="store_true")
     sub.add_argument("--prefer-vpn", action="store_true", help="let VPN/tunnel interfaces compete for the LAN choice")
-    sub.add_argument("--endpoint", help="JSON endpoint of the public-IP lookup, http:// or https:// "
-                                        "(default: ipinfo CLI or ipinfo.io)")
+    sub.add_argument("--endpoint", help="JSON endpoint of the public-IP lookup, http:// or "
+                                        "https:// (default: ipinfo CLI or ipinfo.io)")
     sub.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                     help="the most one public-IP lookup (default 5) or one warp-cli call (default 30) may take")
+                     help="the most one public-IP lookup (default 5) or one warp-cli call "
+                          "(default 30) may take")
     sub.add_argument("--max-trials", type=int, default=10, help="switch: registrations to try (default 10)")
     sub.add_argument("--wait", type=float, default=2.0, help="switch: seconds to wait after each step (default 2)")
     sub.add_argument("--target", action="append", default=[], metavar="IP", help="switch: stop at one of these")
@@ -4608,8 +4799,8 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--workload", metavar="START:END[:PARTS]",
                         help="call the function with workload_params covering [START, END) in PARTS parts")
     parser.add_argument("--parallelize", action="store_true",
-                        help="with --workload: run the PARTS in parallel processes, at most one per CPU "
-                             "of the machine; the result is their list")
+                        help="with --workload: run the PARTS in parallel processes, at most one "
+                             "per CPU of the machine; the result is their list")
     parser.add_argument("--try-except", action="store_true",
                         help="catch the job's exception inside the wrapper (kept with its traceback)")
     parser.add_argument("--interactive", action="store_true",
@@ -4743,7 +4934,7 @@ def _take_ssh_command(args: Any, extras: list[str], parser: Any) -> None:
 
 
 def _os_error_line(exc: OSError) -> tuple[str, str]:
-    """One line for an OSError that no caller turned into a StackopsError: what, which path, a hint."""
+    """One line for an OSError that no caller made a StackopsError: what, which path, a hint."""
     what = exc.strerror or str(exc) or type(exc).__name__
     paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
     hint = "check that path (its permissions, its free space, that its folders exist)" if paths \
@@ -4781,7 +4972,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, OSError):
             line, hint = _os_error_line(exc)
         else:
-            line, hint = "out of memory", "give it less to hold at once (smaller --kwargs, data as files)"
+            line = "out of memory"
+            hint = "give it less to hold at once (smaller --kwargs, data as files)"
         print(f"stackops: error: {line}", file=sys.stderr)
         print(f"stackops: hint: {hint}", file=sys.stderr)
         return 1
