@@ -1556,7 +1556,7 @@ def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
     # the connection is closed while the job runs; the job goes on and a new connection finds it
     again = RemoteMachine.load("remote-crunch")
     with again:
-        results = again.wait(timeout=60)
+        results = again.wait(timeout=60, download=False)  # the host's path, as it recorded it
         assert results.as_posix() == "~/out/crunch"
         local = again.download_results(None)
     assert local == home / "out" / "crunch"
@@ -1595,13 +1595,13 @@ def test_remote_delete_results_only_its_own(remote, home):
     with RemoteMachine(mod.echo, config=config(job_id="remote-own", ssh_host="tb", copy_repo=True),
                        func_kwargs={"a": 1}) as own:
         own.run()
-        own.wait(timeout=60)
+        own.wait(timeout=60, download=False)
         own.delete_remote_results()
         assert not (remote.remote_home / "tmp_results" / "tmp_dirs" / "remote-own").exists()
     with RemoteMachine(mod.train, config=config(job_id="remote-home", ssh_host="tb", copy_repo=True),
                        func_kwargs={"out": "~"}) as bad:
         bad.run()
-        bad.wait(timeout=60)
+        bad.wait(timeout=60, download=False)  # its "results" are the host's home: nothing to fetch
         with pytest.raises(ConfigError, match="refusing"):
             bad.delete_remote_results()
     assert remote.remote_home.exists() and (remote.remote_home / "proj").exists()
@@ -2627,7 +2627,7 @@ def test_cloud_transfer_job_runs_and_results_come_back(remote, home, clouds, kin
     with RemoteMachine(mod.crunch, config=cfg, func_kwargs={"data": "~/data/input.csv",
                                                              "out": f"~/out/cloud-{kind}"}) as machine:
         machine.run()
-        assert machine.wait(timeout=90).as_posix() == f"~/out/cloud-{kind}"
+        assert machine.wait(timeout=90, download=False).as_posix() == f"~/out/cloud-{kind}"
         local = machine.download_results(None)
     remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / f"cloud-{kind}"
     for part in ("data", "python", "shell"):  # the folder arrived whole (but the laptop's own bookkeeping)
