@@ -5306,17 +5306,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stackops: interrupted", file=sys.stderr)
         return 130
-    except (OSError, MemoryError) as exc:
-        if verbose >= 2:
-            traceback.print_exc()
-        if isinstance(exc, OSError):
-            line, hint = _os_error_line(exc)
-        else:
-            line = "out of memory"
-            hint = "give it less to hold at once (smaller --kwargs, data as files)"
-        print(f"stackops: error: {line}", file=sys.stderr)
-        print(f"stackops: hint: {hint}", file=sys.stderr)
-        return 1
+    except (OSError, MemoryError, EOFError) as exc:
+        failure: BaseException = exc
+        line, hint = _plain_error(exc)
+    except Exception as exc:  # paramiko's own exceptions, where no caller wrapped them
+        if not type(exc).__module__.startswith("paramiko"):
+            raise
+        failure = exc
+        line, hint = f"SSH: {exc or type(exc).__name__}", "is the host reachable? -vv shows where"
+    if verbose >= 2:
+        traceback.print_exception(type(failure), failure, failure.__traceback__)
+    print(f"stackops: error: {line}", file=sys.stderr)
+    print(f"stackops: hint: {hint}", file=sys.stderr)
+    return 1
+
+
+def _plain_error(exc: BaseException) -> tuple[str, str]:
+    """One line and a hint for an OSError, MemoryError or EOFError that reached main()."""
+    if isinstance(exc, OSError):
+        return _os_error_line(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory", "give it less to hold at once (smaller --kwargs, data as files)"
+    return "the connection was closed by the other side", "is the host reachable? -vv shows where"
 
 
 if __name__ == "__main__":
