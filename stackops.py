@@ -5238,10 +5238,10 @@ def _add_verbosity_everywhere(parser: Any) -> None:
         if not isinstance(action, argparse._SubParsersAction):
             continue
         for sub in set(action.choices.values()):
-            sub.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0,
-                             help="more diagnostics (-vv: tracebacks)")
-            sub.add_argument("-q", "--quiet", dest="quiet_after", action="count", default=0,
-                             help="fewer diagnostics")
+            sub.add_argument("-v", "--verbose", dest="verbose_after", action="count",
+                             default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
+            sub.add_argument("-q", "--quiet", dest="quiet_after", action="count",
+                             default=argparse.SUPPRESS, help="fewer diagnostics")
             _add_verbosity_everywhere(sub)
 
 
