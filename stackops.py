@@ -2359,6 +2359,15 @@ def _quickack_socket() -> Any:
     return _QUICKACK_SOCKET
 
 
+def _fingerprint(key: Any) -> str:
+    """A host key's fingerprint as OpenSSH shows it: ``SHA256:`` and unpadded base64."""
+    import base64
+    import hashlib
+
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
 def _gcm_first_transport(sock: Any, **kwargs: Any) -> Any:
     """A paramiko Transport that prefers AES-GCM (measured fastest here; the others stay offered)."""
     transport = _paramiko().Transport(sock, **kwargs)
@@ -2482,7 +2491,7 @@ class SSH:
             def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
                 if not accept:
                     raise HostKeyError(
-                        f"host key of {hostname} is unknown ({key.get_name()} {key.get_fingerprint().hex()})",
+                        f"host key of {hostname} is unknown ({key.get_name()} {_fingerprint(key)})",
                         hint="if you trust it: pass --accept-new (accept_new_host_key=True), or set "
                              "StrictHostKeyChecking accept-new for it in ~/.ssh/config")
                 client.get_host_keys().add(hostname, key.get_name(), key)
@@ -2526,7 +2535,9 @@ class SSH:
             raise
         except paramiko.BadHostKeyException as exc:
             client.close()
-            raise HostKeyError(f"host key of {target} CHANGED: it does not match {record}; refusing to connect",
+            offered = _fingerprint(exc.key)
+            raise HostKeyError(f"host key of {target} CHANGED (it offers {offered}): it does not "
+                               f"match {record}; refusing to connect",
                                hint="if the host was really reinstalled, remove its old line from known_hosts") from exc
         except paramiko.PasswordRequiredException as exc:
             client.close()

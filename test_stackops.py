@@ -1694,6 +1694,22 @@ def test_remote_host_keys_unknown_refused_accept_new_recorded_changed_refused(re
         stackops.SSH.from_config_file("tb", accept_new_host_key=True)
 
 
+def test_remote_host_key_fingerprints_are_sha256_as_openssh_shows_them(remote, home):
+    (home / ".ssh" / "known_hosts").write_text("")
+    shown = subprocess.run(["ssh-keygen", "-lf", f"{remote.host_key}.pub"], capture_output=True,
+                           text=True, check=True).stdout.split()[1]  # "256 SHA256:... comment"
+    assert shown.startswith("SHA256:")
+    done = cli("ssh", "tb", "--", "true", home=home)
+    assert done.returncode == 1 and f"ssh-ed25519 {shown}" in done.stderr, done.stderr
+    other = home / "impostor_key"
+    _keygen(other, "impostor")
+    impostor = " ".join(Path(f"{other}.pub").read_text().split()[:2])
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{remote.port} {impostor}\n")
+    with pytest.raises(stackops.HostKeyError, match="CHANGED") as info:
+        stackops.SSH.from_config_file("tb")
+    assert f"it offers {shown}" in str(info.value)
+
+
 def test_remote_wrong_key_and_closed_port(remote, home):
     _keygen(home / "stranger", "stranger")
     with pytest.raises(stackops.StackopsConnectionError) as info:
