@@ -2991,17 +2991,24 @@ def test_network_public_ip_deadline_holds_against_a_silent_dns_server(home):
         silent = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", quiet_dns],
                                   stdout=subprocess.PIPE, text=True)
         assert silent.stdout.readline().strip() == "ready"
-        lookup = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import stackops\n"
-                  "stackops.get_public_ip_address('http://ip.example.com/json', timeout=1.0)")
-        for command in ([sys.executable, "-c", lookup],
-                        [sys.executable, str(SOURCE), "ip", "--public", "--endpoint",
-                         "http://ip.example.com/json", "--timeout", "1"]):
-            started = time.monotonic()
-            done = subprocess.run(["ip", "netns", "exec", ns, *command], capture_output=True,
-                                  text=True, timeout=60, env=dict(os.environ, HOME=str(home)))
-            took = time.monotonic() - started
-            assert done.returncode == 1 and "no whole answer within 1s" in done.stderr, done.stderr
-            assert took < 4, f"the lookup took {took:.1f}s against a 1 s deadline"
+        lookup = (f"import sys, time; sys.path.insert(0, {str(HERE)!r}); import stackops\n"
+                  "started = time.monotonic()\n"
+                  "try:\n"
+                  "    stackops.get_public_ip_address('http://ip.example.com/json', timeout=1.0)\n"
+                  "except stackops.StackopsConnectionError as exc:\n"
+                  "    print(round(time.monotonic() - started, 2), exc)\n")
+        inside = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", lookup],
+                                capture_output=True, text=True, timeout=60)
+        took, _, message = inside.stdout.partition(" ")  # timed inside: a busy machine starts slowly
+        assert "no whole answer within 1s" in message, inside
+        assert float(took) < 2.0, f"the lookup took {took}s against a 1 s deadline"
+        started = time.monotonic()
+        done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(SOURCE), "ip",
+                               "--public", "--endpoint", "http://ip.example.com/json", "--timeout", "1"],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, HOME=str(home)))
+        assert done.returncode == 1 and "no whole answer within 1s" in done.stderr, done.stderr
+        assert time.monotonic() - started < 9, "the resolver alone would take 10 s"
     finally:
         if silent is not None:
             silent.kill()
