@@ -2999,12 +2999,13 @@ def test_network_public_ip_deadline_holds_against_a_silent_dns_server(home):
                   "    print(round(time.monotonic() - started, 2), exc)\n")
         inside = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", lookup],
                                 capture_output=True, text=True, timeout=60)
-        took, _, message = inside.stdout.partition(" ")  # timed inside: a busy machine starts slowly
+        took, _, message = inside.stdout.partition(" ")  # timed inside: a busy machine starts slow
         assert "no whole answer within 1s" in message, inside
         assert float(took) < 2.0, f"the lookup took {took}s against a 1 s deadline"
         started = time.monotonic()
         done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(SOURCE), "ip",
-                               "--public", "--endpoint", "http://ip.example.com/json", "--timeout", "1"],
+                               "--public", "--endpoint", "http://ip.example.com/json",
+                               "--timeout", "1"],
                               capture_output=True, text=True, timeout=60,
                               env=dict(os.environ, HOME=str(home)))
         assert done.returncode == 1 and "no whole answer within 1s" in done.stderr, done.stderr
