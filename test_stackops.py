@@ -1031,9 +1031,11 @@ def test_control_queue_and_list_of_a_host_in_one_round_trip(remote, home, tmp_pa
         wait_for(lambda: running.get_status(0).status == "running", 60, "the job to run")
         other_home = tmp_path / "laptop2"  # a second machine submits to the same host
         other_home.mkdir()
-        (other_home / "j.py").write_text(textwrap.dedent(CONTROL_SOURCE))
-        _write_ssh_config(other_home, remote)
-        done = cli("run", "j.py:quick", "--host", "tb", "--job-id", "h-other", home=other_home)
+        (other_home / "p2").mkdir()
+        (other_home / "p2" / "j.py").write_text(textwrap.dedent(CONTROL_SOURCE))
+        _write_ssh_config(other_home, remote)  # its code goes along: a file not there is refused
+        done = cli("run", "p2/j.py:quick", "--host", "tb", "--copy-repo", "--job-id", "h-other",
+                   home=other_home)
         assert done.returncode == 0, done.stderr
         queue = json.loads(cli("queue", "--host", "tb", "--json", home=home).stdout)
         assert [h["job_id"] for h in queue["running"]] == ["h-run"]
@@ -3085,7 +3087,8 @@ def _remote_job_root(remote, job_id: str) -> Path:
 def test_cloud_transfer_replaced_archive_refused_on_host_nothing_unpacked(remote, home, clouds, tmp_path):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="cloud-swap", ssh_host="tb", transfer_method="cloud",
-                                                     cloud_name=f"tblocal:{clouds}"))
+                                                     cloud_name=f"tblocal:{clouds}",
+                                                     copy_repo=True))
     with machine:
         machine.generate_scripts().submit()
         evil = tmp_path / "evil"
@@ -3151,7 +3154,8 @@ def test_cloud_transfer_existing_id_on_host_refused(remote, home, clouds):
     with stackops.SSH.from_config_file("tb") as ssh:  # a job of that id is on the host already
         ssh.run_shell_cmd_on_remote("mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup && "
                                     "echo mine > ~/tmp_results/remote_machines/jobs/queued/cloud-dup/marker")
-    cfg = dict(ssh_host="tb", transfer_method="cloud", cloud_name=f"tblocal:{clouds}")
+    cfg = dict(ssh_host="tb", transfer_method="cloud", cloud_name=f"tblocal:{clouds}",
+               copy_repo=True)
     with pytest.raises(ConfigError, match="'cloud-dup' already exists on tb"):
         RemoteMachine(mod.sleeper, config=config(job_id="cloud-dup", **cfg)).run()
     assert not (clouds / "jobs" / "cloud-dup.tar").exists()
@@ -3181,7 +3185,7 @@ def test_cloud_transfer_results_from_a_fresh_prefix_and_bucket_left_clean(remote
     with RemoteMachine(mod.train, config=cfg, func_kwargs={"out": "~/out/cloud-clean"}) as machine:
         machine.run()
         assert _bucket_files(clouds, "jobs") == []  # the archive went once fetched
-        machine.wait(timeout=90)
+        machine.wait(timeout=90, download=False)
         local = machine.download_results(None)
     assert sorted(p.name for p in local.iterdir()) == ["model.txt"]
     assert _bucket_files(clouds, "results/cloud-clean") == ["payload/stale.txt"]  # ours came and went
