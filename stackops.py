@@ -195,9 +195,16 @@ class CommandError(StackopsError):
                  hint: str | None = None) -> None:
         self.host, self.command, self.exit_status = host, command, exit_status
         self.stderr_tail = _tail(stderr, 20)
-        message = f"command failed on {host} (exit status {exit_status}): {_shorten(command, 200)}"
-        if self.stderr_tail:
-            message += "\n" + self.stderr_tail
+        lines = command.strip().splitlines() or [""]
+        shown = _shorten(lines[0], 120) + (" ..." if len(lines) > 1 else "")  # never a whole script
+        if exit_status is None:  # it never ended: a timeout, or the connection went away
+            reason = _last_line(stderr) or "the command did not end"
+            message = f"no answer from {host}: {reason} ({shown})"
+            hint = hint or f"is {host} reachable and not overloaded? A longer timeout may help"
+        else:
+            message = f"command failed on {host} (exit status {exit_status}): {shown}"
+            if self.stderr_tail:
+                message += "\n" + self.stderr_tail
         super().__init__(message, hint)
 
 
@@ -219,7 +226,7 @@ class JobFailedError(StackopsError):
     def __init__(self, job_id: str, error_message: str) -> None:
         self.job_id, self.error_message = job_id, error_message
         super().__init__(f"job {job_id} failed: {_last_line(error_message) or 'no reason recorded'}",
-                         hint=f"full error: python stackops.py status {job_id}")
+                         hint=f"full error: {_prog()} status {job_id}")
 
 
 # ============================================================================================
@@ -236,6 +243,47 @@ def _last_line(text: str) -> str:
 
 def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+_PROGRAM: list[str] = []  # how main() was run, once it has been
+
+
+def _prog() -> str:
+    """The program as the user runs it, for hints: ``stackops`` (the installed console script) or
+    ``python3 path/to/stackops.py``; outside main(), the console script when it is installed."""
+    if _PROGRAM:
+        return _PROGRAM[0]
+    return "stackops" if shutil.which("stackops") else "python3 stackops.py"
+
+
+def _note_program(argv0: str) -> None:
+    name = os.path.basename(argv0)
+    if name.endswith(".py"):
+        python = os.path.basename(sys.executable or "") or "python3"
+        _PROGRAM[:] = [f"{python} {shlex.quote(argv0)}"]
+    elif name == "stackops":
+        _PROGRAM[:] = ["stackops"]
+
+
+def _own_file() -> Path:
+    """This module's own file, which every job ships as its stackops.py. Read from this code's own
+    globals: under ``python -m cProfile stackops.py`` sys.modules['__main__'] is cProfile."""
+    own = globals().get("__file__") or getattr(sys.modules.get("stackops"), "__file__", None) or ""
+    return Path(os.path.abspath(own))
+
+
+def _this_module() -> Any:
+    """The module this code runs as. A runner that executes the file in a plain namespace
+    (cProfile, trace) has none: a module is made from that namespace, with the same objects, so
+    ``except stackops.StackopsError`` still catches what this code raises."""
+    module = sys.modules.get(__name__)
+    if module is not None and vars(module) is globals():
+        return module
+    import types
+
+    module = types.ModuleType("stackops", __doc__)
+    module.__dict__.update(globals())
+    return module
 
 
 def _mkdir_private(path: Path) -> Path:
@@ -470,6 +518,30 @@ def is_job_process(pid: int, path: str, start: int | None) -> bool:
     return start is None or fields[19] == str(start)
 
 
+def _run_bounded(argv: list[str], timeout: float,
+                 error: type[StackopsError] = StackopsError) -> subprocess.CompletedProcess[str]:
+    """Run a program here in a process group of its own and stop the whole group once ``timeout``
+    seconds pass (a plain timeout would wait for grandchildren that hold its output open): the
+    ``error`` raised then says which command did not answer in time."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    except OSError as exc:
+        raise DependencyError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:
+        with _suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with _suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=1.0)  # reaps it (a child out of its group may hold the pipes)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            command = " ".join(argv)
+            raise error(f"{command} did not answer within {timeout:g}s and was stopped") from None
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def _read_int(path: Path) -> int | None:
     text = _read_text(path).strip()
     return int(text) if text.isdigit() else None
@@ -652,6 +724,13 @@ class RemoteStackOpsConfig:
         if self.launch_method not in LAUNCH_METHODS:
             raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
                               f"got {self.launch_method!r}")
+        if self.launch_method == "cloud_manager" and not self.cloud_name:
+            raise ConfigError("launch_method 'cloud_manager' queues the job on a cloud remote: "
+                              "it needs cloud_name", hint="pass cloud_name=<an rclone remote name>")
+        if self.launch_method == "cloud_manager" and self.ssh_host is not None:
+            raise ConfigError("launch_method 'cloud_manager' runs the job on whichever worker "
+                              f"claims it, not on ssh_host {self.ssh_host!r}",
+                              hint="leave out one of the two")
         check_slurm_options(self.slurm_options)
         if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
             raise ConfigError(f"retries must be 0 to 100 and retry_delay 0 to 86400 seconds, got "
@@ -968,7 +1047,8 @@ class JobParams:
             lines = [f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})",
                      "parts = workload_params.split_to_jobs(workload_params.jobs)",
                      "from concurrent.futures import ProcessPoolExecutor",
-                     "with ProcessPoolExecutor(max_workers=max(1, len(parts))) as pool:",
+                     "workers = stackops.pool_size(len(parts))",
+                     "with ProcessPoolExecutor(max_workers=workers) as pool:",
                      "    futures = [pool.submit(stackops.call_job_part, JOB_ROOT, part.to_dict(), func_kwargs)",
                      "               for part in parts]",
                      "    res = [future.result() for future in futures]"]
@@ -1877,6 +1957,19 @@ def call_job_part(job_root: str, part: dict[str, Any], func_kwargs: dict[str, An
     return context.load_callable()(workload_params=WorkloadParams.from_dict(part), **func_kwargs)
 
 
+def pool_size(parts: int) -> int:
+    """How many processes run ``parts`` parallel parts: one per part, at most one per CPU this
+    process may use (more would only compete for the same CPUs and memory)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    size = max(1, min(parts, cpus))
+    if size < parts:
+        log.info("running %d parts on %d processes (at most one per CPU)", parts, size)
+    return size
+
+
 def _results_folder(manager: FileManager, res: Any) -> tuple[Path, bool]:
     """(folder holding the results, whether the job named it itself)."""
     if isinstance(res, (str, os.PathLike)):
@@ -2354,30 +2447,82 @@ def select_lan_ipv4(prefer_vpn: bool = False) -> str | None:
 
 
 def get_public_ip_address(endpoint: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    """What the internet sees of this machine: the ``ipinfo`` CLI when installed, otherwise an HTTPS
-    JSON lookup (``endpoint``, or STACKOPS_PUBLIC_IP_URL, or ipinfo.io). Installs nothing."""
+    """What the internet sees of this machine: the ``ipinfo`` CLI when installed, otherwise a JSON
+    lookup over http(s) (``endpoint``, or STACKOPS_PUBLIC_IP_URL, or ipinfo.io). Installs nothing.
+    ``timeout`` bounds the whole lookup (name resolution, connection and answer together)."""
+    if not timeout > 0:
+        raise ConfigError(f"the public-IP lookup needs a positive timeout, got {timeout}")
     url = endpoint or os.environ.get("STACKOPS_PUBLIC_IP_URL")
     if url is None and shutil.which("ipinfo"):
-        try:
-            done = subprocess.run(["ipinfo", "myip", "--json"], capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise StackopsConnectionError(f"ipinfo myip timed out after {timeout}s") from exc
+        done = _run_bounded(["ipinfo", "myip", "--json"], timeout, StackopsConnectionError)
         if done.returncode != 0:
             raise CommandError("localhost", "ipinfo myip --json", done.returncode, done.stderr)
         return _public_ip_json(done.stdout, "ipinfo myip")
+    url = _check_http_url(url or DEFAULT_PUBLIC_IP_URL)
+    return _public_ip_json(_fetch_within(url, timeout), url)
+
+
+def _check_http_url(url: str) -> str:
+    """``url`` when it is http:// or https:// with a host (a file:// or ftp:// URL reads what it
+    should not), else a ConfigError."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        shown = _shorten(url, 80)
+        raise ConfigError(f"the public-IP endpoint must be an http:// or https:// URL, "
+                          f"got {shown!r}",
+                          hint="e.g. --endpoint https://ipinfo.io/json (or STACKOPS_PUBLIC_IP_URL)")
+    return url
+
+
+def _http_only_opener() -> Any:
+    """A urllib opener for http and https only, redirects included (no file:, ftp:, data:)."""
+    import urllib.request as request
+
+    opener = request.OpenerDirector()
+    for handler in (request.ProxyHandler(), request.HTTPHandler(), request.HTTPSHandler(),
+                    request.HTTPDefaultErrorHandler(), request.HTTPRedirectHandler(),
+                    request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def _fetch_within(url: str, timeout: float, limit: int = 1 << 20) -> str:
+    """The body of ``url`` (at most ``limit`` bytes), all within ``timeout`` seconds: a silent DNS
+    server or an endpoint that trickles its answer ends in an error at the deadline. The lookup runs
+    in a daemon thread, which is left to finish on its own when it overruns."""
+    import http.client
+    import threading
     import urllib.error
     import urllib.request
 
-    url = url or DEFAULT_PUBLIC_IP_URL
     request = urllib.request.Request(url, headers={"Accept": "application/json",
                                                    "User-Agent": f"stackops/{__version__}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only, below)
-            return _public_ip_json(response.read().decode("utf-8", "replace"), url)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    box: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            with _http_only_opener().open(request, timeout=timeout) as response:
+                box["body"] = response.read(limit)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    worker = threading.Thread(target=fetch, name="stackops-public-ip", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    hint = "set STACKOPS_PUBLIC_IP_URL (or --endpoint) to another JSON endpoint"
+    if worker.is_alive():
+        raise StackopsConnectionError(f"public IP lookup at {url} timed out: no whole answer "
+                                      f"within {timeout:g}s", hint=hint)
+    error = box.get("error")
+    if isinstance(error, (urllib.error.URLError, OSError, ValueError, http.client.HTTPException)):
+        reason = getattr(error, "reason", error)
         raise StackopsConnectionError(f"public IP lookup at {url} failed: {reason}",
-                                      hint="set STACKOPS_PUBLIC_IP_URL to another JSON endpoint") from exc
+                                      hint=hint) from error
+    if error is not None:
+        raise error
+    return bytes(box.get("body", b"")).decode("utf-8", "replace")
 
 
 def _public_ip_json(text: str, source: str) -> dict[str, Any]:
@@ -2390,21 +2535,38 @@ def _public_ip_json(text: str, source: str) -> dict[str, Any]:
     return data
 
 
-def _warp(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["warp-cli", *args], capture_output=True, text=True, timeout=60)
+WARP_TIMEOUT = 30.0  # seconds one warp-cli call may take
+
+
+def _warp(*args: str, timeout: float = WARP_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    try:
+        return _run_bounded(["warp-cli", *args], timeout)
+    except StackopsError as exc:
+        exc.hint = exc.hint or ("is the WARP service running? (warp-cli status, or: systemctl "
+                                "status warp-svc)")
+        raise
 
 
 def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float = 2.0,
                                       target_ip_addresses: list[str] | None = None,
-                                      endpoint: str | None = None) -> tuple[bool, str, list[str]]:
-    """switch_public_ip_address, also returning every address seen after a new registration."""
+                                      endpoint: str | None = None,
+                                      timeout: float | None = None) -> tuple[bool, str, list[str]]:
+    """switch_public_ip_address, also returning every address seen after a new registration.
+    ``timeout`` bounds each lookup and each warp-cli call (default 5 s and WARP_TIMEOUT): a
+    warp-cli that does not answer in time stops the switch with a StackopsError."""
     if shutil.which("warp-cli") is None:
         raise DependencyError("warp-cli is not installed", hint="install Cloudflare WARP to rotate the public IP")
-    if max_trials < 1 or wait_seconds < 0:
-        raise ConfigError("max_trials must be at least 1 and wait_seconds not negative")
+    if max_trials < 1 or wait_seconds < 0 or (timeout is not None and not timeout > 0):
+        raise ConfigError("max_trials must be at least 1, wait_seconds not negative "
+                          "and timeout positive")
+    url = endpoint or os.environ.get("STACKOPS_PUBLIC_IP_URL")
+    if url is not None:
+        _check_http_url(url)  # a bad endpoint is refused now, not retried in every trial
+    lookup = timeout or 5.0
+    warp = timeout or WARP_TIMEOUT
     targets = set(target_ip_addresses or [])
     try:
-        current: str | None = get_public_ip_address(endpoint)["ip"]
+        current: str | None = get_public_ip_address(endpoint, lookup)["ip"]
     except StackopsError as exc:
         log.warning("cannot read the current public IP: %s", exc)
         current = None
@@ -2412,14 +2574,14 @@ def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float 
         return True, current or "", []
     seen: list[str] = []
     for trial in range(1, max_trials + 1):
-        _warp("registration", "delete")
+        _warp("registration", "delete", timeout=warp)
         time.sleep(wait_seconds)
-        if _warp("registration", "new").returncode != 0:
+        if _warp("registration", "new", timeout=warp).returncode != 0:
             log.warning("warp-cli registration new failed (trial %d)", trial)
             continue
-        _warp("connect")
+        _warp("connect", timeout=warp)
         time.sleep(wait_seconds)
-        address = _lookup_a_few_times(endpoint, wait_seconds)
+        address = _lookup_a_few_times(endpoint, wait_seconds, lookup)
         if not address:
             continue
         seen.append(address)
@@ -2429,10 +2591,11 @@ def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float 
     return False, seen[-1] if seen else (current or ""), seen
 
 
-def _lookup_a_few_times(endpoint: str | None, wait_seconds: float) -> str | None:
+def _lookup_a_few_times(endpoint: str | None, wait_seconds: float,
+                        timeout: float = 5.0) -> str | None:
     for _ in range(5):
         try:
-            return get_public_ip_address(endpoint)["ip"] or None
+            return get_public_ip_address(endpoint, timeout)["ip"] or None
         except StackopsError as exc:
             log.warning("public IP lookup failed: %s", exc)
             time.sleep(wait_seconds)
@@ -2612,6 +2775,15 @@ def _quickack_socket() -> Any:
     return _QUICKACK_SOCKET
 
 
+def _fingerprint(key: Any) -> str:
+    """A host key's fingerprint as OpenSSH shows it: ``SHA256:`` and unpadded base64."""
+    import base64
+    import hashlib
+
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
 def _gcm_first_transport(sock: Any, **kwargs: Any) -> Any:
     """A paramiko Transport that prefers AES-GCM (measured fastest here; the others stay offered)."""
     transport = _paramiko().Transport(sock, **kwargs)
@@ -2700,7 +2872,9 @@ class SSH:
             raise StackopsConnectionError(f"cannot resolve {target.hostname} (from {target.alias}): {exc.strerror}",
                                           hint="check the alias in ~/.ssh/config") from exc
         except OSError as exc:
-            raise StackopsConnectionError(f"cannot connect to {target}: {exc.strerror or exc}") from exc
+            reason = self._connect_reason(exc)
+            raise StackopsConnectionError(f"cannot connect to {target}: {reason}",
+                                          hint=self._connect_hint()) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paramiko waits on Nagle otherwise
         if hasattr(socket, "TCP_QUICKACK"):  # Linux: see _QuickAckSocket
             sock.__class__ = _quickack_socket()
@@ -2797,7 +2971,9 @@ class SSH:
             raise
         except paramiko.BadHostKeyException as exc:
             client.close()
-            raise HostKeyError(f"host key of {target} CHANGED: it does not match {record}; refusing to connect",
+            offered = _fingerprint(exc.key)
+            raise HostKeyError(f"host key of {target} CHANGED (it offers {offered}): it does not "
+                               f"match {record}; refusing to connect",
                                hint="if the host was really reinstalled, remove its old line from known_hosts") from exc
         except paramiko.PasswordRequiredException as exc:
             client.close()
@@ -2810,9 +2986,32 @@ class SSH:
                                           hint="check the user and the key (IdentityFile) for this host") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
-            raise StackopsConnectionError(f"cannot connect to {target}: {exc or type(exc).__name__}") from exc
+            reason = self._connect_reason(exc)
+            raise StackopsConnectionError(f"cannot connect to {target}: {reason}",
+                                          hint=self._connect_hint()) from exc
         client.get_transport().set_keepalive(30)
         return client
+
+    def _connect_reason(self, exc: BaseException) -> str:
+        """What went wrong while connecting, in words, not paramiko's internals."""
+        import socket
+
+        text = str(exc)
+        if "banner" in text or "No existing session" in text:
+            return (f"no SSH greeting within {self.timeout:g}s (the host is hung or overloaded, "
+                    "or that port is not an SSH server)")
+        if isinstance(exc, (socket.timeout, TimeoutError)) or "timed out" in text.lower():
+            return f"no answer within {self.timeout:g}s"
+        if isinstance(exc, ConnectionRefusedError):
+            return f"connection refused (nothing listens on port {self.target.port})"
+        if isinstance(exc, (EOFError, ConnectionResetError)) or not text:
+            return "the other side closed the connection"
+        strerror = getattr(exc, "strerror", None)
+        return _last_line(strerror or text)
+
+    def _connect_hint(self) -> str:
+        return (f"is {self.target.alias} up, and its sshd answering on port {self.target.port}? "
+                f"(the timeout was {self.timeout:g}s)")
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -2900,7 +3099,7 @@ class SSH:
     def run_stackops(self, args: list[str], timeout: float | None = None, python: str = "python3") -> Response:
         """Run this very module on the host (sent over stdin, nothing installed or written there)
         as ``stackops ARGS``; strict: a non-zero exit raises CommandError with its stderr."""
-        source = Path(sys.modules[__name__].__file__ or "").read_bytes()
+        source = _own_file().read_bytes()
         command = " ".join(shlex.quote(part) for part in [python, "-S", "-c", REMOTE_ENTRY_PY, *args])
         return self.run_shell_cmd_on_remote(command, timeout, strict=True, stdin=source)
 
@@ -3214,14 +3413,6 @@ def _known_hosts_entry(line: str) -> Any:
         return None
 
 
-def _fingerprint(key: Any) -> str:
-    """A host key's fingerprint as OpenSSH shows it: SHA256 and unpadded base64."""
-    import base64
-    import hashlib
-
-    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-
-
 def _append_known_host(path: Path, line: str) -> None:
     """Append one line to known_hosts under a lock, as OpenSSH does: the file is never rewritten,
     and hosts accepted at once by several connections are all recorded, each once."""
@@ -3377,15 +3568,49 @@ def _check_kwargs(func_kwargs: Any) -> dict[str, Any]:
     return func_kwargs
 
 
+MAX_KWARGS_BYTES = 512 * 2**20  # a kwargs file is parsed in memory: bigger data travels with --data
+
+
+def _read_kwargs_file(source: str) -> str:
+    """The text of a kwargs file: a regular file (not a FIFO or a device, which may never end) of
+    at most MAX_KWARGS_BYTES, read without blocking on what is not a regular file."""
+    import stat
+
+    path = expand_home(source)
+    limit = f"{MAX_KWARGS_BYTES // 2**20} MiB"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"cannot read kwargs file {source}: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"kwargs file {source} is not a regular file",
+                              hint="write the JSON object into a file and pass @that-file")
+        if info.st_size > MAX_KWARGS_BYTES:
+            size = f"{info.st_size / 2**20:.0f} MiB"
+            raise ConfigError(f"kwargs file {source} is {size}, more than {limit}",
+                              hint="send big inputs as --data files; pass their paths as kwargs")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(MAX_KWARGS_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read kwargs file {source}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KWARGS_BYTES:  # it grew while we read it
+        raise ConfigError(f"kwargs file {source} is more than {limit}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"kwargs file {source} is not UTF-8 text: {exc}") from exc
+
+
 def parse_kwargs(text: str) -> dict[str, Any]:
     """Keyword arguments from the command line: a JSON object, or ``@file.json``."""
     source = "--kwargs"
     if text.startswith("@"):
         source = text[1:]
-        try:
-            text = expand_home(source).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read kwargs file {source}: {exc.strerror}") from exc
+        text = _read_kwargs_file(source)
     try:
         value = json.loads(text)
     except ValueError as exc:
@@ -3414,6 +3639,82 @@ def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
     except Exception as exc:
         raise ConfigError(f"the instance of {params.func_class} cannot travel with the job: it does not "
                           f"pickle ({exc})", hint="make the object picklable, or pass a plain function") from exc
+
+
+def _parameters(func: Any, params: JobParams) -> list[tuple[str, str, bool]] | None:
+    """(name, kind, has a default) of each parameter the job's callable takes; None when that
+    cannot be known. A function object is asked; a FILE.py:FUNC is read with ast, never imported."""
+    if params.kind == "script":
+        return None
+    if not isinstance(func, (str, os.PathLike)):
+        import inspect
+
+        try:
+            found = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        return [(p.name, p.kind.name, p.default is not p.empty) for p in found]
+    file = expand_home(params.file_path_rh)
+    return _parameters_in_source(file, params.func_class, params.func_name or "")
+
+
+def _parameters_in_source(file: Path, owner: str | None,
+                          name: str) -> list[tuple[str, str, bool]] | None:
+    import ast
+
+    try:
+        body = ast.parse(file.read_text(encoding="utf-8")).body
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    for part in owner.split(".") if owner else []:
+        holder = next((n for n in reversed(body)
+                       if isinstance(n, ast.ClassDef) and n.name == part), None)
+        if holder is None:
+            return None
+        body = holder.body
+    node = next((n for n in reversed(body) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.name == name), None)
+    decorators = [d.id for d in node.decorator_list if isinstance(d, ast.Name)] if node else []
+    if node is None or len(decorators) != len(node.decorator_list) \
+            or set(decorators) - {"staticmethod", "classmethod"}:
+        return None  # defined some other way, or behind a decorator that may change what it takes
+    spec = node.args
+    positional = spec.posonlyargs + spec.args
+    first_default = len(positional) - len(spec.defaults)
+    found = [(arg.arg, "POSITIONAL_ONLY" if i < len(spec.posonlyargs) else "POSITIONAL_OR_KEYWORD",
+              i >= first_default) for i, arg in enumerate(positional)]
+    if owner and "staticmethod" not in decorators:
+        found = found[1:]  # self or cls
+    if spec.vararg:
+        found.append((spec.vararg.arg, "VAR_POSITIONAL", True))
+    for arg, default in zip(spec.kwonlyargs, spec.kw_defaults):
+        found.append((arg.arg, "KEYWORD_ONLY", default is not None))
+    if spec.kwarg:
+        found.append((spec.kwarg.arg, "VAR_KEYWORD", True))
+    return found
+
+
+def _check_call(parameters: list[tuple[str, str, bool]] | None, kwargs: dict[str, Any],
+                workload: bool, what: str) -> None:
+    """Refuse now a call that can only fail once the job runs: a keyword the function does not
+    take, or a parameter without a default that nothing gives."""
+    if parameters is None:
+        return
+    names = [n for n, kind, _ in parameters if kind in ("POSITIONAL_OR_KEYWORD", "KEYWORD_ONLY")]
+    given = set(kwargs) | ({"workload_params"} if workload else set())
+    if not any(kind == "VAR_KEYWORD" for _, kind, _ in parameters):
+        unknown = sorted(given - set(names))
+        if unknown:
+            raise ConfigError(f"{what} takes no parameter {', '.join(map(repr, unknown))} "
+                              f"(it takes: {', '.join(names) or 'nothing'})",
+                              hint="a function run with a workload must take workload_params"
+                              if unknown == ["workload_params"] else "fix the names in the kwargs")
+    missing = [n for n, kind, has_default in parameters
+               if not has_default and not kind.startswith("VAR_") and n not in given]
+    if missing:
+        needed = ", ".join(map(repr, missing))
+        raise ConfigError(f"{what} needs {needed}, which the kwargs do not give",
+                          hint=f"e.g. --kwargs '{{\"{missing[0]}\": ...}}'")
 
 
 REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache", ".ruff_cache",
@@ -3776,6 +4077,8 @@ class RemoteMachine:
     that host, over one SSH connection reused for every step (``close()`` ends it).
     """
 
+    _kwargs: dict[str, Any] | None = None
+
     def __init__(self, func: Any, config: RemoteStackOpsConfig, func_kwargs: dict[str, Any] | None = None,
                  data: list[str] | None = None) -> None:
         if not isinstance(config, RemoteStackOpsConfig):
@@ -3787,6 +4090,8 @@ class RemoteMachine:
         self.kwargs = _check_kwargs(func_kwargs)
         if config.workload_params is not None and "workload_params" in self.kwargs:
             raise ConfigError("workload_params given both in config and in func_kwargs")
+        _check_call(_parameters(func, self.job_params), self.kwargs,
+                    config.workload_params is not None, f"{self.job_params.func_name}()")
         self.job_params.get_execution_line(config.workload_params, config.parallelize, config.wrap_in_try_except)
         self.data = list(config.data) + list(data or [])
         for item in self.data:
@@ -3810,9 +4115,24 @@ class RemoteMachine:
         self.launch_command = ""
         self.cloud_sha256 = ""  # the SHA-256 of the archive a cloud transfer uploaded
         self._ssh: SSH | None = None
+        self.units: list[str] = []  # the work units a cloud_manager run queued
+        self._checked = False  # interpreter and script found where the job runs
+        self.downloaded_to: Path | None = None  # where download_results() put the results here
 
     def __repr__(self) -> str:
         return f"RemoteMachine({self.config.job_id!r} @ {self.host_name})"
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The job's keyword arguments. They are stored once, in the job folder's KWARGS_JSON (a big
+        one is not rewritten by every save), and a loaded job reads them only when asked."""
+        if self._kwargs is None:
+            self._kwargs = _check_kwargs(_read_json(self.file_manager.path(KWARGS_JSON)))
+        return self._kwargs
+
+    @kwargs.setter
+    def kwargs(self, value: dict[str, Any]) -> None:
+        self._kwargs = value
 
     @property
     def job_id(self) -> str:
@@ -3906,12 +4226,13 @@ class RemoteMachine:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "job_params": self.job_params.to_dict(),
-                "file_manager": self.file_manager.to_dict(), "kwargs": self.kwargs, "data": self.data,
+                "file_manager": self.file_manager.to_dict(), "data": self.data,  # kwargs: a file
                 "scripts_generated": self.scripts_generated, "submitted": self.submitted,
                 "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
                 "slurm_job_id": self.slurm_job_id, "task_ids": self.task_ids,
                 "results_path": self.results_path.as_posix() if self.results_path else None,
-                "cloud_sha256": self.cloud_sha256}
+                "cloud_sha256": self.cloud_sha256,
+                "downloaded_to": str(self.downloaded_to) if self.downloaded_to else None}
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> RemoteMachine:
@@ -3923,7 +4244,8 @@ class RemoteMachine:
             machine.config = RemoteStackOpsConfig.from_dict(data["config"])
             machine.job_params = JobParams.from_dict(data["job_params"])
             machine.file_manager = FileManager.from_dict(data["file_manager"], job_root)
-            machine.kwargs = _check_kwargs(data["kwargs"])
+            inline = data.get("kwargs")  # older records held them; now they are read when asked
+            machine._kwargs = _check_kwargs(inline) if inline is not None else None
             machine.data = list(data["data"])
             machine.scripts_generated, machine.submitted = bool(data["scripts_generated"]), bool(data["submitted"])
             machine.results_downloaded = bool(data["results_downloaded"])
@@ -3937,6 +4259,8 @@ class RemoteMachine:
         machine._parent_slurm_ids = []
         path = data.get("results_path")
         machine.results_path = Path(path) if path else None
+        downloaded = data.get("downloaded_to")
+        machine.downloaded_to = Path(downloaded) if isinstance(downloaded, str) else None
         return machine
 
     @classmethod
@@ -3950,7 +4274,7 @@ class RemoteMachine:
         root = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued/{check_safe_name(job_id)}")
         if not (root / REMOTE_MACHINE_JSON).exists():
             raise ConfigError(f"no job {job_id!r} under {collapse_home(root.parent.parent)}",
-                              hint="python stackops.py list shows the jobs")
+                              hint=f"{_prog()} list shows the jobs")
         return cls.from_job_dir(root)
 
     def _save(self) -> None:
@@ -3970,7 +4294,7 @@ class RemoteMachine:
             self._tasks = [self._new_array_task(k, part) for k, part in enumerate(parts)]
             for task in self._tasks:
                 task.generate_scripts()
-        source = Path(sys.modules[__name__].__file__ or "")
+        source = _own_file()
         if not source.is_file():
             raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
         staging = _mkdir_private(root.parent) / f".{self.job_id}.{os.getpid()}.partial"
@@ -4009,6 +4333,7 @@ class RemoteMachine:
         self.job_params.description = config.description
         self.job_params.session_name = self.job_params.tab_name = self.job_id
         self.job_params.ssh_repr = self.host_name
+        self.job_params.ssh_repr_remote = self._executing_account()
         line = self.job_params.get_execution_line(config.workload_params, config.parallelize,
                                                   config.wrap_in_try_except)
         _atomic_write_json(folder / JOB_PARAMS_JSON, self.job_params.to_dict())
@@ -4031,6 +4356,20 @@ class RemoteMachine:
         self.scripts_generated = True
         _atomic_write_json(folder / REMOTE_MACHINE_JSON, self.to_dict())
 
+    def _executing_account(self) -> str:
+        """``user@host:port`` the job is sent to (its SSH target), or ``user@node`` here."""
+        if self.is_remote:
+            if self._ssh is not None:
+                return str(self._ssh.target)
+            return str(resolve_ssh_target(self.host_name))
+        import getpass
+
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # no USER and no passwd entry
+            user = str(os.getuid())
+        return f"{user}@{os.uname().nodename}"
+
     def show_scripts(self) -> str:
         """Print the generated launcher and wrapper (and return the same text)."""
         if not self.scripts_generated:
@@ -4047,19 +4386,66 @@ class RemoteMachine:
         go to their home-relative places on the host; here, the folder already is where it runs."""
         if not self.scripts_generated:
             self.generate_scripts()
-        if self.array_parts:
-            for task in self.array_tasks():
-                task.submit(progress)
-        if self.is_remote and self.config.transfer_method == "cloud":
-            _, self.cloud_sha256 = transfer_cloud(self.ssh, self.config, self.job_params,
-                                                  self.file_manager, self.data)
-        elif self.is_remote:
-            transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data, progress)
-        if not self.is_remote or self.config.transfer_method != "cloud":
-            self._check_notification()  # a cloud job's folder reaches the host only when fired
+        sent = False
+        try:
+            if not self._checked:
+                self._check_where_it_runs()
+            if self.array_parts:
+                for task in self.array_tasks():
+                    task._checked = True  # the same interpreter and files: checked once, above
+                    task.submit(progress)
+            if self.is_remote and self.config.transfer_method == "cloud":
+                _, self.cloud_sha256 = transfer_cloud(self.ssh, self.config, self.job_params,
+                                                      self.file_manager, self.data)
+            elif self.is_remote:
+                transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data,
+                              progress)
+                sent = True
+            if not self.is_remote or self.config.transfer_method != "cloud":
+                self._check_notification()  # a cloud job's folder reaches the host only when fired
+        except BaseException:
+            self._withdraw(sent)
+            raise
         self.submitted = True
         self._save()
         return self
+
+    def _withdraw(self, sent: bool) -> None:
+        """A submission refused or broken off before launch leaves no job behind (its folder here,
+        and on the host once it was sent there), so the same job_id works again."""
+        if self.submitted or self.launcher_pid is not None or self.slurm_job_id is not None:
+            return
+        if sent:
+            with _suppress(Exception):
+                where = _sh_path(self.file_manager.job_root_rh)
+                self.ssh.run_shell_cmd_on_remote(f"rm -rf -- {where}",
+                                                 timeout=self.config.ssh_timeout, strict=False)
+        shutil.rmtree(self.file_manager.job_root, ignore_errors=True)
+        self.scripts_generated = False
+        log.info("job %s was not submitted; its id is free again", self.job_id)
+
+    def _check_where_it_runs(self) -> None:
+        """Refuse now what would fail only after launch: an interpreter the executing machine lacks,
+        or (without copy_repo) the job's script or module file missing there. One round trip."""
+        if not self.is_remote:
+            if shutil.which(self.python) is None:
+                raise ConfigError(f"the interpreter {self.python!r} is not found on this machine",
+                                  hint="pass --python (python=) with an installed interpreter")
+            return
+        checks = [f"command -v {shlex.quote(self.python)} >/dev/null 2>&1 || echo no-python"]
+        params = self.job_params
+        file = f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
+        if not self.config.copy_repo:
+            checks.append(f"[ -f {_sh_path(file)} ] || echo no-file")
+        answer = self.ssh.run_shell_cmd_on_remote("; ".join(checks) + "; true",
+                                                  timeout=self.config.ssh_timeout,
+                                                  strict=False).stdout.split()
+        if "no-python" in answer:
+            raise ConfigError(f"the interpreter {self.python!r} is not found on {self.host_name}",
+                              hint="install it there, or pass --python (python=) with one it has")
+        if "no-file" in answer:
+            raise ConfigError(f"{file} is not on {self.host_name}, and the job needs it",
+                              hint="pass --copy-repo (copy_repo=True) to send the repo along")
 
     def _check_notification(self) -> None:
         """A job that will e-mail must find its SMTP settings where it runs: checked now, not at its end."""
@@ -4292,7 +4678,19 @@ class RemoteMachine:
 
     def run(self, run: bool = True, show_scripts: bool = False,
             progress: Callable[[int], None] | None = None) -> RemoteMachine:
-        """preflight, generate_scripts, optionally show_scripts, submit, fire(run)."""
+        """Launch the job as ``config.launch_method`` says (decided here, and only here).
+        ``remotely``: preflight, generate_scripts, optionally show_scripts, submit, fire(run): a
+        detached process that takes a slot where it runs. ``cloud_manager``: the job goes, as
+        one work unit, to the queue on ``config.cloud_name``; any worker runs it
+        (submit_to_cloud)."""
+        if self.config.launch_method == "cloud_manager":
+            if not run:
+                raise ConfigError("a cloud_manager job is started by a worker as soon as it is "
+                                  "queued: run=False (--no-launch) has no meaning for it")
+            self.units = self.submit_to_cloud(1)
+            log.info("job %s queued on %s as unit %s", self.job_id,
+                     cloud_base(self.config.cloud_name or ""), ", ".join(self.units))
+            return self
         self.preflight()
         self.generate_scripts()
         if show_scripts:
@@ -4399,17 +4797,26 @@ class RemoteMachine:
         self._save()
         return self.results_path
 
-    def wait(self, timeout: float | None = None, poll: float = 0.2) -> Path:
-        """Block until the job ends; returns its results folder (raises JobFailedError if it failed)."""
+    def wait(self, timeout: float | None = None, poll: float = 0.2, download: bool = True) -> Path:
+        """Block until the job ends (raises JobFailedError if it failed) and return its results
+        folder as a path usable on this machine: a local job's folder itself; a remote job's
+        folder downloaded here first (download_results() with its default target; only once).
+        ``download=False`` returns the folder's path on the host as the host recorded it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             report = self.get_status(0)
             results = self._settle(report)
             if results is not None:
-                return results
+                break
             if deadline is not None and time.monotonic() > deadline:
                 raise StackopsError(f"job {self.job_id} still {report.status} after {timeout}s")
             time.sleep(poll)
+        if not self.is_remote or not download:
+            return results
+        done = self.downloaded_to
+        if self.results_downloaded and done is not None and done.exists():
+            return done
+        return self.download_results()
 
     def results(self) -> Path:
         """The results folder, or an error saying why there is none yet."""
@@ -4439,6 +4846,7 @@ class RemoteMachine:
         else:
             local = _copy_local(results, expand_home(target), overwrite)
         self.results_downloaded = True
+        self.downloaded_to = local
         self._save()
         return local
 
@@ -4871,6 +5279,9 @@ class Cluster:
         self.func_kwargs = _check_kwargs(func_kwargs)
         if "workload_params" in self.func_kwargs:
             raise ConfigError("the Cluster sets workload_params itself; remove it from func_kwargs")
+        if self.job_params is not None:
+            _check_call(_parameters(func, self.job_params), self.func_kwargs, True,
+                        f"{self.job_params.func_name}()")
         self.thread_load_calc = thread_load_calc or ThreadLoadCalculator.default()
         self.machine_load_calc = MachineLoadCalculator(max_num, self.thread_load_calc.load_criterion.normalised)
         self.ditch_unavailable = ditch_unavailable
@@ -5394,6 +5805,9 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
     if not match:
         raise ConfigError(f"--workload {text!r} is not START:END[:PARTS]", hint="e.g. --workload 0:1000:4")
     start, end, parts = int(match[1]), int(match[2]), int(match[3] or 1)
+    if end <= start:
+        raise ConfigError(f"--workload {text!r} is an empty range: END must be greater than START",
+                          hint="e.g. --workload 0:1000:4 covers [0, 1000) in 4 parts")
     return WorkloadParams(idx_min=start, idx_max=max(start, end), idx_start=start, idx_end=max(start, end),
                           jobs=parts)
 
@@ -5431,11 +5845,11 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
             started = (f"Slurm job {machine.slurm_job_id}" if machine.uses_slurm
                        else f"launcher pid {machine.launcher_pid}")
             print(f"job {machine.job_id} {report.status} on {report.host} ({started})")
-            print(f"  status:  python stackops.py status {machine.job_id}")
-            print(f"  logs:    python stackops.py logs {machine.job_id} -f")
+            print(f"  status:  {_prog()} status {machine.job_id}")
+            print(f"  logs:    {_prog()} logs {machine.job_id} -f")
         return 0
     try:
-        machine.wait()
+        machine.wait(download=False)  # the table says where the results are; download gets them
     except JobFailedError:
         pass
     except KeyboardInterrupt:
@@ -5715,7 +6129,7 @@ def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster 
 
 
 def _program() -> str:
-    return "stackops" if Path(sys.argv[0]).name == "stackops" else "python stackops.py"
+    return _prog()
 
 
 def _cmd_cancel(args: Any) -> int:
@@ -5799,7 +6213,7 @@ def _cmd_rerun(args: Any) -> int:
             if not args.wait:
                 return 0
             with _suppress(JobFailedError):
-                again.wait()
+                again.wait(download=False)
             report = again.get_status(0)
     print(f"job {again.job_id} {report.status}")
     return 0 if report.status == "completed" else 1
@@ -5920,8 +6334,9 @@ def _progress() -> Callable[[int], None] | None:
 def _cmd_ssh(args: Any) -> int:
     command = " ".join(args.command) if len(args.command) != 1 else args.command[0]
     if not command:
-        raise ConfigError("no command given", hint="python stackops.py ssh HOST -- COMMAND")
-    with SSH.from_config_file(args.host, accept_new_host_key=args.accept_new) as ssh:
+        raise ConfigError("no command given", hint=f"{_prog()} ssh HOST -- COMMAND")
+    connect = {"timeout": args.timeout} if args.timeout else {}  # also the most connecting may take
+    with SSH.from_config_file(args.host, accept_new_host_key=args.accept_new, **connect) as ssh:
         response = ssh.run_shell_cmd_on_remote(command, timeout=args.timeout, strict=False)
     sys.stdout.write(response.stdout)
     sys.stderr.write(response.stderr)
@@ -5976,7 +6391,7 @@ def _cmd_cluster_run(args: Any) -> int:
         _print_table([[host, f"{wp.idx_start}..{wp.idx_end}", str(wp.jobs)] for host, wp in cluster.workloads.items()],
                      ["HOST", "SHARE", "THREADS"])
         print(f"cluster {cluster.job_id} launched on {len(cluster.machines)} host(s); "
-              f"python stackops.py cluster status {cluster.job_id}")
+              f"{_prog()} cluster status {cluster.job_id}")
         if args.wait:
             return _wait_cluster(cluster, args.host_timeout)
     return 0
@@ -6092,7 +6507,9 @@ def _add_cluster_args(commands: Any) -> None:
                      help="what a host's share and threads follow (default cpu)")
     run.add_argument("--threads", type=int, default=None, metavar="N",
                      help="parts a host like this one runs; others scale by the criterion (default 1)")
-    run.add_argument("--parallelize", action="store_true", help="run each host's parts in parallel processes")
+    run.add_argument("--parallelize", action="store_true",
+                     help="run each host's parts in parallel processes, at most one per CPU "
+                          "of the host")
     run.add_argument("--max-num", type=int, default=1000, help="the index range [0, MAX) to split (default 1000)")
     run.add_argument("--max-jobs", type=int, default=1, metavar="N", help="slots per host (default 1)")
     run.add_argument("--strict", action="store_true", help="refuse to launch anywhere if a host is unreachable")
@@ -6184,7 +6601,7 @@ def _add_cloud_args(commands: Any) -> None:
 def _cmd_ip(args: Any) -> int:
     if args.action == "switch":
         success, address, seen = switch_public_ip_address_with_log(args.max_trials, args.wait, args.target or None,
-                                                                   args.endpoint)
+                                                                   args.endpoint, args.timeout)
         if args.json:
             _print_json({"success": success, "ip": address, "attempted": seen})
         else:
@@ -6193,7 +6610,7 @@ def _cmd_ip(args: Any) -> int:
                 print("attempted: " + ", ".join(seen))
         return 0 if success else 1
     if args.public:
-        info = get_public_ip_address(args.endpoint)
+        info = get_public_ip_address(args.endpoint, 5.0 if args.timeout is None else args.timeout)
         if args.json:
             _print_json(info)
         else:
@@ -6217,7 +6634,11 @@ def _add_ip_args(commands: Any) -> None:
     sub.add_argument("--public", action="store_true", help="the public address and what is known of it")
     sub.add_argument("--json", action="store_true")
     sub.add_argument("--prefer-vpn", action="store_true", help="let VPN/tunnel interfaces compete for the LAN choice")
-    sub.add_argument("--endpoint", help="JSON endpoint of the public-IP lookup (default: ipinfo CLI or ipinfo.io)")
+    sub.add_argument("--endpoint", help="JSON endpoint of the public-IP lookup, http:// or "
+                                        "https:// (default: ipinfo CLI or ipinfo.io)")
+    sub.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                     help="the most one public-IP lookup (default 5) or one warp-cli call "
+                          "(default 30) may take")
     sub.add_argument("--max-trials", type=int, default=10, help="switch: registrations to try (default 10)")
     sub.add_argument("--wait", type=float, default=2.0, help="switch: seconds to wait after each step (default 2)")
     sub.add_argument("--target", action="append", default=[], metavar="IP", help="switch: stop at one of these")
@@ -6247,7 +6668,8 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--workload", metavar="START:END[:PARTS]",
                         help="call the function with workload_params covering [START, END) in PARTS parts")
     parser.add_argument("--parallelize", action="store_true",
-                        help="with --workload: run the PARTS in parallel processes; the result is their list")
+                        help="with --workload: run the PARTS in parallel processes, at most one "
+                             "per CPU of the machine; the result is their list")
     parser.add_argument("--try-except", action="store_true",
                         help="catch the job's exception inside the wrapper (kept with its traceback)")
     parser.add_argument("--interactive", action="store_true",
@@ -6358,7 +6780,8 @@ def _build_parser() -> Any:
     sub.set_defaults(handler=_cmd_ssh)
     sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
     sub.add_argument("command", nargs="*", help="the command (after --)")
-    sub.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    sub.add_argument("--timeout", type=float, default=None,
+                     help="give up connecting, or on the command, after this many seconds")
     sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
     sub = commands.add_parser("copy", help="copy a file or folder to or from a host (HOST:PATH on one side)")
     sub.set_defaults(handler=_cmd_copy)
@@ -6389,26 +6812,75 @@ def _build_parser() -> Any:
     sub = commands.add_parser("job-notify")  # an end the wrapper could not report
     sub.set_defaults(handler=_cmd_job_notify)
     sub.add_argument("job_root")
+    _add_verbosity_everywhere(parser)
     return parser
 
 
+def _add_verbosity_everywhere(parser: Any) -> None:
+    """-v/-q after the command too (``stackops status JOB -v``): every subcommand counts them into
+    its own field, which main() adds to the ones given before the command."""
+    import argparse
+
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in set(action.choices.values()):
+            sub.add_argument("-v", "--verbose", dest="verbose_after", action="count",
+                             default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
+            sub.add_argument("-q", "--quiet", dest="quiet_after", action="count",
+                             default=argparse.SUPPRESS, help="fewer diagnostics")
+            _add_verbosity_everywhere(sub)
+
+
 def _configure_logging(level: int) -> None:
+    """One stderr handler for stackops, replaced (not added to) by every main() call. paramiko's
+    own log (an "Exception (client)" with a traceback from its thread, before our one line) shows
+    only with -vv."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("stackops: %(message)s"))
-    log.addHandler(handler)
+    quiet_paramiko: logging.Handler = logging.NullHandler() if level < 2 else handler
+    for logger, new in ((log, handler), (logging.getLogger("paramiko"), quiet_paramiko)):
+        for old in [h for h in logger.handlers if getattr(h, "_stackops_cli", False)]:
+            logger.removeHandler(old)
+        new._stackops_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(new)
     log.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(max(-1, min(level, 2)),
                                                                               logging.DEBUG))
 
 
+def _take_ssh_command(args: Any, extras: list[str], parser: Any) -> None:
+    """``ssh HOST --timeout 5 -- CMD``: argparse has given HOST an empty command before it met
+    the option, so the command comes back as extra words; anything else extra is an error."""
+    if extras and getattr(args, "handler", None) is _cmd_ssh and not args.command:
+        words = extras[1:] if extras[0] == "--" else extras
+        if extras[0] == "--" or not extras[0].startswith("-"):
+            args.command = words
+            return
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+
+
+def _os_error_line(exc: OSError) -> tuple[str, str]:
+    """One line for an OSError that no caller made a StackopsError: what, which path, a hint."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    hint = "check that path (its permissions, its free space, that its folders exist)" if paths \
+        else "run again with -vv to see where it happened"
+    return f"{what}: {paths}" if paths else what, hint
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 success, 1 failure, 2 bad input, 130 interrupted."""
-    sys.modules.setdefault("stackops", sys.modules[__name__])
+    sys.modules.setdefault("stackops", _this_module())
+    _note_program(sys.argv[0] if sys.argv else "")
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        _take_ssh_command(args, extras, parser)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    _configure_logging(args.verbose - args.quiet)
+    verbose = args.verbose + getattr(args, "verbose_after", 0)
+    _configure_logging(verbose - args.quiet - getattr(args, "quiet_after", 0))
     try:
         return int(args.handler(args))
     except BrokenPipeError:  # `stackops list | head`: the reader has all it wanted
@@ -6416,7 +6888,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none at exit
         return 141
     except StackopsError as exc:
-        if args.verbose >= 2:
+        if verbose >= 2:
             traceback.print_exc()
         print(f"stackops: error: {exc}", file=sys.stderr)
         if exc.hint:
@@ -6425,8 +6897,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stackops: interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError, EOFError) as exc:
+        failure: BaseException = exc
+        line, hint = _plain_error(exc)
+    except Exception as exc:  # paramiko's own exceptions, where no caller wrapped them
+        if not type(exc).__module__.startswith("paramiko"):
+            raise
+        failure = exc
+        line, hint = f"SSH: {exc or type(exc).__name__}", "is the host reachable? -vv shows where"
+    if verbose >= 2:
+        traceback.print_exception(type(failure), failure, failure.__traceback__)
+    print(f"stackops: error: {line}", file=sys.stderr)
+    print(f"stackops: hint: {hint}", file=sys.stderr)
+    return 1
+
+
+def _plain_error(exc: BaseException) -> tuple[str, str]:
+    """One line and a hint for an OSError, MemoryError or EOFError that reached main()."""
+    if isinstance(exc, OSError):
+        return _os_error_line(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory", "give it less to hold at once (smaller --kwargs, data as files)"
+    return "the connection was closed by the other side", "is the host reachable? -vv shows where"
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("stackops", sys.modules[__name__])
+    sys.modules.setdefault("stackops", _this_module())
     sys.exit(main())

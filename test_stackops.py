@@ -1168,6 +1168,59 @@ def test_slots_queue_state_machine(home, tmp_path, monkeypatch):
     assert time.monotonic() - started < 120
 
 
+# -- bounded parallelism, kwargs stored once, where the job runs recorded (issues 12, 17) ----------
+
+def test_job_parallel_parts_run_on_at_most_one_process_per_cpu(home):
+    mod = make_module(home, """
+        import os, time
+
+        def pid_of_part(workload_params):
+            time.sleep(0.2)
+            return os.getpid()
+    """)
+    cpus = len(os.sched_getaffinity(0))
+    cfg = config(job_id="capped", parallelize=True,
+                 workload_params=WorkloadParams(idx_min=0, idx_max=12, idx_start=0, idx_end=12,
+                                                jobs=12))
+    machine = RemoteMachine(mod.pid_of_part, config=cfg).run()
+    report = wait_done(machine)
+    assert report.status == "completed", report.error_message
+    pids = json.loads((stackops.expand_home(report.results_path.replace("~", str(home), 1)) /
+                       "result.json").read_text())
+    assert len(pids) == 12 and len(set(pids)) <= cpus, pids
+    log_text = machine.file_manager.path(stackops.OUTPUT_LOG).read_text()
+    if cpus < 12:
+        assert f"running 12 parts on {cpus} processes (at most one per CPU)" in log_text
+
+
+def test_job_big_kwargs_stored_once_and_never_reread_by_status(home):
+    mod = make_module(home, JOBS_SOURCE)
+    blob = "k" * (8 * 2**20)
+    machine = RemoteMachine(mod.echo, config=config(job_id="big-kwargs"),
+                            func_kwargs={"blob": blob})
+    machine.run()
+    assert wait_done(machine).status == "completed"
+    record = machine.file_manager.path(stackops.REMOTE_MACHINE_JSON)
+    assert record.stat().st_size < 64 * 1024 and "kkkk" not in record.read_text()
+    kwargs_file = machine.file_manager.path(stackops.KWARGS_JSON)
+    assert json.loads(kwargs_file.read_text()) == {"blob": blob}
+    assert RemoteMachine.load("big-kwargs").kwargs == {"blob": blob}  # read when asked
+    kwargs_file.write_text("not JSON: status must not read it")
+    shown = cli("status", "big-kwargs", "--json", home=home)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "completed", shown.stderr
+    assert cli("download", "big-kwargs", home=home).returncode == 0
+
+
+def test_job_params_record_the_account_the_job_runs_as(home):
+    import getpass
+
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.train, config=config(job_id="where")).generate_scripts()
+    params = json.loads(machine.file_manager.path(stackops.JOB_PARAMS_JSON).read_text())
+    assert params["ssh_repr"] == "localhost"
+    assert params["ssh_repr_remote"] == f"{getpass.getuser()}@{os.uname().nodename}"
+
+
 # ============================================================================================
 # job control: cancel, wait, start, delete, prune (here and over SSH)
 # ============================================================================================
@@ -1363,9 +1416,11 @@ def test_control_queue_and_list_of_a_host_in_one_round_trip(remote, home, tmp_pa
         wait_for(lambda: running.get_status(0).status == "running", 60, "the job to run")
         other_home = tmp_path / "laptop2"  # a second machine submits to the same host
         other_home.mkdir()
-        (other_home / "j.py").write_text(textwrap.dedent(CONTROL_SOURCE))
-        _write_ssh_config(other_home, remote)
-        done = cli("run", "j.py:quick", "--host", "tb", "--job-id", "h-other", home=other_home)
+        (other_home / "p2").mkdir()
+        (other_home / "p2" / "j.py").write_text(textwrap.dedent(CONTROL_SOURCE))
+        _write_ssh_config(other_home, remote)  # its code goes along: a file not there is refused
+        done = cli("run", "p2/j.py:quick", "--host", "tb", "--copy-repo", "--job-id", "h-other",
+                   home=other_home)
         assert done.returncode == 0, done.stderr
         queue = json.loads(cli("queue", "--host", "tb", "--json", home=home).stdout)
         assert [h["job_id"] for h in queue["running"]] == ["h-run"]
@@ -1531,6 +1586,152 @@ def test_bad_input_cli_exits_2_with_one_line(home, args, message):
     assert message in done.stderr
     assert done.stderr.splitlines()[0].startswith(("stackops: error:", "usage:"))
     assert not (home / "tmp_results" / "remote_machines" / "jobs" / "queued").exists() or args[0] == "status"
+
+
+# -- refused or bounded before anything runs (issue 17), calls checked at submit (issue 12) --------
+
+def _proj(home: Path) -> None:
+    (home / "proj").mkdir(exist_ok=True)
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n\n"
+                                        "def part(workload_params, scale=1):\n    return scale\n\n"
+                                        "def needs(x, *, y=2):\n    return x + y\n")
+
+
+def _no_jobs(home: Path) -> bool:
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    return not queued.exists() or not any(queued.iterdir())
+
+
+@pytest.mark.parametrize("workload", ["10:5", "5:5", "10:5:2"])
+def test_bad_input_empty_workload_refused(home, workload):
+    _proj(home)
+    done = cli("run", "proj/m.py:part", "--workload", workload, home=home)
+    assert done.returncode == 2 and "empty range" in done.stderr, done.stderr
+    assert _no_jobs(home)
+
+
+def _limited(megabytes: int):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (megabytes * 2**20, megabytes * 2**20))
+    return limit
+
+
+def test_bad_input_kwargs_from_fifo_device_or_oversized_file_refused(home, tmp_path, monkeypatch):
+    _proj(home)
+    fifo = tmp_path / "kwargs.fifo"
+    os.mkfifo(fifo)
+    env = dict(os.environ, HOME=str(home))
+    for source in (str(fifo), "/dev/zero"):  # a FIFO with no writer blocks; /dev/zero never ends
+        done = subprocess.run([sys.executable, str(SOURCE), "run", "proj/m.py:f", "--kwargs",
+                               f"@{source}"], cwd=home, env=env, capture_output=True, text=True,
+                              timeout=20, preexec_fn=_limited(1024))  # not all memory, if it reads
+        assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 2
+    (home / "big.json").write_text(json.dumps({"x": "y" * 4000}))
+    monkeypatch.setattr(stackops, "MAX_KWARGS_BYTES", 1000)
+    with pytest.raises(ConfigError, match="more than"):
+        stackops.parse_kwargs(f"@{home / 'big.json'}")
+    assert _no_jobs(home)
+
+
+def test_bad_input_os_and_memory_errors_reaching_main_are_one_line(home):
+    _proj(home)
+    done = cli("run", "proj/m.py:f", "--base-dir", "/dev/null/jobs", home=home)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("stackops: error: Not a directory: /dev/null/jobs")
+    assert lines[1].startswith("stackops: hint: ") and len(lines) == 2
+    (home / "huge.json").write_text('{"blob": "' + "x" * 300 * 2**20 + '"}')  # under the size limit
+    done = subprocess.run([sys.executable, str(SOURCE), "run", "proj/m.py:f", "--kwargs",
+                           "@huge.json"], cwd=home, env=dict(os.environ, HOME=str(home)),
+                          capture_output=True, text=True, timeout=120, preexec_fn=_limited(700))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        "stackops: error: out of memory",
+        "stackops: hint: give it less to hold at once (smaller --kwargs, data as files)"]
+
+
+def test_bad_input_unknown_or_missing_kwargs_refused_at_submit(home):
+    _proj(home)
+    for args, message in (
+            (["proj/m.py:f", "--kwargs", '{"nope": 1}'], "f() takes no parameter 'nope'"),
+            (["proj/m.py:needs"], "needs() needs 'x'"),
+            (["proj/m.py:needs", "--kwargs", '{"x": 1, "z": 3}'], "takes no parameter 'z'"),
+            (["proj/m.py:f", "--workload", "0:4"], "takes no parameter 'workload_params'"),
+            (["proj/m.py:f", "--python", "no-such-python3"], "'no-such-python3' is not found")):
+        done = cli("run", *args, "--job-id", "checked", home=home)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+        assert _no_jobs(home), args
+    done = cli("run", "proj/m.py:needs", "--kwargs", '{"x": 1, "y": 5}', "--job-id", "checked",
+               "--wait", "--json", home=home)
+    assert done.returncode == 0 and json.loads(done.stdout)["status"] == "completed", done.stderr
+    mod = make_module(home, JOBS_SOURCE)  # function objects are asked for their signature
+    with pytest.raises(ConfigError, match="takes no parameter 'epoch'"):
+        RemoteMachine(mod.train, config=config(), func_kwargs={"epoch": 3})
+    with pytest.raises(ConfigError, match="takes no parameter 'w'"):
+        RemoteMachine(mod.Model(2).predict, config=config(), func_kwargs={"x": 1, "w": 2})
+    RemoteMachine(mod.echo, config=config(), func_kwargs={"anything": 1})  # **kwargs: any name
+
+
+def test_cli_verbosity_flags_also_after_the_command(home):
+    _proj(home)
+    assert cli("list", "-q", home=home).returncode == 0
+    quiet = cli("run", "proj/m.py:f", "--no-launch", "--job-id", "v1", home=home)
+    loud = cli("run", "proj/m.py:f", "--no-launch", "--job-id", "v2", "-v", home=home)
+    assert loud.returncode == 0 and "job v2 generated" in loud.stderr, loud.stderr
+    assert "generated" not in quiet.stderr
+    assert cli("status", "v1", "-vv", "--json", home=home).returncode == 0
+
+
+def test_cli_hints_name_the_program_as_it_was_run(home, tmp_path):
+    as_file = cli("status", "no-such-job", home=home)
+    program = f"{os.path.basename(sys.executable)} {SOURCE}"
+    assert f"{program} list shows the jobs" in as_file.stderr, as_file.stderr
+    bin_dir = tmp_path / "bin"  # what pip's console script does: argv[0] is .../stackops
+    bin_dir.mkdir()
+    (bin_dir / "stackops").write_text(f"#!{sys.executable}\nimport sys\n"
+                                      f"sys.path.insert(0, {str(HERE)!r})\n"
+                                      "import stackops\nsys.exit(stackops.main())\n")
+    (bin_dir / "stackops").chmod(0o755)
+    installed = subprocess.run([str(bin_dir / "stackops"), "status", "no-such-job"], cwd=home,
+                               capture_output=True, text=True, env=dict(os.environ, HOME=str(home)))
+    assert installed.returncode == 2
+    assert "hint: stackops list shows the jobs" in installed.stderr
+    assert "stackops.py" not in installed.stderr
+
+
+def test_cli_job_run_under_cprofile_ships_this_module(home):
+    _proj(home)
+    done = subprocess.run([sys.executable, "-m", "cProfile", str(SOURCE), "run", "proj/m.py:f",
+                           "--job-id", "prof", "--wait"], cwd=home, capture_output=True, text=True,
+                          env=dict(os.environ, HOME=str(home)), timeout=120)
+    assert done.returncode == 0, done.stderr
+    job = home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "prof"
+    assert (job / "python" / "stackops.py").read_bytes() == SOURCE.read_bytes()
+    assert "completed" in (job / "logs" / "status.txt").read_text()
+
+
+def test_models_launch_method_decides_how_the_job_starts(home, tmp_path):
+    with pytest.raises(ConfigError, match="needs cloud_name"):
+        config(launch_method="cloud_manager")
+    with pytest.raises(ConfigError, match="not on ssh_host"):
+        config(launch_method="cloud_manager", cloud_name="x", ssh_host="tb")
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    mod = make_module(home, JOBS_SOURCE)
+    cloud = _local_cloud(home, bucket)
+    cfg = config(job_id="via-queue", launch_method="cloud_manager", cloud_name=cloud)
+    machine = RemoteMachine(mod.train, config=cfg, func_kwargs={"epochs": 2}).run()
+    assert machine.units == ["via-queue-0-1"] and machine.launcher_pid is None
+    assert (bucket / "stackops" / "units" / "via-queue-0-1" / "unit.json").exists() or \
+        (bucket / "units" / "via-queue-0-1" / "unit.json").exists()
+    assert not (home / "tmp_results" / "tmp_dirs").exists()  # nothing ran here: a worker runs it
+    dry = config(job_id="q2", launch_method="cloud_manager", cloud_name=cloud)
+    with pytest.raises(ConfigError, match="no meaning"):
+        RemoteMachine(mod.train, config=dry).run(run=False)
 
 
 # ============================================================================================
@@ -1725,7 +1926,8 @@ def test_security_hostile_base_dir_for_a_remote_job(remote, home):
     with RemoteMachine(mod.echo, config=config(job_id="hostile-base", ssh_host="tb", copy_repo=True, base_dir=base),
                        func_kwargs={"a": "$(touch PWNED)"}) as machine:
         machine.run()
-        assert machine.wait(timeout=60).as_posix() == "~/tmp_results/tmp_dirs/hostile-base"
+        there = machine.wait(timeout=60, download=False)  # the path as the host recorded it
+        assert there.as_posix() == "~/tmp_results/tmp_dirs/hostile-base"
         assert machine.get_status(5).status == "completed"
         local = machine.download_results(home / "got")
         assert json.loads((local / "result.json").read_text()) == {"a": "$(touch PWNED)"}
@@ -1822,7 +2024,7 @@ def test_cli_run_status_list_logs_queue(home):
     assert queue["running"] == [] and queue["history"][-1]["job_id"] == "cli-job"
     assert "history" in cli("queue", home=home).stdout
     failing = cli("run", "proj/m.py:f", "--kwargs", '{"n": "x", "bad": 1}', "--wait", home=home)
-    assert failing.returncode == 1 and "unexpected keyword argument" in failing.stderr
+    assert failing.returncode == 2 and "f() takes no parameter 'bad'" in failing.stderr
     dry = cli("run", "proj/m.py:f", "--no-launch", "--job-id", "dry", home=home)
     assert dry.returncode == 0 and "nothing was started" in dry.stdout and "bash -c" in dry.stdout
 
@@ -2073,7 +2275,7 @@ def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
     # the connection is closed while the job runs; the job goes on and a new connection finds it
     again = RemoteMachine.load("remote-crunch")
     with again:
-        results = again.wait(timeout=60)
+        results = again.wait(timeout=60, download=False)  # the host's path, as it recorded it
         assert results.as_posix() == "~/out/crunch"
         local = again.download_results(None)
     assert local == home / "out" / "crunch"
@@ -2112,13 +2314,13 @@ def test_remote_delete_results_only_its_own(remote, home):
     with RemoteMachine(mod.echo, config=config(job_id="remote-own", ssh_host="tb", copy_repo=True),
                        func_kwargs={"a": 1}) as own:
         own.run()
-        own.wait(timeout=60)
+        own.wait(timeout=60, download=False)
         own.delete_remote_results()
         assert not (remote.remote_home / "tmp_results" / "tmp_dirs" / "remote-own").exists()
     with RemoteMachine(mod.train, config=config(job_id="remote-home", ssh_host="tb", copy_repo=True),
                        func_kwargs={"out": "~"}) as bad:
         bad.run()
-        bad.wait(timeout=60)
+        bad.wait(timeout=60, download=False)  # its "results" are the host's home: nothing to fetch
         with pytest.raises(ConfigError, match="refusing"):
             bad.delete_remote_results()
     assert remote.remote_home.exists() and (remote.remote_home / "proj").exists()
@@ -2528,6 +2730,22 @@ def test_remote_known_hosts_ten_hosts_accepted_at_once_all_recorded(remote, home
             server.stop()
 
 
+def test_remote_host_key_fingerprints_are_sha256_as_openssh_shows_them(remote, home):
+    (home / ".ssh" / "known_hosts").write_text("")
+    shown = subprocess.run(["ssh-keygen", "-lf", f"{remote.host_key}.pub"], capture_output=True,
+                           text=True, check=True).stdout.split()[1]  # "256 SHA256:... comment"
+    assert shown.startswith("SHA256:")
+    done = cli("ssh", "tb", "--", "true", home=home)
+    assert done.returncode == 1 and f"ssh-ed25519 {shown}" in done.stderr, done.stderr
+    other = home / "impostor_key"
+    _keygen(other, "impostor")
+    impostor = " ".join(Path(f"{other}.pub").read_text().split()[:2])
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{remote.port} {impostor}\n")
+    with pytest.raises(stackops.HostKeyError, match="CHANGED") as info:
+        stackops.SSH.from_config_file("tb")
+    assert f"it offers {shown}" in str(info.value)
+
+
 def test_remote_wrong_key_and_closed_port(remote, home):
     _keygen(home / "stranger", "stranger")
     with pytest.raises(stackops.StackopsConnectionError) as info:
@@ -2741,6 +2959,91 @@ def test_remote_cli_send_key(remote, home):
     assert "added" in first.stdout and "already" in again.stdout, first.stderr
     missing = cli("send-key", "tb", "--key", str(home / "nope.pub"), home=home)
     assert missing.returncode == 2 and "no public key" in missing.stderr
+
+
+# -- what a person sees and keeps: options after the host, wait(), refused submits (issue 12) ------
+
+def test_remote_cli_ssh_options_after_the_host(remote, home):
+    done = cli("ssh", "tb", "--timeout", "10", "--", "echo", "after-the-host", home=home)
+    assert done.returncode == 0 and done.stdout == "after-the-host\n", done.stderr
+    done = cli("ssh", "tb", "-q", "--", "exit 3", home=home)
+    assert done.returncode == 3
+
+
+def test_remote_wait_returns_a_path_usable_here(remote, home):
+    mod = make_module(home, JOBS_SOURCE)
+    cfg = config(job_id="waited", ssh_host="tb", copy_repo=True)
+    kwargs = {"epochs": 4, "out": "~/results/waited"}
+    with RemoteMachine(mod.train, config=cfg, func_kwargs=kwargs) as machine:
+        machine.run()
+        params = json.loads(machine.file_manager.path(stackops.JOB_PARAMS_JSON).read_text())
+        assert params["ssh_repr_remote"] == f"{remote.user}@127.0.0.1:{remote.port}"
+        local = machine.wait(timeout=60)
+        assert local.is_absolute() and home in local.parents, local
+        assert (local / "model.txt").read_text() == "epochs=4\n"
+        assert machine.wait(timeout=60) == local  # downloaded once
+        assert str(machine.wait(timeout=60, download=False)) == "~/results/waited"  # the host's
+    assert RemoteMachine.load("waited").wait(timeout=60) == local
+
+
+def test_remote_refused_submit_leaves_the_job_id_free(remote, home):
+    (home / "loose.py").write_text("print('a script in the home')\n")  # its repo is the home
+    refused = cli("run", "loose.py", "--host", "tb", "--copy-repo", "--job-id", "reuse", home=home)
+    assert refused.returncode == 2 and "home" in refused.stderr, refused.stderr
+    status = cli("status", "reuse", home=home)
+    assert status.returncode == 2 and "no job 'reuse'" in status.stderr
+    assert "interrupted" not in status.stderr
+    _proj(home)
+    again = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--job-id", "reuse", "--wait",
+                home=home)
+    assert again.returncode == 0 and "completed" in again.stdout, again.stderr
+    mod = make_module(home, JOBS_SOURCE)  # refused once its folder is there: removed there too
+    cfg = config(job_id="mailless", ssh_host="tb", copy_repo=True, notify_upon_completion=True,
+                 to_email="me@example.org", email_config_name="nowhere")
+    with pytest.raises(ConfigError, match="on tb"):
+        RemoteMachine(mod.train, config=cfg).run()
+    remote_jobs = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert not (remote_jobs / "mailless").exists()
+    assert not (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "mailless").exists()
+
+
+def test_remote_missing_script_or_interpreter_refused_at_submit(remote, home):
+    (home / "only-here").mkdir()  # the tests share the host's home: a folder no other test sends
+    (home / "only-here" / "m.py").write_text("def f():\n    return 1\n")
+    remote_jobs = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    for args, message in ((["--host", "tb"], "~/only-here/m.py is not on tb"),
+                          (["--host", "tb", "--copy-repo", "--python", "no-such-python3"],
+                           "'no-such-python3' is not found on tb")):
+        done = cli("run", "only-here/m.py:f", "--job-id", "unrunnable", *args, home=home)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "--copy-repo" in done.stderr or "--python" in done.stderr  # the hint says what to do
+        assert _no_jobs(home) and not (remote_jobs / "unrunnable").exists()
+
+
+def test_remote_connection_failures_are_one_line_with_what_to_do(remote, home):
+    import socketserver
+
+    class NotSSH(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), NotSSH)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        junk = cli("ssh", f"someone@127.0.0.1:{port}", "--timeout", "3", "--", "true", home=home)
+    finally:
+        server.shutdown()
+        server.server_close()
+    slow = cli("ssh", "tb", "--timeout", "1", "--", "sleep 5", home=home)
+    for done in (junk, slow):
+        lines = done.stderr.splitlines()
+        assert done.returncode == 1 and len(lines) == 2, done.stderr
+        assert lines[0].startswith("stackops: error: ") and lines[1].startswith("stackops: hint: ")
+        for internal in ("Exception", "Traceback", "No existing session", "exit status None"):
+            assert internal not in done.stderr, done.stderr
+    assert "no SSH greeting within 3s" in junk.stderr
+    assert "no answer from" in slow.stderr and "sleep 5" in slow.stderr
 
 
 @pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"), reason="no sshd")
@@ -3213,7 +3516,7 @@ class SlurmCluster:
         raise RuntimeError(f"the Slurm node stayed {state!r}: {(self.base / 'log' / 'slurmctld.log').read_text()}")
 
     def stop(self) -> None:
-        subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True)  # noqa: only ours
+        subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True)  # this cluster's jobs only
         for pid in reversed(self.pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -3784,7 +4087,7 @@ def test_cloud_transfer_job_runs_and_results_come_back(remote, home, clouds, kin
     with RemoteMachine(mod.crunch, config=cfg, func_kwargs={"data": "~/data/input.csv",
                                                              "out": f"~/out/cloud-{kind}"}) as machine:
         machine.run()
-        assert machine.wait(timeout=90).as_posix() == f"~/out/cloud-{kind}"
+        assert machine.wait(timeout=90, download=False).as_posix() == f"~/out/cloud-{kind}"
         local = machine.download_results(None)
     remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / f"cloud-{kind}"
     for part in ("data", "python", "shell"):  # the folder arrived whole (but the laptop's own bookkeeping)
@@ -3960,7 +4263,8 @@ def _remote_job_root(remote, job_id: str) -> Path:
 def test_cloud_transfer_replaced_archive_refused_on_host_nothing_unpacked(remote, home, clouds, tmp_path):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="cloud-swap", ssh_host="tb", transfer_method="cloud",
-                                                     cloud_name=f"tblocal:{clouds}"))
+                                                     cloud_name=f"tblocal:{clouds}",
+                                                     copy_repo=True))
     with machine:
         machine.generate_scripts().submit()
         evil = tmp_path / "evil"
@@ -4026,7 +4330,8 @@ def test_cloud_transfer_existing_id_on_host_refused(remote, home, clouds):
     with stackops.SSH.from_config_file("tb") as ssh:  # a job of that id is on the host already
         ssh.run_shell_cmd_on_remote("mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup && "
                                     "echo mine > ~/tmp_results/remote_machines/jobs/queued/cloud-dup/marker")
-    cfg = dict(ssh_host="tb", transfer_method="cloud", cloud_name=f"tblocal:{clouds}")
+    cfg = dict(ssh_host="tb", transfer_method="cloud", cloud_name=f"tblocal:{clouds}",
+               copy_repo=True)
     with pytest.raises(ConfigError, match="'cloud-dup' already exists on tb"):
         RemoteMachine(mod.sleeper, config=config(job_id="cloud-dup", **cfg)).run()
     assert not (clouds / "jobs" / "cloud-dup.tar").exists()
@@ -4056,7 +4361,7 @@ def test_cloud_transfer_results_from_a_fresh_prefix_and_bucket_left_clean(remote
     with RemoteMachine(mod.train, config=cfg, func_kwargs={"out": "~/out/cloud-clean"}) as machine:
         machine.run()
         assert _bucket_files(clouds, "jobs") == []  # the archive went once fetched
-        machine.wait(timeout=90)
+        machine.wait(timeout=90, download=False)
         local = machine.download_results(None)
     assert sorted(p.name for p in local.iterdir()) == ["model.txt"]
     assert _bucket_files(clouds, "results/cloud-clean") == ["payload/stale.txt"]  # ours came and went
@@ -4434,6 +4739,119 @@ def test_network_switch_without_warp_cli(monkeypatch, tmp_path):
         stackops.switch_public_ip_address(1, 0)
 
 
+# -- the public IP: http(s) only, one deadline for a lookup; a hung warp-cli (issues 12, 17) --
+
+def test_network_public_ip_endpoint_must_be_http(home, monkeypatch):
+    secret = home / "secret.json"
+    secret.write_text('{"ip": "10.9.9.9", "token": "s3cret"}')
+    for url in (f"file://{secret}", "ftp://127.0.0.1/x.json", "data:,{}", "127.0.0.1/json"):
+        with pytest.raises(ConfigError, match="http:// or https://"):
+            stackops.get_public_ip_address(url)
+    done = cli("ip", "--public", "--endpoint", f"file://{secret}", home=home)
+    assert done.returncode == 2 and "s3cret" not in done.stdout + done.stderr, done
+    monkeypatch.setenv("STACKOPS_PUBLIC_IP_URL", f"file://{secret}")
+    with pytest.raises(ConfigError, match="http:// or https://"):
+        stackops.get_public_ip_address()
+
+
+@pytest.fixture
+def trickle_server():
+    """An endpoint that answers one byte every 0.2 s: each read succeeds, the whole takes ~20 s."""
+    import socketserver
+
+    class Trickle(socketserver.BaseRequestHandler):
+        def handle(self):
+            answer = (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n"
+                      + b'{"ip": "203.0.113.9"}' * 3)
+            with contextlib.suppress(OSError):
+                for byte in answer:
+                    self.request.sendall(bytes([byte]))
+                    time.sleep(0.2)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/json"
+    server.shutdown()
+    server.server_close()
+
+
+def test_network_public_ip_deadline_holds_against_a_trickling_endpoint(trickle_server, home):
+    started = time.monotonic()
+    with pytest.raises(stackops.StackopsConnectionError, match="no whole answer within 1s"):
+        stackops.get_public_ip_address(trickle_server, timeout=1.0)
+    assert time.monotonic() - started < 2.5
+    started = time.monotonic()
+    done = cli("ip", "--public", "--endpoint", trickle_server, "--timeout", "1", home=home)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 2, done.stderr
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a private resolv.conf needs a netns (root)")
+def test_network_public_ip_deadline_holds_against_a_silent_dns_server(home):
+    ns = f"skdns{os.getpid() % 100000}"
+    etc = Path("/etc/netns") / ns  # `ip netns exec` mounts this resolv.conf over /etc/resolv.conf
+    etc.mkdir(parents=True)
+    (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:5 attempts:2\n")
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    silent = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        quiet_dns = ("import socket, time\n"
+                     "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                     "s.bind(('127.0.0.1', 53)); print('ready', flush=True); time.sleep(120)")
+        silent = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", quiet_dns],
+                                  stdout=subprocess.PIPE, text=True)
+        assert silent.stdout.readline().strip() == "ready"
+        lookup = (f"import sys, time; sys.path.insert(0, {str(HERE)!r}); import stackops\n"
+                  "started = time.monotonic()\n"
+                  "try:\n"
+                  "    stackops.get_public_ip_address('http://ip.example.com/json', timeout=1.0)\n"
+                  "except stackops.StackopsConnectionError as exc:\n"
+                  "    print(round(time.monotonic() - started, 2), exc)\n")
+        inside = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", lookup],
+                                capture_output=True, text=True, timeout=60)
+        took, _, message = inside.stdout.partition(" ")  # timed inside: a busy machine starts slow
+        assert "no whole answer within 1s" in message, inside
+        assert float(took) < 2.0, f"the lookup took {took}s against a 1 s deadline"
+        started = time.monotonic()
+        done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(SOURCE), "ip",
+                               "--public", "--endpoint", "http://ip.example.com/json",
+                               "--timeout", "1"],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, HOME=str(home)))
+        assert done.returncode == 1 and "no whole answer within 1s" in done.stderr, done.stderr
+        assert time.monotonic() - started < 9, "the resolver alone would take 10 s"
+    finally:
+        if silent is not None:
+            silent.kill()
+            silent.wait()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(etc, ignore_errors=True)
+
+
+def test_network_switch_with_a_hanging_warp_cli_ends_in_one_line(tmp_path, ip_server, home):
+    bin_dir = tmp_path / "hung-bin"
+    bin_dir.mkdir()
+    (bin_dir / "warp-cli").write_text("#!/bin/sh\nsleep 600\necho never\n")  # sleep holds the pipes
+    (bin_dir / "warp-cli").chmod(0o755)
+    env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}",
+               STACKOPS_PUBLIC_IP_URL=ip_server["url"])
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(SOURCE), "ip", "switch", "--max-trials", "1",
+                           "--wait", "0", "--timeout", "1"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    took = time.monotonic() - started
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1 and len(lines) == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "warp-cli registration delete did not answer within 1s" in lines[0]
+    assert "WARP" in lines[1]
+    assert took < 8, took
+    leftovers = subprocess.run(["pgrep", "-f", f"{bin_dir}/warp-cli"], capture_output=True,
+                               text=True).stdout
+    assert leftovers.strip() == "", "the stub and its sleep were stopped with their process group"
+
+
 def test_remote_concurrent_uploads_of_one_target_stay_whole(remote, home):
     """Hosts sharing a home receive the same repo at once: each upload leaves a whole copy."""
     from concurrent.futures import ThreadPoolExecutor
@@ -4716,6 +5134,22 @@ def test_fault_frozen_host_times_out_and_refused_port_fails_at_once(fault_node, 
     with pytest.raises(stackops.StackopsConnectionError, match="cannot connect"):
         stackops.SSH.from_config_file("fnode", timeout=5)
     assert time.monotonic() - started < 1, "a refused connection is an immediate error"
+
+
+def test_fault_frozen_host_status_is_one_line_with_what_to_do(fault_node, home):
+    mod = make_module(home, REMOTE_JOBS)
+    cfg = config(job_id="frozen-status", ssh_host="fnode", copy_repo=True, ssh_timeout=2)
+    with RemoteMachine(mod.sleeper, config=cfg, func_kwargs={"seconds": 2}) as machine:
+        machine.run()
+    fault_node.freeze(1, True)
+    try:
+        done = cli("status", "frozen-status", home=home, timeout=60)
+    finally:
+        fault_node.freeze(1, False)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1 and len(lines) == 2, done.stderr
+    assert "no SSH greeting within 2s" in lines[0] and "fnode" in lines[1], done.stderr
+    assert "No existing session" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_fault_five_percent_packet_loss_transfers_complete_intact(fault_node, home):
