@@ -106,6 +106,9 @@ def _psutil() -> _psutil_module | None:
 
 DEFAULT_BASE_DIR = "~/tmp_results/remote_machines/jobs"
 DEFAULT_STATE_DIR = "~/tmp_results/remote_machines/file_manager"
+DEFAULT_SNAPSHOT_DIR = "~/tmp_results/remote_machines/snapshots"  # code snapshots: blobs and manifests
+SNAPSHOT_KEEP_SECONDS = 7 * 86400  # a snapshot no job refers to is removed once this old
+CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapshot
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
 DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
@@ -295,15 +298,18 @@ class _suppress:
 
 
 def collapse_home(path: str | os.PathLike[str]) -> str:
-    """``~/rel`` for a path inside this machine's home, else the absolute path."""
+    """``~/rel`` for a path inside this machine's home, else the absolute path. A home reached
+    through a symlink (``/home/me -> /data/me``) is recognised in both spellings."""
     full = Path(os.path.abspath(os.path.expanduser(str(path))))
-    home = Path.home()
-    if full == home:
-        return "~"
-    try:
-        return "~/" + full.relative_to(home).as_posix()
-    except ValueError:
-        return full.as_posix()
+    home = Path(os.path.abspath(Path.home()))
+    for base in (home, Path(os.path.realpath(home))):
+        if full == base:
+            return "~"
+        try:
+            return "~/" + full.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return full.as_posix()
 
 
 def expand_home(path: str | os.PathLike[str]) -> Path:
@@ -580,6 +586,11 @@ class RemoteStackOpsConfig:
                               hint="pass cloud_name=<an rclone remote name>")
         if self.max_simultaneous_jobs < 1:
             raise ConfigError(f"max_simultaneous_jobs must be at least 1, got {self.max_simultaneous_jobs}")
+        if self.copy_repo and self.update_repo:
+            raise ConfigError("copy_repo and update_repo cannot go together: the job runs its own snapshot "
+                              "of the code sent from here, which has no .git to pull into",
+                              hint="pull here and send the result with copy_repo, or drop copy_repo to "
+                                   "git pull the host's own clone")
         if self.python is not None and not self.python.strip():
             raise ConfigError("python must name an interpreter, e.g. 'python3'")
         if not self.ssh_timeout > 0:
@@ -738,6 +749,8 @@ class JobParams:
     func_name: str | None = None
     kind: str = "script"  # script | function | method | run_path
     import_root_r: str = "."
+    code_snapshot: str = ""  # with copy_repo: the snapshot whose copy the job runs in (job folder's code/)
+    scm_version: str = ""  # with install_repo: the version git describe gives here (the copy has no .git)
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -950,11 +963,16 @@ def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, pyt
     setup = []
     if config.update_repo:
         setup.append('git pull --ff-only || _fail "git pull failed in $(pwd)"')
+    if config.install_repo and job_params.scm_version:  # setuptools-scm and hatch-vcs read it
+        setup.append(f"export SETUPTOOLS_SCM_PRETEND_VERSION={shlex.quote(job_params.scm_version)}")
     if config.install_repo:
         setup.append('"$PYTHON" -m pip install -e . || _fail "pip install -e . failed in $(pwd)"')
     repo = job_params.repo_path_rh or "~"
+    repo_dir = _sh_path(repo)
+    if job_params.code_snapshot:  # the job's own copy of its snapshot, inside its folder
+        repo, repo_dir = f"{CODE_DIR} (snapshot {job_params.code_snapshot})", f'"$JOB_ROOT"/{CODE_DIR}'
     return render_template(SHELL_TEMPLATE, version=__version__, python=shlex.quote(python),
-                           repo_dir=_sh_path(repo), repo_dir_text=shlex.quote(repo),
+                           repo_dir=repo_dir, repo_dir_text=shlex.quote(repo),
                            setup_lines="\n".join(setup) or ": no repo update or install",
                            python_flags="-i " if config.interactive else "")
 
@@ -993,7 +1011,7 @@ if [ -n "$f" ]; then
 fi
 place=
 if [ "$st" = waiting ]; then
-    S="${STACKOPS_STATE_DIR:-$HOME/@@state_dir}"; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
+    @@state_dir; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
     for e in "$S"/queue/*; do e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1)); done
     [ -n "$found" ] && place=$n
 fi
@@ -1012,9 +1030,33 @@ exit 0
 # 7. job folder: FileManager, slots and queue, status
 # ============================================================================================
 
+def machine_key() -> str:
+    """The executing machine as a folder name: host name, boot id and pid namespace. Hosts (or
+    containers) sharing one home each keep their own slots and queue under it, and none judges
+    pids of another (a pid means something only in its own pid namespace of one boot)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", os.uname().nodename) or "host"
+    boot = _read_text(Path("/proc/sys/kernel/random/boot_id")).strip()[:8]
+    try:
+        space = re.sub(r"[^0-9]", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        space = ""
+    return f"{host}-{boot}-{space}"
+
+
+# the same folder in bash (the fire command and the status report compute it where the job runs)
+STATE_DIR_SH = ('if [ -n "${STACKOPS_STATE_DIR:-}" ]; then S=$STACKOPS_STATE_DIR; else H=$(uname -n); '
+                'H=${H//[^A-Za-z0-9._-]/_}; B=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || :); '
+                'N=$(readlink /proc/self/ns/pid 2>/dev/null || :); N=${N//[^0-9]/}; '
+                'S="$HOME/' + DEFAULT_STATE_DIR[2:] + '/${H:-host}-${B:0:8}-$N"; fi')
+
+
 def state_dir() -> Path:
-    """Where this machine's slots, queue and views live, for the current user."""
-    return expand_home(os.environ.get("STACKOPS_STATE_DIR") or DEFAULT_STATE_DIR)
+    """Where this machine's slots, queue and views live, for the current user: one folder per
+    executing machine (see machine_key), unless STACKOPS_STATE_DIR names one."""
+    override = os.environ.get("STACKOPS_STATE_DIR")
+    if override:
+        return expand_home(override)
+    return expand_home(DEFAULT_STATE_DIR) / machine_key()
 
 
 class _FileLock:
@@ -1252,7 +1294,7 @@ class FileManager:
                  'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
         if self.lock_resources:
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
-            parts += ['S="${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"',
+            parts += [STATE_DIR_SH,
                       'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
                       f'printf "%s" "$J" > {entry}', 'printf "%s" "$t" > "$J/logs/ticket.txt"']
         if interactive:
@@ -1359,7 +1401,7 @@ class FileManager:
         """A bash command that reports this job where it runs (STATUS_TEMPLATE); ``fallback``
         runs instead on a machine without /proc. parse_status_output reads what it prints."""
         script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
-                                 marker=marker, lines=str(max(0, int(log_lines))), state_dir=DEFAULT_STATE_DIR[2:],
+                                 marker=marker, lines=str(max(0, int(log_lines))), state_dir=STATE_DIR_SH,
                                  fallback=fallback)
         return f"bash -c {shlex.quote(script)}"
 
@@ -1404,6 +1446,8 @@ class JobContext:
         self.job_root = Path(job_root)
         self.params = JobParams.from_dict(_read_json(self.job_root / JOB_PARAMS_JSON))
         self.repo = expand_home(self.params.repo_path_rh)
+        if self.params.code_snapshot:  # the job's own copy of the code it was submitted with
+            self.repo = self.job_root / CODE_DIR
         self._func: Callable[..., Any] | None = None
 
     def _put_on_path(self, folder: Path) -> None:
@@ -1683,6 +1727,255 @@ def demo_job(seconds: float = 1.0, message: str = "hello from stackops") -> str:
     time.sleep(seconds)
     (folder / "message.txt").write_text(f"{message}\nhost={os.uname().nodename} pid={os.getpid()}\n")
     return str(folder)
+
+
+# -- code snapshots and data: the executing machine's half of a hand-over -----------------------
+
+class _HostSync:
+    """What the executing machine runs during a hand-over, sent as source and run by ``python3 -S``
+    (nothing needs to be installed there). ``plan`` answers which code blobs and data files it
+    lacks (and which nonces it sees: a shared filesystem); ``commit`` reads one tar stream and puts
+    each part in place: blobs into the snapshot store (each checked against its hash), data files
+    each replaced atomically (files only the host has are kept), and the job folder with its own
+    copy of the code, which appears whole under its name. It writes nowhere else."""
+
+    @staticmethod
+    def main(argv: list[str]) -> None:
+        import json
+        import sys
+
+        if argv[1] == "plan":
+            answer = _HostSync.plan(json.loads(sys.stdin.buffer.read().decode("utf-8")))
+        else:
+            answer = _HostSync.commit(sys.stdin.buffer)
+        sys.stdout.write(json.dumps(answer))
+
+    @staticmethod
+    def where(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
+
+    @staticmethod
+    def safe(relative: str) -> str:
+        parts = relative.split("/")
+        if not relative or relative.startswith("/") or ".." in parts or "" in parts:
+            raise ValueError(f"refusing the path {relative!r}")
+        return relative
+
+    @staticmethod
+    def blob(store: str, digest: str) -> str:
+        if len(digest) != 64 or digest.strip("0123456789abcdef"):
+            raise ValueError(f"refusing the blob name {digest!r}")
+        return os.path.join(store, "blobs", digest[:2], digest)
+
+    @staticmethod
+    def plan(request: dict[str, Any]) -> dict[str, Any]:
+        store = _HostSync.where(request["store"])
+        missing = []
+        for digest in request["blobs"]:
+            try:
+                os.utime(_HostSync.blob(store, digest))  # in use again: a collection leaves it alone
+            except FileNotFoundError:
+                missing.append(digest)
+        seen = [nonce for nonce in request["nonces"] if os.path.exists(_HostSync.where(nonce))]
+        data = [_HostSync.stale_files(item) for item in request["data"]]
+        return {"missing": missing, "seen": seen, "data": data,
+                "job_exists": os.path.lexists(_HostSync.where(request["job_root"]))}
+
+    @staticmethod
+    def stale_files(item: dict[str, Any]) -> dict[str, Any]:
+        """The files of one data item that differ here (size or whole-second mtime), or a conflict."""
+        import stat
+
+        target = _HostSync.where(item["target"])
+        if os.path.lexists(target) and os.path.isdir(target) != item["dir"]:
+            return {"conflict": f"{item['target']} is a {'file' if item['dir'] else 'folder'} here"}
+        need = []
+        for relative, size, mtime in item["files"]:
+            path = os.path.join(target, _HostSync.safe(relative)) if item["dir"] else target
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                need.append(relative)
+                continue
+            except NotADirectoryError:
+                return {"conflict": f"a file stands where a folder of {relative} is needed"}
+            if stat.S_ISDIR(info.st_mode):
+                return {"conflict": f"{relative or item['target']} is a folder here"}
+            if not stat.S_ISREG(info.st_mode) or info.st_size != size or int(info.st_mtime) != mtime:
+                need.append(relative)
+        return {"need": need}
+
+    @staticmethod
+    def commit(stream: Any) -> dict[str, Any]:
+        import json
+        import shutil
+        import tarfile
+
+        staging = ""
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as archive:
+                request: dict[str, Any] = {}
+                for member in archive:
+                    source = archive.extractfile(member) if member.isfile() else None
+                    if not request:
+                        request = json.loads(source.read().decode("utf-8") if source else "{}")
+                        staging = _HostSync.staging(request["job_root"])
+                    elif member.name.startswith("b/") and source is not None:
+                        _HostSync.put_blob(_HostSync.where(request["store"]), member.name[2:], source)
+                    elif member.name.startswith("d/") and source is not None:
+                        _HostSync.put_data(request["data"], member, source)
+                    elif member.name.startswith("j/"):
+                        _HostSync.put_job_file(staging, member, source)
+            return _HostSync.finish(request, staging)
+        except BaseException:
+            if staging:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def staging(job_root: str) -> str:
+        root = _HostSync.where(job_root)
+        os.makedirs(os.path.dirname(root), mode=0o700, exist_ok=True)
+        if os.path.lexists(root):
+            raise FileExistsError(f"{job_root} already exists")
+        staging = f"{os.path.dirname(root)}/.{os.path.basename(root)}.{os.getpid()}.partial"
+        os.mkdir(staging, 0o700)
+        return staging
+
+    @staticmethod
+    def write_beside(path: str, source: Any, mode: int, mtime: float | None = None) -> str:
+        """Write ``source`` into a hidden temp file beside ``path``; returns its name."""
+        import random
+        import shutil
+
+        temp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{random.getrandbits(48):012x}.stackops"
+        try:
+            with open(temp, "xb") as handle:
+                shutil.copyfileobj(source, handle, 1 << 20)
+            os.chmod(temp, mode)
+            if mtime is not None:
+                os.utime(temp, (mtime, mtime))
+        except BaseException:
+            if os.path.exists(temp):
+                os.unlink(temp)
+            raise
+        return temp
+
+    @staticmethod
+    def put_blob(store: str, digest: str, source: Any) -> None:
+        import hashlib
+
+        path = _HostSync.blob(store, digest)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        temp = _HostSync.write_beside(path, source, 0o600)
+        with open(temp, "rb") as handle:
+            actual = hashlib.sha256(handle.read()).hexdigest()
+        if actual != digest:
+            os.unlink(temp)
+            raise ValueError(f"blob {digest} arrived damaged")
+        os.replace(temp, path)
+
+    @staticmethod
+    def put_data(items: list[dict[str, Any]], member: Any, source: Any) -> None:
+        index, _, relative = member.name[2:].partition("/")
+        item = items[int(index)]
+        target = _HostSync.where(item["target"])
+        path = os.path.join(target, _HostSync.safe(relative)) if item["dir"] else target
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(_HostSync.write_beside(path, source, member.mode & 0o777, member.mtime), path)
+
+    @staticmethod
+    def put_job_file(staging: str, member: Any, source: Any) -> None:
+        path = os.path.join(staging, _HostSync.safe(member.name[2:]))
+        if member.isdir():
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        elif source is not None:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            os.rename(_HostSync.write_beside(path, source, member.mode & 0o700), path)
+
+    @staticmethod
+    def finish(request: dict[str, Any], staging: str) -> dict[str, Any]:
+        """Give the job its copy of the code, record the snapshot, and put the folder in place."""
+        import json
+
+        store = _HostSync.where(request["store"])
+        snapshot, entries = request.get("snapshot"), request.get("manifest") or []
+        if snapshot:
+            _HostSync.materialize(store, entries, os.path.join(staging, "code"))
+            manifest = os.path.join(store, f"{_HostSync.safe(snapshot)}.json")
+            with open(f"{manifest}.{os.getpid()}", "w") as handle:
+                json.dump(entries, handle)
+            os.replace(f"{manifest}.{os.getpid()}", manifest)
+        root = _HostSync.where(request["job_root"])
+        if os.path.lexists(root):
+            raise FileExistsError(f"{request['job_root']} already exists")
+        os.rename(staging, root)
+        removed = _HostSync.collect(store, os.path.dirname(root), request["keep_seconds"]) if snapshot else 0
+        return {"placed": request["job_root"], "collected": removed}
+
+    @staticmethod
+    def materialize(store: str, entries: list[list[Any]], folder: str) -> None:
+        """The job's own copy of a snapshot: plain files copied from the blobs (no hard links, so
+        what the job writes never reaches the store or another job), then the symlinks."""
+        import shutil
+
+        os.makedirs(folder, mode=0o700)
+        for relative, kind, value in entries:
+            path = os.path.join(folder, _HostSync.safe(relative))
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            if kind != "l":
+                shutil.copyfile(_HostSync.blob(store, value), path)
+                os.chmod(path, 0o700 if kind == "x" else 0o600)
+        for relative, kind, value in entries:
+            if kind == "l":
+                os.symlink(value, os.path.join(folder, relative))
+
+    @staticmethod
+    def collect(store: str, queued: str, keep_seconds: float) -> int:
+        """At most once a day: remove the snapshots no job folder under ``queued`` refers to and
+        older than ``keep_seconds``, then the blobs no remaining snapshot uses, as old."""
+        import json
+        import time
+
+        stamp = os.path.join(store, ".collected")
+        now = time.time()
+        if os.path.exists(stamp) and now - os.stat(stamp).st_mtime < 86400:
+            return 0
+        open(stamp, "a").close()
+        os.utime(stamp)
+        used = set()
+        for name in os.listdir(queued):
+            try:
+                with open(os.path.join(queued, name, "data", "job_params.json")) as handle:
+                    used.add(json.load(handle).get("code_snapshot"))
+            except (OSError, ValueError, AttributeError):
+                continue
+        removed, keep = 0, set()  # type: tuple[int, set[str]]
+        for name in os.listdir(store):
+            path = os.path.join(store, name)
+            if not name.endswith(".json"):
+                continue
+            if name[:-5] not in used and now - os.stat(path).st_mtime > keep_seconds:
+                os.unlink(path)
+                removed += 1
+                continue
+            with open(path) as handle:
+                keep.update(value for _, kind, value in json.load(handle) if kind != "l")
+        blobs = os.path.join(store, "blobs")
+        for folder in os.listdir(blobs) if os.path.isdir(blobs) else []:
+            for digest in os.listdir(os.path.join(blobs, folder)):
+                path = os.path.join(blobs, folder, digest)
+                if digest not in keep and now - os.stat(path).st_mtime > keep_seconds:
+                    os.unlink(path)
+        return removed
+
+
+def _host_sync_source() -> str:
+    """The source that the executing machine runs for a hand-over (see _HostSync)."""
+    import inspect
+
+    return ("from __future__ import annotations\nimport os\n"
+            + inspect.getsource(_HostSync) + "\n_HostSync.main(__import__('sys').argv)\n")
 
 
 # ============================================================================================
@@ -2478,6 +2771,38 @@ class SSH:
             raise TransferError(f"upload to {self.target.alias}:{target} could not be put in place: "
                                 f"{_last_line(response.stderr) or 'size mismatch'}")
 
+    def stream_command(self, command: str, produce: Callable[[Callable[[bytes], None]], None],
+                       progress: Callable[[int], None] | None = None) -> Response:
+        """Run ``command`` while ``produce(write)`` feeds its stdin, then read its answer (not
+        strict). A transfer that stops making progress drops the connection (see _Watchdog)."""
+        channel = self._transfer_channel()
+        watchdog = _Watchdog(self)
+        sent = [0]
+
+        def write(data: bytes) -> None:
+            channel.sendall(data)
+            watchdog.tick()
+            sent[0] += len(data)
+            if progress is not None:
+                progress(sent[0])
+
+        try:
+            channel.exec_command(command)
+            with watchdog:
+                produce(write)
+            channel.shutdown_write()
+            out, err, status = self._drain(channel, max(60.0, 4 * self.timeout), command)
+        except CommandError as exc:  # everything was sent, and then the host went quiet
+            self._lost()
+            raise TransferError(f"upload to {self.target.alias}: the host stopped answering after {sent[0]} "
+                                "bytes", hint="nothing was left under the job's name; run it again") from exc
+        except (OSError, EOFError, _paramiko().SSHException) as exc:
+            raise self._broke_off(f"upload to {self.target.alias}", sent[0], exc, channel, watchdog.fired) from exc
+        finally:
+            channel.close()
+        return Response(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), status, command,
+                        str(self.target))
+
     def _discard(self, staging: str) -> None:
         if not self.is_alive:
             return
@@ -2751,19 +3076,253 @@ REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache",
                  ".tox", "*.egg-info")
 
 
+def _excluded(relative: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(part, pattern) for part in relative.split("/") for pattern in REPO_EXCLUDES)
+
+
+def _repo_files(repo: Path) -> list[str]:
+    """What copy_repo sends, relative to the repo: for a git work tree, the tracked and the
+    untracked-not-ignored files (git ls-files -co --exclude-standard); else every file; either
+    way without .git, virtual environments and caches (REPO_EXCLUDES)."""
+    names: list[str] | None = None
+    if (repo / ".git").exists() and shutil.which("git"):
+        listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-co", "--exclude-standard", "-z"],
+                                capture_output=True, stdin=subprocess.DEVNULL)
+        if listed.returncode == 0:
+            names = [n for n in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
+    if names is None:
+        names = []
+        for folder, dirs, files in os.walk(repo):
+            here = Path(folder).relative_to(repo).as_posix()
+            prefix = "" if here == "." else here + "/"
+            dirs[:] = sorted(d for d in dirs if not _excluded(prefix + d) or os.path.islink(Path(folder) / d))
+            names += [prefix + name for name in files] + [prefix + d for d in dirs if os.path.islink(Path(folder) / d)]
+    return sorted(n for n in set(names) if not _excluded(n) and os.path.lexists(repo / n)
+                  and (os.path.islink(repo / n) or os.path.isfile(repo / n)))
+
+
+class _HashCache:
+    """sha256 of local files, remembered by (size, mtime, inode) in ~/.cache/stackops, so that an
+    unchanged tree is not read again at the next submit."""
+
+    def __init__(self) -> None:
+        self.path = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "stackops" / "hashes.json"
+        try:
+            self.known: dict[str, list[Any]] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.known = {}
+        self.changed = False
+
+    def digest(self, path: Path) -> str:
+        import hashlib
+
+        info = path.stat()
+        key, stamp = str(path), [info.st_size, info.st_mtime_ns, info.st_ino]
+        cached = self.known.get(key)
+        if isinstance(cached, list) and cached[:3] == stamp:
+            return str(cached[3])
+        hasher = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(chunk)
+        self.known[key] = [*stamp, hasher.hexdigest()]
+        self.changed = True
+        return hasher.hexdigest()
+
+    def save(self) -> None:
+        if self.changed:
+            with _suppress(OSError):
+                _atomic_write_json(self.path, self.known)
+
+
+def code_snapshot(repo: Path) -> tuple[str, list[list[Any]], dict[str, Path]]:
+    """The content-addressed snapshot of ``repo`` that copy_repo sends: (its id, its manifest of
+    ``[path, kind, sha256 or link target]`` with kind ``f``, ``x`` (executable) or ``l`` (a link
+    inside the tree), and the local file of each blob)."""
+    import hashlib
+
+    cache = _HashCache()
+    entries: list[list[Any]] = []
+    sources: dict[str, Path] = {}
+    for relative in _repo_files(repo):
+        path = repo / relative
+        if path.is_symlink():
+            link = os.readlink(path)
+            inside = not os.path.isabs(link) and ".." not in posixpath.normpath(
+                posixpath.join(posixpath.dirname(relative), link)).split("/")
+            if inside:
+                entries.append([relative, "l", link])
+            else:
+                log.warning("left out %s: a link out of the repo (%s)", relative, link)
+            continue
+        digest = cache.digest(path)
+        entries.append([relative, "x" if os.access(path, os.X_OK) else "f", digest])
+        sources.setdefault(digest, path)
+    cache.save()
+    identity = hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()[:32]
+    return identity, entries, sources
+
+
+def _materialize_here(repo: Path, entries: list[list[Any]], folder: Path) -> None:
+    """The job's own copy of its snapshot, made on this machine (a local job, or a host that sees
+    this machine's files): copied from the work tree, appearing whole under ``folder``."""
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _mkdir_private(staging)
+        for relative, kind, value in entries:
+            path = staging / relative
+            _mkdir_private(path.parent)
+            if kind == "l":
+                os.symlink(value, path)
+            else:
+                shutil.copyfile(repo / relative, path)
+                os.chmod(path, 0o700 if kind == "x" else 0o600)
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def scm_version(repo: Path) -> str:
+    """A PEP 440 version from ``git describe`` here, for setuptools-scm / hatch-vcs projects whose
+    snapshot has no .git: ``1.2`` on a tag, ``1.2.post3+gabc1234`` after it, ``0.0.post5+g...``
+    without tags (``.dirty`` added for uncommitted changes); empty outside git."""
+    if not (repo / ".git").exists() or not shutil.which("git"):
+        return ""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    described = git("describe", "--tags", "--long", "--dirty", "--match", "*[0-9]*")
+    match = re.match(r"v?(\d+(?:\.\d+)*)-(\d+)-g([0-9a-f]+)(-dirty)?\Z", described)
+    if match:
+        tag, distance, sha, dirty = match.groups()
+    else:
+        sha = git("rev-parse", "--short", "HEAD")
+        if not sha:
+            return ""
+        tag, distance = "0.0", git("rev-list", "--count", "HEAD") or "0"
+        dirty = "-dirty" if git("status", "--porcelain", "--untracked-files=no") else None
+    if distance == "0" and not dirty:
+        return tag
+    return f"{tag}.post{distance}+g{sha}" + (".dirty" if dirty else "")
+
+
+def _data_items(data: list[str]) -> list[dict[str, Any]]:
+    """Each data path as it travels: its target (home-relative, or absolute outside the home),
+    whether it is a folder, and its files with size and whole-second mtime (and local path)."""
+    items = []
+    for text in data:
+        path = expand_home(text)
+        files: list[list[Any]] = []
+        sources: dict[str, Path] = {}
+        found = [(path, "")] if path.is_file() else []
+        if path.is_dir():
+            for folder, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in sorted(names):
+                    full = Path(folder) / name
+                    if full.is_file():
+                        found.append((full, full.relative_to(path).as_posix()))
+        for full, relative in found:
+            info = full.stat()
+            files.append([relative, info.st_size, int(info.st_mtime)])
+            sources[relative] = full
+        items.append({"target": collapse_home(path), "dir": path.is_dir(), "files": files, "sources": sources})
+    return items
+
+
+def _hand_over_plan(ssh: SSH, request: dict[str, Any], python: str) -> dict[str, Any]:
+    command = f"{shlex.quote(python)} -S -c {shlex.quote(_host_sync_source())} plan"
+    response = ssh.run_shell_cmd_on_remote(command, timeout=max(60.0, ssh.timeout), strict=False,
+                                           stdin=json.dumps(request).encode())
+    if response.returncode != 0:
+        raise TransferError(f"{ssh.target.alias} could not compare its files with ours: "
+                            f"{_last_line(response.stderr) or 'exit status ' + str(response.returncode)}",
+                            hint=f"is {python} (3.8 or newer) installed there?")
+    return json.loads(response.stdout)
+
+
 def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
-                  data: list[str], progress: Callable[[int], None] | None = None) -> None:
-    """Send the repo (with ``copy_repo``; .git, virtual environments and caches left out), the data
-    and then the job folder to the host over one connection, each to its home-relative place. The
-    folder goes last: on the host, its presence means everything it needs has arrived."""
-    if config.copy_repo:
-        ssh.copy_from_here(expand_home(job_params.repo_path_rh), job_params.repo_path_rh, recursive=True,
-                           overwrite_existing=True, excludes=REPO_EXCLUDES, progress=progress)
-    for item in data:
-        path = expand_home(item)
-        ssh.copy_from_here(path, _home_relative(path), recursive=path.is_dir(), overwrite_existing=True,
-                           progress=progress)
-    ssh.copy_from_here(file_manager.job_root, file_manager.job_root_rh, recursive=True, progress=progress)
+                  data: list[str], progress: Callable[[int], None] | None = None,
+                  snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None) -> bool:
+    """Hand the job over in two round trips: ask the host what it lacks (the code snapshot's blobs,
+    data files that differ, and whether it sees this machine's job folder), then send only that,
+    with the job folder, as one tar stream that the host puts in place (see _HostSync). Nothing
+    outside stackops' own trees is written there except the data files, each replaced whole.
+    Returns True when the host sees this machine's job folder (a shared home): then nothing is
+    sent, and the folder, code and data are used in place."""
+    python = config.python or "python3"
+    if config.copy_repo and snapshot is None:
+        snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
+    _ident, entries, blobs = snapshot or ("", [], {})
+    items = _data_items(data)
+    base = file_manager.job_root.parent
+    base_rh = file_manager.job_root_rh.rsplit("/", 1)[0]
+    cache: dict[str, bool] = getattr(ssh, "_sees", None) or {}
+    ssh._sees = cache  # type: ignore[attr-defined]  # one check per host and folder, kept with the connection
+    key = f"{base}|{base_rh}"
+    nonce = f".stackops-nonce-{random.getrandbits(64):016x}"
+    request = {"store": DEFAULT_SNAPSHOT_DIR, "blobs": sorted(blobs), "job_root": file_manager.job_root_rh,
+               "nonces": [] if key in cache else [f"{base_rh}/{nonce}"],
+               "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
+    if key not in cache:
+        _atomic_write_text(base / nonce, nonce)
+    try:
+        plan = _hand_over_plan(ssh, request, python)
+    finally:
+        with _suppress(FileNotFoundError):
+            os.unlink(base / nonce)
+    cache.setdefault(key, bool(plan["seen"]))
+    if cache[key]:
+        log.info("%s sees this machine's %s: the job is used in place", ssh.target.alias, base_rh)
+        return True
+    if plan["job_exists"]:
+        raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias}",
+                          hint="choose another job_id, or leave it out for a fresh one")
+    for item, answer in zip(items, plan["data"]):
+        if "conflict" in answer:
+            raise ConfigError(f"cannot sync {item['target']} to {ssh.target.alias}: {answer['conflict']}",
+                              hint="nothing was sent; move the host's copy aside or rename the data")
+    header = {"store": DEFAULT_SNAPSHOT_DIR, "job_root": file_manager.job_root_rh, "manifest": entries,
+              "snapshot": job_params.code_snapshot, "keep_seconds": SNAPSHOT_KEEP_SECONDS,
+              "data": [{"target": item["target"], "dir": item["dir"]} for item in items]}
+    parts = [(f"b/{digest}", blobs[digest]) for digest in plan["missing"]]
+    for index, (item, answer) in enumerate(zip(items, plan["data"])):
+        parts += [(f"d/{index}/{rel}" if rel else f"d/{index}", item["sources"][rel]) for rel in answer["need"]]
+    _send_hand_over(ssh, python, header, parts, file_manager.job_root, progress)
+    return False
+
+
+def _send_hand_over(ssh: SSH, python: str, header: dict[str, Any], parts: list[tuple[str, Path]],
+                    job_root: Path, progress: Callable[[int], None] | None) -> None:
+    import io
+    import tarfile
+
+    def produce(write: Callable[[bytes], None]) -> None:
+        sink = type("_Sink", (), {"write": staticmethod(write)})()
+        with tarfile.open(fileobj=sink, mode="w|", bufsize=1 << 18, format=tarfile.PAX_FORMAT,
+                          dereference=True) as archive:
+            raw = json.dumps(header).encode()
+            info = tarfile.TarInfo("request.json")
+            info.size = len(raw)
+            archive.addfile(info, io.BytesIO(raw))
+            for name, path in parts:
+                archive.add(str(path), arcname=name, recursive=False)
+            archive.add(str(job_root), arcname="j")
+
+    command = f"{shlex.quote(python)} -S -c {shlex.quote(_host_sync_source())} commit"
+    response = ssh.stream_command(command, produce, progress)
+    if response.returncode != 0:
+        raise TransferError(f"{ssh.target.alias} could not put the job in place: "
+                            f"{_last_line(response.stderr) or 'exit status ' + str(response.returncode)}",
+                            hint="nothing was left under the job's name; run it again")
+    log.debug("hand-over to %s: %s", ssh.target.alias, response.stdout)
 
 
 # -- cloud transfer (rclone) ---------------------------------------------------------------------
@@ -2835,7 +3394,7 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
                               hint="install rclone on the host and configure the same remote there")
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
-        _pack(archive, file_manager.job_root, job_params.repo_path_rh if config.copy_repo else None, data)
+        _pack(archive, file_manager.job_root, None, data)  # with copy_repo the folder carries its code
         target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
         _rclone("copyto", str(archive), target, what=f"upload to {target}")
     finally:
@@ -2993,8 +3552,15 @@ class RemoteMachine:
         for item in self.data:
             if not isinstance(item, str) or not expand_home(item).exists():
                 raise ConfigError(f"data path not found: {item!r}")
-            if config.ssh_host is not None:
-                _home_relative(expand_home(item))
+            if posixpath.normpath(collapse_home(item)) in ("~", "/") or expand_home(item) in Path.home().parents:
+                raise ConfigError(f"data {item!r} is your home or holds it: it would be synced whole",
+                                  hint="name the folder the job needs")
+        if config.copy_repo:
+            repo = expand_home(self.job_params.repo_path_rh)
+            if repo == Path.home() or repo in Path.home().parents or str(repo) == "/":
+                raise ConfigError(f"copy_repo would send {collapse_home(repo)}, your whole home: "
+                                  f"{self.job_params.file_path_rh} is in no repo",
+                                  hint="put the code in a folder of its own (a git repo, ideally)")
         self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources,
                                         config.max_simultaneous_jobs, config.base_dir)
         self._init_state()
@@ -3004,6 +3570,8 @@ class RemoteMachine:
         self.results_path: Path | None = None
         self.launcher_pid: int | None = None
         self.launch_command = ""
+        self.shared = False  # the host sees this machine's job folder (a shared home): used in place
+        self._snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None
         self._ssh: SSH | None = None
 
     def __repr__(self) -> str:
@@ -3056,6 +3624,7 @@ class RemoteMachine:
                 "file_manager": self.file_manager.to_dict(), "kwargs": self.kwargs, "data": self.data,
                 "scripts_generated": self.scripts_generated, "submitted": self.submitted,
                 "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
+                "shared": self.shared,
                 "results_path": self.results_path.as_posix() if self.results_path else None}
 
     @classmethod
@@ -3073,6 +3642,7 @@ class RemoteMachine:
             machine.scripts_generated, machine.submitted = bool(data["scripts_generated"]), bool(data["submitted"])
             machine.results_downloaded = bool(data["results_downloaded"])
             machine.launcher_pid = data.get("launcher_pid")
+            machine.shared = bool(data.get("shared", False))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
         machine._instance = None
@@ -3109,6 +3679,8 @@ class RemoteMachine:
         source = Path(sys.modules[__name__].__file__ or "")
         if not source.is_file():
             raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
+        if self.config.copy_repo:
+            self._take_snapshot()
         staging = _mkdir_private(root.parent) / f".{self.job_id}.{os.getpid()}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -3126,6 +3698,22 @@ class RemoteMachine:
         self._save()
         log.info("job %s generated at %s", self.job_id, collapse_home(root))
         return self
+
+    def _take_snapshot(self) -> None:
+        """The content-addressed snapshot of the repo this job will run (and, for install_repo,
+        the version git describe gives here, since the snapshot carries no .git)."""
+        repo = expand_home(self.job_params.repo_path_rh)
+        self._snapshot = code_snapshot(repo)
+        self.job_params.code_snapshot = self._snapshot[0]
+        if self.config.install_repo:
+            self.job_params.scm_version = scm_version(repo)
+
+    def _code_here(self, folder: Path) -> None:
+        """Put the job's own copy of its snapshot into ``folder`` (a job folder on this machine)."""
+        if self._snapshot is None:
+            raise StackopsError(f"job {self.job_id} has no snapshot of its code to copy",
+                                hint="submit it again from the process that generated it")
+        _materialize_here(expand_home(self.job_params.repo_path_rh), self._snapshot[1], folder / CODE_DIR)
 
     def _exists_error(self) -> ConfigError:
         root = self.file_manager.job_root
@@ -3159,6 +3747,8 @@ class RemoteMachine:
         os.chmod(folder / STACKOPS_COPY, 0o600)
         _ship_bytecode(source, folder / "python")  # the job's start skips compiling this file (~40 ms of CPU)
         _atomic_write_text(folder / STATUS_TXT, "queued")
+        if config.copy_repo and (not self.is_remote or config.transfer_method == "cloud"):
+            self._code_here(folder)  # here, or in the cloud archive: the folder carries its code
         self.scripts_generated = True
         _atomic_write_json(folder / REMOTE_MACHINE_JSON, self.to_dict())
 
@@ -3181,7 +3771,10 @@ class RemoteMachine:
         if self.is_remote and self.config.transfer_method == "cloud":
             transfer_cloud(self.ssh, self.config, self.job_params, self.file_manager, self.data)
         elif self.is_remote:
-            transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data, progress)
+            self.shared = transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data,
+                                        progress, self._snapshot)
+            if self.shared and self.config.copy_repo and not self.file_manager.path(CODE_DIR).exists():
+                self._code_here(self.file_manager.job_root)
         if not self.is_remote or self.config.transfer_method != "cloud":
             self._check_notification()  # a cloud job's folder reaches the host only when fired
         self.submitted = True
@@ -3286,8 +3879,8 @@ class RemoteMachine:
             report, logs = JobStatus.from_dict(answer["status"]), answer["logs"]
         else:
             report, logs = self.file_manager.parse_status_output(response.stdout, marker, log_lines)
-        for relative, text in logs.items():
-            if relative.startswith(LOGS + "/") and ".." not in relative:
+        for relative, text in logs.items():  # a shared home has them already: never write them back
+            if relative.startswith(LOGS + "/") and ".." not in relative and not self.shared:
                 _atomic_write_text(self.file_manager.path(relative), text)
         return report
 
@@ -3333,7 +3926,11 @@ class RemoteMachine:
         results = self.results()
         if not self.is_remote and not results.exists():
             raise ConfigError(f"the results folder of job {self.job_id}, {collapse_home(results)}, no longer exists")
-        if self.is_remote and self.config.transfer_method == "cloud":
+        if self.shared:  # the host wrote them into the home this machine sees
+            local = expand_home(results.as_posix())
+            if target is not None:
+                local = _copy_local(local, expand_home(target), overwrite)
+        elif self.is_remote and self.config.transfer_method == "cloud":
             local = self._download_via_cloud(results.as_posix(), target, overwrite)
         elif self.is_remote:
             local = self.ssh.copy_to_here(results.as_posix(), target, recursive=True, overwrite=overwrite,
@@ -3383,8 +3980,7 @@ class RemoteMachine:
         try:
             for k, part in enumerate(parts):
                 unit = self._unit(f"{self.job_id}-{k}-{len(parts)}", part)
-                archive = _pack(staging / f"{unit.job_id}.tar", unit.file_manager.job_root,
-                                unit.job_params.repo_path_rh if config.copy_repo else None, unit.data)
+                archive = _pack(staging / f"{unit.job_id}.tar", unit.file_manager.job_root, None, unit.data)
                 queue.add(unit.job_id, archive,
                           {"unit": unit.job_id, "job_root": collapse_home(unit.file_manager.job_root),
                            "allowed_remotes": config.allowed_remotes, "submitted_at": _iso(_utcnow())})

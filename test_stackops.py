@@ -1363,12 +1363,13 @@ def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
     assert _tree_hashes(local) == _tree_hashes(remote_results) and len(_tree_hashes(local)) == 3
     import hashlib
     assert (local / "digest.txt").read_text() == hashlib.sha256((home / "data" / "input.csv").read_bytes()).hexdigest()
-    shipped = remote.remote_home / "proj"
+    assert not (remote.remote_home / "proj").exists()  # never ~/<repo>: the job runs its own snapshot
+    shipped = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "remote-crunch" / "code"
     assert (shipped / "rpkg_notes.txt").exists()
     assert not any((shipped / junk).exists() for junk in (".git", "__pycache__", ".venv"))
     where = json.loads((local / "nested" / "deeper" / "where.json").read_text())
     assert where["home"] == str(remote.remote_home)
-    assert where["module"].startswith(str(remote.remote_home / "proj"))  # imported from the shipped repo
+    assert where["module"].startswith(str(shipped))  # imported from the job's own copy of its snapshot
     # the local job folder mirrors the host's logs; nothing on the host names the local home
     assert (machine.file_manager.path("logs/status.txt")).read_text() == "completed"
     remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "remote-crunch"
