@@ -1970,12 +1970,20 @@ class _HostSync:
         return removed
 
 
-def _host_sync_source() -> str:
-    """The source that the executing machine runs for a hand-over (see _HostSync)."""
-    import inspect
+_HOST_SYNC_SOURCE: list[str] = []
 
-    return ("from __future__ import annotations\nimport os\n"
-            + inspect.getsource(_HostSync) + "\n_HostSync.main(__import__('sys').argv)\n")
+
+def _host_sync_source() -> str:
+    """The source that the executing machine runs for a hand-over: _HostSync, cut from this file
+    (inspect.getsource would parse the whole module: most of a second)."""
+    if not _HOST_SYNC_SOURCE:
+        text = Path(sys.modules[__name__].__file__ or "").read_text(encoding="utf-8")
+        start = text.index("\nclass _HostSync:")
+        end = text.index("\ndef _host_sync_source()", start)
+        body = text[start:end].rsplit("\n_HOST_SYNC_SOURCE", 1)[0]
+        _HOST_SYNC_SOURCE.append("from __future__ import annotations\nimport os\n" + body
+                                 + "\n_HostSync.main(__import__('sys').argv)\n")
+    return _HOST_SYNC_SOURCE[0]
 
 
 # ============================================================================================
