@@ -34,7 +34,7 @@ Environment variables (read on the machine where they matter):
 
     STACKOPS_SSH_CONFIG  the OpenSSH client config to read (default ~/.ssh/config)
     STACKOPS_STATE_DIR   slots, queue and job views of this machine and user
-                         (default ~/tmp_results/remote_machines/file_manager)
+                         (default ~/tmp_results/remote_machines/file_manager/<machine>)
     STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
     STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600 (default ~/.config/stackops/email.json)
     STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup (default https://ipinfo.io/json)
@@ -4845,7 +4845,7 @@ def _add_cluster_args(commands: Any) -> None:
     run.add_argument("--max-num", type=int, default=1000, help="the index range [0, MAX) to split (default 1000)")
     run.add_argument("--max-jobs", type=int, default=1, metavar="N", help="slots per host (default 1)")
     run.add_argument("--strict", action="store_true", help="refuse to launch anywhere if a host is unreachable")
-    run.add_argument("--copy-repo", action="store_true", help="send the repo along to every host")
+    run.add_argument("--copy-repo", action="store_true", help="each job runs its own snapshot of the repo")
     run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
     run.add_argument("--job-id", help="the cluster's id (a safe name)")
     run.add_argument("--description", default="")
@@ -4969,7 +4969,8 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or user@host[:port]); "
                                        "default: this machine")
     parser.add_argument("--copy-repo", action="store_true",
-                        help="send the repo along (without .git, virtual environments and caches)")
+                        help="run a snapshot of the repo as it is here, in the job's own folder "
+                             "(without .git, virtual environments and caches; only new files travel)")
     parser.add_argument("--transfer", choices=TRANSFER_METHODS, default="sftp",
                         help="how the job reaches the host: over SSH (sftp, default) or through cloud storage")
     parser.add_argument("--cloud", metavar="REMOTE[:PATH]",
@@ -4993,9 +4994,11 @@ def _add_run_args(parser: Any) -> None:
                         help="catch the job's exception inside the wrapper (kept with its traceback)")
     parser.add_argument("--interactive", action="store_true",
                         help="run with python -i in a tmux session named after the job")
-    parser.add_argument("--update-repo", action="store_true", help="git pull in the repo before the job")
+    parser.add_argument("--update-repo", action="store_true",
+                        help="git pull the host's own clone before the job (not with --copy-repo)")
     parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo before the job")
-    parser.add_argument("--data", action="append", default=[], metavar="PATH", help="data that goes with the job")
+    parser.add_argument("--data", action="append", default=[], metavar="PATH",
+                        help="sync a file or folder to the same place on the host (only files that differ travel)")
     parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
     parser.add_argument("--show-scripts", action="store_true", help="print the generated scripts")
     parser.add_argument("--no-launch", action="store_true",

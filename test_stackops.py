@@ -2163,6 +2163,40 @@ def test_cluster_cli_run_status_download(cluster_home):
     assert union == list(range(1000))
 
 
+MEET_JOBS = """
+    import os, time
+
+    def meet(folder, me, count=3, timeout=30.0):
+        folder = os.path.expanduser(folder)
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, me), "w").close()
+        deadline = time.monotonic() + timeout
+        while len(os.listdir(folder)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(os.listdir(folder))
+"""
+
+
+def test_cluster_shared_home_max_one_job_per_machine_runs_three_at_once(cluster_home, nodes):
+    if not nodes.netns:
+        pytest.skip("loopback aliases are one machine (one pid namespace): needs root for namespaces")
+    home = cluster_home
+    mod = make_module(home, MEET_JOBS)
+    machines = [RemoteMachine(mod.meet, config=config(job_id=f"meet{i}", ssh_host=f"node{i}", copy_repo=True,
+                                                      max_simultaneous_jobs=1),
+                              func_kwargs={"folder": "~/meet-point", "me": f"n{i}"}) for i in (1, 2, 3)]
+    for machine in machines:
+        machine.run()
+    try:
+        seen = [_result(machine, nodes.servers[0].remote_home) for machine in machines]
+    finally:
+        for machine in machines:
+            machine.close()
+    assert seen == [3, 3, 3]  # each machine's one slot is its own, though the home is shared
+    state = nodes.servers[0].remote_home / "tmp_results" / "remote_machines" / "file_manager"
+    assert len([p for p in state.iterdir() if p.is_dir()]) >= 3
+
+
 
 # ============================================================================================
 # e-mail on completion, against a real SMTP server on loopback
