@@ -1611,7 +1611,7 @@ def test_bench_quick_runs(tmp_path):
     wanted = ["connect + run `true`", "50 MiB upload", "50 MiB download", "500 x 4 KiB folder upload",
               "hand a trivial job over (RemoteMachine.run)", "status of a running job, connection open",
               "slot hand-off: one job ends, the next starts", "launch on 4 hosts vs 1 host (Cluster.run)",
-              "CLI start: python stackops.py --help", "peak Python memory during transfers"]
+              "CLI start: python stackops.py --help", "peak Python memory during transfers", "hand-over ratios"]
     assert set(wanted) <= set(rows), sorted(rows)
     assert any(case.endswith("trivial jobs, 4 slots: wall per job") for case in rows)
     for row in rows.values():
