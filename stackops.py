@@ -1919,14 +1919,17 @@ class _HostSync:
         """The job's own copy of a snapshot: plain files copied from the blobs (no hard links, so
         what the job writes never reaches the store or another job), then the symlinks."""
         os.makedirs(folder, mode=0o700)
+        made = {folder}
         for relative, kind, value in entries:
             path = os.path.join(folder, _HostSync.safe(relative))
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            if os.path.dirname(path) not in made:
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                made.add(os.path.dirname(path))
             if kind != "l":
-                with open(_HostSync.blob(store, value), "rb") as source, open(path, "xb") as copy:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700 if kind == "x" else 0o600)
+                with open(_HostSync.blob(store, value), "rb") as source, open(fd, "wb") as copy:
                     for chunk in iter(lambda: source.read(1 << 20), b""):  # noqa: B023 (used at once)
                         copy.write(chunk)
-                os.chmod(path, 0o700 if kind == "x" else 0o600)
         for relative, kind, value in entries:
             if kind == "l":
                 os.symlink(value, os.path.join(folder, relative))
@@ -3110,10 +3113,12 @@ def _excluded(relative: str) -> bool:
     return any(_EXCLUDED[0].match(part) for part in relative.split("/"))
 
 
-def _repo_files(repo: Path) -> list[str]:
-    """What copy_repo sends, relative to the repo: for a git work tree, the tracked and the
-    untracked-not-ignored files (git ls-files -co --exclude-standard); else every file; either
-    way without .git, virtual environments and caches (REPO_EXCLUDES)."""
+def _repo_files(repo: Path) -> list[tuple[str, os.stat_result]]:
+    """What copy_repo sends, relative to the repo, with each file's lstat: for a git work tree,
+    the tracked and the untracked-not-ignored files (git ls-files -co --exclude-standard); else
+    every file; either way without .git, virtual environments and caches (REPO_EXCLUDES)."""
+    import stat
+
     names: list[str] | None = None
     if (repo / ".git").exists() and shutil.which("git"):
         listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-co", "--exclude-standard", "-z"],
@@ -3123,20 +3128,19 @@ def _repo_files(repo: Path) -> list[str]:
     if names is None:
         names = []
         for folder, dirs, files in os.walk(repo):
-            here = Path(folder).relative_to(repo).as_posix()
+            here = os.path.relpath(folder, repo)
             prefix = "" if here == "." else here + "/"
-            dirs[:] = sorted(d for d in dirs if not _excluded(prefix + d) or os.path.islink(Path(folder) / d))
             names += [prefix + name for name in files] + [prefix + d for d in dirs if os.path.islink(Path(folder) / d)]
-    import stat
-
+            dirs[:] = sorted(d for d in dirs if not _excluded(prefix + d))
     found = []
+    root = str(repo) + "/"
     for name in sorted(set(names)):
         try:
-            mode = os.lstat(repo / name).st_mode
+            info = os.lstat(root + name)
         except OSError:  # tracked but deleted here
             continue
-        if (stat.S_ISREG(mode) or stat.S_ISLNK(mode)) and not _excluded(name):
-            found.append(name)
+        if (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)) and not _excluded(name):
+            found.append((name, info))
     return found
 
 
@@ -3152,19 +3156,18 @@ class _HashCache:
             self.known = {}
         self.changed = False
 
-    def digest(self, path: Path) -> str:
+    def digest(self, path: str, info: os.stat_result) -> str:
         import hashlib
 
-        info = path.stat()
-        key, stamp = str(path), [info.st_size, info.st_mtime_ns, info.st_ino]
-        cached = self.known.get(key)
+        stamp = [info.st_size, info.st_mtime_ns, info.st_ino]
+        cached = self.known.get(path)
         if isinstance(cached, list) and cached[:3] == stamp:
             return str(cached[3])
         hasher = hashlib.sha256()
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 hasher.update(chunk)
-        self.known[key] = [*stamp, hasher.hexdigest()]
+        self.known[path] = [*stamp, hasher.hexdigest()]
         self.changed = True
         return hasher.hexdigest()
 
@@ -3179,14 +3182,15 @@ def code_snapshot(repo: Path) -> tuple[str, list[list[Any]], dict[str, Path]]:
     ``[path, kind, sha256 or link target]`` with kind ``f``, ``x`` (executable) or ``l`` (a link
     inside the tree), and the local file of each blob)."""
     import hashlib
+    import stat
 
     cache = _HashCache()
     entries: list[list[Any]] = []
     sources: dict[str, Path] = {}
-    for relative in _repo_files(repo):
-        path = repo / relative
-        if path.is_symlink():
-            link = os.readlink(path)
+    root = str(repo) + "/"
+    for relative, info in _repo_files(repo):
+        if stat.S_ISLNK(info.st_mode):
+            link = os.readlink(root + relative)
             inside = not os.path.isabs(link) and ".." not in posixpath.normpath(
                 posixpath.join(posixpath.dirname(relative), link)).split("/")
             if inside:
@@ -3194,9 +3198,10 @@ def code_snapshot(repo: Path) -> tuple[str, list[list[Any]], dict[str, Path]]:
             else:
                 log.warning("left out %s: a link out of the repo (%s)", relative, link)
             continue
-        digest = cache.digest(path)
-        entries.append([relative, "x" if os.access(path, os.X_OK) else "f", digest])
-        sources.setdefault(digest, path)
+        digest = cache.digest(root + relative, info)
+        entries.append([relative, "x" if info.st_mode & 0o100 else "f", digest])
+        if digest not in sources:
+            sources[digest] = Path(root + relative)
     cache.save()
     identity = hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()[:32]
     return identity, entries, sources
@@ -3207,16 +3212,22 @@ def _materialize_here(repo: Path, entries: list[list[Any]], folder: Path) -> Non
     this machine's files): copied from the work tree, appearing whole under ``folder``."""
     staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
+    made: set[str] = set()
     try:
         _mkdir_private(staging)
         for relative, kind, value in entries:
-            path = staging / relative
-            _mkdir_private(path.parent)
+            path = f"{staging}/{relative}"
+            parent = os.path.dirname(path)
+            if parent not in made:
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+                made.add(parent)
             if kind == "l":
                 os.symlink(value, path)
-            else:
-                shutil.copyfile(repo / relative, path)
-                os.chmod(path, 0o700 if kind == "x" else 0o600)
+                continue
+            with open(f"{repo}/{relative}", "rb") as source:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700 if kind == "x" else 0o600)
+                with os.fdopen(fd, "wb") as copy:
+                    shutil.copyfileobj(source, copy, 1 << 20)
         os.rename(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
