@@ -1770,6 +1770,19 @@ class _HostSync:
         return relative
 
     @staticmethod
+    def mkdirs(path: str) -> None:
+        """Create ``path`` and its missing parents, each private (0700), as _mkdir_private does."""
+        missing = []
+        while not os.path.isdir(path) and path != os.path.dirname(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder, 0o700)
+            except FileExistsError:
+                pass
+
+    @staticmethod
     def blob(store: str, digest: str) -> str:
         if len(digest) != 64 or digest.strip("0123456789abcdef"):
             raise ValueError(f"refusing the blob name {digest!r}")
@@ -1810,9 +1823,14 @@ class _HostSync:
                 continue
             except NotADirectoryError:
                 return {"conflict": f"a file stands where the folder of {relative} goes"}
+            except PermissionError:
+                return {"conflict": f"{relative or item['target']} cannot be read there"}
             if stat.S_ISDIR(info.st_mode):
                 return {"conflict": f"{relative or item['target']} is a folder there"}
             if not stat.S_ISREG(info.st_mode) or info.st_size != size or int(info.st_mtime) != mtime:
+                if not item["target"].startswith("~"):  # outside the home stackops only adds files
+                    return {"conflict": f"{relative or item['target']} exists there with other content "
+                                        "(outside the home, data never replaces a file)"}
                 need.append(relative)
         return {"need": need}
 
@@ -1836,10 +1854,10 @@ class _HostSync:
     @staticmethod
     def staging(job_root: str) -> str:
         root = _HostSync.where(job_root)
-        os.makedirs(os.path.dirname(root), mode=0o700, exist_ok=True)
+        _HostSync.mkdirs(os.path.dirname(root))
         if os.path.lexists(root):
             raise FileExistsError(f"{job_root} already exists")
-        staging = f"{os.path.dirname(root)}/.{os.path.basename(root)}.{os.getpid()}.partial"
+        staging = f"{os.path.dirname(root)}/.{os.path.basename(root)}.{os.urandom(6).hex()}.partial"
         os.mkdir(staging, 0o700)
         return staging
 
@@ -1848,7 +1866,7 @@ class _HostSync:
         kind, _, name = part["name"].partition("/")
         if kind == "b":
             path, digest = _HostSync.blob(_HostSync.where(request["store"]), name), name
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _HostSync.mkdirs(os.path.dirname(path))
             os.replace(_HostSync.receive(stream, part, path, 0o600, digest), path)
         elif kind == "d":
             index, _, relative = name.partition("/")
@@ -1858,10 +1876,10 @@ class _HostSync:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             os.replace(_HostSync.receive(stream, part, path, part["mode"] & 0o777, None, part["mtime"]), path)
         elif part.get("dir"):
-            os.makedirs(os.path.join(staging, _HostSync.safe(name)), mode=0o700, exist_ok=True)
+            _HostSync.mkdirs(os.path.join(staging, _HostSync.safe(name)))
         else:
             path = os.path.join(staging, _HostSync.safe(name))
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _HostSync.mkdirs(os.path.dirname(path))
             os.rename(_HostSync.receive(stream, part, path, part["mode"] & 0o700), path)
 
     @staticmethod
@@ -1903,10 +1921,11 @@ class _HostSync:
             manifest = os.path.join(store, f"{_HostSync.safe(snapshot)}.json")
             if os.path.exists(manifest):
                 os.utime(manifest)
-            else:
-                with open(f"{manifest}.{os.getpid()}", "w") as handle:
+            else:  # a random temp name: hosts sharing the store may run the same pid (own pid namespaces)
+                temp = f"{manifest}.{os.urandom(6).hex()}"
+                with open(temp, "w") as handle:
                     handle.write(__import__("json").dumps(entries))
-                os.replace(f"{manifest}.{os.getpid()}", manifest)
+                os.replace(temp, manifest)
         root = _HostSync.where(request["job_root"])
         if os.path.lexists(root):
             raise FileExistsError(f"{request['job_root']} already exists")
@@ -1918,12 +1937,12 @@ class _HostSync:
     def materialize(store: str, entries: list[list[Any]], folder: str) -> None:
         """The job's own copy of a snapshot: plain files copied from the blobs (no hard links, so
         what the job writes never reaches the store or another job), then the symlinks."""
-        os.makedirs(folder, mode=0o700)
+        _HostSync.mkdirs(folder)
         made = {folder}
         for relative, kind, value in entries:
             path = os.path.join(folder, _HostSync.safe(relative))
             if os.path.dirname(path) not in made:
-                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                _HostSync.mkdirs(os.path.dirname(path))
                 made.add(os.path.dirname(path))
             if kind != "l":
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700 if kind == "x" else 0o600)
@@ -3219,7 +3238,7 @@ def _materialize_here(repo: Path, entries: list[list[Any]], folder: Path) -> Non
             path = f"{staging}/{relative}"
             parent = os.path.dirname(path)
             if parent not in made:
-                os.makedirs(parent, mode=0o700, exist_ok=True)
+                _mkdir_private(Path(parent))
                 made.add(parent)
             if kind == "l":
                 os.symlink(value, path)
