@@ -1940,11 +1940,8 @@ class _HostSync:
         while not os.path.isdir(path) and path != os.path.dirname(path):
             missing.append(path)
             path = os.path.dirname(path)
-        for folder in reversed(missing):
-            try:
-                os.mkdir(folder, 0o700)
-            except FileExistsError:
-                pass
+        for folder in reversed(missing):  # its parent exists: only this one is made, private
+            os.makedirs(folder, 0o700, exist_ok=True)
 
     @staticmethod
     def blob(store: str, digest: str) -> str:
