@@ -2084,7 +2084,7 @@ class _HostSync:
                 os.utime(manifest)
             else:  # a random temp name: hosts sharing the store may run the same pid (own pid namespaces)
                 temp = f"{manifest}.{os.urandom(6).hex()}"
-                with open(temp, "w") as handle:
+                with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
                     handle.write(__import__("json").dumps(entries))
                 os.replace(temp, manifest)
         root = _HostSync.where(request["job_root"])
@@ -2126,7 +2126,7 @@ class _HostSync:
             return 0
         import json
 
-        open(stamp, "a").close()
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT, 0o600))
         os.utime(stamp)
         used = set()
         for name in os.listdir(queued):

@@ -1406,7 +1406,8 @@ def test_remote_delete_results_only_its_own(remote, home):
         bad.wait(timeout=60)
         with pytest.raises(ConfigError, match="refusing"):
             bad.delete_remote_results()
-    assert remote.remote_home.exists() and (remote.remote_home / "proj").exists()
+    queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert remote.remote_home.exists() and (queued / "remote-home" / "code").is_dir()  # the job's own code copy
 
 
 def test_remote_commands_exact_also_for_large_output(remote, home):
