@@ -4420,8 +4420,7 @@ class RemoteMachine:
         command = self.file_manager.get_fire_command(self.config.interactive, join_queue=not self.config.after)
         if self.is_remote and self.config.transfer_method == "cloud":
             check = f"{self._job_command('job-check-email')} && " if self.config.notify_upon_completion else ""
-            repo = self.job_params.repo_path_rh if self.config.copy_repo else None
-            members = _archive_members(self.file_manager.job_root_rh, repo, self.data)
+            members = _archive_members(self.file_manager.job_root_rh, None, self.data)  # code: in the folder
             fetch = cloud_fetch_command(self.config.cloud_name or "", self.job_id,
                                         self.cloud_sha256, members)
             command = f"{fetch} && {check}{command}"
