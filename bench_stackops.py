@@ -337,6 +337,49 @@ def job_cases(bed: Bed, stackops, runs: int) -> list[dict]:
     return rows
 
 
+def snapshot_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
+    """Hand-over of a job with a repo (500 files, 5 MB) and data (200 MiB; quick: 20 MiB): the first
+    time (everything new to the host), the second time (nothing changed), and a job with neither."""
+    mib = 20 if quick else 200
+    plain = bed.local_home / "plainproj"
+    plain.mkdir(exist_ok=True)
+    (plain / "noop.py").write_text("def noop():\n    return None\n")
+    firsts, seconds, plains = [], [], []
+
+    def hand_over(func: str, **kw) -> float:
+        config = stackops.RemoteStackOpsConfig(job_id=f"bench-{next(_fresh)}", ssh_host="tb", lock_resources=False,
+                                               **kw)
+        with stackops.RemoteMachine(func, config=config) as machine:
+            return timed(machine.run)
+
+    for k in range(min(runs, 5)):
+        repo, data = bed.local_home / f"snaprepo{k}", bed.local_home / f"snapdata{k}"
+        for i in range(500):  # fresh content each round: the first hand-over finds nothing on the host
+            (repo / f"pkg{i % 10}").mkdir(parents=True, exist_ok=True)
+            (repo / f"pkg{i % 10}" / f"m{i}.py").write_bytes(os.urandom(10000))
+        (repo / "main.py").write_text("def noop():\n    return None\n")
+        run_cmd(["git", "-C", str(repo), "init", "-q"])
+        data.mkdir()
+        for i in range(4):
+            (data / f"part{i}.bin").write_bytes(os.urandom(mib * 1024 * 1024 // 4))
+        func = f"{repo / 'main.py'}:noop"
+        firsts.append(hand_over(func, copy_repo=True, data=[f"~/{data.name}"]))
+        seconds.append(hand_over(func, copy_repo=True, data=[f"~/{data.name}"]))
+        plains.append(hand_over(f"{plain / 'noop.py'}:noop"))
+        shutil.rmtree(data)
+        shutil.rmtree(bed.remote_home / data.name, ignore_errors=True)
+    name = f"repo 500 files/5 MB + {mib} MiB data"
+    rows = [absolute(f"hand-over, {name}: first", firsts),
+            absolute(f"hand-over, {name}: second, unchanged", seconds),
+            absolute("hand-over of a job without repo or data", plains)]
+    first, second, bare = (statistics.median(v) for v in (firsts, seconds, plains))
+    print(f"{'  second / first':48s} {second / first:9.3f}    (target <= 0.1)\n"
+          f"{'  second / without repo or data':48s} {second / bare:9.3f}    (target <= 1.3)", flush=True)
+    rows.append({"case": "hand-over ratios", "second_over_first": second / first,
+                 "second_over_plain": second / bare, "unit": "ratio"})
+    return rows
+
+
 def _local_jobs(stackops, script: Path, count: int, slots: int) -> list:
     """Fire ``count`` jobs of ``script`` here with ``slots`` slots (a private state folder); wait for all."""
     os.environ["STACKOPS_STATE_DIR"] = str(Path(tempfile.mkdtemp(dir=os.environ["HOME"])))
@@ -471,6 +514,7 @@ def main() -> int:
         rows += ssh_cases(bed, stackops, runs)
         rows += transfer_cases(bed, stackops, args.quick, runs)
         rows += job_cases(bed, stackops, runs)
+        rows += snapshot_cases(bed, stackops, args.quick, runs)
         rows += slot_cases(bed, stackops, args.quick)
         rows += cluster_case(bed, stackops, runs)
         rows += cli_cases(stackops, runs)

@@ -34,7 +34,7 @@ Environment variables (read on the machine where they matter):
 
     STACKOPS_SSH_CONFIG  the OpenSSH client config to read (default ~/.ssh/config)
     STACKOPS_STATE_DIR   slots, queue and job views of this machine and user
-                         (default ~/tmp_results/remote_machines/file_manager)
+                         (default ~/tmp_results/remote_machines/file_manager/<machine>)
     STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
     STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600 (default ~/.config/stackops/email.json)
     STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup (default https://ipinfo.io/json)
@@ -106,6 +106,9 @@ def _psutil() -> Any:
 
 DEFAULT_BASE_DIR = "~/tmp_results/remote_machines/jobs"
 DEFAULT_STATE_DIR = "~/tmp_results/remote_machines/file_manager"
+DEFAULT_SNAPSHOT_DIR = "~/tmp_results/remote_machines/snapshots"  # code snapshots: blobs and manifests
+SNAPSHOT_KEEP_SECONDS = 7 * 86400  # a snapshot no job refers to is removed once this old
+CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapshot
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
 DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
@@ -352,15 +355,18 @@ class _suppress:
 
 
 def collapse_home(path: str | os.PathLike[str]) -> str:
-    """``~/rel`` for a path inside this machine's home, else the absolute path."""
+    """``~/rel`` for a path inside this machine's home, else the absolute path. A home reached
+    through a symlink (``/home/me -> /data/me``) is recognised in both spellings."""
     full = Path(os.path.abspath(os.path.expanduser(str(path))))
-    home = Path.home()
-    if full == home:
-        return "~"
-    try:
-        return "~/" + full.relative_to(home).as_posix()
-    except ValueError:
-        return full.as_posix()
+    home = Path(os.path.abspath(Path.home()))
+    for base in (home, Path(os.path.realpath(home))):
+        if full == base:
+            return "~"
+        try:
+            return "~/" + full.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return full.as_posix()
 
 
 def expand_home(path: str | os.PathLike[str]) -> Path:
@@ -749,6 +755,11 @@ class RemoteStackOpsConfig:
                               hint="pass cloud_name=<an rclone remote name>")
         if self.max_simultaneous_jobs < 1:
             raise ConfigError(f"max_simultaneous_jobs must be at least 1, got {self.max_simultaneous_jobs}")
+        if self.copy_repo and self.update_repo:
+            raise ConfigError("copy_repo and update_repo cannot go together: the job runs its own snapshot "
+                              "of the code sent from here, which has no .git to pull into",
+                              hint="pull here and send the result with copy_repo, or drop copy_repo to "
+                                   "git pull the host's own clone")
         if self.python is not None and not self.python.strip():
             raise ConfigError("python must name an interpreter, e.g. 'python3'")
         if not self.ssh_timeout > 0:
@@ -931,6 +942,8 @@ class JobParams:
     func_name: str | None = None
     kind: str = "script"  # script | function | method | run_path
     import_root_r: str = "."
+    code_snapshot: str = ""  # with copy_repo: the snapshot whose copy the job runs in (job folder's code/)
+    scm_version: str = ""  # with install_repo: the version git describe gives here (the copy has no .git)
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -1149,15 +1162,20 @@ def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, pyt
     setup = []
     if config.update_repo:
         setup.append('git pull --ff-only || _fail "git pull failed in $(pwd)"')
+    if config.install_repo and job_params.scm_version:  # setuptools-scm and hatch-vcs read it
+        setup.append(f"export SETUPTOOLS_SCM_PRETEND_VERSION={shlex.quote(job_params.scm_version)}")
     if config.install_repo:
         setup.append('"$PYTHON" -m pip install -e . || _fail "pip install -e . failed in $(pwd)"')
     repo = job_params.repo_path_rh or "~"
+    repo_dir = _sh_path(repo)
+    if job_params.code_snapshot:  # the job's own copy of its snapshot, inside its folder
+        repo, repo_dir = f"{CODE_DIR} (snapshot {job_params.code_snapshot})", f'"$JOB_ROOT"/{CODE_DIR}'
     notify = ": no e-mail asked for"
     if config.notify_upon_completion:  # the job's copy sends it; python3 if $PYTHON is what failed
         notify = ('{ "$PYTHON" -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT" '
                   '|| python3 -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT"; }')
     return render_template(SHELL_TEMPLATE, version=__version__, python=shlex.quote(python),
-                           notify=notify, repo_dir=_sh_path(repo), repo_dir_text=shlex.quote(repo),
+                           notify=notify, repo_dir=repo_dir, repo_dir_text=shlex.quote(repo),
                            setup_lines="\n".join(setup) or ": no repo update or install",
                            python_flags="-i " if config.interactive else "")
 
@@ -1271,7 +1289,7 @@ now() { date -u +%Y-%m-%dT%H:%M:%S+00:00; }
 get status.txt; st=${R//[[:space:]]/}
 case "$st" in completed|failed|cancelled) echo "ended $st"; exit 0 ;; esac
 [ -e "$L/cancel_requested.txt" ] || put cancel_requested.txt "$(now)"
-S="${STACKOPS_STATE_DIR:-$HOME/@@state_dir}"@@pool; get ticket.txt; t=${R//[[:space:]]/}
+@@state_dir; S="$S"@@pool; get ticket.txt; t=${R//[[:space:]]/}
 [ -n "$t" ] && rm -f -- "$S/queue/$t-$id"
 cmd() { C=; local a; [ -r "/proc/$1/cmdline" ] || return 1
     while IFS= read -r -d '' a || [ -n "$a" ]; do C="$C $a"; done < "/proc/$1/cmdline"; }
@@ -1362,7 +1380,7 @@ if [ -n "$f" ] && ! job "${f#w}"; then
 fi
 place=
 if [ "$st" = waiting ]; then
-    S="${STACKOPS_STATE_DIR:-$HOME/@@state_dir}"@@pool; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
+    @@state_dir; S="$S"@@pool; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
     for e in "$S"/queue/*; do e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1)); done
     [ -n "$found" ] && place=$n
 fi
@@ -1382,10 +1400,32 @@ exit 0
 # 7. job folder: FileManager, slots and queue, status
 # ============================================================================================
 
+def machine_key() -> str:
+    """The executing machine as a folder name: host name, boot id and pid namespace. Hosts (or
+    containers) sharing one home each keep their own slots and queue under it, and none judges
+    pids of another (a pid means something only in its own pid namespace of one boot)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", os.uname().nodename) or "host"
+    boot = _read_text(Path("/proc/sys/kernel/random/boot_id")).strip()[:8]
+    try:
+        space = re.sub(r"[^0-9]", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        space = ""
+    return f"{host}-{boot}-{space}"
+
+
+# the same folder in bash (the fire command and the status report compute it where the job runs)
+STATE_DIR_SH = ('if [ -n "${STACKOPS_STATE_DIR:-}" ]; then S=$STACKOPS_STATE_DIR; else H=$(uname -n); '
+                'H=${H//[^A-Za-z0-9._-]/_}; B=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || :); '
+                'N=$(readlink /proc/self/ns/pid 2>/dev/null || :); N=${N//[^0-9]/}; '
+                'S="$HOME/' + DEFAULT_STATE_DIR[2:] + '/${H:-host}-${B:0:8}-$N"; fi')
+
+
 def state_dir(pool: str = "") -> Path:
-    """Where this machine's slots, queue and views live, for the current user (a named pool:
-    ``pools/<name>`` inside)."""
-    root = expand_home(os.environ.get("STACKOPS_STATE_DIR") or DEFAULT_STATE_DIR)
+    """Where this machine's slots, queue and views live, for the current user: one folder per
+    executing machine (see machine_key), unless STACKOPS_STATE_DIR names one; a named pool's
+    are in ``pools/<name>`` inside."""
+    override = os.environ.get("STACKOPS_STATE_DIR")
+    root = expand_home(override) if override else expand_home(DEFAULT_STATE_DIR) / machine_key()
     return root / "pools" / pool if pool else root
 
 
@@ -1680,7 +1720,7 @@ class FileManager:
         if self.lock_resources and join_queue:  # the entry appears whole, never empty
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
             temp = f'"$S/queue/.$t-"{shlex.quote(self.job_id)}.tmp'
-            parts += ['S="${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"' + self._pool_sh(),
+            parts += ["{ " + STATE_DIR_SH + '; S="$S"' + self._pool_sh() + "; }",
                       'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
                       f'printf "%s" "$J" > {temp}', f"mv -f {temp} {entry}",
                       'printf "%s" "$t" > "$J/logs/ticket.txt"']
@@ -1818,7 +1858,7 @@ class FileManager:
     def cancel_command(self, grace: float) -> str:
         """The bash script that cancels this job where it runs (CANCEL_TEMPLATE)."""
         return render_template(CANCEL_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
-                               ticks=str(max(0, round(grace * 20))), state_dir=DEFAULT_STATE_DIR[2:],
+                               ticks=str(max(0, round(grace * 20))), state_dir=STATE_DIR_SH,
                                pool=self._pool_sh())
 
     def delete_command(self) -> str:
@@ -1843,7 +1883,7 @@ class FileManager:
             notify = (f'[ -e "$L/notified.txt" ] || '
                       f'{{ setsid {notify} </dev/null >>"$L/output.log" 2>&1 & }}')
         script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
-                                 marker=marker, lines=str(max(0, int(log_lines))), state_dir=DEFAULT_STATE_DIR[2:],
+                                 marker=marker, lines=str(max(0, int(log_lines))), state_dir=STATE_DIR_SH,
                                  fallback=fallback, pool=self._pool_sh(), notify=notify or ":",
                                  grace=str(int(LAUNCHER_GRACE / 0.05)))
         return f"bash -c {shlex.quote(script)}"
@@ -1892,6 +1932,8 @@ class JobContext:
         self.job_root = Path(job_root)
         self.params = JobParams.from_dict(_read_json(self.job_root / JOB_PARAMS_JSON))
         self.repo = expand_home(self.params.repo_path_rh)
+        if self.params.code_snapshot:  # the job's own copy of the code it was submitted with
+            self.repo = self.job_root / CODE_DIR
         self._func: Callable[..., Any] | None = None
 
     def _put_on_path(self, folder: Path) -> None:
@@ -2312,6 +2354,284 @@ def demo_job(seconds: float = 1.0, message: str = "hello from stackops") -> str:
     time.sleep(seconds)
     (folder / "message.txt").write_text(f"{message}\nhost={os.uname().nodename} pid={os.getpid()}\n")
     return str(folder)
+
+
+# -- code snapshots and data: the executing machine's half of a hand-over -----------------------
+
+class _HostSync:
+    """What the executing machine runs during a hand-over, sent as source and run by ``python3 -S``
+    (nothing needs to be installed there), in one command. It reads a request line and answers
+    which code blobs and data files it lacks (and which nonces it sees: a shared filesystem); then
+    it reads what was sent (a header line, then each part as a line and its bytes) and puts each
+    part in place: blobs into the snapshot store (each checked against its hash), data files each
+    replaced atomically (files only the host has are kept), and the job folder with its own copy of
+    the code, which appears whole under its name. It writes nowhere else. Lines both ways are
+    ``repr`` of plain data (no json or re to import: each costs the host's start ~40 %)."""
+
+    @staticmethod
+    def main() -> None:
+        import sys
+
+        stream = sys.stdin.buffer
+        answer = _HostSync.plan(_HostSync.value(stream.readline()))
+        sys.stdout.write(repr(answer) + "\n")
+        sys.stdout.flush()
+        header = stream.readline()
+        if header.strip():  # else nothing to do: the host sees our files, or the submit was refused
+            sys.stdout.write(repr(_HostSync.commit(_HostSync.value(header), stream)) + "\n")
+
+    @staticmethod
+    def value(line: bytes) -> Any:
+        """A line of plain data written with repr() by the submitting side."""
+        return eval(line.decode("utf-8"), {"__builtins__": {}}, {})  # noqa: S307 (literals only)
+
+    @staticmethod
+    def where(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
+
+    @staticmethod
+    def safe(relative: str) -> str:
+        parts = relative.split("/")
+        if not relative or relative.startswith("/") or ".." in parts or "" in parts:
+            raise ValueError(f"refusing the path {relative!r}")
+        return relative
+
+    @staticmethod
+    def mkdirs(path: str) -> None:
+        """Create ``path`` and its missing parents, each private (0700), as _mkdir_private does."""
+        missing = []
+        while not os.path.isdir(path) and path != os.path.dirname(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for folder in reversed(missing):  # its parent exists: only this one is made, private
+            os.makedirs(folder, 0o700, exist_ok=True)
+
+    @staticmethod
+    def blob(store: str, digest: str) -> str:
+        if len(digest) != 64 or digest.strip("0123456789abcdef"):
+            raise ValueError(f"refusing the blob name {digest!r}")
+        return os.path.join(store, "blobs", digest[:2], digest)
+
+    @staticmethod
+    def plan(request: dict[str, Any]) -> dict[str, Any]:
+        store = _HostSync.where(request["store"])
+        missing: list[str] = []
+        manifest = os.path.join(store, f"{_HostSync.safe(request['snapshot'])}.json") if request["snapshot"] else ""
+        if manifest and os.path.exists(manifest):  # a snapshot it has whole: no blob is missing
+            os.utime(manifest)  # in use again: a collection leaves it (and its blobs) alone
+        for digest in [] if manifest and os.path.exists(manifest) else request["blobs"]:
+            try:
+                os.utime(_HostSync.blob(store, digest))  # in use again: a collection leaves it alone
+            except FileNotFoundError:
+                missing.append(digest)
+        seen = [nonce for nonce in request["nonces"] if os.path.exists(_HostSync.where(nonce))]
+        data = [_HostSync.stale_files(item) for item in request["data"]]
+        return {"missing": missing, "seen": seen, "data": data,
+                "job_exists": os.path.lexists(_HostSync.where(request["job_root"]))}
+
+    @staticmethod
+    def stale_files(item: dict[str, Any]) -> dict[str, Any]:
+        """The files of one data item that differ here (size or whole-second mtime), or a conflict."""
+        import stat
+
+        target = _HostSync.where(item["target"])
+        if os.path.lexists(target) and os.path.isdir(target) != item["dir"]:
+            return {"conflict": f"{item['target']} is a {'file' if item['dir'] else 'folder'} there"}
+        need = []
+        for relative, size, mtime in item["files"]:
+            path = os.path.join(target, _HostSync.safe(relative)) if item["dir"] else target
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                need.append(relative)
+                continue
+            except NotADirectoryError:
+                return {"conflict": f"a file stands where the folder of {relative} goes"}
+            except PermissionError:
+                return {"conflict": f"{relative or item['target']} cannot be read there"}
+            if stat.S_ISDIR(info.st_mode):
+                return {"conflict": f"{relative or item['target']} is a folder there"}
+            if not stat.S_ISREG(info.st_mode) or info.st_size != size or int(info.st_mtime) != mtime:
+                if not item["target"].startswith("~"):  # outside the home stackops only adds files
+                    return {"conflict": f"{relative or item['target']} exists there with other content "
+                                        "(outside the home, data never replaces a file)"}
+                need.append(relative)
+        return {"need": need}
+
+    @staticmethod
+    def commit(request: dict[str, Any], stream: Any) -> dict[str, Any]:
+        staging = _HostSync.staging(request["job_root"])
+        try:
+            while True:
+                line = stream.readline()
+                if not line:
+                    raise EOFError("the hand-over broke off")
+                part = _HostSync.value(line)
+                if part.get("end"):
+                    break
+                _HostSync.put(request, staging, part, stream)
+            return _HostSync.finish(request, staging)
+        except BaseException:
+            __import__("shutil").rmtree(staging, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def staging(job_root: str) -> str:
+        root = _HostSync.where(job_root)
+        _HostSync.mkdirs(os.path.dirname(root))
+        if os.path.lexists(root):
+            raise FileExistsError(f"{job_root} already exists")
+        staging = f"{os.path.dirname(root)}/.{os.path.basename(root)}.{os.urandom(6).hex()}.partial"
+        os.mkdir(staging, 0o700)
+        return staging
+
+    @staticmethod
+    def put(request: dict[str, Any], staging: str, part: dict[str, Any], stream: Any) -> None:
+        kind, _, name = part["name"].partition("/")
+        if kind == "b":
+            path, digest = _HostSync.blob(_HostSync.where(request["store"]), name), name
+            _HostSync.mkdirs(os.path.dirname(path))
+            os.replace(_HostSync.receive(stream, part, path, 0o600, digest), path)
+        elif kind == "d":
+            index, _, relative = name.partition("/")
+            item = request["data"][int(index)]
+            target = _HostSync.where(item["target"])
+            path = os.path.join(target, _HostSync.safe(relative)) if item["dir"] else target
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(_HostSync.receive(stream, part, path, part["mode"] & 0o777, None, part["mtime"]), path)
+        elif part.get("dir"):
+            _HostSync.mkdirs(os.path.join(staging, _HostSync.safe(name)))
+        else:
+            path = os.path.join(staging, _HostSync.safe(name))
+            _HostSync.mkdirs(os.path.dirname(path))
+            os.rename(_HostSync.receive(stream, part, path, part["mode"] & 0o700), path)
+
+    @staticmethod
+    def receive(stream: Any, part: dict[str, Any], path: str, mode: int, digest: str | None = None,
+                mtime: float | None = None) -> str:
+        """Read exactly ``part["size"]`` bytes into a hidden temp file beside ``path`` (checked
+        against ``digest`` if given); returns its name, for the caller to rename into place."""
+        temp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.urandom(6).hex()}.stackops"
+        hasher = __import__("hashlib").sha256() if digest else None
+        try:
+            with open(temp, "xb") as handle:
+                left = part["size"]
+                while left:
+                    chunk = stream.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise EOFError("the hand-over broke off")
+                    handle.write(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    left -= len(chunk)
+            if hasher is not None and hasher.hexdigest() != digest:
+                raise ValueError(f"blob {digest} arrived damaged")
+            os.chmod(temp, mode)
+            if mtime is not None:
+                os.utime(temp, (mtime, mtime))
+        except BaseException:
+            if os.path.exists(temp):
+                os.unlink(temp)
+            raise
+        return temp
+
+    @staticmethod
+    def finish(request: dict[str, Any], staging: str) -> dict[str, Any]:
+        """Give the job its copy of the code, record the snapshot, and put the folder in place."""
+        store = _HostSync.where(request["store"])
+        snapshot, entries = request.get("snapshot"), request.get("manifest") or []
+        if snapshot:
+            _HostSync.materialize(store, entries, os.path.join(staging, "code"))
+            manifest = os.path.join(store, f"{_HostSync.safe(snapshot)}.json")
+            if os.path.exists(manifest):
+                os.utime(manifest)
+            else:  # a random temp name: hosts sharing the store may run the same pid (own pid namespaces)
+                temp = f"{manifest}.{os.urandom(6).hex()}"
+                with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+                    handle.write(__import__("json").dumps(entries))
+                os.replace(temp, manifest)
+        root = _HostSync.where(request["job_root"])
+        if os.path.lexists(root):
+            raise FileExistsError(f"{request['job_root']} already exists")
+        os.rename(staging, root)
+        removed = _HostSync.collect(store, os.path.dirname(root), request["keep_seconds"]) if snapshot else 0
+        return {"placed": request["job_root"], "collected": removed}
+
+    @staticmethod
+    def materialize(store: str, entries: list[list[Any]], folder: str) -> None:
+        """The job's own copy of a snapshot: plain files copied from the blobs (no hard links, so
+        what the job writes never reaches the store or another job), then the symlinks."""
+        _HostSync.mkdirs(folder)
+        made = {folder}
+        for relative, kind, value in entries:
+            path = os.path.join(folder, _HostSync.safe(relative))
+            if os.path.dirname(path) not in made:
+                _HostSync.mkdirs(os.path.dirname(path))
+                made.add(os.path.dirname(path))
+            if kind != "l":
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700 if kind == "x" else 0o600)
+                with open(_HostSync.blob(store, value), "rb") as source, open(fd, "wb") as copy:
+                    for chunk in iter(lambda: source.read(1 << 20), b""):  # noqa: B023 (used at once)
+                        copy.write(chunk)
+        for relative, kind, value in entries:
+            if kind == "l":
+                os.symlink(value, os.path.join(folder, relative))
+
+    @staticmethod
+    def collect(store: str, queued: str, keep_seconds: float) -> int:
+        """At most once a day: remove the snapshots no job folder under ``queued`` refers to and
+        older than ``keep_seconds``, then the blobs no remaining snapshot uses, as old."""
+        import time
+
+        stamp = os.path.join(store, ".collected")
+        now = time.time()
+        if os.path.exists(stamp) and now - os.stat(stamp).st_mtime < 86400:
+            return 0
+        import json
+
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.utime(stamp)
+        used = set()
+        for name in os.listdir(queued):
+            try:
+                with open(os.path.join(queued, name, "data", "job_params.json")) as handle:
+                    used.add(json.load(handle).get("code_snapshot"))
+            except (OSError, ValueError, AttributeError):
+                continue
+        removed, keep = 0, set()  # type: tuple[int, set[str]]
+        for name in os.listdir(store):
+            path = os.path.join(store, name)
+            if not name.endswith(".json"):
+                continue
+            if name[:-5] not in used and now - os.stat(path).st_mtime > keep_seconds:
+                os.unlink(path)
+                removed += 1
+                continue
+            with open(path) as handle:
+                keep.update(value for _, kind, value in json.load(handle) if kind != "l")
+        blobs = os.path.join(store, "blobs")
+        for folder in os.listdir(blobs) if os.path.isdir(blobs) else []:
+            for digest in os.listdir(os.path.join(blobs, folder)):
+                path = os.path.join(blobs, folder, digest)
+                if digest not in keep and now - os.stat(path).st_mtime > keep_seconds:
+                    os.unlink(path)
+        return removed
+
+
+_HOST_SYNC_SOURCE: list[str] = []
+
+
+def _host_sync_source() -> str:
+    """The source that the executing machine runs for a hand-over: _HostSync, cut from this file
+    (inspect.getsource would parse the whole module: most of a second)."""
+    if not _HOST_SYNC_SOURCE:
+        text = Path(sys.modules[__name__].__file__ or "").read_text(encoding="utf-8")
+        start = text.index("\nclass _HostSync:")
+        end = text.index("\ndef _host_sync_source()", start)
+        body = text[start:end].rsplit("\n_HOST_SYNC_SOURCE", 1)[0]
+        _HOST_SYNC_SOURCE.append("from __future__ import annotations\nimport os\n" + body
+                                 + "\n_HostSync.main()\n")
+    return _HOST_SYNC_SOURCE[0]
 
 
 # ============================================================================================
@@ -3271,6 +3591,49 @@ class SSH:
             raise TransferError(f"upload to {self.target.alias}:{target} could not be put in place: "
                                 f"{_last_line(response.stderr) or 'size mismatch'}")
 
+    def stream_command(self, command: str, produce: Callable[[Callable[[bytes], None], Callable[[], bytes]], None],
+                       progress: Callable[[int], None] | None = None) -> Response:
+        """Run ``command`` as a conversation: ``produce(write, readline)`` feeds its stdin and may
+        read its answers line by line as it goes; then the rest of its output is read (not
+        strict). A transfer that stops making progress drops the connection (see _Watchdog)."""
+        channel = self._transfer_channel()
+        watchdog = _Watchdog(self)
+        sent, pending = [0], bytearray()
+
+        def write(data: bytes) -> None:
+            channel.sendall(data)
+            watchdog.tick()
+            sent[0] += len(data)
+            if progress is not None:
+                progress(sent[0])
+
+        def readline() -> bytes:
+            while b"\n" not in pending:
+                chunk = channel.recv(65536)
+                if not chunk:
+                    return b""
+                pending.extend(chunk)
+            line, _, rest = bytes(pending).partition(b"\n")
+            pending[:] = rest
+            return line + b"\n"
+
+        try:
+            channel.exec_command(command)
+            with watchdog:
+                produce(write, readline)
+            channel.shutdown_write()
+            out, err, status = self._drain(channel, max(60.0, 4 * self.timeout), command)
+        except CommandError as exc:  # everything was sent, and then the host went quiet
+            self._lost()
+            raise TransferError(f"upload to {self.target.alias}: the host stopped answering after {sent[0]} "
+                                "bytes", hint="nothing was left under the job's name; run it again") from exc
+        except (OSError, EOFError, _paramiko().SSHException) as exc:
+            raise self._broke_off(f"upload to {self.target.alias}", sent[0], exc, channel, watchdog.fired) from exc
+        finally:
+            channel.close()
+        return Response((bytes(pending) + out).decode("utf-8", "replace"), err.decode("utf-8", "replace"), status,
+                        command, str(self.target))
+
     def _discard(self, staging: str) -> None:
         if not self.is_alive:
             return
@@ -3721,19 +4084,305 @@ REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache",
                  ".tox", "*.egg-info")
 
 
+_EXCLUDED: list[Any] = []
+
+
+def _excluded(relative: str) -> bool:
+    """Whether a path has a part that REPO_EXCLUDES leaves out (one compiled pattern: fnmatch per
+    part and pattern cost a third of a second for 500 files)."""
+    if not _EXCLUDED:
+        import fnmatch
+
+        _EXCLUDED.append(re.compile("|".join(fnmatch.translate(p) for p in REPO_EXCLUDES)))
+    return any(_EXCLUDED[0].match(part) for part in relative.split("/"))
+
+
+def _repo_files(repo: Path) -> list[tuple[str, os.stat_result]]:
+    """What copy_repo sends, relative to the repo, with each file's lstat: for a git work tree,
+    the tracked and the untracked-not-ignored files (git ls-files -co --exclude-standard); else
+    every file; either way without .git, virtual environments and caches (REPO_EXCLUDES)."""
+    import stat
+
+    names: list[str] | None = None
+    if (repo / ".git").exists() and shutil.which("git"):
+        listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-co", "--exclude-standard", "-z"],
+                                capture_output=True, stdin=subprocess.DEVNULL)
+        if listed.returncode == 0:
+            names = [n for n in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
+    if names is None:
+        names = []
+        for folder, dirs, files in os.walk(repo):
+            here = os.path.relpath(folder, repo)
+            prefix = "" if here == "." else here + "/"
+            names += [prefix + name for name in files] + [prefix + d for d in dirs if os.path.islink(Path(folder) / d)]
+            dirs[:] = sorted(d for d in dirs if not _excluded(prefix + d))
+    found = []
+    root = str(repo) + "/"
+    for name in sorted(set(names)):
+        try:
+            info = os.lstat(root + name)
+        except OSError:  # tracked but deleted here
+            continue
+        if (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)) and not _excluded(name):
+            found.append((name, info))
+    return found
+
+
+class _HashCache:
+    """sha256 of local files, remembered by (size, mtime, inode) in ~/.cache/stackops, so that an
+    unchanged tree is not read again at the next submit."""
+
+    def __init__(self) -> None:
+        self.path = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "stackops" / "hashes.json"
+        try:
+            self.known: dict[str, list[Any]] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.known = {}
+        self.changed = False
+
+    def digest(self, path: str, info: os.stat_result) -> str:
+        import hashlib
+
+        stamp = [info.st_size, info.st_mtime_ns, info.st_ino]
+        cached = self.known.get(path)
+        if isinstance(cached, list) and cached[:3] == stamp:
+            return str(cached[3])
+        hasher = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(chunk)
+        self.known[path] = [*stamp, hasher.hexdigest()]
+        self.changed = True
+        return hasher.hexdigest()
+
+    def save(self) -> None:
+        if self.changed:
+            with _suppress(OSError):
+                _atomic_write_json(self.path, self.known)
+
+
+def code_snapshot(repo: Path) -> tuple[str, list[list[Any]], dict[str, Path]]:
+    """The content-addressed snapshot of ``repo`` that copy_repo sends: (its id, its manifest of
+    ``[path, kind, sha256 or link target]`` with kind ``f``, ``x`` (executable) or ``l`` (a link
+    inside the tree), and the local file of each blob)."""
+    import hashlib
+    import stat
+
+    cache = _HashCache()
+    entries: list[list[Any]] = []
+    sources: dict[str, Path] = {}
+    root = str(repo) + "/"
+    for relative, info in _repo_files(repo):
+        if stat.S_ISLNK(info.st_mode):
+            link = os.readlink(root + relative)
+            inside = not os.path.isabs(link) and ".." not in posixpath.normpath(
+                posixpath.join(posixpath.dirname(relative), link)).split("/")
+            if inside:
+                entries.append([relative, "l", link])
+            else:
+                log.warning("left out %s: a link out of the repo (%s)", relative, link)
+            continue
+        digest = cache.digest(root + relative, info)
+        entries.append([relative, "x" if info.st_mode & 0o100 else "f", digest])
+        if digest not in sources:
+            sources[digest] = Path(root + relative)
+    cache.save()
+    identity = hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()[:32]
+    return identity, entries, sources
+
+
+def _materialize_here(repo: Path, entries: list[list[Any]], folder: Path) -> None:
+    """The job's own copy of its snapshot, made on this machine (a local job, or a host that sees
+    this machine's files): copied from the work tree, appearing whole under ``folder``."""
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    made: set[str] = set()
+    try:
+        _mkdir_private(staging)
+        for relative, kind, value in entries:
+            path = f"{staging}/{relative}"
+            parent = os.path.dirname(path)
+            if parent not in made:
+                _mkdir_private(Path(parent))
+                made.add(parent)
+            if kind == "l":
+                os.symlink(value, path)
+                continue
+            with open(f"{repo}/{relative}", "rb") as source:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700 if kind == "x" else 0o600)
+                with os.fdopen(fd, "wb") as copy:
+                    shutil.copyfileobj(source, copy, 1 << 20)
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def scm_version(repo: Path) -> str:
+    """A PEP 440 version from ``git describe`` here, for setuptools-scm / hatch-vcs projects whose
+    snapshot has no .git: ``1.2`` on a tag, ``1.2.post3+gabc1234`` after it, ``0.0.post5+g...``
+    without tags (``.dirty`` added for uncommitted changes); empty outside git."""
+    if not (repo / ".git").exists() or not shutil.which("git"):
+        return ""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    described = git("describe", "--tags", "--long", "--dirty", "--match", "*[0-9]*")
+    match = re.match(r"v?(\d+(?:\.\d+)*)-(\d+)-g([0-9a-f]+)(-dirty)?\Z", described)
+    if match:
+        tag, distance, sha, dirty = match.groups()
+    else:
+        sha = git("rev-parse", "--short", "HEAD")
+        if not sha:
+            return ""
+        tag, distance = "0.0", git("rev-list", "--count", "HEAD") or "0"
+        dirty = "-dirty" if git("status", "--porcelain", "--untracked-files=no") else None
+    if distance == "0" and not dirty:
+        return tag
+    return f"{tag}.post{distance}+g{sha}" + (".dirty" if dirty else "")
+
+
+def _data_items(data: list[str]) -> list[dict[str, Any]]:
+    """Each data path as it travels: its target (home-relative, or absolute outside the home),
+    whether it is a folder, and its files with size and whole-second mtime (and local path)."""
+    items = []
+    for text in data:
+        path = expand_home(text)
+        files: list[list[Any]] = []
+        sources: dict[str, Path] = {}
+        found = [(path, "")] if path.is_file() else []
+        if path.is_dir():
+            for folder, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in sorted(names):
+                    full = Path(folder) / name
+                    if full.is_file():
+                        found.append((full, full.relative_to(path).as_posix()))
+        for full, relative in found:
+            info = full.stat()
+            files.append([relative, info.st_size, int(info.st_mtime)])
+            sources[relative] = full
+        items.append({"target": collapse_home(path), "dir": path.is_dir(), "files": files, "sources": sources})
+    return items
+
+
 def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
-                  data: list[str], progress: Callable[[int], None] | None = None) -> None:
-    """Send the repo (with ``copy_repo``; .git, virtual environments and caches left out), the data
-    and then the job folder to the host over one connection, each to its home-relative place. The
-    folder goes last: on the host, its presence means everything it needs has arrived."""
-    if config.copy_repo:
-        ssh.copy_from_here(expand_home(job_params.repo_path_rh), job_params.repo_path_rh, recursive=True,
-                           overwrite_existing=True, excludes=REPO_EXCLUDES, progress=progress)
-    for item in data:
-        path = expand_home(item)
-        ssh.copy_from_here(path, _home_relative(path), recursive=path.is_dir(), overwrite_existing=True,
-                           progress=progress)
-    ssh.copy_from_here(file_manager.job_root, file_manager.job_root_rh, recursive=True, progress=progress)
+                  data: list[str], progress: Callable[[int], None] | None = None,
+                  snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None) -> bool:
+    """Hand the job over in one remote command: ask the host what it lacks (the code snapshot's
+    blobs, data files that differ, and whether it sees this machine's job folder), then send only
+    that, with the job folder, which the host puts in place (see _HostSync). Nothing outside
+    stackops' own trees is written there except the data files, each replaced whole. Returns True
+    when the host sees this machine's job folder (a shared home): then nothing is sent, and the
+    folder, code and data are used in place."""
+    if config.copy_repo and snapshot is None:
+        snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
+    if snapshot is not None and snapshot[0] != job_params.code_snapshot:
+        raise StackopsError(f"the repo of job {file_manager.job_id} changed since the job was generated",
+                            hint="submit it again under a new job_id")
+    _ident, entries, blobs = snapshot or ("", [], {})
+    items = _data_items(data)
+    base, base_rh = file_manager.job_root.parent, file_manager.job_root_rh.rsplit("/", 1)[0]
+    cache: dict[str, bool] = getattr(ssh, "_sees", None) or {}
+    ssh._sees = cache  # type: ignore[attr-defined]  # one check per host and folder, kept with the connection
+    key, nonce = f"{base}|{base_rh}", f".stackops-nonce-{random.getrandbits(64):016x}"
+    request = {"store": DEFAULT_SNAPSHOT_DIR, "blobs": sorted(blobs), "job_root": file_manager.job_root_rh,
+               "snapshot": job_params.code_snapshot,
+               "nonces": [] if key in cache else [f"{base_rh}/{nonce}"],
+               "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
+    header = {"store": DEFAULT_SNAPSHOT_DIR, "job_root": file_manager.job_root_rh, "manifest": entries,
+              "snapshot": job_params.code_snapshot, "keep_seconds": SNAPSHOT_KEEP_SECONDS,
+              "data": [{"target": item["target"], "dir": item["dir"]} for item in items]}
+    answers: dict[str, Any] = {}
+
+    def produce(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
+        write(repr(request).encode() + b"\n")
+        line = readline()
+        if not line:
+            return  # the host failed before answering: its stderr says why
+        plan = answers["plan"] = _literal(line)
+        cache.setdefault(key, bool(plan["seen"]))
+        if cache[key]:
+            write(b"\n")  # nothing to send: the host sees this machine's files
+            return
+        parts = _hand_over_parts(ssh, file_manager, items, plan, blobs)
+        write(repr(header).encode() + b"\n")
+        for name, path in parts:
+            _send_part(write, name, path)
+        write(repr({"end": True}).encode() + b"\n")
+
+    if key not in cache:
+        _atomic_write_text(base / nonce, nonce)
+    command = f"{shlex.quote(config.python or 'python3')} -S -c {shlex.quote(_host_sync_source())}"
+    try:
+        response = ssh.stream_command(command, produce, progress)
+    finally:
+        with _suppress(FileNotFoundError):
+            os.unlink(base / nonce)
+    if response.returncode != 0 or "plan" not in answers:
+        raise TransferError(f"{ssh.target.alias} could not take the job over: "
+                            f"{_last_line(response.stderr) or 'exit status ' + str(response.returncode)}",
+                            hint="nothing was left under the job's name; is python3 (3.8+) installed there?")
+    if cache[key]:
+        log.info("%s sees this machine's %s: the job is used in place", ssh.target.alias, base_rh)
+    return cache[key]
+
+
+def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, Any]], plan: dict[str, Any],
+                     blobs: dict[str, Path]) -> list[tuple[str, Path | None]]:
+    """What goes to the host after its plan: missing blobs, differing data files, the job folder
+    (None: a folder). Refuses, before anything is sent, a job that exists there or data that
+    cannot be synced."""
+    if plan["job_exists"]:
+        raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias}",
+                          hint="choose another job_id, or leave it out for a fresh one")
+    for item, answer in zip(items, plan["data"]):
+        if "conflict" in answer:
+            raise ConfigError(f"cannot sync {item['target']} to {ssh.target.alias}: {answer['conflict']}",
+                              hint="nothing was sent; move the host's copy aside or rename the data")
+    parts: list[tuple[str, Path | None]] = [(f"b/{digest}", blobs[digest]) for digest in plan["missing"]]
+    for index, (item, answer) in enumerate(zip(items, plan["data"])):
+        parts += [(f"d/{index}/{rel}" if rel else f"d/{index}", item["sources"][rel]) for rel in answer["need"]]
+    root = file_manager.job_root
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        here = Path(folder)
+        if here != root:
+            parts.append((f"j/{here.relative_to(root).as_posix()}", None))
+        parts += [(f"j/{(here / name).relative_to(root).as_posix()}", here / name) for name in sorted(files)]
+    return parts
+
+
+def _literal(line: bytes) -> Any:
+    """A line of plain data the host wrote with repr()."""
+    import ast
+
+    try:
+        return ast.literal_eval(line.decode("utf-8"))
+    except (ValueError, SyntaxError) as exc:
+        raise TransferError(f"the host answered something unreadable: {_shorten(line.decode(errors='replace'), 200)}"
+                            ) from exc
+
+
+def _send_part(write: Callable[[bytes], None], name: str, path: Path | None) -> None:
+    """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes."""
+    if path is None:
+        write(repr({"name": name, "dir": True}).encode() + b"\n")
+        return
+    with open(path, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        write(repr({"name": name, "size": info.st_size, "mode": info.st_mode & 0o777,
+                    "mtime": info.st_mtime}).encode() + b"\n")
+        left = info.st_size
+        while left:
+            chunk = handle.read(min(left, 1 << 20))
+            if not chunk:
+                raise TransferError(f"{path} shrank while it was sent", hint="run it again once it is written")
+            write(chunk)
+            left -= len(chunk)
 
 
 # -- cloud transfer (rclone) ---------------------------------------------------------------------
@@ -3855,7 +4504,7 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
                               hint="install rclone on the host and configure the same remote there")
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
-        _pack(archive, file_manager.job_root, job_params.repo_path_rh if config.copy_repo else None, data)
+        _pack(archive, file_manager.job_root, None, data)  # with copy_repo the folder carries its code
         digest = _sha256_file(archive)
         target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
         _rclone("copyto", str(archive), target, what=f"upload to {target}")
@@ -4097,8 +4746,15 @@ class RemoteMachine:
         for item in self.data:
             if not isinstance(item, str) or not expand_home(item).exists():
                 raise ConfigError(f"data path not found: {item!r}")
-            if config.ssh_host is not None:
-                _home_relative(expand_home(item))
+            if posixpath.normpath(collapse_home(item)) in ("~", "/") or expand_home(item) in Path.home().parents:
+                raise ConfigError(f"data {item!r} is your home or holds it: it would be synced whole",
+                                  hint="name the folder the job needs")
+        if config.copy_repo:
+            repo = expand_home(self.job_params.repo_path_rh)
+            if repo == Path.home() or repo in Path.home().parents or str(repo) == "/":
+                raise ConfigError(f"copy_repo would send {collapse_home(repo)}, your whole home: "
+                                  f"{self.job_params.file_path_rh} is in no repo",
+                                  hint="put the code in a folder of its own (a git repo, ideally)")
         self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources and not self.uses_slurm,
                                         config.max_simultaneous_jobs, config.base_dir, pool=config.pool,
                                         gpus=config.gpus)
@@ -4113,6 +4769,8 @@ class RemoteMachine:
         self.task_ids: list[str] = []  # an array's tasks when some were rerun (else <id>-0, <id>-1, ...)
         self._tasks: list[RemoteMachine] | None = None
         self.launch_command = ""
+        self.shared = False  # the host sees this machine's job folder (a shared home): used in place
+        self._snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None
         self.cloud_sha256 = ""  # the SHA-256 of the archive a cloud transfer uploaded
         self._ssh: SSH | None = None
         self.units: list[str] = []  # the work units a cloud_manager run queued
@@ -4229,6 +4887,7 @@ class RemoteMachine:
                 "file_manager": self.file_manager.to_dict(), "data": self.data,  # kwargs: a file
                 "scripts_generated": self.scripts_generated, "submitted": self.submitted,
                 "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
+                "shared": self.shared,
                 "slurm_job_id": self.slurm_job_id, "task_ids": self.task_ids,
                 "results_path": self.results_path.as_posix() if self.results_path else None,
                 "cloud_sha256": self.cloud_sha256,
@@ -4250,6 +4909,7 @@ class RemoteMachine:
             machine.scripts_generated, machine.submitted = bool(data["scripts_generated"]), bool(data["submitted"])
             machine.results_downloaded = bool(data["results_downloaded"])
             machine.launcher_pid = data.get("launcher_pid")
+            machine.shared = bool(data.get("shared", False))
             machine.slurm_job_id = data.get("slurm_job_id")
             machine.task_ids = list(data.get("task_ids") or [])
             machine.cloud_sha256 = str(data.get("cloud_sha256") or "")
@@ -4297,6 +4957,8 @@ class RemoteMachine:
         source = _own_file()
         if not source.is_file():
             raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
+        if self.config.copy_repo:
+            self._take_snapshot()
         staging = _mkdir_private(root.parent) / f".{self.job_id}.{os.getpid()}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -4314,6 +4976,24 @@ class RemoteMachine:
         self._save()
         log.info("job %s generated at %s", self.job_id, collapse_home(root))
         return self
+
+    def _take_snapshot(self) -> None:
+        """The content-addressed snapshot of the repo this job will run (and, for install_repo,
+        the version git describe gives here, since the snapshot carries no .git)."""
+        repo = expand_home(self.job_params.repo_path_rh)
+        self._snapshot = code_snapshot(repo)
+        self.job_params.code_snapshot = self._snapshot[0]
+        if self.config.install_repo:
+            self.job_params.scm_version = scm_version(repo)
+
+    def _code_here(self, folder: Path) -> None:
+        """Put the job's own copy of its snapshot into ``folder`` (a job folder on this machine)."""
+        if self._snapshot is None:  # a job loaded from its folder: the same tree gives the same snapshot
+            self._snapshot = code_snapshot(expand_home(self.job_params.repo_path_rh))
+        if self._snapshot[0] != self.job_params.code_snapshot:
+            raise StackopsError(f"the repo of job {self.job_id} changed since the job was generated",
+                                hint="submit it again under a new job_id")
+        _materialize_here(expand_home(self.job_params.repo_path_rh), self._snapshot[1], folder / CODE_DIR)
 
     def _exists_error(self) -> ConfigError:
         root = self.file_manager.job_root
@@ -4353,6 +5033,8 @@ class RemoteMachine:
         os.chmod(folder / STACKOPS_COPY, 0o600)
         _ship_bytecode(source, folder / "python")  # the job's start skips compiling this file (~40 ms of CPU)
         _atomic_write_text(folder / STATUS_TXT, "queued")
+        if config.copy_repo and (not self.is_remote or config.transfer_method == "cloud"):
+            self._code_here(folder)  # here, or in the cloud archive: the folder carries its code
         self.scripts_generated = True
         _atomic_write_json(folder / REMOTE_MACHINE_JSON, self.to_dict())
 
@@ -4398,9 +5080,11 @@ class RemoteMachine:
                 _, self.cloud_sha256 = transfer_cloud(self.ssh, self.config, self.job_params,
                                                       self.file_manager, self.data)
             elif self.is_remote:
-                transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data,
-                              progress)
+                self.shared = transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager,
+                                            self.data, progress, self._snapshot)
                 sent = True
+                if self.shared and self.config.copy_repo and not self.file_manager.path(CODE_DIR).exists():
+                    self._code_here(self.file_manager.job_root)
             if not self.is_remote or self.config.transfer_method != "cloud":
                 self._check_notification()  # a cloud job's folder reaches the host only when fired
         except BaseException:
@@ -4479,8 +5163,7 @@ class RemoteMachine:
         command = self.file_manager.get_fire_command(self.config.interactive, join_queue=not self.config.after)
         if self.is_remote and self.config.transfer_method == "cloud":
             check = f"{self._job_command('job-check-email')} && " if self.config.notify_upon_completion else ""
-            repo = self.job_params.repo_path_rh if self.config.copy_repo else None
-            members = _archive_members(self.file_manager.job_root_rh, repo, self.data)
+            members = _archive_members(self.file_manager.job_root_rh, None, self.data)  # code: in the folder
             fetch = cloud_fetch_command(self.config.cloud_name or "", self.job_id,
                                         self.cloud_sha256, members)
             command = f"{fetch} && {check}{command}"
@@ -4742,8 +5425,8 @@ class RemoteMachine:
             report, logs = JobStatus.from_dict(answer["status"]), answer["logs"]
         else:
             report, logs = self.file_manager.parse_status_output(stdout, marker, log_lines)
-        for relative, text in logs.items():
-            if relative.startswith(LOGS + "/") and ".." not in relative:
+        for relative, text in logs.items():  # a shared home has them already: never write them back
+            if relative.startswith(LOGS + "/") and ".." not in relative and not self.shared:
                 _atomic_write_text(self.file_manager.path(relative), text)
         return report
 
@@ -4836,7 +5519,11 @@ class RemoteMachine:
             return self._download_array(target, overwrite, progress)
         if not self.is_remote and not results.exists():
             raise ConfigError(f"the results folder of job {self.job_id}, {collapse_home(results)}, no longer exists")
-        if self.is_remote and self.config.transfer_method == "cloud":
+        if self.shared:  # the host wrote them into the home this machine sees
+            local = expand_home(results.as_posix())
+            if target is not None:
+                local = _copy_local(local, expand_home(target), overwrite)
+        elif self.is_remote and self.config.transfer_method == "cloud":
             local = self._download_via_cloud(results.as_posix(), target, overwrite)
         elif self.is_remote:
             local = self.ssh.copy_to_here(results.as_posix(), target, recursive=True, overwrite=overwrite,
@@ -4910,9 +5597,8 @@ class RemoteMachine:
             for unit_id, part in zip(unit_ids, parts):
                 unit = self._unit(unit_id, part)
                 units.append(unit)
-                repo = unit.job_params.repo_path_rh if config.copy_repo else None
-                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root, repo,
-                                     unit.data)
+                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root, None,
+                                     unit.data)  # with copy_repo the unit's folder carries its code
                 queue.add(unit_id, archive, {"unit": unit_id, "submitted_at": _iso(_utcnow()),
                                              "allowed_remotes": config.allowed_remotes})
         except BaseException:  # all units or none: what went up comes down, what was made here goes
@@ -6513,7 +7199,7 @@ def _add_cluster_args(commands: Any) -> None:
     run.add_argument("--max-num", type=int, default=1000, help="the index range [0, MAX) to split (default 1000)")
     run.add_argument("--max-jobs", type=int, default=1, metavar="N", help="slots per host (default 1)")
     run.add_argument("--strict", action="store_true", help="refuse to launch anywhere if a host is unreachable")
-    run.add_argument("--copy-repo", action="store_true", help="send the repo along to every host")
+    run.add_argument("--copy-repo", action="store_true", help="each job runs its own snapshot of the repo")
     run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
     run.add_argument("--job-id", help="the cluster's id (a safe name)")
     run.add_argument("--description", default="")
@@ -6649,7 +7335,8 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or user@host[:port]); "
                                        "default: this machine")
     parser.add_argument("--copy-repo", action="store_true",
-                        help="send the repo along (without .git, virtual environments and caches)")
+                        help="run a snapshot of the repo as it is here, in the job's own folder "
+                             "(without .git, virtual environments and caches; only new files travel)")
     parser.add_argument("--transfer", choices=TRANSFER_METHODS, default="sftp",
                         help="how the job reaches the host: over SSH (sftp, default) or through cloud storage")
     parser.add_argument("--cloud", metavar="REMOTE[:PATH]",
@@ -6674,9 +7361,11 @@ def _add_run_args(parser: Any) -> None:
                         help="catch the job's exception inside the wrapper (kept with its traceback)")
     parser.add_argument("--interactive", action="store_true",
                         help="run with python -i in a tmux session named after the job")
-    parser.add_argument("--update-repo", action="store_true", help="git pull in the repo before the job")
+    parser.add_argument("--update-repo", action="store_true",
+                        help="git pull the host's own clone before the job (not with --copy-repo)")
     parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo before the job")
-    parser.add_argument("--data", action="append", default=[], metavar="PATH", help="data that goes with the job")
+    parser.add_argument("--data", action="append", default=[], metavar="PATH",
+                        help="sync a file or folder to the same place on the host (only files that differ travel)")
     parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
     parser.add_argument("--gpus", type=int, default=0, metavar="N",
                         help="wait for N of the machine's GPUs (nvidia-smi, or STACKOPS_GPUS=0,1,...) and get "

@@ -2102,7 +2102,8 @@ class SSHD:
     """A real sshd on loopback, stopped by pid."""
 
     def __init__(self, base: Path, user: str, remote_home: Path, client_pub: Path, port: int | None = None,
-                 address: str = "127.0.0.1", prefix: tuple[str, ...] = (), extra: str = "") -> None:
+                 address: str = "127.0.0.1", prefix: tuple[str, ...] = (), extra: str = "",
+                 set_home: bool = False) -> None:
         self.base, self.user, self.remote_home, self.address = base, user, remote_home, address
         self.port = port or _free_port()
         self.host_key = base / f"host_key_{address}_{self.port}"
@@ -2128,7 +2129,7 @@ class SSHD:
             MaxSessions 100
             MaxStartups 100:30:200
             Subsystem sftp internal-sftp
-        """) + (f"SetEnv HOME={remote_home}\n" if os.geteuid() != 0 else "") + extra)
+        """) + (f"SetEnv HOME={remote_home}\n" if os.geteuid() != 0 or set_home else "") + extra)
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.log_path = base / f"sshd_{address}_{self.port}.log"
@@ -2283,12 +2284,13 @@ def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
     assert _tree_hashes(local) == _tree_hashes(remote_results) and len(_tree_hashes(local)) == 3
     import hashlib
     assert (local / "digest.txt").read_text() == hashlib.sha256((home / "data" / "input.csv").read_bytes()).hexdigest()
-    shipped = remote.remote_home / "proj"
+    assert not (remote.remote_home / "proj").exists()  # never ~/<repo>: the job runs its own snapshot
+    shipped = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "remote-crunch" / "code"
     assert (shipped / "rpkg_notes.txt").exists()
     assert not any((shipped / junk).exists() for junk in (".git", "__pycache__", ".venv"))
     where = json.loads((local / "nested" / "deeper" / "where.json").read_text())
     assert where["home"] == str(remote.remote_home)
-    assert where["module"].startswith(str(remote.remote_home / "proj"))  # imported from the shipped repo
+    assert where["module"].startswith(str(shipped))  # imported from the job's own copy of its snapshot
     # the local job folder mirrors the host's logs; nothing on the host names the local home
     assert (machine.file_manager.path("logs/status.txt")).read_text() == "completed"
     remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "remote-crunch"
@@ -2323,7 +2325,8 @@ def test_remote_delete_results_only_its_own(remote, home):
         bad.wait(timeout=60, download=False)  # its "results" are the host's home: nothing to fetch
         with pytest.raises(ConfigError, match="refusing"):
             bad.delete_remote_results()
-    assert remote.remote_home.exists() and (remote.remote_home / "proj").exists()
+    queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert remote.remote_home.exists() and (queued / "remote-home" / "code").is_dir()  # the job's own code copy
 
 
 def test_remote_commands_exact_also_for_large_output(remote, home):
@@ -3056,13 +3059,383 @@ def test_bench_quick_runs(tmp_path):
     wanted = ["connect + run `true`", "50 MiB upload", "50 MiB download", "500 x 4 KiB folder upload",
               "hand a trivial job over (RemoteMachine.run)", "status of a running job, connection open",
               "slot hand-off: one job ends, the next starts", "launch on 4 hosts vs 1 host (Cluster.run)",
-              "CLI start: python stackops.py --help", "peak Python memory during transfers"]
+              "CLI start: python stackops.py --help", "peak Python memory during transfers", "hand-over ratios"]
     assert set(wanted) <= set(rows), sorted(rows)
     assert any(case.endswith("trivial jobs, 4 slots: wall per job") for case in rows)
     for row in rows.values():
         if "reference_s" in row:
             assert row["stackops_s"] > 0 and row["reference_s"] > 0 and row["ratio"] > 0, row
     assert rows["peak Python memory during transfers"]["upload_whole"] > 0
+
+
+
+# -- snapshots, data sync and shared homes: own nothing stackops did not make (issue 11) ----------
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@example.org", "-c", "user.name=t", *args],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def _git_repo(repo: Path, files: dict[str, str]) -> Path:
+    """A git repo with ``files`` committed, a tag, a .venv, an unpushed commit and uncommitted work."""
+    repo.mkdir(parents=True, exist_ok=True)
+    _git(repo, "init", "-q")
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(textwrap.dedent(text))
+    (repo / ".gitignore").write_text(".venv/\nignored.txt\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "first")
+    _git(repo, "tag", "v1.4")
+    (repo / "later.txt").write_text("an unpushed commit")
+    _git(repo, "add", "later.txt")
+    _git(repo, "commit", "-qm", "second")
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "python").write_text("not a python")
+    (repo / "ignored.txt").write_text("ignored")
+    (repo / "uncommitted.txt").write_text("work in progress")
+    return repo
+
+
+VERSIONED = {"vjobs.py": """
+    import os
+
+    VERSION = 1
+
+    def version(seconds=0.0, tag=""):
+        import time
+        time.sleep(seconds)
+        with open("out.txt", "w") as handle:  # relative: into the job's own working folder
+            handle.write(f"{tag} {VERSION}")
+        return {"version": VERSION, "cwd": os.getcwd(), "file": __file__, "tag": tag,
+                "out": open(os.path.join(os.getcwd(), "out.txt")).read()}
+
+    def hold(seconds=30.0):
+        import time
+        time.sleep(seconds)
+"""}
+
+
+def _import_file(path: Path, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ref(repo: Path, func: str) -> str:
+    return f"{repo / 'vjobs.py'}:{func}"
+
+
+def _result(machine: RemoteMachine, remote_home: Path | None = None):
+    report = wait_done(machine, timeout=90)
+    assert report.status == "completed", report.error_message
+    folder = Path(report.results_path.replace("~", str(remote_home or Path.home()), 1))
+    return json.loads((folder / "result.json").read_text())
+
+
+@pytest.fixture
+def same_home(home, sshd):
+    """A host whose login has this machine's home (sshd sets HOME to it): a shared home."""
+    user = sshd.user if os.geteuid() != 0 else "root"
+    server = SSHD(sshd.base, user, home, Path(f"{sshd.client_key}.pub"), set_home=True)
+    server.client_key = sshd.client_key
+    _write_ssh_config(home, server, alias="same")
+    yield server
+    server.stop()
+
+
+def test_snapshot_same_home_host_runs_job_and_leaves_local_repo_identical(same_home, home):
+    repo = _git_repo(home / "repo", VERSIONED)
+    (home / "data").mkdir()
+    (home / "data" / "in.bin").write_bytes(os.urandom(10000))
+    before = _tree_hashes(repo)
+    log_before = _git(repo, "log", "--oneline")
+    cfg = config(job_id="same1", ssh_host="same", copy_repo=True, data=["~/data"])
+    with RemoteMachine(_ref(repo, "version"), config=cfg, func_kwargs={"tag": "s"}) as machine:
+        machine.run()
+        assert machine.shared
+        got = _result(machine, home)
+        assert machine.download_results() == home / "tmp_results" / "tmp_dirs" / "same1"
+    assert got["version"] == 1 and got["out"] == "s 1"
+    assert got["cwd"] == str(machine.file_manager.job_root / "code")
+    assert _tree_hashes(repo) == before and _git(repo, "log", "--oneline") == log_before
+    assert not (repo / "out.txt").exists() and (home / "data" / "in.bin").stat().st_size == 10000
+    leftovers = [p for p in (home / "tmp_results").rglob("*") if ".stackops" in p.name or "partial" in p.name]
+    assert leftovers == []
+
+
+def test_snapshot_host_clone_at_same_path_untouched_and_job_runs_our_code(remote, home):
+    clone = _git_repo(remote.remote_home / "repo", {**VERSIONED, "results.csv": "precious\n"})
+    subprocess.run(["chown", "-R", f"{remote.user}:", str(clone)], check=False)
+    theirs = _tree_hashes(clone)
+    repo = _git_repo(home / "repo", VERSIONED)
+    (repo / "vjobs.py").write_text((repo / "vjobs.py").read_text().replace("VERSION = 1", "VERSION = 7"))
+    with RemoteMachine(_ref(repo, "version"), config=config(job_id="clone1", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"tag": "c"}) as machine:
+        machine.run()
+        got = _result(machine, remote.remote_home)
+    assert got["version"] == 7 and got["out"] == "c 7"
+    assert _tree_hashes(clone) == theirs and not (clone / "out.txt").exists()
+    assert got["file"].startswith(str(remote.remote_home / "tmp_results" / "remote_machines" / "jobs"))
+
+
+def test_snapshot_repo_outside_home_on_host_seeing_that_path_stays_intact(remote, home, tmp_path):
+    repo = _git_repo(tmp_path / "outside" / "repo", VERSIONED)
+    before = _tree_hashes(repo)
+    with RemoteMachine(_ref(repo, "version"), config=config(job_id="out1", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"tag": "o"}) as machine:
+        assert machine.job_params.repo_path_rh == str(repo)  # absolute: outside any home
+        machine.run()
+        got = _result(machine, remote.remote_home)
+    assert got["version"] == 1
+    assert _tree_hashes(repo) == before and not (repo / "out.txt").exists()
+
+
+def test_snapshot_versions_with_busy_slot_and_ten_jobs_keep_their_folders(remote, home):
+    repo = _git_repo(home / "repo", VERSIONED)
+    common = {"ssh_host": "tb", "max_simultaneous_jobs": 1}
+    with RemoteMachine(_ref(repo, "hold"), config=config(job_id="busy", copy_repo=True, **common),
+                       func_kwargs={"seconds": 6.0}) as busy:
+        busy.run()
+        v1 = RemoteMachine(_ref(repo, "version"), config=config(job_id="v1", copy_repo=True, **common))
+        v1.run()
+        (repo / "vjobs.py").write_text((repo / "vjobs.py").read_text().replace("VERSION = 1", "VERSION = 2"))
+        v2 = RemoteMachine(_ref(repo, "version"), config=config(job_id="v2", copy_repo=True, **common))
+        v2.run()
+        assert busy.get_status().status == "running"
+        assert v1.get_status().status in ("queued", "waiting")  # still behind the busy slot
+        assert _result(v1, remote.remote_home)["version"] == 1
+        assert _result(v2, remote.remote_home)["version"] == 2
+    ten = [RemoteMachine(_ref(repo, "version"), config=config(job_id=f"ten{i}", ssh_host="tb", copy_repo=True,
+                                                              max_simultaneous_jobs=4),
+                         func_kwargs={"tag": f"t{i}", "seconds": 0.5}).run() for i in range(10)]
+    for i, machine in enumerate(ten):
+        got = _result(machine, remote.remote_home)
+        assert got["out"] == f"t{i} 2" and got["cwd"].endswith(f"/ten{i}/code")
+        assert (Path(got["cwd"]) / "out.txt").read_text() == f"t{i} 2"
+        machine.close()
+
+
+@pytest.fixture
+def wire(monkeypatch):
+    """Bytes sent on the wire by every SSH connection, counted at the socket."""
+    cls = stackops._quickack_socket()
+    count = [0]
+    original = cls.send
+
+    def send(self, data, *args):
+        sent = original(self, data, *args)
+        count[0] += sent
+        return sent
+
+    monkeypatch.setattr(cls, "send", send, raising=False)
+    return count
+
+
+def test_snapshot_transfer_cost_unchanged_resend_and_one_changed_file(remote, home, wire):
+    import random as _random
+
+    rng = _random.Random(11)
+    repo = home / "big"
+    for i in range(500):
+        (repo / f"pkg{i % 10}").mkdir(parents=True, exist_ok=True)
+        (repo / f"pkg{i % 10}" / f"m{i}.py").write_bytes(rng.randbytes(10000))
+    (repo / "main.py").write_text("def noop():\n    return 'ok'\n")
+    data = home / "bigdata"
+    data.mkdir()
+    for i in range(4):
+        (data / f"part{i}.bin").write_bytes(os.urandom(50 * 1024 * 1024))
+    total = sum(p.stat().st_size for p in [*repo.rglob("*"), *data.rglob("*")] if p.is_file())
+
+    def submit(job_id: str) -> int:
+        wire[0] = 0
+        cfg = config(job_id=job_id, ssh_host="tb", copy_repo=True, data=["~/bigdata"])
+        with RemoteMachine(f"{repo / 'main.py'}:noop", config=cfg) as machine:
+            machine.submit()
+        return wire[0]
+
+    first = submit("cost1")
+    assert first > total
+    unchanged = submit("cost2")
+    assert unchanged < 0.01 * total, (unchanged, total)
+    (repo / "pkg3" / "m3.py").write_bytes(os.urandom(1024 * 1024))  # one changed file: 1 MiB
+    changed = submit("cost3")
+    assert 0.95 * 1024 * 1024 < changed - unchanged < 1.3 * 1024 * 1024, (changed, unchanged)
+    host = remote.remote_home / "bigdata"
+    assert _tree_hashes(host) == _tree_hashes(data)
+
+
+def test_snapshot_data_syncs_per_file_keeps_host_extras_and_refuses_conflicts(remote, home):
+    mod = make_module(home, REMOTE_JOBS, package="dpkg")
+    data = home / "ds"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("one")
+    (data / "sub" / "b.txt").write_text("two")
+    run = lambda job_id: RemoteMachine(mod.sleeper, config=config(job_id=job_id, ssh_host="tb", data=["~/ds"]),
+                                       func_kwargs={"seconds": 0}).run()  # noqa: E731
+    run("ds1").close()
+    host = remote.remote_home / "ds"
+    (host / "theirs.txt").write_text("the host's own file")
+    inode = (host / "sub" / "b.txt").stat().st_ino
+    (data / "a.txt").write_text("changed here")
+    os.utime(data / "a.txt", (time.time() + 5, time.time() + 5))
+    run("ds2").close()
+    assert (host / "a.txt").read_text() == "changed here" and (host / "theirs.txt").exists()
+    assert (host / "sub" / "b.txt").stat().st_ino == inode  # unchanged: not sent, not replaced
+    shutil.rmtree(host / "sub")
+    (host / "sub").write_text("a file where our folder goes")
+    (data / "a.txt").write_text("changed again")
+    with pytest.raises(ConfigError, match="ds"):
+        run("ds3")
+    assert (host / "a.txt").read_text() == "changed here"  # refused before anything was written
+    assert not (remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "ds3").exists()
+
+
+def test_snapshot_data_outside_home_used_in_place_or_refused_never_replaced(remote, home, wire):
+    mod = make_module(home, REMOTE_JOBS, package="opkg")
+    seen = remote.base / f"outside-{os.getpid()}"  # outside both homes, readable by the host's login
+    seen.mkdir(mode=0o755)
+    (seen / "input.bin").write_bytes(os.urandom(2 * 1024 * 1024))
+    (seen / "input.bin").chmod(0o644)
+    try:
+        cfg = config(job_id="outside1", ssh_host="tb", copy_repo=True, data=[str(seen / "input.bin")])
+        with RemoteMachine(mod.crunch, config=cfg, func_kwargs={"data": str(seen / "input.bin"),
+                                                                "out": "~/out/outside1"}) as machine:
+            wire[0] = 0
+            machine.run()
+            assert wire[0] < 1024 * 1024  # the host sees the very file: nothing of it travels
+            assert wait_done(machine).status == "completed"
+        import hashlib
+        digest = (remote.remote_home / "out" / "outside1" / "digest.txt").read_text()
+        assert digest == hashlib.sha256((seen / "input.bin").read_bytes()).hexdigest()
+        private = home.parent / "private-data"  # a folder the host's login cannot read
+        private.mkdir(mode=0o700)
+        (private / "x.csv").write_text("mine")
+        with pytest.raises(ConfigError, match="cannot be read there|other content"):
+            RemoteMachine(mod.sleeper, config=config(job_id="outside2", ssh_host="tb", data=[str(private)])).run()
+        assert (private / "x.csv").read_text() == "mine"
+        assert not (remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "outside2").exists()
+    finally:
+        shutil.rmtree(seen, ignore_errors=True)
+
+
+def test_snapshot_symlinked_home_keeps_paths_home_relative(remote, home, tmp_path, monkeypatch):
+    real = tmp_path / "data-home"
+    home.rename(real)
+    home.symlink_to(real)  # $HOME is the link, as with /home/me -> /data/me
+    assert stackops.collapse_home(real / "repo" / "x.py") == "~/repo/x.py"
+    assert stackops.collapse_home(home / "repo") == "~/repo" and stackops.collapse_home(real) == "~"
+    repo = _git_repo(real / "repo", VERSIONED)
+    machine = RemoteMachine(_ref(repo, "version"), config=config(job_id="sym1", ssh_host="tb", copy_repo=True))
+    assert machine.job_params.repo_path_rh == "~/repo" and machine.job_params.file_path_rh == "~/repo/vjobs.py"
+    with machine:
+        machine.run()
+        assert _result(machine, remote.remote_home)["version"] == 1
+
+
+def test_snapshot_src_layout_hatch_vcs_install_repo(home, tmp_path):
+    pytest.importorskip("hatchling") if not os.environ.get("CI") else None
+    repo = _git_repo(home / "srcproj", {
+        "pyproject.toml": """
+            [build-system]
+            requires = ["hatchling", "hatch-vcs"]
+            build-backend = "hatchling.build"
+            [project]
+            name = "srcpkg-stackops-test"
+            dynamic = ["version"]
+            [tool.hatch.version]
+            source = "vcs"
+            [tool.hatch.build.targets.wheel]
+            packages = ["src/srcpkg"]
+        """,
+        "src/srcpkg/__init__.py": "",
+        "src/srcpkg/jobs.py": """
+            def where():
+                import importlib.metadata, srcpkg
+                return {"file": srcpkg.__file__, "version": importlib.metadata.version("srcpkg-stackops-test")}
+        """})
+    expected = stackops.scm_version(repo)
+    assert expected.startswith("1.4.post1+g")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    cfg = config(job_id="srcjob", copy_repo=True, install_repo=True, python=str(venv / "bin" / "python"))
+    machine = RemoteMachine(str(repo / "src" / "srcpkg" / "jobs.py") + ":where", config=cfg).run()
+    report = wait_done(machine, timeout=240)
+    assert report.status == "completed", report.error_message + report.log_tail
+    got = json.loads((Path(report.results_path.replace("~", str(home), 1)) / "result.json").read_text())
+    assert got["version"] == expected
+    assert got["file"] == str(machine.file_manager.job_root / "code" / "src" / "srcpkg" / "__init__.py")
+    assert not (repo / "src" / "srcpkg_stackops_test.egg-info").exists() and not (repo / "build").exists()
+
+
+def test_snapshot_impossible_combinations_refused_before_anything_is_written(home):
+    repo = _git_repo(home / "repo", VERSIONED)
+    with pytest.raises(ConfigError, match="update_repo"):
+        config(copy_repo=True, update_repo=True)
+    done = cli("run", _ref(repo, "version"), "--copy-repo", "--update-repo", home=home)
+    assert done.returncode == 2 and "update" in done.stderr and len(done.stderr.strip().splitlines()) <= 2
+    (home / "loose.py").write_text("def f():\n    return 1\n")
+    with pytest.raises(ConfigError, match="whole home"):
+        RemoteMachine(f"{home / 'loose.py'}:f", config=config(copy_repo=True))
+    with pytest.raises(ConfigError, match="home"):
+        RemoteMachine(_ref(repo, "version"), config=config(data=["~"]))
+    assert not (home / "tmp_results").exists()
+
+
+def test_snapshot_local_job_runs_its_own_copy(home):
+    repo = _git_repo(home / "repo", VERSIONED)
+    first = RemoteMachine(_ref(repo, "version"), config=config(job_id="loc1", copy_repo=True),
+                          func_kwargs={"seconds": 1.0, "tag": "a"}).run()
+    (repo / "vjobs.py").write_text((repo / "vjobs.py").read_text().replace("VERSION = 1", "VERSION = 2"))
+    second = RemoteMachine(_ref(repo, "version"), config=config(job_id="loc2", copy_repo=True),
+                           func_kwargs={"tag": "b"}).run()
+    assert _result(first)["version"] == 1 and _result(second)["version"] == 2
+    assert first.job_params.code_snapshot != second.job_params.code_snapshot
+    assert not (repo / "out.txt").exists() and (first.file_manager.job_root / "code" / "out.txt").exists()
+    shipped = {p.relative_to(first.file_manager.job_root / "code").as_posix()
+               for p in (first.file_manager.job_root / "code").rglob("*") if p.is_file()}
+    assert shipped == {".gitignore", "vjobs.py", "later.txt", "uncommitted.txt", "out.txt"}
+
+
+def test_snapshot_unused_and_old_snapshots_collected_by_a_later_submit(remote, home):
+    repo = _git_repo(home / "repo", VERSIONED)
+    store = remote.remote_home / "tmp_results" / "remote_machines" / "snapshots"
+    queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    machines = {}
+    for job_id, version in (("gc-gone", 101), ("gc-kept", 102), ("gc-new", 103)):  # snapshots of no other test
+        source = textwrap.dedent(VERSIONED["vjobs.py"])
+        (repo / "vjobs.py").write_text(source.replace("VERSION = 1", f"VERSION = {version}"))
+        machines[job_id] = RemoteMachine(_ref(repo, "version"), config=config(job_id=job_id, ssh_host="tb",
+                                                                              copy_repo=True))
+        with machines[job_id] as machine:
+            machine.submit() if job_id != "gc-new" else None
+        if job_id == "gc-kept":
+            shutil.rmtree(queued / "gc-gone")  # no job refers to the first snapshot any more
+            old = time.time() - 8 * 86400
+            for path in store.rglob("*"):
+                os.utime(path, (old, old))
+    with machines["gc-new"] as machine:
+        machine.submit()
+    names = {p.name for p in store.glob("*.json")}
+    gone, kept, new = (machines[j].job_params.code_snapshot for j in ("gc-gone", "gc-kept", "gc-new"))
+    assert f"{gone}.json" not in names and {f"{kept}.json", f"{new}.json"} <= names
+    blobs = {p.name for p in (store / "blobs").rglob("*") if p.is_file()}
+    import hashlib
+    assert hashlib.sha256(source.replace("VERSION = 1", "VERSION = 101").encode()).hexdigest() not in blobs
+    for job_id in ("gc-kept", "gc-new"):
+        assert (queued / job_id / "code" / "vjobs.py").exists()
+
+
+def test_state_dir_per_machine_same_in_python_and_bash(home, monkeypatch):
+    shell = subprocess.run(["bash", "-c", stackops.STATE_DIR_SH + '; printf %s "$S"'], capture_output=True,
+                           text=True, check=True).stdout
+    assert shell == str(stackops.state_dir()) and stackops.machine_key() in shell
+    monkeypatch.setenv("STACKOPS_STATE_DIR", str(home / "mine"))
+    assert stackops.state_dir() == home / "mine"
 
 
 
@@ -3362,6 +3735,40 @@ def test_cli_list_into_a_closed_pipe_ends_quietly(home):
         proc.wait(timeout=60)
         assert "Traceback" not in err and "BrokenPipe" not in err, (args, err)
         assert proc.returncode != 0, args
+
+
+MEET_JOBS = """
+    import os, time
+
+    def meet(folder, me, count=3, timeout=30.0):
+        folder = os.path.expanduser(folder)
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, me), "w").close()
+        deadline = time.monotonic() + timeout
+        while len(os.listdir(folder)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(os.listdir(folder))
+"""
+
+
+def test_cluster_shared_home_max_one_job_per_machine_runs_three_at_once(cluster_home, nodes):
+    if not nodes.netns:
+        pytest.skip("loopback aliases are one machine (one pid namespace): needs root for namespaces")
+    home = cluster_home
+    mod = make_module(home, MEET_JOBS)
+    machines = [RemoteMachine(mod.meet, config=config(job_id=f"meet{i}", ssh_host=f"node{i}", copy_repo=True,
+                                                      max_simultaneous_jobs=1),
+                              func_kwargs={"folder": "~/meet-point", "me": f"n{i}"}) for i in (1, 2, 3)]
+    for machine in machines:
+        machine.run()
+    try:
+        seen = [_result(machine, nodes.servers[0].remote_home) for machine in machines]
+    finally:
+        for machine in machines:
+            machine.close()
+    assert seen == [3, 3, 3]  # each machine's one slot is its own, though the home is shared
+    state = nodes.servers[0].remote_home / "tmp_results" / "remote_machines" / "file_manager"
+    assert len([p for p in state.iterdir() if p.is_dir()]) >= 3
 
 
 
@@ -4892,7 +5299,6 @@ BAD_INPUT = [  # (arguments, exit status, what the one error line says)
     (["run", "proj/m.py:f", "--job-id", "exists-already"], 2, "already exists"),
     (["run", "proj/m.py:f", "--max-jobs", "0"], 2, "max_simultaneous_jobs"),
     (["run", "proj/m.py:f", "--data", "nope.csv"], 2, "data path not found"),
-    (["run", "proj/m.py:f", "--host", "tb", "--data", "/etc/hostname"], 2, "outside your home"),
     (["run", "proj/m.py:f", "--transfer", "cloud"], 2, "cloud_name"),
     (["run", "proj/m.py:f", "--host", "tb", "--transfer", "cloud", "--cloud", "nosuchremote"], 2,
      "rclone knows no remote"),
