@@ -245,8 +245,8 @@ def _mkdir_private(path: Path) -> Path:
 
 def _untrusted_reason(path: Path) -> str | None:
     """Why someone else could change what is in folder ``path``, or None: like OpenSSH's
-    StrictModes, the folder and each parent up to the first root-owned one must belong to you
-    and be writable by nobody else (a root-owned sticky folder such as /tmp is a fine stop)."""
+    StrictModes, the folder and each parent must belong to you or root and be writable by nobody
+    else; a root-owned sticky folder such as /tmp ends the walk (nobody may rename what is yours)."""
     me = os.getuid()
     current = os.path.realpath(path)
     while True:
@@ -257,7 +257,7 @@ def _untrusted_reason(path: Path) -> str | None:
         if mode & 0o022 and not (owner == 0 and mode & 0o1000):
             return f"{current} is writable by group or others (mode {mode & 0o7777:o})"
         parent = os.path.dirname(current)
-        if owner == 0 or parent == current:
+        if (owner == 0 and mode & 0o1000) or parent == current:
             return None
         current = parent
 
@@ -1226,18 +1226,18 @@ class Slots:
                 _atomic_write_json(self.root / HISTORY_VIEW, history)
 
 
-# The fire command's checks, in bash. _trusted FOLDER WHAT: like OpenSSH's StrictModes, the folder
-# and its parents up to the first root-owned one must be yours and writable by nobody else (a
-# root-owned sticky folder such as /tmp ends the walk); otherwise it sets R to why not.
+# The fire command's checks, in bash. _trusted FOLDER WHAT: as _untrusted_reason, the folder and its
+# parents must be yours (or root's) and writable by nobody else (a root-owned sticky folder such as
+# /tmp ends the walk); otherwise it sets R to why not.
 _FIRE_TRUST_SH = (
-    '_trusted() { local d s o m; R=; d=$(cd "$1" 2>/dev/null && pwd -P) || { R="cannot enter $2 $1"; '
-    'return 1; }; while :; do s=$(stat -Lc "%u %a" -- "$d") || { R="cannot stat $d"; return 1; }; '
-    'o=${s% *}; m=$((8#${s#* })); '
-    'if [ "$o" != 0 ] && [ "$o" != "$(id -u)" ]; then R="refusing $2 $d: it belongs to another user (uid $o)"; '
-    'elif [ $((m & 8#22)) != 0 ] && ! { [ "$o" = 0 ] && [ $((m & 8#1000)) != 0 ]; }; then '
-    'R="refusing $2 $d: it is writable by group or others (mode ${s#* })"; fi; '
-    '[ -z "$R" ] || return 1; '
-    '{ [ "$o" = 0 ] || [ "$d" = / ]; } && return 0; d=$(dirname -- "$d"); done; }')
+    '_trusted() { local d p=() s o m i=0; R=; d=$(cd "$1" 2>/dev/null && pwd -P) || { R="cannot enter $2 $1"; '
+    'return 1; }; while p+=("$d"); [ "$d" != / ]; do d=${d%/*}; d=${d:-/}; done; '
+    's=$(stat -Lc "%u %a" -- "${p[@]}") || { R="cannot check $2 $1"; return 1; }; '
+    'while read -r o m; do d=${p[i]}; i=$((i + 1)); '
+    'if [ "$o" != 0 ] && [ "$o" != "$U" ]; then R="refusing $2 $d: it belongs to another user (uid $o)"; '
+    'elif [ $((8#$m & 8#22)) != 0 ] && ! { [ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ]; }; then '
+    'R="refusing $2 $d: it is writable by group or others (mode $m)"; fi; [ -z "$R" ] || return 1; '
+    '[ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ] && return 0; done <<< "$s"; return 0; }; U=$(id -u)')
 # _failed REASON: the fire failed; the job ends failed with the reason, and the caller is told.
 _FIRE_FAIL_SH = (
     '_failed() { local L="$J/logs"; printf "%s" "$1" > "$L/.e.tmp" && mv -f "$L/.e.tmp" "$L/error_message.txt"; '

@@ -768,18 +768,103 @@ def test_job_existing_id_refused(home):
         RemoteMachine(mod.train, config=config(job_id="twice")).run(run=False)
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None and not os.environ.get("CI"), reason="tmux not installed")
-def test_job_interactive_runs_in_tmux_session(home, tmp_path):
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None and not os.environ.get("CI"), reason="tmux not installed")
+
+
+def _tmux_sessions() -> list[str]:
+    return subprocess.run(["tmux", "list-sessions", "-F", "#{session_name}"], capture_output=True,
+                          text=True).stdout.split()
+
+
+def _end_tmux() -> None:
+    """Stop this test's own tmux server (TMUX_TMPDIR is the test's tmp_path), by its pid."""
+    pid = subprocess.run(["tmux", "display-message", "-p", "#{pid}"], capture_output=True, text=True).stdout.strip()
+    if pid.isdigit():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+@needs_tmux
+def test_job_interactive_runs_in_tmux_session_and_keeps_its_slot_until_it_ends(home, tmp_path):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="inter.active", interactive=True)).run()
     try:
         assert wait_done(machine).status == "completed"
-        sessions = subprocess.run(["tmux", "list-sessions", "-F", "#{session_name}"], capture_output=True,
-                                  text=True).stdout.split()
-        assert "inter_active" in sessions  # python -i keeps the session open for a person to attach
-        assert Slots().holders() == []
+        assert "inter,active" in _tmux_sessions()  # python -i keeps the session open for a person to attach
+        # the REPL holds the job's memory, so it holds the slot too, until the session ends
+        [holder] = Slots().holders()
+        assert holder["job_id"] == "inter.active" and "interactive session" in holder["note"]
+        subprocess.run(["tmux", "kill-session", "-t", "=inter,active:"], check=True)
+        wait_for(lambda: Slots().holders() == [], timeout=10, what="the slot freed by the session's end")
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", "inter_active"], capture_output=True)
+        _end_tmux()
+
+
+@needs_tmux
+def test_job_interactive_ids_that_differ_only_in_dot_or_underscore_get_their_own_sessions(home, tmp_path):
+    mod = make_module(home, JOBS_SOURCE)
+    try:
+        first = RemoteMachine(mod.echo, config=config(job_id="a.b", interactive=True, lock_resources=False),
+                              func_kwargs={"who": "dot"}).run()
+        second = RemoteMachine(mod.echo, config=config(job_id="a_b", interactive=True, lock_resources=False),
+                               func_kwargs={"who": "underscore"}).run()
+        assert wait_done(first).status == "completed" and wait_done(second).status == "completed"
+        assert sorted(_tmux_sessions()) == ["a,b", "a_b"]
+    finally:
+        _end_tmux()
+
+
+@needs_tmux
+def test_job_interactive_fire_that_fails_leaves_no_entry_and_ends_failed(home, tmp_path, monkeypatch):
+    mod = make_module(home, JOBS_SOURCE)
+    try:
+        subprocess.run(["tmux", "new-session", "-d", "-s", "taken", "sleep 120"], check=True)
+        with pytest.raises(ConfigError, match="tmux session taken is taken"):
+            RemoteMachine(mod.echo, config=config(job_id="taken", interactive=True)).run()
+        queue = home / "tmp_results" / "remote_machines" / "file_manager" / "queue"
+        assert not queue.exists() or list(queue.iterdir()) == []
+        report = RemoteMachine.load("taken").get_status()
+        assert report.status == "failed" and "is taken" in report.error_message
+        # no tmux at all: the same, and the next job does not wait behind a dead entry
+        bin_dir = tmp_path / "bin-without-tmux"
+        bin_dir.mkdir()
+        for tool in ("bash", "env", "stat", "id", "mkdir", "date", "mv", "rm", "cat", "setsid", "nohup"):
+            if shutil.which(tool):
+                (bin_dir / tool).symlink_to(shutil.which(tool))
+        monkeypatch.setenv("PATH", str(bin_dir))
+        with pytest.raises(ConfigError, match="need tmux"):
+            RemoteMachine(mod.echo, config=config(job_id="no-tmux", interactive=True)).run()
+        assert RemoteMachine.load("no-tmux").get_status().status == "failed"
+        monkeypatch.undo()
+        started = time.monotonic()
+        after = RemoteMachine(mod.echo, config=config(job_id="after-them")).run()
+        assert wait_done(after).status == "completed" and time.monotonic() - started < 30
+    finally:
+        _end_tmux()
+
+
+@needs_tmux
+def test_job_interactive_runs_with_the_callers_environment_not_the_tmux_servers(home, tmp_path, monkeypatch):
+    (home / "proj").mkdir()
+    (home / "proj" / "envjob.py").write_text(
+        "import os\ndef f():\n    return {k: os.environ.get(k) for k in "
+        "('STACKOPS_STATE_DIR', 'CUDA_VISIBLE_DEVICES', 'PYTHONPATH')}\n")
+    server_env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "PYTHONPATH")}
+    try:  # a tmux server that was started earlier, from another environment
+        subprocess.run(["tmux", "new-session", "-d", "-s", "older", "sleep 120"], check=True, env=server_env)
+        state = home / "my-state"
+        monkeypatch.setenv("STACKOPS_STATE_DIR", str(state))
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+        monkeypatch.setenv("PYTHONPATH", str(home / "libs"))
+        machine = RemoteMachine(str(home / "proj" / "envjob.py") + ":f",
+                                config=config(job_id="env-inter", interactive=True)).run()
+        assert wait_done(machine).status == "completed"
+        seen = json.loads((expand := Path(machine.check_job_status()) / "result.json").read_text())
+        assert seen == {"STACKOPS_STATE_DIR": str(state), "CUDA_VISIBLE_DEVICES": "1",
+                        "PYTHONPATH": str(home / "libs")}, expand
+        assert [h["job_id"] for h in Slots(state).holders()] == ["env-inter"]  # its slot is in the caller's state
+    finally:
+        _end_tmux()
 
 
 # ============================================================================================
