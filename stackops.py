@@ -265,9 +265,14 @@ def _untrusted_reason(path: Path) -> str | None:
 def _trusted_dir(path: Path, what: str) -> Path:
     """Create ``path`` private (0700) if it is missing, and refuse it if anyone but you (or root)
     could change what is inside it: a folder someone else made first is never used."""
-    try:
-        _mkdir_private(path)
-        reason = _untrusted_reason(path)
+    existing = path
+    while not existing.is_dir() and existing != existing.parent:
+        existing = existing.parent
+    try:  # nothing is created inside a folder that is not yours alone
+        reason = _untrusted_reason(existing)
+        if reason is None:
+            _mkdir_private(path)
+            reason = _untrusted_reason(path)
     except OSError as exc:
         raise ConfigError(f"cannot use {what} {path}: {exc.strerror or exc}",
                           hint="check that the folder and its parents are yours") from exc

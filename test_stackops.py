@@ -831,11 +831,12 @@ def test_job_interactive_fire_that_fails_leaves_no_entry_and_ends_failed(home, t
         for tool in ("bash", "env", "stat", "id", "mkdir", "date", "mv", "rm", "cat", "setsid", "nohup"):
             if shutil.which(tool):
                 (bin_dir / tool).symlink_to(shutil.which(tool))
+        path = os.environ["PATH"]
         monkeypatch.setenv("PATH", str(bin_dir))
         with pytest.raises(ConfigError, match="need tmux"):
             RemoteMachine(mod.echo, config=config(job_id="no-tmux", interactive=True)).run()
         assert RemoteMachine.load("no-tmux").get_status().status == "failed"
-        monkeypatch.undo()
+        monkeypatch.setenv("PATH", path)
         started = time.monotonic()
         after = RemoteMachine(mod.echo, config=config(job_id="after-them")).run()
         assert wait_done(after).status == "completed" and time.monotonic() - started < 30
@@ -1123,6 +1124,148 @@ def test_security_hostile_base_dir_for_a_remote_job(remote, home):
     assert (remote.remote_home / "jobs $(touch PWNED) `touch PWNED` 'q\" ;x\nnext" / "queued" / "hostile-base").is_dir()
     for where in (remote.remote_home, home, Path.cwd()):
         assert not list(where.rglob("PWNED")), where
+
+
+# -- another user must never run code as you, nor block you ------------------------------------
+
+@contextlib.contextmanager
+def _other_account():
+    """The uid of a throwaway local account (created as root, unique name, removed after)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second local account")
+    import pwd
+
+    name = f"sox{os.getpid()}x{next(_counter)}"
+    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", "-d", "/nonexistent", name], check=True)
+    try:
+        yield pwd.getpwnam(name).pw_uid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+def _planted_pyc(path: Path) -> None:
+    """Bytecode that passes the hash check of the real stackops.py but drops a PWNED file in $HOME."""
+    import importlib.util
+    import py_compile
+
+    evil = path.parent / "evil.py"
+    evil.write_text("import os\nopen(os.path.join(os.environ['HOME'], 'PWNED'), 'w').close()\n")
+    py_compile.compile(str(evil), cfile=str(path), invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    evil.unlink()
+    data = bytearray(path.read_bytes())
+    data[8:16] = importlib.util.source_hash(SOURCE.read_bytes())
+    path.write_bytes(bytes(data))
+
+
+def _cached_pyc_name() -> str:
+    import hashlib
+
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:20]
+    return f"{SOURCE.stem}-{digest}.{sys.implementation.cache_tag}.pyc"
+
+
+@pytest.mark.parametrize("which", ["base", "state", "cache"])
+def test_security_a_folder_another_user_made_first_is_refused(home, tmp_path, monkeypatch, which):
+    mod = make_module(home, JOBS_SOURCE)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    with _other_account() as uid:
+        os.chown(shared, uid, uid)  # she made it first (0755: only she may write there)
+        kwargs = {}
+        if which == "base":
+            kwargs["base_dir"] = str(shared)
+        elif which == "state":
+            monkeypatch.setenv("STACKOPS_STATE_DIR", str(shared))
+        else:
+            (shared / "stackops").mkdir(mode=0o755)
+            _planted_pyc(shared / "stackops" / _cached_pyc_name())
+            os.chown(shared / "stackops", uid, uid)
+            monkeypatch.setenv("XDG_CACHE_HOME", str(shared))
+        before = sorted(p.name for p in shared.rglob("*"))
+        with pytest.raises(ConfigError, match="belongs to another user"):
+            RemoteMachine(mod.echo, config=config(job_id=f"shared-{which}", **kwargs), func_kwargs={"a": 1}).run()
+        assert sorted(p.name for p in shared.rglob("*")) == before  # nothing written into her folder
+        if which == "state":  # the job folder is ours: it says why the job never ran
+            report = RemoteMachine.load(f"shared-{which}").get_status()
+            assert report.status == "failed" and "belongs to another user" in report.error_message
+    assert not (home / "PWNED").exists()
+
+
+def test_security_folders_others_may_write_are_refused_with_one_line(home, tmp_path):
+    mod = make_module(home, JOBS_SOURCE)
+    open_parent = tmp_path / "open"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)  # not sticky: anyone may rename what is inside
+    cases = {"base": ["--base-dir", str(open_parent / "jobs")],
+             "state": ["--base-dir", str(home / "jobs")]}
+    env = dict(os.environ, HOME=str(home), STACKOPS_STATE_DIR=str(open_parent / "state"))
+    for which, extra in cases.items():
+        (home / "proj").mkdir(exist_ok=True)
+        (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+        done = subprocess.run([sys.executable, str(SOURCE), "run", "proj/m.py:f", "--job-id", f"open-{which}",
+                               *extra], cwd=home, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        [line, hint] = done.stderr.strip().splitlines()
+        assert "writable by group or others (mode 777)" in line and str(open_parent) in line, line
+        assert hint.startswith("stackops: hint: ")
+    assert not (open_parent / "jobs").exists() or not list((open_parent / "jobs").rglob("f"))
+    queue = open_parent / "state" / "queue"
+    assert not queue.exists()  # no queue entry written into it
+    group = home / "group-cache"
+    (group / "stackops").mkdir(parents=True)
+    (group / "stackops").chmod(0o770)
+    env = dict(env, XDG_CACHE_HOME=str(group))
+    env.pop("STACKOPS_STATE_DIR")
+    done = subprocess.run([sys.executable, str(SOURCE), "run", "proj/m.py:f", "--job-id", "group-cache"],
+                          cwd=home, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "refusing bytecode cache" in done.stderr, done.stderr
+
+
+def test_security_cached_bytecode_you_did_not_write_never_runs(home, monkeypatch):
+    mod = make_module(home, JOBS_SOURCE)
+    cache = home / ".cache" / "stackops"
+    cache.mkdir(parents=True, mode=0o700)
+    planted = cache / _cached_pyc_name()
+    _planted_pyc(planted)
+    with _other_account() as uid:
+        os.chown(planted, uid, uid)  # root (or a restore from a backup) left a file that is not yours
+        machine = RemoteMachine(mod.echo, config=config(job_id="own-pyc"), func_kwargs={"a": 1}).run()
+        assert wait_done(machine).status == "completed"
+    assert not (home / "PWNED").exists()
+    assert planted.stat().st_uid == os.getuid()  # compiled anew, by you
+
+
+def test_security_unopenable_slot_file_is_an_error_with_a_hint(home):
+    mod = make_module(home, JOBS_SOURCE)
+    slots = home / "tmp_results" / "remote_machines" / "file_manager" / "slots"
+    slots.mkdir(parents=True)
+    (slots / "slot-0.lock").mkdir()  # whatever the cause, os.open fails on it
+    machine = RemoteMachine(mod.echo, config=config(job_id="slot-blocked"), func_kwargs={"a": 1}).run()
+    report = wait_done(machine)
+    assert report.status == "failed" and "cannot open slot file" in report.error_message
+    shown = cli("queue", home=home)
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr
+    assert shown.stderr.startswith("stackops: error: cannot open slot file") and "hint: " in shown.stderr
+
+
+def test_security_relative_state_dir_is_one_queue_for_submitter_and_wrapper(home, tmp_path):
+    counter = tmp_path / "counter.json"
+    env = dict(os.environ, HOME=str(home), STACKOPS_STATE_DIR="state-here")
+    for repo in ("r1", "r2"):  # each job's wrapper runs in its own repo folder
+        (home / repo).mkdir()
+        (home / repo / "m.py").write_text(textwrap.dedent(JOBS_SOURCE))
+    (home / "work").mkdir()
+    for k, repo in enumerate(("r1", "r2", "r1")):
+        done = subprocess.run([sys.executable, str(SOURCE), "run", f"{home}/{repo}/m.py:counted", "--job-id",
+                               f"rel-{k}", "--max-jobs", "1", "--kwargs",
+                               json.dumps({"i": k, "counter": str(counter), "seconds": 1.0})],
+                              cwd=home / "work", env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    for k in range(3):
+        wait_done(RemoteMachine.load(f"rel-{k}"), timeout=60)
+    assert json.loads(counter.read_text()) == [0, 1]  # never two at once
+    assert (home / "work" / "state-here" / "slots").is_dir()
+    assert not (home / "r1" / "state-here").exists() and not (home / "r2" / "state-here").exists()
 
 
 # ============================================================================================
