@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -1585,7 +1586,7 @@ def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
     with again:
         results = again.wait(timeout=60)
         assert results.as_posix() == "~/out/crunch"
-        local = again.download_results(None)
+        local = again.download_results(home / "out" / "crunch")  # not the job's own folder: say where
     assert local == home / "out" / "crunch"
     remote_results = remote.remote_home / "out" / "crunch"
     assert _tree_hashes(local) == _tree_hashes(remote_results) and len(_tree_hashes(local)) == 3
@@ -1777,7 +1778,7 @@ def test_remote_cli_run_status_download_ssh_copy(remote, home):
     assert "completed" in done.stdout
     status = json.loads(cli("status", "cli-remote", "--json", home=home).stdout)
     assert status["status"] == "completed" and status["results_path"] == "~/cli-out"
-    got = cli("download", "cli-remote", home=home)
+    got = cli("download", "cli-remote", "--to", "cli-out", home=home)
     assert got.returncode == 0 and (home / "cli-out" / "n.txt").read_text() == "7"
     assert "JOB COMPLETED" in cli("logs", "cli-remote", home=home).stdout
     ssh = cli("ssh", "tb", "--", "echo hi; exit 6", home=home)
@@ -1826,6 +1827,222 @@ def test_remote_cli_send_key(remote, home):
     assert "added" in first.stdout and "already" in again.stdout, first.stderr
     missing = cli("send-key", "tb", "--key", str(home / "nope.pub"), home=home)
     assert missing.returncode == 2 and "no public key" in missing.stderr
+
+
+# -- what a host says is data, not a command; keys and modes -------------------------------------
+
+def test_remote_download_without_target_only_into_the_jobs_own_results_folder(remote, home):
+    mod = make_module(home, JOBS_SOURCE)
+    with RemoteMachine(mod.train, config=config(job_id="says-ls", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"out": "~/.local/bin/ls"}) as machine:
+        machine.run()
+        assert machine.wait(timeout=60).as_posix() == "~/.local/bin/ls"
+        with pytest.raises(ConfigError, match="outside the job's own results folder"):
+            machine.download_results(None)
+        assert not (home / ".local").exists()
+        assert (machine.download_results(home / "got") / "model.txt").read_text() == "epochs=1\n"
+    with RemoteMachine(mod.echo, config=config(job_id="own-results", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"a": 1}) as machine:
+        machine.run()
+        machine.wait(timeout=60)
+        assert machine.download_results(None) == home / "tmp_results" / "tmp_dirs" / "own-results"
+    # a host that rewrites the record afterwards is not obeyed either
+    record = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "own-results" / \
+        "logs" / "results_folder_path.txt"
+    record.write_text("~/tmp_results/tmp_dirs/own-results/../../../.ssh")
+    again = RemoteMachine.load("own-results")
+    again.results_path = None
+    with again, pytest.raises(ConfigError, match="outside the job's own results folder"):
+        again.download_results(None)
+    shown = cli("download", "says-ls", home=home)
+    assert shown.returncode == 2 and "--to" in shown.stderr and not (home / ".local").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's extraction would chown (the host's user differs)")
+def test_remote_download_as_root_keeps_nothing_of_the_hosts_owner_or_setuid(remote, home):
+    with stackops.SSH.from_config_file("tb") as ssh:
+        ssh.run_shell_cmd_on_remote("rm -rf ~/owned && mkdir -p ~/owned/sub && echo x > ~/owned/sub/f && "
+                                    "chmod 4755 ~/owned/sub/f")
+        local = ssh.copy_to_here("~/owned", home / "owned", recursive=True)
+    paths = [local, *local.rglob("*")]
+    assert {path.stat().st_uid for path in paths} == {os.getuid()}
+    assert (local / "sub" / "f").stat().st_mode & 0o7777 == 0o755
+
+
+def _processes_running(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "cmdline").read_bytes().replace(b"\0", b" ").strip() == text.encode():
+                    found.append(int(entry.name))
+    return found
+
+
+def test_remote_command_that_timed_out_does_not_run_on(remote, home):
+    marker = f"sleep {900000 + os.getpid() % 1000}"
+    try:
+        with stackops.SSH.from_config_file("tb") as ssh:
+            with pytest.raises(stackops.CommandError) as info:
+                ssh.run_shell_cmd_on_remote(marker, timeout=1)
+            wait_for(lambda: not _processes_running(marker), timeout=10, what="the timed-out command to end")
+            assert "timed out after 1s; the host was asked to kill it" in str(info.value)
+            assert ssh.run_shell_cmd_on_remote("echo still usable").stdout == "still usable\n"
+    finally:
+        for pid in _processes_running(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_remote_send_key_mends_a_last_line_and_knows_a_key_with_options(remote, home):
+    keys = {name: home / f"k-{name}" for name in ("old", "new", "opt")}
+    for name, path in keys.items():
+        _keygen(path, f"key-{name}")
+    blob = {name: Path(f"{path}.pub").read_text().split() for name, path in keys.items()}
+    with stackops.SSH.from_config_file("tb") as ssh:
+        saved = ssh.run_shell_cmd_on_remote("cat ~/.ssh/authorized_keys 2>/dev/null || true").stdout
+        try:
+            old_line = " ".join(blob["old"][:2]) + " no-newline-after-me"
+            opt_line = 'from="127.0.0.1,::1",no-port-forwarding ' + " ".join(blob["opt"][:2]) + " restricted"
+            ssh.run_shell_cmd_on_remote(f"mkdir -p ~/.ssh && printf %s {shlex.quote(old_line)} > ~/.ssh/authorized_keys")
+            assert ssh.send_ssh_key(f"{keys['new']}.pub") is True
+            text = (remote.remote_home / ".ssh" / "authorized_keys").read_text()
+            assert text.splitlines()[0] == old_line and text.endswith("\n")
+            for name in ("old", "new"):  # both keys work: nothing was glued together
+                with stackops.SSH.from_config_file("tb", ssh_key_path=str(keys[name])) as other:
+                    assert other.run_shell_cmd_on_remote("echo in").stdout == "in\n"
+            ssh.run_shell_cmd_on_remote(f"printf '%s\\n' {shlex.quote(opt_line)} >> ~/.ssh/authorized_keys")
+            before = (remote.remote_home / ".ssh" / "authorized_keys").read_text()
+            assert ssh.send_ssh_key(f"{keys['opt']}.pub") is False  # installed, with its options: kept so
+            assert (remote.remote_home / ".ssh" / "authorized_keys").read_text() == before
+        finally:
+            ssh.run_shell_cmd_on_remote(f"printf %s {shlex.quote(saved)} > ~/.ssh/authorized_keys")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a throwaway account with a password and an sshd "
+                                                "that checks passwords")
+def test_remote_cli_send_key_prompts_for_the_password_on_a_terminal(sshd, home, tmp_path):
+    import pty
+    import select
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="stackops-pw-"))
+    base.chmod(0o755)
+    user, password = f"sop{os.getpid()}", f"pw-{os.getpid()}-secret"
+    pw_home = base / "home"
+    subprocess.run(["useradd", "-M", "-s", "/bin/bash", "-d", str(pw_home), user], check=True)
+    server = None
+    try:
+        pw_home.mkdir(mode=0o700)
+        shutil.chown(pw_home, user, user)
+        subprocess.run(["chpasswd"], input=f"{user}:{password}\n", text=True, check=True)
+        port = _free_port()
+        _keygen(base / "host_key", "pw-host")
+        (base / "sshd.conf").write_text(textwrap.dedent(f"""
+            Port {port}
+            ListenAddress 127.0.0.1
+            HostKey {base / "host_key"}
+            PidFile none
+            AuthorizedKeysFile .ssh/authorized_keys
+            PubkeyAuthentication yes
+            PasswordAuthentication yes
+            KbdInteractiveAuthentication no
+            UsePAM no
+            StrictModes no
+            AllowUsers {user}
+        """))
+        server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd.conf")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"],
+                                        capture_output=True).returncode == 0, timeout=10, what="sshd")
+        (home / ".ssh").mkdir(mode=0o700)
+        _keygen(home / ".ssh" / "id_ed25519", "me")
+        (home / ".ssh" / "config").write_text(f"Host pw\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n"
+                                              "  IdentityFile ~/.ssh/id_ed25519\n")
+        (home / ".ssh" / "known_hosts").write_text(
+            f"[127.0.0.1]:{port} " + " ".join((base / "host_key.pub").read_text().split()[:2]) + "\n")
+        env = dict(os.environ, HOME=str(home))
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: send-key on a terminal
+            os.chdir(home)
+            os.execve(sys.executable, [sys.executable, str(SOURCE), "send-key", "pw"], env)
+        seen, answered = b"", False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+            if not answered and b"password" in seen:
+                os.write(fd, password.encode() + b"\n")
+                answered = True
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+        assert answered and os.waitstatus_to_exitcode(status) == 0, seen
+        assert b"key added to pw" in seen and password.encode() not in seen.replace(b"\r\n", b"\n")
+        with stackops.SSH.from_config_file("pw") as ssh:  # the key works now, no password
+            assert ssh.run_shell_cmd_on_remote("echo in").stdout == "in\n"
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        with contextlib.suppress(AssertionError):  # its sessions end a moment after the connections
+            wait_for(lambda: subprocess.run(["pgrep", "-u", user], capture_output=True).returncode != 0,
+                     timeout=10, what=f"the processes of {user} to end")
+        subprocess.run(["userdel", user], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _remote_umask_zero(remote):
+    """The host's login shell runs with umask 0 (its ~/.bashrc says so) while the block runs."""
+    bashrc = remote.remote_home / ".bashrc"
+    saved = bashrc.read_bytes() if bashrc.exists() else None
+    with stackops.SSH.from_config_file("tb") as ssh:
+        ssh.run_shell_cmd_on_remote("echo 'umask 0' >> ~/.bashrc")
+    try:
+        yield
+    finally:
+        if saved is None:
+            bashrc.unlink()
+        else:
+            bashrc.write_bytes(saved)
+
+
+def test_remote_single_file_upload_keeps_its_mode_even_under_umask_zero(remote, home):
+    with _remote_umask_zero(remote), stackops.SSH.from_config_file("tb") as ssh:
+        assert ssh.run_shell_cmd_on_remote("umask").stdout.strip() in ("0", "0000")
+        for mode in (0o600, 0o640, 0o755):
+            source = home / f"m{mode:o}.txt"
+            source.write_text("secret")
+            source.chmod(mode)
+            for compress in (False, True):
+                target = f"~/modes/{mode:o}-{compress}"
+                ssh.copy_from_here(source, target, compress_with_zip=compress)
+                arrived = remote.remote_home / "modes" / f"{mode:o}-{compress}"
+                assert arrived.stat().st_mode & 0o777 == mode and arrived.read_text() == "secret"
+
+
+def test_remote_copy_z_compresses_a_single_file_both_ways(remote, home):
+    source = home / "zeros.bin"
+    source.write_bytes(b"\0" * (4 * 2**20))
+    counted = []
+    with stackops.SSH.from_config_file("tb") as ssh:
+        ssh.copy_from_here(source, "~/zeros.bin", compress_with_zip=True, progress=counted.append)
+        assert (remote.remote_home / "zeros.bin").read_bytes() == source.read_bytes()
+        assert counted and counted[-1] < 2**20 / 10  # what crossed the wire: compressed
+        counted.clear()
+        back = ssh.copy_to_here("~/zeros.bin", home / "zeros-back.bin", compress_with_zip=True,
+                                progress=counted.append)
+        assert back.read_bytes() == source.read_bytes()
+        assert counted and counted[-1] < 2**20 / 10
+    shown = cli("copy", "-z", "zeros.bin", "tb:~/zeros-cli.bin", home=home)
+    assert shown.returncode == 0 and (remote.remote_home / "zeros-cli.bin").stat().st_size == 4 * 2**20
 
 
 @pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"), reason="no sshd")
@@ -2118,6 +2335,23 @@ def test_email_config_checked_at_submit(home, smtp):
                     "launcher_pid.txt").exists()
 
 
+def test_email_plain_with_a_password_refused_unless_allowed_in_so_many_words(home, smtp):
+    _, path = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    entry = json.loads(path.read_text())["test"]
+    path.write_text(json.dumps({"test": dict(entry, user="me", password="hunter2")}))
+    notify = {"notify_upon_completion": True, "to_email": "me@test.invalid", "email_config_name": "test"}
+    with pytest.raises(ConfigError, match="password in clear text") as info:
+        RemoteMachine(mod.train, config=config(job_id="mail-plain", **notify)).run()
+    assert "allow_plaintext_auth" in info.value.hint and "hunter2" not in str(info.value)
+    assert not (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "mail-plain" / "logs" /
+                "launcher_pid.txt").exists()  # refused before anything was launched
+    with pytest.raises(ConfigError, match="clear text"):  # the sender checks too, whoever calls it
+        stackops.send_job_email(dict(entry, user="me", password="hunter2"), "me@test.invalid", "s", "b")
+    path.write_text(json.dumps({"test": dict(entry, user="me", password="hunter2", allow_plaintext_auth=True)}))
+    assert stackops.load_email_config("test")["allow_plaintext_auth"] is True
+
+
 def test_email_from_a_remote_job_and_checked_on_the_host(remote, home, smtp):
     received, local_config = smtp
     mod = make_module(home, JOBS_SOURCE)
@@ -2209,7 +2443,7 @@ def test_cloud_transfer_job_runs_and_results_come_back(remote, home, clouds, kin
                                                              "out": f"~/out/cloud-{kind}"}) as machine:
         machine.run()
         assert machine.wait(timeout=90).as_posix() == f"~/out/cloud-{kind}"
-        local = machine.download_results(None)
+        local = machine.download_results(home / "out" / f"cloud-{kind}")
     remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / f"cloud-{kind}"
     for part in ("data", "python", "shell"):  # the folder arrived whole (but the laptop's own bookkeeping)
         sent, arrived = (_tree_hashes(root / part) for root in (machine.file_manager.job_root, remote_job))
