@@ -246,7 +246,8 @@ def _mkdir_private(path: Path) -> Path:
 def _untrusted_reason(path: Path) -> str | None:
     """Why someone else could change what is in folder ``path``, or None: like OpenSSH's
     StrictModes, the folder and each parent must belong to you or root and be writable by nobody
-    else; a root-owned sticky folder such as /tmp ends the walk (nobody may rename what is yours)."""
+    else; a root-owned sticky folder such as /tmp ends the walk (nobody may rename what is
+    yours there)."""
     me = os.getuid()
     current = os.path.realpath(path)
     while True:
@@ -278,7 +279,8 @@ def _trusted_dir(path: Path, what: str) -> Path:
                           hint="check that the folder and its parents are yours") from exc
     if reason is not None:
         raise ConfigError(f"refusing {what} {path}: {reason}",
-                          hint="use a folder of your own (chmod go-w; or remove one another user made)")
+                          hint="use a folder of your own (chmod go-w; or remove one another user "
+                               "made)")
     return path
 
 
@@ -1235,24 +1237,31 @@ class Slots:
 # parents must be yours (or root's) and writable by nobody else (a root-owned sticky folder such as
 # /tmp ends the walk); otherwise it sets R to why not.
 _FIRE_TRUST_SH = (
-    '_trusted() { local d p=() s o m i=0; R=; d=$(cd "$1" 2>/dev/null && pwd -P) || { R="cannot enter $2 $1"; '
-    'return 1; }; while p+=("$d"); [ "$d" != / ]; do d=${d%/*}; d=${d:-/}; done; '
+    '_trusted() { local d p=() s o m i=0; R=; '
+    'd=$(cd "$1" 2>/dev/null && pwd -P) || { R="cannot enter $2 $1"; return 1; }; '
+    'while p+=("$d"); [ "$d" != / ]; do d=${d%/*}; d=${d:-/}; done; '
     's=$(stat -Lc "%u %a" -- "${p[@]}") || { R="cannot check $2 $1"; return 1; }; '
     'while read -r o m; do d=${p[i]}; i=$((i + 1)); '
-    'if [ "$o" != 0 ] && [ "$o" != "$U" ]; then R="refusing $2 $d: it belongs to another user (uid $o)"; '
+    'if [ "$o" != 0 ] && [ "$o" != "$U" ]; then '
+    'R="refusing $2 $d: it belongs to another user (uid $o)"; '
     'elif [ $((8#$m & 8#22)) != 0 ] && ! { [ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ]; }; then '
     'R="refusing $2 $d: it is writable by group or others (mode $m)"; fi; [ -z "$R" ] || return 1; '
-    '[ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ] && return 0; done <<< "$s"; return 0; }; U=$(id -u)')
+    '[ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ] && return 0; '
+    'done <<< "$s"; return 0; }; U=$(id -u)')
 # _failed REASON: the fire failed; the job ends failed with the reason, and the caller is told.
 _FIRE_FAIL_SH = (
-    '_failed() { local L="$J/logs"; printf "%s" "$1" > "$L/.e.tmp" && mv -f "$L/.e.tmp" "$L/error_message.txt"; '
-    'printf "%s" "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)" > "$L/.n.tmp" && mv -f "$L/.n.tmp" "$L/end_time.txt"; '
-    'printf failed > "$L/.s.tmp" && mv -f "$L/.s.tmp" "$L/status.txt"; echo "stackops: error: $1" >&2; exit 3; }')
-# An interactive job runs with the tmux server's environment unless told: these come from the caller.
-TMUX_PASSED_ENV = ("STACKOPS_STATE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PATH", "HOME", "VIRTUAL_ENV",
-                   "CONDA_PREFIX", "LD_LIBRARY_PATH")
+    '_failed() { local L="$J/logs"; '
+    'printf "%s" "$1" > "$L/.e.tmp" && mv -f "$L/.e.tmp" "$L/error_message.txt"; '
+    'printf "%s" "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)" > "$L/.n.tmp" '
+    '&& mv -f "$L/.n.tmp" "$L/end_time.txt"; '
+    'printf failed > "$L/.s.tmp" && mv -f "$L/.s.tmp" "$L/status.txt"; '
+    'echo "stackops: error: $1" >&2; exit 3; }')
+# An interactive job would run with the tmux server's environment: these come from the caller.
+TMUX_PASSED_ENV = ("STACKOPS_STATE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PATH", "HOME",
+                   "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH")
 _FIRE_ENV_SH = ("{ U=(); A=(); for v in " + " ".join(TMUX_PASSED_ENV) + "; do "
-                'if [ -n "${!v+x}" ]; then A+=("$v=${!v}"); else U+=(-u "$v"); fi; done; E=("${U[@]}" "${A[@]}"); }')
+                'if [ -n "${!v+x}" ]; then A+=("$v=${!v}"); else U+=(-u "$v"); fi; done; '
+                'E=("${U[@]}" "${A[@]}"); }')
 
 
 def tmux_session_name(job_id: str) -> str:
@@ -1282,7 +1291,7 @@ class FileManager:
         self.job_root = expand_home(self.job_root_rh)
         self._slot: tuple[int, int] | None = None
         self.admitted_at: _dt.datetime | None = None  # when this process got its slot
-        self.state_dir: str | None = None  # absolute, fixed at submit; None: STACKOPS_STATE_DIR where it runs
+        self.state_dir: str | None = None  # absolute, fixed at submit; None: the machine's own
 
     def __repr__(self) -> str:
         return f"FileManager({self.job_id!r}, job_root={self.job_root_rh!r})"
@@ -1323,7 +1332,7 @@ class FileManager:
         return cls.from_dict(_read_json(root / FILE_MANAGER_JSON), job_root=root)
 
     def slots(self) -> Slots:
-        """The slots and queue this job uses: the state folder fixed at submit, else this machine's."""
+        """The slots and queue of this job: the state folder fixed at submit, else the machine's."""
         return Slots(Path(self.state_dir)) if self.state_dir else Slots()
 
     def _job_root_sh(self) -> str:
@@ -1339,28 +1348,32 @@ class FileManager:
         taken session) leaves no queue entry and ends the job ``failed`` with the reason."""
         parts = ["umask 077", f"J={self._job_root_sh()}",
                  'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }',
-                 _FIRE_TRUST_SH, '{ _trusted "$J" "job folder" || { echo "stackops: error: $R" >&2; exit 3; }; }',
-                 _FIRE_FAIL_SH]
+                 _FIRE_TRUST_SH, _FIRE_FAIL_SH,
+                 '{ _trusted "$J" "job folder" || { echo "stackops: error: $R" >&2; exit 3; }; }']
         session = shlex.quote(tmux_session_name(self.job_id))
         if interactive:
             taken = shlex.quote(f"tmux session {tmux_session_name(self.job_id)} is taken")
-            parts += ['{ command -v tmux >/dev/null || _failed "interactive jobs need tmux, which is not installed"; }',
+            missing = '"interactive jobs need tmux, which is not installed"'
+            parts += [f"{{ command -v tmux >/dev/null || _failed {missing}; }}",
                       f"{{ ! tmux has-session -t ={session}: 2>/dev/null || _failed {taken}; }}"]
         entry = ""
         if self.lock_resources:
             where = shlex.quote(self.state_dir) if self.state_dir else \
                 '"${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"'
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
-            parts += [f"S={where}", 'case $S in /*) ;; *) S="$PWD/$S" ;; esac', 'export STACKOPS_STATE_DIR="$S"',
-                      'mkdir -p -m 700 "$S"', '{ _trusted "$S" "state folder" || _failed "$R"; }',
-                      'mkdir -p -m 700 "$S/queue" "$S/slots"',
-                      "t=$(date +%s%N)", f'printf "%s" "$J" > {entry}', 'printf "%s" "$t" > "$J/logs/ticket.txt"']
+            parts += [f"S={where}", 'case $S in /*) ;; *) S="$PWD/$S" ;; esac',
+                      'export STACKOPS_STATE_DIR="$S"', 'mkdir -p -m 700 "$S"',
+                      '{ _trusted "$S" "state folder" || _failed "$R"; }',
+                      'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
+                      f'printf "%s" "$J" > {entry}', 'printf "%s" "$t" > "$J/logs/ticket.txt"']
         if interactive:
             undo = f"rm -f {entry}; " if entry else ""
+            launch = f'tmux new-session -d -s {session} env "${{E[@]}}" bash '
+            launch += '"$J/shell/cluster_script.sh"'
+            log_to = '"cat >> $(printf %q "$J/logs/output.log")"'
             parts += [_FIRE_ENV_SH,
-                      f'{{ tmux new-session -d -s {session} env "${{E[@]}}" bash "$J/shell/cluster_script.sh" '
-                      f'|| {{ {undo}_failed "tmux could not start session "{session}; }}; }}',
-                      f'tmux pipe-pane -t ={session}: -o "cat >> $(printf %q "$J/logs/output.log")"',
+                      f'{{ {launch} || {{ {undo}_failed "tmux could not start "{session}; }}; }}',
+                      f"tmux pipe-pane -t ={session}: -o {log_to}",
                       f"tmux display-message -p -t ={session}: '#{{pane_pid}}'"]
         else:
             parts += ['cd "$J"', 'D=$(command -v setsid || echo nohup)',
@@ -1398,10 +1411,11 @@ class FileManager:
         log.info("job %s holds slot %d of %d", self.job_id, index + 1, self.max_simultaneous_jobs)
         return True
 
-    def unlock_resources(self, record: dict[str, Any] | None = None, keep_slot: bool = False) -> None:
-        """Give the slot back and add ``record`` to the machine's history. ``keep_slot``: the process
-        lives on (an interactive job's REPL, with the job's memory), so it keeps holding its slot
-        until it exits, when the kernel frees it."""
+    def unlock_resources(self, record: dict[str, Any] | None = None,
+                         keep_slot: bool = False) -> None:
+        """Give the slot back and add ``record`` to the machine's history. ``keep_slot``: the
+        process lives on (an interactive job's REPL, with the job's memory), so it keeps holding
+        its slot until it exits, when the kernel frees it."""
         if self._slot is None:
             return
         index, fd = self._slot
@@ -1456,7 +1470,8 @@ class FileManager:
         status = self.get_job_status()
         place = None
         if status == "waiting":
-            place = self.slots().place_of(f"{_read_text(self.path(TICKET_TXT)).strip()}-{self.job_id}")
+            ticket = _read_text(self.path(TICKET_TXT)).strip()
+            place = self.slots().place_of(f"{ticket}-{self.job_id}")
         output = _read_text(self.path(OUTPUT_LOG))
         return JobStatus(job_id=self.job_id, status=status, pid=_read_int(self.path(PID_TXT)),
                          submission_time=_iso(self.submission_time),
@@ -1665,8 +1680,8 @@ def _check_plaintext_auth(settings: dict[str, Any], what: str) -> None:
     plain = settings.get("security") == "plain"
     if plain and settings.get("user") and settings.get("allow_plaintext_auth") is not True:
         raise ConfigError(f"{what} would send its password in clear text (security plain)",
-                          hint='use "ssl" or "starttls", or add "allow_plaintext_auth": true if the server '
-                               "is on a network you trust")
+                          hint='use "ssl" or "starttls", or add "allow_plaintext_auth": true if '
+                               "the server is on a network you trust")
 
 
 def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str) -> None:
@@ -2436,9 +2451,10 @@ class SSH:
                 break
             if deadline is not None and time.monotonic() > deadline:
                 killed = _signal_channel(channel, "KILL")
-                raise CommandError(str(self.target), command, None, f"timed out after {timeout}s; " + (
-                    "the host was asked to kill it (its process group)" if killed else
-                    "it may still run on the host"))
+                fate = "the host was asked to kill it (its process group)" if killed \
+                    else "it may still run on the host"
+                raise CommandError(str(self.target), command, None,
+                                   f"timed out after {timeout}s; {fate}")
             if not got:
                 select.select([channel], [], [], 0.5)
         return bytes(out), bytes(err), channel.recv_exit_status()
@@ -2482,9 +2498,12 @@ class SSH:
         # present = the same key blob on any line, with or without options (from=...); a last line
         # without its newline gets one first, or the new key would be glued to it and both break
         script = ('umask 077; mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh" && A="$HOME/.ssh/authorized_keys" '
-                  f'&& touch "$A" && chmod 600 "$A" && K={shlex.quote(key)} && B={shlex.quote(blob)} && '
-                  'if awk -v b="$B" \'{for (i = 1; i <= NF; i++) if ($i == b) f = 1} END {exit !f}\' "$A"; '
-                  'then echo present; else { [ -z "$(tail -c 1 "$A")" ] || printf "\\n" >> "$A"; } && '
+                  f'&& touch "$A" && chmod 600 "$A" && K={shlex.quote(key)} && '
+                  f'B={shlex.quote(blob)} && '
+                  'if awk -v b="$B" \'{for (i = 1; i <= NF; i++) if ($i == b) f = 1} '
+                  'END {exit !f}\' '
+                  '"$A"; then echo present; '
+                  'else { [ -z "$(tail -c 1 "$A")" ] || printf "\\n" >> "$A"; } && '
                   'printf "%s\\n" "$K" >> "$A" && echo added; fi')
         return self.run_shell_cmd_on_remote(script, timeout=self.timeout).stdout.strip() == "added"
 
@@ -2521,10 +2540,13 @@ class SSH:
             mode = f"{source.stat().st_mode & 0o777:o}"
             if compress_with_zip:  # gzip checks length and CRC itself, in place of the size check
                 command = f"(umask 077 && gzip -dc > {payload}) && chmod {mode} {payload}"
-                self._upload_stream(command, ["gzip", "-c", "--", str(source)], None, f"{staging}/payload", staging, target, progress)
+                producer = ["gzip", "-c", "--", str(source)]
+                self._upload_stream(command, producer, None, f"{staging}/payload", staging, target,
+                                    progress)
             else:
                 command = f"(umask 077 && cat > {payload}) && chmod {mode} {payload}"
-                self._upload_stream(command, None, source, f"{staging}/payload", staging, target, progress)
+                self._upload_stream(command, None, source, f"{staging}/payload", staging, target,
+                                    progress)
         return target
 
     def _prepare_target(self, target: str, overwrite: bool) -> str:
@@ -2648,7 +2670,8 @@ class SSH:
             else:
                 produced = staging / "payload"
                 command = f"{'gzip -c' if compress_with_zip else 'cat'} -- {_sh_path(remote)}"
-                self._download_file(command, produced, int(size.strip() or -1), progress, compress_with_zip)
+                expected = int(size.strip() or -1)
+                self._download_file(command, produced, expected, progress, compress_with_zip)
             _remove(destination)
             os.rename(produced, destination)
         finally:
@@ -2669,7 +2692,7 @@ class SSH:
                 while True:
                     chunk = channel.recv(1 << 20)
                     received += len(chunk)
-                    data = chunk if unzip is None else unzip.decompress(chunk) + (b"" if chunk else unzip.flush())
+                    data = chunk if unzip is None else _gunzip_step(unzip, chunk)
                     handle.write(data)
                     written += len(data)
                     if not chunk:
@@ -2679,14 +2702,15 @@ class SSH:
             status = channel.recv_exit_status()
             err = channel.recv_stderr(65536).decode(errors="replace") if channel.recv_stderr_ready() else ""
         except zlib.error as exc:
-            raise TransferError(f"download from {self.target.alias}: the compressed stream is damaged: {exc}") from exc
+            raise TransferError(f"download from {self.target.alias}: the compressed stream is "
+                                f"damaged: {exc}") from exc
         except (OSError, EOFError, _paramiko().SSHException) as exc:
             raise self._broke_off(f"download from {self.target.alias}", received, exc, channel) from exc
         finally:
             channel.close()
         if status != 0 or written != size or (unzip is not None and not unzip.eof):
-            raise TransferError(f"download from {self.target.alias} failed (exit status {status}, {written} of "
-                                f"{size} bytes): {_reason(err)}")
+            raise TransferError(f"download from {self.target.alias} failed (exit status {status}, "
+                                f"{written} of {size} bytes): {_reason(err)}")
 
     def _download_tar(self, command: str, staging: Path, compressed: bool,
                       progress: Callable[[int], None] | None) -> None:
@@ -2747,6 +2771,11 @@ class _Watchdog:
                 return
 
 
+def _gunzip_step(unzip: Any, chunk: bytes) -> bytes:
+    """What one chunk of a gzip stream unpacks to; an empty chunk (the end) flushes the rest."""
+    return unzip.decompress(chunk) if chunk else unzip.flush()
+
+
 def _signal_channel(channel: Any, name: str) -> bool:
     """Ask the server to send signal ``name`` to a channel's command (RFC 4254 6.9): OpenSSH
     signals its whole process group, so a command that timed out does not run on unseen.
@@ -2760,7 +2789,7 @@ def _signal_channel(channel: Any, name: str) -> bool:
         message.add_boolean(False)
         message.add_string(name)
         channel.transport._send_user_message(message)
-    except Exception as exc:  # an old paramiko or a closed transport: the caller says it may still run
+    except Exception as exc:  # an old paramiko, a closed transport: the caller says it may run on
         log.debug("could not signal the remote command: %s", exc)
         return False
     return True
@@ -2808,9 +2837,11 @@ def _extract_tar(stream: Any, folder: Path, compressed: bool) -> None:
                     raise TransferError(f"refusing archive member {member.name!r}")
                 if member.issym() and (os.path.isabs(member.linkname) or ".." in Path(member.linkname).parts):
                     raise TransferError(f"refusing link {member.name!r} -> {member.linkname!r}")
-                member.uid, member.gid = os.getuid(), os.getgid()  # as root, tarfile would chown to the
-                member.uname = member.gname = ""                   # host's owner: the files are ours
-                member.mode &= 0o777                               # and no setuid/setgid/sticky bit
+                # as root, tarfile would chown to the host's owner: the files are ours, and no
+                # setuid, setgid or sticky bit comes with them
+                member.uid, member.gid = os.getuid(), os.getgid()
+                member.uname = member.gname = ""
+                member.mode &= 0o777
                 archive.extract(member, folder, set_attrs=not member.issym())
     except tarfile.TarError as exc:
         raise TransferError(f"the archive broke off: {exc}") from exc
@@ -3163,7 +3194,8 @@ class RemoteMachine:
                 _home_relative(expand_home(item))
         self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources,
                                         config.max_simultaneous_jobs, config.base_dir)
-        if config.ssh_host is None and os.environ.get("STACKOPS_STATE_DIR"):  # one queue: resolved once, here
+        # a relative STACKOPS_STATE_DIR is made absolute once, here: the wrapper uses the same queue
+        if config.ssh_host is None and os.environ.get("STACKOPS_STATE_DIR"):
             self.file_manager.state_dir = str(expand_home(os.environ["STACKOPS_STATE_DIR"]))
         self._init_state()
 
@@ -3400,8 +3432,8 @@ class RemoteMachine:
         if not pid or not pid[0].isdigit():
             said = [line[17:] for line in err.splitlines() if line.startswith("stackops: error: ")]
             if said:
-                raise ConfigError(f"job {self.job_id} was not started on {self.host_name}: {said[0]}",
-                                  hint=f"python stackops.py status {self.job_id}")
+                raise ConfigError(f"job {self.job_id} was not started on {self.host_name}: "
+                                  f"{said[0]}", hint=f"python stackops.py status {self.job_id}")
             raise CommandError(self.host_name, command, status, err or out)
         self.launcher_pid = int(pid[0])
         self._save()
@@ -3529,9 +3561,10 @@ class RemoteMachine:
         inside = any(results == folder or results.startswith(folder + "/") for folder in own)
         if results.startswith("~/") and ".." not in results.split("/") and inside:
             return expand_home(results)
-        raise ConfigError(f"the results of job {self.job_id} are at {self.host_name}:{results}, outside the "
-                          f"job's own results folder ({own[0]}); stackops writes there only when you say so",
-                          hint=f"give the target: python stackops.py download {self.job_id} --to DIR")
+        raise ConfigError(f"the results of job {self.job_id} are at {self.host_name}:{results}, "
+                          f"outside the job's own results folder ({own[0]}); stackops writes "
+                          "there only when you say so",
+                          hint=f"give the target: download {self.job_id} --to DIR")
 
     def _download_via_cloud(self, results: str, target: str | os.PathLike[str] | None, overwrite: bool) -> Path:
         """The host uploads the results with its rclone; they come down here the same way."""
@@ -3618,7 +3651,7 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
     the source rather than its mtime, so it stays valid beside a copy of the source wherever both
     land (an interpreter of another version ignores it). Compiled once per version of the file and
     kept in ~/.cache/stackops; any trouble just means the job compiles the file itself. A cache
-    folder others could write to is refused, and a cached file you did not write is compiled anew."""
+    folder others could write to is refused; a cached file you did not write is compiled anew."""
     import hashlib
     import py_compile
 
@@ -4368,12 +4401,15 @@ def _cmd_send_key(args: Any) -> int:
     try:
         ssh = SSH.from_config_file(args.host, accept_new_host_key=args.accept_new)
     except StackopsConnectionError as exc:  # a password-only host is what send-key is for
-        if not isinstance(exc.__cause__, _paramiko().AuthenticationException) or not sys.stdin.isatty():
+        refused = isinstance(exc.__cause__, _paramiko().AuthenticationException)
+        if not refused or not sys.stdin.isatty():
             raise
         import getpass
 
-        password = getpass.getpass(f"{args.host}: key login failed; password (used once, to install the key): ")
-        ssh = SSH.from_config_file(args.host, accept_new_host_key=args.accept_new, password=password)
+        prompt = f"{args.host}: key login failed; password (used once, to install the key): "
+        password = getpass.getpass(prompt)
+        ssh = SSH.from_config_file(args.host, accept_new_host_key=args.accept_new,
+                                   password=password)
     with ssh:
         added = ssh.send_ssh_key(args.key)
     print(f"key {'added to' if added else 'already in'} {args.host}:~/.ssh/authorized_keys")
@@ -4647,9 +4683,7 @@ def _build_parser() -> Any:
     sub.add_argument("--history", type=int, default=10, metavar="N", help="show the last N finished jobs")
     sub.add_argument("--json", action="store_true")
     sub = command("download", _cmd_download, "copy a finished job's results folder")
-    sub.add_argument("--to", help="target path (default: a local job prints where its results are; a "
-                                  "host's go to the same path here if it is the job's own results folder, "
-                                  "else --to is needed)")
+    sub.add_argument("--to", help="target path (default: the same path, if the job's own results)")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
     command("delete-results", _cmd_delete_results, "delete a finished job's own results folder")
     sub = commands.add_parser("ssh", help="run a command on a host; its exit status is passed through")

@@ -1193,7 +1193,6 @@ def test_security_a_folder_another_user_made_first_is_refused(home, tmp_path, mo
 
 
 def test_security_folders_others_may_write_are_refused_with_one_line(home, tmp_path):
-    mod = make_module(home, JOBS_SOURCE)
     open_parent = tmp_path / "open"
     open_parent.mkdir()
     open_parent.chmod(0o777)  # not sticky: anyone may rename what is inside
@@ -1903,7 +1902,8 @@ def test_remote_send_key_mends_a_last_line_and_knows_a_key_with_options(remote, 
         try:
             old_line = " ".join(blob["old"][:2]) + " no-newline-after-me"
             opt_line = 'from="127.0.0.1,::1",no-port-forwarding ' + " ".join(blob["opt"][:2]) + " restricted"
-            ssh.run_shell_cmd_on_remote(f"mkdir -p ~/.ssh && printf %s {shlex.quote(old_line)} > ~/.ssh/authorized_keys")
+            ssh.run_shell_cmd_on_remote(f"mkdir -p ~/.ssh && printf %s {shlex.quote(old_line)} "
+                                        "> ~/.ssh/authorized_keys")
             assert ssh.send_ssh_key(f"{keys['new']}.pub") is True
             text = (remote.remote_home / ".ssh" / "authorized_keys").read_text()
             assert text.splitlines()[0] == old_line and text.endswith("\n")
