@@ -1237,17 +1237,17 @@ class Slots:
 # parents must be yours (or root's) and writable by nobody else (a root-owned sticky folder such as
 # /tmp ends the walk); otherwise it sets R to why not.
 _FIRE_TRUST_SH = (
-    '_trusted() { local d p=() s o m i=0; R=; '
-    'd=$(cd "$1" 2>/dev/null && pwd -P) || { R="cannot enter $2 $1"; return 1; }; '
+    '_trusted() { local d p=() s o m i=0 w=$PWD; R=; '
+    'cd -P -- "$1" 2>/dev/null || { R="cannot enter $2 $1"; return 1; }; d=$PWD; cd -- "$w" || return 1; '
     'while p+=("$d"); [ "$d" != / ]; do d=${d%/*}; d=${d:-/}; done; '
     's=$(stat -Lc "%u %a" -- "${p[@]}") || { R="cannot check $2 $1"; return 1; }; '
     'while read -r o m; do d=${p[i]}; i=$((i + 1)); '
-    'if [ "$o" != 0 ] && [ "$o" != "$U" ]; then '
+    'if [ "$o" != 0 ] && [ "$o" != "$EUID" ]; then '
     'R="refusing $2 $d: it belongs to another user (uid $o)"; '
     'elif [ $((8#$m & 8#22)) != 0 ] && ! { [ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ]; }; then '
     'R="refusing $2 $d: it is writable by group or others (mode $m)"; fi; [ -z "$R" ] || return 1; '
     '[ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ] && return 0; '
-    'done <<< "$s"; return 0; }; U=$(id -u)')
+    'done <<< "$s"; return 0; }')
 # _failed REASON: the fire failed; the job ends failed with the reason, and the caller is told.
 _FIRE_FAIL_SH = (
     '_failed() { local L="$J/logs"; '
