@@ -590,8 +590,10 @@ def test_slots_twenty_jobs_three_slots_fifo(home):
     try:
         for i in range(20):
             cfg = config(job_id=f"q{i:02d}", max_simultaneous_jobs=3)
+            # each job outlasts several submissions (a submit costs 0.3 s on a loaded machine), so
+            # three always overlap and the cap is what keeps the fourth out
             machines.append(RemoteMachine(mod.counted, config=cfg,
-                                          func_kwargs={"i": i, "counter": str(counter)}).run())
+                                          func_kwargs={"i": i, "counter": str(counter), "seconds": 1.5}).run())
         reports = [wait_done(m, timeout=120) for m in machines]
     finally:
         stop.set()
@@ -861,9 +863,9 @@ def test_job_interactive_runs_with_the_callers_environment_not_the_tmux_servers(
         machine = RemoteMachine(str(home / "proj" / "envjob.py") + ":f",
                                 config=config(job_id="env-inter", interactive=True)).run()
         assert wait_done(machine).status == "completed"
-        seen = json.loads((expand := Path(machine.check_job_status()) / "result.json").read_text())
+        seen = json.loads((machine.check_job_status() / "result.json").read_text())
         assert seen == {"STACKOPS_STATE_DIR": str(state), "CUDA_VISIBLE_DEVICES": "1",
-                        "PYTHONPATH": str(home / "libs")}, expand
+                        "PYTHONPATH": str(home / "libs")}
         assert [h["job_id"] for h in Slots(state).holders()] == ["env-inter"]  # its slot is in the caller's state
     finally:
         _end_tmux()
@@ -1078,7 +1080,8 @@ def test_security_secrets_stay_out_of_reprs_errors_logs_and_job_folders(sshd, ho
         settings = home / ".config" / "stackops" / "email.json"
         settings.parent.mkdir(parents=True)
         settings.write_text(json.dumps({"mail": {"host": "127.0.0.1", "port": port, "security": "plain",
-                                                 "user": "me", "password": secret, "from": "me@test.invalid"}}))
+                                                 "user": "me", "password": secret, "from": "me@test.invalid",
+                                                 "allow_plaintext_auth": True}}))
         settings.chmod(0o600)
         mod = make_module(home, JOBS_SOURCE)
         cfg = config(job_id="secretive", notify_upon_completion=True, to_email="you@test.invalid",
