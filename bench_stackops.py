@@ -403,6 +403,34 @@ def cli_cases(stackops, runs: int) -> list[dict]:
     return rows
 
 
+def slurm_case(bed: Bed, runs: int) -> list[dict]:
+    """Hand-over to Slurm, CLI to CLI: `stackops run --slurm` against `sbatch --wrap true`, on a
+    one-node cluster of the bench's own (the test suite's SlurmCluster; root only)."""
+    needed = ("slurmctld", "slurmd", "sbatch")
+    if os.geteuid() != 0 or not all(shutil.which(name) for name in needed) or not os.path.exists("/usr/sbin/munged"):
+        print(f"{'Slurm hand-over':48s} skipped (needs root, slurm-wlm and munge)", flush=True)
+        return []
+    sys.path.insert(0, str(HERE))
+    from test_stackops import SlurmCluster
+
+    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="sb-slurm-")))
+    home = bed.local_home
+    (home / "slurmjob.py").write_text("def noop():\n    return None\n")
+    env = dict(cluster.env, HOME=str(home))
+    counter = itertools.count()
+    try:
+        def ours():
+            run_cmd([sys.executable, str(HERE / "stackops.py"), "run", "slurmjob.py:noop", "--slurm",
+                     "--job-id", f"sl{next(counter)}"], cwd=home, env=env)
+
+        return [compare("hand-over to Slurm (CLI, run --slurm)", ours,
+                        lambda: run_cmd(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], env=env),
+                        runs, "sbatch --wrap true")]
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.base, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller files and fewer runs (a smoke test)")
@@ -430,6 +458,7 @@ def main() -> int:
         rows += slot_cases(bed, stackops, args.quick)
         rows += cluster_case(bed, stackops, runs)
         rows += cli_cases(stackops, runs)
+        rows += slurm_case(bed, runs)
     finally:
         bed.close()
         if args.json:

@@ -112,10 +112,10 @@ DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
 DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
 
-STATUSES = ("queued", "waiting", "running", "completed", "failed")
-TERMINAL_STATUSES = ("completed", "failed")
+STATUSES = ("queued", "waiting", "running", "completed", "failed", "cancelled")
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 TRANSFER_METHODS = ("sftp", "cloud")
-LAUNCH_METHODS = ("remotely", "cloud_manager")
+LAUNCH_METHODS = ("remotely", "cloud_manager", "slurm")
 MACHINE_TYPES = ("Linux",)
 
 # inside a job folder {base_dir}/queued/{job_id}/
@@ -128,6 +128,8 @@ INSTANCE_PICKLE = "data/instance.pickle"
 WRAPPER_PY = "python/cluster_wrap.py"
 STACKOPS_COPY = "python/stackops.py"
 LAUNCHER_SH = "shell/cluster_script.sh"
+SBATCH_SH = "shell/sbatch.sh"
+SLURM_ID_TXT = "logs/slurm_job_id.txt"
 LOGS = "logs"
 STATUS_TXT = "logs/status.txt"
 PID_TXT = "logs/pid.txt"
@@ -139,6 +141,7 @@ ERROR_TXT = "logs/error_message.txt"
 RESULTS_TXT = "logs/results_folder_path.txt"
 TIMINGS_JSON = "logs/execution_timings.json"
 OUTPUT_LOG = "logs/output.log"
+CANCEL_TXT = "logs/cancel_requested.txt"  # written before the job is stopped: its end is "cancelled"
 
 # inside the state directory of a machine and user
 QUEUED_VIEW = "queued_jobs.json"
@@ -370,6 +373,44 @@ def check_safe_name(name: Any, what: str = "job_id") -> str:
                           hint="use letters, digits, '.', '_' and '-', not starting with '.' or '-', "
                                "at most 128 characters")
     return name
+
+
+# sbatch long options a job may set (``slurm_options``); stackops sets the rest itself (the name,
+# output, working folder, array, dependency). An empty value renders the bare flag.
+_SLURM_OPTION_WORDS = """
+    account acctg-freq batch bb begin clusters comment constraint contiguous core-spec cores-per-socket
+    cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot distribution exclude exclusive extra-node-info
+    gpu-bind gpu-freq gpus gpus-per-node gpus-per-socket gpus-per-task gres gres-flags hint licenses
+    mail-type mail-user mcs-label mem mem-bind mem-per-cpu mem-per-gpu mincpus network nice no-requeue
+    nodefile nodelist nodes ntasks ntasks-per-core ntasks-per-gpu ntasks-per-node ntasks-per-socket
+    overcommit oversubscribe partition power prefer priority profile propagate qos reboot requeue
+    reservation signal sockets-per-node spread-job switches thread-spec threads-per-core time time-min
+    tmp use-min-nodes wckey"""
+SLURM_OPTIONS = frozenset(_SLURM_OPTION_WORDS.split())
+_SLURM_VALUE = re.compile(r"[A-Za-z0-9_.:,=/@%+*&|!\[\]()-]{0,200}\Z")
+
+
+def check_slurm_options(options: Any) -> dict[str, str]:
+    """``options`` as sbatch long options, refused (one line) unless every key is a known option
+    and every value a plain token: nothing a user types reaches the batch script unchecked."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"slurm_options must be a dict of sbatch options, got {type(options).__name__}")
+    for key, value in options.items():
+        if not isinstance(key, str) or key not in SLURM_OPTIONS:
+            raise ConfigError(f"unknown sbatch option {key!r}",
+                              hint="use sbatch's long option names without '--', e.g. partition=gpu time=02:00:00")
+        if not isinstance(value, str) or not _SLURM_VALUE.match(value):
+            raise ConfigError(f"sbatch option {key}: value {_shorten(repr(value), 60)} is not a plain token "
+                              "(letters, digits and _.:,=/@%+*&|![]()- only, no spaces)")
+    return options
+
+
+def parse_slurm_option(text: str) -> tuple[str, str]:
+    """``key=value`` (or a bare ``key`` for a flag) from the command line, checked."""
+    key, _, value = text.partition("=")
+    key = key.strip().lstrip("-")
+    check_slurm_options({key: value})
+    return key, value
 
 
 def _random_job_id() -> str:
@@ -604,6 +645,7 @@ class RemoteStackOpsConfig:
     python: str | None = None  # interpreter on the executing machine; None: this one locally, python3 on a host
     accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
     ssh_timeout: float = 15.0  # seconds to connect, to open a command, or for a transfer to stall
+    slurm_options: dict[str, str] = dataclasses.field(default_factory=dict)  # sbatch long options
 
     def __post_init__(self) -> None:
         if isinstance(self.workload_params, dict):
@@ -618,6 +660,11 @@ class RemoteStackOpsConfig:
         if self.launch_method not in LAUNCH_METHODS:
             raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
                               f"got {self.launch_method!r}")
+        check_slurm_options(self.slurm_options)
+        if self.launch_method == "slurm":
+            self._check_slurm_combination()
+        elif self.slurm_options:
+            raise ConfigError("slurm_options are for launch_method='slurm'", hint="add --slurm")
         if self.transfer_method == "cloud" and not self.cloud_name:
             raise ConfigError("cloud_name must be provided when transfer_method is 'cloud'",
                               hint="pass cloud_name=<an rclone remote name>")
@@ -633,6 +680,12 @@ class RemoteStackOpsConfig:
             if self.email_config_name is None:
                 self.email_config_name = read_user_config_value("default_email_config",
                                                                 "notify_upon_completion")
+
+    def _check_slurm_combination(self) -> None:
+        for flag, what in ((self.interactive, "an interactive job"), (self.transfer_method == "cloud",
+                           "transfer_method='cloud'"), (self.parallelize, "parallelize (use the array)")):
+            if flag:
+                raise ConfigError(f"launch_method='slurm' cannot run {what}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -657,6 +710,8 @@ class JobStatus:
     place: int | None = None  # 1 = next to get a slot, while waiting
     host: str = "localhost"
     log_tail: str = ""
+    slurm_job_id: str | None = None  # "123", or "123_4" for an array task
+    reason: str = ""  # why it is queued or how it ended, in the scheduler's words (Slurm)
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -1000,6 +1055,99 @@ def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, pyt
                            repo_dir=_sh_path(repo), repo_dir_text=shlex.quote(repo),
                            setup_lines="\n".join(setup) or ": no repo update or install",
                            python_flags="-i " if config.interactive else "")
+
+
+SBATCH_TEMPLATE = r"""#!/bin/bash
+#SBATCH --job-name=@@job_name
+#SBATCH --output=@@output
+#SBATCH --open-mode=append
+@@options
+# Generated by stackops @@version: Slurm runs this on a compute node, in the folder sbatch was
+# started in (the job's), so the nodes must see that folder (the cluster's shared home). An array
+# task runs the job folder of its index, beside this one.
+T=@@task_dir
+if [ ! -f "$T/shell/cluster_script.sh" ]; then
+    echo "stackops: job folder $T not found in ${SLURM_SUBMIT_DIR:-?} on $(hostname)" >&2
+    exit 97
+fi
+cd "$T" && exec bash shell/cluster_script.sh
+"""
+
+
+def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, throttle: int = 0) -> str:
+    """The batch script Slurm runs: the job's own launcher, with ``options`` as #SBATCH lines; with
+    ``tasks`` it is an array whose task K runs the job folder ``{job_id}-K`` beside this one,
+    at most ``throttle`` at once (0: as many as Slurm allows)."""
+    lines = [f"#SBATCH --{key}={value}" if value else f"#SBATCH --{key}"
+             for key, value in sorted(check_slurm_options(options).items())]
+    output, task_dir = "logs/output.log", "."
+    if tasks:
+        lines.append(f"#SBATCH --array=0-{tasks - 1}" + (f"%{throttle}" if throttle else ""))
+        sibling = f"../{check_safe_name(job_id)}-"
+        output, task_dir = f"{sibling}%a/logs/output.log", f"{sibling}$SLURM_ARRAY_TASK_ID"
+    return render_template(SBATCH_TEMPLATE, version=__version__, job_name=check_safe_name(job_id),
+                           options="\n".join(lines) or "# (no sbatch options)", output=output,
+                           task_dir=task_dir)
+
+
+# Hand a job folder to Slurm where it runs: sbatch from inside the folder, the Slurm job id kept.
+SBATCH_FIRE_TEMPLATE = r"""umask 077; J=@@job_root
+[ -f "$J/@@sbatch" ] || { echo "no job folder at $J" >&2; exit 3; }
+command -v sbatch >/dev/null || { echo "no sbatch on $(hostname): is it a Slurm login node?" >&2; exit 3; }
+cd "$J" || exit 3
+i=$(sbatch --parsable @@sbatch) || exit $?
+printf '%s' "$i" > "$J/logs/.slurm.$$" && mv -f "$J/logs/.slurm.$$" "$J/@@id_file" || exit 3
+for k in $(seq 0 $((@@tasks - 1))); do
+    printf '%s_%s' "${i%%;*}" "$k" > "$J/../@@job_id-$k/@@id_file" || exit 3
+done
+echo "$i"
+"""
+
+# The status of a Slurm job where it was submitted, by bash alone: the job's own files decide when
+# they hold an end; `scontrol show job` fills in what the job could not record (pending, killed,
+# timed out, forgotten). Terminal findings are written into the job folder, so they stay.
+SLURM_STATUS_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; M=@@marker
+[ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
+get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
+put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
+end() { put error_message.txt "$2"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"; put status.txt "$1"; }
+get slurm_job_id.txt; sid=${R%%;*}; sid=${sid//[[:space:]]/}
+get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; state=; reason=; code=; info=
+if [ -n "$sid" ] && [ "$st" != completed ] && [ "$st" != cancelled ]; then
+    info=$(scontrol show job -o "$sid" 2>&1); [ $? -eq 0 ] || state=gone
+    [[ $info =~ JobState=([A-Z_]+) ]] && state=${BASH_REMATCH[1]}
+    [[ $info =~ \ Reason=([^ ]+) ]] && reason=${BASH_REMATCH[1]}
+    [[ $info =~ \ ExitCode=([0-9:]+) ]] && code=${BASH_REMATCH[1]}
+    get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}  # it may have ended meanwhile
+fi
+[ "$reason" = None ] && reason=
+why="Slurm: $state${reason:+ ($reason)}${code:+, exit code $code}"
+case "$state" in gone) why=;; "") why=;; esac
+if [[ $state == gone && $info != *"Invalid job id"* ]]; then
+    state=; why="Slurm did not answer: ${info:0:200}"
+fi
+case "$st:$state" in
+    completed:*|cancelled:*|*:) ;;
+    failed:CANCELLED*) put status.txt cancelled; st=cancelled ;;
+    failed:*) [ -e "$L/cancel_requested.txt" ] && { put status.txt cancelled; st=cancelled; } ;;
+    *:PENDING|*:REQUEUE*|*:SUSPENDED|*:RESV_DEL_HOLD|*:SPECIAL_EXIT) st=queued ;;
+    *:RUNNING|*:COMPLETING|*:CONFIGURING|*:RESIZING|*:STAGE_OUT|*:SIGNALING) st=running ;;
+    *:CANCELLED*) end cancelled "cancelled ($why)"; st=cancelled ;;
+    *:gone) end failed "lost by Slurm: job $sid is unknown to Slurm and recorded no end"; st=failed ;;
+    *:COMPLETED) end failed "the job recorded no end though $why; do the compute nodes see $J?"; st=failed ;;
+    *) [ -e "$L/launcher_pid.txt" ] || why="$why; the job never started: do the compute nodes see $J?"
+       end failed "$why"; st=failed ;;
+esac
+out() { printf '\n%s:%s\n%s' "$M" "$1" "$2"; }
+out status "$st"
+for k in pid:pid start:start_time end:end_time results:results_folder_path error:error_message; do
+    get "${k#*:}.txt"; out "${k%%:*}" "$R"
+done
+get execution_timings.json; out timings "$R"; out place ""; out host "$HOSTNAME"
+out slurm "$sid"; out reason "$why"; out tail ""
+if [ @@lines -gt 0 ] && [ -r "$L/output.log" ]; then tail -n $((@@lines + 16)) "$L/output.log"; fi
+exit 0
+"""
 
 
 # The status of a job read where it runs, by bash alone: one round trip that starts no Python. It
@@ -1444,6 +1592,8 @@ class FileManager:
 
     def _verify_alive(self, status: str) -> str:
         """Turn a job whose process is gone into ``failed``; returns the status that holds now."""
+        if self.path(SLURM_ID_TXT).exists():
+            return status  # its pids are on a compute node: Slurm answers for it (slurm_status_command)
         pid_file = PID_TXT if status in ("waiting", "running") else LAUNCHER_PID_TXT
         pid = _read_int(self.path(pid_file))
         if pid is None or pid_is_alive(pid, self.job_id):
@@ -1482,6 +1632,16 @@ class FileManager:
                          error_message=_read_text(self.path(ERROR_TXT)), place=place,
                          host=os.uname().nodename, log_tail=_tail(output, log_lines))
 
+    def sbatch_command(self, tasks: int = 0) -> str:
+        """The bash script that hands this job to Slurm where it runs and prints Slurm's job id."""
+        return render_template(SBATCH_FIRE_TEMPLATE, job_root=self._job_root_sh(), sbatch=SBATCH_SH,
+                               id_file=SLURM_ID_TXT, job_id=self.job_id, tasks=str(int(tasks)))
+
+    def slurm_status_command(self, marker: str, log_lines: int) -> str:
+        """Like status_command, for a job handed to Slurm (SLURM_STATUS_TEMPLATE)."""
+        return render_template(SLURM_STATUS_TEMPLATE, job_root=self._job_root_sh(), marker=marker,
+                               lines=str(max(0, int(log_lines))))
+
     def status_command(self, marker: str, log_lines: int, fallback: str) -> str:
         """A bash command that reports this job where it runs (STATUS_TEMPLATE); ``fallback``
         runs instead on a machine without /proc. parse_status_output reads what it prints."""
@@ -1504,7 +1664,8 @@ class FileManager:
                            pid=int(pid) if pid and pid.isdigit() else None, submission_time=_iso(self.submission_time),
                            start_time=field("start"), end_time=field("end"), results_path=field("results"),
                            error_message=parts.get("error", ""), place=int(place) if place and place.isdigit() else None,
-                           host=parts.get("host") or "?", log_tail=_tail(parts.get("tail", ""), log_lines))
+                           host=parts.get("host") or "?", log_tail=_tail(parts.get("tail", ""), log_lines),
+                           slurm_job_id=field("slurm"), reason=(field("reason") or ""))
         logs = {relative: parts[key] for key, relative in (("status", STATUS_TXT), ("start", START_TXT),
                                                             ("end", END_TXT), ("error", ERROR_TXT),
                                                             ("results", RESULTS_TXT), ("timings", TIMINGS_JSON))
@@ -1521,7 +1682,8 @@ class _Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated(f"terminated by signal {signum}")
+    why = " (Slurm sends it at the time limit, on scancel and on preemption)" if "SLURM_JOB_ID" in os.environ else ""
+    raise _Terminated(f"terminated by signal {signum}{why}")
 
 
 class JobContext:
@@ -1764,6 +1926,8 @@ def run_job(job_root: str | os.PathLike[str],
             manager.unlock_resources(record, keep_slot=bool(sys.flags.interactive))
         finally:
             status = "failed" if error or record is None else "completed"
+            if status == "failed" and manager.path(CANCEL_TXT).exists():
+                status = "cancelled"
             manager.write_log(STATUS_TXT, status)
     _notify(manager, record, status, error)
     return res
@@ -3193,7 +3357,7 @@ class RemoteMachine:
                 raise ConfigError(f"data path not found: {item!r}")
             if config.ssh_host is not None:
                 _home_relative(expand_home(item))
-        self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources,
+        self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources and not self.uses_slurm,
                                         config.max_simultaneous_jobs, config.base_dir)
         # a relative STACKOPS_STATE_DIR is made absolute once, here: the wrapper uses the same queue
         if config.ssh_host is None and os.environ.get("STACKOPS_STATE_DIR"):
@@ -3204,6 +3368,8 @@ class RemoteMachine:
         self.scripts_generated = self.submitted = self.results_downloaded = False
         self.results_path: Path | None = None
         self.launcher_pid: int | None = None
+        self.slurm_job_id: str | None = None
+        self._tasks: list[RemoteMachine] | None = None
         self.launch_command = ""
         self._ssh: SSH | None = None
 
@@ -3221,6 +3387,40 @@ class RemoteMachine:
     @property
     def host_name(self) -> str:
         return self.config.ssh_host or "localhost"
+
+    @property
+    def uses_slurm(self) -> bool:
+        """Slurm starts and queues the job (``launch_method='slurm'``); no stackops slot is taken."""
+        return self.config.launch_method == "slurm"
+
+    @property
+    def array_parts(self) -> list[WorkloadParams]:
+        """The slices of a Slurm job array: a workload of K > 1 parts runs as K array tasks, task k
+        a job of its own (``{job_id}-{k}``) with slice k; empty for any other job."""
+        whole = self.config.workload_params
+        if not self.uses_slurm or whole is None or whole.jobs < 2:
+            return []
+        return [dataclasses.replace(part, jobs=1) for part in whole.split_to_jobs()]
+
+    def array_tasks(self) -> list[RemoteMachine]:
+        """The jobs of the array's tasks, in index order, sharing this job's connection."""
+        if self._tasks is None:
+            self._tasks = [RemoteMachine.load(f"{self.job_id}-{k}", self.config.base_dir)
+                           for k in range(len(self.array_parts))]
+        for task in self._tasks:
+            task._ssh = self._ssh
+        return self._tasks
+
+    def _new_array_task(self, k: int, part: WorkloadParams) -> RemoteMachine:
+        data = self.config.to_dict()
+        data.update(job_id=f"{self.job_id}-{k}", workload_params=part.to_dict())
+        task = RemoteMachine.__new__(RemoteMachine)
+        task.__dict__.update(self.__dict__)  # the callable, its kwargs, data and pickled instance
+        task._init_state()
+        task.config = RemoteStackOpsConfig.from_dict(data)
+        task.job_params = JobParams.from_dict(self.job_params.to_dict())
+        task.file_manager = FileManager(task.job_id, "Linux", False, 1, task.config.base_dir)
+        return task
 
     @property
     def python(self) -> str:
@@ -3257,6 +3457,7 @@ class RemoteMachine:
                 "file_manager": self.file_manager.to_dict(), "kwargs": self.kwargs, "data": self.data,
                 "scripts_generated": self.scripts_generated, "submitted": self.submitted,
                 "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
+                "slurm_job_id": self.slurm_job_id,
                 "results_path": self.results_path.as_posix() if self.results_path else None}
 
     @classmethod
@@ -3274,6 +3475,7 @@ class RemoteMachine:
             machine.scripts_generated, machine.submitted = bool(data["scripts_generated"]), bool(data["submitted"])
             machine.results_downloaded = bool(data["results_downloaded"])
             machine.launcher_pid = data.get("launcher_pid")
+            machine.slurm_job_id = data.get("slurm_job_id")
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
         machine._instance = None
@@ -3307,6 +3509,11 @@ class RemoteMachine:
             raise self._exists_error()
         if self.is_remote:
             _home_relative(root)
+        parts = self.array_parts
+        if parts:
+            self._tasks = [self._new_array_task(k, part) for k, part in enumerate(parts)]
+            for task in self._tasks:
+                task.generate_scripts()
         source = Path(sys.modules[__name__].__file__ or "")
         if not source.is_file():
             raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
@@ -3356,6 +3563,10 @@ class RemoteMachine:
             (folder / INSTANCE_PICKLE).write_bytes(self._instance)
         _atomic_write_text(folder / WRAPPER_PY, render_execution_script(line))
         _atomic_write_text(folder / LAUNCHER_SH, render_shell_script(self.job_params, config, self.python), 0o700)
+        if self.uses_slurm:
+            throttle = config.max_simultaneous_jobs if config.max_simultaneous_jobs > 1 else 0
+            script = render_sbatch_script(self.job_id, config.slurm_options, len(self.array_parts), throttle)
+            _atomic_write_text(folder / SBATCH_SH, script, 0o700)
         shutil.copyfile(source, folder / STACKOPS_COPY)
         os.chmod(folder / STACKOPS_COPY, 0o600)
         _ship_bytecode(source, folder / "python")  # the job's start skips compiling this file (~40 ms of CPU)
@@ -3379,6 +3590,9 @@ class RemoteMachine:
         go to their home-relative places on the host; here, the folder already is where it runs."""
         if not self.scripts_generated:
             self.generate_scripts()
+        if self.array_parts:
+            for task in self.array_tasks():
+                task.submit(progress)
         if self.is_remote and self.config.transfer_method == "cloud":
             transfer_cloud(self.ssh, self.config, self.job_params, self.file_manager, self.data)
         elif self.is_remote:
@@ -3416,6 +3630,8 @@ class RemoteMachine:
         the command is what would run (on the host, with bash)."""
         if not self.submitted:
             raise StackopsError(f"job {self.job_id} is not submitted yet", hint="call submit() first")
+        if self.uses_slurm:
+            return self._fire_slurm(run)
         command = self.file_manager.get_fire_command(self.config.interactive)
         if self.is_remote and self.config.transfer_method == "cloud":
             check = f"{self._job_command('job-check-email')} && " if self.config.notify_upon_completion else ""
@@ -3441,6 +3657,52 @@ class RemoteMachine:
         log.info("job %s fired on %s (launcher pid %d)", self.job_id, self.host_name, self.launcher_pid)
         return self.launcher_pid, command
 
+    def _fire_slurm(self, run: bool) -> tuple[int | None, str]:
+        """sbatch the job where it was submitted; Slurm's job id is kept (``slurm_job_id``)."""
+        command = self.launch_command = self.file_manager.sbatch_command(len(self.array_parts))
+        if not run:
+            log.info("job %s is ready on %s and was not handed to Slurm; do it with: %s",
+                     self.job_id, self.host_name, command)
+            return None, command
+        if self.slurm_job_id is not None:
+            raise StackopsError(f"job {self.job_id} was already handed to Slurm (job {self.slurm_job_id})",
+                                hint="submit it again under a new job_id to run it again")
+        status, out, err = self._run_remote_or_here(command)
+        answer = out.strip().splitlines()[-1:] if status == 0 else []
+        if not answer or not re.match(r"\d+(_\d+)?(;\S+)?\Z", answer[0]):
+            raise CommandError(self.host_name, "sbatch", status, err or out)
+        self.slurm_job_id = answer[0].split(";")[0]
+        self._save()
+        for k, task in enumerate(self.array_tasks() if self.array_parts else []):
+            task.slurm_job_id = f"{self.slurm_job_id}_{k}"
+            task._save()
+        log.info("job %s handed to Slurm on %s (Slurm job %s)", self.job_id, self.host_name, self.slurm_job_id)
+        return None, command
+
+    def _check_sbatch(self) -> None:
+        """A Slurm job needs sbatch where it is submitted: refused before anything is written."""
+        if not self.is_remote:
+            found = shutil.which("sbatch") is not None
+        else:
+            found = self.ssh.run_shell_cmd_on_remote("command -v sbatch", timeout=30, strict=False).returncode == 0
+        if not found:
+            raise ConfigError(f"launch_method='slurm' needs sbatch on {self.host_name}, and there is none",
+                              hint="submit from a Slurm login node (--host), or leave out --slurm")
+
+    def cancel(self) -> JobStatus:
+        """Stop the job: Slurm's ``scancel`` for a Slurm job. Returns the status that holds after."""
+        if not self.uses_slurm:
+            raise ConfigError(f"job {self.job_id}: cancel needs a Slurm job in this version",
+                              hint="a job on a slot ends with kill of its process group for now")
+        if self.slurm_job_id is None:
+            raise ConfigError(f"job {self.job_id} was never handed to Slurm")
+        root = self.file_manager._job_root_sh()
+        status, out, err = self._run_remote_or_here(
+            f"date -u +%Y-%m-%dT%H:%M:%S+00:00 > {root}/{CANCEL_TXT} && scancel {shlex.quote(self.slurm_job_id)}")
+        if status != 0:
+            raise CommandError(self.host_name, "scancel", status, err or out)
+        return self.get_status(0)
+
     def preflight(self) -> RemoteMachine:
         """Check what can be checked before anything is written or sent: the host answers and is
         trusted, and the cloud remote is known. run() starts with it."""
@@ -3448,6 +3710,8 @@ class RemoteMachine:
             _ = self.ssh  # connects: an unknown, untrusted or unreachable host stops us here
             if self.config.transfer_method == "cloud":
                 check_cloud_remote(self.config.cloud_name or "")
+        if self.uses_slurm:
+            self._check_sbatch()
         return self
 
     def run(self, run: bool = True, show_scripts: bool = False,
@@ -3473,6 +3737,10 @@ class RemoteMachine:
         """The job's full status, read where it runs (pid verified there). Over SSH this is one
         round trip that starts no Python, and the job's small log files are mirrored into the
         local job folder."""
+        if self.uses_slurm and self.slurm_job_id is not None and self.array_parts:
+            return self._array_status([task.get_status(log_lines) for task in self.array_tasks()])
+        if self.uses_slurm and self.slurm_job_id is not None:
+            return self._slurm_status(log_lines)
         if not self.is_remote:
             return self.file_manager.status_report(log_lines)
         if not self.submitted:
@@ -3496,13 +3764,49 @@ class RemoteMachine:
                 _atomic_write_text(self.file_manager.path(relative), text)
         return report
 
+    def _slurm_status(self, log_lines: int) -> JobStatus:
+        """One round trip (bash, no Python) where the job was submitted: its files, then Slurm."""
+        marker = f"--stackops-{random.getrandbits(64):016x}"
+        status, out, err = self._run_remote_or_here(self.file_manager.slurm_status_command(marker, log_lines))
+        if status != 0:
+            raise CommandError(self.host_name, "job status", status, err, hint="is the job folder still there?")
+        report, logs = self.file_manager.parse_status_output(out, marker, log_lines)
+        if self.is_remote:
+            for relative, text in logs.items():
+                _atomic_write_text(self.file_manager.path(relative), text)
+        return report
+
+    def _array_status(self, tasks: list[JobStatus]) -> JobStatus:
+        """One status for a whole array: running while any task runs, queued while the rest wait,
+        and at the end completed only if every task completed."""
+        counts = {status: sum(task.status == status for task in tasks) for status in STATUSES}
+        unfinished = [task for task in tasks if not task.finished]
+        if unfinished:
+            status = "running" if counts["running"] or len(unfinished) < len(tasks) else "queued"
+        elif counts["completed"] == len(tasks):
+            status = "completed"
+        else:
+            status = "failed" if counts["failed"] else "cancelled"
+        errors = [f"task {task.job_id}: {task.status}: {_last_line(task.error_message)}"
+                  for task in tasks if task.status in ("failed", "cancelled")]
+        starts = [task.start_time for task in tasks if task.start_time]
+        ends = [task.end_time for task in tasks if task.end_time]
+        summary = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
+        return JobStatus(job_id=self.job_id, status=status, submission_time=_iso(self.file_manager.submission_time),
+                         start_time=min(starts) if starts else None,
+                         end_time=max(ends) if not unfinished and ends else None,
+                         results_path=self.file_manager.job_root_rh if status == "completed" else None,
+                         error_message="\n".join(errors), host=tasks[0].host if tasks else "?",
+                         slurm_job_id=self.slurm_job_id, reason=f"array of {len(tasks)} tasks: {summary}",
+                         log_tail="\n".join(task.log_tail for task in tasks if task.log_tail))
+
     def check_job_status(self) -> Path | None:
         """The results folder once the job completed (on the host, for a remote job); None while
         it is queued, waiting or running. A failed job raises JobFailedError with its error."""
         return self._settle(self.get_status(0))
 
     def _settle(self, report: JobStatus) -> Path | None:
-        if report.status == "failed":
+        if report.status in ("failed", "cancelled"):
             raise JobFailedError(self.job_id, report.error_message)
         if report.status != "completed" or not report.results_path:
             return None
@@ -3537,6 +3841,8 @@ class RemoteMachine:
         already local, and ``target`` makes a copy. Either way the copy appears whole under its
         name or not at all."""
         results = self.results()
+        if self.array_parts:
+            return self._download_array(target, overwrite, progress)
         if self.is_remote and target is None:
             target = self._own_results_here(results.as_posix())
         if not self.is_remote and not results.exists():
@@ -3566,6 +3872,19 @@ class RemoteMachine:
                           f"outside the job's own results folder ({own[0]}); stackops writes "
                           "there only when you say so",
                           hint=f"give the target: download {self.job_id} --to DIR")
+
+    def _download_array(self, target: str | os.PathLike[str] | None, overwrite: bool,
+                        progress: Callable[[int], None] | None) -> Path:
+        """Each task's results into one folder, a sub-folder per task (``{job_id}-{k}``)."""
+        folder = expand_home(target if target is not None else f"{DEFAULT_RESULTS_DIR}/{self.job_id}")
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise ConfigError(f"{collapse_home(folder)} already exists", hint="pass overwrite=True (--overwrite)")
+        _mkdir_private(folder)
+        for task in self.array_tasks():
+            task.download_results(folder / task.job_id, overwrite, progress)
+        self.results_downloaded = True
+        self._save()
+        return folder
 
     def _download_via_cloud(self, results: str, target: str | os.PathLike[str] | None, overwrite: bool) -> Path:
         """The host uploads the results with its rclone; they come down here the same way."""
@@ -4161,6 +4480,10 @@ def _status_rows(report: JobStatus) -> list[list[str]]:
             ["pid", str(report.pid or "-")], ["submitted", report.submission_time or "-"],
             ["started", report.start_time or "-"], ["ended", report.end_time or "-"],
             ["duration", _duration(report)], ["results", report.results_path or "-"]]
+    if report.slurm_job_id:
+        rows.append(["slurm job", report.slurm_job_id])
+    if report.reason:
+        rows.append(["reason", report.reason])
     if report.error_message:
         rows.append(["error", _last_line(report.error_message)])
     return rows
@@ -4185,7 +4508,9 @@ def _cmd_run(args: Any) -> int:
         update_repo=args.update_repo, install_repo=args.install_repo, data=args.data,
         interactive=args.interactive, wrap_in_try_except=args.try_except, parallelize=args.parallelize,
         lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs, ssh_timeout=args.ssh_timeout,
-        workload_params=_parse_workload(args.workload, args.parallelize), python=args.python)
+        workload_params=_parse_workload(args.workload, args.parallelize), python=args.python,
+        launch_method="slurm" if args.slurm else "remotely",
+        slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
         return _run_and_report(machine, args)
@@ -4202,7 +4527,9 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
         if args.json:
             _print_json(report.to_dict())
         else:
-            print(f"job {machine.job_id} {report.status} on {report.host} (launcher pid {machine.launcher_pid})")
+            started = (f"Slurm job {machine.slurm_job_id}" if machine.uses_slurm
+                       else f"launcher pid {machine.launcher_pid}")
+            print(f"job {machine.job_id} {report.status} on {report.host} ({started})")
             print(f"  status:  python stackops.py status {machine.job_id}")
             print(f"  logs:    python stackops.py logs {machine.job_id} -f")
         return 0
@@ -4226,10 +4553,16 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
 def _cmd_status(args: Any) -> int:
     with RemoteMachine.load(args.job_id, args.base_dir) as machine:
         report = machine.get_status(args.lines)
+        tasks = [task.get_status(0) for task in machine.array_tasks()] if machine.array_parts else []
     if args.json:
-        _print_json(report.to_dict())
+        _print_json(dict(report.to_dict(), tasks=[task.to_dict() for task in tasks]) if tasks else report.to_dict())
         return 0
     _print_table(_status_rows(report))
+    if tasks:
+        print()
+        _print_table([[task.job_id, task.slurm_job_id or "-", task.status, _duration(task),
+                       _last_line(task.error_message)] for task in tasks],
+                     ["task", "slurm job", "status", "duration", "error"])
     if report.status == "failed" and report.error_message:
         print("\n" + report.error_message.rstrip())
     if args.lines and report.log_tail:
@@ -4644,6 +4977,10 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo before the job")
     parser.add_argument("--data", action="append", default=[], metavar="PATH", help="data that goes with the job")
     parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
+    parser.add_argument("--slurm", action="store_true",
+                        help="hand the job to Slurm with sbatch (here, or on the --host login node)")
+    parser.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="an sbatch long option for --slurm, e.g. partition=gpu, time=02:00:00 (repeatable)")
     parser.add_argument("--show-scripts", action="store_true", help="print the generated scripts")
     parser.add_argument("--no-launch", action="store_true",
                         help="prepare everything and print the launch command; start nothing")

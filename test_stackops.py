@@ -8,6 +8,7 @@ import importlib
 import itertools
 import json
 import os
+import re
 import shutil
 import shlex
 import signal
@@ -590,10 +591,8 @@ def test_slots_twenty_jobs_three_slots_fifo(home):
     try:
         for i in range(20):
             cfg = config(job_id=f"q{i:02d}", max_simultaneous_jobs=3)
-            # each job outlasts several submissions (a submit costs 0.3 s on a loaded machine), so
-            # three always overlap and the cap is what keeps the fourth out
             machines.append(RemoteMachine(mod.counted, config=cfg,
-                                          func_kwargs={"i": i, "counter": str(counter), "seconds": 1.5}).run())
+                                          func_kwargs={"i": i, "counter": str(counter), "seconds": 1.0}).run())
         reports = [wait_done(m, timeout=120) for m in machines]
     finally:
         stop.set()
@@ -1413,7 +1412,7 @@ class SSHD:
     """A real sshd on loopback, stopped by pid."""
 
     def __init__(self, base: Path, user: str, remote_home: Path, client_pub: Path, port: int | None = None,
-                 address: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
+                 address: str = "127.0.0.1", prefix: tuple[str, ...] = (), extra: str = "") -> None:
         self.base, self.user, self.remote_home, self.address = base, user, remote_home, address
         self.port = port or _free_port()
         self.host_key = base / f"host_key_{address}_{self.port}"
@@ -1439,7 +1438,7 @@ class SSHD:
             MaxSessions 100
             MaxStartups 100:30:200
             Subsystem sftp internal-sftp
-        """) + (f"SetEnv HOME={remote_home}\n" if os.geteuid() != 0 else ""))
+        """) + (f"SetEnv HOME={remote_home}\n" if os.geteuid() != 0 else "") + extra)
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.log_path = base / f"sshd_{address}_{self.port}.log"
@@ -2267,6 +2266,367 @@ def test_cluster_cli_run_status_download(cluster_home):
                    for i in json.loads((folder / h / "result.json").read_text())["indices"])
     assert union == list(range(1000))
 
+
+
+# ============================================================================================
+# 12b. Slurm as a launcher: a real single-node cluster (slurmctld, slurmd, a private munged), root only
+# ============================================================================================
+
+class SlurmCluster:
+    """A one-node Slurm cluster of this suite's own: its config, key, sockets and ports; stopped by pid."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.pids: list[int] = []
+        for sub in ("etc", "munge", "run", "log", "ctld", "spool"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+            (base / sub).chmod(0o755 if sub != "ctld" else 0o700)
+        base.chmod(0o755)
+        self.socket = base / "munge" / "sock"
+        self.conf = base / "etc" / "slurm.conf"
+        self._start_munge()
+        self._write_config()
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        for daemon, args in (("slurmctld", []), ("slurmd", ["-N", self.node])):
+            subprocess.run([daemon, "-f", str(self.conf), *args], check=True, capture_output=True, env=self.env)
+            self.pids.append(self._pid_of(base / "run" / f"{daemon}.pid", daemon))
+        self._wait_idle()
+
+    def _start_munge(self) -> None:
+        key = self.base / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        pid_file = self.base / "munge" / "munged.pid"
+        subprocess.run(["/usr/sbin/munged", f"--socket={self.socket}", f"--key-file={key}",
+                        f"--pid-file={pid_file}", f"--log-file={self.base / 'munge' / 'munged.log'}",
+                        f"--seed-file={self.base / 'munge' / 'seed'}", "--num-threads=2"],
+                       check=True, capture_output=True)
+        self.pids.append(self._pid_of(pid_file, "munged"))
+
+    def _write_config(self) -> None:
+        facts = dict(re.findall(r"(\w+)=(\S+)", subprocess.run(["slurmd", "-C"], capture_output=True, text=True,
+                                                                check=True).stdout.splitlines()[0]))
+        self.node = facts["NodeName"]
+        ctld_port, slurmd_port = _free_port(), _free_port()
+        b = self.base
+        hardware = " ".join(f"{key}={facts[key]}" for key in ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket",
+                                                                 "ThreadsPerCore", "RealMemory"))
+        self.conf.write_text(textwrap.dedent(f"""\
+            ClusterName=stackops{os.getpid()}
+            SlurmctldHost=localhost(127.0.0.1)
+            SlurmctldPort={ctld_port}
+            SlurmdPort={slurmd_port}
+            SlurmUser=root
+            SlurmdUser=root
+            AuthType=auth/munge
+            CredType=cred/munge
+            AuthInfo=socket={self.socket}
+            StateSaveLocation={b}/ctld
+            SlurmdSpoolDir={b}/spool
+            SlurmctldPidFile={b}/run/slurmctld.pid
+            SlurmdPidFile={b}/run/slurmd.pid
+            SlurmctldLogFile={b}/log/slurmctld.log
+            SlurmdLogFile={b}/log/slurmd.log
+            ProctrackType=proctrack/linuxproc
+            TaskPlugin=task/none
+            SelectType=select/cons_tres
+            SelectTypeParameters=CR_Core
+            SchedulerParameters=batch_sched_delay=0
+            MpiDefault=none
+            SwitchType=switch/none
+            ReturnToService=2
+            MinJobAge=3600
+            KillWait=2
+            InactiveLimit=0
+            AccountingStorageType=accounting_storage/none
+            JobCompType=jobcomp/none
+            NodeName={self.node} NodeAddr=127.0.0.1 {hardware} State=UNKNOWN
+            PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+        """))
+        (b / "etc" / "cgroup.conf").write_text("CgroupPlugin=autodetect\nIgnoreSystemd=yes\n")
+
+    @staticmethod
+    def _pid_of(pid_file: Path, name: str) -> int:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = pid_file.read_text().strip() if pid_file.exists() else ""
+            if text.isdigit() and Path(f"/proc/{text}/comm").exists() \
+                    and Path(f"/proc/{text}/comm").read_text().strip() == name:
+                return int(text)
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} did not start")
+
+    def _wait_idle(self) -> None:
+        deadline = time.monotonic() + 60
+        state = ""
+        while time.monotonic() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-n", self.node, "-o", "%T"], capture_output=True, text=True,
+                                   env=self.env).stdout.strip()
+            if state in ("idle", "mixed", "allocated"):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the Slurm node stayed {state!r}: {(self.base / 'log' / 'slurmctld.log').read_text()}")
+
+    def stop(self) -> None:
+        subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True)  # noqa: only ours
+        for pid in reversed(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in self.pids:
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+def _slurm_or_skip() -> None:
+    missing = [name for name in ("slurmctld", "slurmd", "sbatch", "scontrol") if shutil.which(name) is None]
+    if not Path("/usr/sbin/munged").exists():
+        missing.append("munged")
+    if os.geteuid() != 0 or missing:
+        why = f"Slurm parts missing: {', '.join(missing)}" if missing else "a Slurm cluster needs root"
+        if os.environ.get("CI") and os.geteuid() == 0:
+            pytest.fail(f"{why}; .ci/run installs slurm-wlm and munge")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    _slurm_or_skip()
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="so-slurm-"))  # short: a UNIX socket path has 107 bytes
+    cluster = None
+    try:
+        cluster = SlurmCluster(base)
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slurm_time_limit_job(request, tmp_path_factory):
+    """A job over its time limit, submitted when the suite starts: Slurm keeps limits in whole minutes
+    and checks them every 30 s, so its TIMEOUT comes 60-90 s later, while the other tests run."""
+    try:
+        _slurm_or_skip()
+    except BaseException:  # noqa: B036 (skip or fail belongs to the test that reads it, not to every test)
+        yield None
+        return
+    cluster = request.getfixturevalue("slurm_cluster")
+    home = tmp_path_factory.mktemp("slurm-limit") / "home"
+    (home / "proj").mkdir(parents=True)
+    (home / "proj" / "jobs.py").write_text(textwrap.dedent(SLURM_JOBS))
+    env = dict(cluster.env, HOME=str(home))
+    done = subprocess.run([sys.executable, str(SOURCE), "run", "proj/jobs.py:sleeper", "--slurm", "--slurm-opt",
+                           "time=0:01", "--kwargs", '{"seconds": 400}', "--job-id", "over-time"], cwd=home, env=env,
+                          capture_output=True, text=True, timeout=120)
+    yield (home, env, done)
+    _stop_leftovers(home)
+
+
+@pytest.fixture
+def slurm(home, slurm_cluster, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    return slurm_cluster
+
+
+SLURM_JOBS = """
+    import os, time
+
+    def where(tag="x", workload_params=None):
+        return {"tag": tag, "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid()}
+
+    def boom():
+        raise ValueError("the slurm job exploded on purpose")
+
+    def sleeper(seconds=60.0):
+        with open(os.path.expanduser("~/sleeper.pid"), "w") as handle:
+            handle.write(str(os.getpid()))
+        time.sleep(seconds)
+"""
+
+
+def _slurm_machine(home, func: str, **kw) -> RemoteMachine:
+    module = make_module(home, SLURM_JOBS)
+    options = kw.pop("slurm_options", {})
+    kwargs = kw.pop("func_kwargs", None)
+    return RemoteMachine(getattr(module, func), config(launch_method="slurm", slurm_options=options, **kw),
+                         func_kwargs=kwargs)
+
+
+def _slurm_wait(machine: RemoteMachine, timeout: float = 90) -> JobStatus:
+    return wait_for(lambda: (lambda r: r if r.finished else None)(machine.get_status(20)), timeout,
+                    f"Slurm job {machine.slurm_job_id} to end")
+
+
+def test_slurm_function_job_completes_and_sees_its_slurm_job(slurm, home):
+    machine = _slurm_machine(home, "where", func_kwargs={"tag": "t1"}).run()
+    assert machine.slurm_job_id and machine.launcher_pid is None
+    report = _slurm_wait(machine)
+    assert report.status == "completed", report
+    assert report.slurm_job_id == machine.slurm_job_id
+    result = json.loads((machine.check_job_status() / "result.json").read_text())
+    assert result["tag"] == "t1" and result["slurm_job_id"] == machine.slurm_job_id
+    assert not list((home / "tmp_results" / "remote_machines" / "file_manager").glob("slots/slot-*.json"))
+    assert "sbatch" in machine.launch_command
+    text = (machine.file_manager.job_root / "shell" / "sbatch.sh").read_text()
+    assert "#SBATCH --job-name=" in text
+
+
+def test_slurm_failing_job_is_failed_with_its_traceback(slurm, home):
+    machine = _slurm_machine(home, "boom").run()
+    report = _slurm_wait(machine)
+    assert report.status == "failed"
+    assert "the slurm job exploded on purpose" in report.error_message
+    assert "Traceback" in report.error_message
+
+
+def test_slurm_cancel_gives_cancelled_and_the_process_is_gone(slurm, home):
+    machine = _slurm_machine(home, "sleeper").run()
+    pid_file = home / "sleeper.pid"
+    wait_for(pid_file.exists, 60, "the Slurm job to start")
+    pid = int(wait_for(lambda: pid_file.read_text().strip(), 10, "its pid"))
+    report = machine.cancel()
+    report = _slurm_wait(machine, 30)
+    assert report.status == "cancelled", report
+    assert "CANCELLED" in report.reason or "cancel" in report.error_message
+    wait_for(lambda: not stackops.pid_is_alive(pid), 15, "the job's process to end")
+
+
+def test_slurm_sigkilled_job_reads_failed(slurm, home):
+    machine = _slurm_machine(home, "sleeper").run()
+    pid_file = home / "sleeper.pid"
+    wait_for(pid_file.exists, 60, "the Slurm job to start")
+    pid = int(wait_for(lambda: pid_file.read_text().strip(), 10, "its pid"))
+    os.kill(pid, signal.SIGKILL)
+    report = _slurm_wait(machine, 60)
+    assert report.status == "failed", report
+    assert report.error_message
+
+
+SLURM_ARRAY_JOBS = """
+    import os
+
+    def indices(workload_params, fail_at=-1):
+        if workload_params.idx_start <= fail_at < workload_params.idx_end:
+            raise RuntimeError(f"index {fail_at} is cursed")
+        return {"task": os.environ.get("SLURM_ARRAY_TASK_ID"), "array": os.environ.get("SLURM_ARRAY_JOB_ID"),
+                "indices": list(range(workload_params.idx_start, workload_params.idx_end))}
+"""
+
+
+def test_slurm_workload_runs_as_one_array_covering_each_index_once(slurm, home):
+    module = make_module(home, SLURM_ARRAY_JOBS)
+    workload = WorkloadParams(idx_min=0, idx_max=40, idx_start=0, idx_end=40, jobs=4)
+    machine = RemoteMachine(module.indices, config(launch_method="slurm", workload_params=workload,
+                                                   max_simultaneous_jobs=2))
+    machine.run()
+    assert "#SBATCH --array=0-3%2" in machine.file_manager.path("shell/sbatch.sh").read_text()
+    report = _slurm_wait(machine, 120)
+    assert report.status == "completed", report
+    assert report.slurm_job_id == machine.slurm_job_id and "4 completed" in report.reason
+    folder = machine.download_results(home / "all")
+    seen = []
+    for k, task in enumerate(machine.array_tasks()):
+        result = json.loads((folder / task.job_id / "result.json").read_text())
+        assert result["task"] == str(k) and result["array"] == machine.slurm_job_id
+        assert task.get_status(0).slurm_job_id == f"{machine.slurm_job_id}_{k}"
+        seen += result["indices"]
+    assert sorted(seen) == list(range(40)) and len(seen) == 40
+
+
+def test_slurm_array_with_a_failing_task_is_failed_and_names_it(slurm, home):
+    module = make_module(home, SLURM_ARRAY_JOBS)
+    workload = WorkloadParams(idx_min=0, idx_max=8, idx_start=0, idx_end=8, jobs=2)
+    machine = RemoteMachine(module.indices, config(launch_method="slurm", workload_params=workload),
+                            func_kwargs={"fail_at": 6})
+    machine.run()
+    report = _slurm_wait(machine, 120)
+    assert report.status == "failed", report
+    assert f"task {machine.job_id}-1: failed" in report.error_message and "cursed" in report.error_message
+    assert [task.get_status(0).status for task in machine.array_tasks()] == ["completed", "failed"]
+    again = RemoteMachine.load(machine.job_id)
+    assert again.get_status(0).status == "failed"
+
+
+def test_slurm_over_ssh_to_a_login_node_submits_watches_and_cancels(slurm, home, sshd):
+    """The login node is a host whose home is not ours; its sessions know the cluster (SLURM_CONF)."""
+    login = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"),
+                 extra=f"SetEnv SLURM_CONF={slurm.conf}\n")
+    login.client_key = sshd.client_key
+    try:
+        _write_ssh_config(home, login, alias="login")
+        module = make_module(home, SLURM_JOBS)
+        with RemoteMachine(module.where, config(ssh_host="login", launch_method="slurm", copy_repo=True),
+                           func_kwargs={"tag": "far"}) as machine:
+            machine.run()
+            report = _slurm_wait(machine, 90)
+            assert report.status == "completed", report
+            local = machine.download_results(home / "back")
+            result = json.loads((local / "result.json").read_text())
+            assert result["tag"] == "far" and result["slurm_job_id"] == machine.slurm_job_id
+        with RemoteMachine(module.sleeper, config(ssh_host="login", launch_method="slurm", copy_repo=True)) as job:
+            job.run()
+            wait_for(lambda: job.get_status(0).status == "running", 60, "the job to run")
+            job.cancel()
+            assert _slurm_wait(job, 30).status == "cancelled"
+    finally:
+        login.stop()
+        _kill_remote_leftovers(sshd.remote_home)
+
+
+def test_slurm_job_forgotten_by_slurm_is_failed_not_running(slurm, home):
+    machine = _slurm_machine(home, "where").run(run=False)
+    machine.slurm_job_id = "999999"  # a job Slurm never had (or forgot after MinJobAge)
+    (machine.file_manager.job_root / "logs" / "slurm_job_id.txt").write_text("999999")
+    report = machine.get_status(0)
+    assert report.status == "failed" and "lost by Slurm" in report.error_message
+
+
+def test_slurm_bad_input_refused_before_anything_is_written(home, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="unknown sbatch option"):
+        config(launch_method="slurm", slurm_options={"output": "/etc/passwd"})
+    with pytest.raises(ConfigError, match="plain token"):
+        config(launch_method="slurm", slurm_options={"partition": "gpu\n#SBATCH --output=/x"})
+    with pytest.raises(ConfigError, match="plain token"):
+        stackops.parse_slurm_option("time=1 2")
+    with pytest.raises(ConfigError, match="cannot run an interactive job"):
+        config(launch_method="slurm", interactive=True)
+    with pytest.raises(ConfigError, match="slurm_options are for"):
+        config(slurm_options={"partition": "gpu"})
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    module = make_module(home, SLURM_JOBS)
+    machine = RemoteMachine(module.where, config(launch_method="slurm"))
+    with pytest.raises(ConfigError, match="needs sbatch on localhost"):
+        machine.run()
+    assert not machine.file_manager.job_root.exists()
+    done = cli("run", "x.py", "--slurm", "--slurm-opt", "bogus=1", home=home)
+    assert done.returncode == 2 and "unknown sbatch option 'bogus'" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2
+
+
+def test_slurm_cli_run_wait_and_status_json(slurm, home):
+    module_dir = home / "proj"
+    module_dir.mkdir()
+    (module_dir / "jobs.py").write_text(textwrap.dedent(SLURM_JOBS))
+    done = cli("run", "proj/jobs.py:where", "--slurm", "--slurm-opt", "time=00:05:00", "--slurm-opt",
+               "cpus-per-task=1", "--job-id", "sl1", "--wait", home=home)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "completed" in done.stdout and "slurm job" in done.stdout
+    status = json.loads(cli("status", "sl1", "--json", home=home).stdout)
+    assert status["status"] == "completed" and status["slurm_job_id"].isdigit()
+    done = cli("run", "proj/jobs.py:where", "--slurm", "--workload", "0:10:3", "--job-id", "arr", "--wait",
+               home=home)
+    assert done.returncode == 0, done.stderr + done.stdout
+    status = json.loads(cli("status", "arr", "--json", home=home).stdout)
+    assert [task["job_id"] for task in status["tasks"]] == ["arr-0", "arr-1", "arr-2"]
+    assert {task["status"] for task in status["tasks"]} == {"completed"}
+    table = cli("status", "arr", home=home).stdout
+    assert "arr-2" in table and f"{status['slurm_job_id']}_2" in table
 
 
 # ============================================================================================
@@ -3206,3 +3566,20 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
     assert failed <= killed and all("process gone" in r.error_message or "killed by signal 9" in r.error_message
                                     for r in reports if r.status == "failed")
     assert Slots().holders() == [] and Slots().waiters() == []
+
+
+def test_slurm_time_limit_reads_failed_with_the_reason(slurm, slurm_time_limit_job):
+    """Last in the file: the job was submitted when the suite started (slurm_time_limit_job)."""
+    home, env, submitted = slurm_time_limit_job
+    assert submitted.returncode == 0, submitted.stderr
+
+    def ended():
+        done = subprocess.run([sys.executable, str(SOURCE), "status", "over-time", "--json"], cwd=home, env=env,
+                              capture_output=True, text=True, timeout=60)
+        report = json.loads(done.stdout)
+        return report if report["status"] in ("completed", "failed", "cancelled") else None
+
+    report = wait_for(ended, 150, "Slurm to end the job at its time limit")
+    assert report["status"] == "failed", report
+    assert "TIMEOUT" in report["reason"] and "TimeLimit" in report["reason"], report
+    assert "Slurm sends it at the time limit" in report["error_message"]
