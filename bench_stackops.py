@@ -403,6 +403,22 @@ def cli_cases(stackops, runs: int) -> list[dict]:
     return rows
 
 
+def cancel_case(bed: Bed, stackops, runs: int) -> list[dict]:
+    """Cancel a running job here: from the call until its process group is gone and the status
+    reads cancelled (SIGTERM honoured, so no grace is spent)."""
+    project = bed.local_home / "proj"
+    project.mkdir(exist_ok=True)
+    (project / "sleepy_cancel.py").write_text("import time\ntime.sleep(120)\n")
+    values = []
+    for _ in range(runs):
+        config = stackops.RemoteStackOpsConfig(job_id=f"bench-cancel-{next(_fresh)}", lock_resources=False)
+        machine = stackops.RemoteMachine(str(project / "sleepy_cancel.py"), config=config).run()
+        while machine.get_status(0).status != "running":
+            time.sleep(0.02)
+        values.append(timed(lambda: machine.cancel()))
+    return [absolute("cancel a running job (here)", values, note="target: gone within 1 s")]
+
+
 def slurm_case(bed: Bed, runs: int) -> list[dict]:
     """Hand-over to Slurm, CLI to CLI: `stackops run --slurm` against `sbatch --wrap true`, on a
     one-node cluster of the bench's own (the test suite's SlurmCluster; root only)."""
@@ -458,6 +474,7 @@ def main() -> int:
         rows += slot_cases(bed, stackops, args.quick)
         rows += cluster_case(bed, stackops, runs)
         rows += cli_cases(stackops, runs)
+        rows += cancel_case(bed, stackops, runs)
         rows += slurm_case(bed, runs)
     finally:
         bed.close()

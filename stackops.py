@@ -142,6 +142,8 @@ RESULTS_TXT = "logs/results_folder_path.txt"
 TIMINGS_JSON = "logs/execution_timings.json"
 OUTPUT_LOG = "logs/output.log"
 CANCEL_TXT = "logs/cancel_requested.txt"  # written before the job is stopped: its end is "cancelled"
+ATTEMPT_TXT = "logs/attempt.txt"  # "2/4": the second of four runs allowed by retries
+REASON_TXT = "logs/reason.txt"  # why a job waits (the jobs it runs after)
 
 # inside the state directory of a machine and user
 QUEUED_VIEW = "queued_jobs.json"
@@ -646,6 +648,9 @@ class RemoteStackOpsConfig:
     accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
     ssh_timeout: float = 15.0  # seconds to connect, to open a command, or for a transfer to stall
     slurm_options: dict[str, str] = dataclasses.field(default_factory=dict)  # sbatch long options
+    retries: int = 0  # a failed run is repeated in place up to this many times
+    retry_delay: float = 0.0  # seconds between a failed run and the next
+    after: list[str] = dataclasses.field(default_factory=list)  # start only once these jobs completed
 
     def __post_init__(self) -> None:
         if isinstance(self.workload_params, dict):
@@ -661,6 +666,13 @@ class RemoteStackOpsConfig:
             raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
                               f"got {self.launch_method!r}")
         check_slurm_options(self.slurm_options)
+        if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
+            raise ConfigError(f"retries must be 0 to 100 and retry_delay 0 to 86400 seconds, got "
+                              f"{self.retries} and {self.retry_delay}")
+        for parent in self.after:
+            check_safe_name(parent, "after")
+            if parent == self.job_id:
+                raise ConfigError(f"job {self.job_id} cannot run after itself")
         if self.launch_method == "slurm":
             self._check_slurm_combination()
         elif self.slurm_options:
@@ -711,7 +723,8 @@ class JobStatus:
     host: str = "localhost"
     log_tail: str = ""
     slurm_job_id: str | None = None  # "123", or "123_4" for an array task
-    reason: str = ""  # why it is queued or how it ended, in the scheduler's words (Slurm)
+    reason: str = ""  # why it waits (the jobs it runs after) or, for Slurm, how Slurm sees it
+    attempt: str = ""  # "2/4" while retries are allowed: the run it is on, of how many
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -993,6 +1006,7 @@ _write launcher_pid.txt "$$"
 _fail() {
     _write error_message.txt "$1"
     _write end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
+    if [ -e "$LOGS/cancel_requested.txt" ]; then _write status.txt cancelled; exit 1; fi
     _write status.txt failed
     echo "JOB FAILED: $1" >&2
     exit 1
@@ -1004,11 +1018,12 @@ echo "=== SHELL END ==="
 "$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py"
 rc=$?
 case "$(cat "$LOGS/status.txt" 2>/dev/null)" in
-    completed|failed) ;;
+    completed|failed|cancelled) ;;
     *)  if [ "$rc" -gt 128 ]; then why="killed by signal $((rc - 128))"; else why="exit status $rc"; fi
         [ "$rc" -eq 127 ] && why="$why: is $PYTHON installed?"
         _fail "process gone: the job's Python process ended ($why) without recording its end" ;;
 esac
+[ "$(cat "$LOGS/status.txt" 2>/dev/null)" = completed ]  # the launcher's exit status tells (Slurm's afterok)
 """
 
 PYTHON_TEMPLATE = '''#!/usr/bin/env python3
@@ -1074,12 +1089,16 @@ cd "$T" && exec bash shell/cluster_script.sh
 """
 
 
-def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, throttle: int = 0) -> str:
+def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, throttle: int = 0,
+                         after: list[str] | None = None) -> str:
     """The batch script Slurm runs: the job's own launcher, with ``options`` as #SBATCH lines; with
     ``tasks`` it is an array whose task K runs the job folder ``{job_id}-K`` beside this one,
     at most ``throttle`` at once (0: as many as Slurm allows)."""
     lines = [f"#SBATCH --{key}={value}" if value else f"#SBATCH --{key}"
              for key, value in sorted(check_slurm_options(options).items())]
+    if after:  # a parent that fails makes Slurm cancel this job, never leave it pending forever
+        lines += ["#SBATCH --dependency=afterok:" + ":".join(check_safe_name(i, "slurm job") for i in after),
+                  "#SBATCH --kill-on-invalid-dep=yes"]
     output, task_dir = "logs/output.log", "."
     if tasks:
         lines.append(f"#SBATCH --array=0-{tasks - 1}" + (f"%{throttle}" if throttle else ""))
@@ -1144,11 +1163,62 @@ for k in pid:pid start:start_time end:end_time results:results_folder_path error
     get "${k#*:}.txt"; out "${k%%:*}" "$R"
 done
 get execution_timings.json; out timings "$R"; out place ""; out host "$HOSTNAME"
-out slurm "$sid"; out reason "$why"; out tail ""
+get attempt.txt; out attempt "$R"; out slurm "$sid"; out reason "$why"; out tail ""
 if [ @@lines -gt 0 ] && [ -r "$L/output.log" ]; then tail -n $((@@lines + 16)) "$L/output.log"; fi
 exit 0
 """
 
+
+# Cancel a job where it runs, by bash alone (one round trip): mark it, take it out of the queue,
+# SIGTERM its launcher's process group (only when the recorded pid provably is the job's: its
+# command line runs this job folder's launcher or wrapper), SIGKILL what is left after the grace,
+# and record `cancelled` if the job could not. Prints the status that holds after.
+CANCEL_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; ticks=@@ticks
+[ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
+get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
+put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
+now() { date -u +%Y-%m-%dT%H:%M:%S+00:00; }
+get status.txt; st=${R//[[:space:]]/}
+case "$st" in completed|failed|cancelled) echo "ended $st"; exit 0 ;; esac
+[ -e "$L/cancel_requested.txt" ] || put cancel_requested.txt "$(now)"
+S="${STACKOPS_STATE_DIR:-$HOME/@@state_dir}"; get ticket.txt; t=${R//[[:space:]]/}
+[ -n "$t" ] && rm -f -- "$S/queue/$t-$id"
+cmd() { C=; local a; [ -r "/proc/$1/cmdline" ] || return 1
+    while IFS= read -r -d '' a || [ -n "$a" ]; do C="$C $a"; done < "/proc/$1/cmdline"; }
+stat() { local s; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
+    s=${s##*) }; set -- $s; STATE=$1; PGRP=$3; }
+g=; get launcher_pid.txt; p=${R//[[:space:]]/}
+if [[ $p =~ ^[0-9]+$ ]] && cmd "$p" && [[ $C == *"/queued/$id/shell/cluster_script.sh"* ]]; then g=$p; fi
+get pid.txt; w=${R//[[:space:]]/}
+if [ -z "$g" ] && [[ $w =~ ^[0-9]+$ ]] && cmd "$w" && [[ $C == *"/queued/$id/python/cluster_wrap.py"* ]] \
+    && stat "$w"; then g=$PGRP; fi
+members() {  # a live (not zombie) process in the group; the scan only while kill -0 finds one
+    kill -0 -- "-$g" 2>/dev/null || return 1
+    local d; for d in /proc/[0-9]*; do stat "${d#/proc/}" || continue
+    [ "$PGRP" = "$g" ] && [ "$STATE" != Z ] && return 0; done; return 1; }
+killed=
+if [ -n "$g" ]; then
+    kill -TERM -- "-$g" 2>/dev/null
+    i=0; while members && [ $i -lt $ticks ]; do sleep 0.05; i=$((i + 1)); done
+    if members; then kill -KILL -- "-$g" 2>/dev/null; killed=1; fi
+    i=0; while members && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+fi
+get status.txt; st=${R//[[:space:]]/}
+case "$st" in
+    completed|failed|cancelled) ;;
+    *) put error_message.txt "cancelled${killed:+ (killed: it ignored SIGTERM for the grace period)}"
+       put end_time.txt "$(now)"; put status.txt cancelled; st=cancelled ;;
+esac
+echo "$st"
+"""
+
+
+# Remove a job folder where the job ran: only a real folder (not a link) that holds a job.
+DELETE_TEMPLATE = r"""J=@@job_root
+[ -e "$J" ] || [ -L "$J" ] || exit 0
+if [ -L "$J" ] || [ ! -f "$J/data/file_manager.json" ]; then echo "$J is not a stackops job folder" >&2; exit 3; fi
+rm -rf -- "$J"
+"""
 
 # The status of a job read where it runs, by bash alone: one round trip that starts no Python. It
 # applies FileManager.get_job_status's rules (a dead, zombie or reused pid makes a waiting or running
@@ -1169,7 +1239,7 @@ alive() {  # not a zombie, and the command line names the job (else the pid was 
 }
 get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; f=
 case "$st" in
-    completed|failed) ;;
+    completed|failed|cancelled) ;;
     waiting|running) f=pid.txt; what="the job's process" ;;
     queued) f=launcher_pid.txt; what="the job's launcher" ;;
     *) fail "unreadable status '$st' in logs/status.txt"; st=failed ;;
@@ -1178,8 +1248,9 @@ if [ -n "$f" ]; then
     get "$f"; p=${R//[[:space:]]/}
     if [[ $p =~ ^[0-9]+$ ]] && ! alive "$p"; then
         get status.txt; now=${R//[[:space:]]/}  # it may have ended meanwhile
-        if [ "$now" = "$st" ]; then fail "process gone: $what (pid $p) ended without recording the job's end"
-            st=failed; else st=$now; fi
+        if [ "$now" != "$st" ]; then st=$now
+        elif [ -e "$L/cancel_requested.txt" ]; then fail cancelled; put status.txt cancelled; st=cancelled
+        else fail "process gone: $what (pid $p) ended without recording the job's end"; st=failed; fi
     fi
 fi
 place=
@@ -1193,7 +1264,8 @@ out status "$st"
 for k in pid:pid start:start_time end:end_time results:results_folder_path error:error_message; do
     get "${k#*:}.txt"; out "${k%%:*}" "$R"
 done
-get execution_timings.json; out timings "$R"; out place "$place"; out host "$HOSTNAME"; out tail ""
+get execution_timings.json; out timings "$R"; out place "$place"; out host "$HOSTNAME"
+get attempt.txt; out attempt "$R"; R=; [ "$st" = waiting ] && get reason.txt; out reason "$R"; out tail ""
 if [ @@lines -gt 0 ] && [ -r "$L/output.log" ]; then tail -n $((@@lines + 16)) "$L/output.log"; fi
 exit 0
 """
@@ -1490,7 +1562,7 @@ class FileManager:
 
     # -- launching -----------------------------------------------------------------------------
 
-    def get_fire_command(self, interactive: bool = False) -> str:
+    def get_fire_command(self, interactive: bool = False, join_queue: bool = True) -> str:
         """The bash command that starts this job detached on the executing machine and prints the
         launcher's pid. It joins the machine's queue first, so jobs start in the order fired.
         It refuses a job or state folder others could change, and a fire that fails (no tmux, a
@@ -1506,7 +1578,7 @@ class FileManager:
             parts += [f"{{ command -v tmux >/dev/null || _failed {missing}; }}",
                       f"{{ ! tmux has-session -t ={session}: 2>/dev/null || _failed {taken}; }}"]
         entry = ""
-        if self.lock_resources:
+        if self.lock_resources and join_queue:
             where = shlex.quote(self.state_dir) if self.state_dir else \
                 '"${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"'
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
@@ -1585,10 +1657,10 @@ class FileManager:
 
     # -- status ----------------------------------------------------------------------------------
 
-    def _mark_failed(self, reason: str) -> None:
+    def _mark_failed(self, reason: str, status: str = "failed") -> None:
         self.write_log(ERROR_TXT, reason)
         self.write_log(END_TXT, _iso(_utcnow()) or "")
-        self.write_log(STATUS_TXT, "failed")
+        self.write_log(STATUS_TXT, status)
 
     def _verify_alive(self, status: str) -> str:
         """Turn a job whose process is gone into ``failed``; returns the status that holds now."""
@@ -1602,6 +1674,9 @@ class FileManager:
         if now != status:
             return now
         what = "the job's process" if pid_file == PID_TXT else "the job's launcher"
+        if self.path(CANCEL_TXT).exists():
+            self._mark_failed("cancelled", "cancelled")
+            return "cancelled"
         self._mark_failed(f"process gone: {what} (pid {pid}) ended without recording the job's end")
         return "failed"
 
@@ -1630,7 +1705,18 @@ class FileManager:
                          end_time=_read_text(self.path(END_TXT)).strip() or None,
                          results_path=_read_text(self.path(RESULTS_TXT)).strip() or None,
                          error_message=_read_text(self.path(ERROR_TXT)), place=place,
-                         host=os.uname().nodename, log_tail=_tail(output, log_lines))
+                         host=os.uname().nodename, log_tail=_tail(output, log_lines),
+                         reason=_read_text(self.path(REASON_TXT)).strip() if status == "waiting" else "",
+                         attempt=_read_text(self.path(ATTEMPT_TXT)).strip())
+
+    def cancel_command(self, grace: float) -> str:
+        """The bash script that cancels this job where it runs (CANCEL_TEMPLATE)."""
+        return render_template(CANCEL_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
+                               ticks=str(max(0, round(grace * 20))), state_dir=DEFAULT_STATE_DIR[2:])
+
+    def delete_command(self) -> str:
+        """The bash script that removes this job's folder where it ran, only if it is one."""
+        return render_template(DELETE_TEMPLATE, job_root=self._job_root_sh())
 
     def sbatch_command(self, tasks: int = 0) -> str:
         """The bash script that hands this job to Slurm where it runs and prints Slurm's job id."""
@@ -1665,7 +1751,8 @@ class FileManager:
                            start_time=field("start"), end_time=field("end"), results_path=field("results"),
                            error_message=parts.get("error", ""), place=int(place) if place and place.isdigit() else None,
                            host=parts.get("host") or "?", log_tail=_tail(parts.get("tail", ""), log_lines),
-                           slurm_job_id=field("slurm"), reason=(field("reason") or ""))
+                           slurm_job_id=field("slurm"), reason=(field("reason") or ""),
+                           attempt=(field("attempt") or ""))
         logs = {relative: parts[key] for key, relative in (("status", STATUS_TXT), ("start", START_TXT),
                                                             ("end", END_TXT), ("error", ERROR_TXT),
                                                             ("results", RESULTS_TXT), ("timings", TIMINGS_JSON))
@@ -1795,6 +1882,8 @@ def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any, error
     manager.write_log(ERROR_TXT, error)
     _atomic_write_json(manager.path(TIMINGS_JSON), timings.to_dict())
     status = "failed" if error else "completed"
+    if error and manager.path(CANCEL_TXT).exists():
+        status = "cancelled"
     took = timings.execution_duration.total_seconds() if timings.execution_duration else 0.0
     _banner(f"JOB {status.upper()} | id={manager.job_id} | duration={_format_duration(took)} | "
             f"results={collapse_home(folder)}")
@@ -1891,6 +1980,62 @@ def _notify(manager: FileManager, record: dict[str, Any] | None, status: str, er
         log.warning("could not send the completion e-mail of job %s: %s", manager.job_id, exc)
 
 
+class _ParentEnded(BaseException):
+    """A job this one runs after ended without completing: this one never runs."""
+
+
+def _wait_for_parents(manager: FileManager, parents: list[str]) -> None:
+    """Wait, holding no slot and no place in the queue, until the jobs in ``parents`` (folders
+    beside this one) completed; then join the queue. One that failed or was cancelled ends this
+    job ``cancelled`` with that reason."""
+    manager.write_log(PID_TXT, str(os.getpid()))
+    manager.write_log(STATUS_TXT, "waiting")
+    while True:
+        states = {}
+        for parent in parents:
+            folder = manager.job_root.parent / parent
+            states[parent] = FileManager.from_job_root(folder).get_job_status() \
+                if (folder / FILE_MANAGER_JSON).exists() else "gone"
+        ended = [f"{parent} {state}" for parent, state in states.items() if state in ("failed", "cancelled", "gone")]
+        if ended:
+            why = f"cancelled: it runs after {', '.join(ended)}"
+            manager.write_log(CANCEL_TXT, why)
+            raise _ParentEnded(why)
+        pending = [f"{parent} ({state})" for parent, state in states.items() if state != "completed"]
+        if not pending:
+            break
+        manager.write_log(REASON_TXT, "after " + ", ".join(pending))
+        time.sleep(0.5)
+    manager.write_log(REASON_TXT, "")
+    if manager.lock_resources:  # now in line, like a job fired at this moment
+        ticket = f"{time.time_ns():019d}"
+        manager.write_log(TICKET_TXT, ticket)
+        slots = Slots()
+        slots._ensure()
+        _atomic_write_text(slots.queue / f"{ticket}-{manager.job_id}", str(manager.job_root))
+
+
+def _run_attempts(manager: FileManager, execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]],
+                  config: dict[str, Any]) -> tuple[Any, str]:
+    """Call the job, and again after a failure while ``retries`` allow (a cancel stops it)."""
+    retries, delay = int(config.get("retries") or 0), float(config.get("retry_delay") or 0.0)
+    attempt = 0
+    while True:
+        attempt += 1
+        if retries:
+            manager.write_log(ATTEMPT_TXT, f"{attempt}/{retries + 1}")
+        func_kwargs = _read_json(manager.kwargs_path)  # fresh for every attempt
+        try:
+            res, error = execute(JobContext(manager.job_root), func_kwargs)
+        except (Exception, SystemExit):
+            res, error = None, traceback.format_exc()
+        if not error or attempt > retries or manager.path(CANCEL_TXT).exists():
+            return res, error
+        log.warning("job %s: attempt %d of %d failed; again in %gs", manager.job_id, attempt, retries + 1, delay)
+        print(error, file=sys.stderr, flush=True)
+        time.sleep(delay)
+
+
 def run_job(job_root: str | os.PathLike[str],
             execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]]) -> Any:
     """The wrapper's lifecycle: slot, pid/status/times, kwargs, execute, results, end, release.
@@ -1908,14 +2053,18 @@ def run_job(job_root: str | os.PathLike[str],
     record: dict[str, Any] | None = None
     try:
         try:
+            config = _read_json(manager.path(CONFIG_JSON))
+            if config.get("after") and config.get("launch_method") != "slurm":
+                _wait_for_parents(manager, list(config["after"]))
             manager.secure_resources()
             timings.start_utc = manager.admitted_at or _utcnow()
             timings.start_local = timings.start_utc.astimezone()
             manager.write_log(START_TXT, _iso(timings.start_utc) or "")
             manager.write_log(STATUS_TXT, "running")
-            func_kwargs = _read_json(manager.kwargs_path)
             _banner(f"EXECUTION START | id={manager.job_id} | pid={os.getpid()}")
-            res, error = execute(JobContext(manager.job_root), func_kwargs)
+            res, error = _run_attempts(manager, execute, config)
+        except _ParentEnded as exc:
+            error = str(exc)
         except BaseException:  # a crash of any kind still ends the job: failed, traceback kept
             error = traceback.format_exc()
         finally:
@@ -2216,6 +2365,17 @@ def switch_public_ip_address(max_trials: int = 10, wait_seconds: float = 2.0,
 # ============================================================================================
 # 10. SSH (paramiko, imported lazily)
 # ============================================================================================
+
+# Runs a stackops.py read from stdin as the module ``stackops`` and calls main(argv).
+REMOTE_ENTRY_PY = """import sys, types
+source = sys.stdin.buffer.read()
+module = types.ModuleType("stackops")
+module.__file__ = "stackops.py"
+sys.modules["stackops"] = module
+exec(compile(source, "stackops.py", "exec"), module.__dict__)
+sys.exit(module.main(sys.argv[1:]))
+"""
+
 
 def _paramiko() -> Any:
     try:
@@ -2623,6 +2783,13 @@ class SSH:
             if not got:
                 select.select([channel], [], [], 0.5)
         return bytes(out), bytes(err), channel.recv_exit_status()
+
+    def run_stackops(self, args: list[str], timeout: float | None = None, python: str = "python3") -> Response:
+        """Run this very module on the host (sent over stdin, nothing installed or written there)
+        as ``stackops ARGS``; strict: a non-zero exit raises CommandError with its stderr."""
+        source = Path(sys.modules[__name__].__file__ or "").read_bytes()
+        command = " ".join(shlex.quote(part) for part in [python, "-S", "-c", REMOTE_ENTRY_PY, *args])
+        return self.run_shell_cmd_on_remote(command, timeout, strict=True, stdin=source)
 
     def run_py_remotely(self, code: str, timeout: float | None = None, strict: bool = True,
                         python: str = "python3") -> Response:
@@ -3137,8 +3304,11 @@ def _rclone(*args: str, what: str, timeout: float = 3600,
     if binary is None:
         raise DependencyError("rclone is not installed on this machine",
                               hint="install it (e.g. apt-get install rclone) and configure a remote")
-    done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout, input=stdin,
-                          stdin=None if stdin is not None else subprocess.DEVNULL)
+    try:
+        done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout,
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise TransferError(f"rclone {what} did not finish within {timeout:g}s") from exc
     if done.returncode != 0:
         raise TransferError(f"rclone {what} failed (exit status {done.returncode}): "
                             f"{_tail(done.stderr or done.stdout, 3) or 'no message'}")
@@ -3168,29 +3338,76 @@ def check_cloud_remote(cloud_name: str) -> None:
                           hint="add it with: rclone config")
 
 
+def _archive_members(job_root_rh: str, repo: str | None, data: list[str]) -> list[str]:
+    """The top-level members of a job's archive: the job folder, its repo and its data, each as
+    its path relative to home (so it unpacks into the same places under another home)."""
+    paths = [job_root_rh] + ([repo] if repo else []) + list(data)
+    return [_home_relative(expand_home(path))[2:] for path in paths]
+
+
 def _pack(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
     """One tar of a job folder, its repo (caches and .git left out) and its data, with paths
     relative to home, so it unpacks into the same places under another home."""
-    members = [_home_relative(job_root)] + ([_home_relative(expand_home(repo))] if repo else [])
-    members += [_home_relative(expand_home(item)) for item in data]
+    members = _archive_members(collapse_home(job_root), repo, data)
     tar = subprocess.run(["tar", "cf", str(archive), "-C", str(Path.home()),
-                          *[f"--exclude={e}" for e in REPO_EXCLUDES], "--",
-                          *[m[2:] if m.startswith("~/") else m for m in members]], capture_output=True, text=True)
+                          *[f"--exclude={e}" for e in REPO_EXCLUDES], "--", *members],
+                         capture_output=True, text=True)
     if tar.returncode != 0:
         raise TransferError(f"packing {job_root.name} failed: {_last_line(tar.stderr)}")
     return archive
 
 
+def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
+    """One tar of a cloud unit, laid out so that a worker unpacks it into the unit's own folder:
+    ``job/`` (the job folder), ``code/`` (the repo, caches and .git left out) and ``home/<path>``
+    for each data path (relative to home)."""
+    import fnmatch
+    import tarfile
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        name = info.name.rsplit("/", 1)[-1]
+        return None if any(fnmatch.fnmatch(name, pattern) for pattern in REPO_EXCLUDES) else info
+
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(str(job_root), arcname="job")
+        if repo:
+            tar.add(str(expand_home(repo)), arcname="code", filter=keep)
+        for item in data:
+            tar.add(str(expand_home(item)), arcname="home/" + _home_relative(expand_home(item))[2:])
+    return archive
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+JOB_EXISTS_STATUS = 5  # what the host's check answers when the job folder is there already
+
+
 def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
-                   data: list[str]) -> str:
+                   data: list[str]) -> tuple[str, str]:
     """Pack the job folder (and the repo with ``copy_repo``, and the data) into one archive and
     upload it with rclone; the host fetches it with its own rclone when the job is fired.
-    One object instead of thousands of files: rclone's per-file hash check runs once."""
+    One object instead of thousands of files: rclone's per-file hash check runs once.
+    Returns (where the archive is, its SHA-256): the fire command checks the digest on the host
+    before it unpacks anything, so an archive another writer of the bucket replaced is refused.
+    A job id whose folder exists on the host is refused before anything is uploaded."""
     cloud = config.cloud_name or ""
     check_cloud_remote(cloud)
     if ssh is not None:
-        remote = ssh.run_shell_cmd_on_remote("command -v rclone >/dev/null && rclone listremotes", timeout=60,
-                                             strict=False)
+        remote = ssh.run_shell_cmd_on_remote(
+            f"if test -e {file_manager._job_root_sh()}; then exit {JOB_EXISTS_STATUS}; fi; "
+            "command -v rclone >/dev/null && rclone listremotes", timeout=60, strict=False)
+        if remote.returncode == JOB_EXISTS_STATUS:
+            raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias} "
+                              f"at {file_manager.job_root_rh}",
+                              hint="choose another job_id, or leave it out for a fresh one")
         if remote.returncode != 0 or f"{cloud.split(':', 1)[0]}:" not in remote.stdout.split():
             raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r} "
                               f"({_last_line(remote.stderr) or 'rclone there does not know it'})",
@@ -3198,18 +3415,63 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
         _pack(archive, file_manager.job_root, job_params.repo_path_rh if config.copy_repo else None, data)
+        digest = _sha256_file(archive)
         target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
         _rclone("copyto", str(archive), target, what=f"upload to {target}")
     finally:
         shutil.rmtree(archive.parent, ignore_errors=True)
-    return target
+    return target, digest
 
 
-def cloud_fetch_command(cloud_name: str, job_id: str) -> str:
-    """Shell that fetches and unpacks a job's archive into the home of the machine that runs it."""
-    source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{job_id}.tar")
-    return ('umask 077 && A=$(mktemp "$HOME/.stackops-fetch.XXXXXX") && '
-            f'{{ rclone copyto {source} "$A" && tar xf "$A" -C "$HOME"; r=$?; rm -f "$A"; [ "$r" -eq 0 ]; }}')
+# Run by the fire command on the host (bash): fetch the job's archive into a private staging
+# folder beside the job folder, check its SHA-256 against the one recorded at upload, accept only
+# members under the job folder, the code and the data, move the job folder into place (never over
+# an existing one), put the code and the data at their home-relative places, and remove the
+# archive from the bucket.
+CLOUD_FETCH_TEMPLATE = r"""umask 077; J=@@job_root; P=$(dirname "$J")
+_no() { echo "stackops: $1" >&2; exit 3; }
+if [ -e "$J" ]; then  # fetched before from this very archive (a fire that failed later): go on
+    [ "$(cat "$J/logs/archive_sha256.txt" 2>/dev/null)" = @@sha256 ] && exit 0
+    _no "job folder $J already exists on this host: a job id runs once"
+fi
+mkdir -p "$P" && S=$(mktemp -d "$P/.stackops-fetch.XXXXXX") || _no "no staging folder in $P"
+trap 'rm -rf "$S"' EXIT
+rclone copyto @@source "$S/job.tar" || _no "rclone could not fetch "@@source
+h=$({ sha256sum || shasum -a 256; } < "$S/job.tar" 2>/dev/null); h=${h%% *}
+[ "$h" = @@sha256 ] || _no "the archive "@@source" is not the one uploaded (its sha256 is \
+${h:-unknown}, expected "@@sha256"): another writer of the bucket replaced it; nothing was unpacked"
+{ tar --quoting-style=literal -tf "$S/job.tar" 2>/dev/null || tar tf "$S/job.tar"; } >"$S/members" \
+    || _no "cannot list the archive "@@source
+while IFS= read -r m; do
+    case "/$m/" in */../*) _no "archive member $m climbs out; nothing was unpacked";; esac
+    case "$m" in @@allowed) ;; *) _no "archive member $m is not in the job folder, the code or \
+the data; nothing was unpacked" ;; esac
+done < "$S/members"
+mkdir "$S/x" && tar xf "$S/job.tar" -C "$S/x" --no-same-owner -- @@job_member \
+    && printf '%s' @@sha256 > "$S/x/"@@job_member/logs/archive_sha256.txt \
+    || _no "cannot unpack the job folder"
+mv -T "$S/x/"@@job_member "$J" || _no "job folder $J already exists on this host: an id runs once"
+@@others
+rclone deletefile @@source 2>/dev/null || echo "stackops: could not remove "@@source >&2
+true"""
+
+
+def cloud_fetch_command(cloud_name: str, job_id: str, sha256: str, members: list[str]) -> str:
+    """Shell that fetches a job's archive, checks it and unpacks it on the machine that runs it
+    (``members``: the job folder first, then the code and the data, relative to home)."""
+    if not re.match(r"[0-9a-f]{64}\Z", sha256 or ""):
+        raise StackopsError(f"job {job_id} has no recorded archive digest", hint="submit it again")
+    source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{check_safe_name(job_id)}.tar")
+    quoted = [shlex.quote(m) for m in members]
+    allowed = "|".join(f"{q}|{q}/*" for q in quoted)
+    others = ": no code or data"
+    if members[1:]:
+        others = (f'tar xf "$S/job.tar" -C "$HOME" --no-same-owner -- {" ".join(quoted[1:])} '
+                  '|| _no "cannot unpack the code and the data"')
+    script = render_template(CLOUD_FETCH_TEMPLATE, job_root=_sh_path("~/" + members[0]),
+                             source=source, sha256=shlex.quote(sha256), allowed=allowed,
+                             job_member=quoted[0], others=others)
+    return f"bash -c {shlex.quote(script)}"
 
 
 CLOUD_SETTLE = 1.0   # seconds a claim waits before it looks who else claimed
@@ -3274,10 +3536,20 @@ class CloudQueue:
         _rclone("copyto", str(archive), f"{self.base}/{unit_id}/unit.tar", what=f"upload of unit {unit_id}")
         self._put(f"{unit_id}/unit.json", json.dumps(meta))
 
+    def remove(self, unit_id: str) -> None:
+        _rclone("purge", f"{self.base}/{check_safe_name(unit_id, 'unit id')}",
+                what=f"removal of unit {unit_id}")
+
     def meta(self, unit_id: str) -> dict[str, Any]:
         if unit_id not in self._meta:
             text = _rclone("cat", f"{self.base}/{unit_id}/unit.json", what=f"read of unit {unit_id}").stdout
-            self._meta[unit_id] = json.loads(text)
+            try:
+                meta = json.loads(text)
+            except ValueError as exc:
+                raise TransferError(f"unit {unit_id}'s unit.json is not JSON: {exc}") from exc
+            if not isinstance(meta, dict):
+                raise TransferError(f"unit {unit_id}'s unit.json is not a JSON object")
+            self._meta[unit_id] = meta
         return self._meta[unit_id]
 
     def claim(self, unit_id: str, worker: str) -> str | None:
@@ -3304,13 +3576,19 @@ class CloudQueue:
         live = self._live(unit_id)
         return bool(live) and live[0] == claim
 
-    def finish(self, unit_id: str, results: Path | None, status: dict[str, Any]) -> None:
+    def finish(self, unit_id: str, results: Path | None, status: dict[str, Any],
+               held: Callable[[], bool] | None = None) -> bool:
+        """Upload the results, then ``status.json`` only if ``held()`` still says the unit is
+        ours after the upload. Returns whether the status was written."""
         if results is not None and results.exists():
             verb = "copy" if results.is_dir() else "copyto"
             _rclone(verb, str(results), f"{self.base}/{unit_id}/results" + ("" if results.is_dir() else
                                                                            f"/{results.name}"),
                     what=f"upload of unit {unit_id}'s results")
+        if held is not None and not held():
+            return False
         self._put(f"{unit_id}/status.json", json.dumps(status))
+        return True
 
     def report(self) -> list[dict[str, Any]]:
         """One row per unit: queued, running on a worker, stale (its worker went quiet), or done."""
@@ -3363,6 +3641,7 @@ class RemoteMachine:
         if config.ssh_host is None and os.environ.get("STACKOPS_STATE_DIR"):
             self.file_manager.state_dir = str(expand_home(os.environ["STACKOPS_STATE_DIR"]))
         self._init_state()
+        self._parent_slurm_ids = [self._check_parent(parent) for parent in config.after]
 
     def _init_state(self) -> None:
         self.scripts_generated = self.submitted = self.results_downloaded = False
@@ -3371,6 +3650,7 @@ class RemoteMachine:
         self.slurm_job_id: str | None = None
         self._tasks: list[RemoteMachine] | None = None
         self.launch_command = ""
+        self.cloud_sha256 = ""  # the SHA-256 of the archive a cloud transfer uploaded
         self._ssh: SSH | None = None
 
     def __repr__(self) -> str:
@@ -3410,6 +3690,20 @@ class RemoteMachine:
         for task in self._tasks:
             task._ssh = self._ssh
         return self._tasks
+
+    def _check_parent(self, parent_id: str) -> str:
+        """A job this one runs after: submitted from here to the same place (for Slurm, already
+        handed to Slurm); returns its Slurm id or ""."""
+        try:
+            parent = RemoteMachine.load(parent_id, self.config.base_dir)
+        except ConfigError:
+            raise ConfigError(f"--after {parent_id}: no such job here", hint="list shows the jobs") from None
+        if parent.host_name != self.host_name or parent.uses_slurm != self.uses_slurm:
+            raise ConfigError(f"--after {parent_id}: that job runs on {parent.host_name}"
+                              f"{' under Slurm' if parent.uses_slurm else ''}; this one must run in the same place")
+        if self.uses_slurm and parent.slurm_job_id is None:
+            raise ConfigError(f"--after {parent_id}: that job was never handed to Slurm")
+        return parent.slurm_job_id or ""
 
     def _new_array_task(self, k: int, part: WorkloadParams) -> RemoteMachine:
         data = self.config.to_dict()
@@ -3458,7 +3752,8 @@ class RemoteMachine:
                 "scripts_generated": self.scripts_generated, "submitted": self.submitted,
                 "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
                 "slurm_job_id": self.slurm_job_id,
-                "results_path": self.results_path.as_posix() if self.results_path else None}
+                "results_path": self.results_path.as_posix() if self.results_path else None,
+                "cloud_sha256": self.cloud_sha256}
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> RemoteMachine:
@@ -3476,9 +3771,11 @@ class RemoteMachine:
             machine.results_downloaded = bool(data["results_downloaded"])
             machine.launcher_pid = data.get("launcher_pid")
             machine.slurm_job_id = data.get("slurm_job_id")
+            machine.cloud_sha256 = str(data.get("cloud_sha256") or "")
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
         machine._instance = None
+        machine._parent_slurm_ids = []
         path = data.get("results_path")
         machine.results_path = Path(path) if path else None
         return machine
@@ -3565,7 +3862,8 @@ class RemoteMachine:
         _atomic_write_text(folder / LAUNCHER_SH, render_shell_script(self.job_params, config, self.python), 0o700)
         if self.uses_slurm:
             throttle = config.max_simultaneous_jobs if config.max_simultaneous_jobs > 1 else 0
-            script = render_sbatch_script(self.job_id, config.slurm_options, len(self.array_parts), throttle)
+            script = render_sbatch_script(self.job_id, config.slurm_options, len(self.array_parts), throttle,
+                                          after=self._parent_slurm_ids)
             _atomic_write_text(folder / SBATCH_SH, script, 0o700)
         shutil.copyfile(source, folder / STACKOPS_COPY)
         os.chmod(folder / STACKOPS_COPY, 0o600)
@@ -3594,7 +3892,8 @@ class RemoteMachine:
             for task in self.array_tasks():
                 task.submit(progress)
         if self.is_remote and self.config.transfer_method == "cloud":
-            transfer_cloud(self.ssh, self.config, self.job_params, self.file_manager, self.data)
+            _, self.cloud_sha256 = transfer_cloud(self.ssh, self.config, self.job_params,
+                                                  self.file_manager, self.data)
         elif self.is_remote:
             transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager, self.data, progress)
         if not self.is_remote or self.config.transfer_method != "cloud":
@@ -3632,10 +3931,14 @@ class RemoteMachine:
             raise StackopsError(f"job {self.job_id} is not submitted yet", hint="call submit() first")
         if self.uses_slurm:
             return self._fire_slurm(run)
-        command = self.file_manager.get_fire_command(self.config.interactive)
+        command = self.file_manager.get_fire_command(self.config.interactive, join_queue=not self.config.after)
         if self.is_remote and self.config.transfer_method == "cloud":
             check = f"{self._job_command('job-check-email')} && " if self.config.notify_upon_completion else ""
-            command = f"{cloud_fetch_command(self.config.cloud_name or '', self.job_id)} && {check}{command}"
+            repo = self.job_params.repo_path_rh if self.config.copy_repo else None
+            members = _archive_members(self.file_manager.job_root_rh, repo, self.data)
+            fetch = cloud_fetch_command(self.config.cloud_name or "", self.job_id,
+                                        self.cloud_sha256, members)
+            command = f"{fetch} && {check}{command}"
         self.launch_command = command
         if not run:
             log.info("job %s is ready on %s and was not launched; launch it with: bash -c %s",
@@ -3689,16 +3992,81 @@ class RemoteMachine:
             raise ConfigError(f"launch_method='slurm' needs sbatch on {self.host_name}, and there is none",
                               hint="submit from a Slurm login node (--host), or leave out --slurm")
 
-    def cancel(self) -> JobStatus:
-        """Stop the job: Slurm's ``scancel`` for a Slurm job. Returns the status that holds after."""
-        if not self.uses_slurm:
-            raise ConfigError(f"job {self.job_id}: cancel needs a Slurm job in this version",
-                              hint="a job on a slot ends with kill of its process group for now")
-        if self.slurm_job_id is None:
-            raise ConfigError(f"job {self.job_id} was never handed to Slurm")
-        root = self.file_manager._job_root_sh()
-        status, out, err = self._run_remote_or_here(
-            f"date -u +%Y-%m-%dT%H:%M:%S+00:00 > {root}/{CANCEL_TXT} && scancel {shlex.quote(self.slurm_job_id)}")
+    def cancel(self, grace: float = 10.0) -> JobStatus:
+        """Stop the job where it runs and return the status that holds after: ``cancelled``, or
+        how it had already ended. A running job gets SIGTERM on its whole process group and
+        SIGKILL after ``grace`` seconds; a waiting one leaves the queue and never starts; its
+        slot is free at once. A Slurm job is cancelled with ``scancel``."""
+        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not 0 <= grace <= 3600:
+            raise ConfigError(f"grace must be 0 to 3600 seconds, got {grace!r}")
+        if self.is_remote and not self.submitted:
+            raise StackopsError(f"job {self.job_id} never reached {self.host_name}: nothing to cancel")
+        if self.uses_slurm and self.slurm_job_id is not None:
+            return self._cancel_slurm()
+        status, out, err = self._run_remote_or_here(self.file_manager.cancel_command(grace), timeout=grace + 60)
+        if status != 0:
+            raise CommandError(self.host_name, "cancel", status, err or out)
+        return self.get_status(0)
+
+    def delete(self, results: bool = False) -> None:
+        """Remove the job's folder where it ran and its record here (with ``results``, also its
+        own results folder). A job that was started and has not ended is refused: cancel it first."""
+        started = self.launcher_pid is not None or self.slurm_job_id is not None
+        report = self.get_status(0) if started else None
+        if report is not None and not report.finished:
+            raise ConfigError(f"job {self.job_id} is {report.status}; cancel it before deleting it",
+                              hint=f"stackops cancel {self.job_id}")
+        if results and report is not None and report.status == "completed":
+            self.delete_remote_results()
+        for task in self.array_tasks() if self.array_parts else []:
+            task.delete(results)
+        if self.is_remote and self.submitted:
+            status, out, err = self._run_remote_or_here(self.file_manager.delete_command())
+            if status != 0:
+                raise CommandError(self.host_name, "delete", status, err or out)
+        root = self.file_manager.job_root
+        if root.is_symlink() or not (root / FILE_MANAGER_JSON).is_file():
+            raise ConfigError(f"{collapse_home(root)} is not a stackops job folder; nothing deleted")
+        shutil.rmtree(root)
+        log.info("job %s deleted", self.job_id)
+
+    def rerun(self, run: bool = True) -> RemoteMachine:
+        """The same function or script, kwargs, data and options as a new job ``<id>-r1`` (a rerun
+        of ``x-r1`` is ``x-r2``), run now; refused while this job has not ended."""
+        started = self.launcher_pid is not None or self.slurm_job_id is not None
+        report = self.get_status(0) if started else None
+        if report is None or not report.finished:
+            state = report.status if report is not None else "never started"
+            raise ConfigError(f"job {self.job_id} is {state}: only an ended job can be rerun",
+                              hint=f"{'cancel it first' if report is not None else 'start it'}")
+        stem = re.sub(r"-r\d+\Z", "", self.job_id)
+        queued = self.file_manager.job_root.parent
+        number = 1
+        while (queued / f"{stem}-r{number}").exists():
+            number += 1
+        data = self.config.to_dict()
+        data["job_id"] = check_safe_name(f"{stem}-r{number}")
+        again = RemoteMachine.__new__(RemoteMachine)
+        again._init_state()
+        again.config = RemoteStackOpsConfig.from_dict(data)
+        again.job_params = JobParams.from_dict(self.job_params.to_dict())
+        again.kwargs, again.data = dict(self.kwargs), list(self.data)
+        pickled = self.file_manager.path(INSTANCE_PICKLE)
+        again._instance = pickled.read_bytes() if pickled.exists() else None
+        again.file_manager = FileManager(again.job_id, "Linux", self.file_manager.lock_resources,
+                                         again.config.max_simultaneous_jobs, again.config.base_dir)
+        again._parent_slurm_ids = [again._check_parent(parent) for parent in again.config.after]
+        again._ssh = self._ssh
+        self._ssh = None  # the connection goes on with the new job
+        return again.run(run)
+
+    def _cancel_slurm(self) -> JobStatus:
+        marks = [self.file_manager] + [task.file_manager for task in self.array_tasks()] if self.array_parts \
+            else [self.file_manager]
+        mark = " && ".join(f"date -u +%Y-%m-%dT%H:%M:%S+00:00 > {manager._job_root_sh()}/{CANCEL_TXT}"
+                           for manager in marks)
+        command = f"umask 077 && {mark} && scancel {shlex.quote(self.slurm_job_id or '')}"
+        status, out, err = self._run_remote_or_here(command)
         if status != 0:
             raise CommandError(self.host_name, "scancel", status, err or out)
         return self.get_status(0)
@@ -3887,23 +4255,31 @@ class RemoteMachine:
         return folder
 
     def _download_via_cloud(self, results: str, target: str | os.PathLike[str] | None, overwrite: bool) -> Path:
-        """The host uploads the results with its rclone; they come down here the same way."""
+        """The host uploads the results with its rclone under a fresh prefix of this download's own
+        (a later job with the same id never mixes in); they come down here the same way, and the
+        prefix is removed from the bucket afterwards, whatever happened."""
         destination = _free_destination(expand_home(target if target is not None else results), overwrite)
-        where = shlex.quote(f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}")
-        up = self.ssh.run_shell_cmd_on_remote(
-            f'S={_sh_path(results)}; if [ -d "$S" ]; then rclone copy "$S" {where}/payload; '
-            f'else rclone copyto "$S" {where}/payload; fi', timeout=3600, strict=False)
-        if up.returncode != 0:
-            raise TransferError(f"rclone on {self.host_name} could not upload the results: {_tail(up.stderr, 3)}")
-        _mkdir_private(destination.parent)
-        staging = Path(_make_temp_dir(destination.parent))
+        prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}/"
+                  f"{random.getrandbits(64):016x}")
+        where = shlex.quote(f"{prefix}/payload")
         try:
-            _rclone("copy", f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}", str(staging),
-                    what="download of the results")
-            _remove(destination)
-            os.rename(staging / "payload", destination)
+            up = self.ssh.run_shell_cmd_on_remote(
+                f'S={_sh_path(results)}; if [ -d "$S" ]; then rclone copy "$S" {where}; '
+                f'else rclone copyto "$S" {where}; fi', timeout=3600, strict=False)
+            if up.returncode != 0:
+                raise TransferError(f"rclone on {self.host_name} could not upload the results: "
+                                    f"{_tail(up.stderr, 3)}")
+            _mkdir_private(destination.parent)
+            staging = Path(_make_temp_dir(destination.parent))
+            try:
+                _rclone("copy", prefix, str(staging), what="download of the results")
+                _remove(destination)
+                os.rename(staging / "payload", destination)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            with _suppress(StackopsError):
+                _rclone("purge", prefix, what="removal of the downloaded results from the bucket")
         return destination
 
     def submit_to_cloud(self, split: int) -> list[str]:
@@ -3918,20 +4294,45 @@ class RemoteMachine:
         whole = config.workload_params or WorkloadParams(jobs=1)
         parts = whole.split_to_jobs(split) if split > 1 or config.workload_params else [None]
         queue = CloudQueue(config.cloud_name)
+        unit_ids = self._check_unit_ids(queue, len(parts))
         staging = Path(_make_temp_dir(_mkdir_private(expand_home(config.base_dir))))
-        units = []
+        units: list[RemoteMachine] = []
         try:
-            for k, part in enumerate(parts):
-                unit = self._unit(f"{self.job_id}-{k}-{len(parts)}", part)
-                archive = _pack(staging / f"{unit.job_id}.tar", unit.file_manager.job_root,
-                                unit.job_params.repo_path_rh if config.copy_repo else None, unit.data)
-                queue.add(unit.job_id, archive,
-                          {"unit": unit.job_id, "job_root": collapse_home(unit.file_manager.job_root),
-                           "allowed_remotes": config.allowed_remotes, "submitted_at": _iso(_utcnow())})
-                units.append(unit.job_id)
+            for unit_id, part in zip(unit_ids, parts):
+                unit = self._unit(unit_id, part)
+                units.append(unit)
+                repo = unit.job_params.repo_path_rh if config.copy_repo else None
+                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root, repo,
+                                     unit.data)
+                queue.add(unit_id, archive, {"unit": unit_id, "submitted_at": _iso(_utcnow()),
+                                             "allowed_remotes": config.allowed_remotes})
+        except BaseException:  # all units or none: what went up comes down, what was made here goes
+            for unit in units:
+                with _suppress(StackopsError):
+                    queue.remove(unit.job_id)
+                shutil.rmtree(unit.file_manager.job_root, ignore_errors=True)
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return units
+        return unit_ids
+
+    def _check_unit_ids(self, queue: CloudQueue, count: int) -> list[str]:
+        """Every unit's id, checked before any is made or uploaded: a safe name, no job here and
+        no unit in the queue by that name."""
+        unit_ids = [f"{self.job_id}-{k}-{count}" for k in range(count)]
+        for unit_id in unit_ids:
+            if not _SAFE_NAME.match(unit_id):  # the job_id is safe: only the length can fail
+                raise ConfigError(f"unit id {unit_id!r} is {len(unit_id)} characters, over 128",
+                                  hint=f"choose a shorter job_id for {count} units")
+            root = FileManager(unit_id, base=self.config.base_dir).job_root
+            if root.exists():
+                raise ConfigError(f"unit {unit_id!r} already exists at {collapse_home(root)}",
+                                  hint="choose another job_id, or leave it out for a fresh one")
+        taken = sorted(set(unit_ids) & set(queue.listing()))
+        if taken:
+            raise ConfigError(f"the queue on {queue.base} already holds unit(s) {', '.join(taken)}",
+                              hint="choose another job_id, or leave it out for a fresh one")
+        return unit_ids
 
     def _unit(self, unit_id: str, part: WorkloadParams | None) -> RemoteMachine:
         data = self.config.to_dict()
@@ -4300,6 +4701,23 @@ class Cluster:
         """Every host's JobStatus, read in parallel; an unreachable host gets its error instead."""
         return self._parallel(lambda h: self.machines[h].get_status(0), list(self.machines))
 
+    def rerun_failed(self) -> dict[str, str]:
+        """Run again, on the same host with the same slice, every part that failed or was
+        cancelled; the cluster follows the new parts from then on. Returns {host: new job id}."""
+        ended = {host: r for host, r in self.check_job_status().items() if isinstance(r, JobStatus)}
+        failed = [host for host, report in ended.items() if report.status in ("failed", "cancelled")]
+        if not failed:
+            raise ConfigError(f"cluster {self.job_id} has no failed part to rerun")
+        results = self._parallel(lambda h: self.machines[h].rerun(), failed)
+        self._raise_failures("rerun", results)
+        self.machines.update(results)
+        self._save()
+        return {host: machine.job_id for host, machine in results.items()}
+
+    def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
+        """Cancel every host's part at once; an unreachable host gets its error instead."""
+        return self._parallel(lambda h: self.machines[h].cancel(grace), list(self.machines))
+
     def download_results(self, target: str | os.PathLike[str] | None = None) -> Path:
         """Every completed host's results into one local folder, one sub-folder per host."""
         folder = expand_home(target) if target is not None else self.root_dir / "results"
@@ -4375,46 +4793,215 @@ def _host_folder(host: str) -> str:
 # 13. cloud worker: claims and runs work units from a cloud queue
 # ============================================================================================
 
-def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str) -> str:
-    """Fetch a claimed unit, run it here with this machine's slots while refreshing the claim,
-    then upload its results and status. Returns the unit's status."""
-    meta = queue.meta(unit_id)
-    root = expand_home(meta["job_root"])
-    staging = Path(_make_temp_dir(_mkdir_private(Path.home())))
+CLOUD_UNITS_DIR = "cloud_units"  # under the worker's base dir: one folder per unit it runs
+CLOUD_BACKOFF_MAX = 60.0  # seconds at most between two looks at a queue that cannot be listed
+
+
+class _ClaimKeeper:
+    """Refreshes a claim in the background for the whole time a unit is held (its download, its
+    run, its upload). ``lost`` is set once another claim wins, or once the claim could not be
+    refreshed for a whole lease: from then on the unit is not ours and nothing of it is uploaded."""
+
+    def __init__(self, queue: CloudQueue, unit_id: str, claim: str, worker: str) -> None:
+        import threading
+
+        self.queue, self.unit_id, self.claim, self.worker = queue, unit_id, claim, worker
+        self.lost, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"claim-{unit_id}", daemon=True)
+
+    def __enter__(self) -> _ClaimKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        refreshed = time.monotonic()
+        while not self._stop.wait(self.queue.lease / 4):
+            began = time.monotonic()
+            try:
+                self.queue.heartbeat(self.unit_id, self.claim, self.worker)
+                refreshed = began
+                if not self.queue.still_ours(self.unit_id, self.claim):
+                    log.warning("unit %s was claimed by another worker; it will not be uploaded",
+                                self.unit_id)
+                    self.lost.set()
+                    return
+            except StackopsError as exc:
+                log.warning("could not refresh the claim on unit %s: %s", self.unit_id, exc)
+                if time.monotonic() - refreshed > self.queue.lease:
+                    self.lost.set()
+                    return
+
+    def held(self) -> bool:
+        """Still ours: never lost, and the earliest live claim in a fresh listing."""
+        return not self.lost.is_set() and self.queue.still_ours(self.unit_id, self.claim)
+
+
+def _unit_member_ok(info: Any, data: list[str]) -> bool:
+    """A member of a unit's archive that may be unpacked: a file, folder or link under ``job/``,
+    ``code/`` or one of the unit's data paths (``home/<path>``), and a link that stays there."""
+    name = posixpath.normpath(info.name)
+    if info.name.startswith("/") or name.startswith(".."):
+        return False
+    if not (info.isfile() or info.isdir() or info.issym()):
+        return False
+    places = ["job", "code"] + [f"home/{item}" for item in data]
+    top = next((place for place in places if name == place or name.startswith(place + "/")), None)
+    if top is None:
+        return False
+    if info.issym():
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(name), info.linkname))
+        return not info.linkname.startswith("/") and (target == top or target.startswith(top + "/"))
+    return True
+
+
+class _UnitRefused(TransferError):
+    """A unit whose archive is refused: it ends failed rather than be tried again and again."""
+
+
+def _unpack_unit(archive: Path, staging: Path) -> list[str]:
+    """Unpack a unit's archive into the private ``staging`` folder, refusing the whole archive if a
+    member is outside the unit's places; never chowns. Returns its data paths (relative to home)."""
+    import tarfile
+
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            record = "job/" + REMOTE_MACHINE_JSON
+            job = tar.extractfile(record) if record in tar.getnames() else None
+            recorded = json.loads(job.read()) if job is not None else {}
+            data = [_home_relative(expand_home(d))[2:] for d in recorded.get("data", [])]
+            bad = [m.name for m in members if not _unit_member_ok(m, data)]
+            if job is None or bad:
+                what = ", ".join(bad[:3]) or "no job folder"
+                raise _UnitRefused(f"unit archive {archive.name} holds {what}, outside the unit's "
+                                    "job folder, code and data: nothing was unpacked",
+                                    hint="a unit packed by an older stackops? submit it again")
+            tar.chown = lambda *args, **kwargs: None  # type: ignore[method-assign]  # never chown
+            extra: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+            tar.extractall(str(staging), members=members, **extra)
+    except (tarfile.TarError, ValueError, AttributeError, TypeError) as exc:  # not a unit's archive
+        raise _UnitRefused(f"cannot unpack unit archive {archive.name}: {exc}") from exc
+    except OSError as exc:
+        raise TransferError(f"cannot unpack unit archive {archive.name}: {exc}") from exc
+    return data
+
+
+def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
+    """Move an unpacked unit into its own folder ``root`` (its code inside it, at ``root/code``)
+    and rewrite its records to say so. Data go to their home-relative places file by file, unless
+    this machine sees the submitter's files (a worker on the submitting machine): then they are
+    there already, and nothing of yours is written over."""
+    os.rename(staging / "job", root)
+    params = _read_json(root / JOB_PARAMS_JSON)
+    if (staging / "code").is_dir():
+        os.rename(staging / "code", root / "code")
+        params["repo_path_rh"] = collapse_home(root / "code")
+        _atomic_write_json(root / JOB_PARAMS_JSON, params)
+    config = RemoteStackOpsConfig.from_dict(_read_json(root / CONFIG_JSON))
+    _atomic_write_text(root / LAUNCHER_SH, render_shell_script(JobParams.from_dict(params), config,
+                                                               config.python or "python3"), 0o700)
+    manager = _read_json(root / FILE_MANAGER_JSON)
+    base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
+    mine = base / "queued" / root.name / FILE_MANAGER_JSON
+    with _suppress(OSError):
+        if mine.read_bytes() == (root / FILE_MANAGER_JSON).read_bytes():
+            return  # the submitter's own folder is here: so are its data
+    for item in data:
+        source = staging / "home" / item
+        files = [source]
+        if source.is_dir():
+            files = sorted(p for p in source.rglob("*") if not p.is_dir())
+        for path in files:
+            target = Path.home() / item / path.relative_to(source)  # a file's relative path is "."
+            _mkdir_private(target.parent)
+            os.replace(path, target)
+
+
+def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None) -> Path:
+    """Download a claimed unit and unpack it into its own folder under this worker's base dir,
+    named by the unit id (never a path a record names); an earlier attempt's folder goes."""
+    units = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/{CLOUD_UNITS_DIR}")
+    _mkdir_private(units)
+    root = units / check_safe_name(unit_id, "unit id")
+    staging = Path(_make_temp_dir(units))
     try:
         _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"), what="download of a unit")
+        (staging / "x").mkdir(mode=0o700)
+        data = _unpack_unit(staging / "unit.tar", staging / "x")
         _remove(root)  # an earlier attempt's logs must not pass for this one's
-        _mkdir_private(root.parent)
-        tar = subprocess.run(["tar", "xf", str(staging / "unit.tar"), "-C", str(Path.home())], capture_output=True,
-                             text=True)
-        if tar.returncode != 0:
-            raise TransferError(f"unpacking unit {unit_id} failed: {_last_line(tar.stderr)}")
+        _place_unit(staging / "x", root, data)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    machine = RemoteMachine.from_job_dir(root)
-    machine.launcher_pid = None
-    started = time.time()
-    machine.fire()
-    beat = time.monotonic()
-    while not (report := machine.get_status(0)).finished:
-        time.sleep(0.2)
-        if time.monotonic() - beat > queue.lease / 4:
-            queue.heartbeat(unit_id, claim, worker)
-            beat = time.monotonic()
-    if not queue.still_ours(unit_id, claim):
-        log.warning("unit %s ran past its lease and was claimed by another worker; not uploading", unit_id)
-        return "lost"
-    queue.finish(unit_id, expand_home(report.results_path) if report.results_path else None,
-                 {"unit": unit_id, "status": report.status, "worker": worker, "host": os.uname().nodename,
-                  "start_time": report.start_time, "end_time": report.end_time,
-                  "duration_seconds": round(time.time() - started, 3), "error": _tail(report.error_message, 20)})
+    return root
+
+
+def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
+              base_dir: str | None = None) -> str:
+    """Fetch a claimed unit, run it here with this machine's slots, then upload its results and
+    status, all while a background heartbeat refreshes the claim. A unit whose claim was lost is
+    not uploaded. Returns the unit's status (or ``lost``)."""
+    with _ClaimKeeper(queue, unit_id, claim, worker) as keeper:
+        try:
+            root = _fetch_unit(queue, unit_id, base_dir)
+        except _UnitRefused as exc:  # a unit refused here ends failed, not retried forever
+            status: dict[str, Any] = {"unit": unit_id, "status": "failed", "worker": worker,
+                                      "host": os.uname().nodename, "error": str(exc)}
+            if keeper.held():
+                queue.finish(unit_id, None, status)
+            raise
+        machine = RemoteMachine.from_job_dir(root)
+        machine.file_manager.job_root_rh = collapse_home(root)
+        machine.launcher_pid = None
+        started = time.time()
+        machine.fire()
+        while not (report := machine.get_status(0)).finished:
+            time.sleep(0.2)
+        if not keeper.held():
+            log.warning("unit %s was claimed by another worker meanwhile; not uploading its "
+                        "results", unit_id)
+            return "lost"
+        status = {"unit": unit_id, "status": report.status, "worker": worker,
+                  "host": os.uname().nodename, "start_time": report.start_time,
+                  "end_time": report.end_time, "duration_seconds": round(time.time() - started, 3),
+                  "error": _tail(report.error_message, 20)}
+        results = expand_home(report.results_path) if report.results_path else None
+        if not queue.finish(unit_id, results, status, keeper.held):
+            log.warning("unit %s was claimed by another worker during the upload; its status stays "
+                        "unwritten", unit_id)
+            return "lost"
     return report.status
 
 
+def _units_to_claim(queue: CloudQueue, worker: str,
+                    running: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """(units this worker may run and nobody runs, the fresh listing). A unit whose name or
+    unit.json cannot be used is skipped with a warning; it stops nothing."""
+    mine = []
+    for unit_id, info in sorted(queue.listing().items()):
+        if not info["ready"] or info["done"] or unit_id in running:
+            continue
+        try:
+            meta = queue.meta(check_safe_name(unit_id, "unit id"))
+            allowed = meta.get("allowed_remotes") or [worker]
+        except StackopsError as exc:
+            log.warning("skipping unit %r: %s", unit_id, exc)
+            continue
+        if worker in allowed:
+            mine.append(unit_id)
+    return mine, queue.listing()
+
+
 def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll: float = 5.0,
-               until_idle: bool = False, settle: float = CLOUD_SETTLE, lease: float = CLOUD_LEASE) -> int:
+               until_idle: bool = False, settle: float = CLOUD_SETTLE, lease: float = CLOUD_LEASE,
+               base_dir: str | None = None) -> int:
     """Claim and run work units from the cloud queue, up to ``max_jobs`` at a time, until stopped
-    (``until_idle``: until every unit is done). Returns how many units this worker finished."""
+    (``until_idle``: until every unit is done). Returns how many units this worker finished.
+    A queue that cannot be read (rclone failed) is logged and looked at again later, each time
+    waiting longer (up to CLOUD_BACKOFF_MAX seconds): the worker goes on."""
     from concurrent.futures import ThreadPoolExecutor
 
     worker = check_safe_name(name or f"{os.uname().nodename}-{os.getpid()}", "worker name")
@@ -4423,7 +5010,7 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
     check_cloud_remote(cloud_name)
     queue = CloudQueue(cloud_name, settle, lease)
     running: dict[str, Any] = {}
-    finished = 0
+    finished = failures = 0
     with ThreadPoolExecutor(max_workers=max_jobs) as pool:
         while True:
             for unit_id in [u for u, f in running.items() if f.done()]:
@@ -4432,19 +5019,27 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
                     finished += 1
                 except Exception as exc:  # one unit's trouble must not stop the worker
                     log.warning("unit %s failed to run here: %s", unit_id, exc)
-            mine = [unit_id for unit_id, info in sorted(queue.listing().items())
-                    if info["ready"] and not info["done"] and unit_id not in running
-                    and worker in (queue.meta(unit_id).get("allowed_remotes") or [worker])]
-            units = queue.listing()
-            for unit_id in mine:
-                if len(running) >= max_jobs:
-                    break
-                if units.get(unit_id, {}).get("done") or queue.live_claims(units.get(unit_id, {}).get("claims", [])):
-                    continue
-                claim = queue.claim(unit_id, worker)
-                if claim is not None:
-                    log.info("worker %s claimed unit %s", worker, unit_id)
-                    running[unit_id] = pool.submit(_run_unit, queue, unit_id, claim, worker)
+            try:
+                mine, units = _units_to_claim(queue, worker, running)
+                for unit_id in mine:
+                    if len(running) >= max_jobs:
+                        break
+                    info = units.get(unit_id, {})
+                    if info.get("done") or queue.live_claims(info.get("claims", [])):
+                        continue
+                    claim = queue.claim(unit_id, worker)
+                    if claim is not None:
+                        log.info("worker %s claimed unit %s", worker, unit_id)
+                        running[unit_id] = pool.submit(_run_unit, queue, unit_id, claim, worker,
+                                                       base_dir)
+            except StackopsError as exc:  # the remote went away for a moment: back off, go on
+                failures += 1
+                delay = min(poll * 2 ** min(failures, 16), max(poll, CLOUD_BACKOFF_MAX))
+                log.warning("cannot read the queue on %s (%s); looking again in %.1fs", queue.base,
+                            exc, delay)
+                time.sleep(delay)
+                continue
+            failures = 0
             if until_idle and not running and not mine:
                 return finished
             time.sleep(0.2 if running else poll)
@@ -4480,6 +5075,8 @@ def _status_rows(report: JobStatus) -> list[list[str]]:
             ["pid", str(report.pid or "-")], ["submitted", report.submission_time or "-"],
             ["started", report.start_time or "-"], ["ended", report.end_time or "-"],
             ["duration", _duration(report)], ["results", report.results_path or "-"]]
+    if report.attempt:
+        rows.append(["attempt", report.attempt])
     if report.slurm_job_id:
         rows.append(["slurm job", report.slurm_job_id])
     if report.reason:
@@ -4510,6 +5107,9 @@ def _cmd_run(args: Any) -> int:
         lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs, ssh_timeout=args.ssh_timeout,
         workload_params=_parse_workload(args.workload, args.parallelize), python=args.python,
         launch_method="slurm" if args.slurm else "remotely",
+        notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
+        retries=args.retries, retry_delay=args.retry_delay,
+        after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
@@ -4571,7 +5171,11 @@ def _cmd_status(args: Any) -> int:
 
 
 def _cmd_list(args: Any) -> int:
-    reports = list_jobs(args.base_dir)
+    if args.host:  # the host's own job folders, whoever submitted them, judged there
+        rows = _on_host(args.host, ["list", "--base-dir", args.base_dir])
+        reports = [JobStatus.from_dict(row) for row in rows]
+    else:
+        reports = list_jobs(args.base_dir)
     if args.json:
         _print_json([report.to_dict() for report in reports])
         return 0
@@ -4588,6 +5192,10 @@ def _cmd_logs(args: Any) -> int:
     if machine.is_remote:
         with machine:
             return _remote_logs(machine, args)
+    return _local_logs(machine, args)
+
+
+def _local_logs(machine: RemoteMachine, args: Any) -> int:
     path = machine.file_manager.path(OUTPUT_LOG)
     text = _read_text(path)
     print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n", flush=True)
@@ -4624,11 +5232,19 @@ def _remote_logs(machine: RemoteMachine, args: Any) -> int:
         time.sleep(0.5)
 
 
+def _on_host(host: str, argv: list[str], accept_new: bool = False) -> Any:
+    """What ``stackops ARGV --json`` prints on ``host``: one round trip, nothing installed there."""
+    with SSH.from_config_file(host, accept_new_host_key=accept_new) as ssh:
+        return json.loads(ssh.run_stackops([*argv, "--json"], timeout=120).stdout)
+
+
 def _cmd_queue(args: Any) -> int:
-    slots = Slots()
-    view: dict[str, Any] = {"state_dir": collapse_home(slots.root), "running": slots.holders(),
-                            "waiting": slots.waiters(),
-                            "history": slots.history()[-args.history:] if args.history else []}
+    if args.host:
+        view = _on_host(args.host, ["queue", "--history", str(args.history)])
+    else:
+        slots = Slots()
+        view = {"state_dir": collapse_home(slots.root), "running": slots.holders(), "waiting": slots.waiters(),
+                "history": slots.history()[-args.history:] if args.history else []}
     if args.json:
         _print_json(view)
         return 0
@@ -4656,6 +5272,168 @@ def _cmd_delete_results(args: Any) -> int:
         results = machine.results()
         machine.delete_remote_results()
     print(f"deleted {results.as_posix()} on {machine.host_name}")
+    return 0
+
+
+# -- job control: cancel, wait, start, delete, prune ----------------------------------------------
+
+def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster:
+    """A job, or else a cluster, by id; neither is bad input."""
+    try:
+        return RemoteMachine.load(job_id, base_dir)
+    except ConfigError:
+        pass
+    try:
+        return Cluster.load(job_id, base_dir.rstrip("/").rsplit("/", 1)[0])
+    except StackopsError:
+        raise ConfigError(f"no job or cluster {job_id!r} here",
+                          hint=f"{_program()} list shows the jobs") from None
+
+
+def _program() -> str:
+    return "stackops" if Path(sys.argv[0]).name == "stackops" else "python stackops.py"
+
+
+def _cmd_cancel(args: Any) -> int:
+    targets = [_load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids]  # all known first
+    code = 0
+    for target in targets:
+        with target:
+            answer = target.cancel(args.grace)
+        reports = answer if isinstance(answer, dict) else {target.job_id: answer}
+        for part, report in reports.items():
+            if isinstance(report, Exception):
+                print(f"{part}: not cancelled: {report}", file=sys.stderr)
+                code = 1
+            elif report.status == "cancelled":
+                print(f"{report.job_id} cancelled")
+            else:
+                print(f"{report.job_id} had already ended ({report.status})")
+    return code
+
+
+def _overall_status(target: RemoteMachine | Cluster) -> str:
+    """One status for a job or a whole cluster (an unreachable part counts as not ended)."""
+    if isinstance(target, RemoteMachine):
+        return target.get_status(0).status
+    statuses = [r.status if isinstance(r, JobStatus) else "running" for r in target.check_job_status().values()]
+    if not all(status in TERMINAL_STATUSES for status in statuses):
+        return "running"
+    if all(status == "completed" for status in statuses):
+        return "completed"
+    return "failed" if "failed" in statuses else "cancelled"
+
+
+def _cmd_wait(args: Any) -> int:
+    if args.timeout is not None and args.timeout < 0:
+        raise ConfigError(f"--timeout must be positive seconds, got {args.timeout}")
+    targets = {job_id: _load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids}
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    ended: dict[str, str] = {}
+    try:
+        while len(ended) < len(targets):
+            for job_id, target in targets.items():
+                if job_id not in ended:
+                    status = _overall_status(target)
+                    if status in TERMINAL_STATUSES:
+                        ended[job_id] = status
+                        print(f"{job_id} {status}", flush=True)
+            if len(ended) < len(targets):
+                if deadline is not None and time.monotonic() >= deadline:
+                    waiting = ", ".join(job_id for job_id in targets if job_id not in ended)
+                    print(f"still not ended after {args.timeout:g}s: {waiting}", file=sys.stderr)
+                    return 124
+                time.sleep(0.3)
+    finally:
+        for target in targets.values():
+            target.close()
+    return 0 if all(status == "completed" for status in ended.values()) else 1
+
+
+def _cmd_rerun(args: Any) -> int:
+    target = _load_job_or_cluster(args.job_id, args.base_dir)
+    if isinstance(target, Cluster):
+        if not args.failed:
+            raise ConfigError(f"{args.job_id} is a cluster: rerun --failed runs its failed parts again")
+        with target:
+            for host, job_id in target.rerun_failed().items():
+                print(f"{host}: rerun as job {job_id}")
+            return _wait_cluster(target) if args.wait else 0
+    if args.failed:
+        raise ConfigError("--failed is for a cluster id")
+    with target:
+        again = target.rerun()
+        with again:
+            print(f"job {target.job_id} rerun as job {again.job_id}")
+            if not args.wait:
+                return 0
+            with _suppress(JobFailedError):
+                again.wait()
+            report = again.get_status(0)
+    print(f"job {again.job_id} {report.status}")
+    return 0 if report.status == "completed" else 1
+
+
+def _cmd_start(args: Any) -> int:
+    with RemoteMachine.load(args.job_id, args.base_dir) as machine:
+        if machine.launcher_pid is not None or machine.slurm_job_id is not None:
+            raise ConfigError(f"job {machine.job_id} was already started",
+                              hint=f"{_program()} rerun {machine.job_id} runs it again")
+        if not machine.submitted:
+            raise ConfigError(f"job {machine.job_id} was never completely submitted; nothing to start")
+        machine.fire(True)
+        report = machine.get_status(0)
+    print(f"job {machine.job_id} {report.status} on {report.host}")
+    return 0
+
+
+def _cmd_delete(args: Any) -> int:
+    machines = [RemoteMachine.load(job_id, args.base_dir) for job_id in args.job_ids]
+    for machine in machines:
+        with machine:
+            machine.delete(results=args.results)
+        print(f"deleted job {machine.job_id}" + (" and its results" if args.results else ""))
+    return 0
+
+
+def _parse_age(text: str) -> float:
+    match = re.match(r"(\d+(?:\.\d+)?)([smhdw])\Z", text.strip())
+    if not match:
+        raise ConfigError(f"--older-than {text!r} is not an age", hint="e.g. 30m, 12h, 7d, 2w")
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match[2]]
+
+
+def prune_jobs(older_than: float, status: str | None = None, host: str | None = None, results: bool = False,
+               base_dir: str | None = None) -> list[str]:
+    """Delete the jobs submitted from here that ended more than ``older_than`` seconds ago
+    (only ``status`` ones, only on ``host`` when given); a job that has not ended is never touched.
+    Returns the ids deleted."""
+    queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
+    cutoff = _utcnow() - _dt.timedelta(seconds=older_than)
+    deleted: list[str] = []
+    for record in sorted(queued.glob("*/" + REMOTE_MACHINE_JSON)):
+        root = record.parent.parent
+        if not record.exists():  # an array task deleted with its array
+            continue
+        with RemoteMachine.from_job_dir(root) as machine:
+            if host is not None and machine.host_name != host:
+                continue
+            report = machine.get_status(0) if machine.submitted or not machine.is_remote else None
+            ended = _parse_iso(report.end_time) if report is not None and report.finished else None
+            if ended is None or ended > cutoff or (status is not None and report.status != status):
+                continue
+            machine.delete(results=results)
+            deleted.append(machine.job_id)
+    return deleted
+
+
+def _cmd_prune(args: Any) -> int:
+    if args.status is not None and args.status not in TERMINAL_STATUSES:
+        raise ConfigError(f"--status must be one of {', '.join(TERMINAL_STATUSES)}: only ended jobs are pruned")
+    deleted = prune_jobs(_parse_age(args.older_than), args.status, args.host, args.results, args.base_dir)
+    for job_id in deleted:
+        print(f"deleted job {job_id}")
+    print(f"{len(deleted)} job(s) deleted", file=sys.stderr)
     return 0
 
 
@@ -4807,6 +5585,27 @@ def _cmd_cluster_download(args: Any) -> int:
     return 0
 
 
+def _cmd_cluster_logs(args: Any) -> int:
+    with Cluster.load(args.cluster_id, args.base_dir) as cluster:
+        hosts = list(cluster.machines)
+        if args.part is None and args.follow and len(hosts) > 1:
+            raise ConfigError("-f follows one part: name it with --part", hint=f"parts: {', '.join(hosts)}")
+        if args.part is not None:
+            chosen = hosts[int(args.part) - 1] if args.part.isdigit() and 0 < int(args.part) <= len(hosts) \
+                else args.part
+            if chosen not in cluster.machines:
+                raise ConfigError(f"cluster {cluster.job_id} has no part {args.part!r}",
+                                  hint=f"parts: {', '.join(hosts)} (or 1 to {len(hosts)})")
+            hosts = [chosen]
+        for host in hosts:
+            if len(hosts) > 1:
+                print(f"==> {host} ({cluster.machines[host].job_id}) <==", flush=True)
+            machine = cluster.machines[host]
+            with machine:
+                _remote_logs(machine, args) if machine.is_remote else _local_logs(machine, args)
+    return 0
+
+
 def _add_cluster_args(commands: Any) -> None:
     cluster = commands.add_parser("cluster", help="split one workload over several hosts by CPU/RAM")
     sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
@@ -4831,14 +5630,19 @@ def _add_cluster_args(commands: Any) -> None:
     run.add_argument("--description", default="")
     run.add_argument("--wait", action="store_true", help="block until every host's job ended")
     for name, handler, text in (("status", _cmd_cluster_status, "one line per host: share, status, times"),
-                                ("download", _cmd_cluster_download, "every host's results into one folder")):
+                                ("download", _cmd_cluster_download, "every host's results into one folder"),
+                                ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
         action = sub.add_parser(name, help=text)
         action.set_defaults(handler=handler)
         action.add_argument("cluster_id")
         if name == "status":
             action.add_argument("--json", action="store_true")
-        else:
+        elif name == "download":
             action.add_argument("--to", help="the local folder (default: the cluster's results folder)")
+        else:
+            action.add_argument("--part", metavar="K", help="the part: its host, or its number (1, 2, ...)")
+            action.add_argument("-f", "--follow", action="store_true", help="keep printing while the part runs")
+            action.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     for action in (run, *[p for n, p in sub.choices.items() if n != "run"]):
         action.add_argument("--base-dir", default=default_base, help=f"where clusters live (default {default_base})")
 
@@ -4977,6 +5781,14 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo before the job")
     parser.add_argument("--data", action="append", default=[], metavar="PATH", help="data that goes with the job")
     parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
+    parser.add_argument("--retries", type=int, default=0, metavar="N",
+                        help="repeat a failed run in place up to N times (status shows the attempt)")
+    parser.add_argument("--retry-delay", type=float, default=0.0, metavar="S", help="seconds between attempts")
+    parser.add_argument("--after", metavar="ID[,ID...]", default="",
+                        help="start only once these jobs completed; if one fails the job ends cancelled")
+    parser.add_argument("--notify", action="store_true",
+                        help="e-mail when the job ends (SMTP settings on the executing machine, see README)")
+    parser.add_argument("--email", metavar="ADDR", help="with --notify: the address (default: your user config's)")
     parser.add_argument("--slurm", action="store_true",
                         help="hand the job to Slurm with sbatch (here, or on the --host login node)")
     parser.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -4986,6 +5798,30 @@ def _add_run_args(parser: Any) -> None:
                         help="prepare everything and print the launch command; start nothing")
     parser.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if it failed")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
+
+
+def _add_control_args(command: Callable[..., Any]) -> None:
+    sub = command("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL after --grace; "
+                  "a waiting job leaves the queue", job=False)
+    sub.add_argument("job_ids", nargs="+", metavar="ID")
+    sub.add_argument("--grace", type=float, default=10.0, metavar="S",
+                     help="seconds between SIGTERM and SIGKILL (default 10)")
+    sub = command("wait", _cmd_wait, "block until the jobs end: exit 0 if all completed, 1 if not, 124 on timeout",
+                  job=False)
+    sub.add_argument("job_ids", nargs="+", metavar="ID")
+    sub.add_argument("--timeout", type=float, default=None, metavar="S", help="give up after S seconds (exit 124)")
+    command("start", _cmd_start, "launch a job prepared with run --no-launch")
+    sub = command("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed parts)")
+    sub.add_argument("--failed", action="store_true", help="for a cluster id: only the parts that failed")
+    sub.add_argument("--wait", action="store_true", help="block until it ends; exit 1 if it did not complete")
+    sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran", job=False)
+    sub.add_argument("job_ids", nargs="+", metavar="ID")
+    sub.add_argument("--results", action="store_true", help="also delete their own results folders")
+    sub = command("prune", _cmd_prune, "delete the jobs that ended longer ago than --older-than", job=False)
+    sub.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 12h, 7d, 2w")
+    sub.add_argument("--status", help="only jobs that ended so (completed, failed, cancelled)")
+    sub.add_argument("--host", help="only jobs on this host (the alias used; localhost for this machine)")
+    sub.add_argument("--results", action="store_true", help="also delete their own results folders")
 
 
 def _build_parser() -> Any:
@@ -5013,17 +5849,20 @@ def _build_parser() -> Any:
     sub.add_argument("--json", action="store_true")
     sub = command("list", _cmd_list, "every job with its status, newest first", job=False)
     sub.add_argument("--json", action="store_true")
+    sub.add_argument("--host", help="the jobs whose folders are on this host (from any machine), read there")
     sub = command("logs", _cmd_logs, "the job's output")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
     sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     sub = commands.add_parser("queue", help="slots in use, who waits in what order, recent history")
     sub.set_defaults(handler=_cmd_queue)
     sub.add_argument("--history", type=int, default=10, metavar="N", help="show the last N finished jobs")
+    sub.add_argument("--host", help="the queue of this host, read there in one round trip")
     sub.add_argument("--json", action="store_true")
     sub = command("download", _cmd_download, "copy a finished job's results folder")
     sub.add_argument("--to", help="target path (default: the same path, if the job's own results)")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
     command("delete-results", _cmd_delete_results, "delete a finished job's own results folder")
+    _add_control_args(command)
     sub = commands.add_parser("ssh", help="run a command on a host; its exit status is passed through")
     sub.set_defaults(handler=_cmd_ssh)
     sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")

@@ -871,6 +871,238 @@ def test_job_interactive_runs_with_the_callers_environment_not_the_tmux_servers(
 
 
 # ============================================================================================
+# job control: cancel, wait, start, delete, prune (here and over SSH)
+# ============================================================================================
+
+CONTROL_SOURCE = """
+    import os, signal, subprocess, time
+
+    def busy(seconds=60.0, ignore_term=False, tag="busy"):
+        if ignore_term:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen(["sleep", str(seconds)])
+        with open(os.path.expanduser(f"~/{tag}.pids"), "w") as handle:
+            handle.write(f"{os.getpid()} {child.pid}")
+        child.wait()
+        return tag
+
+    def quick(tag="quick"):
+        return tag
+
+    def bad():
+        raise RuntimeError("bad on purpose")
+"""
+
+
+def _pids(home: Path, tag: str) -> list[int]:
+    path = home / f"{tag}.pids"
+    text = wait_for(lambda: path.exists() and path.read_text().strip(), 60, f"{tag} to start")
+    return [int(pid) for pid in text.split()]
+
+
+def _gone(pids: list[int]) -> bool:
+    return not any(stackops.pid_is_alive(pid) for pid in pids)
+
+
+def test_control_cancel_running_job_kills_its_group_fast_and_frees_the_slot(home):
+    mod = make_module(home, CONTROL_SOURCE)
+    first = RemoteMachine(mod.busy, config(job_id="c-run"), func_kwargs={"tag": "first"}).run()
+    pids = _pids(home, "first")
+    second = RemoteMachine(mod.quick, config(job_id="c-next")).run()
+    report = first.cancel(grace=10)  # how fast: bench_stackops.py (never a timed assertion here)
+    assert report.status == "cancelled", report
+    wait_for(lambda: _gone(pids), 5, "the job and its child to be gone")
+    assert wait_done(second, 30).status == "completed"  # the slot passed on
+    assert first.get_status(0).status == "cancelled"
+    done = cli("status", "c-run", "--json", home=home)
+    assert json.loads(done.stdout)["status"] == "cancelled"
+
+
+def test_control_cancel_waiting_job_never_starts(home):
+    mod = make_module(home, CONTROL_SOURCE)
+    holder = RemoteMachine(mod.busy, config(job_id="c-hold"), func_kwargs={"tag": "hold"}).run()
+    _pids(home, "hold")
+    waiting = RemoteMachine(mod.quick, config(job_id="c-wait")).run()
+    wait_for(lambda: waiting.get_status(0).status == "waiting", 30, "the second job to wait")
+    assert waiting.cancel().status == "cancelled"
+    third = RemoteMachine(mod.quick, config(job_id="c-third")).run()
+    assert holder.cancel(grace=2).status == "cancelled"
+    assert wait_done(third, 30).status == "completed"
+    report = waiting.get_status(0)
+    assert report.status == "cancelled" and report.start_time is None
+    assert Slots().waiters() == [] and Slots().holders() == []
+    assert {h["job_id"]: h["status"] for h in Slots().history()}["c-hold"] == "cancelled"
+
+
+def test_control_cancel_after_grace_kills_a_job_that_ignores_sigterm(home):
+    mod = make_module(home, CONTROL_SOURCE)
+    job = RemoteMachine(mod.busy, config(job_id="c-stub"), func_kwargs={"tag": "stub", "ignore_term": True}).run()
+    pids = _pids(home, "stub")
+    started = time.monotonic()
+    report = job.cancel(grace=1)
+    assert report.status == "cancelled" and "ignored SIGTERM" in report.error_message
+    assert time.monotonic() - started >= 1  # it did wait the grace before SIGKILL
+    wait_for(lambda: _gone(pids), 5, "the job to be gone")
+
+
+def test_control_cli_cancel_wait_start_delete_prune(home):
+    (home / "jobs.py").write_text(textwrap.dedent(CONTROL_SOURCE))
+    assert cli("run", "jobs.py:quick", "--job-id", "w-ok", home=home).returncode == 0
+    assert cli("run", "jobs.py:bad", "--job-id", "w-bad", "--no-lock", home=home).returncode == 0
+    done = cli("wait", "w-ok", home=home)
+    assert done.returncode == 0 and "w-ok completed" in done.stdout, done.stderr
+    done = cli("wait", "w-ok", "w-bad", home=home)
+    assert done.returncode == 1 and "w-bad failed" in done.stdout
+    assert cli("run", "jobs.py:busy", "--job-id", "w-long", "--no-lock", home=home).returncode == 0
+    done = cli("wait", "w-long", "--timeout", "0.5", home=home)
+    assert done.returncode == 124 and "w-long" in done.stderr
+    done = cli("delete", "w-long", home=home)
+    assert done.returncode == 2 and "cancel it before deleting" in done.stderr
+    done = cli("cancel", "w-long", "w-ok", "--grace", "2", home=home)
+    assert done.returncode == 0 and "w-long cancelled" in done.stdout and "w-ok had already ended" in done.stdout
+    assert cli("wait", "w-long", home=home).returncode == 1
+    done = cli("run", "jobs.py:quick", "--job-id", "w-later", "--no-launch", home=home)
+    assert done.returncode == 0 and "nothing was started" in done.stdout
+    done = cli("start", "w-later", home=home)
+    assert done.returncode == 0, done.stderr
+    assert cli("wait", "w-later", home=home).returncode == 0
+    assert cli("start", "w-later", home=home).returncode == 2
+    for args in (("cancel", "nope"), ("wait", "nope"), ("start", "nope"), ("delete", "nope"), ("prune",),
+                 ("prune", "--older-than", "soon"), ("prune", "--older-than", "1d", "--status", "running")):
+        done = cli(*args, home=home)
+        errors = [line for line in done.stderr.splitlines() if "error:" in line]
+        assert done.returncode == 2 and len(errors) == 1, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+    done = cli("delete", "w-ok", "--results", home=home)
+    assert done.returncode == 0 and not (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "w-ok").exists()
+    done = cli("prune", "--older-than", "0s", "--status", "failed", home=home)
+    assert done.returncode == 0 and "deleted job w-bad" in done.stdout and "w-later" not in done.stdout
+    listed = {row["job_id"] for row in json.loads(cli("list", "--json", home=home).stdout)}
+    assert listed == {"w-long", "w-later"}
+
+
+FLAKY_SOURCE = """
+    import os
+
+    def flaky(counter, fail_times=1):
+        with open(counter, "a+") as handle:
+            handle.seek(0)
+            runs = len(handle.read())
+            handle.write("x")
+        if runs < fail_times:
+            raise RuntimeError(f"flaky run {runs + 1}")
+        return {"runs": runs + 1}
+"""
+
+
+def test_control_retries_turn_a_flaky_first_run_into_completed_with_one_mail(home, smtp):
+    mod = make_module(home, FLAKY_SOURCE)
+    counter = home / "runs.txt"
+    job = RemoteMachine(mod.flaky, config(job_id="flaky", retries=2, retry_delay=0.2, notify_upon_completion=True,
+                                          to_email="me@example.org", email_config_name="test"),
+                        func_kwargs={"counter": str(counter)}).run()
+    report = wait_done(job)
+    assert report.status == "completed" and report.attempt == "2/3", report
+    assert counter.read_text() == "xx"
+    assert "flaky run 1" in job.file_manager.path(stackops.OUTPUT_LOG).read_text()
+    received = _wait_mail(smtp[0], 1)
+    assert len(received) == 1 and "completed" in received[0]["Subject"]
+    never = RemoteMachine(mod.flaky, config(job_id="never", retries=1), func_kwargs={"counter": str(counter),
+                                                                                    "fail_times": 9}).run()
+    report = wait_done(never)
+    assert report.status == "failed" and report.attempt == "2/2" and "flaky run 4" in report.error_message
+
+
+def test_control_after_waits_holding_no_slot_then_runs_or_ends_cancelled(home):
+    mod = make_module(home, CONTROL_SOURCE)
+    parent = RemoteMachine(mod.busy, config(job_id="a-parent", lock_resources=False),
+                           func_kwargs={"tag": "parent", "seconds": 3}).run()
+    child = RemoteMachine(mod.quick, config(job_id="a-child", after=["a-parent"])).run()
+    report = wait_for(lambda: (lambda r: r if r.status == "waiting" and r.reason else None)(child.get_status(0)),
+                      30, "the child to wait for its parent")
+    assert "after a-parent (running)" in report.reason
+    other = RemoteMachine(mod.quick, config(job_id="a-other")).run()  # the child holds no slot or place
+    assert wait_done(other, 30).status == "completed"
+    assert wait_done(child, 60).status == "completed"
+    assert child.get_status(0).start_time >= parent.get_status(0).end_time
+    failing = RemoteMachine(mod.bad, config(job_id="a-bad")).run()
+    orphan = RemoteMachine(mod.quick, config(job_id="a-orphan", after=["a-parent", "a-bad"])).run()
+    report = wait_done(orphan, 60)
+    assert report.status == "cancelled" and "a-bad failed" in report.error_message and report.start_time is None
+    assert wait_done(failing).status == "failed"
+    for bad, message in ((["nope"], "no such job"), (["a-self"], "cannot run after itself")):
+        with pytest.raises(ConfigError, match=message):
+            RemoteMachine(mod.quick, config(job_id="a-self", after=bad))
+    done = cli("run", "x.py", "--retries", "-1", home=home)
+    assert done.returncode == 2 and "retries must be 0 to 100" in done.stderr
+
+
+def test_control_rerun_same_call_as_a_new_job(home):
+    mod = make_module(home, FLAKY_SOURCE)
+    counter = home / "rerun.txt"
+    first = RemoteMachine(mod.flaky, config(job_id="rr"), func_kwargs={"counter": str(counter)}).run()
+    assert wait_done(first).status == "failed"
+    again = first.rerun()
+    assert again.job_id == "rr-r1" and again.kwargs == {"counter": str(counter)}
+    assert wait_done(again).status == "completed"
+    done = cli("rerun", "rr-r1", "--wait", home=home)
+    assert done.returncode == 0 and "rerun as job rr-r2" in done.stdout and "rr-r2 completed" in done.stdout
+    mod2 = make_module(home, CONTROL_SOURCE)
+    running = RemoteMachine(mod2.busy, config(job_id="rr-busy", lock_resources=False),
+                            func_kwargs={"tag": "rb"}).run()
+    _pids(home, "rb")
+    done = cli("rerun", "rr-busy", home=home)
+    assert done.returncode == 2 and "only an ended job can be rerun" in done.stderr
+    assert cli("rerun", "nope", home=home).returncode == 2
+    running.cancel(grace=1)
+
+
+def test_control_queue_and_list_of_a_host_in_one_round_trip(remote, home, tmp_path):
+    mod = make_module(home, CONTROL_SOURCE)
+    with RemoteMachine(mod.busy, config(job_id="h-run", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"tag": "hq"}) as running:
+        running.run()
+        wait_for(lambda: running.get_status(0).status == "running", 60, "the job to run")
+        other_home = tmp_path / "laptop2"  # a second machine submits to the same host
+        other_home.mkdir()
+        (other_home / "j.py").write_text(textwrap.dedent(CONTROL_SOURCE))
+        _write_ssh_config(other_home, remote)
+        done = cli("run", "j.py:quick", "--host", "tb", "--job-id", "h-other", home=other_home)
+        assert done.returncode == 0, done.stderr
+        queue = json.loads(cli("queue", "--host", "tb", "--json", home=home).stdout)
+        assert [h["job_id"] for h in queue["running"]] == ["h-run"]
+        assert [w["job_id"] for w in queue["waiting"]] == ["h-other"]
+        table = cli("queue", "--host", "tb", home=home).stdout
+        assert "h-run" in table and "h-other" in table
+        listed = {r["job_id"]: r["status"] for r in json.loads(cli("list", "--host", "tb", "--json", home=home).stdout)}
+        assert listed == {"h-run": "running", "h-other": "waiting"}
+        assert "h-other" not in cli("list", home=home).stdout  # only the host knows it from here
+        running.cancel(grace=2)
+    done = cli("queue", "--host", "nosuchhost", home=home)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+
+
+def test_control_cancel_on_a_host_running_and_waiting(remote, home):
+    mod = make_module(home, CONTROL_SOURCE)
+    running = RemoteMachine(mod.busy, config(job_id="r-run", ssh_host="tb", copy_repo=True),
+                            func_kwargs={"tag": "far"})
+    waiting = RemoteMachine(mod.quick, config(job_id="r-wait", ssh_host="tb", copy_repo=True))
+    with running, waiting:
+        running.run()
+        wait_for(lambda: running.get_status(0).status == "running", 60, "the job to run on the host")
+        waiting.run()
+        wait_for(lambda: waiting.get_status(0).status == "waiting", 30, "the second job to wait")
+        assert waiting.cancel().status == "cancelled"
+        assert running.cancel().status == "cancelled"
+        pids = [int(pid) for pid in (remote.remote_home / "far.pids").read_text().split()]
+        wait_for(lambda: _gone(pids), 5, "the remote job to be gone")
+        assert waiting.get_status(0).start_time is None
+        running.delete()
+        assert not (remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "r-run").exists()
+        assert not running.file_manager.job_root.exists()
+
+
+# ============================================================================================
 # bad input: refused before anything is written, one clear line, CLI exit 2
 # ============================================================================================
 
@@ -2268,6 +2500,57 @@ def test_cluster_cli_run_status_download(cluster_home):
 
 
 
+FLAKY_CLUSTER = """
+    import os, time
+
+    def part(workload_params, flag="~/fail-first"):
+        flag = os.path.expanduser(flag)
+        if workload_params.idx_start == 0 and not os.path.exists(flag):
+            open(flag, "w").close()
+            raise RuntimeError("the first slice fails once")
+        return list(range(workload_params.idx_start, workload_params.idx_end))
+
+    def long(workload_params):
+        time.sleep(120)
+"""
+
+
+def test_cluster_cancel_all_parts_and_rerun_only_the_failed_part(cluster_home, nodes):
+    home = cluster_home
+    (home / "proj").mkdir(exist_ok=True)
+    (home / "proj" / "fc.py").write_text(textwrap.dedent(FLAKY_CLUSTER))
+    flag = f"~/fail-first-{os.getpid()}-{time.monotonic_ns()}"  # the nodes share the remote home
+    done = cli("cluster", "run", "proj/fc.py:part", "--hosts", "node1,node2", "--copy-repo", "--job-id", "flc",
+               "--kwargs", json.dumps({"flag": flag}), "--wait", home=home)
+    assert done.returncode == 1, done.stdout + done.stderr
+    before = json.loads(cli("cluster", "status", "flc", "--json", home=home).stdout)
+    failed = [h for h, s in before.items() if s["status"] == "failed"]
+    assert len(failed) == 1
+    done = cli("rerun", "flc", "--failed", "--wait", home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = json.loads(cli("cluster", "status", "flc", "--json", home=home).stdout)
+    assert {h: s["status"] for h, s in after.items()} == {"node1": "completed", "node2": "completed"}
+    assert after[failed[0]]["job_id"].endswith("-r1")
+    kept = [h for h in after if h not in failed][0]
+    assert after[kept]["job_id"] == before[kept]["job_id"]
+    done = cli("cluster", "logs", "flc", home=home)
+    assert done.returncode == 0 and "==> node1" in done.stdout and "==> node2" in done.stdout, done.stderr
+    done = cli("cluster", "logs", "flc", "--part", failed[0], "-f", home=home)
+    assert done.returncode == 0 and "EXECUTION START" in done.stdout and "==>" not in done.stdout
+    assert cli("cluster", "logs", "flc", "--part", "9", home=home).returncode == 2
+    done = cli("cluster", "run", "proj/fc.py:long", "--hosts", "node1,node2", "--copy-repo", "--job-id", "flc2",
+               "--max-jobs", "2", home=home)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: all(s["status"] == "running" for s in
+                         json.loads(cli("cluster", "status", "flc2", "--json", home=home).stdout).values()),
+             60, "both parts to run")
+    done = cli("cancel", "flc2", "--grace", "2", home=home)
+    assert done.returncode == 0 and done.stdout.count("cancelled") == 2, done.stdout + done.stderr
+    statuses = json.loads(cli("cluster", "status", "flc2", "--json", home=home).stdout)
+    assert {s["status"] for s in statuses.values()} == {"cancelled"}
+    assert cli("wait", "flc", home=home).returncode == 0
+    assert cli("wait", "flc2", home=home).returncode == 1
+
 # ============================================================================================
 # 12b. Slurm as a launcher: a real single-node cluster (slurmctld, slurmd, a private munged), root only
 # ============================================================================================
@@ -2575,6 +2858,21 @@ def test_slurm_over_ssh_to_a_login_node_submits_watches_and_cancels(slurm, home,
     finally:
         login.stop()
         _kill_remote_leftovers(sshd.remote_home)
+
+
+def test_slurm_after_a_failing_job_never_runs_and_never_hangs(slurm, home):
+    good = _slurm_machine(home, "where", job_id="sa-good").run()
+    bad = _slurm_machine(home, "boom", job_id="sa-bad").run()
+    after_good = _slurm_machine(home, "where", job_id="sa-child", after=["sa-good"]).run()
+    after_bad = _slurm_machine(home, "where", job_id="sa-orphan", after=["sa-bad"]).run()
+    assert "--dependency=afterok:" + good.slurm_job_id in after_good.file_manager.path("shell/sbatch.sh").read_text()
+    assert _slurm_wait(after_good).status == "completed"
+    report = _slurm_wait(after_bad, 60)
+    assert report.status == "cancelled" and "DependencyNeverSatisfied" in report.reason, report
+    assert report.start_time is None
+    assert _slurm_wait(bad).status == "failed"
+    with pytest.raises(ConfigError, match="this one must run in the same place"):
+        RemoteMachine(make_module(home, SLURM_JOBS).where, config(job_id="sa-mixed", after=["sa-good"]))
 
 
 def test_slurm_job_forgotten_by_slurm_is_failed_not_running(slurm, home):
@@ -2933,6 +3231,340 @@ def test_cloud_queue_allowed_remotes(home, tmp_path):
     good = _start_worker(tmp_path, bucket, "wgood", "--until-idle", "--settle", "0.3", "--max-jobs", "2")
     assert good.communicate(timeout=120)[0].strip() == "worker finished 2 unit(s)"
     assert {r["worker"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()} == {"wgood"}
+
+
+# -- a bucket is shared: archives are checked, records are data, units own their folders -------------
+
+def _bucket_files(bucket: Path, under: str = "") -> list[str]:
+    root = bucket / under
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def _remote_job_root(remote, job_id: str) -> Path:
+    return remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / job_id
+
+
+def test_cloud_transfer_replaced_archive_refused_on_host_nothing_unpacked(remote, home, clouds, tmp_path):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.train, config=config(job_id="cloud-swap", ssh_host="tb", transfer_method="cloud",
+                                                     cloud_name=f"tblocal:{clouds}"))
+    with machine:
+        machine.generate_scripts().submit()
+        evil = tmp_path / "evil"
+        (evil / ".ssh").mkdir(parents=True)
+        (evil / ".bashrc").write_text("echo owned\n")
+        (evil / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAA intruder\n")
+        subprocess.run(["tar", "cf", str(clouds / "jobs" / "cloud-swap.tar"), "-C", str(evil), ".bashrc", ".ssh"],
+                       check=True)  # another writer of the bucket swaps the archive
+        before = {p: p.read_bytes() for p in [remote.remote_home / ".bashrc"] if p.exists()}
+        with pytest.raises(stackops.CommandError, match="not the one uploaded"):
+            machine.fire()
+    assert {p: p.read_bytes() for p in [remote.remote_home / ".bashrc"] if p.exists()} == before
+    assert b"intruder" not in (remote.remote_home / ".ssh" / "authorized_keys").read_bytes() \
+        if (remote.remote_home / ".ssh" / "authorized_keys").exists() else True
+    queued = _remote_job_root(remote, "cloud-swap").parent
+    assert not (queued / "cloud-swap").exists() and not list(queued.glob(".stackops-fetch*"))
+
+
+def test_cloud_fetch_refuses_members_outside_job_code_and_data(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    (bucket / "jobs").mkdir(parents=True)
+    cloud = _local_cloud(home, bucket)
+    job = "tmp_results/remote_machines/jobs/queued/cloud-evil"
+    evil = tmp_path / "evil"
+    (evil / job / "shell").mkdir(parents=True)
+    (evil / job / "logs").mkdir()
+    (evil / job / "shell" / "cluster_script.sh").write_text("exit 0\n")
+    (evil / ".bashrc").write_text("echo owned\n")
+    archive = bucket / "jobs" / "cloud-evil.tar"
+    subprocess.run(["tar", "cf", str(archive), "-C", str(evil), job, ".bashrc"], check=True)
+    import hashlib
+
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()  # right digest, wrong members
+    command = stackops.cloud_fetch_command(cloud, "cloud-evil", digest, [job, "proj"])
+    done = subprocess.run(["bash", "-c", command], env=dict(os.environ, HOME=str(home)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3 and "not in the job folder, the code or the data" in done.stderr, done.stderr
+    assert not (home / ".bashrc").exists() and not (home / job).exists()
+    assert not list((home / job).parent.glob(".stackops-fetch*")) and archive.exists()
+    with pytest.raises(StackopsError, match="no recorded archive digest"):
+        stackops.cloud_fetch_command(cloud, "cloud-evil", "", [job])
+    good = bucket / "jobs" / "cloud-good.tar"  # a fire that failed after the fetch may be run again
+    data = "donn\u00e9es \\ 'x'"  # a data path any locale lists differently
+    (evil / data).write_text("data\n")
+    subprocess.run(["tar", "cf", str(good), "-C", str(evil), job, data], check=True)
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    for _ in range(2):
+        command = stackops.cloud_fetch_command(cloud, "cloud-good", digest, [job, data])
+        done = subprocess.run(["bash", "-c", command], env=dict(os.environ, HOME=str(home), LC_ALL="C"),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and (home / job / "shell" / "cluster_script.sh").exists(), done.stderr
+        assert (home / data).read_text() == "data\n"
+        assert not good.exists()  # the archive went from the bucket once fetched
+    other = stackops.cloud_fetch_command(cloud, "cloud-good", "0" * 64, [job])  # another archive, same id
+    done = subprocess.run(["bash", "-c", other], env=dict(os.environ, HOME=str(home)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3 and "already exists on this host" in done.stderr
+
+
+def test_cloud_transfer_existing_id_on_host_refused(remote, home, clouds):
+    mod = make_module(home, JOBS_SOURCE)
+    with stackops.SSH.from_config_file("tb") as ssh:  # a job of that id is on the host already
+        ssh.run_shell_cmd_on_remote("mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup && "
+                                    "echo mine > ~/tmp_results/remote_machines/jobs/queued/cloud-dup/marker")
+    cfg = dict(ssh_host="tb", transfer_method="cloud", cloud_name=f"tblocal:{clouds}")
+    with pytest.raises(ConfigError, match="'cloud-dup' already exists on tb"):
+        RemoteMachine(mod.sleeper, config=config(job_id="cloud-dup", **cfg)).run()
+    assert not (clouds / "jobs" / "cloud-dup.tar").exists()
+    machine = RemoteMachine(mod.sleeper, config=config(job_id="cloud-dup2", **cfg), func_kwargs={"seconds": 1})
+    with machine:
+        machine.generate_scripts().submit()
+        with stackops.SSH.from_config_file("tb") as ssh:  # ... or arrives between submit and fire
+            ssh.run_shell_cmd_on_remote("mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup2 && "
+                                        "echo mine > ~/tmp_results/remote_machines/jobs/queued/cloud-dup2/marker")
+        with pytest.raises(stackops.CommandError, match="already exists on this host"):
+            machine.fire()
+    for job_id in ("cloud-dup", "cloud-dup2"):
+        folder = _remote_job_root(remote, job_id)
+        assert sorted(p.name for p in folder.iterdir()) == ["marker"] and (folder / "marker").read_text() == "mine\n"
+
+
+def test_cloud_transfer_results_from_a_fresh_prefix_and_bucket_left_clean(remote, home, clouds):
+    mod = make_module(home, JOBS_SOURCE)
+    stale = clouds / "results" / "cloud-clean" / "payload" / "stale.txt"  # an earlier job with the same id
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old job\n")
+    for folder in (clouds / "jobs", stale.parent.parent):  # the host's account shares the bucket with us
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o777)
+    cfg = config(job_id="cloud-clean", ssh_host="tb", copy_repo=True, transfer_method="cloud",
+                 cloud_name=f"tblocal:{clouds}")
+    with RemoteMachine(mod.train, config=cfg, func_kwargs={"out": "~/out/cloud-clean"}) as machine:
+        machine.run()
+        assert _bucket_files(clouds, "jobs") == []  # the archive went once fetched
+        machine.wait(timeout=90)
+        local = machine.download_results(None)
+    assert sorted(p.name for p in local.iterdir()) == ["model.txt"]
+    assert _bucket_files(clouds, "results/cloud-clean") == ["payload/stale.txt"]  # ours came and went
+
+
+def test_cloud_submit_checks_every_unit_id_before_uploading_any(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    long_id = "a" * 123  # its units -0-11 .. -9-11 are safe names, -10-11 is one character too long
+    with pytest.raises(ConfigError, match="-10-11' is 129 characters, over 128"):
+        _queue_job(home, bucket, long_id, 11, log=str(tmp_path / "runs.log")).submit_to_cloud(11)
+    assert _bucket_files(bucket) == []
+    assert not list((home / "tmp_results" / "remote_machines" / "jobs" / "queued").glob("a*"))
+    _queue_job(home, bucket, "twice", 2, log=str(tmp_path / "runs.log")).submit_to_cloud(2)
+    uploaded = _bucket_files(bucket)
+    with pytest.raises(ConfigError, match="already exists"):
+        _queue_job(home, bucket, "twice", 2, log=str(tmp_path / "runs.log")).submit_to_cloud(2)
+    assert _bucket_files(bucket) == uploaded
+
+
+def _worker(home: Path, bucket: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """A worker with its own home (or the given one), its diagnostics in HOME/../NAME.err."""
+    home.mkdir(exist_ok=True)
+    cloud = _local_cloud(home, bucket)
+    err = open(home.parent / f"{name}.err", "w")  # noqa: SIM115 (the worker holds it)
+    return subprocess.Popen([sys.executable, str(SOURCE), "worker", "--cloud", cloud, "--name", name, "--poll", "0.3",
+                             *extra], env=dict(os.environ, HOME=str(home), **(env or {})), stdout=subprocess.PIPE,
+                            stderr=err, text=True)
+
+
+def test_cloud_worker_backs_off_and_goes_on_when_a_listing_fails(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    _queue_job(home, bucket, "qflaky", 1, log=str(runs)).submit_to_cloud(1)
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    count = tmp_path / "failures"
+    count.write_text("")
+    (stub / "rclone").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        if [ "$1" = lsjson ] && [ "$(wc -c < {count})" -lt 3 ]; then
+            printf x >> {count}; echo 'Failed to lsjson: the bucket is on fire' >&2; exit 1
+        fi
+        exec {shutil.which("rclone")} "$@"
+    """))
+    (stub / "rclone").chmod(0o755)
+    worker = _worker(tmp_path / "home-wf", bucket, "wf", "--until-idle", "--settle", "0.3",
+                     env={"PATH": f"{stub}:{os.environ['PATH']}"})
+    out, _ = worker.communicate(timeout=120)
+    err = (tmp_path / "wf.err").read_text()
+    assert worker.returncode == 0 and out.strip() == "worker finished 1 unit(s)", err[-2000:]
+    assert err.count("the bucket is on fire") == 3 and "looking again in" in err
+    assert len(runs.read_text().splitlines()) == 1
+
+
+def test_cloud_worker_never_deletes_a_path_a_unit_json_names(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    [unit] = _queue_job(home, bucket, "qroot", 1, log=str(runs)).submit_to_cloud(1)
+    meta = json.loads((bucket / "units" / unit / "unit.json").read_text())
+    meta["job_root"] = "~/precious"  # a writer of the bucket names a folder of the worker's
+    (bucket / "units" / unit / "unit.json").write_text(json.dumps(meta))
+    worker_home = tmp_path / "home-wr"
+    (worker_home / "precious").mkdir(parents=True)
+    (worker_home / "precious" / "keep.txt").write_text("mine\n")
+    worker = _worker(worker_home, bucket, "wr", "--until-idle", "--settle", "0.3")
+    out, _ = worker.communicate(timeout=120)
+    assert out.strip() == "worker finished 1 unit(s)", (tmp_path / "wr.err").read_text()[-2000:]
+    assert (worker_home / "precious" / "keep.txt").read_text() == "mine\n"
+    assert (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).is_dir()
+    assert [r["state"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()] == ["completed"]
+
+
+def test_cloud_worker_refuses_a_unit_archive_with_foreign_members_and_fails_it(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    [unit] = _queue_job(home, bucket, "qevil", 1, log=str(runs)).submit_to_cloud(1)
+    evil = tmp_path / "evil"
+    for folder in ("job/data", "home", "tmp_results/remote_machines/jobs/queued/" + unit + "/data"):
+        (evil / folder).mkdir(parents=True)
+    (evil / "job" / "data" / "remote_machine.json").write_text('{"data": []}')
+    (evil / "home" / ".bashrc").write_text("echo owned\n")
+    (evil / ".bashrc").write_text("echo owned\n")
+    subprocess.run(["tar", "cf", str(bucket / "units" / unit / "unit.tar"), "-C", str(evil), "job", "home", ".bashrc",
+                    "tmp_results"], check=True)  # another writer of the bucket swaps the unit's archive
+    worker_home = tmp_path / "home-we"
+    worker = _worker(worker_home, bucket, "we", "--until-idle", "--settle", "0.3")
+    worker.communicate(timeout=120)
+    assert worker.returncode == 0, (tmp_path / "we.err").read_text()[-2000:]
+    assert not (worker_home / ".bashrc").exists() and not runs.exists()
+    assert not (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).exists()
+    [row] = stackops.CloudQueue(f"tblocal:{bucket}").report()
+    assert row["state"] == "failed" and "outside the unit's job folder" in row["error"], row
+
+
+VERSIONED_JOB = """
+    import json, os
+
+    VERSION = 1
+
+    def record(workload_params, log, data):
+        with open(log, "a") as handle:
+            handle.write(json.dumps({"version": VERSION, "file": __file__, "cwd": os.getcwd(),
+                                     "data": open(os.path.expanduser(data)).read()}) + "\\n")
+"""
+
+
+def test_cloud_worker_on_the_submitting_machine_keeps_your_working_copy(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    mod = make_module(home, VERSIONED_JOB)
+    source = Path(mod.__file__)
+    (home / "data").mkdir()
+    (home / "data" / "in.txt").write_text("v1")
+    whole = WorkloadParams(idx_min=0, idx_max=1, idx_start=0, idx_end=1, jobs=1)
+    for job_id, allowed in (("qsame", "wsame"), ("qother", "wother")):
+        cfg = config(job_id=job_id, copy_repo=True, transfer_method="cloud", cloud_name=_local_cloud(home, bucket),
+                     python=sys.executable, workload_params=whole, data=["~/data/in.txt"], allowed_remotes=[allowed])
+        RemoteMachine(mod.record, config=cfg, func_kwargs={"log": str(runs), "data": "~/data/in.txt"}
+                      ).submit_to_cloud(1)
+    source.write_text(source.read_text().replace("VERSION = 1", "VERSION = 2"))  # you go on working
+    (home / "data" / "in.txt").write_text("v2")
+    edited = source.read_text()
+    for name, worker_home in (("wsame", home), ("wother", tmp_path / "home-wother")):
+        worker = _worker(worker_home, bucket, name, "--until-idle", "--settle", "0.3")
+        out, _ = worker.communicate(timeout=120)
+        assert out.strip() == "worker finished 1 unit(s)", (worker_home.parent / f"{name}.err").read_text()[-2000:]
+    assert source.read_text() == edited and (home / "data" / "in.txt").read_text() == "v2"
+    same, other = (json.loads(line) for line in runs.read_text().splitlines())
+    units = home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
+    assert same["version"] == 1 and Path(same["file"]).is_relative_to(units / "qsame-0-1" / "code")
+    assert Path(same["cwd"]) == units / "qsame-0-1" / "code" and same["data"] == "v2"  # your data, in place
+    other_units = tmp_path / "home-wother" / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
+    assert other["version"] == 1 and Path(other["file"]).is_relative_to(other_units / "qother-0-1" / "code")
+    assert other["data"] == "v1" and (tmp_path / "home-wother" / "data" / "in.txt").read_text() == "v1"
+
+
+BIG_UNIT_JOB = """
+    import os
+
+    def record(workload_params, log, data, out, out_mib=0):
+        with open(log, "a") as handle:
+            handle.write(f"{os.environ['HOME']} {os.path.getsize(os.path.expanduser(data))}\\n")
+        folder = os.path.expanduser(out)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "big.bin"), "wb") as handle:
+            handle.write(os.urandom(out_mib << 20))
+        return folder
+"""
+
+
+@pytest.mark.parametrize("slow", ["download", "upload"])
+def test_cloud_big_unit_keeps_its_claim_and_runs_once(home, tmp_path, slow):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    mod = make_module(home, BIG_UNIT_JOB)
+    (home / "data").mkdir()
+    (home / "data" / "big.bin").write_bytes(os.urandom((8 if slow == "download" else 0) << 20))
+    cfg = config(job_id=f"qbig-{slow}", copy_repo=True, transfer_method="cloud", cloud_name=_local_cloud(home, bucket),
+                 python=sys.executable, data=["~/data/big.bin"],
+                 workload_params=WorkloadParams(idx_min=0, idx_max=1, idx_start=0, idx_end=1, jobs=1))
+    RemoteMachine(mod.record, config=cfg, func_kwargs={"log": str(runs), "data": "~/data/big.bin",
+                                                       "out": "~/out/big", "out_mib": 8 if slow == "upload" else 0}
+                  ).submit_to_cloud(1)
+    queue = stackops.CloudQueue(f"tblocal:{bucket}", lease=3)
+    lease = ("--lease", "3", "--settle", "0.3")
+    slow_worker = _worker(tmp_path / "home-wslow", bucket, "wslow", *lease, env={"RCLONE_BWLIMIT": "1M"})
+    try:  # 8 MiB at 1 MiB/s: the transfer takes far longer than a lease
+        wait_for(lambda: [r for r in queue.report() if r["worker"] == "wslow"], timeout=60, what="wslow's claim")
+        rival = _worker(tmp_path / "home-wrival", bucket, "wrival", "--until-idle", *lease)
+        out, _ = rival.communicate(timeout=180)
+        assert out.strip() == "worker finished 0 unit(s)", (tmp_path / "wrival.err").read_text()[-2000:]
+    finally:
+        slow_worker.kill()
+        slow_worker.wait()
+    assert len(runs.read_text().splitlines()) == 1, runs.read_text()
+    [row] = queue.report()
+    assert (row["state"], row["worker"]) == ("completed", "wslow")
+    if slow == "upload":
+        assert (bucket / "units" / "qbig-upload-0-1" / "results" / "big.bin").stat().st_size == 8 << 20
+
+
+def test_cloud_worker_that_lost_its_claim_uploads_nothing(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    [unit] = _queue_job(home, bucket, "qlost", 1, log=str(runs), seconds=6).submit_to_cloud(1)
+    worker = _worker(tmp_path / "home-wl", bucket, "wl", "--lease", "3", "--settle", "0.3")
+    try:
+        wait_for(runs.exists, timeout=60, what="the unit started")
+        claims = bucket / "units" / unit / "claims"  # an earlier claim appears once, then goes quiet
+        (claims / f"{1:019d}-intruder").write_text("{}")
+        wait_for(lambda: "not uploading" in (tmp_path / "wl.err").read_text(), timeout=60, what="the loss noticed")
+    finally:
+        worker.kill()
+        worker.wait()
+    assert not (bucket / "units" / unit / "results").exists() and not (bucket / "units" / unit / "status.json").exists()
+
+
+def test_cloud_rclone_that_hangs_is_a_transfer_error(tmp_path, monkeypatch):
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "rclone").write_text("#!/bin/sh\nexec sleep 30\n")
+    (stub / "rclone").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub}:{os.environ['PATH']}")
+    started = time.monotonic()
+    with pytest.raises(stackops.TransferError, match="did not finish within 0.5s"):
+        stackops._rclone("lsjson", "x:", what="listing", timeout=0.5)
+    assert time.monotonic() - started < 10
 
 
 # ============================================================================================
