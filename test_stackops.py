@@ -3344,7 +3344,7 @@ def test_cloud_transfer_results_from_a_fresh_prefix_and_bucket_left_clean(remote
         machine.run()
         assert _bucket_files(clouds, "jobs") == []  # the archive went once fetched
         machine.wait(timeout=90)
-        local = machine.download_results(None)
+        local = machine.download_results(home / "out" / "cloud-clean")  # not its own folder: say where
     assert sorted(p.name for p in local.iterdir()) == ["model.txt"]
     assert _bucket_files(clouds, "results/cloud-clean") == ["payload/stale.txt"]  # ours came and went
 
