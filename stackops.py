@@ -651,6 +651,8 @@ class RemoteStackOpsConfig:
     retries: int = 0  # a failed run is repeated in place up to this many times
     retry_delay: float = 0.0  # seconds between a failed run and the next
     after: list[str] = dataclasses.field(default_factory=list)  # start only once these jobs completed
+    gpus: int = 0  # wait for this many of the machine's GPUs (their own pool of slots) and get exactly them
+    group: str | None = None  # a named pool with its own max_simultaneous_jobs
 
     def __post_init__(self) -> None:
         if isinstance(self.workload_params, dict):
@@ -669,6 +671,7 @@ class RemoteStackOpsConfig:
         if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
             raise ConfigError(f"retries must be 0 to 100 and retry_delay 0 to 86400 seconds, got "
                               f"{self.retries} and {self.retry_delay}")
+        self._check_pool()
         for parent in self.after:
             check_safe_name(parent, "after")
             if parent == self.job_id:
@@ -692,6 +695,21 @@ class RemoteStackOpsConfig:
             if self.email_config_name is None:
                 self.email_config_name = read_user_config_value("default_email_config",
                                                                 "notify_upon_completion")
+
+    def _check_pool(self) -> None:
+        if not 0 <= self.gpus <= 64:
+            raise ConfigError(f"gpus must be 0 to 64, got {self.gpus}")
+        if self.group is not None:
+            check_safe_name(self.group, "group")
+        if self.gpus and (self.group is not None or not self.lock_resources):
+            raise ConfigError("gpus is a pool of its own: it goes with neither group nor lock_resources=False")
+        if self.gpus and self.launch_method == "slurm":
+            raise ConfigError("with Slurm, ask Slurm for GPUs", hint="--slurm-opt gres=gpu:N")
+
+    @property
+    def pool(self) -> str:
+        """The slot pool the job waits in: "" (the machine's), "gpu" or "group-<name>"."""
+        return "gpu" if self.gpus else (f"group-{self.group}" if self.group else "")
 
     def _check_slurm_combination(self) -> None:
         for flag, what in ((self.interactive, "an interactive job"), (self.transfer_method == "cloud",
@@ -1181,7 +1199,7 @@ now() { date -u +%Y-%m-%dT%H:%M:%S+00:00; }
 get status.txt; st=${R//[[:space:]]/}
 case "$st" in completed|failed|cancelled) echo "ended $st"; exit 0 ;; esac
 [ -e "$L/cancel_requested.txt" ] || put cancel_requested.txt "$(now)"
-S="${STACKOPS_STATE_DIR:-$HOME/@@state_dir}"; get ticket.txt; t=${R//[[:space:]]/}
+S="${STACKOPS_STATE_DIR:-$HOME/@@state_dir}"@@pool; get ticket.txt; t=${R//[[:space:]]/}
 [ -n "$t" ] && rm -f -- "$S/queue/$t-$id"
 cmd() { C=; local a; [ -r "/proc/$1/cmdline" ] || return 1
     while IFS= read -r -d '' a || [ -n "$a" ]; do C="$C $a"; done < "/proc/$1/cmdline"; }
@@ -1255,7 +1273,7 @@ if [ -n "$f" ]; then
 fi
 place=
 if [ "$st" = waiting ]; then
-    S="${STACKOPS_STATE_DIR:-$HOME/@@state_dir}"; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
+    S="${STACKOPS_STATE_DIR:-$HOME/@@state_dir}"@@pool; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
     for e in "$S"/queue/*; do e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1)); done
     [ -n "$found" ] && place=$n
 fi
@@ -1275,9 +1293,31 @@ exit 0
 # 7. job folder: FileManager, slots and queue, status
 # ============================================================================================
 
-def state_dir() -> Path:
-    """Where this machine's slots, queue and views live, for the current user."""
-    return expand_home(os.environ.get("STACKOPS_STATE_DIR") or DEFAULT_STATE_DIR)
+def state_dir(pool: str = "") -> Path:
+    """Where this machine's slots, queue and views live, for the current user (a named pool:
+    ``pools/<name>`` inside)."""
+    root = expand_home(os.environ.get("STACKOPS_STATE_DIR") or DEFAULT_STATE_DIR)
+    return root / "pools" / pool if pool else root
+
+
+# The GPUs of a host in one round trip: its STACKOPS_GPUS ("-" when unset), then what nvidia-smi lists.
+GPU_PROBE_SH = ("printf '%s\\n' \"${STACKOPS_GPUS--}\"; "
+                "nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null; true")
+
+
+def gpu_ids() -> list[str]:
+    """This machine's GPUs: ``STACKOPS_GPUS=0,1,...`` when set (it overrides), else what
+    ``nvidia-smi`` lists, else none."""
+    declared = os.environ.get("STACKOPS_GPUS")
+    if declared is not None:
+        return [item.strip() for item in declared.split(",") if item.strip()]
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=20, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()]
+
 
 
 class _FileLock:
@@ -1367,11 +1407,12 @@ class Slots:
         age = time.time() - int(ticket) / 1e9 if ticket.isdigit() else STARTUP_GRACE
         return "pending" if age < STARTUP_GRACE else "stale"
 
-    def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int,
-                      on_start: Callable[[], None]) -> tuple[int, int, _dt.datetime]:
-        """Wait in line under ``entry``, then take a free slot among the first ``max_jobs``.
-        Returns (slot index, fd holding it, when it was taken); ``on_start`` runs once the entry
-        is ours. The time is taken before the entry goes, so start times follow queue order."""
+    def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int, on_start: Callable[[], None],
+                      names: list[str] | None = None, need: int = 1) -> tuple[list[tuple[str, int]], _dt.datetime]:
+        """Wait in line under ``entry``, then take a free slot among the first ``max_jobs`` (or
+        ``need`` of the slots ``names`` at once: a job's GPUs). Returns ([(slot, fd holding it)],
+        when they were taken); ``on_start`` runs once the entry is ours. The time is taken before
+        the entry goes, so start times follow queue order."""
         self._ensure()
         path = self.queue / entry
         if not path.exists():
@@ -1392,16 +1433,28 @@ class Slots:
                 if ahead:  # the next in line looks as often as the first, so a freed slot passes on fast
                     time.sleep(SLOT_POLL_HEAD if len(ahead) == 1 else SLOT_POLL_OTHERS)
                     continue
-                for index in range(max_jobs):
-                    fd = _try_flock(self.slots / f"slot-{index}.lock")
-                    if fd is not None:
-                        taken = _utcnow()
-                        with _suppress(FileNotFoundError):
-                            os.unlink(path)
-                        return index, fd, taken
+                held = self._take(names or [f"slot-{index}" for index in range(max_jobs)], need)
+                if held:
+                    taken = _utcnow()
+                    with _suppress(FileNotFoundError):
+                        os.unlink(path)
+                    return held, taken
                 time.sleep(SLOT_POLL_HEAD)
         finally:
             os.close(entry_fd)
+
+    def _take(self, names: list[str], need: int) -> list[tuple[str, int]]:
+        """``need`` of the slots ``names`` locked at once, or none (what was taken is let go)."""
+        held: list[tuple[str, int]] = []
+        for name in names:
+            fd = _try_flock(self.slots / f"{name}.lock")
+            if fd is not None:
+                held.append((name, fd))
+                if len(held) == need:
+                    return held
+        for _, fd in held:
+            os.close(fd)
+        return []
 
     def place_of(self, entry: str) -> int | None:
         names = self.entries()
@@ -1410,7 +1463,7 @@ class Slots:
     def holders(self) -> list[dict[str, Any]]:
         """The jobs holding a slot now (a slot lock nobody holds is free, whatever its JSON says)."""
         found = []
-        for lock in sorted(self.slots.glob("slot-*.lock"), key=lambda p: int(p.stem.split("-")[1])):
+        for lock in sorted(self.slots.glob("*.lock"), key=lambda p: (len(p.stem), p.stem)):
             fd = _try_flock(lock)
             if fd is not None:
                 os.close(fd)
@@ -1420,7 +1473,7 @@ class Slots:
                 holder = json.loads(info.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 holder = {"job_id": "?", "note": "slot held; its record is being written"}
-            holder["slot"] = int(lock.stem.split("-")[1])
+            holder["slot"] = lock.stem
             found.append(holder)
         return found
 
@@ -1496,7 +1549,7 @@ class FileManager:
 
     def __init__(self, job_id: str, remote_machine_type: str = "Linux", lock_resources: bool = True,
                  max_simultaneous_jobs: int = 1, base: str | None = None,
-                 submission_time: _dt.datetime | None = None) -> None:
+                 submission_time: _dt.datetime | None = None, pool: str = "", gpus: int = 0) -> None:
         self.job_id = check_safe_name(job_id)
         if remote_machine_type not in MACHINE_TYPES:
             raise ConfigError(f"remote_machine_type {remote_machine_type!r} is not supported (Linux only)")
@@ -1510,7 +1563,8 @@ class FileManager:
         self.submission_time = submission_time or _utcnow()
         self.job_root_rh = f"{self.base_dir.rstrip('/')}/queued/{job_id}"
         self.job_root = expand_home(self.job_root_rh)
-        self._slot: tuple[int, int] | None = None
+        self.pool, self.gpus = pool, gpus  # the slot pool ("" the machine's) and how many GPUs it takes
+        self._slot: list[tuple[str, int]] | None = None
         self.admitted_at: _dt.datetime | None = None  # when this process got its slot
         self.state_dir: str | None = None  # absolute, fixed at submit; None: the machine's own
 
@@ -1531,8 +1585,8 @@ class FileManager:
     def to_dict(self) -> dict[str, Any]:
         return {"remote_machine_type": self.remote_machine_type, "job_id": self.job_id,
                 "max_simultaneous_jobs": self.max_simultaneous_jobs, "lock_resources": self.lock_resources,
-                "submission_time": _iso(self.submission_time), "base_dir": self.base_dir,
-                "state_dir": self.state_dir}
+                "submission_time": _iso(self.submission_time), "base_dir": self.base_dir, "pool": self.pool,
+                "gpus": self.gpus, "state_dir": self.state_dir}
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> FileManager:
@@ -1540,7 +1594,7 @@ class FileManager:
             raise ConfigError("file_manager.json: expected an object with a job_id")
         manager = cls(data["job_id"], data.get("remote_machine_type", "Linux"), data.get("lock_resources", True),
                       data.get("max_simultaneous_jobs", 1), data.get("base_dir"),
-                      _parse_iso(data.get("submission_time")))
+                      _parse_iso(data.get("submission_time")), data.get("pool", ""), data.get("gpus", 0))
         if job_root is not None:  # the folder is where it is, wherever it was made
             manager.job_root = job_root
         if isinstance(data.get("state_dir"), str) and os.path.isabs(data["state_dir"]):
@@ -1553,8 +1607,15 @@ class FileManager:
         return cls.from_dict(_read_json(root / FILE_MANAGER_JSON), job_root=root)
 
     def slots(self) -> Slots:
-        """The slots and queue of this job: the state folder fixed at submit, else the machine's."""
-        return Slots(Path(self.state_dir)) if self.state_dir else Slots()
+        """The slots and queue of this job: the state folder fixed at submit, else the machine's
+        (its pool's folder inside, if it names a pool)."""
+        if not self.state_dir:
+            return Slots(state_dir(self.pool))
+        return Slots(Path(self.state_dir) / "pools" / self.pool if self.pool else Path(self.state_dir))
+
+    def _pool_sh(self) -> str:
+        """Appended to the state folder in generated shell: the job's pool folder, if any."""
+        return shlex.quote(f"/pools/{self.pool}") if self.pool else ""
 
     def _job_root_sh(self) -> str:
         """The job folder for generated shell: home-relative where it runs, when it can be."""
@@ -1583,7 +1644,7 @@ class FileManager:
                 '"${STACKOPS_STATE_DIR:-$HOME/' + DEFAULT_STATE_DIR[2:] + '}"'
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
             parts += [f"S={where}", 'case $S in /*) ;; *) S="$PWD/$S" ;; esac',
-                      'export STACKOPS_STATE_DIR="$S"', 'mkdir -p -m 700 "$S"',
+                      'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}', 'mkdir -p -m 700 "$S"',
                       '{ _trusted "$S" "state folder" || _failed "$R"; }',
                       'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
                       f'printf "%s" "$J" > {entry}', 'printf "%s" "$t" > "$J/logs/ticket.txt"']
@@ -1616,20 +1677,28 @@ class FileManager:
         slots = self.slots()
         ticket = _read_text(self.path(TICKET_TXT)).strip() or f"{time.time_ns():019d}"
         entry = f"{ticket}-{self.job_id}"
+        gpus = gpu_ids() if self.gpus else []
+        if len(gpus) < self.gpus:
+            raise SlotError(f"job {self.job_id} needs {self.gpus} GPU(s) and this machine has {len(gpus)}")
 
         def started() -> None:
             self.write_log(PID_TXT, str(os.getpid()))
             self.write_log(STATUS_TXT, "waiting")
             slots.refresh_views()
 
-        index, fd, self.admitted_at = slots.wait_for_slot(entry, self.job_root, self.max_simultaneous_jobs,
-                                                          started)
-        self._slot = (index, fd)
+        names = [f"gpu-{gpu}" for gpu in gpus] if self.gpus else None
+        self._slot, self.admitted_at = slots.wait_for_slot(entry, self.job_root, self.max_simultaneous_jobs,
+                                                           started, names, max(1, self.gpus))
         holder = {"job_id": self.job_id, "job_root": str(self.job_root), "pid": os.getpid(),
                   "submission_time": _iso(self.submission_time), "start_time": _iso(self.admitted_at)}
-        _atomic_write_json(slots.slots / f"slot-{index}.json", holder)
+        if self.gpus:
+            held = [name[4:] for name, _ in self._slot]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)  # the job's code sees exactly its GPUs
+            holder["gpus"] = held
+        for name, _ in self._slot:
+            _atomic_write_json(slots.slots / f"{name}.json", holder)
         slots.refresh_views()
-        log.info("job %s holds slot %d of %d", self.job_id, index + 1, self.max_simultaneous_jobs)
+        log.info("job %s holds %s", self.job_id, ", ".join(name for name, _ in self._slot))
         return True
 
     def unlock_resources(self, record: dict[str, Any] | None = None,
@@ -1639,20 +1708,21 @@ class FileManager:
         its slot until it exits, when the kernel frees it."""
         if self._slot is None:
             return
-        index, fd = self._slot
-        self._slot = None
+        held, self._slot = self._slot, None
         slots = self.slots()
         if keep_slot:
-            info = slots.slots / f"slot-{index}.json"
-            with _suppress(OSError, ValueError):
-                holder = json.loads(info.read_text(encoding="utf-8"))
-                holder["note"] = "finished; its interactive session holds the slot until it ends"
-                _atomic_write_json(info, holder)
+            for name, _fd in held:  # the fds stay open: the REPL holds the slot until it exits
+                info = slots.slots / f"{name}.json"
+                with _suppress(OSError, ValueError):
+                    holder = json.loads(info.read_text(encoding="utf-8"))
+                    holder["note"] = "finished; its interactive session holds the slot until it ends"
+                    _atomic_write_json(info, holder)
             slots.refresh_views(finished=record)
             return
-        with _suppress(FileNotFoundError):
-            os.unlink(slots.slots / f"slot-{index}.json")
-        os.close(fd)
+        for name, fd in held:
+            with _suppress(FileNotFoundError):
+                os.unlink(slots.slots / f"{name}.json")
+            os.close(fd)
         slots.refresh_views(finished=record)
 
     # -- status ----------------------------------------------------------------------------------
@@ -1712,7 +1782,8 @@ class FileManager:
     def cancel_command(self, grace: float) -> str:
         """The bash script that cancels this job where it runs (CANCEL_TEMPLATE)."""
         return render_template(CANCEL_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
-                               ticks=str(max(0, round(grace * 20))), state_dir=DEFAULT_STATE_DIR[2:])
+                               ticks=str(max(0, round(grace * 20))), state_dir=DEFAULT_STATE_DIR[2:],
+                               pool=self._pool_sh())
 
     def delete_command(self) -> str:
         """The bash script that removes this job's folder where it ran, only if it is one."""
@@ -1733,7 +1804,7 @@ class FileManager:
         runs instead on a machine without /proc. parse_status_output reads what it prints."""
         script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
                                  marker=marker, lines=str(max(0, int(log_lines))), state_dir=DEFAULT_STATE_DIR[2:],
-                                 fallback=fallback)
+                                 fallback=fallback, pool=self._pool_sh())
         return f"bash -c {shlex.quote(script)}"
 
     def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus, dict[str, str]]:
@@ -2010,7 +2081,7 @@ def _wait_for_parents(manager: FileManager, parents: list[str]) -> None:
     if manager.lock_resources:  # now in line, like a job fired at this moment
         ticket = f"{time.time_ns():019d}"
         manager.write_log(TICKET_TXT, ticket)
-        slots = Slots()
+        slots = Slots(state_dir(manager.pool))
         slots._ensure()
         _atomic_write_text(slots.queue / f"{ticket}-{manager.job_id}", str(manager.job_root))
 
@@ -3636,7 +3707,8 @@ class RemoteMachine:
             if config.ssh_host is not None:
                 _home_relative(expand_home(item))
         self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources and not self.uses_slurm,
-                                        config.max_simultaneous_jobs, config.base_dir)
+                                        config.max_simultaneous_jobs, config.base_dir, pool=config.pool,
+                                        gpus=config.gpus)
         # a relative STACKOPS_STATE_DIR is made absolute once, here: the wrapper uses the same queue
         if config.ssh_host is None and os.environ.get("STACKOPS_STATE_DIR"):
             self.file_manager.state_dir = str(expand_home(os.environ["STACKOPS_STATE_DIR"]))
@@ -4054,7 +4126,8 @@ class RemoteMachine:
         pickled = self.file_manager.path(INSTANCE_PICKLE)
         again._instance = pickled.read_bytes() if pickled.exists() else None
         again.file_manager = FileManager(again.job_id, "Linux", self.file_manager.lock_resources,
-                                         again.config.max_simultaneous_jobs, again.config.base_dir)
+                                         again.config.max_simultaneous_jobs, again.config.base_dir,
+                                         pool=self.file_manager.pool, gpus=self.file_manager.gpus)
         again._parent_slurm_ids = [again._check_parent(parent) for parent in again.config.after]
         again._ssh = self._ssh
         self._ssh = None  # the connection goes on with the new job
@@ -4080,7 +4153,22 @@ class RemoteMachine:
                 check_cloud_remote(self.config.cloud_name or "")
         if self.uses_slurm:
             self._check_sbatch()
+        if self.config.gpus:
+            self._check_gpus()
         return self
+
+    def _check_gpus(self) -> None:
+        """A job that asks for more GPUs than the machine has could only wait forever: refused."""
+        if not self.is_remote:
+            found = gpu_ids()
+        else:
+            answer = self.ssh.run_shell_cmd_on_remote(GPU_PROBE_SH, timeout=60, strict=False).stdout.splitlines()
+            declared = answer[0] if answer else "-"
+            found = [g for g in (answer[1:] if declared == "-" else declared.split(",")) if g.strip()]
+        if len(found) < self.config.gpus:
+            raise ConfigError(f"job {self.job_id} asks for {self.config.gpus} GPU(s) and {self.host_name} has "
+                              f"{len(found)}" + (f" ({', '.join(found)})" if found else ""),
+                              hint="STACKOPS_GPUS=0,1,... declares them where nvidia-smi cannot list them")
 
     def run(self, run: bool = True, show_scripts: bool = False,
             progress: Callable[[int], None] | None = None) -> RemoteMachine:
@@ -5108,7 +5196,7 @@ def _cmd_run(args: Any) -> int:
         workload_params=_parse_workload(args.workload, args.parallelize), python=args.python,
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
-        retries=args.retries, retry_delay=args.retry_delay,
+        retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
         after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
@@ -5238,18 +5326,32 @@ def _on_host(host: str, argv: list[str], accept_new: bool = False) -> Any:
         return json.loads(ssh.run_stackops([*argv, "--json"], timeout=120).stdout)
 
 
+def _queue_view(slots: Slots, history: int) -> dict[str, Any]:
+    return {"state_dir": collapse_home(slots.root), "running": slots.holders(), "waiting": slots.waiters(),
+            "history": slots.history()[-history:] if history else []}
+
+
 def _cmd_queue(args: Any) -> int:
     if args.host:
         view = _on_host(args.host, ["queue", "--history", str(args.history)])
     else:
-        slots = Slots()
-        view = {"state_dir": collapse_home(slots.root), "running": slots.holders(), "waiting": slots.waiters(),
-                "history": slots.history()[-args.history:] if args.history else []}
+        view = _queue_view(Slots(), args.history)
+        pools = state_dir() / "pools"
+        names = sorted(path.name for path in pools.iterdir()) if pools.is_dir() else []
+        view["pools"] = {name: _queue_view(Slots(pools / name), args.history) for name in names}
     if args.json:
         _print_json(view)
         return 0
+    _print_queue(view)
+    for name, pool in view.get("pools", {}).items():
+        print(f"\npool {name}:")
+        _print_queue(pool)
+    return 0
+
+
+def _print_queue(view: dict[str, Any]) -> None:
     print(f"running ({len(view['running'])}):")
-    _print_table([["  slot " + str(h["slot"] + 1), h.get("job_id", "?"), f"pid {h.get('pid', '?')}",
+    _print_table([["  " + str(h["slot"]), h.get("job_id", "?"), f"pid {h.get('pid', '?')}",
                    "since " + str(h.get("start_time", "?"))[:19]] for h in view["running"]])
     print(f"waiting ({len(view['waiting'])}):")
     _print_table([[f"  {w['place']}.", w["job_id"], w["state"], "since " + str(w["queued_since"])[:19]]
@@ -5258,7 +5360,6 @@ def _cmd_queue(args: Any) -> int:
     _print_table([["  " + h.get("job_id", "?"), h.get("status", "?"),
                    _format_duration(h.get("duration_seconds") or 0), "ended " + str(h.get("end_time"))[:19]]
                   for h in reversed(view["history"])])
-    return 0
 
 
 def _cmd_download(args: Any) -> int:
@@ -5781,6 +5882,11 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo before the job")
     parser.add_argument("--data", action="append", default=[], metavar="PATH", help="data that goes with the job")
     parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
+    parser.add_argument("--gpus", type=int, default=0, metavar="N",
+                        help="wait for N of the machine's GPUs (nvidia-smi, or STACKOPS_GPUS=0,1,...) and get "
+                             "exactly them in CUDA_VISIBLE_DEVICES; jobs without --gpus never wait behind these")
+    parser.add_argument("--group", metavar="NAME",
+                        help="a named pool with its own --max-jobs (e.g. --group io --max-jobs 8)")
     parser.add_argument("--retries", type=int, default=0, metavar="N",
                         help="repeat a failed run in place up to N times (status shows the attempt)")
     parser.add_argument("--retry-delay", type=float, default=0.0, metavar="S", help="seconds between attempts")

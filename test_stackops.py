@@ -101,8 +101,9 @@ def wait_for(predicate, timeout: float = 30, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def cli(*args, home: Path, cwd: Path | None = None, python: list[str] | None = None, timeout: float = 120):
-    env = dict(os.environ, HOME=str(home))
+def cli(*args, home: Path, cwd: Path | None = None, python: list[str] | None = None, timeout: float = 120,
+        env_extra: dict[str, str] | None = None):
+    env = dict(os.environ, HOME=str(home), **(env_extra or {}))
     return subprocess.run((python or [sys.executable]) + [str(SOURCE), *args], cwd=cwd or home, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -1080,6 +1081,83 @@ def test_control_queue_and_list_of_a_host_in_one_round_trip(remote, home, tmp_pa
         running.cancel(grace=2)
     done = cli("queue", "--host", "nosuchhost", home=home)
     assert done.returncode != 0 and "Traceback" not in done.stderr
+
+
+POOL_SOURCE = """
+    import fcntl, json, os, time
+
+    def mark(log, tag, edge):
+        with open(log, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.write(json.dumps({"tag": tag, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                     "edge": edge, "at": time.time()}) + "\\n")
+
+    def work(log, tag, seconds=1.5):
+        mark(log, tag, "start")
+        time.sleep(seconds)
+        mark(log, tag, "end")
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+"""
+
+
+def _intervals(log: Path) -> dict[str, dict]:
+    runs: dict[str, dict] = {}
+    for line in log.read_text().splitlines():
+        event = json.loads(line)
+        runs.setdefault(event["tag"], {"cuda": event["cuda"]})[event["edge"]] = event["at"]
+    return runs
+
+
+def _peak(runs: list[dict]) -> int:
+    edges = sorted([(r["start"], 1) for r in runs] + [(r["end"], -1) for r in runs], key=lambda e: (e[0], e[1]))
+    now = peak = 0
+    for _, delta in edges:
+        now += delta
+        peak = max(peak, now)
+    return peak
+
+
+def test_control_gpus_are_their_own_pool_never_shared_and_cpu_jobs_pass(home, monkeypatch):
+    monkeypatch.setenv("STACKOPS_GPUS", "0,1")
+    mod = make_module(home, POOL_SOURCE)
+    log = home / "pool.log"
+    gpu_jobs = [RemoteMachine(mod.work, config(job_id=f"g{i}", gpus=1), func_kwargs={"log": str(log), "tag": f"g{i}"})
+                .run() for i in range(4)]
+    cpu = RemoteMachine(mod.work, config(job_id="cpu"), func_kwargs={"log": str(log), "tag": "cpu", "seconds": 0.1})
+    cpu.run()
+    assert [wait_done(job, 60).status for job in gpu_jobs + [cpu]] == ["completed"] * 5
+    runs = _intervals(log)
+    gpu_runs = [runs[f"g{i}"] for i in range(4)]
+    assert {run["cuda"] for run in gpu_runs} <= {"0", "1"} and runs["cpu"]["cuda"] is None
+    assert _peak(gpu_runs) == 2
+    for gpu in ("0", "1"):
+        assert _peak([run for run in gpu_runs if run["cuda"] == gpu]) == 1  # never two jobs on one GPU
+    assert runs["cpu"]["start"] < max(run["start"] for run in gpu_runs)  # it did not queue behind them
+    queue = json.loads(cli("queue", "--json", home=home, env_extra={"STACKOPS_GPUS": "0,1"}).stdout)
+    assert [h["job_id"] for h in queue["pools"]["gpu"]["history"]] == ["g0", "g1", "g2", "g3"]
+    with pytest.raises(ConfigError, match="asks for 3 GPU"):
+        RemoteMachine(mod.work, config(job_id="g-many", gpus=3), func_kwargs={"log": "x", "tag": "x"}).run()
+    (home / "x.py").write_text("")
+    done = cli("run", "x.py", "--gpus", "1", home=home, env_extra={"STACKOPS_GPUS": ""})
+    assert done.returncode == 2 and "has 0" in done.stderr, done.stderr
+
+
+def test_control_groups_have_their_own_limits(home):
+    mod = make_module(home, POOL_SOURCE)
+    log = home / "groups.log"
+    io = [RemoteMachine(mod.work, config(job_id=f"io{i}", group="io", max_simultaneous_jobs=2),
+                        func_kwargs={"log": str(log), "tag": f"io{i}"}).run() for i in range(4)]
+    cpu = [RemoteMachine(mod.work, config(job_id=f"cpu{i}", group="cpu", max_simultaneous_jobs=1),
+                         func_kwargs={"log": str(log), "tag": f"cpu{i}"}).run() for i in range(2)]
+    assert [wait_done(job, 60).status for job in io + cpu] == ["completed"] * 6
+    runs = _intervals(log)
+    assert _peak([runs[f"io{i}"] for i in range(4)]) == 2
+    assert _peak([runs[f"cpu{i}"] for i in range(2)]) == 1
+    assert runs["cpu0"]["start"] < runs["io3"]["start"]  # one group never waits behind another
+    for bad, message in (({"group": "a b"}, "group"), ({"gpus": -1}, "gpus must be"),
+                         ({"gpus": 1, "group": "x"}, "pool of its own")):
+        with pytest.raises(ConfigError, match=message):
+            config(**bad)
 
 
 def test_control_cancel_on_a_host_running_and_waiting(remote, home):
@@ -4152,7 +4230,8 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
     machines = [RemoteMachine(mod.crowded, config=config(job_id=f"crowd-{i:03d}", max_simultaneous_jobs=5),
                               func_kwargs={"i": i, "folder": str(crowd)}) for i in range(200)]
     state = home / "tmp_results" / "remote_machines" / "file_manager"
-    stop, problems, killed = threading.Event(), [], set()
+    stop, problems, killed, cancelled = threading.Event(), [], set(), set()
+    launched: list[RemoteMachine] = []
 
     def read_views():
         while not stop.is_set():
@@ -4177,12 +4256,24 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
                     os.kill(victim["pid"], signal.SIGKILL)
                     killed.add(victim["job_id"])
 
-    watchers = [threading.Thread(target=read_views), threading.Thread(target=kill_some)]
+    def cancel_some():  # a launched job in any state, chosen at random, every 0.3 s
+        rng = _random.Random(11)
+        while not stop.wait(0.3) and len(cancelled) < 15:
+            if launched:
+                victim = rng.choice(launched)
+                cancelled.add(victim.job_id)
+                try:
+                    victim.cancel(grace=2)
+                except StackopsError as exc:
+                    problems.append(f"cancel {victim.job_id}: {exc}")
+
+    watchers = [threading.Thread(target=target) for target in (read_views, kill_some, cancel_some)]
     for watcher in watchers:
         watcher.start()
     try:
         for machine in machines:
             machine.run()
+            launched.append(machine)
         reports = [wait_done(machine, timeout=300) for machine in machines]
     finally:
         stop.set()
@@ -4190,7 +4281,9 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
             watcher.join()
     assert problems == []
     assert len(killed) >= 10
-    assert all(report.status in ("completed", "failed") for report in reports), "no job lost"
+    assert all(report.status in ("completed", "failed", "cancelled") for report in reports), "no job lost"
+    assert len(cancelled) >= 10
+    assert {report.job_id for report in reports if report.status == "cancelled"} <= cancelled
     counts = [json.loads(Path(report.results_path.replace("~", str(home), 1), "result.json").read_text())
               for report in reports if report.status == "completed"]
     assert counts and max(counts) <= 5, f"at most 5 at once, saw {max(counts)}"
