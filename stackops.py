@@ -34,7 +34,8 @@ Environment variables (read on the machine where they matter):
 
     STACKOPS_SSH_CONFIG  the OpenSSH client config to read (default ~/.ssh/config)
     STACKOPS_STATE_DIR   slots, queue and job views of this machine and user
-                         (default ~/tmp_results/remote_machines/file_manager/<machine>)
+                         (default ~/tmp_results/remote_machines/file_manager/<machine>; it must be
+                         yours alone, and a relative one is made absolute when a job is submitted)
     STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
     STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600 (default ~/.config/stackops/email.json)
     STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup (default https://ipinfo.io/json)
@@ -60,6 +61,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import string
 import subprocess
 import sys
@@ -300,6 +302,47 @@ def _mkdir_private(path: Path) -> Path:
         with _suppress(FileExistsError):
             folder.mkdir(mode=0o700)
     return missing[0] if missing else path
+
+
+def _untrusted_reason(path: Path) -> str | None:
+    """Why someone else could change what is in folder ``path``, or None: like OpenSSH's
+    StrictModes, the folder and each parent must belong to you or root and be writable by nobody
+    else; a root-owned sticky folder such as /tmp ends the walk (nobody may rename what is
+    yours there)."""
+    me = os.getuid()
+    current = os.path.realpath(path)
+    while True:
+        info = os.stat(current)
+        owner, mode = info.st_uid, info.st_mode
+        if owner not in (me, 0):
+            return f"{current} belongs to another user (uid {owner})"
+        if mode & 0o022 and not (owner == 0 and mode & 0o1000):
+            return f"{current} is writable by group or others (mode {mode & 0o7777:o})"
+        parent = os.path.dirname(current)
+        if (owner == 0 and mode & 0o1000) or parent == current:
+            return None
+        current = parent
+
+
+def _trusted_dir(path: Path, what: str) -> Path:
+    """Create ``path`` private (0700) if it is missing, and refuse it if anyone but you (or root)
+    could change what is inside it: a folder someone else made first is never used."""
+    existing = path
+    while not existing.is_dir() and existing != existing.parent:
+        existing = existing.parent
+    try:  # nothing is created inside a folder that is not yours alone
+        reason = _untrusted_reason(existing)
+        if reason is None:
+            _mkdir_private(path)
+            reason = _untrusted_reason(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot use {what} {path}: {exc.strerror or exc}",
+                          hint="check that the folder and its parents are yours") from exc
+    if reason is not None:
+        raise ConfigError(f"refusing {what} {path}: {reason}",
+                          hint="use a folder of your own (chmod go-w; or remove one another user "
+                               "made)")
+    return path
 
 
 def _atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
@@ -1467,7 +1510,16 @@ class _FileLock:
 def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | None:
     """An fd holding a non-blocking flock on ``path``, or None when someone else holds it.
     ``create=False`` for files whose owner may delete them: a check must never bring one back."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o600)
+    except FileNotFoundError:
+        if not create:
+            raise
+        raise SlotError(f"cannot open slot file {path}: its folder is gone") from None
+    except OSError as exc:
+        raise SlotError(f"cannot open slot file {path}: {exc.strerror or exc}",
+                        hint=f"the state folder {path.parent.parent} must be yours alone; "
+                             "set STACKOPS_STATE_DIR to a folder of your own") from exc
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
@@ -1510,7 +1562,7 @@ class Slots:
 
     def _ensure(self) -> None:
         for folder in (self.root, self.queue, self.slots):
-            _mkdir_private(folder)
+            _trusted_dir(folder, "state folder")
 
     def entries(self) -> list[str]:
         try:
@@ -1642,6 +1694,43 @@ class Slots:
                 _atomic_write_json(self.root / HISTORY_VIEW, history)
 
 
+# The fire command's checks, in bash. _trusted FOLDER WHAT: as _untrusted_reason, the folder and its
+# parents must be yours (or root's) and writable by nobody else (a root-owned sticky folder such as
+# /tmp ends the walk); otherwise it sets R to why not.
+_FIRE_TRUST_SH = (
+    '_trusted() { local d p=() s o m i=0 w=$PWD; R=; '
+    'cd -P -- "$1" 2>/dev/null || { R="cannot enter $2 $1"; return 1; }; d=$PWD; cd -- "$w" || return 1; '
+    'while p+=("$d"); [ "$d" != / ]; do d=${d%/*}; d=${d:-/}; done; '
+    's=$(stat -Lc "%u %a" -- "${p[@]}") || { R="cannot check $2 $1"; return 1; }; '
+    'while read -r o m; do d=${p[i]}; i=$((i + 1)); '
+    'if [ "$o" != 0 ] && [ "$o" != "$EUID" ]; then '
+    'R="refusing $2 $d: it belongs to another user (uid $o)"; '
+    'elif [ $((8#$m & 8#22)) != 0 ] && ! { [ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ]; }; then '
+    'R="refusing $2 $d: it is writable by group or others (mode $m)"; fi; [ -z "$R" ] || return 1; '
+    '[ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ] && return 0; '
+    'done <<< "$s"; return 0; }')
+# _failed REASON: the fire failed; the job ends failed with the reason, and the caller is told.
+_FIRE_FAIL_SH = (
+    '_failed() { local L="$J/logs"; '
+    'printf "%s" "$1" > "$L/.e.tmp" && mv -f "$L/.e.tmp" "$L/error_message.txt"; '
+    'printf "%s" "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)" > "$L/.n.tmp" '
+    '&& mv -f "$L/.n.tmp" "$L/end_time.txt"; '
+    'printf failed > "$L/.s.tmp" && mv -f "$L/.s.tmp" "$L/status.txt"; '
+    'echo "stackops: error: $1" >&2; exit 3; }')
+# An interactive job would run with the tmux server's environment: these come from the caller.
+TMUX_PASSED_ENV = ("STACKOPS_STATE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PATH", "HOME",
+                   "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH")
+_FIRE_ENV_SH = ("{ U=(); A=(); for v in " + " ".join(TMUX_PASSED_ENV) + "; do "
+                'if [ -n "${!v+x}" ]; then A+=("$v=${!v}"); else U+=(-u "$v"); fi; done; '
+                'E=("${U[@]}" "${A[@]}"); }')
+
+
+def tmux_session_name(job_id: str) -> str:
+    """The tmux session of an interactive job: its id with '.' (which tmux refuses) as ',' (which
+    no job id holds), so that two ids never share a session (``a.b`` and ``a_b`` stay apart)."""
+    return check_safe_name(job_id).replace(".", ",")
+
+
 class FileManager:
     """The layout of one job folder ``{base_dir}/queued/{job_id}/`` and its slot on the machine."""
 
@@ -1664,6 +1753,7 @@ class FileManager:
         self.pool, self.gpus = pool, gpus  # the slot pool ("" the machine's) and how many GPUs it takes
         self._slot: list[tuple[str, int]] | None = None
         self.admitted_at: _dt.datetime | None = None  # when this process got its slot
+        self.state_dir: str | None = None  # absolute, fixed at submit; None: the machine's own
 
     def __repr__(self) -> str:
         return f"FileManager({self.job_id!r}, job_root={self.job_root_rh!r})"
@@ -1683,7 +1773,7 @@ class FileManager:
         return {"remote_machine_type": self.remote_machine_type, "job_id": self.job_id,
                 "max_simultaneous_jobs": self.max_simultaneous_jobs, "lock_resources": self.lock_resources,
                 "submission_time": _iso(self.submission_time), "base_dir": self.base_dir, "pool": self.pool,
-                "gpus": self.gpus}
+                "gpus": self.gpus, "state_dir": self.state_dir}
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> FileManager:
@@ -1694,12 +1784,21 @@ class FileManager:
                       _parse_iso(data.get("submission_time")), data.get("pool", ""), data.get("gpus", 0))
         if job_root is not None:  # the folder is where it is, wherever it was made
             manager.job_root = job_root
+        if isinstance(data.get("state_dir"), str) and os.path.isabs(data["state_dir"]):
+            manager.state_dir = data["state_dir"]
         return manager
 
     @classmethod
     def from_job_root(cls, job_root: str | os.PathLike[str]) -> FileManager:
         root = Path(job_root)
         return cls.from_dict(_read_json(root / FILE_MANAGER_JSON), job_root=root)
+
+    def slots(self) -> Slots:
+        """The slots and queue of this job: the state folder fixed at submit, else the machine's
+        (its pool's folder inside, if it names a pool)."""
+        if not self.state_dir:
+            return Slots(state_dir(self.pool))
+        return Slots(Path(self.state_dir) / "pools" / self.pool if self.pool else Path(self.state_dir))
 
     def _pool_sh(self) -> str:
         """Appended to the state folder in generated shell: the job's pool folder, if any."""
@@ -1713,23 +1812,40 @@ class FileManager:
 
     def get_fire_command(self, interactive: bool = False, join_queue: bool = True) -> str:
         """The bash command that starts this job detached on the executing machine and prints the
-        launcher's pid. It joins the machine's queue first, so jobs start in the order fired."""
+        launcher's pid. It joins the machine's queue first, so jobs start in the order fired.
+        It refuses a job or state folder others could change, and a fire that fails (no tmux, a
+        taken session) leaves no queue entry and ends the job ``failed`` with the reason."""
         parts = ["umask 077", f"J={self._job_root_sh()}",
-                 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }']
-        parts.append('J=$(cd -P "$J" && pwd)')  # the launcher's command line names its exact path
+                 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }',
+                 _FIRE_TRUST_SH, _FIRE_FAIL_SH,
+                 '{ _trusted "$J" "job folder" || { echo "stackops: error: $R" >&2; exit 3; }; }',
+                 'J=$(cd -P "$J" && pwd)']  # the launcher's command line names its exact path
+        session = shlex.quote(tmux_session_name(self.job_id))
+        if interactive:
+            taken = shlex.quote(f"tmux session {tmux_session_name(self.job_id)} is taken")
+            missing = '"interactive jobs need tmux, which is not installed"'
+            parts += [f"{{ command -v tmux >/dev/null || _failed {missing}; }}",
+                      f"{{ ! tmux has-session -t ={session}: 2>/dev/null || _failed {taken}; }}"]
+        entry = ""
         if self.lock_resources and join_queue:  # the entry appears whole, never empty
+            where = f"S={shlex.quote(self.state_dir)}" if self.state_dir else "{ " + STATE_DIR_SH + "; }"
             entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
             temp = f'"$S/queue/.$t-"{shlex.quote(self.job_id)}.tmp'
-            parts += ["{ " + STATE_DIR_SH + '; S="$S"' + self._pool_sh() + "; }",
+            parts += [where, 'case $S in /*) ;; *) S="$PWD/$S" ;; esac',
+                      'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}', 'mkdir -p -m 700 "$S"',
+                      '{ _trusted "$S" "state folder" || _failed "$R"; }',
                       'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
                       f'printf "%s" "$J" > {temp}', f"mv -f {temp} {entry}",
                       'printf "%s" "$t" > "$J/logs/ticket.txt"']
         if interactive:
-            session = shlex.quote(self.job_id.replace(".", "_"))
-            parts += ["command -v tmux >/dev/null || { echo 'interactive jobs need tmux' >&2; exit 3; }",
-                      f'tmux new-session -d -s {session} "exec bash $(printf %q "$J/shell/cluster_script.sh")"',
-                      f'tmux pipe-pane -t {session} -o "cat >> $(printf %q "$J/logs/output.log")"',
-                      f"tmux display-message -p -t {session} '#{{pane_pid}}'"]
+            undo = f"rm -f {entry}; " if entry else ""
+            launch = f'tmux new-session -d -s {session} env "${{E[@]}}" bash '
+            launch += '"$J/shell/cluster_script.sh"'
+            log_to = '"cat >> $(printf %q "$J/logs/output.log")"'
+            parts += [_FIRE_ENV_SH,
+                      f'{{ {launch} || {{ {undo}_failed "tmux could not start "{session}; }}; }}',
+                      f"tmux pipe-pane -t ={session}: -o {log_to}",
+                      f"tmux display-message -p -t ={session}: '#{{pane_pid}}'"]
         else:
             parts += ['cd "$J"', 'D=$(command -v setsid || echo nohup)',
                       '{ "$D" bash "$J/shell/cluster_script.sh" < /dev/null >> "$J/logs/output.log" 2>&1 & }',
@@ -1752,7 +1868,7 @@ class FileManager:
             self._announce()
             self.admitted_at = _utcnow()
             return True
-        slots = Slots(state_dir(self.pool))
+        slots = self.slots()
         ticket = _read_text(self.path(TICKET_TXT)).strip() or f"{time.time_ns():019d}"
         entry = f"{ticket}-{self.job_id}"
         gpus = gpu_ids() if self.gpus else []
@@ -1779,12 +1895,24 @@ class FileManager:
         log.info("job %s holds %s", self.job_id, ", ".join(name for name, _ in self._slot))
         return True
 
-    def unlock_resources(self, record: dict[str, Any] | None = None) -> None:
-        """Give the slot back and add ``record`` to the machine's history."""
+    def unlock_resources(self, record: dict[str, Any] | None = None,
+                         keep_slot: bool = False) -> None:
+        """Give the slot back and add ``record`` to the machine's history. ``keep_slot``: the
+        process lives on (an interactive job's REPL, with the job's memory), so it keeps holding
+        its slot until it exits, when the kernel frees it."""
         if self._slot is None:
             return
         held, self._slot = self._slot, None
-        slots = Slots(state_dir(self.pool))
+        slots = self.slots()
+        if keep_slot:
+            for name, _fd in held:  # the fds stay open: the REPL holds the slot until it exits
+                info = slots.slots / f"{name}.json"
+                with _suppress(OSError, ValueError):
+                    holder = json.loads(info.read_text(encoding="utf-8"))
+                    holder["note"] = "finished; its interactive session holds the slot until it ends"
+                    _atomic_write_json(info, holder)
+            slots.refresh_views(finished=record)
+            return
         for name, fd in held:
             with _suppress(FileNotFoundError):
                 os.unlink(slots.slots / f"{name}.json")
@@ -1843,7 +1971,8 @@ class FileManager:
         status = self.get_job_status() if verify else raw if raw in STATUSES else "failed"
         place = None
         if status == "waiting":
-            place = Slots(state_dir(self.pool)).place_of(f"{_read_text(self.path(TICKET_TXT)).strip()}-{self.job_id}")
+            ticket = _read_text(self.path(TICKET_TXT)).strip()
+            place = self.slots().place_of(f"{ticket}-{self.job_id}")
         output = _read_text(self.path(OUTPUT_LOG))
         return JobStatus(job_id=self.job_id, status=status, pid=_read_int(self.path(PID_TXT)),
                          submission_time=_iso(self.submission_time),
@@ -2118,7 +2247,17 @@ def load_email_config(name: str) -> dict[str, Any]:
     if missing or entry["security"] not in ("ssl", "starttls", "plain"):
         raise ConfigError(f"e-mail config {name!r} in {path} needs host, port, from and security "
                           f"(ssl, starttls or plain); missing or wrong: {', '.join(missing) or 'security'}")
+    _check_plaintext_auth(entry, f"e-mail config {name!r} in {path}")
     return entry
+
+
+def _check_plaintext_auth(settings: dict[str, Any], what: str) -> None:
+    """A password over an unencrypted connection only when the config says so in as many words."""
+    plain = settings.get("security") == "plain"
+    if plain and settings.get("user") and settings.get("allow_plaintext_auth") is not True:
+        raise ConfigError(f"{what} would send its password in clear text (security plain)",
+                          hint='use "ssl" or "starttls", or add "allow_plaintext_auth": true if '
+                               "the server is on a network you trust")
 
 
 def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str) -> None:
@@ -2127,6 +2266,7 @@ def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str) -
     import ssl
     from email.message import EmailMessage
 
+    _check_plaintext_auth(settings, f"SMTP server {settings.get('host')}")
     message = EmailMessage()
     message["Subject"], message["From"], message["To"] = subject, settings["from"], to
     message.set_content(body)
@@ -2295,7 +2435,7 @@ def run_job(job_root: str | os.PathLike[str],
         if status == "failed" and manager.path(CANCEL_TXT).exists():
             status = "cancelled"
         try:
-            manager.unlock_resources(record)
+            manager.unlock_resources(record, keep_slot=bool(sys.flags.interactive))
         finally:
             manager.write_log(STATUS_TXT, status)
             _notify(manager, record, status, error)
@@ -3411,7 +3551,11 @@ class SSH:
             if ended and not channel.recv_ready() and not channel.recv_stderr_ready():
                 break
             if deadline is not None and time.monotonic() > deadline:
-                raise CommandError(str(self.target), command, None, f"timed out after {timeout}s")
+                killed = _signal_channel(channel, "KILL")
+                fate = "the host was asked to kill it (its process group)" if killed \
+                    else "it may still run on the host"
+                raise CommandError(str(self.target), command, None,
+                                   f"timed out after {timeout}s; {fate}")
             if not got:
                 select.select([channel], [], [], 0.5)
         return bytes(out), bytes(err), channel.recv_exit_status()
@@ -3458,9 +3602,17 @@ class SSH:
         key = path.read_text().strip()
         if not re.match(r"(ssh-|ecdsa-|sk-)[\w@.-]+ [A-Za-z0-9+/=]+( [^\n]*)?\Z", key):
             raise ConfigError(f"{path} does not hold one public key")
+        blob = key.split()[1]
+        # present = the same key blob on any line, with or without options (from=...); a last line
+        # without its newline gets one first, or the new key would be glued to it and both break
         script = ('umask 077; mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh" && A="$HOME/.ssh/authorized_keys" '
                   f'&& touch "$A" && chmod 600 "$A" && K={shlex.quote(key)} && '
-                  'if grep -qxF "$K" "$A"; then echo present; else printf "%s\\n" "$K" >> "$A"; echo added; fi')
+                  f'B={shlex.quote(blob)} && '
+                  'if awk -v b="$B" \'{for (i = 1; i <= NF; i++) if ($i == b) f = 1} '
+                  'END {exit !f}\' '
+                  '"$A"; then echo present; '
+                  'else { [ -z "$(tail -c 1 "$A")" ] || printf "\\n" >> "$A"; } && '
+                  'printf "%s\\n" "$K" >> "$A" && echo added; fi')
         return self.run_shell_cmd_on_remote(script, timeout=self.timeout).stdout.strip() == "added"
 
     def restart_computer(self) -> Response:
@@ -3494,9 +3646,18 @@ class SSH:
                         folder.name]
             arrived = f"{staging}/{folder.name}"
             self._upload_stream(command, producer, None, arrived, staging, target, progress)
-        else:
-            command = f"cat > {_sh_path(staging + '/payload')}"
-            self._upload_stream(command, None, source, f"{staging}/payload", staging, target, progress)
+        else:  # created private, then given the source's mode (as scp does): a 0600 file stays 0600
+            payload = _sh_path(staging + "/payload")
+            mode = f"{source.stat().st_mode & 0o777:o}"
+            if compress_with_zip:  # gzip checks length and CRC itself, in place of the size check
+                command = f"(umask 077 && gzip -dc > {payload}) && chmod {mode} {payload}"
+                producer = ["gzip", "-c", "--", str(source)]
+                self._upload_stream(command, producer, None, f"{staging}/payload", staging, target,
+                                    progress)
+            else:
+                command = f"(umask 077 && cat > {payload}) && chmod {mode} {payload}"
+                self._upload_stream(command, None, source, f"{staging}/payload", staging, target,
+                                    progress)
         return target
 
     def _prepare_target(self, target: str, overwrite: bool) -> str:
@@ -3550,7 +3711,7 @@ class SSH:
                         progress(sent)
             if proc is not None and proc.wait() != 0:
                 why = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise TransferError(f"local tar failed: {_last_line(why)}")
+                raise TransferError(f"local {(producer or ['tar'])[0]} failed: {_last_line(why)}")
             channel.shutdown_write()
             _out, err, status = self._drain(channel, max(60.0, 4 * self.timeout), command)
         except TransferError:
@@ -3618,7 +3779,7 @@ class SSH:
             return line + b"\n"
 
         try:
-            channel.exec_command(command)
+            channel.exec_command(_bash_line(command))
             with watchdog:
                 produce(write, readline)
             channel.shutdown_write()
@@ -3668,8 +3829,8 @@ class SSH:
             else:
                 produced = staging / "payload"
                 size_now = int(size.strip() or -1)  # a file growing meanwhile comes as it was then
-                self._download_file(f"head -c {size_now} -- {_sh_path(remote)}", produced, size_now,
-                                    progress, remote)
+                command = f"head -c {size_now} -- {_sh_path(remote)}" + (" | gzip -c" if compress_with_zip else "")
+                self._download_file(command, produced, size_now, progress, remote, compress_with_zip)
             _remove(destination)
             os.rename(produced, destination)
         finally:
@@ -3677,31 +3838,40 @@ class SSH:
         return destination
 
     def _download_file(self, command: str, path: Path, size: int,
-                       progress: Callable[[int], None] | None, remote: str = "") -> None:
+                       progress: Callable[[int], None] | None, remote: str = "",
+                       compressed: bool = False) -> None:
+        import zlib
+
         channel = self._transfer_channel()
-        received = 0
+        received = written = 0
+        unzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if compressed else None
         try:
             channel.exec_command(_bash_line(command))
             channel.shutdown_write()
             with open(path, "wb") as handle:
                 while True:
                     chunk = channel.recv(1 << 20)
+                    received += len(chunk)
+                    data = chunk if unzip is None else _gunzip_step(unzip, chunk)
+                    handle.write(data)
+                    written += len(data)
                     if not chunk:
                         break
-                    handle.write(chunk)
-                    received += len(chunk)
                     if progress is not None:
                         progress(received)
             status = channel.recv_exit_status()
             err = channel.recv_stderr(65536).decode(errors="replace") if channel.recv_stderr_ready() else ""
+        except zlib.error as exc:
+            raise TransferError(f"download from {self.target.alias}: the compressed stream is "
+                                f"damaged: {exc}") from exc
         except (OSError, EOFError, _paramiko().SSHException) as exc:
             raise self._broke_off(f"download from {self.target.alias}", received, exc, channel) from exc
         finally:
             channel.close()
-        if status != 0 or received != size:
+        if status != 0 or written != size or (unzip is not None and not unzip.eof):
             why = _reason(err) or f"{remote} shrank while it was read (truncated or replaced?)"
             raise TransferError(f"download of {self.target.alias}:{remote} failed (exit status "
-                                f"{status}, {received} of {size} bytes): {why}",
+                                f"{status}, {written} of {size} bytes): {why}",
                                 hint="run the copy again")
 
     def _download_tar(self, command: str, staging: Path, compressed: bool,
@@ -3792,6 +3962,30 @@ def _append_known_host(path: Path, line: str) -> None:
         os.close(fd)  # releases the lock
 
 
+def _gunzip_step(unzip: Any, chunk: bytes) -> bytes:
+    """What one chunk of a gzip stream unpacks to; an empty chunk (the end) flushes the rest."""
+    return unzip.decompress(chunk) if chunk else unzip.flush()
+
+
+def _signal_channel(channel: Any, name: str) -> bool:
+    """Ask the server to send signal ``name`` to a channel's command (RFC 4254 6.9): OpenSSH
+    signals its whole process group, so a command that timed out does not run on unseen.
+    paramiko has no public call for this request; False when it could not be sent."""
+    paramiko = _paramiko()
+    try:
+        message = paramiko.Message()
+        message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+        message.add_int(channel.remote_chanid)
+        message.add_string("signal")
+        message.add_boolean(False)
+        message.add_string(name)
+        channel.transport._send_user_message(message)
+    except Exception as exc:  # an old paramiko, a closed transport: the caller says it may run on
+        log.debug("could not signal the remote command: %s", exc)
+        return False
+    return True
+
+
 def _stderr_so_far(channel: Any) -> str:
     data = b""
     with _suppress(Exception):
@@ -3834,6 +4028,11 @@ def _extract_tar(stream: Any, folder: Path, compressed: bool) -> None:
                     raise TransferError(f"refusing archive member {member.name!r}")
                 if member.issym() and (os.path.isabs(member.linkname) or ".." in Path(member.linkname).parts):
                     raise TransferError(f"refusing link {member.name!r} -> {member.linkname!r}")
+                # as root, tarfile would chown to the host's owner: the files are ours, and no
+                # setuid, setgid or sticky bit comes with them
+                member.uid, member.gid = os.getuid(), os.getgid()
+                member.uname = member.gname = ""
+                member.mode &= 0o777
                 archive.extract(member, folder, set_attrs=not member.issym())
     except tarfile.TarError as exc:
         raise TransferError(f"the archive broke off: {exc}") from exc
@@ -4758,6 +4957,9 @@ class RemoteMachine:
         self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources and not self.uses_slurm,
                                         config.max_simultaneous_jobs, config.base_dir, pool=config.pool,
                                         gpus=config.gpus)
+        # a relative STACKOPS_STATE_DIR is made absolute once, here: the wrapper uses the same queue
+        if config.ssh_host is None and os.environ.get("STACKOPS_STATE_DIR"):
+            self.file_manager.state_dir = str(expand_home(os.environ["STACKOPS_STATE_DIR"]))
         self._init_state()
         self._parent_slurm_ids = [self._check_parent(parent) for parent in config.after]
 
@@ -4959,7 +5161,7 @@ class RemoteMachine:
             raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
         if self.config.copy_repo:
             self._take_snapshot()
-        staging = _mkdir_private(root.parent) / f".{self.job_id}.{os.getpid()}.partial"
+        staging = _trusted_dir(root.parent, "base folder") / f".{self.job_id}.{os.getpid()}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         try:
             self._write_folder(staging, source)
@@ -5178,6 +5380,10 @@ class RemoteMachine:
         status, out, err = self._run_remote_or_here(command)
         pid = out.strip().splitlines()[-1:] if status == 0 else []
         if not pid or not pid[0].isdigit():
+            said = [line[17:] for line in err.splitlines() if line.startswith("stackops: error: ")]
+            if said:
+                raise ConfigError(f"job {self.job_id} was not started on {self.host_name}: "
+                                  f"{said[0]}", hint=f"python stackops.py status {self.job_id}")
             raise CommandError(self.host_name, command, status, err or out)
         self.launcher_pid = int(pid[0])
         self._save()
@@ -5499,7 +5705,11 @@ class RemoteMachine:
         done = self.downloaded_to
         if self.results_downloaded and done is not None and done.exists():
             return done
-        return self.download_results()
+        try:
+            target = self._own_results_here(results.as_posix())
+        except ConfigError:  # the host named a folder elsewhere: it comes to the job's own folder here
+            target = expand_home(f"{DEFAULT_RESULTS_DIR}/{self.job_id}")
+        return self.download_results(target, overwrite=True)
 
     def results(self) -> Path:
         """The results folder, or an error saying why there is none yet."""
@@ -5512,11 +5722,14 @@ class RemoteMachine:
     def download_results(self, target: str | os.PathLike[str] | None = None, overwrite: bool = False,
                          progress: Callable[[int], None] | None = None) -> Path:
         """The results folder on this machine. From a host it is downloaded (``None``: to the same
-        home-relative path here); here it is already local, and ``target`` makes a copy. Either
-        way the copy appears whole under its name or not at all."""
+        home-relative path here, only when that is the job's own results folder); here it is
+        already local, and ``target`` makes a copy. Either way the copy appears whole under its
+        name or not at all."""
         results = self.results()
         if self.array_parts:
             return self._download_array(target, overwrite, progress)
+        if self.is_remote and target is None:
+            target = self._own_results_here(results.as_posix())
         if not self.is_remote and not results.exists():
             raise ConfigError(f"the results folder of job {self.job_id}, {collapse_home(results)}, no longer exists")
         if self.shared:  # the host wrote them into the home this machine sees
@@ -5536,6 +5749,19 @@ class RemoteMachine:
         self.downloaded_to = local
         self._save()
         return local
+
+    def _own_results_here(self, results: str) -> Path:
+        """Where results named by the host go without a target: the same home-relative path here,
+        only inside the job's own results folder or job folder. The host's word is data: a path
+        it names elsewhere (``~/.local/bin/ls``) is refused, never written."""
+        own = (f"{DEFAULT_RESULTS_DIR}/{self.job_id}", self.file_manager.job_root_rh)
+        inside = any(results == folder or results.startswith(folder + "/") for folder in own)
+        if results.startswith("~/") and ".." not in results.split("/") and inside:
+            return expand_home(results)
+        raise ConfigError(f"the results of job {self.job_id} are at {self.host_name}:{results}, "
+                          f"outside the job's own results folder ({own[0]}); stackops writes "
+                          "there only when you say so",
+                          hint=f"give the target: download {self.job_id} --to DIR")
 
     def _download_array(self, target: str | os.PathLike[str] | None, overwrite: bool,
                         progress: Callable[[int], None] | None) -> Path:
@@ -5666,7 +5892,8 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
     """Put ``source`` compiled for this Python into ``folder/__pycache__``, validated by the hash of
     the source rather than its mtime, so it stays valid beside a copy of the source wherever both
     land (an interpreter of another version ignores it). Compiled once per version of the file and
-    kept in ~/.cache/stackops; any trouble just means the job compiles the file itself."""
+    kept in ~/.cache/stackops; any trouble just means the job compiles the file itself. A cache
+    folder others could write to is refused; a cached file you did not write is compiled anew."""
     import hashlib
     import py_compile
 
@@ -5678,8 +5905,16 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
     compiled = cache / f"{source.stem}-{digest}.{tag}.pyc"
     partial = cache / f".{compiled.name}.{os.getpid()}"
     try:
-        if not compiled.exists():
-            _mkdir_private(cache)
+        _mkdir_private(cache)
+        reason = _untrusted_reason(cache)
+    except OSError as exc:
+        log.debug("no bytecode cache: %s", exc)
+        return
+    if reason is not None:  # a .pyc planted there would run in every later job
+        raise ConfigError(f"refusing bytecode cache {cache}: {reason}",
+                          hint="remove that folder, or set XDG_CACHE_HOME to a folder of your own")
+    try:
+        if not _is_own_private_file(compiled):
             py_compile.compile(str(source), cfile=str(partial), dfile=f"python/{source.name}", doraise=True,
                                invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
             os.replace(partial, compiled)
@@ -5690,6 +5925,15 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
         log.debug("no bytecode shipped with the job: %s", exc)
         with _suppress(OSError):
             os.unlink(partial)
+
+
+def _is_own_private_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (not a link) that you wrote and nobody else may change."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
@@ -7058,7 +7302,19 @@ def _cmd_copy(args: Any) -> int:
 
 
 def _cmd_send_key(args: Any) -> int:
-    with SSH.from_config_file(args.host, accept_new_host_key=args.accept_new) as ssh:
+    try:
+        ssh = SSH.from_config_file(args.host, accept_new_host_key=args.accept_new)
+    except StackopsConnectionError as exc:  # a password-only host is what send-key is for
+        refused = isinstance(exc.__cause__, _paramiko().AuthenticationException)
+        if not refused or not sys.stdin.isatty():
+            raise
+        import getpass
+
+        prompt = f"{args.host}: key login failed; password (used once, to install the key): "
+        password = getpass.getpass(prompt)
+        ssh = SSH.from_config_file(args.host, accept_new_host_key=args.accept_new,
+                                   password=password)
+    with ssh:
         added = ssh.send_ssh_key(args.key)
     print(f"key {'added to' if added else 'already in'} {args.host}:~/.ssh/authorized_keys")
     return 0
@@ -7461,7 +7717,7 @@ def _build_parser() -> Any:
     sub.add_argument("--host", help="the queue of this host, read there in one round trip")
     sub.add_argument("--json", action="store_true")
     sub = command("download", _cmd_download, "copy a finished job's results folder")
-    sub.add_argument("--to", help="target path (default: print where the results are)")
+    sub.add_argument("--to", help="target path (default: the same path, if the job's own results)")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
     command("delete-results", _cmd_delete_results, "delete a finished job's own results folder")
     _add_control_args(command)

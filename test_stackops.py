@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -836,18 +837,104 @@ def test_job_existing_id_refused(home):
         RemoteMachine(mod.train, config=config(job_id="twice")).run(run=False)
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None and not os.environ.get("CI"), reason="tmux not installed")
-def test_job_interactive_runs_in_tmux_session(home, tmp_path):
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None and not os.environ.get("CI"), reason="tmux not installed")
+
+
+def _tmux_sessions() -> list[str]:
+    return subprocess.run(["tmux", "list-sessions", "-F", "#{session_name}"], capture_output=True,
+                          text=True).stdout.split()
+
+
+def _end_tmux() -> None:
+    """Stop this test's own tmux server (TMUX_TMPDIR is the test's tmp_path), by its pid."""
+    pid = subprocess.run(["tmux", "display-message", "-p", "#{pid}"], capture_output=True, text=True).stdout.strip()
+    if pid.isdigit():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+@needs_tmux
+def test_job_interactive_runs_in_tmux_session_and_keeps_its_slot_until_it_ends(home, tmp_path):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="inter.active", interactive=True)).run()
     try:
         assert wait_done(machine).status == "completed"
-        sessions = subprocess.run(["tmux", "list-sessions", "-F", "#{session_name}"], capture_output=True,
-                                  text=True).stdout.split()
-        assert "inter_active" in sessions  # python -i keeps the session open for a person to attach
-        assert Slots().holders() == []
+        assert "inter,active" in _tmux_sessions()  # python -i keeps the session open for a person to attach
+        # the REPL holds the job's memory, so it holds the slot too, until the session ends
+        [holder] = Slots().holders()
+        assert holder["job_id"] == "inter.active" and "interactive session" in holder["note"]
+        subprocess.run(["tmux", "kill-session", "-t", "=inter,active:"], check=True)
+        wait_for(lambda: Slots().holders() == [], timeout=10, what="the slot freed by the session's end")
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", "inter_active"], capture_output=True)
+        _end_tmux()
+
+
+@needs_tmux
+def test_job_interactive_ids_that_differ_only_in_dot_or_underscore_get_their_own_sessions(home, tmp_path):
+    mod = make_module(home, JOBS_SOURCE)
+    try:
+        first = RemoteMachine(mod.echo, config=config(job_id="a.b", interactive=True, lock_resources=False),
+                              func_kwargs={"who": "dot"}).run()
+        second = RemoteMachine(mod.echo, config=config(job_id="a_b", interactive=True, lock_resources=False),
+                               func_kwargs={"who": "underscore"}).run()
+        assert wait_done(first).status == "completed" and wait_done(second).status == "completed"
+        assert sorted(_tmux_sessions()) == ["a,b", "a_b"]
+    finally:
+        _end_tmux()
+
+
+@needs_tmux
+def test_job_interactive_fire_that_fails_leaves_no_entry_and_ends_failed(home, tmp_path, monkeypatch):
+    mod = make_module(home, JOBS_SOURCE)
+    try:
+        subprocess.run(["tmux", "new-session", "-d", "-s", "taken", "sleep 120"], check=True)
+        with pytest.raises(ConfigError, match="tmux session taken is taken"):
+            RemoteMachine(mod.echo, config=config(job_id="taken", interactive=True)).run()
+        queue = home / "tmp_results" / "remote_machines" / "file_manager" / "queue"
+        assert not queue.exists() or list(queue.iterdir()) == []
+        report = RemoteMachine.load("taken").get_status()
+        assert report.status == "failed" and "is taken" in report.error_message
+        # no tmux at all: the same, and the next job does not wait behind a dead entry
+        bin_dir = tmp_path / "bin-without-tmux"
+        bin_dir.mkdir()
+        for tool in ("bash", "env", "stat", "id", "mkdir", "date", "mv", "rm", "cat", "setsid", "nohup"):
+            if shutil.which(tool):
+                (bin_dir / tool).symlink_to(shutil.which(tool))
+        path = os.environ["PATH"]
+        monkeypatch.setenv("PATH", str(bin_dir))
+        with pytest.raises(ConfigError, match="need tmux"):
+            RemoteMachine(mod.echo, config=config(job_id="no-tmux", interactive=True)).run()
+        assert RemoteMachine.load("no-tmux").get_status().status == "failed"
+        monkeypatch.setenv("PATH", path)
+        started = time.monotonic()
+        after = RemoteMachine(mod.echo, config=config(job_id="after-them")).run()
+        assert wait_done(after).status == "completed" and time.monotonic() - started < 30
+    finally:
+        _end_tmux()
+
+
+@needs_tmux
+def test_job_interactive_runs_with_the_callers_environment_not_the_tmux_servers(home, tmp_path, monkeypatch):
+    (home / "proj").mkdir()
+    (home / "proj" / "envjob.py").write_text(
+        "import os\ndef f():\n    return {k: os.environ.get(k) for k in "
+        "('STACKOPS_STATE_DIR', 'CUDA_VISIBLE_DEVICES', 'PYTHONPATH')}\n")
+    server_env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "PYTHONPATH")}
+    try:  # a tmux server that was started earlier, from another environment
+        subprocess.run(["tmux", "new-session", "-d", "-s", "older", "sleep 120"], check=True, env=server_env)
+        state = home / "my-state"
+        monkeypatch.setenv("STACKOPS_STATE_DIR", str(state))
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+        monkeypatch.setenv("PYTHONPATH", str(home / "libs"))
+        machine = RemoteMachine(str(home / "proj" / "envjob.py") + ":f",
+                                config=config(job_id="env-inter", interactive=True)).run()
+        assert wait_done(machine).status == "completed"
+        seen = json.loads((machine.check_job_status() / "result.json").read_text())
+        assert seen == {"STACKOPS_STATE_DIR": str(state), "CUDA_VISIBLE_DEVICES": "1",
+                        "PYTHONPATH": str(home / "libs")}
+        assert [h["job_id"] for h in Slots(state).holders()] == ["env-inter"]  # its slot is in the caller's state
+    finally:
+        _end_tmux()
 
 
 # -- status never lies, every end is reported (issue 12) -------------------------------------
@@ -1887,7 +1974,8 @@ def test_security_secrets_stay_out_of_reprs_errors_logs_and_job_folders(sshd, ho
         settings = home / ".config" / "stackops" / "email.json"
         settings.parent.mkdir(parents=True)
         settings.write_text(json.dumps({"mail": {"host": "127.0.0.1", "port": port, "security": "plain",
-                                                 "user": "me", "password": secret, "from": "me@test.invalid"}}))
+                                                 "user": "me", "password": secret, "from": "me@test.invalid",
+                                                 "allow_plaintext_auth": True}}))
         settings.chmod(0o600)
         mod = make_module(home, JOBS_SOURCE)
         cfg = config(job_id="secretive", notify_upon_completion=True, to_email="you@test.invalid",
@@ -1935,6 +2023,147 @@ def test_security_hostile_base_dir_for_a_remote_job(remote, home):
     assert (remote.remote_home / "jobs $(touch PWNED) `touch PWNED` 'q\" ;x\nnext" / "queued" / "hostile-base").is_dir()
     for where in (remote.remote_home, home, Path.cwd()):
         assert not list(where.rglob("PWNED")), where
+
+
+# -- another user must never run code as you, nor block you ------------------------------------
+
+@contextlib.contextmanager
+def _other_account():
+    """The uid of a throwaway local account (created as root, unique name, removed after)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second local account")
+    import pwd
+
+    name = f"sox{os.getpid()}x{next(_counter)}"
+    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", "-d", "/nonexistent", name], check=True)
+    try:
+        yield pwd.getpwnam(name).pw_uid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+def _planted_pyc(path: Path) -> None:
+    """Bytecode that passes the hash check of the real stackops.py but drops a PWNED file in $HOME."""
+    import importlib.util
+    import py_compile
+
+    evil = path.parent / "evil.py"
+    evil.write_text("import os\nopen(os.path.join(os.environ['HOME'], 'PWNED'), 'w').close()\n")
+    py_compile.compile(str(evil), cfile=str(path), invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    evil.unlink()
+    data = bytearray(path.read_bytes())
+    data[8:16] = importlib.util.source_hash(SOURCE.read_bytes())
+    path.write_bytes(bytes(data))
+
+
+def _cached_pyc_name() -> str:
+    import hashlib
+
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:20]
+    return f"{SOURCE.stem}-{digest}.{sys.implementation.cache_tag}.pyc"
+
+
+@pytest.mark.parametrize("which", ["base", "state", "cache"])
+def test_security_a_folder_another_user_made_first_is_refused(home, tmp_path, monkeypatch, which):
+    mod = make_module(home, JOBS_SOURCE)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    with _other_account() as uid:
+        os.chown(shared, uid, uid)  # she made it first (0755: only she may write there)
+        kwargs = {}
+        if which == "base":
+            kwargs["base_dir"] = str(shared)
+        elif which == "state":
+            monkeypatch.setenv("STACKOPS_STATE_DIR", str(shared))
+        else:
+            (shared / "stackops").mkdir(mode=0o755)
+            _planted_pyc(shared / "stackops" / _cached_pyc_name())
+            os.chown(shared / "stackops", uid, uid)
+            monkeypatch.setenv("XDG_CACHE_HOME", str(shared))
+        before = sorted(p.name for p in shared.rglob("*"))
+        with pytest.raises(ConfigError, match="belongs to another user"):
+            RemoteMachine(mod.echo, config=config(job_id=f"shared-{which}", **kwargs), func_kwargs={"a": 1}).run()
+        assert sorted(p.name for p in shared.rglob("*")) == before  # nothing written into her folder
+        if which == "state":  # the job folder is ours: it says why the job never ran
+            report = RemoteMachine.load(f"shared-{which}").get_status()
+            assert report.status == "failed" and "belongs to another user" in report.error_message
+    assert not (home / "PWNED").exists()
+
+
+def test_security_folders_others_may_write_are_refused_with_one_line(home, tmp_path):
+    open_parent = tmp_path / "open"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)  # not sticky: anyone may rename what is inside
+    cases = {"base": ["--base-dir", str(open_parent / "jobs")],
+             "state": ["--base-dir", str(home / "jobs")]}
+    env = dict(os.environ, HOME=str(home), STACKOPS_STATE_DIR=str(open_parent / "state"))
+    for which, extra in cases.items():
+        (home / "proj").mkdir(exist_ok=True)
+        (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+        done = subprocess.run([sys.executable, str(SOURCE), "run", "proj/m.py:f", "--job-id", f"open-{which}",
+                               *extra], cwd=home, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        [line, hint] = done.stderr.strip().splitlines()
+        assert "writable by group or others (mode 777)" in line and str(open_parent) in line, line
+        assert hint.startswith("stackops: hint: ")
+    assert not (open_parent / "jobs").exists() or not list((open_parent / "jobs").rglob("f"))
+    queue = open_parent / "state" / "queue"
+    assert not queue.exists()  # no queue entry written into it
+    group = home / "group-cache"
+    (group / "stackops").mkdir(parents=True)
+    (group / "stackops").chmod(0o770)
+    env = dict(env, XDG_CACHE_HOME=str(group))
+    env.pop("STACKOPS_STATE_DIR")
+    done = subprocess.run([sys.executable, str(SOURCE), "run", "proj/m.py:f", "--job-id", "group-cache"],
+                          cwd=home, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "refusing bytecode cache" in done.stderr, done.stderr
+
+
+def test_security_cached_bytecode_you_did_not_write_never_runs(home, monkeypatch):
+    mod = make_module(home, JOBS_SOURCE)
+    cache = home / ".cache" / "stackops"
+    cache.mkdir(parents=True, mode=0o700)
+    planted = cache / _cached_pyc_name()
+    _planted_pyc(planted)
+    with _other_account() as uid:
+        os.chown(planted, uid, uid)  # root (or a restore from a backup) left a file that is not yours
+        machine = RemoteMachine(mod.echo, config=config(job_id="own-pyc"), func_kwargs={"a": 1}).run()
+        assert wait_done(machine).status == "completed"
+    assert not (home / "PWNED").exists()
+    assert planted.stat().st_uid == os.getuid()  # compiled anew, by you
+
+
+def test_security_unopenable_slot_file_is_an_error_with_a_hint(home):
+    mod = make_module(home, JOBS_SOURCE)
+    slots = home / "tmp_results" / "remote_machines" / "file_manager" / "slots"
+    slots.mkdir(parents=True)
+    (slots / "slot-0.lock").mkdir()  # whatever the cause, os.open fails on it
+    machine = RemoteMachine(mod.echo, config=config(job_id="slot-blocked"), func_kwargs={"a": 1}).run()
+    report = wait_done(machine)
+    assert report.status == "failed" and "cannot open slot file" in report.error_message
+    shown = cli("queue", home=home)
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr
+    assert shown.stderr.startswith("stackops: error: cannot open slot file") and "hint: " in shown.stderr
+
+
+def test_security_relative_state_dir_is_one_queue_for_submitter_and_wrapper(home, tmp_path):
+    counter = tmp_path / "counter.json"
+    env = dict(os.environ, HOME=str(home), STACKOPS_STATE_DIR="state-here")
+    for repo in ("r1", "r2"):  # each job's wrapper runs in its own repo folder
+        (home / repo).mkdir()
+        (home / repo / "m.py").write_text(textwrap.dedent(JOBS_SOURCE))
+    (home / "work").mkdir()
+    for k, repo in enumerate(("r1", "r2", "r1")):
+        done = subprocess.run([sys.executable, str(SOURCE), "run", f"{home}/{repo}/m.py:counted", "--job-id",
+                               f"rel-{k}", "--max-jobs", "1", "--kwargs",
+                               json.dumps({"i": k, "counter": str(counter), "seconds": 1.0})],
+                              cwd=home / "work", env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    for k in range(3):
+        wait_done(RemoteMachine.load(f"rel-{k}"), timeout=60)
+    assert json.loads(counter.read_text()) == [0, 1]  # never two at once
+    assert (home / "work" / "state-here" / "slots").is_dir()
+    assert not (home / "r1" / "state-here").exists() and not (home / "r2" / "state-here").exists()
 
 
 # ============================================================================================
@@ -2278,7 +2507,7 @@ def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
     with again:
         results = again.wait(timeout=60, download=False)  # the host's path, as it recorded it
         assert results.as_posix() == "~/out/crunch"
-        local = again.download_results(None)
+        local = again.download_results(home / "out" / "crunch")  # not the job's own folder: say where
     assert local == home / "out" / "crunch"
     remote_results = remote.remote_home / "out" / "crunch"
     assert _tree_hashes(local) == _tree_hashes(remote_results) and len(_tree_hashes(local)) == 3
@@ -2832,7 +3061,7 @@ def test_remote_cli_run_status_download_ssh_copy(remote, home):
     assert "completed" in done.stdout
     status = json.loads(cli("status", "cli-remote", "--json", home=home).stdout)
     assert status["status"] == "completed" and status["results_path"] == "~/cli-out"
-    got = cli("download", "cli-remote", home=home)
+    got = cli("download", "cli-remote", "--to", "cli-out", home=home)
     assert got.returncode == 0 and (home / "cli-out" / "n.txt").read_text() == "7"
     assert "JOB COMPLETED" in cli("logs", "cli-remote", home=home).stdout
     ssh = cli("ssh", "tb", "--", "echo hi; exit 6", home=home)
@@ -3047,6 +3276,223 @@ def test_remote_connection_failures_are_one_line_with_what_to_do(remote, home):
             assert internal not in done.stderr, done.stderr
     assert "no SSH greeting within 3s" in junk.stderr
     assert "no answer from" in slow.stderr and "sleep 5" in slow.stderr
+
+
+# -- what a host says is data, not a command; keys and modes -------------------------------------
+
+def test_remote_download_without_target_only_into_the_jobs_own_results_folder(remote, home):
+    mod = make_module(home, JOBS_SOURCE)
+    with RemoteMachine(mod.train, config=config(job_id="says-ls", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"out": "~/.local/bin/ls"}) as machine:
+        machine.run()
+        assert machine.wait(timeout=60, download=False).as_posix() == "~/.local/bin/ls"
+        with pytest.raises(ConfigError, match="outside the job's own results folder"):
+            machine.download_results(None)
+        assert not (home / ".local").exists()
+        assert (machine.download_results(home / "got") / "model.txt").read_text() == "epochs=1\n"
+    with RemoteMachine(mod.echo, config=config(job_id="own-results", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"a": 1}) as machine:
+        machine.run()
+        machine.wait(timeout=60)
+        assert machine.download_results(None) == home / "tmp_results" / "tmp_dirs" / "own-results"
+    # a host that rewrites the record afterwards is not obeyed either
+    record = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "own-results" / \
+        "logs" / "results_folder_path.txt"
+    record.write_text("~/tmp_results/tmp_dirs/own-results/../../../.ssh")
+    again = RemoteMachine.load("own-results")
+    again.results_path = None
+    with again, pytest.raises(ConfigError, match="outside the job's own results folder"):
+        again.download_results(None)
+    shown = cli("download", "says-ls", home=home)
+    assert shown.returncode == 2 and "--to" in shown.stderr and not (home / ".local").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's extraction would chown (the host's user differs)")
+def test_remote_download_as_root_keeps_nothing_of_the_hosts_owner_or_setuid(remote, home):
+    with stackops.SSH.from_config_file("tb") as ssh:
+        ssh.run_shell_cmd_on_remote("rm -rf ~/owned && mkdir -p ~/owned/sub && echo x > ~/owned/sub/f && "
+                                    "chmod 4755 ~/owned/sub/f")
+        local = ssh.copy_to_here("~/owned", home / "owned", recursive=True)
+    paths = [local, *local.rglob("*")]
+    assert {path.stat().st_uid for path in paths} == {os.getuid()}
+    assert (local / "sub" / "f").stat().st_mode & 0o7777 == 0o755
+
+
+def _processes_running(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "cmdline").read_bytes().replace(b"\0", b" ").strip() == text.encode():
+                    found.append(int(entry.name))
+    return found
+
+
+def test_remote_command_that_timed_out_does_not_run_on(remote, home):
+    marker = f"sleep {900000 + os.getpid() % 1000}"
+    try:
+        with stackops.SSH.from_config_file("tb") as ssh:
+            with pytest.raises(stackops.CommandError) as info:
+                ssh.run_shell_cmd_on_remote(marker, timeout=1)
+            wait_for(lambda: not _processes_running(marker), timeout=10, what="the timed-out command to end")
+            assert "timed out after 1s; the host was asked to kill it" in str(info.value)
+            assert ssh.run_shell_cmd_on_remote("echo still usable").stdout == "still usable\n"
+    finally:
+        for pid in _processes_running(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_remote_send_key_mends_a_last_line_and_knows_a_key_with_options(remote, home):
+    keys = {name: home / f"k-{name}" for name in ("old", "new", "opt")}
+    for name, path in keys.items():
+        _keygen(path, f"key-{name}")
+    blob = {name: Path(f"{path}.pub").read_text().split() for name, path in keys.items()}
+    with stackops.SSH.from_config_file("tb") as ssh:
+        saved = ssh.run_shell_cmd_on_remote("cat ~/.ssh/authorized_keys 2>/dev/null || true").stdout
+        try:
+            old_line = " ".join(blob["old"][:2]) + " no-newline-after-me"
+            opt_line = 'from="127.0.0.1,::1",no-port-forwarding ' + " ".join(blob["opt"][:2]) + " restricted"
+            ssh.run_shell_cmd_on_remote(f"mkdir -p ~/.ssh && printf %s {shlex.quote(old_line)} "
+                                        "> ~/.ssh/authorized_keys")
+            assert ssh.send_ssh_key(f"{keys['new']}.pub") is True
+            text = (remote.remote_home / ".ssh" / "authorized_keys").read_text()
+            assert text.splitlines()[0] == old_line and text.endswith("\n")
+            for name in ("old", "new"):  # both keys work: nothing was glued together
+                with stackops.SSH.from_config_file("tb", ssh_key_path=str(keys[name])) as other:
+                    assert other.run_shell_cmd_on_remote("echo in").stdout == "in\n"
+            ssh.run_shell_cmd_on_remote(f"printf '%s\\n' {shlex.quote(opt_line)} >> ~/.ssh/authorized_keys")
+            before = (remote.remote_home / ".ssh" / "authorized_keys").read_text()
+            assert ssh.send_ssh_key(f"{keys['opt']}.pub") is False  # installed, with its options: kept so
+            assert (remote.remote_home / ".ssh" / "authorized_keys").read_text() == before
+        finally:
+            ssh.run_shell_cmd_on_remote(f"printf %s {shlex.quote(saved)} > ~/.ssh/authorized_keys")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a throwaway account with a password and an sshd "
+                                                "that checks passwords")
+def test_remote_cli_send_key_prompts_for_the_password_on_a_terminal(sshd, home, tmp_path):
+    import pty
+    import select
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="stackops-pw-"))
+    base.chmod(0o755)
+    user, password = f"sop{os.getpid()}", f"pw-{os.getpid()}-secret"
+    pw_home = base / "home"
+    subprocess.run(["useradd", "-M", "-s", "/bin/bash", "-d", str(pw_home), user], check=True)
+    server = None
+    try:
+        pw_home.mkdir(mode=0o700)
+        shutil.chown(pw_home, user, user)
+        subprocess.run(["chpasswd"], input=f"{user}:{password}\n", text=True, check=True)
+        port = _free_port()
+        _keygen(base / "host_key", "pw-host")
+        (base / "sshd.conf").write_text(textwrap.dedent(f"""
+            Port {port}
+            ListenAddress 127.0.0.1
+            HostKey {base / "host_key"}
+            PidFile none
+            AuthorizedKeysFile .ssh/authorized_keys
+            PubkeyAuthentication yes
+            PasswordAuthentication yes
+            KbdInteractiveAuthentication no
+            UsePAM no
+            StrictModes no
+            AllowUsers {user}
+        """))
+        server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd.conf")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"],
+                                        capture_output=True).returncode == 0, timeout=10, what="sshd")
+        (home / ".ssh").mkdir(mode=0o700)
+        _keygen(home / ".ssh" / "id_ed25519", "me")
+        (home / ".ssh" / "config").write_text(f"Host pw\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n"
+                                              "  IdentityFile ~/.ssh/id_ed25519\n")
+        (home / ".ssh" / "known_hosts").write_text(
+            f"[127.0.0.1]:{port} " + " ".join((base / "host_key.pub").read_text().split()[:2]) + "\n")
+        env = dict(os.environ, HOME=str(home))
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: send-key on a terminal
+            os.chdir(home)
+            os.execve(sys.executable, [sys.executable, str(SOURCE), "send-key", "pw"], env)
+        seen, answered = b"", False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+            if not answered and b"password" in seen:
+                os.write(fd, password.encode() + b"\n")
+                answered = True
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+        assert answered and os.waitstatus_to_exitcode(status) == 0, seen
+        assert b"key added to pw" in seen and password.encode() not in seen.replace(b"\r\n", b"\n")
+        with stackops.SSH.from_config_file("pw") as ssh:  # the key works now, no password
+            assert ssh.run_shell_cmd_on_remote("echo in").stdout == "in\n"
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        with contextlib.suppress(AssertionError):  # its sessions end a moment after the connections
+            wait_for(lambda: subprocess.run(["pgrep", "-u", user], capture_output=True).returncode != 0,
+                     timeout=10, what=f"the processes of {user} to end")
+        subprocess.run(["userdel", user], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _remote_umask_zero(remote):
+    """The host's login shell runs with umask 0 (its ~/.bashrc says so) while the block runs."""
+    bashrc = remote.remote_home / ".bashrc"
+    saved = bashrc.read_bytes() if bashrc.exists() else None
+    with stackops.SSH.from_config_file("tb") as ssh:
+        ssh.run_shell_cmd_on_remote("echo 'umask 0' >> ~/.bashrc")
+    try:
+        yield
+    finally:
+        if saved is None:
+            bashrc.unlink()
+        else:
+            bashrc.write_bytes(saved)
+
+
+def test_remote_single_file_upload_keeps_its_mode_even_under_umask_zero(remote, home):
+    with _remote_umask_zero(remote), stackops.SSH.from_config_file("tb") as ssh:
+        assert ssh.run_shell_cmd_on_remote("umask").stdout.strip() in ("0", "0000")
+        for mode in (0o600, 0o640, 0o755):
+            source = home / f"m{mode:o}.txt"
+            source.write_text("secret")
+            source.chmod(mode)
+            for compress in (False, True):
+                target = f"~/modes/{mode:o}-{compress}"
+                ssh.copy_from_here(source, target, compress_with_zip=compress)
+                arrived = remote.remote_home / "modes" / f"{mode:o}-{compress}"
+                assert arrived.stat().st_mode & 0o777 == mode and arrived.read_text() == "secret"
+
+
+def test_remote_copy_z_compresses_a_single_file_both_ways(remote, home):
+    source = home / "zeros.bin"
+    source.write_bytes(b"\0" * (4 * 2**20))
+    counted = []
+    with stackops.SSH.from_config_file("tb") as ssh:
+        ssh.copy_from_here(source, "~/zeros.bin", compress_with_zip=True, progress=counted.append)
+        assert (remote.remote_home / "zeros.bin").read_bytes() == source.read_bytes()
+        assert counted and counted[-1] < 2**20 / 10  # what crossed the wire: compressed
+        counted.clear()
+        back = ssh.copy_to_here("~/zeros.bin", home / "zeros-back.bin", compress_with_zip=True,
+                                progress=counted.append)
+        assert back.read_bytes() == source.read_bytes()
+        assert counted and counted[-1] < 2**20 / 10
+    shown = cli("copy", "-z", "zeros.bin", "tb:~/zeros-cli.bin", home=home)
+    assert shown.returncode == 0 and (remote.remote_home / "zeros-cli.bin").stat().st_size == 4 * 2**20
 
 
 @pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"), reason="no sshd")
@@ -4276,6 +4722,23 @@ def test_email_config_checked_at_submit(home, smtp):
                     "launcher_pid.txt").exists()
 
 
+def test_email_plain_with_a_password_refused_unless_allowed_in_so_many_words(home, smtp):
+    _, path = smtp
+    mod = make_module(home, JOBS_SOURCE)
+    entry = json.loads(path.read_text())["test"]
+    path.write_text(json.dumps({"test": dict(entry, user="me", password="hunter2")}))
+    notify = {"notify_upon_completion": True, "to_email": "me@test.invalid", "email_config_name": "test"}
+    with pytest.raises(ConfigError, match="password in clear text") as info:
+        RemoteMachine(mod.train, config=config(job_id="mail-plain", **notify)).run()
+    assert "allow_plaintext_auth" in info.value.hint and "hunter2" not in str(info.value)
+    assert not (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "mail-plain" / "logs" /
+                "launcher_pid.txt").exists()  # refused before anything was launched
+    with pytest.raises(ConfigError, match="clear text"):  # the sender checks too, whoever calls it
+        stackops.send_job_email(dict(entry, user="me", password="hunter2"), "me@test.invalid", "s", "b")
+    path.write_text(json.dumps({"test": dict(entry, user="me", password="hunter2", allow_plaintext_auth=True)}))
+    assert stackops.load_email_config("test")["allow_plaintext_auth"] is True
+
+
 def test_email_from_a_remote_job_and_checked_on_the_host(remote, home, smtp):
     received, local_config = smtp
     mod = make_module(home, JOBS_SOURCE)
@@ -4495,7 +4958,7 @@ def test_cloud_transfer_job_runs_and_results_come_back(remote, home, clouds, kin
                                                              "out": f"~/out/cloud-{kind}"}) as machine:
         machine.run()
         assert machine.wait(timeout=90, download=False).as_posix() == f"~/out/cloud-{kind}"
-        local = machine.download_results(None)
+        local = machine.download_results(home / "out" / f"cloud-{kind}")
     remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / f"cloud-{kind}"
     for part in ("data", "python", "shell"):  # the folder arrived whole (but the laptop's own bookkeeping)
         sent, arrived = (_tree_hashes(root / part) for root in (machine.file_manager.job_root, remote_job))
@@ -4769,7 +5232,7 @@ def test_cloud_transfer_results_from_a_fresh_prefix_and_bucket_left_clean(remote
         machine.run()
         assert _bucket_files(clouds, "jobs") == []  # the archive went once fetched
         machine.wait(timeout=90, download=False)
-        local = machine.download_results(None)
+        local = machine.download_results(home / "out" / "cloud-clean")  # not its own folder: say where
     assert sorted(p.name for p in local.iterdir()) == ["model.txt"]
     assert _bucket_files(clouds, "results/cloud-clean") == ["payload/stale.txt"]  # ours came and went
 
