@@ -1495,6 +1495,37 @@ def test_control_rerun_same_call_as_a_new_job(home):
     running.cancel(grace=1)
 
 
+def test_control_retries_after_and_rerun_on_a_host(remote, home):
+    flaky = make_module(home, FLAKY_SOURCE)
+    control = make_module(home, CONTROL_SOURCE)
+    counter = str(remote.remote_home / "flaky-runs.txt")  # on the host
+    with RemoteMachine(flaky.flaky, config(job_id="hr-flaky", ssh_host="tb", copy_repo=True, retries=1),
+                       func_kwargs={"counter": counter}) as job:
+        job.run()
+        report = wait_done(job)
+        assert report.status == "completed" and report.attempt == "2/2", report
+    with RemoteMachine(control.bad, config(job_id="hr-bad", ssh_host="tb", copy_repo=True)) as bad, \
+            RemoteMachine(control.quick, config(job_id="hr-good", ssh_host="tb", copy_repo=True)) as good:
+        bad.run()
+        good.run()
+        child = RemoteMachine(control.quick, config(job_id="hr-child", ssh_host="tb", copy_repo=True,
+                                                    after=["hr-good"]))
+        orphan = RemoteMachine(control.quick, config(job_id="hr-orphan", ssh_host="tb", copy_repo=True,
+                                                     after=["hr-bad"]))
+        with child, orphan:
+            child.run()
+            orphan.run()
+            assert wait_done(child, 90).status == "completed"
+            report = wait_done(orphan, 90)
+            assert report.status == "cancelled" and "hr-bad failed" in report.error_message
+        assert wait_done(bad).status == "failed"
+        with bad.rerun() as again:
+            assert again.job_id == "hr-bad-r1" and wait_done(again).status == "failed"
+    done = cli("wait", "hr-flaky", "hr-child", home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert cli("wait", "hr-orphan", home=home).returncode == 1
+
+
 def test_control_queue_and_list_of_a_host_in_one_round_trip(remote, home, tmp_path):
     mod = make_module(home, CONTROL_SOURCE)
     with RemoteMachine(mod.busy, config(job_id="h-run", ssh_host="tb", copy_repo=True),
