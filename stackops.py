@@ -5734,15 +5734,15 @@ class RemoteMachine:
             raise ConfigError(f"the results folder of job {self.job_id}, {collapse_home(results)}, no longer exists")
         if self.shared:  # the host wrote them into the home this machine sees
             local = expand_home(results.as_posix())
-            if target is not None:
+            if target is not None and not _same_place(local, expand_home(target)):
                 local = _copy_local(local, expand_home(target), overwrite)
         elif self.is_remote and self.config.transfer_method == "cloud":
             local = self._download_via_cloud(results.as_posix(), target, overwrite)
         elif self.is_remote:
             local = self.ssh.copy_to_here(results.as_posix(), target, recursive=True, overwrite=overwrite,
                                           progress=progress)
-        elif target is None:
-            local = results
+        elif target is None or _same_place(results, expand_home(target)):
+            local = results  # never copied onto itself
         else:
             local = _copy_local(results, expand_home(target), overwrite)
         self.results_downloaded = True
@@ -5934,6 +5934,14 @@ def _is_own_private_file(path: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def _same_place(one: Path, other: Path) -> bool:
+    """Whether two paths name the same file or folder (links and spellings resolved)."""
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return os.path.realpath(one) == os.path.realpath(other)
 
 
 def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
