@@ -5937,11 +5937,15 @@ def _is_own_private_file(path: Path) -> bool:
 
 
 def _same_place(one: Path, other: Path) -> bool:
-    """Whether two paths name the same file or folder (links and spellings resolved)."""
+    """Whether two paths name the same file or folder (links and spellings resolved); the home,
+    or a folder holding it, is refused as a target here too (see _free_destination)."""
     try:
-        return os.path.samefile(one, other)
+        same = os.path.samefile(one, other)
     except OSError:
-        return os.path.realpath(one) == os.path.realpath(other)
+        same = os.path.realpath(one) == os.path.realpath(other)
+    if same:
+        _free_destination(other, overwrite=True)
+    return same
 
 
 def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
