@@ -47,30 +47,88 @@ from __future__ import annotations
 # 1. imports
 # ============================================================================================
 
-import dataclasses
-import datetime as _dt
 import enum
 import errno
 import fcntl
-import json
-import logging
 import os
 import posixpath
-import random
 import re
 import shlex
-import shutil
-import signal
 import stat
 import string
-import subprocess
 import sys
 import time
-import traceback
+import types
 from pathlib import Path
 TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
+    import dataclasses
+    import datetime as _dt
+    import json
+    import logging
+    import random
+    import shutil
+    import signal
+    import subprocess
+    import traceback
     from typing import Any, Callable
+
+
+class _LazyModule(types.ModuleType):
+    """A standard module imported where it is first used, not at start-up: ``--help`` and the
+    job's wrapper pay only for what they use (``python -X importtime`` shows what that is)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get(self.__name__) is self:  # it stood in while another module was imported
+            del sys.modules[self.__name__]
+        return getattr(__import__(self.__name__), name)
+
+
+def _import_sparing(name: str, spared: str) -> Any:
+    """Import ``name`` with ``spared``, a module it imports but seldom uses, standing in lazily."""
+    if spared not in sys.modules and name not in sys.modules:
+        sys.modules[spared] = _LazyModule(spared)
+    try:
+        return __import__(name)
+    finally:
+        if isinstance(sys.modules.get(spared), _LazyModule):
+            del sys.modules[spared]
+
+
+class _LazyPattern:
+    """A regular expression compiled where it is first used (re caches it), not at start-up."""
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        self.pattern, self.flags = pattern, flags
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(re.compile(self.pattern, self.flags), name)
+
+
+def _argparse() -> Any:
+    """argparse, imported without gettext and locale (7 ms at every start): its messages have no
+    translations installed, so gettext would return them unchanged anyway."""
+    if "argparse" not in sys.modules and "gettext" not in sys.modules:
+        stand_in = types.ModuleType("gettext")
+        stand_in.gettext = lambda message: message  # type: ignore[attr-defined]
+        stand_in.ngettext = lambda one, many, n: one if n == 1 else many  # type: ignore[attr-defined]
+        sys.modules["gettext"] = stand_in
+        try:
+            import argparse
+        finally:
+            if sys.modules.get("gettext") is stand_in:
+                del sys.modules["gettext"]
+    import argparse
+
+    return argparse
+
+
+if not TYPE_CHECKING:
+    dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: for classes with no docstring
+    logging = _import_sparing("logging", "traceback")  # traceback: to format an exception
+    _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
+    shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
+    subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
 
 
 __version__ = "0.1.0"
@@ -171,7 +229,7 @@ SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
 STARTUP_GRACE = 60.0     # a queue entry of a job whose launcher has not recorded itself yet
 LAUNCHER_GRACE = 2.0     # how long a status check lets a live launcher record its wrapper's end
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_SAFE_NAME = _LazyPattern(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _ADJECTIVES = ("amber", "brisk", "calm", "deft", "eager", "fair", "glad", "keen", "lucid",
                "mellow", "nimble", "proud", "quiet", "rapid", "sunny", "tidy", "vivid", "witty")
 _NOUNS = ("badger", "cedar", "comet", "falcon", "fjord", "heron", "lynx", "maple", "otter",
@@ -456,7 +514,7 @@ _SLURM_OPTION_WORDS = """
     reservation signal sockets-per-node spread-job switches thread-spec threads-per-core time time-min
     tmp use-min-nodes wckey"""
 SLURM_OPTIONS = frozenset(_SLURM_OPTION_WORDS.split())
-_SLURM_VALUE = re.compile(r"[A-Za-z0-9_.:,=/@%+*&|!\[\]()-]{0,200}\Z")
+_SLURM_VALUE = _LazyPattern(r"[A-Za-z0-9_.:,=/@%+*&|!\[\]()-]{0,200}\Z")
 
 
 def check_slurm_options(options: Any) -> dict[str, str]:
@@ -3171,10 +3229,10 @@ def _host_sync_source() -> str:
 # ============================================================================================
 
 DEFAULT_PUBLIC_IP_URL = "https://ipinfo.io/json"
-_VIRTUAL_IFACE = re.compile(r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
+_VIRTUAL_IFACE = _LazyPattern(r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
                             r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)",
                             re.IGNORECASE)
-_PHYSICAL_IFACE = re.compile(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)", re.IGNORECASE)
+_PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)", re.IGNORECASE)
 _NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16", "192.168.49.0/24",
                    "10.0.2.0/24")
 
@@ -7677,7 +7735,7 @@ def _cmd_ssh(args: Any) -> int:
     return response.returncode
 
 
-_REMOTE_ARG = re.compile(r"(?P<host>[^/:\s]+):(?P<path>.*)\Z")
+_REMOTE_ARG = _LazyPattern(r"(?P<host>[^/:\s]+):(?P<path>.*)\Z")
 
 
 def _split_remote(text: str) -> tuple[str, str] | None:
@@ -8222,6 +8280,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: 0 success, 1 failure, 2 bad input, 130 interrupted."""
     sys.modules.setdefault("stackops", _this_module())
     _note_program(sys.argv[0] if sys.argv else "")
+    _argparse()  # before the parser is built: argparse without gettext
     parser = _build_parser()
     try:
         args, extras = parser.parse_known_args(argv)
