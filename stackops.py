@@ -1207,8 +1207,9 @@ umask 077
 JOB_ROOT=$(cd "$(dirname "$0")/.." && pwd -P) || exit 1
 LOGS="$JOB_ROOT/logs"
 PYTHON=@@python
-if [ "${1:-}" = --dispatch ]; then  # the queue's dispatcher, run by the job's Python from the job's copy
-    exec "$PYTHON" -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import stackops
+if [ "${1:-}" = --dispatch ]; then  # the queue's dispatcher, from the job's copy: python3 (3.8+) or the job's
+    P=python3; "$P" -S -c 'import sys; sys.exit(sys.version_info < (3, 8))' 2>/dev/null || P=$PYTHON
+    exec "$P" -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import stackops
 stackops.run_dispatcher(sys.argv[2])' "$JOB_ROOT/python" "${2:?the state folder}"
 fi
 _write() { printf '%s' "$2" > "$LOGS/.$1.tmp" && mv -f "$LOGS/.$1.tmp" "$LOGS/$1"; }
@@ -2025,9 +2026,12 @@ class FileManager:
         the dispatcher starts it with), then its entry, which appears whole, never empty."""
         temp = f'"$S/{folder}/.$t-"{shlex.quote(self.job_id)}.tmp'
         steps = [self._state_sh(), 'case $S in /*) ;; *) S="$PWD/$S" ;; esac',
-                 'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}', 'mkdir -p -m 700 "$S"',
-                 '{ _trusted "$S" "state folder" || _failed "$R"; }',
-                 f'mkdir -p -m 700 "$S/queue" "$S/slots" "$S/{folder}"', "t=$(date +%s%N)",
+                 'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}',
+                 '{ [ -d "$S" ] || mkdir -p -m 700 "$S"; }', '{ _trusted "$S" "state folder" || _failed "$R"; }',
+                 f'{{ [ -d "$S/{folder}" ] && [ -d "$S/slots" ] && [ -d "$S/queue" ] '
+                 f'|| mkdir -p -m 700 "$S/queue" "$S/slots" "$S/{folder}"; }}',
+                 # the fire time in ns: bash 5 knows it without starting `date`
+                 't=${EPOCHREALTIME:-}; t=${t/./}; { [ ${#t} = 16 ] && t=${t}000; } || t=$(date +%s%N)',
                  'printf "%s" "$t" > "$J/logs/ticket.txt"']
         if dispatched:  # the dispatcher starts the job as if from here: in the job folder, with this env
             steps.append(f'{{ cd "$J" && env -0 > "$J/{FIRE_ENV}" || rm -f "$J/{FIRE_ENV}"; }}')
