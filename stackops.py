@@ -2031,7 +2031,7 @@ class FileManager:
                  f'{{ [ -d "$S/{folder}" ] && [ -d "$S/slots" ] && [ -d "$S/queue" ] '
                  f'|| mkdir -p -m 700 "$S/queue" "$S/slots" "$S/{folder}"; }}',
                  # the fire time in ns: bash 5 knows it without starting `date`
-                 't=${EPOCHREALTIME:-}; t=${t/./}; { [ ${#t} = 16 ] && t=${t}000; } || t=$(date +%s%N)',
+                 '{ t=${EPOCHREALTIME:-}; t=${t//[!0-9]/}; [ ${#t} = 16 ] && t=${t}000 || t=$(date +%s%N); }',
                  'printf "%s" "$t" > "$J/logs/ticket.txt"']
         if dispatched:  # the dispatcher starts the job as if from here: in the job folder, with this env
             steps.append(f'{{ cd "$J" && env -0 > "$J/{FIRE_ENV}" || rm -f "$J/{FIRE_ENV}"; }}')

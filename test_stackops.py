@@ -2380,7 +2380,7 @@ def _rss_kib(pid: int) -> int:
 def test_queue_thousand_queued_jobs_are_entries_few_processes_little_memory(home):
     """1,000 jobs queued behind a busy slot cost files: one dispatcher, not 1,000 processes."""
     mod = make_module(home, JOBS_SOURCE)
-    holder = RemoteMachine(mod.sleeper, config=config(job_id="busy")).run()
+    holder = RemoteMachine(mod.sleeper, config=config(job_id="busy"), func_kwargs={"seconds": 900}).run()
     wait_for(lambda: holder.get_status(0).status == "running", what="the holder running")
     template = RemoteMachine(mod.echo, config=config(job_id="tpl"), func_kwargs={"n": 1}).run(run=False)
     managers = _clone_jobs(template, 1000, "many")
@@ -2397,6 +2397,7 @@ def test_queue_thousand_queued_jobs_are_entries_few_processes_little_memory(home
     report = last.status_report(0)
     assert report.status == "waiting" and report.place == 1000
     assert _shell_status(last, 0).place == 1000
+    holder.cancel(grace=0)
 
 
 def test_queue_jobs_start_in_the_order_fired_and_the_dispatcher_ends_with_the_queue(home):
