@@ -2415,7 +2415,8 @@ def test_queue_jobs_start_in_the_order_fired_and_the_dispatcher_ends_with_the_qu
     assert json.loads(counter.read_text())[1] <= 2
     wait_for(lambda: _dispatcher_pid() is None, timeout=10, what="the dispatcher to end with its queue")
     assert not (Slots().root / stackops.DISPATCHER_PID).exists()
-    assert Slots().entries() == [] and _stackops_processes(home) == []
+    assert Slots().entries() == []
+    wait_for(lambda: _stackops_processes(home) == [], timeout=10, what="every launcher to end")
 
 
 def test_queue_dispatcher_sigkilled_is_replaced_and_the_queue_drains(home):
