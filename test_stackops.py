@@ -6355,8 +6355,9 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
     crowd.mkdir()
     machines = [RemoteMachine(mod.crowded, config=config(job_id=f"crowd-{i:03d}", max_simultaneous_jobs=5),
                               func_kwargs={"i": i, "folder": str(crowd)}) for i in range(200)]
-    state = home / "tmp_results" / "remote_machines" / "file_manager"
+    state = Slots().root
     stop, problems, killed, cancelled = threading.Event(), [], set(), set()
+    dispatchers_killed: list[int] = []
     launched: list[RemoteMachine] = []
 
     def read_views():
@@ -6382,6 +6383,14 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
                     os.kill(victim["pid"], signal.SIGKILL)
                     killed.add(victim["job_id"])
 
+    def kill_dispatcher():  # the process that hands slots over, every 0.7 s: the next call replaces it
+        while not stop.wait(0.7) and len(dispatchers_killed) < 12:
+            pid = Slots().dispatcher_pid()
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    dispatchers_killed.append(pid)
+
     def cancel_some():  # a launched job in any state, chosen at random, every 0.3 s
         rng = _random.Random(11)
         while not stop.wait(0.3) and len(cancelled) < 15:
@@ -6393,7 +6402,8 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
                 except StackopsError as exc:
                     problems.append(f"cancel {victim.job_id}: {exc}")
 
-    watchers = [threading.Thread(target=target) for target in (read_views, kill_some, cancel_some)]
+    watchers = [threading.Thread(target=target) for target in (read_views, kill_some, cancel_some,
+                                                                kill_dispatcher)]
     for watcher in watchers:
         watcher.start()
     try:
@@ -6406,7 +6416,7 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
         for watcher in watchers:
             watcher.join()
     assert problems == []
-    assert len(killed) >= 10
+    assert len(killed) >= 10 and len(dispatchers_killed) >= 5
     assert all(report.status in ("completed", "failed", "cancelled") for report in reports), "no job lost"
     assert len(cancelled) >= 10
     assert {report.job_id for report in reports if report.status == "cancelled"} <= cancelled
