@@ -671,6 +671,9 @@ _SIMPLE_TYPES: dict[str, Any] = {"str": str, "int": int, "float": (int, float), 
                                  "dict": dict, "None": type(None), "Any": object}
 
 
+_OPTIONS: dict[str, list[str]] = {}  # an annotation's alternatives, split once
+
+
 def _matches(value: Any, annotation: str) -> bool:
     if annotation.startswith("list[") and annotation.endswith("]"):
         inner = annotation[5:-1]
@@ -687,7 +690,9 @@ def _validate_fields(instance: Any) -> None:
     """Refuse a dataclass whose values do not match the annotations (strings, since PEP 563)."""
     for spec in dataclasses.fields(instance):
         value = getattr(instance, spec.name)
-        options = [part.strip() for part in str(spec.type).split("|")]
+        options = _OPTIONS.get(str(spec.type))
+        if options is None:
+            options = _OPTIONS[str(spec.type)] = [part.strip() for part in str(spec.type).split("|")]
         if not any(_matches(value, option) for option in options):
             raise ConfigError(f"{type(instance).__name__}.{spec.name} must be {spec.type}, "
                               f"got {type(value).__name__} {_shorten(repr(value), 60)}")
@@ -2200,7 +2205,7 @@ class FileManager:
         if status == "waiting":
             ticket = _read_text(self.path(TICKET_TXT)).strip()
             place = self.slots().place_of(f"{ticket}-{self.job_id}")
-        output = _read_text(self.path(OUTPUT_LOG))
+        output = _read_text(self.path(OUTPUT_LOG)) if log_lines > 0 else ""  # a list reads no logs
         return JobStatus(job_id=self.job_id, status=status, pid=_read_int(self.path(PID_TXT)),
                          submission_time=_iso(self.submission_time),
                          start_time=_read_text(self.path(START_TXT)).strip() or None,
