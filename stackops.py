@@ -7444,6 +7444,8 @@ def _on_host(host: str, argv: list[str], accept_new: bool = False) -> Any:
 
 
 def _queue_view(slots: Slots, history: int) -> dict[str, Any]:
+    with _suppress(OSError, StackopsError):
+        slots.ensure_dispatcher()  # a queue whose dispatcher died drains again from here
     return {"state_dir": collapse_home(slots.root), "running": slots.holders(), "waiting": slots.waiters(),
             "history": slots.history()[-history:] if history else []}
 
@@ -7471,7 +7473,7 @@ def _print_queue(view: dict[str, Any]) -> None:
     _print_table([["  " + str(h["slot"]), h.get("job_id", "?"), f"pid {h.get('pid', '?')}",
                    "since " + str(h.get("start_time", "?"))[:19]] for h in view["running"]])
     print(f"waiting ({len(view['waiting'])}):")
-    _print_table([[f"  {w['place']}.", w["job_id"], w["state"], "since " + str(w["queued_since"])[:19]]
+    _print_table([[f"  {w['place'] or '-'}.", w["job_id"], w["state"], "since " + str(w["queued_since"])[:19]]
                   for w in view["waiting"]])
     print(f"history (last {len(view['history'])}):")
     _print_table([["  " + h.get("job_id", "?"), h.get("status", "?"),
