@@ -7473,8 +7473,8 @@ def _print_queue(view: dict[str, Any]) -> None:
     _print_table([["  " + str(h["slot"]), h.get("job_id", "?"), f"pid {h.get('pid', '?')}",
                    "since " + str(h.get("start_time", "?"))[:19]] for h in view["running"]])
     print(f"waiting ({len(view['waiting'])}):")
-    _print_table([[f"  {w['place'] or '-'}.", w["job_id"], w["state"], "since " + str(w["queued_since"])[:19]]
-                  for w in view["waiting"]])
+    _print_table([[f"  {w['place'] or '-'}.", w["job_id"], w["state"],
+                   "since " + str(w["queued_since"])[:19]] for w in view["waiting"]])
     print(f"history (last {len(view['history'])}):")
     _print_table([["  " + h.get("job_id", "?"), h.get("status", "?"),
                    _format_duration(h.get("duration_seconds") or 0), "ended " + str(h.get("end_time"))[:19]]
