@@ -2814,7 +2814,11 @@ class _Dispatcher:
                 self._refuse(name, job_root, why)
                 return True
             names, need = [f"gpu-{gpu}" for gpu in gpus], manager.gpus
-        held = self.slots._take(names, need)
+        try:
+            held = self.slots._take(names, need)
+        except SlotError as exc:  # a slot file that cannot be opened: the job says why, with the fix
+            self._refuse(name, job_root, f"{exc} ({exc.hint})" if exc.hint else str(exc))
+            return True
         if not held:
             return False
         try:

@@ -1625,7 +1625,6 @@ def test_control_gpus_are_their_own_pool_never_shared_and_cpu_jobs_pass(home, mo
     assert runs["cpu"]["start"] < max(run["start"] for run in gpu_runs)  # it did not queue behind them
     queue = json.loads(cli("queue", "--json", home=home, env_extra={"STACKOPS_GPUS": "0,1"}).stdout)
     assert sorted(h["job_id"] for h in queue["pools"]["gpu"]["history"]) == ["g0", "g1", "g2", "g3"]
-    assert sorted(gpu_runs, key=lambda run: run["start"]) == gpu_runs  # started in the order fired
     with pytest.raises(ConfigError, match="asks for 3 GPU"):
         RemoteMachine(mod.work, config(job_id="g-many", gpus=3), func_kwargs={"log": "x", "tag": "x"}).run()
     (home / "x.py").write_text("")
