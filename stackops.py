@@ -227,7 +227,6 @@ AFTER_POLL = 0.5      # how often the dispatcher looks at the parents of jobs th
 
 SLOT_POLL_HEAD = 0.05    # the first two waiters look this often (seconds): for a free slot, for being first
 SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
-STARTUP_GRACE = 60.0     # a queue entry of a job whose launcher has not recorded itself yet
 LAUNCHER_GRACE = 2.0     # how long a status check lets a live launcher record its wrapper's end
 
 _SAFE_NAME = _LazyPattern(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
