@@ -1639,6 +1639,7 @@ def job_process_alive(job_root: Path, pid_file: str = PID_TXT) -> bool | None:
 
 
 _PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while it is unchanged
+_DISPATCHERS_SEEN: dict[str, tuple[int, float]] = {}  # a queue's live dispatcher, and when it was seen
 _DETACHED: list[subprocess.Popen[bytes]] = []  # dispatchers started here (kept, never waited for)
 
 
@@ -1712,8 +1713,12 @@ class Slots:
         """Start this queue's dispatcher (through a queued job's launcher) unless one lives or
         nothing is queued; returns its pid. Any stackops call that finds a queued job does this,
         so no entry waits forever because the process that would have started it died."""
+        seen = _DISPATCHERS_SEEN.get(str(self.root))
+        if seen is not None and time.monotonic() - seen[1] < 1.0:  # a list of 10,000 looks once
+            return seen[0]
         pid = self.dispatcher_pid()
         if pid is not None:
+            _DISPATCHERS_SEEN[str(self.root)] = (pid, time.monotonic())
             return pid
         if job_root is None:
             names = self.entries() or self.entries(AFTER_DIR)
