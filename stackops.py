@@ -1639,7 +1639,7 @@ def job_process_alive(job_root: Path, pid_file: str = PID_TXT) -> bool | None:
 
 
 _PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while it is unchanged
-_DISPATCHERS_SEEN: dict[str, tuple[int, float]] = {}  # a queue's live dispatcher, and when it was seen
+_DISPATCHERS_SEEN: dict[str, tuple[int, float]] = {}  # a live dispatcher, and when it was seen
 _DETACHED: list[subprocess.Popen[bytes]] = []  # dispatchers started here (kept, never waited for)
 
 
