@@ -2214,6 +2214,8 @@ class FileManager:
             raise StackopsError(f"no job folder at {self.job_root}")
         raw = _read_text(self.path(STATUS_TXT)).strip() or "queued"
         status = self.get_job_status() if verify else raw if raw in STATUSES else "failed"
+        if status == "queued" and not verify and self.lock_resources and self._in_line():
+            status = "waiting"  # read where it runs (``list`` on its host): an entry in line
         place = None
         if status == "waiting":
             ticket = _read_text(self.path(TICKET_TXT)).strip()
