@@ -436,6 +436,9 @@ def _clone_jobs(stackops, template, count: int) -> list:
         for relative in (stackops.FILE_MANAGER_JSON, stackops.CONFIG_JSON, stackops.REMOTE_MACHINE_JSON):
             data = json.loads((root / relative).read_text())
             data["job_id"] = folder.name
+            for part in ("config", "file_manager"):  # the job's own record holds both
+                if isinstance(data.get(part), dict):
+                    data[part]["job_id"] = folder.name
             (folder / relative).unlink()
             (folder / relative).write_text(json.dumps(data))
         managers.append(stackops.FileManager.from_job_root(folder))

