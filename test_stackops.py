@@ -444,12 +444,18 @@ FileManager.unlock_resources(
 FileManager.write_log(self, relative: 'str', text: 'str') -> None
 class Slots(object)
 Slots(root: 'Path | None' = None) -> None
-Slots.entries(self) -> list[str]
-Slots.entry_state(self, name: 'str') -> str
+Slots.dispatcher_pid(self) -> int | None
+Slots.ensure_dispatcher(self, job_root: 'Path | None' = None) -> int | None
+Slots.entries(self, folder: 'str' = 'queue') -> list[str]
+Slots.entry_state(self, name: 'str', folder: 'str' = 'queue') -> str
 Slots.history(self) -> list[dict[str, Any]]
 Slots.holders(self) -> list[dict[str, Any]]
 Slots.place_of(self, entry: 'str') -> int | None
-Slots.refresh_views(self, finished: 'dict[str, Any] | None' = None) -> None
+Slots.refresh_views(
+    self,
+    finished: 'dict[str, Any] | None' = None,
+    queue: 'bool' = True,
+) -> None
 Slots.wait_for_slot(
     self,
     entry: 'str',
@@ -459,7 +465,7 @@ Slots.wait_for_slot(
     names: 'list[str] | None' = None,
     need: 'int' = 1,
 ) -> tuple[list[tuple[str, int]], _dt.datetime]
-Slots.waiters(self) -> list[dict[str, Any]]
+Slots.waiters(self, checked: 'int' = 20) -> list[dict[str, Any]]
 render_execution_script(execution_line: 'str') -> str
 render_shell_script(
     job_params: 'JobParams',
