@@ -2850,6 +2850,8 @@ class _Dispatcher:
                                      stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                      pass_fds=[fd for _, fd in held], start_new_session=True)
         self.children.append(child)
+        with _suppress(FileNotFoundError):  # its job has it now: no copy of an environment stays
+            os.unlink(manager.path(FIRE_ENV))
         manager.write_log(LAUNCHER_START_TXT, str(process_start_ticks(child.pid) or ""))
         manager.write_log(LAUNCHER_PID_TXT, str(child.pid))  # before the entry goes
         holder = {"job_id": manager.job_id, "job_root": str(root), "launcher_pid": child.pid,
