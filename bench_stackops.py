@@ -481,10 +481,10 @@ def _ended(managers: list) -> list[tuple[float, float]]:
 
 
 def queue_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
-    """A queue of 10,000 (quick: 1,000) trivial jobs on this machine, fired while all four slots are
+    """A queue of 10,000 (quick: 200) trivial jobs on this machine, fired while all four slots are
     held from here: what the queue holds, the views, then the hand-off on one slot and the wall
     time on four."""
-    count = 1000 if quick else 10000
+    count = 200 if quick else 10000
     state = Path(tempfile.mkdtemp(dir=os.environ["HOME"]))
     os.environ["STACKOPS_STATE_DIR"] = str(state)
     project = bed.local_home / "proj"

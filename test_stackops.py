@@ -4320,6 +4320,9 @@ def test_bench_quick_runs(tmp_path):
               "CLI start: python stackops.py --help", "peak Python memory during transfers", "hand-over ratios"]
     assert set(wanted) <= set(rows), sorted(rows)
     assert any(case.endswith("trivial jobs, 4 slots: wall per job") for case in rows)
+    for case in ("memory held by 200 queued jobs", "slot hand-off with 200 queued",
+                 "`list --json` with 200 jobs on the machine", "200 trivial jobs on 4 slots: wall per job"):
+        assert case in rows, sorted(rows)
     for row in rows.values():
         if "reference_s" in row:
             assert row["stackops_s"] > 0 and row["reference_s"] > 0 and row["ratio"] > 0, row
