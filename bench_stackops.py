@@ -332,8 +332,10 @@ def job_cases(bed: Bed, stackops, runs: int) -> list[dict]:
         rows.append(compare("status of a running job, connection open", lambda: machine.get_status(0),
                             lambda: run_cmd(bed.ssh_shared("-o", "ControlMaster=no", "tb", "true")), runs * 2,
                             "ssh true via ControlMaster"))
-        # the launcher leads its own session: end the job's whole process group, by its pid
-        run_cmd(bed.ssh("tb", f"kill -9 -- -{machine.launcher_pid}"))
+        # the launcher leads its own session: end the job's whole process group, by the pid its
+        # folder records (fire returned the pid of the queue's dispatcher, which started it)
+        folder = machine.file_manager.job_root_rh.replace("~", "$HOME", 1)
+        run_cmd(bed.ssh("tb", f'kill -9 -- -"$(cat "{folder}/logs/launcher_pid.txt")"'))
     return rows
 
 
