@@ -4887,6 +4887,7 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
               "snapshot": job_params.code_snapshot, "keep_seconds": SNAPSHOT_KEEP_SECONDS,
               "data": [{"target": item["target"], "dir": item["dir"]} for item in items]}
     answers: dict[str, Any] = {}
+    meter = _Meter(progress, f"hand-over to {ssh.target.alias}")
 
     def produce(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
         write(repr(request).encode() + b"\n")
@@ -4899,6 +4900,7 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
             write(b"\n")  # nothing to send: the host sees this machine's files
             return
         parts = _hand_over_parts(ssh, file_manager, items, plan, blobs)
+        meter.begin(meter.done + sum(path.stat().st_size for _name, path in parts if path))
         write(repr(header).encode() + b"\n")
         for name, path in parts:
             _send_part(write, name, path)
@@ -4908,7 +4910,8 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
         _atomic_write_text(base / nonce, nonce)
     command = f"{shlex.quote(config.python or 'python3')} -S -c {shlex.quote(_host_sync_source())}"
     try:
-        response = ssh.stream_command(command, produce, progress)
+        with meter:
+            response = ssh.stream_command(command, produce, meter)
     finally:
         with _suppress(FileNotFoundError):
             os.unlink(base / nonce)
@@ -6981,7 +6984,7 @@ def _cmd_run(args: Any) -> int:
 
 
 def _run_and_report(machine: RemoteMachine, args: Any) -> int:
-    machine.run(run=not args.no_launch, show_scripts=args.show_scripts, progress=_progress())
+    machine.run(run=not args.no_launch, show_scripts=args.show_scripts, progress=_progress(args))
     if args.no_launch:
         print(f"job {machine.job_id} is ready at {machine.file_manager.job_root_rh}; nothing was started.")
         print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
@@ -7210,7 +7213,7 @@ def _print_queue(view: dict[str, Any]) -> None:
 
 def _cmd_download(args: Any) -> int:
     with RemoteMachine.load(args.job_id, args.base_dir) as machine:
-        print(machine.download_results(args.to, overwrite=args.overwrite, progress=_progress()))
+        print(machine.download_results(args.to, overwrite=args.overwrite, progress=_progress(args)))
     return 0
 
 
@@ -7463,21 +7466,100 @@ def _cmd_job_delete_results(args: Any) -> int:
     return 0
 
 
-def _progress() -> Callable[[int], None] | None:
-    """A byte counter on stderr when it is a terminal (and nothing otherwise)."""
-    if not sys.stderr.isatty():
-        return None
-    started = time.monotonic()
-    shown = [0.0]
+_TRANSFER_COMMANDS = ("run", "download", "copy")  # the commands that take --progress
 
-    def show(done: int) -> None:
+
+def _add_progress_option(parser: Any) -> None:
+    """``--progress json`` on the commands that transfer (see _Progress)."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name in _TRANSFER_COMMANDS:
+                action.choices[name].add_argument(
+                    "--progress", choices=("auto", "json"), default="auto",
+                    help="auto: a progress line on a terminal, else a summary per transfer "
+                         "longer than a second (none with -q); json: one JSON object a line "
+                         "on stderr (begin, progress, end), for tools that wrap stackops")
+
+
+def _progress(args: Any) -> _Progress | None:
+    """How the command line shows transfers: see _Progress; nothing with -q (but json)."""
+    mode = getattr(args, "progress", "auto")
+    if mode == "json":
+        return _Progress("json")
+    level = args.verbose + getattr(args, "verbose_after", 0)
+    if level - args.quiet - getattr(args, "quiet_after", 0) < 0:
+        return None
+    return _Progress("line" if sys.stderr.isatty() else "summary")
+
+
+class _Progress:
+    """The CLI's side of a transfer's progress (the library calls ``begin``, then the callback
+    with the bytes done, then ``end``: see _Meter), on stderr. ``line``: on a terminal, percent
+    of the known total, rate and time left, cleared when the transfer ends; ``summary``: one line
+    per transfer that took over a second; ``json``: one object a line."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.what = mode, ""
+        self.total: int | None = None
+        self.started = self.shown = 0.0
+        self.done = 0
+
+    def begin(self, what: str, total: int | None) -> None:
+        if what != self.what or not self.started:  # a second begin only tells the total
+            self.what, self.started, self.done = what, time.monotonic(), 0
+            self._json("begin")
+        self.total = total
+
+    def __call__(self, done: int) -> None:
+        self.done = done
         now = time.monotonic()
-        if now - shown[0] >= 0.2:
-            shown[0] = now
-            rate = done / max(now - started, 1e-6) / 2**20
-            sys.stderr.write(f"\r  {done / 2**20:9.1f} MiB  {rate:7.1f} MiB/s ")
+        if now - self.shown < (0.5 if self.mode == "json" else 0.2):
+            return
+        self.shown = now
+        if self.mode == "json":
+            self._json("progress")
+        elif self.mode == "line":
+            width = shutil.get_terminal_size().columns - 1
+            sys.stderr.write("\r\x1b[K" + _shorten(self._line(now), max(width, 20)))
             sys.stderr.flush()
-    return show
+
+    def end(self, done: int, ok: bool) -> None:
+        self.done = done
+        elapsed = time.monotonic() - self.started
+        if self.mode == "json":
+            self._json("end", ok=ok)
+        elif self.mode == "line":
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+        elif ok and elapsed > 1.0:
+            print(f"stackops: {self.what}: {_mib(done)} in {elapsed:.1f} s "
+                  f"({_mib(done / elapsed)}/s)", file=sys.stderr)
+        self.started = 0.0
+
+    def _line(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.done / elapsed
+        if not self.total:
+            return f"  {self.what}  {_mib(self.done)}  {_mib(rate)}/s"
+        percent = min(100.0, 100.0 * self.done / self.total)
+        left = max(self.total - self.done, 0) / rate if rate > 0 else 0.0
+        return (f"  {self.what}  {percent:3.0f}%  {_mib(self.done)} of {_mib(self.total)}  "
+                f"{_mib(rate)}/s  {int(left) // 60}:{int(left) % 60:02d} left")
+
+    def _json(self, event: str, **extra: Any) -> None:
+        if self.mode != "json":
+            return
+        elapsed = time.monotonic() - self.started
+        record = {"event": event, "what": self.what, "done": self.done, "total": self.total,
+                  "elapsed": round(elapsed, 3), "rate": round(self.done / max(elapsed, 1e-6)),
+                  **extra}
+        print(json.dumps(record), file=sys.stderr, flush=True)
+
+
+def _mib(count: float) -> str:
+    return f"{count / 2**20:.1f} MiB"
 
 
 def _cmd_ssh(args: Any) -> int:
@@ -7511,12 +7593,12 @@ def _cmd_copy(args: Any) -> int:
         with SSH.from_config_file(target[0], accept_new_host_key=args.accept_new) as ssh:
             remote = target[1] + (Path(args.source).name if target[1].endswith("/") else "")
             where = ssh.copy_from_here(args.source, remote, args.compress, args.recursive, args.overwrite,
-                                       _progress())
+                                       _progress(args))
         print(f"{target[0]}:{where}")
     elif source is not None:
         with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
             local = args.target + (Path(source[1]).name if args.target.endswith("/") else "")
-            print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite, _progress()))
+            print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite, _progress(args)))
     return 0
 
 
@@ -7977,6 +8059,7 @@ def _build_parser() -> Any:
     sub.set_defaults(handler=_cmd_job_notify)
     sub.add_argument("job_root")
     _add_verbosity_everywhere(parser)
+    _add_progress_option(parser)
     return parser
 
 
