@@ -71,7 +71,7 @@ import traceback
 from pathlib import Path
 TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable
+    from typing import Any, Callable, NoReturn
 
 
 __version__ = "0.1.0"
@@ -282,7 +282,7 @@ def _error_from_record(record: dict[str, Any], prefix: str = "",
     StackopsError.__init__(exc, prefix + record["message"], record.get("hint") or hint)
     fields = record.get("fields")
     for key, value in (fields.items() if isinstance(fields, dict) else ()):
-        if isinstance(key, str) and key.isidentifier() and not key.startswith("_") and key != "hint":
+        if isinstance(key, str) and key.isidentifier() and key[:1] != "_" and key != "hint":
             setattr(exc, key, value)
     return exc
 
@@ -3253,7 +3253,7 @@ class Response:
         return self.returncode == 0
 
 
-def _raise_remote_error(response: Response, prefix: str = "", hint: str | None = None) -> None:
+def _raise_remote_error(response: Response, prefix: str = "", hint: str | None = None) -> NoReturn:
     """Raise what a failed command on the executing side reported: the StackopsError of its
     error record (see error_record_line; ``prefix`` before the message, ``hint`` when it has
     none), else a CommandError with the evidence: host, command, exit status, stderr's tail."""
@@ -3263,7 +3263,8 @@ def _raise_remote_error(response: Response, prefix: str = "", hint: str | None =
         raise error
     said = "\n".join(line for line in response.stderr.splitlines()
                      if not line.startswith(ERROR_RECORD_PREFIX))
-    raise CommandError(response.host, response.command, response.returncode, said or response.stdout)
+    raise CommandError(response.host, response.command, response.returncode,
+                       said or response.stdout)
 
 
 REMOTE_FACTS_PY = r"""
@@ -3331,10 +3332,13 @@ def _gcm_first_transport(sock: Any, **kwargs: Any) -> Any:
 # Adds a public key to the host's authorized_keys once. Present = the same key blob on any line,
 # with or without options (from=...); a last line without its newline gets one first, or the new
 # key would be glued to it and both break.
-SEND_KEY_TEMPLATE = r"""umask 077; mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh" && A="$HOME/.ssh/authorized_keys" \
-&& touch "$A" && chmod 600 "$A" && K=@@key && B=@@blob || exit 1
-if awk -v b="$B" '{for (i = 1; i <= NF; i++) if ($i == b) f = 1} END {exit !f}' "$A"; then echo present
-else { [ -z "$(tail -c 1 "$A")" ] || printf "\n" >> "$A"; } && printf "%s\n" "$K" >> "$A" && echo added; fi"""
+SEND_KEY_TEMPLATE = r"""umask 077; A="$HOME/.ssh/authorized_keys"; K=@@key; B=@@blob
+mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh" && touch "$A" && chmod 600 "$A" || exit 1
+if awk -v b="$B" '{for (i = 1; i <= NF; i++) if ($i == b) f = 1} END {exit !f}' "$A"
+then echo present
+else { [ -z "$(tail -c 1 "$A")" ] || printf "\n" >> "$A"; } && printf "%s\n" "$K" >> "$A" \
+    && echo added
+fi"""
 
 
 class SSH:
@@ -3628,15 +3632,18 @@ class SSH:
                        excludes: tuple[str, ...] = ()) -> str:
         """Upload a file or (with ``recursive``) a folder; ``None`` target: the same home-relative
         path on the host. It arrives whole under its name or not at all. Returns the remote path.
-        ``progress``: see _Meter."""
+        ``progress`` is called with the bytes sent so far; one that also has ``begin(what,
+        total)`` and ``end(done, ok)`` hears when the transfer starts and ends (see _Meter)."""
         return _upload(self, source_path, target_rel2home, compress_with_zip, recursive,
                        overwrite_existing, progress, excludes)
 
     def copy_to_here(self, source: str, target: str | os.PathLike[str] | None = None,
-                     compress_with_zip: bool = False, recursive: bool = False, overwrite: bool = False,
+                     compress_with_zip: bool = False, recursive: bool = False,
+                     overwrite: bool = False,
                      progress: Callable[[int], None] | None = None) -> Path:
         """Download a remote file or (with ``recursive``) folder; ``None`` target: the same
-        home-relative path here. It appears whole under its name or not at all."""
+        home-relative path here. It appears whole under its name or not at all. ``progress``:
+        as for copy_from_here (the bytes received)."""
         return _download(self, source, target, compress_with_zip, recursive, overwrite, progress)
 
     def stream_command(self, command: str,
@@ -3690,7 +3697,8 @@ def _connect_reason(exc: BaseException, timeout: float, port: int) -> str:
     return _last_line(strerror or text)
 
 
-def _drain(channel: Any, timeout: float | None, command: str, host: str) -> tuple[bytes, bytes, int]:
+def _drain(channel: Any, timeout: float | None, command: str,
+           host: str) -> tuple[bytes, bytes, int]:
     """A command's stdout, stderr and exit status, read together (no stall on large output);
     past ``timeout`` the host is asked to kill it and CommandError is raised."""
     import select
@@ -3705,7 +3713,8 @@ def _drain(channel: Any, timeout: float | None, command: str, host: str) -> tupl
         while channel.recv_stderr_ready():
             err += channel.recv_stderr(1 << 20)
             got = True
-        ended = channel.eof_received or channel.closed  # the exit status can come before the last output
+        # the exit status can come before the last output
+        ended = channel.eof_received or channel.closed
         if ended and not channel.recv_ready() and not channel.recv_stderr_ready():
             break
         if deadline is not None and time.monotonic() > deadline:
@@ -3810,7 +3819,8 @@ DISCARD_TEMPLATE = "rm -rf -- @@staging"
 # A download: what is there (and, when a progress callback wants it, how big a folder is),
 # then the folder as a tar stream from inside it, or the file as it was when probed.
 DOWNLOAD_PROBE_TEMPLATE = r"""S=@@source
-if [ -d "$S" ]; then echo "dir $([ @@measure = 1 ] && cd -P -- "$S" && du -sb . 2>/dev/null | cut -f1)"
+if [ -d "$S" ]; then
+    echo "dir $([ @@measure = 1 ] && cd -P -- "$S" && du -sb . 2>/dev/null | cut -f1)"
 elif [ -e "$S" ]; then echo "file $(wc -c < "$S")"; else echo missing; fi"""
 DOWNLOAD_TAR_TEMPLATE = "cd -P -- @@source && tar @@mode - -- ."
 DOWNLOAD_FILE_TEMPLATE = "head -c @@size -- @@source"
@@ -4334,7 +4344,8 @@ def _rclone(*args: str, what: str, timeout: float = 3600,
     binary = shutil.which("rclone")
     if binary is None:
         raise DependencyError("rclone is not installed on this machine",
-                              hint="install it (e.g. apt-get install rclone) and configure a remote")
+                              hint="install it (e.g. apt-get install rclone) and configure a "
+                                   "remote")
     try:
         done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout,
                               input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
@@ -4358,14 +4369,16 @@ _KNOWN_CLOUDS: set[str] = set()
 def check_cloud_remote(cloud_name: str) -> None:
     """Refuse a cloud name rclone does not know here (before anything is sent); asked once."""
     name = cloud_name.split(":", 1)[0]
-    key = f"{Path.home()}|{os.environ.get('RCLONE_CONFIG', '')}|{name}"  # the same rclone config, the same answer
+    # the same rclone config, the same answer
+    key = f"{Path.home()}|{os.environ.get('RCLONE_CONFIG', '')}|{name}"
     if key in _KNOWN_CLOUDS:
         return
     known = _rclone("listremotes", what="listremotes", timeout=60).stdout.split()
     if f"{name}:" in known:
         _KNOWN_CLOUDS.add(key)
     else:
-        raise ConfigError(f"rclone knows no remote called {name!r} here (it knows: {' '.join(known) or 'none'})",
+        raise ConfigError(f"rclone knows no remote called {name!r} here "
+                          f"(it knows: {' '.join(known) or 'none'})",
                           hint="add it with: rclone config")
 
 
@@ -4419,10 +4432,13 @@ def _sha256_file(path: Path) -> str:
 
 
 JOB_EXISTS_STATUS = 5  # what the host's check answers when the job folder is there already
+# Before a cloud upload, on the host: is the job there already; which remotes has its rclone?
+CLOUD_CHECK_TEMPLATE = ("if test -e @@job_root; then exit @@exists; fi; "
+                        "command -v rclone >/dev/null && rclone listremotes")
 
 
-def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
-                   data: list[str]) -> tuple[str, str]:
+def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams,
+                   file_manager: FileManager, data: list[str]) -> tuple[str, str]:
     """Pack the job folder (and the repo with ``copy_repo``, and the data) into one archive and
     upload it with rclone; the host fetches it with its own rclone when the job is fired.
     One object instead of thousands of files: rclone's per-file hash check runs once.
@@ -4432,9 +4448,9 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
     cloud = config.cloud_name or ""
     check_cloud_remote(cloud)
     if ssh is not None:
-        remote = ssh.run_shell_cmd_on_remote(
-            f"if test -e {file_manager._job_root_sh()}; then exit {JOB_EXISTS_STATUS}; fi; "
-            "command -v rclone >/dev/null && rclone listremotes", timeout=60, strict=False)
+        check = render_template(CLOUD_CHECK_TEMPLATE, job_root=file_manager._job_root_sh(),
+                                exists=str(JOB_EXISTS_STATUS))
+        remote = ssh.run_shell_cmd_on_remote(check, timeout=60, strict=False)
         if remote.returncode == JOB_EXISTS_STATUS:
             raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias} "
                               f"at {file_manager.job_root_rh}",
@@ -4445,7 +4461,7 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
                               hint="install rclone on the host and configure the same remote there")
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
-        _pack(archive, file_manager.job_root, None, data)  # with copy_repo the folder carries its code
+        _pack(archive, file_manager.job_root, None, data)  # copy_repo: the folder holds its code
         digest = _sha256_file(archive)
         target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
         _rclone("copyto", str(archive), target, what=f"upload to {target}")
@@ -4887,7 +4903,6 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
               "snapshot": job_params.code_snapshot, "keep_seconds": SNAPSHOT_KEEP_SECONDS,
               "data": [{"target": item["target"], "dir": item["dir"]} for item in items]}
     answers: dict[str, Any] = {}
-    meter = _Meter(progress, f"hand-over to {ssh.target.alias}")
 
     def produce(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
         write(repr(request).encode() + b"\n")
@@ -4899,18 +4914,13 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
         if cache[key]:
             write(b"\n")  # nothing to send: the host sees this machine's files
             return
-        parts = _hand_over_parts(ssh, file_manager, items, plan, blobs)
-        meter.begin(meter.done + sum(path.stat().st_size for _name, path in parts if path))
-        write(repr(header).encode() + b"\n")
-        for name, path in parts:
-            _send_part(write, name, path)
-        write(repr({"end": True}).encode() + b"\n")
+        _send_parts(write, header, _hand_over_parts(ssh, file_manager, items, plan, blobs), meter)
 
     if key not in cache:
         _atomic_write_text(base / nonce, nonce)
     command = f"{shlex.quote(config.python or 'python3')} -S -c {shlex.quote(_host_sync_source())}"
     try:
-        with meter:
+        with _Meter(progress, f"hand-over to {ssh.target.alias}") as meter:
             response = ssh.stream_command(command, produce, meter)
     finally:
         with _suppress(FileNotFoundError):
@@ -4958,6 +4968,17 @@ def _literal(line: bytes) -> Any:
     except (ValueError, SyntaxError) as exc:
         raise TransferError(f"the host answered something unreadable: {_shorten(line.decode(errors='replace'), 200)}"
                             ) from exc
+
+
+def _send_parts(write: Callable[[bytes], None], header: dict[str, Any],
+                parts: list[tuple[str, Path | None]], meter: _Meter) -> None:
+    """The header, the parts, the end: what a hand-over sends once the host's plan is known
+    (then the meter learns its total)."""
+    meter.begin(meter.done + sum(path.stat().st_size for _name, path in parts if path))
+    write(repr(header).encode() + b"\n")
+    for name, path in parts:
+        _send_part(write, name, path)
+    write(repr({"end": True}).encode() + b"\n")
 
 
 def _send_part(write: Callable[[bytes], None], name: str, path: Path | None) -> None:
@@ -7598,7 +7619,8 @@ def _cmd_copy(args: Any) -> int:
     elif source is not None:
         with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
             local = args.target + (Path(source[1]).name if args.target.endswith("/") else "")
-            print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite, _progress(args)))
+            print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite,
+                                   _progress(args)))
     return 0
 
 

@@ -3941,8 +3941,9 @@ def test_transfer_ssh_holds_the_connection_and_copies_have_their_own_section():
 HOSTILE = "~/we ird/$(touch PWNED)'\"`x`;\n\\ *"
 
 
-@pytest.mark.parametrize("template", [name for name in dir(stackops) if name.endswith("_TEMPLATE")
-                                      and name.startswith(("UPLOAD_", "DOWNLOAD_", "DISCARD_"))])
+@pytest.mark.parametrize("template", [name for name in dir(stackops) if name.endswith("_TEMPLATE") and
+                                      name.startswith(("UPLOAD_", "DOWNLOAD_", "DISCARD_", "SEND_KEY_",
+                                                       "CLOUD_CHECK_"))])
 def test_transfer_copy_templates_render_strictly_and_parse(template, tmp_path):
     text = getattr(stackops, template)
     names = sorted({m.group("named") for m in stackops._Template(text).pattern.finditer(text)} - {None})
@@ -4033,6 +4034,15 @@ def test_remote_progress_json_lines_for_tools(remote, home):
     back = cli("copy", "tb:~/data-json/a.bin", "a-back.bin", "--progress", "json", home=home)
     last = json.loads(back.stderr.splitlines()[-1])
     assert last["done"] == last["total"] == 3 * 2**20 and last["event"] == "end"
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    run = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--data", "data", "--job-id", "pj",
+              "--progress", "json", home=home)
+    assert run.returncode == 0, run.stderr
+    events = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    assert events[0]["event"] == "begin" and events[0]["what"] == "hand-over to tb"
+    assert events[-1]["event"] == "end" and events[-1]["ok"] is True
+    assert 3 * 2**20 < events[-1]["total"] <= events[-1]["done"] < 8 * 2**20
 
 
 def test_remote_progress_line_on_a_terminal_is_cleared_before_the_next_output(remote, home):
