@@ -4085,12 +4085,15 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
     if target is None and not remote.startswith("~"):
         raise ConfigError(f"{remote} is outside the host's home, so it has no home-relative "
                           "place here", hint="give the target path explicitly")
+    total = int(size) if size.strip().isdigit() else None
+    if kind == "file" and total is None:  # wc could not read it
+        raise TransferError(f"cannot read {ssh.target.alias}:{remote}",
+                            hint="is it readable by the account you log in as there?")
     destination = _free_destination(expand_home(target if target is not None else remote),
                                     overwrite)
     _mkdir_private(destination.parent)
     staging = Path(_make_temp_dir(destination.parent))
     produced = staging / "payload"
-    total = int(size) if size.strip().isdigit() else None
     try:
         with _Meter(progress, f"download from {ssh.target.alias}:{remote}") as meter:
             meter.begin(None if compress else total)  # the bytes on the wire, of a known total

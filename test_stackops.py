@@ -4617,6 +4617,18 @@ def test_remote_errors_travel_as_data_with_class_and_hint(remote, home):
     assert hint.endswith(caught.value.hint.split(" ", 2)[-1]) and "list shows the jobs" in hint
 
 
+def test_remote_download_of_an_unreadable_file_is_refused_not_empty(remote, home):
+    locked = remote.remote_home / "locked.txt"
+    locked.write_text("secret")
+    locked.chmod(0)
+    try:
+        with stackops.SSH.from_config_file("tb") as ssh, pytest.raises(stackops.TransferError, match="cannot read"):
+            ssh.copy_to_here("~/locked.txt", home / "locked.txt")
+    finally:
+        locked.unlink()
+    assert not (home / "locked.txt").exists()
+
+
 def _slow_progress(mode, delay):
     class Slow(stackops._Progress):
         def __call__(self, done):
