@@ -4559,12 +4559,15 @@ def test_transfer_ssh_holds_the_connection_and_copies_have_their_own_section():
 HOSTILE = "~/we ird/$(touch PWNED)'\"`x`;\n\\ *"
 
 
-@pytest.mark.parametrize("template", [name for name in dir(stackops) if name.endswith("_TEMPLATE") and
-                                      name.startswith(("UPLOAD_", "DOWNLOAD_", "DISCARD_", "SEND_KEY_",
-                                                       "CLOUD_CHECK_"))])
+COPY_TEMPLATES = [name for name in dir(stackops) if name.endswith("_TEMPLATE") and name.startswith(
+    ("UPLOAD_", "DOWNLOAD_", "DISCARD_", "SEND_KEY_", "CLOUD_CHECK_"))]
+
+
+@pytest.mark.parametrize("template", COPY_TEMPLATES)
 def test_transfer_copy_templates_render_strictly_and_parse(template, tmp_path):
     text = getattr(stackops, template)
-    names = sorted({m.group("named") for m in stackops._Template(text).pattern.finditer(text)} - {None})
+    found = stackops._Template(text).pattern.finditer(text)
+    names = sorted({m.group("named") for m in found} - {None})
     values = {name: HOSTILE for name in names}
     script = stackops._copy_command(text, **values)
     assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
@@ -4574,15 +4577,16 @@ def test_transfer_copy_templates_render_strictly_and_parse(template, tmp_path):
         victim = tmp_path / "we ird"
         victim.mkdir()
         (tmp_path / "keep").mkdir()
-        done = subprocess.run(["bash", "-c", stackops._copy_command(text, staging=str(victim))], cwd=tmp_path)
+        script = stackops._copy_command(text, staging=str(victim))
+        done = subprocess.run(["bash", "-c", script], cwd=tmp_path)
         assert done.returncode == 0 and not victim.exists() and (tmp_path / "keep").exists()
     assert not (tmp_path / "PWNED").exists()
 
 
 def test_transfer_error_record_from_bash_and_python_is_the_same_error():
     message = "refusing 'a b' \\ \"c\"\nsecond\tline"
-    shell = subprocess.run(["bash", "-c", stackops.ERROR_RECORD_SH + '; _error_record ConfigError "$1"', "x",
-                            message], capture_output=True, text=True)
+    script = stackops.ERROR_RECORD_SH + '; _error_record ConfigError "$1"'
+    shell = subprocess.run(["bash", "-c", script, "x", message], capture_output=True, text=True)
     python = stackops.error_record_line(stackops.ConfigError(message, hint="do this"))
     for text, hint in ((shell.stderr, "given"), (python, "do this")):
         response = stackops.Response("", "noise\n" + text, 3, "cmd", "somehost")
@@ -4596,9 +4600,11 @@ def test_transfer_remote_crash_comes_back_with_its_evidence(tmp_path):
             "def boom(args): raise KeyError('the-lost-key')\n"
             "stackops._cmd_job_report = boom\n"
             "sys.exit(stackops._serve(['job-report', '/nowhere']))")
-    done = subprocess.run([sys.executable, "-S", "-c", code, str(HERE)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-S", "-c", code, str(HERE)], capture_output=True,
+                          text=True)
     assert done.returncode == 1
-    response = stackops.Response(done.stdout, done.stderr, done.returncode, "job-report /nowhere", "gpu-box")
+    response = stackops.Response(done.stdout, done.stderr, done.returncode, "job-report /nowhere",
+                                 "gpu-box")
     with pytest.raises(stackops.CommandError) as caught:
         stackops._raise_remote_error(response)
     error = caught.value
@@ -4622,8 +4628,9 @@ def test_remote_download_of_an_unreadable_file_is_refused_not_empty(remote, home
     locked.write_text("secret")
     locked.chmod(0)
     try:
-        with stackops.SSH.from_config_file("tb") as ssh, pytest.raises(stackops.TransferError, match="cannot read"):
-            ssh.copy_to_here("~/locked.txt", home / "locked.txt")
+        with stackops.SSH.from_config_file("tb") as ssh:
+            with pytest.raises(stackops.TransferError, match="cannot read"):
+                ssh.copy_to_here("~/locked.txt", home / "locked.txt")
     finally:
         locked.unlink()
     assert not (home / "locked.txt").exists()
@@ -4666,8 +4673,8 @@ def test_remote_progress_json_lines_for_tools(remote, home):
     assert last["done"] == last["total"] == 3 * 2**20 and last["event"] == "end"
     (home / "proj").mkdir()
     (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
-    run = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--data", "data", "--job-id", "pj",
-              "--progress", "json", home=home)
+    run = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--data", "data",
+              "--job-id", "pj", "--progress", "json", home=home)
     assert run.returncode == 0, run.stderr
     events = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
     assert events[0]["event"] == "begin" and events[0]["what"] == "hand-over to tb"
@@ -4679,8 +4686,8 @@ def test_remote_progress_line_on_a_terminal_is_cleared_before_the_next_output(re
     (home / "big.bin").write_bytes(os.urandom(8 * 2**20))
     master, slave = os.openpty()
     try:
-        proc = subprocess.Popen([sys.executable, str(SOURCE), "copy", "big.bin", "tb:~/big-tty.bin"],
-                                cwd=home, env=dict(os.environ, HOME=str(home), COLUMNS="200"),
+        command = [sys.executable, str(SOURCE), "copy", "big.bin", "tb:~/big-tty.bin"]
+        proc = subprocess.Popen(command, cwd=home, env=dict(os.environ, HOME=str(home), COLUMNS="200"),
                                 stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
         os.close(slave)
         chunks = []
@@ -4696,8 +4703,8 @@ def test_remote_progress_line_on_a_terminal_is_cleared_before_the_next_output(re
     finally:
         os.close(master)
     shown = b"".join(chunks).decode()
-    assert re.search(r"upload to tb:~/big-tty\.bin +\d+%  [\d.]+ MiB of 8\.0 MiB  [\d.]+ MiB/s  \d+:\d\d left",
-                     shown), repr(shown)
+    line = r"upload to tb:~/big-tty\.bin +\d+%  [\d.]+ MiB of 8\.0 MiB  [\d.]+ MiB/s  \d+:\d\d left"
+    assert re.search(line, shown), repr(shown)
     assert shown.split("\r\x1b[K")[-1] == "tb:~/big-tty.bin\r\n", repr(shown[-200:])
 
 
