@@ -7150,8 +7150,12 @@ def _local_logs(machine: RemoteMachine, args: Any) -> int:
     text = decoder.decode(data)
     print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n", flush=True)
     offset = len(data)  # bytes, not re-encoded text: invalid UTF-8 would move it past later output
+    checked = 0.0
+    finished = False
     while args.follow:
-        finished = machine.file_manager.get_job_status() in TERMINAL_STATUSES
+        if time.monotonic() - checked >= 1.0:  # the whole status: Slurm may have ended the job
+            finished = machine.get_status(0).status in TERMINAL_STATUSES
+            checked = time.monotonic()
         with open(path, "rb") if path.exists() else open(os.devnull, "rb") as handle:
             handle.seek(offset)
             chunk = handle.read()

@@ -5475,6 +5475,54 @@ def test_slurm_after_a_failing_job_never_runs_and_never_hangs(slurm, home):
         RemoteMachine(make_module(home, SLURM_JOBS).where, config(job_id="sa-mixed", after=["sa-good"]))
 
 
+def test_slurm_logs_follow_ends_when_slurm_ends_the_job(slurm, home):
+    """`scancel` from outside: the job records nothing, yet `logs -f` ends (Slurm's word counts)."""
+    module_dir = home / "proj"
+    module_dir.mkdir()
+    (module_dir / "jobs.py").write_text(textwrap.dedent(SLURM_JOBS) + textwrap.dedent("""
+        def chatty():
+            print("hello from the compute node", flush=True)
+            time.sleep(300)
+    """))
+    done = cli("run", "proj/jobs.py:chatty", "--slurm", "--job-id", "chat", home=home)
+    assert done.returncode == 0, done.stderr
+    machine = RemoteMachine.load("chat")
+    log = machine.file_manager.path(stackops.OUTPUT_LOG)
+    wait_for(lambda: log.exists() and "hello from the compute node" in log.read_text(), 60, "the job's output")
+    follow = subprocess.Popen([sys.executable, str(SOURCE), "logs", "chat", "-f"], cwd=home, text=True,
+                              env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in follow.stdout:
+            if "hello from the compute node" in line:
+                break
+        subprocess.run(["scancel", machine.slurm_job_id], check=True, env=os.environ)
+        out, err = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 0, err
+    assert machine.get_status(0).status == "cancelled"
+
+
+def test_slurm_retries_run_again_in_place(slurm, home):
+    module = make_module(home, """
+        import os
+
+        def flaky(flag):
+            if not os.path.exists(flag):
+                open(flag, "w").close()
+                raise RuntimeError("the first run fails")
+            return os.environ.get("SLURM_JOB_ID")
+    """)
+    flag = home / "failed-once"
+    machine = RemoteMachine(module.flaky, config(launch_method="slurm", retries=2),
+                            func_kwargs={"flag": str(flag)})
+    machine.run()
+    report = _slurm_wait(machine, 90)
+    assert report.status == "completed", report
+    assert flag.exists() and report.attempt == "2/3"
+
+
 def test_slurm_job_forgotten_by_slurm_is_failed_not_running(slurm, home):
     machine = _slurm_machine(home, "where").run(run=False)
     machine.slurm_job_id = "999999"  # a job Slurm never had (or forgot after MinJobAge)
