@@ -1308,6 +1308,127 @@ def test_job_params_record_the_account_the_job_runs_as(home):
     assert params["ssh_repr_remote"] == f"{getpass.getuser()}@{os.uname().nodename}"
 
 
+# -- sweeps, here --------------------------------------------------------------------------------
+
+SWEEP_SOURCE = """
+    import json, os
+
+    def point(x, tag="t", fail=False, seconds=0.0):
+        import time
+        time.sleep(seconds)
+        if fail:
+            raise ValueError(f"line with x={x} fails on purpose")
+        out = os.path.expanduser(f"~/sweep_out/{tag}-{x}")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "seen.json"), "w") as handle:
+            json.dump({"x": x, "tag": tag, "job_root": os.environ.get("PWD", "")}, handle)
+        return out
+"""
+
+
+def _regular_files(folder: Path, name: str) -> list[Path]:
+    """Regular files (not links, not reached through links) called ``name`` under ``folder``."""
+    found = []
+    for top, _dirs, files in os.walk(folder):  # os.walk does not follow links to folders
+        found += [Path(top) / f for f in files if f == name and not (Path(top) / f).is_symlink()]
+    return found
+
+
+def test_sweep_here_ids_kwargs_shared_parts_and_a_failed_line_does_not_stop_the_others(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    grid = [{"x": index} for index in range(11)]
+    grid[3]["fail"] = True
+    cfg = config(job_id="sw", copy_repo=True, max_simultaneous_jobs=4)
+    sweep = stackops.run_sweep(mod.point, cfg, grid, func_kwargs={"tag": "common"})
+    ids = [job.job_id for job in sweep]
+    assert ids == [f"sw-{index:04d}" for index in range(11)]
+    reports = sweep.wait(timeout=120)
+    assert [reports[i].status for i in ids] == ["completed"] * 3 + ["failed"] + ["completed"] * 7
+    assert "fails on purpose" in reports["sw-0003"].error_message
+    for index, job_id in enumerate(ids):
+        if index == 3:
+            continue
+        seen = json.loads((home / "sweep_out" / f"common-{index}" / "seen.json").read_text())
+        assert seen["x"] == index and seen["tag"] == "common"
+        assert RemoteMachine.load(job_id).kwargs == {"tag": "common", "x": index} == \
+            json.loads((home / "tmp_results/remote_machines/jobs/queued" / job_id / "data/func_kwargs.json")
+                       .read_text())
+    base = home / "tmp_results" / "remote_machines" / "jobs"
+    module = Path(mod.__file__).name
+    for name in ("stackops.py", "cluster_wrap.py", "cluster_script.sh", "job_params.json", module):
+        assert len(_regular_files(base, name)) == 1, name  # one copy for the whole sweep
+    for job_id in ids:  # a job's folder: its own kwargs, records and logs, links to the shared parts
+        root = base / "queued" / job_id
+        own = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+               and not any(parent.is_symlink() for parent in p.parents)}
+        assert {p for p in own if not p.startswith("logs/")} == {
+            "data/func_kwargs.json", "data/file_manager.json", "data/remote_machine.json"}, own
+        assert all((root / link).is_symlink() for link in ("python", "shell", "code"))
+        assert os.readlink(root / "python") == "../sw/python"
+    assert not (base / "queued" / "sw" / "data" / "remote_machine.json").exists()  # no job itself
+    rows = {row["job_id"] for row in stackops.list_job_rows()}
+    assert rows == set(ids)
+
+
+def test_sweep_bad_input_is_refused_before_anything_is_written(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    base = home / "tmp_results" / "remote_machines" / "jobs"
+    grid_file = home / "grid.jsonl"
+    for text, said in (('{"x": 1}\n[2]\n', "line 2 must be a JSON object"), ('{"x": 1}\n{"x": \n', "line 2 is not JSON"),
+                       ("\n\n", "no line of kwargs")):
+        grid_file.write_text(text)
+        with pytest.raises(stackops.ConfigError, match=re.escape(said)):
+            stackops.load_sweep_grid(grid_file)
+    cases = (([], "non-empty list"), ([{"x": 1}, {"y": 2}], "line 2: point() takes no parameter 'y'"),
+             ([{"x": 1}, {"tag": "no x"}], "line 2: point() needs 'x'"), ([{"x": 1}, 5], "line 2 must be a dict"),
+             ([{"x": float("nan")}], "line 1"))
+    for grid, said in cases:
+        with pytest.raises(stackops.ConfigError, match=re.escape(said)):
+            stackops.run_sweep(mod.point, config(job_id="bad"), grid)
+    assert not (base / "queued").exists() or not any((base / "queued").iterdir())
+    RemoteMachine(mod.point, config(job_id="taken-0001"), func_kwargs={"x": 1}).generate_scripts()
+    before = sorted(p.name for p in (base / "queued").iterdir())
+    with pytest.raises(stackops.ConfigError, match="would reuse the id of taken-0001"):
+        stackops.run_sweep(mod.point, config(job_id="taken"), [{"x": 1}] * 3)
+    with pytest.raises(stackops.ConfigError, match="would reuse the id of taken-0001"):
+        stackops.run_sweep(mod.point, config(job_id="taken-0001"), [{"x": 1}])
+    with pytest.raises(stackops.ConfigError, match="cannot run interactive"):
+        stackops.run_sweep(mod.point, config(job_id="tty", interactive=True), [{"x": 1}])
+    assert sorted(p.name for p in (base / "queued").iterdir()) == before == ["taken-0001"]
+
+
+def test_sweep_cli_ids_width_wait_and_cancel_on_the_sweep_id(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    target = f"{mod.__file__}:point"
+    grid = home / "grid.jsonl"
+    grid.write_text("".join(json.dumps({"x": index, "seconds": 60.0}) + "\n" for index in range(3)))
+    done = cli("run", target, "--sweep", str(grid), "--job-id", "long", "--max-jobs", "2", home=home)
+    assert done.returncode == 0, done.stderr
+    assert "3 jobs (long-0000 .. long-0002)" in done.stdout
+    wait_for(lambda: RemoteMachine.load("long-0001").get_status(0).status == "running", what="running")
+    assert RemoteMachine.load("long-0002").get_status(0).status in ("queued", "waiting")
+    cancelled = cli("cancel", "long", "--grace", "1", home=home)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert sorted(cancelled.stdout.split("\n")[:3]) == [f"long-000{i} cancelled" for i in range(3)]
+    waited = cli("wait", "long", "--timeout", "30", home=home)
+    assert waited.returncode == 1 and waited.stdout.strip() == "long cancelled", waited
+    grid.write_text("".join(json.dumps({"x": index, "fail": index == 7}) + "\n" for index in range(12)))
+    done = cli("run", target, "--sweep", str(grid), "--kwargs", '{"tag": "w"}', "--job-id", "wide",
+               "--max-jobs", "4", "--wait", "--json", home=home, timeout=300)
+    assert done.returncode == 1, done.stderr  # one line failed, the others completed
+    rows = {row["job_id"]: row["status"] for row in json.loads(done.stdout)}
+    assert rows == {f"wide-{i:04d}": "failed" if i == 7 else "completed" for i in range(12)}
+    assert cli("status", "wide-0011", home=home).returncode == 0
+    assert json.loads((home / "sweep_out" / "w-11" / "seen.json").read_text())["x"] == 11
+    assert cli("wait", "wide", home=home).returncode == 1
+    assert sweep_ids_width() == ["big-00000", "big-12344"]
+
+
+def sweep_ids_width():
+    ids = stackops.sweep_job_ids("big", 12345)
+    return [ids[0], ids[-1]]
+
+
 # ============================================================================================
 # job control: cancel, wait, start, delete, prune (here and over SSH)
 # ============================================================================================
@@ -3916,6 +4037,50 @@ def test_state_dir_per_machine_same_in_python_and_bash(home, monkeypatch):
     monkeypatch.setenv("STACKOPS_STATE_DIR", str(home / "mine"))
     assert stackops.state_dir() == home / "mine"
 
+
+
+# -- sweeps, to a host ---------------------------------------------------------------------------
+
+def test_sweep_to_a_host_travels_as_one_stream_and_runs_each_line(remote, home):
+    mod = make_module(home, SWEEP_SOURCE)
+    bashrc = remote.remote_home / ".bashrc"
+    saved = bashrc.read_bytes() if bashrc.exists() else None
+    counter = remote.remote_home / ".sweep_commands"
+    with stackops.SSH.from_config_file("tb") as ssh:  # every remote command leaves a line
+        ssh.run_shell_cmd_on_remote("echo 'echo x >> ~/.sweep_commands' >> ~/.bashrc")
+
+    def commands_for(sweep_id: str, grid: list) -> tuple[stackops.Sweep, int]:
+        before = len(counter.read_text().splitlines()) if counter.exists() else 0
+        cfg = config(job_id=sweep_id, ssh_host="tb", copy_repo=True, max_simultaneous_jobs=3)
+        sweep = stackops.run_sweep(mod.point, cfg, grid, func_kwargs={"tag": sweep_id})
+        return sweep, len(counter.read_text().splitlines()) - before
+
+    try:
+        small, few = commands_for("rsw", [{"x": 0}, {"x": 1}])
+        big, many = commands_for("rbw", [{"x": index, "fail": index == 4} for index in range(9)])
+    finally:
+        if saved is None:
+            bashrc.unlink()
+        else:
+            bashrc.write_bytes(saved)
+    assert few == many <= 3, (few, many)  # the probe, the shared folder, the jobs with their start
+    with big:
+        reports = big.wait(timeout=120)
+    assert {job_id: report.status for job_id, report in reports.items()} == {
+        f"rbw-{index:04d}": "failed" if index == 4 else "completed" for index in range(9)}
+    for index in (0, 3, 8):
+        seen = json.loads((remote.remote_home / "sweep_out" / f"rbw-{index}" / "seen.json").read_text())
+        assert seen["x"] == index and seen["tag"] == "rbw"
+    queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    folders = [queued / "rbw"] + [queued / f"rbw-{index:04d}" for index in range(9)]
+    for name in ("stackops.py", "cluster_wrap.py", Path(mod.__file__).name):
+        assert sum(len(_regular_files(folder, name)) for folder in folders) == 1, name
+    assert os.readlink(queued / "rbw-0008" / "code") == "../rbw/code"
+    assert RemoteMachine.load("rbw-0004").kwargs == {"tag": "rbw", "x": 4, "fail": True}
+    waited = cli("wait", "rbw", home=home)
+    assert waited.returncode == 1 and waited.stdout.strip() == "rbw failed", waited
+    with small:
+        assert {r.status for r in small.wait(timeout=60).values()} == {"completed"}
 
 
 # ============================================================================================
