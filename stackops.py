@@ -2803,27 +2803,27 @@ def sweep_links(queued: Path, sweep_id: str) -> dict[str, str]:
 def write_sweep_job(queued: Path, job_id: str, files: dict[str, str], links: dict[str, str]) -> Path:
     """One job folder of a sweep, put in place whole (built under a hidden name, then renamed):
     ``files`` (relative path: text) and ``links`` (see sweep_links). A folder of that name that
-    exists already is an error, never replaced."""
-    root = queued / check_safe_name(job_id)
+    exists already is an error, never replaced. Plain string paths: a sweep writes thousands."""
+    root = os.path.join(queued, check_safe_name(job_id))
     if os.path.lexists(root):
         raise ConfigError(f"job {job_id!r} already exists at {collapse_home(root)}")
-    staging = queued / f".{job_id}.{os.getpid()}.partial"
+    staging = os.path.join(queued, f".{job_id}.{os.getpid()}.partial")
     try:
-        for folder in (staging, staging / "data", staging / "logs"):
+        for folder in (staging, f"{staging}/data", f"{staging}/logs"):
             os.mkdir(folder, 0o700)
         for relative, target in links.items():
-            os.symlink(target, staging / relative)
+            os.symlink(target, f"{staging}/{relative}")
         for relative, text in files.items():
-            fd = os.open(staging / relative, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with open(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
+            fd = os.open(f"{staging}/{relative}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as handle:
+                handle.write(text.encode("utf-8"))
         if os.path.lexists(root):
             raise ConfigError(f"job {job_id!r} appeared at {collapse_home(root)} meanwhile")
         os.rename(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return root
+    return Path(root)
 
 
 def _sweep_state(manager: FileManager) -> tuple[str, Path]:
@@ -6358,28 +6358,23 @@ class Sweep:
 
 
 def _sweep_member(template: RemoteMachine, job_id: str, kwargs: dict[str, Any]) -> RemoteMachine:
-    """Job ``job_id`` of a sweep: the template's function, config and connection, its kwargs."""
+    """Job ``job_id`` of a sweep: the template's function, config and connection, its kwargs.
+    Copies, not constructions: they were checked once, and a sweep makes thousands."""
+    import copy
+
     job = RemoteMachine.__new__(RemoteMachine)
     job.__dict__.update(template.__dict__)
     job._init_state()
     job._ssh = template._ssh
-    job.config = _copy_config(template.config, job_id)
+    job.config = copy.copy(template.config)
+    job.config.job_id = job_id
     job.kwargs = kwargs
-    base = template.file_manager
-    job.file_manager = FileManager(job_id, "Linux", base.lock_resources, base.max_simultaneous_jobs,
-                                   base.base_dir, base.submission_time, base.pool, base.gpus)
-    job.file_manager.state_dir = base.state_dir
+    manager = job.file_manager = copy.copy(template.file_manager)
+    manager.job_id = job_id
+    manager.job_root_rh = f"{manager.job_root_rh.rsplit('/', 1)[0]}/{job_id}"
+    manager.job_root = manager.job_root.parent / job_id
     job.scripts_generated = True
     return job
-
-
-def _copy_config(config: RemoteStackOpsConfig, job_id: str) -> RemoteStackOpsConfig:
-    """The config with another job_id, without validating it all again (it was, once)."""
-    import copy
-
-    clone = copy.copy(config)
-    clone.job_id = check_safe_name(job_id)
-    return clone
 
 
 def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]],
@@ -6416,8 +6411,9 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
         _write_sweep_folder(template, ids)
         shared = _hand_over_sweep_folder(template, progress) if template.is_remote else False
         links = sweep_links(queued, config.job_id)
+        manager = template.file_manager.to_dict()
         for job in jobs:
-            write_sweep_job(queued, job.job_id, _sweep_job_files(job), links)
+            write_sweep_job(queued, job.job_id, _sweep_job_files(job, manager), links)
             job.shared = shared
         if template.is_remote:
             _sweep_host_command(template, jobs, write=not shared, fire=run)
@@ -6459,11 +6455,12 @@ def _write_sweep_folder(template: RemoteMachine, ids: list[str]) -> None:
         raise
 
 
-def _sweep_job_files(job: RemoteMachine) -> dict[str, str]:
-    """The files of one job of a sweep that are its own (the rest are links to the sweep's)."""
-    return {KWARGS_JSON: json.dumps(job.kwargs, indent=2, ensure_ascii=False) + "\n",
-            FILE_MANAGER_JSON: json.dumps(job.file_manager.to_dict(), indent=2) + "\n",
-            STATUS_TXT: "queued"}
+def _sweep_job_files(job: RemoteMachine, manager: dict[str, Any]) -> dict[str, str]:
+    """The files of one job of a sweep that are its own (the rest are links to the sweep's);
+    ``manager`` is the sweep's file_manager.json, the same for all but the id. No status file:
+    none means queued."""
+    return {KWARGS_JSON: json.dumps(job.kwargs, ensure_ascii=False),
+            FILE_MANAGER_JSON: json.dumps(dict(manager, job_id=job.job_id))}
 
 
 def _hand_over_sweep_folder(template: RemoteMachine, progress: Callable[[int], None] | None) -> bool:
@@ -6490,8 +6487,9 @@ def _sweep_host_command(template: RemoteMachine, jobs: list[RemoteMachine], writ
     if not write and not fire:
         return
     queued_rh = template.file_manager.job_root_rh.rsplit("/", 1)[0]
+    manager = template.file_manager.to_dict()
     request = {"queued": queued_rh, "sweep_id": template.job_id, "write": write, "fire": fire,
-               "jobs": [[job.job_id, _sweep_job_files(job) if write else {}] for job in jobs]}
+               "jobs": [[job.job_id, _sweep_job_files(job, manager) if write else {}] for job in jobs]}
     python_dir = _sh_path(f"{template.file_manager.job_root_rh}/python")
     command = f"{shlex.quote(template.python)} -S -c {shlex.quote(_SWEEP_HOST_CODE)} {python_dir}"
     response = template.ssh.run_shell_cmd_on_remote(command, timeout=max(60.0, len(jobs) / 50),
@@ -6509,9 +6507,14 @@ def _note_fired(jobs: list[RemoteMachine], pids: list[int]) -> None:
     """Each job's record here (what status, list, wait and cancel read), with its launcher pid."""
     for job, pid in zip(jobs, pids):
         job.launcher_pid = pid
+    record = jobs[0].to_dict() if jobs else {}  # the same for all but the id and the pid
     for job in jobs:
         job.submitted = True
-        _write_plain(job.file_manager.path(REMOTE_MACHINE_JSON), json.dumps(job.to_dict(), indent=2))
+        config = dict(record["config"], job_id=job.job_id)
+        manager = dict(record["file_manager"], job_id=job.job_id)
+        text = json.dumps(dict(record, config=config, file_manager=manager, submitted=True,
+                               launcher_pid=job.launcher_pid))
+        _write_plain(job.file_manager.path(REMOTE_MACHINE_JSON), text)
 
 
 def _withdraw_sweep(template: RemoteMachine, ids: list[str]) -> None:
