@@ -47,30 +47,88 @@ from __future__ import annotations
 # 1. imports
 # ============================================================================================
 
-import dataclasses
-import datetime as _dt
 import enum
 import errno
 import fcntl
-import json
-import logging
 import os
 import posixpath
-import random
 import re
 import shlex
-import shutil
-import signal
 import stat
 import string
-import subprocess
 import sys
 import time
-import traceback
+import types
 from pathlib import Path
 TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
+    import dataclasses
+    import datetime as _dt
+    import json
+    import logging
+    import random
+    import shutil
+    import signal
+    import subprocess
+    import traceback
     from typing import Any, Callable
+
+
+class _LazyModule(types.ModuleType):
+    """A standard module imported where it is first used, not at start-up: ``--help`` and the
+    job's wrapper pay only for what they use (``python -X importtime`` shows what that is)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get(self.__name__) is self:  # it stood in while another module was imported
+            del sys.modules[self.__name__]
+        return getattr(__import__(self.__name__), name)
+
+
+def _import_sparing(name: str, spared: str) -> Any:
+    """Import ``name`` with ``spared``, a module it imports but seldom uses, standing in lazily."""
+    if spared not in sys.modules and name not in sys.modules:
+        sys.modules[spared] = _LazyModule(spared)
+    try:
+        return __import__(name)
+    finally:
+        if isinstance(sys.modules.get(spared), _LazyModule):
+            del sys.modules[spared]
+
+
+class _LazyPattern:
+    """A regular expression compiled where it is first used (re caches it), not at start-up."""
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        self.pattern, self.flags = pattern, flags
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(re.compile(self.pattern, self.flags), name)
+
+
+def _argparse() -> Any:
+    """argparse, imported without gettext and locale (7 ms at every start): its messages have no
+    translations installed, so gettext would return them unchanged anyway."""
+    if "argparse" not in sys.modules and "gettext" not in sys.modules:
+        stand_in = types.ModuleType("gettext")
+        stand_in.gettext = lambda message: message  # type: ignore[attr-defined]
+        stand_in.ngettext = lambda one, many, n: one if n == 1 else many  # type: ignore[attr-defined]
+        sys.modules["gettext"] = stand_in
+        try:
+            import argparse
+        finally:
+            if sys.modules.get("gettext") is stand_in:
+                del sys.modules["gettext"]
+    import argparse
+
+    return argparse
+
+
+if not TYPE_CHECKING:
+    dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: for classes with no docstring
+    logging = _import_sparing("logging", "traceback")  # traceback: to format an exception
+    _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
+    shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
+    subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
 
 
 __version__ = "0.1.0"
@@ -158,12 +216,21 @@ RUNNING_VIEW = "running_jobs.json"
 HISTORY_VIEW = "history_jobs.json"
 HISTORY_KEEP = 500
 
+DISPATCHER_PID = "dispatcher.pid"    # "<pid> <start ticks>" of the queue's live dispatcher
+DISPATCHER_LOCK = "dispatcher.lock"  # flocked by the one live dispatcher of a state folder
+DISPATCHER_LOG = "dispatcher.log"
+AFTER_DIR = "after"  # entries of jobs that wait for their parents (--after) before joining the queue
+FIRE_ENV = "logs/fire_env"  # the fire command's environment (env -0): the job starts with it
+DISPATCH_POLL = 0.02  # how often the dispatcher looks for a free slot (seconds)
+VIEWS_EVERY = 1.0     # the dispatcher rewrites the queue view at most this often (seconds)
+AFTER_POLL = 0.5      # how often the dispatcher looks at the parents of jobs that wait for them
+
 SLOT_POLL_HEAD = 0.05    # the first two waiters look this often (seconds): for a free slot, for being first
 SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
 STARTUP_GRACE = 60.0     # a queue entry of a job whose launcher has not recorded itself yet
 LAUNCHER_GRACE = 2.0     # how long a status check lets a live launcher record its wrapper's end
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_SAFE_NAME = _LazyPattern(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _ADJECTIVES = ("amber", "brisk", "calm", "deft", "eager", "fair", "glad", "keen", "lucid",
                "mellow", "nimble", "proud", "quiet", "rapid", "sunny", "tidy", "vivid", "witty")
 _NOUNS = ("badger", "cedar", "comet", "falcon", "fjord", "heron", "lynx", "maple", "otter",
@@ -448,7 +515,7 @@ _SLURM_OPTION_WORDS = """
     reservation signal sockets-per-node spread-job switches thread-spec threads-per-core time time-min
     tmp use-min-nodes wckey"""
 SLURM_OPTIONS = frozenset(_SLURM_OPTION_WORDS.split())
-_SLURM_VALUE = re.compile(r"[A-Za-z0-9_.:,=/@%+*&|!\[\]()-]{0,200}\Z")
+_SLURM_VALUE = _LazyPattern(r"[A-Za-z0-9_.:,=/@%+*&|!\[\]()-]{0,200}\Z")
 
 
 def check_slurm_options(options: Any) -> dict[str, str]:
@@ -1141,6 +1208,10 @@ umask 077
 JOB_ROOT=$(cd "$(dirname "$0")/.." && pwd -P) || exit 1
 LOGS="$JOB_ROOT/logs"
 PYTHON=@@python
+if [ "${1:-}" = --dispatch ]; then  # the queue's dispatcher, run by the job's Python from the job's copy
+    exec "$PYTHON" -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import stackops
+stackops.run_dispatcher(sys.argv[2])' "$JOB_ROOT/python" "${2:?the state folder}"
+fi
 _write() { printf '%s' "$2" > "$LOGS/.$1.tmp" && mv -f "$LOGS/.$1.tmp" "$LOGS/$1"; }
 s=; { IFS= read -r s < "/proc/$$/stat"; } 2>/dev/null; s=${s##*) }; set -f; set -- $s; set +f
 _write launcher_pid_start.txt "${20:-}"  # with the pid, what proves this process is the launcher
@@ -1154,11 +1225,19 @@ _fail() {
     @@notify
     exit 1
 }
+[ -e "$LOGS/cancel_requested.txt" ] && _fail "cancelled before it started"
 echo "=== SHELL START $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) ==="
 cd @@repo_dir || _fail "cannot enter the repo folder "@@repo_dir_text
 @@setup_lines
 echo "=== SHELL END ==="
-"$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py"
+if [ -n "${STACKOPS_SLOT_FDS:-}" ]; then  # slots the dispatcher handed over: the wrapper alone holds them
+    "$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py" &
+    w=$!
+    for f in $STACKOPS_SLOT_FDS; do [[ $f =~ ^[0-9]+$ ]] && eval "exec $f<&-"; done
+    wait "$w"
+else
+    "$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py"
+fi
 rc=$?
 case "$(cat "$LOGS/status.txt" 2>/dev/null)" in
     completed|failed|cancelled) ;;
@@ -1334,7 +1413,7 @@ get status.txt; st=${R//[[:space:]]/}
 case "$st" in completed|failed|cancelled) echo "ended $st"; exit 0 ;; esac
 [ -e "$L/cancel_requested.txt" ] || put cancel_requested.txt "$(now)"
 @@state_dir; S="$S"@@pool; get ticket.txt; t=${R//[[:space:]]/}
-[ -n "$t" ] && rm -f -- "$S/queue/$t-$id"
+[ -n "$t" ] && rm -f -- "$S/queue/$t-$id" "$S/after/$t-$id"
 cmd() { C=; local a; [ -r "/proc/$1/cmdline" ] || return 1
     while IFS= read -r -d '' a || [ -n "$a" ]; do C="$C $a"; done < "/proc/$1/cmdline"; }
 stat() { local s; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
@@ -1423,8 +1502,13 @@ if [ -n "$f" ] && ! job "${f#w}"; then
     fi
 fi
 place=
-if [ "$st" = waiting ]; then
+if [ "$st" = waiting ] || [ "$st" = queued ]; then
     @@state_dir; S="$S"@@pool; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
+    if [ "$st" = queued ] && [ ! -e "$L/launcher_pid.txt" ] && [ -e "$S/queue/$me" -o -e "$S/after/$me" ]; then
+        st=waiting; @@dispatch; _dispatch > /dev/null  # an entry in line: its dispatcher lives
+    fi
+fi
+if [ "$st" = waiting ] && [ -e "$S/queue/$me" ]; then
     for e in "$S"/queue/*; do e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1)); done
     [ -n "$found" ] && place=$n
 fi
@@ -1478,10 +1562,10 @@ GPU_PROBE_SH = ("printf '%s\\n' \"${STACKOPS_GPUS--}\"; "
                 "nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null; true")
 
 
-def gpu_ids() -> list[str]:
-    """This machine's GPUs: ``STACKOPS_GPUS=0,1,...`` when set (it overrides), else what
-    ``nvidia-smi`` lists, else none."""
-    declared = os.environ.get("STACKOPS_GPUS")
+def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
+    """This machine's GPUs: ``STACKOPS_GPUS=0,1,...`` when set in ``env`` (default: this process's
+    environment; it overrides), else what ``nvidia-smi`` lists, else none."""
+    declared = (os.environ if env is None else env).get("STACKOPS_GPUS")
     if declared is not None:
         return [item.strip() for item in declared.split(",") if item.strip()]
     try:
@@ -1546,15 +1630,24 @@ def job_process_alive(job_root: Path, pid_file: str = PID_TXT) -> bool | None:
     return is_job_process(pid, path, _read_int(job_root / start_file))
 
 
+_PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while its folder is unchanged
+_DETACHED: list[subprocess.Popen[bytes]] = []  # dispatchers started from here (kept, never waited for)
+
+
 class Slots:
     """The slots and the queue of one machine and user, held by the kernel, not by JSON.
 
     A slot is an flock on ``slots/slot-<i>.lock``: a job holds it while it runs, and a holder
-    killed with SIGKILL frees it with nobody cleaning up. A job waits in ``queue/`` under an entry
-    named ``<fire time in ns>-<job_id>``, created by the fire command before the job starts and
-    flocked by the job's wrapper while it waits. Only the first live entry may take a slot, so
-    jobs start in the order they were fired. ``*_jobs.json`` are views for people, rewritten
-    atomically under ``state.lock``.
+    killed with SIGKILL frees it with nobody cleaning up. A job waits in ``queue/`` as data: an
+    entry named ``<fire time in ns>-<job_id>`` that holds its folder's path, written by the fire
+    command. The queue's one dispatcher (run_dispatcher: a small process that lives only while
+    the queue is not empty) takes a free slot for the first entry and starts the job holding it
+    (the lock's file descriptor is inherited); so jobs start in the order they were fired, and a
+    queue of any length costs files, not processes. A job that waits in person (interactive, in
+    tmux) flocks its own entry and takes its slot itself when first. Jobs that wait for their
+    parents (``after``) have their entries in ``after/`` until the dispatcher moves them to the
+    end of the queue. ``*_jobs.json`` are views for people, rewritten atomically under
+    ``state.lock``.
     """
 
     def __init__(self, root: Path | None = None) -> None:
@@ -1565,15 +1658,16 @@ class Slots:
         for folder in (self.root, self.queue, self.slots):
             _trusted_dir(folder, "state folder")
 
-    def entries(self) -> list[str]:
+    def entries(self, folder: str = "queue") -> list[str]:
         try:
-            return sorted(name for name in os.listdir(self.queue) if not name.startswith("."))
+            return sorted(name for name in os.listdir(self.root / folder) if not name.startswith("."))
         except FileNotFoundError:
             return []
 
-    def entry_state(self, name: str) -> str:
-        """``waiting`` (its wrapper holds it), ``pending`` (its job has not started yet) or ``stale``."""
-        path = self.queue / name
+    def entry_state(self, name: str, folder: str = "queue") -> str:
+        """``waiting`` (its own wrapper holds it: an interactive job waits in person), ``pending``
+        (its launcher is starting), ``queued`` (data: the dispatcher starts it) or ``stale``."""
+        path = self.root / folder / name
         try:
             fd = _try_flock(path, shared=True, create=False)
         except FileNotFoundError:  # its job took a slot meanwhile
@@ -1584,16 +1678,49 @@ class Slots:
             text = os.read(fd, 65536).decode("utf-8", "surrogateescape")
         finally:
             os.close(fd)
-        if not text:
+        job_root = Path(text) if text else None
+        if job_root is None or not (job_root / FILE_MANAGER_JSON).exists() \
+                or (job_root / CANCEL_TXT).exists():
             return "stale"
-        job_root = Path(text)
         started = (job_root / PID_TXT).exists() or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES
         launcher = job_process_alive(job_root, LAUNCHER_PID_TXT)
-        if started or launcher is not None:  # a live launcher's job is pending, however slow
-            return "pending" if launcher and not started else "stale"
-        ticket = name.split("-", 1)[0]
-        age = time.time() - int(ticket) / 1e9 if ticket.isdigit() else STARTUP_GRACE
-        return "pending" if age < STARTUP_GRACE else "stale"
+        if started or launcher is False:
+            return "stale"
+        return "queued" if launcher is None else "pending"
+
+    def dispatcher_pid(self) -> int | None:
+        """The pid of this queue's live dispatcher, or None."""
+        try:
+            pid, start = _read_text(self.root / DISPATCHER_PID).split()
+            alive = _process_state(int(pid))[0]
+        except ValueError:
+            return None
+        if not alive or str(process_start_ticks(int(pid))) != start:
+            return None
+        return int(pid)
+
+    def ensure_dispatcher(self, job_root: Path | None = None) -> int | None:
+        """Start this queue's dispatcher (through a queued job's launcher) unless one lives or
+        nothing is queued; returns its pid. Any stackops call that finds a queued job does this,
+        so no entry waits forever because the process that would have started it died."""
+        pid = self.dispatcher_pid()
+        if pid is not None:
+            return pid
+        if job_root is None:
+            names = self.entries() or self.entries(AFTER_DIR)
+            folder = "queue" if self.entries() else AFTER_DIR
+            if not names:
+                return None
+            job_root = Path(_read_text(self.root / folder / names[0]))
+        launcher = job_root / LAUNCHER_SH
+        if not launcher.is_file():
+            return None
+        with open(self.root / DISPATCHER_LOG, "ab") as out:
+            started = subprocess.Popen(["bash", str(launcher), "--dispatch", str(self.root)],
+                                       stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        _DETACHED.append(started)
+        return started.pid
 
     def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int, on_start: Callable[[], None],
                       names: list[str] | None = None, need: int = 1) -> tuple[list[tuple[str, int]], _dt.datetime]:
@@ -1612,12 +1739,17 @@ class Slots:
         try:
             fcntl.flock(entry_fd, fcntl.LOCK_EX)
             on_start()
+            look = 0.0
             while True:
                 ahead = [name for name in self.entries() if name < entry]
-                if ahead and self.entry_state(ahead[0]) == "stale":
+                state = self.entry_state(ahead[0]) if ahead else ""
+                if state == "stale":
                     with _suppress(FileNotFoundError):
                         os.unlink(self.queue / ahead[0])
                     continue
+                if state == "queued" and time.monotonic() > look:  # data ahead: its dispatcher lives
+                    look = time.monotonic() + 1.0
+                    self.ensure_dispatcher()
                 if ahead:  # the next in line looks as often as the first, so a freed slot passes on fast
                     time.sleep(SLOT_POLL_HEAD if len(ahead) == 1 else SLOT_POLL_OTHERS)
                     continue
@@ -1645,8 +1777,18 @@ class Slots:
         return []
 
     def place_of(self, entry: str) -> int | None:
-        names = self.entries()
-        return sum(1 for name in names if name < entry) + 1 if entry in names else None
+        """The place of ``entry`` in the queue (1: next), or None when it is not in it. The queue's
+        listing is read once per change of the folder, so the places of all its jobs cost one."""
+        try:
+            version = os.stat(self.queue).st_mtime_ns
+        except FileNotFoundError:
+            return None
+        cached = _PLACES.get(str(self.queue))
+        if cached is None or cached[0] != version or entry not in cached[1]:
+            cached = (version, {name: place for place, name in enumerate(self.entries(), 1)})
+            _PLACES.clear()
+            _PLACES[str(self.queue)] = cached
+        return cached[1].get(entry)
 
     def holders(self) -> list[dict[str, Any]]:
         """The jobs holding a slot now (a slot lock nobody holds is free, whatever its JSON says)."""
@@ -1665,17 +1807,25 @@ class Slots:
             found.append(holder)
         return found
 
-    def waiters(self) -> list[dict[str, Any]]:
+    def waiters(self, checked: int = 20) -> list[dict[str, Any]]:
+        """The queue in order, then the jobs that wait for their parents (place None). Read from
+        the entries' names alone, so a queue of 10,000 costs one listing: only the first
+        ``checked`` are looked at (entry_state), and those found stale are left out."""
         result: list[dict[str, Any]] = []
-        for name in self.entries():
-            state = self.entry_state(name)
-            if state == "stale":
-                continue
-            ticket, _, job_id = name.partition("-")
-            queued = _dt.datetime.fromtimestamp(int(ticket) / 1e9, _dt.timezone.utc) if ticket.isdigit() else None
-            result.append({"place": len(result) + 1, "job_id": job_id, "state": state,
-                           "job_root": _read_text(self.queue / name), "queued_since": _iso(queued)})
+        for index, name in enumerate(self.entries()):
+            state = self.entry_state(name) if index < checked else "queued"
+            if state != "stale":
+                result.append(self._waiter(name, len(result) + 1, state))
+        result += [self._waiter(name, None, "after") for name in self.entries(AFTER_DIR)]
         return result
+
+    @staticmethod
+    def _waiter(name: str, place: int | None, state: str) -> dict[str, Any]:
+        ticket, _, job_id = name.partition("-")
+        since = None
+        if ticket.isdigit():
+            since = _iso(_dt.datetime.fromtimestamp(int(ticket) / 1e9, _dt.timezone.utc))
+        return {"place": place, "job_id": job_id, "state": state, "queued_since": since}
 
     def history(self) -> list[dict[str, Any]]:
         try:
@@ -1684,12 +1834,15 @@ class Slots:
             return []
         return data if isinstance(data, list) else []
 
-    def refresh_views(self, finished: dict[str, Any] | None = None) -> None:
-        """Rewrite the three JSON views from the truth; append ``finished`` to the history."""
+    def refresh_views(self, finished: dict[str, Any] | None = None, queue: bool = True) -> None:
+        """Rewrite the JSON views from the truth; append ``finished`` to the history. The view of
+        the queue (``queue``) is the dispatcher's to keep (at most once a second), as it grows
+        with the queue."""
         self._ensure()
         with _FileLock(self.root / "state.lock"):
             _atomic_write_json(self.root / RUNNING_VIEW, self.holders())
-            _atomic_write_json(self.root / QUEUED_VIEW, self.waiters())
+            if queue:
+                _atomic_write_json(self.root / QUEUED_VIEW, self.waiters())
             if finished is not None:
                 history = (self.history() + [finished])[-HISTORY_KEEP:]
                 _atomic_write_json(self.root / HISTORY_VIEW, history)
@@ -1724,6 +1877,18 @@ TMUX_PASSED_ENV = ("STACKOPS_STATE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "
 _FIRE_ENV_SH = ("{ U=(); A=(); for v in " + " ".join(TMUX_PASSED_ENV) + "; do "
                 'if [ -n "${!v+x}" ]; then A+=("$v=${!v}"); else U+=(-u "$v"); fi; done; '
                 'E=("${U[@]}" "${A[@]}"); }')
+
+
+# _dispatch: print the pid of the live dispatcher of the queue in $S (its pid file names it with its
+# start time), starting one first, through the job's launcher, if none lives.
+_DISPATCH_SH = (
+    '_dispatch() { local p= t= s; { read -r p t < "$S/' + DISPATCHER_PID + '"; } 2>/dev/null; '
+    'if [[ $p =~ ^[0-9]+$ ]] && { IFS= read -r s < "/proc/$p/stat"; } 2>/dev/null; then '
+    's=${s##*) }; set -f; set -- $s; set +f; '
+    'if [ "$1" != Z ] && [ "${20:-}" = "$t" ]; then echo "$p"; return 0; fi; fi; '
+    'local D; D=$(command -v setsid || echo nohup); '
+    '{ "$D" bash "$J/shell/cluster_script.sh" --dispatch "$S" < /dev/null '
+    '>> "$S/' + DISPATCHER_LOG + '" 2>&1 & }; echo $!; }')
 
 
 def tmux_session_name(job_id: str) -> str:
@@ -1812,10 +1977,12 @@ class FileManager:
     # -- launching -----------------------------------------------------------------------------
 
     def get_fire_command(self, interactive: bool = False, join_queue: bool = True) -> str:
-        """The bash command that starts this job detached on the executing machine and prints the
-        launcher's pid. It joins the machine's queue first, so jobs start in the order fired.
-        It refuses a job or state folder others could change, and a fire that fails (no tmux, a
-        taken session) leaves no queue entry and ends the job ``failed`` with the reason."""
+        """The bash command that starts this job detached on the executing machine and prints a
+        pid: the job's queue entry goes to the machine's dispatcher (the pid printed), which starts
+        it when a slot is free, in the order fired; ``join_queue=False``: it first waits for the
+        jobs it runs after. An interactive job (tmux) or one that takes no slot starts at once
+        (its launcher's pid). It refuses a job or state folder others could change, and a fire
+        that fails (no tmux, a taken session) leaves no queue entry and ends the job ``failed``."""
         parts = ["umask 077", f"J={self._job_root_sh()}",
                  'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }',
                  _FIRE_TRUST_SH, _FIRE_FAIL_SH,
@@ -1828,17 +1995,14 @@ class FileManager:
             parts += [f"{{ command -v tmux >/dev/null || _failed {missing}; }}",
                       f"{{ ! tmux has-session -t ={session}: 2>/dev/null || _failed {taken}; }}"]
         entry = ""
-        if self.lock_resources and join_queue:  # the entry appears whole, never empty
-            where = f"S={shlex.quote(self.state_dir)}" if self.state_dir else "{ " + STATE_DIR_SH + "; }"
-            entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
-            temp = f'"$S/queue/.$t-"{shlex.quote(self.job_id)}.tmp'
-            parts += [where, 'case $S in /*) ;; *) S="$PWD/$S" ;; esac',
-                      'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}', 'mkdir -p -m 700 "$S"',
-                      '{ _trusted "$S" "state folder" || _failed "$R"; }',
-                      'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
-                      f'printf "%s" "$J" > {temp}', f"mv -f {temp} {entry}",
-                      'printf "%s" "$t" > "$J/logs/ticket.txt"']
-        if interactive:
+        dispatched = self.lock_resources and not interactive
+        if self.lock_resources and (join_queue or dispatched):
+            folder = "queue" if join_queue else AFTER_DIR
+            entry = f'"$S/{folder}/$t-"{shlex.quote(self.job_id)}'
+            parts += self._join_queue_sh(folder, entry, dispatched)
+        if dispatched:
+            parts += [_DISPATCH_SH, "_dispatch"]
+        elif interactive:
             undo = f"rm -f {entry}; " if entry else ""
             launch = f'tmux new-session -d -s {session} env "${{E[@]}}" bash '
             launch += '"$J/shell/cluster_script.sh"'
@@ -1853,6 +2017,23 @@ class FileManager:
                       'echo $!']
         return " && ".join(parts)
 
+    def _state_sh(self) -> str:
+        """Bash that sets S to this job's state folder where it runs (its pool's is inside)."""
+        return f"S={shlex.quote(self.state_dir)}" if self.state_dir else "{ " + STATE_DIR_SH + "; }"
+
+    def _join_queue_sh(self, folder: str, entry: str, dispatched: bool) -> list[str]:
+        """The fire command's steps that put the job in line: its ticket, its environment (what
+        the dispatcher starts it with), then its entry, which appears whole, never empty."""
+        temp = f'"$S/{folder}/.$t-"{shlex.quote(self.job_id)}.tmp'
+        steps = [self._state_sh(), 'case $S in /*) ;; *) S="$PWD/$S" ;; esac',
+                 'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}', 'mkdir -p -m 700 "$S"',
+                 '{ _trusted "$S" "state folder" || _failed "$R"; }',
+                 f'mkdir -p -m 700 "$S/queue" "$S/slots" "$S/{folder}"', "t=$(date +%s%N)",
+                 'printf "%s" "$t" > "$J/logs/ticket.txt"']
+        if dispatched:  # the dispatcher starts the job as if from here: in the job folder, with this env
+            steps.append(f'{{ cd "$J" && env -0 > "$J/{FIRE_ENV}" || rm -f "$J/{FIRE_ENV}"; }}')
+        return steps + [f'printf "%s" "$J" > {temp}', f"mv -f {temp} {entry}"]
+
     # -- on the executing machine --------------------------------------------------------------
 
     def write_log(self, relative: str, text: str) -> None:
@@ -1864,12 +2045,48 @@ class FileManager:
         self.write_log(PID_TXT, str(os.getpid()))
 
     def secure_resources(self) -> bool:
-        """Announce this process as the job's (pid), then wait in line for a slot; returns True."""
+        """Announce this process as the job's (pid) and hold its slot: the one the dispatcher
+        handed over with the process, else wait in line for one (a job waiting in person)."""
         if not self.lock_resources:
             self._announce()
             self.admitted_at = _utcnow()
             return True
         slots = self.slots()
+        if self._adopt_slots():
+            self._announce()
+        else:
+            self._wait_in_person(slots)
+        holder = {"job_id": self.job_id, "job_root": str(self.job_root), "pid": os.getpid(),
+                  "submission_time": _iso(self.submission_time), "start_time": _iso(self.admitted_at)}
+        if self.gpus:
+            held = [name[4:] for name, _ in self._slot or []]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)  # the job's code sees exactly its GPUs
+            holder["gpus"] = held
+        for name, _ in self._slot or []:
+            _atomic_write_json(slots.slots / f"{name}.json", holder)
+        slots.refresh_views(queue=False)
+        log.info("job %s holds %s", self.job_id, ", ".join(name for name, _ in self._slot or []))
+        return True
+
+    def _adopt_slots(self) -> bool:
+        """Take over the slots the dispatcher handed this process (their locks' inherited file
+        descriptors, named in the environment, which the job's own code does not see)."""
+        fds = os.environ.pop("STACKOPS_SLOT_FDS", None)
+        names = os.environ.pop("STACKOPS_SLOT_NAMES", "").split()
+        admitted = _parse_iso(os.environ.pop("STACKOPS_ADMITTED", ""))
+        if fds is None:
+            return False
+        numbers = [int(fd) for fd in fds.split() if fd.isdigit()]
+        if not numbers or len(numbers) != len(names):
+            raise SlotError(f"job {self.job_id}: the slots handed over are unreadable ({fds!r}, {names!r})")
+        for fd in numbers:
+            os.set_inheritable(fd, False)  # the job's own children never hold the slot
+        self._slot = list(zip(names, numbers))
+        self.admitted_at = admitted or _utcnow()
+        return True
+
+    def _wait_in_person(self, slots: Slots) -> None:
+        """Wait in line under this job's entry, then take a slot (Slots.wait_for_slot)."""
         ticket = _read_text(self.path(TICKET_TXT)).strip() or f"{time.time_ns():019d}"
         entry = f"{ticket}-{self.job_id}"
         gpus = gpu_ids() if self.gpus else []
@@ -1884,17 +2101,6 @@ class FileManager:
         names = [f"gpu-{gpu}" for gpu in gpus] if self.gpus else None
         self._slot, self.admitted_at = slots.wait_for_slot(entry, self.job_root, self.max_simultaneous_jobs,
                                                            started, names, max(1, self.gpus))
-        holder = {"job_id": self.job_id, "job_root": str(self.job_root), "pid": os.getpid(),
-                  "submission_time": _iso(self.submission_time), "start_time": _iso(self.admitted_at)}
-        if self.gpus:
-            held = [name[4:] for name, _ in self._slot]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)  # the job's code sees exactly its GPUs
-            holder["gpus"] = held
-        for name, _ in self._slot:
-            _atomic_write_json(slots.slots / f"{name}.json", holder)
-        slots.refresh_views()
-        log.info("job %s holds %s", self.job_id, ", ".join(name for name, _ in self._slot))
-        return True
 
     def unlock_resources(self, record: dict[str, Any] | None = None,
                          keep_slot: bool = False) -> None:
@@ -1912,13 +2118,13 @@ class FileManager:
                     holder = json.loads(info.read_text(encoding="utf-8"))
                     holder["note"] = "finished; its interactive session holds the slot until it ends"
                     _atomic_write_json(info, holder)
-            slots.refresh_views(finished=record)
+            slots.refresh_views(finished=record, queue=False)
             return
         for name, fd in held:
             with _suppress(FileNotFoundError):
                 os.unlink(slots.slots / f"{name}.json")
             os.close(fd)
-        slots.refresh_views(finished=record)
+        slots.refresh_views(finished=record, queue=False)
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -1961,7 +2167,24 @@ class FileManager:
         if raw not in STATUSES:
             self._mark_failed(f"unreadable status {raw!r} in {STATUS_TXT}")
             return "failed"
-        return raw if raw in TERMINAL_STATUSES else self._verify_alive(raw)
+        status = raw if raw in TERMINAL_STATUSES else self._verify_alive(raw)
+        if status == "queued" and self.lock_resources and self._in_line():
+            return "waiting"  # an entry in the queue (or among those waiting for their parents)
+        return status
+
+    def _in_line(self) -> bool:
+        """Whether this job is an entry that waits in its queue, which then has a live dispatcher
+        (one is started if none lives: the process that was to start this job may have died)."""
+        if self.path(LAUNCHER_PID_TXT).exists():
+            return False
+        name = f"{_read_text(self.path(TICKET_TXT)).strip()}-{self.job_id}"
+        slots = self.slots()
+        for folder in (slots.queue, slots.root / AFTER_DIR):
+            if (folder / name).exists():
+                with _suppress(OSError, StackopsError):
+                    slots.ensure_dispatcher(self.job_root)
+                return True
+        return False
 
     def status_report(self, log_lines: int = 20, verify: bool = True) -> JobStatus:
         """Everything about the job in one call: status, pid, times, results, error, log tail.
@@ -1988,7 +2211,7 @@ class FileManager:
     def cancel_command(self, grace: float) -> str:
         """The bash script that cancels this job where it runs (CANCEL_TEMPLATE)."""
         return render_template(CANCEL_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
-                               ticks=str(max(0, round(grace * 20))), state_dir=STATE_DIR_SH,
+                               ticks=str(max(0, round(grace * 20))), state_dir=self._state_sh(),
                                pool=self._pool_sh())
 
     def delete_command(self) -> str:
@@ -2013,9 +2236,9 @@ class FileManager:
             notify = (f'[ -e "$L/notified.txt" ] || '
                       f'{{ setsid {notify} </dev/null >>"$L/output.log" 2>&1 & }}')
         script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
-                                 marker=marker, lines=str(max(0, int(log_lines))), state_dir=STATE_DIR_SH,
+                                 marker=marker, lines=str(max(0, int(log_lines))), state_dir=self._state_sh(),
                                  fallback=fallback, pool=self._pool_sh(), notify=notify or ":",
-                                 grace=str(int(LAUNCHER_GRACE / 0.05)))
+                                 grace=str(int(LAUNCHER_GRACE / 0.05)), dispatch=_DISPATCH_SH)
         return f"bash -c {shlex.quote(script)}"
 
     def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus, dict[str, str]]:
@@ -2415,7 +2638,8 @@ def run_job(job_root: str | os.PathLike[str],
     try:
         try:
             config = _read_json(manager.path(CONFIG_JSON))
-            if config.get("after") and config.get("launch_method") != "slurm":
+            handed = "STACKOPS_SLOT_FDS" in os.environ  # by the dispatcher, once the parents completed
+            if config.get("after") and config.get("launch_method") != "slurm" and not handed:
                 _wait_for_parents(manager, list(config["after"]))
             manager.secure_resources()
             timings.start_utc = manager.admitted_at or _utcnow()
@@ -2441,6 +2665,232 @@ def run_job(job_root: str | os.PathLike[str],
             manager.write_log(STATUS_TXT, status)
             _notify(manager, record, status, error)
     return res
+
+
+# -- the queue's dispatcher: hands slots to queued entries, first come first served ------------------
+
+def run_dispatcher(root: str | os.PathLike[str]) -> None:
+    """Hand the slots of the queue in ``root`` (a state folder) to its entries, in order, while it
+    has any; then exit. At most one runs per queue (an flock); a second one exits at once, and one
+    killed is replaced by the next stackops call that finds a job in line (Slots.ensure_dispatcher)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s stackops dispatcher %(process)d: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    _Dispatcher(Path(root)).run()
+
+
+class _Dispatcher:
+    """The one process that starts a queue's jobs (run_dispatcher). It takes a free slot for the
+    first entry and starts the job's launcher holding it: the lock's file descriptor is inherited,
+    so the kernel frees the slot when the job's processes end, whatever happens to this one."""
+
+    def __init__(self, root: Path) -> None:
+        self.slots = Slots(root)
+        self.line: list[str] = []  # the queue as last listed, first in line first
+        self.relist = 0.0
+        self.views = 0.0
+        self.after_look = 0.0
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.in_person: set[str] = set()  # entries of jobs that take their slot themselves (tmux)
+        self.parents: dict[str, list[str]] = {}
+
+    def run(self) -> None:
+        lock = None
+        while lock is None:  # one that is leaving lets go in a moment; one that stays says so
+            lock = _try_flock(self.slots.root / DISPATCHER_LOCK)
+            if lock is None and self.slots.dispatcher_pid() is not None:
+                return
+            if lock is None:
+                time.sleep(0.05)
+        try:
+            self._announce()
+            log.info("dispatching the queue in %s", collapse_home(self.slots.root))
+            while self._round():
+                pass
+        finally:
+            with _suppress(Exception):
+                if self.slots.queue.is_dir():
+                    self.slots.refresh_views(queue=True)
+            os.close(lock)
+
+    def _announce(self) -> None:
+        _atomic_write_text(self.slots.root / DISPATCHER_PID, f"{os.getpid()} {process_start_ticks() or ''}")
+
+    def _round(self) -> bool:
+        """One look at the queue; False when this dispatcher's work is done."""
+        self.children = [child for child in self.children if child.poll() is None]
+        if not self.slots.queue.is_dir():
+            return False  # the state folder is gone
+        if time.monotonic() >= self.after_look:
+            self.after_look = time.monotonic() + AFTER_POLL
+            self._look_after()
+        head = self._head()
+        if head is None and not self.line:
+            if self.slots.entries(AFTER_DIR):
+                time.sleep(AFTER_POLL / 5)
+                return True
+            return self._stay()
+        if head is None or not self._hand_over(*head):
+            time.sleep(DISPATCH_POLL)
+        if time.monotonic() >= self.views:
+            self.views = time.monotonic() + VIEWS_EVERY
+            self.slots.refresh_views()
+        return True
+
+    def _stay(self) -> bool:
+        """The queue is empty: leave, unless an entry came meanwhile (a fire that saw this
+        dispatcher's pid just before it went is served)."""
+        with _suppress(FileNotFoundError):
+            os.unlink(self.slots.root / DISPATCHER_PID)
+        if self.slots.entries() or self.slots.entries(AFTER_DIR):
+            self._announce()
+            self.relist = 0.0
+            return True
+        log.info("the queue is empty: the dispatcher ends")
+        return False
+
+    def _head(self) -> tuple[str, Path] | None:
+        """The first live entry and its job folder; None when there is none or when the first
+        waits in person (it takes its slot itself). Stale entries are removed on the way."""
+        while True:
+            if not self.line or time.monotonic() >= self.relist:
+                self.line = self.slots.entries()
+                self.relist = time.monotonic() + 1.0
+            if not self.line:
+                return None
+            name = self.line[0]
+            state = self.slots.entry_state(name)
+            if state == "stale":
+                with _suppress(FileNotFoundError):
+                    os.unlink(self.slots.queue / name)
+                self.line.pop(0)
+                continue
+            job_root = Path(_read_text(self.slots.queue / name))
+            if state == "queued" and name not in self.in_person:
+                with _suppress(OSError, StackopsError):
+                    if _read_json(job_root / CONFIG_JSON).get("interactive"):
+                        self.in_person.add(name)
+            if state != "queued" or name in self.in_person:
+                return None
+            return name, job_root
+
+    def _hand_over(self, name: str, job_root: Path) -> bool:
+        """Start the job of entry ``name`` holding a free slot (or its GPUs); False when none is free."""
+        try:
+            manager = FileManager.from_job_root(job_root)
+            env = _fire_env(job_root)
+        except (OSError, StackopsError) as exc:
+            self._refuse(name, job_root, f"its job folder cannot be read: {exc}")
+            return True
+        names, need = [f"slot-{index}" for index in range(manager.max_simultaneous_jobs)], 1
+        if manager.gpus:
+            gpus = gpu_ids(env)
+            if len(gpus) < manager.gpus:
+                why = f"job {manager.job_id} needs {manager.gpus} GPU(s) and this machine has {len(gpus)}"
+                self._refuse(name, job_root, why)
+                return True
+            names, need = [f"gpu-{gpu}" for gpu in gpus], manager.gpus
+        held = self.slots._take(names, need)
+        if not held:
+            return False
+        try:
+            self._start(name, manager, env, held)
+        except OSError as exc:
+            self._refuse(name, job_root, f"its launcher could not be started: {exc}")
+        finally:
+            for _, fd in held:
+                os.close(fd)  # the job's processes hold the slot from here on
+        return True
+
+    def _start(self, name: str, manager: FileManager, env: dict[str, str],
+               held: list[tuple[str, int]]) -> None:
+        taken = _utcnow()
+        env = dict(env, STACKOPS_SLOT_FDS=" ".join(str(fd) for _, fd in held),
+                   STACKOPS_SLOT_NAMES=" ".join(slot for slot, _ in held), STACKOPS_ADMITTED=_iso(taken) or "")
+        root = manager.job_root
+        with open(manager.path(OUTPUT_LOG), "ab") as out:
+            child = subprocess.Popen(["bash", str(root / LAUNCHER_SH)], cwd=str(root), env=env,
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     pass_fds=[fd for _, fd in held], start_new_session=True)
+        self.children.append(child)
+        manager.write_log(LAUNCHER_START_TXT, str(process_start_ticks(child.pid) or ""))
+        manager.write_log(LAUNCHER_PID_TXT, str(child.pid))  # before the entry goes: never unaccounted
+        holder = {"job_id": manager.job_id, "job_root": str(root), "launcher_pid": child.pid,
+                  "submission_time": _iso(manager.submission_time), "start_time": _iso(taken)}
+        for slot, _ in held:
+            _atomic_write_json(self.slots.slots / f"{slot}.json", holder)
+        with _suppress(FileNotFoundError):
+            os.unlink(self.slots.queue / name)
+        if self.line and self.line[0] == name:
+            self.line.pop(0)
+
+    def _refuse(self, name: str, job_root: Path, why: str, folder: str = "queue",
+                status: str = "failed") -> None:
+        """End a job that cannot start (``why``), take its entry out and report its end."""
+        log.warning("job %s: %s", job_root.name, why)
+        with _suppress(OSError, StackopsError):
+            manager = FileManager.from_job_root(job_root)
+            if status == "cancelled":
+                manager.write_log(CANCEL_TXT, why)
+            manager._mark_failed(why, status)
+        with _suppress(FileNotFoundError):
+            os.unlink(self.slots.root / folder / name)
+        if folder == "queue" and self.line and self.line[0] == name:
+            self.line.pop(0)
+        with _suppress(Exception):
+            notify_job_end(job_root)
+
+    def _look_after(self) -> None:
+        """Move the jobs whose parents all completed to the end of the queue, and end those with
+        a parent that failed, was cancelled or is gone (``cancelled``, as it never runs)."""
+        for name in self.slots.entries(AFTER_DIR):
+            job_root = Path(_read_text(self.slots.root / AFTER_DIR / name))
+            if not (job_root / FILE_MANAGER_JSON).exists() or (job_root / CANCEL_TXT).exists():
+                with _suppress(FileNotFoundError):
+                    os.unlink(self.slots.root / AFTER_DIR / name)
+                continue
+            if name not in self.parents:
+                with _suppress(OSError, StackopsError):
+                    self.parents[name] = list(_read_json(job_root / CONFIG_JSON).get("after") or [])
+            states = {parent: _parent_state(job_root.parent / parent) for parent in self.parents.get(name, [])}
+            ended = [f"{parent} {state}" for parent, state in states.items()
+                     if state in ("failed", "cancelled", "gone")]
+            if ended:
+                self._refuse(name, job_root, f"cancelled: it runs after {', '.join(ended)}",
+                             AFTER_DIR, "cancelled")
+                continue
+            pending = [f"{parent} ({state})" for parent, state in states.items() if state != "completed"]
+            reason = "after " + ", ".join(pending) if pending else ""
+            if _read_text(job_root / REASON_TXT) != reason:
+                _atomic_write_text(job_root / REASON_TXT, reason)
+            if not pending:  # now in line, like a job fired at this moment
+                ticket = f"{time.time_ns():019d}"
+                os.rename(self.slots.root / AFTER_DIR / name, self.slots.queue / f"{ticket}-{job_root.name}")
+                _atomic_write_text(job_root / TICKET_TXT, ticket)
+                self.relist = 0.0
+
+
+def _parent_state(folder: Path) -> str:
+    if not (folder / FILE_MANAGER_JSON).exists():
+        return "gone"
+    return FileManager.from_job_root(folder).get_job_status()
+
+
+def _fire_env(job_root: Path) -> dict[str, str]:
+    """The environment the job was fired with (env -0 by the fire command), without slot hand-over
+    variables; this process's own when it was not recorded."""
+    try:
+        raw = (job_root / FIRE_ENV).read_bytes()
+    except FileNotFoundError:
+        env = dict(os.environ)
+    else:
+        pairs = (item.partition(b"=") for item in raw.split(b"\0") if b"=" in item)
+        env = {os.fsdecode(key): os.fsdecode(value) for key, _, value in pairs}
+    for key in ("STACKOPS_SLOT_FDS", "STACKOPS_SLOT_NAMES", "STACKOPS_ADMITTED"):
+        env.pop(key, None)
+    return env
 
 
 def job_report(job_root: str | os.PathLike[str], log_lines: int = 20) -> dict[str, Any]:
@@ -2905,10 +3355,10 @@ def sweep_host_main() -> None:
 # ============================================================================================
 
 DEFAULT_PUBLIC_IP_URL = "https://ipinfo.io/json"
-_VIRTUAL_IFACE = re.compile(r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
+_VIRTUAL_IFACE = _LazyPattern(r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
                             r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)",
                             re.IGNORECASE)
-_PHYSICAL_IFACE = re.compile(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)", re.IGNORECASE)
+_PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)", re.IGNORECASE)
 _NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16", "192.168.49.0/24",
                    "10.0.2.0/24")
 
@@ -7770,7 +8220,7 @@ def _cmd_ssh(args: Any) -> int:
     return response.returncode
 
 
-_REMOTE_ARG = re.compile(r"(?P<host>[^/:\s]+):(?P<path>.*)\Z")
+_REMOTE_ARG = _LazyPattern(r"(?P<host>[^/:\s]+):(?P<path>.*)\Z")
 
 
 def _split_remote(text: str) -> tuple[str, str] | None:
@@ -8318,6 +8768,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: 0 success, 1 failure, 2 bad input, 130 interrupted."""
     sys.modules.setdefault("stackops", _this_module())
     _note_program(sys.argv[0] if sys.argv else "")
+    _argparse()  # before the parser is built: argparse without gettext
     parser = _build_parser()
     try:
         args, extras = parser.parse_known_args(argv)
