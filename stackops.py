@@ -3285,39 +3285,51 @@ def _sweep_state(manager: FileManager) -> tuple[str, Path]:
 
 def fire_sweep_jobs(roots: list[Path]) -> list[int]:
     """Start the jobs in folders ``roots`` (of one sweep, on this machine) in this order, from
-    this process: each joins the machine's queue as the fire command would have it join (an
-    entry, with consecutive tickets, so they keep their order), and its launcher starts
-    detached. Returns the launchers' pids. The folders and the state folder are checked as
-    the fire command checks them."""
+    this process, as their fire commands would: each becomes an entry of the machine's queue
+    (consecutive tickets keep their order; the environment they start with is this process's,
+    recorded once for the sweep), and the queue's dispatcher starts them as slots free up.
+    Returns, per job, the pid the fire command prints (the dispatcher's). Jobs that take no
+    slot start at once (their launchers' pids). The folders are checked as the fire checks them."""
     if not roots:
         return []
     first = FileManager.from_job_root(roots[0])
     _trusted_dir(roots[0].parent, "base folder")
-    env = dict(os.environ)
-    queue: Path | None = None
-    if first.lock_resources:
-        env["STACKOPS_STATE_DIR"], pool = _sweep_state(first)
-        slots = Slots(pool)
-        slots._ensure()
-        queue = slots.queue
+    if not first.lock_resources:
+        return [_start_launcher(os.path.realpath(root), dict(os.environ)) for root in roots]
+    fixed, pool = _sweep_state(first)
+    slots = Slots(pool)
+    slots._ensure()
+    shared_env = _sweep_fire_env(roots[0], fixed)
     ticket = time.time_ns()
-    pids = []
     for index, root in enumerate(roots):
         job_root = os.path.realpath(root)  # the launcher's command line names its exact path
-        if queue is not None:
-            name = f"{ticket + index:019d}"
-            _write_plain(Path(job_root) / TICKET_TXT, name)
-            _write_plain(queue / f"{name}-{os.path.basename(job_root)}", job_root)
-        pids.append(_start_launcher(job_root, env))
-    return pids
+        name = f"{ticket + index:019d}"
+        _write_plain(Path(job_root) / TICKET_TXT, name)
+        with _suppress(FileExistsError):
+            os.symlink(shared_env, os.path.join(job_root, FIRE_ENV))
+        _write_plain(slots.queue / f"{name}-{os.path.basename(job_root)}", job_root)
+    pid = slots.ensure_dispatcher(Path(os.path.realpath(roots[0])))
+    return [pid or 0] * len(roots)
 
 
-def _write_plain(path: Path, text: str) -> None:
+def _sweep_fire_env(job_root: Path, fixed_state: str) -> str:
+    """The environment a sweep's jobs start with (as ``env -0`` records it for one fire), written
+    once into the sweep's folder; returns the relative link a job's ``logs/fire_env`` is."""
+    sweep_id = os.readlink(job_root / "python").split("/")[1]  # ../<sweep id>/python
+    env = dict(os.environb)
+    env[b"STACKOPS_STATE_DIR"] = os.fsencode(fixed_state)
+    env.pop(b"PWD", None)  # each job's bash sets its own
+    text = b"".join(key + b"=" + value + b"\0" for key, value in env.items())
+    _write_plain(job_root.parent / sweep_id / "data" / "fire_env", text)
+    return f"../../{sweep_id}/data/fire_env"
+
+
+def _write_plain(path: Path, text: str | bytes) -> None:
     """A small file that appears whole (temp, rename), without fsync: a sweep writes thousands."""
     temp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    with open(fd, "wb") as handle:
+        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
     os.replace(temp, path)
 
 
