@@ -3250,7 +3250,8 @@ def sweep_links(queued: Path, sweep_id: str) -> dict[str, str]:
     return links
 
 
-def write_sweep_job(queued: Path, job_id: str, files: dict[str, str], links: dict[str, str]) -> Path:
+def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
+                    links: dict[str, str]) -> Path:
     """One job folder of a sweep, put in place whole (built under a hidden name, then renamed):
     ``files`` (relative path: text) and ``links`` (see sweep_links). A folder of that name that
     exists already is an error, never replaced. Plain string paths: a sweep writes thousands."""
@@ -3300,15 +3301,17 @@ def fire_sweep_jobs(roots: list[Path]) -> list[int]:
     slots = Slots(pool)
     slots._ensure()
     shared_env = _sweep_fire_env(roots[0], fixed)
+    queued = os.path.realpath(roots[0].parent)  # the launcher's command line names its exact path
+    queue = str(slots.queue)
     ticket = time.time_ns()
     for index, root in enumerate(roots):
-        job_root = os.path.realpath(root)  # the launcher's command line names its exact path
+        job_root = os.path.join(queued, root.name)
         name = f"{ticket + index:019d}"
-        _write_plain(Path(job_root) / TICKET_TXT, name)
+        _write_plain(os.path.join(job_root, TICKET_TXT), name)
         with _suppress(FileExistsError):
             os.symlink(shared_env, os.path.join(job_root, FIRE_ENV))
-        _write_plain(slots.queue / f"{name}-{os.path.basename(job_root)}", job_root)
-    pid = slots.ensure_dispatcher(Path(os.path.realpath(roots[0])))
+        _write_plain(os.path.join(queue, f"{name}-{root.name}"), job_root)
+    pid = slots.ensure_dispatcher(Path(queued) / roots[0].name)
     return [pid or 0] * len(roots)
 
 
@@ -3324,9 +3327,10 @@ def _sweep_fire_env(job_root: Path, fixed_state: str) -> str:
     return f"../../{sweep_id}/data/fire_env"
 
 
-def _write_plain(path: Path, text: str | bytes) -> None:
+def _write_plain(path: str | Path, text: str | bytes) -> None:
     """A small file that appears whole (temp, rename), without fsync: a sweep writes thousands."""
-    temp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    folder, name = os.path.split(path)
+    temp = f"{folder}/.{name}.{os.getpid()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "wb") as handle:
         handle.write(text.encode("utf-8") if isinstance(text, str) else text)
@@ -3337,8 +3341,8 @@ def _start_launcher(job_root: str, env: dict[str, str]) -> int:
     """The job's launcher, detached (its own session), output to its log; returns its pid."""
     with open(os.path.join(job_root, OUTPUT_LOG), "ab") as output:
         launcher = subprocess.Popen(["bash", os.path.join(job_root, LAUNCHER_SH)], cwd=job_root,
-                                    stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True, close_fds=True)
+                                    stdin=subprocess.DEVNULL, stdout=output,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return launcher.pid
 
 
@@ -6706,7 +6710,8 @@ def _sweep_lines(common: dict[str, Any] | None, grid: Any) -> list[dict[str, Any
     lines = []
     for number, line in enumerate(grid, 1):
         if not isinstance(line, dict):
-            raise ConfigError(f"sweep line {number} must be a dict of kwargs, got {type(line).__name__}")
+            raise ConfigError(f"sweep line {number} must be a dict of kwargs, "
+                              f"got {type(line).__name__}")
         try:
             lines.append(_check_kwargs({**(common or {}), **line}))
         except ConfigError as exc:
@@ -6925,12 +6930,13 @@ def _sweep_job_files(job: RemoteMachine, manager: dict[str, Any]) -> dict[str, s
             FILE_MANAGER_JSON: json.dumps(dict(manager, job_id=job.job_id))}
 
 
-def _hand_over_sweep_folder(template: RemoteMachine, progress: Callable[[int], None] | None) -> bool:
+def _hand_over_sweep_folder(template: RemoteMachine,
+                            progress: Callable[[int], None] | None) -> bool:
     """The sweep's shared folder, code and data to the host, as one job's folder travels (the
     host's own checks first); True when the host sees this machine's folders (a shared home)."""
     template._check_where_it_runs()
-    shared = transfer_sftp(template.ssh, template.config, template.job_params, template.file_manager,
-                           template.data, progress, template._snapshot)
+    shared = transfer_sftp(template.ssh, template.config, template.job_params,
+                           template.file_manager, template.data, progress, template._snapshot)
     root = template.file_manager.job_root
     if shared and template.config.copy_repo and not (root / CODE_DIR).exists():
         template._code_here(root)
@@ -6951,14 +6957,17 @@ def _sweep_host_command(template: RemoteMachine, jobs: list[RemoteMachine], writ
     queued_rh = template.file_manager.job_root_rh.rsplit("/", 1)[0]
     manager = template.file_manager.to_dict()
     request = {"queued": queued_rh, "sweep_id": template.job_id, "write": write, "fire": fire,
-               "jobs": [[job.job_id, _sweep_job_files(job, manager) if write else {}] for job in jobs]}
+               "jobs": [[job.job_id, _sweep_job_files(job, manager) if write else {}]
+                        for job in jobs]}
     python_dir = _sh_path(f"{template.file_manager.job_root_rh}/python")
     command = f"{shlex.quote(template.python)} -S -c {shlex.quote(_SWEEP_HOST_CODE)} {python_dir}"
+    payload = json.dumps(request).encode()
     response = template.ssh.run_shell_cmd_on_remote(command, timeout=max(60.0, len(jobs) / 50),
-                                                    strict=False, stdin=json.dumps(request).encode())
+                                                    strict=False, stdin=payload)
     answer = response.stdout.strip().splitlines()[-1:] if response.returncode == 0 else []
     if not answer or not answer[0].startswith("{"):
-        said = [line[17:] for line in response.stderr.splitlines() if line.startswith("stackops: error: ")]
+        said = [line[17:] for line in response.stderr.splitlines()
+                if line.startswith("stackops: error: ")]
         raise CommandError(template.host_name, "sweep hand-over", response.returncode,
                            said[0] if said else response.stderr)
     for job, pid in zip(jobs, json.loads(answer[0])["pids"]):
@@ -6976,7 +6985,7 @@ def _note_fired(jobs: list[RemoteMachine], pids: list[int]) -> None:
         manager = dict(record["file_manager"], job_id=job.job_id)
         text = json.dumps(dict(record, config=config, file_manager=manager, submitted=True,
                                launcher_pid=job.launcher_pid))
-        _write_plain(job.file_manager.path(REMOTE_MACHINE_JSON), text)
+        _write_plain(f"{job.file_manager.job_root}/{REMOTE_MACHINE_JSON}", text)
 
 
 def _withdraw_sweep(template: RemoteMachine, ids: list[str]) -> None:
@@ -7692,7 +7701,8 @@ def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
                    progress=_progress()) as sweep:
         first, last = sweep.jobs[0].job_id, sweep.jobs[-1].job_id
         if args.no_launch:
-            print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) ready; nothing was started.")
+            print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) ready; "
+                  "nothing was started.")
             return 0
         if not args.wait:
             if args.json:
@@ -7711,8 +7721,9 @@ def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
     if args.json:
         _print_json([report.to_dict() for report in reports.values()])
     else:
-        _print_table([[job_id, report.status, _duration(report), _last_line(report.error_message)]
-                      for job_id, report in reports.items()], ["job", "status", "duration", "error"])
+        rows = [[job_id, report.status, _duration(report), _last_line(report.error_message)]
+                for job_id, report in reports.items()]
+        _print_table(rows, ["job", "status", "duration", "error"])
     return 0 if all(report.status == "completed" for report in reports.values()) else 1
 
 
@@ -7997,7 +8008,8 @@ def _cloud_units_of(job_id: str, base_dir: str) -> _CloudUnits | None:
     return _CloudUnits(job_id, units) if units else None
 
 
-def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster | Sweep | _CloudUnits:
+def _load_job_or_cluster(job_id: str,
+                         base_dir: str) -> RemoteMachine | Cluster | Sweep | _CloudUnits:
     """A job, a cluster, a sweep, or a cloud job's units, by id; none of them is bad input."""
     try:
         return RemoteMachine.load(job_id, base_dir)
@@ -8038,7 +8050,7 @@ def _cmd_cancel(args: Any) -> int:
 
 
 def _overall_status(target: RemoteMachine | Cluster | Sweep | _CloudUnits) -> str:
-    """One status for a job, a whole cluster or a sweep (an unreachable part counts as not ended)."""
+    """One status for a job, a whole cluster or a sweep (a part not reached counts as not ended)."""
     if isinstance(target, RemoteMachine):
         return target.get_status(0).status
     if isinstance(target, _CloudUnits):
@@ -8094,7 +8106,8 @@ def _cmd_rerun(args: Any) -> int:
     if args.failed or isinstance(target, _CloudUnits):
         raise ConfigError("--failed is for a cluster id" if args.failed else "a cloud queue's units are not rerun")
     if isinstance(target, Sweep):
-        raise ConfigError(f"{args.job_id} is a sweep: rerun its jobs by their ids ({args.job_id}-0000, ...)")
+        raise ConfigError(f"{args.job_id} is a sweep: rerun its jobs by their ids "
+                          f"({args.job_id}-0000, ...)")
     with target:
         again = target.rerun()
         with again:
@@ -8563,8 +8576,9 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--kwargs", default="{}", metavar="JSON",
                         help="keyword arguments: a JSON object, or @file.json (scripts see them as func_kwargs)")
     parser.add_argument("--sweep", metavar="FILE.jsonl",
-                        help="one job per line of FILE (a JSON object of kwargs, over --kwargs): jobs "
-                             "ID-0000, ID-0001, ... sharing one copy of the code; wait/cancel ID act on all")
+                        help="a sweep: one job per line of FILE (a JSON object of kwargs, laid "
+                             "over --kwargs), ids ID-0000, ID-0001, ..., sharing one copy of the "
+                             "code; wait ID and cancel ID act on all")
     parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random readable name)")
     parser.add_argument("--description", default="", help="free text kept with the job")
     parser.add_argument("--max-jobs", type=int, default=1, metavar="N",

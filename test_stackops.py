@@ -1340,6 +1340,7 @@ def test_sweep_here_ids_kwargs_shared_parts_and_a_failed_line_does_not_stop_the_
     grid[3]["fail"] = True
     cfg = config(job_id="sw", copy_repo=True, max_simultaneous_jobs=4)
     sweep = stackops.run_sweep(mod.point, cfg, grid, func_kwargs={"tag": "common"})
+    base = home / "tmp_results" / "remote_machines" / "jobs"
     ids = [job.job_id for job in sweep]
     assert ids == [f"sw-{index:04d}" for index in range(11)]
     reports = sweep.wait(timeout=120)
@@ -1350,16 +1351,16 @@ def test_sweep_here_ids_kwargs_shared_parts_and_a_failed_line_does_not_stop_the_
             continue
         seen = json.loads((home / "sweep_out" / f"common-{index}" / "seen.json").read_text())
         assert seen["x"] == index and seen["tag"] == "common"
+        kwargs_file = base / "queued" / job_id / "data" / "func_kwargs.json"
         assert RemoteMachine.load(job_id).kwargs == {"tag": "common", "x": index} == \
-            json.loads((home / "tmp_results/remote_machines/jobs/queued" / job_id / "data/func_kwargs.json")
-                       .read_text())
-    base = home / "tmp_results" / "remote_machines" / "jobs"
+            json.loads(kwargs_file.read_text())
     module = Path(mod.__file__).name
     for name in ("stackops.py", "cluster_wrap.py", "cluster_script.sh", "job_params.json", module):
         assert len(_regular_files(base, name)) == 1, name  # one copy for the whole sweep
-    for job_id in ids:  # a job's folder: its own kwargs, records and logs, links to the shared parts
+    for job_id in ids:  # a job's folder: its kwargs, records and logs, links to the shared parts
         root = base / "queued" / job_id
-        own = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+        own = {p.relative_to(root).as_posix() for p in root.rglob("*")
+               if p.is_file() and not p.is_symlink()
                and not any(parent.is_symlink() for parent in p.parents)}
         assert {p for p in own if not p.startswith("logs/")} == {
             "data/func_kwargs.json", "data/file_manager.json", "data/remote_machine.json"}, own
@@ -1374,14 +1375,15 @@ def test_sweep_bad_input_is_refused_before_anything_is_written(home):
     mod = make_module(home, SWEEP_SOURCE)
     base = home / "tmp_results" / "remote_machines" / "jobs"
     grid_file = home / "grid.jsonl"
-    for text, said in (('{"x": 1}\n[2]\n', "line 2 must be a JSON object"), ('{"x": 1}\n{"x": \n', "line 2 is not JSON"),
-                       ("\n\n", "no line of kwargs")):
+    for text, said in (('{"x": 1}\n[2]\n', "line 2 must be a JSON object"),
+                       ('{"x": 1}\n{"x": \n', "line 2 is not JSON"), ("\n\n", "no line of kwargs")):
         grid_file.write_text(text)
         with pytest.raises(stackops.ConfigError, match=re.escape(said)):
             stackops.load_sweep_grid(grid_file)
-    cases = (([], "non-empty list"), ([{"x": 1}, {"y": 2}], "line 2: point() takes no parameter 'y'"),
-             ([{"x": 1}, {"tag": "no x"}], "line 2: point() needs 'x'"), ([{"x": 1}, 5], "line 2 must be a dict"),
-             ([{"x": float("nan")}], "line 1"))
+    cases = (([], "non-empty list"),
+             ([{"x": 1}, {"y": 2}], "line 2: point() takes no parameter 'y'"),
+             ([{"x": 1}, {"tag": "no x"}], "line 2: point() needs 'x'"),
+             ([{"x": 1}, 5], "line 2 must be a dict"), ([{"x": float("nan")}], "line 1"))
     for grid, said in cases:
         with pytest.raises(stackops.ConfigError, match=re.escape(said)):
             stackops.run_sweep(mod.point, config(job_id="bad"), grid)
@@ -1402,17 +1404,20 @@ def test_sweep_cli_ids_width_wait_and_cancel_on_the_sweep_id(home):
     target = f"{mod.__file__}:point"
     grid = home / "grid.jsonl"
     grid.write_text("".join(json.dumps({"x": index, "seconds": 60.0}) + "\n" for index in range(3)))
-    done = cli("run", target, "--sweep", str(grid), "--job-id", "long", "--max-jobs", "2", home=home)
+    done = cli("run", target, "--sweep", str(grid), "--job-id", "long", "--max-jobs", "2",
+               home=home)
     assert done.returncode == 0, done.stderr
     assert "3 jobs (long-0000 .. long-0002)" in done.stdout
-    wait_for(lambda: RemoteMachine.load("long-0001").get_status(0).status == "running", what="running")
+    wait_for(lambda: RemoteMachine.load("long-0001").get_status(0).status == "running",
+             what="two jobs running")
     assert RemoteMachine.load("long-0002").get_status(0).status in ("queued", "waiting")
     cancelled = cli("cancel", "long", "--grace", "1", home=home)
     assert cancelled.returncode == 0, cancelled.stderr
     assert sorted(cancelled.stdout.split("\n")[:3]) == [f"long-000{i} cancelled" for i in range(3)]
     waited = cli("wait", "long", "--timeout", "30", home=home)
     assert waited.returncode == 1 and waited.stdout.strip() == "long cancelled", waited
-    grid.write_text("".join(json.dumps({"x": index, "fail": index == 7}) + "\n" for index in range(12)))
+    lines = [json.dumps({"x": index, "fail": index == 7}) for index in range(12)]
+    grid.write_text("\n".join(lines) + "\n")
     done = cli("run", target, "--sweep", str(grid), "--kwargs", '{"tag": "w"}', "--job-id", "wide",
                "--max-jobs", "4", "--wait", "--json", home=home, timeout=300)
     assert done.returncode == 1, done.stderr  # one line failed, the others completed
@@ -4069,7 +4074,8 @@ def test_sweep_to_a_host_travels_as_one_stream_and_runs_each_line(remote, home):
     assert {job_id: report.status for job_id, report in reports.items()} == {
         f"rbw-{index:04d}": "failed" if index == 4 else "completed" for index in range(9)}
     for index in (0, 3, 8):
-        seen = json.loads((remote.remote_home / "sweep_out" / f"rbw-{index}" / "seen.json").read_text())
+        seen_file = remote.remote_home / "sweep_out" / f"rbw-{index}" / "seen.json"
+        seen = json.loads(seen_file.read_text())
         assert seen["x"] == index and seen["tag"] == "rbw"
     queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
     folders = [queued / "rbw"] + [queued / f"rbw-{index:04d}" for index in range(9)]
