@@ -6853,7 +6853,7 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
     function, the ids against the jobs that exist). The jobs share one copy of stackops, the
     wrapper, the launcher and the code snapshot (the folder ``<config.job_id>`` beside theirs);
     to a host they travel as one stream. A failed job does not stop the others. ``run=False``
-    prepares everything and starts nothing (Sweep.start() starts them)."""
+    prepares everything and starts nothing (``start ID-K`` starts a job)."""
     _check_sweep_config(config)
     lines = _sweep_lines(func_kwargs, grid)
     template = RemoteMachine(func, config, func_kwargs=lines[0], data=data)

@@ -230,11 +230,12 @@ EXPECTED_ALL = ['StackopsError', 'ConfigError', 'DependencyError', 'SlotError', 
     'ThreadLoadCalculator', 'MachineLoadCalculator', 'Cluster', 'CloudQueue', 'run_worker',
     'InterfaceAddress', 'interface_table', 'get_all_ipv4_addresses', 'lan_score',
     'choose_lan_ipv4', 'select_lan_ipv4', 'get_public_ip_address', 'switch_public_ip_address',
-    'switch_public_ip_address_with_log', 'main']
+    'switch_public_ip_address_with_log', 'main', 'Sweep', 'run_sweep', 'load_sweep_grid',
+    'sweep_job_ids']
 
 # Printed by public_surface() on the day the surface was fixed: a change here is one users see.
 EXPECTED_SURFACE = """
-__all__ = 56 names
+__all__ = 60 names
 class StackopsError(Exception)
 StackopsError(message: 'str', hint: 'str | None' = None) -> None
 class ConfigError(StackopsError, ValueError)
@@ -431,12 +432,18 @@ FileManager.unlock_resources(
 FileManager.write_log(self, relative: 'str', text: 'str') -> None
 class Slots(object)
 Slots(root: 'Path | None' = None) -> None
-Slots.entries(self) -> list[str]
-Slots.entry_state(self, name: 'str') -> str
+Slots.dispatcher_pid(self) -> int | None
+Slots.ensure_dispatcher(self, job_root: 'Path | None' = None) -> int | None
+Slots.entries(self, folder: 'str' = 'queue') -> list[str]
+Slots.entry_state(self, name: 'str', folder: 'str' = 'queue') -> str
 Slots.history(self) -> list[dict[str, Any]]
 Slots.holders(self) -> list[dict[str, Any]]
 Slots.place_of(self, entry: 'str') -> int | None
-Slots.refresh_views(self, finished: 'dict[str, Any] | None' = None) -> None
+Slots.refresh_views(
+    self,
+    finished: 'dict[str, Any] | None' = None,
+    queue: 'bool' = True,
+) -> None
 Slots.wait_for_slot(
     self,
     entry: 'str',
@@ -446,7 +453,7 @@ Slots.wait_for_slot(
     names: 'list[str] | None' = None,
     need: 'int' = 1,
 ) -> tuple[list[tuple[str, int]], _dt.datetime]
-Slots.waiters(self) -> list[dict[str, Any]]
+Slots.waiters(self, checked: 'int' = 20) -> list[dict[str, Any]]
 render_execution_script(execution_line: 'str') -> str
 render_shell_script(
     job_params: 'JobParams',
@@ -756,6 +763,25 @@ switch_public_ip_address_with_log(
     timeout: 'float | None' = None,
 ) -> tuple[bool, str, list[str]]
 main(argv: 'list[str] | None' = None) -> int
+class Sweep(object)
+Sweep(sweep_id: 'str', jobs: 'list[RemoteMachine]') -> None
+Sweep.cancel(self, grace: 'float' = 10.0) -> dict[str, JobStatus | StackopsError]
+Sweep.check_job_status(self, timeout: 'float' = 60.0) -> dict[str, JobStatus | StackopsError]
+Sweep.close(self) -> None
+property Sweep.job_id
+classmethod Sweep.load(sweep_id: 'str', base_dir: 'str | None' = None) -> Sweep
+Sweep.wait(self, timeout: 'float | None' = None, poll: 'float' = 0.5) -> dict[str, JobStatus]
+run_sweep(
+    func: 'Any',
+    config: 'RemoteStackOpsConfig',
+    grid: 'list[dict[str, Any]]',
+    func_kwargs: 'dict[str, Any] | None' = None,
+    data: 'list[str] | None' = None,
+    run: 'bool' = True,
+    progress: 'Callable[[int], None] | None' = None,
+) -> Sweep
+load_sweep_grid(path: 'str | os.PathLike[str]') -> list[dict[str, Any]]
+sweep_job_ids(sweep_id: 'str', count: 'int') -> list[str]
 """
 
 
