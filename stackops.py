@@ -3350,19 +3350,33 @@ def sweep_host_main() -> None:
     """The executing machine's end of a sweep's hand-over (stdin: one JSON request): write the
     job folders (unless the host sees ours: a shared home), then fire them. Refuses, before
     writing any, a job folder that exists. Prints {"pids": [...]}."""
-    request = json.loads(sys.stdin.read())
+    try:
+        _sweep_host(json.loads(sys.stdin.read()))
+    except StackopsError as exc:  # refused: one line, as the CLI says it
+        sys.stderr.write(f"stackops: error: {exc}\n")
+        raise SystemExit(3) from None
+
+
+def _sweep_host(request: dict[str, Any]) -> None:
     queued = expand_home(request["queued"])
     sweep_id = check_safe_name(request["sweep_id"])
     jobs = request["jobs"]
-    if request["write"]:
-        taken = [job_id for job_id, _ in jobs if os.path.lexists(queued / check_safe_name(job_id))]
-        if taken:
-            raise ConfigError(f"{len(taken)} job(s) of sweep {sweep_id} exist already there: "
-                              f"{', '.join(taken[:3])}")
-        links = sweep_links(queued, sweep_id)
-        for job_id, files in jobs:
-            write_sweep_job(queued, job_id, files, links)
-    pids = fire_sweep_jobs([queued / job_id for job_id, _ in jobs]) if request["fire"] else []
+    taken = [job_id for job_id, _ in jobs if os.path.lexists(queued / check_safe_name(job_id))]
+    if request["write"] and taken:
+        raise ConfigError(f"{len(taken)} job(s) of sweep {sweep_id} exist already there: "
+                          f"{', '.join(taken[:3])}")
+    written: list[Path] = []
+    try:
+        if request["write"]:
+            links = sweep_links(queued, sweep_id)
+            for job_id, files in jobs:
+                written.append(write_sweep_job(queued, job_id, files, links))
+        roots = [queued / job_id for job_id, _ in jobs]
+        pids = fire_sweep_jobs(roots) if request["fire"] else []
+    except BaseException:  # what this call wrote goes; an entry left behind is stale without it
+        for root in written:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     sys.stdout.write(json.dumps({"pids": pids}) + "\n")
 
 
@@ -6728,8 +6742,7 @@ def sweep_job_ids(sweep_id: str, count: int) -> list[str]:
 def _check_sweep_config(config: RemoteStackOpsConfig) -> None:
     refused = [(config.launch_method != "remotely", f"launch_method {config.launch_method!r}"),
                (config.transfer_method != "sftp", "transfer_method 'cloud'"),
-               (config.interactive, "interactive jobs"), (config.workload_params is not None
-                                                          and config.parallelize, "parallelize")]
+               (config.interactive, "interactive jobs")]
     for flag, what in refused:
         if flag:
             raise ConfigError(f"a sweep cannot run {what}",
@@ -6812,15 +6825,18 @@ class Sweep:
     def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
         """Cancel every job that has not ended (each as RemoteMachine.cancel does)."""
         answers: dict[str, JobStatus | StackopsError] = {}
-        for job_id, report in self.check_job_status().items():
-            job = next(job for job in self.jobs if job.job_id == job_id)
+        reports = self.check_job_status()
+        for job in self.jobs:
+            report = reports.get(job.job_id)
             if isinstance(report, JobStatus) and report.finished:
-                answers[job_id] = report
+                answers[job.job_id] = report
                 continue
+            job._ssh = job._ssh or self.jobs[0]._ssh  # one connection for all
             try:
-                answers[job_id] = job.cancel(grace)
+                answers[job.job_id] = job.cancel(grace)
             except StackopsError as exc:
-                answers[job_id] = exc
+                answers[job.job_id] = exc
+            self.jobs[0]._ssh = self.jobs[0]._ssh or job._ssh
         return answers
 
 
@@ -6874,18 +6890,23 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
     template.preflight()
     jobs = [_sweep_member(template, job_id, kwargs) for job_id, kwargs in zip(ids, lines)]
     sweep = Sweep(config.job_id, jobs)
+    made: list[str] = []  # what this call put in place, here (names) and there (the shared folder)
+    placed = False
     try:
         _write_sweep_folder(template, ids)
+        made.append(config.job_id)
         shared = _hand_over_sweep_folder(template, progress) if template.is_remote else False
+        placed = template.is_remote and not shared
         links = sweep_links(queued, config.job_id)
         manager = template.file_manager.to_dict()
         for job in jobs:
             write_sweep_job(queued, job.job_id, _sweep_job_files(job, manager), links)
+            made.append(job.job_id)
             job.shared = shared
         if template.is_remote:
             _sweep_host_command(template, jobs, write=not shared, fire=run)
     except BaseException:
-        _withdraw_sweep(template, ids)
+        _withdraw_sweep(template, made, placed)
         raise
     if run and not template.is_remote:
         _note_fired(jobs, fire_sweep_jobs([job.file_manager.job_root for job in jobs]))
@@ -6968,8 +6989,12 @@ def _sweep_host_command(template: RemoteMachine, jobs: list[RemoteMachine], writ
     if not answer or not answer[0].startswith("{"):
         said = [line[17:] for line in response.stderr.splitlines()
                 if line.startswith("stackops: error: ")]
+        if said:
+            raise ConfigError(f"sweep {template.job_id} was refused on {template.host_name}: "
+                              f"{said[0]}",
+                              hint="nothing of it is left there; choose another --job-id")
         raise CommandError(template.host_name, "sweep hand-over", response.returncode,
-                           said[0] if said else response.stderr)
+                           response.stderr)
     for job, pid in zip(jobs, json.loads(answer[0])["pids"]):
         job.launcher_pid = pid
 
@@ -6988,22 +7013,20 @@ def _note_fired(jobs: list[RemoteMachine], pids: list[int]) -> None:
         _write_plain(f"{job.file_manager.job_root}/{REMOTE_MACHINE_JSON}", text)
 
 
-def _withdraw_sweep(template: RemoteMachine, ids: list[str]) -> None:
-    """A sweep refused or broken off before its start leaves nothing behind, here or there."""
+def _withdraw_sweep(template: RemoteMachine, made: list[str], placed: bool) -> None:
+    """A sweep refused or broken off before its start leaves nothing behind: the folders this
+    call made here (``made``), and the shared folder it placed on the host (``placed``; the
+    host's end removes the job folders it wrote itself). Nothing that was there before."""
     queued = template.file_manager.job_root.parent
-    names = [template.job_id, *ids]
-    if template.is_remote and template._ssh is not None:
-        queued_rh = template.file_manager.job_root_rh.rsplit("/", 1)[0]
-        script = "".join(f"rm -rf -- {_sh_path(queued_rh + '/' + name)}\n" for name in names)
+    if placed:
+        where = _sh_path(template.file_manager.job_root_rh)
         with _suppress(Exception):
-            template.ssh.run_shell_cmd_on_remote("bash -s", timeout=60, strict=False,
-                                                 stdin=script.encode())
-    for name in names:
+            template.ssh.run_shell_cmd_on_remote(f"rm -rf -- {where}", timeout=60, strict=False)
+    for name in made:
         path = queued / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
     log.info("sweep %s was not submitted; its ids are free again", template.job_id)
-
 
 # ============================================================================================
 # 12. cluster: one workload split over several hosts by their CPU and RAM

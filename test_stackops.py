@@ -4733,6 +4733,24 @@ def test_sweep_to_a_host_travels_as_one_stream_and_runs_each_line(remote, home):
         assert {r.status for r in small.wait(timeout=60).values()} == {"completed"}
 
 
+def test_sweep_to_a_host_refuses_an_id_taken_there_and_leaves_nothing(remote, home):
+    mod = make_module(home, SWEEP_SOURCE)
+    with stackops.SSH.from_config_file("tb") as ssh:  # a job of another machine's, on the host only
+        theirs = "~/tmp_results/remote_machines/jobs/queued/htk-0001"
+        ssh.run_shell_cmd_on_remote(f"mkdir -p {theirs} && echo theirs > {theirs}/k")
+    cfg = config(job_id="htk", ssh_host="tb", copy_repo=True)
+    with pytest.raises(stackops.ConfigError, match="htk-0001"):
+        stackops.run_sweep(mod.point, cfg, [{"x": index} for index in range(3)])
+    queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert (queued / "htk-0001" / "k").read_text() == "theirs\n"
+    assert not any((queued / name).exists() for name in ("htk", "htk-0000", "htk-0002"))
+    local = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert not any(local.glob("htk*"))
+    sweep = stackops.run_sweep(mod.point, config(job_id="htk2", ssh_host="tb"), [{"x": 5}])
+    with sweep:  # the id is free again here, and the next sweep goes through
+        assert sweep.wait(timeout=60)["htk2-0000"].status == "completed"
+
+
 # ============================================================================================
 # 11. cluster: several hosts (network namespaces as root, 127.0.0.x otherwise)
 # ============================================================================================
