@@ -474,6 +474,108 @@ def sweep_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
     return rows
 
 
+def _clone_jobs(stackops, template, count: int) -> list:
+    """``count`` prepared copies of a prepared job (hard links: the same files, their own ids), as a
+    sweep makes them; returns their FileManagers."""
+    root = template.file_manager.job_root
+    managers = []
+    for i in range(count):
+        folder = root.parent / f"{root.name}-{i:05d}"
+        shutil.copytree(root, folder, copy_function=os.link)
+        for relative in (stackops.FILE_MANAGER_JSON, stackops.CONFIG_JSON, stackops.REMOTE_MACHINE_JSON):
+            data = json.loads((root / relative).read_text())
+            data["job_id"] = folder.name
+            (folder / relative).unlink()
+            (folder / relative).write_text(json.dumps(data))
+        managers.append(stackops.FileManager.from_job_root(folder))
+    return managers
+
+
+def _procs_naming(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _ended(managers: list) -> list[tuple[float, float]]:
+    from datetime import datetime
+
+    times = []
+    for manager in managers:
+        logs = manager.path("logs")
+        try:
+            times.append(tuple(datetime.fromisoformat((logs / name).read_text().strip()).timestamp()
+                               for name in ("start_time.txt", "end_time.txt")))
+        except (OSError, ValueError):
+            continue
+    return sorted(times)
+
+
+def queue_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
+    """A queue of 10,000 (quick: 1,000) trivial jobs on this machine, fired while all four slots are
+    held from here: what the queue holds, the views, then the hand-off on one slot and the wall
+    time on four."""
+    count = 1000 if quick else 10000
+    state = Path(tempfile.mkdtemp(dir=os.environ["HOME"]))
+    os.environ["STACKOPS_STATE_DIR"] = str(state)
+    project = bed.local_home / "proj"
+    project.mkdir(exist_ok=True)
+    (project / "trivial.py").write_text("res = None\n")
+    config = stackops.RemoteStackOpsConfig(job_id=f"sweep{next(_fresh)}", max_simultaneous_jobs=4)
+    template = stackops.RemoteMachine(str(project / "trivial.py"), config=config).run(run=False)
+    managers = _clone_jobs(stackops, template, count)
+    slots = stackops.Slots(state)
+    slots._ensure()
+    held = [stackops._try_flock(slots.slots / f"slot-{i}.lock") for i in range(4)]
+    script = "\n".join(f"{{ {m.get_fire_command()}; }} > /dev/null" for m in managers)
+    started = time.perf_counter()
+    subprocess.run(["bash", "-s"], input=script, text=True, check=True, capture_output=True)
+    fired = time.perf_counter() - started
+    time.sleep(1.0)
+    pids = _procs_naming(str(state))
+    rows = [absolute(f"memory held by {count} queued jobs", [sum(_rss_mib(pid) for pid in pids)], unit="MiB",
+                     note=f"{len(pids)} process(es); fired in {fired:.1f} s (target <= 50 MiB)")]
+    env = dict(os.environ, HOME=str(bed.local_home))
+    for what in (["list", "--json"], ["queue"]):
+        times = [timed(lambda: run_cmd([sys.executable, "-m", "stackops", *what], cwd=HERE, env=env))
+                 for _ in range(3)]
+        rows.append(absolute(f"`{' '.join(what)}` with {count} jobs on the machine", times,
+                             note="(target <= 500 ms)"))
+    os.close(held.pop(0))  # one slot: each job's end hands it to the next
+    while len(_ended(managers[:40])) < 31:
+        time.sleep(0.2)
+    chain = _ended(managers[:40])[:31]
+    gaps = [later[0] - earlier[1] for earlier, later in zip(chain, chain[1:])]
+    rows.append(absolute(f"slot hand-off with {count} queued", gaps, note="(median; target <= 50 ms)"))
+    done_before = len(_ended(managers))
+    released = time.time()
+    for fd in held:
+        os.close(fd)
+    while slots.entries() or slots.holders():
+        time.sleep(0.5)
+    last = max(end for _, end in _ended(managers))
+    ran = count - done_before
+    rows.append(absolute(f"{count} trivial jobs on 4 slots: wall per job", [(last - released) / ran],
+                         note=f"({ran} jobs in {last - released:.1f} s)"))
+    os.environ.pop("STACKOPS_STATE_DIR")
+    return rows
+
+
 def cluster_case(bed: Bed, stackops, runs: int) -> list[dict]:
     hosts = bed.add_nodes(4)
     project = bed.local_home / "proj"
@@ -572,6 +674,7 @@ def main() -> int:
         rows += snapshot_cases(bed, stackops, args.quick, runs)
         rows += slot_cases(bed, stackops, args.quick)
         rows += sweep_cases(bed, stackops, args.quick, runs)
+        rows += queue_cases(bed, stackops, args.quick)
         rows += cluster_case(bed, stackops, runs)
         rows += cli_cases(stackops, runs)
         rows += cancel_case(bed, stackops, runs)

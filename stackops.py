@@ -111,7 +111,8 @@ def _argparse() -> Any:
     if "argparse" not in sys.modules and "gettext" not in sys.modules:
         stand_in = types.ModuleType("gettext")
         stand_in.gettext = lambda message: message  # type: ignore[attr-defined]
-        stand_in.ngettext = lambda one, many, n: one if n == 1 else many  # type: ignore[attr-defined]
+        plural = lambda one, many, n: one if n == 1 else many  # noqa: E731
+        stand_in.ngettext = plural  # type: ignore[attr-defined]
         sys.modules["gettext"] = stand_in
         try:
             import argparse
@@ -124,7 +125,7 @@ def _argparse() -> Any:
 
 
 if not TYPE_CHECKING:
-    dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: for classes with no docstring
+    dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: classes with no docstring
     logging = _import_sparing("logging", "traceback")  # traceback: to format an exception
     _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
     shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
@@ -219,7 +220,7 @@ HISTORY_KEEP = 500
 DISPATCHER_PID = "dispatcher.pid"    # "<pid> <start ticks>" of the queue's live dispatcher
 DISPATCHER_LOCK = "dispatcher.lock"  # flocked by the one live dispatcher of a state folder
 DISPATCHER_LOG = "dispatcher.log"
-AFTER_DIR = "after"  # entries of jobs that wait for their parents (--after) before joining the queue
+AFTER_DIR = "after"  # entries of jobs waiting for their parents (--after), not yet in the queue
 FIRE_ENV = "logs/fire_env"  # the fire command's environment (env -0): the job starts with it
 DISPATCH_POLL = 0.02  # how often the dispatcher looks for a free slot (seconds)
 VIEWS_EVERY = 1.0     # the dispatcher rewrites the queue view at most this often (seconds)
@@ -672,6 +673,9 @@ _SIMPLE_TYPES: dict[str, Any] = {"str": str, "int": int, "float": (int, float), 
                                  "dict": dict, "None": type(None), "Any": object}
 
 
+_OPTIONS: dict[str, list[str]] = {}  # an annotation's alternatives, split once
+
+
 def _matches(value: Any, annotation: str) -> bool:
     if annotation.startswith("list[") and annotation.endswith("]"):
         inner = annotation[5:-1]
@@ -688,7 +692,10 @@ def _validate_fields(instance: Any) -> None:
     """Refuse a dataclass whose values do not match the annotations (strings, since PEP 563)."""
     for spec in dataclasses.fields(instance):
         value = getattr(instance, spec.name)
-        options = [part.strip() for part in str(spec.type).split("|")]
+        options = _OPTIONS.get(str(spec.type))
+        if options is None:
+            options = [part.strip() for part in str(spec.type).split("|")]
+            _OPTIONS[str(spec.type)] = options
         if not any(_matches(value, option) for option in options):
             raise ConfigError(f"{type(instance).__name__}.{spec.name} must be {spec.type}, "
                               f"got {type(value).__name__} {_shorten(repr(value), 60)}")
@@ -1208,8 +1215,10 @@ umask 077
 JOB_ROOT=$(cd "$(dirname "$0")/.." && pwd -P) || exit 1
 LOGS="$JOB_ROOT/logs"
 PYTHON=@@python
-if [ "${1:-}" = --dispatch ]; then  # the queue's dispatcher, run by the job's Python from the job's copy
-    exec "$PYTHON" -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import stackops
+# --dispatch STATE: the queue's dispatcher, from the job's copy, by python3 (3.8+) or the job's
+if [ "${1:-}" = --dispatch ]; then
+    P=python3; "$P" -S -c 'import sys; sys.exit(sys.version_info < (3, 8))' 2>/dev/null || P=$PYTHON
+    exec "$P" -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import stackops
 stackops.run_dispatcher(sys.argv[2])' "$JOB_ROOT/python" "${2:?the state folder}"
 fi
 _write() { printf '%s' "$2" > "$LOGS/.$1.tmp" && mv -f "$LOGS/.$1.tmp" "$LOGS/$1"; }
@@ -1230,7 +1239,7 @@ echo "=== SHELL START $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) ==="
 cd @@repo_dir || _fail "cannot enter the repo folder "@@repo_dir_text
 @@setup_lines
 echo "=== SHELL END ==="
-if [ -n "${STACKOPS_SLOT_FDS:-}" ]; then  # slots the dispatcher handed over: the wrapper alone holds them
+if [ -n "${STACKOPS_SLOT_FDS:-}" ]; then  # slots from the dispatcher: for the wrapper alone
     "$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py" &
     w=$!
     for f in $STACKOPS_SLOT_FDS; do [[ $f =~ ^[0-9]+$ ]] && eval "exec $f<&-"; done
@@ -1504,7 +1513,8 @@ fi
 place=
 if [ "$st" = waiting ] || [ "$st" = queued ]; then
     @@state_dir; S="$S"@@pool; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
-    if [ "$st" = queued ] && [ ! -e "$L/launcher_pid.txt" ] && [ -e "$S/queue/$me" -o -e "$S/after/$me" ]; then
+    if [ "$st" = queued ] && [ ! -e "$L/launcher_pid.txt" ] \
+        && [ -e "$S/queue/$me" -o -e "$S/after/$me" ]; then
         st=waiting; @@dispatch; _dispatch > /dev/null  # an entry in line: its dispatcher lives
     fi
 fi
@@ -1630,8 +1640,8 @@ def job_process_alive(job_root: Path, pid_file: str = PID_TXT) -> bool | None:
     return is_job_process(pid, path, _read_int(job_root / start_file))
 
 
-_PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while its folder is unchanged
-_DETACHED: list[subprocess.Popen[bytes]] = []  # dispatchers started from here (kept, never waited for)
+_PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while it is unchanged
+_DETACHED: list[subprocess.Popen[bytes]] = []  # dispatchers started here (kept, never waited for)
 
 
 class Slots:
@@ -1660,9 +1670,10 @@ class Slots:
 
     def entries(self, folder: str = "queue") -> list[str]:
         try:
-            return sorted(name for name in os.listdir(self.root / folder) if not name.startswith("."))
+            names = os.listdir(self.root / folder)
         except FileNotFoundError:
             return []
+        return sorted(name for name in names if not name.startswith("."))
 
     def entry_state(self, name: str, folder: str = "queue") -> str:
         """``waiting`` (its own wrapper holds it: an interactive job waits in person), ``pending``
@@ -1717,8 +1728,8 @@ class Slots:
             return None
         with open(self.root / DISPATCHER_LOG, "ab") as out:
             started = subprocess.Popen(["bash", str(launcher), "--dispatch", str(self.root)],
-                                       stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+                                       stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
         _DETACHED.append(started)
         return started.pid
 
@@ -1747,7 +1758,7 @@ class Slots:
                     with _suppress(FileNotFoundError):
                         os.unlink(self.queue / ahead[0])
                     continue
-                if state == "queued" and time.monotonic() > look:  # data ahead: its dispatcher lives
+                if state == "queued" and time.monotonic() > look:  # data ahead: a dispatcher lives
                     look = time.monotonic() + 1.0
                     self.ensure_dispatcher()
                 if ahead:  # the next in line looks as often as the first, so a freed slot passes on fast
@@ -2026,11 +2037,16 @@ class FileManager:
         the dispatcher starts it with), then its entry, which appears whole, never empty."""
         temp = f'"$S/{folder}/.$t-"{shlex.quote(self.job_id)}.tmp'
         steps = [self._state_sh(), 'case $S in /*) ;; *) S="$PWD/$S" ;; esac',
-                 'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}', 'mkdir -p -m 700 "$S"',
+                 'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}',
+                 '{ [ -d "$S" ] || mkdir -p -m 700 "$S"; }',
                  '{ _trusted "$S" "state folder" || _failed "$R"; }',
-                 f'mkdir -p -m 700 "$S/queue" "$S/slots" "$S/{folder}"', "t=$(date +%s%N)",
+                 f'{{ [ -d "$S/{folder}" ] && [ -d "$S/slots" ] && [ -d "$S/queue" ] '
+                 f'|| mkdir -p -m 700 "$S/queue" "$S/slots" "$S/{folder}"; }}',
+                 # the fire time in ns: bash 5 knows it without starting `date`
+                 '{ t=${EPOCHREALTIME:-}; t=${t//[!0-9]/}; '
+                 '[ ${#t} = 16 ] && t=${t}000 || t=$(date +%s%N); }',
                  'printf "%s" "$t" > "$J/logs/ticket.txt"']
-        if dispatched:  # the dispatcher starts the job as if from here: in the job folder, with this env
+        if dispatched:  # the dispatcher starts it as if from here: in its folder, with this env
             steps.append(f'{{ cd "$J" && env -0 > "$J/{FIRE_ENV}" || rm -f "$J/{FIRE_ENV}"; }}')
         return steps + [f'printf "%s" "$J" > {temp}', f"mv -f {temp} {entry}"]
 
@@ -2057,10 +2073,11 @@ class FileManager:
         else:
             self._wait_in_person(slots)
         holder = {"job_id": self.job_id, "job_root": str(self.job_root), "pid": os.getpid(),
-                  "submission_time": _iso(self.submission_time), "start_time": _iso(self.admitted_at)}
+                  "submission_time": _iso(self.submission_time),
+                  "start_time": _iso(self.admitted_at)}
         if self.gpus:
             held = [name[4:] for name, _ in self._slot or []]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)  # the job's code sees exactly its GPUs
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)  # the job's code sees its GPUs only
             holder["gpus"] = held
         for name, _ in self._slot or []:
             _atomic_write_json(slots.slots / f"{name}.json", holder)
@@ -2078,7 +2095,8 @@ class FileManager:
             return False
         numbers = [int(fd) for fd in fds.split() if fd.isdigit()]
         if not numbers or len(numbers) != len(names):
-            raise SlotError(f"job {self.job_id}: the slots handed over are unreadable ({fds!r}, {names!r})")
+            raise SlotError(f"job {self.job_id}: the slots handed over are unreadable "
+                            f"({fds!r}, {names!r})")
         for fd in numbers:
             os.set_inheritable(fd, False)  # the job's own children never hold the slot
         self._slot = list(zip(names, numbers))
@@ -2197,7 +2215,7 @@ class FileManager:
         if status == "waiting":
             ticket = _read_text(self.path(TICKET_TXT)).strip()
             place = self.slots().place_of(f"{ticket}-{self.job_id}")
-        output = _read_text(self.path(OUTPUT_LOG))
+        output = _read_text(self.path(OUTPUT_LOG)) if log_lines > 0 else ""  # a list reads no logs
         return JobStatus(job_id=self.job_id, status=status, pid=_read_int(self.path(PID_TXT)),
                          submission_time=_iso(self.submission_time),
                          start_time=_read_text(self.path(START_TXT)).strip() or None,
@@ -2236,7 +2254,8 @@ class FileManager:
             notify = (f'[ -e "$L/notified.txt" ] || '
                       f'{{ setsid {notify} </dev/null >>"$L/output.log" 2>&1 & }}')
         script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
-                                 marker=marker, lines=str(max(0, int(log_lines))), state_dir=self._state_sh(),
+                                 marker=marker, lines=str(max(0, int(log_lines))),
+                                 state_dir=self._state_sh(),
                                  fallback=fallback, pool=self._pool_sh(), notify=notify or ":",
                                  grace=str(int(LAUNCHER_GRACE / 0.05)), dispatch=_DISPATCH_SH)
         return f"bash -c {shlex.quote(script)}"
@@ -2638,7 +2657,7 @@ def run_job(job_root: str | os.PathLike[str],
     try:
         try:
             config = _read_json(manager.path(CONFIG_JSON))
-            handed = "STACKOPS_SLOT_FDS" in os.environ  # by the dispatcher, once the parents completed
+            handed = "STACKOPS_SLOT_FDS" in os.environ  # by the dispatcher: the parents completed
             if config.get("after") and config.get("launch_method") != "slurm" and not handed:
                 _wait_for_parents(manager, list(config["after"]))
             manager.secure_resources()
@@ -2667,15 +2686,17 @@ def run_job(job_root: str | os.PathLike[str],
     return res
 
 
-# -- the queue's dispatcher: hands slots to queued entries, first come first served ------------------
+# -- the queue's dispatcher: hands slots to queued entries, first come first served --------------
 
 def run_dispatcher(root: str | os.PathLike[str]) -> None:
     """Hand the slots of the queue in ``root`` (a state folder) to its entries, in order, while it
     has any; then exit. At most one runs per queue (an flock); a second one exits at once, and one
-    killed is replaced by the next stackops call that finds a job in line (Slots.ensure_dispatcher)."""
+    killed is replaced by the next stackops call that finds a job in line
+    (Slots.ensure_dispatcher)."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s stackops dispatcher %(process)d: %(message)s"))
+        line = "%(asctime)s stackops dispatcher %(process)d: %(message)s"
+        handler.setFormatter(logging.Formatter(line))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     _Dispatcher(Path(root)).run()
@@ -2716,7 +2737,8 @@ class _Dispatcher:
             os.close(lock)
 
     def _announce(self) -> None:
-        _atomic_write_text(self.slots.root / DISPATCHER_PID, f"{os.getpid()} {process_start_ticks() or ''}")
+        me = f"{os.getpid()} {process_start_ticks() or ''}"
+        _atomic_write_text(self.slots.root / DISPATCHER_PID, me)
 
     def _round(self) -> bool:
         """One look at the queue; False when this dispatcher's work is done."""
@@ -2777,7 +2799,7 @@ class _Dispatcher:
             return name, job_root
 
     def _hand_over(self, name: str, job_root: Path) -> bool:
-        """Start the job of entry ``name`` holding a free slot (or its GPUs); False when none is free."""
+        """Start the job of entry ``name`` holding a free slot (or its GPUs); False: none free."""
         try:
             manager = FileManager.from_job_root(job_root)
             env = _fire_env(job_root)
@@ -2788,7 +2810,8 @@ class _Dispatcher:
         if manager.gpus:
             gpus = gpu_ids(env)
             if len(gpus) < manager.gpus:
-                why = f"job {manager.job_id} needs {manager.gpus} GPU(s) and this machine has {len(gpus)}"
+                why = (f"job {manager.job_id} needs {manager.gpus} GPU(s) and this machine has "
+                       f"{len(gpus)}")
                 self._refuse(name, job_root, why)
                 return True
             names, need = [f"gpu-{gpu}" for gpu in gpus], manager.gpus
@@ -2808,7 +2831,8 @@ class _Dispatcher:
                held: list[tuple[str, int]]) -> None:
         taken = _utcnow()
         env = dict(env, STACKOPS_SLOT_FDS=" ".join(str(fd) for _, fd in held),
-                   STACKOPS_SLOT_NAMES=" ".join(slot for slot, _ in held), STACKOPS_ADMITTED=_iso(taken) or "")
+                   STACKOPS_SLOT_NAMES=" ".join(slot for slot, _ in held),
+                   STACKOPS_ADMITTED=_iso(taken) or "")
         root = manager.job_root
         with open(manager.path(OUTPUT_LOG), "ab") as out:
             child = subprocess.Popen(["bash", str(root / LAUNCHER_SH)], cwd=str(root), env=env,
@@ -2816,7 +2840,7 @@ class _Dispatcher:
                                      pass_fds=[fd for _, fd in held], start_new_session=True)
         self.children.append(child)
         manager.write_log(LAUNCHER_START_TXT, str(process_start_ticks(child.pid) or ""))
-        manager.write_log(LAUNCHER_PID_TXT, str(child.pid))  # before the entry goes: never unaccounted
+        manager.write_log(LAUNCHER_PID_TXT, str(child.pid))  # before the entry goes
         holder = {"job_id": manager.job_id, "job_root": str(root), "launcher_pid": child.pid,
                   "submission_time": _iso(manager.submission_time), "start_time": _iso(taken)}
         for slot, _ in held:
@@ -2854,20 +2878,23 @@ class _Dispatcher:
             if name not in self.parents:
                 with _suppress(OSError, StackopsError):
                     self.parents[name] = list(_read_json(job_root / CONFIG_JSON).get("after") or [])
-            states = {parent: _parent_state(job_root.parent / parent) for parent in self.parents.get(name, [])}
+            states = {parent: _parent_state(job_root.parent / parent)
+                      for parent in self.parents.get(name, [])}
             ended = [f"{parent} {state}" for parent, state in states.items()
                      if state in ("failed", "cancelled", "gone")]
             if ended:
                 self._refuse(name, job_root, f"cancelled: it runs after {', '.join(ended)}",
                              AFTER_DIR, "cancelled")
                 continue
-            pending = [f"{parent} ({state})" for parent, state in states.items() if state != "completed"]
+            pending = [f"{parent} ({state})" for parent, state in states.items()
+                       if state != "completed"]
             reason = "after " + ", ".join(pending) if pending else ""
             if _read_text(job_root / REASON_TXT) != reason:
                 _atomic_write_text(job_root / REASON_TXT, reason)
             if not pending:  # now in line, like a job fired at this moment
                 ticket = f"{time.time_ns():019d}"
-                os.rename(self.slots.root / AFTER_DIR / name, self.slots.queue / f"{ticket}-{job_root.name}")
+                target = self.slots.queue / f"{ticket}-{job_root.name}"
+                os.rename(self.slots.root / AFTER_DIR / name, target)
                 _atomic_write_text(job_root / TICKET_TXT, ticket)
                 self.relist = 0.0
 
@@ -3385,10 +3412,11 @@ def _sweep_host(request: dict[str, Any]) -> None:
 # ============================================================================================
 
 DEFAULT_PUBLIC_IP_URL = "https://ipinfo.io/json"
-_VIRTUAL_IFACE = _LazyPattern(r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
-                            r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)",
-                            re.IGNORECASE)
-_PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)", re.IGNORECASE)
+_VIRTUAL_IFACE = _LazyPattern(
+    r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
+    r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)", re.IGNORECASE)
+_PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)",
+                               re.IGNORECASE)
 _NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16", "192.168.49.0/24",
                    "10.0.2.0/24")
 
@@ -7943,6 +7971,8 @@ def _on_host(host: str, argv: list[str], accept_new: bool = False) -> Any:
 
 
 def _queue_view(slots: Slots, history: int) -> dict[str, Any]:
+    with _suppress(OSError, StackopsError):
+        slots.ensure_dispatcher()  # a queue whose dispatcher died drains again from here
     return {"state_dir": collapse_home(slots.root), "running": slots.holders(), "waiting": slots.waiters(),
             "history": slots.history()[-history:] if history else []}
 
@@ -7970,8 +8000,8 @@ def _print_queue(view: dict[str, Any]) -> None:
     _print_table([["  " + str(h["slot"]), h.get("job_id", "?"), f"pid {h.get('pid', '?')}",
                    "since " + str(h.get("start_time", "?"))[:19]] for h in view["running"]])
     print(f"waiting ({len(view['waiting'])}):")
-    _print_table([[f"  {w['place']}.", w["job_id"], w["state"], "since " + str(w["queued_since"])[:19]]
-                  for w in view["waiting"]])
+    _print_table([[f"  {w['place'] or '-'}.", w["job_id"], w["state"],
+                   "since " + str(w["queued_since"])[:19]] for w in view["waiting"]])
     print(f"history (last {len(view['history'])}):")
     _print_table([["  " + h.get("job_id", "?"), h.get("status", "?"),
                    _format_duration(h.get("duration_seconds") or 0), "ended " + str(h.get("end_time"))[:19]]

@@ -49,7 +49,13 @@ def home(tmp_path, monkeypatch):
 
 
 def _stop_leftovers(home: Path) -> None:
-    """Kill, by pid, the job processes a test started and left behind."""
+    """Kill, by pid, the job processes a test started and left behind (queue dispatchers first,
+    so they start nothing more)."""
+    for pid_file in home.glob("**/dispatcher.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid, start = pid_file.read_text().split()
+            if str(stackops.process_start_ticks(int(pid))) == start:
+                os.kill(int(pid), signal.SIGKILL)
     for pid_file in itertools.chain(home.glob("**/logs/launcher_pid.txt"), home.glob("**/logs/pid.txt")):
         pid = int(pid_file.read_text() or 0)
         if pid and stackops.pid_is_alive(pid, pid_file.parent.parent.name):
@@ -58,6 +64,13 @@ def _stop_leftovers(home: Path) -> None:
                     kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+
+
+def _launcher_of(machine: RemoteMachine, job_root: Path | None = None) -> int:
+    """The pid of a started job's launcher, as its folder records it (a queued job's fire returns
+    the pid of the queue's dispatcher, which starts the launcher when a slot is free)."""
+    path = (job_root or machine.file_manager.job_root) / stackops.LAUNCHER_PID_TXT
+    return int(wait_for(lambda: path.exists() and path.read_text().strip(), what="the launcher's pid"))
 
 
 _counter = itertools.count()
@@ -1197,7 +1210,7 @@ def test_job_killed_is_failed_process_gone_and_frees_slot(home):
     mod = make_module(home, JOBS_SOURCE)
     victim = RemoteMachine(mod.sleeper, config=config(job_id="victim")).run()
     wait_for(lambda: victim.get_status().status == "running", what="victim running")
-    os.killpg(victim.launcher_pid, signal.SIGKILL)  # the whole detached session, launcher included
+    os.killpg(_launcher_of(victim), signal.SIGKILL)  # the whole detached session, launcher included
     report = wait_for(lambda: victim.get_status() if victim.get_status().finished else None, what="failed")
     assert report.status == "failed" and "process gone" in report.error_message
     assert Slots().holders() == []
@@ -1300,23 +1313,25 @@ def _gated_python(home: Path, gate: Path) -> Path:
     return stub
 
 
-def test_slots_slow_launcher_stays_pending_however_old_and_jobs_start_in_order(home):
-    """An entry whose launcher lives is pending, even 2 minutes after it was fired: it was deleted
-    as stale after 60 s and the next job started first."""
+def test_slots_slow_launcher_holds_its_slot_and_an_old_entry_keeps_its_place(home):
+    """A job whose launcher is slow (an install, a pull) was handed its slot first and keeps it;
+    the next waits behind it, as an entry, however old (entries never age out: one was once
+    deleted as stale after 60 s and its job never ran)."""
     mod = make_module(home, JOBS_SOURCE)
     gate = home / "gate"
     slow = RemoteMachine(mod.train, config=config(job_id="slow", python=str(_gated_python(home, gate)))).run()
+    _launcher_of(slow)
+    fast = RemoteMachine(mod.train, config=config(job_id="fast")).run()
     queue = Slots().queue
     [entry] = Slots().entries()
     old = f"{int(entry.split('-', 1)[0]) - 120 * 10**9:019d}"  # as if fired 2 minutes ago
-    slow.file_manager.write_log(stackops.TICKET_TXT, old)
-    os.rename(queue / entry, queue / f"{old}-slow")
-    wait_for(lambda: slow.file_manager.path(stackops.LAUNCHER_PID_TXT).exists(), what="slow launcher")
-    fast = RemoteMachine(mod.train, config=config(job_id="fast")).run()
-    wait_for(lambda: fast.get_status(0).status == "waiting", what="fast waiting")
-    waiters = Slots().waiters()
-    assert [(w["job_id"], w["state"]) for w in waiters] == [("slow", "pending"), ("fast", "waiting")]
-    assert slow.get_status(0).status == "queued" and fast.get_status(0).place == 2
+    fast.file_manager.write_log(stackops.TICKET_TXT, old)
+    os.rename(queue / entry, queue / f"{old}-fast")
+    assert [(w["job_id"], w["state"]) for w in Slots().waiters()] == [("fast", "queued")]
+    assert slow.get_status(0).status == "queued" and fast.get_status(0).place == 1
+    assert [h["job_id"] for h in Slots().holders()] == ["slow"]
+    time.sleep(0.5)
+    assert fast.get_status(0).status == "waiting", "the slot is the slow job's until it ends"
     gate.touch()
     reports = [wait_done(slow), wait_done(fast)]
     assert [r.status for r in reports] == ["completed", "completed"]
@@ -1776,8 +1791,7 @@ class QueueMachine(stateful.RuleBasedStateMachine):
             return
         job = slow[pick % len(slow)]
         job["slow"] = False
-        pid = wait_for(lambda: self._read(job, stackops.LAUNCHER_PID_TXT), what="launcher pid")
-        (self.gates / pid).touch()
+        (self.gates / f"{job['machine'].job_id}.go").touch()
 
     @stateful.rule(outcome=hypothesis.strategies.sampled_from(["ok", "fail", "sigkill"]),
                    pick=hypothesis.strategies.integers(0, 99))
@@ -1800,9 +1814,11 @@ class QueueMachine(stateful.RuleBasedStateMachine):
 
     def _killable(self) -> list[dict]:
         """Jobs whose launcher may die: a started wrapper's, or a slow one's (its Python may be
-        starting right after a fast launcher: a window this test does not model)."""
-        return [j for j in self.jobs if self.seen.get(j["machine"].job_id) in ("waiting", "running")
-                or (self.seen.get(j["machine"].job_id) == "queued" and j["slow"])]
+        starting right after a fast launcher: a window this test does not model). A job still in
+        line is an entry: it has no launcher yet."""
+        return [j for j in self.jobs if self._read(j, stackops.LAUNCHER_PID_TXT)
+                and (self.seen.get(j["machine"].job_id) == "running"
+                     or (self.seen.get(j["machine"].job_id) == "queued" and j["slow"]))]
 
     @stateful.rule(pick=hypothesis.strategies.integers(0, 99))
     @_observed
@@ -1839,11 +1855,14 @@ class QueueMachine(stateful.RuleBasedStateMachine):
             self.seen[machine.job_id] = report.status
             if report.start_time:  # live entries start in order: nobody passes a job still in line
                 assert not unstarted, f"{machine.job_id} started before {unstarted}, fired earlier"
-            elif not report.finished:
-                unstarted.append(machine.job_id)
+            elif not report.finished and not self._read(job, stackops.LAUNCHER_PID_TXT):
+                unstarted.append(machine.job_id)  # (one handed its slot may be slow to start)
             wrapper = f"{os.path.realpath(machine.file_manager.job_root)}/python/cluster_wrap.py"
-            if report.status in ("waiting", "running"):  # the process table agrees
+            if report.status == "running":  # the process table agrees
                 assert _procs_naming(wrapper), (machine.job_id, report.status)
+            if report.status == "waiting":  # an entry in line, started by nothing yet
+                assert any(name.endswith(f"-{machine.job_id}") for name in slots.entries()), machine.job_id
+                assert not _procs_naming(wrapper), machine.job_id
             if "process gone" in report.error_message:
                 assert not _procs_naming(wrapper), (machine.job_id, report.error_message)
             if report.start_time:
@@ -1862,9 +1881,8 @@ class QueueMachine(stateful.RuleBasedStateMachine):
 
     @_observed
     def _every_job_ends(self) -> None:
-        for job in self.jobs:  # a launcher fired just now records itself in a moment
-            pid = wait_for(lambda j=job: self._read(j, stackops.LAUNCHER_PID_TXT), what="launcher pid")
-            (self.gates / pid).touch()
+        for job in self.jobs:
+            (self.gates / f"{job['machine'].job_id}.go").touch()
             Path(f"{self.gates / job['machine'].job_id}.ok").touch()
         for job in self.jobs:
             report = wait_for(lambda j=job: (r := j["machine"].get_status(0)).finished and r, timeout=60,
@@ -1885,8 +1903,10 @@ def test_slots_queue_state_machine(home, tmp_path, monkeypatch):
     shims = tmp_path / "shims"
     shims.mkdir()
     gates = "$HOME/gates"
-    (shims / "git").write_text(f"#!/bin/bash\n# a slow `git pull`: waits until the test lets its launcher go\n"
-                               f"while [ ! -e {gates}/$PPID ] && [ -d /proc/$PPID ]; do sleep 0.02; done\n")
+    (shims / "git").write_text(  # a slow `git pull`: waits until the test lets its job go
+        "#!/bin/bash\nj=$(tr '\\0' '\\n' < /proc/$PPID/cmdline | grep cluster_script.sh)\n"
+        "j=${j%/shell/cluster_script.sh}; j=${j##*/}\n"
+        f"while [ ! -e {gates}/$j.go ] && [ -d /proc/$PPID ]; do sleep 0.02; done\n")
     (shims / "git").chmod(0o755)
     monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
     QueueMachine.base = tmp_path
@@ -2374,7 +2394,8 @@ def test_control_gpus_are_their_own_pool_never_shared_and_cpu_jobs_pass(home, mo
         assert _peak([run for run in gpu_runs if run["cuda"] == gpu]) == 1  # never two jobs on one GPU
     assert runs["cpu"]["start"] < max(run["start"] for run in gpu_runs)  # it did not queue behind them
     queue = json.loads(cli("queue", "--json", home=home, env_extra={"STACKOPS_GPUS": "0,1"}).stdout)
-    assert [h["job_id"] for h in queue["pools"]["gpu"]["history"]] == ["g0", "g1", "g2", "g3"]
+    assert sorted(h["job_id"] for h in queue["pools"]["gpu"]["history"]) == ["g0", "g1", "g2", "g3"]
+    assert sorted(gpu_runs, key=lambda run: run["start"]) == gpu_runs  # started in the order fired
     with pytest.raises(ConfigError, match="asks for 3 GPU"):
         RemoteMachine(mod.work, config(job_id="g-many", gpus=3), func_kwargs={"log": "x", "tag": "x"}).run()
     (home / "x.py").write_text("")
@@ -3082,6 +3103,138 @@ def test_cli_logs_follow_counts_bytes_so_invalid_utf8_drops_nothing(home):
     assert "bad \ufffd" in out and "AFTER-THE-BAD-BYTES" in out, out[-500:]
 
 
+# -- queued jobs are data: one dispatcher per queue, whatever its length (issue 16) ---------------
+
+def _dispatcher_pid(slots: Slots | None = None) -> int | None:
+    slots = slots or Slots()
+    return slots.dispatcher_pid()
+
+
+def _clone_jobs(template: RemoteMachine, count: int, stem: str) -> list[FileManager]:
+    """``count`` prepared (not fired) copies of a prepared job, as a sweep would make them: the
+    same files (hard links), their own ids. Returns their FileManagers."""
+    root = template.file_manager.job_root
+    managers = []
+    for i in range(count):
+        job_id = f"{stem}-{i:04d}"
+        folder = root.parent / job_id
+        shutil.copytree(root, folder, copy_function=os.link)
+        for relative in (stackops.FILE_MANAGER_JSON, stackops.CONFIG_JSON, stackops.REMOTE_MACHINE_JSON):
+            data = json.loads((root / relative).read_text())
+            data["job_id"] = job_id
+            (folder / relative).unlink()
+            (folder / relative).write_text(json.dumps(data))
+        managers.append(FileManager.from_job_root(folder))
+    return managers
+
+
+def _fire_all(managers: list[FileManager]) -> None:
+    """The fire commands of all ``managers``, in order, in one bash (as fast as a host would)."""
+    script = "\n".join(f"{{ {m.get_fire_command()}; }} > /dev/null" for m in managers)
+    done = subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _stackops_processes(home: Path) -> list[int]:
+    """Live processes started for this home's jobs and queue: launchers, wrappers, dispatchers."""
+    return [pid for pid in _procs_naming(str(home)) if pid != os.getpid()]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_queue_thousand_queued_jobs_are_entries_few_processes_little_memory(home):
+    """1,000 jobs queued behind a busy slot cost files: one dispatcher, not 1,000 processes."""
+    mod = make_module(home, JOBS_SOURCE)
+    holder = RemoteMachine(mod.sleeper, config=config(job_id="busy"), func_kwargs={"seconds": 900}).run()
+    wait_for(lambda: holder.get_status(0).status == "running", what="the holder running")
+    template = RemoteMachine(mod.echo, config=config(job_id="tpl"), func_kwargs={"n": 1}).run(run=False)
+    managers = _clone_jobs(template, 1000, "many")
+    _fire_all(managers)
+    slots = Slots()
+    assert len(slots.entries()) == 1000
+    processes = _stackops_processes(home)
+    dispatcher = _dispatcher_pid()
+    assert dispatcher in processes
+    # the holder's launcher and wrapper, and the dispatcher: nothing per queued job
+    assert len(processes) <= 4, [Path(f"/proc/{p}/cmdline").read_bytes() for p in processes]
+    assert _rss_kib(dispatcher) < 50 * 1024
+    last = managers[-1]
+    report = last.status_report(0)
+    assert report.status == "waiting" and report.place == 1000
+    assert _shell_status(last, 0).place == 1000
+    holder.cancel(grace=0)
+
+
+def test_queue_jobs_start_in_the_order_fired_and_the_dispatcher_ends_with_the_queue(home):
+    mod = make_module(home, JOBS_SOURCE)
+    counter = home / "counter.json"
+    holder = RemoteMachine(mod.sleeper, config=config(job_id="first", max_simultaneous_jobs=2),
+                           func_kwargs={"seconds": 2.0}).run()
+    machines = [RemoteMachine(mod.counted, config=config(job_id=f"fifo{i:02d}", max_simultaneous_jobs=2),
+                              func_kwargs={"i": i, "counter": str(counter), "seconds": 0.2}).run()
+                for i in range(12)]
+    reports = [wait_done(m, timeout=120) for m in [holder] + machines]
+    assert [r.status for r in reports] == ["completed"] * 13
+    starts = [stackops._parse_iso(r.start_time) for r in reports]
+    assert starts == sorted(starts), "jobs must start in the order they were fired"
+    assert json.loads(counter.read_text())[1] <= 2
+    wait_for(lambda: _dispatcher_pid() is None, timeout=10, what="the dispatcher to end with its queue")
+    assert not (Slots().root / stackops.DISPATCHER_PID).exists()
+    assert Slots().entries() == []
+    wait_for(lambda: _stackops_processes(home) == [], timeout=10, what="every launcher to end")
+
+
+def test_queue_dispatcher_sigkilled_is_replaced_and_the_queue_drains(home):
+    """Kill the process that hands jobs over, again and again: the next stackops call on the machine
+    (a status check) starts another, and every job still runs, in order, at most N at once."""
+    mod = make_module(home, JOBS_SOURCE)
+    counter = home / "counter.json"
+    machines = [RemoteMachine(mod.counted, config=config(job_id=f"k{i:02d}", max_simultaneous_jobs=2),
+                              func_kwargs={"i": i, "counter": str(counter), "seconds": 0.3}).run()
+                for i in range(10)]
+    killed = 0
+    deadline = time.monotonic() + 120
+    while not all(m.get_status(0).finished for m in machines):
+        assert time.monotonic() < deadline, [m.get_status(0).status for m in machines]
+        pid = _dispatcher_pid()
+        if pid is not None and killed < 6:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+            time.sleep(0.3)  # nobody looks: the queue waits for the next call, with nothing lost
+        time.sleep(0.05)
+    assert killed >= 3
+    reports = [m.get_status(0) for m in machines]
+    assert [r.status for r in reports] == ["completed"] * 10
+    starts = [r.start_time for r in reports]
+    assert starts == sorted(starts)
+    assert json.loads(counter.read_text())[1] <= 2
+
+
+def test_queue_cancel_of_a_queued_entry_removes_it_and_nothing_runs(home):
+    mod = make_module(home, JOBS_SOURCE)
+    holder = RemoteMachine(mod.sleeper, config=config(job_id="hold")).run()
+    wait_for(lambda: holder.get_status(0).status == "running", what="the holder running")
+    first = RemoteMachine(mod.train, config=config(job_id="one")).run()
+    middle = RemoteMachine(mod.train, config=config(job_id="two")).run()
+    last = RemoteMachine(mod.train, config=config(job_id="three")).run()
+    assert [middle.get_status(0).status, middle.get_status(0).place] == ["waiting", 2]
+    assert [w["job_id"] for w in Slots().waiters()] == ["one", "two", "three"]
+    report = middle.cancel(grace=1)
+    assert report.status == "cancelled" and report.start_time is None
+    assert [w["job_id"] for w in Slots().waiters()] == ["one", "three"]
+    assert last.get_status(0).place == 2
+    holder.cancel(grace=1)
+    assert wait_done(first).status == "completed" and wait_done(last).status == "completed"
+    assert middle.get_status(0).status == "cancelled"
+    assert not middle.file_manager.path(stackops.LAUNCHER_PID_TXT).exists(), "a cancelled entry never starts"
+    assert not middle.file_manager.path(stackops.START_TXT).exists()
+
+
 # ============================================================================================
 # 9-10. SSH against a real OpenSSH server on loopback, as an account whose home is not ours
 # ============================================================================================
@@ -3225,6 +3378,7 @@ def sshd():
 
 
 def _kill_remote_leftovers(remote_home: Path) -> None:
+    _stop_leftovers(remote_home)
     for pid_file in itertools.chain(remote_home.glob("**/logs/launcher_pid.txt"), remote_home.glob("**/logs/pid.txt")):
         text = pid_file.read_text().strip()
         if text.isdigit() and stackops.pid_is_alive(int(text), pid_file.parent.parent.name):
@@ -3334,7 +3488,8 @@ def test_remote_job_killed_on_host_is_failed(remote, home):
     with RemoteMachine(mod.sleeper, config=config(job_id="remote-victim", ssh_host="tb", copy_repo=True)) as m:
         m.run()
         report = wait_for(lambda: m.get_status() if m.get_status().status == "running" else None, what="running")
-        os.killpg(m.launcher_pid, signal.SIGKILL)  # on loopback the host's pids are ours to see
+        remote_root = remote.remote_home / m.file_manager.job_root_rh[2:]
+        os.killpg(_launcher_of(m, remote_root), signal.SIGKILL)  # on loopback the host's pids are ours
         report = wait_for(lambda: m.get_status() if m.get_status().finished else None, what="failed")
         assert report.status == "failed" and "process gone" in report.error_message
         with pytest.raises(JobFailedError):
@@ -5762,7 +5917,7 @@ def test_email_whole_tree_gone_is_reported_once_by_the_status_check(home, smtp):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.sleeper, config=config(job_id="rebooted", **MAIL)).run()
     wait_for(lambda: machine.get_status(0).status == "running", what="running")
-    os.killpg(machine.launcher_pid, signal.SIGKILL)
+    os.killpg(_launcher_of(machine), signal.SIGKILL)
     pid = int(machine.file_manager.path(stackops.PID_TXT).read_text())
     wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
     report = machine.get_status(0)
@@ -5792,8 +5947,8 @@ def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote,
     with RemoteMachine(mod.sleeper, config=config(job_id="rgone", ssh_host="tb", copy_repo=True, **MAIL)) as m:
         m.run()
         wait_for(lambda: m.get_status(0).status == "running", what="running")
-        os.killpg(m.launcher_pid, signal.SIGKILL)  # loopback: the host's processes are ours to see
         remote_root = remote.remote_home / m.file_manager.job_root_rh[2:]
+        os.killpg(_launcher_of(m, remote_root), signal.SIGKILL)  # loopback: the host's are ours to see
         pid = int((remote_root / stackops.PID_TXT).read_text())
         wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
         report = m.get_status(0)
@@ -7084,8 +7239,9 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
     crowd.mkdir()
     machines = [RemoteMachine(mod.crowded, config=config(job_id=f"crowd-{i:03d}", max_simultaneous_jobs=5),
                               func_kwargs={"i": i, "folder": str(crowd)}) for i in range(200)]
-    state = home / "tmp_results" / "remote_machines" / "file_manager"
+    state = Slots().root
     stop, problems, killed, cancelled = threading.Event(), [], set(), set()
+    dispatchers_killed: list[int] = []
     launched: list[RemoteMachine] = []
 
     def read_views():
@@ -7111,6 +7267,14 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
                     os.kill(victim["pid"], signal.SIGKILL)
                     killed.add(victim["job_id"])
 
+    def kill_dispatcher():  # the process that hands slots over, every 0.7 s: the next call replaces it
+        while not stop.wait(0.7) and len(dispatchers_killed) < 12:
+            pid = Slots().dispatcher_pid()
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    dispatchers_killed.append(pid)
+
     def cancel_some():  # a launched job in any state, chosen at random, every 0.3 s
         rng = _random.Random(11)
         while not stop.wait(0.3) and len(cancelled) < 15:
@@ -7122,7 +7286,8 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
                 except StackopsError as exc:
                     problems.append(f"cancel {victim.job_id}: {exc}")
 
-    watchers = [threading.Thread(target=target) for target in (read_views, kill_some, cancel_some)]
+    watchers = [threading.Thread(target=target) for target in (read_views, kill_some, cancel_some,
+                                                                kill_dispatcher)]
     for watcher in watchers:
         watcher.start()
     try:
@@ -7135,7 +7300,7 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
         for watcher in watchers:
             watcher.join()
     assert problems == []
-    assert len(killed) >= 10
+    assert len(killed) >= 10 and len(dispatchers_killed) >= 5
     assert all(report.status in ("completed", "failed", "cancelled") for report in reports), "no job lost"
     assert len(cancelled) >= 10
     assert {report.job_id for report in reports if report.status == "cancelled"} <= cancelled
