@@ -4901,7 +4901,8 @@ def test_sweep_to_a_host_refuses_an_id_taken_there_and_leaves_nothing(remote, ho
     assert not any((queued / name).exists() for name in ("htk", "htk-0000", "htk-0002"))
     local = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
     assert not any(local.glob("htk*"))
-    sweep = stackops.run_sweep(mod.point, config(job_id="htk2", ssh_host="tb"), [{"x": 5}])
+    sweep = stackops.run_sweep(mod.point, config(job_id="htk2", ssh_host="tb", copy_repo=True),
+                               [{"x": 5}])
     with sweep:  # the id is free again here, and the next sweep goes through
         assert sweep.wait(timeout=60)["htk2-0000"].status == "completed"
 
