@@ -6916,26 +6916,11 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
                           + (f" and {len(taken) - 3} more" if len(taken) > 3 else ""),
                           hint="choose another --job-id")
     template.preflight()
+    if template.is_remote:
+        template._check_where_it_runs()  # before anything is written: python3 and the code there
     jobs = [_sweep_member(template, job_id, kwargs) for job_id, kwargs in zip(ids, lines)]
     sweep = Sweep(config.job_id, jobs)
-    made: list[str] = []  # what this call put in place, here (names) and there (the shared folder)
-    placed = False
-    try:
-        _write_sweep_folder(template, ids)
-        made.append(config.job_id)
-        shared = _hand_over_sweep_folder(template, progress) if template.is_remote else False
-        placed = template.is_remote and not shared
-        links = sweep_links(queued, config.job_id)
-        manager = template.file_manager.to_dict()
-        for job in jobs:
-            write_sweep_job(queued, job.job_id, _sweep_job_files(job, manager), links)
-            made.append(job.job_id)
-            job.shared = shared
-        if template.is_remote:
-            _sweep_host_command(template, jobs, write=not shared, fire=run)
-    except BaseException:
-        _withdraw_sweep(template, made, placed)
-        raise
+    _put_sweep_in_place(template, jobs, run, progress)
     if run and not template.is_remote:
         _note_fired(jobs, fire_sweep_jobs([job.file_manager.job_root for job in jobs]))
     else:
@@ -6944,6 +6929,64 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
              "fired" if run else "ready", template.host_name)
     return sweep
 
+
+def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run: bool,
+                        progress: Callable[[int], None] | None) -> None:
+    """The shared folder, then every job's folder, here and (over SSH) on the host; the host
+    writes and queues its jobs while this machine writes its records of them. On any failure,
+    what this call made goes (see _withdraw_sweep)."""
+    queued = template.file_manager.job_root.parent
+    made: list[str] = []  # what this call put in place, here (names) and there (the shared folder)
+    placed = False
+    join: Callable[[], None] | None = None
+    try:
+        _write_sweep_folder(template, [job.job_id for job in jobs])
+        made.append(template.job_id)
+        shared = _hand_over_sweep_folder(template, progress) if template.is_remote else False
+        placed = template.is_remote and not shared
+        if placed:
+            join = _in_background(lambda: _sweep_host_command(template, jobs, True, run))
+        links = {} if placed else sweep_links(queued, template.job_id)  # here, a record only
+        manager = template.file_manager.to_dict()
+        for job in jobs:
+            write_sweep_job(queued, job.job_id, _sweep_job_files(job, manager), links)
+            made.append(job.job_id)
+            job.shared = shared
+        if join is not None:
+            waiting = join
+            join = None  # joined once, here (a failure is withdrawn below)
+            waiting()
+        elif template.is_remote:  # a shared home: the host sees the folders just written
+            _sweep_host_command(template, jobs, write=False, fire=run)
+    except BaseException:
+        if join is not None:
+            with _suppress(Exception):
+                join()
+        _withdraw_sweep(template, made, placed)
+        raise
+
+
+def _in_background(action: Callable[[], None]) -> Callable[[], None]:
+    """Run ``action`` in a thread; the function returned waits for it and raises what it raised."""
+    import threading
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as exc:  # handed to the caller by join()
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return join
 
 def _write_sweep_folder(template: RemoteMachine, ids: list[str]) -> None:
     """The sweep's shared folder (``<base>/queued/<sweep id>``), put in place whole: what every
@@ -6982,8 +7025,8 @@ def _sweep_job_files(job: RemoteMachine, manager: dict[str, Any]) -> dict[str, s
 def _hand_over_sweep_folder(template: RemoteMachine,
                             progress: Callable[[int], None] | None) -> bool:
     """The sweep's shared folder, code and data to the host, as one job's folder travels (the
-    host's own checks first); True when the host sees this machine's folders (a shared home)."""
-    template._check_where_it_runs()
+    host's own checks were made before); True when the host sees this machine's folders (a
+    shared home)."""
     shared = transfer_sftp(template.ssh, template.config, template.job_params,
                            template.file_manager, template.data, progress, template._snapshot)
     root = template.file_manager.job_root
