@@ -4907,6 +4907,21 @@ def test_sweep_to_a_host_refuses_an_id_taken_there_and_leaves_nothing(remote, ho
         assert sweep.wait(timeout=60)["htk2-0000"].status == "completed"
 
 
+def test_sweep_to_a_host_that_shares_the_home_uses_the_folders_in_place(same_home, home):
+    mod = make_module(home, SWEEP_SOURCE)
+    cfg = config(job_id="shs", ssh_host="same", copy_repo=True, max_simultaneous_jobs=2)
+    with stackops.run_sweep(mod.point, cfg, [{"x": index} for index in range(3)]) as sweep:
+        assert all(job.shared for job in sweep)
+        reports = sweep.wait(timeout=120)
+    assert {report.status for report in reports.values()} == {"completed"}
+    for index in range(3):
+        assert json.loads((home / "sweep_out" / f"t-{index}" / "seen.json").read_text())["x"] == index
+    base = home / "tmp_results" / "remote_machines" / "jobs"
+    for name in ("stackops.py", Path(mod.__file__).name):
+        assert len(_regular_files(base, name)) == 1, name  # written once, never copied onto itself
+    assert os.readlink(base / "queued" / "shs-0002" / "code") == "../shs/code"
+
+
 # ============================================================================================
 # 11. cluster: several hosts (network namespaces as root, 127.0.0.x otherwise)
 # ============================================================================================
