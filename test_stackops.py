@@ -4915,7 +4915,8 @@ def test_sweep_to_a_host_that_shares_the_home_uses_the_folders_in_place(same_hom
         reports = sweep.wait(timeout=120)
     assert {report.status for report in reports.values()} == {"completed"}
     for index in range(3):
-        assert json.loads((home / "sweep_out" / f"t-{index}" / "seen.json").read_text())["x"] == index
+        seen = json.loads((home / "sweep_out" / f"t-{index}" / "seen.json").read_text())
+        assert seen["x"] == index
     base = home / "tmp_results" / "remote_machines" / "jobs"
     for name in ("stackops.py", Path(mod.__file__).name):
         assert len(_regular_files(base, name)) == 1, name  # written once, never copied onto itself
