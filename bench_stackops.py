@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import json
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -434,6 +435,54 @@ def slot_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
     return rows
 
 
+_STOP_QUEUE = ('rm -rf -- "$S"/queue/*; read -r p t < "$S/dispatcher.pid" 2>/dev/null '
+               '&& kill "$p" 2>/dev/null; true')  # a queue the bench filled: entries, then dispatcher
+
+
+def sweep_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
+    """A sweep submitted here (in-process queue entries, one dispatcher) and one sent to a host
+    (one stream), against `ssh host true` plus sending the same bytes over ssh."""
+    project = bed.local_home / "proj"
+    project.mkdir(exist_ok=True)
+    (project / "sweepjob.py").write_text("def point(x):\n    return None\n")
+    sys.path.insert(0, str(project))
+    import sweepjob
+
+    count = 1000 if quick else 10000
+    state = Path(tempfile.mkdtemp(dir=os.environ["HOME"]))
+    os.environ["STACKOPS_STATE_DIR"] = str(state)
+    config = stackops.RemoteStackOpsConfig(job_id=f"sweep-{next(_fresh)}", max_simultaneous_jobs=4)
+    grid = [{"x": index} for index in range(count)]
+    try:
+        took = timed(lambda: stackops.run_sweep(sweepjob.point, config, grid))
+    finally:
+        run_cmd(["bash", "-c", f"S={state}; {_STOP_QUEUE}"])
+        os.environ.pop("STACKOPS_STATE_DIR")
+    rows = [absolute(f"sweep of {count} trivial jobs, submit here", [took], unit="s",
+                     note=f"({took / count * 1000:.2f} ms per job; target <= 10 s, <= 1 ms per job)")]
+    hosted = 200 if quick else 1000
+    grid = [{"x": index} for index in range(hosted)]
+    payload = bed.base / "sweep-payload"
+    payload.write_bytes(b"x" * len(json.dumps([[f"s-{i:04d}", {"a": json.dumps({"x": i}), "b": "f" * 260}]
+                                               for i in range(hosted)])))
+
+    def to_host():
+        cfg = stackops.RemoteStackOpsConfig(job_id=f"hsweep-{next(_fresh)}", ssh_host="tb", copy_repo=True,
+                                            max_simultaneous_jobs=4)
+        with stackops.run_sweep(sweepjob.point, cfg, grid):
+            pass
+        run_cmd(bed.ssh("tb", f"bash -c {shlex.quote(stackops.STATE_DIR_SH + '; ' + _STOP_QUEUE)}"))
+
+    def reference():
+        run_cmd(bed.ssh("tb", "true"))
+        with open(payload, "rb") as source:
+            run_cmd(bed.ssh("tb", "cat > /dev/null"), stdin=source)
+
+    rows.append(compare(f"sweep of {hosted} jobs to a host", to_host, reference, max(1, runs // 2),
+                        "ssh true + same bytes (<= 3x)"))
+    return rows
+
+
 def _clone_jobs(stackops, template, count: int) -> list:
     """``count`` prepared copies of a prepared job (hard links: the same files, their own ids), as a
     sweep makes them; returns their FileManagers."""
@@ -636,6 +685,7 @@ def main() -> int:
         rows += job_cases(bed, stackops, runs)
         rows += snapshot_cases(bed, stackops, args.quick, runs)
         rows += slot_cases(bed, stackops, args.quick)
+        rows += sweep_cases(bed, stackops, args.quick, runs)
         rows += queue_cases(bed, stackops, args.quick)
         rows += cluster_case(bed, stackops, runs)
         rows += cli_cases(stackops, runs)

@@ -148,6 +148,7 @@ __all__ = [
     "CloudQueue", "run_worker", "InterfaceAddress", "interface_table", "get_all_ipv4_addresses", "lan_score",
     "choose_lan_ipv4", "select_lan_ipv4", "get_public_ip_address", "switch_public_ip_address",
     "switch_public_ip_address_with_log", "main",
+    "Sweep", "run_sweep", "load_sweep_grid", "sweep_job_ids",
 ]
 
 log = logging.getLogger("stackops")
@@ -3324,6 +3325,161 @@ def _host_sync_source() -> str:
         _HOST_SYNC_SOURCE.append("from __future__ import annotations\nimport os\n" + body
                                  + "\n_HostSync.main()\n")
     return _HOST_SYNC_SOURCE[0]
+
+
+# -- sweeps: the executing machine's half ------------------------------------------------------
+# A sweep is many jobs of one function, one per line of kwargs. What they have in common (this
+# file, the wrapper, the launcher, the code snapshot, the job parameters and config) is in one
+# folder named after the sweep, {base}/queued/<sweep id>, which is no job itself (it has no
+# file_manager.json); each job's folder <sweep id>-K beside it holds its own files (kwargs,
+# file_manager.json, logs) and relative links to the shared parts. The links keep every path a
+# job is known by (its launcher's and wrapper's command line, checked by status and cancel) the
+# same as for any other job.
+
+SWEEP_JSON = "data/sweep.json"  # in the sweep's shared folder: its id and its jobs' ids
+_SWEEP_SHARED = ("python", "shell", CODE_DIR, JOB_PARAMS_JSON, CONFIG_JSON, INSTANCE_PICKLE)
+
+
+def sweep_links(queued: Path, sweep_id: str) -> dict[str, str]:
+    """The links a job folder of sweep ``sweep_id`` holds: {its path: the relative target}, for
+    each shared part the sweep's folder has."""
+    shared = queued / sweep_id
+    links = {}
+    for relative in _SWEEP_SHARED:
+        if os.path.lexists(shared / relative):
+            up = "../" * relative.count("/")
+            links[relative] = f"{up}../{sweep_id}/{relative}"
+    return links
+
+
+def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
+                    links: dict[str, str]) -> Path:
+    """One job folder of a sweep, put in place whole (built under a hidden name, then renamed):
+    ``files`` (relative path: text) and ``links`` (see sweep_links). A folder of that name that
+    exists already is an error, never replaced. Plain string paths: a sweep writes thousands."""
+    root = os.path.join(queued, check_safe_name(job_id))
+    if os.path.lexists(root):
+        raise ConfigError(f"job {job_id!r} already exists at {collapse_home(root)}")
+    staging = os.path.join(queued, f".{job_id}.{os.getpid()}.partial")
+    try:
+        for folder in (staging, f"{staging}/data", f"{staging}/logs"):
+            os.mkdir(folder, 0o700)
+        for relative, target in links.items():
+            os.symlink(target, f"{staging}/{relative}")
+        for relative, text in files.items():
+            fd = os.open(f"{staging}/{relative}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as handle:
+                handle.write(text.encode("utf-8"))
+        if os.path.lexists(root):
+            raise ConfigError(f"job {job_id!r} appeared at {collapse_home(root)} meanwhile")
+        os.rename(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Path(root)
+
+
+def _sweep_state(manager: FileManager) -> tuple[str, Path]:
+    """(STACKOPS_STATE_DIR for the launchers, the pool's folder with queue/ and slots/)."""
+    fixed = manager.state_dir or os.environ.get("STACKOPS_STATE_DIR")
+    root = Path(os.path.abspath(expand_home(fixed))) if fixed else state_dir()
+    return str(root), (root / "pools" / manager.pool if manager.pool else root)
+
+
+def fire_sweep_jobs(roots: list[Path]) -> list[int]:
+    """Start the jobs in folders ``roots`` (of one sweep, on this machine) in this order, from
+    this process, as their fire commands would: each becomes an entry of the machine's queue
+    (consecutive tickets keep their order; the environment they start with is this process's,
+    recorded once for the sweep), and the queue's dispatcher starts them as slots free up.
+    Returns, per job, the pid the fire command prints (the dispatcher's). Jobs that take no
+    slot start at once (their launchers' pids). The folders are checked as the fire checks them."""
+    if not roots:
+        return []
+    first = FileManager.from_job_root(roots[0])
+    _trusted_dir(roots[0].parent, "base folder")
+    if not first.lock_resources:
+        return [_start_launcher(os.path.realpath(root), dict(os.environ)) for root in roots]
+    fixed, pool = _sweep_state(first)
+    slots = Slots(pool)
+    slots._ensure()
+    shared_env = _sweep_fire_env(roots[0], fixed)
+    queued = os.path.realpath(roots[0].parent)  # the launcher's command line names its exact path
+    queue = str(slots.queue)
+    ticket = time.time_ns()
+    for index, root in enumerate(roots):
+        job_root = os.path.join(queued, root.name)
+        name = f"{ticket + index:019d}"
+        _write_plain(os.path.join(job_root, TICKET_TXT), name)
+        with _suppress(FileExistsError):
+            os.symlink(shared_env, os.path.join(job_root, FIRE_ENV))
+        _write_plain(os.path.join(queue, f"{name}-{root.name}"), job_root)
+    pid = slots.ensure_dispatcher(Path(queued) / roots[0].name)
+    return [pid or 0] * len(roots)
+
+
+def _sweep_fire_env(job_root: Path, fixed_state: str) -> str:
+    """The environment a sweep's jobs start with (as ``env -0`` records it for one fire), written
+    once into the sweep's folder; returns the relative link a job's ``logs/fire_env`` is."""
+    sweep_id = os.readlink(job_root / "python").split("/")[1]  # ../<sweep id>/python
+    env = dict(os.environb)
+    env[b"STACKOPS_STATE_DIR"] = os.fsencode(fixed_state)
+    env.pop(b"PWD", None)  # each job's bash sets its own
+    text = b"".join(key + b"=" + value + b"\0" for key, value in env.items())
+    _write_plain(job_root.parent / sweep_id / "data" / "fire_env", text)
+    return f"../../{sweep_id}/data/fire_env"
+
+
+def _write_plain(path: str | Path, text: str | bytes) -> None:
+    """A small file that appears whole (temp, rename), without fsync: a sweep writes thousands."""
+    folder, name = os.path.split(path)
+    temp = f"{folder}/.{name}.{os.getpid()}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as handle:
+        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
+    os.replace(temp, path)
+
+
+def _start_launcher(job_root: str, env: dict[str, str]) -> int:
+    """The job's launcher, detached (its own session), output to its log; returns its pid."""
+    with open(os.path.join(job_root, OUTPUT_LOG), "ab") as output:
+        launcher = subprocess.Popen(["bash", os.path.join(job_root, LAUNCHER_SH)], cwd=job_root,
+                                    stdin=subprocess.DEVNULL, stdout=output,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return launcher.pid
+
+
+def sweep_host_main() -> None:
+    """The executing machine's end of a sweep's hand-over (stdin: one JSON request): write the
+    job folders (unless the host sees ours: a shared home), then fire them. Refuses, before
+    writing any, a job folder that exists. Prints {"pids": [...]}."""
+    try:
+        _sweep_host(json.loads(sys.stdin.read()))
+    except StackopsError as exc:  # refused: one line, as the CLI says it
+        sys.stderr.write(f"stackops: error: {exc}\n")
+        raise SystemExit(3) from None
+
+
+def _sweep_host(request: dict[str, Any]) -> None:
+    queued = expand_home(request["queued"])
+    sweep_id = check_safe_name(request["sweep_id"])
+    jobs = request["jobs"]
+    taken = [job_id for job_id, _ in jobs if os.path.lexists(queued / check_safe_name(job_id))]
+    if request["write"] and taken:
+        raise ConfigError(f"{len(taken)} job(s) of sweep {sweep_id} exist already there: "
+                          f"{', '.join(taken[:3])}")
+    written: list[Path] = []
+    try:
+        if request["write"]:
+            links = sweep_links(queued, sweep_id)
+            for job_id, files in jobs:
+                written.append(write_sweep_job(queued, job_id, files, links))
+        roots = [queued / job_id for job_id, _ in jobs]
+        pids = fire_sweep_jobs(roots) if request["fire"] else []
+    except BaseException:  # what this call wrote goes; an entry left behind is stale without it
+        for root in written:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    sys.stdout.write(json.dumps({"pids": pids}) + "\n")
 
 
 # ============================================================================================
@@ -6811,6 +6967,386 @@ def _ask_host(host: str, machines: list[RemoteMachine],
     return answers
 
 
+# -- sweeps ------------------------------------------------------------------------------------
+
+def load_sweep_grid(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The kwargs of a sweep's jobs from a JSON Lines file: one JSON object per line, the K-th
+    object for job ``<id>-K`` (blank lines are skipped). A line that is not a JSON object is
+    refused with its number."""
+    source = os.fspath(path)
+    grid = []
+    for number, line in enumerate(_read_kwargs_file(source).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{source} line {number} is not JSON: {exc}",
+                              hint='one JSON object of kwargs per line, e.g. {"lr": 0.1}') from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source} line {number} must be a JSON object of kwargs, "
+                              f"got {type(value).__name__}")
+        grid.append(value)
+    if not grid:
+        raise ConfigError(f"{source} holds no line of kwargs: a sweep needs at least one")
+    return grid
+
+
+def _sweep_lines(common: dict[str, Any] | None, grid: Any) -> list[dict[str, Any]]:
+    """Each job's kwargs: ``common`` updated with its line, checked as JSON data."""
+    if isinstance(grid, (str, bytes, dict)) or not isinstance(grid, (list, tuple)) or not grid:
+        raise ConfigError("a sweep needs a non-empty list of kwargs dicts, one per job",
+                          hint="load_sweep_grid(path) reads them from a JSON Lines file")
+    lines = []
+    for number, line in enumerate(grid, 1):
+        if not isinstance(line, dict):
+            raise ConfigError(f"sweep line {number} must be a dict of kwargs, "
+                              f"got {type(line).__name__}")
+        try:
+            lines.append(_check_kwargs({**(common or {}), **line}))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep line {number}: {exc}") from None
+    return lines
+
+
+def sweep_job_ids(sweep_id: str, count: int) -> list[str]:
+    """``<sweep_id>-0000`` ... : four digits, or as many as the count needs."""
+    width = max(4, len(str(count - 1)))
+    return [check_safe_name(f"{sweep_id}-{index:0{width}d}") for index in range(count)]
+
+
+def _check_sweep_config(config: RemoteStackOpsConfig) -> None:
+    refused = [(config.launch_method != "remotely", f"launch_method {config.launch_method!r}"),
+               (config.transfer_method != "sftp", "transfer_method 'cloud'"),
+               (config.interactive, "interactive jobs")]
+    for flag, what in refused:
+        if flag:
+            raise ConfigError(f"a sweep cannot run {what}",
+                              hint="a sweep runs detached jobs here or on an SSH host")
+
+
+class Sweep:
+    """The jobs of one sweep, made by run_sweep: job K is ``<sweep id>-K`` (zero-padded) with the
+    kwargs of line K. Each is a RemoteMachine; this object follows them all at once."""
+
+    def __init__(self, sweep_id: str, jobs: list[RemoteMachine]) -> None:
+        self.sweep_id, self.jobs = sweep_id, jobs
+
+    job_id = property(lambda self: self.sweep_id)  # the CLI's verbs name it like a job
+
+    def __repr__(self) -> str:
+        return f"Sweep({self.sweep_id!r}, {len(self.jobs)} jobs)"
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __iter__(self) -> Any:
+        return iter(self.jobs)
+
+    def __getitem__(self, index: int) -> RemoteMachine:
+        return self.jobs[index]
+
+    @classmethod
+    def load(cls, sweep_id: str, base_dir: str | None = None) -> Sweep:
+        """The sweep ``sweep_id`` submitted earlier from this machine."""
+        queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
+        try:
+            ids = _read_json(queued / check_safe_name(sweep_id) / SWEEP_JSON)["ids"]
+        except (StackopsError, KeyError, TypeError) as exc:
+            raise ConfigError(f"no sweep {sweep_id!r} under {collapse_home(queued.parent)}",
+                              hint=f"{_prog()} list shows the jobs") from exc
+        jobs = [RemoteMachine.from_job_dir(queued / job_id) for job_id in ids
+                if (queued / job_id / REMOTE_MACHINE_JSON).exists()]
+        return cls(sweep_id, jobs)
+
+    def close(self) -> None:
+        if self.jobs:
+            self.jobs[0].close()  # the one connection they share
+
+    def __enter__(self) -> Sweep:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def check_job_status(self, timeout: float = 60.0) -> dict[str, JobStatus | StackopsError]:
+        """Every job's status: here read from its folder; on a host, all in one round trip."""
+        remote = [job for job in self.jobs if job.is_remote]
+        answers: dict[str, JobStatus | StackopsError] = {}
+        for job in self.jobs:
+            if not job.is_remote:
+                answers[job.job_id] = job.file_manager.status_report(0)
+        if remote:
+            found = _ask_host(remote[0].host_name, remote, timeout)
+            for job in remote:
+                answer = found.get((job.host_name, job.job_id))
+                answers[job.job_id] = answer if answer is not None else \
+                    StackopsError(f"{job.host_name} sent no status for job {job.job_id}")
+        return answers
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, JobStatus]:
+        """Block until every job ended (a failed one does not stop the others); their statuses."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            answers = self.check_job_status()
+            ended = {key: value for key, value in answers.items()
+                     if isinstance(value, JobStatus) and value.finished}
+            if len(ended) == len(self.jobs):
+                return ended
+            if deadline is not None and time.monotonic() > deadline:
+                raise StackopsError(f"sweep {self.sweep_id}: {len(self.jobs) - len(ended)} of "
+                                    f"{len(self.jobs)} jobs not ended after {timeout}s")
+            time.sleep(poll)
+
+    def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
+        """Cancel every job that has not ended (each as RemoteMachine.cancel does)."""
+        answers: dict[str, JobStatus | StackopsError] = {}
+        reports = self.check_job_status()
+        for job in self.jobs:
+            report = reports.get(job.job_id)
+            if isinstance(report, JobStatus) and report.finished:
+                answers[job.job_id] = report
+                continue
+            job._ssh = job._ssh or self.jobs[0]._ssh  # one connection for all
+            try:
+                answers[job.job_id] = job.cancel(grace)
+            except StackopsError as exc:
+                answers[job.job_id] = exc
+            self.jobs[0]._ssh = self.jobs[0]._ssh or job._ssh
+        return answers
+
+
+def _sweep_member(template: RemoteMachine, job_id: str, kwargs: dict[str, Any]) -> RemoteMachine:
+    """Job ``job_id`` of a sweep: the template's function, config and connection, its kwargs.
+    Copies, not constructions: they were checked once, and a sweep makes thousands."""
+    import copy
+
+    job = RemoteMachine.__new__(RemoteMachine)
+    job.__dict__.update(template.__dict__)
+    job._init_state()
+    job._ssh = template._ssh
+    job.config = copy.copy(template.config)
+    job.config.job_id = job_id
+    job.kwargs = kwargs
+    manager = job.file_manager = copy.copy(template.file_manager)
+    manager.job_id = job_id
+    manager.job_root_rh = f"{manager.job_root_rh.rsplit('/', 1)[0]}/{job_id}"
+    manager.job_root = manager.job_root.parent / job_id
+    job.scripts_generated = True
+    return job
+
+
+def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]],
+              func_kwargs: dict[str, Any] | None = None, data: list[str] | None = None,
+              run: bool = True, progress: Callable[[int], None] | None = None) -> Sweep:
+    """Run ``func`` once per line of ``grid`` (a list of kwargs dicts; load_sweep_grid reads a
+    JSON Lines file), each line updating ``func_kwargs``: job K is ``<config.job_id>-K``.
+    Everything is checked before anything is written or sent (each line's kwargs against the
+    function, the ids against the jobs that exist). The jobs share one copy of stackops, the
+    wrapper, the launcher and the code snapshot (the folder ``<config.job_id>`` beside theirs);
+    to a host they travel as one stream. A failed job does not stop the others. ``run=False``
+    prepares everything and starts nothing (``start ID-K`` starts a job)."""
+    _check_sweep_config(config)
+    lines = _sweep_lines(func_kwargs, grid)
+    template = RemoteMachine(func, config, func_kwargs=lines[0], data=data)
+    parameters = _parameters(func, template.job_params)
+    workload = config.workload_params is not None
+    for number, kwargs in enumerate(lines, 1):
+        try:
+            _check_call(parameters, kwargs, workload, f"{template.job_params.func_name}()")
+        except ConfigError as exc:
+            raise ConfigError(f"sweep line {number}: {exc}", hint=exc.hint) from None
+    ids = sweep_job_ids(config.job_id, len(lines))
+    queued = template.file_manager.job_root.parent
+    taken = [name for name in [config.job_id, *ids] if os.path.lexists(queued / name)]
+    if taken:
+        raise ConfigError(f"sweep {config.job_id!r} would reuse the id of {', '.join(taken[:3])}"
+                          + (f" and {len(taken) - 3} more" if len(taken) > 3 else ""),
+                          hint="choose another --job-id")
+    template.preflight()
+    if template.is_remote:
+        template._check_where_it_runs()  # before anything is written: python3 and the code there
+    jobs = [_sweep_member(template, job_id, kwargs) for job_id, kwargs in zip(ids, lines)]
+    sweep = Sweep(config.job_id, jobs)
+    _put_sweep_in_place(template, jobs, run, progress)
+    if run and not template.is_remote:
+        _note_fired(jobs, fire_sweep_jobs([job.file_manager.job_root for job in jobs]))
+    else:
+        _note_fired(jobs, [])
+    log.info("sweep %s: %d jobs %s on %s", config.job_id, len(jobs),
+             "fired" if run else "ready", template.host_name)
+    return sweep
+
+
+def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run: bool,
+                        progress: Callable[[int], None] | None) -> None:
+    """The shared folder, then every job's folder, here and (over SSH) on the host; the host
+    writes and queues its jobs while this machine writes its records of them. On any failure,
+    what this call made goes (see _withdraw_sweep)."""
+    queued = template.file_manager.job_root.parent
+    made: list[str] = []  # what this call put in place, here (names) and there (the shared folder)
+    placed = False
+    join: Callable[[], None] | None = None
+    try:
+        _write_sweep_folder(template, [job.job_id for job in jobs])
+        made.append(template.job_id)
+        shared = _hand_over_sweep_folder(template, progress) if template.is_remote else False
+        placed = template.is_remote and not shared
+        if placed:
+            join = _in_background(lambda: _sweep_host_command(template, jobs, True, run))
+        links = {} if placed else sweep_links(queued, template.job_id)  # here, a record only
+        manager = template.file_manager.to_dict()
+        for job in jobs:
+            write_sweep_job(queued, job.job_id, _sweep_job_files(job, manager), links)
+            made.append(job.job_id)
+            job.shared = shared
+        if join is not None:
+            waiting = join
+            join = None  # joined once, here (a failure is withdrawn below)
+            waiting()
+        elif template.is_remote:  # a shared home: the host sees the folders just written
+            _sweep_host_command(template, jobs, write=False, fire=run)
+    except BaseException:
+        if join is not None:
+            with _suppress(Exception):
+                join()
+        _withdraw_sweep(template, made, placed)
+        raise
+
+
+def _in_background(action: Callable[[], None]) -> Callable[[], None]:
+    """Run ``action`` in a thread; the function returned waits for it and raises what it raised."""
+    import threading
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as exc:  # handed to the caller by join()
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return join
+
+def _write_sweep_folder(template: RemoteMachine, ids: list[str]) -> None:
+    """The sweep's shared folder (``<base>/queued/<sweep id>``), put in place whole: what every
+    job of it runs (stackops, wrapper, launcher, code), none of one job's own files."""
+    root = template.file_manager.job_root
+    source = _own_file()
+    if not source.is_file():
+        raise StackopsError(f"cannot find stackops.py to ship with the sweep (looked at {source})")
+    if template.config.copy_repo:
+        template._take_snapshot()
+    staging = _trusted_dir(root.parent, "base folder") / f".{template.job_id}.{os.getpid()}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        template._write_folder(staging, source)
+        for relative in (REMOTE_MACHINE_JSON, FILE_MANAGER_JSON, KWARGS_JSON):
+            os.unlink(staging / relative)
+        shutil.rmtree(staging / LOGS)
+        _atomic_write_json(staging / SWEEP_JSON, {"sweep_id": template.job_id, "ids": ids,
+                                                  "host": template.host_name})
+        if os.path.lexists(root):
+            raise template._exists_error()
+        os.rename(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _sweep_job_files(job: RemoteMachine, manager: dict[str, Any]) -> dict[str, str]:
+    """The files of one job of a sweep that are its own (the rest are links to the sweep's);
+    ``manager`` is the sweep's file_manager.json, the same for all but the id. No status file:
+    none means queued."""
+    return {KWARGS_JSON: json.dumps(job.kwargs, ensure_ascii=False),
+            FILE_MANAGER_JSON: json.dumps(dict(manager, job_id=job.job_id))}
+
+
+def _hand_over_sweep_folder(template: RemoteMachine,
+                            progress: Callable[[int], None] | None) -> bool:
+    """The sweep's shared folder, code and data to the host, as one job's folder travels (the
+    host's own checks were made before); True when the host sees this machine's folders (a
+    shared home)."""
+    shared = transfer_sftp(template.ssh, template.config, template.job_params,
+                           template.file_manager, template.data, progress, template._snapshot)
+    root = template.file_manager.job_root
+    if shared and template.config.copy_repo and not (root / CODE_DIR).exists():
+        template._code_here(root)
+    template._check_notification()
+    return shared
+
+
+_SWEEP_HOST_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; "
+                    "stackops.sweep_host_main()")
+
+
+def _sweep_host_command(template: RemoteMachine, jobs: list[RemoteMachine], write: bool,
+                        fire: bool) -> None:
+    """The jobs' own files to the host and their start there, in one command (one stream); each
+    job's launcher pid is noted."""
+    if not write and not fire:
+        return
+    queued_rh = template.file_manager.job_root_rh.rsplit("/", 1)[0]
+    manager = template.file_manager.to_dict()
+    request = {"queued": queued_rh, "sweep_id": template.job_id, "write": write, "fire": fire,
+               "jobs": [[job.job_id, _sweep_job_files(job, manager) if write else {}]
+                        for job in jobs]}
+    python_dir = _sh_path(f"{template.file_manager.job_root_rh}/python")
+    command = f"{shlex.quote(template.python)} -S -c {shlex.quote(_SWEEP_HOST_CODE)} {python_dir}"
+    payload = json.dumps(request).encode()
+    response = template.ssh.run_shell_cmd_on_remote(command, timeout=max(60.0, len(jobs) / 50),
+                                                    strict=False, stdin=payload)
+    answer = response.stdout.strip().splitlines()[-1:] if response.returncode == 0 else []
+    if not answer or not answer[0].startswith("{"):
+        said = [line[17:] for line in response.stderr.splitlines()
+                if line.startswith("stackops: error: ")]
+        if said:
+            raise ConfigError(f"sweep {template.job_id} was refused on {template.host_name}: "
+                              f"{said[0]}",
+                              hint="nothing of it is left there; choose another --job-id")
+        raise CommandError(template.host_name, "sweep hand-over", response.returncode,
+                           response.stderr)
+    for job, pid in zip(jobs, json.loads(answer[0])["pids"]):
+        job.launcher_pid = pid
+
+
+def _note_fired(jobs: list[RemoteMachine], pids: list[int]) -> None:
+    """Each job's record here (what status, list, wait and cancel read), with its launcher pid."""
+    for job, pid in zip(jobs, pids):
+        job.launcher_pid = pid
+    record = jobs[0].to_dict() if jobs else {}  # the same for all but the id and the pid
+    for job in jobs:
+        job.submitted = True
+        config = dict(record["config"], job_id=job.job_id)
+        manager = dict(record["file_manager"], job_id=job.job_id)
+        text = json.dumps(dict(record, config=config, file_manager=manager, submitted=True,
+                               launcher_pid=job.launcher_pid))
+        _write_plain(f"{job.file_manager.job_root}/{REMOTE_MACHINE_JSON}", text)
+
+
+def _withdraw_sweep(template: RemoteMachine, made: list[str], placed: bool) -> None:
+    """A sweep refused or broken off before its start leaves nothing behind: the folders this
+    call made here (``made``), and the shared folder it placed on the host (``placed``; the
+    host's end removes the job folders it wrote itself). Nothing that was there before."""
+    queued = template.file_manager.job_root.parent
+    if placed:
+        where = _sh_path(template.file_manager.job_root_rh)
+        with _suppress(Exception):
+            template.ssh.run_shell_cmd_on_remote(f"rm -rf -- {where}", timeout=60, strict=False)
+    for name in made:
+        path = queued / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+    log.info("sweep %s was not submitted; its ids are free again", template.job_id)
+
 # ============================================================================================
 # 13. cluster: one workload split over several hosts by their CPU and RAM
 # ============================================================================================
@@ -7494,9 +8030,43 @@ def _cmd_run(args: Any) -> int:
         retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
         after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
+    if args.sweep:
+        return _run_sweep_and_report(config, args)
     machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
         return _run_and_report(machine, args)
+
+
+def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
+    grid = load_sweep_grid(args.sweep)
+    with run_sweep(args.target, config, grid, parse_kwargs(args.kwargs), run=not args.no_launch,
+                   progress=_progress()) as sweep:
+        first, last = sweep.jobs[0].job_id, sweep.jobs[-1].job_id
+        if args.no_launch:
+            print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) ready; "
+                  "nothing was started.")
+            return 0
+        if not args.wait:
+            if args.json:
+                _print_json({"sweep": sweep.sweep_id, "jobs": [job.job_id for job in sweep]})
+            else:
+                print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) fired on "
+                      f"{sweep.jobs[0].host_name}")
+                print(f"  wait:    {_prog()} wait {sweep.sweep_id}")
+                print(f"  status:  {_prog()} status {first}")
+            return 0
+        try:
+            reports = sweep.wait()
+        except KeyboardInterrupt:
+            print(f"\nstopped waiting; sweep {sweep.sweep_id} goes on (detached)", file=sys.stderr)
+            return 130
+    if args.json:
+        _print_json([report.to_dict() for report in reports.values()])
+    else:
+        rows = [[job_id, report.status, _duration(report), _last_line(report.error_message)]
+                for job_id, report in reports.items()]
+        _print_table(rows, ["job", "status", "duration", "error"])
+    return 0 if all(report.status == "completed" for report in reports.values()) else 1
 
 
 def _run_and_report(machine: RemoteMachine, args: Any) -> int:
@@ -7786,8 +8356,9 @@ def _cloud_units_of(job_id: str, base_dir: str) -> _CloudUnits | None:
     return _CloudUnits(job_id, units) if units else None
 
 
-def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster | _CloudUnits:
-    """A job, a cluster, or a cloud job's units, by id; none of them is bad input."""
+def _load_job_or_cluster(job_id: str,
+                         base_dir: str) -> RemoteMachine | Cluster | Sweep | _CloudUnits:
+    """A job, a cluster, a sweep, or a cloud job's units, by id; none of them is bad input."""
     try:
         return RemoteMachine.load(job_id, base_dir)
     except ConfigError:
@@ -7796,6 +8367,8 @@ def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster 
         return Cluster.load(job_id, base_dir.rstrip("/").rsplit("/", 1)[0])
     except StackopsError:
         pass
+    with _suppress(ConfigError):
+        return Sweep.load(job_id, base_dir)
     units = _cloud_units_of(job_id, base_dir)
     if units is None:
         raise ConfigError(f"no job or cluster {job_id!r} here", hint=f"{_program()} list shows the jobs")
@@ -7824,8 +8397,8 @@ def _cmd_cancel(args: Any) -> int:
     return code
 
 
-def _overall_status(target: RemoteMachine | Cluster | _CloudUnits) -> str:
-    """One status for a job or a whole cluster (an unreachable part counts as not ended)."""
+def _overall_status(target: RemoteMachine | Cluster | Sweep | _CloudUnits) -> str:
+    """One status for a job, a whole cluster or a sweep (a part not reached counts as not ended)."""
     if isinstance(target, RemoteMachine):
         return target.get_status(0).status
     if isinstance(target, _CloudUnits):
@@ -7880,6 +8453,9 @@ def _cmd_rerun(args: Any) -> int:
             return _wait_ids([target]) if args.wait else 0
     if args.failed or isinstance(target, _CloudUnits):
         raise ConfigError("--failed is for a cluster id" if args.failed else "a cloud queue's units are not rerun")
+    if isinstance(target, Sweep):
+        raise ConfigError(f"{args.job_id} is a sweep: rerun its jobs by their ids "
+                          f"({args.job_id}-0000, ...)")
     with target:
         again = target.rerun()
         with again:
@@ -8427,6 +9003,10 @@ def _add_run_args(parser: Any) -> None:
                         help="give up connecting, or on a transfer that stalls, after this long (default 15)")
     parser.add_argument("--kwargs", default="{}", metavar="JSON",
                         help="keyword arguments: a JSON object, or @file.json (scripts see them as func_kwargs)")
+    parser.add_argument("--sweep", metavar="FILE.jsonl",
+                        help="a sweep: one job per line of FILE (a JSON object of kwargs, laid "
+                             "over --kwargs), ids ID-0000, ID-0001, ..., sharing one copy of the "
+                             "code; wait ID and cancel ID act on all")
     parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random readable name)")
     parser.add_argument("--description", default="", help="free text kept with the job")
     parser.add_argument("--max-jobs", type=int, default=1, metavar="N",

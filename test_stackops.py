@@ -243,11 +243,12 @@ EXPECTED_ALL = ['StackopsError', 'ConfigError', 'DependencyError', 'SlotError', 
     'ThreadLoadCalculator', 'MachineLoadCalculator', 'Cluster', 'CloudQueue', 'run_worker',
     'InterfaceAddress', 'interface_table', 'get_all_ipv4_addresses', 'lan_score',
     'choose_lan_ipv4', 'select_lan_ipv4', 'get_public_ip_address', 'switch_public_ip_address',
-    'switch_public_ip_address_with_log', 'main']
+    'switch_public_ip_address_with_log', 'main', 'Sweep', 'run_sweep', 'load_sweep_grid',
+    'sweep_job_ids']
 
 # Printed by public_surface() on the day the surface was fixed: a change here is one users see.
 EXPECTED_SURFACE = """
-__all__ = 56 names
+__all__ = 60 names
 class StackopsError(Exception)
 StackopsError(message: 'str', hint: 'str | None' = None) -> None
 class ConfigError(StackopsError, ValueError)
@@ -775,6 +776,25 @@ switch_public_ip_address_with_log(
     timeout: 'float | None' = None,
 ) -> tuple[bool, str, list[str]]
 main(argv: 'list[str] | None' = None) -> int
+class Sweep(object)
+Sweep(sweep_id: 'str', jobs: 'list[RemoteMachine]') -> None
+Sweep.cancel(self, grace: 'float' = 10.0) -> dict[str, JobStatus | StackopsError]
+Sweep.check_job_status(self, timeout: 'float' = 60.0) -> dict[str, JobStatus | StackopsError]
+Sweep.close(self) -> None
+property Sweep.job_id
+classmethod Sweep.load(sweep_id: 'str', base_dir: 'str | None' = None) -> Sweep
+Sweep.wait(self, timeout: 'float | None' = None, poll: 'float' = 0.5) -> dict[str, JobStatus]
+run_sweep(
+    func: 'Any',
+    config: 'RemoteStackOpsConfig',
+    grid: 'list[dict[str, Any]]',
+    func_kwargs: 'dict[str, Any] | None' = None,
+    data: 'list[str] | None' = None,
+    run: 'bool' = True,
+    progress: 'Callable[[int], None] | None' = None,
+) -> Sweep
+load_sweep_grid(path: 'str | os.PathLike[str]') -> list[dict[str, Any]]
+sweep_job_ids(sweep_id: 'str', count: 'int') -> list[str]
 """
 
 
@@ -1950,6 +1970,132 @@ def test_job_params_record_the_account_the_job_runs_as(home):
     params = json.loads(machine.file_manager.path(stackops.JOB_PARAMS_JSON).read_text())
     assert params["ssh_repr"] == "localhost"
     assert params["ssh_repr_remote"] == f"{getpass.getuser()}@{os.uname().nodename}"
+
+
+# -- sweeps, here --------------------------------------------------------------------------------
+
+SWEEP_SOURCE = """
+    import json, os
+
+    def point(x, tag="t", fail=False, seconds=0.0):
+        import time
+        time.sleep(seconds)
+        if fail:
+            raise ValueError(f"line with x={x} fails on purpose")
+        out = os.path.expanduser(f"~/sweep_out/{tag}-{x}")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "seen.json"), "w") as handle:
+            json.dump({"x": x, "tag": tag, "job_root": os.environ.get("PWD", "")}, handle)
+        return out
+"""
+
+
+def _regular_files(folder: Path, name: str) -> list[Path]:
+    """Regular files (not links, not reached through links) called ``name`` under ``folder``."""
+    found = []
+    for top, _dirs, files in os.walk(folder):  # os.walk does not follow links to folders
+        found += [Path(top) / f for f in files if f == name and not (Path(top) / f).is_symlink()]
+    return found
+
+
+def test_sweep_here_ids_kwargs_shared_parts_and_a_failed_line_does_not_stop_the_others(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    grid = [{"x": index} for index in range(11)]
+    grid[3]["fail"] = True
+    cfg = config(job_id="sw", copy_repo=True, max_simultaneous_jobs=4)
+    sweep = stackops.run_sweep(mod.point, cfg, grid, func_kwargs={"tag": "common"})
+    base = home / "tmp_results" / "remote_machines" / "jobs"
+    ids = [job.job_id for job in sweep]
+    assert ids == [f"sw-{index:04d}" for index in range(11)]
+    reports = sweep.wait(timeout=120)
+    assert [reports[i].status for i in ids] == ["completed"] * 3 + ["failed"] + ["completed"] * 7
+    assert "fails on purpose" in reports["sw-0003"].error_message
+    for index, job_id in enumerate(ids):
+        if index == 3:
+            continue
+        seen = json.loads((home / "sweep_out" / f"common-{index}" / "seen.json").read_text())
+        assert seen["x"] == index and seen["tag"] == "common"
+        kwargs_file = base / "queued" / job_id / "data" / "func_kwargs.json"
+        assert RemoteMachine.load(job_id).kwargs == {"tag": "common", "x": index} == \
+            json.loads(kwargs_file.read_text())
+    module = Path(mod.__file__).name
+    for name in ("stackops.py", "cluster_wrap.py", "cluster_script.sh", "job_params.json", module):
+        assert len(_regular_files(base, name)) == 1, name  # one copy for the whole sweep
+    for job_id in ids:  # a job's folder: its kwargs, records and logs, links to the shared parts
+        root = base / "queued" / job_id
+        own = {p.relative_to(root).as_posix() for p in root.rglob("*")
+               if p.is_file() and not p.is_symlink()
+               and not any(parent.is_symlink() for parent in p.parents)}
+        assert {p for p in own if not p.startswith("logs/")} == {
+            "data/func_kwargs.json", "data/file_manager.json", "data/remote_machine.json"}, own
+        assert all((root / link).is_symlink() for link in ("python", "shell", "code"))
+        assert os.readlink(root / "python") == "../sw/python"
+    assert not (base / "queued" / "sw" / "data" / "remote_machine.json").exists()  # no job itself
+    rows = {row["job_id"] for row in stackops.list_job_rows()}
+    assert rows == set(ids)
+
+
+def test_sweep_bad_input_is_refused_before_anything_is_written(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    base = home / "tmp_results" / "remote_machines" / "jobs"
+    grid_file = home / "grid.jsonl"
+    for text, said in (('{"x": 1}\n[2]\n', "line 2 must be a JSON object"),
+                       ('{"x": 1}\n{"x": \n', "line 2 is not JSON"), ("\n\n", "no line of kwargs")):
+        grid_file.write_text(text)
+        with pytest.raises(stackops.ConfigError, match=re.escape(said)):
+            stackops.load_sweep_grid(grid_file)
+    cases = (([], "non-empty list"),
+             ([{"x": 1}, {"y": 2}], "line 2: point() takes no parameter 'y'"),
+             ([{"x": 1}, {"tag": "no x"}], "line 2: point() needs 'x'"),
+             ([{"x": 1}, 5], "line 2 must be a dict"), ([{"x": float("nan")}], "line 1"))
+    for grid, said in cases:
+        with pytest.raises(stackops.ConfigError, match=re.escape(said)):
+            stackops.run_sweep(mod.point, config(job_id="bad"), grid)
+    assert not (base / "queued").exists() or not any((base / "queued").iterdir())
+    RemoteMachine(mod.point, config(job_id="taken-0001"), func_kwargs={"x": 1}).generate_scripts()
+    before = sorted(p.name for p in (base / "queued").iterdir())
+    with pytest.raises(stackops.ConfigError, match="would reuse the id of taken-0001"):
+        stackops.run_sweep(mod.point, config(job_id="taken"), [{"x": 1}] * 3)
+    with pytest.raises(stackops.ConfigError, match="would reuse the id of taken-0001"):
+        stackops.run_sweep(mod.point, config(job_id="taken-0001"), [{"x": 1}])
+    with pytest.raises(stackops.ConfigError, match="cannot run interactive"):
+        stackops.run_sweep(mod.point, config(job_id="tty", interactive=True), [{"x": 1}])
+    assert sorted(p.name for p in (base / "queued").iterdir()) == before == ["taken-0001"]
+
+
+def test_sweep_cli_ids_width_wait_and_cancel_on_the_sweep_id(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    target = f"{mod.__file__}:point"
+    grid = home / "grid.jsonl"
+    grid.write_text("".join(json.dumps({"x": index, "seconds": 60.0}) + "\n" for index in range(3)))
+    done = cli("run", target, "--sweep", str(grid), "--job-id", "long", "--max-jobs", "2",
+               home=home)
+    assert done.returncode == 0, done.stderr
+    assert "3 jobs (long-0000 .. long-0002)" in done.stdout
+    wait_for(lambda: RemoteMachine.load("long-0001").get_status(0).status == "running",
+             what="two jobs running")
+    assert RemoteMachine.load("long-0002").get_status(0).status in ("queued", "waiting")
+    cancelled = cli("cancel", "long", "--grace", "1", home=home)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert sorted(cancelled.stdout.split("\n")[:3]) == [f"long-000{i} cancelled" for i in range(3)]
+    waited = cli("wait", "long", "--timeout", "30", home=home)
+    assert waited.returncode == 1 and waited.stdout.strip() == "long cancelled", waited
+    lines = [json.dumps({"x": index, "fail": index == 7}) for index in range(12)]
+    grid.write_text("\n".join(lines) + "\n")
+    done = cli("run", target, "--sweep", str(grid), "--kwargs", '{"tag": "w"}', "--job-id", "wide",
+               "--max-jobs", "4", "--wait", "--json", home=home, timeout=300)
+    assert done.returncode == 1, done.stderr  # one line failed, the others completed
+    rows = {row["job_id"]: row["status"] for row in json.loads(done.stdout)}
+    assert rows == {f"wide-{i:04d}": "failed" if i == 7 else "completed" for i in range(12)}
+    assert cli("status", "wide-0011", home=home).returncode == 0
+    assert json.loads((home / "sweep_out" / "w-11" / "seen.json").read_text())["x"] == 11
+    assert cli("wait", "wide", home=home).returncode == 1
+    assert sweep_ids_width() == ["big-00000", "big-12344"]
+
+
+def sweep_ids_width():
+    ids = stackops.sweep_job_ids("big", 12345)
+    return [ids[0], ids[-1]]
 
 
 # ============================================================================================
@@ -4872,6 +5018,86 @@ def test_remote_progress_line_on_a_terminal_is_cleared_before_the_next_output(re
     line = r"upload to tb:~/big-tty\.bin +\d+%  [\d.]+ MiB of 8\.0 MiB  [\d.]+ MiB/s  \d+:\d\d left"
     assert re.search(line, shown), repr(shown)
     assert shown.split("\r\x1b[K")[-1] == "tb:~/big-tty.bin\r\n", repr(shown[-200:])
+
+
+# -- sweeps, to a host ---------------------------------------------------------------------------
+
+def test_sweep_to_a_host_travels_as_one_stream_and_runs_each_line(remote, home):
+    mod = make_module(home, SWEEP_SOURCE)
+    bashrc = remote.remote_home / ".bashrc"
+    saved = bashrc.read_bytes() if bashrc.exists() else None
+    counter = remote.remote_home / ".sweep_commands"
+    with stackops.SSH.from_config_file("tb") as ssh:  # every remote command leaves a line
+        ssh.run_shell_cmd_on_remote("echo 'echo x >> ~/.sweep_commands' >> ~/.bashrc")
+
+    def commands_for(sweep_id: str, grid: list) -> tuple[stackops.Sweep, int]:
+        before = len(counter.read_text().splitlines()) if counter.exists() else 0
+        cfg = config(job_id=sweep_id, ssh_host="tb", copy_repo=True, max_simultaneous_jobs=3)
+        sweep = stackops.run_sweep(mod.point, cfg, grid, func_kwargs={"tag": sweep_id})
+        return sweep, len(counter.read_text().splitlines()) - before
+
+    try:
+        small, few = commands_for("rsw", [{"x": 0}, {"x": 1}])
+        big, many = commands_for("rbw", [{"x": index, "fail": index == 4} for index in range(9)])
+    finally:
+        if saved is None:
+            bashrc.unlink()
+        else:
+            bashrc.write_bytes(saved)
+    assert few == many <= 3, (few, many)  # the probe, the shared folder, the jobs with their start
+    with big:
+        reports = big.wait(timeout=120)
+    assert {job_id: report.status for job_id, report in reports.items()} == {
+        f"rbw-{index:04d}": "failed" if index == 4 else "completed" for index in range(9)}
+    for index in (0, 3, 8):
+        seen_file = remote.remote_home / "sweep_out" / f"rbw-{index}" / "seen.json"
+        seen = json.loads(seen_file.read_text())
+        assert seen["x"] == index and seen["tag"] == "rbw"
+    queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    folders = [queued / "rbw"] + [queued / f"rbw-{index:04d}" for index in range(9)]
+    for name in ("stackops.py", "cluster_wrap.py", Path(mod.__file__).name):
+        assert sum(len(_regular_files(folder, name)) for folder in folders) == 1, name
+    assert os.readlink(queued / "rbw-0008" / "code") == "../rbw/code"
+    assert RemoteMachine.load("rbw-0004").kwargs == {"tag": "rbw", "x": 4, "fail": True}
+    waited = cli("wait", "rbw", home=home)
+    assert waited.returncode == 1 and waited.stdout.strip() == "rbw failed", waited
+    with small:
+        assert {r.status for r in small.wait(timeout=60).values()} == {"completed"}
+
+
+def test_sweep_to_a_host_refuses_an_id_taken_there_and_leaves_nothing(remote, home):
+    mod = make_module(home, SWEEP_SOURCE)
+    with stackops.SSH.from_config_file("tb") as ssh:  # a job of another machine's, on the host only
+        theirs = "~/tmp_results/remote_machines/jobs/queued/htk-0001"
+        ssh.run_shell_cmd_on_remote(f"mkdir -p {theirs} && echo theirs > {theirs}/k")
+    cfg = config(job_id="htk", ssh_host="tb", copy_repo=True)
+    with pytest.raises(stackops.ConfigError, match="htk-0001"):
+        stackops.run_sweep(mod.point, cfg, [{"x": index} for index in range(3)])
+    queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert (queued / "htk-0001" / "k").read_text() == "theirs\n"
+    assert not any((queued / name).exists() for name in ("htk", "htk-0000", "htk-0002"))
+    local = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert not any(local.glob("htk*"))
+    sweep = stackops.run_sweep(mod.point, config(job_id="htk2", ssh_host="tb", copy_repo=True),
+                               [{"x": 5}])
+    with sweep:  # the id is free again here, and the next sweep goes through
+        assert sweep.wait(timeout=60)["htk2-0000"].status == "completed"
+
+
+def test_sweep_to_a_host_that_shares_the_home_uses_the_folders_in_place(same_home, home):
+    mod = make_module(home, SWEEP_SOURCE)
+    cfg = config(job_id="shs", ssh_host="same", copy_repo=True, max_simultaneous_jobs=2)
+    with stackops.run_sweep(mod.point, cfg, [{"x": index} for index in range(3)]) as sweep:
+        assert all(job.shared for job in sweep)
+        reports = sweep.wait(timeout=120)
+    assert {report.status for report in reports.values()} == {"completed"}
+    for index in range(3):
+        seen = json.loads((home / "sweep_out" / f"t-{index}" / "seen.json").read_text())
+        assert seen["x"] == index
+    base = home / "tmp_results" / "remote_machines" / "jobs"
+    for name in ("stackops.py", Path(mod.__file__).name):
+        assert len(_regular_files(base, name)) == 1, name  # written once, never copied onto itself
+    assert os.readlink(base / "queued" / "shs-0002" / "code") == "../shs/code"
 
 
 # ============================================================================================
