@@ -8040,7 +8040,7 @@ def _cmd_run(args: Any) -> int:
 def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
     grid = load_sweep_grid(args.sweep)
     with run_sweep(args.target, config, grid, parse_kwargs(args.kwargs), run=not args.no_launch,
-                   progress=_progress()) as sweep:
+                   progress=_progress(args)) as sweep:
         first, last = sweep.jobs[0].job_id, sweep.jobs[-1].job_id
         if args.no_launch:
             print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) ready; "
