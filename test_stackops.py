@@ -35,6 +35,36 @@ SOURCE = HERE / "stackops.py"
 # fixtures and helpers
 # ============================================================================================
 
+# Markers, registered in pyproject.toml (a normal user runs `pytest -m "not root"`):
+#   ssh    a real OpenSSH server on loopback (runs as any user)
+#   netns  network namespaces; slurm  a real single-node Slurm cluster (both imply root)
+#   root   only as root: skips with a reason otherwise, even with CI=true (CI runs as root)
+#   slow   over ~10 s on an idle machine
+# A test carries the markers of the fixtures it uses, directly or through other fixtures
+# (FIXTURE_MARKS, applied by pytest_generate_tests below); the others are decorators.
+needs_root = pytest.mark.root
+needs_netns = pytest.mark.netns
+slow = pytest.mark.slow
+FIXTURE_MARKS = {"sshd": ("ssh",), "fault_node": ("netns",), "slurm_cluster": ("slurm",)}
+IMPLIED_MARKS = {"netns": ("root",), "slurm": ("root",)}
+NOT_ROOT = "needs root (CI runs as root); a normal user runs `pytest -m 'not root'`"
+
+
+def pytest_generate_tests(metafunc):
+    """Mark each test by the fixtures it needs, before pytest makes items of it (a hook in the test
+    module itself: the repository has no conftest.py)."""
+    func = metafunc.function
+    marks = getattr(func, "pytestmark", [])
+    have = {mark.name for mark in marks}
+    want = {mark for name in metafunc.fixturenames for mark in FIXTURE_MARKS.get(name, ())}
+    want |= have
+    want |= {implied for name in set(want) for implied in IMPLIED_MARKS.get(name, ())}
+    for name in sorted(want - have):
+        getattr(pytest.mark, name)(func)
+    if "root" in want and not any(mark.kwargs.get("reason") == NOT_ROOT for mark in marks):
+        pytest.mark.skipif(os.geteuid() != 0, reason=NOT_ROOT)(func)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A private home: jobs, slots and results of each test live in it (and its jobs inherit it)."""
@@ -1394,13 +1424,27 @@ def test_status_shell_and_python_agree_in_every_state(home):
         sleeper.wait()
 
 
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the live processes whose command line contains ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+    return found
+
+
 def test_job_run_false_launches_nothing(home):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="dry"))
     machine.run(run=False)
     assert machine.submitted and machine.launcher_pid is None
     assert "cluster_script.sh" in machine.launch_command
-    time.sleep(0.3)
+    # a launch is synchronous up to the detached process: its queue entry, its ticket and a process
+    # naming the job folder would all exist by now
+    assert Slots().entries() == [] and Slots().history() == []
+    assert not machine.file_manager.path(stackops.TICKET_TXT).exists()
+    assert _processes_naming(str(machine.file_manager.job_root)) == []
     assert machine.get_status().status == "queued"
     assert not machine.file_manager.path(stackops.LAUNCHER_PID_TXT).exists()
     # the printed command really launches it
@@ -2712,6 +2756,7 @@ def _cached_pyc_name() -> str:
     return f"{SOURCE.stem}-{digest}.{sys.implementation.cache_tag}.pyc"
 
 
+@needs_root
 @pytest.mark.parametrize("which", ["base", "state", "cache"])
 def test_security_a_folder_another_user_made_first_is_refused(home, tmp_path, monkeypatch, which):
     mod = make_module(home, JOBS_SOURCE)
@@ -2768,6 +2813,7 @@ def test_security_folders_others_may_write_are_refused_with_one_line(home, tmp_p
     assert done.returncode == 2 and "refusing bytecode cache" in done.stderr, done.stderr
 
 
+@needs_root
 def test_security_cached_bytecode_you_did_not_write_never_runs(home, monkeypatch):
     mod = make_module(home, JOBS_SOURCE)
     cache = home / ".cache" / "stackops"
@@ -3692,6 +3738,7 @@ def test_remote_send_key_once_then_login_with_it(remote, home):
         assert ssh.run_shell_cmd_on_remote("echo in").stdout == "in\n"
 
 
+@needs_root
 @pytest.mark.skipif(os.geteuid() != 0, reason="only with the dedicated test account (never reboot a developer box)")
 def test_remote_restart_without_sudo_says_so(remote, home):
     with stackops.SSH.from_config_file("tb") as ssh, pytest.raises(stackops.CommandError) as info:
@@ -3776,6 +3823,7 @@ def _login_account(sshd: SSHD, shell: str):
         shutil.rmtree(home, ignore_errors=True)
 
 
+@needs_root
 @pytest.mark.parametrize("shell", ["/usr/bin/tcsh", "/usr/bin/fish"])
 def test_remote_login_shell_csh_or_fish_runs_everything_under_bash(remote, home, shell):
     with _login_account(remote, shell) as (user, remote_home):
@@ -3956,6 +4004,7 @@ def test_remote_download_without_target_only_into_the_jobs_own_results_folder(re
     assert shown.returncode == 2 and "--to" in shown.stderr and not (home / ".local").exists()
 
 
+@needs_root
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root's extraction would chown (the host's user differs)")
 def test_remote_download_as_root_keeps_nothing_of_the_hosts_owner_or_setuid(remote, home):
     with stackops.SSH.from_config_file("tb") as ssh:
@@ -4017,6 +4066,7 @@ def test_remote_send_key_mends_a_last_line_and_knows_a_key_with_options(remote, 
             ssh.run_shell_cmd_on_remote(f"printf %s {shlex.quote(saved)} > ~/.ssh/authorized_keys")
 
 
+@needs_root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a throwaway account with a password and an sshd "
                                                 "that checks passwords")
 def test_remote_cli_send_key_prompts_for_the_password_on_a_terminal(sshd, home, tmp_path):
@@ -4848,6 +4898,7 @@ MEET_JOBS = """
 """
 
 
+@needs_netns
 def test_cluster_shared_home_max_one_job_per_machine_runs_three_at_once(cluster_home, nodes):
     if not nodes.netns:
         pytest.skip("loopback aliases are one machine (one pid namespace): needs root for namespaces")
@@ -5060,7 +5111,11 @@ def slurm_cluster():
 @pytest.fixture(scope="session", autouse=True)
 def slurm_time_limit_job(request, tmp_path_factory):
     """A job over its time limit, submitted when the suite starts: Slurm keeps limits in whole minutes
-    and checks them every 30 s, so its TIMEOUT comes 60-90 s later, while the other tests run."""
+    and checks them every 30 s, so its TIMEOUT comes 60-90 s later, while the other tests run.
+    Nothing starts when no selected test is marked `slurm` (`-m "not slurm"`, `-k` on others)."""
+    if not any(item.get_closest_marker("slurm") for item in request.session.items):
+        yield None
+        return
     try:
         _slurm_or_skip()
     except BaseException:  # noqa: B036 (skip or fail belongs to the test that reads it, not to every test)
@@ -5331,9 +5386,23 @@ def smtp(home):
     controller.stop()
 
 
-def _wait_mail(received, count, timeout=30):
+def _senders_gone(homes: tuple[Path, ...] = ()) -> None:
+    """Wait until no job process (launcher or wrapper) under ``homes`` (default: this test's home)
+    is alive: then none is left to send another message, as the SMTP server has every message
+    before the sender's `sendmail` returns. Status checks that report are the test's own calls."""
+    roots = {pid_file.parent.parent for home in homes or (Path.home(),)
+             for pid_file in home.glob("**/logs/*pid.txt")}
+
+    def quiet() -> bool:
+        return not any(stackops.job_process_alive(root, name)
+                       for root in roots for name in (stackops.PID_TXT, stackops.LAUNCHER_PID_TXT))
+
+    wait_for(quiet, timeout=60, what="every job process gone")
+
+
+def _wait_mail(received, count, timeout=30, homes: tuple[Path, ...] = ()):
     wait_for(lambda: len(received) >= count, timeout=timeout, what=f"{count} e-mail(s)")
-    time.sleep(0.3)  # a second message, if one were (wrongly) sent, would arrive by now
+    _senders_gone(homes)  # a second message, if one were (wrongly) sent, has arrived by now
     import email
 
     return [email.message_from_bytes(envelope.content) for envelope in received]
@@ -5408,7 +5477,7 @@ def test_email_from_a_remote_job_and_checked_on_the_host(remote, home, smtp):
     with RemoteMachine(mod.train, config=config(job_id="rmail", ssh_host="tb", copy_repo=True, **notify)) as m:
         m.run()
         m.wait(timeout=60)
-    [message] = _wait_mail(received, 1)
+    [message] = _wait_mail(received, 1, homes=(remote.remote_home,))
     assert "rmail completed" in message["Subject"]
 
 
@@ -5417,8 +5486,8 @@ def test_email_from_a_remote_job_and_checked_on_the_host(remote, home, smtp):
 MAIL = {"notify_upon_completion": True, "to_email": "me@test.invalid", "email_config_name": "test"}
 
 
-def _one_mail(received, job_id: str):
-    """The one message about ``job_id`` (a second one would arrive within the pause)."""
+def _one_mail(received, job_id: str, homes: tuple[Path, ...] = ()):
+    """The one message about ``job_id`` (a second one would have arrived once its senders are gone)."""
     import email
 
     def about() -> list:
@@ -5426,7 +5495,7 @@ def _one_mail(received, job_id: str):
         return [m for m in messages if f"job {job_id} " in m["Subject"]]
 
     wait_for(about, timeout=60, what=f"the e-mail about {job_id}")
-    time.sleep(0.3)
+    _senders_gone(homes)
     messages = about()
     assert len(messages) == 1, [m["Subject"] for m in messages]
     return messages[0]
@@ -5532,7 +5601,7 @@ def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote,
         wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
         report = m.get_status(0)
         assert report.status == "failed" and "process gone" in report.error_message and report.end_time
-        message = _one_mail(received, "rgone")
+        message = _one_mail(received, "rgone", homes=(remote.remote_home,))
         assert "failed" in message["Subject"] and "process gone" in message.get_payload()
         for _ in range(3):
             assert m.get_status(0).status == "failed"
@@ -6148,6 +6217,7 @@ def test_network_real_interfaces_psutil_and_stdlib_agree():
     assert shown["lan"] == chosen and {"interface", "ipv4_address", "mac_address"} <= set(shown["interfaces"][0])
 
 
+@needs_netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
 def test_network_lan_choice_inside_a_namespace():
     ns = f"sknet{os.getpid() % 100000}"
@@ -6308,6 +6378,7 @@ def test_network_public_ip_deadline_holds_against_a_trickling_endpoint(trickle_s
     assert time.monotonic() - started < 10
 
 
+@needs_netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="a private resolv.conf needs a netns (root)")
 def test_network_public_ip_deadline_holds_against_a_silent_dns_server(home):
     ns = f"skdns{os.getpid() % 100000}"
