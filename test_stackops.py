@@ -5487,7 +5487,7 @@ MAIL = {"notify_upon_completion": True, "to_email": "me@test.invalid", "email_co
 
 
 def _one_mail(received, job_id: str, homes: tuple[Path, ...] = ()):
-    """The one message about ``job_id`` (a second one would have arrived once its senders are gone)."""
+    """The one message about ``job_id`` (a second one has arrived once its senders are gone)."""
     import email
 
     def about() -> list:
