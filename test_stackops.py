@@ -2976,6 +2976,47 @@ def test_cli_logs_follow_counts_bytes_so_invalid_utf8_drops_nothing(home):
     assert "bad \ufffd" in out and "AFTER-THE-BAD-BYTES" in out, out[-500:]
 
 
+def test_cli_functions_within_the_house_limit_of_60_lines():
+    import ast
+
+    lines = SOURCE.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(r"# \d+\. CLI\b", line))
+    tree = ast.parse("\n".join(lines))
+    sizes = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.lineno > start}
+    assert "_build_parser" in sizes and "main" in sizes
+    assert {name: size for name, size in sizes.items() if size > 60} == {}
+
+
+def test_cli_main_in_process_prints_each_log_line_once_and_leaves_logging_as_it_was(home, capsys):
+    """main() called again and again by a program that logs to stderr itself: one handler, one line
+    per warning and call, and the loggers as they were once it returns."""
+    import logging
+
+    broken = home / "tmp_results" / "remote_machines" / "job_id__broken"
+    broken.mkdir(parents=True)
+    (broken / "cluster.json").write_text("{}")  # `list` warns: skipping cluster ...
+    ours, paramiko_log, root = (logging.getLogger(n) for n in ("stackops", "paramiko", None))
+    before = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in (ours, paramiko_log)]
+    program = logging.StreamHandler(sys.stderr)  # the calling program's own basicConfig()
+    root.addHandler(program)
+    try:
+        for verbosity in ([], ["-v"], ["-q", "-q"], [], ["-vv"]):
+            assert stackops.main([*verbosity, "list"]) == 0
+    finally:
+        root.removeHandler(program)
+    err = capsys.readouterr().err
+    assert err.count("skipping cluster") == 4, err  # -qq shows errors only
+    assert err.count("stackops: skipping cluster") == 4, err
+    assert [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in (ours, paramiko_log)] == before
+    root.addHandler(program)
+    try:
+        stackops.log.warning("after main: the program's own handler prints it")
+    finally:
+        root.removeHandler(program)
+    assert capsys.readouterr().err.count("after main") == 1
+
+
 # ============================================================================================
 # 9-10. SSH against a real OpenSSH server on loopback, as an account whose home is not ours
 # ============================================================================================
