@@ -1,5 +1,23 @@
 """stackops: run a Python function or script detached on this machine or one reachable over SSH.
 
+Quick start (the first half runs as it is; the second needs a host in ~/.ssh/config):
+
+    from stackops import RemoteMachine, RemoteStackOpsConfig, demo_job
+
+    # here: a detached job on this machine
+    config = RemoteStackOpsConfig(job_id="hello")  # job folders under ~/tmp_results/...
+    job = RemoteMachine(demo_job, config, func_kwargs={"seconds": 0.5})
+    job.run()                           # returns at once; the job would outlive this Python
+    folder = job.wait(timeout=60)       # its results folder (JobFailedError if it failed)
+    print(job.get_status().status, (folder / "message.txt").read_text())
+
+    # on a host: an ~/.ssh/config alias or user@host[:port]; the function's repo goes along
+    from mylab.train import fit         # any importable function, or a script's path
+    config = RemoteStackOpsConfig(job_id="fit-1", ssh_host="gpu-box", copy_repo=True)
+    job = RemoteMachine(fit, config, func_kwargs={"epochs": 10}).run()
+    print(job.get_status())             # queued, waiting, running, completed or failed
+    folder = job.wait()                 # later, or elsewhere: RemoteMachine.load("fit-1").wait()
+
 A job is a folder: the function or script to call, its arguments, a generated shell launcher and
 Python wrapper, and a copy of this very file, so the executing machine needs nothing but python3
 (3.8 or newer). The job runs detached, waits for one of the machine's slots (at most

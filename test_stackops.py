@@ -803,6 +803,51 @@ def test_header_public_surface_is_pinned():
     assert not changes, f"public surface changed (edit EXPECTED_SURFACE on purpose):\n{changes}"
 
 
+def _tutorial(part: str) -> str:
+    """The module docstring's quick start: ``here`` (up to the host comment) or ``host``."""
+    lines = stackops.__doc__.split("Quick start", 1)[1].split("\n\n", 1)[1].splitlines()
+    start = lines.index("    from stackops import RemoteMachine, RemoteStackOpsConfig, demo_job")
+    end = next(i for i in range(start, len(lines)) if lines[i] and not lines[i].startswith("    "))
+    code = textwrap.dedent("\n".join(lines[start:end]))
+    head, _, host = code.partition("# on a host:")
+    return head if part == "here" else code.splitlines()[0] + "\n# on a host:" + host
+
+
+def test_header_docstring_tutorial_runs_here_as_written(home):
+    code = _tutorial("here")
+    assert "demo_job" in code and "ssh_host" not in code and len(code.splitlines()) <= 12
+    compile(_tutorial("host"), "tutorial-host", "exec")  # the host half parses
+    done = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, HOME=str(home), PYTHONPATH=str(HERE)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("completed hello from stackops\n"), done.stdout
+    assert (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "hello").is_dir()
+
+
+def test_header_docstring_tutorial_runs_on_a_host_with_only_the_host_renamed(remote, home):
+    code = _tutorial("host").replace('"gpu-box"', '"tb"') + "\nprint(folder)\n"
+    package = home / "proj" / "mylab"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "train.py").write_text(textwrap.dedent("""
+        import os
+
+        def fit(epochs=1):
+            folder = os.path.expanduser("~/results/fit")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "model.txt"), "w") as handle:
+                handle.write(f"epochs={epochs} home={os.path.expanduser('~')}")
+            return folder
+    """))
+    env = dict(os.environ, HOME=str(home), PYTHONPATH=f"{HERE}{os.pathsep}{home / 'proj'}")
+    done = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True, text=True,
+                          timeout=180, env=env)
+    assert done.returncode == 0, done.stderr
+    status, folder = done.stdout.splitlines()[-2:]
+    assert "fit-1" in status and folder.startswith(f"{home}/"), done.stdout  # downloaded here
+    assert (Path(folder) / "model.txt").read_text() == f"epochs=10 home={remote.remote_home}"
+
+
 # ============================================================================================
 # 4. utilities
 # ============================================================================================
