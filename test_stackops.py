@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, Phase, event, example, given, settings
+from hypothesis import strategies as st
 
 import stackops
 from stackops import (ConfigError, FileManager, JobFailedError, JobParams, JobStatus, RemoteMachine,
@@ -2562,9 +2564,6 @@ def test_models_launch_method_decides_how_the_job_starts(home, tmp_path):
 # ============================================================================================
 # hostile values travel intact and inject nothing
 # ============================================================================================
-
-from hypothesis import HealthCheck, Phase, event, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 HOSTILE = st.sampled_from(["'", '"', "$(touch PWNED)", "`touch PWNED`", ";", "\n", "\\", "é", "☃", " ", "$HOME",
                            "%s", "@@x", "{x}", "&&", "|", "*", "#", "\t"])
