@@ -7895,7 +7895,9 @@ def _dispatch(args: Any, verbose: int) -> int:
     """Run the command's handler; map what it raises to one line and a hint on stderr, and an exit
     code."""
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()  # a buffered stdout (a pipe) fails here, not in the interpreter's exit
+        return code
     except BrokenPipeError:  # `stackops list | head`: the reader has all it wanted
         with _suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none at exit
