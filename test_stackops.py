@@ -1526,8 +1526,8 @@ def test_job_delete_results_only_its_own(home):
     """)
     for returned in ("~", "~/results/train", "/"):
         func = claims.claim if returned == "/" else mod.train  # names "/" without writing there
-        machine = RemoteMachine(func, config=config(job_id=f"del{len(returned)}{returned[-1:] == '/'}"),
-                                func_kwargs={"out": returned})
+        job_id = f"del{len(returned)}{returned[-1:] == '/'}"
+        machine = RemoteMachine(func, config=config(job_id=job_id), func_kwargs={"out": returned})
         machine.run()
         wait_done(machine)
         with pytest.raises(ConfigError, match="refusing"):
