@@ -5080,7 +5080,9 @@ def test_cluster_cancel_all_parts_and_rerun_only_the_failed_part(cluster_home, n
 class SlurmCluster:
     """A one-node Slurm cluster of this suite's own: its config, key, sockets and ports; stopped by pid."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, hide: Path | None = None) -> None:
+        """With ``hide``, the compute node (slurmd) runs in a mount namespace of its own where an
+        empty tmpfs covers that folder: a node that does not see the login node's home."""
         self.base = base
         self.pids: list[int] = []
         for sub in ("etc", "munge", "run", "log", "ctld", "spool"):
@@ -5092,8 +5094,12 @@ class SlurmCluster:
         self._start_munge()
         self._write_config()
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        cover = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                 'mount -t tmpfs -o size=1m so-hidden "$1" && shift && exec "$@"', "sh", str(hide)]
         for daemon, args in (("slurmctld", []), ("slurmd", ["-N", self.node])):
-            subprocess.run([daemon, "-f", str(self.conf), *args], check=True, capture_output=True, env=self.env)
+            prefix = cover if hide is not None and daemon == "slurmd" else []
+            subprocess.run([*prefix, daemon, "-f", str(self.conf), *args], check=True, capture_output=True,
+                           env=self.env)
             self.pids.append(self._pid_of(base / "run" / f"{daemon}.pid", daemon))
         self._wait_idle()
 
@@ -5392,6 +5398,51 @@ def test_slurm_over_ssh_to_a_login_node_submits_watches_and_cancels(slurm, home,
     finally:
         login.stop()
         _kill_remote_leftovers(sshd.remote_home)
+
+
+def test_slurm_over_ssh_to_a_login_node_sharing_the_home_completes(slurm, home, sshd):
+    """A second login to the same machine and user: it sees this home (detected, nothing copied)."""
+    user = sshd.user if os.geteuid() != 0 else "root"
+    login = SSHD(sshd.base, user, home, Path(f"{sshd.client_key}.pub"),
+                 extra=f"SetEnv HOME={home} SLURM_CONF={slurm.conf}\n")
+    login.client_key = sshd.client_key
+    try:
+        _write_ssh_config(home, login, alias="samelogin")
+        module = make_module(home, SLURM_JOBS)
+        with RemoteMachine(module.where, config(ssh_host="samelogin", launch_method="slurm", copy_repo=True),
+                           func_kwargs={"tag": "near"}) as machine:
+            machine.run()
+            assert machine.shared
+            report = _slurm_wait(machine, 90)
+            assert report.status == "completed", report
+            local = machine.download_results(home / "back")
+            result = json.loads((local / "result.json").read_text())
+            assert result["tag"] == "near" and result["slurm_job_id"] == machine.slurm_job_id
+        assert not list(home.glob("tmp_results/**/.stackops-partial.*"))
+    finally:
+        login.stop()
+
+
+def test_slurm_compute_node_that_does_not_see_the_home_is_reported(home, tmp_path_factory, monkeypatch):
+    """slurmd runs where an empty tmpfs covers the login node's home: the job never finds its folder."""
+    _slurm_or_skip()
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="so-slurmh-"))
+    cluster = None
+    try:
+        cluster = SlurmCluster(base, hide=home)
+        monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+        machine = _slurm_machine(home, "where").run()
+        report = _slurm_wait(machine, 90)
+        assert report.status == "failed", report
+        assert "compute node" in report.error_message and str(machine.file_manager.job_root) in \
+            report.error_message, report.error_message
+        assert report.start_time is None
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_slurm_after_a_failing_job_never_runs_and_never_hangs(slurm, home):
