@@ -46,6 +46,7 @@ SOURCE = HERE / "stackops.py"
 # (FIXTURE_MARKS, applied by pytest_generate_tests below); the others are decorators.
 needs_root = pytest.mark.root
 needs_netns = pytest.mark.netns
+needs_slurm = pytest.mark.slurm  # for a test that starts a cluster of its own
 slow = pytest.mark.slow
 FIXTURE_MARKS = {"sshd": ("ssh",), "fault_node": ("netns",), "slurm_cluster": ("slurm",)}
 IMPLIED_MARKS = {"netns": ("root",), "slurm": ("root",)}
@@ -5423,6 +5424,7 @@ def test_slurm_over_ssh_to_a_login_node_sharing_the_home_completes(slurm, home, 
         login.stop()
 
 
+@needs_slurm
 def test_slurm_compute_node_that_does_not_see_the_home_is_reported(home, tmp_path_factory, monkeypatch):
     """slurmd runs where an empty tmpfs covers the login node's home: the job never finds its folder."""
     _slurm_or_skip()
