@@ -806,6 +806,25 @@ def test_header_public_surface_is_pinned():
     assert not changes, f"public surface changed (edit EXPECTED_SURFACE on purpose):\n{changes}"
 
 
+def test_header_markers_follow_what_each_test_needs():
+    """A test that builds a Slurm cluster or skips unless root carries `slurm` / `root`, so that
+    `-m "not root"` leaves it out (the fixtures' markers come from FIXTURE_MARKS)."""
+    import inspect
+
+    needs = {"slurm": r"SlurmCluster\(|_slurm_or_skip\(\)",
+             "root": r"SlurmCluster\(|_other_account\(\)|_login_account\("
+                     r"|skipif\(os\.geteuid\(\) != 0|geteuid\(\) != 0.*:\s*pytest\.skip\("}
+    missing = []
+    for name, func in sorted(globals().items()):
+        if not name.startswith("test_") or name == "test_header_markers_follow_what_each_test_needs":
+            continue  # (its own text names every sign)
+        source = inspect.getsource(func)
+        marks = {mark.name for mark in getattr(func, "pytestmark", [])}
+        missing += [f"{name}: {mark}" for mark, pattern in needs.items()
+                    if mark not in marks and re.search(pattern, source)]
+    assert missing == []
+
+
 def _tutorial(part: str) -> str:
     """The module docstring's quick start: ``here`` (up to the host comment) or ``host``."""
     lines = stackops.__doc__.split("Quick start", 1)[1].split("\n\n", 1)[1].splitlines()
