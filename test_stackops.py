@@ -3983,8 +3983,8 @@ def test_ssh_target_parsing_refuses(text):
 def test_remote_proxy_command_and_simple_sftp_get(remote, home):
     relay = (f"{sys.executable} -c \"import socket,sys,threading; s=socket.create_connection(('127.0.0.1',%p)); "
              "threading.Thread(target=lambda: [s.sendall(b) for b in iter(lambda: sys.stdin.buffer.read1(65536), b'')],"
-             "daemon=True).start(); [sys.stdout.buffer.write(b) or sys.stdout.buffer.flush() "
-             "for b in iter(lambda: s.recv(65536), b'')]\"")
+             "daemon=True).start(); [(sys.stdout.buffer.write(b), sys.stdout.buffer.flush()) "
+             "for b in iter(lambda: s.recv(65536), b'')]\"")  # flushed, with or without -u
     _write_ssh_config(home, remote, alias="relayed", extra=f"  ProxyCommand {relay}\n", known=False)
     with stackops.SSH.from_config_file("relayed") as ssh:
         assert ssh.run_shell_cmd_on_remote("echo relayed").stdout == "relayed\n"
