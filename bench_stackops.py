@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ACCOUNT = "stackopsbench"  # not the test suite's account: both may run at once
+ACCOUNT = f"sob{os.getpid()}"  # as root: an account of this run's own, deleted by close()
 _fresh = itertools.count()
 
 
@@ -92,9 +92,10 @@ class Bed:
     def _account(self) -> str:
         if os.geteuid() != 0:
             return subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
-        if subprocess.run(["id", ACCOUNT], capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "-M", "-s", "/bin/bash", "-d", str(self.remote_home), ACCOUNT], check=True)
-        subprocess.run(["usermod", "-d", str(self.remote_home), "-p", "*", ACCOUNT], check=True)
+        # fresh: two runs at once never share (or usermod) one account
+        account = ["useradd", "-M", "-s", "/bin/bash", "-p", "*", "-d", str(self.remote_home),
+                   ACCOUNT]
+        subprocess.run(account, check=True)
         shutil.chown(self.remote_home, ACCOUNT, ACCOUNT)
         return ACCOUNT
 
@@ -185,6 +186,8 @@ class Bed:
         if self.netns and self.namespaces:
             subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True, check=False)
         shutil.rmtree(self.base, ignore_errors=True)
+        if os.geteuid() == 0:
+            subprocess.run(["userdel", ACCOUNT], capture_output=True, check=False)
 
 
 def timed(action) -> float:
@@ -254,6 +257,7 @@ def transfer_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
     scp = ["scp", "-q", "-F", str(bed.ssh_config)]  # the config's ControlPath: through the open master
     down = bed.local_home / "down"
     down.mkdir()
+    there = bed.remote_home  # absolute: scp and rsync start in the passwd home, not in $HOME
     with stackops.SSH.from_config_file("tb") as ssh:
         files = 500 if quick else 2000
         tree = bed.local_home / "tree"
@@ -264,7 +268,7 @@ def transfer_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
         rsync = ["rsync", "-a", "-e", f"ssh -F {bed.ssh_config}", f"{tree}/"]
         rows.append(compare(f"{files} x 4 KiB folder upload",
                             lambda: ssh.copy_from_here(tree, f"~/up-{next(_fresh)}", recursive=True),
-                            lambda: run_cmd([*rsync, f"tb:scp-{next(_fresh)}/"]), runs,
+                            lambda: run_cmd([*rsync, f"tb:{there}/scp-{next(_fresh)}/"]), runs,
                             "rsync -a (open connection)"))
         mib = 50 if quick else 200
         blob = bed.local_home / "blob.bin"
@@ -273,13 +277,15 @@ def transfer_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
                 handle.write(os.urandom(2**20))
         transfers = max(3, runs // 2)
         rows.append(compare(f"{mib} MiB upload", lambda: ssh.copy_from_here(blob, f"~/up-{next(_fresh)}"),
-                            lambda: run_cmd([*scp, str(blob), f"tb:scp-{next(_fresh)}"]), transfers,
+                            lambda: run_cmd([*scp, str(blob), f"tb:{there}/scp-{next(_fresh)}"]),
+                            transfers,
                             "scp (open connection)"))
         run_cmd(bed.ssh("tb", "rm -rf ~/up-* ~/scp-*"))
         ssh.copy_from_here(blob, "~/blob-src", overwrite_existing=True)
         rows.append(compare(f"{mib} MiB download",
                             lambda: ssh.copy_to_here("~/blob-src", down / f"ours-{next(_fresh)}"),
-                            lambda: run_cmd([*scp, "tb:blob-src", str(down / f"scp-{next(_fresh)}")]),
+                            lambda: run_cmd([*scp, f"tb:{there}/blob-src",
+                                             str(down / f"scp-{next(_fresh)}")]),
                             transfers, "scp (open connection)"))
         shutil.rmtree(down)
         down.mkdir()
