@@ -855,15 +855,18 @@ def test_header_docstring_tutorial_runs_on_a_host_with_only_the_host_renamed(rem
         import os
 
         def fit(epochs=1):
-            folder = os.path.expanduser("~/results/fit")
+            folder = os.path.expanduser("~/tutorial-out/fit")  # not ~/results: the host is shared
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, "model.txt"), "w") as handle:
                 handle.write(f"epochs={epochs} home={os.path.expanduser('~')}")
             return folder
     """))
     env = dict(os.environ, HOME=str(home), PYTHONPATH=f"{HERE}{os.pathsep}{home / 'proj'}")
-    done = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True, text=True,
-                          timeout=180, env=env)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True, text=True,
+                              timeout=180, env=env)
+    finally:
+        shutil.rmtree(remote.remote_home / "tutorial-out", ignore_errors=True)
     assert done.returncode == 0, done.stderr
     status, folder = done.stdout.splitlines()[-2:]
     assert "fit-1" in status and folder.startswith(f"{home}/"), done.stdout  # downloaded here
