@@ -262,6 +262,7 @@ def transfer_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
     scp = ["scp", "-q", "-F", str(bed.ssh_config)]  # the config's ControlPath: through the open master
     down = bed.local_home / "down"
     down.mkdir()
+    there = bed.remote_home  # absolute: scp and rsync start in the passwd home, not in $HOME
     with stackops.SSH.from_config_file("tb") as ssh:
         files = 500 if quick else 2000
         tree = bed.local_home / "tree"
@@ -272,7 +273,7 @@ def transfer_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
         rsync = ["rsync", "-a", "-e", f"ssh -F {bed.ssh_config}", f"{tree}/"]
         rows.append(compare(f"{files} x 4 KiB folder upload",
                             lambda: ssh.copy_from_here(tree, f"~/up-{next(_fresh)}", recursive=True),
-                            lambda: run_cmd([*rsync, f"tb:scp-{next(_fresh)}/"]), runs,
+                            lambda: run_cmd([*rsync, f"tb:{there}/scp-{next(_fresh)}/"]), runs,
                             "rsync -a (open connection)"))
         mib = 50 if quick else 200
         blob = bed.local_home / "blob.bin"
@@ -281,13 +282,15 @@ def transfer_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
                 handle.write(os.urandom(2**20))
         transfers = max(3, runs // 2)
         rows.append(compare(f"{mib} MiB upload", lambda: ssh.copy_from_here(blob, f"~/up-{next(_fresh)}"),
-                            lambda: run_cmd([*scp, str(blob), f"tb:scp-{next(_fresh)}"]), transfers,
+                            lambda: run_cmd([*scp, str(blob), f"tb:{there}/scp-{next(_fresh)}"]),
+                            transfers,
                             "scp (open connection)"))
         run_cmd(bed.ssh("tb", "rm -rf ~/up-* ~/scp-*"))
         ssh.copy_from_here(blob, "~/blob-src", overwrite_existing=True)
         rows.append(compare(f"{mib} MiB download",
                             lambda: ssh.copy_to_here("~/blob-src", down / f"ours-{next(_fresh)}"),
-                            lambda: run_cmd([*scp, "tb:blob-src", str(down / f"scp-{next(_fresh)}")]),
+                            lambda: run_cmd([*scp, f"tb:{there}/blob-src",
+                                             str(down / f"scp-{next(_fresh)}")]),
                             transfers, "scp (open connection)"))
         shutil.rmtree(down)
         down.mkdir()

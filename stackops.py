@@ -1,5 +1,23 @@
 """stackops: run a Python function or script detached on this machine or one reachable over SSH.
 
+Quick start (the first half runs as it is; the second needs a host in ~/.ssh/config):
+
+    from stackops import RemoteMachine, RemoteStackOpsConfig, demo_job
+
+    # here: a detached job on this machine
+    config = RemoteStackOpsConfig(job_id="hello")  # job folders under ~/tmp_results/...
+    job = RemoteMachine(demo_job, config, func_kwargs={"seconds": 0.5})
+    job.run()                           # returns at once; the job would outlive this Python
+    folder = job.wait(timeout=60)       # its results folder (JobFailedError if it failed)
+    print(job.get_status().status, (folder / "message.txt").read_text())
+
+    # on a host: an ~/.ssh/config alias or user@host[:port]; the function's repo goes along
+    from mylab.train import fit         # any importable function, or a script's path
+    config = RemoteStackOpsConfig(job_id="fit-1", ssh_host="gpu-box", copy_repo=True)
+    job = RemoteMachine(fit, config, func_kwargs={"epochs": 10}).run()
+    print(job.get_status())             # queued, waiting, running, completed or failed
+    folder = job.wait()                 # later, or elsewhere: RemoteMachine.load("fit-1").wait()
+
 A job is a folder: the function or script to call, its arguments, a generated shell launcher and
 Python wrapper, and a copy of this very file, so the executing machine needs nothing but python3
 (3.8 or newer). The job runs detached, waits for one of the machine's slots (at most
@@ -9107,6 +9125,19 @@ def _build_parser() -> Any:
         sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR, help=f"where jobs live (default {DEFAULT_BASE_DIR})")
         return sub
 
+    _add_job_commands(commands, command)
+    _add_host_commands(commands)
+    _add_cluster_args(commands)
+    _add_cloud_args(commands)
+    _add_ip_args(commands)
+    _add_hidden_commands(commands)
+    _add_verbosity_everywhere(parser)
+    _add_progress_option(parser)
+    return parser
+
+
+def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
+    """run, status, list, logs, queue, download, delete-results and the job control verbs."""
     _add_run_args(command("run", _cmd_run, "run a script or function as a detached job", job=False))
     sub = command("status", _cmd_status, "status, times, results and error of a job")
     sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
@@ -9125,6 +9156,10 @@ def _build_parser() -> Any:
     sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
     command("delete-results", _cmd_delete_results, "delete a finished job's own results folder")
     _add_control_args(command)
+
+
+def _add_host_commands(commands: Any) -> None:
+    """ssh, copy and send-key: a host's conveniences, no job."""
     sub = commands.add_parser("ssh", help="run a command on a host; its exit status is passed through")
     sub.set_defaults(handler=_cmd_ssh)
     sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
@@ -9145,9 +9180,10 @@ def _build_parser() -> Any:
     sub.add_argument("host")
     sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then id_rsa.pub)")
     sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
-    _add_cluster_args(commands)
-    _add_cloud_args(commands)
-    _add_ip_args(commands)
+
+
+def _add_hidden_commands(commands: Any) -> None:
+    """Run on the host by the job's own stackops copy, hence no help."""
     sub = commands.add_parser("job-report")  # no help: run on the host by the job's own stackops copy
     sub.set_defaults(handler=_cmd_job_report)
     sub.add_argument("job_root")
@@ -9161,9 +9197,6 @@ def _build_parser() -> Any:
     sub = commands.add_parser("job-notify")  # an end the wrapper could not report
     sub.set_defaults(handler=_cmd_job_notify)
     sub.add_argument("job_root")
-    _add_verbosity_everywhere(parser)
-    _add_progress_option(parser)
-    return parser
 
 
 def _add_verbosity_everywhere(parser: Any) -> None:
@@ -9182,20 +9215,34 @@ def _add_verbosity_everywhere(parser: Any) -> None:
             _add_verbosity_everywhere(sub)
 
 
-def _configure_logging(level: int) -> None:
+def _configure_logging(level: int) -> Callable[[], None]:
     """One stderr handler for stackops, replaced (not added to) by every main() call. paramiko's
     own log (an "Exception (client)" with a traceback from its thread, before our one line) shows
-    only with -vv."""
+    only with -vv. The stackops logger does not propagate meanwhile, so a program that calls
+    main() and logs to stderr itself does not see each line twice. Returns the undo, which
+    main() calls on its way out: it leaves the loggers as it found them."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("stackops: %(message)s"))
     quiet_paramiko: logging.Handler = logging.NullHandler() if level < 2 else handler
-    for logger, new in ((log, handler), (logging.getLogger("paramiko"), quiet_paramiko)):
+    installed = ((log, handler), (logging.getLogger("paramiko"), quiet_paramiko))
+    saved = [(logger, logger.level, logger.propagate) for logger, _ in installed]
+    for logger, new in installed:
         for old in [h for h in logger.handlers if getattr(h, "_stackops_cli", False)]:
             logger.removeHandler(old)
         new._stackops_cli = True  # type: ignore[attr-defined]
         logger.addHandler(new)
+    log.propagate = False
     log.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(max(-1, min(level, 2)),
                                                                               logging.DEBUG))
+
+    def undo() -> None:
+        for logger, new in installed:
+            logger.removeHandler(new)
+        for logger, level_before, propagate in saved:
+            logger.setLevel(level_before)
+            logger.propagate = propagate
+
+    return undo
 
 
 def _take_ssh_command(args: Any, extras: list[str], parser: Any) -> None:
@@ -9231,9 +9278,20 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     verbose = args.verbose + getattr(args, "verbose_after", 0)
-    _configure_logging(verbose - args.quiet - getattr(args, "quiet_after", 0))
+    undo_logging = _configure_logging(verbose - args.quiet - getattr(args, "quiet_after", 0))
     try:
-        return int(args.handler(args))
+        return _dispatch(args, verbose)
+    finally:
+        undo_logging()
+
+
+def _dispatch(args: Any, verbose: int) -> int:
+    """Run the command's handler; map what it raises to one line and a hint on stderr, and an exit
+    code."""
+    try:
+        code = int(args.handler(args))
+        sys.stdout.flush()  # a buffered stdout (a pipe) fails here, not in the interpreter's exit
+        return code
     except BrokenPipeError:  # `stackops list | head`: the reader has all it wanted
         with _suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none at exit

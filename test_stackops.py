@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, Phase, event, example, given, settings
+from hypothesis import strategies as st
 
 import stackops
 from stackops import (ConfigError, FileManager, JobFailedError, JobParams, JobStatus, RemoteMachine,
@@ -34,6 +36,37 @@ SOURCE = HERE / "stackops.py"
 # ============================================================================================
 # fixtures and helpers
 # ============================================================================================
+
+# Markers, registered in pyproject.toml (a normal user runs `pytest -m "not root"`):
+#   ssh    a real OpenSSH server on loopback (runs as any user)
+#   netns  network namespaces; slurm  a real single-node Slurm cluster (both imply root)
+#   root   only as root: skips with a reason otherwise, even with CI=true (CI runs as root)
+#   slow   over ~10 s on an idle machine
+# A test carries the markers of the fixtures it uses, directly or through other fixtures
+# (FIXTURE_MARKS, applied by pytest_generate_tests below); the others are decorators.
+needs_root = pytest.mark.root
+needs_netns = pytest.mark.netns
+needs_slurm = pytest.mark.slurm  # for a test that starts a cluster of its own
+slow = pytest.mark.slow
+FIXTURE_MARKS = {"sshd": ("ssh",), "fault_node": ("netns",), "slurm_cluster": ("slurm",)}
+IMPLIED_MARKS = {"netns": ("root",), "slurm": ("root",)}
+NOT_ROOT = "needs root (CI runs as root); a normal user runs `pytest -m 'not root'`"
+
+
+def pytest_generate_tests(metafunc):
+    """Mark each test by the fixtures it needs, before pytest makes items of it (a hook in the test
+    module itself: the repository has no conftest.py)."""
+    func = metafunc.function
+    marks = getattr(func, "pytestmark", [])
+    have = {mark.name for mark in marks}
+    want = {mark for name in metafunc.fixturenames for mark in FIXTURE_MARKS.get(name, ())}
+    want |= have
+    want |= {implied for name in set(want) for implied in IMPLIED_MARKS.get(name, ())}
+    for name in sorted(want - have):
+        getattr(pytest.mark, name)(func)
+    if "root" in want and not any(mark.kwargs.get("reason") == NOT_ROOT for mark in marks):
+        pytest.mark.skipif(os.geteuid() != 0, reason=NOT_ROOT)(func)
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
@@ -812,6 +845,73 @@ def test_header_public_surface_is_pinned():
     assert not changes, f"public surface changed (edit EXPECTED_SURFACE on purpose):\n{changes}"
 
 
+def test_header_markers_follow_what_each_test_needs():
+    """A test that builds a Slurm cluster or skips unless root carries `slurm` / `root`, so that
+    `-m "not root"` leaves it out (the fixtures' markers come from FIXTURE_MARKS)."""
+    import inspect
+
+    needs = {"slurm": r"SlurmCluster\(|_slurm_or_skip\(\)",
+             "root": r"SlurmCluster\(|_other_account\(\)|_login_account\("
+                     r"|skipif\(os\.geteuid\(\) != 0|geteuid\(\) != 0.*:\s*pytest\.skip\("}
+    missing = []
+    for name, func in sorted(globals().items()):
+        if not name.startswith("test_") or name.endswith("_markers_follow_what_each_test_needs"):
+            continue  # (its own text names every sign)
+        source = inspect.getsource(func)
+        marks = {mark.name for mark in getattr(func, "pytestmark", [])}
+        missing += [f"{name}: {mark}" for mark, pattern in needs.items()
+                    if mark not in marks and re.search(pattern, source)]
+    assert missing == []
+
+
+def _tutorial(part: str) -> str:
+    """The module docstring's quick start: ``here`` (up to the host comment) or ``host``."""
+    lines = stackops.__doc__.split("Quick start", 1)[1].split("\n\n", 1)[1].splitlines()
+    start = lines.index("    from stackops import RemoteMachine, RemoteStackOpsConfig, demo_job")
+    end = next(i for i in range(start, len(lines)) if lines[i] and not lines[i].startswith("    "))
+    code = textwrap.dedent("\n".join(lines[start:end]))
+    head, _, host = code.partition("# on a host:")
+    return head if part == "here" else code.splitlines()[0] + "\n# on a host:" + host
+
+
+def test_header_docstring_tutorial_runs_here_as_written(home):
+    code = _tutorial("here")
+    assert "demo_job" in code and "ssh_host" not in code and len(code.splitlines()) <= 12
+    compile(_tutorial("host"), "tutorial-host", "exec")  # the host half parses
+    done = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, HOME=str(home), PYTHONPATH=str(HERE)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("completed hello from stackops\n"), done.stdout
+    assert (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "hello").is_dir()
+
+
+def test_header_docstring_tutorial_runs_on_a_host_with_only_the_host_renamed(remote, home):
+    code = _tutorial("host").replace('"gpu-box"', '"tb"') + "\nprint(folder)\n"
+    package = home / "proj" / "mylab"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "train.py").write_text(textwrap.dedent("""
+        import os
+
+        def fit(epochs=1):
+            folder = os.path.expanduser("~/tutorial-out/fit")  # not ~/results: the host is shared
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "model.txt"), "w") as handle:
+                handle.write(f"epochs={epochs} home={os.path.expanduser('~')}")
+            return folder
+    """))
+    env = dict(os.environ, HOME=str(home), PYTHONPATH=f"{HERE}{os.pathsep}{home / 'proj'}")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True, text=True,
+                              timeout=180, env=env)
+    finally:
+        shutil.rmtree(remote.remote_home / "tutorial-out", ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    status, folder = done.stdout.splitlines()[-2:]
+    assert "fit-1" in status and folder.startswith(f"{home}/"), done.stdout  # downloaded here
+    assert (Path(folder) / "model.txt").read_text() == f"epochs=10 home={remote.remote_home}"
+
+
 # ============================================================================================
 # 4. utilities
 # ============================================================================================
@@ -1435,13 +1535,27 @@ def test_status_shell_and_python_agree_in_every_state(home):
         sleeper.wait()
 
 
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the live processes whose command line contains ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+    return found
+
+
 def test_job_run_false_launches_nothing(home):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="dry"))
     machine.run(run=False)
     assert machine.submitted and machine.launcher_pid is None
     assert "cluster_script.sh" in machine.launch_command
-    time.sleep(0.3)
+    # a launch is synchronous up to the detached process: its queue entry, its ticket and a process
+    # naming the job folder would all exist by now
+    assert Slots().entries() == [] and Slots().history() == []
+    assert not machine.file_manager.path(stackops.TICKET_TXT).exists()
+    assert _processes_naming(str(machine.file_manager.job_root)) == []
     assert machine.get_status().status == "queued"
     assert not machine.file_manager.path(stackops.LAUNCHER_PID_TXT).exists()
     # the printed command really launches it
@@ -1470,9 +1584,14 @@ def test_job_delete_results_only_its_own(home):
     assert folder == home / "tmp_results" / "tmp_dirs" / "own"
     own.delete_remote_results()
     assert not folder.exists()
+    claims = make_module(home, """
+        def claim(out):
+            return out
+    """)
     for returned in ("~", "~/results/train", "/"):
-        machine = RemoteMachine(mod.train, config=config(job_id=f"del{len(returned)}{returned[-1:] == '/'}"),
-                                func_kwargs={"out": returned})
+        func = claims.claim if returned == "/" else mod.train  # names "/" without writing there
+        job_id = f"del{len(returned)}{returned[-1:] == '/'}"
+        machine = RemoteMachine(func, config=config(job_id=job_id), func_kwargs={"out": returned})
         machine.run()
         wait_done(machine)
         with pytest.raises(ConfigError, match="refusing"):
@@ -2173,6 +2292,7 @@ def test_control_cancel_after_grace_kills_a_job_that_ignores_sigterm(home):
     wait_for(lambda: _gone(pids), 5, "the job to be gone")
 
 
+@slow
 def test_control_cli_cancel_wait_start_delete_prune(home):
     (home / "jobs.py").write_text(textwrap.dedent(CONTROL_SOURCE))
     assert cli("run", "jobs.py:quick", "--job-id", "w-ok", home=home).returncode == 0
@@ -2316,6 +2436,7 @@ def test_control_retries_after_and_rerun_on_a_host(remote, home):
     assert cli("wait", "hr-orphan", home=home).returncode == 1
 
 
+@slow
 def test_control_queue_and_list_of_a_host_in_one_round_trip(remote, home, tmp_path):
     mod = make_module(home, CONTROL_SOURCE)
     with RemoteMachine(mod.busy, config(job_id="h-run", ssh_host="tb", copy_repo=True),
@@ -2544,6 +2665,7 @@ def test_bad_input_kwargs_from_fifo_device_or_oversized_file_refused(home, tmp_p
     assert _no_jobs(home)
 
 
+@slow
 def test_bad_input_os_and_memory_errors_reaching_main_are_one_line(home):
     _proj(home)
     done = cli("run", "proj/m.py:f", "--base-dir", "/dev/null/jobs", home=home)
@@ -2645,9 +2767,6 @@ def test_models_launch_method_decides_how_the_job_starts(home, tmp_path):
 # ============================================================================================
 # hostile values travel intact and inject nothing
 # ============================================================================================
-
-from hypothesis import HealthCheck, Phase, event, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 HOSTILE = st.sampled_from(["'", '"', "$(touch PWNED)", "`touch PWNED`", ";", "\n", "\\", "é", "☃", " ", "$HOME",
                            "%s", "@@x", "{x}", "&&", "|", "*", "#", "\t"])
@@ -2884,6 +3003,7 @@ def _cached_pyc_name() -> str:
     return f"{SOURCE.stem}-{digest}.{sys.implementation.cache_tag}.pyc"
 
 
+@needs_root
 @pytest.mark.parametrize("which", ["base", "state", "cache"])
 def test_security_a_folder_another_user_made_first_is_refused(home, tmp_path, monkeypatch, which):
     mod = make_module(home, JOBS_SOURCE)
@@ -2940,6 +3060,7 @@ def test_security_folders_others_may_write_are_refused_with_one_line(home, tmp_p
     assert done.returncode == 2 and "refusing bytecode cache" in done.stderr, done.stderr
 
 
+@needs_root
 def test_security_cached_bytecode_you_did_not_write_never_runs(home, monkeypatch):
     mod = make_module(home, JOBS_SOURCE)
     cache = home / ".cache" / "stackops"
@@ -3235,6 +3356,47 @@ def test_queue_cancel_of_a_queued_entry_removes_it_and_nothing_runs(home):
     assert middle.get_status(0).status == "cancelled"
     assert not middle.file_manager.path(stackops.LAUNCHER_PID_TXT).exists(), "a cancelled entry never starts"
     assert not middle.file_manager.path(stackops.START_TXT).exists()
+
+
+def test_cli_functions_within_the_house_limit_of_60_lines():
+    import ast
+
+    lines = SOURCE.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(r"# \d+\. CLI\b", line))
+    tree = ast.parse("\n".join(lines))
+    sizes = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.lineno > start}
+    assert "_build_parser" in sizes and "main" in sizes
+    assert {name: size for name, size in sizes.items() if size > 60} == {}
+
+
+def test_cli_main_in_process_prints_each_log_line_once_and_leaves_logging_as_it_was(home, capsys):
+    """main() called again and again by a program that logs to stderr itself: one handler, one line
+    per warning and call, and the loggers as they were once it returns."""
+    import logging
+
+    broken = home / "tmp_results" / "remote_machines" / "job_id__broken"
+    broken.mkdir(parents=True)
+    (broken / "cluster.json").write_text("{}")  # `list` warns: skipping cluster ...
+    ours, paramiko_log, root = (logging.getLogger(n) for n in ("stackops", "paramiko", None))
+    before = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in (ours, paramiko_log)]
+    program = logging.StreamHandler(sys.stderr)  # the calling program's own basicConfig()
+    root.addHandler(program)
+    try:
+        for verbosity in ([], ["-v"], ["-q", "-q"], [], ["-vv"]):
+            assert stackops.main([*verbosity, "list"]) == 0
+    finally:
+        root.removeHandler(program)
+    err = capsys.readouterr().err
+    assert err.count("skipping cluster") == 4, err  # -qq shows errors only
+    assert err.count("stackops: skipping cluster") == 4, err
+    assert [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in (ours, paramiko_log)] == before
+    root.addHandler(program)
+    try:
+        stackops.log.warning("after main: the program's own handler prints it")
+    finally:
+        root.removeHandler(program)
+    assert capsys.readouterr().err.count("after main") == 1
 
 
 # ============================================================================================
@@ -3767,6 +3929,7 @@ def _changes(before: dict, after: dict) -> list[str]:
 @settings(max_examples=int(os.environ.get("STACKOPS_COPY_EXAMPLES", "12")), deadline=None,
           phases=[Phase.explicit, Phase.generate],  # shrinking costs minutes of copies; the example is shown
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@slow
 @given(tree=_trees(), compress=st.booleans(), via_link=st.booleans())
 def test_remote_copy_property_identical_or_refused_in_one_line(remote, home, tree, compress, via_link):
     top, entries = tree
@@ -4001,6 +4164,7 @@ def test_remote_send_key_once_then_login_with_it(remote, home):
         assert ssh.run_shell_cmd_on_remote("echo in").stdout == "in\n"
 
 
+@needs_root
 @pytest.mark.skipif(os.geteuid() != 0, reason="only with the dedicated test account (never reboot a developer box)")
 def test_remote_restart_without_sudo_says_so(remote, home):
     with stackops.SSH.from_config_file("tb") as ssh, pytest.raises(stackops.CommandError) as info:
@@ -4085,6 +4249,7 @@ def _login_account(sshd: SSHD, shell: str):
         shutil.rmtree(home, ignore_errors=True)
 
 
+@needs_root
 @pytest.mark.parametrize("shell", ["/usr/bin/tcsh", "/usr/bin/fish"])
 def test_remote_login_shell_csh_or_fish_runs_everything_under_bash(remote, home, shell):
     with _login_account(remote, shell) as (user, remote_home):
@@ -4130,8 +4295,8 @@ def test_ssh_target_parsing_refuses(text):
 def test_remote_proxy_command_and_simple_sftp_get(remote, home):
     relay = (f"{sys.executable} -c \"import socket,sys,threading; s=socket.create_connection(('127.0.0.1',%p)); "
              "threading.Thread(target=lambda: [s.sendall(b) for b in iter(lambda: sys.stdin.buffer.read1(65536), b'')],"
-             "daemon=True).start(); [sys.stdout.buffer.write(b) or sys.stdout.buffer.flush() "
-             "for b in iter(lambda: s.recv(65536), b'')]\"")
+             "daemon=True).start(); [(sys.stdout.buffer.write(b), sys.stdout.buffer.flush()) "
+             "for b in iter(lambda: s.recv(65536), b'')]\"")  # flushed, with or without -u
     _write_ssh_config(home, remote, alias="relayed", extra=f"  ProxyCommand {relay}\n", known=False)
     with stackops.SSH.from_config_file("relayed") as ssh:
         assert ssh.run_shell_cmd_on_remote("echo relayed").stdout == "relayed\n"
@@ -4265,6 +4430,7 @@ def test_remote_download_without_target_only_into_the_jobs_own_results_folder(re
     assert shown.returncode == 2 and "--to" in shown.stderr and not (home / ".local").exists()
 
 
+@needs_root
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root's extraction would chown (the host's user differs)")
 def test_remote_download_as_root_keeps_nothing_of_the_hosts_owner_or_setuid(remote, home):
     with stackops.SSH.from_config_file("tb") as ssh:
@@ -4326,6 +4492,7 @@ def test_remote_send_key_mends_a_last_line_and_knows_a_key_with_options(remote, 
             ssh.run_shell_cmd_on_remote(f"printf %s {shlex.quote(saved)} > ~/.ssh/authorized_keys")
 
 
+@needs_root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a throwaway account with a password and an sshd "
                                                 "that checks passwords")
 def test_remote_cli_send_key_prompts_for_the_password_on_a_terminal(sshd, home, tmp_path):
@@ -4643,6 +4810,7 @@ def wire(monkeypatch):
     return count
 
 
+@slow
 def test_snapshot_transfer_cost_unchanged_resend_and_one_changed_file(remote, home, wire):
     import random as _random
 
@@ -4720,6 +4888,8 @@ def test_snapshot_data_outside_home_used_in_place_or_refused_never_replaced(remo
         import hashlib
         digest = (remote.remote_home / "out" / "outside1" / "digest.txt").read_text()
         assert digest == hashlib.sha256((seen / "input.bin").read_bytes()).hexdigest()
+        if os.geteuid() != 0:
+            return  # the host's login is ourselves: no folder of ours is unreadable to it
         private = home.parent / "private-data"  # a folder the host's login cannot read
         private.mkdir(mode=0o700)
         (private / "x.csv").write_text("mine")
@@ -4732,6 +4902,7 @@ def test_snapshot_data_outside_home_used_in_place_or_refused_never_replaced(remo
         shutil.rmtree(seen, ignore_errors=True)
 
 
+@slow
 def test_snapshot_symlinked_home_keeps_paths_home_relative(remote, home, tmp_path, monkeypatch):
     real = tmp_path / "data-home"
     home.rename(real)
@@ -4746,6 +4917,7 @@ def test_snapshot_symlinked_home_keeps_paths_home_relative(remote, home, tmp_pat
         assert _result(machine, remote.remote_home)["version"] == 1
 
 
+@slow
 def test_snapshot_src_layout_hatch_vcs_install_repo(home, tmp_path):
     pytest.importorskip("hatchling") if not os.environ.get("CI") else None
     repo = _git_repo(home / "srcproj", {
@@ -4806,7 +4978,8 @@ def test_snapshot_local_job_runs_its_own_copy(home):
     assert first.job_params.code_snapshot != second.job_params.code_snapshot
     assert not (repo / "out.txt").exists() and (first.file_manager.job_root / "code" / "out.txt").exists()
     shipped = {p.relative_to(first.file_manager.job_root / "code").as_posix()
-               for p in (first.file_manager.job_root / "code").rglob("*") if p.is_file()}
+               for p in (first.file_manager.job_root / "code").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}  # the job's own import writes those
     assert shipped == {".gitignore", "vjobs.py", "later.txt", "uncommitted.txt", "out.txt"}
 
 
@@ -5389,8 +5562,9 @@ def test_cli_list_into_a_closed_pipe_ends_quietly(home):
     for i in range(3):
         wait_done(RemoteMachine(mod.train, config=config(job_id=f"pipe{i}")).run())
     for args in (["list"], ["list", "--json"], ["queue"], ["status", "pipe0"]):
+        env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
         proc = subprocess.Popen([sys.executable, str(SOURCE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=dict(os.environ, HOME=str(home)))
+                                env=dict(env, HOME=str(home)))  # buffered, as in a terminal's pipe
         proc.stdout.close()  # the reader is gone before the first line
         err = proc.stderr.read().decode()
         proc.wait(timeout=60)
@@ -5412,6 +5586,7 @@ MEET_JOBS = """
 """
 
 
+@needs_netns
 def test_cluster_shared_home_max_one_job_per_machine_runs_three_at_once(cluster_home, nodes):
     if not nodes.netns:
         pytest.skip("loopback aliases are one machine (one pid namespace): needs root for namespaces")
@@ -5448,6 +5623,7 @@ FLAKY_CLUSTER = """
 """
 
 
+@slow
 def test_cluster_cancel_all_parts_and_rerun_only_the_failed_part(cluster_home, nodes):
     home = cluster_home
     (home / "proj").mkdir(exist_ok=True)
@@ -5630,7 +5806,11 @@ def slurm_cluster():
 @pytest.fixture(scope="session", autouse=True)
 def slurm_time_limit_job(request, tmp_path_factory):
     """A job over its time limit, submitted when the suite starts: Slurm keeps limits in whole minutes
-    and checks them every 30 s, so its TIMEOUT comes 60-90 s later, while the other tests run."""
+    and checks them every 30 s, so its TIMEOUT comes 60-90 s later, while the other tests run.
+    Nothing starts when no selected test is marked `slurm` (`-m "not slurm"`, `-k` on others)."""
+    if not any(item.get_closest_marker("slurm") for item in request.session.items):
+        yield None
+        return
     try:
         _slurm_or_skip()
     except BaseException:  # noqa: B036 (skip or fail belongs to the test that reads it, not to every test)
@@ -5830,6 +6010,7 @@ def test_slurm_over_ssh_to_a_login_node_sharing_the_home_completes(slurm, home, 
         login.stop()
 
 
+@needs_slurm
 def test_slurm_compute_node_that_does_not_see_the_home_is_reported(home, tmp_path_factory, monkeypatch):
     """slurmd runs where an empty tmpfs covers the login node's home: the job never finds its folder."""
     _slurm_or_skip()
@@ -5994,9 +6175,23 @@ def smtp(home):
     controller.stop()
 
 
-def _wait_mail(received, count, timeout=30):
+def _senders_gone(homes: tuple[Path, ...] = ()) -> None:
+    """Wait until no job process (launcher or wrapper) under ``homes`` (default: this test's home)
+    is alive: then none is left to send another message, as the SMTP server has every message
+    before the sender's `sendmail` returns. Status checks that report are the test's own calls."""
+    roots = {pid_file.parent.parent for home in homes or (Path.home(),)
+             for pid_file in home.glob("**/logs/*pid.txt")}
+
+    def quiet() -> bool:
+        return not any(stackops.job_process_alive(root, name)
+                       for root in roots for name in (stackops.PID_TXT, stackops.LAUNCHER_PID_TXT))
+
+    wait_for(quiet, timeout=60, what="every job process gone")
+
+
+def _wait_mail(received, count, timeout=30, homes: tuple[Path, ...] = ()):
     wait_for(lambda: len(received) >= count, timeout=timeout, what=f"{count} e-mail(s)")
-    time.sleep(0.3)  # a second message, if one were (wrongly) sent, would arrive by now
+    _senders_gone(homes)  # a second message, if one were (wrongly) sent, has arrived by now
     import email
 
     return [email.message_from_bytes(envelope.content) for envelope in received]
@@ -6071,7 +6266,7 @@ def test_email_from_a_remote_job_and_checked_on_the_host(remote, home, smtp):
     with RemoteMachine(mod.train, config=config(job_id="rmail", ssh_host="tb", copy_repo=True, **notify)) as m:
         m.run()
         m.wait(timeout=60)
-    [message] = _wait_mail(received, 1)
+    [message] = _wait_mail(received, 1, homes=(remote.remote_home,))
     assert "rmail completed" in message["Subject"]
 
 
@@ -6080,8 +6275,8 @@ def test_email_from_a_remote_job_and_checked_on_the_host(remote, home, smtp):
 MAIL = {"notify_upon_completion": True, "to_email": "me@test.invalid", "email_config_name": "test"}
 
 
-def _one_mail(received, job_id: str):
-    """The one message about ``job_id`` (a second one would arrive within the pause)."""
+def _one_mail(received, job_id: str, homes: tuple[Path, ...] = ()):
+    """The one message about ``job_id`` (a second one has arrived once its senders are gone)."""
     import email
 
     def about() -> list:
@@ -6089,7 +6284,7 @@ def _one_mail(received, job_id: str):
         return [m for m in messages if f"job {job_id} " in m["Subject"]]
 
     wait_for(about, timeout=60, what=f"the e-mail about {job_id}")
-    time.sleep(0.3)
+    _senders_gone(homes)
     messages = about()
     assert len(messages) == 1, [m["Subject"] for m in messages]
     return messages[0]
@@ -6195,7 +6390,7 @@ def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote,
         wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
         report = m.get_status(0)
         assert report.status == "failed" and "process gone" in report.error_message and report.end_time
-        message = _one_mail(received, "rgone")
+        message = _one_mail(received, "rgone", homes=(remote.remote_home,))
         assert "failed" in message["Subject"] and "process gone" in message.get_payload()
         for _ in range(3):
             assert m.get_status(0).status == "failed"
@@ -6337,6 +6532,7 @@ def _queue_job(home: Path, bucket: Path, job_id: str, units: int, **kwargs) -> R
     return RemoteMachine(mod.record, config=cfg, func_kwargs=kwargs)
 
 
+@slow
 def test_cloud_queue_twelve_units_three_workers_each_runs_once(home, tmp_path):
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
@@ -6362,6 +6558,7 @@ def test_cloud_queue_twelve_units_three_workers_each_runs_once(home, tmp_path):
     assert all(f" {r['worker']} " in shown.stdout for r in report)
 
 
+@slow
 def test_cloud_queue_cancel_skips_a_queued_unit_and_stops_a_running_one(home, tmp_path):
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
@@ -6394,6 +6591,7 @@ def test_cloud_queue_cancel_skips_a_queued_unit_and_stops_a_running_one(home, tm
     assert states == {unit: "cancelled" for unit in units}
 
 
+@slow
 def test_cloud_queue_killed_worker_unit_rerun_after_lease(home, tmp_path):
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
@@ -6420,6 +6618,7 @@ def test_cloud_queue_killed_worker_unit_rerun_after_lease(home, tmp_path):
     assert len(runs.read_text().splitlines()) == 2  # started on wa, run again on wb
 
 
+@slow
 def test_cloud_queue_allowed_remotes(home, tmp_path):
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
@@ -6577,6 +6776,7 @@ def _worker(home: Path, bucket: Path, name: str, *extra: str, env: dict | None =
                             stderr=err, text=True)
 
 
+@slow
 def test_cloud_worker_backs_off_and_goes_on_when_a_listing_fails(home, tmp_path):
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
@@ -6604,6 +6804,7 @@ def test_cloud_worker_backs_off_and_goes_on_when_a_listing_fails(home, tmp_path)
     assert len(runs.read_text().splitlines()) == 1
 
 
+@slow
 def test_cloud_worker_never_deletes_a_path_a_unit_json_names(home, tmp_path):
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
@@ -6660,6 +6861,7 @@ VERSIONED_JOB = """
 """
 
 
+@slow
 def test_cloud_worker_on_the_submitting_machine_keeps_your_working_copy(home, tmp_path):
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
@@ -6706,6 +6908,7 @@ BIG_UNIT_JOB = """
 """
 
 
+@slow
 @pytest.mark.parametrize("slow", ["download", "upload"])
 def test_cloud_big_unit_keeps_its_claim_and_runs_once(home, tmp_path, slow):
     _rclone_or_skip()
@@ -6811,6 +7014,7 @@ def test_network_real_interfaces_psutil_and_stdlib_agree():
     assert shown["lan"] == chosen and {"interface", "ipv4_address", "mac_address"} <= set(shown["interfaces"][0])
 
 
+@needs_netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
 def test_network_lan_choice_inside_a_namespace():
     ns = f"sknet{os.getpid() % 100000}"
@@ -6971,6 +7175,7 @@ def test_network_public_ip_deadline_holds_against_a_trickling_endpoint(trickle_s
     assert time.monotonic() - started < 10
 
 
+@needs_netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="a private resolv.conf needs a netns (root)")
 def test_network_public_ip_deadline_holds_against_a_silent_dns_server(home):
     ns = f"skdns{os.getpid() % 100000}"
@@ -7150,6 +7355,7 @@ def _prepare_bad_input_home(home: Path, sshd: SSHD) -> None:
     (home / ".config" / "rclone" / "rclone.conf").write_text("[tblocal]\ntype = local\n")
 
 
+@slow
 def test_bad_input_table_exits_2_or_typed_error_one_line_nothing_written_or_sent(remote, home):
     _prepare_bad_input_home(home, remote)
     isolated = ["unshare", "-rn"] if shutil.which("unshare") else []  # a name lookup stays in our namespace
@@ -7188,6 +7394,7 @@ def test_bad_input_kwargs_too_big_for_a_command_line_travel_by_file(home):
     assert json.loads((home / "tmp_results" / "tmp_dirs" / "bigkw" / "result.json").read_text()) == big
 
 
+@slow
 def test_bad_input_ctrl_c_during_a_transfer_exits_130_and_leaves_nothing(remote, home):
     _random_file(home / "big.bin", 400)
     for source, target, staging_in in (("big.bin", "tb:~/interrupted.bin", remote.remote_home),
@@ -7473,6 +7680,7 @@ CROWD_JOBS = """
 """
 
 
+@slow
 def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
     import random as _random
 
@@ -7555,6 +7763,7 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
     assert Slots().holders() == [] and Slots().waiters() == []
 
 
+@slow
 def test_slurm_time_limit_reads_failed_with_the_reason(slurm, slurm_time_limit_job):
     """Last in the file: the job was submitted when the suite started (slurm_time_limit_job)."""
     home, env, submitted = slurm_time_limit_job
