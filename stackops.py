@@ -2566,7 +2566,7 @@ class _HostSync:
                 missing.append(digest)
         seen = [nonce for nonce in request["nonces"] if os.path.exists(_HostSync.where(nonce))]
         data = [_HostSync.stale_files(item) for item in request["data"]]
-        return {"missing": missing, "seen": seen, "data": data,
+        return {"missing": missing, "seen": seen, "data": data, "node": os.uname().nodename,
                 "job_exists": os.path.lexists(_HostSync.where(request["job_root"]))}
 
     @staticmethod
@@ -4471,43 +4471,68 @@ def _data_items(data: list[str]) -> list[dict[str, Any]]:
 def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
                   data: list[str], progress: Callable[[int], None] | None = None,
                   snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None) -> bool:
-    """Hand the job over in one remote command: ask the host what it lacks (the code snapshot's
-    blobs, data files that differ, and whether it sees this machine's job folder), then send only
-    that, with the job folder, which the host puts in place (see _HostSync). Nothing outside
-    stackops' own trees is written there except the data files, each replaced whole. Returns True
-    when the host sees this machine's job folder (a shared home): then nothing is sent, and the
-    folder, code and data are used in place."""
+    """Hand the job over in one remote command (see _hand_over). Returns True when the host sees
+    this machine's job folder (a shared home): then nothing is sent, and the folder, code and
+    data are used in place."""
+    return _hand_over(ssh, config, job_params, file_manager, data, progress, snapshot).shared
+
+
+@dataclasses.dataclass
+class _HandOver:
+    """What one hand-over did: whether the host sees this machine's job folder (a shared home),
+    the host's node name, and the answer of each command run after it (in order; a command
+    that did not run because one before it failed has no answer)."""
+
+    shared: bool
+    node: str
+    steps: list[Response]
+
+
+def _hand_over(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
+               data: list[str], progress: Callable[[int], None] | None = None,
+               snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None,
+               need_file: str = "", then: list[str] | None = None) -> _HandOver:
+    """Hand the job over in ONE remote command, one shell start on the host: it checks that the
+    interpreter (and ``need_file``, a job file the host must have) is there, asks the host what
+    it lacks (the code snapshot's blobs, data files that differ, and whether it sees this
+    machine's job folder), sends only that with the job folder, which the host puts in place (see
+    _HostSync), and then runs each bash command of ``then`` in order while the previous one
+    succeeded (the e-mail check, the launch), whose answers it returns. Nothing outside
+    stackops' own trees is written there except the data files, each replaced whole. On a shared
+    home nothing is sent, and the folder, code and data are used in place."""
     if config.copy_repo and snapshot is None:
         snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
     if snapshot is not None and snapshot[0] != job_params.code_snapshot:
         raise StackopsError(f"the repo of job {file_manager.job_id} changed since the job was generated",
                             hint="submit it again under a new job_id")
-    _ident, entries, blobs = snapshot or ("", [], {})
+    python = config.python or "python3"
     items = _data_items(data)
     base, base_rh = file_manager.job_root.parent, file_manager.job_root_rh.rsplit("/", 1)[0]
     cache: dict[str, bool] = getattr(ssh, "_sees", None) or {}
     ssh._sees = cache  # type: ignore[attr-defined]  # one check per host and folder, kept with the connection
     key, nonce = f"{base}|{base_rh}", f".stackops-nonce-{random.getrandbits(64):016x}"
-    request = {"store": DEFAULT_SNAPSHOT_DIR, "blobs": sorted(blobs), "job_root": file_manager.job_root_rh,
-               "snapshot": job_params.code_snapshot,
-               "nonces": [] if key in cache else [f"{base_rh}/{nonce}"],
-               "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
-    header = {"store": DEFAULT_SNAPSHOT_DIR, "job_root": file_manager.job_root_rh, "manifest": entries,
-              "snapshot": job_params.code_snapshot, "keep_seconds": SNAPSHOT_KEEP_SECONDS,
-              "data": [{"target": item["target"], "dir": item["dir"]} for item in items]}
+    fence = f"--stackops-step-{random.getrandbits(64):016x}:"
+    request, header = _hand_over_lines(job_params, file_manager, items, snapshot,
+                                       [] if key in cache else [f"{base_rh}/{nonce}"])
     answers: dict[str, Any] = {}
 
     def produce(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
         write(repr(request).encode() + b"\n")
         line = readline()
-        if not line:
-            return  # the host failed before answering: its stderr says why
+        while line and not line.startswith((b"{", fence.encode())):  # a login file's chatter
+            line = readline()
+        if not line or line.startswith(fence.encode()):
+            answers["refused"] = line.decode("utf-8", "replace")[len(fence):].strip()
+            return  # refused before anything was sent, or the host failed: its stderr says why
         plan = answers["plan"] = _literal(line)
         cache.setdefault(key, bool(plan["seen"]))
         if cache[key]:
+            if snapshot is not None and not file_manager.path(CODE_DIR).exists():
+                _materialize_here(expand_home(job_params.repo_path_rh), snapshot[1],
+                                  file_manager.path(CODE_DIR))  # the job's own code, before it starts
             write(b"\n")  # nothing to send: the host sees this machine's files
             return
-        parts = _hand_over_parts(ssh, file_manager, items, plan, blobs)
+        parts = _hand_over_parts(ssh, file_manager, items, plan, (snapshot or ("", [], {}))[2])
         write(repr(header).encode() + b"\n")
         for name, path in parts:
             _send_part(write, name, path)
@@ -4515,19 +4540,81 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
 
     if key not in cache:
         _atomic_write_text(base / nonce, nonce)
-    command = f"{shlex.quote(config.python or 'python3')} -S -c {shlex.quote(_host_sync_source())}"
+    command = _hand_over_command(python, need_file, fence, then or [])
     try:
         response = ssh.stream_command(command, produce, progress)
     finally:
         with _suppress(FileNotFoundError):
             os.unlink(base / nonce)
-    if response.returncode != 0 or "plan" not in answers:
-        raise TransferError(f"{ssh.target.alias} could not take the job over: "
+    over = _hand_over_result(ssh, response, answers, cache.get(key, False), fence, python, need_file)
+    if over.shared:
+        log.info("%s sees this machine's %s: the job is used in place", ssh.target.alias, base_rh)
+    return over
+
+
+def handed_over_status(machine: RemoteMachine) -> JobStatus:
+    """The job as the host took it (``queued``, on that host's node), with no second round trip
+    after run(); a job that was not handed over by one (here, cloud) has its status read."""
+    handed = machine._handed
+    if handed is None or not handed.node or machine.launch_command == "":
+        return machine.get_status(0)
+    return JobStatus(job_id=machine.job_id, status="queued", host=handed.node,
+                     submission_time=_iso(machine.file_manager.submission_time),
+                     slurm_job_id=machine.slurm_job_id)
+
+
+def _hand_over_lines(job_params: JobParams, file_manager: FileManager, items: list[dict[str, Any]],
+                     snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None,
+                     nonces: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request (what the host is asked it lacks) and the header of what is sent after it."""
+    _ident, entries, blobs = snapshot or ("", [], {})
+    request = {"store": DEFAULT_SNAPSHOT_DIR, "blobs": sorted(blobs), "job_root": file_manager.job_root_rh,
+               "snapshot": job_params.code_snapshot, "nonces": nonces,
+               "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
+    header = {"store": DEFAULT_SNAPSHOT_DIR, "job_root": file_manager.job_root_rh, "manifest": entries,
+              "snapshot": job_params.code_snapshot, "keep_seconds": SNAPSHOT_KEEP_SECONDS,
+              "data": [{"target": item["target"], "dir": item["dir"]} for item in items]}
+    return request, header
+
+
+def _hand_over_command(python: str, need_file: str, fence: str, then: list[str]) -> str:
+    """The one bash command of a hand-over: the checks (a refusal is a fenced line, and the
+    request is read away so that it never meets a closed channel), _HostSync, then each command
+    of ``then`` in a subshell of its own, after a fenced line with its index."""
+    refuse = "cat >/dev/null; exit 3; }"
+    lines = [f"command -v {shlex.quote(python)} >/dev/null 2>&1 || {{ echo {fence}no-python; {refuse}"]
+    if need_file:
+        lines.append(f"[ -f {_sh_path(need_file)} ] || {{ echo {fence}no-file; {refuse}")
+    chain = f"{shlex.quote(python)} -S -c {shlex.quote(_host_sync_source())}"
+    for index, step in enumerate(then):
+        chain += f" && {{ echo {fence}{index}; (\n{step}\n); }}"
+    return "\n".join([*lines, chain])
+
+
+def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], shared: bool, fence: str,
+                      python: str, need_file: str) -> _HandOver:
+    """The hand-over's outcome from the host's answers; a refusal or failure raises (nothing of
+    the job is left there then)."""
+    alias = ssh.target.alias
+    if answers.get("refused") == "no-python":
+        raise ConfigError(f"the interpreter {python!r} is not found on {alias}",
+                          hint="install it there, or pass --python (python=) with one it has")
+    if answers.get("refused") == "no-file":
+        raise ConfigError(f"{need_file} is not on {alias}, and the job needs it",
+                          hint="pass --copy-repo (copy_repo=True) to send the repo along")
+    lines = response.stdout.split("\n")
+    marks = [index for index, line in enumerate(lines) if line.startswith(fence)]
+    if "plan" not in answers or (response.returncode != 0 and not marks):
+        raise TransferError(f"{alias} could not take the job over: "
                             f"{_last_line(response.stderr) or 'exit status ' + str(response.returncode)}",
                             hint="nothing was left under the job's name; is python3 (3.8+) installed there?")
-    if cache[key]:
-        log.info("%s sees this machine's %s: the job is used in place", ssh.target.alias, base_rh)
-    return cache[key]
+    steps = []
+    for order, index in enumerate(marks):
+        last = order == len(marks) - 1
+        end = len(lines) if last else marks[order + 1]
+        steps.append(Response("\n".join(lines[index + 1:end]), response.stderr if last else "",
+                              response.returncode if last else 0, response.command, response.host))
+    return _HandOver(shared, str(answers["plan"].get("node", "")), steps)
 
 
 def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, Any]], plan: dict[str, Any],
@@ -4978,6 +5065,8 @@ class RemoteMachine:
         self.units: list[str] = []  # the work units a cloud_manager run queued
         self._checked = False  # interpreter and script found where the job runs
         self.downloaded_to: Path | None = None  # where download_results() put the results here
+        self._handed: _HandOver | None = None  # what the hand-over to the host did
+        self._ahead: dict[str, Response] = {}  # commands the hand-over already ran there: their answers
 
     def __repr__(self) -> str:
         return f"RemoteMachine({self.config.job_id!r} @ {self.host_name})"
@@ -5265,9 +5354,11 @@ class RemoteMachine:
         print(text, end="")
         return text
 
-    def submit(self, progress: Callable[[int], None] | None = None) -> RemoteMachine:
+    def submit(self, progress: Callable[[int], None] | None = None, launch: bool = False) -> RemoteMachine:
         """Put the job where it runs: over SSH, the job folder, the repo (``copy_repo``) and the data
-        go to their home-relative places on the host; here, the folder already is where it runs."""
+        go to their home-relative places on the host; here, the folder already is where it runs.
+        ``launch`` (what run() does): over SSH the host also starts the job in the same round
+        trip, and the fire() that must follow reads its answer instead of asking again."""
         if not self.scripts_generated:
             self.generate_scripts()
         sent = False
@@ -5282,9 +5373,11 @@ class RemoteMachine:
                 _, self.cloud_sha256 = transfer_cloud(self.ssh, self.config, self.job_params,
                                                       self.file_manager, self.data)
             elif self.is_remote:
-                self.shared = transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager,
-                                            self.data, progress, self._snapshot)
-                sent = True
+                then = self._ahead_commands(launch)
+                self._handed = _hand_over(self.ssh, self.config, self.job_params, self.file_manager, self.data,
+                                          progress, self._snapshot, self._needed_file(), then)
+                self.shared, sent = self._handed.shared, True
+                self._ahead = dict(zip(then, self._handed.steps))
                 if self.shared and self.config.copy_repo and not self.file_manager.path(CODE_DIR).exists():
                     self._code_here(self.file_manager.job_root)
             if not self.is_remote or self.config.transfer_method != "cloud":
@@ -5318,10 +5411,11 @@ class RemoteMachine:
                 raise ConfigError(f"the interpreter {self.python!r} is not found on this machine",
                                   hint="pass --python (python=) with an installed interpreter")
             return
+        if self.config.transfer_method != "cloud":
+            return  # the hand-over checks both in its own round trip (_hand_over)
         checks = [f"command -v {shlex.quote(self.python)} >/dev/null 2>&1 || echo no-python"]
-        params = self.job_params
-        file = f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
-        if not self.config.copy_repo:
+        file = self._needed_file()
+        if file:
             checks.append(f"[ -f {_sh_path(file)} ] || echo no-file")
         answer = self.ssh.run_shell_cmd_on_remote("; ".join(checks) + "; true",
                                                   timeout=self.config.ssh_timeout,
@@ -5333,6 +5427,22 @@ class RemoteMachine:
             raise ConfigError(f"{file} is not on {self.host_name}, and the job needs it",
                               hint="pass --copy-repo (copy_repo=True) to send the repo along")
 
+    def _needed_file(self) -> str:
+        """The job's file, which the host must have when the repo is not sent along; else ""."""
+        params = self.job_params
+        return "" if self.config.copy_repo else f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
+
+    def _ahead_commands(self, launch: bool) -> list[str]:
+        """What the host runs right after the hand-over, in its round trip: the e-mail check, and
+        with ``launch`` the command fire() runs (each answer is kept for whoever asks it next)."""
+        then = [self._job_command("job-check-email")] if self.config.notify_upon_completion else []
+        if launch and self.uses_slurm:
+            then.append(self.file_manager.sbatch_command(len(self.array_parts)))
+        elif launch:
+            then.append(self.file_manager.get_fire_command(self.config.interactive,
+                                                           join_queue=not self.config.after))
+        return then
+
     def _check_notification(self) -> None:
         """A job that will e-mail must find its SMTP settings where it runs: checked now, not at its end."""
         if not self.config.notify_upon_completion:
@@ -5340,13 +5450,18 @@ class RemoteMachine:
         if not self.is_remote:
             load_email_config(self.config.email_config_name or "")
             return
-        response = self.ssh.run_shell_cmd_on_remote(self._job_command("job-check-email"), timeout=60, strict=False)
+        command = self._job_command("job-check-email")
+        response = self._ahead.pop(command, None) or self.ssh.run_shell_cmd_on_remote(command, timeout=60,
+                                                                                      strict=False)
         if response.returncode != 0:
             lines = [line[17:] for line in response.stderr.splitlines() if line.startswith("stackops: error: ")]
             raise ConfigError(f"on {self.host_name}: " + (lines[0] if lines else _last_line(response.stderr)),
                               hint=f"create the e-mail config on {self.host_name} (chmod 600)")
 
     def _run_remote_or_here(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
+        ahead = self._ahead.pop(command, None)  # the hand-over ran it already (submit(launch=True))
+        if ahead is not None:
+            return ahead.returncode, ahead.stdout, ahead.stderr
         if self.is_remote:
             response = self.ssh.run_shell_cmd_on_remote(f"bash -c {shlex.quote(command)}", timeout, strict=False)
             return response.returncode, response.stdout, response.stderr
@@ -5584,7 +5699,7 @@ class RemoteMachine:
         self.generate_scripts()
         if show_scripts:
             self.show_scripts()
-        self.submit(progress)
+        self.submit(progress, launch=run)
         self.fire(run)
         return self
 
@@ -6780,7 +6895,7 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
         print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
         return 0
     if not args.wait:
-        report = machine.get_status(0)
+        report = handed_over_status(machine)
         if args.json:
             _print_json(report.to_dict())
         else:

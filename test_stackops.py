@@ -3526,6 +3526,68 @@ def test_remote_copy_z_compresses_a_single_file_both_ways(remote, home):
     assert shown.returncode == 0 and (remote.remote_home / "zeros-cli.bin").stat().st_size == 4 * 2**20
 
 
+# -- one round trip per hand-over (issue 16): every remote command pays the host's shell start ---------
+
+@contextlib.contextmanager
+def _shell_starts(remote):
+    """Count the host's shell starts: bash, started by sshd for a command, reads ~/.bashrc."""
+    rc, counter = remote.remote_home / ".bashrc", remote.remote_home / ".shell-starts"
+    rc.write_text(f"echo start >> {shlex.quote(str(counter))}\n")
+    counter.unlink(missing_ok=True)
+
+    def count() -> int:
+        starts = len(counter.read_text().splitlines()) if counter.exists() else 0
+        counter.unlink(missing_ok=True)
+        return starts
+
+    try:
+        yield count
+    finally:
+        rc.unlink()
+        counter.unlink(missing_ok=True)
+
+
+def test_remote_hand_over_is_one_shell_start_and_status_one_more(remote, home):
+    mod = make_module(home, REMOTE_JOBS, package="tripkg")
+    (home / "tripdata").mkdir()
+    (home / "tripdata" / "in.bin").write_bytes(os.urandom(20000))
+    kwargs = {"data": "~/tripdata/in.bin", "out": "~/out/trip"}
+    with _shell_starts(remote) as starts:
+        for job_id in ("trip-1", "trip-2"):  # everything new to the host, then nothing but the folder
+            cfg = config(job_id=job_id, ssh_host="tb", copy_repo=True, data=["~/tripdata"])
+            with RemoteMachine(mod.crunch, config=cfg, func_kwargs=kwargs) as machine:
+                _ = machine.ssh
+                assert starts() == 0  # connecting starts no shell
+                machine.run()
+                assert starts() == 1, job_id
+                assert wait_done(machine).status == "completed"
+                starts()
+                assert machine.get_status(0).status == "completed" and starts() == 1
+        assert (remote.remote_home / "out" / "trip" / "digest.txt").exists()
+        _proj(home)
+        shutil.copytree(home / "proj", remote.remote_home / "proj", dirs_exist_ok=True)  # found there
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", f"{remote.user}:", str(remote.remote_home / "proj")], check=True)
+        for extra in (["--copy-repo"], []):
+            starts()
+            done = cli("run", "proj/m.py:f", "--host", "tb", *extra, "--job-id", f"trip-cli{len(extra)}",
+                       home=home)
+            assert done.returncode == 0, done.stderr
+            assert starts() == 1, extra  # the CLI reads no status after the hand-over
+            assert f"job trip-cli{len(extra)} queued on {os.uname().nodename}" in done.stdout
+            done = cli("status", f"trip-cli{len(extra)}", "--json", home=home)
+            assert done.returncode == 0 and starts() == 1
+        refused = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--python", "no-such-py",
+                      "--job-id", "trip-nopy", home=home)
+        assert refused.returncode == 2 and "'no-such-py' is not found on tb" in refused.stderr
+        assert starts() == 1 and _no_jobs_named(home, remote, "trip-nopy")
+
+
+def _no_jobs_named(home: Path, remote, job_id: str) -> bool:
+    queued = "tmp_results/remote_machines/jobs/queued"
+    return not (home / queued / job_id).exists() and not (remote.remote_home / queued / job_id).exists()
+
+
 @pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"), reason="no sshd")
 def test_bench_quick_runs(tmp_path):
     """The benchmark works end to end (its figures are for people; nothing about speed is asserted)."""
