@@ -110,6 +110,7 @@ DEFAULT_BASE_DIR = "~/tmp_results/remote_machines/jobs"
 DEFAULT_STATE_DIR = "~/tmp_results/remote_machines/file_manager"
 DEFAULT_SNAPSHOT_DIR = "~/tmp_results/remote_machines/snapshots"  # code snapshots: blobs and manifests
 SNAPSHOT_KEEP_SECONDS = 7 * 86400  # a snapshot no job refers to is removed once this old
+FOLDER_BLOB_MIN = 16384  # a job folder's file under python/ this big travels as a blob (stackops itself)
 CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapshot
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
@@ -2559,7 +2560,8 @@ class _HostSync:
         manifest = os.path.join(store, f"{_HostSync.safe(request['snapshot'])}.json") if request["snapshot"] else ""
         if manifest and os.path.exists(manifest):  # a snapshot it has whole: no blob is missing
             os.utime(manifest)  # in use again: a collection leaves it (and its blobs) alone
-        for digest in [] if manifest and os.path.exists(manifest) else request["blobs"]:
+        wanted = [] if manifest and os.path.exists(manifest) else request["blobs"]
+        for digest in dict.fromkeys(wanted + request.get("folder_blobs", [])):  # + the job's own big files
             try:
                 os.utime(_HostSync.blob(store, digest))  # in use again: a collection leaves it alone
             except FileNotFoundError:
@@ -2641,6 +2643,10 @@ class _HostSync:
             os.replace(_HostSync.receive(stream, part, path, part["mode"] & 0o777, None, part["mtime"]), path)
         elif part.get("dir"):
             _HostSync.mkdirs(os.path.join(staging, _HostSync.safe(name)))
+        elif part.get("blob"):  # a file of the job folder the store holds (stackops itself): copied here
+            path = os.path.join(staging, _HostSync.safe(name))
+            _HostSync.mkdirs(os.path.dirname(path))
+            _HostSync.copy_blob(_HostSync.where(request["store"]), part["blob"], path, part["mode"] & 0o700)
         else:
             path = os.path.join(staging, _HostSync.safe(name))
             _HostSync.mkdirs(os.path.dirname(path))
@@ -2709,13 +2715,18 @@ class _HostSync:
                 _HostSync.mkdirs(os.path.dirname(path))
                 made.add(os.path.dirname(path))
             if kind != "l":
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700 if kind == "x" else 0o600)
-                with open(_HostSync.blob(store, value), "rb") as source, open(fd, "wb") as copy:
-                    for chunk in iter(lambda: source.read(1 << 20), b""):  # noqa: B023 (used at once)
-                        copy.write(chunk)
+                _HostSync.copy_blob(store, value, path, 0o700 if kind == "x" else 0o600)
         for relative, kind, value in entries:
             if kind == "l":
                 os.symlink(value, os.path.join(folder, relative))
+
+    @staticmethod
+    def copy_blob(store: str, digest: str, path: str, mode: int) -> None:
+        """A new file ``path`` (mode ``mode``) with the content of a blob of the store."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with open(_HostSync.blob(store, digest), "rb") as source, open(fd, "wb") as copy:
+            for chunk in iter(lambda: source.read(1 << 20), b""):
+                copy.write(chunk)
 
     @staticmethod
     def collect(store: str, queued: str, keep_seconds: float) -> int:
@@ -4512,12 +4523,15 @@ def _hand_over(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, fi
     ssh._sees = cache  # type: ignore[attr-defined]  # one check per host and folder, kept with the connection
     key, nonce = f"{base}|{base_rh}", f".stackops-nonce-{random.getrandbits(64):016x}"
     fence = f"--stackops-step-{random.getrandbits(64):016x}:"
+    by_blob = _folder_blobs(file_manager.job_root)
     request, header = _hand_over_lines(job_params, file_manager, items, snapshot,
                                        [] if key in cache else [f"{base_rh}/{nonce}"])
+    request["folder_blobs"] = sorted({digest for digest, _path in by_blob.values()})
     answers: dict[str, Any] = {}
 
     def produce(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
-        write(repr(request).encode() + b"\n")
+        source = _host_sync_source().encode()
+        write(b"%d\n%s%s\n" % (len(source), source, repr(request).encode()))
         line = readline()
         while line and not line.startswith((b"{", fence.encode())):  # a login file's chatter
             line = readline()
@@ -4532,7 +4546,8 @@ def _hand_over(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, fi
                                   file_manager.path(CODE_DIR))  # the job's own code, before it starts
             write(b"\n")  # nothing to send: the host sees this machine's files
             return
-        parts = _hand_over_parts(ssh, file_manager, items, plan, (snapshot or ("", [], {}))[2])
+        blobs = dict((snapshot or ("", [], {}))[2], **{digest: path for digest, path in by_blob.values()})
+        parts = _hand_over_parts(ssh, file_manager, items, plan, blobs, by_blob)
         write(repr(header).encode() + b"\n")
         for name, path in parts:
             _send_part(write, name, path)
@@ -4577,6 +4592,11 @@ def _hand_over_lines(job_params: JobParams, file_manager: FileManager, items: li
     return request, header
 
 
+# the executing side of a hand-over reads _HostSync's source first, from the stream (the command
+# line stays short: escaping 13 kB of source for every login shell took longer than sending it)
+_HOST_SYNC_BOOT = "import sys;i=sys.stdin.buffer;exec(i.read(int(i.readline())))"
+
+
 def _hand_over_command(python: str, need_file: str, fence: str, then: list[str]) -> str:
     """The one bash command of a hand-over: the checks (a refusal is a fenced line, and the
     request is read away so that it never meets a closed channel), _HostSync, then each command
@@ -4585,7 +4605,7 @@ def _hand_over_command(python: str, need_file: str, fence: str, then: list[str])
     lines = [f"command -v {shlex.quote(python)} >/dev/null 2>&1 || {{ echo {fence}no-python; {refuse}"]
     if need_file:
         lines.append(f"[ -f {_sh_path(need_file)} ] || {{ echo {fence}no-file; {refuse}")
-    chain = f"{shlex.quote(python)} -S -c {shlex.quote(_host_sync_source())}"
+    chain = f"{shlex.quote(python)} -S -c {shlex.quote(_HOST_SYNC_BOOT)}"
     for index, step in enumerate(then):
         chain += f" && {{ echo {fence}{index}; (\n{step}\n); }}"
     return "\n".join([*lines, chain])
@@ -4617,11 +4637,25 @@ def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], sha
     return _HandOver(shared, str(answers["plan"].get("node", "")), steps)
 
 
+def _folder_blobs(root: Path) -> dict[str, tuple[str, Path]]:
+    """The big files of a job folder that every job shares (stackops itself and its bytecode,
+    under ``python/``), by path in the folder: (SHA-256, path here). They travel as blobs of the
+    host's snapshot store, so a host that has them gets only their names."""
+    import hashlib
+
+    found = {}
+    for path in sorted((root / "python").rglob("*")):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size >= FOLDER_BLOB_MIN:
+            found[path.relative_to(root).as_posix()] = (hashlib.sha256(path.read_bytes()).hexdigest(), path)
+    return found
+
+
 def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, Any]], plan: dict[str, Any],
-                     blobs: dict[str, Path]) -> list[tuple[str, Path | None]]:
+                     blobs: dict[str, Path], by_blob: dict[str, tuple[str, Path]] | None = None,
+                     ) -> list[tuple[str, Path | str | None]]:
     """What goes to the host after its plan: missing blobs, differing data files, the job folder
-    (None: a folder). Refuses, before anything is sent, a job that exists there or data that
-    cannot be synced."""
+    (None: a folder; a str: the blob it is copied from there). Refuses, before anything is sent,
+    a job that exists there or data that cannot be synced."""
     if plan["job_exists"]:
         raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias}",
                           hint="choose another job_id, or leave it out for a fresh one")
@@ -4629,7 +4663,7 @@ def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, 
         if "conflict" in answer:
             raise ConfigError(f"cannot sync {item['target']} to {ssh.target.alias}: {answer['conflict']}",
                               hint="nothing was sent; move the host's copy aside or rename the data")
-    parts: list[tuple[str, Path | None]] = [(f"b/{digest}", blobs[digest]) for digest in plan["missing"]]
+    parts: list[tuple[str, Path | str | None]] = [(f"b/{digest}", blobs[digest]) for digest in plan["missing"]]
     for index, (item, answer) in enumerate(zip(items, plan["data"])):
         parts += [(f"d/{index}/{rel}" if rel else f"d/{index}", item["sources"][rel]) for rel in answer["need"]]
     root = file_manager.job_root
@@ -4638,7 +4672,10 @@ def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, 
         here = Path(folder)
         if here != root:
             parts.append((f"j/{here.relative_to(root).as_posix()}", None))
-        parts += [(f"j/{(here / name).relative_to(root).as_posix()}", here / name) for name in sorted(files)]
+        for name in sorted(files):
+            relative = (here / name).relative_to(root).as_posix()
+            stored = (by_blob or {}).get(relative)
+            parts.append((f"j/{relative}", stored[0] if stored else here / name))
     return parts
 
 
@@ -4653,10 +4690,14 @@ def _literal(line: bytes) -> Any:
                             ) from exc
 
 
-def _send_part(write: Callable[[bytes], None], name: str, path: Path | None) -> None:
-    """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes."""
+def _send_part(write: Callable[[bytes], None], name: str, path: Path | str | None) -> None:
+    """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes; a
+    folder (None) or a copy of a blob the host has (its digest) is the line alone."""
     if path is None:
         write(repr({"name": name, "dir": True}).encode() + b"\n")
+        return
+    if isinstance(path, str):
+        write(repr({"name": name, "blob": path, "mode": 0o600}).encode() + b"\n")
         return
     with open(path, "rb") as handle:
         info = os.fstat(handle.fileno())

@@ -13,6 +13,7 @@ import re
 import shutil
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -3581,6 +3582,22 @@ def test_remote_hand_over_is_one_shell_start_and_status_one_more(remote, home):
                       "--job-id", "trip-nopy", home=home)
         assert refused.returncode == 2 and "'no-such-py' is not found on tb" in refused.stderr
         assert starts() == 1 and _no_jobs_named(home, remote, "trip-nopy")
+
+
+def test_remote_hand_over_sends_stackops_itself_once_per_host(remote, home, wire):
+    mod = make_module(home, JOBS_SOURCE)
+    sent = []
+    for job_id in ("once-1", "once-2"):
+        wire[0] = 0
+        with RemoteMachine(mod.train, config=config(job_id=job_id, ssh_host="tb", copy_repo=True)) as machine:
+            machine.run()
+            assert wait_done(machine).status == "completed"
+        sent.append(wire[0])
+        shipped = remote.remote_home / "tmp_results/remote_machines/jobs/queued" / job_id / "python"
+        assert (shipped / "stackops.py").read_bytes() == SOURCE.read_bytes()
+        assert stat.S_IMODE((shipped / "stackops.py").stat().st_mode) == 0o600
+    size = SOURCE.stat().st_size
+    assert sent[0] > size and sent[1] < size / 5, sent  # the second job gets its name, not its bytes
 
 
 def _no_jobs_named(home: Path, remote, job_id: str) -> bool:
