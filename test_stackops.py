@@ -3586,6 +3586,7 @@ def test_remote_hand_over_is_one_shell_start_and_status_one_more(remote, home):
 
 def test_remote_hand_over_sends_stackops_itself_once_per_host(remote, home, wire):
     mod = make_module(home, JOBS_SOURCE)
+    shutil.rmtree(remote.remote_home / "tmp_results/remote_machines/snapshots", ignore_errors=True)  # a new host
     sent = []
     for job_id in ("once-1", "once-2"):
         wire[0] = 0
@@ -3598,6 +3599,24 @@ def test_remote_hand_over_sends_stackops_itself_once_per_host(remote, home, wire
         assert stat.S_IMODE((shipped / "stackops.py").stat().st_mode) == 0o600
     size = SOURCE.stat().st_size
     assert sent[0] > size and sent[1] < size / 5, sent  # the second job gets its name, not its bytes
+
+
+@needs_tmux
+def test_remote_interactive_job_starts_in_tmux_on_the_host_in_the_same_round_trip(remote, home):
+    if os.geteuid() != 0:
+        pytest.skip("the host's tmux server is ours then: the test would have to stop it")
+    mod = make_module(home, JOBS_SOURCE)
+    cfg = config(job_id="far.inter", ssh_host="tb", copy_repo=True, interactive=True)
+    with _shell_starts(remote) as starts, RemoteMachine(mod.train, config=cfg) as machine:
+        try:
+            _ = machine.ssh
+            machine.run()
+            assert starts() == 1
+            assert wait_done(machine).status == "completed"
+            sessions = machine.ssh.run_shell_cmd_on_remote("tmux list-sessions -F '#{session_name}'").stdout
+            assert "far,inter" in sessions.split()  # kept open for a person to attach
+        finally:  # the throwaway account's own tmux server
+            machine.ssh.run_shell_cmd_on_remote("tmux kill-server", strict=False)
 
 
 def _no_jobs_named(home: Path, remote, job_id: str) -> bool:
