@@ -110,7 +110,7 @@ DEFAULT_BASE_DIR = "~/tmp_results/remote_machines/jobs"
 DEFAULT_STATE_DIR = "~/tmp_results/remote_machines/file_manager"
 DEFAULT_SNAPSHOT_DIR = "~/tmp_results/remote_machines/snapshots"  # code snapshots: blobs and manifests
 SNAPSHOT_KEEP_SECONDS = 7 * 86400  # a snapshot no job refers to is removed once this old
-FOLDER_BLOB_MIN = 16384  # a job folder's file under python/ this big travels as a blob (stackops itself)
+FOLDER_BLOB_MIN = 16384  # a job folder's file under python/ this big travels as a blob (stackops)
 CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapshot
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
@@ -2520,6 +2520,8 @@ class _HostSync:
         header = stream.readline()
         if header.strip():  # else nothing to do: the host sees our files, or the submit was refused
             sys.stdout.write(repr(_HostSync.commit(_HostSync.value(header), stream)) + "\n")
+        else:
+            sys.stdout.write(repr({"placed": None}) + "\n")
 
     @staticmethod
     def value(line: bytes) -> Any:
@@ -2561,7 +2563,8 @@ class _HostSync:
         if manifest and os.path.exists(manifest):  # a snapshot it has whole: no blob is missing
             os.utime(manifest)  # in use again: a collection leaves it (and its blobs) alone
         wanted = [] if manifest and os.path.exists(manifest) else request["blobs"]
-        for digest in dict.fromkeys(wanted + request.get("folder_blobs", [])):  # + the job's own big files
+        wanted = wanted + request.get("folder_blobs", [])  # and the big files of the job folder
+        for digest in dict.fromkeys(wanted):
             try:
                 os.utime(_HostSync.blob(store, digest))  # in use again: a collection leaves it alone
             except FileNotFoundError:
@@ -2643,10 +2646,11 @@ class _HostSync:
             os.replace(_HostSync.receive(stream, part, path, part["mode"] & 0o777, None, part["mtime"]), path)
         elif part.get("dir"):
             _HostSync.mkdirs(os.path.join(staging, _HostSync.safe(name)))
-        elif part.get("blob"):  # a file of the job folder the store holds (stackops itself): copied here
+        elif part.get("blob"):  # a file of the job folder the store holds (stackops): copied here
             path = os.path.join(staging, _HostSync.safe(name))
             _HostSync.mkdirs(os.path.dirname(path))
-            _HostSync.copy_blob(_HostSync.where(request["store"]), part["blob"], path, part["mode"] & 0o700)
+            store = _HostSync.where(request["store"])
+            _HostSync.copy_blob(store, part["blob"], path, part["mode"] & 0o700)
         else:
             path = os.path.join(staging, _HostSync.safe(name))
             _HostSync.mkdirs(os.path.dirname(path))
@@ -4499,18 +4503,21 @@ class _HandOver:
     steps: list[Response]
 
 
-def _hand_over(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
-               data: list[str], progress: Callable[[int], None] | None = None,
+def _hand_over(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
+               file_manager: FileManager, data: list[str],
+               progress: Callable[[int], None] | None = None,
                snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None,
-               need_file: str = "", then: list[str] | None = None) -> _HandOver:
+               need_file: str = "", then: list[str] | None = None,
+               gate: Callable[[Callable[[bytes], None]], bool] | None = None) -> _HandOver:
     """Hand the job over in ONE remote command, one shell start on the host: it checks that the
     interpreter (and ``need_file``, a job file the host must have) is there, asks the host what
     it lacks (the code snapshot's blobs, data files that differ, and whether it sees this
     machine's job folder), sends only that with the job folder, which the host puts in place (see
     _HostSync), and then runs each bash command of ``then`` in order while the previous one
-    succeeded (the e-mail check, the launch), whose answers it returns. Nothing outside
-    stackops' own trees is written there except the data files, each replaced whole. On a shared
-    home nothing is sent, and the folder, code and data are used in place."""
+    succeeded (the e-mail check, the launch), whose answers it returns. With ``gate``, the host
+    waits once the job is in place until ``gate(write)`` says go (True) or stop (see _Together).
+    Nothing outside stackops' own trees is written there except the data files, each replaced
+    whole. On a shared home nothing is sent, and the folder, code and data are used in place."""
     if config.copy_repo and snapshot is None:
         snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
     if snapshot is not None and snapshot[0] != job_params.code_snapshot:
@@ -4527,44 +4534,86 @@ def _hand_over(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, fi
     request, header = _hand_over_lines(job_params, file_manager, items, snapshot,
                                        [] if key in cache else [f"{base_rh}/{nonce}"])
     request["folder_blobs"] = sorted({digest for digest, _path in by_blob.values()})
+    blobs = dict((snapshot or ("", [], {}))[2])
+    blobs.update((digest, path) for digest, path in by_blob.values())
     answers: dict[str, Any] = {}
 
     def produce(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
-        source = _host_sync_source().encode()
-        write(b"%d\n%s%s\n" % (len(source), source, repr(request).encode()))
-        line = readline()
-        while line and not line.startswith((b"{", fence.encode())):  # a login file's chatter
-            line = readline()
-        if not line or line.startswith(fence.encode()):
-            answers["refused"] = line.decode("utf-8", "replace")[len(fence):].strip()
+        plan = _hand_over_plan(write, readline, request, fence, answers)
+        if plan is None:
             return  # refused before anything was sent, or the host failed: its stderr says why
-        plan = answers["plan"] = _literal(line)
         cache.setdefault(key, bool(plan["seen"]))
         if cache[key]:
-            if snapshot is not None and not file_manager.path(CODE_DIR).exists():
+            if snapshot is not None and not file_manager.path(CODE_DIR).exists():  # before it runs
                 _materialize_here(expand_home(job_params.repo_path_rh), snapshot[1],
-                                  file_manager.path(CODE_DIR))  # the job's own code, before it starts
+                                  file_manager.path(CODE_DIR))
             write(b"\n")  # nothing to send: the host sees this machine's files
-            return
-        blobs = dict((snapshot or ("", [], {}))[2], **{digest: path for digest, path in by_blob.values()})
-        parts = _hand_over_parts(ssh, file_manager, items, plan, blobs, by_blob)
-        write(repr(header).encode() + b"\n")
-        for name, path in parts:
-            _send_part(write, name, path)
-        write(repr({"end": True}).encode() + b"\n")
+        else:
+            write(repr(header).encode() + b"\n")
+            for name, path in _hand_over_parts(ssh, file_manager, items, plan, blobs, by_blob):
+                _send_part(write, name, path)
+            write(repr({"end": True}).encode() + b"\n")
+        if gate is not None and then and readline():  # the job is in place: wait for the others
+            write(b"go\n" if gate(write) else b"stop\n")
 
     if key not in cache:
         _atomic_write_text(base / nonce, nonce)
-    command = _hand_over_command(python, need_file, fence, then or [])
+    command = _hand_over_command(python, need_file, fence, then or [], gate is not None)
     try:
         response = ssh.stream_command(command, produce, progress)
     finally:
         with _suppress(FileNotFoundError):
             os.unlink(base / nonce)
-    over = _hand_over_result(ssh, response, answers, cache.get(key, False), fence, python, need_file)
+    over = _hand_over_result(ssh, response, answers, cache.get(key, False), fence, python,
+                             need_file)
     if over.shared:
         log.info("%s sees this machine's %s: the job is used in place", ssh.target.alias, base_rh)
     return over
+
+
+def _hand_over_plan(write: Callable[[bytes], None], readline: Callable[[], bytes],
+                    request: dict[str, Any], fence: str,
+                    answers: dict[str, Any]) -> dict[str, Any] | None:
+    """Send _HostSync's source and the request; the host's plan (also kept in ``answers``), or
+    None when it refused (the reason in ``answers``) or failed."""
+    source = _host_sync_source().encode()
+    write(b"%d\n%s%s\n" % (len(source), source, repr(request).encode()))
+    line = readline()
+    while line and not line.startswith((b"{", fence.encode())):  # a login file's chatter
+        line = readline()
+    if not line or line.startswith(fence.encode()):
+        answers["refused"] = line.decode("utf-8", "replace")[len(fence):].strip()
+        return None
+    answers["plan"] = _literal(line)
+    return answers["plan"]
+
+
+class _Together:
+    """Hosts that start their jobs together or not at all (Cluster.run): each one, its job in
+    place, waits until every host has its job in place (go) or one failed (stop), and keeps its
+    link busy meanwhile (a silent upload counts as stalled)."""
+
+    def __init__(self, count: int) -> None:
+        import threading
+
+        self.waiting, self.failed = count, False
+        self._changed = threading.Condition()
+
+    def arrive(self, write: Callable[[bytes], None]) -> bool:
+        with self._changed:
+            self.waiting -= 1
+            self._changed.notify_all()
+        while True:
+            with self._changed:
+                if self.failed or self.waiting <= 0:
+                    return not self.failed
+                self._changed.wait(1.0)
+            write(b"wait\n")
+
+    def fail(self) -> None:
+        with self._changed:
+            self.failed = True
+            self._changed.notify_all()
 
 
 def handed_over_status(machine: RemoteMachine) -> JobStatus:
@@ -4583,11 +4632,13 @@ def _hand_over_lines(job_params: JobParams, file_manager: FileManager, items: li
                      nonces: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The request (what the host is asked it lacks) and the header of what is sent after it."""
     _ident, entries, blobs = snapshot or ("", [], {})
-    request = {"store": DEFAULT_SNAPSHOT_DIR, "blobs": sorted(blobs), "job_root": file_manager.job_root_rh,
-               "snapshot": job_params.code_snapshot, "nonces": nonces,
+    request = {"store": DEFAULT_SNAPSHOT_DIR, "blobs": sorted(blobs),
+               "job_root": file_manager.job_root_rh, "snapshot": job_params.code_snapshot,
+               "nonces": nonces,
                "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
-    header = {"store": DEFAULT_SNAPSHOT_DIR, "job_root": file_manager.job_root_rh, "manifest": entries,
-              "snapshot": job_params.code_snapshot, "keep_seconds": SNAPSHOT_KEEP_SECONDS,
+    header = {"store": DEFAULT_SNAPSHOT_DIR, "job_root": file_manager.job_root_rh,
+              "manifest": entries, "snapshot": job_params.code_snapshot,
+              "keep_seconds": SNAPSHOT_KEEP_SECONDS,
               "data": [{"target": item["target"], "dir": item["dir"]} for item in items]}
     return request, header
 
@@ -4621,22 +4672,27 @@ def _host_sync_boot() -> str:
     return render_template(_HOST_SYNC_BOOT, store=repr(DEFAULT_SNAPSHOT_DIR), name=repr(name))
 
 
-def _hand_over_command(python: str, need_file: str, fence: str, then: list[str]) -> str:
+def _hand_over_command(python: str, need_file: str, fence: str, then: list[str],
+                       gated: bool = False) -> str:
     """The one bash command of a hand-over: the checks (a refusal is a fenced line, and the
     request is read away so that it never meets a closed channel), _HostSync, then each command
     of ``then`` in a subshell of its own, after a fenced line with its index."""
     refuse = "cat >/dev/null; exit 3; }"
-    lines = [f"command -v {shlex.quote(python)} >/dev/null 2>&1 || {{ echo {fence}no-python; {refuse}"]
+    found = f"command -v {shlex.quote(python)} >/dev/null 2>&1"
+    lines = [f"{found} || {{ echo {fence}no-python; {refuse}"]
     if need_file:
         lines.append(f"[ -f {_sh_path(need_file)} ] || {{ echo {fence}no-file; {refuse}")
     chain = f"{shlex.quote(python)} -S -c {shlex.quote(_host_sync_boot())}"
+    if gated and then:  # "wait" lines keep the link busy; anything but "go" starts nothing
+        chain += (' && { g=wait; while [ "$g" = wait ]; do read -r g || g=; done; '
+                  '[ "$g" = go ] || exit 0; }')
     for index, step in enumerate(then):
         chain += f" && {{ echo {fence}{index}; (\n{step}\n); }}"
     return "\n".join([*lines, chain])
 
 
-def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], shared: bool, fence: str,
-                      python: str, need_file: str) -> _HandOver:
+def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], shared: bool,
+                      fence: str, python: str, need_file: str) -> _HandOver:
     """The hand-over's outcome from the host's answers; a refusal or failure raises (nothing of
     the job is left there then)."""
     alias = ssh.target.alias
@@ -4670,7 +4726,8 @@ def _folder_blobs(root: Path) -> dict[str, tuple[str, Path]]:
     found = {}
     for path in sorted((root / "python").rglob("*")):
         if path.is_file() and not path.is_symlink() and path.stat().st_size >= FOLDER_BLOB_MIN:
-            found[path.relative_to(root).as_posix()] = (hashlib.sha256(path.read_bytes()).hexdigest(), path)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            found[path.relative_to(root).as_posix()] = (digest, path)
     return found
 
 
@@ -4687,7 +4744,8 @@ def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, 
         if "conflict" in answer:
             raise ConfigError(f"cannot sync {item['target']} to {ssh.target.alias}: {answer['conflict']}",
                               hint="nothing was sent; move the host's copy aside or rename the data")
-    parts: list[tuple[str, Path | str | None]] = [(f"b/{digest}", blobs[digest]) for digest in plan["missing"]]
+    parts: list[tuple[str, Path | str | None]] = [(f"b/{digest}", blobs[digest])
+                                                  for digest in plan["missing"]]
     for index, (item, answer) in enumerate(zip(items, plan["data"])):
         parts += [(f"d/{index}/{rel}" if rel else f"d/{index}", item["sources"][rel]) for rel in answer["need"]]
     root = file_manager.job_root
@@ -5131,7 +5189,7 @@ class RemoteMachine:
         self._checked = False  # interpreter and script found where the job runs
         self.downloaded_to: Path | None = None  # where download_results() put the results here
         self._handed: _HandOver | None = None  # what the hand-over to the host did
-        self._ahead: dict[str, Response] = {}  # commands the hand-over already ran there: their answers
+        self._ahead: dict[str, Response] = {}  # the hand-over ran these commands there: answers
 
     def __repr__(self) -> str:
         return f"RemoteMachine({self.config.job_id!r} @ {self.host_name})"
@@ -5419,11 +5477,13 @@ class RemoteMachine:
         print(text, end="")
         return text
 
-    def submit(self, progress: Callable[[int], None] | None = None, launch: bool = False) -> RemoteMachine:
+    def submit(self, progress: Callable[[int], None] | None = None, launch: bool = False,
+               gate: Callable[[Callable[[bytes], None]], bool] | None = None) -> RemoteMachine:
         """Put the job where it runs: over SSH, the job folder, the repo (``copy_repo``) and the data
         go to their home-relative places on the host; here, the folder already is where it runs.
         ``launch`` (what run() does): over SSH the host also starts the job in the same round
-        trip, and the fire() that must follow reads its answer instead of asking again."""
+        trip, and the fire() that must follow reads its answer instead of asking again; ``gate``
+        holds that start until it says go (Cluster: all hosts or none, see _hand_over)."""
         if not self.scripts_generated:
             self.generate_scripts()
         sent = False
@@ -5439,8 +5499,9 @@ class RemoteMachine:
                                                       self.file_manager, self.data)
             elif self.is_remote:
                 then = self._ahead_commands(launch)
-                self._handed = _hand_over(self.ssh, self.config, self.job_params, self.file_manager, self.data,
-                                          progress, self._snapshot, self._needed_file(), then)
+                self._handed = _hand_over(self.ssh, self.config, self.job_params, self.file_manager,
+                                          self.data, progress, self._snapshot, self._needed_file(),
+                                          then, gate)
                 self.shared, sent = self._handed.shared, True
                 self._ahead = dict(zip(then, self._handed.steps))
                 if self.shared and self.config.copy_repo and not self.file_manager.path(CODE_DIR).exists():
@@ -5495,7 +5556,9 @@ class RemoteMachine:
     def _needed_file(self) -> str:
         """The job's file, which the host must have when the repo is not sent along; else ""."""
         params = self.job_params
-        return "" if self.config.copy_repo else f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
+        if self.config.copy_repo:
+            return ""
+        return f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
 
     def _ahead_commands(self, launch: bool) -> list[str]:
         """What the host runs right after the hand-over, in its round trip: the e-mail check, and
@@ -5516,8 +5579,9 @@ class RemoteMachine:
             load_email_config(self.config.email_config_name or "")
             return
         command = self._job_command("job-check-email")
-        response = self._ahead.pop(command, None) or self.ssh.run_shell_cmd_on_remote(command, timeout=60,
-                                                                                      strict=False)
+        response = self._ahead.pop(command, None)  # the hand-over ran it already
+        if response is None:
+            response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
         if response.returncode != 0:
             lines = [line[17:] for line in response.stderr.splitlines() if line.startswith("stackops: error: ")]
             raise ConfigError(f"on {self.host_name}: " + (lines[0] if lines else _last_line(response.stderr)),
@@ -6487,8 +6551,10 @@ class Cluster:
                     workload_params=self.workloads[host].to_dict())
         return RemoteStackOpsConfig.from_dict(data)
 
-    def submit(self) -> Cluster:
-        """One RemoteMachine per host, generated here and submitted to all hosts in parallel."""
+    def submit(self, launch: bool = False) -> Cluster:
+        """One RemoteMachine per host, generated here and submitted to all hosts in parallel.
+        ``launch`` (what run() does): each host also starts its job in the same round trip, once
+        every host has its job in place, and not at all if one failed; fire() must follow."""
         if not self.workloads:
             raise StackopsError("no workloads yet", hint="call connect() and generate_standard_kwargs() first")
         _mkdir_private(self.root_dir)
@@ -6497,8 +6563,19 @@ class Cluster:
                 machine = RemoteMachine(self.func, self._machine_config(index, host), self.func_kwargs)
                 machine._ssh = self._ssh[host]
                 self.machines[host] = machine
-        # submit() generates each folder first, in parallel: its writes wait on the disk (fsync)
-        self._raise_failures("submit", self._parallel(lambda h: self.machines[h].submit(), list(self.machines)))
+        gated = launch and self.config.transfer_method != "cloud"  # cloud: fetched when fired
+        together = _Together(len(self.machines)) if gated else None
+
+        def hand_over(host: str) -> RemoteMachine:
+            gate = together.arrive if together else None
+            try:  # submit() generates each folder first, in parallel: its writes wait on the disk
+                return self.machines[host].submit(launch=launch, gate=gate)
+            except BaseException:
+                if together is not None:
+                    together.fail()
+                raise
+
+        self._raise_failures("submit", self._parallel(hand_over, list(self.machines)))
         self._save()
         return self
 
@@ -6518,7 +6595,7 @@ class Cluster:
         """connect, generate_standard_kwargs, submit, fire: the whole launch."""
         self.connect()
         self.generate_standard_kwargs()
-        self.submit()
+        self.submit(launch=run)
         self.fire(run)
         return self
 

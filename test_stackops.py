@@ -4,6 +4,7 @@ slots are exercised by real competing processes; nothing is mocked."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import itertools
@@ -4175,6 +4176,32 @@ def test_cluster_shares_follow_cpus_cover_range_once_and_reload(cluster_home, no
     assert union == list(range(70))
     if nodes.netns:  # each host is its own machine: own hostname space aside, its pids are not ours
         assert all(r["pid"] < 1000 for r in results.values())
+
+
+class OneHostLacksPython(CPUsPerHost):
+    def _machine_config(self, index, host):
+        made = super()._machine_config(index, host)
+        return dataclasses.replace(made, python="no-such-python3") if host == "node2" else made
+
+
+def test_cluster_launch_is_two_shell_starts_per_host_and_all_or_nothing(cluster_home, nodes, sshd):
+    home = cluster_home
+    mod = make_module(home, CLUSTER_JOBS)
+    queued = sshd.remote_home / "tmp_results" / "remote_machines"
+    with _shell_starts(sshd) as starts:
+        with CPUsPerHost(mod.indices, ["node1", "node2", "node3"], config(copy_repo=True), job_id="two") as cluster:
+            cluster.run()
+            assert starts() == 6  # per host: its specs, then the hand-over that also starts the job
+            assert all(isinstance(s, JobStatus) for s in cluster.check_job_status().values())
+        lacking = OneHostLacksPython(mod.indices, ["node1", "node2", "node3"], config(copy_repo=True),
+                                     job_id="none")
+        with lacking, pytest.raises(StackopsError, match="node2: the interpreter 'no-such-python3'"):
+            lacking.run()
+    for index, host in ((0, "node1"), (2, "node3")):  # their jobs are in place and were never started
+        assert lacking.machines[host].launcher_pid is None
+        job = queued / "job_id__none" / "queued" / f"none_{index}"
+        assert (job / "logs" / "status.txt").read_text() == "queued"
+        assert not (job / "logs" / "ticket.txt").exists() and not (job / "logs" / "launcher_pid.txt").exists()
 
 
 def test_cluster_unreachable_host_ditched_or_refused(cluster_home, sshd):
