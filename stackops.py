@@ -2780,7 +2780,7 @@ def _host_sync_source() -> str:
     """The source that the executing machine runs for a hand-over: _HostSync, cut from this file
     (inspect.getsource would parse the whole module: most of a second)."""
     if not _HOST_SYNC_SOURCE:
-        text = Path(sys.modules[__name__].__file__ or "").read_text(encoding="utf-8")
+        text = _own_file().read_text(encoding="utf-8")  # under cProfile, __main__ is cProfile
         start = text.index("\nclass _HostSync:")
         end = text.index("\ndef _host_sync_source()", start)
         body = text[start:end].rsplit("\n_HOST_SYNC_SOURCE", 1)[0]
@@ -3102,11 +3102,29 @@ sys.exit(module.main(sys.argv[1:]))
 
 def _paramiko() -> Any:
     try:
+        if "paramiko" not in sys.modules and "invoke" not in sys.modules:
+            # paramiko imports invoke (which imports unittest.mock), a third of its import time,
+            # only for "Match exec" lines of an SSH config: _paramiko_invoke brings it when needed
+            sys.modules["invoke"] = None  # type: ignore[assignment]
+            try:
+                import paramiko
+            finally:
+                del sys.modules["invoke"]
         import paramiko
     except ImportError as exc:
         raise DependencyError("SSH needs paramiko, which is not installed",
                               hint="pip install paramiko (or: pip install stackops)") from exc
     return paramiko
+
+
+def _paramiko_invoke() -> None:
+    """Give paramiko invoke, which it runs "Match exec" lines with (see _paramiko)."""
+    import paramiko.config
+
+    if getattr(paramiko.config, "invoke", True) is None:
+        import invoke
+
+        paramiko.config.invoke = invoke  # type: ignore[attr-defined]
 
 
 _TARGET = re.compile(r"(?:(?P<user>[^@\s/:]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
@@ -3163,7 +3181,11 @@ def resolve_ssh_target(host: str) -> SSHTarget:
     paramiko = _paramiko()
     try:
         config = paramiko.SSHConfig.from_path(str(path)) if path.exists() else paramiko.SSHConfig()
-        entry = config.lookup(name)
+        try:
+            entry = config.lookup(name)
+        except ImportError:  # a "Match exec" line
+            _paramiko_invoke()
+            entry = config.lookup(name)
     except Exception as exc:  # paramiko raises assorted errors for a bad config
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     def option(key: str) -> str | None:  # OpenSSH's "none" switches a proxy off

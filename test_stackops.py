@@ -3602,6 +3602,20 @@ def test_remote_hand_over_sends_stackops_itself_once_per_host(remote, home, wire
     assert sent[0] > size and sent[1] < size / 5, sent  # the second job gets its name, not its bytes
 
 
+def test_ssh_paramiko_loads_without_invoke_yet_match_exec_still_works(home, tmp_path):
+    """invoke (and unittest.mock, which it imports) was a third of paramiko's import time, for
+    the CLI's every --host; it is imported only for a "Match exec" line of the SSH config."""
+    (tmp_path / "cfg").write_text('Match exec "test -n x"\n  HostName 10.9.9.9\n  Port 2222\n')
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; stackops._paramiko(); "
+            "print('invoke' in sys.modules, 'unittest.mock' in sys.modules); "
+            "print(stackops.resolve_ssh_target('anyhost'))")
+    done = subprocess.run([sys.executable, "-c", code, str(HERE)], capture_output=True, text=True,
+                          env=dict(os.environ, HOME=str(home), STACKOPS_SSH_CONFIG=str(tmp_path / "cfg")))
+    assert done.returncode == 0, done.stderr
+    loaded, target = done.stdout.splitlines()
+    assert loaded == "False False" and target.endswith("@10.9.9.9:2222")
+
+
 @needs_tmux
 def test_remote_interactive_job_starts_in_tmux_on_the_host_in_the_same_round_trip(remote, home):
     if os.geteuid() != 0:
@@ -3618,6 +3632,14 @@ def test_remote_interactive_job_starts_in_tmux_on_the_host_in_the_same_round_tri
             assert "far,inter" in sessions.split()  # kept open for a person to attach
         finally:  # the throwaway account's own tmux server
             machine.ssh.run_shell_cmd_on_remote("tmux kill-server", strict=False)
+
+
+def test_remote_cli_run_under_cprofile_hands_the_job_over(remote, home):
+    _proj(home)
+    done = subprocess.run([sys.executable, "-m", "cProfile", str(SOURCE), "run", "proj/m.py:f", "--host", "tb",
+                           "--copy-repo", "--job-id", "prof-far", "--wait"], cwd=home, capture_output=True,
+                          text=True, env=dict(os.environ, HOME=str(home)), timeout=120)
+    assert done.returncode == 0 and "completed" in done.stdout, done.stderr[-2000:]
 
 
 def _no_jobs_named(home: Path, remote, job_id: str) -> bool:
@@ -4021,6 +4043,14 @@ def test_state_dir_per_machine_same_in_python_and_bash(home, monkeypatch):
 # 11. cluster: several hosts (network namespaces as root, 127.0.0.x otherwise)
 # ============================================================================================
 
+def _comm(pid: int) -> str:
+    """A process's command name, "" once it has exited (a host's jobs end while it is looked at)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 class Nodes:
     """Three hosts. As root: network namespaces on a private bridge, each sshd in its own PID
     namespace (its pids are not ours). Otherwise: extra sshds on 127.0.0.11-13."""
@@ -4080,7 +4110,7 @@ class Nodes:
 
     def mount_tmpfs(self, i: int, folder: Path, size: str, owner: str) -> None:
         """A small disk at ``folder``, seen only by host i (its own mount namespace)."""
-        sshd = min(pid for pid in self.pids(i) if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd")
+        sshd = min(pid for pid in self.pids(i) if _comm(pid) == "sshd")
         uid, gid = (subprocess.run(["id", flag, owner], capture_output=True, text=True, check=True).stdout.strip()
                     for flag in ("-u", "-g"))
         subprocess.run(["nsenter", "-t", str(sshd), "-m", "mount", "-t", "tmpfs", "-o",
