@@ -3657,7 +3657,9 @@ def test_bench_quick_runs(tmp_path):
     wanted = ["connect + run `true`", "50 MiB upload", "50 MiB download", "500 x 4 KiB folder upload",
               "hand a trivial job over (RemoteMachine.run)", "status of a running job, connection open",
               "slot hand-off: one job ends, the next starts", "launch on 4 hosts vs 1 host (Cluster.run)",
-              "CLI start: python stackops.py --help", "peak Python memory during transfers", "hand-over ratios"]
+              "CLI start: python stackops.py --help", "peak Python memory during transfers", "hand-over ratios",
+              "CLI run --host, host shell start 100 ms", "CLI run --host --copy-repo (unchanged), shell 100 ms",
+              "RemoteMachine.run(), open connection, shell 100 ms"]
     assert set(wanted) <= set(rows), sorted(rows)
     assert any(case.endswith("trivial jobs, 4 slots: wall per job") for case in rows)
     for row in rows.values():
