@@ -5909,7 +5909,7 @@ class RemoteMachine:
         if status != 0:
             raise CommandError(self.host_name, "job status", status, err, hint="is the job folder still there?")
         report, logs = self.file_manager.parse_status_output(out, marker, log_lines)
-        if self.is_remote:
+        if self.is_remote and not self.shared:  # a shared home has them: never write them back
             for relative, text in logs.items():
                 _atomic_write_text(self.file_manager.path(relative), text)
         return report
