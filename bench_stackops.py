@@ -591,8 +591,10 @@ def queue_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
     return rows
 
 
-def cluster_case(bed: Bed, stackops, runs: int) -> list[dict]:
-    hosts = bed.add_nodes(4)
+def cluster_case(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
+    """Cluster.run on 4 (and, unless quick, 16) hosts against the same on 1; the hosts' shells
+    start in no time (no rc file)."""
+    hosts = bed.add_nodes(4 if quick else 16)
     project = bed.local_home / "proj"
     project.mkdir(exist_ok=True)
     (project / "work.py").write_text("def work(workload_params):\n    return workload_params.idx_start\n")
@@ -602,8 +604,55 @@ def cluster_case(bed: Bed, stackops, runs: int) -> list[dict]:
         with stackops.Cluster(f"{project}/work.py:work", on, config, job_id=f"cl-{next(_fresh)}") as cluster:
             cluster.run()
 
-    return [compare("launch on 4 hosts vs 1 host (Cluster.run)", lambda: launch(hosts), lambda: launch(hosts[:1]),
-                    runs, "the same on 1 host")]
+    launch(hosts)  # the first hand-over to each host sends the repo; the rows time unchanged ones
+    rows = [compare("launch on 4 hosts vs 1 host (Cluster.run)", lambda: launch(hosts[:4]),
+                    lambda: launch(hosts[:1]), runs, "the same on 1 host")]
+    if len(hosts) >= 16:
+        rows.append(compare("launch on 16 hosts vs 1 host (Cluster.run)", lambda: launch(hosts[:16]),
+                            lambda: launch(hosts[:1]), runs, "the same on 1 host"))
+    return rows
+
+
+def slow_shell_cases(bed: Bed, stackops, runs: int) -> list[dict]:
+    """A host as most GPU boxes are: its ~/.bashrc (conda or pyenv init) costs 100 ms, and every
+    remote command pays it. The CLI's run and the API's run against one command on that host."""
+    rc = bed.remote_home / ".bashrc"
+    rc.write_text("sleep 0.1\n")
+    project = bed.local_home / "proj"
+    project.mkdir(exist_ok=True)
+    (project / "slowjob.py").write_text("res = None\n")
+    there = bed.remote_home / "proj"  # a job without --copy-repo finds its file on the host
+    there.mkdir(exist_ok=True)
+    shutil.copy(project / "slowjob.py", there / "slowjob.py")
+    if os.geteuid() == 0:
+        for path in (rc, there, there / "slowjob.py"):
+            shutil.chown(path, bed.user, bed.user)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as users run it
+
+    def cli(*extra: str) -> None:
+        run_cmd([sys.executable, str(HERE / "stackops.py"), "run", "proj/slowjob.py", "--host", "tb",
+                 "--job-id", f"slow-{next(_fresh)}", *extra], cwd=bed.local_home, env=env)
+
+    def api(ssh) -> None:
+        config = stackops.RemoteStackOpsConfig(job_id=f"slow-{next(_fresh)}", ssh_host="tb")
+        machine = stackops.RemoteMachine(str(project / "slowjob.py"), config=config)
+        machine._ssh = ssh  # the open connection
+        machine.run()
+
+    try:
+        cli("--copy-repo")  # the repo reaches the host once: the rows time an unchanged repo
+        ssh_true = bed.ssh("tb", "true")
+        rows = [compare("CLI run --host, host shell start 100 ms", cli, lambda: run_cmd(ssh_true), runs,
+                        "ssh host true"),
+                compare("CLI run --host --copy-repo (unchanged), shell 100 ms", lambda: cli("--copy-repo"),
+                        lambda: run_cmd(ssh_true), runs, "ssh host true")]
+        with stackops.SSH.from_config_file("tb") as ssh:
+            rows.append(compare("RemoteMachine.run(), open connection, shell 100 ms", lambda: api(ssh),
+                                lambda: ssh.run_shell_cmd_on_remote("true"), runs,
+                                "`true` on that connection"))
+    finally:
+        rc.unlink()
+    return rows
 
 
 def cli_cases(stackops, runs: int) -> list[dict]:
@@ -668,6 +717,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=None, help="runs per case (default 7, quick 3)")
     parser.add_argument("--disk", action="store_true", help="keep both homes on disk instead of tmpfs")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--only", default="", help="comma-separated groups to run: ssh, transfer, job, snapshot, "
+                                                   "slot, sweep, queue, slow, cluster, cli, cancel, slurm "
+                                                   "(default: all)")
     args = parser.parse_args()
     for tool in ("/usr/sbin/sshd", shutil.which("ssh"), shutil.which("scp"), shutil.which("rsync")):
         if not tool or not os.path.exists(tool):
@@ -683,17 +735,20 @@ def main() -> int:
         print(f"stackops benchmark: {runs} runs per case, medians; ratio = stackops / reference; homes on "
               f"{bed.where}; extra hosts: {'network namespaces' if bed.netns else 'loopback addresses'}\n",
               flush=True)
-        rows += ssh_cases(bed, stackops, runs)
-        rows += transfer_cases(bed, stackops, args.quick, runs)
-        rows += job_cases(bed, stackops, runs)
-        rows += snapshot_cases(bed, stackops, args.quick, runs)
-        rows += slot_cases(bed, stackops, args.quick)
-        rows += sweep_cases(bed, stackops, args.quick, runs)
-        rows += queue_cases(bed, stackops, args.quick)
-        rows += cluster_case(bed, stackops, runs)
-        rows += cli_cases(stackops, runs)
-        rows += cancel_case(bed, stackops, runs)
-        rows += slurm_case(bed, runs)
+        groups = {"ssh": lambda: ssh_cases(bed, stackops, runs),
+                  "transfer": lambda: transfer_cases(bed, stackops, args.quick, runs),
+                  "job": lambda: job_cases(bed, stackops, runs),
+                  "snapshot": lambda: snapshot_cases(bed, stackops, args.quick, runs),
+                  "slot": lambda: slot_cases(bed, stackops, args.quick),
+                  "sweep": lambda: sweep_cases(bed, stackops, args.quick, runs),
+                  "queue": lambda: queue_cases(bed, stackops, args.quick),
+                  "slow": lambda: slow_shell_cases(bed, stackops, runs),
+                  "cluster": lambda: cluster_case(bed, stackops, args.quick, runs),
+                  "cli": lambda: cli_cases(stackops, runs), "cancel": lambda: cancel_case(bed, stackops, runs),
+                  "slurm": lambda: slurm_case(bed, runs)}
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()] or list(groups)
+        for name in wanted:
+            rows += groups[name]()
     finally:
         bed.close()
         if args.json:

@@ -189,6 +189,7 @@ DEFAULT_BASE_DIR = "~/tmp_results/remote_machines/jobs"
 DEFAULT_STATE_DIR = "~/tmp_results/remote_machines/file_manager"
 DEFAULT_SNAPSHOT_DIR = "~/tmp_results/remote_machines/snapshots"  # code snapshots: blobs and manifests
 SNAPSHOT_KEEP_SECONDS = 7 * 86400  # a snapshot no job refers to is removed once this old
+FOLDER_BLOB_MIN = 16384  # a job folder's file under python/ this big travels as a blob (stackops)
 CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapshot
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
@@ -3090,6 +3091,8 @@ class _HostSync:
         header = stream.readline()
         if header.strip():  # else nothing to do: the host sees our files, or the submit was refused
             sys.stdout.write(repr(_HostSync.commit(_HostSync.value(header), stream)) + "\n")
+        else:
+            sys.stdout.write(repr({"placed": None}) + "\n")
 
     @staticmethod
     def value(line: bytes) -> Any:
@@ -3130,14 +3133,16 @@ class _HostSync:
         manifest = os.path.join(store, f"{_HostSync.safe(request['snapshot'])}.json") if request["snapshot"] else ""
         if manifest and os.path.exists(manifest):  # a snapshot it has whole: no blob is missing
             os.utime(manifest)  # in use again: a collection leaves it (and its blobs) alone
-        for digest in [] if manifest and os.path.exists(manifest) else request["blobs"]:
+        wanted = [] if manifest and os.path.exists(manifest) else request["blobs"]
+        wanted = wanted + request.get("folder_blobs", [])  # and the big files of the job folder
+        for digest in dict.fromkeys(wanted):
             try:
                 os.utime(_HostSync.blob(store, digest))  # in use again: a collection leaves it alone
             except FileNotFoundError:
                 missing.append(digest)
         seen = [nonce for nonce in request["nonces"] if os.path.exists(_HostSync.where(nonce))]
         data = [_HostSync.stale_files(item) for item in request["data"]]
-        return {"missing": missing, "seen": seen, "data": data,
+        return {"missing": missing, "seen": seen, "data": data, "node": os.uname().nodename,
                 "job_exists": os.path.lexists(_HostSync.where(request["job_root"]))}
 
     @staticmethod
@@ -3212,6 +3217,11 @@ class _HostSync:
             os.replace(_HostSync.receive(stream, part, path, part["mode"] & 0o777, None, part["mtime"]), path)
         elif part.get("dir"):
             _HostSync.mkdirs(os.path.join(staging, _HostSync.safe(name)))
+        elif part.get("blob"):  # a file of the job folder the store holds (stackops): copied here
+            path = os.path.join(staging, _HostSync.safe(name))
+            _HostSync.mkdirs(os.path.dirname(path))
+            store = _HostSync.where(request["store"])
+            _HostSync.copy_blob(store, part["blob"], path, part["mode"] & 0o700)
         else:
             path = os.path.join(staging, _HostSync.safe(name))
             _HostSync.mkdirs(os.path.dirname(path))
@@ -3280,13 +3290,18 @@ class _HostSync:
                 _HostSync.mkdirs(os.path.dirname(path))
                 made.add(os.path.dirname(path))
             if kind != "l":
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700 if kind == "x" else 0o600)
-                with open(_HostSync.blob(store, value), "rb") as source, open(fd, "wb") as copy:
-                    for chunk in iter(lambda: source.read(1 << 20), b""):  # noqa: B023 (used at once)
-                        copy.write(chunk)
+                _HostSync.copy_blob(store, value, path, 0o700 if kind == "x" else 0o600)
         for relative, kind, value in entries:
             if kind == "l":
                 os.symlink(value, os.path.join(folder, relative))
+
+    @staticmethod
+    def copy_blob(store: str, digest: str, path: str, mode: int) -> None:
+        """A new file ``path`` (mode ``mode``) with the content of a blob of the store."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with open(_HostSync.blob(store, digest), "rb") as source, open(fd, "wb") as copy:
+            for chunk in iter(lambda: source.read(1 << 20), b""):
+                copy.write(chunk)
 
     @staticmethod
     def collect(store: str, queued: str, keep_seconds: float) -> int:
@@ -3336,12 +3351,12 @@ def _host_sync_source() -> str:
     """The source that the executing machine runs for a hand-over: _HostSync, cut from this file
     (inspect.getsource would parse the whole module: most of a second)."""
     if not _HOST_SYNC_SOURCE:
-        text = Path(sys.modules[__name__].__file__ or "").read_text(encoding="utf-8")
+        text = _own_file().read_text(encoding="utf-8")  # under cProfile, __main__ is cProfile
         start = text.index("\nclass _HostSync:")
         end = text.index("\ndef _host_sync_source()", start)
         body = text[start:end].rsplit("\n_HOST_SYNC_SOURCE", 1)[0]
         _HOST_SYNC_SOURCE.append("from __future__ import annotations\nimport os\n" + body
-                                 + "\n_HostSync.main()\n")
+                                 + '\nif __name__ == "__main__":\n    _HostSync.main()\n')
     return _HOST_SYNC_SOURCE[0]
 
 
@@ -3815,11 +3830,29 @@ sys.exit(module._serve(sys.argv[1:]))
 
 def _paramiko() -> Any:
     try:
+        if "paramiko" not in sys.modules and "invoke" not in sys.modules:
+            # paramiko imports invoke (which imports unittest.mock), a third of its import time,
+            # only for "Match exec" lines of an SSH config: _paramiko_invoke brings it when needed
+            sys.modules["invoke"] = None  # type: ignore[assignment]
+            try:
+                import paramiko
+            finally:
+                del sys.modules["invoke"]
         import paramiko
     except ImportError as exc:
         raise DependencyError("SSH needs paramiko, which is not installed",
                               hint="pip install paramiko (or: pip install stackops)") from exc
     return paramiko
+
+
+def _paramiko_invoke() -> None:
+    """Give paramiko invoke, which it runs "Match exec" lines with (see _paramiko)."""
+    import paramiko.config
+
+    if getattr(paramiko.config, "invoke", True) is None:
+        import invoke
+
+        paramiko.config.invoke = invoke  # type: ignore[attr-defined]
 
 
 _TARGET = re.compile(r"(?:(?P<user>[^@\s/:]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
@@ -3876,7 +3909,11 @@ def resolve_ssh_target(host: str) -> SSHTarget:
     paramiko = _paramiko()
     try:
         config = paramiko.SSHConfig.from_path(str(path)) if path.exists() else paramiko.SSHConfig()
-        entry = config.lookup(name)
+        try:
+            entry = config.lookup(name)
+        except ImportError:  # a "Match exec" line
+            _paramiko_invoke()
+            entry = config.lookup(name)
     except Exception as exc:  # paramiko raises assorted errors for a bad config
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     def option(key: str) -> str | None:  # OpenSSH's "none" switches a proxy off
@@ -5547,67 +5584,256 @@ def _data_items(data: list[str]) -> list[dict[str, Any]]:
 def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
                   data: list[str], progress: Callable[[int], None] | None = None,
                   snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None) -> bool:
-    """Hand the job over in one remote command: ask the host what it lacks (the code snapshot's
-    blobs, data files that differ, and whether it sees this machine's job folder), then send only
-    that, with the job folder, which the host puts in place (see _HostSync). Nothing outside
-    stackops' own trees is written there except the data files, each replaced whole. Returns True
-    when the host sees this machine's job folder (a shared home): then nothing is sent, and the
-    folder, code and data are used in place."""
+    """Hand the job over in one remote command (see _hand_over). Returns True when the host sees
+    this machine's job folder (a shared home): then nothing is sent, and the folder, code and
+    data are used in place."""
+    return _hand_over(ssh, config, job_params, file_manager, data, progress, snapshot).shared
+
+
+@dataclasses.dataclass
+class _HandOver:
+    """What one hand-over did: whether the host sees this machine's job folder (a shared home),
+    the host's node name, and the answer of each command run after it (in order; a command
+    that did not run because one before it failed has no answer)."""
+
+    shared: bool
+    node: str
+    steps: list[Response]
+
+
+def _hand_over(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
+               file_manager: FileManager, data: list[str],
+               progress: Callable[[int], None] | None = None,
+               snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None,
+               need_file: str = "", then: list[str] | None = None,
+               gate: Callable[[Callable[[bytes], None]], bool] | None = None) -> _HandOver:
+    """Hand the job over in ONE remote command, one shell start on the host: it checks that the
+    interpreter (and ``need_file``, a job file the host must have) is there, asks the host what
+    it lacks (the code snapshot's blobs, data files that differ, and whether it sees this
+    machine's job folder), sends only that with the job folder, which the host puts in place (see
+    _HostSync), and then runs each bash command of ``then`` in order while the previous one
+    succeeded (the e-mail check, the launch), whose answers it returns. With ``gate``, the host
+    waits once the job is in place until ``gate(write)`` says go (True) or stop (see _Together).
+    Nothing outside stackops' own trees is written there except the data files, each replaced
+    whole. On a shared home nothing is sent, and the folder, code and data are used in place."""
     if config.copy_repo and snapshot is None:
         snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
     if snapshot is not None and snapshot[0] != job_params.code_snapshot:
         raise StackopsError(f"the repo of job {file_manager.job_id} changed since the job was generated",
                             hint="submit it again under a new job_id")
-    _ident, entries, blobs = snapshot or ("", [], {})
+    python = config.python or "python3"
     items = _data_items(data)
     base, base_rh = file_manager.job_root.parent, file_manager.job_root_rh.rsplit("/", 1)[0]
     cache: dict[str, bool] = getattr(ssh, "_sees", None) or {}
     ssh._sees = cache  # type: ignore[attr-defined]  # one check per host and folder, kept with the connection
     key, nonce = f"{base}|{base_rh}", f".stackops-nonce-{random.getrandbits(64):016x}"
-    request = {"store": DEFAULT_SNAPSHOT_DIR, "blobs": sorted(blobs), "job_root": file_manager.job_root_rh,
-               "snapshot": job_params.code_snapshot,
-               "nonces": [] if key in cache else [f"{base_rh}/{nonce}"],
-               "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
-    header = {"store": DEFAULT_SNAPSHOT_DIR, "job_root": file_manager.job_root_rh, "manifest": entries,
-              "snapshot": job_params.code_snapshot, "keep_seconds": SNAPSHOT_KEEP_SECONDS,
-              "data": [{"target": item["target"], "dir": item["dir"]} for item in items]}
+    fence = f"--stackops-step-{random.getrandbits(64):016x}:"
+    by_blob = _folder_blobs(file_manager.job_root)
+    request, header = _hand_over_lines(job_params, file_manager, items, snapshot,
+                                       [] if key in cache else [f"{base_rh}/{nonce}"])
+    request["folder_blobs"] = sorted({digest for digest, _path in by_blob.values()})
+    blobs = dict((snapshot or ("", [], {}))[2])
+    blobs.update((digest, path) for digest, path in by_blob.values())
     answers: dict[str, Any] = {}
 
     def produce(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
-        write(repr(request).encode() + b"\n")
-        line = readline()
-        if not line:
-            return  # the host failed before answering: its stderr says why
-        plan = answers["plan"] = _literal(line)
+        plan = _hand_over_plan(write, readline, request, fence, answers)
+        if plan is None:
+            return  # refused before anything was sent, or the host failed: its stderr says why
         cache.setdefault(key, bool(plan["seen"]))
         if cache[key]:
+            if snapshot is not None and not file_manager.path(CODE_DIR).exists():  # before it runs
+                _materialize_here(expand_home(job_params.repo_path_rh), snapshot[1],
+                                  file_manager.path(CODE_DIR))
             write(b"\n")  # nothing to send: the host sees this machine's files
-            return
-        _send_parts(write, header, _hand_over_parts(ssh, file_manager, items, plan, blobs), meter)
+        else:
+            parts = _hand_over_parts(ssh, file_manager, items, plan, blobs, by_blob)
+            _send_parts(write, header, parts, meter)
+        if gate is not None and then and readline():  # the job is in place: wait for the others
+            write(b"go\n" if gate(write) else b"stop\n")
 
     if key not in cache:
         _atomic_write_text(base / nonce, nonce)
-    command = f"{shlex.quote(config.python or 'python3')} -S -c {shlex.quote(_host_sync_source())}"
+    command = _hand_over_command(python, need_file, fence, then or [], gate is not None)
     try:
         with _Meter(progress, f"hand-over to {ssh.target.alias}") as meter:
             response = ssh.stream_command(command, produce, meter)
     finally:
         with _suppress(FileNotFoundError):
             os.unlink(base / nonce)
-    if response.returncode != 0 or "plan" not in answers:
-        raise TransferError(f"{ssh.target.alias} could not take the job over: "
+    over = _hand_over_result(ssh, response, answers, cache.get(key, False), fence, python,
+                             need_file)
+    if over.shared:
+        log.info("%s sees this machine's %s: the job is used in place", ssh.target.alias, base_rh)
+    return over
+
+
+def _hand_over_plan(write: Callable[[bytes], None], readline: Callable[[], bytes],
+                    request: dict[str, Any], fence: str,
+                    answers: dict[str, Any]) -> dict[str, Any] | None:
+    """Send _HostSync's source and the request; the host's plan (also kept in ``answers``), or
+    None when it refused (the reason in ``answers``) or failed."""
+    source = _host_sync_source().encode()
+    write(b"%d\n%s%s\n" % (len(source), source, repr(request).encode()))
+    line = readline()
+    while line and not line.startswith((b"{", fence.encode())):  # a login file's chatter
+        line = readline()
+    if not line or line.startswith(fence.encode()):
+        answers["refused"] = line.decode("utf-8", "replace")[len(fence):].strip()
+        return None
+    answers["plan"] = _literal(line)
+    return answers["plan"]
+
+
+class _Together:
+    """Hosts that start their jobs together or not at all (Cluster.run): each one, its job in
+    place, waits until every host has its job in place (go) or one failed (stop), and keeps its
+    link busy meanwhile (a silent upload counts as stalled)."""
+
+    def __init__(self, count: int) -> None:
+        import threading
+
+        self.waiting, self.failed = count, False
+        self._changed = threading.Condition()
+
+    def arrive(self, write: Callable[[bytes], None]) -> bool:
+        with self._changed:
+            self.waiting -= 1
+            self._changed.notify_all()
+        while True:
+            with self._changed:
+                if self.failed or self.waiting <= 0:
+                    return not self.failed
+                self._changed.wait(1.0)
+            write(b"wait\n")
+
+    def fail(self) -> None:
+        with self._changed:
+            self.failed = True
+            self._changed.notify_all()
+
+
+def handed_over_status(machine: RemoteMachine) -> JobStatus:
+    """The job as the host took it (``queued``, on that host's node), with no second round trip
+    after run(); a job that was not handed over by one (here, cloud) has its status read."""
+    handed = machine._handed
+    if handed is None or not handed.node or machine.launch_command == "":
+        return machine.get_status(0)
+    return JobStatus(job_id=machine.job_id, status="queued", host=handed.node,
+                     submission_time=_iso(machine.file_manager.submission_time),
+                     slurm_job_id=machine.slurm_job_id)
+
+
+def _hand_over_lines(job_params: JobParams, file_manager: FileManager, items: list[dict[str, Any]],
+                     snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None,
+                     nonces: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request (what the host is asked it lacks) and the header of what is sent after it."""
+    _ident, entries, blobs = snapshot or ("", [], {})
+    request = {"store": DEFAULT_SNAPSHOT_DIR, "blobs": sorted(blobs),
+               "job_root": file_manager.job_root_rh, "snapshot": job_params.code_snapshot,
+               "nonces": nonces,
+               "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
+    header = {"store": DEFAULT_SNAPSHOT_DIR, "job_root": file_manager.job_root_rh,
+              "manifest": entries, "snapshot": job_params.code_snapshot,
+              "keep_seconds": SNAPSHOT_KEEP_SECONDS,
+              "data": [{"target": item["target"], "dir": item["dir"]} for item in items]}
+    return request, header
+
+
+# The executing side of a hand-over reads _HostSync's source first, from the stream (escaping 13 kB
+# of source into the command line for every login shell took longer than sending it). Compiling
+# it cost the host ~13 ms of CPU each time: it keeps the source as a module in its snapshot store
+# (private, named by the source's hash) and imports it, so Python caches its bytecode there.
+_HOST_SYNC_BOOT = """import sys,os
+i=sys.stdin.buffer;s=i.read(int(i.readline()));u=os.umask(63)
+d=os.path.expanduser(@@store);n=@@name;f=os.path.join(d,n+'.py')
+try:
+ if not os.path.exists(f):
+  os.makedirs(d,448,exist_ok=True);t=f+'.'+os.urandom(6).hex()
+  with open(os.open(t,os.O_WRONLY|os.O_CREAT|os.O_EXCL,384),'wb') as h:h.write(s)
+  os.replace(t,f)
+ sys.path.insert(0,d);m=__import__(n);sys.path.remove(d)
+except (OSError,ImportError):
+ m=None
+os.umask(u)
+if m:m._HostSync.main()
+else:exec(s)
+"""
+
+
+def _host_sync_boot() -> str:
+    """The -c program of a hand-over (_HOST_SYNC_BOOT) for this version of _HostSync's source."""
+    import hashlib
+
+    name = "stackops_hostsync_" + hashlib.sha256(_host_sync_source().encode()).hexdigest()[:20]
+    return render_template(_HOST_SYNC_BOOT, store=repr(DEFAULT_SNAPSHOT_DIR), name=repr(name))
+
+
+def _hand_over_command(python: str, need_file: str, fence: str, then: list[str],
+                       gated: bool = False) -> str:
+    """The one bash command of a hand-over: the checks (a refusal is a fenced line, and the
+    request is read away so that it never meets a closed channel), _HostSync, then each command
+    of ``then`` in a subshell of its own, after a fenced line with its index."""
+    refuse = "cat >/dev/null; exit 3; }"
+    found = f"command -v {shlex.quote(python)} >/dev/null 2>&1"
+    lines = [f"{found} || {{ echo {fence}no-python; {refuse}"]
+    if need_file:
+        lines.append(f"[ -f {_sh_path(need_file)} ] || {{ echo {fence}no-file; {refuse}")
+    chain = f"{shlex.quote(python)} -S -c {shlex.quote(_host_sync_boot())}"
+    if gated and then:  # "wait" lines keep the link busy; anything but "go" starts nothing
+        chain += (' && { g=wait; while [ "$g" = wait ]; do read -r g || g=; done; '
+                  '[ "$g" = go ] || exit 0; }')
+    for index, step in enumerate(then):
+        chain += f" && {{ echo {fence}{index}; (\n{step}\n); }}"
+    return "\n".join([*lines, chain])
+
+
+def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], shared: bool,
+                      fence: str, python: str, need_file: str) -> _HandOver:
+    """The hand-over's outcome from the host's answers; a refusal or failure raises (nothing of
+    the job is left there then)."""
+    alias = ssh.target.alias
+    if answers.get("refused") == "no-python":
+        raise ConfigError(f"the interpreter {python!r} is not found on {alias}",
+                          hint="install it there, or pass --python (python=) with one it has")
+    if answers.get("refused") == "no-file":
+        raise ConfigError(f"{need_file} is not on {alias}, and the job needs it",
+                          hint="pass --copy-repo (copy_repo=True) to send the repo along")
+    lines = response.stdout.split("\n")
+    marks = [index for index, line in enumerate(lines) if line.startswith(fence)]
+    if "plan" not in answers or (response.returncode != 0 and not marks):
+        raise TransferError(f"{alias} could not take the job over: "
                             f"{_last_line(response.stderr) or 'exit status ' + str(response.returncode)}",
                             hint="nothing was left under the job's name; is python3 (3.8+) installed there?")
-    if cache[key]:
-        log.info("%s sees this machine's %s: the job is used in place", ssh.target.alias, base_rh)
-    return cache[key]
+    steps = []
+    for order, index in enumerate(marks):
+        last = order == len(marks) - 1
+        end = len(lines) if last else marks[order + 1]
+        steps.append(Response("\n".join(lines[index + 1:end]), response.stderr if last else "",
+                              response.returncode if last else 0, response.command, response.host))
+    return _HandOver(shared, str(answers["plan"].get("node", "")), steps)
+
+
+def _folder_blobs(root: Path) -> dict[str, tuple[str, Path]]:
+    """The big files of a job folder that every job shares (stackops itself and its bytecode,
+    under ``python/``), by path in the folder: (SHA-256, path here). They travel as blobs of the
+    host's snapshot store, so a host that has them gets only their names."""
+    import hashlib
+
+    found = {}
+    for path in sorted((root / "python").rglob("*")):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size >= FOLDER_BLOB_MIN:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            found[path.relative_to(root).as_posix()] = (digest, path)
+    return found
 
 
 def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, Any]], plan: dict[str, Any],
-                     blobs: dict[str, Path]) -> list[tuple[str, Path | None]]:
+                     blobs: dict[str, Path], by_blob: dict[str, tuple[str, Path]] | None = None,
+                     ) -> list[tuple[str, Path | str | None]]:
     """What goes to the host after its plan: missing blobs, differing data files, the job folder
-    (None: a folder). Refuses, before anything is sent, a job that exists there or data that
-    cannot be synced."""
+    (None: a folder; a str: the blob it is copied from there). Refuses, before anything is sent,
+    a job that exists there or data that cannot be synced."""
     if plan["job_exists"]:
         raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias}",
                           hint="choose another job_id, or leave it out for a fresh one")
@@ -5615,7 +5841,8 @@ def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, 
         if "conflict" in answer:
             raise ConfigError(f"cannot sync {item['target']} to {ssh.target.alias}: {answer['conflict']}",
                               hint="nothing was sent; move the host's copy aside or rename the data")
-    parts: list[tuple[str, Path | None]] = [(f"b/{digest}", blobs[digest]) for digest in plan["missing"]]
+    parts: list[tuple[str, Path | str | None]] = [(f"b/{digest}", blobs[digest])
+                                                  for digest in plan["missing"]]
     for index, (item, answer) in enumerate(zip(items, plan["data"])):
         parts += [(f"d/{index}/{rel}" if rel else f"d/{index}", item["sources"][rel]) for rel in answer["need"]]
     root = file_manager.job_root
@@ -5624,7 +5851,10 @@ def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, 
         here = Path(folder)
         if here != root:
             parts.append((f"j/{here.relative_to(root).as_posix()}", None))
-        parts += [(f"j/{(here / name).relative_to(root).as_posix()}", here / name) for name in sorted(files)]
+        for name in sorted(files):
+            relative = (here / name).relative_to(root).as_posix()
+            stored = (by_blob or {}).get(relative)
+            parts.append((f"j/{relative}", stored[0] if stored else here / name))
     return parts
 
 
@@ -5640,20 +5870,25 @@ def _literal(line: bytes) -> Any:
 
 
 def _send_parts(write: Callable[[bytes], None], header: dict[str, Any],
-                parts: list[tuple[str, Path | None]], meter: _Meter) -> None:
+                parts: list[tuple[str, Path | str | None]], meter: _Meter) -> None:
     """The header, the parts, the end: what a hand-over sends once the host's plan is known
     (then the meter learns its total)."""
-    meter.begin(meter.done + sum(path.stat().st_size for _name, path in parts if path))
+    sizes = [path.stat().st_size for _name, path in parts if isinstance(path, Path)]  # not blobs there
+    meter.begin(meter.done + sum(sizes))
     write(repr(header).encode() + b"\n")
     for name, path in parts:
         _send_part(write, name, path)
     write(repr({"end": True}).encode() + b"\n")
 
 
-def _send_part(write: Callable[[bytes], None], name: str, path: Path | None) -> None:
-    """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes."""
+def _send_part(write: Callable[[bytes], None], name: str, path: Path | str | None) -> None:
+    """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes; a
+    folder (None) or a copy of a blob the host has (its digest) is the line alone."""
     if path is None:
         write(repr({"name": name, "dir": True}).encode() + b"\n")
+        return
+    if isinstance(path, str):
+        write(repr({"name": name, "blob": path, "mode": 0o600}).encode() + b"\n")
         return
     with open(path, "rb") as handle:
         info = os.fstat(handle.fileno())
@@ -5883,6 +6118,8 @@ class RemoteMachine:
         self.units: list[str] = []  # the work units a cloud_manager run queued
         self._checked = False  # interpreter and script found where the job runs
         self.downloaded_to: Path | None = None  # where download_results() put the results here
+        self._handed: _HandOver | None = None  # what the hand-over to the host did
+        self._ahead: dict[str, Response] = {}  # the hand-over ran these commands there: answers
 
     def __repr__(self) -> str:
         return f"RemoteMachine({self.config.job_id!r} @ {self.host_name})"
@@ -6170,9 +6407,13 @@ class RemoteMachine:
         print(text, end="")
         return text
 
-    def submit(self, progress: Callable[[int], None] | None = None) -> RemoteMachine:
+    def submit(self, progress: Callable[[int], None] | None = None, launch: bool = False,
+               gate: Callable[[Callable[[bytes], None]], bool] | None = None) -> RemoteMachine:
         """Put the job where it runs: over SSH, the job folder, the repo (``copy_repo``) and the data
-        go to their home-relative places on the host; here, the folder already is where it runs."""
+        go to their home-relative places on the host; here, the folder already is where it runs.
+        ``launch`` (what run() does): over SSH the host also starts the job in the same round
+        trip, and the fire() that must follow reads its answer instead of asking again; ``gate``
+        holds that start until it says go (Cluster: all hosts or none, see _hand_over)."""
         if not self.scripts_generated:
             self.generate_scripts()
         sent = False
@@ -6187,9 +6428,12 @@ class RemoteMachine:
                 _, self.cloud_sha256 = transfer_cloud(self.ssh, self.config, self.job_params,
                                                       self.file_manager, self.data)
             elif self.is_remote:
-                self.shared = transfer_sftp(self.ssh, self.config, self.job_params, self.file_manager,
-                                            self.data, progress, self._snapshot)
-                sent = True
+                then = self._ahead_commands(launch)
+                self._handed = _hand_over(self.ssh, self.config, self.job_params, self.file_manager,
+                                          self.data, progress, self._snapshot, self._needed_file(),
+                                          then, gate)
+                self.shared, sent = self._handed.shared, True
+                self._ahead = dict(zip(then, self._handed.steps))
                 if self.shared and self.config.copy_repo and not self.file_manager.path(CODE_DIR).exists():
                     self._code_here(self.file_manager.job_root)
             if not self.is_remote or self.config.transfer_method != "cloud":
@@ -6223,10 +6467,11 @@ class RemoteMachine:
                 raise ConfigError(f"the interpreter {self.python!r} is not found on this machine",
                                   hint="pass --python (python=) with an installed interpreter")
             return
+        if self.config.transfer_method != "cloud":
+            return  # the hand-over checks both in its own round trip (_hand_over)
         checks = [f"command -v {shlex.quote(self.python)} >/dev/null 2>&1 || echo no-python"]
-        params = self.job_params
-        file = f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
-        if not self.config.copy_repo:
+        file = self._needed_file()
+        if file:
             checks.append(f"[ -f {_sh_path(file)} ] || echo no-file")
         answer = self.ssh.run_shell_cmd_on_remote("; ".join(checks) + "; true",
                                                   timeout=self.config.ssh_timeout,
@@ -6238,6 +6483,24 @@ class RemoteMachine:
             raise ConfigError(f"{file} is not on {self.host_name}, and the job needs it",
                               hint="pass --copy-repo (copy_repo=True) to send the repo along")
 
+    def _needed_file(self) -> str:
+        """The job's file, which the host must have when the repo is not sent along; else ""."""
+        params = self.job_params
+        if self.config.copy_repo:
+            return ""
+        return f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
+
+    def _ahead_commands(self, launch: bool) -> list[str]:
+        """What the host runs right after the hand-over, in its round trip: the e-mail check, and
+        with ``launch`` the command fire() runs (each answer is kept for whoever asks it next)."""
+        then = [self._job_command("job-check-email")] if self.config.notify_upon_completion else []
+        if launch and self.uses_slurm:
+            then.append(self.file_manager.sbatch_command(len(self.array_parts)))
+        elif launch:
+            then.append(self.file_manager.get_fire_command(self.config.interactive,
+                                                           join_queue=not self.config.after))
+        return then
+
     def _check_notification(self) -> None:
         """A job that will e-mail must find its SMTP settings where it runs: checked now, not at its end."""
         if not self.config.notify_upon_completion:
@@ -6245,12 +6508,18 @@ class RemoteMachine:
         if not self.is_remote:
             load_email_config(self.config.email_config_name or "")
             return
-        response = self.ssh.run_shell_cmd_on_remote(self._job_command("job-check-email"), timeout=60, strict=False)
+        command = self._job_command("job-check-email")
+        response = self._ahead.pop(command, None)  # the hand-over ran it already
+        if response is None:
+            response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
         if response.returncode != 0:
             _raise_remote_error(response, f"on {self.host_name}: ",
                                 hint=f"create the e-mail config on {self.host_name} (chmod 600)")
 
     def _run_remote_or_here(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
+        ahead = self._ahead.pop(command, None)  # the hand-over ran it already (submit(launch=True))
+        if ahead is not None:
+            return ahead.returncode, ahead.stdout, ahead.stderr
         if self.is_remote:
             response = self.ssh.run_shell_cmd_on_remote(f"bash -c {shlex.quote(command)}", timeout, strict=False)
             return response.returncode, response.stdout, response.stderr
@@ -6486,7 +6755,7 @@ class RemoteMachine:
         self.generate_scripts()
         if show_scripts:
             self.show_scripts()
-        self.submit(progress)
+        self.submit(progress, launch=run)
         self.fire(run)
         return self
 
@@ -6546,7 +6815,7 @@ class RemoteMachine:
         if status != 0:
             raise CommandError(self.host_name, "job status", status, err, hint="is the job folder still there?")
         report, logs = self.file_manager.parse_status_output(out, marker, log_lines)
-        if self.is_remote:
+        if self.is_remote and not self.shared:  # a shared home has them: never write them back
             for relative, text in logs.items():
                 _atomic_write_text(self.file_manager.path(relative), text)
         return report
@@ -7587,8 +7856,10 @@ class Cluster:
                     workload_params=self.workloads[host].to_dict())
         return RemoteStackOpsConfig.from_dict(data)
 
-    def submit(self) -> Cluster:
-        """One RemoteMachine per host, generated here and submitted to all hosts in parallel."""
+    def submit(self, launch: bool = False) -> Cluster:
+        """One RemoteMachine per host, generated here and submitted to all hosts in parallel.
+        ``launch`` (what run() does): each host also starts its job in the same round trip, once
+        every host has its job in place, and not at all if one failed; fire() must follow."""
         if not self.workloads:
             raise StackopsError("no workloads yet", hint="call connect() and generate_standard_kwargs() first")
         _mkdir_private(self.root_dir)
@@ -7597,8 +7868,19 @@ class Cluster:
                 machine = RemoteMachine(self.func, self._machine_config(index, host), self.func_kwargs)
                 machine._ssh = self._ssh[host]
                 self.machines[host] = machine
-        # submit() generates each folder first, in parallel: its writes wait on the disk (fsync)
-        self._raise_failures("submit", self._parallel(lambda h: self.machines[h].submit(), list(self.machines)))
+        gated = launch and self.config.transfer_method != "cloud"  # cloud: fetched when fired
+        together = _Together(len(self.machines)) if gated else None
+
+        def hand_over(host: str) -> RemoteMachine:
+            gate = together.arrive if together else None
+            try:  # submit() generates each folder first, in parallel: its writes wait on the disk
+                return self.machines[host].submit(launch=launch, gate=gate)
+            except BaseException:
+                if together is not None:
+                    together.fail()
+                raise
+
+        self._raise_failures("submit", self._parallel(hand_over, list(self.machines)))
         self._save()
         return self
 
@@ -7618,7 +7900,7 @@ class Cluster:
         """connect, generate_standard_kwargs, submit, fire: the whole launch."""
         self.connect()
         self.generate_standard_kwargs()
-        self.submit()
+        self.submit(launch=run)
         self.fire(run)
         return self
 
@@ -8094,7 +8376,7 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
         print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
         return 0
     if not args.wait:
-        report = machine.get_status(0)
+        report = handed_over_status(machine)
         if args.json:
             _print_json(report.to_dict())
         else:

@@ -4,6 +4,7 @@ slots are exercised by real competing processes; nothing is mocked."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import itertools
@@ -13,6 +14,7 @@ import re
 import shutil
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -4620,6 +4622,125 @@ def test_remote_copy_z_compresses_a_single_file_both_ways(remote, home):
     assert shown.returncode == 0 and (remote.remote_home / "zeros-cli.bin").stat().st_size == 4 * 2**20
 
 
+# -- one round trip per hand-over (issue 16): every remote command pays the host's shell start ---------
+
+@contextlib.contextmanager
+def _shell_starts(remote):
+    """Count the host's shell starts: bash, started by sshd for a command, reads ~/.bashrc."""
+    rc, counter = remote.remote_home / ".bashrc", remote.remote_home / ".shell-starts"
+    rc.write_text(f"echo start >> {shlex.quote(str(counter))}\n")
+    counter.unlink(missing_ok=True)
+
+    def count() -> int:
+        starts = len(counter.read_text().splitlines()) if counter.exists() else 0
+        counter.unlink(missing_ok=True)
+        return starts
+
+    try:
+        yield count
+    finally:
+        rc.unlink()
+        counter.unlink(missing_ok=True)
+
+
+def test_remote_hand_over_is_one_shell_start_and_status_one_more(remote, home):
+    mod = make_module(home, REMOTE_JOBS, package="tripkg")
+    (home / "tripdata").mkdir()
+    (home / "tripdata" / "in.bin").write_bytes(os.urandom(20000))
+    kwargs = {"data": "~/tripdata/in.bin", "out": "~/out/trip"}
+    with _shell_starts(remote) as starts:
+        for job_id in ("trip-1", "trip-2"):  # everything new to the host, then nothing but the folder
+            cfg = config(job_id=job_id, ssh_host="tb", copy_repo=True, data=["~/tripdata"])
+            with RemoteMachine(mod.crunch, config=cfg, func_kwargs=kwargs) as machine:
+                _ = machine.ssh
+                assert starts() == 0  # connecting starts no shell
+                machine.run()
+                assert starts() == 1, job_id
+                assert wait_done(machine).status == "completed"
+                starts()
+                assert machine.get_status(0).status == "completed" and starts() == 1
+        assert (remote.remote_home / "out" / "trip" / "digest.txt").exists()
+        _proj(home)
+        shutil.copytree(home / "proj", remote.remote_home / "proj", dirs_exist_ok=True)  # found there
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", f"{remote.user}:", str(remote.remote_home / "proj")], check=True)
+        for extra in (["--copy-repo"], []):
+            starts()
+            done = cli("run", "proj/m.py:f", "--host", "tb", *extra, "--job-id", f"trip-cli{len(extra)}",
+                       home=home)
+            assert done.returncode == 0, done.stderr
+            assert starts() == 1, extra  # the CLI reads no status after the hand-over
+            assert f"job trip-cli{len(extra)} queued on {os.uname().nodename}" in done.stdout
+            done = cli("status", f"trip-cli{len(extra)}", "--json", home=home)
+            assert done.returncode == 0 and starts() == 1
+        refused = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--python", "no-such-py",
+                      "--job-id", "trip-nopy", home=home)
+        assert refused.returncode == 2 and "'no-such-py' is not found on tb" in refused.stderr
+        assert starts() == 1 and _no_jobs_named(home, remote, "trip-nopy")
+
+
+def test_remote_hand_over_sends_stackops_itself_once_per_host(remote, home, wire):
+    mod = make_module(home, JOBS_SOURCE)
+    shutil.rmtree(remote.remote_home / "tmp_results/remote_machines/snapshots", ignore_errors=True)  # a new host
+    sent = []
+    for job_id in ("once-1", "once-2"):
+        wire[0] = 0
+        with RemoteMachine(mod.train, config=config(job_id=job_id, ssh_host="tb", copy_repo=True)) as machine:
+            machine.run()
+            assert wait_done(machine).status == "completed"
+        sent.append(wire[0])
+        shipped = remote.remote_home / "tmp_results/remote_machines/jobs/queued" / job_id / "python"
+        assert (shipped / "stackops.py").read_bytes() == SOURCE.read_bytes()
+        assert stat.S_IMODE((shipped / "stackops.py").stat().st_mode) == 0o600
+    size = SOURCE.stat().st_size
+    assert sent[0] > size and sent[1] < size / 5, sent  # the second job gets its name, not its bytes
+
+
+def test_ssh_paramiko_loads_without_invoke_yet_match_exec_still_works(home, tmp_path):
+    """invoke (and unittest.mock, which it imports) was a third of paramiko's import time, for
+    the CLI's every --host; it is imported only for a "Match exec" line of the SSH config."""
+    (tmp_path / "cfg").write_text('Match exec "test -n x"\n  HostName 10.9.9.9\n  Port 2222\n')
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; stackops._paramiko(); "
+            "print('invoke' in sys.modules, 'unittest.mock' in sys.modules); "
+            "print(stackops.resolve_ssh_target('anyhost'))")
+    done = subprocess.run([sys.executable, "-c", code, str(HERE)], capture_output=True, text=True,
+                          env=dict(os.environ, HOME=str(home), STACKOPS_SSH_CONFIG=str(tmp_path / "cfg")))
+    assert done.returncode == 0, done.stderr
+    loaded, target = done.stdout.splitlines()
+    assert loaded == "False False" and target.endswith("@10.9.9.9:2222")
+
+
+@needs_tmux
+def test_remote_interactive_job_starts_in_tmux_on_the_host_in_the_same_round_trip(remote, home):
+    if os.geteuid() != 0:
+        pytest.skip("the host's tmux server is ours then: the test would have to stop it")
+    mod = make_module(home, JOBS_SOURCE)
+    cfg = config(job_id="far.inter", ssh_host="tb", copy_repo=True, interactive=True)
+    with _shell_starts(remote) as starts, RemoteMachine(mod.train, config=cfg) as machine:
+        try:
+            _ = machine.ssh
+            machine.run()
+            assert starts() == 1
+            assert wait_done(machine).status == "completed"
+            sessions = machine.ssh.run_shell_cmd_on_remote("tmux list-sessions -F '#{session_name}'").stdout
+            assert "far,inter" in sessions.split()  # kept open for a person to attach
+        finally:  # the throwaway account's own tmux server
+            machine.ssh.run_shell_cmd_on_remote("tmux kill-server", strict=False)
+
+
+def test_remote_cli_run_under_cprofile_hands_the_job_over(remote, home):
+    _proj(home)
+    done = subprocess.run([sys.executable, "-m", "cProfile", str(SOURCE), "run", "proj/m.py:f", "--host", "tb",
+                           "--copy-repo", "--job-id", "prof-far", "--wait"], cwd=home, capture_output=True,
+                          text=True, env=dict(os.environ, HOME=str(home)), timeout=120)
+    assert done.returncode == 0 and "completed" in done.stdout, done.stderr[-2000:]
+
+
+def _no_jobs_named(home: Path, remote, job_id: str) -> bool:
+    queued = "tmp_results/remote_machines/jobs/queued"
+    return not (home / queued / job_id).exists() and not (remote.remote_home / queued / job_id).exists()
+
+
 @pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"), reason="no sshd")
 def test_bench_quick_runs(tmp_path):
     """The benchmark works end to end (its figures are for people; nothing about speed is asserted)."""
@@ -4630,7 +4751,9 @@ def test_bench_quick_runs(tmp_path):
     wanted = ["connect + run `true`", "50 MiB upload", "50 MiB download", "500 x 4 KiB folder upload",
               "hand a trivial job over (RemoteMachine.run)", "status of a running job, connection open",
               "slot hand-off: one job ends, the next starts", "launch on 4 hosts vs 1 host (Cluster.run)",
-              "CLI start: python stackops.py --help", "peak Python memory during transfers", "hand-over ratios"]
+              "CLI start: python stackops.py --help", "peak Python memory during transfers", "hand-over ratios",
+              "CLI run --host, host shell start 100 ms", "CLI run --host --copy-repo (unchanged), shell 100 ms",
+              "RemoteMachine.run(), open connection, shell 100 ms"]
     assert set(wanted) <= set(rows), sorted(rows)
     assert any(case.endswith("trivial jobs, 4 slots: wall per job") for case in rows)
     for case in ("memory held by 200 queued jobs", "slot hand-off with 200 queued",
@@ -5277,6 +5400,14 @@ def test_sweep_to_a_host_that_shares_the_home_uses_the_folders_in_place(same_hom
 # 11. cluster: several hosts (network namespaces as root, 127.0.0.x otherwise)
 # ============================================================================================
 
+def _comm(pid: int) -> str:
+    """A process's command name, "" once it has exited (a host's jobs end while it is looked at)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 class Nodes:
     """Three hosts. As root: network namespaces on a private bridge, each sshd in its own PID
     namespace (its pids are not ours). Otherwise: extra sshds on 127.0.0.11-13."""
@@ -5336,7 +5467,7 @@ class Nodes:
 
     def mount_tmpfs(self, i: int, folder: Path, size: str, owner: str) -> None:
         """A small disk at ``folder``, seen only by host i (its own mount namespace)."""
-        sshd = min(pid for pid in self.pids(i) if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd")
+        sshd = min(pid for pid in self.pids(i) if _comm(pid) == "sshd")
         uid, gid = (subprocess.run(["id", flag, owner], capture_output=True, text=True, check=True).stdout.strip()
                     for flag in ("-u", "-g"))
         subprocess.run(["nsenter", "-t", str(sshd), "-m", "mount", "-t", "tmpfs", "-o",
@@ -5432,6 +5563,32 @@ def test_cluster_shares_follow_cpus_cover_range_once_and_reload(cluster_home, no
     assert union == list(range(70))
     if nodes.netns:  # each host is its own machine: own hostname space aside, its pids are not ours
         assert all(r["pid"] < 1000 for r in results.values())
+
+
+class OneHostLacksPython(CPUsPerHost):
+    def _machine_config(self, index, host):
+        made = super()._machine_config(index, host)
+        return dataclasses.replace(made, python="no-such-python3") if host == "node2" else made
+
+
+def test_cluster_launch_is_two_shell_starts_per_host_and_all_or_nothing(cluster_home, nodes, sshd):
+    home = cluster_home
+    mod = make_module(home, CLUSTER_JOBS)
+    queued = sshd.remote_home / "tmp_results" / "remote_machines"
+    with _shell_starts(sshd) as starts:
+        with CPUsPerHost(mod.indices, ["node1", "node2", "node3"], config(copy_repo=True), job_id="two") as cluster:
+            cluster.run()
+            assert starts() == 6  # per host: its specs, then the hand-over that also starts the job
+            assert all(isinstance(s, JobStatus) for s in cluster.check_job_status().values())
+        lacking = OneHostLacksPython(mod.indices, ["node1", "node2", "node3"], config(copy_repo=True),
+                                     job_id="none")
+        with lacking, pytest.raises(StackopsError, match="node2: the interpreter 'no-such-python3'"):
+            lacking.run()
+    for index, host in ((0, "node1"), (2, "node3")):  # their jobs are in place and were never started
+        assert lacking.machines[host].launcher_pid is None
+        job = queued / "job_id__none" / "queued" / f"none_{index}"
+        assert (job / "logs" / "status.txt").read_text() == "queued"
+        assert not (job / "logs" / "ticket.txt").exists() and not (job / "logs" / "launcher_pid.txt").exists()
 
 
 def test_cluster_unreachable_host_ditched_or_refused(cluster_home, sshd):
