@@ -9327,6 +9327,11 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="sync a file or folder to the same place on the host (only files that differ travel)")
     parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
+    _add_run_start_args(parser)
+
+
+def _add_run_start_args(parser: Any) -> None:
+    """run's options for when and how the job starts and ends: resources, order, Slurm, e-mail."""
     parser.add_argument("--gpus", type=int, default=0, metavar="N",
                         help="wait for N of the machine's GPUs (nvidia-smi, or STACKOPS_GPUS=0,1,...) and get "
                              "exactly them in CUDA_VISIBLE_DEVICES; jobs without --gpus never wait behind these")
