@@ -4972,7 +4972,8 @@ def _launcher_for(config: RemoteStackOpsConfig) -> _Launcher:
 def _job_entry(machine: RemoteMachine, action: str, *args: str) -> str:
     """The command that runs ``action`` of the job's own stackops copy where it runs."""
     return render_template(JOB_ENTRY_TEMPLATE, python=shlex.quote(machine.python),
-                           code=shlex.quote(_JOB_ENTRY_PY), root=_sh_path(machine.file_manager.job_root_rh),
+                           code=shlex.quote(_JOB_ENTRY_PY),
+                           root=_sh_path(machine.file_manager.job_root_rh),
                            action=shlex.quote(action), args=" ".join(shlex.quote(a) for a in args))
 
 
@@ -4984,6 +4985,17 @@ def _copy_job(machine: RemoteMachine, config: RemoteStackOpsConfig) -> RemoteMac
     other._use(config)
     other.job_params = JobParams.from_dict(machine.job_params.to_dict())
     return other
+
+
+def _code_here(machine: RemoteMachine, folder: Path) -> None:
+    """Put the job's own copy of its snapshot into ``folder`` (a job folder on this machine)."""
+    repo = expand_home(machine.job_params.repo_path_rh)
+    if machine._snapshot is None:  # a job loaded from its folder: the same tree, the same snapshot
+        machine._snapshot = code_snapshot(repo)
+    if machine._snapshot[0] != machine.job_params.code_snapshot:
+        raise StackopsError(f"the repo of job {machine.job_id} changed since the job was generated",
+                            hint="submit it again under a new job_id")
+    _materialize_here(repo, machine._snapshot[1], folder / CODE_DIR)
 
 
 class _Place:
@@ -5007,7 +5019,8 @@ class _Place:
 
     @property
     def ssh(self) -> SSH:
-        raise StackopsError(f"job {self.config.job_id} runs on this machine; it has no SSH connection")
+        raise StackopsError(f"job {self.config.job_id} runs on this machine; "
+                            "it has no SSH connection")
 
     def close(self) -> None:
         if self.connection is not None:
@@ -5058,8 +5071,10 @@ class _Place:
         notify = _job_entry(machine, "job-notify") if machine.config.notify_upon_completion else ""
         return machine.file_manager.status_command(marker, log_lines, fallback, notify)
 
-    def take_report(self, machine: RemoteMachine, stdout: str, marker: str, log_lines: int) -> JobStatus:
-        """The JobStatus in the answer of status_command; its small log files are mirrored into our folder."""
+    def take_report(self, machine: RemoteMachine, stdout: str, marker: str,
+                    log_lines: int) -> JobStatus:
+        """The JobStatus in the answer of status_command; its small log files are mirrored
+        into our folder."""
         if stdout.startswith("{"):  # a host without /proc answered with the Python report
             answer = json.loads(stdout)
             report, logs = JobStatus.from_dict(answer["status"]), answer["logs"]
@@ -5078,7 +5093,8 @@ class _Place:
             raise ConfigError(f"job {machine.job_id} asks for {machine.config.gpus} GPU(s) and "
                               f"{self.host_name} has {len(found)}"
                               + (f" ({', '.join(found)})" if found else ""),
-                              hint="STACKOPS_GPUS=0,1,... declares them where nvidia-smi cannot list them")
+                              hint="STACKOPS_GPUS=0,1,... declares them where nvidia-smi "
+                                   "cannot list them")
 
     # what every place does its own way
     def account(self) -> str:
@@ -5107,8 +5123,9 @@ class _Place:
         """The results folder as a path usable on this machine (wait())."""
         raise NotImplementedError
 
-    def fetch_results(self, machine: RemoteMachine, results: Path, target: str | os.PathLike[str] | None,
-                      overwrite: bool, progress: Callable[[int], None] | None) -> Path:
+    def fetch_results(self, machine: RemoteMachine, results: Path,
+                      target: str | os.PathLike[str] | None, overwrite: bool,
+                      progress: Callable[[int], None] | None) -> Path:
         """The results folder here (download_results())."""
         raise NotImplementedError
 
@@ -5125,8 +5142,8 @@ class _Here(_Place):
         return sys.executable or "python3"
 
     def run(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
-        done = subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=timeout)
+        done = subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
         return done.returncode, done.stdout, done.stderr
 
     def adopt_state_dir(self, manager: FileManager) -> None:
@@ -5167,11 +5184,12 @@ class _Here(_Place):
     def results_here(self, machine: RemoteMachine, results: Path) -> Path:
         return results
 
-    def fetch_results(self, machine: RemoteMachine, results: Path, target: str | os.PathLike[str] | None,
-                      overwrite: bool, progress: Callable[[int], None] | None) -> Path:
+    def fetch_results(self, machine: RemoteMachine, results: Path,
+                      target: str | os.PathLike[str] | None, overwrite: bool,
+                      progress: Callable[[int], None] | None) -> Path:
         if not results.exists():
-            raise ConfigError(f"the results folder of job {machine.job_id}, {collapse_home(results)}, "
-                              "no longer exists")
+            raise ConfigError(f"the results folder of job {machine.job_id}, "
+                              f"{collapse_home(results)}, no longer exists")
         if target is None or _same_place(results, expand_home(target)):
             return results  # never copied onto itself
         return _copy_local(results, expand_home(target), overwrite)
@@ -5202,8 +5220,9 @@ class _OverSSH(_Place):
             self.connection.close()
             self.connection = None
         if self.connection is None:
+            accept = self.config.accept_new_host_key
             self.connection = SSH.from_config_file(self.host_name, timeout=self.config.ssh_timeout,
-                                                   accept_new_host_key=self.config.accept_new_host_key)
+                                                   accept_new_host_key=accept)
         return self.connection
 
     def run(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
@@ -5236,36 +5255,42 @@ class _OverSSH(_Place):
         answer = self.ssh.run_shell_cmd_on_remote(command, timeout=self.config.ssh_timeout,
                                                   strict=False).stdout.split()
         if "no-python" in answer:
-            raise ConfigError(f"the interpreter {machine.python!r} is not found on {self.host_name}",
+            raise ConfigError(f"the interpreter {machine.python!r} is not found on "
+                              f"{self.host_name}",
                               hint="install it there, or pass --python (python=) with one it has")
         if "no-file" in answer:
             raise ConfigError(f"{file} is not on {self.host_name}, and the job needs it",
                               hint="pass --copy-repo (copy_repo=True) to send the repo along")
 
     def check_email(self, machine: RemoteMachine) -> None:
-        response = self.ssh.run_shell_cmd_on_remote(_job_entry(machine, "job-check-email"), timeout=60,
-                                                    strict=False)
+        command = _job_entry(machine, "job-check-email")
+        response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
         if response.returncode != 0:
-            lines = [line[17:] for line in response.stderr.splitlines() if line.startswith("stackops: error: ")]
-            raise ConfigError(f"on {self.host_name}: " + (lines[0] if lines else _last_line(response.stderr)),
+            lines = [line[17:] for line in response.stderr.splitlines()
+                     if line.startswith("stackops: error: ")]
+            said = lines[0] if lines else _last_line(response.stderr)
+            raise ConfigError(f"on {self.host_name}: " + said,
                               hint=f"create the e-mail config on {self.host_name} (chmod 600)")
 
     def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None) -> bool:
         """The job folder, the repo (``copy_repo``) and the data go to their home-relative places on
         the host, in one remote command; a host that shares this home uses them in place."""
-        machine.shared = transfer_sftp(self.ssh, self.config, machine.job_params, machine.file_manager,
+        manager = machine.file_manager
+        machine.shared = transfer_sftp(self.ssh, self.config, machine.job_params, manager,
                                        machine.data, progress, machine._snapshot)
-        if machine.shared and self.config.copy_repo and not machine.file_manager.path(CODE_DIR).exists():
-            machine._code_here(machine.file_manager.job_root)
+        if machine.shared and self.config.copy_repo and not manager.path(CODE_DIR).exists():
+            _code_here(machine, manager.job_root)
         return True
 
     def withdraw(self, machine: RemoteMachine) -> None:
-        command = render_template(WITHDRAW_TEMPLATE, job_root=_sh_path(machine.file_manager.job_root_rh))
+        where = _sh_path(machine.file_manager.job_root_rh)
+        command = render_template(WITHDRAW_TEMPLATE, job_root=where)
         self.ssh.run_shell_cmd_on_remote(command, timeout=self.config.ssh_timeout, strict=False)
 
     def check_reached(self, machine: RemoteMachine) -> None:
         if not machine.submitted:
-            raise StackopsError(f"job {machine.job_id} never reached {self.host_name}: nothing to cancel")
+            raise StackopsError(f"job {machine.job_id} never reached {self.host_name}: "
+                                "nothing to cancel")
 
     def delete_folder(self, machine: RemoteMachine) -> None:
         if machine.submitted:
@@ -5278,19 +5303,22 @@ class _OverSSH(_Place):
         return self.ssh.run_shell_cmd_on_remote(command, timeout=30, strict=False).returncode == 0
 
     def gpu_ids(self) -> list[str]:
-        answer = self.ssh.run_shell_cmd_on_remote(GPU_PROBE_SH, timeout=60, strict=False).stdout.splitlines()
+        response = self.ssh.run_shell_cmd_on_remote(GPU_PROBE_SH, timeout=60, strict=False)
+        answer = response.stdout.splitlines()
         declared = answer[0] if answer else "-"
         return [g for g in (answer[1:] if declared == "-" else declared.split(",")) if g.strip()]
 
     def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
         """One round trip that starts no Python; the job's small log files are mirrored here."""
         if not machine.submitted:
-            raise StackopsError(f"job {machine.job_id} was never completely submitted to {self.host_name}, "
-                                "so nothing of it runs there (was the submission interrupted?)",
+            raise StackopsError(f"job {machine.job_id} was never completely submitted to "
+                                f"{self.host_name}, so nothing of it runs there "
+                                "(was the submission interrupted?)",
                                 hint="run it again under a new job_id")
         marker = f"--stackops-{random.getrandbits(64):016x}"
-        response = self.ssh.run_shell_cmd_on_remote(self.status_command(machine, marker, log_lines),
-                                                    timeout=max(self.config.ssh_timeout, 10.0), strict=False)
+        command = self.status_command(machine, marker, log_lines)
+        timeout = max(self.config.ssh_timeout, 10.0)
+        response = self.ssh.run_shell_cmd_on_remote(command, timeout=timeout, strict=False)
         if response.returncode != 0:
             raise CommandError(self.host_name, "job status", response.returncode, response.stderr,
                                hint="is the job folder still on the host?")
@@ -5311,7 +5339,7 @@ class _OverSSH(_Place):
             return done
         try:
             target = self.own_results_here(machine, results.as_posix())
-        except ConfigError:  # the host named a folder elsewhere: it comes to the job's own folder here
+        except ConfigError:  # the host named a folder elsewhere: to the job's own folder here
             target = expand_home(f"{DEFAULT_RESULTS_DIR}/{machine.job_id}")
         return machine.download_results(target, overwrite=True)
 
@@ -5328,8 +5356,9 @@ class _OverSSH(_Place):
                           "there only when you say so",
                           hint=f"give the target: download {machine.job_id} --to DIR")
 
-    def fetch_results(self, machine: RemoteMachine, results: Path, target: str | os.PathLike[str] | None,
-                      overwrite: bool, progress: Callable[[int], None] | None) -> Path:
+    def fetch_results(self, machine: RemoteMachine, results: Path,
+                      target: str | os.PathLike[str] | None, overwrite: bool,
+                      progress: Callable[[int], None] | None) -> Path:
         if target is None:
             target = self.own_results_here(machine, results.as_posix())
         if machine.shared:  # the host wrote them into the home this machine sees
@@ -5341,17 +5370,20 @@ class _OverSSH(_Place):
 
     def fetch(self, machine: RemoteMachine, results: Path, target: str | os.PathLike[str],
               overwrite: bool, progress: Callable[[int], None] | None) -> Path:
-        return self.ssh.copy_to_here(results.as_posix(), target, recursive=True, overwrite=overwrite,
-                                     progress=progress)
+        return self.ssh.copy_to_here(results.as_posix(), target, recursive=True,
+                                     overwrite=overwrite, progress=progress)
 
     def delete_results(self, machine: RemoteMachine) -> None:
-        response = self.ssh.run_shell_cmd_on_remote(_job_entry(machine, "job-delete-results"), timeout=60,
-                                                    strict=False)
+        command = _job_entry(machine, "job-delete-results")
+        response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
         if response.returncode == 2:
-            lines = [line for line in response.stderr.splitlines() if line.startswith("stackops: error: ")]
-            raise ConfigError(f"on {self.host_name}: " + (lines[0][17:] if lines else _last_line(response.stderr)))
+            lines = [line for line in response.stderr.splitlines()
+                     if line.startswith("stackops: error: ")]
+            said = lines[0][17:] if lines else _last_line(response.stderr)
+            raise ConfigError(f"on {self.host_name}: " + said)
         if response.returncode != 0:
-            raise CommandError(self.host_name, response.command, response.returncode, response.stderr)
+            raise CommandError(self.host_name, response.command, response.returncode,
+                               response.stderr)
 
 
 class _ThroughCloud(_OverSSH):
@@ -5377,8 +5409,10 @@ class _ThroughCloud(_OverSSH):
         check = ""
         if self.config.notify_upon_completion:
             check = f"{_job_entry(machine, 'job-check-email')} && "
-        members = _archive_members(machine.file_manager.job_root_rh, None, machine.data)  # code: in the folder
-        fetch = cloud_fetch_command(self.config.cloud_name or "", machine.job_id, machine.cloud_sha256, members)
+        # the code is in the job folder
+        members = _archive_members(machine.file_manager.job_root_rh, None, machine.data)
+        fetch = cloud_fetch_command(self.config.cloud_name or "", machine.job_id,
+                                    machine.cloud_sha256, members)
         return render_template(CLOUD_FIRE_TEMPLATE, fetch=fetch, check=check, fire=command)
 
     def fetch(self, machine: RemoteMachine, results: Path, target: str | os.PathLike[str],
@@ -5439,7 +5473,8 @@ class _Launcher:
         try:
             return RemoteMachine.load(parent_id, machine.config.base_dir)
         except ConfigError:
-            raise ConfigError(f"--after {parent_id}: no such job here", hint="list shows the jobs") from None
+            raise ConfigError(f"--after {parent_id}: no such job here",
+                              hint="list shows the jobs") from None
 
     def run(self, machine: RemoteMachine, run: bool, show_scripts: bool,
             progress: Callable[[int], None] | None) -> None:
@@ -5476,14 +5511,16 @@ class _SlotLauncher(_Launcher):
     interactive = False
 
     def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
-        command = machine.file_manager.get_fire_command(self.interactive, join_queue=not machine.config.after)
+        join_queue = not machine.config.after
+        command = machine.file_manager.get_fire_command(self.interactive, join_queue=join_queue)
         command = machine.launch_command = machine._place.fire_command(machine, command)
         if not run:
             log.info("job %s is ready on %s and was not launched; launch it with: bash -c %s",
                      machine.job_id, machine.host_name, shlex.quote(command))
             return None, command
         if machine.launcher_pid is not None:
-            raise StackopsError(f"job {machine.job_id} was already fired (launcher pid {machine.launcher_pid})",
+            raise StackopsError(f"job {machine.job_id} was already fired "
+                                f"(launcher pid {machine.launcher_pid})",
                                 hint="submit it again under a new job_id to run it again")
         status, out, err = machine._place.run(command)
         pid = out.strip().splitlines()[-1:] if status == 0 else []
@@ -5531,13 +5568,16 @@ class _CloudQueueLauncher(_SlotLauncher):
         rows = {row["unit"]: row for row in queue.report()}
         row = rows.get(machine.job_id)
         if row is None:
-            raise ConfigError(f"unit {machine.job_id} is not in the queue on {machine.config.cloud_name}")
+            raise ConfigError(f"unit {machine.job_id} is not in the queue on "
+                              f"{machine.config.cloud_name}")
         if row["state"] in TERMINAL_STATUSES:
-            return JobStatus(job_id=machine.job_id, status=row["state"], host=str(row.get("host") or "?"))
+            return JobStatus(job_id=machine.job_id, status=row["state"],
+                             host=str(row.get("host") or "?"))
         queue.cancel(machine.job_id)
         state = "cancelled" if row["state"] in ("queued", "stale") else "running"
+        reason = "" if state == "cancelled" else "cancel requested: the worker stops it"
         return JobStatus(job_id=machine.job_id, status=state, host=str(row.get("worker") or "?"),
-                         reason="" if state == "cancelled" else "cancel requested: the worker stops it")
+                         reason=reason)
 
     def submit(self, machine: RemoteMachine, split: int) -> list[str]:
         """Expand the job into ``split`` work units, each with its slice of the workload, and put
@@ -5546,7 +5586,8 @@ class _CloudQueueLauncher(_SlotLauncher):
         if not config.cloud_name:
             raise ConfigError("submit_to_cloud needs cloud_name (an rclone remote)")
         if split < 1 or (split > 1 and machine.job_params.kind == "script"):
-            raise ConfigError(f"cannot split into {split} units" + (": a script cannot be split" if split > 1 else ""))
+            why = ": a script cannot be split" if split > 1 else ""
+            raise ConfigError(f"cannot split into {split} units{why}")
         check_cloud_remote(config.cloud_name)
         whole = config.workload_params or WorkloadParams(jobs=1)
         parts = whole.split_to_jobs(split) if split > 1 or config.workload_params else [None]
@@ -5595,7 +5636,8 @@ class _CloudQueueLauncher(_SlotLauncher):
     def _unit(machine: RemoteMachine, unit_id: str, part: WorkloadParams | None) -> RemoteMachine:
         data = machine.config.to_dict()
         data.update(job_id=unit_id, ssh_host=None, launch_method="cloud_manager",
-                    workload_params=part.to_dict() if part else None, python=machine.config.python or "python3")
+                    workload_params=part.to_dict() if part else None,
+                    python=machine.config.python or "python3")
         unit = _copy_job(machine, RemoteStackOpsConfig.from_dict(data))
         unit.file_manager = FileManager(unit_id, "Linux", unit.config.lock_resources,
                                         unit.config.max_simultaneous_jobs, unit.config.base_dir)
@@ -5614,7 +5656,8 @@ class _SlurmLauncher(_Launcher):
     def preflight(self, machine: RemoteMachine) -> None:
         """A Slurm job needs sbatch where it is submitted: refused before anything is written."""
         if not machine._place.has_command("sbatch"):
-            raise ConfigError(f"launch_method='slurm' needs sbatch on {machine.host_name}, and there is none",
+            raise ConfigError(f"launch_method='slurm' needs sbatch on {machine.host_name}, "
+                              "and there is none",
                               hint="submit from a Slurm login node (--host), or leave out --slurm")
 
     def array_parts(self, machine: RemoteMachine) -> list[WorkloadParams]:
@@ -5626,7 +5669,8 @@ class _SlurmLauncher(_Launcher):
     def write_extras(self, machine: RemoteMachine, folder: Path) -> None:
         config = machine.config
         throttle = config.max_simultaneous_jobs if config.max_simultaneous_jobs > 1 else 0
-        script = render_sbatch_script(machine.job_id, config.slurm_options, len(machine.array_parts), throttle,
+        tasks = len(machine.array_parts)
+        script = render_sbatch_script(machine.job_id, config.slurm_options, tasks, throttle,
                                       after=machine._parent_slurm_ids)
         _atomic_write_text(folder / SBATCH_SH, script, 0o700)
 
@@ -5639,13 +5683,15 @@ class _SlurmLauncher(_Launcher):
 
     def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
         """sbatch the job where it was submitted; Slurm's job id is kept (``slurm_job_id``)."""
-        command = machine.launch_command = machine.file_manager.sbatch_command(len(machine.array_parts))
+        command = machine.file_manager.sbatch_command(len(machine.array_parts))
+        machine.launch_command = command
         if not run:
             log.info("job %s is ready on %s and was not handed to Slurm; do it with: %s",
                      machine.job_id, machine.host_name, command)
             return None, command
         if machine.slurm_job_id is not None:
-            raise StackopsError(f"job {machine.job_id} was already handed to Slurm (job {machine.slurm_job_id})",
+            raise StackopsError(f"job {machine.job_id} was already handed to Slurm "
+                                f"(job {machine.slurm_job_id})",
                                 hint="submit it again under a new job_id to run it again")
         status, out, err = machine._place.run(command)
         answer = out.strip().splitlines()[-1:] if status == 0 else []
@@ -5665,7 +5711,8 @@ class _SlurmLauncher(_Launcher):
         if machine.slurm_job_id is None:
             return self.stop(machine, grace)
         managers = [machine.file_manager]
-        managers += [task.file_manager for task in machine.array_tasks()] if machine.array_parts else []
+        tasks = machine.array_tasks() if machine.array_parts else []
+        managers += [task.file_manager for task in tasks]
         marks = [render_template(CANCEL_MARK_TEMPLATE, job_root=manager._job_root_sh(),
                                  cancel_file=shlex.quote(CANCEL_TXT)) for manager in managers]
         command = render_template(SCANCEL_TEMPLATE, marks=" && ".join(marks),
@@ -5679,7 +5726,8 @@ class _SlurmLauncher(_Launcher):
         if machine.slurm_job_id is None:
             return super().status(machine, log_lines)
         if machine.array_parts:
-            return _array_status(machine, [task.get_status(log_lines) for task in machine.array_tasks()])
+            reports = [task.get_status(log_lines) for task in machine.array_tasks()]
+            return _array_status(machine, reports)
         marker = f"--stackops-{random.getrandbits(64):016x}"
         command = machine.file_manager.slurm_status_command(marker, log_lines)
         status, out, err = machine._place.run(command)  # one round trip (bash, no Python)
@@ -5708,21 +5756,25 @@ def _array_status(machine: RemoteMachine, tasks: list[JobStatus]) -> JobStatus:
     ends = [task.end_time for task in tasks if task.end_time]
     summary = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
     manager = machine.file_manager
-    return JobStatus(job_id=machine.job_id, status=status, submission_time=_iso(manager.submission_time),
+    return JobStatus(job_id=machine.job_id, status=status,
+                     submission_time=_iso(manager.submission_time),
                      start_time=min(starts) if starts else None,
                      end_time=max(ends) if not unfinished and ends else None,
                      results_path=manager.job_root_rh if status == "completed" else None,
                      error_message="\n".join(errors), host=tasks[0].host if tasks else "?",
-                     slurm_job_id=machine.slurm_job_id, reason=f"array of {len(tasks)} tasks: {summary}",
+                     slurm_job_id=machine.slurm_job_id,
+                     reason=f"array of {len(tasks)} tasks: {summary}",
                      log_tail="\n".join(task.log_tail for task in tasks if task.log_tail))
 
 
 def _download_array(machine: RemoteMachine, target: str | os.PathLike[str] | None, overwrite: bool,
                     progress: Callable[[int], None] | None) -> Path:
     """Each task's results into one folder, a sub-folder per task (``{job_id}-{k}``)."""
-    folder = expand_home(target if target is not None else f"{DEFAULT_RESULTS_DIR}/{machine.job_id}")
+    own = f"{DEFAULT_RESULTS_DIR}/{machine.job_id}"
+    folder = expand_home(target if target is not None else own)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise ConfigError(f"{collapse_home(folder)} already exists", hint="pass overwrite=True (--overwrite)")
+        raise ConfigError(f"{collapse_home(folder)} already exists",
+                          hint="pass overwrite=True (--overwrite)")
     _mkdir_private(folder)
     for task in machine.array_tasks():
         task.download_results(folder / task.job_id, overwrite, progress)
@@ -5748,7 +5800,10 @@ def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
     _mkdir_private(destination.parent)
     staging = Path(_make_temp_dir(destination.parent)) / "payload"
     try:
-        shutil.copytree(source, staging, symlinks=True) if source.is_dir() else shutil.copy2(source, staging)
+        if source.is_dir():
+            shutil.copytree(source, staging, symlinks=True)
+        else:
+            shutil.copy2(source, staging)
         _remove(destination)
         os.rename(staging, destination)
     finally:
@@ -5763,7 +5818,7 @@ def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
 # -- the job folder, written here --------------------------------------------------------------
 
 def _generate_job_folder(machine: RemoteMachine) -> None:
-    """Write the whole job folder here at once: it appears complete under its name, or not at all."""
+    """Write the whole job folder here at once: complete under its name, or not at all."""
     root = machine.file_manager.job_root
     if root.exists():
         raise _exists_error(machine)
@@ -5821,8 +5876,8 @@ def _exists_error(machine: RemoteMachine) -> ConfigError:
         unfinished = not _read_json(root / REMOTE_MACHINE_JSON).get("submitted", True)
     except (StackopsError, AttributeError):
         unfinished = False
-    return ConfigError(f"job {machine.job_id!r} already exists at {collapse_home(root)}"
-                       + (" (its submission was interrupted; nothing of it runs)" if unfinished else ""),
+    why = " (its submission was interrupted; nothing of it runs)" if unfinished else ""
+    return ConfigError(f"job {machine.job_id!r} already exists at {collapse_home(root)}{why}",
                        hint="choose another job_id, or leave it out for a fresh one")
 
 
@@ -5853,7 +5908,7 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     _ship_bytecode(source, folder / "python")  # the job's start skips compiling it (~40 ms of CPU)
     _atomic_write_text(folder / STATUS_TXT, "queued")
     if config.copy_repo and machine._place.code_in_folder:
-        machine._code_here(folder)  # here, or in the cloud archive: the folder carries its code
+        _code_here(machine, folder)  # here, or in the cloud archive: the folder carries its code
     machine.scripts_generated = True
     _atomic_write_json(folder / REMOTE_MACHINE_JSON, machine.to_dict())
 
@@ -5923,7 +5978,7 @@ def _rerun_copy(machine: RemoteMachine) -> RemoteMachine:
     again.file_manager = FileManager(again.job_id, "Linux", machine.file_manager.lock_resources,
                                      again.config.max_simultaneous_jobs, again.config.base_dir,
                                      pool=machine.file_manager.pool, gpus=machine.file_manager.gpus)
-    again._parent_slurm_ids = [again._launcher.after(again, parent) for parent in again.config.after]
+    again._parent_slurm_ids = [again._launcher.after(again, p) for p in again.config.after]
     return again
 
 
@@ -5996,8 +6051,8 @@ class RemoteMachine:
 
     _kwargs: dict[str, Any] | None = None
 
-    def __init__(self, func: Any, config: RemoteStackOpsConfig, func_kwargs: dict[str, Any] | None = None,
-                 data: list[str] | None = None) -> None:
+    def __init__(self, func: Any, config: RemoteStackOpsConfig,
+                 func_kwargs: dict[str, Any] | None = None, data: list[str] | None = None) -> None:
         if not isinstance(config, RemoteStackOpsConfig):
             raise ConfigError("config must be a RemoteStackOpsConfig")
         self._use(config)
@@ -6006,9 +6061,9 @@ class RemoteMachine:
         _check_arguments(func, self, config)
         self.data = list(config.data) + list(data or [])
         _check_job_files(self.data, config.copy_repo, self.job_params)
-        self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources and self._launcher.takes_slot,
-                                        config.max_simultaneous_jobs, config.base_dir, pool=config.pool,
-                                        gpus=config.gpus)
+        slots = config.lock_resources and self._launcher.takes_slot
+        self.file_manager = FileManager(config.job_id, "Linux", slots, config.max_simultaneous_jobs,
+                                        config.base_dir, pool=config.pool, gpus=config.gpus)
         self._place.adopt_state_dir(self.file_manager)
         self._init_state()
         self._parent_slurm_ids = [self._launcher.after(self, parent) for parent in config.after]
@@ -6024,10 +6079,10 @@ class RemoteMachine:
         self.results_path: Path | None = None
         self.launcher_pid: int | None = None
         self.slurm_job_id: str | None = None
-        self.task_ids: list[str] = []  # an array's tasks when some were rerun (else <id>-0, <id>-1, ...)
+        self.task_ids: list[str] = []  # an array's tasks when some were rerun (else <id>-0, ...)
         self._tasks: list[RemoteMachine] | None = None
         self.launch_command = ""
-        self.shared = False  # the host sees this machine's job folder (a shared home): used in place
+        self.shared = False  # the host sees our job folder (a shared home): used in place
         self._snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None
         self.cloud_sha256 = ""  # the SHA-256 of the archive a cloud transfer uploaded
         self.units: list[str] = []  # the work units a cloud_manager run queued
@@ -6063,7 +6118,7 @@ class RemoteMachine:
 
     @property
     def uses_slurm(self) -> bool:
-        """Slurm starts and queues the job (``launch_method='slurm'``); no stackops slot is taken."""
+        """Slurm starts and queues the job (``launch_method='slurm'``); it takes no slot."""
         return isinstance(self._launcher, _SlurmLauncher)
 
     @property
@@ -6122,17 +6177,8 @@ class RemoteMachine:
 
     # -- the lifecycle --------------------------------------------------------------------------
 
-    def _code_here(self, folder: Path) -> None:
-        """Put the job's own copy of its snapshot into ``folder`` (a job folder on this machine)."""
-        if self._snapshot is None:  # a job loaded from its folder: the same tree gives the same snapshot
-            self._snapshot = code_snapshot(expand_home(self.job_params.repo_path_rh))
-        if self._snapshot[0] != self.job_params.code_snapshot:
-            raise StackopsError(f"the repo of job {self.job_id} changed since the job was generated",
-                                hint="submit it again under a new job_id")
-        _materialize_here(expand_home(self.job_params.repo_path_rh), self._snapshot[1], folder / CODE_DIR)
-
     def generate_scripts(self) -> RemoteMachine:
-        """Write the whole job folder here at once: it appears complete under its name, or not at all."""
+        """Write the whole job folder here at once: complete under its name, or not at all."""
         _generate_job_folder(self)
         return self
 
@@ -6143,8 +6189,8 @@ class RemoteMachine:
         return text
 
     def submit(self, progress: Callable[[int], None] | None = None) -> RemoteMachine:
-        """Put the job where it runs: over SSH, the job folder, the repo (``copy_repo``) and the data
-        go to their home-relative places on the host; here, the folder already is where it runs."""
+        """Put the job where it runs: over SSH, the job folder, the repo (``copy_repo``) and the
+        data go to their home-relative places on the host; here, the folder already is there."""
         if not self.scripts_generated:
             self.generate_scripts()
         sent = False
@@ -6168,7 +6214,8 @@ class RemoteMachine:
         survives the connection closing. With ``run=False`` nothing starts: the pid is None and
         the command is what would run (on the host, with bash)."""
         if not self.submitted:
-            raise StackopsError(f"job {self.job_id} is not submitted yet", hint="call submit() first")
+            raise StackopsError(f"job {self.job_id} is not submitted yet",
+                                hint="call submit() first")
         return self._launcher.fire(self, run)
 
     def cancel(self, grace: float = 10.0) -> JobStatus:
@@ -6183,7 +6230,7 @@ class RemoteMachine:
 
     def delete(self, results: bool = False) -> None:
         """Remove the job's folder where it ran and its record here (with ``results``, also its
-        own results folder). A job that was started and has not ended is refused: cancel it first."""
+        own results folder). A job started and not ended is refused: cancel it first."""
         _delete_job(self, results)
 
     def rerun(self, run: bool = True) -> RemoteMachine:
@@ -6256,11 +6303,13 @@ class RemoteMachine:
         """The results folder, or an error saying why there is none yet."""
         results = self.results_path or self.check_job_status()
         if results is None:
-            raise StackopsError(f"job {self.job_id} has no results yet ({self.get_status(0).status})",
+            status = self.get_status(0).status
+            raise StackopsError(f"job {self.job_id} has no results yet ({status})",
                                 hint="wait until it completes")
         return results
 
-    def download_results(self, target: str | os.PathLike[str] | None = None, overwrite: bool = False,
+    def download_results(self, target: str | os.PathLike[str] | None = None,
+                         overwrite: bool = False,
                          progress: Callable[[int], None] | None = None) -> Path:
         """The results folder on this machine. From a host it is downloaded (``None``: to the same
         home-relative path here, only when that is the job's own results folder); here it is
@@ -6277,12 +6326,13 @@ class RemoteMachine:
 
     def submit_to_cloud(self, split: int) -> list[str]:
         """Expand this job into ``split`` work units, each with its slice of the workload, and put
-        them in the queue on ``config.cloud_name``; any ``worker`` (among ``allowed_remotes``) runs them."""
+        them in the queue on ``config.cloud_name``; any ``worker`` (among ``allowed_remotes``)
+        runs them."""
         return _CloudQueueLauncher().submit(self, split)
 
     def delete_remote_results(self) -> RemoteMachine:
         """Delete the job's results folder where it ran, only if it is the job's own (its default
-        results folder or inside its job folder); a path the job returned from elsewhere is refused."""
+        results folder or inside its job folder); a path it returned from elsewhere is refused."""
         self.results()
         self._place.delete_results(self)
         return self
@@ -6327,7 +6377,8 @@ def _check_job_files(data: list[str], copy_repo: bool, job_params: JobParams) ->
     for item in data:
         if not isinstance(item, str) or not expand_home(item).exists():
             raise ConfigError(f"data path not found: {item!r}")
-        if posixpath.normpath(collapse_home(item)) in ("~", "/") or expand_home(item) in Path.home().parents:
+        whole = posixpath.normpath(collapse_home(item)) in ("~", "/")
+        if whole or expand_home(item) in Path.home().parents:
             raise ConfigError(f"data {item!r} is your home or holds it: it would be synced whole",
                               hint="name the folder the job needs")
     if copy_repo:
