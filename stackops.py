@@ -5815,7 +5815,7 @@ def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
 # 13. remote machine: one job, its place and its launcher; the list of jobs
 # ============================================================================================
 
-# -- the job folder, written here --------------------------------------------------------------
+# -- the job folder, written here ------------------------------------------------------------------
 
 def _generate_job_folder(machine: RemoteMachine) -> None:
     """Write the whole job folder here at once: complete under its name, or not at all."""
@@ -5913,7 +5913,60 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     _atomic_write_json(folder / REMOTE_MACHINE_JSON, machine.to_dict())
 
 
-# -- a job's record here (remote_machine.json) ---------------------------------------------------
+# -- a new job's arguments and files, an array's tasks, waiting for the results --------------------
+
+def _wait_for_results(machine: RemoteMachine, timeout: float | None, poll: float) -> Path:
+    """The results folder once the job completed (RemoteMachine.wait): JobFailedError if it
+    failed, StackopsError once ``timeout`` seconds passed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        report = machine.get_status(0)
+        results = machine._settle(report)
+        if results is not None:
+            return results
+        if deadline is not None and time.monotonic() > deadline:
+            raise StackopsError(f"job {machine.job_id} still {report.status} after {timeout}s")
+        time.sleep(poll)
+
+
+def _array_tasks(machine: RemoteMachine) -> list[RemoteMachine]:
+    """RemoteMachine.array_tasks: loaded once, each given the array's connection."""
+    if machine._tasks is None:
+        ids = machine.task_ids or [f"{machine.job_id}-{k}" for k in range(len(machine.array_parts))]
+        machine._tasks = [RemoteMachine.load(task_id, machine.config.base_dir) for task_id in ids]
+    for task in machine._tasks:
+        task._place.connection = machine._place.connection
+    return machine._tasks
+
+
+def _check_arguments(func: Any, machine: RemoteMachine, config: RemoteStackOpsConfig) -> None:
+    """The callable takes the kwargs (and workload_params once) and has an execution line."""
+    if config.workload_params is not None and "workload_params" in machine.kwargs:
+        raise ConfigError("workload_params given both in config and in func_kwargs")
+    _check_call(_parameters(func, machine.job_params), machine.kwargs,
+                config.workload_params is not None, f"{machine.job_params.func_name}()")
+    machine.job_params.get_execution_line(config.workload_params, config.parallelize,
+                                          config.wrap_in_try_except)
+
+
+def _check_job_files(data: list[str], copy_repo: bool, job_params: JobParams) -> None:
+    """Refuse data that is missing or would sync the whole home, and a repo that is the home."""
+    for item in data:
+        if not isinstance(item, str) or not expand_home(item).exists():
+            raise ConfigError(f"data path not found: {item!r}")
+        whole = posixpath.normpath(collapse_home(item)) in ("~", "/")
+        if whole or expand_home(item) in Path.home().parents:
+            raise ConfigError(f"data {item!r} is your home or holds it: it would be synced whole",
+                              hint="name the folder the job needs")
+    if copy_repo:
+        repo = expand_home(job_params.repo_path_rh)
+        if repo == Path.home() or repo in Path.home().parents or str(repo) == "/":
+            raise ConfigError(f"copy_repo would send {collapse_home(repo)}, your whole home: "
+                              f"{job_params.file_path_rh} is in no repo",
+                              hint="put the code in a folder of its own (a git repo, ideally)")
+
+
+# -- a job's record here (remote_machine.json); rerun, withdraw, delete ----------------------------
 
 def _machine_record(machine: RemoteMachine) -> dict[str, Any]:
     """What RemoteMachine.to_dict() returns: the job's own record (its kwargs are a file)."""
@@ -6338,57 +6391,6 @@ class RemoteMachine:
         return self
 
 
-def _wait_for_results(machine: RemoteMachine, timeout: float | None, poll: float) -> Path:
-    """The results folder once the job completed (RemoteMachine.wait): JobFailedError if it
-    failed, StackopsError once ``timeout`` seconds passed."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        report = machine.get_status(0)
-        results = machine._settle(report)
-        if results is not None:
-            return results
-        if deadline is not None and time.monotonic() > deadline:
-            raise StackopsError(f"job {machine.job_id} still {report.status} after {timeout}s")
-        time.sleep(poll)
-
-
-def _array_tasks(machine: RemoteMachine) -> list[RemoteMachine]:
-    """RemoteMachine.array_tasks: loaded once, each given the array's connection."""
-    if machine._tasks is None:
-        ids = machine.task_ids or [f"{machine.job_id}-{k}" for k in range(len(machine.array_parts))]
-        machine._tasks = [RemoteMachine.load(task_id, machine.config.base_dir) for task_id in ids]
-    for task in machine._tasks:
-        task._place.connection = machine._place.connection
-    return machine._tasks
-
-
-def _check_arguments(func: Any, machine: RemoteMachine, config: RemoteStackOpsConfig) -> None:
-    """The callable takes the kwargs (and workload_params once) and has an execution line."""
-    if config.workload_params is not None and "workload_params" in machine.kwargs:
-        raise ConfigError("workload_params given both in config and in func_kwargs")
-    _check_call(_parameters(func, machine.job_params), machine.kwargs,
-                config.workload_params is not None, f"{machine.job_params.func_name}()")
-    machine.job_params.get_execution_line(config.workload_params, config.parallelize,
-                                          config.wrap_in_try_except)
-
-
-def _check_job_files(data: list[str], copy_repo: bool, job_params: JobParams) -> None:
-    """Refuse data that is missing or would sync the whole home, and a repo that is the home."""
-    for item in data:
-        if not isinstance(item, str) or not expand_home(item).exists():
-            raise ConfigError(f"data path not found: {item!r}")
-        whole = posixpath.normpath(collapse_home(item)) in ("~", "/")
-        if whole or expand_home(item) in Path.home().parents:
-            raise ConfigError(f"data {item!r} is your home or holds it: it would be synced whole",
-                              hint="name the folder the job needs")
-    if copy_repo:
-        repo = expand_home(job_params.repo_path_rh)
-        if repo == Path.home() or repo in Path.home().parents or str(repo) == "/":
-            raise ConfigError(f"copy_repo would send {collapse_home(repo)}, your whole home: "
-                              f"{job_params.file_path_rh} is in no repo",
-                              hint="put the code in a folder of its own (a git repo, ideally)")
-
-
 def _ship_bytecode(source: Path, folder: Path) -> None:
     """Put ``source`` compiled for this Python into ``folder/__pycache__``, validated by the hash of
     the source rather than its mtime, so it stays valid beside a copy of the source wherever both
@@ -6537,12 +6539,17 @@ def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
     return answers
 
 
+# each job's status where it runs, then a fence line with its index and the status's exit code
+LIST_STATUS_TEMPLATE = "@@status; printf '\\n%s:%s:%s\\n' @@fence @@index $?\n"
+
+
 def _ask_host(host: str, machines: list[RemoteMachine],
               timeout: float) -> dict[tuple[str, str], Any]:
     """One SSH round trip that reports every job of ``host`` (each job's bash status, in turn)."""
     fence = f"--stackops-list-{random.getrandbits(64):016x}"
     markers = [f"{fence}-{index}" for index in range(len(machines))]
-    script = "".join(f"{m._place.status_command(m, marker, 0)}; printf '\\n%s:%s:%s\\n' {fence} {index} $?\n"
+    script = "".join(render_template(LIST_STATUS_TEMPLATE, fence=shlex.quote(fence),
+                                     index=str(index), status=m._place.status_command(m, marker, 0))
                      for index, (m, marker) in enumerate(zip(machines, markers)))
     with SSH.from_config_file(host, timeout=timeout) as ssh:  # stdin: no length limit, any shell
         response = ssh.run_shell_cmd_on_remote("bash -s", timeout=timeout, strict=False,
