@@ -156,6 +156,624 @@ JOBS_SOURCE = """
 
 
 # ============================================================================================
+# 0. header: the public surface (what a user imports must not change under a restructuring)
+# ============================================================================================
+
+def _signature_lines(name: str, func) -> list[str]:
+    """`name(params) -> ret` on one line, or one parameter a line when that passes 96 characters."""
+    import inspect
+    sig = inspect.signature(func)
+    params = [str(param) for param in sig.parameters.values()]
+    empty = sig.return_annotation is inspect.Signature.empty
+    tail = "" if empty else f" -> {sig.return_annotation}"
+    one_line = f"{name}({', '.join(params)}){tail}"
+    if len(one_line) <= 96:
+        return [one_line]
+    return [f"{name}(", *(f"    {param}," for param in params), f"){tail}"]
+
+
+def _class_members(cls) -> dict[str, object]:
+    """Public attributes the class (and its stackops bases) defines, dataclass fields left out."""
+    import dataclasses
+    fields = set()
+    if dataclasses.is_dataclass(cls):
+        fields = {field.name for field in dataclasses.fields(cls)}
+    members: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        if klass.__module__ == "stackops":
+            members.update(vars(klass))
+    return {name: value for name, value in members.items()
+            if not name.startswith("_") and name not in fields}
+
+
+def _class_surface(name: str, cls) -> list[str]:
+    import enum
+    import inspect
+    bases = ", ".join(base.__name__ for base in cls.__bases__)
+    if issubclass(cls, enum.Enum):
+        lines = [f"enum {name}({bases}): {', '.join(member.name for member in cls)}"]
+    else:
+        lines = [f"class {name}({bases})", *_signature_lines(name, cls)]
+    for member, value in sorted(_class_members(cls).items()):
+        qualified = f"{name}.{member}"
+        if isinstance(value, property):
+            lines.append(f"property {qualified}")
+        elif isinstance(value, (classmethod, staticmethod)):
+            kind = type(value).__name__
+            lines += [f"{kind} {line}" if i == 0 else line
+                      for i, line in enumerate(_signature_lines(qualified, getattr(cls, member)))]
+        elif inspect.isfunction(value):
+            lines += _signature_lines(qualified, value)
+        elif not issubclass(cls, enum.Enum):
+            lines.append(f"attribute {qualified}")
+    return lines
+
+
+def public_surface() -> list[str]:
+    """Every name in `__all__` as text: classes with bases, constructor and public members,
+    functions with their signatures. Annotations are strings (PEP 563): same text on 3.8-3.13."""
+    lines = [f"__all__ = {len(stackops.__all__)} names"]
+    for name in stackops.__all__:
+        obj = getattr(stackops, name)
+        lines += _class_surface(name, obj) if isinstance(obj, type) else _signature_lines(name, obj)
+    return lines
+
+
+EXPECTED_ALL = ['StackopsError', 'ConfigError', 'DependencyError', 'SlotError', 'CommandError',
+    'JobFailedError', 'StackopsConnectionError', 'HostKeyError', 'TransferError',
+    'RemoteStackOpsConfig', 'WorkloadParams', 'JobStatus', 'ExecutionTimings', 'JobParams',
+    'FileManager', 'Slots', 'render_execution_script', 'render_shell_script', 'run_job',
+    'call_job_part', 'job_report', 'delete_own_results', 'demo_job', 'notify_job_end',
+    'is_job_process', 'job_process_alive', 'process_start_ticks', 'SSH', 'SSHTarget', 'Response',
+    'resolve_ssh_target', 'parse_ssh_target', 'simple_sftp_get', 'transfer_sftp', 'transfer_cloud',
+    'cloud_base', 'RemoteMachine', 'list_jobs', 'list_job_rows', 'LoadCriterion', 'MachineSpecs',
+    'ThreadLoadCalculator', 'MachineLoadCalculator', 'Cluster', 'CloudQueue', 'run_worker',
+    'InterfaceAddress', 'interface_table', 'get_all_ipv4_addresses', 'lan_score',
+    'choose_lan_ipv4', 'select_lan_ipv4', 'get_public_ip_address', 'switch_public_ip_address',
+    'switch_public_ip_address_with_log', 'main']
+
+# Printed by public_surface() on the day the surface was fixed: a change here is one users see.
+EXPECTED_SURFACE = """
+__all__ = 56 names
+class StackopsError(Exception)
+StackopsError(message: 'str', hint: 'str | None' = None) -> None
+class ConfigError(StackopsError, ValueError)
+ConfigError(message: 'str', hint: 'str | None' = None) -> None
+class DependencyError(StackopsError, ImportError)
+DependencyError(message: 'str', hint: 'str | None' = None) -> None
+class SlotError(StackopsError)
+SlotError(message: 'str', hint: 'str | None' = None) -> None
+class CommandError(StackopsError)
+CommandError(
+    host: 'str',
+    command: 'str',
+    exit_status: 'int | None',
+    stderr: 'str',
+    hint: 'str | None' = None,
+) -> None
+class JobFailedError(StackopsError)
+JobFailedError(job_id: 'str', error_message: 'str') -> None
+class StackopsConnectionError(StackopsError, ConnectionError)
+StackopsConnectionError(message: 'str', hint: 'str | None' = None) -> None
+class HostKeyError(StackopsConnectionError)
+HostKeyError(message: 'str', hint: 'str | None' = None) -> None
+class TransferError(StackopsError)
+TransferError(message: 'str', hint: 'str | None' = None) -> None
+class RemoteStackOpsConfig(object)
+RemoteStackOpsConfig(
+    job_id: 'str' = <factory>,
+    base_dir: 'str' = '~/tmp_results/remote_machines/jobs',
+    description: 'str' = '',
+    ssh_host: 'str | None' = None,
+    copy_repo: 'bool' = False,
+    update_repo: 'bool' = False,
+    install_repo: 'bool' = False,
+    data: 'list[str]' = <factory>,
+    transfer_method: 'str' = 'sftp',
+    cloud_name: 'str | None' = None,
+    allowed_remotes: 'list[str] | None' = None,
+    notify_upon_completion: 'bool' = False,
+    to_email: 'str | None' = None,
+    email_config_name: 'str | None' = None,
+    launch_method: 'str' = 'remotely',
+    interactive: 'bool' = False,
+    wrap_in_try_except: 'bool' = False,
+    parallelize: 'bool' = False,
+    lock_resources: 'bool' = True,
+    max_simultaneous_jobs: 'int' = 1,
+    workload_params: 'WorkloadParams | None' = None,
+    python: 'str | None' = None,
+    accept_new_host_key: 'bool' = False,
+    ssh_timeout: 'float' = 15.0,
+    slurm_options: 'dict[str, str]' = <factory>,
+    retries: 'int' = 0,
+    retry_delay: 'float' = 0.0,
+    after: 'list[str]' = <factory>,
+    gpus: 'int' = 0,
+    group: 'str | None' = None,
+) -> None
+classmethod RemoteStackOpsConfig.from_dict(data: 'Any') -> RemoteStackOpsConfig
+property RemoteStackOpsConfig.pool
+RemoteStackOpsConfig.to_dict(self) -> dict[str, Any]
+class WorkloadParams(object)
+WorkloadParams(
+    idx_min: 'int' = 0,
+    idx_max: 'int' = 1000,
+    idx_start: 'int' = 0,
+    idx_end: 'int' = 1000,
+    idx: 'int' = 0,
+    jobs: 'int' = 3,
+    job_id: 'str' = '',
+) -> None
+classmethod WorkloadParams.default() -> WorkloadParams
+classmethod WorkloadParams.from_dict(data: 'Any') -> WorkloadParams
+WorkloadParams.get_section_from_series(self, series: 'list[Any]') -> tuple[Any, Any]
+property WorkloadParams.save_suffix
+WorkloadParams.split_to_jobs(self, jobs: 'int | None' = None) -> list[WorkloadParams]
+WorkloadParams.summary(self) -> str
+WorkloadParams.to_dict(self) -> dict[str, Any]
+class JobStatus(object)
+JobStatus(
+    job_id: 'str',
+    status: 'str',
+    pid: 'int | None' = None,
+    submission_time: 'str | None' = None,
+    start_time: 'str | None' = None,
+    end_time: 'str | None' = None,
+    results_path: 'str | None' = None,
+    error_message: 'str' = '',
+    place: 'int | None' = None,
+    host: 'str' = 'localhost',
+    log_tail: 'str' = '',
+    slurm_job_id: 'str | None' = None,
+    reason: 'str' = '',
+    attempt: 'str' = '',
+) -> None
+property JobStatus.finished
+classmethod JobStatus.from_dict(data: 'Any') -> JobStatus
+JobStatus.to_dict(self) -> dict[str, Any]
+class ExecutionTimings(object)
+ExecutionTimings(
+    submission_time: '_dt.datetime | None' = None,
+    start_utc: '_dt.datetime | None' = None,
+    end_utc: '_dt.datetime | None' = None,
+    start_local: '_dt.datetime | None' = None,
+    end_local: '_dt.datetime | None' = None,
+) -> None
+property ExecutionTimings.execution_duration
+classmethod ExecutionTimings.from_dict(data: 'Any') -> ExecutionTimings
+ExecutionTimings.to_dict(self) -> dict[str, Any]
+property ExecutionTimings.wait_duration
+class JobParams(object)
+JobParams(
+    description: 'str' = '',
+    ssh_repr: 'str' = '',
+    ssh_repr_remote: 'str' = '',
+    error_message: 'str' = '',
+    session_name: 'str' = '',
+    tab_name: 'str' = '',
+    file_manager_path: 'str' = 'data/file_manager.json',
+    repo_path_rh: 'str' = '',
+    file_path_rh: 'str' = '',
+    file_path_r: 'str' = '',
+    func_module: 'str' = '',
+    func_class: 'str | None' = None,
+    func_name: 'str | None' = None,
+    kind: 'str' = 'script',
+    import_root_r: 'str' = '.',
+    code_snapshot: 'str' = '',
+    scm_version: 'str' = '',
+) -> None
+classmethod JobParams.from_callable(func: 'Callable[..., Any]') -> JobParams
+classmethod JobParams.from_dict(data: 'Any') -> JobParams
+classmethod JobParams.from_function_ref(ref: 'str') -> JobParams
+classmethod JobParams.from_script(path: 'str | os.PathLike[str]') -> JobParams
+JobParams.get_execution_line(
+    self,
+    workload_params: 'WorkloadParams | None' = None,
+    parallelize: 'bool' = False,
+    wrap_in_try_except: 'bool' = False,
+) -> str
+JobParams.to_dict(self) -> dict[str, Any]
+class FileManager(object)
+FileManager(
+    job_id: 'str',
+    remote_machine_type: 'str' = 'Linux',
+    lock_resources: 'bool' = True,
+    max_simultaneous_jobs: 'int' = 1,
+    base: 'str | None' = None,
+    submission_time: '_dt.datetime | None' = None,
+    pool: 'str' = '',
+    gpus: 'int' = 0,
+) -> None
+FileManager.cancel_command(self, grace: 'float') -> str
+FileManager.delete_command(self) -> str
+property FileManager.execution_log_dir
+property FileManager.file_manager_path
+classmethod FileManager.from_dict(data: 'Any', job_root: 'Path | None' = None) -> FileManager
+classmethod FileManager.from_job_root(job_root: 'str | os.PathLike[str]') -> FileManager
+FileManager.get_fire_command(
+    self,
+    interactive: 'bool' = False,
+    join_queue: 'bool' = True,
+) -> str
+FileManager.get_job_status(self) -> str
+property FileManager.kwargs_path
+FileManager.parse_status_output(
+    self,
+    text: 'str',
+    marker: 'str',
+    log_lines: 'int',
+) -> tuple[JobStatus, dict[str, str]]
+FileManager.path(self, relative: 'str') -> Path
+property FileManager.py_script_path
+property FileManager.remote_machine_config_path
+property FileManager.remote_machine_path
+FileManager.sbatch_command(self, tasks: 'int' = 0) -> str
+FileManager.secure_resources(self) -> bool
+property FileManager.shell_script_path
+FileManager.slots(self) -> Slots
+FileManager.slurm_status_command(self, marker: 'str', log_lines: 'int') -> str
+FileManager.status_command(
+    self,
+    marker: 'str',
+    log_lines: 'int',
+    fallback: 'str',
+    notify: 'str' = '',
+) -> str
+FileManager.status_report(self, log_lines: 'int' = 20, verify: 'bool' = True) -> JobStatus
+FileManager.to_dict(self) -> dict[str, Any]
+FileManager.unlock_resources(
+    self,
+    record: 'dict[str, Any] | None' = None,
+    keep_slot: 'bool' = False,
+) -> None
+FileManager.write_log(self, relative: 'str', text: 'str') -> None
+class Slots(object)
+Slots(root: 'Path | None' = None) -> None
+Slots.entries(self) -> list[str]
+Slots.entry_state(self, name: 'str') -> str
+Slots.history(self) -> list[dict[str, Any]]
+Slots.holders(self) -> list[dict[str, Any]]
+Slots.place_of(self, entry: 'str') -> int | None
+Slots.refresh_views(self, finished: 'dict[str, Any] | None' = None) -> None
+Slots.wait_for_slot(
+    self,
+    entry: 'str',
+    job_root: 'Path',
+    max_jobs: 'int',
+    on_start: 'Callable[[], None]',
+    names: 'list[str] | None' = None,
+    need: 'int' = 1,
+) -> tuple[list[tuple[str, int]], _dt.datetime]
+Slots.waiters(self) -> list[dict[str, Any]]
+render_execution_script(execution_line: 'str') -> str
+render_shell_script(
+    job_params: 'JobParams',
+    config: 'RemoteStackOpsConfig',
+    python: 'str',
+) -> str
+run_job(
+    job_root: 'str | os.PathLike[str]',
+    execute: 'Callable[[JobContext, dict[str, Any]], tuple[Any, str]]',
+) -> Any
+call_job_part(job_root: 'str', part: 'dict[str, Any]', func_kwargs: 'dict[str, Any]') -> Any
+job_report(job_root: 'str | os.PathLike[str]', log_lines: 'int' = 20) -> dict[str, Any]
+delete_own_results(job_root: 'str | os.PathLike[str]') -> str
+demo_job(seconds: 'float' = 1.0, message: 'str' = 'hello from stackops') -> str
+notify_job_end(job_root: 'str | os.PathLike[str]') -> None
+is_job_process(pid: 'int', path: 'str', start: 'int | None') -> bool
+job_process_alive(job_root: 'Path', pid_file: 'str' = 'logs/pid.txt') -> bool | None
+process_start_ticks(pid: 'int | str' = 'self') -> int | None
+class SSH(object)
+SSH(
+    host: 'str | None' = None,
+    username: 'str | None' = None,
+    hostname: 'str | None' = None,
+    ssh_key_path: 'str | None' = None,
+    password: 'str | None' = None,
+    port: 'int | None' = None,
+    enable_compression: 'bool' = False,
+    accept_new_host_key: 'bool' = False,
+    timeout: 'float' = 15.0,
+    _hop: 'int' = 0,
+) -> None
+SSH.close(self) -> None
+SSH.copy_from_here(
+    self,
+    source_path: 'str | os.PathLike[str]',
+    target_rel2home: 'str | None' = None,
+    compress_with_zip: 'bool' = False,
+    recursive: 'bool' = False,
+    overwrite_existing: 'bool' = False,
+    progress: 'Callable[[int], None] | None' = None,
+    excludes: 'tuple[str, ...]' = (),
+) -> str
+SSH.copy_to_here(
+    self,
+    source: 'str',
+    target: 'str | os.PathLike[str] | None' = None,
+    compress_with_zip: 'bool' = False,
+    recursive: 'bool' = False,
+    overwrite: 'bool' = False,
+    progress: 'Callable[[int], None] | None' = None,
+) -> Path
+classmethod SSH.from_config_file(host: 'str', **kwargs: 'Any') -> SSH
+property SSH.is_alive
+property SSH.remote_specs
+SSH.restart_computer(self) -> Response
+SSH.run_py_remotely(
+    self,
+    code: 'str',
+    timeout: 'float | None' = None,
+    strict: 'bool' = True,
+    python: 'str' = 'python3',
+) -> Response
+SSH.run_shell_cmd_on_remote(
+    self,
+    command: 'str',
+    timeout: 'float | None' = None,
+    strict: 'bool' = True,
+    stdin: 'bytes | None' = None,
+) -> Response
+SSH.run_stackops(
+    self,
+    args: 'list[str]',
+    timeout: 'float | None' = None,
+    python: 'str' = 'python3',
+) -> Response
+SSH.send_ssh_key(self, key_path: 'str | None' = None) -> bool
+SSH.simple_sftp_get(self, remote_path: 'str', local_path: 'str | os.PathLike[str]') -> None
+SSH.stream_command(
+    self,
+    command: 'str',
+    produce: 'Callable[[Callable[[bytes], None], Callable[[], bytes]], None]',
+    progress: 'Callable[[int], None] | None' = None,
+) -> Response
+class SSHTarget(object)
+SSHTarget(
+    alias: 'str',
+    hostname: 'str',
+    user: 'str',
+    port: 'int' = 22,
+    identity_files: 'list[str]' = <factory>,
+    proxy_jump: 'str | None' = None,
+    proxy_command: 'str | None' = None,
+    known_hosts: 'list[str]' = <factory>,
+    strict_host_key_checking: 'str' = 'yes',
+) -> None
+class Response(object)
+Response(
+    stdout: 'str',
+    stderr: 'str',
+    returncode: 'int',
+    command: 'str' = '',
+    host: 'str' = '',
+) -> None
+property Response.ok
+resolve_ssh_target(host: 'str') -> SSHTarget
+parse_ssh_target(text: 'str') -> tuple[str | None, str, int | None]
+simple_sftp_get(
+    remote_path: 'str',
+    local_path: 'str | os.PathLike[str]',
+    host: 'str | SSH',
+) -> None
+transfer_sftp(
+    ssh: 'SSH',
+    config: 'RemoteStackOpsConfig',
+    job_params: 'JobParams',
+    file_manager: 'FileManager',
+    data: 'list[str]',
+    progress: 'Callable[[int], None] | None' = None,
+    snapshot: 'tuple[str, list[list[Any]], dict[str, Path]] | None' = None,
+) -> bool
+transfer_cloud(
+    ssh: 'SSH | None',
+    config: 'RemoteStackOpsConfig',
+    job_params: 'JobParams',
+    file_manager: 'FileManager',
+    data: 'list[str]',
+) -> tuple[str, str]
+cloud_base(cloud_name: 'str') -> str
+class RemoteMachine(object)
+RemoteMachine(
+    func: 'Any',
+    config: 'RemoteStackOpsConfig',
+    func_kwargs: 'dict[str, Any] | None' = None,
+    data: 'list[str] | None' = None,
+) -> None
+property RemoteMachine.array_parts
+RemoteMachine.array_tasks(self) -> list[RemoteMachine]
+RemoteMachine.cancel(self, grace: 'float' = 10.0) -> JobStatus
+RemoteMachine.check_job_status(self) -> Path | None
+RemoteMachine.close(self) -> None
+RemoteMachine.delete(self, results: 'bool' = False) -> None
+RemoteMachine.delete_remote_results(self) -> RemoteMachine
+RemoteMachine.download_results(
+    self,
+    target: 'str | os.PathLike[str] | None' = None,
+    overwrite: 'bool' = False,
+    progress: 'Callable[[int], None] | None' = None,
+) -> Path
+RemoteMachine.fire(self, run: 'bool' = True) -> tuple[int | None, str]
+classmethod RemoteMachine.from_dict(data: 'Any', job_root: 'Path | None' = None) -> RemoteMachine
+classmethod RemoteMachine.from_job_dir(job_dir: 'str | os.PathLike[str]') -> RemoteMachine
+RemoteMachine.generate_scripts(self) -> RemoteMachine
+RemoteMachine.get_status(self, log_lines: 'int' = 20) -> JobStatus
+property RemoteMachine.host_name
+property RemoteMachine.is_remote
+property RemoteMachine.job_id
+property RemoteMachine.kwargs
+classmethod RemoteMachine.load(job_id: 'str', base_dir: 'str | None' = None) -> RemoteMachine
+RemoteMachine.preflight(self) -> RemoteMachine
+property RemoteMachine.python
+RemoteMachine.rerun(self, run: 'bool' = True) -> RemoteMachine
+RemoteMachine.rerun_failed_tasks(self) -> list[str]
+RemoteMachine.results(self) -> Path
+RemoteMachine.run(
+    self,
+    run: 'bool' = True,
+    show_scripts: 'bool' = False,
+    progress: 'Callable[[int], None] | None' = None,
+) -> RemoteMachine
+RemoteMachine.show_scripts(self) -> str
+property RemoteMachine.ssh
+RemoteMachine.submit(self, progress: 'Callable[[int], None] | None' = None) -> RemoteMachine
+RemoteMachine.submit_to_cloud(self, split: 'int') -> list[str]
+RemoteMachine.to_dict(self) -> dict[str, Any]
+property RemoteMachine.uses_slurm
+RemoteMachine.wait(
+    self,
+    timeout: 'float | None' = None,
+    poll: 'float' = 0.2,
+    download: 'bool' = True,
+) -> Path
+list_jobs(base_dir: 'str | None' = None, timeout: 'float' = 10.0) -> list[JobStatus]
+list_job_rows(base_dir: 'str | None' = None, timeout: 'float' = 10.0) -> list[dict[str, Any]]
+enum LoadCriterion(Enum): cpu, ram, product, cpu_norm, ram_norm, product_norm
+property LoadCriterion.normalised
+class MachineSpecs(object)
+MachineSpecs(
+    cpu: 'float',
+    ram: 'float',
+    product: 'float' = 0.0,
+    cpu_norm: 'float' = 0.0,
+    ram_norm: 'float' = 0.0,
+    product_norm: 'float' = 0.0,
+) -> None
+classmethod MachineSpecs.from_facts(facts: 'dict[str, Any]') -> MachineSpecs
+classmethod MachineSpecs.from_local() -> MachineSpecs
+staticmethod MachineSpecs.normalise(specs: 'list[MachineSpecs]') -> list[MachineSpecs]
+MachineSpecs.value(self, criterion: 'LoadCriterion') -> float
+class ThreadLoadCalculator(object)
+ThreadLoadCalculator(
+    num_jobs: 'int | None' = None,
+    load_criterion: 'LoadCriterion' = <LoadCriterion.cpu: 'cpu'>,
+    reference_specs: 'MachineSpecs | None' = None,
+) -> None
+classmethod ThreadLoadCalculator.default() -> ThreadLoadCalculator
+classmethod ThreadLoadCalculator.from_dict(data: 'dict[str, Any]') -> ThreadLoadCalculator
+ThreadLoadCalculator.get_num_threads(
+    self,
+    machine: 'MachineSpecs',
+    reference: 'MachineSpecs | None' = None,
+) -> int
+ThreadLoadCalculator.to_dict(self) -> dict[str, Any]
+class MachineLoadCalculator(object)
+MachineLoadCalculator(
+    max_num: 'int' = 1000,
+    load_criterion: 'LoadCriterion' = <LoadCriterion.cpu_norm: 'cpu_norm'>,
+) -> None
+MachineLoadCalculator.get_workload_params(
+    self,
+    specs: 'list[MachineSpecs]',
+    threads: 'list[int]',
+) -> list[WorkloadParams]
+class Cluster(object)
+Cluster(
+    func: 'Any',
+    ssh_hosts: 'list[str]',
+    config: 'RemoteStackOpsConfig | None' = None,
+    func_kwargs: 'dict[str, Any] | None' = None,
+    thread_load_calc: 'ThreadLoadCalculator | None' = None,
+    ditch_unavailable: 'bool' = True,
+    description: 'str' = '',
+    job_id: 'str | None' = None,
+    base_dir: 'str | None' = None,
+    max_num: 'int' = 1000,
+) -> None
+Cluster.cancel(self, grace: 'float' = 10.0) -> dict[str, JobStatus | StackopsError]
+Cluster.check_job_status(self) -> dict[str, JobStatus | StackopsError]
+Cluster.close(self) -> None
+Cluster.connect(self) -> Cluster
+Cluster.download_results(self, target: 'str | os.PathLike[str] | None' = None) -> Path
+Cluster.fire(self, run: 'bool' = True) -> dict[str, tuple[int | None, str]]
+Cluster.generate_standard_kwargs(self) -> dict[str, WorkloadParams]
+classmethod Cluster.load(job_id: 'str', base_dir: 'str | None' = None) -> Cluster
+Cluster.probe_specs(self, host: 'str', ssh: 'SSH') -> MachineSpecs
+Cluster.rerun_failed(self) -> dict[str, str]
+Cluster.run(self, run: 'bool' = True) -> Cluster
+Cluster.submit(self) -> Cluster
+Cluster.to_dict(self) -> dict[str, Any]
+class CloudQueue(object)
+CloudQueue(cloud_name: 'str', settle: 'float' = 1.0, lease: 'float' = 60.0) -> None
+CloudQueue.add(self, unit_id: 'str', archive: 'Path', meta: 'dict[str, Any]') -> None
+CloudQueue.cancel(self, unit_id: 'str') -> None
+CloudQueue.claim(self, unit_id: 'str', worker: 'str') -> str | None
+CloudQueue.finish(
+    self,
+    unit_id: 'str',
+    results: 'Path | None',
+    status: 'dict[str, Any]',
+    held: 'Callable[[], bool] | None' = None,
+) -> bool
+CloudQueue.heartbeat(self, unit_id: 'str', claim: 'str', worker: 'str') -> None
+CloudQueue.listing(self) -> dict[str, dict[str, Any]]
+CloudQueue.live_claims(self, claims: 'list[tuple[str, float]]') -> list[str]
+CloudQueue.look(self, unit_id: 'str', claim: 'str') -> tuple[bool, bool]
+CloudQueue.meta(self, unit_id: 'str') -> dict[str, Any]
+CloudQueue.remove(self, unit_id: 'str') -> None
+CloudQueue.report(self) -> list[dict[str, Any]]
+CloudQueue.still_ours(self, unit_id: 'str', claim: 'str') -> bool
+run_worker(
+    cloud_name: 'str',
+    name: 'str | None' = None,
+    max_jobs: 'int' = 1,
+    poll: 'float' = 5.0,
+    until_idle: 'bool' = False,
+    settle: 'float' = 1.0,
+    lease: 'float' = 60.0,
+    base_dir: 'str | None' = None,
+) -> int
+class InterfaceAddress(object)
+InterfaceAddress(
+    interface: 'str',
+    ipv4_address: 'str',
+    mac_address: 'str | None' = None,
+    is_up: 'bool' = True,
+    broadcast: 'str | None' = None,
+    speed: 'int' = 0,
+) -> None
+interface_table() -> list[InterfaceAddress]
+get_all_ipv4_addresses() -> list[tuple[str, str]]
+lan_score(row: 'InterfaceAddress', prefer_vpn: 'bool' = False) -> float | None
+choose_lan_ipv4(
+    table: 'list[InterfaceAddress]',
+    prefer_vpn: 'bool' = False,
+) -> InterfaceAddress | None
+select_lan_ipv4(prefer_vpn: 'bool' = False) -> str | None
+get_public_ip_address(endpoint: 'str | None' = None, timeout: 'float' = 5.0) -> dict[str, Any]
+switch_public_ip_address(
+    max_trials: 'int' = 10,
+    wait_seconds: 'float' = 2.0,
+    target_ip_addresses: 'list[str] | None' = None,
+) -> tuple[bool, str]
+switch_public_ip_address_with_log(
+    max_trials: 'int' = 10,
+    wait_seconds: 'float' = 2.0,
+    target_ip_addresses: 'list[str] | None' = None,
+    endpoint: 'str | None' = None,
+    timeout: 'float | None' = None,
+) -> tuple[bool, str, list[str]]
+main(argv: 'list[str] | None' = None) -> int
+"""
+
+
+def test_header_all_is_pinned():
+    assert stackops.__all__ == EXPECTED_ALL
+    assert all(hasattr(stackops, name) for name in stackops.__all__)
+
+
+def test_header_public_surface_is_pinned():
+    """Names, bases, constructors, public methods and signatures of everything in `__all__`."""
+    import difflib
+    expected = EXPECTED_SURFACE.strip().splitlines()
+    diff = difflib.unified_diff(expected, public_surface(), "pinned", "now", lineterm="", n=1)
+    changes = "\n".join(diff)
+    assert not changes, f"public surface changed (edit EXPECTED_SURFACE on purpose):\n{changes}"
+
+
+# ============================================================================================
 # 4. utilities
 # ============================================================================================
 
@@ -4418,7 +5036,9 @@ def test_cluster_cancel_all_parts_and_rerun_only_the_failed_part(cluster_home, n
 class SlurmCluster:
     """A one-node Slurm cluster of this suite's own: its config, key, sockets and ports; stopped by pid."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, hide: Path | None = None) -> None:
+        """With ``hide``, the compute node (slurmd) runs in a mount namespace of its own where an
+        empty tmpfs covers that folder: a node that does not see the login node's home."""
         self.base = base
         self.pids: list[int] = []
         for sub in ("etc", "munge", "run", "log", "ctld", "spool"):
@@ -4430,8 +5050,12 @@ class SlurmCluster:
         self._start_munge()
         self._write_config()
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        cover = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                 'mount -t tmpfs -o size=1m so-hidden "$1" && shift && exec "$@"', "sh", str(hide)]
         for daemon, args in (("slurmctld", []), ("slurmd", ["-N", self.node])):
-            subprocess.run([daemon, "-f", str(self.conf), *args], check=True, capture_output=True, env=self.env)
+            prefix = cover if hide is not None and daemon == "slurmd" else []
+            subprocess.run([*prefix, daemon, "-f", str(self.conf), *args], check=True, capture_output=True,
+                           env=self.env)
             self.pids.append(self._pid_of(base / "run" / f"{daemon}.pid", daemon))
         self._wait_idle()
 
@@ -4726,6 +5350,51 @@ def test_slurm_over_ssh_to_a_login_node_submits_watches_and_cancels(slurm, home,
     finally:
         login.stop()
         _kill_remote_leftovers(sshd.remote_home)
+
+
+def test_slurm_over_ssh_to_a_login_node_sharing_the_home_completes(slurm, home, sshd):
+    """A second login to the same machine and user: it sees this home (detected, nothing copied)."""
+    user = sshd.user if os.geteuid() != 0 else "root"
+    login = SSHD(sshd.base, user, home, Path(f"{sshd.client_key}.pub"),
+                 extra=f"SetEnv HOME={home} SLURM_CONF={slurm.conf}\n")
+    login.client_key = sshd.client_key
+    try:
+        _write_ssh_config(home, login, alias="samelogin")
+        module = make_module(home, SLURM_JOBS)
+        with RemoteMachine(module.where, config(ssh_host="samelogin", launch_method="slurm", copy_repo=True),
+                           func_kwargs={"tag": "near"}) as machine:
+            machine.run()
+            assert machine.shared
+            report = _slurm_wait(machine, 90)
+            assert report.status == "completed", report
+            local = machine.download_results(home / "back")
+            result = json.loads((local / "result.json").read_text())
+            assert result["tag"] == "near" and result["slurm_job_id"] == machine.slurm_job_id
+        assert not list(home.glob("tmp_results/**/.stackops-partial.*"))
+    finally:
+        login.stop()
+
+
+def test_slurm_compute_node_that_does_not_see_the_home_is_reported(home, tmp_path_factory, monkeypatch):
+    """slurmd runs where an empty tmpfs covers the login node's home: the job never finds its folder."""
+    _slurm_or_skip()
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="so-slurmh-"))
+    cluster = None
+    try:
+        cluster = SlurmCluster(base, hide=home)
+        monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+        machine = _slurm_machine(home, "where").run()
+        report = _slurm_wait(machine, 90)
+        assert report.status == "failed", report
+        assert "compute node" in report.error_message and str(machine.file_manager.job_root) in \
+            report.error_message, report.error_message
+        assert report.start_time is None
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_slurm_after_a_failing_job_never_runs_and_never_hangs(slurm, home):
