@@ -6560,7 +6560,8 @@ def _ask_host(host: str, machines: list[RemoteMachine],
         text, index, status = pieces[start], int(pieces[start + 1]), int(pieces[start + 2])
         machine = machines[index]
         if status == 0:
-            answers[(host, machine.job_id)] = machine._place.take_report(machine, text, markers[index], 0)
+            report = machine._place.take_report(machine, text, markers[index], 0)
+            answers[(host, machine.job_id)] = report
         else:
             answers[(host, machine.job_id)] = CommandError(
                 host, "job status", status, response.stderr,
