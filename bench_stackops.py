@@ -19,6 +19,7 @@ Needs: openssh-server, openssh-client (ssh, scp), rsync, and paramiko.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ACCOUNT = "stackopsbench"  # not the test suite's account: both may run at once
+ACCOUNT = f"sob{os.getpid()}"  # a login of this run's own: two runs (or a run and the tests) never share it
 _fresh = itertools.count()
 
 
@@ -92,9 +93,13 @@ class Bed:
     def _account(self) -> str:
         if os.geteuid() != 0:
             return subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
-        if subprocess.run(["id", ACCOUNT], capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "-M", "-s", "/bin/bash", "-d", str(self.remote_home), ACCOUNT], check=True)
-        subprocess.run(["usermod", "-d", str(self.remote_home), "-p", "*", ACCOUNT], check=True)
+        with contextlib.suppress(OSError):  # accounts of earlier runs that were killed (their pid is gone)
+            for line in Path("/etc/passwd").read_text().splitlines():
+                name = line.split(":", 1)[0]
+                if name.startswith("sob") and name[3:].isdigit() and not Path(f"/proc/{name[3:]}").exists():
+                    subprocess.run(["userdel", name], capture_output=True, check=False)
+        subprocess.run(["useradd", "-M", "-s", "/bin/bash", "-p", "*", "-d", str(self.remote_home), ACCOUNT],
+                       check=True)
         shutil.chown(self.remote_home, ACCOUNT, ACCOUNT)
         return ACCOUNT
 
@@ -184,6 +189,8 @@ class Bed:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         if self.netns and self.namespaces:
             subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True, check=False)
+        if os.geteuid() == 0:
+            subprocess.run(["userdel", ACCOUNT], capture_output=True, check=False)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -464,7 +471,7 @@ def cancel_case(bed: Bed, stackops, runs: int) -> list[dict]:
         machine = stackops.RemoteMachine(str(project / "sleepy_cancel.py"), config=config).run()
         while machine.get_status(0).status != "running":
             time.sleep(0.02)
-        values.append(timed(lambda: machine.cancel()))
+        values.append(timed(machine.cancel))
     return [absolute("cancel a running job (here)", values, note="target: gone within 1 s")]
 
 

@@ -24,14 +24,15 @@ Sections (bottom-up; each uses only the sections above it; 0-9 are standard libr
      7  job folder      FileManager: layout, slots and queue, status
      8  job execution   what the wrapper runs on the executing machine
      9  network         local addresses, the LAN address, the public IP and its rotation (warp-cli)
-    10  SSH             paramiko (lazily): OpenSSH-style targets, host keys, commands, copies
-    11  job hand-over   arguments, code snapshots, transfer_sftp, transfer_cloud, CloudQueue
-    12  places and      where a job runs (here, over SSH, through the cloud) and how it starts
+    10  SSH             paramiko (lazily): OpenSSH-style targets, host keys, commands
+    11  transfer        copies as sftp and tar streams (whole or not at all), rclone transfers
+    12  job hand-over   arguments, code snapshots, transfer_sftp, CloudQueue
+    13  places and      where a job runs (here, over SSH, through the cloud) and how it starts
         launchers       there (a slot, tmux, the cloud queue, sbatch): one small class each
-    13  remote machine  RemoteMachine: one job, with one place and one launcher; list_jobs
-    14  cluster         load calculators, Cluster: one workload split over several hosts
-    15  cloud worker    claims and runs the work units of a cloud queue
-    16  CLI             argument parser, one small handler per command, main(argv) -> int
+    14  remote machine  RemoteMachine: one job, with one place and one launcher; list_jobs
+    15  cluster         load calculators, Cluster: one workload split over several hosts
+    16  cloud worker    claims and runs the work units of a cloud queue
+    17  CLI             argument parser, one small handler per command, main(argv) -> int
 
 Environment variables (read on the machine where they matter):
 
@@ -73,7 +74,7 @@ import traceback
 from pathlib import Path
 TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable
+    from typing import Any, Callable, NoReturn
 
 
 __version__ = "0.1.0"
@@ -235,6 +236,66 @@ class JobFailedError(StackopsError):
         self.job_id, self.error_message = job_id, error_message
         super().__init__(f"job {job_id} failed: {_last_line(error_message) or 'no reason recorded'}",
                          hint=f"full error: {_prog()} status {job_id}")
+
+
+# -- errors as data: the executing side reports an error, the client raises it again --------------
+
+ERROR_RECORD_PREFIX = "stackops: error record: "
+_SERVING: list[bool] = []  # not empty while _serve() runs: main() reports errors as records too
+
+
+def error_record_line(exc: BaseException, evidence: str = "") -> str:
+    """``exc`` as one line of plain data for the other side of a host boundary: its class,
+    message, hint and plain attributes, and ``evidence`` (the traceback of a crash)."""
+    fields = {key: value for key, value in vars(exc).items()
+              if key != "hint" and isinstance(value, (str, int, float, bool, type(None)))}
+    record = {"class": type(exc).__name__, "message": str(exc),
+              "hint": getattr(exc, "hint", None), "fields": fields}
+    if evidence:
+        record["evidence"] = evidence
+    return ERROR_RECORD_PREFIX + json.dumps(record)  # ASCII: one line whatever it says
+
+
+def _read_error_record(stderr: str) -> dict[str, Any] | None:
+    """The last error record in a command's stderr; None when it holds none (or a damaged one)."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith(ERROR_RECORD_PREFIX):
+            try:
+                record = json.loads(line[len(ERROR_RECORD_PREFIX):], strict=False)
+            except ValueError:
+                return None
+            ok = isinstance(record, dict) and isinstance(record.get("message"), str)
+            return record if ok else None
+    return None
+
+
+def _error_from_record(record: dict[str, Any], prefix: str = "",
+                       hint: str | None = None) -> StackopsError | None:
+    """The StackopsError a record describes (``prefix`` before its message, ``hint`` when it has
+    none), with the attributes it carried; None for a class that is not one of ours."""
+    classes, todo = {}, [StackopsError]
+    while todo:
+        cls = todo.pop()
+        classes[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    known = classes.get(str(record.get("class")))
+    if known is None:
+        return None
+    exc = known.__new__(known)
+    StackopsError.__init__(exc, prefix + record["message"], record.get("hint") or hint)
+    fields = record.get("fields")
+    for key, value in (fields.items() if isinstance(fields, dict) else ()):
+        if isinstance(key, str) and key.isidentifier() and key[:1] != "_" and key != "hint":
+            setattr(exc, key, value)
+    return exc
+
+
+# The same record from generated bash: ``_error_record CLASS MESSAGE`` prints it on stderr, the
+# message's backslashes, double quotes and line breaks escaped for JSON.
+ERROR_RECORD_SH = ("_error_record() { local m=$2; m=${m//\\\\/\\\\\\\\}; m=${m//\\\"/\\\\\\\"}; "
+                   "m=${m//$'\\n'/\\\\n}; m=${m//$'\\r'/\\\\r}; m=${m//$'\\t'/\\\\t}; "
+                   "printf '%s{\"class\": \"%s\", \"message\": \"%s\"}\\n' "
+                   + shlex.quote(ERROR_RECORD_PREFIX) + ' "$1" "$m" >&2; }')
 
 
 # ============================================================================================
@@ -1719,7 +1780,7 @@ _FIRE_FAIL_SH = (
     'printf "%s" "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)" > "$L/.n.tmp" '
     '&& mv -f "$L/.n.tmp" "$L/end_time.txt"; '
     'printf failed > "$L/.s.tmp" && mv -f "$L/.s.tmp" "$L/status.txt"; '
-    'echo "stackops: error: $1" >&2; exit 3; }')
+    '_error_record ConfigError "$1"; exit 3; }')
 # An interactive job would run with the tmux server's environment: these come from the caller.
 TMUX_PASSED_ENV = ("STACKOPS_STATE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PATH", "HOME",
                    "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH")
@@ -1820,8 +1881,8 @@ class FileManager:
         taken session) leaves no queue entry and ends the job ``failed`` with the reason."""
         parts = ["umask 077", f"J={self._job_root_sh()}",
                  'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }',
-                 _FIRE_TRUST_SH, _FIRE_FAIL_SH,
-                 '{ _trusted "$J" "job folder" || { echo "stackops: error: $R" >&2; exit 3; }; }',
+                 _FIRE_TRUST_SH, ERROR_RECORD_SH, _FIRE_FAIL_SH,
+                 '{ _trusted "$J" "job folder" || { _error_record ConfigError "$R"; exit 3; }; }',
                  'J=$(cd -P "$J" && pwd)']  # the launcher's command line names its exact path
         session = shlex.quote(tmux_session_name(self.job_id))
         if interactive:
@@ -3077,14 +3138,15 @@ def switch_public_ip_address(max_trials: int = 10, wait_seconds: float = 2.0,
 # 10. SSH (paramiko, imported lazily)
 # ============================================================================================
 
-# Runs a stackops.py read from stdin as the module ``stackops`` and calls main(argv).
+# Runs a stackops.py read from stdin as the module ``stackops`` and calls its executing-side entry
+# (main(argv), with an error reported as a record: see _raise_remote_error).
 REMOTE_ENTRY_PY = """import sys, types
 source = sys.stdin.buffer.read()
 module = types.ModuleType("stackops")
 module.__file__ = "stackops.py"
 sys.modules["stackops"] = module
 exec(compile(source, "stackops.py", "exec"), module.__dict__)
-sys.exit(module.main(sys.argv[1:]))
+sys.exit(module._serve(sys.argv[1:]))
 """
 
 
@@ -3194,6 +3256,20 @@ class Response:
         return self.returncode == 0
 
 
+def _raise_remote_error(response: Response, prefix: str = "", hint: str | None = None) -> NoReturn:
+    """Raise what a failed command on the executing side reported: the StackopsError of its
+    error record (see error_record_line; ``prefix`` before the message, ``hint`` when it has
+    none), else a CommandError with the evidence: host, command, exit status, stderr's tail."""
+    record = _read_error_record(response.stderr)
+    error = _error_from_record(record, prefix, hint) if record is not None else None
+    if error is not None:
+        raise error
+    said = "\n".join(line for line in response.stderr.splitlines()
+                     if not line.startswith(ERROR_RECORD_PREFIX))
+    raise CommandError(response.host, response.command, response.returncode,
+                       said or response.stdout)
+
+
 REMOTE_FACTS_PY = r"""
 import json, os, sys
 mem, uname = 0, os.uname()
@@ -3254,6 +3330,18 @@ def _gcm_first_transport(sock: Any, **kwargs: Any) -> Any:
     transport._preferred_ciphers = tuple(c for c in preferred if "gcm" in c) + tuple(c for c in preferred
                                                                                      if "gcm" not in c)
     return transport
+
+
+# Adds a public key to the host's authorized_keys once. Present = the same key blob on any line,
+# with or without options (from=...); a last line without its newline gets one first, or the new
+# key would be glued to it and both break.
+SEND_KEY_TEMPLATE = r"""umask 077; A="$HOME/.ssh/authorized_keys"; K=@@key; B=@@blob
+mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh" && touch "$A" && chmod 600 "$A" || exit 1
+if awk -v b="$B" '{for (i = 1; i <= NF; i++) if ($i == b) f = 1} END {exit !f}' "$A"
+then echo present
+else { [ -z "$(tail -c 1 "$A")" ] || printf "\n" >> "$A"; } && printf "%s\n" "$K" >> "$A" \
+    && echo added
+fi"""
 
 
 class SSH:
@@ -3335,7 +3423,7 @@ class SSH:
             raise StackopsConnectionError(f"cannot resolve {target.hostname} (from {target.alias}): {exc.strerror}",
                                           hint="check the alias in ~/.ssh/config") from exc
         except OSError as exc:
-            reason = self._connect_reason(exc)
+            reason = _connect_reason(exc, self.timeout, self.target.port)
             raise StackopsConnectionError(f"cannot connect to {target}: {reason}",
                                           hint=self._connect_hint()) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paramiko waits on Nagle otherwise
@@ -3378,28 +3466,6 @@ class SSH:
                     host_keys.add(name, entry.key.get_name(), entry.key)
         return files[0]
 
-    def _policy(self, record: Path) -> Any:
-        paramiko = _paramiko()
-        accept, revoked = self.accept_new, self._revoked
-
-        class _Policy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,name-defined]
-            def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
-                if key.get_base64() in revoked:
-                    raise HostKeyError(f"host key of {hostname} ({key.get_name()} "
-                                       f"{_fingerprint(key)}) is REVOKED in known_hosts; "
-                                       "refusing to connect",
-                                       hint="ask the host's administrator for its new key")
-                if not accept:
-                    raise HostKeyError(
-                        f"host key of {hostname} is unknown ({key.get_name()} {_fingerprint(key)})",
-                        hint="if you trust it: pass --accept-new (accept_new_host_key=True), or set "
-                             "StrictHostKeyChecking accept-new for it in ~/.ssh/config")
-                client.get_host_keys().add(hostname, key.get_name(), key)
-                _append_known_host(record, f"{hostname} {key.get_name()} {key.get_base64()}")
-                log.warning("recorded the host key of %s in %s", hostname, record)
-
-        return _Policy()
-
     def _credentials(self) -> dict[str, Any]:
         keys = [f for f in self.target.identity_files if os.path.exists(f)]
         if self.target.identity_files and not keys and not self._password:
@@ -3421,7 +3487,7 @@ class SSH:
         fast = {"transport_factory": _gcm_first_transport} \
             if "transport_factory" in inspect.signature(client.connect).parameters else {}
         record = self._host_keys(client)
-        client.set_missing_host_key_policy(self._policy(record))
+        client.set_missing_host_key_policy(_host_key_policy(self.accept_new, self._revoked, record))
         credentials = self._credentials()
         sock = sock if sock is not None else self._socket(hop)
         target = self.target
@@ -3449,28 +3515,11 @@ class SSH:
                                           hint="check the user and the key (IdentityFile) for this host") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
-            reason = self._connect_reason(exc)
+            reason = _connect_reason(exc, self.timeout, self.target.port)
             raise StackopsConnectionError(f"cannot connect to {target}: {reason}",
                                           hint=self._connect_hint()) from exc
         client.get_transport().set_keepalive(30)
         return client
-
-    def _connect_reason(self, exc: BaseException) -> str:
-        """What went wrong while connecting, in words, not paramiko's internals."""
-        import socket
-
-        text = str(exc)
-        if "banner" in text or "No existing session" in text:
-            return (f"no SSH greeting within {self.timeout:g}s (the host is hung or overloaded, "
-                    "or that port is not an SSH server)")
-        if isinstance(exc, (socket.timeout, TimeoutError)) or "timed out" in text.lower():
-            return f"no answer within {self.timeout:g}s"
-        if isinstance(exc, ConnectionRefusedError):
-            return f"connection refused (nothing listens on port {self.target.port})"
-        if isinstance(exc, (EOFError, ConnectionResetError)) or not text:
-            return "the other side closed the connection"
-        strerror = getattr(exc, "strerror", None)
-        return _last_line(strerror or text)
 
     def _connect_hint(self) -> str:
         return (f"is {self.target.alias} up, and its sshd answering on port {self.target.port}? "
@@ -3488,7 +3537,7 @@ class SSH:
             if stdin is not None:
                 channel.sendall(stdin)
             channel.shutdown_write()
-            out, err, status = self._drain(channel, timeout, command)
+            out, err, status = _drain(channel, timeout, command, str(self.target))
         finally:
             channel.close()
         response = Response(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), status, command,
@@ -3518,57 +3567,16 @@ class SSH:
             raise StackopsConnectionError(f"lost the connection to {self.target}: {exc or type(exc).__name__}",
                                           hint=f"is {self.target.alias} reachable? (timeout {self.timeout:g}s)") from exc
 
-    def _transfer_channel(self) -> Any:
-        """A channel whose reads and writes give up after the timeout: a stalled transfer has
-        lost its host (a cut link sends no error, it just goes quiet)."""
-        channel = self._open_channel()
-        channel.settimeout(self.timeout)
-        return channel
-
-    def _broke_off(self, what: str, done: int, exc: BaseException, channel: Any,
-                   stalled: bool = False) -> TransferError:
-        """The error for a transfer that broke off, with what the remote side said (a full disk)."""
-        import socket
-
-        reason = _reason(_stderr_so_far(channel))
-        if stalled or isinstance(exc, socket.timeout):
-            self._lost()
-            reason = reason or f"no progress for {self.timeout:g}s; the connection is dropped"
-        return TransferError(f"{what} broke off after {done} bytes: {reason or exc or type(exc).__name__}",
-                             hint="nothing was left under the target's name; run the copy again")
-
-    def _drain(self, channel: Any, timeout: float | None, command: str) -> tuple[bytes, bytes, int]:
-        import select
-
-        out, err = bytearray(), bytearray()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            got = False
-            while channel.recv_ready():
-                out += channel.recv(1 << 20)
-                got = True
-            while channel.recv_stderr_ready():
-                err += channel.recv_stderr(1 << 20)
-                got = True
-            ended = channel.eof_received or channel.closed  # the exit status can come before the last output
-            if ended and not channel.recv_ready() and not channel.recv_stderr_ready():
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                killed = _signal_channel(channel, "KILL")
-                fate = "the host was asked to kill it (its process group)" if killed \
-                    else "it may still run on the host"
-                raise CommandError(str(self.target), command, None,
-                                   f"timed out after {timeout}s; {fate}")
-            if not got:
-                select.select([channel], [], [], 0.5)
-        return bytes(out), bytes(err), channel.recv_exit_status()
-
     def run_stackops(self, args: list[str], timeout: float | None = None, python: str = "python3") -> Response:
         """Run this very module on the host (sent over stdin, nothing installed or written there)
-        as ``stackops ARGS``; strict: a non-zero exit raises CommandError with its stderr."""
+        as ``stackops ARGS``; strict: an error there is raised here as the same StackopsError
+        (see _raise_remote_error)."""
         source = _own_file().read_bytes()
         command = " ".join(shlex.quote(part) for part in [python, "-S", "-c", REMOTE_ENTRY_PY, *args])
-        return self.run_shell_cmd_on_remote(command, timeout, strict=True, stdin=source)
+        response = self.run_shell_cmd_on_remote(command, timeout, strict=False, stdin=source)
+        if not response.ok:
+            _raise_remote_error(response, f"on {self.target.alias}: ")
+        return response
 
     def run_py_remotely(self, code: str, timeout: float | None = None, strict: bool = True,
                         python: str = "python3") -> Response:
@@ -3606,16 +3614,7 @@ class SSH:
         if not re.match(r"(ssh-|ecdsa-|sk-)[\w@.-]+ [A-Za-z0-9+/=]+( [^\n]*)?\Z", key):
             raise ConfigError(f"{path} does not hold one public key")
         blob = key.split()[1]
-        # present = the same key blob on any line, with or without options (from=...); a last line
-        # without its newline gets one first, or the new key would be glued to it and both break
-        script = ('umask 077; mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh" && A="$HOME/.ssh/authorized_keys" '
-                  f'&& touch "$A" && chmod 600 "$A" && K={shlex.quote(key)} && '
-                  f'B={shlex.quote(blob)} && '
-                  'if awk -v b="$B" \'{for (i = 1; i <= NF; i++) if ($i == b) f = 1} '
-                  'END {exit !f}\' '
-                  '"$A"; then echo present; '
-                  'else { [ -z "$(tail -c 1 "$A")" ] || printf "\\n" >> "$A"; } && '
-                  'printf "%s\\n" "$K" >> "$A" && echo added; fi')
+        script = render_template(SEND_KEY_TEMPLATE, key=shlex.quote(key), blob=shlex.quote(blob))
         return self.run_shell_cmd_on_remote(script, timeout=self.timeout).stdout.strip() == "added"
 
     def restart_computer(self) -> Response:
@@ -3627,272 +3626,108 @@ class SSH:
                                hint="allow it without a password (sudoers NOPASSWD for reboot), or reboot by hand")
         return response
 
-    # -- copies ----------------------------------------------------------------------------------
+    # -- copies (section 11) ------------------------------------------------------------------
 
     def copy_from_here(self, source_path: str | os.PathLike[str], target_rel2home: str | None = None,
-                       compress_with_zip: bool = False, recursive: bool = False, overwrite_existing: bool = False,
-                       progress: Callable[[int], None] | None = None, excludes: tuple[str, ...] = ()) -> str:
+                       compress_with_zip: bool = False, recursive: bool = False,
+                       overwrite_existing: bool = False,
+                       progress: Callable[[int], None] | None = None,
+                       excludes: tuple[str, ...] = ()) -> str:
         """Upload a file or (with ``recursive``) a folder; ``None`` target: the same home-relative
-        path on the host. It arrives whole under its name or not at all. Returns the remote path."""
-        source = expand_home(source_path)
-        if not source.exists():
-            raise ConfigError(f"nothing to copy at {source_path}")
-        if source.is_dir() and not recursive:
-            raise ConfigError(f"{source_path} is a folder: pass recursive=True (-r) to copy folders")
-        target = _remote_target(target_rel2home if target_rel2home is not None else _home_relative(source))
-        staging = self._prepare_target(target, overwrite_existing)
-        if source.is_dir():
-            folder = Path(os.path.realpath(source))  # ~/data -> /big/data travels as the folder
-            command = f"tar x{'z' if compress_with_zip else ''}f - -C {_sh_path(staging)}"
-            producer = ["tar", f"c{'z' if compress_with_zip else ''}f", "-", "-C",
-                        str(folder.parent), *[f"--exclude={e}" for e in excludes], "--",
-                        folder.name]
-            arrived = f"{staging}/{folder.name}"
-            self._upload_stream(command, producer, None, arrived, staging, target, progress)
-        else:  # created private, then given the source's mode (as scp does): a 0600 file stays 0600
-            payload = _sh_path(staging + "/payload")
-            mode = f"{source.stat().st_mode & 0o777:o}"
-            if compress_with_zip:  # gzip checks length and CRC itself, in place of the size check
-                command = f"(umask 077 && gzip -dc > {payload}) && chmod {mode} {payload}"
-                producer = ["gzip", "-c", "--", str(source)]
-                self._upload_stream(command, producer, None, f"{staging}/payload", staging, target,
-                                    progress)
-            else:
-                command = f"(umask 077 && cat > {payload}) && chmod {mode} {payload}"
-                self._upload_stream(command, None, source, f"{staging}/payload", staging, target,
-                                    progress)
-        return target
+        path on the host. It arrives whole under its name or not at all. Returns the remote path.
+        ``progress`` is called with the bytes sent so far; one that also has ``begin(what,
+        total)`` and ``end(done, ok)`` hears when the transfer starts and ends (see _Meter)."""
+        return _upload(self, source_path, target_rel2home, compress_with_zip, recursive,
+                       overwrite_existing, progress, excludes)
 
-    def _prepare_target(self, target: str, overwrite: bool) -> str:
-        """Refuse an existing target unless asked; make a hidden staging folder beside it, named
-        here, so that an interruption at any moment knows what to remove."""
-        staging = f"{posixpath.dirname(target)}/.stackops-partial.{random.getrandbits(48):012x}"
-        exists = "" if overwrite else \
-            'if [ -e "$T" ] || [ -L "$T" ]; then echo "exists: $T" >&2; exit 17; fi; '
-        script = (f"T={_sh_path(target)}; S={_sh_path(staging)}; {_HOME_GUARD_SH}{exists}"
-                  f'{_STALE_PARTIALS_SH}(umask 077 && mkdir -p "$(dirname "$T")" && mkdir "$S")')
-        try:
-            response = self.run_shell_cmd_on_remote(script, timeout=self.timeout, strict=False)
-        except BaseException:
-            self._discard(staging)
-            raise
-        if response.returncode == 18:
-            where = f"{target} on {self.target.alias} {_last_line(response.stderr)}"
-            raise ConfigError(f"{where}: a copy never replaces the home, a folder holding it, or /",
-                              hint="name a folder inside it")
-        if response.returncode == 17:
-            raise ConfigError(f"{target} already exists on {self.target.alias}",
-                              hint="pass overwrite (--overwrite) to replace it")
-        if response.returncode != 0:
-            raise TransferError(f"cannot prepare {target} on {self.target.alias}: {_last_line(response.stderr)}")
-        return staging
+    def copy_to_here(self, source: str, target: str | os.PathLike[str] | None = None,
+                     compress_with_zip: bool = False, recursive: bool = False,
+                     overwrite: bool = False,
+                     progress: Callable[[int], None] | None = None) -> Path:
+        """Download a remote file or (with ``recursive``) folder; ``None`` target: the same
+        home-relative path here. It appears whole under its name or not at all. ``progress``:
+        as for copy_from_here (the bytes received)."""
+        return _download(self, source, target, compress_with_zip, recursive, overwrite, progress)
 
-    def _upload_stream(self, command: str, producer: list[str] | None, source: Path | None, arrived: str,
-                       staging: str, target: str, progress: Callable[[int], None] | None) -> None:
-        """Stream into the hidden staging folder; only once everything went through does a second
-        command move it under the target's name (a broken connection can never trigger that)."""
-        channel = self._transfer_channel()
-        sent = 0
-        proc = None
-        watchdog = _Watchdog(self)
-        try:
-            channel.exec_command(_bash_line(command))
-            if producer is not None:
-                proc = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                stream: Any = proc.stdout
-            else:
-                stream = open(str(source), "rb")  # noqa: SIM115 (closed below)
-            with stream, watchdog:
-                while True:
-                    chunk = stream.read(1 << 18)
-                    if not chunk:
-                        break
-                    channel.sendall(chunk)
-                    watchdog.tick()
-                    sent += len(chunk)
-                    if progress is not None:
-                        progress(sent)
-            if proc is not None and proc.wait() != 0:
-                why = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise TransferError(f"local {(producer or ['tar'])[0]} failed: {_last_line(why)}")
-            channel.shutdown_write()
-            _out, err, status = self._drain(channel, max(60.0, 4 * self.timeout), command)
-        except TransferError:
-            self._discard(staging)
-            raise
-        except CommandError as exc:  # everything was sent, and then the host went quiet
-            self._lost()
-            raise TransferError(f"upload to {self.target.alias}:{target}: the host stopped answering after "
-                                f"{sent} bytes", hint="nothing was left under the target's name; run the copy "
-                                                      "again") from exc
-        except (OSError, EOFError, _paramiko().SSHException) as exc:
-            error = self._broke_off(f"upload to {self.target.alias}:{target}", sent, exc, channel, watchdog.fired)
-            self._discard(staging)  # a dropped connection keeps the hidden staging folder, not the name
-            raise error from exc
-        except BaseException:
-            self._discard(staging)
-            raise
-        finally:
-            channel.close()
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if status != 0:
-            self._discard(staging)
-            raise TransferError(f"upload to {self.target.alias}:{target} failed (exit status {status}): "
-                                f"{_reason(err.decode(errors='replace'))}")
-        size_check = "" if source is None else f'[ "$(wc -c < {_sh_path(arrived)})" -eq {sent} ] || exit 1; '
-        # replace by rename only: whatever stands in the way is renamed aside, so uploads of the same
-        # target racing each other (hosts sharing a home) each leave a whole copy, never one inside another
-        commit = (f"T={_sh_path(target)}; A={_sh_path(arrived)}; O={_sh_path(staging + '.old')}; {size_check}"
-                  'n=0; while ! mv -T -- "$A" "$T" 2>/dev/null; do n=$((n + 1)); '
-                  '[ "$n" -le 20 ] || { echo "cannot put $T in place" >&2; exit 1; }; '
-                  'mv -T -- "$T" "$O.$n" 2>/dev/null; done; '
-                  f'rm -rf -- "$O".*; rmdir -- {_sh_path(staging)}')
-        response = self.run_shell_cmd_on_remote(commit, timeout=self.timeout, strict=False)
-        if response.returncode != 0:
-            self._discard(staging)
-            raise TransferError(f"upload to {self.target.alias}:{target} could not be put in place: "
-                                f"{_last_line(response.stderr) or 'size mismatch'}")
-
-    def stream_command(self, command: str, produce: Callable[[Callable[[bytes], None], Callable[[], bytes]], None],
+    def stream_command(self, command: str,
+                       produce: Callable[[Callable[[bytes], None], Callable[[], bytes]], None],
                        progress: Callable[[int], None] | None = None) -> Response:
         """Run ``command`` as a conversation: ``produce(write, readline)`` feeds its stdin and may
         read its answers line by line as it goes; then the rest of its output is read (not
         strict). A transfer that stops making progress drops the connection (see _Watchdog)."""
-        channel = self._transfer_channel()
-        watchdog = _Watchdog(self)
-        sent, pending = [0], bytearray()
+        return _stream_command(self, command, produce, progress)
 
-        def write(data: bytes) -> None:
-            channel.sendall(data)
-            watchdog.tick()
-            sent[0] += len(data)
-            if progress is not None:
-                progress(sent[0])
 
-        def readline() -> bytes:
-            while b"\n" not in pending:
-                chunk = channel.recv(65536)
-                if not chunk:
-                    return b""
-                pending.extend(chunk)
-            line, _, rest = bytes(pending).partition(b"\n")
-            pending[:] = rest
-            return line + b"\n"
+def _host_key_policy(accept: bool, revoked: set[str], record: Path) -> Any:
+    """paramiko's policy for a host key known_hosts lacks: refused when revoked, or unless
+    ``accept`` (then appended to ``record``, as OpenSSH's accept-new does)."""
+    paramiko = _paramiko()
 
-        try:
-            channel.exec_command(_bash_line(command))
-            with watchdog:
-                produce(write, readline)
-            channel.shutdown_write()
-            out, err, status = self._drain(channel, max(60.0, 4 * self.timeout), command)
-        except CommandError as exc:  # everything was sent, and then the host went quiet
-            self._lost()
-            raise TransferError(f"upload to {self.target.alias}: the host stopped answering after {sent[0]} "
-                                "bytes", hint="nothing was left under the job's name; run it again") from exc
-        except (OSError, EOFError, _paramiko().SSHException) as exc:
-            raise self._broke_off(f"upload to {self.target.alias}", sent[0], exc, channel, watchdog.fired) from exc
-        finally:
-            channel.close()
-        return Response((bytes(pending) + out).decode("utf-8", "replace"), err.decode("utf-8", "replace"), status,
-                        command, str(self.target))
+    class _Policy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,name-defined]
+        def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+            if key.get_base64() in revoked:
+                raise HostKeyError(f"host key of {hostname} ({key.get_name()} "
+                                   f"{_fingerprint(key)}) is REVOKED in known_hosts; "
+                                   "refusing to connect",
+                                   hint="ask the host's administrator for its new key")
+            if not accept:
+                raise HostKeyError(
+                    f"host key of {hostname} is unknown ({key.get_name()} {_fingerprint(key)})",
+                    hint="if you trust it: pass --accept-new (accept_new_host_key=True), or set "
+                         "StrictHostKeyChecking accept-new for it in ~/.ssh/config")
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            _append_known_host(record, f"{hostname} {key.get_name()} {key.get_base64()}")
+            log.warning("recorded the host key of %s in %s", hostname, record)
 
-    def _discard(self, staging: str) -> None:
-        if not self.is_alive:
-            return
-        with _suppress(Exception):
-            self.run_shell_cmd_on_remote(f"rm -rf -- {_sh_path(staging)}", timeout=self.timeout, strict=False)
+    return _Policy()
 
-    def copy_to_here(self, source: str, target: str | os.PathLike[str] | None = None,
-                     compress_with_zip: bool = False, recursive: bool = False, overwrite: bool = False,
-                     progress: Callable[[int], None] | None = None) -> Path:
-        """Download a remote file or (with ``recursive``) folder; ``None`` target: the same
-        home-relative path here. It appears whole under its name or not at all."""
-        remote = _remote_path(source)
-        kind, _, size = self.run_shell_cmd_on_remote(
-            f"S={_sh_path(remote)}; if [ -d \"$S\" ]; then echo dir; elif [ -e \"$S\" ]; then "
-            'echo "file $(wc -c < "$S")"; else echo missing; fi', timeout=self.timeout).stdout.strip().partition(" ")
-        if kind == "missing":
-            raise ConfigError(f"nothing to copy at {self.target.alias}:{remote}")
-        if kind == "dir" and not recursive:
-            raise ConfigError(f"{remote} is a folder: pass recursive=True (-r) to copy folders")
-        if target is None and not remote.startswith("~"):
-            raise ConfigError(f"{remote} is outside the host's home, so it has no home-relative place here",
-                              hint="give the target path explicitly")
-        destination = _free_destination(expand_home(target if target is not None else remote), overwrite)
-        _mkdir_private(destination.parent)
-        staging = Path(_make_temp_dir(destination.parent))
-        try:
-            if kind == "dir":  # from inside: a results folder reached by a link comes as a folder
-                z = "z" if compress_with_zip else ""
-                command = f"cd -P -- {_sh_path(remote)} && tar c{z}f - -- ."
-                produced = staging / "payload"
-                self._download_tar(command, produced, compress_with_zip, progress)
-            else:
-                produced = staging / "payload"
-                size_now = int(size.strip() or -1)  # a file growing meanwhile comes as it was then
-                command = f"head -c {size_now} -- {_sh_path(remote)}" + (" | gzip -c" if compress_with_zip else "")
-                self._download_file(command, produced, size_now, progress, remote, compress_with_zip)
-            _remove(destination)
-            os.rename(produced, destination)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return destination
 
-    def _download_file(self, command: str, path: Path, size: int,
-                       progress: Callable[[int], None] | None, remote: str = "",
-                       compressed: bool = False) -> None:
-        import zlib
+def _connect_reason(exc: BaseException, timeout: float, port: int) -> str:
+    """What went wrong while connecting, in words, not paramiko's internals."""
+    import socket
 
-        channel = self._transfer_channel()
-        received = written = 0
-        unzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if compressed else None
-        try:
-            channel.exec_command(_bash_line(command))
-            channel.shutdown_write()
-            with open(path, "wb") as handle:
-                while True:
-                    chunk = channel.recv(1 << 20)
-                    received += len(chunk)
-                    data = chunk if unzip is None else _gunzip_step(unzip, chunk)
-                    handle.write(data)
-                    written += len(data)
-                    if not chunk:
-                        break
-                    if progress is not None:
-                        progress(received)
-            status = channel.recv_exit_status()
-            err = channel.recv_stderr(65536).decode(errors="replace") if channel.recv_stderr_ready() else ""
-        except zlib.error as exc:
-            raise TransferError(f"download from {self.target.alias}: the compressed stream is "
-                                f"damaged: {exc}") from exc
-        except (OSError, EOFError, _paramiko().SSHException) as exc:
-            raise self._broke_off(f"download from {self.target.alias}", received, exc, channel) from exc
-        finally:
-            channel.close()
-        if status != 0 or written != size or (unzip is not None and not unzip.eof):
-            why = _reason(err) or f"{remote} shrank while it was read (truncated or replaced?)"
-            raise TransferError(f"download of {self.target.alias}:{remote} failed (exit status "
-                                f"{status}, {written} of {size} bytes): {why}",
-                                hint="run the copy again")
+    text = str(exc)
+    if "banner" in text or "No existing session" in text:
+        return (f"no SSH greeting within {timeout:g}s (the host is hung or overloaded, "
+                "or that port is not an SSH server)")
+    if isinstance(exc, (socket.timeout, TimeoutError)) or "timed out" in text.lower():
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused (nothing listens on port {port})"
+    if isinstance(exc, (EOFError, ConnectionResetError)) or not text:
+        return "the other side closed the connection"
+    strerror = getattr(exc, "strerror", None)
+    return _last_line(strerror or text)
 
-    def _download_tar(self, command: str, staging: Path, compressed: bool,
-                      progress: Callable[[int], None] | None) -> None:
-        channel = self._transfer_channel()
-        reader = _CountingReader(channel, progress)
-        try:
-            channel.exec_command(_bash_line(command))
-            channel.shutdown_write()
-            _extract_tar(reader, staging, compressed)
-            status = channel.recv_exit_status()
-            err = channel.recv_stderr(65536).decode(errors="replace") if channel.recv_stderr_ready() else ""
-        except (OSError, EOFError, _paramiko().SSHException) as exc:
-            raise self._broke_off(f"download from {self.target.alias}", reader.count, exc, channel) from exc
-        finally:
-            channel.close()
-        if status != 0:
-            raise TransferError(f"download from {self.target.alias} failed (exit status {status}): {_reason(err)}")
+
+def _drain(channel: Any, timeout: float | None, command: str,
+           host: str) -> tuple[bytes, bytes, int]:
+    """A command's stdout, stderr and exit status, read together (no stall on large output);
+    past ``timeout`` the host is asked to kill it and CommandError is raised."""
+    import select
+
+    out, err = bytearray(), bytearray()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        got = False
+        while channel.recv_ready():
+            out += channel.recv(1 << 20)
+            got = True
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(1 << 20)
+            got = True
+        # the exit status can come before the last output
+        ended = channel.eof_received or channel.closed
+        if ended and not channel.recv_ready() and not channel.recv_stderr_ready():
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            killed = _signal_channel(channel, "KILL")
+            fate = "the host was asked to kill it (its process group)" if killed \
+                else "it may still run on the host"
+            raise CommandError(host, command, None, f"timed out after {timeout}s; {fate}")
+        if not got:
+            select.select([channel], [], [], 0.5)
+    return bytes(out), bytes(err), channel.recv_exit_status()
 
 
 def simple_sftp_get(remote_path: str, local_path: str | os.PathLike[str], host: str | SSH) -> None:
@@ -3902,6 +3737,461 @@ def simple_sftp_get(remote_path: str, local_path: str | os.PathLike[str], host: 
         return
     with SSH.from_config_file(host) as ssh:
         ssh.simple_sftp_get(remote_path, local_path)
+
+
+def _known_hosts_entry(line: str) -> Any:
+    """The paramiko entry of a plain known_hosts line; None for comments, markers (``@revoked``,
+    ``@cert-authority``) and key types paramiko does not know (``sk-`` keys): OpenSSH accepts
+    them all."""
+    if not line.strip() or line.lstrip().startswith(("#", "@")):
+        return None
+    try:
+        return _paramiko().hostkeys.HostKeyEntry.from_line(line)
+    except Exception as exc:  # paramiko raises assorted errors for keys it cannot read
+        log.debug("known_hosts line skipped (%s): %.60s", exc, line)
+        return None
+
+
+def _append_known_host(path: Path, line: str) -> None:
+    """Append one line to known_hosts under a lock, as OpenSSH does: the file is never rewritten,
+    and hosts accepted at once by several connections are all recorded, each once."""
+    _mkdir_private(path.parent)
+    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with open(str(path), "rb") as handle:
+            text = handle.read()
+        if line.encode() not in (old.strip() for old in text.splitlines()):
+            gap = b"\n" if text and not text.endswith(b"\n") else b""
+            os.write(fd, gap + line.encode() + b"\n")
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _signal_channel(channel: Any, name: str) -> bool:
+    """Ask the server to send signal ``name`` to a channel's command (RFC 4254 6.9): OpenSSH
+    signals its whole process group, so a command that timed out does not run on unseen.
+    paramiko has no public call for this request; False when it could not be sent."""
+    paramiko = _paramiko()
+    try:
+        message = paramiko.Message()
+        message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+        message.add_int(channel.remote_chanid)
+        message.add_string("signal")
+        message.add_boolean(False)
+        message.add_string(name)
+        channel.transport._send_user_message(message)
+    except Exception as exc:  # an old paramiko, a closed transport: the caller says it may run on
+        log.debug("could not signal the remote command: %s", exc)
+        return False
+    return True
+
+
+# ============================================================================================
+# 11. transfer: sftp and tar streams, rclone
+# ============================================================================================
+
+# The copy commands a host runs, each rendered by render_template with quoted values only.
+# An upload: prepare (refuse the home, exit 18, and without overwrite an existing target, exit 17;
+# remove stale staging folders; make a hidden staging folder beside the target), receive into it,
+# then commit (move it under the target's name by rename only). Uploads of the same target racing
+# each other (hosts sharing a home) each leave a whole copy, never one inside another.
+UPLOAD_PREPARE_TEMPLATE = r"""T=@@target; S=@@staging
+H=$(cd "$HOME" && pwd -P) && R=$(cd "$T" 2>/dev/null && pwd -P) && \
+H=/${H#"${H%%[!/]*}"} && R=/${R#"${R%%[!/]*}"} && \
+{ [ "$R" = / ] || [ "$R" = "$H" ] || case "$H" in "$R"/*) true;; *) false;; esac; } && \
+{ echo "is $R (the home is $H)" >&2; exit 18; }
+if [ @@overwrite != 1 ] && { [ -e "$T" ] || [ -L "$T" ]; }; then echo "exists: $T" >&2; exit 17; fi
+for d in "$(dirname "$T")"/.stackops-partial.*; do
+    [[ "${d##*/}" =~ ^\.stackops-partial\.[0-9a-f]{12}(\.old\.[0-9]+)?$ ]] || continue
+    [ -z "$(find "$d" -mmin -1440 2>/dev/null | head -n 1)" ] && rm -rf -- "$d"
+done
+(umask 077 && mkdir -p "$(dirname "$T")" && mkdir "$S")"""
+UPLOAD_TAR_TEMPLATE = "tar @@mode - -C @@staging"
+# a single file is created private, then given the source's mode (as scp does)
+UPLOAD_FILE_TEMPLATE = ('P=@@payload; (umask 077 && if [ @@gzip = 1 ]; then gzip -dc; else cat; fi '
+                        '> "$P") && chmod @@mode "$P"')
+UPLOAD_COMMIT_TEMPLATE = r"""T=@@target; A=@@arrived; O=@@old; N=@@size
+[ "$N" = - ] || [ "$(wc -c < "$A")" -eq "$N" ] || exit 1
+n=0; while ! mv -T -- "$A" "$T" 2>/dev/null; do n=$((n + 1))
+    [ "$n" -le 20 ] || { echo "cannot put $T in place" >&2; exit 1; }
+    mv -T -- "$T" "$O.$n" 2>/dev/null
+done
+rm -rf -- "$O".*; rmdir -- @@staging"""
+DISCARD_TEMPLATE = "rm -rf -- @@staging"
+# A download: what is there (and, when a progress callback wants it, how big a folder is),
+# then the folder as a tar stream from inside it, or the file as it was when probed.
+DOWNLOAD_PROBE_TEMPLATE = r"""S=@@source
+if [ -d "$S" ]; then
+    echo "dir $([ @@measure = 1 ] && cd -P -- "$S" && du -sb . 2>/dev/null | cut -f1)"
+elif [ -e "$S" ]; then echo "file $(wc -c < "$S")"; else echo missing; fi"""
+DOWNLOAD_TAR_TEMPLATE = "cd -P -- @@source && tar @@mode - -- ."
+DOWNLOAD_FILE_TEMPLATE = "head -c @@size -- @@source"
+DOWNLOAD_FILE_GZIP_TEMPLATE = "head -c @@size -- @@source | gzip -c"
+
+
+def _copy_command(template: str, **values: str | int | bool) -> str:
+    """One copy command: paths (``~/...`` too) and every other value quoted for the shell."""
+    quoted = {}
+    for name, value in values.items():
+        if isinstance(value, bool):
+            value = int(value)
+        text = str(value)
+        quoted[name] = _sh_path(text) if name in _COPY_PATHS else shlex.quote(text)
+    return render_template(template, **quoted)
+
+
+_COPY_PATHS = ("target", "staging", "payload", "arrived", "old", "source")
+
+
+class _Meter:
+    """One transfer as a progress callback sees it: ``progress(done)`` as bytes go by (any
+    callable taking one int will do); a callback that has them also gets ``begin(what, total)``
+    before the first bytes (``total`` None when unknown) and ``end(done, ok)`` after the last."""
+
+    def __init__(self, progress: Callable[[int], None] | None, what: str) -> None:
+        self.progress, self.what, self.done, self.begun = progress, what, 0, False
+
+    def begin(self, total: int | None) -> None:
+        self.begun = True
+        begin = getattr(self.progress, "begin", None)
+        if begin is not None:
+            begin(self.what, total)
+
+    def __call__(self, done: int) -> None:
+        self.done = done
+        if self.progress is not None:
+            if not self.begun:
+                self.begin(None)
+            self.progress(done)
+
+    def __enter__(self) -> _Meter:
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        end = getattr(self.progress, "end", None)
+        if end is not None and self.begun:
+            end(self.done, kind is None)
+
+
+def _tar_size(folder: Path, excludes: tuple[str, ...]) -> int:
+    """About how many bytes ``tar c`` makes of ``folder``: a header per member, data padded."""
+    import fnmatch
+
+    total = 1024
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not any(fnmatch.fnmatch(d, e) for e in excludes)]
+        total += 512 * (1 + len(dirs))
+        for name in files:
+            if any(fnmatch.fnmatch(name, e) for e in excludes):
+                continue
+            with _suppress(OSError):
+                total += 512 + -(-os.lstat(os.path.join(root, name)).st_size // 512) * 512
+    return total
+
+
+def _upload(ssh: SSH, source_path: str | os.PathLike[str], target_rel2home: str | None,
+            compress: bool, recursive: bool, overwrite: bool,
+            progress: Callable[[int], None] | None, excludes: tuple[str, ...]) -> str:
+    """SSH.copy_from_here: a file or folder arrives whole under its name or not at all."""
+    source = expand_home(source_path)
+    if not source.exists():
+        raise ConfigError(f"nothing to copy at {source_path}")
+    if source.is_dir() and not recursive:
+        raise ConfigError(f"{source_path} is a folder: pass recursive=True (-r) to copy folders")
+    relative = target_rel2home if target_rel2home is not None else _home_relative(source)
+    target = _remote_target(relative)
+    staging = _prepare_target(ssh, target, overwrite)
+    meter = _Meter(progress, f"upload to {ssh.target.alias}:{target}")
+    z = "z" if compress else ""
+    if source.is_dir():
+        folder = Path(os.path.realpath(source))  # ~/data -> /big/data travels as the folder
+        command = _copy_command(UPLOAD_TAR_TEMPLATE, mode=f"x{z}f", staging=staging)
+        producer: list[str] | None = [
+            "tar", f"c{z}f", "-", "-C", str(folder.parent),
+            *[f"--exclude={e}" for e in excludes], "--", folder.name]
+        arrived = f"{staging}/{folder.name}"
+        total = None if compress or progress is None else _tar_size(folder, excludes)
+        plain = None
+    else:
+        arrived = f"{staging}/payload"
+        command = _copy_command(UPLOAD_FILE_TEMPLATE, payload=arrived, gzip=compress,
+                                mode=f"{source.stat().st_mode & 0o777:o}")
+        # gzip checks length and CRC itself, in place of the size check
+        producer = ["gzip", "-c", "--", str(source)] if compress else None
+        plain = None if compress else source
+        total = None if compress else source.stat().st_size
+    with meter:
+        meter.begin(total)
+        sent = _upload_stream(ssh, command, producer, plain, staging, target, meter)
+    _commit_upload(ssh, target, arrived, staging, sent if plain is not None else None)
+    return target
+
+
+def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
+    """Refuse an existing target unless asked; make a hidden staging folder beside it, named
+    here, so that an interruption at any moment knows what to remove."""
+    staging = f"{posixpath.dirname(target)}/.stackops-partial.{random.getrandbits(48):012x}"
+    script = _copy_command(UPLOAD_PREPARE_TEMPLATE, target=target, staging=staging,
+                           overwrite=overwrite)
+    try:
+        response = ssh.run_shell_cmd_on_remote(script, timeout=ssh.timeout, strict=False)
+    except BaseException:
+        _discard(ssh, staging)
+        raise
+    where = f"{target} on {ssh.target.alias}"
+    if response.returncode == 18:
+        raise ConfigError(f"{where} {_last_line(response.stderr)}: a copy never replaces the home, "
+                          "a folder holding it, or /", hint="name a folder inside it")
+    if response.returncode == 17:
+        raise ConfigError(f"{target} already exists on {ssh.target.alias}",
+                          hint="pass overwrite (--overwrite) to replace it")
+    if response.returncode != 0:
+        raise TransferError(f"cannot prepare {where}: {_last_line(response.stderr)}")
+    return staging
+
+
+def _upload_stream(ssh: SSH, command: str, producer: list[str] | None, source: Path | None,
+                   staging: str, target: str, meter: _Meter) -> int:
+    """Stream into the hidden staging folder (from ``producer``'s output, else the file
+    ``source``); returns the bytes sent. Any failure removes the staging folder."""
+    channel = _transfer_channel(ssh)
+    watchdog = _Watchdog(ssh)
+    what = f"upload to {ssh.target.alias}:{target}"
+    proc = None
+    try:
+        channel.exec_command(_bash_line(command))
+        if producer is not None:
+            proc = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stream: Any = proc.stdout if proc is not None else open(str(source), "rb")  # noqa: SIM115
+        with stream, watchdog:
+            _pump(stream, channel, watchdog, meter)
+        if proc is not None and proc.wait() != 0:
+            why = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise TransferError(f"local {(producer or ['tar'])[0]} failed: {_last_line(why)}")
+        channel.shutdown_write()
+        _out, err, status = _drain(channel, max(60.0, 4 * ssh.timeout), command, str(ssh.target))
+    except CommandError as exc:  # everything was sent, and then the host went quiet
+        ssh._lost()
+        raise TransferError(f"{what}: the host stopped answering after {meter.done} bytes",
+                            hint="nothing was left under the target's name; run the copy again"
+                            ) from exc
+    except (OSError, EOFError, _paramiko().SSHException) as exc:
+        error = _broke_off(ssh, what, meter.done, exc, channel, watchdog.fired)
+        _discard(ssh, staging)  # a dropped connection keeps the hidden staging folder, not the name
+        raise error from exc
+    except BaseException:
+        _discard(ssh, staging)
+        raise
+    finally:
+        channel.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if status != 0:
+        _discard(ssh, staging)
+        raise TransferError(f"{what} failed (exit status {status}): "
+                            f"{_reason(err.decode(errors='replace'))}")
+    return meter.done
+
+
+def _pump(stream: Any, channel: Any, watchdog: _Watchdog, meter: _Meter) -> None:
+    """Copy ``stream`` into ``channel`` in chunks, telling the watchdog and the meter."""
+    sent = 0
+    while True:
+        chunk = stream.read(1 << 18)
+        if not chunk:
+            return
+        channel.sendall(chunk)
+        watchdog.tick()
+        sent += len(chunk)
+        meter(sent)
+
+
+def _commit_upload(ssh: SSH, target: str, arrived: str, staging: str, size: int | None) -> None:
+    """Only once everything went through does this second command move the upload under the
+    target's name (a broken connection can never trigger it); ``size``: checked first."""
+    commit = _copy_command(UPLOAD_COMMIT_TEMPLATE, target=target, arrived=arrived,
+                           old=staging + ".old", staging=staging,
+                           size="-" if size is None else size)
+    response = ssh.run_shell_cmd_on_remote(commit, timeout=ssh.timeout, strict=False)
+    if response.returncode != 0:
+        _discard(ssh, staging)
+        raise TransferError(f"upload to {ssh.target.alias}:{target} could not be put in place: "
+                            f"{_last_line(response.stderr) or 'size mismatch'}")
+
+
+def _discard(ssh: SSH, staging: str) -> None:
+    if not ssh.is_alive:
+        return
+    with _suppress(Exception):
+        ssh.run_shell_cmd_on_remote(_copy_command(DISCARD_TEMPLATE, staging=staging),
+                                    timeout=ssh.timeout, strict=False)
+
+
+def _stream_command(ssh: SSH, command: str,
+                    produce: Callable[[Callable[[bytes], None], Callable[[], bytes]], None],
+                    progress: Callable[[int], None] | None = None) -> Response:
+    """SSH.stream_command: ``produce(write, readline)`` feeds the command's stdin and may read
+    its answers line by line; then the rest of its output is read (not strict)."""
+    channel = _transfer_channel(ssh)
+    watchdog = _Watchdog(ssh)
+    sent, pending = [0], bytearray()
+
+    def write(data: bytes) -> None:
+        channel.sendall(data)
+        watchdog.tick()
+        sent[0] += len(data)
+        if progress is not None:
+            progress(sent[0])
+
+    def readline() -> bytes:
+        while b"\n" not in pending:
+            chunk = channel.recv(65536)
+            if not chunk:
+                return b""
+            pending.extend(chunk)
+        line, _, rest = bytes(pending).partition(b"\n")
+        pending[:] = rest
+        return line + b"\n"
+
+    what = f"upload to {ssh.target.alias}"
+    try:
+        channel.exec_command(_bash_line(command))
+        with watchdog:
+            produce(write, readline)
+        channel.shutdown_write()
+        out, err, status = _drain(channel, max(60.0, 4 * ssh.timeout), command, str(ssh.target))
+    except CommandError as exc:  # everything was sent, and then the host went quiet
+        ssh._lost()
+        raise TransferError(f"{what}: the host stopped answering after {sent[0]} bytes",
+                            hint="nothing was left under the job's name; run it again") from exc
+    except (OSError, EOFError, _paramiko().SSHException) as exc:
+        raise _broke_off(ssh, what, sent[0], exc, channel, watchdog.fired) from exc
+    finally:
+        channel.close()
+    return Response((bytes(pending) + out).decode("utf-8", "replace"),
+                    err.decode("utf-8", "replace"), status, command, str(ssh.target))
+
+
+def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, compress: bool,
+              recursive: bool, overwrite: bool, progress: Callable[[int], None] | None) -> Path:
+    """SSH.copy_to_here: a file or folder appears whole under its name or not at all."""
+    remote = _remote_path(source)
+    probe = _copy_command(DOWNLOAD_PROBE_TEMPLATE, source=remote, measure=progress is not None)
+    answer = ssh.run_shell_cmd_on_remote(probe, timeout=ssh.timeout).stdout.strip()
+    kind, _, size = answer.partition(" ")
+    if kind == "missing":
+        raise ConfigError(f"nothing to copy at {ssh.target.alias}:{remote}")
+    if kind == "dir" and not recursive:
+        raise ConfigError(f"{remote} is a folder: pass recursive=True (-r) to copy folders")
+    if target is None and not remote.startswith("~"):
+        raise ConfigError(f"{remote} is outside the host's home, so it has no home-relative "
+                          "place here", hint="give the target path explicitly")
+    total = int(size) if size.strip().isdigit() else None
+    if kind == "file" and total is None:  # wc could not read it
+        raise TransferError(f"cannot read {ssh.target.alias}:{remote}",
+                            hint="is it readable by the account you log in as there?")
+    destination = _free_destination(expand_home(target if target is not None else remote),
+                                    overwrite)
+    _mkdir_private(destination.parent)
+    staging = Path(_make_temp_dir(destination.parent))
+    produced = staging / "payload"
+    try:
+        with _Meter(progress, f"download from {ssh.target.alias}:{remote}") as meter:
+            meter.begin(None if compress else total)  # the bytes on the wire, of a known total
+            if kind == "dir":  # from inside: a results folder reached by a link comes as a folder
+                command = _copy_command(DOWNLOAD_TAR_TEMPLATE, source=remote,
+                                        mode=f"c{'z' if compress else ''}f")
+                _download_tar(ssh, command, produced, compress, meter)
+            else:  # a file growing meanwhile comes as it was then
+                template = DOWNLOAD_FILE_GZIP_TEMPLATE if compress else DOWNLOAD_FILE_TEMPLATE
+                command = _copy_command(template, source=remote, size=total or 0)
+                _download_file(ssh, command, produced, total or 0, meter, remote, compress)
+        _remove(destination)
+        os.rename(produced, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
+                   remote: str, compressed: bool) -> None:
+    import zlib
+
+    channel = _transfer_channel(ssh)
+    received = written = 0
+    unzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if compressed else None
+    try:
+        channel.exec_command(_bash_line(command))
+        channel.shutdown_write()
+        with open(path, "wb") as handle:
+            while True:
+                chunk = channel.recv(1 << 20)
+                received += len(chunk)
+                data = chunk if unzip is None else _gunzip_step(unzip, chunk)
+                handle.write(data)
+                written += len(data)
+                if not chunk:
+                    break
+                meter(received)
+        status = channel.recv_exit_status()
+        err = _stderr_so_far(channel)
+    except zlib.error as exc:
+        raise TransferError(f"download from {ssh.target.alias}: the compressed stream is "
+                            f"damaged: {exc}") from exc
+    except (OSError, EOFError, _paramiko().SSHException) as exc:
+        what = f"download from {ssh.target.alias}"
+        raise _broke_off(ssh, what, received, exc, channel) from exc
+    finally:
+        channel.close()
+    if status != 0 or written != size or (unzip is not None and not unzip.eof):
+        why = _reason(err) or f"{remote} shrank while it was read (truncated or replaced?)"
+        raise TransferError(f"download of {ssh.target.alias}:{remote} failed (exit status "
+                            f"{status}, {written} of {size} bytes): {why}",
+                            hint="run the copy again")
+
+
+def _download_tar(ssh: SSH, command: str, staging: Path, compressed: bool,
+                  meter: _Meter) -> None:
+    channel = _transfer_channel(ssh)
+    reader = _CountingReader(channel, meter)
+    try:
+        channel.exec_command(_bash_line(command))
+        channel.shutdown_write()
+        _extract_tar(reader, staging, compressed)
+        status = channel.recv_exit_status()
+        err = _stderr_so_far(channel)
+    except (OSError, EOFError, _paramiko().SSHException) as exc:
+        what = f"download from {ssh.target.alias}"
+        raise _broke_off(ssh, what, reader.count, exc, channel) from exc
+    finally:
+        channel.close()
+    if status != 0:
+        raise TransferError(f"download from {ssh.target.alias} failed (exit status {status}): "
+                            f"{_reason(err)}")
+
+
+def _transfer_channel(ssh: SSH) -> Any:
+    """A channel whose reads and writes give up after the timeout: a stalled transfer has
+    lost its host (a cut link sends no error, it just goes quiet)."""
+    channel = ssh._open_channel()
+    channel.settimeout(ssh.timeout)
+    return channel
+
+
+def _broke_off(ssh: SSH, what: str, done: int, exc: BaseException, channel: Any,
+               stalled: bool = False) -> TransferError:
+    """The error for a transfer that broke off, with what the remote side said (a full disk)."""
+    import socket
+
+    reason = _reason(_stderr_so_far(channel))
+    if stalled or isinstance(exc, socket.timeout):
+        ssh._lost()
+        reason = reason or f"no progress for {ssh.timeout:g}s; the connection is dropped"
+    return TransferError(f"{what} broke off after {done} bytes: "
+                         f"{reason or exc or type(exc).__name__}",
+                         hint="nothing was left under the target's name; run the copy again")
 
 
 class _Watchdog:
@@ -3936,57 +4226,9 @@ class _Watchdog:
                 return
 
 
-def _known_hosts_entry(line: str) -> Any:
-    """The paramiko entry of a plain known_hosts line; None for comments, markers (``@revoked``,
-    ``@cert-authority``) and key types paramiko does not know (``sk-`` keys): OpenSSH accepts
-    them all."""
-    if not line.strip() or line.lstrip().startswith(("#", "@")):
-        return None
-    try:
-        return _paramiko().hostkeys.HostKeyEntry.from_line(line)
-    except Exception as exc:  # paramiko raises assorted errors for keys it cannot read
-        log.debug("known_hosts line skipped (%s): %.60s", exc, line)
-        return None
-
-
-def _append_known_host(path: Path, line: str) -> None:
-    """Append one line to known_hosts under a lock, as OpenSSH does: the file is never rewritten,
-    and hosts accepted at once by several connections are all recorded, each once."""
-    _mkdir_private(path.parent)
-    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with open(str(path), "rb") as handle:
-            text = handle.read()
-        if line.encode() not in (old.strip() for old in text.splitlines()):
-            gap = b"\n" if text and not text.endswith(b"\n") else b""
-            os.write(fd, gap + line.encode() + b"\n")
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def _gunzip_step(unzip: Any, chunk: bytes) -> bytes:
     """What one chunk of a gzip stream unpacks to; an empty chunk (the end) flushes the rest."""
     return unzip.decompress(chunk) if chunk else unzip.flush()
-
-
-def _signal_channel(channel: Any, name: str) -> bool:
-    """Ask the server to send signal ``name`` to a channel's command (RFC 4254 6.9): OpenSSH
-    signals its whole process group, so a command that timed out does not run on unseen.
-    paramiko has no public call for this request; False when it could not be sent."""
-    paramiko = _paramiko()
-    try:
-        message = paramiko.Message()
-        message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
-        message.add_int(channel.remote_chanid)
-        message.add_string("signal")
-        message.add_boolean(False)
-        message.add_string(name)
-        channel.transport._send_user_message(message)
-    except Exception as exc:  # an old paramiko, a closed transport: the caller says it may run on
-        log.debug("could not signal the remote command: %s", exc)
-        return False
-    return True
 
 
 def _stderr_so_far(channel: Any) -> str:
@@ -4100,25 +4342,193 @@ def _remote_target(path: str) -> str:
     return path
 
 
-# The upload target $T resolved on the host (links and all) against the home resolved there: the
-# home, any folder holding it and / are refused (exit 18) before anything is created or moved.
-_HOME_GUARD_SH = ('H=$(cd "$HOME" && pwd -P) && R=$(cd "$T" 2>/dev/null && pwd -P) && '
-                  'H=/${H#"${H%%[!/]*}"} && R=/${R#"${R%%[!/]*}"} && '  # bash keeps a leading //
-                  '{ [ "$R" = / ] || [ "$R" = "$H" ] || '
-                  'case "$H" in "$R"/*) true;; *) false;; esac; } && '
-                  '{ echo "is $R (the home is $H)" >&2; exit 18; }; ')
+# -- cloud transfer (rclone) ---------------------------------------------------------------------
+
+def _rclone(*args: str, what: str, timeout: float = 3600,
+            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run rclone here; a failure is a TransferError quoting rclone's own message."""
+    binary = shutil.which("rclone")
+    if binary is None:
+        raise DependencyError("rclone is not installed on this machine",
+                              hint="install it (e.g. apt-get install rclone) and configure a "
+                                   "remote")
+    try:
+        done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout,
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise TransferError(f"rclone {what} did not finish within {timeout:g}s") from exc
+    if done.returncode != 0:
+        raise TransferError(f"rclone {what} failed (exit status {done.returncode}): "
+                            f"{_tail(done.stderr or done.stdout, 3) or 'no message'}")
+    return done
 
 
-# Staging folders that a dropped upload left beside $T (our names only), removed when nothing in
-# them changed for a day: a live upload writes all the time, and a stalled one timed out long ago.
-_STALE_PARTIALS_SH = ('for d in "$(dirname "$T")"/.stackops-partial.*; do '
-                      '[[ "${d##*/}" =~ ^\\.stackops-partial\\.[0-9a-f]{12}(\\.old\\.[0-9]+)?$ ]] '
-                      '|| continue; [ -z "$(find "$d" -mmin -1440 2>/dev/null | head -n 1)" ] '
-                      '&& rm -rf -- "$d"; done; ')
+def cloud_base(cloud_name: str) -> str:
+    """Where stackops keeps things on a cloud remote: ``name`` means ``name:stackops``;
+    ``name:path`` is used as given."""
+    return cloud_name if ":" in cloud_name else f"{cloud_name}:stackops"
+
+
+_KNOWN_CLOUDS: set[str] = set()
+
+
+def check_cloud_remote(cloud_name: str) -> None:
+    """Refuse a cloud name rclone does not know here (before anything is sent); asked once."""
+    name = cloud_name.split(":", 1)[0]
+    # the same rclone config, the same answer
+    key = f"{Path.home()}|{os.environ.get('RCLONE_CONFIG', '')}|{name}"
+    if key in _KNOWN_CLOUDS:
+        return
+    known = _rclone("listremotes", what="listremotes", timeout=60).stdout.split()
+    if f"{name}:" in known:
+        _KNOWN_CLOUDS.add(key)
+    else:
+        raise ConfigError(f"rclone knows no remote called {name!r} here "
+                          f"(it knows: {' '.join(known) or 'none'})",
+                          hint="add it with: rclone config")
+
+
+def _archive_members(job_root_rh: str, repo: str | None, data: list[str]) -> list[str]:
+    """The top-level members of a job's archive: the job folder, its repo and its data, each as
+    its path relative to home (so it unpacks into the same places under another home)."""
+    paths = [job_root_rh] + ([repo] if repo else []) + list(data)
+    return [_home_relative(expand_home(path))[2:] for path in paths]
+
+
+def _pack(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
+    """One tar of a job folder, its repo (caches and .git left out) and its data, with paths
+    relative to home, so it unpacks into the same places under another home."""
+    members = _archive_members(collapse_home(job_root), repo, data)
+    tar = subprocess.run(["tar", "cf", str(archive), "-C", str(Path.home()),
+                          *[f"--exclude={e}" for e in REPO_EXCLUDES], "--", *members],
+                         capture_output=True, text=True)
+    if tar.returncode != 0:
+        raise TransferError(f"packing {job_root.name} failed: {_last_line(tar.stderr)}")
+    return archive
+
+
+def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
+    """One tar of a cloud unit, laid out so that a worker unpacks it into the unit's own folder:
+    ``job/`` (the job folder), ``code/`` (the repo, caches and .git left out) and ``home/<path>``
+    for each data path (relative to home)."""
+    import fnmatch
+    import tarfile
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        name = info.name.rsplit("/", 1)[-1]
+        return None if any(fnmatch.fnmatch(name, pattern) for pattern in REPO_EXCLUDES) else info
+
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(str(job_root), arcname="job")
+        if repo:
+            tar.add(str(expand_home(repo)), arcname="code", filter=keep)
+        for item in data:
+            tar.add(str(expand_home(item)), arcname="home/" + _home_relative(expand_home(item))[2:])
+    return archive
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+JOB_EXISTS_STATUS = 5  # what the host's check answers when the job folder is there already
+# Before a cloud upload, on the host: is the job there already; which remotes has its rclone?
+CLOUD_CHECK_TEMPLATE = ("if test -e @@job_root; then exit @@exists; fi; "
+                        "command -v rclone >/dev/null && rclone listremotes")
+
+
+def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams,
+                   file_manager: FileManager, data: list[str]) -> tuple[str, str]:
+    """Pack the job folder (and the repo with ``copy_repo``, and the data) into one archive and
+    upload it with rclone; the host fetches it with its own rclone when the job is fired.
+    One object instead of thousands of files: rclone's per-file hash check runs once.
+    Returns (where the archive is, its SHA-256): the fire command checks the digest on the host
+    before it unpacks anything, so an archive another writer of the bucket replaced is refused.
+    A job id whose folder exists on the host is refused before anything is uploaded."""
+    cloud = config.cloud_name or ""
+    check_cloud_remote(cloud)
+    if ssh is not None:
+        check = render_template(CLOUD_CHECK_TEMPLATE, job_root=file_manager._job_root_sh(),
+                                exists=str(JOB_EXISTS_STATUS))
+        remote = ssh.run_shell_cmd_on_remote(check, timeout=60, strict=False)
+        if remote.returncode == JOB_EXISTS_STATUS:
+            raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias} "
+                              f"at {file_manager.job_root_rh}",
+                              hint="choose another job_id, or leave it out for a fresh one")
+        if remote.returncode != 0 or f"{cloud.split(':', 1)[0]}:" not in remote.stdout.split():
+            raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r} "
+                              f"({_last_line(remote.stderr) or 'rclone there does not know it'})",
+                              hint="install rclone on the host and configure the same remote there")
+    archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
+    try:
+        _pack(archive, file_manager.job_root, None, data)  # copy_repo: the folder holds its code
+        digest = _sha256_file(archive)
+        target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
+        _rclone("copyto", str(archive), target, what=f"upload to {target}")
+    finally:
+        shutil.rmtree(archive.parent, ignore_errors=True)
+    return target, digest
+
+
+# Run by the fire command on the host (bash): fetch the job's archive into a private staging
+# folder beside the job folder, check its SHA-256 against the one recorded at upload, accept only
+# members under the job folder, the code and the data, move the job folder into place (never over
+# an existing one), put the code and the data at their home-relative places, and remove the
+# archive from the bucket.
+CLOUD_FETCH_TEMPLATE = r"""umask 077; J=@@job_root; P=$(dirname "$J")
+_no() { echo "stackops: $1" >&2; exit 3; }
+if [ -e "$J" ]; then  # fetched before from this very archive (a fire that failed later): go on
+    [ "$(cat "$J/logs/archive_sha256.txt" 2>/dev/null)" = @@sha256 ] && exit 0
+    _no "job folder $J already exists on this host: a job id runs once"
+fi
+mkdir -p "$P" && S=$(mktemp -d "$P/.stackops-fetch.XXXXXX") || _no "no staging folder in $P"
+trap 'rm -rf "$S"' EXIT
+rclone copyto @@source "$S/job.tar" || _no "rclone could not fetch "@@source
+h=$({ sha256sum || shasum -a 256; } < "$S/job.tar" 2>/dev/null); h=${h%% *}
+[ "$h" = @@sha256 ] || _no "the archive "@@source" is not the one uploaded (its sha256 is \
+${h:-unknown}, expected "@@sha256"): another writer of the bucket replaced it; nothing was unpacked"
+{ tar --quoting-style=literal -tf "$S/job.tar" 2>/dev/null || tar tf "$S/job.tar"; } >"$S/members" \
+    || _no "cannot list the archive "@@source
+while IFS= read -r m; do
+    case "/$m/" in */../*) _no "archive member $m climbs out; nothing was unpacked";; esac
+    case "$m" in @@allowed) ;; *) _no "archive member $m is not in the job folder, the code or \
+the data; nothing was unpacked" ;; esac
+done < "$S/members"
+mkdir "$S/x" && tar xf "$S/job.tar" -C "$S/x" --no-same-owner -- @@job_member \
+    && printf '%s' @@sha256 > "$S/x/"@@job_member/logs/archive_sha256.txt \
+    || _no "cannot unpack the job folder"
+mv -T "$S/x/"@@job_member "$J" || _no "job folder $J already exists on this host: an id runs once"
+@@others
+rclone deletefile @@source 2>/dev/null || echo "stackops: could not remove "@@source >&2
+true"""
+
+
+def cloud_fetch_command(cloud_name: str, job_id: str, sha256: str, members: list[str]) -> str:
+    """Shell that fetches a job's archive, checks it and unpacks it on the machine that runs it
+    (``members``: the job folder first, then the code and the data, relative to home)."""
+    if not re.match(r"[0-9a-f]{64}\Z", sha256 or ""):
+        raise StackopsError(f"job {job_id} has no recorded archive digest", hint="submit it again")
+    source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{check_safe_name(job_id)}.tar")
+    quoted = [shlex.quote(m) for m in members]
+    allowed = "|".join(f"{q}|{q}/*" for q in quoted)
+    others = ": no code or data"
+    if members[1:]:
+        others = (f'tar xf "$S/job.tar" -C "$HOME" --no-same-owner -- {" ".join(quoted[1:])} '
+                  '|| _no "cannot unpack the code and the data"')
+    script = render_template(CLOUD_FETCH_TEMPLATE, job_root=_sh_path("~/" + members[0]),
+                             source=source, sha256=shlex.quote(sha256), allowed=allowed,
+                             job_member=quoted[0], others=others)
+    return f"bash -c {shlex.quote(script)}"
 
 
 # ============================================================================================
-# 11. job hand-over: arguments, code snapshots, transfer to a host, the cloud queue
+# 12. job hand-over: arguments, code snapshots, transfer to a host, the cloud queue
 # ============================================================================================
 
 def _check_kwargs(func_kwargs: Any) -> dict[str, Any]:
@@ -4510,17 +4920,14 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
         if cache[key]:
             write(b"\n")  # nothing to send: the host sees this machine's files
             return
-        parts = _hand_over_parts(ssh, file_manager, items, plan, blobs)
-        write(repr(header).encode() + b"\n")
-        for name, path in parts:
-            _send_part(write, name, path)
-        write(repr({"end": True}).encode() + b"\n")
+        _send_parts(write, header, _hand_over_parts(ssh, file_manager, items, plan, blobs), meter)
 
     if key not in cache:
         _atomic_write_text(base / nonce, nonce)
     command = f"{shlex.quote(config.python or 'python3')} -S -c {shlex.quote(_host_sync_source())}"
     try:
-        response = ssh.stream_command(command, produce, progress)
+        with _Meter(progress, f"hand-over to {ssh.target.alias}") as meter:
+            response = ssh.stream_command(command, produce, meter)
     finally:
         with _suppress(FileNotFoundError):
             os.unlink(base / nonce)
@@ -4569,6 +4976,17 @@ def _literal(line: bytes) -> Any:
                             ) from exc
 
 
+def _send_parts(write: Callable[[bytes], None], header: dict[str, Any],
+                parts: list[tuple[str, Path | None]], meter: _Meter) -> None:
+    """The header, the parts, the end: what a hand-over sends once the host's plan is known
+    (then the meter learns its total)."""
+    meter.begin(meter.done + sum(path.stat().st_size for _name, path in parts if path))
+    write(repr(header).encode() + b"\n")
+    for name, path in parts:
+        _send_part(write, name, path)
+    write(repr({"end": True}).encode() + b"\n")
+
+
 def _send_part(write: Callable[[bytes], None], name: str, path: Path | None) -> None:
     """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes."""
     if path is None:
@@ -4585,185 +5003,6 @@ def _send_part(write: Callable[[bytes], None], name: str, path: Path | None) -> 
                 raise TransferError(f"{path} shrank while it was sent", hint="run it again once it is written")
             write(chunk)
             left -= len(chunk)
-
-
-# -- cloud transfer (rclone) ---------------------------------------------------------------------
-
-def _rclone(*args: str, what: str, timeout: float = 3600,
-            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run rclone here; a failure is a TransferError quoting rclone's own message."""
-    binary = shutil.which("rclone")
-    if binary is None:
-        raise DependencyError("rclone is not installed on this machine",
-                              hint="install it (e.g. apt-get install rclone) and configure a remote")
-    try:
-        done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout,
-                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        raise TransferError(f"rclone {what} did not finish within {timeout:g}s") from exc
-    if done.returncode != 0:
-        raise TransferError(f"rclone {what} failed (exit status {done.returncode}): "
-                            f"{_tail(done.stderr or done.stdout, 3) or 'no message'}")
-    return done
-
-
-def cloud_base(cloud_name: str) -> str:
-    """Where stackops keeps things on a cloud remote: ``name`` means ``name:stackops``;
-    ``name:path`` is used as given."""
-    return cloud_name if ":" in cloud_name else f"{cloud_name}:stackops"
-
-
-_KNOWN_CLOUDS: set[str] = set()
-
-
-def check_cloud_remote(cloud_name: str) -> None:
-    """Refuse a cloud name rclone does not know here (before anything is sent); asked once."""
-    name = cloud_name.split(":", 1)[0]
-    key = f"{Path.home()}|{os.environ.get('RCLONE_CONFIG', '')}|{name}"  # the same rclone config, the same answer
-    if key in _KNOWN_CLOUDS:
-        return
-    known = _rclone("listremotes", what="listremotes", timeout=60).stdout.split()
-    if f"{name}:" in known:
-        _KNOWN_CLOUDS.add(key)
-    else:
-        raise ConfigError(f"rclone knows no remote called {name!r} here (it knows: {' '.join(known) or 'none'})",
-                          hint="add it with: rclone config")
-
-
-def _archive_members(job_root_rh: str, repo: str | None, data: list[str]) -> list[str]:
-    """The top-level members of a job's archive: the job folder, its repo and its data, each as
-    its path relative to home (so it unpacks into the same places under another home)."""
-    paths = [job_root_rh] + ([repo] if repo else []) + list(data)
-    return [_home_relative(expand_home(path))[2:] for path in paths]
-
-
-def _pack(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
-    """One tar of a job folder, its repo (caches and .git left out) and its data, with paths
-    relative to home, so it unpacks into the same places under another home."""
-    members = _archive_members(collapse_home(job_root), repo, data)
-    tar = subprocess.run(["tar", "cf", str(archive), "-C", str(Path.home()),
-                          *[f"--exclude={e}" for e in REPO_EXCLUDES], "--", *members],
-                         capture_output=True, text=True)
-    if tar.returncode != 0:
-        raise TransferError(f"packing {job_root.name} failed: {_last_line(tar.stderr)}")
-    return archive
-
-
-def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
-    """One tar of a cloud unit, laid out so that a worker unpacks it into the unit's own folder:
-    ``job/`` (the job folder), ``code/`` (the repo, caches and .git left out) and ``home/<path>``
-    for each data path (relative to home)."""
-    import fnmatch
-    import tarfile
-
-    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        name = info.name.rsplit("/", 1)[-1]
-        return None if any(fnmatch.fnmatch(name, pattern) for pattern in REPO_EXCLUDES) else info
-
-    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
-        tar.add(str(job_root), arcname="job")
-        if repo:
-            tar.add(str(expand_home(repo)), arcname="code", filter=keep)
-        for item in data:
-            tar.add(str(expand_home(item)), arcname="home/" + _home_relative(expand_home(item))[2:])
-    return archive
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-JOB_EXISTS_STATUS = 5  # what the host's check answers when the job folder is there already
-
-
-def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
-                   data: list[str]) -> tuple[str, str]:
-    """Pack the job folder (and the repo with ``copy_repo``, and the data) into one archive and
-    upload it with rclone; the host fetches it with its own rclone when the job is fired.
-    One object instead of thousands of files: rclone's per-file hash check runs once.
-    Returns (where the archive is, its SHA-256): the fire command checks the digest on the host
-    before it unpacks anything, so an archive another writer of the bucket replaced is refused.
-    A job id whose folder exists on the host is refused before anything is uploaded."""
-    cloud = config.cloud_name or ""
-    check_cloud_remote(cloud)
-    if ssh is not None:
-        remote = ssh.run_shell_cmd_on_remote(
-            f"if test -e {file_manager._job_root_sh()}; then exit {JOB_EXISTS_STATUS}; fi; "
-            "command -v rclone >/dev/null && rclone listremotes", timeout=60, strict=False)
-        if remote.returncode == JOB_EXISTS_STATUS:
-            raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias} "
-                              f"at {file_manager.job_root_rh}",
-                              hint="choose another job_id, or leave it out for a fresh one")
-        if remote.returncode != 0 or f"{cloud.split(':', 1)[0]}:" not in remote.stdout.split():
-            raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r} "
-                              f"({_last_line(remote.stderr) or 'rclone there does not know it'})",
-                              hint="install rclone on the host and configure the same remote there")
-    archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
-    try:
-        _pack(archive, file_manager.job_root, None, data)  # with copy_repo the folder carries its code
-        digest = _sha256_file(archive)
-        target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
-        _rclone("copyto", str(archive), target, what=f"upload to {target}")
-    finally:
-        shutil.rmtree(archive.parent, ignore_errors=True)
-    return target, digest
-
-
-# Run by the fire command on the host (bash): fetch the job's archive into a private staging
-# folder beside the job folder, check its SHA-256 against the one recorded at upload, accept only
-# members under the job folder, the code and the data, move the job folder into place (never over
-# an existing one), put the code and the data at their home-relative places, and remove the
-# archive from the bucket.
-CLOUD_FETCH_TEMPLATE = r"""umask 077; J=@@job_root; P=$(dirname "$J")
-_no() { echo "stackops: $1" >&2; exit 3; }
-if [ -e "$J" ]; then  # fetched before from this very archive (a fire that failed later): go on
-    [ "$(cat "$J/logs/archive_sha256.txt" 2>/dev/null)" = @@sha256 ] && exit 0
-    _no "job folder $J already exists on this host: a job id runs once"
-fi
-mkdir -p "$P" && S=$(mktemp -d "$P/.stackops-fetch.XXXXXX") || _no "no staging folder in $P"
-trap 'rm -rf "$S"' EXIT
-rclone copyto @@source "$S/job.tar" || _no "rclone could not fetch "@@source
-h=$({ sha256sum || shasum -a 256; } < "$S/job.tar" 2>/dev/null); h=${h%% *}
-[ "$h" = @@sha256 ] || _no "the archive "@@source" is not the one uploaded (its sha256 is \
-${h:-unknown}, expected "@@sha256"): another writer of the bucket replaced it; nothing was unpacked"
-{ tar --quoting-style=literal -tf "$S/job.tar" 2>/dev/null || tar tf "$S/job.tar"; } >"$S/members" \
-    || _no "cannot list the archive "@@source
-while IFS= read -r m; do
-    case "/$m/" in */../*) _no "archive member $m climbs out; nothing was unpacked";; esac
-    case "$m" in @@allowed) ;; *) _no "archive member $m is not in the job folder, the code or \
-the data; nothing was unpacked" ;; esac
-done < "$S/members"
-mkdir "$S/x" && tar xf "$S/job.tar" -C "$S/x" --no-same-owner -- @@job_member \
-    && printf '%s' @@sha256 > "$S/x/"@@job_member/logs/archive_sha256.txt \
-    || _no "cannot unpack the job folder"
-mv -T "$S/x/"@@job_member "$J" || _no "job folder $J already exists on this host: an id runs once"
-@@others
-rclone deletefile @@source 2>/dev/null || echo "stackops: could not remove "@@source >&2
-true"""
-
-
-def cloud_fetch_command(cloud_name: str, job_id: str, sha256: str, members: list[str]) -> str:
-    """Shell that fetches a job's archive, checks it and unpacks it on the machine that runs it
-    (``members``: the job folder first, then the code and the data, relative to home)."""
-    if not re.match(r"[0-9a-f]{64}\Z", sha256 or ""):
-        raise StackopsError(f"job {job_id} has no recorded archive digest", hint="submit it again")
-    source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{check_safe_name(job_id)}.tar")
-    quoted = [shlex.quote(m) for m in members]
-    allowed = "|".join(f"{q}|{q}/*" for q in quoted)
-    others = ": no code or data"
-    if members[1:]:
-        others = (f'tar xf "$S/job.tar" -C "$HOME" --no-same-owner -- {" ".join(quoted[1:])} '
-                  '|| _no "cannot unpack the code and the data"')
-    script = render_template(CLOUD_FETCH_TEMPLATE, job_root=_sh_path("~/" + members[0]),
-                             source=source, sha256=shlex.quote(sha256), allowed=allowed,
-                             job_member=quoted[0], others=others)
-    return f"bash -c {shlex.quote(script)}"
 
 
 CLOUD_SETTLE = 1.0   # seconds a claim waits before it looks who else claimed
@@ -4922,7 +5161,7 @@ class CloudQueue:
 
 
 # ============================================================================================
-# 12. places and launchers: where a job's files and commands go, and how the job starts there
+# 13. places and launchers: where a job's files and commands go, and how the job starts there
 # ============================================================================================
 #
 # One small class per back end, in the manner of bottle's server adapters. A *place* moves a
@@ -4936,7 +5175,7 @@ class CloudQueue:
 # under -S: it needs nothing but the standard library.
 JOB_ENTRY_TEMPLATE = "@@python -S -c @@code @@root/python @@action @@root @@args"
 _JOB_ENTRY_PY = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; "
-                 "sys.exit(stackops.main(sys.argv[2:]))")
+                 "sys.exit(getattr(stackops, '_serve', stackops.main)(sys.argv[2:]))")
 RUN_BASH_TEMPLATE = "bash -c @@script"
 WITHDRAW_TEMPLATE = "rm -rf -- @@job_root"
 HAS_COMMAND_TEMPLATE = "command -v @@name"
@@ -5266,11 +5505,8 @@ class _OverSSH(_Place):
         command = _job_entry(machine, "job-check-email")
         response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
         if response.returncode != 0:
-            lines = [line[17:] for line in response.stderr.splitlines()
-                     if line.startswith("stackops: error: ")]
-            said = lines[0] if lines else _last_line(response.stderr)
-            raise ConfigError(f"on {self.host_name}: " + said,
-                              hint=f"create the e-mail config on {self.host_name} (chmod 600)")
+            _raise_remote_error(response, f"on {self.host_name}: ",
+                                hint=f"create the e-mail config on {self.host_name} (chmod 600)")
 
     def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None) -> bool:
         """The job folder, the repo (``copy_repo``) and the data go to their home-relative places on
@@ -5376,14 +5612,8 @@ class _OverSSH(_Place):
     def delete_results(self, machine: RemoteMachine) -> None:
         command = _job_entry(machine, "job-delete-results")
         response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
-        if response.returncode == 2:
-            lines = [line for line in response.stderr.splitlines()
-                     if line.startswith("stackops: error: ")]
-            said = lines[0][17:] if lines else _last_line(response.stderr)
-            raise ConfigError(f"on {self.host_name}: " + said)
         if response.returncode != 0:
-            raise CommandError(self.host_name, response.command, response.returncode,
-                               response.stderr)
+            _raise_remote_error(response, f"on {self.host_name}: ")
 
 
 class _ThroughCloud(_OverSSH):
@@ -5525,11 +5755,9 @@ class _SlotLauncher(_Launcher):
         status, out, err = machine._place.run(command)
         pid = out.strip().splitlines()[-1:] if status == 0 else []
         if not pid or not pid[0].isdigit():
-            said = [line[17:] for line in err.splitlines() if line.startswith("stackops: error: ")]
-            if said:
-                raise ConfigError(f"job {machine.job_id} was not started on {machine.host_name}: "
-                                  f"{said[0]}", hint=f"python stackops.py status {machine.job_id}")
-            raise CommandError(machine.host_name, command, status, err or out)
+            _raise_remote_error(Response(out, err, status, command, machine.host_name),
+                                f"job {machine.job_id} was not started on {machine.host_name}: ",
+                                hint=f"python stackops.py status {machine.job_id}")
         machine.launcher_pid = int(pid[0])
         machine._save()
         log.info("job %s fired on %s (launcher pid %d)", machine.job_id, machine.host_name,
@@ -5812,7 +6040,7 @@ def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
 
 
 # ============================================================================================
-# 13. remote machine: one job, its place and its launcher; the list of jobs
+# 14. remote machine: one job, its place and its launcher; the list of jobs
 # ============================================================================================
 
 # -- the job folder, written here ------------------------------------------------------------------
@@ -6099,7 +6327,7 @@ class RemoteMachine:
 
     With ``config.ssh_host=None`` (the embedded default) the job runs on this machine; otherwise on
     that host, over one SSH connection reused for every step (``close()`` ends it). Where it runs
-    (a place) and how it starts there (a launcher) are chosen once, from the config (section 12).
+    (a place) and how it starts there (a launcher) are chosen once, from the config (section 13).
     """
 
     _kwargs: dict[str, Any] | None = None
@@ -6570,7 +6798,7 @@ def _ask_host(host: str, machines: list[RemoteMachine],
 
 
 # ============================================================================================
-# 14. cluster: one workload split over several hosts by their CPU and RAM
+# 15. cluster: one workload split over several hosts by their CPU and RAM
 # ============================================================================================
 
 class LoadCriterion(enum.Enum):
@@ -6921,7 +7149,7 @@ def _host_folder(host: str) -> str:
 
 
 # ============================================================================================
-# 15. cloud worker: claims and runs work units from a cloud queue
+# 16. cloud worker: claims and runs work units from a cloud queue
 # ============================================================================================
 
 CLOUD_UNITS_DIR = "cloud_units"  # under the worker's base dir: one folder per unit it runs
@@ -7184,7 +7412,7 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
 
 
 # ============================================================================================
-# 16. CLI
+# 17. CLI
 # ============================================================================================
 
 def _print_table(rows: list[list[str]], header: list[str] | None = None) -> None:
@@ -7258,7 +7486,7 @@ def _cmd_run(args: Any) -> int:
 
 
 def _run_and_report(machine: RemoteMachine, args: Any) -> int:
-    machine.run(run=not args.no_launch, show_scripts=args.show_scripts, progress=_progress())
+    machine.run(run=not args.no_launch, show_scripts=args.show_scripts, progress=_progress(args))
     if args.no_launch:
         print(f"job {machine.job_id} is ready at {machine.file_manager.job_root_rh}; nothing was started.")
         print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
@@ -7400,8 +7628,12 @@ def _local_logs(machine: RemoteMachine, args: Any) -> int:
     text = decoder.decode(data)
     print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n", flush=True)
     offset = len(data)  # bytes, not re-encoded text: invalid UTF-8 would move it past later output
+    checked = 0.0
+    finished = False
     while args.follow:
-        finished = machine.file_manager.get_job_status() in TERMINAL_STATUSES
+        if time.monotonic() - checked >= 1.0:  # the whole status: Slurm may have ended the job
+            finished = machine.get_status(0).status in TERMINAL_STATUSES
+            checked = time.monotonic()
         with open(path, "rb") if path.exists() else open(os.devnull, "rb") as handle:
             handle.seek(offset)
             chunk = handle.read()
@@ -7487,7 +7719,7 @@ def _print_queue(view: dict[str, Any]) -> None:
 
 def _cmd_download(args: Any) -> int:
     with RemoteMachine.load(args.job_id, args.base_dir) as machine:
-        print(machine.download_results(args.to, overwrite=args.overwrite, progress=_progress()))
+        print(machine.download_results(args.to, overwrite=args.overwrite, progress=_progress(args)))
     return 0
 
 
@@ -7740,21 +7972,100 @@ def _cmd_job_delete_results(args: Any) -> int:
     return 0
 
 
-def _progress() -> Callable[[int], None] | None:
-    """A byte counter on stderr when it is a terminal (and nothing otherwise)."""
-    if not sys.stderr.isatty():
-        return None
-    started = time.monotonic()
-    shown = [0.0]
+_TRANSFER_COMMANDS = ("run", "download", "copy")  # the commands that take --progress
 
-    def show(done: int) -> None:
+
+def _add_progress_option(parser: Any) -> None:
+    """``--progress json`` on the commands that transfer (see _Progress)."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name in _TRANSFER_COMMANDS:
+                action.choices[name].add_argument(
+                    "--progress", choices=("auto", "json"), default="auto",
+                    help="auto: a progress line on a terminal, else a summary per transfer "
+                         "longer than a second (none with -q); json: one JSON object a line "
+                         "on stderr (begin, progress, end), for tools that wrap stackops")
+
+
+def _progress(args: Any) -> _Progress | None:
+    """How the command line shows transfers: see _Progress; nothing with -q (but json)."""
+    mode = getattr(args, "progress", "auto")
+    if mode == "json":
+        return _Progress("json")
+    level = args.verbose + getattr(args, "verbose_after", 0)
+    if level - args.quiet - getattr(args, "quiet_after", 0) < 0:
+        return None
+    return _Progress("line" if sys.stderr.isatty() else "summary")
+
+
+class _Progress:
+    """The CLI's side of a transfer's progress (the library calls ``begin``, then the callback
+    with the bytes done, then ``end``: see _Meter), on stderr. ``line``: on a terminal, percent
+    of the known total, rate and time left, cleared when the transfer ends; ``summary``: one line
+    per transfer that took over a second; ``json``: one object a line."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.what = mode, ""
+        self.total: int | None = None
+        self.started = self.shown = 0.0
+        self.done = 0
+
+    def begin(self, what: str, total: int | None) -> None:
+        if what != self.what or not self.started:  # a second begin only tells the total
+            self.what, self.started, self.done = what, time.monotonic(), 0
+            self._json("begin")
+        self.total = total
+
+    def __call__(self, done: int) -> None:
+        self.done = done
         now = time.monotonic()
-        if now - shown[0] >= 0.2:
-            shown[0] = now
-            rate = done / max(now - started, 1e-6) / 2**20
-            sys.stderr.write(f"\r  {done / 2**20:9.1f} MiB  {rate:7.1f} MiB/s ")
+        if now - self.shown < (0.5 if self.mode == "json" else 0.2):
+            return
+        self.shown = now
+        if self.mode == "json":
+            self._json("progress")
+        elif self.mode == "line":
+            width = shutil.get_terminal_size().columns - 1
+            sys.stderr.write("\r\x1b[K" + _shorten(self._line(now), max(width, 20)))
             sys.stderr.flush()
-    return show
+
+    def end(self, done: int, ok: bool) -> None:
+        self.done = done
+        elapsed = time.monotonic() - self.started
+        if self.mode == "json":
+            self._json("end", ok=ok)
+        elif self.mode == "line":
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+        elif ok and elapsed > 1.0:
+            print(f"stackops: {self.what}: {_mib(done)} in {elapsed:.1f} s "
+                  f"({_mib(done / elapsed)}/s)", file=sys.stderr)
+        self.started = 0.0
+
+    def _line(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.done / elapsed
+        if not self.total:
+            return f"  {self.what}  {_mib(self.done)}  {_mib(rate)}/s"
+        percent = min(100.0, 100.0 * self.done / self.total)
+        left = max(self.total - self.done, 0) / rate if rate > 0 else 0.0
+        return (f"  {self.what}  {percent:3.0f}%  {_mib(self.done)} of {_mib(self.total)}  "
+                f"{_mib(rate)}/s  {int(left) // 60}:{int(left) % 60:02d} left")
+
+    def _json(self, event: str, **extra: Any) -> None:
+        if self.mode != "json":
+            return
+        elapsed = time.monotonic() - self.started
+        record = {"event": event, "what": self.what, "done": self.done, "total": self.total,
+                  "elapsed": round(elapsed, 3), "rate": round(self.done / max(elapsed, 1e-6)),
+                  **extra}
+        print(json.dumps(record), file=sys.stderr, flush=True)
+
+
+def _mib(count: float) -> str:
+    return f"{count / 2**20:.1f} MiB"
 
 
 def _cmd_ssh(args: Any) -> int:
@@ -7788,12 +8099,13 @@ def _cmd_copy(args: Any) -> int:
         with SSH.from_config_file(target[0], accept_new_host_key=args.accept_new) as ssh:
             remote = target[1] + (Path(args.source).name if target[1].endswith("/") else "")
             where = ssh.copy_from_here(args.source, remote, args.compress, args.recursive, args.overwrite,
-                                       _progress())
+                                       _progress(args))
         print(f"{target[0]}:{where}")
     elif source is not None:
         with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
             local = args.target + (Path(source[1]).name if args.target.endswith("/") else "")
-            print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite, _progress()))
+            print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite,
+                                   _progress(args)))
     return 0
 
 
@@ -8254,6 +8566,7 @@ def _build_parser() -> Any:
     sub.set_defaults(handler=_cmd_job_notify)
     sub.add_argument("job_root")
     _add_verbosity_everywhere(parser)
+    _add_progress_option(parser)
     return parser
 
 
@@ -8334,6 +8647,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stackops: error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"stackops: hint: {exc.hint}", file=sys.stderr)
+        if _SERVING:
+            print(error_record_line(exc), file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         print("stackops: interrupted", file=sys.stderr)
@@ -8350,7 +8665,25 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exception(type(failure), failure, failure.__traceback__)
     print(f"stackops: error: {line}", file=sys.stderr)
     print(f"stackops: hint: {hint}", file=sys.stderr)
+    if _SERVING:
+        print(error_record_line(failure), file=sys.stderr)
     return 1
+
+
+def _serve(argv: list[str]) -> int:
+    """The executing side's entry (SSH.run_stackops, a job's own copy): main(argv), with an
+    error also reported as one record on stderr, which the client raises again; a crash's
+    traceback comes along as its evidence."""
+    _SERVING.append(True)
+    try:
+        return main(argv)
+    except Exception as exc:
+        text = traceback.format_exc()
+        sys.stderr.write(text)
+        print(error_record_line(exc, _tail(text, 20)), file=sys.stderr)
+        return 1
+    finally:
+        _SERVING.pop()
 
 
 def _plain_error(exc: BaseException) -> tuple[str, str]:

@@ -4535,6 +4535,178 @@ def test_state_dir_per_machine_same_in_python_and_bash(home, monkeypatch):
     assert stackops.state_dir() == home / "mine"
 
 
+# -- 10-11. SSH and transfer: the class's size, copy templates, errors as records, progress --------
+
+def test_transfer_ssh_holds_the_connection_and_copies_have_their_own_section():
+    import ast
+
+    source = SOURCE.read_text()
+    tree = ast.parse(source)
+    [ssh] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SSH"]
+    assert ssh.end_lineno - ssh.lineno + 1 <= 330
+    lines = source.splitlines()
+    start = lines.index("# 10. SSH (paramiko, imported lazily)")
+    end = lines.index("# 11. transfer: sftp and tar streams, rclone")
+    assert start < ssh.lineno < end < lines.index("# 12. remote machine")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and start < node.lineno:
+            if node.lineno < lines.index("# 12. remote machine"):
+                assert node.end_lineno - node.lineno + 1 <= 60, node.name
+    for name in ("copy_from_here", "copy_to_here", "stream_command", "run_stackops"):
+        assert callable(getattr(stackops.SSH, name))
+
+
+HOSTILE = "~/we ird/$(touch PWNED)'\"`x`;\n\\ *"
+
+
+COPY_TEMPLATES = [name for name in dir(stackops) if name.endswith("_TEMPLATE") and name.startswith(
+    ("UPLOAD_", "DOWNLOAD_", "DISCARD_", "SEND_KEY_", "CLOUD_CHECK_"))]
+
+
+@pytest.mark.parametrize("template", COPY_TEMPLATES)
+def test_transfer_copy_templates_render_strictly_and_parse(template, tmp_path):
+    text = getattr(stackops, template)
+    found = stackops._Template(text).pattern.finditer(text)
+    names = sorted({m.group("named") for m in found} - {None})
+    values = {name: HOSTILE for name in names}
+    script = stackops._copy_command(text, **values)
+    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+    with pytest.raises(stackops.StackopsError):
+        stackops._copy_command(text, **{**values, "unused": "x"})
+    if template == "DISCARD_TEMPLATE":  # the hostile name is one word: only it is removed
+        victim = tmp_path / "we ird"
+        victim.mkdir()
+        (tmp_path / "keep").mkdir()
+        script = stackops._copy_command(text, staging=str(victim))
+        done = subprocess.run(["bash", "-c", script], cwd=tmp_path)
+        assert done.returncode == 0 and not victim.exists() and (tmp_path / "keep").exists()
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_transfer_error_record_from_bash_and_python_is_the_same_error():
+    message = "refusing 'a b' \\ \"c\"\nsecond\tline"
+    script = stackops.ERROR_RECORD_SH + '; _error_record ConfigError "$1"'
+    shell = subprocess.run(["bash", "-c", script, "x", message], capture_output=True, text=True)
+    python = stackops.error_record_line(stackops.ConfigError(message, hint="do this"))
+    for text, hint in ((shell.stderr, "given"), (python, "do this")):
+        response = stackops.Response("", "noise\n" + text, 3, "cmd", "somehost")
+        with pytest.raises(stackops.ConfigError) as caught:
+            stackops._raise_remote_error(response, "on h: ", hint="given")
+        assert str(caught.value) == "on h: " + message and caught.value.hint == hint
+
+
+def test_transfer_remote_crash_comes_back_with_its_evidence(tmp_path):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops\n"
+            "def boom(args): raise KeyError('the-lost-key')\n"
+            "stackops._cmd_job_report = boom\n"
+            "sys.exit(stackops._serve(['job-report', '/nowhere']))")
+    done = subprocess.run([sys.executable, "-S", "-c", code, str(HERE)], capture_output=True,
+                          text=True)
+    assert done.returncode == 1
+    response = stackops.Response(done.stdout, done.stderr, done.returncode, "job-report /nowhere",
+                                 "gpu-box")
+    with pytest.raises(stackops.CommandError) as caught:
+        stackops._raise_remote_error(response)
+    error = caught.value
+    assert (error.host, error.exit_status, error.command) == ("gpu-box", 1, "job-report /nowhere")
+    assert "KeyError: 'the-lost-key'" in error.stderr_tail and "Traceback" in error.stderr_tail
+    assert stackops.ERROR_RECORD_PREFIX not in str(error)
+
+
+def test_remote_errors_travel_as_data_with_class_and_hint(remote, home):
+    local = cli("status", "no-such-job", home=home)
+    [line, hint] = local.stderr.strip().splitlines()
+    with stackops.SSH.from_config_file("tb") as ssh:
+        with pytest.raises(stackops.ConfigError) as caught:
+            ssh.run_stackops(["status", "no-such-job"], timeout=60)
+    assert str(caught.value) == "on tb: " + line[len("stackops: error: "):]
+    assert hint.endswith(caught.value.hint.split(" ", 2)[-1]) and "list shows the jobs" in hint
+
+
+def test_remote_download_of_an_unreadable_file_is_refused_not_empty(remote, home):
+    locked = remote.remote_home / "locked.txt"
+    locked.write_text("secret")
+    locked.chmod(0)
+    try:
+        with stackops.SSH.from_config_file("tb") as ssh:
+            with pytest.raises(stackops.TransferError, match="cannot read"):
+                ssh.copy_to_here("~/locked.txt", home / "locked.txt")
+    finally:
+        locked.unlink()
+    assert not (home / "locked.txt").exists()
+
+
+def _slow_progress(mode, delay):
+    class Slow(stackops._Progress):
+        def __call__(self, done):
+            time.sleep(delay)
+            super().__call__(done)
+    return Slow(mode)
+
+
+def test_remote_progress_summary_when_not_a_terminal(remote, home, capsys):
+    source = home / "one.bin"
+    source.write_bytes(os.urandom(2**20))  # four chunks of 256 KiB
+    with stackops.SSH.from_config_file("tb") as ssh:
+        ssh.copy_from_here(source, "~/one.bin", progress=_slow_progress("summary", 0.3))
+        ssh.copy_from_here(source, "~/fast.bin", progress=stackops._Progress("summary"))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines  # only the transfer that took over a second
+    assert re.match(r"stackops: upload to tb:~/one\.bin: 1\.0 MiB in \d+\.\d s \(\d+\.\d MiB/s\)\Z",
+                    lines[0]), lines
+    quiet = cli("copy", "-q", "one.bin", "tb:~/q.bin", home=home)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_remote_progress_json_lines_for_tools(remote, home):
+    (home / "data").mkdir()
+    (home / "data" / "a.bin").write_bytes(os.urandom(3 * 2**20))
+    done = cli("copy", "-r", "data", "tb:~/data-json", "--progress", "json", home=home)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "tb:~/data-json"
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [e["event"] for e in events][0] == "begin" and events[-1]["event"] == "end"
+    assert events[-1]["ok"] is True and events[-1]["what"] == "upload to tb:~/data-json"
+    assert events[-1]["done"] > 3 * 2**20 and events[-1]["total"] >= 3 * 2**20
+    back = cli("copy", "tb:~/data-json/a.bin", "a-back.bin", "--progress", "json", home=home)
+    last = json.loads(back.stderr.splitlines()[-1])
+    assert last["done"] == last["total"] == 3 * 2**20 and last["event"] == "end"
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    run = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--data", "data",
+              "--job-id", "pj", "--progress", "json", home=home)
+    assert run.returncode == 0, run.stderr
+    events = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    assert events[0]["event"] == "begin" and events[0]["what"] == "hand-over to tb"
+    assert events[-1]["event"] == "end" and events[-1]["ok"] is True
+    assert 3 * 2**20 < events[-1]["total"] <= events[-1]["done"] < 8 * 2**20
+
+
+def test_remote_progress_line_on_a_terminal_is_cleared_before_the_next_output(remote, home):
+    (home / "big.bin").write_bytes(os.urandom(8 * 2**20))
+    master, slave = os.openpty()
+    try:
+        command = [sys.executable, str(SOURCE), "copy", "big.bin", "tb:~/big-tty.bin"]
+        proc = subprocess.Popen(command, cwd=home, env=dict(os.environ, HOME=str(home), COLUMNS="200"),
+                                stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the other side closed: EIO
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(master)
+    shown = b"".join(chunks).decode()
+    line = r"upload to tb:~/big-tty\.bin +\d+%  [\d.]+ MiB of 8\.0 MiB  [\d.]+ MiB/s  \d+:\d\d left"
+    assert re.search(line, shown), repr(shown)
+    assert shown.split("\r\x1b[K")[-1] == "tb:~/big-tty.bin\r\n", repr(shown[-200:])
+
 
 # ============================================================================================
 # 12. places and launchers: RemoteMachine chooses where and how once, and delegates
@@ -5410,6 +5582,54 @@ def test_slurm_after_a_failing_job_never_runs_and_never_hangs(slurm, home):
     assert _slurm_wait(bad).status == "failed"
     with pytest.raises(ConfigError, match="this one must run in the same place"):
         RemoteMachine(make_module(home, SLURM_JOBS).where, config(job_id="sa-mixed", after=["sa-good"]))
+
+
+def test_slurm_logs_follow_ends_when_slurm_ends_the_job(slurm, home):
+    """`scancel` from outside: the job records nothing, yet `logs -f` ends (Slurm's word counts)."""
+    module_dir = home / "proj"
+    module_dir.mkdir()
+    (module_dir / "jobs.py").write_text(textwrap.dedent(SLURM_JOBS) + textwrap.dedent("""
+        def chatty():
+            print("hello from the compute node", flush=True)
+            time.sleep(300)
+    """))
+    done = cli("run", "proj/jobs.py:chatty", "--slurm", "--job-id", "chat", home=home)
+    assert done.returncode == 0, done.stderr
+    machine = RemoteMachine.load("chat")
+    log = machine.file_manager.path(stackops.OUTPUT_LOG)
+    wait_for(lambda: log.exists() and "hello from the compute node" in log.read_text(), 60, "the job's output")
+    follow = subprocess.Popen([sys.executable, str(SOURCE), "logs", "chat", "-f"], cwd=home, text=True,
+                              env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in follow.stdout:
+            if "hello from the compute node" in line:
+                break
+        subprocess.run(["scancel", machine.slurm_job_id], check=True, env=os.environ)
+        out, err = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 0, err
+    assert machine.get_status(0).status == "cancelled"
+
+
+def test_slurm_retries_run_again_in_place(slurm, home):
+    module = make_module(home, """
+        import os
+
+        def flaky(flag):
+            if not os.path.exists(flag):
+                open(flag, "w").close()
+                raise RuntimeError("the first run fails")
+            return os.environ.get("SLURM_JOB_ID")
+    """)
+    flag = home / "failed-once"
+    machine = RemoteMachine(module.flaky, config(launch_method="slurm", retries=2),
+                            func_kwargs={"flag": str(flag)})
+    machine.run()
+    report = _slurm_wait(machine, 90)
+    assert report.status == "completed", report
+    assert flag.exists() and report.attempt == "2/3"
 
 
 def test_slurm_job_forgotten_by_slurm_is_failed_not_running(slurm, home):
