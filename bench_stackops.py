@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import json
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -339,8 +340,10 @@ def job_cases(bed: Bed, stackops, runs: int) -> list[dict]:
         rows.append(compare("status of a running job, connection open", lambda: machine.get_status(0),
                             lambda: run_cmd(bed.ssh_shared("-o", "ControlMaster=no", "tb", "true")), runs * 2,
                             "ssh true via ControlMaster"))
-        # the launcher leads its own session: end the job's whole process group, by its pid
-        run_cmd(bed.ssh("tb", f"kill -9 -- -{machine.launcher_pid}"))
+        # the launcher leads its own session: end the job's whole process group, by the pid its
+        # folder records (fire returned the pid of the queue's dispatcher, which started it)
+        folder = machine.file_manager.job_root_rh.replace("~", "$HOME", 1)
+        run_cmd(bed.ssh("tb", f'kill -9 -- -"$(cat "{folder}/logs/launcher_pid.txt")"'))
     return rows
 
 
@@ -428,6 +431,159 @@ def slot_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
     wall = max(_times(m)[1] for m in machines) - started
     rows.append(absolute(f"{count} trivial jobs, {slots} slots: wall per job", [wall / count],
                          note=f"(all fired in {fired:.2f} s, last ended after {wall:.2f} s)"))
+    os.environ.pop("STACKOPS_STATE_DIR")
+    return rows
+
+
+_STOP_QUEUE = ('rm -rf -- "$S"/queue/*; read -r p t < "$S/dispatcher.pid" 2>/dev/null '
+               '&& kill "$p" 2>/dev/null; true')  # a queue the bench filled: entries, then dispatcher
+
+
+def sweep_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
+    """A sweep submitted here (in-process queue entries, one dispatcher) and one sent to a host
+    (one stream), against `ssh host true` plus sending the same bytes over ssh."""
+    project = bed.local_home / "proj"
+    project.mkdir(exist_ok=True)
+    (project / "sweepjob.py").write_text("def point(x):\n    return None\n")
+    sys.path.insert(0, str(project))
+    import sweepjob
+
+    count = 1000 if quick else 10000
+    state = Path(tempfile.mkdtemp(dir=os.environ["HOME"]))
+    os.environ["STACKOPS_STATE_DIR"] = str(state)
+    config = stackops.RemoteStackOpsConfig(job_id=f"sweep-{next(_fresh)}", max_simultaneous_jobs=4)
+    grid = [{"x": index} for index in range(count)]
+    try:
+        took = timed(lambda: stackops.run_sweep(sweepjob.point, config, grid))
+    finally:
+        run_cmd(["bash", "-c", f"S={state}; {_STOP_QUEUE}"])
+        os.environ.pop("STACKOPS_STATE_DIR")
+    rows = [absolute(f"sweep of {count} trivial jobs, submit here", [took], unit="s",
+                     note=f"({took / count * 1000:.2f} ms per job; target <= 10 s, <= 1 ms per job)")]
+    hosted = 200 if quick else 1000
+    grid = [{"x": index} for index in range(hosted)]
+    payload = bed.base / "sweep-payload"
+    payload.write_bytes(b"x" * len(json.dumps([[f"s-{i:04d}", {"a": json.dumps({"x": i}), "b": "f" * 260}]
+                                               for i in range(hosted)])))
+
+    def to_host():
+        cfg = stackops.RemoteStackOpsConfig(job_id=f"hsweep-{next(_fresh)}", ssh_host="tb", copy_repo=True,
+                                            max_simultaneous_jobs=4)
+        with stackops.run_sweep(sweepjob.point, cfg, grid):
+            pass
+        run_cmd(bed.ssh("tb", f"bash -c {shlex.quote(stackops.STATE_DIR_SH + '; ' + _STOP_QUEUE)}"))
+
+    def reference():
+        run_cmd(bed.ssh("tb", "true"))
+        with open(payload, "rb") as source:
+            run_cmd(bed.ssh("tb", "cat > /dev/null"), stdin=source)
+
+    rows.append(compare(f"sweep of {hosted} jobs to a host", to_host, reference, max(1, runs // 2),
+                        "ssh true + same bytes (<= 3x)"))
+    return rows
+
+
+def _clone_jobs(stackops, template, count: int) -> list:
+    """``count`` prepared copies of a prepared job (hard links: the same files, their own ids), as a
+    sweep makes them; returns their FileManagers."""
+    root = template.file_manager.job_root
+    managers = []
+    for i in range(count):
+        folder = root.parent / f"{root.name}-{i:05d}"
+        shutil.copytree(root, folder, copy_function=os.link)
+        for relative in (stackops.FILE_MANAGER_JSON, stackops.CONFIG_JSON, stackops.REMOTE_MACHINE_JSON):
+            data = json.loads((root / relative).read_text())
+            data["job_id"] = folder.name
+            for part in ("config", "file_manager"):  # the job's own record holds both
+                if isinstance(data.get(part), dict):
+                    data[part]["job_id"] = folder.name
+            (folder / relative).unlink()
+            (folder / relative).write_text(json.dumps(data))
+        managers.append(stackops.FileManager.from_job_root(folder))
+    return managers
+
+
+def _procs_naming(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _ended(managers: list) -> list[tuple[float, float]]:
+    from datetime import datetime
+
+    times = []
+    for manager in managers:
+        logs = manager.path("logs")
+        try:
+            times.append(tuple(datetime.fromisoformat((logs / name).read_text().strip()).timestamp()
+                               for name in ("start_time.txt", "end_time.txt")))
+        except (OSError, ValueError):
+            continue
+    return sorted(times)
+
+
+def queue_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
+    """A queue of 10,000 (quick: 200) trivial jobs on this machine, fired while all four slots are
+    held from here: what the queue holds, the views, then the hand-off on one slot and the wall
+    time on four."""
+    count = 200 if quick else 10000
+    state = Path(tempfile.mkdtemp(dir=os.environ["HOME"]))
+    os.environ["STACKOPS_STATE_DIR"] = str(state)
+    project = bed.local_home / "proj"
+    project.mkdir(exist_ok=True)
+    (project / "trivial.py").write_text("res = None\n")
+    config = stackops.RemoteStackOpsConfig(job_id=f"sweep{next(_fresh)}", max_simultaneous_jobs=4)
+    template = stackops.RemoteMachine(str(project / "trivial.py"), config=config).run(run=False)
+    managers = _clone_jobs(stackops, template, count)
+    slots = stackops.Slots(state)
+    slots._ensure()
+    held = [stackops._try_flock(slots.slots / f"slot-{i}.lock") for i in range(4)]
+    script = "\n".join(f"{{ {m.get_fire_command()}; }} > /dev/null" for m in managers)
+    started = time.perf_counter()
+    subprocess.run(["bash", "-s"], input=script, text=True, check=True, capture_output=True)
+    fired = time.perf_counter() - started
+    time.sleep(1.0)
+    pids = _procs_naming(str(state))
+    rows = [absolute(f"memory held by {count} queued jobs", [sum(_rss_mib(pid) for pid in pids)], unit="MiB",
+                     note=f"{len(pids)} process(es); fired in {fired:.1f} s (target <= 50 MiB)")]
+    env = dict(os.environ, HOME=str(bed.local_home))
+    for what in (["list", "--json"], ["queue"]):
+        times = [timed(lambda: run_cmd([sys.executable, "-m", "stackops", *what], cwd=HERE, env=env))
+                 for _ in range(3)]
+        rows.append(absolute(f"`{' '.join(what)}` with {count} jobs on the machine", times,
+                             note="(target <= 500 ms)"))
+    os.close(held.pop(0))  # one slot: each job's end hands it to the next
+    while len(_ended(managers[:40])) < 31:
+        time.sleep(0.2)
+    chain = _ended(managers[:40])[:31]
+    gaps = [later[0] - earlier[1] for earlier, later in zip(chain, chain[1:])]
+    rows.append(absolute(f"slot hand-off with {count} queued", gaps, note="(median; target <= 50 ms)"))
+    done_before = len(_ended(managers))
+    released = time.time()
+    for fd in held:
+        os.close(fd)
+    while slots.entries() or slots.holders():
+        time.sleep(0.5)
+    last = max(end for _, end in _ended(managers))
+    ran = count - done_before
+    rows.append(absolute(f"{count} trivial jobs on 4 slots: wall per job", [(last - released) / ran],
+                         note=f"({ran} jobs in {last - released:.1f} s)"))
     os.environ.pop("STACKOPS_STATE_DIR")
     return rows
 
@@ -529,6 +685,8 @@ def main() -> int:
         rows += job_cases(bed, stackops, runs)
         rows += snapshot_cases(bed, stackops, args.quick, runs)
         rows += slot_cases(bed, stackops, args.quick)
+        rows += sweep_cases(bed, stackops, args.quick, runs)
+        rows += queue_cases(bed, stackops, args.quick)
         rows += cluster_case(bed, stackops, runs)
         rows += cli_cases(stackops, runs)
         rows += cancel_case(bed, stackops, runs)

@@ -51,30 +51,89 @@ from __future__ import annotations
 # 1. imports
 # ============================================================================================
 
-import dataclasses
-import datetime as _dt
 import enum
 import errno
 import fcntl
-import json
-import logging
 import os
 import posixpath
-import random
 import re
 import shlex
-import shutil
-import signal
 import stat
 import string
-import subprocess
 import sys
 import time
-import traceback
+import types
 from pathlib import Path
 TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
+    import dataclasses
+    import datetime as _dt
+    import json
+    import logging
+    import random
+    import shutil
+    import signal
+    import subprocess
+    import traceback
     from typing import Any, Callable, NoReturn
+
+
+class _LazyModule(types.ModuleType):
+    """A standard module imported where it is first used, not at start-up: ``--help`` and the
+    job's wrapper pay only for what they use (``python -X importtime`` shows what that is)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get(self.__name__) is self:  # it stood in while another module was imported
+            del sys.modules[self.__name__]
+        return getattr(__import__(self.__name__), name)
+
+
+def _import_sparing(name: str, spared: str) -> Any:
+    """Import ``name`` with ``spared``, a module it imports but seldom uses, standing in lazily."""
+    if spared not in sys.modules and name not in sys.modules:
+        sys.modules[spared] = _LazyModule(spared)
+    try:
+        return __import__(name)
+    finally:
+        if isinstance(sys.modules.get(spared), _LazyModule):
+            del sys.modules[spared]
+
+
+class _LazyPattern:
+    """A regular expression compiled where it is first used (re caches it), not at start-up."""
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        self.pattern, self.flags = pattern, flags
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(re.compile(self.pattern, self.flags), name)
+
+
+def _argparse() -> Any:
+    """argparse, imported without gettext and locale (7 ms at every start): its messages have no
+    translations installed, so gettext would return them unchanged anyway."""
+    if "argparse" not in sys.modules and "gettext" not in sys.modules:
+        stand_in = types.ModuleType("gettext")
+        stand_in.gettext = lambda message: message  # type: ignore[attr-defined]
+        plural = lambda one, many, n: one if n == 1 else many  # noqa: E731
+        stand_in.ngettext = plural  # type: ignore[attr-defined]
+        sys.modules["gettext"] = stand_in
+        try:
+            import argparse
+        finally:
+            if sys.modules.get("gettext") is stand_in:
+                del sys.modules["gettext"]
+    import argparse
+
+    return argparse
+
+
+if not TYPE_CHECKING:
+    dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: classes with no docstring
+    logging = _import_sparing("logging", "traceback")  # traceback: to format an exception
+    _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
+    shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
+    subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
 
 
 __version__ = "0.1.0"
@@ -92,6 +151,7 @@ __all__ = [
     "CloudQueue", "run_worker", "InterfaceAddress", "interface_table", "get_all_ipv4_addresses", "lan_score",
     "choose_lan_ipv4", "select_lan_ipv4", "get_public_ip_address", "switch_public_ip_address",
     "switch_public_ip_address_with_log", "main",
+    "Sweep", "run_sweep", "load_sweep_grid", "sweep_job_ids",
 ]
 
 log = logging.getLogger("stackops")
@@ -161,12 +221,20 @@ RUNNING_VIEW = "running_jobs.json"
 HISTORY_VIEW = "history_jobs.json"
 HISTORY_KEEP = 500
 
+DISPATCHER_PID = "dispatcher.pid"    # "<pid> <start ticks>" of the queue's live dispatcher
+DISPATCHER_LOCK = "dispatcher.lock"  # flocked by the one live dispatcher of a state folder
+DISPATCHER_LOG = "dispatcher.log"
+AFTER_DIR = "after"  # entries of jobs waiting for their parents (--after), not yet in the queue
+FIRE_ENV = "logs/fire_env"  # the fire command's environment (env -0): the job starts with it
+DISPATCH_POLL = 0.02  # how often the dispatcher looks for a free slot (seconds)
+VIEWS_EVERY = 1.0     # the dispatcher rewrites the queue view at most this often (seconds)
+AFTER_POLL = 0.5      # how often the dispatcher looks at the parents of jobs that wait for them
+
 SLOT_POLL_HEAD = 0.05    # the first two waiters look this often (seconds): for a free slot, for being first
 SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
-STARTUP_GRACE = 60.0     # a queue entry of a job whose launcher has not recorded itself yet
 LAUNCHER_GRACE = 2.0     # how long a status check lets a live launcher record its wrapper's end
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_SAFE_NAME = _LazyPattern(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _ADJECTIVES = ("amber", "brisk", "calm", "deft", "eager", "fair", "glad", "keen", "lucid",
                "mellow", "nimble", "proud", "quiet", "rapid", "sunny", "tidy", "vivid", "witty")
 _NOUNS = ("badger", "cedar", "comet", "falcon", "fjord", "heron", "lynx", "maple", "otter",
@@ -511,7 +579,7 @@ _SLURM_OPTION_WORDS = """
     reservation signal sockets-per-node spread-job switches thread-spec threads-per-core time time-min
     tmp use-min-nodes wckey"""
 SLURM_OPTIONS = frozenset(_SLURM_OPTION_WORDS.split())
-_SLURM_VALUE = re.compile(r"[A-Za-z0-9_.:,=/@%+*&|!\[\]()-]{0,200}\Z")
+_SLURM_VALUE = _LazyPattern(r"[A-Za-z0-9_.:,=/@%+*&|!\[\]()-]{0,200}\Z")
 
 
 def check_slurm_options(options: Any) -> dict[str, str]:
@@ -668,6 +736,9 @@ _SIMPLE_TYPES: dict[str, Any] = {"str": str, "int": int, "float": (int, float), 
                                  "dict": dict, "None": type(None), "Any": object}
 
 
+_OPTIONS: dict[str, list[str]] = {}  # an annotation's alternatives, split once
+
+
 def _matches(value: Any, annotation: str) -> bool:
     if annotation.startswith("list[") and annotation.endswith("]"):
         inner = annotation[5:-1]
@@ -684,7 +755,10 @@ def _validate_fields(instance: Any) -> None:
     """Refuse a dataclass whose values do not match the annotations (strings, since PEP 563)."""
     for spec in dataclasses.fields(instance):
         value = getattr(instance, spec.name)
-        options = [part.strip() for part in str(spec.type).split("|")]
+        options = _OPTIONS.get(str(spec.type))
+        if options is None:
+            options = [part.strip() for part in str(spec.type).split("|")]
+            _OPTIONS[str(spec.type)] = options
         if not any(_matches(value, option) for option in options):
             raise ConfigError(f"{type(instance).__name__}.{spec.name} must be {spec.type}, "
                               f"got {type(value).__name__} {_shorten(repr(value), 60)}")
@@ -1204,6 +1278,12 @@ umask 077
 JOB_ROOT=$(cd "$(dirname "$0")/.." && pwd -P) || exit 1
 LOGS="$JOB_ROOT/logs"
 PYTHON=@@python
+# --dispatch STATE: the queue's dispatcher, from the job's copy, by python3 (3.8+) or the job's
+if [ "${1:-}" = --dispatch ]; then
+    P=python3; "$P" -S -c 'import sys; sys.exit(sys.version_info < (3, 8))' 2>/dev/null || P=$PYTHON
+    exec "$P" -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import stackops
+stackops.run_dispatcher(sys.argv[2])' "$JOB_ROOT/python" "${2:?the state folder}"
+fi
 _write() { printf '%s' "$2" > "$LOGS/.$1.tmp" && mv -f "$LOGS/.$1.tmp" "$LOGS/$1"; }
 s=; { IFS= read -r s < "/proc/$$/stat"; } 2>/dev/null; s=${s##*) }; set -f; set -- $s; set +f
 _write launcher_pid_start.txt "${20:-}"  # with the pid, what proves this process is the launcher
@@ -1217,11 +1297,19 @@ _fail() {
     @@notify
     exit 1
 }
+[ -e "$LOGS/cancel_requested.txt" ] && _fail "cancelled before it started"
 echo "=== SHELL START $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) ==="
 cd @@repo_dir || _fail "cannot enter the repo folder "@@repo_dir_text
 @@setup_lines
 echo "=== SHELL END ==="
-"$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py"
+if [ -n "${STACKOPS_SLOT_FDS:-}" ]; then  # slots from the dispatcher: for the wrapper alone
+    "$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py" &
+    w=$!
+    for f in $STACKOPS_SLOT_FDS; do [[ $f =~ ^[0-9]+$ ]] && eval "exec $f<&-"; done
+    wait "$w"
+else
+    "$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py"
+fi
 rc=$?
 case "$(cat "$LOGS/status.txt" 2>/dev/null)" in
     completed|failed|cancelled) ;;
@@ -1397,7 +1485,7 @@ get status.txt; st=${R//[[:space:]]/}
 case "$st" in completed|failed|cancelled) echo "ended $st"; exit 0 ;; esac
 [ -e "$L/cancel_requested.txt" ] || put cancel_requested.txt "$(now)"
 @@state_dir; S="$S"@@pool; get ticket.txt; t=${R//[[:space:]]/}
-[ -n "$t" ] && rm -f -- "$S/queue/$t-$id"
+[ -n "$t" ] && rm -f -- "$S/queue/$t-$id" "$S/after/$t-$id"
 cmd() { C=; local a; [ -r "/proc/$1/cmdline" ] || return 1
     while IFS= read -r -d '' a || [ -n "$a" ]; do C="$C $a"; done < "/proc/$1/cmdline"; }
 stat() { local s; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
@@ -1486,8 +1574,14 @@ if [ -n "$f" ] && ! job "${f#w}"; then
     fi
 fi
 place=
-if [ "$st" = waiting ]; then
+if [ "$st" = waiting ] || [ "$st" = queued ]; then
     @@state_dir; S="$S"@@pool; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
+    if [ "$st" = queued ] && [ ! -e "$L/launcher_pid.txt" ] \
+        && [ -e "$S/queue/$me" -o -e "$S/after/$me" ]; then
+        st=waiting; @@dispatch; _dispatch > /dev/null  # an entry in line: its dispatcher lives
+    fi
+fi
+if [ "$st" = waiting ] && [ -e "$S/queue/$me" ]; then
     for e in "$S"/queue/*; do e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1)); done
     [ -n "$found" ] && place=$n
 fi
@@ -1541,10 +1635,10 @@ GPU_PROBE_SH = ("printf '%s\\n' \"${STACKOPS_GPUS--}\"; "
                 "nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null; true")
 
 
-def gpu_ids() -> list[str]:
-    """This machine's GPUs: ``STACKOPS_GPUS=0,1,...`` when set (it overrides), else what
-    ``nvidia-smi`` lists, else none."""
-    declared = os.environ.get("STACKOPS_GPUS")
+def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
+    """This machine's GPUs: ``STACKOPS_GPUS=0,1,...`` when set in ``env`` (default: this process's
+    environment; it overrides), else what ``nvidia-smi`` lists, else none."""
+    declared = (os.environ if env is None else env).get("STACKOPS_GPUS")
     if declared is not None:
         return [item.strip() for item in declared.split(",") if item.strip()]
     try:
@@ -1609,15 +1703,25 @@ def job_process_alive(job_root: Path, pid_file: str = PID_TXT) -> bool | None:
     return is_job_process(pid, path, _read_int(job_root / start_file))
 
 
+_PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while it is unchanged
+_DISPATCHERS_SEEN: dict[str, tuple[int, float]] = {}  # a live dispatcher, and when it was seen
+_DETACHED: list[subprocess.Popen[bytes]] = []  # dispatchers started here (kept, never waited for)
+
+
 class Slots:
     """The slots and the queue of one machine and user, held by the kernel, not by JSON.
 
     A slot is an flock on ``slots/slot-<i>.lock``: a job holds it while it runs, and a holder
-    killed with SIGKILL frees it with nobody cleaning up. A job waits in ``queue/`` under an entry
-    named ``<fire time in ns>-<job_id>``, created by the fire command before the job starts and
-    flocked by the job's wrapper while it waits. Only the first live entry may take a slot, so
-    jobs start in the order they were fired. ``*_jobs.json`` are views for people, rewritten
-    atomically under ``state.lock``.
+    killed with SIGKILL frees it with nobody cleaning up. A job waits in ``queue/`` as data: an
+    entry named ``<fire time in ns>-<job_id>`` that holds its folder's path, written by the fire
+    command. The queue's one dispatcher (run_dispatcher: a small process that lives only while
+    the queue is not empty) takes a free slot for the first entry and starts the job holding it
+    (the lock's file descriptor is inherited); so jobs start in the order they were fired, and a
+    queue of any length costs files, not processes. A job that waits in person (interactive, in
+    tmux) flocks its own entry and takes its slot itself when first. Jobs that wait for their
+    parents (``after``) have their entries in ``after/`` until the dispatcher moves them to the
+    end of the queue. ``*_jobs.json`` are views for people, rewritten atomically under
+    ``state.lock``.
     """
 
     def __init__(self, root: Path | None = None) -> None:
@@ -1628,15 +1732,17 @@ class Slots:
         for folder in (self.root, self.queue, self.slots):
             _trusted_dir(folder, "state folder")
 
-    def entries(self) -> list[str]:
+    def entries(self, folder: str = "queue") -> list[str]:
         try:
-            return sorted(name for name in os.listdir(self.queue) if not name.startswith("."))
+            names = os.listdir(self.root / folder)
         except FileNotFoundError:
             return []
+        return sorted(name for name in names if not name.startswith("."))
 
-    def entry_state(self, name: str) -> str:
-        """``waiting`` (its wrapper holds it), ``pending`` (its job has not started yet) or ``stale``."""
-        path = self.queue / name
+    def entry_state(self, name: str, folder: str = "queue") -> str:
+        """``waiting`` (its own wrapper holds it: an interactive job waits in person), ``pending``
+        (its launcher is starting), ``queued`` (data: the dispatcher starts it) or ``stale``."""
+        path = self.root / folder / name
         try:
             fd = _try_flock(path, shared=True, create=False)
         except FileNotFoundError:  # its job took a slot meanwhile
@@ -1647,16 +1753,53 @@ class Slots:
             text = os.read(fd, 65536).decode("utf-8", "surrogateescape")
         finally:
             os.close(fd)
-        if not text:
+        job_root = Path(text) if text else None
+        if job_root is None or not (job_root / FILE_MANAGER_JSON).exists() \
+                or (job_root / CANCEL_TXT).exists():
             return "stale"
-        job_root = Path(text)
         started = (job_root / PID_TXT).exists() or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES
         launcher = job_process_alive(job_root, LAUNCHER_PID_TXT)
-        if started or launcher is not None:  # a live launcher's job is pending, however slow
-            return "pending" if launcher and not started else "stale"
-        ticket = name.split("-", 1)[0]
-        age = time.time() - int(ticket) / 1e9 if ticket.isdigit() else STARTUP_GRACE
-        return "pending" if age < STARTUP_GRACE else "stale"
+        if started or launcher is False:
+            return "stale"
+        return "queued" if launcher is None else "pending"
+
+    def dispatcher_pid(self) -> int | None:
+        """The pid of this queue's live dispatcher, or None."""
+        try:
+            pid, start = _read_text(self.root / DISPATCHER_PID).split()
+            alive = _process_state(int(pid))[0]
+        except ValueError:
+            return None
+        if not alive or str(process_start_ticks(int(pid))) != start:
+            return None
+        return int(pid)
+
+    def ensure_dispatcher(self, job_root: Path | None = None) -> int | None:
+        """Start this queue's dispatcher (through a queued job's launcher) unless one lives or
+        nothing is queued; returns its pid. Any stackops call that finds a queued job does this,
+        so no entry waits forever because the process that would have started it died."""
+        seen = _DISPATCHERS_SEEN.get(str(self.root))
+        if seen is not None and time.monotonic() - seen[1] < 1.0:  # a list of 10,000 looks once
+            return seen[0]
+        pid = self.dispatcher_pid()
+        if pid is not None:
+            _DISPATCHERS_SEEN[str(self.root)] = (pid, time.monotonic())
+            return pid
+        if job_root is None:
+            names = self.entries() or self.entries(AFTER_DIR)
+            folder = "queue" if self.entries() else AFTER_DIR
+            if not names:
+                return None
+            job_root = Path(_read_text(self.root / folder / names[0]))
+        launcher = job_root / LAUNCHER_SH
+        if not launcher.is_file():
+            return None
+        with open(self.root / DISPATCHER_LOG, "ab") as out:
+            started = subprocess.Popen(["bash", str(launcher), "--dispatch", str(self.root)],
+                                       stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        _DETACHED.append(started)
+        return started.pid
 
     def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int, on_start: Callable[[], None],
                       names: list[str] | None = None, need: int = 1) -> tuple[list[tuple[str, int]], _dt.datetime]:
@@ -1675,12 +1818,17 @@ class Slots:
         try:
             fcntl.flock(entry_fd, fcntl.LOCK_EX)
             on_start()
+            look = 0.0
             while True:
                 ahead = [name for name in self.entries() if name < entry]
-                if ahead and self.entry_state(ahead[0]) == "stale":
+                state = self.entry_state(ahead[0]) if ahead else ""
+                if state == "stale":
                     with _suppress(FileNotFoundError):
                         os.unlink(self.queue / ahead[0])
                     continue
+                if state == "queued" and time.monotonic() > look:  # data ahead: a dispatcher lives
+                    look = time.monotonic() + 1.0
+                    self.ensure_dispatcher()
                 if ahead:  # the next in line looks as often as the first, so a freed slot passes on fast
                     time.sleep(SLOT_POLL_HEAD if len(ahead) == 1 else SLOT_POLL_OTHERS)
                     continue
@@ -1708,8 +1856,18 @@ class Slots:
         return []
 
     def place_of(self, entry: str) -> int | None:
-        names = self.entries()
-        return sum(1 for name in names if name < entry) + 1 if entry in names else None
+        """The place of ``entry`` in the queue (1: next), or None when it is not in it. The queue's
+        listing is read once per change of the folder, so the places of all its jobs cost one."""
+        try:
+            version = os.stat(self.queue).st_mtime_ns
+        except FileNotFoundError:
+            return None
+        cached = _PLACES.get(str(self.queue))
+        if cached is None or cached[0] != version or entry not in cached[1]:
+            cached = (version, {name: place for place, name in enumerate(self.entries(), 1)})
+            _PLACES.clear()
+            _PLACES[str(self.queue)] = cached
+        return cached[1].get(entry)
 
     def holders(self) -> list[dict[str, Any]]:
         """The jobs holding a slot now (a slot lock nobody holds is free, whatever its JSON says)."""
@@ -1728,17 +1886,27 @@ class Slots:
             found.append(holder)
         return found
 
-    def waiters(self) -> list[dict[str, Any]]:
+    def waiters(self, checked: int = 20) -> list[dict[str, Any]]:
+        """The queue in order, then the jobs that wait for their parents (place None). Read from
+        the entries' names alone, so a queue of 10,000 costs one listing: only the first
+        ``checked`` are looked at (entry_state), and those found stale are left out."""
         result: list[dict[str, Any]] = []
-        for name in self.entries():
-            state = self.entry_state(name)
-            if state == "stale":
-                continue
-            ticket, _, job_id = name.partition("-")
-            queued = _dt.datetime.fromtimestamp(int(ticket) / 1e9, _dt.timezone.utc) if ticket.isdigit() else None
-            result.append({"place": len(result) + 1, "job_id": job_id, "state": state,
-                           "job_root": _read_text(self.queue / name), "queued_since": _iso(queued)})
+        for index, name in enumerate(self.entries()):
+            state = self.entry_state(name) if index < checked else "queued"
+            if state != "stale":
+                result.append(self._waiter(name, len(result) + 1, state))
+        result += [self._waiter(name, None, "after") for name in self.entries(AFTER_DIR)]
         return result
+
+    @staticmethod
+    def _waiter(name: str, place: int | None, state: str) -> dict[str, Any]:
+        ticket, _, job_id = name.partition("-")
+        since = None
+        if ticket.isdigit():  # as _iso writes it, at a tenth of the cost (a queue has 10,000)
+            seconds, nanoseconds = divmod(int(ticket), 10**9)
+            since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+            since += f".{nanoseconds // 1000:06d}+00:00"
+        return {"place": place, "job_id": job_id, "state": state, "queued_since": since}
 
     def history(self) -> list[dict[str, Any]]:
         try:
@@ -1747,12 +1915,15 @@ class Slots:
             return []
         return data if isinstance(data, list) else []
 
-    def refresh_views(self, finished: dict[str, Any] | None = None) -> None:
-        """Rewrite the three JSON views from the truth; append ``finished`` to the history."""
+    def refresh_views(self, finished: dict[str, Any] | None = None, queue: bool = True) -> None:
+        """Rewrite the JSON views from the truth; append ``finished`` to the history. The view of
+        the queue (``queue``) is the dispatcher's to keep (at most once a second), as it grows
+        with the queue."""
         self._ensure()
         with _FileLock(self.root / "state.lock"):
             _atomic_write_json(self.root / RUNNING_VIEW, self.holders())
-            _atomic_write_json(self.root / QUEUED_VIEW, self.waiters())
+            if queue:
+                _atomic_write_json(self.root / QUEUED_VIEW, self.waiters())
             if finished is not None:
                 history = (self.history() + [finished])[-HISTORY_KEEP:]
                 _atomic_write_json(self.root / HISTORY_VIEW, history)
@@ -1787,6 +1958,18 @@ TMUX_PASSED_ENV = ("STACKOPS_STATE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "
 _FIRE_ENV_SH = ("{ U=(); A=(); for v in " + " ".join(TMUX_PASSED_ENV) + "; do "
                 'if [ -n "${!v+x}" ]; then A+=("$v=${!v}"); else U+=(-u "$v"); fi; done; '
                 'E=("${U[@]}" "${A[@]}"); }')
+
+
+# _dispatch: print the pid of the live dispatcher of the queue in $S (its pid file names it with its
+# start time), starting one first, through the job's launcher, if none lives.
+_DISPATCH_SH = (
+    '_dispatch() { local p= t= s; { read -r p t < "$S/' + DISPATCHER_PID + '"; } 2>/dev/null; '
+    'if [[ $p =~ ^[0-9]+$ ]] && { IFS= read -r s < "/proc/$p/stat"; } 2>/dev/null; then '
+    's=${s##*) }; set -f; set -- $s; set +f; '
+    'if [ "$1" != Z ] && [ "${20:-}" = "$t" ]; then echo "$p"; return 0; fi; fi; '
+    'local D; D=$(command -v setsid || echo nohup); '
+    '{ "$D" bash "$J/shell/cluster_script.sh" --dispatch "$S" < /dev/null '
+    '>> "$S/' + DISPATCHER_LOG + '" 2>&1 & }; echo $!; }')
 
 
 def tmux_session_name(job_id: str) -> str:
@@ -1875,10 +2058,12 @@ class FileManager:
     # -- launching -----------------------------------------------------------------------------
 
     def get_fire_command(self, interactive: bool = False, join_queue: bool = True) -> str:
-        """The bash command that starts this job detached on the executing machine and prints the
-        launcher's pid. It joins the machine's queue first, so jobs start in the order fired.
-        It refuses a job or state folder others could change, and a fire that fails (no tmux, a
-        taken session) leaves no queue entry and ends the job ``failed`` with the reason."""
+        """The bash command that starts this job detached on the executing machine and prints a
+        pid: the job's queue entry goes to the machine's dispatcher (the pid printed), which starts
+        it when a slot is free, in the order fired; ``join_queue=False``: it first waits for the
+        jobs it runs after. An interactive job (tmux) or one that takes no slot starts at once
+        (its launcher's pid). It refuses a job or state folder others could change, and a fire
+        that fails (no tmux, a taken session) leaves no queue entry and ends the job ``failed``."""
         parts = ["umask 077", f"J={self._job_root_sh()}",
                  'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }',
                  _FIRE_TRUST_SH, ERROR_RECORD_SH, _FIRE_FAIL_SH,
@@ -1891,17 +2076,14 @@ class FileManager:
             parts += [f"{{ command -v tmux >/dev/null || _failed {missing}; }}",
                       f"{{ ! tmux has-session -t ={session}: 2>/dev/null || _failed {taken}; }}"]
         entry = ""
-        if self.lock_resources and join_queue:  # the entry appears whole, never empty
-            where = f"S={shlex.quote(self.state_dir)}" if self.state_dir else "{ " + STATE_DIR_SH + "; }"
-            entry = f'"$S/queue/$t-"{shlex.quote(self.job_id)}'
-            temp = f'"$S/queue/.$t-"{shlex.quote(self.job_id)}.tmp'
-            parts += [where, 'case $S in /*) ;; *) S="$PWD/$S" ;; esac',
-                      'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}', 'mkdir -p -m 700 "$S"',
-                      '{ _trusted "$S" "state folder" || _failed "$R"; }',
-                      'mkdir -p -m 700 "$S/queue" "$S/slots"', "t=$(date +%s%N)",
-                      f'printf "%s" "$J" > {temp}', f"mv -f {temp} {entry}",
-                      'printf "%s" "$t" > "$J/logs/ticket.txt"']
-        if interactive:
+        dispatched = self.lock_resources and not interactive
+        if self.lock_resources and (join_queue or dispatched):
+            folder = "queue" if join_queue else AFTER_DIR
+            entry = f'"$S/{folder}/$t-"{shlex.quote(self.job_id)}'
+            parts += self._join_queue_sh(folder, entry, dispatched)
+        if dispatched:
+            parts += [_DISPATCH_SH, "_dispatch"]
+        elif interactive:
             undo = f"rm -f {entry}; " if entry else ""
             launch = f'tmux new-session -d -s {session} env "${{E[@]}}" bash '
             launch += '"$J/shell/cluster_script.sh"'
@@ -1916,6 +2098,28 @@ class FileManager:
                       'echo $!']
         return " && ".join(parts)
 
+    def _state_sh(self) -> str:
+        """Bash that sets S to this job's state folder where it runs (its pool's is inside)."""
+        return f"S={shlex.quote(self.state_dir)}" if self.state_dir else "{ " + STATE_DIR_SH + "; }"
+
+    def _join_queue_sh(self, folder: str, entry: str, dispatched: bool) -> list[str]:
+        """The fire command's steps that put the job in line: its ticket, its environment (what
+        the dispatcher starts it with), then its entry, which appears whole, never empty."""
+        temp = f'"$S/{folder}/.$t-"{shlex.quote(self.job_id)}.tmp'
+        steps = [self._state_sh(), 'case $S in /*) ;; *) S="$PWD/$S" ;; esac',
+                 'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}',
+                 '{ [ -d "$S" ] || mkdir -p -m 700 "$S"; }',
+                 '{ _trusted "$S" "state folder" || _failed "$R"; }',
+                 f'{{ [ -d "$S/{folder}" ] && [ -d "$S/slots" ] && [ -d "$S/queue" ] '
+                 f'|| mkdir -p -m 700 "$S/queue" "$S/slots" "$S/{folder}"; }}',
+                 # the fire time in ns: bash 5 knows it without starting `date`
+                 '{ t=${EPOCHREALTIME:-}; t=${t//[!0-9]/}; '
+                 '[ ${#t} = 16 ] && t=${t}000 || t=$(date +%s%N); }',
+                 'printf "%s" "$t" > "$J/logs/ticket.txt"']
+        if dispatched:  # the dispatcher starts it as if from here: in its folder, with this env
+            steps.append(f'{{ cd "$J" && env -0 > "$J/{FIRE_ENV}" || rm -f "$J/{FIRE_ENV}"; }}')
+        return steps + [f'printf "%s" "$J" > {temp}', f"mv -f {temp} {entry}"]
+
     # -- on the executing machine --------------------------------------------------------------
 
     def write_log(self, relative: str, text: str) -> None:
@@ -1927,12 +2131,50 @@ class FileManager:
         self.write_log(PID_TXT, str(os.getpid()))
 
     def secure_resources(self) -> bool:
-        """Announce this process as the job's (pid), then wait in line for a slot; returns True."""
+        """Announce this process as the job's (pid) and hold its slot: the one the dispatcher
+        handed over with the process, else wait in line for one (a job waiting in person)."""
         if not self.lock_resources:
             self._announce()
             self.admitted_at = _utcnow()
             return True
         slots = self.slots()
+        if self._adopt_slots():
+            self._announce()
+        else:
+            self._wait_in_person(slots)
+        holder = {"job_id": self.job_id, "job_root": str(self.job_root), "pid": os.getpid(),
+                  "submission_time": _iso(self.submission_time),
+                  "start_time": _iso(self.admitted_at)}
+        if self.gpus:
+            held = [name[4:] for name, _ in self._slot or []]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)  # the job's code sees its GPUs only
+            holder["gpus"] = held
+        for name, _ in self._slot or []:
+            _atomic_write_json(slots.slots / f"{name}.json", holder)
+        slots.refresh_views(queue=False)
+        log.info("job %s holds %s", self.job_id, ", ".join(name for name, _ in self._slot or []))
+        return True
+
+    def _adopt_slots(self) -> bool:
+        """Take over the slots the dispatcher handed this process (their locks' inherited file
+        descriptors, named in the environment, which the job's own code does not see)."""
+        fds = os.environ.pop("STACKOPS_SLOT_FDS", None)
+        names = os.environ.pop("STACKOPS_SLOT_NAMES", "").split()
+        admitted = _parse_iso(os.environ.pop("STACKOPS_ADMITTED", ""))
+        if fds is None:
+            return False
+        numbers = [int(fd) for fd in fds.split() if fd.isdigit()]
+        if not numbers or len(numbers) != len(names):
+            raise SlotError(f"job {self.job_id}: the slots handed over are unreadable "
+                            f"({fds!r}, {names!r})")
+        for fd in numbers:
+            os.set_inheritable(fd, False)  # the job's own children never hold the slot
+        self._slot = list(zip(names, numbers))
+        self.admitted_at = admitted or _utcnow()
+        return True
+
+    def _wait_in_person(self, slots: Slots) -> None:
+        """Wait in line under this job's entry, then take a slot (Slots.wait_for_slot)."""
         ticket = _read_text(self.path(TICKET_TXT)).strip() or f"{time.time_ns():019d}"
         entry = f"{ticket}-{self.job_id}"
         gpus = gpu_ids() if self.gpus else []
@@ -1947,17 +2189,6 @@ class FileManager:
         names = [f"gpu-{gpu}" for gpu in gpus] if self.gpus else None
         self._slot, self.admitted_at = slots.wait_for_slot(entry, self.job_root, self.max_simultaneous_jobs,
                                                            started, names, max(1, self.gpus))
-        holder = {"job_id": self.job_id, "job_root": str(self.job_root), "pid": os.getpid(),
-                  "submission_time": _iso(self.submission_time), "start_time": _iso(self.admitted_at)}
-        if self.gpus:
-            held = [name[4:] for name, _ in self._slot]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)  # the job's code sees exactly its GPUs
-            holder["gpus"] = held
-        for name, _ in self._slot:
-            _atomic_write_json(slots.slots / f"{name}.json", holder)
-        slots.refresh_views()
-        log.info("job %s holds %s", self.job_id, ", ".join(name for name, _ in self._slot))
-        return True
 
     def unlock_resources(self, record: dict[str, Any] | None = None,
                          keep_slot: bool = False) -> None:
@@ -1975,13 +2206,13 @@ class FileManager:
                     holder = json.loads(info.read_text(encoding="utf-8"))
                     holder["note"] = "finished; its interactive session holds the slot until it ends"
                     _atomic_write_json(info, holder)
-            slots.refresh_views(finished=record)
+            slots.refresh_views(finished=record, queue=False)
             return
         for name, fd in held:
             with _suppress(FileNotFoundError):
                 os.unlink(slots.slots / f"{name}.json")
             os.close(fd)
-        slots.refresh_views(finished=record)
+        slots.refresh_views(finished=record, queue=False)
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -2024,7 +2255,24 @@ class FileManager:
         if raw not in STATUSES:
             self._mark_failed(f"unreadable status {raw!r} in {STATUS_TXT}")
             return "failed"
-        return raw if raw in TERMINAL_STATUSES else self._verify_alive(raw)
+        status = raw if raw in TERMINAL_STATUSES else self._verify_alive(raw)
+        if status == "queued" and self.lock_resources and self._in_line():
+            return "waiting"  # an entry in the queue (or among those waiting for their parents)
+        return status
+
+    def _in_line(self) -> bool:
+        """Whether this job is an entry that waits in its queue, which then has a live dispatcher
+        (one is started if none lives: the process that was to start this job may have died)."""
+        if self.path(LAUNCHER_PID_TXT).exists():
+            return False
+        name = f"{_read_text(self.path(TICKET_TXT)).strip()}-{self.job_id}"
+        slots = self.slots()
+        for folder in (slots.queue, slots.root / AFTER_DIR):
+            if (folder / name).exists():
+                with _suppress(OSError, StackopsError):
+                    slots.ensure_dispatcher(self.job_root)
+                return True
+        return False
 
     def status_report(self, log_lines: int = 20, verify: bool = True) -> JobStatus:
         """Everything about the job in one call: status, pid, times, results, error, log tail.
@@ -2033,11 +2281,13 @@ class FileManager:
             raise StackopsError(f"no job folder at {self.job_root}")
         raw = _read_text(self.path(STATUS_TXT)).strip() or "queued"
         status = self.get_job_status() if verify else raw if raw in STATUSES else "failed"
+        if status == "queued" and not verify and self.lock_resources and self._in_line():
+            status = "waiting"  # read where it runs (``list`` on its host): an entry in line
         place = None
         if status == "waiting":
             ticket = _read_text(self.path(TICKET_TXT)).strip()
             place = self.slots().place_of(f"{ticket}-{self.job_id}")
-        output = _read_text(self.path(OUTPUT_LOG))
+        output = _read_text(self.path(OUTPUT_LOG)) if log_lines > 0 else ""  # a list reads no logs
         return JobStatus(job_id=self.job_id, status=status, pid=_read_int(self.path(PID_TXT)),
                          submission_time=_iso(self.submission_time),
                          start_time=_read_text(self.path(START_TXT)).strip() or None,
@@ -2051,7 +2301,7 @@ class FileManager:
     def cancel_command(self, grace: float) -> str:
         """The bash script that cancels this job where it runs (CANCEL_TEMPLATE)."""
         return render_template(CANCEL_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
-                               ticks=str(max(0, round(grace * 20))), state_dir=STATE_DIR_SH,
+                               ticks=str(max(0, round(grace * 20))), state_dir=self._state_sh(),
                                pool=self._pool_sh())
 
     def delete_command(self) -> str:
@@ -2076,9 +2326,10 @@ class FileManager:
             notify = (f'[ -e "$L/notified.txt" ] || '
                       f'{{ setsid {notify} </dev/null >>"$L/output.log" 2>&1 & }}')
         script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
-                                 marker=marker, lines=str(max(0, int(log_lines))), state_dir=STATE_DIR_SH,
+                                 marker=marker, lines=str(max(0, int(log_lines))),
+                                 state_dir=self._state_sh(),
                                  fallback=fallback, pool=self._pool_sh(), notify=notify or ":",
-                                 grace=str(int(LAUNCHER_GRACE / 0.05)))
+                                 grace=str(int(LAUNCHER_GRACE / 0.05)), dispatch=_DISPATCH_SH)
         return f"bash -c {shlex.quote(script)}"
 
     def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus, dict[str, str]]:
@@ -2478,7 +2729,8 @@ def run_job(job_root: str | os.PathLike[str],
     try:
         try:
             config = _read_json(manager.path(CONFIG_JSON))
-            if config.get("after") and config.get("launch_method") != "slurm":
+            handed = "STACKOPS_SLOT_FDS" in os.environ  # by the dispatcher: the parents completed
+            if config.get("after") and config.get("launch_method") != "slurm" and not handed:
                 _wait_for_parents(manager, list(config["after"]))
             manager.secure_resources()
             timings.start_utc = manager.admitted_at or _utcnow()
@@ -2504,6 +2756,246 @@ def run_job(job_root: str | os.PathLike[str],
             manager.write_log(STATUS_TXT, status)
             _notify(manager, record, status, error)
     return res
+
+
+# -- the queue's dispatcher: hands slots to queued entries, first come first served --------------
+
+def run_dispatcher(root: str | os.PathLike[str]) -> None:
+    """Hand the slots of the queue in ``root`` (a state folder) to its entries, in order, while it
+    has any; then exit. At most one runs per queue (an flock); a second one exits at once, and one
+    killed is replaced by the next stackops call that finds a job in line
+    (Slots.ensure_dispatcher)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        line = "%(asctime)s stackops dispatcher %(process)d: %(message)s"
+        handler.setFormatter(logging.Formatter(line))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    _Dispatcher(Path(root)).run()
+
+
+class _Dispatcher:
+    """The one process that starts a queue's jobs (run_dispatcher). It takes a free slot for the
+    first entry and starts the job's launcher holding it: the lock's file descriptor is inherited,
+    so the kernel frees the slot when the job's processes end, whatever happens to this one."""
+
+    def __init__(self, root: Path) -> None:
+        self.slots = Slots(root)
+        self.line: list[str] = []  # the queue as last listed, first in line first
+        self.relist = 0.0
+        self.views = 0.0
+        self.after_look = 0.0
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.in_person: set[str] = set()  # entries of jobs that take their slot themselves (tmux)
+        self.parents: dict[str, list[str]] = {}
+
+    def run(self) -> None:
+        lock = None
+        while lock is None:  # one that is leaving lets go in a moment; one that stays says so
+            lock = _try_flock(self.slots.root / DISPATCHER_LOCK)
+            if lock is None and self.slots.dispatcher_pid() is not None:
+                return
+            if lock is None:
+                time.sleep(0.05)
+        try:
+            self._announce()
+            log.info("dispatching the queue in %s", collapse_home(self.slots.root))
+            while self._round():
+                pass
+        finally:
+            with _suppress(Exception):
+                if self.slots.queue.is_dir():
+                    self.slots.refresh_views(queue=True)
+            os.close(lock)
+
+    def _announce(self) -> None:
+        me = f"{os.getpid()} {process_start_ticks() or ''}"
+        _atomic_write_text(self.slots.root / DISPATCHER_PID, me)
+
+    def _round(self) -> bool:
+        """One look at the queue; False when this dispatcher's work is done."""
+        self.children = [child for child in self.children if child.poll() is None]
+        if not self.slots.queue.is_dir():
+            return False  # the state folder is gone
+        if time.monotonic() >= self.after_look:
+            self.after_look = time.monotonic() + AFTER_POLL
+            self._look_after()
+        head = self._head()
+        if head is None and not self.line:
+            if self.slots.entries(AFTER_DIR):
+                time.sleep(AFTER_POLL / 5)
+                return True
+            return self._stay()
+        if head is None or not self._hand_over(*head):
+            time.sleep(DISPATCH_POLL)
+        if time.monotonic() >= self.views:
+            self.views = time.monotonic() + VIEWS_EVERY
+            self.slots.refresh_views()
+        return True
+
+    def _stay(self) -> bool:
+        """The queue is empty: leave, unless an entry came meanwhile (a fire that saw this
+        dispatcher's pid just before it went is served)."""
+        with _suppress(FileNotFoundError):
+            os.unlink(self.slots.root / DISPATCHER_PID)
+        if self.slots.entries() or self.slots.entries(AFTER_DIR):
+            self._announce()
+            self.relist = 0.0
+            return True
+        log.info("the queue is empty: the dispatcher ends")
+        return False
+
+    def _head(self) -> tuple[str, Path] | None:
+        """The first live entry and its job folder; None when there is none or when the first
+        waits in person (it takes its slot itself). Stale entries are removed on the way."""
+        while True:
+            if not self.line or time.monotonic() >= self.relist:
+                self.line = self.slots.entries()
+                self.relist = time.monotonic() + 1.0
+            if not self.line:
+                return None
+            name = self.line[0]
+            state = self.slots.entry_state(name)
+            if state == "stale":
+                with _suppress(FileNotFoundError):
+                    os.unlink(self.slots.queue / name)
+                self.line.pop(0)
+                continue
+            job_root = Path(_read_text(self.slots.queue / name))
+            if state == "queued" and name not in self.in_person:
+                with _suppress(OSError, StackopsError):
+                    if _read_json(job_root / CONFIG_JSON).get("interactive"):
+                        self.in_person.add(name)
+            if state != "queued" or name in self.in_person:
+                return None
+            return name, job_root
+
+    def _hand_over(self, name: str, job_root: Path) -> bool:
+        """Start the job of entry ``name`` holding a free slot (or its GPUs); False: none free."""
+        try:
+            manager = FileManager.from_job_root(job_root)
+            env = _fire_env(job_root)
+        except (OSError, StackopsError) as exc:
+            self._refuse(name, job_root, f"its job folder cannot be read: {exc}")
+            return True
+        names, need = [f"slot-{index}" for index in range(manager.max_simultaneous_jobs)], 1
+        if manager.gpus:
+            gpus = gpu_ids(env)
+            if len(gpus) < manager.gpus:
+                why = (f"job {manager.job_id} needs {manager.gpus} GPU(s) and this machine has "
+                       f"{len(gpus)}")
+                self._refuse(name, job_root, why)
+                return True
+            names, need = [f"gpu-{gpu}" for gpu in gpus], manager.gpus
+        try:
+            held = self.slots._take(names, need)
+        except SlotError as exc:  # a slot file that cannot be opened: the job says why, with the fix
+            self._refuse(name, job_root, f"{exc} ({exc.hint})" if exc.hint else str(exc))
+            return True
+        if not held:
+            return False
+        try:
+            self._start(name, manager, env, held)
+        except OSError as exc:
+            self._refuse(name, job_root, f"its launcher could not be started: {exc}")
+        finally:
+            for _, fd in held:
+                os.close(fd)  # the job's processes hold the slot from here on
+        return True
+
+    def _start(self, name: str, manager: FileManager, env: dict[str, str],
+               held: list[tuple[str, int]]) -> None:
+        taken = _utcnow()
+        env = dict(env, STACKOPS_SLOT_FDS=" ".join(str(fd) for _, fd in held),
+                   STACKOPS_SLOT_NAMES=" ".join(slot for slot, _ in held),
+                   STACKOPS_ADMITTED=_iso(taken) or "")
+        root = manager.job_root
+        with open(manager.path(OUTPUT_LOG), "ab") as out:
+            child = subprocess.Popen(["bash", str(root / LAUNCHER_SH)], cwd=str(root), env=env,
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     pass_fds=[fd for _, fd in held], start_new_session=True)
+        self.children.append(child)
+        with _suppress(FileNotFoundError):  # its job has it now: no copy of an environment stays
+            os.unlink(manager.path(FIRE_ENV))
+        manager.write_log(LAUNCHER_START_TXT, str(process_start_ticks(child.pid) or ""))
+        manager.write_log(LAUNCHER_PID_TXT, str(child.pid))  # before the entry goes
+        holder = {"job_id": manager.job_id, "job_root": str(root), "launcher_pid": child.pid,
+                  "submission_time": _iso(manager.submission_time), "start_time": _iso(taken)}
+        for slot, _ in held:
+            _atomic_write_json(self.slots.slots / f"{slot}.json", holder)
+        with _suppress(FileNotFoundError):
+            os.unlink(self.slots.queue / name)
+        if self.line and self.line[0] == name:
+            self.line.pop(0)
+
+    def _refuse(self, name: str, job_root: Path, why: str, folder: str = "queue",
+                status: str = "failed") -> None:
+        """End a job that cannot start (``why``), take its entry out and report its end."""
+        log.warning("job %s: %s", job_root.name, why)
+        with _suppress(OSError, StackopsError):
+            manager = FileManager.from_job_root(job_root)
+            if status == "cancelled":
+                manager.write_log(CANCEL_TXT, why)
+            manager._mark_failed(why, status)
+        with _suppress(FileNotFoundError):
+            os.unlink(self.slots.root / folder / name)
+        if folder == "queue" and self.line and self.line[0] == name:
+            self.line.pop(0)
+        with _suppress(Exception):
+            notify_job_end(job_root)
+
+    def _look_after(self) -> None:
+        """Move the jobs whose parents all completed to the end of the queue, and end those with
+        a parent that failed, was cancelled or is gone (``cancelled``, as it never runs)."""
+        for name in self.slots.entries(AFTER_DIR):
+            job_root = Path(_read_text(self.slots.root / AFTER_DIR / name))
+            if not (job_root / FILE_MANAGER_JSON).exists() or (job_root / CANCEL_TXT).exists():
+                with _suppress(FileNotFoundError):
+                    os.unlink(self.slots.root / AFTER_DIR / name)
+                continue
+            if name not in self.parents:
+                with _suppress(OSError, StackopsError):
+                    self.parents[name] = list(_read_json(job_root / CONFIG_JSON).get("after") or [])
+            states = {parent: _parent_state(job_root.parent / parent)
+                      for parent in self.parents.get(name, [])}
+            ended = [f"{parent} {state}" for parent, state in states.items()
+                     if state in ("failed", "cancelled", "gone")]
+            if ended:
+                self._refuse(name, job_root, f"cancelled: it runs after {', '.join(ended)}",
+                             AFTER_DIR, "cancelled")
+                continue
+            pending = [f"{parent} ({state})" for parent, state in states.items()
+                       if state != "completed"]
+            reason = "after " + ", ".join(pending) if pending else ""
+            if _read_text(job_root / REASON_TXT) != reason:
+                _atomic_write_text(job_root / REASON_TXT, reason)
+            if not pending:  # now in line, like a job fired at this moment
+                ticket = f"{time.time_ns():019d}"
+                target = self.slots.queue / f"{ticket}-{job_root.name}"
+                os.rename(self.slots.root / AFTER_DIR / name, target)
+                _atomic_write_text(job_root / TICKET_TXT, ticket)
+                self.relist = 0.0
+
+
+def _parent_state(folder: Path) -> str:
+    if not (folder / FILE_MANAGER_JSON).exists():
+        return "gone"
+    return FileManager.from_job_root(folder).get_job_status()
+
+
+def _fire_env(job_root: Path) -> dict[str, str]:
+    """The environment the job was fired with (env -0 by the fire command), without slot hand-over
+    variables; this process's own when it was not recorded."""
+    try:
+        raw = (job_root / FIRE_ENV).read_bytes()
+    except FileNotFoundError:
+        env = dict(os.environ)
+    else:
+        pairs = (item.partition(b"=") for item in raw.split(b"\0") if b"=" in item)
+        env = {os.fsdecode(key): os.fsdecode(value) for key, _, value in pairs}
+    for key in ("STACKOPS_SLOT_FDS", "STACKOPS_SLOT_NAMES", "STACKOPS_ADMITTED"):
+        env.pop(key, None)
+    return env
 
 
 def job_report(job_root: str | os.PathLike[str], log_lines: int = 20) -> dict[str, Any]:
@@ -2838,15 +3330,171 @@ def _host_sync_source() -> str:
     return _HOST_SYNC_SOURCE[0]
 
 
+# -- sweeps: the executing machine's half ------------------------------------------------------
+# A sweep is many jobs of one function, one per line of kwargs. What they have in common (this
+# file, the wrapper, the launcher, the code snapshot, the job parameters and config) is in one
+# folder named after the sweep, {base}/queued/<sweep id>, which is no job itself (it has no
+# file_manager.json); each job's folder <sweep id>-K beside it holds its own files (kwargs,
+# file_manager.json, logs) and relative links to the shared parts. The links keep every path a
+# job is known by (its launcher's and wrapper's command line, checked by status and cancel) the
+# same as for any other job.
+
+SWEEP_JSON = "data/sweep.json"  # in the sweep's shared folder: its id and its jobs' ids
+_SWEEP_SHARED = ("python", "shell", CODE_DIR, JOB_PARAMS_JSON, CONFIG_JSON, INSTANCE_PICKLE)
+
+
+def sweep_links(queued: Path, sweep_id: str) -> dict[str, str]:
+    """The links a job folder of sweep ``sweep_id`` holds: {its path: the relative target}, for
+    each shared part the sweep's folder has."""
+    shared = queued / sweep_id
+    links = {}
+    for relative in _SWEEP_SHARED:
+        if os.path.lexists(shared / relative):
+            up = "../" * relative.count("/")
+            links[relative] = f"{up}../{sweep_id}/{relative}"
+    return links
+
+
+def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
+                    links: dict[str, str]) -> Path:
+    """One job folder of a sweep, put in place whole (built under a hidden name, then renamed):
+    ``files`` (relative path: text) and ``links`` (see sweep_links). A folder of that name that
+    exists already is an error, never replaced. Plain string paths: a sweep writes thousands."""
+    root = os.path.join(queued, check_safe_name(job_id))
+    if os.path.lexists(root):
+        raise ConfigError(f"job {job_id!r} already exists at {collapse_home(root)}")
+    staging = os.path.join(queued, f".{job_id}.{os.getpid()}.partial")
+    try:
+        for folder in (staging, f"{staging}/data", f"{staging}/logs"):
+            os.mkdir(folder, 0o700)
+        for relative, target in links.items():
+            os.symlink(target, f"{staging}/{relative}")
+        for relative, text in files.items():
+            fd = os.open(f"{staging}/{relative}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as handle:
+                handle.write(text.encode("utf-8"))
+        if os.path.lexists(root):
+            raise ConfigError(f"job {job_id!r} appeared at {collapse_home(root)} meanwhile")
+        os.rename(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Path(root)
+
+
+def _sweep_state(manager: FileManager) -> tuple[str, Path]:
+    """(STACKOPS_STATE_DIR for the launchers, the pool's folder with queue/ and slots/)."""
+    fixed = manager.state_dir or os.environ.get("STACKOPS_STATE_DIR")
+    root = Path(os.path.abspath(expand_home(fixed))) if fixed else state_dir()
+    return str(root), (root / "pools" / manager.pool if manager.pool else root)
+
+
+def fire_sweep_jobs(roots: list[Path]) -> list[int]:
+    """Start the jobs in folders ``roots`` (of one sweep, on this machine) in this order, from
+    this process, as their fire commands would: each becomes an entry of the machine's queue
+    (consecutive tickets keep their order; the environment they start with is this process's,
+    recorded once for the sweep), and the queue's dispatcher starts them as slots free up.
+    Returns, per job, the pid the fire command prints (the dispatcher's). Jobs that take no
+    slot start at once (their launchers' pids). The folders are checked as the fire checks them."""
+    if not roots:
+        return []
+    first = FileManager.from_job_root(roots[0])
+    _trusted_dir(roots[0].parent, "base folder")
+    if not first.lock_resources:
+        return [_start_launcher(os.path.realpath(root), dict(os.environ)) for root in roots]
+    fixed, pool = _sweep_state(first)
+    slots = Slots(pool)
+    slots._ensure()
+    shared_env = _sweep_fire_env(roots[0], fixed)
+    queued = os.path.realpath(roots[0].parent)  # the launcher's command line names its exact path
+    queue = str(slots.queue)
+    ticket = time.time_ns()
+    for index, root in enumerate(roots):
+        job_root = os.path.join(queued, root.name)
+        name = f"{ticket + index:019d}"
+        _write_plain(os.path.join(job_root, TICKET_TXT), name)
+        with _suppress(FileExistsError):
+            os.symlink(shared_env, os.path.join(job_root, FIRE_ENV))
+        _write_plain(os.path.join(queue, f"{name}-{root.name}"), job_root)
+    pid = slots.ensure_dispatcher(Path(queued) / roots[0].name)
+    return [pid or 0] * len(roots)
+
+
+def _sweep_fire_env(job_root: Path, fixed_state: str) -> str:
+    """The environment a sweep's jobs start with (as ``env -0`` records it for one fire), written
+    once into the sweep's folder; returns the relative link a job's ``logs/fire_env`` is."""
+    sweep_id = os.readlink(job_root / "python").split("/")[1]  # ../<sweep id>/python
+    env = dict(os.environb)
+    env[b"STACKOPS_STATE_DIR"] = os.fsencode(fixed_state)
+    env.pop(b"PWD", None)  # each job's bash sets its own
+    text = b"".join(key + b"=" + value + b"\0" for key, value in env.items())
+    _write_plain(job_root.parent / sweep_id / "data" / "fire_env", text)
+    return f"../../{sweep_id}/data/fire_env"
+
+
+def _write_plain(path: str | Path, text: str | bytes) -> None:
+    """A small file that appears whole (temp, rename), without fsync: a sweep writes thousands."""
+    folder, name = os.path.split(path)
+    temp = f"{folder}/.{name}.{os.getpid()}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as handle:
+        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
+    os.replace(temp, path)
+
+
+def _start_launcher(job_root: str, env: dict[str, str]) -> int:
+    """The job's launcher, detached (its own session), output to its log; returns its pid."""
+    with open(os.path.join(job_root, OUTPUT_LOG), "ab") as output:
+        launcher = subprocess.Popen(["bash", os.path.join(job_root, LAUNCHER_SH)], cwd=job_root,
+                                    stdin=subprocess.DEVNULL, stdout=output,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return launcher.pid
+
+
+def sweep_host_main() -> None:
+    """The executing machine's end of a sweep's hand-over (stdin: one JSON request): write the
+    job folders (unless the host sees ours: a shared home), then fire them. Refuses, before
+    writing any, a job folder that exists. Prints {"pids": [...]}."""
+    try:
+        _sweep_host(json.loads(sys.stdin.read()))
+    except StackopsError as exc:  # refused: one line, as the CLI says it
+        sys.stderr.write(f"stackops: error: {exc}\n")
+        raise SystemExit(3) from None
+
+
+def _sweep_host(request: dict[str, Any]) -> None:
+    queued = expand_home(request["queued"])
+    sweep_id = check_safe_name(request["sweep_id"])
+    jobs = request["jobs"]
+    taken = [job_id for job_id, _ in jobs if os.path.lexists(queued / check_safe_name(job_id))]
+    if request["write"] and taken:
+        raise ConfigError(f"{len(taken)} job(s) of sweep {sweep_id} exist already there: "
+                          f"{', '.join(taken[:3])}")
+    written: list[Path] = []
+    try:
+        if request["write"]:
+            links = sweep_links(queued, sweep_id)
+            for job_id, files in jobs:
+                written.append(write_sweep_job(queued, job_id, files, links))
+        roots = [queued / job_id for job_id, _ in jobs]
+        pids = fire_sweep_jobs(roots) if request["fire"] else []
+    except BaseException:  # what this call wrote goes; an entry left behind is stale without it
+        for root in written:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    sys.stdout.write(json.dumps({"pids": pids}) + "\n")
+
+
 # ============================================================================================
 # 9. network helpers: local addresses, the LAN address, the public IP and its rotation
 # ============================================================================================
 
 DEFAULT_PUBLIC_IP_URL = "https://ipinfo.io/json"
-_VIRTUAL_IFACE = re.compile(r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
-                            r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)",
-                            re.IGNORECASE)
-_PHYSICAL_IFACE = re.compile(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)", re.IGNORECASE)
+_VIRTUAL_IFACE = _LazyPattern(
+    r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
+    r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)", re.IGNORECASE)
+_PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)",
+                               re.IGNORECASE)
 _NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16", "192.168.49.0/24",
                    "10.0.2.0/24")
 
@@ -6797,6 +7445,386 @@ def _ask_host(host: str, machines: list[RemoteMachine],
     return answers
 
 
+# -- sweeps ------------------------------------------------------------------------------------
+
+def load_sweep_grid(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The kwargs of a sweep's jobs from a JSON Lines file: one JSON object per line, the K-th
+    object for job ``<id>-K`` (blank lines are skipped). A line that is not a JSON object is
+    refused with its number."""
+    source = os.fspath(path)
+    grid = []
+    for number, line in enumerate(_read_kwargs_file(source).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{source} line {number} is not JSON: {exc}",
+                              hint='one JSON object of kwargs per line, e.g. {"lr": 0.1}') from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source} line {number} must be a JSON object of kwargs, "
+                              f"got {type(value).__name__}")
+        grid.append(value)
+    if not grid:
+        raise ConfigError(f"{source} holds no line of kwargs: a sweep needs at least one")
+    return grid
+
+
+def _sweep_lines(common: dict[str, Any] | None, grid: Any) -> list[dict[str, Any]]:
+    """Each job's kwargs: ``common`` updated with its line, checked as JSON data."""
+    if isinstance(grid, (str, bytes, dict)) or not isinstance(grid, (list, tuple)) or not grid:
+        raise ConfigError("a sweep needs a non-empty list of kwargs dicts, one per job",
+                          hint="load_sweep_grid(path) reads them from a JSON Lines file")
+    lines = []
+    for number, line in enumerate(grid, 1):
+        if not isinstance(line, dict):
+            raise ConfigError(f"sweep line {number} must be a dict of kwargs, "
+                              f"got {type(line).__name__}")
+        try:
+            lines.append(_check_kwargs({**(common or {}), **line}))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep line {number}: {exc}") from None
+    return lines
+
+
+def sweep_job_ids(sweep_id: str, count: int) -> list[str]:
+    """``<sweep_id>-0000`` ... : four digits, or as many as the count needs."""
+    width = max(4, len(str(count - 1)))
+    return [check_safe_name(f"{sweep_id}-{index:0{width}d}") for index in range(count)]
+
+
+def _check_sweep_config(config: RemoteStackOpsConfig) -> None:
+    refused = [(config.launch_method != "remotely", f"launch_method {config.launch_method!r}"),
+               (config.transfer_method != "sftp", "transfer_method 'cloud'"),
+               (config.interactive, "interactive jobs")]
+    for flag, what in refused:
+        if flag:
+            raise ConfigError(f"a sweep cannot run {what}",
+                              hint="a sweep runs detached jobs here or on an SSH host")
+
+
+class Sweep:
+    """The jobs of one sweep, made by run_sweep: job K is ``<sweep id>-K`` (zero-padded) with the
+    kwargs of line K. Each is a RemoteMachine; this object follows them all at once."""
+
+    def __init__(self, sweep_id: str, jobs: list[RemoteMachine]) -> None:
+        self.sweep_id, self.jobs = sweep_id, jobs
+
+    job_id = property(lambda self: self.sweep_id)  # the CLI's verbs name it like a job
+
+    def __repr__(self) -> str:
+        return f"Sweep({self.sweep_id!r}, {len(self.jobs)} jobs)"
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __iter__(self) -> Any:
+        return iter(self.jobs)
+
+    def __getitem__(self, index: int) -> RemoteMachine:
+        return self.jobs[index]
+
+    @classmethod
+    def load(cls, sweep_id: str, base_dir: str | None = None) -> Sweep:
+        """The sweep ``sweep_id`` submitted earlier from this machine."""
+        queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
+        try:
+            ids = _read_json(queued / check_safe_name(sweep_id) / SWEEP_JSON)["ids"]
+        except (StackopsError, KeyError, TypeError) as exc:
+            raise ConfigError(f"no sweep {sweep_id!r} under {collapse_home(queued.parent)}",
+                              hint=f"{_prog()} list shows the jobs") from exc
+        jobs = [RemoteMachine.from_job_dir(queued / job_id) for job_id in ids
+                if (queued / job_id / REMOTE_MACHINE_JSON).exists()]
+        return cls(sweep_id, jobs)
+
+    def close(self) -> None:
+        if self.jobs:
+            self.jobs[0].close()  # the one connection they share
+
+    def __enter__(self) -> Sweep:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def check_job_status(self, timeout: float = 60.0) -> dict[str, JobStatus | StackopsError]:
+        """Every job's status: here read from its folder; on a host, all in one round trip."""
+        remote = [job for job in self.jobs if job.is_remote]
+        answers: dict[str, JobStatus | StackopsError] = {}
+        for job in self.jobs:
+            if not job.is_remote:
+                answers[job.job_id] = job.file_manager.status_report(0)
+        if remote:
+            found = _ask_host(remote[0].host_name, remote, timeout)
+            for job in remote:
+                answer = found.get((job.host_name, job.job_id))
+                answers[job.job_id] = answer if answer is not None else \
+                    StackopsError(f"{job.host_name} sent no status for job {job.job_id}")
+        return answers
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, JobStatus]:
+        """Block until every job ended (a failed one does not stop the others); their statuses."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            answers = self.check_job_status()
+            ended = {key: value for key, value in answers.items()
+                     if isinstance(value, JobStatus) and value.finished}
+            if len(ended) == len(self.jobs):
+                return ended
+            if deadline is not None and time.monotonic() > deadline:
+                raise StackopsError(f"sweep {self.sweep_id}: {len(self.jobs) - len(ended)} of "
+                                    f"{len(self.jobs)} jobs not ended after {timeout}s")
+            time.sleep(poll)
+
+    def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
+        """Cancel every job that has not ended (each as RemoteMachine.cancel does)."""
+        answers: dict[str, JobStatus | StackopsError] = {}
+        reports = self.check_job_status()
+        for job in self.jobs:
+            report = reports.get(job.job_id)
+            if isinstance(report, JobStatus) and report.finished:
+                answers[job.job_id] = report
+                continue
+            job._ssh = job._ssh or self.jobs[0]._ssh  # one connection for all
+            try:
+                answers[job.job_id] = job.cancel(grace)
+            except StackopsError as exc:
+                answers[job.job_id] = exc
+            self.jobs[0]._ssh = self.jobs[0]._ssh or job._ssh
+        return answers
+
+
+def _sweep_member(template: RemoteMachine, job_id: str, kwargs: dict[str, Any]) -> RemoteMachine:
+    """Job ``job_id`` of a sweep: the template's function, config and connection, its kwargs.
+    Copies, not constructions: they were checked once, and a sweep makes thousands."""
+    import copy
+
+    job = RemoteMachine.__new__(RemoteMachine)
+    job.__dict__.update(template.__dict__)
+    job._init_state()
+    job._ssh = template._ssh
+    job.config = copy.copy(template.config)
+    job.config.job_id = job_id
+    job.kwargs = kwargs
+    manager = job.file_manager = copy.copy(template.file_manager)
+    manager.job_id = job_id
+    manager.job_root_rh = f"{manager.job_root_rh.rsplit('/', 1)[0]}/{job_id}"
+    manager.job_root = manager.job_root.parent / job_id
+    job.scripts_generated = True
+    return job
+
+
+def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]],
+              func_kwargs: dict[str, Any] | None = None, data: list[str] | None = None,
+              run: bool = True, progress: Callable[[int], None] | None = None) -> Sweep:
+    """Run ``func`` once per line of ``grid`` (a list of kwargs dicts; load_sweep_grid reads a
+    JSON Lines file), each line updating ``func_kwargs``: job K is ``<config.job_id>-K``.
+    Everything is checked before anything is written or sent (each line's kwargs against the
+    function, the ids against the jobs that exist). The jobs share one copy of stackops, the
+    wrapper, the launcher and the code snapshot (the folder ``<config.job_id>`` beside theirs);
+    to a host they travel as one stream. A failed job does not stop the others. ``run=False``
+    prepares everything and starts nothing (``start ID-K`` starts a job)."""
+    _check_sweep_config(config)
+    lines = _sweep_lines(func_kwargs, grid)
+    template = RemoteMachine(func, config, func_kwargs=lines[0], data=data)
+    parameters = _parameters(func, template.job_params)
+    workload = config.workload_params is not None
+    for number, kwargs in enumerate(lines, 1):
+        try:
+            _check_call(parameters, kwargs, workload, f"{template.job_params.func_name}()")
+        except ConfigError as exc:
+            raise ConfigError(f"sweep line {number}: {exc}", hint=exc.hint) from None
+    ids = sweep_job_ids(config.job_id, len(lines))
+    queued = template.file_manager.job_root.parent
+    taken = [name for name in [config.job_id, *ids] if os.path.lexists(queued / name)]
+    if taken:
+        raise ConfigError(f"sweep {config.job_id!r} would reuse the id of {', '.join(taken[:3])}"
+                          + (f" and {len(taken) - 3} more" if len(taken) > 3 else ""),
+                          hint="choose another --job-id")
+    template.preflight()
+    if template.is_remote:
+        template._check_where_it_runs()  # before anything is written: python3 and the code there
+    jobs = [_sweep_member(template, job_id, kwargs) for job_id, kwargs in zip(ids, lines)]
+    sweep = Sweep(config.job_id, jobs)
+    _put_sweep_in_place(template, jobs, run, progress)
+    if run and not template.is_remote:
+        _note_fired(jobs, fire_sweep_jobs([job.file_manager.job_root for job in jobs]))
+    else:
+        _note_fired(jobs, [])
+    log.info("sweep %s: %d jobs %s on %s", config.job_id, len(jobs),
+             "fired" if run else "ready", template.host_name)
+    return sweep
+
+
+def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run: bool,
+                        progress: Callable[[int], None] | None) -> None:
+    """The shared folder, then every job's folder, here and (over SSH) on the host; the host
+    writes and queues its jobs while this machine writes its records of them. On any failure,
+    what this call made goes (see _withdraw_sweep)."""
+    queued = template.file_manager.job_root.parent
+    made: list[str] = []  # what this call put in place, here (names) and there (the shared folder)
+    placed = False
+    join: Callable[[], None] | None = None
+    try:
+        _write_sweep_folder(template, [job.job_id for job in jobs])
+        made.append(template.job_id)
+        shared = _hand_over_sweep_folder(template, progress) if template.is_remote else False
+        placed = template.is_remote and not shared
+        if placed:
+            join = _in_background(lambda: _sweep_host_command(template, jobs, True, run))
+        links = {} if placed else sweep_links(queued, template.job_id)  # here, a record only
+        manager = template.file_manager.to_dict()
+        for job in jobs:
+            write_sweep_job(queued, job.job_id, _sweep_job_files(job, manager), links)
+            made.append(job.job_id)
+            job.shared = shared
+        if join is not None:
+            waiting = join
+            join = None  # joined once, here (a failure is withdrawn below)
+            waiting()
+        elif template.is_remote:  # a shared home: the host sees the folders just written
+            _sweep_host_command(template, jobs, write=False, fire=run)
+    except BaseException:
+        if join is not None:
+            with _suppress(Exception):
+                join()
+        _withdraw_sweep(template, made, placed)
+        raise
+
+
+def _in_background(action: Callable[[], None]) -> Callable[[], None]:
+    """Run ``action`` in a thread; the function returned waits for it and raises what it raised."""
+    import threading
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as exc:  # handed to the caller by join()
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return join
+
+def _write_sweep_folder(template: RemoteMachine, ids: list[str]) -> None:
+    """The sweep's shared folder (``<base>/queued/<sweep id>``), put in place whole: what every
+    job of it runs (stackops, wrapper, launcher, code), none of one job's own files."""
+    root = template.file_manager.job_root
+    source = _own_file()
+    if not source.is_file():
+        raise StackopsError(f"cannot find stackops.py to ship with the sweep (looked at {source})")
+    if template.config.copy_repo:
+        template._take_snapshot()
+    staging = _trusted_dir(root.parent, "base folder") / f".{template.job_id}.{os.getpid()}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        template._write_folder(staging, source)
+        for relative in (REMOTE_MACHINE_JSON, FILE_MANAGER_JSON, KWARGS_JSON):
+            os.unlink(staging / relative)
+        shutil.rmtree(staging / LOGS)
+        _atomic_write_json(staging / SWEEP_JSON, {"sweep_id": template.job_id, "ids": ids,
+                                                  "host": template.host_name})
+        if os.path.lexists(root):
+            raise template._exists_error()
+        os.rename(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _sweep_job_files(job: RemoteMachine, manager: dict[str, Any]) -> dict[str, str]:
+    """The files of one job of a sweep that are its own (the rest are links to the sweep's);
+    ``manager`` is the sweep's file_manager.json, the same for all but the id. No status file:
+    none means queued."""
+    return {KWARGS_JSON: json.dumps(job.kwargs, ensure_ascii=False),
+            FILE_MANAGER_JSON: json.dumps(dict(manager, job_id=job.job_id))}
+
+
+def _hand_over_sweep_folder(template: RemoteMachine,
+                            progress: Callable[[int], None] | None) -> bool:
+    """The sweep's shared folder, code and data to the host, as one job's folder travels (the
+    host's own checks were made before); True when the host sees this machine's folders (a
+    shared home)."""
+    shared = transfer_sftp(template.ssh, template.config, template.job_params,
+                           template.file_manager, template.data, progress, template._snapshot)
+    root = template.file_manager.job_root
+    if shared and template.config.copy_repo and not (root / CODE_DIR).exists():
+        template._code_here(root)
+    template._check_notification()
+    return shared
+
+
+_SWEEP_HOST_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; "
+                    "stackops.sweep_host_main()")
+
+
+def _sweep_host_command(template: RemoteMachine, jobs: list[RemoteMachine], write: bool,
+                        fire: bool) -> None:
+    """The jobs' own files to the host and their start there, in one command (one stream); each
+    job's launcher pid is noted."""
+    if not write and not fire:
+        return
+    queued_rh = template.file_manager.job_root_rh.rsplit("/", 1)[0]
+    manager = template.file_manager.to_dict()
+    request = {"queued": queued_rh, "sweep_id": template.job_id, "write": write, "fire": fire,
+               "jobs": [[job.job_id, _sweep_job_files(job, manager) if write else {}]
+                        for job in jobs]}
+    python_dir = _sh_path(f"{template.file_manager.job_root_rh}/python")
+    command = f"{shlex.quote(template.python)} -S -c {shlex.quote(_SWEEP_HOST_CODE)} {python_dir}"
+    payload = json.dumps(request).encode()
+    response = template.ssh.run_shell_cmd_on_remote(command, timeout=max(60.0, len(jobs) / 50),
+                                                    strict=False, stdin=payload)
+    answer = response.stdout.strip().splitlines()[-1:] if response.returncode == 0 else []
+    if not answer or not answer[0].startswith("{"):
+        said = [line[17:] for line in response.stderr.splitlines()
+                if line.startswith("stackops: error: ")]
+        if said:
+            raise ConfigError(f"sweep {template.job_id} was refused on {template.host_name}: "
+                              f"{said[0]}",
+                              hint="nothing of it is left there; choose another --job-id")
+        raise CommandError(template.host_name, "sweep hand-over", response.returncode,
+                           response.stderr)
+    for job, pid in zip(jobs, json.loads(answer[0])["pids"]):
+        job.launcher_pid = pid
+
+
+def _note_fired(jobs: list[RemoteMachine], pids: list[int]) -> None:
+    """Each job's record here (what status, list, wait and cancel read), with its launcher pid."""
+    for job, pid in zip(jobs, pids):
+        job.launcher_pid = pid
+    record = jobs[0].to_dict() if jobs else {}  # the same for all but the id and the pid
+    for job in jobs:
+        job.submitted = True
+        config = dict(record["config"], job_id=job.job_id)
+        manager = dict(record["file_manager"], job_id=job.job_id)
+        text = json.dumps(dict(record, config=config, file_manager=manager, submitted=True,
+                               launcher_pid=job.launcher_pid))
+        _write_plain(f"{job.file_manager.job_root}/{REMOTE_MACHINE_JSON}", text)
+
+
+def _withdraw_sweep(template: RemoteMachine, made: list[str], placed: bool) -> None:
+    """A sweep refused or broken off before its start leaves nothing behind: the folders this
+    call made here (``made``), and the shared folder it placed on the host (``placed``; the
+    host's end removes the job folders it wrote itself). Nothing that was there before."""
+    queued = template.file_manager.job_root.parent
+    if placed:
+        where = _sh_path(template.file_manager.job_root_rh)
+        with _suppress(Exception):
+            template.ssh.run_shell_cmd_on_remote(f"rm -rf -- {where}", timeout=60, strict=False)
+    for name in made:
+        path = queued / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+    log.info("sweep %s was not submitted; its ids are free again", template.job_id)
+
 # ============================================================================================
 # 15. cluster: one workload split over several hosts by their CPU and RAM
 # ============================================================================================
@@ -7480,9 +8508,43 @@ def _cmd_run(args: Any) -> int:
         retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
         after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
+    if args.sweep:
+        return _run_sweep_and_report(config, args)
     machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
         return _run_and_report(machine, args)
+
+
+def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
+    grid = load_sweep_grid(args.sweep)
+    with run_sweep(args.target, config, grid, parse_kwargs(args.kwargs), run=not args.no_launch,
+                   progress=_progress()) as sweep:
+        first, last = sweep.jobs[0].job_id, sweep.jobs[-1].job_id
+        if args.no_launch:
+            print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) ready; "
+                  "nothing was started.")
+            return 0
+        if not args.wait:
+            if args.json:
+                _print_json({"sweep": sweep.sweep_id, "jobs": [job.job_id for job in sweep]})
+            else:
+                print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) fired on "
+                      f"{sweep.jobs[0].host_name}")
+                print(f"  wait:    {_prog()} wait {sweep.sweep_id}")
+                print(f"  status:  {_prog()} status {first}")
+            return 0
+        try:
+            reports = sweep.wait()
+        except KeyboardInterrupt:
+            print(f"\nstopped waiting; sweep {sweep.sweep_id} goes on (detached)", file=sys.stderr)
+            return 130
+    if args.json:
+        _print_json([report.to_dict() for report in reports.values()])
+    else:
+        rows = [[job_id, report.status, _duration(report), _last_line(report.error_message)]
+                for job_id, report in reports.items()]
+        _print_table(rows, ["job", "status", "duration", "error"])
+    return 0 if all(report.status == "completed" for report in reports.values()) else 1
 
 
 def _run_and_report(machine: RemoteMachine, args: Any) -> int:
@@ -7682,6 +8744,8 @@ def _on_host(host: str, argv: list[str], accept_new: bool = False) -> Any:
 
 
 def _queue_view(slots: Slots, history: int) -> dict[str, Any]:
+    with _suppress(OSError, StackopsError):
+        slots.ensure_dispatcher()  # a queue whose dispatcher died drains again from here
     return {"state_dir": collapse_home(slots.root), "running": slots.holders(), "waiting": slots.waiters(),
             "history": slots.history()[-history:] if history else []}
 
@@ -7709,8 +8773,8 @@ def _print_queue(view: dict[str, Any]) -> None:
     _print_table([["  " + str(h["slot"]), h.get("job_id", "?"), f"pid {h.get('pid', '?')}",
                    "since " + str(h.get("start_time", "?"))[:19]] for h in view["running"]])
     print(f"waiting ({len(view['waiting'])}):")
-    _print_table([[f"  {w['place']}.", w["job_id"], w["state"], "since " + str(w["queued_since"])[:19]]
-                  for w in view["waiting"]])
+    _print_table([[f"  {w['place'] or '-'}.", w["job_id"], w["state"],
+                   "since " + str(w["queued_since"])[:19]] for w in view["waiting"]])
     print(f"history (last {len(view['history'])}):")
     _print_table([["  " + h.get("job_id", "?"), h.get("status", "?"),
                    _format_duration(h.get("duration_seconds") or 0), "ended " + str(h.get("end_time"))[:19]]
@@ -7770,8 +8834,9 @@ def _cloud_units_of(job_id: str, base_dir: str) -> _CloudUnits | None:
     return _CloudUnits(job_id, units) if units else None
 
 
-def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster | _CloudUnits:
-    """A job, a cluster, or a cloud job's units, by id; none of them is bad input."""
+def _load_job_or_cluster(job_id: str,
+                         base_dir: str) -> RemoteMachine | Cluster | Sweep | _CloudUnits:
+    """A job, a cluster, a sweep, or a cloud job's units, by id; none of them is bad input."""
     try:
         return RemoteMachine.load(job_id, base_dir)
     except ConfigError:
@@ -7780,6 +8845,8 @@ def _load_job_or_cluster(job_id: str, base_dir: str) -> RemoteMachine | Cluster 
         return Cluster.load(job_id, base_dir.rstrip("/").rsplit("/", 1)[0])
     except StackopsError:
         pass
+    with _suppress(ConfigError):
+        return Sweep.load(job_id, base_dir)
     units = _cloud_units_of(job_id, base_dir)
     if units is None:
         raise ConfigError(f"no job or cluster {job_id!r} here", hint=f"{_program()} list shows the jobs")
@@ -7808,8 +8875,8 @@ def _cmd_cancel(args: Any) -> int:
     return code
 
 
-def _overall_status(target: RemoteMachine | Cluster | _CloudUnits) -> str:
-    """One status for a job or a whole cluster (an unreachable part counts as not ended)."""
+def _overall_status(target: RemoteMachine | Cluster | Sweep | _CloudUnits) -> str:
+    """One status for a job, a whole cluster or a sweep (a part not reached counts as not ended)."""
     if isinstance(target, RemoteMachine):
         return target.get_status(0).status
     if isinstance(target, _CloudUnits):
@@ -7864,6 +8931,9 @@ def _cmd_rerun(args: Any) -> int:
             return _wait_ids([target]) if args.wait else 0
     if args.failed or isinstance(target, _CloudUnits):
         raise ConfigError("--failed is for a cluster id" if args.failed else "a cloud queue's units are not rerun")
+    if isinstance(target, Sweep):
+        raise ConfigError(f"{args.job_id} is a sweep: rerun its jobs by their ids "
+                          f"({args.job_id}-0000, ...)")
     with target:
         again = target.rerun()
         with again:
@@ -8080,7 +9150,7 @@ def _cmd_ssh(args: Any) -> int:
     return response.returncode
 
 
-_REMOTE_ARG = re.compile(r"(?P<host>[^/:\s]+):(?P<path>.*)\Z")
+_REMOTE_ARG = _LazyPattern(r"(?P<host>[^/:\s]+):(?P<path>.*)\Z")
 
 
 def _split_remote(text: str) -> tuple[str, str] | None:
@@ -8411,6 +9481,10 @@ def _add_run_args(parser: Any) -> None:
                         help="give up connecting, or on a transfer that stalls, after this long (default 15)")
     parser.add_argument("--kwargs", default="{}", metavar="JSON",
                         help="keyword arguments: a JSON object, or @file.json (scripts see them as func_kwargs)")
+    parser.add_argument("--sweep", metavar="FILE.jsonl",
+                        help="a sweep: one job per line of FILE (a JSON object of kwargs, laid "
+                             "over --kwargs), ids ID-0000, ID-0001, ..., sharing one copy of the "
+                             "code; wait ID and cancel ID act on all")
     parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random readable name)")
     parser.add_argument("--description", default="", help="free text kept with the job")
     parser.add_argument("--max-jobs", type=int, default=1, metavar="N",
@@ -8627,6 +9701,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: 0 success, 1 failure, 2 bad input, 130 interrupted."""
     sys.modules.setdefault("stackops", _this_module())
     _note_program(sys.argv[0] if sys.argv else "")
+    _argparse()  # before the parser is built: argparse without gettext
     parser = _build_parser()
     try:
         args, extras = parser.parse_known_args(argv)

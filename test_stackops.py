@@ -49,7 +49,13 @@ def home(tmp_path, monkeypatch):
 
 
 def _stop_leftovers(home: Path) -> None:
-    """Kill, by pid, the job processes a test started and left behind."""
+    """Kill, by pid, the job processes a test started and left behind (queue dispatchers first,
+    so they start nothing more)."""
+    for pid_file in home.glob("**/dispatcher.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid, start = pid_file.read_text().split()
+            if str(stackops.process_start_ticks(int(pid))) == start:
+                os.kill(int(pid), signal.SIGKILL)
     for pid_file in itertools.chain(home.glob("**/logs/launcher_pid.txt"), home.glob("**/logs/pid.txt")):
         pid = int(pid_file.read_text() or 0)
         if pid and stackops.pid_is_alive(pid, pid_file.parent.parent.name):
@@ -58,6 +64,13 @@ def _stop_leftovers(home: Path) -> None:
                     kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+
+
+def _launcher_of(machine: RemoteMachine, job_root: Path | None = None) -> int:
+    """The pid of a started job's launcher, as its folder records it (a queued job's fire returns
+    the pid of the queue's dispatcher, which starts the launcher when a slot is free)."""
+    path = (job_root or machine.file_manager.job_root) / stackops.LAUNCHER_PID_TXT
+    return int(wait_for(lambda: path.exists() and path.read_text().strip(), what="the launcher's pid"))
 
 
 _counter = itertools.count()
@@ -230,11 +243,12 @@ EXPECTED_ALL = ['StackopsError', 'ConfigError', 'DependencyError', 'SlotError', 
     'ThreadLoadCalculator', 'MachineLoadCalculator', 'Cluster', 'CloudQueue', 'run_worker',
     'InterfaceAddress', 'interface_table', 'get_all_ipv4_addresses', 'lan_score',
     'choose_lan_ipv4', 'select_lan_ipv4', 'get_public_ip_address', 'switch_public_ip_address',
-    'switch_public_ip_address_with_log', 'main']
+    'switch_public_ip_address_with_log', 'main', 'Sweep', 'run_sweep', 'load_sweep_grid',
+    'sweep_job_ids']
 
 # Printed by public_surface() on the day the surface was fixed: a change here is one users see.
 EXPECTED_SURFACE = """
-__all__ = 56 names
+__all__ = 60 names
 class StackopsError(Exception)
 StackopsError(message: 'str', hint: 'str | None' = None) -> None
 class ConfigError(StackopsError, ValueError)
@@ -431,12 +445,18 @@ FileManager.unlock_resources(
 FileManager.write_log(self, relative: 'str', text: 'str') -> None
 class Slots(object)
 Slots(root: 'Path | None' = None) -> None
-Slots.entries(self) -> list[str]
-Slots.entry_state(self, name: 'str') -> str
+Slots.dispatcher_pid(self) -> int | None
+Slots.ensure_dispatcher(self, job_root: 'Path | None' = None) -> int | None
+Slots.entries(self, folder: 'str' = 'queue') -> list[str]
+Slots.entry_state(self, name: 'str', folder: 'str' = 'queue') -> str
 Slots.history(self) -> list[dict[str, Any]]
 Slots.holders(self) -> list[dict[str, Any]]
 Slots.place_of(self, entry: 'str') -> int | None
-Slots.refresh_views(self, finished: 'dict[str, Any] | None' = None) -> None
+Slots.refresh_views(
+    self,
+    finished: 'dict[str, Any] | None' = None,
+    queue: 'bool' = True,
+) -> None
 Slots.wait_for_slot(
     self,
     entry: 'str',
@@ -446,7 +466,7 @@ Slots.wait_for_slot(
     names: 'list[str] | None' = None,
     need: 'int' = 1,
 ) -> tuple[list[tuple[str, int]], _dt.datetime]
-Slots.waiters(self) -> list[dict[str, Any]]
+Slots.waiters(self, checked: 'int' = 20) -> list[dict[str, Any]]
 render_execution_script(execution_line: 'str') -> str
 render_shell_script(
     job_params: 'JobParams',
@@ -756,6 +776,25 @@ switch_public_ip_address_with_log(
     timeout: 'float | None' = None,
 ) -> tuple[bool, str, list[str]]
 main(argv: 'list[str] | None' = None) -> int
+class Sweep(object)
+Sweep(sweep_id: 'str', jobs: 'list[RemoteMachine]') -> None
+Sweep.cancel(self, grace: 'float' = 10.0) -> dict[str, JobStatus | StackopsError]
+Sweep.check_job_status(self, timeout: 'float' = 60.0) -> dict[str, JobStatus | StackopsError]
+Sweep.close(self) -> None
+property Sweep.job_id
+classmethod Sweep.load(sweep_id: 'str', base_dir: 'str | None' = None) -> Sweep
+Sweep.wait(self, timeout: 'float | None' = None, poll: 'float' = 0.5) -> dict[str, JobStatus]
+run_sweep(
+    func: 'Any',
+    config: 'RemoteStackOpsConfig',
+    grid: 'list[dict[str, Any]]',
+    func_kwargs: 'dict[str, Any] | None' = None,
+    data: 'list[str] | None' = None,
+    run: 'bool' = True,
+    progress: 'Callable[[int], None] | None' = None,
+) -> Sweep
+load_sweep_grid(path: 'str | os.PathLike[str]') -> list[dict[str, Any]]
+sweep_job_ids(sweep_id: 'str', count: 'int') -> list[str]
 """
 
 
@@ -1171,7 +1210,7 @@ def test_job_killed_is_failed_process_gone_and_frees_slot(home):
     mod = make_module(home, JOBS_SOURCE)
     victim = RemoteMachine(mod.sleeper, config=config(job_id="victim")).run()
     wait_for(lambda: victim.get_status().status == "running", what="victim running")
-    os.killpg(victim.launcher_pid, signal.SIGKILL)  # the whole detached session, launcher included
+    os.killpg(_launcher_of(victim), signal.SIGKILL)  # the whole detached session, launcher included
     report = wait_for(lambda: victim.get_status() if victim.get_status().finished else None, what="failed")
     assert report.status == "failed" and "process gone" in report.error_message
     assert Slots().holders() == []
@@ -1274,23 +1313,25 @@ def _gated_python(home: Path, gate: Path) -> Path:
     return stub
 
 
-def test_slots_slow_launcher_stays_pending_however_old_and_jobs_start_in_order(home):
-    """An entry whose launcher lives is pending, even 2 minutes after it was fired: it was deleted
-    as stale after 60 s and the next job started first."""
+def test_slots_slow_launcher_holds_its_slot_and_an_old_entry_keeps_its_place(home):
+    """A job whose launcher is slow (an install, a pull) was handed its slot first and keeps it;
+    the next waits behind it, as an entry, however old (entries never age out: one was once
+    deleted as stale after 60 s and its job never ran)."""
     mod = make_module(home, JOBS_SOURCE)
     gate = home / "gate"
     slow = RemoteMachine(mod.train, config=config(job_id="slow", python=str(_gated_python(home, gate)))).run()
+    _launcher_of(slow)
+    fast = RemoteMachine(mod.train, config=config(job_id="fast")).run()
     queue = Slots().queue
     [entry] = Slots().entries()
     old = f"{int(entry.split('-', 1)[0]) - 120 * 10**9:019d}"  # as if fired 2 minutes ago
-    slow.file_manager.write_log(stackops.TICKET_TXT, old)
-    os.rename(queue / entry, queue / f"{old}-slow")
-    wait_for(lambda: slow.file_manager.path(stackops.LAUNCHER_PID_TXT).exists(), what="slow launcher")
-    fast = RemoteMachine(mod.train, config=config(job_id="fast")).run()
-    wait_for(lambda: fast.get_status(0).status == "waiting", what="fast waiting")
-    waiters = Slots().waiters()
-    assert [(w["job_id"], w["state"]) for w in waiters] == [("slow", "pending"), ("fast", "waiting")]
-    assert slow.get_status(0).status == "queued" and fast.get_status(0).place == 2
+    fast.file_manager.write_log(stackops.TICKET_TXT, old)
+    os.rename(queue / entry, queue / f"{old}-fast")
+    assert [(w["job_id"], w["state"]) for w in Slots().waiters()] == [("fast", "queued")]
+    assert slow.get_status(0).status == "queued" and fast.get_status(0).place == 1
+    assert [h["job_id"] for h in Slots().holders()] == ["slow"]
+    time.sleep(0.5)
+    assert fast.get_status(0).status == "waiting", "the slot is the slow job's until it ends"
     gate.touch()
     reports = [wait_done(slow), wait_done(fast)]
     assert [r.status for r in reports] == ["completed", "completed"]
@@ -1750,8 +1791,7 @@ class QueueMachine(stateful.RuleBasedStateMachine):
             return
         job = slow[pick % len(slow)]
         job["slow"] = False
-        pid = wait_for(lambda: self._read(job, stackops.LAUNCHER_PID_TXT), what="launcher pid")
-        (self.gates / pid).touch()
+        (self.gates / f"{job['machine'].job_id}.go").touch()
 
     @stateful.rule(outcome=hypothesis.strategies.sampled_from(["ok", "fail", "sigkill"]),
                    pick=hypothesis.strategies.integers(0, 99))
@@ -1774,9 +1814,11 @@ class QueueMachine(stateful.RuleBasedStateMachine):
 
     def _killable(self) -> list[dict]:
         """Jobs whose launcher may die: a started wrapper's, or a slow one's (its Python may be
-        starting right after a fast launcher: a window this test does not model)."""
-        return [j for j in self.jobs if self.seen.get(j["machine"].job_id) in ("waiting", "running")
-                or (self.seen.get(j["machine"].job_id) == "queued" and j["slow"])]
+        starting right after a fast launcher: a window this test does not model). A job still in
+        line is an entry: it has no launcher yet."""
+        return [j for j in self.jobs if self._read(j, stackops.LAUNCHER_PID_TXT)
+                and (self.seen.get(j["machine"].job_id) == "running"
+                     or (self.seen.get(j["machine"].job_id) == "queued" and j["slow"]))]
 
     @stateful.rule(pick=hypothesis.strategies.integers(0, 99))
     @_observed
@@ -1813,11 +1855,14 @@ class QueueMachine(stateful.RuleBasedStateMachine):
             self.seen[machine.job_id] = report.status
             if report.start_time:  # live entries start in order: nobody passes a job still in line
                 assert not unstarted, f"{machine.job_id} started before {unstarted}, fired earlier"
-            elif not report.finished:
-                unstarted.append(machine.job_id)
+            elif not report.finished and not self._read(job, stackops.LAUNCHER_PID_TXT):
+                unstarted.append(machine.job_id)  # (one handed its slot may be slow to start)
             wrapper = f"{os.path.realpath(machine.file_manager.job_root)}/python/cluster_wrap.py"
-            if report.status in ("waiting", "running"):  # the process table agrees
+            if report.status == "running":  # the process table agrees
                 assert _procs_naming(wrapper), (machine.job_id, report.status)
+            if report.status == "waiting":  # an entry in line, started by nothing yet
+                assert any(name.endswith(f"-{machine.job_id}") for name in slots.entries()), machine.job_id
+                assert not _procs_naming(wrapper), machine.job_id
             if "process gone" in report.error_message:
                 assert not _procs_naming(wrapper), (machine.job_id, report.error_message)
             if report.start_time:
@@ -1836,9 +1881,8 @@ class QueueMachine(stateful.RuleBasedStateMachine):
 
     @_observed
     def _every_job_ends(self) -> None:
-        for job in self.jobs:  # a launcher fired just now records itself in a moment
-            pid = wait_for(lambda j=job: self._read(j, stackops.LAUNCHER_PID_TXT), what="launcher pid")
-            (self.gates / pid).touch()
+        for job in self.jobs:
+            (self.gates / f"{job['machine'].job_id}.go").touch()
             Path(f"{self.gates / job['machine'].job_id}.ok").touch()
         for job in self.jobs:
             report = wait_for(lambda j=job: (r := j["machine"].get_status(0)).finished and r, timeout=60,
@@ -1859,8 +1903,10 @@ def test_slots_queue_state_machine(home, tmp_path, monkeypatch):
     shims = tmp_path / "shims"
     shims.mkdir()
     gates = "$HOME/gates"
-    (shims / "git").write_text(f"#!/bin/bash\n# a slow `git pull`: waits until the test lets its launcher go\n"
-                               f"while [ ! -e {gates}/$PPID ] && [ -d /proc/$PPID ]; do sleep 0.02; done\n")
+    (shims / "git").write_text(  # a slow `git pull`: waits until the test lets its job go
+        "#!/bin/bash\nj=$(tr '\\0' '\\n' < /proc/$PPID/cmdline | grep cluster_script.sh)\n"
+        "j=${j%/shell/cluster_script.sh}; j=${j##*/}\n"
+        f"while [ ! -e {gates}/$j.go ] && [ -d /proc/$PPID ]; do sleep 0.02; done\n")
     (shims / "git").chmod(0o755)
     monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
     QueueMachine.base = tmp_path
@@ -1924,6 +1970,132 @@ def test_job_params_record_the_account_the_job_runs_as(home):
     params = json.loads(machine.file_manager.path(stackops.JOB_PARAMS_JSON).read_text())
     assert params["ssh_repr"] == "localhost"
     assert params["ssh_repr_remote"] == f"{getpass.getuser()}@{os.uname().nodename}"
+
+
+# -- sweeps, here --------------------------------------------------------------------------------
+
+SWEEP_SOURCE = """
+    import json, os
+
+    def point(x, tag="t", fail=False, seconds=0.0):
+        import time
+        time.sleep(seconds)
+        if fail:
+            raise ValueError(f"line with x={x} fails on purpose")
+        out = os.path.expanduser(f"~/sweep_out/{tag}-{x}")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "seen.json"), "w") as handle:
+            json.dump({"x": x, "tag": tag, "job_root": os.environ.get("PWD", "")}, handle)
+        return out
+"""
+
+
+def _regular_files(folder: Path, name: str) -> list[Path]:
+    """Regular files (not links, not reached through links) called ``name`` under ``folder``."""
+    found = []
+    for top, _dirs, files in os.walk(folder):  # os.walk does not follow links to folders
+        found += [Path(top) / f for f in files if f == name and not (Path(top) / f).is_symlink()]
+    return found
+
+
+def test_sweep_here_ids_kwargs_shared_parts_and_a_failed_line_does_not_stop_the_others(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    grid = [{"x": index} for index in range(11)]
+    grid[3]["fail"] = True
+    cfg = config(job_id="sw", copy_repo=True, max_simultaneous_jobs=4)
+    sweep = stackops.run_sweep(mod.point, cfg, grid, func_kwargs={"tag": "common"})
+    base = home / "tmp_results" / "remote_machines" / "jobs"
+    ids = [job.job_id for job in sweep]
+    assert ids == [f"sw-{index:04d}" for index in range(11)]
+    reports = sweep.wait(timeout=120)
+    assert [reports[i].status for i in ids] == ["completed"] * 3 + ["failed"] + ["completed"] * 7
+    assert "fails on purpose" in reports["sw-0003"].error_message
+    for index, job_id in enumerate(ids):
+        if index == 3:
+            continue
+        seen = json.loads((home / "sweep_out" / f"common-{index}" / "seen.json").read_text())
+        assert seen["x"] == index and seen["tag"] == "common"
+        kwargs_file = base / "queued" / job_id / "data" / "func_kwargs.json"
+        assert RemoteMachine.load(job_id).kwargs == {"tag": "common", "x": index} == \
+            json.loads(kwargs_file.read_text())
+    module = Path(mod.__file__).name
+    for name in ("stackops.py", "cluster_wrap.py", "cluster_script.sh", "job_params.json", module):
+        assert len(_regular_files(base, name)) == 1, name  # one copy for the whole sweep
+    for job_id in ids:  # a job's folder: its kwargs, records and logs, links to the shared parts
+        root = base / "queued" / job_id
+        own = {p.relative_to(root).as_posix() for p in root.rglob("*")
+               if p.is_file() and not p.is_symlink()
+               and not any(parent.is_symlink() for parent in p.parents)}
+        assert {p for p in own if not p.startswith("logs/")} == {
+            "data/func_kwargs.json", "data/file_manager.json", "data/remote_machine.json"}, own
+        assert all((root / link).is_symlink() for link in ("python", "shell", "code"))
+        assert os.readlink(root / "python") == "../sw/python"
+    assert not (base / "queued" / "sw" / "data" / "remote_machine.json").exists()  # no job itself
+    rows = {row["job_id"] for row in stackops.list_job_rows()}
+    assert rows == set(ids)
+
+
+def test_sweep_bad_input_is_refused_before_anything_is_written(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    base = home / "tmp_results" / "remote_machines" / "jobs"
+    grid_file = home / "grid.jsonl"
+    for text, said in (('{"x": 1}\n[2]\n', "line 2 must be a JSON object"),
+                       ('{"x": 1}\n{"x": \n', "line 2 is not JSON"), ("\n\n", "no line of kwargs")):
+        grid_file.write_text(text)
+        with pytest.raises(stackops.ConfigError, match=re.escape(said)):
+            stackops.load_sweep_grid(grid_file)
+    cases = (([], "non-empty list"),
+             ([{"x": 1}, {"y": 2}], "line 2: point() takes no parameter 'y'"),
+             ([{"x": 1}, {"tag": "no x"}], "line 2: point() needs 'x'"),
+             ([{"x": 1}, 5], "line 2 must be a dict"), ([{"x": float("nan")}], "line 1"))
+    for grid, said in cases:
+        with pytest.raises(stackops.ConfigError, match=re.escape(said)):
+            stackops.run_sweep(mod.point, config(job_id="bad"), grid)
+    assert not (base / "queued").exists() or not any((base / "queued").iterdir())
+    RemoteMachine(mod.point, config(job_id="taken-0001"), func_kwargs={"x": 1}).generate_scripts()
+    before = sorted(p.name for p in (base / "queued").iterdir())
+    with pytest.raises(stackops.ConfigError, match="would reuse the id of taken-0001"):
+        stackops.run_sweep(mod.point, config(job_id="taken"), [{"x": 1}] * 3)
+    with pytest.raises(stackops.ConfigError, match="would reuse the id of taken-0001"):
+        stackops.run_sweep(mod.point, config(job_id="taken-0001"), [{"x": 1}])
+    with pytest.raises(stackops.ConfigError, match="cannot run interactive"):
+        stackops.run_sweep(mod.point, config(job_id="tty", interactive=True), [{"x": 1}])
+    assert sorted(p.name for p in (base / "queued").iterdir()) == before == ["taken-0001"]
+
+
+def test_sweep_cli_ids_width_wait_and_cancel_on_the_sweep_id(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    target = f"{mod.__file__}:point"
+    grid = home / "grid.jsonl"
+    grid.write_text("".join(json.dumps({"x": index, "seconds": 60.0}) + "\n" for index in range(3)))
+    done = cli("run", target, "--sweep", str(grid), "--job-id", "long", "--max-jobs", "2",
+               home=home)
+    assert done.returncode == 0, done.stderr
+    assert "3 jobs (long-0000 .. long-0002)" in done.stdout
+    wait_for(lambda: RemoteMachine.load("long-0001").get_status(0).status == "running",
+             what="two jobs running")
+    assert RemoteMachine.load("long-0002").get_status(0).status in ("queued", "waiting")
+    cancelled = cli("cancel", "long", "--grace", "1", home=home)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert sorted(cancelled.stdout.split("\n")[:3]) == [f"long-000{i} cancelled" for i in range(3)]
+    waited = cli("wait", "long", "--timeout", "30", home=home)
+    assert waited.returncode == 1 and waited.stdout.strip() == "long cancelled", waited
+    lines = [json.dumps({"x": index, "fail": index == 7}) for index in range(12)]
+    grid.write_text("\n".join(lines) + "\n")
+    done = cli("run", target, "--sweep", str(grid), "--kwargs", '{"tag": "w"}', "--job-id", "wide",
+               "--max-jobs", "4", "--wait", "--json", home=home, timeout=300)
+    assert done.returncode == 1, done.stderr  # one line failed, the others completed
+    rows = {row["job_id"]: row["status"] for row in json.loads(done.stdout)}
+    assert rows == {f"wide-{i:04d}": "failed" if i == 7 else "completed" for i in range(12)}
+    assert cli("status", "wide-0011", home=home).returncode == 0
+    assert json.loads((home / "sweep_out" / "w-11" / "seen.json").read_text())["x"] == 11
+    assert cli("wait", "wide", home=home).returncode == 1
+    assert sweep_ids_width() == ["big-00000", "big-12344"]
+
+
+def sweep_ids_width():
+    ids = stackops.sweep_job_ids("big", 12345)
+    return [ids[0], ids[-1]]
 
 
 # ============================================================================================
@@ -2222,7 +2394,7 @@ def test_control_gpus_are_their_own_pool_never_shared_and_cpu_jobs_pass(home, mo
         assert _peak([run for run in gpu_runs if run["cuda"] == gpu]) == 1  # never two jobs on one GPU
     assert runs["cpu"]["start"] < max(run["start"] for run in gpu_runs)  # it did not queue behind them
     queue = json.loads(cli("queue", "--json", home=home, env_extra={"STACKOPS_GPUS": "0,1"}).stdout)
-    assert [h["job_id"] for h in queue["pools"]["gpu"]["history"]] == ["g0", "g1", "g2", "g3"]
+    assert sorted(h["job_id"] for h in queue["pools"]["gpu"]["history"]) == ["g0", "g1", "g2", "g3"]
     with pytest.raises(ConfigError, match="asks for 3 GPU"):
         RemoteMachine(mod.work, config(job_id="g-many", gpus=3), func_kwargs={"log": "x", "tag": "x"}).run()
     (home / "x.py").write_text("")
@@ -2930,6 +3102,141 @@ def test_cli_logs_follow_counts_bytes_so_invalid_utf8_drops_nothing(home):
     assert "bad \ufffd" in out and "AFTER-THE-BAD-BYTES" in out, out[-500:]
 
 
+# -- queued jobs are data: one dispatcher per queue, whatever its length (issue 16) ---------------
+
+def _dispatcher_pid(slots: Slots | None = None) -> int | None:
+    slots = slots or Slots()
+    return slots.dispatcher_pid()
+
+
+def _clone_jobs(template: RemoteMachine, count: int, stem: str) -> list[FileManager]:
+    """``count`` prepared (not fired) copies of a prepared job, as a sweep would make them: the
+    same files (hard links), their own ids. Returns their FileManagers."""
+    root = template.file_manager.job_root
+    managers = []
+    for i in range(count):
+        job_id = f"{stem}-{i:04d}"
+        folder = root.parent / job_id
+        shutil.copytree(root, folder, copy_function=os.link)
+        for relative in (stackops.FILE_MANAGER_JSON, stackops.CONFIG_JSON, stackops.REMOTE_MACHINE_JSON):
+            data = json.loads((root / relative).read_text())
+            data["job_id"] = job_id
+            for part in ("config", "file_manager"):  # the job's own record holds both
+                if isinstance(data.get(part), dict):
+                    data[part]["job_id"] = job_id
+            (folder / relative).unlink()
+            (folder / relative).write_text(json.dumps(data))
+        managers.append(FileManager.from_job_root(folder))
+    return managers
+
+
+def _fire_all(managers: list[FileManager]) -> None:
+    """The fire commands of all ``managers``, in order, in one bash (as fast as a host would)."""
+    script = "\n".join(f"{{ {m.get_fire_command()}; }} > /dev/null" for m in managers)
+    done = subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _stackops_processes(home: Path) -> list[int]:
+    """Live processes started for this home's jobs and queue: launchers, wrappers, dispatchers."""
+    return [pid for pid in _procs_naming(str(home)) if pid != os.getpid()]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_queue_thousand_queued_jobs_are_entries_few_processes_little_memory(home):
+    """1,000 jobs queued behind a busy slot cost files: one dispatcher, not 1,000 processes."""
+    mod = make_module(home, JOBS_SOURCE)
+    holder = RemoteMachine(mod.sleeper, config=config(job_id="busy"), func_kwargs={"seconds": 900}).run()
+    wait_for(lambda: holder.get_status(0).status == "running", what="the holder running")
+    template = RemoteMachine(mod.echo, config=config(job_id="tpl"), func_kwargs={"n": 1}).run(run=False)
+    managers = _clone_jobs(template, 1000, "many")
+    _fire_all(managers)
+    slots = Slots()
+    assert len(slots.entries()) == 1000
+    processes = _stackops_processes(home)
+    dispatcher = _dispatcher_pid()
+    assert dispatcher in processes
+    # the holder's launcher and wrapper, and the dispatcher: nothing per queued job
+    assert len(processes) <= 4, [Path(f"/proc/{p}/cmdline").read_bytes() for p in processes]
+    assert _rss_kib(dispatcher) < 50 * 1024
+    last = managers[-1]
+    report = last.status_report(0)
+    assert report.status == "waiting" and report.place == 1000
+    assert _shell_status(last, 0).place == 1000
+    holder.cancel(grace=0)
+
+
+def test_queue_jobs_start_in_the_order_fired_and_the_dispatcher_ends_with_the_queue(home):
+    mod = make_module(home, JOBS_SOURCE)
+    counter = home / "counter.json"
+    holder = RemoteMachine(mod.sleeper, config=config(job_id="first", max_simultaneous_jobs=2),
+                           func_kwargs={"seconds": 2.0}).run()
+    machines = [RemoteMachine(mod.counted, config=config(job_id=f"fifo{i:02d}", max_simultaneous_jobs=2),
+                              func_kwargs={"i": i, "counter": str(counter), "seconds": 0.2}).run()
+                for i in range(12)]
+    reports = [wait_done(m, timeout=120) for m in [holder] + machines]
+    assert [r.status for r in reports] == ["completed"] * 13
+    starts = [stackops._parse_iso(r.start_time) for r in reports]
+    assert starts == sorted(starts), "jobs must start in the order they were fired"
+    assert json.loads(counter.read_text())[1] <= 2
+    wait_for(lambda: _dispatcher_pid() is None, timeout=10, what="the dispatcher to end with its queue")
+    assert not (Slots().root / stackops.DISPATCHER_PID).exists()
+    assert Slots().entries() == []
+    wait_for(lambda: _stackops_processes(home) == [], timeout=10, what="every launcher to end")
+
+
+def test_queue_dispatcher_sigkilled_is_replaced_and_the_queue_drains(home):
+    """Kill the process that hands jobs over, again and again: the next stackops call on the machine
+    (a status check) starts another, and every job still runs, in order, at most N at once."""
+    mod = make_module(home, JOBS_SOURCE)
+    counter = home / "counter.json"
+    machines = [RemoteMachine(mod.counted, config=config(job_id=f"k{i:02d}", max_simultaneous_jobs=2),
+                              func_kwargs={"i": i, "counter": str(counter), "seconds": 0.3}).run()
+                for i in range(10)]
+    killed = 0
+    deadline = time.monotonic() + 120
+    while not all(m.get_status(0).finished for m in machines):
+        assert time.monotonic() < deadline, [m.get_status(0).status for m in machines]
+        pid = _dispatcher_pid()
+        if pid is not None and killed < 6:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+            time.sleep(0.3)  # nobody looks: the queue waits for the next call, with nothing lost
+        time.sleep(0.05)
+    assert killed >= 3
+    reports = [m.get_status(0) for m in machines]
+    assert [r.status for r in reports] == ["completed"] * 10
+    starts = [r.start_time for r in reports]
+    assert starts == sorted(starts)
+    assert json.loads(counter.read_text())[1] <= 2
+
+
+def test_queue_cancel_of_a_queued_entry_removes_it_and_nothing_runs(home):
+    mod = make_module(home, JOBS_SOURCE)
+    holder = RemoteMachine(mod.sleeper, config=config(job_id="hold")).run()
+    wait_for(lambda: holder.get_status(0).status == "running", what="the holder running")
+    first = RemoteMachine(mod.train, config=config(job_id="one")).run()
+    middle = RemoteMachine(mod.train, config=config(job_id="two")).run()
+    last = RemoteMachine(mod.train, config=config(job_id="three")).run()
+    assert [middle.get_status(0).status, middle.get_status(0).place] == ["waiting", 2]
+    assert [w["job_id"] for w in Slots().waiters()] == ["one", "two", "three"]
+    report = middle.cancel(grace=1)
+    assert report.status == "cancelled" and report.start_time is None
+    assert [w["job_id"] for w in Slots().waiters()] == ["one", "three"]
+    assert last.get_status(0).place == 2
+    holder.cancel(grace=1)
+    assert wait_done(first).status == "completed" and wait_done(last).status == "completed"
+    assert middle.get_status(0).status == "cancelled"
+    assert not middle.file_manager.path(stackops.LAUNCHER_PID_TXT).exists(), "a cancelled entry never starts"
+    assert not middle.file_manager.path(stackops.START_TXT).exists()
+
+
 # ============================================================================================
 # 9-10. SSH against a real OpenSSH server on loopback, as an account whose home is not ours
 # ============================================================================================
@@ -3073,6 +3380,7 @@ def sshd():
 
 
 def _kill_remote_leftovers(remote_home: Path) -> None:
+    _stop_leftovers(remote_home)
     for pid_file in itertools.chain(remote_home.glob("**/logs/launcher_pid.txt"), remote_home.glob("**/logs/pid.txt")):
         text = pid_file.read_text().strip()
         if text.isdigit() and stackops.pid_is_alive(int(text), pid_file.parent.parent.name):
@@ -3182,7 +3490,8 @@ def test_remote_job_killed_on_host_is_failed(remote, home):
     with RemoteMachine(mod.sleeper, config=config(job_id="remote-victim", ssh_host="tb", copy_repo=True)) as m:
         m.run()
         report = wait_for(lambda: m.get_status() if m.get_status().status == "running" else None, what="running")
-        os.killpg(m.launcher_pid, signal.SIGKILL)  # on loopback the host's pids are ours to see
+        remote_root = remote.remote_home / m.file_manager.job_root_rh[2:]
+        os.killpg(_launcher_of(m, remote_root), signal.SIGKILL)  # on loopback the host's pids are ours
         report = wait_for(lambda: m.get_status() if m.get_status().finished else None, what="failed")
         assert report.status == "failed" and "process gone" in report.error_message
         with pytest.raises(JobFailedError):
@@ -4157,6 +4466,9 @@ def test_bench_quick_runs(tmp_path):
               "CLI start: python stackops.py --help", "peak Python memory during transfers", "hand-over ratios"]
     assert set(wanted) <= set(rows), sorted(rows)
     assert any(case.endswith("trivial jobs, 4 slots: wall per job") for case in rows)
+    for case in ("memory held by 200 queued jobs", "slot hand-off with 200 queued",
+                 "`list --json` with 200 jobs on the machine", "200 trivial jobs on 4 slots: wall per job"):
+        assert case in rows, sorted(rows)
     for row in rows.values():
         if "reference_s" in row:
             assert row["stackops_s"] > 0 and row["reference_s"] > 0 and row["ratio"] > 0, row
@@ -4706,6 +5018,86 @@ def test_remote_progress_line_on_a_terminal_is_cleared_before_the_next_output(re
     line = r"upload to tb:~/big-tty\.bin +\d+%  [\d.]+ MiB of 8\.0 MiB  [\d.]+ MiB/s  \d+:\d\d left"
     assert re.search(line, shown), repr(shown)
     assert shown.split("\r\x1b[K")[-1] == "tb:~/big-tty.bin\r\n", repr(shown[-200:])
+
+
+# -- sweeps, to a host ---------------------------------------------------------------------------
+
+def test_sweep_to_a_host_travels_as_one_stream_and_runs_each_line(remote, home):
+    mod = make_module(home, SWEEP_SOURCE)
+    bashrc = remote.remote_home / ".bashrc"
+    saved = bashrc.read_bytes() if bashrc.exists() else None
+    counter = remote.remote_home / ".sweep_commands"
+    with stackops.SSH.from_config_file("tb") as ssh:  # every remote command leaves a line
+        ssh.run_shell_cmd_on_remote("echo 'echo x >> ~/.sweep_commands' >> ~/.bashrc")
+
+    def commands_for(sweep_id: str, grid: list) -> tuple[stackops.Sweep, int]:
+        before = len(counter.read_text().splitlines()) if counter.exists() else 0
+        cfg = config(job_id=sweep_id, ssh_host="tb", copy_repo=True, max_simultaneous_jobs=3)
+        sweep = stackops.run_sweep(mod.point, cfg, grid, func_kwargs={"tag": sweep_id})
+        return sweep, len(counter.read_text().splitlines()) - before
+
+    try:
+        small, few = commands_for("rsw", [{"x": 0}, {"x": 1}])
+        big, many = commands_for("rbw", [{"x": index, "fail": index == 4} for index in range(9)])
+    finally:
+        if saved is None:
+            bashrc.unlink()
+        else:
+            bashrc.write_bytes(saved)
+    assert few == many <= 3, (few, many)  # the probe, the shared folder, the jobs with their start
+    with big:
+        reports = big.wait(timeout=120)
+    assert {job_id: report.status for job_id, report in reports.items()} == {
+        f"rbw-{index:04d}": "failed" if index == 4 else "completed" for index in range(9)}
+    for index in (0, 3, 8):
+        seen_file = remote.remote_home / "sweep_out" / f"rbw-{index}" / "seen.json"
+        seen = json.loads(seen_file.read_text())
+        assert seen["x"] == index and seen["tag"] == "rbw"
+    queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    folders = [queued / "rbw"] + [queued / f"rbw-{index:04d}" for index in range(9)]
+    for name in ("stackops.py", "cluster_wrap.py", Path(mod.__file__).name):
+        assert sum(len(_regular_files(folder, name)) for folder in folders) == 1, name
+    assert os.readlink(queued / "rbw-0008" / "code") == "../rbw/code"
+    assert RemoteMachine.load("rbw-0004").kwargs == {"tag": "rbw", "x": 4, "fail": True}
+    waited = cli("wait", "rbw", home=home)
+    assert waited.returncode == 1 and waited.stdout.strip() == "rbw failed", waited
+    with small:
+        assert {r.status for r in small.wait(timeout=60).values()} == {"completed"}
+
+
+def test_sweep_to_a_host_refuses_an_id_taken_there_and_leaves_nothing(remote, home):
+    mod = make_module(home, SWEEP_SOURCE)
+    with stackops.SSH.from_config_file("tb") as ssh:  # a job of another machine's, on the host only
+        theirs = "~/tmp_results/remote_machines/jobs/queued/htk-0001"
+        ssh.run_shell_cmd_on_remote(f"mkdir -p {theirs} && echo theirs > {theirs}/k")
+    cfg = config(job_id="htk", ssh_host="tb", copy_repo=True)
+    with pytest.raises(stackops.ConfigError, match="htk-0001"):
+        stackops.run_sweep(mod.point, cfg, [{"x": index} for index in range(3)])
+    queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert (queued / "htk-0001" / "k").read_text() == "theirs\n"
+    assert not any((queued / name).exists() for name in ("htk", "htk-0000", "htk-0002"))
+    local = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert not any(local.glob("htk*"))
+    sweep = stackops.run_sweep(mod.point, config(job_id="htk2", ssh_host="tb", copy_repo=True),
+                               [{"x": 5}])
+    with sweep:  # the id is free again here, and the next sweep goes through
+        assert sweep.wait(timeout=60)["htk2-0000"].status == "completed"
+
+
+def test_sweep_to_a_host_that_shares_the_home_uses_the_folders_in_place(same_home, home):
+    mod = make_module(home, SWEEP_SOURCE)
+    cfg = config(job_id="shs", ssh_host="same", copy_repo=True, max_simultaneous_jobs=2)
+    with stackops.run_sweep(mod.point, cfg, [{"x": index} for index in range(3)]) as sweep:
+        assert all(job.shared for job in sweep)
+        reports = sweep.wait(timeout=120)
+    assert {report.status for report in reports.values()} == {"completed"}
+    for index in range(3):
+        seen = json.loads((home / "sweep_out" / f"t-{index}" / "seen.json").read_text())
+        assert seen["x"] == index
+    base = home / "tmp_results" / "remote_machines" / "jobs"
+    for name in ("stackops.py", Path(mod.__file__).name):
+        assert len(_regular_files(base, name)) == 1, name  # written once, never copied onto itself
+    assert os.readlink(base / "queued" / "shs-0002" / "code") == "../shs/code"
 
 
 # ============================================================================================
@@ -5876,7 +6268,7 @@ def test_email_whole_tree_gone_is_reported_once_by_the_status_check(home, smtp):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.sleeper, config=config(job_id="rebooted", **MAIL)).run()
     wait_for(lambda: machine.get_status(0).status == "running", what="running")
-    os.killpg(machine.launcher_pid, signal.SIGKILL)
+    os.killpg(_launcher_of(machine), signal.SIGKILL)
     pid = int(machine.file_manager.path(stackops.PID_TXT).read_text())
     wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
     report = machine.get_status(0)
@@ -5906,8 +6298,8 @@ def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote,
     with RemoteMachine(mod.sleeper, config=config(job_id="rgone", ssh_host="tb", copy_repo=True, **MAIL)) as m:
         m.run()
         wait_for(lambda: m.get_status(0).status == "running", what="running")
-        os.killpg(m.launcher_pid, signal.SIGKILL)  # loopback: the host's processes are ours to see
         remote_root = remote.remote_home / m.file_manager.job_root_rh[2:]
+        os.killpg(_launcher_of(m, remote_root), signal.SIGKILL)  # loopback: the host's are ours to see
         pid = int((remote_root / stackops.PID_TXT).read_text())
         wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
         report = m.get_status(0)
@@ -7198,8 +7590,9 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
     crowd.mkdir()
     machines = [RemoteMachine(mod.crowded, config=config(job_id=f"crowd-{i:03d}", max_simultaneous_jobs=5),
                               func_kwargs={"i": i, "folder": str(crowd)}) for i in range(200)]
-    state = home / "tmp_results" / "remote_machines" / "file_manager"
+    state = Slots().root
     stop, problems, killed, cancelled = threading.Event(), [], set(), set()
+    dispatchers_killed: list[int] = []
     launched: list[RemoteMachine] = []
 
     def read_views():
@@ -7225,6 +7618,14 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
                     os.kill(victim["pid"], signal.SIGKILL)
                     killed.add(victim["job_id"])
 
+    def kill_dispatcher():  # the process that hands slots over, every 0.7 s: the next call replaces it
+        while not stop.wait(0.7) and len(dispatchers_killed) < 12:
+            pid = Slots().dispatcher_pid()
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    dispatchers_killed.append(pid)
+
     def cancel_some():  # a launched job in any state, chosen at random, every 0.3 s
         rng = _random.Random(11)
         while not stop.wait(0.3) and len(cancelled) < 15:
@@ -7236,7 +7637,8 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
                 except StackopsError as exc:
                     problems.append(f"cancel {victim.job_id}: {exc}")
 
-    watchers = [threading.Thread(target=target) for target in (read_views, kill_some, cancel_some)]
+    watchers = [threading.Thread(target=target) for target in (read_views, kill_some, cancel_some,
+                                                                kill_dispatcher)]
     for watcher in watchers:
         watcher.start()
     try:
@@ -7249,7 +7651,7 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
         for watcher in watchers:
             watcher.join()
     assert problems == []
-    assert len(killed) >= 10
+    assert len(killed) >= 10 and len(dispatchers_killed) >= 5
     assert all(report.status in ("completed", "failed", "cancelled") for report in reports), "no job lost"
     assert len(cancelled) >= 10
     assert {report.job_id for report in reports if report.status == "cancelled"} <= cancelled
