@@ -7585,12 +7585,13 @@ class Sweep:
             if isinstance(report, JobStatus) and report.finished:
                 answers[job.job_id] = report
                 continue
-            job._ssh = job._ssh or self.jobs[0]._ssh  # one connection for all
+            first = self.jobs[0]._place
+            job._place.connection = job._place.connection or first.connection  # one for all
             try:
                 answers[job.job_id] = job.cancel(grace)
             except StackopsError as exc:
                 answers[job.job_id] = exc
-            self.jobs[0]._ssh = self.jobs[0]._ssh or job._ssh
+            first.connection = first.connection or job._place.connection
         return answers
 
 
@@ -7602,7 +7603,7 @@ def _sweep_member(template: RemoteMachine, job_id: str, kwargs: dict[str, Any]) 
     job = RemoteMachine.__new__(RemoteMachine)
     job.__dict__.update(template.__dict__)
     job._init_state()
-    job._ssh = template._ssh
+    job._place = template._place  # the template's connection
     job.config = copy.copy(template.config)
     job.config.job_id = job_id
     job.kwargs = kwargs
@@ -7643,7 +7644,7 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
                           hint="choose another --job-id")
     template.preflight()
     if template.is_remote:
-        template._check_where_it_runs()  # before anything is written: python3 and the code there
+        template._place.check_where_it_runs(template)  # before anything is written there
     jobs = [_sweep_member(template, job_id, kwargs) for job_id, kwargs in zip(ids, lines)]
     sweep = Sweep(config.job_id, jobs)
     _put_sweep_in_place(template, jobs, run, progress)
@@ -7722,18 +7723,18 @@ def _write_sweep_folder(template: RemoteMachine, ids: list[str]) -> None:
     if not source.is_file():
         raise StackopsError(f"cannot find stackops.py to ship with the sweep (looked at {source})")
     if template.config.copy_repo:
-        template._take_snapshot()
+        _take_snapshot(template)
     staging = _trusted_dir(root.parent, "base folder") / f".{template.job_id}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        template._write_folder(staging, source)
+        _write_job_folder(template, staging, source)
         for relative in (REMOTE_MACHINE_JSON, FILE_MANAGER_JSON, KWARGS_JSON):
             os.unlink(staging / relative)
         shutil.rmtree(staging / LOGS)
         _atomic_write_json(staging / SWEEP_JSON, {"sweep_id": template.job_id, "ids": ids,
                                                   "host": template.host_name})
         if os.path.lexists(root):
-            raise template._exists_error()
+            raise _exists_error(template)
         os.rename(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -7757,8 +7758,8 @@ def _hand_over_sweep_folder(template: RemoteMachine,
                            template.file_manager, template.data, progress, template._snapshot)
     root = template.file_manager.job_root
     if shared and template.config.copy_repo and not (root / CODE_DIR).exists():
-        template._code_here(root)
-    template._check_notification()
+        _code_here(template, root)
+    template._place.check_notification(template)
     return shared
 
 
@@ -8518,7 +8519,7 @@ def _cmd_run(args: Any) -> int:
 def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
     grid = load_sweep_grid(args.sweep)
     with run_sweep(args.target, config, grid, parse_kwargs(args.kwargs), run=not args.no_launch,
-                   progress=_progress()) as sweep:
+                   progress=_progress(args)) as sweep:
         first, last = sweep.jobs[0].job_id, sweep.jobs[-1].job_id
         if args.no_launch:
             print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) ready; "
