@@ -44,10 +44,13 @@ Sections (bottom-up; each uses only the sections above it; 0-9 are standard libr
      9  network         local addresses, the LAN address, the public IP and its rotation (warp-cli)
     10  SSH             paramiko (lazily): OpenSSH-style targets, host keys, commands
     11  transfer        copies as sftp and tar streams (whole or not at all), rclone transfers
-    12  remote machine  transfer_sftp, CloudQueue, RemoteMachine
-    13  cluster         load calculators, Cluster: one workload split over several hosts
-    14  cloud worker    claims and runs the work units of a cloud queue
-    15  CLI             argument parser, one small handler per command, main(argv) -> int
+    12  job hand-over   arguments, code snapshots, transfer_sftp, CloudQueue
+    13  places and      where a job runs (here, over SSH, through the cloud) and how it starts
+        launchers       there (a slot, tmux, the cloud queue, sbatch): one small class each
+    14  remote machine  RemoteMachine: one job, with one place and one launcher; list_jobs
+    15  cluster         load calculators, Cluster: one workload split over several hosts
+    16  cloud worker    claims and runs the work units of a cloud queue
+    17  CLI             argument parser, one small handler per command, main(argv) -> int
 
 Environment variables (read on the machine where they matter):
 
@@ -5228,7 +5231,7 @@ def cloud_fetch_command(cloud_name: str, job_id: str, sha256: str, members: list
 
 
 # ============================================================================================
-# 12. remote machine
+# 12. job hand-over: arguments, code snapshots, transfer to a host, the cloud queue
 # ============================================================================================
 
 def _check_kwargs(func_kwargs: Any) -> dict[str, Any]:
@@ -6058,63 +6061,1267 @@ class CloudQueue:
         return rows
 
 
+# ============================================================================================
+# 13. places and launchers: where a job's files and commands go, and how the job starts there
+# ============================================================================================
+#
+# One small class per back end, in the manner of bottle's server adapters. A *place* moves a
+# job's files and runs its commands where it executes: _Here, _OverSSH, _ThroughCloud (the job
+# goes up to an rclone remote and the host fetches it). A *launcher* starts the job there:
+# _SlotLauncher (a detached process that takes a slot), _TmuxLauncher (the same, in a tmux
+# session), _CloudQueueLauncher (work units any worker runs), _SlurmLauncher (sbatch).
+# RemoteMachine picks one of each from its config (_place_for, _launcher_for) and delegates.
+
+# The job's own stackops copy where the job is, imported as a module (its bytecode is shipped)
+# under -S: it needs nothing but the standard library.
+JOB_ENTRY_TEMPLATE = "@@python -S -c @@code @@root/python @@action @@root @@args"
+_JOB_ENTRY_PY = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; "
+                 "sys.exit(getattr(stackops, '_serve', stackops.main)(sys.argv[2:]))")
+RUN_BASH_TEMPLATE = "bash -c @@script"
+WITHDRAW_TEMPLATE = "rm -rf -- @@job_root"
+HAS_COMMAND_TEMPLATE = "command -v @@name"
+# before anything is written there: the interpreter, and (without copy_repo) the job's file
+HOST_CHECK_TEMPLATE = "command -v @@python >/dev/null 2>&1 || echo no-python; @@{file_check}true"
+HOST_FILE_CHECK_TEMPLATE = "[ -f @@file ] || echo no-file; "
+CLOUD_FIRE_TEMPLATE = "@@fetch && @@{check}@@fire"
+CLOUD_RESULTS_UP_TEMPLATE = ('S=@@results; if [ -d "$S" ]; then rclone copy "$S" @@target; '
+                             'else rclone copyto "$S" @@target; fi')
+SCANCEL_TEMPLATE = "umask 077 && @@marks && scancel @@slurm_id"
+CANCEL_MARK_TEMPLATE = "date -u +%Y-%m-%dT%H:%M:%S+00:00 > @@job_root/@@cancel_file"
+
+
+def _place_for(config: RemoteStackOpsConfig) -> _Place:
+    """The place a job with ``config`` runs: here, over SSH, or over SSH with its files through
+    the cloud (``transfer_method='cloud'``). Decided once, when a RemoteMachine gets its config."""
+    if config.ssh_host is None:
+        return _Here(config)
+    if config.transfer_method == "cloud":
+        return _ThroughCloud(config)
+    return _OverSSH(config)
+
+
+def _launcher_for(config: RemoteStackOpsConfig) -> _Launcher:
+    """How a job with ``config`` starts (``launch_method``, ``interactive``), decided once."""
+    if config.launch_method == "slurm":
+        return _SlurmLauncher()
+    if config.launch_method == "cloud_manager":
+        return _CloudQueueLauncher(config.interactive)
+    return _TmuxLauncher() if config.interactive else _SlotLauncher()
+
+
+def _job_entry(machine: RemoteMachine, action: str, *args: str) -> str:
+    """The command that runs ``action`` of the job's own stackops copy where it runs."""
+    return render_template(JOB_ENTRY_TEMPLATE, python=shlex.quote(machine.python),
+                           code=shlex.quote(_JOB_ENTRY_PY),
+                           root=_sh_path(machine.file_manager.job_root_rh),
+                           action=shlex.quote(action), args=" ".join(shlex.quote(a) for a in args))
+
+
+def _copy_job(machine: RemoteMachine, config: RemoteStackOpsConfig) -> RemoteMachine:
+    """A new job with ``machine``'s callable, kwargs, data and pickled instance, and ``config``."""
+    other = RemoteMachine.__new__(RemoteMachine)
+    other.__dict__.update(machine.__dict__)
+    other._init_state()
+    other._use(config)
+    other.job_params = JobParams.from_dict(machine.job_params.to_dict())
+    return other
+
+
+def _code_here(machine: RemoteMachine, folder: Path) -> None:
+    """Put the job's own copy of its snapshot into ``folder`` (a job folder on this machine)."""
+    repo = expand_home(machine.job_params.repo_path_rh)
+    if machine._snapshot is None:  # a job loaded from its folder: the same tree, the same snapshot
+        machine._snapshot = code_snapshot(repo)
+    if machine._snapshot[0] != machine.job_params.code_snapshot:
+        raise StackopsError(f"the repo of job {machine.job_id} changed since the job was generated",
+                            hint="submit it again under a new job_id")
+    _materialize_here(repo, machine._snapshot[1], folder / CODE_DIR)
+
+
+class _Place:
+    """Where a job runs, seen from here: how its folder, code and data get there, how commands
+    run there, and how its status and results come back."""
+
+    remote = False
+    code_in_folder = True  # with copy_repo, the job folder carries its own code
+
+    def __init__(self, config: RemoteStackOpsConfig) -> None:
+        self.config = config
+        self.connection: SSH | None = None  # the one SSH connection, opened on first use
+
+    @property
+    def host_name(self) -> str:
+        return "localhost"
+
+    @property
+    def default_python(self) -> str:
+        return "python3"
+
+    @property
+    def ssh(self) -> SSH:
+        raise StackopsError(f"job {self.config.job_id} runs on this machine; "
+                            "it has no SSH connection")
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def run(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
+        """Run a bash command where the job runs: (exit status, stdout, stderr)."""
+        raise NotImplementedError
+
+    def preflight(self) -> None:
+        """What can be checked before anything is written or sent."""
+
+    def adopt_state_dir(self, manager: FileManager) -> None:
+        """Settle the job's slot state folder for the machine it runs on."""
+
+    def check_job_root(self, root: Path) -> None:
+        """Refuse a job folder that has no place where the job runs."""
+
+    def check_notification(self, machine: RemoteMachine) -> None:
+        """A job that will e-mail must find its SMTP settings where it runs: checked now."""
+        if machine.config.notify_upon_completion:
+            self.check_email(machine)
+
+    def check_email(self, machine: RemoteMachine) -> None:
+        raise NotImplementedError
+
+    def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None,
+                  launch: bool = False, gate: _Gate | None = None) -> bool:
+        """Put the generated job where it runs; True when something was sent to the host. With
+        ``launch`` the place may start it in the same round trip (fire() then reads the answer),
+        once ``gate`` says go (see _Together)."""
+        return False
+
+    def withdraw(self, machine: RemoteMachine) -> None:
+        """Remove what hand_over sent (a submission broken off before launch)."""
+
+    def fire_command(self, machine: RemoteMachine, command: str) -> str:
+        """The launch command as it runs there (a place may first fetch the job)."""
+        return command
+
+    def check_reached(self, machine: RemoteMachine) -> None:
+        """Refuse to act on a job that never reached the machine it runs on."""
+
+    def delete_folder(self, machine: RemoteMachine) -> None:
+        """Remove the job folder where it ran, when that is not the folder here."""
+
+    def status_command(self, machine: RemoteMachine, marker: str, log_lines: int) -> str:
+        """The one bash command that reports the job where it runs (FileManager.status_command)."""
+        fallback = _job_entry(machine, "job-report", "--lines", str(int(log_lines)))
+        notify = _job_entry(machine, "job-notify") if machine.config.notify_upon_completion else ""
+        return machine.file_manager.status_command(marker, log_lines, fallback, notify)
+
+    def take_report(self, machine: RemoteMachine, stdout: str, marker: str,
+                    log_lines: int) -> JobStatus:
+        """The JobStatus in the answer of status_command; its small log files are mirrored
+        into our folder."""
+        if stdout.startswith("{"):  # a host without /proc answered with the Python report
+            answer = json.loads(stdout)
+            report, logs = JobStatus.from_dict(answer["status"]), answer["logs"]
+        else:
+            report, logs = machine.file_manager.parse_status_output(stdout, marker, log_lines)
+        self.mirror_logs(machine, logs)
+        return report
+
+    def mirror_logs(self, machine: RemoteMachine, logs: dict[str, str]) -> None:
+        """Keep the job's small log files, read where it runs, in the job folder here."""
+
+    def check_gpus(self, machine: RemoteMachine) -> None:
+        """A job that asks for more GPUs than the machine has could only wait forever: refused."""
+        found = self.gpu_ids() if machine.config.gpus else []
+        if len(found) < machine.config.gpus:
+            raise ConfigError(f"job {machine.job_id} asks for {machine.config.gpus} GPU(s) and "
+                              f"{self.host_name} has {len(found)}"
+                              + (f" ({', '.join(found)})" if found else ""),
+                              hint="STACKOPS_GPUS=0,1,... declares them where nvidia-smi "
+                                   "cannot list them")
+
+    # what every place does its own way
+    def account(self) -> str:
+        """Who runs the job where: ``user@host:port`` or ``user@node``."""
+        raise NotImplementedError
+
+    def check_where_it_runs(self, machine: RemoteMachine) -> None:
+        """Refuse now what would fail only after launch (interpreter, the job's file), unless
+        the hand-over checks them in its own round trip."""
+        raise NotImplementedError
+
+    def check_host_files(self, machine: RemoteMachine) -> None:
+        """The same checks, in a round trip of their own (a sweep's jobs, a cloud job)."""
+        self.check_where_it_runs(machine)
+
+    def has_command(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def gpu_ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        """The job's full status, read where it runs (pid verified there)."""
+        raise NotImplementedError
+
+    def results_path(self, text: str) -> Path:
+        """The results folder a report names, as a path for this machine's bookkeeping."""
+        raise NotImplementedError
+
+    def results_here(self, machine: RemoteMachine, results: Path) -> Path:
+        """The results folder as a path usable on this machine (wait())."""
+        raise NotImplementedError
+
+    def fetch_results(self, machine: RemoteMachine, results: Path,
+                      target: str | os.PathLike[str] | None, overwrite: bool,
+                      progress: Callable[[int], None] | None) -> Path:
+        """The results folder here (download_results())."""
+        raise NotImplementedError
+
+    def delete_results(self, machine: RemoteMachine) -> None:
+        """Delete the job's own results folder where it ran."""
+        raise NotImplementedError
+
+
+class _Here(_Place):
+    """The job runs on this machine: its folder already is where it runs."""
+
+    @property
+    def default_python(self) -> str:
+        return sys.executable or "python3"
+
+    def run(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
+        done = subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+        return done.returncode, done.stdout, done.stderr
+
+    def adopt_state_dir(self, manager: FileManager) -> None:
+        # a relative STACKOPS_STATE_DIR is made absolute once, here: the wrapper uses the same queue
+        if os.environ.get("STACKOPS_STATE_DIR"):
+            manager.state_dir = str(expand_home(os.environ["STACKOPS_STATE_DIR"]))
+
+    def account(self) -> str:
+        """``user@node`` of this machine."""
+        import getpass
+
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # no USER and no passwd entry
+            user = str(os.getuid())
+        return f"{user}@{os.uname().nodename}"
+
+    def check_where_it_runs(self, machine: RemoteMachine) -> None:
+        if shutil.which(machine.python) is None:
+            raise ConfigError(f"the interpreter {machine.python!r} is not found on this machine",
+                              hint="pass --python (python=) with an installed interpreter")
+
+    def check_email(self, machine: RemoteMachine) -> None:
+        load_email_config(machine.config.email_config_name or "")
+
+    def has_command(self, name: str) -> bool:
+        return shutil.which(name) is not None
+
+    def gpu_ids(self) -> list[str]:
+        return gpu_ids()
+
+    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        return machine.file_manager.status_report(log_lines)
+
+    def results_path(self, text: str) -> Path:
+        return expand_home(text)
+
+    def results_here(self, machine: RemoteMachine, results: Path) -> Path:
+        return results
+
+    def fetch_results(self, machine: RemoteMachine, results: Path,
+                      target: str | os.PathLike[str] | None, overwrite: bool,
+                      progress: Callable[[int], None] | None) -> Path:
+        if not results.exists():
+            raise ConfigError(f"the results folder of job {machine.job_id}, "
+                              f"{collapse_home(results)}, no longer exists")
+        if target is None or _same_place(results, expand_home(target)):
+            return results  # never copied onto itself
+        return _copy_local(results, expand_home(target), overwrite)
+
+    def delete_results(self, machine: RemoteMachine) -> None:
+        delete_own_results(machine.file_manager.job_root)
+
+
+class _OverSSH(_Place):
+    """The job runs on ``config.ssh_host``, reached over one SSH connection reused for every
+    step; its folder, code and data go over it (transfer_sftp)."""
+
+    remote = True
+    code_in_folder = False  # the code snapshot goes to the host's own store
+
+    def __init__(self, config: RemoteStackOpsConfig) -> None:
+        parse_ssh_target(config.ssh_host or "")
+        super().__init__(config)
+
+    @property
+    def host_name(self) -> str:
+        return self.config.ssh_host or ""
+
+    @property
+    def ssh(self) -> SSH:
+        """The one connection to the host, opened on first use."""
+        if self.connection is not None and not self.connection.is_alive:  # the host went away
+            self.connection.close()
+            self.connection = None
+        if self.connection is None:
+            accept = self.config.accept_new_host_key
+            self.connection = SSH.from_config_file(self.host_name, timeout=self.config.ssh_timeout,
+                                                   accept_new_host_key=accept)
+        return self.connection
+
+    def run(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
+        wrapped = render_template(RUN_BASH_TEMPLATE, script=shlex.quote(command))
+        response = self.ssh.run_shell_cmd_on_remote(wrapped, timeout, strict=False)
+        return response.returncode, response.stdout, response.stderr
+
+    def preflight(self) -> None:
+        _ = self.ssh  # connects: an unknown, untrusted or unreachable host stops us here
+
+    def check_job_root(self, root: Path) -> None:
+        _home_relative(root)
+
+    def account(self) -> str:
+        """``user@host:port`` the job is sent to (its SSH target)."""
+        if self.connection is not None:
+            return str(self.connection.target)
+        return str(resolve_ssh_target(self.host_name))
+
+    def check_where_it_runs(self, machine: RemoteMachine) -> None:
+        """Nothing before the hand-over: it checks the interpreter and the job's file in its own
+        round trip (_hand_over)."""
+
+    def check_host_files(self, machine: RemoteMachine) -> None:
+        """Refuse now what would fail only after launch: an interpreter the host lacks, or
+        (without copy_repo) the job's script or module file missing there. One round trip."""
+        params = machine.job_params
+        file = f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
+        file_check = ""
+        if not machine.config.copy_repo:
+            file_check = render_template(HOST_FILE_CHECK_TEMPLATE, file=_sh_path(file))
+        command = render_template(HOST_CHECK_TEMPLATE, python=shlex.quote(machine.python),
+                                  file_check=file_check)
+        answer = self.ssh.run_shell_cmd_on_remote(command, timeout=self.config.ssh_timeout,
+                                                  strict=False).stdout.split()
+        if "no-python" in answer:
+            raise ConfigError(f"the interpreter {machine.python!r} is not found on "
+                              f"{self.host_name}",
+                              hint="install it there, or pass --python (python=) with one it has")
+        if "no-file" in answer:
+            raise ConfigError(f"{file} is not on {self.host_name}, and the job needs it",
+                              hint="pass --copy-repo (copy_repo=True) to send the repo along")
+
+    def check_email(self, machine: RemoteMachine) -> None:
+        command = _job_entry(machine, "job-check-email")
+        response = machine._ahead.pop(command, None)  # the hand-over ran it already
+        if response is None:
+            response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
+        if response.returncode != 0:
+            _raise_remote_error(response, f"on {self.host_name}: ",
+                                hint=f"create the e-mail config on {self.host_name} (chmod 600)")
+
+    def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None,
+                  launch: bool = False, gate: _Gate | None = None) -> bool:
+        """The job folder, the repo (``copy_repo``) and the data go to their home-relative places on
+        the host, in one remote command; a host that shares this home uses them in place."""
+        manager = machine.file_manager
+        then = _ahead_commands(machine, launch)
+        params, file = machine.job_params, ""
+        if not self.config.copy_repo:  # the job's file, which the host must have
+            file = f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
+        machine._handed = _hand_over(self.ssh, self.config, params, manager, machine.data,
+                                     progress, machine._snapshot, file, then, gate)
+        machine.shared = machine._handed.shared
+        machine._ahead = dict(zip(then, machine._handed.steps))
+        if machine.shared and self.config.copy_repo and not manager.path(CODE_DIR).exists():
+            _code_here(machine, manager.job_root)
+        return True
+
+    def withdraw(self, machine: RemoteMachine) -> None:
+        where = _sh_path(machine.file_manager.job_root_rh)
+        command = render_template(WITHDRAW_TEMPLATE, job_root=where)
+        self.ssh.run_shell_cmd_on_remote(command, timeout=self.config.ssh_timeout, strict=False)
+
+    def check_reached(self, machine: RemoteMachine) -> None:
+        if not machine.submitted:
+            raise StackopsError(f"job {machine.job_id} never reached {self.host_name}: "
+                                "nothing to cancel")
+
+    def delete_folder(self, machine: RemoteMachine) -> None:
+        if machine.submitted:
+            status, out, err = self.run(machine.file_manager.delete_command())
+            if status != 0:
+                raise CommandError(self.host_name, "delete", status, err or out)
+
+    def has_command(self, name: str) -> bool:
+        command = render_template(HAS_COMMAND_TEMPLATE, name=shlex.quote(name))
+        return self.ssh.run_shell_cmd_on_remote(command, timeout=30, strict=False).returncode == 0
+
+    def gpu_ids(self) -> list[str]:
+        response = self.ssh.run_shell_cmd_on_remote(GPU_PROBE_SH, timeout=60, strict=False)
+        answer = response.stdout.splitlines()
+        declared = answer[0] if answer else "-"
+        return [g for g in (answer[1:] if declared == "-" else declared.split(",")) if g.strip()]
+
+    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        """One round trip that starts no Python; the job's small log files are mirrored here."""
+        if not machine.submitted:
+            raise StackopsError(f"job {machine.job_id} was never completely submitted to "
+                                f"{self.host_name}, so nothing of it runs there "
+                                "(was the submission interrupted?)",
+                                hint="run it again under a new job_id")
+        marker = f"--stackops-{random.getrandbits(64):016x}"
+        command = self.status_command(machine, marker, log_lines)
+        timeout = max(self.config.ssh_timeout, 10.0)
+        response = self.ssh.run_shell_cmd_on_remote(command, timeout=timeout, strict=False)
+        if response.returncode != 0:
+            raise CommandError(self.host_name, "job status", response.returncode, response.stderr,
+                               hint="is the job folder still on the host?")
+        return self.take_report(machine, response.stdout, marker, log_lines)
+
+    def mirror_logs(self, machine: RemoteMachine, logs: dict[str, str]) -> None:
+        for relative, text in logs.items():  # a shared home has them already: never write them back
+            if relative.startswith(LOGS + "/") and ".." not in relative and not machine.shared:
+                _atomic_write_text(machine.file_manager.path(relative), text)
+
+    def results_path(self, text: str) -> Path:
+        return Path(text)  # as the host named it
+
+    def results_here(self, machine: RemoteMachine, results: Path) -> Path:
+        """The results downloaded here (once) with download_results()'s default target."""
+        done = machine.downloaded_to
+        if machine.results_downloaded and done is not None and done.exists():
+            return done
+        try:
+            target = self.own_results_here(machine, results.as_posix())
+        except ConfigError:  # the host named a folder elsewhere: to the job's own folder here
+            target = expand_home(f"{DEFAULT_RESULTS_DIR}/{machine.job_id}")
+        return machine.download_results(target, overwrite=True)
+
+    def own_results_here(self, machine: RemoteMachine, results: str) -> Path:
+        """Where results named by the host go without a target: the same home-relative path here,
+        only inside the job's own results folder or job folder. The host's word is data: a path
+        it names elsewhere (``~/.local/bin/ls``) is refused, never written."""
+        own = (f"{DEFAULT_RESULTS_DIR}/{machine.job_id}", machine.file_manager.job_root_rh)
+        inside = any(results == folder or results.startswith(folder + "/") for folder in own)
+        if results.startswith("~/") and ".." not in results.split("/") and inside:
+            return expand_home(results)
+        raise ConfigError(f"the results of job {machine.job_id} are at {self.host_name}:{results}, "
+                          f"outside the job's own results folder ({own[0]}); stackops writes "
+                          "there only when you say so",
+                          hint=f"give the target: download {machine.job_id} --to DIR")
+
+    def fetch_results(self, machine: RemoteMachine, results: Path,
+                      target: str | os.PathLike[str] | None, overwrite: bool,
+                      progress: Callable[[int], None] | None) -> Path:
+        if target is None:
+            target = self.own_results_here(machine, results.as_posix())
+        if machine.shared:  # the host wrote them into the home this machine sees
+            local = expand_home(results.as_posix())
+            if not _same_place(local, expand_home(target)):
+                local = _copy_local(local, expand_home(target), overwrite)
+            return local
+        return self.fetch(machine, results, target, overwrite, progress)
+
+    def fetch(self, machine: RemoteMachine, results: Path, target: str | os.PathLike[str],
+              overwrite: bool, progress: Callable[[int], None] | None) -> Path:
+        return self.ssh.copy_to_here(results.as_posix(), target, recursive=True,
+                                     overwrite=overwrite, progress=progress)
+
+    def delete_results(self, machine: RemoteMachine) -> None:
+        command = _job_entry(machine, "job-delete-results")
+        response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
+        if response.returncode != 0:
+            _raise_remote_error(response, f"on {self.host_name}: ")
+
+
+class _ThroughCloud(_OverSSH):
+    """The job runs on ``config.ssh_host``, but its files travel through the rclone remote
+    ``config.cloud_name``: one archive up at submit, fetched by the host when the job is fired;
+    its results come back the same way."""
+
+    code_in_folder = True  # the archive carries the job folder with its code
+
+    def preflight(self) -> None:
+        super().preflight()
+        check_cloud_remote(self.config.cloud_name or "")
+
+    def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None,
+                  launch: bool = False, gate: _Gate | None = None) -> bool:
+        _, machine.cloud_sha256 = transfer_cloud(self.ssh, self.config, machine.job_params,
+                                                 machine.file_manager, machine.data)
+        return False  # nothing is on the host before the job is fired
+
+    def check_notification(self, machine: RemoteMachine) -> None:
+        """A cloud job's folder reaches the host only when fired: checked then (fire_command)."""
+
+    def check_where_it_runs(self, machine: RemoteMachine) -> None:
+        self.check_host_files(machine)
+
+    def fire_command(self, machine: RemoteMachine, command: str) -> str:
+        check = ""
+        if self.config.notify_upon_completion:
+            check = f"{_job_entry(machine, 'job-check-email')} && "
+        # the code is in the job folder
+        members = _archive_members(machine.file_manager.job_root_rh, None, machine.data)
+        fetch = cloud_fetch_command(self.config.cloud_name or "", machine.job_id,
+                                    machine.cloud_sha256, members)
+        return render_template(CLOUD_FIRE_TEMPLATE, fetch=fetch, check=check, fire=command)
+
+    def fetch(self, machine: RemoteMachine, results: Path, target: str | os.PathLike[str],
+              overwrite: bool, progress: Callable[[int], None] | None) -> Path:
+        """The host uploads the results with its rclone under a fresh prefix of this download's own
+        (a later job with the same id never mixes in); they come down here the same way, and the
+        prefix is removed from the bucket afterwards, whatever happened."""
+        destination = _free_destination(expand_home(target), overwrite)
+        prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{machine.job_id}/"
+                  f"{random.getrandbits(64):016x}")
+        command = render_template(CLOUD_RESULTS_UP_TEMPLATE, results=_sh_path(results.as_posix()),
+                                  target=shlex.quote(f"{prefix}/payload"))
+        try:
+            up = self.ssh.run_shell_cmd_on_remote(command, timeout=3600, strict=False)
+            if up.returncode != 0:
+                raise TransferError(f"rclone on {self.host_name} could not upload the results: "
+                                    f"{_tail(up.stderr, 3)}")
+            _mkdir_private(destination.parent)
+            staging = Path(_make_temp_dir(destination.parent))
+            try:
+                _rclone("copy", prefix, str(staging), what="download of the results")
+                _remove(destination)
+                os.rename(staging / "payload", destination)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            with _suppress(StackopsError):
+                _rclone("purge", prefix, what="removal of the downloaded results from the bucket")
+        return destination
+
+
+_Gate = Callable[[Callable[[bytes], None]], bool]  # see _Together.arrive
+
+
+def _ahead_commands(machine: RemoteMachine, launch: bool) -> list[str]:
+    """What the host runs right after the hand-over, in its round trip: the e-mail check, and
+    with ``launch`` the command fire() runs (each answer is kept for whoever asks it next)."""
+    then = [_job_entry(machine, "job-check-email")] if machine.config.notify_upon_completion else []
+    if launch:
+        then.append(machine._launcher.fire_command(machine))
+    return then
+
+
+def _run_at(machine: RemoteMachine, command: str) -> tuple[int, str, str]:
+    """Run ``command`` where the job is, unless the hand-over ran it already (its answer)."""
+    ahead = machine._ahead.pop(command, None)
+    if ahead is not None:
+        return ahead.returncode, ahead.stdout, ahead.stderr
+    return machine._place.run(command)
+
+
+class _Launcher:
+    """How a job starts where it runs, and what follows from that (status, cancel, arrays)."""
+
+    takes_slot = True  # the job holds one of the machine's stackops slots while it runs
+
+    def preflight(self, machine: RemoteMachine) -> None:
+        """What this launcher needs where the job runs, checked before anything is written."""
+
+    def array_parts(self, machine: RemoteMachine) -> list[WorkloadParams]:
+        return []
+
+    def write_extras(self, machine: RemoteMachine, folder: Path) -> None:
+        """Files this launcher needs in the job folder besides the launcher and the wrapper."""
+
+    def after(self, machine: RemoteMachine, parent_id: str) -> str:
+        """A job ``machine`` runs after: submitted from here to the same place, started the same
+        way (for Slurm, already handed to Slurm); returns its Slurm id or ""."""
+        parent = self._parent(machine, parent_id)
+        if parent.host_name != machine.host_name or parent.uses_slurm != machine.uses_slurm:
+            raise ConfigError(f"--after {parent.job_id}: that job runs on {parent.host_name}"
+                              f"{' under Slurm' if parent.uses_slurm else ''}; "
+                              "this one must run in the same place")
+        return ""
+
+    @staticmethod
+    def _parent(machine: RemoteMachine, parent_id: str) -> RemoteMachine:
+        try:
+            return RemoteMachine.load(parent_id, machine.config.base_dir)
+        except ConfigError:
+            raise ConfigError(f"--after {parent_id}: no such job here",
+                              hint="list shows the jobs") from None
+
+    def run(self, machine: RemoteMachine, run: bool, show_scripts: bool,
+            progress: Callable[[int], None] | None) -> None:
+        """preflight, generate_scripts, optionally show_scripts, submit, fire(run)."""
+        machine.preflight()
+        machine.generate_scripts()
+        if show_scripts:
+            machine.show_scripts()
+        machine._submit(progress, launch=run)
+        machine.fire(run)
+
+    def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
+        raise NotImplementedError
+
+    def fire_command(self, machine: RemoteMachine) -> str:
+        """The bash command that starts the job where its folder is."""
+        raise NotImplementedError
+
+    def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
+        return self.stop(machine, grace)
+
+    def stop(self, machine: RemoteMachine, grace: float) -> JobStatus:
+        """Stop the job where its folder is (CANCEL_TEMPLATE), and return its status after."""
+        command = machine.file_manager.cancel_command(grace)
+        status, out, err = machine._place.run(command, timeout=grace + 60)
+        if status != 0:
+            raise CommandError(machine.host_name, "cancel", status, err or out)
+        return machine.get_status(0)
+
+    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        return machine._place.status(machine, log_lines)
+
+
+class _SlotLauncher(_Launcher):
+    """A detached process (its own session, output to logs/) that waits for one of the
+    machine's slots, first come first served, and survives the connection closing."""
+
+    interactive = False
+
+    def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
+        raw = self.fire_command(machine)
+        command = machine.launch_command = machine._place.fire_command(machine, raw)
+        if not run:
+            log.info("job %s is ready on %s and was not launched; launch it with: bash -c %s",
+                     machine.job_id, machine.host_name, shlex.quote(command))
+            return None, command
+        if machine.launcher_pid is not None:
+            raise StackopsError(f"job {machine.job_id} was already fired "
+                                f"(launcher pid {machine.launcher_pid})",
+                                hint="submit it again under a new job_id to run it again")
+        status, out, err = _run_at(machine, command)
+        pid = out.strip().splitlines()[-1:] if status == 0 else []
+        if not pid or not pid[0].isdigit():
+            _raise_remote_error(Response(out, err, status, command, machine.host_name),
+                                f"job {machine.job_id} was not started on {machine.host_name}: ",
+                                hint=f"python stackops.py status {machine.job_id}")
+        machine.launcher_pid = int(pid[0])
+        machine._save()
+        log.info("job %s fired on %s (launcher pid %d)", machine.job_id, machine.host_name,
+                 machine.launcher_pid)
+        return machine.launcher_pid, command
+
+
+    def fire_command(self, machine: RemoteMachine) -> str:
+        join_queue = not machine.config.after  # a job with parents waits among the after entries
+        return machine.file_manager.get_fire_command(self.interactive, join_queue=join_queue)
+
+
+class _TmuxLauncher(_SlotLauncher):
+    """Like _SlotLauncher, inside a tmux session named after the job, so a person can attach."""
+
+    interactive = True
+
+
+class _CloudQueueLauncher(_SlotLauncher):
+    """The job goes, as one work unit, to the queue on ``config.cloud_name``; any worker runs it.
+    Where a worker runs the unit, it starts as a detached process with a slot (fire)."""
+
+    def __init__(self, interactive: bool = False) -> None:
+        self.interactive = interactive
+
+    def run(self, machine: RemoteMachine, run: bool, show_scripts: bool,
+            progress: Callable[[int], None] | None) -> None:
+        if not run:
+            raise ConfigError("a cloud_manager job is started by a worker as soon as it is "
+                              "queued: run=False (--no-launch) has no meaning for it")
+        machine.units = self.submit(machine, 1)
+        log.info("job %s queued on %s as unit %s", machine.job_id,
+                 cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
+
+    def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
+        """A unit of a cloud queue: marked cancelled in the bucket (workers skip it; the one running
+        it stops it at its next heartbeat). The status is the queue's view of it."""
+        if not machine.config.cloud_name:
+            return self.stop(machine, grace)
+        queue = CloudQueue(machine.config.cloud_name)
+        rows = {row["unit"]: row for row in queue.report()}
+        row = rows.get(machine.job_id)
+        if row is None:
+            raise ConfigError(f"unit {machine.job_id} is not in the queue on "
+                              f"{machine.config.cloud_name}")
+        if row["state"] in TERMINAL_STATUSES:
+            return JobStatus(job_id=machine.job_id, status=row["state"],
+                             host=str(row.get("host") or "?"))
+        queue.cancel(machine.job_id)
+        state = "cancelled" if row["state"] in ("queued", "stale") else "running"
+        reason = "" if state == "cancelled" else "cancel requested: the worker stops it"
+        return JobStatus(job_id=machine.job_id, status=state, host=str(row.get("worker") or "?"),
+                         reason=reason)
+
+    def submit(self, machine: RemoteMachine, split: int) -> list[str]:
+        """Expand the job into ``split`` work units, each with its slice of the workload, and put
+        them in the queue on ``config.cloud_name``: all of them, or none."""
+        config = machine.config
+        if not config.cloud_name:
+            raise ConfigError("submit_to_cloud needs cloud_name (an rclone remote)")
+        if split < 1 or (split > 1 and machine.job_params.kind == "script"):
+            why = ": a script cannot be split" if split > 1 else ""
+            raise ConfigError(f"cannot split into {split} units{why}")
+        check_cloud_remote(config.cloud_name)
+        whole = config.workload_params or WorkloadParams(jobs=1)
+        parts = whole.split_to_jobs(split) if split > 1 or config.workload_params else [None]
+        queue = CloudQueue(config.cloud_name)
+        unit_ids = self._check_unit_ids(machine, queue, len(parts))
+        staging = Path(_make_temp_dir(_mkdir_private(expand_home(config.base_dir))))
+        units: list[RemoteMachine] = []
+        try:
+            for unit_id, part in zip(unit_ids, parts):
+                unit = self._unit(machine, unit_id, part)
+                units.append(unit)
+                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root, None,
+                                     unit.data)  # with copy_repo the unit's folder carries its code
+                queue.add(unit_id, archive, {"unit": unit_id, "submitted_at": _iso(_utcnow()),
+                                             "allowed_remotes": config.allowed_remotes})
+        except BaseException:  # all units or none: what went up comes down, what was made here goes
+            for unit in units:
+                with _suppress(StackopsError):
+                    queue.remove(unit.job_id)
+                shutil.rmtree(unit.file_manager.job_root, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return unit_ids
+
+    @staticmethod
+    def _check_unit_ids(machine: RemoteMachine, queue: CloudQueue, count: int) -> list[str]:
+        """Every unit's id, checked before any is made or uploaded: a safe name, no job here and
+        no unit in the queue by that name."""
+        unit_ids = [f"{machine.job_id}-{k}-{count}" for k in range(count)]
+        for unit_id in unit_ids:
+            if not _SAFE_NAME.match(unit_id):  # the job_id is safe: only the length can fail
+                raise ConfigError(f"unit id {unit_id!r} is {len(unit_id)} characters, over 128",
+                                  hint=f"choose a shorter job_id for {count} units")
+            root = FileManager(unit_id, base=machine.config.base_dir).job_root
+            if root.exists():
+                raise ConfigError(f"unit {unit_id!r} already exists at {collapse_home(root)}",
+                                  hint="choose another job_id, or leave it out for a fresh one")
+        taken = sorted(set(unit_ids) & set(queue.listing()))
+        if taken:
+            raise ConfigError(f"the queue on {queue.base} already holds unit(s) {', '.join(taken)}",
+                              hint="choose another job_id, or leave it out for a fresh one")
+        return unit_ids
+
+    @staticmethod
+    def _unit(machine: RemoteMachine, unit_id: str, part: WorkloadParams | None) -> RemoteMachine:
+        data = machine.config.to_dict()
+        data.update(job_id=unit_id, ssh_host=None, launch_method="cloud_manager",
+                    workload_params=part.to_dict() if part else None,
+                    python=machine.config.python or "python3")
+        unit = _copy_job(machine, RemoteStackOpsConfig.from_dict(data))
+        unit.file_manager = FileManager(unit_id, "Linux", unit.config.lock_resources,
+                                        unit.config.max_simultaneous_jobs, unit.config.base_dir)
+        unit.generate_scripts()
+        unit.submitted = True
+        unit._save()
+        return unit
+
+
+class _SlurmLauncher(_Launcher):
+    """Slurm's ``sbatch`` where the job is submitted (a login node): Slurm queues and starts it,
+    so no stackops slot is taken. A workload of K > 1 parts runs as a job array of K tasks."""
+
+    takes_slot = False
+
+    def preflight(self, machine: RemoteMachine) -> None:
+        """A Slurm job needs sbatch where it is submitted: refused before anything is written."""
+        if not machine._place.has_command("sbatch"):
+            raise ConfigError(f"launch_method='slurm' needs sbatch on {machine.host_name}, "
+                              "and there is none",
+                              hint="submit from a Slurm login node (--host), or leave out --slurm")
+
+    def array_parts(self, machine: RemoteMachine) -> list[WorkloadParams]:
+        whole = machine.config.workload_params
+        if whole is None or whole.jobs < 2:
+            return []
+        return [dataclasses.replace(part, jobs=1) for part in whole.split_to_jobs()]
+
+    def write_extras(self, machine: RemoteMachine, folder: Path) -> None:
+        config = machine.config
+        throttle = config.max_simultaneous_jobs if config.max_simultaneous_jobs > 1 else 0
+        tasks = len(machine.array_parts)
+        script = render_sbatch_script(machine.job_id, config.slurm_options, tasks, throttle,
+                                      after=machine._parent_slurm_ids)
+        _atomic_write_text(folder / SBATCH_SH, script, 0o700)
+
+    def after(self, machine: RemoteMachine, parent_id: str) -> str:
+        super().after(machine, parent_id)
+        parent = self._parent(machine, parent_id)
+        if parent.slurm_job_id is None:
+            raise ConfigError(f"--after {parent.job_id}: that job was never handed to Slurm")
+        return parent.slurm_job_id
+
+    def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
+        """sbatch the job where it was submitted; Slurm's job id is kept (``slurm_job_id``)."""
+        command = machine.launch_command = self.fire_command(machine)
+        if not run:
+            log.info("job %s is ready on %s and was not handed to Slurm; do it with: %s",
+                     machine.job_id, machine.host_name, command)
+            return None, command
+        if machine.slurm_job_id is not None:
+            raise StackopsError(f"job {machine.job_id} was already handed to Slurm "
+                                f"(job {machine.slurm_job_id})",
+                                hint="submit it again under a new job_id to run it again")
+        status, out, err = _run_at(machine, command)
+        answer = out.strip().splitlines()[-1:] if status == 0 else []
+        if not answer or not re.match(r"\d+(_\d+)?(;\S+)?\Z", answer[0]):
+            raise CommandError(machine.host_name, "sbatch", status, err or out)
+        machine.slurm_job_id = answer[0].split(";")[0]
+        machine._save()
+        for k, task in enumerate(machine.array_tasks() if machine.array_parts else []):
+            task.slurm_job_id = f"{machine.slurm_job_id}_{k}"
+            task._save()
+        log.info("job %s handed to Slurm on %s (Slurm job %s)", machine.job_id, machine.host_name,
+                 machine.slurm_job_id)
+        return None, command
+
+    def fire_command(self, machine: RemoteMachine) -> str:
+        return machine.file_manager.sbatch_command(len(machine.array_parts))
+
+    def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
+        """``scancel``, after marking the job (and each array task) as cancelled by request."""
+        if machine.slurm_job_id is None:
+            return self.stop(machine, grace)
+        managers = [machine.file_manager]
+        tasks = machine.array_tasks() if machine.array_parts else []
+        managers += [task.file_manager for task in tasks]
+        marks = [render_template(CANCEL_MARK_TEMPLATE, job_root=manager._job_root_sh(),
+                                 cancel_file=shlex.quote(CANCEL_TXT)) for manager in managers]
+        command = render_template(SCANCEL_TEMPLATE, marks=" && ".join(marks),
+                                  slurm_id=shlex.quote(machine.slurm_job_id))
+        status, out, err = machine._place.run(command)
+        if status != 0:
+            raise CommandError(machine.host_name, "scancel", status, err or out)
+        return machine.get_status(0)
+
+    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        if machine.slurm_job_id is None:
+            return super().status(machine, log_lines)
+        if machine.array_parts:
+            reports = [task.get_status(log_lines) for task in machine.array_tasks()]
+            return _array_status(machine, reports)
+        marker = f"--stackops-{random.getrandbits(64):016x}"
+        command = machine.file_manager.slurm_status_command(marker, log_lines)
+        status, out, err = machine._place.run(command)  # one round trip (bash, no Python)
+        if status != 0:
+            raise CommandError(machine.host_name, "job status", status, err,
+                               hint="is the job folder still there?")
+        report, logs = machine.file_manager.parse_status_output(out, marker, log_lines)
+        machine._place.mirror_logs(machine, logs)
+        return report
+
+
+def _array_status(machine: RemoteMachine, tasks: list[JobStatus]) -> JobStatus:
+    """One status for a whole array: running while any task runs, queued while the rest wait,
+    and at the end completed only if every task completed."""
+    counts = {status: sum(task.status == status for task in tasks) for status in STATUSES}
+    unfinished = [task for task in tasks if not task.finished]
+    if unfinished:
+        status = "running" if counts["running"] or len(unfinished) < len(tasks) else "queued"
+    elif counts["completed"] == len(tasks):
+        status = "completed"
+    else:
+        status = "failed" if counts["failed"] else "cancelled"
+    errors = [f"task {task.job_id}: {task.status}: {_last_line(task.error_message)}"
+              for task in tasks if task.status in ("failed", "cancelled")]
+    starts = [task.start_time for task in tasks if task.start_time]
+    ends = [task.end_time for task in tasks if task.end_time]
+    summary = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
+    manager = machine.file_manager
+    return JobStatus(job_id=machine.job_id, status=status,
+                     submission_time=_iso(manager.submission_time),
+                     start_time=min(starts) if starts else None,
+                     end_time=max(ends) if not unfinished and ends else None,
+                     results_path=manager.job_root_rh if status == "completed" else None,
+                     error_message="\n".join(errors), host=tasks[0].host if tasks else "?",
+                     slurm_job_id=machine.slurm_job_id,
+                     reason=f"array of {len(tasks)} tasks: {summary}",
+                     log_tail="\n".join(task.log_tail for task in tasks if task.log_tail))
+
+
+def _download_array(machine: RemoteMachine, target: str | os.PathLike[str] | None, overwrite: bool,
+                    progress: Callable[[int], None] | None) -> Path:
+    """Each task's results into one folder, a sub-folder per task (``{job_id}-{k}``)."""
+    own = f"{DEFAULT_RESULTS_DIR}/{machine.job_id}"
+    folder = expand_home(target if target is not None else own)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise ConfigError(f"{collapse_home(folder)} already exists",
+                          hint="pass overwrite=True (--overwrite)")
+    _mkdir_private(folder)
+    for task in machine.array_tasks():
+        task.download_results(folder / task.job_id, overwrite, progress)
+    machine.results_downloaded = True
+    machine._save()
+    return folder
+
+
+def _same_place(one: Path, other: Path) -> bool:
+    """Whether two paths name the same file or folder (links and spellings resolved); the home,
+    or a folder holding it, is refused as a target here too (see _free_destination)."""
+    try:
+        same = os.path.samefile(one, other)
+    except OSError:
+        same = os.path.realpath(one) == os.path.realpath(other)
+    if same:
+        _free_destination(other, overwrite=True)
+    return same
+
+
+def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
+    _free_destination(destination, overwrite)
+    _mkdir_private(destination.parent)
+    staging = Path(_make_temp_dir(destination.parent)) / "payload"
+    try:
+        if source.is_dir():
+            shutil.copytree(source, staging, symlinks=True)
+        else:
+            shutil.copy2(source, staging)
+        _remove(destination)
+        os.rename(staging, destination)
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)
+    return destination
+
+
+# ============================================================================================
+# 14. remote machine: one job, its place and its launcher; the list of jobs
+# ============================================================================================
+
+# -- the job folder, written here ------------------------------------------------------------------
+
+def _generate_job_folder(machine: RemoteMachine) -> None:
+    """Write the whole job folder here at once: complete under its name, or not at all."""
+    root = machine.file_manager.job_root
+    if root.exists():
+        raise _exists_error(machine)
+    machine._place.check_job_root(root)
+    parts = machine.array_parts
+    if parts:
+        machine._tasks = [_new_array_task(machine, k, part) for k, part in enumerate(parts)]
+        for task in machine._tasks:
+            task.generate_scripts()
+    source = _own_file()
+    if not source.is_file():
+        raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
+    if machine.config.copy_repo:
+        _take_snapshot(machine)
+    staging = _trusted_dir(root.parent, "base folder") / f".{machine.job_id}.{os.getpid()}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_job_folder(machine, staging, source)
+        os.rename(staging, root)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if root.exists():  # another process made the same job at the same moment
+            raise _exists_error(machine) from exc
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    machine.scripts_generated = True
+    machine._save()
+    log.info("job %s generated at %s", machine.job_id, collapse_home(root))
+
+
+def _new_array_task(machine: RemoteMachine, k: int, part: WorkloadParams) -> RemoteMachine:
+    """Task k of a Slurm array: a job of its own with slice ``part`` of the workload."""
+    data = machine.config.to_dict()
+    data.update(job_id=f"{machine.job_id}-{k}", workload_params=part.to_dict())
+    task = _copy_job(machine, RemoteStackOpsConfig.from_dict(data))
+    task.file_manager = FileManager(task.job_id, "Linux", False, 1, task.config.base_dir)
+    return task
+
+
+def _take_snapshot(machine: RemoteMachine) -> None:
+    """The content-addressed snapshot of the repo this job will run (and, for install_repo,
+    the version git describe gives here, since the snapshot carries no .git)."""
+    repo = expand_home(machine.job_params.repo_path_rh)
+    machine._snapshot = code_snapshot(repo)
+    machine.job_params.code_snapshot = machine._snapshot[0]
+    if machine.config.install_repo:
+        machine.job_params.scm_version = scm_version(repo)
+
+
+def _exists_error(machine: RemoteMachine) -> ConfigError:
+    root = machine.file_manager.job_root
+    try:
+        unfinished = not _read_json(root / REMOTE_MACHINE_JSON).get("submitted", True)
+    except (StackopsError, AttributeError):
+        unfinished = False
+    why = " (its submission was interrupted; nothing of it runs)" if unfinished else ""
+    return ConfigError(f"job {machine.job_id!r} already exists at {collapse_home(root)}{why}",
+                       hint="choose another job_id, or leave it out for a fresh one")
+
+
+def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> None:
+    """Everything the job needs, into ``folder`` (a staging folder renamed into place after)."""
+    for sub in ("data", "python", "shell", "logs"):
+        _mkdir_private(folder / sub)
+    os.chmod(folder, 0o700)
+    config = machine.config
+    machine.job_params.description = config.description
+    machine.job_params.session_name = machine.job_params.tab_name = machine.job_id
+    machine.job_params.ssh_repr = machine.host_name
+    machine.job_params.ssh_repr_remote = machine._place.account()
+    line = machine.job_params.get_execution_line(config.workload_params, config.parallelize,
+                                                 config.wrap_in_try_except)
+    _atomic_write_json(folder / JOB_PARAMS_JSON, machine.job_params.to_dict())
+    _atomic_write_json(folder / KWARGS_JSON, machine.kwargs)
+    _atomic_write_json(folder / FILE_MANAGER_JSON, machine.file_manager.to_dict())
+    _atomic_write_json(folder / CONFIG_JSON, config.to_dict())
+    if machine._instance is not None:
+        (folder / INSTANCE_PICKLE).write_bytes(machine._instance)
+    _atomic_write_text(folder / WRAPPER_PY, render_execution_script(line))
+    launcher = render_shell_script(machine.job_params, config, machine.python)
+    _atomic_write_text(folder / LAUNCHER_SH, launcher, 0o700)
+    machine._launcher.write_extras(machine, folder)
+    shutil.copyfile(source, folder / STACKOPS_COPY)
+    os.chmod(folder / STACKOPS_COPY, 0o600)
+    _ship_bytecode(source, folder / "python")  # the job's start skips compiling it (~40 ms of CPU)
+    _atomic_write_text(folder / STATUS_TXT, "queued")
+    if config.copy_repo and machine._place.code_in_folder:
+        _code_here(machine, folder)  # here, or in the cloud archive: the folder carries its code
+    machine.scripts_generated = True
+    _atomic_write_json(folder / REMOTE_MACHINE_JSON, machine.to_dict())
+
+
+# -- a new job's arguments and files, an array's tasks, waiting for the results --------------------
+
+def _wait_for_results(machine: RemoteMachine, timeout: float | None, poll: float) -> Path:
+    """The results folder once the job completed (RemoteMachine.wait): JobFailedError if it
+    failed, StackopsError once ``timeout`` seconds passed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        report = machine.get_status(0)
+        results = machine._settle(report)
+        if results is not None:
+            return results
+        if deadline is not None and time.monotonic() > deadline:
+            raise StackopsError(f"job {machine.job_id} still {report.status} after {timeout}s")
+        time.sleep(poll)
+
+
+def _array_tasks(machine: RemoteMachine) -> list[RemoteMachine]:
+    """RemoteMachine.array_tasks: loaded once, each given the array's connection."""
+    if machine._tasks is None:
+        ids = machine.task_ids or [f"{machine.job_id}-{k}" for k in range(len(machine.array_parts))]
+        machine._tasks = [RemoteMachine.load(task_id, machine.config.base_dir) for task_id in ids]
+    for task in machine._tasks:
+        task._place.connection = machine._place.connection
+    return machine._tasks
+
+
+def _check_arguments(func: Any, machine: RemoteMachine, config: RemoteStackOpsConfig) -> None:
+    """The callable takes the kwargs (and workload_params once) and has an execution line."""
+    if config.workload_params is not None and "workload_params" in machine.kwargs:
+        raise ConfigError("workload_params given both in config and in func_kwargs")
+    _check_call(_parameters(func, machine.job_params), machine.kwargs,
+                config.workload_params is not None, f"{machine.job_params.func_name}()")
+    machine.job_params.get_execution_line(config.workload_params, config.parallelize,
+                                          config.wrap_in_try_except)
+
+
+def _check_job_files(data: list[str], copy_repo: bool, job_params: JobParams) -> None:
+    """Refuse data that is missing or would sync the whole home, and a repo that is the home."""
+    for item in data:
+        if not isinstance(item, str) or not expand_home(item).exists():
+            raise ConfigError(f"data path not found: {item!r}")
+        whole = posixpath.normpath(collapse_home(item)) in ("~", "/")
+        if whole or expand_home(item) in Path.home().parents:
+            raise ConfigError(f"data {item!r} is your home or holds it: it would be synced whole",
+                              hint="name the folder the job needs")
+    if copy_repo:
+        repo = expand_home(job_params.repo_path_rh)
+        if repo == Path.home() or repo in Path.home().parents or str(repo) == "/":
+            raise ConfigError(f"copy_repo would send {collapse_home(repo)}, your whole home: "
+                              f"{job_params.file_path_rh} is in no repo",
+                              hint="put the code in a folder of its own (a git repo, ideally)")
+
+
+# -- a job's record here (remote_machine.json); rerun, withdraw, delete ----------------------------
+
+def _machine_record(machine: RemoteMachine) -> dict[str, Any]:
+    """What RemoteMachine.to_dict() returns: the job's own record (its kwargs are a file)."""
+    results, downloaded = machine.results_path, machine.downloaded_to
+    return {"config": machine.config.to_dict(), "job_params": machine.job_params.to_dict(),
+            "file_manager": machine.file_manager.to_dict(), "data": machine.data,
+            "scripts_generated": machine.scripts_generated, "submitted": machine.submitted,
+            "results_downloaded": machine.results_downloaded, "launcher_pid": machine.launcher_pid,
+            "shared": machine.shared,
+            "slurm_job_id": machine.slurm_job_id, "task_ids": machine.task_ids,
+            "results_path": results.as_posix() if results else None,
+            "cloud_sha256": machine.cloud_sha256,
+            "downloaded_to": str(downloaded) if downloaded else None}
+
+
+def _restore_machine(machine: RemoteMachine, data: Any, job_root: Path | None) -> RemoteMachine:
+    """A job from its record (RemoteMachine.from_dict); ``machine`` is a blank instance."""
+    if not isinstance(data, dict):
+        raise ConfigError("remote_machine.json: expected a JSON object")
+    machine._init_state()
+    try:
+        machine._use(RemoteStackOpsConfig.from_dict(data["config"]))
+        machine.job_params = JobParams.from_dict(data["job_params"])
+        machine.file_manager = FileManager.from_dict(data["file_manager"], job_root)
+        inline = data.get("kwargs")  # older records held them; now they are read when asked
+        machine._kwargs = _check_kwargs(inline) if inline is not None else None
+        machine.data = list(data["data"])
+        machine.scripts_generated = bool(data["scripts_generated"])
+        machine.submitted = bool(data["submitted"])
+        machine.results_downloaded = bool(data["results_downloaded"])
+        machine.launcher_pid = data.get("launcher_pid")
+        machine.shared = bool(data.get("shared", False))
+        machine.slurm_job_id = data.get("slurm_job_id")
+        machine.task_ids = list(data.get("task_ids") or [])
+        machine.cloud_sha256 = str(data.get("cloud_sha256") or "")
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
+    machine._instance = None
+    machine._parent_slurm_ids = []
+    path = data.get("results_path")
+    machine.results_path = Path(path) if path else None
+    downloaded = data.get("downloaded_to")
+    machine.downloaded_to = Path(downloaded) if isinstance(downloaded, str) else None
+    return machine
+
+
+def _rerun_copy(machine: RemoteMachine) -> RemoteMachine:
+    """A new job ``<id>-rN`` (the first N free) with the same callable, kwargs, data and options."""
+    stem = re.sub(r"-r\d+\Z", "", machine.job_id)
+    number = 1
+    while (machine.file_manager.job_root.parent / f"{stem}-r{number}").exists():
+        number += 1
+    data = machine.config.to_dict()
+    data["job_id"] = check_safe_name(f"{stem}-r{number}")
+    again = RemoteMachine.__new__(RemoteMachine)
+    again._init_state()
+    again._use(RemoteStackOpsConfig.from_dict(data))
+    again.job_params = JobParams.from_dict(machine.job_params.to_dict())
+    again.kwargs, again.data = dict(machine.kwargs), list(machine.data)
+    pickled = machine.file_manager.path(INSTANCE_PICKLE)
+    again._instance = pickled.read_bytes() if pickled.exists() else None
+    again.file_manager = FileManager(again.job_id, "Linux", machine.file_manager.lock_resources,
+                                     again.config.max_simultaneous_jobs, again.config.base_dir,
+                                     pool=machine.file_manager.pool, gpus=machine.file_manager.gpus)
+    again._parent_slurm_ids = [again._launcher.after(again, p) for p in again.config.after]
+    return again
+
+
+def _rerun_failed_tasks(machine: RemoteMachine) -> list[str]:
+    """RemoteMachine.rerun_failed_tasks: each failed or cancelled task of an array, run again."""
+    if not machine.array_parts or machine.slurm_job_id is None:
+        raise ConfigError(f"job {machine.job_id} is not a Slurm array: rerun it whole")
+    tasks = machine.array_tasks()
+    reports = [task.get_status(0) for task in tasks]
+    failed = [k for k, report in enumerate(reports) if report.status in ("failed", "cancelled")]
+    if not failed:
+        raise ConfigError(f"array {machine.job_id} has no failed task to rerun")
+    for k in failed:
+        tasks[k] = tasks[k].rerun()
+    machine.task_ids = [task.job_id for task in tasks]
+    machine._save()
+    return [tasks[k].job_id for k in failed]
+
+
+def _withdraw(machine: RemoteMachine, sent: bool) -> None:
+    """A submission refused or broken off before launch leaves no job behind (its folder here,
+    and on the host once it was sent there), so the same job_id works again."""
+    if machine.submitted or machine.launcher_pid is not None or machine.slurm_job_id is not None:
+        return
+    if sent:
+        with _suppress(Exception):
+            machine._place.withdraw(machine)
+    shutil.rmtree(machine.file_manager.job_root, ignore_errors=True)
+    machine.scripts_generated = False
+    log.info("job %s was not submitted; its id is free again", machine.job_id)
+
+
+def _scripts_text(machine: RemoteMachine) -> str:
+    """The generated launcher and wrapper, each under a title line (show_scripts)."""
+    if not machine.scripts_generated:
+        raise StackopsError("no scripts yet", hint="call generate_scripts() first")
+    text = ""
+    for title, relative in (("Shell script", LAUNCHER_SH), ("Python script", WRAPPER_PY)):
+        path = machine.file_manager.path(relative)
+        text += f"---- {title}: {collapse_home(path)}\n{path.read_text(encoding='utf-8')}\n"
+    return text
+
+
+def _delete_job(machine: RemoteMachine, results: bool) -> None:
+    """RemoteMachine.delete: refused while the job runs; its folder there and its record here."""
+    started = machine.launcher_pid is not None or machine.slurm_job_id is not None
+    report = machine.get_status(0) if started else None
+    if report is not None and not report.finished:
+        raise ConfigError(f"job {machine.job_id} is {report.status}; cancel it before deleting it",
+                          hint=f"stackops cancel {machine.job_id}")
+    if results and report is not None and report.status == "completed":
+        machine.delete_remote_results()
+    for task in machine.array_tasks() if machine.array_parts else []:
+        task.delete(results)
+    machine._place.delete_folder(machine)
+    root = machine.file_manager.job_root
+    if root.is_symlink() or not (root / FILE_MANAGER_JSON).is_file():
+        raise ConfigError(f"{collapse_home(root)} is not a stackops job folder; nothing deleted")
+    shutil.rmtree(root)
+    log.info("job %s deleted", machine.job_id)
+
+
 class RemoteMachine:
     """One job: generate its folder, submit it, fire it detached, follow it, fetch its results.
 
     With ``config.ssh_host=None`` (the embedded default) the job runs on this machine; otherwise on
-    that host, over one SSH connection reused for every step (``close()`` ends it).
+    that host, over one SSH connection reused for every step (``close()`` ends it). Where it runs
+    (a place) and how it starts there (a launcher) are chosen once, from the config (section 13).
     """
 
     _kwargs: dict[str, Any] | None = None
 
-    def __init__(self, func: Any, config: RemoteStackOpsConfig, func_kwargs: dict[str, Any] | None = None,
-                 data: list[str] | None = None) -> None:
+    def __init__(self, func: Any, config: RemoteStackOpsConfig,
+                 func_kwargs: dict[str, Any] | None = None, data: list[str] | None = None) -> None:
         if not isinstance(config, RemoteStackOpsConfig):
             raise ConfigError("config must be a RemoteStackOpsConfig")
-        if config.ssh_host is not None:
-            parse_ssh_target(config.ssh_host)
-        self.config = config
+        self._use(config)
         self.job_params, self._instance = _job_params_for(func)
         self.kwargs = _check_kwargs(func_kwargs)
-        if config.workload_params is not None and "workload_params" in self.kwargs:
-            raise ConfigError("workload_params given both in config and in func_kwargs")
-        _check_call(_parameters(func, self.job_params), self.kwargs,
-                    config.workload_params is not None, f"{self.job_params.func_name}()")
-        self.job_params.get_execution_line(config.workload_params, config.parallelize, config.wrap_in_try_except)
+        _check_arguments(func, self, config)
         self.data = list(config.data) + list(data or [])
-        for item in self.data:
-            if not isinstance(item, str) or not expand_home(item).exists():
-                raise ConfigError(f"data path not found: {item!r}")
-            if posixpath.normpath(collapse_home(item)) in ("~", "/") or expand_home(item) in Path.home().parents:
-                raise ConfigError(f"data {item!r} is your home or holds it: it would be synced whole",
-                                  hint="name the folder the job needs")
-        if config.copy_repo:
-            repo = expand_home(self.job_params.repo_path_rh)
-            if repo == Path.home() or repo in Path.home().parents or str(repo) == "/":
-                raise ConfigError(f"copy_repo would send {collapse_home(repo)}, your whole home: "
-                                  f"{self.job_params.file_path_rh} is in no repo",
-                                  hint="put the code in a folder of its own (a git repo, ideally)")
-        self.file_manager = FileManager(config.job_id, "Linux", config.lock_resources and not self.uses_slurm,
-                                        config.max_simultaneous_jobs, config.base_dir, pool=config.pool,
-                                        gpus=config.gpus)
-        # a relative STACKOPS_STATE_DIR is made absolute once, here: the wrapper uses the same queue
-        if config.ssh_host is None and os.environ.get("STACKOPS_STATE_DIR"):
-            self.file_manager.state_dir = str(expand_home(os.environ["STACKOPS_STATE_DIR"]))
+        _check_job_files(self.data, config.copy_repo, self.job_params)
+        slots = config.lock_resources and self._launcher.takes_slot
+        self.file_manager = FileManager(config.job_id, "Linux", slots, config.max_simultaneous_jobs,
+                                        config.base_dir, pool=config.pool, gpus=config.gpus)
+        self._place.adopt_state_dir(self.file_manager)
         self._init_state()
-        self._parent_slurm_ids = [self._check_parent(parent) for parent in config.after]
+        self._parent_slurm_ids = [self._launcher.after(self, parent) for parent in config.after]
+
+    def _use(self, config: RemoteStackOpsConfig) -> None:
+        """Take ``config``, and with it the place the job runs and the launcher that starts it."""
+        self.config = config
+        self._place = _place_for(config)
+        self._launcher = _launcher_for(config)
 
     def _init_state(self) -> None:
         self.scripts_generated = self.submitted = self.results_downloaded = False
         self.results_path: Path | None = None
         self.launcher_pid: int | None = None
         self.slurm_job_id: str | None = None
-        self.task_ids: list[str] = []  # an array's tasks when some were rerun (else <id>-0, <id>-1, ...)
+        self.task_ids: list[str] = []  # an array's tasks when some were rerun (else <id>-0, ...)
         self._tasks: list[RemoteMachine] | None = None
         self.launch_command = ""
-        self.shared = False  # the host sees this machine's job folder (a shared home): used in place
+        self.shared = False  # the host sees our job folder (a shared home): used in place
         self._snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None
         self.cloud_sha256 = ""  # the SHA-256 of the archive a cloud transfer uploaded
-        self._ssh: SSH | None = None
         self.units: list[str] = []  # the work units a cloud_manager run queued
         self._checked = False  # interpreter and script found where the job runs
         self.downloaded_to: Path | None = None  # where download_results() put the results here
@@ -6142,81 +7349,38 @@ class RemoteMachine:
 
     @property
     def is_remote(self) -> bool:
-        return self.config.ssh_host is not None
+        return self._place.remote
 
     @property
     def host_name(self) -> str:
-        return self.config.ssh_host or "localhost"
+        return self._place.host_name
 
     @property
     def uses_slurm(self) -> bool:
-        """Slurm starts and queues the job (``launch_method='slurm'``); no stackops slot is taken."""
-        return self.config.launch_method == "slurm"
+        """Slurm starts and queues the job (``launch_method='slurm'``); it takes no slot."""
+        return isinstance(self._launcher, _SlurmLauncher)
 
     @property
     def array_parts(self) -> list[WorkloadParams]:
         """The slices of a Slurm job array: a workload of K > 1 parts runs as K array tasks, task k
         a job of its own (``{job_id}-{k}``) with slice k; empty for any other job."""
-        whole = self.config.workload_params
-        if not self.uses_slurm or whole is None or whole.jobs < 2:
-            return []
-        return [dataclasses.replace(part, jobs=1) for part in whole.split_to_jobs()]
+        return self._launcher.array_parts(self)
 
     def array_tasks(self) -> list[RemoteMachine]:
         """The jobs of the array's tasks, in index order, sharing this job's connection."""
-        if self._tasks is None:
-            ids = self.task_ids or [f"{self.job_id}-{k}" for k in range(len(self.array_parts))]
-            self._tasks = [RemoteMachine.load(task_id, self.config.base_dir) for task_id in ids]
-        for task in self._tasks:
-            task._ssh = self._ssh
-        return self._tasks
-
-    def _check_parent(self, parent_id: str) -> str:
-        """A job this one runs after: submitted from here to the same place (for Slurm, already
-        handed to Slurm); returns its Slurm id or ""."""
-        try:
-            parent = RemoteMachine.load(parent_id, self.config.base_dir)
-        except ConfigError:
-            raise ConfigError(f"--after {parent_id}: no such job here", hint="list shows the jobs") from None
-        if parent.host_name != self.host_name or parent.uses_slurm != self.uses_slurm:
-            raise ConfigError(f"--after {parent_id}: that job runs on {parent.host_name}"
-                              f"{' under Slurm' if parent.uses_slurm else ''}; this one must run in the same place")
-        if self.uses_slurm and parent.slurm_job_id is None:
-            raise ConfigError(f"--after {parent_id}: that job was never handed to Slurm")
-        return parent.slurm_job_id or ""
-
-    def _new_array_task(self, k: int, part: WorkloadParams) -> RemoteMachine:
-        data = self.config.to_dict()
-        data.update(job_id=f"{self.job_id}-{k}", workload_params=part.to_dict())
-        task = RemoteMachine.__new__(RemoteMachine)
-        task.__dict__.update(self.__dict__)  # the callable, its kwargs, data and pickled instance
-        task._init_state()
-        task.config = RemoteStackOpsConfig.from_dict(data)
-        task.job_params = JobParams.from_dict(self.job_params.to_dict())
-        task.file_manager = FileManager(task.job_id, "Linux", False, 1, task.config.base_dir)
-        return task
+        return _array_tasks(self)
 
     @property
     def python(self) -> str:
-        return self.config.python or ("python3" if self.is_remote else sys.executable or "python3")
+        return self.config.python or self._place.default_python
 
     @property
     def ssh(self) -> SSH:
         """The one connection to the host, opened on first use."""
-        if self._ssh is not None and not self._ssh.is_alive:  # dropped (the host went away): connect anew
-            self._ssh.close()
-            self._ssh = None
-        if self._ssh is None:
-            if self.config.ssh_host is None:
-                raise StackopsError(f"job {self.job_id} runs on this machine; it has no SSH connection")
-            self._ssh = SSH.from_config_file(self.config.ssh_host, timeout=self.config.ssh_timeout,
-                                             accept_new_host_key=self.config.accept_new_host_key)
-        return self._ssh
+        return self._place.ssh
 
     def close(self) -> None:
-        if self._ssh is not None:
-            self._ssh.close()
-            self._ssh = None
+        self._place.close()
 
     def __enter__(self) -> RemoteMachine:
         return self
@@ -6227,45 +7391,11 @@ class RemoteMachine:
     # -- persistence ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "job_params": self.job_params.to_dict(),
-                "file_manager": self.file_manager.to_dict(), "data": self.data,  # kwargs: a file
-                "scripts_generated": self.scripts_generated, "submitted": self.submitted,
-                "results_downloaded": self.results_downloaded, "launcher_pid": self.launcher_pid,
-                "shared": self.shared,
-                "slurm_job_id": self.slurm_job_id, "task_ids": self.task_ids,
-                "results_path": self.results_path.as_posix() if self.results_path else None,
-                "cloud_sha256": self.cloud_sha256,
-                "downloaded_to": str(self.downloaded_to) if self.downloaded_to else None}
+        return _machine_record(self)
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> RemoteMachine:
-        if not isinstance(data, dict):
-            raise ConfigError("remote_machine.json: expected a JSON object")
-        machine = cls.__new__(cls)
-        machine._init_state()
-        try:
-            machine.config = RemoteStackOpsConfig.from_dict(data["config"])
-            machine.job_params = JobParams.from_dict(data["job_params"])
-            machine.file_manager = FileManager.from_dict(data["file_manager"], job_root)
-            inline = data.get("kwargs")  # older records held them; now they are read when asked
-            machine._kwargs = _check_kwargs(inline) if inline is not None else None
-            machine.data = list(data["data"])
-            machine.scripts_generated, machine.submitted = bool(data["scripts_generated"]), bool(data["submitted"])
-            machine.results_downloaded = bool(data["results_downloaded"])
-            machine.launcher_pid = data.get("launcher_pid")
-            machine.shared = bool(data.get("shared", False))
-            machine.slurm_job_id = data.get("slurm_job_id")
-            machine.task_ids = list(data.get("task_ids") or [])
-            machine.cloud_sha256 = str(data.get("cloud_sha256") or "")
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
-        machine._instance = None
-        machine._parent_slurm_ids = []
-        path = data.get("results_path")
-        machine.results_path = Path(path) if path else None
-        downloaded = data.get("downloaded_to")
-        machine.downloaded_to = Path(downloaded) if isinstance(downloaded, str) else None
-        return machine
+        return _restore_machine(cls.__new__(cls), data, job_root)
 
     @classmethod
     def from_job_dir(cls, job_dir: str | os.PathLike[str]) -> RemoteMachine:
@@ -6287,311 +7417,51 @@ class RemoteMachine:
     # -- the lifecycle --------------------------------------------------------------------------
 
     def generate_scripts(self) -> RemoteMachine:
-        """Write the whole job folder here at once: it appears complete under its name, or not at all."""
-        root = self.file_manager.job_root
-        if root.exists():
-            raise self._exists_error()
-        if self.is_remote:
-            _home_relative(root)
-        parts = self.array_parts
-        if parts:
-            self._tasks = [self._new_array_task(k, part) for k, part in enumerate(parts)]
-            for task in self._tasks:
-                task.generate_scripts()
-        source = _own_file()
-        if not source.is_file():
-            raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
-        if self.config.copy_repo:
-            self._take_snapshot()
-        staging = _trusted_dir(root.parent, "base folder") / f".{self.job_id}.{os.getpid()}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            self._write_folder(staging, source)
-            os.rename(staging, root)
-        except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            if root.exists():  # another process made the same job at the same moment
-                raise self._exists_error() from exc
-            raise
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self.scripts_generated = True
-        self._save()
-        log.info("job %s generated at %s", self.job_id, collapse_home(root))
+        """Write the whole job folder here at once: complete under its name, or not at all."""
+        _generate_job_folder(self)
         return self
-
-    def _take_snapshot(self) -> None:
-        """The content-addressed snapshot of the repo this job will run (and, for install_repo,
-        the version git describe gives here, since the snapshot carries no .git)."""
-        repo = expand_home(self.job_params.repo_path_rh)
-        self._snapshot = code_snapshot(repo)
-        self.job_params.code_snapshot = self._snapshot[0]
-        if self.config.install_repo:
-            self.job_params.scm_version = scm_version(repo)
-
-    def _code_here(self, folder: Path) -> None:
-        """Put the job's own copy of its snapshot into ``folder`` (a job folder on this machine)."""
-        if self._snapshot is None:  # a job loaded from its folder: the same tree gives the same snapshot
-            self._snapshot = code_snapshot(expand_home(self.job_params.repo_path_rh))
-        if self._snapshot[0] != self.job_params.code_snapshot:
-            raise StackopsError(f"the repo of job {self.job_id} changed since the job was generated",
-                                hint="submit it again under a new job_id")
-        _materialize_here(expand_home(self.job_params.repo_path_rh), self._snapshot[1], folder / CODE_DIR)
-
-    def _exists_error(self) -> ConfigError:
-        root = self.file_manager.job_root
-        try:
-            unfinished = not _read_json(root / REMOTE_MACHINE_JSON).get("submitted", True)
-        except (StackopsError, AttributeError):
-            unfinished = False
-        return ConfigError(f"job {self.job_id!r} already exists at {collapse_home(root)}"
-                           + (" (its submission was interrupted; nothing of it runs)" if unfinished else ""),
-                           hint="choose another job_id, or leave it out for a fresh one")
-
-    def _write_folder(self, folder: Path, source: Path) -> None:
-        for sub in ("data", "python", "shell", "logs"):
-            _mkdir_private(folder / sub)
-        os.chmod(folder, 0o700)
-        config = self.config
-        self.job_params.description = config.description
-        self.job_params.session_name = self.job_params.tab_name = self.job_id
-        self.job_params.ssh_repr = self.host_name
-        self.job_params.ssh_repr_remote = self._executing_account()
-        line = self.job_params.get_execution_line(config.workload_params, config.parallelize,
-                                                  config.wrap_in_try_except)
-        _atomic_write_json(folder / JOB_PARAMS_JSON, self.job_params.to_dict())
-        _atomic_write_json(folder / KWARGS_JSON, self.kwargs)
-        _atomic_write_json(folder / FILE_MANAGER_JSON, self.file_manager.to_dict())
-        _atomic_write_json(folder / CONFIG_JSON, config.to_dict())
-        if self._instance is not None:
-            (folder / INSTANCE_PICKLE).write_bytes(self._instance)
-        _atomic_write_text(folder / WRAPPER_PY, render_execution_script(line))
-        _atomic_write_text(folder / LAUNCHER_SH, render_shell_script(self.job_params, config, self.python), 0o700)
-        if self.uses_slurm:
-            throttle = config.max_simultaneous_jobs if config.max_simultaneous_jobs > 1 else 0
-            script = render_sbatch_script(self.job_id, config.slurm_options, len(self.array_parts), throttle,
-                                          after=self._parent_slurm_ids)
-            _atomic_write_text(folder / SBATCH_SH, script, 0o700)
-        shutil.copyfile(source, folder / STACKOPS_COPY)
-        os.chmod(folder / STACKOPS_COPY, 0o600)
-        _ship_bytecode(source, folder / "python")  # the job's start skips compiling this file (~40 ms of CPU)
-        _atomic_write_text(folder / STATUS_TXT, "queued")
-        if config.copy_repo and (not self.is_remote or config.transfer_method == "cloud"):
-            self._code_here(folder)  # here, or in the cloud archive: the folder carries its code
-        self.scripts_generated = True
-        _atomic_write_json(folder / REMOTE_MACHINE_JSON, self.to_dict())
-
-    def _executing_account(self) -> str:
-        """``user@host:port`` the job is sent to (its SSH target), or ``user@node`` here."""
-        if self.is_remote:
-            if self._ssh is not None:
-                return str(self._ssh.target)
-            return str(resolve_ssh_target(self.host_name))
-        import getpass
-
-        try:
-            user = getpass.getuser()
-        except (KeyError, OSError):  # no USER and no passwd entry
-            user = str(os.getuid())
-        return f"{user}@{os.uname().nodename}"
 
     def show_scripts(self) -> str:
         """Print the generated launcher and wrapper (and return the same text)."""
-        if not self.scripts_generated:
-            raise StackopsError("no scripts yet", hint="call generate_scripts() first")
-        text = ""
-        for title, relative in (("Shell script", LAUNCHER_SH), ("Python script", WRAPPER_PY)):
-            path = self.file_manager.path(relative)
-            text += f"---- {title}: {collapse_home(path)}\n{path.read_text(encoding='utf-8')}\n"
+        text = _scripts_text(self)
         print(text, end="")
         return text
 
-    def submit(self, progress: Callable[[int], None] | None = None, launch: bool = False,
-               gate: Callable[[Callable[[bytes], None]], bool] | None = None) -> RemoteMachine:
-        """Put the job where it runs: over SSH, the job folder, the repo (``copy_repo``) and the data
-        go to their home-relative places on the host; here, the folder already is where it runs.
-        ``launch`` (what run() does): over SSH the host also starts the job in the same round
-        trip, and the fire() that must follow reads its answer instead of asking again; ``gate``
-        holds that start until it says go (Cluster: all hosts or none, see _hand_over)."""
+    def submit(self, progress: Callable[[int], None] | None = None) -> RemoteMachine:
+        """Put the job where it runs: over SSH, the job folder, the repo (``copy_repo``) and the
+        data go to their home-relative places on the host; here, the folder already is there."""
+        return self._submit(progress)
+
+    def _submit(self, progress: Callable[[int], None] | None = None, launch: bool = False,
+                gate: _Gate | None = None) -> RemoteMachine:
+        """submit(); with ``launch`` (run()) the host also starts the job in the same round trip
+        once ``gate`` says go, and the fire() that follows reads its answer."""
         if not self.scripts_generated:
             self.generate_scripts()
         sent = False
         try:
             if not self._checked:
-                self._check_where_it_runs()
-            if self.array_parts:
-                for task in self.array_tasks():
-                    task._checked = True  # the same interpreter and files: checked once, above
-                    task.submit(progress)
-            if self.is_remote and self.config.transfer_method == "cloud":
-                _, self.cloud_sha256 = transfer_cloud(self.ssh, self.config, self.job_params,
-                                                      self.file_manager, self.data)
-            elif self.is_remote:
-                then = self._ahead_commands(launch)
-                self._handed = _hand_over(self.ssh, self.config, self.job_params, self.file_manager,
-                                          self.data, progress, self._snapshot, self._needed_file(),
-                                          then, gate)
-                self.shared, sent = self._handed.shared, True
-                self._ahead = dict(zip(then, self._handed.steps))
-                if self.shared and self.config.copy_repo and not self.file_manager.path(CODE_DIR).exists():
-                    self._code_here(self.file_manager.job_root)
-            if not self.is_remote or self.config.transfer_method != "cloud":
-                self._check_notification()  # a cloud job's folder reaches the host only when fired
+                self._place.check_where_it_runs(self)
+            for task in self.array_tasks() if self.array_parts else []:
+                task._checked = True  # the same interpreter and files: checked once, above
+                task.submit(progress)
+            sent = self._place.hand_over(self, progress, launch, gate)
+            self._place.check_notification(self)
         except BaseException:
-            self._withdraw(sent)
+            _withdraw(self, sent)
             raise
         self.submitted = True
         self._save()
         return self
-
-    def _withdraw(self, sent: bool) -> None:
-        """A submission refused or broken off before launch leaves no job behind (its folder here,
-        and on the host once it was sent there), so the same job_id works again."""
-        if self.submitted or self.launcher_pid is not None or self.slurm_job_id is not None:
-            return
-        if sent:
-            with _suppress(Exception):
-                where = _sh_path(self.file_manager.job_root_rh)
-                self.ssh.run_shell_cmd_on_remote(f"rm -rf -- {where}",
-                                                 timeout=self.config.ssh_timeout, strict=False)
-        shutil.rmtree(self.file_manager.job_root, ignore_errors=True)
-        self.scripts_generated = False
-        log.info("job %s was not submitted; its id is free again", self.job_id)
-
-    def _check_where_it_runs(self) -> None:
-        """Refuse now what would fail only after launch: an interpreter the executing machine lacks,
-        or (without copy_repo) the job's script or module file missing there. One round trip."""
-        if not self.is_remote:
-            if shutil.which(self.python) is None:
-                raise ConfigError(f"the interpreter {self.python!r} is not found on this machine",
-                                  hint="pass --python (python=) with an installed interpreter")
-            return
-        if self.config.transfer_method != "cloud":
-            return  # the hand-over checks both in its own round trip (_hand_over)
-        checks = [f"command -v {shlex.quote(self.python)} >/dev/null 2>&1 || echo no-python"]
-        file = self._needed_file()
-        if file:
-            checks.append(f"[ -f {_sh_path(file)} ] || echo no-file")
-        answer = self.ssh.run_shell_cmd_on_remote("; ".join(checks) + "; true",
-                                                  timeout=self.config.ssh_timeout,
-                                                  strict=False).stdout.split()
-        if "no-python" in answer:
-            raise ConfigError(f"the interpreter {self.python!r} is not found on {self.host_name}",
-                              hint="install it there, or pass --python (python=) with one it has")
-        if "no-file" in answer:
-            raise ConfigError(f"{file} is not on {self.host_name}, and the job needs it",
-                              hint="pass --copy-repo (copy_repo=True) to send the repo along")
-
-    def _needed_file(self) -> str:
-        """The job's file, which the host must have when the repo is not sent along; else ""."""
-        params = self.job_params
-        if self.config.copy_repo:
-            return ""
-        return f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
-
-    def _ahead_commands(self, launch: bool) -> list[str]:
-        """What the host runs right after the hand-over, in its round trip: the e-mail check, and
-        with ``launch`` the command fire() runs (each answer is kept for whoever asks it next)."""
-        then = [self._job_command("job-check-email")] if self.config.notify_upon_completion else []
-        if launch and self.uses_slurm:
-            then.append(self.file_manager.sbatch_command(len(self.array_parts)))
-        elif launch:
-            then.append(self.file_manager.get_fire_command(self.config.interactive,
-                                                           join_queue=not self.config.after))
-        return then
-
-    def _check_notification(self) -> None:
-        """A job that will e-mail must find its SMTP settings where it runs: checked now, not at its end."""
-        if not self.config.notify_upon_completion:
-            return
-        if not self.is_remote:
-            load_email_config(self.config.email_config_name or "")
-            return
-        command = self._job_command("job-check-email")
-        response = self._ahead.pop(command, None)  # the hand-over ran it already
-        if response is None:
-            response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
-        if response.returncode != 0:
-            _raise_remote_error(response, f"on {self.host_name}: ",
-                                hint=f"create the e-mail config on {self.host_name} (chmod 600)")
-
-    def _run_remote_or_here(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
-        ahead = self._ahead.pop(command, None)  # the hand-over ran it already (submit(launch=True))
-        if ahead is not None:
-            return ahead.returncode, ahead.stdout, ahead.stderr
-        if self.is_remote:
-            response = self.ssh.run_shell_cmd_on_remote(f"bash -c {shlex.quote(command)}", timeout, strict=False)
-            return response.returncode, response.stdout, response.stderr
-        done = subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout)
-        return done.returncode, done.stdout, done.stderr
 
     def fire(self, run: bool = True) -> tuple[int | None, str]:
         """Start the job detached and return (launcher pid, launch command) at once; the job
         survives the connection closing. With ``run=False`` nothing starts: the pid is None and
         the command is what would run (on the host, with bash)."""
         if not self.submitted:
-            raise StackopsError(f"job {self.job_id} is not submitted yet", hint="call submit() first")
-        if self.uses_slurm:
-            return self._fire_slurm(run)
-        command = self.file_manager.get_fire_command(self.config.interactive, join_queue=not self.config.after)
-        if self.is_remote and self.config.transfer_method == "cloud":
-            check = f"{self._job_command('job-check-email')} && " if self.config.notify_upon_completion else ""
-            members = _archive_members(self.file_manager.job_root_rh, None, self.data)  # code: in the folder
-            fetch = cloud_fetch_command(self.config.cloud_name or "", self.job_id,
-                                        self.cloud_sha256, members)
-            command = f"{fetch} && {check}{command}"
-        self.launch_command = command
-        if not run:
-            log.info("job %s is ready on %s and was not launched; launch it with: bash -c %s",
-                     self.job_id, self.host_name, shlex.quote(command))
-            return None, command
-        if self.launcher_pid is not None:
-            raise StackopsError(f"job {self.job_id} was already fired (launcher pid {self.launcher_pid})",
-                                hint="submit it again under a new job_id to run it again")
-        status, out, err = self._run_remote_or_here(command)
-        pid = out.strip().splitlines()[-1:] if status == 0 else []
-        if not pid or not pid[0].isdigit():
-            _raise_remote_error(Response(out, err, status, command, self.host_name),
-                                f"job {self.job_id} was not started on {self.host_name}: ",
-                                hint=f"python stackops.py status {self.job_id}")
-        self.launcher_pid = int(pid[0])
-        self._save()
-        log.info("job %s fired on %s (launcher pid %d)", self.job_id, self.host_name, self.launcher_pid)
-        return self.launcher_pid, command
-
-    def _fire_slurm(self, run: bool) -> tuple[int | None, str]:
-        """sbatch the job where it was submitted; Slurm's job id is kept (``slurm_job_id``)."""
-        command = self.launch_command = self.file_manager.sbatch_command(len(self.array_parts))
-        if not run:
-            log.info("job %s is ready on %s and was not handed to Slurm; do it with: %s",
-                     self.job_id, self.host_name, command)
-            return None, command
-        if self.slurm_job_id is not None:
-            raise StackopsError(f"job {self.job_id} was already handed to Slurm (job {self.slurm_job_id})",
-                                hint="submit it again under a new job_id to run it again")
-        status, out, err = self._run_remote_or_here(command)
-        answer = out.strip().splitlines()[-1:] if status == 0 else []
-        if not answer or not re.match(r"\d+(_\d+)?(;\S+)?\Z", answer[0]):
-            raise CommandError(self.host_name, "sbatch", status, err or out)
-        self.slurm_job_id = answer[0].split(";")[0]
-        self._save()
-        for k, task in enumerate(self.array_tasks() if self.array_parts else []):
-            task.slurm_job_id = f"{self.slurm_job_id}_{k}"
-            task._save()
-        log.info("job %s handed to Slurm on %s (Slurm job %s)", self.job_id, self.host_name, self.slurm_job_id)
-        return None, command
-
-    def _check_sbatch(self) -> None:
-        """A Slurm job needs sbatch where it is submitted: refused before anything is written."""
-        if not self.is_remote:
-            found = shutil.which("sbatch") is not None
-        else:
-            found = self.ssh.run_shell_cmd_on_remote("command -v sbatch", timeout=30, strict=False).returncode == 0
-        if not found:
-            raise ConfigError(f"launch_method='slurm' needs sbatch on {self.host_name}, and there is none",
-                              hint="submit from a Slurm login node (--host), or leave out --slurm")
+            raise StackopsError(f"job {self.job_id} is not submitted yet",
+                                hint="call submit() first")
+        return self._launcher.fire(self, run)
 
     def cancel(self, grace: float = 10.0) -> JobStatus:
         """Stop the job where it runs and return the status that holds after: ``cancelled``, or
@@ -6600,42 +7470,13 @@ class RemoteMachine:
         slot is free at once. A Slurm job is cancelled with ``scancel``."""
         if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not 0 <= grace <= 3600:
             raise ConfigError(f"grace must be 0 to 3600 seconds, got {grace!r}")
-        if self.is_remote and not self.submitted:
-            raise StackopsError(f"job {self.job_id} never reached {self.host_name}: nothing to cancel")
-        if self.uses_slurm and self.slurm_job_id is not None:
-            return self._cancel_slurm()
-        if self.config.launch_method == "cloud_manager" and self.config.cloud_name:
-            return self._cancel_unit()
-        return self._cancel_here(grace)
-
-    def _cancel_here(self, grace: float) -> JobStatus:
-        """Stop the job where its folder is (CANCEL_TEMPLATE), and return its status after."""
-        status, out, err = self._run_remote_or_here(self.file_manager.cancel_command(grace), timeout=grace + 60)
-        if status != 0:
-            raise CommandError(self.host_name, "cancel", status, err or out)
-        return self.get_status(0)
+        self._place.check_reached(self)
+        return self._launcher.cancel(self, grace)
 
     def delete(self, results: bool = False) -> None:
         """Remove the job's folder where it ran and its record here (with ``results``, also its
-        own results folder). A job that was started and has not ended is refused: cancel it first."""
-        started = self.launcher_pid is not None or self.slurm_job_id is not None
-        report = self.get_status(0) if started else None
-        if report is not None and not report.finished:
-            raise ConfigError(f"job {self.job_id} is {report.status}; cancel it before deleting it",
-                              hint=f"stackops cancel {self.job_id}")
-        if results and report is not None and report.status == "completed":
-            self.delete_remote_results()
-        for task in self.array_tasks() if self.array_parts else []:
-            task.delete(results)
-        if self.is_remote and self.submitted:
-            status, out, err = self._run_remote_or_here(self.file_manager.delete_command())
-            if status != 0:
-                raise CommandError(self.host_name, "delete", status, err or out)
-        root = self.file_manager.job_root
-        if root.is_symlink() or not (root / FILE_MANAGER_JSON).is_file():
-            raise ConfigError(f"{collapse_home(root)} is not a stackops job folder; nothing deleted")
-        shutil.rmtree(root)
-        log.info("job %s deleted", self.job_id)
+        own results folder). A job started and not ended is refused: cancel it first."""
+        _delete_job(self, results)
 
     def rerun(self, run: bool = True) -> RemoteMachine:
         """The same function or script, kwargs, data and options as a new job ``<id>-r1`` (a rerun
@@ -6646,203 +7487,40 @@ class RemoteMachine:
             state = report.status if report is not None else "never started"
             raise ConfigError(f"job {self.job_id} is {state}: only an ended job can be rerun",
                               hint=f"{'cancel it first' if report is not None else 'start it'}")
-        stem = re.sub(r"-r\d+\Z", "", self.job_id)
-        queued = self.file_manager.job_root.parent
-        number = 1
-        while (queued / f"{stem}-r{number}").exists():
-            number += 1
-        data = self.config.to_dict()
-        data["job_id"] = check_safe_name(f"{stem}-r{number}")
-        again = RemoteMachine.__new__(RemoteMachine)
-        again._init_state()
-        again.config = RemoteStackOpsConfig.from_dict(data)
-        again.job_params = JobParams.from_dict(self.job_params.to_dict())
-        again.kwargs, again.data = dict(self.kwargs), list(self.data)
-        pickled = self.file_manager.path(INSTANCE_PICKLE)
-        again._instance = pickled.read_bytes() if pickled.exists() else None
-        again.file_manager = FileManager(again.job_id, "Linux", self.file_manager.lock_resources,
-                                         again.config.max_simultaneous_jobs, again.config.base_dir,
-                                         pool=self.file_manager.pool, gpus=self.file_manager.gpus)
-        again._parent_slurm_ids = [again._check_parent(parent) for parent in again.config.after]
-        again._ssh = self._ssh
-        self._ssh = None  # the connection goes on with the new job
+        again = _rerun_copy(self)
+        again._place.connection = self._place.connection
+        self._place.connection = None  # the connection goes on with the new job
         return again.run(run)
-
-    def _cancel_unit(self) -> JobStatus:
-        """A unit of a cloud queue: marked cancelled in the bucket (workers skip it; the one running
-        it stops it at its next heartbeat). The status is the queue's view of it."""
-        queue = CloudQueue(self.config.cloud_name or "")
-        rows = {row["unit"]: row for row in queue.report()}
-        row = rows.get(self.job_id)
-        if row is None:
-            raise ConfigError(f"unit {self.job_id} is not in the queue on {self.config.cloud_name}")
-        if row["state"] in TERMINAL_STATUSES:
-            return JobStatus(job_id=self.job_id, status=row["state"], host=str(row.get("host") or "?"))
-        queue.cancel(self.job_id)
-        state = "cancelled" if row["state"] in ("queued", "stale") else "running"
-        return JobStatus(job_id=self.job_id, status=state, host=str(row.get("worker") or "?"),
-                         reason="" if state == "cancelled" else "cancel requested: the worker stops it")
 
     def rerun_failed_tasks(self) -> list[str]:
         """Run again, each as a Slurm job of its own, every task of this array that failed or was
         cancelled; the array follows the new tasks from then on. Returns their ids."""
-        if not self.array_parts or self.slurm_job_id is None:
-            raise ConfigError(f"job {self.job_id} is not a Slurm array: rerun it whole")
-        tasks = self.array_tasks()
-        reports = [task.get_status(0) for task in tasks]
-        failed = [k for k, report in enumerate(reports) if report.status in ("failed", "cancelled")]
-        if not failed:
-            raise ConfigError(f"array {self.job_id} has no failed task to rerun")
-        for k in failed:
-            tasks[k] = tasks[k].rerun()
-        self.task_ids = [task.job_id for task in tasks]
-        self._save()
-        return [tasks[k].job_id for k in failed]
-
-    def _cancel_slurm(self) -> JobStatus:
-        marks = [self.file_manager] + [task.file_manager for task in self.array_tasks()] if self.array_parts \
-            else [self.file_manager]
-        mark = " && ".join(f"date -u +%Y-%m-%dT%H:%M:%S+00:00 > {manager._job_root_sh()}/{CANCEL_TXT}"
-                           for manager in marks)
-        command = f"umask 077 && {mark} && scancel {shlex.quote(self.slurm_job_id or '')}"
-        status, out, err = self._run_remote_or_here(command)
-        if status != 0:
-            raise CommandError(self.host_name, "scancel", status, err or out)
-        return self.get_status(0)
+        return _rerun_failed_tasks(self)
 
     def preflight(self) -> RemoteMachine:
         """Check what can be checked before anything is written or sent: the host answers and is
-        trusted, and the cloud remote is known. run() starts with it."""
-        if self.is_remote:
-            _ = self.ssh  # connects: an unknown, untrusted or unreachable host stops us here
-            if self.config.transfer_method == "cloud":
-                check_cloud_remote(self.config.cloud_name or "")
-        if self.uses_slurm:
-            self._check_sbatch()
-        if self.config.gpus:
-            self._check_gpus()
+        trusted, the cloud remote is known, the launcher's tools and the GPUs asked for are there.
+        run() starts with it."""
+        self._place.preflight()
+        self._launcher.preflight(self)
+        self._place.check_gpus(self)
         return self
-
-    def _check_gpus(self) -> None:
-        """A job that asks for more GPUs than the machine has could only wait forever: refused."""
-        if not self.is_remote:
-            found = gpu_ids()
-        else:
-            answer = self.ssh.run_shell_cmd_on_remote(GPU_PROBE_SH, timeout=60, strict=False).stdout.splitlines()
-            declared = answer[0] if answer else "-"
-            found = [g for g in (answer[1:] if declared == "-" else declared.split(",")) if g.strip()]
-        if len(found) < self.config.gpus:
-            raise ConfigError(f"job {self.job_id} asks for {self.config.gpus} GPU(s) and {self.host_name} has "
-                              f"{len(found)}" + (f" ({', '.join(found)})" if found else ""),
-                              hint="STACKOPS_GPUS=0,1,... declares them where nvidia-smi cannot list them")
 
     def run(self, run: bool = True, show_scripts: bool = False,
             progress: Callable[[int], None] | None = None) -> RemoteMachine:
-        """Launch the job as ``config.launch_method`` says (decided here, and only here).
-        ``remotely``: preflight, generate_scripts, optionally show_scripts, submit, fire(run): a
-        detached process that takes a slot where it runs. ``cloud_manager``: the job goes, as
-        one work unit, to the queue on ``config.cloud_name``; any worker runs it
-        (submit_to_cloud)."""
-        if self.config.launch_method == "cloud_manager":
-            if not run:
-                raise ConfigError("a cloud_manager job is started by a worker as soon as it is "
-                                  "queued: run=False (--no-launch) has no meaning for it")
-            self.units = self.submit_to_cloud(1)
-            log.info("job %s queued on %s as unit %s", self.job_id,
-                     cloud_base(self.config.cloud_name or ""), ", ".join(self.units))
-            return self
-        self.preflight()
-        self.generate_scripts()
-        if show_scripts:
-            self.show_scripts()
-        self.submit(progress, launch=run)
-        self.fire(run)
+        """Launch the job the way its launcher does (``config.launch_method``). ``remotely``:
+        preflight, generate_scripts, optionally show_scripts, submit, fire(run): a detached
+        process that takes a slot where it runs. ``slurm``: the same, handed to sbatch.
+        ``cloud_manager``: the job goes, as one work unit, to the queue on ``config.cloud_name``;
+        any worker runs it (submit_to_cloud)."""
+        self._launcher.run(self, run, show_scripts, progress)
         return self
-
-    def _job_command(self, action: str, *args: str) -> str:
-        """Run the job's own stackops copy on the host, imported as a module (its bytecode is
-        cached there) under ``-S``: it needs nothing but the standard library."""
-        root = _sh_path(self.file_manager.job_root_rh)
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; "
-                "sys.exit(getattr(stackops, '_serve', stackops.main)(sys.argv[2:]))")
-        return (f"{shlex.quote(self.python)} -S -c {shlex.quote(code)} {root}/python {action} {root} "
-                + " ".join(shlex.quote(a) for a in args))
 
     def get_status(self, log_lines: int = 20) -> JobStatus:
         """The job's full status, read where it runs (pid verified there). Over SSH this is one
         round trip that starts no Python, and the job's small log files are mirrored into the
         local job folder."""
-        if self.uses_slurm and self.slurm_job_id is not None and self.array_parts:
-            return self._array_status([task.get_status(log_lines) for task in self.array_tasks()])
-        if self.uses_slurm and self.slurm_job_id is not None:
-            return self._slurm_status(log_lines)
-        if not self.is_remote:
-            return self.file_manager.status_report(log_lines)
-        if not self.submitted:
-            raise StackopsError(f"job {self.job_id} was never completely submitted to {self.host_name}, "
-                                "so nothing of it runs there (was the submission interrupted?)",
-                                hint="run it again under a new job_id")
-        marker = f"--stackops-{random.getrandbits(64):016x}"
-        response = self.ssh.run_shell_cmd_on_remote(self._status_command(marker, log_lines),
-                                                    timeout=max(self.config.ssh_timeout, 10.0), strict=False)
-        if response.returncode != 0:
-            raise CommandError(self.host_name, "job status", response.returncode, response.stderr,
-                               hint="is the job folder still on the host?")
-        return self._take_report(response.stdout, marker, log_lines)
-
-    def _status_command(self, marker: str, log_lines: int) -> str:
-        """The one bash command that reports this job on its host (FileManager.status_command)."""
-        fallback = self._job_command("job-report", "--lines", str(int(log_lines)))
-        notify = self._job_command("job-notify") if self.config.notify_upon_completion else ""
-        return self.file_manager.status_command(marker, log_lines, fallback, notify)
-
-    def _take_report(self, stdout: str, marker: str, log_lines: int) -> JobStatus:
-        """The JobStatus in a host's answer; its small log files are mirrored into our folder."""
-        if stdout.startswith("{"):  # a host without /proc answered with the Python report
-            answer = json.loads(stdout)
-            report, logs = JobStatus.from_dict(answer["status"]), answer["logs"]
-        else:
-            report, logs = self.file_manager.parse_status_output(stdout, marker, log_lines)
-        for relative, text in logs.items():  # a shared home has them already: never write them back
-            if relative.startswith(LOGS + "/") and ".." not in relative and not self.shared:
-                _atomic_write_text(self.file_manager.path(relative), text)
-        return report
-
-    def _slurm_status(self, log_lines: int) -> JobStatus:
-        """One round trip (bash, no Python) where the job was submitted: its files, then Slurm."""
-        marker = f"--stackops-{random.getrandbits(64):016x}"
-        status, out, err = self._run_remote_or_here(self.file_manager.slurm_status_command(marker, log_lines))
-        if status != 0:
-            raise CommandError(self.host_name, "job status", status, err, hint="is the job folder still there?")
-        report, logs = self.file_manager.parse_status_output(out, marker, log_lines)
-        if self.is_remote and not self.shared:  # a shared home has them: never write them back
-            for relative, text in logs.items():
-                _atomic_write_text(self.file_manager.path(relative), text)
-        return report
-
-    def _array_status(self, tasks: list[JobStatus]) -> JobStatus:
-        """One status for a whole array: running while any task runs, queued while the rest wait,
-        and at the end completed only if every task completed."""
-        counts = {status: sum(task.status == status for task in tasks) for status in STATUSES}
-        unfinished = [task for task in tasks if not task.finished]
-        if unfinished:
-            status = "running" if counts["running"] or len(unfinished) < len(tasks) else "queued"
-        elif counts["completed"] == len(tasks):
-            status = "completed"
-        else:
-            status = "failed" if counts["failed"] else "cancelled"
-        errors = [f"task {task.job_id}: {task.status}: {_last_line(task.error_message)}"
-                  for task in tasks if task.status in ("failed", "cancelled")]
-        starts = [task.start_time for task in tasks if task.start_time]
-        ends = [task.end_time for task in tasks if task.end_time]
-        summary = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
-        return JobStatus(job_id=self.job_id, status=status, submission_time=_iso(self.file_manager.submission_time),
-                         start_time=min(starts) if starts else None,
-                         end_time=max(ends) if not unfinished and ends else None,
-                         results_path=self.file_manager.job_root_rh if status == "completed" else None,
-                         error_message="\n".join(errors), host=tasks[0].host if tasks else "?",
-                         slurm_job_id=self.slurm_job_id, reason=f"array of {len(tasks)} tasks: {summary}",
-                         log_tail="\n".join(task.log_tail for task in tasks if task.log_tail))
+        return self._launcher.status(self, log_lines)
 
     def check_job_status(self) -> Path | None:
         """The results folder once the job completed (on the host, for a remote job); None while
@@ -6854,7 +7532,7 @@ class RemoteMachine:
             raise JobFailedError(self.job_id, report.error_message)
         if report.status != "completed" or not report.results_path:
             return None
-        self.results_path = Path(report.results_path) if self.is_remote else expand_home(report.results_path)
+        self.results_path = self._place.results_path(report.results_path)
         self._save()
         return self.results_path
 
@@ -6863,35 +7541,20 @@ class RemoteMachine:
         folder as a path usable on this machine: a local job's folder itself; a remote job's
         folder downloaded here first (download_results() with its default target; only once).
         ``download=False`` returns the folder's path on the host as the host recorded it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            report = self.get_status(0)
-            results = self._settle(report)
-            if results is not None:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                raise StackopsError(f"job {self.job_id} still {report.status} after {timeout}s")
-            time.sleep(poll)
-        if not self.is_remote or not download:
-            return results
-        done = self.downloaded_to
-        if self.results_downloaded and done is not None and done.exists():
-            return done
-        try:
-            target = self._own_results_here(results.as_posix())
-        except ConfigError:  # the host named a folder elsewhere: it comes to the job's own folder here
-            target = expand_home(f"{DEFAULT_RESULTS_DIR}/{self.job_id}")
-        return self.download_results(target, overwrite=True)
+        results = _wait_for_results(self, timeout, poll)
+        return self._place.results_here(self, results) if download else results
 
     def results(self) -> Path:
         """The results folder, or an error saying why there is none yet."""
         results = self.results_path or self.check_job_status()
         if results is None:
-            raise StackopsError(f"job {self.job_id} has no results yet ({self.get_status(0).status})",
+            status = self.get_status(0).status
+            raise StackopsError(f"job {self.job_id} has no results yet ({status})",
                                 hint="wait until it completes")
         return results
 
-    def download_results(self, target: str | os.PathLike[str] | None = None, overwrite: bool = False,
+    def download_results(self, target: str | os.PathLike[str] | None = None,
+                         overwrite: bool = False,
                          progress: Callable[[int], None] | None = None) -> Path:
         """The results folder on this machine. From a host it is downloaded (``None``: to the same
         home-relative path here, only when that is the job's own results folder); here it is
@@ -6899,161 +7562,24 @@ class RemoteMachine:
         name or not at all."""
         results = self.results()
         if self.array_parts:
-            return self._download_array(target, overwrite, progress)
-        if self.is_remote and target is None:
-            target = self._own_results_here(results.as_posix())
-        if not self.is_remote and not results.exists():
-            raise ConfigError(f"the results folder of job {self.job_id}, {collapse_home(results)}, no longer exists")
-        if self.shared:  # the host wrote them into the home this machine sees
-            local = expand_home(results.as_posix())
-            if target is not None and not _same_place(local, expand_home(target)):
-                local = _copy_local(local, expand_home(target), overwrite)
-        elif self.is_remote and self.config.transfer_method == "cloud":
-            local = self._download_via_cloud(results.as_posix(), target, overwrite)
-        elif self.is_remote:
-            local = self.ssh.copy_to_here(results.as_posix(), target, recursive=True, overwrite=overwrite,
-                                          progress=progress)
-        elif target is None or _same_place(results, expand_home(target)):
-            local = results  # never copied onto itself
-        else:
-            local = _copy_local(results, expand_home(target), overwrite)
+            return _download_array(self, target, overwrite, progress)
+        local = self._place.fetch_results(self, results, target, overwrite, progress)
         self.results_downloaded = True
         self.downloaded_to = local
         self._save()
         return local
 
-    def _own_results_here(self, results: str) -> Path:
-        """Where results named by the host go without a target: the same home-relative path here,
-        only inside the job's own results folder or job folder. The host's word is data: a path
-        it names elsewhere (``~/.local/bin/ls``) is refused, never written."""
-        own = (f"{DEFAULT_RESULTS_DIR}/{self.job_id}", self.file_manager.job_root_rh)
-        inside = any(results == folder or results.startswith(folder + "/") for folder in own)
-        if results.startswith("~/") and ".." not in results.split("/") and inside:
-            return expand_home(results)
-        raise ConfigError(f"the results of job {self.job_id} are at {self.host_name}:{results}, "
-                          f"outside the job's own results folder ({own[0]}); stackops writes "
-                          "there only when you say so",
-                          hint=f"give the target: download {self.job_id} --to DIR")
-
-    def _download_array(self, target: str | os.PathLike[str] | None, overwrite: bool,
-                        progress: Callable[[int], None] | None) -> Path:
-        """Each task's results into one folder, a sub-folder per task (``{job_id}-{k}``)."""
-        folder = expand_home(target if target is not None else f"{DEFAULT_RESULTS_DIR}/{self.job_id}")
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise ConfigError(f"{collapse_home(folder)} already exists", hint="pass overwrite=True (--overwrite)")
-        _mkdir_private(folder)
-        for task in self.array_tasks():
-            task.download_results(folder / task.job_id, overwrite, progress)
-        self.results_downloaded = True
-        self._save()
-        return folder
-
-    def _download_via_cloud(self, results: str, target: str | os.PathLike[str] | None, overwrite: bool) -> Path:
-        """The host uploads the results with its rclone under a fresh prefix of this download's own
-        (a later job with the same id never mixes in); they come down here the same way, and the
-        prefix is removed from the bucket afterwards, whatever happened."""
-        destination = _free_destination(expand_home(target if target is not None else results), overwrite)
-        prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{self.job_id}/"
-                  f"{random.getrandbits(64):016x}")
-        where = shlex.quote(f"{prefix}/payload")
-        try:
-            up = self.ssh.run_shell_cmd_on_remote(
-                f'S={_sh_path(results)}; if [ -d "$S" ]; then rclone copy "$S" {where}; '
-                f'else rclone copyto "$S" {where}; fi', timeout=3600, strict=False)
-            if up.returncode != 0:
-                raise TransferError(f"rclone on {self.host_name} could not upload the results: "
-                                    f"{_tail(up.stderr, 3)}")
-            _mkdir_private(destination.parent)
-            staging = Path(_make_temp_dir(destination.parent))
-            try:
-                _rclone("copy", prefix, str(staging), what="download of the results")
-                _remove(destination)
-                os.rename(staging / "payload", destination)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        finally:
-            with _suppress(StackopsError):
-                _rclone("purge", prefix, what="removal of the downloaded results from the bucket")
-        return destination
-
     def submit_to_cloud(self, split: int) -> list[str]:
         """Expand this job into ``split`` work units, each with its slice of the workload, and put
-        them in the queue on ``config.cloud_name``; any ``worker`` (among ``allowed_remotes``) runs them."""
-        config = self.config
-        if not config.cloud_name:
-            raise ConfigError("submit_to_cloud needs cloud_name (an rclone remote)")
-        if split < 1 or (split > 1 and self.job_params.kind == "script"):
-            raise ConfigError(f"cannot split into {split} units" + (": a script cannot be split" if split > 1 else ""))
-        check_cloud_remote(config.cloud_name)
-        whole = config.workload_params or WorkloadParams(jobs=1)
-        parts = whole.split_to_jobs(split) if split > 1 or config.workload_params else [None]
-        queue = CloudQueue(config.cloud_name)
-        unit_ids = self._check_unit_ids(queue, len(parts))
-        staging = Path(_make_temp_dir(_mkdir_private(expand_home(config.base_dir))))
-        units: list[RemoteMachine] = []
-        try:
-            for unit_id, part in zip(unit_ids, parts):
-                unit = self._unit(unit_id, part)
-                units.append(unit)
-                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root, None,
-                                     unit.data)  # with copy_repo the unit's folder carries its code
-                queue.add(unit_id, archive, {"unit": unit_id, "submitted_at": _iso(_utcnow()),
-                                             "allowed_remotes": config.allowed_remotes})
-        except BaseException:  # all units or none: what went up comes down, what was made here goes
-            for unit in units:
-                with _suppress(StackopsError):
-                    queue.remove(unit.job_id)
-                shutil.rmtree(unit.file_manager.job_root, ignore_errors=True)
-            raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return unit_ids
-
-    def _check_unit_ids(self, queue: CloudQueue, count: int) -> list[str]:
-        """Every unit's id, checked before any is made or uploaded: a safe name, no job here and
-        no unit in the queue by that name."""
-        unit_ids = [f"{self.job_id}-{k}-{count}" for k in range(count)]
-        for unit_id in unit_ids:
-            if not _SAFE_NAME.match(unit_id):  # the job_id is safe: only the length can fail
-                raise ConfigError(f"unit id {unit_id!r} is {len(unit_id)} characters, over 128",
-                                  hint=f"choose a shorter job_id for {count} units")
-            root = FileManager(unit_id, base=self.config.base_dir).job_root
-            if root.exists():
-                raise ConfigError(f"unit {unit_id!r} already exists at {collapse_home(root)}",
-                                  hint="choose another job_id, or leave it out for a fresh one")
-        taken = sorted(set(unit_ids) & set(queue.listing()))
-        if taken:
-            raise ConfigError(f"the queue on {queue.base} already holds unit(s) {', '.join(taken)}",
-                              hint="choose another job_id, or leave it out for a fresh one")
-        return unit_ids
-
-    def _unit(self, unit_id: str, part: WorkloadParams | None) -> RemoteMachine:
-        data = self.config.to_dict()
-        data.update(job_id=unit_id, ssh_host=None, launch_method="cloud_manager",
-                    workload_params=part.to_dict() if part else None, python=self.config.python or "python3")
-        unit = RemoteMachine.__new__(RemoteMachine)
-        unit.__dict__.update(self.__dict__)
-        unit._init_state()
-        unit.config = RemoteStackOpsConfig.from_dict(data)
-        unit.job_params = JobParams.from_dict(self.job_params.to_dict())
-        unit.file_manager = FileManager(unit_id, "Linux", unit.config.lock_resources,
-                                        unit.config.max_simultaneous_jobs, unit.config.base_dir)
-        unit.generate_scripts()
-        unit.submitted = True
-        unit._save()
-        return unit
+        them in the queue on ``config.cloud_name``; any ``worker`` (among ``allowed_remotes``)
+        runs them."""
+        return _CloudQueueLauncher().submit(self, split)
 
     def delete_remote_results(self) -> RemoteMachine:
         """Delete the job's results folder where it ran, only if it is the job's own (its default
-        results folder or inside its job folder); a path the job returned from elsewhere is refused."""
+        results folder or inside its job folder); a path it returned from elsewhere is refused."""
         self.results()
-        if not self.is_remote:
-            delete_own_results(self.file_manager.job_root)
-            return self
-        response = self.ssh.run_shell_cmd_on_remote(self._job_command("job-delete-results"), timeout=60,
-                                                    strict=False)
-        if response.returncode != 0:
-            _raise_remote_error(response, f"on {self.host_name}: ")
+        self._place.delete_results(self)
         return self
 
 
@@ -7103,31 +7629,6 @@ def _is_own_private_file(path: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
-
-
-def _same_place(one: Path, other: Path) -> bool:
-    """Whether two paths name the same file or folder (links and spellings resolved); the home,
-    or a folder holding it, is refused as a target here too (see _free_destination)."""
-    try:
-        same = os.path.samefile(one, other)
-    except OSError:
-        same = os.path.realpath(one) == os.path.realpath(other)
-    if same:
-        _free_destination(other, overwrite=True)
-    return same
-
-
-def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
-    _free_destination(destination, overwrite)
-    _mkdir_private(destination.parent)
-    staging = Path(_make_temp_dir(destination.parent)) / "payload"
-    try:
-        shutil.copytree(source, staging, symlinks=True) if source.is_dir() else shutil.copy2(source, staging)
-        _remove(destination)
-        os.rename(staging, destination)
-    finally:
-        shutil.rmtree(staging.parent, ignore_errors=True)
-    return destination
 
 
 def list_jobs(base_dir: str | None = None, timeout: float = 10.0) -> list[JobStatus]:
@@ -7230,12 +7731,17 @@ def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
     return answers
 
 
+# each job's status where it runs, then a fence line with its index and the status's exit code
+LIST_STATUS_TEMPLATE = "@@status; printf '\\n%s:%s:%s\\n' @@fence @@index $?\n"
+
+
 def _ask_host(host: str, machines: list[RemoteMachine],
               timeout: float) -> dict[tuple[str, str], Any]:
     """One SSH round trip that reports every job of ``host`` (each job's bash status, in turn)."""
     fence = f"--stackops-list-{random.getrandbits(64):016x}"
     markers = [f"{fence}-{index}" for index in range(len(machines))]
-    script = "".join(f"{m._status_command(marker, 0)}; printf '\\n%s:%s:%s\\n' {fence} {index} $?\n"
+    script = "".join(render_template(LIST_STATUS_TEMPLATE, fence=shlex.quote(fence),
+                                     index=str(index), status=m._place.status_command(m, marker, 0))
                      for index, (m, marker) in enumerate(zip(machines, markers)))
     with SSH.from_config_file(host, timeout=timeout) as ssh:  # stdin: no length limit, any shell
         response = ssh.run_shell_cmd_on_remote("bash -s", timeout=timeout, strict=False,
@@ -7246,7 +7752,8 @@ def _ask_host(host: str, machines: list[RemoteMachine],
         text, index, status = pieces[start], int(pieces[start + 1]), int(pieces[start + 2])
         machine = machines[index]
         if status == 0:
-            answers[(host, machine.job_id)] = machine._take_report(text, markers[index], 0)
+            report = machine._place.take_report(machine, text, markers[index], 0)
+            answers[(host, machine.job_id)] = report
         else:
             answers[(host, machine.job_id)] = CommandError(
                 host, "job status", status, response.stderr,
@@ -7394,12 +7901,13 @@ class Sweep:
             if isinstance(report, JobStatus) and report.finished:
                 answers[job.job_id] = report
                 continue
-            job._ssh = job._ssh or self.jobs[0]._ssh  # one connection for all
+            first = self.jobs[0]._place
+            job._place.connection = job._place.connection or first.connection  # one for all
             try:
                 answers[job.job_id] = job.cancel(grace)
             except StackopsError as exc:
                 answers[job.job_id] = exc
-            self.jobs[0]._ssh = self.jobs[0]._ssh or job._ssh
+            first.connection = first.connection or job._place.connection
         return answers
 
 
@@ -7411,7 +7919,7 @@ def _sweep_member(template: RemoteMachine, job_id: str, kwargs: dict[str, Any]) 
     job = RemoteMachine.__new__(RemoteMachine)
     job.__dict__.update(template.__dict__)
     job._init_state()
-    job._ssh = template._ssh
+    job._place = template._place  # the template's connection
     job.config = copy.copy(template.config)
     job.config.job_id = job_id
     job.kwargs = kwargs
@@ -7452,7 +7960,7 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
                           hint="choose another --job-id")
     template.preflight()
     if template.is_remote:
-        template._check_where_it_runs()  # before anything is written: python3 and the code there
+        template._place.check_host_files(template)  # before anything is written there
     jobs = [_sweep_member(template, job_id, kwargs) for job_id, kwargs in zip(ids, lines)]
     sweep = Sweep(config.job_id, jobs)
     _put_sweep_in_place(template, jobs, run, progress)
@@ -7531,18 +8039,18 @@ def _write_sweep_folder(template: RemoteMachine, ids: list[str]) -> None:
     if not source.is_file():
         raise StackopsError(f"cannot find stackops.py to ship with the sweep (looked at {source})")
     if template.config.copy_repo:
-        template._take_snapshot()
+        _take_snapshot(template)
     staging = _trusted_dir(root.parent, "base folder") / f".{template.job_id}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        template._write_folder(staging, source)
+        _write_job_folder(template, staging, source)
         for relative in (REMOTE_MACHINE_JSON, FILE_MANAGER_JSON, KWARGS_JSON):
             os.unlink(staging / relative)
         shutil.rmtree(staging / LOGS)
         _atomic_write_json(staging / SWEEP_JSON, {"sweep_id": template.job_id, "ids": ids,
                                                   "host": template.host_name})
         if os.path.lexists(root):
-            raise template._exists_error()
+            raise _exists_error(template)
         os.rename(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -7566,8 +8074,8 @@ def _hand_over_sweep_folder(template: RemoteMachine,
                            template.file_manager, template.data, progress, template._snapshot)
     root = template.file_manager.job_root
     if shared and template.config.copy_repo and not (root / CODE_DIR).exists():
-        template._code_here(root)
-    template._check_notification()
+        _code_here(template, root)
+    template._place.check_notification(template)
     return shared
 
 
@@ -7635,7 +8143,7 @@ def _withdraw_sweep(template: RemoteMachine, made: list[str], placed: bool) -> N
     log.info("sweep %s was not submitted; its ids are free again", template.job_id)
 
 # ============================================================================================
-# 13. cluster: one workload split over several hosts by their CPU and RAM
+# 15. cluster: one workload split over several hosts by their CPU and RAM
 # ============================================================================================
 
 class LoadCriterion(enum.Enum):
@@ -7856,17 +8364,21 @@ class Cluster:
                     workload_params=self.workloads[host].to_dict())
         return RemoteStackOpsConfig.from_dict(data)
 
-    def submit(self, launch: bool = False) -> Cluster:
-        """One RemoteMachine per host, generated here and submitted to all hosts in parallel.
-        ``launch`` (what run() does): each host also starts its job in the same round trip, once
-        every host has its job in place, and not at all if one failed; fire() must follow."""
+    def submit(self) -> Cluster:
+        """One RemoteMachine per host, generated here and submitted to all hosts in parallel."""
+        return self._submit()
+
+    def _submit(self, launch: bool = False) -> Cluster:
+        """submit(); with ``launch`` (what run() does) each host also starts its job in the same
+        round trip, once every host has its job in place, and not at all if one failed; fire()
+        must follow."""
         if not self.workloads:
             raise StackopsError("no workloads yet", hint="call connect() and generate_standard_kwargs() first")
         _mkdir_private(self.root_dir)
         for index, host in enumerate(self.ssh_hosts):
             if host in self.workloads and host not in self.machines:
                 machine = RemoteMachine(self.func, self._machine_config(index, host), self.func_kwargs)
-                machine._ssh = self._ssh[host]
+                machine._place.connection = self._ssh[host]
                 self.machines[host] = machine
         gated = launch and self.config.transfer_method != "cloud"  # cloud: fetched when fired
         together = _Together(len(self.machines)) if gated else None
@@ -7874,7 +8386,7 @@ class Cluster:
         def hand_over(host: str) -> RemoteMachine:
             gate = together.arrive if together else None
             try:  # submit() generates each folder first, in parallel: its writes wait on the disk
-                return self.machines[host].submit(launch=launch, gate=gate)
+                return self.machines[host]._submit(launch=launch, gate=gate)
             except BaseException:
                 if together is not None:
                     together.fail()
@@ -7900,7 +8412,7 @@ class Cluster:
         """connect, generate_standard_kwargs, submit, fire: the whole launch."""
         self.connect()
         self.generate_standard_kwargs()
-        self.submit(launch=run)
+        self._submit(launch=run)
         self.fire(run)
         return self
 
@@ -7945,7 +8457,7 @@ class Cluster:
             ssh.close()
         self._ssh.clear()
         for machine in self.machines.values():
-            machine._ssh = None
+            machine._place.connection = None
 
     def __enter__(self) -> Cluster:
         return self
@@ -7999,7 +8511,7 @@ def _host_folder(host: str) -> str:
 
 
 # ============================================================================================
-# 14. cloud worker: claims and runs work units from a cloud queue
+# 16. cloud worker: claims and runs work units from a cloud queue
 # ============================================================================================
 
 CLOUD_UNITS_DIR = "cloud_units"  # under the worker's base dir: one folder per unit it runs
@@ -8173,7 +8685,7 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
         while not (report := machine.get_status(0)).finished:
             if keeper.cancelled.is_set():
                 log.info("unit %s was cancelled: stopping it", unit_id)
-                report = machine._cancel_here(10.0)
+                report = machine._launcher.stop(machine, 10.0)
                 break
             time.sleep(0.2)
         if not keeper.held():
@@ -8262,7 +8774,7 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
 
 
 # ============================================================================================
-# 15. CLI
+# 17. CLI
 # ============================================================================================
 
 def _print_table(rows: list[list[str]], header: list[str] | None = None) -> None:

@@ -5397,6 +5397,115 @@ def test_sweep_to_a_host_that_shares_the_home_uses_the_folders_in_place(same_hom
 
 
 # ============================================================================================
+# 12. places and launchers: RemoteMachine chooses where and how once, and delegates
+# ============================================================================================
+
+def _module_tree():
+    import ast
+
+    return ast.parse(SOURCE.read_text(encoding="utf-8"))
+
+
+def test_places_remote_machine_decides_where_and_how_once():
+    """The seam of issue 13, read with ast: RemoteMachine is at most 300 lines, none of its
+    methods tests ssh_host, transfer_method or launch_method (or is_remote/uses_slurm): one
+    spot picks a place and a launcher; those classes come before it; no function over 60
+    lines among the new ones."""
+    import ast
+
+    tree = _module_tree()
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    machine = classes["RemoteMachine"]
+    assert machine.end_lineno - machine.lineno + 1 <= 300
+    asked = ("ssh_host", "transfer_method", "launch_method", "is_remote", "uses_slurm")
+    decisions = sorted({node.lineno for node in ast.walk(machine)
+                        if isinstance(node, ast.Attribute) and node.attr in asked
+                        and not (isinstance(node.value, ast.Name) and node.value.id == "cls")})
+    assert decisions == [], f"RemoteMachine re-decides the place at lines {decisions}"
+    choosers = [node for node in ast.walk(machine)
+                if isinstance(node, ast.Name) and node.id in ("_place_for", "_launcher_for")]
+    assert len(choosers) == 2 and len({node.lineno for node in choosers}) <= 2
+    for name in ("_Place", "_Here", "_OverSSH", "_ThroughCloud", "_Launcher", "_SlotLauncher",
+                 "_TmuxLauncher", "_CloudQueueLauncher", "_SlurmLauncher"):
+        assert classes[name].lineno < machine.lineno, name
+        for node in ast.walk(classes[name]):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno + 1 <= 60, (name, node.name)
+
+
+def test_places_remote_machine_uses_nothing_from_the_worker_or_the_cli():
+    import ast
+
+    tree = _module_tree()
+    text = SOURCE.read_text(encoding="utf-8").splitlines()
+    banners = [i + 1 for i, line in enumerate(text) if re.match(r"# \d+\. (cloud worker|CLI)\b", line)]
+    assert len(banners) == 2
+    later = {node.name for node in tree.body if node.lineno > min(banners)
+             and isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    machine = next(node for node in tree.body
+                   if isinstance(node, ast.ClassDef) and node.name == "RemoteMachine")
+    used = {node.id for node in ast.walk(machine) if isinstance(node, ast.Name)}
+    assert machine.lineno < min(banners) and not used & later, sorted(used & later)
+
+
+@pytest.mark.parametrize("settings, place, launcher", [
+    ({}, "_Here", "_SlotLauncher"),
+    ({"interactive": True}, "_Here", "_TmuxLauncher"),
+    ({"ssh_host": "me@example.org:2222"}, "_OverSSH", "_SlotLauncher"),
+    ({"ssh_host": "box", "transfer_method": "cloud", "cloud_name": "c"}, "_ThroughCloud",
+     "_SlotLauncher"),
+    ({"launch_method": "slurm"}, "_Here", "_SlurmLauncher"),
+    ({"launch_method": "cloud_manager", "cloud_name": "c"}, "_Here", "_CloudQueueLauncher"),
+])
+def test_places_chosen_from_the_config_once(home, settings, place, launcher):
+    job = RemoteMachine(stackops.demo_job, RemoteStackOpsConfig(job_id="seam-1", **settings))
+    assert type(job._place).__name__ == place and type(job._launcher).__name__ == launcher
+    assert job.is_remote == ("ssh_host" in settings)
+    assert job.uses_slurm == (launcher == "_SlurmLauncher")
+    assert job.host_name == settings.get("ssh_host", "localhost")
+    again = RemoteMachine.from_dict(json.loads(json.dumps(job.to_dict())))
+    assert type(again._place).__name__ == place and type(again._launcher).__name__ == launcher
+
+
+HOSTILE = "it's a \"folder\" $(touch /tmp/stackops-pwned) `x` ;&|<> *"
+
+
+def test_places_generated_commands_are_rendered_and_quoted(home, tmp_path):
+    """The commands the places and launchers build go through the strict renderer: bash
+    parses each, and a hostile interpreter path or results path arrives as one word."""
+    config = RemoteStackOpsConfig(job_id="seam-2", ssh_host="box", python=f"/opt/{HOSTILE}/python3",
+                                  transfer_method="cloud", cloud_name="c", notify_upon_completion=True,
+                                  to_email="me@example.org", email_config_name="x")
+    job = RemoteMachine(stackops.demo_job, config)
+    job.cloud_sha256 = "a" * 64
+    entry = stackops._job_entry(job, "job-report", "--lines", HOSTILE)
+    words = shlex.split(entry)
+    assert words[0] == config.python and words[-1] == HOSTILE and words[-2] == "--lines"
+    fire = job._place.fire_command(job, "echo fired")
+    up = stackops.render_template(stackops.CLOUD_RESULTS_UP_TEMPLATE,
+                                  results=stackops._sh_path(f"~/{HOSTILE}"),
+                                  target=shlex.quote(f"c:{HOSTILE}"))
+    check = stackops.render_template(
+        stackops.HOST_CHECK_TEMPLATE, python=shlex.quote(config.python),
+        file_check=stackops.render_template(stackops.HOST_FILE_CHECK_TEMPLATE,
+                                            file=stackops._sh_path(f"~/{HOSTILE}")))
+    marks = stackops.render_template(stackops.CANCEL_MARK_TEMPLATE, job_root=shlex.quote(HOSTILE),
+                                     cancel_file=shlex.quote(stackops.CANCEL_TXT))
+    cancel = stackops.render_template(stackops.SCANCEL_TEMPLATE, marks=marks,
+                                      slurm_id=shlex.quote("12;rm -rf ~"))
+    for command in (entry, fire, up, check, cancel):
+        done = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+        assert done.returncode == 0, (command, done.stderr)
+    assert fire.endswith(" && echo fired") and "job-check-email" in fire
+    # the host check runs for real: the hostile interpreter is missing, the file too
+    result = subprocess.run(["bash", "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.split() == ["no-python", "no-file"]
+    assert not Path("/tmp/stackops-pwned").exists()
+    with pytest.raises(StackopsError, match="missing|unused"):
+        stackops.render_template(stackops.SCANCEL_TEMPLATE, marks=marks)
+
+
+# ============================================================================================
 # 11. cluster: several hosts (network namespaces as root, 127.0.0.x otherwise)
 # ============================================================================================
 
