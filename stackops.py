@@ -95,6 +95,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import traceback
     from typing import Any, Callable, NoReturn
 
+    _Gate = Callable[[Callable[[bytes], None]], bool]  # see _Together.arrive
+
 
 class _LazyModule(types.ModuleType):
     """A standard module imported where it is first used, not at start-up: ``--help`` and the
@@ -6598,9 +6600,6 @@ class _ThroughCloud(_OverSSH):
             with _suppress(StackopsError):
                 _rclone("purge", prefix, what="removal of the downloaded results from the bucket")
         return destination
-
-
-_Gate = Callable[[Callable[[bytes], None]], bool]  # see _Together.arrive
 
 
 def _ahead_commands(machine: RemoteMachine, launch: bool) -> list[str]:
