@@ -6611,6 +6611,29 @@ def _ahead_commands(machine: RemoteMachine, launch: bool) -> list[str]:
     return then
 
 
+def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None = None,
+                launch: bool = False, gate: _Gate | None = None) -> RemoteMachine:
+    """RemoteMachine.submit(); with ``launch`` (run()) the host also starts the job in the same
+    round trip once ``gate`` says go, and the fire() that follows reads its answer."""
+    if not machine.scripts_generated:
+        machine.generate_scripts()
+    sent = False
+    try:
+        if not machine._checked:
+            machine._place.check_where_it_runs(machine)
+        for task in machine.array_tasks() if machine.array_parts else []:
+            task._checked = True  # the same interpreter and files: checked once, above
+            task.submit(progress)
+        sent = machine._place.hand_over(machine, progress, launch, gate)
+        machine._place.check_notification(machine)
+    except BaseException:
+        _withdraw(machine, sent)
+        raise
+    machine.submitted = True
+    machine._save()
+    return machine
+
+
 def _run_at(machine: RemoteMachine, command: str) -> tuple[int, str, str]:
     """Run ``command`` where the job is, unless the hand-over ran it already (its answer)."""
     ahead = machine._ahead.pop(command, None)
@@ -6658,7 +6681,7 @@ class _Launcher:
         machine.generate_scripts()
         if show_scripts:
             machine.show_scripts()
-        machine._submit(progress, launch=run)
+        _submit_job(machine, progress, launch=run)
         machine.fire(run)
 
     def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
@@ -7429,29 +7452,7 @@ class RemoteMachine:
     def submit(self, progress: Callable[[int], None] | None = None) -> RemoteMachine:
         """Put the job where it runs: over SSH, the job folder, the repo (``copy_repo``) and the
         data go to their home-relative places on the host; here, the folder already is there."""
-        return self._submit(progress)
-
-    def _submit(self, progress: Callable[[int], None] | None = None, launch: bool = False,
-                gate: _Gate | None = None) -> RemoteMachine:
-        """submit(); with ``launch`` (run()) the host also starts the job in the same round trip
-        once ``gate`` says go, and the fire() that follows reads its answer."""
-        if not self.scripts_generated:
-            self.generate_scripts()
-        sent = False
-        try:
-            if not self._checked:
-                self._place.check_where_it_runs(self)
-            for task in self.array_tasks() if self.array_parts else []:
-                task._checked = True  # the same interpreter and files: checked once, above
-                task.submit(progress)
-            sent = self._place.hand_over(self, progress, launch, gate)
-            self._place.check_notification(self)
-        except BaseException:
-            _withdraw(self, sent)
-            raise
-        self.submitted = True
-        self._save()
-        return self
+        return _submit_job(self, progress)
 
     def fire(self, run: bool = True) -> tuple[int | None, str]:
         """Start the job detached and return (launcher pid, launch command) at once; the job
@@ -8385,7 +8386,7 @@ class Cluster:
         def hand_over(host: str) -> RemoteMachine:
             gate = together.arrive if together else None
             try:  # submit() generates each folder first, in parallel: its writes wait on the disk
-                return self.machines[host]._submit(launch=launch, gate=gate)
+                return _submit_job(self.machines[host], launch=launch, gate=gate)
             except BaseException:
                 if together is not None:
                     together.fail()

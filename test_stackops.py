@@ -4711,6 +4711,7 @@ def test_ssh_paramiko_loads_without_invoke_yet_match_exec_still_works(home, tmp_
 
 
 @needs_tmux
+@needs_root
 def test_remote_interactive_job_starts_in_tmux_on_the_host_in_the_same_round_trip(remote, home):
     if os.geteuid() != 0:
         pytest.skip("the host's tmux server is ours then: the test would have to stop it")
