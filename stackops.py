@@ -159,16 +159,19 @@ if not TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    "StackopsError", "ConfigError", "DependencyError", "SlotError", "CommandError", "JobFailedError",
+    "StackopsError", "ConfigError", "DependencyError", "SlotError", "CommandError",
+    "JobFailedError",
     "StackopsConnectionError", "HostKeyError", "TransferError",
     "RemoteStackOpsConfig", "WorkloadParams", "JobStatus", "ExecutionTimings", "JobParams",
-    "FileManager", "Slots", "render_execution_script", "render_shell_script", "run_job", "call_job_part",
+    "FileManager", "Slots", "render_execution_script", "render_shell_script", "run_job",
+    "call_job_part",
     "job_report", "delete_own_results", "demo_job",
     "notify_job_end", "is_job_process", "job_process_alive", "process_start_ticks",
     "SSH", "SSHTarget", "Response", "resolve_ssh_target", "parse_ssh_target", "simple_sftp_get",
     "transfer_sftp", "transfer_cloud", "cloud_base", "RemoteMachine", "list_jobs", "list_job_rows",
     "LoadCriterion", "MachineSpecs", "ThreadLoadCalculator", "MachineLoadCalculator", "Cluster",
-    "CloudQueue", "run_worker", "InterfaceAddress", "interface_table", "get_all_ipv4_addresses", "lan_score",
+    "CloudQueue", "run_worker", "InterfaceAddress", "interface_table", "get_all_ipv4_addresses",
+    "lan_score",
     "choose_lan_ipv4", "select_lan_ipv4", "get_public_ip_address", "switch_public_ip_address",
     "switch_public_ip_address_with_log", "main",
     "Sweep", "run_sweep", "load_sweep_grid", "sweep_job_ids",
@@ -192,7 +195,8 @@ def _psutil() -> Any:
 
 DEFAULT_BASE_DIR = "~/tmp_results/remote_machines/jobs"
 DEFAULT_STATE_DIR = "~/tmp_results/remote_machines/file_manager"
-DEFAULT_SNAPSHOT_DIR = "~/tmp_results/remote_machines/snapshots"  # code snapshots: blobs and manifests
+# code snapshots: blobs and manifests
+DEFAULT_SNAPSHOT_DIR = "~/tmp_results/remote_machines/snapshots"
 SNAPSHOT_KEEP_SECONDS = 7 * 86400  # a snapshot no job refers to is removed once this old
 FOLDER_BLOB_MIN = 16384  # a job folder's file under python/ this big travels as a blob (stackops)
 CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapshot
@@ -232,7 +236,8 @@ ERROR_TXT = "logs/error_message.txt"
 RESULTS_TXT = "logs/results_folder_path.txt"
 TIMINGS_JSON = "logs/execution_timings.json"
 OUTPUT_LOG = "logs/output.log"
-CANCEL_TXT = "logs/cancel_requested.txt"  # written before the job is stopped: its end is "cancelled"
+# written before the job is stopped: its end is "cancelled"
+CANCEL_TXT = "logs/cancel_requested.txt"
 ATTEMPT_TXT = "logs/attempt.txt"  # "2/4": the second of four runs allowed by retries
 REASON_TXT = "logs/reason.txt"  # why a job waits (the jobs it runs after)
 
@@ -251,7 +256,8 @@ DISPATCH_POLL = 0.02  # how often the dispatcher looks for a free slot (seconds)
 VIEWS_EVERY = 1.0     # the dispatcher rewrites the queue view at most this often (seconds)
 AFTER_POLL = 0.5      # how often the dispatcher looks at the parents of jobs that wait for them
 
-SLOT_POLL_HEAD = 0.05    # the first two waiters look this often (seconds): for a free slot, for being first
+# the first two waiters look this often (seconds): for a free slot, for being first
+SLOT_POLL_HEAD = 0.05
 SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
 LAUNCHER_GRACE = 2.0     # how long a status check lets a live launcher record its wrapper's end
 
@@ -323,7 +329,8 @@ class JobFailedError(StackopsError):
 
     def __init__(self, job_id: str, error_message: str) -> None:
         self.job_id, self.error_message = job_id, error_message
-        super().__init__(f"job {job_id} failed: {_last_line(error_message) or 'no reason recorded'}",
+        super().__init__(f"job {job_id} failed: "
+                         f"{_last_line(error_message) or 'no reason recorded'}",
                          hint=f"full error: {_prog()} status {job_id}")
 
 
@@ -583,7 +590,8 @@ def check_safe_name(name: Any, what: str = "job_id") -> str:
     """A name usable as a folder and in commands: letters, digits and ``._-``, not first ``.``/``-``."""
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
         raise ConfigError(f"{what} {name!r} is not a safe name",
-                          hint="use letters, digits, '.', '_' and '-', not starting with '.' or '-', "
+                          hint="use letters, digits, '.', '_' and '-', not starting with '.' or "
+                               "'-', "
                                "at most 128 characters")
     return name
 
@@ -607,13 +615,16 @@ def check_slurm_options(options: Any) -> dict[str, str]:
     """``options`` as sbatch long options, refused (one line) unless every key is a known option
     and every value a plain token: nothing a user types reaches the batch script unchecked."""
     if not isinstance(options, dict):
-        raise ConfigError(f"slurm_options must be a dict of sbatch options, got {type(options).__name__}")
+        raise ConfigError("slurm_options must be a dict of sbatch options, got "
+                          f"{type(options).__name__}")
     for key, value in options.items():
         if not isinstance(key, str) or key not in SLURM_OPTIONS:
             raise ConfigError(f"unknown sbatch option {key!r}",
-                              hint="use sbatch's long option names without '--', e.g. partition=gpu time=02:00:00")
+                              hint="use sbatch's long option names without '--', e.g. "
+                                   "partition=gpu time=02:00:00")
         if not isinstance(value, str) or not _SLURM_VALUE.match(value):
-            raise ConfigError(f"sbatch option {key}: value {_shorten(repr(value), 60)} is not a plain token "
+            raise ConfigError(f"sbatch option {key}: value {_shorten(repr(value), 60)} is not a "
+                              "plain token "
                               "(letters, digits and _.:,=/@%+*&|![]()- only, no spaces)")
     return options
 
@@ -814,7 +825,8 @@ class WorkloadParams:
     def __post_init__(self) -> None:
         _validate_fields(self)
         if not self.idx_min <= self.idx_start <= self.idx_end <= self.idx_max:
-            raise ConfigError(f"WorkloadParams needs idx_min <= idx_start <= idx_end <= idx_max, got "
+            raise ConfigError("WorkloadParams needs idx_min <= idx_start <= idx_end <= idx_max, "
+                              "got "
                               f"{self.idx_min}, {self.idx_start}, {self.idx_end}, {self.idx_max}")
         if self.jobs < 1:
             raise ConfigError(f"WorkloadParams.jobs must be at least 1, got {self.jobs}")
@@ -875,9 +887,11 @@ def read_user_config_value(key: str, purpose: str) -> str:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{purpose} needs '{key}', and {path} does not exist", hint=hint) from None
+        raise ConfigError(f"{purpose} needs '{key}', and {path} does not exist",
+                          hint=hint) from None
     except (ValueError, OSError) as exc:
-        raise ConfigError(f"{purpose} needs '{key}', and {path} cannot be read: {exc}", hint=hint) from exc
+        raise ConfigError(f"{purpose} needs '{key}', and {path} cannot be read: {exc}",
+                          hint=hint) from exc
     value = data.get(key) if isinstance(data, dict) else None
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{purpose} needs '{key}', which {path} does not set", hint=hint)
@@ -909,14 +923,17 @@ class RemoteStackOpsConfig:
     lock_resources: bool = True
     max_simultaneous_jobs: int = 1
     workload_params: WorkloadParams | None = None
-    python: str | None = None  # interpreter on the executing machine; None: this one locally, python3 on a host
+    # interpreter on the executing machine; None: this one locally, python3 on a host
+    python: str | None = None
     accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
     ssh_timeout: float = 15.0  # seconds to connect, to open a command, or for a transfer to stall
     slurm_options: dict[str, str] = dataclasses.field(default_factory=dict)  # sbatch long options
     retries: int = 0  # a failed run is repeated in place up to this many times
     retry_delay: float = 0.0  # seconds between a failed run and the next
-    after: list[str] = dataclasses.field(default_factory=list)  # start only once these jobs completed
-    gpus: int = 0  # wait for this many of the machine's GPUs (their own pool of slots) and get exactly them
+    # start only once these jobs completed
+    after: list[str] = dataclasses.field(default_factory=list)
+    # wait for this many of the machine's GPUs (their own pool of slots) and get exactly them
+    gpus: int = 0
     group: str | None = None  # a named pool with its own max_simultaneous_jobs
 
     def __post_init__(self) -> None:
@@ -956,11 +973,14 @@ class RemoteStackOpsConfig:
             raise ConfigError("cloud_name must be provided when transfer_method is 'cloud'",
                               hint="pass cloud_name=<an rclone remote name>")
         if self.max_simultaneous_jobs < 1:
-            raise ConfigError(f"max_simultaneous_jobs must be at least 1, got {self.max_simultaneous_jobs}")
+            raise ConfigError("max_simultaneous_jobs must be at least 1, got "
+                              f"{self.max_simultaneous_jobs}")
         if self.copy_repo and self.update_repo:
-            raise ConfigError("copy_repo and update_repo cannot go together: the job runs its own snapshot "
+            raise ConfigError("copy_repo and update_repo cannot go together: the job runs its own "
+                              "snapshot "
                               "of the code sent from here, which has no .git to pull into",
-                              hint="pull here and send the result with copy_repo, or drop copy_repo to "
+                              hint="pull here and send the result with copy_repo, or drop "
+                                   "copy_repo to "
                                    "git pull the host's own clone")
         if self.python is not None and not self.python.strip():
             raise ConfigError("python must name an interpreter, e.g. 'python3'")
@@ -968,7 +988,8 @@ class RemoteStackOpsConfig:
             raise ConfigError(f"ssh_timeout must be positive seconds, got {self.ssh_timeout}")
         if self.notify_upon_completion:
             if self.to_email is None:
-                self.to_email = read_user_config_value("default_email_address", "notify_upon_completion")
+                self.to_email = read_user_config_value("default_email_address",
+                                                       "notify_upon_completion")
             if self.email_config_name is None:
                 self.email_config_name = read_user_config_value("default_email_config",
                                                                 "notify_upon_completion")
@@ -979,7 +1000,8 @@ class RemoteStackOpsConfig:
         if self.group is not None:
             check_safe_name(self.group, "group")
         if self.gpus and (self.group is not None or not self.lock_resources):
-            raise ConfigError("gpus is a pool of its own: it goes with neither group nor lock_resources=False")
+            raise ConfigError("gpus is a pool of its own: it goes with neither group nor "
+                              "lock_resources=False")
         if self.gpus and self.launch_method == "slurm":
             raise ConfigError("with Slurm, ask Slurm for GPUs", hint="--slurm-opt gres=gpu:N")
 
@@ -989,8 +1011,10 @@ class RemoteStackOpsConfig:
         return "gpu" if self.gpus else (f"group-{self.group}" if self.group else "")
 
     def _check_slurm_combination(self) -> None:
-        for flag, what in ((self.interactive, "an interactive job"), (self.transfer_method == "cloud",
-                           "transfer_method='cloud'"), (self.parallelize, "parallelize (use the array)")):
+        for flag, what in ((self.interactive, "an interactive job"),
+                           (self.transfer_method == "cloud",
+                           "transfer_method='cloud'"), (self.parallelize, "parallelize (use the "
+                                                                          "array)")):
             if flag:
                 raise ConfigError(f"launch_method='slurm' cannot run {what}")
 
@@ -1057,7 +1081,8 @@ class ExecutionTimings:
         return self.start_utc - self.submission_time if self.start_utc and self.submission_time else None
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {spec.name: _iso(getattr(self, spec.name)) for spec in dataclasses.fields(self)}
+        data: dict[str, Any] = {spec.name: _iso(getattr(self,
+                                                        spec.name)) for spec in dataclasses.fields(self)}
         for name in ("execution_duration", "wait_duration"):
             delta = getattr(self, name)
             data[name + "_seconds"] = delta.total_seconds() if delta is not None else None
@@ -1144,13 +1169,16 @@ class JobParams:
     func_name: str | None = None
     kind: str = "script"  # script | function | method | run_path
     import_root_r: str = "."
-    code_snapshot: str = ""  # with copy_repo: the snapshot whose copy the job runs in (job folder's code/)
-    scm_version: str = ""  # with install_repo: the version git describe gives here (the copy has no .git)
+    # with copy_repo: the snapshot whose copy the job runs in (job folder's code/)
+    code_snapshot: str = ""
+    # with install_repo: the version git describe gives here (the copy has no .git)
+    scm_version: str = ""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
         if self.kind not in ("script", "function", "method", "run_path"):
-            raise ConfigError(f"JobParams.kind {self.kind!r} is not script, function, method or run_path")
+            raise ConfigError(f"JobParams.kind {self.kind!r} is not script, function, method or "
+                              "run_path")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1163,7 +1191,8 @@ class JobParams:
     def _located(cls, file: Path, repo: Path | None = None, **fields: Any) -> JobParams:
         repo = repo or find_repo_root(file)
         rel = file.relative_to(repo).as_posix()
-        return cls(repo_path_rh=collapse_home(repo), file_path_rh=collapse_home(file), file_path_r=rel,
+        return cls(repo_path_rh=collapse_home(repo), file_path_rh=collapse_home(file),
+                   file_path_r=rel,
                    **fields)
 
     @classmethod
@@ -1172,7 +1201,8 @@ class JobParams:
         if not file.exists():
             raise ConfigError(f"script not found: {path}")
         if not file.is_file():
-            raise ConfigError(f"not a script file: {path} is a {'directory' if file.is_dir() else 'special file'}")
+            raise ConfigError(f"not a script file: {path} is a "
+                              f"{'directory' if file.is_dir() else 'special file'}")
         return cls._located(file.resolve(), func_module=file.stem, kind="script")
 
     @classmethod
@@ -1193,10 +1223,12 @@ class JobParams:
         return cls._for_module(file, module, func, cls_name or None, "function")
 
     @classmethod
-    def _for_module(cls, file: Path, module: str, name: str, owner: str | None, kind: str) -> JobParams:
+    def _for_module(cls, file: Path, module: str, name: str, owner: str | None,
+                    kind: str) -> JobParams:
         root = _import_root(file, module)
         repo = find_repo_root(file, fallback=root)
-        params = cls._located(file, repo, func_module=module, func_name=name, func_class=owner, kind=kind)
+        params = cls._located(file, repo, func_module=module, func_name=name, func_class=owner,
+                              kind=kind)
         try:
             params.import_root_r = root.relative_to(repo).as_posix() or "."
         except ValueError:
@@ -1214,9 +1246,11 @@ class JobParams:
         if name is None or code is None:
             raise ConfigError(f"{func!r} is not a Python function, method or script path")
         if name == "<lambda>":
-            raise ConfigError("a lambda cannot be sent as a job", hint="define it with def at the top of a module")
+            raise ConfigError("a lambda cannot be sent as a job", hint="define it with def at the "
+                                                                       "top of a module")
         if "<locals>" in qualname:
-            raise ConfigError(f"{qualname} is defined inside another function and cannot be imported by the job",
+            raise ConfigError(f"{qualname} is defined inside another function and cannot be "
+                              "imported by the job",
                               hint="move it to the top level of its module")
         if module == "__main__":
             raise ConfigError(f"{name} is defined in __main__, which the job cannot import",
@@ -1234,11 +1268,13 @@ class JobParams:
 
     @classmethod
     def _run_path(cls, file: Path, name: str, owner: str | None, kind: str) -> JobParams:
-        params = cls._located(file, func_module=file.name, func_name=name, func_class=owner, kind=kind)
+        params = cls._located(file, func_module=file.name, func_name=name, func_class=owner,
+                              kind=kind)
         params.import_root_r = Path(params.file_path_r).parent.as_posix() or "."
         return params
 
-    def get_execution_line(self, workload_params: WorkloadParams | None = None, parallelize: bool = False,
+    def get_execution_line(self, workload_params: WorkloadParams | None = None,
+                           parallelize: bool = False,
                            wrap_in_try_except: bool = False) -> str:
         """The Python lines (indented for the wrapper's ``execute``) that call the job."""
         if self.kind == "script":
@@ -1246,7 +1282,8 @@ class JobParams:
                 raise ConfigError("parallelize=True needs a function; a script cannot be split")
             lines = []
             if workload_params is not None:
-                lines.append(f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})")
+                lines.append("workload_params = "
+                             f"WorkloadParams.from_dict({workload_params.to_dict()!r})")
             else:
                 lines.append("workload_params = None")
             lines.append("res = job.run_script(func_kwargs, workload_params)")
@@ -1264,12 +1301,14 @@ class JobParams:
                      "from concurrent.futures import ProcessPoolExecutor",
                      "workers = stackops.pool_size(len(parts))",
                      "with ProcessPoolExecutor(max_workers=workers) as pool:",
-                     "    futures = [pool.submit(stackops.call_job_part, JOB_ROOT, part.to_dict(), func_kwargs)",
+                     "    futures = [pool.submit(stackops.call_job_part, JOB_ROOT, part.to_dict(), "
+                     "func_kwargs)",
                      "               for part in parts]",
                      "    res = [future.result() for future in futures]"]
         if wrap_in_try_except:
             lines = (["try:"] + ["    " + line for line in lines]
-                     + ["except Exception:", "    error_message = traceback.format_exc()", "    res = None"])
+                     + ["except Exception:", "    error_message = traceback.format_exc()",
+                        "    res = None"])
         return "\n".join("    " + line for line in lines)
 
 
@@ -1421,7 +1460,8 @@ def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, t
     lines = [f"#SBATCH --{key}={value}" if value else f"#SBATCH --{key}"
              for key, value in sorted(check_slurm_options(options).items())]
     if after:  # a parent that fails makes Slurm cancel this job, never leave it pending forever
-        lines += ["#SBATCH --dependency=afterok:" + ":".join(check_safe_name(i, "slurm job") for i in after),
+        lines += ["#SBATCH --dependency=afterok:" + ":".join(check_safe_name(i,
+                                                                             "slurm job") for i in after),
                   "#SBATCH --kill-on-invalid-dep=yes"]
     output, task_dir = "logs/output.log", "."
     if tasks:
@@ -1636,8 +1676,10 @@ def machine_key() -> str:
 
 
 # the same folder in bash (the fire command and the status report compute it where the job runs)
-STATE_DIR_SH = ('if [ -n "${STACKOPS_STATE_DIR:-}" ]; then S=$STACKOPS_STATE_DIR; else H=$(uname -n); '
-                'H=${H//[^A-Za-z0-9._-]/_}; B=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || :); '
+STATE_DIR_SH = ('if [ -n "${STACKOPS_STATE_DIR:-}" ]; then S=$STACKOPS_STATE_DIR; else H=$(uname '
+                '-n); '
+                'H=${H//[^A-Za-z0-9._-]/_}; B=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || '
+                ':); '
                 'N=$(readlink /proc/self/ns/pid 2>/dev/null || :); N=${N//[^0-9]/}; '
                 'S="$HOME/' + DEFAULT_STATE_DIR[2:] + '/${H:-host}-${B:0:8}-$N"; fi')
 
@@ -1663,7 +1705,8 @@ def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
     if declared is not None:
         return [item.strip() for item in declared.split(",") if item.strip()]
     try:
-        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                                capture_output=True,
                                 text=True, timeout=20, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
         return []
@@ -1823,7 +1866,8 @@ class Slots:
         return started.pid
 
     def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int, on_start: Callable[[], None],
-                      names: list[str] | None = None, need: int = 1) -> tuple[list[tuple[str, int]], _dt.datetime]:
+                      names: list[str] | None = None, need: int = 1) -> tuple[list[tuple[str, int]],
+                                                                              _dt.datetime]:
         """Wait in line under ``entry``, then take a free slot among the first ``max_jobs`` (or
         ``need`` of the slots ``names`` at once: a job's GPUs). Returns ([(slot, fd holding it)],
         when they were taken); ``on_start`` runs once the entry is ours. The time is taken before
@@ -1850,7 +1894,8 @@ class Slots:
                 if state == "queued" and time.monotonic() > look:  # data ahead: a dispatcher lives
                     look = time.monotonic() + 1.0
                     self.ensure_dispatcher()
-                if ahead:  # the next in line looks as often as the first, so a freed slot passes on fast
+                # the next in line looks as often as the first, so a freed slot passes on fast
+                if ahead:
                     time.sleep(SLOT_POLL_HEAD if len(ahead) == 1 else SLOT_POLL_OTHERS)
                     continue
                 held = self._take(names or [f"slot-{index}" for index in range(max_jobs)], need)
@@ -1955,7 +2000,8 @@ class Slots:
 # /tmp ends the walk); otherwise it sets R to why not.
 _FIRE_TRUST_SH = (
     '_trusted() { local d p=() s o m i=0 w=$PWD; R=; '
-    'cd -P -- "$1" 2>/dev/null || { R="cannot enter $2 $1"; return 1; }; d=$PWD; cd -- "$w" || return 1; '
+    'cd -P -- "$1" 2>/dev/null || { R="cannot enter $2 $1"; return 1; }; d=$PWD; cd -- "$w" || '
+    'return 1; '
     'while p+=("$d"); [ "$d" != / ]; do d=${d%/*}; d=${d:-/}; done; '
     's=$(stat -Lc "%u %a" -- "${p[@]}") || { R="cannot check $2 $1"; return 1; }; '
     'while read -r o m; do d=${p[i]}; i=$((i + 1)); '
@@ -2004,13 +2050,16 @@ class FileManager:
 
     def __init__(self, job_id: str, remote_machine_type: str = "Linux", lock_resources: bool = True,
                  max_simultaneous_jobs: int = 1, base: str | None = None,
-                 submission_time: _dt.datetime | None = None, pool: str = "", gpus: int = 0) -> None:
+                 submission_time: _dt.datetime | None = None, pool: str = "",
+                 gpus: int = 0) -> None:
         self.job_id = check_safe_name(job_id)
         if remote_machine_type not in MACHINE_TYPES:
-            raise ConfigError(f"remote_machine_type {remote_machine_type!r} is not supported (Linux only)")
+            raise ConfigError(f"remote_machine_type {remote_machine_type!r} is not supported "
+                              "(Linux only)")
         if not isinstance(max_simultaneous_jobs, int) or isinstance(max_simultaneous_jobs, bool) \
                 or max_simultaneous_jobs < 1:
-            raise ConfigError(f"max_simultaneous_jobs must be at least 1, got {max_simultaneous_jobs!r}")
+            raise ConfigError("max_simultaneous_jobs must be at least 1, got "
+                              f"{max_simultaneous_jobs!r}")
         self.remote_machine_type = remote_machine_type
         self.lock_resources = bool(lock_resources)
         self.max_simultaneous_jobs = max_simultaneous_jobs
@@ -2018,7 +2067,8 @@ class FileManager:
         self.submission_time = submission_time or _utcnow()
         self.job_root_rh = f"{self.base_dir.rstrip('/')}/queued/{job_id}"
         self.job_root = expand_home(self.job_root_rh)
-        self.pool, self.gpus = pool, gpus  # the slot pool ("" the machine's) and how many GPUs it takes
+        # the slot pool ("" the machine's) and how many GPUs it takes
+        self.pool, self.gpus = pool, gpus
         self._slot: list[tuple[str, int]] | None = None
         self.admitted_at: _dt.datetime | None = None  # when this process got its slot
         self.state_dir: str | None = None  # absolute, fixed at submit; None: the machine's own
@@ -2039,17 +2089,21 @@ class FileManager:
 
     def to_dict(self) -> dict[str, Any]:
         return {"remote_machine_type": self.remote_machine_type, "job_id": self.job_id,
-                "max_simultaneous_jobs": self.max_simultaneous_jobs, "lock_resources": self.lock_resources,
-                "submission_time": _iso(self.submission_time), "base_dir": self.base_dir, "pool": self.pool,
+                "max_simultaneous_jobs": self.max_simultaneous_jobs,
+                "lock_resources": self.lock_resources,
+                "submission_time": _iso(self.submission_time), "base_dir": self.base_dir,
+                "pool": self.pool,
                 "gpus": self.gpus, "state_dir": self.state_dir}
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> FileManager:
         if not isinstance(data, dict) or not isinstance(data.get("job_id"), str):
             raise ConfigError("file_manager.json: expected an object with a job_id")
-        manager = cls(data["job_id"], data.get("remote_machine_type", "Linux"), data.get("lock_resources", True),
+        manager = cls(data["job_id"], data.get("remote_machine_type", "Linux"),
+                      data.get("lock_resources", True),
                       data.get("max_simultaneous_jobs", 1), data.get("base_dir"),
-                      _parse_iso(data.get("submission_time")), data.get("pool", ""), data.get("gpus", 0))
+                      _parse_iso(data.get("submission_time")), data.get("pool", ""),
+                      data.get("gpus", 0))
         if job_root is not None:  # the folder is where it is, wherever it was made
             manager.job_root = job_root
         if isinstance(data.get("state_dir"), str) and os.path.isabs(data["state_dir"]):
@@ -2086,7 +2140,8 @@ class FileManager:
         (its launcher's pid). It refuses a job or state folder others could change, and a fire
         that fails (no tmux, a taken session) leaves no queue entry and ends the job ``failed``."""
         parts = ["umask 077", f"J={self._job_root_sh()}",
-                 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit 3; }',
+                 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit '
+                 '3; }',
                  _FIRE_TRUST_SH, ERROR_RECORD_SH, _FIRE_FAIL_SH,
                  '{ _trusted "$J" "job folder" || { _error_record ConfigError "$R"; exit 3; }; }',
                  'J=$(cd -P "$J" && pwd)']  # the launcher's command line names its exact path
@@ -2115,7 +2170,8 @@ class FileManager:
                       f"tmux display-message -p -t ={session}: '#{{pane_pid}}'"]
         else:
             parts += ['cd "$J"', 'D=$(command -v setsid || echo nohup)',
-                      '{ "$D" bash "$J/shell/cluster_script.sh" < /dev/null >> "$J/logs/output.log" 2>&1 & }',
+                      '{ "$D" bash "$J/shell/cluster_script.sh" < /dev/null >> '
+                      '"$J/logs/output.log" 2>&1 & }',
                       'echo $!']
         return " && ".join(parts)
 
@@ -2200,7 +2256,8 @@ class FileManager:
         entry = f"{ticket}-{self.job_id}"
         gpus = gpu_ids() if self.gpus else []
         if len(gpus) < self.gpus:
-            raise SlotError(f"job {self.job_id} needs {self.gpus} GPU(s) and this machine has {len(gpus)}")
+            raise SlotError(f"job {self.job_id} needs {self.gpus} GPU(s) and this machine has "
+                            f"{len(gpus)}")
 
         def started() -> None:
             self._announce()
@@ -2208,7 +2265,8 @@ class FileManager:
             slots.refresh_views()
 
         names = [f"gpu-{gpu}" for gpu in gpus] if self.gpus else None
-        self._slot, self.admitted_at = slots.wait_for_slot(entry, self.job_root, self.max_simultaneous_jobs,
+        self._slot, self.admitted_at = slots.wait_for_slot(entry, self.job_root,
+                                                           self.max_simultaneous_jobs,
                                                            started, names, max(1, self.gpus))
 
     def unlock_resources(self, record: dict[str, Any] | None = None,
@@ -2246,7 +2304,8 @@ class FileManager:
         """Turn a job whose process is gone into ``failed`` (and report it); returns the status that
         holds now. A process counts only if it is provably the job's own (job_process_alive)."""
         if self.path(SLURM_ID_TXT).exists():
-            return status  # its pids are on a compute node: Slurm answers for it (slurm_status_command)
+            # its pids are on a compute node: Slurm answers for it (slurm_status_command)
+            return status
         pid_file = PID_TXT if status in ("waiting", "running") else LAUNCHER_PID_TXT
         if job_process_alive(self.job_root, pid_file) is not False:
             return status
@@ -2321,7 +2380,8 @@ class FileManager:
 
     def cancel_command(self, grace: float) -> str:
         """The bash script that cancels this job where it runs (CANCEL_TEMPLATE)."""
-        return render_template(CANCEL_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
+        return render_template(CANCEL_TEMPLATE, job_root=self._job_root_sh(),
+                               job_id=shlex.quote(self.job_id),
                                ticks=str(max(0, round(grace * 20))), state_dir=self._state_sh(),
                                pool=self._pool_sh())
 
@@ -2346,14 +2406,16 @@ class FileManager:
         if notify:
             notify = (f'[ -e "$L/notified.txt" ] || '
                       f'{{ setsid {notify} </dev/null >>"$L/output.log" 2>&1 & }}')
-        script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(), job_id=shlex.quote(self.job_id),
+        script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(),
+                                 job_id=shlex.quote(self.job_id),
                                  marker=marker, lines=str(max(0, int(log_lines))),
                                  state_dir=self._state_sh(),
                                  fallback=fallback, pool=self._pool_sh(), notify=notify or ":",
                                  grace=str(int(LAUNCHER_GRACE / 0.05)), dispatch=_DISPATCH_SH)
         return f"bash -c {shlex.quote(script)}"
 
-    def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus, dict[str, str]]:
+    def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus,
+                                                                                   dict[str, str]]:
         """The JobStatus printed by status_command, and the log files it carried (path: text).
         The log comes with a few lines to spare: trailing blank lines do not count, as in _tail."""
         fence = re.escape(marker)
@@ -2364,15 +2426,21 @@ class FileManager:
 
         pid, place = field("pid"), field("place")
         report = JobStatus(job_id=self.job_id, status=parts.get("status", "queued"),
-                           pid=int(pid) if pid and pid.isdigit() else None, submission_time=_iso(self.submission_time),
-                           start_time=field("start"), end_time=field("end"), results_path=field("results"),
-                           error_message=parts.get("error", ""), place=int(place) if place and place.isdigit() else None,
-                           host=parts.get("host") or "?", log_tail=_tail(parts.get("tail", ""), log_lines),
+                           pid=int(pid) if pid and pid.isdigit() else None,
+                           submission_time=_iso(self.submission_time),
+                           start_time=field("start"), end_time=field("end"),
+                           results_path=field("results"),
+                           error_message=parts.get("error", ""),
+                           place=int(place) if place and place.isdigit() else None,
+                           host=parts.get("host") or "?", log_tail=_tail(parts.get("tail", ""),
+                                                                         log_lines),
                            slurm_job_id=field("slurm"), reason=(field("reason") or ""),
                            attempt=(field("attempt") or ""))
-        logs = {relative: parts[key] for key, relative in (("status", STATUS_TXT), ("start", START_TXT),
+        logs = {relative: parts[key] for key, relative in (("status", STATUS_TXT), ("start",
+                                                                                    START_TXT),
                                                             ("end", END_TXT), ("error", ERROR_TXT),
-                                                            ("results", RESULTS_TXT), ("timings", TIMINGS_JSON))
+                                                            ("results", RESULTS_TXT), ("timings",
+                                                                                       TIMINGS_JSON))
                 if parts.get(key)}
         return report, logs
 
@@ -2432,7 +2500,8 @@ class JobContext:
         self._func = getattr(owner, params.func_name or "")
         return self._func
 
-    def run_script(self, func_kwargs: dict[str, Any], workload_params: WorkloadParams | None) -> Any:
+    def run_script(self, func_kwargs: dict[str, Any],
+                   workload_params: WorkloadParams | None) -> Any:
         """Run the script as ``__main__``; it sees ``func_kwargs`` and ``workload_params`` as globals,
         and a global ``res`` it sets names its results folder."""
         import runpy
@@ -2442,7 +2511,8 @@ class JobContext:
         sys.argv = [str(script)]
         try:
             namespace = runpy.run_path(str(script), run_name="__main__",
-                                       init_globals={"func_kwargs": func_kwargs, "workload_params": workload_params})
+                                       init_globals={"func_kwargs": func_kwargs,
+                                                     "workload_params": workload_params})
         except SystemExit as exc:
             if exc.code not in (None, 0):
                 raise StackopsError(f"the script exited with status {exc.code}") from exc
@@ -2483,7 +2553,8 @@ def _results_folder(manager: FileManager, res: Any) -> tuple[Path, bool]:
         named = Path(os.path.abspath(os.path.expanduser(os.fspath(res))))
         if named.exists():
             return named, True
-        log.warning("the job returned %s, which does not exist; using the default results folder", res)
+        log.warning("the job returned %s, which does not exist; using the default results folder",
+                    res)
     folder = expand_home(f"{DEFAULT_RESULTS_DIR}/{manager.job_id}")
     _mkdir_private(folder)
     return folder, False
@@ -2493,7 +2564,8 @@ def _save_result(folder: Path, res: Any) -> None:
     if res is None:
         return
     try:
-        _atomic_write_text(folder / "result.json", json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        _atomic_write_text(folder / "result.json", json.dumps(res, indent=2,
+                                                              ensure_ascii=False) + "\n")
     except (TypeError, ValueError):
         _atomic_write_text(folder / "result.txt", repr(res) + "\n")
 
@@ -2578,11 +2650,13 @@ def load_email_config(name: str) -> dict[str, Any]:
                           hint=f"chmod 600 {path}")
     entry = data.get(name) if isinstance(data, dict) else None
     if not isinstance(entry, dict):
-        raise ConfigError(f"e-mail config {path} has no entry {name!r}", hint=f"add one like: {example}")
+        raise ConfigError(f"e-mail config {path} has no entry {name!r}",
+                          hint=f"add one like: {example}")
     missing = [key for key in ("host", "port", "security", "from") if key not in entry]
     if missing or entry["security"] not in ("ssl", "starttls", "plain"):
         raise ConfigError(f"e-mail config {name!r} in {path} needs host, port, from and security "
-                          f"(ssl, starttls or plain); missing or wrong: {', '.join(missing) or 'security'}")
+                          "(ssl, starttls or plain); missing or wrong: "
+                          f"{', '.join(missing) or 'security'}")
     _check_plaintext_auth(entry, f"e-mail config {name!r} in {path}")
     return entry
 
@@ -2692,12 +2766,15 @@ def _wait_for_parents(manager: FileManager, parents: list[str]) -> None:
             folder = manager.job_root.parent / parent
             states[parent] = FileManager.from_job_root(folder).get_job_status() \
                 if (folder / FILE_MANAGER_JSON).exists() else "gone"
-        ended = [f"{parent} {state}" for parent, state in states.items() if state in ("failed", "cancelled", "gone")]
+        ended = [f"{parent} {state}" for parent, state in states.items() if state in ("failed",
+                                                                                      "cancelled",
+                                                                                      "gone")]
         if ended:
             why = f"cancelled: it runs after {', '.join(ended)}"
             manager.write_log(CANCEL_TXT, why)
             raise _ParentEnded(why)
-        pending = [f"{parent} ({state})" for parent, state in states.items() if state != "completed"]
+        pending = [f"{parent} ({state})" for parent,
+                   state in states.items() if state != "completed"]
         if not pending:
             break
         manager.write_log(REASON_TXT, "after " + ", ".join(pending))
@@ -2711,7 +2788,8 @@ def _wait_for_parents(manager: FileManager, parents: list[str]) -> None:
         _atomic_write_text(slots.queue / f"{ticket}-{manager.job_id}", str(manager.job_root))
 
 
-def _run_attempts(manager: FileManager, execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]],
+def _run_attempts(manager: FileManager, execute: Callable[[JobContext, dict[str, Any]], tuple[Any,
+                                                                                              str]],
                   config: dict[str, Any]) -> tuple[Any, str]:
     """Call the job, and again after a failure while ``retries`` allow (a cancel stops it)."""
     retries, delay = int(config.get("retries") or 0), float(config.get("retry_delay") or 0.0)
@@ -2727,7 +2805,8 @@ def _run_attempts(manager: FileManager, execute: Callable[[JobContext, dict[str,
             res, error = None, traceback.format_exc()
         if not error or attempt > retries or manager.path(CANCEL_TXT).exists():
             return res, error
-        log.warning("job %s: attempt %d of %d failed; again in %gs", manager.job_id, attempt, retries + 1, delay)
+        log.warning("job %s: attempt %d of %d failed; again in %gs", manager.job_id, attempt,
+                    retries + 1, delay)
         print(error, file=sys.stderr, flush=True)
         time.sleep(delay)
 
@@ -2910,7 +2989,8 @@ class _Dispatcher:
             names, need = [f"gpu-{gpu}" for gpu in gpus], manager.gpus
         try:
             held = self.slots._take(names, need)
-        except SlotError as exc:  # a slot file that cannot be opened: the job says why, with the fix
+        # a slot file that cannot be opened: the job says why, with the fix
+        except SlotError as exc:
             self._refuse(name, job_root, f"{exc} ({exc.hint})" if exc.hint else str(exc))
             return True
         if not held:
@@ -3051,7 +3131,8 @@ def delete_own_results(job_root: str | os.PathLike[str]) -> str:
         raise StackopsError(f"job {manager.job_id} has no results yet ({manager.get_job_status()})")
     results = expand_home(recorded)
     if not _is_own_results(manager.job_root, manager.job_id, results):
-        raise ConfigError(f"refusing to delete {recorded}: it is not job {manager.job_id}'s own results folder",
+        raise ConfigError(f"refusing to delete {recorded}: it is not job {manager.job_id}'s own "
+                          "results folder",
                           hint="delete it yourself if you are sure")
     _remove(results)
     return recorded
@@ -3135,14 +3216,16 @@ class _HostSync:
     def plan(request: dict[str, Any]) -> dict[str, Any]:
         store = _HostSync.where(request["store"])
         missing: list[str] = []
-        manifest = os.path.join(store, f"{_HostSync.safe(request['snapshot'])}.json") if request["snapshot"] else ""
+        manifest = os.path.join(store,
+                                f"{_HostSync.safe(request['snapshot'])}.json") if request["snapshot"] else ""
         if manifest and os.path.exists(manifest):  # a snapshot it has whole: no blob is missing
             os.utime(manifest)  # in use again: a collection leaves it (and its blobs) alone
         wanted = [] if manifest and os.path.exists(manifest) else request["blobs"]
         wanted = wanted + request.get("folder_blobs", [])  # and the big files of the job folder
         for digest in dict.fromkeys(wanted):
             try:
-                os.utime(_HostSync.blob(store, digest))  # in use again: a collection leaves it alone
+                # in use again: a collection leaves it alone
+                os.utime(_HostSync.blob(store, digest))
             except FileNotFoundError:
                 missing.append(digest)
         seen = [nonce for nonce in request["nonces"] if os.path.exists(_HostSync.where(nonce))]
@@ -3157,7 +3240,8 @@ class _HostSync:
 
         target = _HostSync.where(item["target"])
         if os.path.lexists(target) and os.path.isdir(target) != item["dir"]:
-            return {"conflict": f"{item['target']} is a {'file' if item['dir'] else 'folder'} there"}
+            return {"conflict": f"{item['target']} is a {'file' if item['dir'] else 'folder'} "
+                                "there"}
         need = []
         for relative, size, mtime in item["files"]:
             path = os.path.join(target, _HostSync.safe(relative)) if item["dir"] else target
@@ -3174,7 +3258,8 @@ class _HostSync:
                 return {"conflict": f"{relative or item['target']} is a folder there"}
             if not stat.S_ISREG(info.st_mode) or info.st_size != size or int(info.st_mtime) != mtime:
                 if not item["target"].startswith("~"):  # outside the home stackops only adds files
-                    return {"conflict": f"{relative or item['target']} exists there with other content "
+                    return {"conflict": f"{relative or item['target']} exists there with other "
+                                        "content "
                                         "(outside the home, data never replaces a file)"}
                 need.append(relative)
         return {"need": need}
@@ -3219,7 +3304,8 @@ class _HostSync:
             target = _HostSync.where(item["target"])
             path = os.path.join(target, _HostSync.safe(relative)) if item["dir"] else target
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.replace(_HostSync.receive(stream, part, path, part["mode"] & 0o777, None, part["mtime"]), path)
+            os.replace(_HostSync.receive(stream, part, path, part["mode"] & 0o777, None,
+                                         part["mtime"]), path)
         elif part.get("dir"):
             _HostSync.mkdirs(os.path.join(staging, _HostSync.safe(name)))
         elif part.get("blob"):  # a file of the job folder the store holds (stackops): copied here
@@ -3271,16 +3357,19 @@ class _HostSync:
             manifest = os.path.join(store, f"{_HostSync.safe(snapshot)}.json")
             if os.path.exists(manifest):
                 os.utime(manifest)
-            else:  # a random temp name: hosts sharing the store may run the same pid (own pid namespaces)
+            # a random temp name: hosts sharing the store may run the same pid (own pid namespaces)
+            else:
                 temp = f"{manifest}.{os.urandom(6).hex()}"
-                with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+                with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                          "w") as handle:
                     handle.write(__import__("json").dumps(entries))
                 os.replace(temp, manifest)
         root = _HostSync.where(request["job_root"])
         if os.path.lexists(root):
             raise FileExistsError(f"{request['job_root']} already exists")
         os.rename(staging, root)
-        removed = _HostSync.collect(store, os.path.dirname(root), request["keep_seconds"]) if snapshot else 0
+        removed = _HostSync.collect(store, os.path.dirname(root),
+                                    request["keep_seconds"]) if snapshot else 0
         return {"placed": request["job_root"], "collected": removed}
 
     @staticmethod
@@ -3527,10 +3616,12 @@ def _sweep_host(request: dict[str, Any]) -> None:
 DEFAULT_PUBLIC_IP_URL = "https://ipinfo.io/json"
 _VIRTUAL_IFACE = _LazyPattern(
     r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
-    r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)", re.IGNORECASE)
+    r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)",
+    re.IGNORECASE)
 _PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)",
                                re.IGNORECASE)
-_NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16", "192.168.49.0/24",
+_NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16",
+                   "192.168.49.0/24",
                    "10.0.2.0/24")
 
 
@@ -3568,7 +3659,8 @@ def _table_from_psutil(psutil: Any) -> list[InterfaceAddress]:
             if addr.family == socket.AF_INET and addr.address:
                 # getifaddrs reports the address itself when no broadcast is set; iproute2 says none
                 broadcast = addr.broadcast if addr.broadcast != addr.address else None
-                rows.append(InterfaceAddress(name, addr.address, mac, bool(stat and stat.isup), broadcast,
+                rows.append(InterfaceAddress(name, addr.address, mac, bool(stat and stat.isup),
+                                             broadcast,
                                              int(stat.speed) if stat and stat.speed else 0))
     return rows
 
@@ -3586,14 +3678,16 @@ def _table_from_ip_command() -> list[InterfaceAddress]:
         done = subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, timeout=10)
         links = json.loads(done.stdout or "[]")
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        raise DependencyError(f"cannot list the interfaces without psutil: ip -j addr failed ({exc})",
+        raise DependencyError("cannot list the interfaces without psutil: ip -j addr failed "
+                              f"({exc})",
                               hint="pip install psutil, or install iproute2") from exc
     rows = []
     for link in links:
         name, flags = link.get("ifname", ""), link.get("flags", [])
         for info in link.get("addr_info", []):
             if info.get("family") == "inet" and info.get("local"):
-                rows.append(InterfaceAddress(name, info["local"], _normalise_mac(link.get("address")), "UP" in flags,
+                rows.append(InterfaceAddress(name, info["local"],
+                                             _normalise_mac(link.get("address")), "UP" in flags,
                                              info.get("broadcast"), _link_speed(name)))
     return rows
 
@@ -3636,7 +3730,8 @@ def lan_score(row: InterfaceAddress, prefer_vpn: bool = False) -> float | None:
     return score - 0.01 * len(row.interface)
 
 
-def choose_lan_ipv4(table: list[InterfaceAddress], prefer_vpn: bool = False) -> InterfaceAddress | None:
+def choose_lan_ipv4(table: list[InterfaceAddress],
+                    prefer_vpn: bool = False) -> InterfaceAddress | None:
     """The best-scoring row of ``table`` (the first one on a tie), or None."""
     best, best_score = None, -1e9
     for row in table:
@@ -3762,7 +3857,8 @@ def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float 
     ``timeout`` bounds each lookup and each warp-cli call (default 5 s and WARP_TIMEOUT): a
     warp-cli that does not answer in time stops the switch with a StackopsError."""
     if shutil.which("warp-cli") is None:
-        raise DependencyError("warp-cli is not installed", hint="install Cloudflare WARP to rotate the public IP")
+        raise DependencyError("warp-cli is not installed", hint="install Cloudflare WARP to rotate "
+                                                                "the public IP")
     if max_trials < 1 or wait_seconds < 0 or (timeout is not None and not timeout > 0):
         raise ConfigError("max_trials must be at least 1, wait_seconds not negative "
                           "and timeout positive")
@@ -3813,7 +3909,8 @@ def switch_public_ip_address(max_trials: int = 10, wait_seconds: float = 2.0,
                              target_ip_addresses: list[str] | None = None) -> tuple[bool, str]:
     """Rotate the public IP with Cloudflare WARP (delete the registration, register, connect, look),
     until it changes - or, with targets, until it is one of them. Returns (success, address)."""
-    success, address, _ = switch_public_ip_address_with_log(max_trials, wait_seconds, target_ip_addresses)
+    success, address, _ = switch_public_ip_address_with_log(max_trials, wait_seconds,
+                                                            target_ip_addresses)
     return success, address
 
 
@@ -3878,7 +3975,8 @@ def parse_ssh_target(text: str) -> tuple[str | None, str, int | None]:
     """(user, host, port) of ``user@host[:port]``, ``[v6]:port`` or an alias; refuses the rest."""
     match = _TARGET.match(text or "")
     if not match:
-        raise ConfigError(f"{text!r} is not an SSH target", hint="use an alias from ~/.ssh/config or user@host[:port]")
+        raise ConfigError(f"{text!r} is not an SSH target", hint="use an alias from ~/.ssh/config "
+                                                                 "or user@host[:port]")
     port = _check_port(match["port"], text) if match["port"] else None
     return match["user"], match["v6"] or match["host"], port
 
@@ -3931,7 +4029,8 @@ def resolve_ssh_target(host: str) -> SSHTarget:
                      identity_files=[os.path.expanduser(f) for f in entry.get("identityfile", [])],
                      proxy_jump=option("proxyjump"), proxy_command=option("proxycommand"),
                      known_hosts=str(entry.get("userknownhostsfile", "~/.ssh/known_hosts")).split(),
-                     strict_host_key_checking=str(entry.get("stricthostkeychecking", "yes")).lower())
+                     strict_host_key_checking=str(entry.get("stricthostkeychecking",
+                                                            "yes")).lower())
 
 
 _LOGIN_SHELL_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ" b"abcdefghijklmnopqrstuvwxyz"
@@ -4053,9 +4152,12 @@ class SSH:
     """One SSH connection (paramiko) that behaves like OpenSSH: config aliases, ProxyJump,
     ProxyCommand, host keys checked against known_hosts, timeouts everywhere."""
 
-    def __init__(self, host: str | None = None, username: str | None = None, hostname: str | None = None,
-                 ssh_key_path: str | None = None, password: str | None = None, port: int | None = None,
-                 enable_compression: bool = False, accept_new_host_key: bool = False, timeout: float = 15.0,
+    def __init__(self, host: str | None = None, username: str | None = None,
+                 hostname: str | None = None,
+                 ssh_key_path: str | None = None, password: str | None = None,
+                 port: int | None = None,
+                 enable_compression: bool = False, accept_new_host_key: bool = False,
+                 timeout: float = 15.0,
                  _hop: int = 0) -> None:
         if host is None and hostname is None:
             raise ConfigError("SSH needs a host alias or a hostname")
@@ -4072,7 +4174,8 @@ class SSH:
                 raise ConfigError(f"SSH key file not found: {ssh_key_path}")
             target.identity_files = [str(key)]
         self.target, self.timeout, self.compress = target, timeout, enable_compression
-        self.accept_new = accept_new_host_key or target.strict_host_key_checking in ("accept-new", "no", "off")
+        self.accept_new = accept_new_host_key or target.strict_host_key_checking in ("accept-new",
+                                                                                     "no", "off")
         self._password = password
         self._jumps: list[SSH] = []
         self._specs: dict[str, Any] | None = None
@@ -4116,7 +4219,8 @@ class SSH:
             return _paramiko().ProxyCommand(target.proxy_command)
         if target.proxy_jump:
             first, *rest = [jump.strip() for jump in target.proxy_jump.split(",")]
-            via = SSH(first, accept_new_host_key=self.accept_new, timeout=self.timeout, _hop=hop + 1)
+            via = SSH(first, accept_new_host_key=self.accept_new, timeout=self.timeout,
+                      _hop=hop + 1)
             self._jumps.append(via)
             for jump in rest:
                 via = via._jump_to(jump, hop + 1)
@@ -4125,13 +4229,15 @@ class SSH:
         try:
             sock = socket.create_connection((target.hostname, target.port), timeout=self.timeout)
         except socket.gaierror as exc:
-            raise StackopsConnectionError(f"cannot resolve {target.hostname} (from {target.alias}): {exc.strerror}",
+            raise StackopsConnectionError(f"cannot resolve {target.hostname} (from "
+                                          f"{target.alias}): {exc.strerror}",
                                           hint="check the alias in ~/.ssh/config") from exc
         except OSError as exc:
             reason = _connect_reason(exc, self.timeout, self.target.port)
             raise StackopsConnectionError(f"cannot connect to {target}: {reason}",
                                           hint=self._connect_hint()) from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paramiko waits on Nagle otherwise
+        # paramiko waits on Nagle otherwise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "TCP_QUICKACK"):  # Linux: see _QuickAckSocket
             sock.__class__ = _quickack_socket()
         return sock
@@ -4139,9 +4245,11 @@ class SSH:
     def _channel_to(self, hostname: str, port: int) -> Any:
         transport = self.client.get_transport()
         try:
-            return transport.open_channel("direct-tcpip", (hostname, port), ("127.0.0.1", 0), timeout=self.timeout)
+            return transport.open_channel("direct-tcpip", (hostname, port), ("127.0.0.1", 0),
+                                          timeout=self.timeout)
         except Exception as exc:
-            raise StackopsConnectionError(f"jump host {self.target} cannot reach {hostname}:{port}: {exc}") from exc
+            raise StackopsConnectionError(f"jump host {self.target} cannot reach "
+                                          f"{hostname}:{port}: {exc}") from exc
 
     def _jump_to(self, jump: str, hop: int) -> SSH:
         """The next hop of a ProxyJump chain, tunnelled through this connection."""
@@ -4179,8 +4287,10 @@ class SSH:
         for key in keys:
             info = os.stat(key)
             if info.st_mode & 0o077 and info.st_uid == os.getuid():
-                raise ConfigError(f"private key {key} is readable by others (mode {info.st_mode & 0o777:o}); "
-                                  "OpenSSH refuses such a key, and so does stackops", hint=f"chmod 600 {key}")
+                raise ConfigError(f"private key {key} is readable by others (mode "
+                                  f"{info.st_mode & 0o777:o}); "
+                                  "OpenSSH refuses such a key, and so does stackops",
+                                  hint=f"chmod 600 {key}")
         return {"key_filename": keys or None, "password": self._password,
                 "allow_agent": not keys, "look_for_keys": not keys}
 
@@ -4197,8 +4307,10 @@ class SSH:
         sock = sock if sock is not None else self._socket(hop)
         target = self.target
         try:
-            client.connect(target.hostname, target.port, username=target.user, sock=sock, timeout=self.timeout,
-                           banner_timeout=self.timeout, auth_timeout=self.timeout, compress=self.compress,
+            client.connect(target.hostname, target.port, username=target.user, sock=sock,
+                           timeout=self.timeout,
+                           banner_timeout=self.timeout, auth_timeout=self.timeout,
+                           compress=self.compress,
                            **credentials, **fast)
         except HostKeyError:
             client.close()
@@ -4208,16 +4320,21 @@ class SSH:
             offered = _fingerprint(exc.key)
             raise HostKeyError(f"host key of {target} CHANGED (it offers {offered}): it does not "
                                f"match {record}; refusing to connect",
-                               hint="if the host was really reinstalled, remove its old line from known_hosts") from exc
+                               hint="if the host was really reinstalled, remove its old line from "
+                                    "known_hosts") from exc
         except paramiko.PasswordRequiredException as exc:
             client.close()
-            raise ConfigError(f"the key for {target.user}@{target.hostname} is encrypted and no passphrase was given",
-                              hint="add it to ssh-agent (ssh-add), or pass password=... (used as the passphrase)") \
+            raise ConfigError(f"the key for {target.user}@{target.hostname} is encrypted and no "
+                              "passphrase was given",
+                              hint="add it to ssh-agent (ssh-add), or pass password=... (used as "
+                                   "the passphrase)") \
                 from exc
         except paramiko.AuthenticationException as exc:
             client.close()
-            raise StackopsConnectionError(f"authentication failed for {target.user}@{target.hostname}:{target.port}",
-                                          hint="check the user and the key (IdentityFile) for this host") from exc
+            raise StackopsConnectionError("authentication failed for "
+                                          f"{target.user}@{target.hostname}:{target.port}",
+                                          hint="check the user and the key (IdentityFile) for this "
+                                               "host") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
             reason = _connect_reason(exc, self.timeout, self.target.port)
@@ -4232,7 +4349,8 @@ class SSH:
 
     # -- commands --------------------------------------------------------------------------------
 
-    def run_shell_cmd_on_remote(self, command: str, timeout: float | None = None, strict: bool = True,
+    def run_shell_cmd_on_remote(self, command: str, timeout: float | None = None,
+                                strict: bool = True,
                                 stdin: bytes | None = None) -> Response:
         """Run ``command`` with bash on the host, whatever its login shell; read stdout and stderr
         together (no stall on large output). ``strict``: a non-zero exit raises CommandError."""
@@ -4245,10 +4363,12 @@ class SSH:
             out, err, status = _drain(channel, timeout, command, str(self.target))
         finally:
             channel.close()
-        response = Response(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), status, command,
+        response = Response(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), status,
+                            command,
                             str(self.target))
         if strict and status != 0:
-            raise CommandError(str(self.target), command, status, response.stderr or response.stdout)
+            raise CommandError(str(self.target), command, status,
+                               response.stderr or response.stdout)
         return response
 
     @property
@@ -4269,15 +4389,19 @@ class SSH:
             return self.client.get_transport().open_session(timeout=self.timeout)
         except Exception as exc:
             self._lost()
-            raise StackopsConnectionError(f"lost the connection to {self.target}: {exc or type(exc).__name__}",
-                                          hint=f"is {self.target.alias} reachable? (timeout {self.timeout:g}s)") from exc
+            raise StackopsConnectionError(f"lost the connection to {self.target}: "
+                                          f"{exc or type(exc).__name__}",
+                                          hint=f"is {self.target.alias} reachable? (timeout "
+                                               f"{self.timeout:g}s)") from exc
 
-    def run_stackops(self, args: list[str], timeout: float | None = None, python: str = "python3") -> Response:
+    def run_stackops(self, args: list[str], timeout: float | None = None,
+                     python: str = "python3") -> Response:
         """Run this very module on the host (sent over stdin, nothing installed or written there)
         as ``stackops ARGS``; strict: an error there is raised here as the same StackopsError
         (see _raise_remote_error)."""
         source = _own_file().read_bytes()
-        command = " ".join(shlex.quote(part) for part in [python, "-S", "-c", REMOTE_ENTRY_PY, *args])
+        command = " ".join(shlex.quote(part) for part in [python, "-S", "-c", REMOTE_ENTRY_PY,
+                                                          *args])
         response = self.run_shell_cmd_on_remote(command, timeout, strict=False, stdin=source)
         if not response.ok:
             _raise_remote_error(response, f"on {self.target.alias}: ")
@@ -4286,14 +4410,16 @@ class SSH:
     def run_py_remotely(self, code: str, timeout: float | None = None, strict: bool = True,
                         python: str = "python3") -> Response:
         """Run Python ``code`` on the host, sent over stdin: nothing is written there."""
-        return self.run_shell_cmd_on_remote(f"{shlex.quote(python)} -", timeout, strict, stdin=code.encode())
+        return self.run_shell_cmd_on_remote(f"{shlex.quote(python)} -", timeout, strict,
+                                            stdin=code.encode())
 
     @property
     def remote_specs(self) -> dict[str, Any]:
         """OS, python, home, cpu count and memory of the host, read once, standard library only."""
         if self._specs is None:
             # -S and no platform module: the probe's whole cost is the interpreter's start (~9 ms)
-            facts = self.run_shell_cmd_on_remote("python3 -S -", self.timeout, stdin=REMOTE_FACTS_PY.encode())
+            facts = self.run_shell_cmd_on_remote("python3 -S -", self.timeout,
+                                                 stdin=REMOTE_FACTS_PY.encode())
             self._specs = json.loads(facts.stdout)
         return self._specs
 
@@ -4310,7 +4436,8 @@ class SSH:
 
     def send_ssh_key(self, key_path: str | None = None) -> bool:
         """Add the local public key to the host's authorized_keys once; True when it was added."""
-        candidates = [key_path] if key_path else ["~/.ssh/id_ed25519.pub", "~/.ssh/id_rsa.pub", "~/.ssh/id_ecdsa.pub"]
+        candidates = [key_path] if key_path else ["~/.ssh/id_ed25519.pub", "~/.ssh/id_rsa.pub",
+                                                  "~/.ssh/id_ecdsa.pub"]
         path = next((expand_home(c) for c in candidates if expand_home(c).is_file()), None)
         if path is None:
             raise ConfigError(f"no public key found (looked at {', '.join(candidates)})",
@@ -4324,16 +4451,20 @@ class SSH:
 
     def restart_computer(self) -> Response:
         """Reboot the host with non-interactive sudo; a host that wants a password says so."""
-        response = self.run_shell_cmd_on_remote("sudo -n /sbin/reboot || sudo -n reboot", timeout=self.timeout,
+        response = self.run_shell_cmd_on_remote("sudo -n /sbin/reboot || sudo -n reboot",
+                                                timeout=self.timeout,
                                                 strict=False)
         if response.returncode != 0 and response.returncode != -1:
-            raise CommandError(str(self.target), "sudo -n reboot", response.returncode, response.stderr,
-                               hint="allow it without a password (sudoers NOPASSWD for reboot), or reboot by hand")
+            raise CommandError(str(self.target), "sudo -n reboot", response.returncode,
+                               response.stderr,
+                               hint="allow it without a password (sudoers NOPASSWD for reboot), or "
+                                    "reboot by hand")
         return response
 
     # -- copies (section 11) ------------------------------------------------------------------
 
-    def copy_from_here(self, source_path: str | os.PathLike[str], target_rel2home: str | None = None,
+    def copy_from_here(self, source_path: str | os.PathLike[str],
+                       target_rel2home: str | None = None,
                        compress_with_zip: bool = False, recursive: bool = False,
                        overwrite_existing: bool = False,
                        progress: Callable[[int], None] | None = None,
@@ -4996,7 +5127,8 @@ def _free_destination(destination: Path, overwrite: bool) -> Path:
         raise ConfigError(f"{destination} is your home, or holds it: a copy never replaces that",
                           hint="name a folder inside it")
     if (destination.exists() or destination.is_symlink()) and not overwrite:
-        raise ConfigError(f"{destination} already exists", hint="pass overwrite (--overwrite) to replace it")
+        raise ConfigError(f"{destination} already exists", hint="pass overwrite (--overwrite) to "
+                                                                "replace it")
     return destination
 
 
@@ -5025,7 +5157,8 @@ def _remove_stale_partials(parent: Path) -> None:
 def _home_relative(path: Path) -> str:
     collapsed = collapse_home(path)
     if not collapsed.startswith("~"):
-        raise ConfigError(f"{path} is outside your home, so it has no home-relative place on the host",
+        raise ConfigError(f"{path} is outside your home, so it has no home-relative place on the "
+                          "host",
                           hint="give the target path explicitly")
     return collapsed
 
@@ -5043,7 +5176,8 @@ def _remote_target(path: str) -> str:
     path = _remote_path(path)
     if posixpath.normpath(path) in ("~", "/") or ".." in path.split("/"):
         raise ConfigError(f"{path!r} is the host's home, holds it, or climbs out of it with '..': "
-                          "a copy never replaces such a folder", hint="name a folder inside it, e.g. ~/backup")
+                          "a copy never replaces such a folder", hint="name a folder inside it, "
+                                                                      "e.g. ~/backup")
     return path
 
 
@@ -5240,7 +5374,8 @@ def _check_kwargs(func_kwargs: Any) -> dict[str, Any]:
     if func_kwargs is None:
         return {}
     if not isinstance(func_kwargs, dict) or not all(isinstance(key, str) for key in func_kwargs):
-        raise ConfigError(f"func_kwargs must be a dict with string keys, got {type(func_kwargs).__name__}")
+        raise ConfigError("func_kwargs must be a dict with string keys, got "
+                          f"{type(func_kwargs).__name__}")
     try:
         json.dumps(func_kwargs, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -5294,7 +5429,8 @@ def parse_kwargs(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"{source} is not JSON: {exc}", hint='e.g. --kwargs \'{"epochs": 3}\'') from exc
+        raise ConfigError(f"{source} is not JSON: {exc}",
+                          hint='e.g. --kwargs \'{"epochs": 3}\'') from exc
     if not isinstance(value, dict):
         raise ConfigError(f"{source} must be a JSON object, got {type(value).__name__}")
     return value
@@ -5308,7 +5444,8 @@ def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
             return JobParams.from_function_ref(text), None
         return JobParams.from_script(text), None
     if not callable(func):
-        raise ConfigError(f"func must be a script path, a function or a bound method, got {type(func).__name__}")
+        raise ConfigError("func must be a script path, a function or a bound method, got "
+                          f"{type(func).__name__}")
     params = JobParams.from_callable(func)
     if params.kind != "method":
         return params, None
@@ -5317,8 +5454,10 @@ def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
     try:
         return params, pickle.dumps(func.__self__, protocol=4)
     except Exception as exc:
-        raise ConfigError(f"the instance of {params.func_class} cannot travel with the job: it does not "
-                          f"pickle ({exc})", hint="make the object picklable, or pass a plain function") from exc
+        raise ConfigError(f"the instance of {params.func_class} cannot travel with the job: it "
+                          "does not "
+                          f"pickle ({exc})", hint="make the object picklable, or pass a plain "
+                                                  "function") from exc
 
 
 def _parameters(func: Any, params: JobParams) -> list[tuple[str, str, bool]] | None:
@@ -5397,7 +5536,8 @@ def _check_call(parameters: list[tuple[str, str, bool]] | None, kwargs: dict[str
                           hint=f"e.g. --kwargs '{{\"{missing[0]}\": ...}}'")
 
 
-REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache", ".ruff_cache",
+REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache",
+                 ".ruff_cache",
                  ".tox", "*.egg-info")
 
 
@@ -5422,7 +5562,8 @@ def _repo_files(repo: Path) -> list[tuple[str, os.stat_result]]:
 
     names: list[str] | None = None
     if (repo / ".git").exists() and shutil.which("git"):
-        listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-co", "--exclude-standard", "-z"],
+        listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-co", "--exclude-standard",
+                                 "-z"],
                                 capture_output=True, stdin=subprocess.DEVNULL)
         if listed.returncode == 0:
             names = [n for n in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
@@ -5526,7 +5667,8 @@ def _materialize_here(repo: Path, entries: list[list[Any]], folder: Path) -> Non
                 os.symlink(value, path)
                 continue
             with open(f"{repo}/{relative}", "rb") as source:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700 if kind == "x" else 0o600)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o700 if kind == "x" else 0o600)
                 with os.fdopen(fd, "wb") as copy:
                     shutil.copyfileobj(source, copy, 1 << 20)
         os.rename(staging, folder)
@@ -5582,11 +5724,13 @@ def _data_items(data: list[str]) -> list[dict[str, Any]]:
             info = full.stat()
             files.append([relative, info.st_size, int(info.st_mtime)])
             sources[relative] = full
-        items.append({"target": collapse_home(path), "dir": path.is_dir(), "files": files, "sources": sources})
+        items.append({"target": collapse_home(path), "dir": path.is_dir(), "files": files,
+                      "sources": sources})
     return items
 
 
-def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams, file_manager: FileManager,
+def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
+                  file_manager: FileManager,
                   data: list[str], progress: Callable[[int], None] | None = None,
                   snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None) -> bool:
     """Hand the job over in one remote command (see _hand_over). Returns True when the host sees
@@ -5624,7 +5768,8 @@ def _hand_over(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
     if config.copy_repo and snapshot is None:
         snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
     if snapshot is not None and snapshot[0] != job_params.code_snapshot:
-        raise StackopsError(f"the repo of job {file_manager.job_id} changed since the job was generated",
+        raise StackopsError(f"the repo of job {file_manager.job_id} changed since the job was "
+                            "generated",
                             hint="submit it again under a new job_id")
     python = config.python or "python3"
     items = _data_items(data)
@@ -5809,7 +5954,8 @@ def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], sha
     if "plan" not in answers or (response.returncode != 0 and not marks):
         raise TransferError(f"{alias} could not take the job over: "
                             f"{_last_line(response.stderr) or 'exit status ' + str(response.returncode)}",
-                            hint="nothing was left under the job's name; is python3 (3.8+) installed there?")
+                            hint="nothing was left under the job's name; is python3 (3.8+) "
+                                 "installed there?")
     steps = []
     for order, index in enumerate(marks):
         last = order == len(marks) - 1
@@ -5833,7 +5979,8 @@ def _folder_blobs(root: Path) -> dict[str, tuple[str, Path]]:
     return found
 
 
-def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, Any]], plan: dict[str, Any],
+def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, Any]],
+                     plan: dict[str, Any],
                      blobs: dict[str, Path], by_blob: dict[str, tuple[str, Path]] | None = None,
                      ) -> list[tuple[str, Path | str | None]]:
     """What goes to the host after its plan: missing blobs, differing data files, the job folder
@@ -5844,12 +5991,15 @@ def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, 
                           hint="choose another job_id, or leave it out for a fresh one")
     for item, answer in zip(items, plan["data"]):
         if "conflict" in answer:
-            raise ConfigError(f"cannot sync {item['target']} to {ssh.target.alias}: {answer['conflict']}",
-                              hint="nothing was sent; move the host's copy aside or rename the data")
+            raise ConfigError(f"cannot sync {item['target']} to {ssh.target.alias}: "
+                              f"{answer['conflict']}",
+                              hint="nothing was sent; move the host's copy aside or rename the "
+                                   "data")
     parts: list[tuple[str, Path | str | None]] = [(f"b/{digest}", blobs[digest])
                                                   for digest in plan["missing"]]
     for index, (item, answer) in enumerate(zip(items, plan["data"])):
-        parts += [(f"d/{index}/{rel}" if rel else f"d/{index}", item["sources"][rel]) for rel in answer["need"]]
+        parts += [(f"d/{index}/{rel}" if rel else f"d/{index}",
+                   item["sources"][rel]) for rel in answer["need"]]
     root = file_manager.job_root
     for folder, dirs, files in os.walk(root):
         dirs.sort()
@@ -5870,7 +6020,8 @@ def _literal(line: bytes) -> Any:
     try:
         return ast.literal_eval(line.decode("utf-8"))
     except (ValueError, SyntaxError) as exc:
-        raise TransferError(f"the host answered something unreadable: {_shorten(line.decode(errors='replace'), 200)}"
+        raise TransferError("the host answered something unreadable: "
+                            f"{_shorten(line.decode(errors='replace'), 200)}"
                             ) from exc
 
 
@@ -5878,7 +6029,8 @@ def _send_parts(write: Callable[[bytes], None], header: dict[str, Any],
                 parts: list[tuple[str, Path | str | None]], meter: _Meter) -> None:
     """The header, the parts, the end: what a hand-over sends once the host's plan is known
     (then the meter learns its total)."""
-    sizes = [path.stat().st_size for _name, path in parts if isinstance(path, Path)]  # not blobs there
+    # not blobs there
+    sizes = [path.stat().st_size for _name, path in parts if isinstance(path, Path)]
     meter.begin(meter.done + sum(sizes))
     write(repr(header).encode() + b"\n")
     for name, path in parts:
@@ -5903,7 +6055,8 @@ def _send_part(write: Callable[[bytes], None], name: str, path: Path | str | Non
         while left:
             chunk = handle.read(min(left, 1 << 20))
             if not chunk:
-                raise TransferError(f"{path} shrank while it was sent", hint="run it again once it is written")
+                raise TransferError(f"{path} shrank while it was sent", hint="run it again once it "
+                                                                             "is written")
             write(chunk)
             left -= len(chunk)
 
@@ -5931,7 +6084,8 @@ class CloudQueue:
     again. ``status.json``, written last, marks a unit done.
     """
 
-    def __init__(self, cloud_name: str, settle: float = CLOUD_SETTLE, lease: float = CLOUD_LEASE) -> None:
+    def __init__(self, cloud_name: str, settle: float = CLOUD_SETTLE,
+                 lease: float = CLOUD_LEASE) -> None:
         self.base = cloud_base(cloud_name) + "/units"
         self.settle, self.lease = settle, lease
         self._meta: dict[str, dict[str, Any]] = {}
@@ -5941,7 +6095,8 @@ class CloudQueue:
 
     def _list(self, path: str = "") -> list[dict[str, Any]]:
         try:
-            done = _rclone("lsjson", "-R", "--files-only", f"{self.base}/{path}".rstrip("/"), what="listing")
+            done = _rclone("lsjson", "-R", "--files-only", f"{self.base}/{path}".rstrip("/"),
+                           what="listing")
         except TransferError as exc:
             if "not found" in str(exc):
                 return []
@@ -5954,7 +6109,8 @@ class CloudQueue:
         now = time.time()
         for row in self._list():
             unit, _, rest = row["Path"].partition("/")
-            info = units.setdefault(unit, {"ready": False, "done": False, "claims": [], "cancelled": False})
+            info = units.setdefault(unit, {"ready": False, "done": False, "claims": [],
+                                           "cancelled": False})
             if rest == "unit.json":
                 info["ready"] = True
             elif rest == "status.json":
@@ -5969,7 +6125,8 @@ class CloudQueue:
         return sorted(name for name, age in claims if age < self.lease)
 
     def add(self, unit_id: str, archive: Path, meta: dict[str, Any]) -> None:
-        _rclone("copyto", str(archive), f"{self.base}/{unit_id}/unit.tar", what=f"upload of unit {unit_id}")
+        _rclone("copyto", str(archive), f"{self.base}/{unit_id}/unit.tar",
+                what=f"upload of unit {unit_id}")
         self._put(f"{unit_id}/unit.json", json.dumps(meta))
 
     def remove(self, unit_id: str) -> None:
@@ -5978,7 +6135,8 @@ class CloudQueue:
 
     def meta(self, unit_id: str) -> dict[str, Any]:
         if unit_id not in self._meta:
-            text = _rclone("cat", f"{self.base}/{unit_id}/unit.json", what=f"read of unit {unit_id}").stdout
+            text = _rclone("cat", f"{self.base}/{unit_id}/unit.json", what="read of unit "
+                                                                           f"{unit_id}").stdout
             try:
                 meta = json.loads(text)
             except ValueError as exc:
@@ -5991,19 +6149,22 @@ class CloudQueue:
     def claim(self, unit_id: str, worker: str) -> str | None:
         """Try to own a unit: the claim's name when this worker won, None when another did."""
         name = f"{time.time_ns():019d}-{worker}"
-        self._put(f"{unit_id}/claims/{name}", json.dumps({"worker": worker, "host": os.uname().nodename}))
+        self._put(f"{unit_id}/claims/{name}", json.dumps({"worker": worker,
+                                                          "host": os.uname().nodename}))
         time.sleep(self.settle)
         live = self._live(unit_id)
         if live and live[0] == name:
             return name
         with _suppress(StackopsError):
-            _rclone("deletefile", f"{self.base}/{unit_id}/claims/{name}", what="withdrawal of a claim")
+            _rclone("deletefile", f"{self.base}/{unit_id}/claims/{name}",
+                    what="withdrawal of a claim")
         return None
 
     def cancel(self, unit_id: str) -> None:
         """Mark a unit cancelled: no worker claims it any more, and the one running it stops it
         at its next heartbeat."""
-        self._put(f"{check_safe_name(unit_id, 'unit id')}/cancel.json", json.dumps({"at": _iso(_utcnow())}))
+        self._put(f"{check_safe_name(unit_id, 'unit id')}/cancel.json",
+                  json.dumps({"at": _iso(_utcnow())}))
 
     def look(self, unit_id: str, claim: str) -> tuple[bool, bool]:
         """(the unit is still ours, it was cancelled), from one listing of the unit."""
@@ -6016,7 +6177,8 @@ class CloudQueue:
         return bool(live) and live[0] == claim, cancelled
 
     def heartbeat(self, unit_id: str, claim: str, worker: str) -> None:
-        self._put(f"{unit_id}/claims/{claim}", json.dumps({"worker": worker, "host": os.uname().nodename}))
+        self._put(f"{unit_id}/claims/{claim}", json.dumps({"worker": worker,
+                                                           "host": os.uname().nodename}))
 
     def _live(self, unit_id: str) -> list[str]:
         now = time.time()
@@ -6033,7 +6195,8 @@ class CloudQueue:
         ours after the upload. Returns whether the status was written."""
         if results is not None and results.exists():
             verb = "copy" if results.is_dir() else "copyto"
-            _rclone(verb, str(results), f"{self.base}/{unit_id}/results" + ("" if results.is_dir() else
+            _rclone(verb, str(results),
+                    f"{self.base}/{unit_id}/results" + ("" if results.is_dir() else
                                                                            f"/{results.name}"),
                     what=f"upload of unit {unit_id}'s results")
         if held is not None and not held():
@@ -6051,11 +6214,15 @@ class CloudQueue:
             elif info["done"]:
                 status = json.loads(_rclone("cat", f"{self.base}/{unit_id}/status.json",
                                             what="read of a status").stdout)
-                row.update(state=status["status"], worker=status.get("worker"), host=status.get("host"),
-                           duration_seconds=status.get("duration_seconds"), error=status.get("error", ""))
+                row.update(state=status["status"], worker=status.get("worker"),
+                           host=status.get("host"),
+                           duration_seconds=status.get("duration_seconds"),
+                           error=status.get("error", ""))
             elif info["claims"] and self.live_claims(info["claims"]) or info["claims"] and not info["cancelled"]:
-                name, age = min(info["claims"], key=lambda c: c[0] if c[1] < self.lease else "~" + c[0])
-                row.update(state="running" if age < self.lease else "stale", worker=name.split("-", 1)[1],
+                name, age = min(info["claims"],
+                                key=lambda c: c[0] if c[1] < self.lease else "~" + c[0])
+                row.update(state="running" if age < self.lease else "stale", worker=name.split("-",
+                                                                                               1)[1],
                            last_seen_seconds=round(age, 1))
             elif info["cancelled"]:
                 row["state"] = "cancelled"
@@ -7610,7 +7777,8 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
                           hint="remove that folder, or set XDG_CACHE_HOME to a folder of your own")
     try:
         if not _is_own_private_file(compiled):
-            py_compile.compile(str(source), cfile=str(partial), dfile=f"python/{source.name}", doraise=True,
+            py_compile.compile(str(source), cfile=str(partial), dfile=f"python/{source.name}",
+                               doraise=True,
                                invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
             os.replace(partial, compiled)
         shipped = _mkdir_private(folder / "__pycache__") / f"{source.stem}.{tag}.pyc"
@@ -8179,7 +8347,8 @@ class MachineSpecs:
     @classmethod
     def from_facts(cls, facts: dict[str, Any]) -> MachineSpecs:
         """From ``SSH.remote_specs`` (or the same facts read here)."""
-        return cls(cpu=float(facts.get("cpu_count") or 1), ram=float(facts.get("memory_bytes") or 0) / 2**30)
+        return cls(cpu=float(facts.get("cpu_count") or 1),
+                   ram=float(facts.get("memory_bytes") or 0) / 2**30)
 
     @classmethod
     def from_local(cls) -> MachineSpecs:
@@ -8188,7 +8357,8 @@ class MachineSpecs:
         import io
 
         with contextlib.redirect_stdout(io.StringIO()) as out:
-            exec(compile(REMOTE_FACTS_PY, "<facts>", "exec"), namespace)  # noqa: S102 (our own constant)
+            exec(compile(REMOTE_FACTS_PY, "<facts>", "exec"),
+                 namespace)  # noqa: S102 (our own constant)
         return cls.from_facts(json.loads(out.getvalue()))
 
     def value(self, criterion: LoadCriterion) -> float:
@@ -8217,7 +8387,8 @@ class ThreadLoadCalculator:
         reference = self.reference_specs or reference
         if self.num_jobs is None or reference is None or reference.value(self.load_criterion) <= 0:
             return 1
-        return max(1, int(self.num_jobs * machine.value(self.load_criterion) / reference.value(self.load_criterion)))
+        return max(1,
+                   int(self.num_jobs * machine.value(self.load_criterion) / reference.value(self.load_criterion)))
 
     @classmethod
     def default(cls) -> ThreadLoadCalculator:
@@ -8242,15 +8413,19 @@ class MachineLoadCalculator:
     max_num: int = 1000
     load_criterion: LoadCriterion = LoadCriterion.cpu_norm
 
-    def get_workload_params(self, specs: list[MachineSpecs], threads: list[int]) -> list[WorkloadParams]:
+    def get_workload_params(self, specs: list[MachineSpecs],
+                            threads: list[int]) -> list[WorkloadParams]:
         if len(specs) != len(threads) or not specs:
-            raise ConfigError("get_workload_params needs one thread count per host, and at least one host")
+            raise ConfigError("get_workload_params needs one thread count per host, and at least "
+                              "one host")
         criterion = self.load_criterion.normalised
         result, start = [], 0
         for i, (spec, jobs) in enumerate(zip(specs, threads)):
-            end = self.max_num if i == len(specs) - 1 else min(self.max_num, start + int(spec.value(criterion)
+            end = self.max_num if i == len(specs) - 1 else min(self.max_num,
+                                                               start + int(spec.value(criterion)
                                                                                           * self.max_num))
-            result.append(WorkloadParams(idx_min=0, idx_max=self.max_num, idx_start=start, idx_end=end,
+            result.append(WorkloadParams(idx_min=0, idx_max=self.max_num, idx_start=start,
+                                         idx_end=end,
                                          idx=i, jobs=max(1, jobs)))
             start = end
         return result
@@ -8261,7 +8436,8 @@ class Cluster:
     proportion to its CPU/RAM, all launched together, watched together, gathered together."""
 
     def __init__(self, func: Any, ssh_hosts: list[str], config: RemoteStackOpsConfig | None = None,
-                 func_kwargs: dict[str, Any] | None = None, thread_load_calc: ThreadLoadCalculator | None = None,
+                 func_kwargs: dict[str, Any] | None = None,
+                 thread_load_calc: ThreadLoadCalculator | None = None,
                  ditch_unavailable: bool = True, description: str = "", job_id: str | None = None,
                  base_dir: str | None = None, max_num: int = 1000) -> None:
         if not ssh_hosts or len(set(ssh_hosts)) != len(ssh_hosts):
@@ -8282,7 +8458,8 @@ class Cluster:
             _check_call(_parameters(func, self.job_params), self.func_kwargs, True,
                         f"{self.job_params.func_name}()")
         self.thread_load_calc = thread_load_calc or ThreadLoadCalculator.default()
-        self.machine_load_calc = MachineLoadCalculator(max_num, self.thread_load_calc.load_criterion.normalised)
+        self.machine_load_calc = MachineLoadCalculator(max_num,
+                                                       self.thread_load_calc.load_criterion.normalised)
         self.ditch_unavailable = ditch_unavailable
         self.description = description
         self.job_id = check_safe_name(job_id or _random_job_id())
@@ -8336,8 +8513,10 @@ class Cluster:
                 self._ssh[host], self.specs[host] = result
         if failed and not self.ditch_unavailable:
             self.close()
-            raise StackopsConnectionError("cannot reach " + "; ".join(f"{h}: {e}" for h, e in failed.items()),
-                                          hint="fix them, or pass ditch_unavailable=True to go on without them")
+            raise StackopsConnectionError("cannot reach " + "; ".join(f"{h}: {e}" for h,
+                                                                      e in failed.items()),
+                                          hint="fix them, or pass ditch_unavailable=True to go on "
+                                               "without them")
         for host, error in failed.items():
             log.warning("leaving %s out of cluster %s: %s", host, self.job_id, error)
         self.unavailable.update(failed)
@@ -8350,7 +8529,8 @@ class Cluster:
         hosts = [h for h in self.ssh_hosts if h in self._ssh]
         specs = MachineSpecs.normalise([self.specs[h] for h in hosts])
         criterion = self.thread_load_calc.load_criterion
-        reference = max(specs, key=lambda s: s.value(criterion)) if criterion.name.endswith("_norm") \
+        reference = max(specs,
+                        key=lambda s: s.value(criterion)) if criterion.name.endswith("_norm") \
             else MachineSpecs.from_local()
         threads = [self.thread_load_calc.get_num_threads(spec, reference) for spec in specs]
         workloads = self.machine_load_calc.get_workload_params(specs, threads)
@@ -8359,7 +8539,8 @@ class Cluster:
 
     def _machine_config(self, index: int, host: str) -> RemoteStackOpsConfig:
         data = self.config.to_dict()
-        data.update(job_id=f"{self.job_id}_{index}", ssh_host=host, base_dir=collapse_home(self.root_dir),
+        data.update(job_id=f"{self.job_id}_{index}", ssh_host=host,
+                    base_dir=collapse_home(self.root_dir),
                     description=self.description or self.config.description,
                     workload_params=self.workloads[host].to_dict())
         return RemoteStackOpsConfig.from_dict(data)
@@ -8373,11 +8554,13 @@ class Cluster:
         round trip, once every host has its job in place, and not at all if one failed; fire()
         must follow."""
         if not self.workloads:
-            raise StackopsError("no workloads yet", hint="call connect() and generate_standard_kwargs() first")
+            raise StackopsError("no workloads yet", hint="call connect() and "
+                                                         "generate_standard_kwargs() first")
         _mkdir_private(self.root_dir)
         for index, host in enumerate(self.ssh_hosts):
             if host in self.workloads and host not in self.machines:
-                machine = RemoteMachine(self.func, self._machine_config(index, host), self.func_kwargs)
+                machine = RemoteMachine(self.func, self._machine_config(index, host),
+                                        self.func_kwargs)
                 machine._place.connection = self._ssh[host]
                 self.machines[host] = machine
         gated = launch and self.config.transfer_method != "cloud"  # cloud: fetched when fired
@@ -8406,7 +8589,8 @@ class Cluster:
     def _raise_failures(self, what: str, results: dict[str, Any]) -> None:
         failed = {host: r for host, r in results.items() if isinstance(r, Exception)}
         if failed:
-            raise StackopsError(f"{what} failed on " + "; ".join(f"{h}: {e}" for h, e in failed.items()))
+            raise StackopsError(f"{what} failed on " + "; ".join(f"{h}: {e}" for h,
+                                                                 e in failed.items()))
 
     def run(self, run: bool = True) -> Cluster:
         """connect, generate_standard_kwargs, submit, fire: the whole launch."""
@@ -8426,7 +8610,8 @@ class Cluster:
         """Run again, on the same host with the same slice, every part that failed or was
         cancelled; the cluster follows the new parts from then on. Returns {host: new job id}."""
         ended = {host: r for host, r in self.check_job_status().items() if isinstance(r, JobStatus)}
-        failed = [host for host, report in ended.items() if report.status in ("failed", "cancelled")]
+        failed = [host for host, report in ended.items() if report.status in ("failed",
+                                                                              "cancelled")]
         if not failed:
             raise ConfigError(f"cluster {self.job_id} has no failed part to rerun")
         results = self._parallel(lambda h: self.machines[h].rerun(), failed)
@@ -8469,11 +8654,13 @@ class Cluster:
 
     def to_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "base_dir": self.base_dir, "description": self.description,
-                "ssh_hosts": self.ssh_hosts, "func_kwargs": self.func_kwargs, "config": self.config.to_dict(),
+                "ssh_hosts": self.ssh_hosts, "func_kwargs": self.func_kwargs,
+                "config": self.config.to_dict(),
                 "unavailable": self.unavailable, "ditch_unavailable": self.ditch_unavailable,
                 "specs": {h: dataclasses.asdict(s) for h, s in self.specs.items()},
                 "workloads": {h: w.to_dict() for h, w in self.workloads.items()},
-                "machines": {h: collapse_home(m.file_manager.job_root) for h, m in self.machines.items()},
+                "machines": {h: collapse_home(m.file_manager.job_root) for h,
+                             m in self.machines.items()},
                 "thread_load_calc": self.thread_load_calc.to_dict(),
                 "machine_load_calc": {"max_num": self.machine_load_calc.max_num,
                                       "load_criterion": self.machine_load_calc.load_criterion.name}}
@@ -8493,12 +8680,16 @@ class Cluster:
             cluster.description, cluster.ssh_hosts = data["description"], list(data["ssh_hosts"])
             cluster.func_kwargs, cluster.config = data["func_kwargs"], RemoteStackOpsConfig.from_dict(data["config"])
             cluster.unavailable, cluster.ditch_unavailable = dict(data["unavailable"]), data["ditch_unavailable"]
-            cluster.specs = {h: MachineSpecs(cpu=s["cpu"], ram=s["ram"]) for h, s in data["specs"].items()}
-            cluster.workloads = {h: WorkloadParams.from_dict(w) for h, w in data["workloads"].items()}
-            cluster.machines = {h: RemoteMachine.from_job_dir(p) for h, p in data["machines"].items()}
+            cluster.specs = {h: MachineSpecs(cpu=s["cpu"], ram=s["ram"]) for h,
+                             s in data["specs"].items()}
+            cluster.workloads = {h: WorkloadParams.from_dict(w) for h,
+                                 w in data["workloads"].items()}
+            cluster.machines = {h: RemoteMachine.from_job_dir(p) for h,
+                                p in data["machines"].items()}
             cluster.thread_load_calc = ThreadLoadCalculator.from_dict(data["thread_load_calc"])
             calc = data["machine_load_calc"]
-            cluster.machine_load_calc = MachineLoadCalculator(calc["max_num"], LoadCriterion[calc["load_criterion"]])
+            cluster.machine_load_calc = MachineLoadCalculator(calc["max_num"],
+                                                              LoadCriterion[calc["load_criterion"]])
         except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"{root / 'cluster.json'} is incomplete: {exc}") from exc
         cluster._ssh = {}
@@ -8653,7 +8844,8 @@ def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None) ->
     root = units / check_safe_name(unit_id, "unit id")
     staging = Path(_make_temp_dir(units))
     try:
-        _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"), what="download of a unit")
+        _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"),
+                what="download of a unit")
         (staging / "x").mkdir(mode=0o700)
         data = _unpack_unit(staging / "unit.tar", staging / "x")
         _remove(root)  # an earlier attempt's logs must not pass for this one's
@@ -8819,23 +9011,28 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
         return None
     match = re.match(r"(\d+):(\d+)(?::(\d+))?\Z", text)
     if not match:
-        raise ConfigError(f"--workload {text!r} is not START:END[:PARTS]", hint="e.g. --workload 0:1000:4")
+        raise ConfigError(f"--workload {text!r} is not START:END[:PARTS]",
+                          hint="e.g. --workload 0:1000:4")
     start, end, parts = int(match[1]), int(match[2]), int(match[3] or 1)
     if end <= start:
         raise ConfigError(f"--workload {text!r} is an empty range: END must be greater than START",
                           hint="e.g. --workload 0:1000:4 covers [0, 1000) in 4 parts")
-    return WorkloadParams(idx_min=start, idx_max=max(start, end), idx_start=start, idx_end=max(start, end),
+    return WorkloadParams(idx_min=start, idx_max=max(start, end), idx_start=start,
+                          idx_end=max(start, end),
                           jobs=parts)
 
 
 def _cmd_run(args: Any) -> int:
     config = RemoteStackOpsConfig(
-        job_id=args.job_id or _random_job_id(), base_dir=args.base_dir, description=args.description,
+        job_id=args.job_id or _random_job_id(), base_dir=args.base_dir,
+        description=args.description,
         ssh_host=args.host, copy_repo=args.copy_repo, accept_new_host_key=args.accept_new,
         transfer_method=args.transfer, cloud_name=args.cloud,
         update_repo=args.update_repo, install_repo=args.install_repo, data=args.data,
-        interactive=args.interactive, wrap_in_try_except=args.try_except, parallelize=args.parallelize,
-        lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs, ssh_timeout=args.ssh_timeout,
+        interactive=args.interactive, wrap_in_try_except=args.try_except,
+        parallelize=args.parallelize,
+        lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs,
+        ssh_timeout=args.ssh_timeout,
         workload_params=_parse_workload(args.workload, args.parallelize), python=args.python,
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
@@ -8884,7 +9081,8 @@ def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
 def _run_and_report(machine: RemoteMachine, args: Any) -> int:
     machine.run(run=not args.no_launch, show_scripts=args.show_scripts, progress=_progress(args))
     if args.no_launch:
-        print(f"job {machine.job_id} is ready at {machine.file_manager.job_root_rh}; nothing was started.")
+        print(f"job {machine.job_id} is ready at {machine.file_manager.job_root_rh}; nothing was "
+              "started.")
         print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
         return 0
     if not args.wait:
@@ -8920,7 +9118,8 @@ def _cmd_status(args: Any) -> int:
         report = machine.get_status(args.lines)
         tasks = [task.get_status(0) for task in machine.array_tasks()] if machine.array_parts else []
     if args.json:
-        _print_json(dict(report.to_dict(), tasks=[task.to_dict() for task in tasks]) if tasks else report.to_dict())
+        _print_json(dict(report.to_dict(),
+                         tasks=[task.to_dict() for task in tasks]) if tasks else report.to_dict())
         return 0
     _print_table(_status_rows(report))
     if tasks:
@@ -9022,7 +9221,8 @@ def _local_logs(machine: RemoteMachine, args: Any) -> int:
         data = b""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character split by a read waits
     text = decoder.decode(data)
-    print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n", flush=True)
+    print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n",
+          flush=True)
     offset = len(data)  # bytes, not re-encoded text: invalid UTF-8 would move it past later output
     checked = 0.0
     finished = False
@@ -9080,7 +9280,8 @@ def _on_host(host: str, argv: list[str], accept_new: bool = False) -> Any:
 def _queue_view(slots: Slots, history: int) -> dict[str, Any]:
     with _suppress(OSError, StackopsError):
         slots.ensure_dispatcher()  # a queue whose dispatcher died drains again from here
-    return {"state_dir": collapse_home(slots.root), "running": slots.holders(), "waiting": slots.waiters(),
+    return {"state_dir": collapse_home(slots.root), "running": slots.holders(),
+            "waiting": slots.waiters(),
             "history": slots.history()[-history:] if history else []}
 
 
@@ -9111,7 +9312,8 @@ def _print_queue(view: dict[str, Any]) -> None:
                    "since " + str(w["queued_since"])[:19]] for w in view["waiting"]])
     print(f"history (last {len(view['history'])}):")
     _print_table([["  " + h.get("job_id", "?"), h.get("status", "?"),
-                   _format_duration(h.get("duration_seconds") or 0), "ended " + str(h.get("end_time"))[:19]]
+                   _format_duration(h.get("duration_seconds") or 0),
+                   "ended " + str(h.get("end_time"))[:19]]
                   for h in reversed(view["history"])])
 
 
@@ -9183,7 +9385,8 @@ def _load_job_or_cluster(job_id: str,
         return Sweep.load(job_id, base_dir)
     units = _cloud_units_of(job_id, base_dir)
     if units is None:
-        raise ConfigError(f"no job or cluster {job_id!r} here", hint=f"{_program()} list shows the jobs")
+        raise ConfigError(f"no job or cluster {job_id!r} here", hint=f"{_program()} list shows the "
+                                                                     "jobs")
     return units
 
 
@@ -9192,7 +9395,8 @@ def _program() -> str:
 
 
 def _cmd_cancel(args: Any) -> int:
-    targets = [_load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids]  # all known first
+    # all known first
+    targets = [_load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids]
     code = 0
     for target in targets:
         with target:
@@ -9214,8 +9418,10 @@ def _overall_status(target: RemoteMachine | Cluster | Sweep | _CloudUnits) -> st
     if isinstance(target, RemoteMachine):
         return target.get_status(0).status
     if isinstance(target, _CloudUnits):
-        raise ConfigError(f"{target.job_id} is in a cloud queue", hint=f"{_program()} cloud status shows its units")
-    statuses = [r.status if isinstance(r, JobStatus) else "running" for r in target.check_job_status().values()]
+        raise ConfigError(f"{target.job_id} is in a cloud queue", hint=f"{_program()} cloud status "
+                                                                       "shows its units")
+    statuses = [r.status if isinstance(r,
+                                       JobStatus) else "running" for r in target.check_job_status().values()]
     if not all(status in TERMINAL_STATUSES for status in statuses):
         return "running"
     if all(status == "completed" for status in statuses):
@@ -9253,7 +9459,8 @@ def _cmd_rerun(args: Any) -> int:
     target = _load_job_or_cluster(args.job_id, args.base_dir)
     if isinstance(target, Cluster):
         if not args.failed:
-            raise ConfigError(f"{args.job_id} is a cluster: rerun --failed runs its failed parts again")
+            raise ConfigError(f"{args.job_id} is a cluster: rerun --failed runs its failed parts "
+                              "again")
         with target:
             for host, job_id in target.rerun_failed().items():
                 print(f"{host}: rerun as job {job_id}")
@@ -9264,7 +9471,8 @@ def _cmd_rerun(args: Any) -> int:
                 print(f"rerun task as job {task_id}")
             return _wait_ids([target]) if args.wait else 0
     if args.failed or isinstance(target, _CloudUnits):
-        raise ConfigError("--failed is for a cluster id" if args.failed else "a cloud queue's units are not rerun")
+        raise ConfigError("--failed is for a cluster id" if args.failed else "a cloud queue's "
+                                                                             "units are not rerun")
     if isinstance(target, Sweep):
         raise ConfigError(f"{args.job_id} is a sweep: rerun its jobs by their ids "
                           f"({args.job_id}-0000, ...)")
@@ -9298,7 +9506,8 @@ def _cmd_start(args: Any) -> int:
             raise ConfigError(f"job {machine.job_id} was already started",
                               hint=f"{_program()} rerun {machine.job_id} runs it again")
         if not machine.submitted:
-            raise ConfigError(f"job {machine.job_id} was never completely submitted; nothing to start")
+            raise ConfigError(f"job {machine.job_id} was never completely submitted; nothing to "
+                              "start")
         machine.fire(True)
         report = machine.get_status(0)
     print(f"job {machine.job_id} {report.status} on {report.host}")
@@ -9321,7 +9530,8 @@ def _parse_age(text: str) -> float:
     return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match[2]]
 
 
-def prune_jobs(older_than: float, status: str | None = None, host: str | None = None, results: bool = False,
+def prune_jobs(older_than: float, status: str | None = None, host: str | None = None,
+               results: bool = False,
                base_dir: str | None = None) -> list[str]:
     """Delete the jobs submitted from here that ended more than ``older_than`` seconds ago
     (only ``status`` ones, only on ``host`` when given); a job that has not ended is never touched.
@@ -9338,7 +9548,8 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
                 continue
             report = machine.get_status(0) if machine.submitted or not machine.is_remote else None
             ended = _parse_iso(report.end_time) if report is not None and report.finished else None
-            if report is None or ended is None or ended > cutoff or status not in (None, report.status):
+            if report is None or ended is None or ended > cutoff or status not in (None,
+                                                                                   report.status):
                 continue
             machine.delete(results=results)
             deleted.append(machine.job_id)
@@ -9347,8 +9558,10 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
 
 def _cmd_prune(args: Any) -> int:
     if args.status is not None and args.status not in TERMINAL_STATUSES:
-        raise ConfigError(f"--status must be one of {', '.join(TERMINAL_STATUSES)}: only ended jobs are pruned")
-    deleted = prune_jobs(_parse_age(args.older_than), args.status, args.host, args.results, args.base_dir)
+        raise ConfigError(f"--status must be one of {', '.join(TERMINAL_STATUSES)}: only ended "
+                          "jobs are pruned")
+    deleted = prune_jobs(_parse_age(args.older_than), args.status, args.host, args.results,
+                         args.base_dir)
     for job_id in deleted:
         print(f"deleted job {job_id}")
     print(f"{len(deleted)} job(s) deleted", file=sys.stderr)
@@ -9502,7 +9715,8 @@ def _cmd_copy(args: Any) -> int:
     if target is not None:
         with SSH.from_config_file(target[0], accept_new_host_key=args.accept_new) as ssh:
             remote = target[1] + (Path(args.source).name if target[1].endswith("/") else "")
-            where = ssh.copy_from_here(args.source, remote, args.compress, args.recursive, args.overwrite,
+            where = ssh.copy_from_here(args.source, remote, args.compress, args.recursive,
+                                       args.overwrite,
                                        _progress(args))
         print(f"{target[0]}:{where}")
     elif source is not None:
@@ -9534,7 +9748,8 @@ def _cmd_send_key(args: Any) -> int:
 
 def _cmd_cluster_run(args: Any) -> int:
     config = RemoteStackOpsConfig(copy_repo=args.copy_repo, parallelize=args.parallelize,
-                                  accept_new_host_key=args.accept_new, max_simultaneous_jobs=args.max_jobs)
+                                  accept_new_host_key=args.accept_new,
+                                  max_simultaneous_jobs=args.max_jobs)
     threads = ThreadLoadCalculator(args.threads, LoadCriterion[args.criterion])
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     with Cluster(args.target, hosts, config, parse_kwargs(args.kwargs), threads, not args.strict,
@@ -9542,7 +9757,8 @@ def _cmd_cluster_run(args: Any) -> int:
         cluster.run()
         for host, error in cluster.unavailable.items():
             print(f"left out {host}: {_last_line(error)}", file=sys.stderr)
-        _print_table([[host, f"{wp.idx_start}..{wp.idx_end}", str(wp.jobs)] for host, wp in cluster.workloads.items()],
+        _print_table([[host, f"{wp.idx_start}..{wp.idx_end}", str(wp.jobs)] for host,
+                      wp in cluster.workloads.items()],
                      ["HOST", "SHARE", "THREADS"])
         print(f"cluster {cluster.job_id} launched on {len(cluster.machines)} host(s); "
               f"{_prog()} cluster status {cluster.job_id}")
@@ -9606,10 +9822,12 @@ def _show_cluster(cluster: Cluster, statuses: dict[str, Any], as_json: bool) -> 
             wp = cluster.workloads.get(host)
             share = f"{wp.idx_start}..{wp.idx_end}" if wp else "-"
             if isinstance(status, JobStatus):
-                rows.append([host, share, status.status, _duration(status), _last_line(status.error_message) or "-"])
+                rows.append([host, share, status.status, _duration(status),
+                             _last_line(status.error_message) or "-"])
             else:
                 rows.append([host, share, "unreachable", "-", _last_line(str(status))])
-        rows += [[host, "-", "left out", "-", _last_line(error)] for host, error in cluster.unavailable.items()]
+        rows += [[host, "-", "left out", "-", _last_line(error)] for host,
+                 error in cluster.unavailable.items()]
         _print_table(rows, ["HOST", "SHARE", "STATUS", "DURATION", "ERROR"])
     ok = all(isinstance(s, JobStatus) and s.status != "failed" for s in statuses.values())
     return 0 if ok else 1
@@ -9630,7 +9848,8 @@ def _cmd_cluster_logs(args: Any) -> int:
     with Cluster.load(args.cluster_id, args.base_dir) as cluster:
         hosts = list(cluster.machines)
         if args.part is None and args.follow and len(hosts) > 1:
-            raise ConfigError("-f follows one part: name it with --part", hint=f"parts: {', '.join(hosts)}")
+            raise ConfigError("-f follows one part: name it with --part",
+                              hint=f"parts: {', '.join(hosts)}")
         if args.part is not None:
             chosen = hosts[int(args.part) - 1] if args.part.isdigit() and 0 < int(args.part) <= len(hosts) \
                 else args.part
@@ -9648,26 +9867,36 @@ def _cmd_cluster_logs(args: Any) -> int:
 
 
 def _add_cluster_args(commands: Any) -> None:
-    cluster = commands.add_parser("cluster", help="split one workload over several hosts by CPU/RAM")
+    cluster = commands.add_parser("cluster", help="split one workload over several hosts by "
+                                                  "CPU/RAM")
     sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
     sub.required = True
     default_base = DEFAULT_BASE_DIR.rsplit("/", 1)[0]
-    run = sub.add_parser("run", help="launch a function on several hosts, each on its share of [0, MAX)")
+    run = sub.add_parser("run", help="launch a function on several hosts, each on its share of [0, "
+                                     "MAX)")
     run.set_defaults(handler=_cmd_cluster_run)
-    run.add_argument("target", help="path/to/module.py:func; it gets workload_params (its slice) and the kwargs")
-    run.add_argument("--hosts", required=True, help="comma-separated ~/.ssh/config aliases or user@host[:port]")
-    run.add_argument("--kwargs", default="{}", metavar="JSON", help="keyword arguments (JSON object or @file)")
+    run.add_argument("target", help="path/to/module.py:func; it gets workload_params (its slice) "
+                                    "and the kwargs")
+    run.add_argument("--hosts", required=True, help="comma-separated ~/.ssh/config aliases or "
+                                                    "user@host[:port]")
+    run.add_argument("--kwargs", default="{}", metavar="JSON", help="keyword arguments (JSON "
+                                                                    "object or @file)")
     run.add_argument("--criterion", default="cpu", choices=[c.name for c in LoadCriterion],
                      help="what a host's share and threads follow (default cpu)")
     run.add_argument("--threads", type=int, default=None, metavar="N",
-                     help="parts a host like this one runs; others scale by the criterion (default 1)")
+                     help="parts a host like this one runs; others scale by the criterion (default "
+                          "1)")
     run.add_argument("--parallelize", action="store_true",
                      help="run each host's parts in parallel processes, at most one per CPU "
                           "of the host")
-    run.add_argument("--max-num", type=int, default=1000, help="the index range [0, MAX) to split (default 1000)")
-    run.add_argument("--max-jobs", type=int, default=1, metavar="N", help="slots per host (default 1)")
-    run.add_argument("--strict", action="store_true", help="refuse to launch anywhere if a host is unreachable")
-    run.add_argument("--copy-repo", action="store_true", help="each job runs its own snapshot of the repo")
+    run.add_argument("--max-num", type=int, default=1000, help="the index range [0, MAX) to split "
+                                                               "(default 1000)")
+    run.add_argument("--max-jobs", type=int, default=1, metavar="N", help="slots per host (default "
+                                                                          "1)")
+    run.add_argument("--strict", action="store_true", help="refuse to launch anywhere if a host is "
+                                                           "unreachable")
+    run.add_argument("--copy-repo", action="store_true", help="each job runs its own snapshot of "
+                                                              "the repo")
     run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
     run.add_argument("--job-id", help="the cluster's id (a safe name)")
     run.add_argument("--description", default="")
@@ -9675,31 +9904,40 @@ def _add_cluster_args(commands: Any) -> None:
                      "(exit status 1 if one failed or a host stayed unreachable)")
     run.add_argument("--host-timeout", type=float, default=120.0, metavar="SECONDS",
                      help="with --wait: give up on a host silent this long (default 120)")
-    for name, handler, text in (("status", _cmd_cluster_status, "one line per host: share, status, times"),
-                                ("download", _cmd_cluster_download, "every host's results into one folder"),
-                                ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
+    for name, handler, text in (("status", _cmd_cluster_status, "one line per host: share, status, "
+                                                                "times"),
+                                ("download", _cmd_cluster_download, "every host's results into one "
+                                                                    "folder"),
+                                ("logs", _cmd_cluster_logs, "a part's output (every part's, "
+                                                            "without --part)")):
         action = sub.add_parser(name, help=text)
         action.set_defaults(handler=handler)
         action.add_argument("cluster_id")
         if name == "status":
             action.add_argument("--json", action="store_true")
         elif name == "download":
-            action.add_argument("--to", help="the local folder (default: the cluster's results folder)")
+            action.add_argument("--to", help="the local folder (default: the cluster's results "
+                                             "folder)")
         else:
-            action.add_argument("--part", metavar="K", help="the part: its host, or its number (1, 2, ...)")
-            action.add_argument("-f", "--follow", action="store_true", help="keep printing while the part runs")
+            action.add_argument("--part", metavar="K", help="the part: its host, or its number (1, "
+                                                            "2, ...)")
+            action.add_argument("-f", "--follow", action="store_true", help="keep printing while "
+                                                                            "the part runs")
             action.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     for action in (run, *[p for n, p in sub.choices.items() if n != "run"]):
-        action.add_argument("--base-dir", default=default_base, help=f"where clusters live (default {default_base})")
+        action.add_argument("--base-dir", default=default_base, help="where clusters live "
+                                                                     f"(default {default_base})")
 
 
 def _cmd_cloud_submit(args: Any) -> int:
     allowed = [w.strip() for w in args.allowed.split(",")] if args.allowed else None
     config = RemoteStackOpsConfig(job_id=args.job_id or _random_job_id(), copy_repo=args.copy_repo,
-                                  transfer_method="cloud", cloud_name=args.cloud, launch_method="cloud_manager",
+                                  transfer_method="cloud", cloud_name=args.cloud,
+                                  launch_method="cloud_manager",
                                   allowed_remotes=allowed, python=args.python,
                                   workload_params=_parse_workload(args.workload, False))
-    units = RemoteMachine(args.target, config, parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
+    units = RemoteMachine(args.target, config,
+                          parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
     print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")
     return 0
 
@@ -9717,49 +9955,60 @@ def _cmd_cloud_status(args: Any) -> int:
 
 
 def _cmd_worker(args: Any) -> int:
-    done = run_worker(args.cloud, args.name, args.max_jobs, args.poll, args.until_idle, args.settle, args.lease)
+    done = run_worker(args.cloud, args.name, args.max_jobs, args.poll, args.until_idle, args.settle,
+                      args.lease)
     print(f"worker finished {done} unit(s)")
     return 0
 
 
 def _add_cloud_args(commands: Any) -> None:
-    cloud = commands.add_parser("cloud", help="a queue of work units on an rclone remote, for any worker")
+    cloud = commands.add_parser("cloud", help="a queue of work units on an rclone remote, for any "
+                                              "worker")
     sub = cloud.add_subparsers(dest="cloud_command", metavar="ACTION")
     sub.required = True
-    submit = sub.add_parser("submit", help="split a job into work units and queue them on the cloud remote")
+    submit = sub.add_parser("submit", help="split a job into work units and queue them on the "
+                                           "cloud remote")
     submit.set_defaults(handler=_cmd_cloud_submit)
     submit.add_argument("target", help="path/to/module.py:func (or a script, with --split 1)")
     submit.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]", help="the rclone remote")
     submit.add_argument("--split", type=int, required=True, help="how many work units")
     submit.add_argument("--kwargs", default="{}", metavar="JSON")
-    submit.add_argument("--workload", metavar="START:END[:PARTS]", help="the range to split (default 0:1000)")
+    submit.add_argument("--workload", metavar="START:END[:PARTS]", help="the range to split "
+                                                                        "(default 0:1000)")
     submit.add_argument("--copy-repo", action="store_true", help="the units carry the repo")
     submit.add_argument("--allowed", metavar="W1,W2", help="only these workers may run the units")
     submit.add_argument("--python", help="interpreter on the workers (default python3)")
     submit.add_argument("--job-id")
-    status = sub.add_parser("status", help="each unit: queued, running (where), stale, completed or failed")
+    status = sub.add_parser("status", help="each unit: queued, running (where), stale, completed "
+                                           "or failed")
     status.set_defaults(handler=_cmd_cloud_status)
     status.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
     status.add_argument("--json", action="store_true")
     worker = commands.add_parser("worker", help="claim and run work units from a cloud queue")
     worker.set_defaults(handler=_cmd_worker)
     worker.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
-    worker.add_argument("--max-jobs", type=int, default=1, help="units run at once on this machine (default 1)")
+    worker.add_argument("--max-jobs", type=int, default=1, help="units run at once on this machine "
+                                                                "(default 1)")
     worker.add_argument("--name", help="this worker's name (default HOST-PID); see --allowed")
-    worker.add_argument("--poll", type=float, default=5.0, help="seconds between looks at an idle queue")
+    worker.add_argument("--poll", type=float, default=5.0, help="seconds between looks at an idle "
+                                                                "queue")
     worker.add_argument("--until-idle", action="store_true", help="stop once every unit is done")
-    worker.add_argument("--lease", type=float, default=CLOUD_LEASE, help="seconds a silent claim stays valid")
-    worker.add_argument("--settle", type=float, default=CLOUD_SETTLE, help="seconds a claim waits for rivals")
+    worker.add_argument("--lease", type=float, default=CLOUD_LEASE, help="seconds a silent claim "
+                                                                         "stays valid")
+    worker.add_argument("--settle", type=float, default=CLOUD_SETTLE, help="seconds a claim waits "
+                                                                           "for rivals")
 
 
 def _cmd_ip(args: Any) -> int:
     if args.action == "switch":
-        success, address, seen = switch_public_ip_address_with_log(args.max_trials, args.wait, args.target or None,
+        success, address, seen = switch_public_ip_address_with_log(args.max_trials, args.wait,
+                                                                   args.target or None,
                                                                    args.endpoint, args.timeout)
         if args.json:
             _print_json({"success": success, "ip": address, "attempted": seen})
         else:
-            print(f"{'switched to' if success else 'could not switch; last address'} {address or '-'}")
+            print(f"{'switched to' if success else 'could not switch; last address'} "
+                  f"{address or '-'}")
             if seen:
                 print("attempted: " + ", ".join(seen))
         return 0 if success else 1
@@ -9776,68 +10025,91 @@ def _cmd_ip(args: Any) -> int:
         _print_json({"interfaces": [dataclasses.asdict(row) for row in table],
                      "lan": lan.ipv4_address if lan else None})
         return 0
-    _print_table([[row.interface, row.ipv4_address, row.mac_address or "-", "LAN" if row == lan else ""]
+    _print_table([[row.interface, row.ipv4_address, row.mac_address or "-",
+                   "LAN" if row == lan else ""]
                   for row in table], ["INTERFACE", "IPV4", "MAC", ""])
     return 0
 
 
 def _add_ip_args(commands: Any) -> None:
-    sub = commands.add_parser("ip", help="local addresses and the LAN one; --public: the public IP; switch: rotate it")
+    sub = commands.add_parser("ip", help="local addresses and the LAN one; --public: the public "
+                                         "IP; switch: rotate it")
     sub.set_defaults(handler=_cmd_ip)
-    sub.add_argument("action", nargs="?", choices=["switch"], help="rotate the public IP with warp-cli")
-    sub.add_argument("--public", action="store_true", help="the public address and what is known of it")
+    sub.add_argument("action", nargs="?", choices=["switch"], help="rotate the public IP with "
+                                                                   "warp-cli")
+    sub.add_argument("--public", action="store_true", help="the public address and what is known "
+                                                           "of it")
     sub.add_argument("--json", action="store_true")
-    sub.add_argument("--prefer-vpn", action="store_true", help="let VPN/tunnel interfaces compete for the LAN choice")
+    sub.add_argument("--prefer-vpn", action="store_true", help="let VPN/tunnel interfaces compete "
+                                                               "for the LAN choice")
     sub.add_argument("--endpoint", help="JSON endpoint of the public-IP lookup, http:// or "
                                         "https:// (default: ipinfo CLI or ipinfo.io)")
     sub.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="the most one public-IP lookup (default 5) or one warp-cli call "
                           "(default 30) may take")
-    sub.add_argument("--max-trials", type=int, default=10, help="switch: registrations to try (default 10)")
-    sub.add_argument("--wait", type=float, default=2.0, help="switch: seconds to wait after each step (default 2)")
-    sub.add_argument("--target", action="append", default=[], metavar="IP", help="switch: stop at one of these")
+    sub.add_argument("--max-trials", type=int, default=10, help="switch: registrations to try "
+                                                                "(default 10)")
+    sub.add_argument("--wait", type=float, default=2.0, help="switch: seconds to wait after each "
+                                                             "step (default 2)")
+    sub.add_argument("--target", action="append", default=[], metavar="IP",
+                     help="switch: stop at one of these")
 
 
 def _add_run_args(parser: Any) -> None:
-    parser.add_argument("target", help="a script (path/to/train.py) or a function (path/to/module.py:func)")
-    parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or user@host[:port]); "
+    parser.add_argument("target", help="a script (path/to/train.py) or a function "
+                                       "(path/to/module.py:func)")
+    parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or "
+                                       "user@host[:port]); "
                                        "default: this machine")
     parser.add_argument("--copy-repo", action="store_true",
                         help="run a snapshot of the repo as it is here, in the job's own folder "
-                             "(without .git, virtual environments and caches; only new files travel)")
+                             "(without .git, virtual environments and caches; only new files "
+                             "travel)")
     parser.add_argument("--transfer", choices=TRANSFER_METHODS, default="sftp",
-                        help="how the job reaches the host: over SSH (sftp, default) or through cloud storage")
+                        help="how the job reaches the host: over SSH (sftp, default) or through "
+                             "cloud storage")
     parser.add_argument("--cloud", metavar="REMOTE[:PATH]",
-                        help="the rclone remote for --transfer cloud (REMOTE means REMOTE:stackops)")
+                        help="the rclone remote for --transfer cloud (REMOTE means "
+                             "REMOTE:stackops)")
     parser.add_argument("--accept-new", action="store_true",
-                        help="trust and record the host's key if it is unknown (a changed key is always refused)")
+                        help="trust and record the host's key if it is unknown (a changed key is "
+                             "always refused)")
     parser.add_argument("--ssh-timeout", type=float, default=15.0, metavar="SECONDS",
-                        help="give up connecting, or on a transfer that stalls, after this long (default 15)")
+                        help="give up connecting, or on a transfer that stalls, after this long "
+                             "(default 15)")
     parser.add_argument("--kwargs", default="{}", metavar="JSON",
-                        help="keyword arguments: a JSON object, or @file.json (scripts see them as func_kwargs)")
+                        help="keyword arguments: a JSON object, or @file.json (scripts see them as "
+                             "func_kwargs)")
     parser.add_argument("--sweep", metavar="FILE.jsonl",
                         help="a sweep: one job per line of FILE (a JSON object of kwargs, laid "
                              "over --kwargs), ids ID-0000, ID-0001, ..., sharing one copy of the "
                              "code; wait ID and cancel ID act on all")
-    parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random readable name)")
+    parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random "
+                                         "readable name)")
     parser.add_argument("--description", default="", help="free text kept with the job")
     parser.add_argument("--max-jobs", type=int, default=1, metavar="N",
-                        help="at most N jobs hold a slot on the machine at once; the rest queue (default 1)")
-    parser.add_argument("--no-lock", action="store_true", help="start at once, without taking a slot")
+                        help="at most N jobs hold a slot on the machine at once; the rest queue "
+                             "(default 1)")
+    parser.add_argument("--no-lock", action="store_true", help="start at once, without taking a "
+                                                               "slot")
     parser.add_argument("--workload", metavar="START:END[:PARTS]",
-                        help="call the function with workload_params covering [START, END) in PARTS parts")
+                        help="call the function with workload_params covering [START, END) in "
+                             "PARTS parts")
     parser.add_argument("--parallelize", action="store_true",
                         help="with --workload: run the PARTS in parallel processes, at most one "
                              "per CPU of the machine; the result is their list")
     parser.add_argument("--try-except", action="store_true",
-                        help="catch the job's exception inside the wrapper (kept with its traceback)")
+                        help="catch the job's exception inside the wrapper (kept with its "
+                             "traceback)")
     parser.add_argument("--interactive", action="store_true",
                         help="run with python -i in a tmux session named after the job")
     parser.add_argument("--update-repo", action="store_true",
                         help="git pull the host's own clone before the job (not with --copy-repo)")
-    parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo before the job")
+    parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo "
+                                                                    "before the job")
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
-                        help="sync a file or folder to the same place on the host (only files that differ travel)")
+                        help="sync a file or folder to the same place on the host (only files that "
+                             "differ travel)")
     parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
     _add_run_start_args(parser)
 
@@ -9845,26 +10117,36 @@ def _add_run_args(parser: Any) -> None:
 def _add_run_start_args(parser: Any) -> None:
     """run's options for when and how the job starts and ends: resources, order, Slurm, e-mail."""
     parser.add_argument("--gpus", type=int, default=0, metavar="N",
-                        help="wait for N of the machine's GPUs (nvidia-smi, or STACKOPS_GPUS=0,1,...) and get "
-                             "exactly them in CUDA_VISIBLE_DEVICES; jobs without --gpus never wait behind these")
+                        help="wait for N of the machine's GPUs (nvidia-smi, or "
+                             "STACKOPS_GPUS=0,1,...) and get "
+                             "exactly them in CUDA_VISIBLE_DEVICES; jobs without --gpus never wait "
+                             "behind these")
     parser.add_argument("--group", metavar="NAME",
                         help="a named pool with its own --max-jobs (e.g. --group io --max-jobs 8)")
     parser.add_argument("--retries", type=int, default=0, metavar="N",
-                        help="repeat a failed run in place up to N times (status shows the attempt)")
-    parser.add_argument("--retry-delay", type=float, default=0.0, metavar="S", help="seconds between attempts")
+                        help="repeat a failed run in place up to N times (status shows the "
+                             "attempt)")
+    parser.add_argument("--retry-delay", type=float, default=0.0, metavar="S",
+                        help="seconds between attempts")
     parser.add_argument("--after", metavar="ID[,ID...]", default="",
-                        help="start only once these jobs completed; if one fails the job ends cancelled")
+                        help="start only once these jobs completed; if one fails the job ends "
+                             "cancelled")
     parser.add_argument("--notify", action="store_true",
-                        help="e-mail when the job ends (SMTP settings on the executing machine, see README)")
-    parser.add_argument("--email", metavar="ADDR", help="with --notify: the address (default: your user config's)")
+                        help="e-mail when the job ends (SMTP settings on the executing machine, "
+                             "see README)")
+    parser.add_argument("--email", metavar="ADDR", help="with --notify: the address (default: your "
+                                                        "user config's)")
     parser.add_argument("--slurm", action="store_true",
-                        help="hand the job to Slurm with sbatch (here, or on the --host login node)")
+                        help="hand the job to Slurm with sbatch (here, or on the --host login "
+                             "node)")
     parser.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
-                        help="an sbatch long option for --slurm, e.g. partition=gpu, time=02:00:00 (repeatable)")
+                        help="an sbatch long option for --slurm, e.g. partition=gpu, time=02:00:00 "
+                             "(repeatable)")
     parser.add_argument("--show-scripts", action="store_true", help="print the generated scripts")
     parser.add_argument("--no-launch", action="store_true",
                         help="prepare everything and print the launch command; start nothing")
-    parser.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if it failed")
+    parser.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if "
+                                                            "it failed")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
 
 
@@ -9882,26 +10164,35 @@ def _add_list_args(sub: Any) -> None:
 
 
 def _add_control_args(command: Callable[..., Any]) -> None:
-    sub = command("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL after --grace; "
+    sub = command("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL "
+                                         "after --grace; "
                   "a waiting job leaves the queue", job=False)
     sub.add_argument("job_ids", nargs="+", metavar="ID")
     sub.add_argument("--grace", type=float, default=10.0, metavar="S",
                      help="seconds between SIGTERM and SIGKILL (default 10)")
-    sub = command("wait", _cmd_wait, "block until the jobs end: exit 0 if all completed, 1 if not, 124 on timeout",
+    sub = command("wait", _cmd_wait, "block until the jobs end: exit 0 if all completed, 1 if not, "
+                                     "124 on timeout",
                   job=False)
     sub.add_argument("job_ids", nargs="+", metavar="ID")
-    sub.add_argument("--timeout", type=float, default=None, metavar="S", help="give up after S seconds (exit 124)")
+    sub.add_argument("--timeout", type=float, default=None, metavar="S",
+                     help="give up after S seconds (exit 124)")
     command("start", _cmd_start, "launch a job prepared with run --no-launch")
-    sub = command("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed parts)")
-    sub.add_argument("--failed", action="store_true", help="for a cluster id: only the parts that failed")
-    sub.add_argument("--wait", action="store_true", help="block until it ends; exit 1 if it did not complete")
-    sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran", job=False)
+    sub = command("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed "
+                                       "parts)")
+    sub.add_argument("--failed", action="store_true", help="for a cluster id: only the parts that "
+                                                           "failed")
+    sub.add_argument("--wait", action="store_true", help="block until it ends; exit 1 if it did "
+                                                         "not complete")
+    sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",
+                  job=False)
     sub.add_argument("job_ids", nargs="+", metavar="ID")
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
-    sub = command("prune", _cmd_prune, "delete the jobs that ended longer ago than --older-than", job=False)
+    sub = command("prune", _cmd_prune, "delete the jobs that ended longer ago than --older-than",
+                  job=False)
     sub.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 12h, 7d, 2w")
     sub.add_argument("--status", help="only jobs that ended so (completed, failed, cancelled)")
-    sub.add_argument("--host", help="only jobs on this host (the alias used; localhost for this machine)")
+    sub.add_argument("--host", help="only jobs on this host (the alias used; localhost for this "
+                                    "machine)")
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
 
 
@@ -9909,9 +10200,11 @@ def _build_parser() -> Any:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="stackops", description="Run a Python function or script detached, capped by slots, and follow it.")
+        prog="stackops", description="Run a Python function or script detached, capped by slots, "
+                                     "and follow it.")
     parser.add_argument("--version", action="version", version=f"stackops {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics (-vv: tracebacks)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics (-vv: "
+                                                                           "tracebacks)")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer diagnostics")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -9921,7 +10214,8 @@ def _build_parser() -> Any:
         sub.set_defaults(handler=handler)
         if job:
             sub.add_argument("job_id", help="the job's id")
-        sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR, help=f"where jobs live (default {DEFAULT_BASE_DIR})")
+        sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR, help="where jobs live (default "
+                                                                      f"{DEFAULT_BASE_DIR})")
         return sub
 
     _add_job_commands(commands, command)
@@ -9947,7 +10241,8 @@ def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
     sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     sub = commands.add_parser("queue", help="slots in use, who waits in what order, recent history")
     sub.set_defaults(handler=_cmd_queue)
-    sub.add_argument("--history", type=int, default=10, metavar="N", help="show the last N finished jobs")
+    sub.add_argument("--history", type=int, default=10, metavar="N", help="show the last N "
+                                                                          "finished jobs")
     sub.add_argument("--host", help="the queue of this host, read there in one round trip")
     sub.add_argument("--json", action="store_true")
     sub = command("download", _cmd_download, "copy a finished job's results folder")
@@ -9959,31 +10254,39 @@ def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
 
 def _add_host_commands(commands: Any) -> None:
     """ssh, copy and send-key: a host's conveniences, no job."""
-    sub = commands.add_parser("ssh", help="run a command on a host; its exit status is passed through")
+    sub = commands.add_parser("ssh", help="run a command on a host; its exit status is passed "
+                                          "through")
     sub.set_defaults(handler=_cmd_ssh)
     sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
     sub.add_argument("command", nargs="*", help="the command (after --)")
     sub.add_argument("--timeout", type=float, default=None,
                      help="give up connecting, or on the command, after this many seconds")
-    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
-    sub = commands.add_parser("copy", help="copy a file or folder to or from a host (HOST:PATH on one side)")
+    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host "
+                                                               "key")
+    sub = commands.add_parser("copy", help="copy a file or folder to or from a host (HOST:PATH on "
+                                           "one side)")
     sub.set_defaults(handler=_cmd_copy)
     sub.add_argument("source")
     sub.add_argument("target")
     sub.add_argument("-r", "--recursive", action="store_true", help="copy folders")
     sub.add_argument("-z", "--compress", action="store_true", help="compress on the wire")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
-    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
-    sub = commands.add_parser("send-key", help="install your public key in a host's authorized_keys (once)")
+    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host "
+                                                               "key")
+    sub = commands.add_parser("send-key", help="install your public key in a host's "
+                                               "authorized_keys (once)")
     sub.set_defaults(handler=_cmd_send_key)
     sub.add_argument("host")
-    sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then id_rsa.pub)")
-    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host key")
+    sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then "
+                                   "id_rsa.pub)")
+    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host "
+                                                               "key")
 
 
 def _add_hidden_commands(commands: Any) -> None:
     """Run on the host by the job's own stackops copy, hence no help."""
-    sub = commands.add_parser("job-report")  # no help: run on the host by the job's own stackops copy
+    # no help: run on the host by the job's own stackops copy
+    sub = commands.add_parser("job-report")
     sub.set_defaults(handler=_cmd_job_report)
     sub.add_argument("job_root")
     sub.add_argument("--lines", type=int, default=20)
@@ -10031,7 +10334,8 @@ def _configure_logging(level: int) -> Callable[[], None]:
         new._stackops_cli = True  # type: ignore[attr-defined]
         logger.addHandler(new)
     log.propagate = False
-    log.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(max(-1, min(level, 2)),
+    log.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(max(-1, min(level,
+                                                                                          2)),
                                                                               logging.DEBUG))
 
     def undo() -> None:
