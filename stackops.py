@@ -4211,37 +4211,6 @@ class SSH:
 
     # -- connecting ------------------------------------------------------------------------------
 
-    def _socket(self, hop: int) -> Any:
-        import socket
-
-        target = self.target
-        if target.proxy_command:
-            return _paramiko().ProxyCommand(target.proxy_command)
-        if target.proxy_jump:
-            first, *rest = [jump.strip() for jump in target.proxy_jump.split(",")]
-            via = SSH(first, accept_new_host_key=self.accept_new, timeout=self.timeout,
-                      _hop=hop + 1)
-            self._jumps.append(via)
-            for jump in rest:
-                via = via._jump_to(jump, hop + 1)
-                self._jumps.append(via)
-            return via._channel_to(target.hostname, target.port)
-        try:
-            sock = socket.create_connection((target.hostname, target.port), timeout=self.timeout)
-        except socket.gaierror as exc:
-            raise StackopsConnectionError(f"cannot resolve {target.hostname} (from "
-                                          f"{target.alias}): {exc.strerror}",
-                                          hint="check the alias in ~/.ssh/config") from exc
-        except OSError as exc:
-            reason = _connect_reason(exc, self.timeout, self.target.port)
-            raise StackopsConnectionError(f"cannot connect to {target}: {reason}",
-                                          hint=self._connect_hint()) from exc
-        # paramiko waits on Nagle otherwise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if hasattr(socket, "TCP_QUICKACK"):  # Linux: see _QuickAckSocket
-            sock.__class__ = _quickack_socket()
-        return sock
-
     def _channel_to(self, hostname: str, port: int) -> Any:
         transport = self.client.get_transport()
         try:
@@ -4256,28 +4225,11 @@ class SSH:
         nxt = SSH.__new__(SSH)
         nxt.target = resolve_ssh_target(jump)
         nxt.target.proxy_jump = nxt.target.proxy_command = None
-        nxt.timeout, nxt.compress, nxt.accept_new, nxt._password = self.timeout, False, self.accept_new, None
+        nxt.timeout, nxt.compress, nxt.accept_new = self.timeout, False, self.accept_new
+        nxt._password = None
         nxt._jumps, nxt._specs = [], None
         nxt.client = nxt._connect(hop, sock=self._channel_to(nxt.target.hostname, nxt.target.port))
         return nxt
-
-    def _host_keys(self, client: Any) -> Path:
-        """Load every known_hosts file (never rewritten: accepted keys are appended to the first);
-        keys of ``@revoked`` lines are left out, so they are refused like unknown ones."""
-        files = [expand_home(f) for f in self.target.known_hosts]
-        lines: list[str] = []
-        for path in files:
-            with _suppress(OSError):
-                lines += path.read_text(errors="replace").splitlines()
-        self._revoked = {line.split()[3] for line in lines
-                         if line.startswith("@revoked") and len(line.split()) > 3}
-        host_keys = client.get_host_keys()
-        for line in lines:
-            entry = _known_hosts_entry(line)
-            if entry is not None and entry.key.get_base64() not in self._revoked:
-                for name in entry.hostnames:
-                    host_keys.add(name, entry.key.get_name(), entry.key)
-        return files[0]
 
     def _credentials(self) -> dict[str, Any]:
         keys = [f for f in self.target.identity_files if os.path.exists(f)]
@@ -4301,10 +4253,10 @@ class SSH:
 
         fast = {"transport_factory": _gcm_first_transport} \
             if "transport_factory" in inspect.signature(client.connect).parameters else {}
-        record = self._host_keys(client)
+        record = _load_host_keys(self, client)
         client.set_missing_host_key_policy(_host_key_policy(self.accept_new, self._revoked, record))
         credentials = self._credentials()
-        sock = sock if sock is not None else self._socket(hop)
+        sock = sock if sock is not None else _ssh_socket(self, hop)
         target = self.target
         try:
             client.connect(target.hostname, target.port, username=target.user, sock=sock,
@@ -4492,6 +4444,58 @@ class SSH:
         read its answers line by line as it goes; then the rest of its output is read (not
         strict). A transfer that stops making progress drops the connection (see _Watchdog)."""
         return _stream_command(self, command, produce, progress)
+
+
+def _ssh_socket(ssh: SSH, hop: int) -> Any:
+    """The socket (or ProxyCommand, or jump channel) SSH._connect talks over."""
+    import socket
+
+    target = ssh.target
+    if target.proxy_command:
+        return _paramiko().ProxyCommand(target.proxy_command)
+    if target.proxy_jump:
+        first, *rest = [jump.strip() for jump in target.proxy_jump.split(",")]
+        via = SSH(first, accept_new_host_key=ssh.accept_new, timeout=ssh.timeout,
+                  _hop=hop + 1)
+        ssh._jumps.append(via)
+        for jump in rest:
+            via = via._jump_to(jump, hop + 1)
+            ssh._jumps.append(via)
+        return via._channel_to(target.hostname, target.port)
+    try:
+        sock = socket.create_connection((target.hostname, target.port), timeout=ssh.timeout)
+    except socket.gaierror as exc:
+        raise StackopsConnectionError(f"cannot resolve {target.hostname} (from "
+                                      f"{target.alias}): {exc.strerror}",
+                                      hint="check the alias in ~/.ssh/config") from exc
+    except OSError as exc:
+        reason = _connect_reason(exc, ssh.timeout, ssh.target.port)
+        raise StackopsConnectionError(f"cannot connect to {target}: {reason}",
+                                      hint=ssh._connect_hint()) from exc
+    # paramiko waits on Nagle otherwise
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_QUICKACK"):  # Linux: see _QuickAckSocket
+        sock.__class__ = _quickack_socket()
+    return sock
+
+
+def _load_host_keys(ssh: SSH, client: Any) -> Path:
+    """Load every known_hosts file (never rewritten: accepted keys are appended to the first);
+    keys of ``@revoked`` lines are left out, so they are refused like unknown ones."""
+    files = [expand_home(f) for f in ssh.target.known_hosts]
+    lines: list[str] = []
+    for path in files:
+        with _suppress(OSError):
+            lines += path.read_text(errors="replace").splitlines()
+    ssh._revoked = {line.split()[3] for line in lines
+                     if line.startswith("@revoked") and len(line.split()) > 3}
+    host_keys = client.get_host_keys()
+    for line in lines:
+        entry = _known_hosts_entry(line)
+        if entry is not None and entry.key.get_base64() not in ssh._revoked:
+            for name in entry.hostnames:
+                host_keys.add(name, entry.key.get_name(), entry.key)
+    return files[0]
 
 
 def _host_key_policy(accept: bool, revoked: set[str], record: Path) -> Any:
@@ -5750,32 +5754,40 @@ class _HandOver:
     steps: list[Response]
 
 
+def _checked_snapshot(config: RemoteStackOpsConfig, job_params: JobParams,
+                      file_manager: FileManager,
+                      snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None
+                      ) -> tuple[str, list[list[Any]], dict[str, Path]] | None:
+    """The code snapshot a hand-over sends (taken now if not given with ``copy_repo``); refused
+    when the repo changed since the job was generated (the job records its snapshot)."""
+    if config.copy_repo and snapshot is None:
+        snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
+    if snapshot is not None and snapshot[0] != job_params.code_snapshot:
+        raise StackopsError(f"the repo of job {file_manager.job_id} changed since the job was "
+                            "generated", hint="submit it again under a new job_id")
+    return snapshot
+
+
 def _hand_over(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
                file_manager: FileManager, data: list[str],
                progress: Callable[[int], None] | None = None,
                snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None,
                need_file: str = "", then: list[str] | None = None,
                gate: Callable[[Callable[[bytes], None]], bool] | None = None) -> _HandOver:
-    """Hand the job over in ONE remote command, one shell start on the host: it checks that the
-    interpreter (and ``need_file``, a job file the host must have) is there, asks the host what
-    it lacks (the code snapshot's blobs, data files that differ, and whether it sees this
-    machine's job folder), sends only that with the job folder, which the host puts in place (see
-    _HostSync), and then runs each bash command of ``then`` in order while the previous one
-    succeeded (the e-mail check, the launch), whose answers it returns. With ``gate``, the host
-    waits once the job is in place until ``gate(write)`` says go (True) or stop (see _Together).
-    Nothing outside stackops' own trees is written there except the data files, each replaced
-    whole. On a shared home nothing is sent, and the folder, code and data are used in place."""
-    if config.copy_repo and snapshot is None:
-        snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
-    if snapshot is not None and snapshot[0] != job_params.code_snapshot:
-        raise StackopsError(f"the repo of job {file_manager.job_id} changed since the job was "
-                            "generated",
-                            hint="submit it again under a new job_id")
+    """Hand the job over in ONE remote command, one shell start on the host: check the
+    interpreter (and ``need_file``, a job file the host must have), ask what the host lacks
+    (snapshot blobs, data files that differ, whether it sees this machine's job folder), send
+    only that with the job folder (see _HostSync), then run each bash command of ``then`` while
+    the previous one succeeded (e-mail check, launch) and return their answers. With ``gate``,
+    the host waits, its job in place, until ``gate(write)`` says go or stop (see _Together).
+    Only stackops' own trees and the data files (each replaced whole) are written there."""
+    snapshot = _checked_snapshot(config, job_params, file_manager, snapshot)
     python = config.python or "python3"
     items = _data_items(data)
     base, base_rh = file_manager.job_root.parent, file_manager.job_root_rh.rsplit("/", 1)[0]
+    # whether the host sees this machine's folder: asked once per host and folder (a nonce)
     cache: dict[str, bool] = getattr(ssh, "_sees", None) or {}
-    ssh._sees = cache  # type: ignore[attr-defined]  # one check per host and folder, kept with the connection
+    ssh._sees = cache  # type: ignore[attr-defined]
     key, nonce = f"{base}|{base_rh}", f".stackops-nonce-{random.getrandbits(64):016x}"
     fence = f"--stackops-step-{random.getrandbits(64):016x}:"
     by_blob = _folder_blobs(file_manager.job_root)
@@ -9867,66 +9879,70 @@ def _cmd_cluster_logs(args: Any) -> int:
 
 
 def _add_cluster_args(commands: Any) -> None:
-    cluster = commands.add_parser("cluster", help="split one workload over several hosts by "
-                                                  "CPU/RAM")
+    cluster = commands.add_parser("cluster",
+                                  help="split one workload over several hosts by CPU/RAM")
     sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
     sub.required = True
     default_base = DEFAULT_BASE_DIR.rsplit("/", 1)[0]
-    run = sub.add_parser("run", help="launch a function on several hosts, each on its share of [0, "
-                                     "MAX)")
+    run = sub.add_parser("run",
+                         help="launch a function on several hosts, each on its share of [0, MAX)")
     run.set_defaults(handler=_cmd_cluster_run)
-    run.add_argument("target", help="path/to/module.py:func; it gets workload_params (its slice) "
-                                    "and the kwargs")
-    run.add_argument("--hosts", required=True, help="comma-separated ~/.ssh/config aliases or "
-                                                    "user@host[:port]")
-    run.add_argument("--kwargs", default="{}", metavar="JSON", help="keyword arguments (JSON "
-                                                                    "object or @file)")
-    run.add_argument("--criterion", default="cpu", choices=[c.name for c in LoadCriterion],
-                     help="what a host's share and threads follow (default cpu)")
-    run.add_argument("--threads", type=int, default=None, metavar="N",
-                     help="parts a host like this one runs; others scale by the criterion (default "
-                          "1)")
-    run.add_argument("--parallelize", action="store_true",
-                     help="run each host's parts in parallel processes, at most one per CPU "
-                          "of the host")
-    run.add_argument("--max-num", type=int, default=1000, help="the index range [0, MAX) to split "
-                                                               "(default 1000)")
-    run.add_argument("--max-jobs", type=int, default=1, metavar="N", help="slots per host (default "
-                                                                          "1)")
-    run.add_argument("--strict", action="store_true", help="refuse to launch anywhere if a host is "
-                                                           "unreachable")
-    run.add_argument("--copy-repo", action="store_true", help="each job runs its own snapshot of "
-                                                              "the repo")
-    run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
-    run.add_argument("--job-id", help="the cluster's id (a safe name)")
-    run.add_argument("--description", default="")
-    run.add_argument("--wait", action="store_true", help="block until every host's job ended "
-                     "(exit status 1 if one failed or a host stayed unreachable)")
-    run.add_argument("--host-timeout", type=float, default=120.0, metavar="SECONDS",
-                     help="with --wait: give up on a host silent this long (default 120)")
-    for name, handler, text in (("status", _cmd_cluster_status, "one line per host: share, status, "
-                                                                "times"),
-                                ("download", _cmd_cluster_download, "every host's results into one "
-                                                                    "folder"),
-                                ("logs", _cmd_cluster_logs, "a part's output (every part's, "
-                                                            "without --part)")):
+    _add_cluster_run_args(run)
+    for name, handler, text in (
+            ("status", _cmd_cluster_status, "one line per host: share, status, times"),
+            ("download", _cmd_cluster_download, "every host's results into one folder"),
+            ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
         action = sub.add_parser(name, help=text)
         action.set_defaults(handler=handler)
         action.add_argument("cluster_id")
         if name == "status":
             action.add_argument("--json", action="store_true")
         elif name == "download":
-            action.add_argument("--to", help="the local folder (default: the cluster's results "
-                                             "folder)")
+            action.add_argument("--to",
+                                help="the local folder (default: the cluster's results folder)")
         else:
-            action.add_argument("--part", metavar="K", help="the part: its host, or its number (1, "
-                                                            "2, ...)")
-            action.add_argument("-f", "--follow", action="store_true", help="keep printing while "
-                                                                            "the part runs")
+            action.add_argument("--part", metavar="K",
+                                help="the part: its host, or its number (1, 2, ...)")
+            action.add_argument("-f", "--follow", action="store_true",
+                                help="keep printing while the part runs")
             action.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     for action in (run, *[p for n, p in sub.choices.items() if n != "run"]):
-        action.add_argument("--base-dir", default=default_base, help="where clusters live "
-                                                                     f"(default {default_base})")
+        action.add_argument("--base-dir", default=default_base,
+                            help=f"where clusters live (default {default_base})")
+
+
+def _add_cluster_run_args(run: Any) -> None:
+    run.add_argument("target",
+                     help="path/to/module.py:func; it gets workload_params (its slice) and "
+                          "the kwargs")
+    run.add_argument("--hosts", required=True,
+                     help="comma-separated ~/.ssh/config aliases or user@host[:port]")
+    run.add_argument("--kwargs", default="{}", metavar="JSON",
+                     help="keyword arguments (JSON object or @file)")
+    run.add_argument("--criterion", default="cpu", choices=[c.name for c in LoadCriterion],
+                     help="what a host's share and threads follow (default cpu)")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="parts a host like this one runs; others scale by the criterion "
+                          "(default 1)")
+    run.add_argument("--parallelize", action="store_true",
+                     help="run each host's parts in parallel processes, at most one per CPU "
+                          "of the host")
+    run.add_argument("--max-num", type=int, default=1000,
+                     help="the index range [0, MAX) to split (default 1000)")
+    run.add_argument("--max-jobs", type=int, default=1, metavar="N",
+                     help="slots per host (default 1)")
+    run.add_argument("--strict", action="store_true",
+                     help="refuse to launch anywhere if a host is unreachable")
+    run.add_argument("--copy-repo", action="store_true",
+                     help="each job runs its own snapshot of the repo")
+    run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
+    run.add_argument("--job-id", help="the cluster's id (a safe name)")
+    run.add_argument("--description", default="")
+    run.add_argument("--wait", action="store_true",
+                     help="block until every host's job ended (exit status 1 if one failed or a "
+                          "host stayed unreachable)")
+    run.add_argument("--host-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="with --wait: give up on a host silent this long (default 120)")
 
 
 def _cmd_cloud_submit(args: Any) -> int:
