@@ -5931,23 +5931,33 @@ def _host_sync_boot() -> str:
     return render_template(_HOST_SYNC_BOOT, store=repr(DEFAULT_SNAPSHOT_DIR), name=repr(name))
 
 
+# The one bash command of a hand-over (_hand_over_command): the checks, each refusal a fenced line
+# (the request is read away so that it never meets a closed channel), _HostSync, then each step.
+HAND_OVER_PYTHON_TEMPLATE = (
+    "command -v @@python >/dev/null 2>&1 || { echo @@{fence}no-python; cat >/dev/null; exit 3; }")
+HAND_OVER_FILE_TEMPLATE = "[ -f @@file ] || { echo @@{fence}no-file; cat >/dev/null; exit 3; }"
+HAND_OVER_SYNC_TEMPLATE = "@@python -S -c @@boot@@gate@@steps"
+# "wait" lines keep the link busy; anything but "go" starts nothing
+HAND_OVER_GATE = ' && { g=wait; while [ "$g" = wait ]; do read -r g || g=; done; [ "$g" = go ] ' \
+                 "|| exit 0; }"
+HAND_OVER_STEP_TEMPLATE = " && { echo @@{fence}@@index; (\n@@step\n); }"
+
+
 def _hand_over_command(python: str, need_file: str, fence: str, then: list[str],
                        gated: bool = False) -> str:
-    """The one bash command of a hand-over: the checks (a refusal is a fenced line, and the
-    request is read away so that it never meets a closed channel), _HostSync, then each command
-    of ``then`` in a subshell of its own, after a fenced line with its index."""
-    refuse = "cat >/dev/null; exit 3; }"
-    found = f"command -v {shlex.quote(python)} >/dev/null 2>&1"
-    lines = [f"{found} || {{ echo {fence}no-python; {refuse}"]
+    """The one bash command of a hand-over: the checks (a refusal is a fenced line), _HostSync,
+    then each command of ``then`` in a subshell of its own, after a fenced line with its index."""
+    quoted, marker = shlex.quote(python), shlex.quote(fence)
+    lines = [render_template(HAND_OVER_PYTHON_TEMPLATE, python=quoted, fence=marker)]
     if need_file:
-        lines.append(f"[ -f {_sh_path(need_file)} ] || {{ echo {fence}no-file; {refuse}")
-    chain = f"{shlex.quote(python)} -S -c {shlex.quote(_host_sync_boot())}"
-    if gated and then:  # "wait" lines keep the link busy; anything but "go" starts nothing
-        chain += (' && { g=wait; while [ "$g" = wait ]; do read -r g || g=; done; '
-                  '[ "$g" = go ] || exit 0; }')
-    for index, step in enumerate(then):
-        chain += f" && {{ echo {fence}{index}; (\n{step}\n); }}"
-    return "\n".join([*lines, chain])
+        lines.append(render_template(HAND_OVER_FILE_TEMPLATE, file=_sh_path(need_file),
+                                     fence=marker))
+    steps = "".join(render_template(HAND_OVER_STEP_TEMPLATE, fence=marker, index=str(index),
+                                    step=step) for index, step in enumerate(then))
+    lines.append(render_template(HAND_OVER_SYNC_TEMPLATE, python=quoted,
+                                 boot=shlex.quote(_host_sync_boot()),
+                                 gate=HAND_OVER_GATE if gated and then else "", steps=steps))
+    return "\n".join(lines)
 
 
 def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], shared: bool,
@@ -8313,9 +8323,8 @@ def _withdraw_sweep(template: RemoteMachine, made: list[str], placed: bool) -> N
     host's end removes the job folders it wrote itself). Nothing that was there before."""
     queued = template.file_manager.job_root.parent
     if placed:
-        where = _sh_path(template.file_manager.job_root_rh)
         with _suppress(Exception):
-            template.ssh.run_shell_cmd_on_remote(f"rm -rf -- {where}", timeout=60, strict=False)
+            template._place.withdraw(template)  # WITHDRAW_TEMPLATE: the shared folder only
     for name in made:
         path = queued / name
         if path.is_dir() and not path.is_symlink():
