@@ -843,6 +843,23 @@ def test_header_test_banners_follow_the_module_order():
     assert set(numbers) <= set(sections) | {0}, set(numbers) - set(sections)
 
 
+def test_header_no_name_of_this_file_is_defined_twice():
+    """Blocks move (module order): a second module-level definition would silently replace the
+    first for every test that reads the name at run time."""
+    import ast
+
+    seen: dict[str, int] = {}
+    twice = []
+    for node in ast.parse(HERE.joinpath("test_stackops.py").read_text()).body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]
+        for name in names:
+            if name in seen:
+                twice.append((name, seen[name], node.lineno))
+            seen[name] = node.lineno
+    assert twice == []
+
+
 def test_header_all_is_pinned():
     assert stackops.__all__ == EXPECTED_ALL
     assert all(hasattr(stackops, name) for name in stackops.__all__)
@@ -3227,7 +3244,7 @@ def test_remote_stale_partial_folders_removed_by_a_later_copy_to_that_parent(rem
         shutil.rmtree(side)  # the remote home lives for the whole session
 
 
-HOSTILE_NAMES = ["plain", "with space", "it's", '"dq"', "$(touch PWNED)", "`id`", "-rf", "--", "*", "?", "ü-ñ",
+TREE_NAMES = ["plain", "with space", "it's", '"dq"', "$(touch PWNED)", "`id`", "-rf", "--", "*", "?", "ü-ñ",
                  "日本語", "back\\slash", "new\nline", "tab\tbed", ".hidden", "...", "~", "x:y", "%s%n", "!bang",
                  "a;b&c|d", "<in>", "#hash", "é" * 40]
 _copy_trials = itertools.count()
@@ -3237,7 +3254,7 @@ _copy_trials = itertools.count()
 def _trees(draw):
     """A random tree: (relative parts, kind, payload) with files of any size, empty folders, and
     links inside it (relative) or out of it (absolute, or climbing with '..')."""
-    names = st.sampled_from(HOSTILE_NAMES)
+    names = st.sampled_from(TREE_NAMES)
     entries, folders = [], [()]
     for _ in range(draw(st.integers(0, 9))):
         parent = draw(st.sampled_from(folders))
@@ -4532,7 +4549,7 @@ def test_transfer_ssh_holds_the_connection_and_copies_have_their_own_section():
         assert callable(getattr(stackops.SSH, name))
 
 
-HOSTILE = "~/we ird/$(touch PWNED)'\"`x`;\n\\ *"
+COPY_HOSTILE = "~/we ird/$(touch PWNED)'\"`x`;\n\\ *"
 
 
 COPY_TEMPLATES = [name for name in dir(stackops) if name.endswith("_TEMPLATE") and name.startswith(
@@ -4544,7 +4561,7 @@ def test_transfer_copy_templates_render_strictly_and_parse(template, tmp_path):
     text = getattr(stackops, template)
     found = stackops._Template(text).pattern.finditer(text)
     names = sorted({m.group("named") for m in found} - {None})
-    values = {name: HOSTILE for name in names}
+    values = {name: COPY_HOSTILE for name in names}
     script = stackops._copy_command(text, **values)
     assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
     with pytest.raises(stackops.StackopsError):
@@ -4835,29 +4852,29 @@ def test_places_chosen_from_the_config_once(home, settings, place, launcher):
     assert type(again._place).__name__ == place and type(again._launcher).__name__ == launcher
 
 
-HOSTILE = "it's a \"folder\" $(touch /tmp/stackops-pwned) `x` ;&|<> *"
+SEAM_HOSTILE = "it's a \"folder\" $(touch /tmp/stackops-pwned) `x` ;&|<> *"
 
 
 def test_places_generated_commands_are_rendered_and_quoted(home, tmp_path):
     """The commands the places and launchers build go through the strict renderer: bash
     parses each, and a hostile interpreter path or results path arrives as one word."""
-    config = RemoteStackOpsConfig(job_id="seam-2", ssh_host="box", python=f"/opt/{HOSTILE}/python3",
+    config = RemoteStackOpsConfig(job_id="seam-2", ssh_host="box", python=f"/opt/{SEAM_HOSTILE}/python3",
                                   transfer_method="cloud", cloud_name="c", notify_upon_completion=True,
                                   to_email="me@example.org", email_config_name="x")
     job = RemoteMachine(stackops.demo_job, config)
     job.cloud_sha256 = "a" * 64
-    entry = stackops._job_entry(job, "job-report", "--lines", HOSTILE)
+    entry = stackops._job_entry(job, "job-report", "--lines", SEAM_HOSTILE)
     words = shlex.split(entry)
-    assert words[0] == config.python and words[-1] == HOSTILE and words[-2] == "--lines"
+    assert words[0] == config.python and words[-1] == SEAM_HOSTILE and words[-2] == "--lines"
     fire = job._place.fire_command(job, "echo fired")
     up = stackops.render_template(stackops.CLOUD_RESULTS_UP_TEMPLATE,
-                                  results=stackops._sh_path(f"~/{HOSTILE}"),
-                                  target=shlex.quote(f"c:{HOSTILE}"))
+                                  results=stackops._sh_path(f"~/{SEAM_HOSTILE}"),
+                                  target=shlex.quote(f"c:{SEAM_HOSTILE}"))
     check = stackops.render_template(
         stackops.HOST_CHECK_TEMPLATE, python=shlex.quote(config.python),
         file_check=stackops.render_template(stackops.HOST_FILE_CHECK_TEMPLATE,
-                                            file=stackops._sh_path(f"~/{HOSTILE}")))
-    marks = stackops.render_template(stackops.CANCEL_MARK_TEMPLATE, job_root=shlex.quote(HOSTILE),
+                                            file=stackops._sh_path(f"~/{SEAM_HOSTILE}")))
+    marks = stackops.render_template(stackops.CANCEL_MARK_TEMPLATE, job_root=shlex.quote(SEAM_HOSTILE),
                                      cancel_file=shlex.quote(stackops.CANCEL_TXT))
     cancel = stackops.render_template(stackops.SCANCEL_TEMPLATE, marks=marks,
                                       slurm_id=shlex.quote("12;rm -rf ~"))
@@ -7199,9 +7216,9 @@ def test_models_launch_method_decides_how_the_job_starts(home, tmp_path):
 # hostile values travel intact and inject nothing
 # ============================================================================================
 
-HOSTILE = st.sampled_from(["'", '"', "$(touch PWNED)", "`touch PWNED`", ";", "\n", "\\", "é", "☃", " ", "$HOME",
+HOSTILE_PIECES = st.sampled_from(["'", '"', "$(touch PWNED)", "`touch PWNED`", ";", "\n", "\\", "é", "☃", " ", "$HOME",
                            "%s", "@@x", "{x}", "&&", "|", "*", "#", "\t"])
-hostile_text = st.lists(HOSTILE | st.text(max_size=3), min_size=1, max_size=6).map("".join)
+hostile_text = st.lists(HOSTILE_PIECES | st.text(max_size=3), min_size=1, max_size=6).map("".join)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
