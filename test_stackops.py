@@ -6039,6 +6039,40 @@ def test_cluster_cli_wait_says_what_it_waits_for_and_gives_up_on_a_silent_host(c
     assert rows == {"node1": "completed", "fnode": "unreachable"}, out
 
 
+def test_cli_list_reads_ended_jobs_once_and_never_shows_a_stale_row(home):
+    """`list` keeps the rows of ended jobs (a history of 10,000 lists fast), keyed by the files that
+    hold their state: a changed status, a rerun or a deleted job is read anew; a damaged cache is
+    ignored."""
+    mod = make_module(home, JOBS_SOURCE)
+    done = [wait_done(RemoteMachine(mod.train, config=config(job_id=f"hist{i}")).run()) for i in range(3)]
+    assert {r.status for r in done} == {"completed"}
+    running = RemoteMachine(mod.sleeper, config=config(job_id="hist-live", lock_resources=False)).run()
+    wait_for(lambda: running.get_status(0).status == "running", what="the live job to run")
+
+    def listed() -> dict[str, dict]:
+        out = cli("list", "--json", home=home)
+        assert out.returncode == 0, out.stderr
+        return {row["job_id"]: row for row in json.loads(out.stdout)}
+
+    first = listed()
+    cache = home / "tmp_results" / "remote_machines" / "jobs" / ".list-cache.json"
+    kept = json.loads(cache.read_text())["rows"]
+    assert len(kept) == 3 and all(row["report"]["status"] == "completed" for row in kept.values())
+    assert first["hist-live"]["status"] == "running"  # not kept: read every time
+    assert listed() == first
+    status = RemoteMachine.load("hist1").file_manager.path(stackops.STATUS_TXT)
+    status.write_text("failed")  # whatever changes a job's files changes its row
+    assert listed()["hist1"]["status"] == "failed"
+    assert cli("delete", "hist2", home=home).returncode == 0
+    assert "hist2" not in listed()
+    cache.write_text('{"version": "%s", "rows": {"x": 1, "%s": {"key": [1], "report": 7}}}'
+                     % (stackops.__version__, RemoteMachine.load("hist0").file_manager.job_root))
+    rows = listed()
+    assert rows["hist0"]["status"] == "completed" and rows["hist1"]["status"] == "failed"
+    assert running.cancel(grace=1).status == "cancelled"
+    assert listed()["hist-live"]["status"] == "cancelled"
+
+
 def test_cli_list_into_a_closed_pipe_ends_quietly(home):
     """`stackops list | head` ended in a BrokenPipeError traceback."""
     mod = make_module(home, JOBS_SOURCE)
