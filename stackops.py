@@ -59,8 +59,10 @@ Environment variables (read on the machine where they matter):
                          (default ~/tmp_results/remote_machines/file_manager/<machine>; it must be
                          yours alone, and a relative one is made absolute when a job is submitted)
     STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
-    STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600 (default ~/.config/stackops/email.json)
-    STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup (default https://ipinfo.io/json)
+    STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600
+                           (default ~/.config/stackops/email.json)
+    STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup
+                           (default https://ipinfo.io/json)
 """
 
 from __future__ import annotations
@@ -587,7 +589,8 @@ def _sh_path(path: str) -> str:
 
 
 def check_safe_name(name: Any, what: str = "job_id") -> str:
-    """A name usable as a folder and in commands: letters, digits and ``._-``, not first ``.``/``-``."""
+    """A name usable as a folder and in commands: letters, digits and ``._-``, not first
+    ``.``/``-``."""
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
         raise ConfigError(f"{what} {name!r} is not a safe name",
                           hint="use letters, digits, '.', '_' and '-', not starting with '.' or "
@@ -599,14 +602,14 @@ def check_safe_name(name: Any, what: str = "job_id") -> str:
 # sbatch long options a job may set (``slurm_options``); stackops sets the rest itself (the name,
 # output, working folder, array, dependency). An empty value renders the bare flag.
 _SLURM_OPTION_WORDS = """
-    account acctg-freq batch bb begin clusters comment constraint contiguous core-spec cores-per-socket
-    cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot distribution exclude exclusive extra-node-info
-    gpu-bind gpu-freq gpus gpus-per-node gpus-per-socket gpus-per-task gres gres-flags hint licenses
-    mail-type mail-user mcs-label mem mem-bind mem-per-cpu mem-per-gpu mincpus network nice no-requeue
-    nodefile nodelist nodes ntasks ntasks-per-core ntasks-per-gpu ntasks-per-node ntasks-per-socket
-    overcommit oversubscribe partition power prefer priority profile propagate qos reboot requeue
-    reservation signal sockets-per-node spread-job switches thread-spec threads-per-core time time-min
-    tmp use-min-nodes wckey"""
+    account acctg-freq batch bb begin clusters comment constraint contiguous core-spec
+    cores-per-socket cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot distribution exclude
+    exclusive extra-node-info gpu-bind gpu-freq gpus gpus-per-node gpus-per-socket gpus-per-task
+    gres gres-flags hint licenses mail-type mail-user mcs-label mem mem-bind mem-per-cpu
+    mem-per-gpu mincpus network nice no-requeue nodefile nodelist nodes ntasks ntasks-per-core
+    ntasks-per-gpu ntasks-per-node ntasks-per-socket overcommit oversubscribe partition power
+    prefer priority profile propagate qos reboot requeue reservation signal sockets-per-node
+    spread-job switches thread-spec threads-per-core time time-min tmp use-min-nodes wckey"""
 SLURM_OPTIONS = frozenset(_SLURM_OPTION_WORDS.split())
 _SLURM_VALUE = _LazyPattern(r"[A-Za-z0-9_.:,=/@%+*&|!\[\]()-]{0,200}\Z")
 
@@ -1078,11 +1081,13 @@ class ExecutionTimings:
 
     @property
     def wait_duration(self) -> _dt.timedelta | None:
-        return self.start_utc - self.submission_time if self.start_utc and self.submission_time else None
+        if self.start_utc and self.submission_time:
+            return self.start_utc - self.submission_time
+        return None
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {spec.name: _iso(getattr(self,
-                                                        spec.name)) for spec in dataclasses.fields(self)}
+        data: dict[str, Any] = {spec.name: _iso(getattr(self, spec.name))
+                                for spec in dataclasses.fields(self)}
         for name in ("execution_duration", "wait_duration"):
             delta = getattr(self, name)
             data[name + "_seconds"] = delta.total_seconds() if delta is not None else None
@@ -1113,7 +1118,8 @@ def _import_root(file: Path, module: str) -> Path:
     root = file.parent
     for _ in range(ups):
         root = root.parent
-    expected = Path(*parts) / "__init__.py" if file.name == "__init__.py" else Path(*parts).with_suffix(".py")
+    expected = (Path(*parts) / "__init__.py" if file.name == "__init__.py"
+                else Path(*parts).with_suffix(".py"))
     if root / expected != file:
         raise ConfigError(f"module {module} does not match its file {file}",
                           hint="pass a function imported normally from a module of your repo")
@@ -1207,7 +1213,8 @@ class JobParams:
 
     @classmethod
     def from_function_ref(cls, ref: str) -> JobParams:
-        """``path/to/file.py:func`` or ``path/to/file.py:Class.func``, checked without importing it."""
+        """``path/to/file.py:func`` or ``path/to/file.py:Class.func``, checked without importing
+        it."""
         path, sep, qualname = ref.rpartition(":")
         if not sep or not path or not re.match(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?\Z", qualname):
             raise ConfigError(f"{ref!r} is not FILE.py:FUNCTION", hint="e.g. mypkg/jobs.py:train")
@@ -1232,12 +1239,14 @@ class JobParams:
         try:
             params.import_root_r = root.relative_to(repo).as_posix() or "."
         except ValueError:
-            raise ConfigError(f"{module} is imported from {root}, outside its repo {repo}") from None
+            raise ConfigError(f"{module} is imported from {root}, "
+                              f"outside its repo {repo}") from None
         return params
 
     @classmethod
     def from_callable(cls, func: Callable[..., Any]) -> JobParams:
-        """A function, a bound method (its instance travels pickled) or a ``runpy.run_path`` function."""
+        """A function, a bound method (its instance travels pickled) or a ``runpy.run_path``
+        function."""
         target = getattr(func, "__func__", func)
         name = getattr(target, "__name__", None)
         qualname = getattr(target, "__qualname__", "") or ""
@@ -1323,7 +1332,8 @@ class _Template(string.Template):
 def render_template(template: str, **values: str) -> str:
     """Fill ``@@name`` placeholders; a missing or an unused value is an error, never a blank."""
     compiled = _Template(template)
-    wanted = {m.group("named") or m.group("braced") for m in compiled.pattern.finditer(template)} - {None}
+    wanted = {m.group("named") or m.group("braced")
+              for m in compiled.pattern.finditer(template)} - {None}
     missing, unused = sorted(wanted - set(values)), sorted(set(values) - wanted)
     if missing or unused:
         raise StackopsError(f"template values missing {missing} or unused {unused}")
@@ -1373,11 +1383,13 @@ fi
 rc=$?
 case "$(cat "$LOGS/status.txt" 2>/dev/null)" in
     completed|failed|cancelled) ;;
-    *)  if [ "$rc" -gt 128 ]; then why="killed by signal $((rc - 128))"; else why="exit status $rc"; fi
+    *)  if [ "$rc" -gt 128 ]; then why="killed by signal $((rc - 128))"
+        else why="exit status $rc"; fi
         [ "$rc" -eq 127 ] && why="$why: is $PYTHON installed?"
         _fail "process gone: the job's Python process ended ($why) without recording its end" ;;
 esac
-[ "$(cat "$LOGS/status.txt" 2>/dev/null)" = completed ]  # the launcher's exit status tells (Slurm's afterok)
+# the launcher's exit status tells (Slurm's afterok)
+[ "$(cat "$LOGS/status.txt" 2>/dev/null)" = completed ]
 """
 
 PYTHON_TEMPLATE = '''#!/usr/bin/env python3
@@ -1424,7 +1436,8 @@ def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, pyt
     repo = job_params.repo_path_rh or "~"
     repo_dir = _sh_path(repo)
     if job_params.code_snapshot:  # the job's own copy of its snapshot, inside its folder
-        repo, repo_dir = f"{CODE_DIR} (snapshot {job_params.code_snapshot})", f'"$JOB_ROOT"/{CODE_DIR}'
+        repo = f"{CODE_DIR} (snapshot {job_params.code_snapshot})"
+        repo_dir = f'"$JOB_ROOT"/{CODE_DIR}'
     notify = ": no e-mail asked for"
     if config.notify_upon_completion:  # the job's copy sends it; python3 if $PYTHON is what failed
         notify = ('{ "$PYTHON" -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT" '
@@ -1460,8 +1473,8 @@ def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, t
     lines = [f"#SBATCH --{key}={value}" if value else f"#SBATCH --{key}"
              for key, value in sorted(check_slurm_options(options).items())]
     if after:  # a parent that fails makes Slurm cancel this job, never leave it pending forever
-        lines += ["#SBATCH --dependency=afterok:" + ":".join(check_safe_name(i,
-                                                                             "slurm job") for i in after),
+        parents = ":".join(check_safe_name(i, "slurm job") for i in after)
+        lines += ["#SBATCH --dependency=afterok:" + parents,
                   "#SBATCH --kill-on-invalid-dep=yes"]
     output, task_dir = "logs/output.log", "."
     if tasks:
@@ -1476,7 +1489,8 @@ def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, t
 # Hand a job folder to Slurm where it runs: sbatch from inside the folder, the Slurm job id kept.
 SBATCH_FIRE_TEMPLATE = r"""umask 077; J=@@job_root
 [ -f "$J/@@sbatch" ] || { echo "no job folder at $J" >&2; exit 3; }
-command -v sbatch >/dev/null || { echo "no sbatch on $(hostname): is it a Slurm login node?" >&2; exit 3; }
+command -v sbatch >/dev/null \
+    || { echo "no sbatch on $(hostname): is it a Slurm login node?" >&2; exit 3; }
 cd "$J" || exit 3
 i=$(sbatch --parsable @@sbatch) || exit $?
 printf '%s' "$i" > "$J/logs/.slurm.$$" && mv -f "$J/logs/.slurm.$$" "$J/@@id_file" || exit 3
@@ -1493,7 +1507,8 @@ SLURM_STATUS_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; M=@@mark
 [ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
 get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
 put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
-end() { put error_message.txt "$2"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"; put status.txt "$1"; }
+end() { put error_message.txt "$2"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
+    put status.txt "$1"; }
 get slurm_job_id.txt; sid=${R%%;*}; sid=${sid//[[:space:]]/}
 get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; state=; reason=; code=; info=
 if [ -n "$sid" ] && [ "$st" != completed ] && [ "$st" != cancelled ]; then
@@ -1516,9 +1531,12 @@ case "$st:$state" in
     *:PENDING|*:REQUEUE*|*:SUSPENDED|*:RESV_DEL_HOLD|*:SPECIAL_EXIT) st=queued ;;
     *:RUNNING|*:COMPLETING|*:CONFIGURING|*:RESIZING|*:STAGE_OUT|*:SIGNALING) st=running ;;
     *:CANCELLED*) end cancelled "cancelled ($why)"; st=cancelled ;;
-    *:gone) end failed "lost by Slurm: job $sid is unknown to Slurm and recorded no end"; st=failed ;;
-    *:COMPLETED) end failed "the job recorded no end though $why; do the compute nodes see $J?"; st=failed ;;
-    *) [ -e "$L/launcher_pid.txt" ] || why="$why; the job never started: do the compute nodes see $J?"
+    *:gone) end failed "lost by Slurm: job $sid is unknown to Slurm and recorded no end"
+        st=failed ;;
+    *:COMPLETED) end failed "the job recorded no end though $why; do the compute nodes see $J?"
+        st=failed ;;
+    *) [ -e "$L/launcher_pid.txt" ] \
+           || why="$why; the job never started: do the compute nodes see $J?"
        end failed "$why"; st=failed ;;
 esac
 out() { printf '\n%s:%s\n%s' "$M" "$1" "$2"; }
@@ -1537,7 +1555,8 @@ exit 0
 # SIGTERM its launcher's process group (only when the recorded pid provably is the job's: its
 # command line runs this job folder's launcher or wrapper), SIGKILL what is left after the grace,
 # and record `cancelled` if the job could not. Prints the status that holds after.
-CANCEL_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; ticks=@@ticks
+CANCEL_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"
+id=@@job_id; ticks=@@ticks
 [ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
 get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
 put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
@@ -1552,10 +1571,11 @@ cmd() { C=; local a; [ -r "/proc/$1/cmdline" ] || return 1
 stat() { local s; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
     s=${s##*) }; set -- $s; STATE=$1; PGRP=$3; }
 g=; get launcher_pid.txt; p=${R//[[:space:]]/}
-if [[ $p =~ ^[0-9]+$ ]] && cmd "$p" && [[ $C == *"/queued/$id/shell/cluster_script.sh"* ]]; then g=$p; fi
+if [[ $p =~ ^[0-9]+$ ]] && cmd "$p" \
+    && [[ $C == *"/queued/$id/shell/cluster_script.sh"* ]]; then g=$p; fi
 get pid.txt; w=${R//[[:space:]]/}
-if [ -z "$g" ] && [[ $w =~ ^[0-9]+$ ]] && cmd "$w" && [[ $C == *"/queued/$id/python/cluster_wrap.py"* ]] \
-    && stat "$w"; then g=$PGRP; fi
+if [ -z "$g" ] && [[ $w =~ ^[0-9]+$ ]] && cmd "$w" \
+    && [[ $C == *"/queued/$id/python/cluster_wrap.py"* ]] && stat "$w"; then g=$PGRP; fi
 members() {  # a live (not zombie) process in the group; the scan only while kill -0 finds one
     kill -0 -- "-$g" 2>/dev/null || return 1
     local d; for d in /proc/[0-9]*; do stat "${d#/proc/}" || continue
@@ -1570,7 +1590,8 @@ fi
 get status.txt; st=${R//[[:space:]]/}
 case "$st" in
     completed|failed|cancelled) ;;
-    *) put error_message.txt "cancelled${killed:+ (killed: it ignored SIGTERM for the grace period)}"
+    *) put error_message.txt \
+           "cancelled${killed:+ (killed: it ignored SIGTERM for the grace period)}"
        put end_time.txt "$(now)"; put status.txt cancelled; st=cancelled ;;
 esac
 echo "$st"
@@ -1580,7 +1601,9 @@ echo "$st"
 # Remove a job folder where the job ran: only a real folder (not a link) that holds a job.
 DELETE_TEMPLATE = r"""J=@@job_root
 [ -e "$J" ] || [ -L "$J" ] || exit 0
-if [ -L "$J" ] || [ ! -f "$J/data/file_manager.json" ]; then echo "$J is not a stackops job folder" >&2; exit 3; fi
+if [ -L "$J" ] || [ ! -f "$J/data/file_manager.json" ]; then
+    echo "$J is not a stackops job folder" >&2; exit 3
+fi
 rm -rf -- "$J"
 """
 
@@ -1596,7 +1619,8 @@ STATUS_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; M
 cd -P "$J" 2>/dev/null && P=$PWD || P=$J
 get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
 put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
-fail() { put error_message.txt "$1"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"; put status.txt failed; }
+fail() { put error_message.txt "$1"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
+    put status.txt failed; }
 owns() {  # pid $1 is alive, not a zombie, started at tick $3 (if recorded) and names the script $2
     local s a f hit=; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
     s=${s##*) }; set -f; f=($s); set +f
@@ -1643,7 +1667,9 @@ if [ "$st" = waiting ] || [ "$st" = queued ]; then
     fi
 fi
 if [ "$st" = waiting ] && [ -e "$S/queue/$me" ]; then
-    for e in "$S"/queue/*; do e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1)); done
+    for e in "$S"/queue/*; do
+        e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1))
+    done
     [ -n "$found" ] && place=$n
 fi
 out() { printf '\n%s:%s\n%s' "$M" "$1" "$2"; }
@@ -1652,7 +1678,8 @@ for k in pid:pid start:start_time end:end_time results:results_folder_path error
     get "${k#*:}.txt"; out "${k%%:*}" "$R"
 done
 get execution_timings.json; out timings "$R"; out place "$place"; out host "$HOSTNAME"
-get attempt.txt; out attempt "$R"; R=; [ "$st" = waiting ] && get reason.txt; out reason "$R"; out tail ""
+get attempt.txt; out attempt "$R"
+R=; [ "$st" = waiting ] && get reason.txt; out reason "$R"; out tail ""
 if [ @@lines -gt 0 ] && [ -r "$L/output.log" ]; then tail -n $((@@lines + 16)) "$L/output.log"; fi
 exit 0
 """
@@ -1693,7 +1720,8 @@ def state_dir(pool: str = "") -> Path:
     return root / "pools" / pool if pool else root
 
 
-# The GPUs of a host in one round trip: its STACKOPS_GPUS ("-" when unset), then what nvidia-smi lists.
+# The GPUs of a host in one round trip: its STACKOPS_GPUS ("-" when unset), then what
+# nvidia-smi lists.
 GPU_PROBE_SH = ("printf '%s\\n' \"${STACKOPS_GPUS--}\"; "
                 "nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null; true")
 
@@ -1821,7 +1849,8 @@ class Slots:
         if job_root is None or not (job_root / FILE_MANAGER_JSON).exists() \
                 or (job_root / CANCEL_TXT).exists():
             return "stale"
-        started = (job_root / PID_TXT).exists() or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES
+        started = ((job_root / PID_TXT).exists()
+                   or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES)
         launcher = job_process_alive(job_root, LAUNCHER_PID_TXT)
         if started or launcher is False:
             return "stale"
@@ -1936,7 +1965,8 @@ class Slots:
         return cached[1].get(entry)
 
     def holders(self) -> list[dict[str, Any]]:
-        """The jobs holding a slot now (a slot lock nobody holds is free, whatever its JSON says)."""
+        """The jobs holding a slot now (a slot lock nobody holds is free, whatever its JSON
+        says)."""
         found = []
         for lock in sorted(self.slots.glob("*.lock"), key=lambda p: (len(p.stem), p.stem)):
             fd = _try_flock(lock)
@@ -2120,7 +2150,8 @@ class FileManager:
         (its pool's folder inside, if it names a pool)."""
         if not self.state_dir:
             return Slots(state_dir(self.pool))
-        return Slots(Path(self.state_dir) / "pools" / self.pool if self.pool else Path(self.state_dir))
+        base = Path(self.state_dir)
+        return Slots(base / "pools" / self.pool if self.pool else base)
 
     def _pool_sh(self) -> str:
         """Appended to the state folder in generated shell: the job's pool folder, if any."""
@@ -2128,7 +2159,9 @@ class FileManager:
 
     def _job_root_sh(self) -> str:
         """The job folder for generated shell: home-relative where it runs, when it can be."""
-        return _sh_path(self.job_root_rh) if self.job_root_rh.startswith("~") else shlex.quote(str(self.job_root))
+        if self.job_root_rh.startswith("~"):
+            return _sh_path(self.job_root_rh)
+        return shlex.quote(str(self.job_root))
 
     # -- launching -----------------------------------------------------------------------------
 
@@ -2283,7 +2316,8 @@ class FileManager:
                 info = slots.slots / f"{name}.json"
                 with _suppress(OSError, ValueError):
                     holder = json.loads(info.read_text(encoding="utf-8"))
-                    holder["note"] = "finished; its interactive session holds the slot until it ends"
+                    holder["note"] = ("finished; its interactive session holds the slot "
+                                      "until it ends")
                     _atomic_write_json(info, holder)
             slots.refresh_views(finished=record, queue=False)
             return
@@ -2375,7 +2409,8 @@ class FileManager:
                          results_path=_read_text(self.path(RESULTS_TXT)).strip() or None,
                          error_message=_read_text(self.path(ERROR_TXT)), place=place,
                          host=os.uname().nodename, log_tail=_tail(output, log_lines),
-                         reason=_read_text(self.path(REASON_TXT)).strip() if status == "waiting" else "",
+                         reason=(_read_text(self.path(REASON_TXT)).strip()
+                                 if status == "waiting" else ""),
                          attempt=_read_text(self.path(ATTEMPT_TXT)).strip())
 
     def cancel_command(self, grace: float) -> str:
@@ -2436,12 +2471,9 @@ class FileManager:
                                                                          log_lines),
                            slurm_job_id=field("slurm"), reason=(field("reason") or ""),
                            attempt=(field("attempt") or ""))
-        logs = {relative: parts[key] for key, relative in (("status", STATUS_TXT), ("start",
-                                                                                    START_TXT),
-                                                            ("end", END_TXT), ("error", ERROR_TXT),
-                                                            ("results", RESULTS_TXT), ("timings",
-                                                                                       TIMINGS_JSON))
-                if parts.get(key)}
+        files = (("status", STATUS_TXT), ("start", START_TXT), ("end", END_TXT),
+                 ("error", ERROR_TXT), ("results", RESULTS_TXT), ("timings", TIMINGS_JSON))
+        logs = {relative: parts[key] for key, relative in files if parts.get(key)}
         return report, logs
 
 
@@ -2454,7 +2486,8 @@ class _Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    why = " (Slurm sends it at the time limit, on scancel and on preemption)" if "SLURM_JOB_ID" in os.environ else ""
+    why = (" (Slurm sends it at the time limit, on scancel and on preemption)"
+           if "SLURM_JOB_ID" in os.environ else "")
     raise _Terminated(f"terminated by signal {signum}{why}")
 
 
@@ -2502,8 +2535,8 @@ class JobContext:
 
     def run_script(self, func_kwargs: dict[str, Any],
                    workload_params: WorkloadParams | None) -> Any:
-        """Run the script as ``__main__``; it sees ``func_kwargs`` and ``workload_params`` as globals,
-        and a global ``res`` it sets names its results folder."""
+        """Run the script as ``__main__``; it sees ``func_kwargs`` and ``workload_params`` as
+        globals, and a global ``res`` it sets names its results folder."""
         import runpy
 
         script = self.repo / self.params.file_path_r
@@ -2635,8 +2668,8 @@ def load_email_config(name: str) -> dict[str, Any]:
     """The SMTP settings called ``name`` from this machine's private e-mail config file, checked:
     a missing, unreadable, shared (not 0600) or incomplete file is a ConfigError naming the fix."""
     path = _email_config_path()
-    example = ('{"%s": {"host": "smtp.example.org", "port": 587, "security": "starttls", '
-               '"user": "me@example.org", "password": "...", "from": "me@example.org"}}' % name)
+    example = (f'{{"{name}": {{"host": "smtp.example.org", "port": 587, "security": "starttls", '
+               f'"user": "me@example.org", "password": "...", "from": "me@example.org"}}}}')
     try:
         mode = path.stat().st_mode
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -3150,7 +3183,8 @@ def demo_job(seconds: float = 1.0, message: str = "hello from stackops") -> str:
     folder = expand_home(f"{DEFAULT_RESULTS_DIR}/demo-{os.getpid()}")
     _mkdir_private(folder)
     time.sleep(seconds)
-    (folder / "message.txt").write_text(f"{message}\nhost={os.uname().nodename} pid={os.getpid()}\n")
+    (folder / "message.txt").write_text(f"{message}\nhost={os.uname().nodename} "
+                                        f"pid={os.getpid()}\n")
     return str(folder)
 
 
@@ -3216,8 +3250,8 @@ class _HostSync:
     def plan(request: dict[str, Any]) -> dict[str, Any]:
         store = _HostSync.where(request["store"])
         missing: list[str] = []
-        manifest = os.path.join(store,
-                                f"{_HostSync.safe(request['snapshot'])}.json") if request["snapshot"] else ""
+        manifest = (os.path.join(store, f"{_HostSync.safe(request['snapshot'])}.json")
+                    if request["snapshot"] else "")
         if manifest and os.path.exists(manifest):  # a snapshot it has whole: no blob is missing
             os.utime(manifest)  # in use again: a collection leaves it (and its blobs) alone
         wanted = [] if manifest and os.path.exists(manifest) else request["blobs"]
@@ -3235,7 +3269,8 @@ class _HostSync:
 
     @staticmethod
     def stale_files(item: dict[str, Any]) -> dict[str, Any]:
-        """The files of one data item that differ here (size or whole-second mtime), or a conflict."""
+        """The files of one data item that differ here (size or whole-second mtime), or a
+        conflict."""
         import stat
 
         target = _HostSync.where(item["target"])
@@ -3256,7 +3291,8 @@ class _HostSync:
                 return {"conflict": f"{relative or item['target']} cannot be read there"}
             if stat.S_ISDIR(info.st_mode):
                 return {"conflict": f"{relative or item['target']} is a folder there"}
-            if not stat.S_ISREG(info.st_mode) or info.st_size != size or int(info.st_mtime) != mtime:
+            if (not stat.S_ISREG(info.st_mode) or info.st_size != size
+                    or int(info.st_mtime) != mtime):
                 if not item["target"].startswith("~"):  # outside the home stackops only adds files
                     return {"conflict": f"{relative or item['target']} exists there with other "
                                         "content "
@@ -3618,7 +3654,8 @@ _VIRTUAL_IFACE = _LazyPattern(
     r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
     r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)",
     re.IGNORECASE)
-_PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)",
+_PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|"
+                               r".*wifi.*|.*ethernet.*)",
                                re.IGNORECASE)
 _NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16",
                    "192.168.49.0/24",
@@ -3652,8 +3689,8 @@ def _table_from_psutil(psutil: Any) -> list[InterfaceAddress]:
     stats = psutil.net_if_stats()
     rows = []
     for name, addresses in psutil.net_if_addrs().items():
-        mac = next((m for m in (_normalise_mac(a.address) for a in addresses if a.family in link_families) if m),
-                   None)
+        macs = (_normalise_mac(a.address) for a in addresses if a.family in link_families)
+        mac = next((m for m in macs if m), None)
         stat = stats.get(name)
         for addr in addresses:
             if addr.family == socket.AF_INET and addr.address:
@@ -3705,7 +3742,8 @@ def get_all_ipv4_addresses() -> list[tuple[str, str]]:
 
 def lan_score(row: InterfaceAddress, prefer_vpn: bool = False) -> float | None:
     """How much ``row`` looks like the machine's real LAN address; None when it is out of the race
-    (down, loopback, link-local, or - unless ``prefer_vpn`` - a virtual interface or a noisy network)."""
+    (down, loopback, link-local, or - unless ``prefer_vpn`` - a virtual interface or a noisy
+    network)."""
     import ipaddress
 
     try:
@@ -3743,7 +3781,8 @@ def choose_lan_ipv4(table: list[InterfaceAddress],
 
 def select_lan_ipv4(prefer_vpn: bool = False) -> str | None:
     """This machine's real LAN IPv4: physical interfaces first, 192.168 > 10 > 172.16, up only;
-    loopback, link-local, container/VPN interfaces and noisy networks left out unless ``prefer_vpn``."""
+    loopback, link-local, container/VPN interfaces and noisy networks left out unless
+    ``prefer_vpn``."""
     chosen = choose_lan_ipv4(interface_table(), prefer_vpn)
     return chosen.ipv4_address if chosen else None
 
@@ -3957,7 +3996,8 @@ def _paramiko_invoke() -> None:
         paramiko.config.invoke = invoke  # type: ignore[attr-defined]
 
 
-_TARGET = re.compile(r"(?:(?P<user>[^@\s/:]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
+_TARGET = re.compile(r"(?:(?P<user>[^@\s/:]+)@)?"
+                     r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
                      r"(?::(?P<port>\d+))?\Z")
 
 
@@ -4087,8 +4127,10 @@ except Exception:
         pass
 print(json.dumps({"os": uname.sysname, "release": uname.release, "machine": uname.machine,
                   "hostname": uname.nodename, "python": sys.executable,
-                  "python_version": ".".join(map(str, sys.version_info[:3])), "home": os.path.expanduser("~"),
-                  "user": os.environ.get("USER") or os.environ.get("LOGNAME") or "", "cpu_count": os.cpu_count(),
+                  "python_version": ".".join(map(str, sys.version_info[:3])),
+                  "home": os.path.expanduser("~"),
+                  "user": os.environ.get("USER") or os.environ.get("LOGNAME") or "",
+                  "cpu_count": os.cpu_count(),
                   "memory_bytes": mem}))
 """
 
@@ -4128,11 +4170,12 @@ def _fingerprint(key: Any) -> str:
 
 
 def _gcm_first_transport(sock: Any, **kwargs: Any) -> Any:
-    """A paramiko Transport that prefers AES-GCM (measured fastest here; the others stay offered)."""
+    """A paramiko Transport that prefers AES-GCM (measured fastest here; the others stay
+    offered)."""
     transport = _paramiko().Transport(sock, **kwargs)
     preferred = transport._preferred_ciphers
-    transport._preferred_ciphers = tuple(c for c in preferred if "gcm" in c) + tuple(c for c in preferred
-                                                                                     if "gcm" not in c)
+    gcm = tuple(c for c in preferred if "gcm" in c)
+    transport._preferred_ciphers = gcm + tuple(c for c in preferred if "gcm" not in c)
     return transport
 
 
@@ -4567,7 +4610,8 @@ def _drain(channel: Any, timeout: float | None, command: str,
 
 
 def simple_sftp_get(remote_path: str, local_path: str | os.PathLike[str], host: str | SSH) -> None:
-    """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host`` is an alias or an SSH."""
+    """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host`` is an alias or an
+    SSH."""
     if isinstance(host, SSH):
         host.simple_sftp_get(remote_path, local_path)
         return
@@ -5104,10 +5148,11 @@ def _extract_tar(stream: Any, folder: Path, compressed: bool) -> None:
         with tarfile.open(fileobj=stream, mode="r|gz" if compressed else "r|") as archive:
             for member in archive:
                 name = Path(member.name)
-                if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()
-                                                                   or member.issym()):
+                if name.is_absolute() or ".." in name.parts \
+                        or not (member.isfile() or member.isdir() or member.issym()):
                     raise TransferError(f"refusing archive member {member.name!r}")
-                if member.issym() and (os.path.isabs(member.linkname) or ".." in Path(member.linkname).parts):
+                if member.issym() and (os.path.isabs(member.linkname)
+                                       or ".." in Path(member.linkname).parts):
                     raise TransferError(f"refusing link {member.name!r} -> {member.linkname!r}")
                 # as root, tarfile would chown to the host's owner: the files are ours, and no
                 # setuid, setgid or sticky bit comes with them
@@ -5572,7 +5617,8 @@ def _repo_files(repo: Path) -> list[tuple[str, os.stat_result]]:
         for folder, dirs, files in os.walk(repo):
             here = os.path.relpath(folder, repo)
             prefix = "" if here == "." else here + "/"
-            names += [prefix + name for name in files] + [prefix + d for d in dirs if os.path.islink(Path(folder) / d)]
+            names += [prefix + name for name in files]
+            names += [prefix + d for d in dirs if os.path.islink(Path(folder) / d)]
             dirs[:] = sorted(d for d in dirs if not _excluded(prefix + d))
     found = []
     root = str(repo) + "/"
@@ -5591,7 +5637,8 @@ class _HashCache:
     unchanged tree is not read again at the next submit."""
 
     def __init__(self) -> None:
-        self.path = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "stackops" / "hashes.json"
+        cache = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache")
+        self.path = cache / "stackops" / "hashes.json"
         try:
             self.known: dict[str, list[Any]] = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -5952,8 +5999,8 @@ def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], sha
     lines = response.stdout.split("\n")
     marks = [index for index, line in enumerate(lines) if line.startswith(fence)]
     if "plan" not in answers or (response.returncode != 0 and not marks):
-        raise TransferError(f"{alias} could not take the job over: "
-                            f"{_last_line(response.stderr) or 'exit status ' + str(response.returncode)}",
+        why = _last_line(response.stderr) or "exit status " + str(response.returncode)
+        raise TransferError(f"{alias} could not take the job over: {why}",
                             hint="nothing was left under the job's name; is python3 (3.8+) "
                                  "installed there?")
     steps = []
@@ -6218,12 +6265,12 @@ class CloudQueue:
                            host=status.get("host"),
                            duration_seconds=status.get("duration_seconds"),
                            error=status.get("error", ""))
-            elif info["claims"] and self.live_claims(info["claims"]) or info["claims"] and not info["cancelled"]:
+            elif (info["claims"] and self.live_claims(info["claims"])
+                  or info["claims"] and not info["cancelled"]):
                 name, age = min(info["claims"],
                                 key=lambda c: c[0] if c[1] < self.lease else "~" + c[0])
-                row.update(state="running" if age < self.lease else "stale", worker=name.split("-",
-                                                                                               1)[1],
-                           last_seen_seconds=round(age, 1))
+                row.update(state="running" if age < self.lease else "stale",
+                           worker=name.split("-", 1)[1], last_seen_seconds=round(age, 1))
             elif info["cancelled"]:
                 row["state"] = "cancelled"
             rows.append(row)
@@ -8366,7 +8413,8 @@ class MachineSpecs:
 
     @staticmethod
     def normalise(specs: list[MachineSpecs]) -> list[MachineSpecs]:
-        """Fill each host's ``*_norm`` fields with its share of the total (0 when the total is 0)."""
+        """Fill each host's ``*_norm`` fields with its share of the total (0 when the total is
+        0)."""
         for name in ("cpu", "ram", "product"):
             total = sum(getattr(spec, name) for spec in specs)
             for spec in specs:
@@ -8377,7 +8425,8 @@ class MachineSpecs:
 @dataclasses.dataclass
 class ThreadLoadCalculator:
     """How many parallel parts a host runs: ``num_jobs`` on a host like the reference, scaled by
-    the criterion (half the CPUs of the reference: half the parts), at least 1. ``num_jobs=None``: 1."""
+    the criterion (half the CPUs of the reference: half the parts), at least 1.
+    ``num_jobs=None``: 1."""
 
     num_jobs: int | None = None
     load_criterion: LoadCriterion = LoadCriterion.cpu
@@ -8387,8 +8436,8 @@ class ThreadLoadCalculator:
         reference = self.reference_specs or reference
         if self.num_jobs is None or reference is None or reference.value(self.load_criterion) <= 0:
             return 1
-        return max(1,
-                   int(self.num_jobs * machine.value(self.load_criterion) / reference.value(self.load_criterion)))
+        share = machine.value(self.load_criterion) / reference.value(self.load_criterion)
+        return max(1, int(self.num_jobs * share))
 
     @classmethod
     def default(cls) -> ThreadLoadCalculator:
@@ -8396,7 +8445,8 @@ class ThreadLoadCalculator:
 
     def to_dict(self) -> dict[str, Any]:
         return {"num_jobs": self.num_jobs, "load_criterion": self.load_criterion.name,
-                "reference_specs": dataclasses.asdict(self.reference_specs) if self.reference_specs else None}
+                "reference_specs": (dataclasses.asdict(self.reference_specs)
+                                    if self.reference_specs else None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ThreadLoadCalculator:
@@ -8407,8 +8457,8 @@ class ThreadLoadCalculator:
 
 @dataclasses.dataclass
 class MachineLoadCalculator:
-    """Cuts ``[0, max_num)`` into one contiguous slice per host, sized by its share of the criterion;
-    the last host ends at ``max_num``, so the slices cover the range exactly once."""
+    """Cuts ``[0, max_num)`` into one contiguous slice per host, sized by its share of the
+    criterion; the last host ends at ``max_num``, so the slices cover the range exactly once."""
 
     max_num: int = 1000
     load_criterion: LoadCriterion = LoadCriterion.cpu_norm
@@ -8421,9 +8471,10 @@ class MachineLoadCalculator:
         criterion = self.load_criterion.normalised
         result, start = [], 0
         for i, (spec, jobs) in enumerate(zip(specs, threads)):
-            end = self.max_num if i == len(specs) - 1 else min(self.max_num,
-                                                               start + int(spec.value(criterion)
-                                                                                          * self.max_num))
+            if i == len(specs) - 1:
+                end = self.max_num
+            else:
+                end = min(self.max_num, start + int(spec.value(criterion) * self.max_num))
             result.append(WorkloadParams(idx_min=0, idx_max=self.max_num, idx_start=start,
                                          idx_end=end,
                                          idx=i, jobs=max(1, jobs)))
@@ -8458,8 +8509,8 @@ class Cluster:
             _check_call(_parameters(func, self.job_params), self.func_kwargs, True,
                         f"{self.job_params.func_name}()")
         self.thread_load_calc = thread_load_calc or ThreadLoadCalculator.default()
-        self.machine_load_calc = MachineLoadCalculator(max_num,
-                                                       self.thread_load_calc.load_criterion.normalised)
+        criterion = self.thread_load_calc.load_criterion.normalised
+        self.machine_load_calc = MachineLoadCalculator(max_num, criterion)
         self.ditch_unavailable = ditch_unavailable
         self.description = description
         self.job_id = check_safe_name(job_id or _random_job_id())
@@ -8500,7 +8551,8 @@ class Cluster:
 
     def connect(self) -> Cluster:
         """Connect to and probe every host in parallel. An unreachable host is left out (and said
-        so) with ``ditch_unavailable``; otherwise nothing is launched anywhere and an error names it."""
+        so) with ``ditch_unavailable``; otherwise nothing is launched anywhere and an error names
+        it."""
         def open_and_probe(host: str) -> tuple[SSH, MachineSpecs]:
             ssh = SSH.from_config_file(host, accept_new_host_key=self.config.accept_new_host_key,
                                        timeout=self.config.ssh_timeout)
@@ -8670,16 +8722,21 @@ class Cluster:
 
     @classmethod
     def load(cls, job_id: str, base_dir: str | None = None) -> Cluster:
-        """A cluster launched earlier (by this or another process), ready for status and download."""
-        root = expand_home(f"{base_dir or DEFAULT_BASE_DIR.rsplit('/', 1)[0]}/job_id__{check_safe_name(job_id)}")
+        """A cluster launched earlier (by this or another process), ready for status and
+        download."""
+        base = base_dir or DEFAULT_BASE_DIR.rsplit('/', 1)[0]
+        root = expand_home(f"{base}/job_id__{check_safe_name(job_id)}")
         data = _read_json(root / "cluster.json")
         cluster = cls.__new__(cls)
         try:
             cluster.func, cluster.job_params = None, None
-            cluster.job_id, cluster.base_dir, cluster.root_dir = data["job_id"], data["base_dir"], root
+            cluster.job_id, cluster.base_dir = data["job_id"], data["base_dir"]
+            cluster.root_dir = root
             cluster.description, cluster.ssh_hosts = data["description"], list(data["ssh_hosts"])
-            cluster.func_kwargs, cluster.config = data["func_kwargs"], RemoteStackOpsConfig.from_dict(data["config"])
-            cluster.unavailable, cluster.ditch_unavailable = dict(data["unavailable"]), data["ditch_unavailable"]
+            cluster.func_kwargs = data["func_kwargs"]
+            cluster.config = RemoteStackOpsConfig.from_dict(data["config"])
+            cluster.unavailable = dict(data["unavailable"])
+            cluster.ditch_unavailable = data["ditch_unavailable"]
             cluster.specs = {h: MachineSpecs(cpu=s["cpu"], ram=s["ram"]) for h,
                              s in data["specs"].items()}
             cluster.workloads = {h: WorkloadParams.from_dict(w) for h,
@@ -8718,7 +8775,8 @@ class _ClaimKeeper:
         import threading
 
         self.queue, self.unit_id, self.claim, self.worker = queue, unit_id, claim, worker
-        self.lost, self._stop, self.cancelled = threading.Event(), threading.Event(), threading.Event()
+        self.lost, self._stop = threading.Event(), threading.Event()
+        self.cancelled = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"claim-{unit_id}", daemon=True)
 
     def __enter__(self) -> _ClaimKeeper:
@@ -8888,7 +8946,8 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
                   "host": os.uname().nodename, "start_time": report.start_time,
                   "end_time": report.end_time, "duration_seconds": round(time.time() - started, 3),
                   "error": _tail(report.error_message, 20)}
-        results = expand_home(report.results_path) if report.results_path and report.status != "cancelled" else None
+        results = (expand_home(report.results_path)
+                   if report.results_path and report.status != "cancelled" else None)
         if not queue.finish(unit_id, results, status, keeper.held):
             log.warning("unit %s was claimed by another worker during the upload; its status stays "
                         "unwritten", unit_id)
@@ -9116,7 +9175,8 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
 def _cmd_status(args: Any) -> int:
     with RemoteMachine.load(args.job_id, args.base_dir) as machine:
         report = machine.get_status(args.lines)
-        tasks = [task.get_status(0) for task in machine.array_tasks()] if machine.array_parts else []
+        tasks = ([task.get_status(0) for task in machine.array_tasks()]
+                 if machine.array_parts else [])
     if args.json:
         _print_json(dict(report.to_dict(),
                          tasks=[task.to_dict() for task in tasks]) if tasks else report.to_dict())
@@ -9420,8 +9480,8 @@ def _overall_status(target: RemoteMachine | Cluster | Sweep | _CloudUnits) -> st
     if isinstance(target, _CloudUnits):
         raise ConfigError(f"{target.job_id} is in a cloud queue", hint=f"{_program()} cloud status "
                                                                        "shows its units")
-    statuses = [r.status if isinstance(r,
-                                       JobStatus) else "running" for r in target.check_job_status().values()]
+    statuses = [r.status if isinstance(r, JobStatus) else "running"
+                for r in target.check_job_status().values()]
     if not all(status in TERMINAL_STATUSES for status in statuses):
         return "running"
     if all(status == "completed" for status in statuses):
@@ -9851,8 +9911,8 @@ def _cmd_cluster_logs(args: Any) -> int:
             raise ConfigError("-f follows one part: name it with --part",
                               hint=f"parts: {', '.join(hosts)}")
         if args.part is not None:
-            chosen = hosts[int(args.part) - 1] if args.part.isdigit() and 0 < int(args.part) <= len(hosts) \
-                else args.part
+            numbered = args.part.isdigit() and 0 < int(args.part) <= len(hosts)
+            chosen = hosts[int(args.part) - 1] if numbered else args.part
             if chosen not in cluster.machines:
                 raise ConfigError(f"cluster {cluster.job_id} has no part {args.part!r}",
                                   hint=f"parts: {', '.join(hosts)} (or 1 to {len(hosts)})")
@@ -9948,8 +10008,10 @@ def _cmd_cloud_status(args: Any) -> int:
         _print_json(rows)
         return 0
     _print_table([[r["unit"], r["state"], r.get("worker") or "-", r.get("host") or "-",
-                   _format_duration(r["duration_seconds"]) if r.get("duration_seconds") is not None else
-                   (f"seen {r['last_seen_seconds']}s ago" if "last_seen_seconds" in r else "-")] for r in rows],
+                   _format_duration(r["duration_seconds"])
+                   if r.get("duration_seconds") is not None else
+                   (f"seen {r['last_seen_seconds']}s ago" if "last_seen_seconds" in r else "-")]
+                  for r in rows],
                  ["UNIT", "STATE", "WORKER", "HOST", "DURATION"])
     return 0
 
