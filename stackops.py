@@ -1015,9 +1015,8 @@ class RemoteStackOpsConfig:
 
     def _check_slurm_combination(self) -> None:
         for flag, what in ((self.interactive, "an interactive job"),
-                           (self.transfer_method == "cloud",
-                           "transfer_method='cloud'"), (self.parallelize, "parallelize (use the "
-                                                                          "array)")):
+                           (self.transfer_method == "cloud", "transfer_method='cloud'"),
+                           (self.parallelize, "parallelize (use the array)")):
             if flag:
                 raise ConfigError(f"launch_method='slurm' cannot run {what}")
 
@@ -1255,8 +1254,8 @@ class JobParams:
         if name is None or code is None:
             raise ConfigError(f"{func!r} is not a Python function, method or script path")
         if name == "<lambda>":
-            raise ConfigError("a lambda cannot be sent as a job", hint="define it with def at the "
-                                                                       "top of a module")
+            raise ConfigError("a lambda cannot be sent as a job",
+                              hint="define it with def at the top of a module")
         if "<locals>" in qualname:
             raise ConfigError(f"{qualname} is defined inside another function and cannot be "
                               "imported by the job",
@@ -1895,8 +1894,8 @@ class Slots:
         return started.pid
 
     def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int, on_start: Callable[[], None],
-                      names: list[str] | None = None, need: int = 1) -> tuple[list[tuple[str, int]],
-                                                                              _dt.datetime]:
+                      names: list[str] | None = None, need: int = 1
+                      ) -> tuple[list[tuple[str, int]], _dt.datetime]:
         """Wait in line under ``entry``, then take a free slot among the first ``max_jobs`` (or
         ``need`` of the slots ``names`` at once: a job's GPUs). Returns ([(slot, fd holding it)],
         when they were taken); ``on_start`` runs once the entry is ours. The time is taken before
@@ -2449,8 +2448,8 @@ class FileManager:
                                  grace=str(int(LAUNCHER_GRACE / 0.05)), dispatch=_DISPATCH_SH)
         return f"bash -c {shlex.quote(script)}"
 
-    def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus,
-                                                                                   dict[str, str]]:
+    def parse_status_output(self, text: str, marker: str, log_lines: int
+                            ) -> tuple[JobStatus, dict[str, str]]:
         """The JobStatus printed by status_command, and the log files it carried (path: text).
         The log comes with a few lines to spare: trailing blank lines do not count, as in _tail."""
         fence = re.escape(marker)
@@ -2467,8 +2466,8 @@ class FileManager:
                            results_path=field("results"),
                            error_message=parts.get("error", ""),
                            place=int(place) if place and place.isdigit() else None,
-                           host=parts.get("host") or "?", log_tail=_tail(parts.get("tail", ""),
-                                                                         log_lines),
+                           host=parts.get("host") or "?",
+                           log_tail=_tail(parts.get("tail", ""), log_lines),
                            slurm_job_id=field("slurm"), reason=(field("reason") or ""),
                            attempt=(field("attempt") or ""))
         files = (("status", STATUS_TXT), ("start", START_TXT), ("end", END_TXT),
@@ -2597,8 +2596,8 @@ def _save_result(folder: Path, res: Any) -> None:
     if res is None:
         return
     try:
-        _atomic_write_text(folder / "result.json", json.dumps(res, indent=2,
-                                                              ensure_ascii=False) + "\n")
+        _atomic_write_text(folder / "result.json",
+                           json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     except (TypeError, ValueError):
         _atomic_write_text(folder / "result.txt", repr(res) + "\n")
 
@@ -2799,9 +2798,8 @@ def _wait_for_parents(manager: FileManager, parents: list[str]) -> None:
             folder = manager.job_root.parent / parent
             states[parent] = FileManager.from_job_root(folder).get_job_status() \
                 if (folder / FILE_MANAGER_JSON).exists() else "gone"
-        ended = [f"{parent} {state}" for parent, state in states.items() if state in ("failed",
-                                                                                      "cancelled",
-                                                                                      "gone")]
+        ended = [f"{parent} {state}" for parent, state in states.items()
+                 if state in ("failed", "cancelled", "gone")]
         if ended:
             why = f"cancelled: it runs after {', '.join(ended)}"
             manager.write_log(CANCEL_TXT, why)
@@ -2821,8 +2819,8 @@ def _wait_for_parents(manager: FileManager, parents: list[str]) -> None:
         _atomic_write_text(slots.queue / f"{ticket}-{manager.job_id}", str(manager.job_root))
 
 
-def _run_attempts(manager: FileManager, execute: Callable[[JobContext, dict[str, Any]], tuple[Any,
-                                                                                              str]],
+def _run_attempts(manager: FileManager,
+                  execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]],
                   config: dict[str, Any]) -> tuple[Any, str]:
     """Call the job, and again after a failure while ``retries`` allow (a cancel stops it)."""
     retries, delay = int(config.get("retries") or 0), float(config.get("retry_delay") or 0.0)
@@ -3896,8 +3894,8 @@ def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float 
     ``timeout`` bounds each lookup and each warp-cli call (default 5 s and WARP_TIMEOUT): a
     warp-cli that does not answer in time stops the switch with a StackopsError."""
     if shutil.which("warp-cli") is None:
-        raise DependencyError("warp-cli is not installed", hint="install Cloudflare WARP to rotate "
-                                                                "the public IP")
+        raise DependencyError("warp-cli is not installed",
+                              hint="install Cloudflare WARP to rotate the public IP")
     if max_trials < 1 or wait_seconds < 0 or (timeout is not None and not timeout > 0):
         raise ConfigError("max_trials must be at least 1, wait_seconds not negative "
                           "and timeout positive")
@@ -4015,8 +4013,8 @@ def parse_ssh_target(text: str) -> tuple[str | None, str, int | None]:
     """(user, host, port) of ``user@host[:port]``, ``[v6]:port`` or an alias; refuses the rest."""
     match = _TARGET.match(text or "")
     if not match:
-        raise ConfigError(f"{text!r} is not an SSH target", hint="use an alias from ~/.ssh/config "
-                                                                 "or user@host[:port]")
+        raise ConfigError(f"{text!r} is not an SSH target",
+                          hint="use an alias from ~/.ssh/config or user@host[:port]")
     port = _check_port(match["port"], text) if match["port"] else None
     return match["user"], match["v6"] or match["host"], port
 
@@ -5172,8 +5170,8 @@ def _free_destination(destination: Path, overwrite: bool) -> Path:
         raise ConfigError(f"{destination} is your home, or holds it: a copy never replaces that",
                           hint="name a folder inside it")
     if (destination.exists() or destination.is_symlink()) and not overwrite:
-        raise ConfigError(f"{destination} already exists", hint="pass overwrite (--overwrite) to "
-                                                                "replace it")
+        raise ConfigError(f"{destination} already exists",
+                          hint="pass overwrite (--overwrite) to replace it")
     return destination
 
 
@@ -5221,8 +5219,8 @@ def _remote_target(path: str) -> str:
     path = _remote_path(path)
     if posixpath.normpath(path) in ("~", "/") or ".." in path.split("/"):
         raise ConfigError(f"{path!r} is the host's home, holds it, or climbs out of it with '..': "
-                          "a copy never replaces such a folder", hint="name a folder inside it, "
-                                                                      "e.g. ~/backup")
+                          "a copy never replaces such a folder",
+                          hint="name a folder inside it, e.g. ~/backup")
     return path
 
 
@@ -6102,8 +6100,8 @@ def _send_part(write: Callable[[bytes], None], name: str, path: Path | str | Non
         while left:
             chunk = handle.read(min(left, 1 << 20))
             if not chunk:
-                raise TransferError(f"{path} shrank while it was sent", hint="run it again once it "
-                                                                             "is written")
+                raise TransferError(f"{path} shrank while it was sent",
+                                    hint="run it again once it is written")
             write(chunk)
             left -= len(chunk)
 
@@ -6182,8 +6180,8 @@ class CloudQueue:
 
     def meta(self, unit_id: str) -> dict[str, Any]:
         if unit_id not in self._meta:
-            text = _rclone("cat", f"{self.base}/{unit_id}/unit.json", what="read of unit "
-                                                                           f"{unit_id}").stdout
+            text = _rclone("cat", f"{self.base}/{unit_id}/unit.json",
+                           what=f"read of unit {unit_id}").stdout
             try:
                 meta = json.loads(text)
             except ValueError as exc:
@@ -6243,8 +6241,8 @@ class CloudQueue:
         if results is not None and results.exists():
             verb = "copy" if results.is_dir() else "copyto"
             _rclone(verb, str(results),
-                    f"{self.base}/{unit_id}/results" + ("" if results.is_dir() else
-                                                                           f"/{results.name}"),
+                    f"{self.base}/{unit_id}/results"
+                    + ("" if results.is_dir() else f"/{results.name}"),
                     what=f"upload of unit {unit_id}'s results")
         if held is not None and not held():
             return False
@@ -8565,8 +8563,8 @@ class Cluster:
                 self._ssh[host], self.specs[host] = result
         if failed and not self.ditch_unavailable:
             self.close()
-            raise StackopsConnectionError("cannot reach " + "; ".join(f"{h}: {e}" for h,
-                                                                      e in failed.items()),
+            raise StackopsConnectionError("cannot reach "
+                                          + "; ".join(f"{h}: {e}" for h, e in failed.items()),
                                           hint="fix them, or pass ditch_unavailable=True to go on "
                                                "without them")
         for host, error in failed.items():
@@ -8606,8 +8604,8 @@ class Cluster:
         round trip, once every host has its job in place, and not at all if one failed; fire()
         must follow."""
         if not self.workloads:
-            raise StackopsError("no workloads yet", hint="call connect() and "
-                                                         "generate_standard_kwargs() first")
+            raise StackopsError("no workloads yet",
+                                hint="call connect() and generate_standard_kwargs() first")
         _mkdir_private(self.root_dir)
         for index, host in enumerate(self.ssh_hosts):
             if host in self.workloads and host not in self.machines:
@@ -8641,8 +8639,8 @@ class Cluster:
     def _raise_failures(self, what: str, results: dict[str, Any]) -> None:
         failed = {host: r for host, r in results.items() if isinstance(r, Exception)}
         if failed:
-            raise StackopsError(f"{what} failed on " + "; ".join(f"{h}: {e}" for h,
-                                                                 e in failed.items()))
+            raise StackopsError(f"{what} failed on "
+                                + "; ".join(f"{h}: {e}" for h, e in failed.items()))
 
     def run(self, run: bool = True) -> Cluster:
         """connect, generate_standard_kwargs, submit, fire: the whole launch."""
@@ -8662,8 +8660,8 @@ class Cluster:
         """Run again, on the same host with the same slice, every part that failed or was
         cancelled; the cluster follows the new parts from then on. Returns {host: new job id}."""
         ended = {host: r for host, r in self.check_job_status().items() if isinstance(r, JobStatus)}
-        failed = [host for host, report in ended.items() if report.status in ("failed",
-                                                                              "cancelled")]
+        failed = [host for host, report in ended.items()
+                  if report.status in ("failed", "cancelled")]
         if not failed:
             raise ConfigError(f"cluster {self.job_id} has no failed part to rerun")
         results = self._parallel(lambda h: self.machines[h].rerun(), failed)
@@ -8875,8 +8873,9 @@ def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
         params["repo_path_rh"] = collapse_home(root / "code")
         _atomic_write_json(root / JOB_PARAMS_JSON, params)
     config = RemoteStackOpsConfig.from_dict(_read_json(root / CONFIG_JSON))
-    _atomic_write_text(root / LAUNCHER_SH, render_shell_script(JobParams.from_dict(params), config,
-                                                               config.python or "python3"), 0o700)
+    _atomic_write_text(root / LAUNCHER_SH,
+                       render_shell_script(JobParams.from_dict(params), config,
+                                           config.python or "python3"), 0o700)
     manager = _read_json(root / FILE_MANAGER_JSON)
     base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
     mine = base / "queued" / root.name / FILE_MANAGER_JSON
@@ -9445,8 +9444,8 @@ def _load_job_or_cluster(job_id: str,
         return Sweep.load(job_id, base_dir)
     units = _cloud_units_of(job_id, base_dir)
     if units is None:
-        raise ConfigError(f"no job or cluster {job_id!r} here", hint=f"{_program()} list shows the "
-                                                                     "jobs")
+        raise ConfigError(f"no job or cluster {job_id!r} here",
+                          hint=f"{_program()} list shows the jobs")
     return units
 
 
@@ -9478,8 +9477,8 @@ def _overall_status(target: RemoteMachine | Cluster | Sweep | _CloudUnits) -> st
     if isinstance(target, RemoteMachine):
         return target.get_status(0).status
     if isinstance(target, _CloudUnits):
-        raise ConfigError(f"{target.job_id} is in a cloud queue", hint=f"{_program()} cloud status "
-                                                                       "shows its units")
+        raise ConfigError(f"{target.job_id} is in a cloud queue",
+                          hint=f"{_program()} cloud status shows its units")
     statuses = [r.status if isinstance(r, JobStatus) else "running"
                 for r in target.check_job_status().values()]
     if not all(status in TERMINAL_STATUSES for status in statuses):
@@ -9531,8 +9530,8 @@ def _cmd_rerun(args: Any) -> int:
                 print(f"rerun task as job {task_id}")
             return _wait_ids([target]) if args.wait else 0
     if args.failed or isinstance(target, _CloudUnits):
-        raise ConfigError("--failed is for a cluster id" if args.failed else "a cloud queue's "
-                                                                             "units are not rerun")
+        raise ConfigError("--failed is for a cluster id" if args.failed
+                          else "a cloud queue's units are not rerun")
     if isinstance(target, Sweep):
         raise ConfigError(f"{args.job_id} is a sweep: rerun its jobs by their ids "
                           f"({args.job_id}-0000, ...)")
@@ -9608,8 +9607,8 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
                 continue
             report = machine.get_status(0) if machine.submitted or not machine.is_remote else None
             ended = _parse_iso(report.end_time) if report is not None and report.finished else None
-            if report is None or ended is None or ended > cutoff or status not in (None,
-                                                                                   report.status):
+            if report is None or ended is None or ended > cutoff \
+                    or status not in (None, report.status):
                 continue
             machine.delete(results=results)
             deleted.append(machine.job_id)
@@ -9937,10 +9936,10 @@ def _add_cluster_args(commands: Any) -> None:
     run.set_defaults(handler=_cmd_cluster_run)
     run.add_argument("target", help="path/to/module.py:func; it gets workload_params (its slice) "
                                     "and the kwargs")
-    run.add_argument("--hosts", required=True, help="comma-separated ~/.ssh/config aliases or "
-                                                    "user@host[:port]")
-    run.add_argument("--kwargs", default="{}", metavar="JSON", help="keyword arguments (JSON "
-                                                                    "object or @file)")
+    run.add_argument("--hosts", required=True,
+                     help="comma-separated ~/.ssh/config aliases or user@host[:port]")
+    run.add_argument("--kwargs", default="{}", metavar="JSON",
+                     help="keyword arguments (JSON object or @file)")
     run.add_argument("--criterion", default="cpu", choices=[c.name for c in LoadCriterion],
                      help="what a host's share and threads follow (default cpu)")
     run.add_argument("--threads", type=int, default=None, metavar="N",
@@ -9949,14 +9948,14 @@ def _add_cluster_args(commands: Any) -> None:
     run.add_argument("--parallelize", action="store_true",
                      help="run each host's parts in parallel processes, at most one per CPU "
                           "of the host")
-    run.add_argument("--max-num", type=int, default=1000, help="the index range [0, MAX) to split "
-                                                               "(default 1000)")
-    run.add_argument("--max-jobs", type=int, default=1, metavar="N", help="slots per host (default "
-                                                                          "1)")
-    run.add_argument("--strict", action="store_true", help="refuse to launch anywhere if a host is "
-                                                           "unreachable")
-    run.add_argument("--copy-repo", action="store_true", help="each job runs its own snapshot of "
-                                                              "the repo")
+    run.add_argument("--max-num", type=int, default=1000,
+                     help="the index range [0, MAX) to split (default 1000)")
+    run.add_argument("--max-jobs", type=int, default=1, metavar="N",
+                     help="slots per host (default 1)")
+    run.add_argument("--strict", action="store_true",
+                     help="refuse to launch anywhere if a host is unreachable")
+    run.add_argument("--copy-repo", action="store_true",
+                     help="each job runs its own snapshot of the repo")
     run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
     run.add_argument("--job-id", help="the cluster's id (a safe name)")
     run.add_argument("--description", default="")
@@ -9964,29 +9963,27 @@ def _add_cluster_args(commands: Any) -> None:
                      "(exit status 1 if one failed or a host stayed unreachable)")
     run.add_argument("--host-timeout", type=float, default=120.0, metavar="SECONDS",
                      help="with --wait: give up on a host silent this long (default 120)")
-    for name, handler, text in (("status", _cmd_cluster_status, "one line per host: share, status, "
-                                                                "times"),
-                                ("download", _cmd_cluster_download, "every host's results into one "
-                                                                    "folder"),
-                                ("logs", _cmd_cluster_logs, "a part's output (every part's, "
-                                                            "without --part)")):
+    for name, handler, text in (
+            ("status", _cmd_cluster_status, "one line per host: share, status, times"),
+            ("download", _cmd_cluster_download, "every host's results into one folder"),
+            ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
         action = sub.add_parser(name, help=text)
         action.set_defaults(handler=handler)
         action.add_argument("cluster_id")
         if name == "status":
             action.add_argument("--json", action="store_true")
         elif name == "download":
-            action.add_argument("--to", help="the local folder (default: the cluster's results "
-                                             "folder)")
+            action.add_argument("--to",
+                                help="the local folder (default: the cluster's results folder)")
         else:
-            action.add_argument("--part", metavar="K", help="the part: its host, or its number (1, "
-                                                            "2, ...)")
-            action.add_argument("-f", "--follow", action="store_true", help="keep printing while "
-                                                                            "the part runs")
+            action.add_argument("--part", metavar="K",
+                                help="the part: its host, or its number (1, 2, ...)")
+            action.add_argument("-f", "--follow", action="store_true",
+                                help="keep printing while the part runs")
             action.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     for action in (run, *[p for n, p in sub.choices.items() if n != "run"]):
-        action.add_argument("--base-dir", default=default_base, help="where clusters live "
-                                                                     f"(default {default_base})")
+        action.add_argument("--base-dir", default=default_base,
+                            help=f"where clusters live (default {default_base})")
 
 
 def _cmd_cloud_submit(args: Any) -> int:
@@ -10035,8 +10032,8 @@ def _add_cloud_args(commands: Any) -> None:
     submit.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]", help="the rclone remote")
     submit.add_argument("--split", type=int, required=True, help="how many work units")
     submit.add_argument("--kwargs", default="{}", metavar="JSON")
-    submit.add_argument("--workload", metavar="START:END[:PARTS]", help="the range to split "
-                                                                        "(default 0:1000)")
+    submit.add_argument("--workload", metavar="START:END[:PARTS]",
+                        help="the range to split (default 0:1000)")
     submit.add_argument("--copy-repo", action="store_true", help="the units carry the repo")
     submit.add_argument("--allowed", metavar="W1,W2", help="only these workers may run the units")
     submit.add_argument("--python", help="interpreter on the workers (default python3)")
@@ -10049,16 +10046,16 @@ def _add_cloud_args(commands: Any) -> None:
     worker = commands.add_parser("worker", help="claim and run work units from a cloud queue")
     worker.set_defaults(handler=_cmd_worker)
     worker.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
-    worker.add_argument("--max-jobs", type=int, default=1, help="units run at once on this machine "
-                                                                "(default 1)")
+    worker.add_argument("--max-jobs", type=int, default=1,
+                        help="units run at once on this machine (default 1)")
     worker.add_argument("--name", help="this worker's name (default HOST-PID); see --allowed")
-    worker.add_argument("--poll", type=float, default=5.0, help="seconds between looks at an idle "
-                                                                "queue")
+    worker.add_argument("--poll", type=float, default=5.0,
+                        help="seconds between looks at an idle queue")
     worker.add_argument("--until-idle", action="store_true", help="stop once every unit is done")
-    worker.add_argument("--lease", type=float, default=CLOUD_LEASE, help="seconds a silent claim "
-                                                                         "stays valid")
-    worker.add_argument("--settle", type=float, default=CLOUD_SETTLE, help="seconds a claim waits "
-                                                                           "for rivals")
+    worker.add_argument("--lease", type=float, default=CLOUD_LEASE,
+                        help="seconds a silent claim stays valid")
+    worker.add_argument("--settle", type=float, default=CLOUD_SETTLE,
+                        help="seconds a claim waits for rivals")
 
 
 def _cmd_ip(args: Any) -> int:
@@ -10097,22 +10094,22 @@ def _add_ip_args(commands: Any) -> None:
     sub = commands.add_parser("ip", help="local addresses and the LAN one; --public: the public "
                                          "IP; switch: rotate it")
     sub.set_defaults(handler=_cmd_ip)
-    sub.add_argument("action", nargs="?", choices=["switch"], help="rotate the public IP with "
-                                                                   "warp-cli")
-    sub.add_argument("--public", action="store_true", help="the public address and what is known "
-                                                           "of it")
+    sub.add_argument("action", nargs="?", choices=["switch"],
+                     help="rotate the public IP with warp-cli")
+    sub.add_argument("--public", action="store_true",
+                     help="the public address and what is known of it")
     sub.add_argument("--json", action="store_true")
-    sub.add_argument("--prefer-vpn", action="store_true", help="let VPN/tunnel interfaces compete "
-                                                               "for the LAN choice")
+    sub.add_argument("--prefer-vpn", action="store_true",
+                     help="let VPN/tunnel interfaces compete for the LAN choice")
     sub.add_argument("--endpoint", help="JSON endpoint of the public-IP lookup, http:// or "
                                         "https:// (default: ipinfo CLI or ipinfo.io)")
     sub.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="the most one public-IP lookup (default 5) or one warp-cli call "
                           "(default 30) may take")
-    sub.add_argument("--max-trials", type=int, default=10, help="switch: registrations to try "
-                                                                "(default 10)")
-    sub.add_argument("--wait", type=float, default=2.0, help="switch: seconds to wait after each "
-                                                             "step (default 2)")
+    sub.add_argument("--max-trials", type=int, default=10,
+                     help="switch: registrations to try (default 10)")
+    sub.add_argument("--wait", type=float, default=2.0,
+                     help="switch: seconds to wait after each step (default 2)")
     sub.add_argument("--target", action="append", default=[], metavar="IP",
                      help="switch: stop at one of these")
 
@@ -10152,8 +10149,8 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--max-jobs", type=int, default=1, metavar="N",
                         help="at most N jobs hold a slot on the machine at once; the rest queue "
                              "(default 1)")
-    parser.add_argument("--no-lock", action="store_true", help="start at once, without taking a "
-                                                               "slot")
+    parser.add_argument("--no-lock", action="store_true",
+                        help="start at once, without taking a slot")
     parser.add_argument("--workload", metavar="START:END[:PARTS]",
                         help="call the function with workload_params covering [START, END) in "
                              "PARTS parts")
@@ -10167,8 +10164,8 @@ def _add_run_args(parser: Any) -> None:
                         help="run with python -i in a tmux session named after the job")
     parser.add_argument("--update-repo", action="store_true",
                         help="git pull the host's own clone before the job (not with --copy-repo)")
-    parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo "
-                                                                    "before the job")
+    parser.add_argument("--install-repo", action="store_true",
+                        help="pip install -e the repo before the job")
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="sync a file or folder to the same place on the host (only files that "
                              "differ travel)")
@@ -10196,8 +10193,8 @@ def _add_run_start_args(parser: Any) -> None:
     parser.add_argument("--notify", action="store_true",
                         help="e-mail when the job ends (SMTP settings on the executing machine, "
                              "see README)")
-    parser.add_argument("--email", metavar="ADDR", help="with --notify: the address (default: your "
-                                                        "user config's)")
+    parser.add_argument("--email", metavar="ADDR",
+                        help="with --notify: the address (default: your user config's)")
     parser.add_argument("--slurm", action="store_true",
                         help="hand the job to Slurm with sbatch (here, or on the --host login "
                              "node)")
@@ -10207,8 +10204,8 @@ def _add_run_start_args(parser: Any) -> None:
     parser.add_argument("--show-scripts", action="store_true", help="print the generated scripts")
     parser.add_argument("--no-launch", action="store_true",
                         help="prepare everything and print the launch command; start nothing")
-    parser.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if "
-                                                            "it failed")
+    parser.add_argument("--wait", action="store_true",
+                        help="block until the job ends; exit 1 if it failed")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
 
 
@@ -10241,10 +10238,10 @@ def _add_control_args(command: Callable[..., Any]) -> None:
     command("start", _cmd_start, "launch a job prepared with run --no-launch")
     sub = command("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed "
                                        "parts)")
-    sub.add_argument("--failed", action="store_true", help="for a cluster id: only the parts that "
-                                                           "failed")
-    sub.add_argument("--wait", action="store_true", help="block until it ends; exit 1 if it did "
-                                                         "not complete")
+    sub.add_argument("--failed", action="store_true",
+                     help="for a cluster id: only the parts that failed")
+    sub.add_argument("--wait", action="store_true",
+                     help="block until it ends; exit 1 if it did not complete")
     sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",
                   job=False)
     sub.add_argument("job_ids", nargs="+", metavar="ID")
@@ -10265,8 +10262,8 @@ def _build_parser() -> Any:
         prog="stackops", description="Run a Python function or script detached, capped by slots, "
                                      "and follow it.")
     parser.add_argument("--version", action="version", version=f"stackops {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics (-vv: "
-                                                                           "tracebacks)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more diagnostics (-vv: tracebacks)")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer diagnostics")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -10276,8 +10273,8 @@ def _build_parser() -> Any:
         sub.set_defaults(handler=handler)
         if job:
             sub.add_argument("job_id", help="the job's id")
-        sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR, help="where jobs live (default "
-                                                                      f"{DEFAULT_BASE_DIR})")
+        sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR,
+                         help=f"where jobs live (default {DEFAULT_BASE_DIR})")
         return sub
 
     _add_job_commands(commands, command)
@@ -10303,8 +10300,8 @@ def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
     sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     sub = commands.add_parser("queue", help="slots in use, who waits in what order, recent history")
     sub.set_defaults(handler=_cmd_queue)
-    sub.add_argument("--history", type=int, default=10, metavar="N", help="show the last N "
-                                                                          "finished jobs")
+    sub.add_argument("--history", type=int, default=10, metavar="N",
+                     help="show the last N finished jobs")
     sub.add_argument("--host", help="the queue of this host, read there in one round trip")
     sub.add_argument("--json", action="store_true")
     sub = command("download", _cmd_download, "copy a finished job's results folder")
@@ -10323,8 +10320,8 @@ def _add_host_commands(commands: Any) -> None:
     sub.add_argument("command", nargs="*", help="the command (after --)")
     sub.add_argument("--timeout", type=float, default=None,
                      help="give up connecting, or on the command, after this many seconds")
-    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host "
-                                                               "key")
+    sub.add_argument("--accept-new", action="store_true",
+                     help="trust and record an unknown host key")
     sub = commands.add_parser("copy", help="copy a file or folder to or from a host (HOST:PATH on "
                                            "one side)")
     sub.set_defaults(handler=_cmd_copy)
@@ -10333,16 +10330,16 @@ def _add_host_commands(commands: Any) -> None:
     sub.add_argument("-r", "--recursive", action="store_true", help="copy folders")
     sub.add_argument("-z", "--compress", action="store_true", help="compress on the wire")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
-    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host "
-                                                               "key")
+    sub.add_argument("--accept-new", action="store_true",
+                     help="trust and record an unknown host key")
     sub = commands.add_parser("send-key", help="install your public key in a host's "
                                                "authorized_keys (once)")
     sub.set_defaults(handler=_cmd_send_key)
     sub.add_argument("host")
     sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then "
                                    "id_rsa.pub)")
-    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host "
-                                                               "key")
+    sub.add_argument("--accept-new", action="store_true",
+                     help="trust and record an unknown host key")
 
 
 def _add_hidden_commands(commands: Any) -> None:
@@ -10396,9 +10393,8 @@ def _configure_logging(level: int) -> Callable[[], None]:
         new._stackops_cli = True  # type: ignore[attr-defined]
         logger.addHandler(new)
     log.propagate = False
-    log.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(max(-1, min(level,
-                                                                                          2)),
-                                                                              logging.DEBUG))
+    levels = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
+    log.setLevel(levels.get(max(-1, min(level, 2)), logging.DEBUG))
 
     def undo() -> None:
         for logger, new in installed:
