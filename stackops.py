@@ -59,8 +59,10 @@ Environment variables (read on the machine where they matter):
                          (default ~/tmp_results/remote_machines/file_manager/<machine>; it must be
                          yours alone, and a relative one is made absolute when a job is submitted)
     STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
-    STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600 (default ~/.config/stackops/email.json)
-    STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup (default https://ipinfo.io/json)
+    STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600
+                           (default ~/.config/stackops/email.json)
+    STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup
+                           (default https://ipinfo.io/json)
 """
 
 from __future__ import annotations
@@ -587,7 +589,8 @@ def _sh_path(path: str) -> str:
 
 
 def check_safe_name(name: Any, what: str = "job_id") -> str:
-    """A name usable as a folder and in commands: letters, digits and ``._-``, not first ``.``/``-``."""
+    """A name usable as a folder and in commands: letters, digits and ``._-``, not first
+    ``.``/``-``."""
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
         raise ConfigError(f"{what} {name!r} is not a safe name",
                           hint="use letters, digits, '.', '_' and '-', not starting with '.' or "
@@ -599,14 +602,14 @@ def check_safe_name(name: Any, what: str = "job_id") -> str:
 # sbatch long options a job may set (``slurm_options``); stackops sets the rest itself (the name,
 # output, working folder, array, dependency). An empty value renders the bare flag.
 _SLURM_OPTION_WORDS = """
-    account acctg-freq batch bb begin clusters comment constraint contiguous core-spec cores-per-socket
-    cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot distribution exclude exclusive extra-node-info
-    gpu-bind gpu-freq gpus gpus-per-node gpus-per-socket gpus-per-task gres gres-flags hint licenses
-    mail-type mail-user mcs-label mem mem-bind mem-per-cpu mem-per-gpu mincpus network nice no-requeue
-    nodefile nodelist nodes ntasks ntasks-per-core ntasks-per-gpu ntasks-per-node ntasks-per-socket
-    overcommit oversubscribe partition power prefer priority profile propagate qos reboot requeue
-    reservation signal sockets-per-node spread-job switches thread-spec threads-per-core time time-min
-    tmp use-min-nodes wckey"""
+    account acctg-freq batch bb begin clusters comment constraint contiguous core-spec
+    cores-per-socket cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot distribution exclude
+    exclusive extra-node-info gpu-bind gpu-freq gpus gpus-per-node gpus-per-socket gpus-per-task
+    gres gres-flags hint licenses mail-type mail-user mcs-label mem mem-bind mem-per-cpu
+    mem-per-gpu mincpus network nice no-requeue nodefile nodelist nodes ntasks ntasks-per-core
+    ntasks-per-gpu ntasks-per-node ntasks-per-socket overcommit oversubscribe partition power
+    prefer priority profile propagate qos reboot requeue reservation signal sockets-per-node
+    spread-job switches thread-spec threads-per-core time time-min tmp use-min-nodes wckey"""
 SLURM_OPTIONS = frozenset(_SLURM_OPTION_WORDS.split())
 _SLURM_VALUE = _LazyPattern(r"[A-Za-z0-9_.:,=/@%+*&|!\[\]()-]{0,200}\Z")
 
@@ -1012,9 +1015,8 @@ class RemoteStackOpsConfig:
 
     def _check_slurm_combination(self) -> None:
         for flag, what in ((self.interactive, "an interactive job"),
-                           (self.transfer_method == "cloud",
-                           "transfer_method='cloud'"), (self.parallelize, "parallelize (use the "
-                                                                          "array)")):
+                           (self.transfer_method == "cloud", "transfer_method='cloud'"),
+                           (self.parallelize, "parallelize (use the array)")):
             if flag:
                 raise ConfigError(f"launch_method='slurm' cannot run {what}")
 
@@ -1078,11 +1080,13 @@ class ExecutionTimings:
 
     @property
     def wait_duration(self) -> _dt.timedelta | None:
-        return self.start_utc - self.submission_time if self.start_utc and self.submission_time else None
+        if self.start_utc and self.submission_time:
+            return self.start_utc - self.submission_time
+        return None
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {spec.name: _iso(getattr(self,
-                                                        spec.name)) for spec in dataclasses.fields(self)}
+        data: dict[str, Any] = {spec.name: _iso(getattr(self, spec.name))
+                                for spec in dataclasses.fields(self)}
         for name in ("execution_duration", "wait_duration"):
             delta = getattr(self, name)
             data[name + "_seconds"] = delta.total_seconds() if delta is not None else None
@@ -1113,7 +1117,8 @@ def _import_root(file: Path, module: str) -> Path:
     root = file.parent
     for _ in range(ups):
         root = root.parent
-    expected = Path(*parts) / "__init__.py" if file.name == "__init__.py" else Path(*parts).with_suffix(".py")
+    expected = (Path(*parts) / "__init__.py" if file.name == "__init__.py"
+                else Path(*parts).with_suffix(".py"))
     if root / expected != file:
         raise ConfigError(f"module {module} does not match its file {file}",
                           hint="pass a function imported normally from a module of your repo")
@@ -1207,7 +1212,8 @@ class JobParams:
 
     @classmethod
     def from_function_ref(cls, ref: str) -> JobParams:
-        """``path/to/file.py:func`` or ``path/to/file.py:Class.func``, checked without importing it."""
+        """``path/to/file.py:func`` or ``path/to/file.py:Class.func``, checked without importing
+        it."""
         path, sep, qualname = ref.rpartition(":")
         if not sep or not path or not re.match(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?\Z", qualname):
             raise ConfigError(f"{ref!r} is not FILE.py:FUNCTION", hint="e.g. mypkg/jobs.py:train")
@@ -1232,12 +1238,14 @@ class JobParams:
         try:
             params.import_root_r = root.relative_to(repo).as_posix() or "."
         except ValueError:
-            raise ConfigError(f"{module} is imported from {root}, outside its repo {repo}") from None
+            raise ConfigError(f"{module} is imported from {root}, "
+                              f"outside its repo {repo}") from None
         return params
 
     @classmethod
     def from_callable(cls, func: Callable[..., Any]) -> JobParams:
-        """A function, a bound method (its instance travels pickled) or a ``runpy.run_path`` function."""
+        """A function, a bound method (its instance travels pickled) or a ``runpy.run_path``
+        function."""
         target = getattr(func, "__func__", func)
         name = getattr(target, "__name__", None)
         qualname = getattr(target, "__qualname__", "") or ""
@@ -1246,8 +1254,8 @@ class JobParams:
         if name is None or code is None:
             raise ConfigError(f"{func!r} is not a Python function, method or script path")
         if name == "<lambda>":
-            raise ConfigError("a lambda cannot be sent as a job", hint="define it with def at the "
-                                                                       "top of a module")
+            raise ConfigError("a lambda cannot be sent as a job",
+                              hint="define it with def at the top of a module")
         if "<locals>" in qualname:
             raise ConfigError(f"{qualname} is defined inside another function and cannot be "
                               "imported by the job",
@@ -1323,7 +1331,8 @@ class _Template(string.Template):
 def render_template(template: str, **values: str) -> str:
     """Fill ``@@name`` placeholders; a missing or an unused value is an error, never a blank."""
     compiled = _Template(template)
-    wanted = {m.group("named") or m.group("braced") for m in compiled.pattern.finditer(template)} - {None}
+    wanted = {m.group("named") or m.group("braced")
+              for m in compiled.pattern.finditer(template)} - {None}
     missing, unused = sorted(wanted - set(values)), sorted(set(values) - wanted)
     if missing or unused:
         raise StackopsError(f"template values missing {missing} or unused {unused}")
@@ -1373,11 +1382,13 @@ fi
 rc=$?
 case "$(cat "$LOGS/status.txt" 2>/dev/null)" in
     completed|failed|cancelled) ;;
-    *)  if [ "$rc" -gt 128 ]; then why="killed by signal $((rc - 128))"; else why="exit status $rc"; fi
+    *)  if [ "$rc" -gt 128 ]; then why="killed by signal $((rc - 128))"
+        else why="exit status $rc"; fi
         [ "$rc" -eq 127 ] && why="$why: is $PYTHON installed?"
         _fail "process gone: the job's Python process ended ($why) without recording its end" ;;
 esac
-[ "$(cat "$LOGS/status.txt" 2>/dev/null)" = completed ]  # the launcher's exit status tells (Slurm's afterok)
+# the launcher's exit status tells (Slurm's afterok)
+[ "$(cat "$LOGS/status.txt" 2>/dev/null)" = completed ]
 """
 
 PYTHON_TEMPLATE = '''#!/usr/bin/env python3
@@ -1424,7 +1435,8 @@ def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, pyt
     repo = job_params.repo_path_rh or "~"
     repo_dir = _sh_path(repo)
     if job_params.code_snapshot:  # the job's own copy of its snapshot, inside its folder
-        repo, repo_dir = f"{CODE_DIR} (snapshot {job_params.code_snapshot})", f'"$JOB_ROOT"/{CODE_DIR}'
+        repo = f"{CODE_DIR} (snapshot {job_params.code_snapshot})"
+        repo_dir = f'"$JOB_ROOT"/{CODE_DIR}'
     notify = ": no e-mail asked for"
     if config.notify_upon_completion:  # the job's copy sends it; python3 if $PYTHON is what failed
         notify = ('{ "$PYTHON" -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT" '
@@ -1460,8 +1472,8 @@ def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, t
     lines = [f"#SBATCH --{key}={value}" if value else f"#SBATCH --{key}"
              for key, value in sorted(check_slurm_options(options).items())]
     if after:  # a parent that fails makes Slurm cancel this job, never leave it pending forever
-        lines += ["#SBATCH --dependency=afterok:" + ":".join(check_safe_name(i,
-                                                                             "slurm job") for i in after),
+        parents = ":".join(check_safe_name(i, "slurm job") for i in after)
+        lines += ["#SBATCH --dependency=afterok:" + parents,
                   "#SBATCH --kill-on-invalid-dep=yes"]
     output, task_dir = "logs/output.log", "."
     if tasks:
@@ -1476,7 +1488,8 @@ def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, t
 # Hand a job folder to Slurm where it runs: sbatch from inside the folder, the Slurm job id kept.
 SBATCH_FIRE_TEMPLATE = r"""umask 077; J=@@job_root
 [ -f "$J/@@sbatch" ] || { echo "no job folder at $J" >&2; exit 3; }
-command -v sbatch >/dev/null || { echo "no sbatch on $(hostname): is it a Slurm login node?" >&2; exit 3; }
+command -v sbatch >/dev/null \
+    || { echo "no sbatch on $(hostname): is it a Slurm login node?" >&2; exit 3; }
 cd "$J" || exit 3
 i=$(sbatch --parsable @@sbatch) || exit $?
 printf '%s' "$i" > "$J/logs/.slurm.$$" && mv -f "$J/logs/.slurm.$$" "$J/@@id_file" || exit 3
@@ -1493,7 +1506,8 @@ SLURM_STATUS_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; M=@@mark
 [ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
 get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
 put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
-end() { put error_message.txt "$2"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"; put status.txt "$1"; }
+end() { put error_message.txt "$2"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
+    put status.txt "$1"; }
 get slurm_job_id.txt; sid=${R%%;*}; sid=${sid//[[:space:]]/}
 get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; state=; reason=; code=; info=
 if [ -n "$sid" ] && [ "$st" != completed ] && [ "$st" != cancelled ]; then
@@ -1516,9 +1530,12 @@ case "$st:$state" in
     *:PENDING|*:REQUEUE*|*:SUSPENDED|*:RESV_DEL_HOLD|*:SPECIAL_EXIT) st=queued ;;
     *:RUNNING|*:COMPLETING|*:CONFIGURING|*:RESIZING|*:STAGE_OUT|*:SIGNALING) st=running ;;
     *:CANCELLED*) end cancelled "cancelled ($why)"; st=cancelled ;;
-    *:gone) end failed "lost by Slurm: job $sid is unknown to Slurm and recorded no end"; st=failed ;;
-    *:COMPLETED) end failed "the job recorded no end though $why; do the compute nodes see $J?"; st=failed ;;
-    *) [ -e "$L/launcher_pid.txt" ] || why="$why; the job never started: do the compute nodes see $J?"
+    *:gone) end failed "lost by Slurm: job $sid is unknown to Slurm and recorded no end"
+        st=failed ;;
+    *:COMPLETED) end failed "the job recorded no end though $why; do the compute nodes see $J?"
+        st=failed ;;
+    *) [ -e "$L/launcher_pid.txt" ] \
+           || why="$why; the job never started: do the compute nodes see $J?"
        end failed "$why"; st=failed ;;
 esac
 out() { printf '\n%s:%s\n%s' "$M" "$1" "$2"; }
@@ -1537,7 +1554,8 @@ exit 0
 # SIGTERM its launcher's process group (only when the recorded pid provably is the job's: its
 # command line runs this job folder's launcher or wrapper), SIGKILL what is left after the grace,
 # and record `cancelled` if the job could not. Prints the status that holds after.
-CANCEL_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; ticks=@@ticks
+CANCEL_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"
+id=@@job_id; ticks=@@ticks
 [ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
 get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
 put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
@@ -1552,10 +1570,11 @@ cmd() { C=; local a; [ -r "/proc/$1/cmdline" ] || return 1
 stat() { local s; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
     s=${s##*) }; set -- $s; STATE=$1; PGRP=$3; }
 g=; get launcher_pid.txt; p=${R//[[:space:]]/}
-if [[ $p =~ ^[0-9]+$ ]] && cmd "$p" && [[ $C == *"/queued/$id/shell/cluster_script.sh"* ]]; then g=$p; fi
+if [[ $p =~ ^[0-9]+$ ]] && cmd "$p" \
+    && [[ $C == *"/queued/$id/shell/cluster_script.sh"* ]]; then g=$p; fi
 get pid.txt; w=${R//[[:space:]]/}
-if [ -z "$g" ] && [[ $w =~ ^[0-9]+$ ]] && cmd "$w" && [[ $C == *"/queued/$id/python/cluster_wrap.py"* ]] \
-    && stat "$w"; then g=$PGRP; fi
+if [ -z "$g" ] && [[ $w =~ ^[0-9]+$ ]] && cmd "$w" \
+    && [[ $C == *"/queued/$id/python/cluster_wrap.py"* ]] && stat "$w"; then g=$PGRP; fi
 members() {  # a live (not zombie) process in the group; the scan only while kill -0 finds one
     kill -0 -- "-$g" 2>/dev/null || return 1
     local d; for d in /proc/[0-9]*; do stat "${d#/proc/}" || continue
@@ -1570,7 +1589,8 @@ fi
 get status.txt; st=${R//[[:space:]]/}
 case "$st" in
     completed|failed|cancelled) ;;
-    *) put error_message.txt "cancelled${killed:+ (killed: it ignored SIGTERM for the grace period)}"
+    *) put error_message.txt \
+           "cancelled${killed:+ (killed: it ignored SIGTERM for the grace period)}"
        put end_time.txt "$(now)"; put status.txt cancelled; st=cancelled ;;
 esac
 echo "$st"
@@ -1580,7 +1600,9 @@ echo "$st"
 # Remove a job folder where the job ran: only a real folder (not a link) that holds a job.
 DELETE_TEMPLATE = r"""J=@@job_root
 [ -e "$J" ] || [ -L "$J" ] || exit 0
-if [ -L "$J" ] || [ ! -f "$J/data/file_manager.json" ]; then echo "$J is not a stackops job folder" >&2; exit 3; fi
+if [ -L "$J" ] || [ ! -f "$J/data/file_manager.json" ]; then
+    echo "$J is not a stackops job folder" >&2; exit 3
+fi
 rm -rf -- "$J"
 """
 
@@ -1596,7 +1618,8 @@ STATUS_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; M
 cd -P "$J" 2>/dev/null && P=$PWD || P=$J
 get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
 put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
-fail() { put error_message.txt "$1"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"; put status.txt failed; }
+fail() { put error_message.txt "$1"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
+    put status.txt failed; }
 owns() {  # pid $1 is alive, not a zombie, started at tick $3 (if recorded) and names the script $2
     local s a f hit=; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
     s=${s##*) }; set -f; f=($s); set +f
@@ -1643,7 +1666,9 @@ if [ "$st" = waiting ] || [ "$st" = queued ]; then
     fi
 fi
 if [ "$st" = waiting ] && [ -e "$S/queue/$me" ]; then
-    for e in "$S"/queue/*; do e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1)); done
+    for e in "$S"/queue/*; do
+        e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1))
+    done
     [ -n "$found" ] && place=$n
 fi
 out() { printf '\n%s:%s\n%s' "$M" "$1" "$2"; }
@@ -1652,7 +1677,8 @@ for k in pid:pid start:start_time end:end_time results:results_folder_path error
     get "${k#*:}.txt"; out "${k%%:*}" "$R"
 done
 get execution_timings.json; out timings "$R"; out place "$place"; out host "$HOSTNAME"
-get attempt.txt; out attempt "$R"; R=; [ "$st" = waiting ] && get reason.txt; out reason "$R"; out tail ""
+get attempt.txt; out attempt "$R"
+R=; [ "$st" = waiting ] && get reason.txt; out reason "$R"; out tail ""
 if [ @@lines -gt 0 ] && [ -r "$L/output.log" ]; then tail -n $((@@lines + 16)) "$L/output.log"; fi
 exit 0
 """
@@ -1693,7 +1719,8 @@ def state_dir(pool: str = "") -> Path:
     return root / "pools" / pool if pool else root
 
 
-# The GPUs of a host in one round trip: its STACKOPS_GPUS ("-" when unset), then what nvidia-smi lists.
+# The GPUs of a host in one round trip: its STACKOPS_GPUS ("-" when unset), then what
+# nvidia-smi lists.
 GPU_PROBE_SH = ("printf '%s\\n' \"${STACKOPS_GPUS--}\"; "
                 "nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null; true")
 
@@ -1821,7 +1848,8 @@ class Slots:
         if job_root is None or not (job_root / FILE_MANAGER_JSON).exists() \
                 or (job_root / CANCEL_TXT).exists():
             return "stale"
-        started = (job_root / PID_TXT).exists() or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES
+        started = ((job_root / PID_TXT).exists()
+                   or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES)
         launcher = job_process_alive(job_root, LAUNCHER_PID_TXT)
         if started or launcher is False:
             return "stale"
@@ -1866,8 +1894,8 @@ class Slots:
         return started.pid
 
     def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int, on_start: Callable[[], None],
-                      names: list[str] | None = None, need: int = 1) -> tuple[list[tuple[str, int]],
-                                                                              _dt.datetime]:
+                      names: list[str] | None = None, need: int = 1
+                      ) -> tuple[list[tuple[str, int]], _dt.datetime]:
         """Wait in line under ``entry``, then take a free slot among the first ``max_jobs`` (or
         ``need`` of the slots ``names`` at once: a job's GPUs). Returns ([(slot, fd holding it)],
         when they were taken); ``on_start`` runs once the entry is ours. The time is taken before
@@ -1936,7 +1964,8 @@ class Slots:
         return cached[1].get(entry)
 
     def holders(self) -> list[dict[str, Any]]:
-        """The jobs holding a slot now (a slot lock nobody holds is free, whatever its JSON says)."""
+        """The jobs holding a slot now (a slot lock nobody holds is free, whatever its JSON
+        says)."""
         found = []
         for lock in sorted(self.slots.glob("*.lock"), key=lambda p: (len(p.stem), p.stem)):
             fd = _try_flock(lock)
@@ -2120,7 +2149,8 @@ class FileManager:
         (its pool's folder inside, if it names a pool)."""
         if not self.state_dir:
             return Slots(state_dir(self.pool))
-        return Slots(Path(self.state_dir) / "pools" / self.pool if self.pool else Path(self.state_dir))
+        base = Path(self.state_dir)
+        return Slots(base / "pools" / self.pool if self.pool else base)
 
     def _pool_sh(self) -> str:
         """Appended to the state folder in generated shell: the job's pool folder, if any."""
@@ -2128,7 +2158,9 @@ class FileManager:
 
     def _job_root_sh(self) -> str:
         """The job folder for generated shell: home-relative where it runs, when it can be."""
-        return _sh_path(self.job_root_rh) if self.job_root_rh.startswith("~") else shlex.quote(str(self.job_root))
+        if self.job_root_rh.startswith("~"):
+            return _sh_path(self.job_root_rh)
+        return shlex.quote(str(self.job_root))
 
     # -- launching -----------------------------------------------------------------------------
 
@@ -2283,7 +2315,8 @@ class FileManager:
                 info = slots.slots / f"{name}.json"
                 with _suppress(OSError, ValueError):
                     holder = json.loads(info.read_text(encoding="utf-8"))
-                    holder["note"] = "finished; its interactive session holds the slot until it ends"
+                    holder["note"] = ("finished; its interactive session holds the slot "
+                                      "until it ends")
                     _atomic_write_json(info, holder)
             slots.refresh_views(finished=record, queue=False)
             return
@@ -2375,7 +2408,8 @@ class FileManager:
                          results_path=_read_text(self.path(RESULTS_TXT)).strip() or None,
                          error_message=_read_text(self.path(ERROR_TXT)), place=place,
                          host=os.uname().nodename, log_tail=_tail(output, log_lines),
-                         reason=_read_text(self.path(REASON_TXT)).strip() if status == "waiting" else "",
+                         reason=(_read_text(self.path(REASON_TXT)).strip()
+                                 if status == "waiting" else ""),
                          attempt=_read_text(self.path(ATTEMPT_TXT)).strip())
 
     def cancel_command(self, grace: float) -> str:
@@ -2414,8 +2448,8 @@ class FileManager:
                                  grace=str(int(LAUNCHER_GRACE / 0.05)), dispatch=_DISPATCH_SH)
         return f"bash -c {shlex.quote(script)}"
 
-    def parse_status_output(self, text: str, marker: str, log_lines: int) -> tuple[JobStatus,
-                                                                                   dict[str, str]]:
+    def parse_status_output(self, text: str, marker: str, log_lines: int
+                            ) -> tuple[JobStatus, dict[str, str]]:
         """The JobStatus printed by status_command, and the log files it carried (path: text).
         The log comes with a few lines to spare: trailing blank lines do not count, as in _tail."""
         fence = re.escape(marker)
@@ -2432,16 +2466,13 @@ class FileManager:
                            results_path=field("results"),
                            error_message=parts.get("error", ""),
                            place=int(place) if place and place.isdigit() else None,
-                           host=parts.get("host") or "?", log_tail=_tail(parts.get("tail", ""),
-                                                                         log_lines),
+                           host=parts.get("host") or "?",
+                           log_tail=_tail(parts.get("tail", ""), log_lines),
                            slurm_job_id=field("slurm"), reason=(field("reason") or ""),
                            attempt=(field("attempt") or ""))
-        logs = {relative: parts[key] for key, relative in (("status", STATUS_TXT), ("start",
-                                                                                    START_TXT),
-                                                            ("end", END_TXT), ("error", ERROR_TXT),
-                                                            ("results", RESULTS_TXT), ("timings",
-                                                                                       TIMINGS_JSON))
-                if parts.get(key)}
+        files = (("status", STATUS_TXT), ("start", START_TXT), ("end", END_TXT),
+                 ("error", ERROR_TXT), ("results", RESULTS_TXT), ("timings", TIMINGS_JSON))
+        logs = {relative: parts[key] for key, relative in files if parts.get(key)}
         return report, logs
 
 
@@ -2454,7 +2485,8 @@ class _Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    why = " (Slurm sends it at the time limit, on scancel and on preemption)" if "SLURM_JOB_ID" in os.environ else ""
+    why = (" (Slurm sends it at the time limit, on scancel and on preemption)"
+           if "SLURM_JOB_ID" in os.environ else "")
     raise _Terminated(f"terminated by signal {signum}{why}")
 
 
@@ -2502,8 +2534,8 @@ class JobContext:
 
     def run_script(self, func_kwargs: dict[str, Any],
                    workload_params: WorkloadParams | None) -> Any:
-        """Run the script as ``__main__``; it sees ``func_kwargs`` and ``workload_params`` as globals,
-        and a global ``res`` it sets names its results folder."""
+        """Run the script as ``__main__``; it sees ``func_kwargs`` and ``workload_params`` as
+        globals, and a global ``res`` it sets names its results folder."""
         import runpy
 
         script = self.repo / self.params.file_path_r
@@ -2564,8 +2596,8 @@ def _save_result(folder: Path, res: Any) -> None:
     if res is None:
         return
     try:
-        _atomic_write_text(folder / "result.json", json.dumps(res, indent=2,
-                                                              ensure_ascii=False) + "\n")
+        _atomic_write_text(folder / "result.json",
+                           json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     except (TypeError, ValueError):
         _atomic_write_text(folder / "result.txt", repr(res) + "\n")
 
@@ -2635,8 +2667,8 @@ def load_email_config(name: str) -> dict[str, Any]:
     """The SMTP settings called ``name`` from this machine's private e-mail config file, checked:
     a missing, unreadable, shared (not 0600) or incomplete file is a ConfigError naming the fix."""
     path = _email_config_path()
-    example = ('{"%s": {"host": "smtp.example.org", "port": 587, "security": "starttls", '
-               '"user": "me@example.org", "password": "...", "from": "me@example.org"}}' % name)
+    example = (f'{{"{name}": {{"host": "smtp.example.org", "port": 587, "security": "starttls", '
+               f'"user": "me@example.org", "password": "...", "from": "me@example.org"}}}}')
     try:
         mode = path.stat().st_mode
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -2766,9 +2798,8 @@ def _wait_for_parents(manager: FileManager, parents: list[str]) -> None:
             folder = manager.job_root.parent / parent
             states[parent] = FileManager.from_job_root(folder).get_job_status() \
                 if (folder / FILE_MANAGER_JSON).exists() else "gone"
-        ended = [f"{parent} {state}" for parent, state in states.items() if state in ("failed",
-                                                                                      "cancelled",
-                                                                                      "gone")]
+        ended = [f"{parent} {state}" for parent, state in states.items()
+                 if state in ("failed", "cancelled", "gone")]
         if ended:
             why = f"cancelled: it runs after {', '.join(ended)}"
             manager.write_log(CANCEL_TXT, why)
@@ -2788,8 +2819,8 @@ def _wait_for_parents(manager: FileManager, parents: list[str]) -> None:
         _atomic_write_text(slots.queue / f"{ticket}-{manager.job_id}", str(manager.job_root))
 
 
-def _run_attempts(manager: FileManager, execute: Callable[[JobContext, dict[str, Any]], tuple[Any,
-                                                                                              str]],
+def _run_attempts(manager: FileManager,
+                  execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]],
                   config: dict[str, Any]) -> tuple[Any, str]:
     """Call the job, and again after a failure while ``retries`` allow (a cancel stops it)."""
     retries, delay = int(config.get("retries") or 0), float(config.get("retry_delay") or 0.0)
@@ -3150,7 +3181,8 @@ def demo_job(seconds: float = 1.0, message: str = "hello from stackops") -> str:
     folder = expand_home(f"{DEFAULT_RESULTS_DIR}/demo-{os.getpid()}")
     _mkdir_private(folder)
     time.sleep(seconds)
-    (folder / "message.txt").write_text(f"{message}\nhost={os.uname().nodename} pid={os.getpid()}\n")
+    (folder / "message.txt").write_text(f"{message}\nhost={os.uname().nodename} "
+                                        f"pid={os.getpid()}\n")
     return str(folder)
 
 
@@ -3216,8 +3248,8 @@ class _HostSync:
     def plan(request: dict[str, Any]) -> dict[str, Any]:
         store = _HostSync.where(request["store"])
         missing: list[str] = []
-        manifest = os.path.join(store,
-                                f"{_HostSync.safe(request['snapshot'])}.json") if request["snapshot"] else ""
+        manifest = (os.path.join(store, f"{_HostSync.safe(request['snapshot'])}.json")
+                    if request["snapshot"] else "")
         if manifest and os.path.exists(manifest):  # a snapshot it has whole: no blob is missing
             os.utime(manifest)  # in use again: a collection leaves it (and its blobs) alone
         wanted = [] if manifest and os.path.exists(manifest) else request["blobs"]
@@ -3235,7 +3267,8 @@ class _HostSync:
 
     @staticmethod
     def stale_files(item: dict[str, Any]) -> dict[str, Any]:
-        """The files of one data item that differ here (size or whole-second mtime), or a conflict."""
+        """The files of one data item that differ here (size or whole-second mtime), or a
+        conflict."""
         import stat
 
         target = _HostSync.where(item["target"])
@@ -3256,7 +3289,8 @@ class _HostSync:
                 return {"conflict": f"{relative or item['target']} cannot be read there"}
             if stat.S_ISDIR(info.st_mode):
                 return {"conflict": f"{relative or item['target']} is a folder there"}
-            if not stat.S_ISREG(info.st_mode) or info.st_size != size or int(info.st_mtime) != mtime:
+            if (not stat.S_ISREG(info.st_mode) or info.st_size != size
+                    or int(info.st_mtime) != mtime):
                 if not item["target"].startswith("~"):  # outside the home stackops only adds files
                     return {"conflict": f"{relative or item['target']} exists there with other "
                                         "content "
@@ -3618,7 +3652,8 @@ _VIRTUAL_IFACE = _LazyPattern(
     r"(lo|loopback|docker\d*|br-.*|veth.*|virbr.*|bridge.*|vboxnet.*|vmnet.*|zt.*|ham.*|"
     r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)",
     re.IGNORECASE)
-_PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|.*wifi.*|.*ethernet.*)",
+_PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|"
+                               r".*wifi.*|.*ethernet.*)",
                                re.IGNORECASE)
 _NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16",
                    "192.168.49.0/24",
@@ -3652,8 +3687,8 @@ def _table_from_psutil(psutil: Any) -> list[InterfaceAddress]:
     stats = psutil.net_if_stats()
     rows = []
     for name, addresses in psutil.net_if_addrs().items():
-        mac = next((m for m in (_normalise_mac(a.address) for a in addresses if a.family in link_families) if m),
-                   None)
+        macs = (_normalise_mac(a.address) for a in addresses if a.family in link_families)
+        mac = next((m for m in macs if m), None)
         stat = stats.get(name)
         for addr in addresses:
             if addr.family == socket.AF_INET and addr.address:
@@ -3705,7 +3740,8 @@ def get_all_ipv4_addresses() -> list[tuple[str, str]]:
 
 def lan_score(row: InterfaceAddress, prefer_vpn: bool = False) -> float | None:
     """How much ``row`` looks like the machine's real LAN address; None when it is out of the race
-    (down, loopback, link-local, or - unless ``prefer_vpn`` - a virtual interface or a noisy network)."""
+    (down, loopback, link-local, or - unless ``prefer_vpn`` - a virtual interface or a noisy
+    network)."""
     import ipaddress
 
     try:
@@ -3743,7 +3779,8 @@ def choose_lan_ipv4(table: list[InterfaceAddress],
 
 def select_lan_ipv4(prefer_vpn: bool = False) -> str | None:
     """This machine's real LAN IPv4: physical interfaces first, 192.168 > 10 > 172.16, up only;
-    loopback, link-local, container/VPN interfaces and noisy networks left out unless ``prefer_vpn``."""
+    loopback, link-local, container/VPN interfaces and noisy networks left out unless
+    ``prefer_vpn``."""
     chosen = choose_lan_ipv4(interface_table(), prefer_vpn)
     return chosen.ipv4_address if chosen else None
 
@@ -3857,8 +3894,8 @@ def switch_public_ip_address_with_log(max_trials: int = 10, wait_seconds: float 
     ``timeout`` bounds each lookup and each warp-cli call (default 5 s and WARP_TIMEOUT): a
     warp-cli that does not answer in time stops the switch with a StackopsError."""
     if shutil.which("warp-cli") is None:
-        raise DependencyError("warp-cli is not installed", hint="install Cloudflare WARP to rotate "
-                                                                "the public IP")
+        raise DependencyError("warp-cli is not installed",
+                              hint="install Cloudflare WARP to rotate the public IP")
     if max_trials < 1 or wait_seconds < 0 or (timeout is not None and not timeout > 0):
         raise ConfigError("max_trials must be at least 1, wait_seconds not negative "
                           "and timeout positive")
@@ -3957,7 +3994,8 @@ def _paramiko_invoke() -> None:
         paramiko.config.invoke = invoke  # type: ignore[attr-defined]
 
 
-_TARGET = re.compile(r"(?:(?P<user>[^@\s/:]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
+_TARGET = re.compile(r"(?:(?P<user>[^@\s/:]+)@)?"
+                     r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
                      r"(?::(?P<port>\d+))?\Z")
 
 
@@ -3975,8 +4013,8 @@ def parse_ssh_target(text: str) -> tuple[str | None, str, int | None]:
     """(user, host, port) of ``user@host[:port]``, ``[v6]:port`` or an alias; refuses the rest."""
     match = _TARGET.match(text or "")
     if not match:
-        raise ConfigError(f"{text!r} is not an SSH target", hint="use an alias from ~/.ssh/config "
-                                                                 "or user@host[:port]")
+        raise ConfigError(f"{text!r} is not an SSH target",
+                          hint="use an alias from ~/.ssh/config or user@host[:port]")
     port = _check_port(match["port"], text) if match["port"] else None
     return match["user"], match["v6"] or match["host"], port
 
@@ -4087,8 +4125,10 @@ except Exception:
         pass
 print(json.dumps({"os": uname.sysname, "release": uname.release, "machine": uname.machine,
                   "hostname": uname.nodename, "python": sys.executable,
-                  "python_version": ".".join(map(str, sys.version_info[:3])), "home": os.path.expanduser("~"),
-                  "user": os.environ.get("USER") or os.environ.get("LOGNAME") or "", "cpu_count": os.cpu_count(),
+                  "python_version": ".".join(map(str, sys.version_info[:3])),
+                  "home": os.path.expanduser("~"),
+                  "user": os.environ.get("USER") or os.environ.get("LOGNAME") or "",
+                  "cpu_count": os.cpu_count(),
                   "memory_bytes": mem}))
 """
 
@@ -4128,11 +4168,12 @@ def _fingerprint(key: Any) -> str:
 
 
 def _gcm_first_transport(sock: Any, **kwargs: Any) -> Any:
-    """A paramiko Transport that prefers AES-GCM (measured fastest here; the others stay offered)."""
+    """A paramiko Transport that prefers AES-GCM (measured fastest here; the others stay
+    offered)."""
     transport = _paramiko().Transport(sock, **kwargs)
     preferred = transport._preferred_ciphers
-    transport._preferred_ciphers = tuple(c for c in preferred if "gcm" in c) + tuple(c for c in preferred
-                                                                                     if "gcm" not in c)
+    gcm = tuple(c for c in preferred if "gcm" in c)
+    transport._preferred_ciphers = gcm + tuple(c for c in preferred if "gcm" not in c)
     return transport
 
 
@@ -4382,7 +4423,8 @@ class SSH:
             with self.client.open_sftp() as sftp:
                 sftp.get(remote_path, str(local_path))
         except OSError as exc:
-            raise TransferError(f"sftp get {self.target.alias}:{remote_path} failed: {exc}") from exc
+            raise TransferError(f"sftp get {self.target.alias}:{remote_path} failed: "
+                                f"{exc}") from exc
 
     # -- keys and power --------------------------------------------------------------------------
 
@@ -4571,7 +4613,8 @@ def _drain(channel: Any, timeout: float | None, command: str,
 
 
 def simple_sftp_get(remote_path: str, local_path: str | os.PathLike[str], host: str | SSH) -> None:
-    """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host`` is an alias or an SSH."""
+    """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host`` is an alias or an
+    SSH."""
     if isinstance(host, SSH):
         host.simple_sftp_get(remote_path, local_path)
         return
@@ -5108,10 +5151,11 @@ def _extract_tar(stream: Any, folder: Path, compressed: bool) -> None:
         with tarfile.open(fileobj=stream, mode="r|gz" if compressed else "r|") as archive:
             for member in archive:
                 name = Path(member.name)
-                if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()
-                                                                   or member.issym()):
+                if name.is_absolute() or ".." in name.parts \
+                        or not (member.isfile() or member.isdir() or member.issym()):
                     raise TransferError(f"refusing archive member {member.name!r}")
-                if member.issym() and (os.path.isabs(member.linkname) or ".." in Path(member.linkname).parts):
+                if member.issym() and (os.path.isabs(member.linkname)
+                                       or ".." in Path(member.linkname).parts):
                     raise TransferError(f"refusing link {member.name!r} -> {member.linkname!r}")
                 # as root, tarfile would chown to the host's owner: the files are ours, and no
                 # setuid, setgid or sticky bit comes with them
@@ -5131,8 +5175,8 @@ def _free_destination(destination: Path, overwrite: bool) -> Path:
         raise ConfigError(f"{destination} is your home, or holds it: a copy never replaces that",
                           hint="name a folder inside it")
     if (destination.exists() or destination.is_symlink()) and not overwrite:
-        raise ConfigError(f"{destination} already exists", hint="pass overwrite (--overwrite) to "
-                                                                "replace it")
+        raise ConfigError(f"{destination} already exists",
+                          hint="pass overwrite (--overwrite) to replace it")
     return destination
 
 
@@ -5180,8 +5224,8 @@ def _remote_target(path: str) -> str:
     path = _remote_path(path)
     if posixpath.normpath(path) in ("~", "/") or ".." in path.split("/"):
         raise ConfigError(f"{path!r} is the host's home, holds it, or climbs out of it with '..': "
-                          "a copy never replaces such a folder", hint="name a folder inside it, "
-                                                                      "e.g. ~/backup")
+                          "a copy never replaces such a folder",
+                          hint="name a folder inside it, e.g. ~/backup")
     return path
 
 
@@ -5576,7 +5620,8 @@ def _repo_files(repo: Path) -> list[tuple[str, os.stat_result]]:
         for folder, dirs, files in os.walk(repo):
             here = os.path.relpath(folder, repo)
             prefix = "" if here == "." else here + "/"
-            names += [prefix + name for name in files] + [prefix + d for d in dirs if os.path.islink(Path(folder) / d)]
+            names += [prefix + name for name in files]
+            names += [prefix + d for d in dirs if os.path.islink(Path(folder) / d)]
             dirs[:] = sorted(d for d in dirs if not _excluded(prefix + d))
     found = []
     root = str(repo) + "/"
@@ -5595,7 +5640,8 @@ class _HashCache:
     unchanged tree is not read again at the next submit."""
 
     def __init__(self) -> None:
-        self.path = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "stackops" / "hashes.json"
+        cache = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache")
+        self.path = cache / "stackops" / "hashes.json"
         try:
             self.known: dict[str, list[Any]] = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -5974,8 +6020,8 @@ def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], sha
     lines = response.stdout.split("\n")
     marks = [index for index, line in enumerate(lines) if line.startswith(fence)]
     if "plan" not in answers or (response.returncode != 0 and not marks):
-        raise TransferError(f"{alias} could not take the job over: "
-                            f"{_last_line(response.stderr) or 'exit status ' + str(response.returncode)}",
+        why = _last_line(response.stderr) or "exit status " + str(response.returncode)
+        raise TransferError(f"{alias} could not take the job over: {why}",
                             hint="nothing was left under the job's name; is python3 (3.8+) "
                                  "installed there?")
     steps = []
@@ -6077,8 +6123,8 @@ def _send_part(write: Callable[[bytes], None], name: str, path: Path | str | Non
         while left:
             chunk = handle.read(min(left, 1 << 20))
             if not chunk:
-                raise TransferError(f"{path} shrank while it was sent", hint="run it again once it "
-                                                                             "is written")
+                raise TransferError(f"{path} shrank while it was sent",
+                                    hint="run it again once it is written")
             write(chunk)
             left -= len(chunk)
 
@@ -6157,8 +6203,8 @@ class CloudQueue:
 
     def meta(self, unit_id: str) -> dict[str, Any]:
         if unit_id not in self._meta:
-            text = _rclone("cat", f"{self.base}/{unit_id}/unit.json", what="read of unit "
-                                                                           f"{unit_id}").stdout
+            text = _rclone("cat", f"{self.base}/{unit_id}/unit.json",
+                           what=f"read of unit {unit_id}").stdout
             try:
                 meta = json.loads(text)
             except ValueError as exc:
@@ -6218,8 +6264,8 @@ class CloudQueue:
         if results is not None and results.exists():
             verb = "copy" if results.is_dir() else "copyto"
             _rclone(verb, str(results),
-                    f"{self.base}/{unit_id}/results" + ("" if results.is_dir() else
-                                                                           f"/{results.name}"),
+                    f"{self.base}/{unit_id}/results"
+                    + ("" if results.is_dir() else f"/{results.name}"),
                     what=f"upload of unit {unit_id}'s results")
         if held is not None and not held():
             return False
@@ -6240,12 +6286,12 @@ class CloudQueue:
                            host=status.get("host"),
                            duration_seconds=status.get("duration_seconds"),
                            error=status.get("error", ""))
-            elif info["claims"] and self.live_claims(info["claims"]) or info["claims"] and not info["cancelled"]:
+            elif (info["claims"] and self.live_claims(info["claims"])
+                  or info["claims"] and not info["cancelled"]):
                 name, age = min(info["claims"],
                                 key=lambda c: c[0] if c[1] < self.lease else "~" + c[0])
-                row.update(state="running" if age < self.lease else "stale", worker=name.split("-",
-                                                                                               1)[1],
-                           last_seen_seconds=round(age, 1))
+                row.update(state="running" if age < self.lease else "stale",
+                           worker=name.split("-", 1)[1], last_seen_seconds=round(age, 1))
             elif info["cancelled"]:
                 row["state"] = "cancelled"
             rows.append(row)
@@ -8451,7 +8497,8 @@ class MachineSpecs:
 
     @staticmethod
     def normalise(specs: list[MachineSpecs]) -> list[MachineSpecs]:
-        """Fill each host's ``*_norm`` fields with its share of the total (0 when the total is 0)."""
+        """Fill each host's ``*_norm`` fields with its share of the total (0 when the total is
+        0)."""
         for name in ("cpu", "ram", "product"):
             total = sum(getattr(spec, name) for spec in specs)
             for spec in specs:
@@ -8462,7 +8509,8 @@ class MachineSpecs:
 @dataclasses.dataclass
 class ThreadLoadCalculator:
     """How many parallel parts a host runs: ``num_jobs`` on a host like the reference, scaled by
-    the criterion (half the CPUs of the reference: half the parts), at least 1. ``num_jobs=None``: 1."""
+    the criterion (half the CPUs of the reference: half the parts), at least 1.
+    ``num_jobs=None``: 1."""
 
     num_jobs: int | None = None
     load_criterion: LoadCriterion = LoadCriterion.cpu
@@ -8472,8 +8520,8 @@ class ThreadLoadCalculator:
         reference = self.reference_specs or reference
         if self.num_jobs is None or reference is None or reference.value(self.load_criterion) <= 0:
             return 1
-        return max(1,
-                   int(self.num_jobs * machine.value(self.load_criterion) / reference.value(self.load_criterion)))
+        share = machine.value(self.load_criterion) / reference.value(self.load_criterion)
+        return max(1, int(self.num_jobs * share))
 
     @classmethod
     def default(cls) -> ThreadLoadCalculator:
@@ -8481,7 +8529,8 @@ class ThreadLoadCalculator:
 
     def to_dict(self) -> dict[str, Any]:
         return {"num_jobs": self.num_jobs, "load_criterion": self.load_criterion.name,
-                "reference_specs": dataclasses.asdict(self.reference_specs) if self.reference_specs else None}
+                "reference_specs": (dataclasses.asdict(self.reference_specs)
+                                    if self.reference_specs else None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ThreadLoadCalculator:
@@ -8492,8 +8541,8 @@ class ThreadLoadCalculator:
 
 @dataclasses.dataclass
 class MachineLoadCalculator:
-    """Cuts ``[0, max_num)`` into one contiguous slice per host, sized by its share of the criterion;
-    the last host ends at ``max_num``, so the slices cover the range exactly once."""
+    """Cuts ``[0, max_num)`` into one contiguous slice per host, sized by its share of the
+    criterion; the last host ends at ``max_num``, so the slices cover the range exactly once."""
 
     max_num: int = 1000
     load_criterion: LoadCriterion = LoadCriterion.cpu_norm
@@ -8506,9 +8555,10 @@ class MachineLoadCalculator:
         criterion = self.load_criterion.normalised
         result, start = [], 0
         for i, (spec, jobs) in enumerate(zip(specs, threads)):
-            end = self.max_num if i == len(specs) - 1 else min(self.max_num,
-                                                               start + int(spec.value(criterion)
-                                                                                          * self.max_num))
+            if i == len(specs) - 1:
+                end = self.max_num
+            else:
+                end = min(self.max_num, start + int(spec.value(criterion) * self.max_num))
             result.append(WorkloadParams(idx_min=0, idx_max=self.max_num, idx_start=start,
                                          idx_end=end,
                                          idx=i, jobs=max(1, jobs)))
@@ -8543,8 +8593,8 @@ class Cluster:
             _check_call(_parameters(func, self.job_params), self.func_kwargs, True,
                         f"{self.job_params.func_name}()")
         self.thread_load_calc = thread_load_calc or ThreadLoadCalculator.default()
-        self.machine_load_calc = MachineLoadCalculator(max_num,
-                                                       self.thread_load_calc.load_criterion.normalised)
+        criterion = self.thread_load_calc.load_criterion.normalised
+        self.machine_load_calc = MachineLoadCalculator(max_num, criterion)
         self.ditch_unavailable = ditch_unavailable
         self.description = description
         self.job_id = check_safe_name(job_id or _random_job_id())
@@ -8585,7 +8635,8 @@ class Cluster:
 
     def connect(self) -> Cluster:
         """Connect to and probe every host in parallel. An unreachable host is left out (and said
-        so) with ``ditch_unavailable``; otherwise nothing is launched anywhere and an error names it."""
+        so) with ``ditch_unavailable``; otherwise nothing is launched anywhere and an error names
+        it."""
         def open_and_probe(host: str) -> tuple[SSH, MachineSpecs]:
             ssh = SSH.from_config_file(host, accept_new_host_key=self.config.accept_new_host_key,
                                        timeout=self.config.ssh_timeout)
@@ -8598,8 +8649,8 @@ class Cluster:
                 self._ssh[host], self.specs[host] = result
         if failed and not self.ditch_unavailable:
             self.close()
-            raise StackopsConnectionError("cannot reach " + "; ".join(f"{h}: {e}" for h,
-                                                                      e in failed.items()),
+            raise StackopsConnectionError("cannot reach "
+                                          + "; ".join(f"{h}: {e}" for h, e in failed.items()),
                                           hint="fix them, or pass ditch_unavailable=True to go on "
                                                "without them")
         for host, error in failed.items():
@@ -8639,8 +8690,8 @@ class Cluster:
         round trip, once every host has its job in place, and not at all if one failed; fire()
         must follow."""
         if not self.workloads:
-            raise StackopsError("no workloads yet", hint="call connect() and "
-                                                         "generate_standard_kwargs() first")
+            raise StackopsError("no workloads yet",
+                                hint="call connect() and generate_standard_kwargs() first")
         _mkdir_private(self.root_dir)
         for index, host in enumerate(self.ssh_hosts):
             if host in self.workloads and host not in self.machines:
@@ -8674,8 +8725,8 @@ class Cluster:
     def _raise_failures(self, what: str, results: dict[str, Any]) -> None:
         failed = {host: r for host, r in results.items() if isinstance(r, Exception)}
         if failed:
-            raise StackopsError(f"{what} failed on " + "; ".join(f"{h}: {e}" for h,
-                                                                 e in failed.items()))
+            raise StackopsError(f"{what} failed on "
+                                + "; ".join(f"{h}: {e}" for h, e in failed.items()))
 
     def run(self, run: bool = True) -> Cluster:
         """connect, generate_standard_kwargs, submit, fire: the whole launch."""
@@ -8695,8 +8746,8 @@ class Cluster:
         """Run again, on the same host with the same slice, every part that failed or was
         cancelled; the cluster follows the new parts from then on. Returns {host: new job id}."""
         ended = {host: r for host, r in self.check_job_status().items() if isinstance(r, JobStatus)}
-        failed = [host for host, report in ended.items() if report.status in ("failed",
-                                                                              "cancelled")]
+        failed = [host for host, report in ended.items()
+                  if report.status in ("failed", "cancelled")]
         if not failed:
             raise ConfigError(f"cluster {self.job_id} has no failed part to rerun")
         results = self._parallel(lambda h: self.machines[h].rerun(), failed)
@@ -8755,16 +8806,21 @@ class Cluster:
 
     @classmethod
     def load(cls, job_id: str, base_dir: str | None = None) -> Cluster:
-        """A cluster launched earlier (by this or another process), ready for status and download."""
-        root = expand_home(f"{base_dir or DEFAULT_BASE_DIR.rsplit('/', 1)[0]}/job_id__{check_safe_name(job_id)}")
+        """A cluster launched earlier (by this or another process), ready for status and
+        download."""
+        base = base_dir or DEFAULT_BASE_DIR.rsplit('/', 1)[0]
+        root = expand_home(f"{base}/job_id__{check_safe_name(job_id)}")
         data = _read_json(root / "cluster.json")
         cluster = cls.__new__(cls)
         try:
             cluster.func, cluster.job_params = None, None
-            cluster.job_id, cluster.base_dir, cluster.root_dir = data["job_id"], data["base_dir"], root
+            cluster.job_id, cluster.base_dir = data["job_id"], data["base_dir"]
+            cluster.root_dir = root
             cluster.description, cluster.ssh_hosts = data["description"], list(data["ssh_hosts"])
-            cluster.func_kwargs, cluster.config = data["func_kwargs"], RemoteStackOpsConfig.from_dict(data["config"])
-            cluster.unavailable, cluster.ditch_unavailable = dict(data["unavailable"]), data["ditch_unavailable"]
+            cluster.func_kwargs = data["func_kwargs"]
+            cluster.config = RemoteStackOpsConfig.from_dict(data["config"])
+            cluster.unavailable = dict(data["unavailable"])
+            cluster.ditch_unavailable = data["ditch_unavailable"]
             cluster.specs = {h: MachineSpecs(cpu=s["cpu"], ram=s["ram"]) for h,
                              s in data["specs"].items()}
             cluster.workloads = {h: WorkloadParams.from_dict(w) for h,
@@ -8803,7 +8859,8 @@ class _ClaimKeeper:
         import threading
 
         self.queue, self.unit_id, self.claim, self.worker = queue, unit_id, claim, worker
-        self.lost, self._stop, self.cancelled = threading.Event(), threading.Event(), threading.Event()
+        self.lost, self._stop = threading.Event(), threading.Event()
+        self.cancelled = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"claim-{unit_id}", daemon=True)
 
     def __enter__(self) -> _ClaimKeeper:
@@ -8902,8 +8959,9 @@ def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
         params["repo_path_rh"] = collapse_home(root / "code")
         _atomic_write_json(root / JOB_PARAMS_JSON, params)
     config = RemoteStackOpsConfig.from_dict(_read_json(root / CONFIG_JSON))
-    _atomic_write_text(root / LAUNCHER_SH, render_shell_script(JobParams.from_dict(params), config,
-                                                               config.python or "python3"), 0o700)
+    _atomic_write_text(root / LAUNCHER_SH,
+                       render_shell_script(JobParams.from_dict(params), config,
+                                           config.python or "python3"), 0o700)
     manager = _read_json(root / FILE_MANAGER_JSON)
     base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
     mine = base / "queued" / root.name / FILE_MANAGER_JSON
@@ -8973,7 +9031,8 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
                   "host": os.uname().nodename, "start_time": report.start_time,
                   "end_time": report.end_time, "duration_seconds": round(time.time() - started, 3),
                   "error": _tail(report.error_message, 20)}
-        results = expand_home(report.results_path) if report.results_path and report.status != "cancelled" else None
+        results = (expand_home(report.results_path)
+                   if report.results_path and report.status != "cancelled" else None)
         if not queue.finish(unit_id, results, status, keeper.held):
             log.warning("unit %s was claimed by another worker during the upload; its status stays "
                         "unwritten", unit_id)
@@ -9207,7 +9266,8 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
 def _cmd_status(args: Any) -> int:
     with RemoteMachine.load(args.job_id, args.base_dir) as machine:
         report = machine.get_status(args.lines)
-        tasks = [task.get_status(0) for task in machine.array_tasks()] if machine.array_parts else []
+        tasks = ([task.get_status(0) for task in machine.array_tasks()]
+                 if machine.array_parts else [])
     if args.json:
         _print_json(dict(report.to_dict(),
                          tasks=[task.to_dict() for task in tasks]) if tasks else report.to_dict())
@@ -9476,8 +9536,8 @@ def _load_job_or_cluster(job_id: str,
         return Sweep.load(job_id, base_dir)
     units = _cloud_units_of(job_id, base_dir)
     if units is None:
-        raise ConfigError(f"no job or cluster {job_id!r} here", hint=f"{_program()} list shows the "
-                                                                     "jobs")
+        raise ConfigError(f"no job or cluster {job_id!r} here",
+                          hint=f"{_program()} list shows the jobs")
     return units
 
 
@@ -9509,10 +9569,10 @@ def _overall_status(target: RemoteMachine | Cluster | Sweep | _CloudUnits) -> st
     if isinstance(target, RemoteMachine):
         return target.get_status(0).status
     if isinstance(target, _CloudUnits):
-        raise ConfigError(f"{target.job_id} is in a cloud queue", hint=f"{_program()} cloud status "
-                                                                       "shows its units")
-    statuses = [r.status if isinstance(r,
-                                       JobStatus) else "running" for r in target.check_job_status().values()]
+        raise ConfigError(f"{target.job_id} is in a cloud queue",
+                          hint=f"{_program()} cloud status shows its units")
+    statuses = [r.status if isinstance(r, JobStatus) else "running"
+                for r in target.check_job_status().values()]
     if not all(status in TERMINAL_STATUSES for status in statuses):
         return "running"
     if all(status == "completed" for status in statuses):
@@ -9562,8 +9622,8 @@ def _cmd_rerun(args: Any) -> int:
                 print(f"rerun task as job {task_id}")
             return _wait_ids([target]) if args.wait else 0
     if args.failed or isinstance(target, _CloudUnits):
-        raise ConfigError("--failed is for a cluster id" if args.failed else "a cloud queue's "
-                                                                             "units are not rerun")
+        raise ConfigError("--failed is for a cluster id" if args.failed
+                          else "a cloud queue's units are not rerun")
     if isinstance(target, Sweep):
         raise ConfigError(f"{args.job_id} is a sweep: rerun its jobs by their ids "
                           f"({args.job_id}-0000, ...)")
@@ -9639,8 +9699,8 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
                 continue
             report = machine.get_status(0) if machine.submitted or not machine.is_remote else None
             ended = _parse_iso(report.end_time) if report is not None and report.finished else None
-            if report is None or ended is None or ended > cutoff or status not in (None,
-                                                                                   report.status):
+            if report is None or ended is None or ended > cutoff \
+                    or status not in (None, report.status):
                 continue
             machine.delete(results=results)
             deleted.append(machine.job_id)
@@ -9942,8 +10002,8 @@ def _cmd_cluster_logs(args: Any) -> int:
             raise ConfigError("-f follows one part: name it with --part",
                               hint=f"parts: {', '.join(hosts)}")
         if args.part is not None:
-            chosen = hosts[int(args.part) - 1] if args.part.isdigit() and 0 < int(args.part) <= len(hosts) \
-                else args.part
+            numbered = args.part.isdigit() and 0 < int(args.part) <= len(hosts)
+            chosen = hosts[int(args.part) - 1] if numbered else args.part
             if chosen not in cluster.machines:
                 raise ConfigError(f"cluster {cluster.job_id} has no part {args.part!r}",
                                   hint=f"parts: {', '.join(hosts)} (or 1 to {len(hosts)})")
@@ -10043,8 +10103,10 @@ def _cmd_cloud_status(args: Any) -> int:
         _print_json(rows)
         return 0
     _print_table([[r["unit"], r["state"], r.get("worker") or "-", r.get("host") or "-",
-                   _format_duration(r["duration_seconds"]) if r.get("duration_seconds") is not None else
-                   (f"seen {r['last_seen_seconds']}s ago" if "last_seen_seconds" in r else "-")] for r in rows],
+                   _format_duration(r["duration_seconds"])
+                   if r.get("duration_seconds") is not None else
+                   (f"seen {r['last_seen_seconds']}s ago" if "last_seen_seconds" in r else "-")]
+                  for r in rows],
                  ["UNIT", "STATE", "WORKER", "HOST", "DURATION"])
     return 0
 
@@ -10068,8 +10130,8 @@ def _add_cloud_args(commands: Any) -> None:
     submit.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]", help="the rclone remote")
     submit.add_argument("--split", type=int, required=True, help="how many work units")
     submit.add_argument("--kwargs", default="{}", metavar="JSON")
-    submit.add_argument("--workload", metavar="START:END[:PARTS]", help="the range to split "
-                                                                        "(default 0:1000)")
+    submit.add_argument("--workload", metavar="START:END[:PARTS]",
+                        help="the range to split (default 0:1000)")
     submit.add_argument("--copy-repo", action="store_true", help="the units carry the repo")
     submit.add_argument("--allowed", metavar="W1,W2", help="only these workers may run the units")
     submit.add_argument("--python", help="interpreter on the workers (default python3)")
@@ -10082,16 +10144,16 @@ def _add_cloud_args(commands: Any) -> None:
     worker = commands.add_parser("worker", help="claim and run work units from a cloud queue")
     worker.set_defaults(handler=_cmd_worker)
     worker.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
-    worker.add_argument("--max-jobs", type=int, default=1, help="units run at once on this machine "
-                                                                "(default 1)")
+    worker.add_argument("--max-jobs", type=int, default=1,
+                        help="units run at once on this machine (default 1)")
     worker.add_argument("--name", help="this worker's name (default HOST-PID); see --allowed")
-    worker.add_argument("--poll", type=float, default=5.0, help="seconds between looks at an idle "
-                                                                "queue")
+    worker.add_argument("--poll", type=float, default=5.0,
+                        help="seconds between looks at an idle queue")
     worker.add_argument("--until-idle", action="store_true", help="stop once every unit is done")
-    worker.add_argument("--lease", type=float, default=CLOUD_LEASE, help="seconds a silent claim "
-                                                                         "stays valid")
-    worker.add_argument("--settle", type=float, default=CLOUD_SETTLE, help="seconds a claim waits "
-                                                                           "for rivals")
+    worker.add_argument("--lease", type=float, default=CLOUD_LEASE,
+                        help="seconds a silent claim stays valid")
+    worker.add_argument("--settle", type=float, default=CLOUD_SETTLE,
+                        help="seconds a claim waits for rivals")
 
 
 def _cmd_ip(args: Any) -> int:
@@ -10130,22 +10192,22 @@ def _add_ip_args(commands: Any) -> None:
     sub = commands.add_parser("ip", help="local addresses and the LAN one; --public: the public "
                                          "IP; switch: rotate it")
     sub.set_defaults(handler=_cmd_ip)
-    sub.add_argument("action", nargs="?", choices=["switch"], help="rotate the public IP with "
-                                                                   "warp-cli")
-    sub.add_argument("--public", action="store_true", help="the public address and what is known "
-                                                           "of it")
+    sub.add_argument("action", nargs="?", choices=["switch"],
+                     help="rotate the public IP with warp-cli")
+    sub.add_argument("--public", action="store_true",
+                     help="the public address and what is known of it")
     sub.add_argument("--json", action="store_true")
-    sub.add_argument("--prefer-vpn", action="store_true", help="let VPN/tunnel interfaces compete "
-                                                               "for the LAN choice")
+    sub.add_argument("--prefer-vpn", action="store_true",
+                     help="let VPN/tunnel interfaces compete for the LAN choice")
     sub.add_argument("--endpoint", help="JSON endpoint of the public-IP lookup, http:// or "
                                         "https:// (default: ipinfo CLI or ipinfo.io)")
     sub.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="the most one public-IP lookup (default 5) or one warp-cli call "
                           "(default 30) may take")
-    sub.add_argument("--max-trials", type=int, default=10, help="switch: registrations to try "
-                                                                "(default 10)")
-    sub.add_argument("--wait", type=float, default=2.0, help="switch: seconds to wait after each "
-                                                             "step (default 2)")
+    sub.add_argument("--max-trials", type=int, default=10,
+                     help="switch: registrations to try (default 10)")
+    sub.add_argument("--wait", type=float, default=2.0,
+                     help="switch: seconds to wait after each step (default 2)")
     sub.add_argument("--target", action="append", default=[], metavar="IP",
                      help="switch: stop at one of these")
 
@@ -10185,8 +10247,8 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--max-jobs", type=int, default=1, metavar="N",
                         help="at most N jobs hold a slot on the machine at once; the rest queue "
                              "(default 1)")
-    parser.add_argument("--no-lock", action="store_true", help="start at once, without taking a "
-                                                               "slot")
+    parser.add_argument("--no-lock", action="store_true",
+                        help="start at once, without taking a slot")
     parser.add_argument("--workload", metavar="START:END[:PARTS]",
                         help="call the function with workload_params covering [START, END) in "
                              "PARTS parts")
@@ -10200,8 +10262,8 @@ def _add_run_args(parser: Any) -> None:
                         help="run with python -i in a tmux session named after the job")
     parser.add_argument("--update-repo", action="store_true",
                         help="git pull the host's own clone before the job (not with --copy-repo)")
-    parser.add_argument("--install-repo", action="store_true", help="pip install -e the repo "
-                                                                    "before the job")
+    parser.add_argument("--install-repo", action="store_true",
+                        help="pip install -e the repo before the job")
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="sync a file or folder to the same place on the host (only files that "
                              "differ travel)")
@@ -10229,8 +10291,8 @@ def _add_run_start_args(parser: Any) -> None:
     parser.add_argument("--notify", action="store_true",
                         help="e-mail when the job ends (SMTP settings on the executing machine, "
                              "see README)")
-    parser.add_argument("--email", metavar="ADDR", help="with --notify: the address (default: your "
-                                                        "user config's)")
+    parser.add_argument("--email", metavar="ADDR",
+                        help="with --notify: the address (default: your user config's)")
     parser.add_argument("--slurm", action="store_true",
                         help="hand the job to Slurm with sbatch (here, or on the --host login "
                              "node)")
@@ -10240,8 +10302,8 @@ def _add_run_start_args(parser: Any) -> None:
     parser.add_argument("--show-scripts", action="store_true", help="print the generated scripts")
     parser.add_argument("--no-launch", action="store_true",
                         help="prepare everything and print the launch command; start nothing")
-    parser.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if "
-                                                            "it failed")
+    parser.add_argument("--wait", action="store_true",
+                        help="block until the job ends; exit 1 if it failed")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
 
 
@@ -10274,10 +10336,10 @@ def _add_control_args(command: Callable[..., Any]) -> None:
     command("start", _cmd_start, "launch a job prepared with run --no-launch")
     sub = command("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed "
                                        "parts)")
-    sub.add_argument("--failed", action="store_true", help="for a cluster id: only the parts that "
-                                                           "failed")
-    sub.add_argument("--wait", action="store_true", help="block until it ends; exit 1 if it did "
-                                                         "not complete")
+    sub.add_argument("--failed", action="store_true",
+                     help="for a cluster id: only the parts that failed")
+    sub.add_argument("--wait", action="store_true",
+                     help="block until it ends; exit 1 if it did not complete")
     sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",
                   job=False)
     sub.add_argument("job_ids", nargs="+", metavar="ID")
@@ -10298,8 +10360,8 @@ def _build_parser() -> Any:
         prog="stackops", description="Run a Python function or script detached, capped by slots, "
                                      "and follow it.")
     parser.add_argument("--version", action="version", version=f"stackops {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics (-vv: "
-                                                                           "tracebacks)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more diagnostics (-vv: tracebacks)")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer diagnostics")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -10309,8 +10371,8 @@ def _build_parser() -> Any:
         sub.set_defaults(handler=handler)
         if job:
             sub.add_argument("job_id", help="the job's id")
-        sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR, help="where jobs live (default "
-                                                                      f"{DEFAULT_BASE_DIR})")
+        sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR,
+                         help=f"where jobs live (default {DEFAULT_BASE_DIR})")
         return sub
 
     _add_job_commands(commands, command)
@@ -10336,8 +10398,8 @@ def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
     sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     sub = commands.add_parser("queue", help="slots in use, who waits in what order, recent history")
     sub.set_defaults(handler=_cmd_queue)
-    sub.add_argument("--history", type=int, default=10, metavar="N", help="show the last N "
-                                                                          "finished jobs")
+    sub.add_argument("--history", type=int, default=10, metavar="N",
+                     help="show the last N finished jobs")
     sub.add_argument("--host", help="the queue of this host, read there in one round trip")
     sub.add_argument("--json", action="store_true")
     sub = command("download", _cmd_download, "copy a finished job's results folder")
@@ -10356,8 +10418,8 @@ def _add_host_commands(commands: Any) -> None:
     sub.add_argument("command", nargs="*", help="the command (after --)")
     sub.add_argument("--timeout", type=float, default=None,
                      help="give up connecting, or on the command, after this many seconds")
-    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host "
-                                                               "key")
+    sub.add_argument("--accept-new", action="store_true",
+                     help="trust and record an unknown host key")
     sub = commands.add_parser("copy", help="copy a file or folder to or from a host (HOST:PATH on "
                                            "one side)")
     sub.set_defaults(handler=_cmd_copy)
@@ -10366,16 +10428,16 @@ def _add_host_commands(commands: Any) -> None:
     sub.add_argument("-r", "--recursive", action="store_true", help="copy folders")
     sub.add_argument("-z", "--compress", action="store_true", help="compress on the wire")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
-    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host "
-                                                               "key")
+    sub.add_argument("--accept-new", action="store_true",
+                     help="trust and record an unknown host key")
     sub = commands.add_parser("send-key", help="install your public key in a host's "
                                                "authorized_keys (once)")
     sub.set_defaults(handler=_cmd_send_key)
     sub.add_argument("host")
     sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then "
                                    "id_rsa.pub)")
-    sub.add_argument("--accept-new", action="store_true", help="trust and record an unknown host "
-                                                               "key")
+    sub.add_argument("--accept-new", action="store_true",
+                     help="trust and record an unknown host key")
 
 
 def _add_hidden_commands(commands: Any) -> None:
@@ -10429,9 +10491,8 @@ def _configure_logging(level: int) -> Callable[[], None]:
         new._stackops_cli = True  # type: ignore[attr-defined]
         logger.addHandler(new)
     log.propagate = False
-    log.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(max(-1, min(level,
-                                                                                          2)),
-                                                                              logging.DEBUG))
+    levels = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
+    log.setLevel(levels.get(max(-1, min(level, 2)), logging.DEBUG))
 
     def undo() -> None:
         for logger, new in installed:
