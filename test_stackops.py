@@ -860,6 +860,25 @@ def test_header_no_name_of_this_file_is_defined_twice():
     assert twice == []
 
 
+def test_header_house_limits_hold_in_the_whole_module():
+    """Issue 13's sizes, read with ast: no function over 60 lines, no line over 100 characters
+    (a URL may be longer), RemoteMachine within 300 lines and SSH within 330."""
+    import ast
+
+    text = SOURCE.read_text()
+    tree = ast.parse(text)
+    long_functions = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.end_lineno - node.lineno + 1 > 60}
+    assert long_functions == {}
+    long_lines = [number for number, line in enumerate(text.splitlines(), 1)
+                  if len(line) > 100 and "://" not in line]
+    assert long_lines == []
+    spans = {node.name: node.end_lineno - node.lineno + 1 for node in tree.body
+             if isinstance(node, ast.ClassDef)}
+    assert spans["RemoteMachine"] <= 300 and spans["SSH"] <= 330, spans
+
+
 def test_header_all_is_pinned():
     assert stackops.__all__ == EXPECTED_ALL
     assert all(hasattr(stackops, name) for name in stackops.__all__)
