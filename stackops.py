@@ -5925,9 +5925,12 @@ def handed_over_status(machine: RemoteMachine) -> JobStatus:
     """The job as the host took it (``queued``, on that host's node), with no second round trip
     after run(); a job that was not handed over by one (here, cloud) has its status read."""
     handed = machine._handed
-    if handed is None or not handed.node or machine.launch_command == "":
+    node = handed.node if handed is not None else ""
+    if not node and machine.uses_slurm and machine.slurm_job_id and not machine.is_remote:
+        node = os.uname().nodename  # sbatch took it here: queued, as Slurm's own answer says
+    if not node or machine.launch_command == "":
         return machine.get_status(0)
-    return JobStatus(job_id=machine.job_id, status="queued", host=handed.node,
+    return JobStatus(job_id=machine.job_id, status="queued", host=node,
                      submission_time=_iso(machine.file_manager.submission_time),
                      slurm_job_id=machine.slurm_job_id)
 
