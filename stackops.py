@@ -524,6 +524,18 @@ def _atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
         raise
 
 
+def _write_new(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write a new file in a folder nobody sees yet (a staging folder renamed into place after):
+    no temp file and no fsync per file, which cost 10 ms each on a busy disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _write_new_json(path: Path, data: Any) -> None:
+    _write_new(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
 def _atomic_write_json(path: Path, data: Any) -> None:
     _atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
@@ -1502,7 +1514,7 @@ echo "$i"
 # The status of a Slurm job where it was submitted, by bash alone: the job's own files decide when
 # they hold an end; `scontrol show job` fills in what the job could not record (pending, killed,
 # timed out, forgotten). Terminal findings are written into the job folder, so they stay.
-SLURM_STATUS_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; M=@@marker
+SLURM_STATUS_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"; M=@@marker
 [ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
 get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
 put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
@@ -1612,7 +1624,7 @@ rm -rf -- "$J"
 # and prints each field after a marker line that no log can forge. A job it finds dead is reported
 # by @@notify, started in the background (the only case that starts Python). A machine without
 # /proc runs @@fallback (the Python report) instead.
-STATUS_TEMPLATE = r"""export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; M=@@marker
+STATUS_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; M=@@marker
 [ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
 [ -r /proc/self/stat ] || exec @@fallback
 cd -P "$J" 2>/dev/null && P=$PWD || P=$J
@@ -7326,7 +7338,8 @@ def _exists_error(machine: RemoteMachine) -> ConfigError:
 
 
 def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> None:
-    """Everything the job needs, into ``folder`` (a staging folder renamed into place after)."""
+    """Everything the job needs, into ``folder``: a staging folder renamed into place after, so
+    its files are written plainly (the rename makes the whole folder appear at once)."""
     for sub in ("data", "python", "shell", "logs"):
         _mkdir_private(folder / sub)
     os.chmod(folder, 0o700)
@@ -7337,24 +7350,24 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     machine.job_params.ssh_repr_remote = machine._place.account()
     line = machine.job_params.get_execution_line(config.workload_params, config.parallelize,
                                                  config.wrap_in_try_except)
-    _atomic_write_json(folder / JOB_PARAMS_JSON, machine.job_params.to_dict())
-    _atomic_write_json(folder / KWARGS_JSON, machine.kwargs)
-    _atomic_write_json(folder / FILE_MANAGER_JSON, machine.file_manager.to_dict())
-    _atomic_write_json(folder / CONFIG_JSON, config.to_dict())
+    _write_new_json(folder / JOB_PARAMS_JSON, machine.job_params.to_dict())
+    _write_new_json(folder / KWARGS_JSON, machine.kwargs)
+    _write_new_json(folder / FILE_MANAGER_JSON, machine.file_manager.to_dict())
+    _write_new_json(folder / CONFIG_JSON, config.to_dict())
     if machine._instance is not None:
         (folder / INSTANCE_PICKLE).write_bytes(machine._instance)
-    _atomic_write_text(folder / WRAPPER_PY, render_execution_script(line))
+    _write_new(folder / WRAPPER_PY, render_execution_script(line))
     launcher = render_shell_script(machine.job_params, config, machine.python)
-    _atomic_write_text(folder / LAUNCHER_SH, launcher, 0o700)
+    _write_new(folder / LAUNCHER_SH, launcher, 0o700)
     machine._launcher.write_extras(machine, folder)
     shutil.copyfile(source, folder / STACKOPS_COPY)
     os.chmod(folder / STACKOPS_COPY, 0o600)
     _ship_bytecode(source, folder / "python")  # the job's start skips compiling it (~40 ms of CPU)
-    _atomic_write_text(folder / STATUS_TXT, "queued")
+    _write_new(folder / STATUS_TXT, "queued")
     if config.copy_repo and machine._place.code_in_folder:
         _code_here(machine, folder)  # here, or in the cloud archive: the folder carries its code
     machine.scripts_generated = True
-    _atomic_write_json(folder / REMOTE_MACHINE_JSON, machine.to_dict())
+    _write_new_json(folder / REMOTE_MACHINE_JSON, machine.to_dict())
 
 
 # -- a new job's arguments and files, an array's tasks, waiting for the results --------------------

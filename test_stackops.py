@@ -4769,7 +4769,7 @@ def test_sweep_to_a_host_refuses_an_id_taken_there_and_leaves_nothing(remote, ho
     mod = make_module(home, SWEEP_SOURCE)
     with stackops.SSH.from_config_file("tb") as ssh:  # a job of another machine's, on the host only
         theirs = "~/tmp_results/remote_machines/jobs/queued/htk-0001"
-        ssh.run_shell_cmd_on_remote(f"mkdir -p {theirs} && echo theirs > {theirs}/k")
+        ssh.run_shell_cmd_on_remote(f"umask 077 && mkdir -p {theirs} && echo theirs > {theirs}/k")
     cfg = config(job_id="htk", ssh_host="tb", copy_repo=True)
     with pytest.raises(stackops.ConfigError, match="htk-0001"):
         stackops.run_sweep(mod.point, cfg, [{"x": index} for index in range(3)])
