@@ -567,7 +567,7 @@ def queue_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
                      note=f"{len(pids)} process(es); fired in {fired:.1f} s (target <= 50 MiB)")]
     env = dict(os.environ, HOME=str(bed.local_home))
     for what in (["list", "--json"], ["queue"]):
-        times = [timed(lambda: run_cmd([sys.executable, "-m", "stackops", *what], cwd=HERE, env=env))
+        times = [timed(lambda what=what: run_cmd([sys.executable, "-m", "stackops", *what], cwd=HERE, env=env))
                  for _ in range(3)]
         rows.append(absolute(f"`{' '.join(what)}` with {count} jobs on the machine", times,
                              note="(target <= 500 ms)"))
@@ -587,6 +587,12 @@ def queue_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
     ran = count - done_before
     rows.append(absolute(f"{count} trivial jobs on 4 slots: wall per job", [(last - released) / ran],
                          note=f"({ran} jobs in {last - released:.1f} s)"))
+    listing = [sys.executable, "-m", "stackops", "list", "--json"]
+    first = timed(lambda: run_cmd(listing, cwd=HERE, env=env))  # reads every ended job once
+    times = [timed(lambda: run_cmd(listing, cwd=HERE, env=env)) for _ in range(3)]
+    rows.append(absolute(f"`list --json` with {count} ended jobs", times,
+                         note=f"(target <= 500 ms; the first list, which reads them all: "
+                              f"{first * 1000:.0f} ms)"))
     os.environ.pop("STACKOPS_STATE_DIR")
     return rows
 
@@ -696,16 +702,36 @@ def slurm_case(bed: Bed, runs: int) -> list[dict]:
     cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="sb-slurm-")))
     home = bed.local_home
     (home / "slurmjob.py").write_text("def noop():\n    return None\n")
-    env = dict(cluster.env, HOME=str(home))
+    # as the installed `stackops` runs: the module with its bytecode cached
+    env = {k: v for k, v in cluster.env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(HOME=str(home), PYTHONPATH=str(HERE))
     counter = itertools.count()
+    reference = ["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"]
     try:
         def ours():
-            run_cmd([sys.executable, str(HERE / "stackops.py"), "run", "slurmjob.py:noop", "--slurm",
+            run_cmd([sys.executable, "-m", "stackops", "run", "slurmjob.py:noop", "--slurm",
                      "--job-id", f"sl{next(counter)}"], cwd=home, env=env)
 
-        return [compare("hand-over to Slurm (CLI, run --slurm)", ours,
-                        lambda: run_cmd(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], env=env),
-                        runs, "sbatch --wrap true")]
+        def api():
+            import stackops
+
+            config = stackops.RemoteStackOpsConfig(job_id=f"sla{next(counter)}", launch_method="slurm")
+            stackops.RemoteMachine(str(home / "slurmjob.py") + ":noop", config).run()
+
+        ours()
+        saved = os.environ.get("SLURM_CONF")
+        os.environ["SLURM_CONF"] = str(cluster.conf)
+        try:
+            rows = [compare("hand-over to Slurm (CLI, run --slurm)", ours,
+                            lambda: run_cmd(reference, env=env), runs, "sbatch --wrap true"),
+                    compare("hand-over to Slurm (RemoteMachine.run(), in process)", api,
+                            lambda: run_cmd(reference, env=env), runs, "sbatch --wrap true")]
+        finally:
+            if saved is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = saved
+        return rows
     finally:
         cluster.stop()
         shutil.rmtree(cluster.base, ignore_errors=True)
@@ -726,6 +752,7 @@ def main() -> int:
             print("bench needs openssh-server, openssh-client and rsync", file=sys.stderr)
             return 2
     runs = args.runs or (3 if args.quick else 7)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # as users run it: bytecode cached
     bed = Bed(args.disk)
     sys.path.insert(0, str(HERE))
     import stackops
