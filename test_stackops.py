@@ -3209,15 +3209,16 @@ def test_remote_folder_named_by_a_link_travels_as_the_folder_both_ways(remote, h
         assert arrived.is_dir() and not arrived.is_symlink()
         assert _tree_hashes(arrived) == _tree_hashes(real)
         assert os.readlink(arrived / "inside-link") == "sub/f.bin"
+        # names of this test's own: other tests' jobs write ~/results on the same host
         os.rename(arrived, remote.remote_home / "real-results")
-        os.symlink(remote.remote_home / "real-results", remote.remote_home / "results")
-        got = ssh.copy_to_here("~/results", home / "got", recursive=True)
+        os.symlink(remote.remote_home / "real-results", remote.remote_home / "link-results")
+        got = ssh.copy_to_here("~/link-results", home / "got", recursive=True)
         assert got.is_dir() and not got.is_symlink() and _tree_hashes(got) == _tree_hashes(real)
         os.symlink("/etc/passwd", remote.remote_home / "real-results" / "out-link")
         with pytest.raises(stackops.TransferError, match="out-link"):
-            ssh.copy_to_here("~/results", home / "got2", recursive=True)
+            ssh.copy_to_here("~/link-results", home / "got2", recursive=True)
     assert not (home / "got2").exists() and not list(home.glob(".stackops-partial*"))
-    for made in ("results", "real-results"):
+    for made in ("link-results", "real-results"):
         _remove_path(remote.remote_home / made)
 
 
@@ -4559,10 +4560,11 @@ def test_transfer_ssh_holds_the_connection_and_copies_have_their_own_section():
     lines = source.splitlines()
     start = lines.index("# 10. SSH (paramiko, imported lazily)")
     end = lines.index("# 11. transfer: sftp and tar streams, rclone")
-    assert start < ssh.lineno < end < lines.index("# 12. remote machine")
+    after = next(i for i, line in enumerate(lines) if i > end and re.match(r"# \d+\. ", line))
+    assert start < ssh.lineno < end < after  # the transfer section ends at the next numbered one
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and start < node.lineno:
-            if node.lineno < lines.index("# 12. remote machine"):
+            if node.lineno < after:
                 assert node.end_lineno - node.lineno + 1 <= 60, node.name
     for name in ("copy_from_here", "copy_to_here", "stream_command", "run_stackops"):
         assert callable(getattr(stackops.SSH, name))
@@ -6510,7 +6512,7 @@ def test_cloud_fetch_refuses_members_outside_job_code_and_data(home, tmp_path):
 def test_cloud_transfer_existing_id_on_host_refused(remote, home, clouds):
     mod = make_module(home, JOBS_SOURCE)
     with stackops.SSH.from_config_file("tb") as ssh:  # a job of that id is on the host already
-        ssh.run_shell_cmd_on_remote("mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup && "
+        ssh.run_shell_cmd_on_remote("umask 077 && mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup && "
                                     "echo mine > ~/tmp_results/remote_machines/jobs/queued/cloud-dup/marker")
     cfg = dict(ssh_host="tb", transfer_method="cloud", cloud_name=f"tblocal:{clouds}",
                copy_repo=True)
@@ -6521,7 +6523,7 @@ def test_cloud_transfer_existing_id_on_host_refused(remote, home, clouds):
     with machine:
         machine.generate_scripts().submit()
         with stackops.SSH.from_config_file("tb") as ssh:  # ... or arrives between submit and fire
-            ssh.run_shell_cmd_on_remote("mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup2 && "
+            ssh.run_shell_cmd_on_remote("umask 077 && mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup2 && "
                                         "echo mine > ~/tmp_results/remote_machines/jobs/queued/cloud-dup2/marker")
         with pytest.raises(stackops.CommandError, match="already exists on this host"):
             machine.fire()
