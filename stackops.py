@@ -524,7 +524,7 @@ def _atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
         raise
 
 
-def _write_new(path: Path, text: str, mode: int = 0o600) -> None:
+def _write_new(path: str | Path, text: str, mode: int = 0o600) -> None:
     """Write a new file in a folder nobody sees yet (a staging folder renamed into place after):
     no temp file and no fsync per file, which cost 10 ms each on a busy disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -3540,9 +3540,7 @@ def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
         for relative, target in links.items():
             os.symlink(target, f"{staging}/{relative}")
         for relative, text in files.items():
-            fd = os.open(f"{staging}/{relative}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with open(fd, "wb") as handle:
-                handle.write(text.encode("utf-8"))
+            _write_new(f"{staging}/{relative}", text)
         if os.path.lexists(root):
             raise ConfigError(f"job {job_id!r} appeared at {collapse_home(root)} meanwhile")
         os.rename(staging, root)
@@ -7284,27 +7282,39 @@ def _generate_job_folder(machine: RemoteMachine) -> None:
         machine._tasks = [_new_array_task(machine, k, part) for k, part in enumerate(parts)]
         for task in machine._tasks:
             task.generate_scripts()
+    _put_folder_in_place(machine, "job")
+    machine.scripts_generated = True
+    machine._save()
+    log.info("job %s generated at %s", machine.job_id, collapse_home(root))
+
+
+def _put_folder_in_place(machine: RemoteMachine, what: str,
+                         finish: Callable[[Path], None] | None = None) -> None:
+    """Write ``machine``'s folder into a staging folder beside its place (then ``finish`` it)
+    and rename it there: complete under its name or not at all; a folder there is refused."""
+    root = machine.file_manager.job_root
     source = _own_file()
     if not source.is_file():
-        raise StackopsError(f"cannot find stackops.py to ship with the job (looked at {source})")
+        raise StackopsError(f"cannot find stackops.py to ship with the {what} (looked at {source})")
     if machine.config.copy_repo:
         _take_snapshot(machine)
     staging = _trusted_dir(root.parent, "base folder") / f".{machine.job_id}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _write_job_folder(machine, staging, source)
+        if finish is not None:
+            finish(staging)
+        if os.path.lexists(root):
+            raise _exists_error(machine)
         os.rename(staging, root)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if root.exists():  # another process made the same job at the same moment
+        if root.exists():  # another process made the same folder at the same moment
             raise _exists_error(machine) from exc
         raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    machine.scripts_generated = True
-    machine._save()
-    log.info("job %s generated at %s", machine.job_id, collapse_home(root))
 
 
 def _new_array_task(machine: RemoteMachine, k: int, part: WorkloadParams) -> RemoteMachine:
@@ -8350,27 +8360,14 @@ def _in_background(action: Callable[[], None]) -> Callable[[], None]:
 def _write_sweep_folder(template: RemoteMachine, ids: list[str]) -> None:
     """The sweep's shared folder (``<base>/queued/<sweep id>``), put in place whole: what every
     job of it runs (stackops, wrapper, launcher, code), none of one job's own files."""
-    root = template.file_manager.job_root
-    source = _own_file()
-    if not source.is_file():
-        raise StackopsError(f"cannot find stackops.py to ship with the sweep (looked at {source})")
-    if template.config.copy_repo:
-        _take_snapshot(template)
-    staging = _trusted_dir(root.parent, "base folder") / f".{template.job_id}.{os.getpid()}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        _write_job_folder(template, staging, source)
+    def shared_only(staging: Path) -> None:  # none of one job's own files
         for relative in (REMOTE_MACHINE_JSON, FILE_MANAGER_JSON, KWARGS_JSON):
             os.unlink(staging / relative)
         shutil.rmtree(staging / LOGS)
         _atomic_write_json(staging / SWEEP_JSON, {"sweep_id": template.job_id, "ids": ids,
                                                   "host": template.host_name})
-        if os.path.lexists(root):
-            raise _exists_error(template)
-        os.rename(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    _put_folder_in_place(template, "sweep", shared_only)
 
 
 def _sweep_job_files(job: RemoteMachine, manager: dict[str, Any]) -> dict[str, str]:
