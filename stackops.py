@@ -165,10 +165,11 @@ __all__ = [
     "JobFailedError",
     "StackopsConnectionError", "HostKeyError", "TransferError",
     "RemoteStackOpsConfig", "WorkloadParams", "JobStatus", "ExecutionTimings", "JobParams",
-    "FileManager", "Slots", "render_execution_script", "render_shell_script", "run_job",
+    "FileManager", "Slots", "render_execution_script", "run_job", "serve", "read_state",
+    "judge_jobs", "job_reports", "fire_jobs", "cancel_job", "delete_job", "materialize",
     "call_job_part",
-    "job_report", "delete_own_results", "demo_job",
-    "notify_job_end", "is_job_process", "job_process_alive", "process_start_ticks",
+    "delete_own_results", "demo_job", "fill_placeholders",
+    "notify_job_end", "is_job_process", "process_start_ticks",
     "SSH", "SSHTarget", "Response", "resolve_ssh_target", "parse_ssh_target", "simple_sftp_get",
     "transfer_sftp", "transfer_cloud", "cloud_base", "RemoteMachine", "list_jobs", "list_job_rows",
     "LoadCriterion", "MachineSpecs", "ThreadLoadCalculator", "MachineLoadCalculator", "Cluster",
@@ -206,7 +207,7 @@ DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
 DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
 
-STATUSES = ("queued", "waiting", "running", "completed", "failed", "cancelled")
+STATUSES = ("prepared", "queued", "waiting", "running", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 TRANSFER_METHODS = ("sftp", "cloud")
 LAUNCH_METHODS = ("remotely", "cloud_manager", "slurm")
@@ -221,27 +222,15 @@ CONFIG_JSON = "data/remote_machine_config.json"
 INSTANCE_PICKLE = "data/instance.pickle"
 WRAPPER_PY = "python/cluster_wrap.py"
 STACKOPS_COPY = "python/stackops.py"
-LAUNCHER_SH = "shell/cluster_script.sh"
 SBATCH_SH = "shell/sbatch.sh"
-SLURM_ID_TXT = "logs/slurm_job_id.txt"
 LOGS = "logs"
-STATUS_TXT = "logs/status.txt"
-PID_TXT = "logs/pid.txt"
-LAUNCHER_PID_TXT = "logs/launcher_pid.txt"
-PID_START_TXT = "logs/pid_start.txt"            # when the wrapper started (clock ticks since boot)
-LAUNCHER_START_TXT = "logs/launcher_pid_start.txt"  # when the launcher started
-NOTIFIED_TXT = "logs/notified.txt"              # the end's one e-mail was claimed (and how it went)
-TICKET_TXT = "logs/ticket.txt"
-START_TXT = "logs/start_time.txt"
-END_TXT = "logs/end_time.txt"
-ERROR_TXT = "logs/error_message.txt"
-RESULTS_TXT = "logs/results_folder_path.txt"
-TIMINGS_JSON = "logs/execution_timings.json"
 OUTPUT_LOG = "logs/output.log"
-# written before the job is stopped: its end is "cancelled"
-CANCEL_TXT = "logs/cancel_requested.txt"
-ATTEMPT_TXT = "logs/attempt.txt"  # "2/4": the second of four runs allowed by retries
-REASON_TXT = "logs/reason.txt"  # why a job waits (the jobs it runs after)
+STATE_JSON = "logs/state.json"  # the job's one state record (see _update), schema STATE_SCHEMA
+STATE_LOCK = "logs/state.lock"  # flocked while the record is changed
+ALIVE_LOCK = "logs/alive.lock"  # flocked by the job's processes for their whole life
+FIRE_ENV = "logs/fire_env"  # the environment the job was fired with (env -0): it starts with it
+STATE_SCHEMA = 1
+STARTING_GRACE = 30.0  # seconds a job being started (in tmux) may take to hold its lock
 
 # inside the state directory of a machine and user
 QUEUED_VIEW = "queued_jobs.json"
@@ -249,11 +238,10 @@ RUNNING_VIEW = "running_jobs.json"
 HISTORY_VIEW = "history_jobs.json"
 HISTORY_KEEP = 500
 
-DISPATCHER_PID = "dispatcher.pid"    # "<pid> <start ticks>" of the queue's live dispatcher
+DISPATCHER_PID = "dispatcher.pid"    # the pid of the queue's live dispatcher
 DISPATCHER_LOCK = "dispatcher.lock"  # flocked by the one live dispatcher of a state folder
 DISPATCHER_LOG = "dispatcher.log"
 AFTER_DIR = "after"  # entries of jobs waiting for their parents (--after), not yet in the queue
-FIRE_ENV = "logs/fire_env"  # the fire command's environment (env -0): the job starts with it
 DISPATCH_POLL = 0.02  # how often the dispatcher looks for a free slot (seconds)
 VIEWS_EVERY = 1.0     # the dispatcher rewrites the queue view at most this often (seconds)
 AFTER_POLL = 0.5      # how often the dispatcher looks at the parents of jobs that wait for them
@@ -261,7 +249,15 @@ AFTER_POLL = 0.5      # how often the dispatcher looks at the parents of jobs th
 # the first two waiters look this often (seconds): for a free slot, for being first
 SLOT_POLL_HEAD = 0.05
 SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
-LAUNCHER_GRACE = 2.0     # how long a status check lets a live launcher record its wrapper's end
+
+# Slurm's job states, as stackops reads them (any other is an end: failed, or cancelled)
+SLURM_WAITING = frozenset("PENDING REQUEUED REQUEUE_FED REQUEUE_HOLD SUSPENDED RESV_DEL_HOLD "
+                          "SPECIAL_EXIT CONFIGURING RESIZING".split())
+SLURM_RUNNING = frozenset("RUNNING COMPLETING STAGE_OUT SIGNALING".split())
+SLURM_TIMEOUT = 20.0  # seconds scontrol, scancel may take before Slurm counts as not answering
+# an interactive job runs in tmux with the tmux server's environment: these come from the fire
+TMUX_PASSED_ENV = ("STACKOPS_STATE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PATH", "HOME",
+                   "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH")
 
 _SAFE_NAME = _LazyPattern(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _ADJECTIVES = ("amber", "brisk", "calm", "deft", "eager", "fair", "glad", "keen", "lucid",
@@ -339,19 +335,23 @@ class JobFailedError(StackopsError):
 # -- errors as data: the executing side reports an error, the client raises it again --------------
 
 ERROR_RECORD_PREFIX = "stackops: error record: "
-_SERVING: list[bool] = []  # not empty while _serve() runs: main() reports errors as records too
 
 
-def error_record_line(exc: BaseException, evidence: str = "") -> str:
-    """``exc`` as one line of plain data for the other side of a host boundary: its class,
-    message, hint and plain attributes, and ``evidence`` (the traceback of a crash)."""
+def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
+    """``exc`` as plain data for the other side of a host boundary: its class, message, hint and
+    plain attributes, and ``evidence`` (the traceback of a crash)."""
     fields = {key: value for key, value in vars(exc).items()
               if key != "hint" and isinstance(value, (str, int, float, bool, type(None)))}
     record = {"class": type(exc).__name__, "message": str(exc),
               "hint": getattr(exc, "hint", None), "fields": fields}
     if evidence:
         record["evidence"] = evidence
-    return ERROR_RECORD_PREFIX + json.dumps(record)  # ASCII: one line whatever it says
+    return record
+
+
+def error_record_line(exc: BaseException, evidence: str = "") -> str:
+    """``exc`` as one line (see _error_record), for stderr."""
+    return ERROR_RECORD_PREFIX + json.dumps(_error_record(exc, evidence))  # ASCII: one line
 
 
 def _read_error_record(stderr: str) -> dict[str, Any] | None:
@@ -387,13 +387,6 @@ def _error_from_record(record: dict[str, Any], prefix: str = "",
             setattr(exc, key, value)
     return exc
 
-
-# The same record from generated bash: ``_error_record CLASS MESSAGE`` prints it on stderr, the
-# message's backslashes, double quotes and line breaks escaped for JSON.
-ERROR_RECORD_SH = ("_error_record() { local m=$2; m=${m//\\\\/\\\\\\\\}; m=${m//\\\"/\\\\\\\"}; "
-                   "m=${m//$'\\n'/\\\\n}; m=${m//$'\\r'/\\\\r}; m=${m//$'\\t'/\\\\t}; "
-                   "printf '%s{\"class\": \"%s\", \"message\": \"%s\"}\\n' "
-                   + shlex.quote(ERROR_RECORD_PREFIX) + ' "$1" "$m" >&2; }')
 
 
 # ============================================================================================
@@ -536,6 +529,22 @@ def _write_new_json(path: Path, data: Any) -> None:
     _write_new(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def _write_plain(path: str | Path, text: str | bytes) -> None:
+    """A small file that appears whole (temp file, rename), without fsync: records and queue
+    entries are written thousands of times."""
+    folder, name = os.path.split(path)
+    temp = f"{folder}/.{name}.{os.getpid()}.{random.getrandbits(24):06x}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with open(fd, "wb") as handle:
+            handle.write(text.encode("utf-8") if isinstance(text, str) else text)
+        os.replace(temp, path)
+    except BaseException:
+        with _suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
 def _atomic_write_json(path: Path, data: Any) -> None:
     _atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
@@ -598,6 +607,25 @@ def _sh_path(path: str) -> str:
     if path.startswith("~/"):
         return '"$HOME"/' + shlex.quote(path[2:])
     return shlex.quote(path)
+
+
+_PLACEHOLDER = _LazyPattern(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill_placeholders(template: str, values: dict[str, str], quote: bool = False) -> str:
+    """``template`` with each ``{name}`` replaced by its value (``quote``: shell-quoted, so it
+    arrives as one literal word whatever it holds); ``{{`` and ``}}`` stand for braces. A name
+    with no value is a ConfigError."""
+    def one(match: Any) -> str:
+        if match[0] in ("{{", "}}"):
+            return match[0][0]
+        if match[1] not in values:
+            raise ConfigError(f"nothing fills the placeholder {{{match[1]}}}",
+                              hint=f"give {match[1]} a value, or write {{{{ }}}} for a brace")
+        value = str(values[match[1]])
+        return shlex.quote(value) if quote else value
+
+    return _PLACEHOLDER.sub(one, template)
 
 
 def check_safe_name(name: Any, what: str = "job_id") -> str:
@@ -746,14 +774,15 @@ def is_job_process(pid: int, path: str, start: int | None) -> bool:
     return start is None or fields[19] == str(start)
 
 
-def _run_bounded(argv: list[str], timeout: float,
-                 error: type[StackopsError] = StackopsError) -> subprocess.CompletedProcess[str]:
+def _run_bounded(argv: list[str], timeout: float, error: type[StackopsError] = StackopsError,
+                 cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run a program here in a process group of its own and stop the whole group once ``timeout``
     seconds pass (a plain timeout would wait for grandchildren that hold its output open): the
     ``error`` raised then says which command did not answer in time."""
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                cwd=str(cwd) if cwd is not None else None)
     except OSError as exc:
         raise DependencyError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
     try:
@@ -1058,6 +1087,14 @@ class JobStatus:
     slurm_job_id: str | None = None  # "123", or "123_4" for an array task
     reason: str = ""  # why it waits (the jobs it runs after) or, for Slurm, how Slurm sees it
     attempt: str = ""  # "2/4" while retries are allowed: the run it is on, of how many
+    exit_code: int | None = None  # of the last run (a command's own, a Python job's 0 or 1)
+    signal: int | None = None  # the signal that killed the last run
+    max_rss_bytes: int | None = None  # peak memory of the last run, as the kernel counted it
+    cpu_seconds: float | None = None  # CPU time (user and system) of the last run
+    slot: str | None = None  # the slot(s) it held ("slot-0", "gpu-1,gpu-2")
+    runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # earlier runs
+    as_of: str | None = None  # read from a record on another machine: as of this moment
+    schema: int = STATE_SCHEMA
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -1351,62 +1388,11 @@ def render_template(template: str, **values: str) -> str:
     return compiled.substitute(values)
 
 
-SHELL_TEMPLATE = r"""#!/usr/bin/env bash
-# Generated by stackops @@version: the launcher of one job. It finds its job folder from its own
-# path, so the folder works wherever it lands. fire() starts it detached, in its own session.
-set -u
-umask 077
-JOB_ROOT=$(cd "$(dirname "$0")/.." && pwd -P) || exit 1
-LOGS="$JOB_ROOT/logs"
-PYTHON=@@python
-# --dispatch STATE: the queue's dispatcher, from the job's copy, by python3 (3.8+) or the job's
-if [ "${1:-}" = --dispatch ]; then
-    P=python3; "$P" -S -c 'import sys; sys.exit(sys.version_info < (3, 8))' 2>/dev/null || P=$PYTHON
-    exec "$P" -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import stackops
-stackops.run_dispatcher(sys.argv[2])' "$JOB_ROOT/python" "${2:?the state folder}"
-fi
-_write() { printf '%s' "$2" > "$LOGS/.$1.tmp" && mv -f "$LOGS/.$1.tmp" "$LOGS/$1"; }
-s=; { IFS= read -r s < "/proc/$$/stat"; } 2>/dev/null; s=${s##*) }; set -f; set -- $s; set +f
-_write launcher_pid_start.txt "${20:-}"  # with the pid, what proves this process is the launcher
-_write launcher_pid.txt "$$"
-_fail() {
-    _write error_message.txt "$1"
-    _write end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
-    if [ -e "$LOGS/cancel_requested.txt" ]; then _write status.txt cancelled; exit 1; fi
-    _write status.txt failed
-    echo "JOB FAILED: $1" >&2
-    @@notify
-    exit 1
-}
-[ -e "$LOGS/cancel_requested.txt" ] && _fail "cancelled before it started"
-echo "=== SHELL START $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) ==="
-cd @@repo_dir || _fail "cannot enter the repo folder "@@repo_dir_text
-@@setup_lines
-echo "=== SHELL END ==="
-if [ -n "${STACKOPS_SLOT_FDS:-}" ]; then  # slots from the dispatcher: for the wrapper alone
-    "$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py" &
-    w=$!
-    for f in $STACKOPS_SLOT_FDS; do [[ $f =~ ^[0-9]+$ ]] && eval "exec $f<&-"; done
-    wait "$w"
-else
-    "$PYTHON" @@python_flags"$JOB_ROOT/python/cluster_wrap.py"
-fi
-rc=$?
-case "$(cat "$LOGS/status.txt" 2>/dev/null)" in
-    completed|failed|cancelled) ;;
-    *)  if [ "$rc" -gt 128 ]; then why="killed by signal $((rc - 128))"
-        else why="exit status $rc"; fi
-        [ "$rc" -eq 127 ] && why="$why: is $PYTHON installed?"
-        _fail "process gone: the job's Python process ended ($why) without recording its end" ;;
-esac
-# the launcher's exit status tells (Slurm's afterok)
-[ "$(cat "$LOGS/status.txt" 2>/dev/null)" = completed ]
-"""
-
 PYTHON_TEMPLATE = '''#!/usr/bin/env python3
 # Generated by stackops @@version: the wrapper of one job. It needs only python3: the stackops.py
-# beside it is the copy shipped with the job. run_job() takes a slot, records status and times,
-# calls execute() below, and always ends in completed or failed, releasing the slot.
+# beside it is the copy shipped with the job. run_job() holds the job's lock and its slot, runs
+# execute() below in a process of its own (again after a failed run while retries allow), and
+# records the end whatever happens inside, then lets the slot go.
 import os
 import sys
 import traceback
@@ -1435,269 +1421,47 @@ def render_execution_script(execution_line: str) -> str:
     return render_template(PYTHON_TEMPLATE, version=__version__, execution_line=execution_line)
 
 
-def render_shell_script(job_params: JobParams, config: RemoteStackOpsConfig, python: str) -> str:
-    """The bash launcher: enter the repo, optional git pull / pip install, run the wrapper."""
-    setup = []
-    if config.update_repo:
-        setup.append('git pull --ff-only || _fail "git pull failed in $(pwd)"')
-    if config.install_repo and job_params.scm_version:  # setuptools-scm and hatch-vcs read it
-        setup.append(f"export SETUPTOOLS_SCM_PRETEND_VERSION={shlex.quote(job_params.scm_version)}")
-    if config.install_repo:
-        setup.append('"$PYTHON" -m pip install -e . || _fail "pip install -e . failed in $(pwd)"')
-    repo = job_params.repo_path_rh or "~"
-    repo_dir = _sh_path(repo)
-    if job_params.code_snapshot:  # the job's own copy of its snapshot, inside its folder
-        repo = f"{CODE_DIR} (snapshot {job_params.code_snapshot})"
-        repo_dir = f'"$JOB_ROOT"/{CODE_DIR}'
-    notify = ": no e-mail asked for"
-    if config.notify_upon_completion:  # the job's copy sends it; python3 if $PYTHON is what failed
-        notify = ('{ "$PYTHON" -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT" '
-                  '|| python3 -S "$JOB_ROOT/python/stackops.py" job-notify "$JOB_ROOT"; }')
-    return render_template(SHELL_TEMPLATE, version=__version__, python=shlex.quote(python),
-                           notify=notify, repo_dir=repo_dir, repo_dir_text=shlex.quote(repo),
-                           setup_lines="\n".join(setup) or ": no repo update or install",
-                           python_flags="-i " if config.interactive else "")
-
-
+# The batch script Slurm runs on a compute node, in the folder sbatch was started in (the job's),
+# so the nodes must see that folder (the cluster's shared home). Bash only finds the job's folder
+# (an array task runs the folder of its index, beside the array's) and starts its wrapper.
 SBATCH_TEMPLATE = r"""#!/bin/bash
 #SBATCH --job-name=@@job_name
 #SBATCH --output=@@output
 #SBATCH --open-mode=append
 @@options
-# Generated by stackops @@version: Slurm runs this on a compute node, in the folder sbatch was
-# started in (the job's), so the nodes must see that folder (the cluster's shared home). An array
-# task runs the job folder of its index, beside this one.
+# Generated by stackops @@version.
 T=@@task_dir
-if [ ! -f "$T/shell/cluster_script.sh" ]; then
+if [ ! -f "$T/@@wrapper" ]; then
     echo "stackops: job folder $T not found in ${SLURM_SUBMIT_DIR:-?} on $(hostname)" >&2
     exit 97
 fi
-cd "$T" && exec bash shell/cluster_script.sh
+cd "$T" && exec @@python @@wrapper
 """
 
 
 def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, throttle: int = 0,
-                         after: list[str] | None = None) -> str:
-    """The batch script Slurm runs: the job's own launcher, with ``options`` as #SBATCH lines; with
-    ``tasks`` it is an array whose task K runs the job folder ``{job_id}-K`` beside this one,
-    at most ``throttle`` at once (0: as many as Slurm allows)."""
+                         after: list[str] | None = None, python: str = "python3") -> str:
+    """The batch script Slurm runs: the job's own wrapper with ``python``, with ``options`` as
+    #SBATCH lines; with ``tasks`` it is an array whose task K runs the job folder ``{job_id}-K``
+    beside this one, at most ``throttle`` at once (0: as many as Slurm allows)."""
     lines = [f"#SBATCH --{key}={value}" if value else f"#SBATCH --{key}"
              for key, value in sorted(check_slurm_options(options).items())]
     if after:  # a parent that fails makes Slurm cancel this job, never leave it pending forever
         parents = ":".join(check_safe_name(i, "slurm job") for i in after)
         lines += ["#SBATCH --dependency=afterok:" + parents,
                   "#SBATCH --kill-on-invalid-dep=yes"]
-    output, task_dir = "logs/output.log", "."
+    output, task_dir = OUTPUT_LOG, "."
     if tasks:
         lines.append(f"#SBATCH --array=0-{tasks - 1}" + (f"%{throttle}" if throttle else ""))
         sibling = f"../{check_safe_name(job_id)}-"
-        output, task_dir = f"{sibling}%a/logs/output.log", f"{sibling}$SLURM_ARRAY_TASK_ID"
+        output, task_dir = f"{sibling}%a/{OUTPUT_LOG}", f"{sibling}$SLURM_ARRAY_TASK_ID"
     return render_template(SBATCH_TEMPLATE, version=__version__, job_name=check_safe_name(job_id),
                            options="\n".join(lines) or "# (no sbatch options)", output=output,
-                           task_dir=task_dir)
-
-
-# Hand a job folder to Slurm where it runs: sbatch from inside the folder, the Slurm job id kept.
-SBATCH_FIRE_TEMPLATE = r"""umask 077; J=@@job_root
-[ -f "$J/@@sbatch" ] || { echo "no job folder at $J" >&2; exit 3; }
-command -v sbatch >/dev/null \
-    || { echo "no sbatch on $(hostname): is it a Slurm login node?" >&2; exit 3; }
-cd "$J" || exit 3
-i=$(sbatch --parsable @@sbatch) || exit $?
-printf '%s' "$i" > "$J/logs/.slurm.$$" && mv -f "$J/logs/.slurm.$$" "$J/@@id_file" || exit 3
-for k in $(seq 0 $((@@tasks - 1))); do
-    printf '%s_%s' "${i%%;*}" "$k" > "$J/../@@job_id-$k/@@id_file" || exit 3
-done
-echo "$i"
-"""
-
-# The status of a Slurm job where it was submitted, by bash alone: the job's own files decide when
-# they hold an end; `scontrol show job` fills in what the job could not record (pending, killed,
-# timed out, forgotten). Terminal findings are written into the job folder, so they stay.
-SLURM_STATUS_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"; M=@@marker
-[ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
-get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
-put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
-end() { put error_message.txt "$2"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
-    put status.txt "$1"; }
-get slurm_job_id.txt; sid=${R%%;*}; sid=${sid//[[:space:]]/}
-get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; state=; reason=; code=; info=
-if [ -n "$sid" ] && [ "$st" != completed ] && [ "$st" != cancelled ]; then
-    info=$(scontrol show job -o "$sid" 2>&1); [ $? -eq 0 ] || state=gone
-    [[ $info =~ JobState=([A-Z_]+) ]] && state=${BASH_REMATCH[1]}
-    [[ $info =~ \ Reason=([^ ]+) ]] && reason=${BASH_REMATCH[1]}
-    [[ $info =~ \ ExitCode=([0-9:]+) ]] && code=${BASH_REMATCH[1]}
-    get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}  # it may have ended meanwhile
-fi
-[ "$reason" = None ] && reason=
-why="Slurm: $state${reason:+ ($reason)}${code:+, exit code $code}"
-case "$state" in gone) why=;; "") why=;; esac
-if [[ $state == gone && $info != *"Invalid job id"* ]]; then
-    state=; why="Slurm did not answer: ${info:0:200}"
-fi
-case "$st:$state" in
-    completed:*|cancelled:*|*:) ;;
-    failed:CANCELLED*) put status.txt cancelled; st=cancelled ;;
-    failed:*) [ -e "$L/cancel_requested.txt" ] && { put status.txt cancelled; st=cancelled; } ;;
-    *:PENDING|*:REQUEUE*|*:SUSPENDED|*:RESV_DEL_HOLD|*:SPECIAL_EXIT) st=queued ;;
-    *:RUNNING|*:COMPLETING|*:CONFIGURING|*:RESIZING|*:STAGE_OUT|*:SIGNALING) st=running ;;
-    *:CANCELLED*) end cancelled "cancelled ($why)"; st=cancelled ;;
-    *:gone) end failed "lost by Slurm: job $sid is unknown to Slurm and recorded no end"
-        st=failed ;;
-    *:COMPLETED) end failed "the job recorded no end though $why; do the compute nodes see $J?"
-        st=failed ;;
-    *) [ -e "$L/launcher_pid.txt" ] \
-           || why="$why; the job never started: do the compute nodes see $J?"
-       end failed "$why"; st=failed ;;
-esac
-out() { printf '\n%s:%s\n%s' "$M" "$1" "$2"; }
-out status "$st"
-for k in pid:pid start:start_time end:end_time results:results_folder_path error:error_message; do
-    get "${k#*:}.txt"; out "${k%%:*}" "$R"
-done
-get execution_timings.json; out timings "$R"; out place ""; out host "$HOSTNAME"
-get attempt.txt; out attempt "$R"; out slurm "$sid"; out reason "$why"; out tail ""
-if [ @@lines -gt 0 ] && [ -r "$L/output.log" ]; then tail -n $((@@lines + 16)) "$L/output.log"; fi
-exit 0
-"""
-
-
-# Cancel a job where it runs, by bash alone (one round trip): mark it, take it out of the queue,
-# SIGTERM its launcher's process group (only when the recorded pid provably is the job's: its
-# command line runs this job folder's launcher or wrapper), SIGKILL what is left after the grace,
-# and record `cancelled` if the job could not. Prints the status that holds after.
-CANCEL_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"
-id=@@job_id; ticks=@@ticks
-[ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
-get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
-put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
-now() { date -u +%Y-%m-%dT%H:%M:%S+00:00; }
-get status.txt; st=${R//[[:space:]]/}
-case "$st" in completed|failed|cancelled) echo "ended $st"; exit 0 ;; esac
-[ -e "$L/cancel_requested.txt" ] || put cancel_requested.txt "$(now)"
-@@state_dir; S="$S"@@pool; get ticket.txt; t=${R//[[:space:]]/}
-[ -n "$t" ] && rm -f -- "$S/queue/$t-$id" "$S/after/$t-$id"
-cmd() { C=; local a; [ -r "/proc/$1/cmdline" ] || return 1
-    while IFS= read -r -d '' a || [ -n "$a" ]; do C="$C $a"; done < "/proc/$1/cmdline"; }
-stat() { local s; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
-    s=${s##*) }; set -- $s; STATE=$1; PGRP=$3; }
-g=; get launcher_pid.txt; p=${R//[[:space:]]/}
-if [[ $p =~ ^[0-9]+$ ]] && cmd "$p" \
-    && [[ $C == *"/queued/$id/shell/cluster_script.sh"* ]]; then g=$p; fi
-get pid.txt; w=${R//[[:space:]]/}
-if [ -z "$g" ] && [[ $w =~ ^[0-9]+$ ]] && cmd "$w" \
-    && [[ $C == *"/queued/$id/python/cluster_wrap.py"* ]] && stat "$w"; then g=$PGRP; fi
-members() {  # a live (not zombie) process in the group; the scan only while kill -0 finds one
-    kill -0 -- "-$g" 2>/dev/null || return 1
-    local d; for d in /proc/[0-9]*; do stat "${d#/proc/}" || continue
-    [ "$PGRP" = "$g" ] && [ "$STATE" != Z ] && return 0; done; return 1; }
-killed=
-if [ -n "$g" ]; then
-    kill -TERM -- "-$g" 2>/dev/null
-    i=0; while members && [ $i -lt $ticks ]; do sleep 0.05; i=$((i + 1)); done
-    if members; then kill -KILL -- "-$g" 2>/dev/null; killed=1; fi
-    i=0; while members && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
-fi
-get status.txt; st=${R//[[:space:]]/}
-case "$st" in
-    completed|failed|cancelled) ;;
-    *) put error_message.txt \
-           "cancelled${killed:+ (killed: it ignored SIGTERM for the grace period)}"
-       put end_time.txt "$(now)"; put status.txt cancelled; st=cancelled ;;
-esac
-echo "$st"
-"""
-
-
-# Remove a job folder where the job ran: only a real folder (not a link) that holds a job.
-DELETE_TEMPLATE = r"""J=@@job_root
-[ -e "$J" ] || [ -L "$J" ] || exit 0
-if [ -L "$J" ] || [ ! -f "$J/data/file_manager.json" ]; then
-    echo "$J is not a stackops job folder" >&2; exit 3
-fi
-rm -rf -- "$J"
-"""
-
-# The status of a job read where it runs, by bash alone: one round trip that starts no Python. It
-# applies FileManager.get_job_status's rules (a waiting or running job whose process is not provably
-# its own, by the wrapper's exact path and start time, is failed; likewise a queued one's launcher)
-# and prints each field after a marker line that no log can forge. A job it finds dead is reported
-# by @@notify, started in the background (the only case that starts Python). A machine without
-# /proc runs @@fallback (the Python report) instead.
-STATUS_TEMPLATE = r"""umask 077; export LC_ALL=C; J=@@job_root; L="$J/logs"; id=@@job_id; M=@@marker
-[ -f "$J/data/file_manager.json" ] || { echo "no job folder at $J" >&2; exit 3; }
-[ -r /proc/self/stat ] || exec @@fallback
-cd -P "$J" 2>/dev/null && P=$PWD || P=$J
-get() { R=; [ -r "$L/$1" ] && IFS= read -r -d '' R < "$L/$1"; return 0; }
-put() { printf '%s' "$2" > "$L/.$1.$$" && mv -f "$L/.$1.$$" "$L/$1"; }
-fail() { put error_message.txt "$1"; put end_time.txt "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
-    put status.txt failed; }
-owns() {  # pid $1 is alive, not a zombie, started at tick $3 (if recorded) and names the script $2
-    local s a f hit=; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
-    s=${s##*) }; set -f; f=($s); set +f
-    [ "${f[0]}" != Z ] && [ "${f[0]}" != X ] || return 1
-    [ -z "$3" ] || [ "${f[19]:-}" = "$3" ] || return 1
-    while IFS= read -r -d '' a || [ -n "$a" ]; do [ "$a" = "$2" ] && hit=1
-    done 2>/dev/null < "/proc/$1/cmdline"
-    [ -n "$hit" ]
-}
-job() {  # $1: "" (the wrapper) or launcher_; is the process recorded the job's own? none yet: yes
-    local x; get "$1pid.txt"; pid=${R//[[:space:]]/}; [[ $pid =~ ^[0-9]+$ ]] || return 0
-    [ -z "$1" ] && x="$P/python/cluster_wrap.py" || x="$P/shell/cluster_script.sh"
-    get "$1pid_start.txt"; owns "$pid" "$x" "${R//[[:space:]]/}"
-}
-get status.txt; st=${R//[[:space:]]/}; st=${st:-queued}; f=
-case "$st" in
-    completed|failed|cancelled) ;;
-    waiting|running) f=w; what="the job's process" ;;
-    queued) f=launcher_; what="the job's launcher" ;;
-    *) fail "unreadable status '$st' in logs/status.txt"; st=failed ;;
-esac
-if [ -n "$f" ] && ! job "${f#w}"; then
-    p=$pid  # a live launcher records why its wrapper ended: give it that moment
-    if [ "$f" = w ] && job launcher_ && [ -n "$pid" ]; then
-        for ((i = 0; i < @@grace; i++)); do
-            get status.txt; [ "${R//[[:space:]]/}" = "$st" ] || break; sleep 0.05
-        done
-    fi
-    get status.txt; now=${R//[[:space:]]/}  # it may have ended meanwhile
-    if [ "$now" != "$st" ]; then st=$now
-    elif [ -e "$L/cancel_requested.txt" ]; then
-        fail cancelled; put status.txt cancelled; st=cancelled; @@notify
-    else
-        fail "process gone: $what (pid $p) ended without recording the job's end"
-        st=failed; @@notify
-    fi
-fi
-place=
-if [ "$st" = waiting ] || [ "$st" = queued ]; then
-    @@state_dir; S="$S"@@pool; get ticket.txt; me="${R//[[:space:]]/}-$id"; n=1; found=
-    if [ "$st" = queued ] && [ ! -e "$L/launcher_pid.txt" ] \
-        && [ -e "$S/queue/$me" -o -e "$S/after/$me" ]; then
-        st=waiting; @@dispatch; _dispatch > /dev/null  # an entry in line: its dispatcher lives
-    fi
-fi
-if [ "$st" = waiting ] && [ -e "$S/queue/$me" ]; then
-    for e in "$S"/queue/*; do
-        e=${e##*/}; [ "$e" = "$me" ] && found=1; [[ $e < $me ]] && n=$((n + 1))
-    done
-    [ -n "$found" ] && place=$n
-fi
-out() { printf '\n%s:%s\n%s' "$M" "$1" "$2"; }
-out status "$st"
-for k in pid:pid start:start_time end:end_time results:results_folder_path error:error_message; do
-    get "${k#*:}.txt"; out "${k%%:*}" "$R"
-done
-get execution_timings.json; out timings "$R"; out place "$place"; out host "$HOSTNAME"
-get attempt.txt; out attempt "$R"
-R=; [ "$st" = waiting ] && get reason.txt; out reason "$R"; out tail ""
-if [ @@lines -gt 0 ] && [ -r "$L/output.log" ]; then tail -n $((@@lines + 16)) "$L/output.log"; fi
-exit 0
-"""
+                           task_dir=task_dir, wrapper=WRAPPER_PY, python=_sh_path(python))
 
 
 # ============================================================================================
-# 7. job folder: FileManager, slots and queue, status
+# 7. job folder: FileManager, its state record, liveness, slots and queue, the one judge
 # ============================================================================================
 
 def machine_key() -> str:
@@ -1713,15 +1477,6 @@ def machine_key() -> str:
     return f"{host}-{boot}-{space}"
 
 
-# the same folder in bash (the fire command and the status report compute it where the job runs)
-STATE_DIR_SH = ('if [ -n "${STACKOPS_STATE_DIR:-}" ]; then S=$STACKOPS_STATE_DIR; else H=$(uname '
-                '-n); '
-                'H=${H//[^A-Za-z0-9._-]/_}; B=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || '
-                ':); '
-                'N=$(readlink /proc/self/ns/pid 2>/dev/null || :); N=${N//[^0-9]/}; '
-                'S="$HOME/' + DEFAULT_STATE_DIR[2:] + '/${H:-host}-${B:0:8}-$N"; fi')
-
-
 def state_dir(pool: str = "") -> Path:
     """Where this machine's slots, queue and views live, for the current user: one folder per
     executing machine (see machine_key), unless STACKOPS_STATE_DIR names one; a named pool's
@@ -1729,12 +1484,6 @@ def state_dir(pool: str = "") -> Path:
     override = os.environ.get("STACKOPS_STATE_DIR")
     root = expand_home(override) if override else expand_home(DEFAULT_STATE_DIR) / machine_key()
     return root / "pools" / pool if pool else root
-
-
-# The GPUs of a host in one round trip: its STACKOPS_GPUS ("-" when unset), then what
-# nvidia-smi lists.
-GPU_PROBE_SH = ("printf '%s\\n' \"${STACKOPS_GPUS--}\"; "
-                "nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null; true")
 
 
 def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
@@ -1751,6 +1500,13 @@ def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
         return []
     return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()]
 
+
+
+class _FileLock:
+    """An exclusive flock on a file, held while the block runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, -1
 
 
 class _FileLock:
@@ -1776,11 +1532,11 @@ def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | N
     except FileNotFoundError:
         if not create:
             raise
-        raise SlotError(f"cannot open slot file {path}: its folder is gone") from None
+        raise SlotError(f"cannot open lock file {path}: its folder is gone") from None
     except OSError as exc:
-        raise SlotError(f"cannot open slot file {path}: {exc.strerror or exc}",
-                        hint=f"the state folder {path.parent.parent} must be yours alone; "
-                             "set STACKOPS_STATE_DIR to a folder of your own") from exc
+        raise SlotError(f"cannot open lock file {path}: {exc.strerror or exc}",
+                        hint=f"the folder {path.parent} must be yours alone; for slots, set "
+                             "STACKOPS_STATE_DIR to a folder of your own") from exc
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
@@ -1791,24 +1547,93 @@ def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | N
     return fd
 
 
-_OWN_SCRIPT = {PID_TXT: (PID_START_TXT, WRAPPER_PY),
-               LAUNCHER_PID_TXT: (LAUNCHER_START_TXT, LAUNCHER_SH)}
+# -- a job's state: one record, one writer, liveness held by the job -----------------------------
+#
+# Everything that happens to a job is written into its record, logs/state.json, by _update (read,
+# change, write whole, under the record's own lock): fired, waiting, running, each attempt, the
+# end. _record_end is the one way an end is recorded, and the first end wins, so whoever records it
+# (the job, a cancel, a check that finds the job gone, Slurm's final word) also reports it, once.
+# The job's process holds an flock on logs/alive.lock for its whole life, so "is it alive?" is a
+# lock probe the kernel answers (as nq's is), and only on the machine that runs it (the record
+# names it): a machine sharing the home shows the record as of when it was written.
+
+def read_state(root: Path) -> dict[str, Any]:
+    """A job's state record as last written (``{}`` before the job was written whole)."""
+    try:
+        with open(root / STATE_JSON, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return {"status": "failed", "error": f"its state record cannot be read: {exc}"}
+    return data if isinstance(data, dict) else {"status": "failed", "error": "state not a dict"}
 
 
-def job_process_alive(job_root: Path, pid_file: str = PID_TXT) -> bool | None:
-    """Whether the process recorded in ``pid_file`` (the wrapper's or the launcher's) is provably
-    the job's own and alive (is_job_process); None when no pid is recorded (yet)."""
-    pid = _read_int(job_root / pid_file)
-    if pid is None:
-        return None
-    start_file, script = _OWN_SCRIPT[pid_file]
-    path = os.path.join(os.path.realpath(job_root), script)
-    return is_job_process(pid, path, _read_int(job_root / start_file))
+def _update(root: Path, change: Callable[[dict[str, Any]], bool | None]) -> dict[str, Any]:
+    """The one writer of a job's state record: under its lock, read it, let ``change`` alter it
+    in place (returning False leaves it as it was), write it whole. Returns the record."""
+    with _FileLock(root / STATE_LOCK):
+        state = read_state(root)
+        if change(state) is not False:
+            state["schema"], state["at"] = STATE_SCHEMA, _iso(_utcnow())
+            _write_plain(root / STATE_JSON, json.dumps(state, ensure_ascii=False))
+        return state
+
+
+def _record(root: Path, **fields: Any) -> dict[str, Any]:
+    """Set ``fields`` in the job's record (see _update)."""
+    return _update(root, lambda state: state.update(fields))
+
+
+def _record_end(root: Path, status: str, error: str = "", final: bool = True,
+                **fields: Any) -> dict[str, Any] | None:
+    """Record the job's end, unless one is recorded (a tentative one, ``final=False``: a Slurm run
+    stopped by SIGTERM that Slurm may start again, can still change). A failure after a cancel
+    was asked for is the cancel. Returns the record when this call recorded the end: its caller
+    then reports it (_report_end), so every end is reported once."""
+    recorded: list[bool] = []
+
+    def end(state: dict[str, Any]) -> bool:
+        if state.get("status") in TERMINAL_STATUSES and state.get("final", True):
+            return False
+        cancelled = status == "failed" and state.get("cancel")
+        state.update(fields, status="cancelled" if cancelled else status, error=error,
+                     ended=fields.get("ended") or _iso(_utcnow()), final=final)
+        recorded.append(True)
+        return True
+
+    state = _update(root, end)
+    return state if recorded else None
+
+
+def _alive(root: Path) -> bool:
+    """Whether the job's process lives: it holds ALIVE_LOCK from before it starts until its last
+    process ends, however it ends. Meaningful only on the machine that runs the job."""
+    try:
+        fd = _try_flock(root / ALIVE_LOCK, shared=True, create=False)
+    except FileNotFoundError:
+        return False
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def _hold_alive(root: Path) -> int:
+    """Hold the job's ALIVE_LOCK (the fd the starter handed over, or taken now); a job that
+    another live process runs already is refused."""
+    handed = os.environ.pop("STACKOPS_ALIVE_FD", "")
+    if handed.isdigit():
+        os.set_inheritable(int(handed), False)
+        return int(handed)
+    fd = _try_flock(root / ALIVE_LOCK)
+    if fd is None:
+        raise SlotError(f"job {root.name} runs already (another process holds {ALIVE_LOCK})")
+    return fd
 
 
 _PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while it is unchanged
-_DISPATCHERS_SEEN: dict[str, tuple[int, float]] = {}  # a live dispatcher, and when it was seen
-_DETACHED: list[subprocess.Popen[bytes]] = []  # dispatchers started here (kept, never waited for)
+_DETACHED: list[subprocess.Popen[bytes]] = []  # processes started here (kept, never waited for)
 
 
 class Slots:
@@ -1816,15 +1641,14 @@ class Slots:
 
     A slot is an flock on ``slots/slot-<i>.lock``: a job holds it while it runs, and a holder
     killed with SIGKILL frees it with nobody cleaning up. A job waits in ``queue/`` as data: an
-    entry named ``<fire time in ns>-<job_id>`` that holds its folder's path, written by the fire
-    command. The queue's one dispatcher (run_dispatcher: a small process that lives only while
-    the queue is not empty) takes a free slot for the first entry and starts the job holding it
-    (the lock's file descriptor is inherited); so jobs start in the order they were fired, and a
-    queue of any length costs files, not processes. A job that waits in person (interactive, in
-    tmux) flocks its own entry and takes its slot itself when first. Jobs that wait for their
-    parents (``after``) have their entries in ``after/`` until the dispatcher moves them to the
-    end of the queue. ``*_jobs.json`` are views for people, rewritten atomically under
-    ``state.lock``.
+    entry named ``<fire time in ns>-<job_id>`` that holds its folder's path, written by its fire.
+    The queue's one dispatcher (run_dispatcher: a small process that lives only while the queue
+    has entries or jobs it started run) takes a free slot for the first entry and starts the job
+    holding it (the lock's file descriptor is inherited); so jobs start in the order they were
+    fired, and a queue of any length costs files, not processes. A job that waits in person
+    (interactive, in tmux) flocks its own entry and takes its slot itself when first. Jobs that
+    wait for their parents (``after``) have their entries in ``after/`` until the dispatcher moves
+    them to the end of the queue. ``*_jobs.json`` are views for people, rewritten atomically.
     """
 
     def __init__(self, root: Path | None = None) -> None:
@@ -1832,7 +1656,7 @@ class Slots:
         self.queue, self.slots = self.root / "queue", self.root / "slots"
 
     def _ensure(self) -> None:
-        for folder in (self.root, self.queue, self.slots):
+        for folder in (self.root, self.queue, self.slots, self.root / AFTER_DIR):
             _trusted_dir(folder, "state folder")
 
     def entries(self, folder: str = "queue") -> list[str]:
@@ -1843,8 +1667,9 @@ class Slots:
         return sorted(name for name in names if not name.startswith("."))
 
     def entry_state(self, name: str, folder: str = "queue") -> str:
-        """``waiting`` (its own wrapper holds it: an interactive job waits in person), ``pending``
-        (its launcher is starting), ``queued`` (data: the dispatcher starts it) or ``stale``."""
+        """``waiting`` (its own wrapper holds it: an interactive job waits in person), ``queued``
+        (data: the dispatcher starts it) or ``stale`` (its job went, ended, was cancelled or
+        started)."""
         path = self.root / folder / name
         try:
             fd = _try_flock(path, shared=True, create=False)
@@ -1856,54 +1681,36 @@ class Slots:
             text = os.read(fd, 65536).decode("utf-8", "surrogateescape")
         finally:
             os.close(fd)
-        job_root = Path(text) if text else None
-        if job_root is None or not (job_root / FILE_MANAGER_JSON).exists() \
-                or (job_root / CANCEL_TXT).exists():
+        root = Path(text) if text else None
+        if root is None or not (root / FILE_MANAGER_JSON).exists():
             return "stale"
-        started = ((job_root / PID_TXT).exists()
-                   or _read_text(job_root / STATUS_TXT) in TERMINAL_STATUSES)
-        launcher = job_process_alive(job_root, LAUNCHER_PID_TXT)
-        if started or launcher is False:
+        state = read_state(root)
+        if state.get("cancel") or state.get("status") in TERMINAL_STATUSES or _alive(root):
             return "stale"
-        return "queued" if launcher is None else "pending"
+        return "queued"
 
     def dispatcher_pid(self) -> int | None:
-        """The pid of this queue's live dispatcher, or None."""
+        """The pid of this queue's live dispatcher (it holds DISPATCHER_LOCK), or None."""
         try:
-            pid, start = _read_text(self.root / DISPATCHER_PID).split()
-            alive = _process_state(int(pid))[0]
-        except ValueError:
+            fd = _try_flock(self.root / DISPATCHER_LOCK, shared=True, create=False)
+        except FileNotFoundError:
             return None
-        if not alive or str(process_start_ticks(int(pid))) != start:
+        if fd is not None:
+            os.close(fd)
             return None
-        return int(pid)
+        pid = _read_text(self.root / DISPATCHER_PID).split()[:1]
+        return int(pid[0]) if pid and pid[0].isdigit() else 0
 
-    def ensure_dispatcher(self, job_root: Path | None = None) -> int | None:
-        """Start this queue's dispatcher (through a queued job's launcher) unless one lives or
-        nothing is queued; returns its pid. Any stackops call that finds a queued job does this,
-        so no entry waits forever because the process that would have started it died."""
-        seen = _DISPATCHERS_SEEN.get(str(self.root))
-        if seen is not None and time.monotonic() - seen[1] < 1.0:  # a list of 10,000 looks once
-            return seen[0]
+    def ensure_dispatcher(self, python: str | None = None) -> int | None:
+        """Start this queue's dispatcher unless one lives or nothing is queued; returns its pid.
+        Any stackops call that finds a queued job does this, so no entry waits forever because
+        the process that would have started it died."""
         pid = self.dispatcher_pid()
-        if pid is not None:
-            _DISPATCHERS_SEEN[str(self.root)] = (pid, time.monotonic())
-            return pid
-        if job_root is None:
-            names = self.entries() or self.entries(AFTER_DIR)
-            folder = "queue" if self.entries() else AFTER_DIR
-            if not names:
-                return None
-            job_root = Path(_read_text(self.root / folder / names[0]))
-        launcher = job_root / LAUNCHER_SH
-        if not launcher.is_file():
-            return None
-        with open(self.root / DISPATCHER_LOG, "ab") as out:
-            started = subprocess.Popen(["bash", str(launcher), "--dispatch", str(self.root)],
-                                       stdin=subprocess.DEVNULL, stdout=out,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-        _DETACHED.append(started)
-        return started.pid
+        if pid is None and (self.entries() or self.entries(AFTER_DIR)):
+            pid = _start_detached([python or sys.executable or "python3", "-S", str(_own_file()),
+                                   "--serve", "dispatch", str(self.root)],
+                                  self.root / DISPATCHER_LOG)
+        return pid
 
     def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int, on_start: Callable[[], None],
                       names: list[str] | None = None, need: int = 1
@@ -1915,10 +1722,7 @@ class Slots:
         self._ensure()
         path = self.queue / entry
         if not path.exists():
-            log.warning("queue entry %s is missing; joining the end of the queue", entry)
-            entry = f"{time.time_ns():019d}-{job_root.name}"
-            path = self.queue / entry
-            _atomic_write_text(path, str(job_root))
+            _write_plain(path, str(job_root))
         entry_fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(entry_fd, fcntl.LOCK_EX)
@@ -1971,7 +1775,6 @@ class Slots:
         cached = _PLACES.get(str(self.queue))
         if cached is None or cached[0] != version or entry not in cached[1]:
             cached = (version, {name: place for place, name in enumerate(self.entries(), 1)})
-            _PLACES.clear()
             _PLACES[str(self.queue)] = cached
         return cached[1].get(entry)
 
@@ -2028,56 +1831,24 @@ class Slots:
         with the queue."""
         self._ensure()
         with _FileLock(self.root / "state.lock"):
-            _atomic_write_json(self.root / RUNNING_VIEW, self.holders())
+            _write_plain(self.root / RUNNING_VIEW, json.dumps(self.holders(), indent=1))
             if queue:
-                _atomic_write_json(self.root / QUEUED_VIEW, self.waiters())
+                _write_plain(self.root / QUEUED_VIEW, json.dumps(self.waiters(), indent=1))
             if finished is not None:
                 history = (self.history() + [finished])[-HISTORY_KEEP:]
-                _atomic_write_json(self.root / HISTORY_VIEW, history)
+                _write_plain(self.root / HISTORY_VIEW, json.dumps(history, indent=1))
 
 
-# The fire command's checks, in bash. _trusted FOLDER WHAT: as _untrusted_reason, the folder and its
-# parents must be yours (or root's) and writable by nobody else (a root-owned sticky folder such as
-# /tmp ends the walk); otherwise it sets R to why not.
-_FIRE_TRUST_SH = (
-    '_trusted() { local d p=() s o m i=0 w=$PWD; R=; '
-    'cd -P -- "$1" 2>/dev/null || { R="cannot enter $2 $1"; return 1; }; d=$PWD; cd -- "$w" || '
-    'return 1; '
-    'while p+=("$d"); [ "$d" != / ]; do d=${d%/*}; d=${d:-/}; done; '
-    's=$(stat -Lc "%u %a" -- "${p[@]}") || { R="cannot check $2 $1"; return 1; }; '
-    'while read -r o m; do d=${p[i]}; i=$((i + 1)); '
-    'if [ "$o" != 0 ] && [ "$o" != "$EUID" ]; then '
-    'R="refusing $2 $d: it belongs to another user (uid $o)"; '
-    'elif [ $((8#$m & 8#22)) != 0 ] && ! { [ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ]; }; then '
-    'R="refusing $2 $d: it is writable by group or others (mode $m)"; fi; [ -z "$R" ] || return 1; '
-    '[ "$o" = 0 ] && [ $((8#$m & 8#1000)) != 0 ] && return 0; '
-    'done <<< "$s"; return 0; }')
-# _failed REASON: the fire failed; the job ends failed with the reason, and the caller is told.
-_FIRE_FAIL_SH = (
-    '_failed() { local L="$J/logs"; '
-    'printf "%s" "$1" > "$L/.e.tmp" && mv -f "$L/.e.tmp" "$L/error_message.txt"; '
-    'printf "%s" "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)" > "$L/.n.tmp" '
-    '&& mv -f "$L/.n.tmp" "$L/end_time.txt"; '
-    'printf failed > "$L/.s.tmp" && mv -f "$L/.s.tmp" "$L/status.txt"; '
-    '_error_record ConfigError "$1"; exit 3; }')
-# An interactive job would run with the tmux server's environment: these come from the caller.
-TMUX_PASSED_ENV = ("STACKOPS_STATE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PATH", "HOME",
-                   "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH")
-_FIRE_ENV_SH = ("{ U=(); A=(); for v in " + " ".join(TMUX_PASSED_ENV) + "; do "
-                'if [ -n "${!v+x}" ]; then A+=("$v=${!v}"); else U+=(-u "$v"); fi; done; '
-                'E=("${U[@]}" "${A[@]}"); }')
-
-
-# _dispatch: print the pid of the live dispatcher of the queue in $S (its pid file names it with its
-# start time), starting one first, through the job's launcher, if none lives.
-_DISPATCH_SH = (
-    '_dispatch() { local p= t= s; { read -r p t < "$S/' + DISPATCHER_PID + '"; } 2>/dev/null; '
-    'if [[ $p =~ ^[0-9]+$ ]] && { IFS= read -r s < "/proc/$p/stat"; } 2>/dev/null; then '
-    's=${s##*) }; set -f; set -- $s; set +f; '
-    'if [ "$1" != Z ] && [ "${20:-}" = "$t" ]; then echo "$p"; return 0; fi; fi; '
-    'local D; D=$(command -v setsid || echo nohup); '
-    '{ "$D" bash "$J/shell/cluster_script.sh" --dispatch "$S" < /dev/null '
-    '>> "$S/' + DISPATCHER_LOG + '" 2>&1 & }; echo $!; }')
+def _start_detached(argv: list[str], output: Path, env: dict[str, str] | None = None,
+                    cwd: Path | None = None, fds: tuple[int, ...] = ()) -> int:
+    """Start ``argv`` in a session of its own (it outlives us and our terminal), output appended
+    to ``output``, keeping ``fds`` open in it; returns its pid."""
+    with open(output, "ab") as out:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                 cwd=str(cwd) if cwd else None, pass_fds=fds)
+    _DETACHED.append(child)
+    return child.pid
 
 
 def tmux_session_name(job_id: str) -> str:
@@ -2113,6 +1884,7 @@ class FileManager:
         self._slot: list[tuple[str, int]] | None = None
         self.admitted_at: _dt.datetime | None = None  # when this process got its slot
         self.state_dir: str | None = None  # absolute, fixed at submit; None: the machine's own
+        self.python = "python3"  # the interpreter that runs the job where it runs
 
     def __repr__(self) -> str:
         return f"FileManager({self.job_id!r}, job_root={self.job_root_rh!r})"
@@ -2121,7 +1893,6 @@ class FileManager:
         return self.job_root / relative
 
     py_script_path = property(lambda self: self.path(WRAPPER_PY))
-    shell_script_path = property(lambda self: self.path(LAUNCHER_SH))
     kwargs_path = property(lambda self: self.path(KWARGS_JSON))
     file_manager_path = property(lambda self: self.path(FILE_MANAGER_JSON))
     remote_machine_path = property(lambda self: self.path(REMOTE_MACHINE_JSON))
@@ -2133,8 +1904,8 @@ class FileManager:
                 "max_simultaneous_jobs": self.max_simultaneous_jobs,
                 "lock_resources": self.lock_resources,
                 "submission_time": _iso(self.submission_time), "base_dir": self.base_dir,
-                "pool": self.pool,
-                "gpus": self.gpus, "state_dir": self.state_dir}
+                "pool": self.pool, "gpus": self.gpus, "state_dir": self.state_dir,
+                "python": self.python}
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> FileManager:
@@ -2149,6 +1920,7 @@ class FileManager:
             manager.job_root = job_root
         if isinstance(data.get("state_dir"), str) and os.path.isabs(data["state_dir"]):
             manager.state_dir = data["state_dir"]
+        manager.python = str(data.get("python") or "python3")
         return manager
 
     @classmethod
@@ -2164,104 +1936,17 @@ class FileManager:
         base = Path(self.state_dir)
         return Slots(base / "pools" / self.pool if self.pool else base)
 
-    def _pool_sh(self) -> str:
-        """Appended to the state folder in generated shell: the job's pool folder, if any."""
-        return shlex.quote(f"/pools/{self.pool}") if self.pool else ""
-
-    def _job_root_sh(self) -> str:
-        """The job folder for generated shell: home-relative where it runs, when it can be."""
-        if self.job_root_rh.startswith("~"):
-            return _sh_path(self.job_root_rh)
-        return shlex.quote(str(self.job_root))
-
-    # -- launching -----------------------------------------------------------------------------
-
-    def get_fire_command(self, interactive: bool = False, join_queue: bool = True) -> str:
-        """The bash command that starts this job detached on the executing machine and prints a
-        pid: the job's queue entry goes to the machine's dispatcher (the pid printed), which starts
-        it when a slot is free, in the order fired; ``join_queue=False``: it first waits for the
-        jobs it runs after. An interactive job (tmux) or one that takes no slot starts at once
-        (its launcher's pid). It refuses a job or state folder others could change, and a fire
-        that fails (no tmux, a taken session) leaves no queue entry and ends the job ``failed``."""
-        parts = ["umask 077", f"J={self._job_root_sh()}",
-                 'test -f "$J/shell/cluster_script.sh" || { echo "no job folder at $J" >&2; exit '
-                 '3; }',
-                 _FIRE_TRUST_SH, ERROR_RECORD_SH, _FIRE_FAIL_SH,
-                 '{ _trusted "$J" "job folder" || { _error_record ConfigError "$R"; exit 3; }; }',
-                 'J=$(cd -P "$J" && pwd)']  # the launcher's command line names its exact path
-        session = shlex.quote(tmux_session_name(self.job_id))
-        if interactive:
-            taken = shlex.quote(f"tmux session {tmux_session_name(self.job_id)} is taken")
-            missing = '"interactive jobs need tmux, which is not installed"'
-            parts += [f"{{ command -v tmux >/dev/null || _failed {missing}; }}",
-                      f"{{ ! tmux has-session -t ={session}: 2>/dev/null || _failed {taken}; }}"]
-        entry = ""
-        dispatched = self.lock_resources and not interactive
-        if self.lock_resources and (join_queue or dispatched):
-            folder = "queue" if join_queue else AFTER_DIR
-            entry = f'"$S/{folder}/$t-"{shlex.quote(self.job_id)}'
-            parts += self._join_queue_sh(folder, entry, dispatched)
-        if dispatched:
-            parts += [_DISPATCH_SH, "_dispatch"]
-        elif interactive:
-            undo = f"rm -f {entry}; " if entry else ""
-            launch = f'tmux new-session -d -s {session} env "${{E[@]}}" bash '
-            launch += '"$J/shell/cluster_script.sh"'
-            log_to = '"cat >> $(printf %q "$J/logs/output.log")"'
-            parts += [_FIRE_ENV_SH,
-                      f'{{ {launch} || {{ {undo}_failed "tmux could not start "{session}; }}; }}',
-                      f"tmux pipe-pane -t ={session}: -o {log_to}",
-                      f"tmux display-message -p -t ={session}: '#{{pane_pid}}'"]
-        else:
-            parts += ['cd "$J"', 'D=$(command -v setsid || echo nohup)',
-                      '{ "$D" bash "$J/shell/cluster_script.sh" < /dev/null >> '
-                      '"$J/logs/output.log" 2>&1 & }',
-                      'echo $!']
-        return " && ".join(parts)
-
-    def _state_sh(self) -> str:
-        """Bash that sets S to this job's state folder where it runs (its pool's is inside)."""
-        return f"S={shlex.quote(self.state_dir)}" if self.state_dir else "{ " + STATE_DIR_SH + "; }"
-
-    def _join_queue_sh(self, folder: str, entry: str, dispatched: bool) -> list[str]:
-        """The fire command's steps that put the job in line: its ticket, its environment (what
-        the dispatcher starts it with), then its entry, which appears whole, never empty."""
-        temp = f'"$S/{folder}/.$t-"{shlex.quote(self.job_id)}.tmp'
-        steps = [self._state_sh(), 'case $S in /*) ;; *) S="$PWD/$S" ;; esac',
-                 'export STACKOPS_STATE_DIR="$S"', f'S="$S"{self._pool_sh()}',
-                 '{ [ -d "$S" ] || mkdir -p -m 700 "$S"; }',
-                 '{ _trusted "$S" "state folder" || _failed "$R"; }',
-                 f'{{ [ -d "$S/{folder}" ] && [ -d "$S/slots" ] && [ -d "$S/queue" ] '
-                 f'|| mkdir -p -m 700 "$S/queue" "$S/slots" "$S/{folder}"; }}',
-                 # the fire time in ns: bash 5 knows it without starting `date`
-                 '{ t=${EPOCHREALTIME:-}; t=${t//[!0-9]/}; '
-                 '[ ${#t} = 16 ] && t=${t}000 || t=$(date +%s%N); }',
-                 'printf "%s" "$t" > "$J/logs/ticket.txt"']
-        if dispatched:  # the dispatcher starts it as if from here: in its folder, with this env
-            steps.append(f'{{ cd "$J" && env -0 > "$J/{FIRE_ENV}" || rm -f "$J/{FIRE_ENV}"; }}')
-        return steps + [f'printf "%s" "$J" > {temp}', f"mv -f {temp} {entry}"]
-
     # -- on the executing machine --------------------------------------------------------------
 
-    def write_log(self, relative: str, text: str) -> None:
-        _atomic_write_text(self.path(relative), text)
-
-    def _announce(self) -> None:
-        """Record this process as the job's: its start time first, so a pid never lacks it."""
-        self.write_log(PID_START_TXT, str(process_start_ticks() or ""))
-        self.write_log(PID_TXT, str(os.getpid()))
-
     def secure_resources(self) -> bool:
-        """Announce this process as the job's (pid) and hold its slot: the one the dispatcher
-        handed over with the process, else wait in line for one (a job waiting in person)."""
+        """Hold this job's slot: the one its dispatcher handed this process, else wait in line for
+        one (a job waiting in person: interactive, or started by hand). A job that takes no slot
+        is admitted at once."""
         if not self.lock_resources:
-            self._announce()
             self.admitted_at = _utcnow()
             return True
         slots = self.slots()
-        if self._adopt_slots():
-            self._announce()
-        else:
+        if not self._adopt_slots():
             self._wait_in_person(slots)
         holder = {"job_id": self.job_id, "job_root": str(self.job_root), "pid": os.getpid(),
                   "submission_time": _iso(self.submission_time),
@@ -2271,10 +1956,13 @@ class FileManager:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)  # the job's code sees its GPUs only
             holder["gpus"] = held
         for name, _ in self._slot or []:
-            _atomic_write_json(slots.slots / f"{name}.json", holder)
-        slots.refresh_views(queue=False)
+            _write_plain(slots.slots / f"{name}.json", json.dumps(holder))
         log.info("job %s holds %s", self.job_id, ", ".join(name for name, _ in self._slot or []))
         return True
+
+    @property
+    def slot_names(self) -> list[str]:
+        return [name for name, _ in self._slot or []]
 
     def _adopt_slots(self) -> bool:
         """Take over the slots the dispatcher handed this process (their locks' inherited file
@@ -2296,17 +1984,19 @@ class FileManager:
 
     def _wait_in_person(self, slots: Slots) -> None:
         """Wait in line under this job's entry, then take a slot (Slots.wait_for_slot)."""
-        ticket = _read_text(self.path(TICKET_TXT)).strip() or f"{time.time_ns():019d}"
-        entry = f"{ticket}-{self.job_id}"
+        state = read_state(self.job_root)
+        entry = os.path.basename(state.get("entry") or "")
+        if not entry.startswith(tuple("0123456789")):
+            entry = f"{time.time_ns():019d}-{self.job_id}"
         gpus = gpu_ids() if self.gpus else []
         if len(gpus) < self.gpus:
             raise SlotError(f"job {self.job_id} needs {self.gpus} GPU(s) and this machine has "
                             f"{len(gpus)}")
 
         def started() -> None:
-            self._announce()
-            self.write_log(STATUS_TXT, "waiting")
-            slots.refresh_views()
+            _record(self.job_root, status="waiting", entry=str(slots.queue / entry),
+                    machine=machine_key(), node=os.uname().nodename, pid=os.getpid(),
+                    pgid=os.getpgrp())
 
         names = [f"gpu-{gpu}" for gpu in gpus] if self.gpus else None
         self._slot, self.admitted_at = slots.wait_for_slot(entry, self.job_root,
@@ -2322,174 +2012,178 @@ class FileManager:
             return
         held, self._slot = self._slot, None
         slots = self.slots()
-        if keep_slot:
-            for name, _fd in held:  # the fds stay open: the REPL holds the slot until it exits
-                info = slots.slots / f"{name}.json"
-                with _suppress(OSError, ValueError):
-                    holder = json.loads(info.read_text(encoding="utf-8"))
-                    holder["note"] = ("finished; its interactive session holds the slot "
-                                      "until it ends")
-                    _atomic_write_json(info, holder)
-            slots.refresh_views(finished=record, queue=False)
-            return
         for name, fd in held:
-            with _suppress(FileNotFoundError):
-                os.unlink(slots.slots / f"{name}.json")
-            os.close(fd)
-        slots.refresh_views(finished=record, queue=False)
+            if not keep_slot:
+                with _suppress(FileNotFoundError):
+                    os.unlink(slots.slots / f"{name}.json")
+                os.close(fd)
+        with _suppress(OSError, StackopsError):
+            slots.refresh_views(finished=record, queue=False)
 
     # -- status ----------------------------------------------------------------------------------
 
-    def _mark_failed(self, reason: str, status: str = "failed") -> None:
-        self.write_log(ERROR_TXT, reason)
-        self.write_log(END_TXT, _iso(_utcnow()) or "")
-        self.write_log(STATUS_TXT, status)
-
-    def _verify_alive(self, status: str) -> str:
-        """Turn a job whose process is gone into ``failed`` (and report it); returns the status that
-        holds now. A process counts only if it is provably the job's own (job_process_alive)."""
-        if self.path(SLURM_ID_TXT).exists():
-            # its pids are on a compute node: Slurm answers for it (slurm_status_command)
-            return status
-        pid_file = PID_TXT if status in ("waiting", "running") else LAUNCHER_PID_TXT
-        if job_process_alive(self.job_root, pid_file) is not False:
-            return status
-        if pid_file == PID_TXT and job_process_alive(self.job_root, LAUNCHER_PID_TXT):
-            deadline = time.monotonic() + LAUNCHER_GRACE  # a live launcher records why it ended
-            while _read_text(self.path(STATUS_TXT)).strip() == status:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-        now = _read_text(self.path(STATUS_TXT)).strip()  # it may have finished meanwhile
-        if now != status:
-            return now
-        what = "the job's process" if pid_file == PID_TXT else "the job's launcher"
-        pid = _read_int(self.path(pid_file))
-        if self.path(CANCEL_TXT).exists():
-            self._mark_failed("cancelled", "cancelled")
-            notify_job_end(self.job_root)
-            return "cancelled"
-        self._mark_failed(f"process gone: {what} (pid {pid}) ended without recording the job's end")
-        notify_job_end(self.job_root)  # found dead (the whole tree gone): this machine reports it
-        return "failed"
-
     def get_job_status(self) -> str:
-        """queued, waiting, running, completed or failed, with the recorded pid checked on this
-        machine: a dead, zombie or reused pid makes a running job ``failed``."""
-        raw = _read_text(self.path(STATUS_TXT)).strip() or "queued"
-        if raw not in STATUSES:
-            self._mark_failed(f"unreadable status {raw!r} in {STATUS_TXT}")
-            return "failed"
-        status = raw if raw in TERMINAL_STATUSES else self._verify_alive(raw)
-        if status == "queued" and self.lock_resources and self._in_line():
-            return "waiting"  # an entry in the queue (or among those waiting for their parents)
-        return status
+        """prepared, queued, waiting, running, completed, failed or cancelled: the job's record,
+        judged on the machine that runs it (see _judge)."""
+        return judge_jobs([self.job_root])[0].get("status") or "prepared"
 
-    def _in_line(self) -> bool:
-        """Whether this job is an entry that waits in its queue, which then has a live dispatcher
-        (one is started if none lives: the process that was to start this job may have died)."""
-        if self.path(LAUNCHER_PID_TXT).exists():
-            return False
-        name = f"{_read_text(self.path(TICKET_TXT)).strip()}-{self.job_id}"
-        slots = self.slots()
-        for folder in (slots.queue, slots.root / AFTER_DIR):
-            if (folder / name).exists():
-                with _suppress(OSError, StackopsError):
-                    slots.ensure_dispatcher(self.job_root)
-                return True
-        return False
-
-    def status_report(self, log_lines: int = 20, verify: bool = True) -> JobStatus:
-        """Everything about the job in one call: status, pid, times, results, error, log tail.
-        ``verify=False`` reads the folder as it is (a remote job's mirror: its pid is not ours)."""
+    def status_report(self, log_lines: int = 20) -> JobStatus:
+        """Everything about the job in one call: status, pid, times, results, error, log tail."""
         if not self.path(FILE_MANAGER_JSON).exists():
             raise StackopsError(f"no job folder at {self.job_root}")
-        raw = _read_text(self.path(STATUS_TXT)).strip() or "queued"
-        status = self.get_job_status() if verify else raw if raw in STATUSES else "failed"
-        if status == "queued" and not verify and self.lock_resources and self._in_line():
-            status = "waiting"  # read where it runs (``list`` on its host): an entry in line
-        place = None
-        if status == "waiting":
-            ticket = _read_text(self.path(TICKET_TXT)).strip()
-            place = self.slots().place_of(f"{ticket}-{self.job_id}")
-        output = _read_text(self.path(OUTPUT_LOG)) if log_lines > 0 else ""  # a list reads no logs
-        return JobStatus(job_id=self.job_id, status=status, pid=_read_int(self.path(PID_TXT)),
-                         submission_time=_iso(self.submission_time),
-                         start_time=_read_text(self.path(START_TXT)).strip() or None,
-                         end_time=_read_text(self.path(END_TXT)).strip() or None,
-                         results_path=_read_text(self.path(RESULTS_TXT)).strip() or None,
-                         error_message=_read_text(self.path(ERROR_TXT)), place=place,
-                         host=os.uname().nodename, log_tail=_tail(output, log_lines),
-                         reason=(_read_text(self.path(REASON_TXT)).strip()
-                                 if status == "waiting" else ""),
-                         attempt=_read_text(self.path(ATTEMPT_TXT)).strip())
+        return job_reports([self.job_root], log_lines)[0]
 
-    def cancel_command(self, grace: float) -> str:
-        """The bash script that cancels this job where it runs (CANCEL_TEMPLATE)."""
-        return render_template(CANCEL_TEMPLATE, job_root=self._job_root_sh(),
-                               job_id=shlex.quote(self.job_id),
-                               ticks=str(max(0, round(grace * 20))), state_dir=self._state_sh(),
-                               pool=self._pool_sh())
 
-    def delete_command(self) -> str:
-        """The bash script that removes this job's folder where it ran, only if it is one."""
-        return render_template(DELETE_TEMPLATE, job_root=self._job_root_sh())
+def _judge(root: Path, state: dict[str, Any] | None = None,
+           slurm: dict[str, Any] | None | bool = False) -> dict[str, Any]:
+    """The job's state now: the one place that decides it. An end stands. A job under Slurm is
+    what Slurm says (``slurm``: its view from _slurm_views; False: not asked) combined with its
+    record. Otherwise only the machine that runs the job judges it: on any other (a shared home)
+    the record is shown as of when it was written. There, a job in line waits; a job whose
+    process holds its lock runs; one whose process is gone without an end failed, and that end is
+    recorded (and reported) here."""
+    state = read_state(root) if state is None else state
+    status = state.get("status") or "prepared"
+    if status in TERMINAL_STATUSES and state.get("final", True):
+        return state
+    if state.get("slurm"):
+        return state if slurm is False else _judge_slurm(root, state, slurm)
+    if status == "prepared" or not state.get("machine"):
+        return state
+    if state["machine"] != machine_key():
+        return dict(state, as_of=state.get("at"))
+    if (state.get("entry") and os.path.exists(state["entry"])) or _alive(root):
+        return dict(state, status="running") if status == "queued" else state
+    starting = _parse_iso(state.get("starting"))
+    if starting is not None and (_utcnow() - starting).total_seconds() < STARTING_GRACE:
+        return state
+    fresh = read_state(root)  # it may have ended (or started) meanwhile
+    if fresh.get("at") != state.get("at"):
+        return _judge(root, fresh, slurm)
+    ended = _record_end(root, "failed", "process gone: the job's process ended without "
+                                        "recording its end (killed, or out of memory?)")
+    if ended is None:
+        return read_state(root)
+    _report_end(root, ended, inline=False)
+    return ended
 
-    def sbatch_command(self, tasks: int = 0) -> str:
-        """The bash script that hands this job to Slurm where it runs and prints Slurm's job id."""
-        return render_template(SBATCH_FIRE_TEMPLATE, job_root=self._job_root_sh(), sbatch=SBATCH_SH,
-                               id_file=SLURM_ID_TXT, job_id=self.job_id, tasks=str(int(tasks)))
 
-    def slurm_status_command(self, marker: str, log_lines: int) -> str:
-        """Like status_command, for a job handed to Slurm (SLURM_STATUS_TEMPLATE)."""
-        return render_template(SLURM_STATUS_TEMPLATE, job_root=self._job_root_sh(), marker=marker,
-                               lines=str(max(0, int(log_lines))))
+def _judge_slurm(root: Path, state: dict[str, Any], view: dict[str, Any] | None) -> dict[str, Any]:
+    """A Slurm job: its record (the job writes its start and end) beside Slurm's ``view`` of it
+    (None: Slurm no longer knows it). Pending or requeued reads queued (a tentative end of a run
+    that Slurm starts again is set aside as an earlier run); Slurm's final word is recorded in the
+    folder the first time it is seen, so it stays once Slurm forgets the job."""
+    slurm = dict(state.get("slurm") or {})
+    status = state.get("status") or "queued"
+    if view is None:  # forgotten (MinJobAge) or never known: what the folder says stands
+        if status in TERMINAL_STATUSES:
+            return _settle_slurm_end(root, state, status, state.get("error") or "")
+        started = state.get("started") is not None
+        why = ("lost by Slurm: it no longer knows job " + str(slurm.get("id")) +
+               ", which recorded no end" if started else
+               f"the job never started: do the compute nodes see {collapse_home(root)}?")
+        return _settle_slurm_end(root, state, "failed", why)
+    slurm.update(state=view["state"], reason=view.get("reason", ""), exit=view.get("exit", ""),
+                 restarts=view.get("restarts", 0))
+    why = _slurm_words(slurm)
+    word = view["state"]
+    if word in SLURM_WAITING or (word in SLURM_RUNNING and status in TERMINAL_STATUSES):
+        return _slurm_again(root, state, slurm, "queued" if word in SLURM_WAITING else "running")
+    if word in SLURM_RUNNING:
+        return dict(state, status="running" if state.get("started") else "queued", reason=why,
+                    slurm=slurm)
+    if word.startswith("CANCELLED"):
+        return _settle_slurm_end(root, dict(state, slurm=slurm), "cancelled", f"cancelled ({why})")
+    if word == "COMPLETED" and status in TERMINAL_STATUSES:
+        return _settle_slurm_end(root, dict(state, slurm=slurm), status, state.get("error") or "")
+    if word == "COMPLETED":
+        why = f"the job recorded no end though {why}; do the compute nodes see {collapse_home(root)}?"
+    elif not state.get("started"):
+        why += f"; the job never started: do the compute nodes see {collapse_home(root)}?"
+        if view.get("exit", "").startswith("127"):
+            why += " (exit code 127: is its python installed there?)"
+    error = f"{state['error']}\n{why}" if state.get("error") else why
+    return _settle_slurm_end(root, dict(state, slurm=slurm), "failed", error, reason=why)
 
-    def status_command(self, marker: str, log_lines: int, fallback: str, notify: str = "") -> str:
-        """A bash command that reports this job where it runs (STATUS_TEMPLATE); ``fallback``
-        runs instead on a machine without /proc; ``notify`` (a command), started in the background
-        when the check finds the job dead. parse_status_output reads what it prints."""
-        if notify:
-            notify = (f'[ -e "$L/notified.txt" ] || '
-                      f'{{ setsid {notify} </dev/null >>"$L/output.log" 2>&1 & }}')
-        script = render_template(STATUS_TEMPLATE, job_root=self._job_root_sh(),
-                                 job_id=shlex.quote(self.job_id),
-                                 marker=marker, lines=str(max(0, int(log_lines))),
-                                 state_dir=self._state_sh(),
-                                 fallback=fallback, pool=self._pool_sh(), notify=notify or ":",
-                                 grace=str(int(LAUNCHER_GRACE / 0.05)), dispatch=_DISPATCH_SH)
-        return f"bash -c {shlex.quote(script)}"
 
-    def parse_status_output(self, text: str, marker: str, log_lines: int
-                            ) -> tuple[JobStatus, dict[str, str]]:
-        """The JobStatus printed by status_command, and the log files it carried (path: text).
-        The log comes with a few lines to spare: trailing blank lines do not count, as in _tail."""
-        fence = re.escape(marker)
-        parts = dict(re.findall(rf"\n{fence}:(\w+)\n(.*?)(?=\n{fence}:|\Z)", text, re.S))
+def _slurm_again(root: Path, state: dict[str, Any], slurm: dict[str, Any],
+                 status: str) -> dict[str, Any]:
+    """Slurm runs (or will run) the job again after a run that ended tentatively: that run is
+    kept among the earlier ones and the job reads ``status`` (requeued, with the attempt)."""
+    def again(record: dict[str, Any]) -> bool:
+        if record.get("status") in TERMINAL_STATUSES and record.get("final", True):
+            return False
+        if record.get("status") in TERMINAL_STATUSES:
+            record.setdefault("runs", []).append(_run_of(record))
+            for key in ("ended", "error", "exit_code", "signal", "final"):
+                record.pop(key, None)
+        record.update(status=status if record.get("status") != "running" else "running",
+                      slurm=slurm, reason=_slurm_words(slurm))
+        return True
 
-        def field(key: str) -> str | None:
-            return parts.get(key, "").strip() or None
+    return _update(root, again)
 
-        pid, place = field("pid"), field("place")
-        report = JobStatus(job_id=self.job_id, status=parts.get("status", "queued"),
-                           pid=int(pid) if pid and pid.isdigit() else None,
-                           submission_time=_iso(self.submission_time),
-                           start_time=field("start"), end_time=field("end"),
-                           results_path=field("results"),
-                           error_message=parts.get("error", ""),
-                           place=int(place) if place and place.isdigit() else None,
-                           host=parts.get("host") or "?",
-                           log_tail=_tail(parts.get("tail", ""), log_lines),
-                           slurm_job_id=field("slurm"), reason=(field("reason") or ""),
-                           attempt=(field("attempt") or ""))
-        files = (("status", STATUS_TXT), ("start", START_TXT), ("end", END_TXT),
-                 ("error", ERROR_TXT), ("results", RESULTS_TXT), ("timings", TIMINGS_JSON))
-        logs = {relative: parts[key] for key, relative in files if parts.get(key)}
-        return report, logs
+
+def _settle_slurm_end(root: Path, state: dict[str, Any], status: str, error: str,
+                      reason: str = "") -> dict[str, Any]:
+    """Record Slurm's final word on a job (once; it is reported then), and return the record."""
+    slurm = state.get("slurm") or {}
+    ended = _record_end(root, status, error, slurm=slurm, reason=reason or state.get("reason", ""),
+                        ended=state.get("ended"))
+    if ended is not None:
+        _report_end(root, ended, inline=False)
+        return ended
+    return read_state(root)
+
+
+def _slurm_words(slurm: dict[str, Any]) -> str:
+    reason = slurm.get("reason") if slurm.get("reason") not in ("None", "", None) else ""
+    code = slurm.get("exit") or ""
+    restarts = int(slurm.get("restarts") or 0)
+    return (f"Slurm: {slurm.get('state')}" + (f" ({reason})" if reason else "")
+            + (f", exit code {code}" if code and code != "0:0" else "")
+            + (f", requeued {restarts}x" if restarts else ""))
+
+
+def _run_of(state: dict[str, Any]) -> dict[str, Any]:
+    """One earlier run of a job (a retry's, or a Slurm run before a requeue), as the report
+    shows it."""
+    run = {key: state.get(key) for key in ("started", "ended", "status", "exit_code", "signal")}
+    run["error"] = _last_line(state.get("error") or "")
+    return run
+
+
+def _job_status(root: Path, state: dict[str, Any], log_lines: int = 0) -> JobStatus:
+    """The JobStatus of a job folder on this machine from its judged state."""
+    entry = state.get("entry") or ""
+    place = None
+    if state.get("status") == "waiting" and os.path.basename(os.path.dirname(entry)) == "queue":
+        place = Slots(Path(entry).parent.parent).place_of(os.path.basename(entry))
+    tail = _tail(_read_text(root / OUTPUT_LOG), log_lines) if log_lines > 0 else ""
+    return _status_of(root.name, state, tail, place)
+
+
+def _status_of(job_id: str, state: dict[str, Any], tail: str = "",
+               place: int | None = None) -> JobStatus:
+    """A JobStatus from a job's judged state record (read here or sent by its host)."""
+    status = state.get("status") or "prepared"
+    attempt, attempts = state.get("attempt"), state.get("attempts") or 1
+    slurm = state.get("slurm") or {}
+    return JobStatus(job_id=job_id, status=status if status in STATUSES else "failed",
+                     pid=state.get("pid"), submission_time=state.get("submitted"),
+                     start_time=state.get("started"), end_time=state.get("ended"),
+                     results_path=state.get("results"), error_message=state.get("error") or "",
+                     place=place, host=state.get("node") or "?", log_tail=tail,
+                     slurm_job_id=slurm.get("id"), reason=state.get("reason") or "",
+                     attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
+                     exit_code=state.get("exit_code"), signal=state.get("signal"),
+                     max_rss_bytes=state.get("max_rss_bytes"),
+                     cpu_seconds=state.get("cpu_seconds"), slot=state.get("slot"),
+                     runs=list(state.get("runs") or []), as_of=state.get("as_of"))
 
 
 # ============================================================================================
-# 8. job execution (what the wrapper runs on the executing machine)
+# 8. job execution: the wrapper's lifecycle, the dispatcher, fire, cancel, the executing side
 # ============================================================================================
 
 class _Terminated(BaseException):
@@ -2614,59 +2308,358 @@ def _save_result(folder: Path, res: Any) -> None:
         _atomic_write_text(folder / "result.txt", repr(res) + "\n")
 
 
-def _banner(text: str) -> None:
-    print(f"{'=' * 20} {text} {'=' * 20}", flush=True)
+def _say(text: str) -> None:
+    """A line of stackops' own in the job's log, marked so that it never passes for the job's."""
+    print(f"stackops: {text}", flush=True)
 
 
-def _finish_job(manager: FileManager, timings: ExecutionTimings, res: Any,
-                error: str) -> tuple[dict[str, Any], str]:
-    """Record results, times and error (everything but the status); returns the history record
-    and the error, with a failure of this step itself added (a result that cannot be saved)."""
-    timings.end_utc = _utcnow()
-    timings.end_local = timings.end_utc.astimezone()
-    manager.write_log(END_TXT, _iso(timings.end_utc) or "")  # first: every end has its time
+_TERM_SEEN: list[int] = []  # SIGTERM reached the wrapper (its run was asked to stop)
+
+
+def _note_term(signum: int, frame: Any) -> None:
+    _TERM_SEEN.append(signum)
+
+
+class _NeverRuns(BaseException):
+    """The job ends before its first run: cancelled, or a job it runs after did not complete."""
+
+
+def run_job(job_root: str | os.PathLike[str],
+            execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]]) -> Any:
+    """The wrapper's lifecycle: hold the job's lock (its liveness), wait for the jobs it runs after
+    and for its slot, record the start, run ``execute`` in a child process of its own (again after
+    a failed run, killed ones included, while retries allow; an interactive job runs it in this
+    process, for its REPL), record the end with the run's exit status and resources, give the slot
+    back, report the end. Whatever happens inside, the job ends completed, failed or cancelled."""
+    _job_logging()
+    root = Path(os.path.abspath(job_root))
+    manager = FileManager.from_job_root(root)
+    config = _read_json(root / CONFIG_JSON)
+    alive = _hold_alive(root)
+    interactive = bool(sys.flags.interactive)
+    signal.signal(signal.SIGTERM, _raise_terminated if interactive else _note_term)
+    res: Any = None
+    outcome: dict[str, Any] = {"error": "the job ended before it started"}
+    ended: dict[str, Any] | None = None
+    try:
+        try:
+            _begin(root, manager, config)
+            res, outcome = _attempts(root, manager, config, execute, interactive)
+        except _NeverRuns as exc:
+            outcome = {"error": str(exc)}
+        except BaseException:  # a crash of any kind still ends the job: failed, traceback kept
+            outcome = {"error": traceback.format_exc()}
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            ended = _finish(root, outcome)
+    finally:
+        manager.unlock_resources(_history_record(manager, ended), keep_slot=interactive)
+        if ended is not None:
+            _report_end(root, ended)
+        if not interactive:
+            os.close(alive)
+    return res
+
+
+def _history_record(manager: FileManager, ended: dict[str, Any] | None) -> dict[str, Any]:
+    """The job's line in the machine's history view."""
+    state = ended or {}
+    return {"job_id": manager.job_id, "status": state.get("status"),
+            "submission_time": _iso(manager.submission_time), "start_time": state.get("started"),
+            "end_time": state.get("ended"),
+            "duration_seconds": _seconds_between(state.get("started"), state.get("ended"))}
+
+
+def _job_logging() -> None:
+    """The wrapper's own log lines go to the job's log (its stdout), marked as stackops'."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("stackops: %(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _begin(root: Path, manager: FileManager, config: dict[str, Any]) -> None:
+    """Before the first run: the jobs it runs after, the slot, the repo's update or install, and
+    the record says running (an earlier, tentative end, of a Slurm run requeued, set aside)."""
+    if read_state(root).get("cancel"):
+        raise _NeverRuns("cancelled before it started")
+    parents = list(config.get("after") or [])
+    if parents and "STACKOPS_SLOT_FDS" not in os.environ:  # the dispatcher waited for them
+        _wait_for_parents(root, parents, wait=config.get("launch_method") != "slurm")
+    manager.secure_resources()
+    admitted = manager.admitted_at or _utcnow()
+
+    def start(state: dict[str, Any]) -> bool:
+        if state.get("cancel") or (state.get("status") in TERMINAL_STATUSES
+                                   and state.get("final", True)):
+            return False
+        if state.get("status") in TERMINAL_STATUSES:  # a Slurm run before a requeue
+            state.setdefault("runs", []).append(_run_of(state))
+        for key in ("entry", "starting", "ended", "error", "exit_code", "signal", "final"):
+            state.pop(key, None)
+        state.update(status="running", started=_iso(admitted), pid=os.getpid(),
+                     pid_start=process_start_ticks(), pgid=os.getpgrp(), machine=machine_key(),
+                     node=os.uname().nodename, attempt=1,
+                     attempts=int(config.get("retries") or 0) + 1,
+                     slot=",".join(manager.slot_names) or None)
+        return True
+
+    if _update(root, start).get("status") != "running":
+        raise _NeverRuns("cancelled before it started")
+    _say(f"job {manager.job_id} starts on {os.uname().nodename} (pid {os.getpid()})")
+    _aside_old_results(root, manager)
+    _setup_repo(root, config)
+
+
+def _aside_old_results(root: Path, manager: FileManager) -> None:
+    """A job id used again (the earlier job deleted) never passes off the earlier job's results as
+    its own: their folder, made before this job was submitted, is moved aside (nothing lost)."""
+    folder = expand_home(f"{DEFAULT_RESULTS_DIR}/{manager.job_id}")
+    with _suppress(OSError):
+        if folder.is_dir() and not folder.is_symlink() \
+                and folder.stat().st_mtime < manager.submission_time.timestamp():
+            aside = folder.with_name(f"{folder.name}.before-{int(time.time())}")
+            os.rename(folder, aside)
+            log.warning("moved the results of an earlier job %s aside, to %s", manager.job_id,
+                        collapse_home(aside))
+
+
+def _work_dir(root: Path) -> Path:
+    """Where the job runs: its own copy of its code (copy_repo), else the repo it names."""
+    params = _read_json(root / JOB_PARAMS_JSON)
+    if params.get("code_snapshot"):
+        return root / CODE_DIR
+    return expand_home(params.get("repo_path_rh") or "~")
+
+
+def _setup_repo(root: Path, config: dict[str, Any]) -> None:
+    """``update_repo``: git pull in the repo; ``install_repo``: pip install -e . there (with the
+    job's interpreter); a failure of either fails the job."""
+    steps = []
+    if config.get("update_repo"):
+        steps.append(["git", "pull", "--ff-only"])
+    if config.get("install_repo"):
+        steps.append([sys.executable, "-m", "pip", "install", "-e", "."])
+    folder = _work_dir(root)
+    env = dict(os.environ)
+    version = _read_json(root / JOB_PARAMS_JSON).get("scm_version")
+    if version:  # setuptools-scm and hatch-vcs read it: the copy has no .git
+        env["SETUPTOOLS_SCM_PRETEND_VERSION"] = version
+    for argv in steps:
+        _say(f"running {' '.join(argv[-4:] if argv[0] != 'git' else argv)} in {collapse_home(folder)}")
+        sys.stdout.flush()
+        done = subprocess.run(argv, cwd=str(folder), env=env, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise StackopsError(f"{' '.join(argv[-4:])} failed in {collapse_home(folder)} "
+                                f"(exit status {done.returncode})")
+
+
+def _attempts(root: Path, manager: FileManager, config: dict[str, Any],
+              execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]],
+              interactive: bool) -> tuple[Any, dict[str, Any]]:
+    """Run the job, and again after a failed run (killed ones too) while ``retries`` allow; a
+    cancel stops it. Returns (the result in this process, if any, the last run's outcome)."""
+    retries, delay = int(config.get("retries") or 0), float(config.get("retry_delay") or 0.0)
+    attempt = 1
+    while True:
+        env = _job_environment(root, manager, config, attempt)
+        if interactive:
+            res, outcome = _run_here(root, manager, execute, env)
+        else:
+            res, outcome = None, _run_child(root, manager, config, execute, env)
+        if not outcome.get("error") or attempt > retries or _stopping(root):
+            return res, outcome
+        _say(f"run {attempt} of {retries + 1} failed; again in {delay:g}s")
+        print(outcome["error"], file=sys.stderr, flush=True)
+        run = dict(_run_of(dict(outcome, started=read_state(root).get("started"),
+                                ended=_iso(_utcnow()), status="failed")))
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not _stopping(root):
+            time.sleep(min(0.2, delay))
+        if _stopping(root):
+            return res, outcome
+        attempt += 1
+        _update(root, lambda state, n=attempt, run=run: state.update(
+            attempt=n, started=_iso(_utcnow()), runs=[*state.get("runs", []), run]))
+
+
+def _stopping(root: Path) -> bool:
+    return bool(_TERM_SEEN) or bool(read_state(root).get("cancel"))
+
+
+def _job_environment(root: Path, manager: FileManager, config: dict[str, Any],
+                     attempt: int) -> dict[str, str]:
+    """What a run adds to its environment: the user's ``env``, then the job's own variables
+    (STACKOPS_*: its id, attempt, slot, sweep index, part), unbuffered Python output, and its
+    bytecode kept inside the job's folder (never written into the user's tree)."""
+    env = {str(key): str(value) for key, value in (config.get("env") or {}).items()}
+    env.update(STACKOPS_JOB_ID=manager.job_id, STACKOPS_ATTEMPT=str(attempt),
+               STACKOPS_SLOT=",".join(manager.slot_names), STACKOPS_JOB_ROOT=str(root),
+               STACKOPS_RESULTS=str(expand_home(f"{DEFAULT_RESULTS_DIR}/{manager.job_id}")),
+               PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(root / LOGS / "pycache"))
+    sweep = re.search(r"-(\d+)\Z", manager.job_id)
+    if sweep and os.path.islink(root / WRAPPER_PY):  # a job of a sweep or a task of an array
+        env["STACKOPS_SWEEP_INDEX"] = str(int(sweep[1]))
+    workload = config.get("workload_params")
+    if isinstance(workload, dict):
+        env.update(STACKOPS_PART=str(workload.get("idx", 0)),
+                   STACKOPS_IDX_START=str(workload.get("idx_start", 0)),
+                   STACKOPS_IDX_END=str(workload.get("idx_end", 0)),
+                   STACKOPS_IDX_MIN=str(workload.get("idx_min", 0)),
+                   STACKOPS_IDX_MAX=str(workload.get("idx_max", 0)))
+    return env
+
+
+def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
+               execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]],
+               env: dict[str, str]) -> dict[str, Any]:
+    """One run in a child process of the wrapper (a fork for a Python job: nothing to start; the
+    command itself for a command job), in the wrapper's process group; its outcome, with its exit
+    status or signal, peak memory and CPU time as the kernel counted them."""
+    params = _read_json(root / JOB_PARAMS_JSON)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if params.get("kind") == "command":
+        argv = [str(word) for word in params.get("command") or []]
+        child = subprocess.Popen(argv, cwd=str(_work_dir(root)), env={**os.environ, **env},
+                                 stdin=subprocess.DEVNULL)
+        pid, outcome = child.pid, {"results": env["STACKOPS_RESULTS"]}
+        _mkdir_private(Path(env["STACKOPS_RESULTS"]))
+    else:
+        told = root / LOGS / f".outcome-{os.getpid()}.json"
+        with _suppress(FileNotFoundError):
+            os.unlink(told)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child: it never returns)
+            _child_main(root, manager, execute, env, told)
+        outcome = {}
+    _, status, usage = os.wait4(pid, 0)
+    if params.get("kind") != "command":
+        with _suppress(OSError, ValueError):
+            outcome = json.loads(told.read_text(encoding="utf-8"))
+            os.unlink(told)
+    return _outcome(outcome, status, usage)
+
+
+def _outcome(outcome: dict[str, Any], status: int, usage: Any) -> dict[str, Any]:
+    """A run's outcome with how it ended (``wait4``'s status and resource use)."""
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    killed = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    outcome = dict(outcome, exit_code=code, signal=killed,
+                   max_rss_bytes=int(usage.ru_maxrss) * 1024,
+                   cpu_seconds=round(usage.ru_utime + usage.ru_stime, 3))
+    if killed is not None and not outcome.get("error"):
+        name = _signal_name(killed)
+        outcome["error"] = f"the run was killed by signal {killed} ({name})" + (
+            ": out of memory?" if killed == signal.SIGKILL else "")
+    elif code and not outcome.get("error"):
+        outcome["error"] = f"the run ended with exit status {code}"
+    return outcome
+
+
+def _signal_name(number: int) -> str:
+    with _suppress(ValueError):
+        return signal.Signals(number).name
+    return "?"
+
+
+def _child_main(root: Path, manager: FileManager,
+                execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]],
+                env: dict[str, str], told: Path) -> None:
+    """The child of a Python job's run: the job's environment and folder, its own output
+    unbuffered, then the call; its outcome in ``told``. It exits without the wrapper's clean-up."""
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        os.environ.update(env)
+        sys.pycache_prefix = env["PYTHONPYCACHEPREFIX"]  # type: ignore[attr-defined]
+        for stream in (sys.stdout, sys.stderr):
+            with _suppress(AttributeError, ValueError):
+                stream.reconfigure(write_through=True)  # type: ignore[union-attr]
+        outcome = _call(root, manager, execute)
+        code = 1 if outcome["error"] else 0
+    except BaseException:
+        outcome = {"error": traceback.format_exc()}
+    finally:
+        with _suppress(BaseException):
+            _write_plain(told, json.dumps(outcome))
+        with _suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _call(root: Path, manager: FileManager,
+          execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]]) -> dict[str, Any]:
+    """Call the job once, in its working folder, and save its result: its outcome (the error,
+    empty when it completed; the results folder)."""
+    context = JobContext(root)
+    os.chdir(_work_dir(root))
+    func_kwargs = _read_json(root / KWARGS_JSON)  # fresh for every run
+    try:
+        res, error = execute(context, func_kwargs)
+    except (Exception, SystemExit):
+        res, error = None, traceback.format_exc()
     try:
         folder, named = _results_folder(manager, res)
         if not named:
             _save_result(folder, res)
-        manager.write_log(RESULTS_TXT, collapse_home(folder))
+        results: str | None = collapse_home(folder)
     except Exception:
-        why = "the finishing step could not save the job's result:\n" + traceback.format_exc()
-        error = _add_error(error, why)
-        folder = Path("-")
-    manager.write_log(ERROR_TXT, error)
-    _atomic_write_json(manager.path(TIMINGS_JSON), timings.to_dict())
-    status = "failed" if error else "completed"
-    if error and manager.path(CANCEL_TXT).exists():
-        status = "cancelled"
-    took = timings.execution_duration.total_seconds() if timings.execution_duration else 0.0
-    _banner(f"JOB {status.upper()} | id={manager.job_id} | duration={_format_duration(took)} | "
-            f"results={collapse_home(folder)}")
+        error = _add_error(error, "the job's result could not be saved:\n" + traceback.format_exc())
+        results = None
+    return {"error": error, "results": results}
+
+
+def _run_here(root: Path, manager: FileManager,
+              execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]],
+              env: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """One run in this very process (an interactive job: its REPL then has the job's objects)."""
+    os.environ.update(env)
+    context = JobContext(root)
+    os.chdir(_work_dir(root))
+    try:
+        res, error = execute(context, _read_json(root / KWARGS_JSON))
+    except (Exception, SystemExit, _Terminated):
+        res, error = None, traceback.format_exc()
+    folder, named = _results_folder(manager, res)
+    if not named:
+        _save_result(folder, res)
+    return res, {"error": error, "results": collapse_home(folder)}
+
+
+def _finish(root: Path, outcome: dict[str, Any]) -> dict[str, Any] | None:
+    """Record the job's end from its last run's outcome (see _record_end), and say it in the log.
+    A run stopped by SIGTERM under Slurm, not by a cancel, ends tentatively: Slurm may start it
+    again (requeue, preemption), and its final word is recorded when status next asks it."""
+    error = outcome.get("error") or ""
+    state = read_state(root)
+    final = True
+    if error and state.get("cancel"):
+        error = f"cancelled ({state['cancel']})"
+    elif error and (_TERM_SEEN or outcome.get("signal") == signal.SIGTERM) \
+            and "SLURM_JOB_ID" in os.environ:
+        final = False
+    fields = {key: outcome.get(key) for key in ("results", "exit_code", "signal",
+                                                "max_rss_bytes", "cpu_seconds")}
+    ended = _record_end(root, "failed" if error else "completed", error, final=final, **fields)
+    state = ended or read_state(root)
+    took = _seconds_between(state.get("started"), state.get("ended"))
+    _say(f"job {root.name} {state.get('status')} after {_format_duration(took)}"
+         + (f", results in {state.get('results')}" if state.get("results") else ""))
     if error:
-        print(error, file=sys.stderr, flush=True)
-    record = {"job_id": manager.job_id, "status": status,
-              "submission_time": _iso(timings.submission_time),
-              "start_time": _iso(timings.start_utc), "end_time": _iso(timings.end_utc),
-              "duration_seconds": took}
-    return record, error
+        print(error.rstrip(), file=sys.stderr, flush=True)
+    return ended
+
+
+def _seconds_between(start: str | None, end: str | None) -> float:
+    first, last = _parse_iso(start), _parse_iso(end)
+    return (last - first).total_seconds() if first and last else 0.0
 
 
 def _add_error(error: str, more: str) -> str:
     return f"{error.rstrip()}\n\n{more}" if error else more
-
-
-def _finish_job_anyway(manager: FileManager, timings: ExecutionTimings, res: Any,
-                       error: str) -> tuple[dict[str, Any] | None, str]:
-    """_finish_job, and when even that fails: the error and the end time, whatever else is lost."""
-    try:
-        return _finish_job(manager, timings, res, error)
-    except BaseException:
-        error = _add_error(error, "the finishing step failed:\n" + traceback.format_exc())
-        with _suppress(Exception):
-            manager.write_log(ERROR_TXT, error)
-            if not _read_text(manager.path(END_TXT)).strip():
-                manager.write_log(END_TXT, _iso(_utcnow()) or "")
-        return None, error
 
 
 # -- e-mail on completion (sent by the executing machine) ------------------------------------------
@@ -2738,176 +2731,132 @@ def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str) -
         server.send_message(message)
 
 
-def _claim_notification(manager: FileManager) -> bool:
-    """True for the one caller that reports this job's end: the launcher, the wrapper and any
-    status check that finds the job dead race here, and the job folder keeps the winner's mark."""
-    try:
-        fd = os.open(manager.path(NOTIFIED_TXT), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    claim = f"claimed {_iso(_utcnow())} by pid {os.getpid()} on {os.uname().nodename}\n"
-    os.write(fd, claim.encode())
-    os.close(fd)
-    return True
 
-
-def _notify(manager: FileManager, record: dict[str, Any] | None, status: str, error: str) -> None:
-    """Send the job's one e-mail if its config asks for it and nobody sent it yet; a failure is
-    logged (and noted in logs/notified.txt), never raised."""
+def _report_end(root: Path, state: dict[str, Any], inline: bool = True) -> None:
+    """Report a recorded end (every end is recorded once, so it is reported once): the e-mail
+    and the ``on_end`` hook the job asked for, each bounded in time. A check that found the end
+    (``inline=False``) leaves it to a detached process of the job's stackops, so that it never
+    waits for a mail server; a tentative end (a Slurm run that may be requeued) is not reported."""
+    if not state.get("final", True):
+        return
     try:
-        config = _read_json(manager.path(CONFIG_JSON))
-        if not config.get("notify_upon_completion") or not _claim_notification(manager):
-            return
-        host = os.uname().nodename
-        took = _format_duration((record or {}).get("duration_seconds") or 0.0)
-        results = _read_text(manager.path(RESULTS_TXT)).strip() or "-"
-        body = (f"Job {manager.job_id} {status} on {host}.\n\nhost: {host}\njob: {manager.job_id}\n"
-                f"status: {status}\nduration: {took}\nresults: {results}\n")
-        if error:
-            body += f"\nerror (last lines):\n{_tail(error, 20)}\n"
-        send_job_email(load_email_config(config["email_config_name"]), config["to_email"],
-                       f"stackops: job {manager.job_id} {status} on {host}", body)
-        sent = f"sent {_iso(_utcnow())} to {config['to_email']}\n"
-        _append_text(manager.path(NOTIFIED_TXT), sent)
-        log.info("sent the completion e-mail of job %s to %s", manager.job_id, config["to_email"])
-    except Exception as exc:  # the job's outcome stands whatever the mail server does
-        log.warning("could not send the completion e-mail of job %s: %s", manager.job_id, exc)
+        config = _read_json(root / CONFIG_JSON)
+    except StackopsError:
+        return
+    if not config.get("notify_upon_completion") and not config.get("on_end"):
+        return
+    if not inline:
         with _suppress(OSError):
-            _append_text(manager.path(NOTIFIED_TXT), f"not sent: {_last_line(str(exc))}\n")
+            _start_detached([sys.executable or "python3", "-S", str(root / STACKOPS_COPY),
+                             "--serve", "notify", str(root)], root / OUTPUT_LOG)
+        return
+    if config.get("notify_upon_completion"):
+        _notify(root, state, config)
+    if config.get("on_end"):
+        _run_hook(root, state, str(config["on_end"]))
 
 
-def _append_text(path: Path, text: str) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(text)
+def _notify(root: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
+    """Send the job's one e-mail; how it went is recorded (``notified``), never raised."""
+    host = state.get("node") or os.uname().nodename
+    status, job_id = state.get("status"), root.name
+    took = _format_duration(_seconds_between(state.get("started"), state.get("ended")))
+    body = (f"Job {job_id} {status} on {host}.\n\nhost: {host}\njob: {job_id}\nstatus: {status}\n"
+            f"duration: {took}\nresults: {state.get('results') or '-'}\n")
+    for key in ("exit_code", "signal", "max_rss_bytes", "cpu_seconds"):
+        if state.get(key) is not None:
+            body += f"{key}: {state[key]}\n"
+    if state.get("error"):
+        body += f"\nerror (last lines):\n{_tail(state['error'], 20)}\n"
+    try:
+        send_job_email(load_email_config(config.get("email_config_name") or ""),
+                       str(config.get("to_email")), f"stackops: job {job_id} {status} on {host}",
+                       body)
+        said = f"sent {_iso(_utcnow())} to {config.get('to_email')}"
+        log.info("sent the end e-mail of job %s to %s", job_id, config.get("to_email"))
+    except Exception as exc:  # the job's outcome stands whatever the mail server does
+        said = f"not sent: {_last_line(str(exc))}"
+        log.warning("could not send the end e-mail of job %s: %s", job_id, exc)
+    with _suppress(OSError, StackopsError):
+        _record(root, notified=said)
+
+
+HOOK_TIMEOUT = 60.0  # seconds an --on-end command may take
+
+
+def _run_hook(root: Path, state: dict[str, Any], template: str) -> None:
+    """Run the job's ``on_end`` command once (bash; ``{job_id}``, ``{status}``, ``{exit_code}``,
+    ``{host}``, ``{duration}`` filled in shell-quoted), within HOOK_TIMEOUT seconds; its output goes
+    to the job's log and its exit status into the record (``hook``)."""
+    values = {"job_id": root.name, "status": state.get("status") or "",
+              "exit_code": "" if state.get("exit_code") is None else str(state["exit_code"]),
+              "host": state.get("node") or os.uname().nodename,
+              "duration": f"{_seconds_between(state.get('started'), state.get('ended')):.1f}"}
+    command = fill_placeholders(template, values, quote=True)
+    try:
+        done = _run_bounded(["bash", "-c", command], HOOK_TIMEOUT)
+        said = f"exit status {done.returncode}"
+        sys.stdout.write(done.stdout)
+        sys.stdout.write(done.stderr)
+    except StackopsError as exc:
+        said = f"not run to its end: {exc}"
+    with _suppress(OSError, StackopsError):
+        _record(root, hook=said)
 
 
 def notify_job_end(job_root: str | os.PathLike[str]) -> None:
-    """Report a job's end that its wrapper could not report (killed by a signal, a launcher-side
-    failure, the whole process tree gone), once, from what its folder records."""
-    manager = FileManager.from_job_root(Path(job_root))
-    status = _read_text(manager.path(STATUS_TXT)).strip()
-    if status not in TERMINAL_STATUSES:
-        return
-    start = _parse_iso(_read_text(manager.path(START_TXT)).strip())
-    end = _parse_iso(_read_text(manager.path(END_TXT)).strip())
-    took = (end - start).total_seconds() if start and end else 0.0
-    _notify(manager, {"duration_seconds": took}, status, _read_text(manager.path(ERROR_TXT)))
+    """Report a job's recorded end (the e-mail, the on_end hook) in this process: what a check
+    that found the end starts detached (see _report_end)."""
+    root = Path(job_root)
+    state = read_state(root)
+    if state.get("status") in TERMINAL_STATUSES:
+        _report_end(root, state)
 
 
-class _ParentEnded(BaseException):
-    """A job this one runs after ended without completing: this one never runs."""
+# -- jobs that run after others -----------------------------------------------------------------
+
+def _parents(root: Path, parents: list[str]) -> tuple[list[str], list[str]]:
+    """(parents that ended without completing, or are gone: ``"P failed"``; parents not ended
+    yet: ``"P (running)"``), each judged as any reader judges a job (on another machine of a
+    shared home: as recorded)."""
+    bad, pending = [], []
+    for parent in parents:
+        folder = root.parent / parent
+        if not (folder / FILE_MANAGER_JSON).exists():
+            bad.append(f"{parent} gone")
+            continue
+        status = judge_jobs([folder])[0].get("status") or "prepared"
+        if status in ("failed", "cancelled"):
+            bad.append(f"{parent} {status}")
+        elif status != "completed":
+            pending.append(f"{parent} ({status})")
+    return bad, pending
 
 
-def _wait_for_parents(manager: FileManager, parents: list[str]) -> None:
-    """Wait, holding no slot and no place in the queue, until the jobs in ``parents`` (folders
-    beside this one) completed; then join the queue. One that failed or was cancelled ends this
-    job ``cancelled`` with that reason."""
-    manager.write_log(PID_TXT, str(os.getpid()))
-    manager.write_log(STATUS_TXT, "waiting")
+def _wait_for_parents(root: Path, parents: list[str], wait: bool = True) -> None:
+    """Wait, holding no slot, until the jobs in ``parents`` (folders beside this one) completed;
+    one that failed or was cancelled ends this job ``cancelled`` with that reason. ``wait=False``
+    (Slurm, which waited for them): only refuse a parent that did not complete."""
     while True:
-        states = {}
-        for parent in parents:
-            folder = manager.job_root.parent / parent
-            states[parent] = FileManager.from_job_root(folder).get_job_status() \
-                if (folder / FILE_MANAGER_JSON).exists() else "gone"
-        ended = [f"{parent} {state}" for parent, state in states.items()
-                 if state in ("failed", "cancelled", "gone")]
-        if ended:
-            why = f"cancelled: it runs after {', '.join(ended)}"
-            manager.write_log(CANCEL_TXT, why)
-            raise _ParentEnded(why)
-        pending = [f"{parent} ({state})" for parent,
-                   state in states.items() if state != "completed"]
-        if not pending:
+        bad, pending = _parents(root, parents)
+        if bad:
+            why = f"cancelled: it runs after {', '.join(bad)}"
+            _record(root, cancel=why)
+            raise _NeverRuns(why)
+        if not pending or not wait:
             break
-        manager.write_log(REASON_TXT, "after " + ", ".join(pending))
-        time.sleep(0.5)
-    manager.write_log(REASON_TXT, "")
-    if manager.lock_resources:  # now in line, like a job fired at this moment
-        ticket = f"{time.time_ns():019d}"
-        manager.write_log(TICKET_TXT, ticket)
-        slots = Slots(state_dir(manager.pool))
-        slots._ensure()
-        _atomic_write_text(slots.queue / f"{ticket}-{manager.job_id}", str(manager.job_root))
-
-
-def _run_attempts(manager: FileManager,
-                  execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]],
-                  config: dict[str, Any]) -> tuple[Any, str]:
-    """Call the job, and again after a failure while ``retries`` allow (a cancel stops it)."""
-    retries, delay = int(config.get("retries") or 0), float(config.get("retry_delay") or 0.0)
-    attempt = 0
-    while True:
-        attempt += 1
-        if retries:
-            manager.write_log(ATTEMPT_TXT, f"{attempt}/{retries + 1}")
-        func_kwargs = _read_json(manager.kwargs_path)  # fresh for every attempt
-        try:
-            res, error = execute(JobContext(manager.job_root), func_kwargs)
-        except (Exception, SystemExit):
-            res, error = None, traceback.format_exc()
-        if not error or attempt > retries or manager.path(CANCEL_TXT).exists():
-            return res, error
-        log.warning("job %s: attempt %d of %d failed; again in %gs", manager.job_id, attempt,
-                    retries + 1, delay)
-        print(error, file=sys.stderr, flush=True)
-        time.sleep(delay)
-
-
-def run_job(job_root: str | os.PathLike[str],
-            execute: Callable[[JobContext, dict[str, Any]], tuple[Any, str]]) -> Any:
-    """The wrapper's lifecycle: slot, pid/status/times, kwargs, execute, results, end, release.
-    Whatever happens inside, the job ends completed or failed and its slot is released."""
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s stackops %(levelname)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    manager = FileManager.from_job_root(Path(job_root).resolve())
-    timings = ExecutionTimings(submission_time=manager.submission_time)
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    res: Any = None
-    error = "the job ended before it started"
-    record: dict[str, Any] | None = None
-    try:
-        try:
-            config = _read_json(manager.path(CONFIG_JSON))
-            handed = "STACKOPS_SLOT_FDS" in os.environ  # by the dispatcher: the parents completed
-            if config.get("after") and config.get("launch_method") != "slurm" and not handed:
-                _wait_for_parents(manager, list(config["after"]))
-            manager.secure_resources()
-            timings.start_utc = manager.admitted_at or _utcnow()
-            timings.start_local = timings.start_utc.astimezone()
-            manager.write_log(START_TXT, _iso(timings.start_utc) or "")
-            manager.write_log(STATUS_TXT, "running")
-            _banner(f"EXECUTION START | id={manager.job_id} | pid={os.getpid()}")
-            res, error = _run_attempts(manager, execute, config)
-        except _ParentEnded as exc:
-            error = str(exc)
-        except BaseException:  # a crash of any kind still ends the job: failed, traceback kept
-            error = traceback.format_exc()
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            record, error = _finish_job_anyway(manager, timings, res, error)
-    finally:
-        status = "failed" if error or record is None else "completed"
-        if status == "failed" and manager.path(CANCEL_TXT).exists():
-            status = "cancelled"
-        try:
-            manager.unlock_resources(record, keep_slot=bool(sys.flags.interactive))
-        finally:
-            manager.write_log(STATUS_TXT, status)
-            _notify(manager, record, status, error)
-    return res
+        _record(root, status="waiting", reason="after " + ", ".join(pending))
+        time.sleep(AFTER_POLL)
+    _record(root, reason="")
 
 
 # -- the queue's dispatcher: hands slots to queued entries, first come first served --------------
 
 def run_dispatcher(root: str | os.PathLike[str]) -> None:
     """Hand the slots of the queue in ``root`` (a state folder) to its entries, in order, while it
-    has any; then exit. At most one runs per queue (an flock); a second one exits at once, and one
-    killed is replaced by the next stackops call that finds a job in line
-    (Slots.ensure_dispatcher)."""
+    has any, and keep the jobs it started in view until they end; then exit. At most one runs per
+    queue (an flock); a second one exits at once, and one killed is replaced by the next stackops
+    call that finds a job in line (Slots.ensure_dispatcher)."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
         line = "%(asctime)s stackops dispatcher %(process)d: %(message)s"
@@ -2919,8 +2868,10 @@ def run_dispatcher(root: str | os.PathLike[str]) -> None:
 
 class _Dispatcher:
     """The one process that starts a queue's jobs (run_dispatcher). It takes a free slot for the
-    first entry and starts the job's launcher holding it: the lock's file descriptor is inherited,
-    so the kernel frees the slot when the job's processes end, whatever happens to this one."""
+    first entry and starts the job's wrapper holding it and the job's lock: the locks' file
+    descriptors are inherited, so the kernel frees them when the job's processes end, whatever
+    happens to this one. A wrapper that ends without recording the job's end (killed, or its
+    interpreter missing) has that end recorded here, with its exit status."""
 
     def __init__(self, root: Path) -> None:
         self.slots = Slots(root)
@@ -2928,36 +2879,34 @@ class _Dispatcher:
         self.relist = 0.0
         self.views = 0.0
         self.after_look = 0.0
-        self.children: list[subprocess.Popen[bytes]] = []
+        self.children: dict[subprocess.Popen[bytes], Path] = {}
         self.in_person: set[str] = set()  # entries of jobs that take their slot themselves (tmux)
         self.parents: dict[str, list[str]] = {}
 
     def run(self) -> None:
-        lock = None
-        while lock is None:  # one that is leaving lets go in a moment; one that stays says so
+        """Dispatch while there is work; an entry that came as this one was leaving (its fire saw
+        this dispatcher alive) is served: after letting go, it looks once more."""
+        while True:
             lock = _try_flock(self.slots.root / DISPATCHER_LOCK)
-            if lock is None and self.slots.dispatcher_pid() is not None:
+            if lock is None:  # another one lives
                 return
-            if lock is None:
-                time.sleep(0.05)
-        try:
-            self._announce()
-            log.info("dispatching the queue in %s", collapse_home(self.slots.root))
-            while self._round():
-                pass
-        finally:
-            with _suppress(Exception):
-                if self.slots.queue.is_dir():
-                    self.slots.refresh_views(queue=True)
-            os.close(lock)
-
-    def _announce(self) -> None:
-        me = f"{os.getpid()} {process_start_ticks() or ''}"
-        _atomic_write_text(self.slots.root / DISPATCHER_PID, me)
+            try:
+                _write_plain(self.slots.root / DISPATCHER_PID, str(os.getpid()))
+                log.info("dispatching the queue in %s", collapse_home(self.slots.root))
+                while self._round():
+                    pass
+            finally:
+                with _suppress(Exception):
+                    if self.slots.queue.is_dir():
+                        self.slots.refresh_views(queue=True)
+                os.close(lock)
+            if not self.slots.queue.is_dir() or not (self.slots.entries()
+                                                     or self.slots.entries(AFTER_DIR)):
+                return
 
     def _round(self) -> bool:
         """One look at the queue; False when this dispatcher's work is done."""
-        self.children = [child for child in self.children if child.poll() is None]
+        self._reap()
         if not self.slots.queue.is_dir():
             return False  # the state folder is gone
         if time.monotonic() >= self.after_look:
@@ -2965,10 +2914,10 @@ class _Dispatcher:
             self._look_after()
         head = self._head()
         if head is None and not self.line:
-            if self.slots.entries(AFTER_DIR):
+            if self.slots.entries(AFTER_DIR) or self.children:
                 time.sleep(AFTER_POLL / 5)
                 return True
-            return self._stay()
+            return bool(self.slots.entries())
         if head is None or not self._hand_over(*head):
             time.sleep(DISPATCH_POLL)
         if time.monotonic() >= self.views:
@@ -2976,17 +2925,23 @@ class _Dispatcher:
             self.slots.refresh_views()
         return True
 
-    def _stay(self) -> bool:
-        """The queue is empty: leave, unless an entry came meanwhile (a fire that saw this
-        dispatcher's pid just before it went is served)."""
-        with _suppress(FileNotFoundError):
-            os.unlink(self.slots.root / DISPATCHER_PID)
-        if self.slots.entries() or self.slots.entries(AFTER_DIR):
-            self._announce()
-            self.relist = 0.0
-            return True
-        log.info("the queue is empty: the dispatcher ends")
-        return False
+    def _reap(self) -> None:
+        """Record the end of a job whose wrapper ended without recording it (killed by a signal,
+        its interpreter missing)."""
+        for child, root in list(self.children.items()):
+            code = child.poll()
+            if code is None:
+                continue
+            del self.children[child]
+            if code == 0:
+                continue
+            why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            if code == 127:
+                why += f": is {child.args[0]} installed?"  # type: ignore[index]
+            ended = _record_end(root, "failed", f"process gone: the job's wrapper ended ({why}) "
+                                                "without recording the job's end")
+            if ended is not None:
+                _report_end(root, ended, inline=False)
 
     def _head(self) -> tuple[str, Path] | None:
         """The first live entry and its job folder; None when there is none or when the first
@@ -3041,7 +2996,7 @@ class _Dispatcher:
         try:
             self._start(name, manager, env, held)
         except OSError as exc:
-            self._refuse(name, job_root, f"its launcher could not be started: {exc}")
+            self._refuse(name, job_root, f"its wrapper could not be started: {exc}")
         finally:
             for _, fd in held:
                 os.close(fd)  # the job's processes hold the slot from here on
@@ -3050,23 +3005,18 @@ class _Dispatcher:
     def _start(self, name: str, manager: FileManager, env: dict[str, str],
                held: list[tuple[str, int]]) -> None:
         taken = _utcnow()
+        root = manager.job_root
         env = dict(env, STACKOPS_SLOT_FDS=" ".join(str(fd) for _, fd in held),
                    STACKOPS_SLOT_NAMES=" ".join(slot for slot, _ in held),
                    STACKOPS_ADMITTED=_iso(taken) or "")
-        root = manager.job_root
-        with open(manager.path(OUTPUT_LOG), "ab") as out:
-            child = subprocess.Popen(["bash", str(root / LAUNCHER_SH)], cwd=str(root), env=env,
-                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     pass_fds=[fd for _, fd in held], start_new_session=True)
-        self.children.append(child)
-        with _suppress(FileNotFoundError):  # its job has it now: no copy of an environment stays
-            os.unlink(manager.path(FIRE_ENV))
-        manager.write_log(LAUNCHER_START_TXT, str(process_start_ticks(child.pid) or ""))
-        manager.write_log(LAUNCHER_PID_TXT, str(child.pid))  # before the entry goes
-        holder = {"job_id": manager.job_id, "job_root": str(root), "launcher_pid": child.pid,
-                  "submission_time": _iso(manager.submission_time), "start_time": _iso(taken)}
-        for slot, _ in held:
-            _atomic_write_json(self.slots.slots / f"{slot}.json", holder)
+        child = _spawn_wrapper(root, manager.python, env, tuple(fd for _, fd in held))
+        if child is not None:
+            self.children[child] = root
+            holder = {"job_id": manager.job_id, "job_root": str(root), "pid": child.pid,
+                      "submission_time": _iso(manager.submission_time),
+                      "start_time": _iso(taken)}
+            for slot, _ in held:
+                _write_plain(self.slots.slots / f"{slot}.json", json.dumps(holder))
         with _suppress(FileNotFoundError):
             os.unlink(self.slots.queue / name)
         if self.line and self.line[0] == name:
@@ -3077,58 +3027,55 @@ class _Dispatcher:
         """End a job that cannot start (``why``), take its entry out and report its end."""
         log.warning("job %s: %s", job_root.name, why)
         with _suppress(OSError, StackopsError):
-            manager = FileManager.from_job_root(job_root)
             if status == "cancelled":
-                manager.write_log(CANCEL_TXT, why)
-            manager._mark_failed(why, status)
+                _record(job_root, cancel=why)
+            ended = _record_end(job_root, status, why)
+            if ended is not None:
+                _report_end(job_root, ended, inline=False)
         with _suppress(FileNotFoundError):
             os.unlink(self.slots.root / folder / name)
         if folder == "queue" and self.line and self.line[0] == name:
             self.line.pop(0)
-        with _suppress(Exception):
-            notify_job_end(job_root)
 
     def _look_after(self) -> None:
         """Move the jobs whose parents all completed to the end of the queue, and end those with
         a parent that failed, was cancelled or is gone (``cancelled``, as it never runs)."""
         for name in self.slots.entries(AFTER_DIR):
             job_root = Path(_read_text(self.slots.root / AFTER_DIR / name))
-            if not (job_root / FILE_MANAGER_JSON).exists() or (job_root / CANCEL_TXT).exists():
+            state = read_state(job_root) if (job_root / FILE_MANAGER_JSON).exists() else {}
+            if not state or state.get("cancel") or state.get("status") in TERMINAL_STATUSES:
                 with _suppress(FileNotFoundError):
                     os.unlink(self.slots.root / AFTER_DIR / name)
                 continue
             if name not in self.parents:
                 with _suppress(OSError, StackopsError):
                     self.parents[name] = list(_read_json(job_root / CONFIG_JSON).get("after") or [])
-            states = {parent: _parent_state(job_root.parent / parent)
-                      for parent in self.parents.get(name, [])}
-            ended = [f"{parent} {state}" for parent, state in states.items()
-                     if state in ("failed", "cancelled", "gone")]
-            if ended:
-                self._refuse(name, job_root, f"cancelled: it runs after {', '.join(ended)}",
+            bad, pending = _parents(job_root, self.parents.get(name, []))
+            if bad:
+                self._refuse(name, job_root, f"cancelled: it runs after {', '.join(bad)}",
                              AFTER_DIR, "cancelled")
                 continue
-            pending = [f"{parent} ({state})" for parent, state in states.items()
-                       if state != "completed"]
             reason = "after " + ", ".join(pending) if pending else ""
-            if _read_text(job_root / REASON_TXT) != reason:
-                _atomic_write_text(job_root / REASON_TXT, reason)
+            if state.get("reason", "") != reason:
+                _record(job_root, reason=reason)
             if not pending:  # now in line, like a job fired at this moment
-                ticket = f"{time.time_ns():019d}"
-                target = self.slots.queue / f"{ticket}-{job_root.name}"
-                os.rename(self.slots.root / AFTER_DIR / name, target)
-                _atomic_write_text(job_root / TICKET_TXT, ticket)
-                self.relist = 0.0
+                self._in_line(name, job_root)
 
 
-def _parent_state(folder: Path) -> str:
-    if not (folder / FILE_MANAGER_JSON).exists():
-        return "gone"
-    return FileManager.from_job_root(folder).get_job_status()
+    def _in_line(self, name: str, job_root: Path) -> None:
+        """Move an entry from after/ to the end of the queue, and its record with it."""
+        entry = self.slots.queue / f"{time.time_ns():019d}-{job_root.name}"
+
+        def move(state: dict[str, Any]) -> None:
+            os.rename(self.slots.root / AFTER_DIR / name, entry)
+            state.update(entry=str(entry), reason="")
+
+        _update(job_root, move)
+        self.relist = 0.0
 
 
 def _fire_env(job_root: Path) -> dict[str, str]:
-    """The environment the job was fired with (env -0 by the fire command), without slot hand-over
+    """The environment the job was fired with (recorded by its fire), without the hand-over
     variables; this process's own when it was not recorded."""
     try:
         raw = (job_root / FIRE_ENV).read_bytes()
@@ -3137,21 +3084,369 @@ def _fire_env(job_root: Path) -> dict[str, str]:
     else:
         pairs = (item.partition(b"=") for item in raw.split(b"\0") if b"=" in item)
         env = {os.fsdecode(key): os.fsdecode(value) for key, _, value in pairs}
-    for key in ("STACKOPS_SLOT_FDS", "STACKOPS_SLOT_NAMES", "STACKOPS_ADMITTED"):
+    for key in ("STACKOPS_SLOT_FDS", "STACKOPS_SLOT_NAMES", "STACKOPS_ADMITTED",
+                "STACKOPS_ALIVE_FD"):
         env.pop(key, None)
     return env
 
 
-def job_report(job_root: str | os.PathLike[str], log_lines: int = 20) -> dict[str, Any]:
-    """The status of a job plus its small log files, read in one go where the job runs."""
-    manager = FileManager.from_job_root(Path(job_root))
-    report = manager.status_report(log_lines)
-    logs = {}
-    for relative in (STATUS_TXT, PID_TXT, START_TXT, END_TXT, ERROR_TXT, RESULTS_TXT, TIMINGS_JSON):
-        text = _read_text(manager.path(relative), "\0")
-        if text != "\0":
-            logs[relative] = text
-    return {"status": report.to_dict(), "logs": logs}
+def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
+                   fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes] | None:
+    """Start the job's wrapper detached (a session of its own, output to its log), handing it
+    the job's lock taken here, so the job is alive from this moment on; None when another
+    process runs the job already."""
+    alive = _try_flock(root / ALIVE_LOCK)
+    if alive is None:
+        log.warning("job %s runs already: not started again", root.name)
+        return None
+    try:
+        env = dict(env, STACKOPS_ALIVE_FD=str(alive))
+        with open(root / OUTPUT_LOG, "ab") as out:
+            child = subprocess.Popen([os.path.expanduser(python), str(root / WRAPPER_PY)],
+                                     cwd=str(root), env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, pass_fds=(*fds, alive),
+                                     start_new_session=True)
+    finally:
+        os.close(alive)
+    with _suppress(FileNotFoundError):  # its job has it now: no copy of an environment stays
+        os.unlink(root / FIRE_ENV)
+    _DETACHED.append(child)
+    return child
+
+
+# -- fire: one way to start a job, a sweep's jobs or an array, where they are -----------------------
+
+def fire_jobs(roots: list[Path], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start the jobs in folders ``roots`` (one job, a sweep's jobs in order, or an array), on
+    this machine, after the checks any folder of ours gets (the jobs' parent folder and the state
+    folder must be yours alone). How depends on the first job's config: Slurm takes a job or an
+    array with one sbatch; an interactive job starts in tmux; a job that takes no slot starts at
+    once; the rest join the machine's queue as entries (``after/`` for a job with parents), in
+    order, and its dispatcher starts them as slots free up. Each job's start and the environment
+    it runs with (``env``, default this process's) are recorded in its folder. Returns what
+    started: ``{"pid": ...}`` (the dispatcher's, or the job's own) or ``{"slurm_id": ...}``."""
+    if not roots:
+        return {}
+    first = FileManager.from_job_root(roots[0])
+    config = _read_json(roots[0] / CONFIG_JSON)
+    _trusted_dir(roots[0].parent, "base folder")
+    for root in roots:
+        _check_job_folder(root)
+    if config.get("launch_method") == "slurm":
+        return _fire_slurm(roots[0], first, config)
+    _record_fire_env(roots, env)
+    if config.get("interactive"):
+        return _fire_tmux(roots[0], first)
+    if not first.lock_resources:
+        return {"pid": [_start_now(root, first.python) for root in roots][-1]}
+    return _fire_queue(roots, first, bool(config.get("after")))
+
+
+def _check_job_folder(root: Path) -> None:
+    """A job folder must be a real folder (not a link) of yours that nobody else may change."""
+    try:
+        info = os.lstat(root)
+    except FileNotFoundError:
+        raise StackopsError(f"no job folder at {collapse_home(root)}") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise ConfigError(f"refusing job folder {collapse_home(root)}: not a private folder of "
+                          "yours", hint="folders others could change are never run")
+
+
+def _record_fire_env(roots: list[Path], env: dict[str, str] | None) -> None:
+    """The environment the jobs start with, written once (a sweep's jobs link to one copy)."""
+    data = {os.fsencode(k): os.fsencode(v) for k, v in env.items()} if env else dict(os.environb)
+    data.pop(b"PWD", None)
+    text = b"".join(key + b"=" + value + b"\0" for key, value in data.items())
+    shared = roots[0].parent / os.readlink(roots[0] / "python").split("/")[1] \
+        if os.path.islink(roots[0] / "python") else None
+    if shared is None or len(roots) == 1:
+        for root in roots:
+            _write_plain(root / FIRE_ENV, text)
+        return
+    _write_plain(shared / "data" / "fire_env", text)
+    for root in roots:
+        with _suppress(FileExistsError):
+            os.symlink(f"../../{shared.name}/data/fire_env", root / FIRE_ENV)
+
+
+def _fire_queue(roots: list[Path], first: FileManager, after: bool) -> dict[str, Any]:
+    """Each job becomes an entry of its pool's queue (or of ``after/``), recorded as waiting, in
+    order (consecutive tickets); then the queue's dispatcher is made sure of."""
+    slots = first.slots()
+    slots._ensure()
+    folder = slots.root / (AFTER_DIR if after else "queue")
+    ticket = time.time_ns()
+    node, machine = os.uname().nodename, machine_key()
+    for index, root in enumerate(roots):
+        entry = folder / f"{ticket + index:019d}-{root.name}"
+
+        def join(state: dict[str, Any], entry: Path = entry, root: Path = root) -> bool:
+            if state.get("status") not in (None, "prepared") or state.get("cancel"):
+                raise ConfigError(f"job {root.name} was already started ({state.get('status')})",
+                                  hint=f"{_prog()} rerun {root.name} runs it again")
+            _write_plain(entry, str(root))  # under the record's lock: one truth at every moment
+            state.update(status="waiting", entry=str(entry), machine=machine, node=node,
+                         fired=_iso(_utcnow()))
+            return True
+
+        _update(root, join)
+    return {"pid": slots.ensure_dispatcher(first.python if first.python != "python3" else None)}
+
+
+def _start_now(root: Path, python: str) -> int:
+    """A job that takes no slot: its wrapper starts at once, holding the job's lock."""
+    _record(root, status="queued", machine=machine_key(), node=os.uname().nodename,
+            fired=_iso(_utcnow()))
+    child = _spawn_wrapper(root, python, _fire_env(root))
+    if child is None:
+        raise ConfigError(f"job {root.name} runs already")
+    return child.pid
+
+
+def _fire_tmux(root: Path, manager: FileManager) -> dict[str, Any]:
+    """An interactive job: its wrapper in a tmux session named after it (a person can attach),
+    output also into its log; with a slot it waits in line in person. Returns once the wrapper
+    holds the job's lock (or has ended)."""
+    session = tmux_session_name(manager.job_id)
+    why = ""
+    if shutil.which("tmux") is None:
+        why = "interactive jobs need tmux, which is not installed"
+    elif subprocess.run(["tmux", "has-session", "-t", f"={session}:"], capture_output=True,
+                        stdin=subprocess.DEVNULL).returncode == 0:
+        why = f"tmux session {session} is taken"
+    if why:
+        _record_end(root, "failed", why)
+        raise ConfigError(f"job {manager.job_id} was not started: {why}")
+    entry = ""
+    if manager.lock_resources:
+        entry = str(manager.slots().queue / f"{time.time_ns():019d}-{manager.job_id}")
+    _record(root, status="waiting" if entry else "queued", entry=entry or None,
+            machine=machine_key(), node=os.uname().nodename, starting=_iso(_utcnow()))
+    env = [f"{key}={value}" for key, value in _fire_env(root).items() if key in TMUX_PASSED_ENV]
+    argv = ["tmux", "new-session", "-d", "-s", session, "env", *env,
+            os.path.expanduser(manager.python), "-i", str(root / WRAPPER_PY)]
+    if subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True).returncode != 0:
+        _record_end(root, "failed", f"tmux could not start session {session}")
+        raise StackopsError(f"job {manager.job_id} was not started: tmux failed")
+    subprocess.run(["tmux", "pipe-pane", "-t", f"={session}:", "-o",
+                    f"cat >> {shlex.quote(str(root / OUTPUT_LOG))}"], stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and not _alive(root) \
+            and read_state(root).get("status") not in TERMINAL_STATUSES:
+        time.sleep(0.02)
+    pane = subprocess.run(["tmux", "display-message", "-p", "-t", f"={session}:", "#{pane_pid}"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout.strip()
+    return {"pid": int(pane) if pane.isdigit() else None}
+
+
+# -- Slurm: sbatch where the job was submitted, and what Slurm says of its jobs ------------------
+
+def _fire_slurm(root: Path, manager: FileManager, config: dict[str, Any]) -> dict[str, Any]:
+    """sbatch the job (an array: every task at once) from its folder; Slurm's id is recorded in
+    the job's and each task's record. A refusal by sbatch ends the job (and its tasks) failed at
+    once, with sbatch's own words."""
+    if shutil.which("sbatch") is None:
+        raise ConfigError(f"no sbatch on {os.uname().nodename}: is it a Slurm login node?")
+    tasks = list(read_state(root).get("tasks") or [])
+    done = _run_bounded(["sbatch", "--parsable", SBATCH_SH], 120.0, cwd=root)
+    folders = [root] + [root.parent / task for task in tasks]
+    if done.returncode != 0 or not done.stdout.strip():
+        why = _tail(done.stderr, 3) or "sbatch failed"
+        for folder in folders:
+            _record_end(folder, "failed", f"sbatch refused it: {why}")
+        raise CommandError(os.uname().nodename, "sbatch", done.returncode, why)
+    slurm_id = done.stdout.strip().splitlines()[-1].split(";")[0]
+    node = os.uname().nodename
+    _record(root, status="queued", slurm={"id": slurm_id}, node=node, fired=_iso(_utcnow()))
+    for k, task in enumerate(tasks):
+        _record(root.parent / task, status="queued", slurm={"id": f"{slurm_id}_{k}"}, node=node)
+    return {"slurm_id": slurm_id}
+
+
+def _slurm_views(ids: set[str]) -> dict[str, dict[str, Any] | None]:
+    """What Slurm says of jobs ``ids`` ("123" or array tasks "123_4"), one ``scontrol`` call per
+    job or array (an array of 1,000 tasks is one call): {id: view or None (unknown to Slurm)}.
+    A controller that does not answer raises (nothing is decided from silence)."""
+    views: dict[str, dict[str, Any] | None] = {}
+    for base in sorted({slurm_id.split("_")[0] for slurm_id in ids}):
+        done = _run_bounded(["scontrol", "show", "job", "-o", base], SLURM_TIMEOUT)
+        if done.returncode != 0 and "Invalid job id" not in done.stderr + done.stdout:
+            raise StackopsError(f"Slurm did not answer: {_last_line(done.stderr or done.stdout)}")
+        for line in done.stdout.splitlines():
+            views.update(_slurm_view_of(line))
+        views.setdefault(base, views.get(base))
+    return {slurm_id: views.get(slurm_id) for slurm_id in ids}
+
+
+def _slurm_view_of(line: str) -> dict[str, dict[str, Any]]:
+    """The view(s) in one line of ``scontrol show job -o``: a job, an array task, or several
+    pending tasks of an array at once (``ArrayTaskId=2-7%3``)."""
+    fields = dict(re.findall(r"(\w+)=(\S*)", line))
+    if "JobId" not in fields:
+        return {}
+    view = {"state": fields.get("JobState", "?"), "reason": fields.get("Reason", ""),
+            "exit": fields.get("ExitCode", ""), "restarts": int(fields.get("Restarts") or 0)}
+    array, tasks = fields.get("ArrayJobId"), fields.get("ArrayTaskId", "")
+    if not array:
+        return {fields["JobId"]: view}
+    found = {}
+    for part in tasks.split("%")[0].split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit():
+            for k in range(int(low), int(high or low) + 1):
+                found[f"{array}_{k}"] = view
+    return found
+
+
+def _combine(reports: list[JobStatus], parent: JobStatus) -> JobStatus:
+    """One status for a whole array (or set of jobs): running while any task runs, queued while
+    the rest wait, and at the end completed only if every task completed; the counts in the
+    reason agree with the tasks' own statuses, since they are the same reports."""
+    counts = {status: sum(task.status == status for task in reports) for status in STATUSES}
+    unfinished = [task for task in reports if not task.finished]
+    if unfinished:
+        status = "running" if counts["running"] or len(unfinished) < len(reports) else "queued"
+    elif counts["completed"] == len(reports):
+        status = "completed"
+    else:
+        status = "failed" if counts["failed"] else "cancelled"
+    errors = [f"task {task.job_id}: {task.status}: {_last_line(task.error_message)}"
+              for task in reports if task.status in ("failed", "cancelled")]
+    starts = [task.start_time for task in reports if task.start_time]
+    ends = [task.end_time for task in reports if task.end_time]
+    summary = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
+    return dataclasses.replace(parent, status=status, start_time=min(starts) if starts else None,
+                               end_time=max(ends) if not unfinished and ends else None,
+                               error_message="\n".join(errors),
+                               reason=f"{len(reports)} tasks: {summary}",
+                               log_tail="\n".join(t.log_tail for t in reports if t.log_tail),
+                               results_path=parent.results_path if status == "completed" else None)
+
+
+# -- what the executing side answers: the judged state of many jobs at once ----------------------
+
+def judge_jobs(roots: list[Path]) -> list[dict[str, Any]]:
+    """Each job's state now (see _judge), for many jobs in one go: Slurm is asked once per job
+    or array, a queue with jobs in line gets its dispatcher made sure of (once)."""
+    states = [read_state(root) for root in roots]
+    asked = {str(s["slurm"]["id"]) for s in states
+             if isinstance(s.get("slurm"), dict) and s["slurm"].get("id")
+             and not (s.get("status") in TERMINAL_STATUSES and s.get("final", True))}
+    views: dict[str, Any] = {}
+    silent = ""
+    if asked:
+        try:
+            views = _slurm_views(asked)
+        except StackopsError as exc:
+            silent = str(exc)
+    judged = []
+    pools = set()
+    for root, state in zip(roots, states):
+        sid = str((state.get("slurm") or {}).get("id") or "")
+        view = views[sid] if sid in views else False
+        current = _judge(root, state, view)
+        if silent and sid and view is False:
+            current = dict(current, reason=silent)
+        if current.get("status") == "waiting" and current.get("entry"):
+            pools.add(Path(current["entry"]).parent.parent)
+        judged.append(current)
+    for pool in pools:
+        with _suppress(OSError, StackopsError):
+            Slots(pool).ensure_dispatcher()
+    return judged
+
+
+def job_reports(roots: list[Path], log_lines: int = 0) -> list[JobStatus]:
+    """The JobStatus of each job folder in ``roots`` (an array's folder: its tasks combined),
+    judged where they are."""
+    judged = judge_jobs(roots)
+    reports = []
+    for root, state in zip(roots, judged):
+        report = _job_status(root, state, log_lines)
+        tasks = state.get("tasks")
+        if tasks:
+            parts = job_reports([root.parent / task for task in tasks], 0)
+            report = _combine(parts, report)
+        reports.append(report)
+    return reports
+
+
+# -- cancel and delete, where the job is ---------------------------------------------------------
+
+def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
+    """Cancel the job in ``root`` where it runs: mark it, take it out of the queue (a job that
+    never started ends cancelled at once), ``scancel`` a Slurm job, else SIGTERM its process
+    group (only while the job's lock is held, so only its own processes), SIGKILL what is left
+    after ``grace`` seconds, and record ``cancelled`` if the job could not. Returns the record
+    after, with ``was`` the status it had (an ended job is left as it was)."""
+    before = read_state(root)
+    if before.get("status") in TERMINAL_STATUSES and before.get("final", True):
+        return dict(before, was=before["status"])
+    asked = f"asked {_iso(_utcnow())}"
+    state = _update(root, lambda record: record.setdefault("cancel", asked) is None)
+    was = _judge(root, state).get("status")
+    tasks = [root.parent / task for task in state.get("tasks") or []]
+    for task in tasks:  # an array's tasks: one scancel for them all, below
+        _update(task, lambda record: record.setdefault("cancel", asked) is None)
+    if (state.get("slurm") or {}).get("id"):
+        done = _run_bounded(["scancel", str(state["slurm"]["id"])], SLURM_TIMEOUT)
+        if done.returncode != 0:
+            raise CommandError(os.uname().nodename, "scancel", done.returncode, done.stderr)
+    elif state.get("machine") not in (None, machine_key()):
+        raise StackopsError(f"job {root.name} runs on {state.get('node')}, not here",
+                            hint="cancel it from there (or through --host)")
+    else:
+        with _suppress(FileNotFoundError):
+            os.unlink(state.get("entry") or root / ".no-entry")
+        _stop(root, grace)
+    for folder in [*tasks, root]:
+        ended = _record_end(folder, "cancelled", f"cancelled ({state['cancel']})")
+        if ended is not None:
+            _report_end(folder, ended, inline=False)
+    return dict(read_state(root), was=was)
+
+
+def _stop(root: Path, grace: float) -> None:
+    """SIGTERM the job's process group while the job's lock is held (its processes, and only
+    while they live: the group's id cannot be taken by another while any of them does), then
+    SIGKILL after ``grace`` seconds; returns once the lock is free (at most a few seconds more)."""
+    deadline = time.monotonic() + grace
+    sent: list[int] = []
+    while _alive(root):
+        pgid = read_state(root).get("pgid")
+        late = time.monotonic() > deadline
+        if isinstance(pgid, int) and pgid > 1:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if sig not in sent and (sig == signal.SIGTERM or late):
+                    with _suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pgid, sig)
+                    sent.append(sig)
+        if late and time.monotonic() > deadline + 5.0:
+            break
+        time.sleep(0.05)
+
+
+def delete_job(root: Path) -> str:
+    """Remove an ended job's folder where it ran: only a real job folder (not a link), never one
+    whose job has not ended. The shared folder of a sweep or array goes with its last job.
+    Returns what was removed (``~/...``)."""
+    if root.is_symlink() or not (root / FILE_MANAGER_JSON).is_file():
+        if not os.path.lexists(root):
+            return ""
+        raise ConfigError(f"{collapse_home(root)} is not a stackops job folder; nothing deleted")
+    status = judge_jobs([root])[0].get("status") or "prepared"
+    if status not in TERMINAL_STATUSES and status != "prepared":
+        raise ConfigError(f"job {root.name} is {status}; cancel it before deleting it",
+                          hint=f"{_prog()} cancel {root.name}")
+    shared = root.parent / os.readlink(root / "python").split("/")[1] \
+        if os.path.islink(root / "python") else None
+    shutil.rmtree(root)
+    if shared is not None and (shared / SWEEP_JSON).exists():
+        ids = _read_json(shared / SWEEP_JSON).get("ids") or []
+        if not any(os.path.lexists(root.parent / other) for other in ids):
+            shutil.rmtree(shared, ignore_errors=True)
+    return collapse_home(root)
 
 
 def _is_own_results(job_root: Path, job_id: str, path: Path) -> bool:
@@ -3168,15 +3463,15 @@ def _is_own_results(job_root: Path, job_id: str, path: Path) -> bool:
 def delete_own_results(job_root: str | os.PathLike[str]) -> str:
     """Delete a finished job's results folder, only when it is the job's own (its default results
     folder or inside its job folder); whatever path the job returned, nothing else is touched."""
-    manager = FileManager.from_job_root(Path(job_root))
-    recorded = _read_text(manager.path(RESULTS_TXT)).strip()
+    root = Path(job_root)
+    state = read_state(root)
+    recorded = state.get("results") or ""
     if not recorded:
-        raise StackopsError(f"job {manager.job_id} has no results yet ({manager.get_job_status()})")
+        raise StackopsError(f"job {root.name} has no results yet ({state.get('status')})")
     results = expand_home(recorded)
-    if not _is_own_results(manager.job_root, manager.job_id, results):
-        raise ConfigError(f"refusing to delete {recorded}: it is not job {manager.job_id}'s own "
-                          "results folder",
-                          hint="delete it yourself if you are sure")
+    if not _is_own_results(root, root.name, results):
+        raise ConfigError(f"refusing to delete {recorded}: it is not job {root.name}'s own "
+                          "results folder", hint="delete it yourself if you are sure")
     _remove(results)
     return recorded
 
@@ -3198,324 +3493,353 @@ def demo_job(seconds: float = 1.0, message: str = "hello from stackops") -> str:
     return str(folder)
 
 
-# -- code snapshots and data: the executing machine's half of a hand-over -----------------------
+# -- the executing machine's half of a hand-over -------------------------------------------------
+#
+# A hand-over is one conversation with serve() on the host (one shell start): the request says
+# what the job needs (the snapshot's blobs, the data files with their sizes and times, whether the
+# host sees a nonce file of this machine: a shared home); the host answers its plan (what it
+# lacks, and facts: its node, python, sbatch, logind); this machine sends what is missing as
+# parts (a line, then the bytes), and the host puts each in place: blobs into the snapshot store
+# (each checked against its hash), data files each replaced whole, the job folder (and a sweep's
+# or array's members) staged and renamed into place with the job's own copy of its code, every
+# file of it checked against the manifest's hash as it is copied; a blob found damaged there is
+# asked for again. Then, in the same conversation, the job can be fired.
 
-class _HostSync:
-    """What the executing machine runs during a hand-over, sent as source and run by ``python3 -S``
-    (nothing needs to be installed there), in one command. It reads a request line and answers
-    which code blobs and data files it lacks (and which nonces it sees: a shared filesystem); then
-    it reads what was sent (a header line, then each part as a line and its bytes) and puts each
-    part in place: blobs into the snapshot store (each checked against its hash), data files each
-    replaced atomically (files only the host has are kept), and the job folder with its own copy of
-    the code, which appears whole under its name. It writes nowhere else. Lines both ways are
-    ``repr`` of plain data (no json or re to import: each costs the host's start ~40 %)."""
+def _store() -> Path:
+    """This machine's snapshot store, used only when it is yours alone (as any folder of ours)."""
+    return _trusted_dir(expand_home(DEFAULT_SNAPSHOT_DIR), "snapshot store")
 
-    @staticmethod
-    def main() -> None:
-        import sys
 
-        stream = sys.stdin.buffer
-        answer = _HostSync.plan(_HostSync.value(stream.readline()))
-        sys.stdout.write(repr(answer) + "\n")
-        sys.stdout.flush()
-        header = stream.readline()
-        if header.strip():  # else nothing to do: the host sees our files, or the submit was refused
-            sys.stdout.write(repr(_HostSync.commit(_HostSync.value(header), stream)) + "\n")
-        else:
-            sys.stdout.write(repr({"placed": None}) + "\n")
+def _blob(store: Path, digest: str) -> Path:
+    if len(digest) != 64 or digest.strip("0123456789abcdef"):
+        raise ValueError(f"refusing the blob name {digest!r}")
+    return store / "blobs" / digest[:2] / digest
 
-    @staticmethod
-    def value(line: bytes) -> Any:
-        """A line of plain data written with repr() by the submitting side."""
-        return eval(line.decode("utf-8"), {"__builtins__": {}}, {})  # noqa: S307 (literals only)
 
-    @staticmethod
-    def where(path: str) -> str:
-        return os.path.abspath(os.path.expanduser(path))
+def _safe_relative(relative: str) -> str:
+    parts = relative.split("/")
+    if not relative or relative.startswith("/") or ".." in parts or "" in parts or "." in parts:
+        raise ConfigError(f"refusing the path {relative!r}")
+    return relative
 
-    @staticmethod
-    def safe(relative: str) -> str:
-        parts = relative.split("/")
-        if not relative or relative.startswith("/") or ".." in parts or "" in parts:
-            raise ValueError(f"refusing the path {relative!r}")
-        return relative
 
-    @staticmethod
-    def mkdirs(path: str) -> None:
-        """Create ``path`` and its missing parents, each private (0700), as _mkdir_private does."""
-        missing = []
-        while not os.path.isdir(path) and path != os.path.dirname(path):
-            missing.append(path)
-            path = os.path.dirname(path)
-        for folder in reversed(missing):  # its parent exists: only this one is made, private
-            os.makedirs(folder, 0o700, exist_ok=True)
-
-    @staticmethod
-    def blob(store: str, digest: str) -> str:
-        if len(digest) != 64 or digest.strip("0123456789abcdef"):
-            raise ValueError(f"refusing the blob name {digest!r}")
-        return os.path.join(store, "blobs", digest[:2], digest)
-
-    @staticmethod
-    def plan(request: dict[str, Any]) -> dict[str, Any]:
-        store = _HostSync.where(request["store"])
-        missing: list[str] = []
-        manifest = (os.path.join(store, f"{_HostSync.safe(request['snapshot'])}.json")
-                    if request["snapshot"] else "")
-        if manifest and os.path.exists(manifest):  # a snapshot it has whole: no blob is missing
-            os.utime(manifest)  # in use again: a collection leaves it (and its blobs) alone
-        wanted = [] if manifest and os.path.exists(manifest) else request["blobs"]
-        wanted = wanted + request.get("folder_blobs", [])  # and the big files of the job folder
-        for digest in dict.fromkeys(wanted):
-            try:
-                # in use again: a collection leaves it alone
-                os.utime(_HostSync.blob(store, digest))
-            except FileNotFoundError:
-                missing.append(digest)
-        seen = [nonce for nonce in request["nonces"] if os.path.exists(_HostSync.where(nonce))]
-        data = [_HostSync.stale_files(item) for item in request["data"]]
-        return {"missing": missing, "seen": seen, "data": data, "node": os.uname().nodename,
-                "job_exists": os.path.lexists(_HostSync.where(request["job_root"]))}
-
-    @staticmethod
-    def stale_files(item: dict[str, Any]) -> dict[str, Any]:
-        """The files of one data item that differ here (size or whole-second mtime), or a
-        conflict."""
-        import stat
-
-        target = _HostSync.where(item["target"])
-        if os.path.lexists(target) and os.path.isdir(target) != item["dir"]:
-            return {"conflict": f"{item['target']} is a {'file' if item['dir'] else 'folder'} "
-                                "there"}
-        need = []
-        for relative, size, mtime in item["files"]:
-            path = os.path.join(target, _HostSync.safe(relative)) if item["dir"] else target
-            try:
-                info = os.lstat(path)
-            except FileNotFoundError:
-                need.append(relative)
-                continue
-            except NotADirectoryError:
-                return {"conflict": f"a file stands where the folder of {relative} goes"}
-            except PermissionError:
-                return {"conflict": f"{relative or item['target']} cannot be read there"}
-            if stat.S_ISDIR(info.st_mode):
-                return {"conflict": f"{relative or item['target']} is a folder there"}
-            if (not stat.S_ISREG(info.st_mode) or info.st_size != size
-                    or int(info.st_mtime) != mtime):
-                if not item["target"].startswith("~"):  # outside the home stackops only adds files
-                    return {"conflict": f"{relative or item['target']} exists there with other "
-                                        "content "
-                                        "(outside the home, data never replaces a file)"}
-                need.append(relative)
-        return {"need": need}
-
-    @staticmethod
-    def commit(request: dict[str, Any], stream: Any) -> dict[str, Any]:
-        staging = _HostSync.staging(request["job_root"])
+def _handover_plan(request: dict[str, Any]) -> dict[str, Any]:
+    """What this machine lacks for a job (blobs, data files), whether it sees the sender's files
+    (its nonce) and whether the job exists here already; with facts about this machine."""
+    store = _store()
+    wanted = list(request.get("blobs") or [])
+    manifest = store / f"{_safe_relative(request['snapshot'])}.json" if request.get("snapshot") \
+        else None
+    if manifest is not None and manifest.exists():  # a snapshot it has whole: only its use checks
+        os.utime(manifest)
+        wanted = []
+    missing = []
+    for digest in dict.fromkeys(wanted + list(request.get("folder_blobs") or [])):
         try:
-            while True:
-                line = stream.readline()
-                if not line:
+            os.utime(_blob(store, digest))  # in use again: a collection leaves it alone
+        except FileNotFoundError:
+            missing.append(digest)
+    seen = [nonce for nonce in request.get("nonces") or [] if expand_home(nonce).exists()]
+    roots = [expand_home(root) for root in request.get("roots") or [request["job_root"]]]
+    return {"missing": missing, "seen": seen, "node": os.uname().nodename,
+            "data": [_data_plan(item) for item in request.get("data") or []],
+            "exists": [collapse_home(root) for root in roots if os.path.lexists(root)],
+            "facts": _facts(request.get("facts") or [])}
+
+
+def _data_plan(item: dict[str, Any]) -> dict[str, Any]:
+    """The files of one data item that differ here (size, or mtime to the nanosecond), or why it
+    cannot be synced (a conflict)."""
+    target = expand_home(item["target"])
+    if os.path.lexists(target) and target.is_dir() != item["dir"]:
+        kind = "file" if item["dir"] else "folder"
+        return {"conflict": f"{item['target']} is a {kind} there"}
+    need = []
+    for relative, size, mtime_ns in item["files"]:
+        path = target / _safe_relative(relative) if item["dir"] else target
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            need.append(relative)
+            continue
+        except NotADirectoryError:
+            return {"conflict": f"a file stands where the folder of {relative} goes"}
+        except PermissionError:
+            return {"conflict": f"{relative or item['target']} cannot be read there"}
+        if stat.S_ISDIR(info.st_mode):
+            return {"conflict": f"{relative or item['target']} is a folder there"}
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size or info.st_mtime_ns != mtime_ns:
+            if not item["target"].startswith("~"):  # outside the home stackops only adds files
+                return {"conflict": f"{relative or item['target']} exists there with other "
+                                    "content (outside the home, data never replaces a file)"}
+            need.append(relative)
+    return {"need": need}
+
+
+def _facts(wanted: list[str]) -> dict[str, Any]:
+    """What the client asked to know of this machine: its Python, whether it has sbatch (or
+    another command), its GPUs, its CPUs and memory."""
+    facts: dict[str, Any] = {"python": ".".join(map(str, sys.version_info[:3])),
+                             "executable": sys.executable}
+    for name in wanted:
+        if name == "gpus":
+            facts["gpus"] = gpu_ids()
+        elif name == "specs":
+            facts["specs"] = _local_specs()
+        elif name.startswith("command:"):
+            facts[name] = shutil.which(os.path.expanduser(name[8:])) is not None
+        elif name.startswith("exists:"):
+            facts[name] = os.path.lexists(expand_home(name[7:]))
+        elif name.startswith("rclone:"):
+            listed = _run_bounded(["rclone", "listremotes"], 30.0) if shutil.which("rclone") \
+                else None
+            remote = name[7:].split(":", 1)[0] + ":"
+            facts[name] = listed is not None and remote in listed.stdout.split()
+    return facts
+
+
+def _local_specs() -> dict[str, Any]:
+    """This machine's CPUs and memory, as the cluster's load calculators read them."""
+    memory = 0
+    with _suppress(OSError, StopIteration, ValueError, IndexError):
+        with open("/proc/meminfo") as handle:
+            line = next(line for line in handle if line.startswith("MemTotal:"))
+            memory = int(line.split()[1]) * 1024
+    uname = os.uname()
+    return {"os": uname.sysname, "release": uname.release, "machine": uname.machine,
+            "hostname": uname.nodename, "cpu_count": os.cpu_count(), "memory_bytes": memory,
+            "python": sys.executable, "home": os.path.expanduser("~")}
+
+
+def _receive(stream: Any, size: int, path: Path, mode: int, digest: str | None = None,
+             mtime_ns: int | None = None) -> Path:
+    """Read exactly ``size`` bytes into a hidden temp file beside ``path`` (checked against
+    ``digest`` if given); returns it, for the caller to rename into place."""
+    import hashlib
+
+    temp = path.parent / f".{path.name}.{os.urandom(6).hex()}.stackops"
+    hasher = hashlib.sha256() if digest else None
+    try:
+        with open(temp, "xb") as handle:
+            left = size
+            while left:
+                chunk = stream.read(min(left, 1 << 20))
+                if not chunk:
                     raise EOFError("the hand-over broke off")
-                part = _HostSync.value(line)
-                if part.get("end"):
-                    break
-                _HostSync.put(request, staging, part, stream)
-            return _HostSync.finish(request, staging)
-        except BaseException:
-            __import__("shutil").rmtree(staging, ignore_errors=True)
-            raise
+                handle.write(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
+                left -= len(chunk)
+        if hasher is not None and hasher.hexdigest() != digest:
+            raise TransferError(f"blob {digest} arrived damaged: the file changed while it was "
+                                "sent", hint="submit again once the repo is saved")
+        os.chmod(temp, mode)
+        if mtime_ns is not None:
+            os.utime(temp, ns=(mtime_ns, mtime_ns))
+    except BaseException:
+        with _suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    return temp
 
-    @staticmethod
-    def staging(job_root: str) -> str:
-        root = _HostSync.where(job_root)
-        _HostSync.mkdirs(os.path.dirname(root))
-        if os.path.lexists(root):
-            raise FileExistsError(f"{job_root} already exists")
-        staging = f"{os.path.dirname(root)}/.{os.path.basename(root)}.{os.urandom(6).hex()}.partial"
-        os.mkdir(staging, 0o700)
-        return staging
 
-    @staticmethod
-    def put(request: dict[str, Any], staging: str, part: dict[str, Any], stream: Any) -> None:
+def _receive_parts(request: dict[str, Any], staging: Path, stream: Any) -> None:
+    """The parts that follow a header, up to the end line: blobs into the store, data files into
+    place, the job folder's files into ``staging``."""
+    store = _store()
+    while True:
+        line = stream.readline()
+        if not line:
+            raise EOFError("the hand-over broke off")
+        part = json.loads(line)
+        if part.get("end"):
+            return
         kind, _, name = part["name"].partition("/")
         if kind == "b":
-            path, digest = _HostSync.blob(_HostSync.where(request["store"]), name), name
-            _HostSync.mkdirs(os.path.dirname(path))
-            os.replace(_HostSync.receive(stream, part, path, 0o600, digest), path)
+            path = _blob(store, name)
+            _mkdir_private(path.parent)
+            os.replace(_receive(stream, part["size"], path, 0o600, name), path)
         elif kind == "d":
             index, _, relative = name.partition("/")
             item = request["data"][int(index)]
-            target = _HostSync.where(item["target"])
-            path = os.path.join(target, _HostSync.safe(relative)) if item["dir"] else target
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.replace(_HostSync.receive(stream, part, path, part["mode"] & 0o777, None,
-                                         part["mtime"]), path)
+            target = expand_home(item["target"])
+            path = target / _safe_relative(relative) if item["dir"] else target
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(_receive(stream, part["size"], path, part["mode"] & 0o777, None,
+                                part["mtime_ns"]), path)
         elif part.get("dir"):
-            _HostSync.mkdirs(os.path.join(staging, _HostSync.safe(name)))
+            _mkdir_private(staging / _safe_relative(name))
+        elif part.get("link"):
+            os.symlink(part["link"], staging / _safe_relative(name))
         elif part.get("blob"):  # a file of the job folder the store holds (stackops): copied here
-            path = os.path.join(staging, _HostSync.safe(name))
-            _HostSync.mkdirs(os.path.dirname(path))
-            store = _HostSync.where(request["store"])
-            _HostSync.copy_blob(store, part["blob"], path, part["mode"] & 0o700)
+            path = staging / _safe_relative(name)
+            _mkdir_private(path.parent)
+            _copy_verified(_blob(store, part["blob"]), path, part["blob"], part["mode"] & 0o700)
         else:
-            path = os.path.join(staging, _HostSync.safe(name))
-            _HostSync.mkdirs(os.path.dirname(path))
-            os.rename(_HostSync.receive(stream, part, path, part["mode"] & 0o700), path)
+            path = staging / _safe_relative(name)
+            _mkdir_private(path.parent)
+            os.rename(_receive(stream, part["size"], path, part["mode"] & 0o700), path)
 
-    @staticmethod
-    def receive(stream: Any, part: dict[str, Any], path: str, mode: int, digest: str | None = None,
-                mtime: float | None = None) -> str:
-        """Read exactly ``part["size"]`` bytes into a hidden temp file beside ``path`` (checked
-        against ``digest`` if given); returns its name, for the caller to rename into place."""
-        temp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.urandom(6).hex()}.stackops"
-        hasher = __import__("hashlib").sha256() if digest else None
-        try:
-            with open(temp, "xb") as handle:
-                left = part["size"]
-                while left:
-                    chunk = stream.read(min(left, 1 << 20))
-                    if not chunk:
-                        raise EOFError("the hand-over broke off")
-                    handle.write(chunk)
-                    if hasher is not None:
-                        hasher.update(chunk)
-                    left -= len(chunk)
-            if hasher is not None and hasher.hexdigest() != digest:
-                raise ValueError(f"blob {digest} arrived damaged")
-            os.chmod(temp, mode)
-            if mtime is not None:
-                os.utime(temp, (mtime, mtime))
-        except BaseException:
-            if os.path.exists(temp):
-                os.unlink(temp)
-            raise
-        return temp
 
-    @staticmethod
-    def finish(request: dict[str, Any], staging: str) -> dict[str, Any]:
-        """Give the job its copy of the code, record the snapshot, and put the folder in place."""
-        store = _HostSync.where(request["store"])
-        snapshot, entries = request.get("snapshot"), request.get("manifest") or []
-        if snapshot:
-            _HostSync.materialize(store, entries, os.path.join(staging, "code"))
-            manifest = os.path.join(store, f"{_HostSync.safe(snapshot)}.json")
-            if os.path.exists(manifest):
-                os.utime(manifest)
-            # a random temp name: hosts sharing the store may run the same pid (own pid namespaces)
-            else:
-                temp = f"{manifest}.{os.urandom(6).hex()}"
-                with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
-                          "w") as handle:
-                    handle.write(__import__("json").dumps(entries))
-                os.replace(temp, manifest)
-        root = _HostSync.where(request["job_root"])
-        if os.path.lexists(root):
-            raise FileExistsError(f"{request['job_root']} already exists")
-        os.rename(staging, root)
-        removed = _HostSync.collect(store, os.path.dirname(root),
-                                    request["keep_seconds"]) if snapshot else 0
-        return {"placed": request["job_root"], "collected": removed}
+class _Damaged(TransferError):
+    """A blob of the store does not hold what its name (its SHA-256) says."""
 
-    @staticmethod
-    def materialize(store: str, entries: list[list[Any]], folder: str) -> None:
-        """The job's own copy of a snapshot: plain files copied from the blobs (no hard links, so
-        what the job writes never reaches the store or another job), then the symlinks."""
-        _HostSync.mkdirs(folder)
-        made = {folder}
-        for relative, kind, value in entries:
-            path = os.path.join(folder, _HostSync.safe(relative))
-            if os.path.dirname(path) not in made:
-                _HostSync.mkdirs(os.path.dirname(path))
-                made.add(os.path.dirname(path))
-            if kind != "l":
-                _HostSync.copy_blob(store, value, path, 0o700 if kind == "x" else 0o600)
-        for relative, kind, value in entries:
-            if kind == "l":
-                os.symlink(value, os.path.join(folder, relative))
+    def __init__(self, digest: str, path: Path) -> None:
+        super().__init__(f"blob {digest} of {collapse_home(path)} is damaged")
+        self.digest = digest
 
-    @staticmethod
-    def copy_blob(store: str, digest: str, path: str, mode: int) -> None:
-        """A new file ``path`` (mode ``mode``) with the content of a blob of the store."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with open(_HostSync.blob(store, digest), "rb") as source, open(fd, "wb") as copy:
-            for chunk in iter(lambda: source.read(1 << 20), b""):
+
+def _copy_verified(source: Path, target: Path, digest: str, mode: int) -> None:
+    """A new file ``target`` (mode ``mode``) with the content of ``source``, which must hash to
+    ``digest``: a blob of a store or a file of a work tree. A mismatch leaves nothing behind and
+    raises _Damaged (a damaged blob is also removed from its store: it is asked for again)."""
+    import hashlib
+
+    hasher = hashlib.sha256()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with open(source, "rb") as reader, open(fd, "wb") as copy:
+            for chunk in iter(lambda: reader.read(1 << 20), b""):
+                hasher.update(chunk)
                 copy.write(chunk)
+        if hasher.hexdigest() != digest:
+            raise _Damaged(digest, source)
+    except BaseException:
+        with _suppress(FileNotFoundError):
+            os.unlink(target)
+        raise
 
-    @staticmethod
-    def collect(store: str, queued: str, keep_seconds: float) -> int:
-        """At most once a day: remove the snapshots no job folder under ``queued`` refers to and
-        older than ``keep_seconds``, then the blobs no remaining snapshot uses, as old."""
-        import time
 
-        stamp = os.path.join(store, ".collected")
-        now = time.time()
-        if os.path.exists(stamp) and now - os.stat(stamp).st_mtime < 86400:
-            return 0
-        import json
+def materialize(entries: list[list[Any]], source_of: Callable[[str], Path], folder: Path) -> None:
+    """The job's own copy of a code snapshot (``[path, kind, sha256 or link target]`` entries),
+    made in ``folder`` (new, beside its final place: it appears whole when renamed): plain files
+    copied from ``source_of(digest)`` and checked against their hash as they are copied (no hard
+    links: what the job writes never reaches the store or another job), then the links."""
+    _mkdir_private(folder)
+    made = {str(folder)}
+    for relative, kind, value in entries:
+        path = folder / _safe_relative(relative)
+        if str(path.parent) not in made:
+            _mkdir_private(path.parent)
+            made.add(str(path.parent))
+        if kind != "l":
+            _copy_verified(source_of(value), path, value, 0o700 if kind == "x" else 0o600)
+    for relative, kind, value in entries:
+        if kind == "l":
+            os.symlink(value, folder / relative)
 
-        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT, 0o600))
-        os.utime(stamp)
-        used = set()
-        for name in os.listdir(queued):
+
+def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: Any,
+                     say: Callable[[dict[str, Any]], None]) -> list[Path]:
+    """Take the parts, give the job (or the sweep's shared folder) its code, put it in place, and
+    write the members of a sweep or array; a damaged blob met on the way is asked for again
+    (``say``), at most twice. Returns the job folders written (nothing is left on a failure)."""
+    store = _store()
+    root = expand_home(request["job_root"])
+    staging = _staging(root)
+    try:
+        _receive_parts(request, staging, stream)
+        for _ in range(3):
             try:
-                with open(os.path.join(queued, name, "data", "job_params.json")) as handle:
-                    used.add(json.load(handle).get("code_snapshot"))
-            except (OSError, ValueError, AttributeError):
-                continue
-        removed, keep = 0, set()  # type: tuple[int, set[str]]
-        for name in os.listdir(store):
-            path = os.path.join(store, name)
-            if not name.endswith(".json"):
-                continue
-            if name[:-5] not in used and now - os.stat(path).st_mtime > keep_seconds:
-                os.unlink(path)
-                removed += 1
-                continue
-            with open(path) as handle:
-                keep.update(value for _, kind, value in json.load(handle) if kind != "l")
-        blobs = os.path.join(store, "blobs")
-        for folder in os.listdir(blobs) if os.path.isdir(blobs) else []:
-            for digest in os.listdir(os.path.join(blobs, folder)):
-                path = os.path.join(blobs, folder, digest)
-                if digest not in keep and now - os.stat(path).st_mtime > keep_seconds:
-                    os.unlink(path)
-        return removed
+                if header.get("manifest"):
+                    shutil.rmtree(staging / CODE_DIR, ignore_errors=True)
+                    materialize(header["manifest"], lambda digest: _blob(store, digest),
+                                staging / CODE_DIR)
+                break
+            except _Damaged as exc:
+                _remove(_blob(store, exc.digest))
+                say({"resend": [exc.digest]})
+                _receive_parts(request, staging, stream)
+        else:
+            raise TransferError("the snapshot store keeps damaging blobs",
+                                hint="check the host's disk")
+        _keep_manifest(store, request.get("snapshot"), header.get("manifest"))
+        if os.path.lexists(root):
+            raise ConfigError(f"job {root.name!r} already exists at {collapse_home(root)}")
+        os.rename(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [root] + _write_members(root, header.get("members") or [])
 
 
-_HOST_SYNC_SOURCE: list[str] = []
+def _staging(root: Path) -> Path:
+    """A hidden staging folder beside ``root`` (whose parent must be yours alone)."""
+    _trusted_dir(root.parent, "base folder")
+    if os.path.lexists(root):
+        raise ConfigError(f"job {root.name!r} already exists at {collapse_home(root)}",
+                          hint="choose another job_id, or leave it out for a fresh one")
+    staging = root.parent / f".{root.name}.{os.urandom(6).hex()}.partial"
+    staging.mkdir(mode=0o700)
+    return staging
 
 
-def _host_sync_source() -> str:
-    """The source that the executing machine runs for a hand-over: _HostSync, cut from this file
-    (inspect.getsource would parse the whole module: most of a second)."""
-    if not _HOST_SYNC_SOURCE:
-        text = _own_file().read_text(encoding="utf-8")  # under cProfile, __main__ is cProfile
-        start = text.index("\nclass _HostSync:")
-        end = text.index("\ndef _host_sync_source()", start)
-        body = text[start:end].rsplit("\n_HOST_SYNC_SOURCE", 1)[0]
-        _HOST_SYNC_SOURCE.append("from __future__ import annotations\nimport os\n" + body
-                                 + '\nif __name__ == "__main__":\n    _HostSync.main()\n')
-    return _HOST_SYNC_SOURCE[0]
+def _keep_manifest(store: Path, snapshot: str | None, entries: list[Any] | None) -> None:
+    if not snapshot or entries is None:
+        return
+    manifest = store / f"{_safe_relative(snapshot)}.json"
+    if manifest.exists():
+        os.utime(manifest)
+    else:
+        _write_plain(manifest, json.dumps(entries))
 
 
-# -- sweeps: the executing machine's half ------------------------------------------------------
-# A sweep is many jobs of one function, one per line of kwargs. What they have in common (this
-# file, the wrapper, the launcher, the code snapshot, the job parameters and config) is in one
-# folder named after the sweep, {base}/queued/<sweep id>, which is no job itself (it has no
-# file_manager.json); each job's folder <sweep id>-K beside it holds its own files (kwargs,
-# file_manager.json, logs) and relative links to the shared parts. The links keep every path a
-# job is known by (its launcher's and wrapper's command line, checked by status and cancel) the
-# same as for any other job.
+def _write_members(shared: Path, members: list[list[Any]]) -> list[Path]:
+    """The members of a sweep or an array beside its shared folder (see write_sweep_job); all of
+    them or none."""
+    written: list[Path] = []
+    try:
+        links = sweep_links(shared.parent, shared.name)
+        for job_id, files in members:
+            written.append(write_sweep_job(shared.parent, job_id, files, links))
+    except BaseException:
+        for root in written:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    return written
 
-SWEEP_JSON = "data/sweep.json"  # in the sweep's shared folder: its id and its jobs' ids
+
+def collect_snapshots(store: Path, queued: Path, keep_seconds: float) -> int:
+    """At most once a day: remove the snapshots no job folder under ``queued`` refers to and
+    older than ``keep_seconds``, then the blobs no remaining snapshot uses, as old."""
+    stamp = store / ".collected"
+    now = time.time()
+    if stamp.exists() and now - stamp.stat().st_mtime < 86400:
+        return 0
+    _write_plain(stamp, "")
+    used = set()
+    for name in os.listdir(queued):
+        with _suppress(OSError, ValueError, AttributeError, StackopsError):
+            used.add(_read_json(queued / name / JOB_PARAMS_JSON).get("code_snapshot"))
+    removed, keep = 0, set()
+    for path in store.glob("*.json"):
+        if path.stem not in used and now - path.stat().st_mtime > keep_seconds:
+            path.unlink()
+            removed += 1
+            continue
+        with _suppress(OSError, ValueError):
+            keep.update(value for _, kind, value in json.loads(path.read_text()) if kind != "l")
+    for path in store.glob("blobs/*/*"):
+        if path.name not in keep and now - path.stat().st_mtime > keep_seconds:
+            path.unlink()
+    return removed
+
+
+# -- sweeps and arrays: the members beside a shared folder -------------------------------------
+# A sweep is many jobs of one function, one per line of kwargs; a Slurm array is many tasks of one
+# job, one per slice of the workload. What they have in common (this file, the wrapper, the code
+# snapshot, the job parameters and config) is in one folder named after the sweep or array,
+# {base}/queued/<id>; each member's folder <id>-K beside it holds its own files (kwargs,
+# file_manager.json, its record, logs) and relative links to the shared parts. The links keep every
+# path a job is known by the same as for any other job.
+
+SWEEP_JSON = "data/sweep.json"  # in the shared folder: its id and its members' ids
 _SWEEP_SHARED = ("python", "shell", CODE_DIR, JOB_PARAMS_JSON, CONFIG_JSON, INSTANCE_PICKLE)
 
 
 def sweep_links(queued: Path, sweep_id: str) -> dict[str, str]:
-    """The links a job folder of sweep ``sweep_id`` holds: {its path: the relative target}, for
-    each shared part the sweep's folder has."""
+    """The links a member folder of ``sweep_id`` holds: {its path: the relative target}, for
+    each shared part the shared folder has."""
     shared = queued / sweep_id
     links = {}
     for relative in _SWEEP_SHARED:
@@ -3527,9 +3851,9 @@ def sweep_links(queued: Path, sweep_id: str) -> dict[str, str]:
 
 def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
                     links: dict[str, str]) -> Path:
-    """One job folder of a sweep, put in place whole (built under a hidden name, then renamed):
-    ``files`` (relative path: text) and ``links`` (see sweep_links). A folder of that name that
-    exists already is an error, never replaced. Plain string paths: a sweep writes thousands."""
+    """One member folder, put in place whole (built under a hidden name, then renamed): ``files``
+    (relative path: text) and ``links`` (see sweep_links). A folder of that name that exists
+    already is an error, never replaced. Plain string paths: a sweep writes thousands."""
     root = os.path.join(queued, check_safe_name(job_id))
     if os.path.lexists(root):
         raise ConfigError(f"job {job_id!r} already exists at {collapse_home(root)}")
@@ -3548,109 +3872,6 @@ def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Path(root)
-
-
-def _sweep_state(manager: FileManager) -> tuple[str, Path]:
-    """(STACKOPS_STATE_DIR for the launchers, the pool's folder with queue/ and slots/)."""
-    fixed = manager.state_dir or os.environ.get("STACKOPS_STATE_DIR")
-    root = Path(os.path.abspath(expand_home(fixed))) if fixed else state_dir()
-    return str(root), (root / "pools" / manager.pool if manager.pool else root)
-
-
-def fire_sweep_jobs(roots: list[Path]) -> list[int]:
-    """Start the jobs in folders ``roots`` (of one sweep, on this machine) in this order, from
-    this process, as their fire commands would: each becomes an entry of the machine's queue
-    (consecutive tickets keep their order; the environment they start with is this process's,
-    recorded once for the sweep), and the queue's dispatcher starts them as slots free up.
-    Returns, per job, the pid the fire command prints (the dispatcher's). Jobs that take no
-    slot start at once (their launchers' pids). The folders are checked as the fire checks them."""
-    if not roots:
-        return []
-    first = FileManager.from_job_root(roots[0])
-    _trusted_dir(roots[0].parent, "base folder")
-    if not first.lock_resources:
-        return [_start_launcher(os.path.realpath(root), dict(os.environ)) for root in roots]
-    fixed, pool = _sweep_state(first)
-    slots = Slots(pool)
-    slots._ensure()
-    shared_env = _sweep_fire_env(roots[0], fixed)
-    queued = os.path.realpath(roots[0].parent)  # the launcher's command line names its exact path
-    queue = str(slots.queue)
-    ticket = time.time_ns()
-    for index, root in enumerate(roots):
-        job_root = os.path.join(queued, root.name)
-        name = f"{ticket + index:019d}"
-        _write_plain(os.path.join(job_root, TICKET_TXT), name)
-        with _suppress(FileExistsError):
-            os.symlink(shared_env, os.path.join(job_root, FIRE_ENV))
-        _write_plain(os.path.join(queue, f"{name}-{root.name}"), job_root)
-    pid = slots.ensure_dispatcher(Path(queued) / roots[0].name)
-    return [pid or 0] * len(roots)
-
-
-def _sweep_fire_env(job_root: Path, fixed_state: str) -> str:
-    """The environment a sweep's jobs start with (as ``env -0`` records it for one fire), written
-    once into the sweep's folder; returns the relative link a job's ``logs/fire_env`` is."""
-    sweep_id = os.readlink(job_root / "python").split("/")[1]  # ../<sweep id>/python
-    env = dict(os.environb)
-    env[b"STACKOPS_STATE_DIR"] = os.fsencode(fixed_state)
-    env.pop(b"PWD", None)  # each job's bash sets its own
-    text = b"".join(key + b"=" + value + b"\0" for key, value in env.items())
-    _write_plain(job_root.parent / sweep_id / "data" / "fire_env", text)
-    return f"../../{sweep_id}/data/fire_env"
-
-
-def _write_plain(path: str | Path, text: str | bytes) -> None:
-    """A small file that appears whole (temp, rename), without fsync: a sweep writes thousands."""
-    folder, name = os.path.split(path)
-    temp = f"{folder}/.{name}.{os.getpid()}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as handle:
-        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
-    os.replace(temp, path)
-
-
-def _start_launcher(job_root: str, env: dict[str, str]) -> int:
-    """The job's launcher, detached (its own session), output to its log; returns its pid."""
-    with open(os.path.join(job_root, OUTPUT_LOG), "ab") as output:
-        launcher = subprocess.Popen(["bash", os.path.join(job_root, LAUNCHER_SH)], cwd=job_root,
-                                    stdin=subprocess.DEVNULL, stdout=output,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return launcher.pid
-
-
-def sweep_host_main() -> None:
-    """The executing machine's end of a sweep's hand-over (stdin: one JSON request): write the
-    job folders (unless the host sees ours: a shared home), then fire them. Refuses, before
-    writing any, a job folder that exists. Prints {"pids": [...]}."""
-    try:
-        _sweep_host(json.loads(sys.stdin.read()))
-    except StackopsError as exc:  # refused: one line, as the CLI says it
-        sys.stderr.write(f"stackops: error: {exc}\n")
-        raise SystemExit(3) from None
-
-
-def _sweep_host(request: dict[str, Any]) -> None:
-    queued = expand_home(request["queued"])
-    sweep_id = check_safe_name(request["sweep_id"])
-    jobs = request["jobs"]
-    taken = [job_id for job_id, _ in jobs if os.path.lexists(queued / check_safe_name(job_id))]
-    if request["write"] and taken:
-        raise ConfigError(f"{len(taken)} job(s) of sweep {sweep_id} exist already there: "
-                          f"{', '.join(taken[:3])}")
-    written: list[Path] = []
-    try:
-        if request["write"]:
-            links = sweep_links(queued, sweep_id)
-            for job_id, files in jobs:
-                written.append(write_sweep_job(queued, job_id, files, links))
-        roots = [queued / job_id for job_id, _ in jobs]
-        pids = fire_sweep_jobs(roots) if request["fire"] else []
-    except BaseException:  # what this call wrote goes; an entry left behind is stale without it
-        for root in written:
-            shutil.rmtree(root, ignore_errors=True)
-        raise
-    sys.stdout.write(json.dumps({"pids": pids}) + "\n")
 
 
 # ============================================================================================
@@ -3965,16 +4186,55 @@ def switch_public_ip_address(max_trials: int = 10, wait_seconds: float = 2.0,
 # 10. SSH (paramiko, imported lazily)
 # ============================================================================================
 
-# Runs a stackops.py read from stdin as the module ``stackops`` and calls its executing-side entry
-# (main(argv), with an error reported as a record: see _raise_remote_error).
-REMOTE_ENTRY_PY = """import sys, types
-source = sys.stdin.buffer.read()
-module = types.ModuleType("stackops")
-module.__file__ = "stackops.py"
-sys.modules["stackops"] = module
-exec(compile(source, "stackops.py", "exec"), module.__dict__)
-sys.exit(module._serve(sys.argv[1:]))
+# The executing side's one program on a host: this boot (run as ``python3 -S -c BOOT FENCE``)
+# checks the host's snapshot store as any folder of ours is checked (yours alone, up to /), finds
+# this very version of stackops there by its SHA-256 (or says it needs it, and this machine sends
+# it on the same channel), checks the file against its hash, imports it and calls serve(): JSON
+# requests in, JSON answers out. The fence line it prints first is what the client waits for, so
+# a login file's chatter before it is skipped.
+SERVE_BOOT_PY = r"""import hashlib,os,sys
+o=sys.stdout.buffer;i=sys.stdin.buffer;h=@@digest;f=sys.argv[1]
+def say(w):o.write((f+' '+w+'\n').encode());o.flush()
+def bad(w):say('error '+w);sys.exit(3)
+if sys.version_info<(3,8):bad('its python3 is '+sys.version.split()[0]+': stackops needs 3.8+')
+os.umask(63);d=os.path.expanduser(@@store)
+try:os.makedirs(d,448,exist_ok=True)
+except OSError as e:bad('cannot make '+d+': '+str(e))
+p=os.path.realpath(d);u=os.getuid()
+while 1:
+ s=os.stat(p);r=s.st_uid==0 and s.st_mode&512
+ if s.st_uid not in(u,0) or s.st_mode&18 and not r:bad('refusing the store '+d+': '+p+' could be changed by another user (uid %d, mode %o)'%(s.st_uid,s.st_mode&4095))
+ if r or p=='/':break
+ p=os.path.dirname(p)
+v=os.path.join(d,'stackops-'+h[:24]);m=os.path.join(v,'stackops.py')
+def ok():
+ try:
+  with open(m,'rb') as r:return hashlib.sha256(r.read()).hexdigest()==h
+ except OSError:return False
+if not ok():
+ say('need');b=i.read(int(i.readline()))
+ if hashlib.sha256(b).hexdigest()!=h:bad('stackops.py arrived damaged')
+ __import__('shutil').rmtree(v,True);os.makedirs(v,448,exist_ok=True);t=m+'.'+os.urandom(6).hex()
+ with open(os.open(t,os.O_WRONLY|os.O_CREAT|os.O_EXCL,384),'wb') as w:w.write(b)
+ os.replace(t,m)
+say('ready');sys.path.insert(0,v);import stackops;sys.exit(stackops.serve([]))
 """
+_OWN_SOURCE: list[bytes] = []  # this file's bytes, read once
+
+
+def _own_source() -> bytes:
+    if not _OWN_SOURCE:
+        _OWN_SOURCE.append(_own_file().read_bytes())
+    return _OWN_SOURCE[0]
+
+
+def _serve_command(python: str, fence: str) -> str:
+    """The command that runs serve() on a host with ``python`` (see SERVE_BOOT_PY)."""
+    import hashlib
+
+    boot = render_template(SERVE_BOOT_PY, digest=repr(hashlib.sha256(_own_source()).hexdigest()),
+                           store=repr(DEFAULT_SNAPSHOT_DIR))
+    return f"{shlex.quote(python)} -S -c {shlex.quote(boot)} {fence}"
 
 
 def _paramiko() -> Any:
@@ -4120,27 +4380,6 @@ def _raise_remote_error(response: Response, prefix: str = "", hint: str | None =
                      if not line.startswith(ERROR_RECORD_PREFIX))
     raise CommandError(response.host, response.command, response.returncode,
                        said or response.stdout)
-
-
-REMOTE_FACTS_PY = r"""
-import json, os, sys
-mem, uname = 0, os.uname()
-try:
-    with open("/proc/meminfo") as f:
-        mem = int(next(l for l in f if l.startswith("MemTotal:")).split()[1]) * 1024
-except Exception:
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
-print(json.dumps({"os": uname.sysname, "release": uname.release, "machine": uname.machine,
-                  "hostname": uname.nodename, "python": sys.executable,
-                  "python_version": ".".join(map(str, sys.version_info[:3])),
-                  "home": os.path.expanduser("~"),
-                  "user": os.environ.get("USER") or os.environ.get("LOGNAME") or "",
-                  "cpu_count": os.cpu_count(),
-                  "memory_bytes": mem}))
-"""
 
 
 _QUICKACK_SOCKET: Any = None
@@ -4397,18 +4636,13 @@ class SSH:
                                           hint=f"is {self.target.alias} reachable? (timeout "
                                                f"{self.timeout:g}s)") from exc
 
-    def run_stackops(self, args: list[str], timeout: float | None = None,
-                     python: str = "python3") -> Response:
-        """Run this very module on the host (sent over stdin, nothing installed or written there)
-        as ``stackops ARGS``; strict: an error there is raised here as the same StackopsError
-        (see _raise_remote_error)."""
-        source = _own_file().read_bytes()
-        command = " ".join(shlex.quote(part) for part in [python, "-S", "-c", REMOTE_ENTRY_PY,
-                                                          *args])
-        response = self.run_shell_cmd_on_remote(command, timeout, strict=False, stdin=source)
-        if not response.ok:
-            _raise_remote_error(response, f"on {self.target.alias}: ")
-        return response
+    def serve(self, requests: list[dict[str, Any]], python: str = "python3",
+              talk: Callable[..., Any] | None = None, timeout: float | None = None) -> list[Any]:
+        """Run the executing side's program on the host (serve(): this very version of stackops,
+        kept in the host's snapshot store and sent only when it lacks it) in one command, and
+        return each request's answer; an error the host reports is raised here as the same
+        StackopsError. ``talk(write, readline)`` carries a hand-over's own conversation."""
+        return _serve_remotely(self, requests, python, talk, timeout)
 
     def run_py_remotely(self, code: str, timeout: float | None = None, strict: bool = True,
                         python: str = "python3") -> Response:
@@ -4420,10 +4654,7 @@ class SSH:
     def remote_specs(self) -> dict[str, Any]:
         """OS, python, home, cpu count and memory of the host, read once, standard library only."""
         if self._specs is None:
-            # -S and no platform module: the probe's whole cost is the interpreter's start (~9 ms)
-            facts = self.run_shell_cmd_on_remote("python3 -S -", self.timeout,
-                                                 stdin=REMOTE_FACTS_PY.encode())
-            self._specs = json.loads(facts.stdout)
+            self._specs = self.serve([{"action": "facts", "facts": ["specs"]}])[0]["specs"]
         return self._specs
 
     def simple_sftp_get(self, remote_path: str, local_path: str | os.PathLike[str]) -> None:
@@ -4924,11 +5155,15 @@ def _discard(ssh: SSH, staging: str) -> None:
 
 def _stream_command(ssh: SSH, command: str,
                     produce: Callable[[Callable[[bytes], None], Callable[[], bytes]], None],
-                    progress: Callable[[int], None] | None = None) -> Response:
+                    progress: Callable[[int], None] | None = None,
+                    timeout: float | None = None) -> Response:
     """SSH.stream_command: ``produce(write, readline)`` feeds the command's stdin and may read
-    its answers line by line; then the rest of its output is read (not strict)."""
+    its answers line by line; then the rest of its output is read (not strict). Silence in
+    both directions for ``timeout`` (default: the connection's) counts as a lost host."""
     channel = _transfer_channel(ssh)
-    watchdog = _Watchdog(ssh)
+    if timeout is not None:
+        channel.settimeout(timeout)
+    watchdog = _Watchdog(ssh, timeout)
     sent, pending = [0], bytearray()
 
     def write(data: bytes) -> None:
@@ -4944,6 +5179,7 @@ def _stream_command(ssh: SSH, command: str,
             if not chunk:
                 return b""
             pending.extend(chunk)
+            watchdog.tick()
         line, _, rest = bytes(pending).partition(b"\n")
         pending[:] = rest
         return line + b"\n"
@@ -4965,6 +5201,77 @@ def _stream_command(ssh: SSH, command: str,
         channel.close()
     return Response((bytes(pending) + out).decode("utf-8", "replace"),
                     err.decode("utf-8", "replace"), status, command, str(ssh.target))
+
+
+def _serve_remotely(ssh: SSH, requests: list[dict[str, Any]], python: str = "python3",
+                    talk: Callable[..., Any] | None = None,
+                    timeout: float | None = None) -> list[Any]:
+    """SSH.serve: one command on the host, one shell start; the boot first (see SERVE_BOOT_PY),
+    then each request and its answer line in turn."""
+    fence = f"--stackops-{random.getrandbits(64):016x}"
+    answers: list[Any] = []
+    said: list[str] = []
+
+    def produce(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
+        word = _boot_word(readline, fence)
+        if word == "need":
+            source = _own_source()
+            write(b"%d\n" % len(source) + source)
+            word = _boot_word(readline, fence)
+        if word != "ready":
+            said.append(word)
+            return
+        for request in requests:
+            write(json.dumps(request).encode() + b"\n")
+            line = talk(write, readline) if talk is not None and request.get("action") == \
+                "handover" else readline()
+            if not line:
+                return
+            answers.append(_answer_of(line, ssh.target.alias))
+        write(b"\n")
+
+    response = _stream_command(ssh, _serve_command(python, fence), produce,
+                               timeout=max(timeout or 0.0, ssh.timeout))
+    if len(answers) == len(requests):
+        return answers
+    why = said[0][6:] if said and said[0].startswith("error ") else \
+        _last_line(response.stderr) or f"exit status {response.returncode}"
+    if response.returncode == 127 or "not found" in why and python in why:
+        raise ConfigError(f"the interpreter {python!r} is not found on {ssh.target.alias}",
+                          hint="install python3 (3.8+) there, or pass --python with one it has")
+    raise CommandError(ssh.target.alias, "stackops (the executing side)", response.returncode,
+                       why + ("\n" + _tail(response.stderr, 5) if response.stderr else ""))
+
+
+def _boot_word(readline: Callable[[], bytes], fence: str) -> str:
+    """What the boot said after the fence (``ready``, ``need``, ``error ...``); a login file's
+    chatter before it is skipped; "" when the host said nothing of the kind."""
+    while True:
+        line = readline()
+        if not line:
+            return ""
+        text = line.decode("utf-8", "replace")
+        if text.startswith(fence + " "):
+            return text[len(fence) + 1:].strip()
+
+
+def _answer_of(line: bytes, host: str) -> Any:
+    """The value of one answer line of serve(), or the StackopsError it reports, raised."""
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        raise TransferError(f"{host} answered something unreadable: "
+                            f"{_shorten(line.decode('utf-8', 'replace'), 200)}") from None
+    if not isinstance(answer, dict) or ("ok" not in answer and "error" not in answer):
+        raise TransferError(f"{host} answered something unexpected: {_shorten(repr(answer), 200)}")
+    if "ok" in answer:
+        return answer["ok"]
+    record = answer["error"] if isinstance(answer["error"], dict) else {}
+    error = _error_from_record(record, f"on {host}: ")
+    if error is None:
+        raise CommandError(host, "stackops (the executing side)", None,
+                           str(record.get("evidence") or record.get("message") or record))
+    raise error
 
 
 def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, compress: bool,
@@ -5092,10 +5399,11 @@ class _Watchdog:
     forever on a socket that stopped taking data (a cut link sends no error, it just goes quiet);
     closing the connection makes the stuck write fail at once."""
 
-    def __init__(self, ssh: SSH) -> None:
+    def __init__(self, ssh: SSH, limit: float | None = None) -> None:
         import threading
 
         self.ssh, self.fired, self.last = ssh, False, time.monotonic()
+        self.limit = limit or ssh.timeout
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stackops-watchdog", daemon=True)
 
@@ -5112,8 +5420,8 @@ class _Watchdog:
         self.last = time.monotonic()
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.ssh.timeout / 4)):
-            if time.monotonic() - self.last > self.ssh.timeout:
+        while not self._stop.wait(min(1.0, self.limit / 4)):
+            if time.monotonic() - self.last > self.limit:
                 self.fired = True
                 self.ssh._lost()
                 return
@@ -5285,25 +5593,6 @@ def check_cloud_remote(cloud_name: str) -> None:
                           hint="add it with: rclone config")
 
 
-def _archive_members(job_root_rh: str, repo: str | None, data: list[str]) -> list[str]:
-    """The top-level members of a job's archive: the job folder, its repo and its data, each as
-    its path relative to home (so it unpacks into the same places under another home)."""
-    paths = [job_root_rh] + ([repo] if repo else []) + list(data)
-    return [_home_relative(expand_home(path))[2:] for path in paths]
-
-
-def _pack(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
-    """One tar of a job folder, its repo (caches and .git left out) and its data, with paths
-    relative to home, so it unpacks into the same places under another home."""
-    members = _archive_members(collapse_home(job_root), repo, data)
-    tar = subprocess.run(["tar", "cf", str(archive), "-C", str(Path.home()),
-                          *[f"--exclude={e}" for e in REPO_EXCLUDES], "--", *members],
-                         capture_output=True, text=True)
-    if tar.returncode != 0:
-        raise TransferError(f"packing {job_root.name} failed: {_last_line(tar.stderr)}")
-    return archive
-
-
 def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
     """One tar of a cloud unit, laid out so that a worker unpacks it into the unit's own folder:
     ``job/`` (the job folder), ``code/`` (the repo, caches and .git left out) and ``home/<path>``
@@ -5334,94 +5623,36 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-JOB_EXISTS_STATUS = 5  # what the host's check answers when the job folder is there already
-# Before a cloud upload, on the host: is the job there already; which remotes has its rclone?
-CLOUD_CHECK_TEMPLATE = ("if test -e @@job_root; then exit @@exists; fi; "
-                        "command -v rclone >/dev/null && rclone listremotes")
-
-
 def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams,
                    file_manager: FileManager, data: list[str]) -> tuple[str, str]:
-    """Pack the job folder (and the repo with ``copy_repo``, and the data) into one archive and
+    """Pack the job folder (with its code, for ``copy_repo``) and its data into one archive and
     upload it with rclone; the host fetches it with its own rclone when the job is fired.
     One object instead of thousands of files: rclone's per-file hash check runs once.
-    Returns (where the archive is, its SHA-256): the fire command checks the digest on the host
-    before it unpacks anything, so an archive another writer of the bucket replaced is refused.
-    A job id whose folder exists on the host is refused before anything is uploaded."""
+    Returns (where the archive is, its SHA-256): the host checks the digest before it unpacks
+    anything, so an archive another writer of the bucket replaced is refused. With ``ssh``, a
+    job id whose folder exists on the host, or a host whose rclone lacks the remote, is refused
+    before anything is uploaded."""
     cloud = config.cloud_name or ""
     check_cloud_remote(cloud)
     if ssh is not None:
-        check = render_template(CLOUD_CHECK_TEMPLATE, job_root=file_manager._job_root_sh(),
-                                exists=str(JOB_EXISTS_STATUS))
-        remote = ssh.run_shell_cmd_on_remote(check, timeout=60, strict=False)
-        if remote.returncode == JOB_EXISTS_STATUS:
+        facts = ssh.serve([{"action": "facts",
+                            "facts": [f"exists:{file_manager.job_root_rh}", f"rclone:{cloud}"]}])[0]
+        if facts.get(f"exists:{file_manager.job_root_rh}"):
             raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias} "
                               f"at {file_manager.job_root_rh}",
                               hint="choose another job_id, or leave it out for a fresh one")
-        if remote.returncode != 0 or f"{cloud.split(':', 1)[0]}:" not in remote.stdout.split():
-            raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r} "
-                              f"({_last_line(remote.stderr) or 'rclone there does not know it'})",
+        if not facts.get(f"rclone:{cloud}"):
+            raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r}",
                               hint="install rclone on the host and configure the same remote there")
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
-        _pack(archive, file_manager.job_root, None, data)  # copy_repo: the folder holds its code
+        _pack_unit(archive, file_manager.job_root, None, data)
         digest = _sha256_file(archive)
         target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
         _rclone("copyto", str(archive), target, what=f"upload to {target}")
     finally:
         shutil.rmtree(archive.parent, ignore_errors=True)
     return target, digest
-
-
-# Run by the fire command on the host (bash): fetch the job's archive into a private staging
-# folder beside the job folder, check its SHA-256 against the one recorded at upload, accept only
-# members under the job folder, the code and the data, move the job folder into place (never over
-# an existing one), put the code and the data at their home-relative places, and remove the
-# archive from the bucket.
-CLOUD_FETCH_TEMPLATE = r"""umask 077; J=@@job_root; P=$(dirname "$J")
-_no() { echo "stackops: $1" >&2; exit 3; }
-if [ -e "$J" ]; then  # fetched before from this very archive (a fire that failed later): go on
-    [ "$(cat "$J/logs/archive_sha256.txt" 2>/dev/null)" = @@sha256 ] && exit 0
-    _no "job folder $J already exists on this host: a job id runs once"
-fi
-mkdir -p "$P" && S=$(mktemp -d "$P/.stackops-fetch.XXXXXX") || _no "no staging folder in $P"
-trap 'rm -rf "$S"' EXIT
-rclone copyto @@source "$S/job.tar" || _no "rclone could not fetch "@@source
-h=$({ sha256sum || shasum -a 256; } < "$S/job.tar" 2>/dev/null); h=${h%% *}
-[ "$h" = @@sha256 ] || _no "the archive "@@source" is not the one uploaded (its sha256 is \
-${h:-unknown}, expected "@@sha256"): another writer of the bucket replaced it; nothing was unpacked"
-{ tar --quoting-style=literal -tf "$S/job.tar" 2>/dev/null || tar tf "$S/job.tar"; } >"$S/members" \
-    || _no "cannot list the archive "@@source
-while IFS= read -r m; do
-    case "/$m/" in */../*) _no "archive member $m climbs out; nothing was unpacked";; esac
-    case "$m" in @@allowed) ;; *) _no "archive member $m is not in the job folder, the code or \
-the data; nothing was unpacked" ;; esac
-done < "$S/members"
-mkdir "$S/x" && tar xf "$S/job.tar" -C "$S/x" --no-same-owner -- @@job_member \
-    && printf '%s' @@sha256 > "$S/x/"@@job_member/logs/archive_sha256.txt \
-    || _no "cannot unpack the job folder"
-mv -T "$S/x/"@@job_member "$J" || _no "job folder $J already exists on this host: an id runs once"
-@@others
-rclone deletefile @@source 2>/dev/null || echo "stackops: could not remove "@@source >&2
-true"""
-
-
-def cloud_fetch_command(cloud_name: str, job_id: str, sha256: str, members: list[str]) -> str:
-    """Shell that fetches a job's archive, checks it and unpacks it on the machine that runs it
-    (``members``: the job folder first, then the code and the data, relative to home)."""
-    if not re.match(r"[0-9a-f]{64}\Z", sha256 or ""):
-        raise StackopsError(f"job {job_id} has no recorded archive digest", hint="submit it again")
-    source = shlex.quote(f"{cloud_base(cloud_name)}/jobs/{check_safe_name(job_id)}.tar")
-    quoted = [shlex.quote(m) for m in members]
-    allowed = "|".join(f"{q}|{q}/*" for q in quoted)
-    others = ": no code or data"
-    if members[1:]:
-        others = (f'tar xf "$S/job.tar" -C "$HOME" --no-same-owner -- {" ".join(quoted[1:])} '
-                  '|| _no "cannot unpack the code and the data"')
-    script = render_template(CLOUD_FETCH_TEMPLATE, job_root=_sh_path("~/" + members[0]),
-                             source=source, sha256=shlex.quote(sha256), allowed=allowed,
-                             job_member=quoted[0], others=others)
-    return f"bash -c {shlex.quote(script)}"
 
 
 # ============================================================================================
@@ -5766,7 +5997,7 @@ def scm_version(repo: Path) -> str:
 
 def _data_items(data: list[str]) -> list[dict[str, Any]]:
     """Each data path as it travels: its target (home-relative, or absolute outside the home),
-    whether it is a folder, and its files with size and whole-second mtime (and local path)."""
+    whether it is a folder, and its files with size and mtime in ns (and local path)."""
     items = []
     for text in data:
         path = expand_home(text)
@@ -5782,11 +6013,29 @@ def _data_items(data: list[str]) -> list[dict[str, Any]]:
                         found.append((full, full.relative_to(path).as_posix()))
         for full, relative in found:
             info = full.stat()
-            files.append([relative, info.st_size, int(info.st_mtime)])
+            files.append([relative, info.st_size, info.st_mtime_ns])
             sources[relative] = full
         items.append({"target": collapse_home(path), "dir": path.is_dir(), "files": files,
                       "sources": sources})
     return items
+
+
+def _code_into(root: Path, snapshot: tuple[str, list[list[Any]], dict[str, Path]]) -> None:
+    """The job folder's own copy of its code snapshot, made here from the work tree, every file
+    checked against the snapshot's hash as it is copied; it appears whole as ``root/code``. A
+    file that changed since the snapshot was taken refuses it (the caller takes it again)."""
+    _ident, entries, sources = snapshot
+    folder = root / CODE_DIR
+    staging = root / f".{CODE_DIR}.{os.getpid()}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        materialize(entries, lambda digest: sources[digest], staging)
+        os.rename(staging, folder)
+    except _Damaged as exc:
+        raise ConfigError(f"the repo changed while the job was being written ({exc})",
+                          hint="submit again once the files are saved") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
@@ -5796,111 +6045,186 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
     """Hand the job over in one remote command (see _hand_over). Returns True when the host sees
     this machine's job folder (a shared home): then nothing is sent, and the folder, code and
     data are used in place."""
-    return _hand_over(ssh, config, job_params, file_manager, data, progress, snapshot).shared
+    if config.copy_repo and snapshot is None:
+        snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
+    spec = _Handing(file_manager.job_root, file_manager.job_root_rh,
+                    config.python or "python3", snapshot, list(data))
+    return _hand_over(ssh, spec, progress).shared
+
+
+@dataclasses.dataclass
+class _Handing:
+    """What one hand-over carries: a job folder here and its home-relative place there, the
+    interpreter, the code snapshot, the data, the members of a sweep or an array (their own
+    files), what the host must have (``need``: facts it answers, e.g. ``command:sbatch``), the
+    e-mail config it must hold, and whether it fires the job(s) at once (once ``gate`` says go)."""
+
+    root: Path
+    root_rh: str
+    python: str
+    snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None
+    data: list[str]
+    members: list[list[Any]] = dataclasses.field(default_factory=list)
+    need: list[str] = dataclasses.field(default_factory=list)
+    email: str | None = None
+    fire: list[str] = dataclasses.field(default_factory=list)  # the job folders to fire (~/...)
+    gate: _Gate | None = None
 
 
 @dataclasses.dataclass
 class _HandOver:
     """What one hand-over did: whether the host sees this machine's job folder (a shared home),
-    the host's node name, and the answer of each command run after it (in order; a command
-    that did not run because one before it failed has no answer)."""
+    the host's node name, the facts it answered and what it fired."""
 
     shared: bool
     node: str
-    steps: list[Response]
+    facts: dict[str, Any]
+    fired: dict[str, Any]
 
 
-def _checked_snapshot(config: RemoteStackOpsConfig, job_params: JobParams,
-                      file_manager: FileManager,
-                      snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None
-                      ) -> tuple[str, list[list[Any]], dict[str, Path]] | None:
-    """The code snapshot a hand-over sends (taken now if not given with ``copy_repo``); refused
-    when the repo changed since the job was generated (the job records its snapshot)."""
-    if config.copy_repo and snapshot is None:
-        snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
-    if snapshot is not None and snapshot[0] != job_params.code_snapshot:
-        raise StackopsError(f"the repo of job {file_manager.job_id} changed since the job was "
-                            "generated", hint="submit it again under a new job_id")
-    return snapshot
-
-
-def _hand_over(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
-               file_manager: FileManager, data: list[str],
-               progress: Callable[[int], None] | None = None,
-               snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None,
-               need_file: str = "", then: list[str] | None = None,
-               gate: Callable[[Callable[[bytes], None]], bool] | None = None) -> _HandOver:
-    """Hand the job over in ONE remote command, one shell start on the host: check the
-    interpreter (and ``need_file``, a job file the host must have), ask what the host lacks
-    (snapshot blobs, data files that differ, whether it sees this machine's job folder), send
-    only that with the job folder (see _HostSync), then run each bash command of ``then`` while
-    the previous one succeeded (e-mail check, launch) and return their answers. With ``gate``,
-    the host waits, its job in place, until ``gate(write)`` says go or stop (see _Together).
-    Only stackops' own trees and the data files (each replaced whole) are written there."""
-    snapshot = _checked_snapshot(config, job_params, file_manager, snapshot)
-    python = config.python or "python3"
-    items = _data_items(data)
-    base, base_rh = file_manager.job_root.parent, file_manager.job_root_rh.rsplit("/", 1)[0]
-    # whether the host sees this machine's folder: asked once per host and folder (a nonce)
+def _hand_over(ssh: SSH, spec: _Handing,
+               progress: Callable[[int], None] | None = None) -> _HandOver:
+    """Hand a job (or a sweep's or array's shared folder and members) over in ONE remote command,
+    one shell start on the host (serve's ``handover``): ask what the host lacks (snapshot blobs,
+    data files that differ, whether it sees this machine's folder), send only that with the job
+    folder, and fire it there at once if asked. A refusal (the job exists there, data that would
+    overwrite the host's own, a missing interpreter) sends nothing. Only stackops' own trees and
+    the data files (each replaced whole) are written there."""
+    items = _data_items(spec.data)
     cache: dict[str, bool] = getattr(ssh, "_sees", None) or {}
     ssh._sees = cache  # type: ignore[attr-defined]
-    key, nonce = f"{base}|{base_rh}", f".stackops-nonce-{random.getrandbits(64):016x}"
-    fence = f"--stackops-step-{random.getrandbits(64):016x}:"
-    by_blob = _folder_blobs(file_manager.job_root)
-    request, header = _hand_over_lines(job_params, file_manager, items, snapshot,
-                                       [] if key in cache else [f"{base_rh}/{nonce}"])
-    request["folder_blobs"] = sorted({digest for digest, _path in by_blob.values()})
-    blobs = dict((snapshot or ("", [], {}))[2])
-    blobs.update((digest, path) for digest, path in by_blob.values())
-    answers: dict[str, Any] = {}
-
-    def produce(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
-        plan = _hand_over_plan(write, readline, request, fence, answers)
-        if plan is None:
-            return  # refused before anything was sent, or the host failed: its stderr says why
-        cache.setdefault(key, bool(plan["seen"]))
-        if cache[key]:
-            if snapshot is not None and not file_manager.path(CODE_DIR).exists():  # before it runs
-                _materialize_here(expand_home(job_params.repo_path_rh), snapshot[1],
-                                  file_manager.path(CODE_DIR))
-            write(b"\n")  # nothing to send: the host sees this machine's files
-        else:
-            parts = _hand_over_parts(ssh, file_manager, items, plan, blobs, by_blob)
-            _send_parts(write, header, parts, meter)
-        if gate is not None and then and readline():  # the job is in place: wait for the others
-            write(b"go\n" if gate(write) else b"stop\n")
-
+    base_rh = spec.root_rh.rsplit("/", 1)[0]
+    key, nonce = f"{spec.root.parent}|{base_rh}", f".stackops-nonce-{random.getrandbits(64):016x}"
+    request = _hand_over_request(spec, items, [] if key in cache else [f"{base_rh}/{nonce}"])
+    conversation = _HandOverTalk(ssh, spec, items, request, cache, key)
     if key not in cache:
-        _atomic_write_text(base / nonce, nonce)
-    command = _hand_over_command(python, need_file, fence, then or [], gate is not None)
+        _write_plain(spec.root.parent / nonce, nonce)
     try:
         with _Meter(progress, f"hand-over to {ssh.target.alias}") as meter:
-            response = ssh.stream_command(command, produce, meter)
+            conversation.meter = meter
+            answer = ssh.serve([request], python="python3", talk=conversation.talk)[0]
     finally:
         with _suppress(FileNotFoundError):
-            os.unlink(base / nonce)
-    over = _hand_over_result(ssh, response, answers, cache.get(key, False), fence, python,
-                             need_file)
-    if over.shared:
+            os.unlink(spec.root.parent / nonce)
+    if conversation.refusal is not None:
+        raise conversation.refusal
+    shared = cache.get(key, False)
+    if shared:
         log.info("%s sees this machine's %s: the job is used in place", ssh.target.alias, base_rh)
-    return over
+    plan = conversation.plan or {}
+    return _HandOver(shared, str(plan.get("node", "")), plan.get("facts") or {},
+                     answer.get("fired") or {})
 
 
-def _hand_over_plan(write: Callable[[bytes], None], readline: Callable[[], bytes],
-                    request: dict[str, Any], fence: str,
-                    answers: dict[str, Any]) -> dict[str, Any] | None:
-    """Send _HostSync's source and the request; the host's plan (also kept in ``answers``), or
-    None when it refused (the reason in ``answers``) or failed."""
-    source = _host_sync_source().encode()
-    write(b"%d\n%s%s\n" % (len(source), source, repr(request).encode()))
-    line = readline()
-    while line and not line.startswith((b"{", fence.encode())):  # a login file's chatter
+def _hand_over_request(spec: _Handing, items: list[dict[str, Any]],
+                       nonces: list[str]) -> dict[str, Any]:
+    """The hand-over's request: what the host is asked it lacks and what it does after."""
+    ident, _entries, blobs = spec.snapshot or ("", [], {})
+    base_rh = spec.root_rh.rsplit("/", 1)[0]
+    need = list(spec.need) + [f"command:{spec.python}"]
+    return {"action": "handover", "job_root": spec.root_rh, "snapshot": ident,
+            "roots": [spec.root_rh] + [f"{base_rh}/{job_id}" for job_id, _ in spec.members],
+            "blobs": sorted(blobs), "folder_blobs": sorted({d for d, _ in
+                                                           _folder_blobs(spec.root).values()}),
+            "nonces": nonces, "facts": need, "email": spec.email, "fire": spec.fire,
+            "gate": spec.gate is not None,
+            "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
+
+
+class _HandOverTalk:
+    """This machine's side of a hand-over's conversation (see _act_handover): read the plan,
+    refuse or send what the host lacks (or nothing, to a host that sees this machine's files),
+    send blobs again that the host found damaged, say go once the gate opens; returns the
+    final answer line."""
+
+    def __init__(self, ssh: SSH, spec: _Handing, items: list[dict[str, Any]],
+                 request: dict[str, Any], cache: dict[str, bool], key: str) -> None:
+        self.ssh, self.spec, self.items, self.request = ssh, spec, items, request
+        self.cache, self.key = cache, key
+        self.plan: dict[str, Any] | None = None
+        self.refusal: StackopsError | None = None
+        self.meter: _Meter | None = None
+
+    def talk(self, write: Callable[[bytes], None], readline: Callable[[], bytes]) -> bytes:
         line = readline()
-    if not line or line.startswith(fence.encode()):
-        answers["refused"] = line.decode("utf-8", "replace")[len(fence):].strip()
-        return None
-    answers["plan"] = _literal(line)
-    return answers["plan"]
+        message = _json_line(line)
+        if "plan" not in message:
+            return line  # refused before planning: the answer says why
+        self.plan = plan = message["plan"]
+        self.cache.setdefault(self.key, bool(plan["seen"]))
+        self.refusal = _plan_refusal(self.ssh.target.alias, self.spec, self.items, plan)
+        if self.refusal is not None:
+            write(b'{"abort": true}\n')
+        elif self.cache[self.key]:
+            if self.spec.snapshot is not None and not (self.spec.root / CODE_DIR).exists():
+                _code_into(self.spec.root, self.spec.snapshot)  # the host runs it from here
+            roots = self.request["roots"]
+            write(json.dumps({"shared": True, "roots": roots}).encode() + b"\n")
+        else:
+            self._send(write, plan["missing"], plan["data"], whole=True)
+        while True:
+            line = readline()
+            message = _json_line(line)
+            if "resend" in message:
+                self._send(write, message["resend"], [], whole=False)
+            elif "placed" in message:
+                go = self.spec.gate(write) if self.spec.gate is not None else True
+                write(json.dumps({"go": go}).encode() + b"\n")
+            else:
+                return line
+
+    def _send(self, write: Callable[[bytes], None], blobs: list[str],
+              data: list[dict[str, Any]], whole: bool) -> None:
+        """The header (``whole``: with the job folder), then the parts, then the end line."""
+        by_blob = _folder_blobs(self.spec.root)
+        sources = dict((self.spec.snapshot or ("", [], {}))[2])
+        sources.update((digest, path) for digest, path in by_blob.values())
+        parts = [(f"b/{digest}", sources[digest]) for digest in blobs]
+        for index, (item, answer) in enumerate(zip(self.items, data)):
+            parts += [(f"d/{index}/{rel}" if rel else f"d/{index}", item["sources"][rel])
+                      for rel in answer["need"]]
+        if whole:
+            parts += _folder_parts(self.spec.root, by_blob)
+            header = {"manifest": (self.spec.snapshot or ("", None, {}))[1],
+                      "members": self.spec.members}
+            write(json.dumps(header).encode() + b"\n")
+        sizes = [path.stat().st_size for _name, path in parts if isinstance(path, Path)]
+        if self.meter is not None:
+            self.meter.begin(self.meter.done + sum(sizes))
+        for name, path in parts:
+            _send_part(write, name, path)
+        write(b'{"end": true}\n')
+
+
+def _json_line(line: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _plan_refusal(host: str, spec: _Handing, items: list[dict[str, Any]],
+                  plan: dict[str, Any]) -> StackopsError | None:
+    """Why the job cannot go to the host as planned (nothing is sent then), or None."""
+    facts = plan.get("facts") or {}
+    if facts.get(f"command:{spec.python}") is False:
+        return ConfigError(f"the interpreter {spec.python!r} is not found on {host}",
+                           hint="install it there, or pass --python (python=) with one it has")
+    for need in spec.need:
+        if need.startswith("exists:") and facts.get(need) is False:
+            return ConfigError(f"{need[7:]} is not on {host}, and the job needs it",
+                               hint="pass --copy-repo (copy_repo=True) to send the repo along")
+    if plan.get("exists") and not plan.get("seen"):
+        name = plan["exists"][0].rsplit("/", 1)[-1]
+        return ConfigError(f"job {name!r} already exists on {host}",
+                           hint="choose another job_id, or leave it out for a fresh one")
+    for item, answer in zip(items, plan.get("data") or []):
+        if "conflict" in answer:
+            return ConfigError(f"cannot sync {item['target']} to {host}: {answer['conflict']}",
+                               hint="nothing was sent; move the host's copy aside or rename "
+                                    "the data")
+    return None
 
 
 class _Together:
@@ -5923,127 +6247,12 @@ class _Together:
                 if self.failed or self.waiting <= 0:
                     return not self.failed
                 self._changed.wait(1.0)
-            write(b"wait\n")
+            write(b'{"wait": true}\n')
 
     def fail(self) -> None:
         with self._changed:
             self.failed = True
             self._changed.notify_all()
-
-
-def handed_over_status(machine: RemoteMachine) -> JobStatus:
-    """The job as the host took it (``queued``, on that host's node), with no second round trip
-    after run(); a job that was not handed over by one (here, cloud) has its status read."""
-    handed = machine._handed
-    node = handed.node if handed is not None else ""
-    if not node and machine.uses_slurm and machine.slurm_job_id and not machine.is_remote:
-        node = os.uname().nodename  # sbatch took it here: queued, as Slurm's own answer says
-    if not node or machine.launch_command == "":
-        return machine.get_status(0)
-    return JobStatus(job_id=machine.job_id, status="queued", host=node,
-                     submission_time=_iso(machine.file_manager.submission_time),
-                     slurm_job_id=machine.slurm_job_id)
-
-
-def _hand_over_lines(job_params: JobParams, file_manager: FileManager, items: list[dict[str, Any]],
-                     snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None,
-                     nonces: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The request (what the host is asked it lacks) and the header of what is sent after it."""
-    _ident, entries, blobs = snapshot or ("", [], {})
-    request = {"store": DEFAULT_SNAPSHOT_DIR, "blobs": sorted(blobs),
-               "job_root": file_manager.job_root_rh, "snapshot": job_params.code_snapshot,
-               "nonces": nonces,
-               "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
-    header = {"store": DEFAULT_SNAPSHOT_DIR, "job_root": file_manager.job_root_rh,
-              "manifest": entries, "snapshot": job_params.code_snapshot,
-              "keep_seconds": SNAPSHOT_KEEP_SECONDS,
-              "data": [{"target": item["target"], "dir": item["dir"]} for item in items]}
-    return request, header
-
-
-# The executing side of a hand-over reads _HostSync's source first, from the stream (escaping 13 kB
-# of source into the command line for every login shell took longer than sending it). Compiling
-# it cost the host ~13 ms of CPU each time: it keeps the source as a module in its snapshot store
-# (private, named by the source's hash) and imports it, so Python caches its bytecode there.
-_HOST_SYNC_BOOT = """import sys,os
-i=sys.stdin.buffer;s=i.read(int(i.readline()));u=os.umask(63)
-d=os.path.expanduser(@@store);n=@@name;f=os.path.join(d,n+'.py')
-try:
- if not os.path.exists(f):
-  os.makedirs(d,448,exist_ok=True);t=f+'.'+os.urandom(6).hex()
-  with open(os.open(t,os.O_WRONLY|os.O_CREAT|os.O_EXCL,384),'wb') as h:h.write(s)
-  os.replace(t,f)
- sys.path.insert(0,d);m=__import__(n);sys.path.remove(d)
-except (OSError,ImportError):
- m=None
-os.umask(u)
-if m:m._HostSync.main()
-else:exec(s)
-"""
-
-
-def _host_sync_boot() -> str:
-    """The -c program of a hand-over (_HOST_SYNC_BOOT) for this version of _HostSync's source."""
-    import hashlib
-
-    name = "stackops_hostsync_" + hashlib.sha256(_host_sync_source().encode()).hexdigest()[:20]
-    return render_template(_HOST_SYNC_BOOT, store=repr(DEFAULT_SNAPSHOT_DIR), name=repr(name))
-
-
-# The one bash command of a hand-over (_hand_over_command): the checks, each refusal a fenced line
-# (the request is read away so that it never meets a closed channel), _HostSync, then each step.
-HAND_OVER_PYTHON_TEMPLATE = (
-    "command -v @@python >/dev/null 2>&1 || { echo @@{fence}no-python; cat >/dev/null; exit 3; }")
-HAND_OVER_FILE_TEMPLATE = "[ -f @@file ] || { echo @@{fence}no-file; cat >/dev/null; exit 3; }"
-HAND_OVER_SYNC_TEMPLATE = "@@python -S -c @@boot@@gate@@steps"
-# "wait" lines keep the link busy; anything but "go" starts nothing
-HAND_OVER_GATE = ' && { g=wait; while [ "$g" = wait ]; do read -r g || g=; done; [ "$g" = go ] ' \
-                 "|| exit 0; }"
-HAND_OVER_STEP_TEMPLATE = " && { echo @@{fence}@@index; (\n@@step\n); }"
-
-
-def _hand_over_command(python: str, need_file: str, fence: str, then: list[str],
-                       gated: bool = False) -> str:
-    """The one bash command of a hand-over: the checks (a refusal is a fenced line), _HostSync,
-    then each command of ``then`` in a subshell of its own, after a fenced line with its index."""
-    quoted, marker = shlex.quote(python), shlex.quote(fence)
-    lines = [render_template(HAND_OVER_PYTHON_TEMPLATE, python=quoted, fence=marker)]
-    if need_file:
-        lines.append(render_template(HAND_OVER_FILE_TEMPLATE, file=_sh_path(need_file),
-                                     fence=marker))
-    steps = "".join(render_template(HAND_OVER_STEP_TEMPLATE, fence=marker, index=str(index),
-                                    step=step) for index, step in enumerate(then))
-    lines.append(render_template(HAND_OVER_SYNC_TEMPLATE, python=quoted,
-                                 boot=shlex.quote(_host_sync_boot()),
-                                 gate=HAND_OVER_GATE if gated and then else "", steps=steps))
-    return "\n".join(lines)
-
-
-def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], shared: bool,
-                      fence: str, python: str, need_file: str) -> _HandOver:
-    """The hand-over's outcome from the host's answers; a refusal or failure raises (nothing of
-    the job is left there then)."""
-    alias = ssh.target.alias
-    if answers.get("refused") == "no-python":
-        raise ConfigError(f"the interpreter {python!r} is not found on {alias}",
-                          hint="install it there, or pass --python (python=) with one it has")
-    if answers.get("refused") == "no-file":
-        raise ConfigError(f"{need_file} is not on {alias}, and the job needs it",
-                          hint="pass --copy-repo (copy_repo=True) to send the repo along")
-    lines = response.stdout.split("\n")
-    marks = [index for index, line in enumerate(lines) if line.startswith(fence)]
-    if "plan" not in answers or (response.returncode != 0 and not marks):
-        why = _last_line(response.stderr) or "exit status " + str(response.returncode)
-        raise TransferError(f"{alias} could not take the job over: {why}",
-                            hint="nothing was left under the job's name; is python3 (3.8+) "
-                                 "installed there?")
-    steps = []
-    for order, index in enumerate(marks):
-        last = order == len(marks) - 1
-        end = len(lines) if last else marks[order + 1]
-        steps.append(Response("\n".join(lines[index + 1:end]), response.stderr if last else "",
-                              response.returncode if last else 0, response.command, response.host))
-    return _HandOver(shared, str(answers["plan"].get("node", "")), steps)
 
 
 def _folder_blobs(root: Path) -> dict[str, tuple[str, Path]]:
@@ -6053,85 +6262,51 @@ def _folder_blobs(root: Path) -> dict[str, tuple[str, Path]]:
     import hashlib
 
     found = {}
-    for path in sorted((root / "python").rglob("*")):
+    folder = root / "python"
+    for path in sorted(folder.rglob("*")) if not folder.is_symlink() else []:
         if path.is_file() and not path.is_symlink() and path.stat().st_size >= FOLDER_BLOB_MIN:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             found[path.relative_to(root).as_posix()] = (digest, path)
     return found
 
 
-def _hand_over_parts(ssh: SSH, file_manager: FileManager, items: list[dict[str, Any]],
-                     plan: dict[str, Any],
-                     blobs: dict[str, Path], by_blob: dict[str, tuple[str, Path]] | None = None,
-                     ) -> list[tuple[str, Path | str | None]]:
-    """What goes to the host after its plan: missing blobs, differing data files, the job folder
-    (None: a folder; a str: the blob it is copied from there). Refuses, before anything is sent,
-    a job that exists there or data that cannot be synced."""
-    if plan["job_exists"]:
-        raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias}",
-                          hint="choose another job_id, or leave it out for a fresh one")
-    for item, answer in zip(items, plan["data"]):
-        if "conflict" in answer:
-            raise ConfigError(f"cannot sync {item['target']} to {ssh.target.alias}: "
-                              f"{answer['conflict']}",
-                              hint="nothing was sent; move the host's copy aside or rename the "
-                                   "data")
-    parts: list[tuple[str, Path | str | None]] = [(f"b/{digest}", blobs[digest])
-                                                  for digest in plan["missing"]]
-    for index, (item, answer) in enumerate(zip(items, plan["data"])):
-        parts += [(f"d/{index}/{rel}" if rel else f"d/{index}",
-                   item["sources"][rel]) for rel in answer["need"]]
-    root = file_manager.job_root
+def _folder_parts(root: Path, by_blob: dict[str, tuple[str, Path]]
+                  ) -> list[tuple[str, Path | str | None]]:
+    """The job folder as parts: folders (None), links (``->target``), files the host's store
+    holds (their digest), and plain files."""
+    parts: list[tuple[str, Path | str | None]] = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         here = Path(folder)
         if here != root:
             parts.append((f"j/{here.relative_to(root).as_posix()}", None))
-        for name in sorted(files):
+        for name in sorted(files) + sorted(d for d in dirs if (here / d).is_symlink()):
             relative = (here / name).relative_to(root).as_posix()
-            stored = (by_blob or {}).get(relative)
-            parts.append((f"j/{relative}", stored[0] if stored else here / name))
+            stored = by_blob.get(relative)
+            if (here / name).is_symlink():
+                parts.append((f"j/{relative}", "->" + os.readlink(here / name)))
+            else:
+                parts.append((f"j/{relative}", stored[0] if stored else here / name))
+        dirs[:] = [d for d in dirs if not (here / d).is_symlink()]
     return parts
-
-
-def _literal(line: bytes) -> Any:
-    """A line of plain data the host wrote with repr()."""
-    import ast
-
-    try:
-        return ast.literal_eval(line.decode("utf-8"))
-    except (ValueError, SyntaxError) as exc:
-        raise TransferError("the host answered something unreadable: "
-                            f"{_shorten(line.decode(errors='replace'), 200)}"
-                            ) from exc
-
-
-def _send_parts(write: Callable[[bytes], None], header: dict[str, Any],
-                parts: list[tuple[str, Path | str | None]], meter: _Meter) -> None:
-    """The header, the parts, the end: what a hand-over sends once the host's plan is known
-    (then the meter learns its total)."""
-    # not blobs there
-    sizes = [path.stat().st_size for _name, path in parts if isinstance(path, Path)]
-    meter.begin(meter.done + sum(sizes))
-    write(repr(header).encode() + b"\n")
-    for name, path in parts:
-        _send_part(write, name, path)
-    write(repr({"end": True}).encode() + b"\n")
 
 
 def _send_part(write: Callable[[bytes], None], name: str, path: Path | str | None) -> None:
     """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes; a
-    folder (None) or a copy of a blob the host has (its digest) is the line alone."""
+    folder (None), a link (``->target``) or a copy of a blob the host has (its digest) is the
+    line alone."""
     if path is None:
-        write(repr({"name": name, "dir": True}).encode() + b"\n")
+        write(json.dumps({"name": name, "dir": True}).encode() + b"\n")
         return
     if isinstance(path, str):
-        write(repr({"name": name, "blob": path, "mode": 0o600}).encode() + b"\n")
+        key = "link" if path.startswith("->") else "blob"
+        value = path[2:] if key == "link" else path
+        write(json.dumps({"name": name, key: value, "mode": 0o600}).encode() + b"\n")
         return
     with open(path, "rb") as handle:
         info = os.fstat(handle.fileno())
-        write(repr({"name": name, "size": info.st_size, "mode": info.st_mode & 0o777,
-                    "mtime": info.st_mtime}).encode() + b"\n")
+        write(json.dumps({"name": name, "size": info.st_size, "mode": info.st_mode & 0o777,
+                          "mtime_ns": info.st_mtime_ns}).encode() + b"\n")
         left = info.st_size
         while left:
             chunk = handle.read(min(left, 1 << 20))
@@ -6316,29 +6491,13 @@ class CloudQueue:
 # ============================================================================================
 #
 # One small class per back end, in the manner of bottle's server adapters. A *place* moves a
-# job's files and runs its commands where it executes: _Here, _OverSSH, _ThroughCloud (the job
-# goes up to an rclone remote and the host fetches it). A *launcher* starts the job there:
-# _SlotLauncher (a detached process that takes a slot), _TmuxLauncher (the same, in a tmux
-# session), _CloudQueueLauncher (work units any worker runs), _SlurmLauncher (sbatch).
-# RemoteMachine picks one of each from its config (_place_for, _launcher_for) and delegates.
-
-# The job's own stackops copy where the job is, imported as a module (its bytecode is shipped)
-# under -S: it needs nothing but the standard library.
-JOB_ENTRY_TEMPLATE = "@@python -S -c @@code @@root/python @@action @@root @@args"
-_JOB_ENTRY_PY = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; "
-                 "sys.exit(getattr(stackops, '_serve', stackops.main)(sys.argv[2:]))")
-RUN_BASH_TEMPLATE = "bash -c @@script"
-WITHDRAW_TEMPLATE = "rm -rf -- @@job_root"
-HAS_COMMAND_TEMPLATE = "command -v @@name"
-# before anything is written there: the interpreter, and (without copy_repo) the job's file
-HOST_CHECK_TEMPLATE = "command -v @@python >/dev/null 2>&1 || echo no-python; @@{file_check}true"
-HOST_FILE_CHECK_TEMPLATE = "[ -f @@file ] || echo no-file; "
-CLOUD_FIRE_TEMPLATE = "@@fetch && @@{check}@@fire"
-CLOUD_RESULTS_UP_TEMPLATE = ('S=@@results; if [ -d "$S" ]; then rclone copy "$S" @@target; '
-                             'else rclone copyto "$S" @@target; fi')
-SCANCEL_TEMPLATE = "umask 077 && @@marks && scancel @@slurm_id"
-CANCEL_MARK_TEMPLATE = "date -u +%Y-%m-%dT%H:%M:%S+00:00 > @@job_root/@@cancel_file"
-
+# job's files where it executes and asks the executing side there (serve's actions: in this
+# process here, through SSH on a host): _Here, _OverSSH, _ThroughCloud (the job goes up to an
+# rclone remote and the host fetches it). A *launcher* says how the job starts there and what
+# follows from that: _SlotLauncher (a detached process that takes a slot), _TmuxLauncher (the
+# same, in a tmux session), _CloudQueueLauncher (work units any worker runs), _SlurmLauncher
+# (sbatch). The start itself is the executing side's one fire (fire_jobs), which reads the job's
+# own config. RemoteMachine picks a place and a launcher once (_place_for, _launcher_for).
 
 def _place_for(config: RemoteStackOpsConfig) -> _Place:
     """The place a job with ``config`` runs: here, over SSH, or over SSH with its files through
@@ -6359,14 +6518,6 @@ def _launcher_for(config: RemoteStackOpsConfig) -> _Launcher:
     return _TmuxLauncher() if config.interactive else _SlotLauncher()
 
 
-def _job_entry(machine: RemoteMachine, action: str, *args: str) -> str:
-    """The command that runs ``action`` of the job's own stackops copy where it runs."""
-    return render_template(JOB_ENTRY_TEMPLATE, python=shlex.quote(machine.python),
-                           code=shlex.quote(_JOB_ENTRY_PY),
-                           root=_sh_path(machine.file_manager.job_root_rh),
-                           action=shlex.quote(action), args=" ".join(shlex.quote(a) for a in args))
-
-
 def _copy_job(machine: RemoteMachine, config: RemoteStackOpsConfig) -> RemoteMachine:
     """A new job with ``machine``'s callable, kwargs, data and pickled instance, and ``config``."""
     other = RemoteMachine.__new__(RemoteMachine)
@@ -6377,20 +6528,9 @@ def _copy_job(machine: RemoteMachine, config: RemoteStackOpsConfig) -> RemoteMac
     return other
 
 
-def _code_here(machine: RemoteMachine, folder: Path) -> None:
-    """Put the job's own copy of its snapshot into ``folder`` (a job folder on this machine)."""
-    repo = expand_home(machine.job_params.repo_path_rh)
-    if machine._snapshot is None:  # a job loaded from its folder: the same tree, the same snapshot
-        machine._snapshot = code_snapshot(repo)
-    if machine._snapshot[0] != machine.job_params.code_snapshot:
-        raise StackopsError(f"the repo of job {machine.job_id} changed since the job was generated",
-                            hint="submit it again under a new job_id")
-    _materialize_here(repo, machine._snapshot[1], folder / CODE_DIR)
-
-
 class _Place:
-    """Where a job runs, seen from here: how its folder, code and data get there, how commands
-    run there, and how its status and results come back."""
+    """Where a job runs, seen from here: how its folder, code and data get there, and how the
+    executing side there is asked (status, fire, cancel, delete, logs, its facts)."""
 
     remote = False
     code_in_folder = True  # with copy_repo, the job folder carries its own code
@@ -6417,9 +6557,12 @@ class _Place:
             self.connection.close()
             self.connection = None
 
-    def run(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
-        """Run a bash command where the job runs: (exit status, stdout, stderr)."""
+    def call(self, requests: list[dict[str, Any]]) -> list[Any]:
+        """Ask the executing side where the job runs (serve's actions): each request's answer."""
         raise NotImplementedError
+
+    def facts(self, wanted: list[str]) -> dict[str, Any]:
+        return dict(self.call([{"action": "facts", "facts": wanted}])[0])
 
     def preflight(self) -> None:
         """What can be checked before anything is written or sent."""
@@ -6430,13 +6573,13 @@ class _Place:
     def check_job_root(self, root: Path) -> None:
         """Refuse a job folder that has no place where the job runs."""
 
-    def check_notification(self, machine: RemoteMachine) -> None:
-        """A job that will e-mail must find its SMTP settings where it runs: checked now."""
-        if machine.config.notify_upon_completion:
-            self.check_email(machine)
-
-    def check_email(self, machine: RemoteMachine) -> None:
+    def account(self) -> str:
+        """Who runs the job where: ``user@host:port`` or ``user@node``."""
         raise NotImplementedError
+
+    def check_where_it_runs(self, machine: RemoteMachine) -> None:
+        """Refuse now what would fail only after launch (interpreter, the job's file), unless
+        the hand-over checks them in its own round trip."""
 
     def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None,
                   launch: bool = False, gate: _Gate | None = None) -> bool:
@@ -6448,40 +6591,23 @@ class _Place:
     def withdraw(self, machine: RemoteMachine) -> None:
         """Remove what hand_over sent (a submission broken off before launch)."""
 
-    def fire_command(self, machine: RemoteMachine, command: str) -> str:
-        """The launch command as it runs there (a place may first fetch the job)."""
-        return command
+    def mirror(self, machine: RemoteMachine, state: dict[str, Any]) -> None:
+        """Keep the job's state record, as read where it runs, in the job folder here."""
 
-    def check_reached(self, machine: RemoteMachine) -> None:
-        """Refuse to act on a job that never reached the machine it runs on."""
-
-    def delete_folder(self, machine: RemoteMachine) -> None:
-        """Remove the job folder where it ran, when that is not the folder here."""
-
-    def status_command(self, machine: RemoteMachine, marker: str, log_lines: int) -> str:
-        """The one bash command that reports the job where it runs (FileManager.status_command)."""
-        fallback = _job_entry(machine, "job-report", "--lines", str(int(log_lines)))
-        notify = _job_entry(machine, "job-notify") if machine.config.notify_upon_completion else ""
-        return machine.file_manager.status_command(marker, log_lines, fallback, notify)
-
-    def take_report(self, machine: RemoteMachine, stdout: str, marker: str,
-                    log_lines: int) -> JobStatus:
-        """The JobStatus in the answer of status_command; its small log files are mirrored
-        into our folder."""
-        if stdout.startswith("{"):  # a host without /proc answered with the Python report
-            answer = json.loads(stdout)
-            report, logs = JobStatus.from_dict(answer["status"]), answer["logs"]
-        else:
-            report, logs = machine.file_manager.parse_status_output(stdout, marker, log_lines)
-        self.mirror_logs(machine, logs)
-        return report
-
-    def mirror_logs(self, machine: RemoteMachine, logs: dict[str, str]) -> None:
-        """Keep the job's small log files, read where it runs, in the job folder here."""
+    def reports(self, machines: list[RemoteMachine], log_lines: int) -> list[JobStatus]:
+        """The status of jobs of this place, all asked in one go (one round trip on a host)."""
+        request = {"action": "status", "lines": log_lines,
+                   "roots": [machine.root_there for machine in machines]}
+        answers = self.call([request])[0]
+        reports = []
+        for machine, answer in zip(machines, answers):
+            self.mirror(machine, answer["state"])
+            reports.append(report_from(answer))
+        return reports
 
     def check_gpus(self, machine: RemoteMachine) -> None:
         """A job that asks for more GPUs than the machine has could only wait forever: refused."""
-        found = self.gpu_ids() if machine.config.gpus else []
+        found = self.facts(["gpus"])["gpus"] if machine.config.gpus else []
         if len(found) < machine.config.gpus:
             raise ConfigError(f"job {machine.job_id} asks for {machine.config.gpus} GPU(s) and "
                               f"{self.host_name} has {len(found)}"
@@ -6489,33 +6615,9 @@ class _Place:
                               hint="STACKOPS_GPUS=0,1,... declares them where nvidia-smi "
                                    "cannot list them")
 
-    # what every place does its own way
-    def account(self) -> str:
-        """Who runs the job where: ``user@host:port`` or ``user@node``."""
-        raise NotImplementedError
-
-    def check_where_it_runs(self, machine: RemoteMachine) -> None:
-        """Refuse now what would fail only after launch (interpreter, the job's file), unless
-        the hand-over checks them in its own round trip."""
-        raise NotImplementedError
-
-    def check_host_files(self, machine: RemoteMachine) -> None:
-        """The same checks, in a round trip of their own (a sweep's jobs, a cloud job)."""
-        self.check_where_it_runs(machine)
-
-    def has_command(self, name: str) -> bool:
-        raise NotImplementedError
-
-    def gpu_ids(self) -> list[str]:
-        raise NotImplementedError
-
-    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
-        """The job's full status, read where it runs (pid verified there)."""
-        raise NotImplementedError
-
     def results_path(self, text: str) -> Path:
         """The results folder a report names, as a path for this machine's bookkeeping."""
-        raise NotImplementedError
+        return Path(text)
 
     def results_here(self, machine: RemoteMachine, results: Path) -> Path:
         """The results folder as a path usable on this machine (wait())."""
@@ -6527,22 +6629,17 @@ class _Place:
         """The results folder here (download_results())."""
         raise NotImplementedError
 
-    def delete_results(self, machine: RemoteMachine) -> None:
-        """Delete the job's own results folder where it ran."""
-        raise NotImplementedError
-
 
 class _Here(_Place):
-    """The job runs on this machine: its folder already is where it runs."""
+    """The job runs on this machine: its folder already is where it runs, and the executing
+    side's actions run in this very process."""
 
     @property
     def default_python(self) -> str:
         return sys.executable or "python3"
 
-    def run(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
-        done = subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout)
-        return done.returncode, done.stdout, done.stderr
+    def call(self, requests: list[dict[str, Any]]) -> list[Any]:
+        return [_ACTIONS[request["action"]](request, (None, None)) for request in requests]
 
     def adopt_state_dir(self, manager: FileManager) -> None:
         # a relative STACKOPS_STATE_DIR is made absolute once, here: the wrapper uses the same queue
@@ -6560,21 +6657,11 @@ class _Here(_Place):
         return f"{user}@{os.uname().nodename}"
 
     def check_where_it_runs(self, machine: RemoteMachine) -> None:
-        if shutil.which(machine.python) is None:
+        if shutil.which(os.path.expanduser(machine.python)) is None:
             raise ConfigError(f"the interpreter {machine.python!r} is not found on this machine",
                               hint="pass --python (python=) with an installed interpreter")
-
-    def check_email(self, machine: RemoteMachine) -> None:
-        load_email_config(machine.config.email_config_name or "")
-
-    def has_command(self, name: str) -> bool:
-        return shutil.which(name) is not None
-
-    def gpu_ids(self) -> list[str]:
-        return gpu_ids()
-
-    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
-        return machine.file_manager.status_report(log_lines)
+        if machine.config.notify_upon_completion:
+            load_email_config(machine.config.email_config_name or "")
 
     def results_path(self, text: str) -> Path:
         return expand_home(text)
@@ -6592,13 +6679,11 @@ class _Here(_Place):
             return results  # never copied onto itself
         return _copy_local(results, expand_home(target), overwrite)
 
-    def delete_results(self, machine: RemoteMachine) -> None:
-        delete_own_results(machine.file_manager.job_root)
-
 
 class _OverSSH(_Place):
     """The job runs on ``config.ssh_host``, reached over one SSH connection reused for every
-    step; its folder, code and data go over it (transfer_sftp)."""
+    step; its folder, code and data go over it (a hand-over), and the executing side there is
+    this very version of stackops, run by serve()."""
 
     remote = True
     code_in_folder = False  # the code snapshot goes to the host's own store
@@ -6623,10 +6708,8 @@ class _OverSSH(_Place):
                                                    accept_new_host_key=accept)
         return self.connection
 
-    def run(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
-        wrapped = render_template(RUN_BASH_TEMPLATE, script=shlex.quote(command))
-        response = self.ssh.run_shell_cmd_on_remote(wrapped, timeout, strict=False)
-        return response.returncode, response.stdout, response.stderr
+    def call(self, requests: list[dict[str, Any]]) -> list[Any]:
+        return self.ssh.serve(requests, timeout=max(self.config.ssh_timeout, 60.0))
 
     def preflight(self) -> None:
         _ = self.ssh  # connects: an unknown, untrusted or unreachable host stops us here
@@ -6640,105 +6723,34 @@ class _OverSSH(_Place):
             return str(self.connection.target)
         return str(resolve_ssh_target(self.host_name))
 
-    def check_where_it_runs(self, machine: RemoteMachine) -> None:
-        """Nothing before the hand-over: it checks the interpreter and the job's file in its own
-        round trip (_hand_over)."""
-
-    def check_host_files(self, machine: RemoteMachine) -> None:
-        """Refuse now what would fail only after launch: an interpreter the host lacks, or
-        (without copy_repo) the job's script or module file missing there. One round trip."""
-        params = machine.job_params
-        file = f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
-        file_check = ""
-        if not machine.config.copy_repo:
-            file_check = render_template(HOST_FILE_CHECK_TEMPLATE, file=_sh_path(file))
-        command = render_template(HOST_CHECK_TEMPLATE, python=shlex.quote(machine.python),
-                                  file_check=file_check)
-        answer = self.ssh.run_shell_cmd_on_remote(command, timeout=self.config.ssh_timeout,
-                                                  strict=False).stdout.split()
-        if "no-python" in answer:
-            raise ConfigError(f"the interpreter {machine.python!r} is not found on "
-                              f"{self.host_name}",
-                              hint="install it there, or pass --python (python=) with one it has")
-        if "no-file" in answer:
-            raise ConfigError(f"{file} is not on {self.host_name}, and the job needs it",
-                              hint="pass --copy-repo (copy_repo=True) to send the repo along")
-
-    def check_email(self, machine: RemoteMachine) -> None:
-        command = _job_entry(machine, "job-check-email")
-        response = machine._ahead.pop(command, None)  # the hand-over ran it already
-        if response is None:
-            response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
-        if response.returncode != 0:
-            _raise_remote_error(response, f"on {self.host_name}: ",
-                                hint=f"create the e-mail config on {self.host_name} (chmod 600)")
-
     def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None,
                   launch: bool = False, gate: _Gate | None = None) -> bool:
         """The job folder, the repo (``copy_repo``) and the data go to their home-relative places on
-        the host, in one remote command; a host that shares this home uses them in place."""
-        manager = machine.file_manager
-        then = _ahead_commands(machine, launch)
-        params, file = machine.job_params, ""
-        if not self.config.copy_repo:  # the job's file, which the host must have
-            file = f"{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}"
-        machine._handed = _hand_over(self.ssh, self.config, params, manager, machine.data,
-                                     progress, machine._snapshot, file, then, gate)
+        the host, in one remote command (which may also fire the job there); a host that shares
+        this home uses them in place."""
+        spec = _handing(machine, launch, gate)
+        machine._handed = _hand_over(self.ssh, spec, progress)
         machine.shared = machine._handed.shared
-        machine._ahead = dict(zip(then, machine._handed.steps))
-        if machine.shared and self.config.copy_repo and not manager.path(CODE_DIR).exists():
-            _code_here(machine, manager.job_root)
+        if machine.shared and self.config.copy_repo and machine._snapshot is not None \
+                and not machine.file_manager.path(CODE_DIR).exists():
+            _code_into(machine.file_manager.job_root, machine._snapshot)
         return True
 
     def withdraw(self, machine: RemoteMachine) -> None:
-        where = _sh_path(machine.file_manager.job_root_rh)
-        command = render_template(WITHDRAW_TEMPLATE, job_root=where)
-        self.ssh.run_shell_cmd_on_remote(command, timeout=self.config.ssh_timeout, strict=False)
+        with _suppress(StackopsError):
+            self.call([{"action": "delete", "roots": [machine.root_there]}])
 
-    def check_reached(self, machine: RemoteMachine) -> None:
-        if not machine.submitted:
-            raise StackopsError(f"job {machine.job_id} never reached {self.host_name}: "
-                                "nothing to cancel")
+    def mirror(self, machine: RemoteMachine, state: dict[str, Any]) -> None:
+        root = machine.file_manager.job_root
+        if not machine.shared and root.is_dir() and state:  # a shared home has it already
+            _write_plain(root / STATE_JSON, json.dumps(dict(state, mirrored=_iso(_utcnow()))))
 
-    def delete_folder(self, machine: RemoteMachine) -> None:
-        if machine.submitted:
-            status, out, err = self.run(machine.file_manager.delete_command())
-            if status != 0:
-                raise CommandError(self.host_name, "delete", status, err or out)
-
-    def has_command(self, name: str) -> bool:
-        command = render_template(HAS_COMMAND_TEMPLATE, name=shlex.quote(name))
-        return self.ssh.run_shell_cmd_on_remote(command, timeout=30, strict=False).returncode == 0
-
-    def gpu_ids(self) -> list[str]:
-        response = self.ssh.run_shell_cmd_on_remote(GPU_PROBE_SH, timeout=60, strict=False)
-        answer = response.stdout.splitlines()
-        declared = answer[0] if answer else "-"
-        return [g for g in (answer[1:] if declared == "-" else declared.split(",")) if g.strip()]
-
-    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
-        """One round trip that starts no Python; the job's small log files are mirrored here."""
-        if not machine.submitted:
-            raise StackopsError(f"job {machine.job_id} was never completely submitted to "
-                                f"{self.host_name}, so nothing of it runs there "
-                                "(was the submission interrupted?)",
-                                hint="run it again under a new job_id")
-        marker = f"--stackops-{random.getrandbits(64):016x}"
-        command = self.status_command(machine, marker, log_lines)
-        timeout = max(self.config.ssh_timeout, 10.0)
-        response = self.ssh.run_shell_cmd_on_remote(command, timeout=timeout, strict=False)
-        if response.returncode != 0:
-            raise CommandError(self.host_name, "job status", response.returncode, response.stderr,
-                               hint="is the job folder still on the host?")
-        return self.take_report(machine, response.stdout, marker, log_lines)
-
-    def mirror_logs(self, machine: RemoteMachine, logs: dict[str, str]) -> None:
-        for relative, text in logs.items():  # a shared home has them already: never write them back
-            if relative.startswith(LOGS + "/") and ".." not in relative and not machine.shared:
-                _atomic_write_text(machine.file_manager.path(relative), text)
-
-    def results_path(self, text: str) -> Path:
-        return Path(text)  # as the host named it
+    def reports(self, machines: list[RemoteMachine], log_lines: int) -> list[JobStatus]:
+        sent = [m for m in machines if m.submitted]
+        found = dict(zip([m.job_id for m in sent], super().reports(sent, log_lines))) \
+            if sent else {}
+        return [found.get(m.job_id) or _status_of(m.job_id, read_state(m.file_manager.job_root))
+                for m in machines]  # one never handed over: prepared here
 
     def results_here(self, machine: RemoteMachine, results: Path) -> Path:
         """The results downloaded here (once) with download_results()'s default target."""
@@ -6771,6 +6783,9 @@ class _OverSSH(_Place):
             target = self.own_results_here(machine, results.as_posix())
         if machine.shared:  # the host wrote them into the home this machine sees
             local = expand_home(results.as_posix())
+            if not local.exists():
+                raise ConfigError(f"the results folder of job {machine.job_id}, "
+                                  f"{collapse_home(local)}, no longer exists")
             if not _same_place(local, expand_home(target)):
                 local = _copy_local(local, expand_home(target), overwrite)
             return local
@@ -6781,17 +6796,24 @@ class _OverSSH(_Place):
         return self.ssh.copy_to_here(results.as_posix(), target, recursive=True,
                                      overwrite=overwrite, progress=progress)
 
-    def delete_results(self, machine: RemoteMachine) -> None:
-        command = _job_entry(machine, "job-delete-results")
-        response = self.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False)
-        if response.returncode != 0:
-            _raise_remote_error(response, f"on {self.host_name}: ")
+
+def _handing(machine: RemoteMachine, launch: bool, gate: _Gate | None) -> _Handing:
+    """What the hand-over of ``machine`` carries (see _Handing)."""
+    params = machine.job_params
+    need = ["command:sbatch"] if machine.uses_slurm else []
+    if not machine.config.copy_repo and params.kind != "command":  # the job's file, there
+        need.append(f"exists:{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}")
+    email = machine.config.email_config_name if machine.config.notify_upon_completion else None
+    return _Handing(machine.file_manager.job_root, machine.file_manager.job_root_rh,
+                    machine.python, machine._snapshot, list(machine.data),
+                    members=machine._members, need=need, email=email,
+                    fire=machine.fire_roots if launch else [], gate=gate)
 
 
 class _ThroughCloud(_OverSSH):
     """The job runs on ``config.ssh_host``, but its files travel through the rclone remote
-    ``config.cloud_name``: one archive up at submit, fetched by the host when the job is fired;
-    its results come back the same way."""
+    ``config.cloud_name``: one archive up at submit, fetched (checked against its SHA-256) by the
+    host when the job is fired; its results come back the same way."""
 
     code_in_folder = True  # the archive carries the job folder with its code
 
@@ -6801,25 +6823,30 @@ class _ThroughCloud(_OverSSH):
 
     def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None,
                   launch: bool = False, gate: _Gate | None = None) -> bool:
-        _, machine.cloud_sha256 = transfer_cloud(self.ssh, self.config, machine.job_params,
+        cloud = self.config.cloud_name or ""
+        facts = self.facts([f"exists:{machine.file_manager.job_root_rh}", f"rclone:{cloud}",
+                            f"command:{machine.python}"])
+        if facts.get(f"exists:{machine.file_manager.job_root_rh}"):
+            raise ConfigError(f"job {machine.job_id!r} already exists on {self.host_name} at "
+                              f"{machine.file_manager.job_root_rh}",
+                              hint="choose another job_id, or leave it out for a fresh one")
+        if not facts.get(f"rclone:{cloud}"):
+            raise ConfigError(f"{self.host_name} cannot reach cloud remote {cloud!r}",
+                              hint="install rclone on the host and configure the same remote")
+        if not facts.get(f"command:{machine.python}"):
+            raise ConfigError(f"the interpreter {machine.python!r} is not found on "
+                              f"{self.host_name}",
+                              hint="install it there, or pass --python (python=) with one it has")
+        _, machine.cloud_sha256 = transfer_cloud(None, self.config, machine.job_params,
                                                  machine.file_manager, machine.data)
         return False  # nothing is on the host before the job is fired
 
-    def check_notification(self, machine: RemoteMachine) -> None:
-        """A cloud job's folder reaches the host only when fired: checked then (fire_command)."""
-
-    def check_where_it_runs(self, machine: RemoteMachine) -> None:
-        self.check_host_files(machine)
-
-    def fire_command(self, machine: RemoteMachine, command: str) -> str:
-        check = ""
-        if self.config.notify_upon_completion:
-            check = f"{_job_entry(machine, 'job-check-email')} && "
-        # the code is in the job folder
-        members = _archive_members(machine.file_manager.job_root_rh, None, machine.data)
-        fetch = cloud_fetch_command(self.config.cloud_name or "", machine.job_id,
-                                    machine.cloud_sha256, members)
-        return render_template(CLOUD_FIRE_TEMPLATE, fetch=fetch, check=check, fire=command)
+    def fire_requests(self, machine: RemoteMachine) -> list[dict[str, Any]]:
+        """The host fetches the job (checked), checks its e-mail config, then fires it."""
+        email = machine.config.email_config_name if machine.config.notify_upon_completion else ""
+        return [{"action": "cloud_fetch", "cloud": self.config.cloud_name,
+                 "root": machine.file_manager.job_root_rh, "sha256": machine.cloud_sha256,
+                 "email": email}]
 
     def fetch(self, machine: RemoteMachine, results: Path, target: str | os.PathLike[str],
               overwrite: bool, progress: Callable[[int], None] | None) -> Path:
@@ -6829,13 +6856,9 @@ class _ThroughCloud(_OverSSH):
         destination = _free_destination(expand_home(target), overwrite)
         prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{machine.job_id}/"
                   f"{random.getrandbits(64):016x}")
-        command = render_template(CLOUD_RESULTS_UP_TEMPLATE, results=_sh_path(results.as_posix()),
-                                  target=shlex.quote(f"{prefix}/payload"))
         try:
-            up = self.ssh.run_shell_cmd_on_remote(command, timeout=3600, strict=False)
-            if up.returncode != 0:
-                raise TransferError(f"rclone on {self.host_name} could not upload the results: "
-                                    f"{_tail(up.stderr, 3)}")
+            self.call([{"action": "cloud_results", "results": results.as_posix(),
+                        "target": f"{prefix}/payload"}])
             _mkdir_private(destination.parent)
             staging = Path(_make_temp_dir(destination.parent))
             try:
@@ -6850,15 +6873,6 @@ class _ThroughCloud(_OverSSH):
         return destination
 
 
-def _ahead_commands(machine: RemoteMachine, launch: bool) -> list[str]:
-    """What the host runs right after the hand-over, in its round trip: the e-mail check, and
-    with ``launch`` the command fire() runs (each answer is kept for whoever asks it next)."""
-    then = [_job_entry(machine, "job-check-email")] if machine.config.notify_upon_completion else []
-    if launch:
-        then.append(machine._launcher.fire_command(machine))
-    return then
-
-
 def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None = None,
                 launch: bool = False, gate: _Gate | None = None) -> RemoteMachine:
     """RemoteMachine.submit(); with ``launch`` (run()) the host also starts the job in the same
@@ -6869,25 +6883,17 @@ def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None =
     try:
         if not machine._checked:
             machine._place.check_where_it_runs(machine)
-        for task in machine.array_tasks() if machine.array_parts else []:
-            task._checked = True  # the same interpreter and files: checked once, above
-            task.submit(progress)
         sent = machine._place.hand_over(machine, progress, launch, gate)
-        machine._place.check_notification(machine)
     except BaseException:
         _withdraw(machine, sent)
         raise
     machine.submitted = True
+    for task in machine.array_tasks() if machine.array_parts else []:
+        task.submitted = True
+        task.shared = machine.shared
+        task._save()
     machine._save()
     return machine
-
-
-def _run_at(machine: RemoteMachine, command: str) -> tuple[int, str, str]:
-    """Run ``command`` where the job is, unless the hand-over ran it already (its answer)."""
-    ahead = machine._ahead.pop(command, None)
-    if ahead is not None:
-        return ahead.returncode, ahead.stdout, ahead.stderr
-    return machine._place.run(command)
 
 
 class _Launcher:
@@ -6902,7 +6908,7 @@ class _Launcher:
         return []
 
     def write_extras(self, machine: RemoteMachine, folder: Path) -> None:
-        """Files this launcher needs in the job folder besides the launcher and the wrapper."""
+        """Files this launcher needs in the job folder besides the wrapper."""
 
     def after(self, machine: RemoteMachine, parent_id: str) -> str:
         """A job ``machine`` runs after: submitted from here to the same place, started the same
@@ -6933,66 +6939,56 @@ class _Launcher:
         machine.fire(run)
 
     def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
-        raise NotImplementedError
-
-    def fire_command(self, machine: RemoteMachine) -> str:
-        """The bash command that starts the job where its folder is."""
-        raise NotImplementedError
+        """Start the job where it is (the executing side's fire_jobs, or the answer of the
+        hand-over that fired it already); ``run=False`` starts nothing and says how to."""
+        machine.launch_command = f"{_prog()} start {machine.job_id}"
+        if not run:
+            log.info("job %s is ready on %s and was not started; start it with: %s",
+                     machine.job_id, machine.host_name, machine.launch_command)
+            return None, machine.launch_command
+        if machine.launcher_pid is not None or machine.slurm_job_id is not None:
+            raise StackopsError(f"job {machine.job_id} was already started",
+                                hint=f"{_prog()} rerun {machine.job_id} runs it again")
+        fired = machine._handed.fired if machine._handed is not None else {}
+        if not fired:
+            requests = getattr(machine._place, "fire_requests", lambda m: [])(machine)
+            requests.append({"action": "fire", "roots": machine.fire_roots})
+            fired = machine._place.call(requests)[-1]
+        machine.launcher_pid = fired.get("pid")
+        machine.slurm_job_id = fired.get("slurm_id")
+        machine._save()
+        for k, task in enumerate(machine.array_tasks() if machine.array_parts else []):
+            task.slurm_job_id = f"{machine.slurm_job_id}_{k}"
+            task._save()
+        log.info("job %s fired on %s (%s)", machine.job_id, machine.host_name,
+                 f"Slurm job {machine.slurm_job_id}" if machine.slurm_job_id
+                 else f"pid {machine.launcher_pid}")
+        return machine.launcher_pid, machine.launch_command
 
     def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
-        return self.stop(machine, grace)
-
-    def stop(self, machine: RemoteMachine, grace: float) -> JobStatus:
-        """Stop the job where its folder is (CANCEL_TEMPLATE), and return its status after."""
-        command = machine.file_manager.cancel_command(grace)
-        status, out, err = machine._place.run(command, timeout=grace + 60)
-        if status != 0:
-            raise CommandError(machine.host_name, "cancel", status, err or out)
-        return machine.get_status(0)
+        """Cancel the job where it runs (cancel_job); the status after, ``reason`` saying what it
+        was before (an ended job is left as it was)."""
+        if not machine.submitted and machine.is_remote:
+            raise StackopsError(f"job {machine.job_id} never reached {machine.host_name}: "
+                                "nothing to cancel")
+        state = machine._place.call([{"action": "cancel", "roots": [machine.root_there],
+                                      "grace": grace}])[0]
+        machine._place.mirror(machine, state)
+        report = _status_of(machine.job_id, state)
+        report.reason = f"was {state.get('was')}"
+        return report
 
     def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
-        return machine._place.status(machine, log_lines)
+        return machine._place.reports([machine], log_lines)[0]
 
 
 class _SlotLauncher(_Launcher):
     """A detached process (its own session, output to logs/) that waits for one of the
     machine's slots, first come first served, and survives the connection closing."""
 
-    interactive = False
-
-    def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
-        raw = self.fire_command(machine)
-        command = machine.launch_command = machine._place.fire_command(machine, raw)
-        if not run:
-            log.info("job %s is ready on %s and was not launched; launch it with: bash -c %s",
-                     machine.job_id, machine.host_name, shlex.quote(command))
-            return None, command
-        if machine.launcher_pid is not None:
-            raise StackopsError(f"job {machine.job_id} was already fired "
-                                f"(launcher pid {machine.launcher_pid})",
-                                hint="submit it again under a new job_id to run it again")
-        status, out, err = _run_at(machine, command)
-        pid = out.strip().splitlines()[-1:] if status == 0 else []
-        if not pid or not pid[0].isdigit():
-            _raise_remote_error(Response(out, err, status, command, machine.host_name),
-                                f"job {machine.job_id} was not started on {machine.host_name}: ",
-                                hint=f"python stackops.py status {machine.job_id}")
-        machine.launcher_pid = int(pid[0])
-        machine._save()
-        log.info("job %s fired on %s (launcher pid %d)", machine.job_id, machine.host_name,
-                 machine.launcher_pid)
-        return machine.launcher_pid, command
-
-
-    def fire_command(self, machine: RemoteMachine) -> str:
-        join_queue = not machine.config.after  # a job with parents waits among the after entries
-        return machine.file_manager.get_fire_command(self.interactive, join_queue=join_queue)
-
 
 class _TmuxLauncher(_SlotLauncher):
     """Like _SlotLauncher, inside a tmux session named after the job, so a person can attach."""
-
-    interactive = True
 
 
 class _CloudQueueLauncher(_SlotLauncher):
@@ -7015,7 +7011,7 @@ class _CloudQueueLauncher(_SlotLauncher):
         """A unit of a cloud queue: marked cancelled in the bucket (workers skip it; the one running
         it stops it at its next heartbeat). The status is the queue's view of it."""
         if not machine.config.cloud_name:
-            return self.stop(machine, grace)
+            return super().cancel(machine, grace)
         queue = CloudQueue(machine.config.cloud_name)
         rows = {row["unit"]: row for row in queue.report()}
         row = rows.get(machine.job_id)
@@ -7024,10 +7020,10 @@ class _CloudQueueLauncher(_SlotLauncher):
                               f"{machine.config.cloud_name}")
         if row["state"] in TERMINAL_STATUSES:
             return JobStatus(job_id=machine.job_id, status=row["state"],
-                             host=str(row.get("host") or "?"))
+                             host=str(row.get("host") or "?"), reason=f"was {row['state']}")
         queue.cancel(machine.job_id)
         state = "cancelled" if row["state"] in ("queued", "stale") else "running"
-        reason = "" if state == "cancelled" else "cancel requested: the worker stops it"
+        reason = "was queued" if state == "cancelled" else "cancel asked: the worker stops it"
         return JobStatus(job_id=machine.job_id, status=state, host=str(row.get("worker") or "?"),
                          reason=reason)
 
@@ -7101,13 +7097,15 @@ class _CloudQueueLauncher(_SlotLauncher):
 
 class _SlurmLauncher(_Launcher):
     """Slurm's ``sbatch`` where the job is submitted (a login node): Slurm queues and starts it,
-    so no stackops slot is taken. A workload of K > 1 parts runs as a job array of K tasks."""
+    so no stackops slot is taken. A workload of K > 1 parts runs as a job array of K tasks, the
+    tasks' folders beside the array's, sharing its code (as a sweep's jobs do)."""
 
     takes_slot = False
 
     def preflight(self, machine: RemoteMachine) -> None:
-        """A Slurm job needs sbatch where it is submitted: refused before anything is written."""
-        if not machine._place.has_command("sbatch"):
+        """A Slurm job needs sbatch where it is submitted: refused before anything is written
+        (on a host, its hand-over checks it in the same round trip)."""
+        if not machine.is_remote and shutil.which("sbatch") is None:
             raise ConfigError(f"launch_method='slurm' needs sbatch on {machine.host_name}, "
                               "and there is none",
                               hint="submit from a Slurm login node (--host), or leave out --slurm")
@@ -7123,118 +7121,28 @@ class _SlurmLauncher(_Launcher):
         throttle = config.max_simultaneous_jobs if config.max_simultaneous_jobs > 1 else 0
         tasks = len(machine.array_parts)
         script = render_sbatch_script(machine.job_id, config.slurm_options, tasks, throttle,
-                                      after=machine._parent_slurm_ids)
-        _atomic_write_text(folder / SBATCH_SH, script, 0o700)
+                                      after=machine._parent_slurm_ids, python=machine.python)
+        _write_new(folder / SBATCH_SH, script, 0o700)
 
     def after(self, machine: RemoteMachine, parent_id: str) -> str:
+        """A parent under Slurm, judged from stackops' own record of it: one that failed or was
+        cancelled refuses the child now, one that completed needs no dependency, and one still
+        to end is a Slurm dependency (its id)."""
         super().after(machine, parent_id)
         parent = self._parent(machine, parent_id)
         if parent.slurm_job_id is None:
             raise ConfigError(f"--after {parent.job_id}: that job was never handed to Slurm")
-        return parent.slurm_job_id
-
-    def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
-        """sbatch the job where it was submitted; Slurm's job id is kept (``slurm_job_id``)."""
-        command = machine.launch_command = self.fire_command(machine)
-        if not run:
-            log.info("job %s is ready on %s and was not handed to Slurm; do it with: %s",
-                     machine.job_id, machine.host_name, command)
-            return None, command
-        if machine.slurm_job_id is not None:
-            raise StackopsError(f"job {machine.job_id} was already handed to Slurm "
-                                f"(job {machine.slurm_job_id})",
-                                hint="submit it again under a new job_id to run it again")
-        status, out, err = _run_at(machine, command)
-        answer = out.strip().splitlines()[-1:] if status == 0 else []
-        if not answer or not re.match(r"\d+(_\d+)?(;\S+)?\Z", answer[0]):
-            raise CommandError(machine.host_name, "sbatch", status, err or out)
-        machine.slurm_job_id = answer[0].split(";")[0]
-        machine._save()
-        for k, task in enumerate(machine.array_tasks() if machine.array_parts else []):
-            task.slurm_job_id = f"{machine.slurm_job_id}_{k}"
-            task._save()
-        log.info("job %s handed to Slurm on %s (Slurm job %s)", machine.job_id, machine.host_name,
-                 machine.slurm_job_id)
-        return None, command
-
-    def fire_command(self, machine: RemoteMachine) -> str:
-        return machine.file_manager.sbatch_command(len(machine.array_parts))
+        status = parent.get_status(0).status
+        if status in ("failed", "cancelled"):
+            raise ConfigError(f"--after {parent.job_id}: that job {status}, so this one would "
+                              "never run", hint=f"{_prog()} rerun {parent.job_id} first")
+        return "" if status == "completed" else parent.slurm_job_id
 
     def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
-        """``scancel``, after marking the job (and each array task) as cancelled by request."""
-        if machine.slurm_job_id is None:
-            return self.stop(machine, grace)
-        managers = [machine.file_manager]
-        tasks = machine.array_tasks() if machine.array_parts else []
-        managers += [task.file_manager for task in tasks]
-        marks = [render_template(CANCEL_MARK_TEMPLATE, job_root=manager._job_root_sh(),
-                                 cancel_file=shlex.quote(CANCEL_TXT)) for manager in managers]
-        command = render_template(SCANCEL_TEMPLATE, marks=" && ".join(marks),
-                                  slurm_id=shlex.quote(machine.slurm_job_id))
-        status, out, err = machine._place.run(command)
-        if status != 0:
-            raise CommandError(machine.host_name, "scancel", status, err or out)
-        return machine.get_status(0)
-
-    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
-        if machine.slurm_job_id is None:
-            return super().status(machine, log_lines)
-        if machine.array_parts:
-            reports = [task.get_status(log_lines) for task in machine.array_tasks()]
-            return _array_status(machine, reports)
-        marker = f"--stackops-{random.getrandbits(64):016x}"
-        command = machine.file_manager.slurm_status_command(marker, log_lines)
-        status, out, err = machine._place.run(command)  # one round trip (bash, no Python)
-        if status != 0:
-            raise CommandError(machine.host_name, "job status", status, err,
-                               hint="is the job folder still there?")
-        report, logs = machine.file_manager.parse_status_output(out, marker, log_lines)
-        machine._place.mirror_logs(machine, logs)
+        report = super().cancel(machine, grace)
+        for task in machine.array_tasks() if machine.array_parts else []:
+            task._place.mirror(task, read_state(task.file_manager.job_root))
         return report
-
-
-def _array_status(machine: RemoteMachine, tasks: list[JobStatus]) -> JobStatus:
-    """One status for a whole array: running while any task runs, queued while the rest wait,
-    and at the end completed only if every task completed."""
-    counts = {status: sum(task.status == status for task in tasks) for status in STATUSES}
-    unfinished = [task for task in tasks if not task.finished]
-    if unfinished:
-        status = "running" if counts["running"] or len(unfinished) < len(tasks) else "queued"
-    elif counts["completed"] == len(tasks):
-        status = "completed"
-    else:
-        status = "failed" if counts["failed"] else "cancelled"
-    errors = [f"task {task.job_id}: {task.status}: {_last_line(task.error_message)}"
-              for task in tasks if task.status in ("failed", "cancelled")]
-    starts = [task.start_time for task in tasks if task.start_time]
-    ends = [task.end_time for task in tasks if task.end_time]
-    summary = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
-    manager = machine.file_manager
-    return JobStatus(job_id=machine.job_id, status=status,
-                     submission_time=_iso(manager.submission_time),
-                     start_time=min(starts) if starts else None,
-                     end_time=max(ends) if not unfinished and ends else None,
-                     results_path=manager.job_root_rh if status == "completed" else None,
-                     error_message="\n".join(errors), host=tasks[0].host if tasks else "?",
-                     slurm_job_id=machine.slurm_job_id,
-                     reason=f"array of {len(tasks)} tasks: {summary}",
-                     log_tail="\n".join(task.log_tail for task in tasks if task.log_tail))
-
-
-def _download_array(machine: RemoteMachine, target: str | os.PathLike[str] | None, overwrite: bool,
-                    progress: Callable[[int], None] | None) -> Path:
-    """Each task's results into one folder, a sub-folder per task (``{job_id}-{k}``)."""
-    own = f"{DEFAULT_RESULTS_DIR}/{machine.job_id}"
-    folder = expand_home(target if target is not None else own)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise ConfigError(f"{collapse_home(folder)} already exists",
-                          hint="pass overwrite=True (--overwrite)")
-    _mkdir_private(folder)
-    for task in machine.array_tasks():
-        task.download_results(folder / task.job_id, overwrite, progress)
-    machine.results_downloaded = True
-    machine._save()
-    return folder
 
 
 def _same_place(one: Path, other: Path) -> bool:
@@ -7272,17 +7180,23 @@ def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
 # -- the job folder, written here ------------------------------------------------------------------
 
 def _generate_job_folder(machine: RemoteMachine) -> None:
-    """Write the whole job folder here at once: complete under its name, or not at all."""
+    """Write the whole job folder here at once: complete under its name, or not at all. An
+    array's tasks are members beside it (see sweep_links), written after it."""
     root = machine.file_manager.job_root
     if root.exists():
         raise _exists_error(machine)
     machine._place.check_job_root(root)
     parts = machine.array_parts
     if parts:
+        taken = [p for p in (f"{machine.job_id}-{k}" for k in range(len(parts)))
+                 if os.path.lexists(root.parent / p)]
+        if taken:
+            raise ConfigError(f"the array's task folder {taken[0]} exists already",
+                              hint="choose another job_id")
         machine._tasks = [_new_array_task(machine, k, part) for k, part in enumerate(parts)]
-        for task in machine._tasks:
-            task.generate_scripts()
     _put_folder_in_place(machine, "job")
+    if parts:
+        _write_members(machine, machine._tasks or [])
     machine.scripts_generated = True
     machine._save()
     log.info("job %s generated at %s", machine.job_id, collapse_home(root))
@@ -7318,11 +7232,16 @@ def _put_folder_in_place(machine: RemoteMachine, what: str,
 
 
 def _new_array_task(machine: RemoteMachine, k: int, part: WorkloadParams) -> RemoteMachine:
-    """Task k of a Slurm array: a job of its own with slice ``part`` of the workload."""
+    """Task k of a Slurm array: a job of its own with slice ``part`` of the workload, a member of
+    the array's folder (its code and wrapper are the array's)."""
     data = machine.config.to_dict()
     data.update(job_id=f"{machine.job_id}-{k}", workload_params=part.to_dict())
     task = _copy_job(machine, RemoteStackOpsConfig.from_dict(data))
-    task.file_manager = FileManager(task.job_id, "Linux", False, 1, task.config.base_dir)
+    task.file_manager = FileManager(task.job_id, "Linux", False, 1, task.config.base_dir,
+                                    submission_time=machine.file_manager.submission_time)
+    task.file_manager.python = machine.file_manager.python
+    task.scripts_generated = True
+    task._shared = machine.job_id
     return task
 
 
@@ -7358,6 +7277,7 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     machine.job_params.session_name = machine.job_params.tab_name = machine.job_id
     machine.job_params.ssh_repr = machine.host_name
     machine.job_params.ssh_repr_remote = machine._place.account()
+    machine.file_manager.python = machine.python
     line = machine.job_params.get_execution_line(config.workload_params, config.parallelize,
                                                  config.wrap_in_try_except)
     _write_new_json(folder / JOB_PARAMS_JSON, machine.job_params.to_dict())
@@ -7367,17 +7287,55 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     if machine._instance is not None:
         (folder / INSTANCE_PICKLE).write_bytes(machine._instance)
     _write_new(folder / WRAPPER_PY, render_execution_script(line))
-    launcher = render_shell_script(machine.job_params, config, machine.python)
-    _write_new(folder / LAUNCHER_SH, launcher, 0o700)
     machine._launcher.write_extras(machine, folder)
     shutil.copyfile(source, folder / STACKOPS_COPY)
     os.chmod(folder / STACKOPS_COPY, 0o600)
     _ship_bytecode(source, folder / "python")  # the job's start skips compiling it (~40 ms of CPU)
-    _write_new(folder / STATUS_TXT, "queued")
-    if config.copy_repo and machine._place.code_in_folder:
-        _code_here(machine, folder)  # here, or in the cloud archive: the folder carries its code
+    _write_new(folder / STATE_JSON, json.dumps(_first_state(machine)))
+    if config.copy_repo and machine._place.code_in_folder and machine._snapshot is not None:
+        _code_into(folder, machine._snapshot)  # here, or in the cloud archive: it carries its code
     machine.scripts_generated = True
     _write_new_json(folder / REMOTE_MACHINE_JSON, machine.to_dict())
+
+
+def _first_state(machine: RemoteMachine) -> dict[str, Any]:
+    """A job's state record as it is written: prepared (an array's, with its tasks)."""
+    state: dict[str, Any] = {"schema": STATE_SCHEMA, "status": "prepared",
+                             "submitted": _iso(machine.file_manager.submission_time),
+                             "attempts": machine.config.retries + 1}
+    if machine.array_parts:
+        state["tasks"] = [f"{machine.job_id}-{k}" for k in range(len(machine.array_parts))]
+    return state
+
+
+def _member_files(job: RemoteMachine, manager: dict[str, Any],
+                  config: dict[str, Any] | None = None) -> dict[str, str]:
+    """The files of a sweep's job or an array's task that are its own (the rest are links to
+    the shared folder): its kwargs, its file_manager.json (``manager`` with its id), its state
+    record, and (an array's task: its slice) its config."""
+    files = {KWARGS_JSON: json.dumps(job.kwargs, ensure_ascii=False),
+             FILE_MANAGER_JSON: json.dumps(dict(manager, job_id=job.job_id)),
+             STATE_JSON: json.dumps(_first_state(job))}
+    if config is not None:
+        files[CONFIG_JSON] = json.dumps(config)
+    return files
+
+
+def _write_members(template: RemoteMachine, jobs: list[RemoteMachine],
+                   per_job_config: bool = True) -> None:
+    """The members of a sweep or an array beside the shared folder, here, each with its record;
+    the same files travel to a host (``template._members``)."""
+    queued = template.file_manager.job_root.parent
+    links = sweep_links(queued, template.job_id)
+    manager = template.file_manager.to_dict()
+    members = []
+    for job in jobs:
+        files = _member_files(job, manager, job.config.to_dict() if per_job_config else None)
+        members.append([job.job_id, files])
+        job._members, job._shared = [], template.job_id
+        record = dict(files, **{REMOTE_MACHINE_JSON: json.dumps(job.to_dict())})
+        write_sweep_job(queued, job.job_id, record, links)
+    template._members = members
 
 
 # -- a new job's arguments and files, an array's tasks, waiting for the results --------------------
@@ -7404,6 +7362,32 @@ def _array_tasks(machine: RemoteMachine) -> list[RemoteMachine]:
     for task in machine._tasks:
         task._place.connection = machine._place.connection
     return machine._tasks
+
+
+def _array_status(machine: RemoteMachine, log_lines: int) -> JobStatus:
+    """An array's status: its tasks' reports (one round trip for them all), combined."""
+    tasks = machine.array_tasks()
+    reports = machine._place.reports(tasks, log_lines) if tasks else []
+    own = _status_of(machine.job_id, read_state(machine.file_manager.job_root))
+    own.slurm_job_id = machine.slurm_job_id
+    own.results_path = machine.file_manager.job_root_rh
+    return _combine(reports, own)
+
+
+def _download_array(machine: RemoteMachine, target: str | os.PathLike[str] | None, overwrite: bool,
+                    progress: Callable[[int], None] | None) -> Path:
+    """Each task's results into one folder, a sub-folder per task (``{job_id}-{k}``)."""
+    own = f"{DEFAULT_RESULTS_DIR}/{machine.job_id}"
+    folder = expand_home(target if target is not None else own)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise ConfigError(f"{collapse_home(folder)} already exists",
+                          hint="pass overwrite=True (--overwrite)")
+    _mkdir_private(folder)
+    for task in machine.array_tasks():
+        task.download_results(folder / task.job_id, overwrite, progress)
+    machine.results_downloaded = True
+    machine._save()
+    return folder
 
 
 def _check_arguments(func: Any, machine: RemoteMachine, config: RemoteStackOpsConfig) -> None:
@@ -7445,7 +7429,7 @@ def _machine_record(machine: RemoteMachine) -> dict[str, Any]:
             "shared": machine.shared,
             "slurm_job_id": machine.slurm_job_id, "task_ids": machine.task_ids,
             "results_path": results.as_posix() if results else None,
-            "cloud_sha256": machine.cloud_sha256,
+            "cloud_sha256": machine.cloud_sha256, "shared_folder": machine._shared,
             "downloaded_to": str(downloaded) if downloaded else None}
 
 
@@ -7469,6 +7453,7 @@ def _restore_machine(machine: RemoteMachine, data: Any, job_root: Path | None) -
         machine.slurm_job_id = data.get("slurm_job_id")
         machine.task_ids = list(data.get("task_ids") or [])
         machine.cloud_sha256 = str(data.get("cloud_sha256") or "")
+        machine._shared = data.get("shared_folder")
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
     machine._instance = None
@@ -7526,38 +7511,44 @@ def _withdraw(machine: RemoteMachine, sent: bool) -> None:
     if sent:
         with _suppress(Exception):
             machine._place.withdraw(machine)
+    for task in machine._tasks or []:
+        shutil.rmtree(task.file_manager.job_root, ignore_errors=True)
     shutil.rmtree(machine.file_manager.job_root, ignore_errors=True)
     machine.scripts_generated = False
     log.info("job %s was not submitted; its id is free again", machine.job_id)
 
 
 def _scripts_text(machine: RemoteMachine) -> str:
-    """The generated launcher and wrapper, each under a title line (show_scripts)."""
+    """The generated wrapper (and the batch script for Slurm), each under a title line
+    (show_scripts)."""
     if not machine.scripts_generated:
         raise StackopsError("no scripts yet", hint="call generate_scripts() first")
     text = ""
-    for title, relative in (("Shell script", LAUNCHER_SH), ("Python script", WRAPPER_PY)):
+    for title, relative in (("Python script", WRAPPER_PY), ("Batch script", SBATCH_SH)):
         path = machine.file_manager.path(relative)
+        if not path.exists():
+            continue
         text += f"---- {title}: {collapse_home(path)}\n{path.read_text(encoding='utf-8')}\n"
     return text
 
 
 def _delete_job(machine: RemoteMachine, results: bool) -> None:
-    """RemoteMachine.delete: refused while the job runs; its folder there and its record here."""
-    started = machine.launcher_pid is not None or machine.slurm_job_id is not None
-    report = machine.get_status(0) if started else None
-    if report is not None and not report.finished:
-        raise ConfigError(f"job {machine.job_id} is {report.status}; cancel it before deleting it",
-                          hint=f"stackops cancel {machine.job_id}")
-    if results and report is not None and report.status == "completed":
-        machine.delete_remote_results()
-    for task in machine.array_tasks() if machine.array_parts else []:
-        task.delete(results)
-    machine._place.delete_folder(machine)
+    """RemoteMachine.delete: where the job ran (judged there: refused while it has not ended; its
+    own results folder too with ``results``), then its record here, unless that was the same
+    folder (a shared home)."""
     root = machine.file_manager.job_root
     if root.is_symlink() or not (root / FILE_MANAGER_JSON).is_file():
         raise ConfigError(f"{collapse_home(root)} is not a stackops job folder; nothing deleted")
-    shutil.rmtree(root)
+    tasks = machine.array_tasks() if machine.array_parts else []
+    place: _Place = machine._place if machine.submitted or not machine.is_remote \
+        else _Here(machine.config)
+    roots = [task.root_there if place is machine._place else str(task.file_manager.job_root)
+             for task in tasks]
+    there = machine.root_there if place is machine._place else str(root)
+    place.call([{"action": "delete", "roots": [*roots, there], "results": results}])
+    for folder in [task.file_manager.job_root for task in tasks] + [root]:
+        if folder.is_dir() and not folder.is_symlink():  # the record here of a job on a host
+            shutil.rmtree(folder)
     log.info("job %s deleted", machine.job_id)
 
 
@@ -7609,7 +7600,8 @@ class RemoteMachine:
         self._checked = False  # interpreter and script found where the job runs
         self.downloaded_to: Path | None = None  # where download_results() put the results here
         self._handed: _HandOver | None = None  # what the hand-over to the host did
-        self._ahead: dict[str, Response] = {}  # the hand-over ran these commands there: answers
+        self._members: list[list[Any]] = []  # a sweep's or array's members: their own files
+        self._shared: str | None = None  # the shared folder of the sweep or array it belongs to
 
     def __repr__(self) -> str:
         return f"RemoteMachine({self.config.job_id!r} @ {self.host_name})"
@@ -7661,6 +7653,17 @@ class RemoteMachine:
     def ssh(self) -> SSH:
         """The one connection to the host, opened on first use."""
         return self._place.ssh
+
+    @property
+    def root_there(self) -> str:
+        """The job folder where it runs, as the executing side is told it (``~/...`` on a host)."""
+        manager = self.file_manager
+        return manager.job_root_rh if self.is_remote else str(manager.job_root)
+
+    @property
+    def fire_roots(self) -> list[str]:
+        """The job folders one fire starts: this job's (an array's: its own, sbatch --array)."""
+        return [self.root_there]
 
     def close(self) -> None:
         self._place.close()
@@ -7718,7 +7721,7 @@ class RemoteMachine:
     def fire(self, run: bool = True) -> tuple[int | None, str]:
         """Start the job detached and return (launcher pid, launch command) at once; the job
         survives the connection closing. With ``run=False`` nothing starts: the pid is None and
-        the command is what would run (on the host, with bash)."""
+        the command is what starts it later (``stackops start ID``)."""
         if not self.submitted:
             raise StackopsError(f"job {self.job_id} is not submitted yet",
                                 hint="call submit() first")
@@ -7731,7 +7734,6 @@ class RemoteMachine:
         slot is free at once. A Slurm job is cancelled with ``scancel``."""
         if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not 0 <= grace <= 3600:
             raise ConfigError(f"grace must be 0 to 3600 seconds, got {grace!r}")
-        self._place.check_reached(self)
         return self._launcher.cancel(self, grace)
 
     def delete(self, results: bool = False) -> None:
@@ -7778,9 +7780,9 @@ class RemoteMachine:
         return self
 
     def get_status(self, log_lines: int = 20) -> JobStatus:
-        """The job's full status, read where it runs (pid verified there). Over SSH this is one
-        round trip that starts no Python, and the job's small log files are mirrored into the
-        local job folder."""
+        """The job's full status, judged where it runs (see _judge). Over SSH this is one round
+        trip, and the host's record of the job is kept in the local job folder (shown "as of"
+        when the host cannot be reached)."""
         return self._launcher.status(self, log_lines)
 
     def check_job_status(self) -> Path | None:
@@ -7840,7 +7842,7 @@ class RemoteMachine:
         """Delete the job's results folder where it ran, only if it is the job's own (its default
         results folder or inside its job folder); a path it returned from elsewhere is refused."""
         self.results()
-        self._place.delete_results(self)
+        self._place.call([{"action": "delete_results", "roots": [self.root_there]}])
         return self
 
 
@@ -7900,11 +7902,15 @@ def list_jobs(base_dir: str | None = None, timeout: float = 10.0) -> list[JobSta
 
 
 def _job_folders(base_dir: str | None) -> list[tuple[Path, str | None]]:
-    """(job folder, cluster id or None): the jobs under ``base_dir`` and the clusters' parts."""
+    """(job folder, cluster id or None): the jobs under ``base_dir`` and the clusters' parts (a
+    staging folder, hidden, is no job)."""
     base = expand_home(base_dir or DEFAULT_BASE_DIR)
     found: list[tuple[Path, str | None]] = []
-    for path in base.glob("queued/*/" + REMOTE_MACHINE_JSON):
-        found.append((path.parent.parent, None))
+    with _suppress(FileNotFoundError):
+        for name in os.listdir(base / "queued"):
+            if not name.startswith(".") and os.path.exists(base / "queued" / name /
+                                                          REMOTE_MACHINE_JSON):
+                found.append((base / "queued" / name, None))
     for cluster_json in sorted(base.parent.glob("job_id__*/cluster.json")):
         try:
             data = _read_json(cluster_json)
@@ -7917,61 +7923,60 @@ def _job_folders(base_dir: str | None) -> list[tuple[Path, str | None]]:
 
 def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[dict[str, Any]]:
     """One row per job (see list_jobs): ``job_id``, ``host`` (the alias it was submitted to),
-    ``cluster``, ``report`` (a JobStatus), ``as_of`` (None when current; else when it was last seen,
-    because its host could not be asked within ``timeout`` seconds) and ``error`` (why not)."""
-    rows: list[dict[str, Any]] = []
-    remote: dict[str, list[dict[str, Any]]] = {}
+    ``cluster``, ``sweep`` (the sweep or array it is a member of), ``report`` (a JobStatus),
+    ``as_of`` (None when current; else when its record was last read where it runs, because its
+    host could not be asked within ``timeout`` seconds) and ``error`` (why not). Every job is
+    judged where it runs (here: this machine's; a host's, all in one round trip per host);
+    an ended job's row is read once and kept (<base>/.list-cache.json)."""
     cache = _ListCache(expand_home(base_dir or DEFAULT_BASE_DIR))
+    rows: list[dict[str, Any]] = []
+    here: list[dict[str, Any]] = []
+    remote: dict[str, list[dict[str, Any]]] = {}
     for root, cluster in _job_folders(base_dir):
         row = cache.row(root, cluster)
-        if row is not None:  # an ended job whose files did not change since the last list
-            rows.append(row)
-            continue
-        try:
-            machine = RemoteMachine.from_job_dir(root)
-        except StackopsError as exc:
-            log.warning("skipping %s: %s", collapse_home(root), exc)
-            continue
-        row = {"job_id": machine.job_id, "host": machine.host_name, "cluster": cluster,
-               "as_of": None, "error": None, "machine": machine, "root": root}
+        if row is None:
+            row = cache.identity(root, cluster)
+            if row is None:
+                continue
+            (remote.setdefault(row["host"], []) if row.pop("asked_there") else here).append(row)
         rows.append(row)
-        if machine.is_remote and machine.submitted:
-            remote.setdefault(machine.host_name, []).append(row)
-        elif machine.is_remote:
-            row["error"] = "never completely submitted: nothing of it runs on the host"
-    answers = _ask_hosts(remote, timeout)
-    for row in rows:
-        if "machine" not in row:
-            continue  # from the cache
-        machine = row.pop("machine")
-        report = answers.get((row["host"], row["job_id"]))
-        if isinstance(report, JobStatus):
-            row["report"] = report
-            cache.keep(row.pop("root"), row)
-            continue
-        if report is not None:
-            row["error"] = str(report)
-        try:
-            row["report"] = machine.file_manager.status_report(0, verify=not machine.is_remote)
-        except StackopsError as exc:
-            row["report"] = JobStatus(job_id=row["job_id"], status="failed", error_message=str(exc))
-        if machine.is_remote:
-            row["report"].host = "?"
-            row["as_of"] = _last_seen(machine.file_manager.path(STATUS_TXT))
+    for row, state in zip(here, judge_jobs([row["root"] for row in here])):
+        row["report"] = _job_status(row["root"], state)
+        row["as_of"] = state.get("as_of")
+    for host, answers in _ask_hosts(remote, timeout).items():
+        for row in remote[host]:
+            _take_answer(row, answers.get(row["job_id"], answers.get("*")))
+    for row in here + [row for host_rows in remote.values() for row in host_rows]:
         cache.keep(row.pop("root"), row)
     cache.save()
-    return sorted(rows, key=lambda r: r["report"].submission_time or "", reverse=True)
+    return sorted(rows, key=lambda r: (r["report"].submission_time or "", r["job_id"]),
+                  reverse=True)
+
+
+def _take_answer(row: dict[str, Any], answer: Any) -> None:
+    """A remote row from its host's answer, or (none: the host could not be asked) from the
+    record last mirrored here, as of when it was read there."""
+    if isinstance(answer, dict):
+        row["report"] = report_from(answer)
+        if not row["shared"] and row["root"].is_dir():
+            state = dict(answer["state"], mirrored=_iso(_utcnow()))
+            _write_plain(row["root"] / STATE_JSON, json.dumps(state))
+        return
+    state = read_state(row["root"])
+    row["report"] = _status_of(row["job_id"], state)
+    row["as_of"] = state.get("mirrored") or state.get("at")
+    row["error"] = str(answer) if answer is not None else "not asked"
 
 
 _JOB_STATUS_FIELDS = frozenset(JobStatus.__dataclass_fields__)
 
 
 class _ListCache:
-    """The rows of ended jobs as the last ``list`` found them, in ``<base>/.list-cache.json``: a
-    job whose record and status files are unchanged since (same mtimes and sizes) is not read
-    again, so a history of 10,000 jobs lists in a fraction of a second. Only ended, current rows
-    are kept (an end is final; a rerun or a delete changes or removes the files); anything odd
-    about the file just means the jobs are read in full."""
+    """What the last ``list`` found, in ``<base>/.list-cache.json``: for every job, who it is
+    (host, sweep, whether its host is asked: read from its record, kept while the record's mtime
+    and size stay), and for an ended job its whole row (kept while its state record stays the
+    same). So a history of 10,000 jobs lists without reading 10,000 records; anything odd about
+    the file just means the jobs are read in full."""
 
     def __init__(self, base: Path) -> None:
         self.path = base / ".list-cache.json"
@@ -7983,61 +7988,79 @@ class _ListCache:
                 self.old = data.get("rows") or {}
 
     @staticmethod
-    def key(root: Path) -> list[int] | None:
+    def key(path: Path) -> list[int] | None:
         try:
-            record, status = os.stat(root / REMOTE_MACHINE_JSON), os.stat(root / STATUS_TXT)
+            info = os.stat(path)
         except OSError:
             return None
-        return [record.st_mtime_ns, record.st_size, status.st_mtime_ns, status.st_size]
+        return [info.st_mtime_ns, info.st_size]
 
     def row(self, root: Path, cluster: str | None) -> dict[str, Any] | None:
+        """The whole row of an ended job whose record and state did not change, else None."""
         hit = self.old.get(str(root))
-        if not isinstance(hit, dict) or hit.get("key") is None or hit["key"] != self.key(root):
+        if not isinstance(hit, dict) or not isinstance(hit.get("report"), dict) \
+                or hit.get("state_key") != self.key(root / STATE_JSON) \
+                or hit.get("key") != self.key(root / REMOTE_MACHINE_JSON):
             return None
-        report = JobStatus.__new__(JobStatus)  # written from a checked JobStatus: not checked again
-        plain = hit.get("report")
-        if not isinstance(plain, dict) or plain.keys() != _JOB_STATUS_FIELDS \
-                or plain.get("status") not in TERMINAL_STATUSES:
+        plain = hit["report"]
+        if plain.keys() != _JOB_STATUS_FIELDS or plain.get("status") not in TERMINAL_STATUSES \
+                or not all(isinstance(plain.get(k), (str, type(None))) for k in
+                           ("job_id", "submission_time", "start_time", "end_time", "host")):
             return None
+        report = JobStatus.__new__(JobStatus)  # written from a checked JobStatus
         report.__dict__.update(plain)
         self.new[str(root)] = hit
-        return {"job_id": report.job_id, "host": hit["host"], "cluster": cluster, "as_of": None,
-                "error": None, "report": report}
+        return {"job_id": report.job_id, "host": hit["host"], "cluster": cluster,
+                "sweep": hit.get("sweep"), "as_of": None, "error": None, "report": report}
+
+    def identity(self, root: Path, cluster: str | None) -> dict[str, Any] | None:
+        """A job's row before its status: who it is, from its record (or from the cache)."""
+        key = self.key(root / REMOTE_MACHINE_JSON)
+        hit = self.old.get(str(root))
+        who = hit.get("who") if isinstance(hit, dict) and hit.get("key") == key else None
+        if not isinstance(who, dict):
+            try:
+                machine = RemoteMachine.from_job_dir(root)
+            except StackopsError as exc:
+                log.warning("skipping %s: %s", collapse_home(root), exc)
+                return None
+            who = {"job_id": machine.job_id, "host": machine.host_name,
+                   "sweep": machine._shared, "shared": machine.shared,
+                   "there": machine.root_there,
+                   "asked_there": machine.is_remote and machine.submitted}
+        self.new[str(root)] = {"key": key, "who": who}
+        return dict(who, cluster=cluster, as_of=None, error=None, root=root)
 
     def keep(self, root: Path, row: dict[str, Any]) -> None:
         report = row["report"]
+        entry = self.new.setdefault(str(root), {})
         if report.status in TERMINAL_STATUSES and row["as_of"] is None and row["error"] is None:
-            key = self.key(root)
-            if key is not None:
-                self.new[str(root)] = {"key": key, "host": row["host"], "report": report.to_dict()}
+            entry.update(report=report.to_dict(), host=row["host"], sweep=row.get("sweep"),
+                         state_key=self.key(root / STATE_JSON))
 
     def save(self) -> None:
         if self.new != self.old and self.path.parent.is_dir():
             with _suppress(OSError):
-                _atomic_write_json(self.path, {"version": __version__, "rows": self.new})
-
-
-def _last_seen(status_file: Path) -> str | None:
-    """When a remote job's status was last mirrored here (rewritten at every refresh)."""
-    try:
-        return _iso(_dt.datetime.fromtimestamp(status_file.stat().st_mtime, _dt.timezone.utc))
-    except OSError:
-        return None
+                _write_plain(self.path, json.dumps({"version": __version__, "rows": self.new}))
 
 
 def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
-               timeout: float) -> dict[tuple[str, str], Any]:
-    """Every host's jobs refreshed in one round trip per host, all hosts at once, within
-    ``timeout`` seconds: {(host, job_id): JobStatus or the error that kept it from being read}."""
+               timeout: float) -> dict[str, dict[str, Any]]:
+    """Every host's jobs judged there, one round trip per host, all hosts at once, within
+    ``timeout`` seconds: {host: {job_id: answer}} (``"*"``: the error that kept the host from
+    answering)."""
     import threading
 
-    results: dict[str, Any] = {}  # one assignment per host: a late thread changes nothing we read
+    results: dict[str, dict[str, Any]] = {}  # one assignment per host: a late thread changes nothing
 
     def ask(host: str, rows: list[dict[str, Any]]) -> None:
         try:
-            results[host] = _ask_host(host, [row["machine"] for row in rows], timeout)
+            with SSH.from_config_file(host, timeout=timeout) as ssh:
+                request = {"action": "status", "roots": [row["there"] for row in rows]}
+                answers = ssh.serve([request], timeout=timeout)[0]
+            results[host] = {row["job_id"]: answer for row, answer in zip(rows, answers)}
         except Exception as exc:  # the host's rows stay as last seen, and say why
-            results[host] = exc
+            results[host] = {"*": exc}
 
     threads = [threading.Thread(target=ask, args=item, daemon=True) for item in remote.items()]
     for thread in threads:
@@ -8045,46 +8068,8 @@ def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
     deadline = time.monotonic() + timeout + 1.0
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
-    done = dict(results)
-    answers: dict[tuple[str, str], Any] = {}
-    for host, rows in remote.items():
-        silent = StackopsConnectionError(f"{host} did not answer within {timeout:g}s")
-        result = done.get(host, silent)
-        for row in rows:
-            key = (host, row["job_id"])
-            missing = StackopsError(f"{host} sent no status for job {row['job_id']}")
-            answers[key] = result.get(key, missing) if isinstance(result, dict) else result
-    return answers
-
-
-# each job's status where it runs, then a fence line with its index and the status's exit code
-LIST_STATUS_TEMPLATE = "@@status; printf '\\n%s:%s:%s\\n' @@fence @@index $?\n"
-
-
-def _ask_host(host: str, machines: list[RemoteMachine],
-              timeout: float) -> dict[tuple[str, str], Any]:
-    """One SSH round trip that reports every job of ``host`` (each job's bash status, in turn)."""
-    fence = f"--stackops-list-{random.getrandbits(64):016x}"
-    markers = [f"{fence}-{index}" for index in range(len(machines))]
-    script = "".join(render_template(LIST_STATUS_TEMPLATE, fence=shlex.quote(fence),
-                                     index=str(index), status=m._place.status_command(m, marker, 0))
-                     for index, (m, marker) in enumerate(zip(machines, markers)))
-    with SSH.from_config_file(host, timeout=timeout) as ssh:  # stdin: no length limit, any shell
-        response = ssh.run_shell_cmd_on_remote("bash -s", timeout=timeout, strict=False,
-                                               stdin=script.encode())
-    pieces = re.split(rf"\n{re.escape(fence)}:(\d+):(\d+)\n", response.stdout)
-    answers: dict[tuple[str, str], Any] = {}
-    for start in range(0, len(pieces) - 2, 3):
-        text, index, status = pieces[start], int(pieces[start + 1]), int(pieces[start + 2])
-        machine = machines[index]
-        if status == 0:
-            report = machine._place.take_report(machine, text, markers[index], 0)
-            answers[(host, machine.job_id)] = report
-        else:
-            answers[(host, machine.job_id)] = CommandError(
-                host, "job status", status, response.stderr,
-                hint="is the job folder still on the host?")
-    return answers
+    silent = {"*": StackopsConnectionError(f"did not answer within {timeout:g}s")}
+    return {host: dict(results.get(host, silent)) for host in remote}
 
 
 # -- sweeps ------------------------------------------------------------------------------------
@@ -8168,7 +8153,8 @@ class Sweep:
 
     @classmethod
     def load(cls, sweep_id: str, base_dir: str | None = None) -> Sweep:
-        """The sweep ``sweep_id`` submitted earlier from this machine."""
+        """The sweep ``sweep_id`` submitted earlier from this machine (a member whose folder is
+        gone, deleted, is left out)."""
         queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
         try:
             ids = _read_json(queued / check_safe_name(sweep_id) / SWEEP_JSON)["ids"]
@@ -8177,6 +8163,8 @@ class Sweep:
                               hint=f"{_prog()} list shows the jobs") from exc
         jobs = [RemoteMachine.from_job_dir(queued / job_id) for job_id in ids
                 if (queued / job_id / REMOTE_MACHINE_JSON).exists()]
+        for job in jobs[1:]:
+            job._place = jobs[0]._place  # one connection for all
         return cls(sweep_id, jobs)
 
     def close(self) -> None:
@@ -8190,27 +8178,21 @@ class Sweep:
         self.close()
 
     def check_job_status(self, timeout: float = 60.0) -> dict[str, JobStatus | StackopsError]:
-        """Every job's status: here read from its folder; on a host, all in one round trip."""
-        remote = [job for job in self.jobs if job.is_remote]
-        answers: dict[str, JobStatus | StackopsError] = {}
-        for job in self.jobs:
-            if not job.is_remote:
-                answers[job.job_id] = job.file_manager.status_report(0)
-        if remote:
-            found = _ask_host(remote[0].host_name, remote, timeout)
-            for job in remote:
-                answer = found.get((job.host_name, job.job_id))
-                answers[job.job_id] = answer if answer is not None else \
-                    StackopsError(f"{job.host_name} sent no status for job {job.job_id}")
-        return answers
+        """Every job's status, judged where they run, all in one round trip."""
+        if not self.jobs:
+            return {}
+        reports = self.jobs[0]._place.reports(self.jobs, 0)
+        return {job.job_id: report for job, report in zip(self.jobs, reports)}
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, JobStatus]:
-        """Block until every job ended (a failed one does not stop the others); their statuses."""
+        """Block until every job ended (a failed one does not stop the others); their statuses.
+        A job never started (its fire was broken off) ends the wait too: it never will start."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             answers = self.check_job_status()
             ended = {key: value for key, value in answers.items()
-                     if isinstance(value, JobStatus) and value.finished}
+                     if isinstance(value, JobStatus) and (value.finished or value.status ==
+                                                          "prepared")}
             if len(ended) == len(self.jobs):
                 return ended
             if deadline is not None and time.monotonic() > deadline:
@@ -8219,21 +8201,18 @@ class Sweep:
             time.sleep(poll)
 
     def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
-        """Cancel every job that has not ended (each as RemoteMachine.cancel does)."""
+        """Cancel every job that has not ended, in one round trip: each is marked first, so the
+        queue starts none of them meanwhile."""
+        if not self.jobs:
+            return {}
+        place = self.jobs[0]._place
+        request = {"action": "cancel", "roots": [job.root_there for job in self.jobs],
+                   "grace": grace}
         answers: dict[str, JobStatus | StackopsError] = {}
-        reports = self.check_job_status()
-        for job in self.jobs:
-            report = reports.get(job.job_id)
-            if isinstance(report, JobStatus) and report.finished:
-                answers[job.job_id] = report
-                continue
-            first = self.jobs[0]._place
-            job._place.connection = job._place.connection or first.connection  # one for all
-            try:
-                answers[job.job_id] = job.cancel(grace)
-            except StackopsError as exc:
-                answers[job.job_id] = exc
-            first.connection = first.connection or job._place.connection
+        for job, state in zip(self.jobs, place.call([request])[0]):
+            place.mirror(job, state)
+            answers[job.job_id] = _status_of(job.job_id, state)
+            answers[job.job_id].reason = f"was {state.get('was')}"  # type: ignore[union-attr]
         return answers
 
 
@@ -8264,9 +8243,9 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
     JSON Lines file), each line updating ``func_kwargs``: job K is ``<config.job_id>-K``.
     Everything is checked before anything is written or sent (each line's kwargs against the
     function, the ids against the jobs that exist). The jobs share one copy of stackops, the
-    wrapper, the launcher and the code snapshot (the folder ``<config.job_id>`` beside theirs);
-    to a host they travel as one stream. A failed job does not stop the others. ``run=False``
-    prepares everything and starts nothing (``start ID-K`` starts a job)."""
+    wrapper and the code snapshot (the folder ``<config.job_id>`` beside theirs); to a host they
+    travel as one stream. A failed job does not stop the others. ``run=False`` prepares
+    everything and starts nothing (``start ID-K`` starts a job)."""
     _check_sweep_config(config)
     lines = _sweep_lines(func_kwargs, grid)
     template = RemoteMachine(func, config, func_kwargs=lines[0], data=data)
@@ -8285,174 +8264,56 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
                           + (f" and {len(taken) - 3} more" if len(taken) > 3 else ""),
                           hint="choose another --job-id")
     template.preflight()
-    if template.is_remote:
-        template._place.check_host_files(template)  # before anything is written there
     jobs = [_sweep_member(template, job_id, kwargs) for job_id, kwargs in zip(ids, lines)]
-    sweep = Sweep(config.job_id, jobs)
     _put_sweep_in_place(template, jobs, run, progress)
-    if run and not template.is_remote:
-        _note_fired(jobs, fire_sweep_jobs([job.file_manager.job_root for job in jobs]))
-    else:
-        _note_fired(jobs, [])
     log.info("sweep %s: %d jobs %s on %s", config.job_id, len(jobs),
              "fired" if run else "ready", template.host_name)
-    return sweep
+    return Sweep(config.job_id, jobs)
 
 
 def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run: bool,
                         progress: Callable[[int], None] | None) -> None:
-    """The shared folder, then every job's folder, here and (over SSH) on the host; the host
-    writes and queues its jobs while this machine writes its records of them. On any failure,
-    what this call made goes (see _withdraw_sweep)."""
+    """The shared folder and every job's folder here (each with its record), then to the host
+    with the jobs' own files in one stream, fired there in the same round trip (or fired here).
+    A sweep refused or broken off before its fire leaves nothing behind; one broken off during
+    its fire leaves each job either started or withdrawn (see fire_jobs)."""
     queued = template.file_manager.job_root.parent
-    made: list[str] = []  # what this call put in place, here (names) and there (the shared folder)
-    placed = False
-    join: Callable[[], None] | None = None
+    made = [template.job_id]
     try:
-        _write_sweep_folder(template, [job.job_id for job in jobs])
-        made.append(template.job_id)
-        shared = _hand_over_sweep_folder(template, progress) if template.is_remote else False
-        placed = template.is_remote and not shared
-        if placed:
-            join = _in_background(lambda: _sweep_host_command(template, jobs, True, run))
-        links = {} if placed else sweep_links(queued, template.job_id)  # here, a record only
-        manager = template.file_manager.to_dict()
+        _put_folder_in_place(template, "sweep", lambda staging: _sweep_shared(template, staging,
+                                                                              jobs))
+        made += [job.job_id for job in jobs]
+        _write_members(template, jobs, per_job_config=False)
         for job in jobs:
-            write_sweep_job(queued, job.job_id, _sweep_job_files(job, manager), links)
-            made.append(job.job_id)
-            job.shared = shared
-        if join is not None:
-            waiting = join
-            join = None  # joined once, here (a failure is withdrawn below)
-            waiting()
-        elif template.is_remote:  # a shared home: the host sees the folders just written
-            _sweep_host_command(template, jobs, write=False, fire=run)
+            job._snapshot = template._snapshot
+        if template.is_remote:
+            spec = _handing(template, False, None)
+            spec.fire = [job.root_there for job in jobs] if run else []
+            template._handed = _hand_over(template.ssh, spec, progress)
+            fired = template._handed.fired
+        else:
+            fired = fire_jobs([job.file_manager.job_root for job in jobs]) if run else {}
     except BaseException:
-        if join is not None:
-            with _suppress(Exception):
-                join()
-        _withdraw_sweep(template, made, placed)
+        for name in made:
+            path = queued / name
+            if path.is_dir() and not path.is_symlink() and \
+                    read_state(path).get("status") in (None, "prepared"):
+                shutil.rmtree(path, ignore_errors=True)
         raise
-
-
-def _in_background(action: Callable[[], None]) -> Callable[[], None]:
-    """Run ``action`` in a thread; the function returned waits for it and raises what it raised."""
-    import threading
-
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            action()
-        except BaseException as exc:  # handed to the caller by join()
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    def join() -> None:
-        thread.join()
-        if failure:
-            raise failure[0]
-
-    return join
-
-def _write_sweep_folder(template: RemoteMachine, ids: list[str]) -> None:
-    """The sweep's shared folder (``<base>/queued/<sweep id>``), put in place whole: what every
-    job of it runs (stackops, wrapper, launcher, code), none of one job's own files."""
-    def shared_only(staging: Path) -> None:  # none of one job's own files
-        for relative in (REMOTE_MACHINE_JSON, FILE_MANAGER_JSON, KWARGS_JSON):
-            os.unlink(staging / relative)
-        shutil.rmtree(staging / LOGS)
-        _atomic_write_json(staging / SWEEP_JSON, {"sweep_id": template.job_id, "ids": ids,
-                                                  "host": template.host_name})
-
-    _put_folder_in_place(template, "sweep", shared_only)
-
-
-def _sweep_job_files(job: RemoteMachine, manager: dict[str, Any]) -> dict[str, str]:
-    """The files of one job of a sweep that are its own (the rest are links to the sweep's);
-    ``manager`` is the sweep's file_manager.json, the same for all but the id. No status file:
-    none means queued."""
-    return {KWARGS_JSON: json.dumps(job.kwargs, ensure_ascii=False),
-            FILE_MANAGER_JSON: json.dumps(dict(manager, job_id=job.job_id))}
-
-
-def _hand_over_sweep_folder(template: RemoteMachine,
-                            progress: Callable[[int], None] | None) -> bool:
-    """The sweep's shared folder, code and data to the host, as one job's folder travels (the
-    host's own checks were made before); True when the host sees this machine's folders (a
-    shared home)."""
-    shared = transfer_sftp(template.ssh, template.config, template.job_params,
-                           template.file_manager, template.data, progress, template._snapshot)
-    root = template.file_manager.job_root
-    if shared and template.config.copy_repo and not (root / CODE_DIR).exists():
-        _code_here(template, root)
-    template._place.check_notification(template)
-    return shared
-
-
-_SWEEP_HOST_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; "
-                    "stackops.sweep_host_main()")
-
-
-def _sweep_host_command(template: RemoteMachine, jobs: list[RemoteMachine], write: bool,
-                        fire: bool) -> None:
-    """The jobs' own files to the host and their start there, in one command (one stream); each
-    job's launcher pid is noted."""
-    if not write and not fire:
-        return
-    queued_rh = template.file_manager.job_root_rh.rsplit("/", 1)[0]
-    manager = template.file_manager.to_dict()
-    request = {"queued": queued_rh, "sweep_id": template.job_id, "write": write, "fire": fire,
-               "jobs": [[job.job_id, _sweep_job_files(job, manager) if write else {}]
-                        for job in jobs]}
-    python_dir = _sh_path(f"{template.file_manager.job_root_rh}/python")
-    command = f"{shlex.quote(template.python)} -S -c {shlex.quote(_SWEEP_HOST_CODE)} {python_dir}"
-    payload = json.dumps(request).encode()
-    response = template.ssh.run_shell_cmd_on_remote(command, timeout=max(60.0, len(jobs) / 50),
-                                                    strict=False, stdin=payload)
-    answer = response.stdout.strip().splitlines()[-1:] if response.returncode == 0 else []
-    if not answer or not answer[0].startswith("{"):
-        said = [line[17:] for line in response.stderr.splitlines()
-                if line.startswith("stackops: error: ")]
-        if said:
-            raise ConfigError(f"sweep {template.job_id} was refused on {template.host_name}: "
-                              f"{said[0]}",
-                              hint="nothing of it is left there; choose another --job-id")
-        raise CommandError(template.host_name, "sweep hand-over", response.returncode,
-                           response.stderr)
-    for job, pid in zip(jobs, json.loads(answer[0])["pids"]):
-        job.launcher_pid = pid
-
-
-def _note_fired(jobs: list[RemoteMachine], pids: list[int]) -> None:
-    """Each job's record here (what status, list, wait and cancel read), with its launcher pid."""
-    for job, pid in zip(jobs, pids):
-        job.launcher_pid = pid
-    record = jobs[0].to_dict() if jobs else {}  # the same for all but the id and the pid
     for job in jobs:
-        job.submitted = True
-        config = dict(record["config"], job_id=job.job_id)
-        manager = dict(record["file_manager"], job_id=job.job_id)
-        text = json.dumps(dict(record, config=config, file_manager=manager, submitted=True,
-                               launcher_pid=job.launcher_pid))
-        _write_plain(f"{job.file_manager.job_root}/{REMOTE_MACHINE_JSON}", text)
+        job.submitted, job.shared = True, bool(template._handed and template._handed.shared)
+        job.launcher_pid = fired.get("pid") if run else None
+        _write_plain(job.file_manager.path(REMOTE_MACHINE_JSON), json.dumps(job.to_dict()))
 
 
-def _withdraw_sweep(template: RemoteMachine, made: list[str], placed: bool) -> None:
-    """A sweep refused or broken off before its start leaves nothing behind: the folders this
-    call made here (``made``), and the shared folder it placed on the host (``placed``; the
-    host's end removes the job folders it wrote itself). Nothing that was there before."""
-    queued = template.file_manager.job_root.parent
-    if placed:
-        with _suppress(Exception):
-            template._place.withdraw(template)  # WITHDRAW_TEMPLATE: the shared folder only
-    for name in made:
-        path = queued / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-    log.info("sweep %s was not submitted; its ids are free again", template.job_id)
+def _sweep_shared(template: RemoteMachine, staging: Path, jobs: list[RemoteMachine]) -> None:
+    """The sweep's shared folder holds what every job of it runs, none of one job's own files."""
+    for relative in (REMOTE_MACHINE_JSON, FILE_MANAGER_JSON, KWARGS_JSON, STATE_JSON):
+        os.unlink(staging / relative)
+    _write_new_json(staging / SWEEP_JSON, {"sweep_id": template.job_id,
+                                           "ids": [job.job_id for job in jobs],
+                                           "host": template.host_name})
+
 
 # ============================================================================================
 # 15. cluster: one workload split over several hosts by their CPU and RAM
@@ -8496,14 +8357,7 @@ class MachineSpecs:
 
     @classmethod
     def from_local(cls) -> MachineSpecs:
-        namespace: dict[str, Any] = {}
-        import contextlib
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            exec(compile(REMOTE_FACTS_PY, "<facts>", "exec"),
-                 namespace)  # noqa: S102 (our own constant)
-        return cls.from_facts(json.loads(out.getvalue()))
+        return cls.from_facts(_local_specs())
 
     def value(self, criterion: LoadCriterion) -> float:
         return float(getattr(self, criterion.value))
@@ -8971,16 +8825,17 @@ def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
         os.rename(staging / "code", root / "code")
         params["repo_path_rh"] = collapse_home(root / "code")
         _atomic_write_json(root / JOB_PARAMS_JSON, params)
-    config = RemoteStackOpsConfig.from_dict(_read_json(root / CONFIG_JSON))
-    _atomic_write_text(root / LAUNCHER_SH,
-                       render_shell_script(JobParams.from_dict(params), config,
-                                           config.python or "python3"), 0o700)
     manager = _read_json(root / FILE_MANAGER_JSON)
     base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
     mine = base / "queued" / root.name / FILE_MANAGER_JSON
     with _suppress(OSError):
         if mine.read_bytes() == (root / FILE_MANAGER_JSON).read_bytes():
             return  # the submitter's own folder is here: so are its data
+    _place_data(staging, data)
+
+
+def _place_data(staging: Path, data: list[str]) -> None:
+    """An unpacked archive's data (``home/<path>``) to their home-relative places, file by file."""
     for item in data:
         source = staging / "home" / item
         files = [source]
@@ -9033,7 +8888,7 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
         while not (report := machine.get_status(0)).finished:
             if keeper.cancelled.is_set():
                 log.info("unit %s was cancelled: stopping it", unit_id)
-                report = machine._launcher.stop(machine, 10.0)
+                report = machine.cancel(10.0)
                 break
             time.sleep(0.2)
         if not keeper.held():
@@ -9160,6 +9015,15 @@ def _status_rows(report: JobStatus) -> list[list[str]]:
             ["duration", _duration(report)], ["results", report.results_path or "-"]]
     if report.attempt:
         rows.append(["attempt", report.attempt])
+    for name, value in (("exit code", report.exit_code), ("signal", report.signal),
+                        ("peak memory", _mib(report.max_rss_bytes) if report.max_rss_bytes
+                         is not None else None),
+                        ("cpu time", _format_duration(report.cpu_seconds)
+                         if report.cpu_seconds is not None else None), ("slot", report.slot)):
+        if value is not None:
+            rows.append([name, str(value)])
+    if report.as_of:
+        rows[1][1] += f" (as of {report.as_of[:19]}: its host could not be asked)"
     if report.slurm_job_id:
         rows.append(["slurm job", report.slurm_job_id])
     if report.reason:
@@ -9241,6 +9105,23 @@ def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
     return 0 if all(report.status == "completed" for report in reports.values()) else 1
 
 
+def _handed_report(machine: RemoteMachine) -> JobStatus:
+    """The job as its fire left it, with no second round trip after run(): waiting, queued
+    (Slurm) or running, on the node that took it; a job not handed over so (a cloud queue's)
+    has its status read."""
+    handed = machine._handed
+    node = handed.node if handed is not None else ""
+    if not machine.is_remote:
+        node = os.uname().nodename
+    if not node or machine.config.launch_method == "cloud_manager":
+        return machine.get_status(0)
+    status = "queued" if machine.uses_slurm or not machine.file_manager.lock_resources \
+        else "waiting"
+    return JobStatus(job_id=machine.job_id, status=status, host=node,
+                     submission_time=_iso(machine.file_manager.submission_time),
+                     slurm_job_id=machine.slurm_job_id)
+
+
 def _run_and_report(machine: RemoteMachine, args: Any) -> int:
     machine.run(run=not args.no_launch, show_scripts=args.show_scripts, progress=_progress(args))
     if args.no_launch:
@@ -9249,7 +9130,7 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
         print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
         return 0
     if not args.wait:
-        report = handed_over_status(machine)
+        report = _handed_report(machine)
         if args.json:
             _print_json(report.to_dict())
         else:
@@ -9277,10 +9158,12 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
 
 
 def _cmd_status(args: Any) -> int:
-    with RemoteMachine.load(args.job_id, args.base_dir) as machine:
-        report = machine.get_status(args.lines)
-        tasks = ([task.get_status(0) for task in machine.array_tasks()]
-                 if machine.array_parts else [])
+    target = _load_job_or_cluster(args.job_id, args.base_dir)
+    with target:
+        if not isinstance(target, RemoteMachine):
+            return _group_status(target, args)
+        report = target.get_status(args.lines)
+        tasks = target._place.reports(target.array_tasks(), 0) if target.array_parts else []
     if args.json:
         _print_json(dict(report.to_dict(),
                          tasks=[task.to_dict() for task in tasks]) if tasks else report.to_dict())
@@ -9298,10 +9181,46 @@ def _cmd_status(args: Any) -> int:
     return 0
 
 
+def _group_status(target: Any, args: Any) -> int:
+    """``status`` of a sweep, a cluster or a cloud job's units: the counts per status, then a
+    line per member (each judged where it runs, as ``list`` judges it)."""
+    answers = target.check_job_status()
+    reports = {key: value for key, value in answers.items() if isinstance(value, JobStatus)}
+    if args.json:
+        _print_json({"id": target.job_id, "counts": _counts(answers),
+                     "members": {key: value.to_dict() if isinstance(value, JobStatus)
+                                 else {"error": str(value)} for key, value in answers.items()}})
+        return 0
+    print(f"{target.job_id}: {_counts_text(answers)}")
+    _print_table([[key, reports[key].status if key in reports else "?", _duration(reports[key])
+                   if key in reports else "-", _last_line(reports[key].error_message)
+                   if key in reports else _last_line(str(answers[key]))] for key in answers],
+                 ["member", "status", "duration", "error"])
+    return 0
+
+
+def _counts(answers: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in answers.values():
+        status = value.status if isinstance(value, JobStatus) else "unreadable"
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def _counts_text(answers: dict[str, Any]) -> str:
+    order = [*STATUSES, "unreadable"]
+    counts = _counts(answers)
+    return ", ".join(f"{counts[name]} {name}" for name in order if name in counts) or "no jobs"
+
+
 def _cmd_list(args: Any) -> int:
     if args.host:  # the host's own job folders, whoever submitted them, judged there
-        answer = _on_host(args.host, ["list", "--base-dir", args.base_dir])
-        rows = [_row_from_host(args.host, data) for data in answer]
+        with SSH.from_config_file(args.host, timeout=args.timeout) as ssh:
+            answers = ssh.serve([{"action": "list", "base_dir": args.base_dir}],
+                                timeout=max(args.timeout, 60.0))[0]
+        rows = [{"job_id": Path(answer["root"]).name, "host": args.host, "cluster": None,
+                 "as_of": answer["state"].get("as_of"), "error": None,
+                 "report": report_from(answer)} for answer in answers]
     else:
         rows = list_job_rows(args.base_dir, args.timeout)
     for host, error in sorted({(r["host"], _last_line(r["error"])) for r in rows if r["error"]}):
@@ -9324,16 +9243,6 @@ def _cmd_list(args: Any) -> int:
             table += [_list_row("  " + part["job_id"], part) for part in parts]
     _print_table(table, ["JOB", "HOST", "STATUS", "SUBMITTED (UTC)", "DURATION", "RESULTS"])
     return 0
-
-
-def _row_from_host(host: str, data: dict[str, Any]) -> dict[str, Any]:
-    """A row of ``list --host``: what the host's own ``list --json`` says about one of its jobs."""
-    names = [spec.name for spec in dataclasses.fields(JobStatus)]
-    plain = {name: data[name] for name in names if name in data}
-    plain["host"] = data.get("hostname") or data.get("host") or "?"
-    return {"job_id": plain.get("job_id"), "host": host, "cluster": data.get("cluster"),
-            "as_of": data.get("as_of"), "error": data.get("not_refreshed"),
-            "report": JobStatus.from_dict(plain)}
 
 
 def _list_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -9368,77 +9277,45 @@ def _cluster_row(cluster: str, parts: list[dict[str, Any]]) -> list[str]:
 
 
 def _cmd_logs(args: Any) -> int:
-    machine = RemoteMachine.load(args.job_id, args.base_dir)
-    if machine.is_remote:
-        with machine:
-            return _remote_logs(machine, args)
-    return _local_logs(machine, args)
-
-
-def _local_logs(machine: RemoteMachine, args: Any) -> int:
-    import codecs
-
-    path = machine.file_manager.path(OUTPUT_LOG)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        data = b""
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character split by a read waits
-    text = decoder.decode(data)
-    print(_tail(text, args.lines) if args.lines else text, end="" if text.endswith("\n") else "\n",
-          flush=True)
-    offset = len(data)  # bytes, not re-encoded text: invalid UTF-8 would move it past later output
-    checked = 0.0
-    finished = False
-    while args.follow:
-        if time.monotonic() - checked >= 1.0:  # the whole status: Slurm may have ended the job
-            finished = machine.get_status(0).status in TERMINAL_STATUSES
-            checked = time.monotonic()
-        with open(path, "rb") if path.exists() else open(os.devnull, "rb") as handle:
-            handle.seek(offset)
-            chunk = handle.read()
-        if chunk:
-            offset += len(chunk)
-            sys.stdout.write(decoder.decode(chunk))
-            sys.stdout.flush()
-        elif finished:
-            break
-        else:
-            time.sleep(0.2)
+    target = _load_job_or_cluster(args.job_id, args.base_dir)
+    with target:
+        if isinstance(target, RemoteMachine) and not target.array_parts:
+            return _follow_log(target, args)
+        members = _members(target)
+        if args.follow:
+            raise ConfigError(f"{args.job_id} has {len(members)} jobs: follow one of them",
+                              hint=f"{_prog()} logs {members[0].job_id} -f" if members else None)
+        for member in members:
+            print(f"==> {member.job_id} <==", flush=True)
+            _follow_log(member, args)
     return 0
 
 
-def _remote_logs(machine: RemoteMachine, args: Any) -> int:
-    log_file = _sh_path(machine.file_manager.job_root_rh + "/" + OUTPUT_LOG)
+def _follow_log(machine: RemoteMachine, args: Any) -> int:
+    """A job's log (its last ``--lines``, or all), read where it runs; with ``--follow``, what it
+    adds, until the job ends (a line appears here within a second of the job printing it)."""
     offset: int | None = None
     while True:
-        status = machine.get_status(0).status if args.follow else "completed"
-        command = _log_slice_command(log_file, offset, args.lines)
-        reply = machine.ssh.run_shell_cmd_on_remote(command, timeout=60, strict=False).stdout
-        size, _, text = reply.partition("\n")
-        sys.stdout.write(text)
+        request = {"action": "logs", "roots": [machine.root_there], "offset": offset,
+                   "lines": args.lines or 10**9}
+        answer = machine._place.call([request])[0]
+        sys.stdout.write(answer["text"])
         sys.stdout.flush()
-        offset = int(size) if size.strip().isdigit() else offset or 0
-        if status in TERMINAL_STATUSES:
+        offset = answer["offset"]
+        if not args.follow or answer["ended"]:
             return 0
-        time.sleep(0.5)
+        time.sleep(0.25)
 
 
-def _log_slice_command(log_file: str, offset: int | None, lines: int) -> str:
-    """Print the log's size in bytes, then what the follower has not shown yet, from one snapshot
-    of that size: the next read starts where this one ended, however the log grows meanwhile."""
-    size = f'F={log_file}; S=$(wc -c 2>/dev/null < "$F") || S=0; S=$((S)); echo "$S"; '
-    if offset is not None:
-        return size + (f'[ "$S" -gt {offset} ] && tail -c +{offset + 1} "$F" '
-                       f'| head -c $((S - {offset})); true')
-    last = f" | tail -n {int(lines)}" if lines else ""
-    return size + f'head -c "$S" "$F" 2>/dev/null{last}; true'
-
-
-def _on_host(host: str, argv: list[str], accept_new: bool = False) -> Any:
-    """What ``stackops ARGV --json`` prints on ``host``: one round trip, nothing installed there."""
-    with SSH.from_config_file(host, accept_new_host_key=accept_new) as ssh:
-        return json.loads(ssh.run_stackops([*argv, "--json"], timeout=120).stdout)
+def _members(target: Any) -> list[RemoteMachine]:
+    """The jobs a sweep, a cluster, an array or a cloud job's units consist of."""
+    if isinstance(target, Sweep):
+        return list(target.jobs)
+    if isinstance(target, Cluster):
+        return list(target.machines.values())
+    if isinstance(target, _CloudUnits):
+        return list(target.units)
+    return target.array_tasks() if target.array_parts else [target]
 
 
 def _queue_view(slots: Slots, history: int) -> dict[str, Any]:
@@ -9451,7 +9328,8 @@ def _queue_view(slots: Slots, history: int) -> dict[str, Any]:
 
 def _cmd_queue(args: Any) -> int:
     if args.host:
-        view = _on_host(args.host, ["queue", "--history", str(args.history)])
+        with SSH.from_config_file(args.host) as ssh:
+            view = ssh.serve([{"action": "queue", "history": args.history}])[0]
     else:
         view = _queue_view(Slots(), args.history)
         pools = state_dir() / "pools"
@@ -9482,9 +9360,38 @@ def _print_queue(view: dict[str, Any]) -> None:
 
 
 def _cmd_download(args: Any) -> int:
-    with RemoteMachine.load(args.job_id, args.base_dir) as machine:
-        print(machine.download_results(args.to, overwrite=args.overwrite, progress=_progress(args)))
-    return 0
+    target = _load_job_or_cluster(args.job_id, args.base_dir)
+    with target:
+        if isinstance(target, RemoteMachine):
+            folder = target.download_results(args.to, overwrite=args.overwrite,
+                                             progress=_progress(args))
+            print(collapse_home(folder))
+            return 0
+        if isinstance(target, Cluster):
+            print(collapse_home(target.download_results(args.to)))
+            return 0
+        return _download_members(_members(target), args)
+
+
+def _download_members(members: list[RemoteMachine], args: Any) -> int:
+    """Every completed member's results into one folder, a sub-folder each (over the members'
+    one connection); the others are named on stderr."""
+    if not members:
+        raise ConfigError(f"{args.job_id} has no jobs")
+    folder = expand_home(args.to or f"{DEFAULT_RESULTS_DIR}/{args.job_id}")
+    reports = members[0]._place.reports(members, 0)
+    code = 0
+    for member, report in zip(members, reports):
+        if report.status != "completed":
+            print(f"stackops: {member.job_id} is {report.status}: nothing to download",
+                  file=sys.stderr)
+            code = 1
+            continue
+        member._settle(report)
+        member.download_results(folder / member.job_id, overwrite=args.overwrite,
+                                progress=_progress(args))
+    print(collapse_home(folder))
+    return code
 
 
 def _cmd_delete_results(args: Any) -> int:
@@ -9570,27 +9477,38 @@ def _cmd_cancel(args: Any) -> int:
             if isinstance(report, Exception):
                 print(f"{part}: not cancelled: {report}", file=sys.stderr)
                 code = 1
+                continue
+            was = report.reason[4:] if report.reason.startswith("was ") else ""
+            if was in TERMINAL_STATUSES:
+                print(f"{report.job_id} had already ended ({was})" if was != "cancelled"
+                      else f"{report.job_id} was already cancelled")
             elif report.status == "cancelled":
                 print(f"{report.job_id} cancelled")
             else:
-                print(f"{report.job_id} had already ended ({report.status})")
+                print(f"{report.job_id} cancelling ({report.reason or report.status})")
     return code
 
 
-def _overall_status(target: RemoteMachine | Cluster | Sweep | _CloudUnits) -> str:
-    """One status for a job, a whole cluster or a sweep (a part not reached counts as not ended)."""
-    if isinstance(target, RemoteMachine):
-        return target.get_status(0).status
-    if isinstance(target, _CloudUnits):
-        raise ConfigError(f"{target.job_id} is in a cloud queue",
-                          hint=f"{_program()} cloud status shows its units")
-    statuses = [r.status if isinstance(r, JobStatus) else "running"
-                for r in target.check_job_status().values()]
-    if not all(status in TERMINAL_STATUSES for status in statuses):
-        return "running"
+def _overall(answers: dict[str, Any]) -> str | None:
+    """One status for a group of jobs once every one has ended (a job never started, its fire
+    broken off, counts as ended: it never will start), else None."""
+    statuses = [r.status for r in answers.values() if isinstance(r, JobStatus)]
+    if len(statuses) < len(answers) or \
+            not all(status in (*TERMINAL_STATUSES, "prepared") for status in statuses):
+        return None
     if all(status == "completed" for status in statuses):
         return "completed"
-    return "failed" if "failed" in statuses else "cancelled"
+    return "failed" if "failed" in statuses or "prepared" in statuses else "cancelled"
+
+
+def _look(target: Any) -> dict[str, Any]:
+    """What ``wait`` looks at: each member's report, or the error that kept it from being read."""
+    if isinstance(target, RemoteMachine):
+        try:
+            return {target.job_id: target.get_status(0)}
+        except (StackopsConnectionError, CommandError) as exc:
+            return {target.job_id: exc}
+    return target.check_job_status()
 
 
 def _cmd_wait(args: Any) -> int:
@@ -9599,14 +9517,24 @@ def _cmd_wait(args: Any) -> int:
     targets = {job_id: _load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids}
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     ended: dict[str, str] = {}
+    told: set[str] = set()
     try:
         while len(ended) < len(targets):
             for job_id, target in targets.items():
-                if job_id not in ended:
-                    status = _overall_status(target)
-                    if status in TERMINAL_STATUSES:
-                        ended[job_id] = status
-                        print(f"{job_id} {status}", flush=True)
+                if job_id in ended:
+                    continue
+                answers = _look(target)
+                status = _overall(answers)
+                for part, answer in answers.items():
+                    if isinstance(answer, Exception) and part not in told:
+                        told.add(part)
+                        print(f"stackops: {part} cannot be read now ({_last_line(str(answer))});"
+                              " still waiting", file=sys.stderr)
+                if status is not None:
+                    ended[job_id] = status
+                    group = "" if isinstance(target, RemoteMachine) else \
+                        f" ({_counts_text(answers)})"
+                    print(f"{job_id} {status}{group}", flush=True)
             if len(ended) < len(targets):
                 if deadline is not None and time.monotonic() >= deadline:
                     waiting = ", ".join(job_id for job_id in targets if job_id not in ended)
@@ -9679,11 +9607,18 @@ def _cmd_start(args: Any) -> int:
 
 
 def _cmd_delete(args: Any) -> int:
-    machines = [RemoteMachine.load(job_id, args.base_dir) for job_id in args.job_ids]
-    for machine in machines:
-        with machine:
-            machine.delete(results=args.results)
-        print(f"deleted job {machine.job_id}" + (" and its results" if args.results else ""))
+    targets = [_load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids]
+    for target in targets:
+        with target:
+            if isinstance(target, RemoteMachine):
+                target.delete(results=args.results)
+            else:
+                for member in _members(target):
+                    member.delete(results=args.results)
+                if isinstance(target, Sweep):
+                    shutil.rmtree(expand_home(f"{args.base_dir}/queued/{target.job_id}"),
+                                  ignore_errors=True)
+        print(f"deleted {target.job_id}" + (" and its results" if args.results else ""))
     return 0
 
 
@@ -9698,25 +9633,30 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
                results: bool = False,
                base_dir: str | None = None) -> list[str]:
     """Delete the jobs submitted from here that ended more than ``older_than`` seconds ago
-    (only ``status`` ones, only on ``host`` when given); a job that has not ended is never touched.
-    Returns the ids deleted."""
-    queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
+    (only ``status`` ones, only on ``host`` when given), each judged where it runs (as ``list``
+    judges it: one round trip per host); a job that has not ended is never touched, nor one its
+    host cannot confirm. Returns the ids deleted."""
     cutoff = _utcnow() - _dt.timedelta(seconds=older_than)
     deleted: list[str] = []
-    for record in sorted(queued.glob("*/" + REMOTE_MACHINE_JSON)):
-        root = record.parent.parent
-        if not record.exists():  # an array task deleted with its array
+    for row in list_job_rows(base_dir):
+        report = row["report"]
+        ended = _parse_iso(report.end_time) if report.finished else None
+        if row["cluster"] or row["as_of"] or row["error"] or ended is None or ended > cutoff \
+                or status not in (None, report.status) or host not in (None, row["host"]):
             continue
-        with RemoteMachine.from_job_dir(root) as machine:
-            if host is not None and machine.host_name != host:
-                continue
-            report = machine.get_status(0) if machine.submitted or not machine.is_remote else None
-            ended = _parse_iso(report.end_time) if report is not None and report.finished else None
-            if report is None or ended is None or ended > cutoff \
-                    or status not in (None, report.status):
-                continue
-            machine.delete(results=results)
-            deleted.append(machine.job_id)
+        if row.get("sweep") and (expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued") /
+                                 row["sweep"] / REMOTE_MACHINE_JSON).exists():
+            continue  # a task of an array: it goes with its array
+        root = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued/{row['job_id']}")
+        if not (root / REMOTE_MACHINE_JSON).exists():  # an array's task, deleted with its array
+            continue
+        try:
+            with RemoteMachine.from_job_dir(root) as machine:
+                machine.delete(results=results)
+        except StackopsError as exc:
+            log.warning("not pruned: %s: %s", row["job_id"], exc)
+            continue
+        deleted.append(row["job_id"])
     return deleted
 
 
@@ -9729,27 +9669,6 @@ def _cmd_prune(args: Any) -> int:
     for job_id in deleted:
         print(f"deleted job {job_id}")
     print(f"{len(deleted)} job(s) deleted", file=sys.stderr)
-    return 0
-
-
-def _cmd_job_report(args: Any) -> int:
-    _print_json(job_report(expand_home(args.job_root), args.lines))
-    return 0
-
-
-def _cmd_job_check_email(args: Any) -> int:
-    config = _read_json(expand_home(args.job_root) / CONFIG_JSON)
-    load_email_config(config.get("email_config_name") or "")
-    return 0
-
-
-def _cmd_job_notify(args: Any) -> int:
-    notify_job_end(expand_home(args.job_root))
-    return 0
-
-
-def _cmd_job_delete_results(args: Any) -> int:
-    print(delete_own_results(expand_home(args.job_root)))
     return 0
 
 
@@ -10026,7 +9945,7 @@ def _cmd_cluster_logs(args: Any) -> int:
                 print(f"==> {host} ({cluster.machines[host].job_id}) <==", flush=True)
             machine = cluster.machines[host]
             with machine:
-                _remote_logs(machine, args) if machine.is_remote else _local_logs(machine, args)
+                _follow_log(machine, args)
     return 0
 
 
@@ -10393,7 +10312,6 @@ def _build_parser() -> Any:
     _add_cluster_args(commands)
     _add_cloud_args(commands)
     _add_ip_args(commands)
-    _add_hidden_commands(commands)
     _add_verbosity_everywhere(parser)
     _add_progress_option(parser)
     return parser
@@ -10451,24 +10369,6 @@ def _add_host_commands(commands: Any) -> None:
                                    "id_rsa.pub)")
     sub.add_argument("--accept-new", action="store_true",
                      help="trust and record an unknown host key")
-
-
-def _add_hidden_commands(commands: Any) -> None:
-    """Run on the host by the job's own stackops copy, hence no help."""
-    # no help: run on the host by the job's own stackops copy
-    sub = commands.add_parser("job-report")
-    sub.set_defaults(handler=_cmd_job_report)
-    sub.add_argument("job_root")
-    sub.add_argument("--lines", type=int, default=20)
-    sub = commands.add_parser("job-delete-results")
-    sub.set_defaults(handler=_cmd_job_delete_results)
-    sub.add_argument("job_root")
-    sub = commands.add_parser("job-check-email")
-    sub.set_defaults(handler=_cmd_job_check_email)
-    sub.add_argument("job_root")
-    sub = commands.add_parser("job-notify")  # an end the wrapper could not report
-    sub.set_defaults(handler=_cmd_job_notify)
-    sub.add_argument("job_root")
 
 
 def _add_verbosity_everywhere(parser: Any) -> None:
@@ -10574,8 +10474,6 @@ def _dispatch(args: Any, verbose: int) -> int:
         print(f"stackops: error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"stackops: hint: {exc.hint}", file=sys.stderr)
-        if _SERVING:
-            print(error_record_line(exc), file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         print("stackops: interrupted", file=sys.stderr)
@@ -10592,25 +10490,7 @@ def _dispatch(args: Any, verbose: int) -> int:
         traceback.print_exception(type(failure), failure, failure.__traceback__)
     print(f"stackops: error: {line}", file=sys.stderr)
     print(f"stackops: hint: {hint}", file=sys.stderr)
-    if _SERVING:
-        print(error_record_line(failure), file=sys.stderr)
     return 1
-
-
-def _serve(argv: list[str]) -> int:
-    """The executing side's entry (SSH.run_stackops, a job's own copy): main(argv), with an
-    error also reported as one record on stderr, which the client raises again; a crash's
-    traceback comes along as its evidence."""
-    _SERVING.append(True)
-    try:
-        return main(argv)
-    except Exception as exc:
-        text = traceback.format_exc()
-        sys.stderr.write(text)
-        print(error_record_line(exc, _tail(text, 20)), file=sys.stderr)
-        return 1
-    finally:
-        _SERVING.pop()
 
 
 def _plain_error(exc: BaseException) -> tuple[str, str]:
@@ -10622,6 +10502,237 @@ def _plain_error(exc: BaseException) -> tuple[str, str]:
     return "the connection was closed by the other side", "is the host reachable? -vv shows where"
 
 
+# ============================================================================================
+# 18. serve: the executing side's one entry
+# ============================================================================================
+#
+# Everything a host runs for stackops is this file, through serve(): the job's wrapper calls
+# run_job, and every other step (a hand-over, a fire, the status of many jobs, a cancel, a delete,
+# a log, the queue, list --host, the dispatcher, the end's report) is an action: a request of
+# plain data in, one answer of plain data out (or an error record the client raises again).
+# Here, the same actions are called in this process, so a job is the same wherever it runs.
+
+# -- the executing side's actions (what serve() answers) -----------------------------------------
+# Each action takes a request (plain data) and returns plain data; here they are called directly,
+# on a host through serve(), so every view of a job is built by the same code wherever it runs.
+
+def _reports_of(roots: list[Path], lines: int = 0) -> list[dict[str, Any]]:
+    """For each job folder: its judged state, its log tail, its place in line (and an array's
+    tasks, the same way)."""
+    answers = []
+    for root, state in zip(roots, judge_jobs(roots)):
+        answer: dict[str, Any] = {"root": collapse_home(root), "state": state}
+        report = _job_status(root, state, lines)
+        answer["tail"], answer["place"] = report.log_tail, report.place
+        if state.get("tasks"):
+            answer["tasks"] = _reports_of([root.parent / task for task in state["tasks"]], 0)
+        answers.append(answer)
+    return answers
+
+
+def report_from(answer: dict[str, Any]) -> JobStatus:
+    """The JobStatus of one answer of _reports_of (an array's: its tasks combined)."""
+    state = answer["state"]
+    report = _status_of(Path(answer["root"]).name, state, answer.get("tail", ""),
+                        answer.get("place"))
+    if answer.get("tasks"):
+        report = _combine([report_from(task) for task in answer["tasks"]], report)
+    return report
+
+
+def _roots(request: dict[str, Any]) -> list[Path]:
+    return [expand_home(root) for root in request["roots"]]
+
+
+def _act_status(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
+    return _reports_of(_roots(request), int(request.get("lines") or 0))
+
+
+def _act_cancel(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
+    return [cancel_job(root, float(request.get("grace", 10.0))) for root in _roots(request)]
+
+
+def _act_delete(request: dict[str, Any], _io: Any) -> list[str]:
+    removed = []
+    for root in _roots(request):
+        if request.get("results") and read_state(root).get("status") == "completed":
+            with _suppress(StackopsError):
+                delete_own_results(root)
+        removed.append(delete_job(root))
+    return removed
+
+
+def _act_delete_results(request: dict[str, Any], _io: Any) -> str:
+    return delete_own_results(_roots(request)[0])
+
+
+def _act_check_email(request: dict[str, Any], _io: Any) -> bool:
+    load_email_config(str(request.get("name") or ""))
+    return True
+
+
+def _act_fire(request: dict[str, Any], _io: Any) -> dict[str, Any]:
+    return fire_jobs(_roots(request))
+
+
+def _act_facts(request: dict[str, Any], _io: Any) -> dict[str, Any]:
+    return _facts(list(request.get("facts") or []))
+
+
+def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
+    """A slice of a job's log: from byte ``offset`` (following it), else its last ``lines``; and
+    whether the job has ended (a follower stops then)."""
+    root = _roots(request)[0]
+    path = root / OUTPUT_LOG
+    data = b""
+    offset = request.get("offset")
+    with _suppress(FileNotFoundError), open(path, "rb") as handle:
+        if offset is None:
+            data = _tail(handle.read().decode("utf-8", "replace"),
+                         int(request.get("lines") or 20)).encode()
+            offset = handle.tell()
+        else:
+            handle.seek(int(offset))
+            data = handle.read(1 << 20)
+            offset = int(offset) + len(data)
+    ended = judge_jobs([root])[0].get("status") in TERMINAL_STATUSES
+    return {"text": data.decode("utf-8", "replace"), "offset": offset or 0, "ended": ended}
+
+
+def _act_list(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
+    """Every job folder under the base folder here, whoever submitted it, judged here."""
+    queued = expand_home(request.get("base_dir") or DEFAULT_BASE_DIR) / "queued"
+    roots = [queued / name for name in sorted(os.listdir(queued)) if not name.startswith(".")
+             and (queued / name / FILE_MANAGER_JSON).exists()] if queued.is_dir() else []
+    return _reports_of(roots, 0)
+
+
+def _act_handover(request: dict[str, Any], io: Any) -> dict[str, Any]:
+    """A job (or a sweep's or array's shared folder and members) arrives, and may be fired:
+    see the section's comment. Writes its intermediate answers (the plan, blobs to send again)
+    as lines of their own; returns what was placed and fired."""
+    stream, say = io
+    plan = _handover_plan(request)
+    say({"plan": plan})
+    header = json.loads(stream.readline() or b"{}")
+    if header.get("abort") or not header:
+        return {"placed": []}
+    if header.get("shared"):  # this machine sees the sender's files: they are used in place
+        roots = [expand_home(root) for root in header.get("roots") or [request["job_root"]]]
+    else:
+        roots = _handover_commit(request, header, stream, say)
+        with _suppress(OSError, StackopsError):
+            collect_snapshots(_store(), roots[0].parent, SNAPSHOT_KEEP_SECONDS)
+    try:
+        if request.get("email"):
+            load_email_config(request["email"])
+        if request.get("gate"):
+            say({"placed": True})
+            if json.loads(stream.readline() or b"{}").get("go") is not True:
+                raise StackopsError("the hand-over was called off")
+        fired = fire_jobs([expand_home(root) for root in request.get("fire") or []]) \
+            if request.get("fire") else {}
+    except BaseException:
+        if not header.get("shared"):
+            for root in roots:
+                shutil.rmtree(root, ignore_errors=True)
+        raise
+    return {"placed": [collapse_home(root) for root in roots], "fired": fired}
+
+
+def _act_queue(request: dict[str, Any], _io: Any) -> dict[str, Any]:
+    return _queue_view(Slots(), int(request.get("history") or 0))
+
+
+def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
+    """A job that travelled through the cloud: its archive fetched with this machine's rclone,
+    checked against the SHA-256 recorded at upload, unpacked as a unit is (nothing outside the
+    job folder and its data), put in place; the archive is removed from the bucket."""
+    root = expand_home(request["root"])
+    if os.path.lexists(root):
+        if _read_text(root / LOGS / "archive_sha256.txt") == request["sha256"]:
+            return collapse_home(root)  # fetched before by a fire that failed later
+        raise ConfigError(f"job folder {collapse_home(root)} already exists on this host")
+    source = f"{cloud_base(request['cloud'])}/jobs/{check_safe_name(root.name)}.tar"
+    staging = Path(_make_temp_dir(_trusted_dir(root.parent, "base folder")))
+    try:
+        _rclone("copyto", source, str(staging / "job.tar"), what=f"fetch of {source}")
+        digest = _sha256_file(staging / "job.tar")
+        if digest != request["sha256"]:
+            raise TransferError(f"the archive {source} is not the one uploaded (its sha256 is "
+                                f"{digest}, expected {request['sha256']}): another writer of the "
+                                "bucket replaced it; nothing was unpacked")
+        (staging / "x").mkdir(mode=0o700)
+        data = _unpack_unit(staging / "job.tar", staging / "x")
+        _write_plain(staging / "x" / "job" / LOGS / "archive_sha256.txt", digest)
+        os.rename(staging / "x" / "job", root)
+        _place_data(staging / "x", data)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if request.get("email"):
+        load_email_config(request["email"])
+    with _suppress(StackopsError):
+        _rclone("deletefile", source, what=f"removal of {source}")
+    return collapse_home(root)
+
+
+def _act_cloud_results(request: dict[str, Any], _io: Any) -> str:
+    """A job's results up to the bucket with this machine's rclone (a download's own prefix)."""
+    results = expand_home(request["results"])
+    verb = "copy" if results.is_dir() else "copyto"
+    _rclone(verb, str(results), request["target"] + ("" if results.is_dir() else
+                                                      f"/{results.name}"),
+            what="upload of the results")
+    return request["target"]
+
+
+_ACTIONS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
+    "status": _act_status, "cancel": _act_cancel, "delete": _act_delete,
+    "delete_results": _act_delete_results, "check_email": _act_check_email, "fire": _act_fire,
+    "facts": _act_facts, "logs": _act_logs, "list": _act_list, "handover": _act_handover,
+    "queue": _act_queue, "cloud_fetch": _act_cloud_fetch, "cloud_results": _act_cloud_results}
+
+
+def _answer(request: Any, stream: Any, say: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """One request's answer: ``{"ok": value}``, or ``{"error": record}`` (errors as data: the
+    client raises the same StackopsError again, with a crash's traceback as its evidence)."""
+    try:
+        if not isinstance(request, dict) or request.get("action") not in _ACTIONS:
+            raise ConfigError(f"unknown request {_shorten(repr(request), 80)}")
+        return {"ok": _ACTIONS[request["action"]](request, (stream, say))}
+    except StackopsError as exc:
+        return {"error": _error_record(exc)}
+    except Exception as exc:
+        return {"error": _error_record(exc, traceback.format_exc())}
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """The executing side's one entry, as execnet's serve is. ``argv`` (``stackops.py --serve
+    ACTION ARG``): a dispatcher or an end's report, started detached by the executing side
+    itself. Without: JSON request lines on stdin, each answered by one JSON line on stdout (see
+    _answer), until stdin ends or brings an empty line."""
+    args = list(sys.argv[2:] if argv is None else argv)
+    if args[:1] == ["dispatch"] and len(args) == 2:
+        run_dispatcher(args[1])
+        return 0
+    if args[:1] == ["notify"] and len(args) == 2:
+        notify_job_end(args[1])
+        return 0
+    if args:
+        raise ConfigError(f"stackops --serve: unknown action {' '.join(args)!r}")
+    stream, out = sys.stdin.buffer, sys.stdout.buffer
+
+    def say(message: dict[str, Any]) -> None:
+        out.write(json.dumps(message).encode() + b"\n")
+        out.flush()
+
+    while True:
+        line = stream.readline()
+        if not line.strip():
+            return 0
+        say(_answer(_json_line(line) or None, stream, say))
+
+
 if __name__ == "__main__":
     sys.modules.setdefault("stackops", _this_module())
-    sys.exit(main())
+    sys.exit(serve(sys.argv[2:]) if sys.argv[1:2] == ["--serve"] else main())
