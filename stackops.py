@@ -529,6 +529,11 @@ def _write_new_json(path: Path, data: Any) -> None:
     _write_new(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def _private_append(path: str | Path) -> Any:
+    """``path`` opened to append to (binary), created private (0600) when it is new."""
+    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+
+
 def _write_plain(path: str | Path, text: str | bytes) -> None:
     """A small file that appears whole (temp file, rename), without fsync: records and queue
     entries are written thousands of times."""
@@ -1843,7 +1848,7 @@ def _start_detached(argv: list[str], output: Path, env: dict[str, str] | None = 
                     cwd: Path | None = None, fds: tuple[int, ...] = ()) -> int:
     """Start ``argv`` in a session of its own (it outlives us and our terminal), output appended
     to ``output``, keeping ``fds`` open in it; returns its pid."""
-    with open(output, "ab") as out:
+    with _private_append(output) as out:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                  cwd=str(cwd) if cwd else None, pass_fds=fds)
@@ -2013,10 +2018,16 @@ class FileManager:
         held, self._slot = self._slot, None
         slots = self.slots()
         for name, fd in held:
-            if not keep_slot:
-                with _suppress(FileNotFoundError):
-                    os.unlink(slots.slots / f"{name}.json")
-                os.close(fd)
+            info = slots.slots / f"{name}.json"
+            if keep_slot:  # the fds stay open: the REPL holds the slot until it exits
+                with _suppress(OSError, ValueError):
+                    holder = json.loads(info.read_text(encoding="utf-8"))
+                    holder["note"] = "finished; its interactive session holds the slot until it ends"
+                    _write_plain(info, json.dumps(holder))
+                continue
+            with _suppress(FileNotFoundError):
+                os.unlink(info)
+            os.close(fd)
         with _suppress(OSError, StackopsError):
             slots.refresh_views(finished=record, queue=False)
 
@@ -2046,14 +2057,19 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
     status = state.get("status") or "prepared"
     if status in TERMINAL_STATUSES and state.get("final", True):
         return state
+    if status not in STATUSES:
+        ended = _record_end(root, "failed", f"unreadable status {status!r} in {STATE_JSON}")
+        return ended or read_state(root)
     if state.get("slurm"):
         return state if slurm is False else _judge_slurm(root, state, slurm)
     if status == "prepared" or not state.get("machine"):
         return state
     if state["machine"] != machine_key():
         return dict(state, as_of=state.get("at"))
-    if (state.get("entry") and os.path.exists(state["entry"])) or _alive(root):
-        return dict(state, status="running") if status == "queued" else state
+    if state.get("entry") and os.path.exists(state["entry"]):
+        return state  # in line: for a slot, or for the jobs it runs after
+    if _alive(root):  # its process holds its lock (and its slot, once the entry is gone)
+        return dict(state, status="running") if status in ("queued", "waiting") else state
     starting = _parse_iso(state.get("starting"))
     if starting is not None and (_utcnow() - starting).total_seconds() < STARTING_GRACE:
         return state
@@ -2097,7 +2113,8 @@ def _judge_slurm(root: Path, state: dict[str, Any], view: dict[str, Any] | None)
     if word == "COMPLETED" and status in TERMINAL_STATUSES:
         return _settle_slurm_end(root, dict(state, slurm=slurm), status, state.get("error") or "")
     if word == "COMPLETED":
-        why = f"the job recorded no end though {why}; do the compute nodes see {collapse_home(root)}?"
+        why = (f"the job recorded no end though {why}; do the compute nodes see "
+               f"{collapse_home(root)}?")
     elif not state.get("started"):
         why += f"; the job never started: do the compute nodes see {collapse_home(root)}?"
         if view.get("exit", "").startswith("127"):
@@ -2314,10 +2331,14 @@ def _say(text: str) -> None:
 
 
 _TERM_SEEN: list[int] = []  # SIGTERM reached the wrapper (its run was asked to stop)
+_CHILD: list[int] = []  # the pid of the run under way, which a SIGTERM to the wrapper reaches too
 
 
 def _note_term(signum: int, frame: Any) -> None:
     _TERM_SEEN.append(signum)
+    for pid in _CHILD:
+        with _suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 class _NeverRuns(BaseException):
@@ -2442,12 +2463,13 @@ def _setup_repo(root: Path, config: dict[str, Any]) -> None:
     if config.get("install_repo"):
         steps.append([sys.executable, "-m", "pip", "install", "-e", "."])
     folder = _work_dir(root)
-    env = dict(os.environ)
+    env = dict(os.environ, STACKOPS_JOB_ID=root.name)
     version = _read_json(root / JOB_PARAMS_JSON).get("scm_version")
     if version:  # setuptools-scm and hatch-vcs read it: the copy has no .git
         env["SETUPTOOLS_SCM_PRETEND_VERSION"] = version
     for argv in steps:
-        _say(f"running {' '.join(argv[-4:] if argv[0] != 'git' else argv)} in {collapse_home(folder)}")
+        shown = " ".join(argv if argv[0] == "git" else argv[-4:])
+        _say(f"running {shown} in {collapse_home(folder)}")
         sys.stdout.flush()
         done = subprocess.run(argv, cwd=str(folder), env=env, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
@@ -2463,6 +2485,8 @@ def _attempts(root: Path, manager: FileManager, config: dict[str, Any],
     retries, delay = int(config.get("retries") or 0), float(config.get("retry_delay") or 0.0)
     attempt = 1
     while True:
+        if _TERM_SEEN:
+            return None, {"error": f"terminated by signal {_TERM_SEEN[0]} before its run"}
         env = _job_environment(root, manager, config, attempt)
         if interactive:
             res, outcome = _run_here(root, manager, execute, env)
@@ -2534,7 +2558,11 @@ def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
         if pid == 0:  # pragma: no cover (the child: it never returns)
             _child_main(root, manager, execute, env, told)
         outcome = {}
-    _, status, usage = os.wait4(pid, 0)
+    _CHILD[:] = [pid]
+    try:
+        _, status, usage = os.wait4(pid, 0)
+    finally:
+        _CHILD.clear()
     if params.get("kind") != "command":
         with _suppress(OSError, ValueError):
             outcome = json.loads(told.read_text(encoding="utf-8"))
@@ -2570,6 +2598,7 @@ def _child_main(root: Path, manager: FileManager,
     """The child of a Python job's run: the job's environment and folder, its own output
     unbuffered, then the call; its outcome in ``told``. It exits without the wrapper's clean-up."""
     code = 1
+    wrapper = os.getppid()
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
         os.environ.update(env)
@@ -2579,6 +2608,9 @@ def _child_main(root: Path, manager: FileManager,
                 stream.reconfigure(write_through=True)  # type: ignore[union-attr]
         outcome = _call(root, manager, execute)
         code = 1 if outcome["error"] else 0
+        if os.getppid() != wrapper:  # the wrapper was killed meanwhile: the run records its end
+            _record_end(root, "failed" if outcome["error"] else "completed", outcome["error"],
+                        results=outcome.get("results"), exit_code=code)
     except BaseException:
         outcome = {"error": traceback.format_exc()}
     finally:
@@ -2933,7 +2965,7 @@ class _Dispatcher:
             if code is None:
                 continue
             del self.children[child]
-            if code == 0:
+            if code == 0 or _alive(root):  # its run goes on: it (or a reader) records the end
                 continue
             why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             if code == 127:
@@ -3009,7 +3041,9 @@ class _Dispatcher:
         env = dict(env, STACKOPS_SLOT_FDS=" ".join(str(fd) for _, fd in held),
                    STACKOPS_SLOT_NAMES=" ".join(slot for slot, _ in held),
                    STACKOPS_ADMITTED=_iso(taken) or "")
-        child = _spawn_wrapper(root, manager.python, env, tuple(fd for _, fd in held))
+        entry = self.slots.queue / name
+        child = _spawn_wrapper(root, manager.python, env, tuple(fd for _, fd in held),
+                               lambda: entry.unlink())  # no moment in line and started at once
         if child is not None:
             self.children[child] = root
             holder = {"job_id": manager.job_id, "job_root": str(root), "pid": child.pid,
@@ -3090,18 +3124,24 @@ def _fire_env(job_root: Path) -> dict[str, str]:
     return env
 
 
-def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
-                   fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes] | None:
+def _spawn_wrapper(root: Path, python: str, env: dict[str, str], fds: tuple[int, ...] = (),
+                   then: Callable[[], None] | None = None) -> subprocess.Popen[bytes] | None:
     """Start the job's wrapper detached (a session of its own, output to its log), handing it
-    the job's lock taken here, so the job is alive from this moment on; None when another
-    process runs the job already."""
+    the job's lock taken here, so the job is alive from this moment on (``then`` runs once the
+    lock is held, before the start: the queue entry goes); None when another process runs the
+    job already."""
     alive = _try_flock(root / ALIVE_LOCK)
     if alive is None:
         log.warning("job %s runs already: not started again", root.name)
+        if then is not None:
+            with _suppress(OSError):
+                then()
         return None
     try:
+        if then is not None:
+            then()
         env = dict(env, STACKOPS_ALIVE_FD=str(alive))
-        with open(root / OUTPUT_LOG, "ab") as out:
+        with _private_append(root / OUTPUT_LOG) as out:
             child = subprocess.Popen([os.path.expanduser(python), str(root / WRAPPER_PY)],
                                      cwd=str(root), env=env, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, pass_fds=(*fds, alive),
@@ -3114,7 +3154,7 @@ def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
     return child
 
 
-# -- fire: one way to start a job, a sweep's jobs or an array, where they are -----------------------
+# -- fire: one way to start a job, a sweep's jobs or an array, where they are ------------------
 
 def fire_jobs(roots: list[Path], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Start the jobs in folders ``roots`` (one job, a sweep's jobs in order, or an array), on
@@ -3191,7 +3231,7 @@ def _fire_queue(roots: list[Path], first: FileManager, after: bool) -> dict[str,
             return True
 
         _update(root, join)
-    return {"pid": slots.ensure_dispatcher(first.python if first.python != "python3" else None)}
+    return {"pid": slots.ensure_dispatcher()}
 
 
 def _start_now(root: Path, python: str) -> int:
@@ -3760,7 +3800,7 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return [root] + _write_members(root, header.get("members") or [])
+    return [root] + _place_members(root, header.get("members") or [])
 
 
 def _staging(root: Path) -> Path:
@@ -3784,7 +3824,7 @@ def _keep_manifest(store: Path, snapshot: str | None, entries: list[Any] | None)
         _write_plain(manifest, json.dumps(entries))
 
 
-def _write_members(shared: Path, members: list[list[Any]]) -> list[Path]:
+def _place_members(shared: Path, members: list[list[Any]]) -> list[Path]:
     """The members of a sweep or an array beside its shared folder (see write_sweep_job); all of
     them or none."""
     written: list[Path] = []
@@ -4203,7 +4243,8 @@ except OSError as e:bad('cannot make '+d+': '+str(e))
 p=os.path.realpath(d);u=os.getuid()
 while 1:
  s=os.stat(p);r=s.st_uid==0 and s.st_mode&512
- if s.st_uid not in(u,0) or s.st_mode&18 and not r:bad('refusing the store '+d+': '+p+' could be changed by another user (uid %d, mode %o)'%(s.st_uid,s.st_mode&4095))
+ if s.st_uid not in(u,0) or s.st_mode&18 and not r:
+  bad('refusing the store '+d+': '+p+' could be changed by another user')
  if r or p=='/':break
  p=os.path.dirname(p)
 v=os.path.join(d,'stackops-'+h[:24]);m=os.path.join(v,'stackops.py')
@@ -5190,11 +5231,14 @@ def _stream_command(ssh: SSH, command: str,
         with watchdog:
             produce(write, readline)
         channel.shutdown_write()
-        out, err, status = _drain(channel, max(60.0, 4 * ssh.timeout), command, str(ssh.target))
-    except CommandError as exc:  # everything was sent, and then the host went quiet
-        ssh._lost()
-        raise TransferError(f"{what}: the host stopped answering after {sent[0]} bytes",
-                            hint="nothing was left under the job's name; run it again") from exc
+        try:
+            out, err, status = _drain(channel, max(60.0, 4 * ssh.timeout), command,
+                                      str(ssh.target))
+        except CommandError as exc:  # everything was sent, and then the host went quiet
+            ssh._lost()
+            raise TransferError(f"{what}: the host stopped answering after {sent[0]} bytes",
+                                hint="nothing was left under the job's name; run it "
+                                     "again") from exc
     except (OSError, EOFError, _paramiko().SSHException) as exc:
         raise _broke_off(ssh, what, sent[0], exc, channel, watchdog.fired) from exc
     finally:
@@ -8051,7 +8095,7 @@ def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
     answering)."""
     import threading
 
-    results: dict[str, dict[str, Any]] = {}  # one assignment per host: a late thread changes nothing
+    results: dict[str, dict[str, Any]] = {}  # one assignment per host: late threads change nothing
 
     def ask(host: str, rows: list[dict[str, Any]]) -> None:
         try:

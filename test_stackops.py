@@ -101,11 +101,29 @@ def _stop_leftovers(home: Path) -> None:
                     pass
 
 
-def _launcher_of(machine: RemoteMachine, job_root: Path | None = None) -> int:
-    """The pid of a started job's launcher, as its folder records it (a queued job's fire returns
-    the pid of the queue's dispatcher, which starts the launcher when a slot is free)."""
-    path = (job_root or machine.file_manager.job_root) / stackops.LAUNCHER_PID_TXT
-    return int(wait_for(lambda: path.exists() and path.read_text().strip(), what="the launcher's pid"))
+def state_of(machine_or_root) -> dict:
+    """A job's state record (logs/state.json) as it stands."""
+    root = machine_or_root if isinstance(machine_or_root, Path) else machine_or_root.file_manager.job_root
+    return stackops.read_state(root)
+
+
+def _wrapper_of(machine: RemoteMachine, job_root: Path | None = None) -> int:
+    """The pid of a started job's wrapper (its process group's leader), as its record says once it
+    runs (a queued job's fire returns the pid of the queue's dispatcher, which starts the wrapper
+    when a slot is free)."""
+    root = job_root or machine.file_manager.job_root
+    return int(wait_for(lambda: stackops.read_state(root).get("pgid"), what="the wrapper's pid"))
+
+
+def _run_of(machine: RemoteMachine) -> int:
+    """The pid of the run under way: the wrapper's child (a fork for a Python job)."""
+    wrapper = _wrapper_of(machine)
+
+    def child():
+        with contextlib.suppress(OSError):
+            return int(Path(f"/proc/{wrapper}/task/{wrapper}/children").read_text().split()[0])
+        return None
+    return wait_for(child, what="the run's pid")
 
 
 _counter = itertools.count()
@@ -1225,8 +1243,9 @@ def test_job_function_with_kwargs_completes_and_returns_its_folder(home):
     assert machine.download_results(None) == home / "results" / "train"
     copy = machine.download_results(home / "copy")
     assert (copy / "model.txt").read_text() == "epochs=3\n"
-    timings = json.loads(machine.file_manager.path(stackops.TIMINGS_JSON).read_text())
-    assert timings["execution_duration_seconds"] >= 0 and timings["wait_duration_seconds"] >= 0
+    state = state_of(machine)
+    assert state["submitted"] <= state["started"] <= state["ended"], state
+    assert state["exit_code"] == 0 and state["max_rss_bytes"] > 0 and state["cpu_seconds"] >= 0
 
 
 def test_job_folder_layout_is_private_and_names_no_absolute_local_path(home):
@@ -1236,9 +1255,7 @@ def test_job_folder_layout_is_private_and_names_no_absolute_local_path(home):
     root = machine.file_manager.job_root
     for relative in ("data/file_manager.json", "data/func_kwargs.json", "data/job_params.json",
                      "data/remote_machine.json", "data/remote_machine_config.json", "python/cluster_wrap.py",
-                     "python/stackops.py", "shell/cluster_script.sh", "logs/status.txt", "logs/pid.txt",
-                     "logs/start_time.txt", "logs/end_time.txt", "logs/error_message.txt",
-                     "logs/results_folder_path.txt"):
+                     "python/stackops.py", "logs/state.json", "logs/alive.lock", "logs/output.log"):
         assert (root / relative).is_file(), relative
     assert oct(root.stat().st_mode & 0o777) == "0o700"
     for path in root.rglob("*"):
@@ -1358,7 +1375,7 @@ def test_job_killed_is_failed_process_gone_and_frees_slot(home):
     mod = make_module(home, JOBS_SOURCE)
     victim = RemoteMachine(mod.sleeper, config=config(job_id="victim")).run()
     wait_for(lambda: victim.get_status().status == "running", what="victim running")
-    os.killpg(_launcher_of(victim), signal.SIGKILL)  # the whole detached session, launcher included
+    os.killpg(_wrapper_of(victim), signal.SIGKILL)  # the whole detached session, wrapper included
     report = wait_for(lambda: victim.get_status() if victim.get_status().finished else None, what="failed")
     assert report.status == "failed" and "process gone" in report.error_message
     assert Slots().holders() == []
@@ -1370,7 +1387,7 @@ def test_job_sigterm_ends_failed_with_reason(home):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.sleeper, config=config(job_id="termed")).run()
     wait_for(lambda: machine.get_status().status == "running", what="running")
-    os.kill(machine.get_status().pid, signal.SIGTERM)
+    os.kill(_wrapper_of(machine), signal.SIGTERM)  # the wrapper passes it on to its run
     report = wait_done(machine)
     assert report.status == "failed" and "terminated by signal 15" in report.error_message
     assert Slots().holders() == []
@@ -1430,7 +1447,7 @@ def test_slots_sigkilled_holder_lets_next_start_without_cleanup(home):
     assert [w["job_id"] for w in queue] == ["waiter"]
     assert [h["job_id"] for h in Slots().holders()] == ["holder"]
     killed_at = stackops._utcnow()
-    os.kill(holder.get_status().pid, signal.SIGKILL)  # only the wrapper: nobody cleans up
+    os.killpg(_wrapper_of(holder), signal.SIGKILL)  # the wrapper and its run: nobody cleans up
     report = wait_done(waiter)
     assert report.status == "completed"
     handoff = (stackops._parse_iso(report.start_time) - killed_at).total_seconds()
@@ -1468,15 +1485,16 @@ def test_slots_slow_launcher_holds_its_slot_and_an_old_entry_keeps_its_place(hom
     mod = make_module(home, JOBS_SOURCE)
     gate = home / "gate"
     slow = RemoteMachine(mod.train, config=config(job_id="slow", python=str(_gated_python(home, gate)))).run()
-    _launcher_of(slow)
+    wait_for(lambda: [h["job_id"] for h in Slots().holders()] == ["slow"], what="slow's slot")
     fast = RemoteMachine(mod.train, config=config(job_id="fast")).run()
     queue = Slots().queue
     [entry] = Slots().entries()
     old = f"{int(entry.split('-', 1)[0]) - 120 * 10**9:019d}"  # as if fired 2 minutes ago
-    fast.file_manager.write_log(stackops.TICKET_TXT, old)
     os.rename(queue / entry, queue / f"{old}-fast")
+    stackops._record(fast.file_manager.job_root, entry=str(queue / f"{old}-fast"))
     assert [(w["job_id"], w["state"]) for w in Slots().waiters()] == [("fast", "queued")]
-    assert slow.get_status(0).status == "queued" and fast.get_status(0).place == 1
+    # its slot is held from the moment it was handed over, however slow its start: it runs
+    assert slow.get_status(0).status == "running" and fast.get_status(0).place == 1
     assert [h["job_id"] for h in Slots().holders()] == ["slow"]
     time.sleep(0.5)
     assert fast.get_status(0).status == "waiting", "the slot is the slow job's until it ends"
@@ -1486,68 +1504,68 @@ def test_slots_slow_launcher_holds_its_slot_and_an_old_entry_keeps_its_place(hom
     assert reports[0].start_time < reports[1].start_time, "the job fired first must start first"
 
 
-def test_slots_queue_entry_never_seen_empty(home, monkeypatch):
-    """A reader looking while the fire command writes the queue entry sees it whole or not at all
-    (an empty entry is stale to a waiter, which deletes it: the job lost its place)."""
+def test_slots_queue_entry_never_seen_empty(home):
+    """A reader looking while a fire writes queue entries sees each whole or not at all (an empty
+    entry is stale to a waiter, which deletes it: the job lost its place), and every entry's job
+    reads waiting (its record and its entry are written under one lock)."""
     mod = make_module(home, JOBS_SOURCE)
-    shims, gate, entered = home / "shims", home / "gate", home / "entered"
-    shims.mkdir()
-    (shims / "printf").write_text(textwrap.dedent(f"""\
-        #!/bin/bash
-        case "$(readlink /proc/$$/fd/1)" in  # the write of a queue entry stalls (a slow disk)
-            */queue/*) touch {entered}; while [ ! -e {gate} ]; do sleep 0.02; done ;;
-        esac
-        exec /usr/bin/printf "$@"
-    """))
-    (shims / "printf").chmod(0o755)
-    (home / "bash_env").write_text("enable -n printf\n")  # use the stalling printf instead of the builtin
-    monkeypatch.setenv("BASH_ENV", str(home / "bash_env"))
-    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
-    machine = RemoteMachine(mod.train, config=config(job_id="whole")).run(run=False)
-    firing = threading.Thread(target=machine.fire)
-    firing.start()
-    try:
-        wait_for(entered.exists, what="the entry being written")
+    sweep = stackops.run_sweep(mod.echo, config(job_id="whole", max_simultaneous_jobs=1),
+                               [{"a": index} for index in range(40)], run=False)
+    seen, stop = [], threading.Event()
+
+    def look():
         slots = Slots()
-        for name in slots.entries():
-            assert (slots.queue / name).read_text(), f"entry {name} is visible before it is written"
-            assert slots.entry_state(name) != "stale"
+        while not stop.is_set():
+            for name in slots.entries():
+                with contextlib.suppress(FileNotFoundError):
+                    seen.append((name, (slots.queue / name).read_text()))
+
+    reader = threading.Thread(target=look)
+    reader.start()
+    try:
+        stackops.fire_jobs([job.file_manager.job_root for job in sweep])
     finally:
-        gate.touch()
-        firing.join()
-    monkeypatch.delenv("BASH_ENV")
-    assert wait_done(machine).status == "completed"
+        stop.set()
+        reader.join()
+    assert seen and all(text for _name, text in seen), "an entry was seen before it was written"
+    assert all(report.status == "completed" for report in sweep.wait(timeout=120).values())
 
 
 def test_status_truthful_for_dead_reused_and_garbage(home):
+    """A record that says running while no process holds the job's lock is a job that died
+    without recording its end: failed, whatever pid it names (a live stranger's: a reused pid)."""
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="truth")).run()
     wait_done(machine)
-    manager = machine.file_manager
+    root = machine.file_manager.job_root
     sleeper = subprocess.Popen(["sleep", "30"])  # a live pid that is not the job's: a reused pid
     try:
-        manager.write_log(stackops.PID_TXT, str(sleeper.pid))
-        manager.write_log(stackops.STATUS_TXT, "running")
-        assert manager.get_job_status() == "failed"
-        assert "process gone" in manager.path(stackops.ERROR_TXT).read_text()
+        stackops._record(root, status="running", pid=sleeper.pid, pgid=sleeper.pid, ended=None,
+                         final=True, machine=stackops.machine_key())
+        assert machine.file_manager.get_job_status() == "failed"
+        assert "process gone" in state_of(machine)["error"]
+        assert sleeper.poll() is None  # and nothing of it was touched
     finally:
         sleeper.kill()
         sleeper.wait()
-    manager.write_log(stackops.STATUS_TXT, "weird")
-    assert manager.get_job_status() == "failed"
+    stackops._record(root, status="weird")
+    assert machine.file_manager.get_job_status() == "failed"
+    assert "unreadable status 'weird'" in state_of(machine)["error"]
 
 
-def _shell_status(manager: FileManager, lines: int) -> JobStatus:
-    """The status as a host reports it: the bash of status_command, run here."""
-    marker = "--stackops-test"
-    done = subprocess.run(["bash", "-c", manager.status_command(marker, lines, "false")], capture_output=True,
-                          text=True, timeout=30, check=False)
+def _served(requests: list[dict], home: Path) -> list:
+    """What the executing side answers a host's client: serve() in a process of its own, as on a
+    host (JSON lines in, JSON lines out)."""
+    done = subprocess.run([sys.executable, "-S", str(SOURCE), "--serve"], capture_output=True, timeout=60,
+                          input="".join(json.dumps(r) + "\n" for r in requests).encode(),
+                          env=dict(os.environ, HOME=str(home)), check=False)
     assert done.returncode == 0, done.stderr
-    return manager.parse_status_output(done.stdout, marker, lines)[0]
+    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
-def test_status_shell_and_python_agree_in_every_state(home):
-    """The bash status a host runs and the Python one apply the same rules to the same folder."""
+def test_status_served_and_read_here_agree_in_every_state(home):
+    """A host's answer (serve's status, judged there) and the status read here are one report,
+    field for field, in every state: ended, running, waiting in line, and dead in each way."""
     mod = make_module(home, JOBS_SOURCE)
     done = RemoteMachine(mod.boom, config=config(job_id="agree-done")).run()
     wait_done(done)
@@ -1558,29 +1576,26 @@ def test_status_shell_and_python_agree_in_every_state(home):
     (holder.file_manager.path(stackops.OUTPUT_LOG)).write_text("one\ntwo\n\nthree $(x) `y`\n")
     for machine in (done, holder, waiter):
         for lines in (0, 2, 50):
-            shell, python = _shell_status(machine.file_manager, lines), machine.file_manager.status_report(lines)
-            assert shell.to_dict() == python.to_dict()
-    assert _shell_status(waiter.file_manager, 0).place == 1
-
-    manager = done.file_manager
-    sleeper = subprocess.Popen(["sleep", "30"])  # alive, but not the job's: a reused pid
-    cases = {"reused pid": ("running", str(sleeper.pid)), "dead pid": ("waiting", "999999999"),
-             "garbage status": ("weird", ""), "dead launcher": ("queued", None)}
-    try:
-        for case, (status, pid) in cases.items():
-            reports = []
-            for read in (lambda: _shell_status(manager, 5), lambda: manager.status_report(5)):
-                manager.write_log(stackops.STATUS_TXT, status)
-                manager.write_log(stackops.PID_TXT, pid or "")
-                manager.write_log(stackops.LAUNCHER_PID_TXT, "999999999" if pid is None else "")
-                manager.write_log(stackops.END_TXT, "")
-                reports.append(read().to_dict())
-            assert reports[0]["status"] == reports[1]["status"] == "failed", case
-            assert reports[0].pop("end_time") and reports[1].pop("end_time"), case
-            assert reports[0] == reports[1], case
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+            [answer] = _served([{"action": "status", "roots": [machine.root_there], "lines": lines}],
+                               home)
+            served = stackops.report_from(answer["ok"][0]).to_dict()
+            assert served == machine.file_manager.status_report(lines).to_dict()
+    [answer] = _served([{"action": "status", "roots": [waiter.root_there]}], home)
+    assert stackops.report_from(answer["ok"][0]).place == 1
+    root = done.file_manager.job_root
+    for case, status in {"dead running": "running", "dead waiting": "waiting", "garbage": "weird"}.items():
+        reports = []
+        for read in ("served", "here"):
+            stackops._record(root, status=status, ended=None, error="", final=True,
+                             machine=stackops.machine_key(), entry=None)
+            if read == "served":
+                [answer] = _served([{"action": "status", "roots": [str(root)], "lines": 5}], home)
+                reports.append(stackops.report_from(answer["ok"][0]).to_dict())
+            else:
+                reports.append(done.file_manager.status_report(5).to_dict())
+        assert reports[0]["status"] == reports[1]["status"] == "failed", case
+        assert reports[0].pop("end_time") and reports[1].pop("end_time"), case
+        assert reports[0] == reports[1], case
 
 
 def _processes_naming(text: str) -> list[int]:
@@ -1598,17 +1613,16 @@ def test_job_run_false_launches_nothing(home):
     machine = RemoteMachine(mod.train, config=config(job_id="dry"))
     machine.run(run=False)
     assert machine.submitted and machine.launcher_pid is None
-    assert "cluster_script.sh" in machine.launch_command
-    # a launch is synchronous up to the detached process: its queue entry, its ticket and a process
-    # naming the job folder would all exist by now
+    assert machine.launch_command.endswith("start dry")
+    # a launch is synchronous up to the detached process: its queue entry and a process naming
+    # the job folder would both exist by now
     assert Slots().entries() == [] and Slots().history() == []
-    assert not machine.file_manager.path(stackops.TICKET_TXT).exists()
     assert _processes_naming(str(machine.file_manager.job_root)) == []
-    assert machine.get_status().status == "queued"
-    assert not machine.file_manager.path(stackops.LAUNCHER_PID_TXT).exists()
-    # the printed command really launches it
-    out = subprocess.run(["bash", "-c", machine.launch_command], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip().isdigit()
+    assert machine.get_status().status == "prepared"
+    assert state_of(machine).get("machine") is None
+    # what it says to type really starts it
+    out = cli("start", "dry", home=home)
+    assert out.returncode == 0 and "dry" in out.stdout, out.stderr
     assert wait_done(machine).status == "completed"
 
 
@@ -1652,7 +1666,7 @@ def test_job_show_scripts_prints_both(home, capsys):
     machine = RemoteMachine(mod.train, config=config(job_id="shown"))
     machine.run(run=False, show_scripts=True)
     out = capsys.readouterr().out
-    assert "Shell script" in out and "cluster_script.sh" in out and "Python script" in out
+    assert "Python script" in out and "cluster_wrap.py" in out and "Batch script" not in out
     assert "res = func(**func_kwargs)" in out
 
 
@@ -1787,14 +1801,17 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+LOCK_CODE = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600); "
+             "fcntl.flock(fd, fcntl.LOCK_EX); time.sleep(300)")
+
+
 @contextlib.contextmanager
 def _impostors(manager: FileManager):
-    """Live processes that are not the job's, and one that is: {kind: (pid, recorded start)}."""
+    """Live processes that are not the job's, and one that is (it holds the job's lock):
+    {kind: pid}."""
     root = os.path.realpath(manager.job_root)
-    wrapper, launcher = f"{root}/python/cluster_wrap.py", f"{root}/shell/cluster_script.sh"
-    procs = {"own": [sys.executable, "-c", SLEEP_CODE, wrapper],
-             "own launcher": [sys.executable, "-c", SLEEP_CODE, launcher],
-             "stranger": [sys.executable, "-c", SLEEP_CODE, manager.job_id, "--for", root + "/python"],
+    wrapper, lock = f"{root}/python/cluster_wrap.py", f"{root}/logs/alive.lock"
+    procs = {"stranger": [sys.executable, "-c", SLEEP_CODE, wrapper, manager.job_id, root, lock],
              "zombie": [sys.executable, "-c", "pass", wrapper]}
     started = {kind: subprocess.Popen(argv) for kind, argv in procs.items()}
     try:
@@ -1802,13 +1819,11 @@ def _impostors(manager: FileManager):
         # the zombie is left unreaped on purpose until the end
         wait_for(lambda: Path(f"/proc/{started['zombie'].pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
                  == "Z", what="zombie")
-        cases = {kind: (proc.pid, stackops.process_start_ticks(proc.pid)) for kind, proc in started.items()}
-        own_pid, own_start = cases["own"]
-        cases["recycled"] = (own_pid, own_start - 7)  # the pid now runs a process started later
-        cases["dead"] = (_dead_pid(), own_start)
-        kthread = _kernel_threads()
-        cases["kernel thread"] = (kthread[-1], stackops.process_start_ticks(kthread[-1]))
-        cases["kthreadd"] = (2, stackops.process_start_ticks(2))
+        cases = {kind: proc.pid for kind, proc in started.items()}
+        cases["own"] = 0  # a process that holds the job's lock, started for its example alone
+        cases["dead"] = _dead_pid()
+        cases["kernel thread"] = _kernel_threads()[-1]
+        cases["kthreadd"] = 2
         yield cases
     finally:
         for proc in started.values():
@@ -1816,41 +1831,42 @@ def _impostors(manager: FileManager):
             proc.wait()
 
 
-def _record(manager: FileManager, status: str, pid_file: str, pid: int | None, start: int | None) -> None:
-    for name in (stackops.PID_TXT, stackops.PID_START_TXT, stackops.LAUNCHER_PID_TXT,
-                 stackops.LAUNCHER_START_TXT, stackops.END_TXT, stackops.ERROR_TXT):
-        manager.write_log(name, "")
-    start_file = stackops.PID_START_TXT if pid_file == stackops.PID_TXT else stackops.LAUNCHER_START_TXT
-    manager.write_log(pid_file, str(pid))
-    manager.write_log(start_file, str(start or ""))
-    manager.write_log(stackops.STATUS_TXT, status)
-
-
 def test_status_property_never_running_unless_the_jobs_own_process_lives(home):
-    """For any recorded pid (dead, a zombie, a kernel thread, a stranger naming the job, a recycled
-    pid started later), the Python and the bash status say the job is alive only when its own
-    process lives: the wrapper's exact path in its command line and its recorded start time."""
+    """For any recorded pid (dead, a zombie, a kernel thread, a stranger naming the job), the job
+    reads alive only while a process holds its lock, served as on a host or read here: no pid,
+    name or command line is taken for the job."""
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.train, config=config(job_id="py")).run()  # a short id matches a lot
     wait_done(machine)
-    manager = machine.file_manager
+    manager, root = machine.file_manager, machine.file_manager.job_root
     with _impostors(manager) as cases:
-        @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+        @hypothesis.settings(max_examples=30, deadline=None, derandomize=True)
         @hypothesis.given(kind=hypothesis.strategies.sampled_from(sorted(cases)),
                           status=hypothesis.strategies.sampled_from(["running", "waiting", "queued"]),
-                          shell=hypothesis.strategies.booleans())
-        @hypothesis.example(kind="kthreadd", status="running", shell=False)
-        @hypothesis.example(kind="kthreadd", status="running", shell=True)
-        @hypothesis.example(kind="stranger", status="running", shell=False)
-        @hypothesis.example(kind="stranger", status="running", shell=True)
-        @hypothesis.example(kind="recycled", status="running", shell=True)
-        @hypothesis.example(kind="own launcher", status="queued", shell=True)
-        def check(kind: str, status: str, shell: bool) -> None:
-            pid_file = stackops.LAUNCHER_PID_TXT if status == "queued" else stackops.PID_TXT
-            _record(manager, status, pid_file, *cases[kind])
-            report = _shell_status(manager, 0) if shell else manager.status_report(0)
-            own = kind == ("own launcher" if status == "queued" else "own")
-            assert report.status == (status if own else "failed"), (kind, status, shell)
+                          served=hypothesis.strategies.booleans())
+        @hypothesis.example(kind="kthreadd", status="running", served=False)
+        @hypothesis.example(kind="stranger", status="running", served=True)
+        @hypothesis.example(kind="own", status="queued", served=True)
+        def check(kind: str, status: str, served: bool) -> None:
+            holder = subprocess.Popen([sys.executable, "-c", LOCK_CODE, str(root / "logs" / "alive.lock")]) \
+                if kind == "own" else None
+            try:
+                if holder is not None:
+                    wait_for(lambda: stackops._alive(root), what="the lock held")
+                pid = holder.pid if holder is not None else cases[kind]
+                stackops._record(root, status=status, pid=pid, pgid=pid, ended=None, error="",
+                                 final=True, entry=None, machine=stackops.machine_key())
+                if served:
+                    [answer] = _served([{"action": "status", "roots": [str(root)]}], home)
+                    report = stackops.report_from(answer["ok"][0])
+                else:
+                    report = manager.status_report(0)
+            finally:
+                if holder is not None:
+                    holder.kill()
+                    holder.wait()
+            own = kind == "own"
+            assert report.status == ("running" if own else "failed"), (kind, status, served)
             if not own:
                 assert "process gone" in report.error_message and report.end_time, (kind, report)
         check()
@@ -1942,17 +1958,15 @@ class QueueMachine(stateful.RuleBasedStateMachine):
         entries = Slots().entries()
         if slow and entries and entries[0].endswith(f"-{job_id}"):  # as if in its `git pull` for minutes
             old = f"{int(entries[0].split('-', 1)[0]) - 120 * 10**9:019d}"
-            machine.file_manager.write_log(stackops.TICKET_TXT, old)
             os.rename(Slots().queue / entries[0], Slots().queue / f"{old}-{job_id}")
-        if not slow:  # its wrapper is in line (or beyond) before the next step
-            wait_for(lambda: machine.get_status(0).status != "queued", what=f"{job_id}'s wrapper")
+            stackops._record(machine.file_manager.job_root, entry=str(Slots().queue / f"{old}-{job_id}"))
 
     # Rules never depend on what the processes did (no preconditions on it): hypothesis draws the
     # same choices again when it replays, and a rule with nothing to act on does nothing.
 
     @stateful.rule(pick=hypothesis.strategies.integers(0, 99))
     @_observed
-    def release_slow_launcher(self, pick: int) -> None:
+    def release_slow_setup(self, pick: int) -> None:
         slow = [j for j in self.jobs if j["slow"]]
         if not slow:
             return
@@ -1964,13 +1978,14 @@ class QueueMachine(stateful.RuleBasedStateMachine):
                    pick=hypothesis.strategies.integers(0, 99))
     @_observed
     def end_a_running_job(self, outcome: str, pick: int) -> None:
-        running = [j for j in self.jobs if self.seen.get(j["machine"].job_id) == "running"]
+        running = [j for j in self.jobs if self.seen.get(j["machine"].job_id) == "running"
+                   and not j["slow"] and not j["killed"]]
         if not running:
             return
         machine = running[pick % len(running)]["machine"]
-        if outcome == "sigkill":  # the holder dies without a word: the kernel frees its slot
+        if outcome == "sigkill":  # the run dies without a word (the OOM killer): its wrapper says so
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(self._read({"machine": machine}, stackops.PID_TXT)), signal.SIGKILL)
+                os.kill(_run_of(machine), signal.SIGKILL)
         else:
             Path(f"{self.gates / machine.job_id}.{outcome}").touch()
         report = wait_for(lambda: (r := machine.get_status(0)).finished and r, what="the end")
@@ -1979,31 +1994,32 @@ class QueueMachine(stateful.RuleBasedStateMachine):
         if outcome == "sigkill":
             assert "killed by signal 9" in report.error_message, report
 
-    def _killable(self) -> list[dict]:
-        """Jobs whose launcher may die: a started wrapper's, or a slow one's (its Python may be
-        starting right after a fast launcher: a window this test does not model). A job still in
-        line is an entry: it has no launcher yet."""
-        return [j for j in self.jobs if self._read(j, stackops.LAUNCHER_PID_TXT)
-                and (self.seen.get(j["machine"].job_id) == "running"
-                     or (self.seen.get(j["machine"].job_id) == "queued" and j["slow"]))]
-
     @stateful.rule(pick=hypothesis.strategies.integers(0, 99))
     @_observed
-    def sigkill_a_launcher(self, pick: int) -> None:
-        """Only the launcher dies: a started wrapper goes on; a slow launcher's job never starts."""
-        alive = self._killable()
+    def sigkill_a_wrapper(self, pick: int) -> None:
+        """Only the wrapper dies: a run under way goes on (it holds the job's lock and slot) and
+        records its own end; a job still in its setup never runs, and reads failed."""
+        alive = [j for j in self.jobs if self.seen.get(j["machine"].job_id) == "running"
+                 and not j["killed"] and state_of(j["machine"]).get("pgid")]
         if not alive:
             return
         job = alive[pick % len(alive)]
-        status = self.seen[job["machine"].job_id]
-        pid = wait_for(lambda: self._read(job, stackops.LAUNCHER_PID_TXT), what="launcher pid")
         with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(state_of(job["machine"])["pgid"], signal.SIGKILL)
         job["killed"] = True
-        if status == "queued":
+        if job["slow"]:
             job["slow"] = False
             report = wait_for(lambda: (r := job["machine"].get_status(0)).finished and r, what="found dead")
-            assert report.status == "failed" and "launcher" in report.error_message, report
+            assert report.status == "failed" and "process gone" in report.error_message, report
+
+    @stateful.rule()
+    @_observed
+    def sigkill_the_dispatcher(self) -> None:
+        """The queue's dispatcher dies: the next look at the queue starts another."""
+        pid = _read_pid(Slots().root / stackops.DISPATCHER_PID)
+        if pid and Slots().dispatcher_pid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     # -- invariants ---------------------------------------------------------------------------------
 
@@ -2022,14 +2038,15 @@ class QueueMachine(stateful.RuleBasedStateMachine):
             self.seen[machine.job_id] = report.status
             if report.start_time:  # live entries start in order: nobody passes a job still in line
                 assert not unstarted, f"{machine.job_id} started before {unstarted}, fired earlier"
-            elif not report.finished and not self._read(job, stackops.LAUNCHER_PID_TXT):
+            elif report.status == "waiting":
                 unstarted.append(machine.job_id)  # (one handed its slot may be slow to start)
             wrapper = f"{os.path.realpath(machine.file_manager.job_root)}/python/cluster_wrap.py"
-            if report.status == "running":  # the process table agrees
-                assert _procs_naming(wrapper), (machine.job_id, report.status)
-            if report.status == "waiting":  # an entry in line, started by nothing yet
-                assert any(name.endswith(f"-{machine.job_id}") for name in slots.entries()), machine.job_id
-                assert not _procs_naming(wrapper), machine.job_id
+            if report.status == "waiting":  # an entry in line, started by nothing yet (or since)
+                in_line = any(name.endswith(f"-{machine.job_id}") for name in slots.entries())
+                assert in_line or machine.get_status(0).status != "waiting", machine.job_id
+                assert in_line or not _procs_naming(wrapper) or machine.get_status(0).status != "waiting"
+            if report.status == "running":  # the kernel agrees: its lock is held
+                assert stackops._alive(machine.file_manager.job_root), machine.job_id
             if "process gone" in report.error_message:
                 assert not _procs_naming(wrapper), (machine.job_id, report.error_message)
             if report.start_time:
@@ -2055,12 +2072,15 @@ class QueueMachine(stateful.RuleBasedStateMachine):
             report = wait_for(lambda j=job: (r := j["machine"].get_status(0)).finished and r, timeout=60,
                               what=f"{job['machine'].job_id} to end")
             assert report.end_time, report
-        assert Slots().holders() == [] and Slots().waiters() == []
+        # an end is recorded just before its slot is let go (never two running in one slot)
+        wait_for(lambda: Slots().holders() == [], timeout=10, what="the slots freed")
+        assert Slots().waiters() == []
 
-    @staticmethod
-    def _read(job: dict, relative: str) -> str:
-        return job["machine"].file_manager.path(relative).read_text().strip() \
-            if job["machine"].file_manager.path(relative).exists() else ""
+
+
+def _read_pid(path: Path) -> int | None:
+    text = path.read_text().strip() if path.exists() else ""
+    return int(text) if text.isdigit() else None
 
 
 def test_slots_queue_state_machine(home, tmp_path, monkeypatch):
@@ -2071,9 +2091,7 @@ def test_slots_queue_state_machine(home, tmp_path, monkeypatch):
     shims.mkdir()
     gates = "$HOME/gates"
     (shims / "git").write_text(  # a slow `git pull`: waits until the test lets its job go
-        "#!/bin/bash\nj=$(tr '\\0' '\\n' < /proc/$PPID/cmdline | grep cluster_script.sh)\n"
-        "j=${j%/shell/cluster_script.sh}; j=${j##*/}\n"
-        f"while [ ! -e {gates}/$j.go ] && [ -d /proc/$PPID ]; do sleep 0.02; done\n")
+        f"#!/bin/bash\nwhile [ ! -e {gates}/$STACKOPS_JOB_ID.go ] && [ -d /proc/$PPID ]; do sleep 0.02; done\n")
     (shims / "git").chmod(0o755)
     monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
     QueueMachine.base = tmp_path
