@@ -2366,7 +2366,7 @@ def run_job(job_root: str | os.PathLike[str],
         try:
             _begin(root, manager, config)
             res, outcome = _attempts(root, manager, config, execute, interactive)
-        except _NeverRuns as exc:
+        except (_NeverRuns, StackopsError) as exc:  # said in one line: no traceback of ours
             outcome = {"error": str(exc)}
         except BaseException:  # a crash of any kind still ends the job: failed, traceback kept
             outcome = {"error": traceback.format_exc()}
@@ -2459,21 +2459,24 @@ def _setup_repo(root: Path, config: dict[str, Any]) -> None:
     job's interpreter); a failure of either fails the job."""
     steps = []
     if config.get("update_repo"):
-        steps.append(["git", "pull", "--ff-only"])
+        steps.append(("git pull", ["git", "pull", "--ff-only"]))
     if config.get("install_repo"):
-        steps.append([sys.executable, "-m", "pip", "install", "-e", "."])
+        steps.append(("pip install -e .", [sys.executable, "-m", "pip", "install", "-e", "."]))
     folder = _work_dir(root)
+    if not folder.is_dir():
+        raise StackopsError(f"cannot enter the repo folder {collapse_home(folder)}: it is gone")
     env = dict(os.environ, STACKOPS_JOB_ID=root.name)
     version = _read_json(root / JOB_PARAMS_JSON).get("scm_version")
     if version:  # setuptools-scm and hatch-vcs read it: the copy has no .git
         env["SETUPTOOLS_SCM_PRETEND_VERSION"] = version
-    for argv in steps:
-        shown = " ".join(argv if argv[0] == "git" else argv[-4:])
-        _say(f"running {shown} in {collapse_home(folder)}")
-        sys.stdout.flush()
-        done = subprocess.run(argv, cwd=str(folder), env=env, stdin=subprocess.DEVNULL)
+    for name, argv in steps:
+        _say(f"running {name} in {collapse_home(folder)}")
+        try:
+            done = subprocess.run(argv, cwd=str(folder), env=env, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise StackopsError(f"{name} failed in {collapse_home(folder)}: {exc}") from None
         if done.returncode != 0:
-            raise StackopsError(f"{' '.join(argv[-4:])} failed in {collapse_home(folder)} "
+            raise StackopsError(f"{name} failed in {collapse_home(folder)} "
                                 f"(exit status {done.returncode})")
 
 
@@ -2639,7 +2642,8 @@ def _call(root: Path, manager: FileManager,
             _save_result(folder, res)
         results: str | None = collapse_home(folder)
     except Exception:
-        error = _add_error(error, "the job's result could not be saved:\n" + traceback.format_exc())
+        error = _add_error(error, "the finishing step could not save the job's result:\n"
+                           + traceback.format_exc())
         results = None
     return {"error": error, "results": results}
 
@@ -3424,11 +3428,15 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
     if before.get("status") in TERMINAL_STATUSES and before.get("final", True):
         return dict(before, was=before["status"])
     asked = f"asked {_iso(_utcnow())}"
-    state = _update(root, lambda record: record.setdefault("cancel", asked) is None)
+
+    def mark(record: dict[str, Any]) -> bool:
+        return "cancel" not in record and bool(record.update(cancel=asked) or True)
+
+    state = _update(root, mark)
     was = _judge(root, state).get("status")
     tasks = [root.parent / task for task in state.get("tasks") or []]
     for task in tasks:  # an array's tasks: one scancel for them all, below
-        _update(task, lambda record: record.setdefault("cancel", asked) is None)
+        _update(task, mark)
     if (state.get("slurm") or {}).get("id"):
         done = _run_bounded(["scancel", str(state["slurm"]["id"])], SLURM_TIMEOUT)
         if done.returncode != 0:
@@ -3439,7 +3447,8 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
     else:
         with _suppress(FileNotFoundError):
             os.unlink(state.get("entry") or root / ".no-entry")
-        _stop(root, grace)
+        if _stop(root, grace):
+            state["cancel"] += "; killed: it ignored SIGTERM for the grace period"
     for folder in [*tasks, root]:
         ended = _record_end(folder, "cancelled", f"cancelled ({state['cancel']})")
         if ended is not None:
@@ -3447,10 +3456,11 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
     return dict(read_state(root), was=was)
 
 
-def _stop(root: Path, grace: float) -> None:
+def _stop(root: Path, grace: float) -> bool:
     """SIGTERM the job's process group while the job's lock is held (its processes, and only
     while they live: the group's id cannot be taken by another while any of them does), then
-    SIGKILL after ``grace`` seconds; returns once the lock is free (at most a few seconds more)."""
+    SIGKILL after ``grace`` seconds; returns once the lock is free (at most a few seconds more),
+    saying whether SIGKILL was needed."""
     deadline = time.monotonic() + grace
     sent: list[int] = []
     while _alive(root):
@@ -3465,6 +3475,7 @@ def _stop(root: Path, grace: float) -> None:
         if late and time.monotonic() > deadline + 5.0:
             break
         time.sleep(0.05)
+    return signal.SIGKILL in sent
 
 
 def delete_job(root: Path) -> str:
@@ -7016,7 +7027,7 @@ class _Launcher:
             raise StackopsError(f"job {machine.job_id} never reached {machine.host_name}: "
                                 "nothing to cancel")
         state = machine._place.call([{"action": "cancel", "roots": [machine.root_there],
-                                      "grace": grace}])[0]
+                                      "grace": grace}])[0][0]
         machine._place.mirror(machine, state)
         report = _status_of(machine.job_id, state)
         report.reason = f"was {state.get('was')}"

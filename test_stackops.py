@@ -2204,7 +2204,7 @@ def test_sweep_here_ids_kwargs_shared_parts_and_a_failed_line_does_not_stop_the_
         assert RemoteMachine.load(job_id).kwargs == {"tag": "common", "x": index} == \
             json.loads(kwargs_file.read_text())
     module = Path(mod.__file__).name
-    for name in ("stackops.py", "cluster_wrap.py", "cluster_script.sh", "job_params.json", module):
+    for name in ("stackops.py", "cluster_wrap.py", "job_params.json", module):
         assert len(_regular_files(base, name)) == 1, name  # one copy for the whole sweep
     for job_id in ids:  # a job's folder: its kwargs, records and logs, links to the shared parts
         root = base / "queued" / job_id
@@ -2264,7 +2264,7 @@ def test_sweep_cli_ids_width_wait_and_cancel_on_the_sweep_id(home):
     assert cancelled.returncode == 0, cancelled.stderr
     assert sorted(cancelled.stdout.split("\n")[:3]) == [f"long-000{i} cancelled" for i in range(3)]
     waited = cli("wait", "long", "--timeout", "30", home=home)
-    assert waited.returncode == 1 and waited.stdout.strip() == "long cancelled", waited
+    assert waited.returncode == 1 and waited.stdout.strip() == "long cancelled (3 cancelled)", waited
     lines = [json.dumps({"x": index, "fail": index == 7}) for index in range(12)]
     grid.write_text("\n".join(lines) + "\n")
     done = cli("run", target, "--sweep", str(grid), "--kwargs", '{"tag": "w"}', "--job-id", "wide",
@@ -2314,12 +2314,11 @@ def _senders_gone(homes: tuple[Path, ...] = ()) -> None:
     """Wait until no job process (launcher or wrapper) under ``homes`` (default: this test's home)
     is alive: then none is left to send another message, as the SMTP server has every message
     before the sender's `sendmail` returns. Status checks that report are the test's own calls."""
-    roots = {pid_file.parent.parent for home in homes or (Path.home(),)
-             for pid_file in home.glob("**/logs/*pid.txt")}
+    roots = {state.parent.parent for home in homes or (Path.home(),)
+             for state in home.glob("**/logs/state.json")}
 
     def quiet() -> bool:
-        return not any(stackops.job_process_alive(root, name)
-                       for root in roots for name in (stackops.PID_TXT, stackops.LAUNCHER_PID_TXT))
+        return not any(stackops._alive(root) for root in roots)
 
     wait_for(quiet, timeout=60, what="every job process gone")
 
@@ -2451,12 +2450,13 @@ def test_email_wrapper_sigkilled_is_reported_by_its_launcher(home, smtp):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.sleeper, config=config(job_id="oom", **MAIL)).run()
     wait_for(lambda: machine.get_status(0).status == "running", what="running")
-    os.kill(machine.get_status(0).pid, signal.SIGKILL)
+    os.kill(_run_of(machine), signal.SIGKILL)  # the run, as the OOM killer picks it
     report = wait_done(machine)
     assert report.status == "failed" and "killed by signal 9" in report.error_message and report.end_time
+    assert report.signal == 9 and report.exit_code is None
     message = _one_mail(received, "oom")
     assert "failed" in message["Subject"] and "killed by signal 9" in message.get_payload()
-    assert "sent" in machine.file_manager.path(stackops.NOTIFIED_TXT).read_text()
+    assert "sent" in state_of(machine)["notified"]
 
 
 def test_email_launcher_failures_are_reported(home, smtp):
@@ -2489,16 +2489,16 @@ def test_email_whole_tree_gone_is_reported_once_by_the_status_check(home, smtp):
     mod = make_module(home, JOBS_SOURCE)
     machine = RemoteMachine(mod.sleeper, config=config(job_id="rebooted", **MAIL)).run()
     wait_for(lambda: machine.get_status(0).status == "running", what="running")
-    os.killpg(_launcher_of(machine), signal.SIGKILL)
-    pid = int(machine.file_manager.path(stackops.PID_TXT).read_text())
-    wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
-    report = machine.get_status(0)
+    os.killpg(_wrapper_of(machine), signal.SIGKILL)
+    wait_for(lambda: not stackops._alive(machine.file_manager.job_root), what="tree gone")
+    report = wait_done(machine)
     assert report.status == "failed" and "process gone" in report.error_message and report.end_time
     message = _one_mail(received, "rebooted")
     assert "failed" in message["Subject"] and "process gone" in message.get_payload()
     for _ in range(3):
         assert machine.get_status(0).status == "failed"
-    assert len(received) == 1 and "sent" in machine.file_manager.path(stackops.NOTIFIED_TXT).read_text()
+    wait_for(lambda: "sent" in state_of(machine).get("notified", ""), what="the mail recorded")
+    assert len(received) == 1
 
 
 def _install_remote_mail_config(remote, local_config: Path) -> None:
@@ -4558,10 +4558,12 @@ def test_snapshot_unused_and_old_snapshots_collected_by_a_later_submit(remote, h
         assert (queued / job_id / "code" / "vjobs.py").exists()
 
 
-def test_state_dir_per_machine_same_in_python_and_bash(home, monkeypatch):
-    shell = subprocess.run(["bash", "-c", stackops.STATE_DIR_SH + '; printf %s "$S"'], capture_output=True,
-                           text=True, check=True).stdout
-    assert shell == str(stackops.state_dir()) and stackops.machine_key() in shell
+def test_state_dir_per_machine_and_overridden(home, monkeypatch):
+    """One state folder per executing machine (host name, boot, pid namespace), unless
+    STACKOPS_STATE_DIR names one."""
+    key = stackops.machine_key()
+    assert stackops.state_dir() == home / "tmp_results" / "remote_machines" / "file_manager" / key
+    assert os.uname().nodename.replace(" ", "_") in key
     monkeypatch.setenv("STACKOPS_STATE_DIR", str(home / "mine"))
     assert stackops.state_dir() == home / "mine"
 
