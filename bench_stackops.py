@@ -343,10 +343,7 @@ def job_cases(bed: Bed, stackops, runs: int) -> list[dict]:
         rows.append(compare("status of a running job, connection open", lambda: machine.get_status(0),
                             lambda: run_cmd(bed.ssh_shared("-o", "ControlMaster=no", "tb", "true")), runs * 2,
                             "ssh true via ControlMaster"))
-        # the launcher leads its own session: end the job's whole process group, by the pid its
-        # folder records (fire returned the pid of the queue's dispatcher, which started it)
-        folder = machine.file_manager.job_root_rh.replace("~", "$HOME", 1)
-        run_cmd(bed.ssh("tb", f'kill -9 -- -"$(cat "{folder}/logs/launcher_pid.txt")"'))
+        machine.cancel(grace=0)  # the job's whole process group, judged and killed on the host
     return rows
 
 
@@ -414,9 +411,9 @@ def _local_jobs(stackops, script: Path, count: int, slots: int) -> list:
 def _times(machine) -> tuple[float, float]:
     from datetime import datetime
 
-    logs = machine.file_manager.path("logs")
-    return tuple(datetime.fromisoformat((logs / name).read_text().strip()).timestamp()  # type: ignore[return-value]
-                 for name in ("start_time.txt", "end_time.txt"))
+    state = json.loads(machine.file_manager.path("logs/state.json").read_text())
+    return tuple(datetime.fromisoformat(state[name]).timestamp()  # type: ignore[return-value]
+                 for name in ("started", "ended"))
 
 
 def slot_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
@@ -474,7 +471,8 @@ def sweep_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
                                             max_simultaneous_jobs=4)
         with stackops.run_sweep(sweepjob.point, cfg, grid):
             pass
-        run_cmd(bed.ssh("tb", f"bash -c {shlex.quote(stackops.STATE_DIR_SH + '; ' + _STOP_QUEUE)}"))
+        every = f"for S in ~/tmp_results/remote_machines/file_manager/*/; do {_STOP_QUEUE}; done"
+        run_cmd(bed.ssh("tb", f"bash -c {shlex.quote(every)}"))
 
     def reference():
         run_cmd(bed.ssh("tb", "true"))
@@ -532,11 +530,11 @@ def _ended(managers: list) -> list[tuple[float, float]]:
 
     times = []
     for manager in managers:
-        logs = manager.path("logs")
         try:
-            times.append(tuple(datetime.fromisoformat((logs / name).read_text().strip()).timestamp()
-                               for name in ("start_time.txt", "end_time.txt")))
-        except (OSError, ValueError):
+            state = json.loads(manager.path("logs/state.json").read_text())
+            times.append(tuple(datetime.fromisoformat(state[name]).timestamp()
+                               for name in ("started", "ended")))
+        except (OSError, ValueError, KeyError, TypeError):
             continue
     return sorted(times)
 
@@ -557,9 +555,8 @@ def queue_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
     slots = stackops.Slots(state)
     slots._ensure()
     held = [stackops._try_flock(slots.slots / f"slot-{i}.lock") for i in range(4)]
-    script = "\n".join(f"{{ {m.get_fire_command()}; }} > /dev/null" for m in managers)
     started = time.perf_counter()
-    subprocess.run(["bash", "-s"], input=script, text=True, check=True, capture_output=True)
+    stackops.fire_jobs([m.job_root for m in managers])
     fired = time.perf_counter() - started
     time.sleep(1.0)
     pids = _procs_naming(str(state))

@@ -1529,6 +1529,10 @@ class _FileLock:
         os.close(self.fd)
 
 
+def _lock_kind(path: Path) -> str:
+    return "slot file" if path.parent.name == "slots" else "lock file"
+
+
 def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | None:
     """An fd holding a non-blocking flock on ``path``, or None when someone else holds it.
     ``create=False`` for files whose owner may delete them: a check must never bring one back."""
@@ -1537,9 +1541,9 @@ def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | N
     except FileNotFoundError:
         if not create:
             raise
-        raise SlotError(f"cannot open lock file {path}: its folder is gone") from None
+        raise SlotError(f"cannot open {_lock_kind(path)} {path}: its folder is gone") from None
     except OSError as exc:
-        raise SlotError(f"cannot open lock file {path}: {exc.strerror or exc}",
+        raise SlotError(f"cannot open {_lock_kind(path)} {path}: {exc.strerror or exc}",
                         hint=f"the folder {path.parent} must be yours alone; for slots, set "
                              "STACKOPS_STATE_DIR to a folder of your own") from exc
     try:
@@ -2066,10 +2070,13 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
         return state
     if state["machine"] != machine_key():
         return dict(state, as_of=state.get("at"))
-    if state.get("entry") and os.path.exists(state["entry"]):
-        return state  # in line: for a slot, or for the jobs it runs after
-    if _alive(root):  # its process holds its lock (and its slot, once the entry is gone)
+    in_line = bool(state.get("entry")) and os.path.exists(state["entry"])
+    if _alive(root):  # its process holds its lock (and, unless it waits in line in person, a slot)
+        if status == "waiting" and in_line and _waits_in_person(Path(state["entry"])):
+            return state
         return dict(state, status="running") if status in ("queued", "waiting") else state
+    if in_line:
+        return state  # in line: for a slot, or for the jobs it runs after
     starting = _parse_iso(state.get("starting"))
     if starting is not None and (_utcnow() - starting).total_seconds() < STARTING_GRACE:
         return state
@@ -2082,6 +2089,18 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
         return read_state(root)
     _report_end(root, ended, inline=False)
     return ended
+
+
+def _waits_in_person(entry: Path) -> bool:
+    """Whether a queue entry is held by its own waiting wrapper (an interactive job in line)."""
+    try:
+        fd = _try_flock(entry, shared=True, create=False)
+    except FileNotFoundError:
+        return False
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
 
 
 def _judge_slurm(root: Path, state: dict[str, Any], view: dict[str, Any] | None) -> dict[str, Any]:
@@ -2325,9 +2344,19 @@ def _save_result(folder: Path, res: Any) -> None:
         _atomic_write_text(folder / "result.txt", repr(res) + "\n")
 
 
+_LOG: list[Path] = []  # the job's log, when this process is its wrapper
+
+
 def _say(text: str) -> None:
-    """A line of stackops' own in the job's log, marked so that it never passes for the job's."""
-    print(f"stackops: {text}", flush=True)
+    """A line of stackops' own in the job's log, marked so that it never passes for the job's,
+    and on a line of its own (the job's output may have ended in the middle of one)."""
+    sys.stdout.flush()
+    start = ""
+    with _suppress(OSError, IndexError):
+        with open(_LOG[0], "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            start = "" if handle.read(1) == b"\n" else "\n"
+    print(f"{start}stackops: {text}", flush=True)
 
 
 _TERM_SEEN: list[int] = []  # SIGTERM reached the wrapper (its run was asked to stop)
@@ -2354,6 +2383,7 @@ def run_job(job_root: str | os.PathLike[str],
     back, report the end. Whatever happens inside, the job ends completed, failed or cancelled."""
     _job_logging()
     root = Path(os.path.abspath(job_root))
+    _LOG[:] = [root / OUTPUT_LOG]
     manager = FileManager.from_job_root(root)
     config = _read_json(root / CONFIG_JSON)
     alive = _hold_alive(root)
@@ -2682,7 +2712,7 @@ def _finish(root: Path, outcome: dict[str, Any]) -> dict[str, Any] | None:
     ended = _record_end(root, "failed" if error else "completed", error, final=final, **fields)
     state = ended or read_state(root)
     took = _seconds_between(state.get("started"), state.get("ended"))
-    _say(f"job {root.name} {state.get('status')} after {_format_duration(took)}"
+    _say(f"JOB {str(state.get('status')).upper()}: {root.name} after {_format_duration(took)}"
          + (f", results in {state.get('results')}" if state.get("results") else ""))
     if error:
         print(error.rstrip(), file=sys.stderr, flush=True)
@@ -2935,6 +2965,8 @@ class _Dispatcher:
                 with _suppress(Exception):
                     if self.slots.queue.is_dir():
                         self.slots.refresh_views(queue=True)
+                with _suppress(FileNotFoundError):
+                    os.unlink(self.slots.root / DISPATCHER_PID)  # while it is still ours
                 os.close(lock)
             if not self.slots.queue.is_dir() or not (self.slots.entries()
                                                      or self.slots.entries(AFTER_DIR)):
@@ -3045,9 +3077,7 @@ class _Dispatcher:
         env = dict(env, STACKOPS_SLOT_FDS=" ".join(str(fd) for _, fd in held),
                    STACKOPS_SLOT_NAMES=" ".join(slot for slot, _ in held),
                    STACKOPS_ADMITTED=_iso(taken) or "")
-        entry = self.slots.queue / name
-        child = _spawn_wrapper(root, manager.python, env, tuple(fd for _, fd in held),
-                               lambda: entry.unlink())  # no moment in line and started at once
+        child = _spawn_wrapper(root, manager.python, env, tuple(fd for _, fd in held))
         if child is not None:
             self.children[child] = root
             holder = {"job_id": manager.job_id, "job_root": str(root), "pid": child.pid,
@@ -3128,22 +3158,16 @@ def _fire_env(job_root: Path) -> dict[str, str]:
     return env
 
 
-def _spawn_wrapper(root: Path, python: str, env: dict[str, str], fds: tuple[int, ...] = (),
-                   then: Callable[[], None] | None = None) -> subprocess.Popen[bytes] | None:
+def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
+                   fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes] | None:
     """Start the job's wrapper detached (a session of its own, output to its log), handing it
-    the job's lock taken here, so the job is alive from this moment on (``then`` runs once the
-    lock is held, before the start: the queue entry goes); None when another process runs the
-    job already."""
+    the job's lock taken here, so the job is alive from this moment on (and reads running, its
+    queue entry or not); None when another process runs the job already."""
     alive = _try_flock(root / ALIVE_LOCK)
     if alive is None:
         log.warning("job %s runs already: not started again", root.name)
-        if then is not None:
-            with _suppress(OSError):
-                then()
         return None
     try:
-        if then is not None:
-            then()
         env = dict(env, STACKOPS_ALIVE_FD=str(alive))
         with _private_append(root / OUTPUT_LOG) as out:
             child = subprocess.Popen([os.path.expanduser(python), str(root / WRAPPER_PY)],
@@ -6619,6 +6643,10 @@ class _Place:
     def facts(self, wanted: list[str]) -> dict[str, Any]:
         return dict(self.call([{"action": "facts", "facts": wanted}])[0])
 
+    def there(self, manager: FileManager) -> str:
+        """A job folder as the executing side is told it (here: its path)."""
+        return str(manager.job_root)
+
     def preflight(self) -> None:
         """What can be checked before anything is written or sent."""
 
@@ -6765,6 +6793,9 @@ class _OverSSH(_Place):
 
     def call(self, requests: list[dict[str, Any]]) -> list[Any]:
         return self.ssh.serve(requests, timeout=max(self.config.ssh_timeout, 60.0))
+
+    def there(self, manager: FileManager) -> str:
+        return manager.job_root_rh  # home-relative: the host's home may be elsewhere
 
     def preflight(self) -> None:
         _ = self.ssh  # connects: an unknown, untrusted or unreachable host stops us here
@@ -7712,8 +7743,7 @@ class RemoteMachine:
     @property
     def root_there(self) -> str:
         """The job folder where it runs, as the executing side is told it (``~/...`` on a host)."""
-        manager = self.file_manager
-        return manager.job_root_rh if self.is_remote else str(manager.job_root)
+        return self._place.there(self.file_manager)
 
     @property
     def fire_roots(self) -> list[str]:
@@ -10681,9 +10711,12 @@ def _act_handover(request: dict[str, Any], io: Any) -> dict[str, Any]:
     try:
         if request.get("email"):
             load_email_config(request["email"])
-        if request.get("gate"):
+        if request.get("gate"):  # placed: wait for the word of the others (Cluster.run)
             say({"placed": True})
-            if json.loads(stream.readline() or b"{}").get("go") is not True:
+            word: dict[str, Any] = {"wait": True}
+            while word.get("wait"):
+                word = _json_line(stream.readline())
+            if word.get("go") is not True:
                 raise StackopsError("the hand-over was called off")
         fired = fire_jobs([expand_home(root) for root in request.get("fire") or []]) \
             if request.get("fire") else {}

@@ -4897,38 +4897,24 @@ SEAM_HOSTILE = "it's a \"folder\" $(touch /tmp/stackops-pwned) `x` ;&|<> *"
 
 
 def test_places_generated_commands_are_rendered_and_quoted(home, tmp_path):
-    """The commands the places and launchers build go through the strict renderer: bash
-    parses each, and a hostile interpreter path or results path arrives as one word."""
-    config = RemoteStackOpsConfig(job_id="seam-2", ssh_host="box", python=f"/opt/{SEAM_HOSTILE}/python3",
-                                  transfer_method="cloud", cloud_name="c", notify_upon_completion=True,
-                                  to_email="me@example.org", email_config_name="x")
-    job = RemoteMachine(stackops.demo_job, config)
-    job.cloud_sha256 = "a" * 64
-    entry = stackops._job_entry(job, "job-report", "--lines", SEAM_HOSTILE)
-    words = shlex.split(entry)
-    assert words[0] == config.python and words[-1] == SEAM_HOSTILE and words[-2] == "--lines"
-    fire = job._place.fire_command(job, "echo fired")
-    up = stackops.render_template(stackops.CLOUD_RESULTS_UP_TEMPLATE,
-                                  results=stackops._sh_path(f"~/{SEAM_HOSTILE}"),
-                                  target=shlex.quote(f"c:{SEAM_HOSTILE}"))
-    check = stackops.render_template(
-        stackops.HOST_CHECK_TEMPLATE, python=shlex.quote(config.python),
-        file_check=stackops.render_template(stackops.HOST_FILE_CHECK_TEMPLATE,
-                                            file=stackops._sh_path(f"~/{SEAM_HOSTILE}")))
-    marks = stackops.render_template(stackops.CANCEL_MARK_TEMPLATE, job_root=shlex.quote(SEAM_HOSTILE),
-                                     cancel_file=shlex.quote(stackops.CANCEL_TXT))
-    cancel = stackops.render_template(stackops.SCANCEL_TEMPLATE, marks=marks,
-                                      slurm_id=shlex.quote("12;rm -rf ~"))
-    for command in (entry, fire, up, check, cancel):
-        done = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
-        assert done.returncode == 0, (command, done.stderr)
-    assert fire.endswith(" && echo fired") and "job-check-email" in fire
-    # the host check runs for real: the hostile interpreter is missing, the file too
-    result = subprocess.run(["bash", "-c", check], capture_output=True, text=True, cwd=tmp_path)
-    assert result.stdout.split() == ["no-python", "no-file"]
-    assert not Path("/tmp/stackops-pwned").exists()
+    """What is left of generated shell (the command that starts serve() on a host, the batch
+    script Slurm runs) goes through the strict renderer: bash parses each, and a hostile
+    interpreter path arrives as one word, never run as code."""
+    python = f"/opt/{SEAM_HOSTILE}/python3"
+    command = stackops._serve_command(python, "--fence")
+    words = shlex.split(command)
+    assert words[0] == python and words[1:3] == ["-S", "-c"] and words[-1] == "--fence"
+    compile(words[3], "<boot>", "exec")  # the boot itself is Python
+    script = stackops.render_sbatch_script(f"seam-{SEAM_HOSTILE[:0]}2", {"time": "1"}, python=python)
+    for text in (command, script, stackops._bash_line(command)):
+        done = subprocess.run(["bash", "-n", "-c", text], capture_output=True, text=True)
+        assert done.returncode == 0, (text, done.stderr)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 127 and not Path("/tmp/stackops-pwned").exists()
+    assert f"exec {shlex.quote(python)} python/cluster_wrap.py" in script  # quoted as one word
+    assert "cluster_wrap.py" in script.splitlines()[-1]
     with pytest.raises(StackopsError, match="missing|unused"):
-        stackops.render_template(stackops.SCANCEL_TEMPLATE, marks=marks)
+        stackops.render_template(stackops.SBATCH_TEMPLATE, job_name="x")
 
 
 # ============================================================================================
@@ -6098,11 +6084,13 @@ def test_cli_list_reads_ended_jobs_once_and_never_shows_a_stale_row(home):
     first = listed()
     cache = home / "tmp_results" / "remote_machines" / "jobs" / ".list-cache.json"
     kept = json.loads(cache.read_text())["rows"]
-    assert len(kept) == 3 and all(row["report"]["status"] == "completed" for row in kept.values())
-    assert first["hist-live"]["status"] == "running"  # not kept: read every time
+    whole = [row for row in kept.values() if "report" in row]
+    assert len(kept) == 4 and all("who" in row for row in kept.values())  # who each job is
+    assert len(whole) == 3 and all(row["report"]["status"] == "completed" for row in whole)
+    assert first["hist-live"]["status"] == "running"  # its row not kept: judged every time
     assert listed() == first
-    status = RemoteMachine.load("hist1").file_manager.path(stackops.STATUS_TXT)
-    status.write_text("failed")  # whatever changes a job's files changes its row
+    root = RemoteMachine.load("hist1").file_manager.job_root
+    stackops._record(root, status="failed", error="changed")  # a changed record changes the row
     assert listed()["hist1"]["status"] == "failed"
     assert cli("delete", "hist2", home=home).returncode == 0
     assert "hist2" not in listed()
@@ -6937,10 +6925,8 @@ def _clone_jobs(template: RemoteMachine, count: int, stem: str) -> list[FileMana
 
 
 def _fire_all(managers: list[FileManager]) -> None:
-    """The fire commands of all ``managers``, in order, in one bash (as fast as a host would)."""
-    script = "\n".join(f"{{ {m.get_fire_command()}; }} > /dev/null" for m in managers)
-    done = subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    """The jobs of all ``managers`` fired in order, in one go (as a host's fire does)."""
+    assert stackops.fire_jobs([m.job_root for m in managers])["pid"]
 
 
 def _stackops_processes(home: Path) -> list[int]:
@@ -6974,7 +6960,8 @@ def test_queue_thousand_queued_jobs_are_entries_few_processes_little_memory(home
     last = managers[-1]
     report = last.status_report(0)
     assert report.status == "waiting" and report.place == 1000
-    assert _shell_status(last, 0).place == 1000
+    [answer] = _served([{"action": "status", "roots": [str(last.job_root)]}], home)
+    assert stackops.report_from(answer["ok"][0]).place == 1000
     holder.cancel(grace=0)
 
 
@@ -7017,7 +7004,7 @@ def test_queue_dispatcher_sigkilled_is_replaced_and_the_queue_drains(home):
         time.sleep(0.05)
     assert killed >= 3
     reports = [m.get_status(0) for m in machines]
-    assert [r.status for r in reports] == ["completed"] * 10
+    assert [r.status for r in reports] == ["completed"] * 10, [r.error_message for r in reports]
     starts = [r.start_time for r in reports]
     assert starts == sorted(starts)
     assert json.loads(counter.read_text())[1] <= 2
@@ -7039,8 +7026,7 @@ def test_queue_cancel_of_a_queued_entry_removes_it_and_nothing_runs(home):
     holder.cancel(grace=1)
     assert wait_done(first).status == "completed" and wait_done(last).status == "completed"
     assert middle.get_status(0).status == "cancelled"
-    assert not middle.file_manager.path(stackops.LAUNCHER_PID_TXT).exists(), "a cancelled entry never starts"
-    assert not middle.file_manager.path(stackops.START_TXT).exists()
+    assert "started" not in state_of(middle) and "pid" not in state_of(middle), "a cancelled entry never starts"
 
 
 def test_cli_functions_within_the_house_limit_of_60_lines():
@@ -7263,7 +7249,7 @@ def test_cli_job_run_under_cprofile_ships_this_module(home):
     assert done.returncode == 0, done.stderr
     job = home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "prof"
     assert (job / "python" / "stackops.py").read_bytes() == SOURCE.read_bytes()
-    assert "completed" in (job / "logs" / "status.txt").read_text()
+    assert stackops.read_state(job)["status"] == "completed"
 
 
 def test_models_launch_method_decides_how_the_job_starts(home, tmp_path):
@@ -7305,11 +7291,12 @@ def test_security_hostile_values_render_to_valid_scripts(home, description, fold
     (repo / "s.py").write_text("res = None\n")
     params = JobParams.from_script(repo / "s.py")
     params.description = description
-    cfg = config(description=description, base_dir=f"~/{folder}/jobs", update_repo=True, install_repo=True)
-    shell = stackops.render_shell_script(params, cfg, f"/x/{folder}/python")
-    assert subprocess.run(["bash", "-n", "-c", shell], capture_output=True).returncode == 0
-    command = FileManager("j", base=cfg.base_dir).get_fire_command()
-    assert subprocess.run(["bash", "-n", "-c", command], capture_output=True).returncode == 0
+    python = f"/x/{folder}/python"
+    for shell in (stackops._serve_command(python, "--fence"),
+                  stackops.render_sbatch_script("j", {}, python=python),
+                  stackops._bash_line(stackops._serve_command(python, "--fence"))):
+        assert subprocess.run(["bash", "-n", "-c", shell], capture_output=True).returncode == 0
+    assert shlex.split(stackops._serve_command(python, "--f"))[0] == python
     compile(stackops.render_execution_script(params.get_execution_line(WorkloadParams(), False, True)), "w", "exec")
 
 
@@ -7331,7 +7318,8 @@ def test_security_hostile_values_reach_the_job_intact(home, value, folder):
     report = wait_done(machine)
     assert report.status == "completed", report
     assert json.loads((home / f"seen-{tag}.json").read_text(encoding="utf-8")) == kwargs
-    assert _shell_status(machine.file_manager, 5).to_dict() == machine.file_manager.status_report(5).to_dict()
+    [answer] = _served([{"action": "status", "roots": [machine.root_there], "lines": 5}], home)
+    assert stackops.report_from(answer["ok"][0]).to_dict() == machine.file_manager.status_report(5).to_dict()
     assert not list(home.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
 
 
@@ -8024,7 +8012,7 @@ def test_fault_two_processes_submit_and_check_one_job_at_once(home):
     root = home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "twin"
     for path in [*root.rglob("*.json"), *(home / "tmp_results" / "remote_machines" / "file_manager").glob("*.json")]:
         json.loads(path.read_text())  # every state file whole
-    assert (root / "logs" / "status.txt").read_text() == "completed"
+    assert stackops.read_state(root)["status"] == "completed"
     assert not list(root.parent.glob(".twin.*")), "the loser's staging folder is gone"
 
 
