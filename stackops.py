@@ -95,7 +95,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import signal
     import subprocess
     import traceback
-    from typing import Any, Callable, NoReturn
+    from typing import Any, Callable
 
     _Gate = Callable[[Callable[[bytes], None]], bool]  # see _Together.arrive
 
@@ -332,9 +332,8 @@ class JobFailedError(StackopsError):
                          hint=f"full error: {_prog()} status {job_id}")
 
 
-# -- errors as data: the executing side reports an error, the client raises it again --------------
+# -- errors as data: the executing side answers an error, the client raises it again -------------
 
-ERROR_RECORD_PREFIX = "stackops: error record: "
 
 
 def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
@@ -347,24 +346,6 @@ def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
     if evidence:
         record["evidence"] = evidence
     return record
-
-
-def error_record_line(exc: BaseException, evidence: str = "") -> str:
-    """``exc`` as one line (see _error_record), for stderr."""
-    return ERROR_RECORD_PREFIX + json.dumps(_error_record(exc, evidence))  # ASCII: one line
-
-
-def _read_error_record(stderr: str) -> dict[str, Any] | None:
-    """The last error record in a command's stderr; None when it holds none (or a damaged one)."""
-    for line in reversed(stderr.splitlines()):
-        if line.startswith(ERROR_RECORD_PREFIX):
-            try:
-                record = json.loads(line[len(ERROR_RECORD_PREFIX):], strict=False)
-            except ValueError:
-                return None
-            ok = isinstance(record, dict) and isinstance(record.get("message"), str)
-            return record if ok else None
-    return None
 
 
 def _error_from_record(record: dict[str, Any], prefix: str = "",
@@ -802,11 +783,6 @@ def _run_bounded(argv: list[str], timeout: float, error: type[StackopsError] = S
             raise error(f"{command} did not answer within {timeout:g}s and was stopped") from None
         raise
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
-
-
-def _read_int(path: Path) -> int | None:
-    text = _read_text(path).strip()
-    return int(text) if text.isdigit() else None
 
 
 # ============================================================================================
@@ -2026,7 +2002,8 @@ class FileManager:
             if keep_slot:  # the fds stay open: the REPL holds the slot until it exits
                 with _suppress(OSError, ValueError):
                     holder = json.loads(info.read_text(encoding="utf-8"))
-                    holder["note"] = "finished; its interactive session holds the slot until it ends"
+                    holder["note"] = ("finished; its interactive session holds the slot until it "
+                                      "ends")
                     _write_plain(info, json.dumps(holder))
                 continue
             with _suppress(FileNotFoundError):
@@ -4444,20 +4421,6 @@ class Response:
         return self.returncode == 0
 
 
-def _raise_remote_error(response: Response, prefix: str = "", hint: str | None = None) -> NoReturn:
-    """Raise what a failed command on the executing side reported: the StackopsError of its
-    error record (see error_record_line; ``prefix`` before the message, ``hint`` when it has
-    none), else a CommandError with the evidence: host, command, exit status, stderr's tail."""
-    record = _read_error_record(response.stderr)
-    error = _error_from_record(record, prefix, hint) if record is not None else None
-    if error is not None:
-        raise error
-    said = "\n".join(line for line in response.stderr.splitlines()
-                     if not line.startswith(ERROR_RECORD_PREFIX))
-    raise CommandError(response.host, response.command, response.returncode,
-                       said or response.stdout)
-
-
 _QUICKACK_SOCKET: Any = None
 
 
@@ -6017,34 +5980,6 @@ def code_snapshot(repo: Path) -> tuple[str, list[list[Any]], dict[str, Path]]:
     cache.save()
     identity = hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()[:32]
     return identity, entries, sources
-
-
-def _materialize_here(repo: Path, entries: list[list[Any]], folder: Path) -> None:
-    """The job's own copy of its snapshot, made on this machine (a local job, or a host that sees
-    this machine's files): copied from the work tree, appearing whole under ``folder``."""
-    staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    made: set[str] = set()
-    try:
-        _mkdir_private(staging)
-        for relative, kind, value in entries:
-            path = f"{staging}/{relative}"
-            parent = os.path.dirname(path)
-            if parent not in made:
-                _mkdir_private(Path(parent))
-                made.add(parent)
-            if kind == "l":
-                os.symlink(value, path)
-                continue
-            with open(f"{repo}/{relative}", "rb") as source:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                             0o700 if kind == "x" else 0o600)
-                with os.fdopen(fd, "wb") as copy:
-                    shutil.copyfileobj(source, copy, 1 << 20)
-        os.rename(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def scm_version(repo: Path) -> str:

@@ -1212,20 +1212,21 @@ def test_templates_renderer_is_strict():
         stackops.render_template("@@x", x="1", y="2")
 
 
-def test_templates_shell_passes_bash_n_for_every_option(home, tmp_path):
+def test_templates_every_embedded_shell_parses_and_stays_small(home):
+    """The shell left in the file (the batch script Slurm runs, the copy commands, the one line
+    that finds an interpreter) parses for every option, and is small: a rule lives in Python."""
     mod = make_module(home, JOBS_SOURCE)
     params = JobParams.from_callable(mod.train)
-    for update, install, interactive in itertools.product([False, True], repeat=3):
-        cfg = config(update_repo=update, install_repo=install, interactive=interactive)
-        script = tmp_path / "launcher.sh"
-        script.write_text(stackops.render_shell_script(params, cfg, "/usr/bin/python3"))
-        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    for tasks, throttle, after in itertools.product([0, 3], [0, 2], [None, ["12", "13_4"]]):
+        script = stackops.render_sbatch_script("x", {"time": "1", "exclusive": ""}, tasks, throttle,
+                                               after, python="~/venv/bin/python")
+        check = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
-    for interactive, lock in itertools.product([False, True], repeat=2):
-        manager = FileManager("x", lock_resources=lock)
-        command = manager.get_fire_command(interactive)
-        check = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
+    compile(stackops.render_execution_script(params.get_execution_line()), "wrapper", "exec")
+    shell = [value for name, value in vars(stackops).items() if isinstance(value, str)
+             and (name.endswith("_TEMPLATE") and name != "PYTHON_TEMPLATE" or name.endswith("_SH"))
+             and "/" not in value[:12]]
+    assert sum(text.count("\n") + 1 for text in shell) <= 80, [n for n in vars(stackops) if n.endswith("_TEMPLATE")]
 
 
 # ============================================================================================
@@ -1538,6 +1539,7 @@ def test_status_truthful_for_dead_reused_and_garbage(home):
     machine = RemoteMachine(mod.train, config=config(job_id="truth")).run()
     wait_done(machine)
     root = machine.file_manager.job_root
+    wait_for(lambda: not stackops._alive(root), what="the wrapper gone (it ends after its end)")
     sleeper = subprocess.Popen(["sleep", "30"])  # a live pid that is not the job's: a reused pid
     try:
         stackops._record(root, status="running", pid=sleeper.pid, pgid=sleeper.pid, ended=None,
@@ -4586,7 +4588,7 @@ def test_transfer_ssh_holds_the_connection_and_copies_have_their_own_section():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and start < node.lineno:
             if node.lineno < after:
                 assert node.end_lineno - node.lineno + 1 <= 60, node.name
-    for name in ("copy_from_here", "copy_to_here", "stream_command", "run_stackops"):
+    for name in ("copy_from_here", "copy_to_here", "stream_command", "serve"):
         assert callable(getattr(stackops.SSH, name))
 
 
@@ -4617,34 +4619,30 @@ def test_transfer_copy_templates_render_strictly_and_parse(template, tmp_path):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_transfer_error_record_from_bash_and_python_is_the_same_error():
+def test_transfer_an_error_answered_is_raised_here_as_the_same_error(tmp_path):
+    """An error the executing side answers (serve's error record: class, message, hint) is raised
+    by the client as the same StackopsError, message and hint intact, whatever they hold."""
     message = "refusing 'a b' \\ \"c\"\nsecond\tline"
-    script = stackops.ERROR_RECORD_SH + '; _error_record ConfigError "$1"'
-    shell = subprocess.run(["bash", "-c", script, "x", message], capture_output=True, text=True)
-    python = stackops.error_record_line(stackops.ConfigError(message, hint="do this"))
-    for text, hint in ((shell.stderr, "given"), (python, "do this")):
-        response = stackops.Response("", "noise\n" + text, 3, "cmd", "somehost")
-        with pytest.raises(stackops.ConfigError) as caught:
-            stackops._raise_remote_error(response, "on h: ", hint="given")
-        assert str(caught.value) == "on h: " + message and caught.value.hint == hint
+    answer = stackops._answer({"action": "no-such-action"}, None, None)
+    assert answer["error"]["class"] == "ConfigError" and "unknown request" in answer["error"]["message"]
+    record = stackops._error_record(stackops.ConfigError(message, hint="do this"))
+    line = json.dumps({"error": record}).encode()
+    with pytest.raises(stackops.ConfigError) as caught:
+        stackops._answer_of(line, "somehost")
+    assert str(caught.value) == "on somehost: " + message and caught.value.hint == "do this"
+    assert stackops._answer_of(json.dumps({"ok": [1, "two"]}).encode(), "h") == [1, "two"]
+    with pytest.raises(stackops.TransferError, match="unreadable"):
+        stackops._answer_of(b"Welcome to the host!\n", "h")
 
 
-def test_transfer_remote_crash_comes_back_with_its_evidence(tmp_path):
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops\n"
-            "def boom(args): raise KeyError('the-lost-key')\n"
-            "stackops._cmd_job_report = boom\n"
-            "sys.exit(stackops._serve(['job-report', '/nowhere']))")
-    done = subprocess.run([sys.executable, "-S", "-c", code, str(HERE)], capture_output=True,
-                          text=True)
-    assert done.returncode == 1
-    response = stackops.Response(done.stdout, done.stderr, done.returncode, "job-report /nowhere",
-                                 "gpu-box")
+def test_transfer_remote_crash_comes_back_with_its_evidence(home):
+    """A crash on the executing side (not one of our errors) comes back with its traceback."""
+    [answer] = _served([{"action": "status", "roots": 5}], home)  # a request it cannot take
     with pytest.raises(stackops.CommandError) as caught:
-        stackops._raise_remote_error(response)
+        stackops._answer_of(json.dumps(answer).encode(), "gpu-box")
     error = caught.value
-    assert (error.host, error.exit_status, error.command) == ("gpu-box", 1, "job-report /nowhere")
-    assert "KeyError: 'the-lost-key'" in error.stderr_tail and "Traceback" in error.stderr_tail
-    assert stackops.ERROR_RECORD_PREFIX not in str(error)
+    assert error.host == "gpu-box" and "Traceback" in error.stderr_tail
+    assert "TypeError" in error.stderr_tail
 
 
 def test_remote_errors_travel_as_data_with_class_and_hint(remote, home):
@@ -4652,9 +4650,11 @@ def test_remote_errors_travel_as_data_with_class_and_hint(remote, home):
     [line, hint] = local.stderr.strip().splitlines()
     with stackops.SSH.from_config_file("tb") as ssh:
         with pytest.raises(stackops.ConfigError) as caught:
-            ssh.run_stackops(["status", "no-such-job"], timeout=60)
-    assert str(caught.value) == "on tb: " + line[len("stackops: error: "):]
-    assert hint.endswith(caught.value.hint.split(" ", 2)[-1]) and "list shows the jobs" in hint
+            ssh.serve([{"action": "delete", "roots": ["~"]}, {"action": "facts"}])  # never the home
+        assert ssh.serve([{"action": "facts"}])[0]["python"]  # the connection serves on
+    assert "is not a stackops job folder; nothing deleted" in str(caught.value)
+    assert str(caught.value).startswith("on tb: ")
+    assert line.startswith("stackops: error: no job") and "list shows the jobs" in hint
 
 
 def test_remote_download_of_an_unreadable_file_is_refused_not_empty(remote, home):
@@ -6475,46 +6475,56 @@ def test_cloud_transfer_replaced_archive_refused_on_host_nothing_unpacked(remote
     assert not (queued / "cloud-swap").exists() and not list(queued.glob(".stackops-fetch*"))
 
 
+def _job_archive(folder: Path, archive: Path, extra: dict[str, str], data: list[str]) -> str:
+    """A job's archive as the cloud transfer packs it (``job/`` and ``home/<data>``), plus
+    ``extra`` members; returns its SHA-256."""
+    import hashlib
+
+    (folder / "job" / "data").mkdir(parents=True)
+    (folder / "job" / "logs").mkdir()
+    (folder / "job" / "data" / "remote_machine.json").write_text(json.dumps({"data": data}))
+    (folder / "job" / "data" / "file_manager.json").write_text("{}")
+    for relative, text in extra.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(text)
+    import tarfile
+
+    with tarfile.open(archive, "w") as tar:  # as _pack_unit packs: no entries for parent folders
+        tar.add(str(folder / "job"), arcname="job")
+        for relative in extra:
+            tar.add(str(folder / relative), arcname=relative)
+    return hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
 def test_cloud_fetch_refuses_members_outside_job_code_and_data(home, tmp_path):
+    """The host's fetch of a job that travelled through the cloud (serve's cloud_fetch): the
+    right digest with a member outside the job folder and its data unpacks nothing; a good one
+    is put in place once (again: the same, fetched before), another archive under the same id
+    is refused."""
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
     (bucket / "jobs").mkdir(parents=True)
     cloud = _local_cloud(home, bucket)
-    job = "tmp_results/remote_machines/jobs/queued/cloud-evil"
-    evil = tmp_path / "evil"
-    (evil / job / "shell").mkdir(parents=True)
-    (evil / job / "logs").mkdir()
-    (evil / job / "shell" / "cluster_script.sh").write_text("exit 0\n")
-    (evil / ".bashrc").write_text("echo owned\n")
-    archive = bucket / "jobs" / "cloud-evil.tar"
-    subprocess.run(["tar", "cf", str(archive), "-C", str(evil), job, ".bashrc"], check=True)
-    import hashlib
-
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()  # right digest, wrong members
-    command = stackops.cloud_fetch_command(cloud, "cloud-evil", digest, [job, "proj"])
-    done = subprocess.run(["bash", "-c", command], env=dict(os.environ, HOME=str(home)), capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 3 and "not in the job folder, the code or the data" in done.stderr, done.stderr
-    assert not (home / ".bashrc").exists() and not (home / job).exists()
-    assert not list((home / job).parent.glob(".stackops-fetch*")) and archive.exists()
-    with pytest.raises(StackopsError, match="no recorded archive digest"):
-        stackops.cloud_fetch_command(cloud, "cloud-evil", "", [job])
-    good = bucket / "jobs" / "cloud-good.tar"  # a fire that failed after the fetch may be run again
+    root = "~/tmp_results/remote_machines/jobs/queued/cloud-evil"
+    evil = bucket / "jobs" / "cloud-evil.tar"
+    digest = _job_archive(tmp_path / "evil", evil, {".bashrc": "echo owned\n", "home/.profile": "x"}, [])
+    with pytest.raises(stackops.TransferError, match="outside the unit's job folder"):
+        stackops._act_cloud_fetch({"cloud": cloud, "root": root, "sha256": digest}, None)
+    assert not (home / ".bashrc").exists() and not (home / ".profile").exists()
+    assert not stackops.expand_home(root).exists() and evil.exists()
+    with pytest.raises(stackops.TransferError, match="not the one uploaded"):
+        stackops._act_cloud_fetch({"cloud": cloud, "root": root, "sha256": "0" * 64}, None)
     data = "donn\u00e9es \\ 'x'"  # a data path any locale lists differently
-    (evil / data).write_text("data\n")
-    subprocess.run(["tar", "cf", str(good), "-C", str(evil), job, data], check=True)
-    digest = hashlib.sha256(good.read_bytes()).hexdigest()
-    for _ in range(2):
-        command = stackops.cloud_fetch_command(cloud, "cloud-good", digest, [job, data])
-        done = subprocess.run(["bash", "-c", command], env=dict(os.environ, HOME=str(home), LC_ALL="C"),
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0 and (home / job / "shell" / "cluster_script.sh").exists(), done.stderr
+    good = bucket / "jobs" / "cloud-good.tar"
+    digest = _job_archive(tmp_path / "good", good, {f"home/{data}": "data\n"}, [f"~/{data}"])
+    root = "~/tmp_results/remote_machines/jobs/queued/cloud-good"
+    for _ in range(2):  # a fire that failed after the fetch may be run again
+        assert stackops._act_cloud_fetch({"cloud": cloud, "root": root, "sha256": digest}, None) == root
+        assert (stackops.expand_home(root) / "data" / "file_manager.json").exists()
         assert (home / data).read_text() == "data\n"
         assert not good.exists()  # the archive went from the bucket once fetched
-    other = stackops.cloud_fetch_command(cloud, "cloud-good", "0" * 64, [job])  # another archive, same id
-    done = subprocess.run(["bash", "-c", other], env=dict(os.environ, HOME=str(home)), capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 3 and "already exists on this host" in done.stderr
+    with pytest.raises(ConfigError, match="already exists on this host"):
+        stackops._act_cloud_fetch({"cloud": cloud, "root": root, "sha256": "1" * 64}, None)
 
 
 def test_cloud_transfer_existing_id_on_host_refused(remote, home, clouds):
