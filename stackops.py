@@ -9734,9 +9734,8 @@ def _cmd_prune(args: Any) -> int:
 
 # -- report: a timeline of jobs as one self-contained HTML page -----------------------------------
 
-# The page: the jobs as one JSON blob (every "<" escaped; read by JSON.parse), drawn into one SVG
-# whose markup holds only numbers and fixed class names; every text (ids, hosts, kwargs, errors)
-# reaches the page through textContent. Its CSP forbids any fetch.
+# The jobs go in as one JSON blob (every "<" escaped), drawn into one SVG whose markup holds only
+# numbers and class names; every text (ids, kwargs, errors) reaches the page as textContent.
 REPORT_TEMPLATE = r"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy"
 content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
@@ -9882,7 +9881,7 @@ def _report_job(row: dict[str, Any]) -> list[Any]:
     """A row as the page reads it: id, host, slot, submitted, started, ended (seconds since the
     epoch), state, attempt, exit code, signal, peak RSS, CPU s, error, call, group, earlier runs
     (started, ended, state, exit code, signal)."""
-    def time(value: Any) -> float | None:
+    def seconds(value: Any) -> float | None:
         moment = _parse_iso(value.replace("Z", "+00:00")) if isinstance(value, str) else None
         if moment is not None and moment.tzinfo is None:
             moment = moment.replace(tzinfo=_dt.timezone.utc)
@@ -9897,11 +9896,11 @@ def _report_job(row: dict[str, Any]) -> list[Any]:
 
     text = [None if row.get(key) in (None, "") else _shorten(str(row[key]), 120)  # 10,000 in 5 MB
             for key in ("job_id", "host", "slot", "attempt", "error", "call", "group")]
-    runs = [[time(run.get("started")), time(run.get("ended")), state(run.get("status")),
+    runs = [[seconds(run.get("started")), seconds(run.get("ended")), state(run.get("status")),
              number(run.get("exit_code")), number(run.get("signal"))]
             for run in row.get("runs") or [] if isinstance(run, dict)]
     return [text[0] or "?", text[1] or "?", text[2],
-            *(time(row.get(key)) for key in ("submitted", "started", "ended")),
+            *(seconds(row.get(key)) for key in ("submitted", "started", "ended")),
             state(row.get("status")), text[3],
             *(number(row.get(key)) for key in ("exit_code", "signal", "max_rss_bytes",
                                                "cpu_seconds")), *text[4:], runs]

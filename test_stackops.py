@@ -7203,6 +7203,38 @@ def test_cli_report_of_a_real_sweep_here_and_its_bad_input(home):
     assert not (home / "bad.html").exists() and not (home / "no").exists()
 
 
+def test_cli_report_of_a_host_reads_its_jobs_there(remote, home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f(n=1):\n    if n < 0:\n        raise ValueError('negative')\n"
+                                        "    return n\n")
+    for job_id, n in (("rh-ok", 7), ("rh-bad", -1)):
+        done = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--kwargs", json.dumps({"n": n}),
+                   "--job-id", job_id, "--wait", home=home)
+        assert done.returncode == (0 if n > 0 else 1), done.stderr
+    assert cli("run", "proj/m.py:f", "--job-id", "rh-here", "--wait", home=home).returncode == 0
+    done = cli("report", "--host", "tb", "-o", "-", home=home)
+    assert done.returncode == 0, done.stderr
+    jobs = {job[0]: job for job in _report_data(done.stdout)["jobs"]}
+    assert list(jobs) == ["rh-ok", "rh-bad"]  # the host's, oldest first; not the one here
+    assert [job[1] for job in jobs.values()] == ["tb", "tb"] and json.loads(jobs["rh-ok"][13]) == {"n": 7}
+    assert jobs["rh-bad"][12] == "ValueError: negative"
+
+
+def test_cli_report_of_a_slurm_array_has_a_lane_per_task(slurm, home):
+    module = make_module(home, SLURM_ARRAY_JOBS)
+    workload = WorkloadParams(idx_min=0, idx_max=8, idx_start=0, idx_end=8, jobs=2)
+    machine = RemoteMachine(module.indices, config(launch_method="slurm", workload_params=workload),
+                            func_kwargs={"fail_at": 6})
+    machine.run()
+    assert _slurm_wait(machine, 120).status == "failed"
+    done = cli("report", machine.job_id, "-o", "-", home=home)
+    assert done.returncode == 0, done.stderr
+    data = _report_data(done.stdout)
+    tasks = [[job[0], job[2], job[14], data["states"][job[6]]] for job in data["jobs"]]
+    assert tasks == [[f"{machine.job_id}-0", "task-0", machine.job_id, "completed"],
+                     [f"{machine.job_id}-1", "task-1", machine.job_id, "failed"]]
+
+
 @pytest.fixture
 def chromium(tmp_path):
     """A real headless Chromium (Debian's chromium and chromium-driver), driven by selenium."""
