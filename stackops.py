@@ -9692,6 +9692,252 @@ def _cmd_prune(args: Any) -> int:
     return 0
 
 
+# -- report: a timeline of jobs as one self-contained HTML page -----------------------------------
+
+# The jobs go in as one JSON blob (every "<" escaped), drawn into one SVG whose markup holds only
+# numbers and class names; every text (ids, kwargs, errors) reaches the page as textContent.
+REPORT_TEMPLATE = r"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy"
+content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>stackops report</title><style>
+body{font:13px system-ui,sans-serif;margin:12px;color:#222}h1{font-size:16px;margin:0 0 6px}
+#head span,#legend span{margin-right:14px}#legend{margin:6px 0}#wrap{overflow-x:auto}
+#tl{display:block}text{font-size:11px;fill:#444}.ln{fill:#f3f3f3}.ax{stroke:#ddd}.r{opacity:.4}
+.rt{stroke:#000;stroke-dasharray:2 2}.sel{stroke:#000;stroke-width:2}#info{position:fixed;
+right:12px;bottom:12px;background:#fff;border:1px solid #aaa;padding:4px 8px;max-width:40em}
+#info:empty{display:none}th{text-align:left;padding-right:8px;vertical-align:top;white-space:nowrap}
+td{white-space:pre-wrap;word-break:break-all}.s0{fill:#2e9e4f}.s1{fill:#d0342c}.s2{fill:#8a8a8a}
+.s3{fill:#2f6fd6}.s4{fill:#e0a800}.s5{fill:#e8c860}.s6{fill:#a070d0}.s7{fill:#555}
+</style></head><body><h1 id="title"></h1><div id="head"></div><div id="legend"></div>
+<button id="zi">zoom +</button> <button id="zo">zoom &minus;</button><div id="wrap">
+<svg id="tl"></svg></div><div id="info"></div>
+<script type="application/json" id="data">@@data</script><script>
+"use strict";
+const $ = i => document.getElementById(i), D = JSON.parse($("data").textContent), J = D.jobs;
+const S = D.states, svg = $("tl"), info = $("info"), free = {};
+const el = (tag, text, parent) => parent.appendChild(Object.assign(document.createElement(tag),
+  {textContent: text}));
+const most = (list, f) => list.reduce((m, x) => Math.max(m, f(x)), 0);
+const stop = j => j[5] ?? (j[6] < 3 ? j[4] ?? j[3] : D.now);  // not ended: now
+const begin = j => Math.min(...[j[4], ...j[15].map(r => r[0])].filter(t => t !== null));
+const dur = s => s < 60 ? s.toFixed(1) + "s" : s < 3600 ? Math.floor(s / 60) + "m" +
+  Math.floor(s % 60) + "s" : Math.floor(s / 3600) + "h" + Math.floor(s % 3600 / 60) + "m";
+const gap = (a, b) => a === null || b === null ? null : dur(b - a);
+const at = t => t === null ? null : new Date((D.t0 + t) * 1000).toISOString().replace(".000", "");
+const label = J.map(j => j[1] + " " + (j[2] ?? "waiting"));  // no slot: packed by start below
+J.map((j, i) => i).filter(i => J[i][2] === null && begin(J[i]) < Infinity)
+  .sort((a, b) => begin(J[a]) - begin(J[b])).forEach(i => {
+    const j = J[i], ends = free[j[1]] = free[j[1]] || [];
+    let k = ends.findIndex(e => e <= begin(j));
+    k = k < 0 ? ends.push(0) - 1 : k;
+    ends[k] = Math.max(begin(j), stop(j)); label[i] = j[1] + " #" + (k + 1); });
+const lanes = [...new Set(label)].sort((a, b) => a.localeCompare(b, undefined, {numeric: true}));
+const index = new Map(lanes.map((s, k) => [s, k])), lane = label.map(s => index.get(s));
+const n = lanes.length, span = Math.max(most(J, stop), .001);
+const runs = J.flatMap(j => [[j[4], stop(j)], ...j[15]]).filter(r => r[0] !== null && r[1] !== null)
+  .map(r => r.slice(0, 2));
+const busy = runs.reduce((s, r) => s + r[1] - r[0], 0);
+const took = most(runs, r => r[1]) - runs.reduce((m, r) => Math.min(m, r[0]), Infinity);
+const slots = lanes.filter(s => !s.endsWith(" waiting")).length;
+document.title = $("title").textContent = D.title;
+for (const [k, v] of [["jobs", J.length], ...S.map((s, k) => [s, J.filter(j => j[6] === k).length])
+  .filter(c => c[1]), ["wall time", dur(span)], ["run time", dur(busy)], ["slot utilisation",
+  took > 0 ? Math.round(100 * busy / slots / took) + "% of " + slots + " lanes" : "-"],
+  ["generated", at(D.now)]]) el("b", k + " ", el("span", "", $("head"))).after(String(v));
+for (const k of [...new Set(J.map(j => j[6]))].sort()) { const e = el("span", "", $("legend"));
+  e.innerHTML = '<svg width="9" height="9"><rect class="s' + k + '" width="9" height="9"/></svg> ';
+  e.append(S[k]); }
+if (J.some(j => j[15].length || parseInt(j[7]) > 1))
+  el("span", "dashed edge: run again (retried, requeued); faint: its earlier runs", $("legend"));
+const L = 170, H = n > 400 ? 4 : n > 150 ? 8 : n > 24 ? 18 : 26, pad = H > 9 ? 2 : .5;
+let zoom = 1, pinned = null;
+function draw() {
+  const W = Math.max(400, innerWidth - L - 40) * zoom, m = [], thin = [], faint = [], bars = [];
+  const x = t => (L + t / span * W).toFixed(1);
+  const bar = (c, i, a, b, min, y, h) => '<rect class="' + c + '" data-i="' + i + '" x="' +
+    x(a) + '" y="' + y + '" width="' + Math.max(min, (b - a) / span * W).toFixed(1) +
+    '" height="' + h + '"/>';
+  const step = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200]
+    .find(s => s / span * W >= 110) || 86400 * Math.ceil(110 * span / W / 86400);
+  for (let t = 0; t <= span; t += step) { const c = new Date((D.t0 + t) * 1000).toISOString();
+    m.push('<line class="ax" x1="' + x(t) + '" x2="' + x(t) + '" y1="14" y2="' + (20 + n * H) +
+      '"/><text x="' + x(t) + '" y="11">' + c.slice(span < 86400 ? 11 : 5, 19) + "</text>"); }
+  for (let k = 0; k < n; k++) m.push((k % 2 ? '<rect class="ln" x="0" y="' + (20 + k * H) +
+    '" width="' + (L + W) + '" height="' + H + '"/>' : "") +
+    (H > 9 ? '<text class="lb" x="2" y="' + (15 + k * H + H) + '"></text>' : ""));
+  J.forEach((j, i) => { const y = 20 + lane[i] * H, open = j[4] === null;
+    if (j[3] !== null) thin.push(bar("w s" + j[6], i, j[3], open ? stop(j) : j[4], 1,
+      y + H / 2 - (open ? 2 : 1), open ? 4 : 2));
+    for (const r of j[15]) if (r[0] !== null) faint.push(bar("r s" + r[2], i, r[0], r[1] ?? r[0],
+      2, y + pad, H - 2 * pad));
+    if (!open) bars.push(bar("b s" + j[6] + (j[15].length || parseInt(j[7]) > 1 ? " rt" : ""), i,
+      j[4], stop(j), 2, y + pad, H - 2 * pad)); });
+  svg.setAttribute("width", L + W + 10); svg.setAttribute("height", 24 + n * H);
+  svg.innerHTML = m.join("") + thin.join("") + faint.join("") + bars.join("");
+  svg.querySelectorAll("text.lb").forEach((t, k) => { t.textContent = lanes[k].slice(0, 28); });
+  pinned = null; info.replaceChildren(); }
+function show(i) { const j = J[i], t = document.createElement("table"), end = j[6] < 3;
+  const before = j[15].map(r => S[r[2]] + (r[3] === null ? "" : " exit " + r[3]) +
+    (r[4] === null ? "" : " signal " + r[4]) + " " + (gap(r[0], r[1]) || ""));
+  for (const [k, v] of [["job", j[0]], ["group", j[14]], ["lane", lanes[lane[i]]],
+    ["status", S[j[6]]], ["attempt", j[7]], ["submitted", at(j[3])], ["started", at(j[4])],
+    ["ended", at(j[5])], ["waited", gap(j[3], j[4])],
+    [end ? "duration" : "so far", gap(j[4], stop(j))],
+    ["exit code", j[8]], ["signal", j[9]], ["peak memory", j[10] === null ? null
+      : (j[10] / 2 ** 20).toFixed(1) + " MiB"], ["cpu time", j[11] === null ? null : dur(j[11])],
+    ["call", j[13]], ["error", j[12]], ["earlier runs", before.join("; ") || null]])
+    if (v !== null) { const r = el("tr", "", t); el("th", k, r); el("td", String(v), r); }
+  info.replaceChildren(t); }
+svg.addEventListener("mouseover", e => {
+  if (!pinned && e.target.dataset.i) show(e.target.dataset.i); });
+svg.addEventListener("mouseout", () => { if (!pinned) info.replaceChildren(); });
+svg.addEventListener("click", e => { if (pinned) pinned.classList.remove("sel");
+  pinned = e.target.dataset.i ? e.target : null; if (!pinned) return info.replaceChildren();
+  pinned.classList.add("sel"); show(pinned.dataset.i); });
+$("zi").onclick = () => { zoom *= 2; draw(); };
+$("zo").onclick = () => { zoom = Math.max(1, zoom / 2); draw(); };
+draw();
+requestAnimationFrame(() => setTimeout(() => {  // drawn: the tests read it
+  document.body.dataset.drawnMs = Math.round(performance.now()); }));
+</script></body></html>
+"""
+
+_REPORT_STATES = ("completed", "failed", "cancelled", "running", "waiting", "queued", "prepared",
+                  "unknown")  # the page's colours, in this order; the first three have ended
+
+
+def render_report(rows: list[dict[str, Any]], title: str) -> str:
+    """One self-contained HTML page (inline SVG, CSS and JS; it fetches nothing) that draws
+    ``rows`` as a timeline: a lane per host and slot, a bar per job from its submission (thin) to
+    its start and end (thick), coloured by its state, its earlier runs faint before it; a header
+    with the counts per state, the wall time, the run time and the slots' utilisation; hovering
+    or clicking a bar shows the job. A job not ended (running, waiting) is drawn up to now.
+
+    A row is a plain dict; any key may be missing or None, and a value of the wrong type is
+    left out. ``job_id``, ``host``; ``slot`` ("slot-0", "gpu-1", a Slurm task: without one, a
+    host's jobs are packed into as few lanes as never overlap, and those that never started go
+    to its "waiting" lane); ``group`` (its sweep, cluster or array); ``status`` (completed,
+    failed, cancelled, running, waiting, queued, prepared); ``submitted``, ``started``, ``ended``
+    (ISO-8601; without a zone, UTC); ``attempt`` ("2/3"); ``exit_code``, ``signal``,
+    ``max_rss_bytes`` (ints); ``cpu_seconds``; ``error`` (the error's last line); ``call`` (the
+    kwargs as compact JSON, or the command line); ``runs``, the earlier runs (retries, requeues),
+    each a dict of ``started``, ``ended``, ``status``, ``exit_code``, ``signal``. Texts reach
+    the page as inert text: the data is one JSON blob, every ``<`` in it escaped."""
+    now = _utcnow().timestamp()
+    jobs = [_report_job(row if isinstance(row, dict) else {}) for row in rows]
+    times = [t for job in jobs for t in (*job[3:6], *(t for run in job[15] for t in run[:2]))
+             if t is not None]
+    t0 = min(times, default=now)
+    for job in jobs:  # seconds since the first time on the page
+        for part, ends in [(job, slice(3, 6)), *((run, slice(0, 2)) for run in job[15])]:
+            part[ends] = [None if t is None else round(t - t0, 3) for t in part[ends]]
+    data = {"title": str(title), "t0": t0, "now": round(now - t0, 3), "states": _REPORT_STATES,
+            "jobs": jobs}
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return render_template(REPORT_TEMPLATE, data=blob.replace("<", "\\u003c"))
+
+
+def _report_job(row: dict[str, Any]) -> list[Any]:
+    """A row as the page reads it: id, host, slot, submitted, started, ended (seconds since the
+    epoch), state, attempt, exit code, signal, peak RSS, CPU s, error, call, group, earlier runs
+    (started, ended, state, exit code, signal)."""
+    def seconds(value: Any) -> float | None:
+        moment = _parse_iso(value.replace("Z", "+00:00")) if isinstance(value, str) else None
+        if moment is not None and moment.tzinfo is None:
+            moment = moment.replace(tzinfo=_dt.timezone.utc)
+        return moment.timestamp() if moment is not None else None
+
+    def number(value: Any) -> Any:
+        plain = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return value if plain and -1e18 < value < 1e18 else None  # neither NaN nor infinite
+
+    def state(value: Any) -> int:
+        return _REPORT_STATES.index(value) if value in _REPORT_STATES else len(_REPORT_STATES) - 1
+
+    text = [None if row.get(key) in (None, "") else _shorten(str(row[key]), 120)  # 10,000 in 5 MB
+            for key in ("job_id", "host", "slot", "attempt", "error", "call", "group")]
+    runs = [[seconds(run.get("started")), seconds(run.get("ended")), state(run.get("status")),
+             number(run.get("exit_code")), number(run.get("signal"))]
+            for run in row.get("runs") or [] if isinstance(run, dict)]
+    return [text[0] or "?", text[1] or "?", text[2],
+            *(seconds(row.get(key)) for key in ("submitted", "started", "ended")),
+            state(row.get("status")), text[3],
+            *(number(row.get(key)) for key in ("exit_code", "signal", "max_rss_bytes",
+                                               "cpu_seconds")), *text[4:], runs]
+
+
+def _report_rows(ids: list[str], last: int | None, host: str | None, base_dir: str,
+                 timeout: float = 10.0) -> list[dict[str, Any]]:
+    """render_report's rows: the jobs of ``ids`` in their order (jobs, sweeps, clusters, Slurm
+    arrays, cloud jobs; an unknown id is refused), else the ``last`` newest (of ``host``), the
+    oldest first. Built from today's views; the engine's JobStatus fields are read if there."""
+    members: dict[str, tuple[str | None, str | None]] = {}  # job id: (its group, its slot)
+    for job_id in ids:
+        with _load_job_or_cluster(job_id, base_dir) as target:
+            members.update(_report_members(target))
+    listed = [row for row in list_job_rows(base_dir, timeout)  # newest first
+              if (not ids or row["job_id"] in members) and host in (None, row["host"])]
+    if host is not None and not listed:
+        raise ConfigError(f"no jobs on host {host!r} here", hint=f"{_prog()} list shows the jobs")
+    listed = listed[last - 1::-1] if last else listed[::-1]
+    place = {job_id: k for k, job_id in enumerate(members)}
+    listed.sort(key=lambda row: place.get(row["job_id"], 0))  # by index in a sweep or array
+    roots = {root.name: root for root, _ in _job_folders(base_dir)}
+    rows = []
+    for row in listed:
+        report, (group, slot) = row["report"], members.get(row["job_id"], (row["cluster"], None))
+        new = {name: getattr(report, name, None)  # the fields the engine's JobStatus adds
+               for name in ("exit_code", "signal", "max_rss_bytes", "cpu_seconds", "slot", "runs")}
+        rows.append(dict(new, job_id=report.job_id, host=row["host"], group=group,
+                         slot=new["slot"] or slot, status=report.status, attempt=report.attempt,
+                         submitted=report.submission_time, started=report.start_time,
+                         ended=report.end_time, error=_last_line(report.error_message),
+                         call=_report_call(roots.get(row["job_id"]))))
+    return rows
+
+
+def _report_members(target: Any) -> dict[str, tuple[str | None, str | None]]:
+    """The jobs an id names (as _load_job_or_cluster found it): {job id: (group, slot)}; an
+    array's tasks are its slots."""
+    if isinstance(target, RemoteMachine) and target.array_parts:
+        return {task.job_id: (target.job_id, f"task-{k}")
+                for k, task in enumerate(target.array_tasks())}
+    if isinstance(target, RemoteMachine):
+        return {target.job_id: (None, None)}
+    if isinstance(target, Cluster):
+        return {job.job_id: (target.job_id, None) for job in target.machines.values()}
+    jobs = target.jobs if isinstance(target, Sweep) else target.units  # a cloud job's units
+    return {job.job_id: (target.job_id, None) for job in jobs}
+
+
+def _report_call(root: Path | None) -> str | None:
+    """A job's kwargs as compact JSON, from its folder."""
+    with _suppress(OSError, ValueError, TypeError):
+        kwargs = json.loads((root / KWARGS_JSON).read_text(encoding="utf-8"))  # type: ignore
+        return json.dumps(kwargs, ensure_ascii=False, separators=(",", ":"))
+    return None
+
+
+def _cmd_report(args: Any) -> int:
+    if bool(args.job_ids) == bool(args.last or args.host) or (args.last or 1) < 1:
+        raise ConfigError("report needs IDs, or --last N (N >= 1) and/or --host H",
+                          hint=f"e.g. {_prog()} report SWEEP_ID -o sweep.html")
+    output = None if args.output == "-" else Path(args.output).expanduser()
+    if output is not None and (output.is_dir() or not os.access(
+            output if output.exists() else output.parent, os.W_OK)):
+        raise ConfigError(f"cannot write the report to {args.output}",
+                          hint="-o FILE.html in a folder of yours that exists (- for stdout)")
+    rows = _report_rows(args.job_ids, args.last, args.host, args.base_dir, args.timeout)
+    what = " ".join(args.job_ids) or f"the last {args.last or len(rows)} jobs"
+    page = render_report(rows, f"stackops: {what}" + (f" on {args.host}" if args.host else ""))
+    if output is None:
+        sys.stdout.write(page)
+        return 0
+    _atomic_write_text(output, page, 0o644)
+    print(f"{collapse_home(output)}: {len(rows)} jobs, {len(page.encode()) / 1e3:,.0f} kB")
+    return 0
+
+
 _TRANSFER_COMMANDS = ("run", "download", "copy")  # the commands that take --progress
 
 
@@ -10272,6 +10518,23 @@ def _add_list_args(sub: Any) -> None:
                      "read there")
 
 
+_REPORT_HELP = ("one self-contained HTML page with a timeline of jobs: a sweep, a cluster, a Slurm "
+                "array, some jobs, the newest (--last) or a host's")
+
+
+def _add_report_args(sub: Any) -> None:
+    sub.add_argument("job_ids", nargs="*", metavar="ID",
+                     help="jobs, sweeps, clusters or Slurm arrays (their ids)")
+    sub.add_argument("--last", type=int, metavar="N", help="the N jobs submitted last")
+    sub.add_argument("--host", help="the jobs submitted to this host (the alias used; "
+                                    "localhost for this machine)")
+    sub.add_argument("-o", "--output", default="stackops-report.html", metavar="FILE.html",
+                     help="where to write it (default stackops-report.html; - for stdout)")
+    sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the hosts (a job not refreshed is drawn as "
+                          "last seen)")
+
+
 def _add_control_args(command: Callable[..., Any]) -> None:
     sub = command("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL "
                                          "after --grace; "
@@ -10344,6 +10607,7 @@ def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
     sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
     sub.add_argument("--json", action="store_true")
     _add_list_args(command("list", _cmd_list, _LIST_HELP, job=False))
+    _add_report_args(command("report", _cmd_report, _REPORT_HELP, job=False))
     sub = command("logs", _cmd_logs, "the job's output")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
     sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")

@@ -7080,6 +7080,249 @@ def test_cli_main_in_process_prints_each_log_line_once_and_leaves_logging_as_it_
     assert capsys.readouterr().err.count("after main") == 1
 
 
+# -- report: a timeline of jobs as one HTML page, in a real headless Chromium ---------------------
+
+REPORT_SOURCE = """
+    import os, time
+
+    def point(x, mode="ok"):
+        if mode == "fail":
+            raise ValueError(f"point {x} failed </script><script>document.title='PWNED'</script>")
+        marker = os.path.expanduser(f"~/flaky-{x}")
+        if mode == "flaky" and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("the first attempt fails")
+        if mode == "sleep":
+            time.sleep(120)
+        return x
+"""
+
+HOSTILE_REPORT_TEXT = "</script><script>alert(1)</script><!--<script>@@data ${x} \u2028'\"&amp; ☃"
+
+
+def _report_data(page: str) -> dict:
+    """The data a report page carries: its one JSON blob, as the page's script reads it."""
+    blob = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.DOTALL)
+    assert blob is not None and "<" not in blob.group(1)
+    return json.loads(blob.group(1))
+
+
+def _synthetic_report_rows(count: int, slots: int = 8) -> list[dict]:
+    """``count`` jobs of one sweep on ``slots`` slots, one after the other in each slot, the last
+    one running now, with the texts at their longest (cut to 120 characters on the page): some
+    failed (every 26th of them run twice), some cancelled, and one still waiting."""
+    import datetime as dt
+
+    free = [0.0] * slots
+    spans = []
+    for i in range(count):
+        slot = min(range(slots), key=free.__getitem__)
+        start = free[slot] + 1.0
+        free[slot] = start + 20.0 + (i * 7919) % 40
+        spans.append((slot, start, free[slot]))
+    t0 = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=spans[-1][2])
+
+    def at(seconds: float) -> str:
+        return (t0 + dt.timedelta(seconds=seconds)).isoformat()
+
+    rows = []
+    for i, (slot, start, end) in enumerate(spans):
+        status = "failed" if i % 13 == 5 else "cancelled" if i % 97 == 3 else "completed"
+        rows.append({"job_id": f"sweep-{i:05d}", "host": "gpu-box.lab", "slot": f"slot-{slot}",
+                     "group": "sweep", "status": status, "submitted": at(0), "started": at(start),
+                     "ended": at(end), "attempt": "2/2" if i % 26 == 5 else "1/2",
+                     "exit_code": int(status != "completed"), "max_rss_bytes": 2**20 * (100 + i % 900),
+                     "cpu_seconds": (end - start) * 0.9,
+                     "error": f"ValueError: step {i} " + "x" * 300 if status == "failed" else None,
+                     "call": json.dumps({"seed": i, "lr": 0.1, "note": "y" * 300}),
+                     "runs": [{"started": at(0), "ended": at(0.5), "status": "failed", "exit_code": 1}]
+                     if i % 26 == 5 else []})
+    rows[-1].update(status="running", ended=None)
+    rows.append({"job_id": "sweep-waiting", "host": "gpu-box.lab", "group": "sweep", "status": "waiting",
+                 "submitted": at(0)})
+    return rows
+
+
+def test_cli_report_renderer_keeps_hostile_text_inert_and_takes_odd_rows():
+    rows = [{"job_id": HOSTILE_REPORT_TEXT, "host": HOSTILE_REPORT_TEXT, "slot": HOSTILE_REPORT_TEXT,
+             "group": HOSTILE_REPORT_TEXT, "status": "failed", "submitted": "2024-05-01T12:00:00+00:00",
+             "started": "2024-05-01T12:00:01Z", "ended": "2024-05-01T12:00:03", "attempt": "2/3",
+             "error": HOSTILE_REPORT_TEXT, "call": HOSTILE_REPORT_TEXT, "exit_code": 1, "signal": None,
+             "max_rss_bytes": float("nan"), "cpu_seconds": "fast",
+             "runs": [{"started": "2024-05-01T12:00:00.5+00:00", "ended": "2024-05-01T12:00:00.9+00:00",
+                       "status": "failed", "exit_code": 1}, "junk"]},
+            {"status": "no-such-state", "submitted": "yesterday", "exit_code": True}, {}, None]
+    page = stackops.render_report(rows, HOSTILE_REPORT_TEXT)
+    assert page.count("<script") == 2 and page.count("</script>") == 2  # the page's own two
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    assert not re.search(r"\b(src|href)=|url\(|@import|NaN", page), "the page fetches nothing"
+    data = _report_data(page)
+    assert data["title"] == HOSTILE_REPORT_TEXT
+    hostile, odd, empty, none = data["jobs"]
+    assert hostile[:3] == [HOSTILE_REPORT_TEXT] * 3 and hostile[12:15] == [HOSTILE_REPORT_TEXT] * 3
+    assert hostile[3:6] == [0.0, 1.0, 3.0]  # a time without a zone is UTC; Z is accepted
+    assert hostile[6] == data["states"].index("failed") and hostile[7:12] == ["2/3", 1, None, None, None]
+    assert hostile[15] == [[0.5, 0.9, data["states"].index("failed"), 1, None]]
+    assert odd[:7] == ["?", "?", None, None, None, None, data["states"].index("unknown")]
+    assert odd[8] is None and empty == none and empty[0] == "?"
+    assert _report_data(stackops.render_report([], "nothing"))["jobs"] == []
+
+
+def test_cli_report_of_ten_thousand_jobs_fits_in_five_mb():
+    rows = _synthetic_report_rows(10_000)
+    for row in rows:
+        row["error"] = f"RuntimeError: {row['job_id']} " + "e" * 300
+    page = stackops.render_report(rows, "a sweep of 10,000 jobs")
+    size = len(page.encode())
+    print(f"\nreport of {len(rows)} jobs, every text at its longest: {size / 1e6:.2f} MB")
+    assert size <= 5_000_000
+    jobs = _report_data(page)["jobs"]
+    assert [job[0] for job in jobs] == [row["job_id"] for row in rows]
+    assert len(jobs[5][12]) == 120 and jobs[5][12].endswith("...")  # texts cut: the page stays small
+
+
+def test_cli_report_of_a_real_sweep_here_and_its_bad_input(home):
+    mod = make_module(home, REPORT_SOURCE)
+    grid = home / "grid.jsonl"
+    modes = ["ok", "fail", "flaky", "sleep", "ok"]
+    grid.write_text("".join(json.dumps({"x": i, "mode": mode}) + "\n" for i, mode in enumerate(modes)))
+    done = cli("run", f"{mod.__file__}:point", "--sweep", str(grid), "--job-id", "rep", "--retries", "1",
+               "--max-jobs", "2", home=home)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: RemoteMachine.load("rep-0003").get_status(0).status == "running", timeout=60,
+             what="the sleeping job to run")
+    assert cli("cancel", "rep-0003", "--grace", "1", home=home).returncode == 0
+    assert cli("wait", "rep", "--timeout", "60", home=home).returncode == 1
+    done = cli("report", "rep", "-o", str(home / "rep.html"), home=home)
+    assert done.returncode == 0 and done.stdout.startswith("~/rep.html: 5 jobs, "), done
+    data = _report_data((home / "rep.html").read_text())
+    jobs = {job[0]: job for job in data["jobs"]}
+    assert list(jobs) == [f"rep-000{i}" for i in range(5)]  # a sweep's jobs in index order
+    states = [data["states"][job[6]] for job in jobs.values()]
+    assert states == ["completed", "failed", "completed", "cancelled", "completed"]
+    assert all(job[14] == "rep" and job[3] <= job[4] <= job[5] for job in jobs.values())
+    assert jobs["rep-0001"][7] == "2/2" and jobs["rep-0002"][7] == "2/2"  # both ran twice
+    assert jobs["rep-0001"][12].startswith("ValueError: point 1 failed </script>")
+    assert json.loads(jobs["rep-0001"][13]) == {"x": 1, "mode": "fail"}
+    some = cli("report", "rep-0004", "rep-0001", "-o", "-", home=home)
+    assert [job[0] for job in _report_data(some.stdout)["jobs"]] == ["rep-0004", "rep-0001"]
+    assert len(_report_data(cli("report", "--last", "2", "-o", "-", home=home).stdout)["jobs"]) == 2
+    assert cli("report", "--host", "localhost", "-o", "host.html", home=home).returncode == 0
+    assert len(_report_data((home / "host.html").read_text())["jobs"]) == 5
+    bad = [(["nope"], "no job or cluster 'nope'"), (["rep", "-o", str(home / "no" / "x.html")], "cannot write"),
+           (["rep", "-o", str(home)], "cannot write"), ([], "report needs IDs"),
+           (["--last", "0"], "report needs IDs"), (["--host", "elsewhere"], "no jobs on host 'elsewhere'")]
+    for args, said in bad:
+        done = cli("report", "-o", "bad.html", *args, home=home)  # a later -o wins
+        errors = [line for line in done.stderr.splitlines() if line.startswith("stackops: error:")]
+        assert done.returncode == 2 and len(errors) == 1 and said in errors[0], (args, done.stderr)
+    assert not (home / "bad.html").exists() and not (home / "no").exists()
+
+
+def test_cli_report_of_a_host_reads_its_jobs_there(remote, home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f(n=1):\n    if n < 0:\n        raise ValueError('negative')\n"
+                                        "    return n\n")
+    for job_id, n in (("rh-ok", 7), ("rh-bad", -1)):
+        done = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--kwargs", json.dumps({"n": n}),
+                   "--job-id", job_id, "--wait", home=home)
+        assert done.returncode == (0 if n > 0 else 1), done.stderr
+    assert cli("run", "proj/m.py:f", "--job-id", "rh-here", "--wait", home=home).returncode == 0
+    done = cli("report", "--host", "tb", "-o", "-", home=home)
+    assert done.returncode == 0, done.stderr
+    jobs = {job[0]: job for job in _report_data(done.stdout)["jobs"]}
+    assert list(jobs) == ["rh-ok", "rh-bad"]  # the host's, oldest first; not the one here
+    assert [job[1] for job in jobs.values()] == ["tb", "tb"] and json.loads(jobs["rh-ok"][13]) == {"n": 7}
+    assert jobs["rh-bad"][12] == "ValueError: negative"
+
+
+def test_cli_report_of_a_slurm_array_has_a_lane_per_task(slurm, home):
+    module = make_module(home, SLURM_ARRAY_JOBS)
+    workload = WorkloadParams(idx_min=0, idx_max=8, idx_start=0, idx_end=8, jobs=2)
+    machine = RemoteMachine(module.indices, config(launch_method="slurm", workload_params=workload),
+                            func_kwargs={"fail_at": 6})
+    machine.run()
+    assert _slurm_wait(machine, 120).status == "failed"
+    done = cli("report", machine.job_id, "-o", "-", home=home)
+    assert done.returncode == 0, done.stderr
+    data = _report_data(done.stdout)
+    tasks = [[job[0], job[2], job[14], data["states"][job[6]]] for job in data["jobs"]]
+    assert tasks == [[f"{machine.job_id}-0", "task-0", machine.job_id, "completed"],
+                     [f"{machine.job_id}-1", "task-1", machine.job_id, "failed"]]
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """A real headless Chromium (Debian's chromium and chromium-driver), driven by selenium."""
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    if missing and not os.environ.get("CI"):
+        pytest.skip(f"{' and '.join(missing)} not installed (.ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver") if not os.environ.get("CI") else \
+        importlib.import_module("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _open_report(driver, page: str, path: Path) -> None:
+    path.write_text(page)
+    driver.get(path.as_uri())
+    wait_for(lambda: driver.execute_script("return document.body.dataset.drawnMs"), what="the page drawn")
+    assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
+    assert [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"] == []
+
+
+def _jobs_with_bars(driver) -> list[str]:
+    return driver.execute_script(
+        "const D = JSON.parse(document.getElementById('data').textContent);"
+        "const seen = new Set([...document.querySelectorAll('#tl [data-i]')].map(e => +e.dataset.i));"
+        "return [...seen].sort((a, b) => a - b).map(i => D.jobs[i][0]);")
+
+
+def test_cli_report_in_chromium_every_bar_a_click_and_the_draw_time(chromium, tmp_path, record_property):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    rows = _synthetic_report_rows(1000)
+    _open_report(chromium, stackops.render_report(rows, "a sweep of 1,000 jobs"), tmp_path / "r1000.html")
+    assert _jobs_with_bars(chromium) == [row["job_id"] for row in rows]
+    info = chromium.find_element("id", "info")
+    ActionChains(chromium).move_to_element(chromium.find_element("css selector", 'rect.b[data-i="0"]')).perform()
+    assert info.text.startswith("job sweep-00000\n")  # hovering shows a job
+    chromium.find_element("css selector", 'rect.b[data-i="5"]').click()
+    shown = info.text
+    for part in ("job sweep-00005", "status failed", "attempt 2/2", "exit code 1", "peak memory 105.0 MiB",
+                 'call {"seed": 5, "lr": 0.1', "error ValueError: step 5 xxx", "earlier runs failed exit 1"):
+        assert part in shown, (part, shown)
+    ActionChains(chromium).move_to_element(chromium.find_element("css selector", 'rect.b[data-i="0"]')).perform()
+    assert info.text == shown  # a click pins the job
+    chromium.save_screenshot(str(tmp_path / "report-1000.png"))
+    assert (tmp_path / "report-1000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _synthetic_report_rows(10_000)
+    _open_report(chromium, stackops.render_report(rows, "a sweep of 10,000 jobs"), tmp_path / "r10000.html")
+    drawn = int(chromium.execute_script("return document.body.dataset.drawnMs"))
+    print(f"\nreport of {len(rows)} jobs drawn {drawn} ms after the navigation started (target <= 2000 ms)")
+    record_property("report_10000_jobs_drawn_ms", drawn)  # a figure, never a timed assertion
+    assert _jobs_with_bars(chromium) == [row["job_id"] for row in rows]
+    _open_report(chromium, stackops.render_report([{"job_id": HOSTILE_REPORT_TEXT, "status": "failed",
+                                                    "started": "2024-05-01T12:00:00Z", "ended": "2024-05-01T12:01:00Z",
+                                                    "error": HOSTILE_REPORT_TEXT}], HOSTILE_REPORT_TEXT),
+                 tmp_path / "hostile.html")
+    assert chromium.title == HOSTILE_REPORT_TEXT and len(chromium.find_elements("tag name", "script")) == 2
+    chromium.find_element("css selector", 'rect.b[data-i="0"]').click()
+    cells = chromium.execute_script("return [...document.querySelectorAll('#info td')].map(e => e.textContent)")
+    assert cells[0] == HOSTILE_REPORT_TEXT and cells[-1] == HOSTILE_REPORT_TEXT  # the job, its error
+
+
 # ============================================================================================
 # bad input: refused before anything is written, one clear line, CLI exit 2
 # ============================================================================================
