@@ -412,6 +412,7 @@ JobParams(
     import_root_r: 'str' = '.',
     code_snapshot: 'str' = '',
     scm_version: 'str' = '',
+    data_r: 'list[str]' = <factory>,
 ) -> None
 classmethod JobParams.from_callable(func: 'Callable[..., Any]') -> JobParams
 classmethod JobParams.from_dict(data: 'Any') -> JobParams
@@ -662,8 +663,8 @@ property RemoteMachine.kwargs
 classmethod RemoteMachine.load(job_id: 'str', base_dir: 'str | None' = None) -> RemoteMachine
 RemoteMachine.preflight(self) -> RemoteMachine
 property RemoteMachine.python
-RemoteMachine.rerun(self, run: 'bool' = True) -> RemoteMachine
-RemoteMachine.rerun_failed_tasks(self) -> list[str]
+RemoteMachine.rerun(self, run: 'bool' = True, fresh: 'bool' = False) -> RemoteMachine
+RemoteMachine.rerun_failed_tasks(self, fresh: 'bool' = False) -> list[str]
 RemoteMachine.results(self) -> Path
 RemoteMachine.run(
     self,
@@ -746,7 +747,7 @@ Cluster.fire(self, run: 'bool' = True) -> dict[str, tuple[int | None, str]]
 Cluster.generate_standard_kwargs(self) -> dict[str, WorkloadParams]
 classmethod Cluster.load(job_id: 'str', base_dir: 'str | None' = None) -> Cluster
 Cluster.probe_specs(self, host: 'str', ssh: 'SSH') -> MachineSpecs
-Cluster.rerun_failed(self) -> dict[str, str]
+Cluster.rerun_failed(self, fresh: 'bool' = False) -> dict[str, str]
 Cluster.run(self, run: 'bool' = True) -> Cluster
 Cluster.submit(self) -> Cluster
 Cluster.to_dict(self) -> dict[str, Any]
