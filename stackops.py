@@ -4654,7 +4654,12 @@ class SSH:
         are taken from the login folder by the SFTP server)."""
         try:
             with self.client.open_sftp() as sftp:
-                sftp.get(remote_path, str(local_path))
+                mode = _kept_mode(f"{(sftp.stat(remote_path).st_mode or 0) & 0o7777:o}")
+                fd = os.open(local_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    os.fchmod(fd, 0o600)  # private while it is written, then the source's mode
+                    sftp.getfo(remote_path, handle)
+                    os.fchmod(fd, mode)
         except OSError as exc:
             raise TransferError(f"sftp get {self.target.alias}:{remote_path} failed: "
                                 f"{exc}") from exc
@@ -4940,7 +4945,10 @@ DISCARD_TEMPLATE = "rm -rf -- @@staging"
 DOWNLOAD_PROBE_TEMPLATE = r"""S=@@source
 if [ -d "$S" ]; then
     echo "dir $([ @@measure = 1 ] && cd -P -- "$S" && du -sb . 2>/dev/null | cut -f1)"
-elif [ -e "$S" ]; then echo "file $(wc -c < "$S")"; else echo missing; fi"""
+elif [ -e "$S" ]; then
+    echo "file $(stat -Lc %a -- "$S" 2>/dev/null || stat -Lf %Lp -- "$S" 2>/dev/null || echo -) \
+$(wc -c < "$S")"
+else echo missing; fi"""
 DOWNLOAD_TAR_TEMPLATE = "cd -P -- @@source && tar @@mode - -- ."
 DOWNLOAD_FILE_TEMPLATE = "head -c @@size -- @@source"
 DOWNLOAD_FILE_GZIP_TEMPLATE = "head -c @@size -- @@source | gzip -c"
@@ -5196,7 +5204,8 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
     remote = _remote_path(source)
     probe = _copy_command(DOWNLOAD_PROBE_TEMPLATE, source=remote, measure=progress is not None)
     answer = ssh.run_shell_cmd_on_remote(probe, timeout=ssh.timeout).stdout.strip()
-    kind, _, size = answer.partition(" ")
+    kind, *fields = answer.split() or [""]
+    size = fields[-1] if fields and (kind == "dir" or len(fields) == 2) else ""  # file MODE SIZE
     if kind == "missing":
         raise ConfigError(f"nothing to copy at {ssh.target.alias}:{remote}")
     if kind == "dir" and not recursive:
@@ -5224,11 +5233,18 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
                 template = DOWNLOAD_FILE_GZIP_TEMPLATE if compress else DOWNLOAD_FILE_TEMPLATE
                 command = _copy_command(template, source=remote, size=total or 0)
                 _download_file(ssh, command, produced, total or 0, meter, remote, compress)
+                os.chmod(produced, _kept_mode(fields[0]))
         _remove(destination)
         os.rename(produced, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination
+
+
+def _kept_mode(octal: str) -> int:
+    """The mode a downloaded file keeps: the source's permission bits (its exec bit too), never a
+    setuid, setgid or sticky bit; private (0600) when the host could not say."""
+    return int(octal, 8) & 0o777 if re.match(r"[0-7]{3,4}\Z", octal) else 0o600
 
 
 def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
@@ -5939,11 +5955,17 @@ def code_snapshot(repo: Path, fresh: set[str] | None = None
     root = str(repo) + "/"
     for relative, info in _repo_files(repo):
         if stat.S_ISLNK(info.st_mode):
-            link = _link_entry(repo, relative)
+            try:
+                link = _link_entry(repo, relative)
+            except OSError:  # no longer a link
+                continue
             if link is not None:
                 entries.append([relative, "l", link])
             continue
-        digest = cache.digest(root + relative, info, relative in (fresh or ()))
+        try:
+            digest = cache.digest(root + relative, info, relative in (fresh or ()))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            continue  # gone since it was listed: the snapshot is the tree without it
         entries.append([relative, "x" if info.st_mode & 0o100 else "f", digest])
         if digest not in sources:
             sources[digest] = Path(root + relative)
