@@ -346,9 +346,9 @@ class _SnapshotMismatchError(StackopsError):
 
     def __init__(self, path: str, digest: str) -> None:
         self.path, self.digest = path, digest
-        super().__init__(f"{path} does not hold the bytes its snapshot names (sha256 "
-                         f"{digest[:12]}...): it changed after it was hashed",
-                         hint="submit again once it is written")
+        super().__init__(f"the repo changed while it was being sent: {path} no longer holds "
+                         f"the bytes its snapshot names (sha256 {digest[:12]}...)",
+                         hint="submit again once its files are written")
 
 
 # -- errors as data: the executing side reports an error, the client raises it again --------------
