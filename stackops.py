@@ -220,6 +220,9 @@ FILE_MANAGER_JSON = "data/file_manager.json"
 REMOTE_MACHINE_JSON = "data/remote_machine.json"
 CONFIG_JSON = "data/remote_machine_config.json"
 INSTANCE_PICKLE = "data/instance.pickle"
+# with copy_repo: the manifest of the job's snapshot, as its id hashes it (the first 32 hex digits
+# of this file's sha256 are the id), so that the job's copy can be checked and made again
+CODE_MANIFEST_JSON = "data/code_manifest.json"
 WRAPPER_PY = "python/cluster_wrap.py"
 STACKOPS_COPY = "python/stackops.py"
 SBATCH_SH = "shell/sbatch.sh"
@@ -330,6 +333,18 @@ class JobFailedError(StackopsError):
         super().__init__(f"job {job_id} failed: "
                          f"{_last_line(error_message) or 'no reason recorded'}",
                          hint=f"full error: {_prog()} status {job_id}")
+
+
+class _SnapshotMismatchError(StackopsError):
+    """A copy did not hold the bytes its snapshot's manifest names for ``path`` (sha256
+    ``digest``): the file changed after it was hashed, or a store's blob is damaged. Nothing of
+    the copy was left behind. Caught to take the snapshot again (see _materialize)."""
+
+    def __init__(self, path: str, digest: str) -> None:
+        self.path, self.digest = path, digest
+        super().__init__(f"the repo changed while it was being sent: {path} no longer holds "
+                         f"the bytes its snapshot names (sha256 {digest[:12]}...)",
+                         hint="submit again once its files are written")
 
 
 # -- errors as data: the executing side answers an error, the client raises it again -------------
@@ -785,6 +800,170 @@ def _run_bounded(argv: list[str], timeout: float, error: type[StackopsError] = S
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
+# -- content-addressed copies: every byte checked against the hash its manifest names -----------
+# A snapshot's manifest lists [path, kind, value]: kind "f" (a file) or "x" (an executable file)
+# with the sha256 of its bytes, or "l" with the target of a link inside the tree. Whatever a
+# job's copy is made from (the work tree here, a store's blobs there, an older job's copy), each
+# file is hashed while it is copied, on every path; a copy that does not match is not kept.
+
+SNAPSHOT_TRIES = 3  # takes of a snapshot before a submit is refused: the repo keeps changing
+# A time stamp less than RACY_NS older than the moment it is relied on may still not change with
+# the next write (file system clocks tick coarsely: FAT's 2 s, the kernel's few ms; and two
+# machines' clocks drift a little): such a file is hashed, never trusted (git's "racy" rule).
+RACY_NS = 2_000_000_000
+
+
+def _sha256_file(path: str | os.PathLike[str]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _copy_verified(source: str, target: str, digest: str, mode: int,
+                   relative: str = "") -> None:
+    """A new file ``target`` (``mode``; never one that exists) with the bytes of ``source``, a
+    store's blob or a live file, hashed as they are copied: when they are not the bytes of sha256
+    ``digest`` (or the source is gone), the copy is removed and _SnapshotMismatchError raised
+    for ``relative`` (the file's path in its tree; else ``source``)."""
+    import hashlib
+
+    hasher = hashlib.sha256()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as copy:
+            reading = os.open(source, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there: no wait
+            with open(reading, "rb") as handle:
+                if stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    for chunk in iter(lambda: handle.read(1 << 20), b""):
+                        hasher.update(chunk)
+                        copy.write(chunk)
+        if hasher.hexdigest() != digest:
+            raise _SnapshotMismatchError(relative or source, digest)
+    except BaseException as exc:
+        with _suppress(OSError):
+            os.unlink(target)
+        if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+            raise _SnapshotMismatchError(relative or source, digest) from None
+        raise
+
+
+def _safe_relative(relative: str) -> str:
+    """A path inside a tree: relative, with no ``..`` and no empty part."""
+    parts = relative.split("/")
+    if not relative or relative.startswith("/") or ".." in parts or "" in parts:
+        raise StackopsError(f"refusing the path {relative!r}: not inside the tree")
+    return relative
+
+
+def _link_inside(relative: str, target: str) -> bool:
+    """Whether link ``relative`` -> ``target`` stays inside its tree (relative, never above it)."""
+    if os.path.isabs(target):
+        return False
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(relative), target))
+    return resolved != ".." and not resolved.startswith("../")
+
+
+def _materialize(entries: list[list[Any]], source_of: dict[str, Any],
+                 folder: str | os.PathLike[str]) -> None:
+    """Make ``folder`` the job's own copy of a snapshot (``entries``, its manifest): each file
+    copied (never hard-linked: what the job writes reaches no store and no other job) from the
+    first of its sources that holds the bytes its sha256 names. ``source_of`` maps a sha256 to a
+    path (a store's blob, a file of the work tree) or a list of paths tried in turn. The links
+    come last, each relative and inside the tree. ``folder`` appears whole under its name
+    (staging beside it, then a rename) or not at all: a file that no source holds raises
+    _SnapshotMismatchError, a link out of the tree StackopsError."""
+    folder = Path(folder)
+    staging = f"{folder.parent}/.{folder.name}.{os.getpid()}.{random.getrandbits(32):08x}.partial"
+    made: set[str] = set()
+    try:
+        _mkdir_private(Path(staging))
+        for relative, kind, value in sorted(entries, key=lambda entry: entry[1] == "l"):
+            path = f"{staging}/{_safe_relative(relative)}"
+            parent = os.path.dirname(path)
+            if parent not in made:
+                _mkdir_private(Path(parent))
+                made.add(parent)
+            if kind == "l":
+                if not _link_inside(relative, value):
+                    raise StackopsError(f"refusing the link {relative} -> {value}: out of the tree")
+                os.symlink(value, path)
+            else:
+                _copy_first(source_of.get(value) or [], path, value,
+                            0o700 if kind == "x" else 0o600, relative)
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _copy_first(sources: Any, path: str, digest: str, mode: int, relative: str) -> None:
+    """_copy_verified from the first of ``sources`` (a path or a list) that holds ``digest``."""
+    candidates = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    for source in candidates:
+        try:
+            _copy_verified(os.fspath(source), path, digest, mode, relative)
+        except _SnapshotMismatchError:
+            continue
+        return
+    raise _SnapshotMismatchError(relative, digest)
+
+
+def _data_plan(item: dict[str, Any]) -> dict[str, Any]:
+    """Which files of one data item the executing machine must be sent, ``{"need": [relative,
+    ...]}``, or why it cannot take them, ``{"conflict": why}``: a pure function of its own files
+    and the request. ``item`` as _data_items makes it: ``target`` (home-relative, or absolute
+    outside the home), ``dir``, and ``stamps``, one ``[relative, size, mtime_ns, sha256 or ""]``
+    per file (the sha256 only for a file changed less than RACY_NS before the request). A file
+    is needed when it is missing here or differs in kind, size or mtime_ns. A copy whose stamps
+    match is compared by hash when the request gives one; else it is trusted only if its mtime
+    is more than RACY_NS older than the moment it was written here (its ctime), since a second
+    write within the first one's clock tick leaves the stamps as they were (git's racy rule).
+    Copies sent are stamped with the sender's mtime_ns (``os.utime(path, ns=(m, m))``), so an
+    unchanged file matches."""
+    target = os.path.abspath(os.path.expanduser(item["target"]))
+    if os.path.lexists(target) and os.path.isdir(target) != item["dir"]:
+        kind = "file" if item["dir"] else "folder"
+        return {"conflict": f"{item['target']} is a {kind} there"}
+    need = []
+    for relative, size, mtime_ns, digest in item["stamps"]:
+        path = os.path.join(target, _safe_relative(relative)) if item["dir"] else target
+        name = relative or item["target"]
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            need.append(relative)
+            continue
+        except NotADirectoryError:
+            return {"conflict": f"a file stands where the folder of {relative} goes"}
+        except PermissionError:
+            return {"conflict": f"{name} cannot be read there"}
+        if stat.S_ISDIR(info.st_mode):
+            return {"conflict": f"{name} is a folder there"}
+        if _data_differs(path, info, size, mtime_ns, digest):
+            if not item["target"].startswith("~"):  # outside the home stackops only adds files
+                return {"conflict": f"{name} exists there with other content (outside the home, "
+                                    "data never replaces a file)"}
+            need.append(relative)
+    return {"need": need}
+
+
+def _data_differs(path: str, info: os.stat_result, size: int, mtime_ns: int, digest: str) -> bool:
+    """Whether the file at ``path`` (``info``, its lstat) is not the sender's (_data_plan)."""
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size or info.st_mtime_ns != mtime_ns:
+        return True
+    if digest:  # the sender's file is recent: its stamps may not have changed with its bytes
+        try:
+            return _sha256_file(path) != digest
+        except OSError:
+            return True
+    # written here soon after its stamp: the sender may have written it again within that tick
+    return info.st_mtime_ns + RACY_NS >= info.st_ctime_ns
+
+
 # ============================================================================================
 # 5. models
 # ============================================================================================
@@ -1165,12 +1344,14 @@ def _module_name_for(file: Path) -> str:
     return ".".join(parts)
 
 
-def _top_level_names(file: Path) -> set[str]:
-    """Names a module defines at its top level, read without importing it."""
+def _top_level_names(file: Path, text: str | None = None) -> set[str]:
+    """Names a module defines at its top level, read without importing it (from ``text``, the
+    file's bytes as a snapshot holds them, when given)."""
     import ast
 
     try:
-        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+        source = file.read_text(encoding="utf-8") if text is None else text
+        tree = ast.parse(source, filename=str(file))
     except (SyntaxError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"cannot read {file}: {exc}") from exc
     names: set[str] = set()
@@ -1208,6 +1389,8 @@ class JobParams:
     code_snapshot: str = ""
     # with install_repo: the version git describe gives here (the copy has no .git)
     scm_version: str = ""
+    # with copy_repo: the data paths inside the repo (relative to it), linked into the job's copy
+    data_r: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -1481,13 +1664,6 @@ def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
         return []
     return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()]
 
-
-
-class _FileLock:
-    """An exclusive flock on a file, held while the block runs."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.fd = path, -1
 
 
 class _FileLock:
@@ -2210,28 +2386,52 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 class JobContext:
-    """The job folder as the wrapper sees it: its parameters and how to load the callable."""
+    """The job folder as the wrapper sees it: its parameters and how to load the callable.
+
+    The job's repo is its own copy of its snapshot with copy_repo (``code/`` in the job folder),
+    else the repo in place; it is the job's working folder. What a script or function job has
+    first on ``sys.path``, in this order, each once: the folder of its file (as ``python
+    path/to/file.py`` has), the folder its module is imported from (the parent of its top
+    package; for a file outside any package, that same folder), and the repo's root. So a
+    function in ``experiments/run.py`` imports the repo's own packages. A job run in place
+    writes no bytecode (the repo is yours): ``sys.dont_write_bytecode``, and
+    PYTHONDONTWRITEBYTECODE for the processes it starts. With copy_repo, each data path inside
+    the repo is a link in the job's copy to where the data is on this machine (unless the
+    snapshot holds it)."""
 
     def __init__(self, job_root: str | os.PathLike[str]) -> None:
         self.job_root = Path(job_root)
         self.params = JobParams.from_dict(_read_json(self.job_root / JOB_PARAMS_JSON))
         self.repo = expand_home(self.params.repo_path_rh)
         if self.params.code_snapshot:  # the job's own copy of the code it was submitted with
+            for relative in self.params.data_r:
+                _link_data(self.job_root / CODE_DIR, _safe_relative(relative),
+                           self.repo / relative)
             self.repo = self.job_root / CODE_DIR
+        else:
+            sys.dont_write_bytecode = True
+            os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
         self._func: Callable[..., Any] | None = None
 
-    def _put_on_path(self, folder: Path) -> None:
-        entry = str(folder)
-        if entry in sys.path:
-            sys.path.remove(entry)
-        sys.path.insert(0, entry)
+    def sys_path(self) -> list[Path]:
+        """The folders the job puts first on sys.path, in order (see the class docstring)."""
+        file = self.repo / self.params.file_path_r
+        return list(dict.fromkeys([file.parent, self.repo / self.params.import_root_r,
+                                   self.repo]))
+
+    def _put_on_path(self) -> None:
+        for folder in reversed(self.sys_path()):
+            entry = str(folder)
+            if entry in sys.path:
+                sys.path.remove(entry)
+            sys.path.insert(0, entry)
 
     def load_callable(self) -> Callable[..., Any]:
         """The job's function, imported from the shipped repo (first on sys.path)."""
         if self._func is not None:
             return self._func
         params = self.params
-        self._put_on_path(self.repo / params.import_root_r)
+        self._put_on_path()
         if params.kind == "method":
             import pickle
 
@@ -2258,7 +2458,7 @@ class JobContext:
         import runpy
 
         script = self.repo / self.params.file_path_r
-        self._put_on_path(script.parent)
+        self._put_on_path()
         sys.argv = [str(script)]
         try:
             namespace = runpy.run_path(str(script), run_name="__main__",
@@ -2269,6 +2469,21 @@ class JobContext:
                 raise StackopsError(f"the script exited with status {exc.code}") from exc
             return None
         return namespace.get("res")
+
+
+def _link_data(code: Path, relative: str, target: Path) -> None:
+    """Show data ``target`` at ``relative`` in the job's copy ``code`` as a link to it, unless
+    the copy has that path already (where both are folders: each entry only the data has)."""
+    place = code / relative
+    if os.path.lexists(place):
+        if place.is_dir() and not place.is_symlink() and target.is_dir():
+            for name in sorted(os.listdir(target)):
+                _link_data(code, f"{relative}/{name}", target / name)
+        return
+    if os.path.lexists(target):
+        _mkdir_private(place.parent)
+        with _suppress(FileExistsError):  # another job of the same sweep made it
+            os.symlink(target, place)
 
 
 class _Namespace:
@@ -3568,13 +3783,6 @@ def _blob(store: Path, digest: str) -> Path:
     return store / "blobs" / digest[:2] / digest
 
 
-def _safe_relative(relative: str) -> str:
-    parts = relative.split("/")
-    if not relative or relative.startswith("/") or ".." in parts or "" in parts or "." in parts:
-        raise ConfigError(f"refusing the path {relative!r}")
-    return relative
-
-
 def _handover_plan(request: dict[str, Any]) -> dict[str, Any]:
     """What this machine lacks for a job (blobs, data files), whether it sees the sender's files
     (its nonce) and whether the job exists here already; with facts about this machine."""
@@ -3597,35 +3805,6 @@ def _handover_plan(request: dict[str, Any]) -> dict[str, Any]:
             "data": [_data_plan(item) for item in request.get("data") or []],
             "exists": [collapse_home(root) for root in roots if os.path.lexists(root)],
             "facts": _facts(request.get("facts") or [])}
-
-
-def _data_plan(item: dict[str, Any]) -> dict[str, Any]:
-    """The files of one data item that differ here (size, or mtime to the nanosecond), or why it
-    cannot be synced (a conflict)."""
-    target = expand_home(item["target"])
-    if os.path.lexists(target) and target.is_dir() != item["dir"]:
-        kind = "file" if item["dir"] else "folder"
-        return {"conflict": f"{item['target']} is a {kind} there"}
-    need = []
-    for relative, size, mtime_ns in item["files"]:
-        path = target / _safe_relative(relative) if item["dir"] else target
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            need.append(relative)
-            continue
-        except NotADirectoryError:
-            return {"conflict": f"a file stands where the folder of {relative} goes"}
-        except PermissionError:
-            return {"conflict": f"{relative or item['target']} cannot be read there"}
-        if stat.S_ISDIR(info.st_mode):
-            return {"conflict": f"{relative or item['target']} is a folder there"}
-        if not stat.S_ISREG(info.st_mode) or info.st_size != size or info.st_mtime_ns != mtime_ns:
-            if not item["target"].startswith("~"):  # outside the home stackops only adds files
-                return {"conflict": f"{relative or item['target']} exists there with other "
-                                    "content (outside the home, data never replaces a file)"}
-            need.append(relative)
-    return {"need": need}
 
 
 def _facts(wanted: list[str]) -> dict[str, Any]:
@@ -3733,54 +3912,6 @@ def _receive_parts(request: dict[str, Any], staging: Path, stream: Any) -> None:
             os.rename(_receive(stream, part["size"], path, part["mode"] & 0o700), path)
 
 
-class _Damaged(TransferError):
-    """A blob of the store does not hold what its name (its SHA-256) says."""
-
-    def __init__(self, digest: str, path: Path) -> None:
-        super().__init__(f"blob {digest} of {collapse_home(path)} is damaged")
-        self.digest = digest
-
-
-def _copy_verified(source: Path, target: Path, digest: str, mode: int) -> None:
-    """A new file ``target`` (mode ``mode``) with the content of ``source``, which must hash to
-    ``digest``: a blob of a store or a file of a work tree. A mismatch leaves nothing behind and
-    raises _Damaged (a damaged blob is also removed from its store: it is asked for again)."""
-    import hashlib
-
-    hasher = hashlib.sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with open(source, "rb") as reader, open(fd, "wb") as copy:
-            for chunk in iter(lambda: reader.read(1 << 20), b""):
-                hasher.update(chunk)
-                copy.write(chunk)
-        if hasher.hexdigest() != digest:
-            raise _Damaged(digest, source)
-    except BaseException:
-        with _suppress(FileNotFoundError):
-            os.unlink(target)
-        raise
-
-
-def materialize(entries: list[list[Any]], source_of: Callable[[str], Path], folder: Path) -> None:
-    """The job's own copy of a code snapshot (``[path, kind, sha256 or link target]`` entries),
-    made in ``folder`` (new, beside its final place: it appears whole when renamed): plain files
-    copied from ``source_of(digest)`` and checked against their hash as they are copied (no hard
-    links: what the job writes never reaches the store or another job), then the links."""
-    _mkdir_private(folder)
-    made = {str(folder)}
-    for relative, kind, value in entries:
-        path = folder / _safe_relative(relative)
-        if str(path.parent) not in made:
-            _mkdir_private(path.parent)
-            made.add(str(path.parent))
-        if kind != "l":
-            _copy_verified(source_of(value), path, value, 0o700 if kind == "x" else 0o600)
-    for relative, kind, value in entries:
-        if kind == "l":
-            os.symlink(value, folder / relative)
-
-
 def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: Any,
                      say: Callable[[dict[str, Any]], None]) -> list[Path]:
     """Take the parts, give the job (or the sweep's shared folder) its code, put it in place, and
@@ -3791,14 +3922,14 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
     staging = _staging(root)
     try:
         _receive_parts(request, staging, stream)
+        entries = header.get("manifest") or []
+        blobs = {value: str(_blob(store, value)) for _, kind, value in entries if kind != "l"}
         for _ in range(3):
             try:
-                if header.get("manifest"):
-                    shutil.rmtree(staging / CODE_DIR, ignore_errors=True)
-                    materialize(header["manifest"], lambda digest: _blob(store, digest),
-                                staging / CODE_DIR)
+                if entries:
+                    _materialize(entries, blobs, staging / CODE_DIR)
                 break
-            except _Damaged as exc:
+            except _SnapshotMismatchError as exc:  # a blob of the store damaged: sent again
                 _remove(_blob(store, exc.digest))
                 say({"resend": [exc.digest]})
                 _receive_parts(request, staging, stream)
@@ -3886,7 +4017,8 @@ def collect_snapshots(store: Path, queued: Path, keep_seconds: float) -> int:
 # path a job is known by the same as for any other job.
 
 SWEEP_JSON = "data/sweep.json"  # in the shared folder: its id and its members' ids
-_SWEEP_SHARED = ("python", "shell", CODE_DIR, JOB_PARAMS_JSON, CONFIG_JSON, INSTANCE_PICKLE)
+_SWEEP_SHARED = ("python", "shell", CODE_DIR, JOB_PARAMS_JSON, CONFIG_JSON, INSTANCE_PICKLE,
+                 CODE_MANIFEST_JSON)
 
 
 def sweep_links(queued: Path, sweep_id: str) -> dict[str, str]:
@@ -4701,7 +4833,12 @@ class SSH:
         are taken from the login folder by the SFTP server)."""
         try:
             with self.client.open_sftp() as sftp:
-                sftp.get(remote_path, str(local_path))
+                mode = _kept_mode(f"{(sftp.stat(remote_path).st_mode or 0) & 0o7777:o}")
+                fd = os.open(local_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    os.fchmod(fd, 0o600)  # private while it is written, then the source's mode
+                    sftp.getfo(remote_path, handle)
+                    os.fchmod(fd, mode)
         except OSError as exc:
             raise TransferError(f"sftp get {self.target.alias}:{remote_path} failed: "
                                 f"{exc}") from exc
@@ -4987,7 +5124,10 @@ DISCARD_TEMPLATE = "rm -rf -- @@staging"
 DOWNLOAD_PROBE_TEMPLATE = r"""S=@@source
 if [ -d "$S" ]; then
     echo "dir $([ @@measure = 1 ] && cd -P -- "$S" && du -sb . 2>/dev/null | cut -f1)"
-elif [ -e "$S" ]; then echo "file $(wc -c < "$S")"; else echo missing; fi"""
+elif [ -e "$S" ]; then
+    echo "file $(stat -Lc %a -- "$S" 2>/dev/null || stat -Lf %Lp -- "$S" 2>/dev/null || echo -) \
+$(wc -c < "$S")"
+else echo missing; fi"""
 DOWNLOAD_TAR_TEMPLATE = "cd -P -- @@source && tar @@mode - -- ."
 DOWNLOAD_FILE_TEMPLATE = "head -c @@size -- @@source"
 DOWNLOAD_FILE_GZIP_TEMPLATE = "head -c @@size -- @@source | gzip -c"
@@ -5322,7 +5462,8 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
     remote = _remote_path(source)
     probe = _copy_command(DOWNLOAD_PROBE_TEMPLATE, source=remote, measure=progress is not None)
     answer = ssh.run_shell_cmd_on_remote(probe, timeout=ssh.timeout).stdout.strip()
-    kind, _, size = answer.partition(" ")
+    kind, *fields = answer.split() or [""]
+    size = fields[-1] if fields and (kind == "dir" or len(fields) == 2) else ""  # file MODE SIZE
     if kind == "missing":
         raise ConfigError(f"nothing to copy at {ssh.target.alias}:{remote}")
     if kind == "dir" and not recursive:
@@ -5350,11 +5491,18 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
                 template = DOWNLOAD_FILE_GZIP_TEMPLATE if compress else DOWNLOAD_FILE_TEMPLATE
                 command = _copy_command(template, source=remote, size=total or 0)
                 _download_file(ssh, command, produced, total or 0, meter, remote, compress)
+                os.chmod(produced, _kept_mode(fields[0]))
         _remove(destination)
         os.rename(produced, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination
+
+
+def _kept_mode(octal: str) -> int:
+    """The mode a downloaded file keeps: the source's permission bits (its exec bit too), never a
+    setuid, setgid or sticky bit; private (0600) when the host could not say."""
+    return int(octal, 8) & 0o777 if re.match(r"[0-7]{3,4}\Z", octal) else 0o600
 
 
 def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
@@ -5655,14 +5803,6 @@ def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str])
     return archive
 
 
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams,
@@ -5808,12 +5948,12 @@ def _parameters(func: Any, params: JobParams) -> list[tuple[str, str, bool]] | N
     return _parameters_in_source(file, params.func_class, params.func_name or "")
 
 
-def _parameters_in_source(file: Path, owner: str | None,
-                          name: str) -> list[tuple[str, str, bool]] | None:
+def _parameters_in_source(file: Path, owner: str | None, name: str,
+                          text: str | None = None) -> list[tuple[str, str, bool]] | None:
     import ast
 
     try:
-        body = ast.parse(file.read_text(encoding="utf-8")).body
+        body = ast.parse(file.read_text(encoding="utf-8") if text is None else text).body
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
         return None
     for part in owner.split(".") if owner else []:
@@ -5885,27 +6025,28 @@ def _excluded(relative: str) -> bool:
     return any(_EXCLUDED[0].match(part) for part in relative.split("/"))
 
 
-def _repo_files(repo: Path) -> list[tuple[str, os.stat_result]]:
+def _repo_files(repo: Path, prefix: str = "") -> list[tuple[str, os.stat_result]]:
     """What copy_repo sends, relative to the repo, with each file's lstat: for a git work tree,
-    the tracked and the untracked-not-ignored files (git ls-files -co --exclude-standard); else
-    every file; either way without .git, virtual environments and caches (REPO_EXCLUDES)."""
-    import stat
-
+    the tracked and the untracked-not-ignored files (git ls-files -co --exclude-standard), and
+    the same inside each submodule and each nested repo (their files as they are checked out
+    here: git lists either as one folder); else every file; either way without .git, virtual
+    environments and caches (REPO_EXCLUDES)."""
     names: list[str] | None = None
     if (repo / ".git").exists() and shutil.which("git"):
         listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-co", "--exclude-standard",
                                  "-z"],
                                 capture_output=True, stdin=subprocess.DEVNULL)
         if listed.returncode == 0:
-            names = [n for n in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
+            names = [n.rstrip("/") for n in
+                     listed.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
     if names is None:
         names = []
         for folder, dirs, files in os.walk(repo):
             here = os.path.relpath(folder, repo)
-            prefix = "" if here == "." else here + "/"
-            names += [prefix + name for name in files]
-            names += [prefix + d for d in dirs if os.path.islink(Path(folder) / d)]
-            dirs[:] = sorted(d for d in dirs if not _excluded(prefix + d))
+            start = "" if here == "." else here + "/"
+            names += [start + name for name in files]
+            names += [start + d for d in dirs if os.path.islink(Path(folder) / d)]
+            dirs[:] = sorted(d for d in dirs if not _excluded(start + d))
     found = []
     root = str(repo) + "/"
     for name in sorted(set(names)):
@@ -5913,14 +6054,26 @@ def _repo_files(repo: Path) -> list[tuple[str, os.stat_result]]:
             info = os.lstat(root + name)
         except OSError:  # tracked but deleted here
             continue
-        if (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)) and not _excluded(name):
-            found.append((name, info))
-    return found
+        if _excluded(name):
+            continue
+        if stat.S_ISDIR(info.st_mode):  # a submodule or a nested repo
+            if os.path.lexists(f"{root}{name}/.git"):
+                found += _repo_files(Path(root + name), f"{prefix}{name}/")
+            else:
+                log.warning("left out %s%s: a submodule that is not checked out here", prefix,
+                            name)
+        elif stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
+            found.append((prefix + name, info))
+    return found if prefix else sorted(found, key=lambda item: item[0])
 
 
 class _HashCache:
-    """sha256 of local files, remembered by (size, mtime, inode) in ~/.cache/stackops, so that an
-    unchanged tree is not read again at the next submit."""
+    """sha256 of local files, remembered in ~/.cache/stackops by path with the file's (size,
+    mtime_ns, ctime_ns, inode, device), so that an unchanged tree is not read again at the next
+    submit. Only a shortcut to a hash: a file is remembered only when its mtime and ctime were
+    more than RACY_NS older than the moment it was hashed (a write that soon may leave both
+    unchanged: git's racy rule), so a file that recent is hashed again at every use; and every
+    copy is checked against the hash anyway."""
 
     def __init__(self) -> None:
         cache = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache")
@@ -5929,22 +6082,25 @@ class _HashCache:
             self.known: dict[str, list[Any]] = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             self.known = {}
+        if not isinstance(self.known, dict):
+            self.known = {}
         self.changed = False
+        self.now = time.time_ns()  # before any file is read
 
-    def digest(self, path: str, info: os.stat_result) -> str:
-        import hashlib
-
-        stamp = [info.st_size, info.st_mtime_ns, info.st_ino]
+    def digest(self, path: str, info: os.stat_result, fresh: bool = False) -> str:
+        """The sha256 of the file at ``path``, whose lstat is ``info`` (``fresh``: not from the
+        cache)."""
+        stamp = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
         cached = self.known.get(path)
-        if isinstance(cached, list) and cached[:3] == stamp:
-            return str(cached[3])
-        hasher = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                hasher.update(chunk)
-        self.known[path] = [*stamp, hasher.hexdigest()]
-        self.changed = True
-        return hasher.hexdigest()
+        if not fresh and isinstance(cached, list) and cached[:5] == stamp:
+            return str(cached[5])
+        digest = _sha256_file(path)
+        if max(info.st_mtime_ns, info.st_ctime_ns) + RACY_NS < self.now:
+            self.known[path] = [*stamp, digest]
+            self.changed = True
+        elif self.known.pop(path, None) is not None:
+            self.changed = True
+        return digest
 
     def save(self) -> None:
         if self.changed:
@@ -5952,12 +6108,30 @@ class _HashCache:
                 _atomic_write_json(self.path, self.known)
 
 
-def code_snapshot(repo: Path) -> tuple[str, list[list[Any]], dict[str, Path]]:
+def _link_entry(repo: Path, relative: str) -> str | None:
+    """The target a link of the snapshot keeps: relative and inside the tree (an absolute link to
+    a path inside the repo becomes relative), or None for a link out of the repo."""
+    link = os.readlink(f"{repo}/{relative}")
+    if os.path.isabs(link):
+        target = posixpath.normpath(link)
+        for root in dict.fromkeys((str(repo), os.path.realpath(repo))):
+            if target.startswith(root.rstrip("/") + "/"):
+                inner = target[len(root.rstrip("/")) + 1:]
+                link = posixpath.relpath(inner, posixpath.dirname(relative) or ".")
+                break
+    if _link_inside(relative, link):
+        return link
+    log.warning("left out %s: a link out of the repo (%s)", relative, link)
+    return None
+
+
+def code_snapshot(repo: Path, fresh: set[str] | None = None
+                  ) -> tuple[str, list[list[Any]], dict[str, Path]]:
     """The content-addressed snapshot of ``repo`` that copy_repo sends: (its id, its manifest of
     ``[path, kind, sha256 or link target]`` with kind ``f``, ``x`` (executable) or ``l`` (a link
-    inside the tree), and the local file of each blob)."""
+    inside the tree), and the local file of each blob). The files in ``fresh`` are hashed anew,
+    whatever the hash cache says."""
     import hashlib
-    import stat
 
     cache = _HashCache()
     entries: list[list[Any]] = []
@@ -5965,21 +6139,39 @@ def code_snapshot(repo: Path) -> tuple[str, list[list[Any]], dict[str, Path]]:
     root = str(repo) + "/"
     for relative, info in _repo_files(repo):
         if stat.S_ISLNK(info.st_mode):
-            link = os.readlink(root + relative)
-            inside = not os.path.isabs(link) and ".." not in posixpath.normpath(
-                posixpath.join(posixpath.dirname(relative), link)).split("/")
-            if inside:
+            try:
+                link = _link_entry(repo, relative)
+            except OSError:  # no longer a link
+                continue
+            if link is not None:
                 entries.append([relative, "l", link])
-            else:
-                log.warning("left out %s: a link out of the repo (%s)", relative, link)
             continue
-        digest = cache.digest(root + relative, info)
+        try:
+            digest = cache.digest(root + relative, info, relative in (fresh or ()))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            continue  # gone since it was listed: the snapshot is the tree without it
         entries.append([relative, "x" if info.st_mode & 0o100 else "f", digest])
         if digest not in sources:
             sources[digest] = Path(root + relative)
     cache.save()
     identity = hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()[:32]
     return identity, entries, sources
+
+
+def _tree_sources(repo: Path, entries: list[list[Any]]) -> dict[str, list[str]]:
+    """For each sha256 of a manifest, the files of the work tree ``repo`` that it names."""
+    sources: dict[str, list[str]] = {}
+    for relative, kind, value in entries:
+        if kind != "l":
+            sources.setdefault(value, []).append(f"{repo}/{relative}")
+    return sources
+
+
+def _materialize_here(repo: Path, entries: list[list[Any]], folder: Path) -> None:
+    """The job's own copy of its snapshot, made on this machine (a local job, or a host that sees
+    this machine's files) from the work tree, each file checked against the manifest (see
+    _materialize), appearing whole under ``folder``."""
+    _materialize(entries, _tree_sources(repo, entries), folder)
 
 
 def scm_version(repo: Path) -> str:
@@ -6011,11 +6203,14 @@ def scm_version(repo: Path) -> str:
 
 def _data_items(data: list[str]) -> list[dict[str, Any]]:
     """Each data path as it travels: its target (home-relative, or absolute outside the home),
-    whether it is a folder, and its files with size and mtime in ns (and local path)."""
+    whether it is a folder, its files with size, mtime_ns and, for a file changed less than
+    RACY_NS ago, its sha256 (``stamps``, what _data_plan reads), and the local path of each
+    (``sources``)."""
     items = []
+    now = time.time_ns()
     for text in data:
         path = expand_home(text)
-        files: list[list[Any]] = []
+        stamps: list[list[Any]] = []
         sources: dict[str, Path] = {}
         found = [(path, "")] if path.is_file() else []
         if path.is_dir():
@@ -6027,29 +6222,25 @@ def _data_items(data: list[str]) -> list[dict[str, Any]]:
                         found.append((full, full.relative_to(path).as_posix()))
         for full, relative in found:
             info = full.stat()
-            files.append([relative, info.st_size, info.st_mtime_ns])
+            recent = max(info.st_mtime_ns, info.st_ctime_ns) + RACY_NS >= now
+            stamps.append([relative, info.st_size, info.st_mtime_ns,
+                           _sha256_file(full) if recent else ""])
             sources[relative] = full
-        items.append({"target": collapse_home(path), "dir": path.is_dir(), "files": files,
+        items.append({"target": collapse_home(path), "dir": path.is_dir(), "stamps": stamps,
                       "sources": sources})
     return items
 
 
-def _code_into(root: Path, snapshot: tuple[str, list[list[Any]], dict[str, Path]]) -> None:
-    """The job folder's own copy of its code snapshot, made here from the work tree, every file
-    checked against the snapshot's hash as it is copied; it appears whole as ``root/code``. A
-    file that changed since the snapshot was taken refuses it (the caller takes it again)."""
-    _ident, entries, sources = snapshot
-    folder = root / CODE_DIR
-    staging = root / f".{CODE_DIR}.{os.getpid()}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        materialize(entries, lambda digest: sources[digest], staging)
-        os.rename(staging, folder)
-    except _Damaged as exc:
-        raise ConfigError(f"the repo changed while the job was being written ({exc})",
-                          hint="submit again once the files are saved") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _data_in_repo(data: list[str], repo_rh: str) -> list[str]:
+    """The data paths inside the repo, relative to it: the job's own copy of the repo shows each
+    as a link to where the data is on the machine that runs it (JobContext)."""
+    repo = expand_home(repo_rh)
+    inside = []
+    for text in data:
+        path = expand_home(text)
+        if path != repo and repo in path.parents:
+            inside.append(path.relative_to(repo).as_posix())
+    return inside
 
 
 def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
@@ -6142,7 +6333,7 @@ def _hand_over_request(spec: _Handing, items: list[dict[str, Any]],
                                                            _folder_blobs(spec.root).values()}),
             "nonces": nonces, "facts": need, "email": spec.email, "fire": spec.fire,
             "gate": spec.gate is not None,
-            "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
+            "data": [{k: item[k] for k in ("target", "dir", "stamps")} for item in items]}
 
 
 class _HandOverTalk:
@@ -6171,7 +6362,9 @@ class _HandOverTalk:
             write(b'{"abort": true}\n')
         elif self.cache[self.key]:
             if self.spec.snapshot is not None and not (self.spec.root / CODE_DIR).exists():
-                _code_into(self.spec.root, self.spec.snapshot)  # the host runs it from here
+                _ident, entries, sources = self.spec.snapshot  # the host runs it from here
+                _materialize(entries, {d: str(p) for d, p in sources.items()},
+                             self.spec.root / CODE_DIR)
             roots = self.request["roots"]
             write(json.dumps({"shared": True, "roots": roots}).encode() + b"\n")
         else:
@@ -6542,6 +6735,48 @@ def _copy_job(machine: RemoteMachine, config: RemoteStackOpsConfig) -> RemoteMac
     return other
 
 
+def _code_here(machine: RemoteMachine, folder: Path) -> None:
+    """Put the job's own copy of its snapshot into ``folder`` (a job folder on this machine, or
+    the one packed for the cloud), each file checked against the manifest (_materialize): taken
+    from the snapshot's own sources (for a rerun, the older job's copy), else the work tree."""
+    recorded = machine._snapshot is None  # a job loaded from its folder: the manifest it recorded
+    snapshot = machine._snapshot or _recorded_snapshot(machine)
+    sources: dict[str, Any] = {digest: [str(path)] for digest, path in snapshot[2].items()}
+    tree = _tree_sources(expand_home(machine.job_params.repo_path_rh), snapshot[1])
+    for digest, paths in tree.items():
+        sources[digest] = list(dict.fromkeys(sources.get(digest, []) + paths))
+    try:
+        _materialize(snapshot[1], sources, folder / CODE_DIR)
+    except _SnapshotMismatchError as exc:
+        if not recorded:
+            raise
+        raise StackopsError(f"the repo of job {machine.job_id} changed since the job was "
+                            f"generated ({exc.path})",
+                            hint="submit it again under a new job_id") from exc
+
+
+def _recorded_snapshot(machine: RemoteMachine) -> tuple[str, list[list[Any]], dict[str, Path]]:
+    """The snapshot a job generated earlier names: the manifest in its folder, checked against
+    its id (a job folder from before manifests were kept: the repo's snapshot now, if it is the
+    same); its sources are the work tree's files."""
+    import hashlib
+
+    identity = machine.job_params.code_snapshot
+    path = machine.file_manager.path(CODE_MANIFEST_JSON)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        taken = code_snapshot(expand_home(machine.job_params.repo_path_rh))
+        if taken[0] != identity:
+            raise StackopsError(f"the repo of job {machine.job_id} changed since the job was "
+                                "generated", hint="submit it again under a new job_id") from None
+        return taken
+    if hashlib.sha256(text).hexdigest()[:32] != identity:
+        raise StackopsError(f"{path} is not the manifest of snapshot {identity}",
+                            hint="the job folder was damaged; submit the job again")
+    return identity, json.loads(text), {}
+
+
 class _Place:
     """Where a job runs, seen from here: how its folder, code and data get there, and how the
     executing side there is asked (status, fire, cancel, delete, logs, its facts)."""
@@ -6754,7 +6989,7 @@ class _OverSSH(_Place):
         machine.shared = machine._handed.shared
         if machine.shared and self.config.copy_repo and machine._snapshot is not None \
                 and not machine.file_manager.path(CODE_DIR).exists():
-            _code_into(machine.file_manager.job_root, machine._snapshot)
+            _code_here(machine, machine.file_manager.job_root)
         return True
 
     def withdraw(self, machine: RemoteMachine) -> None:
@@ -7226,13 +7461,36 @@ def _generate_job_folder(machine: RemoteMachine) -> None:
 def _put_folder_in_place(machine: RemoteMachine, what: str,
                          finish: Callable[[Path], None] | None = None) -> None:
     """Write ``machine``'s folder into a staging folder beside its place (then ``finish`` it)
-    and rename it there: complete under its name or not at all; a folder there is refused."""
-    root = machine.file_manager.job_root
+    and rename it there: complete under its name or not at all; a folder there is refused. With
+    copy_repo, the snapshot is taken first, the job's function checked against its bytes, and
+    the folder's copy of the code checked against it: a file that changed meanwhile makes the
+    snapshot be taken again, SNAPSHOT_TRIES times at most."""
     source = _own_file()
     if not source.is_file():
         raise StackopsError(f"cannot find stackops.py to ship with the {what} (looked at {source})")
-    if machine.config.copy_repo:
-        _take_snapshot(machine)
+    fresh: set[str] = set()
+    for _attempt in range(SNAPSHOT_TRIES):
+        try:
+            if machine.config.copy_repo and not machine._pinned:
+                _take_snapshot(machine, fresh)
+            _stage_folder(machine, source, finish)
+            return
+        except _SnapshotMismatchError as exc:
+            if machine._pinned:
+                raise StackopsError(f"the code of job {machine.job_id} is no longer here whole: "
+                                    f"{exc.path} changed since it ran",
+                                    hint="rerun --fresh takes the code as it is now") from exc
+            fresh.add(exc.path)
+            changed = exc
+    raise StackopsError(f"the repo changed while it was being sent ({changed.path}, "
+                        f"{SNAPSHOT_TRIES} times)",
+                        hint="submit again once its files are written") from changed
+
+
+def _stage_folder(machine: RemoteMachine, source: Path,
+                  finish: Callable[[Path], None] | None) -> None:
+    """_put_folder_in_place's one attempt: the folder staged, finished, renamed into place."""
+    root = machine.file_manager.job_root
     staging = _trusted_dir(root.parent, "base folder") / f".{machine.job_id}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -7266,14 +7524,48 @@ def _new_array_task(machine: RemoteMachine, k: int, part: WorkloadParams) -> Rem
     return task
 
 
-def _take_snapshot(machine: RemoteMachine) -> None:
-    """The content-addressed snapshot of the repo this job will run (and, for install_repo,
-    the version git describe gives here, since the snapshot carries no .git)."""
+def _take_snapshot(machine: RemoteMachine, fresh: set[str] | None = None) -> None:
+    """The content-addressed snapshot of the repo this job will run (``fresh``: files hashed anew
+    whatever the cache says), then the job's function checked against the snapshot's own bytes
+    (and, for install_repo, the version git describe gives here: the snapshot has no .git)."""
     repo = expand_home(machine.job_params.repo_path_rh)
-    machine._snapshot = code_snapshot(repo)
+    machine._snapshot = code_snapshot(repo, fresh)
     machine.job_params.code_snapshot = machine._snapshot[0]
+    _check_snapshot_call(machine, repo)
     if machine.config.install_repo:
         machine.job_params.scm_version = scm_version(repo)
+
+
+def _check_snapshot_call(machine: RemoteMachine, repo: Path) -> None:
+    """The job's function as its snapshot holds it: its file read and checked against the sha256
+    the snapshot names (else _SnapshotMismatchError), then it must define the function at its top
+    level and take the kwargs (what the submit checked in the file as it was then)."""
+    params = machine.job_params
+    entry = next((e for e in machine._snapshot[1] if e[0] == params.file_path_r and e[1] != "l"),
+                 None) if machine._snapshot and params.kind != "script" else None
+    if entry is None:
+        return
+    import hashlib
+
+    data = _read_bytes(repo / params.file_path_r)
+    if data is None or hashlib.sha256(data).hexdigest() != entry[2]:
+        raise _SnapshotMismatchError(params.file_path_r, entry[2])
+    text = data.decode("utf-8", "replace")
+    head = (params.func_class or params.func_name or "").split(".")[0]
+    if head not in _top_level_names(repo / params.file_path_r, text):
+        raise ConfigError(f"{params.file_path_r} defines no top-level {head!r} in the snapshot "
+                          "taken of it", hint="save the file, then submit again")
+    found = _parameters_in_source(repo / params.file_path_r, params.func_class,
+                                  params.func_name or "", text)
+    _check_call(found, machine.kwargs, machine.config.workload_params is not None,
+                f"{params.func_name}()")
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _exists_error(machine: RemoteMachine) -> ConfigError:
@@ -7302,6 +7594,9 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     line = machine.job_params.get_execution_line(config.workload_params, config.parallelize,
                                                  config.wrap_in_try_except)
     _write_new_json(folder / JOB_PARAMS_JSON, machine.job_params.to_dict())
+    if config.copy_repo and machine._snapshot is not None:
+        _write_new(folder / CODE_MANIFEST_JSON,
+                   json.dumps(machine._snapshot[1], separators=(",", ":")))
     _write_new_json(folder / KWARGS_JSON, machine.kwargs)
     _write_new_json(folder / FILE_MANAGER_JSON, machine.file_manager.to_dict())
     _write_new_json(folder / CONFIG_JSON, config.to_dict())
@@ -7314,7 +7609,7 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     _ship_bytecode(source, folder / "python")  # the job's start skips compiling it (~40 ms of CPU)
     _write_new(folder / STATE_JSON, json.dumps(_first_state(machine)))
     if config.copy_repo and machine._place.code_in_folder and machine._snapshot is not None:
-        _code_into(folder, machine._snapshot)  # here, or in the cloud archive: it carries its code
+        _code_here(machine, folder)  # here, or in the cloud archive: the folder carries its code
     machine.scripts_generated = True
     _write_new_json(folder / REMOTE_MACHINE_JSON, machine.to_dict())
 
@@ -7486,8 +7781,9 @@ def _restore_machine(machine: RemoteMachine, data: Any, job_root: Path | None) -
     return machine
 
 
-def _rerun_copy(machine: RemoteMachine) -> RemoteMachine:
-    """A new job ``<id>-rN`` (the first N free) with the same callable, kwargs, data and options."""
+def _rerun_copy(machine: RemoteMachine, fresh: bool = False) -> RemoteMachine:
+    """A new job ``<id>-rN`` (the first N free) with the same callable, kwargs, data and options,
+    and with copy_repo the same snapshot (``fresh``: the code as it is now)."""
     stem = re.sub(r"-r\d+\Z", "", machine.job_id)
     number = 1
     while (machine.file_manager.job_root.parent / f"{stem}-r{number}").exists():
@@ -7505,10 +7801,38 @@ def _rerun_copy(machine: RemoteMachine) -> RemoteMachine:
                                      again.config.max_simultaneous_jobs, again.config.base_dir,
                                      pool=machine.file_manager.pool, gpus=machine.file_manager.gpus)
     again._parent_slurm_ids = [again._launcher.after(again, p) for p in again.config.after]
+    if machine.config.copy_repo and not fresh:
+        _pin_snapshot(again, machine)
     return again
 
 
-def _rerun_failed_tasks(machine: RemoteMachine) -> list[str]:
+def _pin_snapshot(again: RemoteMachine, machine: RemoteMachine) -> None:
+    """Give rerun ``again`` the snapshot ``machine`` ran, from the manifest its folder here keeps:
+    its bytes come from its copy of the code here (each file checked), else from the files of
+    the work tree that still hold them, else (a host's job) from the host's store, which keeps a
+    snapshot while a job folder there names it. A job from before manifests were kept reruns
+    the code as it is now."""
+    path = machine.file_manager.path(CODE_MANIFEST_JSON)
+    if not path.exists():
+        log.warning("job %s kept no manifest of its code: its rerun takes the code as it is now",
+                    machine.job_id)
+        return
+    identity, entries, _none = _recorded_snapshot(machine)
+    code = machine.file_manager.path(CODE_DIR)
+    sources: dict[str, Path] = {}
+    if code.is_dir():
+        for relative, kind, value in entries:
+            if kind != "l":
+                sources.setdefault(value, code / relative)
+    else:  # its copy is on the host: the tree's files that still hold the same bytes
+        now = code_snapshot(expand_home(machine.job_params.repo_path_rh))
+        sources = {digest: now[2][digest] for _r, kind, digest in entries
+                   if kind != "l" and digest in now[2]}
+    again._snapshot = (identity, entries, sources)
+    again._pinned = True
+
+
+def _rerun_failed_tasks(machine: RemoteMachine, fresh: bool = False) -> list[str]:
     """RemoteMachine.rerun_failed_tasks: each failed or cancelled task of an array, run again."""
     if not machine.array_parts or machine.slurm_job_id is None:
         raise ConfigError(f"job {machine.job_id} is not a Slurm array: rerun it whole")
@@ -7518,7 +7842,7 @@ def _rerun_failed_tasks(machine: RemoteMachine) -> list[str]:
     if not failed:
         raise ConfigError(f"array {machine.job_id} has no failed task to rerun")
     for k in failed:
-        tasks[k] = tasks[k].rerun()
+        tasks[k] = tasks[k].rerun(fresh=fresh)
     machine.task_ids = [task.job_id for task in tasks]
     machine._save()
     return [tasks[k].job_id for k in failed]
@@ -7593,6 +7917,8 @@ class RemoteMachine:
         _check_arguments(func, self, config)
         self.data = list(config.data) + list(data or [])
         _check_job_files(self.data, config.copy_repo, self.job_params)
+        if config.copy_repo:
+            self.job_params.data_r = _data_in_repo(self.data, self.job_params.repo_path_rh)
         slots = config.lock_resources and self._launcher.takes_slot
         self.file_manager = FileManager(config.job_id, "Linux", slots, config.max_simultaneous_jobs,
                                         config.base_dir, pool=config.pool, gpus=config.gpus)
@@ -7616,6 +7942,7 @@ class RemoteMachine:
         self.launch_command = ""
         self.shared = False  # the host sees our job folder (a shared home): used in place
         self._snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None
+        self._pinned = False  # the snapshot is an older job's (rerun): never taken again
         self.cloud_sha256 = ""  # the SHA-256 of the archive a cloud transfer uploaded
         self.units: list[str] = []  # the work units a cloud_manager run queued
         self._checked = False  # interpreter and script found where the job runs
@@ -7761,24 +8088,26 @@ class RemoteMachine:
         own results folder). A job started and not ended is refused: cancel it first."""
         _delete_job(self, results)
 
-    def rerun(self, run: bool = True) -> RemoteMachine:
+    def rerun(self, run: bool = True, fresh: bool = False) -> RemoteMachine:
         """The same function or script, kwargs, data and options as a new job ``<id>-r1`` (a rerun
-        of ``x-r1`` is ``x-r2``), run now; refused while this job has not ended."""
+        of ``x-r1`` is ``x-r2``), run now; refused while this job has not ended. With copy_repo
+        it runs this job's own snapshot (``fresh``: the code as it is now)."""
         started = self.launcher_pid is not None or self.slurm_job_id is not None
         report = self.get_status(0) if started else None
         if report is None or not report.finished:
             state = report.status if report is not None else "never started"
             raise ConfigError(f"job {self.job_id} is {state}: only an ended job can be rerun",
                               hint=f"{'cancel it first' if report is not None else 'start it'}")
-        again = _rerun_copy(self)
+        again = _rerun_copy(self, fresh)
         again._place.connection = self._place.connection
         self._place.connection = None  # the connection goes on with the new job
         return again.run(run)
 
-    def rerun_failed_tasks(self) -> list[str]:
+    def rerun_failed_tasks(self, fresh: bool = False) -> list[str]:
         """Run again, each as a Slurm job of its own, every task of this array that failed or was
-        cancelled; the array follows the new tasks from then on. Returns their ids."""
-        return _rerun_failed_tasks(self)
+        cancelled (with its own snapshot; ``fresh``: the code as it is now); the array follows
+        the new tasks from then on. Returns their ids."""
+        return _rerun_failed_tasks(self, fresh)
 
     def preflight(self) -> RemoteMachine:
         """Check what can be checked before anything is written or sent: the host answers and is
@@ -8629,15 +8958,16 @@ class Cluster:
         """Every host's JobStatus, read in parallel; an unreachable host gets its error instead."""
         return self._parallel(lambda h: self.machines[h].get_status(0), list(self.machines))
 
-    def rerun_failed(self) -> dict[str, str]:
+    def rerun_failed(self, fresh: bool = False) -> dict[str, str]:
         """Run again, on the same host with the same slice, every part that failed or was
-        cancelled; the cluster follows the new parts from then on. Returns {host: new job id}."""
+        cancelled, each with its own snapshot (``fresh``: the code as it is now); the cluster
+        follows the new parts from then on. Returns {host: new job id}."""
         ended = {host: r for host, r in self.check_job_status().items() if isinstance(r, JobStatus)}
         failed = [host for host, report in ended.items()
                   if report.status in ("failed", "cancelled")]
         if not failed:
             raise ConfigError(f"cluster {self.job_id} has no failed part to rerun")
-        results = self._parallel(lambda h: self.machines[h].rerun(), failed)
+        results = self._parallel(lambda h: self.machines[h].rerun(fresh=fresh), failed)
         self._raise_failures("rerun", results)
         self.machines.update(results)
         self._save()
@@ -9574,13 +9904,15 @@ def _cmd_rerun(args: Any) -> int:
             raise ConfigError(f"{args.job_id} is a cluster: rerun --failed runs its failed parts "
                               "again")
         with target:
-            for host, job_id in target.rerun_failed().items():
-                print(f"{host}: rerun as job {job_id}")
+            for host, job_id in target.rerun_failed(args.fresh).items():
+                print(f"{host}: rerun as job {job_id} with {_code_note(target.machines[host])}")
             return _wait_cluster(target) if args.wait else 0
     if isinstance(target, RemoteMachine) and args.failed:
         with target:
-            for task_id in target.rerun_failed_tasks():
-                print(f"rerun task as job {task_id}")
+            tasks = {task_id: None for task_id in target.rerun_failed_tasks(args.fresh)}
+            for task in target.array_tasks():
+                if task.job_id in tasks:
+                    print(f"rerun task as job {task.job_id} with {_code_note(task)}")
             return _wait_ids([target]) if args.wait else 0
     if args.failed or isinstance(target, _CloudUnits):
         raise ConfigError("--failed is for a cluster id" if args.failed
@@ -9589,9 +9921,9 @@ def _cmd_rerun(args: Any) -> int:
         raise ConfigError(f"{args.job_id} is a sweep: rerun its jobs by their ids "
                           f"({args.job_id}-0000, ...)")
     with target:
-        again = target.rerun()
+        again = target.rerun(fresh=args.fresh)
         with again:
-            print(f"job {target.job_id} rerun as job {again.job_id}")
+            print(f"job {target.job_id} rerun as job {again.job_id} with {_code_note(again)}")
             if not args.wait:
                 return 0
             with _suppress(JobFailedError):
@@ -9599,6 +9931,16 @@ def _cmd_rerun(args: Any) -> int:
             report = again.get_status(0)
     print(f"job {again.job_id} {report.status}")
     return 0 if report.status == "completed" else 1
+
+
+def _code_note(machine: RemoteMachine) -> str:
+    """Which code a rerun runs, as the CLI says it."""
+    if not machine.config.copy_repo:
+        return "the repo in place, as it is now"
+    identity = machine.job_params.code_snapshot[:12]
+    if machine._pinned:
+        return f"its own snapshot {identity}"
+    return f"the code as it is now (snapshot {identity})"
 
 
 def _wait_ids(targets: list[RemoteMachine]) -> int:
@@ -10553,6 +10895,8 @@ def _add_control_args(command: Callable[..., Any]) -> None:
                                        "parts)")
     sub.add_argument("--failed", action="store_true",
                      help="for a cluster id: only the parts that failed")
+    sub.add_argument("--fresh", action="store_true",
+                     help="take the code as it is now (default: the snapshot the job ran)")
     sub.add_argument("--wait", action="store_true",
                      help="block until it ends; exit 1 if it did not complete")
     sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",

@@ -430,6 +430,7 @@ JobParams(
     import_root_r: 'str' = '.',
     code_snapshot: 'str' = '',
     scm_version: 'str' = '',
+    data_r: 'list[str]' = <factory>,
 ) -> None
 classmethod JobParams.from_callable(func: 'Callable[..., Any]') -> JobParams
 classmethod JobParams.from_dict(data: 'Any') -> JobParams
@@ -680,8 +681,8 @@ property RemoteMachine.kwargs
 classmethod RemoteMachine.load(job_id: 'str', base_dir: 'str | None' = None) -> RemoteMachine
 RemoteMachine.preflight(self) -> RemoteMachine
 property RemoteMachine.python
-RemoteMachine.rerun(self, run: 'bool' = True) -> RemoteMachine
-RemoteMachine.rerun_failed_tasks(self) -> list[str]
+RemoteMachine.rerun(self, run: 'bool' = True, fresh: 'bool' = False) -> RemoteMachine
+RemoteMachine.rerun_failed_tasks(self, fresh: 'bool' = False) -> list[str]
 RemoteMachine.results(self) -> Path
 RemoteMachine.run(
     self,
@@ -764,7 +765,7 @@ Cluster.fire(self, run: 'bool' = True) -> dict[str, tuple[int | None, str]]
 Cluster.generate_standard_kwargs(self) -> dict[str, WorkloadParams]
 classmethod Cluster.load(job_id: 'str', base_dir: 'str | None' = None) -> Cluster
 Cluster.probe_specs(self, host: 'str', ssh: 'SSH') -> MachineSpecs
-Cluster.rerun_failed(self) -> dict[str, str]
+Cluster.rerun_failed(self, fresh: 'bool' = False) -> dict[str, str]
 Cluster.run(self, run: 'bool' = True) -> Cluster
 Cluster.submit(self) -> Cluster
 Cluster.to_dict(self) -> dict[str, Any]
@@ -1035,6 +1036,102 @@ def test_utilities_pid_liveness(tmp_path):
     assert not stackops.pid_is_alive(proc.pid)
     proc.wait()
     assert not stackops.pid_is_alive(proc.pid)
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_utilities_copy_verified_keeps_only_the_named_bytes(tmp_path):
+    """A store's blob that was damaged (appended code, cut short), a source that vanished or
+    became a FIFO: the copy is refused and nothing is left under its name (finding 6's check)."""
+    good = b"print('the right code')\n"
+    blob = tmp_path / "blob"
+    blob.write_bytes(good)
+    stackops._copy_verified(str(blob), str(tmp_path / "ok.py"), _sha(good), 0o700)
+    assert (tmp_path / "ok.py").read_bytes() == good and (tmp_path / "ok.py").stat().st_mode & 0o777 == 0o700
+    for damage in (good + b"print('CORRUPTED-BLOB-CODE-RAN')\n", good[:7], b""):
+        blob.write_bytes(damage)
+        with pytest.raises(stackops._SnapshotMismatchError) as caught:
+            stackops._copy_verified(str(blob), str(tmp_path / "copy.py"), _sha(good), 0o600, "pkg/m.py")
+        assert caught.value.path == "pkg/m.py" and "\n" not in str(caught.value)
+        assert not (tmp_path / "copy.py").exists()
+    os.mkfifo(tmp_path / "fifo")
+    for gone in (tmp_path / "missing", tmp_path / "fifo"):
+        with pytest.raises(stackops._SnapshotMismatchError):
+            stackops._copy_verified(str(gone), str(tmp_path / "copy.py"), _sha(good), 0o600)
+        assert not (tmp_path / "copy.py").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob", "fifo", "ok.py"]
+
+
+def test_utilities_materialize_appears_whole_from_the_first_source_that_holds_the_bytes(tmp_path):
+    a, b = b"A = 1\n", b"B = 2\n"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_bytes(a)
+    (tmp_path / "src" / "stale.py").write_bytes(b"B = 3\n")  # same name, other bytes: skipped
+    (tmp_path / "src" / "b.py").write_bytes(b)
+    entries = [["pkg/a.py", "x", _sha(a)], ["pkg/b.py", "f", _sha(b)], ["link.py", "l", "pkg/a.py"],
+               ["pkg/up", "l", "../pkg/b.py"]]
+    sources = {_sha(a): str(tmp_path / "src" / "a.py"),
+               _sha(b): [str(tmp_path / "src" / "stale.py"), str(tmp_path / "src" / "b.py")]}
+    stackops._materialize(entries, sources, tmp_path / "code")
+    code = tmp_path / "code"
+    assert (code / "link.py").read_bytes() == a and os.readlink(code / "link.py") == "pkg/a.py"
+    assert (code / "pkg" / "up").read_bytes() == b
+    assert (code / "pkg" / "a.py").stat().st_mode & 0o777 == 0o700
+    assert (code / "pkg" / "b.py").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "src" / "b.py").write_bytes(b"B = 4\n")  # changed since the manifest was made
+    with pytest.raises(stackops._SnapshotMismatchError, match="pkg/b.py"):
+        stackops._materialize(entries, sources, tmp_path / "code2")
+    for outside in ("/etc/passwd", "../../x", "pkg/../../x"):
+        with pytest.raises(StackopsError, match="out of the tree"):
+            stackops._materialize([["l", "l", outside]], {}, tmp_path / "code3")
+    with pytest.raises(StackopsError, match="not inside the tree"):
+        stackops._materialize([["../x", "f", _sha(a)]], sources, tmp_path / "code4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code", "src"]  # no copy, no staging left
+
+
+def _stamped(path: Path, data: bytes, mtime_ns: int) -> None:
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_utilities_data_plan_compares_ns_stamps_and_hashes_racy_copies(home, tmp_path):
+    """M5: a params file rewritten at the same size within the same tick is sent again; a copy
+    that is old enough is trusted by its stamps; one written here right after its stamp is not."""
+    here = tmp_path / "here"
+    here.mkdir()
+    target = home / "ds"
+    target.mkdir()
+    old = time.time_ns() - 3600 * 10**9
+    _stamped(here / "params.json", b'{"lr": "0.2"}', old)
+    _stamped(target / "params.json", b'{"lr": "0.1"}', old)  # same size, same mtime_ns
+
+    def plan(digest: str = "", name: str = "params.json") -> dict:
+        info = (here / name).stat()
+        return stackops._data_plan({"target": "~/ds", "dir": True,
+                                    "stamps": [[name, info.st_size, info.st_mtime_ns, digest]]})
+
+    assert plan(_sha(b'{"lr": "0.2"}')) == {"need": ["params.json"]}  # the sender's file is recent
+    assert plan(_sha(b'{"lr": "0.1"}')) == {"need": []}  # recent, but the same bytes
+    assert plan() == {"need": []}  # stamps match, and the copy was written here long after its stamp
+    now = time.time_ns()
+    _stamped(target / "params.json", b'{"lr": "0.1"}', now)  # sent right after it was written
+    _stamped(here / "params.json", b'{"lr": "0.2"}', now)  # then written again within that tick
+    assert plan() == {"need": ["params.json"]}  # racy copy here and no hash: sent again
+    assert plan(_sha(b'{"lr": "0.2"}')) == {"need": ["params.json"]}
+    (here / "new.json").write_text("{}")
+    assert plan(name="new.json") == {"need": ["new.json"]}
+    (target / "sub").write_text("a file where a folder goes")
+    got = stackops._data_plan({"target": "~/ds", "dir": True, "stamps": [["sub/x", 1, old, ""]]})
+    assert "conflict" in got
+    assert "conflict" in stackops._data_plan({"target": "~/ds", "dir": False, "stamps": [["", 1, old, ""]]})
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"theirs")
+    got = stackops._data_plan({"target": str(outside), "dir": False, "stamps": [["", 6, old, ""]]})
+    assert "never replaces" in got["conflict"]
 
 
 # ============================================================================================
@@ -1343,6 +1440,76 @@ def test_job_imports_shipped_repo_not_installed_copy(home, tmp_path):
         os.environ["PYTHONPATH"] = env_path
     results = wait_for(machine.check_job_status, what="shadowed job")
     assert json.loads((results / "result.json").read_text()) == "repo"
+
+
+EXPERIMENT = {
+    "mypkg/__init__.py": "VALUE = 'the repo package'\n",
+    "experiments/run.py": """
+        import sys
+        import mypkg
+
+        def render(n=1):
+            return {"value": mypkg.VALUE, "path": sys.path[:3]}
+    """,
+    "experiments/script.py": """
+        import json, os, sys
+        import mypkg
+
+        res = os.path.expanduser("~/out/script")
+        os.makedirs(res, exist_ok=True)
+        with open(os.path.join(res, "seen.json"), "w") as handle:
+            json.dump({"value": mypkg.VALUE, "path": sys.path[:3]}, handle)
+    """}
+
+
+@pytest.mark.parametrize("copy_repo", [False, True])
+def test_job_in_a_folder_without_init_imports_the_repos_own_package(home, copy_repo):
+    """Newcomer problem 4: a function in experiments/run.py (no __init__.py) could not import the
+    repo's own package. The file's folder, then the repo root are first on sys.path, for function
+    and script jobs alike."""
+    repo = _git_repo(home / "proj", EXPERIMENT)
+    root = f"{repo}" if not copy_repo else None
+    function = RemoteMachine(f"{repo}/experiments/run.py:render",
+                             config=config(job_id="exf", copy_repo=copy_repo)).run()
+    got = _result(function)
+    code = str(function.file_manager.job_root / "code") if copy_repo else root
+    assert got == {"value": "the repo package", "path": [f"{code}/experiments", code, got["path"][2]]}
+    script = RemoteMachine(f"{repo}/experiments/script.py", config=config(job_id="exs", copy_repo=copy_repo)).run()
+    assert wait_done(script).status == "completed"
+    seen = json.loads((home / "out" / "script" / "seen.json").read_text())
+    code = str(script.file_manager.job_root / "code") if copy_repo else root
+    assert seen["value"] == "the repo package" and seen["path"][:2] == [f"{code}/experiments", code]
+
+
+def _python38() -> str | None:
+    candidates = [shutil.which("python3.8"), os.path.expanduser("~root/.pyenv/versions/3.8.18/bin/python3")]
+    return next((c for c in candidates if c and os.path.exists(c) and subprocess.run(
+        [c, "-c", "import sys; assert sys.version_info[:2] == (3, 8)"], capture_output=True).returncode == 0), None)
+
+
+@pytest.mark.parametrize("version", ["this", "3.8"])
+def test_job_run_in_place_writes_no_bytecode_into_the_repo(home, monkeypatch, version):
+    """The __pycache__ papercut: a job run in place (no --copy-repo) let Python write __pycache__/
+    into the user's work tree, also from the Python processes the job starts."""
+    python = sys.executable if version == "this" else _python38()
+    if python is None:
+        pytest.skip("no Python 3.8 on this machine")
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    repo = _git_repo(home / "proj", {"inplace.py": """
+        import subprocess, sys
+        import helper
+
+        def go():
+            subprocess.run([sys.executable, "-c", "import helper2"], check=True)
+            return [helper.H, sys.version_info[1]]
+    """, "helper.py": "H = 1\n", "helper2.py": "H2 = 2\n"})
+    machine = RemoteMachine(f"{repo}/inplace.py:go", config=config(job_id="pyc", python=python)).run()
+    assert _result(machine) == [1, 8 if version == "3.8" else sys.version_info[1]]
+    assert not list(repo.rglob("__pycache__")) and not list(repo.rglob("*.pyc"))
+    copied = RemoteMachine(f"{repo}/inplace.py:go", config=config(job_id="pyc2", python=python, copy_repo=True)).run()
+    assert _result(copied)[0] == 1
+    assert not list(repo.rglob("__pycache__"))
+    assert list((copied.file_manager.job_root / "code").rglob("*.pyc"))  # its own copy caches as usual
 
 
 def test_job_workload_parallelize_splits_and_returns_each_part(home):
@@ -4029,6 +4196,29 @@ def test_remote_single_file_upload_keeps_its_mode_even_under_umask_zero(remote, 
                 assert arrived.stat().st_mode & 0o777 == mode and arrived.read_text() == "secret"
 
 
+def test_remote_single_file_download_keeps_the_mode_and_never_setuid(remote, home):
+    """Finding 5: a host's private (0600) file landed 0644 and a 0755 script lost its exec bit;
+    a setuid bit never comes along. The same for SSH.simple_sftp_get."""
+    there = remote.remote_home / "modes-down"
+    there.mkdir(exist_ok=True)
+    for mode in (0o600, 0o640, 0o755, 0o4755):
+        (there / f"m{mode:o}").write_text("secret")
+    subprocess.run(["chown", "-R", f"{remote.user}:", str(there)], check=False)  # the host's login's files
+    for mode in (0o600, 0o640, 0o755, 0o4755):
+        (there / f"m{mode:o}").chmod(mode)
+    os.umask(old := os.umask(0o022))  # the local umask would give 0644
+    with stackops.SSH.from_config_file("tb") as ssh:
+        for mode in (0o600, 0o640, 0o755, 0o4755):
+            for compress in (False, True):
+                got = ssh.copy_to_here(f"~/modes-down/m{mode:o}", home / "down" / f"m{mode:o}-{compress}",
+                                       compress_with_zip=compress)
+                assert got.stat().st_mode & 0o7777 == mode & 0o777 and got.read_text() == "secret"
+            (home / "sftp").mkdir(exist_ok=True)
+            ssh.simple_sftp_get(str(there / f"m{mode:o}"), home / "sftp" / f"m{mode:o}")
+            assert (home / "sftp" / f"m{mode:o}").stat().st_mode & 0o7777 == mode & 0o777
+    assert old == os.umask(old)
+
+
 def test_remote_copy_z_compresses_a_single_file_both_ways(remote, home):
     source = home / "zeros.bin"
     source.write_bytes(b"\0" * (4 * 2**20))
@@ -4568,6 +4758,399 @@ def test_state_dir_per_machine_and_overridden(home, monkeypatch):
     assert os.uname().nodename.replace(" ", "_") in key
     monkeypatch.setenv("STACKOPS_STATE_DIR", str(home / "mine"))
     assert stackops.state_dir() == home / "mine"
+
+
+# -- content-addressed means verified: a job runs exactly the bytes its snapshot names (issue 22) ----
+
+OWN_COPY = '''
+import hashlib, json, os
+
+def own_copy(seconds=0.0):
+    """The job's copy of its code (its working folder), checked against the manifest its snapshot
+    id names: the manifest must hash to the id, and every file and link must be as it says."""
+    code = os.getcwd()
+    data = os.path.join(os.path.dirname(code), "data")
+    with open(os.path.join(data, "job_params.json")) as handle:
+        identity = json.load(handle)["code_snapshot"]
+    with open(os.path.join(data, "code_manifest.json"), "rb") as handle:
+        raw = handle.read()
+    wanted = {path: [kind, value] for path, kind, value in json.loads(raw)}
+    found = {}
+    for folder, dirs, files in os.walk(code):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files + dirs:
+            path = os.path.join(folder, name)
+            key = os.path.relpath(path, code)
+            if os.path.islink(path):
+                found[key] = ["l", os.readlink(path)]
+            elif os.path.isfile(path):
+                with open(path, "rb") as handle:
+                    digest = hashlib.sha256(handle.read()).hexdigest()
+                found[key] = ["x" if os.stat(path).st_mode & 0o100 else "f", digest]
+    return {"id_ok": hashlib.sha256(raw).hexdigest()[:32] == identity,
+            "diff": sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))}
+'''
+
+
+def _own_copy_checked(machine: RemoteMachine, remote_home: Path | None = None) -> None:
+    assert _result(machine, remote_home) == {"id_ok": True, "diff": []}
+
+
+# An editor's save loop (the review's editloop.sh): jobs.py rewritten in place, truncated then written,
+# every few milliseconds, with a new VERSION of a new length each time; killed by its pid.
+EDIT_LOOP = r'''
+import os, sys, time
+path, i = sys.argv[1], 0
+original = open(path).read()
+while True:
+    i += 1
+    with open(path, "r+") as handle:
+        handle.truncate(0)
+        handle.write(original.replace('VERSION = "v1"', f'VERSION = "v{i}{"x" * (i % 7)}"'))
+    time.sleep(0.005)
+'''
+
+
+def _edit_loop(path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", EDIT_LOOP, str(path)])
+
+
+def test_snapshot_local_copy_under_an_editors_save_loop_is_its_snapshot_or_refused(home):
+    """M1: local --copy-repo copied the live tree unchecked: a job ran a 0-byte jobs.py under a
+    snapshot id naming the full file. Now each job's copy is its snapshot, or the submit is
+    refused in one line and leaves nothing behind."""
+    repo = _git_repo(home / "proj", {"jobs.py": 'VERSION = "v1"\n' + textwrap.dedent(OWN_COPY)})
+    loop = _edit_loop(repo / "jobs.py")
+    outcomes = []
+    try:
+        for i in range(6):
+            try:
+                machine = RemoteMachine(f"{repo / 'jobs.py'}:own_copy",
+                                        config=config(job_id=f"de{i}", copy_repo=True, lock_resources=False))
+                outcomes.append(machine.run())
+            except StackopsError as exc:
+                assert "\n" not in str(exc) and ("changed" in str(exc) or "defines no" in str(exc)), str(exc)
+                assert not (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / f"de{i}").exists()
+                outcomes.append(str(exc))
+            time.sleep(0.1)
+    finally:
+        loop.kill()
+        loop.wait()
+    for outcome in outcomes:
+        if isinstance(outcome, RemoteMachine):
+            _own_copy_checked(outcome)
+    assert not list((home / "tmp_results").rglob("*.partial"))
+
+
+def test_snapshot_stale_hash_cache_entry_makes_the_snapshot_be_taken_again(home):
+    """A cache that names other bytes (damaged, or stale in a way its keys miss) is only a
+    shortcut: the function's file and every copied file are checked, and the snapshot is taken
+    again with those files hashed afresh; the job runs the right code, and the cache is mended."""
+    repo = _git_repo(home / "repo", {**VERSIONED, "helper.py": "H = 1\n"})
+    old = time.time_ns() - 3600 * 10**9
+    for name in ("vjobs.py", "helper.py"):
+        os.utime(repo / name, ns=(old, old))
+    time.sleep(2.1)  # the ctime of each file is now older than RACY_NS: the cache may keep them
+    first = RemoteMachine(_ref(repo, "version"), config=config(job_id="c1", copy_repo=True)).run()
+    assert _result(first)["version"] == 1
+    cache = home / ".cache" / "stackops" / "hashes.json"
+    known = json.loads(cache.read_text())
+    for name in ("vjobs.py", "helper.py"):
+        assert known[str(repo / name)][5] == _sha((repo / name).read_bytes())
+        known[str(repo / name)][5] = _sha(b"other bytes")  # the cache names bytes the files do not hold
+    cache.write_text(json.dumps(known))
+    second = RemoteMachine(_ref(repo, "version"), config=config(job_id="c2", copy_repo=True)).run()
+    assert _result(second)["version"] == 1
+    assert second.job_params.code_snapshot == first.job_params.code_snapshot
+    assert (second.file_manager.job_root / "code" / "helper.py").read_text() == "H = 1\n"
+    known = json.loads(cache.read_text())
+    assert all(known[str(repo / n)][5] == _sha((repo / n).read_bytes()) for n in ("vjobs.py", "helper.py"))
+
+
+def test_snapshot_same_size_edit_with_the_same_mtime_reaches_the_host(remote, home):
+    """M8: the hash cache trusted (size, mtime, inode), so a same-size edit that kept the mtime
+    made a host job run the old code. The ctime is in the key now, and recent files are rehashed."""
+    repo = _git_repo(home / "repo", VERSIONED)
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(repo / "vjobs.py", ns=(old, old))
+    time.sleep(2.1)  # old enough for the cache to keep it
+    with RemoteMachine(_ref(repo, "version"), config=config(job_id="m8a", ssh_host="tb", copy_repo=True)) as first:
+        first.run()
+        assert _result(first, remote.remote_home)["version"] == 1
+    path = repo / "vjobs.py"
+    info = path.stat()
+    path.write_text(path.read_text().replace("VERSION = 1", "VERSION = 2"))  # same size, in place
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino) == \
+        (info.st_size, info.st_mtime_ns, info.st_ino)
+    with RemoteMachine(_ref(repo, "version"), config=config(job_id="m8b", ssh_host="tb", copy_repo=True)) as second:
+        second.run()
+        assert _result(second, remote.remote_home)["version"] == 2
+
+
+PROBE = '''
+import os
+
+def probe(paths=(), imports=()):
+    import importlib
+
+    found = {path: os.path.exists(path) for path in paths}
+    for name in imports:
+        found[name] = getattr(importlib.import_module(name), "VALUE", None)
+    found["links"] = {p: os.readlink(p) for p in paths if os.path.islink(p)}
+    return found
+'''
+
+
+def test_snapshot_submodules_and_nested_repos_travel_at_their_checked_out_files(home, caplog):
+    """M4: --copy-repo silently dropped a git submodule and a nested repo; an uninitialised
+    submodule (nothing checked out) is left out with a warning."""
+    lib = _git_repo(home / "lib", {"sublib/__init__.py": "VALUE = 'from the submodule'\n"})
+    empty = _git_repo(home / "empty", {"e.py": "E = 1\n"})
+    repo = _git_repo(home / "proj", {"job.py": PROBE})
+    _git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "third_party")
+    _git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(empty), "not_here")
+    _git(repo, "commit", "-qm", "submodules")
+    _git(repo, "submodule", "deinit", "-q", "-f", "not_here")  # registered, nothing checked out
+    (repo / "third_party" / "local_edit.py").write_text("VALUE = 'untracked in the submodule'\n")
+    nested = repo / "nested"
+    nested.mkdir()
+    _git(nested, "init", "-q")
+    (nested / "nestedmod.py").write_text("VALUE = 'from the nested repo'\n")
+    paths = ["third_party/sublib/__init__.py", "third_party/local_edit.py", "nested/nestedmod.py",
+             "third_party/.git", "nested/.git"]
+    with caplog.at_level("WARNING", logger="stackops"):
+        machine = RemoteMachine(f"{repo / 'job.py'}:probe", config=config(job_id="sub1", copy_repo=True),
+                                func_kwargs={"paths": paths,
+                                             "imports": ["third_party.sublib", "nested.nestedmod"]}).run()
+    got = _result(machine)
+    assert got["third_party.sublib"] == "from the submodule" and got["nested.nestedmod"] == "from the nested repo"
+    assert got["third_party/sublib/__init__.py"] and got["third_party/local_edit.py"]
+    assert got["nested/nestedmod.py"] and not got["third_party/.git"] and not got["nested/.git"]
+    assert "not_here: a submodule that is not checked out" in caplog.text
+    code = machine.file_manager.job_root / "code"
+    assert (code / "third_party" / "sublib" / "__init__.py").read_text() == "VALUE = 'from the submodule'\n"
+
+
+def test_snapshot_absolute_link_inside_the_repo_is_kept_as_a_relative_link(home, caplog):
+    """m5: an absolute symlink that points inside the repo was dropped as 'a link out of the repo'."""
+    repo = _git_repo(home / "proj", {"job.py": PROBE, "pkg/target.py": "VALUE = 'target'\n"})
+    os.symlink(repo / "pkg" / "target.py", repo / "abs_inside.py")
+    (repo / "pkg" / "deep").mkdir()
+    os.symlink(repo / "pkg" / "target.py", repo / "pkg" / "deep" / "abs_up.py")
+    os.symlink(os.path.realpath(repo / "job.py"), repo / "real_path_link.py")
+    os.symlink(home / "lib", repo / "outside")
+    with caplog.at_level("WARNING", logger="stackops"):
+        machine = RemoteMachine(f"{repo / 'job.py'}:probe", config=config(job_id="abs1", copy_repo=True),
+                                func_kwargs={"paths": ["abs_inside.py", "pkg/deep/abs_up.py", "real_path_link.py",
+                                                       "outside"]}).run()
+    got = _result(machine)
+    assert got["links"] == {"abs_inside.py": "pkg/target.py", "pkg/deep/abs_up.py": "../target.py",
+                            "real_path_link.py": "job.py"}
+    assert got["abs_inside.py"] and got["pkg/deep/abs_up.py"] and not got["outside"]
+    assert "left out outside: a link out of the repo" in caplog.text and "abs_inside" not in caplog.text
+
+
+READ_DATA = '''
+def readit(paths=("data/x.csv",)):
+    return {path: open(path).read() for path in paths}
+'''
+
+
+@pytest.mark.parametrize("host", [None, pytest.param("tb", marks=pytest.mark.ssh)])
+def test_snapshot_readme_data_inside_the_repo_reaches_the_job_where_it_looks(home, request, host):
+    """M9: the README's `--copy-repo --data data/x.csv` failed with FileNotFoundError when data/ is
+    ignored by git: the job ran in its code/ copy, the data was in ~/proj/data."""
+    remote = request.getfixturevalue("remote") if host else None
+    repo = _git_repo(home / "proj", {"job.py": READ_DATA, "data/README": "tracked\n"})
+    (repo / ".gitignore").write_text(".venv/\nignored.txt\ndata/*.csv\nbig/\n")
+    (repo / "data" / "x.csv").write_text("a,b\n1,2\n")
+    (repo / "big" / "part").mkdir(parents=True)
+    (repo / "big" / "part" / "y.csv").write_text("y\n")
+    args = ["run", "job.py:readit", "--copy-repo", "--data", "data/x.csv", "--data", "big", "--wait", "--json",
+            "--kwargs", json.dumps({"paths": ["data/x.csv", "big/part/y.csv", "data/README"]})]
+    done = cli(*args, *(["--host", host] if host else []), home=home, cwd=repo)
+    assert done.returncode == 0, done.stderr + done.stdout
+    report = json.loads(done.stdout)
+    folder = Path(report["results_path"].replace("~", str(remote.remote_home if remote else home), 1))
+    assert json.loads((folder / "result.json").read_text()) == {"data/x.csv": "a,b\n1,2\n", "big/part/y.csv": "y\n",
+                                                                "data/README": "tracked\n"}
+
+
+def test_snapshot_rerun_runs_its_own_snapshot_unless_fresh(home):
+    """m6: `rerun` ran today's code. It runs the job's own snapshot (from the old job's copy, each
+    file checked) and says so; `rerun --fresh` takes the code as it is now."""
+    repo = _git_repo(home / "proj", VERSIONED)
+    first = RemoteMachine(_ref(repo, "version"), config=config(job_id="rr", copy_repo=True)).run()
+    assert _result(first)["version"] == 1
+    (repo / "vjobs.py").write_text((repo / "vjobs.py").read_text().replace("VERSION = 1", "VERSION = 22"))
+    done = cli("rerun", "rr", "--wait", home=home)
+    assert done.returncode == 0 and f"with its own snapshot {first.job_params.code_snapshot[:12]}" in done.stdout
+    assert _result(RemoteMachine.load("rr-r1"))["version"] == 1
+    done = cli("rerun", "rr", "--fresh", "--wait", home=home)
+    assert done.returncode == 0 and "with the code as it is now" in done.stdout, done.stdout
+    assert _result(RemoteMachine.load("rr-r2"))["version"] == 22
+    old_copy = first.file_manager.job_root / "code" / "vjobs.py"
+    old_copy.write_text(old_copy.read_text().replace("VERSION = 1", "VERSION = 3"))  # the old job's copy changed
+    done = cli("rerun", "rr", home=home)  # and the work tree no longer has those bytes either
+    assert done.returncode == 1 and "no longer here whole" in done.stderr and "--fresh" in done.stderr
+    assert not (first.file_manager.job_root.parent / "rr-r3").exists()
+    (repo / "vjobs.py").write_text(textwrap.dedent(VERSIONED["vjobs.py"]))  # the tree holds them again
+    again = first.rerun()
+    assert _result(again)["version"] == 1 and again.job_id == "rr-r3"
+
+
+def test_snapshot_rerun_on_a_host_runs_its_own_snapshot(remote, home):
+    repo = _git_repo(home / "proj", VERSIONED)
+    with RemoteMachine(_ref(repo, "version"), config=config(job_id="hr", ssh_host="tb", copy_repo=True)) as first:
+        first.run()
+        assert _result(first, remote.remote_home)["version"] == 1
+        (repo / "vjobs.py").write_text((repo / "vjobs.py").read_text().replace("VERSION = 1", "VERSION = 5"))
+        with first.rerun() as again:
+            assert _result(again, remote.remote_home)["version"] == 1
+            assert again.job_params.code_snapshot == first.job_params.code_snapshot
+        with first.rerun(fresh=True) as fresh:
+            assert _result(fresh, remote.remote_home)["version"] == 5
+
+
+# A tree under an edit storm (another process): in-place truncate-and-write, same size with the
+# same mtime, a new file renamed over the old one; check.py keeps its function in every version.
+STORM = r'''
+import os, random, sys, time
+repo, seed, pause, names = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+rng = random.Random(seed)
+check = open(os.path.join(repo, "check.py"), "rb").read()
+while True:
+    name = rng.choice(names)
+    path = os.path.join(repo, name)
+    action = rng.randrange(3)
+    data = os.urandom(rng.randrange(1, 3000))
+    if name == "check.py":  # its function stays
+        data = check + b"# " + b"x" * rng.randrange(50) + b"\n"
+    try:
+        if action == 0:
+            with open(path, "r+b") as handle:
+                handle.truncate(0)
+                handle.write(data)
+        elif action == 1 and name != "check.py":
+            info = os.stat(path)
+            with open(path, "r+b") as handle:
+                flipped = bytes(b ^ 0x5A for b in handle.read())
+                handle.seek(0)
+                handle.write(flipped)
+            os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+        else:
+            with open(path + ".new", "wb") as handle:
+                handle.write(data)
+            os.replace(path + ".new", path)
+    except OSError:
+        pass
+    time.sleep(rng.random() * pause)
+'''
+
+STORM_NAMES = ["a.py", "b.txt", "pkg/c.py", "pkg/sub/d.json", "docs/e.md"]
+
+
+@st.composite
+def _storm_trees(draw):
+    files = draw(st.dictionaries(st.sampled_from(STORM_NAMES), st.binary(max_size=3000), min_size=1, max_size=5))
+    names = sorted(files)
+    return {"files": files, "links": draw(st.lists(st.sampled_from(names), max_size=2, unique=True)),
+            "absolute": draw(st.booleans()), "outside": draw(st.booleans()), "submodule": draw(st.booleans()),
+            "ignored": draw(st.booleans()), "executable": draw(st.sampled_from(names)),
+            "seed": draw(st.integers(0, 2**31)), "pause": draw(st.sampled_from([0.004, 0.04, 0.4]))}
+
+
+_storms = itertools.count()
+
+
+def _storm_repo(base: Path, tree: dict) -> tuple[Path, list[str]]:
+    """A git repo of ``tree``: files, links inside (relative, and absolute) and out of it, an ignored
+    folder, a submodule; and the files the storm may change."""
+    repo = base / "repo"
+    repo.mkdir(parents=True)
+    _git(repo, "init", "-q")
+    for name, data in tree["files"].items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(data)
+    (repo / tree["executable"]).chmod(0o755)
+    (repo / "check.py").write_text(textwrap.dedent(OWN_COPY))
+    for i, name in enumerate(tree["links"]):
+        os.symlink(name, repo / f"link{i}")
+    if tree["absolute"]:
+        os.symlink(repo / tree["links"][0] if tree["links"] else repo / "check.py", repo / "pkg_abs")
+    if tree["outside"]:
+        (base / "outside.txt").write_text("not the repo's")
+        os.symlink(base / "outside.txt", repo / "out_link")
+    if tree["ignored"]:
+        (repo / ".gitignore").write_text("ignored/\n")
+        (repo / "ignored").mkdir()
+        (repo / "ignored" / "big.bin").write_bytes(os.urandom(5000))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "tree")
+    mutable = [*tree["files"], "check.py"]
+    if tree["submodule"]:
+        lib = _git_repo(base / "lib", {"x.py": "X = 1\n"})
+        _git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "third")
+        _git(repo, "commit", "-qm", "submodule")
+        mutable.append("third/x.py")
+    return repo, mutable
+
+
+def _storm_submits(home: Path, tree: dict, host: str | None, remote_home: Path | None) -> None:
+    """Jobs submitted while the storm runs: each one accepted must run exactly its snapshot's bytes
+    (its own check says so), each one refused must say why in one line."""
+    trial = next(_storms)
+    repo, mutable = _storm_repo(home / f"storm{trial}", tree)
+    storm = subprocess.Popen([sys.executable, "-c", STORM, str(repo), str(tree["seed"]), str(tree["pause"]),
+                              *mutable])
+    accepted = []
+    try:
+        for k in range(2):
+            cfg = config(job_id=f"st{trial}-{k}", copy_repo=True, lock_resources=False, ssh_host=host)
+            try:
+                if k == 1 and host is None:  # a sweep here: its jobs share one copy of the code
+                    accepted += list(stackops.run_sweep(f"{repo}/check.py:own_copy", cfg, [{}, {"seconds": 0}]))
+                else:
+                    machine = RemoteMachine(f"{repo}/check.py:own_copy", config=cfg)
+                    accepted.append(machine.run())
+                event("accepted")
+            except StackopsError as exc:
+                event(f"refused: {type(exc).__name__}")
+                assert "\n" not in str(exc), str(exc)
+    finally:
+        storm.kill()
+        storm.wait()
+    for machine in accepted:
+        _own_copy_checked(machine, remote_home)
+        machine.close()
+    assert not list((home / "tmp_results").rglob("*.partial"))
+
+
+STORM_SETTINGS = settings(max_examples=int(os.environ.get("STACKOPS_STORM_EXAMPLES", "4")), deadline=None,
+                          phases=[Phase.explicit, Phase.generate],
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@STORM_SETTINGS
+@slow
+@given(tree=_storm_trees())
+def test_snapshot_storm_jobs_here_run_their_snapshot_or_are_refused(home, tree):
+    _storm_submits(home, tree, None, None)
+
+
+@STORM_SETTINGS
+@slow
+@given(tree=_storm_trees())
+def test_snapshot_storm_jobs_on_a_host_run_their_snapshot_or_are_refused(remote, home, tree):
+    _storm_submits(home, tree, "tb", remote.remote_home)
+
+
+@STORM_SETTINGS
+@slow
+@given(tree=_storm_trees())
+def test_snapshot_storm_jobs_on_a_shared_home_host_run_their_snapshot_or_are_refused(same_home, home, tree):
+    _storm_submits(home, tree, "same", home)
 
 
 # -- 10-11. SSH and transfer: the class's size, copy templates, errors as records, progress --------
@@ -7708,6 +8291,8 @@ def test_security_state_cache_and_remote_job_folders_are_private(remote, home):
     for root in (home / "tmp_results", remote.remote_home / "tmp_results"):
         assert root.stat().st_mode & 0o077 == 0, root
         for path in root.rglob("*"):
+            if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+                continue  # --data inside a repo, linked into a job's copy: the data keeps its own mode
             assert path.stat().st_mode & 0o077 == 0, path
     assert remote_job.is_dir()
 
