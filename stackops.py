@@ -1169,7 +1169,9 @@ def _top_level_names(file: Path) -> set[str]:
 @dataclasses.dataclass
 class JobParams:
     """What the wrapper runs, located relative to home and to the repo so that it travels:
-    ``*_rh`` paths are home-relative (``~/...``), ``*_r`` paths are relative to the repo root."""
+    ``*_rh`` paths are home-relative (``~/...``), ``*_r`` paths are relative to the repo root.
+    A command job (``kind="command"``) runs ``command``, an argv list run without a shell, in
+    the folder ``file_path_r`` of its repo (``file_path_rh`` where it was submitted)."""
 
     description: str = ""
     ssh_repr: str = ""
@@ -1184,18 +1186,21 @@ class JobParams:
     func_module: str = ""
     func_class: str | None = None
     func_name: str | None = None
-    kind: str = "script"  # script | function | method | run_path
+    kind: str = "script"  # script | function | method | run_path | command
     import_root_r: str = "."
     # with copy_repo: the snapshot whose copy the job runs in (job folder's code/)
     code_snapshot: str = ""
     # with install_repo: the version git describe gives here (the copy has no .git)
     scm_version: str = ""
+    command: list[str] = dataclasses.field(default_factory=list)  # kind "command": its argv
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        if self.kind not in ("script", "function", "method", "run_path"):
-            raise ConfigError(f"JobParams.kind {self.kind!r} is not script, function, method or "
-                              "run_path")
+        if self.kind not in ("script", "function", "method", "run_path", "command"):
+            raise ConfigError(f"JobParams.kind {self.kind!r} is not script, function, method, "
+                              "run_path or command")
+        if self.kind == "command":
+            _check_command(self.command)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1216,11 +1221,30 @@ class JobParams:
     def from_script(cls, path: str | os.PathLike[str]) -> JobParams:
         file = expand_home(path)
         if not file.exists():
-            raise ConfigError(f"script not found: {path}")
+            raise ConfigError(f"script not found: {path}",
+                              hint=f"a command? put it after --: {_prog()} run [options] -- "
+                                   "COMMAND [ARGS...]")
         if not file.is_file():
             raise ConfigError(f"not a script file: {path} is a "
                               f"{'directory' if file.is_dir() else 'special file'}")
         return cls._located(file.resolve(), func_module=file.stem, kind="script")
+
+    @classmethod
+    def from_command(cls, argv: list[str] | tuple[str, ...],
+                     cwd: str | os.PathLike[str] | None = None) -> JobParams:
+        """A command (``["make", "train"]``: an argv list, run without a shell) run in the folder
+        ``cwd`` (default: this process's), located as scripts are: its repo is the git work tree
+        holding that folder, else the folder itself, and the command runs in the same folder of
+        the repo (or of its copy, with copy_repo) where the job runs."""
+        argv = _check_command(argv)
+        folder = expand_home(os.getcwd() if cwd is None else cwd)
+        if not folder.is_dir():
+            raise ConfigError(f"the command's folder {cwd} is not a folder")
+        folder = folder.resolve()
+        repo = find_repo_root(folder)
+        return cls(repo_path_rh=collapse_home(repo), file_path_rh=collapse_home(folder),
+                   file_path_r=folder.relative_to(repo).as_posix(), func_module=argv[0],
+                   kind="command", command=argv)
 
     @classmethod
     def from_function_ref(cls, ref: str) -> JobParams:
@@ -1297,7 +1321,9 @@ class JobParams:
                            parallelize: bool = False,
                            wrap_in_try_except: bool = False) -> str:
         """The Python lines (indented for the wrapper's ``execute``) that call the job."""
-        if self.kind == "script":
+        if self.kind == "command":
+            lines = _command_execution_lines(workload_params, parallelize)
+        elif self.kind == "script":
             if parallelize:
                 raise ConfigError("parallelize=True needs a function; a script cannot be split")
             lines = []
@@ -1330,6 +1356,177 @@ class JobParams:
                      + ["except Exception:", "    error_message = traceback.format_exc()",
                         "    res = None"])
         return "\n".join("    " + line for line in lines)
+
+
+# -- command jobs: the argv, and the {name} placeholders a sweep's lines fill ---------------------
+
+def _check_command(argv: Any) -> list[str]:
+    """``argv`` as a command: a non-empty list of strings, the first naming the program, none
+    holding a NUL character (exec cannot pass one). Returned as a new list."""
+    if isinstance(argv, str) or not isinstance(argv, (list, tuple)) \
+            or not all(isinstance(word, str) for word in argv):
+        raise ConfigError(f"a command is a list of strings, got {_shorten(repr(argv), 60)}",
+                          hint="e.g. ['python', 'train.py', '--epochs', '3']")
+    if not argv or not argv[0].strip():
+        raise ConfigError("the command is empty: name the program to run",
+                          hint=f"e.g. {_prog()} run -- make train")
+    if any("\0" in word for word in argv):
+        raise ConfigError("a command's arguments cannot hold a NUL character")
+    return list(argv)
+
+
+def _command_execution_lines(workload_params: WorkloadParams | None,
+                             parallelize: bool) -> list[str]:
+    """The wrapper's lines for a command job (see _execute_command)."""
+    if parallelize:
+        raise ConfigError("parallelize runs a function's parts in processes; a command gets its "
+                          "slice in STACKOPS_IDX_START and STACKOPS_IDX_END instead",
+                          hint="split the work inside the command, or run its parts as a Slurm "
+                               "array (--slurm) or over several hosts (cluster run)")
+    workload = "None"
+    if workload_params is not None:
+        workload = f"WorkloadParams.from_dict({workload_params.to_dict()!r})"
+    return [f"workload_params = {workload}",
+            "res, error_message = stackops._execute_command(job, func_kwargs, workload_params)"]
+
+
+# ``{name}`` is a placeholder; ``{{`` and ``}}`` stand for one brace; any other brace is itself
+_PLACEHOLDER = _LazyPattern(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
+_SHELLS = frozenset(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "posh"))
+_SHELL_OPTIONS_WITH_VALUE = frozenset(("--rcfile", "--init-file"))
+
+
+def command_placeholders(argv: list[str]) -> list[str]:
+    """The names of the ``{name}`` placeholders in a command, each once, in order of appearance
+    (``{{`` and ``}}`` are braces and name nothing)."""
+    names: list[str] = []
+    for word in argv:
+        for match in _PLACEHOLDER.finditer(word):
+            if match[1] and match[1] not in names:
+                names.append(match[1])
+    return names
+
+
+def _shell_scripts(argv: list[str]) -> set[int]:
+    """The positions in ``argv`` that a POSIX shell runs as code: the script after ``-c`` of
+    ``sh``, ``bash -lc``, ``bash -o pipefail -c`` ..., wherever that shell stands in the command
+    (``env``, ``timeout`` or ``srun`` may start it)."""
+    scripts = set()
+    for index, word in enumerate(argv):
+        if os.path.basename(word) not in _SHELLS:
+            continue
+        position, has_c = index + 1, False
+        while position < len(argv) and argv[position][:1] in ("-", "+") \
+                and argv[position] not in ("-", "--"):
+            option = argv[position]
+            long = option.startswith("--")
+            has_c = has_c or (not long and "c" in option[1:])
+            takes_value = option in _SHELL_OPTIONS_WITH_VALUE or (not long and option[-1] in "oO")
+            position += 2 if takes_value else 1
+        if position < len(argv) and argv[position] == "--":
+            position += 1
+        if has_c and position < len(argv):
+            scripts.add(position)
+    return scripts
+
+
+def _shell_state(text: str, state: str) -> str:
+    """The quoting a POSIX shell is in after reading ``text`` from ``state``: "" (none), "'",
+    '"' or "$'" (bash's C-like string), with a "\\" after it when a backslash waits to escape the
+    next character."""
+    quote, escaped, previous = state.rstrip("\\"), state.endswith("\\"), ""
+    for char in text:
+        if escaped:
+            escaped = False
+        elif quote == "'":
+            quote = "" if char == "'" else quote
+        elif char == "\\":
+            escaped = True
+        elif quote:
+            quote = "" if char == quote[-1] else quote
+        elif char == "'" and previous == "$":
+            quote = "$'"
+        elif char in "'\"":
+            quote = char
+        previous = char
+    return quote + ("\\" if escaped else "")
+
+
+def _value_text(value: Any) -> str:
+    """A sweep value as command text: a string as it is, anything else as its JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _quoted_for(state: str, text: str) -> str:
+    """``text`` as one literal piece of shell code read in quoting ``state`` (see _shell_state)."""
+    if state == "'":
+        return text.replace("'", "'\\''")
+    if state == '"':
+        return re.sub(r'([\\"$`])', r"\\\1", text)
+    return shlex.quote(text)
+
+
+def _fill_word(word: str, values: dict[str, Any], script: bool) -> str:
+    """One word of a command with its placeholders filled: literally in an argument (no shell
+    reads it), shell-quoted for where each stands in a shell's script."""
+    pieces, state, done = [], "", 0
+    for match in _PLACEHOLDER.finditer(word):
+        literal = word[done:match.start()]
+        pieces.append(literal)
+        state = _shell_state(literal, state) if script else state
+        done = match.end()
+        if not match[1]:
+            pieces.append(match[0][0])
+            state = _shell_state(match[0][0], state) if script else state
+            continue
+        if script and (state.endswith("\\") or state.startswith("$") or literal.endswith("$")):
+            raise ConfigError(f"{{{match[1]}}} stands after a '$' or a backslash, or in $'...', "
+                              "in a shell script: there a value cannot stay literal",
+                              hint="write ${{NAME}} for a shell variable, and leave a space or "
+                                   "a quote before the placeholder")
+        text = _value_text(values[match[1]])
+        pieces.append(_quoted_for(state, text) if script else text)
+    pieces.append(word[done:])
+    return "".join(pieces)
+
+
+def fill_command(argv: list[str], values: dict[str, Any]) -> list[str]:
+    """The command with each ``{name}`` filled from ``values`` (``{{``/``}}``: a brace), so that
+    every value arrives as exactly one literal piece, as GNU parallel's quoting promises: in an
+    argument (the command runs without a shell) the value is put in as it is; in the script of a
+    shell's ``-c`` (``sh -c``, ``bash -lc`` ... anywhere in the command), where a shell reads it,
+    it is quoted for the quotes it stands in (none, '...' or "..."). A string goes as it is, any
+    other value as its JSON text. A missing name is a ConfigError. The value goes unquoted into
+    other programs' code (``python -c``, ``ssh host CMD``): pass it there as an argument."""
+    missing = [name for name in command_placeholders(argv) if name not in values]
+    if missing:
+        raise ConfigError(f"no value for {', '.join('{' + name + '}' for name in missing)}",
+                          hint="write {{ and }} for a literal brace")
+    scripts = _shell_scripts(argv)
+    filled = [_fill_word(word, values, index in scripts) for index, word in enumerate(argv)]
+    return _check_command(filled)  # a value cannot bring a NUL character either
+
+
+def check_command_sweep(argv: list[str], grid: list[dict[str, Any]]) -> None:
+    """Refuse, before anything is written, a sweep of command ``argv`` over ``grid`` (one dict of
+    values per job) that could not fill it: no placeholder at all (every job would run the same
+    command), or a line without a value for one (named with the line's number)."""
+    names = command_placeholders(argv)
+    if not names:
+        raise ConfigError(f"the sweep's command has no {{name}} placeholder: its {len(grid)} "
+                          "jobs would all run the same command",
+                          hint="e.g. -- python train.py --lr {lr}, with lines like {\"lr\": 0.1}")
+    for number, line in enumerate(grid, 1):
+        try:
+            fill_command(argv, line)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep line {number}: {exc}", hint=exc.hint) from None
+
+
+def command_argv(params: JobParams, values: dict[str, Any] | None = None) -> list[str]:
+    """The argv a command job runs: its command, or with ``values`` (a sweep job's line, from its
+    kwargs) the command with its placeholders filled (fill_command)."""
+    return fill_command(params.command, values) if values else list(params.command)
 
 
 # ============================================================================================
@@ -2899,6 +3096,129 @@ def run_job(job_root: str | os.PathLike[str],
             manager.write_log(STATUS_TXT, status)
             _notify(manager, record, status, error)
     return res
+
+
+# -- command jobs and forked children: one attempt, its environment, exit status and resources ---
+
+def _job_environment(job_id: str, attempt: int, slot: str | None,
+                     workload: WorkloadParams | dict[str, Any] | None = None,
+                     sweep_index: int | None = None,
+                     config_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables a job gets on top of its machine's environment: the user's ``config_env``
+    (--env), then stackops' own, which win: STACKOPS_JOB_ID, STACKOPS_ATTEMPT (1 for the first
+    run), STACKOPS_SLOT (the slot it holds, "" for none); STACKOPS_SWEEP_INDEX for a sweep's job
+    (its line, from 0); with a workload its slice: STACKOPS_IDX_START and STACKOPS_IDX_END (the
+    slice), STACKOPS_IDX_MIN and STACKOPS_IDX_MAX (the whole range), STACKOPS_PART (the slice's
+    index: a cluster host's, an array task's) and STACKOPS_PARTS (into how many parts the slice
+    is to be cut: --workload's PARTS, a cluster host's threads)."""
+    env = {str(key): str(value) for key, value in (config_env or {}).items()}
+    env.update(STACKOPS_JOB_ID=job_id, STACKOPS_ATTEMPT=str(attempt), STACKOPS_SLOT=slot or "")
+    if sweep_index is not None:
+        env["STACKOPS_SWEEP_INDEX"] = str(sweep_index)
+    if workload is not None:
+        part = workload if isinstance(workload, WorkloadParams) else WorkloadParams.from_dict(
+            workload)
+        env.update(STACKOPS_IDX_START=str(part.idx_start), STACKOPS_IDX_END=str(part.idx_end),
+                   STACKOPS_IDX_MIN=str(part.idx_min), STACKOPS_IDX_MAX=str(part.idx_max),
+                   STACKOPS_PART=str(part.idx), STACKOPS_PARTS=str(part.jobs))
+    return env
+
+
+def _exit_record(status: int, usage: Any) -> dict[str, Any]:
+    """What a wait4() status and resource use say of an ended process: ``exit_code`` (None when a
+    signal ended it), ``signal`` (None when it exited), ``max_rss_bytes`` (the largest resident
+    set of it or of a descendant it waited for) and ``cpu_seconds`` (user + system time of it and
+    of the descendants it waited for)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # Linux counts ru_maxrss in KiB, macOS bytes
+    killed = os.WIFSIGNALED(status)
+    return {"exit_code": None if killed else os.WEXITSTATUS(status),
+            "signal": os.WTERMSIG(status) if killed else None,
+            "max_rss_bytes": int(usage.ru_maxrss) * scale,
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3)}
+
+
+def _stop_child(pid: int, grace: float) -> None:
+    """SIGTERM to child ``pid``, SIGKILL if it still runs ``grace`` seconds later; reaped."""
+    deadline = time.monotonic() + grace
+    try:
+        os.kill(pid, signal.SIGTERM)
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass  # gone, and reaped already
+
+
+def _wait_child(pid: int, grace: float = 10.0) -> dict[str, Any]:
+    """Wait for child ``pid`` (a command job's program, or the forked Python of a function job)
+    and return its _exit_record. Whatever is raised meanwhile (the wrapper's SIGTERM handler: a
+    cancel, Slurm's time limit) stops the child first (SIGTERM, then SIGKILL after ``grace``
+    seconds) and then goes on up."""
+    try:
+        _, status, usage = os.wait4(pid, 0)
+    except BaseException:
+        _stop_child(pid, grace)
+        raise
+    return _exit_record(status, usage)
+
+
+def _run_command(argv: list[str], cwd: str | os.PathLike[str], env: dict[str, str], out_fd: int,
+                 grace: float = 10.0) -> dict[str, Any]:
+    """One attempt of a command job: ``argv`` run without a shell (the program is looked up on
+    ``env``'s PATH) in folder ``cwd`` with exactly ``env``, stdin empty, stdout and stderr both
+    on ``out_fd`` (one stream, in the order the program writes). It stays in this process's
+    group, so stopping the job's group stops it too. Returns its _exit_record (see _wait_child);
+    a program that cannot be started is a StackopsError."""
+    if not os.path.isdir(cwd):
+        raise StackopsError(f"the command's folder {cwd} is not there")
+    try:
+        child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd,
+                                 stderr=out_fd)
+    except OSError as exc:
+        raise StackopsError(f"cannot run {argv[0]!r}: {exc.strerror or exc}",
+                            hint="is it installed where the job runs, and on its PATH? (or give "
+                                 "its path)") from exc
+    try:
+        record = _wait_child(child.pid, grace)
+    finally:
+        child.returncode = -1  # reaped by _wait_child: Popen must not wait for it again
+    return record
+
+
+def _command_failure(argv: list[str], record: dict[str, Any]) -> str:
+    """The error of a command's attempt from its _exit_record: "" when it exited 0."""
+    number = record.get("signal")
+    if number is not None:
+        try:
+            name = f" ({signal.Signals(number).name})"
+        except ValueError:
+            name = ""
+        return f"the command {argv[0]} was killed by signal {number}{name}"
+    if record.get("exit_code"):
+        return f"the command {argv[0]} exited with status {record['exit_code']}"
+    return ""
+
+
+def _execute_command(job: JobContext, func_kwargs: dict[str, Any],
+                     workload_params: WorkloadParams | None) -> tuple[Any, str]:
+    """A command job's attempt, as the wrapper's execute() calls it (JobParams.
+    get_execution_line): its argv (a sweep job's placeholders filled from its kwargs) in its
+    folder of the repo, with the job's variables, its output into the job's log. Returns (None,
+    the error: "" when it exited 0)."""
+    config = _read_json(job.job_root / CONFIG_JSON)
+    job_id = FileManager.from_job_root(job.job_root).job_id
+    attempt = _read_text(job.job_root / ATTEMPT_TXT).partition("/")[0].strip() or "1"
+    env = dict(os.environ, **_job_environment(job_id, int(attempt),
+                                              os.environ.get("STACKOPS_SLOT_NAMES"),
+                                              workload_params, None, config.get("env")))
+    argv = command_argv(job.params, func_kwargs)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    record = _run_command(argv, job.repo / job.params.file_path_r, env, sys.stdout.fileno())
+    return None, _command_failure(argv, record)
 
 
 # -- the queue's dispatcher: hands slots to queued entries, first come first served --------------
@@ -5495,7 +5815,10 @@ def parse_kwargs(text: str) -> dict[str, Any]:
 
 
 def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
-    """JobParams for a script path, FILE.py:FUNC, function or bound method (+ pickled instance)."""
+    """JobParams for a script path, FILE.py:FUNC, function or bound method (+ pickled instance),
+    or a command: a list (or tuple) of strings, run in this process's folder."""
+    if isinstance(func, (list, tuple)):
+        return JobParams.from_command(func), None
     if isinstance(func, (str, os.PathLike)):
         text = os.fspath(func)
         if re.search(r"\.py:[^/\\]+\Z", text):
@@ -5521,7 +5844,7 @@ def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
 def _parameters(func: Any, params: JobParams) -> list[tuple[str, str, bool]] | None:
     """(name, kind, has a default) of each parameter the job's callable takes; None when that
     cannot be known. A function object is asked; a FILE.py:FUNC is read with ast, never imported."""
-    if params.kind == "script":
+    if params.kind in ("script", "command"):
         return None
     if not isinstance(func, (str, os.PathLike)):
         import inspect
@@ -7408,6 +7731,9 @@ def _array_tasks(machine: RemoteMachine) -> list[RemoteMachine]:
 
 def _check_arguments(func: Any, machine: RemoteMachine, config: RemoteStackOpsConfig) -> None:
     """The callable takes the kwargs (and workload_params once) and has an execution line."""
+    if machine.job_params.kind == "command" and machine.kwargs:
+        raise ConfigError("a command takes no kwargs: its arguments are in the command",
+                          hint="a sweep's lines fill {name} placeholders of the command")
     if config.workload_params is not None and "workload_params" in machine.kwargs:
         raise ConfigError("workload_params given both in config and in func_kwargs")
     _check_call(_parameters(func, machine.job_params), machine.kwargs,
@@ -7563,6 +7889,12 @@ def _delete_job(machine: RemoteMachine, results: bool) -> None:
 
 class RemoteMachine:
     """One job: generate its folder, submit it, fire it detached, follow it, fetch its results.
+
+    ``func`` is what the job runs: a function or bound method, ``"path/to/file.py:func"``, a
+    script's path, or any command as a list of strings (``["make", "train"]``, run without a
+    shell, in the folder this process is in, inside its repo: see JobParams.from_command). A
+    command takes no ``func_kwargs``; it gets its workload's slice, its id, attempt and slot in
+    ``STACKOPS_*`` environment variables.
 
     With ``config.ssh_host=None`` (the embedded default) the job runs on this machine; otherwise on
     that host, over one SSH connection reused for every step (``close()`` ends it). Where it runs
@@ -8266,10 +8598,17 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
     function, the ids against the jobs that exist). The jobs share one copy of stackops, the
     wrapper, the launcher and the code snapshot (the folder ``<config.job_id>`` beside theirs);
     to a host they travel as one stream. A failed job does not stop the others. ``run=False``
-    prepares everything and starts nothing (``start ID-K`` starts a job)."""
+    prepares everything and starts nothing (``start ID-K`` starts a job). ``func`` may be a
+    command (a list of strings) whose ``{name}`` placeholders each line fills (fill_command)."""
     _check_sweep_config(config)
     lines = _sweep_lines(func_kwargs, grid)
-    template = RemoteMachine(func, config, func_kwargs=lines[0], data=data)
+    command = isinstance(func, (list, tuple))  # each job's line fills the command's {name}s
+    if command:
+        if func_kwargs:
+            raise ConfigError("a sweep of commands takes no func_kwargs: its lines fill the "
+                              "command's {name} placeholders")
+        check_command_sweep(_check_command(func), lines)
+    template = RemoteMachine(func, config, func_kwargs=None if command else lines[0], data=data)
     parameters = _parameters(func, template.job_params)
     workload = config.workload_params is not None
     for number, kwargs in enumerate(lines, 1):
@@ -9185,7 +9524,40 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
                           jobs=parts)
 
 
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``run [options] -- COMMAND [ARGS...]`` (and ``cluster run``): (the words before ``--``,
+    the job's command after it); (argv, None) for any other command line."""
+    if "--" not in argv:
+        return argv, None
+    cut = argv.index("--")
+    verbs = [word for word in argv[:cut] if not word.startswith("-")]
+    if verbs[:1] == ["run"] or verbs[:2] == ["cluster", "run"]:
+        return argv[:cut], argv[cut + 1:]
+    return argv, None
+
+
+def _run_target(args: Any) -> Any:
+    """What ``run`` (or ``cluster run``) runs: TARGET (a script or FILE.py:FUNC), or the command
+    after ``--`` as a list; exactly one of them, and a command with none of the options that
+    only a Python function takes."""
+    command = getattr(args, "job_command", None)
+    if command is not None and args.target:
+        raise ConfigError(f"give a script or function ({args.target}) or a command after --, "
+                          "not both")
+    if command is None:
+        if not args.target:
+            raise ConfigError("nothing to run: give a script, FILE.py:FUNC, or -- COMMAND",
+                              hint=f"e.g. {_prog()} run train.py, or {_prog()} run -- make train")
+        return args.target
+    if args.kwargs != "{}":
+        raise ConfigError("--kwargs is for a Python function or script: a command's arguments "
+                          "follow --", hint="a sweep's lines fill the command's {name} "
+                                            "placeholders")
+    return _check_command(command)
+
+
 def _cmd_run(args: Any) -> int:
+    target = _run_target(args)
     config = RemoteStackOpsConfig(
         job_id=args.job_id or _random_job_id(), base_dir=args.base_dir,
         description=args.description,
@@ -9203,15 +9575,15 @@ def _cmd_run(args: Any) -> int:
         after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     if args.sweep:
-        return _run_sweep_and_report(config, args)
-    machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
+        return _run_sweep_and_report(target, config, args)
+    machine = RemoteMachine(target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
         return _run_and_report(machine, args)
 
 
-def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
+def _run_sweep_and_report(target: Any, config: RemoteStackOpsConfig, args: Any) -> int:
     grid = load_sweep_grid(args.sweep)
-    with run_sweep(args.target, config, grid, parse_kwargs(args.kwargs), run=not args.no_launch,
+    with run_sweep(target, config, grid, parse_kwargs(args.kwargs), run=not args.no_launch,
                    progress=_progress(args)) as sweep:
         first, last = sweep.jobs[0].job_id, sweep.jobs[-1].job_id
         if args.no_launch:
@@ -9916,7 +10288,8 @@ def _cmd_cluster_run(args: Any) -> int:
                                   max_simultaneous_jobs=args.max_jobs)
     threads = ThreadLoadCalculator(args.threads, LoadCriterion[args.criterion])
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    with Cluster(args.target, hosts, config, parse_kwargs(args.kwargs), threads, not args.strict,
+    target = _run_target(args)
+    with Cluster(target, hosts, config, parse_kwargs(args.kwargs), threads, not args.strict,
                  args.description, args.job_id, args.base_dir, args.max_num) as cluster:
         cluster.run()
         for host, error in cluster.unavailable.items():
@@ -10064,9 +10437,9 @@ def _add_cluster_args(commands: Any) -> None:
 
 
 def _add_cluster_run_args(run: Any) -> None:
-    run.add_argument("target",
-                     help="path/to/module.py:func; it gets workload_params (its slice) and "
-                          "the kwargs")
+    _add_target_arg(run, "cluster run", "path/to/module.py:func; it gets workload_params (its "
+                                        "slice) and the kwargs. Or after -- a command: its slice "
+                                        "is in STACKOPS_IDX_START and STACKOPS_IDX_END")
     run.add_argument("--hosts", required=True,
                      help="comma-separated ~/.ssh/config aliases or user@host[:port]")
     run.add_argument("--kwargs", default="{}", metavar="JSON",
@@ -10225,9 +10598,15 @@ def _add_ip_args(commands: Any) -> None:
                      help="switch: stop at one of these")
 
 
+def _add_target_arg(parser: Any, command: str, help_text: str) -> None:
+    """TARGET, or else a command after ``--`` (main() takes it off the line: _split_command)."""
+    parser.usage = f"stackops {command} [options] (TARGET | -- COMMAND [ARGS...])"
+    parser.add_argument("target", nargs="?", help=help_text)
+
+
 def _add_run_args(parser: Any) -> None:
-    parser.add_argument("target", help="a script (path/to/train.py) or a function "
-                                       "(path/to/module.py:func)")
+    _add_target_arg(parser, "run", "a script (path/to/train.py), a function (path/to/module.py:"
+                                   "func), or after -- any command, run in this folder of its repo")
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or "
                                        "user@host[:port]); "
                                        "default: this machine")
@@ -10401,7 +10780,8 @@ def _build_parser() -> Any:
 
 def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
     """run, status, list, logs, queue, download, delete-results and the job control verbs."""
-    _add_run_args(command("run", _cmd_run, "run a script or function as a detached job", job=False))
+    _add_run_args(command("run", _cmd_run, "run a script, function or command as a detached job",
+                          job=False))
     sub = command("status", _cmd_status, "status, times, results and error of a job")
     sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
     sub.add_argument("--json", action="store_true")
@@ -10526,7 +10906,10 @@ def _take_ssh_command(args: Any, extras: list[str], parser: Any) -> None:
             args.command = words
             return
     if extras:
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        more = ""
+        if getattr(args, "handler", None) in (_cmd_run, _cmd_cluster_run):
+            more = " (a command and its arguments go after --: run [options] -- COMMAND ...)"
+        parser.error(f"unrecognized arguments: {' '.join(extras)}{more}")
 
 
 def _os_error_line(exc: OSError) -> tuple[str, str]:
@@ -10544,8 +10927,10 @@ def main(argv: list[str] | None = None) -> int:
     _note_program(sys.argv[0] if sys.argv else "")
     _argparse()  # before the parser is built: argparse without gettext
     parser = _build_parser()
+    words, command = _split_command(list(sys.argv[1:] if argv is None else argv))
     try:
-        args, extras = parser.parse_known_args(argv)
+        args, extras = parser.parse_known_args(words)
+        args.job_command = command
         _take_ssh_command(args, extras, parser)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2

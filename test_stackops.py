@@ -412,8 +412,13 @@ JobParams(
     import_root_r: 'str' = '.',
     code_snapshot: 'str' = '',
     scm_version: 'str' = '',
+    command: 'list[str]' = <factory>,
 ) -> None
 classmethod JobParams.from_callable(func: 'Callable[..., Any]') -> JobParams
+classmethod JobParams.from_command(
+    argv: 'list[str] | tuple[str, ...]',
+    cwd: 'str | os.PathLike[str] | None' = None,
+) -> JobParams
 classmethod JobParams.from_dict(data: 'Any') -> JobParams
 classmethod JobParams.from_function_ref(ref: 'str') -> JobParams
 classmethod JobParams.from_script(path: 'str | os.PathLike[str]') -> JobParams
@@ -1180,6 +1185,78 @@ def test_models_execution_lines_compile_for_every_combination(home):
             continue
         code = stackops.render_execution_script(params.get_execution_line(wp, par, wrap))
         compile(code, f"{kind}-{wp}-{par}-{wrap}", "exec")
+
+
+# -- command jobs: the model, and the {name} placeholders a sweep's lines fill (issue 23) --------
+
+def test_models_command_is_located_like_a_script(home, monkeypatch):
+    proj = home / "proj"
+    (proj / ".git").mkdir(parents=True)
+    (proj / "sub").mkdir()
+    params = JobParams.from_command(["make", "train"], cwd=proj / "sub")
+    assert (params.kind, params.command) == ("command", ["make", "train"])
+    assert (params.repo_path_rh, params.file_path_rh, params.file_path_r) == ("~/proj", "~/proj/sub", "sub")
+    assert JobParams.from_dict(json.loads(json.dumps(params.to_dict()))) == params
+    loose = home / "loose"
+    loose.mkdir()
+    monkeypatch.chdir(loose)  # in no repo: the folder is its own repo
+    machine = RemoteMachine(("python3", "-V"), config(job_id="cmd-model"))
+    assert (machine.job_params.repo_path_rh, machine.job_params.file_path_r) == ("~/loose", ".")
+    assert machine.job_params.command == ["python3", "-V"]
+    assert not (home / "tmp_results").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "the command is empty"), ([" "], "the command is empty"), ("make train", "a list of strings"),
+    (["make", 3], "a list of strings"), (["ls", "a\0b"], "NUL"),
+])
+def test_models_command_bad_argv_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        JobParams.from_command(argv)
+    with pytest.raises(ConfigError):  # a record read back is checked alike
+        JobParams.from_dict({"kind": "command", "command": argv})
+
+
+def test_models_command_placeholders_filled_and_braces_escaped():
+    argv = ["train", "--lr={lr}", "{name}/{lr}", "{{lr}}", "{{{name}}}", "awk", "{print $1}", "{}", "{1x", "${lr}"]
+    assert stackops.command_placeholders(argv) == ["lr", "name"]
+    filled = stackops.fill_command(argv, {"lr": 0.1, "name": "a b", "unused": 1})
+    # no shell reads these arguments: each value goes in as it is, '$' and all
+    assert filled == ["train", "--lr=0.1", "a b/0.1", "{lr}", "{a b}", "awk", "{print $1}", "{}", "{1x", "$0.1"]
+    assert stackops.fill_command(["x", "{v}", "{a}{b}"], {"v": [1, "two"], "a": True, "b": None}) == [
+        "x", '[1, "two"]', "truenull"]
+    with pytest.raises(ConfigError, match=r"no value for \{name\}"):
+        stackops.fill_command(argv, {"lr": 1})
+    params = JobParams.from_command(["echo", "{{x}}"], cwd="/")
+    assert stackops.command_argv(params) == ["echo", "{{x}}"]  # a job without values runs it as given
+    assert stackops.command_argv(params, {"y": 1}) == ["echo", "{x}"]
+
+
+@pytest.mark.parametrize("argv,scripts", [
+    (["sh", "-c", "S", "a0", "{x}"], {2}),
+    (["bash", "-lc", "S"], {2}),
+    (["/bin/bash", "-o", "pipefail", "-c", "S"], {4}),
+    (["bash", "--norc", "--rcfile", "f", "-e", "-c", "--", "S"], {7}),
+    (["env", "A=1", "timeout", "5", "dash", "-ec", "S"], {6}),
+    (["bash", "script.sh", "{x}"], set()),
+    (["python3", "-c", "S"], set()),
+    (["sh", "-c"], set()),
+])
+def test_models_command_shell_scripts_found_where_a_shell_reads_code(argv, scripts):
+    assert stackops._shell_scripts(argv) == scripts
+
+
+def test_models_command_sweep_checked_line_by_line():
+    argv = ["python", "train.py", "--lr", "{lr}"]
+    stackops.check_command_sweep(argv, [{"lr": 1}, {"lr": 2, "extra": 3}])
+    with pytest.raises(ConfigError, match=r"sweep line 2: no value for \{lr\}"):
+        stackops.check_command_sweep(argv, [{"lr": 1}, {"rl": 2}])
+    with pytest.raises(ConfigError, match=r"no \{name\} placeholder: its 1 jobs"):
+        stackops.check_command_sweep(["python", "train.py"], [{"lr": 1}])
+    for script in ("echo ${lr}", "echo \\{lr}", "echo $'{lr}'"):  # where a value cannot stay literal
+        with pytest.raises(ConfigError, match="stands after a '\\$' or a backslash, or in \\$'"):
+            stackops.check_command_sweep(["sh", "-c", script], [{"lr": 1}])
+    stackops.check_command_sweep(["sh", "-c", "echo ${{HOME}} {lr}"], [{"lr": 1}])
 
 
 # ============================================================================================
@@ -2263,6 +2340,148 @@ def test_sweep_cli_ids_width_wait_and_cancel_on_the_sweep_id(home):
 def sweep_ids_width():
     ids = stackops.sweep_job_ids("big", 12345)
     return [ids[0], ids[-1]]
+
+
+# -- command jobs here: any program, its output in one stream, its variables, its end (issue 23) -
+
+def _git_proj(home: Path) -> Path:
+    """~/proj, a git repo, with a folder sub/ in it."""
+    proj = home / "proj"
+    (proj / "sub").mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(proj)], check=True)
+    return proj
+
+
+def test_jobs_command_runs_in_its_folder_with_its_variables_and_one_stream(home, monkeypatch):
+    proj = _git_proj(home)
+    monkeypatch.chdir(proj / "sub")
+    script = ('echo "out 1"; echo "err 2" >&2; echo "out 3"; pwd -P; '
+              'echo "$STACKOPS_JOB_ID $STACKOPS_ATTEMPT $STACKOPS_IDX_START $STACKOPS_IDX_END '
+              '$STACKOPS_IDX_MIN $STACKOPS_IDX_MAX $STACKOPS_PART $STACKOPS_PARTS"')
+    part = WorkloadParams(idx_min=0, idx_max=100, idx_start=10, idx_end=20, idx=1, jobs=2)
+    job = RemoteMachine(["sh", "-c", script], config(job_id="cmd-here", workload_params=part)).run()
+    report = wait_done(job)
+    assert report.status == "completed", report.error_message
+    log = job.file_manager.path(stackops.OUTPUT_LOG).read_text()
+    body = log[log.index("EXECUTION START"):].splitlines()[1:6]
+    assert body == ["out 1", "err 2", "out 3", str((proj / "sub").resolve()), "cmd-here 1 10 20 0 100 1 2"]
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["sh", "-c", "exit 3"], "the command sh exited with status 3"),
+    (["sh", "-c", "kill -9 $$"], "the command sh was killed by signal 9 (SIGKILL)"),
+    (["no-such-program-23"], "cannot run 'no-such-program-23': No such file or directory"),
+])
+def test_jobs_command_failure_says_its_exit_status_or_signal(home, monkeypatch, argv, error):
+    monkeypatch.chdir(_git_proj(home))
+    report = wait_done(RemoteMachine(argv, config(job_id="cmd-fail")).run())
+    assert report.status == "failed" and error in report.error_message, report.error_message
+
+
+def test_jobs_command_from_the_command_line(home):
+    proj = _git_proj(home)
+    done = cli("run", "--job-id", "cmd-cli", "--wait", "--", "sh", "-c", 'echo "args: $*"', "sh", "a b", "--c",
+               home=home, cwd=proj / "sub")
+    assert done.returncode == 0, done.stderr
+    assert "args: a b --c" in cli("logs", "cmd-cli", home=home).stdout
+    failed = cli("run", "--job-id", "cmd-cli-2", "--wait", "--", "false", home=home, cwd=proj)
+    assert failed.returncode == 1 and "the command false exited with status 1" in failed.stderr
+
+
+def test_jobs_command_sweep_fills_each_line_into_the_command(home):
+    proj = _git_proj(home)
+    values = ["a b", "it's \"q\"", "$(touch pwned)", "x\ny", "", "{name}"]
+    (proj / "grid.jsonl").write_text("".join(json.dumps({"name": v, "i": i}) + "\n" for i, v in enumerate(values)))
+    code = "import json, sys; print('ARGV ' + json.dumps(sys.argv[1:]))"
+    done = cli("run", "--sweep", "grid.jsonl", "--job-id", "csw", "--max-jobs", "2", "--wait", "--",
+               sys.executable, "-c", code, "--out", "out/{name}", "{i}", home=home, cwd=proj)
+    assert done.returncode == 0, done.stderr
+    for i, value in enumerate(values):
+        log = cli("logs", f"csw-{i:04d}", home=home).stdout
+        [line] = [line for line in log.splitlines() if line.startswith("ARGV ")]
+        assert json.loads(line[5:]) == ["--out", f"out/{value}", str(i)]
+    assert not list(proj.rglob("pwned"))
+
+
+def _child_in_wait(pid: int) -> None:
+    """Run in a forked child: wait until the parent ``pid`` blocks in wait4 (the kernel names that
+    wait do_wait), then interrupt it with SIGUSR1."""
+    wchan = Path(f"/proc/{pid}/wchan")
+    for _ in range(3000):
+        if wchan.read_text() == "do_wait":
+            break
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGUSR1)
+
+
+def test_jobs_run_command_measures_exit_peak_memory_and_cpu(tmp_path):
+    out = tmp_path / "out.log"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    code = ("import sys, time\nprint('one', flush=True)\nprint('two', file=sys.stderr, flush=True)\n"
+            "block = b'x' * (200 << 20)\nwhile time.process_time() < 0.3:\n    pass\nprint('three')\nsys.exit(7)")
+    try:
+        record = stackops._run_command([sys.executable, "-c", code], tmp_path, dict(os.environ), fd)
+        through_shell = stackops._run_command(["sh", "-c", f"{shlex.quote(sys.executable)} -c \"$1\"; :", "sh",
+                                               code], tmp_path, dict(os.environ), fd)
+        killed = stackops._run_command(["sh", "-c", "kill -KILL $$"], tmp_path, dict(os.environ), fd)
+        with pytest.raises(StackopsError, match="cannot run 'no-such-program-23'"):
+            stackops._run_command(["no-such-program-23"], tmp_path, dict(os.environ), fd)
+    finally:
+        os.close(fd)
+    assert (record["exit_code"], record["signal"]) == (7, None)
+    assert record["max_rss_bytes"] >= 150 << 20 and record["cpu_seconds"] >= 0.3
+    assert through_shell["exit_code"] == 0 and through_shell["max_rss_bytes"] >= 150 << 20  # a descendant's peak
+    assert (killed["exit_code"], killed["signal"]) == (None, 9)
+    assert out.read_text() == "one\ntwo\nthree\n" * 2
+
+
+def test_jobs_wait_child_measures_a_forked_python_and_stops_it_when_interrupted(tmp_path):
+    def forked(work) -> int:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                work()
+            finally:
+                os._exit(5)
+        return pid
+
+    idle = stackops._wait_child(forked(lambda: None))
+    busy = stackops._wait_child(forked(lambda: b"x" * (200 << 20)))
+    assert (busy["exit_code"], busy["signal"]) == (5, None)
+    assert busy["max_rss_bytes"] - idle["max_rss_bytes"] >= 150 << 20  # a fork shares its parent's pages
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    def sleeper():
+        signal.signal(signal.SIGTERM, lambda *_: (tmp_path / "terminated").write_text("") or os._exit(0))
+        _child_in_wait(os.getppid())
+        time.sleep(60)
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        pid = forked(sleeper)
+        with pytest.raises(Stop):  # what the wrapper's SIGTERM handler does: raise, and the child goes first
+            stackops._wait_child(pid, grace=30)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert (tmp_path / "terminated").exists()
+    with pytest.raises(ChildProcessError):  # and it was reaped
+        os.waitpid(pid, os.WNOHANG)
+
+
+def test_jobs_environment_of_a_job():
+    env = stackops._job_environment("j-1", 2, "slot-1", {"idx_min": 0, "idx_max": 9, "idx_start": 3, "idx_end": 6,
+                                                        "idx": 1, "jobs": 3}, 4,
+                                    {"STACKOPS_JOB_ID": "forged", "DATA": "/d"})
+    assert env == {"DATA": "/d", "STACKOPS_JOB_ID": "j-1", "STACKOPS_ATTEMPT": "2", "STACKOPS_SLOT": "slot-1",
+                   "STACKOPS_SWEEP_INDEX": "4", "STACKOPS_IDX_START": "3", "STACKOPS_IDX_END": "6",
+                   "STACKOPS_IDX_MIN": "0", "STACKOPS_IDX_MAX": "9", "STACKOPS_PART": "1", "STACKOPS_PARTS": "3"}
+    assert stackops._job_environment("j-2", 1, None) == {"STACKOPS_JOB_ID": "j-2", "STACKOPS_ATTEMPT": "1",
+                                                         "STACKOPS_SLOT": ""}
 
 
 # ============================================================================================
@@ -4911,6 +5130,24 @@ def test_places_generated_commands_are_rendered_and_quoted(home, tmp_path):
         stackops.render_template(stackops.SCANCEL_TEMPLATE, marks=marks)
 
 
+def test_places_command_job_on_a_host_runs_in_its_copy_of_the_repo(remote, home, monkeypatch):
+    proj = _git_proj(home)
+    (proj / "sub" / "data.txt").write_text("shipped\n")
+    monkeypatch.chdir(proj / "sub")
+    script = 'pwd -P; cat data.txt; echo "$HOME $STACKOPS_JOB_ID"'
+    with RemoteMachine(["sh", "-c", script], config(job_id="cmd-remote", ssh_host="tb", copy_repo=True)) as job:
+        job.run()
+        report = job.get_status(0)
+        while not report.finished:
+            time.sleep(0.1)
+            report = job.get_status(20)
+    assert report.status == "completed", report.error_message
+    there = (remote.remote_home / job.file_manager.job_root_rh[2:]).resolve()
+    lines = report.log_tail.splitlines()
+    start = next(i for i, line in enumerate(lines) if "EXECUTION START" in line)
+    assert lines[start + 1:start + 4] == [str(there / "code" / "sub"), "shipped", f"{remote.remote_home} cmd-remote"]
+
+
 # ============================================================================================
 # 13b. Slurm as a launcher: a real one-node cluster (slurmctld, slurmd, own munged), root only
 # ============================================================================================
@@ -5975,6 +6212,17 @@ def test_cluster_cli_run_status_download(cluster_home):
     union = sorted(i for h in ("node1", "node2")
                    for i in json.loads((folder / h / "result.json").read_text())["indices"])
     assert union == list(range(1000))
+
+
+def test_cluster_cli_runs_a_command_with_each_host_slice_in_its_environment(cluster_home, sshd):
+    proj = _git_proj(cluster_home)
+    script = 'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_IDX_MAX" > "$HOME/cmdclu-$STACKOPS_PART.txt"'
+    done = cli("cluster", "run", "--hosts", "node1,node2", "--copy-repo", "--job-id", "cmdclu", "--max-num", "10",
+               "--wait", "--", "sh", "-c", script, home=cluster_home, cwd=proj)
+    assert done.returncode == 0, done.stderr
+    first, second = ([int(n) for n in (sshd.remote_home / f"cmdclu-{part}.txt").read_text().split()]
+                     for part in (0, 1))
+    assert first[0] == 0 and first[1] == second[0] and second[1] == 10 and first[2] == second[2] == 10
 
 
 def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home, fault_node, sshd):
@@ -7085,6 +7333,11 @@ def _bad_inputs(home: Path):
                                                  func_kwargs={"workload_params": 1})),
         ("parallel script", lambda: RemoteMachine(mod.__file__, config=config(
             workload_params=WorkloadParams(), parallelize=True))),
+        ("empty command", lambda: RemoteMachine([], config=config())),
+        ("command of non-strings", lambda: RemoteMachine(["sleep", 1], config=config())),
+        ("command with kwargs", lambda: RemoteMachine(["true"], config=config(), func_kwargs={"x": 1})),
+        ("parallel command", lambda: RemoteMachine(["true"], config=config(
+            workload_params=WorkloadParams(), parallelize=True))),
     ]
 
 
@@ -7108,11 +7361,21 @@ def test_bad_input_refused_before_anything_is_written(home):
     (["run", "proj/m.py:f", "--parallelize"], "parallelize"),
     (["run", "proj"], "not a script file"),
     (["status", "no-such-job"], "no job"),
-    (["run"], "required"),
+    (["run"], "nothing to run"),
+    (["run", "proj/m.py:f", "--", "ls"], "not both"),
+    (["run", "--"], "the command is empty"),
+    (["run", "--kwargs", '{"a": 1}', "--", "ls"], "--kwargs is for a Python function"),
+    (["run", "--workload", "0:10:2", "--parallelize", "--", "ls"], "a command gets its slice in STACKOPS_IDX_START"),
+    (["run", "make", "train"], "go after --"),
+    (["run", "make"], "a command? put it after --"),
+    (["run", "--sweep", "proj/grid.jsonl", "--", "echo", "{lr}"], "sweep line 2: no value for {lr}"),
+    (["run", "--sweep", "proj/grid.jsonl", "--", "echo", "lr"], "no {name} placeholder"),
+    (["cluster", "run", "--hosts", "h1", "proj/m.py:f", "--", "ls"], "not both"),
 ])
 def test_bad_input_cli_exits_2_with_one_line(home, args, message):
     (home / "proj").mkdir()
     (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    (home / "proj" / "grid.jsonl").write_text('{"lr": 1}\n{"rl": 2}\n')
     done = cli(*args, home=home)
     assert done.returncode == 2, done
     assert message in done.stderr
@@ -7609,6 +7872,29 @@ def test_security_relative_state_dir_is_one_queue_for_submitter_and_wrapper(home
     assert json.loads(counter.read_text()) == [0, 1]  # never two at once
     assert (home / "work" / "state-here" / "slots").is_dir()
     assert not (home / "r1" / "state-here").exists() and not (home / "r2" / "state-here").exists()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=hostile_text.filter(lambda text: "\0" not in text)
+       | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12))
+@example(value="$(touch PWNED) `touch PWNED` it's \"q\" \\ \n {x} '\\''")
+def test_security_hostile_sweep_values_arrive_as_one_literal_piece(tmp_path, value):
+    """A sweep value in a command's argument, and in a shell script's three quotings, arrives as
+    exactly itself (issue 23: GNU parallel's promise), and nothing it names is run."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    out = folder / "out"
+    script = "printf '%s\\0' {v} \"dq:{v}\" 'sq:{v}' x{v}x > \"$1\""
+    for shell in ("sh", "bash"):
+        argv = stackops.fill_command([shell, "-c", script, "sh", str(out)], {"v": value})
+        subprocess.run(argv, cwd=folder, check=True)
+        assert out.read_bytes().decode().split("\0")[:-1] == [value, f"dq:{value}", f"sq:{value}", f"x{value}x"]
+    code = "import sys; open(sys.argv[1], 'w', encoding='utf-8').write(repr(sys.argv[2:]))"
+    subprocess.run(stackops.fill_command([sys.executable, "-c", code, str(out), "{v}", "-{v}-"], {"v": value}),
+                   cwd=folder, check=True)
+    assert out.read_text(encoding="utf-8") == repr([value, f"-{value}-"])
+    assert sorted(path.name for path in folder.iterdir()) == ["out"]
+    with pytest.raises(ConfigError, match="NUL"):  # the one thing no argument can hold
+        stackops.fill_command(["echo", "{v}"], {"v": value + "\0"})
 
 
 # ============================================================================================
