@@ -412,6 +412,19 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+# what a terminal acts on rather than shows: C0 and C1 controls (ESC starts escape sequences,
+# 0x9b is a one-byte CSI), DEL, and the invisible and bidirectional marks that reorder a line
+_UNSHOWN = _LazyPattern("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def _terminal_safe(value: Any, lines: bool = False) -> str:
+    """``value`` (text from elsewhere: a bucket, a host) as a string a terminal shows as it is:
+    each control or bidirectional character written as its Python escape (``\\x1b``), line
+    breaks kept only with ``lines``; anything but a string as its JSON."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return _UNSHOWN.sub(lambda m: m[0] if lines and m[0] == "\n" else repr(m[0])[1:-1], text)
+
+
 _PROGRAM: list[str] = []  # how main() was run, once it has been
 
 
@@ -6493,6 +6506,7 @@ class CloudQueue:
         self.base = cloud_base(cloud_name) + "/units"
         self.settle, self.lease = settle, lease
         self._meta: dict[str, dict[str, Any]] = {}
+        self.pending: dict[str, str] = {}  # unit: this worker's claim, neither confirmed nor gone
 
     def _put(self, path: str, text: str) -> None:
         _rclone("rcat", f"{self.base}/{path}", what=f"write of {path}", stdin=text)
@@ -6551,18 +6565,50 @@ class CloudQueue:
         return self._meta[unit_id]
 
     def claim(self, unit_id: str, worker: str) -> str | None:
-        """Try to own a unit: the claim's name when this worker won, None when another did."""
+        """Try to own a unit: the claim's name when this worker won, None when another did. A
+        claim whose outcome cannot be read (the listing fails twice) is withdrawn and the error
+        raised; one that cannot even be withdrawn is remembered (``pending``), so that this
+        worker takes it up at its next look instead of leaving its own unit blocked a lease."""
         name = f"{time.time_ns():019d}-{worker}"
         self._put(f"{unit_id}/claims/{name}", json.dumps({"worker": worker,
                                                           "host": os.uname().nodename}))
         time.sleep(self.settle)
-        live = self._live(unit_id)
+        try:
+            live = self._live_again(unit_id)
+        except StackopsError:
+            if not self._withdraw(unit_id, name):
+                self.pending[unit_id] = name
+            raise
         if live and live[0] == name:
             return name
-        with _suppress(StackopsError):
-            _rclone("deletefile", f"{self.base}/{unit_id}/claims/{name}",
-                    what="withdrawal of a claim")
+        self._withdraw(unit_id, name)
         return None
+
+    def _live_again(self, unit_id: str) -> list[str]:
+        """_live, tried once more after a failed listing."""
+        try:
+            return self._live(unit_id)
+        except StackopsError as exc:
+            log.warning("could not list the claims of unit %s (%s); trying again", unit_id, exc)
+            time.sleep(min(self.settle, 1.0))
+            return self._live(unit_id)
+
+    def _withdraw(self, unit_id: str, claim: str) -> bool:
+        """Delete this worker's claim; False when that failed."""
+        try:
+            _rclone("deletefile", f"{self.base}/{unit_id}/claims/{claim}",
+                    what="withdrawal of a claim")
+        except StackopsError as exc:
+            log.warning("could not withdraw the claim on unit %s: %s", unit_id, exc)
+            return False
+        return True
+
+    def _take_pending(self, unit_id: str, claims: list[tuple[str, float]]) -> str | None:
+        """A claim this worker made but could not confirm nor withdraw (claim), now confirmed by
+        the fresh listing ``claims`` of the unit: the earliest live one. None otherwise."""
+        name = self.pending.pop(unit_id, None)
+        live = self.live_claims(claims)
+        return name if name is not None and live and live[0] == name else None
 
     def cancel(self, unit_id: str) -> None:
         """Mark a unit cancelled: no worker claims it any more, and the one running it stops it
@@ -6609,29 +6655,46 @@ class CloudQueue:
         return True
 
     def report(self) -> list[dict[str, Any]]:
-        """One row per unit: queued, running on a worker, stale (its worker went quiet), or done."""
+        """One row per unit: queued, running on a worker, stale (its worker went quiet), done, or
+        ``unreadable`` (its status.json, with why in ``error``). The bucket is written by anyone
+        who may: every text in a row is made safe for a terminal (_terminal_safe)."""
         rows = []
         for unit_id, info in sorted(self.listing().items()):
-            row: dict[str, Any] = {"unit": unit_id, "state": "queued", "worker": None}
+            row: dict[str, Any] = {"unit": _terminal_safe(unit_id), "state": "queued",
+                                   "worker": None}
             if not info["ready"]:
                 row["state"] = "incomplete"
             elif info["done"]:
-                status = json.loads(_rclone("cat", f"{self.base}/{unit_id}/status.json",
-                                            what="read of a status").stdout)
-                row.update(state=status["status"], worker=status.get("worker"),
-                           host=status.get("host"),
-                           duration_seconds=status.get("duration_seconds"),
-                           error=status.get("error", ""))
+                row.update(self._done_row(unit_id))
             elif (info["claims"] and self.live_claims(info["claims"])
                   or info["claims"] and not info["cancelled"]):
                 name, age = min(info["claims"],
                                 key=lambda c: c[0] if c[1] < self.lease else "~" + c[0])
                 row.update(state="running" if age < self.lease else "stale",
-                           worker=name.split("-", 1)[1], last_seen_seconds=round(age, 1))
+                           worker=_terminal_safe(name.partition("-")[2]),
+                           last_seen_seconds=round(age, 1))
             elif info["cancelled"]:
                 row["state"] = "cancelled"
             rows.append(row)
         return rows
+
+    def _done_row(self, unit_id: str) -> dict[str, Any]:
+        """The fields of a done unit's row, from its status.json as plain, checked data."""
+        try:
+            status = json.loads(_rclone("cat", f"{self.base}/{unit_id}/status.json",
+                                        what="read of a status").stdout)
+            if not isinstance(status, dict) or not isinstance(status.get("status"), str):
+                raise ValueError("not a JSON object with a status")
+        except (StackopsError, ValueError) as exc:
+            return {"state": "unreadable", "error": _terminal_safe(f"status.json: {exc}")}
+        duration = status.get("duration_seconds")
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)):
+            duration = None
+        texts = {key: status.get(key) for key in ("worker", "host")}
+        return {"state": _terminal_safe(status["status"]), "duration_seconds": duration,
+                "error": _terminal_safe(status.get("error") or "", lines=True),
+                **{key: None if value is None else _terminal_safe(value)
+                   for key, value in texts.items()}}
 
 
 # ============================================================================================
@@ -9299,7 +9362,7 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
     return data
 
 
-def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
+def _place_unit(staging: Path, root: Path, data: list[str], unit_id: str = "") -> None:
     """Move an unpacked unit into its own folder ``root`` (its code inside it, at ``root/code``)
     and rewrite its records to say so. Data go to their home-relative places file by file, unless
     this machine sees the submitter's files (a worker on the submitting machine): then they are
@@ -9316,7 +9379,7 @@ def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
                                            config.python or "python3"), 0o700)
     manager = _read_json(root / FILE_MANAGER_JSON)
     base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
-    mine = base / "queued" / root.name / FILE_MANAGER_JSON
+    mine = base / "queued" / (unit_id or root.name) / FILE_MANAGER_JSON
     with _suppress(OSError):
         if mine.read_bytes() == (root / FILE_MANAGER_JSON).read_bytes():
             return  # the submitter's own folder is here: so are its data
@@ -9331,44 +9394,104 @@ def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
             os.replace(path, target)
 
 
-def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None) -> Path:
-    """Download a claimed unit and unpack it into its own folder under this worker's base dir,
-    named by the unit id (never a path a record names); an earlier attempt's folder goes."""
-    units = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/{CLOUD_UNITS_DIR}")
+def _units_folder(base_dir: str | None) -> Path:
+    """Where this worker unpacks its units: ``cloud_units`` under its base dir."""
+    return expand_home(f"{base_dir or DEFAULT_BASE_DIR}/{CLOUD_UNITS_DIR}")
+
+
+def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
+                attempt: str = "") -> Path:
+    """Download a claimed unit and unpack it into a folder of its own under this worker's base
+    dir, ``<unit id>.<attempt>`` (never a path a record names): a fresh folder for each attempt,
+    so that nothing is pulled from under an earlier attempt's job, and no end of one passes for
+    another's. A folder of that name already there is an error, never replaced."""
+    units = _units_folder(base_dir)
     _mkdir_private(units)
-    root = units / check_safe_name(unit_id, "unit id")
+    name = check_safe_name(unit_id, "unit id") + (f".{attempt}" if attempt else "")
+    root = units / name
+    if os.path.lexists(root):
+        raise TransferError(f"unit {unit_id}: its attempt's folder {collapse_home(root)} exists")
     staging = Path(_make_temp_dir(units))
     try:
         _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"),
                 what="download of a unit")
         (staging / "x").mkdir(mode=0o700)
         data = _unpack_unit(staging / "unit.tar", staging / "x")
-        _remove(root)  # an earlier attempt's logs must not pass for this one's
-        _place_unit(staging / "x", root, data)
+        _place_unit(staging / "x", root, data, unit_id)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
 
 
+def _unit_runs_here(root: Path) -> bool:
+    """Whether a job still runs in unit folder ``root`` on this machine: its wrapper or launcher
+    is provably alive (is_job_process)."""
+    return bool(job_process_alive(root, PID_TXT) or job_process_alive(root, LAUNCHER_PID_TXT))
+
+
+def _earlier_run(units: Path, unit_id: str) -> Path | None:
+    """An earlier attempt of ``unit_id`` on this machine whose job still runs (a worker killed
+    and started again: its job went on, detached), to adopt; None when there is none. The
+    earlier attempts' folders (``<unit>.<attempt>``, or ``<unit>`` of an older stackops) whose
+    job provably ended are removed; one that never started is marked cancelled first (its queue
+    entry, if any, is then dropped), and removed by a later look."""
+    prefix = check_safe_name(unit_id, "unit id") + "."
+    names = [name for name in os.listdir(units)
+             if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    live = None
+    for folder in [units / name for name in sorted(names, reverse=True)] + [units / unit_id]:
+        if not (folder / FILE_MANAGER_JSON).is_file():
+            continue
+        if _unit_runs_here(folder):
+            live = live or folder
+            continue
+        marked = (folder / CANCEL_TXT).exists()
+        if marked or _read_text(folder / STATUS_TXT).strip() in TERMINAL_STATUSES:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        _atomic_write_text(folder / CANCEL_TXT, "a later attempt of its unit replaced it")
+        if _unit_runs_here(folder):  # it started meanwhile: it runs despite the mark
+            live = live or folder
+    return live
+
+
+def _start_unit(queue: CloudQueue, unit_id: str, claim: str,
+                base_dir: str | None) -> tuple[RemoteMachine, bool]:
+    """The claimed unit's job started here, and whether it was adopted: an earlier attempt that
+    still runs on this machine is followed (not started again, not removed); else a fresh
+    attempt is fetched into a folder of its own and fired."""
+    units = _units_folder(base_dir)
+    root = _earlier_run(units, unit_id) if units.is_dir() else None
+    adopted = root is not None
+    if root is not None:
+        log.warning("unit %s still runs here in %s (an earlier attempt): following it", unit_id,
+                    collapse_home(root))
+    else:
+        root = _fetch_unit(queue, unit_id, base_dir, claim.split("-", 1)[0])
+    machine = RemoteMachine.from_job_dir(root)
+    machine.file_manager.job_root_rh = collapse_home(root)
+    if not adopted:
+        machine.launcher_pid = None
+        machine.fire()
+    return machine, adopted
+
+
 def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
               base_dir: str | None = None) -> str:
-    """Fetch a claimed unit, run it here with this machine's slots, then upload its results and
-    status, all while a background heartbeat refreshes the claim. A unit whose claim was lost is
-    not uploaded. Returns the unit's status (or ``lost``)."""
+    """Fetch a claimed unit, run it here with this machine's slots (or follow the run of an
+    earlier attempt that still goes on here), then upload its results and status, all while a
+    background heartbeat refreshes the claim. A unit whose claim was lost is not uploaded.
+    Returns the unit's status (or ``lost``)."""
     with _ClaimKeeper(queue, unit_id, claim, worker) as keeper:
         try:
-            root = _fetch_unit(queue, unit_id, base_dir)
+            machine, adopted = _start_unit(queue, unit_id, claim, base_dir)
         except _UnitRefused as exc:  # a unit refused here ends failed, not retried forever
             status: dict[str, Any] = {"unit": unit_id, "status": "failed", "worker": worker,
                                       "host": os.uname().nodename, "error": str(exc)}
             if keeper.held():
                 queue.finish(unit_id, None, status)
             raise
-        machine = RemoteMachine.from_job_dir(root)
-        machine.file_manager.job_root_rh = collapse_home(root)
-        machine.launcher_pid = None
         started = time.time()
-        machine.fire()
         while not (report := machine.get_status(0)).finished:
             if keeper.cancelled.is_set():
                 log.info("unit %s was cancelled: stopping it", unit_id)
@@ -9382,7 +9505,7 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
         status = {"unit": unit_id, "status": report.status, "worker": worker,
                   "host": os.uname().nodename, "start_time": report.start_time,
                   "end_time": report.end_time, "duration_seconds": round(time.time() - started, 3),
-                  "error": _tail(report.error_message, 20)}
+                  "error": _tail(report.error_message, 20), "adopted": adopted}
         results = (expand_home(report.results_path)
                    if report.results_path and report.status != "cancelled" else None)
         if not queue.finish(unit_id, results, status, keeper.held):
@@ -9441,9 +9564,11 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
                     if len(running) >= max_jobs:
                         break
                     info = units.get(unit_id, {})
-                    if info.get("done") or queue.live_claims(info.get("claims", [])):
+                    claims = info.get("claims", [])
+                    claim = None if info.get("done") else queue._take_pending(unit_id, claims)
+                    if claim is None and (info.get("done") or queue.live_claims(claims)):
                         continue
-                    claim = queue.claim(unit_id, worker)
+                    claim = claim or queue.claim(unit_id, worker)
                     if claim is not None:
                         log.info("worker %s claimed unit %s", worker, unit_id)
                         running[unit_id] = pool.submit(_run_unit, queue, unit_id, claim, worker,

@@ -6815,6 +6815,12 @@ def test_cloud_submit_checks_every_unit_id_before_uploading_any(home, tmp_path):
     assert _bucket_files(bucket) == uploaded
 
 
+def _unit_attempts(worker_home: Path, unit: str) -> list[Path]:
+    """The folders a worker with this home unpacked ``unit`` into, one per attempt (oldest first)."""
+    units = worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
+    return sorted(units.glob(f"{unit}.[0-9]*"))
+
+
 def _worker(home: Path, bucket: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """A worker with its own home (or the given one), its diagnostics in HOME/../NAME.err."""
     home.mkdir(exist_ok=True)
@@ -6870,7 +6876,8 @@ def test_cloud_worker_never_deletes_a_path_a_unit_json_names(home, tmp_path):
     out, _ = worker.communicate(timeout=120)
     assert out.strip() == "worker finished 1 unit(s)", (tmp_path / "wr.err").read_text()[-2000:]
     assert (worker_home / "precious" / "keep.txt").read_text() == "mine\n"
-    assert (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).is_dir()
+    [attempt] = _unit_attempts(worker_home, unit)
+    assert attempt.is_dir()
     assert [r["state"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()] == ["completed"]
 
 
@@ -6893,7 +6900,7 @@ def test_cloud_worker_refuses_a_unit_archive_with_foreign_members_and_fails_it(h
     worker.communicate(timeout=120)
     assert worker.returncode == 0, (tmp_path / "we.err").read_text()[-2000:]
     assert not (worker_home / ".bashrc").exists() and not runs.exists()
-    assert not (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).exists()
+    assert _unit_attempts(worker_home, unit) == []
     [row] = stackops.CloudQueue(f"tblocal:{bucket}").report()
     assert row["state"] == "failed" and "outside the unit's job folder" in row["error"], row
 
@@ -6935,11 +6942,11 @@ def test_cloud_worker_on_the_submitting_machine_keeps_your_working_copy(home, tm
         assert out.strip() == "worker finished 1 unit(s)", (worker_home.parent / f"{name}.err").read_text()[-2000:]
     assert source.read_text() == edited and (home / "data" / "in.txt").read_text() == "v2"
     same, other = (json.loads(line) for line in runs.read_text().splitlines())
-    units = home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
-    assert same["version"] == 1 and Path(same["file"]).is_relative_to(units / "qsame-0-1" / "code")
-    assert Path(same["cwd"]) == units / "qsame-0-1" / "code" and same["data"] == "v2"  # your data, in place
-    other_units = tmp_path / "home-wother" / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
-    assert other["version"] == 1 and Path(other["file"]).is_relative_to(other_units / "qother-0-1" / "code")
+    [same_unit] = _unit_attempts(home, "qsame-0-1")
+    assert same["version"] == 1 and Path(same["file"]).is_relative_to(same_unit / "code")
+    assert Path(same["cwd"]) == same_unit / "code" and same["data"] == "v2"  # your data, in place
+    [other_unit] = _unit_attempts(tmp_path / "home-wother", "qother-0-1")
+    assert other["version"] == 1 and Path(other["file"]).is_relative_to(other_unit / "code")
     assert other["data"] == "v1" and (tmp_path / "home-wother" / "data" / "in.txt").read_text() == "v1"
 
 
@@ -7019,6 +7026,140 @@ def test_cloud_rclone_that_hangs_is_a_transfer_error(tmp_path, monkeypatch):
     with pytest.raises(stackops.TransferError, match="did not finish within 0.5s"):
         stackops._rclone("lsjson", "x:", what="listing", timeout=0.5)
     assert time.monotonic() - started < 10
+
+
+ADOPTED_JOB = """
+    import os, time
+
+    def run(workload_params, log, gate):
+        with open(log, "a") as handle:
+            handle.write(f"start {os.getpid()}\\n")
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+        with open("end.txt", "w") as handle:  # in its own folder, which must still be there
+            handle.write("ok")
+        with open(log, "a") as handle:
+            handle.write(f"end {os.getpid()}\\n")
+"""
+
+
+@slow
+def test_cloud_restarted_worker_follows_the_unit_still_running_here(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs, gate = tmp_path / "runs.log", tmp_path / "gate"
+    mod = make_module(home, ADOPTED_JOB)
+    cfg = config(job_id="qadopt", copy_repo=True, transfer_method="cloud", cloud_name=_local_cloud(home, bucket),
+                 python=sys.executable, workload_params=WorkloadParams(idx_min=0, idx_max=1, idx_start=0, idx_end=1))
+    [unit] = RemoteMachine(mod.run, config=cfg, func_kwargs={"log": str(runs), "gate": str(gate)}).submit_to_cloud(1)
+    worker_home = tmp_path / "home-wa"
+    lease = ("--lease", "3", "--settle", "0.3")
+    first = _worker(worker_home, bucket, "wa1", *lease)
+    try:
+        wait_for(lambda: runs.exists() and "start" in runs.read_text(), timeout=60, what="the unit started")
+    finally:
+        first.kill()  # the worker dies; its unit's job, detached, goes on
+        first.wait()
+    again = _worker(worker_home, bucket, "wa2", "--until-idle", *lease)
+    try:
+        wait_for(lambda: "still runs here" in (tmp_path / "wa2.err").read_text(), timeout=60, what="the adoption")
+        gate.write_text("")
+        out, _ = again.communicate(timeout=120)
+    finally:
+        again.kill()
+        again.wait()
+    assert out.strip() == "worker finished 1 unit(s)", (tmp_path / "wa2.err").read_text()[-2000:]
+    assert [line.split()[0] for line in runs.read_text().splitlines()] == ["start", "end"]  # one run, never two
+    [attempt] = _unit_attempts(worker_home, unit)
+    assert (attempt / "code" / "end.txt").read_text() == "ok"
+    status = json.loads((bucket / "units" / unit / "status.json").read_text())
+    assert (status["status"], status["worker"], status["adopted"]) == ("completed", "wa2", True)
+
+
+def test_cloud_earlier_attempts_ended_are_removed_and_one_never_started_is_cancelled(tmp_path):
+    units = tmp_path / "cloud_units"
+    units.mkdir()
+    for name, status in (("u-0-1.0000000000000000001", "completed"), ("u-0-1.0000000000000000002", ""),
+                         ("u-0-1", "failed"), ("u-0-10.0000000000000000003", "completed")):
+        (units / name / "data").mkdir(parents=True)
+        (units / name / "logs").mkdir()
+        (units / name / stackops.FILE_MANAGER_JSON).write_text("{}")
+        if status:
+            (units / name / stackops.STATUS_TXT).write_text(status)
+    (units / "u-0-1.0000000000000000009").mkdir()  # not a job folder (yet): never touched
+    assert stackops._earlier_run(units, "u-0-1") is None
+    left = sorted(path.name for path in units.iterdir())
+    assert left == ["u-0-1.0000000000000000002", "u-0-1.0000000000000000009", "u-0-10.0000000000000000003"]
+    assert (units / "u-0-1.0000000000000000002" / stackops.CANCEL_TXT).exists()  # its dispatcher drops it
+    assert stackops._earlier_run(units, "u-0-1") is None  # once marked, it goes at the next look
+    assert sorted(path.name for path in units.iterdir()) == left[1:]
+
+
+@pytest.mark.parametrize("listing_failures,withdrawal_failures", [(1, 0), (2, 0), (2, 1)])
+def test_cloud_claim_whose_listing_fails_does_not_block_its_unit(home, tmp_path, listing_failures,
+                                                                  withdrawal_failures):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    _queue_job(home, bucket, "qclaim", 1, log=str(runs)).submit_to_cloud(1)
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    listed, withdrawn = tmp_path / "listed", tmp_path / "withdrawn"
+    listed.write_text("")
+    withdrawn.write_text("")
+    (stub / "rclone").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        for last; do :; done
+        if [ "$1" = lsjson ] && [ "${{last%/claims}}" != "$last" ] && [ "$(wc -c < {listed})" -lt {listing_failures} ]
+        then printf x >> {listed}; echo 'Failed to lsjson: the bucket blinked' >&2; exit 1
+        fi
+        if [ "$1" = deletefile ] && [ "$(wc -c < {withdrawn})" -lt {withdrawal_failures} ]
+        then printf x >> {withdrawn}; echo 'Failed to delete: the bucket blinked' >&2; exit 1
+        fi
+        exec {shutil.which("rclone")} "$@"
+    """))
+    (stub / "rclone").chmod(0o755)
+    # a lease far longer than the test may take: a claim left behind would block the unit past it
+    worker = _worker(tmp_path / "home-wc", bucket, "wc", "--until-idle", "--lease", "600", "--settle", "0.3",
+                     env={"PATH": f"{stub}:{os.environ['PATH']}"})
+    out, _ = worker.communicate(timeout=120)
+    err = (tmp_path / "wc.err").read_text()
+    assert worker.returncode == 0 and out.strip() == "worker finished 1 unit(s)", err[-2000:]
+    assert err.count("the bucket blinked") == listing_failures + withdrawal_failures
+    assert len(runs.read_text().splitlines()) == 1
+
+
+def test_cloud_status_reports_a_bad_status_per_unit_and_escapes_bucket_text(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    statuses = {"a-list": "[1, 2]", "b-notjson": "not json",
+                "c-hostile": json.dumps({"status": "completed\u001b[2J\u001b]0;pwned\u0007", "worker": "x\u001b[31mRED",
+                                         "host": "h\u009b2J\u202e", "duration_seconds": 1.5, "error": "e\u001b[0m"})}
+    for unit, text in statuses.items():
+        (bucket / "units" / unit).mkdir(parents=True)
+        (bucket / "units" / unit / "unit.json").write_text("{}")
+        (bucket / "units" / unit / "status.json").write_text(text)
+    claims = bucket / "units" / "d-running" / "claims"
+    claims.mkdir(parents=True)
+    (bucket / "units" / "d-running" / "unit.json").write_text("{}")
+    (claims / f"{time.time_ns():019d}-w\u001b[1mBOLD").write_text("{}")
+    cloud = _local_cloud(home, bucket)
+    table = cli("cloud", "status", "--cloud", cloud, home=home)
+    as_json = cli("cloud", "status", "--cloud", cloud, "--json", home=home)
+    assert table.returncode == 0 and as_json.returncode == 0, table.stderr + as_json.stderr
+    for text in (table.stdout, as_json.stdout):
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]", text), repr(text)
+    rows = {row["unit"]: row for row in json.loads(as_json.stdout)}
+    assert rows["a-list"]["state"] == rows["b-notjson"]["state"] == "unreadable"
+    assert "status.json" in rows["b-notjson"]["error"]
+    hostile = rows["c-hostile"]
+    assert hostile["state"] == "completed\\x1b[2J\\x1b]0;pwned\\x07" and hostile["worker"] == "x\\x1b[31mRED"
+    assert hostile["host"] == "h\\x9b2J\\u202e" and hostile["duration_seconds"] == 1.5
+    running = rows["d-running"]  # (rclone's local backend shows an ESC in a name as the picture ␛)
+    assert running["state"] == "running" and running["worker"].startswith("w") and "\x1b" not in running["worker"]
+    assert "completed\\x1b[2J" in table.stdout and "unreadable" in table.stdout
 
 
 # ============================================================================================
