@@ -2912,6 +2912,11 @@ def load_email_config(name: str) -> dict[str, Any]:
                           "(ssl, starttls or plain); missing or wrong: "
                           f"{', '.join(missing) or 'security'}")
     _check_plaintext_auth(entry, f"e-mail config {name!r} in {path}")
+    timeout = entry.get("timeout", MAIL_DEADLINE)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 < timeout <= 600:
+        raise ConfigError(f"e-mail config {name!r} in {path}: timeout must be seconds (more "
+                          f"than 0, at most 600) for the whole exchange, got {timeout!r}")
     return entry
 
 
@@ -2924,28 +2929,79 @@ def _check_plaintext_auth(settings: dict[str, Any], what: str) -> None:
                                "the server is on a network you trust")
 
 
-def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str) -> None:
-    """One plain-text message over SMTP (SSL, STARTTLS or plain), with a timeout."""
-    import smtplib
-    import ssl
+def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str,
+                   deadline: float | None = None) -> None:
+    """One plain-text message over SMTP (SSL, STARTTLS or plain), the whole exchange within
+    ``deadline`` seconds (default: the config's ``timeout``, else MAIL_DEADLINE), not per read:
+    a server that trickles its greeting cannot hold the job's process. A message not sent in
+    time is a StackopsError (the exchange is cut off); any other failure is raised as it is."""
+    import threading
     from email.message import EmailMessage
 
     _check_plaintext_auth(settings, f"SMTP server {settings.get('host')}")
     message = EmailMessage()
     message["Subject"], message["From"], message["To"] = subject, settings["from"], to
     message.set_content(body)
+    limit = float(deadline if deadline is not None else settings.get("timeout") or MAIL_DEADLINE)
+    server = _smtp_client(settings, limit)
+    outcome: list[BaseException | None] = []
+
+    def exchange() -> None:
+        try:
+            _smtp_exchange(server, settings, message)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    talker = threading.Thread(target=exchange, name="stackops-mail", daemon=True)
+    talker.start()
+    talker.join(limit)
+    if not outcome:  # still talking: cut it off (a daemon thread keeps no process alive)
+        with _suppress(Exception):
+            server.sock.shutdown(2)
+        raise StackopsError(f"the SMTP server {settings['host']}:{settings['port']} did not "
+                            f"finish the exchange within {limit:g}s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+MAIL_DEADLINE = 30.0  # seconds for a whole SMTP exchange at a job's end
+
+
+def _smtp_client(settings: dict[str, Any], limit: float) -> Any:
+    """An smtplib client for ``settings``, not yet connected (so another thread can cut off its
+    socket), with ``limit`` as its timeout per read."""
+    import smtplib
+    import ssl
+
     context = ssl.create_default_context(cafile=settings.get("cafile"))
-    host, port = settings["host"], int(settings["port"])
     if settings["security"] == "ssl":
-        server: Any = smtplib.SMTP_SSL(host, port, timeout=30, context=context)
+        server: Any = smtplib.SMTP_SSL(timeout=limit, context=context)
     else:
-        server = smtplib.SMTP(host, port, timeout=30)
-    with server:
+        server = smtplib.SMTP(timeout=limit)
+    server._host = settings["host"]  # the TLS server name, as connecting in the constructor sets
+    server.stackops_context = context
+    return server
+
+
+def _smtp_exchange(server: Any, settings: dict[str, Any], message: Any) -> None:
+    """Connect, greet, encrypt, log in, send and quit: what smtplib's constructor and ``with``
+    would do, on a client made by _smtp_client."""
+    import smtplib
+
+    code, reply = server.connect(settings["host"], int(settings["port"]))
+    if code != 220:
+        server.close()
+        raise smtplib.SMTPConnectError(code, reply)
+    try:
         if settings["security"] == "starttls":
-            server.starttls(context=context)
+            server.starttls(context=server.stackops_context)
         if settings.get("user"):
             server.login(settings["user"], settings.get("password", ""))
         server.send_message(message)
+        server.quit()
+    finally:
+        server.close()
 
 
 def _claim_notification(manager: FileManager) -> bool:

@@ -2734,6 +2734,88 @@ def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote,
     assert "sent" in (remote_root / stackops.NOTIFIED_TXT).read_text()
 
 
+class _TricklingSMTP:
+    """A server on loopback that accepts and then only ever sends ``220-`` continuation lines, one
+    every ``every`` seconds: a greeting that never ends, as in the reviews' finding 7."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.every, self.sent = every, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import socket
+
+        peers = []
+        while not self.stop.is_set():
+            with contextlib.suppress(socket.timeout):
+                peers.append(self.listener.accept()[0])
+            for peer in peers:
+                with contextlib.suppress(OSError):
+                    peer.sendall(b"220-still greeting\r\n")
+                    self.sent += 1
+            self.stop.wait(self.every)
+        for peer in peers:
+            peer.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.listener.close()
+
+
+def test_email_trickling_greeting_cannot_hold_the_sender_past_its_deadline():
+    server = _TricklingSMTP()
+    try:
+        settings = {"host": "127.0.0.1", "port": server.port, "security": "plain", "from": "s@test.invalid"}
+        with pytest.raises(StackopsError, match=r"did not finish the exchange within 3s"):
+            stackops.send_job_email(settings, "me@test.invalid", "subject", "body", deadline=3)
+        assert server.sent > 3  # it kept talking: no read waited for a whole per-read timeout
+    finally:
+        server.close()
+
+
+def test_email_trickling_server_the_job_ends_and_records_the_mail_not_sent(home):
+    server = _TricklingSMTP()
+    try:
+        path = home / ".config" / "stackops" / "email.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"slow": {"host": "127.0.0.1", "port": server.port, "security": "plain",
+                                             "from": "s@test.invalid", "timeout": 3}}))
+        path.chmod(0o600)
+        mod = make_module(home, JOBS_SOURCE)
+        job = RemoteMachine(mod.train, config(job_id="mail-trickle", notify_upon_completion=True,
+                                              to_email="me@test.invalid", email_config_name="slow")).run()
+        assert wait_done(job).status == "completed"
+        _senders_gone()  # every process of the job ended: the mail did not hold it
+        notified = job.file_manager.path(stackops.NOTIFIED_TXT).read_text()
+        assert f"not sent: the SMTP server 127.0.0.1:{server.port} did not finish the exchange within 3s" in notified
+    finally:
+        server.close()
+
+
+def test_email_config_checked_at_submit_from_the_command_line(home):
+    (home / "proj").mkdir()
+    user_config = home / ".config" / "stackops" / "config.json"
+    user_config.parent.mkdir(parents=True)
+    user_config.write_text(json.dumps({"default_email_config": "test"}))
+    done = cli("run", "--notify", "--email", "me@test.invalid", "--", "true", home=home, cwd=home / "proj")
+    assert done.returncode == 2 and "e-mail config" in done.stderr and "does not exist" in done.stderr, done.stderr
+    email = home / ".config" / "stackops" / "email.json"
+    email.write_text(json.dumps({"test": {"host": "127.0.0.1", "port": 25, "security": "plain",
+                                          "from": "s@test.invalid", "timeout": "soon"}}))
+    email.chmod(0o600)
+    done = cli("run", "--notify", "--email", "me@test.invalid", "--", "true", home=home, cwd=home / "proj")
+    assert done.returncode == 2 and "timeout must be seconds" in done.stderr, done.stderr
+    assert _no_jobs(home)
+
+
 # ============================================================================================
 # 9. network helpers
 # ============================================================================================
