@@ -4042,6 +4042,115 @@ def _sweep_host(request: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps({"pids": pids}) + "\n")
 
 
+# -- logind: would the host kill a detached job when the user logs out? ----------------------------
+# With KillUserProcesses=yes, systemd-logind ends every process of a login session's scope when the
+# session ends: setsid and nohup do not leave the scope, so a job fired over SSH dies with the
+# connection. A scope of the user's own service manager (systemd-run --user --scope) is outside
+# the session, but that manager stops at the user's last logout unless lingering is on. Probed on
+# the executing machine (standard library only, nothing else of this file used).
+
+LOGIND_MARKER = "/run/systemd/system"  # exists when systemd is the init system (sd_booted)
+LOGIND_CONF_DIRS = ("/etc/systemd", "/run/systemd", "/usr/local/lib/systemd", "/usr/lib/systemd")
+LINGER_DIR = "/var/lib/systemd/linger"
+
+
+def _probe_output(argv: list[str], timeout: float) -> str | None:
+    """What ``argv`` prints when it runs and exits 0 within ``timeout`` seconds, else None."""
+    import subprocess
+
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _properties(text: str) -> dict[str, str]:
+    """``Key=value`` lines (loginctl show-*, a [Login] section) as a dict."""
+    pairs = (line.strip().partition("=") for line in text.splitlines())
+    return {key.strip(): value.strip() for key, sep, value in pairs if sep and key[:1] != "#"}
+
+
+def _logind_conf(conf_dirs: tuple[str, ...]) -> dict[str, str]:
+    """logind's settings from its files: ``logind.conf`` in the first of ``conf_dirs`` that has
+    one, then the ``logind.conf.d/*.conf`` drop-ins by file name (the same name in an earlier
+    folder hides a later one), the last setting winning, as logind reads them."""
+    import glob
+
+    settings: dict[str, str] = {}
+    mains = [os.path.join(d, "logind.conf") for d in conf_dirs]
+    drop_ins: dict[str, str] = {}
+    for folder in reversed(conf_dirs):
+        for path in glob.glob(os.path.join(folder, "logind.conf.d", "*.conf")):
+            drop_ins[os.path.basename(path)] = path
+    main = [path for path in mains if os.path.isfile(path)][:1]
+    for path in main + [drop_ins[name] for name in sorted(drop_ins)]:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                settings.update(_properties(handle.read().partition("[Login]")[2]
+                                            .split("\n[", 1)[0]))
+        except OSError:
+            continue
+    return settings
+
+
+def _kills_user(settings: dict[str, str], user: str) -> bool:
+    """Whether logind ``settings`` (KillUserProcesses, KillOnlyUsers, KillExcludeUsers) end the
+    processes of ``user``'s sessions at logout."""
+    yes = settings.get("KillUserProcesses", "no").lower() in ("yes", "true", "1", "on")
+    only = settings.get("KillOnlyUsers", "").split()
+    excluded = settings.get("KillExcludeUsers", "root").split()
+    return yes and user not in excluded and (not only or user in only)
+
+
+def _logind_probe(user: str | None = None, marker: str = LOGIND_MARKER,
+                  conf_dirs: tuple[str, ...] = LOGIND_CONF_DIRS, linger_dir: str = LINGER_DIR,
+                  timeout: float = 5.0) -> dict[str, Any]:
+    """Whether a job started detached here by ``user`` (default: this process's) would be killed
+    when that user logs out, and what stackops can do about it. Returns: ``systemd`` (init is
+    systemd: ``marker`` exists), ``kill_user_processes`` (logind ends the user's session scopes
+    at logout: ``loginctl show-session``, else the config files), ``linger``, ``scope``
+    (``systemd-run --user --scope`` works; tried only when it matters), ``wrap`` (start the
+    launcher in such a scope: _in_user_scope), ``kill_at_logout`` (the job, so started, still
+    dies at the user's logout) and ``fix`` (what the user can do, "" when nothing is needed)."""
+    import pwd
+
+    user = user or pwd.getpwuid(os.getuid()).pw_name
+    found: dict[str, Any] = {"user": user, "systemd": os.path.isdir(marker),
+                             "kill_user_processes": False, "linger": False, "scope": False,
+                             "wrap": False, "kill_at_logout": False, "fix": ""}
+    if not found["systemd"]:
+        return found
+    names = ["KillUserProcesses", "KillOnlyUsers", "KillExcludeUsers"]
+    shown = _probe_output(["loginctl", "show-session", *[f"-p{name}" for name in names]], timeout)
+    settings = _properties(shown) if shown is not None else _logind_conf(conf_dirs)
+    found["kill_user_processes"] = _kills_user(settings, user)
+    shown = _probe_output(["loginctl", "show-user", user, "-pLinger"], timeout)
+    found["linger"] = (_properties(shown).get("Linger") == "yes" if shown is not None
+                       else os.path.exists(os.path.join(linger_dir, user)))
+    if not found["kill_user_processes"]:
+        return found
+    scope = ["systemd-run", "--user", "--scope", "--quiet", "true"]
+    found["scope"] = found["wrap"] = _probe_output(scope, timeout) is not None
+    found["kill_at_logout"] = not (found["scope"] and found["linger"])
+    if not found["linger"]:
+        found["fix"] = f"loginctl enable-linger {user}"
+    elif not found["scope"]:
+        found["fix"] = (f"ask the administrator to add {user} to KillExcludeUsers in "
+                        "/etc/systemd/logind.conf")
+    return found
+
+
+def _in_user_scope(argv: list[str], probe: dict[str, Any]) -> list[str]:
+    """``argv`` started in a scope of the user's service manager when ``probe`` (_logind_probe)
+    says so, out of the login session that logind would end at logout; else ``argv`` itself.
+    systemd-run --scope runs the program itself (same pid), so nothing else changes."""
+    if not probe.get("wrap"):
+        return list(argv)
+    return ["systemd-run", "--user", "--scope", "--quiet", "--", *argv]
+
+
 # ============================================================================================
 # 9. network helpers: local addresses, the LAN address, the public IP and its rotation
 # ============================================================================================

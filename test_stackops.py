@@ -2817,6 +2817,97 @@ def test_email_config_checked_at_submit_from_the_command_line(home):
 
 
 # ============================================================================================
+# 8b. logind: a host that would kill a detached job at logout (stand-in loginctl, systemd-run)
+# ============================================================================================
+
+def _logind_stand_ins(folder: Path, kill: str, linger: str, scope: str) -> Path:
+    """loginctl and systemd-run as a systemd host would answer, on a PATH of their own; each
+    call is logged in ``folder/calls``. systemd-run, when it works, runs the command it is given."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True)
+    calls = folder / "calls"
+    (bin_dir / "loginctl").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "loginctl $*" >> {calls}
+        case "$1" in
+            show-session) printf 'KillUserProcesses=%s\\nKillOnlyUsers=\\nKillExcludeUsers=\\n' {kill} ;;
+            show-user) printf 'Linger=%s\\n' {linger} ;;
+            *) exit 1 ;;
+        esac
+    """))
+    (bin_dir / "systemd-run").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "systemd-run $*" >> {calls}
+        [ {scope} = works ] || {{ echo 'Failed to connect to bus: No medium found' >&2; exit 1; }}
+        while [ $# -gt 0 ]; do case "$1" in --) shift; break ;; --*) shift ;; *) break ;; esac; done
+        exec "$@"
+    """))
+    for name in ("loginctl", "systemd-run"):
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("kill,linger,scope,expected", [
+    ("yes", "no", "works", {"kill_user_processes": True, "wrap": True, "kill_at_logout": True,
+                            "fix": "loginctl enable-linger alice"}),
+    ("yes", "yes", "works", {"kill_user_processes": True, "wrap": True, "kill_at_logout": False, "fix": ""}),
+    ("yes", "yes", "fails", {"kill_user_processes": True, "wrap": False, "kill_at_logout": True,
+                             "fix": "ask the administrator to add alice to KillExcludeUsers in "
+                                    "/etc/systemd/logind.conf"}),
+    ("no", "no", "works", {"kill_user_processes": False, "wrap": False, "kill_at_logout": False, "fix": ""}),
+])
+def test_logind_probe_with_stand_ins(tmp_path, monkeypatch, kill, linger, scope, expected):
+    bin_dir = _logind_stand_ins(tmp_path, kill, linger, scope)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    marker = tmp_path / "run-systemd-system"
+    marker.mkdir()
+    found = stackops._logind_probe("alice", marker=str(marker))
+    assert {key: found[key] for key in expected} == expected
+    assert found["systemd"] and found["linger"] == (linger == "yes")
+    calls = (tmp_path / "calls").read_text()
+    assert ("systemd-run --user --scope --quiet true" in calls) == (kill == "yes")  # tried only when it matters
+    argv = stackops._in_user_scope(["sh", "-c", 'echo "in scope: $1" > "$2"', "sh", "a b", str(tmp_path / "out")],
+                                   found)
+    subprocess.run(argv, check=True)
+    assert (tmp_path / "out").read_text() == "in scope: a b\n"
+    assert ("systemd-run --user --scope --quiet -- sh -c" in (tmp_path / "calls").read_text()) == expected["wrap"]
+
+
+def test_logind_probe_without_systemd_asks_nothing(tmp_path, monkeypatch):
+    bin_dir = _logind_stand_ins(tmp_path, "yes", "no", "works")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    found = stackops._logind_probe("alice", marker=str(tmp_path / "no-such-marker"))
+    assert not found["systemd"] and not found["kill_at_logout"] and not found["wrap"] and found["fix"] == ""
+    assert not (tmp_path / "calls").exists()
+    assert stackops._in_user_scope(["true"], found) == ["true"]
+
+
+def test_logind_probe_reads_the_config_files_when_loginctl_cannot_answer(tmp_path, monkeypatch):
+    bin_dir = _logind_stand_ins(tmp_path, "yes", "no", "works")
+    (bin_dir / "loginctl").write_text("#!/bin/sh\necho 'Failed to connect to bus: No such file' >&2\nexit 1\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    for folder in (etc / "logind.conf.d", lib / "logind.conf.d"):
+        folder.mkdir(parents=True)
+    (etc / "logind.conf").write_text("[Login]\n#KillUserProcesses=no\nKillUserProcesses=no\n")
+    (lib / "logind.conf.d" / "20-kill.conf").write_text("[Login]\nKillUserProcesses=yes\n")
+    (etc / "logind.conf.d" / "30-exclude.conf").write_text("[Login]\nKillExcludeUsers=root\n")
+    (lib / "logind.conf.d" / "30-exclude.conf").write_text("[Login]\nKillExcludeUsers=alice\n")  # hidden by etc's
+    linger = tmp_path / "linger"
+    linger.mkdir()
+    (linger / "alice").write_text("")
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    found = stackops._logind_probe("alice", marker=str(marker), conf_dirs=(str(etc), str(lib)),
+                                   linger_dir=str(linger))
+    assert found["kill_user_processes"] and found["linger"] and found["wrap"] and not found["kill_at_logout"]
+    (etc / "logind.conf.d" / "30-exclude.conf").write_text("[Login]\nKillExcludeUsers=root alice\n")
+    found = stackops._logind_probe("alice", marker=str(marker), conf_dirs=(str(etc), str(lib)),
+                                   linger_dir=str(linger))
+    assert not found["kill_user_processes"] and not found["wrap"]
+
+
+# ============================================================================================
 # 9. network helpers
 # ============================================================================================
 
