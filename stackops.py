@@ -4056,17 +4056,14 @@ LINGER_DIR = "/var/lib/systemd/linger"
 
 def _probe_output(argv: list[str], timeout: float) -> str | None:
     """What ``argv`` prints when it runs and exits 0 within ``timeout`` seconds, else None."""
-    import subprocess
-
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
+        done = _run_bounded(argv, timeout)
+    except StackopsError:  # missing, or stopped at the timeout
         return None
     return done.stdout if done.returncode == 0 else None
 
 
-def _properties(text: str) -> dict[str, str]:
+def _logind_properties(text: str) -> dict[str, str]:
     """``Key=value`` lines (loginctl show-*, a [Login] section) as a dict."""
     pairs = (line.strip().partition("=") for line in text.splitlines())
     return {key.strip(): value.strip() for key, sep, value in pairs if sep and key[:1] != "#"}
@@ -4088,7 +4085,7 @@ def _logind_conf(conf_dirs: tuple[str, ...]) -> dict[str, str]:
     for path in main + [drop_ins[name] for name in sorted(drop_ins)]:
         try:
             with open(path, encoding="utf-8", errors="replace") as handle:
-                settings.update(_properties(handle.read().partition("[Login]")[2]
+                settings.update(_logind_properties(handle.read().partition("[Login]")[2]
                                             .split("\n[", 1)[0]))
         except OSError:
             continue
@@ -4124,10 +4121,10 @@ def _logind_probe(user: str | None = None, marker: str = LOGIND_MARKER,
         return found
     names = ["KillUserProcesses", "KillOnlyUsers", "KillExcludeUsers"]
     shown = _probe_output(["loginctl", "show-session", *[f"-p{name}" for name in names]], timeout)
-    settings = _properties(shown) if shown is not None else _logind_conf(conf_dirs)
+    settings = _logind_properties(shown) if shown is not None else _logind_conf(conf_dirs)
     found["kill_user_processes"] = _kills_user(settings, user)
     shown = _probe_output(["loginctl", "show-user", user, "-pLinger"], timeout)
-    found["linger"] = (_properties(shown).get("Linger") == "yes" if shown is not None
+    found["linger"] = (_logind_properties(shown).get("Linger") == "yes" if shown is not None
                        else os.path.exists(os.path.join(linger_dir, user)))
     if not found["kill_user_processes"]:
         return found
