@@ -205,6 +205,7 @@ CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapsho
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
 DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
+MAIL_DEADLINE = 30.0  # seconds for a whole SMTP exchange at a job's end (the config's "timeout")
 
 STATUSES = ("queued", "waiting", "running", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -2943,12 +2944,12 @@ def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str,
     message["Subject"], message["From"], message["To"] = subject, settings["from"], to
     message.set_content(body)
     limit = float(deadline if deadline is not None else settings.get("timeout") or MAIL_DEADLINE)
-    server = _smtp_client(settings, limit)
+    server, context = _smtp_client(settings, limit)
     outcome: list[BaseException | None] = []
 
     def exchange() -> None:
         try:
-            _smtp_exchange(server, settings, message)
+            _smtp_exchange(server, settings, message, context)
             outcome.append(None)
         except BaseException as exc:  # handed to the caller's thread
             outcome.append(exc)
@@ -2965,12 +2966,9 @@ def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str,
         raise outcome[0]
 
 
-MAIL_DEADLINE = 30.0  # seconds for a whole SMTP exchange at a job's end
-
-
-def _smtp_client(settings: dict[str, Any], limit: float) -> Any:
+def _smtp_client(settings: dict[str, Any], limit: float) -> tuple[Any, Any]:
     """An smtplib client for ``settings``, not yet connected (so another thread can cut off its
-    socket), with ``limit`` as its timeout per read."""
+    socket), with ``limit`` as its timeout per read; and its TLS context."""
     import smtplib
     import ssl
 
@@ -2980,11 +2978,10 @@ def _smtp_client(settings: dict[str, Any], limit: float) -> Any:
     else:
         server = smtplib.SMTP(timeout=limit)
     server._host = settings["host"]  # the TLS server name, as connecting in the constructor sets
-    server.stackops_context = context
-    return server
+    return server, context
 
 
-def _smtp_exchange(server: Any, settings: dict[str, Any], message: Any) -> None:
+def _smtp_exchange(server: Any, settings: dict[str, Any], message: Any, context: Any) -> None:
     """Connect, greet, encrypt, log in, send and quit: what smtplib's constructor and ``with``
     would do, on a client made by _smtp_client."""
     import smtplib
@@ -2995,7 +2992,7 @@ def _smtp_exchange(server: Any, settings: dict[str, Any], message: Any) -> None:
         raise smtplib.SMTPConnectError(code, reply)
     try:
         if settings["security"] == "starttls":
-            server.starttls(context=server.stackops_context)
+            server.starttls(context=context)
         if settings.get("user"):
             server.login(settings["user"], settings.get("password", ""))
         server.send_message(message)
@@ -4047,7 +4044,7 @@ def _sweep_host(request: dict[str, Any]) -> None:
 # session ends: setsid and nohup do not leave the scope, so a job fired over SSH dies with the
 # connection. A scope of the user's own service manager (systemd-run --user --scope) is outside
 # the session, but that manager stops at the user's last logout unless lingering is on. Probed on
-# the executing machine (standard library only, nothing else of this file used).
+# the executing machine, with the standard library only.
 
 LOGIND_MARKER = "/run/systemd/system"  # exists when systemd is the init system (sd_booted)
 LOGIND_CONF_DIRS = ("/etc/systemd", "/run/systemd", "/usr/local/lib/systemd", "/usr/lib/systemd")
@@ -4085,10 +4082,10 @@ def _logind_conf(conf_dirs: tuple[str, ...]) -> dict[str, str]:
     for path in main + [drop_ins[name] for name in sorted(drop_ins)]:
         try:
             with open(path, encoding="utf-8", errors="replace") as handle:
-                settings.update(_logind_properties(handle.read().partition("[Login]")[2]
-                                            .split("\n[", 1)[0]))
+                section = handle.read().partition("[Login]")[2].split("\n[", 1)[0]
         except OSError:
             continue
+        settings.update(_logind_properties(section))
     return settings
 
 

@@ -2800,6 +2800,45 @@ def test_email_trickling_server_the_job_ends_and_records_the_mail_not_sent(home)
         server.close()
 
 
+@pytest.mark.parametrize("security", ["starttls", "ssl"])
+def test_email_over_tls_checks_the_server_name_and_certificate(tmp_path, security):
+    """The client is made before it connects (so that a deadline can cut it off): the TLS server
+    name must still be the host's, checked against the certificate, for STARTTLS and for SSL."""
+    controller_module = pytest.importorskip("aiosmtpd.controller") if not os.environ.get("CI") else \
+        importlib.import_module("aiosmtpd.controller")
+    import ssl
+
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is missing; .ci/run installs it")
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    received = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            received.append(envelope)
+            return "250 OK"
+
+    tls = {"tls_context": server_side, "require_starttls": True} if security == "starttls" else \
+        {"ssl_context": server_side}
+    controller = controller_module.Controller(Handler(), hostname="127.0.0.1", port=_free_port(), **tls)
+    controller.start()
+    try:
+        settings = {"host": "127.0.0.1", "port": controller.port, "security": security, "from": "s@test.invalid"}
+        with pytest.raises(ssl.SSLCertVerificationError):  # a certificate nobody vouches for is refused
+            stackops.send_job_email(settings, "me@test.invalid", "subject", "body", deadline=20)
+        stackops.send_job_email(dict(settings, cafile=str(cert)), "me@test.invalid", "subject", "body", deadline=20)
+    finally:
+        controller.stop()
+    assert len(received) == 1 and received[0].rcpt_tos == ["me@test.invalid"]
+
+
 def test_email_config_checked_at_submit_from_the_command_line(home):
     (home / "proj").mkdir()
     user_config = home / ".config" / "stackops" / "config.json"
