@@ -3281,9 +3281,12 @@ def _execute_command(job: JobContext, func_kwargs: dict[str, Any],
                                               os.environ.get("STACKOPS_SLOT_NAMES"),
                                               workload_params, None, config.get("env")))
     argv = command_argv(job.params, func_kwargs)
+    folder = job.repo / job.params.file_path_r
+    if job.params.code_snapshot and not folder.exists():  # empty here: no snapshot holds it
+        _mkdir_private(folder)
     sys.stdout.flush()
     sys.stderr.flush()
-    record = _run_command(argv, job.repo / job.params.file_path_r, env, sys.stdout.fileno())
+    record = _run_command(argv, folder, env, sys.stdout.fileno())
     return None, _command_failure(argv, record)
 
 
@@ -9809,21 +9812,21 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
 
 
 def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
-    """``run [options] -- COMMAND [ARGS...]`` (and ``cluster run``): (the words before ``--``,
-    the job's command after it); (argv, None) for any other command line."""
+    """``run [options] -- COMMAND [ARGS...]`` (and ``cluster run``, ``cloud submit``): (the
+    words before ``--``, the job's command after it); (argv, None) for any other command line."""
     if "--" not in argv:
         return argv, None
     cut = argv.index("--")
     verbs = [word for word in argv[:cut] if not word.startswith("-")]
-    if verbs[:1] == ["run"] or verbs[:2] == ["cluster", "run"]:
+    if verbs[:1] == ["run"] or verbs[:2] in (["cluster", "run"], ["cloud", "submit"]):
         return argv[:cut], argv[cut + 1:]
     return argv, None
 
 
 def _run_target(args: Any) -> Any:
-    """What ``run`` (or ``cluster run``) runs: TARGET (a script or FILE.py:FUNC), or the command
-    after ``--`` as a list; exactly one of them, and a command with none of the options that
-    only a Python function takes."""
+    """What ``run`` (``cluster run``, ``cloud submit``) runs: TARGET (a script or FILE.py:FUNC),
+    or the command after ``--`` as a list; exactly one of them, and a command with none of the
+    options that only a Python function takes."""
     command = getattr(args, "job_command", None)
     if command is not None and args.target:
         raise ConfigError(f"give a script or function ({args.target}) or a command after --, "
@@ -10761,7 +10764,7 @@ def _cmd_cloud_submit(args: Any) -> int:
                                   launch_method="cloud_manager",
                                   allowed_remotes=allowed, python=args.python,
                                   workload_params=_parse_workload(args.workload, False))
-    units = RemoteMachine(args.target, config,
+    units = RemoteMachine(_run_target(args), config,
                           parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
     print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")
     return 0
@@ -10796,7 +10799,9 @@ def _add_cloud_args(commands: Any) -> None:
     submit = sub.add_parser("submit", help="split a job into work units and queue them on the "
                                            "cloud remote")
     submit.set_defaults(handler=_cmd_cloud_submit)
-    submit.add_argument("target", help="path/to/module.py:func (or a script, with --split 1)")
+    _add_target_arg(submit, "cloud submit", "path/to/module.py:func (or a script, with --split "
+                                            "1), or after -- a command: each unit's slice is in "
+                                            "STACKOPS_IDX_START and STACKOPS_IDX_END")
     submit.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]", help="the rclone remote")
     submit.add_argument("--split", type=int, required=True, help="how many work units")
     submit.add_argument("--kwargs", default="{}", metavar="JSON")

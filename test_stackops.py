@@ -7228,6 +7228,27 @@ def test_cloud_worker_that_lost_its_claim_uploads_nothing(home, tmp_path):
     assert not (bucket / "units" / unit / "results").exists() and not (bucket / "units" / unit / "status.json").exists()
 
 
+def test_cloud_command_units_each_get_their_slice_in_the_environment(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    proj = _git_proj(home)
+    slices = tmp_path / "slices"
+    script = f'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_PART $(pwd -P)" >> {slices}'
+    done = cli("cloud", "submit", "--cloud", _local_cloud(home, bucket), "--split", "2", "--workload", "0:10",
+               "--copy-repo", "--job-id", "qcmd", "--python", sys.executable, "--", "sh", "-c", script,
+               home=home, cwd=proj / "sub")
+    assert done.returncode == 0, done.stderr
+    worker = _worker(tmp_path / "home-wq", bucket, "wq", "--until-idle", "--settle", "0.3")
+    out, _ = worker.communicate(timeout=120)
+    assert out.strip() == "worker finished 2 unit(s)", (tmp_path / "wq.err").read_text()[-2000:]
+    rows = sorted(line.split() for line in slices.read_text().splitlines())
+    assert [row[:3] for row in rows] == [["0", "5", "0"], ["5", "10", "1"]]
+    for row, unit in zip(rows, ("qcmd-0-2", "qcmd-1-2")):  # in the unit's own copy of the repo, in sub/
+        [attempt] = _unit_attempts(tmp_path / "home-wq", unit)
+        assert row[3] == str((attempt / "code" / "sub").resolve())
+
+
 def test_cloud_rclone_that_hangs_is_a_transfer_error(tmp_path, monkeypatch):
     stub = tmp_path / "stub"
     stub.mkdir()
@@ -7724,6 +7745,7 @@ def test_bad_input_refused_before_anything_is_written(home):
     (["run", "--sweep", "proj/grid.jsonl", "--", "echo", "{lr}"], "sweep line 2: no value for {lr}"),
     (["run", "--sweep", "proj/grid.jsonl", "--", "echo", "lr"], "no {name} placeholder"),
     (["cluster", "run", "--hosts", "h1", "proj/m.py:f", "--", "ls"], "not both"),
+    (["cloud", "submit", "--cloud", "nosuch", "--split", "2", "--"], "the command is empty"),
 ])
 def test_bad_input_cli_exits_2_with_one_line(home, args, message):
     (home / "proj").mkdir()
