@@ -5642,6 +5642,17 @@ def test_slurm_workload_runs_as_one_array_covering_each_index_once(slurm, home):
     assert sorted(seen) == list(range(40)) and len(seen) == 40
 
 
+def test_slurm_command_array_each_task_gets_its_slice_in_the_environment(slurm, home, monkeypatch):
+    monkeypatch.chdir(_git_proj(home))
+    workload = WorkloadParams(idx_min=0, idx_max=10, idx_start=0, idx_end=10, jobs=2)
+    script = 'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_PART $SLURM_ARRAY_TASK_ID" > "slice-$STACKOPS_PART"'
+    machine = RemoteMachine(["sh", "-c", script], config(launch_method="slurm", workload_params=workload)).run()
+    report = _slurm_wait(machine, 120)
+    assert report.status == "completed", report
+    assert [(home / "proj" / f"slice-{k}").read_text().split() for k in (0, 1)] == [["0", "5", "0", "0"],
+                                                                                  ["5", "10", "1", "1"]]
+
+
 def test_slurm_array_with_a_failing_task_is_failed_and_names_it(slurm, home):
     module = make_module(home, SLURM_ARRAY_JOBS)
     workload = WorkloadParams(idx_min=0, idx_max=8, idx_start=0, idx_end=8, jobs=2)
