@@ -206,6 +206,7 @@ CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapsho
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
 DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
+MAIL_DEADLINE = 30.0  # seconds for a whole SMTP exchange at a job's end (the config's "timeout")
 
 STATUSES = ("prepared", "queued", "waiting", "running", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -399,6 +400,19 @@ def _last_line(text: str) -> str:
 
 def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# what a terminal acts on rather than shows: C0 and C1 controls (ESC starts escape sequences,
+# 0x9b is a one-byte CSI), DEL, and the invisible and bidirectional marks that reorder a line
+_UNSHOWN = _LazyPattern("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def _terminal_safe(value: Any, lines: bool = False) -> str:
+    """``value`` (text from elsewhere: a bucket, a host) as a string a terminal shows as it is:
+    each control or bidirectional character written as its Python escape (``\\x1b``), line
+    breaks kept only with ``lines``; anything but a string as its JSON."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return _UNSHOWN.sub(lambda m: m[0] if lines and m[0] == "\n" else repr(m[0])[1:-1], text)
 
 
 _PROGRAM: list[str] = []  # how main() was run, once it has been
@@ -1368,7 +1382,9 @@ def _top_level_names(file: Path, text: str | None = None) -> set[str]:
 @dataclasses.dataclass
 class JobParams:
     """What the wrapper runs, located relative to home and to the repo so that it travels:
-    ``*_rh`` paths are home-relative (``~/...``), ``*_r`` paths are relative to the repo root."""
+    ``*_rh`` paths are home-relative (``~/...``), ``*_r`` paths are relative to the repo root.
+    A command job (``kind="command"``) runs ``command``, an argv list run without a shell, in
+    the folder ``file_path_r`` of its repo (``file_path_rh`` where it was submitted)."""
 
     description: str = ""
     ssh_repr: str = ""
@@ -1383,7 +1399,7 @@ class JobParams:
     func_module: str = ""
     func_class: str | None = None
     func_name: str | None = None
-    kind: str = "script"  # script | function | method | run_path
+    kind: str = "script"  # script | function | method | run_path | command
     import_root_r: str = "."
     # with copy_repo: the snapshot whose copy the job runs in (job folder's code/)
     code_snapshot: str = ""
@@ -1391,12 +1407,15 @@ class JobParams:
     scm_version: str = ""
     # with copy_repo: the data paths inside the repo (relative to it), linked into the job's copy
     data_r: list[str] = dataclasses.field(default_factory=list)
+    command: list[str] = dataclasses.field(default_factory=list)  # kind "command": its argv
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        if self.kind not in ("script", "function", "method", "run_path"):
-            raise ConfigError(f"JobParams.kind {self.kind!r} is not script, function, method or "
-                              "run_path")
+        if self.kind not in ("script", "function", "method", "run_path", "command"):
+            raise ConfigError(f"JobParams.kind {self.kind!r} is not script, function, method, "
+                              "run_path or command")
+        if self.kind == "command":
+            _check_command(self.command)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1417,11 +1436,30 @@ class JobParams:
     def from_script(cls, path: str | os.PathLike[str]) -> JobParams:
         file = expand_home(path)
         if not file.exists():
-            raise ConfigError(f"script not found: {path}")
+            raise ConfigError(f"script not found: {path}",
+                              hint=f"a command? put it after --: {_prog()} run [options] -- "
+                                   "COMMAND [ARGS...]")
         if not file.is_file():
             raise ConfigError(f"not a script file: {path} is a "
                               f"{'directory' if file.is_dir() else 'special file'}")
         return cls._located(file.resolve(), func_module=file.stem, kind="script")
+
+    @classmethod
+    def from_command(cls, argv: list[str] | tuple[str, ...],
+                     cwd: str | os.PathLike[str] | None = None) -> JobParams:
+        """A command (``["make", "train"]``: an argv list, run without a shell) run in the folder
+        ``cwd`` (default: this process's), located as scripts are: its repo is the git work tree
+        holding that folder, else the folder itself, and the command runs in the same folder of
+        the repo (or of its copy, with copy_repo) where the job runs."""
+        argv = _check_command(argv)
+        folder = expand_home(os.getcwd() if cwd is None else cwd)
+        if not folder.is_dir():
+            raise ConfigError(f"the command's folder {cwd} is not a folder")
+        folder = folder.resolve()
+        repo = find_repo_root(folder)
+        return cls(repo_path_rh=collapse_home(repo), file_path_rh=collapse_home(folder),
+                   file_path_r=folder.relative_to(repo).as_posix(), func_module=argv[0],
+                   kind="command", command=argv)
 
     @classmethod
     def from_function_ref(cls, ref: str) -> JobParams:
@@ -1498,7 +1536,9 @@ class JobParams:
                            parallelize: bool = False,
                            wrap_in_try_except: bool = False) -> str:
         """The Python lines (indented for the wrapper's ``execute``) that call the job."""
-        if self.kind == "script":
+        if self.kind == "command":
+            lines = _command_execution_lines(workload_params, parallelize)
+        elif self.kind == "script":
             if parallelize:
                 raise ConfigError("parallelize=True needs a function; a script cannot be split")
             lines = []
@@ -1531,6 +1571,174 @@ class JobParams:
                      + ["except Exception:", "    error_message = traceback.format_exc()",
                         "    res = None"])
         return "\n".join("    " + line for line in lines)
+
+
+# -- command jobs: the argv, and the {name} placeholders a sweep's lines fill ---------------------
+
+def _check_command(argv: Any) -> list[str]:
+    """``argv`` as a command: a non-empty list of strings, the first naming the program, none
+    holding a NUL character (exec cannot pass one). Returned as a new list."""
+    if isinstance(argv, str) or not isinstance(argv, (list, tuple)) \
+            or not all(isinstance(word, str) for word in argv):
+        raise ConfigError(f"a command is a list of strings, got {_shorten(repr(argv), 60)}",
+                          hint="e.g. ['python', 'train.py', '--epochs', '3']")
+    if not argv or not argv[0].strip():
+        raise ConfigError("the command is empty: name the program to run",
+                          hint=f"e.g. {_prog()} run -- make train")
+    if any("\0" in word for word in argv):
+        raise ConfigError("a command's arguments cannot hold a NUL character")
+    return list(argv)
+
+
+def _command_execution_lines(workload_params: WorkloadParams | None,
+                             parallelize: bool) -> list[str]:
+    """The wrapper's lines for a command job: none of its own (run_job runs the command: see
+    _run_command_job); a command cannot be split in processes."""
+    if parallelize:
+        raise ConfigError("parallelize runs a function's parts in processes; a command gets its "
+                          "slice in STACKOPS_IDX_START and STACKOPS_IDX_END instead",
+                          hint="split the work inside the command, or run its parts as a Slurm "
+                               "array (--slurm) or over several hosts (cluster run)")
+    return ["res = None  # a command: run_job starts it (its slice in STACKOPS_IDX_*)"]
+
+
+# ``{name}`` is a placeholder; ``{{`` and ``}}`` stand for one brace; any other brace is itself
+_PLACEHOLDER = _LazyPattern(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
+_SHELLS = frozenset(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "posh"))
+_SHELL_OPTIONS_WITH_VALUE = frozenset(("--rcfile", "--init-file"))
+
+
+def command_placeholders(argv: list[str]) -> list[str]:
+    """The names of the ``{name}`` placeholders in a command, each once, in order of appearance
+    (``{{`` and ``}}`` are braces and name nothing)."""
+    names: list[str] = []
+    for word in argv:
+        for match in _PLACEHOLDER.finditer(word):
+            if match[1] and match[1] not in names:
+                names.append(match[1])
+    return names
+
+
+def _shell_scripts(argv: list[str]) -> set[int]:
+    """The positions in ``argv`` that a POSIX shell runs as code: the script after ``-c`` of
+    ``sh``, ``bash -lc``, ``bash -o pipefail -c`` ..., wherever that shell stands in the command
+    (``env``, ``timeout`` or ``srun`` may start it)."""
+    scripts = set()
+    for index, word in enumerate(argv):
+        if os.path.basename(word) not in _SHELLS:
+            continue
+        position, has_c = index + 1, False
+        while position < len(argv) and argv[position][:1] in ("-", "+") \
+                and argv[position] not in ("-", "--"):
+            option = argv[position]
+            long = option.startswith("--")
+            has_c = has_c or (not long and "c" in option[1:])
+            takes_value = option in _SHELL_OPTIONS_WITH_VALUE or (not long and option[-1] in "oO")
+            position += 2 if takes_value else 1
+        if position < len(argv) and argv[position] == "--":
+            position += 1
+        if has_c and position < len(argv):
+            scripts.add(position)
+    return scripts
+
+
+def _shell_state(text: str, state: str) -> str:
+    """The quoting a POSIX shell is in after reading ``text`` from ``state``: "" (none), "'",
+    '"' or "$'" (bash's C-like string), with a "\\" after it when a backslash waits to escape the
+    next character."""
+    quote, escaped, previous = state.rstrip("\\"), state.endswith("\\"), ""
+    for char in text:
+        if escaped:
+            escaped = False
+        elif quote == "'":
+            quote = "" if char == "'" else quote
+        elif char == "\\":
+            escaped = True
+        elif quote:
+            quote = "" if char == quote[-1] else quote
+        elif char == "'" and previous == "$":
+            quote = "$'"
+        elif char in "'\"":
+            quote = char
+        previous = char
+    return quote + ("\\" if escaped else "")
+
+
+def _value_text(value: Any) -> str:
+    """A sweep value as command text: a string as it is, anything else as its JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _quoted_for(state: str, text: str) -> str:
+    """``text`` as one literal piece of shell code read in quoting ``state`` (see _shell_state)."""
+    if state == "'":
+        return text.replace("'", "'\\''")
+    if state == '"':
+        return re.sub(r'([\\"$`])', r"\\\1", text)
+    return shlex.quote(text)
+
+
+def _fill_word(word: str, values: dict[str, Any], script: bool) -> str:
+    """One word of a command with its placeholders filled: literally in an argument (no shell
+    reads it), shell-quoted for where each stands in a shell's script."""
+    pieces, state, done = [], "", 0
+    for match in _PLACEHOLDER.finditer(word):
+        literal = word[done:match.start()]
+        pieces.append(literal)
+        state = _shell_state(literal, state) if script else state
+        done = match.end()
+        if not match[1]:
+            pieces.append(match[0][0])
+            state = _shell_state(match[0][0], state) if script else state
+            continue
+        if script and (state.endswith("\\") or state.startswith("$") or literal.endswith("$")):
+            raise ConfigError(f"{{{match[1]}}} stands after a '$' or a backslash, or in $'...', "
+                              "in a shell script: there a value cannot stay literal",
+                              hint="write ${{NAME}} for a shell variable, and leave a space or "
+                                   "a quote before the placeholder")
+        text = _value_text(values[match[1]])
+        pieces.append(_quoted_for(state, text) if script else text)
+    pieces.append(word[done:])
+    return "".join(pieces)
+
+
+def fill_command(argv: list[str], values: dict[str, Any]) -> list[str]:
+    """The command with each ``{name}`` filled from ``values`` (``{{``/``}}``: a brace), so that
+    every value arrives as exactly one literal piece, as GNU parallel's quoting promises: in an
+    argument (the command runs without a shell) the value is put in as it is; in the script of a
+    shell's ``-c`` (``sh -c``, ``bash -lc`` ... anywhere in the command), where a shell reads it,
+    it is quoted for the quotes it stands in (none, '...' or "..."). A string goes as it is, any
+    other value as its JSON text. A missing name is a ConfigError. The value goes unquoted into
+    other programs' code (``python -c``, ``ssh host CMD``): pass it there as an argument."""
+    missing = [name for name in command_placeholders(argv) if name not in values]
+    if missing:
+        raise ConfigError(f"no value for {', '.join('{' + name + '}' for name in missing)}",
+                          hint="write {{ and }} for a literal brace")
+    scripts = _shell_scripts(argv)
+    filled = [_fill_word(word, values, index in scripts) for index, word in enumerate(argv)]
+    return _check_command(filled)  # a value cannot bring a NUL character either
+
+
+def check_command_sweep(argv: list[str], grid: list[dict[str, Any]]) -> None:
+    """Refuse, before anything is written, a sweep of command ``argv`` over ``grid`` (one dict of
+    values per job) that could not fill it: no placeholder at all (every job would run the same
+    command), or a line without a value for one (named with the line's number)."""
+    names = command_placeholders(argv)
+    if not names:
+        raise ConfigError(f"the sweep's command has no {{name}} placeholder: its {len(grid)} "
+                          "jobs would all run the same command",
+                          hint="e.g. -- python train.py --lr {lr}, with lines like {\"lr\": 0.1}")
+    for number, line in enumerate(grid, 1):
+        try:
+            fill_command(argv, line)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep line {number}: {exc}", hint=exc.hint) from None
+
+
+def command_argv(params: JobParams, values: dict[str, Any] | None = None) -> list[str]:
+    """The argv a command job runs: its command, or with ``values`` (a sweep job's line, from its
+    kwargs) the command with its placeholders filled (fill_command)."""
+    return fill_command(params.command, values) if values else list(params.command)
 
 
 # ============================================================================================
@@ -2712,7 +2920,7 @@ def _attempts(root: Path, manager: FileManager, config: dict[str, Any],
     while True:
         if _TERM_SEEN:
             return None, {"error": f"terminated by signal {_TERM_SEEN[0]} before its run"}
-        env = _job_environment(root, manager, config, attempt)
+        env = _run_environment(root, manager, config, attempt)
         if interactive:
             res, outcome = _run_here(root, manager, execute, env)
         else:
@@ -2737,26 +2945,18 @@ def _stopping(root: Path) -> bool:
     return bool(_TERM_SEEN) or bool(read_state(root).get("cancel"))
 
 
-def _job_environment(root: Path, manager: FileManager, config: dict[str, Any],
+def _run_environment(root: Path, manager: FileManager, config: dict[str, Any],
                      attempt: int) -> dict[str, str]:
-    """What a run adds to its environment: the user's ``env``, then the job's own variables
-    (STACKOPS_*: its id, attempt, slot, sweep index, part), unbuffered Python output, and its
+    """What a run adds to its environment: the user's ``env`` and the job's own variables (see
+    _job_environment), its folder and results folder, unbuffered Python output, and its
     bytecode kept inside the job's folder (never written into the user's tree)."""
-    env = {str(key): str(value) for key, value in (config.get("env") or {}).items()}
-    env.update(STACKOPS_JOB_ID=manager.job_id, STACKOPS_ATTEMPT=str(attempt),
-               STACKOPS_SLOT=",".join(manager.slot_names), STACKOPS_JOB_ROOT=str(root),
+    sweep = re.search(r"-(\d+)\Z", manager.job_id) if os.path.islink(root / WRAPPER_PY) else None
+    env = _job_environment(manager.job_id, attempt, ",".join(manager.slot_names),
+                           config.get("workload_params"), int(sweep[1]) if sweep else None,
+                           config.get("env"))
+    env.update(STACKOPS_JOB_ROOT=str(root), PYTHONUNBUFFERED="1",
                STACKOPS_RESULTS=str(expand_home(f"{DEFAULT_RESULTS_DIR}/{manager.job_id}")),
-               PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(root / LOGS / "pycache"))
-    sweep = re.search(r"-(\d+)\Z", manager.job_id)
-    if sweep and os.path.islink(root / WRAPPER_PY):  # a job of a sweep or a task of an array
-        env["STACKOPS_SWEEP_INDEX"] = str(int(sweep[1]))
-    workload = config.get("workload_params")
-    if isinstance(workload, dict):
-        env.update(STACKOPS_PART=str(workload.get("idx", 0)),
-                   STACKOPS_IDX_START=str(workload.get("idx_start", 0)),
-                   STACKOPS_IDX_END=str(workload.get("idx_end", 0)),
-                   STACKOPS_IDX_MIN=str(workload.get("idx_min", 0)),
-                   STACKOPS_IDX_MAX=str(workload.get("idx_max", 0)))
+               PYTHONPYCACHEPREFIX=str(root / LOGS / "pycache"))
     return env
 
 
@@ -2766,33 +2966,45 @@ def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
     """One run in a child process of the wrapper (a fork for a Python job: nothing to start; the
     command itself for a command job), in the wrapper's process group; its outcome, with its exit
     status or signal, peak memory and CPU time as the kernel counted them."""
-    params = _read_json(root / JOB_PARAMS_JSON)
+    params = JobParams.from_dict(_read_json(root / JOB_PARAMS_JSON))
     sys.stdout.flush()
     sys.stderr.flush()
-    if params.get("kind") == "command":
-        argv = [str(word) for word in params.get("command") or []]
-        child = subprocess.Popen(argv, cwd=str(_work_dir(root)), env={**os.environ, **env},
-                                 stdin=subprocess.DEVNULL)
-        pid, outcome = child.pid, {"results": env["STACKOPS_RESULTS"]}
-        _mkdir_private(Path(env["STACKOPS_RESULTS"]))
-    else:
-        told = root / LOGS / f".outcome-{os.getpid()}.json"
-        with _suppress(FileNotFoundError):
-            os.unlink(told)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the child: it never returns)
-            _child_main(root, manager, execute, env, told)
-        outcome = {}
+    if params.kind == "command":
+        return _run_command_job(root, params, env)
+    told = root / LOGS / f".outcome-{os.getpid()}.json"
+    with _suppress(FileNotFoundError):
+        os.unlink(told)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child: it never returns)
+        _child_main(root, manager, execute, env, told)
     _CHILD[:] = [pid]
     try:
         _, status, usage = os.wait4(pid, 0)
     finally:
         _CHILD.clear()
-    if params.get("kind") != "command":
-        with _suppress(OSError, ValueError):
-            outcome = json.loads(told.read_text(encoding="utf-8"))
-            os.unlink(told)
+    outcome: dict[str, Any] = {}
+    with _suppress(OSError, ValueError):
+        outcome = json.loads(told.read_text(encoding="utf-8"))
+        os.unlink(told)
     return _outcome(outcome, status, usage)
+
+
+def _run_command_job(root: Path, params: JobParams, env: dict[str, str]) -> dict[str, Any]:
+    """One run of a command job: its argv (a sweep's placeholders filled from its kwargs) in its
+    folder of the repo (of its own copy, with copy_repo), with the job's variables, its output
+    into the job's log; the results folder is STACKOPS_RESULTS."""
+    argv = command_argv(params, _read_json(root / KWARGS_JSON))
+    folder = _work_dir(root) / params.file_path_r
+    if params.code_snapshot and not folder.exists():  # empty here: no snapshot holds it
+        _mkdir_private(folder)
+    results = Path(env["STACKOPS_RESULTS"])
+    _mkdir_private(results)
+    try:
+        record = _run_command(argv, folder, {**os.environ, **env}, sys.stdout.fileno(),
+                              started=_CHILD)
+    finally:
+        _CHILD.clear()
+    return dict(record, error=_command_failure(argv, record), results=collapse_home(results))
 
 
 def _outcome(outcome: dict[str, Any], status: int, usage: Any) -> dict[str, Any]:
@@ -2953,6 +3165,11 @@ def load_email_config(name: str) -> dict[str, Any]:
                           "(ssl, starttls or plain); missing or wrong: "
                           f"{', '.join(missing) or 'security'}")
     _check_plaintext_auth(entry, f"e-mail config {name!r} in {path}")
+    timeout = entry.get("timeout", MAIL_DEADLINE)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 < timeout <= 600:
+        raise ConfigError(f"e-mail config {name!r} in {path}: timeout must be seconds (more "
+                          f"than 0, at most 600) for the whole exchange, got {timeout!r}")
     return entry
 
 
@@ -2965,28 +3182,75 @@ def _check_plaintext_auth(settings: dict[str, Any], what: str) -> None:
                                "the server is on a network you trust")
 
 
-def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str) -> None:
-    """One plain-text message over SMTP (SSL, STARTTLS or plain), with a timeout."""
-    import smtplib
-    import ssl
+def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str,
+                   deadline: float | None = None) -> None:
+    """One plain-text message over SMTP (SSL, STARTTLS or plain), the whole exchange within
+    ``deadline`` seconds (default: the config's ``timeout``, else MAIL_DEADLINE), not per read:
+    a server that trickles its greeting cannot hold the job's process. A message not sent in
+    time is a StackopsError (the exchange is cut off); any other failure is raised as it is."""
+    import threading
     from email.message import EmailMessage
 
     _check_plaintext_auth(settings, f"SMTP server {settings.get('host')}")
     message = EmailMessage()
     message["Subject"], message["From"], message["To"] = subject, settings["from"], to
     message.set_content(body)
+    limit = float(deadline if deadline is not None else settings.get("timeout") or MAIL_DEADLINE)
+    server, context = _smtp_client(settings, limit)
+    outcome: list[BaseException | None] = []
+
+    def exchange() -> None:
+        try:
+            _smtp_exchange(server, settings, message, context)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    talker = threading.Thread(target=exchange, name="stackops-mail", daemon=True)
+    talker.start()
+    talker.join(limit)
+    if not outcome:  # still talking: cut it off (a daemon thread keeps no process alive)
+        with _suppress(Exception):
+            server.sock.shutdown(2)
+        raise StackopsError(f"the SMTP server {settings['host']}:{settings['port']} did not "
+                            f"finish the exchange within {limit:g}s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _smtp_client(settings: dict[str, Any], limit: float) -> tuple[Any, Any]:
+    """An smtplib client for ``settings``, not yet connected (so another thread can cut off its
+    socket), with ``limit`` as its timeout per read; and its TLS context."""
+    import smtplib
+    import ssl
+
     context = ssl.create_default_context(cafile=settings.get("cafile"))
-    host, port = settings["host"], int(settings["port"])
     if settings["security"] == "ssl":
-        server: Any = smtplib.SMTP_SSL(host, port, timeout=30, context=context)
+        server: Any = smtplib.SMTP_SSL(timeout=limit, context=context)
     else:
-        server = smtplib.SMTP(host, port, timeout=30)
-    with server:
+        server = smtplib.SMTP(timeout=limit)
+    server._host = settings["host"]  # the TLS server name, as connecting in the constructor sets
+    return server, context
+
+
+def _smtp_exchange(server: Any, settings: dict[str, Any], message: Any, context: Any) -> None:
+    """Connect, greet, encrypt, log in, send and quit: what smtplib's constructor and ``with``
+    would do, on a client made by _smtp_client."""
+    import smtplib
+
+    code, reply = server.connect(settings["host"], int(settings["port"]))
+    if code != 220:
+        server.close()
+        raise smtplib.SMTPConnectError(code, reply)
+    try:
         if settings["security"] == "starttls":
             server.starttls(context=context)
         if settings.get("user"):
             server.login(settings["user"], settings.get("password", ""))
         server.send_message(message)
+        server.quit()
+    finally:
+        server.close()
 
 
 
@@ -3106,6 +3370,112 @@ def _wait_for_parents(root: Path, parents: list[str], wait: bool = True) -> None
         _record(root, status="waiting", reason="after " + ", ".join(pending))
         time.sleep(AFTER_POLL)
     _record(root, reason="")
+
+
+# -- command jobs and forked children: one attempt, its environment, exit status and resources ---
+
+def _job_environment(job_id: str, attempt: int, slot: str | None,
+                     workload: WorkloadParams | dict[str, Any] | None = None,
+                     sweep_index: int | None = None,
+                     config_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables a job gets on top of its machine's environment: the user's ``config_env``
+    (--env), then stackops' own, which win: STACKOPS_JOB_ID, STACKOPS_ATTEMPT (1 for the first
+    run), STACKOPS_SLOT (the slot it holds, "" for none); STACKOPS_SWEEP_INDEX for a sweep's job
+    (its line, from 0); with a workload its slice: STACKOPS_IDX_START and STACKOPS_IDX_END (the
+    slice), STACKOPS_IDX_MIN and STACKOPS_IDX_MAX (the whole range), STACKOPS_PART (the slice's
+    index: a cluster host's, an array task's) and STACKOPS_PARTS (into how many parts the slice
+    is to be cut: --workload's PARTS, a cluster host's threads)."""
+    env = {str(key): str(value) for key, value in (config_env or {}).items()}
+    env.update(STACKOPS_JOB_ID=job_id, STACKOPS_ATTEMPT=str(attempt), STACKOPS_SLOT=slot or "")
+    if sweep_index is not None:
+        env["STACKOPS_SWEEP_INDEX"] = str(sweep_index)
+    if workload is not None:
+        part = workload if isinstance(workload, WorkloadParams) else WorkloadParams.from_dict(
+            workload)
+        env.update(STACKOPS_IDX_START=str(part.idx_start), STACKOPS_IDX_END=str(part.idx_end),
+                   STACKOPS_IDX_MIN=str(part.idx_min), STACKOPS_IDX_MAX=str(part.idx_max),
+                   STACKOPS_PART=str(part.idx), STACKOPS_PARTS=str(part.jobs))
+    return env
+
+
+def _exit_record(status: int, usage: Any) -> dict[str, Any]:
+    """What a wait4() status and resource use say of an ended process: ``exit_code`` (None when a
+    signal ended it), ``signal`` (None when it exited), ``max_rss_bytes`` (the largest resident
+    set of it or of a descendant it waited for) and ``cpu_seconds`` (user + system time of it and
+    of the descendants it waited for)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # Linux counts ru_maxrss in KiB, macOS bytes
+    killed = os.WIFSIGNALED(status)
+    return {"exit_code": None if killed else os.WEXITSTATUS(status),
+            "signal": os.WTERMSIG(status) if killed else None,
+            "max_rss_bytes": int(usage.ru_maxrss) * scale,
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3)}
+
+
+def _stop_child(pid: int, grace: float) -> None:
+    """SIGTERM to child ``pid``, SIGKILL if it still runs ``grace`` seconds later; reaped."""
+    deadline = time.monotonic() + grace
+    try:
+        os.kill(pid, signal.SIGTERM)
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass  # gone, and reaped already
+
+
+def _wait_child(pid: int, grace: float = 10.0) -> dict[str, Any]:
+    """Wait for child ``pid`` (a command job's program, or the forked Python of a function job)
+    and return its _exit_record. Whatever is raised meanwhile (the wrapper's SIGTERM handler: a
+    cancel, Slurm's time limit) stops the child first (SIGTERM, then SIGKILL after ``grace``
+    seconds) and then goes on up."""
+    try:
+        _, status, usage = os.wait4(pid, 0)
+    except BaseException:
+        _stop_child(pid, grace)
+        raise
+    return _exit_record(status, usage)
+
+
+def _run_command(argv: list[str], cwd: str | os.PathLike[str], env: dict[str, str], out_fd: int,
+                 grace: float = 10.0, started: list[int] | None = None) -> dict[str, Any]:
+    """One attempt of a command job: ``argv`` run without a shell (the program is looked up on
+    ``env``'s PATH) in folder ``cwd`` with exactly ``env``, stdin empty, stdout and stderr both
+    on ``out_fd`` (one stream, in the order the program writes). It stays in this process's
+    group, so stopping the job's group stops it too. Returns its _exit_record (see _wait_child);
+    a program that cannot be started is a StackopsError."""
+    if not os.path.isdir(cwd):
+        raise StackopsError(f"the command's folder {cwd} is not there")
+    try:
+        child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd,
+                                 stderr=out_fd)
+    except OSError as exc:
+        raise StackopsError(f"cannot run {argv[0]!r}: {exc.strerror or exc}",
+                            hint="is it installed where the job runs, and on its PATH? (or give "
+                                 "its path)") from exc
+    if started is not None:
+        started[:] = [child.pid]  # (the wrapper passes a SIGTERM on to it)
+    try:
+        record = _wait_child(child.pid, grace)
+    finally:
+        child.returncode = -1  # reaped by _wait_child: Popen must not wait for it again
+    return record
+
+
+def _command_failure(argv: list[str], record: dict[str, Any]) -> str:
+    """The error of a command's attempt from its _exit_record: "" when it exited 0."""
+    number = record.get("signal")
+    if number is not None:
+        try:
+            name = f" ({signal.Signals(number).name})"
+        except ValueError:
+            name = ""
+        return f"the command {argv[0]} was killed by signal {number}{name}"
+    if record.get("exit_code"):
+        return f"the command {argv[0]} exited with status {record['exit_code']}"
+    return ""
 
 
 # -- the queue's dispatcher: hands slots to queued entries, first come first served --------------
@@ -4056,6 +4426,112 @@ def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Path(root)
+
+
+# -- logind: would the host kill a detached job when the user logs out? ----------------------------
+# With KillUserProcesses=yes, systemd-logind ends every process of a login session's scope when the
+# session ends: setsid and nohup do not leave the scope, so a job fired over SSH dies with the
+# connection. A scope of the user's own service manager (systemd-run --user --scope) is outside
+# the session, but that manager stops at the user's last logout unless lingering is on. Probed on
+# the executing machine, with the standard library only.
+
+LOGIND_MARKER = "/run/systemd/system"  # exists when systemd is the init system (sd_booted)
+LOGIND_CONF_DIRS = ("/etc/systemd", "/run/systemd", "/usr/local/lib/systemd", "/usr/lib/systemd")
+LINGER_DIR = "/var/lib/systemd/linger"
+
+
+def _probe_output(argv: list[str], timeout: float) -> str | None:
+    """What ``argv`` prints when it runs and exits 0 within ``timeout`` seconds, else None."""
+    try:
+        done = _run_bounded(argv, timeout)
+    except StackopsError:  # missing, or stopped at the timeout
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _logind_properties(text: str) -> dict[str, str]:
+    """``Key=value`` lines (loginctl show-*, a [Login] section) as a dict."""
+    pairs = (line.strip().partition("=") for line in text.splitlines())
+    return {key.strip(): value.strip() for key, sep, value in pairs if sep and key[:1] != "#"}
+
+
+def _logind_conf(conf_dirs: tuple[str, ...]) -> dict[str, str]:
+    """logind's settings from its files: ``logind.conf`` in the first of ``conf_dirs`` that has
+    one, then the ``logind.conf.d/*.conf`` drop-ins by file name (the same name in an earlier
+    folder hides a later one), the last setting winning, as logind reads them."""
+    import glob
+
+    settings: dict[str, str] = {}
+    mains = [os.path.join(d, "logind.conf") for d in conf_dirs]
+    drop_ins: dict[str, str] = {}
+    for folder in reversed(conf_dirs):
+        for path in glob.glob(os.path.join(folder, "logind.conf.d", "*.conf")):
+            drop_ins[os.path.basename(path)] = path
+    main = [path for path in mains if os.path.isfile(path)][:1]
+    for path in main + [drop_ins[name] for name in sorted(drop_ins)]:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                section = handle.read().partition("[Login]")[2].split("\n[", 1)[0]
+        except OSError:
+            continue
+        settings.update(_logind_properties(section))
+    return settings
+
+
+def _kills_user(settings: dict[str, str], user: str) -> bool:
+    """Whether logind ``settings`` (KillUserProcesses, KillOnlyUsers, KillExcludeUsers) end the
+    processes of ``user``'s sessions at logout."""
+    yes = settings.get("KillUserProcesses", "no").lower() in ("yes", "true", "1", "on")
+    only = settings.get("KillOnlyUsers", "").split()
+    excluded = settings.get("KillExcludeUsers", "root").split()
+    return yes and user not in excluded and (not only or user in only)
+
+
+def _logind_probe(user: str | None = None, marker: str = LOGIND_MARKER,
+                  conf_dirs: tuple[str, ...] = LOGIND_CONF_DIRS, linger_dir: str = LINGER_DIR,
+                  timeout: float = 5.0) -> dict[str, Any]:
+    """Whether a job started detached here by ``user`` (default: this process's) would be killed
+    when that user logs out, and what stackops can do about it. Returns: ``systemd`` (init is
+    systemd: ``marker`` exists), ``kill_user_processes`` (logind ends the user's session scopes
+    at logout: ``loginctl show-session``, else the config files), ``linger``, ``scope``
+    (``systemd-run --user --scope`` works; tried only when it matters), ``wrap`` (start the
+    launcher in such a scope: _in_user_scope), ``kill_at_logout`` (the job, so started, still
+    dies at the user's logout) and ``fix`` (what the user can do, "" when nothing is needed)."""
+    import pwd
+
+    user = user or pwd.getpwuid(os.getuid()).pw_name
+    found: dict[str, Any] = {"user": user, "systemd": os.path.isdir(marker),
+                             "kill_user_processes": False, "linger": False, "scope": False,
+                             "wrap": False, "kill_at_logout": False, "fix": ""}
+    if not found["systemd"]:
+        return found
+    names = ["KillUserProcesses", "KillOnlyUsers", "KillExcludeUsers"]
+    shown = _probe_output(["loginctl", "show-session", *[f"-p{name}" for name in names]], timeout)
+    settings = _logind_properties(shown) if shown is not None else _logind_conf(conf_dirs)
+    found["kill_user_processes"] = _kills_user(settings, user)
+    shown = _probe_output(["loginctl", "show-user", user, "-pLinger"], timeout)
+    found["linger"] = (_logind_properties(shown).get("Linger") == "yes" if shown is not None
+                       else os.path.exists(os.path.join(linger_dir, user)))
+    if not found["kill_user_processes"]:
+        return found
+    scope = ["systemd-run", "--user", "--scope", "--quiet", "true"]
+    found["scope"] = found["wrap"] = _probe_output(scope, timeout) is not None
+    found["kill_at_logout"] = not (found["scope"] and found["linger"])
+    if not found["linger"]:
+        found["fix"] = f"loginctl enable-linger {user}"
+    elif not found["scope"]:
+        found["fix"] = (f"ask the administrator to add {user} to KillExcludeUsers in "
+                        "/etc/systemd/logind.conf")
+    return found
+
+
+def _in_user_scope(argv: list[str], probe: dict[str, Any]) -> list[str]:
+    """``argv`` started in a scope of the user's service manager when ``probe`` (_logind_probe)
+    says so, out of the login session that logind would end at logout; else ``argv`` itself.
+    systemd-run --scope runs the program itself (same pid), so nothing else changes."""
+    if not probe.get("wrap"):
+        return list(argv)
+    return ["systemd-run", "--user", "--scope", "--quiet", "--", *argv]
 
 
 # ============================================================================================
@@ -5908,7 +6384,10 @@ def parse_kwargs(text: str) -> dict[str, Any]:
 
 
 def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
-    """JobParams for a script path, FILE.py:FUNC, function or bound method (+ pickled instance)."""
+    """JobParams for a script path, FILE.py:FUNC, function or bound method (+ pickled instance),
+    or a command: a list (or tuple) of strings, run in this process's folder."""
+    if isinstance(func, (list, tuple)):
+        return JobParams.from_command(func), None
     if isinstance(func, (str, os.PathLike)):
         text = os.fspath(func)
         if re.search(r"\.py:[^/\\]+\Z", text):
@@ -5934,7 +6413,7 @@ def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
 def _parameters(func: Any, params: JobParams) -> list[tuple[str, str, bool]] | None:
     """(name, kind, has a default) of each parameter the job's callable takes; None when that
     cannot be known. A function object is asked; a FILE.py:FUNC is read with ast, never imported."""
-    if params.kind == "script":
+    if params.kind in ("script", "command"):
         return None
     if not isinstance(func, (str, os.PathLike)):
         import inspect
@@ -6552,6 +7031,7 @@ class CloudQueue:
         self.base = cloud_base(cloud_name) + "/units"
         self.settle, self.lease = settle, lease
         self._meta: dict[str, dict[str, Any]] = {}
+        self.pending: dict[str, str] = {}  # unit: this worker's claim, neither confirmed nor gone
 
     def _put(self, path: str, text: str) -> None:
         _rclone("rcat", f"{self.base}/{path}", what=f"write of {path}", stdin=text)
@@ -6610,18 +7090,50 @@ class CloudQueue:
         return self._meta[unit_id]
 
     def claim(self, unit_id: str, worker: str) -> str | None:
-        """Try to own a unit: the claim's name when this worker won, None when another did."""
+        """Try to own a unit: the claim's name when this worker won, None when another did. A
+        claim whose outcome cannot be read (the listing fails twice) is withdrawn and the error
+        raised; one that cannot even be withdrawn is remembered (``pending``), so that this
+        worker takes it up at its next look instead of leaving its own unit blocked a lease."""
         name = f"{time.time_ns():019d}-{worker}"
         self._put(f"{unit_id}/claims/{name}", json.dumps({"worker": worker,
                                                           "host": os.uname().nodename}))
         time.sleep(self.settle)
-        live = self._live(unit_id)
+        try:
+            live = self._live_again(unit_id)
+        except StackopsError:
+            if not self._withdraw(unit_id, name):
+                self.pending[unit_id] = name
+            raise
         if live and live[0] == name:
             return name
-        with _suppress(StackopsError):
-            _rclone("deletefile", f"{self.base}/{unit_id}/claims/{name}",
-                    what="withdrawal of a claim")
+        self._withdraw(unit_id, name)
         return None
+
+    def _live_again(self, unit_id: str) -> list[str]:
+        """_live, tried once more after a failed listing."""
+        try:
+            return self._live(unit_id)
+        except StackopsError as exc:
+            log.warning("could not list the claims of unit %s (%s); trying again", unit_id, exc)
+            time.sleep(min(self.settle, 1.0))
+            return self._live(unit_id)
+
+    def _withdraw(self, unit_id: str, claim: str) -> bool:
+        """Delete this worker's claim; False when that failed."""
+        try:
+            _rclone("deletefile", f"{self.base}/{unit_id}/claims/{claim}",
+                    what="withdrawal of a claim")
+        except StackopsError as exc:
+            log.warning("could not withdraw the claim on unit %s: %s", unit_id, exc)
+            return False
+        return True
+
+    def _take_pending(self, unit_id: str, claims: list[tuple[str, float]]) -> str | None:
+        """A claim this worker made but could not confirm nor withdraw (claim), now confirmed by
+        the fresh listing ``claims`` of the unit: the earliest live one. None otherwise."""
+        name = self.pending.pop(unit_id, None)
+        live = self.live_claims(claims)
+        return name if name is not None and live and live[0] == name else None
 
     def cancel(self, unit_id: str) -> None:
         """Mark a unit cancelled: no worker claims it any more, and the one running it stops it
@@ -6668,29 +7180,46 @@ class CloudQueue:
         return True
 
     def report(self) -> list[dict[str, Any]]:
-        """One row per unit: queued, running on a worker, stale (its worker went quiet), or done."""
+        """One row per unit: queued, running on a worker, stale (its worker went quiet), done, or
+        ``unreadable`` (its status.json, with why in ``error``). The bucket is written by anyone
+        who may: every text in a row is made safe for a terminal (_terminal_safe)."""
         rows = []
         for unit_id, info in sorted(self.listing().items()):
-            row: dict[str, Any] = {"unit": unit_id, "state": "queued", "worker": None}
+            row: dict[str, Any] = {"unit": _terminal_safe(unit_id), "state": "queued",
+                                   "worker": None}
             if not info["ready"]:
                 row["state"] = "incomplete"
             elif info["done"]:
-                status = json.loads(_rclone("cat", f"{self.base}/{unit_id}/status.json",
-                                            what="read of a status").stdout)
-                row.update(state=status["status"], worker=status.get("worker"),
-                           host=status.get("host"),
-                           duration_seconds=status.get("duration_seconds"),
-                           error=status.get("error", ""))
+                row.update(self._done_row(unit_id))
             elif (info["claims"] and self.live_claims(info["claims"])
                   or info["claims"] and not info["cancelled"]):
                 name, age = min(info["claims"],
                                 key=lambda c: c[0] if c[1] < self.lease else "~" + c[0])
                 row.update(state="running" if age < self.lease else "stale",
-                           worker=name.split("-", 1)[1], last_seen_seconds=round(age, 1))
+                           worker=_terminal_safe(name.partition("-")[2]),
+                           last_seen_seconds=round(age, 1))
             elif info["cancelled"]:
                 row["state"] = "cancelled"
             rows.append(row)
         return rows
+
+    def _done_row(self, unit_id: str) -> dict[str, Any]:
+        """The fields of a done unit's row, from its status.json as plain, checked data."""
+        try:
+            status = json.loads(_rclone("cat", f"{self.base}/{unit_id}/status.json",
+                                        what="read of a status").stdout)
+            if not isinstance(status, dict) or not isinstance(status.get("status"), str):
+                raise ValueError("not a JSON object with a status")
+        except (StackopsError, ValueError) as exc:
+            return {"state": "unreadable", "error": _terminal_safe(f"status.json: {exc}")}
+        duration = status.get("duration_seconds")
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)):
+            duration = None
+        texts = {key: status.get(key) for key in ("worker", "host")}
+        return {"state": _terminal_safe(status["status"]), "duration_seconds": duration,
+                "error": _terminal_safe(status.get("error") or "", lines=True),
+                **{key: None if value is None else _terminal_safe(value)
+                   for key, value in texts.items()}}
 
 
 # ============================================================================================
@@ -7708,6 +8237,9 @@ def _download_array(machine: RemoteMachine, target: str | os.PathLike[str] | Non
 
 def _check_arguments(func: Any, machine: RemoteMachine, config: RemoteStackOpsConfig) -> None:
     """The callable takes the kwargs (and workload_params once) and has an execution line."""
+    if machine.job_params.kind == "command" and machine.kwargs:
+        raise ConfigError("a command takes no kwargs: its arguments are in the command",
+                          hint="a sweep's lines fill {name} placeholders of the command")
     if config.workload_params is not None and "workload_params" in machine.kwargs:
         raise ConfigError("workload_params given both in config and in func_kwargs")
     _check_call(_parameters(func, machine.job_params), machine.kwargs,
@@ -7899,6 +8431,12 @@ def _delete_job(machine: RemoteMachine, results: bool) -> None:
 
 class RemoteMachine:
     """One job: generate its folder, submit it, fire it detached, follow it, fetch its results.
+
+    ``func`` is what the job runs: a function or bound method, ``"path/to/file.py:func"``, a
+    script's path, or any command as a list of strings (``["make", "train"]``, run without a
+    shell, in the folder this process is in, inside its repo: see JobParams.from_command). A
+    command takes no ``func_kwargs``; it gets its workload's slice, its id, attempt and slot in
+    ``STACKOPS_*`` environment variables.
 
     With ``config.ssh_host=None`` (the embedded default) the job runs on this machine; otherwise on
     that host, over one SSH connection reused for every step (``close()`` ends it). Where it runs
@@ -8594,10 +9132,17 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
     function, the ids against the jobs that exist). The jobs share one copy of stackops, the
     wrapper and the code snapshot (the folder ``<config.job_id>`` beside theirs); to a host they
     travel as one stream. A failed job does not stop the others. ``run=False`` prepares
-    everything and starts nothing (``start ID-K`` starts a job)."""
+    everything and starts nothing (``start ID-K`` starts a job). ``func`` may be a command (a
+    list of strings) whose ``{name}`` placeholders each line fills (fill_command)."""
     _check_sweep_config(config)
     lines = _sweep_lines(func_kwargs, grid)
-    template = RemoteMachine(func, config, func_kwargs=lines[0], data=data)
+    command = isinstance(func, (list, tuple))  # each job's line fills the command's {name}s
+    if command:
+        if func_kwargs:
+            raise ConfigError("a sweep of commands takes no func_kwargs: its lines fill the "
+                              "command's {name} placeholders")
+        check_command_sweep(_check_command(func), lines)
+    template = RemoteMachine(func, config, func_kwargs=None if command else lines[0], data=data)
     parameters = _parameters(func, template.job_params)
     workload = config.workload_params is not None
     for number, kwargs in enumerate(lines, 1):
@@ -9164,7 +9709,7 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
     return data
 
 
-def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
+def _place_unit(staging: Path, root: Path, data: list[str], unit_id: str = "") -> None:
     """Move an unpacked unit into its own folder ``root`` (its code inside it, at ``root/code``)
     and rewrite its records to say so. Data go to their home-relative places file by file, unless
     this machine sees the submitter's files (a worker on the submitting machine): then they are
@@ -9177,7 +9722,7 @@ def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
         _atomic_write_json(root / JOB_PARAMS_JSON, params)
     manager = _read_json(root / FILE_MANAGER_JSON)
     base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
-    mine = base / "queued" / root.name / FILE_MANAGER_JSON
+    mine = base / "queued" / (unit_id or root.name) / FILE_MANAGER_JSON
     with _suppress(OSError):
         if mine.read_bytes() == (root / FILE_MANAGER_JSON).read_bytes():
             return  # the submitter's own folder is here: so are its data
@@ -9197,44 +9742,103 @@ def _place_data(staging: Path, data: list[str]) -> None:
             os.replace(path, target)
 
 
-def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None) -> Path:
-    """Download a claimed unit and unpack it into its own folder under this worker's base dir,
-    named by the unit id (never a path a record names); an earlier attempt's folder goes."""
-    units = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/{CLOUD_UNITS_DIR}")
+def _units_folder(base_dir: str | None) -> Path:
+    """Where this worker unpacks its units: ``cloud_units`` under its base dir."""
+    return expand_home(f"{base_dir or DEFAULT_BASE_DIR}/{CLOUD_UNITS_DIR}")
+
+
+def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
+                attempt: str = "") -> Path:
+    """Download a claimed unit and unpack it into a folder of its own under this worker's base
+    dir, ``<unit id>.<attempt>`` (never a path a record names): a fresh folder for each attempt,
+    so that nothing is pulled from under an earlier attempt's job, and no end of one passes for
+    another's. A folder of that name already there is an error, never replaced."""
+    units = _units_folder(base_dir)
     _mkdir_private(units)
-    root = units / check_safe_name(unit_id, "unit id")
+    name = check_safe_name(unit_id, "unit id") + (f".{attempt}" if attempt else "")
+    root = units / name
+    if os.path.lexists(root):
+        raise TransferError(f"unit {unit_id}: its attempt's folder {collapse_home(root)} exists")
     staging = Path(_make_temp_dir(units))
     try:
         _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"),
                 what="download of a unit")
         (staging / "x").mkdir(mode=0o700)
         data = _unpack_unit(staging / "unit.tar", staging / "x")
-        _remove(root)  # an earlier attempt's logs must not pass for this one's
-        _place_unit(staging / "x", root, data)
+        _place_unit(staging / "x", root, data, unit_id)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
 
 
+def _unit_runs_here(root: Path) -> bool:
+    """Whether a job still runs in unit folder ``root`` on this machine: its lock is held."""
+    return _alive(root)
+
+
+def _earlier_run(units: Path, unit_id: str) -> Path | None:
+    """An earlier attempt of ``unit_id`` on this machine whose job still runs (a worker killed
+    and started again: its job went on, detached), to adopt; None when there is none. The
+    earlier attempts' folders (``<unit>.<attempt>``, or ``<unit>`` of an older stackops) whose
+    job provably ended are removed; one that never started is marked cancelled first (its queue
+    entry, if any, is then dropped), and removed by a later look."""
+    prefix = check_safe_name(unit_id, "unit id") + "."
+    names = [name for name in os.listdir(units)
+             if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    live = None
+    for folder in [units / name for name in sorted(names, reverse=True)] + [units / unit_id]:
+        if not (folder / FILE_MANAGER_JSON).is_file():
+            continue
+        if _unit_runs_here(folder):
+            live = live or folder
+            continue
+        state = read_state(folder)
+        if state.get("cancel") or state.get("status") in TERMINAL_STATUSES:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        _record(folder, cancel="a later attempt of its unit replaced it")
+        if _unit_runs_here(folder):  # it started meanwhile: it runs despite the mark
+            live = live or folder
+    return live
+
+
+def _start_unit(queue: CloudQueue, unit_id: str, claim: str,
+                base_dir: str | None) -> tuple[RemoteMachine, bool]:
+    """The claimed unit's job started here, and whether it was adopted: an earlier attempt that
+    still runs on this machine is followed (not started again, not removed); else a fresh
+    attempt is fetched into a folder of its own and fired."""
+    units = _units_folder(base_dir)
+    root = _earlier_run(units, unit_id) if units.is_dir() else None
+    adopted = root is not None
+    if root is not None:
+        log.warning("unit %s still runs here in %s (an earlier attempt): following it", unit_id,
+                    collapse_home(root))
+    else:
+        root = _fetch_unit(queue, unit_id, base_dir, claim.split("-", 1)[0])
+    machine = RemoteMachine.from_job_dir(root)
+    machine.file_manager.job_root_rh = collapse_home(root)
+    if not adopted:
+        machine.launcher_pid = None
+        machine.fire()
+    return machine, adopted
+
+
 def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
               base_dir: str | None = None) -> str:
-    """Fetch a claimed unit, run it here with this machine's slots, then upload its results and
-    status, all while a background heartbeat refreshes the claim. A unit whose claim was lost is
-    not uploaded. Returns the unit's status (or ``lost``)."""
+    """Fetch a claimed unit, run it here with this machine's slots (or follow the run of an
+    earlier attempt that still goes on here), then upload its results and status, all while a
+    background heartbeat refreshes the claim. A unit whose claim was lost is not uploaded.
+    Returns the unit's status (or ``lost``)."""
     with _ClaimKeeper(queue, unit_id, claim, worker) as keeper:
         try:
-            root = _fetch_unit(queue, unit_id, base_dir)
+            machine, adopted = _start_unit(queue, unit_id, claim, base_dir)
         except _UnitRefused as exc:  # a unit refused here ends failed, not retried forever
             status: dict[str, Any] = {"unit": unit_id, "status": "failed", "worker": worker,
                                       "host": os.uname().nodename, "error": str(exc)}
             if keeper.held():
                 queue.finish(unit_id, None, status)
             raise
-        machine = RemoteMachine.from_job_dir(root)
-        machine.file_manager.job_root_rh = collapse_home(root)
-        machine.launcher_pid = None
         started = time.time()
-        machine.fire()
         while not (report := machine.get_status(0)).finished:
             if keeper.cancelled.is_set():
                 log.info("unit %s was cancelled: stopping it", unit_id)
@@ -9248,7 +9852,7 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
         status = {"unit": unit_id, "status": report.status, "worker": worker,
                   "host": os.uname().nodename, "start_time": report.start_time,
                   "end_time": report.end_time, "duration_seconds": round(time.time() - started, 3),
-                  "error": _tail(report.error_message, 20)}
+                  "error": _tail(report.error_message, 20), "adopted": adopted}
         results = (expand_home(report.results_path)
                    if report.results_path and report.status != "cancelled" else None)
         if not queue.finish(unit_id, results, status, keeper.held):
@@ -9307,9 +9911,11 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
                     if len(running) >= max_jobs:
                         break
                     info = units.get(unit_id, {})
-                    if info.get("done") or queue.live_claims(info.get("claims", [])):
+                    claims = info.get("claims", [])
+                    claim = None if info.get("done") else queue._take_pending(unit_id, claims)
+                    if claim is None and (info.get("done") or queue.live_claims(claims)):
                         continue
-                    claim = queue.claim(unit_id, worker)
+                    claim = claim or queue.claim(unit_id, worker)
                     if claim is not None:
                         log.info("worker %s claimed unit %s", worker, unit_id)
                         running[unit_id] = pool.submit(_run_unit, queue, unit_id, claim, worker,
@@ -9399,7 +10005,40 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
                           jobs=parts)
 
 
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``run [options] -- COMMAND [ARGS...]`` (and ``cluster run``, ``cloud submit``): (the
+    words before ``--``, the job's command after it); (argv, None) for any other command line."""
+    if "--" not in argv:
+        return argv, None
+    cut = argv.index("--")
+    verbs = [word for word in argv[:cut] if not word.startswith("-")]
+    if verbs[:1] == ["run"] or verbs[:2] in (["cluster", "run"], ["cloud", "submit"]):
+        return argv[:cut], argv[cut + 1:]
+    return argv, None
+
+
+def _run_target(args: Any) -> Any:
+    """What ``run`` (``cluster run``, ``cloud submit``) runs: TARGET (a script or FILE.py:FUNC),
+    or the command after ``--`` as a list; exactly one of them, and a command with none of the
+    options that only a Python function takes."""
+    command = getattr(args, "job_command", None)
+    if command is not None and args.target:
+        raise ConfigError(f"give a script or function ({args.target}) or a command after --, "
+                          "not both")
+    if command is None:
+        if not args.target:
+            raise ConfigError("nothing to run: give a script, FILE.py:FUNC, or -- COMMAND",
+                              hint=f"e.g. {_prog()} run train.py, or {_prog()} run -- make train")
+        return args.target
+    if args.kwargs != "{}":
+        raise ConfigError("--kwargs is for a Python function or script: a command's arguments "
+                          "follow --", hint="a sweep's lines fill the command's {name} "
+                                            "placeholders")
+    return _check_command(command)
+
+
 def _cmd_run(args: Any) -> int:
+    target = _run_target(args)
     config = RemoteStackOpsConfig(
         job_id=args.job_id or _random_job_id(), base_dir=args.base_dir,
         description=args.description,
@@ -9417,15 +10056,15 @@ def _cmd_run(args: Any) -> int:
         after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     if args.sweep:
-        return _run_sweep_and_report(config, args)
-    machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
+        return _run_sweep_and_report(target, config, args)
+    machine = RemoteMachine(target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
         return _run_and_report(machine, args)
 
 
-def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
+def _run_sweep_and_report(target: Any, config: RemoteStackOpsConfig, args: Any) -> int:
     grid = load_sweep_grid(args.sweep)
-    with run_sweep(args.target, config, grid, parse_kwargs(args.kwargs), run=not args.no_launch,
+    with run_sweep(target, config, grid, parse_kwargs(args.kwargs), run=not args.no_launch,
                    progress=_progress(args)) as sweep:
         first, last = sweep.jobs[0].job_id, sweep.jobs[-1].job_id
         if args.no_launch:
@@ -10443,7 +11082,8 @@ def _cmd_cluster_run(args: Any) -> int:
                                   max_simultaneous_jobs=args.max_jobs)
     threads = ThreadLoadCalculator(args.threads, LoadCriterion[args.criterion])
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    with Cluster(args.target, hosts, config, parse_kwargs(args.kwargs), threads, not args.strict,
+    target = _run_target(args)
+    with Cluster(target, hosts, config, parse_kwargs(args.kwargs), threads, not args.strict,
                  args.description, args.job_id, args.base_dir, args.max_num) as cluster:
         cluster.run()
         for host, error in cluster.unavailable.items():
@@ -10591,9 +11231,9 @@ def _add_cluster_args(commands: Any) -> None:
 
 
 def _add_cluster_run_args(run: Any) -> None:
-    run.add_argument("target",
-                     help="path/to/module.py:func; it gets workload_params (its slice) and "
-                          "the kwargs")
+    _add_target_arg(run, "cluster run", "path/to/module.py:func; it gets workload_params (its "
+                                        "slice) and the kwargs. Or after -- a command: its slice "
+                                        "is in STACKOPS_IDX_START and STACKOPS_IDX_END")
     run.add_argument("--hosts", required=True,
                      help="comma-separated ~/.ssh/config aliases or user@host[:port]")
     run.add_argument("--kwargs", default="{}", metavar="JSON",
@@ -10631,7 +11271,7 @@ def _cmd_cloud_submit(args: Any) -> int:
                                   launch_method="cloud_manager",
                                   allowed_remotes=allowed, python=args.python,
                                   workload_params=_parse_workload(args.workload, False))
-    units = RemoteMachine(args.target, config,
+    units = RemoteMachine(_run_target(args), config,
                           parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
     print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")
     return 0
@@ -10666,7 +11306,9 @@ def _add_cloud_args(commands: Any) -> None:
     submit = sub.add_parser("submit", help="split a job into work units and queue them on the "
                                            "cloud remote")
     submit.set_defaults(handler=_cmd_cloud_submit)
-    submit.add_argument("target", help="path/to/module.py:func (or a script, with --split 1)")
+    _add_target_arg(submit, "cloud submit", "path/to/module.py:func (or a script, with --split "
+                                            "1), or after -- a command: each unit's slice is in "
+                                            "STACKOPS_IDX_START and STACKOPS_IDX_END")
     submit.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]", help="the rclone remote")
     submit.add_argument("--split", type=int, required=True, help="how many work units")
     submit.add_argument("--kwargs", default="{}", metavar="JSON")
@@ -10752,9 +11394,15 @@ def _add_ip_args(commands: Any) -> None:
                      help="switch: stop at one of these")
 
 
+def _add_target_arg(parser: Any, command: str, help_text: str) -> None:
+    """TARGET, or else a command after ``--`` (main() takes it off the line: _split_command)."""
+    parser.usage = f"stackops {command} [options] (TARGET | -- COMMAND [ARGS...])"
+    parser.add_argument("target", nargs="?", help=help_text)
+
+
 def _add_run_args(parser: Any) -> None:
-    parser.add_argument("target", help="a script (path/to/train.py) or a function "
-                                       "(path/to/module.py:func)")
+    _add_target_arg(parser, "run", "a script (path/to/train.py), a function (path/to/module.py:"
+                                   "func), or after -- any command, run in this folder of its repo")
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or "
                                        "user@host[:port]); "
                                        "default: this machine")
@@ -10946,7 +11594,8 @@ def _build_parser() -> Any:
 
 def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
     """run, status, list, logs, queue, download, delete-results and the job control verbs."""
-    _add_run_args(command("run", _cmd_run, "run a script or function as a detached job", job=False))
+    _add_run_args(command("run", _cmd_run, "run a script, function or command as a detached job",
+                          job=False))
     sub = command("status", _cmd_status, "status, times, results and error of a job")
     sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
     sub.add_argument("--json", action="store_true")
@@ -11054,7 +11703,10 @@ def _take_ssh_command(args: Any, extras: list[str], parser: Any) -> None:
             args.command = words
             return
     if extras:
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        more = ""
+        if getattr(args, "handler", None) in (_cmd_run, _cmd_cluster_run):
+            more = " (a command and its arguments go after --: run [options] -- COMMAND ...)"
+        parser.error(f"unrecognized arguments: {' '.join(extras)}{more}")
 
 
 def _os_error_line(exc: OSError) -> tuple[str, str]:
@@ -11072,8 +11724,10 @@ def main(argv: list[str] | None = None) -> int:
     _note_program(sys.argv[0] if sys.argv else "")
     _argparse()  # before the parser is built: argparse without gettext
     parser = _build_parser()
+    words, command = _split_command(list(sys.argv[1:] if argv is None else argv))
     try:
-        args, extras = parser.parse_known_args(argv)
+        args, extras = parser.parse_known_args(words)
+        args.job_command = command
         _take_ssh_command(args, extras, parser)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2

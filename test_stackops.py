@@ -431,8 +431,13 @@ JobParams(
     code_snapshot: 'str' = '',
     scm_version: 'str' = '',
     data_r: 'list[str]' = <factory>,
+    command: 'list[str]' = <factory>,
 ) -> None
 classmethod JobParams.from_callable(func: 'Callable[..., Any]') -> JobParams
+classmethod JobParams.from_command(
+    argv: 'list[str] | tuple[str, ...]',
+    cwd: 'str | os.PathLike[str] | None' = None,
+) -> JobParams
 classmethod JobParams.from_dict(data: 'Any') -> JobParams
 classmethod JobParams.from_function_ref(ref: 'str') -> JobParams
 classmethod JobParams.from_script(path: 'str | os.PathLike[str]') -> JobParams
@@ -1295,6 +1300,78 @@ def test_models_execution_lines_compile_for_every_combination(home):
             continue
         code = stackops.render_execution_script(params.get_execution_line(wp, par, wrap))
         compile(code, f"{kind}-{wp}-{par}-{wrap}", "exec")
+
+
+# -- command jobs: the model, and the {name} placeholders a sweep's lines fill (issue 23) --------
+
+def test_models_command_is_located_like_a_script(home, monkeypatch):
+    proj = home / "proj"
+    (proj / ".git").mkdir(parents=True)
+    (proj / "sub").mkdir()
+    params = JobParams.from_command(["make", "train"], cwd=proj / "sub")
+    assert (params.kind, params.command) == ("command", ["make", "train"])
+    assert (params.repo_path_rh, params.file_path_rh, params.file_path_r) == ("~/proj", "~/proj/sub", "sub")
+    assert JobParams.from_dict(json.loads(json.dumps(params.to_dict()))) == params
+    loose = home / "loose"
+    loose.mkdir()
+    monkeypatch.chdir(loose)  # in no repo: the folder is its own repo
+    machine = RemoteMachine(("python3", "-V"), config(job_id="cmd-model"))
+    assert (machine.job_params.repo_path_rh, machine.job_params.file_path_r) == ("~/loose", ".")
+    assert machine.job_params.command == ["python3", "-V"]
+    assert not (home / "tmp_results").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "the command is empty"), ([" "], "the command is empty"), ("make train", "a list of strings"),
+    (["make", 3], "a list of strings"), (["ls", "a\0b"], "NUL"),
+])
+def test_models_command_bad_argv_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        JobParams.from_command(argv)
+    with pytest.raises(ConfigError):  # a record read back is checked alike
+        JobParams.from_dict({"kind": "command", "command": argv})
+
+
+def test_models_command_placeholders_filled_and_braces_escaped():
+    argv = ["train", "--lr={lr}", "{name}/{lr}", "{{lr}}", "{{{name}}}", "awk", "{print $1}", "{}", "{1x", "${lr}"]
+    assert stackops.command_placeholders(argv) == ["lr", "name"]
+    filled = stackops.fill_command(argv, {"lr": 0.1, "name": "a b", "unused": 1})
+    # no shell reads these arguments: each value goes in as it is, '$' and all
+    assert filled == ["train", "--lr=0.1", "a b/0.1", "{lr}", "{a b}", "awk", "{print $1}", "{}", "{1x", "$0.1"]
+    assert stackops.fill_command(["x", "{v}", "{a}{b}"], {"v": [1, "two"], "a": True, "b": None}) == [
+        "x", '[1, "two"]', "truenull"]
+    with pytest.raises(ConfigError, match=r"no value for \{name\}"):
+        stackops.fill_command(argv, {"lr": 1})
+    params = JobParams.from_command(["echo", "{{x}}"], cwd="/")
+    assert stackops.command_argv(params) == ["echo", "{{x}}"]  # a job without values runs it as given
+    assert stackops.command_argv(params, {"y": 1}) == ["echo", "{x}"]
+
+
+@pytest.mark.parametrize("argv,scripts", [
+    (["sh", "-c", "S", "a0", "{x}"], {2}),
+    (["bash", "-lc", "S"], {2}),
+    (["/bin/bash", "-o", "pipefail", "-c", "S"], {4}),
+    (["bash", "--norc", "--rcfile", "f", "-e", "-c", "--", "S"], {7}),
+    (["env", "A=1", "timeout", "5", "dash", "-ec", "S"], {6}),
+    (["bash", "script.sh", "{x}"], set()),
+    (["python3", "-c", "S"], set()),
+    (["sh", "-c"], set()),
+])
+def test_models_command_shell_scripts_found_where_a_shell_reads_code(argv, scripts):
+    assert stackops._shell_scripts(argv) == scripts
+
+
+def test_models_command_sweep_checked_line_by_line():
+    argv = ["python", "train.py", "--lr", "{lr}"]
+    stackops.check_command_sweep(argv, [{"lr": 1}, {"lr": 2, "extra": 3}])
+    with pytest.raises(ConfigError, match=r"sweep line 2: no value for \{lr\}"):
+        stackops.check_command_sweep(argv, [{"lr": 1}, {"rl": 2}])
+    with pytest.raises(ConfigError, match=r"no \{name\} placeholder: its 1 jobs"):
+        stackops.check_command_sweep(["python", "train.py"], [{"lr": 1}])
+    for script in ("echo ${lr}", "echo \\{lr}", "echo $'{lr}'"):  # where a value cannot stay literal
+        with pytest.raises(ConfigError, match="stands after a '\\$' or a backslash, or in \\$'"):
+            stackops.check_command_sweep(["sh", "-c", script], [{"lr": 1}])
+    stackops.check_command_sweep(["sh", "-c", "echo ${{HOME}} {lr}"], [{"lr": 1}])
 
 
 # ============================================================================================
@@ -2452,6 +2529,148 @@ def sweep_ids_width():
     return [ids[0], ids[-1]]
 
 
+# -- command jobs here: any program, its output in one stream, its variables, its end (issue 23) -
+
+def _git_proj(home: Path) -> Path:
+    """~/proj, a git repo, with a folder sub/ in it."""
+    proj = home / "proj"
+    (proj / "sub").mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(proj)], check=True)
+    return proj
+
+
+def test_jobs_command_runs_in_its_folder_with_its_variables_and_one_stream(home, monkeypatch):
+    proj = _git_proj(home)
+    monkeypatch.chdir(proj / "sub")
+    script = ('echo "out 1"; echo "err 2" >&2; echo "out 3"; pwd -P; '
+              'echo "$STACKOPS_JOB_ID $STACKOPS_ATTEMPT $STACKOPS_IDX_START $STACKOPS_IDX_END '
+              '$STACKOPS_IDX_MIN $STACKOPS_IDX_MAX $STACKOPS_PART $STACKOPS_PARTS"')
+    part = WorkloadParams(idx_min=0, idx_max=100, idx_start=10, idx_end=20, idx=1, jobs=2)
+    job = RemoteMachine(["sh", "-c", script], config(job_id="cmd-here", workload_params=part)).run()
+    report = wait_done(job)
+    assert report.status == "completed", report.error_message
+    log = job.file_manager.path(stackops.OUTPUT_LOG).read_text()
+    body = log[log.index("EXECUTION START"):].splitlines()[1:6]
+    assert body == ["out 1", "err 2", "out 3", str((proj / "sub").resolve()), "cmd-here 1 10 20 0 100 1 2"]
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["sh", "-c", "exit 3"], "the command sh exited with status 3"),
+    (["sh", "-c", "kill -9 $$"], "the command sh was killed by signal 9 (SIGKILL)"),
+    (["no-such-program-23"], "cannot run 'no-such-program-23': No such file or directory"),
+])
+def test_jobs_command_failure_says_its_exit_status_or_signal(home, monkeypatch, argv, error):
+    monkeypatch.chdir(_git_proj(home))
+    report = wait_done(RemoteMachine(argv, config(job_id="cmd-fail")).run())
+    assert report.status == "failed" and error in report.error_message, report.error_message
+
+
+def test_jobs_command_from_the_command_line(home):
+    proj = _git_proj(home)
+    done = cli("run", "--job-id", "cmd-cli", "--wait", "--", "sh", "-c", 'echo "args: $*"', "sh", "a b", "--c",
+               home=home, cwd=proj / "sub")
+    assert done.returncode == 0, done.stderr
+    assert "args: a b --c" in cli("logs", "cmd-cli", home=home).stdout
+    failed = cli("run", "--job-id", "cmd-cli-2", "--wait", "--", "false", home=home, cwd=proj)
+    assert failed.returncode == 1 and "the command false exited with status 1" in failed.stderr
+
+
+def test_jobs_command_sweep_fills_each_line_into_the_command(home):
+    proj = _git_proj(home)
+    values = ["a b", "it's \"q\"", "$(touch pwned)", "x\ny", "", "{name}"]
+    (proj / "grid.jsonl").write_text("".join(json.dumps({"name": v, "i": i}) + "\n" for i, v in enumerate(values)))
+    code = "import json, sys; print('ARGV ' + json.dumps(sys.argv[1:]))"
+    done = cli("run", "--sweep", "grid.jsonl", "--job-id", "csw", "--max-jobs", "2", "--wait", "--",
+               sys.executable, "-c", code, "--out", "out/{name}", "{i}", home=home, cwd=proj)
+    assert done.returncode == 0, done.stderr
+    for i, value in enumerate(values):
+        log = cli("logs", f"csw-{i:04d}", home=home).stdout
+        [line] = [line for line in log.splitlines() if line.startswith("ARGV ")]
+        assert json.loads(line[5:]) == ["--out", f"out/{value}", str(i)]
+    assert not list(proj.rglob("pwned"))
+
+
+def _child_in_wait(pid: int) -> None:
+    """Run in a forked child: wait until the parent ``pid`` blocks in wait4 (the kernel names that
+    wait do_wait), then interrupt it with SIGUSR1."""
+    wchan = Path(f"/proc/{pid}/wchan")
+    for _ in range(3000):
+        if wchan.read_text() == "do_wait":
+            break
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGUSR1)
+
+
+def test_jobs_run_command_measures_exit_peak_memory_and_cpu(tmp_path):
+    out = tmp_path / "out.log"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    code = ("import sys, time\nprint('one', flush=True)\nprint('two', file=sys.stderr, flush=True)\n"
+            "block = b'x' * (200 << 20)\nwhile time.process_time() < 0.3:\n    pass\nprint('three')\nsys.exit(7)")
+    try:
+        record = stackops._run_command([sys.executable, "-c", code], tmp_path, dict(os.environ), fd)
+        through_shell = stackops._run_command(["sh", "-c", f"{shlex.quote(sys.executable)} -c \"$1\"; :", "sh",
+                                               code], tmp_path, dict(os.environ), fd)
+        killed = stackops._run_command(["sh", "-c", "kill -KILL $$"], tmp_path, dict(os.environ), fd)
+        with pytest.raises(StackopsError, match="cannot run 'no-such-program-23'"):
+            stackops._run_command(["no-such-program-23"], tmp_path, dict(os.environ), fd)
+    finally:
+        os.close(fd)
+    assert (record["exit_code"], record["signal"]) == (7, None)
+    assert record["max_rss_bytes"] >= 150 << 20 and record["cpu_seconds"] >= 0.3
+    assert through_shell["exit_code"] == 0 and through_shell["max_rss_bytes"] >= 150 << 20  # a descendant's peak
+    assert (killed["exit_code"], killed["signal"]) == (None, 9)
+    assert out.read_text() == "one\ntwo\nthree\n" * 2
+
+
+def test_jobs_wait_child_measures_a_forked_python_and_stops_it_when_interrupted(tmp_path):
+    def forked(work) -> int:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                work()
+            finally:
+                os._exit(5)
+        return pid
+
+    idle = stackops._wait_child(forked(lambda: None))
+    busy = stackops._wait_child(forked(lambda: b"x" * (200 << 20)))
+    assert (busy["exit_code"], busy["signal"]) == (5, None)
+    assert busy["max_rss_bytes"] - idle["max_rss_bytes"] >= 150 << 20  # a fork shares its parent's pages
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    def sleeper():
+        signal.signal(signal.SIGTERM, lambda *_: (tmp_path / "terminated").write_text("") or os._exit(0))
+        _child_in_wait(os.getppid())
+        time.sleep(60)
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        pid = forked(sleeper)
+        with pytest.raises(Stop):  # what the wrapper's SIGTERM handler does: raise, and the child goes first
+            stackops._wait_child(pid, grace=30)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert (tmp_path / "terminated").exists()
+    with pytest.raises(ChildProcessError):  # and it was reaped
+        os.waitpid(pid, os.WNOHANG)
+
+
+def test_jobs_environment_of_a_job():
+    env = stackops._job_environment("j-1", 2, "slot-1", {"idx_min": 0, "idx_max": 9, "idx_start": 3, "idx_end": 6,
+                                                        "idx": 1, "jobs": 3}, 4,
+                                    {"STACKOPS_JOB_ID": "forged", "DATA": "/d"})
+    assert env == {"DATA": "/d", "STACKOPS_JOB_ID": "j-1", "STACKOPS_ATTEMPT": "2", "STACKOPS_SLOT": "slot-1",
+                   "STACKOPS_SWEEP_INDEX": "4", "STACKOPS_IDX_START": "3", "STACKOPS_IDX_END": "6",
+                   "STACKOPS_IDX_MIN": "0", "STACKOPS_IDX_MAX": "9", "STACKOPS_PART": "1", "STACKOPS_PARTS": "3"}
+    assert stackops._job_environment("j-2", 1, None) == {"STACKOPS_JOB_ID": "j-2", "STACKOPS_ATTEMPT": "1",
+                                                         "STACKOPS_SLOT": ""}
+
+
 # ============================================================================================
 # 8. e-mail on completion, against a real SMTP server on loopback
 # ============================================================================================
@@ -2700,6 +2919,218 @@ def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote,
             assert m.get_status(0).status == "failed"
     assert len(received) == 1
     assert "sent" in (remote_root / stackops.NOTIFIED_TXT).read_text()
+
+
+class _TricklingSMTP:
+    """A server on loopback that accepts and then only ever sends ``220-`` continuation lines, one
+    every ``every`` seconds: a greeting that never ends, as in the reviews' finding 7."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.every, self.sent = every, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import socket
+
+        peers = []
+        while not self.stop.is_set():
+            with contextlib.suppress(socket.timeout):
+                peers.append(self.listener.accept()[0])
+            for peer in peers:
+                with contextlib.suppress(OSError):
+                    peer.sendall(b"220-still greeting\r\n")
+                    self.sent += 1
+            self.stop.wait(self.every)
+        for peer in peers:
+            peer.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.listener.close()
+
+
+def test_email_trickling_greeting_cannot_hold_the_sender_past_its_deadline():
+    server = _TricklingSMTP()
+    try:
+        settings = {"host": "127.0.0.1", "port": server.port, "security": "plain", "from": "s@test.invalid"}
+        with pytest.raises(StackopsError, match=r"did not finish the exchange within 3s"):
+            stackops.send_job_email(settings, "me@test.invalid", "subject", "body", deadline=3)
+        assert server.sent > 3  # it kept talking: no read waited for a whole per-read timeout
+    finally:
+        server.close()
+
+
+def test_email_trickling_server_the_job_ends_and_records_the_mail_not_sent(home):
+    server = _TricklingSMTP()
+    try:
+        path = home / ".config" / "stackops" / "email.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"slow": {"host": "127.0.0.1", "port": server.port, "security": "plain",
+                                             "from": "s@test.invalid", "timeout": 3}}))
+        path.chmod(0o600)
+        mod = make_module(home, JOBS_SOURCE)
+        job = RemoteMachine(mod.train, config(job_id="mail-trickle", notify_upon_completion=True,
+                                              to_email="me@test.invalid", email_config_name="slow")).run()
+        assert wait_done(job).status == "completed"
+        _senders_gone()  # every process of the job ended: the mail did not hold it
+        notified = job.file_manager.path(stackops.NOTIFIED_TXT).read_text()
+        assert f"not sent: the SMTP server 127.0.0.1:{server.port} did not finish the exchange within 3s" in notified
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("security", ["starttls", "ssl"])
+def test_email_over_tls_checks_the_server_name_and_certificate(tmp_path, security):
+    """The client is made before it connects (so that a deadline can cut it off): the TLS server
+    name must still be the host's, checked against the certificate, for STARTTLS and for SSL."""
+    controller_module = pytest.importorskip("aiosmtpd.controller") if not os.environ.get("CI") else \
+        importlib.import_module("aiosmtpd.controller")
+    import ssl
+
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is missing; .ci/run installs it")
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    received = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            received.append(envelope)
+            return "250 OK"
+
+    tls = {"tls_context": server_side, "require_starttls": True} if security == "starttls" else \
+        {"ssl_context": server_side}
+    controller = controller_module.Controller(Handler(), hostname="127.0.0.1", port=_free_port(), **tls)
+    controller.start()
+    try:
+        settings = {"host": "127.0.0.1", "port": controller.port, "security": security, "from": "s@test.invalid"}
+        with pytest.raises(ssl.SSLCertVerificationError):  # a certificate nobody vouches for is refused
+            stackops.send_job_email(settings, "me@test.invalid", "subject", "body", deadline=20)
+        stackops.send_job_email(dict(settings, cafile=str(cert)), "me@test.invalid", "subject", "body", deadline=20)
+    finally:
+        controller.stop()
+    assert len(received) == 1 and received[0].rcpt_tos == ["me@test.invalid"]
+
+
+def test_email_config_checked_at_submit_from_the_command_line(home):
+    (home / "proj").mkdir()
+    user_config = home / ".config" / "stackops" / "config.json"
+    user_config.parent.mkdir(parents=True)
+    user_config.write_text(json.dumps({"default_email_config": "test"}))
+    done = cli("run", "--notify", "--email", "me@test.invalid", "--", "true", home=home, cwd=home / "proj")
+    assert done.returncode == 2 and "e-mail config" in done.stderr and "does not exist" in done.stderr, done.stderr
+    email = home / ".config" / "stackops" / "email.json"
+    email.write_text(json.dumps({"test": {"host": "127.0.0.1", "port": 25, "security": "plain",
+                                          "from": "s@test.invalid", "timeout": "soon"}}))
+    email.chmod(0o600)
+    done = cli("run", "--notify", "--email", "me@test.invalid", "--", "true", home=home, cwd=home / "proj")
+    assert done.returncode == 2 and "timeout must be seconds" in done.stderr, done.stderr
+    assert _no_jobs(home)
+
+
+# ============================================================================================
+# 8b. logind: a host that would kill a detached job at logout (stand-in loginctl, systemd-run)
+# ============================================================================================
+
+def _logind_stand_ins(folder: Path, kill: str, linger: str, scope: str) -> Path:
+    """loginctl and systemd-run as a systemd host would answer, on a PATH of their own; each
+    call is logged in ``folder/calls``. systemd-run, when it works, runs the command it is given."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True)
+    calls = folder / "calls"
+    (bin_dir / "loginctl").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "loginctl $*" >> {calls}
+        case "$1" in
+            show-session) printf 'KillUserProcesses=%s\\nKillOnlyUsers=\\nKillExcludeUsers=\\n' {kill} ;;
+            show-user) printf 'Linger=%s\\n' {linger} ;;
+            *) exit 1 ;;
+        esac
+    """))
+    (bin_dir / "systemd-run").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "systemd-run $*" >> {calls}
+        [ {scope} = works ] || {{ echo 'Failed to connect to bus: No medium found' >&2; exit 1; }}
+        while [ $# -gt 0 ]; do case "$1" in --) shift; break ;; --*) shift ;; *) break ;; esac; done
+        exec "$@"
+    """))
+    for name in ("loginctl", "systemd-run"):
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("kill,linger,scope,expected", [
+    ("yes", "no", "works", {"kill_user_processes": True, "wrap": True, "kill_at_logout": True,
+                            "fix": "loginctl enable-linger alice"}),
+    ("yes", "yes", "works", {"kill_user_processes": True, "wrap": True, "kill_at_logout": False, "fix": ""}),
+    ("yes", "yes", "fails", {"kill_user_processes": True, "wrap": False, "kill_at_logout": True,
+                             "fix": "ask the administrator to add alice to KillExcludeUsers in "
+                                    "/etc/systemd/logind.conf"}),
+    ("no", "no", "works", {"kill_user_processes": False, "wrap": False, "kill_at_logout": False, "fix": ""}),
+])
+def test_logind_probe_with_stand_ins(tmp_path, monkeypatch, kill, linger, scope, expected):
+    bin_dir = _logind_stand_ins(tmp_path, kill, linger, scope)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    marker = tmp_path / "run-systemd-system"
+    marker.mkdir()
+    found = stackops._logind_probe("alice", marker=str(marker))
+    assert {key: found[key] for key in expected} == expected
+    assert found["systemd"] and found["linger"] == (linger == "yes")
+    calls = (tmp_path / "calls").read_text()
+    assert ("systemd-run --user --scope --quiet true" in calls) == (kill == "yes")  # tried only when it matters
+    argv = stackops._in_user_scope(["sh", "-c", 'echo "in scope: $1" > "$2"', "sh", "a b", str(tmp_path / "out")],
+                                   found)
+    subprocess.run(argv, check=True)
+    assert (tmp_path / "out").read_text() == "in scope: a b\n"
+    assert ("systemd-run --user --scope --quiet -- sh -c" in (tmp_path / "calls").read_text()) == expected["wrap"]
+
+
+def test_logind_probe_without_systemd_asks_nothing(tmp_path, monkeypatch):
+    bin_dir = _logind_stand_ins(tmp_path, "yes", "no", "works")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    found = stackops._logind_probe("alice", marker=str(tmp_path / "no-such-marker"))
+    assert not found["systemd"] and not found["kill_at_logout"] and not found["wrap"] and found["fix"] == ""
+    assert not (tmp_path / "calls").exists()
+    assert stackops._in_user_scope(["true"], found) == ["true"]
+
+
+def test_logind_probe_reads_the_config_files_when_loginctl_cannot_answer(tmp_path, monkeypatch):
+    bin_dir = _logind_stand_ins(tmp_path, "yes", "no", "works")
+    (bin_dir / "loginctl").write_text("#!/bin/sh\necho 'Failed to connect to bus: No such file' >&2\nexit 1\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    for folder in (etc / "logind.conf.d", lib / "logind.conf.d"):
+        folder.mkdir(parents=True)
+    (etc / "logind.conf").write_text("[Login]\n#KillUserProcesses=no\nKillUserProcesses=no\n")
+    (lib / "logind.conf.d" / "20-kill.conf").write_text("[Login]\nKillUserProcesses=yes\n")
+    (etc / "logind.conf.d" / "30-exclude.conf").write_text("[Login]\nKillExcludeUsers=root\n")
+    (lib / "logind.conf.d" / "30-exclude.conf").write_text("[Login]\nKillExcludeUsers=alice\n")  # hidden by etc's
+    linger = tmp_path / "linger"
+    linger.mkdir()
+    (linger / "alice").write_text("")
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    found = stackops._logind_probe("alice", marker=str(marker), conf_dirs=(str(etc), str(lib)),
+                                   linger_dir=str(linger))
+    assert found["kill_user_processes"] and found["linger"] and found["wrap"] and not found["kill_at_logout"]
+    (etc / "logind.conf.d" / "30-exclude.conf").write_text("[Login]\nKillExcludeUsers=root alice\n")
+    found = stackops._logind_probe("alice", marker=str(marker), conf_dirs=(str(etc), str(lib)),
+                                   linger_dir=str(linger))
+    assert not found["kill_user_processes"] and not found["wrap"]
 
 
 # ============================================================================================
@@ -5500,6 +5931,24 @@ def test_places_generated_commands_are_rendered_and_quoted(home, tmp_path):
         stackops.render_template(stackops.SBATCH_TEMPLATE, job_name="x")
 
 
+def test_places_command_job_on_a_host_runs_in_its_copy_of_the_repo(remote, home, monkeypatch):
+    proj = _git_proj(home)
+    (proj / "sub" / "data.txt").write_text("shipped\n")
+    monkeypatch.chdir(proj / "sub")
+    script = 'pwd -P; cat data.txt; echo "$HOME $STACKOPS_JOB_ID"'
+    with RemoteMachine(["sh", "-c", script], config(job_id="cmd-remote", ssh_host="tb", copy_repo=True)) as job:
+        job.run()
+        report = job.get_status(0)
+        while not report.finished:
+            time.sleep(0.1)
+            report = job.get_status(20)
+    assert report.status == "completed", report.error_message
+    there = (remote.remote_home / job.file_manager.job_root_rh[2:]).resolve()
+    lines = report.log_tail.splitlines()
+    start = next(i for i, line in enumerate(lines) if "EXECUTION START" in line)
+    assert lines[start + 1:start + 4] == [str(there / "code" / "sub"), "shipped", f"{remote.remote_home} cmd-remote"]
+
+
 # ============================================================================================
 # 13b. Slurm as a launcher: a real one-node cluster (slurmctld, slurmd, own munged), root only
 # ============================================================================================
@@ -5780,6 +6229,17 @@ def test_slurm_workload_runs_as_one_array_covering_each_index_once(slurm, home):
         assert task.get_status(0).slurm_job_id == f"{machine.slurm_job_id}_{k}"
         seen += result["indices"]
     assert sorted(seen) == list(range(40)) and len(seen) == 40
+
+
+def test_slurm_command_array_each_task_gets_its_slice_in_the_environment(slurm, home, monkeypatch):
+    monkeypatch.chdir(_git_proj(home))
+    workload = WorkloadParams(idx_min=0, idx_max=10, idx_start=0, idx_end=10, jobs=2)
+    script = 'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_PART $SLURM_ARRAY_TASK_ID" > "slice-$STACKOPS_PART"'
+    machine = RemoteMachine(["sh", "-c", script], config(launch_method="slurm", workload_params=workload)).run()
+    report = _slurm_wait(machine, 120)
+    assert report.status == "completed", report
+    assert [(home / "proj" / f"slice-{k}").read_text().split() for k in (0, 1)] == [["0", "5", "0", "0"],
+                                                                                  ["5", "10", "1", "1"]]
 
 
 def test_slurm_array_with_a_failing_task_is_failed_and_names_it(slurm, home):
@@ -6566,6 +7026,17 @@ def test_cluster_cli_run_status_download(cluster_home):
     assert union == list(range(1000))
 
 
+def test_cluster_cli_runs_a_command_with_each_host_slice_in_its_environment(cluster_home, sshd):
+    proj = _git_proj(cluster_home)
+    script = 'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_IDX_MAX" > "$HOME/cmdclu-$STACKOPS_PART.txt"'
+    done = cli("cluster", "run", "--hosts", "node1,node2", "--copy-repo", "--job-id", "cmdclu", "--max-num", "10",
+               "--wait", "--", "sh", "-c", script, home=cluster_home, cwd=proj)
+    assert done.returncode == 0, done.stderr
+    first, second = ([int(n) for n in (sshd.remote_home / f"cmdclu-{part}.txt").read_text().split()]
+                     for part in (0, 1))
+    assert first[0] == 0 and first[1] == second[0] and second[1] == 10 and first[2] == second[2] == 10
+
+
 def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home, fault_node, sshd):
     """`list` shows the alias each job went to, a cluster's parts under it, remote rows as their host
     says now (a job that ended since the last look is not `running`), and a host that does not
@@ -7168,6 +7639,12 @@ def test_cloud_submit_checks_every_unit_id_before_uploading_any(home, tmp_path):
     assert _bucket_files(bucket) == uploaded
 
 
+def _unit_attempts(worker_home: Path, unit: str) -> list[Path]:
+    """The folders a worker with this home unpacked ``unit`` into, one per attempt (oldest first)."""
+    units = worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
+    return sorted(units.glob(f"{unit}.[0-9]*"))
+
+
 def _worker(home: Path, bucket: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """A worker with its own home (or the given one), its diagnostics in HOME/../NAME.err."""
     home.mkdir(exist_ok=True)
@@ -7223,7 +7700,8 @@ def test_cloud_worker_never_deletes_a_path_a_unit_json_names(home, tmp_path):
     out, _ = worker.communicate(timeout=120)
     assert out.strip() == "worker finished 1 unit(s)", (tmp_path / "wr.err").read_text()[-2000:]
     assert (worker_home / "precious" / "keep.txt").read_text() == "mine\n"
-    assert (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).is_dir()
+    [attempt] = _unit_attempts(worker_home, unit)
+    assert attempt.is_dir()
     assert [r["state"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()] == ["completed"]
 
 
@@ -7246,7 +7724,7 @@ def test_cloud_worker_refuses_a_unit_archive_with_foreign_members_and_fails_it(h
     worker.communicate(timeout=120)
     assert worker.returncode == 0, (tmp_path / "we.err").read_text()[-2000:]
     assert not (worker_home / ".bashrc").exists() and not runs.exists()
-    assert not (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).exists()
+    assert _unit_attempts(worker_home, unit) == []
     [row] = stackops.CloudQueue(f"tblocal:{bucket}").report()
     assert row["state"] == "failed" and "outside the unit's job folder" in row["error"], row
 
@@ -7288,11 +7766,11 @@ def test_cloud_worker_on_the_submitting_machine_keeps_your_working_copy(home, tm
         assert out.strip() == "worker finished 1 unit(s)", (worker_home.parent / f"{name}.err").read_text()[-2000:]
     assert source.read_text() == edited and (home / "data" / "in.txt").read_text() == "v2"
     same, other = (json.loads(line) for line in runs.read_text().splitlines())
-    units = home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
-    assert same["version"] == 1 and Path(same["file"]).is_relative_to(units / "qsame-0-1" / "code")
-    assert Path(same["cwd"]) == units / "qsame-0-1" / "code" and same["data"] == "v2"  # your data, in place
-    other_units = tmp_path / "home-wother" / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
-    assert other["version"] == 1 and Path(other["file"]).is_relative_to(other_units / "qother-0-1" / "code")
+    [same_unit] = _unit_attempts(home, "qsame-0-1")
+    assert same["version"] == 1 and Path(same["file"]).is_relative_to(same_unit / "code")
+    assert Path(same["cwd"]) == same_unit / "code" and same["data"] == "v2"  # your data, in place
+    [other_unit] = _unit_attempts(tmp_path / "home-wother", "qother-0-1")
+    assert other["version"] == 1 and Path(other["file"]).is_relative_to(other_unit / "code")
     assert other["data"] == "v1" and (tmp_path / "home-wother" / "data" / "in.txt").read_text() == "v1"
 
 
@@ -7362,6 +7840,27 @@ def test_cloud_worker_that_lost_its_claim_uploads_nothing(home, tmp_path):
     assert not (bucket / "units" / unit / "results").exists() and not (bucket / "units" / unit / "status.json").exists()
 
 
+def test_cloud_command_units_each_get_their_slice_in_the_environment(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    proj = _git_proj(home)
+    slices = tmp_path / "slices"
+    script = f'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_PART $(pwd -P)" >> {slices}'
+    done = cli("cloud", "submit", "--cloud", _local_cloud(home, bucket), "--split", "2", "--workload", "0:10",
+               "--copy-repo", "--job-id", "qcmd", "--python", sys.executable, "--", "sh", "-c", script,
+               home=home, cwd=proj / "sub")
+    assert done.returncode == 0, done.stderr
+    worker = _worker(tmp_path / "home-wq", bucket, "wq", "--until-idle", "--settle", "0.3")
+    out, _ = worker.communicate(timeout=120)
+    assert out.strip() == "worker finished 2 unit(s)", (tmp_path / "wq.err").read_text()[-2000:]
+    rows = sorted(line.split() for line in slices.read_text().splitlines())
+    assert [row[:3] for row in rows] == [["0", "5", "0"], ["5", "10", "1"]]
+    for row, unit in zip(rows, ("qcmd-0-2", "qcmd-1-2")):  # in the unit's own copy of the repo, in sub/
+        [attempt] = _unit_attempts(tmp_path / "home-wq", unit)
+        assert row[3] == str((attempt / "code" / "sub").resolve())
+
+
 def test_cloud_rclone_that_hangs_is_a_transfer_error(tmp_path, monkeypatch):
     stub = tmp_path / "stub"
     stub.mkdir()
@@ -7372,6 +7871,140 @@ def test_cloud_rclone_that_hangs_is_a_transfer_error(tmp_path, monkeypatch):
     with pytest.raises(stackops.TransferError, match="did not finish within 0.5s"):
         stackops._rclone("lsjson", "x:", what="listing", timeout=0.5)
     assert time.monotonic() - started < 10
+
+
+ADOPTED_JOB = """
+    import os, time
+
+    def run(workload_params, log, gate):
+        with open(log, "a") as handle:
+            handle.write(f"start {os.getpid()}\\n")
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+        with open("end.txt", "w") as handle:  # in its own folder, which must still be there
+            handle.write("ok")
+        with open(log, "a") as handle:
+            handle.write(f"end {os.getpid()}\\n")
+"""
+
+
+@slow
+def test_cloud_restarted_worker_follows_the_unit_still_running_here(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs, gate = tmp_path / "runs.log", tmp_path / "gate"
+    mod = make_module(home, ADOPTED_JOB)
+    cfg = config(job_id="qadopt", copy_repo=True, transfer_method="cloud", cloud_name=_local_cloud(home, bucket),
+                 python=sys.executable, workload_params=WorkloadParams(idx_min=0, idx_max=1, idx_start=0, idx_end=1))
+    [unit] = RemoteMachine(mod.run, config=cfg, func_kwargs={"log": str(runs), "gate": str(gate)}).submit_to_cloud(1)
+    worker_home = tmp_path / "home-wa"
+    lease = ("--lease", "3", "--settle", "0.3")
+    first = _worker(worker_home, bucket, "wa1", *lease)
+    try:
+        wait_for(lambda: runs.exists() and "start" in runs.read_text(), timeout=60, what="the unit started")
+    finally:
+        first.kill()  # the worker dies; its unit's job, detached, goes on
+        first.wait()
+    again = _worker(worker_home, bucket, "wa2", "--until-idle", *lease)
+    try:
+        wait_for(lambda: "still runs here" in (tmp_path / "wa2.err").read_text(), timeout=60, what="the adoption")
+        gate.write_text("")
+        out, _ = again.communicate(timeout=120)
+    finally:
+        again.kill()
+        again.wait()
+    assert out.strip() == "worker finished 1 unit(s)", (tmp_path / "wa2.err").read_text()[-2000:]
+    assert [line.split()[0] for line in runs.read_text().splitlines()] == ["start", "end"]  # one run, never two
+    [attempt] = _unit_attempts(worker_home, unit)
+    assert (attempt / "code" / "end.txt").read_text() == "ok"
+    status = json.loads((bucket / "units" / unit / "status.json").read_text())
+    assert (status["status"], status["worker"], status["adopted"]) == ("completed", "wa2", True)
+
+
+def test_cloud_earlier_attempts_ended_are_removed_and_one_never_started_is_cancelled(tmp_path):
+    units = tmp_path / "cloud_units"
+    units.mkdir()
+    for name, status in (("u-0-1.0000000000000000001", "completed"), ("u-0-1.0000000000000000002", ""),
+                         ("u-0-1", "failed"), ("u-0-10.0000000000000000003", "completed")):
+        (units / name / "data").mkdir(parents=True)
+        (units / name / "logs").mkdir()
+        (units / name / stackops.FILE_MANAGER_JSON).write_text("{}")
+        if status:
+            (units / name / stackops.STATUS_TXT).write_text(status)
+    (units / "u-0-1.0000000000000000009").mkdir()  # not a job folder (yet): never touched
+    assert stackops._earlier_run(units, "u-0-1") is None
+    left = sorted(path.name for path in units.iterdir())
+    assert left == ["u-0-1.0000000000000000002", "u-0-1.0000000000000000009", "u-0-10.0000000000000000003"]
+    assert (units / "u-0-1.0000000000000000002" / stackops.CANCEL_TXT).exists()  # its dispatcher drops it
+    assert stackops._earlier_run(units, "u-0-1") is None  # once marked, it goes at the next look
+    assert sorted(path.name for path in units.iterdir()) == left[1:]
+
+
+@pytest.mark.parametrize("listing_failures,withdrawal_failures", [(1, 0), (2, 0), (2, 1)])
+def test_cloud_claim_whose_listing_fails_does_not_block_its_unit(home, tmp_path, listing_failures,
+                                                                  withdrawal_failures):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    _queue_job(home, bucket, "qclaim", 1, log=str(runs)).submit_to_cloud(1)
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    listed, withdrawn = tmp_path / "listed", tmp_path / "withdrawn"
+    listed.write_text("")
+    withdrawn.write_text("")
+    (stub / "rclone").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        for last; do :; done
+        if [ "$1" = lsjson ] && [ "${{last%/claims}}" != "$last" ] && [ "$(wc -c < {listed})" -lt {listing_failures} ]
+        then printf x >> {listed}; echo 'Failed to lsjson: the bucket blinked' >&2; exit 1
+        fi
+        if [ "$1" = deletefile ] && [ "$(wc -c < {withdrawn})" -lt {withdrawal_failures} ]
+        then printf x >> {withdrawn}; echo 'Failed to delete: the bucket blinked' >&2; exit 1
+        fi
+        exec {shutil.which("rclone")} "$@"
+    """))
+    (stub / "rclone").chmod(0o755)
+    # a lease far longer than the test may take: a claim left behind would block the unit past it
+    worker = _worker(tmp_path / "home-wc", bucket, "wc", "--until-idle", "--lease", "600", "--settle", "0.3",
+                     env={"PATH": f"{stub}:{os.environ['PATH']}"})
+    out, _ = worker.communicate(timeout=120)
+    err = (tmp_path / "wc.err").read_text()
+    assert worker.returncode == 0 and out.strip() == "worker finished 1 unit(s)", err[-2000:]
+    assert err.count("the bucket blinked") == listing_failures + withdrawal_failures
+    assert len(runs.read_text().splitlines()) == 1
+
+
+def test_cloud_status_reports_a_bad_status_per_unit_and_escapes_bucket_text(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    statuses = {"a-list": "[1, 2]", "b-notjson": "not json",
+                "c-hostile": json.dumps({"status": "completed\u001b[2J\u001b]0;pwned\u0007", "worker": "x\u001b[31mRED",
+                                         "host": "h\u009b2J\u202e", "duration_seconds": 1.5, "error": "e\u001b[0m"})}
+    for unit, text in statuses.items():
+        (bucket / "units" / unit).mkdir(parents=True)
+        (bucket / "units" / unit / "unit.json").write_text("{}")
+        (bucket / "units" / unit / "status.json").write_text(text)
+    claims = bucket / "units" / "d-running" / "claims"
+    claims.mkdir(parents=True)
+    (bucket / "units" / "d-running" / "unit.json").write_text("{}")
+    (claims / f"{time.time_ns():019d}-w\u001b[1mBOLD").write_text("{}")
+    cloud = _local_cloud(home, bucket)
+    table = cli("cloud", "status", "--cloud", cloud, home=home)
+    as_json = cli("cloud", "status", "--cloud", cloud, "--json", home=home)
+    assert table.returncode == 0 and as_json.returncode == 0, table.stderr + as_json.stderr
+    for text in (table.stdout, as_json.stdout):
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]", text), repr(text)
+    rows = {row["unit"]: row for row in json.loads(as_json.stdout)}
+    assert rows["a-list"]["state"] == rows["b-notjson"]["state"] == "unreadable"
+    assert "status.json" in rows["b-notjson"]["error"]
+    hostile = rows["c-hostile"]
+    assert hostile["state"] == "completed\\x1b[2J\\x1b]0;pwned\\x07" and hostile["worker"] == "x\\x1b[31mRED"
+    assert hostile["host"] == "h\\x9b2J\\u202e" and hostile["duration_seconds"] == 1.5
+    running = rows["d-running"]  # (rclone's local backend shows an ESC in a name as the picture ␛)
+    assert running["state"] == "running" and running["worker"].startswith("w") and "\x1b" not in running["worker"]
+    assert "completed\\x1b[2J" in table.stdout and "unreadable" in table.stdout
 
 
 # ============================================================================================
@@ -7927,6 +8560,11 @@ def _bad_inputs(home: Path):
                                                  func_kwargs={"workload_params": 1})),
         ("parallel script", lambda: RemoteMachine(mod.__file__, config=config(
             workload_params=WorkloadParams(), parallelize=True))),
+        ("empty command", lambda: RemoteMachine([], config=config())),
+        ("command of non-strings", lambda: RemoteMachine(["sleep", 1], config=config())),
+        ("command with kwargs", lambda: RemoteMachine(["true"], config=config(), func_kwargs={"x": 1})),
+        ("parallel command", lambda: RemoteMachine(["true"], config=config(
+            workload_params=WorkloadParams(), parallelize=True))),
     ]
 
 
@@ -7950,11 +8588,22 @@ def test_bad_input_refused_before_anything_is_written(home):
     (["run", "proj/m.py:f", "--parallelize"], "parallelize"),
     (["run", "proj"], "not a script file"),
     (["status", "no-such-job"], "no job"),
-    (["run"], "required"),
+    (["run"], "nothing to run"),
+    (["run", "proj/m.py:f", "--", "ls"], "not both"),
+    (["run", "--"], "the command is empty"),
+    (["run", "--kwargs", '{"a": 1}', "--", "ls"], "--kwargs is for a Python function"),
+    (["run", "--workload", "0:10:2", "--parallelize", "--", "ls"], "a command gets its slice in STACKOPS_IDX_START"),
+    (["run", "make", "train"], "go after --"),
+    (["run", "make"], "a command? put it after --"),
+    (["run", "--sweep", "proj/grid.jsonl", "--", "echo", "{lr}"], "sweep line 2: no value for {lr}"),
+    (["run", "--sweep", "proj/grid.jsonl", "--", "echo", "lr"], "no {name} placeholder"),
+    (["cluster", "run", "--hosts", "h1", "proj/m.py:f", "--", "ls"], "not both"),
+    (["cloud", "submit", "--cloud", "nosuch", "--split", "2", "--"], "the command is empty"),
 ])
 def test_bad_input_cli_exits_2_with_one_line(home, args, message):
     (home / "proj").mkdir()
     (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    (home / "proj" / "grid.jsonl").write_text('{"lr": 1}\n{"rl": 2}\n')
     done = cli(*args, home=home)
     assert done.returncode == 2, done
     assert message in done.stderr
@@ -8455,6 +9104,29 @@ def test_security_relative_state_dir_is_one_queue_for_submitter_and_wrapper(home
     assert json.loads(counter.read_text()) == [0, 1]  # never two at once
     assert (home / "work" / "state-here" / "slots").is_dir()
     assert not (home / "r1" / "state-here").exists() and not (home / "r2" / "state-here").exists()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=hostile_text.filter(lambda text: "\0" not in text)
+       | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12))
+@example(value="$(touch PWNED) `touch PWNED` it's \"q\" \\ \n {x} '\\''")
+def test_security_hostile_sweep_values_arrive_as_one_literal_piece(tmp_path, value):
+    """A sweep value in a command's argument, and in a shell script's three quotings, arrives as
+    exactly itself (issue 23: GNU parallel's promise), and nothing it names is run."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    out = folder / "out"
+    script = "printf '%s\\0' {v} \"dq:{v}\" 'sq:{v}' x{v}x > \"$1\""
+    for shell in ("sh", "bash"):
+        argv = stackops.fill_command([shell, "-c", script, "sh", str(out)], {"v": value})
+        subprocess.run(argv, cwd=folder, check=True)
+        assert out.read_bytes().decode().split("\0")[:-1] == [value, f"dq:{value}", f"sq:{value}", f"x{value}x"]
+    code = "import sys; open(sys.argv[1], 'w', encoding='utf-8').write(repr(sys.argv[2:]))"
+    subprocess.run(stackops.fill_command([sys.executable, "-c", code, str(out), "{v}", "-{v}-"], {"v": value}),
+                   cwd=folder, check=True)
+    assert out.read_text(encoding="utf-8") == repr([value, f"-{value}-"])
+    assert sorted(path.name for path in folder.iterdir()) == ["out"]
+    with pytest.raises(ConfigError, match="NUL"):  # the one thing no argument can hold
+        stackops.fill_command(["echo", "{v}"], {"v": value + "\0"})
 
 
 # ============================================================================================
