@@ -2858,7 +2858,7 @@ def _begin(root: Path, manager: FileManager, config: dict[str, Any]) -> None:
 
     if _update(root, start).get("status") != "running":
         raise _NeverRuns("cancelled before it started")
-    _say(f"job {manager.job_id} starts on {os.uname().nodename} (pid {os.getpid()})")
+    _say(f"EXECUTION START: job {manager.job_id} on {os.uname().nodename} (pid {os.getpid()})")
     _aside_old_results(root, manager)
     _setup_repo(root, config)
 

@@ -2981,7 +2981,7 @@ def test_email_trickling_server_the_job_ends_and_records_the_mail_not_sent(home)
                                               to_email="me@test.invalid", email_config_name="slow")).run()
         assert wait_done(job).status == "completed"
         _senders_gone()  # every process of the job ended: the mail did not hold it
-        notified = job.file_manager.path(stackops.NOTIFIED_TXT).read_text()
+        notified = state_of(job)["notified"]
         assert f"not sent: the SMTP server 127.0.0.1:{server.port} did not finish the exchange within 3s" in notified
     finally:
         server.close()
@@ -7931,12 +7931,12 @@ def test_cloud_earlier_attempts_ended_are_removed_and_one_never_started_is_cance
         (units / name / "logs").mkdir()
         (units / name / stackops.FILE_MANAGER_JSON).write_text("{}")
         if status:
-            (units / name / stackops.STATUS_TXT).write_text(status)
+            stackops._record(units / name, status=status)
     (units / "u-0-1.0000000000000000009").mkdir()  # not a job folder (yet): never touched
     assert stackops._earlier_run(units, "u-0-1") is None
     left = sorted(path.name for path in units.iterdir())
     assert left == ["u-0-1.0000000000000000002", "u-0-1.0000000000000000009", "u-0-10.0000000000000000003"]
-    assert (units / "u-0-1.0000000000000000002" / stackops.CANCEL_TXT).exists()  # its dispatcher drops it
+    assert stackops.read_state(units / "u-0-1.0000000000000000002")["cancel"]  # its dispatcher drops it
     assert stackops._earlier_run(units, "u-0-1") is None  # once marked, it goes at the next look
     assert sorted(path.name for path in units.iterdir()) == left[1:]
 
