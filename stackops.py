@@ -102,11 +102,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class _LazyModule(types.ModuleType):
     """A standard module imported where it is first used, not at start-up: ``--help`` and the
-    job's wrapper pay only for what they use (``python -X importtime`` shows what that is)."""
+    job's wrapper pay only for what they use (``python -X importtime`` shows what that is).
+    ``spared``: a module it imports but seldom uses, left lazy too (see _import_sparing)."""
+
+    def __init__(self, name: str, spared: str = "") -> None:
+        super().__init__(name)
+        self.__spared = spared
 
     def __getattr__(self, name: str) -> Any:
         if sys.modules.get(self.__name__) is self:  # it stood in while another module was imported
             del sys.modules[self.__name__]
+        if self.__spared:
+            return getattr(_import_sparing(self.__name__, self.__spared), name)
         return getattr(__import__(self.__name__), name)
 
 
@@ -152,7 +159,7 @@ def _argparse() -> Any:
 
 if not TYPE_CHECKING:
     dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: classes with no docstring
-    logging = _import_sparing("logging", "traceback")  # traceback: to format an exception
+    logging = _LazyModule("logging", "traceback")  # traceback: to format an exception
     _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
     shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
     subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
@@ -179,7 +186,20 @@ __all__ = [
     "Sweep", "run_sweep", "load_sweep_grid", "sweep_job_ids",
 ]
 
-log = logging.getLogger("stackops")
+
+
+class _Logger:
+    """The "stackops" logger, logging imported when a line is first logged or a handler set (2 ms
+    of every start that logs nothing: ``--help``, most of the command line)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(logging.getLogger("stackops"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(logging.getLogger("stackops"), name, value)
+
+
+log: logging.Logger = _Logger()  # type: ignore[assignment]
 
 
 def _psutil() -> Any:
@@ -4004,7 +4024,7 @@ def _paramiko_invoke() -> None:
         paramiko.config.invoke = invoke  # type: ignore[attr-defined]
 
 
-_TARGET = re.compile(r"(?:(?P<user>[^@\s/:]+)@)?"
+_TARGET = _LazyPattern(r"(?:(?P<user>[^@\s/:]+)@)?"
                      r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
                      r"(?::(?P<port>\d+))?\Z")
 
@@ -9753,21 +9773,12 @@ def _cmd_job_delete_results(args: Any) -> int:
     return 0
 
 
-_TRANSFER_COMMANDS = ("run", "download", "copy")  # the commands that take --progress
-
-
-def _add_progress_option(parser: Any) -> None:
+def _add_progress_arg(sub: Any) -> None:
     """``--progress json`` on the commands that transfer (see _Progress)."""
-    import argparse
-
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name in _TRANSFER_COMMANDS:
-                action.choices[name].add_argument(
-                    "--progress", choices=("auto", "json"), default="auto",
-                    help="auto: a progress line on a terminal, else a summary per transfer "
-                         "longer than a second (none with -q); json: one JSON object a line "
-                         "on stderr (begin, progress, end), for tools that wrap stackops")
+    sub.add_argument("--progress", choices=("auto", "json"), default="auto",
+                     help="auto: a progress line on a terminal, else a summary per transfer "
+                          "longer than a second (none with -q); json: one JSON object a line "
+                          "on stderr (begin, progress, end), for tools that wrap stackops")
 
 
 def _progress(args: Any) -> _Progress | None:
@@ -10030,9 +10041,7 @@ def _cmd_cluster_logs(args: Any) -> int:
     return 0
 
 
-def _add_cluster_args(commands: Any) -> None:
-    cluster = commands.add_parser("cluster",
-                                  help="split one workload over several hosts by CPU/RAM")
+def _add_cluster_args(cluster: Any) -> None:
     sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
     sub.required = True
     default_base = DEFAULT_BASE_DIR.rsplit("/", 1)[0]
@@ -10046,7 +10055,7 @@ def _add_cluster_args(commands: Any) -> None:
             ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
         action = sub.add_parser(name, help=text)
         action.set_defaults(handler=handler)
-        action.add_argument("cluster_id")
+        action.add_argument("cluster_id", help="the cluster's id")
         if name == "status":
             action.add_argument("--json", action="store_true")
         elif name == "download":
@@ -10131,9 +10140,7 @@ def _cmd_worker(args: Any) -> int:
     return 0
 
 
-def _add_cloud_args(commands: Any) -> None:
-    cloud = commands.add_parser("cloud", help="a queue of work units on an rclone remote, for any "
-                                              "worker")
+def _add_cloud_args(cloud: Any) -> None:
     sub = cloud.add_subparsers(dest="cloud_command", metavar="ACTION")
     sub.required = True
     submit = sub.add_parser("submit", help="split a job into work units and queue them on the "
@@ -10154,8 +10161,9 @@ def _add_cloud_args(commands: Any) -> None:
     status.set_defaults(handler=_cmd_cloud_status)
     status.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
     status.add_argument("--json", action="store_true")
-    worker = commands.add_parser("worker", help="claim and run work units from a cloud queue")
-    worker.set_defaults(handler=_cmd_worker)
+
+
+def _add_worker_args(worker: Any) -> None:
     worker.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
     worker.add_argument("--max-jobs", type=int, default=1,
                         help="units run at once on this machine (default 1)")
@@ -10201,10 +10209,7 @@ def _cmd_ip(args: Any) -> int:
     return 0
 
 
-def _add_ip_args(commands: Any) -> None:
-    sub = commands.add_parser("ip", help="local addresses and the LAN one; --public: the public "
-                                         "IP; switch: rotate it")
-    sub.set_defaults(handler=_cmd_ip)
+def _add_ip_args(sub: Any) -> None:
     sub.add_argument("action", nargs="?", choices=["switch"],
                      help="rotate the public IP with warp-cli")
     sub.add_argument("--public", action="store_true",
@@ -10226,6 +10231,7 @@ def _add_ip_args(commands: Any) -> None:
 
 
 def _add_run_args(parser: Any) -> None:
+    _add_ids(parser, None)
     parser.add_argument("target", help="a script (path/to/train.py) or a function "
                                        "(path/to/module.py:func)")
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or "
@@ -10318,47 +10324,95 @@ def _add_run_start_args(parser: Any) -> None:
     parser.add_argument("--wait", action="store_true",
                         help="block until the job ends; exit 1 if it failed")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    _add_progress_arg(parser)
 
 
-_LIST_HELP = ("every job and cluster part with its host and status, newest first; remote rows are "
-              "asked of their hosts (in parallel)")
+_LIST_HELP = ("every job and cluster part with its host and status, in the order submitted; remote "
+              "rows are asked of their hosts (in parallel)")
+
+
+def _add_ids(sub: Any, what: str | None = "the job's id", many: bool = False) -> None:
+    """The id (or ids) a job command takes, if ``what`` says what it is, and --base-dir."""
+    if what is not None and many:
+        sub.add_argument("job_ids", nargs="+", metavar="ID", help=what)
+    elif what is not None:
+        sub.add_argument("job_id", metavar="ID", help=what)
+    sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR,
+                     help=f"where jobs live (default {DEFAULT_BASE_DIR})")
 
 
 def _add_list_args(sub: Any) -> None:
-    sub.add_argument("--json", action="store_true")
+    _add_ids(sub, None)
+    sub.add_argument("--json", action="store_true", help="one JSON object a job (same filters)")
     sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                      help="how long to wait for the hosts; a row not refreshed says when it was "
                           "last seen")
-    sub.add_argument("--host", help="the jobs whose folders are on this host (from any machine), "
-                     "read there")
+    sub.add_argument("--host", help="only the jobs on this host, read there (whoever submitted "
+                                    "them); localhost: this machine's")
+    sub.add_argument("--status", action="append", default=[], metavar="S[,S...]",
+                     help=f"only jobs in these states ({', '.join(STATUSES)}); repeatable")
+    sub.add_argument("--since", metavar="AGE", help="only jobs submitted in the last AGE "
+                                                    "(e.g. 30m, 2h, 7d)")
+    sub.add_argument("--last", type=int, metavar="N",
+                     help="only the last N jobs submitted (after the other filters)")
+    sub.add_argument("--sweep", metavar="ID", help="only the jobs of this sweep, in index order")
 
 
-def _add_control_args(command: Callable[..., Any]) -> None:
-    sub = command("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL "
-                                         "after --grace; "
-                  "a waiting job leaves the queue", job=False)
-    sub.add_argument("job_ids", nargs="+", metavar="ID")
+def _add_status_args(sub: Any) -> None:
+    _add_ids(sub)
+    sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
+    sub.add_argument("--json", action="store_true")
+
+
+def _add_logs_args(sub: Any) -> None:
+    _add_ids(sub)
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
+    sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
+
+
+def _add_queue_args(sub: Any) -> None:
+    sub.add_argument("--history", type=int, default=10, metavar="N",
+                     help="show the last N finished jobs")
+    sub.add_argument("--host", help="the queue of this host, read there in one round trip")
+    sub.add_argument("--json", action="store_true")
+
+
+def _add_download_args(sub: Any) -> None:
+    _add_ids(sub)
+    sub.add_argument("--to", help="target path (default: the same path, if the job's own results)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    _add_progress_arg(sub)
+
+
+def _add_cancel_args(sub: Any) -> None:
+    _add_ids(sub, "a job, sweep or cluster id (a sweep's or cluster's: all its jobs; a cloud "
+                  "job's: its units)", many=True)
     sub.add_argument("--grace", type=float, default=10.0, metavar="S",
                      help="seconds between SIGTERM and SIGKILL (default 10)")
-    sub = command("wait", _cmd_wait, "block until the jobs end: exit 0 if all completed, 1 if not, "
-                                     "124 on timeout",
-                  job=False)
-    sub.add_argument("job_ids", nargs="+", metavar="ID")
+
+
+def _add_wait_args(sub: Any) -> None:
+    _add_ids(sub, "a job, sweep or cluster id (a sweep or cluster ends when all its jobs have)",
+             many=True)
     sub.add_argument("--timeout", type=float, default=None, metavar="S",
                      help="give up after S seconds (exit 124)")
-    command("start", _cmd_start, "launch a job prepared with run --no-launch")
-    sub = command("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed "
-                                       "parts)")
+
+
+def _add_rerun_args(sub: Any) -> None:
+    _add_ids(sub, "an ended job's id, or a cluster's with --failed")
     sub.add_argument("--failed", action="store_true",
                      help="for a cluster id: only the parts that failed")
     sub.add_argument("--wait", action="store_true",
                      help="block until it ends; exit 1 if it did not complete")
-    sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",
-                  job=False)
-    sub.add_argument("job_ids", nargs="+", metavar="ID")
+
+
+def _add_delete_args(sub: Any) -> None:
+    _add_ids(sub, "an ended job's id (not a sweep's or a cluster's)", many=True)
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
-    sub = command("prune", _cmd_prune, "delete the jobs that ended longer ago than --older-than",
-                  job=False)
+
+
+def _add_prune_args(sub: Any) -> None:
+    _add_ids(sub, None)
     sub.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 12h, 7d, 2w")
     sub.add_argument("--status", help="only jobs that ended so (completed, failed, cancelled)")
     sub.add_argument("--host", help="only jobs on this host (the alias used; localhost for this "
@@ -10366,10 +10420,113 @@ def _add_control_args(command: Callable[..., Any]) -> None:
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
 
 
-def _build_parser() -> Any:
-    import argparse
+def _add_ssh_args(sub: Any) -> None:
+    sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
+    sub.add_argument("command", nargs="*", help="the command (after --)")
+    sub.add_argument("--timeout", type=float, default=None,
+                     help="give up connecting, or on the command, after this many seconds")
+    _add_accept_new(sub)
 
-    parser = argparse.ArgumentParser(
+
+def _add_copy_args(sub: Any) -> None:
+    sub.add_argument("source")
+    sub.add_argument("target")
+    sub.add_argument("-r", "--recursive", action="store_true", help="copy folders")
+    sub.add_argument("-z", "--compress", action="store_true", help="compress on the wire")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    _add_accept_new(sub)
+    _add_progress_arg(sub)
+
+
+def _add_send_key_args(sub: Any) -> None:
+    sub.add_argument("host")
+    sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then "
+                                   "id_rsa.pub)")
+    _add_accept_new(sub)
+
+
+def _add_accept_new(sub: Any) -> None:
+    sub.add_argument("--accept-new", action="store_true",
+                     help="trust and record an unknown host key")
+
+
+def _add_job_root_args(sub: Any) -> None:
+    sub.add_argument("job_root")
+    if sub.get_default("handler") is _cmd_job_report:
+        sub.add_argument("--lines", type=int, default=20)
+
+
+def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str | None, Any], ...]:
+    """Every command: its name, handler, line in ``stackops --help`` (None: not shown, for a job's
+    own copy on a host) and what adds its arguments. Only the command given is built."""
+    return (
+        ("run", _cmd_run, "run a script or function as a detached job", _add_run_args),
+        ("status", _cmd_status, "status, times, results and error of a job", _add_status_args),
+        ("list", _cmd_list, _LIST_HELP, _add_list_args),
+        ("logs", _cmd_logs, "the job's output", _add_logs_args),
+        ("queue", _cmd_queue, "slots in use, who waits in what order, recent history",
+         _add_queue_args),
+        ("download", _cmd_download, "copy a finished job's results folder", _add_download_args),
+        ("delete-results", _cmd_delete_results, "delete a finished job's own results folder",
+         _add_ids),
+        ("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL after "
+                                "--grace; a waiting job leaves the queue", _add_cancel_args),
+        ("wait", _cmd_wait, "block until the jobs end: exit 0 if all completed, 1 if not, 124 on "
+                            "timeout", _add_wait_args),
+        ("start", _cmd_start, "launch a job prepared with run --no-launch", _add_ids),
+        ("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed parts)",
+         _add_rerun_args),
+        ("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",
+         _add_delete_args),
+        ("prune", _cmd_prune, "delete the jobs that ended longer ago than --older-than",
+         _add_prune_args),
+        ("ssh", _cmd_ssh, "run a command on a host; its exit status is passed through",
+         _add_ssh_args),
+        ("copy", _cmd_copy, "copy a file or folder to or from a host (HOST:PATH on one side)",
+         _add_copy_args),
+        ("send-key", _cmd_send_key, "install your public key in a host's authorized_keys (once)",
+         _add_send_key_args),
+        ("cluster", None, "split one workload over several hosts by CPU/RAM", _add_cluster_args),
+        ("cloud", None, "a queue of work units on an rclone remote, for any worker",
+         _add_cloud_args),
+        ("worker", _cmd_worker, "claim and run work units from a cloud queue", _add_worker_args),
+        ("ip", _cmd_ip, "local addresses and the LAN one; --public: the public IP; switch: rotate "
+                        "it", _add_ip_args),
+        ("job-report", _cmd_job_report, None, _add_job_root_args),
+        ("job-delete-results", _cmd_job_delete_results, None, _add_job_root_args),
+        ("job-check-email", _cmd_job_check_email, None, _add_job_root_args),
+        ("job-notify", _cmd_job_notify, None, _add_job_root_args),  # an end the wrapper missed
+    )
+
+
+class _LazyParsers(dict):  # type: ignore[type-arg]
+    """argparse's map from a command's name to its parser, each built when first looked up: a
+    command line (``--help`` too) builds the parser of its one command, not of all of them."""
+
+    def __init__(self, action: Any) -> None:
+        table = {row[0]: row for row in _command_table()}
+        super().__init__(dict.fromkeys(table))
+        self.action, self.table = action, table
+        for name, _, help_text, _ in table.values():
+            if help_text is not None:  # its line in the top-level help
+                action._choices_actions.append(action._ChoicesPseudoAction(name, (), help_text))
+
+    def __getitem__(self, name: str) -> Any:
+        parser = dict.__getitem__(self, name)
+        if parser is None:
+            _, handler, help_text, add = self.table[name]
+            dict.__delitem__(self, name)  # add_parser refuses a name it has already (3.11)
+            parser = self.action.add_parser(name, description=help_text)
+            if handler is not None:
+                parser.set_defaults(handler=handler)
+            add(parser)
+            _add_verbosity_everywhere(parser)
+        return parser
+
+
+def _build_parser() -> Any:
+    """The command line's parser; each command's own is built when the command is looked up."""
+    parser = _argparse().ArgumentParser(
         prog="stackops", description="Run a Python function or script detached, capped by slots, "
                                      "and follow it.")
     parser.add_argument("--version", action="version", version=f"stackops {__version__}")
@@ -10378,112 +10535,37 @@ def _build_parser() -> Any:
     parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer diagnostics")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    def command(name: str, handler: Callable[[Any], int], help_text: str, job: bool = True) -> Any:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
-        if job:
-            sub.add_argument("job_id", help="the job's id")
-        sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR,
-                         help=f"where jobs live (default {DEFAULT_BASE_DIR})")
-        return sub
-
-    _add_job_commands(commands, command)
-    _add_host_commands(commands)
-    _add_cluster_args(commands)
-    _add_cloud_args(commands)
-    _add_ip_args(commands)
-    _add_hidden_commands(commands)
-    _add_verbosity_everywhere(parser)
-    _add_progress_option(parser)
+    commands.choices = commands._name_parser_map = _LazyParsers(commands)
     return parser
 
 
-def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
-    """run, status, list, logs, queue, download, delete-results and the job control verbs."""
-    _add_run_args(command("run", _cmd_run, "run a script or function as a detached job", job=False))
-    sub = command("status", _cmd_status, "status, times, results and error of a job")
-    sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
-    sub.add_argument("--json", action="store_true")
-    _add_list_args(command("list", _cmd_list, _LIST_HELP, job=False))
-    sub = command("logs", _cmd_logs, "the job's output")
-    sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
-    sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
-    sub = commands.add_parser("queue", help="slots in use, who waits in what order, recent history")
-    sub.set_defaults(handler=_cmd_queue)
-    sub.add_argument("--history", type=int, default=10, metavar="N",
-                     help="show the last N finished jobs")
-    sub.add_argument("--host", help="the queue of this host, read there in one round trip")
-    sub.add_argument("--json", action="store_true")
-    sub = command("download", _cmd_download, "copy a finished job's results folder")
-    sub.add_argument("--to", help="target path (default: the same path, if the job's own results)")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
-    command("delete-results", _cmd_delete_results, "delete a finished job's own results folder")
-    _add_control_args(command)
+def _full_parser() -> Any:
+    """The parser with every command's built (for completion, and the tests)."""
+    parser = _build_parser()
+    for action in _subcommands(parser):
+        for name in list(action.choices):
+            action.choices[name]
+    return parser
 
 
-def _add_host_commands(commands: Any) -> None:
-    """ssh, copy and send-key: a host's conveniences, no job."""
-    sub = commands.add_parser("ssh", help="run a command on a host; its exit status is passed "
-                                          "through")
-    sub.set_defaults(handler=_cmd_ssh)
-    sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
-    sub.add_argument("command", nargs="*", help="the command (after --)")
-    sub.add_argument("--timeout", type=float, default=None,
-                     help="give up connecting, or on the command, after this many seconds")
-    sub.add_argument("--accept-new", action="store_true",
-                     help="trust and record an unknown host key")
-    sub = commands.add_parser("copy", help="copy a file or folder to or from a host (HOST:PATH on "
-                                           "one side)")
-    sub.set_defaults(handler=_cmd_copy)
-    sub.add_argument("source")
-    sub.add_argument("target")
-    sub.add_argument("-r", "--recursive", action="store_true", help="copy folders")
-    sub.add_argument("-z", "--compress", action="store_true", help="compress on the wire")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
-    sub.add_argument("--accept-new", action="store_true",
-                     help="trust and record an unknown host key")
-    sub = commands.add_parser("send-key", help="install your public key in a host's "
-                                               "authorized_keys (once)")
-    sub.set_defaults(handler=_cmd_send_key)
-    sub.add_argument("host")
-    sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then "
-                                   "id_rsa.pub)")
-    sub.add_argument("--accept-new", action="store_true",
-                     help="trust and record an unknown host key")
-
-
-def _add_hidden_commands(commands: Any) -> None:
-    """Run on the host by the job's own stackops copy, hence no help."""
-    # no help: run on the host by the job's own stackops copy
-    sub = commands.add_parser("job-report")
-    sub.set_defaults(handler=_cmd_job_report)
-    sub.add_argument("job_root")
-    sub.add_argument("--lines", type=int, default=20)
-    sub = commands.add_parser("job-delete-results")
-    sub.set_defaults(handler=_cmd_job_delete_results)
-    sub.add_argument("job_root")
-    sub = commands.add_parser("job-check-email")
-    sub.set_defaults(handler=_cmd_job_check_email)
-    sub.add_argument("job_root")
-    sub = commands.add_parser("job-notify")  # an end the wrapper could not report
-    sub.set_defaults(handler=_cmd_job_notify)
-    sub.add_argument("job_root")
+def _subcommands(parser: Any) -> list[Any]:
+    """The sub-command actions of ``parser`` (one, or none)."""
+    argparse = _argparse()
+    return [action for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)]
 
 
 def _add_verbosity_everywhere(parser: Any) -> None:
-    """-v/-q after the command too (``stackops status JOB -v``): every subcommand counts them into
-    its own field, which main() adds to the ones given before the command."""
-    import argparse
-
-    for action in parser._actions:
-        if not isinstance(action, argparse._SubParsersAction):
-            continue
-        for sub in set(action.choices.values()):
-            sub.add_argument("-v", "--verbose", dest="verbose_after", action="count",
-                             default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
-            sub.add_argument("-q", "--quiet", dest="quiet_after", action="count",
-                             default=argparse.SUPPRESS, help="fewer diagnostics")
+    """-v/-q after the command too (``stackops status JOB -v``): a command's parser (and each of
+    its actions') counts them into its own field, which main() adds to the ones given before the
+    command."""
+    argparse = _argparse()
+    parser.add_argument("-v", "--verbose", dest="verbose_after", action="count",
+                        default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
+    parser.add_argument("-q", "--quiet", dest="quiet_after", action="count",
+                        default=argparse.SUPPRESS, help="fewer diagnostics")
+    for action in _subcommands(parser):
+        for sub in action.choices.values():
             _add_verbosity_everywhere(sub)
 
 
