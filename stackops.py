@@ -9319,18 +9319,21 @@ def _cmd_status(args: Any) -> int:
 
 
 def _cmd_list(args: Any) -> int:
-    if args.host:  # the host's own job folders, whoever submitted them, judged there
+    filters = _list_filters(args)  # bad input is refused before any host is asked
+    if args.host and args.host != "localhost":  # its own job folders, whoever submitted them
         answer = _on_host(args.host, ["list", "--base-dir", args.base_dir])
         rows = [_row_from_host(args.host, data) for data in answer]
     else:
         rows = list_job_rows(args.base_dir, args.timeout)
+    everything, rows = bool(rows), _filter_rows(rows, filters)
     for host, error in sorted({(r["host"], _last_line(r["error"])) for r in rows if r["error"]}):
         print(f"stackops: {host}: not refreshed ({error})", file=sys.stderr)
     if args.json:
         _print_json_rows([_list_json(row) for row in rows])
         return 0
     if not rows:
-        print(f"no jobs under {args.base_dir}")
+        print(f"no job under {args.base_dir} matches" if everything
+              else f"no jobs under {args.base_dir}")
         return 0
     table, clusters = [], {}
     for row in rows:
@@ -9340,10 +9343,64 @@ def _cmd_list(args: Any) -> int:
             parts = [r for r in rows if r["cluster"] == row["cluster"]]
             clusters[row["cluster"]] = parts
             table.append(_cluster_row(row["cluster"], parts))
-            parts.sort(key=lambda part: part["job_id"])
+            parts.sort(key=lambda part: _natural_key(part["job_id"]))
             table += [_list_row("  " + part["job_id"], part) for part in parts]
     _print_table(table, ["JOB", "HOST", "STATUS", "SUBMITTED (UTC)", "DURATION", "RESULTS"])
     return 0
+
+
+def _list_filters(args: Any) -> dict[str, Any]:
+    """``list``'s filters, checked: the statuses, host, earliest submission, sweep members and
+    count asked for (None or empty: no such filter)."""
+    statuses = {s.strip() for text in args.status for s in text.split(",") if s.strip()}
+    unknown = sorted(statuses - set(STATUSES))
+    if unknown:
+        raise ConfigError(f"--status {', '.join(unknown)}: not a job status (a job is "
+                          f"{', '.join(STATUSES)})")
+    if args.last is not None and args.last < 1:
+        raise ConfigError(f"--last must be at least 1, got {args.last}")
+    since = None
+    if args.since is not None:
+        since = _utcnow() - _dt.timedelta(seconds=_parse_age(args.since, "--since"))
+    members = None if args.sweep is None else set(_sweep_members(args.sweep, args.base_dir))
+    return {"statuses": statuses, "host": args.host, "since": since, "sweep": members,
+            "last": args.last}
+
+
+def _sweep_members(sweep_id: str, base_dir: str) -> list[str]:
+    """The ids of a sweep's jobs, from its record (one small file, not its jobs' folders)."""
+    queued = expand_home(f"{base_dir}/queued")
+    try:
+        ids = _read_json(queued / check_safe_name(sweep_id, "--sweep") / SWEEP_JSON)["ids"]
+    except (StackopsError, KeyError, TypeError) as exc:
+        raise ConfigError(f"no sweep {sweep_id!r} under {collapse_home(queued.parent)}",
+                          hint=f"{_prog()} list shows the jobs") from exc
+    return [str(job_id) for job_id in ids]
+
+
+def _filter_rows(rows: list[dict[str, Any]], filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows ``list`` shows: the ones ``filters`` keep (see _list_filters), in the order they
+    were submitted (a sweep's, submitted at once, by index), the last ``last`` of them."""
+    statuses, host, since, sweep = (filters[key] for key in ("statuses", "host", "since", "sweep"))
+
+    def kept(row: dict[str, Any]) -> bool:
+        report: JobStatus = row["report"]
+        if statuses and report.status not in statuses:
+            return False
+        if sweep is not None and row["job_id"] not in sweep:
+            return False
+        if since is not None and (_parse_iso(report.submission_time) or since) <= since:
+            return False
+        return host is None or row["host"] == host
+
+    chosen = sorted(filter(kept, rows), key=lambda row: (  # ISO times in UTC sort as text
+        row["report"].submission_time or "", _natural_key(row["job_id"])))
+    return chosen[-filters["last"]:] if filters["last"] else chosen
+
+
+def _natural_key(text: str) -> list[Any]:
+    """``text`` split so that its numbers compare as numbers: job-9 before job-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _row_from_host(host: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -9707,10 +9764,10 @@ def _cmd_delete(args: Any) -> int:
     return 0
 
 
-def _parse_age(text: str) -> float:
+def _parse_age(text: str, option: str = "--older-than") -> float:
     match = re.match(r"(\d+(?:\.\d+)?)([smhdw])\Z", text.strip())
     if not match:
-        raise ConfigError(f"--older-than {text!r} is not an age", hint="e.g. 30m, 12h, 7d, 2w")
+        raise ConfigError(f"{option} {text!r} is not an age", hint="e.g. 30m, 12h, 7d, 2w")
     return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match[2]]
 
 

@@ -7064,6 +7064,75 @@ def test_cli_main_in_process_prints_each_log_line_once_and_leaves_logging_as_it_
     assert capsys.readouterr().err.count("after main") == 1
 
 
+# -- list filters (issue 24): --status, --host, --since, --last, --sweep; submission order -------
+
+def _one_error_line(done: subprocess.CompletedProcess, said: str) -> None:
+    """A refusal as the house wants it: exit 2, one error line (a hint may follow), nothing on
+    stdout."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("stackops: error:")]
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert len(errors) == 1 and said in errors[0], done.stderr
+    assert len(done.stderr.splitlines()) <= 2, done.stderr
+
+
+def test_cli_list_filters_keep_submission_order_and_a_sweep_in_index_order(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    grid = [{"x": index, "fail": index == 7} for index in range(12)]
+    sweep = stackops.run_sweep(mod.point, config(job_id="wide", max_simultaneous_jobs=4), grid)
+    sweep.wait(timeout=120)
+    solo = RemoteMachine(mod.point, config(job_id="solo"), func_kwargs={"x": 99}).run()
+    assert wait_done(solo).status == "completed"
+    wide = [f"wide-{index:04d}" for index in range(12)]
+
+    def ids(*args: str) -> list[str]:
+        done = cli("list", *args, "--json", home=home)
+        assert done.returncode == 0, done.stderr
+        return [row["job_id"] for row in json.loads(done.stdout)]
+
+    assert ids() == wide + ["solo"]
+    assert ids("--sweep", "wide") == wide
+    assert ids("--status", "failed") == ["wide-0007"]
+    assert ids("--status", "completed", "--status", "failed", "--last", "2") == ["wide-0011", "solo"]
+    assert ids("--status", "cancelled,failed", "--sweep", "wide", "--last", "5") == ["wide-0007"]
+    assert ids("--host", "localhost", "--since", "1h") == wide + ["solo"]
+    assert ids("--status", "running") == []
+    table = cli("list", "--sweep", "wide", "--last", "3", home=home).stdout.splitlines()
+    assert [line.split()[0] for line in table] == ["JOB", "wide-0009", "wide-0010", "wide-0011"]
+    assert cli("list", "--status", "queued", home=home).stdout.startswith("no job under ")
+    for args, said in ((["--status", "runing"], "--status runing: not a job status"),
+                       (["--status", "completed,done"], "--status done"),
+                       (["--since", "2 hours"], "--since '2 hours' is not an age"),
+                       (["--last", "0"], "--last must be at least 1"),
+                       (["--sweep", "nope"], "no sweep 'nope'"),
+                       (["--sweep", "../x"], "no sweep '../x'")):
+        _one_error_line(cli("list", *args, home=home), said)
+
+
+def test_cli_list_filter_rows_since_host_and_ties_by_index():
+    """_filter_rows over rows as list_job_rows makes them: a sweep submitted in one instant comes
+    in index order (10 after 9), an old job falls out of --since, --host keeps its host's."""
+    now = stackops._utcnow()
+
+    def row(job_id: str, host: str, minutes_ago: float) -> dict:
+        when = stackops._iso(now - __import__("datetime").timedelta(minutes=minutes_ago))
+        report = JobStatus(job_id=job_id, status="completed", submission_time=when)
+        return {"job_id": job_id, "host": host, "cluster": None, "as_of": None, "error": None,
+                "report": report}
+
+    rows = [row("b-10", "gpu", 5), row("b-9", "gpu", 5), row("old", "localhost", 180),
+            row("b-2", "gpu", 5), row("new", "localhost", 1)]
+    parser = stackops._build_parser()
+
+    def shown(*args: str) -> list[str]:
+        filters = stackops._list_filters(parser.parse_args(["list", *args]))
+        return [r["job_id"] for r in stackops._filter_rows(rows, filters)]
+
+    assert shown() == ["old", "b-2", "b-9", "b-10", "new"]
+    assert shown("--since", "2h") == ["b-2", "b-9", "b-10", "new"]
+    assert shown("--host", "gpu", "--last", "2") == ["b-9", "b-10"]
+    assert shown("--host", "localhost") == ["old", "new"]
+
+
 # ============================================================================================
 # bad input: refused before anything is written, one clear line, CLI exit 2
 # ============================================================================================
