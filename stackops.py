@@ -86,6 +86,7 @@ import types
 from pathlib import Path
 TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
+    import copy
     import dataclasses
     import datetime as _dt
     import json
@@ -161,6 +162,7 @@ if not TYPE_CHECKING:
     dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: classes with no docstring
     logging = _LazyModule("logging", "traceback")  # traceback: to format an exception
     _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
+    copy = _LazyModule("copy")
     shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
     subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
 
@@ -225,6 +227,9 @@ CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapsho
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
 DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
+# what stackops sets in every job's environment: a job's own env (--env) cannot set them
+JOB_ENV_NAMES = ("STACKOPS_JOB_ID", "STACKOPS_ATTEMPT", "STACKOPS_SLOT", "STACKOPS_SWEEP_INDEX",
+                 "STACKOPS_PART")
 
 STATUSES = ("queued", "waiting", "running", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -360,6 +365,13 @@ class JobFailedError(StackopsError):
 
 ERROR_RECORD_PREFIX = "stackops: error record: "
 _SERVING: list[bool] = []  # not empty while _serve() runs: main() reports errors as records too
+_CLI: list[bool] = []  # not empty while main() runs a command: errors name its options
+
+
+def _option(api: str, cli: str) -> str:
+    """An option as the reader of an error will type it: ``cli`` (``--overwrite``) while main()
+    runs a command, else ``api`` (``overwrite=True``)."""
+    return cli if _CLI else api
 
 
 def error_record_line(exc: BaseException, evidence: str = "") -> str:
@@ -672,6 +684,69 @@ def parse_slurm_option(text: str) -> tuple[str, str]:
     return key, value
 
 
+_ENV_NAME = _LazyPattern(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def check_job_env(env: Any, what: str = "env") -> dict[str, str]:
+    """``env`` as variables for a job's environment, refused (one line) unless each name is a
+    variable's name that stackops does not set itself (JOB_ENV_NAMES) and each value a string
+    without NUL."""
+    if not isinstance(env, dict):
+        raise ConfigError(f"{what} must be a dict of names and values, got {type(env).__name__}")
+    for name, value in env.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise ConfigError(f"{what}: {_shorten(repr(name), 60)} is not a variable's name",
+                              hint="letters, digits and _, not starting with a digit, e.g. "
+                                   "OMP_NUM_THREADS")
+        if name in JOB_ENV_NAMES:
+            raise ConfigError(f"{what}: stackops sets {name} itself, for every job",
+                              hint=f"it sets {', '.join(JOB_ENV_NAMES)}")
+        if not isinstance(value, str) or "\0" in value:
+            raise ConfigError(f"{what}: {name}'s value must be a string without NUL, got "
+                              f"{_shorten(repr(value), 60)}")
+    return env
+
+
+def parse_env_option(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` from the command line (--env), checked."""
+    name, equals, value = text.partition("=")
+    if not equals:
+        raise ConfigError(f"--env {_shorten(repr(text), 60)} is not KEY=VALUE",
+                          hint="e.g. --env OMP_NUM_THREADS=4 (KEY= for an empty value)")
+    check_job_env({name: value}, "--env")
+    return name, value
+
+
+def check_email_address(address: Any, what: str = "to_email") -> str:
+    """``address`` as one e-mail address, refused (one line) unless it is one line with one @,
+    something before it and a plausible domain after it."""
+    shown = _shorten(repr(address), 60)
+    if not isinstance(address, str):
+        raise ConfigError(f"{what} must be an e-mail address (a string), got {shown}")
+    why = _email_problem(address)
+    if why:
+        raise ConfigError(f"{what} {shown} is not an e-mail address: {why}",
+                          hint="e.g. me@example.org")
+    return address
+
+
+def _email_problem(address: str) -> str:
+    """What makes ``address`` no e-mail address ("" when nothing does)."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in address):
+        return "it holds a line break or another control character"
+    local, at, domain = address.partition("@")
+    if not at or "@" in domain:
+        return "it needs exactly one @"
+    if not local or any(char.isspace() for char in local):
+        return "what comes before its @ is empty or holds a space"
+    labels = domain.split(".")
+    plain = all(0 < len(label) <= 63 and label.replace("-", "").isalnum()
+                and label[0] != "-" and label[-1] != "-" for label in labels)
+    if len(labels) < 2 or not plain or labels[-1].isdigit():
+        return f"{domain!r} is not a domain name (dotted names of letters, digits and hyphens)"
+    return ""
+
+
 def _random_job_id() -> str:
     rng = random.SystemRandom()
     return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{rng.getrandbits(16):04x}"
@@ -831,8 +906,9 @@ def _validate_fields(instance: Any) -> None:
                               f"got {type(value).__name__} {_shorten(repr(value), 60)}")
 
 
-def _from_plain(cls: Any, data: Any, required: tuple[str, ...] = ()) -> Any:
-    """Build dataclass ``cls`` from a dict, refusing unknown and missing required keys."""
+def _from_plain(cls: Any, data: Any, required: tuple[str, ...] = (), blank: Any = None) -> Any:
+    """Build dataclass ``cls`` from a dict, refusing unknown and missing required keys (into
+    ``blank``, an instance made with ``cls.__new__``, if given)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     names = {spec.name for spec in dataclasses.fields(cls)}
@@ -842,7 +918,10 @@ def _from_plain(cls: Any, data: Any, required: tuple[str, ...] = ()) -> Any:
     missing = [name for name in required if name not in data]
     if missing:
         raise ConfigError(f"{cls.__name__}: missing field(s) {', '.join(missing)}")
-    return cls(**data)
+    if blank is None:
+        return cls(**data)
+    cls.__init__(blank, **data)
+    return blank
 
 
 @dataclasses.dataclass
@@ -911,37 +990,237 @@ class WorkloadParams:
         return f"Workload: {share:.2f}% of total, split among {self.jobs} threads."
 
 
-def _user_config_path() -> Path:
-    return expand_home(os.environ.get("STACKOPS_CONFIG") or DEFAULT_USER_CONFIG)
+# -- the user config file: defaults for every job, and per host ----------------------------------
+#
+#   {"default_email_address": "me@example.org", "default_email_config": "lab",
+#    "defaults": {"max_jobs": 2},
+#    "hosts": {"gpu-box": {"max_jobs": 4, "python": "~/venv/bin/python", "copy_repo": true,
+#                          "slurm": {"partition": "gpu"}, "env": {"OMP_NUM_THREADS": "4"}},
+#              "localhost": {"python": "python3.11"}}}
+#
+# A job on host H (its ssh_host as given; "localhost" for this machine) takes each setting from
+# hosts[H], else from defaults, else the built-in default; env and slurm key by key. An argument
+# given always wins; env and slurm given are laid over the file's, key by key.
+
+_HOST_SETTINGS = {  # a host entry's key -> the RemoteStackOpsConfig field it fills
+    "max_jobs": "max_simultaneous_jobs", "python": "python", "copy_repo": "copy_repo",
+    "slurm": "slurm_options", "env": "env"}
+_SETTING_TYPES = {"max_jobs": "a whole number, at least 1", "python": "an interpreter (a string)",
+                  "copy_repo": "true or false", "slurm": "an object of sbatch options (strings)",
+                  "env": "an object of environment variables (strings)",
+                  "default_email_address": "an e-mail address (a string)",
+                  "default_email_config": "a string", "defaults": "an object (a host entry)",
+                  "hosts": "an object: host alias -> host entry"}
+_USER_CONFIG_READ: dict[str, Any] = {}  # the last file read: its (path, stat) key and content
+
+
+class _UserDefault:
+    """The default of a setting the user config file may give: a value left out, told apart
+    from one given that equals the built-in default (``default``)."""
+
+    def __init__(self, default: Any) -> None:
+        self.default = default
+
+    def __repr__(self) -> str:
+        return f"<user config, else {self.default!r}>"
+
+
+def _from_user_config(default: Any) -> Any:
+    return _UserDefault(default)
+
+
+def user_config_location() -> tuple[Path, str]:
+    """The user config file and what chose it: STACKOPS_CONFIG, else $XDG_CONFIG_HOME (when
+    absolute, as the XDG spec says), else ~/.config."""
+    chosen = os.environ.get("STACKOPS_CONFIG")
+    if chosen:
+        return expand_home(chosen), "STACKOPS_CONFIG"
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "stackops" / "config.json", "XDG_CONFIG_HOME"
+    return expand_home(DEFAULT_USER_CONFIG), "default"
+
+
+def read_user_config() -> dict[str, Any]:
+    """The user config file, checked whole ({} when there is none): a key it does not know or a
+    value of the wrong type is refused, naming the file, the line and the key."""
+    path = user_config_location()[0]
+    try:
+        info = path.stat()
+        key = f"{path}\0{info.st_ino}\0{info.st_mtime_ns}\0{info.st_size}"
+        if _USER_CONFIG_READ.get("key") != key:
+            text = path.read_text(encoding="utf-8")
+            _USER_CONFIG_READ.update(key=key, data=_check_user_config(path, text))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{collapse_home(path)} cannot be read: {exc}") from exc
+    return dict(_USER_CONFIG_READ["data"])
+
+
+def _check_user_config(path: Path, text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        line = getattr(exc, "lineno", 1)
+        raise ConfigError(f"{collapse_home(path)}, line {line}: not JSON: "
+                          f"{getattr(exc, 'msg', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{collapse_home(path)}: must hold a JSON object",
+                          hint='e.g. {"hosts": {"gpu-box": {"max_jobs": 4}}}')
+    for key, value in data.items():
+        if key == "defaults":
+            _check_host_entry(path, text, [key], value)
+        elif key == "hosts":
+            _user_config_type(path, text, [key], key, isinstance(value, dict), value)
+            for host, entry in value.items():
+                _check_host_entry(path, text, [key, host], entry)
+        elif key in ("default_email_address", "default_email_config"):
+            _user_config_type(path, text, [key], key, isinstance(value, str) and value != "",
+                              value)
+            if key == "default_email_address":
+                _located(path, text, [key], check_email_address, value, key)
+        else:
+            raise _user_config_error(path, text, [key], f"unknown key {key!r}",
+                                     "known keys: default_email_address, default_email_config, "
+                                     "defaults, hosts")
+    return data
+
+
+def _check_host_entry(path: Path, text: str, keys: list[str], entry: Any) -> None:
+    where = ".".join(keys)
+    _user_config_type(path, text, keys, "defaults", isinstance(entry, dict), entry)
+    for key, value in entry.items():
+        if key not in _HOST_SETTINGS:
+            raise _user_config_error(path, text, [*keys, key], f"unknown key {key!r} in {where}",
+                                     f"a host entry knows {', '.join(_HOST_SETTINGS)}")
+        if key == "max_jobs":
+            right = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif key == "copy_repo":
+            right = isinstance(value, bool)
+        elif key == "python":
+            right = isinstance(value, str) and value.strip() != ""
+        else:
+            right = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        _user_config_type(path, text, [*keys, key], key, right, value)
+        for item, setting in value.items() if key in ("slurm", "env") else ():
+            if key == "slurm":
+                _located(path, text, [*keys, key, item], check_slurm_options, {item: setting})
+            else:
+                _located(path, text, [*keys, key, item], check_job_env, {item: setting},
+                         f"{where}.env")
+
+
+def _user_config_type(path: Path, text: str, keys: list[str], kind: str, right: bool,
+                      value: Any = None) -> None:
+    """Refuse the value at ``keys`` unless it is ``right``: it must be _SETTING_TYPES[kind]."""
+    if not right:
+        got = "" if value is None else f", got {_shorten(json.dumps(value), 40)}"
+        raise _user_config_error(path, text, keys,
+                                 f"{'.'.join(keys)} must be {_SETTING_TYPES[kind]}{got}")
+
+
+def _located(path: Path, text: str, keys: list[str], check: Callable[..., Any],
+             *args: Any) -> None:
+    """``check(*args)``, its refusal said with the file and the line of ``keys``."""
+    try:
+        check(*args)
+    except ConfigError as exc:
+        raise _user_config_error(path, text, keys, str(exc), exc.hint) from None
+
+
+def _user_config_error(path: Path, text: str, keys: list[str], message: str,
+                       hint: str | None = None) -> ConfigError:
+    return ConfigError(f"{collapse_home(path)}, line {_json_key_line(text, keys)}: {message}",
+                       hint=hint)
+
+
+def _json_key_line(text: str, keys: list[str]) -> int:
+    """The line of the JSON ``text`` where the path of object ``keys`` is (as far as it goes;
+    a key given twice: its last, which is the one json keeps)."""
+    decoder = json.JSONDecoder()
+
+    def skip(at: int) -> int:  # past blanks
+        while text[at:at + 1] in (" ", "\t", "\n", "\r"):
+            at += 1
+        return at
+
+    at, line_at = skip(0), 0
+    for key in keys:
+        if text[at:at + 1] != "{":
+            break
+        at, found = skip(at + 1), None
+        while text[at:at + 1] == '"':
+            name, end = decoder.raw_decode(text, at)  # the key: a JSON string
+            value_at = skip(skip(end) + 1)  # past the colon
+            if name == key:
+                found = (at, value_at)
+            at = skip(decoder.raw_decode(text, value_at)[1])
+            at = skip(at + 1) if text[at:at + 1] == "," else at
+        if found is None:
+            break
+        line_at, at = found
+    return text.count("\n", 0, line_at) + 1
+
+
+def user_settings(ssh_host: str | None) -> dict[str, Any]:
+    """What the user config file sets for a job on ``ssh_host`` (None: this machine): its
+    host entry's keys over its defaults', env and slurm merged key by key (see above)."""
+    merged: dict[str, Any] = {}
+    for key, (value, _) in _user_settings_from(ssh_host).items():
+        name, _, item = key.partition(".")
+        if item:
+            merged.setdefault(name, {})[item] = value
+        else:
+            merged[name] = value
+    return merged
+
+
+def _user_settings_from(ssh_host: str | None) -> dict[str, tuple[Any, list[str]]]:
+    """Each setting for ``ssh_host`` ("env.NAME" for an item of env or slurm) with the keys that
+    set it in the file."""
+    data = read_user_config()
+    found: dict[str, tuple[Any, list[str]]] = {}
+    entries = [(["defaults"], data.get("defaults") or {})]
+    hosts = data.get("hosts") or {}
+    host = ssh_host or "localhost"
+    if host in hosts:
+        entries.append((["hosts", host], hosts[host]))
+    for keys, entry in entries:
+        for key, value in entry.items():
+            if isinstance(value, dict):
+                found.update({f"{key}.{item}": (v, [*keys, key, item])
+                              for item, v in value.items()})
+            else:
+                found[key] = (value, [*keys, key])
+    return found
 
 
 def read_user_config_value(key: str, purpose: str) -> str:
     """One string from the user config file, or a ConfigError naming the file and the key."""
-    path = _user_config_path()
-    hint = f'add {{"{key}": "..."}} to {path}, or pass the value explicitly'
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{purpose} needs '{key}', and {path} does not exist",
-                          hint=hint) from None
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"{purpose} needs '{key}', and {path} cannot be read: {exc}",
-                          hint=hint) from exc
-    value = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{purpose} needs '{key}', which {path} does not set", hint=hint)
-    return value
+    path = user_config_location()[0]
+    hint = f'add {{"{key}": "..."}} to {collapse_home(path)}, or pass the value explicitly'
+    if not path.exists():
+        raise ConfigError(f"{purpose} needs '{key}', and {collapse_home(path)} does not exist",
+                          hint=hint)
+    value = read_user_config().get(key)
+    if not value:
+        raise ConfigError(f"{purpose} needs '{key}', which {collapse_home(path)} does not set",
+                          hint=hint)
+    return str(value)
 
 
 @dataclasses.dataclass
 class RemoteStackOpsConfig:
-    """What to run where, and how: the typed job description a RemoteMachine consumes."""
+    """What to run where, and how: the typed job description a RemoteMachine consumes.
+    ``copy_repo``, ``max_simultaneous_jobs``, ``python``, ``slurm_options`` and ``env`` left out
+    come from the user config file for ``ssh_host`` (see user_settings), else their defaults."""
 
     job_id: str = dataclasses.field(default_factory=_random_job_id)
     base_dir: str = DEFAULT_BASE_DIR
     description: str = ""
     ssh_host: str | None = None
-    copy_repo: bool = False
+    copy_repo: bool = _from_user_config(False)
     update_repo: bool = False
     install_repo: bool = False
     data: list[str] = dataclasses.field(default_factory=list)
@@ -956,10 +1235,10 @@ class RemoteStackOpsConfig:
     wrap_in_try_except: bool = False
     parallelize: bool = False
     lock_resources: bool = True
-    max_simultaneous_jobs: int = 1
+    max_simultaneous_jobs: int = _from_user_config(1)
     workload_params: WorkloadParams | None = None
     # interpreter on the executing machine; None: this one locally, python3 on a host
-    python: str | None = None
+    python: str | None = _from_user_config(None)
     accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
     ssh_timeout: float = 15.0  # seconds to connect, to open a command, or for a transfer to stall
     slurm_options: dict[str, str] = dataclasses.field(default_factory=dict)  # sbatch long options
@@ -970,11 +1249,14 @@ class RemoteStackOpsConfig:
     # wait for this many of the machine's GPUs (their own pool of slots) and get exactly them
     gpus: int = 0
     group: str | None = None  # a named pool with its own max_simultaneous_jobs
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # the job's own variables
 
     def __post_init__(self) -> None:
         if isinstance(self.workload_params, dict):
             self.workload_params = WorkloadParams.from_dict(self.workload_params)
+        self._take_user_settings()
         _validate_fields(self)
+        check_job_env(self.env, _option("env", "--env"))
         check_safe_name(self.job_id)
         if not self.base_dir.strip():
             raise ConfigError("base_dir must not be empty")
@@ -1008,8 +1290,8 @@ class RemoteStackOpsConfig:
             raise ConfigError("cloud_name must be provided when transfer_method is 'cloud'",
                               hint="pass cloud_name=<an rclone remote name>")
         if self.max_simultaneous_jobs < 1:
-            raise ConfigError("max_simultaneous_jobs must be at least 1, got "
-                              f"{self.max_simultaneous_jobs}")
+            raise ConfigError(f"{_option('max_simultaneous_jobs', '--max-jobs')} must be at least "
+                              f"1, got {self.max_simultaneous_jobs}")
         if self.copy_repo and self.update_repo:
             raise ConfigError("copy_repo and update_repo cannot go together: the job runs its own "
                               "snapshot "
@@ -1021,13 +1303,46 @@ class RemoteStackOpsConfig:
             raise ConfigError("python must name an interpreter, e.g. 'python3'")
         if not self.ssh_timeout > 0:
             raise ConfigError(f"ssh_timeout must be positive seconds, got {self.ssh_timeout}")
-        if self.notify_upon_completion:
-            if self.to_email is None:
-                self.to_email = read_user_config_value("default_email_address",
-                                                       "notify_upon_completion")
-            if self.email_config_name is None:
-                self.email_config_name = read_user_config_value("default_email_config",
-                                                                "notify_upon_completion")
+        self._take_email_settings()
+
+    def _take_user_settings(self) -> None:
+        """Fill in the settings left out from the user config file for ssh_host (env and
+        slurm_options key by key, under the ones given). A config read back from a job's record
+        (from_dict) is complete: the file is not read, and what it lacks takes the default."""
+        self._given = {field: copy.copy(getattr(self, field)) for field in _HOST_SETTINGS.values()
+                       if not isinstance(getattr(self, field), _UserDefault)}
+        complete = self.__dict__.pop("_complete", False)
+        cloud = self.launch_method == "cloud_manager"  # no host of its own: the defaults only
+        found = {} if complete else user_settings(None if cloud else self.ssh_host or "localhost")
+        for key, field in _HOST_SETTINGS.items():
+            value = getattr(self, field)
+            unused = (key == "slurm" and self.launch_method != "slurm"
+                      or key == "copy_repo" and self.update_repo)  # given ones win
+            if key not in found or unused:
+                setattr(self, field, value.default if isinstance(value, _UserDefault) else value)
+            elif isinstance(value, dict):
+                setattr(self, field, {**found[key], **value})
+            elif isinstance(value, _UserDefault):
+                setattr(self, field, found[key])
+
+    def _take_email_settings(self) -> None:
+        if self.to_email is not None:
+            check_email_address(self.to_email, _option("to_email", "--email"))
+        notify = _option("notify_upon_completion", "--notify")
+        if self.notify_upon_completion and self.to_email is None:
+            self.to_email = read_user_config_value("default_email_address", notify)
+        if self.notify_upon_completion and self.email_config_name is None:
+            self.email_config_name = read_user_config_value("default_email_config", notify)
+
+    def _for_host(self, ssh_host: str, **changes: Any) -> RemoteStackOpsConfig:
+        """This config for a job on ``ssh_host`` (a cluster's part): the settings given stay,
+        the ones the user config file gave are taken again for that host."""
+        data = dict(self.to_dict(), ssh_host=ssh_host, **changes)
+        if self._given.keys() == set(_HOST_SETTINGS.values()):  # all given (or a record)
+            return RemoteStackOpsConfig.from_dict(data)
+        for field in _HOST_SETTINGS.values():
+            data.pop(field)
+        return RemoteStackOpsConfig(**data, **{f: copy.copy(v) for f, v in self._given.items()})
 
     def _check_pool(self) -> None:
         if not 0 <= self.gpus <= 64:
@@ -1057,7 +1372,11 @@ class RemoteStackOpsConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> RemoteStackOpsConfig:
-        return _from_plain(cls, data, required=("job_id",))
+        """A config as to_dict wrote it (a job's record): taken as it is, the user config file
+        is not read."""
+        blank = cls.__new__(cls)
+        blank.__dict__["_complete"] = True  # see _take_user_settings
+        return _from_plain(cls, data, ("job_id",), blank)
 
 
 @dataclasses.dataclass
@@ -8707,12 +9026,11 @@ class Cluster:
         return self.workloads
 
     def _machine_config(self, index: int, host: str) -> RemoteStackOpsConfig:
-        data = self.config.to_dict()
-        data.update(job_id=f"{self.job_id}_{index}", ssh_host=host,
-                    base_dir=collapse_home(self.root_dir),
-                    description=self.description or self.config.description,
-                    workload_params=self.workloads[host].to_dict())
-        return RemoteStackOpsConfig.from_dict(data)
+        """A part's config: the cluster's, with what the user config file says for its host."""
+        return self.config._for_host(host, job_id=f"{self.job_id}_{index}",
+                                     base_dir=collapse_home(self.root_dir),
+                                     description=self.description or self.config.description,
+                                     workload_params=self.workloads[host].to_dict())
 
     def submit(self) -> Cluster:
         """One RemoteMachine per host, generated here and submitted to all hosts in parallel."""
@@ -9208,15 +9526,14 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
 def _cmd_run(args: Any) -> int:
     config = RemoteStackOpsConfig(
         job_id=args.job_id or _random_job_id(), base_dir=args.base_dir,
-        description=args.description,
-        ssh_host=args.host, copy_repo=args.copy_repo, accept_new_host_key=args.accept_new,
+        description=args.description, **_given_settings(args),
+        ssh_host=args.host, accept_new_host_key=args.accept_new,
         transfer_method=args.transfer, cloud_name=args.cloud,
         update_repo=args.update_repo, install_repo=args.install_repo, data=args.data,
         interactive=args.interactive, wrap_in_try_except=args.try_except,
         parallelize=args.parallelize,
-        lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs,
-        ssh_timeout=args.ssh_timeout,
-        workload_params=_parse_workload(args.workload, args.parallelize), python=args.python,
+        lock_resources=not args.no_lock, ssh_timeout=args.ssh_timeout,
+        workload_params=_parse_workload(args.workload, args.parallelize),
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
         retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
@@ -9227,6 +9544,15 @@ def _cmd_run(args: Any) -> int:
     machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
         return _run_and_report(machine, args)
+
+
+def _given_settings(args: Any) -> dict[str, Any]:
+    """The settings the user config file may give that the command line gives: the others are
+    left out, for the file to fill in (see RemoteStackOpsConfig)."""
+    given = {"copy_repo": args.copy_repo, "max_simultaneous_jobs": args.max_jobs,
+             "python": getattr(args, "python", None),
+             "env": dict(parse_env_option(text) for text in args.env)}
+    return {field: value for field, value in given.items() if value is not None}
 
 
 def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
@@ -9809,6 +10135,55 @@ def _cmd_prune(args: Any) -> int:
     return 0
 
 
+def _cmd_config(args: Any) -> int:
+    path, chosen_by = user_config_location()
+    rows = _config_rows(args.host)
+    hosts = sorted(read_user_config().get("hosts") or {})
+    said = {"STACKOPS_CONFIG": "from STACKOPS_CONFIG", "XDG_CONFIG_HOME": "in XDG_CONFIG_HOME",
+            "default": "its default place"}[chosen_by]
+    where = f"{collapse_home(path)} ({said}" + ("" if path.exists() else "; there is none") + ")"
+    if args.json:
+        _print_json({"file": collapse_home(path), "chosen_by": chosen_by,
+                     "exists": path.exists(), "host": args.host or "localhost", "hosts": hosts,
+                     "settings": [{"setting": name, "value": value, "from": source}
+                                  for name, value, source in rows]})
+        return 0
+    print(f"config file  {where}")
+    print(f"settings of  {args.host or 'localhost'} jobs" + (
+        "" if args.host is None or args.host in hosts else " (no entry of its own)"))
+    _print_table([[name, value if isinstance(value, str) else json.dumps(value), source]
+                  for name, value, source in rows], ["SETTING", "VALUE", "FROM"])
+    if hosts:
+        print(f"hosts with an entry: {', '.join(hosts)} (stackops config --host H)")
+    return 0
+
+
+def _config_rows(host: str | None) -> list[tuple[str, Any, str]]:
+    """Each setting for jobs on ``host`` (None: here): its value and where it comes from (the
+    file, line and keys; or the built-in default)."""
+    path = user_config_location()[0]
+    found = _user_settings_from(host)
+    data = read_user_config()
+    text = path.read_text(encoding="utf-8") if data else ""
+    here = host in (None, "localhost")
+    python = collapse_home(sys.executable) if here else "python3"
+    builtin = {"max_jobs": 1, "python": python, "copy_repo": False, "slurm": "-", "env": "-",
+               "default_email_address": "-", "default_email_config": "-"}
+    for key in ("default_email_address", "default_email_config"):
+        if key in data:
+            found[key] = (data[key], [key])
+    rows = []
+    for key, default in builtin.items():
+        names = [name for name in found if name == key or name.startswith(key + ".")]
+        for name in names:
+            value, keys = found[name]
+            line = _json_key_line(text, keys)
+            rows.append((name, value, f"{collapse_home(path)}:{line} {'.'.join(keys)}"))
+        if not names:
+            rows.append((key, default, "not set" if default == "-" else "built-in default"))
+    return rows
+
+
 def _cmd_job_report(args: Any) -> int:
     _print_json(job_report(expand_home(args.job_root), args.lines))
     return 0
@@ -9979,9 +10354,8 @@ def _cmd_send_key(args: Any) -> int:
 
 
 def _cmd_cluster_run(args: Any) -> int:
-    config = RemoteStackOpsConfig(copy_repo=args.copy_repo, parallelize=args.parallelize,
-                                  accept_new_host_key=args.accept_new,
-                                  max_simultaneous_jobs=args.max_jobs)
+    config = RemoteStackOpsConfig(parallelize=args.parallelize, data=args.data,
+                                  accept_new_host_key=args.accept_new, **_given_settings(args))
     threads = ThreadLoadCalculator(args.threads, LoadCriterion[args.criterion])
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     with Cluster(args.target, hosts, config, parse_kwargs(args.kwargs), threads, not args.strict,
@@ -10147,12 +10521,12 @@ def _add_cluster_run_args(run: Any) -> None:
                           "of the host")
     run.add_argument("--max-num", type=int, default=1000,
                      help="the index range [0, MAX) to split (default 1000)")
-    run.add_argument("--max-jobs", type=int, default=1, metavar="N",
-                     help="slots per host (default 1)")
     run.add_argument("--strict", action="store_true",
                      help="refuse to launch anywhere if a host is unreachable")
-    run.add_argument("--copy-repo", action="store_true",
-                     help="each job runs its own snapshot of the repo")
+    _add_setting_args(run, "slots per host", "each job runs its own snapshot of the repo")
+    run.add_argument("--data", action="append", default=[], metavar="PATH",
+                     help="sync a file or folder to the same place on every host (only files "
+                          "that differ travel)")
     run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
     run.add_argument("--job-id", help="the cluster's id (a safe name)")
     run.add_argument("--description", default="")
@@ -10294,10 +10668,10 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or "
                                        "user@host[:port]); "
                                        "default: this machine")
-    parser.add_argument("--copy-repo", action="store_true",
-                        help="run a snapshot of the repo as it is here, in the job's own folder "
-                             "(without .git, virtual environments and caches; only new files "
-                             "travel)")
+    _add_setting_args(parser, "at most N jobs hold a slot on the machine at once; the rest "
+                              "queue", "run a snapshot of the repo as it is here, in the job's "
+                                       "own folder (without .git, virtual environments and "
+                                       "caches; only new files travel)")
     parser.add_argument("--transfer", choices=TRANSFER_METHODS, default="sftp",
                         help="how the job reaches the host: over SSH (sftp, default) or through "
                              "cloud storage")
@@ -10320,9 +10694,6 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random "
                                          "readable name)")
     parser.add_argument("--description", default="", help="free text kept with the job")
-    parser.add_argument("--max-jobs", type=int, default=1, metavar="N",
-                        help="at most N jobs hold a slot on the machine at once; the rest queue "
-                             "(default 1)")
     parser.add_argument("--no-lock", action="store_true",
                         help="start at once, without taking a slot")
     parser.add_argument("--workload", metavar="START:END[:PARTS]",
@@ -10343,8 +10714,23 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="sync a file or folder to the same place on the host (only files that "
                              "differ travel)")
-    parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
+    parser.add_argument("--python", help="interpreter that runs the job (default: the user "
+                                         "config's python, else python3 on a host, and this "
+                                         "interpreter here)")
     _add_run_start_args(parser)
+
+
+def _add_setting_args(parser: Any, slots: str, copy_repo: str) -> None:
+    """The options the user config file gives defaults for (see ``stackops config``)."""
+    parser.add_argument("--max-jobs", type=int, metavar="N",
+                        help=f"{slots} (default: the user config's max_jobs, else 1)")
+    parser.add_argument("--copy-repo", action="store_true", default=None,
+                        help=f"{copy_repo} (default: the user config's copy_repo)")
+    parser.add_argument("--no-copy-repo", dest="copy_repo", action="store_false", default=None,
+                        help="do not, whatever the user config says")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a variable of the job's environment (repeatable), over the user "
+                             "config's env")
 
 
 def _add_run_start_args(parser: Any) -> None:
@@ -10507,6 +10893,11 @@ def _add_accept_new(sub: Any) -> None:
                      help="trust and record an unknown host key")
 
 
+def _add_config_args(sub: Any) -> None:
+    sub.add_argument("--host", help="the settings of jobs on this host (default: this machine)")
+    sub.add_argument("--json", action="store_true")
+
+
 def _add_job_root_args(sub: Any) -> None:
     sub.add_argument("job_root")
     if sub.get_default("handler") is _cmd_job_report:
@@ -10549,6 +10940,8 @@ def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str | None
         ("worker", _cmd_worker, "claim and run work units from a cloud queue", _add_worker_args),
         ("ip", _cmd_ip, "local addresses and the LAN one; --public: the public IP; switch: rotate "
                         "it", _add_ip_args),
+        ("config", _cmd_config, "the settings jobs take from the user config file, and where "
+                                "each comes from", _add_config_args),
         ("job-report", _cmd_job_report, None, _add_job_root_args),
         ("job-delete-results", _cmd_job_delete_results, None, _add_job_root_args),
         ("job-check-email", _cmd_job_check_email, None, _add_job_root_args),
@@ -10690,9 +11083,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     verbose = args.verbose + getattr(args, "verbose_after", 0)
     undo_logging = _configure_logging(verbose - args.quiet - getattr(args, "quiet_after", 0))
+    _CLI.append(True)  # errors name the command line's options (see _option)
     try:
         return _dispatch(args, verbose)
     finally:
+        _CLI.pop()
         undo_logging()
 
 

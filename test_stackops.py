@@ -314,7 +314,7 @@ RemoteStackOpsConfig(
     base_dir: 'str' = '~/tmp_results/remote_machines/jobs',
     description: 'str' = '',
     ssh_host: 'str | None' = None,
-    copy_repo: 'bool' = False,
+    copy_repo: 'bool' = <user config, else False>,
     update_repo: 'bool' = False,
     install_repo: 'bool' = False,
     data: 'list[str]' = <factory>,
@@ -329,9 +329,9 @@ RemoteStackOpsConfig(
     wrap_in_try_except: 'bool' = False,
     parallelize: 'bool' = False,
     lock_resources: 'bool' = True,
-    max_simultaneous_jobs: 'int' = 1,
+    max_simultaneous_jobs: 'int' = <user config, else 1>,
     workload_params: 'WorkloadParams | None' = None,
-    python: 'str | None' = None,
+    python: 'str | None' = <user config, else None>,
     accept_new_host_key: 'bool' = False,
     ssh_timeout: 'float' = 15.0,
     slurm_options: 'dict[str, str]' = <factory>,
@@ -340,6 +340,7 @@ RemoteStackOpsConfig(
     after: 'list[str]' = <factory>,
     gpus: 'int' = 0,
     group: 'str | None' = None,
+    env: 'dict[str, str]' = <factory>,
 ) -> None
 classmethod RemoteStackOpsConfig.from_dict(data: 'Any') -> RemoteStackOpsConfig
 property RemoteStackOpsConfig.pool
@@ -1180,6 +1181,134 @@ def test_models_execution_lines_compile_for_every_combination(home):
             continue
         code = stackops.render_execution_script(params.get_execution_line(wp, par, wrap))
         compile(code, f"{kind}-{wp}-{par}-{wrap}", "exec")
+
+
+# -- the user config file (issue 24): per-host defaults that an argument always overrides -------
+
+USER_CONFIG = """{
+  "default_email_address": "me@example.org",
+  "defaults": {"max_jobs": 2, "env": {"A": "1", "B": "2"}},
+  "hosts": {
+    "gpu-box": {"max_jobs": 4, "python": "~/venv/bin/python", "copy_repo": true,
+                "slurm": {"partition": "gpu"}, "env": {"B": "3"}},
+    "localhost": {"python": "python3"}
+  }
+}
+"""
+
+
+def test_models_user_config_per_host_defaults_and_what_is_given_wins(home, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "xdg"))
+    path = home / "xdg" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(USER_CONFIG)
+    gpu = config(job_id="g", ssh_host="gpu-box", env={"C": "4"})
+    assert (gpu.max_simultaneous_jobs, gpu.python, gpu.copy_repo) == (4, "~/venv/bin/python", True)
+    assert gpu.env == {"A": "1", "B": "3", "C": "4"} and gpu.slurm_options == {}  # not Slurm
+    given = config(job_id="g2", ssh_host="gpu-box", max_simultaneous_jobs=1, copy_repo=False,
+                   python="python3.12", env={"B": "9"}, launch_method="slurm",
+                   slurm_options={"time": "01:00:00"})
+    assert (given.max_simultaneous_jobs, given.copy_repo, given.python) == (1, False, "python3.12")
+    assert given.env == {"A": "1", "B": "9"}
+    assert given.slurm_options == {"partition": "gpu", "time": "01:00:00"}
+    here = config(job_id="h")  # this machine: the "localhost" entry over the defaults
+    assert (here.max_simultaneous_jobs, here.python, here.copy_repo) == (2, "python3", False)
+    assert config(job_id="o", ssh_host="other").python is None  # no entry: python3 there
+    assert config(job_id="u", ssh_host="gpu-box", update_repo=True).copy_repo is False
+    part = here._for_host("gpu-box", job_id="h_0")  # a cluster's part takes its host's settings
+    assert (part.max_simultaneous_jobs, part.copy_repo, part.env["B"]) == (4, True, "3")
+    record = json.loads(json.dumps(gpu.to_dict()))
+    path.write_text('{"hosts": {"gpu-box": {"max_jobs": 7}}, "oops": 1}')  # changed, broken
+    again = RemoteStackOpsConfig.from_dict(record)  # a job's record is read as it is
+    assert again == gpu and again.max_simultaneous_jobs == 4
+    assert again._for_host("elsewhere").max_simultaneous_jobs == 4
+    with pytest.raises(ConfigError, match="unknown key 'oops'"):
+        config(job_id="x")
+
+
+def test_models_user_config_location_stackops_config_then_xdg_then_home(home, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/ignored")  # the XDG spec: absolute only
+    assert stackops.user_config_location() == (home / ".config/stackops/config.json", "default")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "x"))
+    assert stackops.user_config_location() == (home / "x/stackops/config.json", "XDG_CONFIG_HOME")
+    monkeypatch.setenv("STACKOPS_CONFIG", "~/mine.json")
+    assert stackops.user_config_location() == (home / "mine.json", "STACKOPS_CONFIG")
+    (home / "mine.json").write_text('{"defaults": {"max_jobs": 5}}')
+    assert config(job_id="m").max_simultaneous_jobs == 5
+
+
+BAD_USER_CONFIGS = [  # (the file, the line named, what the one line says)
+    ('{\n  "hosts": {\n    "gpu": {\n      "max_job": 4\n    }\n  }\n}', 4,
+     "unknown key 'max_job' in hosts.gpu"),
+    ('{\n  "defaults": {},\n  "host": {}\n}', 3, "unknown key 'host'"),
+    ('{"hosts": {"gpu": {"max_jobs": "4"}}}', 1, 'hosts.gpu.max_jobs must be a whole number'),
+    ('{\n "defaults": {\n  "max_jobs": 0}}', 3, "defaults.max_jobs must be a whole number"),
+    ('{\n "defaults": {\n  "copy_repo": "yes"}}', 3, "defaults.copy_repo must be true or false"),
+    ('{"hosts": {"gpu": {"env": {"A": 1}}}}', 1, "hosts.gpu.env must be an object of environment"),
+    ('{"hosts": {\n"gpu": {"env": {\n"A-B": "1"}}}}', 3, "hosts.gpu.env: 'A-B' is not a variable"),
+    ('{"defaults": {"env": {\n"STACKOPS_JOB_ID": "x"}}}', 2, "stackops sets STACKOPS_JOB_ID"),
+    ('{"defaults": {"slurm": {\n\n"tiem": "1"}}}', 3, "unknown sbatch option 'tiem'"),
+    ('{"hosts": [1]}', 1, "hosts must be an object: host alias -> host entry"),
+    ('{"hosts": {"gpu": 3}}', 1, "hosts.gpu must be an object (a host entry)"),
+    ('\n\n{"default_email_address": "me@x"}', 3, "default_email_address 'me@x' is not an e-mail"),
+    ('{"default_email_config": 5}', 1, "default_email_config must be a string"),
+    ('{\n  "defaults": {},\n}', 3, "not JSON"),
+    ('{"hosts": {"a": {"python": "x"}, "a": {"max_jobs": 1, "bogus": 2}}}', 1, "'bogus' in hosts.a"),
+]
+
+
+@pytest.mark.parametrize("text,line,said", BAD_USER_CONFIGS)
+def test_models_user_config_bad_key_or_type_refused_naming_file_line_and_key(home, text, line, said):
+    path = home / ".config" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        config(job_id="x")
+    message = str(refused.value)
+    assert message.startswith(f"~/.config/stackops/config.json, line {line}: "), message
+    assert said in message and "\n" not in message
+
+
+def test_models_json_key_line_finds_nested_keys_and_the_last_of_twins():
+    text = '{\n "a": {"x": 1,\n  "b": [1, {"b": 2}],\n  "c": {\n   "d": 1}},\n "a": {"e": 1}\n}'
+    assert stackops._json_key_line(text, ["a"]) == 6  # json keeps the last "a"
+    first = text.replace(',\n "a": {"e": 1}', "")
+    assert [stackops._json_key_line(first, keys) for keys in
+            (["a", "b"], ["a", "c", "d"], ["a", "zz"], [])] == [3, 5, 2, 1]
+
+
+@pytest.mark.parametrize("env,said", [
+    ({"A-B": "1"}, "'A-B' is not a variable's name"), ({"1A": "x"}, "'1A' is not a variable"),
+    ({"": "x"}, "'' is not a variable's name"), ({"A=B": "x"}, "'A=B' is not a variable"),
+    ({"STACKOPS_ATTEMPT": "2"}, "stackops sets STACKOPS_ATTEMPT itself"),
+    ({"A": "x\0y"}, "A's value must be a string without NUL"), ({"A": 1}, "A's value must be"),
+    ("A=1", "env must be dict")])
+def test_models_env_refused_at_submit_with_one_line(home, env, said):
+    with pytest.raises(ConfigError) as refused:
+        config(job_id="e", env=env)
+    assert said in str(refused.value) and "\n" not in str(refused.value)
+    assert config(job_id="ok", env={"OMP_NUM_THREADS": "4", "_x9": "", "A": "a=b c"}).env["A"] == "a=b c"
+
+
+@pytest.mark.parametrize("address", ["a@b.c", "me@example.org", "first.last+tag@sub.example.co.uk",
+                                     "ü@münchen.de", "o'brien@x-y.example"])
+def test_models_email_plausible_addresses_pass(home, address):
+    assert config(job_id="m", notify_upon_completion=True, to_email=address,
+                  email_config_name="x").to_email == address
+
+
+@pytest.mark.parametrize("address,said", [
+    ("me@x.org\r\nBcc: all@x.org", "line break"), ("me@x.org\n", "line break"),
+    ("me", "exactly one @"), ("a@b@c.org", "exactly one @"), ("@example.org", "before its @"),
+    ("me you@x.org", "before its @"), ("me@localhost", "not a domain name"),
+    ("me@-x.org", "not a domain name"), ("me@x..org", "not a domain name"),
+    ("me@x.org.", "not a domain name"), ("me@10.0.0.1", "not a domain name"),
+    ("me@x_y.org", "not a domain name"), (5, "to_email must be str")])
+def test_models_email_refused_at_submit_with_one_line(home, address, said):
+    with pytest.raises(ConfigError) as refused:
+        config(job_id="m", notify_upon_completion=True, to_email=address, email_config_name="x")
+    assert said in str(refused.value) and "\n" not in str(refused.value), refused.value
+    assert "to_email" in str(refused.value)
 
 
 # ============================================================================================
@@ -7131,6 +7260,75 @@ def test_cli_list_filter_rows_since_host_and_ties_by_index():
     assert shown("--since", "2h") == ["b-2", "b-9", "b-10", "new"]
     assert shown("--host", "gpu", "--last", "2") == ["b-9", "b-10"]
     assert shown("--host", "localhost") == ["old", "new"]
+
+
+# -- the user config file and --env/--email from the command line (issues 23, 24) ---------------
+
+def test_cli_run_takes_the_user_config_for_its_host_and_options_win(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    path = home / ".config" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"defaults": {"env": {"A": "1"}},
+                                "hosts": {"localhost": {"max_jobs": 3, "copy_repo": True,
+                                                        "env": {"B": "2"}}}}))
+    for job_id, options, expected in (
+            ("cfg1", [], (3, True, {"A": "1", "B": "2"})),
+            ("cfg2", ["--max-jobs", "1", "--no-copy-repo", "--env", "B=x", "--env", "C="],
+             (1, False, {"A": "1", "B": "x", "C": ""}))):
+        done = cli("run", "proj/m.py:f", "--no-launch", "--job-id", job_id, *options, home=home)
+        assert done.returncode == 0, done.stderr
+        made = RemoteMachine.load(job_id).config
+        assert (made.max_simultaneous_jobs, made.copy_repo, made.env) == expected
+
+
+def test_cli_run_env_email_and_config_file_refused_with_one_line_nothing_written(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    run = ["run", "proj/m.py:f", "--job-id", "never"]
+    for options, said in (
+            (["--env", "FOO"], "--env 'FOO' is not KEY=VALUE"),
+            (["--env", "1A=x"], "--env: '1A' is not a variable's name"),
+            (["--env", "A-B=x"], "--env: 'A-B' is not a variable's name"),
+            (["--env", "STACKOPS_JOB_ID=x"], "--env: stackops sets STACKOPS_JOB_ID itself"),
+            (["--email", "me@x"], "--email 'me@x' is not an e-mail address"),
+            (["--email", "me@x.org\r\nBcc: you@y.org"], "--email 'me@x.org\\r\\nBcc"),
+            (["--notify", "--email", "no-at-sign.org"], "exactly one @")):
+        _one_error_line(cli(*run, *options, home=home), said)
+    path = home / ".config" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{\n  "hosts": {\n    "localhost": {"max_job": 2}\n  }\n}\n')
+    _one_error_line(cli(*run, home=home),
+                    "~/.config/stackops/config.json, line 3: unknown key 'max_job' in "
+                    "hosts.localhost")
+    assert not (home / "tmp_results").exists()
+
+
+def test_cli_config_prints_each_setting_and_where_it_comes_from(home):
+    env = {"XDG_CONFIG_HOME": str(home / "xdg")}
+    empty = cli("config", home=home, env_extra=env)
+    assert empty.returncode == 0 and "there is none" in empty.stdout, empty.stderr
+    assert "max_jobs               1" in empty.stdout and "built-in default" in empty.stdout
+    path = home / "xdg" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(USER_CONFIG)
+    shown = cli("config", "--host", "gpu-box", home=home, env_extra=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split()[0]: line.split(None, 2)[1:] for line in shown.stdout.splitlines()[3:]
+             if line.strip() and not line.startswith("hosts with")}
+    assert lines["max_jobs"] == ["4", "~/xdg/stackops/config.json:5 hosts.gpu-box.max_jobs"]
+    assert lines["env.A"] == ["1", "~/xdg/stackops/config.json:3 defaults.env.A"]
+    assert lines["env.B"] == ["3", "~/xdg/stackops/config.json:6 hosts.gpu-box.env.B"]
+    assert lines["slurm.partition"][0] == "gpu" and lines["copy_repo"][0] == "true"
+    assert "(in XDG_CONFIG_HOME)" in shown.stdout.splitlines()[0]
+    data = json.loads(cli("config", "--json", home=home, env_extra=env).stdout)
+    rows = {row["setting"]: row for row in data["settings"]}
+    assert data["host"] == "localhost" and data["hosts"] == ["gpu-box", "localhost"]
+    assert rows["python"]["value"] == "python3" and rows["max_jobs"]["value"] == 2
+    assert rows["copy_repo"] == {"setting": "copy_repo", "value": False, "from": "built-in default"}
+    path.write_text('{"hosts": {"gpu-box": {"copy_repo": "yes"}}}')
+    _one_error_line(cli("config", home=home, env_extra=env),
+                    "~/xdg/stackops/config.json, line 1: hosts.gpu-box.copy_repo must be true or false")
 
 
 # ============================================================================================
