@@ -10770,6 +10770,208 @@ def _add_run_start_args(parser: Any) -> None:
     _add_progress_arg(parser)
 
 
+# -- shell completion: made from the parser, job ids from a listing of the job folders -----------
+
+COMPLETION_BASH = r"""# bash completion of stackops @@version, made from its parser by
+# `stackops completion bash`. Load it with: source <(stackops completion bash); or save it as
+# ~/.local/share/bash-completion/completions/stackops. Ids come from a listing of job folders.
+_stackops_ids() {  # $1: jobs, clusters or both; $2: the --base-dir given, if any
+    local base=${2:-@@job_base} d
+    [[ $1 == clusters ]] && base=${2:-@@cluster_base}
+    base=${base/#\~/$HOME}
+    if [[ $1 != clusters ]]; then
+        for d in "$base"/queued/*/; do [[ -d $d ]] && d=${d%/} && echo "${d##*/}"; done
+        base=${base%/*}
+    fi
+    if [[ $1 != jobs ]]; then
+        for d in "$base"/job_id__*/; do [[ -d $d ]] && d=${d%/} && echo "${d##*/job_id__}"; done
+    fi
+}
+_stackops_hosts() {  # the aliases of ~/.ssh/config, not its patterns
+    [[ -r ~/.ssh/config ]] && awk 'tolower($1) == "host" {
+        for (i = 2; i <= NF; i++) if ($i !~ /[*?!]/) print $i }' ~/.ssh/config
+}
+_stackops() {
+    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
+    local path= base= words= kind= opts= valued= i w
+    for ((i = 1; i < COMP_CWORD; i++)); do  # the command (and action): its first plain words
+        w=${COMP_WORDS[i]}
+        [[ $w == --base-dir ]] && base=${COMP_WORDS[i+1]}
+        [[ $w == -* ]] && continue
+        case "$path" in
+            '') path=$w;;
+            @@nested) path="$path $w";;
+        esac
+    done
+    case "$path" in
+@@commands
+    esac
+    case "$path $prev" in
+@@values
+    esac
+    [[ " $valued " == *" $prev "* ]] && return  # a free value, or a file (-o default)
+    if [[ $cur == -* ]]; then
+        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+    elif [[ $kind == jobs || $kind == clusters || $kind == both ]]; then
+        COMPREPLY=($(compgen -W "$(_stackops_ids "$kind" "$base")" -- "$cur"))
+    elif [[ $kind == hosts ]]; then
+        COMPREPLY=($(compgen -W "$(_stackops_hosts)" -- "$cur"))
+    elif [[ -n $words ]]; then
+        COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    fi  # else the shell's own completion (files), from -o default
+}
+complete -o default -F _stackops stackops
+"""
+
+
+def _completion_tree() -> dict[str, dict[str, Any]]:
+    """Each command the completion knows, by its path ("", "run", "cluster run"): its options,
+    what each option's value is (see _value_kind), help lines, and what its arguments are."""
+    argparse = _argparse()
+    tree: dict[str, dict[str, Any]] = {}
+    todo = [("", _full_parser())]
+    while todo:
+        path, parser = todo.pop(0)
+        node: dict[str, Any] = {"options": {}, "values": {}, "kind": "", "words": {}}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):  # shown ones: not job-report...
+                node["words"] = {pseudo.dest: pseudo.help for pseudo in action._choices_actions}
+                todo += [(f"{path} {name}".strip(), action.choices[name]) for name in node["words"]]
+            elif action.option_strings:
+                for option in action.option_strings:
+                    node["options"][option] = action.help or ""
+                    if action.nargs != 0:
+                        node["values"][option] = _value_kind(action)
+            elif not node["kind"] and not node["words"]:
+                node["kind"], words = _argument_kind(path, action)
+                node["words"] = dict.fromkeys(words, "")
+        tree[path] = node
+    return tree
+
+
+def _value_kind(action: Any) -> tuple[str, list[str]]:
+    """What completes an option's value: words (its choices), job ids ("jobs"), host aliases
+    ("hosts"), files ("files"), or nothing ("": a free value)."""
+    if action.choices or action.dest == "status":
+        return "words", [str(word) for word in action.choices or STATUSES]
+    if str(action.metavar).startswith("ID"):
+        return "jobs", []
+    if action.dest in ("host", "hosts"):
+        return "hosts", []
+    files = action.dest in ("base_dir", "data", "to", "key", "python", "sweep")
+    return ("files" if files else ""), []
+
+
+def _argument_kind(path: str, action: Any) -> tuple[str, list[str]]:
+    """What completes a command's arguments: ids of jobs (and of sweeps and clusters: "both"),
+    host aliases, files; and the words it takes."""
+    if action.dest in ("job_id", "job_ids"):
+        return ("both" if path in ("cancel", "wait", "rerun") else "jobs"), []
+    if action.dest == "cluster_id":
+        return "clusters", []
+    words = ["bash", "zsh", "fish"] if action.dest == "shell" else action.choices or []
+    return ("hosts" if action.dest == "host" else "files"), [str(word) for word in words]
+
+
+def _bash_completion(tree: dict[str, dict[str, Any]]) -> str:
+    commands, values = [], []
+    replies = {"jobs": '"$(_stackops_ids jobs "$base")"', "hosts": '"$(_stackops_hosts)"'}
+    for path, node in tree.items():
+        valued = [option for option, (kind, _) in node["values"].items()]
+        opts, words = " ".join(node["options"]), " ".join(node["words"])
+        commands.append(f"        {shlex.quote(path)}) opts={shlex.quote(opts)}"
+                        f" valued={shlex.quote(' '.join(valued))} kind={node['kind']}"
+                        f" words={shlex.quote(words)};;")
+        for option, (kind, choices) in node["values"].items():
+            reply = shlex.quote(" ".join(choices)) if kind == "words" else replies.get(kind)
+            if reply is not None:
+                values.append(f"        {shlex.quote(f'{path} {option}')}) "
+                              f'COMPREPLY=($(compgen -W {reply} -- "$cur")); return;;')
+    nested = "|".join(shlex.quote(path) for path, node in tree.items()
+                      if path and " " not in path and node["words"] and not node["kind"])
+    return render_template(COMPLETION_BASH, version=__version__, values="\n".join(values),
+                           commands="\n".join(commands), nested=nested or "''",
+                           job_base=DEFAULT_BASE_DIR.replace("~", "$HOME", 1),
+                           cluster_base=DEFAULT_BASE_DIR.rsplit("/", 1)[0].replace("~", "$HOME", 1))
+
+
+def _fish_completion(tree: dict[str, dict[str, Any]]) -> str:
+    """The same completion for fish: one ``complete`` line per command, option and value."""
+    def said(text: str) -> str:
+        return shlex.quote(_shorten(" ".join(str(text or "").split()), 70))
+
+    job_base = DEFAULT_BASE_DIR.replace("~", "$HOME", 1)
+    lines = [f"# fish completion of stackops {__version__} (`stackops completion fish`, made "
+             "from its parser).",
+             "# Load it with: stackops completion fish | source; or save it as "
+             "~/.config/fish/completions/stackops.fish",
+             "function __stackops_is --description 'the command (and action) typed is $argv'",
+             "    set -l path",
+             "    for word in (commandline -opc)[2..-1]",
+             "        string match -q -- '-*' $word; and continue",
+             "        if test (count $path) -eq 0; or begin; test (count $path) -eq 1; "
+             "and contains -- $path[1] cluster cloud; end",
+             "            set -a path $word",
+             "        end",
+             "    end",
+             '    test "$path" = "$argv"',
+             "end",
+             "function __stackops_ids --description 'ids of jobs, clusters or both: a listing'",
+             f"    contains -- $argv[1] jobs both; and for folder in {job_base}/queued/*/",
+             "        basename $folder",
+             "    end",
+             f"    contains -- $argv[1] clusters both; and for folder in "
+             f"{job_base.rsplit('/', 1)[0]}/job_id__*/",
+             "        string replace -r '^job_id__' '' (basename $folder)",
+             "    end",
+             "end",
+             "function __stackops_hosts --description 'the aliases of ~/.ssh/config'",
+             "    test -r ~/.ssh/config; and awk 'tolower($1) == \"host\" "
+             "{ for (i = 2; i <= NF; i++) if ($i !~ /[*?!]/) print $i }' ~/.ssh/config",
+             "end",
+             "complete -c stackops -e"]
+    for path, node in tree.items():
+        when = f"-n {shlex.quote(f'__stackops_is {path}'.strip())}"
+        for word, text in node["words"].items():
+            lines.append(f"complete -c stackops {when} -f -a {shlex.quote(word)} -d {said(text)}")
+        if node["kind"] in ("jobs", "clusters", "both"):
+            lines.append(f"complete -c stackops {when} -f -a '(__stackops_ids {node['kind']})'")
+        elif node["kind"] == "hosts":
+            lines.append(f"complete -c stackops {when} -f -a '(__stackops_hosts)'")
+        for option, text in node["options"].items():
+            kind, choices = node["values"].get(option, ("none", []))
+            flag = f"-l {option[2:]}" if option.startswith("--") else f"-s {option[1:]}"
+            value = {"none": "", "files": " -r -F", "": " -x",
+                     "jobs": " -x -a '(__stackops_ids jobs)'",
+                     "hosts": " -x -a '(__stackops_hosts)'",
+                     "words": f" -x -a {shlex.quote(' '.join(choices))}"}[kind]
+            lines.append(f"complete -c stackops {when} {flag}{value} -d {said(text)}")
+    return "\n".join(lines) + "\n"
+
+
+_ZSH_PRELUDE = """# zsh completion of stackops: the bash one, through zsh's bashcompinit.
+# Load it with: source <(stackops completion zsh)
+(( $+functions[compdef] )) || { autoload -U +X compinit && compinit; }
+autoload -U +X bashcompinit && bashcompinit
+"""
+
+
+def _cmd_completion(args: Any) -> int:
+    if args.shell not in ("bash", "zsh", "fish"):
+        raise ConfigError(f"no completion for {args.shell!r}: there is one for bash, zsh and fish",
+                          hint=f"e.g. source <({_prog()} completion bash)")
+    tree = _completion_tree()
+    if args.shell == "fish":
+        sys.stdout.write(_fish_completion(tree))
+    else:
+        sys.stdout.write((_ZSH_PRELUDE if args.shell == "zsh" else "") + _bash_completion(tree))
+    return 0
+
+
+def _add_completion_args(sub: Any) -> None:
+    sub.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
+
+
 _LIST_HELP = ("every job and cluster part with its host and status, in the order submitted; remote "
               "rows are asked of their hosts (in parallel)")
 
@@ -10942,6 +11144,8 @@ def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str | None
                         "it", _add_ip_args),
         ("config", _cmd_config, "the settings jobs take from the user config file, and where "
                                 "each comes from", _add_config_args),
+        ("completion", _cmd_completion, "a shell's completion of stackops: source <(stackops "
+                                        "completion bash|zsh), or fish", _add_completion_args),
         ("job-report", _cmd_job_report, None, _add_job_root_args),
         ("job-delete-results", _cmd_job_delete_results, None, _add_job_root_args),
         ("job-check-email", _cmd_job_check_email, None, _add_job_root_args),

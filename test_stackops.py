@@ -7331,6 +7331,121 @@ def test_cli_config_prints_each_setting_and_where_it_comes_from(home):
                     "~/xdg/stackops/config.json, line 1: hosts.gpu-box.copy_repo must be true or false")
 
 
+# -- shell completion (issue 24): made from the parser, sourced in a real bash, zsh and fish -----
+
+def _shell_or_skip(name: str) -> str:
+    found = shutil.which(name)
+    if found is None and not os.environ.get("CI"):
+        pytest.skip(f"{name} not installed")
+    assert found, f"{name} is installed by .ci/run"
+    return found
+
+
+def _completion_home(home: Path) -> None:
+    """Two real jobs (prepared, not started), a cluster's folder and an ~/.ssh/config."""
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    for job_id in ("alpha-1", "beta-2"):
+        done = cli("run", "proj/m.py:f", "--no-launch", "--job-id", job_id, home=home)
+        assert done.returncode == 0, done.stderr
+    (home / "tmp_results" / "remote_machines" / "job_id__clu1").mkdir()
+    (home / ".ssh").mkdir(exist_ok=True)
+    (home / ".ssh" / "config").write_text("Host gpu-box lab-*\n  HostName 10.0.0.1\nHost node1\n")
+
+
+BASH_DRIVER = r"""source <("$@" completion bash) || exit 9
+complete -p stackops
+comp() {  # what _stackops offers for the words given (the last one being completed)
+    COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=()
+    _stackops
+    echo "$*|${COMPREPLY[*]}"
+}
+comp stackops st
+comp stackops ''
+comp stackops status ''
+comp stackops -v logs a
+comp stackops cancel ''
+comp stackops cluster s
+comp stackops cluster status ''
+comp stackops list --st
+comp stackops list --status r
+comp stackops run --host ''
+comp stackops run x.py --transfer ''
+comp stackops run --after b
+comp stackops run --kwargs ''
+comp stackops completion ''
+comp stackops status --base-dir /nowhere ''
+"""
+
+
+def test_cli_completion_bash_sourced_completes_commands_options_and_ids(home):
+    bash = _shell_or_skip("bash")
+    _completion_home(home)
+    done = subprocess.run([bash, "-c", BASH_DRIVER, "bash", sys.executable, str(SOURCE)],
+                          cwd=home, env=dict(os.environ, HOME=str(home)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "complete -o default -F _stackops stackops"
+    offered = dict(line.split("|", 1) for line in lines[1:])
+    assert offered["stackops st"].split() == ["status", "start"]
+    assert {"run", "list", "config", "completion", "cluster"} <= set(offered["stackops "].split())
+    assert "job-report" not in offered["stackops "]  # a job's own copy runs it, not a person
+    assert offered["stackops status "].split() == ["alpha-1", "beta-2"]
+    assert offered["stackops -v logs a"] == "alpha-1"
+    assert offered["stackops cancel "].split() == ["alpha-1", "beta-2", "clu1"]
+    assert offered["stackops cluster s"] == "status"
+    assert offered["stackops cluster status "] == "clu1"
+    assert offered["stackops list --st"] == "--status"
+    assert offered["stackops list --status r"] == "running"
+    assert offered["stackops run --host "].split() == ["gpu-box", "node1"]
+    assert offered["stackops run x.py --transfer "].split() == ["sftp", "cloud"]
+    assert offered["stackops run --after b"] == "beta-2"
+    assert offered["stackops run --kwargs "] == ""  # a free value: the shell's own completion
+    assert offered["stackops completion "].split() == ["bash", "zsh", "fish"]
+    assert offered["stackops status --base-dir /nowhere "] == ""
+
+
+def test_cli_completion_options_come_from_the_parser_and_an_unknown_shell_is_refused(home):
+    tree = stackops._completion_tree()
+    parser = stackops._full_parser()
+    for path, node in tree.items():
+        sub = parser
+        for word in path.split():
+            sub = stackops._subcommands(sub)[0].choices[word]
+        assert set(node["options"]) == {o for a in sub._actions for o in a.option_strings}, path
+    assert {"--status", "--since", "--last", "--sweep"} <= set(tree["list"]["options"])
+    assert tree["cluster run"]["values"]["--data"] == ("files", [])
+    _one_error_line(cli("completion", "tcsh", home=home), "no completion for 'tcsh'")
+
+
+def test_cli_completion_zsh_and_fish_offer_the_same(home):
+    _completion_home(home)
+    env = dict(os.environ, HOME=str(home))
+    zsh = _shell_or_skip("zsh")
+    script = ('source <("$@" completion zsh) || exit 9; print -r -- $_comps[stackops]; '
+              'COMP_WORDS=(stackops cancel ""); COMP_CWORD=2; emulate sh -c _stackops; '
+              'print -r -- "${COMPREPLY[@]}"')
+    done = subprocess.run([zsh, "-f", "-c", script, "zsh", sys.executable, str(SOURCE)],
+                          cwd=home, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["_bash_complete -o default -F _stackops",
+                                        "alpha-1 beta-2 clu1"]
+    fish = _shell_or_skip("fish")
+    script = ('"$argv[1]" "$argv[2]" completion fish | source; or exit 9\n'
+              'for line in "stackops st" "stackops status " "stackops cluster status " '
+              '"stackops list --status c" "stackops run --host n"\n'
+              '    echo "$line|"(complete -C "$line" | string split -f1 \\t | string join " ")\n'
+              'end')
+    done = subprocess.run([fish, "--no-config", "-c", script, sys.executable, str(SOURCE)],
+                          cwd=home, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert dict(line.split("|", 1) for line in done.stdout.splitlines()) == {
+        "stackops st": "start status", "stackops status ": "alpha-1 beta-2",
+        "stackops cluster status ": "clu1", "stackops list --status c": "cancelled completed",
+        "stackops run --host n": "node1"}
+
+
 # ============================================================================================
 # bad input: refused before anything is written, one clear line, CLI exit 2
 # ============================================================================================
