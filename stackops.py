@@ -344,7 +344,12 @@ class StackopsConnectionError(StackopsError, ConnectionError):
 
 
 class HostKeyError(StackopsConnectionError):
-    """The host's key is unknown (refused until accepted) or changed (always refused)."""
+    """The host's key is unknown (refused until accepted: ``unknown_key``, which is bad input
+    like a missing option) or changed (always refused)."""
+
+    def __init__(self, message: str, hint: str | None = None, unknown_key: bool = False) -> None:
+        super().__init__(message, hint)
+        self.unknown_key = unknown_key
 
 
 class TransferError(StackopsError):
@@ -1257,7 +1262,7 @@ class RemoteStackOpsConfig:
         self._take_user_settings()
         _validate_fields(self)
         check_job_env(self.env, _option("env", "--env"))
-        check_safe_name(self.job_id)
+        check_safe_name(self.job_id, _option("job_id", "--job-id"))
         if not self.base_dir.strip():
             raise ConfigError("base_dir must not be empty")
         if self.transfer_method not in TRANSFER_METHODS:
@@ -1275,34 +1280,40 @@ class RemoteStackOpsConfig:
                               hint="leave out one of the two")
         check_slurm_options(self.slurm_options)
         if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
-            raise ConfigError(f"retries must be 0 to 100 and retry_delay 0 to 86400 seconds, got "
-                              f"{self.retries} and {self.retry_delay}")
+            raise ConfigError(f"{_option('retries', '--retries')} must be 0 to 100 and "
+                              f"{_option('retry_delay', '--retry-delay')} 0 to 86400 seconds, "
+                              f"got {self.retries} and {self.retry_delay}")
         self._check_pool()
         for parent in self.after:
-            check_safe_name(parent, "after")
+            check_safe_name(parent, _option("after", "--after"))
             if parent == self.job_id:
                 raise ConfigError(f"job {self.job_id} cannot run after itself")
         if self.launch_method == "slurm":
             self._check_slurm_combination()
         elif self.slurm_options:
-            raise ConfigError("slurm_options are for launch_method='slurm'", hint="add --slurm")
+            slurm = _option("launch_method='slurm'", "--slurm")
+            raise ConfigError(f"{_option('slurm_options', '--slurm-opt')} are for {slurm}",
+                              hint=f"add {slurm}")
         if self.transfer_method == "cloud" and not self.cloud_name:
-            raise ConfigError("cloud_name must be provided when transfer_method is 'cloud'",
-                              hint="pass cloud_name=<an rclone remote name>")
+            raise ConfigError(f"{_option('transfer_method', '--transfer')} 'cloud' needs "
+                              f"{_option('cloud_name', '--cloud')}",
+                              hint=f"pass {_option('cloud_name=', '--cloud ')}<an rclone remote>")
         if self.max_simultaneous_jobs < 1:
             raise ConfigError(f"{_option('max_simultaneous_jobs', '--max-jobs')} must be at least "
                               f"1, got {self.max_simultaneous_jobs}")
         if self.copy_repo and self.update_repo:
-            raise ConfigError("copy_repo and update_repo cannot go together: the job runs its own "
-                              "snapshot "
-                              "of the code sent from here, which has no .git to pull into",
-                              hint="pull here and send the result with copy_repo, or drop "
-                                   "copy_repo to "
-                                   "git pull the host's own clone")
+            copy_repo = _option("copy_repo", "--copy-repo")
+            raise ConfigError(f"{copy_repo} and {_option('update_repo', '--update-repo')} cannot "
+                              "go together: the job runs its own snapshot of the code sent from "
+                              "here, which has no .git to pull into",
+                              hint=f"pull here and send the result with {copy_repo}, or drop "
+                                   f"{copy_repo} to git pull the host's own clone")
         if self.python is not None and not self.python.strip():
-            raise ConfigError("python must name an interpreter, e.g. 'python3'")
+            raise ConfigError(f"{_option('python', '--python')} must name an interpreter, e.g. "
+                              "'python3'")
         if not self.ssh_timeout > 0:
-            raise ConfigError(f"ssh_timeout must be positive seconds, got {self.ssh_timeout}")
+            raise ConfigError(f"{_option('ssh_timeout', '--ssh-timeout')} must be positive "
+                              f"seconds, got {self.ssh_timeout}")
         self._take_email_settings()
 
     def _take_user_settings(self) -> None:
@@ -1345,15 +1356,18 @@ class RemoteStackOpsConfig:
         return RemoteStackOpsConfig(**data, **{f: copy.copy(v) for f, v in self._given.items()})
 
     def _check_pool(self) -> None:
+        gpus, group = _option("gpus", "--gpus"), _option("group", "--group")
         if not 0 <= self.gpus <= 64:
-            raise ConfigError(f"gpus must be 0 to 64, got {self.gpus}")
+            raise ConfigError(f"{gpus} must be 0 to 64, got {self.gpus}")
         if self.group is not None:
-            check_safe_name(self.group, "group")
+            check_safe_name(self.group, group)
         if self.gpus and (self.group is not None or not self.lock_resources):
-            raise ConfigError("gpus is a pool of its own: it goes with neither group nor "
-                              "lock_resources=False")
+            raise ConfigError(f"{gpus} is a pool of its own: it goes with neither {group} nor "
+                              f"{_option('lock_resources=False', '--no-lock')}")
         if self.gpus and self.launch_method == "slurm":
-            raise ConfigError("with Slurm, ask Slurm for GPUs", hint="--slurm-opt gres=gpu:N")
+            raise ConfigError("with Slurm, ask Slurm for GPUs",
+                              hint=_option("slurm_options={'gres': 'gpu:N'}",
+                                           "--slurm-opt gres=gpu:N"))
 
     @property
     def pool(self) -> str:
@@ -1362,10 +1376,13 @@ class RemoteStackOpsConfig:
 
     def _check_slurm_combination(self) -> None:
         for flag, what in ((self.interactive, "an interactive job"),
-                           (self.transfer_method == "cloud", "transfer_method='cloud'"),
-                           (self.parallelize, "parallelize (use the array)")):
+                           (self.transfer_method == "cloud",
+                            _option("transfer_method='cloud'", "--transfer cloud")),
+                           (self.parallelize,
+                            _option("parallelize", "--parallelize") + " (use the array)")):
             if flag:
-                raise ConfigError(f"launch_method='slurm' cannot run {what}")
+                slurm = _option("launch_method='slurm'", "--slurm")
+                raise ConfigError(f"{slurm} cannot run {what}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1486,6 +1503,27 @@ def _module_name_for(file: Path) -> str:
     return ".".join(parts)
 
 
+def _closest(word: str, words: list[str]) -> str:
+    """The one of ``words`` a typo of ``word`` most likely meant ("" when none is close)."""
+    import difflib
+
+    found = difflib.get_close_matches(word, words, n=1)
+    return found[0] if found else ""
+
+
+def _entry_point_hint(text: str) -> str | None:
+    """For ``pkg.mod:func`` (an entry point's spelling) the FILE.py:FUNC form stackops takes,
+    with the module's file when it is here."""
+    match = re.match(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_][\w.]*)\Z", text)
+    if match is None:
+        return None
+    base = match[1].replace(".", "/")
+    for candidate in (f"{base}.py", f"{base}/__init__.py", f"src/{base}.py"):
+        if Path(candidate).is_file():
+            return f"a function is FILE.py:FUNC here: {candidate}:{match[2]}"
+    return f"a function is FILE.py:FUNC, e.g. {base}.py:{match[2]}"
+
+
 def _top_level_names(file: Path) -> set[str]:
     """Names a module defines at its top level, read without importing it."""
     import ast
@@ -1555,7 +1593,7 @@ class JobParams:
     def from_script(cls, path: str | os.PathLike[str]) -> JobParams:
         file = expand_home(path)
         if not file.exists():
-            raise ConfigError(f"script not found: {path}")
+            raise ConfigError(f"script not found: {path}", hint=_entry_point_hint(str(path)))
         if not file.is_file():
             raise ConfigError(f"not a script file: {path} is a "
                               f"{'directory' if file.is_dir() else 'special file'}")
@@ -1570,11 +1608,15 @@ class JobParams:
             raise ConfigError(f"{ref!r} is not FILE.py:FUNCTION", hint="e.g. mypkg/jobs.py:train")
         file = expand_home(path)
         if not file.is_file() or file.suffix != ".py":
-            raise ConfigError(f"no Python file {path!r} (from {ref!r})")
+            near = _closest(file.name, [p.name for p in file.parent.glob("*.py")])
+            raise ConfigError(f"no Python file {path!r} (from {ref!r})", hint=near and (
+                f"did you mean {near!r}? ({os.path.join(os.path.dirname(path), near)}:{qualname})"))
         file = file.resolve()
-        head = qualname.split(".")[0]
-        if head not in _top_level_names(file):
-            raise ConfigError(f"{path} defines no top-level {head!r}")
+        head, names = qualname.split(".")[0], _top_level_names(file)
+        if head not in names:
+            near = _closest(head, sorted(names))
+            raise ConfigError(f"{path} defines no top-level {head!r}", hint=near and (
+                f"did you mean {near!r}? ({path}:{qualname.replace(head, near, 1)})"))
         module = _module_name_for(file)
         cls_name, _, func = qualname.rpartition(".")
         return cls._for_module(file, module, func, cls_name or None, "function")
@@ -1638,7 +1680,8 @@ class JobParams:
         """The Python lines (indented for the wrapper's ``execute``) that call the job."""
         if self.kind == "script":
             if parallelize:
-                raise ConfigError("parallelize=True needs a function; a script cannot be split")
+                raise ConfigError(f"{_option('parallelize=True', '--parallelize')} needs a "
+                                  "function; a script cannot be split")
             lines = []
             if workload_params is not None:
                 lines.append("workload_params = "
@@ -1648,7 +1691,8 @@ class JobParams:
             lines.append("res = job.run_script(func_kwargs, workload_params)")
         elif workload_params is None:
             if parallelize:
-                raise ConfigError("parallelize=True needs workload_params")
+                raise ConfigError(f"{_option('parallelize=True', '--parallelize')} needs "
+                                  f"{_option('workload_params', '--workload')}")
             lines = ["func = job.load_callable()", "res = func(**func_kwargs)"]
         elif not parallelize:
             lines = [f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})",
@@ -4904,8 +4948,10 @@ def _host_key_policy(accept: bool, revoked: set[str], record: Path) -> Any:
             if not accept:
                 raise HostKeyError(
                     f"host key of {hostname} is unknown ({key.get_name()} {_fingerprint(key)})",
-                    hint="if you trust it: pass --accept-new (accept_new_host_key=True), or set "
-                         "StrictHostKeyChecking accept-new for it in ~/.ssh/config")
+                    hint=f"if you trust it: pass "
+                         f"{_option('accept_new_host_key=True', '--accept-new')}, or set "
+                         "StrictHostKeyChecking accept-new for it in ~/.ssh/config",
+                    unknown_key=True)
             client.get_host_keys().add(hostname, key.get_name(), key)
             _append_known_host(record, f"{hostname} {key.get_name()} {key.get_base64()}")
             log.warning("recorded the host key of %s in %s", hostname, record)
@@ -5130,7 +5176,8 @@ def _upload(ssh: SSH, source_path: str | os.PathLike[str], target_rel2home: str 
     if not source.exists():
         raise ConfigError(f"nothing to copy at {source_path}")
     if source.is_dir() and not recursive:
-        raise ConfigError(f"{source_path} is a folder: pass recursive=True (-r) to copy folders")
+        raise ConfigError(f"{collapse_home(source)} is a folder: pass "
+                          f"{_option('recursive=True', '-r')} to copy folders")
     relative = target_rel2home if target_rel2home is not None else _home_relative(source)
     target = _remote_target(relative)
     staging = _prepare_target(ssh, target, overwrite)
@@ -5177,7 +5224,7 @@ def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
                           "a folder holding it, or /", hint="name a folder inside it")
     if response.returncode == 17:
         raise ConfigError(f"{target} already exists on {ssh.target.alias}",
-                          hint="pass overwrite (--overwrite) to replace it")
+                          hint=f"pass {_option('overwrite=True', '--overwrite')} to replace it")
     if response.returncode != 0:
         raise TransferError(f"cannot prepare {where}: {_last_line(response.stderr)}")
     return staging
@@ -5316,7 +5363,8 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
     if kind == "missing":
         raise ConfigError(f"nothing to copy at {ssh.target.alias}:{remote}")
     if kind == "dir" and not recursive:
-        raise ConfigError(f"{remote} is a folder: pass recursive=True (-r) to copy folders")
+        raise ConfigError(f"{remote} is a folder: pass {_option('recursive=True', '-r')} to copy "
+                          "folders")
     if target is None and not remote.startswith("~"):
         raise ConfigError(f"{remote} is outside the host's home, so it has no home-relative "
                           "place here", hint="give the target path explicitly")
@@ -5524,8 +5572,8 @@ def _free_destination(destination: Path, overwrite: bool) -> Path:
         raise ConfigError(f"{destination} is your home, or holds it: a copy never replaces that",
                           hint="name a folder inside it")
     if (destination.exists() or destination.is_symlink()) and not overwrite:
-        raise ConfigError(f"{destination} already exists",
-                          hint="pass overwrite (--overwrite) to replace it")
+        raise ConfigError(f"{collapse_home(destination)} already exists",
+                          hint=f"pass {_option('overwrite=True', '--overwrite')} to replace it")
     return destination
 
 
@@ -5802,7 +5850,8 @@ def _read_kwargs_file(source: str) -> str:
         if info.st_size > MAX_KWARGS_BYTES:
             size = f"{info.st_size / 2**20:.0f} MiB"
             raise ConfigError(f"kwargs file {source} is {size}, more than {limit}",
-                              hint="send big inputs as --data files; pass their paths as kwargs")
+                              hint=f"send big inputs as {_option('data', '--data')} files; pass "
+                                   "their paths as kwargs")
         with os.fdopen(os.dup(fd), "rb") as handle:
             data = handle.read(MAX_KWARGS_BYTES + 1)
     except OSError as exc:
@@ -5929,8 +5978,9 @@ def _check_call(parameters: list[tuple[str, str, bool]] | None, kwargs: dict[str
                if not has_default and not kind.startswith("VAR_") and n not in given]
     if missing:
         needed = ", ".join(map(repr, missing))
+        example = f'{{"{missing[0]}": ...}}'
         raise ConfigError(f"{what} needs {needed}, which the kwargs do not give",
-                          hint=f"e.g. --kwargs '{{\"{missing[0]}\": ...}}'")
+                          hint="e.g. " + _option(f"func_kwargs={example}", f"--kwargs '{example}'"))
 
 
 REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache",
@@ -6365,10 +6415,12 @@ def _hand_over_result(ssh: SSH, response: Response, answers: dict[str, Any], sha
     alias = ssh.target.alias
     if answers.get("refused") == "no-python":
         raise ConfigError(f"the interpreter {python!r} is not found on {alias}",
-                          hint="install it there, or pass --python (python=) with one it has")
+                          hint=f"install it there, or pass {_option('python=', '--python')} "
+                               "with one it has")
     if answers.get("refused") == "no-file":
         raise ConfigError(f"{need_file} is not on {alias}, and the job needs it",
-                          hint="pass --copy-repo (copy_repo=True) to send the repo along")
+                          hint=f"pass {_option('copy_repo=True', '--copy-repo')} to send the "
+                               "repo along")
     lines = response.stdout.split("\n")
     marks = [index for index, line in enumerate(lines) if line.startswith(fence)]
     if "plan" not in answers or (response.returncode != 0 and not marks):
@@ -6901,7 +6953,8 @@ class _Here(_Place):
     def check_where_it_runs(self, machine: RemoteMachine) -> None:
         if shutil.which(machine.python) is None:
             raise ConfigError(f"the interpreter {machine.python!r} is not found on this machine",
-                              hint="pass --python (python=) with an installed interpreter")
+                              hint=f"pass {_option('python=', '--python')} with an installed "
+                                   "interpreter")
 
     def check_email(self, machine: RemoteMachine) -> None:
         load_email_config(machine.config.email_config_name or "")
@@ -6998,10 +7051,12 @@ class _OverSSH(_Place):
         if "no-python" in answer:
             raise ConfigError(f"the interpreter {machine.python!r} is not found on "
                               f"{self.host_name}",
-                              hint="install it there, or pass --python (python=) with one it has")
+                              hint=f"install it there, or pass {_option('python=', '--python')} "
+                                   "with one it has")
         if "no-file" in answer:
             raise ConfigError(f"{file} is not on {self.host_name}, and the job needs it",
-                              hint="pass --copy-repo (copy_repo=True) to send the repo along")
+                              hint=f"pass {_option('copy_repo=True', '--copy-repo')} to send the "
+                                   "repo along")
 
     def check_email(self, machine: RemoteMachine) -> None:
         command = _job_entry(machine, "job-check-email")
@@ -7101,7 +7156,8 @@ class _OverSSH(_Place):
         raise ConfigError(f"the results of job {machine.job_id} are at {self.host_name}:{results}, "
                           f"outside the job's own results folder ({own[0]}); stackops writes "
                           "there only when you say so",
-                          hint=f"give the target: download {machine.job_id} --to DIR")
+                          hint="give the target: " + _option(
+                              "download_results(target)", f"download {machine.job_id} --to DIR"))
 
     def fetch_results(self, machine: RemoteMachine, results: Path,
                       target: str | os.PathLike[str] | None, overwrite: bool,
@@ -7248,7 +7304,8 @@ class _Launcher:
         way (for Slurm, already handed to Slurm); returns its Slurm id or ""."""
         parent = self._parent(machine, parent_id)
         if parent.host_name != machine.host_name or parent.uses_slurm != machine.uses_slurm:
-            raise ConfigError(f"--after {parent.job_id}: that job runs on {parent.host_name}"
+            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job runs on "
+                              f"{parent.host_name}"
                               f"{' under Slurm' if parent.uses_slurm else ''}; "
                               "this one must run in the same place")
         return ""
@@ -7258,8 +7315,8 @@ class _Launcher:
         try:
             return RemoteMachine.load(parent_id, machine.config.base_dir)
         except ConfigError:
-            raise ConfigError(f"--after {parent_id}: no such job here",
-                              hint="list shows the jobs") from None
+            raise ConfigError(f"{_option('after', '--after')} {parent_id}: no such job here",
+                              hint=f"{_prog()} list shows the jobs") from None
 
     def run(self, machine: RemoteMachine, run: bool, show_scripts: bool,
             progress: Callable[[int], None] | None) -> None:
@@ -7447,9 +7504,10 @@ class _SlurmLauncher(_Launcher):
     def preflight(self, machine: RemoteMachine) -> None:
         """A Slurm job needs sbatch where it is submitted: refused before anything is written."""
         if not machine._place.has_command("sbatch"):
-            raise ConfigError(f"launch_method='slurm' needs sbatch on {machine.host_name}, "
-                              "and there is none",
-                              hint="submit from a Slurm login node (--host), or leave out --slurm")
+            slurm = _option("launch_method='slurm'", "--slurm")
+            raise ConfigError(f"{slurm} needs sbatch on {machine.host_name}, and there is none",
+                              hint=f"submit from a Slurm login node "
+                                   f"({_option('ssh_host', '--host')}), or leave out {slurm}")
 
     def array_parts(self, machine: RemoteMachine) -> list[WorkloadParams]:
         whole = machine.config.workload_params
@@ -7469,7 +7527,8 @@ class _SlurmLauncher(_Launcher):
         super().after(machine, parent_id)
         parent = self._parent(machine, parent_id)
         if parent.slurm_job_id is None:
-            raise ConfigError(f"--after {parent.job_id}: that job was never handed to Slurm")
+            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job was "
+                              "never handed to Slurm")
         return parent.slurm_job_id
 
     def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
@@ -7567,7 +7626,7 @@ def _download_array(machine: RemoteMachine, target: str | os.PathLike[str] | Non
     folder = expand_home(target if target is not None else own)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise ConfigError(f"{collapse_home(folder)} already exists",
-                          hint="pass overwrite=True (--overwrite)")
+                          hint=f"pass {_option('overwrite=True', '--overwrite')} to replace it")
     _mkdir_private(folder)
     for task in machine.array_tasks():
         task.download_results(folder / task.job_id, overwrite, progress)
@@ -8622,7 +8681,7 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
     if taken:
         raise ConfigError(f"sweep {config.job_id!r} would reuse the id of {', '.join(taken[:3])}"
                           + (f" and {len(taken) - 3} more" if len(taken) > 3 else ""),
-                          hint="choose another --job-id")
+                          hint=f"choose another {_option('job_id', '--job-id')}")
     template.preflight()
     if template.is_remote:
         template._place.check_host_files(template)  # before anything is written there
@@ -8758,7 +8817,8 @@ def _sweep_host_command(template: RemoteMachine, jobs: list[RemoteMachine], writ
         if said:
             raise ConfigError(f"sweep {template.job_id} was refused on {template.host_name}: "
                               f"{said[0]}",
-                              hint="nothing of it is left there; choose another --job-id")
+                              hint="nothing of it is left there; choose another "
+                                   f"{_option('job_id', '--job-id')}")
         raise CommandError(template.host_name, "sweep hand-over", response.returncode,
                            response.stderr)
     for job, pid in zip(jobs, json.loads(answer[0])["pids"]):
@@ -9001,16 +9061,28 @@ class Cluster:
                 self._ssh[host], self.specs[host] = result
         if failed and not self.ditch_unavailable:
             self.close()
-            raise StackopsConnectionError("cannot reach "
-                                          + "; ".join(f"{h}: {e}" for h, e in failed.items()),
-                                          hint="fix them, or pass ditch_unavailable=True to go on "
-                                               "without them")
+            raise self._unreachable(results, "cannot reach " + "; ".join(
+                f"{h}: {e}" for h, e in failed.items()), "fix them, or " + _option(
+                    "pass ditch_unavailable=True", "leave out --strict") + " to go on without them")
         for host, error in failed.items():
             log.warning("leaving %s out of cluster %s: %s", host, self.job_id, error)
         self.unavailable.update(failed)
         if not self._ssh:
-            raise StackopsConnectionError(f"no host of cluster {self.job_id} is reachable")
+            raise self._unreachable(results, f"no host of cluster {self.job_id} is reachable")
         return self
+
+    @staticmethod
+    def _unreachable(results: dict[str, Any], message: str, hint: str = "") -> StackopsError:
+        """The error of hosts that could not be reached; with the accept-new hint when some were
+        refused for an unknown host key, and as bad input when that is all that was wrong."""
+        errors = [r for r in results.values() if isinstance(r, Exception)]
+        unknown = [e for e in errors if isinstance(e, HostKeyError) and e.unknown_key]
+        hints = [hint] if hint else []
+        if unknown:
+            hints.insert(0, f"unknown host keys: {unknown[0].hint}")
+        if unknown and len(unknown) == len(errors):
+            return HostKeyError(message, "; ".join(hints), unknown_key=True)
+        return StackopsConnectionError(message, hint="; ".join(hints) or None)
 
     def generate_standard_kwargs(self) -> dict[str, WorkloadParams]:
         """Each reachable host's slice of ``[0, max_num)`` and its thread count."""
@@ -9886,7 +9958,9 @@ def _print_queue(view: dict[str, Any]) -> None:
 
 def _cmd_download(args: Any) -> int:
     with RemoteMachine.load(args.job_id, args.base_dir) as machine:
-        print(machine.download_results(args.to, overwrite=args.overwrite, progress=_progress(args)))
+        folder = machine.download_results(args.to, overwrite=args.overwrite,
+                                          progress=_progress(args))
+    print(collapse_home(folder))
     return 0
 
 
@@ -10251,8 +10325,8 @@ class _Progress:
         if self.mode == "json":
             self._json("progress")
         elif self.mode == "line":
-            width = shutil.get_terminal_size().columns - 1
-            sys.stderr.write("\r\x1b[K" + _shorten(self._line(now), max(width, 20)))
+            width = max(shutil.get_terminal_size().columns - 1, 20)
+            sys.stderr.write("\r\x1b[K" + self._line(now, width))
             sys.stderr.flush()
 
     def end(self, done: int, ok: bool) -> None:
@@ -10268,15 +10342,27 @@ class _Progress:
                   f"({_mib(done / elapsed)}/s)", file=sys.stderr)
         self.started = 0.0
 
-    def _line(self, now: float) -> str:
-        elapsed = max(now - self.started, 1e-6)
-        rate = self.done / elapsed
-        if not self.total:
-            return f"  {self.what}  {_mib(self.done)}  {_mib(rate)}/s"
-        percent = min(100.0, 100.0 * self.done / self.total)
-        left = max(self.total - self.done, 0) / rate if rate > 0 else 0.0
-        return (f"  {self.what}  {percent:3.0f}%  {_mib(self.done)} of {_mib(self.total)}  "
-                f"{_mib(rate)}/s  {int(left) // 60}:{int(left) % 60:02d} left")
+    def _line(self, now: float, width: int) -> str:
+        """The line, at most ``width`` wide: the sizes go first, then the rate, then the name
+        shrinks; the percent and the time left stay. No rate (nor time left) in the first second,
+        where a few buffered bytes would say gigabytes a second."""
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed >= 1.0 else 0.0
+        parts = {"percent": "", "sizes": _mib(self.done), "rate": "", "left": ""}
+        if rate:
+            parts["rate"] = f"{_mib(rate)}/s"
+        if self.total:
+            parts["percent"] = f"{min(100.0, 100.0 * self.done / self.total):3.0f}%"
+            parts["sizes"] += f" of {_mib(self.total)}"
+        if self.total and rate:
+            seconds = int(max(self.total - self.done, 0) / rate)
+            parts["left"] = f"{seconds // 60}:{seconds % 60:02d} left"
+        for dropped in ((), ("sizes",), ("sizes", "rate")):
+            tail = "  ".join(text for key, text in parts.items() if text and key not in dropped)
+            if len(self.what) + len(tail) + 4 <= width:
+                return f"  {self.what}  {tail}"
+        room = max(width - len(tail) - 4, 8)
+        return _shorten(f"  {_squeeze(self.what, room)}  {tail}", width)
 
     def _json(self, event: str, **extra: Any) -> None:
         if self.mode != "json":
@@ -10286,6 +10372,14 @@ class _Progress:
                   "elapsed": round(elapsed, 3), "rate": round(self.done / max(elapsed, 1e-6)),
                   **extra}
         print(json.dumps(record), file=sys.stderr, flush=True)
+
+
+def _squeeze(text: str, width: int) -> str:
+    """``text`` in ``width`` characters, its middle given up first (a path's end says most)."""
+    if len(text) <= width:
+        return text
+    head = max((width - 3) // 3, 1)
+    return text[:head] + "..." + text[len(text) - (width - 3 - head):]
 
 
 def _mib(count: float) -> str:
@@ -10329,8 +10423,8 @@ def _cmd_copy(args: Any) -> int:
     elif source is not None:
         with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
             local = args.target + (Path(source[1]).name if args.target.endswith("/") else "")
-            print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite,
-                                   _progress(args)))
+            print(collapse_home(ssh.copy_to_here(source[1], local, args.compress, args.recursive,
+                                                 args.overwrite, _progress(args))))
     return 0
 
 
@@ -10446,7 +10540,7 @@ def _cmd_cluster_status(args: Any) -> int:
 
 def _cmd_cluster_download(args: Any) -> int:
     with Cluster.load(args.cluster_id, args.base_dir) as cluster:
-        print(cluster.download_results(args.to))
+        print(collapse_home(cluster.download_results(args.to)))
     return 0
 
 
@@ -11314,7 +11408,8 @@ def _dispatch(args: Any, verbose: int) -> int:
             print(f"stackops: hint: {exc.hint}", file=sys.stderr)
         if _SERVING:
             print(error_record_line(exc), file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        bad_input = isinstance(exc, ConfigError) or getattr(exc, "unknown_key", False)
+        return 2 if bad_input else 1  # an unknown host key: nothing was written or started
     except KeyboardInterrupt:
         print("stackops: interrupted", file=sys.stderr)
         return 130
