@@ -5224,7 +5224,8 @@ def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
                           "a folder holding it, or /", hint="name a folder inside it")
     if response.returncode == 17:
         raise ConfigError(f"{target} already exists on {ssh.target.alias}",
-                          hint=f"pass {_option('overwrite=True', '--overwrite')} to replace it")
+                          hint=f"pass {_option('overwrite_existing=True', '--overwrite')} to "
+                               "replace it")
     if response.returncode != 0:
         raise TransferError(f"cannot prepare {where}: {_last_line(response.stderr)}")
     return staging

@@ -1311,6 +1311,23 @@ def test_models_email_refused_at_submit_with_one_line(home, address, said):
     assert "to_email" in str(refused.value)
 
 
+@pytest.mark.parametrize("kwargs,said", [
+    ({"gpus": 1, "group": "io"}, ("gpus is a pool of its own: it goes with neither group nor "
+                                  "lock_resources=False")),
+    ({"slurm_options": {"partition": "gpu"}}, "slurm_options are for launch_method='slurm'"),
+    ({"max_simultaneous_jobs": 0}, "max_simultaneous_jobs must be at least 1"),
+    ({"retries": 500}, "retries must be 0 to 100 and retry_delay 0 to 86400"),
+    ({"transfer_method": "cloud"}, "transfer_method 'cloud' needs cloud_name"),
+    ({"copy_repo": True, "update_repo": True}, "copy_repo and update_repo cannot go together"),
+    ({"job_id": "../x"}, "job_id '../x' is not a safe name"),
+    ({"launch_method": "slurm", "interactive": True}, "launch_method='slurm' cannot run an interac"),
+    ({"env": {"A-B": "1"}}, "env: 'A-B' is not a variable's name")])
+def test_models_refusals_name_the_keywords_a_python_caller_passes(home, kwargs, said):
+    with pytest.raises(ConfigError) as refused:
+        config(**kwargs)
+    assert said in str(refused.value) and "--" not in str(refused.value), refused.value
+
+
 # ============================================================================================
 # 6. templates
 # ============================================================================================
@@ -3528,9 +3545,11 @@ def test_remote_host_keys_unknown_refused_accept_new_recorded_changed_refused(re
     (home / ".ssh" / "known_hosts").write_text("")
     with pytest.raises(stackops.HostKeyError) as info:
         stackops.SSH.from_config_file("tb")
-    assert "unknown" in str(info.value) and "accept-new" in info.value.hint
+    assert "unknown" in str(info.value) and "accept_new_host_key=True" in info.value.hint
     done = cli("ssh", "tb", "--", "true", home=home)
-    assert done.returncode == 1 and "unknown" in done.stderr and "accept-new" in done.stderr
+    assert done.returncode == 2, done.stderr  # bad input: nothing was written or started
+    assert "unknown" in done.stderr and "pass --accept-new," in done.stderr
+    assert "accept_new_host_key" not in done.stderr
     with stackops.SSH.from_config_file("tb", accept_new_host_key=True) as ssh:
         assert ssh.run_shell_cmd_on_remote("echo ok").stdout == "ok\n"
     recorded = (home / ".ssh" / "known_hosts").read_text()
@@ -3542,6 +3561,32 @@ def test_remote_host_keys_unknown_refused_accept_new_recorded_changed_refused(re
                                                + " ".join(Path(f"{other}.pub").read_text().split()[:2]) + "\n")
     with pytest.raises(stackops.HostKeyError, match="CHANGED"):
         stackops.SSH.from_config_file("tb", accept_new_host_key=True)
+    changed = cli("ssh", "tb", "--accept-new", "--", "true", home=home)
+    assert changed.returncode == 1 and "CHANGED" in changed.stderr  # never just bad input
+
+
+def test_remote_copy_errors_name_cli_options_on_the_cli_and_keywords_in_the_api(remote, home):
+    (home / "tree").mkdir()
+    (home / "tree" / "a.txt").write_text("a")
+    (home / "c.txt").write_text("c")
+    folder = cli("copy", "tree", "tb:~/cli-words-tree", home=home)
+    _one_error_line(folder, "~/tree is a folder: pass -r to copy folders")
+    assert cli("copy", "c.txt", "tb:~/cli-words.txt", home=home).returncode == 0
+    again = cli("copy", "c.txt", "tb:~/cli-words.txt", home=home)
+    _one_error_line(again, "already exists on tb")
+    assert again.stderr.splitlines()[1] == "stackops: hint: pass --overwrite to replace it"
+    back = cli("copy", "tb:~/cli-words.txt", "c.txt", home=home)
+    _one_error_line(back, "~/c.txt already exists")
+    assert "pass --overwrite to replace it" in back.stderr
+    assert not re.search(r"\w=True|recursive|overwrite\)", folder.stderr + again.stderr + back.stderr)
+    got = cli("copy", "tb:~/cli-words.txt", "c-back.txt", home=home)
+    assert got.returncode == 0 and got.stdout == "~/c-back.txt\n", got.stderr
+    with stackops.SSH.from_config_file("tb") as ssh:
+        with pytest.raises(ConfigError, match="is a folder: pass recursive=True to copy folders"):
+            ssh.copy_from_here(str(home / "tree"), "~/cli-words-tree")
+        with pytest.raises(ConfigError) as refused:
+            ssh.copy_from_here(str(home / "c.txt"), "~/cli-words.txt")
+        assert refused.value.hint == "pass overwrite_existing=True to replace it"
 
 
 SK_LINE = ("sk.example.org sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIDYFUqgbNrNKRMlE"
@@ -6100,10 +6145,43 @@ def test_cluster_cli_run_status_download(cluster_home):
     status = json.loads(cli("cluster", "status", "cliclu", "--json", home=home).stdout)
     assert {h: s["status"] for h, s in status.items()} == {"node1": "completed", "node2": "completed"}
     got = cli("cluster", "download", "cliclu", home=home)
-    folder = Path(got.stdout.strip())
+    assert got.stdout.startswith("~/"), got.stdout  # as every path stackops prints
+    folder = stackops.expand_home(got.stdout.strip())
     union = sorted(i for h in ("node1", "node2")
                    for i in json.loads((folder / h / "result.json").read_text())["indices"])
     assert union == list(range(1000))
+
+
+def test_cluster_cli_run_sends_data_and_unknown_host_keys_keep_the_accept_new_hint(cluster_home, sshd):
+    home = cluster_home
+    (home / "proj").mkdir(exist_ok=True)
+    (home / "proj" / "cd.py").write_text(
+        "import os\n\ndef part(workload_params):\n"
+        "    with open(os.path.expanduser('~/cdata-cli/a.txt')) as handle:\n"
+        "        return [handle.read(), workload_params.idx_start, workload_params.idx_end]\n")
+    (home / "cdata-cli").mkdir()
+    (home / "cdata-cli" / "a.txt").write_text("payload")
+    known = home / ".ssh" / "known_hosts"
+    saved = known.read_text()
+    known.write_text("")  # every host's key unknown
+    refused = cli("cluster", "run", "proj/cd.py:part", "--hosts", "node1,node2", "--job-id", "cdk",
+                  home=home)
+    assert refused.returncode == 2, refused.stderr  # bad input: nothing was written or started
+    assert "no host of cluster cdk is reachable" in refused.stderr
+    assert "--accept-new" in refused.stderr and "accept_new_host_key" not in refused.stderr
+    assert not (home / "tmp_results" / "remote_machines" / "job_id__cdk").exists()
+    known.write_text(saved)
+    try:
+        done = cli("cluster", "run", "proj/cd.py:part", "--hosts", "node1,node2", "--copy-repo",
+                   "--data", "~/cdata-cli", "--max-num", "10", "--job-id", "cdd", "--wait",
+                   home=home)
+        assert done.returncode == 0, done.stderr
+        folder = stackops.expand_home(cli("cluster", "download", "cdd", home=home).stdout.strip())
+        parts = sorted(json.loads((folder / h / "result.json").read_text()) for h in ("node1", "node2"))
+        assert [part[0] for part in parts] == ["payload", "payload"]
+        assert parts[0][1] == 0 and parts[0][2] == parts[1][1] and parts[1][2] == 10
+    finally:
+        shutil.rmtree(sshd.remote_home / "cdata-cli", ignore_errors=True)
 
 
 def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home, fault_node, sshd):
@@ -7444,6 +7522,128 @@ def test_cli_completion_zsh_and_fish_offer_the_same(home):
         "stackops st": "start status", "stackops status ": "alpha-1 beta-2",
         "stackops cluster status ": "clu1", "stackops list --status c": "cancelled completed",
         "stackops run --host n": "node1"}
+
+
+# -- papercuts met as a new user (issue 24, item 7) ------------------------------------------------
+
+def test_cli_refusals_name_the_options_a_user_types(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    (home / "proj" / "s.py").write_text("print(1)\n")
+    cases = [(["--gpus", "1", "--group", "io"],
+              "--gpus is a pool of its own: it goes with neither --group nor --no-lock"),
+             (["--slurm-opt", "partition=gpu"], "--slurm-opt are for --slurm"),
+             (["--max-jobs", "0"], "--max-jobs must be at least 1"),
+             (["--retries", "500"], "--retries must be 0 to 100 and --retry-delay 0 to 86400"),
+             (["--transfer", "cloud"], "--transfer 'cloud' needs --cloud"),
+             (["--copy-repo", "--update-repo"], "--copy-repo and --update-repo cannot go together"),
+             (["--job-id", "../x"], "--job-id '../x' is not a safe name"),
+             (["--after", "../x"], "--after '../x' is not a safe name"),
+             (["--slurm", "--interactive"], "--slurm cannot run an interactive job"),
+             (["--python", " "], "--python must name an interpreter"),
+             (["--ssh-timeout", "0"], "--ssh-timeout must be positive seconds")]
+    for options, said in cases:
+        done = cli("run", "proj/m.py:f", *options, home=home)
+        _one_error_line(done, said)
+        api = (r"\w=(True|False)|launch_method|max_simultaneous|lock_resources|slurm_options"
+               r"|transfer_method|cloud_name|update_repo|copy_repo|ssh_timeout|retry_delay|job_id")
+        assert not re.search(api, done.stderr.splitlines()[0]), done.stderr
+    script = cli("run", "proj/s.py", "--workload", "0:10", "--parallelize", home=home)
+    _one_error_line(script, "--parallelize needs a function; a script cannot be split")
+    assert not (home / "tmp_results").exists()
+
+
+def test_cli_mistyped_function_or_file_and_an_entry_point_get_the_form_to_type(home):
+    (home / "toolz").mkdir()
+    (home / "toolz" / "__init__.py").write_text("")
+    (home / "toolz" / "itertoolz.py").write_text("def frequencies(seq):\n    return {}\n\n"
+                                                 "def topk(k, seq):\n    return []\n")
+    for target, said, hint in (
+            ("toolz/itertoolz.py:frequncies", "toolz/itertoolz.py defines no top-level 'frequncies'",
+             "did you mean 'frequencies'? (toolz/itertoolz.py:frequencies)"),
+            ("toolz/itertolz.py:frequencies", "no Python file 'toolz/itertolz.py'",
+             "did you mean 'itertoolz.py'? (toolz/itertoolz.py:frequencies)"),
+            ("toolz.itertoolz:frequencies", "script not found: toolz.itertoolz:frequencies",
+             "a function is FILE.py:FUNC here: toolz/itertoolz.py:frequencies"),
+            ("other.mod:go", "script not found: other.mod:go",
+             "a function is FILE.py:FUNC, e.g. other/mod.py:go")):
+        done = cli("run", target, "--kwargs", '{"seq": [1]}', home=home)
+        _one_error_line(done, said)
+        assert done.stderr.splitlines()[1] == f"stackops: hint: {hint}"
+    module = home / "toolz" / "itertoolz.py"
+    with pytest.raises(ConfigError) as refused:  # the API says the same
+        RemoteMachine(f"{module}:topkk", config(job_id="t"))
+    assert refused.value.hint == f"did you mean 'topk'? ({module}:topk)"
+
+
+def test_cli_download_prints_the_folder_home_relative(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    assert cli("run", "proj/m.py:f", "--job-id", "dl", "--wait", home=home).returncode == 0
+    got = cli("download", "dl", home=home)
+    assert got.returncode == 0 and got.stdout.startswith("~/") and str(home) not in got.stdout
+    assert (stackops.expand_home(got.stdout.strip().replace("~", str(home), 1)) /
+            "result.json").exists()
+
+
+def test_cli_progress_line_keeps_the_time_left_at_80_columns_and_no_rate_at_first():
+    progress = stackops._Progress("line")
+    progress.begin("upload to gpu1:~/big/blob2.bin", 300 * 2**20)
+    start = progress.started
+    progress.done = 4 * 2**20
+    first = progress._line(start + 0.004, 79)  # a few buffered bytes: 1,000 MiB/s, if shown
+    assert "/s" not in first and "left" not in first and "1%" in first
+    progress.done = 124 * 2**20
+    wide = progress._line(start + 2.0, 200)
+    assert wide.split() == ["upload", "to", "gpu1:~/big/blob2.bin", "41%", "124.0", "MiB", "of",
+                            "300.0", "MiB", "62.0", "MiB/s", "0:02", "left"]
+    lines = {width: progress._line(start + 2.0, width) for width in (79, 60, 49, 40, 30)}
+    assert all(len(line) <= width and line.endswith("0:02 left") for width, line in lines.items())
+    assert "MiB/s" in lines[79] and "of 300.0" not in lines[79]  # the sizes go first, then rate
+    assert "upload to gpu1:~/big/blob2.bin" in lines[49] and "MiB/s" not in lines[49]
+    assert lines[30].split()[0].startswith("up...") and lines[30].split()[0].endswith(".bin")
+    progress.total = None  # a total not known: what is done and the rate
+    assert progress._line(start + 2.0, 79).split()[-4:] == ["124.0", "MiB", "62.0", "MiB/s"]
+
+
+def test_cli_every_command_has_complete_help_and_ids_and_python_default_are_said(capsys):
+    tree = stackops._completion_tree()
+    for path, node in tree.items():
+        assert stackops.main([*path.split(), "--help"]) == 0, path
+        shown = capsys.readouterr().out
+        assert all(option in shown for option in node["options"]), path
+        assert all(word in shown for word in node["words"]) or node["kind"], path
+    for command in ("cancel", "wait", "delete"):
+        stackops.main([command, "--help"])
+        ids = capsys.readouterr().out.split("positional arguments:")[1].split("options:")[0]
+        assert re.search(r"ID\s+\S", ids) and "id" in ids.split("ID", 1)[1], (command, ids)
+    stackops.main(["run", "--help"])
+    python = " ".join(capsys.readouterr().out.split("\n  --python PYTHON")[1].split("--gpus")[0]
+                      .split())
+    assert "python3 on a host" in python and "this interpreter here" in python, python
+
+
+def test_cli_help_builds_one_parser_and_imports_nothing_it_does_not_show(tmp_path):
+    """--help (of stackops, of a command) builds the parser of that one command, and loads neither
+    logging nor paramiko nor psutil; the listing still names every command."""
+    shutil.copy(SOURCE, tmp_path / "stackops.py")
+    code = ("import sys, io, contextlib, stackops\n"
+            "for argv in (['--help'], ['status', '--help']):\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        assert stackops.main(argv) == 0\n"
+            "    print(len(out.getvalue().splitlines()))\n"
+            "print([m for m in ('logging', 'paramiko', 'psutil', 'json') if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    parser = stackops._build_parser()
+    listed = [pseudo.dest for pseudo in stackops._subcommands(parser)[0]._choices_actions]
+    assert listed == [name for name, _, shown, _ in stackops._command_table() if shown]
+    parser.parse_args(["status", "x"])
+    built = {name for name, sub in dict.items(stackops._subcommands(parser)[0].choices) if sub}
+    assert built == {"status"}
 
 
 # ============================================================================================
