@@ -8535,9 +8535,11 @@ def sweep_job_ids(sweep_id: str, count: int) -> list[str]:
 
 
 def _check_sweep_config(config: RemoteStackOpsConfig) -> None:
-    refused = [(config.launch_method != "remotely", f"launch_method {config.launch_method!r}"),
-               (config.transfer_method != "sftp", "transfer_method 'cloud'"),
-               (config.interactive, "interactive jobs")]
+    launch = _option(f"launch_method {config.launch_method!r}", "--slurm")
+    refused = [(config.launch_method != "remotely", launch),
+               (config.transfer_method != "sftp", _option("transfer_method 'cloud'",
+                                                          "--transfer cloud")),
+               (config.interactive, _option("interactive jobs", "--interactive"))]
     for flag, what in refused:
         if flag:
             raise ConfigError(f"a sweep cannot run {what}",
@@ -8989,7 +8991,8 @@ class Cluster:
                  ditch_unavailable: bool = True, description: str = "", job_id: str | None = None,
                  base_dir: str | None = None, max_num: int = 1000) -> None:
         if not ssh_hosts or len(set(ssh_hosts)) != len(ssh_hosts):
-            raise ConfigError("Cluster needs at least one host, each named once")
+            raise ConfigError(f"{_option('Cluster', 'cluster run --hosts')} needs at least one "
+                              "host, each named once")
         for host in ssh_hosts:
             parse_ssh_target(host)
         self.func = func
@@ -9001,7 +9004,8 @@ class Cluster:
         self.config = config or RemoteStackOpsConfig()
         self.func_kwargs = _check_kwargs(func_kwargs)
         if "workload_params" in self.func_kwargs:
-            raise ConfigError("the Cluster sets workload_params itself; remove it from func_kwargs")
+            raise ConfigError("the Cluster sets workload_params itself; remove it from "
+                              + _option("func_kwargs", "--kwargs"))
         if self.job_params is not None:
             _check_call(_parameters(func, self.job_params), self.func_kwargs, True,
                         f"{self.job_params.func_name}()")
