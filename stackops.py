@@ -58,7 +58,8 @@ Environment variables (read on the machine where they matter):
     STACKOPS_STATE_DIR   slots, queue and job views of this machine and user
                          (default ~/tmp_results/remote_machines/file_manager/<machine>; it must be
                          yours alone, and a relative one is made absolute when a job is submitted)
-    STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
+    STACKOPS_CONFIG      the user config file: defaults per host (`stackops config` shows them;
+                         default $XDG_CONFIG_HOME/stackops/config.json, else ~/.config/...)
     STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600
                            (default ~/.config/stackops/email.json)
     STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup
