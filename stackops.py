@@ -228,9 +228,11 @@ CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapsho
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
 DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
-# what stackops sets in every job's environment: a job's own env (--env) cannot set them
+# what stackops sets in a job's environment (its id, attempt, slot, place in a sweep or a
+# workload, folders): a job's own env (--env) cannot set them
 JOB_ENV_NAMES = ("STACKOPS_JOB_ID", "STACKOPS_ATTEMPT", "STACKOPS_SLOT", "STACKOPS_SWEEP_INDEX",
-                 "STACKOPS_PART")
+                 "STACKOPS_PART", "STACKOPS_PARTS", "STACKOPS_IDX_START", "STACKOPS_IDX_END",
+                 "STACKOPS_IDX_MIN", "STACKOPS_IDX_MAX", "STACKOPS_JOB_ROOT", "STACKOPS_RESULTS")
 
 STATUSES = ("queued", "waiting", "running", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -706,7 +708,9 @@ def check_job_env(env: Any, what: str = "env") -> dict[str, str]:
                                    "OMP_NUM_THREADS")
         if name in JOB_ENV_NAMES:
             raise ConfigError(f"{what}: stackops sets {name} itself, for every job",
-                              hint=f"it sets {', '.join(JOB_ENV_NAMES)}")
+                              hint="it gives every job STACKOPS_JOB_ID, _ATTEMPT, _SLOT and, "
+                                   "where they apply, _SWEEP_INDEX, _PART(S), _IDX_*, _JOB_ROOT "
+                                   "and _RESULTS")
         if not isinstance(value, str) or "\0" in value:
             raise ConfigError(f"{what}: {name}'s value must be a string without NUL, got "
                               f"{_shorten(repr(value), 60)}")
