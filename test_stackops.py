@@ -305,7 +305,7 @@ JobFailedError(job_id: 'str', error_message: 'str') -> None
 class StackopsConnectionError(StackopsError, ConnectionError)
 StackopsConnectionError(message: 'str', hint: 'str | None' = None) -> None
 class HostKeyError(StackopsConnectionError)
-HostKeyError(message: 'str', hint: 'str | None' = None) -> None
+HostKeyError(message: 'str', hint: 'str | None' = None, unknown_key: 'bool' = False) -> None
 class TransferError(StackopsError)
 TransferError(message: 'str', hint: 'str | None' = None) -> None
 class RemoteStackOpsConfig(object)
