@@ -3669,7 +3669,7 @@ def test_remote_host_key_fingerprints_are_sha256_as_openssh_shows_them(remote, h
                            text=True, check=True).stdout.split()[1]  # "256 SHA256:... comment"
     assert shown.startswith("SHA256:")
     done = cli("ssh", "tb", "--", "true", home=home)
-    assert done.returncode == 1 and f"ssh-ed25519 {shown}" in done.stderr, done.stderr
+    assert done.returncode == 2 and f"ssh-ed25519 {shown}" in done.stderr, done.stderr
     other = home / "impostor_key"
     _keygen(other, "impostor")
     impostor = " ".join(Path(f"{other}.pub").read_text().split()[:2])
@@ -7685,7 +7685,7 @@ def test_bad_input_refused_before_anything_is_written(home):
     (["run", "proj/m.py:f", "--kwargs", "[1]"], "must be a JSON object"),
     (["run", "proj/m.py:f", "--job-id", "a b"], "not a safe name"),
     (["run", "proj/m.py:f", "--job-id=-x"], "not a safe name"),
-    (["run", "proj/m.py:f", "--max-jobs", "0"], "max_simultaneous_jobs"),
+    (["run", "proj/m.py:f", "--max-jobs", "0"], "--max-jobs must be at least 1"),
     (["run", "proj/m.py:f", "--workload", "x"], "START:END"),
     (["run", "proj/m.py:f", "--parallelize"], "parallelize"),
     (["run", "proj"], "not a script file"),
