@@ -7408,7 +7408,8 @@ class _CloudQueueLauncher(_SlotLauncher):
             progress: Callable[[int], None] | None) -> None:
         if not run:
             raise ConfigError("a cloud_manager job is started by a worker as soon as it is "
-                              "queued: run=False (--no-launch) has no meaning for it")
+                              f"queued: {_option('run=False', '--no-launch')} has no meaning "
+                              "for it")
         machine.units = self.submit(machine, 1)
         log.info("job %s queued on %s as unit %s", machine.job_id,
                  cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
