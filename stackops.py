@@ -1174,8 +1174,9 @@ def _json_key_line(text: str, keys: list[str]) -> int:
 
 
 def user_settings(ssh_host: str | None) -> dict[str, Any]:
-    """What the user config file sets for a job on ``ssh_host`` (None: this machine): its
-    host entry's keys over its defaults', env and slurm merged key by key (see above)."""
+    """What the user config file sets for a job on ``ssh_host`` ("localhost": this machine; None:
+    no host's entry): its host entry's keys over its defaults', env and slurm merged key by key
+    (see above)."""
     merged: dict[str, Any] = {}
     for key, (value, _) in _user_settings_from(ssh_host).items():
         name, _, item = key.partition(".")
@@ -1193,9 +1194,8 @@ def _user_settings_from(ssh_host: str | None) -> dict[str, tuple[Any, list[str]]
     found: dict[str, tuple[Any, list[str]]] = {}
     entries = [(["defaults"], data.get("defaults") or {})]
     hosts = data.get("hosts") or {}
-    host = ssh_host or "localhost"
-    if host in hosts:
-        entries.append((["hosts", host], hosts[host]))
+    if ssh_host is not None and ssh_host in hosts:
+        entries.append((["hosts", ssh_host], hosts[ssh_host]))
     for keys, entry in entries:
         for key, value in entry.items():
             if isinstance(value, dict):
@@ -10247,7 +10247,7 @@ def _config_rows(host: str | None) -> list[tuple[str, Any, str]]:
     """Each setting for jobs on ``host`` (None: here): its value and where it comes from (the
     file, line and keys; or the built-in default)."""
     path = user_config_location()[0]
-    found = _user_settings_from(host)
+    found = _user_settings_from(host or "localhost")
     data = read_user_config()
     text = path.read_text(encoding="utf-8") if data else ""
     here = host in (None, "localhost")

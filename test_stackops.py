@@ -1214,6 +1214,8 @@ def test_models_user_config_per_host_defaults_and_what_is_given_wins(home, monke
     here = config(job_id="h")  # this machine: the "localhost" entry over the defaults
     assert (here.max_simultaneous_jobs, here.python, here.copy_repo) == (2, "python3", False)
     assert config(job_id="o", ssh_host="other").python is None  # no entry: python3 there
+    cloud = config(job_id="c", launch_method="cloud_manager", cloud_name="drive")
+    assert (cloud.python, cloud.max_simultaneous_jobs) == (None, 2)  # no host: the defaults only
     assert config(job_id="u", ssh_host="gpu-box", update_repo=True).copy_repo is False
     part = here._for_host("gpu-box", job_id="h_0")  # a cluster's part takes its host's settings
     assert (part.max_simultaneous_jobs, part.copy_repo, part.env["B"]) == (4, True, "3")
