@@ -4393,8 +4393,8 @@ def _paramiko_invoke() -> None:
 
 
 _TARGET = _LazyPattern(r"(?:(?P<user>[^@\s/:]+)@)?"
-                     r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
-                     r"(?::(?P<port>\d+))?\Z")
+                       r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
+                       r"(?::(?P<port>\d+))?\Z")
 
 
 def _check_port(port: Any, where: str) -> int:
