@@ -10865,7 +10865,7 @@ def _add_run_start_args(parser: Any) -> None:
                              "node)")
     parser.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="an sbatch long option for --slurm, e.g. partition=gpu, time=02:00:00 "
-                             "(repeatable)")
+                             "(repeatable; over the user config's slurm options)")
     parser.add_argument("--show-scripts", action="store_true", help="print the generated scripts")
     parser.add_argument("--no-launch", action="store_true",
                         help="prepare everything and print the launch command; start nothing")
