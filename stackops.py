@@ -58,7 +58,8 @@ Environment variables (read on the machine where they matter):
     STACKOPS_STATE_DIR   slots, queue and job views of this machine and user
                          (default ~/tmp_results/remote_machines/file_manager/<machine>; it must be
                          yours alone, and a relative one is made absolute when a job is submitted)
-    STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
+    STACKOPS_CONFIG      the user config file: defaults per host (`stackops config` shows them;
+                         default $XDG_CONFIG_HOME/stackops/config.json, else ~/.config/...)
     STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600
                            (default ~/.config/stackops/email.json)
     STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup
@@ -86,6 +87,7 @@ import types
 from pathlib import Path
 TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
+    import copy
     import dataclasses
     import datetime as _dt
     import json
@@ -102,11 +104,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class _LazyModule(types.ModuleType):
     """A standard module imported where it is first used, not at start-up: ``--help`` and the
-    job's wrapper pay only for what they use (``python -X importtime`` shows what that is)."""
+    job's wrapper pay only for what they use (``python -X importtime`` shows what that is).
+    ``spared``: a module it imports but seldom uses, left lazy too (see _import_sparing)."""
+
+    def __init__(self, name: str, spared: str = "") -> None:
+        super().__init__(name)
+        self.__spared = spared
 
     def __getattr__(self, name: str) -> Any:
         if sys.modules.get(self.__name__) is self:  # it stood in while another module was imported
             del sys.modules[self.__name__]
+        if self.__spared:
+            return getattr(_import_sparing(self.__name__, self.__spared), name)
         return getattr(__import__(self.__name__), name)
 
 
@@ -152,8 +161,9 @@ def _argparse() -> Any:
 
 if not TYPE_CHECKING:
     dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: classes with no docstring
-    logging = _import_sparing("logging", "traceback")  # traceback: to format an exception
+    logging = _LazyModule("logging", "traceback")  # traceback: to format an exception
     _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
+    copy = _LazyModule("copy")
     shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
     subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
 
@@ -166,7 +176,7 @@ __all__ = [
     "StackopsConnectionError", "HostKeyError", "TransferError",
     "RemoteStackOpsConfig", "WorkloadParams", "JobStatus", "ExecutionTimings", "JobParams",
     "FileManager", "Slots", "render_execution_script", "run_job", "serve", "read_state",
-    "judge_jobs", "job_reports", "fire_jobs", "cancel_job", "delete_job", "materialize",
+    "judge_jobs", "job_reports", "fire_jobs", "cancel_job", "delete_job",
     "call_job_part",
     "delete_own_results", "demo_job", "fill_placeholders",
     "notify_job_end", "is_job_process", "process_start_ticks",
@@ -180,7 +190,20 @@ __all__ = [
     "Sweep", "run_sweep", "load_sweep_grid", "sweep_job_ids",
 ]
 
-log = logging.getLogger("stackops")
+
+
+class _Logger:
+    """The "stackops" logger, logging imported when a line is first logged or a handler set (2 ms
+    of every start that logs nothing: ``--help``, most of the command line)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(logging.getLogger("stackops"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(logging.getLogger("stackops"), name, value)
+
+
+log: logging.Logger = _Logger()  # type: ignore[assignment]
 
 
 def _psutil() -> Any:
@@ -207,6 +230,11 @@ DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
 DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
 MAIL_DEADLINE = 30.0  # seconds for a whole SMTP exchange at a job's end (the config's "timeout")
+# what stackops sets in a job's environment (its id, attempt, slot, place in a sweep or a
+# workload, folders): a job's own env (--env) cannot set them
+JOB_ENV_NAMES = ("STACKOPS_JOB_ID", "STACKOPS_ATTEMPT", "STACKOPS_SLOT", "STACKOPS_SWEEP_INDEX",
+                 "STACKOPS_PART", "STACKOPS_PARTS", "STACKOPS_IDX_START", "STACKOPS_IDX_END",
+                 "STACKOPS_IDX_MIN", "STACKOPS_IDX_MAX", "STACKOPS_JOB_ROOT", "STACKOPS_RESULTS")
 
 STATUSES = ("prepared", "queued", "waiting", "running", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -319,7 +347,12 @@ class StackopsConnectionError(StackopsError, ConnectionError):
 
 
 class HostKeyError(StackopsConnectionError):
-    """The host's key is unknown (refused until accepted) or changed (always refused)."""
+    """The host's key is unknown (refused until accepted: ``unknown_key``, which is bad input
+    like a missing option) or changed (always refused)."""
+
+    def __init__(self, message: str, hint: str | None = None, unknown_key: bool = False) -> None:
+        super().__init__(message, hint)
+        self.unknown_key = unknown_key
 
 
 class TransferError(StackopsError):
@@ -346,6 +379,15 @@ class _SnapshotMismatchError(StackopsError):
         super().__init__(f"the repo changed while it was being sent: {path} no longer holds "
                          f"the bytes its snapshot names (sha256 {digest[:12]}...)",
                          hint="submit again once its files are written")
+
+
+_CLI: list[bool] = []  # not empty while main() runs a command: errors name its options
+
+
+def _option(api: str, cli: str) -> str:
+    """An option as the reader of an error will type it: ``cli`` (``--overwrite``) while main()
+    runs a command, else ``api`` (``overwrite=True``)."""
+    return cli if _CLI else api
 
 
 # -- errors as data: the executing side answers an error, the client raises it again -------------
@@ -695,6 +737,71 @@ def parse_slurm_option(text: str) -> tuple[str, str]:
     return key, value
 
 
+_ENV_NAME = _LazyPattern(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def check_job_env(env: Any, what: str = "env") -> dict[str, str]:
+    """``env`` as variables for a job's environment, refused (one line) unless each name is a
+    variable's name that stackops does not set itself (JOB_ENV_NAMES) and each value a string
+    without NUL."""
+    if not isinstance(env, dict):
+        raise ConfigError(f"{what} must be a dict of names and values, got {type(env).__name__}")
+    for name, value in env.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise ConfigError(f"{what}: {_shorten(repr(name), 60)} is not a variable's name",
+                              hint="letters, digits and _, not starting with a digit, e.g. "
+                                   "OMP_NUM_THREADS")
+        if name in JOB_ENV_NAMES:
+            raise ConfigError(f"{what}: stackops sets {name} itself, for every job",
+                              hint="it gives every job STACKOPS_JOB_ID, _ATTEMPT, _SLOT and, "
+                                   "where they apply, _SWEEP_INDEX, _PART(S), _IDX_*, _JOB_ROOT "
+                                   "and _RESULTS")
+        if not isinstance(value, str) or "\0" in value:
+            raise ConfigError(f"{what}: {name}'s value must be a string without NUL, got "
+                              f"{_shorten(repr(value), 60)}")
+    return env
+
+
+def parse_env_option(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` from the command line (--env), checked."""
+    name, equals, value = text.partition("=")
+    if not equals:
+        raise ConfigError(f"--env {_shorten(repr(text), 60)} is not KEY=VALUE",
+                          hint="e.g. --env OMP_NUM_THREADS=4 (KEY= for an empty value)")
+    check_job_env({name: value}, "--env")
+    return name, value
+
+
+def check_email_address(address: Any, what: str = "to_email") -> str:
+    """``address`` as one e-mail address, refused (one line) unless it is one line with one @,
+    something before it and a plausible domain after it."""
+    shown = _shorten(repr(address), 60)
+    if not isinstance(address, str):
+        raise ConfigError(f"{what} must be an e-mail address (a string), got {shown}")
+    why = _email_problem(address)
+    if why:
+        raise ConfigError(f"{what} {shown} is not an e-mail address: {why}",
+                          hint="e.g. me@example.org")
+    return address
+
+
+def _email_problem(address: str) -> str:
+    """What makes ``address`` no e-mail address ("" when nothing does)."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in address):
+        return "it holds a line break or another control character"
+    local, at, domain = address.partition("@")
+    if not at or "@" in domain:
+        return "it needs exactly one @"
+    if not local or any(char.isspace() for char in local):
+        return "what comes before its @ is empty or holds a space"
+    labels = domain.split(".")
+    plain = all(0 < len(label) <= 63 and label.replace("-", "").isalnum()
+                and label[0] != "-" and label[-1] != "-" for label in labels)
+    if len(labels) < 2 or not plain or labels[-1].isdigit():
+        return f"{domain!r} is not a domain name (dotted names of letters, digits and hyphens)"
+    return ""
+
+
 def _random_job_id() -> str:
     rng = random.SystemRandom()
     return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{rng.getrandbits(16):04x}"
@@ -1014,8 +1121,9 @@ def _validate_fields(instance: Any) -> None:
                               f"got {type(value).__name__} {_shorten(repr(value), 60)}")
 
 
-def _from_plain(cls: Any, data: Any, required: tuple[str, ...] = ()) -> Any:
-    """Build dataclass ``cls`` from a dict, refusing unknown and missing required keys."""
+def _from_plain(cls: Any, data: Any, required: tuple[str, ...] = (), blank: Any = None) -> Any:
+    """Build dataclass ``cls`` from a dict, refusing unknown and missing required keys (into
+    ``blank``, an instance made with ``cls.__new__``, if given)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     names = {spec.name for spec in dataclasses.fields(cls)}
@@ -1025,7 +1133,10 @@ def _from_plain(cls: Any, data: Any, required: tuple[str, ...] = ()) -> Any:
     missing = [name for name in required if name not in data]
     if missing:
         raise ConfigError(f"{cls.__name__}: missing field(s) {', '.join(missing)}")
-    return cls(**data)
+    if blank is None:
+        return cls(**data)
+    cls.__init__(blank, **data)
+    return blank
 
 
 @dataclasses.dataclass
@@ -1094,37 +1205,237 @@ class WorkloadParams:
         return f"Workload: {share:.2f}% of total, split among {self.jobs} threads."
 
 
-def _user_config_path() -> Path:
-    return expand_home(os.environ.get("STACKOPS_CONFIG") or DEFAULT_USER_CONFIG)
+# -- the user config file: defaults for every job, and per host ----------------------------------
+#
+#   {"default_email_address": "me@example.org", "default_email_config": "lab",
+#    "defaults": {"max_jobs": 2},
+#    "hosts": {"gpu-box": {"max_jobs": 4, "python": "~/venv/bin/python", "copy_repo": true,
+#                          "slurm": {"partition": "gpu"}, "env": {"OMP_NUM_THREADS": "4"}},
+#              "localhost": {"python": "python3.11"}}}
+#
+# A job on host H (its ssh_host as given; "localhost" for this machine) takes each setting from
+# hosts[H], else from defaults, else the built-in default; env and slurm key by key. An argument
+# given always wins; env and slurm given are laid over the file's, key by key.
+
+_HOST_SETTINGS = {  # a host entry's key -> the RemoteStackOpsConfig field it fills
+    "max_jobs": "max_simultaneous_jobs", "python": "python", "copy_repo": "copy_repo",
+    "slurm": "slurm_options", "env": "env"}
+_SETTING_TYPES = {"max_jobs": "a whole number, at least 1", "python": "an interpreter (a string)",
+                  "copy_repo": "true or false", "slurm": "an object of sbatch options (strings)",
+                  "env": "an object of environment variables (strings)",
+                  "default_email_address": "an e-mail address (a string)",
+                  "default_email_config": "a string", "defaults": "an object (a host entry)",
+                  "hosts": "an object: host alias -> host entry"}
+_USER_CONFIG_READ: dict[str, Any] = {}  # the last file read: its (path, stat) key and content
+
+
+class _UserDefault:
+    """The default of a setting the user config file may give: a value left out, told apart
+    from one given that equals the built-in default (``default``)."""
+
+    def __init__(self, default: Any) -> None:
+        self.default = default
+
+    def __repr__(self) -> str:
+        return f"<user config, else {self.default!r}>"
+
+
+def _from_user_config(default: Any) -> Any:
+    return _UserDefault(default)
+
+
+def user_config_location() -> tuple[Path, str]:
+    """The user config file and what chose it: STACKOPS_CONFIG, else $XDG_CONFIG_HOME (when
+    absolute, as the XDG spec says), else ~/.config."""
+    chosen = os.environ.get("STACKOPS_CONFIG")
+    if chosen:
+        return expand_home(chosen), "STACKOPS_CONFIG"
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "stackops" / "config.json", "XDG_CONFIG_HOME"
+    return expand_home(DEFAULT_USER_CONFIG), "default"
+
+
+def read_user_config() -> dict[str, Any]:
+    """The user config file, checked whole ({} when there is none): a key it does not know or a
+    value of the wrong type is refused, naming the file, the line and the key."""
+    path = user_config_location()[0]
+    try:
+        info = path.stat()
+        key = f"{path}\0{info.st_ino}\0{info.st_mtime_ns}\0{info.st_size}"
+        if _USER_CONFIG_READ.get("key") != key:
+            text = path.read_text(encoding="utf-8")
+            _USER_CONFIG_READ.update(key=key, data=_check_user_config(path, text))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{collapse_home(path)} cannot be read: {exc}") from exc
+    return dict(_USER_CONFIG_READ["data"])
+
+
+def _check_user_config(path: Path, text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        line = getattr(exc, "lineno", 1)
+        raise ConfigError(f"{collapse_home(path)}, line {line}: not JSON: "
+                          f"{getattr(exc, 'msg', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{collapse_home(path)}: must hold a JSON object",
+                          hint='e.g. {"hosts": {"gpu-box": {"max_jobs": 4}}}')
+    for key, value in data.items():
+        if key == "defaults":
+            _check_host_entry(path, text, [key], value)
+        elif key == "hosts":
+            _user_config_type(path, text, [key], key, isinstance(value, dict), value)
+            for host, entry in value.items():
+                _check_host_entry(path, text, [key, host], entry)
+        elif key in ("default_email_address", "default_email_config"):
+            _user_config_type(path, text, [key], key, isinstance(value, str) and value != "",
+                              value)
+            if key == "default_email_address":
+                _located(path, text, [key], check_email_address, value, key)
+        else:
+            raise _user_config_error(path, text, [key], f"unknown key {key!r}",
+                                     "known keys: default_email_address, default_email_config, "
+                                     "defaults, hosts")
+    return data
+
+
+def _check_host_entry(path: Path, text: str, keys: list[str], entry: Any) -> None:
+    where = ".".join(keys)
+    _user_config_type(path, text, keys, "defaults", isinstance(entry, dict), entry)
+    for key, value in entry.items():
+        if key not in _HOST_SETTINGS:
+            raise _user_config_error(path, text, [*keys, key], f"unknown key {key!r} in {where}",
+                                     f"a host entry knows {', '.join(_HOST_SETTINGS)}")
+        if key == "max_jobs":
+            right = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif key == "copy_repo":
+            right = isinstance(value, bool)
+        elif key == "python":
+            right = isinstance(value, str) and value.strip() != ""
+        else:
+            right = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        _user_config_type(path, text, [*keys, key], key, right, value)
+        for item, setting in value.items() if key in ("slurm", "env") else ():
+            if key == "slurm":
+                _located(path, text, [*keys, key, item], check_slurm_options, {item: setting})
+            else:
+                _located(path, text, [*keys, key, item], check_job_env, {item: setting},
+                         f"{where}.env")
+
+
+def _user_config_type(path: Path, text: str, keys: list[str], kind: str, right: bool,
+                      value: Any = None) -> None:
+    """Refuse the value at ``keys`` unless it is ``right``: it must be _SETTING_TYPES[kind]."""
+    if not right:
+        got = "" if value is None else f", got {_shorten(json.dumps(value), 40)}"
+        raise _user_config_error(path, text, keys,
+                                 f"{'.'.join(keys)} must be {_SETTING_TYPES[kind]}{got}")
+
+
+def _located(path: Path, text: str, keys: list[str], check: Callable[..., Any],
+             *args: Any) -> None:
+    """``check(*args)``, its refusal said with the file and the line of ``keys``."""
+    try:
+        check(*args)
+    except ConfigError as exc:
+        raise _user_config_error(path, text, keys, str(exc), exc.hint) from None
+
+
+def _user_config_error(path: Path, text: str, keys: list[str], message: str,
+                       hint: str | None = None) -> ConfigError:
+    return ConfigError(f"{collapse_home(path)}, line {_json_key_line(text, keys)}: {message}",
+                       hint=hint)
+
+
+def _json_key_line(text: str, keys: list[str]) -> int:
+    """The line of the JSON ``text`` where the path of object ``keys`` is (as far as it goes;
+    a key given twice: its last, which is the one json keeps)."""
+    decoder = json.JSONDecoder()
+
+    def skip(at: int) -> int:  # past blanks
+        while text[at:at + 1] in (" ", "\t", "\n", "\r"):
+            at += 1
+        return at
+
+    at, line_at = skip(0), 0
+    for key in keys:
+        if text[at:at + 1] != "{":
+            break
+        at, found = skip(at + 1), None
+        while text[at:at + 1] == '"':
+            name, end = decoder.raw_decode(text, at)  # the key: a JSON string
+            value_at = skip(skip(end) + 1)  # past the colon
+            if name == key:
+                found = (at, value_at)
+            at = skip(decoder.raw_decode(text, value_at)[1])
+            at = skip(at + 1) if text[at:at + 1] == "," else at
+        if found is None:
+            break
+        line_at, at = found
+    return text.count("\n", 0, line_at) + 1
+
+
+def user_settings(ssh_host: str | None) -> dict[str, Any]:
+    """What the user config file sets for a job on ``ssh_host`` ("localhost": this machine; None:
+    no host's entry): its host entry's keys over its defaults', env and slurm merged key by key
+    (see above)."""
+    merged: dict[str, Any] = {}
+    for key, (value, _) in _user_settings_from(ssh_host).items():
+        name, _, item = key.partition(".")
+        if item:
+            merged.setdefault(name, {})[item] = value
+        else:
+            merged[name] = value
+    return merged
+
+
+def _user_settings_from(ssh_host: str | None) -> dict[str, tuple[Any, list[str]]]:
+    """Each setting for ``ssh_host`` ("env.NAME" for an item of env or slurm) with the keys that
+    set it in the file."""
+    data = read_user_config()
+    found: dict[str, tuple[Any, list[str]]] = {}
+    entries = [(["defaults"], data.get("defaults") or {})]
+    hosts = data.get("hosts") or {}
+    if ssh_host is not None and ssh_host in hosts:
+        entries.append((["hosts", ssh_host], hosts[ssh_host]))
+    for keys, entry in entries:
+        for key, value in entry.items():
+            if isinstance(value, dict):
+                found.update({f"{key}.{item}": (v, [*keys, key, item])
+                              for item, v in value.items()})
+            else:
+                found[key] = (value, [*keys, key])
+    return found
 
 
 def read_user_config_value(key: str, purpose: str) -> str:
     """One string from the user config file, or a ConfigError naming the file and the key."""
-    path = _user_config_path()
-    hint = f'add {{"{key}": "..."}} to {path}, or pass the value explicitly'
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{purpose} needs '{key}', and {path} does not exist",
-                          hint=hint) from None
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"{purpose} needs '{key}', and {path} cannot be read: {exc}",
-                          hint=hint) from exc
-    value = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{purpose} needs '{key}', which {path} does not set", hint=hint)
-    return value
+    path = user_config_location()[0]
+    hint = f'add {{"{key}": "..."}} to {collapse_home(path)}, or pass the value explicitly'
+    if not path.exists():
+        raise ConfigError(f"{purpose} needs '{key}', and {collapse_home(path)} does not exist",
+                          hint=hint)
+    value = read_user_config().get(key)
+    if not value:
+        raise ConfigError(f"{purpose} needs '{key}', which {collapse_home(path)} does not set",
+                          hint=hint)
+    return str(value)
 
 
 @dataclasses.dataclass
 class RemoteStackOpsConfig:
-    """What to run where, and how: the typed job description a RemoteMachine consumes."""
+    """What to run where, and how: the typed job description a RemoteMachine consumes.
+    ``copy_repo``, ``max_simultaneous_jobs``, ``python``, ``slurm_options`` and ``env`` left out
+    come from the user config file for ``ssh_host`` (see user_settings), else their defaults."""
 
     job_id: str = dataclasses.field(default_factory=_random_job_id)
     base_dir: str = DEFAULT_BASE_DIR
     description: str = ""
     ssh_host: str | None = None
-    copy_repo: bool = False
+    copy_repo: bool = _from_user_config(False)
     update_repo: bool = False
     install_repo: bool = False
     data: list[str] = dataclasses.field(default_factory=list)
@@ -1139,10 +1450,10 @@ class RemoteStackOpsConfig:
     wrap_in_try_except: bool = False
     parallelize: bool = False
     lock_resources: bool = True
-    max_simultaneous_jobs: int = 1
+    max_simultaneous_jobs: int = _from_user_config(1)
     workload_params: WorkloadParams | None = None
     # interpreter on the executing machine; None: this one locally, python3 on a host
-    python: str | None = None
+    python: str | None = _from_user_config(None)
     accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
     ssh_timeout: float = 15.0  # seconds to connect, to open a command, or for a transfer to stall
     slurm_options: dict[str, str] = dataclasses.field(default_factory=dict)  # sbatch long options
@@ -1153,12 +1464,15 @@ class RemoteStackOpsConfig:
     # wait for this many of the machine's GPUs (their own pool of slots) and get exactly them
     gpus: int = 0
     group: str | None = None  # a named pool with its own max_simultaneous_jobs
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # the job's own variables
 
     def __post_init__(self) -> None:
         if isinstance(self.workload_params, dict):
             self.workload_params = WorkloadParams.from_dict(self.workload_params)
+        self._take_user_settings()
         _validate_fields(self)
-        check_safe_name(self.job_id)
+        check_job_env(self.env, _option("env", "--env"))
+        check_safe_name(self.job_id, _option("job_id", "--job-id"))
         if not self.base_dir.strip():
             raise ConfigError("base_dir must not be empty")
         if self.transfer_method not in TRANSFER_METHODS:
@@ -1176,52 +1490,94 @@ class RemoteStackOpsConfig:
                               hint="leave out one of the two")
         check_slurm_options(self.slurm_options)
         if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
-            raise ConfigError(f"retries must be 0 to 100 and retry_delay 0 to 86400 seconds, got "
-                              f"{self.retries} and {self.retry_delay}")
+            raise ConfigError(f"{_option('retries', '--retries')} must be 0 to 100 and "
+                              f"{_option('retry_delay', '--retry-delay')} 0 to 86400 seconds, "
+                              f"got {self.retries} and {self.retry_delay}")
         self._check_pool()
         for parent in self.after:
-            check_safe_name(parent, "after")
+            check_safe_name(parent, _option("after", "--after"))
             if parent == self.job_id:
                 raise ConfigError(f"job {self.job_id} cannot run after itself")
         if self.launch_method == "slurm":
             self._check_slurm_combination()
         elif self.slurm_options:
-            raise ConfigError("slurm_options are for launch_method='slurm'", hint="add --slurm")
+            slurm = _option("launch_method='slurm'", "--slurm")
+            raise ConfigError(f"{_option('slurm_options', '--slurm-opt')} are for {slurm}",
+                              hint=f"add {slurm}")
         if self.transfer_method == "cloud" and not self.cloud_name:
-            raise ConfigError("cloud_name must be provided when transfer_method is 'cloud'",
-                              hint="pass cloud_name=<an rclone remote name>")
+            raise ConfigError(f"{_option('transfer_method', '--transfer')} 'cloud' needs "
+                              f"{_option('cloud_name', '--cloud')}",
+                              hint=f"pass {_option('cloud_name=', '--cloud ')}<an rclone remote>")
         if self.max_simultaneous_jobs < 1:
-            raise ConfigError("max_simultaneous_jobs must be at least 1, got "
-                              f"{self.max_simultaneous_jobs}")
+            raise ConfigError(f"{_option('max_simultaneous_jobs', '--max-jobs')} must be at least "
+                              f"1, got {self.max_simultaneous_jobs}")
         if self.copy_repo and self.update_repo:
-            raise ConfigError("copy_repo and update_repo cannot go together: the job runs its own "
-                              "snapshot "
-                              "of the code sent from here, which has no .git to pull into",
-                              hint="pull here and send the result with copy_repo, or drop "
-                                   "copy_repo to "
-                                   "git pull the host's own clone")
+            copy_repo = _option("copy_repo", "--copy-repo")
+            raise ConfigError(f"{copy_repo} and {_option('update_repo', '--update-repo')} cannot "
+                              "go together: the job runs its own snapshot of the code sent from "
+                              "here, which has no .git to pull into",
+                              hint=f"pull here and send the result with {copy_repo}, or drop "
+                                   f"{copy_repo} to git pull the host's own clone")
         if self.python is not None and not self.python.strip():
-            raise ConfigError("python must name an interpreter, e.g. 'python3'")
+            raise ConfigError(f"{_option('python', '--python')} must name an interpreter, e.g. "
+                              "'python3'")
         if not self.ssh_timeout > 0:
-            raise ConfigError(f"ssh_timeout must be positive seconds, got {self.ssh_timeout}")
-        if self.notify_upon_completion:
-            if self.to_email is None:
-                self.to_email = read_user_config_value("default_email_address",
-                                                       "notify_upon_completion")
-            if self.email_config_name is None:
-                self.email_config_name = read_user_config_value("default_email_config",
-                                                                "notify_upon_completion")
+            raise ConfigError(f"{_option('ssh_timeout', '--ssh-timeout')} must be positive "
+                              f"seconds, got {self.ssh_timeout}")
+        self._take_email_settings()
+
+    def _take_user_settings(self) -> None:
+        """Fill in the settings left out from the user config file for ssh_host (env and
+        slurm_options key by key, under the ones given). A config read back from a job's record
+        (from_dict) is complete: the file is not read, and what it lacks takes the default."""
+        self._given = {field: copy.copy(getattr(self, field)) for field in _HOST_SETTINGS.values()
+                       if not isinstance(getattr(self, field), _UserDefault)}
+        complete = self.__dict__.pop("_complete", False)
+        cloud = self.launch_method == "cloud_manager"  # no host of its own: the defaults only
+        found = {} if complete else user_settings(None if cloud else self.ssh_host or "localhost")
+        for key, field in _HOST_SETTINGS.items():
+            value = getattr(self, field)
+            unused = (key == "slurm" and self.launch_method != "slurm"
+                      or key == "copy_repo" and self.update_repo)  # given ones win
+            if key not in found or unused:
+                setattr(self, field, value.default if isinstance(value, _UserDefault) else value)
+            elif isinstance(value, dict):
+                setattr(self, field, {**found[key], **value})
+            elif isinstance(value, _UserDefault):
+                setattr(self, field, found[key])
+
+    def _take_email_settings(self) -> None:
+        if self.to_email is not None:
+            check_email_address(self.to_email, _option("to_email", "--email"))
+        notify = _option("notify_upon_completion", "--notify")
+        if self.notify_upon_completion and self.to_email is None:
+            self.to_email = read_user_config_value("default_email_address", notify)
+        if self.notify_upon_completion and self.email_config_name is None:
+            self.email_config_name = read_user_config_value("default_email_config", notify)
+
+    def _for_host(self, ssh_host: str, **changes: Any) -> RemoteStackOpsConfig:
+        """This config for a job on ``ssh_host`` (a cluster's part): the settings given stay,
+        the ones the user config file gave are taken again for that host."""
+        data = dict(self.to_dict(), ssh_host=ssh_host, **changes)
+        if self._given.keys() == set(_HOST_SETTINGS.values()):  # all given (or a record)
+            return RemoteStackOpsConfig.from_dict(data)
+        for field in _HOST_SETTINGS.values():
+            data.pop(field)
+        return RemoteStackOpsConfig(**data, **{f: copy.copy(v) for f, v in self._given.items()})
 
     def _check_pool(self) -> None:
+        gpus, group = _option("gpus", "--gpus"), _option("group", "--group")
         if not 0 <= self.gpus <= 64:
-            raise ConfigError(f"gpus must be 0 to 64, got {self.gpus}")
+            raise ConfigError(f"{gpus} must be 0 to 64, got {self.gpus}")
         if self.group is not None:
-            check_safe_name(self.group, "group")
+            check_safe_name(self.group, group)
         if self.gpus and (self.group is not None or not self.lock_resources):
-            raise ConfigError("gpus is a pool of its own: it goes with neither group nor "
-                              "lock_resources=False")
+            raise ConfigError(f"{gpus} is a pool of its own: it goes with neither {group} nor "
+                              f"{_option('lock_resources=False', '--no-lock')}")
         if self.gpus and self.launch_method == "slurm":
-            raise ConfigError("with Slurm, ask Slurm for GPUs", hint="--slurm-opt gres=gpu:N")
+            raise ConfigError("with Slurm, ask Slurm for GPUs",
+                              hint=_option("slurm_options={'gres': 'gpu:N'}",
+                                           "--slurm-opt gres=gpu:N"))
 
     @property
     def pool(self) -> str:
@@ -1230,17 +1586,24 @@ class RemoteStackOpsConfig:
 
     def _check_slurm_combination(self) -> None:
         for flag, what in ((self.interactive, "an interactive job"),
-                           (self.transfer_method == "cloud", "transfer_method='cloud'"),
-                           (self.parallelize, "parallelize (use the array)")):
+                           (self.transfer_method == "cloud",
+                            _option("transfer_method='cloud'", "--transfer cloud")),
+                           (self.parallelize,
+                            _option("parallelize", "--parallelize") + " (use the array)")):
             if flag:
-                raise ConfigError(f"launch_method='slurm' cannot run {what}")
+                slurm = _option("launch_method='slurm'", "--slurm")
+                raise ConfigError(f"{slurm} cannot run {what}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Any) -> RemoteStackOpsConfig:
-        return _from_plain(cls, data, required=("job_id",))
+        """A config as to_dict wrote it (a job's record): taken as it is, the user config file
+        is not read."""
+        blank = cls.__new__(cls)
+        blank.__dict__["_complete"] = True  # see _take_user_settings
+        return _from_plain(cls, data, ("job_id",), blank)
 
 
 @dataclasses.dataclass
@@ -1358,6 +1721,27 @@ def _module_name_for(file: Path) -> str:
     return ".".join(parts)
 
 
+def _closest(word: str, words: list[str]) -> str:
+    """The one of ``words`` a typo of ``word`` most likely meant ("" when none is close)."""
+    import difflib
+
+    found = difflib.get_close_matches(word, words, n=1)
+    return found[0] if found else ""
+
+
+def _entry_point_hint(text: str) -> str | None:
+    """For ``pkg.mod:func`` (an entry point's spelling) the FILE.py:FUNC form stackops takes,
+    with the module's file when it is here."""
+    match = re.match(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_][\w.]*)\Z", text)
+    if match is None:
+        return None
+    base = match[1].replace(".", "/")
+    for candidate in (f"{base}.py", f"{base}/__init__.py", f"src/{base}.py"):
+        if Path(candidate).is_file():
+            return f"a function is FILE.py:FUNC here: {candidate}:{match[2]}"
+    return f"a function is FILE.py:FUNC, e.g. {base}.py:{match[2]}"
+
+
 def _top_level_names(file: Path, text: str | None = None) -> set[str]:
     """Names a module defines at its top level, read without importing it (from ``text``, the
     file's bytes as a snapshot holds them, when given)."""
@@ -1437,8 +1821,8 @@ class JobParams:
         file = expand_home(path)
         if not file.exists():
             raise ConfigError(f"script not found: {path}",
-                              hint=f"a command? put it after --: {_prog()} run [options] -- "
-                                   "COMMAND [ARGS...]")
+                              hint=_entry_point_hint(str(path)) or "a command? put it after --: "
+                                   f"{_prog()} run [options] -- COMMAND [ARGS...]")
         if not file.is_file():
             raise ConfigError(f"not a script file: {path} is a "
                               f"{'directory' if file.is_dir() else 'special file'}")
@@ -1470,11 +1854,15 @@ class JobParams:
             raise ConfigError(f"{ref!r} is not FILE.py:FUNCTION", hint="e.g. mypkg/jobs.py:train")
         file = expand_home(path)
         if not file.is_file() or file.suffix != ".py":
-            raise ConfigError(f"no Python file {path!r} (from {ref!r})")
+            near = _closest(file.name, [p.name for p in file.parent.glob("*.py")])
+            raise ConfigError(f"no Python file {path!r} (from {ref!r})", hint=near and (
+                f"did you mean {near!r}? ({os.path.join(os.path.dirname(path), near)}:{qualname})"))
         file = file.resolve()
-        head = qualname.split(".")[0]
-        if head not in _top_level_names(file):
-            raise ConfigError(f"{path} defines no top-level {head!r}")
+        head, names = qualname.split(".")[0], _top_level_names(file)
+        if head not in names:
+            near = _closest(head, sorted(names))
+            raise ConfigError(f"{path} defines no top-level {head!r}", hint=near and (
+                f"did you mean {near!r}? ({path}:{qualname.replace(head, near, 1)})"))
         module = _module_name_for(file)
         cls_name, _, func = qualname.rpartition(".")
         return cls._for_module(file, module, func, cls_name or None, "function")
@@ -1540,7 +1928,8 @@ class JobParams:
             lines = _command_execution_lines(workload_params, parallelize)
         elif self.kind == "script":
             if parallelize:
-                raise ConfigError("parallelize=True needs a function; a script cannot be split")
+                raise ConfigError(f"{_option('parallelize=True', '--parallelize')} needs a "
+                                  "function; a script cannot be split")
             lines = []
             if workload_params is not None:
                 lines.append("workload_params = "
@@ -1550,7 +1939,8 @@ class JobParams:
             lines.append("res = job.run_script(func_kwargs, workload_params)")
         elif workload_params is None:
             if parallelize:
-                raise ConfigError("parallelize=True needs workload_params")
+                raise ConfigError(f"{_option('parallelize=True', '--parallelize')} needs "
+                                  f"{_option('workload_params', '--workload')}")
             lines = ["func = job.load_callable()", "res = func(**func_kwargs)"]
         elif not parallelize:
             lines = [f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})",
@@ -4925,9 +5315,9 @@ def _paramiko_invoke() -> None:
         paramiko.config.invoke = invoke  # type: ignore[attr-defined]
 
 
-_TARGET = re.compile(r"(?:(?P<user>[^@\s/:]+)@)?"
-                     r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
-                     r"(?::(?P<port>\d+))?\Z")
+_TARGET = _LazyPattern(r"(?:(?P<user>[^@\s/:]+)@)?"
+                       r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
+                       r"(?::(?P<port>\d+))?\Z")
 
 
 def _check_port(port: Any, where: str) -> int:
@@ -5448,8 +5838,10 @@ def _host_key_policy(accept: bool, revoked: set[str], record: Path) -> Any:
             if not accept:
                 raise HostKeyError(
                     f"host key of {hostname} is unknown ({key.get_name()} {_fingerprint(key)})",
-                    hint="if you trust it: pass --accept-new (accept_new_host_key=True), or set "
-                         "StrictHostKeyChecking accept-new for it in ~/.ssh/config")
+                    hint=f"if you trust it: pass "
+                         f"{_option('accept_new_host_key=True', '--accept-new')}, or set "
+                         "StrictHostKeyChecking accept-new for it in ~/.ssh/config",
+                    unknown_key=True)
             client.get_host_keys().add(hostname, key.get_name(), key)
             _append_known_host(record, f"{hostname} {key.get_name()} {key.get_base64()}")
             log.warning("recorded the host key of %s in %s", hostname, record)
@@ -5677,7 +6069,8 @@ def _upload(ssh: SSH, source_path: str | os.PathLike[str], target_rel2home: str 
     if not source.exists():
         raise ConfigError(f"nothing to copy at {source_path}")
     if source.is_dir() and not recursive:
-        raise ConfigError(f"{source_path} is a folder: pass recursive=True (-r) to copy folders")
+        raise ConfigError(f"{collapse_home(source)} is a folder: pass "
+                          f"{_option('recursive=True', '-r')} to copy folders")
     relative = target_rel2home if target_rel2home is not None else _home_relative(source)
     target = _remote_target(relative)
     staging = _prepare_target(ssh, target, overwrite)
@@ -5724,7 +6117,8 @@ def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
                           "a folder holding it, or /", hint="name a folder inside it")
     if response.returncode == 17:
         raise ConfigError(f"{target} already exists on {ssh.target.alias}",
-                          hint="pass overwrite (--overwrite) to replace it")
+                          hint=f"pass {_option('overwrite_existing=True', '--overwrite')} to "
+                               "replace it")
     if response.returncode != 0:
         raise TransferError(f"cannot prepare {where}: {_last_line(response.stderr)}")
     return staging
@@ -5943,7 +6337,8 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
     if kind == "missing":
         raise ConfigError(f"nothing to copy at {ssh.target.alias}:{remote}")
     if kind == "dir" and not recursive:
-        raise ConfigError(f"{remote} is a folder: pass recursive=True (-r) to copy folders")
+        raise ConfigError(f"{remote} is a folder: pass {_option('recursive=True', '-r')} to copy "
+                          "folders")
     if target is None and not remote.startswith("~"):
         raise ConfigError(f"{remote} is outside the host's home, so it has no home-relative "
                           "place here", hint="give the target path explicitly")
@@ -6159,8 +6554,8 @@ def _free_destination(destination: Path, overwrite: bool) -> Path:
         raise ConfigError(f"{destination} is your home, or holds it: a copy never replaces that",
                           hint="name a folder inside it")
     if (destination.exists() or destination.is_symlink()) and not overwrite:
-        raise ConfigError(f"{destination} already exists",
-                          hint="pass overwrite (--overwrite) to replace it")
+        raise ConfigError(f"{collapse_home(destination)} already exists",
+                          hint=f"pass {_option('overwrite=True', '--overwrite')} to replace it")
     return destination
 
 
@@ -6352,7 +6747,8 @@ def _read_kwargs_file(source: str) -> str:
         if info.st_size > MAX_KWARGS_BYTES:
             size = f"{info.st_size / 2**20:.0f} MiB"
             raise ConfigError(f"kwargs file {source} is {size}, more than {limit}",
-                              hint="send big inputs as --data files; pass their paths as kwargs")
+                              hint=f"send big inputs as {_option('data', '--data')} files; pass "
+                                   "their paths as kwargs")
         with os.fdopen(os.dup(fd), "rb") as handle:
             data = handle.read(MAX_KWARGS_BYTES + 1)
     except OSError as exc:
@@ -6482,8 +6878,9 @@ def _check_call(parameters: list[tuple[str, str, bool]] | None, kwargs: dict[str
                if not has_default and not kind.startswith("VAR_") and n not in given]
     if missing:
         needed = ", ".join(map(repr, missing))
+        example = f'{{"{missing[0]}": ...}}'
         raise ConfigError(f"{what} needs {needed}, which the kwargs do not give",
-                          hint=f"e.g. --kwargs '{{\"{missing[0]}\": ...}}'")
+                          hint="e.g. " + _option(f"func_kwargs={example}", f"--kwargs '{example}'"))
 
 
 REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache",
@@ -7441,7 +7838,8 @@ class _Here(_Place):
     def check_where_it_runs(self, machine: RemoteMachine) -> None:
         if shutil.which(os.path.expanduser(machine.python)) is None:
             raise ConfigError(f"the interpreter {machine.python!r} is not found on this machine",
-                              hint="pass --python (python=) with an installed interpreter")
+                              hint=f"pass {_option('python=', '--python')} with an installed "
+                                   "interpreter")
         if machine.config.notify_upon_completion:
             load_email_config(machine.config.email_config_name or "")
 
@@ -7559,7 +7957,8 @@ class _OverSSH(_Place):
         raise ConfigError(f"the results of job {machine.job_id} are at {self.host_name}:{results}, "
                           f"outside the job's own results folder ({own[0]}); stackops writes "
                           "there only when you say so",
-                          hint=f"give the target: download {machine.job_id} --to DIR")
+                          hint="give the target: " + _option(
+                              "download_results(target)", f"download {machine.job_id} --to DIR"))
 
     def fetch_results(self, machine: RemoteMachine, results: Path,
                       target: str | os.PathLike[str] | None, overwrite: bool,
@@ -7700,7 +8099,8 @@ class _Launcher:
         way (for Slurm, already handed to Slurm); returns its Slurm id or ""."""
         parent = self._parent(machine, parent_id)
         if parent.host_name != machine.host_name or parent.uses_slurm != machine.uses_slurm:
-            raise ConfigError(f"--after {parent.job_id}: that job runs on {parent.host_name}"
+            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job runs on "
+                              f"{parent.host_name}"
                               f"{' under Slurm' if parent.uses_slurm else ''}; "
                               "this one must run in the same place")
         return ""
@@ -7710,8 +8110,8 @@ class _Launcher:
         try:
             return RemoteMachine.load(parent_id, machine.config.base_dir)
         except ConfigError:
-            raise ConfigError(f"--after {parent_id}: no such job here",
-                              hint="list shows the jobs") from None
+            raise ConfigError(f"{_option('after', '--after')} {parent_id}: no such job here",
+                              hint=f"{_prog()} list shows the jobs") from None
 
     def run(self, machine: RemoteMachine, run: bool, show_scripts: bool,
             progress: Callable[[int], None] | None) -> None:
@@ -7787,7 +8187,8 @@ class _CloudQueueLauncher(_SlotLauncher):
             progress: Callable[[int], None] | None) -> None:
         if not run:
             raise ConfigError("a cloud_manager job is started by a worker as soon as it is "
-                              "queued: run=False (--no-launch) has no meaning for it")
+                              f"queued: {_option('run=False', '--no-launch')} has no meaning "
+                              "for it")
         machine.units = self.submit(machine, 1)
         log.info("job %s queued on %s as unit %s", machine.job_id,
                  cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
@@ -7891,9 +8292,10 @@ class _SlurmLauncher(_Launcher):
         """A Slurm job needs sbatch where it is submitted: refused before anything is written
         (on a host, its hand-over checks it in the same round trip)."""
         if not machine.is_remote and shutil.which("sbatch") is None:
-            raise ConfigError(f"launch_method='slurm' needs sbatch on {machine.host_name}, "
-                              "and there is none",
-                              hint="submit from a Slurm login node (--host), or leave out --slurm")
+            slurm = _option("launch_method='slurm'", "--slurm")
+            raise ConfigError(f"{slurm} needs sbatch on {machine.host_name}, and there is none",
+                              hint=f"submit from a Slurm login node "
+                                   f"({_option('ssh_host', '--host')}), or leave out {slurm}")
 
     def array_parts(self, machine: RemoteMachine) -> list[WorkloadParams]:
         whole = machine.config.workload_params
@@ -7916,11 +8318,13 @@ class _SlurmLauncher(_Launcher):
         super().after(machine, parent_id)
         parent = self._parent(machine, parent_id)
         if parent.slurm_job_id is None:
-            raise ConfigError(f"--after {parent.job_id}: that job was never handed to Slurm")
+            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job was "
+                              "never handed to Slurm")
         status = parent.get_status(0).status
         if status in ("failed", "cancelled"):
-            raise ConfigError(f"--after {parent.job_id}: that job {status}, so this one would "
-                              "never run", hint=f"{_prog()} rerun {parent.job_id} first")
+            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job {status}, "
+                              "so this one would never run",
+                              hint=f"{_prog()} rerun {parent.job_id} first")
         return "" if status == "completed" else parent.slurm_job_id
 
     def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
@@ -9008,9 +9412,11 @@ def sweep_job_ids(sweep_id: str, count: int) -> list[str]:
 
 
 def _check_sweep_config(config: RemoteStackOpsConfig) -> None:
-    refused = [(config.launch_method != "remotely", f"launch_method {config.launch_method!r}"),
-               (config.transfer_method != "sftp", "transfer_method 'cloud'"),
-               (config.interactive, "interactive jobs")]
+    launch = _option(f"launch_method {config.launch_method!r}", "--slurm")
+    refused = [(config.launch_method != "remotely", launch),
+               (config.transfer_method != "sftp", _option("transfer_method 'cloud'",
+                                                          "--transfer cloud")),
+               (config.interactive, _option("interactive jobs", "--interactive"))]
     for flag, what in refused:
         if flag:
             raise ConfigError(f"a sweep cannot run {what}",
@@ -9156,7 +9562,7 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
     if taken:
         raise ConfigError(f"sweep {config.job_id!r} would reuse the id of {', '.join(taken[:3])}"
                           + (f" and {len(taken) - 3} more" if len(taken) > 3 else ""),
-                          hint="choose another --job-id")
+                          hint=f"choose another {_option('job_id', '--job-id')}")
     template.preflight()
     jobs = [_sweep_member(template, job_id, kwargs) for job_id, kwargs in zip(ids, lines)]
     _put_sweep_in_place(template, jobs, run, progress)
@@ -9337,7 +9743,8 @@ class Cluster:
                  ditch_unavailable: bool = True, description: str = "", job_id: str | None = None,
                  base_dir: str | None = None, max_num: int = 1000) -> None:
         if not ssh_hosts or len(set(ssh_hosts)) != len(ssh_hosts):
-            raise ConfigError("Cluster needs at least one host, each named once")
+            raise ConfigError(f"{_option('Cluster', 'cluster run --hosts')} needs at least one "
+                              "host, each named once")
         for host in ssh_hosts:
             parse_ssh_target(host)
         self.func = func
@@ -9349,7 +9756,8 @@ class Cluster:
         self.config = config or RemoteStackOpsConfig()
         self.func_kwargs = _check_kwargs(func_kwargs)
         if "workload_params" in self.func_kwargs:
-            raise ConfigError("the Cluster sets workload_params itself; remove it from func_kwargs")
+            raise ConfigError("the Cluster sets workload_params itself; remove it from "
+                              + _option("func_kwargs", "--kwargs"))
         if self.job_params is not None:
             _check_call(_parameters(func, self.job_params), self.func_kwargs, True,
                         f"{self.job_params.func_name}()")
@@ -9410,16 +9818,28 @@ class Cluster:
                 self._ssh[host], self.specs[host] = result
         if failed and not self.ditch_unavailable:
             self.close()
-            raise StackopsConnectionError("cannot reach "
-                                          + "; ".join(f"{h}: {e}" for h, e in failed.items()),
-                                          hint="fix them, or pass ditch_unavailable=True to go on "
-                                               "without them")
+            raise self._unreachable(results, "cannot reach " + "; ".join(
+                f"{h}: {e}" for h, e in failed.items()), "fix them, or " + _option(
+                    "pass ditch_unavailable=True", "leave out --strict") + " to go on without them")
         for host, error in failed.items():
             log.warning("leaving %s out of cluster %s: %s", host, self.job_id, error)
         self.unavailable.update(failed)
         if not self._ssh:
-            raise StackopsConnectionError(f"no host of cluster {self.job_id} is reachable")
+            raise self._unreachable(results, f"no host of cluster {self.job_id} is reachable")
         return self
+
+    @staticmethod
+    def _unreachable(results: dict[str, Any], message: str, hint: str = "") -> StackopsError:
+        """The error of hosts that could not be reached; with the accept-new hint when some were
+        refused for an unknown host key, and as bad input when that is all that was wrong."""
+        errors = [r for r in results.values() if isinstance(r, Exception)]
+        unknown = [e for e in errors if isinstance(e, HostKeyError) and e.unknown_key]
+        hints = [hint] if hint else []
+        if unknown:
+            hints.insert(0, f"unknown host keys: {unknown[0].hint}")
+        if unknown and len(unknown) == len(errors):
+            return HostKeyError(message, "; ".join(hints), unknown_key=True)
+        return StackopsConnectionError(message, hint="; ".join(hints) or None)
 
     def generate_standard_kwargs(self) -> dict[str, WorkloadParams]:
         """Each reachable host's slice of ``[0, max_num)`` and its thread count."""
@@ -9435,12 +9855,11 @@ class Cluster:
         return self.workloads
 
     def _machine_config(self, index: int, host: str) -> RemoteStackOpsConfig:
-        data = self.config.to_dict()
-        data.update(job_id=f"{self.job_id}_{index}", ssh_host=host,
-                    base_dir=collapse_home(self.root_dir),
-                    description=self.description or self.config.description,
-                    workload_params=self.workloads[host].to_dict())
-        return RemoteStackOpsConfig.from_dict(data)
+        """A part's config: the cluster's, with what the user config file says for its host."""
+        return self.config._for_host(host, job_id=f"{self.job_id}_{index}",
+                                     base_dir=collapse_home(self.root_dir),
+                                     description=self.description or self.config.description,
+                                     workload_params=self.workloads[host].to_dict())
 
     def submit(self) -> Cluster:
         """One RemoteMachine per host, generated here and submitted to all hosts in parallel."""
@@ -10041,15 +10460,14 @@ def _cmd_run(args: Any) -> int:
     target = _run_target(args)
     config = RemoteStackOpsConfig(
         job_id=args.job_id or _random_job_id(), base_dir=args.base_dir,
-        description=args.description,
-        ssh_host=args.host, copy_repo=args.copy_repo, accept_new_host_key=args.accept_new,
+        description=args.description, **_given_settings(args),
+        ssh_host=args.host, accept_new_host_key=args.accept_new,
         transfer_method=args.transfer, cloud_name=args.cloud,
         update_repo=args.update_repo, install_repo=args.install_repo, data=args.data,
         interactive=args.interactive, wrap_in_try_except=args.try_except,
         parallelize=args.parallelize,
-        lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs,
-        ssh_timeout=args.ssh_timeout,
-        workload_params=_parse_workload(args.workload, args.parallelize), python=args.python,
+        lock_resources=not args.no_lock, ssh_timeout=args.ssh_timeout,
+        workload_params=_parse_workload(args.workload, args.parallelize),
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
         retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
@@ -10060,6 +10478,15 @@ def _cmd_run(args: Any) -> int:
     machine = RemoteMachine(target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
         return _run_and_report(machine, args)
+
+
+def _given_settings(args: Any) -> dict[str, Any]:
+    """The settings the user config file may give that the command line gives: the others are
+    left out, for the file to fill in (see RemoteStackOpsConfig)."""
+    given = {"copy_repo": args.copy_repo, "max_simultaneous_jobs": args.max_jobs,
+             "python": getattr(args, "python", None),
+             "env": dict(parse_env_option(text) for text in args.env)}
+    return {field: value for field, value in given.items() if value is not None}
 
 
 def _run_sweep_and_report(target: Any, config: RemoteStackOpsConfig, args: Any) -> int:
@@ -10203,7 +10630,8 @@ def _counts_text(answers: dict[str, Any]) -> str:
 
 
 def _cmd_list(args: Any) -> int:
-    if args.host:  # the host's own job folders, whoever submitted them, judged there
+    filters = _list_filters(args)  # bad input is refused before any host is asked
+    if args.host and args.host != "localhost":  # its own job folders, whoever submitted them
         with SSH.from_config_file(args.host, timeout=args.timeout) as ssh:
             answers = ssh.serve([{"action": "list", "base_dir": args.base_dir}],
                                 timeout=max(args.timeout, 60.0))[0]
@@ -10212,13 +10640,15 @@ def _cmd_list(args: Any) -> int:
                  "report": report_from(answer)} for answer in answers]
     else:
         rows = list_job_rows(args.base_dir, args.timeout)
+    everything, rows = bool(rows), _filter_rows(rows, filters)
     for host, error in sorted({(r["host"], _last_line(r["error"])) for r in rows if r["error"]}):
         print(f"stackops: {host}: not refreshed ({error})", file=sys.stderr)
     if args.json:
         _print_json_rows([_list_json(row) for row in rows])
         return 0
     if not rows:
-        print(f"no jobs under {args.base_dir}")
+        print(f"no job under {args.base_dir} matches" if everything
+              else f"no jobs under {args.base_dir}")
         return 0
     table, clusters = [], {}
     for row in rows:
@@ -10228,10 +10658,64 @@ def _cmd_list(args: Any) -> int:
             parts = [r for r in rows if r["cluster"] == row["cluster"]]
             clusters[row["cluster"]] = parts
             table.append(_cluster_row(row["cluster"], parts))
-            parts.sort(key=lambda part: part["job_id"])
+            parts.sort(key=lambda part: _natural_key(part["job_id"]))
             table += [_list_row("  " + part["job_id"], part) for part in parts]
     _print_table(table, ["JOB", "HOST", "STATUS", "SUBMITTED (UTC)", "DURATION", "RESULTS"])
     return 0
+
+
+def _list_filters(args: Any) -> dict[str, Any]:
+    """``list``'s filters, checked: the statuses, host, earliest submission, sweep members and
+    count asked for (None or empty: no such filter)."""
+    statuses = {s.strip() for text in args.status for s in text.split(",") if s.strip()}
+    unknown = sorted(statuses - set(STATUSES))
+    if unknown:
+        raise ConfigError(f"--status {', '.join(unknown)}: not a job status (a job is "
+                          f"{', '.join(STATUSES)})")
+    if args.last is not None and args.last < 1:
+        raise ConfigError(f"--last must be at least 1, got {args.last}")
+    since = None
+    if args.since is not None:
+        since = _utcnow() - _dt.timedelta(seconds=_parse_age(args.since, "--since"))
+    members = None if args.sweep is None else set(_sweep_members(args.sweep, args.base_dir))
+    return {"statuses": statuses, "host": args.host, "since": since, "sweep": members,
+            "last": args.last}
+
+
+def _sweep_members(sweep_id: str, base_dir: str) -> list[str]:
+    """The ids of a sweep's jobs, from its record (one small file, not its jobs' folders)."""
+    queued = expand_home(f"{base_dir}/queued")
+    try:
+        ids = _read_json(queued / check_safe_name(sweep_id, "--sweep") / SWEEP_JSON)["ids"]
+    except (StackopsError, KeyError, TypeError) as exc:
+        raise ConfigError(f"no sweep {sweep_id!r} under {collapse_home(queued.parent)}",
+                          hint=f"{_prog()} list shows the jobs") from exc
+    return [str(job_id) for job_id in ids]
+
+
+def _filter_rows(rows: list[dict[str, Any]], filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows ``list`` shows: the ones ``filters`` keep (see _list_filters), in the order they
+    were submitted (a sweep's, submitted at once, by index), the last ``last`` of them."""
+    statuses, host, since, sweep = (filters[key] for key in ("statuses", "host", "since", "sweep"))
+
+    def kept(row: dict[str, Any]) -> bool:
+        report: JobStatus = row["report"]
+        if statuses and report.status not in statuses:
+            return False
+        if sweep is not None and row["job_id"] not in sweep:
+            return False
+        if since is not None and (_parse_iso(report.submission_time) or since) <= since:
+            return False
+        return host is None or row["host"] == host
+
+    chosen = sorted(filter(kept, rows), key=lambda row: (  # ISO times in UTC sort as text
+        row["report"].submission_time or "", _natural_key(row["job_id"])))
+    return chosen[-filters["last"]:] if filters["last"] else chosen
+
+
+def _natural_key(text: str) -> list[Any]:
+    """``text`` split so that its numbers compare as numbers: job-9 before job-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _list_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -10623,10 +11107,10 @@ def _cmd_delete(args: Any) -> int:
     return 0
 
 
-def _parse_age(text: str) -> float:
+def _parse_age(text: str, option: str = "--older-than") -> float:
     match = re.match(r"(\d+(?:\.\d+)?)([smhdw])\Z", text.strip())
     if not match:
-        raise ConfigError(f"--older-than {text!r} is not an age", hint="e.g. 30m, 12h, 7d, 2w")
+        raise ConfigError(f"{option} {text!r} is not an age", hint="e.g. 30m, 12h, 7d, 2w")
     return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match[2]]
 
 
@@ -10785,6 +11269,53 @@ requestAnimationFrame(() => setTimeout(() => {  // drawn: the tests read it
 
 _REPORT_STATES = ("completed", "failed", "cancelled", "running", "waiting", "queued", "prepared",
                   "unknown")  # the page's colours, in this order; the first three have ended
+def _cmd_config(args: Any) -> int:
+    path, chosen_by = user_config_location()
+    rows = _config_rows(args.host)
+    hosts = sorted(read_user_config().get("hosts") or {})
+    said = {"STACKOPS_CONFIG": "from STACKOPS_CONFIG", "XDG_CONFIG_HOME": "in XDG_CONFIG_HOME",
+            "default": "its default place"}[chosen_by]
+    where = f"{collapse_home(path)} ({said}" + ("" if path.exists() else "; there is none") + ")"
+    if args.json:
+        _print_json({"file": collapse_home(path), "chosen_by": chosen_by,
+                     "exists": path.exists(), "host": args.host or "localhost", "hosts": hosts,
+                     "settings": [{"setting": name, "value": value, "from": source}
+                                  for name, value, source in rows]})
+        return 0
+    print(f"config file  {where}")
+    print(f"settings of  {args.host or 'localhost'} jobs" + (
+        "" if args.host is None or args.host in hosts else " (no entry of its own)"))
+    _print_table([[name, value if isinstance(value, str) else json.dumps(value), source]
+                  for name, value, source in rows], ["SETTING", "VALUE", "FROM"])
+    if hosts:
+        print(f"hosts with an entry: {', '.join(hosts)} (stackops config --host H)")
+    return 0
+
+
+def _config_rows(host: str | None) -> list[tuple[str, Any, str]]:
+    """Each setting for jobs on ``host`` (None: here): its value and where it comes from (the
+    file, line and keys; or the built-in default)."""
+    path = user_config_location()[0]
+    found = _user_settings_from(host or "localhost")
+    data = read_user_config()
+    text = path.read_text(encoding="utf-8") if data else ""
+    here = host in (None, "localhost")
+    python = collapse_home(sys.executable) if here else "python3"
+    builtin = {"max_jobs": 1, "python": python, "copy_repo": False, "slurm": "-", "env": "-",
+               "default_email_address": "-", "default_email_config": "-"}
+    for key in ("default_email_address", "default_email_config"):
+        if key in data:
+            found[key] = (data[key], [key])
+    rows = []
+    for key, default in builtin.items():
+        names = [name for name in found if name == key or name.startswith(key + ".")]
+        for name in names:
+            value, keys = found[name]
+            line = _json_key_line(text, keys)
+            rows.append((name, value, f"{collapse_home(path)}:{line} {'.'.join(keys)}"))
+        if not names:
+            rows.append((key, default, "not set" if default == "-" else "built-in default"))
+    return rows
 
 
 def render_report(rows: list[dict[str, Any]], title: str) -> str:
@@ -10919,21 +11450,12 @@ def _cmd_report(args: Any) -> int:
     return 0
 
 
-_TRANSFER_COMMANDS = ("run", "download", "copy")  # the commands that take --progress
-
-
-def _add_progress_option(parser: Any) -> None:
+def _add_progress_arg(sub: Any) -> None:
     """``--progress json`` on the commands that transfer (see _Progress)."""
-    import argparse
-
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name in _TRANSFER_COMMANDS:
-                action.choices[name].add_argument(
-                    "--progress", choices=("auto", "json"), default="auto",
-                    help="auto: a progress line on a terminal, else a summary per transfer "
-                         "longer than a second (none with -q); json: one JSON object a line "
-                         "on stderr (begin, progress, end), for tools that wrap stackops")
+    sub.add_argument("--progress", choices=("auto", "json"), default="auto",
+                     help="auto: a progress line on a terminal, else a summary per transfer "
+                          "longer than a second (none with -q); json: one JSON object a line "
+                          "on stderr (begin, progress, end), for tools that wrap stackops")
 
 
 def _progress(args: Any) -> _Progress | None:
@@ -10974,8 +11496,8 @@ class _Progress:
         if self.mode == "json":
             self._json("progress")
         elif self.mode == "line":
-            width = shutil.get_terminal_size().columns - 1
-            sys.stderr.write("\r\x1b[K" + _shorten(self._line(now), max(width, 20)))
+            width = max(shutil.get_terminal_size().columns - 1, 20)
+            sys.stderr.write("\r\x1b[K" + self._line(now, width))
             sys.stderr.flush()
 
     def end(self, done: int, ok: bool) -> None:
@@ -10991,15 +11513,27 @@ class _Progress:
                   f"({_mib(done / elapsed)}/s)", file=sys.stderr)
         self.started = 0.0
 
-    def _line(self, now: float) -> str:
-        elapsed = max(now - self.started, 1e-6)
-        rate = self.done / elapsed
-        if not self.total:
-            return f"  {self.what}  {_mib(self.done)}  {_mib(rate)}/s"
-        percent = min(100.0, 100.0 * self.done / self.total)
-        left = max(self.total - self.done, 0) / rate if rate > 0 else 0.0
-        return (f"  {self.what}  {percent:3.0f}%  {_mib(self.done)} of {_mib(self.total)}  "
-                f"{_mib(rate)}/s  {int(left) // 60}:{int(left) % 60:02d} left")
+    def _line(self, now: float, width: int) -> str:
+        """The line, at most ``width`` wide: the sizes go first, then the rate, then the name
+        shrinks; the percent and the time left stay. No rate (nor time left) in the first second,
+        where a few buffered bytes would say gigabytes a second."""
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed >= 1.0 else 0.0
+        parts = {"percent": "", "sizes": _mib(self.done), "rate": "", "left": ""}
+        if rate:
+            parts["rate"] = f"{_mib(rate)}/s"
+        if self.total:
+            parts["percent"] = f"{min(100.0, 100.0 * self.done / self.total):3.0f}%"
+            parts["sizes"] += f" of {_mib(self.total)}"
+        if self.total and rate:
+            seconds = int(max(self.total - self.done, 0) / rate)
+            parts["left"] = f"{seconds // 60}:{seconds % 60:02d} left"
+        for dropped in ((), ("sizes",), ("sizes", "rate")):
+            tail = "  ".join(text for key, text in parts.items() if text and key not in dropped)
+            if len(self.what) + len(tail) + 4 <= width:
+                return f"  {self.what}  {tail}"
+        room = max(width - len(tail) - 4, 8)
+        return _shorten(f"  {_squeeze(self.what, room)}  {tail}", width)
 
     def _json(self, event: str, **extra: Any) -> None:
         if self.mode != "json":
@@ -11009,6 +11543,14 @@ class _Progress:
                   "elapsed": round(elapsed, 3), "rate": round(self.done / max(elapsed, 1e-6)),
                   **extra}
         print(json.dumps(record), file=sys.stderr, flush=True)
+
+
+def _squeeze(text: str, width: int) -> str:
+    """``text`` in ``width`` characters, its middle given up first (a path's end says most)."""
+    if len(text) <= width:
+        return text
+    head = max((width - 3) // 3, 1)
+    return text[:head] + "..." + text[len(text) - (width - 3 - head):]
 
 
 def _mib(count: float) -> str:
@@ -11052,8 +11594,8 @@ def _cmd_copy(args: Any) -> int:
     elif source is not None:
         with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
             local = args.target + (Path(source[1]).name if args.target.endswith("/") else "")
-            print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite,
-                                   _progress(args)))
+            print(collapse_home(ssh.copy_to_here(source[1], local, args.compress, args.recursive,
+                                                 args.overwrite, _progress(args))))
     return 0
 
 
@@ -11077,9 +11619,8 @@ def _cmd_send_key(args: Any) -> int:
 
 
 def _cmd_cluster_run(args: Any) -> int:
-    config = RemoteStackOpsConfig(copy_repo=args.copy_repo, parallelize=args.parallelize,
-                                  accept_new_host_key=args.accept_new,
-                                  max_simultaneous_jobs=args.max_jobs)
+    config = RemoteStackOpsConfig(parallelize=args.parallelize, data=args.data,
+                                  accept_new_host_key=args.accept_new, **_given_settings(args))
     threads = ThreadLoadCalculator(args.threads, LoadCriterion[args.criterion])
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     target = _run_target(args)
@@ -11171,7 +11712,7 @@ def _cmd_cluster_status(args: Any) -> int:
 
 def _cmd_cluster_download(args: Any) -> int:
     with Cluster.load(args.cluster_id, args.base_dir) as cluster:
-        print(cluster.download_results(args.to))
+        print(collapse_home(cluster.download_results(args.to)))
     return 0
 
 
@@ -11197,9 +11738,7 @@ def _cmd_cluster_logs(args: Any) -> int:
     return 0
 
 
-def _add_cluster_args(commands: Any) -> None:
-    cluster = commands.add_parser("cluster",
-                                  help="split one workload over several hosts by CPU/RAM")
+def _add_cluster_args(cluster: Any) -> None:
     sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
     sub.required = True
     default_base = DEFAULT_BASE_DIR.rsplit("/", 1)[0]
@@ -11213,7 +11752,7 @@ def _add_cluster_args(commands: Any) -> None:
             ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
         action = sub.add_parser(name, help=text)
         action.set_defaults(handler=handler)
-        action.add_argument("cluster_id")
+        action.add_argument("cluster_id", help="the cluster's id")
         if name == "status":
             action.add_argument("--json", action="store_true")
         elif name == "download":
@@ -11248,12 +11787,12 @@ def _add_cluster_run_args(run: Any) -> None:
                           "of the host")
     run.add_argument("--max-num", type=int, default=1000,
                      help="the index range [0, MAX) to split (default 1000)")
-    run.add_argument("--max-jobs", type=int, default=1, metavar="N",
-                     help="slots per host (default 1)")
     run.add_argument("--strict", action="store_true",
                      help="refuse to launch anywhere if a host is unreachable")
-    run.add_argument("--copy-repo", action="store_true",
-                     help="each job runs its own snapshot of the repo")
+    _add_setting_args(run, "slots per host", "each job runs its own snapshot of the repo")
+    run.add_argument("--data", action="append", default=[], metavar="PATH",
+                     help="sync a file or folder to the same place on every host (only files "
+                          "that differ travel)")
     run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
     run.add_argument("--job-id", help="the cluster's id (a safe name)")
     run.add_argument("--description", default="")
@@ -11298,9 +11837,7 @@ def _cmd_worker(args: Any) -> int:
     return 0
 
 
-def _add_cloud_args(commands: Any) -> None:
-    cloud = commands.add_parser("cloud", help="a queue of work units on an rclone remote, for any "
-                                              "worker")
+def _add_cloud_args(cloud: Any) -> None:
     sub = cloud.add_subparsers(dest="cloud_command", metavar="ACTION")
     sub.required = True
     submit = sub.add_parser("submit", help="split a job into work units and queue them on the "
@@ -11323,8 +11860,9 @@ def _add_cloud_args(commands: Any) -> None:
     status.set_defaults(handler=_cmd_cloud_status)
     status.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
     status.add_argument("--json", action="store_true")
-    worker = commands.add_parser("worker", help="claim and run work units from a cloud queue")
-    worker.set_defaults(handler=_cmd_worker)
+
+
+def _add_worker_args(worker: Any) -> None:
     worker.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
     worker.add_argument("--max-jobs", type=int, default=1,
                         help="units run at once on this machine (default 1)")
@@ -11370,10 +11908,7 @@ def _cmd_ip(args: Any) -> int:
     return 0
 
 
-def _add_ip_args(commands: Any) -> None:
-    sub = commands.add_parser("ip", help="local addresses and the LAN one; --public: the public "
-                                         "IP; switch: rotate it")
-    sub.set_defaults(handler=_cmd_ip)
+def _add_ip_args(sub: Any) -> None:
     sub.add_argument("action", nargs="?", choices=["switch"],
                      help="rotate the public IP with warp-cli")
     sub.add_argument("--public", action="store_true",
@@ -11401,15 +11936,16 @@ def _add_target_arg(parser: Any, command: str, help_text: str) -> None:
 
 
 def _add_run_args(parser: Any) -> None:
+    _add_ids(parser, None)
     _add_target_arg(parser, "run", "a script (path/to/train.py), a function (path/to/module.py:"
                                    "func), or after -- any command, run in this folder of its repo")
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or "
                                        "user@host[:port]); "
                                        "default: this machine")
-    parser.add_argument("--copy-repo", action="store_true",
-                        help="run a snapshot of the repo as it is here, in the job's own folder "
-                             "(without .git, virtual environments and caches; only new files "
-                             "travel)")
+    _add_setting_args(parser, "at most N jobs hold a slot on the machine at once; the rest "
+                              "queue", "run a snapshot of the repo as it is here, in the job's "
+                                       "own folder (without .git, virtual environments and "
+                                       "caches; only new files travel)")
     parser.add_argument("--transfer", choices=TRANSFER_METHODS, default="sftp",
                         help="how the job reaches the host: over SSH (sftp, default) or through "
                              "cloud storage")
@@ -11432,9 +11968,6 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random "
                                          "readable name)")
     parser.add_argument("--description", default="", help="free text kept with the job")
-    parser.add_argument("--max-jobs", type=int, default=1, metavar="N",
-                        help="at most N jobs hold a slot on the machine at once; the rest queue "
-                             "(default 1)")
     parser.add_argument("--no-lock", action="store_true",
                         help="start at once, without taking a slot")
     parser.add_argument("--workload", metavar="START:END[:PARTS]",
@@ -11455,8 +11988,23 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="sync a file or folder to the same place on the host (only files that "
                              "differ travel)")
-    parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
+    parser.add_argument("--python", help="interpreter that runs the job (default: the user "
+                                         "config's python, else python3 on a host, and this "
+                                         "interpreter here)")
     _add_run_start_args(parser)
+
+
+def _add_setting_args(parser: Any, slots: str, copy_repo: str) -> None:
+    """The options the user config file gives defaults for (see ``stackops config``)."""
+    parser.add_argument("--max-jobs", type=int, metavar="N",
+                        help=f"{slots} (default: the user config's max_jobs, else 1)")
+    parser.add_argument("--copy-repo", action="store_true", default=None,
+                        help=f"{copy_repo} (default: the user config's copy_repo)")
+    parser.add_argument("--no-copy-repo", dest="copy_repo", action="store_false", default=None,
+                        help="do not, whatever the user config says")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a variable of the job's environment (repeatable), over the user "
+                             "config's env")
 
 
 def _add_run_start_args(parser: Any) -> None:
@@ -11486,26 +12034,247 @@ def _add_run_start_args(parser: Any) -> None:
                              "node)")
     parser.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="an sbatch long option for --slurm, e.g. partition=gpu, time=02:00:00 "
-                             "(repeatable)")
+                             "(repeatable; over the user config's slurm options)")
     parser.add_argument("--show-scripts", action="store_true", help="print the generated scripts")
     parser.add_argument("--no-launch", action="store_true",
                         help="prepare everything and print the launch command; start nothing")
     parser.add_argument("--wait", action="store_true",
                         help="block until the job ends; exit 1 if it failed")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    _add_progress_arg(parser)
 
 
-_LIST_HELP = ("every job and cluster part with its host and status, newest first; remote rows are "
-              "asked of their hosts (in parallel)")
+# -- shell completion: made from the parser, job ids from a listing of the job folders -----------
+
+COMPLETION_BASH = r"""# bash completion of stackops @@version, made from its parser by
+# `stackops completion bash`. Load it with: source <(stackops completion bash); or save it as
+# ~/.local/share/bash-completion/completions/stackops. Ids come from a listing of job folders.
+_stackops_ids() {  # $1: jobs, clusters or both; $2: the --base-dir given, if any
+    local base=${2:-@@job_base} d
+    [[ $1 == clusters ]] && base=${2:-@@cluster_base}
+    base=${base/#\~/$HOME}
+    if [[ $1 != clusters ]]; then
+        for d in "$base"/queued/*/; do [[ -d $d ]] && d=${d%/} && echo "${d##*/}"; done
+        base=${base%/*}
+    fi
+    if [[ $1 != jobs ]]; then
+        for d in "$base"/job_id__*/; do [[ -d $d ]] && d=${d%/} && echo "${d##*/job_id__}"; done
+    fi
+}
+_stackops_hosts() {  # the aliases of ~/.ssh/config, not its patterns
+    [[ -r ~/.ssh/config ]] && awk 'tolower($1) == "host" {
+        for (i = 2; i <= NF; i++) if ($i !~ /[*?!]/) print $i }' ~/.ssh/config
+}
+_stackops() {
+    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
+    local path= base= words= kind= opts= valued= i w
+    for ((i = 1; i < COMP_CWORD; i++)); do  # the command (and action): its first plain words
+        w=${COMP_WORDS[i]}
+        [[ $w == --base-dir ]] && base=${COMP_WORDS[i+1]}
+        [[ $w == -* ]] && continue
+        case "$path" in
+            '') path=$w;;
+            @@nested) path="$path $w";;
+        esac
+    done
+    case "$path" in
+@@commands
+    esac
+    case "$path $prev" in
+@@values
+    esac
+    [[ " $valued " == *" $prev "* ]] && return  # a free value, or a file (-o default)
+    if [[ $cur == -* ]]; then
+        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+    elif [[ $kind == jobs || $kind == clusters || $kind == both ]]; then
+        COMPREPLY=($(compgen -W "$(_stackops_ids "$kind" "$base")" -- "$cur"))
+    elif [[ $kind == hosts ]]; then
+        COMPREPLY=($(compgen -W "$(_stackops_hosts)" -- "$cur"))
+    elif [[ -n $words ]]; then
+        COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    fi  # else the shell's own completion (files), from -o default
+}
+complete -o default -F _stackops stackops
+"""
+
+
+def _completion_tree() -> dict[str, dict[str, Any]]:
+    """Each command the completion knows, by its path ("", "run", "cluster run"): its options,
+    what each option's value is (see _value_kind), help lines, and what its arguments are."""
+    argparse = _argparse()
+    tree: dict[str, dict[str, Any]] = {}
+    todo = [("", _full_parser())]
+    while todo:
+        path, parser = todo.pop(0)
+        node: dict[str, Any] = {"options": {}, "values": {}, "kind": "", "words": {}}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):  # shown ones: not job-report...
+                node["words"] = {pseudo.dest: pseudo.help for pseudo in action._choices_actions}
+                todo += [(f"{path} {name}".strip(), action.choices[name]) for name in node["words"]]
+            elif action.option_strings:
+                for option in action.option_strings:
+                    node["options"][option] = action.help or ""
+                    if action.nargs != 0:
+                        node["values"][option] = _value_kind(action)
+            elif not node["kind"] and not node["words"]:
+                node["kind"], words = _argument_kind(path, action)
+                node["words"] = dict.fromkeys(words, "")
+        tree[path] = node
+    return tree
+
+
+def _value_kind(action: Any) -> tuple[str, list[str]]:
+    """What completes an option's value: words (its choices), job ids ("jobs"), host aliases
+    ("hosts"), files ("files"), or nothing ("": a free value)."""
+    if action.choices or action.dest == "status":
+        return "words", [str(word) for word in action.choices or STATUSES]
+    if str(action.metavar).startswith("ID"):
+        return "jobs", []
+    if action.dest in ("host", "hosts"):
+        return "hosts", []
+    files = action.dest in ("base_dir", "data", "to", "key", "python", "sweep")
+    return ("files" if files else ""), []
+
+
+def _argument_kind(path: str, action: Any) -> tuple[str, list[str]]:
+    """What completes a command's arguments: ids of jobs (and of sweeps and clusters: "both"),
+    host aliases, files; and the words it takes."""
+    if action.dest in ("job_id", "job_ids"):
+        return ("both" if path in ("cancel", "wait", "rerun") else "jobs"), []
+    if action.dest == "cluster_id":
+        return "clusters", []
+    words = ["bash", "zsh", "fish"] if action.dest == "shell" else action.choices or []
+    return ("hosts" if action.dest == "host" else "files"), [str(word) for word in words]
+
+
+def _bash_completion(tree: dict[str, dict[str, Any]]) -> str:
+    commands, values = [], []
+    replies = {"jobs": '"$(_stackops_ids jobs "$base")"', "hosts": '"$(_stackops_hosts)"'}
+    for path, node in tree.items():
+        valued = [option for option, (kind, _) in node["values"].items()]
+        opts, words = " ".join(node["options"]), " ".join(node["words"])
+        commands.append(f"        {shlex.quote(path)}) opts={shlex.quote(opts)}"
+                        f" valued={shlex.quote(' '.join(valued))} kind={node['kind']}"
+                        f" words={shlex.quote(words)};;")
+        for option, (kind, choices) in node["values"].items():
+            reply = shlex.quote(" ".join(choices)) if kind == "words" else replies.get(kind)
+            if reply is not None:
+                values.append(f"        {shlex.quote(f'{path} {option}')}) "
+                              f'COMPREPLY=($(compgen -W {reply} -- "$cur")); return;;')
+    nested = "|".join(shlex.quote(path) for path, node in tree.items()
+                      if path and " " not in path and node["words"] and not node["kind"])
+    return render_template(COMPLETION_BASH, version=__version__, values="\n".join(values),
+                           commands="\n".join(commands), nested=nested or "''",
+                           job_base=DEFAULT_BASE_DIR.replace("~", "$HOME", 1),
+                           cluster_base=DEFAULT_BASE_DIR.rsplit("/", 1)[0].replace("~", "$HOME", 1))
+
+
+def _fish_completion(tree: dict[str, dict[str, Any]]) -> str:
+    """The same completion for fish: one ``complete`` line per command, option and value."""
+    def said(text: str) -> str:
+        return shlex.quote(_shorten(" ".join(str(text or "").split()), 70))
+
+    job_base = DEFAULT_BASE_DIR.replace("~", "$HOME", 1)
+    lines = [f"# fish completion of stackops {__version__} (`stackops completion fish`, made "
+             "from its parser).",
+             "# Load it with: stackops completion fish | source; or save it as "
+             "~/.config/fish/completions/stackops.fish",
+             "function __stackops_is --description 'the command (and action) typed is $argv'",
+             "    set -l path",
+             "    for word in (commandline -opc)[2..-1]",
+             "        string match -q -- '-*' $word; and continue",
+             "        if test (count $path) -eq 0; or begin; test (count $path) -eq 1; "
+             "and contains -- $path[1] cluster cloud; end",
+             "            set -a path $word",
+             "        end",
+             "    end",
+             '    test "$path" = "$argv"',
+             "end",
+             "function __stackops_ids --description 'ids of jobs, clusters or both: a listing'",
+             f"    contains -- $argv[1] jobs both; and for folder in {job_base}/queued/*/",
+             "        basename $folder",
+             "    end",
+             f"    contains -- $argv[1] clusters both; and for folder in "
+             f"{job_base.rsplit('/', 1)[0]}/job_id__*/",
+             "        string replace -r '^job_id__' '' (basename $folder)",
+             "    end",
+             "end",
+             "function __stackops_hosts --description 'the aliases of ~/.ssh/config'",
+             "    test -r ~/.ssh/config; and awk 'tolower($1) == \"host\" "
+             "{ for (i = 2; i <= NF; i++) if ($i !~ /[*?!]/) print $i }' ~/.ssh/config",
+             "end",
+             "complete -c stackops -e"]
+    for path, node in tree.items():
+        when = f"-n {shlex.quote(f'__stackops_is {path}'.strip())}"
+        for word, text in node["words"].items():
+            lines.append(f"complete -c stackops {when} -f -a {shlex.quote(word)} -d {said(text)}")
+        if node["kind"] in ("jobs", "clusters", "both"):
+            lines.append(f"complete -c stackops {when} -f -a '(__stackops_ids {node['kind']})'")
+        elif node["kind"] == "hosts":
+            lines.append(f"complete -c stackops {when} -f -a '(__stackops_hosts)'")
+        for option, text in node["options"].items():
+            kind, choices = node["values"].get(option, ("none", []))
+            flag = f"-l {option[2:]}" if option.startswith("--") else f"-s {option[1:]}"
+            value = {"none": "", "files": " -r -F", "": " -x",
+                     "jobs": " -x -a '(__stackops_ids jobs)'",
+                     "hosts": " -x -a '(__stackops_hosts)'",
+                     "words": f" -x -a {shlex.quote(' '.join(choices))}"}[kind]
+            lines.append(f"complete -c stackops {when} {flag}{value} -d {said(text)}")
+    return "\n".join(lines) + "\n"
+
+
+_ZSH_PRELUDE = """# zsh completion of stackops: the bash one, through zsh's bashcompinit.
+# Load it with: source <(stackops completion zsh)
+(( $+functions[compdef] )) || { autoload -U +X compinit && compinit; }
+autoload -U +X bashcompinit && bashcompinit
+"""
+
+
+def _cmd_completion(args: Any) -> int:
+    if args.shell not in ("bash", "zsh", "fish"):
+        raise ConfigError(f"no completion for {args.shell!r}: there is one for bash, zsh and fish",
+                          hint=f"e.g. source <({_prog()} completion bash)")
+    tree = _completion_tree()
+    if args.shell == "fish":
+        sys.stdout.write(_fish_completion(tree))
+    else:
+        sys.stdout.write((_ZSH_PRELUDE if args.shell == "zsh" else "") + _bash_completion(tree))
+    return 0
+
+
+def _add_completion_args(sub: Any) -> None:
+    sub.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
+
+
+_LIST_HELP = ("every job and cluster part with its host and status, in the order submitted; remote "
+              "rows are asked of their hosts (in parallel)")
+
+
+def _add_ids(sub: Any, what: str | None = "the job's id", many: bool = False) -> None:
+    """The id (or ids) a job command takes, if ``what`` says what it is, and --base-dir."""
+    if what is not None and many:
+        sub.add_argument("job_ids", nargs="+", metavar="ID", help=what)
+    elif what is not None:
+        sub.add_argument("job_id", metavar="ID", help=what)
+    sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR,
+                     help=f"where jobs live (default {DEFAULT_BASE_DIR})")
 
 
 def _add_list_args(sub: Any) -> None:
-    sub.add_argument("--json", action="store_true")
+    _add_ids(sub, None)
+    sub.add_argument("--json", action="store_true", help="one JSON object a job (same filters)")
     sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                      help="how long to wait for the hosts; a row not refreshed says when it was "
                           "last seen")
-    sub.add_argument("--host", help="the jobs whose folders are on this host (from any machine), "
-                     "read there")
+    sub.add_argument("--host", help="only the jobs on this host, read there (whoever submitted "
+                                    "them); localhost: this machine's")
+    sub.add_argument("--status", action="append", default=[], metavar="S[,S...]",
+                     help=f"only jobs in these states ({', '.join(STATUSES)}); repeatable")
+    sub.add_argument("--since", metavar="AGE", help="only jobs submitted in the last AGE "
+                                                    "(e.g. 30m, 2h, 7d)")
+    sub.add_argument("--last", type=int, metavar="N",
+                     help="only the last N jobs submitted (after the other filters)")
+    sub.add_argument("--sweep", metavar="ID", help="only the jobs of this sweep, in index order")
 
 
 _REPORT_HELP = ("one self-contained HTML page with a timeline of jobs: a sweep, a cluster, a Slurm "
@@ -11525,34 +12294,63 @@ def _add_report_args(sub: Any) -> None:
                           "last seen)")
 
 
-def _add_control_args(command: Callable[..., Any]) -> None:
-    sub = command("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL "
-                                         "after --grace; "
-                  "a waiting job leaves the queue", job=False)
-    sub.add_argument("job_ids", nargs="+", metavar="ID")
+def _add_status_args(sub: Any) -> None:
+    _add_ids(sub)
+    sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
+    sub.add_argument("--json", action="store_true")
+
+
+def _add_logs_args(sub: Any) -> None:
+    _add_ids(sub)
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
+    sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
+
+
+def _add_queue_args(sub: Any) -> None:
+    sub.add_argument("--history", type=int, default=10, metavar="N",
+                     help="show the last N finished jobs")
+    sub.add_argument("--host", help="the queue of this host, read there in one round trip")
+    sub.add_argument("--json", action="store_true")
+
+
+def _add_download_args(sub: Any) -> None:
+    _add_ids(sub)
+    sub.add_argument("--to", help="target path (default: the same path, if the job's own results)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    _add_progress_arg(sub)
+
+
+def _add_cancel_args(sub: Any) -> None:
+    _add_ids(sub, "a job, sweep or cluster id (a sweep's or cluster's: all its jobs; a cloud "
+                  "job's: its units)", many=True)
     sub.add_argument("--grace", type=float, default=10.0, metavar="S",
                      help="seconds between SIGTERM and SIGKILL (default 10)")
-    sub = command("wait", _cmd_wait, "block until the jobs end: exit 0 if all completed, 1 if not, "
-                                     "124 on timeout",
-                  job=False)
-    sub.add_argument("job_ids", nargs="+", metavar="ID")
+
+
+def _add_wait_args(sub: Any) -> None:
+    _add_ids(sub, "a job, sweep or cluster id (a sweep or cluster ends when all its jobs have)",
+             many=True)
     sub.add_argument("--timeout", type=float, default=None, metavar="S",
                      help="give up after S seconds (exit 124)")
-    command("start", _cmd_start, "launch a job prepared with run --no-launch")
-    sub = command("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed "
-                                       "parts)")
+
+
+def _add_rerun_args(sub: Any) -> None:
+    _add_ids(sub, "an ended job's id, or a cluster's with --failed")
     sub.add_argument("--failed", action="store_true",
                      help="for a cluster id: only the parts that failed")
     sub.add_argument("--fresh", action="store_true",
                      help="take the code as it is now (default: the snapshot the job ran)")
     sub.add_argument("--wait", action="store_true",
                      help="block until it ends; exit 1 if it did not complete")
-    sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",
-                  job=False)
-    sub.add_argument("job_ids", nargs="+", metavar="ID")
+
+
+def _add_delete_args(sub: Any) -> None:
+    _add_ids(sub, "an ended job's id (not a sweep's or a cluster's)", many=True)
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
-    sub = command("prune", _cmd_prune, "delete the jobs that ended longer ago than --older-than",
-                  job=False)
+
+
+def _add_prune_args(sub: Any) -> None:
+    _add_ids(sub, None)
     sub.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 12h, 7d, 2w")
     sub.add_argument("--status", help="only jobs that ended so (completed, failed, cancelled)")
     sub.add_argument("--host", help="only jobs on this host (the alias used; localhost for this "
@@ -11560,10 +12358,145 @@ def _add_control_args(command: Callable[..., Any]) -> None:
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
 
 
-def _build_parser() -> Any:
-    import argparse
+def _add_ssh_args(sub: Any) -> None:
+    sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
+    sub.add_argument("command", nargs="*", help="the command (after --)")
+    sub.add_argument("--timeout", type=float, default=None,
+                     help="give up connecting, or on the command, after this many seconds")
+    _add_accept_new(sub)
 
-    parser = argparse.ArgumentParser(
+
+def _add_copy_args(sub: Any) -> None:
+    sub.add_argument("source")
+    sub.add_argument("target")
+    sub.add_argument("-r", "--recursive", action="store_true", help="copy folders")
+    sub.add_argument("-z", "--compress", action="store_true", help="compress on the wire")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    _add_accept_new(sub)
+    _add_progress_arg(sub)
+
+
+def _add_send_key_args(sub: Any) -> None:
+    sub.add_argument("host")
+    sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then "
+                                   "id_rsa.pub)")
+    _add_accept_new(sub)
+
+
+def _add_accept_new(sub: Any) -> None:
+    sub.add_argument("--accept-new", action="store_true",
+                     help="trust and record an unknown host key")
+
+
+def _add_config_args(sub: Any) -> None:
+    sub.add_argument("--host", help="the settings of jobs on this host (default: this machine)")
+    sub.add_argument("--json", action="store_true")
+
+
+def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str | None, Any], ...]:
+    """Every command: its name, handler, line in ``stackops --help`` and what adds its
+    arguments. Only the command given is built."""
+    return (
+        ("run", _cmd_run, "run a script, function or command as a detached job", _add_run_args),
+        ("status", _cmd_status, "status, times, results and error of a job", _add_status_args),
+        ("list", _cmd_list, _LIST_HELP, _add_list_args),
+        ("logs", _cmd_logs, "the job's output", _add_logs_args),
+        ("queue", _cmd_queue, "slots in use, who waits in what order, recent history",
+         _add_queue_args),
+        ("download", _cmd_download, "copy a finished job's results folder", _add_download_args),
+        ("delete-results", _cmd_delete_results, "delete a finished job's own results folder",
+         _add_ids),
+        ("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL after "
+                                "--grace; a waiting job leaves the queue", _add_cancel_args),
+        ("wait", _cmd_wait, "block until the jobs end: exit 0 if all completed, 1 if not, 124 on "
+                            "timeout", _add_wait_args),
+        ("start", _cmd_start, "launch a job prepared with run --no-launch", _add_ids),
+        ("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed parts)",
+         _add_rerun_args),
+        ("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",
+         _add_delete_args),
+        ("prune", _cmd_prune, "delete the jobs that ended longer ago than --older-than",
+         _add_prune_args),
+        ("ssh", _cmd_ssh, "run a command on a host; its exit status is passed through",
+         _add_ssh_args),
+        ("copy", _cmd_copy, "copy a file or folder to or from a host (HOST:PATH on one side)",
+         _add_copy_args),
+        ("send-key", _cmd_send_key, "install your public key in a host's authorized_keys (once)",
+         _add_send_key_args),
+        ("cluster", None, "split one workload over several hosts by CPU/RAM", _add_cluster_args),
+        ("cloud", None, "a queue of work units on an rclone remote, for any worker",
+         _add_cloud_args),
+        ("worker", _cmd_worker, "claim and run work units from a cloud queue", _add_worker_args),
+        ("ip", _cmd_ip, "local addresses and the LAN one; --public: the public IP; switch: rotate "
+                        "it", _add_ip_args),
+        ("config", _cmd_config, "the settings jobs take from the user config file, and where "
+                                "each comes from", _add_config_args),
+        ("completion", _cmd_completion, "a shell's completion of stackops: source <(stackops "
+                                        "completion bash|zsh), or fish", _add_completion_args),
+        ("report", _cmd_report, _REPORT_HELP, _add_report_args),
+    )
+
+
+class _LazyParsers(dict):  # type: ignore[type-arg]
+    """argparse's map from a command's name to its parser, each built when first looked up: a
+    command line (``--help`` too) builds the parser of its one command, not of all of them."""
+
+    def __init__(self, action: Any) -> None:
+        table = {row[0]: row for row in _command_table()}
+        super().__init__(dict.fromkeys(table))
+        self.action, self.table = action, table
+        for name, _, help_text, _ in table.values():
+            if help_text is not None:  # its line in the top-level help
+                action._choices_actions.append(action._ChoicesPseudoAction(name, (), help_text))
+
+    def __getitem__(self, name: str) -> Any:
+        parser = dict.__getitem__(self, name)
+        if parser is None:
+            _, handler, help_text, add = self.table[name]
+            dict.__delitem__(self, name)  # add_parser refuses a name it has already (3.11)
+            parser = self.action.add_parser(name, description=help_text)
+            if handler is not None:
+                parser.set_defaults(handler=handler)
+            add(parser)
+            _add_verbosity_everywhere(parser)
+        return parser
+
+
+_PARSER_CLASS: list[Any] = []  # made once, by _parser_class
+
+
+def _parser_class() -> Any:
+    """argparse's ArgumentParser with help wrapped word by word: textwrap's regular expressions
+    cost 2 ms of every ``--help``. Its sub-parsers are of the same class."""
+    if not _PARSER_CLASS:
+        argparse = _argparse()
+
+        class Formatter(argparse.HelpFormatter):  # type: ignore[misc,name-defined]
+            def _split_lines(self, text: str, width: int) -> list[str]:
+                lines = [""]
+                for word in text.split():
+                    if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+                        lines.append(word)
+                    else:
+                        lines[-1] = f"{lines[-1]} {word}".lstrip()
+                return lines if lines[-1] else lines[:-1]
+
+            def _fill_text(self, text: str, width: int, indent: str) -> str:
+                return "\n".join(indent + line
+                                 for line in self._split_lines(text, width - len(indent)))
+
+        class Parser(argparse.ArgumentParser):  # type: ignore[misc,name-defined]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.setdefault("formatter_class", Formatter)
+                super().__init__(*args, **kwargs)
+
+        _PARSER_CLASS.append(Parser)
+    return _PARSER_CLASS[0]
+
+
+def _build_parser() -> Any:
+    """The command line's parser; each command's own is built when the command is looked up."""
+    parser = _parser_class()(
         prog="stackops", description="Run a Python function or script detached, capped by slots, "
                                      "and follow it.")
     parser.add_argument("--version", action="version", version=f"stackops {__version__}")
@@ -11572,95 +12505,37 @@ def _build_parser() -> Any:
     parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer diagnostics")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    def command(name: str, handler: Callable[[Any], int], help_text: str, job: bool = True) -> Any:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
-        if job:
-            sub.add_argument("job_id", help="the job's id")
-        sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR,
-                         help=f"where jobs live (default {DEFAULT_BASE_DIR})")
-        return sub
-
-    _add_job_commands(commands, command)
-    _add_host_commands(commands)
-    _add_cluster_args(commands)
-    _add_cloud_args(commands)
-    _add_ip_args(commands)
-    _add_verbosity_everywhere(parser)
-    _add_progress_option(parser)
+    commands.choices = commands._name_parser_map = _LazyParsers(commands)
     return parser
 
 
-def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
-    """run, status, list, logs, queue, download, delete-results and the job control verbs."""
-    _add_run_args(command("run", _cmd_run, "run a script, function or command as a detached job",
-                          job=False))
-    sub = command("status", _cmd_status, "status, times, results and error of a job")
-    sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
-    sub.add_argument("--json", action="store_true")
-    _add_list_args(command("list", _cmd_list, _LIST_HELP, job=False))
-    _add_report_args(command("report", _cmd_report, _REPORT_HELP, job=False))
-    sub = command("logs", _cmd_logs, "the job's output")
-    sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
-    sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
-    sub = commands.add_parser("queue", help="slots in use, who waits in what order, recent history")
-    sub.set_defaults(handler=_cmd_queue)
-    sub.add_argument("--history", type=int, default=10, metavar="N",
-                     help="show the last N finished jobs")
-    sub.add_argument("--host", help="the queue of this host, read there in one round trip")
-    sub.add_argument("--json", action="store_true")
-    sub = command("download", _cmd_download, "copy a finished job's results folder")
-    sub.add_argument("--to", help="target path (default: the same path, if the job's own results)")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
-    command("delete-results", _cmd_delete_results, "delete a finished job's own results folder")
-    _add_control_args(command)
+def _full_parser() -> Any:
+    """The parser with every command's built (for completion, and the tests)."""
+    parser = _build_parser()
+    for action in _subcommands(parser):
+        for name in list(action.choices):
+            action.choices[name]
+    return parser
 
 
-def _add_host_commands(commands: Any) -> None:
-    """ssh, copy and send-key: a host's conveniences, no job."""
-    sub = commands.add_parser("ssh", help="run a command on a host; its exit status is passed "
-                                          "through")
-    sub.set_defaults(handler=_cmd_ssh)
-    sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
-    sub.add_argument("command", nargs="*", help="the command (after --)")
-    sub.add_argument("--timeout", type=float, default=None,
-                     help="give up connecting, or on the command, after this many seconds")
-    sub.add_argument("--accept-new", action="store_true",
-                     help="trust and record an unknown host key")
-    sub = commands.add_parser("copy", help="copy a file or folder to or from a host (HOST:PATH on "
-                                           "one side)")
-    sub.set_defaults(handler=_cmd_copy)
-    sub.add_argument("source")
-    sub.add_argument("target")
-    sub.add_argument("-r", "--recursive", action="store_true", help="copy folders")
-    sub.add_argument("-z", "--compress", action="store_true", help="compress on the wire")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
-    sub.add_argument("--accept-new", action="store_true",
-                     help="trust and record an unknown host key")
-    sub = commands.add_parser("send-key", help="install your public key in a host's "
-                                               "authorized_keys (once)")
-    sub.set_defaults(handler=_cmd_send_key)
-    sub.add_argument("host")
-    sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then "
-                                   "id_rsa.pub)")
-    sub.add_argument("--accept-new", action="store_true",
-                     help="trust and record an unknown host key")
+def _subcommands(parser: Any) -> list[Any]:
+    """The sub-command actions of ``parser`` (one, or none)."""
+    argparse = _argparse()
+    return [action for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)]
 
 
 def _add_verbosity_everywhere(parser: Any) -> None:
-    """-v/-q after the command too (``stackops status JOB -v``): every subcommand counts them into
-    its own field, which main() adds to the ones given before the command."""
-    import argparse
-
-    for action in parser._actions:
-        if not isinstance(action, argparse._SubParsersAction):
-            continue
-        for sub in set(action.choices.values()):
-            sub.add_argument("-v", "--verbose", dest="verbose_after", action="count",
-                             default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
-            sub.add_argument("-q", "--quiet", dest="quiet_after", action="count",
-                             default=argparse.SUPPRESS, help="fewer diagnostics")
+    """-v/-q after the command too (``stackops status JOB -v``): a command's parser (and each of
+    its actions') counts them into its own field, which main() adds to the ones given before the
+    command."""
+    argparse = _argparse()
+    parser.add_argument("-v", "--verbose", dest="verbose_after", action="count",
+                        default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
+    parser.add_argument("-q", "--quiet", dest="quiet_after", action="count",
+                        default=argparse.SUPPRESS, help="fewer diagnostics")
+    for action in _subcommands(parser):
+        for sub in action.choices.values():
             _add_verbosity_everywhere(sub)
 
 
@@ -11733,9 +12608,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     verbose = args.verbose + getattr(args, "verbose_after", 0)
     undo_logging = _configure_logging(verbose - args.quiet - getattr(args, "quiet_after", 0))
+    _CLI.append(True)  # errors name the command line's options (see _option)
     try:
         return _dispatch(args, verbose)
     finally:
+        _CLI.pop()
         undo_logging()
 
 
@@ -11756,7 +12633,8 @@ def _dispatch(args: Any, verbose: int) -> int:
         print(f"stackops: error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"stackops: hint: {exc.hint}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        bad_input = isinstance(exc, ConfigError) or getattr(exc, "unknown_key", False)
+        return 2 if bad_input else 1  # an unknown host key: nothing was written or started
     except KeyboardInterrupt:
         print("stackops: interrupted", file=sys.stderr)
         return 130

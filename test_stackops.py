@@ -323,7 +323,7 @@ JobFailedError(job_id: 'str', error_message: 'str') -> None
 class StackopsConnectionError(StackopsError, ConnectionError)
 StackopsConnectionError(message: 'str', hint: 'str | None' = None) -> None
 class HostKeyError(StackopsConnectionError)
-HostKeyError(message: 'str', hint: 'str | None' = None) -> None
+HostKeyError(message: 'str', hint: 'str | None' = None, unknown_key: 'bool' = False) -> None
 class TransferError(StackopsError)
 TransferError(message: 'str', hint: 'str | None' = None) -> None
 class RemoteStackOpsConfig(object)
@@ -332,7 +332,7 @@ RemoteStackOpsConfig(
     base_dir: 'str' = '~/tmp_results/remote_machines/jobs',
     description: 'str' = '',
     ssh_host: 'str | None' = None,
-    copy_repo: 'bool' = False,
+    copy_repo: 'bool' = <user config, else False>,
     update_repo: 'bool' = False,
     install_repo: 'bool' = False,
     data: 'list[str]' = <factory>,
@@ -347,9 +347,9 @@ RemoteStackOpsConfig(
     wrap_in_try_except: 'bool' = False,
     parallelize: 'bool' = False,
     lock_resources: 'bool' = True,
-    max_simultaneous_jobs: 'int' = 1,
+    max_simultaneous_jobs: 'int' = <user config, else 1>,
     workload_params: 'WorkloadParams | None' = None,
-    python: 'str | None' = None,
+    python: 'str | None' = <user config, else None>,
     accept_new_host_key: 'bool' = False,
     ssh_timeout: 'float' = 15.0,
     slurm_options: 'dict[str, str]' = <factory>,
@@ -358,6 +358,7 @@ RemoteStackOpsConfig(
     after: 'list[str]' = <factory>,
     gpus: 'int' = 0,
     group: 'str | None' = None,
+    env: 'dict[str, str]' = <factory>,
 ) -> None
 classmethod RemoteStackOpsConfig.from_dict(data: 'Any') -> RemoteStackOpsConfig
 property RemoteStackOpsConfig.pool
@@ -1372,6 +1373,153 @@ def test_models_command_sweep_checked_line_by_line():
         with pytest.raises(ConfigError, match="stands after a '\\$' or a backslash, or in \\$'"):
             stackops.check_command_sweep(["sh", "-c", script], [{"lr": 1}])
     stackops.check_command_sweep(["sh", "-c", "echo ${{HOME}} {lr}"], [{"lr": 1}])
+
+
+# -- the user config file (issue 24): per-host defaults that an argument always overrides -------
+
+USER_CONFIG = """{
+  "default_email_address": "me@example.org",
+  "defaults": {"max_jobs": 2, "env": {"A": "1", "B": "2"}},
+  "hosts": {
+    "gpu-box": {"max_jobs": 4, "python": "~/venv/bin/python", "copy_repo": true,
+                "slurm": {"partition": "gpu"}, "env": {"B": "3"}},
+    "localhost": {"python": "python3"}
+  }
+}
+"""
+
+
+def test_models_user_config_per_host_defaults_and_what_is_given_wins(home, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "xdg"))
+    path = home / "xdg" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(USER_CONFIG)
+    gpu = config(job_id="g", ssh_host="gpu-box", env={"C": "4"})
+    assert (gpu.max_simultaneous_jobs, gpu.python, gpu.copy_repo) == (4, "~/venv/bin/python", True)
+    assert gpu.env == {"A": "1", "B": "3", "C": "4"} and gpu.slurm_options == {}  # not Slurm
+    given = config(job_id="g2", ssh_host="gpu-box", max_simultaneous_jobs=1, copy_repo=False,
+                   python="python3.12", env={"B": "9"}, launch_method="slurm",
+                   slurm_options={"time": "01:00:00"})
+    assert (given.max_simultaneous_jobs, given.copy_repo, given.python) == (1, False, "python3.12")
+    assert given.env == {"A": "1", "B": "9"}
+    assert given.slurm_options == {"partition": "gpu", "time": "01:00:00"}
+    here = config(job_id="h")  # this machine: the "localhost" entry over the defaults
+    assert (here.max_simultaneous_jobs, here.python, here.copy_repo) == (2, "python3", False)
+    assert config(job_id="o", ssh_host="other").python is None  # no entry: python3 there
+    cloud = config(job_id="c", launch_method="cloud_manager", cloud_name="drive")
+    assert (cloud.python, cloud.max_simultaneous_jobs) == (None, 2)  # no host: the defaults only
+    assert config(job_id="u", ssh_host="gpu-box", update_repo=True).copy_repo is False
+    part = here._for_host("gpu-box", job_id="h_0")  # a cluster's part takes its host's settings
+    assert (part.max_simultaneous_jobs, part.copy_repo, part.env["B"]) == (4, True, "3")
+    record = json.loads(json.dumps(gpu.to_dict()))
+    path.write_text('{"hosts": {"gpu-box": {"max_jobs": 7}}, "oops": 1}')  # changed, broken
+    again = RemoteStackOpsConfig.from_dict(record)  # a job's record is read as it is
+    assert again == gpu and again.max_simultaneous_jobs == 4
+    assert again._for_host("elsewhere").max_simultaneous_jobs == 4
+    with pytest.raises(ConfigError, match="unknown key 'oops'"):
+        config(job_id="x")
+
+
+def test_models_user_config_location_stackops_config_then_xdg_then_home(home, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/ignored")  # the XDG spec: absolute only
+    assert stackops.user_config_location() == (home / ".config/stackops/config.json", "default")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "x"))
+    assert stackops.user_config_location() == (home / "x/stackops/config.json", "XDG_CONFIG_HOME")
+    monkeypatch.setenv("STACKOPS_CONFIG", "~/mine.json")
+    assert stackops.user_config_location() == (home / "mine.json", "STACKOPS_CONFIG")
+    (home / "mine.json").write_text('{"defaults": {"max_jobs": 5}}')
+    assert config(job_id="m").max_simultaneous_jobs == 5
+
+
+BAD_USER_CONFIGS = [  # (the file, the line named, what the one line says)
+    ('{\n  "hosts": {\n    "gpu": {\n      "max_job": 4\n    }\n  }\n}', 4,
+     "unknown key 'max_job' in hosts.gpu"),
+    ('{\n  "defaults": {},\n  "host": {}\n}', 3, "unknown key 'host'"),
+    ('{"hosts": {"gpu": {"max_jobs": "4"}}}', 1, 'hosts.gpu.max_jobs must be a whole number'),
+    ('{\n "defaults": {\n  "max_jobs": 0}}', 3, "defaults.max_jobs must be a whole number"),
+    ('{\n "defaults": {\n  "copy_repo": "yes"}}', 3, "defaults.copy_repo must be true or false"),
+    ('{"hosts": {"gpu": {"env": {"A": 1}}}}', 1, "hosts.gpu.env must be an object of environment"),
+    ('{"hosts": {\n"gpu": {"env": {\n"A-B": "1"}}}}', 3, "hosts.gpu.env: 'A-B' is not a variable"),
+    ('{"defaults": {"env": {\n"STACKOPS_JOB_ID": "x"}}}', 2, "stackops sets STACKOPS_JOB_ID"),
+    ('{"defaults": {"slurm": {\n\n"tiem": "1"}}}', 3, "unknown sbatch option 'tiem'"),
+    ('{"hosts": [1]}', 1, "hosts must be an object: host alias -> host entry"),
+    ('{"hosts": {"gpu": 3}}', 1, "hosts.gpu must be an object (a host entry)"),
+    ('\n\n{"default_email_address": "me@x"}', 3, "default_email_address 'me@x' is not an e-mail"),
+    ('{"default_email_config": 5}', 1, "default_email_config must be a string"),
+    ('{\n  "defaults": {},\n}', 3, "not JSON"),
+    ('{"hosts": {"a": {"python": "x"}, "a": {"max_jobs": 1, "bogus": 2}}}', 1, "'bogus' in hosts.a"),
+]
+
+
+@pytest.mark.parametrize("text,line,said", BAD_USER_CONFIGS)
+def test_models_user_config_bad_key_or_type_refused_naming_file_line_and_key(home, text, line, said):
+    path = home / ".config" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        config(job_id="x")
+    message = str(refused.value)
+    assert message.startswith(f"~/.config/stackops/config.json, line {line}: "), message
+    assert said in message and "\n" not in message
+
+
+def test_models_json_key_line_finds_nested_keys_and_the_last_of_twins():
+    text = '{\n "a": {"x": 1,\n  "b": [1, {"b": 2}],\n  "c": {\n   "d": 1}},\n "a": {"e": 1}\n}'
+    assert stackops._json_key_line(text, ["a"]) == 6  # json keeps the last "a"
+    first = text.replace(',\n "a": {"e": 1}', "")
+    assert [stackops._json_key_line(first, keys) for keys in
+            (["a", "b"], ["a", "c", "d"], ["a", "zz"], [])] == [3, 5, 2, 1]
+
+
+@pytest.mark.parametrize("env,said", [
+    ({"A-B": "1"}, "'A-B' is not a variable's name"), ({"1A": "x"}, "'1A' is not a variable"),
+    ({"": "x"}, "'' is not a variable's name"), ({"A=B": "x"}, "'A=B' is not a variable"),
+    ({"STACKOPS_ATTEMPT": "2"}, "stackops sets STACKOPS_ATTEMPT itself"),
+    ({"A": "x\0y"}, "A's value must be a string without NUL"), ({"A": 1}, "A's value must be"),
+    ("A=1", "env must be dict")])
+def test_models_env_refused_at_submit_with_one_line(home, env, said):
+    with pytest.raises(ConfigError) as refused:
+        config(job_id="e", env=env)
+    assert said in str(refused.value) and "\n" not in str(refused.value)
+    assert config(job_id="ok", env={"OMP_NUM_THREADS": "4", "_x9": "", "A": "a=b c"}).env["A"] == "a=b c"
+
+
+@pytest.mark.parametrize("address", ["a@b.c", "me@example.org", "first.last+tag@sub.example.co.uk",
+                                     "ü@münchen.de", "o'brien@x-y.example"])
+def test_models_email_plausible_addresses_pass(home, address):
+    assert config(job_id="m", notify_upon_completion=True, to_email=address,
+                  email_config_name="x").to_email == address
+
+
+@pytest.mark.parametrize("address,said", [
+    ("me@x.org\r\nBcc: all@x.org", "line break"), ("me@x.org\n", "line break"),
+    ("me", "exactly one @"), ("a@b@c.org", "exactly one @"), ("@example.org", "before its @"),
+    ("me you@x.org", "before its @"), ("me@localhost", "not a domain name"),
+    ("me@-x.org", "not a domain name"), ("me@x..org", "not a domain name"),
+    ("me@x.org.", "not a domain name"), ("me@10.0.0.1", "not a domain name"),
+    ("me@x_y.org", "not a domain name"), (5, "to_email must be str")])
+def test_models_email_refused_at_submit_with_one_line(home, address, said):
+    with pytest.raises(ConfigError) as refused:
+        config(job_id="m", notify_upon_completion=True, to_email=address, email_config_name="x")
+    assert said in str(refused.value) and "\n" not in str(refused.value), refused.value
+    assert "to_email" in str(refused.value)
+
+
+@pytest.mark.parametrize("kwargs,said", [
+    ({"gpus": 1, "group": "io"}, ("gpus is a pool of its own: it goes with neither group nor "
+                                  "lock_resources=False")),
+    ({"slurm_options": {"partition": "gpu"}}, "slurm_options are for launch_method='slurm'"),
+    ({"max_simultaneous_jobs": 0}, "max_simultaneous_jobs must be at least 1"),
+    ({"retries": 500}, "retries must be 0 to 100 and retry_delay 0 to 86400"),
+    ({"transfer_method": "cloud"}, "transfer_method 'cloud' needs cloud_name"),
+    ({"copy_repo": True, "update_repo": True}, "copy_repo and update_repo cannot go together"),
+    ({"job_id": "../x"}, "job_id '../x' is not a safe name"),
+    ({"launch_method": "slurm", "interactive": True}, "launch_method='slurm' cannot run an interac"),
+    ({"env": {"A-B": "1"}}, "env: 'A-B' is not a variable's name")])
+def test_models_refusals_name_the_keywords_a_python_caller_passes(home, kwargs, said):
+    with pytest.raises(ConfigError) as refused:
+        config(**kwargs)
+    assert said in str(refused.value) and "--" not in str(refused.value), refused.value
 
 
 # ============================================================================================
@@ -4017,9 +4165,11 @@ def test_remote_host_keys_unknown_refused_accept_new_recorded_changed_refused(re
     (home / ".ssh" / "known_hosts").write_text("")
     with pytest.raises(stackops.HostKeyError) as info:
         stackops.SSH.from_config_file("tb")
-    assert "unknown" in str(info.value) and "accept-new" in info.value.hint
+    assert "unknown" in str(info.value) and "accept_new_host_key=True" in info.value.hint
     done = cli("ssh", "tb", "--", "true", home=home)
-    assert done.returncode == 1 and "unknown" in done.stderr and "accept-new" in done.stderr
+    assert done.returncode == 2, done.stderr  # bad input: nothing was written or started
+    assert "unknown" in done.stderr and "pass --accept-new," in done.stderr
+    assert "accept_new_host_key" not in done.stderr
     with stackops.SSH.from_config_file("tb", accept_new_host_key=True) as ssh:
         assert ssh.run_shell_cmd_on_remote("echo ok").stdout == "ok\n"
     recorded = (home / ".ssh" / "known_hosts").read_text()
@@ -4031,6 +4181,32 @@ def test_remote_host_keys_unknown_refused_accept_new_recorded_changed_refused(re
                                                + " ".join(Path(f"{other}.pub").read_text().split()[:2]) + "\n")
     with pytest.raises(stackops.HostKeyError, match="CHANGED"):
         stackops.SSH.from_config_file("tb", accept_new_host_key=True)
+    changed = cli("ssh", "tb", "--accept-new", "--", "true", home=home)
+    assert changed.returncode == 1 and "CHANGED" in changed.stderr  # never just bad input
+
+
+def test_remote_copy_errors_name_cli_options_on_the_cli_and_keywords_in_the_api(remote, home):
+    (home / "tree").mkdir()
+    (home / "tree" / "a.txt").write_text("a")
+    (home / "c.txt").write_text("c")
+    folder = cli("copy", "tree", "tb:~/cli-words-tree", home=home)
+    _one_error_line(folder, "~/tree is a folder: pass -r to copy folders")
+    assert cli("copy", "c.txt", "tb:~/cli-words.txt", home=home).returncode == 0
+    again = cli("copy", "c.txt", "tb:~/cli-words.txt", home=home)
+    _one_error_line(again, "already exists on tb")
+    assert again.stderr.splitlines()[1] == "stackops: hint: pass --overwrite to replace it"
+    back = cli("copy", "tb:~/cli-words.txt", "c.txt", home=home)
+    _one_error_line(back, "~/c.txt already exists")
+    assert "pass --overwrite to replace it" in back.stderr
+    assert not re.search(r"\w=True|recursive|overwrite\)", folder.stderr + again.stderr + back.stderr)
+    got = cli("copy", "tb:~/cli-words.txt", "c-back.txt", home=home)
+    assert got.returncode == 0 and got.stdout == "~/c-back.txt\n", got.stderr
+    with stackops.SSH.from_config_file("tb") as ssh:
+        with pytest.raises(ConfigError, match="is a folder: pass recursive=True to copy folders"):
+            ssh.copy_from_here(str(home / "tree"), "~/cli-words-tree")
+        with pytest.raises(ConfigError) as refused:
+            ssh.copy_from_here(str(home / "c.txt"), "~/cli-words.txt")
+        assert refused.value.hint == "pass overwrite_existing=True to replace it"
 
 
 SK_LINE = ("sk.example.org sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIDYFUqgbNrNKRMlE"
@@ -4113,7 +4289,7 @@ def test_remote_host_key_fingerprints_are_sha256_as_openssh_shows_them(remote, h
                            text=True, check=True).stdout.split()[1]  # "256 SHA256:... comment"
     assert shown.startswith("SHA256:")
     done = cli("ssh", "tb", "--", "true", home=home)
-    assert done.returncode == 1 and f"ssh-ed25519 {shown}" in done.stderr, done.stderr
+    assert done.returncode == 2 and f"ssh-ed25519 {shown}" in done.stderr, done.stderr
     other = home / "impostor_key"
     _keygen(other, "impostor")
     impostor = " ".join(Path(f"{other}.pub").read_text().split()[:2])
@@ -7020,7 +7196,8 @@ def test_cluster_cli_run_status_download(cluster_home):
     status = json.loads(cli("cluster", "status", "cliclu", "--json", home=home).stdout)
     assert {h: s["status"] for h, s in status.items()} == {"node1": "completed", "node2": "completed"}
     got = cli("cluster", "download", "cliclu", home=home)
-    folder = Path(got.stdout.strip())
+    assert got.stdout.startswith("~/"), got.stdout  # as every path stackops prints
+    folder = stackops.expand_home(got.stdout.strip())
     union = sorted(i for h in ("node1", "node2")
                    for i in json.loads((folder / h / "result.json").read_text())["indices"])
     assert union == list(range(1000))
@@ -7035,6 +7212,38 @@ def test_cluster_cli_runs_a_command_with_each_host_slice_in_its_environment(clus
     first, second = ([int(n) for n in (sshd.remote_home / f"cmdclu-{part}.txt").read_text().split()]
                      for part in (0, 1))
     assert first[0] == 0 and first[1] == second[0] and second[1] == 10 and first[2] == second[2] == 10
+
+
+def test_cluster_cli_run_sends_data_and_unknown_host_keys_keep_the_accept_new_hint(cluster_home, sshd):
+    home = cluster_home
+    (home / "proj").mkdir(exist_ok=True)
+    (home / "proj" / "cd.py").write_text(
+        "import os\n\ndef part(workload_params):\n"
+        "    with open(os.path.expanduser('~/cdata-cli/a.txt')) as handle:\n"
+        "        return [handle.read(), workload_params.idx_start, workload_params.idx_end]\n")
+    (home / "cdata-cli").mkdir()
+    (home / "cdata-cli" / "a.txt").write_text("payload")
+    known = home / ".ssh" / "known_hosts"
+    saved = known.read_text()
+    known.write_text("")  # every host's key unknown
+    refused = cli("cluster", "run", "proj/cd.py:part", "--hosts", "node1,node2", "--job-id", "cdk",
+                  home=home)
+    assert refused.returncode == 2, refused.stderr  # bad input: nothing was written or started
+    assert "no host of cluster cdk is reachable" in refused.stderr
+    assert "--accept-new" in refused.stderr and "accept_new_host_key" not in refused.stderr
+    assert not (home / "tmp_results" / "remote_machines" / "job_id__cdk").exists()
+    known.write_text(saved)
+    try:
+        done = cli("cluster", "run", "proj/cd.py:part", "--hosts", "node1,node2", "--copy-repo",
+                   "--data", "~/cdata-cli", "--max-num", "10", "--job-id", "cdd", "--wait",
+                   home=home)
+        assert done.returncode == 0, done.stderr
+        folder = stackops.expand_home(cli("cluster", "download", "cdd", home=home).stdout.strip())
+        parts = sorted(json.loads((folder / h / "result.json").read_text()) for h in ("node1", "node2"))
+        assert [part[0] for part in parts] == ["payload", "payload"]
+        assert parts[0][1] == 0 and parts[0][2] == parts[1][1] and parts[1][2] == 10
+    finally:
+        shutil.rmtree(sshd.remote_home / "cdata-cli", ignore_errors=True)
 
 
 def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home, fault_node, sshd):
@@ -8539,6 +8748,381 @@ def test_cli_report_in_chromium_every_bar_a_click_and_the_draw_time(chromium, tm
     assert cells[0] == HOSTILE_REPORT_TEXT and cells[-1] == HOSTILE_REPORT_TEXT  # the job, its error
 
 
+# -- list filters (issue 24): --status, --host, --since, --last, --sweep; submission order -------
+
+def _one_error_line(done: subprocess.CompletedProcess, said: str) -> None:
+    """A refusal as the house wants it: exit 2, one error line (a hint may follow), nothing on
+    stdout."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("stackops: error:")]
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert len(errors) == 1 and said in errors[0], done.stderr
+    assert len(done.stderr.splitlines()) <= 2, done.stderr
+
+
+def test_cli_list_filters_keep_submission_order_and_a_sweep_in_index_order(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    grid = [{"x": index, "fail": index == 7} for index in range(12)]
+    sweep = stackops.run_sweep(mod.point, config(job_id="wide", max_simultaneous_jobs=4), grid)
+    sweep.wait(timeout=120)
+    solo = RemoteMachine(mod.point, config(job_id="solo"), func_kwargs={"x": 99}).run()
+    assert wait_done(solo).status == "completed"
+    wide = [f"wide-{index:04d}" for index in range(12)]
+
+    def ids(*args: str) -> list[str]:
+        done = cli("list", *args, "--json", home=home)
+        assert done.returncode == 0, done.stderr
+        return [row["job_id"] for row in json.loads(done.stdout)]
+
+    assert ids() == wide + ["solo"]
+    assert ids("--sweep", "wide") == wide
+    assert ids("--status", "failed") == ["wide-0007"]
+    assert ids("--status", "completed", "--status", "failed", "--last", "2") == ["wide-0011", "solo"]
+    assert ids("--status", "cancelled,failed", "--sweep", "wide", "--last", "5") == ["wide-0007"]
+    assert ids("--host", "localhost", "--since", "1h") == wide + ["solo"]
+    assert ids("--status", "running") == []
+    table = cli("list", "--sweep", "wide", "--last", "3", home=home).stdout.splitlines()
+    assert [line.split()[0] for line in table] == ["JOB", "wide-0009", "wide-0010", "wide-0011"]
+    assert cli("list", "--status", "queued", home=home).stdout.startswith("no job under ")
+    for args, said in ((["--status", "runing"], "--status runing: not a job status"),
+                       (["--status", "completed,done"], "--status done"),
+                       (["--since", "2 hours"], "--since '2 hours' is not an age"),
+                       (["--last", "0"], "--last must be at least 1"),
+                       (["--sweep", "nope"], "no sweep 'nope'"),
+                       (["--sweep", "../x"], "no sweep '../x'")):
+        _one_error_line(cli("list", *args, home=home), said)
+
+
+def test_cli_list_filter_rows_since_host_and_ties_by_index():
+    """_filter_rows over rows as list_job_rows makes them: a sweep submitted in one instant comes
+    in index order (10 after 9), an old job falls out of --since, --host keeps its host's."""
+    now = stackops._utcnow()
+
+    def row(job_id: str, host: str, minutes_ago: float) -> dict:
+        when = stackops._iso(now - __import__("datetime").timedelta(minutes=minutes_ago))
+        report = JobStatus(job_id=job_id, status="completed", submission_time=when)
+        return {"job_id": job_id, "host": host, "cluster": None, "as_of": None, "error": None,
+                "report": report}
+
+    rows = [row("b-10", "gpu", 5), row("b-9", "gpu", 5), row("old", "localhost", 180),
+            row("b-2", "gpu", 5), row("new", "localhost", 1)]
+    parser = stackops._build_parser()
+
+    def shown(*args: str) -> list[str]:
+        filters = stackops._list_filters(parser.parse_args(["list", *args]))
+        return [r["job_id"] for r in stackops._filter_rows(rows, filters)]
+
+    assert shown() == ["old", "b-2", "b-9", "b-10", "new"]
+    assert shown("--since", "2h") == ["b-2", "b-9", "b-10", "new"]
+    assert shown("--host", "gpu", "--last", "2") == ["b-9", "b-10"]
+    assert shown("--host", "localhost") == ["old", "new"]
+
+
+# -- the user config file and --env/--email from the command line (issues 23, 24) ---------------
+
+def test_cli_run_takes_the_user_config_for_its_host_and_options_win(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    path = home / ".config" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"defaults": {"env": {"A": "1"}},
+                                "hosts": {"localhost": {"max_jobs": 3, "copy_repo": True,
+                                                        "env": {"B": "2"}}}}))
+    for job_id, options, expected in (
+            ("cfg1", [], (3, True, {"A": "1", "B": "2"})),
+            ("cfg2", ["--max-jobs", "1", "--no-copy-repo", "--env", "B=x", "--env", "C="],
+             (1, False, {"A": "1", "B": "x", "C": ""}))):
+        done = cli("run", "proj/m.py:f", "--no-launch", "--job-id", job_id, *options, home=home)
+        assert done.returncode == 0, done.stderr
+        made = RemoteMachine.load(job_id).config
+        assert (made.max_simultaneous_jobs, made.copy_repo, made.env) == expected
+
+
+def test_cli_run_env_email_and_config_file_refused_with_one_line_nothing_written(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    run = ["run", "proj/m.py:f", "--job-id", "never"]
+    for options, said in (
+            (["--env", "FOO"], "--env 'FOO' is not KEY=VALUE"),
+            (["--env", "1A=x"], "--env: '1A' is not a variable's name"),
+            (["--env", "A-B=x"], "--env: 'A-B' is not a variable's name"),
+            (["--env", "STACKOPS_JOB_ID=x"], "--env: stackops sets STACKOPS_JOB_ID itself"),
+            (["--email", "me@x"], "--email 'me@x' is not an e-mail address"),
+            (["--email", "me@x.org\r\nBcc: you@y.org"], "--email 'me@x.org\\r\\nBcc"),
+            (["--notify", "--email", "no-at-sign.org"], "exactly one @")):
+        _one_error_line(cli(*run, *options, home=home), said)
+    path = home / ".config" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{\n  "hosts": {\n    "localhost": {"max_job": 2}\n  }\n}\n')
+    _one_error_line(cli(*run, home=home),
+                    "~/.config/stackops/config.json, line 3: unknown key 'max_job' in "
+                    "hosts.localhost")
+    assert not (home / "tmp_results").exists()
+
+
+def test_cli_config_prints_each_setting_and_where_it_comes_from(home):
+    env = {"XDG_CONFIG_HOME": str(home / "xdg")}
+    empty = cli("config", home=home, env_extra=env)
+    assert empty.returncode == 0 and "there is none" in empty.stdout, empty.stderr
+    assert "max_jobs               1" in empty.stdout and "built-in default" in empty.stdout
+    path = home / "xdg" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(USER_CONFIG)
+    shown = cli("config", "--host", "gpu-box", home=home, env_extra=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split()[0]: line.split(None, 2)[1:] for line in shown.stdout.splitlines()[3:]
+             if line.strip() and not line.startswith("hosts with")}
+    assert lines["max_jobs"] == ["4", "~/xdg/stackops/config.json:5 hosts.gpu-box.max_jobs"]
+    assert lines["env.A"] == ["1", "~/xdg/stackops/config.json:3 defaults.env.A"]
+    assert lines["env.B"] == ["3", "~/xdg/stackops/config.json:6 hosts.gpu-box.env.B"]
+    assert lines["slurm.partition"][0] == "gpu" and lines["copy_repo"][0] == "true"
+    assert "(in XDG_CONFIG_HOME)" in shown.stdout.splitlines()[0]
+    data = json.loads(cli("config", "--json", home=home, env_extra=env).stdout)
+    rows = {row["setting"]: row for row in data["settings"]}
+    assert data["host"] == "localhost" and data["hosts"] == ["gpu-box", "localhost"]
+    assert rows["python"]["value"] == "python3" and rows["max_jobs"]["value"] == 2
+    assert rows["copy_repo"] == {"setting": "copy_repo", "value": False, "from": "built-in default"}
+    path.write_text('{"hosts": {"gpu-box": {"copy_repo": "yes"}}}')
+    _one_error_line(cli("config", home=home, env_extra=env),
+                    "~/xdg/stackops/config.json, line 1: hosts.gpu-box.copy_repo must be true or false")
+
+
+# -- shell completion (issue 24): made from the parser, sourced in a real bash, zsh and fish -----
+
+def _shell_or_skip(name: str) -> str:
+    found = shutil.which(name)
+    if found is None and not os.environ.get("CI"):
+        pytest.skip(f"{name} not installed")
+    assert found, f"{name} is installed by .ci/run"
+    return found
+
+
+def _completion_home(home: Path) -> None:
+    """Two real jobs (prepared, not started), a cluster's folder and an ~/.ssh/config."""
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    for job_id in ("alpha-1", "beta-2"):
+        done = cli("run", "proj/m.py:f", "--no-launch", "--job-id", job_id, home=home)
+        assert done.returncode == 0, done.stderr
+    (home / "tmp_results" / "remote_machines" / "job_id__clu1").mkdir()
+    (home / ".ssh").mkdir(exist_ok=True)
+    (home / ".ssh" / "config").write_text("Host gpu-box lab-*\n  HostName 10.0.0.1\nHost node1\n")
+
+
+BASH_DRIVER = r"""source <("$@" completion bash) || exit 9
+complete -p stackops
+comp() {  # what _stackops offers for the words given (the last one being completed)
+    COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=()
+    _stackops
+    echo "$*|${COMPREPLY[*]}"
+}
+comp stackops st
+comp stackops ''
+comp stackops status ''
+comp stackops -v logs a
+comp stackops cancel ''
+comp stackops cluster s
+comp stackops cluster status ''
+comp stackops list --st
+comp stackops list --status r
+comp stackops run --host ''
+comp stackops run x.py --transfer ''
+comp stackops run --after b
+comp stackops run --kwargs ''
+comp stackops completion ''
+comp stackops status --base-dir /nowhere ''
+"""
+
+
+def test_cli_completion_bash_sourced_completes_commands_options_and_ids(home):
+    bash = _shell_or_skip("bash")
+    _completion_home(home)
+    done = subprocess.run([bash, "-c", BASH_DRIVER, "bash", sys.executable, str(SOURCE)],
+                          cwd=home, env=dict(os.environ, HOME=str(home)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "complete -o default -F _stackops stackops"
+    offered = dict(line.split("|", 1) for line in lines[1:])
+    assert offered["stackops st"].split() == ["status", "start"]
+    assert {"run", "list", "config", "completion", "cluster"} <= set(offered["stackops "].split())
+    assert "job-report" not in offered["stackops "]  # a job's own copy runs it, not a person
+    assert offered["stackops status "].split() == ["alpha-1", "beta-2"]
+    assert offered["stackops -v logs a"] == "alpha-1"
+    assert offered["stackops cancel "].split() == ["alpha-1", "beta-2", "clu1"]
+    assert offered["stackops cluster s"] == "status"
+    assert offered["stackops cluster status "] == "clu1"
+    assert offered["stackops list --st"] == "--status"
+    assert offered["stackops list --status r"] == "running"
+    assert offered["stackops run --host "].split() == ["gpu-box", "node1"]
+    assert offered["stackops run x.py --transfer "].split() == ["sftp", "cloud"]
+    assert offered["stackops run --after b"] == "beta-2"
+    assert offered["stackops run --kwargs "] == ""  # a free value: the shell's own completion
+    assert offered["stackops completion "].split() == ["bash", "zsh", "fish"]
+    assert offered["stackops status --base-dir /nowhere "] == ""
+
+
+def test_cli_completion_options_come_from_the_parser_and_an_unknown_shell_is_refused(home):
+    tree = stackops._completion_tree()
+    parser = stackops._full_parser()
+    for path, node in tree.items():
+        sub = parser
+        for word in path.split():
+            sub = stackops._subcommands(sub)[0].choices[word]
+        assert set(node["options"]) == {o for a in sub._actions for o in a.option_strings}, path
+    assert {"--status", "--since", "--last", "--sweep"} <= set(tree["list"]["options"])
+    assert tree["cluster run"]["values"]["--data"] == ("files", [])
+    _one_error_line(cli("completion", "tcsh", home=home), "no completion for 'tcsh'")
+
+
+def test_cli_completion_zsh_and_fish_offer_the_same(home):
+    _completion_home(home)
+    env = dict(os.environ, HOME=str(home))
+    zsh = _shell_or_skip("zsh")
+    script = ('source <("$@" completion zsh) || exit 9; print -r -- $_comps[stackops]; '
+              'COMP_WORDS=(stackops cancel ""); COMP_CWORD=2; emulate sh -c _stackops; '
+              'print -r -- "${COMPREPLY[@]}"')
+    done = subprocess.run([zsh, "-f", "-c", script, "zsh", sys.executable, str(SOURCE)],
+                          cwd=home, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["_bash_complete -o default -F _stackops",
+                                        "alpha-1 beta-2 clu1"]
+    fish = _shell_or_skip("fish")
+    script = ('"$argv[1]" "$argv[2]" completion fish | source; or exit 9\n'
+              'for line in "stackops st" "stackops status " "stackops cluster status " '
+              '"stackops list --status c" "stackops run --host n"\n'
+              '    echo "$line|"(complete -C "$line" | string split -f1 \\t | string join " ")\n'
+              'end')
+    done = subprocess.run([fish, "--no-config", "-c", script, sys.executable, str(SOURCE)],
+                          cwd=home, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert dict(line.split("|", 1) for line in done.stdout.splitlines()) == {
+        "stackops st": "start status", "stackops status ": "alpha-1 beta-2",
+        "stackops cluster status ": "clu1", "stackops list --status c": "cancelled completed",
+        "stackops run --host n": "node1"}
+
+
+# -- papercuts met as a new user (issue 24, item 7) ------------------------------------------------
+
+def test_cli_refusals_name_the_options_a_user_types(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    (home / "proj" / "s.py").write_text("print(1)\n")
+    cases = [(["--gpus", "1", "--group", "io"],
+              "--gpus is a pool of its own: it goes with neither --group nor --no-lock"),
+             (["--slurm-opt", "partition=gpu"], "--slurm-opt are for --slurm"),
+             (["--max-jobs", "0"], "--max-jobs must be at least 1"),
+             (["--retries", "500"], "--retries must be 0 to 100 and --retry-delay 0 to 86400"),
+             (["--transfer", "cloud"], "--transfer 'cloud' needs --cloud"),
+             (["--copy-repo", "--update-repo"], "--copy-repo and --update-repo cannot go together"),
+             (["--job-id", "../x"], "--job-id '../x' is not a safe name"),
+             (["--after", "../x"], "--after '../x' is not a safe name"),
+             (["--slurm", "--interactive"], "--slurm cannot run an interactive job"),
+             (["--python", " "], "--python must name an interpreter"),
+             (["--ssh-timeout", "0"], "--ssh-timeout must be positive seconds")]
+    for options, said in cases:
+        done = cli("run", "proj/m.py:f", *options, home=home)
+        _one_error_line(done, said)
+        api = (r"\w=(True|False)|launch_method|max_simultaneous|lock_resources|slurm_options"
+               r"|transfer_method|cloud_name|update_repo|copy_repo|ssh_timeout|retry_delay|job_id")
+        assert not re.search(api, done.stderr.splitlines()[0]), done.stderr
+    script = cli("run", "proj/s.py", "--workload", "0:10", "--parallelize", home=home)
+    _one_error_line(script, "--parallelize needs a function; a script cannot be split")
+    assert not (home / "tmp_results").exists()
+
+
+def test_cli_mistyped_function_or_file_and_an_entry_point_get_the_form_to_type(home):
+    (home / "toolz").mkdir()
+    (home / "toolz" / "__init__.py").write_text("")
+    (home / "toolz" / "itertoolz.py").write_text("def frequencies(seq):\n    return {}\n\n"
+                                                 "def topk(k, seq):\n    return []\n")
+    for target, said, hint in (
+            ("toolz/itertoolz.py:frequncies", "toolz/itertoolz.py defines no top-level 'frequncies'",
+             "did you mean 'frequencies'? (toolz/itertoolz.py:frequencies)"),
+            ("toolz/itertolz.py:frequencies", "no Python file 'toolz/itertolz.py'",
+             "did you mean 'itertoolz.py'? (toolz/itertoolz.py:frequencies)"),
+            ("toolz.itertoolz:frequencies", "script not found: toolz.itertoolz:frequencies",
+             "a function is FILE.py:FUNC here: toolz/itertoolz.py:frequencies"),
+            ("other.mod:go", "script not found: other.mod:go",
+             "a function is FILE.py:FUNC, e.g. other/mod.py:go")):
+        done = cli("run", target, "--kwargs", '{"seq": [1]}', home=home)
+        _one_error_line(done, said)
+        assert done.stderr.splitlines()[1] == f"stackops: hint: {hint}"
+    module = home / "toolz" / "itertoolz.py"
+    with pytest.raises(ConfigError) as refused:  # the API says the same
+        RemoteMachine(f"{module}:topkk", config(job_id="t"))
+    assert refused.value.hint == f"did you mean 'topk'? ({module}:topk)"
+
+
+def test_cli_download_prints_the_folder_home_relative(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    assert cli("run", "proj/m.py:f", "--job-id", "dl", "--wait", home=home).returncode == 0
+    got = cli("download", "dl", home=home)
+    assert got.returncode == 0 and got.stdout.startswith("~/") and str(home) not in got.stdout
+    assert (stackops.expand_home(got.stdout.strip().replace("~", str(home), 1)) /
+            "result.json").exists()
+
+
+def test_cli_progress_line_keeps_the_time_left_at_80_columns_and_no_rate_at_first():
+    progress = stackops._Progress("line")
+    progress.begin("upload to gpu1:~/big/blob2.bin", 300 * 2**20)
+    start = progress.started
+    progress.done = 4 * 2**20
+    first = progress._line(start + 0.004, 79)  # a few buffered bytes: 1,000 MiB/s, if shown
+    assert "/s" not in first and "left" not in first and "1%" in first
+    progress.done = 124 * 2**20
+    wide = progress._line(start + 2.0, 200)
+    assert wide.split() == ["upload", "to", "gpu1:~/big/blob2.bin", "41%", "124.0", "MiB", "of",
+                            "300.0", "MiB", "62.0", "MiB/s", "0:02", "left"]
+    lines = {width: progress._line(start + 2.0, width) for width in (79, 60, 49, 40, 30)}
+    assert all(len(line) <= width and line.endswith("0:02 left") for width, line in lines.items())
+    assert "MiB/s" in lines[79] and "of 300.0" not in lines[79]  # the sizes go first, then rate
+    assert "upload to gpu1:~/big/blob2.bin" in lines[49] and "MiB/s" not in lines[49]
+    assert lines[30].split()[0].startswith("up...") and lines[30].split()[0].endswith(".bin")
+    progress.total = None  # a total not known: what is done and the rate
+    assert progress._line(start + 2.0, 79).split()[-4:] == ["124.0", "MiB", "62.0", "MiB/s"]
+
+
+def test_cli_every_command_has_complete_help_and_ids_and_python_default_are_said(capsys):
+    tree = stackops._completion_tree()
+    for path, node in tree.items():
+        assert stackops.main([*path.split(), "--help"]) == 0, path
+        shown = capsys.readouterr().out
+        assert all(option in shown for option in node["options"]), path
+        assert all(word in shown for word in node["words"]) or node["kind"], path
+    for command in ("cancel", "wait", "delete"):
+        stackops.main([command, "--help"])
+        ids = capsys.readouterr().out.split("positional arguments:")[1].split("options:")[0]
+        assert re.search(r"ID\s+\S", ids) and "id" in ids.split("ID", 1)[1], (command, ids)
+    stackops.main(["run", "--help"])
+    python = " ".join(capsys.readouterr().out.split("\n  --python PYTHON")[1].split("--gpus")[0]
+                      .split())
+    assert "python3 on a host" in python and "this interpreter here" in python, python
+
+
+def test_cli_help_builds_one_parser_and_imports_nothing_it_does_not_show(tmp_path):
+    """--help (of stackops, of a command) builds the parser of that one command, and loads neither
+    logging nor paramiko nor psutil; the listing still names every command."""
+    shutil.copy(SOURCE, tmp_path / "stackops.py")
+    code = ("import sys, io, contextlib, stackops\n"
+            "for argv in (['--help'], ['status', '--help']):\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        assert stackops.main(argv) == 0\n"
+            "    print(len(out.getvalue().splitlines()))\n"
+            "print([m for m in ('logging', 'paramiko', 'psutil', 'json') if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    parser = stackops._build_parser()
+    listed = [pseudo.dest for pseudo in stackops._subcommands(parser)[0]._choices_actions]
+    assert listed == [name for name, _, shown, _ in stackops._command_table() if shown]
+    parser.parse_args(["status", "x"])
+    built = {name for name, sub in dict.items(stackops._subcommands(parser)[0].choices) if sub}
+    assert built == {"status"}
+
+
 # ============================================================================================
 # bad input: refused before anything is written, one clear line, CLI exit 2
 # ============================================================================================
@@ -8583,7 +9167,7 @@ def test_bad_input_refused_before_anything_is_written(home):
     (["run", "proj/m.py:f", "--kwargs", "[1]"], "must be a JSON object"),
     (["run", "proj/m.py:f", "--job-id", "a b"], "not a safe name"),
     (["run", "proj/m.py:f", "--job-id=-x"], "not a safe name"),
-    (["run", "proj/m.py:f", "--max-jobs", "0"], "max_simultaneous_jobs"),
+    (["run", "proj/m.py:f", "--max-jobs", "0"], "--max-jobs must be at least 1"),
     (["run", "proj/m.py:f", "--workload", "x"], "START:END"),
     (["run", "proj/m.py:f", "--parallelize"], "parallelize"),
     (["run", "proj"], "not a script file"),
@@ -9147,9 +9731,9 @@ BAD_INPUT = [  # (arguments, exit status, what the one error line says)
     (["run", "proj/m.py:f", "--job-id=-x"], 2, "not a safe name"),
     (["run", "proj/m.py:f", "--job-id", "x" * 200], 2, "not a safe name"),
     (["run", "proj/m.py:f", "--job-id", "exists-already"], 2, "already exists"),
-    (["run", "proj/m.py:f", "--max-jobs", "0"], 2, "max_simultaneous_jobs"),
+    (["run", "proj/m.py:f", "--max-jobs", "0"], 2, "--max-jobs must be at least 1"),
     (["run", "proj/m.py:f", "--data", "nope.csv"], 2, "data path not found"),
-    (["run", "proj/m.py:f", "--transfer", "cloud"], 2, "cloud_name"),
+    (["run", "proj/m.py:f", "--transfer", "cloud"], 2, "--transfer 'cloud' needs --cloud"),
     (["run", "proj/m.py:f", "--host", "tb", "--transfer", "cloud", "--cloud", "nosuchremote"], 2,
      "rclone knows no remote"),
     (["run", "proj/m.py:f", "--host", "a@b@c"], 2, "not an SSH target"),
@@ -9159,12 +9743,19 @@ BAD_INPUT = [  # (arguments, exit status, what the one error line says)
     (["run", "proj/m.py:f", "--host", "tbnokey"], 2, "no identity file"),
     (["run", "proj/m.py:f", "--host", "tbopen"], 2, "readable by others"),
     (["run", "proj/m.py:f", "--host", "tbenc"], 2, "encrypted and no passphrase"),
-    (["run", "proj/m.py:f", "--host", "tbunknown"], 1, "is unknown"),
+    (["run", "proj/m.py:f", "--host", "tbunknown"], 2, "is unknown"),  # nothing written: bad input
     (["run", "proj/m.py:f", "--host", "tbdead"], 1, "cannot connect"),
     (["run", "proj/m.py:f", "--host", "nosuchhost.example"], 1, "cannot resolve"),
     (["run", "proj/m.py:f", "--workload", "x"], 2, "START:END"),
     (["run", "proj/m.py:f", "--parallelize"], 2, "parallelize"),
-    (["run", "proj/m.py:f", "--ssh-timeout", "0"], 2, "ssh_timeout"),
+    (["run", "proj/m.py:f", "--ssh-timeout", "0"], 2, "--ssh-timeout must be positive"),
+    (["run", "proj/m.py:f", "--env", "FOO"], 2, "--env 'FOO' is not KEY=VALUE"),
+    (["run", "proj/m.py:f", "--env", "STACKOPS_SLOT=1"], 2, "stackops sets STACKOPS_SLOT itself"),
+    (["run", "proj/m.py:f", "--notify", "--email", "me@x"], 2, "--email 'me@x' is not an e-mail"),
+    (["run", "proj.m:f"], 2, "a function is FILE.py:FUNC here: proj/m.py:f"),
+    (["list", "--status", "runing"], 2, "--status runing: not a job status"),
+    (["list", "--since", "yesterday"], 2, "--since 'yesterday' is not an age"),
+    (["completion", "tcsh"], 2, "no completion for 'tcsh'"),
     (["status", "no-such-job"], 2, "no job"),
     (["status", "corrupt"], 1, "corrupted JSON"),
     (["delete-results", "gave-home"], 2, "refusing to delete"),
