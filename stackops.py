@@ -3338,15 +3338,14 @@ def _stopping(root: Path) -> bool:
 def _run_environment(root: Path, manager: FileManager, config: dict[str, Any],
                      attempt: int) -> dict[str, str]:
     """What a run adds to its environment: the user's ``env`` and the job's own variables (see
-    _job_environment), its folder and results folder, unbuffered Python output, and its
-    bytecode kept inside the job's folder (never written into the user's tree)."""
+    _job_environment), its folder and results folder, and unbuffered Python output (a job run in
+    place writes no bytecode into the user's tree: JobContext)."""
     sweep = re.search(r"-(\d+)\Z", manager.job_id) if os.path.islink(root / WRAPPER_PY) else None
     env = _job_environment(manager.job_id, attempt, ",".join(manager.slot_names),
                            config.get("workload_params"), int(sweep[1]) if sweep else None,
                            config.get("env"))
     env.update(STACKOPS_JOB_ROOT=str(root), PYTHONUNBUFFERED="1",
-               STACKOPS_RESULTS=str(expand_home(f"{DEFAULT_RESULTS_DIR}/{manager.job_id}")),
-               PYTHONPYCACHEPREFIX=str(root / LOGS / "pycache"))
+               STACKOPS_RESULTS=str(expand_home(f"{DEFAULT_RESULTS_DIR}/{manager.job_id}")))
     return env
 
 
@@ -3429,7 +3428,6 @@ def _child_main(root: Path, manager: FileManager,
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
         os.environ.update(env)
-        sys.pycache_prefix = env["PYTHONPYCACHEPREFIX"]  # type: ignore[attr-defined]
         for stream in (sys.stdout, sys.stderr):
             with _suppress(AttributeError, ValueError):
                 stream.reconfigure(write_through=True)  # type: ignore[union-attr]
@@ -7991,7 +7989,7 @@ def _handing(machine: RemoteMachine, launch: bool, gate: _Gate | None) -> _Handi
     return _Handing(machine.file_manager.job_root, machine.file_manager.job_root_rh,
                     machine.python, machine._snapshot, list(machine.data),
                     members=machine._members, need=need, email=email,
-                    fire=machine.fire_roots if launch else [], gate=gate)
+                    fire=[machine.root_there] if launch else [], gate=gate)
 
 
 class _ThroughCloud(_OverSSH):
@@ -8137,7 +8135,7 @@ class _Launcher:
         fired = machine._handed.fired if machine._handed is not None else {}
         if not fired:
             requests = getattr(machine._place, "fire_requests", lambda m: [])(machine)
-            requests.append({"action": "fire", "roots": machine.fire_roots})
+            requests.append({"action": "fire", "roots": [machine.root_there]})
             fired = machine._place.call(requests)[-1]
         machine.launcher_pid = fired.get("pid")
         machine.slurm_job_id = fired.get("slurm_id")
@@ -8948,11 +8946,6 @@ class RemoteMachine:
     def root_there(self) -> str:
         """The job folder where it runs, as the executing side is told it (``~/...`` on a host)."""
         return self._place.there(self.file_manager)
-
-    @property
-    def fire_roots(self) -> list[str]:
-        """The job folders one fire starts: this job's (an array's: its own, sbatch --array)."""
-        return [self.root_there]
 
     def close(self) -> None:
         self._place.close()
@@ -12282,6 +12275,7 @@ _REPORT_HELP = ("one self-contained HTML page with a timeline of jobs: a sweep, 
 
 
 def _add_report_args(sub: Any) -> None:
+    _add_ids(sub, None)
     sub.add_argument("job_ids", nargs="*", metavar="ID",
                      help="jobs, sweeps, clusters or Slurm arrays (their ids)")
     sub.add_argument("--last", type=int, metavar="N", help="the N jobs submitted last")
