@@ -2598,12 +2598,131 @@ class Slots:
                 _write_plain(self.root / HISTORY_VIEW, json.dumps(history, indent=1))
 
 
+# -- logind: would the host kill a detached job when the user logs out? ----------------------------
+# With KillUserProcesses=yes, systemd-logind ends every process of a login session's scope when the
+# session ends: setsid and nohup do not leave the scope, so a job fired over SSH dies with the
+# connection. A scope of the user's own service manager (systemd-run --user --scope) is outside
+# the session, but that manager stops at the user's last logout unless lingering is on. Probed on
+# the executing machine, with the standard library only.
+
+LOGIND_MARKER = "/run/systemd/system"  # exists when systemd is the init system (sd_booted)
+LOGIND_CONF_DIRS = ("/etc/systemd", "/run/systemd", "/usr/local/lib/systemd", "/usr/lib/systemd")
+LINGER_DIR = "/var/lib/systemd/linger"
+
+
+def _probe_output(argv: list[str], timeout: float) -> str | None:
+    """What ``argv`` prints when it runs and exits 0 within ``timeout`` seconds, else None."""
+    try:
+        done = _run_bounded(argv, timeout)
+    except StackopsError:  # missing, or stopped at the timeout
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _logind_properties(text: str) -> dict[str, str]:
+    """``Key=value`` lines (loginctl show-*, a [Login] section) as a dict."""
+    pairs = (line.strip().partition("=") for line in text.splitlines())
+    return {key.strip(): value.strip() for key, sep, value in pairs if sep and key[:1] != "#"}
+
+
+def _logind_conf(conf_dirs: tuple[str, ...]) -> dict[str, str]:
+    """logind's settings from its files: ``logind.conf`` in the first of ``conf_dirs`` that has
+    one, then the ``logind.conf.d/*.conf`` drop-ins by file name (the same name in an earlier
+    folder hides a later one), the last setting winning, as logind reads them."""
+    import glob
+
+    settings: dict[str, str] = {}
+    mains = [os.path.join(d, "logind.conf") for d in conf_dirs]
+    drop_ins: dict[str, str] = {}
+    for folder in reversed(conf_dirs):
+        for path in glob.glob(os.path.join(folder, "logind.conf.d", "*.conf")):
+            drop_ins[os.path.basename(path)] = path
+    main = [path for path in mains if os.path.isfile(path)][:1]
+    for path in main + [drop_ins[name] for name in sorted(drop_ins)]:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                section = handle.read().partition("[Login]")[2].split("\n[", 1)[0]
+        except OSError:
+            continue
+        settings.update(_logind_properties(section))
+    return settings
+
+
+def _kills_user(settings: dict[str, str], user: str) -> bool:
+    """Whether logind ``settings`` (KillUserProcesses, KillOnlyUsers, KillExcludeUsers) end the
+    processes of ``user``'s sessions at logout."""
+    yes = settings.get("KillUserProcesses", "no").lower() in ("yes", "true", "1", "on")
+    only = settings.get("KillOnlyUsers", "").split()
+    excluded = settings.get("KillExcludeUsers", "root").split()
+    return yes and user not in excluded and (not only or user in only)
+
+
+def _logind_probe(user: str | None = None, marker: str = LOGIND_MARKER,
+                  conf_dirs: tuple[str, ...] = LOGIND_CONF_DIRS, linger_dir: str = LINGER_DIR,
+                  timeout: float = 5.0) -> dict[str, Any]:
+    """Whether a job started detached here by ``user`` (default: this process's) would be killed
+    when that user logs out, and what stackops can do about it. Returns: ``systemd`` (init is
+    systemd: ``marker`` exists), ``kill_user_processes`` (logind ends the user's session scopes
+    at logout: ``loginctl show-session``, else the config files), ``linger``, ``scope``
+    (``systemd-run --user --scope`` works; tried only when it matters), ``wrap`` (start the
+    launcher in such a scope: _in_user_scope), ``kill_at_logout`` (the job, so started, still
+    dies at the user's logout) and ``fix`` (what the user can do, "" when nothing is needed)."""
+    import pwd
+
+    user = user or pwd.getpwuid(os.getuid()).pw_name
+    found: dict[str, Any] = {"user": user, "systemd": os.path.isdir(marker),
+                             "kill_user_processes": False, "linger": False, "scope": False,
+                             "wrap": False, "kill_at_logout": False, "fix": ""}
+    if not found["systemd"]:
+        return found
+    names = ["KillUserProcesses", "KillOnlyUsers", "KillExcludeUsers"]
+    shown = _probe_output(["loginctl", "show-session", *[f"-p{name}" for name in names]], timeout)
+    settings = _logind_properties(shown) if shown is not None else _logind_conf(conf_dirs)
+    found["kill_user_processes"] = _kills_user(settings, user)
+    shown = _probe_output(["loginctl", "show-user", user, "-pLinger"], timeout)
+    found["linger"] = (_logind_properties(shown).get("Linger") == "yes" if shown is not None
+                       else os.path.exists(os.path.join(linger_dir, user)))
+    if not found["kill_user_processes"]:
+        return found
+    scope = ["systemd-run", "--user", "--scope", "--quiet", "true"]
+    found["scope"] = found["wrap"] = _probe_output(scope, timeout) is not None
+    found["kill_at_logout"] = not (found["scope"] and found["linger"])
+    if not found["linger"]:
+        found["fix"] = f"loginctl enable-linger {user}"
+    elif not found["scope"]:
+        found["fix"] = (f"ask the administrator to add {user} to KillExcludeUsers in "
+                        "/etc/systemd/logind.conf")
+    return found
+
+
+def _in_user_scope(argv: list[str], probe: dict[str, Any]) -> list[str]:
+    """``argv`` started in a scope of the user's service manager when ``probe`` (_logind_probe)
+    says so, out of the login session that logind would end at logout; else ``argv`` itself.
+    systemd-run --scope runs the program itself (same pid), so nothing else changes."""
+    if not probe.get("wrap"):
+        return list(argv)
+    return ["systemd-run", "--user", "--scope", "--quiet", "--", *argv]
+
+
+_LOGIND: list[dict[str, Any]] = []  # this machine's _logind_probe, once per process
+
+
+def _logind() -> dict[str, Any]:
+    """This machine's answer to _logind_probe, asked once (and only where systemd is init)."""
+    if not _LOGIND:
+        _LOGIND.append(_logind_probe(marker=LOGIND_MARKER) if os.path.isdir(LOGIND_MARKER)
+                       else {"kill_at_logout": False, "wrap": False, "fix": ""})
+    return _LOGIND[0]
+
+
 def _start_detached(argv: list[str], output: Path, env: dict[str, str] | None = None,
                     cwd: Path | None = None, fds: tuple[int, ...] = ()) -> int:
     """Start ``argv`` in a session of its own (it outlives us and our terminal), output appended
-    to ``output``, keeping ``fds`` open in it; returns its pid."""
+    to ``output``, keeping ``fds`` open in it, and out of the login session where logind would
+    end it at logout (_logind); returns its pid."""
     with _private_append(output) as out:
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+        child = subprocess.Popen(_in_user_scope(argv, _logind()), stdin=subprocess.DEVNULL,
+                                 stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                  cwd=str(cwd) if cwd else None, pass_fds=fds)
     _DETACHED.append(child)
@@ -2961,8 +3080,9 @@ def _status_of(job_id: str, state: dict[str, Any], tail: str = "",
                      start_time=state.get("started"), end_time=state.get("ended"),
                      results_path=state.get("results"), error_message=state.get("error") or "",
                      place=place, host=state.get("node") or "?", log_tail=tail,
-                     slurm_job_id=slurm.get("id"), reason=state.get("reason") or "",
-                     attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
+                     slurm_job_id=slurm.get("id"),
+                     reason=state.get("reason") or (state.get("warning") if status not in TERMINAL_STATUSES else "")
+                     or "", attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
                      exit_code=state.get("exit_code"), signal=state.get("signal"),
                      max_rss_bytes=state.get("max_rss_bytes"),
                      cpu_seconds=state.get("cpu_seconds"), slot=state.get("slot"),
@@ -4120,7 +4240,8 @@ def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
     try:
         env = dict(env, STACKOPS_ALIVE_FD=str(alive))
         with _private_append(root / OUTPUT_LOG) as out:
-            child = subprocess.Popen([os.path.expanduser(python), str(root / WRAPPER_PY)],
+            argv = [os.path.expanduser(python), str(root / WRAPPER_PY)]
+            child = subprocess.Popen(argv if fds else _in_user_scope(argv, _logind()),
                                      cwd=str(root), env=env, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, pass_fds=(*fds, alive),
                                      start_new_session=True)
@@ -4153,6 +4274,18 @@ def fire_jobs(roots: list[Path], env: dict[str, str] | None = None) -> dict[str,
     if config.get("launch_method") == "slurm":
         return _fire_slurm(roots[0], first, config)
     _record_fire_env(roots, env)
+    logind = _logind()
+    if logind.get("kill_at_logout"):  # said once at submit (the answer) and in each status
+        warning = ("this host ends your processes when you log out, and the job with them"
+                   + (f": {logind['fix']}" if logind.get("fix") else ""))
+        for root in roots:
+            _record(root, warning=warning)
+        return dict(_fire_started(roots, first, config), warning=warning)
+    return _fire_started(roots, first, config)
+
+
+def _fire_started(roots: list[Path], first: FileManager, config: dict[str, Any]) -> dict[str, Any]:
+    """fire_jobs' start proper, once the jobs' folders and environment are in order."""
     if config.get("interactive"):
         return _fire_tmux(roots[0], first)
     if not first.lock_resources:
@@ -4814,112 +4947,6 @@ def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Path(root)
-
-
-# -- logind: would the host kill a detached job when the user logs out? ----------------------------
-# With KillUserProcesses=yes, systemd-logind ends every process of a login session's scope when the
-# session ends: setsid and nohup do not leave the scope, so a job fired over SSH dies with the
-# connection. A scope of the user's own service manager (systemd-run --user --scope) is outside
-# the session, but that manager stops at the user's last logout unless lingering is on. Probed on
-# the executing machine, with the standard library only.
-
-LOGIND_MARKER = "/run/systemd/system"  # exists when systemd is the init system (sd_booted)
-LOGIND_CONF_DIRS = ("/etc/systemd", "/run/systemd", "/usr/local/lib/systemd", "/usr/lib/systemd")
-LINGER_DIR = "/var/lib/systemd/linger"
-
-
-def _probe_output(argv: list[str], timeout: float) -> str | None:
-    """What ``argv`` prints when it runs and exits 0 within ``timeout`` seconds, else None."""
-    try:
-        done = _run_bounded(argv, timeout)
-    except StackopsError:  # missing, or stopped at the timeout
-        return None
-    return done.stdout if done.returncode == 0 else None
-
-
-def _logind_properties(text: str) -> dict[str, str]:
-    """``Key=value`` lines (loginctl show-*, a [Login] section) as a dict."""
-    pairs = (line.strip().partition("=") for line in text.splitlines())
-    return {key.strip(): value.strip() for key, sep, value in pairs if sep and key[:1] != "#"}
-
-
-def _logind_conf(conf_dirs: tuple[str, ...]) -> dict[str, str]:
-    """logind's settings from its files: ``logind.conf`` in the first of ``conf_dirs`` that has
-    one, then the ``logind.conf.d/*.conf`` drop-ins by file name (the same name in an earlier
-    folder hides a later one), the last setting winning, as logind reads them."""
-    import glob
-
-    settings: dict[str, str] = {}
-    mains = [os.path.join(d, "logind.conf") for d in conf_dirs]
-    drop_ins: dict[str, str] = {}
-    for folder in reversed(conf_dirs):
-        for path in glob.glob(os.path.join(folder, "logind.conf.d", "*.conf")):
-            drop_ins[os.path.basename(path)] = path
-    main = [path for path in mains if os.path.isfile(path)][:1]
-    for path in main + [drop_ins[name] for name in sorted(drop_ins)]:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                section = handle.read().partition("[Login]")[2].split("\n[", 1)[0]
-        except OSError:
-            continue
-        settings.update(_logind_properties(section))
-    return settings
-
-
-def _kills_user(settings: dict[str, str], user: str) -> bool:
-    """Whether logind ``settings`` (KillUserProcesses, KillOnlyUsers, KillExcludeUsers) end the
-    processes of ``user``'s sessions at logout."""
-    yes = settings.get("KillUserProcesses", "no").lower() in ("yes", "true", "1", "on")
-    only = settings.get("KillOnlyUsers", "").split()
-    excluded = settings.get("KillExcludeUsers", "root").split()
-    return yes and user not in excluded and (not only or user in only)
-
-
-def _logind_probe(user: str | None = None, marker: str = LOGIND_MARKER,
-                  conf_dirs: tuple[str, ...] = LOGIND_CONF_DIRS, linger_dir: str = LINGER_DIR,
-                  timeout: float = 5.0) -> dict[str, Any]:
-    """Whether a job started detached here by ``user`` (default: this process's) would be killed
-    when that user logs out, and what stackops can do about it. Returns: ``systemd`` (init is
-    systemd: ``marker`` exists), ``kill_user_processes`` (logind ends the user's session scopes
-    at logout: ``loginctl show-session``, else the config files), ``linger``, ``scope``
-    (``systemd-run --user --scope`` works; tried only when it matters), ``wrap`` (start the
-    launcher in such a scope: _in_user_scope), ``kill_at_logout`` (the job, so started, still
-    dies at the user's logout) and ``fix`` (what the user can do, "" when nothing is needed)."""
-    import pwd
-
-    user = user or pwd.getpwuid(os.getuid()).pw_name
-    found: dict[str, Any] = {"user": user, "systemd": os.path.isdir(marker),
-                             "kill_user_processes": False, "linger": False, "scope": False,
-                             "wrap": False, "kill_at_logout": False, "fix": ""}
-    if not found["systemd"]:
-        return found
-    names = ["KillUserProcesses", "KillOnlyUsers", "KillExcludeUsers"]
-    shown = _probe_output(["loginctl", "show-session", *[f"-p{name}" for name in names]], timeout)
-    settings = _logind_properties(shown) if shown is not None else _logind_conf(conf_dirs)
-    found["kill_user_processes"] = _kills_user(settings, user)
-    shown = _probe_output(["loginctl", "show-user", user, "-pLinger"], timeout)
-    found["linger"] = (_logind_properties(shown).get("Linger") == "yes" if shown is not None
-                       else os.path.exists(os.path.join(linger_dir, user)))
-    if not found["kill_user_processes"]:
-        return found
-    scope = ["systemd-run", "--user", "--scope", "--quiet", "true"]
-    found["scope"] = found["wrap"] = _probe_output(scope, timeout) is not None
-    found["kill_at_logout"] = not (found["scope"] and found["linger"])
-    if not found["linger"]:
-        found["fix"] = f"loginctl enable-linger {user}"
-    elif not found["scope"]:
-        found["fix"] = (f"ask the administrator to add {user} to KillExcludeUsers in "
-                        "/etc/systemd/logind.conf")
-    return found
-
-
-def _in_user_scope(argv: list[str], probe: dict[str, Any]) -> list[str]:
-    """``argv`` started in a scope of the user's service manager when ``probe`` (_logind_probe)
-    says so, out of the login session that logind would end at logout; else ``argv`` itself.
-    systemd-run --scope runs the program itself (same pid), so nothing else changes."""
-    if not probe.get("wrap"):
-        return list(argv)
-    return ["systemd-run", "--user", "--scope", "--quiet", "--", *argv]
 
 
 # ============================================================================================
@@ -8140,6 +8167,8 @@ class _Launcher:
         machine.launcher_pid = fired.get("pid")
         machine.slurm_job_id = fired.get("slurm_id")
         machine._save()
+        if fired.get("warning"):
+            log.warning("job %s on %s: %s", machine.job_id, machine.host_name, fired["warning"])
         for k, task in enumerate(machine.array_tasks() if machine.array_parts else []):
             task.slurm_job_id = f"{machine.slurm_job_id}_{k}"
             task._save()
@@ -9597,6 +9626,8 @@ def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run:
         job.submitted, job.shared = True, bool(template._handed and template._handed.shared)
         job.launcher_pid = fired.get("pid") if run else None
         _write_plain(job.file_manager.path(REMOTE_MACHINE_JSON), json.dumps(job.to_dict()))
+    if fired.get("warning"):
+        log.warning("sweep %s on %s: %s", template.job_id, template.host_name, fired["warning"])
 
 
 def _sweep_shared(template: RemoteMachine, staging: Path, jobs: list[RemoteMachine]) -> None:

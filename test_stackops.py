@@ -9,6 +9,7 @@ import functools
 import importlib
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -91,14 +92,11 @@ def _stop_leftovers(home: Path) -> None:
             pid, start = pid_file.read_text().split()
             if str(stackops.process_start_ticks(int(pid))) == start:
                 os.kill(int(pid), signal.SIGKILL)
-    for pid_file in itertools.chain(home.glob("**/logs/launcher_pid.txt"), home.glob("**/logs/pid.txt")):
-        pid = int(pid_file.read_text() or 0)
-        if pid and stackops.pid_is_alive(pid, pid_file.parent.parent.name):
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+    for state_file in home.glob("**/logs/state.json"):
+        with contextlib.suppress(OSError, ValueError):
+            pgid = json.loads(state_file.read_text()).get("pgid")
+            if pgid and stackops._alive(state_file.parent.parent):
+                os.killpg(int(pgid), signal.SIGKILL)
 
 
 def state_of(machine_or_root) -> dict:
@@ -3279,6 +3277,29 @@ def test_logind_probe_reads_the_config_files_when_loginctl_cannot_answer(tmp_pat
     found = stackops._logind_probe("alice", marker=str(marker), conf_dirs=(str(etc), str(lib)),
                                    linger_dir=str(linger))
     assert not found["kill_user_processes"] and not found["wrap"]
+
+
+def test_logind_job_starts_in_a_user_scope_and_says_what_to_do(home, tmp_path, monkeypatch, caplog):
+    """On a host whose logind would kill it at logout, a job starts in the user's scope (systemd-run
+    runs it), and the submit and the job's status say how to keep it alive: lingering."""
+    bin_dir = _logind_stand_ins(tmp_path, "yes", "no", "works")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    marker = tmp_path / "run-systemd-system"
+    marker.mkdir()
+    monkeypatch.setattr(stackops, "LOGIND_MARKER", str(marker))
+    monkeypatch.setattr(stackops, "_LOGIND", [])
+    monkeypatch.chdir(_git_proj(home))
+    user = stackops._logind()["user"]
+    with caplog.at_level(logging.WARNING, logger="stackops"):
+        job = RemoteMachine(["sh", "-c", "sleep 1; echo in-scope"], config(job_id="logind-job")).run()
+    fix = f"loginctl enable-linger {user}"
+    assert any(fix in record.getMessage() for record in caplog.records), caplog.text
+    assert fix in job.get_status().reason or job.get_status().finished
+    report = wait_done(job)
+    assert report.status == "completed", report.error_message
+    assert "in-scope" in job.file_manager.path(stackops.OUTPUT_LOG).read_text()
+    assert "systemd-run --user --scope --quiet -- " in (tmp_path / "calls").read_text()
+    assert report.reason == ""  # the warning is for a job still under way
 
 
 # ============================================================================================
