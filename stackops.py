@@ -1465,6 +1465,8 @@ class RemoteStackOpsConfig:
     gpus: int = 0
     group: str | None = None  # a named pool with its own max_simultaneous_jobs
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # the job's own variables
+    # a bash command run once when the job ends, where it ran (see HOOK_PLACEHOLDERS)
+    on_end: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.workload_params, dict):
@@ -1472,6 +1474,8 @@ class RemoteStackOpsConfig:
         self._take_user_settings()
         _validate_fields(self)
         check_job_env(self.env, _option("env", "--env"))
+        if self.on_end is not None:
+            check_hook(self.on_end, _option("on_end", "--on-end"))
         check_safe_name(self.job_id, _option("job_id", "--job-id"))
         if not self.base_dir.strip():
             raise ConfigError("base_dir must not be empty")
@@ -3812,6 +3816,21 @@ def _notify(root: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
 
 
 HOOK_TIMEOUT = 60.0  # seconds an --on-end command may take
+HOOK_PLACEHOLDERS = ("job_id", "status", "exit_code", "host", "duration")
+
+
+def check_hook(command: Any, what: str = "on_end") -> str:
+    """An ``on_end`` command: text whose ``{name}`` placeholders are HOOK_PLACEHOLDERS'; checked
+    when the job is described, not when it ends."""
+    hint = "a shell command; its placeholders: " + " ".join(f"{{{n}}}" for n in HOOK_PLACEHOLDERS)
+    if not isinstance(command, str) or not command.strip() or "\0" in command:
+        raise ConfigError(f"{what} must be a shell command, got {_shorten(repr(command), 60)}",
+                          hint=hint)
+    try:
+        fill_placeholders(command, dict.fromkeys(HOOK_PLACEHOLDERS, ""))
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}", hint=hint) from None
+    return command
 
 
 def _run_hook(root: Path, state: dict[str, Any], template: str) -> None:
@@ -3824,7 +3843,7 @@ def _run_hook(root: Path, state: dict[str, Any], template: str) -> None:
               "duration": f"{_seconds_between(state.get('started'), state.get('ended')):.1f}"}
     command = fill_placeholders(template, values, quote=True)
     try:
-        done = _run_bounded(["bash", "-c", command], HOOK_TIMEOUT)
+        done = _run_bounded([shutil.which("bash") or "sh", "-c", command], HOOK_TIMEOUT)
         said = f"exit status {done.returncode}"
         sys.stdout.write(done.stdout)
         sys.stdout.write(done.stderr)
@@ -10494,7 +10513,7 @@ def _cmd_run(args: Any) -> int:
         workload_params=_parse_workload(args.workload, args.parallelize),
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
-        retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
+        on_end=args.on_end, retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
         after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     if args.sweep:
@@ -12053,6 +12072,10 @@ def _add_run_start_args(parser: Any) -> None:
                              "see README)")
     parser.add_argument("--email", metavar="ADDR",
                         help="with --notify: the address (default: your user config's)")
+    parser.add_argument("--on-end", metavar="CMD",
+                        help="a bash command run once when the job ends, on the machine it ran "
+                             "on; {job_id} {status} {exit_code} {host} {duration} are filled in, "
+                             "quoted (e.g. curl -d \"{job_id} {status}\" ntfy.sh/mytopic)")
     parser.add_argument("--slurm", action="store_true",
                         help="hand the job to Slurm with sbatch (here, or on the --host login "
                              "node)")

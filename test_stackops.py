@@ -3035,6 +3035,58 @@ def test_email_whole_tree_gone_is_reported_once_by_the_status_check(home, smtp):
     assert len(received) == 1
 
 
+# -- a hook at a job's end (--on-end): once per end, by whoever records it (issue 24) -----------
+
+HOOK = "printf '%s|%s|%s|%s|%s\\n' {job_id} {status} {exit_code} {host} {duration} >> ~/hook.txt"
+
+
+def _hook_lines(home: Path, count: int) -> list[list[str]]:
+    hook = home / "hook.txt"
+    wait_for(lambda: hook.exists() and len(hook.read_text().splitlines()) >= count, what="the hook")
+    time.sleep(0.3)  # a second run of it would be here by now
+    return [line.split("|") for line in hook.read_text().splitlines()]
+
+
+def test_hook_runs_once_at_each_end_with_its_values_filled_in(home, monkeypatch):
+    monkeypatch.chdir(_git_proj(home))
+    done = RemoteMachine(["sh", "-c", "exit 0"], config(job_id="hook-ok", on_end=HOOK)).run()
+    failed = RemoteMachine(["sh", "-c", "exit 7"], config(job_id="hook-7", on_end=HOOK)).run()
+    assert wait_done(done).status == "completed" and wait_done(failed).status == "failed"
+    for _ in range(3):  # readers do not run it again
+        done.get_status(0), failed.get_status(0)
+    lines = sorted(_hook_lines(home, 2))
+    assert [line[:4] for line in lines] == [["hook-7", "failed", "7", os.uname().nodename],
+                                            ["hook-ok", "completed", "0", os.uname().nodename]]
+    assert all(float(line[4]) >= 0 for line in lines)
+    assert state_of(done)["hook"] == "exit status 0"
+
+
+def test_hook_of_a_killed_job_runs_once_from_the_check_that_finds_it(home):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.sleeper, config=config(job_id="hook-gone", on_end=HOOK)).run()
+    wait_for(lambda: machine.get_status(0).status == "running", what="running")
+    os.killpg(_wrapper_of(machine), signal.SIGKILL)
+    wait_for(lambda: not stackops._alive(machine.file_manager.job_root), what="tree gone")
+    checks = [threading.Thread(target=machine.get_status, args=(0,)) for _ in range(4)]
+    for check in checks:
+        check.start()
+    for check in checks:
+        check.join()
+    assert [line[:3] for line in _hook_lines(home, 1)] == [["hook-gone", "failed", ""]]
+
+
+@pytest.mark.parametrize("command,said", [
+    ("echo {jobid}", "nothing fills the placeholder {jobid}"),
+    ("   ", "must be a shell command"),
+])
+def test_hook_refused_at_submit_before_anything_is_written(home, command, said):
+    with pytest.raises(stackops.ConfigError, match=re.escape(said)):
+        config(job_id="hook-bad", on_end=command)
+    done = cli("run", "--job-id", "hook-bad", "--on-end", command, "--", "true", home=home)
+    assert done.returncode == 2 and said in done.stderr and "{job_id}" in done.stderr, done.stderr
+    assert not list(home.glob("**/hook-bad"))
+
+
 def _install_remote_mail_config(remote, local_config: Path) -> None:
     remote_config = remote.remote_home / ".config" / "stackops" / "email.json"
     remote_config.parent.mkdir(parents=True, exist_ok=True)
