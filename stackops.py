@@ -7087,13 +7087,6 @@ def _tree_sources(repo: Path, entries: list[list[Any]]) -> dict[str, list[str]]:
     return sources
 
 
-def _materialize_here(repo: Path, entries: list[list[Any]], folder: Path) -> None:
-    """The job's own copy of its snapshot, made on this machine (a local job, or a host that sees
-    this machine's files) from the work tree, each file checked against the manifest (see
-    _materialize), appearing whole under ``folder``."""
-    _materialize(entries, _tree_sources(repo, entries), folder)
-
-
 def scm_version(repo: Path) -> str:
     """A PEP 440 version from ``git describe`` here, for setuptools-scm / hatch-vcs projects whose
     snapshot has no .git: ``1.2`` on a tag, ``1.2.post3+gabc1234`` after it, ``0.0.post5+g...``
@@ -8657,16 +8650,6 @@ def _array_tasks(machine: RemoteMachine) -> list[RemoteMachine]:
     for task in machine._tasks:
         task._place.connection = machine._place.connection
     return machine._tasks
-
-
-def _array_status(machine: RemoteMachine, log_lines: int) -> JobStatus:
-    """An array's status: its tasks' reports (one round trip for them all), combined."""
-    tasks = machine.array_tasks()
-    reports = machine._place.reports(tasks, log_lines) if tasks else []
-    own = _status_of(machine.job_id, read_state(machine.file_manager.job_root))
-    own.slurm_job_id = machine.slurm_job_id
-    own.results_path = machine.file_manager.job_root_rh
-    return _combine(reports, own)
 
 
 def _download_array(machine: RemoteMachine, target: str | os.PathLike[str] | None, overwrite: bool,
