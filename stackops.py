@@ -283,9 +283,9 @@ SLOT_POLL_HEAD = 0.05
 SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
 
 # Slurm's job states, as stackops reads them (any other is an end: failed, or cancelled)
-SLURM_WAITING = frozenset("PENDING REQUEUED REQUEUE_FED REQUEUE_HOLD SUSPENDED RESV_DEL_HOLD "
-                          "SPECIAL_EXIT CONFIGURING RESIZING".split())
-SLURM_RUNNING = frozenset("RUNNING COMPLETING STAGE_OUT SIGNALING".split())
+SLURM_WAITING = frozenset(["PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SUSPENDED",
+                           "RESV_DEL_HOLD", "SPECIAL_EXIT", "CONFIGURING", "RESIZING"])
+SLURM_RUNNING = frozenset(["RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"])
 SLURM_TIMEOUT = 20.0  # seconds scontrol, scancel may take before Slurm counts as not answering
 # an interactive job runs in tmux with the tmux server's environment: these come from the fire
 TMUX_PASSED_ENV = ("STACKOPS_STATE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PATH", "HOME",
@@ -3266,10 +3266,9 @@ def _say(text: str) -> None:
     and on a line of its own (the job's output may have ended in the middle of one)."""
     sys.stdout.flush()
     start = ""
-    with _suppress(OSError, IndexError):
-        with open(_LOG[0], "rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            start = "" if handle.read(1) == b"\n" else "\n"
+    with _suppress(OSError, IndexError), open(_LOG[0], "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        start = "" if handle.read(1) == b"\n" else "\n"
     print(f"{start}stackops: {text}", flush=True)
 
 
@@ -4514,7 +4513,7 @@ def judge_jobs(roots: list[Path]) -> list[dict[str, Any]]:
     pools = set()
     for root, state in zip(roots, states):
         sid = str((state.get("slurm") or {}).get("id") or "")
-        view = views[sid] if sid in views else False
+        view = views.get(sid, False)
         current = _judge(root, state, view)
         if silent and sid and view is False:
             current = dict(current, reason=silent)
@@ -4742,10 +4741,9 @@ def _facts(wanted: list[str]) -> dict[str, Any]:
 def _local_specs() -> dict[str, Any]:
     """This machine's CPUs and memory, as the cluster's load calculators read them."""
     memory = 0
-    with _suppress(OSError, StopIteration, ValueError, IndexError):
-        with open("/proc/meminfo") as handle:
-            line = next(line for line in handle if line.startswith("MemTotal:"))
-            memory = int(line.split()[1]) * 1024
+    with _suppress(OSError, StopIteration, ValueError, IndexError), open("/proc/meminfo") as handle:
+        line = next(line for line in handle if line.startswith("MemTotal:"))
+        memory = int(line.split()[1]) * 1024
     uname = os.uname()
     return {"os": uname.sysname, "release": uname.release, "machine": uname.machine,
             "hostname": uname.nodename, "cpu_count": os.cpu_count(), "memory_bytes": memory,
@@ -4815,7 +4813,8 @@ def _receive_parts(request: dict[str, Any], staging: Path, stream: Any) -> None:
         elif part.get("blob"):  # a file of the job folder the store holds (stackops): copied here
             path = staging / _safe_relative(name)
             _mkdir_private(path.parent)
-            _copy_verified(_blob(store, part["blob"]), path, part["blob"], part["mode"] & 0o700)
+            _copy_verified(str(_blob(store, part["blob"])), str(path), part["blob"],
+                           part["mode"] & 0o700)
         else:
             path = staging / _safe_relative(name)
             _mkdir_private(path.parent)
@@ -4904,7 +4903,7 @@ def collect_snapshots(store: Path, queued: Path, keep_seconds: float) -> int:
     for name in os.listdir(queued):
         with _suppress(OSError, ValueError, AttributeError, StackopsError):
             used.add(_read_json(queued / name / JOB_PARAMS_JSON).get("code_snapshot"))
-    removed, keep = 0, set()
+    removed, keep = 0, set()  # type: ignore[var-annotated]
     for path in store.glob("*.json"):
         if path.stem not in used and now - path.stat().st_mtime > keep_seconds:
             path.unlink()
@@ -7299,7 +7298,12 @@ class _HandOverTalk:
         by_blob = _folder_blobs(self.spec.root)
         sources = dict((self.spec.snapshot or ("", [], {}))[2])
         sources.update((digest, path) for digest, path in by_blob.values())
-        parts = [(f"b/{digest}", sources[digest]) for digest in blobs]
+        missing = [digest for digest in blobs if digest not in sources]
+        if missing:
+            raise StackopsError(f"the host asks for a file this snapshot no longer has "
+                                f"(sha256 {missing[0][:12]})", hint="submit again: a fresh "
+                                "snapshot of the repo is taken")
+        parts: list[tuple[str, Path | str | None]] = [(f"b/{d}", sources[d]) for d in blobs]
         for index, (item, answer) in enumerate(zip(self.items, data)):
             parts += [(f"d/{index}/{rel}" if rel else f"d/{index}", item["sources"][rel])
                       for rel in answer["need"]]
@@ -8173,7 +8177,8 @@ class _Launcher:
                                 hint=f"{_prog()} rerun {machine.job_id} runs it again")
         fired = machine._handed.fired if machine._handed is not None else {}
         if not fired:
-            requests = getattr(machine._place, "fire_requests", lambda m: [])(machine)
+            requests: list[dict[str, Any]] = getattr(machine._place, "fire_requests",
+                                                     lambda m: [])(machine)
             requests.append({"action": "fire", "roots": [machine.root_there]})
             fired = machine._place.call(requests)[-1]
         machine.launcher_pid = fired.get("pid")
