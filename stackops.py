@@ -1482,16 +1482,7 @@ class RemoteStackOpsConfig:
         if self.transfer_method not in TRANSFER_METHODS:
             raise ConfigError(f"transfer_method must be one of {', '.join(TRANSFER_METHODS)}, "
                               f"got {self.transfer_method!r}")
-        if self.launch_method not in LAUNCH_METHODS:
-            raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
-                              f"got {self.launch_method!r}")
-        if self.launch_method == "cloud_manager" and not self.cloud_name:
-            raise ConfigError("launch_method 'cloud_manager' queues the job on a cloud remote: "
-                              "it needs cloud_name", hint="pass cloud_name=<an rclone remote name>")
-        if self.launch_method == "cloud_manager" and self.ssh_host is not None:
-            raise ConfigError("launch_method 'cloud_manager' runs the job on whichever worker "
-                              f"claims it, not on ssh_host {self.ssh_host!r}",
-                              hint="leave out one of the two")
+        self._check_launch()
         check_slurm_options(self.slurm_options)
         if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
             raise ConfigError(f"{_option('retries', '--retries')} must be 0 to 100 and "
@@ -1549,6 +1540,18 @@ class RemoteStackOpsConfig:
                 setattr(self, field, {**found[key], **value})
             elif isinstance(value, _UserDefault):
                 setattr(self, field, found[key])
+
+    def _check_launch(self) -> None:
+        if self.launch_method not in LAUNCH_METHODS:
+            raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
+                              f"got {self.launch_method!r}")
+        if self.launch_method == "cloud_manager" and not self.cloud_name:
+            raise ConfigError("launch_method 'cloud_manager' queues the job on a cloud remote: "
+                              "it needs cloud_name", hint="pass cloud_name=<an rclone remote name>")
+        if self.launch_method == "cloud_manager" and self.ssh_host is not None:
+            raise ConfigError("launch_method 'cloud_manager' runs the job on whichever worker "
+                              f"claims it, not on ssh_host {self.ssh_host!r}",
+                              hint="leave out one of the two")
 
     def _take_email_settings(self) -> None:
         if self.to_email is not None:
