@@ -3088,8 +3088,9 @@ def _status_of(job_id: str, state: dict[str, Any], tail: str = "",
                      results_path=state.get("results"), error_message=state.get("error") or "",
                      place=place, host=state.get("node") or "?", log_tail=tail,
                      slurm_job_id=slurm.get("id"),
-                     reason=state.get("reason") or (state.get("warning") if status not in TERMINAL_STATUSES else "")
-                     or "", attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
+                     reason=state.get("reason") or (
+                         state.get("warning") if status not in TERMINAL_STATUSES else "") or "",
+                     attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
                      exit_code=state.get("exit_code"), signal=state.get("signal"),
                      max_rss_bytes=state.get("max_rss_bytes"),
                      cpu_seconds=state.get("cpu_seconds"), slot=state.get("slot"),
@@ -10504,7 +10505,8 @@ def _cmd_run(args: Any) -> int:
         workload_params=_parse_workload(args.workload, args.parallelize),
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
-        on_end=args.on_end, retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
+        on_end=args.on_end, retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus,
+        group=args.group,
         after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     if args.sweep:
