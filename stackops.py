@@ -1482,16 +1482,7 @@ class RemoteStackOpsConfig:
         if self.transfer_method not in TRANSFER_METHODS:
             raise ConfigError(f"transfer_method must be one of {', '.join(TRANSFER_METHODS)}, "
                               f"got {self.transfer_method!r}")
-        if self.launch_method not in LAUNCH_METHODS:
-            raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
-                              f"got {self.launch_method!r}")
-        if self.launch_method == "cloud_manager" and not self.cloud_name:
-            raise ConfigError("launch_method 'cloud_manager' queues the job on a cloud remote: "
-                              "it needs cloud_name", hint="pass cloud_name=<an rclone remote name>")
-        if self.launch_method == "cloud_manager" and self.ssh_host is not None:
-            raise ConfigError("launch_method 'cloud_manager' runs the job on whichever worker "
-                              f"claims it, not on ssh_host {self.ssh_host!r}",
-                              hint="leave out one of the two")
+        self._check_launch()
         check_slurm_options(self.slurm_options)
         if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
             raise ConfigError(f"{_option('retries', '--retries')} must be 0 to 100 and "
@@ -1549,6 +1540,18 @@ class RemoteStackOpsConfig:
                 setattr(self, field, {**found[key], **value})
             elif isinstance(value, _UserDefault):
                 setattr(self, field, found[key])
+
+    def _check_launch(self) -> None:
+        if self.launch_method not in LAUNCH_METHODS:
+            raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
+                              f"got {self.launch_method!r}")
+        if self.launch_method == "cloud_manager" and not self.cloud_name:
+            raise ConfigError("launch_method 'cloud_manager' queues the job on a cloud remote: "
+                              "it needs cloud_name", hint="pass cloud_name=<an rclone remote name>")
+        if self.launch_method == "cloud_manager" and self.ssh_host is not None:
+            raise ConfigError("launch_method 'cloud_manager' runs the job on whichever worker "
+                              f"claims it, not on ssh_host {self.ssh_host!r}",
+                              hint="leave out one of the two")
 
     def _take_email_settings(self) -> None:
         if self.to_email is not None:
@@ -3085,8 +3088,9 @@ def _status_of(job_id: str, state: dict[str, Any], tail: str = "",
                      results_path=state.get("results"), error_message=state.get("error") or "",
                      place=place, host=state.get("node") or "?", log_tail=tail,
                      slurm_job_id=slurm.get("id"),
-                     reason=state.get("reason") or (state.get("warning") if status not in TERMINAL_STATUSES else "")
-                     or "", attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
+                     reason=state.get("reason") or (
+                         state.get("warning") if status not in TERMINAL_STATUSES else "") or "",
+                     attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
                      exit_code=state.get("exit_code"), signal=state.get("signal"),
                      max_rss_bytes=state.get("max_rss_bytes"),
                      cpu_seconds=state.get("cpu_seconds"), slot=state.get("slot"),
@@ -10501,7 +10505,8 @@ def _cmd_run(args: Any) -> int:
         workload_params=_parse_workload(args.workload, args.parallelize),
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
-        on_end=args.on_end, retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
+        on_end=args.on_end, retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus,
+        group=args.group,
         after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     if args.sweep:
