@@ -3650,16 +3650,22 @@ def _facts(wanted: list[str]) -> dict[str, Any]:
 
 
 def _local_specs() -> dict[str, Any]:
-    """This machine's CPUs and memory, as the cluster's load calculators read them."""
+    """This machine's OS, CPUs, memory, Python, home and user (SSH.remote_specs; the cluster's
+    load calculators read the CPUs and memory)."""
     memory = 0
     with _suppress(OSError, StopIteration, ValueError, IndexError):
         with open("/proc/meminfo") as handle:
             line = next(line for line in handle if line.startswith("MemTotal:"))
             memory = int(line.split()[1]) * 1024
+    if not memory:
+        with _suppress(ValueError, OSError, AttributeError):
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     uname = os.uname()
     return {"os": uname.sysname, "release": uname.release, "machine": uname.machine,
             "hostname": uname.nodename, "cpu_count": os.cpu_count(), "memory_bytes": memory,
-            "python": sys.executable, "home": os.path.expanduser("~")}
+            "python": sys.executable, "python_version": ".".join(map(str, sys.version_info[:3])),
+            "home": os.path.expanduser("~"),
+            "user": os.environ.get("USER") or os.environ.get("LOGNAME") or ""}
 
 
 def _receive(stream: Any, size: int, path: Path, mode: int, digest: str | None = None,

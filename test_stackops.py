@@ -2511,8 +2511,9 @@ def _install_remote_mail_config(remote, local_config: Path) -> None:
     remote_config.chmod(0o600)
 
 
-def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote, home, smtp):
-    """Over SSH the bash status finds the dead job (no Python on the way), and the host reports it once."""
+def test_email_remote_whole_tree_gone_found_by_the_hosts_status_reported_once(remote, home, smtp):
+    """Over SSH the host judges the dead job (serve's status, on the machine that ran it), records
+    its end and reports it once, from the host."""
     received, local_config = smtp
     _install_remote_mail_config(remote, local_config)
     mod = make_module(home, JOBS_SOURCE)
@@ -2520,9 +2521,8 @@ def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote,
         m.run()
         wait_for(lambda: m.get_status(0).status == "running", what="running")
         remote_root = remote.remote_home / m.file_manager.job_root_rh[2:]
-        os.killpg(_launcher_of(m, remote_root), signal.SIGKILL)  # loopback: the host's are ours to see
-        pid = int((remote_root / stackops.PID_TXT).read_text())
-        wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
+        os.killpg(_wrapper_of(m, remote_root), signal.SIGKILL)  # loopback: the host's are ours to see
+        wait_for(lambda: not stackops._alive(remote_root), what="tree gone")
         report = m.get_status(0)
         assert report.status == "failed" and "process gone" in report.error_message and report.end_time
         message = _one_mail(received, "rgone", homes=(remote.remote_home,))
@@ -2530,7 +2530,8 @@ def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote,
         for _ in range(3):
             assert m.get_status(0).status == "failed"
     assert len(received) == 1
-    assert "sent" in (remote_root / stackops.NOTIFIED_TXT).read_text()
+    wait_for(lambda: "sent" in stackops.read_state(remote_root).get("notified", ""), what="the mail recorded")
+    assert state_of(m)["status"] == "failed" and state_of(m)["mirrored"]  # the host's record, kept here
 
 
 # ============================================================================================
@@ -3062,8 +3063,11 @@ def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
     where = json.loads((local / "nested" / "deeper" / "where.json").read_text())
     assert where["home"] == str(remote.remote_home)
     assert where["module"].startswith(str(shipped))  # imported from the job's own copy of its snapshot
-    # the local job folder mirrors the host's logs; nothing on the host names the local home
-    assert (machine.file_manager.path("logs/status.txt")).read_text() == "completed"
+    # the local job folder mirrors the host's record; nothing on the host names the local home
+    mirrored = state_of(machine)
+    assert mirrored["status"] == "completed" and mirrored["mirrored"]
+    assert mirrored["machine"] == stackops.read_state(remote.remote_home / machine.file_manager.job_root_rh[2:])[
+        "machine"]
     remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "remote-crunch"
     for path in remote_job.rglob("*"):
         if path.is_file() and path.name != "stackops.py":
@@ -3076,7 +3080,7 @@ def test_remote_job_killed_on_host_is_failed(remote, home):
         m.run()
         report = wait_for(lambda: m.get_status() if m.get_status().status == "running" else None, what="running")
         remote_root = remote.remote_home / m.file_manager.job_root_rh[2:]
-        os.killpg(_launcher_of(m, remote_root), signal.SIGKILL)  # on loopback the host's pids are ours
+        os.killpg(_wrapper_of(m, remote_root), signal.SIGKILL)  # on loopback the host's pids are ours
         report = wait_for(lambda: m.get_status() if m.get_status().finished else None, what="failed")
         assert report.status == "failed" and "process gone" in report.error_message
         with pytest.raises(JobFailedError):
