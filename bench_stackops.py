@@ -1,6 +1,7 @@
 """Benchmarks of stackops against the OpenSSH tools, measured alternately in the same run.
 
     python bench_stackops.py [--quick] [--disk] [--json out.json] [--runs N]
+    python bench_stackops.py --only report --report-png docs/report.png   # the report's figures
 
 It starts its own sshd on loopback (as root: logging in as a dedicated account, so that no shell
 start-up file of root's distorts the figures) and, for the cluster case, four more hosts (network
@@ -343,10 +344,7 @@ def job_cases(bed: Bed, stackops, runs: int) -> list[dict]:
         rows.append(compare("status of a running job, connection open", lambda: machine.get_status(0),
                             lambda: run_cmd(bed.ssh_shared("-o", "ControlMaster=no", "tb", "true")), runs * 2,
                             "ssh true via ControlMaster"))
-        # the launcher leads its own session: end the job's whole process group, by the pid its
-        # folder records (fire returned the pid of the queue's dispatcher, which started it)
-        folder = machine.file_manager.job_root_rh.replace("~", "$HOME", 1)
-        run_cmd(bed.ssh("tb", f'kill -9 -- -"$(cat "{folder}/logs/launcher_pid.txt")"'))
+        machine.cancel(grace=0)  # the job's whole process group, judged and killed on the host
     return rows
 
 
@@ -414,9 +412,9 @@ def _local_jobs(stackops, script: Path, count: int, slots: int) -> list:
 def _times(machine) -> tuple[float, float]:
     from datetime import datetime
 
-    logs = machine.file_manager.path("logs")
-    return tuple(datetime.fromisoformat((logs / name).read_text().strip()).timestamp()  # type: ignore[return-value]
-                 for name in ("start_time.txt", "end_time.txt"))
+    state = json.loads(machine.file_manager.path("logs/state.json").read_text())
+    return tuple(datetime.fromisoformat(state[name]).timestamp()  # type: ignore[return-value]
+                 for name in ("started", "ended"))
 
 
 def slot_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
@@ -474,7 +472,8 @@ def sweep_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
                                             max_simultaneous_jobs=4)
         with stackops.run_sweep(sweepjob.point, cfg, grid):
             pass
-        run_cmd(bed.ssh("tb", f"bash -c {shlex.quote(stackops.STATE_DIR_SH + '; ' + _STOP_QUEUE)}"))
+        every = f"for S in ~/tmp_results/remote_machines/file_manager/*/; do {_STOP_QUEUE}; done"
+        run_cmd(bed.ssh("tb", f"bash -c {shlex.quote(every)}"))
 
     def reference():
         run_cmd(bed.ssh("tb", "true"))
@@ -532,11 +531,11 @@ def _ended(managers: list) -> list[tuple[float, float]]:
 
     times = []
     for manager in managers:
-        logs = manager.path("logs")
         try:
-            times.append(tuple(datetime.fromisoformat((logs / name).read_text().strip()).timestamp()
-                               for name in ("start_time.txt", "end_time.txt")))
-        except (OSError, ValueError):
+            state = json.loads(manager.path("logs/state.json").read_text())
+            times.append(tuple(datetime.fromisoformat(state[name]).timestamp()
+                               for name in ("started", "ended")))
+        except (OSError, ValueError, KeyError, TypeError):
             continue
     return sorted(times)
 
@@ -557,9 +556,8 @@ def queue_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
     slots = stackops.Slots(state)
     slots._ensure()
     held = [stackops._try_flock(slots.slots / f"slot-{i}.lock") for i in range(4)]
-    script = "\n".join(f"{{ {m.get_fire_command()}; }} > /dev/null" for m in managers)
     started = time.perf_counter()
-    subprocess.run(["bash", "-s"], input=script, text=True, check=True, capture_output=True)
+    stackops.fire_jobs([m.job_root for m in managers])
     fired = time.perf_counter() - started
     time.sleep(1.0)
     pids = _procs_naming(str(state))
@@ -737,6 +735,107 @@ def slurm_case(bed: Bed, runs: int) -> list[dict]:
         shutil.rmtree(cluster.base, ignore_errors=True)
 
 
+REPORT_JOB = """import os, time
+
+def point(x, seconds=0.0):
+    time.sleep(seconds or 0.05 + (x * 37 % 11) / 20)
+    marker = os.path.expanduser(f"~/report-flaky-{x}")
+    if x % 41 == 7 and not os.path.exists(marker):  # fails once, passes when retried
+        open(marker, "w").close()
+        raise RuntimeError(f"point {x}: the first attempt fails")
+    if x % 29 == 3:
+        raise ValueError(f"point {x}: the loss went to nan")
+    return x
+"""
+
+
+def report_case(bed: Bed, stackops, quick: bool, png: str | None) -> list[dict]:
+    """A real sweep here, 1,000 jobs (quick: 100) on 4 slots with --retries 1: some fail, some
+    pass when retried, one is cancelled while it runs and the last ten while they wait. Its
+    `report` page's size, and how long Chromium takes to draw it and a page of 10,000 jobs (the
+    sweep's rows ten times over); ``png``: a screenshot of the sweep's page, a failed job clicked."""
+    (bed.local_home / "proj").mkdir(exist_ok=True)
+    (bed.local_home / "proj" / "reportjob.py").write_text(REPORT_JOB)
+    count, sweep_id = 100 if quick else 1000, f"rsweep-{next(_fresh)}"
+    grid = bed.base / "report-grid.jsonl"
+    grid.write_text("".join(json.dumps({"x": x, "seconds": 600.0 if x == count // 2 else 0.0}) + "\n"
+                            for x in range(count)))
+    cli = [sys.executable, str(HERE / "stackops.py")]
+    run_cmd([*cli, "run", "proj/reportjob.py:point", "--sweep", str(grid), "--job-id", sweep_id,
+             "--max-jobs", "4", "--retries", "1"], cwd=bed.local_home)
+    run_cmd([*cli, "cancel", *(f"{sweep_id}-{x:04d}" for x in range(count - 10, count))])
+    sleeper = stackops.RemoteMachine.load(f"{sweep_id}-{count // 2:04d}")
+    while sleeper.get_status(0).status != "running":
+        time.sleep(0.5)
+    time.sleep(5.0)
+    run_cmd([*cli, "cancel", sleeper.job_id])
+    subprocess.run([*cli, "wait", sweep_id], capture_output=True, check=False)
+    page = bed.base / "report.html"
+    run_cmd([*cli, "report", sweep_id, "-o", str(page)])
+    rows = [absolute(f"report of a real sweep of {count} jobs: size", [page.stat().st_size / 1e3], "kB")]
+    many = _ten_times(stackops._report_rows([sweep_id], None, None, stackops.DEFAULT_BASE_DIR))
+    big = bed.base / "report-10000.html"
+    big.write_text(stackops.render_report(many, f"{sweep_id}, ten times over"))
+    rows.append(absolute(f"report of {len(many)} jobs: size", [big.stat().st_size / 1e3], "kB",
+                         "(target <= 5,000 kB)"))
+    return rows + _report_drawn(page, big, png)
+
+
+def _ten_times(rows: list[dict]) -> list[dict]:
+    """A sweep's report rows ten times over, each copy after the one before (ids made unique)."""
+    from datetime import datetime, timedelta
+
+    times = [datetime.fromisoformat(row[key]) for row in rows for key in ("submitted", "ended") if row[key]]
+    span = max(times) - min(times) + timedelta(seconds=1)
+
+    def shifted(text: str | None, k: int) -> str | None:
+        return (datetime.fromisoformat(text) + k * span).isoformat() if text else text
+
+    return [dict(row, job_id=f"{row['job_id']}-{k}", **{key: shifted(row[key], k) for key in
+                                                       ("submitted", "started", "ended")})
+            for k in range(10) for row in rows]
+
+
+def _report_drawn(page: Path, big: Path, png: str | None) -> list[dict]:
+    """Open both pages in a real headless Chromium: the time from navigation to drawn."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        print(f"{'report drawn in Chromium':48s} skipped (needs selenium, chromium, chromium-driver)")
+        return []
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tempfile.mkdtemp()}", "--window-size=1400,820"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "chromedriver"), options=options)
+    rows = []
+    try:
+        for path in (page, big):
+            drawn = []
+            for _ in range(3):
+                driver.get(path.as_uri())
+                while not driver.execute_script("return document.body.dataset.drawnMs"):
+                    time.sleep(0.05)
+                drawn.append(int(driver.execute_script("return document.body.dataset.drawnMs")) / 1000)
+            jobs = driver.execute_script("return JSON.parse(document.getElementById('data').textContent).jobs.length")
+            rows.append(absolute(f"report of {jobs} jobs drawn in Chromium", drawn,
+                                 note="from navigation start (target <= 2 s)"))
+        if png:
+            driver.get(page.as_uri())
+            failed = driver.execute_script(
+                "const D = JSON.parse(document.getElementById('data').textContent);"
+                "return D.jobs.findIndex(j => D.states[j[6]] === 'failed' && j[15].length === 0)")
+            bar = driver.find_element("css selector", f'rect.b[data-i="{failed}"]')
+            driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", bar)
+            driver.save_screenshot(png)
+    finally:
+        driver.quit()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller files and fewer runs (a smoke test)")
@@ -744,8 +843,10 @@ def main() -> int:
     parser.add_argument("--disk", action="store_true", help="keep both homes on disk instead of tmpfs")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--only", default="", help="comma-separated groups to run: ssh, transfer, job, snapshot, "
-                                                   "slot, sweep, queue, slow, cluster, cli, cancel, slurm "
-                                                   "(default: all)")
+                                                   "slot, sweep, queue, slow, cluster, cli, cancel, slurm, "
+                                                   "report (default: all but report)")
+    parser.add_argument("--report-png", help="report: also save a screenshot of the sweep's page here "
+                                             "(docs/report.png)")
     args = parser.parse_args()
     for tool in ("/usr/sbin/sshd", shutil.which("ssh"), shutil.which("scp"), shutil.which("rsync")):
         if not tool or not os.path.exists(tool):
@@ -772,8 +873,10 @@ def main() -> int:
                   "slow": lambda: slow_shell_cases(bed, stackops, runs),
                   "cluster": lambda: cluster_case(bed, stackops, args.quick, runs),
                   "cli": lambda: cli_cases(stackops, runs), "cancel": lambda: cancel_case(bed, stackops, runs),
-                  "slurm": lambda: slurm_case(bed, runs)}
-        wanted = [name.strip() for name in args.only.split(",") if name.strip()] or list(groups)
+                  "slurm": lambda: slurm_case(bed, runs),
+                  "report": lambda: report_case(bed, stackops, args.quick, args.report_png)}
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()] or \
+            [name for name in groups if name != "report"]  # a sweep of 1,000 real jobs, and Chromium
         for name in wanted:
             rows += groups[name]()
     finally:

@@ -95,7 +95,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import signal
     import subprocess
     import traceback
-    from typing import Any, Callable, NoReturn
+    from typing import Any, Callable
 
     _Gate = Callable[[Callable[[bytes], None]], bool]  # see _Together.arrive
 
@@ -220,6 +220,9 @@ FILE_MANAGER_JSON = "data/file_manager.json"
 REMOTE_MACHINE_JSON = "data/remote_machine.json"
 CONFIG_JSON = "data/remote_machine_config.json"
 INSTANCE_PICKLE = "data/instance.pickle"
+# with copy_repo: the manifest of the job's snapshot, as its id hashes it (the first 32 hex digits
+# of this file's sha256 are the id), so that the job's copy can be checked and made again
+CODE_MANIFEST_JSON = "data/code_manifest.json"
 WRAPPER_PY = "python/cluster_wrap.py"
 STACKOPS_COPY = "python/stackops.py"
 SBATCH_SH = "shell/sbatch.sh"
@@ -332,9 +335,20 @@ class JobFailedError(StackopsError):
                          hint=f"full error: {_prog()} status {job_id}")
 
 
-# -- errors as data: the executing side reports an error, the client raises it again --------------
+class _SnapshotMismatchError(StackopsError):
+    """A copy did not hold the bytes its snapshot's manifest names for ``path`` (sha256
+    ``digest``): the file changed after it was hashed, or a store's blob is damaged. Nothing of
+    the copy was left behind. Caught to take the snapshot again (see _materialize)."""
 
-ERROR_RECORD_PREFIX = "stackops: error record: "
+    def __init__(self, path: str, digest: str) -> None:
+        self.path, self.digest = path, digest
+        super().__init__(f"the repo changed while it was being sent: {path} no longer holds "
+                         f"the bytes its snapshot names (sha256 {digest[:12]}...)",
+                         hint="submit again once its files are written")
+
+
+# -- errors as data: the executing side answers an error, the client raises it again -------------
+
 
 
 def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
@@ -347,24 +361,6 @@ def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
     if evidence:
         record["evidence"] = evidence
     return record
-
-
-def error_record_line(exc: BaseException, evidence: str = "") -> str:
-    """``exc`` as one line (see _error_record), for stderr."""
-    return ERROR_RECORD_PREFIX + json.dumps(_error_record(exc, evidence))  # ASCII: one line
-
-
-def _read_error_record(stderr: str) -> dict[str, Any] | None:
-    """The last error record in a command's stderr; None when it holds none (or a damaged one)."""
-    for line in reversed(stderr.splitlines()):
-        if line.startswith(ERROR_RECORD_PREFIX):
-            try:
-                record = json.loads(line[len(ERROR_RECORD_PREFIX):], strict=False)
-            except ValueError:
-                return None
-            ok = isinstance(record, dict) and isinstance(record.get("message"), str)
-            return record if ok else None
-    return None
 
 
 def _error_from_record(record: dict[str, Any], prefix: str = "",
@@ -804,9 +800,168 @@ def _run_bounded(argv: list[str], timeout: float, error: type[StackopsError] = S
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
-def _read_int(path: Path) -> int | None:
-    text = _read_text(path).strip()
-    return int(text) if text.isdigit() else None
+# -- content-addressed copies: every byte checked against the hash its manifest names -----------
+# A snapshot's manifest lists [path, kind, value]: kind "f" (a file) or "x" (an executable file)
+# with the sha256 of its bytes, or "l" with the target of a link inside the tree. Whatever a
+# job's copy is made from (the work tree here, a store's blobs there, an older job's copy), each
+# file is hashed while it is copied, on every path; a copy that does not match is not kept.
+
+SNAPSHOT_TRIES = 3  # takes of a snapshot before a submit is refused: the repo keeps changing
+# A time stamp less than RACY_NS older than the moment it is relied on may still not change with
+# the next write (file system clocks tick coarsely: FAT's 2 s, the kernel's few ms; and two
+# machines' clocks drift a little): such a file is hashed, never trusted (git's "racy" rule).
+RACY_NS = 2_000_000_000
+
+
+def _sha256_file(path: str | os.PathLike[str]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _copy_verified(source: str, target: str, digest: str, mode: int,
+                   relative: str = "") -> None:
+    """A new file ``target`` (``mode``; never one that exists) with the bytes of ``source``, a
+    store's blob or a live file, hashed as they are copied: when they are not the bytes of sha256
+    ``digest`` (or the source is gone), the copy is removed and _SnapshotMismatchError raised
+    for ``relative`` (the file's path in its tree; else ``source``)."""
+    import hashlib
+
+    hasher = hashlib.sha256()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as copy:
+            reading = os.open(source, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there: no wait
+            with open(reading, "rb") as handle:
+                if stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    for chunk in iter(lambda: handle.read(1 << 20), b""):
+                        hasher.update(chunk)
+                        copy.write(chunk)
+        if hasher.hexdigest() != digest:
+            raise _SnapshotMismatchError(relative or source, digest)
+    except BaseException as exc:
+        with _suppress(OSError):
+            os.unlink(target)
+        if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+            raise _SnapshotMismatchError(relative or source, digest) from None
+        raise
+
+
+def _safe_relative(relative: str) -> str:
+    """A path inside a tree: relative, with no ``..`` and no empty part."""
+    parts = relative.split("/")
+    if not relative or relative.startswith("/") or ".." in parts or "" in parts:
+        raise StackopsError(f"refusing the path {relative!r}: not inside the tree")
+    return relative
+
+
+def _link_inside(relative: str, target: str) -> bool:
+    """Whether link ``relative`` -> ``target`` stays inside its tree (relative, never above it)."""
+    if os.path.isabs(target):
+        return False
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(relative), target))
+    return resolved != ".." and not resolved.startswith("../")
+
+
+def _materialize(entries: list[list[Any]], source_of: dict[str, Any],
+                 folder: str | os.PathLike[str]) -> None:
+    """Make ``folder`` the job's own copy of a snapshot (``entries``, its manifest): each file
+    copied (never hard-linked: what the job writes reaches no store and no other job) from the
+    first of its sources that holds the bytes its sha256 names. ``source_of`` maps a sha256 to a
+    path (a store's blob, a file of the work tree) or a list of paths tried in turn. The links
+    come last, each relative and inside the tree. ``folder`` appears whole under its name
+    (staging beside it, then a rename) or not at all: a file that no source holds raises
+    _SnapshotMismatchError, a link out of the tree StackopsError."""
+    folder = Path(folder)
+    staging = f"{folder.parent}/.{folder.name}.{os.getpid()}.{random.getrandbits(32):08x}.partial"
+    made: set[str] = set()
+    try:
+        _mkdir_private(Path(staging))
+        for relative, kind, value in sorted(entries, key=lambda entry: entry[1] == "l"):
+            path = f"{staging}/{_safe_relative(relative)}"
+            parent = os.path.dirname(path)
+            if parent not in made:
+                _mkdir_private(Path(parent))
+                made.add(parent)
+            if kind == "l":
+                if not _link_inside(relative, value):
+                    raise StackopsError(f"refusing the link {relative} -> {value}: out of the tree")
+                os.symlink(value, path)
+            else:
+                _copy_first(source_of.get(value) or [], path, value,
+                            0o700 if kind == "x" else 0o600, relative)
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _copy_first(sources: Any, path: str, digest: str, mode: int, relative: str) -> None:
+    """_copy_verified from the first of ``sources`` (a path or a list) that holds ``digest``."""
+    candidates = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    for source in candidates:
+        try:
+            _copy_verified(os.fspath(source), path, digest, mode, relative)
+        except _SnapshotMismatchError:
+            continue
+        return
+    raise _SnapshotMismatchError(relative, digest)
+
+
+def _data_plan(item: dict[str, Any]) -> dict[str, Any]:
+    """Which files of one data item the executing machine must be sent, ``{"need": [relative,
+    ...]}``, or why it cannot take them, ``{"conflict": why}``: a pure function of its own files
+    and the request. ``item`` as _data_items makes it: ``target`` (home-relative, or absolute
+    outside the home), ``dir``, and ``stamps``, one ``[relative, size, mtime_ns, sha256 or ""]``
+    per file (the sha256 only for a file changed less than RACY_NS before the request). A file
+    is needed when it is missing here or differs in kind, size or mtime_ns. A copy whose stamps
+    match is compared by hash when the request gives one; else it is trusted only if its mtime
+    is more than RACY_NS older than the moment it was written here (its ctime), since a second
+    write within the first one's clock tick leaves the stamps as they were (git's racy rule).
+    Copies sent are stamped with the sender's mtime_ns (``os.utime(path, ns=(m, m))``), so an
+    unchanged file matches."""
+    target = os.path.abspath(os.path.expanduser(item["target"]))
+    if os.path.lexists(target) and os.path.isdir(target) != item["dir"]:
+        kind = "file" if item["dir"] else "folder"
+        return {"conflict": f"{item['target']} is a {kind} there"}
+    need = []
+    for relative, size, mtime_ns, digest in item["stamps"]:
+        path = os.path.join(target, _safe_relative(relative)) if item["dir"] else target
+        name = relative or item["target"]
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            need.append(relative)
+            continue
+        except NotADirectoryError:
+            return {"conflict": f"a file stands where the folder of {relative} goes"}
+        except PermissionError:
+            return {"conflict": f"{name} cannot be read there"}
+        if stat.S_ISDIR(info.st_mode):
+            return {"conflict": f"{name} is a folder there"}
+        if _data_differs(path, info, size, mtime_ns, digest):
+            if not item["target"].startswith("~"):  # outside the home stackops only adds files
+                return {"conflict": f"{name} exists there with other content (outside the home, "
+                                    "data never replaces a file)"}
+            need.append(relative)
+    return {"need": need}
+
+
+def _data_differs(path: str, info: os.stat_result, size: int, mtime_ns: int, digest: str) -> bool:
+    """Whether the file at ``path`` (``info``, its lstat) is not the sender's (_data_plan)."""
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size or info.st_mtime_ns != mtime_ns:
+        return True
+    if digest:  # the sender's file is recent: its stamps may not have changed with its bytes
+        try:
+            return _sha256_file(path) != digest
+        except OSError:
+            return True
+    # written here soon after its stamp: the sender may have written it again within that tick
+    return info.st_mtime_ns + RACY_NS >= info.st_ctime_ns
 
 
 # ============================================================================================
@@ -1189,12 +1344,14 @@ def _module_name_for(file: Path) -> str:
     return ".".join(parts)
 
 
-def _top_level_names(file: Path) -> set[str]:
-    """Names a module defines at its top level, read without importing it."""
+def _top_level_names(file: Path, text: str | None = None) -> set[str]:
+    """Names a module defines at its top level, read without importing it (from ``text``, the
+    file's bytes as a snapshot holds them, when given)."""
     import ast
 
     try:
-        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+        source = file.read_text(encoding="utf-8") if text is None else text
+        tree = ast.parse(source, filename=str(file))
     except (SyntaxError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"cannot read {file}: {exc}") from exc
     names: set[str] = set()
@@ -1232,6 +1389,8 @@ class JobParams:
     code_snapshot: str = ""
     # with install_repo: the version git describe gives here (the copy has no .git)
     scm_version: str = ""
+    # with copy_repo: the data paths inside the repo (relative to it), linked into the job's copy
+    data_r: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -1513,13 +1672,6 @@ class _FileLock:
     def __init__(self, path: Path) -> None:
         self.path, self.fd = path, -1
 
-
-class _FileLock:
-    """An exclusive flock on a file, held while the block runs."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.fd = path, -1
-
     def __enter__(self) -> _FileLock:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
@@ -1527,6 +1679,10 @@ class _FileLock:
 
     def __exit__(self, *exc: Any) -> None:
         os.close(self.fd)
+
+
+def _lock_kind(path: Path) -> str:
+    return "slot file" if path.parent.name == "slots" else "lock file"
 
 
 def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | None:
@@ -1537,9 +1693,9 @@ def _try_flock(path: Path, shared: bool = False, create: bool = True) -> int | N
     except FileNotFoundError:
         if not create:
             raise
-        raise SlotError(f"cannot open lock file {path}: its folder is gone") from None
+        raise SlotError(f"cannot open {_lock_kind(path)} {path}: its folder is gone") from None
     except OSError as exc:
-        raise SlotError(f"cannot open lock file {path}: {exc.strerror or exc}",
+        raise SlotError(f"cannot open {_lock_kind(path)} {path}: {exc.strerror or exc}",
                         hint=f"the folder {path.parent} must be yours alone; for slots, set "
                              "STACKOPS_STATE_DIR to a folder of your own") from exc
     try:
@@ -2022,7 +2178,8 @@ class FileManager:
             if keep_slot:  # the fds stay open: the REPL holds the slot until it exits
                 with _suppress(OSError, ValueError):
                     holder = json.loads(info.read_text(encoding="utf-8"))
-                    holder["note"] = "finished; its interactive session holds the slot until it ends"
+                    holder["note"] = ("finished; its interactive session holds the slot until it "
+                                      "ends")
                     _write_plain(info, json.dumps(holder))
                 continue
             with _suppress(FileNotFoundError):
@@ -2066,10 +2223,13 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
         return state
     if state["machine"] != machine_key():
         return dict(state, as_of=state.get("at"))
-    if state.get("entry") and os.path.exists(state["entry"]):
-        return state  # in line: for a slot, or for the jobs it runs after
-    if _alive(root):  # its process holds its lock (and its slot, once the entry is gone)
+    in_line = bool(state.get("entry")) and os.path.exists(state["entry"])
+    if _alive(root):  # its process holds its lock (and, unless it waits in line in person, a slot)
+        if status == "waiting" and in_line and _waits_in_person(Path(state["entry"])):
+            return state
         return dict(state, status="running") if status in ("queued", "waiting") else state
+    if in_line:
+        return state  # in line: for a slot, or for the jobs it runs after
     starting = _parse_iso(state.get("starting"))
     if starting is not None and (_utcnow() - starting).total_seconds() < STARTING_GRACE:
         return state
@@ -2082,6 +2242,18 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
         return read_state(root)
     _report_end(root, ended, inline=False)
     return ended
+
+
+def _waits_in_person(entry: Path) -> bool:
+    """Whether a queue entry is held by its own waiting wrapper (an interactive job in line)."""
+    try:
+        fd = _try_flock(entry, shared=True, create=False)
+    except FileNotFoundError:
+        return False
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
 
 
 def _judge_slurm(root: Path, state: dict[str, Any], view: dict[str, Any] | None) -> dict[str, Any]:
@@ -2214,28 +2386,52 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 class JobContext:
-    """The job folder as the wrapper sees it: its parameters and how to load the callable."""
+    """The job folder as the wrapper sees it: its parameters and how to load the callable.
+
+    The job's repo is its own copy of its snapshot with copy_repo (``code/`` in the job folder),
+    else the repo in place; it is the job's working folder. What a script or function job has
+    first on ``sys.path``, in this order, each once: the folder of its file (as ``python
+    path/to/file.py`` has), the folder its module is imported from (the parent of its top
+    package; for a file outside any package, that same folder), and the repo's root. So a
+    function in ``experiments/run.py`` imports the repo's own packages. A job run in place
+    writes no bytecode (the repo is yours): ``sys.dont_write_bytecode``, and
+    PYTHONDONTWRITEBYTECODE for the processes it starts. With copy_repo, each data path inside
+    the repo is a link in the job's copy to where the data is on this machine (unless the
+    snapshot holds it)."""
 
     def __init__(self, job_root: str | os.PathLike[str]) -> None:
         self.job_root = Path(job_root)
         self.params = JobParams.from_dict(_read_json(self.job_root / JOB_PARAMS_JSON))
         self.repo = expand_home(self.params.repo_path_rh)
         if self.params.code_snapshot:  # the job's own copy of the code it was submitted with
+            for relative in self.params.data_r:
+                _link_data(self.job_root / CODE_DIR, _safe_relative(relative),
+                           self.repo / relative)
             self.repo = self.job_root / CODE_DIR
+        else:
+            sys.dont_write_bytecode = True
+            os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
         self._func: Callable[..., Any] | None = None
 
-    def _put_on_path(self, folder: Path) -> None:
-        entry = str(folder)
-        if entry in sys.path:
-            sys.path.remove(entry)
-        sys.path.insert(0, entry)
+    def sys_path(self) -> list[Path]:
+        """The folders the job puts first on sys.path, in order (see the class docstring)."""
+        file = self.repo / self.params.file_path_r
+        return list(dict.fromkeys([file.parent, self.repo / self.params.import_root_r,
+                                   self.repo]))
+
+    def _put_on_path(self) -> None:
+        for folder in reversed(self.sys_path()):
+            entry = str(folder)
+            if entry in sys.path:
+                sys.path.remove(entry)
+            sys.path.insert(0, entry)
 
     def load_callable(self) -> Callable[..., Any]:
         """The job's function, imported from the shipped repo (first on sys.path)."""
         if self._func is not None:
             return self._func
         params = self.params
-        self._put_on_path(self.repo / params.import_root_r)
+        self._put_on_path()
         if params.kind == "method":
             import pickle
 
@@ -2262,7 +2458,7 @@ class JobContext:
         import runpy
 
         script = self.repo / self.params.file_path_r
-        self._put_on_path(script.parent)
+        self._put_on_path()
         sys.argv = [str(script)]
         try:
             namespace = runpy.run_path(str(script), run_name="__main__",
@@ -2273,6 +2469,21 @@ class JobContext:
                 raise StackopsError(f"the script exited with status {exc.code}") from exc
             return None
         return namespace.get("res")
+
+
+def _link_data(code: Path, relative: str, target: Path) -> None:
+    """Show data ``target`` at ``relative`` in the job's copy ``code`` as a link to it, unless
+    the copy has that path already (where both are folders: each entry only the data has)."""
+    place = code / relative
+    if os.path.lexists(place):
+        if place.is_dir() and not place.is_symlink() and target.is_dir():
+            for name in sorted(os.listdir(target)):
+                _link_data(code, f"{relative}/{name}", target / name)
+        return
+    if os.path.lexists(target):
+        _mkdir_private(place.parent)
+        with _suppress(FileExistsError):  # another job of the same sweep made it
+            os.symlink(target, place)
 
 
 class _Namespace:
@@ -2325,9 +2536,19 @@ def _save_result(folder: Path, res: Any) -> None:
         _atomic_write_text(folder / "result.txt", repr(res) + "\n")
 
 
+_LOG: list[Path] = []  # the job's log, when this process is its wrapper
+
+
 def _say(text: str) -> None:
-    """A line of stackops' own in the job's log, marked so that it never passes for the job's."""
-    print(f"stackops: {text}", flush=True)
+    """A line of stackops' own in the job's log, marked so that it never passes for the job's,
+    and on a line of its own (the job's output may have ended in the middle of one)."""
+    sys.stdout.flush()
+    start = ""
+    with _suppress(OSError, IndexError):
+        with open(_LOG[0], "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            start = "" if handle.read(1) == b"\n" else "\n"
+    print(f"{start}stackops: {text}", flush=True)
 
 
 _TERM_SEEN: list[int] = []  # SIGTERM reached the wrapper (its run was asked to stop)
@@ -2354,6 +2575,7 @@ def run_job(job_root: str | os.PathLike[str],
     back, report the end. Whatever happens inside, the job ends completed, failed or cancelled."""
     _job_logging()
     root = Path(os.path.abspath(job_root))
+    _LOG[:] = [root / OUTPUT_LOG]
     manager = FileManager.from_job_root(root)
     config = _read_json(root / CONFIG_JSON)
     alive = _hold_alive(root)
@@ -2682,7 +2904,7 @@ def _finish(root: Path, outcome: dict[str, Any]) -> dict[str, Any] | None:
     ended = _record_end(root, "failed" if error else "completed", error, final=final, **fields)
     state = ended or read_state(root)
     took = _seconds_between(state.get("started"), state.get("ended"))
-    _say(f"job {root.name} {state.get('status')} after {_format_duration(took)}"
+    _say(f"JOB {str(state.get('status')).upper()}: {root.name} after {_format_duration(took)}"
          + (f", results in {state.get('results')}" if state.get("results") else ""))
     if error:
         print(error.rstrip(), file=sys.stderr, flush=True)
@@ -2935,6 +3157,8 @@ class _Dispatcher:
                 with _suppress(Exception):
                     if self.slots.queue.is_dir():
                         self.slots.refresh_views(queue=True)
+                with _suppress(FileNotFoundError):
+                    os.unlink(self.slots.root / DISPATCHER_PID)  # while it is still ours
                 os.close(lock)
             if not self.slots.queue.is_dir() or not (self.slots.entries()
                                                      or self.slots.entries(AFTER_DIR)):
@@ -3045,9 +3269,7 @@ class _Dispatcher:
         env = dict(env, STACKOPS_SLOT_FDS=" ".join(str(fd) for _, fd in held),
                    STACKOPS_SLOT_NAMES=" ".join(slot for slot, _ in held),
                    STACKOPS_ADMITTED=_iso(taken) or "")
-        entry = self.slots.queue / name
-        child = _spawn_wrapper(root, manager.python, env, tuple(fd for _, fd in held),
-                               lambda: entry.unlink())  # no moment in line and started at once
+        child = _spawn_wrapper(root, manager.python, env, tuple(fd for _, fd in held))
         if child is not None:
             self.children[child] = root
             holder = {"job_id": manager.job_id, "job_root": str(root), "pid": child.pid,
@@ -3128,22 +3350,16 @@ def _fire_env(job_root: Path) -> dict[str, str]:
     return env
 
 
-def _spawn_wrapper(root: Path, python: str, env: dict[str, str], fds: tuple[int, ...] = (),
-                   then: Callable[[], None] | None = None) -> subprocess.Popen[bytes] | None:
+def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
+                   fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes] | None:
     """Start the job's wrapper detached (a session of its own, output to its log), handing it
-    the job's lock taken here, so the job is alive from this moment on (``then`` runs once the
-    lock is held, before the start: the queue entry goes); None when another process runs the
-    job already."""
+    the job's lock taken here, so the job is alive from this moment on (and reads running, its
+    queue entry or not); None when another process runs the job already."""
     alive = _try_flock(root / ALIVE_LOCK)
     if alive is None:
         log.warning("job %s runs already: not started again", root.name)
-        if then is not None:
-            with _suppress(OSError):
-                then()
         return None
     try:
-        if then is not None:
-            then()
         env = dict(env, STACKOPS_ALIVE_FD=str(alive))
         with _private_append(root / OUTPUT_LOG) as out:
             child = subprocess.Popen([os.path.expanduser(python), str(root / WRAPPER_PY)],
@@ -3567,13 +3783,6 @@ def _blob(store: Path, digest: str) -> Path:
     return store / "blobs" / digest[:2] / digest
 
 
-def _safe_relative(relative: str) -> str:
-    parts = relative.split("/")
-    if not relative or relative.startswith("/") or ".." in parts or "" in parts or "." in parts:
-        raise ConfigError(f"refusing the path {relative!r}")
-    return relative
-
-
 def _handover_plan(request: dict[str, Any]) -> dict[str, Any]:
     """What this machine lacks for a job (blobs, data files), whether it sees the sender's files
     (its nonce) and whether the job exists here already; with facts about this machine."""
@@ -3596,35 +3805,6 @@ def _handover_plan(request: dict[str, Any]) -> dict[str, Any]:
             "data": [_data_plan(item) for item in request.get("data") or []],
             "exists": [collapse_home(root) for root in roots if os.path.lexists(root)],
             "facts": _facts(request.get("facts") or [])}
-
-
-def _data_plan(item: dict[str, Any]) -> dict[str, Any]:
-    """The files of one data item that differ here (size, or mtime to the nanosecond), or why it
-    cannot be synced (a conflict)."""
-    target = expand_home(item["target"])
-    if os.path.lexists(target) and target.is_dir() != item["dir"]:
-        kind = "file" if item["dir"] else "folder"
-        return {"conflict": f"{item['target']} is a {kind} there"}
-    need = []
-    for relative, size, mtime_ns in item["files"]:
-        path = target / _safe_relative(relative) if item["dir"] else target
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            need.append(relative)
-            continue
-        except NotADirectoryError:
-            return {"conflict": f"a file stands where the folder of {relative} goes"}
-        except PermissionError:
-            return {"conflict": f"{relative or item['target']} cannot be read there"}
-        if stat.S_ISDIR(info.st_mode):
-            return {"conflict": f"{relative or item['target']} is a folder there"}
-        if not stat.S_ISREG(info.st_mode) or info.st_size != size or info.st_mtime_ns != mtime_ns:
-            if not item["target"].startswith("~"):  # outside the home stackops only adds files
-                return {"conflict": f"{relative or item['target']} exists there with other "
-                                    "content (outside the home, data never replaces a file)"}
-            need.append(relative)
-    return {"need": need}
 
 
 def _facts(wanted: list[str]) -> dict[str, Any]:
@@ -3738,54 +3918,6 @@ def _receive_parts(request: dict[str, Any], staging: Path, stream: Any) -> None:
             os.rename(_receive(stream, part["size"], path, part["mode"] & 0o700), path)
 
 
-class _Damaged(TransferError):
-    """A blob of the store does not hold what its name (its SHA-256) says."""
-
-    def __init__(self, digest: str, path: Path) -> None:
-        super().__init__(f"blob {digest} of {collapse_home(path)} is damaged")
-        self.digest = digest
-
-
-def _copy_verified(source: Path, target: Path, digest: str, mode: int) -> None:
-    """A new file ``target`` (mode ``mode``) with the content of ``source``, which must hash to
-    ``digest``: a blob of a store or a file of a work tree. A mismatch leaves nothing behind and
-    raises _Damaged (a damaged blob is also removed from its store: it is asked for again)."""
-    import hashlib
-
-    hasher = hashlib.sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with open(source, "rb") as reader, open(fd, "wb") as copy:
-            for chunk in iter(lambda: reader.read(1 << 20), b""):
-                hasher.update(chunk)
-                copy.write(chunk)
-        if hasher.hexdigest() != digest:
-            raise _Damaged(digest, source)
-    except BaseException:
-        with _suppress(FileNotFoundError):
-            os.unlink(target)
-        raise
-
-
-def materialize(entries: list[list[Any]], source_of: Callable[[str], Path], folder: Path) -> None:
-    """The job's own copy of a code snapshot (``[path, kind, sha256 or link target]`` entries),
-    made in ``folder`` (new, beside its final place: it appears whole when renamed): plain files
-    copied from ``source_of(digest)`` and checked against their hash as they are copied (no hard
-    links: what the job writes never reaches the store or another job), then the links."""
-    _mkdir_private(folder)
-    made = {str(folder)}
-    for relative, kind, value in entries:
-        path = folder / _safe_relative(relative)
-        if str(path.parent) not in made:
-            _mkdir_private(path.parent)
-            made.add(str(path.parent))
-        if kind != "l":
-            _copy_verified(source_of(value), path, value, 0o700 if kind == "x" else 0o600)
-    for relative, kind, value in entries:
-        if kind == "l":
-            os.symlink(value, folder / relative)
-
-
 def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: Any,
                      say: Callable[[dict[str, Any]], None]) -> list[Path]:
     """Take the parts, give the job (or the sweep's shared folder) its code, put it in place, and
@@ -3796,14 +3928,14 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
     staging = _staging(root)
     try:
         _receive_parts(request, staging, stream)
+        entries = header.get("manifest") or []
+        blobs = {value: str(_blob(store, value)) for _, kind, value in entries if kind != "l"}
         for _ in range(3):
             try:
-                if header.get("manifest"):
-                    shutil.rmtree(staging / CODE_DIR, ignore_errors=True)
-                    materialize(header["manifest"], lambda digest: _blob(store, digest),
-                                staging / CODE_DIR)
+                if entries:
+                    _materialize(entries, blobs, staging / CODE_DIR)
                 break
-            except _Damaged as exc:
+            except _SnapshotMismatchError as exc:  # a blob of the store damaged: sent again
                 _remove(_blob(store, exc.digest))
                 say({"resend": [exc.digest]})
                 _receive_parts(request, staging, stream)
@@ -3891,7 +4023,8 @@ def collect_snapshots(store: Path, queued: Path, keep_seconds: float) -> int:
 # path a job is known by the same as for any other job.
 
 SWEEP_JSON = "data/sweep.json"  # in the shared folder: its id and its members' ids
-_SWEEP_SHARED = ("python", "shell", CODE_DIR, JOB_PARAMS_JSON, CONFIG_JSON, INSTANCE_PICKLE)
+_SWEEP_SHARED = ("python", "shell", CODE_DIR, JOB_PARAMS_JSON, CONFIG_JSON, INSTANCE_PICKLE,
+                 CODE_MANIFEST_JSON)
 
 
 def sweep_links(queued: Path, sweep_id: str) -> dict[str, str]:
@@ -4426,20 +4559,6 @@ class Response:
         return self.returncode == 0
 
 
-def _raise_remote_error(response: Response, prefix: str = "", hint: str | None = None) -> NoReturn:
-    """Raise what a failed command on the executing side reported: the StackopsError of its
-    error record (see error_record_line; ``prefix`` before the message, ``hint`` when it has
-    none), else a CommandError with the evidence: host, command, exit status, stderr's tail."""
-    record = _read_error_record(response.stderr)
-    error = _error_from_record(record, prefix, hint) if record is not None else None
-    if error is not None:
-        raise error
-    said = "\n".join(line for line in response.stderr.splitlines()
-                     if not line.startswith(ERROR_RECORD_PREFIX))
-    raise CommandError(response.host, response.command, response.returncode,
-                       said or response.stdout)
-
-
 _QUICKACK_SOCKET: Any = None
 
 
@@ -4720,7 +4839,12 @@ class SSH:
         are taken from the login folder by the SFTP server)."""
         try:
             with self.client.open_sftp() as sftp:
-                sftp.get(remote_path, str(local_path))
+                mode = _kept_mode(f"{(sftp.stat(remote_path).st_mode or 0) & 0o7777:o}")
+                fd = os.open(local_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    os.fchmod(fd, 0o600)  # private while it is written, then the source's mode
+                    sftp.getfo(remote_path, handle)
+                    os.fchmod(fd, mode)
         except OSError as exc:
             raise TransferError(f"sftp get {self.target.alias}:{remote_path} failed: "
                                 f"{exc}") from exc
@@ -5006,7 +5130,10 @@ DISCARD_TEMPLATE = "rm -rf -- @@staging"
 DOWNLOAD_PROBE_TEMPLATE = r"""S=@@source
 if [ -d "$S" ]; then
     echo "dir $([ @@measure = 1 ] && cd -P -- "$S" && du -sb . 2>/dev/null | cut -f1)"
-elif [ -e "$S" ]; then echo "file $(wc -c < "$S")"; else echo missing; fi"""
+elif [ -e "$S" ]; then
+    echo "file $(stat -Lc %a -- "$S" 2>/dev/null || stat -Lf %Lp -- "$S" 2>/dev/null || echo -) \
+$(wc -c < "$S")"
+else echo missing; fi"""
 DOWNLOAD_TAR_TEMPLATE = "cd -P -- @@source && tar @@mode - -- ."
 DOWNLOAD_FILE_TEMPLATE = "head -c @@size -- @@source"
 DOWNLOAD_FILE_GZIP_TEMPLATE = "head -c @@size -- @@source | gzip -c"
@@ -5341,7 +5468,8 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
     remote = _remote_path(source)
     probe = _copy_command(DOWNLOAD_PROBE_TEMPLATE, source=remote, measure=progress is not None)
     answer = ssh.run_shell_cmd_on_remote(probe, timeout=ssh.timeout).stdout.strip()
-    kind, _, size = answer.partition(" ")
+    kind, *fields = answer.split() or [""]
+    size = fields[-1] if fields and (kind == "dir" or len(fields) == 2) else ""  # file MODE SIZE
     if kind == "missing":
         raise ConfigError(f"nothing to copy at {ssh.target.alias}:{remote}")
     if kind == "dir" and not recursive:
@@ -5369,11 +5497,18 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
                 template = DOWNLOAD_FILE_GZIP_TEMPLATE if compress else DOWNLOAD_FILE_TEMPLATE
                 command = _copy_command(template, source=remote, size=total or 0)
                 _download_file(ssh, command, produced, total or 0, meter, remote, compress)
+                os.chmod(produced, _kept_mode(fields[0]))
         _remove(destination)
         os.rename(produced, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination
+
+
+def _kept_mode(octal: str) -> int:
+    """The mode a downloaded file keeps: the source's permission bits (its exec bit too), never a
+    setuid, setgid or sticky bit; private (0600) when the host could not say."""
+    return int(octal, 8) & 0o777 if re.match(r"[0-7]{3,4}\Z", octal) else 0o600
 
 
 def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
@@ -5674,14 +5809,6 @@ def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str])
     return archive
 
 
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams,
@@ -5827,12 +5954,12 @@ def _parameters(func: Any, params: JobParams) -> list[tuple[str, str, bool]] | N
     return _parameters_in_source(file, params.func_class, params.func_name or "")
 
 
-def _parameters_in_source(file: Path, owner: str | None,
-                          name: str) -> list[tuple[str, str, bool]] | None:
+def _parameters_in_source(file: Path, owner: str | None, name: str,
+                          text: str | None = None) -> list[tuple[str, str, bool]] | None:
     import ast
 
     try:
-        body = ast.parse(file.read_text(encoding="utf-8")).body
+        body = ast.parse(file.read_text(encoding="utf-8") if text is None else text).body
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
         return None
     for part in owner.split(".") if owner else []:
@@ -5904,27 +6031,28 @@ def _excluded(relative: str) -> bool:
     return any(_EXCLUDED[0].match(part) for part in relative.split("/"))
 
 
-def _repo_files(repo: Path) -> list[tuple[str, os.stat_result]]:
+def _repo_files(repo: Path, prefix: str = "") -> list[tuple[str, os.stat_result]]:
     """What copy_repo sends, relative to the repo, with each file's lstat: for a git work tree,
-    the tracked and the untracked-not-ignored files (git ls-files -co --exclude-standard); else
-    every file; either way without .git, virtual environments and caches (REPO_EXCLUDES)."""
-    import stat
-
+    the tracked and the untracked-not-ignored files (git ls-files -co --exclude-standard), and
+    the same inside each submodule and each nested repo (their files as they are checked out
+    here: git lists either as one folder); else every file; either way without .git, virtual
+    environments and caches (REPO_EXCLUDES)."""
     names: list[str] | None = None
     if (repo / ".git").exists() and shutil.which("git"):
         listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-co", "--exclude-standard",
                                  "-z"],
                                 capture_output=True, stdin=subprocess.DEVNULL)
         if listed.returncode == 0:
-            names = [n for n in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
+            names = [n.rstrip("/") for n in
+                     listed.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
     if names is None:
         names = []
         for folder, dirs, files in os.walk(repo):
             here = os.path.relpath(folder, repo)
-            prefix = "" if here == "." else here + "/"
-            names += [prefix + name for name in files]
-            names += [prefix + d for d in dirs if os.path.islink(Path(folder) / d)]
-            dirs[:] = sorted(d for d in dirs if not _excluded(prefix + d))
+            start = "" if here == "." else here + "/"
+            names += [start + name for name in files]
+            names += [start + d for d in dirs if os.path.islink(Path(folder) / d)]
+            dirs[:] = sorted(d for d in dirs if not _excluded(start + d))
     found = []
     root = str(repo) + "/"
     for name in sorted(set(names)):
@@ -5932,14 +6060,26 @@ def _repo_files(repo: Path) -> list[tuple[str, os.stat_result]]:
             info = os.lstat(root + name)
         except OSError:  # tracked but deleted here
             continue
-        if (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)) and not _excluded(name):
-            found.append((name, info))
-    return found
+        if _excluded(name):
+            continue
+        if stat.S_ISDIR(info.st_mode):  # a submodule or a nested repo
+            if os.path.lexists(f"{root}{name}/.git"):
+                found += _repo_files(Path(root + name), f"{prefix}{name}/")
+            else:
+                log.warning("left out %s%s: a submodule that is not checked out here", prefix,
+                            name)
+        elif stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
+            found.append((prefix + name, info))
+    return found if prefix else sorted(found, key=lambda item: item[0])
 
 
 class _HashCache:
-    """sha256 of local files, remembered by (size, mtime, inode) in ~/.cache/stackops, so that an
-    unchanged tree is not read again at the next submit."""
+    """sha256 of local files, remembered in ~/.cache/stackops by path with the file's (size,
+    mtime_ns, ctime_ns, inode, device), so that an unchanged tree is not read again at the next
+    submit. Only a shortcut to a hash: a file is remembered only when its mtime and ctime were
+    more than RACY_NS older than the moment it was hashed (a write that soon may leave both
+    unchanged: git's racy rule), so a file that recent is hashed again at every use; and every
+    copy is checked against the hash anyway."""
 
     def __init__(self) -> None:
         cache = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache")
@@ -5948,22 +6088,25 @@ class _HashCache:
             self.known: dict[str, list[Any]] = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             self.known = {}
+        if not isinstance(self.known, dict):
+            self.known = {}
         self.changed = False
+        self.now = time.time_ns()  # before any file is read
 
-    def digest(self, path: str, info: os.stat_result) -> str:
-        import hashlib
-
-        stamp = [info.st_size, info.st_mtime_ns, info.st_ino]
+    def digest(self, path: str, info: os.stat_result, fresh: bool = False) -> str:
+        """The sha256 of the file at ``path``, whose lstat is ``info`` (``fresh``: not from the
+        cache)."""
+        stamp = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
         cached = self.known.get(path)
-        if isinstance(cached, list) and cached[:3] == stamp:
-            return str(cached[3])
-        hasher = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                hasher.update(chunk)
-        self.known[path] = [*stamp, hasher.hexdigest()]
-        self.changed = True
-        return hasher.hexdigest()
+        if not fresh and isinstance(cached, list) and cached[:5] == stamp:
+            return str(cached[5])
+        digest = _sha256_file(path)
+        if max(info.st_mtime_ns, info.st_ctime_ns) + RACY_NS < self.now:
+            self.known[path] = [*stamp, digest]
+            self.changed = True
+        elif self.known.pop(path, None) is not None:
+            self.changed = True
+        return digest
 
     def save(self) -> None:
         if self.changed:
@@ -5971,12 +6114,30 @@ class _HashCache:
                 _atomic_write_json(self.path, self.known)
 
 
-def code_snapshot(repo: Path) -> tuple[str, list[list[Any]], dict[str, Path]]:
+def _link_entry(repo: Path, relative: str) -> str | None:
+    """The target a link of the snapshot keeps: relative and inside the tree (an absolute link to
+    a path inside the repo becomes relative), or None for a link out of the repo."""
+    link = os.readlink(f"{repo}/{relative}")
+    if os.path.isabs(link):
+        target = posixpath.normpath(link)
+        for root in dict.fromkeys((str(repo), os.path.realpath(repo))):
+            if target.startswith(root.rstrip("/") + "/"):
+                inner = target[len(root.rstrip("/")) + 1:]
+                link = posixpath.relpath(inner, posixpath.dirname(relative) or ".")
+                break
+    if _link_inside(relative, link):
+        return link
+    log.warning("left out %s: a link out of the repo (%s)", relative, link)
+    return None
+
+
+def code_snapshot(repo: Path, fresh: set[str] | None = None
+                  ) -> tuple[str, list[list[Any]], dict[str, Path]]:
     """The content-addressed snapshot of ``repo`` that copy_repo sends: (its id, its manifest of
     ``[path, kind, sha256 or link target]`` with kind ``f``, ``x`` (executable) or ``l`` (a link
-    inside the tree), and the local file of each blob)."""
+    inside the tree), and the local file of each blob). The files in ``fresh`` are hashed anew,
+    whatever the hash cache says."""
     import hashlib
-    import stat
 
     cache = _HashCache()
     entries: list[list[Any]] = []
@@ -5984,15 +6145,17 @@ def code_snapshot(repo: Path) -> tuple[str, list[list[Any]], dict[str, Path]]:
     root = str(repo) + "/"
     for relative, info in _repo_files(repo):
         if stat.S_ISLNK(info.st_mode):
-            link = os.readlink(root + relative)
-            inside = not os.path.isabs(link) and ".." not in posixpath.normpath(
-                posixpath.join(posixpath.dirname(relative), link)).split("/")
-            if inside:
+            try:
+                link = _link_entry(repo, relative)
+            except OSError:  # no longer a link
+                continue
+            if link is not None:
                 entries.append([relative, "l", link])
-            else:
-                log.warning("left out %s: a link out of the repo (%s)", relative, link)
             continue
-        digest = cache.digest(root + relative, info)
+        try:
+            digest = cache.digest(root + relative, info, relative in (fresh or ()))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            continue  # gone since it was listed: the snapshot is the tree without it
         entries.append([relative, "x" if info.st_mode & 0o100 else "f", digest])
         if digest not in sources:
             sources[digest] = Path(root + relative)
@@ -6001,32 +6164,20 @@ def code_snapshot(repo: Path) -> tuple[str, list[list[Any]], dict[str, Path]]:
     return identity, entries, sources
 
 
+def _tree_sources(repo: Path, entries: list[list[Any]]) -> dict[str, list[str]]:
+    """For each sha256 of a manifest, the files of the work tree ``repo`` that it names."""
+    sources: dict[str, list[str]] = {}
+    for relative, kind, value in entries:
+        if kind != "l":
+            sources.setdefault(value, []).append(f"{repo}/{relative}")
+    return sources
+
+
 def _materialize_here(repo: Path, entries: list[list[Any]], folder: Path) -> None:
     """The job's own copy of its snapshot, made on this machine (a local job, or a host that sees
-    this machine's files): copied from the work tree, appearing whole under ``folder``."""
-    staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    made: set[str] = set()
-    try:
-        _mkdir_private(staging)
-        for relative, kind, value in entries:
-            path = f"{staging}/{relative}"
-            parent = os.path.dirname(path)
-            if parent not in made:
-                _mkdir_private(Path(parent))
-                made.add(parent)
-            if kind == "l":
-                os.symlink(value, path)
-                continue
-            with open(f"{repo}/{relative}", "rb") as source:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                             0o700 if kind == "x" else 0o600)
-                with os.fdopen(fd, "wb") as copy:
-                    shutil.copyfileobj(source, copy, 1 << 20)
-        os.rename(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    this machine's files) from the work tree, each file checked against the manifest (see
+    _materialize), appearing whole under ``folder``."""
+    _materialize(entries, _tree_sources(repo, entries), folder)
 
 
 def scm_version(repo: Path) -> str:
@@ -6058,11 +6209,14 @@ def scm_version(repo: Path) -> str:
 
 def _data_items(data: list[str]) -> list[dict[str, Any]]:
     """Each data path as it travels: its target (home-relative, or absolute outside the home),
-    whether it is a folder, and its files with size and mtime in ns (and local path)."""
+    whether it is a folder, its files with size, mtime_ns and, for a file changed less than
+    RACY_NS ago, its sha256 (``stamps``, what _data_plan reads), and the local path of each
+    (``sources``)."""
     items = []
+    now = time.time_ns()
     for text in data:
         path = expand_home(text)
-        files: list[list[Any]] = []
+        stamps: list[list[Any]] = []
         sources: dict[str, Path] = {}
         found = [(path, "")] if path.is_file() else []
         if path.is_dir():
@@ -6074,29 +6228,25 @@ def _data_items(data: list[str]) -> list[dict[str, Any]]:
                         found.append((full, full.relative_to(path).as_posix()))
         for full, relative in found:
             info = full.stat()
-            files.append([relative, info.st_size, info.st_mtime_ns])
+            recent = max(info.st_mtime_ns, info.st_ctime_ns) + RACY_NS >= now
+            stamps.append([relative, info.st_size, info.st_mtime_ns,
+                           _sha256_file(full) if recent else ""])
             sources[relative] = full
-        items.append({"target": collapse_home(path), "dir": path.is_dir(), "files": files,
+        items.append({"target": collapse_home(path), "dir": path.is_dir(), "stamps": stamps,
                       "sources": sources})
     return items
 
 
-def _code_into(root: Path, snapshot: tuple[str, list[list[Any]], dict[str, Path]]) -> None:
-    """The job folder's own copy of its code snapshot, made here from the work tree, every file
-    checked against the snapshot's hash as it is copied; it appears whole as ``root/code``. A
-    file that changed since the snapshot was taken refuses it (the caller takes it again)."""
-    _ident, entries, sources = snapshot
-    folder = root / CODE_DIR
-    staging = root / f".{CODE_DIR}.{os.getpid()}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        materialize(entries, lambda digest: sources[digest], staging)
-        os.rename(staging, folder)
-    except _Damaged as exc:
-        raise ConfigError(f"the repo changed while the job was being written ({exc})",
-                          hint="submit again once the files are saved") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _data_in_repo(data: list[str], repo_rh: str) -> list[str]:
+    """The data paths inside the repo, relative to it: the job's own copy of the repo shows each
+    as a link to where the data is on the machine that runs it (JobContext)."""
+    repo = expand_home(repo_rh)
+    inside = []
+    for text in data:
+        path = expand_home(text)
+        if path != repo and repo in path.parents:
+            inside.append(path.relative_to(repo).as_posix())
+    return inside
 
 
 def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
@@ -6189,7 +6339,7 @@ def _hand_over_request(spec: _Handing, items: list[dict[str, Any]],
                                                            _folder_blobs(spec.root).values()}),
             "nonces": nonces, "facts": need, "email": spec.email, "fire": spec.fire,
             "gate": spec.gate is not None,
-            "data": [{k: item[k] for k in ("target", "dir", "files")} for item in items]}
+            "data": [{k: item[k] for k in ("target", "dir", "stamps")} for item in items]}
 
 
 class _HandOverTalk:
@@ -6218,7 +6368,9 @@ class _HandOverTalk:
             write(b'{"abort": true}\n')
         elif self.cache[self.key]:
             if self.spec.snapshot is not None and not (self.spec.root / CODE_DIR).exists():
-                _code_into(self.spec.root, self.spec.snapshot)  # the host runs it from here
+                _ident, entries, sources = self.spec.snapshot  # the host runs it from here
+                _materialize(entries, {d: str(p) for d, p in sources.items()},
+                             self.spec.root / CODE_DIR)
             roots = self.request["roots"]
             write(json.dumps({"shared": True, "roots": roots}).encode() + b"\n")
         else:
@@ -6589,6 +6741,48 @@ def _copy_job(machine: RemoteMachine, config: RemoteStackOpsConfig) -> RemoteMac
     return other
 
 
+def _code_here(machine: RemoteMachine, folder: Path) -> None:
+    """Put the job's own copy of its snapshot into ``folder`` (a job folder on this machine, or
+    the one packed for the cloud), each file checked against the manifest (_materialize): taken
+    from the snapshot's own sources (for a rerun, the older job's copy), else the work tree."""
+    recorded = machine._snapshot is None  # a job loaded from its folder: the manifest it recorded
+    snapshot = machine._snapshot or _recorded_snapshot(machine)
+    sources: dict[str, Any] = {digest: [str(path)] for digest, path in snapshot[2].items()}
+    tree = _tree_sources(expand_home(machine.job_params.repo_path_rh), snapshot[1])
+    for digest, paths in tree.items():
+        sources[digest] = list(dict.fromkeys(sources.get(digest, []) + paths))
+    try:
+        _materialize(snapshot[1], sources, folder / CODE_DIR)
+    except _SnapshotMismatchError as exc:
+        if not recorded:
+            raise
+        raise StackopsError(f"the repo of job {machine.job_id} changed since the job was "
+                            f"generated ({exc.path})",
+                            hint="submit it again under a new job_id") from exc
+
+
+def _recorded_snapshot(machine: RemoteMachine) -> tuple[str, list[list[Any]], dict[str, Path]]:
+    """The snapshot a job generated earlier names: the manifest in its folder, checked against
+    its id (a job folder from before manifests were kept: the repo's snapshot now, if it is the
+    same); its sources are the work tree's files."""
+    import hashlib
+
+    identity = machine.job_params.code_snapshot
+    path = machine.file_manager.path(CODE_MANIFEST_JSON)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        taken = code_snapshot(expand_home(machine.job_params.repo_path_rh))
+        if taken[0] != identity:
+            raise StackopsError(f"the repo of job {machine.job_id} changed since the job was "
+                                "generated", hint="submit it again under a new job_id") from None
+        return taken
+    if hashlib.sha256(text).hexdigest()[:32] != identity:
+        raise StackopsError(f"{path} is not the manifest of snapshot {identity}",
+                            hint="the job folder was damaged; submit the job again")
+    return identity, json.loads(text), {}
+
+
 class _Place:
     """Where a job runs, seen from here: how its folder, code and data get there, and how the
     executing side there is asked (status, fire, cancel, delete, logs, its facts)."""
@@ -6624,6 +6818,10 @@ class _Place:
 
     def facts(self, wanted: list[str]) -> dict[str, Any]:
         return dict(self.call([{"action": "facts", "facts": wanted}])[0])
+
+    def there(self, manager: FileManager) -> str:
+        """A job folder as the executing side is told it (here: its path)."""
+        return str(manager.job_root)
 
     def preflight(self) -> None:
         """What can be checked before anything is written or sent."""
@@ -6772,6 +6970,9 @@ class _OverSSH(_Place):
     def call(self, requests: list[dict[str, Any]]) -> list[Any]:
         return self.ssh.serve(requests, timeout=max(self.config.ssh_timeout, 60.0))
 
+    def there(self, manager: FileManager) -> str:
+        return manager.job_root_rh  # home-relative: the host's home may be elsewhere
+
     def preflight(self) -> None:
         _ = self.ssh  # connects: an unknown, untrusted or unreachable host stops us here
 
@@ -6794,7 +6995,7 @@ class _OverSSH(_Place):
         machine.shared = machine._handed.shared
         if machine.shared and self.config.copy_repo and machine._snapshot is not None \
                 and not machine.file_manager.path(CODE_DIR).exists():
-            _code_into(machine.file_manager.job_root, machine._snapshot)
+            _code_here(machine, machine.file_manager.job_root)
         return True
 
     def withdraw(self, machine: RemoteMachine) -> None:
@@ -7266,13 +7467,36 @@ def _generate_job_folder(machine: RemoteMachine) -> None:
 def _put_folder_in_place(machine: RemoteMachine, what: str,
                          finish: Callable[[Path], None] | None = None) -> None:
     """Write ``machine``'s folder into a staging folder beside its place (then ``finish`` it)
-    and rename it there: complete under its name or not at all; a folder there is refused."""
-    root = machine.file_manager.job_root
+    and rename it there: complete under its name or not at all; a folder there is refused. With
+    copy_repo, the snapshot is taken first, the job's function checked against its bytes, and
+    the folder's copy of the code checked against it: a file that changed meanwhile makes the
+    snapshot be taken again, SNAPSHOT_TRIES times at most."""
     source = _own_file()
     if not source.is_file():
         raise StackopsError(f"cannot find stackops.py to ship with the {what} (looked at {source})")
-    if machine.config.copy_repo:
-        _take_snapshot(machine)
+    fresh: set[str] = set()
+    for _attempt in range(SNAPSHOT_TRIES):
+        try:
+            if machine.config.copy_repo and not machine._pinned:
+                _take_snapshot(machine, fresh)
+            _stage_folder(machine, source, finish)
+            return
+        except _SnapshotMismatchError as exc:
+            if machine._pinned:
+                raise StackopsError(f"the code of job {machine.job_id} is no longer here whole: "
+                                    f"{exc.path} changed since it ran",
+                                    hint="rerun --fresh takes the code as it is now") from exc
+            fresh.add(exc.path)
+            changed = exc
+    raise StackopsError(f"the repo changed while it was being sent ({changed.path}, "
+                        f"{SNAPSHOT_TRIES} times)",
+                        hint="submit again once its files are written") from changed
+
+
+def _stage_folder(machine: RemoteMachine, source: Path,
+                  finish: Callable[[Path], None] | None) -> None:
+    """_put_folder_in_place's one attempt: the folder staged, finished, renamed into place."""
+    root = machine.file_manager.job_root
     staging = _trusted_dir(root.parent, "base folder") / f".{machine.job_id}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -7306,14 +7530,48 @@ def _new_array_task(machine: RemoteMachine, k: int, part: WorkloadParams) -> Rem
     return task
 
 
-def _take_snapshot(machine: RemoteMachine) -> None:
-    """The content-addressed snapshot of the repo this job will run (and, for install_repo,
-    the version git describe gives here, since the snapshot carries no .git)."""
+def _take_snapshot(machine: RemoteMachine, fresh: set[str] | None = None) -> None:
+    """The content-addressed snapshot of the repo this job will run (``fresh``: files hashed anew
+    whatever the cache says), then the job's function checked against the snapshot's own bytes
+    (and, for install_repo, the version git describe gives here: the snapshot has no .git)."""
     repo = expand_home(machine.job_params.repo_path_rh)
-    machine._snapshot = code_snapshot(repo)
+    machine._snapshot = code_snapshot(repo, fresh)
     machine.job_params.code_snapshot = machine._snapshot[0]
+    _check_snapshot_call(machine, repo)
     if machine.config.install_repo:
         machine.job_params.scm_version = scm_version(repo)
+
+
+def _check_snapshot_call(machine: RemoteMachine, repo: Path) -> None:
+    """The job's function as its snapshot holds it: its file read and checked against the sha256
+    the snapshot names (else _SnapshotMismatchError), then it must define the function at its top
+    level and take the kwargs (what the submit checked in the file as it was then)."""
+    params = machine.job_params
+    entry = next((e for e in machine._snapshot[1] if e[0] == params.file_path_r and e[1] != "l"),
+                 None) if machine._snapshot and params.kind != "script" else None
+    if entry is None:
+        return
+    import hashlib
+
+    data = _read_bytes(repo / params.file_path_r)
+    if data is None or hashlib.sha256(data).hexdigest() != entry[2]:
+        raise _SnapshotMismatchError(params.file_path_r, entry[2])
+    text = data.decode("utf-8", "replace")
+    head = (params.func_class or params.func_name or "").split(".")[0]
+    if head not in _top_level_names(repo / params.file_path_r, text):
+        raise ConfigError(f"{params.file_path_r} defines no top-level {head!r} in the snapshot "
+                          "taken of it", hint="save the file, then submit again")
+    found = _parameters_in_source(repo / params.file_path_r, params.func_class,
+                                  params.func_name or "", text)
+    _check_call(found, machine.kwargs, machine.config.workload_params is not None,
+                f"{params.func_name}()")
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _exists_error(machine: RemoteMachine) -> ConfigError:
@@ -7342,6 +7600,9 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     line = machine.job_params.get_execution_line(config.workload_params, config.parallelize,
                                                  config.wrap_in_try_except)
     _write_new_json(folder / JOB_PARAMS_JSON, machine.job_params.to_dict())
+    if config.copy_repo and machine._snapshot is not None:
+        _write_new(folder / CODE_MANIFEST_JSON,
+                   json.dumps(machine._snapshot[1], separators=(",", ":")))
     _write_new_json(folder / KWARGS_JSON, machine.kwargs)
     _write_new_json(folder / FILE_MANAGER_JSON, machine.file_manager.to_dict())
     _write_new_json(folder / CONFIG_JSON, config.to_dict())
@@ -7354,7 +7615,7 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     _ship_bytecode(source, folder / "python")  # the job's start skips compiling it (~40 ms of CPU)
     _write_new(folder / STATE_JSON, json.dumps(_first_state(machine)))
     if config.copy_repo and machine._place.code_in_folder and machine._snapshot is not None:
-        _code_into(folder, machine._snapshot)  # here, or in the cloud archive: it carries its code
+        _code_here(machine, folder)  # here, or in the cloud archive: the folder carries its code
     machine.scripts_generated = True
     _write_new_json(folder / REMOTE_MACHINE_JSON, machine.to_dict())
 
@@ -7526,8 +7787,9 @@ def _restore_machine(machine: RemoteMachine, data: Any, job_root: Path | None) -
     return machine
 
 
-def _rerun_copy(machine: RemoteMachine) -> RemoteMachine:
-    """A new job ``<id>-rN`` (the first N free) with the same callable, kwargs, data and options."""
+def _rerun_copy(machine: RemoteMachine, fresh: bool = False) -> RemoteMachine:
+    """A new job ``<id>-rN`` (the first N free) with the same callable, kwargs, data and options,
+    and with copy_repo the same snapshot (``fresh``: the code as it is now)."""
     stem = re.sub(r"-r\d+\Z", "", machine.job_id)
     number = 1
     while (machine.file_manager.job_root.parent / f"{stem}-r{number}").exists():
@@ -7545,10 +7807,38 @@ def _rerun_copy(machine: RemoteMachine) -> RemoteMachine:
                                      again.config.max_simultaneous_jobs, again.config.base_dir,
                                      pool=machine.file_manager.pool, gpus=machine.file_manager.gpus)
     again._parent_slurm_ids = [again._launcher.after(again, p) for p in again.config.after]
+    if machine.config.copy_repo and not fresh:
+        _pin_snapshot(again, machine)
     return again
 
 
-def _rerun_failed_tasks(machine: RemoteMachine) -> list[str]:
+def _pin_snapshot(again: RemoteMachine, machine: RemoteMachine) -> None:
+    """Give rerun ``again`` the snapshot ``machine`` ran, from the manifest its folder here keeps:
+    its bytes come from its copy of the code here (each file checked), else from the files of
+    the work tree that still hold them, else (a host's job) from the host's store, which keeps a
+    snapshot while a job folder there names it. A job from before manifests were kept reruns
+    the code as it is now."""
+    path = machine.file_manager.path(CODE_MANIFEST_JSON)
+    if not path.exists():
+        log.warning("job %s kept no manifest of its code: its rerun takes the code as it is now",
+                    machine.job_id)
+        return
+    identity, entries, _none = _recorded_snapshot(machine)
+    code = machine.file_manager.path(CODE_DIR)
+    sources: dict[str, Path] = {}
+    if code.is_dir():
+        for relative, kind, value in entries:
+            if kind != "l":
+                sources.setdefault(value, code / relative)
+    else:  # its copy is on the host: the tree's files that still hold the same bytes
+        now = code_snapshot(expand_home(machine.job_params.repo_path_rh))
+        sources = {digest: now[2][digest] for _r, kind, digest in entries
+                   if kind != "l" and digest in now[2]}
+    again._snapshot = (identity, entries, sources)
+    again._pinned = True
+
+
+def _rerun_failed_tasks(machine: RemoteMachine, fresh: bool = False) -> list[str]:
     """RemoteMachine.rerun_failed_tasks: each failed or cancelled task of an array, run again."""
     if not machine.array_parts or machine.slurm_job_id is None:
         raise ConfigError(f"job {machine.job_id} is not a Slurm array: rerun it whole")
@@ -7558,7 +7848,7 @@ def _rerun_failed_tasks(machine: RemoteMachine) -> list[str]:
     if not failed:
         raise ConfigError(f"array {machine.job_id} has no failed task to rerun")
     for k in failed:
-        tasks[k] = tasks[k].rerun()
+        tasks[k] = tasks[k].rerun(fresh=fresh)
     machine.task_ids = [task.job_id for task in tasks]
     machine._save()
     return [tasks[k].job_id for k in failed]
@@ -7633,6 +7923,8 @@ class RemoteMachine:
         _check_arguments(func, self, config)
         self.data = list(config.data) + list(data or [])
         _check_job_files(self.data, config.copy_repo, self.job_params)
+        if config.copy_repo:
+            self.job_params.data_r = _data_in_repo(self.data, self.job_params.repo_path_rh)
         slots = config.lock_resources and self._launcher.takes_slot
         self.file_manager = FileManager(config.job_id, "Linux", slots, config.max_simultaneous_jobs,
                                         config.base_dir, pool=config.pool, gpus=config.gpus)
@@ -7656,6 +7948,7 @@ class RemoteMachine:
         self.launch_command = ""
         self.shared = False  # the host sees our job folder (a shared home): used in place
         self._snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None
+        self._pinned = False  # the snapshot is an older job's (rerun): never taken again
         self.cloud_sha256 = ""  # the SHA-256 of the archive a cloud transfer uploaded
         self.units: list[str] = []  # the work units a cloud_manager run queued
         self._checked = False  # interpreter and script found where the job runs
@@ -7718,8 +8011,7 @@ class RemoteMachine:
     @property
     def root_there(self) -> str:
         """The job folder where it runs, as the executing side is told it (``~/...`` on a host)."""
-        manager = self.file_manager
-        return manager.job_root_rh if self.is_remote else str(manager.job_root)
+        return self._place.there(self.file_manager)
 
     @property
     def fire_roots(self) -> list[str]:
@@ -7802,24 +8094,26 @@ class RemoteMachine:
         own results folder). A job started and not ended is refused: cancel it first."""
         _delete_job(self, results)
 
-    def rerun(self, run: bool = True) -> RemoteMachine:
+    def rerun(self, run: bool = True, fresh: bool = False) -> RemoteMachine:
         """The same function or script, kwargs, data and options as a new job ``<id>-r1`` (a rerun
-        of ``x-r1`` is ``x-r2``), run now; refused while this job has not ended."""
+        of ``x-r1`` is ``x-r2``), run now; refused while this job has not ended. With copy_repo
+        it runs this job's own snapshot (``fresh``: the code as it is now)."""
         started = self.launcher_pid is not None or self.slurm_job_id is not None
         report = self.get_status(0) if started else None
         if report is None or not report.finished:
             state = report.status if report is not None else "never started"
             raise ConfigError(f"job {self.job_id} is {state}: only an ended job can be rerun",
                               hint=f"{'cancel it first' if report is not None else 'start it'}")
-        again = _rerun_copy(self)
+        again = _rerun_copy(self, fresh)
         again._place.connection = self._place.connection
         self._place.connection = None  # the connection goes on with the new job
         return again.run(run)
 
-    def rerun_failed_tasks(self) -> list[str]:
+    def rerun_failed_tasks(self, fresh: bool = False) -> list[str]:
         """Run again, each as a Slurm job of its own, every task of this array that failed or was
-        cancelled; the array follows the new tasks from then on. Returns their ids."""
-        return _rerun_failed_tasks(self)
+        cancelled (with its own snapshot; ``fresh``: the code as it is now); the array follows
+        the new tasks from then on. Returns their ids."""
+        return _rerun_failed_tasks(self, fresh)
 
     def preflight(self) -> RemoteMachine:
         """Check what can be checked before anything is written or sent: the host answers and is
@@ -8670,15 +8964,16 @@ class Cluster:
         """Every host's JobStatus, read in parallel; an unreachable host gets its error instead."""
         return self._parallel(lambda h: self.machines[h].get_status(0), list(self.machines))
 
-    def rerun_failed(self) -> dict[str, str]:
+    def rerun_failed(self, fresh: bool = False) -> dict[str, str]:
         """Run again, on the same host with the same slice, every part that failed or was
-        cancelled; the cluster follows the new parts from then on. Returns {host: new job id}."""
+        cancelled, each with its own snapshot (``fresh``: the code as it is now); the cluster
+        follows the new parts from then on. Returns {host: new job id}."""
         ended = {host: r for host, r in self.check_job_status().items() if isinstance(r, JobStatus)}
         failed = [host for host, report in ended.items()
                   if report.status in ("failed", "cancelled")]
         if not failed:
             raise ConfigError(f"cluster {self.job_id} has no failed part to rerun")
-        results = self._parallel(lambda h: self.machines[h].rerun(), failed)
+        results = self._parallel(lambda h: self.machines[h].rerun(fresh=fresh), failed)
         self._raise_failures("rerun", results)
         self.machines.update(results)
         self._save()
@@ -9615,13 +9910,15 @@ def _cmd_rerun(args: Any) -> int:
             raise ConfigError(f"{args.job_id} is a cluster: rerun --failed runs its failed parts "
                               "again")
         with target:
-            for host, job_id in target.rerun_failed().items():
-                print(f"{host}: rerun as job {job_id}")
+            for host, job_id in target.rerun_failed(args.fresh).items():
+                print(f"{host}: rerun as job {job_id} with {_code_note(target.machines[host])}")
             return _wait_cluster(target) if args.wait else 0
     if isinstance(target, RemoteMachine) and args.failed:
         with target:
-            for task_id in target.rerun_failed_tasks():
-                print(f"rerun task as job {task_id}")
+            tasks = {task_id: None for task_id in target.rerun_failed_tasks(args.fresh)}
+            for task in target.array_tasks():
+                if task.job_id in tasks:
+                    print(f"rerun task as job {task.job_id} with {_code_note(task)}")
             return _wait_ids([target]) if args.wait else 0
     if args.failed or isinstance(target, _CloudUnits):
         raise ConfigError("--failed is for a cluster id" if args.failed
@@ -9630,9 +9927,9 @@ def _cmd_rerun(args: Any) -> int:
         raise ConfigError(f"{args.job_id} is a sweep: rerun its jobs by their ids "
                           f"({args.job_id}-0000, ...)")
     with target:
-        again = target.rerun()
+        again = target.rerun(fresh=args.fresh)
         with again:
-            print(f"job {target.job_id} rerun as job {again.job_id}")
+            print(f"job {target.job_id} rerun as job {again.job_id} with {_code_note(again)}")
             if not args.wait:
                 return 0
             with _suppress(JobFailedError):
@@ -9640,6 +9937,16 @@ def _cmd_rerun(args: Any) -> int:
             report = again.get_status(0)
     print(f"job {again.job_id} {report.status}")
     return 0 if report.status == "completed" else 1
+
+
+def _code_note(machine: RemoteMachine) -> str:
+    """Which code a rerun runs, as the CLI says it."""
+    if not machine.config.copy_repo:
+        return "the repo in place, as it is now"
+    identity = machine.job_params.code_snapshot[:12]
+    if machine._pinned:
+        return f"its own snapshot {identity}"
+    return f"the code as it is now (snapshot {identity})"
 
 
 def _wait_ids(targets: list[RemoteMachine]) -> int:
@@ -9730,6 +10037,252 @@ def _cmd_prune(args: Any) -> int:
     for job_id in deleted:
         print(f"deleted job {job_id}")
     print(f"{len(deleted)} job(s) deleted", file=sys.stderr)
+    return 0
+
+
+# -- report: a timeline of jobs as one self-contained HTML page -----------------------------------
+
+# The jobs go in as one JSON blob (every "<" escaped), drawn into one SVG whose markup holds only
+# numbers and class names; every text (ids, kwargs, errors) reaches the page as textContent.
+REPORT_TEMPLATE = r"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy"
+content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>stackops report</title><style>
+body{font:13px system-ui,sans-serif;margin:12px;color:#222}h1{font-size:16px;margin:0 0 6px}
+#head span,#legend span{margin-right:14px}#legend{margin:6px 0}#wrap{overflow-x:auto}
+#tl{display:block}text{font-size:11px;fill:#444}.ln{fill:#f3f3f3}.ax{stroke:#ddd}.r{opacity:.4}
+.rt{stroke:#000;stroke-dasharray:2 2}.sel{stroke:#000;stroke-width:2}#info{position:fixed;
+right:12px;bottom:12px;background:#fff;border:1px solid #aaa;padding:4px 8px;max-width:40em}
+#info:empty{display:none}th{text-align:left;padding-right:8px;vertical-align:top;white-space:nowrap}
+td{white-space:pre-wrap;word-break:break-all}.s0{fill:#2e9e4f}.s1{fill:#d0342c}.s2{fill:#8a8a8a}
+.s3{fill:#2f6fd6}.s4{fill:#e0a800}.s5{fill:#e8c860}.s6{fill:#a070d0}.s7{fill:#555}
+</style></head><body><h1 id="title"></h1><div id="head"></div><div id="legend"></div>
+<button id="zi">zoom +</button> <button id="zo">zoom &minus;</button><div id="wrap">
+<svg id="tl"></svg></div><div id="info"></div>
+<script type="application/json" id="data">@@data</script><script>
+"use strict";
+const $ = i => document.getElementById(i), D = JSON.parse($("data").textContent), J = D.jobs;
+const S = D.states, svg = $("tl"), info = $("info"), free = {};
+const el = (tag, text, parent) => parent.appendChild(Object.assign(document.createElement(tag),
+  {textContent: text}));
+const most = (list, f) => list.reduce((m, x) => Math.max(m, f(x)), 0);
+const stop = j => j[5] ?? (j[6] < 3 ? j[4] ?? j[3] : D.now);  // not ended: now
+const begin = j => Math.min(...[j[4], ...j[15].map(r => r[0])].filter(t => t !== null));
+const dur = s => s < 60 ? s.toFixed(1) + "s" : s < 3600 ? Math.floor(s / 60) + "m" +
+  Math.floor(s % 60) + "s" : Math.floor(s / 3600) + "h" + Math.floor(s % 3600 / 60) + "m";
+const gap = (a, b) => a === null || b === null ? null : dur(b - a);
+const at = t => t === null ? null : new Date((D.t0 + t) * 1000).toISOString().replace(".000", "");
+const label = J.map(j => j[1] + " " + (j[2] ?? "waiting"));  // no slot: packed by start below
+J.map((j, i) => i).filter(i => J[i][2] === null && begin(J[i]) < Infinity)
+  .sort((a, b) => begin(J[a]) - begin(J[b])).forEach(i => {
+    const j = J[i], ends = free[j[1]] = free[j[1]] || [];
+    let k = ends.findIndex(e => e <= begin(j));
+    k = k < 0 ? ends.push(0) - 1 : k;
+    ends[k] = Math.max(begin(j), stop(j)); label[i] = j[1] + " #" + (k + 1); });
+const lanes = [...new Set(label)].sort((a, b) => a.localeCompare(b, undefined, {numeric: true}));
+const index = new Map(lanes.map((s, k) => [s, k])), lane = label.map(s => index.get(s));
+const n = lanes.length, span = Math.max(most(J, stop), .001);
+const runs = J.flatMap(j => [[j[4], stop(j)], ...j[15]]).filter(r => r[0] !== null && r[1] !== null)
+  .map(r => r.slice(0, 2));
+const busy = runs.reduce((s, r) => s + r[1] - r[0], 0);
+const took = most(runs, r => r[1]) - runs.reduce((m, r) => Math.min(m, r[0]), Infinity);
+const slots = lanes.filter(s => !s.endsWith(" waiting")).length;
+document.title = $("title").textContent = D.title;
+for (const [k, v] of [["jobs", J.length], ...S.map((s, k) => [s, J.filter(j => j[6] === k).length])
+  .filter(c => c[1]), ["wall time", dur(span)], ["run time", dur(busy)], ["slot utilisation",
+  took > 0 ? Math.round(100 * busy / slots / took) + "% of " + slots + " lanes" : "-"],
+  ["generated", at(D.now)]]) el("b", k + " ", el("span", "", $("head"))).after(String(v));
+for (const k of [...new Set(J.map(j => j[6]))].sort()) { const e = el("span", "", $("legend"));
+  e.innerHTML = '<svg width="9" height="9"><rect class="s' + k + '" width="9" height="9"/></svg> ';
+  e.append(S[k]); }
+if (J.some(j => j[15].length || parseInt(j[7]) > 1))
+  el("span", "dashed edge: run again (retried, requeued); faint: its earlier runs", $("legend"));
+const L = 170, H = n > 400 ? 4 : n > 150 ? 8 : n > 24 ? 18 : 26, pad = H > 9 ? 2 : .5;
+let zoom = 1, pinned = null;
+function draw() {
+  const W = Math.max(400, innerWidth - L - 40) * zoom, m = [], thin = [], faint = [], bars = [];
+  const x = t => (L + t / span * W).toFixed(1);
+  const bar = (c, i, a, b, min, y, h) => '<rect class="' + c + '" data-i="' + i + '" x="' +
+    x(a) + '" y="' + y + '" width="' + Math.max(min, (b - a) / span * W).toFixed(1) +
+    '" height="' + h + '"/>';
+  const step = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200]
+    .find(s => s / span * W >= 110) || 86400 * Math.ceil(110 * span / W / 86400);
+  for (let t = 0; t <= span; t += step) { const c = new Date((D.t0 + t) * 1000).toISOString();
+    m.push('<line class="ax" x1="' + x(t) + '" x2="' + x(t) + '" y1="14" y2="' + (20 + n * H) +
+      '"/><text x="' + x(t) + '" y="11">' + c.slice(span < 86400 ? 11 : 5, 19) + "</text>"); }
+  for (let k = 0; k < n; k++) m.push((k % 2 ? '<rect class="ln" x="0" y="' + (20 + k * H) +
+    '" width="' + (L + W) + '" height="' + H + '"/>' : "") +
+    (H > 9 ? '<text class="lb" x="2" y="' + (15 + k * H + H) + '"></text>' : ""));
+  J.forEach((j, i) => { const y = 20 + lane[i] * H, open = j[4] === null;
+    if (j[3] !== null) thin.push(bar("w s" + j[6], i, j[3], open ? stop(j) : j[4], 1,
+      y + H / 2 - (open ? 2 : 1), open ? 4 : 2));
+    for (const r of j[15]) if (r[0] !== null) faint.push(bar("r s" + r[2], i, r[0], r[1] ?? r[0],
+      2, y + pad, H - 2 * pad));
+    if (!open) bars.push(bar("b s" + j[6] + (j[15].length || parseInt(j[7]) > 1 ? " rt" : ""), i,
+      j[4], stop(j), 2, y + pad, H - 2 * pad)); });
+  svg.setAttribute("width", L + W + 10); svg.setAttribute("height", 24 + n * H);
+  svg.innerHTML = m.join("") + thin.join("") + faint.join("") + bars.join("");
+  svg.querySelectorAll("text.lb").forEach((t, k) => { t.textContent = lanes[k].slice(0, 28); });
+  pinned = null; info.replaceChildren(); }
+function show(i) { const j = J[i], t = document.createElement("table"), end = j[6] < 3;
+  const before = j[15].map(r => S[r[2]] + (r[3] === null ? "" : " exit " + r[3]) +
+    (r[4] === null ? "" : " signal " + r[4]) + " " + (gap(r[0], r[1]) || ""));
+  for (const [k, v] of [["job", j[0]], ["group", j[14]], ["lane", lanes[lane[i]]],
+    ["status", S[j[6]]], ["attempt", j[7]], ["submitted", at(j[3])], ["started", at(j[4])],
+    ["ended", at(j[5])], ["waited", gap(j[3], j[4])],
+    [end ? "duration" : "so far", gap(j[4], stop(j))],
+    ["exit code", j[8]], ["signal", j[9]], ["peak memory", j[10] === null ? null
+      : (j[10] / 2 ** 20).toFixed(1) + " MiB"], ["cpu time", j[11] === null ? null : dur(j[11])],
+    ["call", j[13]], ["error", j[12]], ["earlier runs", before.join("; ") || null]])
+    if (v !== null) { const r = el("tr", "", t); el("th", k, r); el("td", String(v), r); }
+  info.replaceChildren(t); }
+svg.addEventListener("mouseover", e => {
+  if (!pinned && e.target.dataset.i) show(e.target.dataset.i); });
+svg.addEventListener("mouseout", () => { if (!pinned) info.replaceChildren(); });
+svg.addEventListener("click", e => { if (pinned) pinned.classList.remove("sel");
+  pinned = e.target.dataset.i ? e.target : null; if (!pinned) return info.replaceChildren();
+  pinned.classList.add("sel"); show(pinned.dataset.i); });
+$("zi").onclick = () => { zoom *= 2; draw(); };
+$("zo").onclick = () => { zoom = Math.max(1, zoom / 2); draw(); };
+draw();
+requestAnimationFrame(() => setTimeout(() => {  // drawn: the tests read it
+  document.body.dataset.drawnMs = Math.round(performance.now()); }));
+</script></body></html>
+"""
+
+_REPORT_STATES = ("completed", "failed", "cancelled", "running", "waiting", "queued", "prepared",
+                  "unknown")  # the page's colours, in this order; the first three have ended
+
+
+def render_report(rows: list[dict[str, Any]], title: str) -> str:
+    """One self-contained HTML page (inline SVG, CSS and JS; it fetches nothing) that draws
+    ``rows`` as a timeline: a lane per host and slot, a bar per job from its submission (thin) to
+    its start and end (thick), coloured by its state, its earlier runs faint before it; a header
+    with the counts per state, the wall time, the run time and the slots' utilisation; hovering
+    or clicking a bar shows the job. A job not ended (running, waiting) is drawn up to now.
+
+    A row is a plain dict; any key may be missing or None, and a value of the wrong type is
+    left out. ``job_id``, ``host``; ``slot`` ("slot-0", "gpu-1", a Slurm task: without one, a
+    host's jobs are packed into as few lanes as never overlap, and those that never started go
+    to its "waiting" lane); ``group`` (its sweep, cluster or array); ``status`` (completed,
+    failed, cancelled, running, waiting, queued, prepared); ``submitted``, ``started``, ``ended``
+    (ISO-8601; without a zone, UTC); ``attempt`` ("2/3"); ``exit_code``, ``signal``,
+    ``max_rss_bytes`` (ints); ``cpu_seconds``; ``error`` (the error's last line); ``call`` (the
+    kwargs as compact JSON, or the command line); ``runs``, the earlier runs (retries, requeues),
+    each a dict of ``started``, ``ended``, ``status``, ``exit_code``, ``signal``. Texts reach
+    the page as inert text: the data is one JSON blob, every ``<`` in it escaped."""
+    now = _utcnow().timestamp()
+    jobs = [_report_job(row if isinstance(row, dict) else {}) for row in rows]
+    times = [t for job in jobs for t in (*job[3:6], *(t for run in job[15] for t in run[:2]))
+             if t is not None]
+    t0 = min(times, default=now)
+    for job in jobs:  # seconds since the first time on the page
+        for part, ends in [(job, slice(3, 6)), *((run, slice(0, 2)) for run in job[15])]:
+            part[ends] = [None if t is None else round(t - t0, 3) for t in part[ends]]
+    data = {"title": str(title), "t0": t0, "now": round(now - t0, 3), "states": _REPORT_STATES,
+            "jobs": jobs}
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return render_template(REPORT_TEMPLATE, data=blob.replace("<", "\\u003c"))
+
+
+def _report_job(row: dict[str, Any]) -> list[Any]:
+    """A row as the page reads it: id, host, slot, submitted, started, ended (seconds since the
+    epoch), state, attempt, exit code, signal, peak RSS, CPU s, error, call, group, earlier runs
+    (started, ended, state, exit code, signal)."""
+    def seconds(value: Any) -> float | None:
+        moment = _parse_iso(value.replace("Z", "+00:00")) if isinstance(value, str) else None
+        if moment is not None and moment.tzinfo is None:
+            moment = moment.replace(tzinfo=_dt.timezone.utc)
+        return moment.timestamp() if moment is not None else None
+
+    def number(value: Any) -> Any:
+        plain = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return value if plain and -1e18 < value < 1e18 else None  # neither NaN nor infinite
+
+    def state(value: Any) -> int:
+        return _REPORT_STATES.index(value) if value in _REPORT_STATES else len(_REPORT_STATES) - 1
+
+    text = [None if row.get(key) in (None, "") else _shorten(str(row[key]), 120)  # 10,000 in 5 MB
+            for key in ("job_id", "host", "slot", "attempt", "error", "call", "group")]
+    runs = [[seconds(run.get("started")), seconds(run.get("ended")), state(run.get("status")),
+             number(run.get("exit_code")), number(run.get("signal"))]
+            for run in row.get("runs") or [] if isinstance(run, dict)]
+    return [text[0] or "?", text[1] or "?", text[2],
+            *(seconds(row.get(key)) for key in ("submitted", "started", "ended")),
+            state(row.get("status")), text[3],
+            *(number(row.get(key)) for key in ("exit_code", "signal", "max_rss_bytes",
+                                               "cpu_seconds")), *text[4:], runs]
+
+
+def _report_rows(ids: list[str], last: int | None, host: str | None, base_dir: str,
+                 timeout: float = 10.0) -> list[dict[str, Any]]:
+    """render_report's rows: the jobs of ``ids`` in their order (jobs, sweeps, clusters, Slurm
+    arrays, cloud jobs; an unknown id is refused), else the ``last`` newest (of ``host``), the
+    oldest first. Built from today's views; the engine's JobStatus fields are read if there."""
+    members: dict[str, tuple[str | None, str | None]] = {}  # job id: (its group, its slot)
+    for job_id in ids:
+        with _load_job_or_cluster(job_id, base_dir) as target:
+            members.update(_report_members(target))
+    listed = [row for row in list_job_rows(base_dir, timeout)  # newest first
+              if (not ids or row["job_id"] in members) and host in (None, row["host"])]
+    if host is not None and not listed:
+        raise ConfigError(f"no jobs on host {host!r} here", hint=f"{_prog()} list shows the jobs")
+    listed = listed[last - 1::-1] if last else listed[::-1]
+    place = {job_id: k for k, job_id in enumerate(members)}
+    listed.sort(key=lambda row: place.get(row["job_id"], 0))  # by index in a sweep or array
+    roots = {root.name: root for root, _ in _job_folders(base_dir)}
+    rows = []
+    for row in listed:
+        report, (group, slot) = row["report"], members.get(row["job_id"], (row["cluster"], None))
+        new = {name: getattr(report, name, None)  # the fields the engine's JobStatus adds
+               for name in ("exit_code", "signal", "max_rss_bytes", "cpu_seconds", "slot", "runs")}
+        rows.append(dict(new, job_id=report.job_id, host=row["host"], group=group,
+                         slot=new["slot"] or slot, status=report.status, attempt=report.attempt,
+                         submitted=report.submission_time, started=report.start_time,
+                         ended=report.end_time, error=_last_line(report.error_message),
+                         call=_report_call(roots.get(row["job_id"]))))
+    return rows
+
+
+def _report_members(target: Any) -> dict[str, tuple[str | None, str | None]]:
+    """The jobs an id names (as _load_job_or_cluster found it): {job id: (group, slot)}; an
+    array's tasks are its slots."""
+    if isinstance(target, RemoteMachine) and target.array_parts:
+        return {task.job_id: (target.job_id, f"task-{k}")
+                for k, task in enumerate(target.array_tasks())}
+    if isinstance(target, RemoteMachine):
+        return {target.job_id: (None, None)}
+    if isinstance(target, Cluster):
+        return {job.job_id: (target.job_id, None) for job in target.machines.values()}
+    jobs = target.jobs if isinstance(target, Sweep) else target.units  # a cloud job's units
+    return {job.job_id: (target.job_id, None) for job in jobs}
+
+
+def _report_call(root: Path | None) -> str | None:
+    """A job's kwargs as compact JSON, from its folder."""
+    with _suppress(OSError, ValueError, TypeError):
+        kwargs = json.loads((root / KWARGS_JSON).read_text(encoding="utf-8"))  # type: ignore
+        return json.dumps(kwargs, ensure_ascii=False, separators=(",", ":"))
+    return None
+
+
+def _cmd_report(args: Any) -> int:
+    if bool(args.job_ids) == bool(args.last or args.host) or (args.last or 1) < 1:
+        raise ConfigError("report needs IDs, or --last N (N >= 1) and/or --host H",
+                          hint=f"e.g. {_prog()} report SWEEP_ID -o sweep.html")
+    output = None if args.output == "-" else Path(args.output).expanduser()
+    if output is not None and (output.is_dir() or not os.access(
+            output if output.exists() else output.parent, os.W_OK)):
+        raise ConfigError(f"cannot write the report to {args.output}",
+                          hint="-o FILE.html in a folder of yours that exists (- for stdout)")
+    rows = _report_rows(args.job_ids, args.last, args.host, args.base_dir, args.timeout)
+    what = " ".join(args.job_ids) or f"the last {args.last or len(rows)} jobs"
+    page = render_report(rows, f"stackops: {what}" + (f" on {args.host}" if args.host else ""))
+    if output is None:
+        sys.stdout.write(page)
+        return 0
+    _atomic_write_text(output, page, 0o644)
+    print(f"{collapse_home(output)}: {len(rows)} jobs, {len(page.encode()) / 1e3:,.0f} kB")
     return 0
 
 
@@ -10313,6 +10866,23 @@ def _add_list_args(sub: Any) -> None:
                      "read there")
 
 
+_REPORT_HELP = ("one self-contained HTML page with a timeline of jobs: a sweep, a cluster, a Slurm "
+                "array, some jobs, the newest (--last) or a host's")
+
+
+def _add_report_args(sub: Any) -> None:
+    sub.add_argument("job_ids", nargs="*", metavar="ID",
+                     help="jobs, sweeps, clusters or Slurm arrays (their ids)")
+    sub.add_argument("--last", type=int, metavar="N", help="the N jobs submitted last")
+    sub.add_argument("--host", help="the jobs submitted to this host (the alias used; "
+                                    "localhost for this machine)")
+    sub.add_argument("-o", "--output", default="stackops-report.html", metavar="FILE.html",
+                     help="where to write it (default stackops-report.html; - for stdout)")
+    sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the hosts (a job not refreshed is drawn as "
+                          "last seen)")
+
+
 def _add_control_args(command: Callable[..., Any]) -> None:
     sub = command("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL "
                                          "after --grace; "
@@ -10331,6 +10901,8 @@ def _add_control_args(command: Callable[..., Any]) -> None:
                                        "parts)")
     sub.add_argument("--failed", action="store_true",
                      help="for a cluster id: only the parts that failed")
+    sub.add_argument("--fresh", action="store_true",
+                     help="take the code as it is now (default: the snapshot the job ran)")
     sub.add_argument("--wait", action="store_true",
                      help="block until it ends; exit 1 if it did not complete")
     sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",
@@ -10385,6 +10957,7 @@ def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
     sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
     sub.add_argument("--json", action="store_true")
     _add_list_args(command("list", _cmd_list, _LIST_HELP, job=False))
+    _add_report_args(command("report", _cmd_report, _REPORT_HELP, job=False))
     sub = command("logs", _cmd_logs, "the job's output")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
     sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
@@ -10687,9 +11260,12 @@ def _act_handover(request: dict[str, Any], io: Any) -> dict[str, Any]:
     try:
         if request.get("email"):
             load_email_config(request["email"])
-        if request.get("gate"):
+        if request.get("gate"):  # placed: wait for the word of the others (Cluster.run)
             say({"placed": True})
-            if json.loads(stream.readline() or b"{}").get("go") is not True:
+            word: dict[str, Any] = {"wait": True}
+            while word.get("wait"):
+                word = _json_line(stream.readline())
+            if word.get("go") is not True:
                 raise StackopsError("the hand-over was called off")
         fired = fire_jobs([expand_home(root) for root in request.get("fire") or []]) \
             if request.get("fire") else {}

@@ -430,6 +430,7 @@ JobParams(
     import_root_r: 'str' = '.',
     code_snapshot: 'str' = '',
     scm_version: 'str' = '',
+    data_r: 'list[str]' = <factory>,
 ) -> None
 classmethod JobParams.from_callable(func: 'Callable[..., Any]') -> JobParams
 classmethod JobParams.from_dict(data: 'Any') -> JobParams
@@ -680,8 +681,8 @@ property RemoteMachine.kwargs
 classmethod RemoteMachine.load(job_id: 'str', base_dir: 'str | None' = None) -> RemoteMachine
 RemoteMachine.preflight(self) -> RemoteMachine
 property RemoteMachine.python
-RemoteMachine.rerun(self, run: 'bool' = True) -> RemoteMachine
-RemoteMachine.rerun_failed_tasks(self) -> list[str]
+RemoteMachine.rerun(self, run: 'bool' = True, fresh: 'bool' = False) -> RemoteMachine
+RemoteMachine.rerun_failed_tasks(self, fresh: 'bool' = False) -> list[str]
 RemoteMachine.results(self) -> Path
 RemoteMachine.run(
     self,
@@ -764,7 +765,7 @@ Cluster.fire(self, run: 'bool' = True) -> dict[str, tuple[int | None, str]]
 Cluster.generate_standard_kwargs(self) -> dict[str, WorkloadParams]
 classmethod Cluster.load(job_id: 'str', base_dir: 'str | None' = None) -> Cluster
 Cluster.probe_specs(self, host: 'str', ssh: 'SSH') -> MachineSpecs
-Cluster.rerun_failed(self) -> dict[str, str]
+Cluster.rerun_failed(self, fresh: 'bool' = False) -> dict[str, str]
 Cluster.run(self, run: 'bool' = True) -> Cluster
 Cluster.submit(self) -> Cluster
 Cluster.to_dict(self) -> dict[str, Any]
@@ -1037,6 +1038,102 @@ def test_utilities_pid_liveness(tmp_path):
     assert not stackops.pid_is_alive(proc.pid)
 
 
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_utilities_copy_verified_keeps_only_the_named_bytes(tmp_path):
+    """A store's blob that was damaged (appended code, cut short), a source that vanished or
+    became a FIFO: the copy is refused and nothing is left under its name (finding 6's check)."""
+    good = b"print('the right code')\n"
+    blob = tmp_path / "blob"
+    blob.write_bytes(good)
+    stackops._copy_verified(str(blob), str(tmp_path / "ok.py"), _sha(good), 0o700)
+    assert (tmp_path / "ok.py").read_bytes() == good and (tmp_path / "ok.py").stat().st_mode & 0o777 == 0o700
+    for damage in (good + b"print('CORRUPTED-BLOB-CODE-RAN')\n", good[:7], b""):
+        blob.write_bytes(damage)
+        with pytest.raises(stackops._SnapshotMismatchError) as caught:
+            stackops._copy_verified(str(blob), str(tmp_path / "copy.py"), _sha(good), 0o600, "pkg/m.py")
+        assert caught.value.path == "pkg/m.py" and "\n" not in str(caught.value)
+        assert not (tmp_path / "copy.py").exists()
+    os.mkfifo(tmp_path / "fifo")
+    for gone in (tmp_path / "missing", tmp_path / "fifo"):
+        with pytest.raises(stackops._SnapshotMismatchError):
+            stackops._copy_verified(str(gone), str(tmp_path / "copy.py"), _sha(good), 0o600)
+        assert not (tmp_path / "copy.py").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob", "fifo", "ok.py"]
+
+
+def test_utilities_materialize_appears_whole_from_the_first_source_that_holds_the_bytes(tmp_path):
+    a, b = b"A = 1\n", b"B = 2\n"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_bytes(a)
+    (tmp_path / "src" / "stale.py").write_bytes(b"B = 3\n")  # same name, other bytes: skipped
+    (tmp_path / "src" / "b.py").write_bytes(b)
+    entries = [["pkg/a.py", "x", _sha(a)], ["pkg/b.py", "f", _sha(b)], ["link.py", "l", "pkg/a.py"],
+               ["pkg/up", "l", "../pkg/b.py"]]
+    sources = {_sha(a): str(tmp_path / "src" / "a.py"),
+               _sha(b): [str(tmp_path / "src" / "stale.py"), str(tmp_path / "src" / "b.py")]}
+    stackops._materialize(entries, sources, tmp_path / "code")
+    code = tmp_path / "code"
+    assert (code / "link.py").read_bytes() == a and os.readlink(code / "link.py") == "pkg/a.py"
+    assert (code / "pkg" / "up").read_bytes() == b
+    assert (code / "pkg" / "a.py").stat().st_mode & 0o777 == 0o700
+    assert (code / "pkg" / "b.py").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "src" / "b.py").write_bytes(b"B = 4\n")  # changed since the manifest was made
+    with pytest.raises(stackops._SnapshotMismatchError, match="pkg/b.py"):
+        stackops._materialize(entries, sources, tmp_path / "code2")
+    for outside in ("/etc/passwd", "../../x", "pkg/../../x"):
+        with pytest.raises(StackopsError, match="out of the tree"):
+            stackops._materialize([["l", "l", outside]], {}, tmp_path / "code3")
+    with pytest.raises(StackopsError, match="not inside the tree"):
+        stackops._materialize([["../x", "f", _sha(a)]], sources, tmp_path / "code4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code", "src"]  # no copy, no staging left
+
+
+def _stamped(path: Path, data: bytes, mtime_ns: int) -> None:
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_utilities_data_plan_compares_ns_stamps_and_hashes_racy_copies(home, tmp_path):
+    """M5: a params file rewritten at the same size within the same tick is sent again; a copy
+    that is old enough is trusted by its stamps; one written here right after its stamp is not."""
+    here = tmp_path / "here"
+    here.mkdir()
+    target = home / "ds"
+    target.mkdir()
+    old = time.time_ns() - 3600 * 10**9
+    _stamped(here / "params.json", b'{"lr": "0.2"}', old)
+    _stamped(target / "params.json", b'{"lr": "0.1"}', old)  # same size, same mtime_ns
+
+    def plan(digest: str = "", name: str = "params.json") -> dict:
+        info = (here / name).stat()
+        return stackops._data_plan({"target": "~/ds", "dir": True,
+                                    "stamps": [[name, info.st_size, info.st_mtime_ns, digest]]})
+
+    assert plan(_sha(b'{"lr": "0.2"}')) == {"need": ["params.json"]}  # the sender's file is recent
+    assert plan(_sha(b'{"lr": "0.1"}')) == {"need": []}  # recent, but the same bytes
+    assert plan() == {"need": []}  # stamps match, and the copy was written here long after its stamp
+    now = time.time_ns()
+    _stamped(target / "params.json", b'{"lr": "0.1"}', now)  # sent right after it was written
+    _stamped(here / "params.json", b'{"lr": "0.2"}', now)  # then written again within that tick
+    assert plan() == {"need": ["params.json"]}  # racy copy here and no hash: sent again
+    assert plan(_sha(b'{"lr": "0.2"}')) == {"need": ["params.json"]}
+    (here / "new.json").write_text("{}")
+    assert plan(name="new.json") == {"need": ["new.json"]}
+    (target / "sub").write_text("a file where a folder goes")
+    got = stackops._data_plan({"target": "~/ds", "dir": True, "stamps": [["sub/x", 1, old, ""]]})
+    assert "conflict" in got
+    assert "conflict" in stackops._data_plan({"target": "~/ds", "dir": False, "stamps": [["", 1, old, ""]]})
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"theirs")
+    got = stackops._data_plan({"target": str(outside), "dir": False, "stamps": [["", 6, old, ""]]})
+    assert "never replaces" in got["conflict"]
+
+
 # ============================================================================================
 # 5. models
 # ============================================================================================
@@ -1212,20 +1309,21 @@ def test_templates_renderer_is_strict():
         stackops.render_template("@@x", x="1", y="2")
 
 
-def test_templates_shell_passes_bash_n_for_every_option(home, tmp_path):
+def test_templates_every_embedded_shell_parses_and_stays_small(home):
+    """The shell left in the file (the batch script Slurm runs, the copy commands, the one line
+    that finds an interpreter) parses for every option, and is small: a rule lives in Python."""
     mod = make_module(home, JOBS_SOURCE)
     params = JobParams.from_callable(mod.train)
-    for update, install, interactive in itertools.product([False, True], repeat=3):
-        cfg = config(update_repo=update, install_repo=install, interactive=interactive)
-        script = tmp_path / "launcher.sh"
-        script.write_text(stackops.render_shell_script(params, cfg, "/usr/bin/python3"))
-        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    for tasks, throttle, after in itertools.product([0, 3], [0, 2], [None, ["12", "13_4"]]):
+        script = stackops.render_sbatch_script("x", {"time": "1", "exclusive": ""}, tasks, throttle,
+                                               after, python="~/venv/bin/python")
+        check = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
-    for interactive, lock in itertools.product([False, True], repeat=2):
-        manager = FileManager("x", lock_resources=lock)
-        command = manager.get_fire_command(interactive)
-        check = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
+    compile(stackops.render_execution_script(params.get_execution_line()), "wrapper", "exec")
+    shell = [value for name, value in vars(stackops).items() if isinstance(value, str)
+             and (name.endswith("_TEMPLATE") and name != "PYTHON_TEMPLATE" or name.endswith("_SH"))
+             and "/" not in value[:12]]
+    assert sum(text.count("\n") + 1 for text in shell) <= 80, [n for n in vars(stackops) if n.endswith("_TEMPLATE")]
 
 
 # ============================================================================================
@@ -1342,6 +1440,76 @@ def test_job_imports_shipped_repo_not_installed_copy(home, tmp_path):
         os.environ["PYTHONPATH"] = env_path
     results = wait_for(machine.check_job_status, what="shadowed job")
     assert json.loads((results / "result.json").read_text()) == "repo"
+
+
+EXPERIMENT = {
+    "mypkg/__init__.py": "VALUE = 'the repo package'\n",
+    "experiments/run.py": """
+        import sys
+        import mypkg
+
+        def render(n=1):
+            return {"value": mypkg.VALUE, "path": sys.path[:3]}
+    """,
+    "experiments/script.py": """
+        import json, os, sys
+        import mypkg
+
+        res = os.path.expanduser("~/out/script")
+        os.makedirs(res, exist_ok=True)
+        with open(os.path.join(res, "seen.json"), "w") as handle:
+            json.dump({"value": mypkg.VALUE, "path": sys.path[:3]}, handle)
+    """}
+
+
+@pytest.mark.parametrize("copy_repo", [False, True])
+def test_job_in_a_folder_without_init_imports_the_repos_own_package(home, copy_repo):
+    """Newcomer problem 4: a function in experiments/run.py (no __init__.py) could not import the
+    repo's own package. The file's folder, then the repo root are first on sys.path, for function
+    and script jobs alike."""
+    repo = _git_repo(home / "proj", EXPERIMENT)
+    root = f"{repo}" if not copy_repo else None
+    function = RemoteMachine(f"{repo}/experiments/run.py:render",
+                             config=config(job_id="exf", copy_repo=copy_repo)).run()
+    got = _result(function)
+    code = str(function.file_manager.job_root / "code") if copy_repo else root
+    assert got == {"value": "the repo package", "path": [f"{code}/experiments", code, got["path"][2]]}
+    script = RemoteMachine(f"{repo}/experiments/script.py", config=config(job_id="exs", copy_repo=copy_repo)).run()
+    assert wait_done(script).status == "completed"
+    seen = json.loads((home / "out" / "script" / "seen.json").read_text())
+    code = str(script.file_manager.job_root / "code") if copy_repo else root
+    assert seen["value"] == "the repo package" and seen["path"][:2] == [f"{code}/experiments", code]
+
+
+def _python38() -> str | None:
+    candidates = [shutil.which("python3.8"), os.path.expanduser("~root/.pyenv/versions/3.8.18/bin/python3")]
+    return next((c for c in candidates if c and os.path.exists(c) and subprocess.run(
+        [c, "-c", "import sys; assert sys.version_info[:2] == (3, 8)"], capture_output=True).returncode == 0), None)
+
+
+@pytest.mark.parametrize("version", ["this", "3.8"])
+def test_job_run_in_place_writes_no_bytecode_into_the_repo(home, monkeypatch, version):
+    """The __pycache__ papercut: a job run in place (no --copy-repo) let Python write __pycache__/
+    into the user's work tree, also from the Python processes the job starts."""
+    python = sys.executable if version == "this" else _python38()
+    if python is None:
+        pytest.skip("no Python 3.8 on this machine")
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    repo = _git_repo(home / "proj", {"inplace.py": """
+        import subprocess, sys
+        import helper
+
+        def go():
+            subprocess.run([sys.executable, "-c", "import helper2"], check=True)
+            return [helper.H, sys.version_info[1]]
+    """, "helper.py": "H = 1\n", "helper2.py": "H2 = 2\n"})
+    machine = RemoteMachine(f"{repo}/inplace.py:go", config=config(job_id="pyc", python=python)).run()
+    assert _result(machine) == [1, 8 if version == "3.8" else sys.version_info[1]]
+    assert not list(repo.rglob("__pycache__")) and not list(repo.rglob("*.pyc"))
+    copied = RemoteMachine(f"{repo}/inplace.py:go", config=config(job_id="pyc2", python=python, copy_repo=True)).run()
+    assert _result(copied)[0] == 1
+    assert not list(repo.rglob("__pycache__"))
+    assert list((copied.file_manager.job_root / "code").rglob("*.pyc"))  # its own copy caches as usual
 
 
 def test_job_workload_parallelize_splits_and_returns_each_part(home):
@@ -1538,6 +1706,7 @@ def test_status_truthful_for_dead_reused_and_garbage(home):
     machine = RemoteMachine(mod.train, config=config(job_id="truth")).run()
     wait_done(machine)
     root = machine.file_manager.job_root
+    wait_for(lambda: not stackops._alive(root), what="the wrapper gone (it ends after its end)")
     sleeper = subprocess.Popen(["sleep", "30"])  # a live pid that is not the job's: a reused pid
     try:
         stackops._record(root, status="running", pid=sleeper.pid, pgid=sleeper.pid, ended=None,
@@ -4031,6 +4200,29 @@ def test_remote_single_file_upload_keeps_its_mode_even_under_umask_zero(remote, 
                 assert arrived.stat().st_mode & 0o777 == mode and arrived.read_text() == "secret"
 
 
+def test_remote_single_file_download_keeps_the_mode_and_never_setuid(remote, home):
+    """Finding 5: a host's private (0600) file landed 0644 and a 0755 script lost its exec bit;
+    a setuid bit never comes along. The same for SSH.simple_sftp_get."""
+    there = remote.remote_home / "modes-down"
+    there.mkdir(exist_ok=True)
+    for mode in (0o600, 0o640, 0o755, 0o4755):
+        (there / f"m{mode:o}").write_text("secret")
+    subprocess.run(["chown", "-R", f"{remote.user}:", str(there)], check=False)  # the host's login's files
+    for mode in (0o600, 0o640, 0o755, 0o4755):
+        (there / f"m{mode:o}").chmod(mode)
+    os.umask(old := os.umask(0o022))  # the local umask would give 0644
+    with stackops.SSH.from_config_file("tb") as ssh:
+        for mode in (0o600, 0o640, 0o755, 0o4755):
+            for compress in (False, True):
+                got = ssh.copy_to_here(f"~/modes-down/m{mode:o}", home / "down" / f"m{mode:o}-{compress}",
+                                       compress_with_zip=compress)
+                assert got.stat().st_mode & 0o7777 == mode & 0o777 and got.read_text() == "secret"
+            (home / "sftp").mkdir(exist_ok=True)
+            ssh.simple_sftp_get(str(there / f"m{mode:o}"), home / "sftp" / f"m{mode:o}")
+            assert (home / "sftp" / f"m{mode:o}").stat().st_mode & 0o7777 == mode & 0o777
+    assert old == os.umask(old)
+
+
 def test_remote_copy_z_compresses_a_single_file_both_ways(remote, home):
     source = home / "zeros.bin"
     source.write_bytes(b"\0" * (4 * 2**20))
@@ -4572,6 +4764,399 @@ def test_state_dir_per_machine_and_overridden(home, monkeypatch):
     assert stackops.state_dir() == home / "mine"
 
 
+# -- content-addressed means verified: a job runs exactly the bytes its snapshot names (issue 22) ----
+
+OWN_COPY = '''
+import hashlib, json, os
+
+def own_copy(seconds=0.0):
+    """The job's copy of its code (its working folder), checked against the manifest its snapshot
+    id names: the manifest must hash to the id, and every file and link must be as it says."""
+    code = os.getcwd()
+    data = os.path.join(os.path.dirname(code), "data")
+    with open(os.path.join(data, "job_params.json")) as handle:
+        identity = json.load(handle)["code_snapshot"]
+    with open(os.path.join(data, "code_manifest.json"), "rb") as handle:
+        raw = handle.read()
+    wanted = {path: [kind, value] for path, kind, value in json.loads(raw)}
+    found = {}
+    for folder, dirs, files in os.walk(code):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files + dirs:
+            path = os.path.join(folder, name)
+            key = os.path.relpath(path, code)
+            if os.path.islink(path):
+                found[key] = ["l", os.readlink(path)]
+            elif os.path.isfile(path):
+                with open(path, "rb") as handle:
+                    digest = hashlib.sha256(handle.read()).hexdigest()
+                found[key] = ["x" if os.stat(path).st_mode & 0o100 else "f", digest]
+    return {"id_ok": hashlib.sha256(raw).hexdigest()[:32] == identity,
+            "diff": sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))}
+'''
+
+
+def _own_copy_checked(machine: RemoteMachine, remote_home: Path | None = None) -> None:
+    assert _result(machine, remote_home) == {"id_ok": True, "diff": []}
+
+
+# An editor's save loop (the review's editloop.sh): jobs.py rewritten in place, truncated then written,
+# every few milliseconds, with a new VERSION of a new length each time; killed by its pid.
+EDIT_LOOP = r'''
+import os, sys, time
+path, i = sys.argv[1], 0
+original = open(path).read()
+while True:
+    i += 1
+    with open(path, "r+") as handle:
+        handle.truncate(0)
+        handle.write(original.replace('VERSION = "v1"', f'VERSION = "v{i}{"x" * (i % 7)}"'))
+    time.sleep(0.005)
+'''
+
+
+def _edit_loop(path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", EDIT_LOOP, str(path)])
+
+
+def test_snapshot_local_copy_under_an_editors_save_loop_is_its_snapshot_or_refused(home):
+    """M1: local --copy-repo copied the live tree unchecked: a job ran a 0-byte jobs.py under a
+    snapshot id naming the full file. Now each job's copy is its snapshot, or the submit is
+    refused in one line and leaves nothing behind."""
+    repo = _git_repo(home / "proj", {"jobs.py": 'VERSION = "v1"\n' + textwrap.dedent(OWN_COPY)})
+    loop = _edit_loop(repo / "jobs.py")
+    outcomes = []
+    try:
+        for i in range(6):
+            try:
+                machine = RemoteMachine(f"{repo / 'jobs.py'}:own_copy",
+                                        config=config(job_id=f"de{i}", copy_repo=True, lock_resources=False))
+                outcomes.append(machine.run())
+            except StackopsError as exc:
+                assert "\n" not in str(exc) and ("changed" in str(exc) or "defines no" in str(exc)), str(exc)
+                assert not (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / f"de{i}").exists()
+                outcomes.append(str(exc))
+            time.sleep(0.1)
+    finally:
+        loop.kill()
+        loop.wait()
+    for outcome in outcomes:
+        if isinstance(outcome, RemoteMachine):
+            _own_copy_checked(outcome)
+    assert not list((home / "tmp_results").rglob("*.partial"))
+
+
+def test_snapshot_stale_hash_cache_entry_makes_the_snapshot_be_taken_again(home):
+    """A cache that names other bytes (damaged, or stale in a way its keys miss) is only a
+    shortcut: the function's file and every copied file are checked, and the snapshot is taken
+    again with those files hashed afresh; the job runs the right code, and the cache is mended."""
+    repo = _git_repo(home / "repo", {**VERSIONED, "helper.py": "H = 1\n"})
+    old = time.time_ns() - 3600 * 10**9
+    for name in ("vjobs.py", "helper.py"):
+        os.utime(repo / name, ns=(old, old))
+    time.sleep(2.1)  # the ctime of each file is now older than RACY_NS: the cache may keep them
+    first = RemoteMachine(_ref(repo, "version"), config=config(job_id="c1", copy_repo=True)).run()
+    assert _result(first)["version"] == 1
+    cache = home / ".cache" / "stackops" / "hashes.json"
+    known = json.loads(cache.read_text())
+    for name in ("vjobs.py", "helper.py"):
+        assert known[str(repo / name)][5] == _sha((repo / name).read_bytes())
+        known[str(repo / name)][5] = _sha(b"other bytes")  # the cache names bytes the files do not hold
+    cache.write_text(json.dumps(known))
+    second = RemoteMachine(_ref(repo, "version"), config=config(job_id="c2", copy_repo=True)).run()
+    assert _result(second)["version"] == 1
+    assert second.job_params.code_snapshot == first.job_params.code_snapshot
+    assert (second.file_manager.job_root / "code" / "helper.py").read_text() == "H = 1\n"
+    known = json.loads(cache.read_text())
+    assert all(known[str(repo / n)][5] == _sha((repo / n).read_bytes()) for n in ("vjobs.py", "helper.py"))
+
+
+def test_snapshot_same_size_edit_with_the_same_mtime_reaches_the_host(remote, home):
+    """M8: the hash cache trusted (size, mtime, inode), so a same-size edit that kept the mtime
+    made a host job run the old code. The ctime is in the key now, and recent files are rehashed."""
+    repo = _git_repo(home / "repo", VERSIONED)
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(repo / "vjobs.py", ns=(old, old))
+    time.sleep(2.1)  # old enough for the cache to keep it
+    with RemoteMachine(_ref(repo, "version"), config=config(job_id="m8a", ssh_host="tb", copy_repo=True)) as first:
+        first.run()
+        assert _result(first, remote.remote_home)["version"] == 1
+    path = repo / "vjobs.py"
+    info = path.stat()
+    path.write_text(path.read_text().replace("VERSION = 1", "VERSION = 2"))  # same size, in place
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino) == \
+        (info.st_size, info.st_mtime_ns, info.st_ino)
+    with RemoteMachine(_ref(repo, "version"), config=config(job_id="m8b", ssh_host="tb", copy_repo=True)) as second:
+        second.run()
+        assert _result(second, remote.remote_home)["version"] == 2
+
+
+PROBE = '''
+import os
+
+def probe(paths=(), imports=()):
+    import importlib
+
+    found = {path: os.path.exists(path) for path in paths}
+    for name in imports:
+        found[name] = getattr(importlib.import_module(name), "VALUE", None)
+    found["links"] = {p: os.readlink(p) for p in paths if os.path.islink(p)}
+    return found
+'''
+
+
+def test_snapshot_submodules_and_nested_repos_travel_at_their_checked_out_files(home, caplog):
+    """M4: --copy-repo silently dropped a git submodule and a nested repo; an uninitialised
+    submodule (nothing checked out) is left out with a warning."""
+    lib = _git_repo(home / "lib", {"sublib/__init__.py": "VALUE = 'from the submodule'\n"})
+    empty = _git_repo(home / "empty", {"e.py": "E = 1\n"})
+    repo = _git_repo(home / "proj", {"job.py": PROBE})
+    _git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "third_party")
+    _git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(empty), "not_here")
+    _git(repo, "commit", "-qm", "submodules")
+    _git(repo, "submodule", "deinit", "-q", "-f", "not_here")  # registered, nothing checked out
+    (repo / "third_party" / "local_edit.py").write_text("VALUE = 'untracked in the submodule'\n")
+    nested = repo / "nested"
+    nested.mkdir()
+    _git(nested, "init", "-q")
+    (nested / "nestedmod.py").write_text("VALUE = 'from the nested repo'\n")
+    paths = ["third_party/sublib/__init__.py", "third_party/local_edit.py", "nested/nestedmod.py",
+             "third_party/.git", "nested/.git"]
+    with caplog.at_level("WARNING", logger="stackops"):
+        machine = RemoteMachine(f"{repo / 'job.py'}:probe", config=config(job_id="sub1", copy_repo=True),
+                                func_kwargs={"paths": paths,
+                                             "imports": ["third_party.sublib", "nested.nestedmod"]}).run()
+    got = _result(machine)
+    assert got["third_party.sublib"] == "from the submodule" and got["nested.nestedmod"] == "from the nested repo"
+    assert got["third_party/sublib/__init__.py"] and got["third_party/local_edit.py"]
+    assert got["nested/nestedmod.py"] and not got["third_party/.git"] and not got["nested/.git"]
+    assert "not_here: a submodule that is not checked out" in caplog.text
+    code = machine.file_manager.job_root / "code"
+    assert (code / "third_party" / "sublib" / "__init__.py").read_text() == "VALUE = 'from the submodule'\n"
+
+
+def test_snapshot_absolute_link_inside_the_repo_is_kept_as_a_relative_link(home, caplog):
+    """m5: an absolute symlink that points inside the repo was dropped as 'a link out of the repo'."""
+    repo = _git_repo(home / "proj", {"job.py": PROBE, "pkg/target.py": "VALUE = 'target'\n"})
+    os.symlink(repo / "pkg" / "target.py", repo / "abs_inside.py")
+    (repo / "pkg" / "deep").mkdir()
+    os.symlink(repo / "pkg" / "target.py", repo / "pkg" / "deep" / "abs_up.py")
+    os.symlink(os.path.realpath(repo / "job.py"), repo / "real_path_link.py")
+    os.symlink(home / "lib", repo / "outside")
+    with caplog.at_level("WARNING", logger="stackops"):
+        machine = RemoteMachine(f"{repo / 'job.py'}:probe", config=config(job_id="abs1", copy_repo=True),
+                                func_kwargs={"paths": ["abs_inside.py", "pkg/deep/abs_up.py", "real_path_link.py",
+                                                       "outside"]}).run()
+    got = _result(machine)
+    assert got["links"] == {"abs_inside.py": "pkg/target.py", "pkg/deep/abs_up.py": "../target.py",
+                            "real_path_link.py": "job.py"}
+    assert got["abs_inside.py"] and got["pkg/deep/abs_up.py"] and not got["outside"]
+    assert "left out outside: a link out of the repo" in caplog.text and "abs_inside" not in caplog.text
+
+
+READ_DATA = '''
+def readit(paths=("data/x.csv",)):
+    return {path: open(path).read() for path in paths}
+'''
+
+
+@pytest.mark.parametrize("host", [None, pytest.param("tb", marks=pytest.mark.ssh)])
+def test_snapshot_readme_data_inside_the_repo_reaches_the_job_where_it_looks(home, request, host):
+    """M9: the README's `--copy-repo --data data/x.csv` failed with FileNotFoundError when data/ is
+    ignored by git: the job ran in its code/ copy, the data was in ~/proj/data."""
+    remote = request.getfixturevalue("remote") if host else None
+    repo = _git_repo(home / "proj", {"job.py": READ_DATA, "data/README": "tracked\n"})
+    (repo / ".gitignore").write_text(".venv/\nignored.txt\ndata/*.csv\nbig/\n")
+    (repo / "data" / "x.csv").write_text("a,b\n1,2\n")
+    (repo / "big" / "part").mkdir(parents=True)
+    (repo / "big" / "part" / "y.csv").write_text("y\n")
+    args = ["run", "job.py:readit", "--copy-repo", "--data", "data/x.csv", "--data", "big", "--wait", "--json",
+            "--kwargs", json.dumps({"paths": ["data/x.csv", "big/part/y.csv", "data/README"]})]
+    done = cli(*args, *(["--host", host] if host else []), home=home, cwd=repo)
+    assert done.returncode == 0, done.stderr + done.stdout
+    report = json.loads(done.stdout)
+    folder = Path(report["results_path"].replace("~", str(remote.remote_home if remote else home), 1))
+    assert json.loads((folder / "result.json").read_text()) == {"data/x.csv": "a,b\n1,2\n", "big/part/y.csv": "y\n",
+                                                                "data/README": "tracked\n"}
+
+
+def test_snapshot_rerun_runs_its_own_snapshot_unless_fresh(home):
+    """m6: `rerun` ran today's code. It runs the job's own snapshot (from the old job's copy, each
+    file checked) and says so; `rerun --fresh` takes the code as it is now."""
+    repo = _git_repo(home / "proj", VERSIONED)
+    first = RemoteMachine(_ref(repo, "version"), config=config(job_id="rr", copy_repo=True)).run()
+    assert _result(first)["version"] == 1
+    (repo / "vjobs.py").write_text((repo / "vjobs.py").read_text().replace("VERSION = 1", "VERSION = 22"))
+    done = cli("rerun", "rr", "--wait", home=home)
+    assert done.returncode == 0 and f"with its own snapshot {first.job_params.code_snapshot[:12]}" in done.stdout
+    assert _result(RemoteMachine.load("rr-r1"))["version"] == 1
+    done = cli("rerun", "rr", "--fresh", "--wait", home=home)
+    assert done.returncode == 0 and "with the code as it is now" in done.stdout, done.stdout
+    assert _result(RemoteMachine.load("rr-r2"))["version"] == 22
+    old_copy = first.file_manager.job_root / "code" / "vjobs.py"
+    old_copy.write_text(old_copy.read_text().replace("VERSION = 1", "VERSION = 3"))  # the old job's copy changed
+    done = cli("rerun", "rr", home=home)  # and the work tree no longer has those bytes either
+    assert done.returncode == 1 and "no longer here whole" in done.stderr and "--fresh" in done.stderr
+    assert not (first.file_manager.job_root.parent / "rr-r3").exists()
+    (repo / "vjobs.py").write_text(textwrap.dedent(VERSIONED["vjobs.py"]))  # the tree holds them again
+    again = first.rerun()
+    assert _result(again)["version"] == 1 and again.job_id == "rr-r3"
+
+
+def test_snapshot_rerun_on_a_host_runs_its_own_snapshot(remote, home):
+    repo = _git_repo(home / "proj", VERSIONED)
+    with RemoteMachine(_ref(repo, "version"), config=config(job_id="hr", ssh_host="tb", copy_repo=True)) as first:
+        first.run()
+        assert _result(first, remote.remote_home)["version"] == 1
+        (repo / "vjobs.py").write_text((repo / "vjobs.py").read_text().replace("VERSION = 1", "VERSION = 5"))
+        with first.rerun() as again:
+            assert _result(again, remote.remote_home)["version"] == 1
+            assert again.job_params.code_snapshot == first.job_params.code_snapshot
+        with first.rerun(fresh=True) as fresh:
+            assert _result(fresh, remote.remote_home)["version"] == 5
+
+
+# A tree under an edit storm (another process): in-place truncate-and-write, same size with the
+# same mtime, a new file renamed over the old one; check.py keeps its function in every version.
+STORM = r'''
+import os, random, sys, time
+repo, seed, pause, names = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+rng = random.Random(seed)
+check = open(os.path.join(repo, "check.py"), "rb").read()
+while True:
+    name = rng.choice(names)
+    path = os.path.join(repo, name)
+    action = rng.randrange(3)
+    data = os.urandom(rng.randrange(1, 3000))
+    if name == "check.py":  # its function stays
+        data = check + b"# " + b"x" * rng.randrange(50) + b"\n"
+    try:
+        if action == 0:
+            with open(path, "r+b") as handle:
+                handle.truncate(0)
+                handle.write(data)
+        elif action == 1 and name != "check.py":
+            info = os.stat(path)
+            with open(path, "r+b") as handle:
+                flipped = bytes(b ^ 0x5A for b in handle.read())
+                handle.seek(0)
+                handle.write(flipped)
+            os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+        else:
+            with open(path + ".new", "wb") as handle:
+                handle.write(data)
+            os.replace(path + ".new", path)
+    except OSError:
+        pass
+    time.sleep(rng.random() * pause)
+'''
+
+STORM_NAMES = ["a.py", "b.txt", "pkg/c.py", "pkg/sub/d.json", "docs/e.md"]
+
+
+@st.composite
+def _storm_trees(draw):
+    files = draw(st.dictionaries(st.sampled_from(STORM_NAMES), st.binary(max_size=3000), min_size=1, max_size=5))
+    names = sorted(files)
+    return {"files": files, "links": draw(st.lists(st.sampled_from(names), max_size=2, unique=True)),
+            "absolute": draw(st.booleans()), "outside": draw(st.booleans()), "submodule": draw(st.booleans()),
+            "ignored": draw(st.booleans()), "executable": draw(st.sampled_from(names)),
+            "seed": draw(st.integers(0, 2**31)), "pause": draw(st.sampled_from([0.004, 0.04, 0.4]))}
+
+
+_storms = itertools.count()
+
+
+def _storm_repo(base: Path, tree: dict) -> tuple[Path, list[str]]:
+    """A git repo of ``tree``: files, links inside (relative, and absolute) and out of it, an ignored
+    folder, a submodule; and the files the storm may change."""
+    repo = base / "repo"
+    repo.mkdir(parents=True)
+    _git(repo, "init", "-q")
+    for name, data in tree["files"].items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(data)
+    (repo / tree["executable"]).chmod(0o755)
+    (repo / "check.py").write_text(textwrap.dedent(OWN_COPY))
+    for i, name in enumerate(tree["links"]):
+        os.symlink(name, repo / f"link{i}")
+    if tree["absolute"]:
+        os.symlink(repo / tree["links"][0] if tree["links"] else repo / "check.py", repo / "pkg_abs")
+    if tree["outside"]:
+        (base / "outside.txt").write_text("not the repo's")
+        os.symlink(base / "outside.txt", repo / "out_link")
+    if tree["ignored"]:
+        (repo / ".gitignore").write_text("ignored/\n")
+        (repo / "ignored").mkdir()
+        (repo / "ignored" / "big.bin").write_bytes(os.urandom(5000))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "tree")
+    mutable = [*tree["files"], "check.py"]
+    if tree["submodule"]:
+        lib = _git_repo(base / "lib", {"x.py": "X = 1\n"})
+        _git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "third")
+        _git(repo, "commit", "-qm", "submodule")
+        mutable.append("third/x.py")
+    return repo, mutable
+
+
+def _storm_submits(home: Path, tree: dict, host: str | None, remote_home: Path | None) -> None:
+    """Jobs submitted while the storm runs: each one accepted must run exactly its snapshot's bytes
+    (its own check says so), each one refused must say why in one line."""
+    trial = next(_storms)
+    repo, mutable = _storm_repo(home / f"storm{trial}", tree)
+    storm = subprocess.Popen([sys.executable, "-c", STORM, str(repo), str(tree["seed"]), str(tree["pause"]),
+                              *mutable])
+    accepted = []
+    try:
+        for k in range(2):
+            cfg = config(job_id=f"st{trial}-{k}", copy_repo=True, lock_resources=False, ssh_host=host)
+            try:
+                if k == 1 and host is None:  # a sweep here: its jobs share one copy of the code
+                    accepted += list(stackops.run_sweep(f"{repo}/check.py:own_copy", cfg, [{}, {"seconds": 0}]))
+                else:
+                    machine = RemoteMachine(f"{repo}/check.py:own_copy", config=cfg)
+                    accepted.append(machine.run())
+                event("accepted")
+            except StackopsError as exc:
+                event(f"refused: {type(exc).__name__}")
+                assert "\n" not in str(exc), str(exc)
+    finally:
+        storm.kill()
+        storm.wait()
+    for machine in accepted:
+        _own_copy_checked(machine, remote_home)
+        machine.close()
+    assert not list((home / "tmp_results").rglob("*.partial"))
+
+
+STORM_SETTINGS = settings(max_examples=int(os.environ.get("STACKOPS_STORM_EXAMPLES", "4")), deadline=None,
+                          phases=[Phase.explicit, Phase.generate],
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@STORM_SETTINGS
+@slow
+@given(tree=_storm_trees())
+def test_snapshot_storm_jobs_here_run_their_snapshot_or_are_refused(home, tree):
+    _storm_submits(home, tree, None, None)
+
+
+@STORM_SETTINGS
+@slow
+@given(tree=_storm_trees())
+def test_snapshot_storm_jobs_on_a_host_run_their_snapshot_or_are_refused(remote, home, tree):
+    _storm_submits(home, tree, "tb", remote.remote_home)
+
+
+@STORM_SETTINGS
+@slow
+@given(tree=_storm_trees())
+def test_snapshot_storm_jobs_on_a_shared_home_host_run_their_snapshot_or_are_refused(same_home, home, tree):
+    _storm_submits(home, tree, "same", home)
+
+
 # -- 10-11. SSH and transfer: the class's size, copy templates, errors as records, progress --------
 
 def test_transfer_ssh_holds_the_connection_and_copies_have_their_own_section():
@@ -4590,7 +5175,7 @@ def test_transfer_ssh_holds_the_connection_and_copies_have_their_own_section():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and start < node.lineno:
             if node.lineno < after:
                 assert node.end_lineno - node.lineno + 1 <= 60, node.name
-    for name in ("copy_from_here", "copy_to_here", "stream_command", "run_stackops"):
+    for name in ("copy_from_here", "copy_to_here", "stream_command", "serve"):
         assert callable(getattr(stackops.SSH, name))
 
 
@@ -4621,34 +5206,30 @@ def test_transfer_copy_templates_render_strictly_and_parse(template, tmp_path):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_transfer_error_record_from_bash_and_python_is_the_same_error():
+def test_transfer_an_error_answered_is_raised_here_as_the_same_error(tmp_path):
+    """An error the executing side answers (serve's error record: class, message, hint) is raised
+    by the client as the same StackopsError, message and hint intact, whatever they hold."""
     message = "refusing 'a b' \\ \"c\"\nsecond\tline"
-    script = stackops.ERROR_RECORD_SH + '; _error_record ConfigError "$1"'
-    shell = subprocess.run(["bash", "-c", script, "x", message], capture_output=True, text=True)
-    python = stackops.error_record_line(stackops.ConfigError(message, hint="do this"))
-    for text, hint in ((shell.stderr, "given"), (python, "do this")):
-        response = stackops.Response("", "noise\n" + text, 3, "cmd", "somehost")
-        with pytest.raises(stackops.ConfigError) as caught:
-            stackops._raise_remote_error(response, "on h: ", hint="given")
-        assert str(caught.value) == "on h: " + message and caught.value.hint == hint
+    answer = stackops._answer({"action": "no-such-action"}, None, None)
+    assert answer["error"]["class"] == "ConfigError" and "unknown request" in answer["error"]["message"]
+    record = stackops._error_record(stackops.ConfigError(message, hint="do this"))
+    line = json.dumps({"error": record}).encode()
+    with pytest.raises(stackops.ConfigError) as caught:
+        stackops._answer_of(line, "somehost")
+    assert str(caught.value) == "on somehost: " + message and caught.value.hint == "do this"
+    assert stackops._answer_of(json.dumps({"ok": [1, "two"]}).encode(), "h") == [1, "two"]
+    with pytest.raises(stackops.TransferError, match="unreadable"):
+        stackops._answer_of(b"Welcome to the host!\n", "h")
 
 
-def test_transfer_remote_crash_comes_back_with_its_evidence(tmp_path):
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops\n"
-            "def boom(args): raise KeyError('the-lost-key')\n"
-            "stackops._cmd_job_report = boom\n"
-            "sys.exit(stackops._serve(['job-report', '/nowhere']))")
-    done = subprocess.run([sys.executable, "-S", "-c", code, str(HERE)], capture_output=True,
-                          text=True)
-    assert done.returncode == 1
-    response = stackops.Response(done.stdout, done.stderr, done.returncode, "job-report /nowhere",
-                                 "gpu-box")
+def test_transfer_remote_crash_comes_back_with_its_evidence(home):
+    """A crash on the executing side (not one of our errors) comes back with its traceback."""
+    [answer] = _served([{"action": "status", "roots": 5}], home)  # a request it cannot take
     with pytest.raises(stackops.CommandError) as caught:
-        stackops._raise_remote_error(response)
+        stackops._answer_of(json.dumps(answer).encode(), "gpu-box")
     error = caught.value
-    assert (error.host, error.exit_status, error.command) == ("gpu-box", 1, "job-report /nowhere")
-    assert "KeyError: 'the-lost-key'" in error.stderr_tail and "Traceback" in error.stderr_tail
-    assert stackops.ERROR_RECORD_PREFIX not in str(error)
+    assert error.host == "gpu-box" and "Traceback" in error.stderr_tail
+    assert "TypeError" in error.stderr_tail
 
 
 def test_remote_errors_travel_as_data_with_class_and_hint(remote, home):
@@ -4656,9 +5237,11 @@ def test_remote_errors_travel_as_data_with_class_and_hint(remote, home):
     [line, hint] = local.stderr.strip().splitlines()
     with stackops.SSH.from_config_file("tb") as ssh:
         with pytest.raises(stackops.ConfigError) as caught:
-            ssh.run_stackops(["status", "no-such-job"], timeout=60)
-    assert str(caught.value) == "on tb: " + line[len("stackops: error: "):]
-    assert hint.endswith(caught.value.hint.split(" ", 2)[-1]) and "list shows the jobs" in hint
+            ssh.serve([{"action": "delete", "roots": ["~"]}, {"action": "facts"}])  # never the home
+        assert ssh.serve([{"action": "facts"}])[0]["python"]  # the connection serves on
+    assert "is not a stackops job folder; nothing deleted" in str(caught.value)
+    assert str(caught.value).startswith("on tb: ")
+    assert line.startswith("stackops: error: no job") and "list shows the jobs" in hint
 
 
 def test_remote_download_of_an_unreadable_file_is_refused_not_empty(remote, home):
@@ -4901,38 +5484,24 @@ SEAM_HOSTILE = "it's a \"folder\" $(touch /tmp/stackops-pwned) `x` ;&|<> *"
 
 
 def test_places_generated_commands_are_rendered_and_quoted(home, tmp_path):
-    """The commands the places and launchers build go through the strict renderer: bash
-    parses each, and a hostile interpreter path or results path arrives as one word."""
-    config = RemoteStackOpsConfig(job_id="seam-2", ssh_host="box", python=f"/opt/{SEAM_HOSTILE}/python3",
-                                  transfer_method="cloud", cloud_name="c", notify_upon_completion=True,
-                                  to_email="me@example.org", email_config_name="x")
-    job = RemoteMachine(stackops.demo_job, config)
-    job.cloud_sha256 = "a" * 64
-    entry = stackops._job_entry(job, "job-report", "--lines", SEAM_HOSTILE)
-    words = shlex.split(entry)
-    assert words[0] == config.python and words[-1] == SEAM_HOSTILE and words[-2] == "--lines"
-    fire = job._place.fire_command(job, "echo fired")
-    up = stackops.render_template(stackops.CLOUD_RESULTS_UP_TEMPLATE,
-                                  results=stackops._sh_path(f"~/{SEAM_HOSTILE}"),
-                                  target=shlex.quote(f"c:{SEAM_HOSTILE}"))
-    check = stackops.render_template(
-        stackops.HOST_CHECK_TEMPLATE, python=shlex.quote(config.python),
-        file_check=stackops.render_template(stackops.HOST_FILE_CHECK_TEMPLATE,
-                                            file=stackops._sh_path(f"~/{SEAM_HOSTILE}")))
-    marks = stackops.render_template(stackops.CANCEL_MARK_TEMPLATE, job_root=shlex.quote(SEAM_HOSTILE),
-                                     cancel_file=shlex.quote(stackops.CANCEL_TXT))
-    cancel = stackops.render_template(stackops.SCANCEL_TEMPLATE, marks=marks,
-                                      slurm_id=shlex.quote("12;rm -rf ~"))
-    for command in (entry, fire, up, check, cancel):
-        done = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
-        assert done.returncode == 0, (command, done.stderr)
-    assert fire.endswith(" && echo fired") and "job-check-email" in fire
-    # the host check runs for real: the hostile interpreter is missing, the file too
-    result = subprocess.run(["bash", "-c", check], capture_output=True, text=True, cwd=tmp_path)
-    assert result.stdout.split() == ["no-python", "no-file"]
-    assert not Path("/tmp/stackops-pwned").exists()
+    """What is left of generated shell (the command that starts serve() on a host, the batch
+    script Slurm runs) goes through the strict renderer: bash parses each, and a hostile
+    interpreter path arrives as one word, never run as code."""
+    python = f"/opt/{SEAM_HOSTILE}/python3"
+    command = stackops._serve_command(python, "--fence")
+    words = shlex.split(command)
+    assert words[0] == python and words[1:3] == ["-S", "-c"] and words[-1] == "--fence"
+    compile(words[3], "<boot>", "exec")  # the boot itself is Python
+    script = stackops.render_sbatch_script(f"seam-{SEAM_HOSTILE[:0]}2", {"time": "1"}, python=python)
+    for text in (command, script, stackops._bash_line(command)):
+        done = subprocess.run(["bash", "-n", "-c", text], capture_output=True, text=True)
+        assert done.returncode == 0, (text, done.stderr)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 127 and not Path("/tmp/stackops-pwned").exists()
+    assert f"exec {shlex.quote(python)} python/cluster_wrap.py" in script  # quoted as one word
+    assert "cluster_wrap.py" in script.splitlines()[-1]
     with pytest.raises(StackopsError, match="missing|unused"):
-        stackops.render_template(stackops.SCANCEL_TEMPLATE, marks=marks)
+        stackops.render_template(stackops.SBATCH_TEMPLATE, job_name="x")
 
 
 # ============================================================================================
@@ -6102,11 +6671,13 @@ def test_cli_list_reads_ended_jobs_once_and_never_shows_a_stale_row(home):
     first = listed()
     cache = home / "tmp_results" / "remote_machines" / "jobs" / ".list-cache.json"
     kept = json.loads(cache.read_text())["rows"]
-    assert len(kept) == 3 and all(row["report"]["status"] == "completed" for row in kept.values())
-    assert first["hist-live"]["status"] == "running"  # not kept: read every time
+    whole = [row for row in kept.values() if "report" in row]
+    assert len(kept) == 4 and all("who" in row for row in kept.values())  # who each job is
+    assert len(whole) == 3 and all(row["report"]["status"] == "completed" for row in whole)
+    assert first["hist-live"]["status"] == "running"  # its row not kept: judged every time
     assert listed() == first
-    status = RemoteMachine.load("hist1").file_manager.path(stackops.STATUS_TXT)
-    status.write_text("failed")  # whatever changes a job's files changes its row
+    root = RemoteMachine.load("hist1").file_manager.job_root
+    stackops._record(root, status="failed", error="changed")  # a changed record changes the row
     assert listed()["hist1"]["status"] == "failed"
     assert cli("delete", "hist2", home=home).returncode == 0
     assert "hist2" not in listed()
@@ -6491,46 +7062,56 @@ def test_cloud_transfer_replaced_archive_refused_on_host_nothing_unpacked(remote
     assert not (queued / "cloud-swap").exists() and not list(queued.glob(".stackops-fetch*"))
 
 
+def _job_archive(folder: Path, archive: Path, extra: dict[str, str], data: list[str]) -> str:
+    """A job's archive as the cloud transfer packs it (``job/`` and ``home/<data>``), plus
+    ``extra`` members; returns its SHA-256."""
+    import hashlib
+
+    (folder / "job" / "data").mkdir(parents=True)
+    (folder / "job" / "logs").mkdir()
+    (folder / "job" / "data" / "remote_machine.json").write_text(json.dumps({"data": data}))
+    (folder / "job" / "data" / "file_manager.json").write_text("{}")
+    for relative, text in extra.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(text)
+    import tarfile
+
+    with tarfile.open(archive, "w") as tar:  # as _pack_unit packs: no entries for parent folders
+        tar.add(str(folder / "job"), arcname="job")
+        for relative in extra:
+            tar.add(str(folder / relative), arcname=relative)
+    return hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
 def test_cloud_fetch_refuses_members_outside_job_code_and_data(home, tmp_path):
+    """The host's fetch of a job that travelled through the cloud (serve's cloud_fetch): the
+    right digest with a member outside the job folder and its data unpacks nothing; a good one
+    is put in place once (again: the same, fetched before), another archive under the same id
+    is refused."""
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
     (bucket / "jobs").mkdir(parents=True)
     cloud = _local_cloud(home, bucket)
-    job = "tmp_results/remote_machines/jobs/queued/cloud-evil"
-    evil = tmp_path / "evil"
-    (evil / job / "shell").mkdir(parents=True)
-    (evil / job / "logs").mkdir()
-    (evil / job / "shell" / "cluster_script.sh").write_text("exit 0\n")
-    (evil / ".bashrc").write_text("echo owned\n")
-    archive = bucket / "jobs" / "cloud-evil.tar"
-    subprocess.run(["tar", "cf", str(archive), "-C", str(evil), job, ".bashrc"], check=True)
-    import hashlib
-
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()  # right digest, wrong members
-    command = stackops.cloud_fetch_command(cloud, "cloud-evil", digest, [job, "proj"])
-    done = subprocess.run(["bash", "-c", command], env=dict(os.environ, HOME=str(home)), capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 3 and "not in the job folder, the code or the data" in done.stderr, done.stderr
-    assert not (home / ".bashrc").exists() and not (home / job).exists()
-    assert not list((home / job).parent.glob(".stackops-fetch*")) and archive.exists()
-    with pytest.raises(StackopsError, match="no recorded archive digest"):
-        stackops.cloud_fetch_command(cloud, "cloud-evil", "", [job])
-    good = bucket / "jobs" / "cloud-good.tar"  # a fire that failed after the fetch may be run again
+    root = "~/tmp_results/remote_machines/jobs/queued/cloud-evil"
+    evil = bucket / "jobs" / "cloud-evil.tar"
+    digest = _job_archive(tmp_path / "evil", evil, {".bashrc": "echo owned\n", "home/.profile": "x"}, [])
+    with pytest.raises(stackops.TransferError, match="outside the unit's job folder"):
+        stackops._act_cloud_fetch({"cloud": cloud, "root": root, "sha256": digest}, None)
+    assert not (home / ".bashrc").exists() and not (home / ".profile").exists()
+    assert not stackops.expand_home(root).exists() and evil.exists()
+    with pytest.raises(stackops.TransferError, match="not the one uploaded"):
+        stackops._act_cloud_fetch({"cloud": cloud, "root": root, "sha256": "0" * 64}, None)
     data = "donn\u00e9es \\ 'x'"  # a data path any locale lists differently
-    (evil / data).write_text("data\n")
-    subprocess.run(["tar", "cf", str(good), "-C", str(evil), job, data], check=True)
-    digest = hashlib.sha256(good.read_bytes()).hexdigest()
-    for _ in range(2):
-        command = stackops.cloud_fetch_command(cloud, "cloud-good", digest, [job, data])
-        done = subprocess.run(["bash", "-c", command], env=dict(os.environ, HOME=str(home), LC_ALL="C"),
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0 and (home / job / "shell" / "cluster_script.sh").exists(), done.stderr
+    good = bucket / "jobs" / "cloud-good.tar"
+    digest = _job_archive(tmp_path / "good", good, {f"home/{data}": "data\n"}, [f"~/{data}"])
+    root = "~/tmp_results/remote_machines/jobs/queued/cloud-good"
+    for _ in range(2):  # a fire that failed after the fetch may be run again
+        assert stackops._act_cloud_fetch({"cloud": cloud, "root": root, "sha256": digest}, None) == root
+        assert (stackops.expand_home(root) / "data" / "file_manager.json").exists()
         assert (home / data).read_text() == "data\n"
         assert not good.exists()  # the archive went from the bucket once fetched
-    other = stackops.cloud_fetch_command(cloud, "cloud-good", "0" * 64, [job])  # another archive, same id
-    done = subprocess.run(["bash", "-c", other], env=dict(os.environ, HOME=str(home)), capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 3 and "already exists on this host" in done.stderr
+    with pytest.raises(ConfigError, match="already exists on this host"):
+        stackops._act_cloud_fetch({"cloud": cloud, "root": root, "sha256": "1" * 64}, None)
 
 
 def test_cloud_transfer_existing_id_on_host_refused(remote, home, clouds):
@@ -6941,10 +7522,8 @@ def _clone_jobs(template: RemoteMachine, count: int, stem: str) -> list[FileMana
 
 
 def _fire_all(managers: list[FileManager]) -> None:
-    """The fire commands of all ``managers``, in order, in one bash (as fast as a host would)."""
-    script = "\n".join(f"{{ {m.get_fire_command()}; }} > /dev/null" for m in managers)
-    done = subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    """The jobs of all ``managers`` fired in order, in one go (as a host's fire does)."""
+    assert stackops.fire_jobs([m.job_root for m in managers])["pid"]
 
 
 def _stackops_processes(home: Path) -> list[int]:
@@ -6978,7 +7557,8 @@ def test_queue_thousand_queued_jobs_are_entries_few_processes_little_memory(home
     last = managers[-1]
     report = last.status_report(0)
     assert report.status == "waiting" and report.place == 1000
-    assert _shell_status(last, 0).place == 1000
+    [answer] = _served([{"action": "status", "roots": [str(last.job_root)]}], home)
+    assert stackops.report_from(answer["ok"][0]).place == 1000
     holder.cancel(grace=0)
 
 
@@ -7021,7 +7601,7 @@ def test_queue_dispatcher_sigkilled_is_replaced_and_the_queue_drains(home):
         time.sleep(0.05)
     assert killed >= 3
     reports = [m.get_status(0) for m in machines]
-    assert [r.status for r in reports] == ["completed"] * 10
+    assert [r.status for r in reports] == ["completed"] * 10, [r.error_message for r in reports]
     starts = [r.start_time for r in reports]
     assert starts == sorted(starts)
     assert json.loads(counter.read_text())[1] <= 2
@@ -7043,8 +7623,7 @@ def test_queue_cancel_of_a_queued_entry_removes_it_and_nothing_runs(home):
     holder.cancel(grace=1)
     assert wait_done(first).status == "completed" and wait_done(last).status == "completed"
     assert middle.get_status(0).status == "cancelled"
-    assert not middle.file_manager.path(stackops.LAUNCHER_PID_TXT).exists(), "a cancelled entry never starts"
-    assert not middle.file_manager.path(stackops.START_TXT).exists()
+    assert "started" not in state_of(middle) and "pid" not in state_of(middle), "a cancelled entry never starts"
 
 
 def test_cli_functions_within_the_house_limit_of_60_lines():
@@ -7086,6 +7665,249 @@ def test_cli_main_in_process_prints_each_log_line_once_and_leaves_logging_as_it_
     finally:
         root.removeHandler(program)
     assert capsys.readouterr().err.count("after main") == 1
+
+
+# -- report: a timeline of jobs as one HTML page, in a real headless Chromium ---------------------
+
+REPORT_SOURCE = """
+    import os, time
+
+    def point(x, mode="ok"):
+        if mode == "fail":
+            raise ValueError(f"point {x} failed </script><script>document.title='PWNED'</script>")
+        marker = os.path.expanduser(f"~/flaky-{x}")
+        if mode == "flaky" and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("the first attempt fails")
+        if mode == "sleep":
+            time.sleep(120)
+        return x
+"""
+
+HOSTILE_REPORT_TEXT = "</script><script>alert(1)</script><!--<script>@@data ${x} \u2028'\"&amp; ☃"
+
+
+def _report_data(page: str) -> dict:
+    """The data a report page carries: its one JSON blob, as the page's script reads it."""
+    blob = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.DOTALL)
+    assert blob is not None and "<" not in blob.group(1)
+    return json.loads(blob.group(1))
+
+
+def _synthetic_report_rows(count: int, slots: int = 8) -> list[dict]:
+    """``count`` jobs of one sweep on ``slots`` slots, one after the other in each slot, the last
+    one running now, with the texts at their longest (cut to 120 characters on the page): some
+    failed (every 26th of them run twice), some cancelled, and one still waiting."""
+    import datetime as dt
+
+    free = [0.0] * slots
+    spans = []
+    for i in range(count):
+        slot = min(range(slots), key=free.__getitem__)
+        start = free[slot] + 1.0
+        free[slot] = start + 20.0 + (i * 7919) % 40
+        spans.append((slot, start, free[slot]))
+    t0 = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=spans[-1][2])
+
+    def at(seconds: float) -> str:
+        return (t0 + dt.timedelta(seconds=seconds)).isoformat()
+
+    rows = []
+    for i, (slot, start, end) in enumerate(spans):
+        status = "failed" if i % 13 == 5 else "cancelled" if i % 97 == 3 else "completed"
+        rows.append({"job_id": f"sweep-{i:05d}", "host": "gpu-box.lab", "slot": f"slot-{slot}",
+                     "group": "sweep", "status": status, "submitted": at(0), "started": at(start),
+                     "ended": at(end), "attempt": "2/2" if i % 26 == 5 else "1/2",
+                     "exit_code": int(status != "completed"), "max_rss_bytes": 2**20 * (100 + i % 900),
+                     "cpu_seconds": (end - start) * 0.9,
+                     "error": f"ValueError: step {i} " + "x" * 300 if status == "failed" else None,
+                     "call": json.dumps({"seed": i, "lr": 0.1, "note": "y" * 300}),
+                     "runs": [{"started": at(0), "ended": at(0.5), "status": "failed", "exit_code": 1}]
+                     if i % 26 == 5 else []})
+    rows[-1].update(status="running", ended=None)
+    rows.append({"job_id": "sweep-waiting", "host": "gpu-box.lab", "group": "sweep", "status": "waiting",
+                 "submitted": at(0)})
+    return rows
+
+
+def test_cli_report_renderer_keeps_hostile_text_inert_and_takes_odd_rows():
+    rows = [{"job_id": HOSTILE_REPORT_TEXT, "host": HOSTILE_REPORT_TEXT, "slot": HOSTILE_REPORT_TEXT,
+             "group": HOSTILE_REPORT_TEXT, "status": "failed", "submitted": "2024-05-01T12:00:00+00:00",
+             "started": "2024-05-01T12:00:01Z", "ended": "2024-05-01T12:00:03", "attempt": "2/3",
+             "error": HOSTILE_REPORT_TEXT, "call": HOSTILE_REPORT_TEXT, "exit_code": 1, "signal": None,
+             "max_rss_bytes": float("nan"), "cpu_seconds": "fast",
+             "runs": [{"started": "2024-05-01T12:00:00.5+00:00", "ended": "2024-05-01T12:00:00.9+00:00",
+                       "status": "failed", "exit_code": 1}, "junk"]},
+            {"status": "no-such-state", "submitted": "yesterday", "exit_code": True}, {}, None]
+    page = stackops.render_report(rows, HOSTILE_REPORT_TEXT)
+    assert page.count("<script") == 2 and page.count("</script>") == 2  # the page's own two
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    assert not re.search(r"\b(src|href)=|url\(|@import|NaN", page), "the page fetches nothing"
+    data = _report_data(page)
+    assert data["title"] == HOSTILE_REPORT_TEXT
+    hostile, odd, empty, none = data["jobs"]
+    assert hostile[:3] == [HOSTILE_REPORT_TEXT] * 3 and hostile[12:15] == [HOSTILE_REPORT_TEXT] * 3
+    assert hostile[3:6] == [0.0, 1.0, 3.0]  # a time without a zone is UTC; Z is accepted
+    assert hostile[6] == data["states"].index("failed") and hostile[7:12] == ["2/3", 1, None, None, None]
+    assert hostile[15] == [[0.5, 0.9, data["states"].index("failed"), 1, None]]
+    assert odd[:7] == ["?", "?", None, None, None, None, data["states"].index("unknown")]
+    assert odd[8] is None and empty == none and empty[0] == "?"
+    assert _report_data(stackops.render_report([], "nothing"))["jobs"] == []
+
+
+def test_cli_report_of_ten_thousand_jobs_fits_in_five_mb():
+    rows = _synthetic_report_rows(10_000)
+    for row in rows:
+        row["error"] = f"RuntimeError: {row['job_id']} " + "e" * 300
+    page = stackops.render_report(rows, "a sweep of 10,000 jobs")
+    size = len(page.encode())
+    print(f"\nreport of {len(rows)} jobs, every text at its longest: {size / 1e6:.2f} MB")
+    assert size <= 5_000_000
+    jobs = _report_data(page)["jobs"]
+    assert [job[0] for job in jobs] == [row["job_id"] for row in rows]
+    assert len(jobs[5][12]) == 120 and jobs[5][12].endswith("...")  # texts cut: the page stays small
+
+
+def test_cli_report_of_a_real_sweep_here_and_its_bad_input(home):
+    mod = make_module(home, REPORT_SOURCE)
+    grid = home / "grid.jsonl"
+    modes = ["ok", "fail", "flaky", "sleep", "ok"]
+    grid.write_text("".join(json.dumps({"x": i, "mode": mode}) + "\n" for i, mode in enumerate(modes)))
+    done = cli("run", f"{mod.__file__}:point", "--sweep", str(grid), "--job-id", "rep", "--retries", "1",
+               "--max-jobs", "2", home=home)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: RemoteMachine.load("rep-0003").get_status(0).status == "running", timeout=60,
+             what="the sleeping job to run")
+    assert cli("cancel", "rep-0003", "--grace", "1", home=home).returncode == 0
+    assert cli("wait", "rep", "--timeout", "60", home=home).returncode == 1
+    done = cli("report", "rep", "-o", str(home / "rep.html"), home=home)
+    assert done.returncode == 0 and done.stdout.startswith("~/rep.html: 5 jobs, "), done
+    data = _report_data((home / "rep.html").read_text())
+    jobs = {job[0]: job for job in data["jobs"]}
+    assert list(jobs) == [f"rep-000{i}" for i in range(5)]  # a sweep's jobs in index order
+    states = [data["states"][job[6]] for job in jobs.values()]
+    assert states == ["completed", "failed", "completed", "cancelled", "completed"]
+    assert all(job[14] == "rep" and job[3] <= job[4] <= job[5] for job in jobs.values())
+    assert jobs["rep-0001"][7] == "2/2" and jobs["rep-0002"][7] == "2/2"  # both ran twice
+    assert jobs["rep-0001"][12].startswith("ValueError: point 1 failed </script>")
+    assert json.loads(jobs["rep-0001"][13]) == {"x": 1, "mode": "fail"}
+    some = cli("report", "rep-0004", "rep-0001", "-o", "-", home=home)
+    assert [job[0] for job in _report_data(some.stdout)["jobs"]] == ["rep-0004", "rep-0001"]
+    assert len(_report_data(cli("report", "--last", "2", "-o", "-", home=home).stdout)["jobs"]) == 2
+    assert cli("report", "--host", "localhost", "-o", "host.html", home=home).returncode == 0
+    assert len(_report_data((home / "host.html").read_text())["jobs"]) == 5
+    bad = [(["nope"], "no job or cluster 'nope'"), (["rep", "-o", str(home / "no" / "x.html")], "cannot write"),
+           (["rep", "-o", str(home)], "cannot write"), ([], "report needs IDs"),
+           (["--last", "0"], "report needs IDs"), (["--host", "elsewhere"], "no jobs on host 'elsewhere'")]
+    for args, said in bad:
+        done = cli("report", "-o", "bad.html", *args, home=home)  # a later -o wins
+        errors = [line for line in done.stderr.splitlines() if line.startswith("stackops: error:")]
+        assert done.returncode == 2 and len(errors) == 1 and said in errors[0], (args, done.stderr)
+    assert not (home / "bad.html").exists() and not (home / "no").exists()
+
+
+def test_cli_report_of_a_host_reads_its_jobs_there(remote, home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f(n=1):\n    if n < 0:\n        raise ValueError('negative')\n"
+                                        "    return n\n")
+    for job_id, n in (("rh-ok", 7), ("rh-bad", -1)):
+        done = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--kwargs", json.dumps({"n": n}),
+                   "--job-id", job_id, "--wait", home=home)
+        assert done.returncode == (0 if n > 0 else 1), done.stderr
+    assert cli("run", "proj/m.py:f", "--job-id", "rh-here", "--wait", home=home).returncode == 0
+    done = cli("report", "--host", "tb", "-o", "-", home=home)
+    assert done.returncode == 0, done.stderr
+    jobs = {job[0]: job for job in _report_data(done.stdout)["jobs"]}
+    assert list(jobs) == ["rh-ok", "rh-bad"]  # the host's, oldest first; not the one here
+    assert [job[1] for job in jobs.values()] == ["tb", "tb"] and json.loads(jobs["rh-ok"][13]) == {"n": 7}
+    assert jobs["rh-bad"][12] == "ValueError: negative"
+
+
+def test_cli_report_of_a_slurm_array_has_a_lane_per_task(slurm, home):
+    module = make_module(home, SLURM_ARRAY_JOBS)
+    workload = WorkloadParams(idx_min=0, idx_max=8, idx_start=0, idx_end=8, jobs=2)
+    machine = RemoteMachine(module.indices, config(launch_method="slurm", workload_params=workload),
+                            func_kwargs={"fail_at": 6})
+    machine.run()
+    assert _slurm_wait(machine, 120).status == "failed"
+    done = cli("report", machine.job_id, "-o", "-", home=home)
+    assert done.returncode == 0, done.stderr
+    data = _report_data(done.stdout)
+    tasks = [[job[0], job[2], job[14], data["states"][job[6]]] for job in data["jobs"]]
+    assert tasks == [[f"{machine.job_id}-0", "task-0", machine.job_id, "completed"],
+                     [f"{machine.job_id}-1", "task-1", machine.job_id, "failed"]]
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """A real headless Chromium (Debian's chromium and chromium-driver), driven by selenium."""
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    if missing and not os.environ.get("CI"):
+        pytest.skip(f"{' and '.join(missing)} not installed (.ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver") if not os.environ.get("CI") else \
+        importlib.import_module("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _open_report(driver, page: str, path: Path) -> None:
+    path.write_text(page)
+    driver.get(path.as_uri())
+    wait_for(lambda: driver.execute_script("return document.body.dataset.drawnMs"), what="the page drawn")
+    assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
+    assert [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"] == []
+
+
+def _jobs_with_bars(driver) -> list[str]:
+    return driver.execute_script(
+        "const D = JSON.parse(document.getElementById('data').textContent);"
+        "const seen = new Set([...document.querySelectorAll('#tl [data-i]')].map(e => +e.dataset.i));"
+        "return [...seen].sort((a, b) => a - b).map(i => D.jobs[i][0]);")
+
+
+def test_cli_report_in_chromium_every_bar_a_click_and_the_draw_time(chromium, tmp_path, record_property):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    rows = _synthetic_report_rows(1000)
+    _open_report(chromium, stackops.render_report(rows, "a sweep of 1,000 jobs"), tmp_path / "r1000.html")
+    assert _jobs_with_bars(chromium) == [row["job_id"] for row in rows]
+    info = chromium.find_element("id", "info")
+    ActionChains(chromium).move_to_element(chromium.find_element("css selector", 'rect.b[data-i="0"]')).perform()
+    assert info.text.startswith("job sweep-00000\n")  # hovering shows a job
+    chromium.find_element("css selector", 'rect.b[data-i="5"]').click()
+    shown = info.text
+    for part in ("job sweep-00005", "status failed", "attempt 2/2", "exit code 1", "peak memory 105.0 MiB",
+                 'call {"seed": 5, "lr": 0.1', "error ValueError: step 5 xxx", "earlier runs failed exit 1"):
+        assert part in shown, (part, shown)
+    ActionChains(chromium).move_to_element(chromium.find_element("css selector", 'rect.b[data-i="0"]')).perform()
+    assert info.text == shown  # a click pins the job
+    chromium.save_screenshot(str(tmp_path / "report-1000.png"))
+    assert (tmp_path / "report-1000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _synthetic_report_rows(10_000)
+    _open_report(chromium, stackops.render_report(rows, "a sweep of 10,000 jobs"), tmp_path / "r10000.html")
+    drawn = int(chromium.execute_script("return document.body.dataset.drawnMs"))
+    print(f"\nreport of {len(rows)} jobs drawn {drawn} ms after the navigation started (target <= 2000 ms)")
+    record_property("report_10000_jobs_drawn_ms", drawn)  # a figure, never a timed assertion
+    assert _jobs_with_bars(chromium) == [row["job_id"] for row in rows]
+    _open_report(chromium, stackops.render_report([{"job_id": HOSTILE_REPORT_TEXT, "status": "failed",
+                                                    "started": "2024-05-01T12:00:00Z", "ended": "2024-05-01T12:01:00Z",
+                                                    "error": HOSTILE_REPORT_TEXT}], HOSTILE_REPORT_TEXT),
+                 tmp_path / "hostile.html")
+    assert chromium.title == HOSTILE_REPORT_TEXT and len(chromium.find_elements("tag name", "script")) == 2
+    chromium.find_element("css selector", 'rect.b[data-i="0"]').click()
+    cells = chromium.execute_script("return [...document.querySelectorAll('#info td')].map(e => e.textContent)")
+    assert cells[0] == HOSTILE_REPORT_TEXT and cells[-1] == HOSTILE_REPORT_TEXT  # the job, its error
 
 
 # ============================================================================================
@@ -7267,7 +8089,7 @@ def test_cli_job_run_under_cprofile_ships_this_module(home):
     assert done.returncode == 0, done.stderr
     job = home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "prof"
     assert (job / "python" / "stackops.py").read_bytes() == SOURCE.read_bytes()
-    assert "completed" in (job / "logs" / "status.txt").read_text()
+    assert stackops.read_state(job)["status"] == "completed"
 
 
 def test_models_launch_method_decides_how_the_job_starts(home, tmp_path):
@@ -7309,11 +8131,12 @@ def test_security_hostile_values_render_to_valid_scripts(home, description, fold
     (repo / "s.py").write_text("res = None\n")
     params = JobParams.from_script(repo / "s.py")
     params.description = description
-    cfg = config(description=description, base_dir=f"~/{folder}/jobs", update_repo=True, install_repo=True)
-    shell = stackops.render_shell_script(params, cfg, f"/x/{folder}/python")
-    assert subprocess.run(["bash", "-n", "-c", shell], capture_output=True).returncode == 0
-    command = FileManager("j", base=cfg.base_dir).get_fire_command()
-    assert subprocess.run(["bash", "-n", "-c", command], capture_output=True).returncode == 0
+    python = f"/x/{folder}/python"
+    for shell in (stackops._serve_command(python, "--fence"),
+                  stackops.render_sbatch_script("j", {}, python=python),
+                  stackops._bash_line(stackops._serve_command(python, "--fence"))):
+        assert subprocess.run(["bash", "-n", "-c", shell], capture_output=True).returncode == 0
+    assert shlex.split(stackops._serve_command(python, "--f"))[0] == python
     compile(stackops.render_execution_script(params.get_execution_line(WorkloadParams(), False, True)), "w", "exec")
 
 
@@ -7335,7 +8158,8 @@ def test_security_hostile_values_reach_the_job_intact(home, value, folder):
     report = wait_done(machine)
     assert report.status == "completed", report
     assert json.loads((home / f"seen-{tag}.json").read_text(encoding="utf-8")) == kwargs
-    assert _shell_status(machine.file_manager, 5).to_dict() == machine.file_manager.status_report(5).to_dict()
+    [answer] = _served([{"action": "status", "roots": [machine.root_there], "lines": 5}], home)
+    assert stackops.report_from(answer["ok"][0]).to_dict() == machine.file_manager.status_report(5).to_dict()
     assert not list(home.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
 
 
@@ -7471,6 +8295,8 @@ def test_security_state_cache_and_remote_job_folders_are_private(remote, home):
     for root in (home / "tmp_results", remote.remote_home / "tmp_results"):
         assert root.stat().st_mode & 0o077 == 0, root
         for path in root.rglob("*"):
+            if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+                continue  # --data inside a repo, linked into a job's copy: the data keeps its own mode
             assert path.stat().st_mode & 0o077 == 0, path
     assert remote_job.is_dir()
 
@@ -8028,7 +8854,7 @@ def test_fault_two_processes_submit_and_check_one_job_at_once(home):
     root = home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "twin"
     for path in [*root.rglob("*.json"), *(home / "tmp_results" / "remote_machines" / "file_manager").glob("*.json")]:
         json.loads(path.read_text())  # every state file whole
-    assert (root / "logs" / "status.txt").read_text() == "completed"
+    assert stackops.read_state(root)["status"] == "completed"
     assert not list(root.parent.glob(".twin.*")), "the loser's staging folder is gone"
 
 
