@@ -11221,9 +11221,9 @@ def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
     data = b""
     offset = request.get("offset")
     with _suppress(FileNotFoundError), open(path, "rb") as handle:
-        if offset is None:
-            data = _tail(handle.read().decode("utf-8", "replace"),
-                         int(request.get("lines") or 20)).encode()
+        if offset is None:  # the last lines as they are (a follower goes on from the offset)
+            data = b"".join(handle.read().splitlines(keepends=True)[
+                -max(1, int(request.get("lines") or 20)):])
             offset = handle.tell()
         else:
             handle.seek(int(offset))

@@ -3943,7 +3943,7 @@ def test_remote_refused_submit_leaves_the_job_id_free(remote, home):
     refused = cli("run", "loose.py", "--host", "tb", "--copy-repo", "--job-id", "reuse", home=home)
     assert refused.returncode == 2 and "home" in refused.stderr, refused.stderr
     status = cli("status", "reuse", home=home)
-    assert status.returncode == 2 and "no job 'reuse'" in status.stderr
+    assert status.returncode == 2 and "no job or cluster 'reuse'" in status.stderr
     assert "interrupted" not in status.stderr
     _proj(home)
     again = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--job-id", "reuse", "--wait",
@@ -4017,8 +4017,9 @@ def test_remote_download_without_target_only_into_the_jobs_own_results_folder(re
         assert machine.download_results(None) == home / "tmp_results" / "tmp_dirs" / "own-results"
     # a host that rewrites the record afterwards is not obeyed either
     record = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "own-results" / \
-        "logs" / "results_folder_path.txt"
-    record.write_text("~/tmp_results/tmp_dirs/own-results/../../../.ssh")
+        stackops.STATE_JSON
+    state = json.loads(record.read_text())
+    record.write_text(json.dumps(dict(state, results="~/tmp_results/tmp_dirs/own-results/../../../.ssh")))
     again = RemoteMachine.load("own-results")
     again.results_path = None
     with again, pytest.raises(ConfigError, match="outside the job's own results folder"):
@@ -4288,7 +4289,7 @@ def test_remote_hand_over_is_one_shell_start_and_status_one_more(remote, home):
                        home=home)
             assert done.returncode == 0, done.stderr
             assert starts() == 1, extra  # the CLI reads no status after the hand-over
-            assert f"job trip-cli{len(extra)} queued on {os.uname().nodename}" in done.stdout
+            assert f"job trip-cli{len(extra)} waiting on {os.uname().nodename}" in done.stdout  # in line there
             done = cli("status", f"trip-cli{len(extra)}", "--json", home=home)
             assert done.returncode == 0 and starts() == 1
         refused = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--python", "no-such-py",
