@@ -6371,6 +6371,7 @@ class _HandOverTalk:
                 _ident, entries, sources = self.spec.snapshot  # the host runs it from here
                 _materialize(entries, {d: str(p) for d, p in sources.items()},
                              self.spec.root / CODE_DIR)
+                _link_members_code(self.spec.root, self.spec.members)
             roots = self.request["roots"]
             write(json.dumps({"shared": True, "roots": roots}).encode() + b"\n")
         else:
@@ -6388,7 +6389,13 @@ class _HandOverTalk:
 
     def _send(self, write: Callable[[bytes], None], blobs: list[str],
               data: list[dict[str, Any]], whole: bool) -> None:
-        """The header (``whole``: with the job folder), then the parts, then the end line."""
+        """The header (``whole``: with the job folder), then the parts, then the end line; the
+        meter counts what goes out."""
+        meter, plain = self.meter, write
+        if meter is not None:
+            def write(data: bytes) -> None:
+                plain(data)
+                meter(meter.done + len(data))
         by_blob = _folder_blobs(self.spec.root)
         sources = dict((self.spec.snapshot or ("", [], {}))[2])
         sources.update((digest, path) for digest, path in by_blob.values())
@@ -6402,11 +6409,20 @@ class _HandOverTalk:
                       "members": self.spec.members}
             write(json.dumps(header).encode() + b"\n")
         sizes = [path.stat().st_size for _name, path in parts if isinstance(path, Path)]
-        if self.meter is not None:
-            self.meter.begin(self.meter.done + sum(sizes))
+        if meter is not None:
+            meter.begin(meter.done + sum(sizes))
         for name, path in parts:
             _send_part(write, name, path)
         write(b'{"end": true}\n')
+
+
+def _link_members_code(shared: Path, members: list[list[Any]]) -> None:
+    """The members of a sweep or array, written here before the shared folder had its code (a
+    host's job carries none until the host turns out to share this home), link to it now."""
+    for job_id, _files in members:
+        link = shared.parent / job_id / CODE_DIR
+        if not os.path.lexists(link):
+            os.symlink(f"../{shared.name}/{CODE_DIR}", link)
 
 
 def _json_line(line: bytes) -> dict[str, Any]:

@@ -5370,7 +5370,7 @@ def test_sweep_to_a_host_travels_as_one_stream_and_runs_each_line(remote, home):
     assert os.readlink(queued / "rbw-0008" / "code") == "../rbw/code"
     assert RemoteMachine.load("rbw-0004").kwargs == {"tag": "rbw", "x": 4, "fail": True}
     waited = cli("wait", "rbw", home=home)
-    assert waited.returncode == 1 and waited.stdout.strip() == "rbw failed", waited
+    assert waited.returncode == 1 and waited.stdout.strip() == "rbw failed (8 completed, 1 failed)", waited
     with small:
         assert {r.status for r in small.wait(timeout=60).values()} == {"completed"}
 
