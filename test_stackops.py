@@ -5717,7 +5717,8 @@ def test_slurm_function_job_completes_and_sees_its_slurm_job(slurm, home):
     result = json.loads((machine.check_job_status() / "result.json").read_text())
     assert result["tag"] == "t1" and result["slurm_job_id"] == machine.slurm_job_id
     assert not list((home / "tmp_results" / "remote_machines" / "file_manager").glob("slots/slot-*.json"))
-    assert "sbatch" in machine.launch_command
+    assert state_of(machine)["slurm"]["id"] == machine.slurm_job_id  # sbatch took it: its id recorded
+    assert machine.launch_command == f"{stackops._prog()} start {machine.job_id}"
     text = (machine.file_manager.job_root / "shell" / "sbatch.sh").read_text()
     assert "#SBATCH --job-name=" in text
 
@@ -5735,11 +5736,14 @@ def test_slurm_cancel_gives_cancelled_and_the_process_is_gone(slurm, home):
     pid_file = home / "sleeper.pid"
     wait_for(pid_file.exists, 60, "the Slurm job to start")
     pid = int(wait_for(lambda: pid_file.read_text().strip(), 10, "its pid"))
-    report = machine.cancel()
+    wait_for(lambda: machine.get_status(0).status == "running", 30, "it to read running")
+    said = cli("cancel", machine.job_id, home=home)
+    assert said.returncode == 0 and said.stdout == f"{machine.job_id} cancelled\n", said  # not "had ended"
     report = _slurm_wait(machine, 30)
     assert report.status == "cancelled", report
     assert "CANCELLED" in report.reason or "cancel" in report.error_message
     wait_for(lambda: not stackops.pid_is_alive(pid), 15, "the job's process to end")
+    assert machine.get_status(0).status == "cancelled" and state_of(machine)["final"]
 
 
 def test_slurm_sigkilled_job_reads_failed(slurm, home):
@@ -5889,6 +5893,10 @@ def test_slurm_after_a_failing_job_never_runs_and_never_hangs(slurm, home):
     assert report.status == "cancelled" and "DependencyNeverSatisfied" in report.reason, report
     assert report.start_time is None
     assert _slurm_wait(bad).status == "failed"
+    # decided from stackops' own record of the parent, which outlives Slurm's (MinJobAge)
+    with pytest.raises(ConfigError, match="sa-bad: that job failed"):
+        _slurm_machine(home, "where", job_id="sa-late", after=["sa-bad"]).run()
+    assert not (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "sa-late").exists()
     with pytest.raises(ConfigError, match="this one must run in the same place"):
         RemoteMachine(make_module(home, SLURM_JOBS).where, config(job_id="sa-mixed", after=["sa-good"]))
 
@@ -5941,12 +5949,74 @@ def test_slurm_retries_run_again_in_place(slurm, home):
     assert flag.exists() and report.attempt == "2/3"
 
 
+def test_slurm_requeued_job_reads_queued_runs_again_and_mails_only_its_end(slurm, home, smtp):
+    """A requeue (as preemption or a node going down do): Slurm stops the run with SIGTERM and
+    starts the job again later. Meanwhile it reads queued (requeued), never failed; the one e-mail
+    says how the job really ended."""
+    received, _ = smtp
+    module = make_module(home, """
+        import os, time
+
+        def twice(flag):
+            if not os.path.exists(flag):
+                open(flag, "w").close()
+                time.sleep(300)
+            return "the second run"
+    """)
+    flag = home / "ran-once"
+    machine = RemoteMachine(module.twice, config(job_id="s-req", launch_method="slurm", **MAIL),
+                            func_kwargs={"flag": str(flag)}).run()
+    wait_for(lambda: flag.exists() and machine.get_status(0).status == "running", 60, "the first run")
+    subprocess.run(["scontrol", "requeue", machine.slurm_job_id], check=True, capture_output=True)
+    seen = []
+
+    def requeued():
+        report = machine.get_status(0)
+        seen.append(report.status)
+        return report if report.status == "queued" else None
+
+    report = wait_for(requeued, 60, "the job to read queued")
+    assert not set(seen) & {"failed", "cancelled", "completed"}, seen
+    assert "requeued 1x" in report.reason and "PENDING" in report.reason, report
+    waited = cli("wait", "s-req", "--timeout", "2", home=home)
+    assert waited.returncode == 124 and "failed" not in waited.stdout, waited  # still to end
+    subprocess.run(["scontrol", "update", f"JobId={machine.slurm_job_id}", "StartTime=now"], check=True,
+                   capture_output=True)
+    report = _slurm_wait(machine, 120)
+    assert report.status == "completed" and report.slurm_job_id == machine.slurm_job_id, report
+    assert len(report.runs) == 1 and "terminated by signal 15" in report.runs[0]["error"], report.runs
+    message = _one_mail(received, "s-req")
+    assert "completed" in message["Subject"]
+
+
+def test_slurm_refused_by_sbatch_ends_failed_at_once_with_its_words(slurm, home):
+    (home / "proj").mkdir()
+    (home / "proj" / "jobs.py").write_text(textwrap.dedent(SLURM_JOBS))
+    run = cli("run", "proj/jobs.py:where", "--slurm", "--slurm-opt", "partition=nope", "--job-id", "s-nopart",
+              home=home)
+    assert run.returncode != 0 and "invalid partition" in run.stderr, run
+    report = json.loads(cli("status", "s-nopart", "--json", home=home).stdout)
+    assert report["status"] == "failed" and "sbatch refused it" in report["error_message"], report
+    assert "invalid partition" in report["error_message"]
+    waited = cli("wait", "s-nopart", "--timeout", "30", home=home)
+    assert waited.returncode == 1 and waited.stdout.strip() == "s-nopart failed", waited  # never hangs
+    listed = json.loads(cli("list", "--json", home=home).stdout)
+    assert [row["status"] for row in listed if row["job_id"] == "s-nopart"] == ["failed"], listed
+
+
 def test_slurm_job_forgotten_by_slurm_is_failed_not_running(slurm, home):
-    machine = _slurm_machine(home, "where").run(run=False)
-    machine.slurm_job_id = "999999"  # a job Slurm never had (or forgot after MinJobAge)
-    (machine.file_manager.job_root / "logs" / "slurm_job_id.txt").write_text("999999")
-    report = machine.get_status(0)
-    assert report.status == "failed" and "lost by Slurm" in report.error_message
+    """A job Slurm forgot (MinJobAge) or never had: its record decides, never `running` for ever."""
+    for job_id, started in (("forgot-run", True), ("forgot-queued", False)):
+        machine = _slurm_machine(home, "where", job_id=job_id).run(run=False)
+        machine.slurm_job_id = "999999"
+        fields = {"started": stackops._iso(stackops._utcnow())} if started else {}
+        stackops._record(machine.file_manager.job_root, status="running" if started else "queued",
+                         slurm={"id": "999999"}, **fields)
+        report = machine.get_status(0)
+        assert report.status == "failed", report
+        assert ("lost by Slurm" if started else "never started") in report.error_message, report
+        assert state_of(machine)["status"] == "failed" and state_of(machine)["final"]  # recorded, stays
+        assert machine.get_status(0).error_message == report.error_message
 
 
 def test_slurm_bad_input_refused_before_anything_is_written(home, tmp_path, monkeypatch):
@@ -8980,3 +9050,7 @@ def test_slurm_time_limit_reads_failed_with_the_reason(slurm, slurm_time_limit_j
     assert report["status"] == "failed", report
     assert "TIMEOUT" in report["reason"] and "TimeLimit" in report["reason"], report
     assert "Slurm sends it at the time limit" in report["error_message"]
+    # Slurm's final word is in the folder: it stays once Slurm forgets the job (MinJobAge)
+    state = stackops.read_state(home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "over-time")
+    assert state["status"] == "failed" and state["final"] is True and state["slurm"]["state"] == "TIMEOUT"
+    assert "TimeLimit" in state["reason"]
