@@ -58,7 +58,8 @@ Environment variables (read on the machine where they matter):
     STACKOPS_STATE_DIR   slots, queue and job views of this machine and user
                          (default ~/tmp_results/remote_machines/file_manager/<machine>; it must be
                          yours alone, and a relative one is made absolute when a job is submitted)
-    STACKOPS_CONFIG      the user config file (default ~/.config/stackops/config.json)
+    STACKOPS_CONFIG      the user config file: defaults per host (`stackops config` shows them;
+                         default $XDG_CONFIG_HOME/stackops/config.json, else ~/.config/...)
     STACKOPS_EMAIL_CONFIG  SMTP settings on the executing machine, 0600
                            (default ~/.config/stackops/email.json)
     STACKOPS_PUBLIC_IP_URL the JSON endpoint of the public-IP lookup
@@ -86,6 +87,7 @@ import types
 from pathlib import Path
 TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
+    import copy
     import dataclasses
     import datetime as _dt
     import json
@@ -102,11 +104,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class _LazyModule(types.ModuleType):
     """A standard module imported where it is first used, not at start-up: ``--help`` and the
-    job's wrapper pay only for what they use (``python -X importtime`` shows what that is)."""
+    job's wrapper pay only for what they use (``python -X importtime`` shows what that is).
+    ``spared``: a module it imports but seldom uses, left lazy too (see _import_sparing)."""
+
+    def __init__(self, name: str, spared: str = "") -> None:
+        super().__init__(name)
+        self.__spared = spared
 
     def __getattr__(self, name: str) -> Any:
         if sys.modules.get(self.__name__) is self:  # it stood in while another module was imported
             del sys.modules[self.__name__]
+        if self.__spared:
+            return getattr(_import_sparing(self.__name__, self.__spared), name)
         return getattr(__import__(self.__name__), name)
 
 
@@ -152,8 +161,9 @@ def _argparse() -> Any:
 
 if not TYPE_CHECKING:
     dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: classes with no docstring
-    logging = _import_sparing("logging", "traceback")  # traceback: to format an exception
+    logging = _LazyModule("logging", "traceback")  # traceback: to format an exception
     _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
+    copy = _LazyModule("copy")
     shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
     subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
 
@@ -166,7 +176,7 @@ __all__ = [
     "StackopsConnectionError", "HostKeyError", "TransferError",
     "RemoteStackOpsConfig", "WorkloadParams", "JobStatus", "ExecutionTimings", "JobParams",
     "FileManager", "Slots", "render_execution_script", "run_job", "serve", "read_state",
-    "judge_jobs", "job_reports", "fire_jobs", "cancel_job", "delete_job", "materialize",
+    "judge_jobs", "job_reports", "fire_jobs", "cancel_job", "delete_job",
     "call_job_part",
     "delete_own_results", "demo_job", "fill_placeholders",
     "notify_job_end", "is_job_process", "process_start_ticks",
@@ -180,7 +190,20 @@ __all__ = [
     "Sweep", "run_sweep", "load_sweep_grid", "sweep_job_ids",
 ]
 
-log = logging.getLogger("stackops")
+
+
+class _Logger:
+    """The "stackops" logger, logging imported when a line is first logged or a handler set (2 ms
+    of every start that logs nothing: ``--help``, most of the command line)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(logging.getLogger("stackops"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(logging.getLogger("stackops"), name, value)
+
+
+log: logging.Logger = _Logger()  # type: ignore[assignment]
 
 
 def _psutil() -> Any:
@@ -206,6 +229,12 @@ CODE_DIR = "code"  # inside a job folder: the job's own copy of its code snapsho
 DEFAULT_RESULTS_DIR = "~/tmp_results/tmp_dirs"
 DEFAULT_USER_CONFIG = "~/.config/stackops/config.json"
 DEFAULT_EMAIL_CONFIG = "~/.config/stackops/email.json"
+MAIL_DEADLINE = 30.0  # seconds for a whole SMTP exchange at a job's end (the config's "timeout")
+# what stackops sets in a job's environment (its id, attempt, slot, place in a sweep or a
+# workload, folders): a job's own env (--env) cannot set them
+JOB_ENV_NAMES = ("STACKOPS_JOB_ID", "STACKOPS_ATTEMPT", "STACKOPS_SLOT", "STACKOPS_SWEEP_INDEX",
+                 "STACKOPS_PART", "STACKOPS_PARTS", "STACKOPS_IDX_START", "STACKOPS_IDX_END",
+                 "STACKOPS_IDX_MIN", "STACKOPS_IDX_MAX", "STACKOPS_JOB_ROOT", "STACKOPS_RESULTS")
 
 STATUSES = ("prepared", "queued", "waiting", "running", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -254,9 +283,9 @@ SLOT_POLL_HEAD = 0.05
 SLOT_POLL_OTHERS = 0.25  # the others look whether they have become second
 
 # Slurm's job states, as stackops reads them (any other is an end: failed, or cancelled)
-SLURM_WAITING = frozenset("PENDING REQUEUED REQUEUE_FED REQUEUE_HOLD SUSPENDED RESV_DEL_HOLD "
-                          "SPECIAL_EXIT CONFIGURING RESIZING".split())
-SLURM_RUNNING = frozenset("RUNNING COMPLETING STAGE_OUT SIGNALING".split())
+SLURM_WAITING = frozenset(["PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SUSPENDED",
+                           "RESV_DEL_HOLD", "SPECIAL_EXIT", "CONFIGURING", "RESIZING"])
+SLURM_RUNNING = frozenset(["RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"])
 SLURM_TIMEOUT = 20.0  # seconds scontrol, scancel may take before Slurm counts as not answering
 # an interactive job runs in tmux with the tmux server's environment: these come from the fire
 TMUX_PASSED_ENV = ("STACKOPS_STATE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PATH", "HOME",
@@ -318,7 +347,12 @@ class StackopsConnectionError(StackopsError, ConnectionError):
 
 
 class HostKeyError(StackopsConnectionError):
-    """The host's key is unknown (refused until accepted) or changed (always refused)."""
+    """The host's key is unknown (refused until accepted: ``unknown_key``, which is bad input
+    like a missing option) or changed (always refused)."""
+
+    def __init__(self, message: str, hint: str | None = None, unknown_key: bool = False) -> None:
+        super().__init__(message, hint)
+        self.unknown_key = unknown_key
 
 
 class TransferError(StackopsError):
@@ -345,6 +379,15 @@ class _SnapshotMismatchError(StackopsError):
         super().__init__(f"the repo changed while it was being sent: {path} no longer holds "
                          f"the bytes its snapshot names (sha256 {digest[:12]}...)",
                          hint="submit again once its files are written")
+
+
+_CLI: list[bool] = []  # not empty while main() runs a command: errors name its options
+
+
+def _option(api: str, cli: str) -> str:
+    """An option as the reader of an error will type it: ``cli`` (``--overwrite``) while main()
+    runs a command, else ``api`` (``overwrite=True``)."""
+    return cli if _CLI else api
 
 
 # -- errors as data: the executing side answers an error, the client raises it again -------------
@@ -399,6 +442,19 @@ def _last_line(text: str) -> str:
 
 def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# what a terminal acts on rather than shows: C0 and C1 controls (ESC starts escape sequences,
+# 0x9b is a one-byte CSI), DEL, and the invisible and bidirectional marks that reorder a line
+_UNSHOWN = _LazyPattern("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def _terminal_safe(value: Any, lines: bool = False) -> str:
+    """``value`` (text from elsewhere: a bucket, a host) as a string a terminal shows as it is:
+    each control or bidirectional character written as its Python escape (``\\x1b``), line
+    breaks kept only with ``lines``; anything but a string as its JSON."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return _UNSHOWN.sub(lambda m: m[0] if lines and m[0] == "\n" else repr(m[0])[1:-1], text)
 
 
 _PROGRAM: list[str] = []  # how main() was run, once it has been
@@ -679,6 +735,71 @@ def parse_slurm_option(text: str) -> tuple[str, str]:
     key = key.strip().lstrip("-")
     check_slurm_options({key: value})
     return key, value
+
+
+_ENV_NAME = _LazyPattern(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def check_job_env(env: Any, what: str = "env") -> dict[str, str]:
+    """``env`` as variables for a job's environment, refused (one line) unless each name is a
+    variable's name that stackops does not set itself (JOB_ENV_NAMES) and each value a string
+    without NUL."""
+    if not isinstance(env, dict):
+        raise ConfigError(f"{what} must be a dict of names and values, got {type(env).__name__}")
+    for name, value in env.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise ConfigError(f"{what}: {_shorten(repr(name), 60)} is not a variable's name",
+                              hint="letters, digits and _, not starting with a digit, e.g. "
+                                   "OMP_NUM_THREADS")
+        if name in JOB_ENV_NAMES:
+            raise ConfigError(f"{what}: stackops sets {name} itself, for every job",
+                              hint="it gives every job STACKOPS_JOB_ID, _ATTEMPT, _SLOT and, "
+                                   "where they apply, _SWEEP_INDEX, _PART(S), _IDX_*, _JOB_ROOT "
+                                   "and _RESULTS")
+        if not isinstance(value, str) or "\0" in value:
+            raise ConfigError(f"{what}: {name}'s value must be a string without NUL, got "
+                              f"{_shorten(repr(value), 60)}")
+    return env
+
+
+def parse_env_option(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` from the command line (--env), checked."""
+    name, equals, value = text.partition("=")
+    if not equals:
+        raise ConfigError(f"--env {_shorten(repr(text), 60)} is not KEY=VALUE",
+                          hint="e.g. --env OMP_NUM_THREADS=4 (KEY= for an empty value)")
+    check_job_env({name: value}, "--env")
+    return name, value
+
+
+def check_email_address(address: Any, what: str = "to_email") -> str:
+    """``address`` as one e-mail address, refused (one line) unless it is one line with one @,
+    something before it and a plausible domain after it."""
+    shown = _shorten(repr(address), 60)
+    if not isinstance(address, str):
+        raise ConfigError(f"{what} must be an e-mail address (a string), got {shown}")
+    why = _email_problem(address)
+    if why:
+        raise ConfigError(f"{what} {shown} is not an e-mail address: {why}",
+                          hint="e.g. me@example.org")
+    return address
+
+
+def _email_problem(address: str) -> str:
+    """What makes ``address`` no e-mail address ("" when nothing does)."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in address):
+        return "it holds a line break or another control character"
+    local, at, domain = address.partition("@")
+    if not at or "@" in domain:
+        return "it needs exactly one @"
+    if not local or any(char.isspace() for char in local):
+        return "what comes before its @ is empty or holds a space"
+    labels = domain.split(".")
+    plain = all(0 < len(label) <= 63 and label.replace("-", "").isalnum()
+                and label[0] != "-" and label[-1] != "-" for label in labels)
+    if len(labels) < 2 or not plain or labels[-1].isdigit():
+        return f"{domain!r} is not a domain name (dotted names of letters, digits and hyphens)"
+    return ""
 
 
 def _random_job_id() -> str:
@@ -1000,8 +1121,9 @@ def _validate_fields(instance: Any) -> None:
                               f"got {type(value).__name__} {_shorten(repr(value), 60)}")
 
 
-def _from_plain(cls: Any, data: Any, required: tuple[str, ...] = ()) -> Any:
-    """Build dataclass ``cls`` from a dict, refusing unknown and missing required keys."""
+def _from_plain(cls: Any, data: Any, required: tuple[str, ...] = (), blank: Any = None) -> Any:
+    """Build dataclass ``cls`` from a dict, refusing unknown and missing required keys (into
+    ``blank``, an instance made with ``cls.__new__``, if given)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     names = {spec.name for spec in dataclasses.fields(cls)}
@@ -1011,7 +1133,10 @@ def _from_plain(cls: Any, data: Any, required: tuple[str, ...] = ()) -> Any:
     missing = [name for name in required if name not in data]
     if missing:
         raise ConfigError(f"{cls.__name__}: missing field(s) {', '.join(missing)}")
-    return cls(**data)
+    if blank is None:
+        return cls(**data)
+    cls.__init__(blank, **data)
+    return blank
 
 
 @dataclasses.dataclass
@@ -1080,37 +1205,237 @@ class WorkloadParams:
         return f"Workload: {share:.2f}% of total, split among {self.jobs} threads."
 
 
-def _user_config_path() -> Path:
-    return expand_home(os.environ.get("STACKOPS_CONFIG") or DEFAULT_USER_CONFIG)
+# -- the user config file: defaults for every job, and per host ----------------------------------
+#
+#   {"default_email_address": "me@example.org", "default_email_config": "lab",
+#    "defaults": {"max_jobs": 2},
+#    "hosts": {"gpu-box": {"max_jobs": 4, "python": "~/venv/bin/python", "copy_repo": true,
+#                          "slurm": {"partition": "gpu"}, "env": {"OMP_NUM_THREADS": "4"}},
+#              "localhost": {"python": "python3.11"}}}
+#
+# A job on host H (its ssh_host as given; "localhost" for this machine) takes each setting from
+# hosts[H], else from defaults, else the built-in default; env and slurm key by key. An argument
+# given always wins; env and slurm given are laid over the file's, key by key.
+
+_HOST_SETTINGS = {  # a host entry's key -> the RemoteStackOpsConfig field it fills
+    "max_jobs": "max_simultaneous_jobs", "python": "python", "copy_repo": "copy_repo",
+    "slurm": "slurm_options", "env": "env"}
+_SETTING_TYPES = {"max_jobs": "a whole number, at least 1", "python": "an interpreter (a string)",
+                  "copy_repo": "true or false", "slurm": "an object of sbatch options (strings)",
+                  "env": "an object of environment variables (strings)",
+                  "default_email_address": "an e-mail address (a string)",
+                  "default_email_config": "a string", "defaults": "an object (a host entry)",
+                  "hosts": "an object: host alias -> host entry"}
+_USER_CONFIG_READ: dict[str, Any] = {}  # the last file read: its (path, stat) key and content
+
+
+class _UserDefault:
+    """The default of a setting the user config file may give: a value left out, told apart
+    from one given that equals the built-in default (``default``)."""
+
+    def __init__(self, default: Any) -> None:
+        self.default = default
+
+    def __repr__(self) -> str:
+        return f"<user config, else {self.default!r}>"
+
+
+def _from_user_config(default: Any) -> Any:
+    return _UserDefault(default)
+
+
+def user_config_location() -> tuple[Path, str]:
+    """The user config file and what chose it: STACKOPS_CONFIG, else $XDG_CONFIG_HOME (when
+    absolute, as the XDG spec says), else ~/.config."""
+    chosen = os.environ.get("STACKOPS_CONFIG")
+    if chosen:
+        return expand_home(chosen), "STACKOPS_CONFIG"
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "stackops" / "config.json", "XDG_CONFIG_HOME"
+    return expand_home(DEFAULT_USER_CONFIG), "default"
+
+
+def read_user_config() -> dict[str, Any]:
+    """The user config file, checked whole ({} when there is none): a key it does not know or a
+    value of the wrong type is refused, naming the file, the line and the key."""
+    path = user_config_location()[0]
+    try:
+        info = path.stat()
+        key = f"{path}\0{info.st_ino}\0{info.st_mtime_ns}\0{info.st_size}"
+        if _USER_CONFIG_READ.get("key") != key:
+            text = path.read_text(encoding="utf-8")
+            _USER_CONFIG_READ.update(key=key, data=_check_user_config(path, text))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{collapse_home(path)} cannot be read: {exc}") from exc
+    return dict(_USER_CONFIG_READ["data"])
+
+
+def _check_user_config(path: Path, text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        line = getattr(exc, "lineno", 1)
+        raise ConfigError(f"{collapse_home(path)}, line {line}: not JSON: "
+                          f"{getattr(exc, 'msg', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{collapse_home(path)}: must hold a JSON object",
+                          hint='e.g. {"hosts": {"gpu-box": {"max_jobs": 4}}}')
+    for key, value in data.items():
+        if key == "defaults":
+            _check_host_entry(path, text, [key], value)
+        elif key == "hosts":
+            _user_config_type(path, text, [key], key, isinstance(value, dict), value)
+            for host, entry in value.items():
+                _check_host_entry(path, text, [key, host], entry)
+        elif key in ("default_email_address", "default_email_config"):
+            _user_config_type(path, text, [key], key, isinstance(value, str) and value != "",
+                              value)
+            if key == "default_email_address":
+                _located(path, text, [key], check_email_address, value, key)
+        else:
+            raise _user_config_error(path, text, [key], f"unknown key {key!r}",
+                                     "known keys: default_email_address, default_email_config, "
+                                     "defaults, hosts")
+    return data
+
+
+def _check_host_entry(path: Path, text: str, keys: list[str], entry: Any) -> None:
+    where = ".".join(keys)
+    _user_config_type(path, text, keys, "defaults", isinstance(entry, dict), entry)
+    for key, value in entry.items():
+        if key not in _HOST_SETTINGS:
+            raise _user_config_error(path, text, [*keys, key], f"unknown key {key!r} in {where}",
+                                     f"a host entry knows {', '.join(_HOST_SETTINGS)}")
+        if key == "max_jobs":
+            right = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif key == "copy_repo":
+            right = isinstance(value, bool)
+        elif key == "python":
+            right = isinstance(value, str) and value.strip() != ""
+        else:
+            right = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        _user_config_type(path, text, [*keys, key], key, right, value)
+        for item, setting in value.items() if key in ("slurm", "env") else ():
+            if key == "slurm":
+                _located(path, text, [*keys, key, item], check_slurm_options, {item: setting})
+            else:
+                _located(path, text, [*keys, key, item], check_job_env, {item: setting},
+                         f"{where}.env")
+
+
+def _user_config_type(path: Path, text: str, keys: list[str], kind: str, right: bool,
+                      value: Any = None) -> None:
+    """Refuse the value at ``keys`` unless it is ``right``: it must be _SETTING_TYPES[kind]."""
+    if not right:
+        got = "" if value is None else f", got {_shorten(json.dumps(value), 40)}"
+        raise _user_config_error(path, text, keys,
+                                 f"{'.'.join(keys)} must be {_SETTING_TYPES[kind]}{got}")
+
+
+def _located(path: Path, text: str, keys: list[str], check: Callable[..., Any],
+             *args: Any) -> None:
+    """``check(*args)``, its refusal said with the file and the line of ``keys``."""
+    try:
+        check(*args)
+    except ConfigError as exc:
+        raise _user_config_error(path, text, keys, str(exc), exc.hint) from None
+
+
+def _user_config_error(path: Path, text: str, keys: list[str], message: str,
+                       hint: str | None = None) -> ConfigError:
+    return ConfigError(f"{collapse_home(path)}, line {_json_key_line(text, keys)}: {message}",
+                       hint=hint)
+
+
+def _json_key_line(text: str, keys: list[str]) -> int:
+    """The line of the JSON ``text`` where the path of object ``keys`` is (as far as it goes;
+    a key given twice: its last, which is the one json keeps)."""
+    decoder = json.JSONDecoder()
+
+    def skip(at: int) -> int:  # past blanks
+        while text[at:at + 1] in (" ", "\t", "\n", "\r"):
+            at += 1
+        return at
+
+    at, line_at = skip(0), 0
+    for key in keys:
+        if text[at:at + 1] != "{":
+            break
+        at, found = skip(at + 1), None
+        while text[at:at + 1] == '"':
+            name, end = decoder.raw_decode(text, at)  # the key: a JSON string
+            value_at = skip(skip(end) + 1)  # past the colon
+            if name == key:
+                found = (at, value_at)
+            at = skip(decoder.raw_decode(text, value_at)[1])
+            at = skip(at + 1) if text[at:at + 1] == "," else at
+        if found is None:
+            break
+        line_at, at = found
+    return text.count("\n", 0, line_at) + 1
+
+
+def user_settings(ssh_host: str | None) -> dict[str, Any]:
+    """What the user config file sets for a job on ``ssh_host`` ("localhost": this machine; None:
+    no host's entry): its host entry's keys over its defaults', env and slurm merged key by key
+    (see above)."""
+    merged: dict[str, Any] = {}
+    for key, (value, _) in _user_settings_from(ssh_host).items():
+        name, _, item = key.partition(".")
+        if item:
+            merged.setdefault(name, {})[item] = value
+        else:
+            merged[name] = value
+    return merged
+
+
+def _user_settings_from(ssh_host: str | None) -> dict[str, tuple[Any, list[str]]]:
+    """Each setting for ``ssh_host`` ("env.NAME" for an item of env or slurm) with the keys that
+    set it in the file."""
+    data = read_user_config()
+    found: dict[str, tuple[Any, list[str]]] = {}
+    entries = [(["defaults"], data.get("defaults") or {})]
+    hosts = data.get("hosts") or {}
+    if ssh_host is not None and ssh_host in hosts:
+        entries.append((["hosts", ssh_host], hosts[ssh_host]))
+    for keys, entry in entries:
+        for key, value in entry.items():
+            if isinstance(value, dict):
+                found.update({f"{key}.{item}": (v, [*keys, key, item])
+                              for item, v in value.items()})
+            else:
+                found[key] = (value, [*keys, key])
+    return found
 
 
 def read_user_config_value(key: str, purpose: str) -> str:
     """One string from the user config file, or a ConfigError naming the file and the key."""
-    path = _user_config_path()
-    hint = f'add {{"{key}": "..."}} to {path}, or pass the value explicitly'
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{purpose} needs '{key}', and {path} does not exist",
-                          hint=hint) from None
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"{purpose} needs '{key}', and {path} cannot be read: {exc}",
-                          hint=hint) from exc
-    value = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{purpose} needs '{key}', which {path} does not set", hint=hint)
-    return value
+    path = user_config_location()[0]
+    hint = f'add {{"{key}": "..."}} to {collapse_home(path)}, or pass the value explicitly'
+    if not path.exists():
+        raise ConfigError(f"{purpose} needs '{key}', and {collapse_home(path)} does not exist",
+                          hint=hint)
+    value = read_user_config().get(key)
+    if not value:
+        raise ConfigError(f"{purpose} needs '{key}', which {collapse_home(path)} does not set",
+                          hint=hint)
+    return str(value)
 
 
 @dataclasses.dataclass
 class RemoteStackOpsConfig:
-    """What to run where, and how: the typed job description a RemoteMachine consumes."""
+    """What to run where, and how: the typed job description a RemoteMachine consumes.
+    ``copy_repo``, ``max_simultaneous_jobs``, ``python``, ``slurm_options`` and ``env`` left out
+    come from the user config file for ``ssh_host`` (see user_settings), else their defaults."""
 
     job_id: str = dataclasses.field(default_factory=_random_job_id)
     base_dir: str = DEFAULT_BASE_DIR
     description: str = ""
     ssh_host: str | None = None
-    copy_repo: bool = False
+    copy_repo: bool = _from_user_config(False)
     update_repo: bool = False
     install_repo: bool = False
     data: list[str] = dataclasses.field(default_factory=list)
@@ -1125,10 +1450,10 @@ class RemoteStackOpsConfig:
     wrap_in_try_except: bool = False
     parallelize: bool = False
     lock_resources: bool = True
-    max_simultaneous_jobs: int = 1
+    max_simultaneous_jobs: int = _from_user_config(1)
     workload_params: WorkloadParams | None = None
     # interpreter on the executing machine; None: this one locally, python3 on a host
-    python: str | None = None
+    python: str | None = _from_user_config(None)
     accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
     ssh_timeout: float = 15.0  # seconds to connect, to open a command, or for a transfer to stall
     slurm_options: dict[str, str] = dataclasses.field(default_factory=dict)  # sbatch long options
@@ -1139,17 +1464,84 @@ class RemoteStackOpsConfig:
     # wait for this many of the machine's GPUs (their own pool of slots) and get exactly them
     gpus: int = 0
     group: str | None = None  # a named pool with its own max_simultaneous_jobs
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # the job's own variables
+    # a bash command run once when the job ends, where it ran (see HOOK_PLACEHOLDERS)
+    on_end: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.workload_params, dict):
             self.workload_params = WorkloadParams.from_dict(self.workload_params)
+        self._take_user_settings()
         _validate_fields(self)
-        check_safe_name(self.job_id)
+        check_job_env(self.env, _option("env", "--env"))
+        if self.on_end is not None:
+            check_hook(self.on_end, _option("on_end", "--on-end"))
+        check_safe_name(self.job_id, _option("job_id", "--job-id"))
         if not self.base_dir.strip():
             raise ConfigError("base_dir must not be empty")
         if self.transfer_method not in TRANSFER_METHODS:
             raise ConfigError(f"transfer_method must be one of {', '.join(TRANSFER_METHODS)}, "
                               f"got {self.transfer_method!r}")
+        self._check_launch()
+        check_slurm_options(self.slurm_options)
+        if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
+            raise ConfigError(f"{_option('retries', '--retries')} must be 0 to 100 and "
+                              f"{_option('retry_delay', '--retry-delay')} 0 to 86400 seconds, "
+                              f"got {self.retries} and {self.retry_delay}")
+        self._check_pool()
+        for parent in self.after:
+            check_safe_name(parent, _option("after", "--after"))
+            if parent == self.job_id:
+                raise ConfigError(f"job {self.job_id} cannot run after itself")
+        if self.launch_method == "slurm":
+            self._check_slurm_combination()
+        elif self.slurm_options:
+            slurm = _option("launch_method='slurm'", "--slurm")
+            raise ConfigError(f"{_option('slurm_options', '--slurm-opt')} are for {slurm}",
+                              hint=f"add {slurm}")
+        if self.transfer_method == "cloud" and not self.cloud_name:
+            raise ConfigError(f"{_option('transfer_method', '--transfer')} 'cloud' needs "
+                              f"{_option('cloud_name', '--cloud')}",
+                              hint=f"pass {_option('cloud_name=', '--cloud ')}<an rclone remote>")
+        if self.max_simultaneous_jobs < 1:
+            raise ConfigError(f"{_option('max_simultaneous_jobs', '--max-jobs')} must be at least "
+                              f"1, got {self.max_simultaneous_jobs}")
+        if self.copy_repo and self.update_repo:
+            copy_repo = _option("copy_repo", "--copy-repo")
+            raise ConfigError(f"{copy_repo} and {_option('update_repo', '--update-repo')} cannot "
+                              "go together: the job runs its own snapshot of the code sent from "
+                              "here, which has no .git to pull into",
+                              hint=f"pull here and send the result with {copy_repo}, or drop "
+                                   f"{copy_repo} to git pull the host's own clone")
+        if self.python is not None and not self.python.strip():
+            raise ConfigError(f"{_option('python', '--python')} must name an interpreter, e.g. "
+                              "'python3'")
+        if not self.ssh_timeout > 0:
+            raise ConfigError(f"{_option('ssh_timeout', '--ssh-timeout')} must be positive "
+                              f"seconds, got {self.ssh_timeout}")
+        self._take_email_settings()
+
+    def _take_user_settings(self) -> None:
+        """Fill in the settings left out from the user config file for ssh_host (env and
+        slurm_options key by key, under the ones given). A config read back from a job's record
+        (from_dict) is complete: the file is not read, and what it lacks takes the default."""
+        self._given = {field: copy.copy(getattr(self, field)) for field in _HOST_SETTINGS.values()
+                       if not isinstance(getattr(self, field), _UserDefault)}
+        complete = self.__dict__.pop("_complete", False)
+        cloud = self.launch_method == "cloud_manager"  # no host of its own: the defaults only
+        found = {} if complete else user_settings(None if cloud else self.ssh_host or "localhost")
+        for key, field in _HOST_SETTINGS.items():
+            value = getattr(self, field)
+            unused = (key == "slurm" and self.launch_method != "slurm"
+                      or key == "copy_repo" and self.update_repo)  # given ones win
+            if key not in found or unused:
+                setattr(self, field, value.default if isinstance(value, _UserDefault) else value)
+            elif isinstance(value, dict):
+                setattr(self, field, {**found[key], **value})
+            elif isinstance(value, _UserDefault):
+                setattr(self, field, found[key])
+
+    def _check_launch(self) -> None:
         if self.launch_method not in LAUNCH_METHODS:
             raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
                               f"got {self.launch_method!r}")
@@ -1160,54 +1552,39 @@ class RemoteStackOpsConfig:
             raise ConfigError("launch_method 'cloud_manager' runs the job on whichever worker "
                               f"claims it, not on ssh_host {self.ssh_host!r}",
                               hint="leave out one of the two")
-        check_slurm_options(self.slurm_options)
-        if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
-            raise ConfigError(f"retries must be 0 to 100 and retry_delay 0 to 86400 seconds, got "
-                              f"{self.retries} and {self.retry_delay}")
-        self._check_pool()
-        for parent in self.after:
-            check_safe_name(parent, "after")
-            if parent == self.job_id:
-                raise ConfigError(f"job {self.job_id} cannot run after itself")
-        if self.launch_method == "slurm":
-            self._check_slurm_combination()
-        elif self.slurm_options:
-            raise ConfigError("slurm_options are for launch_method='slurm'", hint="add --slurm")
-        if self.transfer_method == "cloud" and not self.cloud_name:
-            raise ConfigError("cloud_name must be provided when transfer_method is 'cloud'",
-                              hint="pass cloud_name=<an rclone remote name>")
-        if self.max_simultaneous_jobs < 1:
-            raise ConfigError("max_simultaneous_jobs must be at least 1, got "
-                              f"{self.max_simultaneous_jobs}")
-        if self.copy_repo and self.update_repo:
-            raise ConfigError("copy_repo and update_repo cannot go together: the job runs its own "
-                              "snapshot "
-                              "of the code sent from here, which has no .git to pull into",
-                              hint="pull here and send the result with copy_repo, or drop "
-                                   "copy_repo to "
-                                   "git pull the host's own clone")
-        if self.python is not None and not self.python.strip():
-            raise ConfigError("python must name an interpreter, e.g. 'python3'")
-        if not self.ssh_timeout > 0:
-            raise ConfigError(f"ssh_timeout must be positive seconds, got {self.ssh_timeout}")
-        if self.notify_upon_completion:
-            if self.to_email is None:
-                self.to_email = read_user_config_value("default_email_address",
-                                                       "notify_upon_completion")
-            if self.email_config_name is None:
-                self.email_config_name = read_user_config_value("default_email_config",
-                                                                "notify_upon_completion")
+
+    def _take_email_settings(self) -> None:
+        if self.to_email is not None:
+            check_email_address(self.to_email, _option("to_email", "--email"))
+        notify = _option("notify_upon_completion", "--notify")
+        if self.notify_upon_completion and self.to_email is None:
+            self.to_email = read_user_config_value("default_email_address", notify)
+        if self.notify_upon_completion and self.email_config_name is None:
+            self.email_config_name = read_user_config_value("default_email_config", notify)
+
+    def _for_host(self, ssh_host: str, **changes: Any) -> RemoteStackOpsConfig:
+        """This config for a job on ``ssh_host`` (a cluster's part): the settings given stay,
+        the ones the user config file gave are taken again for that host."""
+        data = dict(self.to_dict(), ssh_host=ssh_host, **changes)
+        if self._given.keys() == set(_HOST_SETTINGS.values()):  # all given (or a record)
+            return RemoteStackOpsConfig.from_dict(data)
+        for field in _HOST_SETTINGS.values():
+            data.pop(field)
+        return RemoteStackOpsConfig(**data, **{f: copy.copy(v) for f, v in self._given.items()})
 
     def _check_pool(self) -> None:
+        gpus, group = _option("gpus", "--gpus"), _option("group", "--group")
         if not 0 <= self.gpus <= 64:
-            raise ConfigError(f"gpus must be 0 to 64, got {self.gpus}")
+            raise ConfigError(f"{gpus} must be 0 to 64, got {self.gpus}")
         if self.group is not None:
-            check_safe_name(self.group, "group")
+            check_safe_name(self.group, group)
         if self.gpus and (self.group is not None or not self.lock_resources):
-            raise ConfigError("gpus is a pool of its own: it goes with neither group nor "
-                              "lock_resources=False")
+            raise ConfigError(f"{gpus} is a pool of its own: it goes with neither {group} nor "
+                              f"{_option('lock_resources=False', '--no-lock')}")
         if self.gpus and self.launch_method == "slurm":
-            raise ConfigError("with Slurm, ask Slurm for GPUs", hint="--slurm-opt gres=gpu:N")
+            raise ConfigError("with Slurm, ask Slurm for GPUs",
+                              hint=_option("slurm_options={'gres': 'gpu:N'}",
+                                           "--slurm-opt gres=gpu:N"))
 
     @property
     def pool(self) -> str:
@@ -1216,17 +1593,24 @@ class RemoteStackOpsConfig:
 
     def _check_slurm_combination(self) -> None:
         for flag, what in ((self.interactive, "an interactive job"),
-                           (self.transfer_method == "cloud", "transfer_method='cloud'"),
-                           (self.parallelize, "parallelize (use the array)")):
+                           (self.transfer_method == "cloud",
+                            _option("transfer_method='cloud'", "--transfer cloud")),
+                           (self.parallelize,
+                            _option("parallelize", "--parallelize") + " (use the array)")):
             if flag:
-                raise ConfigError(f"launch_method='slurm' cannot run {what}")
+                slurm = _option("launch_method='slurm'", "--slurm")
+                raise ConfigError(f"{slurm} cannot run {what}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Any) -> RemoteStackOpsConfig:
-        return _from_plain(cls, data, required=("job_id",))
+        """A config as to_dict wrote it (a job's record): taken as it is, the user config file
+        is not read."""
+        blank = cls.__new__(cls)
+        blank.__dict__["_complete"] = True  # see _take_user_settings
+        return _from_plain(cls, data, ("job_id",), blank)
 
 
 @dataclasses.dataclass
@@ -1344,6 +1728,27 @@ def _module_name_for(file: Path) -> str:
     return ".".join(parts)
 
 
+def _closest(word: str, words: list[str]) -> str:
+    """The one of ``words`` a typo of ``word`` most likely meant ("" when none is close)."""
+    import difflib
+
+    found = difflib.get_close_matches(word, words, n=1)
+    return found[0] if found else ""
+
+
+def _entry_point_hint(text: str) -> str | None:
+    """For ``pkg.mod:func`` (an entry point's spelling) the FILE.py:FUNC form stackops takes,
+    with the module's file when it is here."""
+    match = re.match(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_][\w.]*)\Z", text)
+    if match is None:
+        return None
+    base = match[1].replace(".", "/")
+    for candidate in (f"{base}.py", f"{base}/__init__.py", f"src/{base}.py"):
+        if Path(candidate).is_file():
+            return f"a function is FILE.py:FUNC here: {candidate}:{match[2]}"
+    return f"a function is FILE.py:FUNC, e.g. {base}.py:{match[2]}"
+
+
 def _top_level_names(file: Path, text: str | None = None) -> set[str]:
     """Names a module defines at its top level, read without importing it (from ``text``, the
     file's bytes as a snapshot holds them, when given)."""
@@ -1368,7 +1773,9 @@ def _top_level_names(file: Path, text: str | None = None) -> set[str]:
 @dataclasses.dataclass
 class JobParams:
     """What the wrapper runs, located relative to home and to the repo so that it travels:
-    ``*_rh`` paths are home-relative (``~/...``), ``*_r`` paths are relative to the repo root."""
+    ``*_rh`` paths are home-relative (``~/...``), ``*_r`` paths are relative to the repo root.
+    A command job (``kind="command"``) runs ``command``, an argv list run without a shell, in
+    the folder ``file_path_r`` of its repo (``file_path_rh`` where it was submitted)."""
 
     description: str = ""
     ssh_repr: str = ""
@@ -1383,7 +1790,7 @@ class JobParams:
     func_module: str = ""
     func_class: str | None = None
     func_name: str | None = None
-    kind: str = "script"  # script | function | method | run_path
+    kind: str = "script"  # script | function | method | run_path | command
     import_root_r: str = "."
     # with copy_repo: the snapshot whose copy the job runs in (job folder's code/)
     code_snapshot: str = ""
@@ -1391,12 +1798,15 @@ class JobParams:
     scm_version: str = ""
     # with copy_repo: the data paths inside the repo (relative to it), linked into the job's copy
     data_r: list[str] = dataclasses.field(default_factory=list)
+    command: list[str] = dataclasses.field(default_factory=list)  # kind "command": its argv
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        if self.kind not in ("script", "function", "method", "run_path"):
-            raise ConfigError(f"JobParams.kind {self.kind!r} is not script, function, method or "
-                              "run_path")
+        if self.kind not in ("script", "function", "method", "run_path", "command"):
+            raise ConfigError(f"JobParams.kind {self.kind!r} is not script, function, method, "
+                              "run_path or command")
+        if self.kind == "command":
+            _check_command(self.command)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1417,11 +1827,30 @@ class JobParams:
     def from_script(cls, path: str | os.PathLike[str]) -> JobParams:
         file = expand_home(path)
         if not file.exists():
-            raise ConfigError(f"script not found: {path}")
+            raise ConfigError(f"script not found: {path}",
+                              hint=_entry_point_hint(str(path)) or "a command? put it after --: "
+                                   f"{_prog()} run [options] -- COMMAND [ARGS...]")
         if not file.is_file():
             raise ConfigError(f"not a script file: {path} is a "
                               f"{'directory' if file.is_dir() else 'special file'}")
         return cls._located(file.resolve(), func_module=file.stem, kind="script")
+
+    @classmethod
+    def from_command(cls, argv: list[str] | tuple[str, ...],
+                     cwd: str | os.PathLike[str] | None = None) -> JobParams:
+        """A command (``["make", "train"]``: an argv list, run without a shell) run in the folder
+        ``cwd`` (default: this process's), located as scripts are: its repo is the git work tree
+        holding that folder, else the folder itself, and the command runs in the same folder of
+        the repo (or of its copy, with copy_repo) where the job runs."""
+        argv = _check_command(argv)
+        folder = expand_home(os.getcwd() if cwd is None else cwd)
+        if not folder.is_dir():
+            raise ConfigError(f"the command's folder {cwd} is not a folder")
+        folder = folder.resolve()
+        repo = find_repo_root(folder)
+        return cls(repo_path_rh=collapse_home(repo), file_path_rh=collapse_home(folder),
+                   file_path_r=folder.relative_to(repo).as_posix(), func_module=argv[0],
+                   kind="command", command=argv)
 
     @classmethod
     def from_function_ref(cls, ref: str) -> JobParams:
@@ -1432,11 +1861,15 @@ class JobParams:
             raise ConfigError(f"{ref!r} is not FILE.py:FUNCTION", hint="e.g. mypkg/jobs.py:train")
         file = expand_home(path)
         if not file.is_file() or file.suffix != ".py":
-            raise ConfigError(f"no Python file {path!r} (from {ref!r})")
+            near = _closest(file.name, [p.name for p in file.parent.glob("*.py")])
+            raise ConfigError(f"no Python file {path!r} (from {ref!r})", hint=near and (
+                f"did you mean {near!r}? ({os.path.join(os.path.dirname(path), near)}:{qualname})"))
         file = file.resolve()
-        head = qualname.split(".")[0]
-        if head not in _top_level_names(file):
-            raise ConfigError(f"{path} defines no top-level {head!r}")
+        head, names = qualname.split(".")[0], _top_level_names(file)
+        if head not in names:
+            near = _closest(head, sorted(names))
+            raise ConfigError(f"{path} defines no top-level {head!r}", hint=near and (
+                f"did you mean {near!r}? ({path}:{qualname.replace(head, near, 1)})"))
         module = _module_name_for(file)
         cls_name, _, func = qualname.rpartition(".")
         return cls._for_module(file, module, func, cls_name or None, "function")
@@ -1502,9 +1935,12 @@ class JobParams:
         array's task, whose wrapper is the array's: JobContext.workload)."""
         workload = workload_params.to_dict() if workload_params is not None else None
         given = f"workload_params = job.workload(WorkloadParams.from_dict({workload!r}))"
-        if self.kind == "script":
+        if self.kind == "command":
+            lines = _command_execution_lines(workload_params, parallelize)
+        elif self.kind == "script":
             if parallelize:
-                raise ConfigError("parallelize=True needs a function; a script cannot be split")
+                raise ConfigError(f"{_option('parallelize=True', '--parallelize')} needs a "
+                                  "function; a script cannot be split")
             lines = []
             if workload_params is not None:
                 lines.append(given)
@@ -1513,7 +1949,8 @@ class JobParams:
             lines.append("res = job.run_script(func_kwargs, workload_params)")
         elif workload_params is None:
             if parallelize:
-                raise ConfigError("parallelize=True needs workload_params")
+                raise ConfigError(f"{_option('parallelize=True', '--parallelize')} needs "
+                                  f"{_option('workload_params', '--workload')}")
             lines = ["func = job.load_callable()", "res = func(**func_kwargs)"]
         elif not parallelize:
             lines = [given,
@@ -1534,6 +1971,174 @@ class JobParams:
                      + ["except Exception:", "    error_message = traceback.format_exc()",
                         "    res = None"])
         return "\n".join("    " + line for line in lines)
+
+
+# -- command jobs: the argv, and the {name} placeholders a sweep's lines fill ---------------------
+
+def _check_command(argv: Any) -> list[str]:
+    """``argv`` as a command: a non-empty list of strings, the first naming the program, none
+    holding a NUL character (exec cannot pass one). Returned as a new list."""
+    if isinstance(argv, str) or not isinstance(argv, (list, tuple)) \
+            or not all(isinstance(word, str) for word in argv):
+        raise ConfigError(f"a command is a list of strings, got {_shorten(repr(argv), 60)}",
+                          hint="e.g. ['python', 'train.py', '--epochs', '3']")
+    if not argv or not argv[0].strip():
+        raise ConfigError("the command is empty: name the program to run",
+                          hint=f"e.g. {_prog()} run -- make train")
+    if any("\0" in word for word in argv):
+        raise ConfigError("a command's arguments cannot hold a NUL character")
+    return list(argv)
+
+
+def _command_execution_lines(workload_params: WorkloadParams | None,
+                             parallelize: bool) -> list[str]:
+    """The wrapper's lines for a command job: none of its own (run_job runs the command: see
+    _run_command_job); a command cannot be split in processes."""
+    if parallelize:
+        raise ConfigError("parallelize runs a function's parts in processes; a command gets its "
+                          "slice in STACKOPS_IDX_START and STACKOPS_IDX_END instead",
+                          hint="split the work inside the command, or run its parts as a Slurm "
+                               "array (--slurm) or over several hosts (cluster run)")
+    return ["res = None  # a command: run_job starts it (its slice in STACKOPS_IDX_*)"]
+
+
+# ``{name}`` is a placeholder; ``{{`` and ``}}`` stand for one brace; any other brace is itself
+_PLACEHOLDER = _LazyPattern(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
+_SHELLS = frozenset(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "posh"))
+_SHELL_OPTIONS_WITH_VALUE = frozenset(("--rcfile", "--init-file"))
+
+
+def command_placeholders(argv: list[str]) -> list[str]:
+    """The names of the ``{name}`` placeholders in a command, each once, in order of appearance
+    (``{{`` and ``}}`` are braces and name nothing)."""
+    names: list[str] = []
+    for word in argv:
+        for match in _PLACEHOLDER.finditer(word):
+            if match[1] and match[1] not in names:
+                names.append(match[1])
+    return names
+
+
+def _shell_scripts(argv: list[str]) -> set[int]:
+    """The positions in ``argv`` that a POSIX shell runs as code: the script after ``-c`` of
+    ``sh``, ``bash -lc``, ``bash -o pipefail -c`` ..., wherever that shell stands in the command
+    (``env``, ``timeout`` or ``srun`` may start it)."""
+    scripts = set()
+    for index, word in enumerate(argv):
+        if os.path.basename(word) not in _SHELLS:
+            continue
+        position, has_c = index + 1, False
+        while position < len(argv) and argv[position][:1] in ("-", "+") \
+                and argv[position] not in ("-", "--"):
+            option = argv[position]
+            long = option.startswith("--")
+            has_c = has_c or (not long and "c" in option[1:])
+            takes_value = option in _SHELL_OPTIONS_WITH_VALUE or (not long and option[-1] in "oO")
+            position += 2 if takes_value else 1
+        if position < len(argv) and argv[position] == "--":
+            position += 1
+        if has_c and position < len(argv):
+            scripts.add(position)
+    return scripts
+
+
+def _shell_state(text: str, state: str) -> str:
+    """The quoting a POSIX shell is in after reading ``text`` from ``state``: "" (none), "'",
+    '"' or "$'" (bash's C-like string), with a "\\" after it when a backslash waits to escape the
+    next character."""
+    quote, escaped, previous = state.rstrip("\\"), state.endswith("\\"), ""
+    for char in text:
+        if escaped:
+            escaped = False
+        elif quote == "'":
+            quote = "" if char == "'" else quote
+        elif char == "\\":
+            escaped = True
+        elif quote:
+            quote = "" if char == quote[-1] else quote
+        elif char == "'" and previous == "$":
+            quote = "$'"
+        elif char in "'\"":
+            quote = char
+        previous = char
+    return quote + ("\\" if escaped else "")
+
+
+def _value_text(value: Any) -> str:
+    """A sweep value as command text: a string as it is, anything else as its JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _quoted_for(state: str, text: str) -> str:
+    """``text`` as one literal piece of shell code read in quoting ``state`` (see _shell_state)."""
+    if state == "'":
+        return text.replace("'", "'\\''")
+    if state == '"':
+        return re.sub(r'([\\"$`])', r"\\\1", text)
+    return shlex.quote(text)
+
+
+def _fill_word(word: str, values: dict[str, Any], script: bool) -> str:
+    """One word of a command with its placeholders filled: literally in an argument (no shell
+    reads it), shell-quoted for where each stands in a shell's script."""
+    pieces, state, done = [], "", 0
+    for match in _PLACEHOLDER.finditer(word):
+        literal = word[done:match.start()]
+        pieces.append(literal)
+        state = _shell_state(literal, state) if script else state
+        done = match.end()
+        if not match[1]:
+            pieces.append(match[0][0])
+            state = _shell_state(match[0][0], state) if script else state
+            continue
+        if script and (state.endswith("\\") or state.startswith("$") or literal.endswith("$")):
+            raise ConfigError(f"{{{match[1]}}} stands after a '$' or a backslash, or in $'...', "
+                              "in a shell script: there a value cannot stay literal",
+                              hint="write ${{NAME}} for a shell variable, and leave a space or "
+                                   "a quote before the placeholder")
+        text = _value_text(values[match[1]])
+        pieces.append(_quoted_for(state, text) if script else text)
+    pieces.append(word[done:])
+    return "".join(pieces)
+
+
+def fill_command(argv: list[str], values: dict[str, Any]) -> list[str]:
+    """The command with each ``{name}`` filled from ``values`` (``{{``/``}}``: a brace), so that
+    every value arrives as exactly one literal piece, as GNU parallel's quoting promises: in an
+    argument (the command runs without a shell) the value is put in as it is; in the script of a
+    shell's ``-c`` (``sh -c``, ``bash -lc`` ... anywhere in the command), where a shell reads it,
+    it is quoted for the quotes it stands in (none, '...' or "..."). A string goes as it is, any
+    other value as its JSON text. A missing name is a ConfigError. The value goes unquoted into
+    other programs' code (``python -c``, ``ssh host CMD``): pass it there as an argument."""
+    missing = [name for name in command_placeholders(argv) if name not in values]
+    if missing:
+        raise ConfigError(f"no value for {', '.join('{' + name + '}' for name in missing)}",
+                          hint="write {{ and }} for a literal brace")
+    scripts = _shell_scripts(argv)
+    filled = [_fill_word(word, values, index in scripts) for index, word in enumerate(argv)]
+    return _check_command(filled)  # a value cannot bring a NUL character either
+
+
+def check_command_sweep(argv: list[str], grid: list[dict[str, Any]]) -> None:
+    """Refuse, before anything is written, a sweep of command ``argv`` over ``grid`` (one dict of
+    values per job) that could not fill it: no placeholder at all (every job would run the same
+    command), or a line without a value for one (named with the line's number)."""
+    names = command_placeholders(argv)
+    if not names:
+        raise ConfigError(f"the sweep's command has no {{name}} placeholder: its {len(grid)} "
+                          "jobs would all run the same command",
+                          hint="e.g. -- python train.py --lr {lr}, with lines like {\"lr\": 0.1}")
+    for number, line in enumerate(grid, 1):
+        try:
+            fill_command(argv, line)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep line {number}: {exc}", hint=exc.hint) from None
+
+
+def command_argv(params: JobParams, values: dict[str, Any] | None = None) -> list[str]:
+    """The argv a command job runs: its command, or with ``values`` (a sweep job's line, from its
+    kwargs) the command with its placeholders filled (fill_command)."""
+    return fill_command(params.command, values) if values else list(params.command)
 
 
 # ============================================================================================
@@ -2003,12 +2608,131 @@ class Slots:
                 _write_plain(self.root / HISTORY_VIEW, json.dumps(history, indent=1))
 
 
+# -- logind: would the host kill a detached job when the user logs out? ----------------------------
+# With KillUserProcesses=yes, systemd-logind ends every process of a login session's scope when the
+# session ends: setsid and nohup do not leave the scope, so a job fired over SSH dies with the
+# connection. A scope of the user's own service manager (systemd-run --user --scope) is outside
+# the session, but that manager stops at the user's last logout unless lingering is on. Probed on
+# the executing machine, with the standard library only.
+
+LOGIND_MARKER = "/run/systemd/system"  # exists when systemd is the init system (sd_booted)
+LOGIND_CONF_DIRS = ("/etc/systemd", "/run/systemd", "/usr/local/lib/systemd", "/usr/lib/systemd")
+LINGER_DIR = "/var/lib/systemd/linger"
+
+
+def _probe_output(argv: list[str], timeout: float) -> str | None:
+    """What ``argv`` prints when it runs and exits 0 within ``timeout`` seconds, else None."""
+    try:
+        done = _run_bounded(argv, timeout)
+    except StackopsError:  # missing, or stopped at the timeout
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _logind_properties(text: str) -> dict[str, str]:
+    """``Key=value`` lines (loginctl show-*, a [Login] section) as a dict."""
+    pairs = (line.strip().partition("=") for line in text.splitlines())
+    return {key.strip(): value.strip() for key, sep, value in pairs if sep and key[:1] != "#"}
+
+
+def _logind_conf(conf_dirs: tuple[str, ...]) -> dict[str, str]:
+    """logind's settings from its files: ``logind.conf`` in the first of ``conf_dirs`` that has
+    one, then the ``logind.conf.d/*.conf`` drop-ins by file name (the same name in an earlier
+    folder hides a later one), the last setting winning, as logind reads them."""
+    import glob
+
+    settings: dict[str, str] = {}
+    mains = [os.path.join(d, "logind.conf") for d in conf_dirs]
+    drop_ins: dict[str, str] = {}
+    for folder in reversed(conf_dirs):
+        for path in glob.glob(os.path.join(folder, "logind.conf.d", "*.conf")):
+            drop_ins[os.path.basename(path)] = path
+    main = [path for path in mains if os.path.isfile(path)][:1]
+    for path in main + [drop_ins[name] for name in sorted(drop_ins)]:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                section = handle.read().partition("[Login]")[2].split("\n[", 1)[0]
+        except OSError:
+            continue
+        settings.update(_logind_properties(section))
+    return settings
+
+
+def _kills_user(settings: dict[str, str], user: str) -> bool:
+    """Whether logind ``settings`` (KillUserProcesses, KillOnlyUsers, KillExcludeUsers) end the
+    processes of ``user``'s sessions at logout."""
+    yes = settings.get("KillUserProcesses", "no").lower() in ("yes", "true", "1", "on")
+    only = settings.get("KillOnlyUsers", "").split()
+    excluded = settings.get("KillExcludeUsers", "root").split()
+    return yes and user not in excluded and (not only or user in only)
+
+
+def _logind_probe(user: str | None = None, marker: str = LOGIND_MARKER,
+                  conf_dirs: tuple[str, ...] = LOGIND_CONF_DIRS, linger_dir: str = LINGER_DIR,
+                  timeout: float = 5.0) -> dict[str, Any]:
+    """Whether a job started detached here by ``user`` (default: this process's) would be killed
+    when that user logs out, and what stackops can do about it. Returns: ``systemd`` (init is
+    systemd: ``marker`` exists), ``kill_user_processes`` (logind ends the user's session scopes
+    at logout: ``loginctl show-session``, else the config files), ``linger``, ``scope``
+    (``systemd-run --user --scope`` works; tried only when it matters), ``wrap`` (start the
+    launcher in such a scope: _in_user_scope), ``kill_at_logout`` (the job, so started, still
+    dies at the user's logout) and ``fix`` (what the user can do, "" when nothing is needed)."""
+    import pwd
+
+    user = user or pwd.getpwuid(os.getuid()).pw_name
+    found: dict[str, Any] = {"user": user, "systemd": os.path.isdir(marker),
+                             "kill_user_processes": False, "linger": False, "scope": False,
+                             "wrap": False, "kill_at_logout": False, "fix": ""}
+    if not found["systemd"]:
+        return found
+    names = ["KillUserProcesses", "KillOnlyUsers", "KillExcludeUsers"]
+    shown = _probe_output(["loginctl", "show-session", *[f"-p{name}" for name in names]], timeout)
+    settings = _logind_properties(shown) if shown is not None else _logind_conf(conf_dirs)
+    found["kill_user_processes"] = _kills_user(settings, user)
+    shown = _probe_output(["loginctl", "show-user", user, "-pLinger"], timeout)
+    found["linger"] = (_logind_properties(shown).get("Linger") == "yes" if shown is not None
+                       else os.path.exists(os.path.join(linger_dir, user)))
+    if not found["kill_user_processes"]:
+        return found
+    scope = ["systemd-run", "--user", "--scope", "--quiet", "true"]
+    found["scope"] = found["wrap"] = _probe_output(scope, timeout) is not None
+    found["kill_at_logout"] = not (found["scope"] and found["linger"])
+    if not found["linger"]:
+        found["fix"] = f"loginctl enable-linger {user}"
+    elif not found["scope"]:
+        found["fix"] = (f"ask the administrator to add {user} to KillExcludeUsers in "
+                        "/etc/systemd/logind.conf")
+    return found
+
+
+def _in_user_scope(argv: list[str], probe: dict[str, Any]) -> list[str]:
+    """``argv`` started in a scope of the user's service manager when ``probe`` (_logind_probe)
+    says so, out of the login session that logind would end at logout; else ``argv`` itself.
+    systemd-run --scope runs the program itself (same pid), so nothing else changes."""
+    if not probe.get("wrap"):
+        return list(argv)
+    return ["systemd-run", "--user", "--scope", "--quiet", "--", *argv]
+
+
+_LOGIND: list[dict[str, Any]] = []  # this machine's _logind_probe, once per process
+
+
+def _logind() -> dict[str, Any]:
+    """This machine's answer to _logind_probe, asked once (and only where systemd is init)."""
+    if not _LOGIND:
+        _LOGIND.append(_logind_probe(marker=LOGIND_MARKER) if os.path.isdir(LOGIND_MARKER)
+                       else {"kill_at_logout": False, "wrap": False, "fix": ""})
+    return _LOGIND[0]
+
+
 def _start_detached(argv: list[str], output: Path, env: dict[str, str] | None = None,
                     cwd: Path | None = None, fds: tuple[int, ...] = ()) -> int:
     """Start ``argv`` in a session of its own (it outlives us and our terminal), output appended
-    to ``output``, keeping ``fds`` open in it; returns its pid."""
+    to ``output``, keeping ``fds`` open in it, and out of the login session where logind would
+    end it at logout (_logind); returns its pid."""
     with _private_append(output) as out:
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+        child = subprocess.Popen(_in_user_scope(argv, _logind()), stdin=subprocess.DEVNULL,
+                                 stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                  cwd=str(cwd) if cwd else None, pass_fds=fds)
     _DETACHED.append(child)
@@ -2375,7 +3099,9 @@ def _status_of(job_id: str, state: dict[str, Any], tail: str = "",
                      start_time=state.get("started"), end_time=state.get("ended"),
                      results_path=state.get("results"), error_message=state.get("error") or "",
                      place=place, host=state.get("node") or "?", log_tail=tail,
-                     slurm_job_id=slurm.get("id"), reason=state.get("reason") or "",
+                     slurm_job_id=slurm.get("id"),
+                     reason=state.get("reason") or (
+                         state.get("warning") if status not in TERMINAL_STATUSES else "") or "",
                      attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
                      exit_code=state.get("exit_code"), signal=state.get("signal"),
                      max_rss_bytes=state.get("max_rss_bytes"),
@@ -2565,10 +3291,9 @@ def _say(text: str) -> None:
     and on a line of its own (the job's output may have ended in the middle of one)."""
     sys.stdout.flush()
     start = ""
-    with _suppress(OSError, IndexError):
-        with open(_LOG[0], "rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            start = "" if handle.read(1) == b"\n" else "\n"
+    with _suppress(OSError, IndexError), open(_LOG[0], "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        start = "" if handle.read(1) == b"\n" else "\n"
     print(f"{start}stackops: {text}", flush=True)
 
 
@@ -2674,7 +3399,7 @@ def _begin(root: Path, manager: FileManager, config: dict[str, Any]) -> None:
 
     if _update(root, start).get("status") != "running":
         raise _NeverRuns("cancelled before it started")
-    _say(f"job {manager.job_id} starts on {os.uname().nodename} (pid {os.getpid()})")
+    _say(f"EXECUTION START: job {manager.job_id} on {os.uname().nodename} (pid {os.getpid()})")
     _aside_old_results(root, manager)
     _setup_repo(root, config)
 
@@ -2736,7 +3461,7 @@ def _attempts(root: Path, manager: FileManager, config: dict[str, Any],
     while True:
         if _TERM_SEEN:
             return None, {"error": f"terminated by signal {_TERM_SEEN[0]} before its run"}
-        env = _job_environment(root, manager, config, attempt)
+        env = _run_environment(root, manager, config, attempt)
         if interactive:
             res, outcome = _run_here(root, manager, execute, env)
         else:
@@ -2761,26 +3486,17 @@ def _stopping(root: Path) -> bool:
     return bool(_TERM_SEEN) or bool(read_state(root).get("cancel"))
 
 
-def _job_environment(root: Path, manager: FileManager, config: dict[str, Any],
+def _run_environment(root: Path, manager: FileManager, config: dict[str, Any],
                      attempt: int) -> dict[str, str]:
-    """What a run adds to its environment: the user's ``env``, then the job's own variables
-    (STACKOPS_*: its id, attempt, slot, sweep index, part), unbuffered Python output, and its
-    bytecode kept inside the job's folder (never written into the user's tree)."""
-    env = {str(key): str(value) for key, value in (config.get("env") or {}).items()}
-    env.update(STACKOPS_JOB_ID=manager.job_id, STACKOPS_ATTEMPT=str(attempt),
-               STACKOPS_SLOT=",".join(manager.slot_names), STACKOPS_JOB_ROOT=str(root),
-               STACKOPS_RESULTS=str(expand_home(f"{DEFAULT_RESULTS_DIR}/{manager.job_id}")),
-               PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(root / LOGS / "pycache"))
-    sweep = re.search(r"-(\d+)\Z", manager.job_id)
-    if sweep and os.path.islink(root / WRAPPER_PY):  # a job of a sweep or a task of an array
-        env["STACKOPS_SWEEP_INDEX"] = str(int(sweep[1]))
-    workload = config.get("workload_params")
-    if isinstance(workload, dict):
-        env.update(STACKOPS_PART=str(workload.get("idx", 0)),
-                   STACKOPS_IDX_START=str(workload.get("idx_start", 0)),
-                   STACKOPS_IDX_END=str(workload.get("idx_end", 0)),
-                   STACKOPS_IDX_MIN=str(workload.get("idx_min", 0)),
-                   STACKOPS_IDX_MAX=str(workload.get("idx_max", 0)))
+    """What a run adds to its environment: the user's ``env`` and the job's own variables (see
+    _job_environment), its folder and results folder, and unbuffered Python output (a job run in
+    place writes no bytecode into the user's tree: JobContext)."""
+    sweep = re.search(r"-(\d+)\Z", manager.job_id) if os.path.islink(root / WRAPPER_PY) else None
+    env = _job_environment(manager.job_id, attempt, ",".join(manager.slot_names),
+                           config.get("workload_params"), int(sweep[1]) if sweep else None,
+                           config.get("env"))
+    env.update(STACKOPS_JOB_ROOT=str(root), PYTHONUNBUFFERED="1",
+               STACKOPS_RESULTS=str(expand_home(f"{DEFAULT_RESULTS_DIR}/{manager.job_id}")))
     return env
 
 
@@ -2790,33 +3506,45 @@ def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
     """One run in a child process of the wrapper (a fork for a Python job: nothing to start; the
     command itself for a command job), in the wrapper's process group; its outcome, with its exit
     status or signal, peak memory and CPU time as the kernel counted them."""
-    params = _read_json(root / JOB_PARAMS_JSON)
+    params = JobParams.from_dict(_read_json(root / JOB_PARAMS_JSON))
     sys.stdout.flush()
     sys.stderr.flush()
-    if params.get("kind") == "command":
-        argv = [str(word) for word in params.get("command") or []]
-        child = subprocess.Popen(argv, cwd=str(_work_dir(root)), env={**os.environ, **env},
-                                 stdin=subprocess.DEVNULL)
-        pid, outcome = child.pid, {"results": env["STACKOPS_RESULTS"]}
-        _mkdir_private(Path(env["STACKOPS_RESULTS"]))
-    else:
-        told = root / LOGS / f".outcome-{os.getpid()}.json"
-        with _suppress(FileNotFoundError):
-            os.unlink(told)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the child: it never returns)
-            _child_main(root, manager, execute, env, told)
-        outcome = {}
+    if params.kind == "command":
+        return _run_command_job(root, params, env)
+    told = root / LOGS / f".outcome-{os.getpid()}.json"
+    with _suppress(FileNotFoundError):
+        os.unlink(told)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child: it never returns)
+        _child_main(root, manager, execute, env, told)
     _CHILD[:] = [pid]
     try:
         _, status, usage = os.wait4(pid, 0)
     finally:
         _CHILD.clear()
-    if params.get("kind") != "command":
-        with _suppress(OSError, ValueError):
-            outcome = json.loads(told.read_text(encoding="utf-8"))
-            os.unlink(told)
+    outcome: dict[str, Any] = {}
+    with _suppress(OSError, ValueError):
+        outcome = json.loads(told.read_text(encoding="utf-8"))
+        os.unlink(told)
     return _outcome(outcome, status, usage)
+
+
+def _run_command_job(root: Path, params: JobParams, env: dict[str, str]) -> dict[str, Any]:
+    """One run of a command job: its argv (a sweep's placeholders filled from its kwargs) in its
+    folder of the repo (of its own copy, with copy_repo), with the job's variables, its output
+    into the job's log; the results folder is STACKOPS_RESULTS."""
+    argv = command_argv(params, _read_json(root / KWARGS_JSON))
+    folder = _work_dir(root) / params.file_path_r
+    if params.code_snapshot and not folder.exists():  # empty here: no snapshot holds it
+        _mkdir_private(folder)
+    results = Path(env["STACKOPS_RESULTS"])
+    _mkdir_private(results)
+    try:
+        record = _run_command(argv, folder, {**os.environ, **env}, sys.stdout.fileno(),
+                              started=_CHILD)
+    finally:
+        _CHILD.clear()
+    return dict(record, error=_command_failure(argv, record), results=collapse_home(results))
 
 
 def _outcome(outcome: dict[str, Any], status: int, usage: Any) -> dict[str, Any]:
@@ -2851,7 +3579,6 @@ def _child_main(root: Path, manager: FileManager,
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
         os.environ.update(env)
-        sys.pycache_prefix = env["PYTHONPYCACHEPREFIX"]  # type: ignore[attr-defined]
         for stream in (sys.stdout, sys.stderr):
             with _suppress(AttributeError, ValueError):
                 stream.reconfigure(write_through=True)  # type: ignore[union-attr]
@@ -2977,6 +3704,11 @@ def load_email_config(name: str) -> dict[str, Any]:
                           "(ssl, starttls or plain); missing or wrong: "
                           f"{', '.join(missing) or 'security'}")
     _check_plaintext_auth(entry, f"e-mail config {name!r} in {path}")
+    timeout = entry.get("timeout", MAIL_DEADLINE)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 < timeout <= 600:
+        raise ConfigError(f"e-mail config {name!r} in {path}: timeout must be seconds (more "
+                          f"than 0, at most 600) for the whole exchange, got {timeout!r}")
     return entry
 
 
@@ -2989,28 +3721,75 @@ def _check_plaintext_auth(settings: dict[str, Any], what: str) -> None:
                                "the server is on a network you trust")
 
 
-def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str) -> None:
-    """One plain-text message over SMTP (SSL, STARTTLS or plain), with a timeout."""
-    import smtplib
-    import ssl
+def send_job_email(settings: dict[str, Any], to: str, subject: str, body: str,
+                   deadline: float | None = None) -> None:
+    """One plain-text message over SMTP (SSL, STARTTLS or plain), the whole exchange within
+    ``deadline`` seconds (default: the config's ``timeout``, else MAIL_DEADLINE), not per read:
+    a server that trickles its greeting cannot hold the job's process. A message not sent in
+    time is a StackopsError (the exchange is cut off); any other failure is raised as it is."""
+    import threading
     from email.message import EmailMessage
 
     _check_plaintext_auth(settings, f"SMTP server {settings.get('host')}")
     message = EmailMessage()
     message["Subject"], message["From"], message["To"] = subject, settings["from"], to
     message.set_content(body)
+    limit = float(deadline if deadline is not None else settings.get("timeout") or MAIL_DEADLINE)
+    server, context = _smtp_client(settings, limit)
+    outcome: list[BaseException | None] = []
+
+    def exchange() -> None:
+        try:
+            _smtp_exchange(server, settings, message, context)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    talker = threading.Thread(target=exchange, name="stackops-mail", daemon=True)
+    talker.start()
+    talker.join(limit)
+    if not outcome:  # still talking: cut it off (a daemon thread keeps no process alive)
+        with _suppress(Exception):
+            server.sock.shutdown(2)
+        raise StackopsError(f"the SMTP server {settings['host']}:{settings['port']} did not "
+                            f"finish the exchange within {limit:g}s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _smtp_client(settings: dict[str, Any], limit: float) -> tuple[Any, Any]:
+    """An smtplib client for ``settings``, not yet connected (so another thread can cut off its
+    socket), with ``limit`` as its timeout per read; and its TLS context."""
+    import smtplib
+    import ssl
+
     context = ssl.create_default_context(cafile=settings.get("cafile"))
-    host, port = settings["host"], int(settings["port"])
     if settings["security"] == "ssl":
-        server: Any = smtplib.SMTP_SSL(host, port, timeout=30, context=context)
+        server: Any = smtplib.SMTP_SSL(timeout=limit, context=context)
     else:
-        server = smtplib.SMTP(host, port, timeout=30)
-    with server:
+        server = smtplib.SMTP(timeout=limit)
+    server._host = settings["host"]  # the TLS server name, as connecting in the constructor sets
+    return server, context
+
+
+def _smtp_exchange(server: Any, settings: dict[str, Any], message: Any, context: Any) -> None:
+    """Connect, greet, encrypt, log in, send and quit: what smtplib's constructor and ``with``
+    would do, on a client made by _smtp_client."""
+    import smtplib
+
+    code, reply = server.connect(settings["host"], int(settings["port"]))
+    if code != 220:
+        server.close()
+        raise smtplib.SMTPConnectError(code, reply)
+    try:
         if settings["security"] == "starttls":
             server.starttls(context=context)
         if settings.get("user"):
             server.login(settings["user"], settings.get("password", ""))
         server.send_message(message)
+        server.quit()
+    finally:
+        server.close()
 
 
 
@@ -3064,6 +3843,21 @@ def _notify(root: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
 
 
 HOOK_TIMEOUT = 60.0  # seconds an --on-end command may take
+HOOK_PLACEHOLDERS = ("job_id", "status", "exit_code", "host", "duration")
+
+
+def check_hook(command: Any, what: str = "on_end") -> str:
+    """An ``on_end`` command: text whose ``{name}`` placeholders are HOOK_PLACEHOLDERS'; checked
+    when the job is described, not when it ends."""
+    hint = "a shell command; its placeholders: " + " ".join(f"{{{n}}}" for n in HOOK_PLACEHOLDERS)
+    if not isinstance(command, str) or not command.strip() or "\0" in command:
+        raise ConfigError(f"{what} must be a shell command, got {_shorten(repr(command), 60)}",
+                          hint=hint)
+    try:
+        fill_placeholders(command, dict.fromkeys(HOOK_PLACEHOLDERS, ""))
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}", hint=hint) from None
+    return command
 
 
 def _run_hook(root: Path, state: dict[str, Any], template: str) -> None:
@@ -3076,7 +3870,7 @@ def _run_hook(root: Path, state: dict[str, Any], template: str) -> None:
               "duration": f"{_seconds_between(state.get('started'), state.get('ended')):.1f}"}
     command = fill_placeholders(template, values, quote=True)
     try:
-        done = _run_bounded(["bash", "-c", command], HOOK_TIMEOUT)
+        done = _run_bounded([shutil.which("bash") or "sh", "-c", command], HOOK_TIMEOUT)
         said = f"exit status {done.returncode}"
         sys.stdout.write(done.stdout)
         sys.stdout.write(done.stderr)
@@ -3130,6 +3924,112 @@ def _wait_for_parents(root: Path, parents: list[str], wait: bool = True) -> None
         _record(root, status="waiting", reason="after " + ", ".join(pending))
         time.sleep(AFTER_POLL)
     _record(root, reason="")
+
+
+# -- command jobs and forked children: one attempt, its environment, exit status and resources ---
+
+def _job_environment(job_id: str, attempt: int, slot: str | None,
+                     workload: WorkloadParams | dict[str, Any] | None = None,
+                     sweep_index: int | None = None,
+                     config_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables a job gets on top of its machine's environment: the user's ``config_env``
+    (--env), then stackops' own, which win: STACKOPS_JOB_ID, STACKOPS_ATTEMPT (1 for the first
+    run), STACKOPS_SLOT (the slot it holds, "" for none); STACKOPS_SWEEP_INDEX for a sweep's job
+    (its line, from 0); with a workload its slice: STACKOPS_IDX_START and STACKOPS_IDX_END (the
+    slice), STACKOPS_IDX_MIN and STACKOPS_IDX_MAX (the whole range), STACKOPS_PART (the slice's
+    index: a cluster host's, an array task's) and STACKOPS_PARTS (into how many parts the slice
+    is to be cut: --workload's PARTS, a cluster host's threads)."""
+    env = {str(key): str(value) for key, value in (config_env or {}).items()}
+    env.update(STACKOPS_JOB_ID=job_id, STACKOPS_ATTEMPT=str(attempt), STACKOPS_SLOT=slot or "")
+    if sweep_index is not None:
+        env["STACKOPS_SWEEP_INDEX"] = str(sweep_index)
+    if workload is not None:
+        part = workload if isinstance(workload, WorkloadParams) else WorkloadParams.from_dict(
+            workload)
+        env.update(STACKOPS_IDX_START=str(part.idx_start), STACKOPS_IDX_END=str(part.idx_end),
+                   STACKOPS_IDX_MIN=str(part.idx_min), STACKOPS_IDX_MAX=str(part.idx_max),
+                   STACKOPS_PART=str(part.idx), STACKOPS_PARTS=str(part.jobs))
+    return env
+
+
+def _exit_record(status: int, usage: Any) -> dict[str, Any]:
+    """What a wait4() status and resource use say of an ended process: ``exit_code`` (None when a
+    signal ended it), ``signal`` (None when it exited), ``max_rss_bytes`` (the largest resident
+    set of it or of a descendant it waited for) and ``cpu_seconds`` (user + system time of it and
+    of the descendants it waited for)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # Linux counts ru_maxrss in KiB, macOS bytes
+    killed = os.WIFSIGNALED(status)
+    return {"exit_code": None if killed else os.WEXITSTATUS(status),
+            "signal": os.WTERMSIG(status) if killed else None,
+            "max_rss_bytes": int(usage.ru_maxrss) * scale,
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3)}
+
+
+def _stop_child(pid: int, grace: float) -> None:
+    """SIGTERM to child ``pid``, SIGKILL if it still runs ``grace`` seconds later; reaped."""
+    deadline = time.monotonic() + grace
+    try:
+        os.kill(pid, signal.SIGTERM)
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass  # gone, and reaped already
+
+
+def _wait_child(pid: int, grace: float = 10.0) -> dict[str, Any]:
+    """Wait for child ``pid`` (a command job's program, or the forked Python of a function job)
+    and return its _exit_record. Whatever is raised meanwhile (the wrapper's SIGTERM handler: a
+    cancel, Slurm's time limit) stops the child first (SIGTERM, then SIGKILL after ``grace``
+    seconds) and then goes on up."""
+    try:
+        _, status, usage = os.wait4(pid, 0)
+    except BaseException:
+        _stop_child(pid, grace)
+        raise
+    return _exit_record(status, usage)
+
+
+def _run_command(argv: list[str], cwd: str | os.PathLike[str], env: dict[str, str], out_fd: int,
+                 grace: float = 10.0, started: list[int] | None = None) -> dict[str, Any]:
+    """One attempt of a command job: ``argv`` run without a shell (the program is looked up on
+    ``env``'s PATH) in folder ``cwd`` with exactly ``env``, stdin empty, stdout and stderr both
+    on ``out_fd`` (one stream, in the order the program writes). It stays in this process's
+    group, so stopping the job's group stops it too. Returns its _exit_record (see _wait_child);
+    a program that cannot be started is a StackopsError."""
+    if not os.path.isdir(cwd):
+        raise StackopsError(f"the command's folder {cwd} is not there")
+    try:
+        child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd,
+                                 stderr=out_fd)
+    except OSError as exc:
+        raise StackopsError(f"cannot run {argv[0]!r}: {exc.strerror or exc}",
+                            hint="is it installed where the job runs, and on its PATH? (or give "
+                                 "its path)") from exc
+    if started is not None:
+        started[:] = [child.pid]  # (the wrapper passes a SIGTERM on to it)
+    try:
+        record = _wait_child(child.pid, grace)
+    finally:
+        child.returncode = -1  # reaped by _wait_child: Popen must not wait for it again
+    return record
+
+
+def _command_failure(argv: list[str], record: dict[str, Any]) -> str:
+    """The error of a command's attempt from its _exit_record: "" when it exited 0."""
+    number = record.get("signal")
+    if number is not None:
+        try:
+            name = f" ({signal.Signals(number).name})"
+        except ValueError:
+            name = ""
+        return f"the command {argv[0]} was killed by signal {number}{name}"
+    if record.get("exit_code"):
+        return f"the command {argv[0]} exited with status {record['exit_code']}"
+    return ""
 
 
 # -- the queue's dispatcher: hands slots to queued entries, first come first served --------------
@@ -3386,7 +4286,8 @@ def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
     try:
         env = dict(env, STACKOPS_ALIVE_FD=str(alive))
         with _private_append(root / OUTPUT_LOG) as out:
-            child = subprocess.Popen([os.path.expanduser(python), str(root / WRAPPER_PY)],
+            argv = [os.path.expanduser(python), str(root / WRAPPER_PY)]
+            child = subprocess.Popen(argv if fds else _in_user_scope(argv, _logind()),
                                      cwd=str(root), env=env, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, pass_fds=(*fds, alive),
                                      start_new_session=True)
@@ -3419,6 +4320,18 @@ def fire_jobs(roots: list[Path], env: dict[str, str] | None = None) -> dict[str,
     if config.get("launch_method") == "slurm":
         return _fire_slurm(roots[0], first, config)
     _record_fire_env(roots, env)
+    logind = _logind()
+    if logind.get("kill_at_logout"):  # said once at submit (the answer) and in each status
+        warning = ("this host ends your processes when you log out, and the job with them"
+                   + (f": {logind['fix']}" if logind.get("fix") else ""))
+        for root in roots:
+            _record(root, warning=warning)
+        return dict(_fire_started(roots, first, config), warning=warning)
+    return _fire_started(roots, first, config)
+
+
+def _fire_started(roots: list[Path], first: FileManager, config: dict[str, Any]) -> dict[str, Any]:
+    """fire_jobs' start proper, once the jobs' folders and environment are in order."""
     if config.get("interactive"):
         return _fire_tmux(roots[0], first)
     if not first.lock_resources:
@@ -3628,7 +4541,7 @@ def judge_jobs(roots: list[Path]) -> list[dict[str, Any]]:
     pools = set()
     for root, state in zip(roots, states):
         sid = str((state.get("slurm") or {}).get("id") or "")
-        view = views[sid] if sid in views else False
+        view = views.get(sid, False)
         current = _judge(root, state, view)
         if silent and sid and view is False:
             current = dict(current, reason=silent)
@@ -3857,10 +4770,9 @@ def _local_specs() -> dict[str, Any]:
     """This machine's OS, CPUs, memory, Python, home and user (SSH.remote_specs; the cluster's
     load calculators read the CPUs and memory)."""
     memory = 0
-    with _suppress(OSError, StopIteration, ValueError, IndexError):
-        with open("/proc/meminfo") as handle:
-            line = next(line for line in handle if line.startswith("MemTotal:"))
-            memory = int(line.split()[1]) * 1024
+    with _suppress(OSError, StopIteration, ValueError, IndexError), open("/proc/meminfo") as handle:
+        line = next(line for line in handle if line.startswith("MemTotal:"))
+        memory = int(line.split()[1]) * 1024
     if not memory:
         with _suppress(ValueError, OSError, AttributeError):
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -3935,7 +4847,8 @@ def _receive_parts(request: dict[str, Any], staging: Path, stream: Any) -> None:
         elif part.get("blob"):  # a file of the job folder the store holds (stackops): copied here
             path = staging / _safe_relative(name)
             _mkdir_private(path.parent)
-            _copy_verified(_blob(store, part["blob"]), path, part["blob"], part["mode"] & 0o700)
+            _copy_verified(str(_blob(store, part["blob"])), str(path), part["blob"],
+                           part["mode"] & 0o700)
         else:
             path = staging / _safe_relative(name)
             _mkdir_private(path.parent)
@@ -4024,7 +4937,7 @@ def collect_snapshots(store: Path, queued: Path, keep_seconds: float) -> int:
     for name in os.listdir(queued):
         with _suppress(OSError, ValueError, AttributeError, StackopsError):
             used.add(_read_json(queued / name / JOB_PARAMS_JSON).get("code_snapshot"))
-    removed, keep = 0, set()
+    removed, keep = 0, set()  # type: ignore[var-annotated]
     for path in store.glob("*.json"):
         if path.stem not in used and now - path.stat().st_mtime > keep_seconds:
             path.unlink()
@@ -4481,9 +5394,9 @@ def _paramiko_invoke() -> None:
         paramiko.config.invoke = invoke  # type: ignore[attr-defined]
 
 
-_TARGET = re.compile(r"(?:(?P<user>[^@\s/:]+)@)?"
-                     r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
-                     r"(?::(?P<port>\d+))?\Z")
+_TARGET = _LazyPattern(r"(?:(?P<user>[^@\s/:]+)@)?"
+                       r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
+                       r"(?::(?P<port>\d+))?\Z")
 
 
 def _check_port(port: Any, where: str) -> int:
@@ -5004,8 +5917,10 @@ def _host_key_policy(accept: bool, revoked: set[str], record: Path) -> Any:
             if not accept:
                 raise HostKeyError(
                     f"host key of {hostname} is unknown ({key.get_name()} {_fingerprint(key)})",
-                    hint="if you trust it: pass --accept-new (accept_new_host_key=True), or set "
-                         "StrictHostKeyChecking accept-new for it in ~/.ssh/config")
+                    hint=f"if you trust it: pass "
+                         f"{_option('accept_new_host_key=True', '--accept-new')}, or set "
+                         "StrictHostKeyChecking accept-new for it in ~/.ssh/config",
+                    unknown_key=True)
             client.get_host_keys().add(hostname, key.get_name(), key)
             _append_known_host(record, f"{hostname} {key.get_name()} {key.get_base64()}")
             log.warning("recorded the host key of %s in %s", hostname, record)
@@ -5233,7 +6148,8 @@ def _upload(ssh: SSH, source_path: str | os.PathLike[str], target_rel2home: str 
     if not source.exists():
         raise ConfigError(f"nothing to copy at {source_path}")
     if source.is_dir() and not recursive:
-        raise ConfigError(f"{source_path} is a folder: pass recursive=True (-r) to copy folders")
+        raise ConfigError(f"{collapse_home(source)} is a folder: pass "
+                          f"{_option('recursive=True', '-r')} to copy folders")
     relative = target_rel2home if target_rel2home is not None else _home_relative(source)
     target = _remote_target(relative)
     staging = _prepare_target(ssh, target, overwrite)
@@ -5280,7 +6196,8 @@ def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
                           "a folder holding it, or /", hint="name a folder inside it")
     if response.returncode == 17:
         raise ConfigError(f"{target} already exists on {ssh.target.alias}",
-                          hint="pass overwrite (--overwrite) to replace it")
+                          hint=f"pass {_option('overwrite_existing=True', '--overwrite')} to "
+                               "replace it")
     if response.returncode != 0:
         raise TransferError(f"cannot prepare {where}: {_last_line(response.stderr)}")
     return staging
@@ -5499,7 +6416,8 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
     if kind == "missing":
         raise ConfigError(f"nothing to copy at {ssh.target.alias}:{remote}")
     if kind == "dir" and not recursive:
-        raise ConfigError(f"{remote} is a folder: pass recursive=True (-r) to copy folders")
+        raise ConfigError(f"{remote} is a folder: pass {_option('recursive=True', '-r')} to copy "
+                          "folders")
     if target is None and not remote.startswith("~"):
         raise ConfigError(f"{remote} is outside the host's home, so it has no home-relative "
                           "place here", hint="give the target path explicitly")
@@ -5715,8 +6633,8 @@ def _free_destination(destination: Path, overwrite: bool) -> Path:
         raise ConfigError(f"{destination} is your home, or holds it: a copy never replaces that",
                           hint="name a folder inside it")
     if (destination.exists() or destination.is_symlink()) and not overwrite:
-        raise ConfigError(f"{destination} already exists",
-                          hint="pass overwrite (--overwrite) to replace it")
+        raise ConfigError(f"{collapse_home(destination)} already exists",
+                          hint=f"pass {_option('overwrite=True', '--overwrite')} to replace it")
     return destination
 
 
@@ -5908,7 +6826,8 @@ def _read_kwargs_file(source: str) -> str:
         if info.st_size > MAX_KWARGS_BYTES:
             size = f"{info.st_size / 2**20:.0f} MiB"
             raise ConfigError(f"kwargs file {source} is {size}, more than {limit}",
-                              hint="send big inputs as --data files; pass their paths as kwargs")
+                              hint=f"send big inputs as {_option('data', '--data')} files; pass "
+                                   "their paths as kwargs")
         with os.fdopen(os.dup(fd), "rb") as handle:
             data = handle.read(MAX_KWARGS_BYTES + 1)
     except OSError as exc:
@@ -5940,7 +6859,10 @@ def parse_kwargs(text: str) -> dict[str, Any]:
 
 
 def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
-    """JobParams for a script path, FILE.py:FUNC, function or bound method (+ pickled instance)."""
+    """JobParams for a script path, FILE.py:FUNC, function or bound method (+ pickled instance),
+    or a command: a list (or tuple) of strings, run in this process's folder."""
+    if isinstance(func, (list, tuple)):
+        return JobParams.from_command(func), None
     if isinstance(func, (str, os.PathLike)):
         text = os.fspath(func)
         if re.search(r"\.py:[^/\\]+\Z", text):
@@ -5966,7 +6888,7 @@ def _job_params_for(func: Any) -> tuple[JobParams, bytes | None]:
 def _parameters(func: Any, params: JobParams) -> list[tuple[str, str, bool]] | None:
     """(name, kind, has a default) of each parameter the job's callable takes; None when that
     cannot be known. A function object is asked; a FILE.py:FUNC is read with ast, never imported."""
-    if params.kind == "script":
+    if params.kind in ("script", "command"):
         return None
     if not isinstance(func, (str, os.PathLike)):
         import inspect
@@ -6035,8 +6957,9 @@ def _check_call(parameters: list[tuple[str, str, bool]] | None, kwargs: dict[str
                if not has_default and not kind.startswith("VAR_") and n not in given]
     if missing:
         needed = ", ".join(map(repr, missing))
+        example = f'{{"{missing[0]}": ...}}'
         raise ConfigError(f"{what} needs {needed}, which the kwargs do not give",
-                          hint=f"e.g. --kwargs '{{\"{missing[0]}\": ...}}'")
+                          hint="e.g. " + _option(f"func_kwargs={example}", f"--kwargs '{example}'"))
 
 
 REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache",
@@ -6197,13 +7120,6 @@ def _tree_sources(repo: Path, entries: list[list[Any]]) -> dict[str, list[str]]:
         if kind != "l":
             sources.setdefault(value, []).append(f"{repo}/{relative}")
     return sources
-
-
-def _materialize_here(repo: Path, entries: list[list[Any]], folder: Path) -> None:
-    """The job's own copy of its snapshot, made on this machine (a local job, or a host that sees
-    this machine's files) from the work tree, each file checked against the manifest (see
-    _materialize), appearing whole under ``folder``."""
-    _materialize(entries, _tree_sources(repo, entries), folder)
 
 
 def scm_version(repo: Path) -> str:
@@ -6425,7 +7341,12 @@ class _HandOverTalk:
         by_blob = _folder_blobs(self.spec.root)
         sources = dict((self.spec.snapshot or ("", [], {}))[2])
         sources.update((digest, path) for digest, path in by_blob.values())
-        parts = [(f"b/{digest}", sources[digest]) for digest in blobs]
+        missing = [digest for digest in blobs if digest not in sources]
+        if missing:
+            raise StackopsError(f"the host asks for a file this snapshot no longer has "
+                                f"(sha256 {missing[0][:12]})", hint="submit again: a fresh "
+                                "snapshot of the repo is taken")
+        parts: list[tuple[str, Path | str | None]] = [(f"b/{d}", sources[d]) for d in blobs]
         for index, (item, answer) in enumerate(zip(self.items, data)):
             parts += [(f"d/{index}/{rel}" if rel else f"d/{index}", item["sources"][rel])
                       for rel in answer["need"]]
@@ -6600,6 +7521,7 @@ class CloudQueue:
         self.base = cloud_base(cloud_name) + "/units"
         self.settle, self.lease = settle, lease
         self._meta: dict[str, dict[str, Any]] = {}
+        self.pending: dict[str, str] = {}  # unit: this worker's claim, neither confirmed nor gone
 
     def _put(self, path: str, text: str) -> None:
         _rclone("rcat", f"{self.base}/{path}", what=f"write of {path}", stdin=text)
@@ -6658,18 +7580,50 @@ class CloudQueue:
         return self._meta[unit_id]
 
     def claim(self, unit_id: str, worker: str) -> str | None:
-        """Try to own a unit: the claim's name when this worker won, None when another did."""
+        """Try to own a unit: the claim's name when this worker won, None when another did. A
+        claim whose outcome cannot be read (the listing fails twice) is withdrawn and the error
+        raised; one that cannot even be withdrawn is remembered (``pending``), so that this
+        worker takes it up at its next look instead of leaving its own unit blocked a lease."""
         name = f"{time.time_ns():019d}-{worker}"
         self._put(f"{unit_id}/claims/{name}", json.dumps({"worker": worker,
                                                           "host": os.uname().nodename}))
         time.sleep(self.settle)
-        live = self._live(unit_id)
+        try:
+            live = self._live_again(unit_id)
+        except StackopsError:
+            if not self._withdraw(unit_id, name):
+                self.pending[unit_id] = name
+            raise
         if live and live[0] == name:
             return name
-        with _suppress(StackopsError):
-            _rclone("deletefile", f"{self.base}/{unit_id}/claims/{name}",
-                    what="withdrawal of a claim")
+        self._withdraw(unit_id, name)
         return None
+
+    def _live_again(self, unit_id: str) -> list[str]:
+        """_live, tried once more after a failed listing."""
+        try:
+            return self._live(unit_id)
+        except StackopsError as exc:
+            log.warning("could not list the claims of unit %s (%s); trying again", unit_id, exc)
+            time.sleep(min(self.settle, 1.0))
+            return self._live(unit_id)
+
+    def _withdraw(self, unit_id: str, claim: str) -> bool:
+        """Delete this worker's claim; False when that failed."""
+        try:
+            _rclone("deletefile", f"{self.base}/{unit_id}/claims/{claim}",
+                    what="withdrawal of a claim")
+        except StackopsError as exc:
+            log.warning("could not withdraw the claim on unit %s: %s", unit_id, exc)
+            return False
+        return True
+
+    def _take_pending(self, unit_id: str, claims: list[tuple[str, float]]) -> str | None:
+        """A claim this worker made but could not confirm nor withdraw (claim), now confirmed by
+        the fresh listing ``claims`` of the unit: the earliest live one. None otherwise."""
+        name = self.pending.pop(unit_id, None)
+        live = self.live_claims(claims)
+        return name if name is not None and live and live[0] == name else None
 
     def cancel(self, unit_id: str) -> None:
         """Mark a unit cancelled: no worker claims it any more, and the one running it stops it
@@ -6716,29 +7670,46 @@ class CloudQueue:
         return True
 
     def report(self) -> list[dict[str, Any]]:
-        """One row per unit: queued, running on a worker, stale (its worker went quiet), or done."""
+        """One row per unit: queued, running on a worker, stale (its worker went quiet), done, or
+        ``unreadable`` (its status.json, with why in ``error``). The bucket is written by anyone
+        who may: every text in a row is made safe for a terminal (_terminal_safe)."""
         rows = []
         for unit_id, info in sorted(self.listing().items()):
-            row: dict[str, Any] = {"unit": unit_id, "state": "queued", "worker": None}
+            row: dict[str, Any] = {"unit": _terminal_safe(unit_id), "state": "queued",
+                                   "worker": None}
             if not info["ready"]:
                 row["state"] = "incomplete"
             elif info["done"]:
-                status = json.loads(_rclone("cat", f"{self.base}/{unit_id}/status.json",
-                                            what="read of a status").stdout)
-                row.update(state=status["status"], worker=status.get("worker"),
-                           host=status.get("host"),
-                           duration_seconds=status.get("duration_seconds"),
-                           error=status.get("error", ""))
+                row.update(self._done_row(unit_id))
             elif (info["claims"] and self.live_claims(info["claims"])
                   or info["claims"] and not info["cancelled"]):
                 name, age = min(info["claims"],
                                 key=lambda c: c[0] if c[1] < self.lease else "~" + c[0])
                 row.update(state="running" if age < self.lease else "stale",
-                           worker=name.split("-", 1)[1], last_seen_seconds=round(age, 1))
+                           worker=_terminal_safe(name.partition("-")[2]),
+                           last_seen_seconds=round(age, 1))
             elif info["cancelled"]:
                 row["state"] = "cancelled"
             rows.append(row)
         return rows
+
+    def _done_row(self, unit_id: str) -> dict[str, Any]:
+        """The fields of a done unit's row, from its status.json as plain, checked data."""
+        try:
+            status = json.loads(_rclone("cat", f"{self.base}/{unit_id}/status.json",
+                                        what="read of a status").stdout)
+            if not isinstance(status, dict) or not isinstance(status.get("status"), str):
+                raise ValueError("not a JSON object with a status")
+        except (StackopsError, ValueError) as exc:
+            return {"state": "unreadable", "error": _terminal_safe(f"status.json: {exc}")}
+        duration = status.get("duration_seconds")
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)):
+            duration = None
+        texts = {key: status.get(key) for key in ("worker", "host")}
+        return {"state": _terminal_safe(status["status"]), "duration_seconds": duration,
+                "error": _terminal_safe(status.get("error") or "", lines=True),
+                **{key: None if value is None else _terminal_safe(value)
+                   for key, value in texts.items()}}
 
 
 # ============================================================================================
@@ -6961,7 +7932,8 @@ class _Here(_Place):
     def check_where_it_runs(self, machine: RemoteMachine) -> None:
         if shutil.which(os.path.expanduser(machine.python)) is None:
             raise ConfigError(f"the interpreter {machine.python!r} is not found on this machine",
-                              hint="pass --python (python=) with an installed interpreter")
+                              hint=f"pass {_option('python=', '--python')} with an installed "
+                                   "interpreter")
         if machine.config.notify_upon_completion:
             load_email_config(machine.config.email_config_name or "")
 
@@ -7079,7 +8051,8 @@ class _OverSSH(_Place):
         raise ConfigError(f"the results of job {machine.job_id} are at {self.host_name}:{results}, "
                           f"outside the job's own results folder ({own[0]}); stackops writes "
                           "there only when you say so",
-                          hint=f"give the target: download {machine.job_id} --to DIR")
+                          hint="give the target: " + _option(
+                              "download_results(target)", f"download {machine.job_id} --to DIR"))
 
     def fetch_results(self, machine: RemoteMachine, results: Path,
                       target: str | os.PathLike[str] | None, overwrite: bool,
@@ -7112,7 +8085,7 @@ def _handing(machine: RemoteMachine, launch: bool, gate: _Gate | None) -> _Handi
     return _Handing(machine.file_manager.job_root, machine.file_manager.job_root_rh,
                     machine.python, machine._snapshot, list(machine.data),
                     members=machine._members, need=need, email=email,
-                    fire=machine.fire_roots if launch else [], gate=gate)
+                    fire=[machine.root_there] if launch else [], gate=gate)
 
 
 class _ThroughCloud(_OverSSH):
@@ -7220,7 +8193,8 @@ class _Launcher:
         way (for Slurm, already handed to Slurm); returns its Slurm id or ""."""
         parent = self._parent(machine, parent_id)
         if parent.host_name != machine.host_name or parent.uses_slurm != machine.uses_slurm:
-            raise ConfigError(f"--after {parent.job_id}: that job runs on {parent.host_name}"
+            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job runs on "
+                              f"{parent.host_name}"
                               f"{' under Slurm' if parent.uses_slurm else ''}; "
                               "this one must run in the same place")
         return ""
@@ -7230,8 +8204,8 @@ class _Launcher:
         try:
             return RemoteMachine.load(parent_id, machine.config.base_dir)
         except ConfigError:
-            raise ConfigError(f"--after {parent_id}: no such job here",
-                              hint="list shows the jobs") from None
+            raise ConfigError(f"{_option('after', '--after')} {parent_id}: no such job here",
+                              hint=f"{_prog()} list shows the jobs") from None
 
     def run(self, machine: RemoteMachine, run: bool, show_scripts: bool,
             progress: Callable[[int], None] | None) -> None:
@@ -7256,12 +8230,15 @@ class _Launcher:
                                 hint=f"{_prog()} rerun {machine.job_id} runs it again")
         fired = machine._handed.fired if machine._handed is not None else {}
         if not fired:
-            requests = getattr(machine._place, "fire_requests", lambda m: [])(machine)
-            requests.append({"action": "fire", "roots": machine.fire_roots})
+            requests: list[dict[str, Any]] = getattr(machine._place, "fire_requests",
+                                                     lambda m: [])(machine)
+            requests.append({"action": "fire", "roots": [machine.root_there]})
             fired = machine._place.call(requests)[-1]
         machine.launcher_pid = fired.get("pid")
         machine.slurm_job_id = fired.get("slurm_id")
         machine._save()
+        if fired.get("warning"):
+            log.warning("job %s on %s: %s", machine.job_id, machine.host_name, fired["warning"])
         for k, task in enumerate(machine.array_tasks() if machine.array_parts else []):
             task.slurm_job_id = f"{machine.slurm_job_id}_{k}"
             task._save()
@@ -7307,7 +8284,8 @@ class _CloudQueueLauncher(_SlotLauncher):
             progress: Callable[[int], None] | None) -> None:
         if not run:
             raise ConfigError("a cloud_manager job is started by a worker as soon as it is "
-                              "queued: run=False (--no-launch) has no meaning for it")
+                              f"queued: {_option('run=False', '--no-launch')} has no meaning "
+                              "for it")
         machine.units = self.submit(machine, 1)
         log.info("job %s queued on %s as unit %s", machine.job_id,
                  cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
@@ -7411,9 +8389,10 @@ class _SlurmLauncher(_Launcher):
         """A Slurm job needs sbatch where it is submitted: refused before anything is written
         (on a host, its hand-over checks it in the same round trip)."""
         if not machine.is_remote and shutil.which("sbatch") is None:
-            raise ConfigError(f"launch_method='slurm' needs sbatch on {machine.host_name}, "
-                              "and there is none",
-                              hint="submit from a Slurm login node (--host), or leave out --slurm")
+            slurm = _option("launch_method='slurm'", "--slurm")
+            raise ConfigError(f"{slurm} needs sbatch on {machine.host_name}, and there is none",
+                              hint=f"submit from a Slurm login node "
+                                   f"({_option('ssh_host', '--host')}), or leave out {slurm}")
 
     def array_parts(self, machine: RemoteMachine) -> list[WorkloadParams]:
         whole = machine.config.workload_params
@@ -7436,11 +8415,13 @@ class _SlurmLauncher(_Launcher):
         super().after(machine, parent_id)
         parent = self._parent(machine, parent_id)
         if parent.slurm_job_id is None:
-            raise ConfigError(f"--after {parent.job_id}: that job was never handed to Slurm")
+            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job was "
+                              "never handed to Slurm")
         status = parent.get_status(0).status
         if status in ("failed", "cancelled"):
-            raise ConfigError(f"--after {parent.job_id}: that job {status}, so this one would "
-                              "never run", hint=f"{_prog()} rerun {parent.job_id} first")
+            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job {status}, "
+                              "so this one would never run",
+                              hint=f"{_prog()} rerun {parent.job_id} first")
         return "" if status == "completed" else parent.slurm_job_id
 
     def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
@@ -7747,6 +8728,9 @@ def _download_array(machine: RemoteMachine, target: str | os.PathLike[str] | Non
 
 def _check_arguments(func: Any, machine: RemoteMachine, config: RemoteStackOpsConfig) -> None:
     """The callable takes the kwargs (and workload_params once) and has an execution line."""
+    if machine.job_params.kind == "command" and machine.kwargs:
+        raise ConfigError("a command takes no kwargs: its arguments are in the command",
+                          hint="a sweep's lines fill {name} placeholders of the command")
     if config.workload_params is not None and "workload_params" in machine.kwargs:
         raise ConfigError("workload_params given both in config and in func_kwargs")
     _check_call(_parameters(func, machine.job_params), machine.kwargs,
@@ -7941,6 +8925,12 @@ def _delete_job(machine: RemoteMachine, results: bool) -> None:
 class RemoteMachine:
     """One job: generate its folder, submit it, fire it detached, follow it, fetch its results.
 
+    ``func`` is what the job runs: a function or bound method, ``"path/to/file.py:func"``, a
+    script's path, or any command as a list of strings (``["make", "train"]``, run without a
+    shell, in the folder this process is in, inside its repo: see JobParams.from_command). A
+    command takes no ``func_kwargs``; it gets its workload's slice, its id, attempt and slot in
+    ``STACKOPS_*`` environment variables.
+
     With ``config.ssh_host=None`` (the embedded default) the job runs on this machine; otherwise on
     that host, over one SSH connection reused for every step (``close()`` ends it). Where it runs
     (a place) and how it starts there (a launcher) are chosen once, from the config (section 13).
@@ -8047,11 +9037,6 @@ class RemoteMachine:
     def root_there(self) -> str:
         """The job folder where it runs, as the executing side is told it (``~/...`` on a host)."""
         return self._place.there(self.file_manager)
-
-    @property
-    def fire_roots(self) -> list[str]:
-        """The job folders one fire starts: this job's (an array's: its own, sbatch --array)."""
-        return [self.root_there]
 
     def close(self) -> None:
         self._place.close()
@@ -8513,9 +9498,11 @@ def sweep_job_ids(sweep_id: str, count: int) -> list[str]:
 
 
 def _check_sweep_config(config: RemoteStackOpsConfig) -> None:
-    refused = [(config.launch_method != "remotely", f"launch_method {config.launch_method!r}"),
-               (config.transfer_method != "sftp", "transfer_method 'cloud'"),
-               (config.interactive, "interactive jobs")]
+    launch = _option(f"launch_method {config.launch_method!r}", "--slurm")
+    refused = [(config.launch_method != "remotely", launch),
+               (config.transfer_method != "sftp", _option("transfer_method 'cloud'",
+                                                          "--transfer cloud")),
+               (config.interactive, _option("interactive jobs", "--interactive"))]
     for flag, what in refused:
         if flag:
             raise ConfigError(f"a sweep cannot run {what}",
@@ -8637,10 +9624,17 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
     function, the ids against the jobs that exist). The jobs share one copy of stackops, the
     wrapper and the code snapshot (the folder ``<config.job_id>`` beside theirs); to a host they
     travel as one stream. A failed job does not stop the others. ``run=False`` prepares
-    everything and starts nothing (``start ID-K`` starts a job)."""
+    everything and starts nothing (``start ID-K`` starts a job). ``func`` may be a command (a
+    list of strings) whose ``{name}`` placeholders each line fills (fill_command)."""
     _check_sweep_config(config)
     lines = _sweep_lines(func_kwargs, grid)
-    template = RemoteMachine(func, config, func_kwargs=lines[0], data=data)
+    command = isinstance(func, (list, tuple))  # each job's line fills the command's {name}s
+    if command:
+        if func_kwargs:
+            raise ConfigError("a sweep of commands takes no func_kwargs: its lines fill the "
+                              "command's {name} placeholders")
+        check_command_sweep(_check_command(func), lines)
+    template = RemoteMachine(func, config, func_kwargs=None if command else lines[0], data=data)
     parameters = _parameters(func, template.job_params)
     workload = config.workload_params is not None
     for number, kwargs in enumerate(lines, 1):
@@ -8654,7 +9648,7 @@ def run_sweep(func: Any, config: RemoteStackOpsConfig, grid: list[dict[str, Any]
     if taken:
         raise ConfigError(f"sweep {config.job_id!r} would reuse the id of {', '.join(taken[:3])}"
                           + (f" and {len(taken) - 3} more" if len(taken) > 3 else ""),
-                          hint="choose another --job-id")
+                          hint=f"choose another {_option('job_id', '--job-id')}")
     template.preflight()
     jobs = [_sweep_member(template, job_id, kwargs) for job_id, kwargs in zip(ids, lines)]
     _put_sweep_in_place(template, jobs, run, progress)
@@ -8696,6 +9690,8 @@ def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run:
         job.submitted, job.shared = True, bool(template._handed and template._handed.shared)
         job.launcher_pid = fired.get("pid") if run else None
         _write_plain(job.file_manager.path(REMOTE_MACHINE_JSON), json.dumps(job.to_dict()))
+    if fired.get("warning"):
+        log.warning("sweep %s on %s: %s", template.job_id, template.host_name, fired["warning"])
 
 
 def _sweep_shared(template: RemoteMachine, staging: Path, jobs: list[RemoteMachine]) -> None:
@@ -8835,7 +9831,8 @@ class Cluster:
                  ditch_unavailable: bool = True, description: str = "", job_id: str | None = None,
                  base_dir: str | None = None, max_num: int = 1000) -> None:
         if not ssh_hosts or len(set(ssh_hosts)) != len(ssh_hosts):
-            raise ConfigError("Cluster needs at least one host, each named once")
+            raise ConfigError(f"{_option('Cluster', 'cluster run --hosts')} needs at least one "
+                              "host, each named once")
         for host in ssh_hosts:
             parse_ssh_target(host)
         self.func = func
@@ -8847,7 +9844,8 @@ class Cluster:
         self.config = config or RemoteStackOpsConfig()
         self.func_kwargs = _check_kwargs(func_kwargs)
         if "workload_params" in self.func_kwargs:
-            raise ConfigError("the Cluster sets workload_params itself; remove it from func_kwargs")
+            raise ConfigError("the Cluster sets workload_params itself; remove it from "
+                              + _option("func_kwargs", "--kwargs"))
         if self.job_params is not None:
             _check_call(_parameters(func, self.job_params), self.func_kwargs, True,
                         f"{self.job_params.func_name}()")
@@ -8908,16 +9906,28 @@ class Cluster:
                 self._ssh[host], self.specs[host] = result
         if failed and not self.ditch_unavailable:
             self.close()
-            raise StackopsConnectionError("cannot reach "
-                                          + "; ".join(f"{h}: {e}" for h, e in failed.items()),
-                                          hint="fix them, or pass ditch_unavailable=True to go on "
-                                               "without them")
+            raise self._unreachable(results, "cannot reach " + "; ".join(
+                f"{h}: {e}" for h, e in failed.items()), "fix them, or " + _option(
+                    "pass ditch_unavailable=True", "leave out --strict") + " to go on without them")
         for host, error in failed.items():
             log.warning("leaving %s out of cluster %s: %s", host, self.job_id, error)
         self.unavailable.update(failed)
         if not self._ssh:
-            raise StackopsConnectionError(f"no host of cluster {self.job_id} is reachable")
+            raise self._unreachable(results, f"no host of cluster {self.job_id} is reachable")
         return self
+
+    @staticmethod
+    def _unreachable(results: dict[str, Any], message: str, hint: str = "") -> StackopsError:
+        """The error of hosts that could not be reached; with the accept-new hint when some were
+        refused for an unknown host key, and as bad input when that is all that was wrong."""
+        errors = [r for r in results.values() if isinstance(r, Exception)]
+        unknown = [e for e in errors if isinstance(e, HostKeyError) and e.unknown_key]
+        hints = [hint] if hint else []
+        if unknown:
+            hints.insert(0, f"unknown host keys: {unknown[0].hint}")
+        if unknown and len(unknown) == len(errors):
+            return HostKeyError(message, "; ".join(hints), unknown_key=True)
+        return StackopsConnectionError(message, hint="; ".join(hints) or None)
 
     def generate_standard_kwargs(self) -> dict[str, WorkloadParams]:
         """Each reachable host's slice of ``[0, max_num)`` and its thread count."""
@@ -8933,12 +9943,11 @@ class Cluster:
         return self.workloads
 
     def _machine_config(self, index: int, host: str) -> RemoteStackOpsConfig:
-        data = self.config.to_dict()
-        data.update(job_id=f"{self.job_id}_{index}", ssh_host=host,
-                    base_dir=collapse_home(self.root_dir),
-                    description=self.description or self.config.description,
-                    workload_params=self.workloads[host].to_dict())
-        return RemoteStackOpsConfig.from_dict(data)
+        """A part's config: the cluster's, with what the user config file says for its host."""
+        return self.config._for_host(host, job_id=f"{self.job_id}_{index}",
+                                     base_dir=collapse_home(self.root_dir),
+                                     description=self.description or self.config.description,
+                                     workload_params=self.workloads[host].to_dict())
 
     def submit(self) -> Cluster:
         """One RemoteMachine per host, generated here and submitted to all hosts in parallel."""
@@ -9207,7 +10216,7 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
     return data
 
 
-def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
+def _place_unit(staging: Path, root: Path, data: list[str], unit_id: str = "") -> None:
     """Move an unpacked unit into its own folder ``root`` (its code inside it, at ``root/code``)
     and rewrite its records to say so. Data go to their home-relative places file by file, unless
     this machine sees the submitter's files (a worker on the submitting machine): then they are
@@ -9220,7 +10229,7 @@ def _place_unit(staging: Path, root: Path, data: list[str]) -> None:
         _atomic_write_json(root / JOB_PARAMS_JSON, params)
     manager = _read_json(root / FILE_MANAGER_JSON)
     base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
-    mine = base / "queued" / root.name / FILE_MANAGER_JSON
+    mine = base / "queued" / (unit_id or root.name) / FILE_MANAGER_JSON
     with _suppress(OSError):
         if mine.read_bytes() == (root / FILE_MANAGER_JSON).read_bytes():
             return  # the submitter's own folder is here: so are its data
@@ -9240,44 +10249,103 @@ def _place_data(staging: Path, data: list[str]) -> None:
             os.replace(path, target)
 
 
-def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None) -> Path:
-    """Download a claimed unit and unpack it into its own folder under this worker's base dir,
-    named by the unit id (never a path a record names); an earlier attempt's folder goes."""
-    units = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/{CLOUD_UNITS_DIR}")
+def _units_folder(base_dir: str | None) -> Path:
+    """Where this worker unpacks its units: ``cloud_units`` under its base dir."""
+    return expand_home(f"{base_dir or DEFAULT_BASE_DIR}/{CLOUD_UNITS_DIR}")
+
+
+def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
+                attempt: str = "") -> Path:
+    """Download a claimed unit and unpack it into a folder of its own under this worker's base
+    dir, ``<unit id>.<attempt>`` (never a path a record names): a fresh folder for each attempt,
+    so that nothing is pulled from under an earlier attempt's job, and no end of one passes for
+    another's. A folder of that name already there is an error, never replaced."""
+    units = _units_folder(base_dir)
     _mkdir_private(units)
-    root = units / check_safe_name(unit_id, "unit id")
+    name = check_safe_name(unit_id, "unit id") + (f".{attempt}" if attempt else "")
+    root = units / name
+    if os.path.lexists(root):
+        raise TransferError(f"unit {unit_id}: its attempt's folder {collapse_home(root)} exists")
     staging = Path(_make_temp_dir(units))
     try:
         _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"),
                 what="download of a unit")
         (staging / "x").mkdir(mode=0o700)
         data = _unpack_unit(staging / "unit.tar", staging / "x")
-        _remove(root)  # an earlier attempt's logs must not pass for this one's
-        _place_unit(staging / "x", root, data)
+        _place_unit(staging / "x", root, data, unit_id)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
 
 
+def _unit_runs_here(root: Path) -> bool:
+    """Whether a job still runs in unit folder ``root`` on this machine: its lock is held."""
+    return _alive(root)
+
+
+def _earlier_run(units: Path, unit_id: str) -> Path | None:
+    """An earlier attempt of ``unit_id`` on this machine whose job still runs (a worker killed
+    and started again: its job went on, detached), to adopt; None when there is none. The
+    earlier attempts' folders (``<unit>.<attempt>``, or ``<unit>`` of an older stackops) whose
+    job provably ended are removed; one that never started is marked cancelled first (its queue
+    entry, if any, is then dropped), and removed by a later look."""
+    prefix = check_safe_name(unit_id, "unit id") + "."
+    names = [name for name in os.listdir(units)
+             if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    live = None
+    for folder in [units / name for name in sorted(names, reverse=True)] + [units / unit_id]:
+        if not (folder / FILE_MANAGER_JSON).is_file():
+            continue
+        if _unit_runs_here(folder):
+            live = live or folder
+            continue
+        state = read_state(folder)
+        if state.get("cancel") or state.get("status") in TERMINAL_STATUSES:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        _record(folder, cancel="a later attempt of its unit replaced it")
+        if _unit_runs_here(folder):  # it started meanwhile: it runs despite the mark
+            live = live or folder
+    return live
+
+
+def _start_unit(queue: CloudQueue, unit_id: str, claim: str,
+                base_dir: str | None) -> tuple[RemoteMachine, bool]:
+    """The claimed unit's job started here, and whether it was adopted: an earlier attempt that
+    still runs on this machine is followed (not started again, not removed); else a fresh
+    attempt is fetched into a folder of its own and fired."""
+    units = _units_folder(base_dir)
+    root = _earlier_run(units, unit_id) if units.is_dir() else None
+    adopted = root is not None
+    if root is not None:
+        log.warning("unit %s still runs here in %s (an earlier attempt): following it", unit_id,
+                    collapse_home(root))
+    else:
+        root = _fetch_unit(queue, unit_id, base_dir, claim.split("-", 1)[0])
+    machine = RemoteMachine.from_job_dir(root)
+    machine.file_manager.job_root_rh = collapse_home(root)
+    if not adopted:
+        machine.launcher_pid = None
+        machine.fire()
+    return machine, adopted
+
+
 def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
               base_dir: str | None = None) -> str:
-    """Fetch a claimed unit, run it here with this machine's slots, then upload its results and
-    status, all while a background heartbeat refreshes the claim. A unit whose claim was lost is
-    not uploaded. Returns the unit's status (or ``lost``)."""
+    """Fetch a claimed unit, run it here with this machine's slots (or follow the run of an
+    earlier attempt that still goes on here), then upload its results and status, all while a
+    background heartbeat refreshes the claim. A unit whose claim was lost is not uploaded.
+    Returns the unit's status (or ``lost``)."""
     with _ClaimKeeper(queue, unit_id, claim, worker) as keeper:
         try:
-            root = _fetch_unit(queue, unit_id, base_dir)
+            machine, adopted = _start_unit(queue, unit_id, claim, base_dir)
         except _UnitRefused as exc:  # a unit refused here ends failed, not retried forever
             status: dict[str, Any] = {"unit": unit_id, "status": "failed", "worker": worker,
                                       "host": os.uname().nodename, "error": str(exc)}
             if keeper.held():
                 queue.finish(unit_id, None, status)
             raise
-        machine = RemoteMachine.from_job_dir(root)
-        machine.file_manager.job_root_rh = collapse_home(root)
-        machine.launcher_pid = None
         started = time.time()
-        machine.fire()
         while not (report := machine.get_status(0)).finished:
             if keeper.cancelled.is_set():
                 log.info("unit %s was cancelled: stopping it", unit_id)
@@ -9291,7 +10359,7 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
         status = {"unit": unit_id, "status": report.status, "worker": worker,
                   "host": os.uname().nodename, "start_time": report.start_time,
                   "end_time": report.end_time, "duration_seconds": round(time.time() - started, 3),
-                  "error": _tail(report.error_message, 20)}
+                  "error": _tail(report.error_message, 20), "adopted": adopted}
         results = (expand_home(report.results_path)
                    if report.results_path and report.status != "cancelled" else None)
         if not queue.finish(unit_id, results, status, keeper.held):
@@ -9350,9 +10418,11 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
                     if len(running) >= max_jobs:
                         break
                     info = units.get(unit_id, {})
-                    if info.get("done") or queue.live_claims(info.get("claims", [])):
+                    claims = info.get("claims", [])
+                    claim = None if info.get("done") else queue._take_pending(unit_id, claims)
+                    if claim is None and (info.get("done") or queue.live_claims(claims)):
                         continue
-                    claim = queue.claim(unit_id, worker)
+                    claim = claim or queue.claim(unit_id, worker)
                     if claim is not None:
                         log.info("worker %s claimed unit %s", worker, unit_id)
                         running[unit_id] = pool.submit(_run_unit, queue, unit_id, claim, worker,
@@ -9442,33 +10512,75 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
                           jobs=parts)
 
 
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``run [options] -- COMMAND [ARGS...]`` (and ``cluster run``, ``cloud submit``): (the
+    words before ``--``, the job's command after it); (argv, None) for any other command line."""
+    if "--" not in argv:
+        return argv, None
+    cut = argv.index("--")
+    verbs = [word for word in argv[:cut] if not word.startswith("-")]
+    if verbs[:1] == ["run"] or verbs[:2] in (["cluster", "run"], ["cloud", "submit"]):
+        return argv[:cut], argv[cut + 1:]
+    return argv, None
+
+
+def _run_target(args: Any) -> Any:
+    """What ``run`` (``cluster run``, ``cloud submit``) runs: TARGET (a script or FILE.py:FUNC),
+    or the command after ``--`` as a list; exactly one of them, and a command with none of the
+    options that only a Python function takes."""
+    command = getattr(args, "job_command", None)
+    if command is not None and args.target:
+        raise ConfigError(f"give a script or function ({args.target}) or a command after --, "
+                          "not both")
+    if command is None:
+        if not args.target:
+            raise ConfigError("nothing to run: give a script, FILE.py:FUNC, or -- COMMAND",
+                              hint=f"e.g. {_prog()} run train.py, or {_prog()} run -- make train")
+        return args.target
+    if args.kwargs != "{}":
+        raise ConfigError("--kwargs is for a Python function or script: a command's arguments "
+                          "follow --", hint="a sweep's lines fill the command's {name} "
+                                            "placeholders")
+    return _check_command(command)
+
+
 def _cmd_run(args: Any) -> int:
+    target = _run_target(args)
     config = RemoteStackOpsConfig(
         job_id=args.job_id or _random_job_id(), base_dir=args.base_dir,
-        description=args.description,
-        ssh_host=args.host, copy_repo=args.copy_repo, accept_new_host_key=args.accept_new,
+        description=args.description, **_given_settings(args),
+        ssh_host=args.host, accept_new_host_key=args.accept_new,
         transfer_method=args.transfer, cloud_name=args.cloud,
         update_repo=args.update_repo, install_repo=args.install_repo, data=args.data,
         interactive=args.interactive, wrap_in_try_except=args.try_except,
         parallelize=args.parallelize,
-        lock_resources=not args.no_lock, max_simultaneous_jobs=args.max_jobs,
-        ssh_timeout=args.ssh_timeout,
-        workload_params=_parse_workload(args.workload, args.parallelize), python=args.python,
+        lock_resources=not args.no_lock, ssh_timeout=args.ssh_timeout,
+        workload_params=_parse_workload(args.workload, args.parallelize),
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
-        retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
+        on_end=args.on_end, retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus,
+        group=args.group,
         after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     if args.sweep:
-        return _run_sweep_and_report(config, args)
-    machine = RemoteMachine(args.target, config, func_kwargs=parse_kwargs(args.kwargs))
+        return _run_sweep_and_report(target, config, args)
+    machine = RemoteMachine(target, config, func_kwargs=parse_kwargs(args.kwargs))
     with machine:
         return _run_and_report(machine, args)
 
 
-def _run_sweep_and_report(config: RemoteStackOpsConfig, args: Any) -> int:
+def _given_settings(args: Any) -> dict[str, Any]:
+    """The settings the user config file may give that the command line gives: the others are
+    left out, for the file to fill in (see RemoteStackOpsConfig)."""
+    given = {"copy_repo": args.copy_repo, "max_simultaneous_jobs": args.max_jobs,
+             "python": getattr(args, "python", None),
+             "env": dict(parse_env_option(text) for text in args.env)}
+    return {field: value for field, value in given.items() if value is not None}
+
+
+def _run_sweep_and_report(target: Any, config: RemoteStackOpsConfig, args: Any) -> int:
     grid = load_sweep_grid(args.sweep)
-    with run_sweep(args.target, config, grid, parse_kwargs(args.kwargs), run=not args.no_launch,
+    with run_sweep(target, config, grid, parse_kwargs(args.kwargs), run=not args.no_launch,
                    progress=_progress(args)) as sweep:
         first, last = sweep.jobs[0].job_id, sweep.jobs[-1].job_id
         if args.no_launch:
@@ -9607,7 +10719,8 @@ def _counts_text(answers: dict[str, Any]) -> str:
 
 
 def _cmd_list(args: Any) -> int:
-    if args.host:  # the host's own job folders, whoever submitted them, judged there
+    filters = _list_filters(args)  # bad input is refused before any host is asked
+    if args.host and args.host != "localhost":  # its own job folders, whoever submitted them
         with SSH.from_config_file(args.host, timeout=args.timeout) as ssh:
             answers = ssh.serve([{"action": "list", "base_dir": args.base_dir}],
                                 timeout=max(args.timeout, 60.0))[0]
@@ -9616,13 +10729,15 @@ def _cmd_list(args: Any) -> int:
                  "report": report_from(answer)} for answer in answers]
     else:
         rows = list_job_rows(args.base_dir, args.timeout)
+    everything, rows = bool(rows), _filter_rows(rows, filters)
     for host, error in sorted({(r["host"], _last_line(r["error"])) for r in rows if r["error"]}):
         print(f"stackops: {host}: not refreshed ({error})", file=sys.stderr)
     if args.json:
         _print_json_rows([_list_json(row) for row in rows])
         return 0
     if not rows:
-        print(f"no jobs under {args.base_dir}")
+        print(f"no job under {args.base_dir} matches" if everything
+              else f"no jobs under {args.base_dir}")
         return 0
     table, clusters = [], {}
     for row in rows:
@@ -9632,10 +10747,64 @@ def _cmd_list(args: Any) -> int:
             parts = [r for r in rows if r["cluster"] == row["cluster"]]
             clusters[row["cluster"]] = parts
             table.append(_cluster_row(row["cluster"], parts))
-            parts.sort(key=lambda part: part["job_id"])
+            parts.sort(key=lambda part: _natural_key(part["job_id"]))
             table += [_list_row("  " + part["job_id"], part) for part in parts]
     _print_table(table, ["JOB", "HOST", "STATUS", "SUBMITTED (UTC)", "DURATION", "RESULTS"])
     return 0
+
+
+def _list_filters(args: Any) -> dict[str, Any]:
+    """``list``'s filters, checked: the statuses, host, earliest submission, sweep members and
+    count asked for (None or empty: no such filter)."""
+    statuses = {s.strip() for text in args.status for s in text.split(",") if s.strip()}
+    unknown = sorted(statuses - set(STATUSES))
+    if unknown:
+        raise ConfigError(f"--status {', '.join(unknown)}: not a job status (a job is "
+                          f"{', '.join(STATUSES)})")
+    if args.last is not None and args.last < 1:
+        raise ConfigError(f"--last must be at least 1, got {args.last}")
+    since = None
+    if args.since is not None:
+        since = _utcnow() - _dt.timedelta(seconds=_parse_age(args.since, "--since"))
+    members = None if args.sweep is None else set(_sweep_members(args.sweep, args.base_dir))
+    return {"statuses": statuses, "host": args.host, "since": since, "sweep": members,
+            "last": args.last}
+
+
+def _sweep_members(sweep_id: str, base_dir: str) -> list[str]:
+    """The ids of a sweep's jobs, from its record (one small file, not its jobs' folders)."""
+    queued = expand_home(f"{base_dir}/queued")
+    try:
+        ids = _read_json(queued / check_safe_name(sweep_id, "--sweep") / SWEEP_JSON)["ids"]
+    except (StackopsError, KeyError, TypeError) as exc:
+        raise ConfigError(f"no sweep {sweep_id!r} under {collapse_home(queued.parent)}",
+                          hint=f"{_prog()} list shows the jobs") from exc
+    return [str(job_id) for job_id in ids]
+
+
+def _filter_rows(rows: list[dict[str, Any]], filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows ``list`` shows: the ones ``filters`` keep (see _list_filters), in the order they
+    were submitted (a sweep's, submitted at once, by index), the last ``last`` of them."""
+    statuses, host, since, sweep = (filters[key] for key in ("statuses", "host", "since", "sweep"))
+
+    def kept(row: dict[str, Any]) -> bool:
+        report: JobStatus = row["report"]
+        if statuses and report.status not in statuses:
+            return False
+        if sweep is not None and row["job_id"] not in sweep:
+            return False
+        if since is not None and (_parse_iso(report.submission_time) or since) <= since:
+            return False
+        return host is None or row["host"] == host
+
+    chosen = sorted(filter(kept, rows), key=lambda row: (  # ISO times in UTC sort as text
+        row["report"].submission_time or "", _natural_key(row["job_id"])))
+    return chosen[-filters["last"]:] if filters["last"] else chosen
+
+
+def _natural_key(text: str) -> list[Any]:
+    """``text`` split so that its numbers compare as numbers: job-9 before job-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _list_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -10027,10 +11196,10 @@ def _cmd_delete(args: Any) -> int:
     return 0
 
 
-def _parse_age(text: str) -> float:
+def _parse_age(text: str, option: str = "--older-than") -> float:
     match = re.match(r"(\d+(?:\.\d+)?)([smhdw])\Z", text.strip())
     if not match:
-        raise ConfigError(f"--older-than {text!r} is not an age", hint="e.g. 30m, 12h, 7d, 2w")
+        raise ConfigError(f"{option} {text!r} is not an age", hint="e.g. 30m, 12h, 7d, 2w")
     return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match[2]]
 
 
@@ -10189,6 +11358,53 @@ requestAnimationFrame(() => setTimeout(() => {  // drawn: the tests read it
 
 _REPORT_STATES = ("completed", "failed", "cancelled", "running", "waiting", "queued", "prepared",
                   "unknown")  # the page's colours, in this order; the first three have ended
+def _cmd_config(args: Any) -> int:
+    path, chosen_by = user_config_location()
+    rows = _config_rows(args.host)
+    hosts = sorted(read_user_config().get("hosts") or {})
+    said = {"STACKOPS_CONFIG": "from STACKOPS_CONFIG", "XDG_CONFIG_HOME": "in XDG_CONFIG_HOME",
+            "default": "its default place"}[chosen_by]
+    where = f"{collapse_home(path)} ({said}" + ("" if path.exists() else "; there is none") + ")"
+    if args.json:
+        _print_json({"file": collapse_home(path), "chosen_by": chosen_by,
+                     "exists": path.exists(), "host": args.host or "localhost", "hosts": hosts,
+                     "settings": [{"setting": name, "value": value, "from": source}
+                                  for name, value, source in rows]})
+        return 0
+    print(f"config file  {where}")
+    print(f"settings of  {args.host or 'localhost'} jobs" + (
+        "" if args.host is None or args.host in hosts else " (no entry of its own)"))
+    _print_table([[name, value if isinstance(value, str) else json.dumps(value), source]
+                  for name, value, source in rows], ["SETTING", "VALUE", "FROM"])
+    if hosts:
+        print(f"hosts with an entry: {', '.join(hosts)} (stackops config --host H)")
+    return 0
+
+
+def _config_rows(host: str | None) -> list[tuple[str, Any, str]]:
+    """Each setting for jobs on ``host`` (None: here): its value and where it comes from (the
+    file, line and keys; or the built-in default)."""
+    path = user_config_location()[0]
+    found = _user_settings_from(host or "localhost")
+    data = read_user_config()
+    text = path.read_text(encoding="utf-8") if data else ""
+    here = host in (None, "localhost")
+    python = collapse_home(sys.executable) if here else "python3"
+    builtin = {"max_jobs": 1, "python": python, "copy_repo": False, "slurm": "-", "env": "-",
+               "default_email_address": "-", "default_email_config": "-"}
+    for key in ("default_email_address", "default_email_config"):
+        if key in data:
+            found[key] = (data[key], [key])
+    rows = []
+    for key, default in builtin.items():
+        names = [name for name in found if name == key or name.startswith(key + ".")]
+        for name in names:
+            value, keys = found[name]
+            line = _json_key_line(text, keys)
+            rows.append((name, value, f"{collapse_home(path)}:{line} {'.'.join(keys)}"))
+        if not names:
+            rows.append((key, default, "not set" if default == "-" else "built-in default"))
+    return rows
 
 
 def render_report(rows: list[dict[str, Any]], title: str) -> str:
@@ -10323,21 +11539,12 @@ def _cmd_report(args: Any) -> int:
     return 0
 
 
-_TRANSFER_COMMANDS = ("run", "download", "copy")  # the commands that take --progress
-
-
-def _add_progress_option(parser: Any) -> None:
+def _add_progress_arg(sub: Any) -> None:
     """``--progress json`` on the commands that transfer (see _Progress)."""
-    import argparse
-
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name in _TRANSFER_COMMANDS:
-                action.choices[name].add_argument(
-                    "--progress", choices=("auto", "json"), default="auto",
-                    help="auto: a progress line on a terminal, else a summary per transfer "
-                         "longer than a second (none with -q); json: one JSON object a line "
-                         "on stderr (begin, progress, end), for tools that wrap stackops")
+    sub.add_argument("--progress", choices=("auto", "json"), default="auto",
+                     help="auto: a progress line on a terminal, else a summary per transfer "
+                          "longer than a second (none with -q); json: one JSON object a line "
+                          "on stderr (begin, progress, end), for tools that wrap stackops")
 
 
 def _progress(args: Any) -> _Progress | None:
@@ -10378,8 +11585,8 @@ class _Progress:
         if self.mode == "json":
             self._json("progress")
         elif self.mode == "line":
-            width = shutil.get_terminal_size().columns - 1
-            sys.stderr.write("\r\x1b[K" + _shorten(self._line(now), max(width, 20)))
+            width = max(shutil.get_terminal_size().columns - 1, 20)
+            sys.stderr.write("\r\x1b[K" + self._line(now, width))
             sys.stderr.flush()
 
     def end(self, done: int, ok: bool) -> None:
@@ -10395,15 +11602,27 @@ class _Progress:
                   f"({_mib(done / elapsed)}/s)", file=sys.stderr)
         self.started = 0.0
 
-    def _line(self, now: float) -> str:
-        elapsed = max(now - self.started, 1e-6)
-        rate = self.done / elapsed
-        if not self.total:
-            return f"  {self.what}  {_mib(self.done)}  {_mib(rate)}/s"
-        percent = min(100.0, 100.0 * self.done / self.total)
-        left = max(self.total - self.done, 0) / rate if rate > 0 else 0.0
-        return (f"  {self.what}  {percent:3.0f}%  {_mib(self.done)} of {_mib(self.total)}  "
-                f"{_mib(rate)}/s  {int(left) // 60}:{int(left) % 60:02d} left")
+    def _line(self, now: float, width: int) -> str:
+        """The line, at most ``width`` wide: the sizes go first, then the rate, then the name
+        shrinks; the percent and the time left stay. No rate (nor time left) in the first second,
+        where a few buffered bytes would say gigabytes a second."""
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed >= 1.0 else 0.0
+        parts = {"percent": "", "sizes": _mib(self.done), "rate": "", "left": ""}
+        if rate:
+            parts["rate"] = f"{_mib(rate)}/s"
+        if self.total:
+            parts["percent"] = f"{min(100.0, 100.0 * self.done / self.total):3.0f}%"
+            parts["sizes"] += f" of {_mib(self.total)}"
+        if self.total and rate:
+            seconds = int(max(self.total - self.done, 0) / rate)
+            parts["left"] = f"{seconds // 60}:{seconds % 60:02d} left"
+        for dropped in ((), ("sizes",), ("sizes", "rate")):
+            tail = "  ".join(text for key, text in parts.items() if text and key not in dropped)
+            if len(self.what) + len(tail) + 4 <= width:
+                return f"  {self.what}  {tail}"
+        room = max(width - len(tail) - 4, 8)
+        return _shorten(f"  {_squeeze(self.what, room)}  {tail}", width)
 
     def _json(self, event: str, **extra: Any) -> None:
         if self.mode != "json":
@@ -10413,6 +11632,14 @@ class _Progress:
                   "elapsed": round(elapsed, 3), "rate": round(self.done / max(elapsed, 1e-6)),
                   **extra}
         print(json.dumps(record), file=sys.stderr, flush=True)
+
+
+def _squeeze(text: str, width: int) -> str:
+    """``text`` in ``width`` characters, its middle given up first (a path's end says most)."""
+    if len(text) <= width:
+        return text
+    head = max((width - 3) // 3, 1)
+    return text[:head] + "..." + text[len(text) - (width - 3 - head):]
 
 
 def _mib(count: float) -> str:
@@ -10456,8 +11683,8 @@ def _cmd_copy(args: Any) -> int:
     elif source is not None:
         with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
             local = args.target + (Path(source[1]).name if args.target.endswith("/") else "")
-            print(ssh.copy_to_here(source[1], local, args.compress, args.recursive, args.overwrite,
-                                   _progress(args)))
+            print(collapse_home(ssh.copy_to_here(source[1], local, args.compress, args.recursive,
+                                                 args.overwrite, _progress(args))))
     return 0
 
 
@@ -10481,12 +11708,12 @@ def _cmd_send_key(args: Any) -> int:
 
 
 def _cmd_cluster_run(args: Any) -> int:
-    config = RemoteStackOpsConfig(copy_repo=args.copy_repo, parallelize=args.parallelize,
-                                  accept_new_host_key=args.accept_new,
-                                  max_simultaneous_jobs=args.max_jobs)
+    config = RemoteStackOpsConfig(parallelize=args.parallelize, data=args.data,
+                                  accept_new_host_key=args.accept_new, **_given_settings(args))
     threads = ThreadLoadCalculator(args.threads, LoadCriterion[args.criterion])
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    with Cluster(args.target, hosts, config, parse_kwargs(args.kwargs), threads, not args.strict,
+    target = _run_target(args)
+    with Cluster(target, hosts, config, parse_kwargs(args.kwargs), threads, not args.strict,
                  args.description, args.job_id, args.base_dir, args.max_num) as cluster:
         cluster.run()
         for host, error in cluster.unavailable.items():
@@ -10574,7 +11801,7 @@ def _cmd_cluster_status(args: Any) -> int:
 
 def _cmd_cluster_download(args: Any) -> int:
     with Cluster.load(args.cluster_id, args.base_dir) as cluster:
-        print(cluster.download_results(args.to))
+        print(collapse_home(cluster.download_results(args.to)))
     return 0
 
 
@@ -10600,9 +11827,7 @@ def _cmd_cluster_logs(args: Any) -> int:
     return 0
 
 
-def _add_cluster_args(commands: Any) -> None:
-    cluster = commands.add_parser("cluster",
-                                  help="split one workload over several hosts by CPU/RAM")
+def _add_cluster_args(cluster: Any) -> None:
     sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
     sub.required = True
     default_base = DEFAULT_BASE_DIR.rsplit("/", 1)[0]
@@ -10616,7 +11841,7 @@ def _add_cluster_args(commands: Any) -> None:
             ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
         action = sub.add_parser(name, help=text)
         action.set_defaults(handler=handler)
-        action.add_argument("cluster_id")
+        action.add_argument("cluster_id", help="the cluster's id")
         if name == "status":
             action.add_argument("--json", action="store_true")
         elif name == "download":
@@ -10634,9 +11859,9 @@ def _add_cluster_args(commands: Any) -> None:
 
 
 def _add_cluster_run_args(run: Any) -> None:
-    run.add_argument("target",
-                     help="path/to/module.py:func; it gets workload_params (its slice) and "
-                          "the kwargs")
+    _add_target_arg(run, "cluster run", "path/to/module.py:func; it gets workload_params (its "
+                                        "slice) and the kwargs. Or after -- a command: its slice "
+                                        "is in STACKOPS_IDX_START and STACKOPS_IDX_END")
     run.add_argument("--hosts", required=True,
                      help="comma-separated ~/.ssh/config aliases or user@host[:port]")
     run.add_argument("--kwargs", default="{}", metavar="JSON",
@@ -10651,12 +11876,12 @@ def _add_cluster_run_args(run: Any) -> None:
                           "of the host")
     run.add_argument("--max-num", type=int, default=1000,
                      help="the index range [0, MAX) to split (default 1000)")
-    run.add_argument("--max-jobs", type=int, default=1, metavar="N",
-                     help="slots per host (default 1)")
     run.add_argument("--strict", action="store_true",
                      help="refuse to launch anywhere if a host is unreachable")
-    run.add_argument("--copy-repo", action="store_true",
-                     help="each job runs its own snapshot of the repo")
+    _add_setting_args(run, "slots per host", "each job runs its own snapshot of the repo")
+    run.add_argument("--data", action="append", default=[], metavar="PATH",
+                     help="sync a file or folder to the same place on every host (only files "
+                          "that differ travel)")
     run.add_argument("--accept-new", action="store_true", help="trust and record unknown host keys")
     run.add_argument("--job-id", help="the cluster's id (a safe name)")
     run.add_argument("--description", default="")
@@ -10674,7 +11899,7 @@ def _cmd_cloud_submit(args: Any) -> int:
                                   launch_method="cloud_manager",
                                   allowed_remotes=allowed, python=args.python,
                                   workload_params=_parse_workload(args.workload, False))
-    units = RemoteMachine(args.target, config,
+    units = RemoteMachine(_run_target(args), config,
                           parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
     print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")
     return 0
@@ -10701,15 +11926,15 @@ def _cmd_worker(args: Any) -> int:
     return 0
 
 
-def _add_cloud_args(commands: Any) -> None:
-    cloud = commands.add_parser("cloud", help="a queue of work units on an rclone remote, for any "
-                                              "worker")
+def _add_cloud_args(cloud: Any) -> None:
     sub = cloud.add_subparsers(dest="cloud_command", metavar="ACTION")
     sub.required = True
     submit = sub.add_parser("submit", help="split a job into work units and queue them on the "
                                            "cloud remote")
     submit.set_defaults(handler=_cmd_cloud_submit)
-    submit.add_argument("target", help="path/to/module.py:func (or a script, with --split 1)")
+    _add_target_arg(submit, "cloud submit", "path/to/module.py:func (or a script, with --split "
+                                            "1), or after -- a command: each unit's slice is in "
+                                            "STACKOPS_IDX_START and STACKOPS_IDX_END")
     submit.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]", help="the rclone remote")
     submit.add_argument("--split", type=int, required=True, help="how many work units")
     submit.add_argument("--kwargs", default="{}", metavar="JSON")
@@ -10724,8 +11949,9 @@ def _add_cloud_args(commands: Any) -> None:
     status.set_defaults(handler=_cmd_cloud_status)
     status.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
     status.add_argument("--json", action="store_true")
-    worker = commands.add_parser("worker", help="claim and run work units from a cloud queue")
-    worker.set_defaults(handler=_cmd_worker)
+
+
+def _add_worker_args(worker: Any) -> None:
     worker.add_argument("--cloud", required=True, metavar="REMOTE[:PATH]")
     worker.add_argument("--max-jobs", type=int, default=1,
                         help="units run at once on this machine (default 1)")
@@ -10771,10 +11997,7 @@ def _cmd_ip(args: Any) -> int:
     return 0
 
 
-def _add_ip_args(commands: Any) -> None:
-    sub = commands.add_parser("ip", help="local addresses and the LAN one; --public: the public "
-                                         "IP; switch: rotate it")
-    sub.set_defaults(handler=_cmd_ip)
+def _add_ip_args(sub: Any) -> None:
     sub.add_argument("action", nargs="?", choices=["switch"],
                      help="rotate the public IP with warp-cli")
     sub.add_argument("--public", action="store_true",
@@ -10795,16 +12018,23 @@ def _add_ip_args(commands: Any) -> None:
                      help="switch: stop at one of these")
 
 
+def _add_target_arg(parser: Any, command: str, help_text: str) -> None:
+    """TARGET, or else a command after ``--`` (main() takes it off the line: _split_command)."""
+    parser.usage = f"stackops {command} [options] (TARGET | -- COMMAND [ARGS...])"
+    parser.add_argument("target", nargs="?", help=help_text)
+
+
 def _add_run_args(parser: Any) -> None:
-    parser.add_argument("target", help="a script (path/to/train.py) or a function "
-                                       "(path/to/module.py:func)")
+    _add_ids(parser, None)
+    _add_target_arg(parser, "run", "a script (path/to/train.py), a function (path/to/module.py:"
+                                   "func), or after -- any command, run in this folder of its repo")
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or "
                                        "user@host[:port]); "
                                        "default: this machine")
-    parser.add_argument("--copy-repo", action="store_true",
-                        help="run a snapshot of the repo as it is here, in the job's own folder "
-                             "(without .git, virtual environments and caches; only new files "
-                             "travel)")
+    _add_setting_args(parser, "at most N jobs hold a slot on the machine at once; the rest "
+                              "queue", "run a snapshot of the repo as it is here, in the job's "
+                                       "own folder (without .git, virtual environments and "
+                                       "caches; only new files travel)")
     parser.add_argument("--transfer", choices=TRANSFER_METHODS, default="sftp",
                         help="how the job reaches the host: over SSH (sftp, default) or through "
                              "cloud storage")
@@ -10827,9 +12057,6 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--job-id", help="a safe name: letters, digits, '._-' (default: a random "
                                          "readable name)")
     parser.add_argument("--description", default="", help="free text kept with the job")
-    parser.add_argument("--max-jobs", type=int, default=1, metavar="N",
-                        help="at most N jobs hold a slot on the machine at once; the rest queue "
-                             "(default 1)")
     parser.add_argument("--no-lock", action="store_true",
                         help="start at once, without taking a slot")
     parser.add_argument("--workload", metavar="START:END[:PARTS]",
@@ -10850,8 +12077,23 @@ def _add_run_args(parser: Any) -> None:
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="sync a file or folder to the same place on the host (only files that "
                              "differ travel)")
-    parser.add_argument("--python", help="interpreter that runs the job (default: this one)")
+    parser.add_argument("--python", help="interpreter that runs the job (default: the user "
+                                         "config's python, else python3 on a host, and this "
+                                         "interpreter here)")
     _add_run_start_args(parser)
+
+
+def _add_setting_args(parser: Any, slots: str, copy_repo: str) -> None:
+    """The options the user config file gives defaults for (see ``stackops config``)."""
+    parser.add_argument("--max-jobs", type=int, metavar="N",
+                        help=f"{slots} (default: the user config's max_jobs, else 1)")
+    parser.add_argument("--copy-repo", action="store_true", default=None,
+                        help=f"{copy_repo} (default: the user config's copy_repo)")
+    parser.add_argument("--no-copy-repo", dest="copy_repo", action="store_false", default=None,
+                        help="do not, whatever the user config says")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a variable of the job's environment (repeatable), over the user "
+                             "config's env")
 
 
 def _add_run_start_args(parser: Any) -> None:
@@ -10876,31 +12118,256 @@ def _add_run_start_args(parser: Any) -> None:
                              "see README)")
     parser.add_argument("--email", metavar="ADDR",
                         help="with --notify: the address (default: your user config's)")
+    parser.add_argument("--on-end", metavar="CMD",
+                        help="a bash command run once when the job ends, on the machine it ran "
+                             "on; {job_id} {status} {exit_code} {host} {duration} are filled in, "
+                             "quoted (e.g. curl -d \"{job_id} {status}\" ntfy.sh/mytopic)")
     parser.add_argument("--slurm", action="store_true",
                         help="hand the job to Slurm with sbatch (here, or on the --host login "
                              "node)")
     parser.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="an sbatch long option for --slurm, e.g. partition=gpu, time=02:00:00 "
-                             "(repeatable)")
+                             "(repeatable; over the user config's slurm options)")
     parser.add_argument("--show-scripts", action="store_true", help="print the generated scripts")
     parser.add_argument("--no-launch", action="store_true",
                         help="prepare everything and print the launch command; start nothing")
     parser.add_argument("--wait", action="store_true",
                         help="block until the job ends; exit 1 if it failed")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    _add_progress_arg(parser)
 
 
-_LIST_HELP = ("every job and cluster part with its host and status, newest first; remote rows are "
-              "asked of their hosts (in parallel)")
+# -- shell completion: made from the parser, job ids from a listing of the job folders -----------
+
+COMPLETION_BASH = r"""# bash completion of stackops @@version, made from its parser by
+# `stackops completion bash`. Load it with: source <(stackops completion bash); or save it as
+# ~/.local/share/bash-completion/completions/stackops. Ids come from a listing of job folders.
+_stackops_ids() {  # $1: jobs, clusters or both; $2: the --base-dir given, if any
+    local base=${2:-@@job_base} d
+    [[ $1 == clusters ]] && base=${2:-@@cluster_base}
+    base=${base/#\~/$HOME}
+    if [[ $1 != clusters ]]; then
+        for d in "$base"/queued/*/; do [[ -d $d ]] && d=${d%/} && echo "${d##*/}"; done
+        base=${base%/*}
+    fi
+    if [[ $1 != jobs ]]; then
+        for d in "$base"/job_id__*/; do [[ -d $d ]] && d=${d%/} && echo "${d##*/job_id__}"; done
+    fi
+}
+_stackops_hosts() {  # the aliases of ~/.ssh/config, not its patterns
+    [[ -r ~/.ssh/config ]] && awk 'tolower($1) == "host" {
+        for (i = 2; i <= NF; i++) if ($i !~ /[*?!]/) print $i }' ~/.ssh/config
+}
+_stackops() {
+    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
+    local path= base= words= kind= opts= valued= i w
+    for ((i = 1; i < COMP_CWORD; i++)); do  # the command (and action): its first plain words
+        w=${COMP_WORDS[i]}
+        [[ $w == --base-dir ]] && base=${COMP_WORDS[i+1]}
+        [[ $w == -* ]] && continue
+        case "$path" in
+            '') path=$w;;
+            @@nested) path="$path $w";;
+        esac
+    done
+    case "$path" in
+@@commands
+    esac
+    case "$path $prev" in
+@@values
+    esac
+    [[ " $valued " == *" $prev "* ]] && return  # a free value, or a file (-o default)
+    if [[ $cur == -* ]]; then
+        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+    elif [[ $kind == jobs || $kind == clusters || $kind == both ]]; then
+        COMPREPLY=($(compgen -W "$(_stackops_ids "$kind" "$base")" -- "$cur"))
+    elif [[ $kind == hosts ]]; then
+        COMPREPLY=($(compgen -W "$(_stackops_hosts)" -- "$cur"))
+    elif [[ -n $words ]]; then
+        COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    fi  # else the shell's own completion (files), from -o default
+}
+complete -o default -F _stackops stackops
+"""
+
+
+def _completion_tree() -> dict[str, dict[str, Any]]:
+    """Each command the completion knows, by its path ("", "run", "cluster run"): its options,
+    what each option's value is (see _value_kind), help lines, and what its arguments are."""
+    argparse = _argparse()
+    tree: dict[str, dict[str, Any]] = {}
+    todo = [("", _full_parser())]
+    while todo:
+        path, parser = todo.pop(0)
+        node: dict[str, Any] = {"options": {}, "values": {}, "kind": "", "words": {}}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):  # shown ones: not job-report...
+                node["words"] = {pseudo.dest: pseudo.help for pseudo in action._choices_actions}
+                todo += [(f"{path} {name}".strip(), action.choices[name]) for name in node["words"]]
+            elif action.option_strings:
+                for option in action.option_strings:
+                    node["options"][option] = action.help or ""
+                    if action.nargs != 0:
+                        node["values"][option] = _value_kind(action)
+            elif not node["kind"] and not node["words"]:
+                node["kind"], words = _argument_kind(path, action)
+                node["words"] = dict.fromkeys(words, "")
+        tree[path] = node
+    return tree
+
+
+def _value_kind(action: Any) -> tuple[str, list[str]]:
+    """What completes an option's value: words (its choices), job ids ("jobs"), host aliases
+    ("hosts"), files ("files"), or nothing ("": a free value)."""
+    if action.choices or action.dest == "status":
+        return "words", [str(word) for word in action.choices or STATUSES]
+    if str(action.metavar).startswith("ID"):
+        return "jobs", []
+    if action.dest in ("host", "hosts"):
+        return "hosts", []
+    files = action.dest in ("base_dir", "data", "to", "key", "python", "sweep")
+    return ("files" if files else ""), []
+
+
+def _argument_kind(path: str, action: Any) -> tuple[str, list[str]]:
+    """What completes a command's arguments: ids of jobs (and of sweeps and clusters: "both"),
+    host aliases, files; and the words it takes."""
+    if action.dest in ("job_id", "job_ids"):
+        return ("both" if path in ("cancel", "wait", "rerun") else "jobs"), []
+    if action.dest == "cluster_id":
+        return "clusters", []
+    words = ["bash", "zsh", "fish"] if action.dest == "shell" else action.choices or []
+    return ("hosts" if action.dest == "host" else "files"), [str(word) for word in words]
+
+
+def _bash_completion(tree: dict[str, dict[str, Any]]) -> str:
+    commands, values = [], []
+    replies = {"jobs": '"$(_stackops_ids jobs "$base")"', "hosts": '"$(_stackops_hosts)"'}
+    for path, node in tree.items():
+        valued = [option for option, (kind, _) in node["values"].items()]
+        opts, words = " ".join(node["options"]), " ".join(node["words"])
+        commands.append(f"        {shlex.quote(path)}) opts={shlex.quote(opts)}"
+                        f" valued={shlex.quote(' '.join(valued))} kind={node['kind']}"
+                        f" words={shlex.quote(words)};;")
+        for option, (kind, choices) in node["values"].items():
+            reply = shlex.quote(" ".join(choices)) if kind == "words" else replies.get(kind)
+            if reply is not None:
+                values.append(f"        {shlex.quote(f'{path} {option}')}) "
+                              f'COMPREPLY=($(compgen -W {reply} -- "$cur")); return;;')
+    nested = "|".join(shlex.quote(path) for path, node in tree.items()
+                      if path and " " not in path and node["words"] and not node["kind"])
+    return render_template(COMPLETION_BASH, version=__version__, values="\n".join(values),
+                           commands="\n".join(commands), nested=nested or "''",
+                           job_base=DEFAULT_BASE_DIR.replace("~", "$HOME", 1),
+                           cluster_base=DEFAULT_BASE_DIR.rsplit("/", 1)[0].replace("~", "$HOME", 1))
+
+
+def _fish_completion(tree: dict[str, dict[str, Any]]) -> str:
+    """The same completion for fish: one ``complete`` line per command, option and value."""
+    def said(text: str) -> str:
+        return shlex.quote(_shorten(" ".join(str(text or "").split()), 70))
+
+    job_base = DEFAULT_BASE_DIR.replace("~", "$HOME", 1)
+    lines = [f"# fish completion of stackops {__version__} (`stackops completion fish`, made "
+             "from its parser).",
+             "# Load it with: stackops completion fish | source; or save it as "
+             "~/.config/fish/completions/stackops.fish",
+             "function __stackops_is --description 'the command (and action) typed is $argv'",
+             "    set -l path",
+             "    for word in (commandline -opc)[2..-1]",
+             "        string match -q -- '-*' $word; and continue",
+             "        if test (count $path) -eq 0; or begin; test (count $path) -eq 1; "
+             "and contains -- $path[1] cluster cloud; end",
+             "            set -a path $word",
+             "        end",
+             "    end",
+             '    test "$path" = "$argv"',
+             "end",
+             "function __stackops_ids --description 'ids of jobs, clusters or both: a listing'",
+             f"    contains -- $argv[1] jobs both; and for folder in {job_base}/queued/*/",
+             "        basename $folder",
+             "    end",
+             f"    contains -- $argv[1] clusters both; and for folder in "
+             f"{job_base.rsplit('/', 1)[0]}/job_id__*/",
+             "        string replace -r '^job_id__' '' (basename $folder)",
+             "    end",
+             "end",
+             "function __stackops_hosts --description 'the aliases of ~/.ssh/config'",
+             "    test -r ~/.ssh/config; and awk 'tolower($1) == \"host\" "
+             "{ for (i = 2; i <= NF; i++) if ($i !~ /[*?!]/) print $i }' ~/.ssh/config",
+             "end",
+             "complete -c stackops -e"]
+    for path, node in tree.items():
+        when = f"-n {shlex.quote(f'__stackops_is {path}'.strip())}"
+        for word, text in node["words"].items():
+            lines.append(f"complete -c stackops {when} -f -a {shlex.quote(word)} -d {said(text)}")
+        if node["kind"] in ("jobs", "clusters", "both"):
+            lines.append(f"complete -c stackops {when} -f -a '(__stackops_ids {node['kind']})'")
+        elif node["kind"] == "hosts":
+            lines.append(f"complete -c stackops {when} -f -a '(__stackops_hosts)'")
+        for option, text in node["options"].items():
+            kind, choices = node["values"].get(option, ("none", []))
+            flag = f"-l {option[2:]}" if option.startswith("--") else f"-s {option[1:]}"
+            value = {"none": "", "files": " -r -F", "": " -x",
+                     "jobs": " -x -a '(__stackops_ids jobs)'",
+                     "hosts": " -x -a '(__stackops_hosts)'",
+                     "words": f" -x -a {shlex.quote(' '.join(choices))}"}[kind]
+            lines.append(f"complete -c stackops {when} {flag}{value} -d {said(text)}")
+    return "\n".join(lines) + "\n"
+
+
+_ZSH_PRELUDE = """# zsh completion of stackops: the bash one, through zsh's bashcompinit.
+# Load it with: source <(stackops completion zsh)
+(( $+functions[compdef] )) || { autoload -U +X compinit && compinit; }
+autoload -U +X bashcompinit && bashcompinit
+"""
+
+
+def _cmd_completion(args: Any) -> int:
+    if args.shell not in ("bash", "zsh", "fish"):
+        raise ConfigError(f"no completion for {args.shell!r}: there is one for bash, zsh and fish",
+                          hint=f"e.g. source <({_prog()} completion bash)")
+    tree = _completion_tree()
+    if args.shell == "fish":
+        sys.stdout.write(_fish_completion(tree))
+    else:
+        sys.stdout.write((_ZSH_PRELUDE if args.shell == "zsh" else "") + _bash_completion(tree))
+    return 0
+
+
+def _add_completion_args(sub: Any) -> None:
+    sub.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
+
+
+_LIST_HELP = ("every job and cluster part with its host and status, in the order submitted; remote "
+              "rows are asked of their hosts (in parallel)")
+
+
+def _add_ids(sub: Any, what: str | None = "the job's id", many: bool = False) -> None:
+    """The id (or ids) a job command takes, if ``what`` says what it is, and --base-dir."""
+    if what is not None and many:
+        sub.add_argument("job_ids", nargs="+", metavar="ID", help=what)
+    elif what is not None:
+        sub.add_argument("job_id", metavar="ID", help=what)
+    sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR,
+                     help=f"where jobs live (default {DEFAULT_BASE_DIR})")
 
 
 def _add_list_args(sub: Any) -> None:
-    sub.add_argument("--json", action="store_true")
+    _add_ids(sub, None)
+    sub.add_argument("--json", action="store_true", help="one JSON object a job (same filters)")
     sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                      help="how long to wait for the hosts; a row not refreshed says when it was "
                           "last seen")
-    sub.add_argument("--host", help="the jobs whose folders are on this host (from any machine), "
-                     "read there")
+    sub.add_argument("--host", help="only the jobs on this host, read there (whoever submitted "
+                                    "them); localhost: this machine's")
+    sub.add_argument("--status", action="append", default=[], metavar="S[,S...]",
+                     help=f"only jobs in these states ({', '.join(STATUSES)}); repeatable")
+    sub.add_argument("--since", metavar="AGE", help="only jobs submitted in the last AGE "
+                                                    "(e.g. 30m, 2h, 7d)")
+    sub.add_argument("--last", type=int, metavar="N",
+                     help="only the last N jobs submitted (after the other filters)")
+    sub.add_argument("--sweep", metavar="ID", help="only the jobs of this sweep, in index order")
 
 
 _REPORT_HELP = ("one self-contained HTML page with a timeline of jobs: a sweep, a cluster, a Slurm "
@@ -10908,6 +12375,7 @@ _REPORT_HELP = ("one self-contained HTML page with a timeline of jobs: a sweep, 
 
 
 def _add_report_args(sub: Any) -> None:
+    _add_ids(sub, None)
     sub.add_argument("job_ids", nargs="*", metavar="ID",
                      help="jobs, sweeps, clusters or Slurm arrays (their ids)")
     sub.add_argument("--last", type=int, metavar="N", help="the N jobs submitted last")
@@ -10920,34 +12388,63 @@ def _add_report_args(sub: Any) -> None:
                           "last seen)")
 
 
-def _add_control_args(command: Callable[..., Any]) -> None:
-    sub = command("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL "
-                                         "after --grace; "
-                  "a waiting job leaves the queue", job=False)
-    sub.add_argument("job_ids", nargs="+", metavar="ID")
+def _add_status_args(sub: Any) -> None:
+    _add_ids(sub)
+    sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
+    sub.add_argument("--json", action="store_true")
+
+
+def _add_logs_args(sub: Any) -> None:
+    _add_ids(sub)
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
+    sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
+
+
+def _add_queue_args(sub: Any) -> None:
+    sub.add_argument("--history", type=int, default=10, metavar="N",
+                     help="show the last N finished jobs")
+    sub.add_argument("--host", help="the queue of this host, read there in one round trip")
+    sub.add_argument("--json", action="store_true")
+
+
+def _add_download_args(sub: Any) -> None:
+    _add_ids(sub)
+    sub.add_argument("--to", help="target path (default: the same path, if the job's own results)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    _add_progress_arg(sub)
+
+
+def _add_cancel_args(sub: Any) -> None:
+    _add_ids(sub, "a job, sweep or cluster id (a sweep's or cluster's: all its jobs; a cloud "
+                  "job's: its units)", many=True)
     sub.add_argument("--grace", type=float, default=10.0, metavar="S",
                      help="seconds between SIGTERM and SIGKILL (default 10)")
-    sub = command("wait", _cmd_wait, "block until the jobs end: exit 0 if all completed, 1 if not, "
-                                     "124 on timeout",
-                  job=False)
-    sub.add_argument("job_ids", nargs="+", metavar="ID")
+
+
+def _add_wait_args(sub: Any) -> None:
+    _add_ids(sub, "a job, sweep or cluster id (a sweep or cluster ends when all its jobs have)",
+             many=True)
     sub.add_argument("--timeout", type=float, default=None, metavar="S",
                      help="give up after S seconds (exit 124)")
-    command("start", _cmd_start, "launch a job prepared with run --no-launch")
-    sub = command("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed "
-                                       "parts)")
+
+
+def _add_rerun_args(sub: Any) -> None:
+    _add_ids(sub, "an ended job's id, or a cluster's with --failed")
     sub.add_argument("--failed", action="store_true",
                      help="for a cluster id: only the parts that failed")
     sub.add_argument("--fresh", action="store_true",
                      help="take the code as it is now (default: the snapshot the job ran)")
     sub.add_argument("--wait", action="store_true",
                      help="block until it ends; exit 1 if it did not complete")
-    sub = command("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",
-                  job=False)
-    sub.add_argument("job_ids", nargs="+", metavar="ID")
+
+
+def _add_delete_args(sub: Any) -> None:
+    _add_ids(sub, "an ended job's id (not a sweep's or a cluster's)", many=True)
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
-    sub = command("prune", _cmd_prune, "delete the jobs that ended longer ago than --older-than",
-                  job=False)
+
+
+def _add_prune_args(sub: Any) -> None:
+    _add_ids(sub, None)
     sub.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 12h, 7d, 2w")
     sub.add_argument("--status", help="only jobs that ended so (completed, failed, cancelled)")
     sub.add_argument("--host", help="only jobs on this host (the alias used; localhost for this "
@@ -10955,10 +12452,145 @@ def _add_control_args(command: Callable[..., Any]) -> None:
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
 
 
-def _build_parser() -> Any:
-    import argparse
+def _add_ssh_args(sub: Any) -> None:
+    sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
+    sub.add_argument("command", nargs="*", help="the command (after --)")
+    sub.add_argument("--timeout", type=float, default=None,
+                     help="give up connecting, or on the command, after this many seconds")
+    _add_accept_new(sub)
 
-    parser = argparse.ArgumentParser(
+
+def _add_copy_args(sub: Any) -> None:
+    sub.add_argument("source")
+    sub.add_argument("target")
+    sub.add_argument("-r", "--recursive", action="store_true", help="copy folders")
+    sub.add_argument("-z", "--compress", action="store_true", help="compress on the wire")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    _add_accept_new(sub)
+    _add_progress_arg(sub)
+
+
+def _add_send_key_args(sub: Any) -> None:
+    sub.add_argument("host")
+    sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then "
+                                   "id_rsa.pub)")
+    _add_accept_new(sub)
+
+
+def _add_accept_new(sub: Any) -> None:
+    sub.add_argument("--accept-new", action="store_true",
+                     help="trust and record an unknown host key")
+
+
+def _add_config_args(sub: Any) -> None:
+    sub.add_argument("--host", help="the settings of jobs on this host (default: this machine)")
+    sub.add_argument("--json", action="store_true")
+
+
+def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str | None, Any], ...]:
+    """Every command: its name, handler, line in ``stackops --help`` and what adds its
+    arguments. Only the command given is built."""
+    return (
+        ("run", _cmd_run, "run a script, function or command as a detached job", _add_run_args),
+        ("status", _cmd_status, "status, times, results and error of a job", _add_status_args),
+        ("list", _cmd_list, _LIST_HELP, _add_list_args),
+        ("logs", _cmd_logs, "the job's output", _add_logs_args),
+        ("queue", _cmd_queue, "slots in use, who waits in what order, recent history",
+         _add_queue_args),
+        ("download", _cmd_download, "copy a finished job's results folder", _add_download_args),
+        ("delete-results", _cmd_delete_results, "delete a finished job's own results folder",
+         _add_ids),
+        ("cancel", _cmd_cancel, "stop jobs (or every part of a cluster): SIGTERM, SIGKILL after "
+                                "--grace; a waiting job leaves the queue", _add_cancel_args),
+        ("wait", _cmd_wait, "block until the jobs end: exit 0 if all completed, 1 if not, 124 on "
+                            "timeout", _add_wait_args),
+        ("start", _cmd_start, "launch a job prepared with run --no-launch", _add_ids),
+        ("rerun", _cmd_rerun, "run an ended job again as <id>-r1 (a cluster: --failed parts)",
+         _add_rerun_args),
+        ("delete", _cmd_delete, "remove ended jobs' folders, here and where they ran",
+         _add_delete_args),
+        ("prune", _cmd_prune, "delete the jobs that ended longer ago than --older-than",
+         _add_prune_args),
+        ("ssh", _cmd_ssh, "run a command on a host; its exit status is passed through",
+         _add_ssh_args),
+        ("copy", _cmd_copy, "copy a file or folder to or from a host (HOST:PATH on one side)",
+         _add_copy_args),
+        ("send-key", _cmd_send_key, "install your public key in a host's authorized_keys (once)",
+         _add_send_key_args),
+        ("cluster", None, "split one workload over several hosts by CPU/RAM", _add_cluster_args),
+        ("cloud", None, "a queue of work units on an rclone remote, for any worker",
+         _add_cloud_args),
+        ("worker", _cmd_worker, "claim and run work units from a cloud queue", _add_worker_args),
+        ("ip", _cmd_ip, "local addresses and the LAN one; --public: the public IP; switch: rotate "
+                        "it", _add_ip_args),
+        ("config", _cmd_config, "the settings jobs take from the user config file, and where "
+                                "each comes from", _add_config_args),
+        ("completion", _cmd_completion, "a shell's completion of stackops: source <(stackops "
+                                        "completion bash|zsh), or fish", _add_completion_args),
+        ("report", _cmd_report, _REPORT_HELP, _add_report_args),
+    )
+
+
+class _LazyParsers(dict):  # type: ignore[type-arg]
+    """argparse's map from a command's name to its parser, each built when first looked up: a
+    command line (``--help`` too) builds the parser of its one command, not of all of them."""
+
+    def __init__(self, action: Any) -> None:
+        table = {row[0]: row for row in _command_table()}
+        super().__init__(dict.fromkeys(table))
+        self.action, self.table = action, table
+        for name, _, help_text, _ in table.values():
+            if help_text is not None:  # its line in the top-level help
+                action._choices_actions.append(action._ChoicesPseudoAction(name, (), help_text))
+
+    def __getitem__(self, name: str) -> Any:
+        parser = dict.__getitem__(self, name)
+        if parser is None:
+            _, handler, help_text, add = self.table[name]
+            dict.__delitem__(self, name)  # add_parser refuses a name it has already (3.11)
+            parser = self.action.add_parser(name, description=help_text)
+            if handler is not None:
+                parser.set_defaults(handler=handler)
+            add(parser)
+            _add_verbosity_everywhere(parser)
+        return parser
+
+
+_PARSER_CLASS: list[Any] = []  # made once, by _parser_class
+
+
+def _parser_class() -> Any:
+    """argparse's ArgumentParser with help wrapped word by word: textwrap's regular expressions
+    cost 2 ms of every ``--help``. Its sub-parsers are of the same class."""
+    if not _PARSER_CLASS:
+        argparse = _argparse()
+
+        class Formatter(argparse.HelpFormatter):  # type: ignore[misc,name-defined]
+            def _split_lines(self, text: str, width: int) -> list[str]:
+                lines = [""]
+                for word in text.split():
+                    if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+                        lines.append(word)
+                    else:
+                        lines[-1] = f"{lines[-1]} {word}".lstrip()
+                return lines if lines[-1] else lines[:-1]
+
+            def _fill_text(self, text: str, width: int, indent: str) -> str:
+                return "\n".join(indent + line
+                                 for line in self._split_lines(text, width - len(indent)))
+
+        class Parser(argparse.ArgumentParser):  # type: ignore[misc,name-defined]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.setdefault("formatter_class", Formatter)
+                super().__init__(*args, **kwargs)
+
+        _PARSER_CLASS.append(Parser)
+    return _PARSER_CLASS[0]
+
+
+def _build_parser() -> Any:
+    """The command line's parser; each command's own is built when the command is looked up."""
+    parser = _parser_class()(
         prog="stackops", description="Run a Python function or script detached, capped by slots, "
                                      "and follow it.")
     parser.add_argument("--version", action="version", version=f"stackops {__version__}")
@@ -10967,94 +12599,37 @@ def _build_parser() -> Any:
     parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer diagnostics")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    def command(name: str, handler: Callable[[Any], int], help_text: str, job: bool = True) -> Any:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
-        if job:
-            sub.add_argument("job_id", help="the job's id")
-        sub.add_argument("--base-dir", default=DEFAULT_BASE_DIR,
-                         help=f"where jobs live (default {DEFAULT_BASE_DIR})")
-        return sub
-
-    _add_job_commands(commands, command)
-    _add_host_commands(commands)
-    _add_cluster_args(commands)
-    _add_cloud_args(commands)
-    _add_ip_args(commands)
-    _add_verbosity_everywhere(parser)
-    _add_progress_option(parser)
+    commands.choices = commands._name_parser_map = _LazyParsers(commands)
     return parser
 
 
-def _add_job_commands(commands: Any, command: Callable[..., Any]) -> None:
-    """run, status, list, logs, queue, download, delete-results and the job control verbs."""
-    _add_run_args(command("run", _cmd_run, "run a script or function as a detached job", job=False))
-    sub = command("status", _cmd_status, "status, times, results and error of a job")
-    sub.add_argument("-n", "--lines", type=int, default=0, help="also show the last N log lines")
-    sub.add_argument("--json", action="store_true")
-    _add_list_args(command("list", _cmd_list, _LIST_HELP, job=False))
-    _add_report_args(command("report", _cmd_report, _REPORT_HELP, job=False))
-    sub = command("logs", _cmd_logs, "the job's output")
-    sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
-    sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
-    sub = commands.add_parser("queue", help="slots in use, who waits in what order, recent history")
-    sub.set_defaults(handler=_cmd_queue)
-    sub.add_argument("--history", type=int, default=10, metavar="N",
-                     help="show the last N finished jobs")
-    sub.add_argument("--host", help="the queue of this host, read there in one round trip")
-    sub.add_argument("--json", action="store_true")
-    sub = command("download", _cmd_download, "copy a finished job's results folder")
-    sub.add_argument("--to", help="target path (default: the same path, if the job's own results)")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
-    command("delete-results", _cmd_delete_results, "delete a finished job's own results folder")
-    _add_control_args(command)
+def _full_parser() -> Any:
+    """The parser with every command's built (for completion, and the tests)."""
+    parser = _build_parser()
+    for action in _subcommands(parser):
+        for name in list(action.choices):
+            action.choices[name]
+    return parser
 
 
-def _add_host_commands(commands: Any) -> None:
-    """ssh, copy and send-key: a host's conveniences, no job."""
-    sub = commands.add_parser("ssh", help="run a command on a host; its exit status is passed "
-                                          "through")
-    sub.set_defaults(handler=_cmd_ssh)
-    sub.add_argument("host", help="~/.ssh/config alias or user@host[:port]")
-    sub.add_argument("command", nargs="*", help="the command (after --)")
-    sub.add_argument("--timeout", type=float, default=None,
-                     help="give up connecting, or on the command, after this many seconds")
-    sub.add_argument("--accept-new", action="store_true",
-                     help="trust and record an unknown host key")
-    sub = commands.add_parser("copy", help="copy a file or folder to or from a host (HOST:PATH on "
-                                           "one side)")
-    sub.set_defaults(handler=_cmd_copy)
-    sub.add_argument("source")
-    sub.add_argument("target")
-    sub.add_argument("-r", "--recursive", action="store_true", help="copy folders")
-    sub.add_argument("-z", "--compress", action="store_true", help="compress on the wire")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing target")
-    sub.add_argument("--accept-new", action="store_true",
-                     help="trust and record an unknown host key")
-    sub = commands.add_parser("send-key", help="install your public key in a host's "
-                                               "authorized_keys (once)")
-    sub.set_defaults(handler=_cmd_send_key)
-    sub.add_argument("host")
-    sub.add_argument("--key", help="the public key file (default: ~/.ssh/id_ed25519.pub, then "
-                                   "id_rsa.pub)")
-    sub.add_argument("--accept-new", action="store_true",
-                     help="trust and record an unknown host key")
+def _subcommands(parser: Any) -> list[Any]:
+    """The sub-command actions of ``parser`` (one, or none)."""
+    argparse = _argparse()
+    return [action for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)]
 
 
 def _add_verbosity_everywhere(parser: Any) -> None:
-    """-v/-q after the command too (``stackops status JOB -v``): every subcommand counts them into
-    its own field, which main() adds to the ones given before the command."""
-    import argparse
-
-    for action in parser._actions:
-        if not isinstance(action, argparse._SubParsersAction):
-            continue
-        for sub in set(action.choices.values()):
-            sub.add_argument("-v", "--verbose", dest="verbose_after", action="count",
-                             default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
-            sub.add_argument("-q", "--quiet", dest="quiet_after", action="count",
-                             default=argparse.SUPPRESS, help="fewer diagnostics")
+    """-v/-q after the command too (``stackops status JOB -v``): a command's parser (and each of
+    its actions') counts them into its own field, which main() adds to the ones given before the
+    command."""
+    argparse = _argparse()
+    parser.add_argument("-v", "--verbose", dest="verbose_after", action="count",
+                        default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
+    parser.add_argument("-q", "--quiet", dest="quiet_after", action="count",
+                        default=argparse.SUPPRESS, help="fewer diagnostics")
+    for action in _subcommands(parser):
+        for sub in action.choices.values():
             _add_verbosity_everywhere(sub)
 
 
@@ -11097,7 +12672,10 @@ def _take_ssh_command(args: Any, extras: list[str], parser: Any) -> None:
             args.command = words
             return
     if extras:
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        more = ""
+        if getattr(args, "handler", None) in (_cmd_run, _cmd_cluster_run):
+            more = " (a command and its arguments go after --: run [options] -- COMMAND ...)"
+        parser.error(f"unrecognized arguments: {' '.join(extras)}{more}")
 
 
 def _os_error_line(exc: OSError) -> tuple[str, str]:
@@ -11115,16 +12693,20 @@ def main(argv: list[str] | None = None) -> int:
     _note_program(sys.argv[0] if sys.argv else "")
     _argparse()  # before the parser is built: argparse without gettext
     parser = _build_parser()
+    words, command = _split_command(list(sys.argv[1:] if argv is None else argv))
     try:
-        args, extras = parser.parse_known_args(argv)
+        args, extras = parser.parse_known_args(words)
+        args.job_command = command
         _take_ssh_command(args, extras, parser)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     verbose = args.verbose + getattr(args, "verbose_after", 0)
     undo_logging = _configure_logging(verbose - args.quiet - getattr(args, "quiet_after", 0))
+    _CLI.append(True)  # errors name the command line's options (see _option)
     try:
         return _dispatch(args, verbose)
     finally:
+        _CLI.pop()
         undo_logging()
 
 
@@ -11145,7 +12727,8 @@ def _dispatch(args: Any, verbose: int) -> int:
         print(f"stackops: error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"stackops: hint: {exc.hint}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        bad_input = isinstance(exc, ConfigError) or getattr(exc, "unknown_key", False)
+        return 2 if bad_input else 1  # an unknown host key: nothing was written or started
     except KeyboardInterrupt:
         print("stackops: interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ import functools
 import importlib
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -91,14 +92,11 @@ def _stop_leftovers(home: Path) -> None:
             pid, start = pid_file.read_text().split()
             if str(stackops.process_start_ticks(int(pid))) == start:
                 os.kill(int(pid), signal.SIGKILL)
-    for pid_file in itertools.chain(home.glob("**/logs/launcher_pid.txt"), home.glob("**/logs/pid.txt")):
-        pid = int(pid_file.read_text() or 0)
-        if pid and stackops.pid_is_alive(pid, pid_file.parent.parent.name):
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+    for state_file in home.glob("**/logs/state.json"):
+        with contextlib.suppress(OSError, ValueError):
+            pgid = json.loads(state_file.read_text()).get("pgid")
+            if pgid and stackops._alive(state_file.parent.parent):
+                os.killpg(int(pgid), signal.SIGKILL)
 
 
 def state_of(machine_or_root) -> dict:
@@ -323,7 +321,7 @@ JobFailedError(job_id: 'str', error_message: 'str') -> None
 class StackopsConnectionError(StackopsError, ConnectionError)
 StackopsConnectionError(message: 'str', hint: 'str | None' = None) -> None
 class HostKeyError(StackopsConnectionError)
-HostKeyError(message: 'str', hint: 'str | None' = None) -> None
+HostKeyError(message: 'str', hint: 'str | None' = None, unknown_key: 'bool' = False) -> None
 class TransferError(StackopsError)
 TransferError(message: 'str', hint: 'str | None' = None) -> None
 class RemoteStackOpsConfig(object)
@@ -332,7 +330,7 @@ RemoteStackOpsConfig(
     base_dir: 'str' = '~/tmp_results/remote_machines/jobs',
     description: 'str' = '',
     ssh_host: 'str | None' = None,
-    copy_repo: 'bool' = False,
+    copy_repo: 'bool' = <user config, else False>,
     update_repo: 'bool' = False,
     install_repo: 'bool' = False,
     data: 'list[str]' = <factory>,
@@ -347,9 +345,9 @@ RemoteStackOpsConfig(
     wrap_in_try_except: 'bool' = False,
     parallelize: 'bool' = False,
     lock_resources: 'bool' = True,
-    max_simultaneous_jobs: 'int' = 1,
+    max_simultaneous_jobs: 'int' = <user config, else 1>,
     workload_params: 'WorkloadParams | None' = None,
-    python: 'str | None' = None,
+    python: 'str | None' = <user config, else None>,
     accept_new_host_key: 'bool' = False,
     ssh_timeout: 'float' = 15.0,
     slurm_options: 'dict[str, str]' = <factory>,
@@ -358,6 +356,7 @@ RemoteStackOpsConfig(
     after: 'list[str]' = <factory>,
     gpus: 'int' = 0,
     group: 'str | None' = None,
+    env: 'dict[str, str]' = <factory>,
 ) -> None
 classmethod RemoteStackOpsConfig.from_dict(data: 'Any') -> RemoteStackOpsConfig
 property RemoteStackOpsConfig.pool
@@ -431,8 +430,13 @@ JobParams(
     code_snapshot: 'str' = '',
     scm_version: 'str' = '',
     data_r: 'list[str]' = <factory>,
+    command: 'list[str]' = <factory>,
 ) -> None
 classmethod JobParams.from_callable(func: 'Callable[..., Any]') -> JobParams
+classmethod JobParams.from_command(
+    argv: 'list[str] | tuple[str, ...]',
+    cwd: 'str | os.PathLike[str] | None' = None,
+) -> JobParams
 classmethod JobParams.from_dict(data: 'Any') -> JobParams
 classmethod JobParams.from_function_ref(ref: 'str') -> JobParams
 classmethod JobParams.from_script(path: 'str | os.PathLike[str]') -> JobParams
@@ -1297,6 +1301,225 @@ def test_models_execution_lines_compile_for_every_combination(home):
         compile(code, f"{kind}-{wp}-{par}-{wrap}", "exec")
 
 
+# -- command jobs: the model, and the {name} placeholders a sweep's lines fill (issue 23) --------
+
+def test_models_command_is_located_like_a_script(home, monkeypatch):
+    proj = home / "proj"
+    (proj / ".git").mkdir(parents=True)
+    (proj / "sub").mkdir()
+    params = JobParams.from_command(["make", "train"], cwd=proj / "sub")
+    assert (params.kind, params.command) == ("command", ["make", "train"])
+    assert (params.repo_path_rh, params.file_path_rh, params.file_path_r) == ("~/proj", "~/proj/sub", "sub")
+    assert JobParams.from_dict(json.loads(json.dumps(params.to_dict()))) == params
+    loose = home / "loose"
+    loose.mkdir()
+    monkeypatch.chdir(loose)  # in no repo: the folder is its own repo
+    machine = RemoteMachine(("python3", "-V"), config(job_id="cmd-model"))
+    assert (machine.job_params.repo_path_rh, machine.job_params.file_path_r) == ("~/loose", ".")
+    assert machine.job_params.command == ["python3", "-V"]
+    assert not (home / "tmp_results").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "the command is empty"), ([" "], "the command is empty"), ("make train", "a list of strings"),
+    (["make", 3], "a list of strings"), (["ls", "a\0b"], "NUL"),
+])
+def test_models_command_bad_argv_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        JobParams.from_command(argv)
+    with pytest.raises(ConfigError):  # a record read back is checked alike
+        JobParams.from_dict({"kind": "command", "command": argv})
+
+
+def test_models_command_placeholders_filled_and_braces_escaped():
+    argv = ["train", "--lr={lr}", "{name}/{lr}", "{{lr}}", "{{{name}}}", "awk", "{print $1}", "{}", "{1x", "${lr}"]
+    assert stackops.command_placeholders(argv) == ["lr", "name"]
+    filled = stackops.fill_command(argv, {"lr": 0.1, "name": "a b", "unused": 1})
+    # no shell reads these arguments: each value goes in as it is, '$' and all
+    assert filled == ["train", "--lr=0.1", "a b/0.1", "{lr}", "{a b}", "awk", "{print $1}", "{}", "{1x", "$0.1"]
+    assert stackops.fill_command(["x", "{v}", "{a}{b}"], {"v": [1, "two"], "a": True, "b": None}) == [
+        "x", '[1, "two"]', "truenull"]
+    with pytest.raises(ConfigError, match=r"no value for \{name\}"):
+        stackops.fill_command(argv, {"lr": 1})
+    params = JobParams.from_command(["echo", "{{x}}"], cwd="/")
+    assert stackops.command_argv(params) == ["echo", "{{x}}"]  # a job without values runs it as given
+    assert stackops.command_argv(params, {"y": 1}) == ["echo", "{x}"]
+
+
+@pytest.mark.parametrize("argv,scripts", [
+    (["sh", "-c", "S", "a0", "{x}"], {2}),
+    (["bash", "-lc", "S"], {2}),
+    (["/bin/bash", "-o", "pipefail", "-c", "S"], {4}),
+    (["bash", "--norc", "--rcfile", "f", "-e", "-c", "--", "S"], {7}),
+    (["env", "A=1", "timeout", "5", "dash", "-ec", "S"], {6}),
+    (["bash", "script.sh", "{x}"], set()),
+    (["python3", "-c", "S"], set()),
+    (["sh", "-c"], set()),
+])
+def test_models_command_shell_scripts_found_where_a_shell_reads_code(argv, scripts):
+    assert stackops._shell_scripts(argv) == scripts
+
+
+def test_models_command_sweep_checked_line_by_line():
+    argv = ["python", "train.py", "--lr", "{lr}"]
+    stackops.check_command_sweep(argv, [{"lr": 1}, {"lr": 2, "extra": 3}])
+    with pytest.raises(ConfigError, match=r"sweep line 2: no value for \{lr\}"):
+        stackops.check_command_sweep(argv, [{"lr": 1}, {"rl": 2}])
+    with pytest.raises(ConfigError, match=r"no \{name\} placeholder: its 1 jobs"):
+        stackops.check_command_sweep(["python", "train.py"], [{"lr": 1}])
+    for script in ("echo ${lr}", "echo \\{lr}", "echo $'{lr}'"):  # where a value cannot stay literal
+        with pytest.raises(ConfigError, match="stands after a '\\$' or a backslash, or in \\$'"):
+            stackops.check_command_sweep(["sh", "-c", script], [{"lr": 1}])
+    stackops.check_command_sweep(["sh", "-c", "echo ${{HOME}} {lr}"], [{"lr": 1}])
+
+
+# -- the user config file (issue 24): per-host defaults that an argument always overrides -------
+
+USER_CONFIG = """{
+  "default_email_address": "me@example.org",
+  "defaults": {"max_jobs": 2, "env": {"A": "1", "B": "2"}},
+  "hosts": {
+    "gpu-box": {"max_jobs": 4, "python": "~/venv/bin/python", "copy_repo": true,
+                "slurm": {"partition": "gpu"}, "env": {"B": "3"}},
+    "localhost": {"python": "python3"}
+  }
+}
+"""
+
+
+def test_models_user_config_per_host_defaults_and_what_is_given_wins(home, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "xdg"))
+    path = home / "xdg" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(USER_CONFIG)
+    gpu = config(job_id="g", ssh_host="gpu-box", env={"C": "4"})
+    assert (gpu.max_simultaneous_jobs, gpu.python, gpu.copy_repo) == (4, "~/venv/bin/python", True)
+    assert gpu.env == {"A": "1", "B": "3", "C": "4"} and gpu.slurm_options == {}  # not Slurm
+    given = config(job_id="g2", ssh_host="gpu-box", max_simultaneous_jobs=1, copy_repo=False,
+                   python="python3.12", env={"B": "9"}, launch_method="slurm",
+                   slurm_options={"time": "01:00:00"})
+    assert (given.max_simultaneous_jobs, given.copy_repo, given.python) == (1, False, "python3.12")
+    assert given.env == {"A": "1", "B": "9"}
+    assert given.slurm_options == {"partition": "gpu", "time": "01:00:00"}
+    here = config(job_id="h")  # this machine: the "localhost" entry over the defaults
+    assert (here.max_simultaneous_jobs, here.python, here.copy_repo) == (2, "python3", False)
+    assert config(job_id="o", ssh_host="other").python is None  # no entry: python3 there
+    cloud = config(job_id="c", launch_method="cloud_manager", cloud_name="drive")
+    assert (cloud.python, cloud.max_simultaneous_jobs) == (None, 2)  # no host: the defaults only
+    assert config(job_id="u", ssh_host="gpu-box", update_repo=True).copy_repo is False
+    part = here._for_host("gpu-box", job_id="h_0")  # a cluster's part takes its host's settings
+    assert (part.max_simultaneous_jobs, part.copy_repo, part.env["B"]) == (4, True, "3")
+    record = json.loads(json.dumps(gpu.to_dict()))
+    path.write_text('{"hosts": {"gpu-box": {"max_jobs": 7}}, "oops": 1}')  # changed, broken
+    again = RemoteStackOpsConfig.from_dict(record)  # a job's record is read as it is
+    assert again == gpu and again.max_simultaneous_jobs == 4
+    assert again._for_host("elsewhere").max_simultaneous_jobs == 4
+    with pytest.raises(ConfigError, match="unknown key 'oops'"):
+        config(job_id="x")
+
+
+def test_models_user_config_location_stackops_config_then_xdg_then_home(home, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/ignored")  # the XDG spec: absolute only
+    assert stackops.user_config_location() == (home / ".config/stackops/config.json", "default")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "x"))
+    assert stackops.user_config_location() == (home / "x/stackops/config.json", "XDG_CONFIG_HOME")
+    monkeypatch.setenv("STACKOPS_CONFIG", "~/mine.json")
+    assert stackops.user_config_location() == (home / "mine.json", "STACKOPS_CONFIG")
+    (home / "mine.json").write_text('{"defaults": {"max_jobs": 5}}')
+    assert config(job_id="m").max_simultaneous_jobs == 5
+
+
+BAD_USER_CONFIGS = [  # (the file, the line named, what the one line says)
+    ('{\n  "hosts": {\n    "gpu": {\n      "max_job": 4\n    }\n  }\n}', 4,
+     "unknown key 'max_job' in hosts.gpu"),
+    ('{\n  "defaults": {},\n  "host": {}\n}', 3, "unknown key 'host'"),
+    ('{"hosts": {"gpu": {"max_jobs": "4"}}}', 1, 'hosts.gpu.max_jobs must be a whole number'),
+    ('{\n "defaults": {\n  "max_jobs": 0}}', 3, "defaults.max_jobs must be a whole number"),
+    ('{\n "defaults": {\n  "copy_repo": "yes"}}', 3, "defaults.copy_repo must be true or false"),
+    ('{"hosts": {"gpu": {"env": {"A": 1}}}}', 1, "hosts.gpu.env must be an object of environment"),
+    ('{"hosts": {\n"gpu": {"env": {\n"A-B": "1"}}}}', 3, "hosts.gpu.env: 'A-B' is not a variable"),
+    ('{"defaults": {"env": {\n"STACKOPS_JOB_ID": "x"}}}', 2, "stackops sets STACKOPS_JOB_ID"),
+    ('{"defaults": {"slurm": {\n\n"tiem": "1"}}}', 3, "unknown sbatch option 'tiem'"),
+    ('{"hosts": [1]}', 1, "hosts must be an object: host alias -> host entry"),
+    ('{"hosts": {"gpu": 3}}', 1, "hosts.gpu must be an object (a host entry)"),
+    ('\n\n{"default_email_address": "me@x"}', 3, "default_email_address 'me@x' is not an e-mail"),
+    ('{"default_email_config": 5}', 1, "default_email_config must be a string"),
+    ('{\n  "defaults": {},\n}', 3, "not JSON"),
+    ('{"hosts": {"a": {"python": "x"}, "a": {"max_jobs": 1, "bogus": 2}}}', 1, "'bogus' in hosts.a"),
+]
+
+
+@pytest.mark.parametrize("text,line,said", BAD_USER_CONFIGS)
+def test_models_user_config_bad_key_or_type_refused_naming_file_line_and_key(home, text, line, said):
+    path = home / ".config" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        config(job_id="x")
+    message = str(refused.value)
+    assert message.startswith(f"~/.config/stackops/config.json, line {line}: "), message
+    assert said in message and "\n" not in message
+
+
+def test_models_json_key_line_finds_nested_keys_and_the_last_of_twins():
+    text = '{\n "a": {"x": 1,\n  "b": [1, {"b": 2}],\n  "c": {\n   "d": 1}},\n "a": {"e": 1}\n}'
+    assert stackops._json_key_line(text, ["a"]) == 6  # json keeps the last "a"
+    first = text.replace(',\n "a": {"e": 1}', "")
+    assert [stackops._json_key_line(first, keys) for keys in
+            (["a", "b"], ["a", "c", "d"], ["a", "zz"], [])] == [3, 5, 2, 1]
+
+
+@pytest.mark.parametrize("env,said", [
+    ({"A-B": "1"}, "'A-B' is not a variable's name"), ({"1A": "x"}, "'1A' is not a variable"),
+    ({"": "x"}, "'' is not a variable's name"), ({"A=B": "x"}, "'A=B' is not a variable"),
+    ({"STACKOPS_ATTEMPT": "2"}, "stackops sets STACKOPS_ATTEMPT itself"),
+    ({"A": "x\0y"}, "A's value must be a string without NUL"), ({"A": 1}, "A's value must be"),
+    ("A=1", "env must be dict")])
+def test_models_env_refused_at_submit_with_one_line(home, env, said):
+    with pytest.raises(ConfigError) as refused:
+        config(job_id="e", env=env)
+    assert said in str(refused.value) and "\n" not in str(refused.value)
+    assert config(job_id="ok", env={"OMP_NUM_THREADS": "4", "_x9": "", "A": "a=b c"}).env["A"] == "a=b c"
+
+
+@pytest.mark.parametrize("address", ["a@b.c", "me@example.org", "first.last+tag@sub.example.co.uk",
+                                     "ü@münchen.de", "o'brien@x-y.example"])
+def test_models_email_plausible_addresses_pass(home, address):
+    assert config(job_id="m", notify_upon_completion=True, to_email=address,
+                  email_config_name="x").to_email == address
+
+
+@pytest.mark.parametrize("address,said", [
+    ("me@x.org\r\nBcc: all@x.org", "line break"), ("me@x.org\n", "line break"),
+    ("me", "exactly one @"), ("a@b@c.org", "exactly one @"), ("@example.org", "before its @"),
+    ("me you@x.org", "before its @"), ("me@localhost", "not a domain name"),
+    ("me@-x.org", "not a domain name"), ("me@x..org", "not a domain name"),
+    ("me@x.org.", "not a domain name"), ("me@10.0.0.1", "not a domain name"),
+    ("me@x_y.org", "not a domain name"), (5, "to_email must be str")])
+def test_models_email_refused_at_submit_with_one_line(home, address, said):
+    with pytest.raises(ConfigError) as refused:
+        config(job_id="m", notify_upon_completion=True, to_email=address, email_config_name="x")
+    assert said in str(refused.value) and "\n" not in str(refused.value), refused.value
+    assert "to_email" in str(refused.value)
+
+
+@pytest.mark.parametrize("kwargs,said", [
+    ({"gpus": 1, "group": "io"}, ("gpus is a pool of its own: it goes with neither group nor "
+                                  "lock_resources=False")),
+    ({"slurm_options": {"partition": "gpu"}}, "slurm_options are for launch_method='slurm'"),
+    ({"max_simultaneous_jobs": 0}, "max_simultaneous_jobs must be at least 1"),
+    ({"retries": 500}, "retries must be 0 to 100 and retry_delay 0 to 86400"),
+    ({"transfer_method": "cloud"}, "transfer_method 'cloud' needs cloud_name"),
+    ({"copy_repo": True, "update_repo": True}, "copy_repo and update_repo cannot go together"),
+    ({"job_id": "../x"}, "job_id '../x' is not a safe name"),
+    ({"launch_method": "slurm", "interactive": True}, "launch_method='slurm' cannot run an interac"),
+    ({"env": {"A-B": "1"}}, "env: 'A-B' is not a variable's name")])
+def test_models_refusals_name_the_keywords_a_python_caller_passes(home, kwargs, said):
+    with pytest.raises(ConfigError) as refused:
+        config(**kwargs)
+    assert said in str(refused.value) and "--" not in str(refused.value), refused.value
+
+
 # ============================================================================================
 # 6. templates
 # ============================================================================================
@@ -1320,10 +1543,10 @@ def test_templates_every_embedded_shell_parses_and_stays_small(home):
         check = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
     compile(stackops.render_execution_script(params.get_execution_line()), "wrapper", "exec")
-    shell = [value for name, value in vars(stackops).items() if isinstance(value, str)
-             and (name.endswith("_TEMPLATE") and name != "PYTHON_TEMPLATE" or name.endswith("_SH"))
-             and "/" not in value[:12]]
-    assert sum(text.count("\n") + 1 for text in shell) <= 80, [n for n in vars(stackops) if n.endswith("_TEMPLATE")]
+    shell = {name: value for name, value in vars(stackops).items() if isinstance(value, str)
+             and name.endswith(("_TEMPLATE", "_SH")) and name not in ("PYTHON_TEMPLATE", "REPORT_TEMPLATE")}
+    assert "SBATCH_TEMPLATE" in shell and "UPLOAD_PREPARE_TEMPLATE" in shell
+    assert sum(text.count("\n") + 1 for text in shell.values()) <= 80, {n: v.count("\n") for n, v in shell.items()}
 
 
 # ============================================================================================
@@ -1558,7 +1781,7 @@ def test_job_sigterm_ends_failed_with_reason(home):
     os.kill(_wrapper_of(machine), signal.SIGTERM)  # the wrapper passes it on to its run
     report = wait_done(machine)
     assert report.status == "failed" and "terminated by signal 15" in report.error_message
-    assert Slots().holders() == []
+    wait_for(lambda: Slots().holders() == [], timeout=10, what="the slot let go just after the end")
 
 
 def test_slots_twenty_jobs_three_slots_fifo(home):
@@ -2452,6 +2675,148 @@ def sweep_ids_width():
     return [ids[0], ids[-1]]
 
 
+# -- command jobs here: any program, its output in one stream, its variables, its end (issue 23) -
+
+def _git_proj(home: Path) -> Path:
+    """~/proj, a git repo, with a folder sub/ in it."""
+    proj = home / "proj"
+    (proj / "sub").mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(proj)], check=True)
+    return proj
+
+
+def test_jobs_command_runs_in_its_folder_with_its_variables_and_one_stream(home, monkeypatch):
+    proj = _git_proj(home)
+    monkeypatch.chdir(proj / "sub")
+    script = ('echo "out 1"; echo "err 2" >&2; echo "out 3"; pwd -P; '
+              'echo "$STACKOPS_JOB_ID $STACKOPS_ATTEMPT $STACKOPS_IDX_START $STACKOPS_IDX_END '
+              '$STACKOPS_IDX_MIN $STACKOPS_IDX_MAX $STACKOPS_PART $STACKOPS_PARTS"')
+    part = WorkloadParams(idx_min=0, idx_max=100, idx_start=10, idx_end=20, idx=1, jobs=2)
+    job = RemoteMachine(["sh", "-c", script], config(job_id="cmd-here", workload_params=part)).run()
+    report = wait_done(job)
+    assert report.status == "completed", report.error_message
+    log = job.file_manager.path(stackops.OUTPUT_LOG).read_text()
+    body = log[log.index("EXECUTION START"):].splitlines()[1:6]
+    assert body == ["out 1", "err 2", "out 3", str((proj / "sub").resolve()), "cmd-here 1 10 20 0 100 1 2"]
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["sh", "-c", "exit 3"], "the command sh exited with status 3"),
+    (["sh", "-c", "kill -9 $$"], "the command sh was killed by signal 9 (SIGKILL)"),
+    (["no-such-program-23"], "cannot run 'no-such-program-23': No such file or directory"),
+])
+def test_jobs_command_failure_says_its_exit_status_or_signal(home, monkeypatch, argv, error):
+    monkeypatch.chdir(_git_proj(home))
+    report = wait_done(RemoteMachine(argv, config(job_id="cmd-fail")).run())
+    assert report.status == "failed" and error in report.error_message, report.error_message
+
+
+def test_jobs_command_from_the_command_line(home):
+    proj = _git_proj(home)
+    done = cli("run", "--job-id", "cmd-cli", "--wait", "--", "sh", "-c", 'echo "args: $*"', "sh", "a b", "--c",
+               home=home, cwd=proj / "sub")
+    assert done.returncode == 0, done.stderr
+    assert "args: a b --c" in cli("logs", "cmd-cli", home=home).stdout
+    failed = cli("run", "--job-id", "cmd-cli-2", "--wait", "--", "false", home=home, cwd=proj)
+    assert failed.returncode == 1 and "the command false exited with status 1" in failed.stderr
+
+
+def test_jobs_command_sweep_fills_each_line_into_the_command(home):
+    proj = _git_proj(home)
+    values = ["a b", "it's \"q\"", "$(touch pwned)", "x\ny", "", "{name}"]
+    (proj / "grid.jsonl").write_text("".join(json.dumps({"name": v, "i": i}) + "\n" for i, v in enumerate(values)))
+    code = "import json, sys; print('ARGV ' + json.dumps(sys.argv[1:]))"
+    done = cli("run", "--sweep", "grid.jsonl", "--job-id", "csw", "--max-jobs", "2", "--wait", "--",
+               sys.executable, "-c", code, "--out", "out/{name}", "{i}", home=home, cwd=proj)
+    assert done.returncode == 0, done.stderr
+    for i, value in enumerate(values):
+        log = cli("logs", f"csw-{i:04d}", home=home).stdout
+        [line] = [line for line in log.splitlines() if line.startswith("ARGV ")]
+        assert json.loads(line[5:]) == ["--out", f"out/{value}", str(i)]
+    assert not list(proj.rglob("pwned"))
+
+
+def _child_in_wait(pid: int) -> None:
+    """Run in a forked child: wait until the parent ``pid`` blocks in wait4 (the kernel names that
+    wait do_wait), then interrupt it with SIGUSR1."""
+    wchan = Path(f"/proc/{pid}/wchan")
+    for _ in range(3000):
+        if wchan.read_text() == "do_wait":
+            break
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGUSR1)
+
+
+def test_jobs_run_command_measures_exit_peak_memory_and_cpu(tmp_path):
+    out = tmp_path / "out.log"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    code = ("import sys, time\nprint('one', flush=True)\nprint('two', file=sys.stderr, flush=True)\n"
+            "block = b'x' * (200 << 20)\nwhile time.process_time() < 0.3:\n    pass\nprint('three')\nsys.exit(7)")
+    try:
+        record = stackops._run_command([sys.executable, "-c", code], tmp_path, dict(os.environ), fd)
+        through_shell = stackops._run_command(["sh", "-c", f"{shlex.quote(sys.executable)} -c \"$1\"; :", "sh",
+                                               code], tmp_path, dict(os.environ), fd)
+        killed = stackops._run_command(["sh", "-c", "kill -KILL $$"], tmp_path, dict(os.environ), fd)
+        with pytest.raises(StackopsError, match="cannot run 'no-such-program-23'"):
+            stackops._run_command(["no-such-program-23"], tmp_path, dict(os.environ), fd)
+    finally:
+        os.close(fd)
+    assert (record["exit_code"], record["signal"]) == (7, None)
+    assert record["max_rss_bytes"] >= 150 << 20 and record["cpu_seconds"] >= 0.3
+    assert through_shell["exit_code"] == 0 and through_shell["max_rss_bytes"] >= 150 << 20  # a descendant's peak
+    assert (killed["exit_code"], killed["signal"]) == (None, 9)
+    assert out.read_text() == "one\ntwo\nthree\n" * 2
+
+
+def test_jobs_wait_child_measures_a_forked_python_and_stops_it_when_interrupted(tmp_path):
+    def forked(work) -> int:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                work()
+            finally:
+                os._exit(5)
+        return pid
+
+    idle = stackops._wait_child(forked(lambda: None))
+    busy = stackops._wait_child(forked(lambda: b"x" * (200 << 20)))
+    assert (busy["exit_code"], busy["signal"]) == (5, None)
+    assert busy["max_rss_bytes"] - idle["max_rss_bytes"] >= 150 << 20  # a fork shares its parent's pages
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    def sleeper():
+        signal.signal(signal.SIGTERM, lambda *_: (tmp_path / "terminated").write_text("") or os._exit(0))
+        _child_in_wait(os.getppid())
+        time.sleep(60)
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        pid = forked(sleeper)
+        with pytest.raises(Stop):  # what the wrapper's SIGTERM handler does: raise, and the child goes first
+            stackops._wait_child(pid, grace=30)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert (tmp_path / "terminated").exists()
+    with pytest.raises(ChildProcessError):  # and it was reaped
+        os.waitpid(pid, os.WNOHANG)
+
+
+def test_jobs_environment_of_a_job():
+    env = stackops._job_environment("j-1", 2, "slot-1", {"idx_min": 0, "idx_max": 9, "idx_start": 3, "idx_end": 6,
+                                                        "idx": 1, "jobs": 3}, 4,
+                                    {"STACKOPS_JOB_ID": "forged", "DATA": "/d"})
+    assert env == {"DATA": "/d", "STACKOPS_JOB_ID": "j-1", "STACKOPS_ATTEMPT": "2", "STACKOPS_SLOT": "slot-1",
+                   "STACKOPS_SWEEP_INDEX": "4", "STACKOPS_IDX_START": "3", "STACKOPS_IDX_END": "6",
+                   "STACKOPS_IDX_MIN": "0", "STACKOPS_IDX_MAX": "9", "STACKOPS_PART": "1", "STACKOPS_PARTS": "3"}
+    assert stackops._job_environment("j-2", 1, None) == {"STACKOPS_JOB_ID": "j-2", "STACKOPS_ATTEMPT": "1",
+                                                         "STACKOPS_SLOT": ""}
+
+
 # ============================================================================================
 # 8. e-mail on completion, against a real SMTP server on loopback
 # ============================================================================================
@@ -2670,6 +3035,58 @@ def test_email_whole_tree_gone_is_reported_once_by_the_status_check(home, smtp):
     assert len(received) == 1
 
 
+# -- a hook at a job's end (--on-end): once per end, by whoever records it (issue 24) -----------
+
+HOOK = "printf '%s|%s|%s|%s|%s\\n' {job_id} {status} {exit_code} {host} {duration} >> ~/hook.txt"
+
+
+def _hook_lines(home: Path, count: int) -> list[list[str]]:
+    hook = home / "hook.txt"
+    wait_for(lambda: hook.exists() and len(hook.read_text().splitlines()) >= count, what="the hook")
+    time.sleep(0.3)  # a second run of it would be here by now
+    return [line.split("|") for line in hook.read_text().splitlines()]
+
+
+def test_hook_runs_once_at_each_end_with_its_values_filled_in(home, monkeypatch):
+    monkeypatch.chdir(_git_proj(home))
+    done = RemoteMachine(["sh", "-c", "exit 0"], config(job_id="hook-ok", on_end=HOOK)).run()
+    failed = RemoteMachine(["sh", "-c", "exit 7"], config(job_id="hook-7", on_end=HOOK)).run()
+    assert wait_done(done).status == "completed" and wait_done(failed).status == "failed"
+    for _ in range(3):  # readers do not run it again
+        done.get_status(0), failed.get_status(0)
+    lines = sorted(_hook_lines(home, 2))
+    assert [line[:4] for line in lines] == [["hook-7", "failed", "7", os.uname().nodename],
+                                            ["hook-ok", "completed", "0", os.uname().nodename]]
+    assert all(float(line[4]) >= 0 for line in lines)
+    assert state_of(done)["hook"] == "exit status 0"
+
+
+def test_hook_of_a_killed_job_runs_once_from_the_check_that_finds_it(home):
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.sleeper, config=config(job_id="hook-gone", on_end=HOOK)).run()
+    wait_for(lambda: machine.get_status(0).status == "running", what="running")
+    os.killpg(_wrapper_of(machine), signal.SIGKILL)
+    wait_for(lambda: not stackops._alive(machine.file_manager.job_root), what="tree gone")
+    checks = [threading.Thread(target=machine.get_status, args=(0,)) for _ in range(4)]
+    for check in checks:
+        check.start()
+    for check in checks:
+        check.join()
+    assert [line[:3] for line in _hook_lines(home, 1)] == [["hook-gone", "failed", ""]]
+
+
+@pytest.mark.parametrize("command,said", [
+    ("echo {jobid}", "nothing fills the placeholder {jobid}"),
+    ("   ", "must be a shell command"),
+])
+def test_hook_refused_at_submit_before_anything_is_written(home, command, said):
+    with pytest.raises(stackops.ConfigError, match=re.escape(said)):
+        config(job_id="hook-bad", on_end=command)
+    done = cli("run", "--job-id", "hook-bad", "--on-end", command, "--", "true", home=home)
+    assert done.returncode == 2 and said in done.stderr and "{job_id}" in done.stderr, done.stderr
+    assert not list(home.glob("**/hook-bad"))
+
+
 def _install_remote_mail_config(remote, local_config: Path) -> None:
     remote_config = remote.remote_home / ".config" / "stackops" / "email.json"
     remote_config.parent.mkdir(parents=True, exist_ok=True)
@@ -2701,6 +3118,241 @@ def test_email_remote_whole_tree_gone_found_by_the_hosts_status_reported_once(re
     assert len(received) == 1
     wait_for(lambda: "sent" in stackops.read_state(remote_root).get("notified", ""), what="the mail recorded")
     assert state_of(m)["status"] == "failed" and state_of(m)["mirrored"]  # the host's record, kept here
+
+
+class _TricklingSMTP:
+    """A server on loopback that accepts and then only ever sends ``220-`` continuation lines, one
+    every ``every`` seconds: a greeting that never ends, as in the reviews' finding 7."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.every, self.sent = every, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import socket
+
+        peers = []
+        while not self.stop.is_set():
+            with contextlib.suppress(socket.timeout):
+                peers.append(self.listener.accept()[0])
+            for peer in peers:
+                with contextlib.suppress(OSError):
+                    peer.sendall(b"220-still greeting\r\n")
+                    self.sent += 1
+            self.stop.wait(self.every)
+        for peer in peers:
+            peer.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.listener.close()
+
+
+def test_email_trickling_greeting_cannot_hold_the_sender_past_its_deadline():
+    server = _TricklingSMTP()
+    try:
+        settings = {"host": "127.0.0.1", "port": server.port, "security": "plain", "from": "s@test.invalid"}
+        with pytest.raises(StackopsError, match=r"did not finish the exchange within 3s"):
+            stackops.send_job_email(settings, "me@test.invalid", "subject", "body", deadline=3)
+        assert server.sent > 3  # it kept talking: no read waited for a whole per-read timeout
+    finally:
+        server.close()
+
+
+def test_email_trickling_server_the_job_ends_and_records_the_mail_not_sent(home):
+    server = _TricklingSMTP()
+    try:
+        path = home / ".config" / "stackops" / "email.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"slow": {"host": "127.0.0.1", "port": server.port, "security": "plain",
+                                             "from": "s@test.invalid", "timeout": 3}}))
+        path.chmod(0o600)
+        mod = make_module(home, JOBS_SOURCE)
+        job = RemoteMachine(mod.train, config(job_id="mail-trickle", notify_upon_completion=True,
+                                              to_email="me@test.invalid", email_config_name="slow")).run()
+        assert wait_done(job).status == "completed"
+        _senders_gone()  # every process of the job ended: the mail did not hold it
+        notified = state_of(job)["notified"]
+        assert f"not sent: the SMTP server 127.0.0.1:{server.port} did not finish the exchange within 3s" in notified
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("security", ["starttls", "ssl"])
+def test_email_over_tls_checks_the_server_name_and_certificate(tmp_path, security):
+    """The client is made before it connects (so that a deadline can cut it off): the TLS server
+    name must still be the host's, checked against the certificate, for STARTTLS and for SSL."""
+    controller_module = pytest.importorskip("aiosmtpd.controller") if not os.environ.get("CI") else \
+        importlib.import_module("aiosmtpd.controller")
+    import ssl
+
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is missing; .ci/run installs it")
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    received = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            received.append(envelope)
+            return "250 OK"
+
+    tls = {"tls_context": server_side, "require_starttls": True} if security == "starttls" else \
+        {"ssl_context": server_side}
+    controller = controller_module.Controller(Handler(), hostname="127.0.0.1", port=_free_port(), **tls)
+    controller.start()
+    try:
+        settings = {"host": "127.0.0.1", "port": controller.port, "security": security, "from": "s@test.invalid"}
+        with pytest.raises(ssl.SSLCertVerificationError):  # a certificate nobody vouches for is refused
+            stackops.send_job_email(settings, "me@test.invalid", "subject", "body", deadline=20)
+        stackops.send_job_email(dict(settings, cafile=str(cert)), "me@test.invalid", "subject", "body", deadline=20)
+    finally:
+        controller.stop()
+    assert len(received) == 1 and received[0].rcpt_tos == ["me@test.invalid"]
+
+
+def test_email_config_checked_at_submit_from_the_command_line(home):
+    (home / "proj").mkdir()
+    user_config = home / ".config" / "stackops" / "config.json"
+    user_config.parent.mkdir(parents=True)
+    user_config.write_text(json.dumps({"default_email_config": "test"}))
+    done = cli("run", "--notify", "--email", "me@test.invalid", "--", "true", home=home, cwd=home / "proj")
+    assert done.returncode == 2 and "e-mail config" in done.stderr and "does not exist" in done.stderr, done.stderr
+    email = home / ".config" / "stackops" / "email.json"
+    email.write_text(json.dumps({"test": {"host": "127.0.0.1", "port": 25, "security": "plain",
+                                          "from": "s@test.invalid", "timeout": "soon"}}))
+    email.chmod(0o600)
+    done = cli("run", "--notify", "--email", "me@test.invalid", "--", "true", home=home, cwd=home / "proj")
+    assert done.returncode == 2 and "timeout must be seconds" in done.stderr, done.stderr
+    assert _no_jobs(home)
+
+
+# ============================================================================================
+# 8b. logind: a host that would kill a detached job at logout (stand-in loginctl, systemd-run)
+# ============================================================================================
+
+def _logind_stand_ins(folder: Path, kill: str, linger: str, scope: str) -> Path:
+    """loginctl and systemd-run as a systemd host would answer, on a PATH of their own; each
+    call is logged in ``folder/calls``. systemd-run, when it works, runs the command it is given."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True)
+    calls = folder / "calls"
+    (bin_dir / "loginctl").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "loginctl $*" >> {calls}
+        case "$1" in
+            show-session) printf 'KillUserProcesses=%s\\nKillOnlyUsers=\\nKillExcludeUsers=\\n' {kill} ;;
+            show-user) printf 'Linger=%s\\n' {linger} ;;
+            *) exit 1 ;;
+        esac
+    """))
+    (bin_dir / "systemd-run").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "systemd-run $*" >> {calls}
+        [ {scope} = works ] || {{ echo 'Failed to connect to bus: No medium found' >&2; exit 1; }}
+        while [ $# -gt 0 ]; do case "$1" in --) shift; break ;; --*) shift ;; *) break ;; esac; done
+        exec "$@"
+    """))
+    for name in ("loginctl", "systemd-run"):
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("kill,linger,scope,expected", [
+    ("yes", "no", "works", {"kill_user_processes": True, "wrap": True, "kill_at_logout": True,
+                            "fix": "loginctl enable-linger alice"}),
+    ("yes", "yes", "works", {"kill_user_processes": True, "wrap": True, "kill_at_logout": False, "fix": ""}),
+    ("yes", "yes", "fails", {"kill_user_processes": True, "wrap": False, "kill_at_logout": True,
+                             "fix": "ask the administrator to add alice to KillExcludeUsers in "
+                                    "/etc/systemd/logind.conf"}),
+    ("no", "no", "works", {"kill_user_processes": False, "wrap": False, "kill_at_logout": False, "fix": ""}),
+])
+def test_logind_probe_with_stand_ins(tmp_path, monkeypatch, kill, linger, scope, expected):
+    bin_dir = _logind_stand_ins(tmp_path, kill, linger, scope)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    marker = tmp_path / "run-systemd-system"
+    marker.mkdir()
+    found = stackops._logind_probe("alice", marker=str(marker))
+    assert {key: found[key] for key in expected} == expected
+    assert found["systemd"] and found["linger"] == (linger == "yes")
+    calls = (tmp_path / "calls").read_text()
+    assert ("systemd-run --user --scope --quiet true" in calls) == (kill == "yes")  # tried only when it matters
+    argv = stackops._in_user_scope(["sh", "-c", 'echo "in scope: $1" > "$2"', "sh", "a b", str(tmp_path / "out")],
+                                   found)
+    subprocess.run(argv, check=True)
+    assert (tmp_path / "out").read_text() == "in scope: a b\n"
+    assert ("systemd-run --user --scope --quiet -- sh -c" in (tmp_path / "calls").read_text()) == expected["wrap"]
+
+
+def test_logind_probe_without_systemd_asks_nothing(tmp_path, monkeypatch):
+    bin_dir = _logind_stand_ins(tmp_path, "yes", "no", "works")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    found = stackops._logind_probe("alice", marker=str(tmp_path / "no-such-marker"))
+    assert not found["systemd"] and not found["kill_at_logout"] and not found["wrap"] and found["fix"] == ""
+    assert not (tmp_path / "calls").exists()
+    assert stackops._in_user_scope(["true"], found) == ["true"]
+
+
+def test_logind_probe_reads_the_config_files_when_loginctl_cannot_answer(tmp_path, monkeypatch):
+    bin_dir = _logind_stand_ins(tmp_path, "yes", "no", "works")
+    (bin_dir / "loginctl").write_text("#!/bin/sh\necho 'Failed to connect to bus: No such file' >&2\nexit 1\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    for folder in (etc / "logind.conf.d", lib / "logind.conf.d"):
+        folder.mkdir(parents=True)
+    (etc / "logind.conf").write_text("[Login]\n#KillUserProcesses=no\nKillUserProcesses=no\n")
+    (lib / "logind.conf.d" / "20-kill.conf").write_text("[Login]\nKillUserProcesses=yes\n")
+    (etc / "logind.conf.d" / "30-exclude.conf").write_text("[Login]\nKillExcludeUsers=root\n")
+    (lib / "logind.conf.d" / "30-exclude.conf").write_text("[Login]\nKillExcludeUsers=alice\n")  # hidden by etc's
+    linger = tmp_path / "linger"
+    linger.mkdir()
+    (linger / "alice").write_text("")
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    found = stackops._logind_probe("alice", marker=str(marker), conf_dirs=(str(etc), str(lib)),
+                                   linger_dir=str(linger))
+    assert found["kill_user_processes"] and found["linger"] and found["wrap"] and not found["kill_at_logout"]
+    (etc / "logind.conf.d" / "30-exclude.conf").write_text("[Login]\nKillExcludeUsers=root alice\n")
+    found = stackops._logind_probe("alice", marker=str(marker), conf_dirs=(str(etc), str(lib)),
+                                   linger_dir=str(linger))
+    assert not found["kill_user_processes"] and not found["wrap"]
+
+
+def test_logind_job_starts_in_a_user_scope_and_says_what_to_do(home, tmp_path, monkeypatch, caplog):
+    """On a host whose logind would kill it at logout, a job starts in the user's scope (systemd-run
+    runs it), and the submit and the job's status say how to keep it alive: lingering."""
+    bin_dir = _logind_stand_ins(tmp_path, "yes", "no", "works")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    marker = tmp_path / "run-systemd-system"
+    marker.mkdir()
+    monkeypatch.setattr(stackops, "LOGIND_MARKER", str(marker))
+    monkeypatch.setattr(stackops, "_LOGIND", [])
+    monkeypatch.chdir(_git_proj(home))
+    user = stackops._logind()["user"]
+    with caplog.at_level(logging.WARNING, logger="stackops"):
+        job = RemoteMachine(["sh", "-c", "sleep 1; echo in-scope"], config(job_id="logind-job")).run()
+    fix = f"loginctl enable-linger {user}"
+    assert any(fix in record.getMessage() for record in caplog.records), caplog.text
+    assert fix in job.get_status().reason or job.get_status().finished
+    report = wait_done(job)
+    assert report.status == "completed", report.error_message
+    assert "in-scope" in job.file_manager.path(stackops.OUTPUT_LOG).read_text()
+    assert "systemd-run --user --scope --quiet -- " in (tmp_path / "calls").read_text()
+    assert report.reason == ""  # the warning is for a job still under way
 
 
 # ============================================================================================
@@ -3590,9 +4242,11 @@ def test_remote_host_keys_unknown_refused_accept_new_recorded_changed_refused(re
     (home / ".ssh" / "known_hosts").write_text("")
     with pytest.raises(stackops.HostKeyError) as info:
         stackops.SSH.from_config_file("tb")
-    assert "unknown" in str(info.value) and "accept-new" in info.value.hint
+    assert "unknown" in str(info.value) and "accept_new_host_key=True" in info.value.hint
     done = cli("ssh", "tb", "--", "true", home=home)
-    assert done.returncode == 1 and "unknown" in done.stderr and "accept-new" in done.stderr
+    assert done.returncode == 2, done.stderr  # bad input: nothing was written or started
+    assert "unknown" in done.stderr and "pass --accept-new," in done.stderr
+    assert "accept_new_host_key" not in done.stderr
     with stackops.SSH.from_config_file("tb", accept_new_host_key=True) as ssh:
         assert ssh.run_shell_cmd_on_remote("echo ok").stdout == "ok\n"
     recorded = (home / ".ssh" / "known_hosts").read_text()
@@ -3604,6 +4258,32 @@ def test_remote_host_keys_unknown_refused_accept_new_recorded_changed_refused(re
                                                + " ".join(Path(f"{other}.pub").read_text().split()[:2]) + "\n")
     with pytest.raises(stackops.HostKeyError, match="CHANGED"):
         stackops.SSH.from_config_file("tb", accept_new_host_key=True)
+    changed = cli("ssh", "tb", "--accept-new", "--", "true", home=home)
+    assert changed.returncode == 1 and "CHANGED" in changed.stderr  # never just bad input
+
+
+def test_remote_copy_errors_name_cli_options_on_the_cli_and_keywords_in_the_api(remote, home):
+    (home / "tree").mkdir()
+    (home / "tree" / "a.txt").write_text("a")
+    (home / "c.txt").write_text("c")
+    folder = cli("copy", "tree", "tb:~/cli-words-tree", home=home)
+    _one_error_line(folder, "~/tree is a folder: pass -r to copy folders")
+    assert cli("copy", "c.txt", "tb:~/cli-words.txt", home=home).returncode == 0
+    again = cli("copy", "c.txt", "tb:~/cli-words.txt", home=home)
+    _one_error_line(again, "already exists on tb")
+    assert again.stderr.splitlines()[1] == "stackops: hint: pass --overwrite to replace it"
+    back = cli("copy", "tb:~/cli-words.txt", "c.txt", home=home)
+    _one_error_line(back, "~/c.txt already exists")
+    assert "pass --overwrite to replace it" in back.stderr
+    assert not re.search(r"\w=True|recursive|overwrite\)", folder.stderr + again.stderr + back.stderr)
+    got = cli("copy", "tb:~/cli-words.txt", "c-back.txt", home=home)
+    assert got.returncode == 0 and got.stdout == "~/c-back.txt\n", got.stderr
+    with stackops.SSH.from_config_file("tb") as ssh:
+        with pytest.raises(ConfigError, match="is a folder: pass recursive=True to copy folders"):
+            ssh.copy_from_here(str(home / "tree"), "~/cli-words-tree")
+        with pytest.raises(ConfigError) as refused:
+            ssh.copy_from_here(str(home / "c.txt"), "~/cli-words.txt")
+        assert refused.value.hint == "pass overwrite_existing=True to replace it"
 
 
 SK_LINE = ("sk.example.org sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIDYFUqgbNrNKRMlE"
@@ -3686,7 +4366,7 @@ def test_remote_host_key_fingerprints_are_sha256_as_openssh_shows_them(remote, h
                            text=True, check=True).stdout.split()[1]  # "256 SHA256:... comment"
     assert shown.startswith("SHA256:")
     done = cli("ssh", "tb", "--", "true", home=home)
-    assert done.returncode == 1 and f"ssh-ed25519 {shown}" in done.stderr, done.stderr
+    assert done.returncode == 2 and f"ssh-ed25519 {shown}" in done.stderr, done.stderr
     other = home / "impostor_key"
     _keygen(other, "impostor")
     impostor = " ".join(Path(f"{other}.pub").read_text().split()[:2])
@@ -5505,6 +6185,24 @@ def test_places_generated_commands_are_rendered_and_quoted(home, tmp_path):
         stackops.render_template(stackops.SBATCH_TEMPLATE, job_name="x")
 
 
+def test_places_command_job_on_a_host_runs_in_its_copy_of_the_repo(remote, home, monkeypatch):
+    proj = _git_proj(home)
+    (proj / "sub" / "data.txt").write_text("shipped\n")
+    monkeypatch.chdir(proj / "sub")
+    script = 'pwd -P; cat data.txt; echo "$HOME $STACKOPS_JOB_ID"'
+    with RemoteMachine(["sh", "-c", script], config(job_id="cmd-remote", ssh_host="tb", copy_repo=True)) as job:
+        job.run()
+        report = job.get_status(0)
+        while not report.finished:
+            time.sleep(0.1)
+            report = job.get_status(20)
+    assert report.status == "completed", report.error_message
+    there = (remote.remote_home / job.file_manager.job_root_rh[2:]).resolve()
+    lines = report.log_tail.splitlines()
+    start = next(i for i, line in enumerate(lines) if "EXECUTION START" in line)
+    assert lines[start + 1:start + 4] == [str(there / "code" / "sub"), "shipped", f"{remote.remote_home} cmd-remote"]
+
+
 # ============================================================================================
 # 13b. Slurm as a launcher: a real one-node cluster (slurmctld, slurmd, own munged), root only
 # ============================================================================================
@@ -5789,6 +6487,17 @@ def test_slurm_workload_runs_as_one_array_covering_each_index_once(slurm, home):
         assert task.get_status(0).slurm_job_id == f"{machine.slurm_job_id}_{k}"
         seen += result["indices"]
     assert sorted(seen) == list(range(40)) and len(seen) == 40
+
+
+def test_slurm_command_array_each_task_gets_its_slice_in_the_environment(slurm, home, monkeypatch):
+    monkeypatch.chdir(_git_proj(home))
+    workload = WorkloadParams(idx_min=0, idx_max=10, idx_start=0, idx_end=10, jobs=2)
+    script = 'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_PART $SLURM_ARRAY_TASK_ID" > "slice-$STACKOPS_PART"'
+    machine = RemoteMachine(["sh", "-c", script], config(launch_method="slurm", workload_params=workload)).run()
+    report = _slurm_wait(machine, 120)
+    assert report.status == "completed", report
+    assert [(home / "proj" / f"slice-{k}").read_text().split() for k in (0, 1)] == [["0", "5", "0", "0"],
+                                                                                  ["5", "10", "1", "1"]]
 
 
 def test_slurm_array_with_a_failing_task_is_failed_and_names_it(slurm, home):
@@ -6635,10 +7344,54 @@ def test_cluster_cli_run_status_download(cluster_home):
     status = json.loads(cli("cluster", "status", "cliclu", "--json", home=home).stdout)
     assert {h: s["status"] for h, s in status.items()} == {"node1": "completed", "node2": "completed"}
     got = cli("cluster", "download", "cliclu", home=home)
-    folder = Path(got.stdout.strip())
+    assert got.stdout.startswith("~/"), got.stdout  # as every path stackops prints
+    folder = stackops.expand_home(got.stdout.strip())
     union = sorted(i for h in ("node1", "node2")
                    for i in json.loads((folder / h / "result.json").read_text())["indices"])
     assert union == list(range(1000))
+
+
+def test_cluster_cli_runs_a_command_with_each_host_slice_in_its_environment(cluster_home, sshd):
+    proj = _git_proj(cluster_home)
+    script = 'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_IDX_MAX" > "$HOME/cmdclu-$STACKOPS_PART.txt"'
+    done = cli("cluster", "run", "--hosts", "node1,node2", "--copy-repo", "--job-id", "cmdclu", "--max-num", "10",
+               "--wait", "--", "sh", "-c", script, home=cluster_home, cwd=proj)
+    assert done.returncode == 0, done.stderr
+    first, second = ([int(n) for n in (sshd.remote_home / f"cmdclu-{part}.txt").read_text().split()]
+                     for part in (0, 1))
+    assert first[0] == 0 and first[1] == second[0] and second[1] == 10 and first[2] == second[2] == 10
+
+
+def test_cluster_cli_run_sends_data_and_unknown_host_keys_keep_the_accept_new_hint(cluster_home, sshd):
+    home = cluster_home
+    (home / "proj").mkdir(exist_ok=True)
+    (home / "proj" / "cd.py").write_text(
+        "import os\n\ndef part(workload_params):\n"
+        "    with open(os.path.expanduser('~/cdata-cli/a.txt')) as handle:\n"
+        "        return [handle.read(), workload_params.idx_start, workload_params.idx_end]\n")
+    (home / "cdata-cli").mkdir()
+    (home / "cdata-cli" / "a.txt").write_text("payload")
+    known = home / ".ssh" / "known_hosts"
+    saved = known.read_text()
+    known.write_text("")  # every host's key unknown
+    refused = cli("cluster", "run", "proj/cd.py:part", "--hosts", "node1,node2", "--job-id", "cdk",
+                  home=home)
+    assert refused.returncode == 2, refused.stderr  # bad input: nothing was written or started
+    assert "no host of cluster cdk is reachable" in refused.stderr
+    assert "--accept-new" in refused.stderr and "accept_new_host_key" not in refused.stderr
+    assert not (home / "tmp_results" / "remote_machines" / "job_id__cdk").exists()
+    known.write_text(saved)
+    try:
+        done = cli("cluster", "run", "proj/cd.py:part", "--hosts", "node1,node2", "--copy-repo",
+                   "--data", "~/cdata-cli", "--max-num", "10", "--job-id", "cdd", "--wait",
+                   home=home)
+        assert done.returncode == 0, done.stderr
+        folder = stackops.expand_home(cli("cluster", "download", "cdd", home=home).stdout.strip())
+        parts = sorted(json.loads((folder / h / "result.json").read_text()) for h in ("node1", "node2"))
+        assert [part[0] for part in parts] == ["payload", "payload"]
+        assert parts[0][1] == 0 and parts[0][2] == parts[1][1] and parts[1][2] == 10
+    finally:
+        shutil.rmtree(sshd.remote_home / "cdata-cli", ignore_errors=True)
 
 
 def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home, fault_node, sshd):
@@ -7243,6 +7996,12 @@ def test_cloud_submit_checks_every_unit_id_before_uploading_any(home, tmp_path):
     assert _bucket_files(bucket) == uploaded
 
 
+def _unit_attempts(worker_home: Path, unit: str) -> list[Path]:
+    """The folders a worker with this home unpacked ``unit`` into, one per attempt (oldest first)."""
+    units = worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
+    return sorted(units.glob(f"{unit}.[0-9]*"))
+
+
 def _worker(home: Path, bucket: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """A worker with its own home (or the given one), its diagnostics in HOME/../NAME.err."""
     home.mkdir(exist_ok=True)
@@ -7298,7 +8057,8 @@ def test_cloud_worker_never_deletes_a_path_a_unit_json_names(home, tmp_path):
     out, _ = worker.communicate(timeout=120)
     assert out.strip() == "worker finished 1 unit(s)", (tmp_path / "wr.err").read_text()[-2000:]
     assert (worker_home / "precious" / "keep.txt").read_text() == "mine\n"
-    assert (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).is_dir()
+    [attempt] = _unit_attempts(worker_home, unit)
+    assert attempt.is_dir()
     assert [r["state"] for r in stackops.CloudQueue(f"tblocal:{bucket}").report()] == ["completed"]
 
 
@@ -7321,7 +8081,7 @@ def test_cloud_worker_refuses_a_unit_archive_with_foreign_members_and_fails_it(h
     worker.communicate(timeout=120)
     assert worker.returncode == 0, (tmp_path / "we.err").read_text()[-2000:]
     assert not (worker_home / ".bashrc").exists() and not runs.exists()
-    assert not (worker_home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units" / unit).exists()
+    assert _unit_attempts(worker_home, unit) == []
     [row] = stackops.CloudQueue(f"tblocal:{bucket}").report()
     assert row["state"] == "failed" and "outside the unit's job folder" in row["error"], row
 
@@ -7363,11 +8123,11 @@ def test_cloud_worker_on_the_submitting_machine_keeps_your_working_copy(home, tm
         assert out.strip() == "worker finished 1 unit(s)", (worker_home.parent / f"{name}.err").read_text()[-2000:]
     assert source.read_text() == edited and (home / "data" / "in.txt").read_text() == "v2"
     same, other = (json.loads(line) for line in runs.read_text().splitlines())
-    units = home / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
-    assert same["version"] == 1 and Path(same["file"]).is_relative_to(units / "qsame-0-1" / "code")
-    assert Path(same["cwd"]) == units / "qsame-0-1" / "code" and same["data"] == "v2"  # your data, in place
-    other_units = tmp_path / "home-wother" / "tmp_results" / "remote_machines" / "jobs" / "cloud_units"
-    assert other["version"] == 1 and Path(other["file"]).is_relative_to(other_units / "qother-0-1" / "code")
+    [same_unit] = _unit_attempts(home, "qsame-0-1")
+    assert same["version"] == 1 and Path(same["file"]).is_relative_to(same_unit / "code")
+    assert Path(same["cwd"]) == same_unit / "code" and same["data"] == "v2"  # your data, in place
+    [other_unit] = _unit_attempts(tmp_path / "home-wother", "qother-0-1")
+    assert other["version"] == 1 and Path(other["file"]).is_relative_to(other_unit / "code")
     assert other["data"] == "v1" and (tmp_path / "home-wother" / "data" / "in.txt").read_text() == "v1"
 
 
@@ -7437,6 +8197,27 @@ def test_cloud_worker_that_lost_its_claim_uploads_nothing(home, tmp_path):
     assert not (bucket / "units" / unit / "results").exists() and not (bucket / "units" / unit / "status.json").exists()
 
 
+def test_cloud_command_units_each_get_their_slice_in_the_environment(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    proj = _git_proj(home)
+    slices = tmp_path / "slices"
+    script = f'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_PART $(pwd -P)" >> {slices}'
+    done = cli("cloud", "submit", "--cloud", _local_cloud(home, bucket), "--split", "2", "--workload", "0:10",
+               "--copy-repo", "--job-id", "qcmd", "--python", sys.executable, "--", "sh", "-c", script,
+               home=home, cwd=proj / "sub")
+    assert done.returncode == 0, done.stderr
+    worker = _worker(tmp_path / "home-wq", bucket, "wq", "--until-idle", "--settle", "0.3")
+    out, _ = worker.communicate(timeout=120)
+    assert out.strip() == "worker finished 2 unit(s)", (tmp_path / "wq.err").read_text()[-2000:]
+    rows = sorted(line.split() for line in slices.read_text().splitlines())
+    assert [row[:3] for row in rows] == [["0", "5", "0"], ["5", "10", "1"]]
+    for row, unit in zip(rows, ("qcmd-0-2", "qcmd-1-2")):  # in the unit's own copy of the repo, in sub/
+        [attempt] = _unit_attempts(tmp_path / "home-wq", unit)
+        assert row[3] == str((attempt / "code" / "sub").resolve())
+
+
 def test_cloud_rclone_that_hangs_is_a_transfer_error(tmp_path, monkeypatch):
     stub = tmp_path / "stub"
     stub.mkdir()
@@ -7447,6 +8228,140 @@ def test_cloud_rclone_that_hangs_is_a_transfer_error(tmp_path, monkeypatch):
     with pytest.raises(stackops.TransferError, match="did not finish within 0.5s"):
         stackops._rclone("lsjson", "x:", what="listing", timeout=0.5)
     assert time.monotonic() - started < 10
+
+
+ADOPTED_JOB = """
+    import os, time
+
+    def run(workload_params, log, gate):
+        with open(log, "a") as handle:
+            handle.write(f"start {os.getpid()}\\n")
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+        with open("end.txt", "w") as handle:  # in its own folder, which must still be there
+            handle.write("ok")
+        with open(log, "a") as handle:
+            handle.write(f"end {os.getpid()}\\n")
+"""
+
+
+@slow
+def test_cloud_restarted_worker_follows_the_unit_still_running_here(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs, gate = tmp_path / "runs.log", tmp_path / "gate"
+    mod = make_module(home, ADOPTED_JOB)
+    cfg = config(job_id="qadopt", copy_repo=True, transfer_method="cloud", cloud_name=_local_cloud(home, bucket),
+                 python=sys.executable, workload_params=WorkloadParams(idx_min=0, idx_max=1, idx_start=0, idx_end=1))
+    [unit] = RemoteMachine(mod.run, config=cfg, func_kwargs={"log": str(runs), "gate": str(gate)}).submit_to_cloud(1)
+    worker_home = tmp_path / "home-wa"
+    lease = ("--lease", "3", "--settle", "0.3")
+    first = _worker(worker_home, bucket, "wa1", *lease)
+    try:
+        wait_for(lambda: runs.exists() and "start" in runs.read_text(), timeout=60, what="the unit started")
+    finally:
+        first.kill()  # the worker dies; its unit's job, detached, goes on
+        first.wait()
+    again = _worker(worker_home, bucket, "wa2", "--until-idle", *lease)
+    try:
+        wait_for(lambda: "still runs here" in (tmp_path / "wa2.err").read_text(), timeout=60, what="the adoption")
+        gate.write_text("")
+        out, _ = again.communicate(timeout=120)
+    finally:
+        again.kill()
+        again.wait()
+    assert out.strip() == "worker finished 1 unit(s)", (tmp_path / "wa2.err").read_text()[-2000:]
+    assert [line.split()[0] for line in runs.read_text().splitlines()] == ["start", "end"]  # one run, never two
+    [attempt] = _unit_attempts(worker_home, unit)
+    assert (attempt / "code" / "end.txt").read_text() == "ok"
+    status = json.loads((bucket / "units" / unit / "status.json").read_text())
+    assert (status["status"], status["worker"], status["adopted"]) == ("completed", "wa2", True)
+
+
+def test_cloud_earlier_attempts_ended_are_removed_and_one_never_started_is_cancelled(tmp_path):
+    units = tmp_path / "cloud_units"
+    units.mkdir()
+    for name, status in (("u-0-1.0000000000000000001", "completed"), ("u-0-1.0000000000000000002", ""),
+                         ("u-0-1", "failed"), ("u-0-10.0000000000000000003", "completed")):
+        (units / name / "data").mkdir(parents=True)
+        (units / name / "logs").mkdir()
+        (units / name / stackops.FILE_MANAGER_JSON).write_text("{}")
+        if status:
+            stackops._record(units / name, status=status)
+    (units / "u-0-1.0000000000000000009").mkdir()  # not a job folder (yet): never touched
+    assert stackops._earlier_run(units, "u-0-1") is None
+    left = sorted(path.name for path in units.iterdir())
+    assert left == ["u-0-1.0000000000000000002", "u-0-1.0000000000000000009", "u-0-10.0000000000000000003"]
+    assert stackops.read_state(units / "u-0-1.0000000000000000002")["cancel"]  # its dispatcher drops it
+    assert stackops._earlier_run(units, "u-0-1") is None  # once marked, it goes at the next look
+    assert sorted(path.name for path in units.iterdir()) == left[1:]
+
+
+@pytest.mark.parametrize("listing_failures,withdrawal_failures", [(1, 0), (2, 0), (2, 1)])
+def test_cloud_claim_whose_listing_fails_does_not_block_its_unit(home, tmp_path, listing_failures,
+                                                                  withdrawal_failures):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    runs = tmp_path / "runs.log"
+    _queue_job(home, bucket, "qclaim", 1, log=str(runs)).submit_to_cloud(1)
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    listed, withdrawn = tmp_path / "listed", tmp_path / "withdrawn"
+    listed.write_text("")
+    withdrawn.write_text("")
+    (stub / "rclone").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        for last; do :; done
+        if [ "$1" = lsjson ] && [ "${{last%/claims}}" != "$last" ] && [ "$(wc -c < {listed})" -lt {listing_failures} ]
+        then printf x >> {listed}; echo 'Failed to lsjson: the bucket blinked' >&2; exit 1
+        fi
+        if [ "$1" = deletefile ] && [ "$(wc -c < {withdrawn})" -lt {withdrawal_failures} ]
+        then printf x >> {withdrawn}; echo 'Failed to delete: the bucket blinked' >&2; exit 1
+        fi
+        exec {shutil.which("rclone")} "$@"
+    """))
+    (stub / "rclone").chmod(0o755)
+    # a lease far longer than the test may take: a claim left behind would block the unit past it
+    worker = _worker(tmp_path / "home-wc", bucket, "wc", "--until-idle", "--lease", "600", "--settle", "0.3",
+                     env={"PATH": f"{stub}:{os.environ['PATH']}"})
+    out, _ = worker.communicate(timeout=120)
+    err = (tmp_path / "wc.err").read_text()
+    assert worker.returncode == 0 and out.strip() == "worker finished 1 unit(s)", err[-2000:]
+    assert err.count("the bucket blinked") == listing_failures + withdrawal_failures
+    assert len(runs.read_text().splitlines()) == 1
+
+
+def test_cloud_status_reports_a_bad_status_per_unit_and_escapes_bucket_text(home, tmp_path):
+    _rclone_or_skip()
+    bucket = tmp_path / "bucket"
+    statuses = {"a-list": "[1, 2]", "b-notjson": "not json",
+                "c-hostile": json.dumps({"status": "completed\u001b[2J\u001b]0;pwned\u0007", "worker": "x\u001b[31mRED",
+                                         "host": "h\u009b2J\u202e", "duration_seconds": 1.5, "error": "e\u001b[0m"})}
+    for unit, text in statuses.items():
+        (bucket / "units" / unit).mkdir(parents=True)
+        (bucket / "units" / unit / "unit.json").write_text("{}")
+        (bucket / "units" / unit / "status.json").write_text(text)
+    claims = bucket / "units" / "d-running" / "claims"
+    claims.mkdir(parents=True)
+    (bucket / "units" / "d-running" / "unit.json").write_text("{}")
+    (claims / f"{time.time_ns():019d}-w\u001b[1mBOLD").write_text("{}")
+    cloud = _local_cloud(home, bucket)
+    table = cli("cloud", "status", "--cloud", cloud, home=home)
+    as_json = cli("cloud", "status", "--cloud", cloud, "--json", home=home)
+    assert table.returncode == 0 and as_json.returncode == 0, table.stderr + as_json.stderr
+    for text in (table.stdout, as_json.stdout):
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]", text), repr(text)
+    rows = {row["unit"]: row for row in json.loads(as_json.stdout)}
+    assert rows["a-list"]["state"] == rows["b-notjson"]["state"] == "unreadable"
+    assert "status.json" in rows["b-notjson"]["error"]
+    hostile = rows["c-hostile"]
+    assert hostile["state"] == "completed\\x1b[2J\\x1b]0;pwned\\x07" and hostile["worker"] == "x\\x1b[31mRED"
+    assert hostile["host"] == "h\\x9b2J\\u202e" and hostile["duration_seconds"] == 1.5
+    running = rows["d-running"]  # (rclone's local backend shows an ESC in a name as the picture ␛)
+    assert running["state"] == "running" and running["worker"].startswith("w") and "\x1b" not in running["worker"]
+    assert "completed\\x1b[2J" in table.stdout and "unreadable" in table.stdout
 
 
 # ============================================================================================
@@ -7981,6 +8896,381 @@ def test_cli_report_in_chromium_every_bar_a_click_and_the_draw_time(chromium, tm
     assert cells[0] == HOSTILE_REPORT_TEXT and cells[-1] == HOSTILE_REPORT_TEXT  # the job, its error
 
 
+# -- list filters (issue 24): --status, --host, --since, --last, --sweep; submission order -------
+
+def _one_error_line(done: subprocess.CompletedProcess, said: str) -> None:
+    """A refusal as the house wants it: exit 2, one error line (a hint may follow), nothing on
+    stdout."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("stackops: error:")]
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert len(errors) == 1 and said in errors[0], done.stderr
+    assert len(done.stderr.splitlines()) <= 2, done.stderr
+
+
+def test_cli_list_filters_keep_submission_order_and_a_sweep_in_index_order(home):
+    mod = make_module(home, SWEEP_SOURCE)
+    grid = [{"x": index, "fail": index == 7} for index in range(12)]
+    sweep = stackops.run_sweep(mod.point, config(job_id="wide", max_simultaneous_jobs=4), grid)
+    sweep.wait(timeout=120)
+    solo = RemoteMachine(mod.point, config(job_id="solo"), func_kwargs={"x": 99}).run()
+    assert wait_done(solo).status == "completed"
+    wide = [f"wide-{index:04d}" for index in range(12)]
+
+    def ids(*args: str) -> list[str]:
+        done = cli("list", *args, "--json", home=home)
+        assert done.returncode == 0, done.stderr
+        return [row["job_id"] for row in json.loads(done.stdout)]
+
+    assert ids() == wide + ["solo"]
+    assert ids("--sweep", "wide") == wide
+    assert ids("--status", "failed") == ["wide-0007"]
+    assert ids("--status", "completed", "--status", "failed", "--last", "2") == ["wide-0011", "solo"]
+    assert ids("--status", "cancelled,failed", "--sweep", "wide", "--last", "5") == ["wide-0007"]
+    assert ids("--host", "localhost", "--since", "1h") == wide + ["solo"]
+    assert ids("--status", "running") == []
+    table = cli("list", "--sweep", "wide", "--last", "3", home=home).stdout.splitlines()
+    assert [line.split()[0] for line in table] == ["JOB", "wide-0009", "wide-0010", "wide-0011"]
+    assert cli("list", "--status", "queued", home=home).stdout.startswith("no job under ")
+    for args, said in ((["--status", "runing"], "--status runing: not a job status"),
+                       (["--status", "completed,done"], "--status done"),
+                       (["--since", "2 hours"], "--since '2 hours' is not an age"),
+                       (["--last", "0"], "--last must be at least 1"),
+                       (["--sweep", "nope"], "no sweep 'nope'"),
+                       (["--sweep", "../x"], "no sweep '../x'")):
+        _one_error_line(cli("list", *args, home=home), said)
+
+
+def test_cli_list_filter_rows_since_host_and_ties_by_index():
+    """_filter_rows over rows as list_job_rows makes them: a sweep submitted in one instant comes
+    in index order (10 after 9), an old job falls out of --since, --host keeps its host's."""
+    now = stackops._utcnow()
+
+    def row(job_id: str, host: str, minutes_ago: float) -> dict:
+        when = stackops._iso(now - __import__("datetime").timedelta(minutes=minutes_ago))
+        report = JobStatus(job_id=job_id, status="completed", submission_time=when)
+        return {"job_id": job_id, "host": host, "cluster": None, "as_of": None, "error": None,
+                "report": report}
+
+    rows = [row("b-10", "gpu", 5), row("b-9", "gpu", 5), row("old", "localhost", 180),
+            row("b-2", "gpu", 5), row("new", "localhost", 1)]
+    parser = stackops._build_parser()
+
+    def shown(*args: str) -> list[str]:
+        filters = stackops._list_filters(parser.parse_args(["list", *args]))
+        return [r["job_id"] for r in stackops._filter_rows(rows, filters)]
+
+    assert shown() == ["old", "b-2", "b-9", "b-10", "new"]
+    assert shown("--since", "2h") == ["b-2", "b-9", "b-10", "new"]
+    assert shown("--host", "gpu", "--last", "2") == ["b-9", "b-10"]
+    assert shown("--host", "localhost") == ["old", "new"]
+
+
+# -- the user config file and --env/--email from the command line (issues 23, 24) ---------------
+
+def test_cli_run_takes_the_user_config_for_its_host_and_options_win(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    path = home / ".config" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"defaults": {"env": {"A": "1"}},
+                                "hosts": {"localhost": {"max_jobs": 3, "copy_repo": True,
+                                                        "env": {"B": "2"}}}}))
+    for job_id, options, expected in (
+            ("cfg1", [], (3, True, {"A": "1", "B": "2"})),
+            ("cfg2", ["--max-jobs", "1", "--no-copy-repo", "--env", "B=x", "--env", "C="],
+             (1, False, {"A": "1", "B": "x", "C": ""}))):
+        done = cli("run", "proj/m.py:f", "--no-launch", "--job-id", job_id, *options, home=home)
+        assert done.returncode == 0, done.stderr
+        made = RemoteMachine.load(job_id).config
+        assert (made.max_simultaneous_jobs, made.copy_repo, made.env) == expected
+
+
+def test_cli_run_env_email_and_config_file_refused_with_one_line_nothing_written(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    run = ["run", "proj/m.py:f", "--job-id", "never"]
+    for options, said in (
+            (["--env", "FOO"], "--env 'FOO' is not KEY=VALUE"),
+            (["--env", "1A=x"], "--env: '1A' is not a variable's name"),
+            (["--env", "A-B=x"], "--env: 'A-B' is not a variable's name"),
+            (["--env", "STACKOPS_JOB_ID=x"], "--env: stackops sets STACKOPS_JOB_ID itself"),
+            (["--email", "me@x"], "--email 'me@x' is not an e-mail address"),
+            (["--email", "me@x.org\r\nBcc: you@y.org"], "--email 'me@x.org\\r\\nBcc"),
+            (["--notify", "--email", "no-at-sign.org"], "exactly one @")):
+        _one_error_line(cli(*run, *options, home=home), said)
+    path = home / ".config" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{\n  "hosts": {\n    "localhost": {"max_job": 2}\n  }\n}\n')
+    _one_error_line(cli(*run, home=home),
+                    "~/.config/stackops/config.json, line 3: unknown key 'max_job' in "
+                    "hosts.localhost")
+    assert not (home / "tmp_results").exists()
+
+
+def test_cli_config_prints_each_setting_and_where_it_comes_from(home):
+    env = {"XDG_CONFIG_HOME": str(home / "xdg")}
+    empty = cli("config", home=home, env_extra=env)
+    assert empty.returncode == 0 and "there is none" in empty.stdout, empty.stderr
+    assert "max_jobs               1" in empty.stdout and "built-in default" in empty.stdout
+    path = home / "xdg" / "stackops" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(USER_CONFIG)
+    shown = cli("config", "--host", "gpu-box", home=home, env_extra=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split()[0]: line.split(None, 2)[1:] for line in shown.stdout.splitlines()[3:]
+             if line.strip() and not line.startswith("hosts with")}
+    assert lines["max_jobs"] == ["4", "~/xdg/stackops/config.json:5 hosts.gpu-box.max_jobs"]
+    assert lines["env.A"] == ["1", "~/xdg/stackops/config.json:3 defaults.env.A"]
+    assert lines["env.B"] == ["3", "~/xdg/stackops/config.json:6 hosts.gpu-box.env.B"]
+    assert lines["slurm.partition"][0] == "gpu" and lines["copy_repo"][0] == "true"
+    assert "(in XDG_CONFIG_HOME)" in shown.stdout.splitlines()[0]
+    data = json.loads(cli("config", "--json", home=home, env_extra=env).stdout)
+    rows = {row["setting"]: row for row in data["settings"]}
+    assert data["host"] == "localhost" and data["hosts"] == ["gpu-box", "localhost"]
+    assert rows["python"]["value"] == "python3" and rows["max_jobs"]["value"] == 2
+    assert rows["copy_repo"] == {"setting": "copy_repo", "value": False, "from": "built-in default"}
+    path.write_text('{"hosts": {"gpu-box": {"copy_repo": "yes"}}}')
+    _one_error_line(cli("config", home=home, env_extra=env),
+                    "~/xdg/stackops/config.json, line 1: hosts.gpu-box.copy_repo must be true or false")
+
+
+# -- shell completion (issue 24): made from the parser, sourced in a real bash, zsh and fish -----
+
+def _shell_or_skip(name: str) -> str:
+    found = shutil.which(name)
+    if found is None and not os.environ.get("CI"):
+        pytest.skip(f"{name} not installed")
+    assert found, f"{name} is installed by .ci/run"
+    return found
+
+
+def _completion_home(home: Path) -> None:
+    """Two real jobs (prepared, not started), a cluster's folder and an ~/.ssh/config."""
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    for job_id in ("alpha-1", "beta-2"):
+        done = cli("run", "proj/m.py:f", "--no-launch", "--job-id", job_id, home=home)
+        assert done.returncode == 0, done.stderr
+    (home / "tmp_results" / "remote_machines" / "job_id__clu1").mkdir()
+    (home / ".ssh").mkdir(exist_ok=True)
+    (home / ".ssh" / "config").write_text("Host gpu-box lab-*\n  HostName 10.0.0.1\nHost node1\n")
+
+
+BASH_DRIVER = r"""source <("$@" completion bash) || exit 9
+complete -p stackops
+comp() {  # what _stackops offers for the words given (the last one being completed)
+    COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=()
+    _stackops
+    echo "$*|${COMPREPLY[*]}"
+}
+comp stackops st
+comp stackops ''
+comp stackops status ''
+comp stackops -v logs a
+comp stackops cancel ''
+comp stackops cluster s
+comp stackops cluster status ''
+comp stackops list --st
+comp stackops list --status r
+comp stackops run --host ''
+comp stackops run x.py --transfer ''
+comp stackops run --after b
+comp stackops run --kwargs ''
+comp stackops completion ''
+comp stackops status --base-dir /nowhere ''
+"""
+
+
+def test_cli_completion_bash_sourced_completes_commands_options_and_ids(home):
+    bash = _shell_or_skip("bash")
+    _completion_home(home)
+    done = subprocess.run([bash, "-c", BASH_DRIVER, "bash", sys.executable, str(SOURCE)],
+                          cwd=home, env=dict(os.environ, HOME=str(home)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "complete -o default -F _stackops stackops"
+    offered = dict(line.split("|", 1) for line in lines[1:])
+    assert offered["stackops st"].split() == ["status", "start"]
+    assert {"run", "list", "config", "completion", "cluster"} <= set(offered["stackops "].split())
+    assert "job-report" not in offered["stackops "]  # a job's own copy runs it, not a person
+    assert offered["stackops status "].split() == ["alpha-1", "beta-2"]
+    assert offered["stackops -v logs a"] == "alpha-1"
+    assert offered["stackops cancel "].split() == ["alpha-1", "beta-2", "clu1"]
+    assert offered["stackops cluster s"] == "status"
+    assert offered["stackops cluster status "] == "clu1"
+    assert offered["stackops list --st"] == "--status"
+    assert offered["stackops list --status r"] == "running"
+    assert offered["stackops run --host "].split() == ["gpu-box", "node1"]
+    assert offered["stackops run x.py --transfer "].split() == ["sftp", "cloud"]
+    assert offered["stackops run --after b"] == "beta-2"
+    assert offered["stackops run --kwargs "] == ""  # a free value: the shell's own completion
+    assert offered["stackops completion "].split() == ["bash", "zsh", "fish"]
+    assert offered["stackops status --base-dir /nowhere "] == ""
+
+
+def test_cli_completion_options_come_from_the_parser_and_an_unknown_shell_is_refused(home):
+    tree = stackops._completion_tree()
+    parser = stackops._full_parser()
+    for path, node in tree.items():
+        sub = parser
+        for word in path.split():
+            sub = stackops._subcommands(sub)[0].choices[word]
+        assert set(node["options"]) == {o for a in sub._actions for o in a.option_strings}, path
+    assert {"--status", "--since", "--last", "--sweep"} <= set(tree["list"]["options"])
+    assert tree["cluster run"]["values"]["--data"] == ("files", [])
+    _one_error_line(cli("completion", "tcsh", home=home), "no completion for 'tcsh'")
+
+
+def test_cli_completion_zsh_and_fish_offer_the_same(home):
+    _completion_home(home)
+    env = dict(os.environ, HOME=str(home))
+    zsh = _shell_or_skip("zsh")
+    script = ('source <("$@" completion zsh) || exit 9; print -r -- $_comps[stackops]; '
+              'COMP_WORDS=(stackops cancel ""); COMP_CWORD=2; emulate sh -c _stackops; '
+              'print -r -- "${COMPREPLY[@]}"')
+    done = subprocess.run([zsh, "-f", "-c", script, "zsh", sys.executable, str(SOURCE)],
+                          cwd=home, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["_bash_complete -o default -F _stackops",
+                                        "alpha-1 beta-2 clu1"]
+    fish = _shell_or_skip("fish")
+    script = ('"$argv[1]" "$argv[2]" completion fish | source; or exit 9\n'
+              'for line in "stackops st" "stackops status " "stackops cluster status " '
+              '"stackops list --status c" "stackops run --host n"\n'
+              '    echo "$line|"(complete -C "$line" | string split -f1 \\t | string join " ")\n'
+              'end')
+    done = subprocess.run([fish, "--no-config", "-c", script, sys.executable, str(SOURCE)],
+                          cwd=home, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert dict(line.split("|", 1) for line in done.stdout.splitlines()) == {
+        "stackops st": "start status", "stackops status ": "alpha-1 beta-2",
+        "stackops cluster status ": "clu1", "stackops list --status c": "cancelled completed",
+        "stackops run --host n": "node1"}
+
+
+# -- papercuts met as a new user (issue 24, item 7) ------------------------------------------------
+
+def test_cli_refusals_name_the_options_a_user_types(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    (home / "proj" / "s.py").write_text("print(1)\n")
+    cases = [(["--gpus", "1", "--group", "io"],
+              "--gpus is a pool of its own: it goes with neither --group nor --no-lock"),
+             (["--slurm-opt", "partition=gpu"], "--slurm-opt are for --slurm"),
+             (["--max-jobs", "0"], "--max-jobs must be at least 1"),
+             (["--retries", "500"], "--retries must be 0 to 100 and --retry-delay 0 to 86400"),
+             (["--transfer", "cloud"], "--transfer 'cloud' needs --cloud"),
+             (["--copy-repo", "--update-repo"], "--copy-repo and --update-repo cannot go together"),
+             (["--job-id", "../x"], "--job-id '../x' is not a safe name"),
+             (["--after", "../x"], "--after '../x' is not a safe name"),
+             (["--slurm", "--interactive"], "--slurm cannot run an interactive job"),
+             (["--python", " "], "--python must name an interpreter"),
+             (["--ssh-timeout", "0"], "--ssh-timeout must be positive seconds")]
+    for options, said in cases:
+        done = cli("run", "proj/m.py:f", *options, home=home)
+        _one_error_line(done, said)
+        api = (r"\w=(True|False)|launch_method|max_simultaneous|lock_resources|slurm_options"
+               r"|transfer_method|cloud_name|update_repo|copy_repo|ssh_timeout|retry_delay|job_id")
+        assert not re.search(api, done.stderr.splitlines()[0]), done.stderr
+    script = cli("run", "proj/s.py", "--workload", "0:10", "--parallelize", home=home)
+    _one_error_line(script, "--parallelize needs a function; a script cannot be split")
+    assert not (home / "tmp_results").exists()
+
+
+def test_cli_mistyped_function_or_file_and_an_entry_point_get_the_form_to_type(home):
+    (home / "toolz").mkdir()
+    (home / "toolz" / "__init__.py").write_text("")
+    (home / "toolz" / "itertoolz.py").write_text("def frequencies(seq):\n    return {}\n\n"
+                                                 "def topk(k, seq):\n    return []\n")
+    for target, said, hint in (
+            ("toolz/itertoolz.py:frequncies", "toolz/itertoolz.py defines no top-level 'frequncies'",
+             "did you mean 'frequencies'? (toolz/itertoolz.py:frequencies)"),
+            ("toolz/itertolz.py:frequencies", "no Python file 'toolz/itertolz.py'",
+             "did you mean 'itertoolz.py'? (toolz/itertoolz.py:frequencies)"),
+            ("toolz.itertoolz:frequencies", "script not found: toolz.itertoolz:frequencies",
+             "a function is FILE.py:FUNC here: toolz/itertoolz.py:frequencies"),
+            ("other.mod:go", "script not found: other.mod:go",
+             "a function is FILE.py:FUNC, e.g. other/mod.py:go")):
+        done = cli("run", target, "--kwargs", '{"seq": [1]}', home=home)
+        _one_error_line(done, said)
+        assert done.stderr.splitlines()[1] == f"stackops: hint: {hint}"
+    module = home / "toolz" / "itertoolz.py"
+    with pytest.raises(ConfigError) as refused:  # the API says the same
+        RemoteMachine(f"{module}:topkk", config(job_id="t"))
+    assert refused.value.hint == f"did you mean 'topk'? ({module}:topk)"
+
+
+def test_cli_download_prints_the_folder_home_relative(home):
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    assert cli("run", "proj/m.py:f", "--job-id", "dl", "--wait", home=home).returncode == 0
+    got = cli("download", "dl", home=home)
+    assert got.returncode == 0 and got.stdout.startswith("~/") and str(home) not in got.stdout
+    assert (stackops.expand_home(got.stdout.strip().replace("~", str(home), 1)) /
+            "result.json").exists()
+
+
+def test_cli_progress_line_keeps_the_time_left_at_80_columns_and_no_rate_at_first():
+    progress = stackops._Progress("line")
+    progress.begin("upload to gpu1:~/big/blob2.bin", 300 * 2**20)
+    start = progress.started
+    progress.done = 4 * 2**20
+    first = progress._line(start + 0.004, 79)  # a few buffered bytes: 1,000 MiB/s, if shown
+    assert "/s" not in first and "left" not in first and "1%" in first
+    progress.done = 124 * 2**20
+    wide = progress._line(start + 2.0, 200)
+    assert wide.split() == ["upload", "to", "gpu1:~/big/blob2.bin", "41%", "124.0", "MiB", "of",
+                            "300.0", "MiB", "62.0", "MiB/s", "0:02", "left"]
+    lines = {width: progress._line(start + 2.0, width) for width in (79, 60, 49, 40, 30)}
+    assert all(len(line) <= width and line.endswith("0:02 left") for width, line in lines.items())
+    assert "MiB/s" in lines[79] and "of 300.0" not in lines[79]  # the sizes go first, then rate
+    assert "upload to gpu1:~/big/blob2.bin" in lines[49] and "MiB/s" not in lines[49]
+    assert lines[30].split()[0].startswith("up...") and lines[30].split()[0].endswith(".bin")
+    progress.total = None  # a total not known: what is done and the rate
+    assert progress._line(start + 2.0, 79).split()[-4:] == ["124.0", "MiB", "62.0", "MiB/s"]
+
+
+def test_cli_every_command_has_complete_help_and_ids_and_python_default_are_said(capsys):
+    tree = stackops._completion_tree()
+    for path, node in tree.items():
+        assert stackops.main([*path.split(), "--help"]) == 0, path
+        shown = capsys.readouterr().out
+        assert all(option in shown for option in node["options"]), path
+        assert all(word in shown for word in node["words"]) or node["kind"], path
+    for command in ("cancel", "wait", "delete"):
+        stackops.main([command, "--help"])
+        ids = capsys.readouterr().out.split("positional arguments:")[1].split("options:")[0]
+        assert re.search(r"ID\s+\S", ids) and "id" in ids.split("ID", 1)[1], (command, ids)
+    stackops.main(["run", "--help"])
+    python = " ".join(capsys.readouterr().out.split("\n  --python PYTHON")[1].split("--gpus")[0]
+                      .split())
+    assert "python3 on a host" in python and "this interpreter here" in python, python
+
+
+def test_cli_help_builds_one_parser_and_imports_nothing_it_does_not_show(tmp_path):
+    """--help (of stackops, of a command) builds the parser of that one command, and loads neither
+    logging nor paramiko nor psutil; the listing still names every command."""
+    shutil.copy(SOURCE, tmp_path / "stackops.py")
+    code = ("import sys, io, contextlib, stackops\n"
+            "for argv in (['--help'], ['status', '--help']):\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        assert stackops.main(argv) == 0\n"
+            "    print(len(out.getvalue().splitlines()))\n"
+            "print([m for m in ('logging', 'paramiko', 'psutil', 'json') if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    parser = stackops._build_parser()
+    listed = [pseudo.dest for pseudo in stackops._subcommands(parser)[0]._choices_actions]
+    assert listed == [name for name, _, shown, _ in stackops._command_table() if shown]
+    parser.parse_args(["status", "x"])
+    built = {name for name, sub in dict.items(stackops._subcommands(parser)[0].choices) if sub}
+    assert built == {"status"}
+
+
 # ============================================================================================
 # bad input: refused before anything is written, one clear line, CLI exit 2
 # ============================================================================================
@@ -8002,6 +9292,11 @@ def _bad_inputs(home: Path):
                                                  func_kwargs={"workload_params": 1})),
         ("parallel script", lambda: RemoteMachine(mod.__file__, config=config(
             workload_params=WorkloadParams(), parallelize=True))),
+        ("empty command", lambda: RemoteMachine([], config=config())),
+        ("command of non-strings", lambda: RemoteMachine(["sleep", 1], config=config())),
+        ("command with kwargs", lambda: RemoteMachine(["true"], config=config(), func_kwargs={"x": 1})),
+        ("parallel command", lambda: RemoteMachine(["true"], config=config(
+            workload_params=WorkloadParams(), parallelize=True))),
     ]
 
 
@@ -8020,16 +9315,27 @@ def test_bad_input_refused_before_anything_is_written(home):
     (["run", "proj/m.py:f", "--kwargs", "[1]"], "must be a JSON object"),
     (["run", "proj/m.py:f", "--job-id", "a b"], "not a safe name"),
     (["run", "proj/m.py:f", "--job-id=-x"], "not a safe name"),
-    (["run", "proj/m.py:f", "--max-jobs", "0"], "max_simultaneous_jobs"),
+    (["run", "proj/m.py:f", "--max-jobs", "0"], "--max-jobs must be at least 1"),
     (["run", "proj/m.py:f", "--workload", "x"], "START:END"),
     (["run", "proj/m.py:f", "--parallelize"], "parallelize"),
     (["run", "proj"], "not a script file"),
     (["status", "no-such-job"], "no job"),
-    (["run"], "required"),
+    (["run"], "nothing to run"),
+    (["run", "proj/m.py:f", "--", "ls"], "not both"),
+    (["run", "--"], "the command is empty"),
+    (["run", "--kwargs", '{"a": 1}', "--", "ls"], "--kwargs is for a Python function"),
+    (["run", "--workload", "0:10:2", "--parallelize", "--", "ls"], "a command gets its slice in STACKOPS_IDX_START"),
+    (["run", "make", "train"], "go after --"),
+    (["run", "make"], "a command? put it after --"),
+    (["run", "--sweep", "proj/grid.jsonl", "--", "echo", "{lr}"], "sweep line 2: no value for {lr}"),
+    (["run", "--sweep", "proj/grid.jsonl", "--", "echo", "lr"], "no {name} placeholder"),
+    (["cluster", "run", "--hosts", "h1", "proj/m.py:f", "--", "ls"], "not both"),
+    (["cloud", "submit", "--cloud", "nosuch", "--split", "2", "--"], "the command is empty"),
 ])
 def test_bad_input_cli_exits_2_with_one_line(home, args, message):
     (home / "proj").mkdir()
     (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    (home / "proj" / "grid.jsonl").write_text('{"lr": 1}\n{"rl": 2}\n')
     done = cli(*args, home=home)
     assert done.returncode == 2, done
     assert message in done.stderr
@@ -8532,6 +9838,29 @@ def test_security_relative_state_dir_is_one_queue_for_submitter_and_wrapper(home
     assert not (home / "r1" / "state-here").exists() and not (home / "r2" / "state-here").exists()
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=hostile_text.filter(lambda text: "\0" not in text)
+       | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12))
+@example(value="$(touch PWNED) `touch PWNED` it's \"q\" \\ \n {x} '\\''")
+def test_security_hostile_sweep_values_arrive_as_one_literal_piece(tmp_path, value):
+    """A sweep value in a command's argument, and in a shell script's three quotings, arrives as
+    exactly itself (issue 23: GNU parallel's promise), and nothing it names is run."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    out = folder / "out"
+    script = "printf '%s\\0' {v} \"dq:{v}\" 'sq:{v}' x{v}x > \"$1\""
+    for shell in ("sh", "bash"):
+        argv = stackops.fill_command([shell, "-c", script, "sh", str(out)], {"v": value})
+        subprocess.run(argv, cwd=folder, check=True)
+        assert out.read_bytes().decode().split("\0")[:-1] == [value, f"dq:{value}", f"sq:{value}", f"x{value}x"]
+    code = "import sys; open(sys.argv[1], 'w', encoding='utf-8').write(repr(sys.argv[2:]))"
+    subprocess.run(stackops.fill_command([sys.executable, "-c", code, str(out), "{v}", "-{v}-"], {"v": value}),
+                   cwd=folder, check=True)
+    assert out.read_text(encoding="utf-8") == repr([value, f"-{value}-"])
+    assert sorted(path.name for path in folder.iterdir()) == ["out"]
+    with pytest.raises(ConfigError, match="NUL"):  # the one thing no argument can hold
+        stackops.fill_command(["echo", "{v}"], {"v": value + "\0"})
+
+
 # ============================================================================================
 # bad input, whole table: through the CLI, against the real sshd
 # ============================================================================================
@@ -8550,9 +9879,9 @@ BAD_INPUT = [  # (arguments, exit status, what the one error line says)
     (["run", "proj/m.py:f", "--job-id=-x"], 2, "not a safe name"),
     (["run", "proj/m.py:f", "--job-id", "x" * 200], 2, "not a safe name"),
     (["run", "proj/m.py:f", "--job-id", "exists-already"], 2, "already exists"),
-    (["run", "proj/m.py:f", "--max-jobs", "0"], 2, "max_simultaneous_jobs"),
+    (["run", "proj/m.py:f", "--max-jobs", "0"], 2, "--max-jobs must be at least 1"),
     (["run", "proj/m.py:f", "--data", "nope.csv"], 2, "data path not found"),
-    (["run", "proj/m.py:f", "--transfer", "cloud"], 2, "cloud_name"),
+    (["run", "proj/m.py:f", "--transfer", "cloud"], 2, "--transfer 'cloud' needs --cloud"),
     (["run", "proj/m.py:f", "--host", "tb", "--transfer", "cloud", "--cloud", "nosuchremote"], 2,
      "rclone knows no remote"),
     (["run", "proj/m.py:f", "--host", "a@b@c"], 2, "not an SSH target"),
@@ -8562,12 +9891,19 @@ BAD_INPUT = [  # (arguments, exit status, what the one error line says)
     (["run", "proj/m.py:f", "--host", "tbnokey"], 2, "no identity file"),
     (["run", "proj/m.py:f", "--host", "tbopen"], 2, "readable by others"),
     (["run", "proj/m.py:f", "--host", "tbenc"], 2, "encrypted and no passphrase"),
-    (["run", "proj/m.py:f", "--host", "tbunknown"], 1, "is unknown"),
+    (["run", "proj/m.py:f", "--host", "tbunknown"], 2, "is unknown"),  # nothing written: bad input
     (["run", "proj/m.py:f", "--host", "tbdead"], 1, "cannot connect"),
     (["run", "proj/m.py:f", "--host", "nosuchhost.example"], 1, "cannot resolve"),
     (["run", "proj/m.py:f", "--workload", "x"], 2, "START:END"),
     (["run", "proj/m.py:f", "--parallelize"], 2, "parallelize"),
-    (["run", "proj/m.py:f", "--ssh-timeout", "0"], 2, "ssh_timeout"),
+    (["run", "proj/m.py:f", "--ssh-timeout", "0"], 2, "--ssh-timeout must be positive"),
+    (["run", "proj/m.py:f", "--env", "FOO"], 2, "--env 'FOO' is not KEY=VALUE"),
+    (["run", "proj/m.py:f", "--env", "STACKOPS_SLOT=1"], 2, "stackops sets STACKOPS_SLOT itself"),
+    (["run", "proj/m.py:f", "--notify", "--email", "me@x"], 2, "--email 'me@x' is not an e-mail"),
+    (["run", "proj.m:f"], 2, "a function is FILE.py:FUNC here: proj/m.py:f"),
+    (["list", "--status", "runing"], 2, "--status runing: not a job status"),
+    (["list", "--since", "yesterday"], 2, "--since 'yesterday' is not an age"),
+    (["completion", "tcsh"], 2, "no completion for 'tcsh'"),
     (["status", "no-such-job"], 2, "no job"),
     (["status", "corrupt"], 1, "corrupted JSON"),
     (["delete-results", "gave-home"], 2, "refusing to delete"),
