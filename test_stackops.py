@@ -3097,8 +3097,9 @@ def _install_remote_mail_config(remote, local_config: Path) -> None:
     remote_config.chmod(0o600)
 
 
-def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote, home, smtp):
-    """Over SSH the bash status finds the dead job (no Python on the way), and the host reports it once."""
+def test_email_remote_whole_tree_gone_found_by_the_hosts_status_reported_once(remote, home, smtp):
+    """Over SSH the host judges the dead job (serve's status, on the machine that ran it), records
+    its end and reports it once, from the host."""
     received, local_config = smtp
     _install_remote_mail_config(remote, local_config)
     mod = make_module(home, JOBS_SOURCE)
@@ -3106,9 +3107,8 @@ def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote,
         m.run()
         wait_for(lambda: m.get_status(0).status == "running", what="running")
         remote_root = remote.remote_home / m.file_manager.job_root_rh[2:]
-        os.killpg(_launcher_of(m, remote_root), signal.SIGKILL)  # loopback: the host's are ours to see
-        pid = int((remote_root / stackops.PID_TXT).read_text())
-        wait_for(lambda: not stackops.pid_is_alive(pid), what="tree gone")
+        os.killpg(_wrapper_of(m, remote_root), signal.SIGKILL)  # loopback: the host's are ours to see
+        wait_for(lambda: not stackops._alive(remote_root), what="tree gone")
         report = m.get_status(0)
         assert report.status == "failed" and "process gone" in report.error_message and report.end_time
         message = _one_mail(received, "rgone", homes=(remote.remote_home,))
@@ -3116,7 +3116,8 @@ def test_email_remote_whole_tree_gone_found_by_bash_status_reported_once(remote,
         for _ in range(3):
             assert m.get_status(0).status == "failed"
     assert len(received) == 1
-    assert "sent" in (remote_root / stackops.NOTIFIED_TXT).read_text()
+    wait_for(lambda: "sent" in stackops.read_state(remote_root).get("notified", ""), what="the mail recorded")
+    assert state_of(m)["status"] == "failed" and state_of(m)["mirrored"]  # the host's record, kept here
 
 
 class _TricklingSMTP:
@@ -3883,8 +3884,11 @@ def test_remote_function_job_with_repo_and_data_round_trip(remote, home):
     where = json.loads((local / "nested" / "deeper" / "where.json").read_text())
     assert where["home"] == str(remote.remote_home)
     assert where["module"].startswith(str(shipped))  # imported from the job's own copy of its snapshot
-    # the local job folder mirrors the host's logs; nothing on the host names the local home
-    assert (machine.file_manager.path("logs/status.txt")).read_text() == "completed"
+    # the local job folder mirrors the host's record; nothing on the host names the local home
+    mirrored = state_of(machine)
+    assert mirrored["status"] == "completed" and mirrored["mirrored"]
+    assert mirrored["machine"] == stackops.read_state(remote.remote_home / machine.file_manager.job_root_rh[2:])[
+        "machine"]
     remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "remote-crunch"
     for path in remote_job.rglob("*"):
         if path.is_file() and path.name != "stackops.py":
@@ -3897,7 +3901,7 @@ def test_remote_job_killed_on_host_is_failed(remote, home):
         m.run()
         report = wait_for(lambda: m.get_status() if m.get_status().status == "running" else None, what="running")
         remote_root = remote.remote_home / m.file_manager.job_root_rh[2:]
-        os.killpg(_launcher_of(m, remote_root), signal.SIGKILL)  # on loopback the host's pids are ours
+        os.killpg(_wrapper_of(m, remote_root), signal.SIGKILL)  # on loopback the host's pids are ours
         report = wait_for(lambda: m.get_status() if m.get_status().finished else None, what="failed")
         assert report.status == "failed" and "process gone" in report.error_message
         with pytest.raises(JobFailedError):
@@ -4619,7 +4623,7 @@ def test_remote_refused_submit_leaves_the_job_id_free(remote, home):
     refused = cli("run", "loose.py", "--host", "tb", "--copy-repo", "--job-id", "reuse", home=home)
     assert refused.returncode == 2 and "home" in refused.stderr, refused.stderr
     status = cli("status", "reuse", home=home)
-    assert status.returncode == 2 and "no job 'reuse'" in status.stderr
+    assert status.returncode == 2 and "no job or cluster 'reuse'" in status.stderr
     assert "interrupted" not in status.stderr
     _proj(home)
     again = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--job-id", "reuse", "--wait",
@@ -4693,8 +4697,9 @@ def test_remote_download_without_target_only_into_the_jobs_own_results_folder(re
         assert machine.download_results(None) == home / "tmp_results" / "tmp_dirs" / "own-results"
     # a host that rewrites the record afterwards is not obeyed either
     record = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "own-results" / \
-        "logs" / "results_folder_path.txt"
-    record.write_text("~/tmp_results/tmp_dirs/own-results/../../../.ssh")
+        stackops.STATE_JSON
+    state = json.loads(record.read_text())
+    record.write_text(json.dumps(dict(state, results="~/tmp_results/tmp_dirs/own-results/../../../.ssh")))
     again = RemoteMachine.load("own-results")
     again.results_path = None
     with again, pytest.raises(ConfigError, match="outside the job's own results folder"):
@@ -4964,7 +4969,7 @@ def test_remote_hand_over_is_one_shell_start_and_status_one_more(remote, home):
                        home=home)
             assert done.returncode == 0, done.stderr
             assert starts() == 1, extra  # the CLI reads no status after the hand-over
-            assert f"job trip-cli{len(extra)} queued on {os.uname().nodename}" in done.stdout
+            assert f"job trip-cli{len(extra)} waiting on {os.uname().nodename}" in done.stdout  # in line there
             done = cli("status", f"trip-cli{len(extra)}", "--json", home=home)
             assert done.returncode == 0 and starts() == 1
         refused = cli("run", "proj/m.py:f", "--host", "tb", "--copy-repo", "--python", "no-such-py",
@@ -6045,7 +6050,7 @@ def test_sweep_to_a_host_travels_as_one_stream_and_runs_each_line(remote, home):
     assert os.readlink(queued / "rbw-0008" / "code") == "../rbw/code"
     assert RemoteMachine.load("rbw-0004").kwargs == {"tag": "rbw", "x": 4, "fail": True}
     waited = cli("wait", "rbw", home=home)
-    assert waited.returncode == 1 and waited.stdout.strip() == "rbw failed", waited
+    assert waited.returncode == 1 and waited.stdout.strip() == "rbw failed (8 completed, 1 failed)", waited
     with small:
         assert {r.status for r in small.wait(timeout=60).values()} == {"completed"}
 
@@ -6410,7 +6415,8 @@ def test_slurm_function_job_completes_and_sees_its_slurm_job(slurm, home):
     result = json.loads((machine.check_job_status() / "result.json").read_text())
     assert result["tag"] == "t1" and result["slurm_job_id"] == machine.slurm_job_id
     assert not list((home / "tmp_results" / "remote_machines" / "file_manager").glob("slots/slot-*.json"))
-    assert "sbatch" in machine.launch_command
+    assert state_of(machine)["slurm"]["id"] == machine.slurm_job_id  # sbatch took it: its id recorded
+    assert machine.launch_command == f"{stackops._prog()} start {machine.job_id}"
     text = (machine.file_manager.job_root / "shell" / "sbatch.sh").read_text()
     assert "#SBATCH --job-name=" in text
 
@@ -6428,11 +6434,14 @@ def test_slurm_cancel_gives_cancelled_and_the_process_is_gone(slurm, home):
     pid_file = home / "sleeper.pid"
     wait_for(pid_file.exists, 60, "the Slurm job to start")
     pid = int(wait_for(lambda: pid_file.read_text().strip(), 10, "its pid"))
-    report = machine.cancel()
+    wait_for(lambda: machine.get_status(0).status == "running", 30, "it to read running")
+    said = cli("cancel", machine.job_id, home=home)
+    assert said.returncode == 0 and said.stdout == f"{machine.job_id} cancelled\n", said  # not "had ended"
     report = _slurm_wait(machine, 30)
     assert report.status == "cancelled", report
     assert "CANCELLED" in report.reason or "cancel" in report.error_message
     wait_for(lambda: not stackops.pid_is_alive(pid), 15, "the job's process to end")
+    assert machine.get_status(0).status == "cancelled" and state_of(machine)["final"]
 
 
 def test_slurm_sigkilled_job_reads_failed(slurm, home):
@@ -6593,6 +6602,10 @@ def test_slurm_after_a_failing_job_never_runs_and_never_hangs(slurm, home):
     assert report.status == "cancelled" and "DependencyNeverSatisfied" in report.reason, report
     assert report.start_time is None
     assert _slurm_wait(bad).status == "failed"
+    # decided from stackops' own record of the parent, which outlives Slurm's (MinJobAge)
+    with pytest.raises(ConfigError, match="sa-bad: that job failed"):
+        _slurm_machine(home, "where", job_id="sa-late", after=["sa-bad"]).run()
+    assert not (home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "sa-late").exists()
     with pytest.raises(ConfigError, match="this one must run in the same place"):
         RemoteMachine(make_module(home, SLURM_JOBS).where, config(job_id="sa-mixed", after=["sa-good"]))
 
@@ -6645,12 +6658,74 @@ def test_slurm_retries_run_again_in_place(slurm, home):
     assert flag.exists() and report.attempt == "2/3"
 
 
+def test_slurm_requeued_job_reads_queued_runs_again_and_mails_only_its_end(slurm, home, smtp):
+    """A requeue (as preemption or a node going down do): Slurm stops the run with SIGTERM and
+    starts the job again later. Meanwhile it reads queued (requeued), never failed; the one e-mail
+    says how the job really ended."""
+    received, _ = smtp
+    module = make_module(home, """
+        import os, time
+
+        def twice(flag):
+            if not os.path.exists(flag):
+                open(flag, "w").close()
+                time.sleep(300)
+            return "the second run"
+    """)
+    flag = home / "ran-once"
+    machine = RemoteMachine(module.twice, config(job_id="s-req", launch_method="slurm", **MAIL),
+                            func_kwargs={"flag": str(flag)}).run()
+    wait_for(lambda: flag.exists() and machine.get_status(0).status == "running", 60, "the first run")
+    subprocess.run(["scontrol", "requeue", machine.slurm_job_id], check=True, capture_output=True)
+    seen = []
+
+    def requeued():
+        report = machine.get_status(0)
+        seen.append(report.status)
+        return report if report.status == "queued" else None
+
+    report = wait_for(requeued, 60, "the job to read queued")
+    assert not set(seen) & {"failed", "cancelled", "completed"}, seen
+    assert "requeued 1x" in report.reason and "PENDING" in report.reason, report
+    waited = cli("wait", "s-req", "--timeout", "2", home=home)
+    assert waited.returncode == 124 and "failed" not in waited.stdout, waited  # still to end
+    subprocess.run(["scontrol", "update", f"JobId={machine.slurm_job_id}", "StartTime=now"], check=True,
+                   capture_output=True)
+    report = _slurm_wait(machine, 120)
+    assert report.status == "completed" and report.slurm_job_id == machine.slurm_job_id, report
+    assert len(report.runs) == 1 and "terminated by signal 15" in report.runs[0]["error"], report.runs
+    message = _one_mail(received, "s-req")
+    assert "completed" in message["Subject"]
+
+
+def test_slurm_refused_by_sbatch_ends_failed_at_once_with_its_words(slurm, home):
+    (home / "proj").mkdir()
+    (home / "proj" / "jobs.py").write_text(textwrap.dedent(SLURM_JOBS))
+    run = cli("run", "proj/jobs.py:where", "--slurm", "--slurm-opt", "partition=nope", "--job-id", "s-nopart",
+              home=home)
+    assert run.returncode != 0 and "invalid partition" in run.stderr, run
+    report = json.loads(cli("status", "s-nopart", "--json", home=home).stdout)
+    assert report["status"] == "failed" and "sbatch refused it" in report["error_message"], report
+    assert "invalid partition" in report["error_message"]
+    waited = cli("wait", "s-nopart", "--timeout", "30", home=home)
+    assert waited.returncode == 1 and waited.stdout.strip() == "s-nopart failed", waited  # never hangs
+    listed = json.loads(cli("list", "--json", home=home).stdout)
+    assert [row["status"] for row in listed if row["job_id"] == "s-nopart"] == ["failed"], listed
+
+
 def test_slurm_job_forgotten_by_slurm_is_failed_not_running(slurm, home):
-    machine = _slurm_machine(home, "where").run(run=False)
-    machine.slurm_job_id = "999999"  # a job Slurm never had (or forgot after MinJobAge)
-    (machine.file_manager.job_root / "logs" / "slurm_job_id.txt").write_text("999999")
-    report = machine.get_status(0)
-    assert report.status == "failed" and "lost by Slurm" in report.error_message
+    """A job Slurm forgot (MinJobAge) or never had: its record decides, never `running` for ever."""
+    for job_id, started in (("forgot-run", True), ("forgot-queued", False)):
+        machine = _slurm_machine(home, "where", job_id=job_id).run(run=False)
+        machine.slurm_job_id = "999999"
+        fields = {"started": stackops._iso(stackops._utcnow())} if started else {}
+        stackops._record(machine.file_manager.job_root, status="running" if started else "queued",
+                         slurm={"id": "999999"}, **fields)
+        report = machine.get_status(0)
+        assert report.status == "failed", report
+        assert ("lost by Slurm" if started else "never started") in report.error_message, report
+        assert state_of(machine)["status"] == "failed" and state_of(machine)["final"]  # recorded, stays
+        assert machine.get_status(0).error_message == report.error_message
 
 
 def test_slurm_bad_input_refused_before_anything_is_written(home, tmp_path, monkeypatch):
@@ -10447,3 +10522,7 @@ def test_slurm_time_limit_reads_failed_with_the_reason(slurm, slurm_time_limit_j
     assert report["status"] == "failed", report
     assert "TIMEOUT" in report["reason"] and "TimeLimit" in report["reason"], report
     assert "Slurm sends it at the time limit" in report["error_message"]
+    # Slurm's final word is in the folder: it stays once Slurm forgets the job (MinJobAge)
+    state = stackops.read_state(home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "over-time")
+    assert state["status"] == "failed" and state["final"] is True and state["slurm"]["state"] == "TIMEOUT"
+    assert "TimeLimit" in state["reason"]
