@@ -2721,6 +2721,28 @@ def test_jobs_command_from_the_command_line(home):
     assert failed.returncode == 1 and "the command false exited with status 1" in failed.stderr
 
 
+def test_jobs_command_outliving_its_wrapper_still_runs_holds_its_slot_and_is_cancelled(home, monkeypatch):
+    """The command holds the job's lock and slot as a forked run does: with its wrapper killed
+    alone it reads running, the next job waits for the slot, and cancel stops it."""
+    proj = _git_proj(home)
+    monkeypatch.chdir(proj)
+    marker = home / "still-here"
+    script = f'while true; do date +%s%N > {shlex.quote(str(marker))}; sleep 0.1; done'
+    job = RemoteMachine(["sh", "-c", script], config(job_id="cmd-orphan", max_simultaneous_jobs=1)).run()
+    wait_for(marker.exists, what="the command runs")
+    os.kill(_wrapper_of(job), signal.SIGKILL)  # the wrapper alone, not its group
+    time.sleep(0.5)
+    assert stackops._alive(job.file_manager.job_root) and job.get_status().status == "running"
+    second = RemoteMachine(["true"], config(job_id="cmd-after", max_simultaneous_jobs=1)).run()
+    time.sleep(1)
+    assert second.get_status().status == "waiting"  # the slot is the command's still
+    assert job.cancel().status == "cancelled"
+    seen = marker.read_text()
+    time.sleep(0.5)
+    assert marker.read_text() == seen  # it stopped
+    assert wait_done(second).status == "completed"
+
+
 def test_jobs_command_sweep_fills_each_line_into_the_command(home):
     proj = _git_proj(home)
     values = ["a b", "it's \"q\"", "$(touch pwned)", "x\ny", "", "{name}"]
