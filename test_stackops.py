@@ -3,6 +3,7 @@ slots are exercised by real competing processes; nothing is mocked."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -6205,6 +6206,37 @@ def test_places_generated_commands_are_rendered_and_quoted(home, tmp_path):
     assert "cluster_wrap.py" in script.splitlines()[-1]
     with pytest.raises(StackopsError, match="missing|unused"):
         stackops.render_template(stackops.SBATCH_TEMPLATE, job_name="x")
+
+
+def test_places_boots_racing_on_a_shared_home_each_get_their_answer(home):
+    """Hosts sharing a home whose store lacks this version: their boots all send it, one after
+    the other, and every one of them serves. (A boot used to empty the version's folder before
+    writing its copy, which another boot could be importing from that very moment: rare enough
+    that this test seldom met it; it now writes beside the copy and renames over it.)"""
+    command = stackops._serve_command(sys.executable, "--fence")
+    source = stackops._own_source()
+
+    def boot(k):
+        proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=dict(os.environ, HOME=str(home)))
+        said = proc.stdout.readline()
+        if said.strip() == b"--fence need":
+            time.sleep(0.02 * k)  # the sources arrive one after the other, as over SSH
+            proc.stdin.write(b"%d\n" % len(source) + source)
+            proc.stdin.flush()
+            said = proc.stdout.readline()
+        proc.stdin.write(json.dumps({"action": "facts", "facts": []}).encode() + b"\n\n")
+        proc.stdin.close()
+        answer = proc.stdout.readline()
+        proc.wait(60)
+        return said.strip(), answer, proc.stderr.read()
+
+    for _ in range(2):
+        shutil.rmtree(home / "tmp_results", ignore_errors=True)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(boot, range(6)))
+        for said, answer, errors in results:
+            assert said == b"--fence ready" and b'"ok"' in answer, (said, answer, errors)
 
 
 def test_places_command_job_on_a_host_runs_in_its_copy_of_the_repo(remote, home, monkeypatch):
