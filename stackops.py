@@ -7676,12 +7676,15 @@ class CloudQueue:
         self._put(f"{unit_id}/status.json", json.dumps(status))
         return True
 
-    def report(self) -> list[dict[str, Any]]:
-        """One row per unit: queued, running on a worker, stale (its worker went quiet), done, or
-        ``unreadable`` (its status.json, with why in ``error``). The bucket is written by anyone
-        who may: every text in a row is made safe for a terminal (_terminal_safe)."""
+    def report(self, only: list[str] | None = None) -> list[dict[str, Any]]:
+        """One row per unit (``only`` these): queued, running on a worker, stale (its worker went
+        quiet), done, or ``unreadable`` (its status.json, with why in ``error``). The bucket is
+        written by anyone who may: every text in a row is made safe for a terminal
+        (_terminal_safe)."""
         rows = []
         for unit_id, info in sorted(self.listing().items()):
+            if only is not None and unit_id not in only:
+                continue
             row: dict[str, Any] = {"unit": _terminal_safe(unit_id), "state": "queued",
                                    "worker": None}
             if not info["ready"]:
@@ -7734,7 +7737,10 @@ class CloudQueue:
 
 def _place_for(config: RemoteStackOpsConfig) -> _Place:
     """The place a job with ``config`` runs: here, over SSH, or over SSH with its files through
-    the cloud (``transfer_method='cloud'``). Decided once, when a RemoteMachine gets its config."""
+    the cloud (``transfer_method='cloud'``), or on a cloud queue's worker (its record is here, its
+    results in the bucket). Decided once, when a RemoteMachine gets its config."""
+    if config.launch_method == "cloud_manager":
+        return _InQueue(config)
     if config.ssh_host is None:
         return _Here(config)
     if config.transfer_method == "cloud":
@@ -7959,6 +7965,32 @@ class _Here(_Place):
         if target is None or _same_place(results, expand_home(target)):
             return results  # never copied onto itself
         return _copy_local(results, expand_home(target), overwrite)
+
+
+class _InQueue(_Here):
+    """A work unit of a cloud queue: made here, run by whichever worker claims it; what it did is
+    the queue's word, and its results are in the bucket (``units/<unit>/results``)."""
+
+    def results_path(self, text: str) -> Path:
+        return Path(text)  # REMOTE:path in the bucket
+
+    def results_here(self, machine: RemoteMachine, results: Path) -> Path:
+        return self.fetch_results(machine, results, None, True, None)
+
+    def fetch_results(self, machine: RemoteMachine, results: Path,
+                      target: str | os.PathLike[str] | None, overwrite: bool,
+                      progress: Callable[[int], None] | None) -> Path:
+        destination = _free_destination(
+            expand_home(target or f"{DEFAULT_RESULTS_DIR}/{machine.job_id}"), overwrite)
+        _mkdir_private(destination.parent)
+        staging = Path(_make_temp_dir(destination.parent))
+        try:
+            _rclone("copy", str(results), str(staging / "payload"), what="download of the results")
+            _remove(destination)
+            os.rename(staging / "payload", destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return destination
 
 
 class _OverSSH(_Place):
@@ -8297,10 +8329,25 @@ class _CloudQueueLauncher(_SlotLauncher):
         log.info("job %s queued on %s as unit %s", machine.job_id,
                  cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
 
+    @staticmethod
+    def _in_queue(machine: RemoteMachine) -> bool:
+        """Whether this is the submitter's record of a unit (a worker's copy of it was fired)."""
+        fired = read_state(machine.file_manager.job_root).get("fired")
+        return bool(machine.config.cloud_name) and not fired
+
+    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        """A unit's status is the queue's view of it (the record here, until it is queued); the
+        worker running it judges its own copy, as any job."""
+        queue = CloudQueue(machine.config.cloud_name or "")
+        rows = queue.report([machine.job_id]) if self._in_queue(machine) else []
+        if not rows:
+            return super().status(machine, log_lines)
+        return _unit_status(rows[0], queue.base)
+
     def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
         """A unit of a cloud queue: marked cancelled in the bucket (workers skip it; the one running
         it stops it at its next heartbeat). The status is the queue's view of it."""
-        if not machine.config.cloud_name:
+        if not self._in_queue(machine):
             return super().cancel(machine, grace)
         queue = CloudQueue(machine.config.cloud_name)
         rows = {row["unit"]: row for row in queue.report()}
@@ -8383,6 +8430,20 @@ class _CloudQueueLauncher(_SlotLauncher):
         unit.submitted = True
         unit._save()
         return unit
+
+
+def _unit_status(row: dict[str, Any], base: str) -> JobStatus:
+    """A JobStatus from a unit's row of CloudQueue.report."""
+    state = {"incomplete": "queued", "stale": "running", "unreadable": "failed"}.get(
+        row["state"], row["state"])
+    reason = {"incomplete": "its upload is incomplete",
+              "stale": f"its worker went quiet {row.get('last_seen_seconds')}s ago: it returns "
+                       "to the queue"}.get(row["state"], "")
+    return JobStatus(job_id=row["unit"], status=state if state in STATUSES else "failed",
+                     host=str(row.get("host") or row.get("worker") or "?"), reason=reason,
+                     error_message=row.get("error") or "",
+                     results_path=f"{base}/{row['unit']}/results" if state == "completed"
+                     else None)
 
 
 class _SlurmLauncher(_Launcher):
@@ -10979,6 +11040,14 @@ class _CloudUnits:
     def __init__(self, job_id: str, units: list[RemoteMachine]) -> None:
         self.job_id, self.units = job_id, units
 
+    def check_job_status(self) -> dict[str, JobStatus | StackopsError]:
+        """Each unit's status, from one listing of the queue."""
+        cloud = self.units[0].config.cloud_name or ""
+        queue = CloudQueue(cloud)
+        rows = {row["unit"]: row for row in queue.report([u.job_id for u in self.units])}
+        return {unit.job_id: _unit_status(rows[unit.job_id], queue.base)
+                if unit.job_id in rows else unit.get_status(0) for unit in self.units}
+
     def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
         answers: dict[str, JobStatus | StackopsError] = {}
         for unit in self.units:
@@ -11905,7 +11974,8 @@ def _cmd_cloud_submit(args: Any) -> int:
                                   transfer_method="cloud", cloud_name=args.cloud,
                                   launch_method="cloud_manager",
                                   allowed_remotes=allowed, python=args.python,
-                                  workload_params=_parse_workload(args.workload, False))
+                                  workload_params=_parse_workload(args.workload or "0:1000",
+                                                                  False))
     units = RemoteMachine(_run_target(args), config,
                           parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
     print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")

@@ -6172,7 +6172,7 @@ def test_places_remote_machine_uses_nothing_from_the_worker_or_the_cli():
     ({"ssh_host": "box", "transfer_method": "cloud", "cloud_name": "c"}, "_ThroughCloud",
      "_SlotLauncher"),
     ({"launch_method": "slurm"}, "_Here", "_SlurmLauncher"),
-    ({"launch_method": "cloud_manager", "cloud_name": "c"}, "_Here", "_CloudQueueLauncher"),
+    ({"launch_method": "cloud_manager", "cloud_name": "c"}, "_InQueue", "_CloudQueueLauncher"),
 ])
 def test_places_chosen_from_the_config_once(home, settings, place, launcher):
     job = RemoteMachine(stackops.demo_job, RemoteStackOpsConfig(job_id="seam-1", **settings))
@@ -7835,6 +7835,15 @@ def test_cloud_queue_twelve_units_three_workers_each_runs_once(home, tmp_path):
     shown = cli("cloud", "status", "--cloud", f"tblocal:{bucket}", home=home)
     assert shown.returncode == 0 and shown.stdout.count("completed") == 12
     assert all(f" {r['worker']} " in shown.stdout for r in report)
+    # the submitter's views of the units are the queue's word, and their results come down
+    whole = cli("status", "q12", home=home)
+    assert whole.returncode == 0 and whole.stdout.startswith("q12: 12 completed"), whole.stdout + whole.stderr
+    one = json.loads(cli("status", units[3], "--json", home=home).stdout)
+    assert one["status"] == "completed" and one["host"] != "?"
+    got = cli("download", units[3], home=home)
+    assert got.returncode == 0, got.stderr
+    folder = stackops.expand_home(got.stdout.strip().splitlines()[-1])
+    assert json.loads((folder / "result.json").read_text()) == 3
 
 
 @slow
@@ -8263,7 +8272,7 @@ def test_cloud_command_units_each_get_their_slice_in_the_environment(home, tmp_p
     proj = _git_proj(home)
     slices = tmp_path / "slices"
     script = f'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_PART $(pwd -P)" >> {slices}'
-    done = cli("cloud", "submit", "--cloud", _local_cloud(home, bucket), "--split", "2", "--workload", "0:10",
+    done = cli("cloud", "submit", "--cloud", _local_cloud(home, bucket), "--split", "2",  # --workload 0:1000
                "--copy-repo", "--job-id", "qcmd", "--python", sys.executable, "--", "sh", "-c", script,
                home=home, cwd=proj / "sub")
     assert done.returncode == 0, done.stderr
@@ -8271,7 +8280,7 @@ def test_cloud_command_units_each_get_their_slice_in_the_environment(home, tmp_p
     out, _ = worker.communicate(timeout=120)
     assert out.strip() == "worker finished 2 unit(s)", (tmp_path / "wq.err").read_text()[-2000:]
     rows = sorted(line.split() for line in slices.read_text().splitlines())
-    assert [row[:3] for row in rows] == [["0", "5", "0"], ["5", "10", "1"]]
+    assert [row[:3] for row in rows] == [["0", "500", "0"], ["500", "1000", "1"]]
     for row, unit in zip(rows, ("qcmd-0-2", "qcmd-1-2")):  # in the unit's own copy of the repo, in sub/
         [attempt] = _unit_attempts(tmp_path / "home-wq", unit)
         assert row[3] == str((attempt / "code" / "sub").resolve())
