@@ -1,4 +1,4 @@
-"""stackops: run a Python function or script detached on this machine or one reachable over SSH.
+"""stackops: run a Python function, a script or any command detached, here or over SSH or Slurm.
 
 Quick start (the first half runs as it is; the second needs a host in ~/.ssh/config):
 
@@ -18,11 +18,11 @@ Quick start (the first half runs as it is; the second needs a host in ~/.ssh/con
     print(job.get_status())             # queued, waiting, running, completed or failed
     folder = job.wait()                 # later, or elsewhere: RemoteMachine.load("fit-1").wait()
 
-A job is a folder: the function or script to call, its arguments, a generated shell launcher and
-Python wrapper, and a copy of this very file, so the executing machine needs nothing but python3
-(3.8 or newer). The job runs detached, waits for one of the machine's slots (at most
-``max_simultaneous_jobs`` at once, first come first served), and leaves its status, times, log
-and results path in the folder, where ``check_job_status`` reads them.
+A job is a folder: what to run, its arguments, a small Python wrapper and a copy of this very file,
+so the executing machine needs nothing but python3 (3.8 or newer). The job runs detached, waits for
+one of the machine's slots (at most ``max_simultaneous_jobs`` at once, first come first served),
+and keeps one record, ``logs/state.json``: one function decides its state (_judge), one writes its
+end (_record_end), and on a host every question goes to one entry of this file (serve).
 
 Three ways to use it:
 
@@ -38,9 +38,9 @@ Sections (bottom-up; each uses only the sections above it; 0-9 are standard libr
      3  errors          StackopsError and its subclasses
      4  utilities       atomic writes, home-relative paths, quoting, times, process liveness
      5  models          RemoteStackOpsConfig, WorkloadParams, JobStatus, ExecutionTimings, JobParams
-     6  templates       the shell launcher and the Python wrapper, one strict renderer
-     7  job folder      FileManager: layout, slots and queue, status
-     8  job execution   what the wrapper runs on the executing machine
+     6  templates       the Python wrapper and the #SBATCH header, one strict renderer
+     7  job folder      FileManager, the state record, liveness (a lock), slots and queue, _judge
+     8  job execution   the wrapper's lifecycle, the dispatcher, fire, cancel, the host's actions
      9  network         local addresses, the LAN address, the public IP and its rotation (warp-cli)
     10  SSH             paramiko (lazily): OpenSSH-style targets, host keys, commands
     11  transfer        copies as sftp and tar streams (whole or not at all), rclone transfers
@@ -51,6 +51,7 @@ Sections (bottom-up; each uses only the sections above it; 0-9 are standard libr
     15  cluster         load calculators, Cluster: one workload split over several hosts
     16  cloud worker    claims and runs the work units of a cloud queue
     17  CLI             argument parser, one small handler per command, main(argv) -> int
+    18  serve           the executing side's one entry: JSON requests in, JSON answers out
 
 Environment variables (read on the machine where they matter):
 
@@ -9149,7 +9150,7 @@ class RemoteMachine:
         return self
 
     def show_scripts(self) -> str:
-        """Print the generated launcher and wrapper (and return the same text)."""
+        """Print the generated wrapper (and a Slurm job's batch script; return the same text)."""
         text = _scripts_text(self)
         print(text, end="")
         return text
@@ -9160,7 +9161,7 @@ class RemoteMachine:
         return _submit_job(self, progress)
 
     def fire(self, run: bool = True) -> tuple[int | None, str]:
-        """Start the job detached and return (launcher pid, launch command) at once; the job
+        """Start the job detached and return (its wrapper's pid, launch command) at once; the job
         survives the connection closing. With ``run=False`` nothing starts: the pid is None and
         the command is what starts it later (``stackops start ID``)."""
         if not self.submitted:
@@ -10052,7 +10053,7 @@ class Cluster:
         return self
 
     def fire(self, run: bool = True) -> dict[str, tuple[int | None, str]]:
-        """Start every host's job at once (detached); returns each (launcher pid, command)."""
+        """Start every host's job at once (detached); returns each (wrapper's pid, command)."""
         results = self._parallel(lambda h: self.machines[h].fire(run), list(self.machines))
         self._save()
         self._raise_failures("fire", results)
@@ -10662,7 +10663,7 @@ def _run_sweep_and_report(target: Any, config: RemoteStackOpsConfig, args: Any) 
                 print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) fired on "
                       f"{sweep.jobs[0].host_name}")
                 print(f"  wait:    {_prog()} wait {sweep.sweep_id}")
-                print(f"  status:  {_prog()} status {first}")
+                print(f"  status:  {_prog()} status {sweep.sweep_id}")
             return 0
         try:
             reports = sweep.wait()
@@ -10700,7 +10701,7 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
     if args.no_launch:
         print(f"job {machine.job_id} is ready at {machine.file_manager.job_root_rh}; nothing was "
               "started.")
-        print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
+        print(f"launch it with:\n{machine.launch_command}")
         return 0
     if not args.wait:
         report = _handed_report(machine)
@@ -10708,7 +10709,7 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
             _print_json(report.to_dict())
         else:
             started = (f"Slurm job {machine.slurm_job_id}" if machine.uses_slurm
-                       else f"launcher pid {machine.launcher_pid}")
+                       else f"pid {machine.launcher_pid}")
             print(f"job {machine.job_id} {report.status} on {report.host} ({started})")
             print(f"  status:  {_prog()} status {machine.job_id}")
             print(f"  logs:    {_prog()} logs {machine.job_id} -f")
@@ -12192,13 +12193,13 @@ def _add_run_start_args(parser: Any) -> None:
                              "cancelled")
     parser.add_argument("--notify", action="store_true",
                         help="e-mail when the job ends (SMTP settings on the executing machine, "
-                             "see README)")
+                             "see docs/notify.md)")
     parser.add_argument("--email", metavar="ADDR",
                         help="with --notify: the address (default: your user config's)")
     parser.add_argument("--on-end", metavar="CMD",
                         help="a bash command run once when the job ends, on the machine it ran "
                              "on; {job_id} {status} {exit_code} {host} {duration} are filled in, "
-                             "quoted (e.g. curl -d \"{job_id} {status}\" ntfy.sh/mytopic)")
+                             "each as one quoted word (e.g. curl -d {status} ntfy.sh/mytopic)")
     parser.add_argument("--slurm", action="store_true",
                         help="hand the job to Slurm with sbatch (here, or on the --host login "
                              "node)")
@@ -12516,7 +12517,7 @@ def _add_rerun_args(sub: Any) -> None:
 
 
 def _add_delete_args(sub: Any) -> None:
-    _add_ids(sub, "an ended job's id (not a sweep's or a cluster's)", many=True)
+    _add_ids(sub, "an ended job's id (or a sweep's, a cluster's: all its jobs)", many=True)
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
 
 

@@ -8521,7 +8521,10 @@ def test_cli_run_status_list_logs_queue(home):
     failing = cli("run", "proj/m.py:f", "--kwargs", '{"n": "x", "bad": 1}', "--wait", home=home)
     assert failing.returncode == 2 and "f() takes no parameter 'bad'" in failing.stderr
     dry = cli("run", "proj/m.py:f", "--no-launch", "--job-id", "dry", home=home)
-    assert dry.returncode == 0 and "nothing was started" in dry.stdout and "bash -c" in dry.stdout
+    assert dry.returncode == 0 and "nothing was started" in dry.stdout
+    start = dry.stdout.strip().splitlines()[-1]  # the line it says starts the job does
+    assert start.endswith(" start dry") and cli(*shlex.split(start)[2:], home=home).returncode == 0
+    assert wait_done(RemoteMachine.load("dry")).status == "completed"
 
 
 def test_cli_logs_follow_counts_bytes_so_invalid_utf8_drops_nothing(home):
