@@ -2367,7 +2367,10 @@ def _record_end(root: Path, status: str, error: str = "", final: bool = True,
         if state.get("status") in TERMINAL_STATUSES and state.get("final", True):
             return False
         cancelled = status == "failed" and state.get("cancel")
-        state.update(fields, status="cancelled" if cancelled else status, error=error,
+        if state.get("slurm") and "slurm" not in fields:  # Slurm's word of before no longer holds
+            state["slurm"] = {k: v for k, v in state["slurm"].items() if k not in ("state", "reason")}
+        state.update({"reason": ""}, **fields)  # why it waited, once it ended
+        state.update(status="cancelled" if cancelled else status, error=error,
                      ended=fields.get("ended") or _iso(_utcnow()), final=final)
         recorded.append(True)
         return True

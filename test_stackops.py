@@ -6466,6 +6466,7 @@ def test_slurm_function_job_completes_and_sees_its_slurm_job(slurm, home):
     report = _slurm_wait(machine)
     assert report.status == "completed", report
     assert report.slurm_job_id == machine.slurm_job_id
+    assert report.reason == "" and state_of(machine)["slurm"].get("state") in (None, "COMPLETED")  # no PENDING left
     result = json.loads((machine.check_job_status() / "result.json").read_text())
     assert result["tag"] == "t1" and result["slurm_job_id"] == machine.slurm_job_id
     assert not list((home / "tmp_results" / "remote_machines" / "file_manager").glob("slots/slot-*.json"))
