@@ -4865,11 +4865,11 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
     staging = _staging(root)
     try:
         _receive_parts(request, staging, stream)
-        entries = header.get("manifest") or []
-        blobs = {value: str(_blob(store, value)) for _, kind, value in entries if kind != "l"}
+        entries = header.get("manifest")  # None: no copy of the repo; []: an empty repo's
+        blobs = {value: str(_blob(store, value)) for _, kind, value in entries or [] if kind != "l"}
         for _ in range(3):
             try:
-                if entries:
+                if entries is not None:
                     _materialize(entries, blobs, staging / CODE_DIR)
                 break
             except _SnapshotMismatchError as exc:  # a blob of the store damaged: sent again

@@ -7304,11 +7304,12 @@ def test_cluster_launch_is_two_shell_starts_per_host_and_all_or_nothing(cluster_
                                      job_id="none")
         with lacking, pytest.raises(StackopsError, match="node2: the interpreter 'no-such-python3'"):
             lacking.run()
-    for index, host in ((0, "node1"), (2, "node3")):  # their jobs are in place and were never started
+    for index, host in ((0, "node1"), (2, "node3")):  # their jobs were in place, never started, withdrawn
         assert lacking.machines[host].launcher_pid is None
-        job = queued / "job_id__none" / "queued" / f"none_{index}"
-        assert (job / "logs" / "status.txt").read_text() == "queued"
-        assert not (job / "logs" / "ticket.txt").exists() and not (job / "logs" / "launcher_pid.txt").exists()
+        for base in (queued, home / "tmp_results" / "remote_machines"):
+            assert not (base / "job_id__none" / "queued" / f"none_{index}").exists()
+    entries = [entry for entry in (queued / "file_manager").rglob("*-none_*")]
+    assert entries == []  # no host's queue holds them
 
 
 def test_cluster_unreachable_host_ditched_or_refused(cluster_home, sshd):
@@ -7356,7 +7357,7 @@ def test_cluster_cli_runs_a_command_with_each_host_slice_in_its_environment(clus
     script = 'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_IDX_MAX" > "$HOME/cmdclu-$STACKOPS_PART.txt"'
     done = cli("cluster", "run", "--hosts", "node1,node2", "--copy-repo", "--job-id", "cmdclu", "--max-num", "10",
                "--wait", "--", "sh", "-c", script, home=cluster_home, cwd=proj)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr + cli("status", "cmdclu", home=cluster_home).stdout
     first, second = ([int(n) for n in (sshd.remote_home / f"cmdclu-{part}.txt").read_text().split()]
                      for part in (0, 1))
     assert first[0] == 0 and first[1] == second[0] and second[1] == 10 and first[2] == second[2] == 10
@@ -7405,8 +7406,10 @@ def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home,
     ended = RemoteMachine(mod.sleeper, config=config(job_id="lst-ended", ssh_host="node1", copy_repo=True,
                                                     lock_resources=False), func_kwargs={"seconds": 1.0}).run()
     wait_for(lambda: ended.get_status(0).status == "running", what="running")  # the mirror's last word
-    on_host = sshd.remote_home / ended.file_manager.job_root_rh[2:] / stackops.STATUS_TXT  # a shared disk
-    wait_for(lambda: on_host.read_text() == "completed", what="the remote job to end on its own")
+    on_host = sshd.remote_home / ended.file_manager.job_root_rh[2:]  # a shared disk
+    wait_for(lambda: stackops.read_state(on_host).get("status") == "completed",
+             what="the remote job to end on its own")
+    assert state_of(ended)["status"] == "running"  # the mirror here still says what it saw last
     with CPUsPerHost(mod.indices, ["node2", "node3"], config(copy_repo=True, lock_resources=False),
                      job_id="lstclu", max_num=10) as cluster:
         cluster.run()
