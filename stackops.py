@@ -10348,8 +10348,9 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
         started = time.time()
         while not (report := machine.get_status(0)).finished:
             if keeper.cancelled.is_set():
-                log.info("unit %s was cancelled: stopping it", unit_id)
-                report = machine.cancel(10.0)
+                log.info("unit %s was cancelled: stopping it", unit_id)  # here, where it runs
+                stopped = cancel_job(machine.file_manager.job_root, 10.0)  # (not the queue's)
+                report = _status_of(machine.job_id, stopped)
                 break
             time.sleep(0.2)
         if not keeper.held():
