@@ -4369,9 +4369,19 @@ def _record_fire_env(roots: list[Path], env: dict[str, str] | None) -> None:
 
 def _fire_queue(roots: list[Path], first: FileManager, after: bool) -> dict[str, Any]:
     """Each job becomes an entry of its pool's queue (or of ``after/``), recorded as waiting, in
-    order (consecutive tickets); then the queue's dispatcher is made sure of."""
+    order (consecutive tickets); then the queue's dispatcher is made sure of. A state folder
+    that cannot be trusted ends the jobs failed at once, saying why (they never run)."""
     slots = first.slots()
-    slots._ensure()
+    try:
+        slots._ensure()
+    except StackopsError as exc:
+        for root in roots:
+            if read_state(root).get("status") not in (None, "prepared"):
+                continue  # started before (a start again): not this fire's to end
+            ended = _record_end(root, "failed", f"not started: {exc}")
+            if ended is not None:
+                _report_end(root, ended, inline=False)
+        raise
     folder = slots.root / (AFTER_DIR if after else "queue")
     ticket = time.time_ns()
     node, machine = os.uname().nodename, machine_key()
@@ -8261,6 +8271,12 @@ class _Launcher:
         return report
 
     def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        """The job's report, judged where it runs; a job whose hand-over to its host broke off
+        has none there (nothing of it runs), and is never shown as ready to start."""
+        if machine.is_remote and not machine.submitted:
+            raise StackopsError(f"job {machine.job_id} was never completely submitted to "
+                                f"{machine.host_name}, so nothing of it runs there (was the "
+                                "submission interrupted?)", hint="run it again under a new job_id")
         return machine._place.reports([machine], log_lines)[0]
 
 
