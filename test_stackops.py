@@ -7116,6 +7116,82 @@ def test_control_cancel_on_a_host_running_and_waiting(remote, home):
         assert not running.file_manager.job_root.exists()
 
 
+# -- a job is judged where it runs: shared homes, other machines, list --host (issue 21) ----------
+
+@needs_netns
+def test_control_shared_home_a_reader_on_another_machine_never_judges_the_jobs_pids(cluster_home, nodes, sshd):
+    """node1 and node2 share one home, each in its own pid namespace (two machines of an NFS
+    home). While node1 runs a job, this machine and node2 read its record: both show it running
+    as of when node1 wrote it; neither marks it failed (node1's pids mean nothing in their /proc)."""
+    mod = make_module(cluster_home, JOBS_SOURCE)
+    go = sshd.remote_home / "sh-judge-go"
+    go.unlink(missing_ok=True)
+    job = RemoteMachine(mod.sleeper, config(job_id="sh-judge", ssh_host="node1", copy_repo=True),
+                        func_kwargs={"seconds": 8.0})
+    with job:
+        job.run()
+        root = sshd.remote_home / job.file_manager.job_root_rh[2:]
+        wait_for(lambda: stackops.read_state(root).get("started"), 60, "the job to run on node1")
+        recorded = stackops.read_state(root)
+        assert recorded["status"] == "running" and recorded["machine"] != stackops.machine_key()
+        here = stackops.judge_jobs([root])[0]  # this machine reads the shared folder
+        assert here["status"] == "running" and here["as_of"] == recorded["at"], here
+        with stackops.SSH.from_config_file("node2") as other:  # a second machine of the same home
+            [answer] = other.serve([{"action": "status", "roots": [job.file_manager.job_root_rh]}])[0]
+        assert answer["state"]["status"] == "running" and answer["state"]["as_of"] == recorded["at"]
+        listed = json.loads(cli("list", "--host", "node2", "--json", home=cluster_home).stdout)
+        assert [(r["status"], r["as_of"]) for r in listed if r["job_id"] == "sh-judge"] == \
+            [("running", recorded["at"])]
+        assert stackops.read_state(root) == recorded  # nobody but node1 wrote a word
+        report = wait_done(job, 60)
+    assert report.status == "completed" and not report.runs, report
+    with stackops.SSH.from_config_file("node2") as other:
+        [answer] = other.serve([{"action": "status", "roots": [job.file_manager.job_root_rh]}])[0]
+    assert answer["state"]["status"] == "completed"
+
+
+def test_control_delete_and_prune_of_jobs_on_a_host_sharing_the_home(same_home, home):
+    """The host's folder is this machine's: deleted once, said once, and prune goes on to the next."""
+    _proj(home)
+    for job_id in ("sd1", "sd2", "sd3"):
+        done = cli("run", "proj/m.py:f", "--host", "same", "--copy-repo", "--wait", "--job-id", job_id, home=home)
+        assert done.returncode == 0 and "completed" in done.stdout, done.stderr
+    done = cli("run", "proj/m.py:f", "--wait", "--job-id", "sd-local", home=home)
+    assert done.returncode == 0, done.stderr
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    deleted = cli("delete", "sd1", home=home)
+    assert deleted.returncode == 0 and "sd1" in deleted.stdout and deleted.stderr == "", deleted
+    assert not (queued / "sd1").exists()
+    pruned = cli("prune", "--older-than", "0s", home=home)
+    assert pruned.returncode == 0, pruned.stderr
+    assert sorted(re.findall(r"deleted job (\S+)", pruned.stdout)) == ["sd-local", "sd2", "sd3"], pruned
+    assert "not pruned" not in pruned.stderr
+    assert not any((queued / job_id).exists() for job_id in ("sd2", "sd3", "sd-local"))
+
+
+def test_control_list_of_a_host_judges_its_jobs_there(remote, home):
+    """`list --host H` asks H: a job whose processes were killed there reads failed at once (no
+    `status` first), and jobs sent from this machine are the host's own, never "not submitted"."""
+    mod = make_module(home, JOBS_SOURCE)
+    with RemoteMachine(mod.sleeper, config(job_id="lh-killed", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"seconds": 60.0}) as job:
+        job.run()
+        wait_for(lambda: job.get_status(0).status == "running", 60, "the job to run")
+        root = remote.remote_home / job.file_manager.job_root_rh[2:]
+        os.killpg(_wrapper_of(job, root), signal.SIGKILL)  # the OOM killer, on the host (loopback: ours)
+        wait_for(lambda: not stackops._alive(root), what="the job's processes gone")
+        listed = cli("list", "--host", "tb", "--json", home=home)
+        assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+        [row] = [r for r in json.loads(listed.stdout) if r["job_id"] == "lh-killed"]
+        assert row["status"] == "failed" and "process gone" in row["error_message"], row
+        assert row["as_of"] is None and row["not_refreshed"] is None
+        assert state_of(job)["status"] == "running"  # nothing here asked it: the mirror is as it was
+        table = cli("list", "--host", "tb", home=home)
+        line = next(line for line in table.stdout.splitlines() if line.startswith("lh-killed"))
+        assert "failed" in line and "as of" not in line and table.stderr == ""
+        assert job.get_status(0).status == "failed"  # every view, the same answer
+
+
 # ============================================================================================
 # 15. cluster: several hosts (network namespaces as root, 127.0.0.x otherwise)
 # ============================================================================================
