@@ -5923,6 +5923,10 @@ def test_remote_errors_travel_as_data_with_class_and_hint(remote, home):
     assert "is not a stackops job folder; nothing deleted" in str(caught.value)
     assert str(caught.value).startswith("on tb: ")
     assert line.startswith("stackops: error: no job") and "list shows the jobs" in hint
+    with stackops.SSH.from_config_file("tb") as ssh, pytest.raises(stackops.ConfigError) as caught:
+        ssh.serve([{"action": "check_email", "name": "nosuch-config"}])
+    assert str(caught.value).startswith("on tb: e-mail config ")  # the host's own words, its class
+    assert caught.value.hint and '"nosuch-config"' in caught.value.hint  # and its hint, intact
 
 
 def test_remote_download_of_an_unreadable_file_is_refused_not_empty(remote, home):
