@@ -2403,6 +2403,7 @@ def _hold_alive(root: Path) -> int:
 
 _PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while it is unchanged
 _DETACHED: list[subprocess.Popen[bytes]] = []  # processes started here (kept, never waited for)
+_HOLDING: list[int] = []  # the wrapper's hold on its job's ALIVE_LOCK (a command inherits it)
 
 
 class Slots:
@@ -3326,6 +3327,7 @@ def run_job(job_root: str | os.PathLike[str],
     manager = FileManager.from_job_root(root)
     config = _read_json(root / CONFIG_JSON)
     alive = _hold_alive(root)
+    _HOLDING[:] = [alive]
     interactive = bool(sys.flags.interactive)
     signal.signal(signal.SIGTERM, _raise_terminated if interactive else _note_term)
     res: Any = None
@@ -3509,8 +3511,9 @@ def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
     params = JobParams.from_dict(_read_json(root / JOB_PARAMS_JSON))
     sys.stdout.flush()
     sys.stderr.flush()
-    if params.kind == "command":
-        return _run_command_job(root, params, env)
+    if params.kind == "command":  # it holds the job's lock and slot as a fork would
+        held = (*_HOLDING, *(fd for _, fd in manager._slot or []))
+        return _run_command_job(root, params, env, held)
     told = root / LOGS / f".outcome-{os.getpid()}.json"
     with _suppress(FileNotFoundError):
         os.unlink(told)
@@ -3529,10 +3532,13 @@ def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
     return _outcome(outcome, status, usage)
 
 
-def _run_command_job(root: Path, params: JobParams, env: dict[str, str]) -> dict[str, Any]:
+def _run_command_job(root: Path, params: JobParams, env: dict[str, str],
+                     held: tuple[int, ...] = ()) -> dict[str, Any]:
     """One run of a command job: its argv (a sweep's placeholders filled from its kwargs) in its
     folder of the repo (of its own copy, with copy_repo), with the job's variables, its output
-    into the job's log; the results folder is STACKOPS_RESULTS."""
+    into the job's log, holding the locks ``held`` (the job's liveness and slot: a command that
+    outlives its wrapper still counts as the job running); the results folder is
+    STACKOPS_RESULTS."""
     argv = command_argv(params, _read_json(root / KWARGS_JSON))
     folder = _work_dir(root) / params.file_path_r
     if params.code_snapshot and not folder.exists():  # empty here: no snapshot holds it
@@ -3541,7 +3547,7 @@ def _run_command_job(root: Path, params: JobParams, env: dict[str, str]) -> dict
     _mkdir_private(results)
     try:
         record = _run_command(argv, folder, {**os.environ, **env}, sys.stdout.fileno(),
-                              started=_CHILD)
+                              started=_CHILD, held=held)
     finally:
         _CHILD.clear()
     return dict(record, error=_command_failure(argv, record), results=collapse_home(results))
@@ -3994,7 +4000,8 @@ def _wait_child(pid: int, grace: float = 10.0) -> dict[str, Any]:
 
 
 def _run_command(argv: list[str], cwd: str | os.PathLike[str], env: dict[str, str], out_fd: int,
-                 grace: float = 10.0, started: list[int] | None = None) -> dict[str, Any]:
+                 grace: float = 10.0, started: list[int] | None = None,
+                 held: tuple[int, ...] = ()) -> dict[str, Any]:
     """One attempt of a command job: ``argv`` run without a shell (the program is looked up on
     ``env``'s PATH) in folder ``cwd`` with exactly ``env``, stdin empty, stdout and stderr both
     on ``out_fd`` (one stream, in the order the program writes). It stays in this process's
@@ -4004,7 +4011,7 @@ def _run_command(argv: list[str], cwd: str | os.PathLike[str], env: dict[str, st
         raise StackopsError(f"the command's folder {cwd} is not there")
     try:
         child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd,
-                                 stderr=out_fd)
+                                 stderr=out_fd, pass_fds=held)
     except OSError as exc:
         raise StackopsError(f"cannot run {argv[0]!r}: {exc.strerror or exc}",
                             hint="is it installed where the job runs, and on its PATH? (or give "
@@ -4879,7 +4886,7 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
         blobs = {value: str(_blob(store, value)) for _, kind, value in entries or [] if kind != "l"}
         for _ in range(3):
             try:
-                if entries is not None:
+                if entries is not None:  # a snapshot, empty or not
                     _materialize(entries, blobs, staging / CODE_DIR)
                 break
             except _SnapshotMismatchError as exc:  # a blob of the store damaged: sent again
@@ -5354,7 +5361,7 @@ def ok():
 if not ok():
  say('need');b=i.read(int(i.readline()))
  if hashlib.sha256(b).hexdigest()!=h:bad('stackops.py arrived damaged')
- __import__('shutil').rmtree(v,True);os.makedirs(v,448,exist_ok=True);t=m+'.'+os.urandom(6).hex()
+ os.makedirs(v,448,exist_ok=True);t=m+'.'+os.urandom(6).hex()
  with open(os.open(t,os.O_WRONLY|os.O_CREAT|os.O_EXCL,384),'wb') as w:w.write(b)
  os.replace(t,m)
 say('ready');sys.path.insert(0,v);import stackops;sys.exit(stackops.serve([]))
@@ -11206,9 +11213,9 @@ def _cmd_delete(args: Any) -> int:
             else:
                 for member in _members(target):
                     member.delete(results=args.results)
-                if isinstance(target, Sweep):
-                    shutil.rmtree(expand_home(f"{args.base_dir}/queued/{target.job_id}"),
-                                  ignore_errors=True)
+                folder = target.root_dir if isinstance(target, Cluster) else \
+                    expand_home(f"{args.base_dir}/queued/{target.job_id}")
+                shutil.rmtree(folder, ignore_errors=True)  # its record, once its members went
         print(f"deleted {target.job_id}" + (" and its results" if args.results else ""))
     return 0
 

@@ -3,6 +3,7 @@ slots are exercised by real competing processes; nothing is mocked."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -2719,6 +2720,28 @@ def test_jobs_command_from_the_command_line(home):
     assert "args: a b --c" in cli("logs", "cmd-cli", home=home).stdout
     failed = cli("run", "--job-id", "cmd-cli-2", "--wait", "--", "false", home=home, cwd=proj)
     assert failed.returncode == 1 and "the command false exited with status 1" in failed.stderr
+
+
+def test_jobs_command_outliving_its_wrapper_still_runs_holds_its_slot_and_is_cancelled(home, monkeypatch):
+    """The command holds the job's lock and slot as a forked run does: with its wrapper killed
+    alone it reads running, the next job waits for the slot, and cancel stops it."""
+    proj = _git_proj(home)
+    monkeypatch.chdir(proj)
+    marker = home / "still-here"
+    script = f'while true; do date +%s%N > {shlex.quote(str(marker))}; sleep 0.1; done'
+    job = RemoteMachine(["sh", "-c", script], config(job_id="cmd-orphan", max_simultaneous_jobs=1)).run()
+    wait_for(marker.exists, what="the command runs")
+    os.kill(_wrapper_of(job), signal.SIGKILL)  # the wrapper alone, not its group
+    time.sleep(0.5)
+    assert stackops._alive(job.file_manager.job_root) and job.get_status().status == "running"
+    second = RemoteMachine(["true"], config(job_id="cmd-after", max_simultaneous_jobs=1)).run()
+    time.sleep(1)
+    assert second.get_status().status == "waiting"  # the slot is the command's still
+    assert job.cancel().status == "cancelled"
+    seen = marker.read_text()
+    time.sleep(0.5)
+    assert marker.read_text() == seen  # it stopped
+    assert wait_done(second).status == "completed"
 
 
 def test_jobs_command_sweep_fills_each_line_into_the_command(home):
@@ -6189,6 +6212,37 @@ def test_places_generated_commands_are_rendered_and_quoted(home, tmp_path):
         stackops.render_template(stackops.SBATCH_TEMPLATE, job_name="x")
 
 
+def test_places_boots_racing_on_a_shared_home_each_get_their_answer(home):
+    """Hosts sharing a home whose store lacks this version: their boots all send it, one after
+    the other, and every one of them serves. (A boot used to empty the version's folder before
+    writing its copy, which another boot could be importing from that very moment: rare enough
+    that this test seldom met it; it now writes beside the copy and renames over it.)"""
+    command = stackops._serve_command(sys.executable, "--fence")
+    source = stackops._own_source()
+
+    def boot(k):
+        proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=dict(os.environ, HOME=str(home)))
+        said = proc.stdout.readline()
+        if said.strip() == b"--fence need":
+            time.sleep(0.02 * k)  # the sources arrive one after the other, as over SSH
+            proc.stdin.write(b"%d\n" % len(source) + source)
+            proc.stdin.flush()
+            said = proc.stdout.readline()
+        proc.stdin.write(json.dumps({"action": "facts", "facts": []}).encode() + b"\n\n")
+        proc.stdin.close()
+        answer = proc.stdout.readline()
+        proc.wait(60)
+        return said.strip(), answer, proc.stderr.read()
+
+    for _ in range(2):
+        shutil.rmtree(home / "tmp_results", ignore_errors=True)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(boot, range(6)))
+        for said, answer, errors in results:
+            assert said == b"--fence ready" and b'"ok"' in answer, (said, answer, errors)
+
+
 def test_places_command_job_on_a_host_runs_in_its_copy_of_the_repo(remote, home, monkeypatch):
     proj = _git_proj(home)
     (proj / "sub" / "data.txt").write_text("shipped\n")
@@ -7441,6 +7495,11 @@ def test_cluster_cli_runs_a_command_with_each_host_slice_in_its_environment(clus
     first, second = ([int(n) for n in (sshd.remote_home / f"cmdclu-{part}.txt").read_text().split()]
                      for part in (0, 1))
     assert first[0] == 0 and first[1] == second[0] and second[1] == 10 and first[2] == second[2] == 10
+    assert cli("delete", "cmdclu", home=cluster_home).returncode == 0
+    assert not (cluster_home / "tmp_results" / "remote_machines" / "job_id__cmdclu").exists()
+    assert "cmdclu" not in cli("list", home=cluster_home).stdout
+    pruned = cli("prune", "--older-than", "0s", home=cluster_home)
+    assert pruned.returncode == 0 and "cmdclu" not in pruned.stderr, pruned.stderr
 
 
 def test_cluster_cli_run_sends_data_and_unknown_host_keys_keep_the_accept_new_hint(cluster_home, sshd):
@@ -9329,6 +9388,142 @@ def test_cli_every_command_has_complete_help_and_ids_and_python_default_are_said
     python = " ".join(capsys.readouterr().out.split("\n  --python PYTHON")[1].split("--gpus")[0]
                       .split())
     assert "python3 on a host" in python and "this interpreter here" in python, python
+
+
+# -- the README and docs/: every command they show parses, every link they make resolves ---------
+
+README = HERE / "README.md"
+DOCS = sorted((HERE / "docs").glob("*.md"))
+DOC_PLACEHOLDERS = {"ID": "brisk-otter-3f2a"}  # what a page writes for the id `run` prints
+_STACKOPS_PROGRAMS = (["stackops"], ["python", "stackops.py"], ["python3", "stackops.py"],
+                      ["python", "-m", "stackops"], ["python3", "-m", "stackops"])
+
+
+def _doc_code_lines(text: str) -> list[str]:
+    """The lines of a Markdown page's shell code blocks (not ```python, ```json or ```text), a
+    line ending in a backslash joined with the next, a `$ ` prompt dropped."""
+    lines, kind, pending = [], None, ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            kind = line.strip()[3:] if kind is None else None
+            continue
+        if kind is None or kind in ("python", "json", "text"):
+            continue
+        pending += line[:-1] + " " if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            lines.append(pending[2:] if pending.startswith("$ ") else pending)
+            pending = ""
+    return lines
+
+
+def _doc_commands(text: str) -> list[list[str]]:
+    """Each stackops command line in a page's code blocks, as the argv stackops gets: a shell line
+    is cut at its operators (&&, |, ;, <( ... )), comments dropped, placeholders filled."""
+    commands = []
+    for line in _doc_code_lines(text):
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        segment: list[str] = []
+        for token in [*lexer, ";"]:
+            if token and set(token) <= set("();<>|&"):
+                for program in _STACKOPS_PROGRAMS:
+                    if segment[:len(program)] == program:
+                        commands.append([DOC_PLACEHOLDERS.get(word, word)
+                                         for word in segment[len(program):]])
+                        break
+                segment = []
+            else:
+                segment.append(token)
+    return commands
+
+
+def _parses(argv: list[str]) -> str | None:
+    """Why the real CLI parser refuses ``argv`` as main() reads it, or None when it accepts it."""
+    import io
+
+    words, command = stackops._split_command(argv)
+    parser = stackops._full_parser()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            args, extras = parser.parse_known_args(words)
+            args.job_command = command
+            stackops._take_ssh_command(args, extras, parser)
+    except SystemExit:
+        return said.getvalue().strip().splitlines()[-1]
+    return None if getattr(args, "handler", None) else "no command"
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors of a page's headings, as GitHub makes them."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def _broken_links(page: Path) -> list[str]:
+    """The relative links of a page whose file (or heading) is not there."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.is_file() or (anchor and file.suffix == ".md"
+                                  and anchor not in _anchors(file)):
+            broken.append(target)
+    return broken
+
+
+def test_cli_readme_is_a_short_page_whose_commands_parse_and_links_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300, "the README is a newcomer's page: at most 300 lines"
+    commands = _doc_commands(text)
+    verbs = {argv[0] for argv in commands if argv}
+    assert {"run", "status", "logs", "download", "wait"} <= verbs, verbs
+    assert any("--" in argv for argv in commands if argv[0] == "run"), "a command job is shown"
+    assert any("--slurm" in argv for argv in commands) and any("--sweep" in argv for argv in commands)
+    refused = {" ".join(argv): why for argv in commands if (why := _parses(argv))}
+    assert not refused, refused
+    assert stackops.check_safe_name(DOC_PLACEHOLDERS["ID"])
+    assert not _broken_links(README)
+    assert "bash .ci/run" in "\n".join(_doc_code_lines(text))
+
+
+def _commands_and_options() -> dict[str, list[str]]:
+    """Every command of the real parser ("run", "cluster logs", ...) with its long options, but
+    those docs/cli.md says once for all (--help, --verbose, --quiet, --base-dir)."""
+    import argparse
+
+    found: dict[str, list[str]] = {}
+    parsers = [("", stackops._full_parser())]
+    while parsers:
+        path, parser = parsers.pop()
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        for group in groups:
+            parsers += [(f"{path} {name}".strip(), sub) for name, sub in group.choices.items()]
+        if path and not groups:
+            longs = [[o for o in a.option_strings if o.startswith("--")] for a in parser._actions]
+            found[path] = [o[0] for o in longs if o and o[0] not in
+                           ("--help", "--verbose", "--quiet", "--base-dir")]
+    return found
+
+
+def test_cli_docs_commands_parse_links_resolve_and_the_reference_names_every_option():
+    shown = [(page.name, argv) for page in DOCS for argv in _doc_commands(page.read_text())]
+    assert len(shown) >= 30, shown
+    refused = {f"{name}: {' '.join(argv)}": why for name, argv in shown if (why := _parses(argv))}
+    assert not refused, refused
+    assert not {page.name: links for page in DOCS if (links := _broken_links(page))}
+    sections = re.split(r"^## ", (HERE / "docs" / "cli.md").read_text(), flags=re.M)
+    commands = _commands_and_options()
+    assert {"run", "cluster logs", "cloud submit", "report", "completion"} <= set(commands)
+    missing = []
+    for command, options in commands.items():
+        heading = re.compile(r"`(stackops )?" + re.escape(command) + "`")
+        own = "\n".join(s for s in sections if heading.search(s.split("\n", 1)[0]))
+        assert own, f"docs/cli.md has no section for {command}"
+        missing += [f"{command} {option}" for option in options
+                    if not re.search(r"(?<![\w-])" + re.escape(option) + r"(?![\w-])", own)]
+    assert not missing, f"docs/cli.md does not describe: {missing}"
 
 
 def test_cli_help_builds_one_parser_and_imports_nothing_it_does_not_show(tmp_path):
