@@ -4380,9 +4380,19 @@ def _record_fire_env(roots: list[Path], env: dict[str, str] | None) -> None:
 
 def _fire_queue(roots: list[Path], first: FileManager, after: bool) -> dict[str, Any]:
     """Each job becomes an entry of its pool's queue (or of ``after/``), recorded as waiting, in
-    order (consecutive tickets); then the queue's dispatcher is made sure of."""
+    order (consecutive tickets); then the queue's dispatcher is made sure of. A state folder
+    that cannot be trusted ends the jobs failed at once, saying why (they never run)."""
     slots = first.slots()
-    slots._ensure()
+    try:
+        slots._ensure()
+    except StackopsError as exc:
+        for root in roots:
+            if read_state(root).get("status") not in (None, "prepared"):
+                continue  # started before (a start again): not this fire's to end
+            ended = _record_end(root, "failed", f"not started: {exc}")
+            if ended is not None:
+                _report_end(root, ended, inline=False)
+        raise
     folder = slots.root / (AFTER_DIR if after else "queue")
     ticket = time.time_ns()
     node, machine = os.uname().nodename, machine_key()
@@ -4876,11 +4886,11 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
     staging = _staging(root)
     try:
         _receive_parts(request, staging, stream)
-        entries = header.get("manifest") or []
-        blobs = {value: str(_blob(store, value)) for _, kind, value in entries if kind != "l"}
+        entries = header.get("manifest")  # None: no copy of the repo; []: an empty repo's
+        blobs = {value: str(_blob(store, value)) for _, kind, value in entries or [] if kind != "l"}
         for _ in range(3):
             try:
-                if header.get("manifest") is not None:  # a snapshot, empty or not
+                if entries is not None:  # a snapshot, empty or not
                     _materialize(entries, blobs, staging / CODE_DIR)
                 break
             except _SnapshotMismatchError as exc:  # a blob of the store damaged: sent again
@@ -8304,6 +8314,12 @@ class _Launcher:
         return report
 
     def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        """The job's report, judged where it runs; a job whose hand-over to its host broke off
+        has none there (nothing of it runs), and is never shown as ready to start."""
+        if machine.is_remote and not machine.submitted:
+            raise StackopsError(f"job {machine.job_id} was never completely submitted to "
+                                f"{machine.host_name}, so nothing of it runs there (was the "
+                                "submission interrupted?)", hint="run it again under a new job_id")
         return machine._place.reports([machine], log_lines)[0]
 
 
@@ -10420,8 +10436,9 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
         started = time.time()
         while not (report := machine.get_status(0)).finished:
             if keeper.cancelled.is_set():
-                log.info("unit %s was cancelled: stopping it", unit_id)
-                report = machine.cancel(10.0)
+                log.info("unit %s was cancelled: stopping it", unit_id)  # here, where it runs
+                stopped = cancel_job(machine.file_manager.job_root, 10.0)  # (not the queue's)
+                report = _status_of(machine.job_id, stopped)
                 break
             time.sleep(0.2)
         if not keeper.held():

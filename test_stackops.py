@@ -5946,6 +5946,10 @@ def test_remote_errors_travel_as_data_with_class_and_hint(remote, home):
     assert "is not a stackops job folder; nothing deleted" in str(caught.value)
     assert str(caught.value).startswith("on tb: ")
     assert line.startswith("stackops: error: no job") and "list shows the jobs" in hint
+    with stackops.SSH.from_config_file("tb") as ssh, pytest.raises(stackops.ConfigError) as caught:
+        ssh.serve([{"action": "check_email", "name": "nosuch-config"}])
+    assert str(caught.value).startswith("on tb: e-mail config ")  # the host's own words, its class
+    assert caught.value.hint and '"nosuch-config"' in caught.value.hint  # and its hint, intact
 
 
 def test_remote_download_of_an_unreadable_file_is_refused_not_empty(remote, home):
@@ -7171,6 +7175,82 @@ def test_control_cancel_on_a_host_running_and_waiting(remote, home):
         assert not running.file_manager.job_root.exists()
 
 
+# -- a job is judged where it runs: shared homes, other machines, list --host (issue 21) ----------
+
+@needs_netns
+def test_control_shared_home_a_reader_on_another_machine_never_judges_the_jobs_pids(cluster_home, nodes, sshd):
+    """node1 and node2 share one home, each in its own pid namespace (two machines of an NFS
+    home). While node1 runs a job, this machine and node2 read its record: both show it running
+    as of when node1 wrote it; neither marks it failed (node1's pids mean nothing in their /proc)."""
+    mod = make_module(cluster_home, JOBS_SOURCE)
+    go = sshd.remote_home / "sh-judge-go"
+    go.unlink(missing_ok=True)
+    job = RemoteMachine(mod.sleeper, config(job_id="sh-judge", ssh_host="node1", copy_repo=True),
+                        func_kwargs={"seconds": 8.0})
+    with job:
+        job.run()
+        root = sshd.remote_home / job.file_manager.job_root_rh[2:]
+        wait_for(lambda: stackops.read_state(root).get("started"), 60, "the job to run on node1")
+        recorded = stackops.read_state(root)
+        assert recorded["status"] == "running" and recorded["machine"] != stackops.machine_key()
+        here = stackops.judge_jobs([root])[0]  # this machine reads the shared folder
+        assert here["status"] == "running" and here["as_of"] == recorded["at"], here
+        with stackops.SSH.from_config_file("node2") as other:  # a second machine of the same home
+            [answer] = other.serve([{"action": "status", "roots": [job.file_manager.job_root_rh]}])[0]
+        assert answer["state"]["status"] == "running" and answer["state"]["as_of"] == recorded["at"]
+        listed = json.loads(cli("list", "--host", "node2", "--json", home=cluster_home).stdout)
+        assert [(r["status"], r["as_of"]) for r in listed if r["job_id"] == "sh-judge"] == \
+            [("running", recorded["at"])]
+        assert stackops.read_state(root) == recorded  # nobody but node1 wrote a word
+        report = wait_done(job, 60)
+    assert report.status == "completed" and not report.runs, report
+    with stackops.SSH.from_config_file("node2") as other:
+        [answer] = other.serve([{"action": "status", "roots": [job.file_manager.job_root_rh]}])[0]
+    assert answer["state"]["status"] == "completed"
+
+
+def test_control_delete_and_prune_of_jobs_on_a_host_sharing_the_home(same_home, home):
+    """The host's folder is this machine's: deleted once, said once, and prune goes on to the next."""
+    _proj(home)
+    for job_id in ("sd1", "sd2", "sd3"):
+        done = cli("run", "proj/m.py:f", "--host", "same", "--copy-repo", "--wait", "--job-id", job_id, home=home)
+        assert done.returncode == 0 and "completed" in done.stdout, done.stderr
+    done = cli("run", "proj/m.py:f", "--wait", "--job-id", "sd-local", home=home)
+    assert done.returncode == 0, done.stderr
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    deleted = cli("delete", "sd1", home=home)
+    assert deleted.returncode == 0 and "sd1" in deleted.stdout and deleted.stderr == "", deleted
+    assert not (queued / "sd1").exists()
+    pruned = cli("prune", "--older-than", "0s", home=home)
+    assert pruned.returncode == 0, pruned.stderr
+    assert sorted(re.findall(r"deleted job (\S+)", pruned.stdout)) == ["sd-local", "sd2", "sd3"], pruned
+    assert "not pruned" not in pruned.stderr
+    assert not any((queued / job_id).exists() for job_id in ("sd2", "sd3", "sd-local"))
+
+
+def test_control_list_of_a_host_judges_its_jobs_there(remote, home):
+    """`list --host H` asks H: a job whose processes were killed there reads failed at once (no
+    `status` first), and jobs sent from this machine are the host's own, never "not submitted"."""
+    mod = make_module(home, JOBS_SOURCE)
+    with RemoteMachine(mod.sleeper, config(job_id="lh-killed", ssh_host="tb", copy_repo=True),
+                       func_kwargs={"seconds": 60.0}) as job:
+        job.run()
+        wait_for(lambda: job.get_status(0).status == "running", 60, "the job to run")
+        root = remote.remote_home / job.file_manager.job_root_rh[2:]
+        os.killpg(_wrapper_of(job, root), signal.SIGKILL)  # the OOM killer, on the host (loopback: ours)
+        wait_for(lambda: not stackops._alive(root), what="the job's processes gone")
+        listed = cli("list", "--host", "tb", "--json", home=home)
+        assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+        [row] = [r for r in json.loads(listed.stdout) if r["job_id"] == "lh-killed"]
+        assert row["status"] == "failed" and "process gone" in row["error_message"], row
+        assert row["as_of"] is None and row["not_refreshed"] is None
+        assert state_of(job)["status"] == "running"  # nothing here asked it: the mirror is as it was
+        table = cli("list", "--host", "tb", home=home)
+        line = next(line for line in table.stdout.splitlines() if line.startswith("lh-killed"))
+        assert "failed" in line and "as of" not in line and table.stderr == ""
+        assert job.get_status(0).status == "failed"  # every view, the same answer
+
+
 # ============================================================================================
 # 15. cluster: several hosts (network namespaces as root, 127.0.0.x otherwise)
 # ============================================================================================
@@ -7359,11 +7439,12 @@ def test_cluster_launch_is_two_shell_starts_per_host_and_all_or_nothing(cluster_
                                      job_id="none")
         with lacking, pytest.raises(StackopsError, match="node2: the interpreter 'no-such-python3'"):
             lacking.run()
-    for index, host in ((0, "node1"), (2, "node3")):  # their jobs are in place and were never started
+    for index, host in ((0, "node1"), (2, "node3")):  # their jobs were in place, never started, withdrawn
         assert lacking.machines[host].launcher_pid is None
-        job = queued / "job_id__none" / "queued" / f"none_{index}"
-        assert (job / "logs" / "status.txt").read_text() == "queued"
-        assert not (job / "logs" / "ticket.txt").exists() and not (job / "logs" / "launcher_pid.txt").exists()
+        for base in (queued, home / "tmp_results" / "remote_machines"):
+            assert not (base / "job_id__none" / "queued" / f"none_{index}").exists()
+    entries = [entry for entry in (queued / "file_manager").rglob("*-none_*")]
+    assert entries == []  # no host's queue holds them
 
 
 def test_cluster_unreachable_host_ditched_or_refused(cluster_home, sshd):
@@ -7411,7 +7492,7 @@ def test_cluster_cli_runs_a_command_with_each_host_slice_in_its_environment(clus
     script = 'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_IDX_MAX" > "$HOME/cmdclu-$STACKOPS_PART.txt"'
     done = cli("cluster", "run", "--hosts", "node1,node2", "--copy-repo", "--job-id", "cmdclu", "--max-num", "10",
                "--wait", "--", "sh", "-c", script, home=cluster_home, cwd=proj)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr + cli("status", "cmdclu", home=cluster_home).stdout
     first, second = ([int(n) for n in (sshd.remote_home / f"cmdclu-{part}.txt").read_text().split()]
                      for part in (0, 1))
     assert first[0] == 0 and first[1] == second[0] and second[1] == 10 and first[2] == second[2] == 10
@@ -7465,8 +7546,10 @@ def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home,
     ended = RemoteMachine(mod.sleeper, config=config(job_id="lst-ended", ssh_host="node1", copy_repo=True,
                                                     lock_resources=False), func_kwargs={"seconds": 1.0}).run()
     wait_for(lambda: ended.get_status(0).status == "running", what="running")  # the mirror's last word
-    on_host = sshd.remote_home / ended.file_manager.job_root_rh[2:] / stackops.STATUS_TXT  # a shared disk
-    wait_for(lambda: on_host.read_text() == "completed", what="the remote job to end on its own")
+    on_host = sshd.remote_home / ended.file_manager.job_root_rh[2:]  # a shared disk
+    wait_for(lambda: stackops.read_state(on_host).get("status") == "completed",
+             what="the remote job to end on its own")
+    assert state_of(ended)["status"] == "running"  # the mirror here still says what it saw last
     with CPUsPerHost(mod.indices, ["node2", "node3"], config(copy_repo=True, lock_resources=False),
                      job_id="lstclu", max_num=10) as cluster:
         cluster.run()
@@ -7755,7 +7838,7 @@ def test_cloud_transfer_job_runs_and_results_come_back(remote, home, clouds, kin
             sent.pop(made_there, None)
         arrived = {name: digest for name, digest in arrived.items()
                    if name != "remote_machine.json" and not name.startswith("__pycache__/")}
-        assert sent == arrived and sent
+        assert sent == arrived and (sent or part == "shell")  # shell/ holds only a Slurm job's sbatch.sh
     assert _tree_hashes(local) == _tree_hashes(remote.remote_home / "out" / f"cloud-{kind}")
     assert (local / "digest.txt").exists()
 
