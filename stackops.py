@@ -6386,8 +6386,11 @@ def _serve_remotely(ssh: SSH, requests: list[dict[str, Any]], python: str = "pyt
                                timeout=max(timeout or 0.0, ssh.timeout))
     if len(answers) == len(requests):
         return answers
-    why = said[0][6:] if said and said[0].startswith("error ") else \
-        _last_line(response.stderr) or f"exit status {response.returncode}"
+    if said and said[0].startswith("error "):  # the boot's own refusal: one line, said as it is
+        hint = ("make it yours alone (chmod go-w), or set it elsewhere"
+                if "refusing the store" in said[0] else None)
+        raise ConfigError(f"on {ssh.target.alias}: {said[0][6:]}", hint=hint)
+    why = _last_line(response.stderr) or f"exit status {response.returncode}"
     if response.returncode == 127 or "not found" in why and python in why:
         raise ConfigError(f"the interpreter {python!r} is not found on {ssh.target.alias}",
                           hint="install python3 (3.8+) there, or pass --python with one it has")

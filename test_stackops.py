@@ -5721,6 +5721,55 @@ def test_snapshot_rerun_on_a_host_runs_its_own_snapshot(remote, home):
             assert _result(fresh, remote.remote_home)["version"] == 5
 
 
+def test_snapshot_damaged_or_planted_blob_in_the_hosts_store_is_sent_again_never_run(remote, home):
+    """A blob of the host's store that holds other bytes than its name says (planted there before
+    the first hand-over, or damaged after it) is found when the job's copy is made, and sent again:
+    the job runs the right code, and the store is repaired."""
+    import hashlib
+
+    repo = _git_repo(home / "proj", VERSIONED)
+    source = (repo / "vjobs.py").read_bytes().replace(b"VERSION = 1", b"VERSION = 77")
+    (repo / "vjobs.py").write_bytes(source)  # bytes of this test's own
+    blob = (remote.remote_home / "tmp_results" / "remote_machines" / "snapshots" / "blobs"
+            / hashlib.sha256(source).hexdigest()[:2] / hashlib.sha256(source).hexdigest())
+    evil = source + b"\nraise SystemExit('FOREIGN-CODE-RAN')\n"
+    with stackops.SSH.from_config_file("tb") as ssh:  # planted first, as the host's own user
+        ssh.run_shell_cmd_on_remote(f"umask 077 && mkdir -p {shlex.quote(str(blob.parent))} && "
+                                    f"printf %s {shlex.quote(evil.decode())} > {shlex.quote(str(blob))}")
+    for job_id, damage in (("blob-planted", None), ("blob-damaged", source[:20])):
+        if damage is not None:  # damaged after the first hand-over: cut short
+            os.chmod(blob, 0o600)
+            blob.write_bytes(damage)
+        with RemoteMachine(_ref(repo, "version"), config=config(job_id=job_id, ssh_host="tb",
+                                                                copy_repo=True)) as machine:
+            machine.run()
+            assert _result(machine, remote.remote_home)["version"] == 77, job_id
+        assert blob.read_bytes() == source  # repaired
+        queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+        assert (queued / job_id / "code" / "vjobs.py").read_bytes() == source
+
+
+def test_snapshot_store_another_user_could_change_is_refused_before_anything_runs(remote, home):
+    repo = _git_repo(home / "proj", VERSIONED)
+    store = remote.remote_home / "tmp_results" / "remote_machines" / "snapshots"
+    store.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(store, remote.user, remote.user)
+    store.chmod(0o777)
+    before = {str(p): p.lstat().st_mtime_ns for p in store.rglob("*")}
+    try:
+        with RemoteMachine(_ref(repo, "version"), config=config(job_id="open-store", ssh_host="tb",
+                                                                copy_repo=True)) as machine:
+            with pytest.raises(StackopsError, match="could be changed by another user") as caught:
+                machine.run()
+        assert "\n" not in str(caught.value).strip()
+        assert not (remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+                    / "open-store").exists()
+        assert {str(p): p.lstat().st_mtime_ns for p in store.rglob("*")} == before  # nothing put there
+    finally:
+        store.chmod(0o700)
+
+
 # A tree under an edit storm (another process): in-place truncate-and-write, same size with the
 # same mtime, a new file renamed over the old one; check.py keeps its function in every version.
 STORM = r'''
