@@ -2368,7 +2368,8 @@ def _record_end(root: Path, status: str, error: str = "", final: bool = True,
             return False
         cancelled = status == "failed" and state.get("cancel")
         if state.get("slurm") and "slurm" not in fields:  # Slurm's word of before no longer holds
-            state["slurm"] = {k: v for k, v in state["slurm"].items() if k not in ("state", "reason")}
+            state["slurm"] = {key: value for key, value in state["slurm"].items()
+                              if key not in ("state", "reason")}
         state.update({"reason": ""}, **fields)  # why it waited, once it ended
         state.update(status="cancelled" if cancelled else status, error=error,
                      ended=fields.get("ended") or _iso(_utcnow()), final=final)
