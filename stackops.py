@@ -4517,8 +4517,8 @@ def judge_jobs(roots: list[Path]) -> list[dict[str, Any]]:
         current = _judge(root, state, view)
         if silent and sid and view is False:
             current = dict(current, reason=silent)
-        if current.get("status") == "waiting" and current.get("entry"):
-            pools.add(Path(current["entry"]).parent.parent)
+        if current.get("status") == "waiting" and current.get("entry") and not current.get("as_of"):
+            pools.add(Path(current["entry"]).parent.parent)  # a queue of this machine's only
         judged.append(current)
     for pool in pools:
         with _suppress(OSError, StackopsError):
@@ -4552,6 +4552,8 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
     before = read_state(root)
     if before.get("status") in TERMINAL_STATUSES and before.get("final", True):
         return dict(before, was=before["status"])
+    if not (before.get("slurm") or {}).get("id"):
+        _check_runs_here(root, before)  # refused before the record is marked
     asked = f"asked {_iso(_utcnow())}"
 
     def mark(record: dict[str, Any]) -> bool:
@@ -4566,10 +4568,8 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
         done = _run_bounded(["scancel", str(state["slurm"]["id"])], SLURM_TIMEOUT)
         if done.returncode != 0:
             raise CommandError(os.uname().nodename, "scancel", done.returncode, done.stderr)
-    elif state.get("machine") not in (None, machine_key()):
-        raise StackopsError(f"job {root.name} runs on {state.get('node')}, not here",
-                            hint="cancel it from there (or through --host)")
     else:
+        _check_runs_here(root, state)  # (fired elsewhere meanwhile)
         with _suppress(FileNotFoundError):
             os.unlink(state.get("entry") or root / ".no-entry")
         if _stop(root, grace):
@@ -4579,6 +4579,13 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
         if ended is not None:
             _report_end(folder, ended, inline=False)
     return dict(read_state(root), was=was)
+
+
+def _check_runs_here(root: Path, state: dict[str, Any]) -> None:
+    """Refuse to act on the processes of a job that another machine runs (a shared home)."""
+    if state.get("machine") not in (None, machine_key()):
+        raise StackopsError(f"job {root.name} runs on {state.get('node')}, not here",
+                            hint="cancel it from there (or through --host)")
 
 
 def _stop(root: Path, grace: float) -> bool:

@@ -9949,6 +9949,766 @@ def test_bad_input_ctrl_c_during_a_transfer_exits_130_and_leaves_nothing(remote,
 
 
 # ============================================================================================
+# every place at once (issue 21): jobs here, on a host with its own home, on a host sharing the
+# home (a second machine), in a sweep, under Slurm (arrays too) and in a cluster, under kills,
+# cancels, requeues, nodes going down and hosts going away; after every step every view says the
+# same of each job, and none says `running` unless the job's process lives on its own machine
+# ============================================================================================
+
+OTHER_INIT = r'''
+import os, signal, socket, subprocess, sys, time
+name, home, command = sys.argv[1], sys.argv[2], sys.argv[3:]
+socket.sethostname(name)
+subprocess.run(["bindfs", "--no-allow-other", "-o", "attr_timeout=0,entry_timeout=0,negative_timeout=0",
+                home, home], check=True)
+
+def sshds():
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and open(f"/proc/{pid}/comm").read().strip() == "sshd":
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+def cut(*_):
+    for pid in sshds():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+def restore(*_):
+    if not sshds():
+        subprocess.Popen(command)
+
+signal.signal(signal.SIGUSR1, cut)
+signal.signal(signal.SIGUSR2, restore)
+restore()
+while True:  # the machine's init: it reaps every orphan, as PID 1 does
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(0.2)
+'''
+
+OTHER_SERVER = r'''
+import contextlib, io, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import stackops
+from pathlib import Path
+answers = os.fdopen(os.dup(1), "w")
+for line in sys.stdin:
+    ask = json.loads(line)
+    if "alive" in ask:
+        answer = [stackops._alive(Path(root)) for root in ask["alive"]]
+    elif "judge" in ask:
+        answer = [state.get("status") for state in stackops.judge_jobs([Path(r) for r in ask["judge"]])]
+    elif "key" in ask:
+        answer = stackops.machine_key()
+    else:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = stackops.main(ask["main"])
+            except SystemExit as exc:
+                code = exc.code
+        answer = [code, out.getvalue(), err.getvalue()]
+    answers.write(json.dumps(answer) + "\n")
+    answers.flush()
+'''
+
+
+class OtherMachine:
+    """A second machine over this machine's files, as two login nodes of one NFS home are: its own
+    pid namespace, hostname and mounts, the home seen through bindfs so that its flocks are its own
+    (NFS mounted with local_lock=flock, Lustre's localflock: no lock probe reaches across machines),
+    an sshd of its own (a host that shares the home, `--host m2`), and a user logged in on it (a
+    stackops process there, asked for `main(argv)`, a lock probe or a judgement, one line each)."""
+
+    def __init__(self, home: Path, server: SSHD, alias: str = "m2") -> None:
+        if shutil.which("bindfs") is None:
+            if os.environ.get("CI"):
+                pytest.fail("bindfs is missing; .ci/run installs it")
+            pytest.skip("no bindfs (apt-get install bindfs): a second machine needs its own locks")
+        self.home, self.alias = home, alias
+        prefix = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--uts", "--mount",
+                  "--propagation", "private", sys.executable, "-c", OTHER_INIT, f"{alias}-{os.getpid()}", str(home))
+        self.sshd = SSHD(server.base, "root", home, Path(f"{server.client_key}.pub"), prefix=prefix, set_home=True)
+        self.sshd.client_key = server.client_key
+        unshare = self.sshd.proc.pid
+        self.init = int(wait_for(lambda: Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split(),
+                                 what="the machine's init")[0])
+        self.pid_ns = os.readlink(f"/proc/{self.init}/ns/pid")
+        self.user = subprocess.Popen(["nsenter", "-t", str(self.init), "-p", "-m", "-u", f"--wd={home}", "--",
+                                      "env", f"HOME={home}", sys.executable, "-c", OTHER_SERVER, str(HERE)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.key = self.ask({"key": True})
+        self.up = True
+        _write_ssh_config(home, self.sshd, alias=alias)
+
+    def ask(self, request: dict, timeout: float = 120):
+        """One request to the stackops process on the machine, its answer."""
+        import select
+
+        self.user.stdin.write(json.dumps(request) + "\n")
+        self.user.stdin.flush()
+        ready, _, _ = select.select([self.user.stdout], [], [], timeout)
+        line = self.user.stdout.readline() if ready else ""
+        if not line:
+            raise AssertionError(f"the machine {self.alias} did not answer {request}")
+        return json.loads(line)
+
+    def main(self, *argv: str) -> tuple[int, str, str]:
+        return tuple(self.ask({"main": list(argv)}))
+
+    def pid_here(self, pid: int) -> int | None:
+        """This machine's pid of the process ``pid`` of that machine."""
+        return _pid_in_namespace(self.pid_ns, pid)
+
+    def cut(self) -> None:
+        """Its sshd and every session of it end (its jobs run on): the host is unreachable."""
+        os.kill(self.init, signal.SIGUSR1)
+        wait_for(lambda: not _port_answers(self.sshd), what=f"{self.alias} to stop answering")
+        self.up = False
+
+    def restore(self) -> None:
+        os.kill(self.init, signal.SIGUSR2)
+        wait_for(lambda: _port_answers(self.sshd), what=f"{self.alias} to answer again")
+        self.up = True
+
+    def stop(self) -> None:
+        """The machine ends, and with it every process it ran (its pid namespace goes)."""
+        with contextlib.suppress(OSError):
+            self.user.stdin.close()
+        self.sshd.stop()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.user.wait(timeout=10)
+
+
+def _pid_in_namespace(pid_ns: str | None, pid: int) -> int | None:
+    """Our pid of the process whose pid is ``pid`` in the pid namespace ``pid_ns`` (None: ours)."""
+    if pid_ns is None:
+        return pid
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError, ValueError):
+            if os.readlink(status.parent / "ns" / "pid") != pid_ns:
+                continue
+            line = next(line for line in status.read_text().splitlines() if line.startswith("NSpid:"))
+            ids = line.split()[1:]
+            if len(ids) > 1 and int(ids[-1]) == pid:
+                return int(ids[0])
+    return None
+
+
+def _port_answers(server: SSHD) -> bool:
+    try:
+        socket.create_connection((server.address, server.port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+    return []
+
+
+def _cut_host(server: SSHD) -> None:
+    """The host stops answering: its sshd and every session of it end; its jobs (detached) run on."""
+    doomed, todo = [], [server.proc.pid]
+    while todo:
+        pid = todo.pop()
+        if _comm(pid) == "sshd":
+            doomed.append(pid)
+            todo += _children(pid)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    server.proc.wait()
+    wait_for(lambda: not _port_answers(server), what="the host to stop answering")
+
+
+def _in_process(*argv: str) -> tuple[int, str, str]:
+    """The CLI run in this process (its code path, without an interpreter's start): (exit, out, err)."""
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = stackops.main(list(argv))
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+PLACES_JOBS = """
+    import os, time
+
+    def gated(gate, limit=900.0):
+        deadline = time.monotonic() + limit
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return {"gate": gate}
+"""
+
+
+def _read_text_or_empty(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _group_of(job: dict, other: OtherMachine | None) -> dict[int, int]:
+    """The processes of the job's process group that hold its lock (its wrapper and its run) on its
+    own machine: {our pid: its pid there}."""
+    pgid = stackops.read_state(job["root"]).get("pgid")
+    if not pgid:
+        return {}
+    ns = other.pid_ns if job["owner"] == "m2" and other is not None else os.readlink("/proc/self/ns/pid")
+    lock = str(job["root"] / stackops.ALIVE_LOCK)
+    found = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if os.readlink(status.parent / "ns" / "pid") != ns:
+                continue
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            if int(fields["NSpgid"].split()[-1]) == pgid and \
+                    any(os.readlink(fd) == lock for fd in (status.parent / "fd").iterdir()):
+                found[int(status.parent.name)] = int(fields["NSpid"].split()[-1])
+    return found
+
+
+def _noted(step):
+    """As _observed (the queue's state machine), for the machines of this block: a broken property
+    is recorded with the steps that led to it, and the machine stops acting."""
+    @functools.wraps(step)
+    def run(self, *args, **kwargs):
+        if type(self).violations:
+            return None
+        self.steps.append(f"{step.__name__}{kwargs or ''}")
+        try:
+            return step(self, *args, **kwargs)
+        except (AssertionError, StackopsError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+            type(self).violations.append(f"{step.__name__}: {type(exc).__name__}: {exc}\n"
+                                         f"  steps: {self.steps}\n  last seen: {self.seen}")
+            return None
+    return run
+
+
+def _json_or(text: str, default):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
+def _wait_output(out: str, err: str) -> tuple[dict[str, str], set[str], set[str]]:
+    """`wait --timeout 0`'s words: {id: status} of what ended, the ids not ended, those unreadable."""
+    ended = {line.split()[0]: line.split()[1] for line in out.splitlines() if len(line.split()) >= 2}
+    waiting: set[str] = set()
+    unreadable: set[str] = set()
+    for line in err.splitlines():
+        if line.startswith("still not ended after"):
+            waiting |= {name.strip() for name in line.split(":", 1)[1].split(",")}
+        found = re.match(r"stackops: (\S+) cannot be read now", line)
+        if found:
+            unreadable.add(found.group(1))
+    return ended, waiting, unreadable
+
+
+class Views:
+    """What every view says of each job, gathered in one look, and the properties they must keep:
+    a job judged on the machine that runs it reads the same in every view (fresh), read anywhere
+    else it shows its record as of when it was written; a view that cannot reach the job's host
+    says so; and none says `running` unless the job's process lives on its own machine."""
+
+    def __init__(self, jobs: list[dict], up: dict[str, bool]) -> None:
+        self.jobs = {job["id"]: job for job in jobs}
+        self.up = up  # which hosts answer: a view through a host that does not may be stale or fail
+        self.seen: dict[str, list[tuple]] = {job["id"]: [] for job in jobs}
+        self.problems: list[str] = []
+
+    def note(self, job_id: str, view: str, status: str | None, as_of, judged_at: str, via: str | None = None,
+             error: str = "") -> None:
+        """One view's word on a job: judged on ``judged_at`` ('here' or 'm2'), reached through the
+        host ``via`` (None: read on the reader's machine)."""
+        if job_id in self.seen:
+            self.seen[job_id].append((view, status, as_of, judged_at, via, error))
+
+    def report(self, job_id: str, view: str, data: dict | None, judged_at: str, via: str | None = None,
+               error: str = "") -> None:
+        if data is None:
+            self.note(job_id, view, None, None, judged_at, via, error or "no answer")
+        else:
+            self.note(job_id, view, data.get("status"), data.get("as_of") or data.get("not_refreshed"),
+                      judged_at, via)
+
+    def agreed(self) -> dict[str, str | None]:
+        """Each job's status as every view that can know it says it (checked: they agree)."""
+        result = {}
+        for job_id, seen in self.seen.items():
+            job = self.jobs[job_id]
+            words = set()
+            for view, status, as_of, judged_at, via, error in seen:
+                reachable = via is None or self.up.get(via, True)
+                if judged_at != job["owner"] and status not in (None, *stackops.TERMINAL_STATUSES) and not as_of:
+                    self.problems.append(f"{job_id}: {view} judged it on {judged_at}, not on {job['owner']} "
+                                         f"where it runs, and showed {status} as current")
+                if not reachable:
+                    continue  # through a host that does not answer: stale, or an error, both fine
+                if status is None:
+                    self.problems.append(f"{job_id}: {view} could not read it ({error})")
+                elif as_of and judged_at == job["owner"]:
+                    self.problems.append(f"{job_id}: {view} showed it as of {as_of} though its host answers")
+                else:
+                    words.add(status)
+            if len(words) > 1:
+                self.problems.append(f"{job_id}: the views disagree: {[(s[0], s[1], s[2]) for s in seen]}")
+            result[job_id] = words.pop() if len(words) == 1 else None
+        return result
+
+
+class PlacesMachine(stateful.RuleBasedStateMachine):
+    """Jobs in every place one machine reaches over SSH and a shared home: here (one job and a sweep
+    of two, two slots), on a host with its own home (`ownh`, two jobs, one slot), on a host that
+    shares the home (`--host m2`) and on that second machine by its own user (two jobs; m2 has two
+    slots). Steps: a job let go, SIGKILL of its run, of its wrapper, of both, of a queue's dispatcher,
+    cancel (where it runs, and from the other machine: refused), a host cut off and back, prune from
+    either machine. After each step, once the jobs settle: every view agrees (see Views) and each
+    queue, `wait` and the sweep's status say the same."""
+
+    SLOTS = {"here": 2, "ownh": 1, "m2": 2}
+    env: dict = {}
+    violations: list[str] = []
+    examples = itertools.count()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[dict] = []
+        self.steps: list[str] = []
+        self.seen: dict[str, str | None] = {}
+        self.up = {"ownh": True, "m2": True}
+        self.tag = f"pl{next(PlacesMachine.examples)}"
+        self.home, self.other, self.ownh = self.env["home"], self.env["other"], self.env["ownh"]
+
+    # -- the jobs ------------------------------------------------------------------------------------
+
+    def _add(self, place: str, job_id: str, machine: RemoteMachine, root: Path) -> None:
+        queue = {"here": "here", "sweep": "here", "ownh": "ownh"}.get(place, "m2")
+        self.jobs.append({"id": job_id, "place": place, "machine": machine, "root": root, "queue": queue,
+                          "owner": "m2" if queue == "m2" else "here", "gate": self.env["gates"] / job_id,
+                          "expect": None, "orphan": False})
+
+    @stateful.initialize()
+    @_noted
+    def submit_everywhere(self) -> None:
+        mod, gates, tag = self.env["mod"], self.env["gates"], self.tag
+        queued = self.home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+        there = self.env["remote_home"] / "tmp_results" / "remote_machines" / "jobs" / "queued"
+
+        def job(job_id: str, **kw) -> RemoteMachine:
+            return RemoteMachine(mod.gated, config(job_id=job_id, **kw), func_kwargs={"gate": str(gates / job_id)})
+        self._add("here", f"{tag}-h", job(f"{tag}-h", max_simultaneous_jobs=2).run(), queued / f"{tag}-h")
+        sweep = stackops.run_sweep(mod.gated, config(job_id=f"{tag}-sw", max_simultaneous_jobs=2),
+                                   [{"gate": str(gates / f"{tag}-sw-{k:04d}")} for k in range(2)])
+        for member in sweep.jobs:
+            self._add("sweep", member.job_id, member, queued / member.job_id)
+        for k in range(2):
+            machine = job(f"{tag}-o{k}", ssh_host="ownh", copy_repo=True, max_simultaneous_jobs=1).run()
+            self._add("ownh", machine.job_id, machine, there / machine.job_id)
+        machine = job(f"{tag}-s", ssh_host="m2", max_simultaneous_jobs=2).run()
+        self._add("m2", machine.job_id, machine, queued / machine.job_id)
+        for k in range(2):  # submitted by a user of the other machine, there
+            job_id = f"{tag}-m{k}"
+            code, out, err = self.other.main("run", f"proj/{mod.__name__}.py:gated", "--job-id", job_id,
+                                             "--max-jobs", "2", "--kwargs", json.dumps({"gate": str(gates / job_id)}))
+            assert code == 0, err
+            self._add("m2local", job_id, RemoteMachine.load(job_id), queued / job_id)
+        self.sweep_id = f"{tag}-sw"
+
+    def _pick(self, pick: int, *statuses: str) -> dict | None:
+        """A job the model has not seen end, last seen in one of ``statuses`` (any, when none)."""
+        found = [job for job in self.jobs if job["expect"] is None
+                 and (not statuses or self.seen.get(job["id"]) in statuses)]
+        return found[pick % len(found)] if found else None
+
+    def _pid_here(self, job: dict, pid: int) -> int | None:
+        return self.other.pid_here(pid) if job["owner"] == "m2" else pid
+
+    def _wrapper(self, job: dict) -> int | None:
+        pgid = stackops.read_state(job["root"]).get("pgid")
+        return self._pid_here(job, pgid) if pgid else None
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    def _open(self) -> bool:
+        return any(job["expect"] is None for job in self.jobs)
+
+    def _running(self) -> bool:
+        return any(job["expect"] is None and self.seen.get(job["id"]) == "running" for job in self.jobs)
+
+    # Preconditions read the model only (what the steps did), never the processes.
+
+    @stateful.precondition(_open)
+    @stateful.rule(pick=st.integers(0, 99))
+    @_noted
+    def a_job_ends(self, pick: int) -> None:
+        job = self._pick(pick)
+        if job is not None:
+            job["gate"].touch()
+            job["expect"] = "completed"
+
+    @stateful.precondition(_running)
+    @stateful.rule(pick=st.integers(0, 99), what=st.sampled_from(["run", "wrapper", "both"]))
+    @_noted
+    def sigkill(self, pick: int, what: str) -> None:
+        """The job's run dies (its wrapper records it failed), or its wrapper alone (the run goes on
+        and records its own end), or both (nobody records: the judge on its machine does)."""
+        job = self._pick(pick, "running")
+        group = _group_of(job, self.other) if job is not None else {}
+        pgid = stackops.read_state(job["root"]).get("pgid") if job is not None else None
+        wrapper = [pid for pid, inner in group.items() if inner == pgid]
+        runs = [pid for pid, inner in group.items() if inner != pgid]
+        if what == "run" and wrapper and runs:
+            os.kill(runs[0], signal.SIGKILL)
+            job["expect"] = "failed"
+        elif what == "wrapper" and wrapper:
+            os.kill(wrapper[0], signal.SIGKILL)
+            job["orphan"] = True
+        elif what == "both" and group:
+            for pid in group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            job["expect"] = "failed"
+
+    @stateful.rule(where=st.sampled_from(["here", "ownh", "m2"]))
+    @_noted
+    def sigkill_a_dispatcher(self, where: str) -> None:
+        key = self.other.key if where == "m2" else stackops.machine_key()
+        home = self.env["remote_home"] if where == "ownh" else self.home
+        words = _read_text_or_empty(home / stackops.DEFAULT_STATE_DIR[2:] / key / stackops.DISPATCHER_PID).split()
+        pid = self.other.pid_here(int(words[0])) if words and where == "m2" else int(words[0]) if words else None
+        if pid and "dispatch" in _read_text_or_empty(Path(f"/proc/{pid}/cmdline")):
+            os.kill(pid, signal.SIGKILL)
+
+    @stateful.precondition(_open)
+    @stateful.rule(pick=st.integers(0, 99), how=st.sampled_from(["api", "cli"]))
+    @_noted
+    def cancel(self, pick: int, how: str) -> None:
+        """Cancel where the job runs: from here through its place, or on the other machine."""
+        job = self._pick(pick)
+        if job is None:
+            return
+        try:
+            if job["place"] == "m2local":
+                code, out, err = self.other.main("cancel", job["id"], "--grace", "3")
+            elif how == "cli":
+                code, out, err = _in_process("cancel", job["id"], "--grace", "3")
+            else:
+                report = job["machine"].cancel(grace=3)
+                code, out, err = 0, f"{job['id']} {report.status}", ""
+        except StackopsError as exc:
+            code, out, err = 1, "", str(exc)
+        if job["queue"] == "ownh" and not self.up["ownh"] or job["place"] == "m2" and not self.up["m2"]:
+            assert code != 0, (out, err)  # nobody to ask: nothing changes
+            return
+        assert code == 0 and f"{job['id']} cancelled" in out, (code, out, err)
+        job["expect"] = "cancelled"
+
+    @stateful.precondition(lambda self: any(job["expect"] is None and job["place"] in ("here", "m2local")
+                                            for job in self.jobs))
+    @stateful.rule(pick=st.integers(0, 99), how=st.sampled_from(["api", "cli"]))
+    @_noted
+    def cancel_from_the_other_machine(self, pick: int, how: str) -> None:
+        """A job started by a user on one machine, cancelled by a user of the other (no --host):
+        refused, and the job goes on as it was."""
+        mine = [job for job in self.jobs if job["expect"] is None and job["place"] in ("here", "m2local")]
+        job = mine[pick % len(mine)]
+        before = stackops.read_state(job["root"])
+        if job["place"] == "here":
+            code, out, err = self.other.main("cancel", job["id"], "--grace", "3")
+        elif how == "cli":
+            code, out, err = _in_process("cancel", job["id"], "--grace", "3")
+        else:
+            try:
+                code, out, err = 0, str(job["machine"].cancel(grace=3)), ""
+            except StackopsError as exc:
+                code, out, err = 1, "", str(exc)
+        assert code != 0 and "not here" in err, (code, out, err)
+        after = stackops.read_state(job["root"])
+        assert "cancel" not in after or "cancel" in before, f"a refused cancel marked {job['id']}: {after}"
+
+    @stateful.precondition(lambda self: any(self.up.values()))
+    @stateful.rule(host=st.sampled_from(["ownh", "m2"]))
+    @_noted
+    def cut_off(self, host: str) -> None:
+        host = host if self.up[host] else next(name for name, up in self.up.items() if up)
+        _cut_host(self.ownh) if host == "ownh" else self.other.cut()
+        self.up[host] = False
+
+    @stateful.precondition(lambda self: not all(self.up.values()))
+    @stateful.rule(host=st.sampled_from(["ownh", "m2"]))
+    @_noted
+    def bring_back(self, host: str) -> None:
+        host = host if not self.up[host] else next(name for name, up in self.up.items() if not up)
+        self.ownh._start() if host == "ownh" else self.other.restore()
+        self.up[host] = True
+
+    @stateful.rule(where=st.sampled_from(["here", "m2"]))
+    @_noted
+    def prune_ended_jobs(self, where: str) -> None:
+        """`prune --older-than 0s` from either machine removes ended jobs only (never one that runs
+        or waits, wherever it runs), and goes on past a job it cannot remove."""
+        code, out, err = _in_process("prune", "--older-than", "0s") if where == "here" else \
+            self.other.main("prune", "--older-than", "0s")
+        gone = [job for job in self.jobs if not job["root"].exists()]
+        alive = [job["id"] for job in gone if self.seen.get(job["id"]) not in stackops.TERMINAL_STATUSES]
+        assert not alive, f"prune on {where} removed jobs that had not ended: {alive}\n{out}{err}"
+        self.jobs = [job for job in self.jobs if job not in gone]
+        if all(self.up.values()):
+            assert code == 0, (out, err)
+
+    # -- what every view says ------------------------------------------------------------------------
+
+    def _owners(self) -> dict[str, str | None]:
+        """Each job's status judged where it runs (None: its host does not answer)."""
+        statuses: dict[str, str | None] = {job["id"]: None for job in self.jobs}
+        here = [job for job in self.jobs if job["queue"] == "here"]
+        for job, state in zip(here, stackops.judge_jobs([job["root"] for job in here])):
+            statuses[job["id"]] = state.get("status")
+        m2 = [job for job in self.jobs if job["queue"] == "m2"]
+        for job, status in zip(m2, self.other.ask({"judge": [str(job["root"]) for job in m2]})):
+            statuses[job["id"]] = status
+        own = [job for job in self.jobs if job["queue"] == "ownh"]
+        if own and self.up["ownh"]:
+            for job, report in zip(own, own[0]["machine"]._place.reports([job["machine"] for job in own], 0)):
+                statuses[job["id"]] = report.status
+        return statuses
+
+    def _unsettled(self, now: dict[str, str | None]) -> str:
+        for job in self.jobs:
+            status = now[job["id"]]
+            if job["expect"] and status in stackops.TERMINAL_STATUSES and status != job["expect"]:
+                raise AssertionError(f"{job['id']} reads {status}, not {job['expect']}: "
+                                     f"{job['machine'].get_status(0) if job['machine'] else ''}")
+            if job["expect"] and status is not None and status != job["expect"]:
+                return f"{job['id']} is {status}, not yet {job['expect']}"
+            if status in ("queued", "prepared"):
+                return f"{job['id']} is {status}"
+        for queue, slots in self.SLOTS.items():
+            mine = [now[job["id"]] for job in self.jobs if job["queue"] == queue]
+            if None not in mine and "waiting" in mine and mine.count("running") < slots:
+                return f"a job waits on {queue} with a slot free: {mine}"
+        return ""
+
+    def _settle(self) -> dict[str, str | None]:
+        """The jobs' statuses once nothing moves (each step's consequences played out)."""
+        deadline, last, why = time.monotonic() + 90, None, ""
+        while time.monotonic() < deadline:
+            now = self._owners()
+            why = self._unsettled(now)
+            if not why and now == last:
+                return now
+            last = now
+            time.sleep(0.3)
+        raise AssertionError(f"the jobs never settled: {why or 'their statuses kept changing'}")
+
+    def _sampled(self) -> list[dict]:
+        """The jobs whose host a view asks with a connection of its own, one per look (each look
+        another): every job here, and one of a host's."""
+        remote = [job for job in self.jobs if job["place"] in ("ownh", "m2")]
+        self.looks = getattr(self, "looks", -1) + 1
+        return [job for job in self.jobs if job not in remote] + remote[self.looks % len(remote):][:1]
+
+    def _look(self) -> Views:
+        views = Views(self.jobs, self.up)
+        ids = [job["id"] for job in self.jobs]
+        sampled = self._sampled()
+        for job in self.jobs:
+            where = job["queue"] if job["queue"] != "here" and job["place"] != "m2local" else None
+            judged = "m2" if job["place"] == "m2" else "here"
+            try:
+                views.report(job["id"], "api status", job["machine"].get_status(0).to_dict(), judged, where)
+            except StackopsError as exc:
+                views.report(job["id"], "api status", None, judged, where, str(exc))
+            if job not in sampled:
+                continue
+            code, out, err = _in_process("status", job["id"], "--json")
+            views.report(job["id"], "status --json", _json_or(out, None) if code == 0 else None, judged, where, err)
+        code, out, err = _in_process("list", "--json", "--timeout", "5")
+        rows = {row["job_id"]: row for row in _json_or(out, [])}
+        for job in self.jobs:
+            where = job["queue"] if job["queue"] != "here" and job["place"] != "m2local" else None
+            views.report(job["id"], "list", rows.get(job["id"]), "m2" if job["place"] == "m2" else "here", where,
+                         err or "missing")
+        for host in ("ownh", "m2"):
+            code, out, err = _in_process("list", "--host", host, "--json", "--timeout", "5")
+            rows = {row["job_id"]: row for row in _json_or(out, [])}
+            for job in self.jobs:
+                if (job["queue"] == "ownh") == (host == "ownh"):
+                    views.report(job["id"], f"list --host {host}", rows.get(job["id"]), "here" if host == "ownh"
+                                 else "m2", host, err or "missing")
+        self._look_from_the_other_machine(views, ids)
+        return views
+
+    def _look_from_the_other_machine(self, views: Views, ids: list[str]) -> None:
+        """The same views, read by a user of the other machine (its own list, status, queue)."""
+        code, out, err = self.other.main("list", "--json", "--timeout", "5")
+        rows = {row["job_id"]: row for row in _json_or(out, [])}
+        for job in self.jobs:
+            where = {"ownh": "ownh", "m2": "m2"}.get(job["place"])  # asked over SSH from there
+            views.report(job["id"], "list on m2", rows.get(job["id"]), "here" if job["queue"] == "ownh" else "m2",
+                         where, err or "missing")
+            if job["place"] in ("here", "m2local"):
+                code, out, err = self.other.main("status", job["id"], "--json")
+                views.report(job["id"], "status --json on m2", _json_or(out, None) if code == 0 else None, "m2",
+                              None, err)
+
+    def _check_queues(self, agreed: dict[str, str | None], problems: list[str]) -> None:
+        looks = [("here", _in_process("queue", "--json"))]
+        looks += [(host, _in_process("queue", "--host", host, "--json")) for host in ("ownh", "m2") if self.up[host]]
+        looks.append(("m2", self.other.main("queue", "--json")))
+        for queue, (code, out, err) in looks:
+            view = _json_or(out, None)
+            if code != 0 or view is None:
+                problems.append(f"queue of {queue} unreadable: {err}")
+                continue
+            running = {holder.get("job_id") for holder in view["running"]}
+            waiting = {waiter["job_id"] for waiter in view["waiting"]}
+            for job in self.jobs:
+                status = agreed.get(job["id"])
+                if job["queue"] != queue or status is None:
+                    continue
+                if (job["id"] in running) != (status == "running") or (job["id"] in waiting) != (status == "waiting"):
+                    listed = "running" if job["id"] in running else "waiting" if job["id"] in waiting else "absent"
+                    problems.append(f"queue of {queue} lists {job['id']} as {listed} while it is {status}")
+
+    def _check_wait(self, agreed: dict[str, str | None], problems: list[str]) -> None:
+        """`wait ... --timeout 0` names what ended with its status, and what did not."""
+        members = [job for job in self.jobs if job["place"] == "sweep"]
+        sampled = self._sampled()
+        ids = [job["id"] for job in sampled] + ([self.sweep_id] if members else [])
+        code, out, err = _in_process("wait", *ids, "--timeout", "0")
+        ended, waiting, unreadable = _wait_output(out, err)
+        for job in sampled:
+            status = agreed.get(job["id"])
+            if status is None:
+                continue
+            said = ended.get(job["id"], "not ended" if job["id"] in waiting else "nothing")
+            if said != (status if status in stackops.TERMINAL_STATUSES else "not ended"):
+                problems.append(f"wait says {job['id']} {said} while it is {status}")
+        statuses = [agreed.get(job["id"]) for job in members]
+        if members and None not in statuses:
+            over = all(status in stackops.TERMINAL_STATUSES for status in statuses)
+            if (self.sweep_id in ended) != over:
+                problems.append(f"wait says the sweep {ended.get(self.sweep_id, 'not ended')}, members {statuses}")
+            code, out, err = _in_process("status", self.sweep_id, "--json")
+            group = _json_or(out, {})
+            counts = {status: statuses.count(status) for status in set(statuses)}
+            if group.get("counts") != counts:
+                problems.append(f"status of the sweep counts {group.get('counts')}, its members are {counts}: {err}")
+
+    def _check_processes(self, agreed: dict[str, str | None], problems: list[str]) -> None:
+        """running: the job's process lives, on its own machine (the lock probe there); ended: it does
+        not (soon after: a process records its end, then exits); started: on its own machine."""
+        m2 = [job for job in self.jobs if job["owner"] == "m2"]
+        keys = {"here": stackops.machine_key(), "m2": self.other.key}
+
+        def alive() -> dict[str, bool]:
+            found = {job["id"]: stackops._alive(job["root"]) for job in self.jobs if job["owner"] == "here"}
+            found.update(zip([job["id"] for job in m2], self.other.ask({"alive": [str(job["root"]) for job in m2]})))
+            return found
+        probe = alive()
+        for job in self.jobs:
+            if agreed.get(job["id"]) == "running" and not probe[job["id"]]:
+                problems.append(f"{job['id']} reads running, and its process does not live on {job['owner']}")
+            machine = stackops.read_state(job["root"]).get("machine")
+            if machine is not None and machine != keys[job["owner"]]:
+                problems.append(f"{job['id']} ran on {machine}, not on {job['owner']} ({keys[job['owner']]})")
+        deadline = time.monotonic() + 20
+        while any(probe[job["id"]] for job in self.jobs if agreed.get(job["id"]) in stackops.TERMINAL_STATUSES):
+            if time.monotonic() > deadline:
+                problems.append(f"ended jobs whose processes live on: {[i for i, a in probe.items() if a]}")
+                break
+            time.sleep(0.2)
+            probe = alive()
+
+    @stateful.invariant()
+    @_noted
+    def every_view_agrees(self) -> None:
+        problems: list[str] = []
+        for _ in range(2):  # a disagreement caught mid-move is looked at once more, after settling
+            self._settle()
+            views = self._look()
+            agreed = views.agreed()
+            problems = list(views.problems)
+            for job in self.jobs:
+                if job["expect"] and agreed.get(job["id"]) not in (None, job["expect"]):
+                    problems.append(f"{job['id']} reads {agreed.get(job['id'])}, not {job['expect']}")
+            self._check_queues(agreed, problems)
+            self._check_wait(agreed, problems)
+            self._check_processes(agreed, problems)
+            self.seen = agreed
+            if not problems:
+                return
+        raise AssertionError("\n  ".join(problems))
+
+    def teardown(self) -> None:
+        """Every host answers again, every job ends, and nothing of them lives on."""
+        print(f"{self.tag}: {self.steps}")  # what ran (pytest -s shows it)
+        try:
+            self._every_job_ends()
+        finally:
+            for job in self.jobs:
+                for pid in _group_of(job, self.other):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                if job["machine"] is not None:
+                    job["machine"].close()
+
+    @_noted
+    def _every_job_ends(self) -> None:
+        for host, up in list(self.up.items()):
+            if not up:
+                self.bring_back(host=host)
+        for job in self.jobs:
+            job["gate"].touch()
+        wait_for(lambda: all(status in stackops.TERMINAL_STATUSES for status in self._owners().values()),
+                 timeout=120, what="every job to end")
+
+
+def test_every_place_one_truth_in_every_view_under_kills_cancels_and_hosts_going_away(home, sshd):
+    """Issue 21's state machine over the places one machine reaches (PlacesMachine): whatever the
+    order of kills, cancels, hosts going away and coming back and readers on the other machine,
+    every view says the same of each job, and none says running unless its process lives where it
+    runs."""
+    mod = make_module(home, PLACES_JOBS)
+    gates = Path(tempfile.mkdtemp(prefix="so-gates-"))
+    gates.chmod(0o755)  # the host's account looks for its gates there
+    ownh = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"))
+    ownh.client_key = sshd.client_key
+    _write_ssh_config(home, ownh, alias="ownh")
+    other = OtherMachine(home, sshd)
+    PlacesMachine.env = {"home": home, "mod": mod, "gates": gates, "ownh": ownh, "other": other,
+                         "remote_home": sshd.remote_home}
+    PlacesMachine.violations = []
+    try:
+        stateful.run_state_machine_as_test(PlacesMachine, settings=hypothesis.settings(
+            max_examples=3, stateful_step_count=5, deadline=None, database=None, phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck)))
+    finally:
+        other.stop()
+        ownh.stop()
+        shutil.rmtree(gates, ignore_errors=True)
+    assert not PlacesMachine.violations, "\n".join(PlacesMachine.violations)
+
+
+# ============================================================================================
 # faults: hosts that go away, freeze or fill up, laptops that die, processes that race
 # (network namespaces: as root, which CI is)
 # ============================================================================================
@@ -10311,3 +11071,4 @@ def test_slurm_time_limit_reads_failed_with_the_reason(slurm, slurm_time_limit_j
     assert report["status"] == "failed", report
     assert "TIMEOUT" in report["reason"] and "TimeLimit" in report["reason"], report
     assert "Slurm sends it at the time limit" in report["error_message"]
+
