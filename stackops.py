@@ -2366,6 +2366,8 @@ def _record_end(root: Path, status: str, error: str = "", final: bool = True,
         if state.get("status") in TERMINAL_STATUSES and state.get("final", True):
             return False
         cancelled = status == "failed" and state.get("cancel")
+        if "reason" not in fields:
+            state.pop("reason", None)  # why it waited or how it ran is not why it ended
         state.update(fields, status="cancelled" if cancelled else status, error=error,
                      ended=fields.get("ended") or _iso(_utcnow()), final=final)
         recorded.append(True)
@@ -2373,6 +2375,11 @@ def _record_end(root: Path, status: str, error: str = "", final: bool = True,
 
     state = _update(root, end)
     return state if recorded else None
+
+
+def _ended(state: dict[str, Any]) -> bool:
+    """Whether a state record holds the job's end for good (not a tentative Slurm one)."""
+    return state.get("status") in TERMINAL_STATUSES and state.get("final", True)
 
 
 def _alive(root: Path) -> bool:
@@ -3015,7 +3022,8 @@ def _judge_slurm(root: Path, state: dict[str, Any], view: dict[str, Any] | None)
         return _settle_slurm_end(root, dict(state, slurm=slurm), "cancelled", f"cancelled ({why})",
                                  reason=why)
     if word == "COMPLETED" and status in TERMINAL_STATUSES:
-        return _settle_slurm_end(root, dict(state, slurm=slurm), status, state.get("error") or "")
+        return _settle_slurm_end(root, dict(state, slurm=slurm), status, state.get("error") or "",
+                                 reason=why)
     if word == "COMPLETED":
         why = f"the job recorded no end though {why}; do the compute nodes see {root}?"
     elif not state.get("started"):
@@ -3054,8 +3062,7 @@ def _settle_slurm_end(root: Path, state: dict[str, Any], status: str, error: str
                       reason: str = "") -> dict[str, Any]:
     """Record Slurm's final word on a job (once; it is reported then), and return the record."""
     slurm = state.get("slurm") or {}
-    ended = _record_end(root, status, error, slurm=slurm, reason=reason or state.get("reason", ""),
-                        ended=state.get("ended"))
+    ended = _record_end(root, status, error, slurm=slurm, reason=reason, ended=state.get("ended"))
     if ended is not None:
         _report_end(root, ended, inline=False)
         return ended
@@ -8038,8 +8045,13 @@ class _OverSSH(_Place):
 
     def reports(self, machines: list[RemoteMachine], log_lines: int) -> list[JobStatus]:
         sent = [m for m in machines if m.submitted]
-        found = dict(zip([m.job_id for m in sent], super().reports(sent, log_lines))) \
-            if sent else {}
+        try:
+            found = dict(zip([m.job_id for m in sent], super().reports(sent, log_lines))) \
+                if sent else {}
+        except StackopsConnectionError:
+            if not all(_ended(read_state(m.file_manager.job_root)) for m in sent):
+                raise
+            found = {}  # each ended, as its record kept here says: an end stands, host or not
         return [found.get(m.job_id) or _status_of(m.job_id, read_state(m.file_manager.job_root))
                 for m in machines]  # one never handed over: prepared here
 
@@ -12873,10 +12885,13 @@ def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
 
 
 def _act_list(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
-    """Every job folder under the base folder here, whoever submitted it, judged here."""
-    queued = expand_home(request.get("base_dir") or DEFAULT_BASE_DIR) / "queued"
-    roots = [queued / name for name in sorted(os.listdir(queued)) if not name.startswith(".")
-             and (queued / name / FILE_MANAGER_JSON).exists()] if queued.is_dir() else []
+    """Every job folder under the base folder here and the clusters' parts beside it, whoever
+    submitted them, judged here."""
+    base = expand_home(request.get("base_dir") or DEFAULT_BASE_DIR)
+    roots = []
+    for queued in [base / "queued", *sorted(base.parent.glob("job_id__*/queued"))]:
+        roots += [queued / name for name in sorted(os.listdir(queued)) if not name.startswith(".")
+                  and (queued / name / FILE_MANAGER_JSON).exists()] if queued.is_dir() else []
     return _reports_of(roots, 0)
 
 
