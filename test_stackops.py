@@ -11310,14 +11310,15 @@ class ClusterMachine(stateful.RuleBasedStateMachine):
     def run_the_cluster(self) -> None:
         mod, gates, queued = self.env["mod"], self.env["gates"] / self.tag, self.env["queued"]
         gates.mkdir()
-        self.cluster = stackops.Cluster(mod.gated_part, ["node1", "node2"], config(copy_repo=True),
+        self.cluster = stackops.Cluster(mod.gated_part, ["node1", "node2"], config(copy_repo=True, ssh_timeout=3),
                                         func_kwargs={"gates": str(gates)}, job_id=self.tag, max_num=2).run()
         for host, machine in self.cluster.machines.items():
             start = self.cluster.workloads[host].idx_start
             root = self.env["remote_home"] / machine.file_manager.job_root_rh[2:]
             self.jobs.append({"id": machine.job_id, "machine": machine, "root": root,
                               "owner": host, "gate": gates / str(start), "expect": None})
-        plain = RemoteMachine(mod.gated, config(job_id=f"{self.tag}-p", ssh_host="node1", copy_repo=True),
+        plain = RemoteMachine(mod.gated, config(job_id=f"{self.tag}-p", ssh_host="node1", copy_repo=True,
+                                                ssh_timeout=3),
                               func_kwargs={"gate": str(gates / "plain")}).run()
         self.jobs.append({"id": plain.job_id, "machine": plain, "root": queued / plain.job_id, "owner": "node1",
                           "gate": gates / "plain", "expect": None})
@@ -11444,7 +11445,7 @@ class ClusterMachine(stateful.RuleBasedStateMachine):
             views.report(job["id"], "list", rows.get(job["id"]), job["owner"], job["owner"], err or "missing")
         for host in ("node1", "node2"):
             if self.up[host]:
-                code, out, err = _in_process("list", "--host", host, "--json", "--timeout", "5")
+                code, out, err = _in_process("list", "--host", host, "--json", "--timeout", "3")
                 rows = {row["job_id"]: row for row in _json_or(out, [])}
                 for job in self.jobs:
                     views.report(job["id"], f"list --host {host}", rows.get(job["id"]), host, host, err or "missing")
@@ -11913,23 +11914,3 @@ def test_slurm_time_limit_reads_failed_with_the_reason(slurm, slurm_time_limit_j
     state = stackops.read_state(home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "over-time")
     assert state["status"] == "failed" and state["final"] is True and state["slurm"]["state"] == "TIMEOUT"
     assert "TimeLimit" in state["reason"]
-
-
-def test_zz_debug_slurm(slurm, home):
-    SlurmMachine.env = {"mod": make_module(home, SLURM_GATED), "gates": home / "gates", "cluster": slurm}
-    (home / "gates").mkdir()
-    SlurmMachine.violations = []
-    m = SlurmMachine()
-    subprocess.run(["scancel", "--name", "over-time"], env=slurm.env)
-    try:
-        m.submit()
-        m.every_view_agrees()
-        for name, kw in json.loads(os.environ["PT_STEPS"]):
-            getattr(m, name)(**kw)
-            m.every_view_agrees()
-            print("seen", m.seen, m.whole, [j["machine"].get_status(0).reason for j in m.jobs])
-        m.teardown()
-    finally:
-        subprocess.run(["scontrol", "update", f"nodename={slurm.node}", "state=resume"], env=slurm.env,
-                       capture_output=True)
-    assert not SlurmMachine.violations, "\n".join(SlurmMachine.violations)
