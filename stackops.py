@@ -4890,7 +4890,7 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
         blobs = {value: str(_blob(store, value)) for _, kind, value in entries if kind != "l"}
         for _ in range(3):
             try:
-                if entries:
+                if header.get("manifest") is not None:  # a snapshot, empty or not
                     _materialize(entries, blobs, staging / CODE_DIR)
                 break
             except _SnapshotMismatchError as exc:  # a blob of the store damaged: sent again
@@ -11215,9 +11215,9 @@ def _cmd_delete(args: Any) -> int:
             else:
                 for member in _members(target):
                     member.delete(results=args.results)
-                if isinstance(target, Sweep):
-                    shutil.rmtree(expand_home(f"{args.base_dir}/queued/{target.job_id}"),
-                                  ignore_errors=True)
+                folder = target.root_dir if isinstance(target, Cluster) else \
+                    expand_home(f"{args.base_dir}/queued/{target.job_id}")
+                shutil.rmtree(folder, ignore_errors=True)  # its record, once its members went
         print(f"deleted {target.job_id}" + (" and its results" if args.results else ""))
     return 0
 

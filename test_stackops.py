@@ -7414,6 +7414,11 @@ def test_cluster_cli_runs_a_command_with_each_host_slice_in_its_environment(clus
     first, second = ([int(n) for n in (sshd.remote_home / f"cmdclu-{part}.txt").read_text().split()]
                      for part in (0, 1))
     assert first[0] == 0 and first[1] == second[0] and second[1] == 10 and first[2] == second[2] == 10
+    assert cli("delete", "cmdclu", home=cluster_home).returncode == 0
+    assert not (cluster_home / "tmp_results" / "remote_machines" / "job_id__cmdclu").exists()
+    assert "cmdclu" not in cli("list", home=cluster_home).stdout
+    pruned = cli("prune", "--older-than", "0s", home=cluster_home)
+    assert pruned.returncode == 0 and "cmdclu" not in pruned.stderr, pruned.stderr
 
 
 def test_cluster_cli_run_sends_data_and_unknown_host_keys_keep_the_accept_new_hint(cluster_home, sshd):
