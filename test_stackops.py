@@ -11552,6 +11552,120 @@ def test_cluster_state_machine_every_view_agrees_under_kills_cancels_and_pulled_
     assert not ClusterMachine.violations, "\n".join(ClusterMachine.violations)
 
 
+# -- what the state machines found, each as a user meets it ------------------------------------------
+
+def test_shared_home_a_user_of_another_machine_reads_starts_cancels_nothing_of_its_jobs(home, sshd):
+    """Issue 21, defect 1 (and what PlacesMachine found): two machines of one home, each with locks
+    of its own (NFS local_lock, Lustre localflock). Jobs started on m2 (one running, one in line,
+    one after the first) are read here with status, list and prune, and cancelled here: here shows
+    them as of their record, starts none of them (a dispatcher of ours once started m2's queue),
+    removes none, marks none (a refused cancel once turned m2's later failure into 'cancelled')."""
+    mod = make_module(home, PLACES_JOBS)
+    gates = Path(tempfile.mkdtemp(prefix="so-gates-"))
+    other = OtherMachine(home, sshd)
+    try:
+        for job_id, extra in (("nfs-a", []), ("nfs-b", []), ("nfs-c", ["--after", "nfs-a"])):
+            code, out, err = other.main("run", f"proj/{mod.__name__}.py:gated", "--job-id", job_id, "--max-jobs", "1",
+                                        "--kwargs", json.dumps({"gate": str(gates / job_id)}), *extra)
+            assert code == 0, err
+        here = stackops.run_sweep(mod.gated, config(job_id="here", max_simultaneous_jobs=1),
+                                  [{"gate": str(gates / job_id)} for job_id in ("here-a", "here-b")]).jobs
+        roots = {job_id: home / "tmp_results/remote_machines/jobs/queued" / job_id for job_id in ("nfs-a", "nfs-b")}
+        wait_for(lambda: stackops.read_state(roots["nfs-a"]).get("status") == "running", 60, "nfs-a to run on m2")
+        wait_for(lambda: here[0].get_status(0).status == "running", 60, "here-a to run here")
+        for argv in (["status", "here-0001", "--json"], ["list", "--json"], ["prune", "--older-than", "0s"]):
+            code, out, err = other.main(*argv)  # the other way round: m2 reads the jobs of this machine
+            assert code == 0, err
+        code, out, err = other.main("cancel", "here-0000")
+        assert code == 1 and "not here" in err, (out, err)
+        (gates / "here-a").touch()
+        began = wait_for(lambda: (s := state_of(here[1])).get("status") == "running" and s, 60, "here-0001 to start")
+        assert began["machine"] == stackops.machine_key(), began  # ours: m2 started nothing of our queue
+        for job_id in ("nfs-a", "nfs-b", "nfs-c"):
+            code, out, err = _in_process("status", job_id, "--json")
+            assert code == 0 and json.loads(out)["as_of"], (out, err)
+        listed = {row["job_id"]: row for row in json.loads(_in_process("list", "--json")[1])}
+        assert {listed[i]["status"] for i in ("nfs-a", "nfs-b", "nfs-c")} == {"running", "waiting"}, listed
+        assert _in_process("prune", "--older-than", "0s")[0] == 0
+        code, out, err = _in_process("cancel", "nfs-a", "--grace", "1")
+        assert code == 1 and "not here" in err, (out, err)
+        assert all(root.exists() for root in roots.values())
+        assert "cancel" not in stackops.read_state(roots["nfs-a"])
+        run = [pid for pid, inner in _group_of({"root": roots["nfs-a"]}, other.pid_ns).items()
+               if inner != stackops.read_state(roots["nfs-a"])["pgid"]]
+        os.kill(run[0], signal.SIGKILL)  # the OOM killer, on m2
+        ended = wait_for(lambda: (s := stackops.read_state(roots["nfs-a"])).get("status") in ("failed", "cancelled")
+                         and s, 60, "nfs-a to end")
+        assert ended["status"] == "failed" and "signal 9" in ended["error"], ended
+        began = wait_for(lambda: (s := stackops.read_state(roots["nfs-b"])).get("status") == "running" and s, 60,
+                         "nfs-b to start when nfs-a ended")
+        assert began["machine"] == other.key, began  # m2's queue is m2's: started there, never here
+        (gates / "nfs-b").touch()
+        code, out, err = other.main("wait", "nfs-b", "nfs-c", "--timeout", "60")
+        assert "nfs-b completed" in out and "nfs-c cancelled" in out, (out, err)
+        (gates / "here-b").touch()
+        assert wait_done(here[1]).status == "completed"
+    finally:
+        other.stop()
+        shutil.rmtree(gates, ignore_errors=True)
+
+
+def test_slurm_an_ended_job_keeps_no_reason_of_its_wait(slurm, home):
+    """A Slurm job that waited (PENDING, BeginTime) and then completed read 'completed' with the
+    reason 'Slurm: PENDING (BeginTime)' (found by SlurmMachine): an end drops the wait's reason."""
+    machine = _slurm_machine(home, "where", slurm_options={"begin": "now+3"}).run()
+    report = wait_for(lambda: (r := machine.get_status(0)).status == "queued" and "PENDING" in r.reason and r, 30,
+                      "the job to wait for its begin time")
+    report = _slurm_wait(machine, 90)
+    assert report.status == "completed" and "PENDING" not in report.reason, report
+    assert "PENDING" not in json.loads(_in_process("status", machine.job_id, "--json")[1])["reason"]
+
+
+def test_cluster_list_host_shows_the_parts_run_there(cluster_home, nodes):
+    """`list --host H` lists every job folder on H, the clusters' parts too (they live beside the
+    base folder and were left out, found by ClusterMachine)."""
+    home = cluster_home
+    (home / "proj").mkdir(exist_ok=True)
+    (home / "proj" / "lh.py").write_text(textwrap.dedent(CLUSTER_JOBS))
+    done = cli("cluster", "run", "proj/lh.py:indices", "--hosts", "node1,node2", "--copy-repo", "--job-id", "lhclu",
+               "--wait", home=home)
+    assert done.returncode == 0, done.stderr
+    rows = {row["job_id"]: row for row in json.loads(_in_process("list", "--host", "node1", "--json")[1])}
+    assert rows["lhclu_0"]["status"] == rows["lhclu_1"]["status"] == "completed", rows
+
+
+def test_remote_status_and_wait_of_an_ended_job_on_a_host_that_is_gone(home, sshd):
+    """An ended job's end is kept here: `status` and `wait` of it say how it ended when its host no
+    longer answers (they failed, or waited, while `list` showed it), and a job that has not ended
+    says its host cannot be reached (found by ClusterMachine)."""
+    server = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"))
+    server.client_key = sshd.client_key
+    _write_ssh_config(home, server, alias="gone")
+    mod = make_module(home, PLACES_JOBS)
+    gates = Path(tempfile.mkdtemp(prefix="so-gates-"))
+    gates.chmod(0o755)
+    (gates / "done").touch()
+    try:
+        done = RemoteMachine(mod.gated, config(job_id="gone-done", ssh_host="gone", copy_repo=True, ssh_timeout=3),
+                             func_kwargs={"gate": str(gates / "done")}).run()
+        assert wait_done(done).status == "completed"
+        live = RemoteMachine(mod.gated, config(job_id="gone-live", ssh_host="gone", copy_repo=True, ssh_timeout=3,
+                                               max_simultaneous_jobs=2),
+                             func_kwargs={"gate": str(gates / "live")}).run()
+        wait_for(lambda: live.get_status(0).status == "running", 60, "the job to run")
+        _cut_host(server)
+        code, out, err = _in_process("status", "gone-done", "--json")
+        assert code == 0 and json.loads(out)["status"] == "completed", (out, err)
+        code, out, err = _in_process("wait", "gone-done", "--timeout", "5")
+        assert code == 0 and out == "gone-done completed\n", (out, err)
+        code, out, err = _in_process("status", "gone-live", "--json")
+        assert code == 1 and "gone" in err, (out, err)
+    finally:
+        (gates / "live").touch()
+        server.stop()
+        shutil.rmtree(gates, ignore_errors=True)
+
+
 # ============================================================================================
 # faults: hosts that go away, freeze or fill up, laptops that die, processes that race
 # (network namespaces: as root, which CI is)
