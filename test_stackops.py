@@ -11666,6 +11666,50 @@ def test_remote_status_and_wait_of_an_ended_job_on_a_host_that_is_gone(home, ssh
         shutil.rmtree(gates, ignore_errors=True)
 
 
+def test_shared_home_host_delete_and_prune_say_what_they_did_and_go_on(same_home, home):
+    """Issue 21, defect 2: `delete` of a job that ran on a host sharing the home deleted the folder,
+    then said '... is not a stackops job folder; nothing deleted' (exit 2); `prune` stopped there."""
+    mod = make_module(home, JOBS_SOURCE)
+    for job_id in ("sh-del", "sh-p1", "sh-p2"):
+        machine = RemoteMachine(mod.echo, config(job_id=job_id, ssh_host="same"), func_kwargs={"x": 1}).run()
+        assert wait_done(machine).status == "completed"
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    code, out, err = _in_process("delete", "sh-del")
+    assert code == 0 and "nothing deleted" not in err and not (queued / "sh-del").exists(), (out, err)
+    code, out, err = _in_process("prune", "--older-than", "0s")
+    assert code == 0 and "deleted job sh-p1" in out and "deleted job sh-p2" in out, (out, err)
+    assert not (queued / "sh-p1").exists() and not (queued / "sh-p2").exists()
+
+
+def test_job_id_used_again_after_delete_never_shows_the_old_jobs_results(home):
+    """Issue 21, defect 5: a job id used again after `delete` showed the old job's result.json as
+    its own (the new job returned None)."""
+    mod = make_module(home, JOBS_SOURCE)
+    first = RemoteMachine(mod.echo, config(job_id="nightly"), func_kwargs={"run": "old"}).run()
+    assert wait_done(first).status == "completed"
+    assert _in_process("delete", "nightly")[0] == 0
+    again = RemoteMachine(mod.sleeper, config(job_id="nightly"), func_kwargs={"seconds": 0}).run()
+    report = wait_done(again)
+    assert report.status == "completed", report
+    folder = Path(report.results_path.replace("~", str(home), 1)) if report.results_path else None
+    assert folder is None or not (folder / "result.json").exists() or \
+        "old" not in (folder / "result.json").read_text(), folder
+
+
+def test_sweep_id_works_where_a_job_id_does_status_logs_download(home):
+    """Issue 21, defect 7: `status`, `logs` and `download` refused a sweep id ("no job 'fmt'")."""
+    mod = make_module(home, JOBS_SOURCE)
+    sweep = stackops.run_sweep(mod.echo, config(job_id="fmt", max_simultaneous_jobs=2), [{"k": 1}, {"k": 2}])
+    assert all(report.status == "completed" for report in sweep.wait(timeout=120).values())
+    code, out, err = _in_process("status", "fmt", "--json")
+    assert code == 0 and json.loads(out)["counts"] == {"completed": 2}, (out, err)
+    code, out, err = _in_process("logs", "fmt")
+    assert code == 0 and "fmt-0000" in out and "fmt-0001" in out, (out, err)
+    code, out, err = _in_process("download", "fmt", "--to", str(home / "got"))
+    assert code == 0, err
+    assert {json.loads((home / "got" / f"fmt-000{k}" / "result.json").read_text())["k"] for k in (0, 1)} == {1, 2}
+
+
 # ============================================================================================
 # faults: hosts that go away, freeze or fill up, laptops that die, processes that race
 # (network namespaces: as root, which CI is)
