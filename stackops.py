@@ -4419,6 +4419,73 @@ def _fire_queue(roots: list[Path], first: FileManager, after: bool) -> dict[str,
     return {"pid": slots.ensure_dispatcher()}
 
 
+WITHDRAWN = "not started: its submission was interrupted"
+
+
+def _withdraw_fire(roots: list[Path]) -> bool:
+    """A fire broken off (Ctrl-C, the submitting process failing): each of its jobs that has not
+    started is withdrawn: marked cancelled (no dispatcher starts it), its queue entry taken out, a
+    wrapper that took it meanwhile stopped, its end recorded cancelled. Returns whether any job of
+    it started: that one goes on, seen by every view, beside the withdrawn ones (when none did,
+    the caller may remove them all). A second Ctrl-C waits until this is done."""
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        entries = _entries_of([root.name for root in roots], roots[0] if roots else None)
+        started = False
+        for root in roots:
+            if not os.path.exists(root / STATE_JSON):
+                continue  # never written whole: nothing of it can start
+
+            def mark(state: dict[str, Any], root: Path = root) -> bool:
+                if state.get("started") or state.get("status") not in _NOT_STARTED:
+                    return False
+                state.setdefault("cancel", WITHDRAWN)
+                entries.setdefault(root.name, []).append(Path(state.pop("entry", None) or root))
+                return True
+
+            state = _update(root, mark)
+            if state.get("started") or state.get("status") not in _NOT_STARTED:
+                started = True
+                continue
+            for entry in entries.get(root.name, []):
+                if entry != root:
+                    with _suppress(FileNotFoundError):
+                        os.unlink(entry)
+            if _alive(root):
+                _stop(root, 2.0)
+            ended = _record_end(root, "cancelled", WITHDRAWN)
+            if ended is not None:
+                _report_end(root, ended, inline=False)
+        return started
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+_NOT_STARTED = (None, "prepared", "queued", "waiting")
+
+
+def _entries_of(names: list[str], root: Path | None) -> dict[str, list[Path]]:
+    """The entries of jobs ``names`` in the queue (and after/) of the job in ``root``: an entry
+    written before its job's record said so is found too."""
+    found: dict[str, list[Path]] = {}
+    if root is None:
+        return found
+    with _suppress(OSError, StackopsError):
+        slots = FileManager.from_job_root(root).slots()
+        wanted = set(names)
+        for folder in (slots.queue, slots.root / AFTER_DIR):
+            for entry in os.listdir(folder) if folder.is_dir() else []:
+                name = entry.split("-", 1)[-1]
+                if name in wanted:
+                    found.setdefault(name, []).append(folder / entry)
+    return found
+
+
 def _start_now(root: Path, python: str) -> int:
     """A job that takes no slot: its wrapper starts at once, holding the job's lock."""
     _record(root, status="queued", machine=machine_key(), node=os.uname().nodename,
@@ -9790,10 +9857,11 @@ def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run:
         else:
             fired = fire_jobs([job.file_manager.job_root for job in jobs]) if run else {}
     except BaseException:
-        for name in made:
+        kept = not template.is_remote and _withdraw_fire([queued / name for name in made[1:]])
+        for name in [] if kept else made:  # a fire with no job started leaves nothing
             path = queued / name
-            if path.is_dir() and not path.is_symlink() and \
-                    read_state(path).get("status") in (None, "prepared"):
+            if path.is_dir() and not path.is_symlink() and (not template.is_remote or read_state(
+                    path).get("status") in (None, "prepared")):
                 shutil.rmtree(path, ignore_errors=True)
         raise
     for job in jobs:

@@ -2676,6 +2676,66 @@ def sweep_ids_width():
     return [ids[0], ids[-1]]
 
 
+def test_sweep_interrupted_while_it_fires_leaves_each_job_started_and_seen_or_withdrawn(home):
+    """Issue 21, defect 6: Ctrl-C while a local sweep was fired left jobs running that no view
+    showed, the rest never started, and `wait SWEEP` said `completed` (exit 0). Each job is now
+    started and seen, or withdrawn (no queue entry, nothing that looks ready to start); a second
+    Ctrl-C while it withdraws changes nothing; broken off before any job started, nothing stays."""
+    mod = make_module(home, SWEEP_SOURCE)
+    target = f"{mod.__file__}:point"
+    grid = home / "grid.jsonl"
+    grid.write_text("".join(json.dumps({"x": index}) + "\n" for index in range(1500)))
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+
+    def interrupt(sweep_id: str, fired) -> None:
+        child = subprocess.Popen([sys.executable, str(SOURCE), "run", target, "--sweep", str(grid),
+                                  "--job-id", sweep_id, "--max-jobs", "2"], cwd=home,
+                                 env=dict(os.environ, HOME=str(home)), text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: fired(state_of(queued / f"{sweep_id}-0000").get("status"))
+                     or child.poll() is not None, 300, "the sweep's fire to be under way")
+            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGINT)  # an impatient user presses it twice
+            out, err = child.communicate(timeout=300)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 130 and "interrupted" in err, (out, err)
+
+    def entries_of(sweep_id: str) -> list[str]:
+        return [name for name in Slots().entries() if name.split("-", 1)[1].startswith(sweep_id)]
+
+    interrupt("early", lambda status: status == "waiting")  # in line, none started yet
+    assert not list(queued.glob("early*")) and not entries_of("early"), "nothing of it stays"
+    assert cli("wait", "early", home=home).returncode == 2
+
+    hold = cli("run", target, "--kwargs", '{"x": -1, "seconds": 600}', "--job-id", "hold",
+               "--max-jobs", "2", home=home)  # a live dispatcher: the sweep's jobs start at once
+    assert hold.returncode == 0, hold.stderr
+    wait_for(lambda: state_of(queued / "hold").get("status") == "running", 60, "hold to run")
+    interrupt("ki", lambda status: status in ("running", "completed"))
+    ids = stackops.sweep_job_ids("ki", 1500)
+    states = {job_id: state_of(queued / job_id) for job_id in ids}
+    started = [job_id for job_id, state in states.items() if state.get("started")]
+    withdrawn = [job_id for job_id in ids if job_id not in started]
+    assert started and withdrawn, "the interrupt came while the sweep was fired"
+    assert not entries_of("ki"), "a withdrawn job keeps no place in the queue"
+    for job_id in withdrawn:
+        state = states[job_id]
+        assert state.get("status") == "cancelled" and "interrupted" in state.get("error", ""), \
+            (job_id, state)
+    assert cli("cancel", "hold", "--grace", "1", home=home).returncode == 0
+    waited = cli("wait", "ki", "--timeout", "120", home=home)
+    assert waited.returncode == 1 and waited.stdout.startswith("ki cancelled ("), waited
+    assert f"{len(withdrawn)} cancelled" in waited.stdout, waited.stdout
+    listed = {row["job_id"]: row for row in stackops.list_job_rows()}
+    for job_id in started:  # seen in every view
+        assert listed[job_id]["report"].status == "completed", listed[job_id]
+        assert cli("status", job_id, home=home).returncode == 0
+
+
 # -- command jobs here: any program, its output in one stream, its variables, its end (issue 23) -
 
 def _git_proj(home: Path) -> Path:
