@@ -9692,6 +9692,7 @@ class Sweep:
 
     def __init__(self, sweep_id: str, jobs: list[RemoteMachine]) -> None:
         self.sweep_id, self.jobs = sweep_id, jobs
+        self.gone: dict[str, str] = {}  # members whose folder here is gone: why (Sweep.load)
 
     job_id = property(lambda self: self.sweep_id)  # the CLI's verbs name it like a job
 
@@ -9710,7 +9711,7 @@ class Sweep:
     @classmethod
     def load(cls, sweep_id: str, base_dir: str | None = None) -> Sweep:
         """The sweep ``sweep_id`` submitted earlier from this machine (a member whose folder is
-        gone, deleted, is left out)."""
+        gone is in ``gone``: its status reads failed, saying so)."""
         queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
         try:
             ids = _read_json(queued / check_safe_name(sweep_id) / SWEEP_JSON)["ids"]
@@ -9721,7 +9722,10 @@ class Sweep:
                 if (queued / job_id / REMOTE_MACHINE_JSON).exists()]
         for job in jobs[1:]:
             job._place = jobs[0]._place  # one connection for all
-        return cls(sweep_id, jobs)
+        sweep = cls(sweep_id, jobs)
+        sweep.gone = {job_id: _gone(queued / job_id) for job_id in ids
+                      if not os.path.lexists(queued / job_id / REMOTE_MACHINE_JSON)}
+        return sweep
 
     def close(self) -> None:
         if self.jobs:
@@ -9735,10 +9739,12 @@ class Sweep:
 
     def check_job_status(self, timeout: float = 60.0) -> dict[str, JobStatus | StackopsError]:
         """Every job's status, judged where they run, all in one round trip."""
-        if not self.jobs:
-            return {}
-        reports = self.jobs[0]._place.reports(self.jobs, 0)
-        return {job.job_id: report for job, report in zip(self.jobs, reports)}
+        reports = self.jobs[0]._place.reports(self.jobs, 0) if self.jobs else []
+        answers: dict[str, JobStatus | StackopsError] = {
+            job_id: JobStatus(job_id, "failed", error_message=why)
+            for job_id, why in self.gone.items()}
+        answers.update((job.job_id, report) for job, report in zip(self.jobs, reports))
+        return dict(sorted(answers.items()))  # in the sweep's order (its ids are zero-padded)
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, JobStatus]:
         """Block until every job ended (a failed one does not stop the others); their statuses.
@@ -11284,6 +11290,8 @@ def _cmd_wait(args: Any) -> int:
                     group = "" if isinstance(target, RemoteMachine) else \
                         f" ({_counts_text(answers)})"
                     print(f"{job_id} {status}{group}", flush=True)
+                    if group:
+                        _say_failed(answers)
             if len(ended) < len(targets):
                 if deadline is not None and time.monotonic() >= deadline:
                     waiting = ", ".join(job_id for job_id in targets if job_id not in ended)
@@ -11294,6 +11302,16 @@ def _cmd_wait(args: Any) -> int:
         for target in targets.values():
             target.close()
     return 0 if all(status == "completed" for status in ended.values()) else 1
+
+
+def _say_failed(answers: dict[str, Any], most: int = 5) -> None:
+    """Name the failed members of an ended group, each with why (the first ``most``)."""
+    failed = [(part, report) for part, report in answers.items()
+              if isinstance(report, JobStatus) and report.status == "failed"]
+    for part, report in failed[:most]:
+        print(f"stackops: {part} failed: {_last_line(report.error_message)}", file=sys.stderr)
+    if len(failed) > most:
+        print(f"stackops: and {len(failed) - most} more failed", file=sys.stderr)
 
 
 def _cmd_rerun(args: Any) -> int:
@@ -12958,6 +12976,11 @@ def _plain_error(exc: BaseException) -> tuple[str, str]:
 # Each action takes a request (plain data) and returns plain data; here they are called directly,
 # on a host through serve(), so every view of a job is built by the same code wherever it runs.
 
+def _gone(root: Path) -> str:
+    """Why a job whose folder is gone reads failed: its record and results went with it."""
+    return f"no job folder at {collapse_home(root)} (removed?): how it ended is not known"
+
+
 def _reports_of(roots: list[Path], lines: int = 0,
                 tasks: list[list[str] | None] | None = None) -> list[dict[str, Any]]:
     """For each job folder: its judged state, its log tail, its place in line (and an array's
@@ -12965,6 +12988,8 @@ def _reports_of(roots: list[Path], lines: int = 0,
     once failed tasks were run again)."""
     answers = []
     for index, (root, state) in enumerate(zip(roots, judge_jobs(roots))):
+        if not state and not os.path.lexists(root):
+            state = {"status": "failed", "error": _gone(root)}
         answer: dict[str, Any] = {"root": collapse_home(root), "state": state}
         report = _job_status(root, state, lines)
         answer["tail"], answer["place"] = report.log_tail, report.place

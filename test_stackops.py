@@ -7084,6 +7084,46 @@ def test_control_retries_turn_a_flaky_first_run_into_completed_with_one_mail(hom
     assert report.status == "failed" and report.attempt == "2/2" and "flaky run 4" in report.error_message
 
 
+def test_control_wait_sweep_reports_a_member_that_cannot_be_read_and_never_hangs_on_it(home):
+    """Issue 21, defect 6: `wait SWEEP` hung silently when one member could not be read (its folder
+    deleted); now that member is named with its reason and the wait ends, never `completed`."""
+    mod = make_module(home, SWEEP_SOURCE)
+    sweep = stackops.run_sweep(mod.point, config(job_id="hw", max_simultaneous_jobs=2),
+                               [{"x": index} for index in range(3)])
+    assert {report.status for report in sweep.wait(timeout=120).values()} == {"completed"}
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    shutil.rmtree(queued / "hw-0001")  # a clean-up by hand
+    waited = cli("wait", "hw", "--timeout", "60", home=home)
+    said = waited.stdout + waited.stderr
+    assert waited.returncode not in (0, 124) and "hw completed" not in said, said
+    assert "hw-0001" in said and "no job folder" in said, said
+    state = queued / "hw-0002" / "logs" / "state.json"
+    state.write_text('{"status": "completed", ')  # hostile: a record cut short (a full disk)
+    waited = cli("wait", "hw", "--timeout", "60", home=home)
+    said = waited.stdout + waited.stderr
+    assert waited.returncode not in (0, 124) and "hw-0002" in said and "cannot be read" in said, said
+    state.unlink()
+    state.mkdir()  # and one that is not a file at all
+    waited = cli("wait", "hw", "--timeout", "60", home=home)
+    said = waited.stdout + waited.stderr
+    assert waited.returncode not in (0, 124) and "hw-0002" in said and "cannot be read" in said, said
+
+
+def test_control_wait_sweep_on_a_host_reports_a_member_gone_there(remote, home):
+    """The same on a host: a member's folder removed there (a clean-up, a reinstall) is named with
+    its reason within --timeout; the wait never waits on it silently."""
+    mod = make_module(home, SWEEP_SOURCE)
+    cfg = config(job_id="hwr", ssh_host="tb", copy_repo=True, max_simultaneous_jobs=2)
+    with stackops.run_sweep(mod.point, cfg, [{"x": index} for index in range(3)]) as sweep:
+        assert {report.status for report in sweep.wait(timeout=120).values()} == {"completed"}
+    there = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    shutil.rmtree(there / "hwr-0001")
+    waited = cli("wait", "hwr", "--timeout", "30", home=home)
+    said = waited.stdout + waited.stderr
+    assert waited.returncode != 0 and "hwr completed" not in said, said
+    assert "hwr-0001" in said and "no job folder" in said, said
+
+
 def test_control_after_waits_holding_no_slot_then_runs_or_ends_cancelled(home):
     mod = make_module(home, CONTROL_SOURCE)
     parent = RemoteMachine(mod.busy, config(job_id="a-parent", lock_resources=False),
