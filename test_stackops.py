@@ -6191,6 +6191,29 @@ def test_sweep_to_a_host_travels_as_one_stream_and_runs_each_line(remote, home):
         assert {r.status for r in small.wait(timeout=60).values()} == {"completed"}
 
 
+def test_sweep_on_a_host_downloads_every_result_in_one_connection(remote, home):
+    """Issue 21, defect 7: 51 downloads of a sweep took 65 s, one connection each. Every member's
+    results come in one connection; a member that failed is named and the others still come."""
+    mod = make_module(home, SWEEP_SOURCE)
+    cfg = config(job_id="dl", ssh_host="tb", copy_repo=True, max_simultaneous_jobs=3)
+    grid = [{"x": index, "fail": index == 4} for index in range(6)]
+    with stackops.run_sweep(mod.point, cfg, grid, func_kwargs={"tag": "dl"}) as sweep:
+        reports = sweep.wait(timeout=120)
+    assert [reports[f"dl-{i:04d}"].status for i in range(6)] == ["completed"] * 4 + ["failed", "completed"]
+
+    def accepted() -> int:
+        return remote.log_path.read_text().count("Accepted publickey")
+
+    before = accepted()
+    done = cli("download", "dl", "--to", str(home / "got"), home=home)
+    assert accepted() - before == 1, "one connection for the whole sweep"
+    assert done.returncode == 1 and "dl-0004 is failed" in done.stderr, done  # and the others come
+    for index in (0, 1, 2, 3, 5):
+        seen = json.loads((home / "got" / f"dl-{index:04d}" / "seen.json").read_text())
+        assert seen["x"] == index and seen["tag"] == "dl", seen  # its own results folder
+    assert not (home / "got" / "dl-0004").exists()
+
+
 def test_sweep_to_a_host_refuses_an_id_taken_there_and_leaves_nothing(remote, home):
     mod = make_module(home, SWEEP_SOURCE)
     with stackops.SSH.from_config_file("tb") as ssh:  # a job of another machine's, on the host only
