@@ -11030,8 +11030,7 @@ def _cmd_logs(args: Any) -> int:
             return _follow_log(target, args)
         members = _members(target)
         if args.follow:
-            raise ConfigError(f"{args.job_id} has {len(members)} jobs: follow one of them",
-                              hint=f"{_prog()} logs {members[0].job_id} -f" if members else None)
+            return _follow_members(members, args)
         for member in members:
             print(f"==> {member.job_id} <==", flush=True)
             _follow_log(member, args)
@@ -11052,6 +11051,35 @@ def _follow_log(machine: RemoteMachine, args: Any) -> int:
         if not args.follow or answer["ended"]:
             return 0
         time.sleep(0.25)
+
+
+def _follow_members(members: list[RemoteMachine], args: Any) -> int:
+    """``logs -f`` of a group (an array's tasks, a sweep, a cluster): each member's new lines
+    under a header naming it, all members looked at each time (one call per place), until every
+    one has ended and nothing more came."""
+    offsets: dict[str, int | None] = {member.job_id: None for member in members}
+    done: set[str] = set()
+    shown = ""
+    while len(done) < len(members):
+        live = [member for member in members if member.job_id not in done]
+        places: dict[int, list[RemoteMachine]] = {}
+        for member in live:
+            places.setdefault(id(member._place), []).append(member)
+        for group in places.values():
+            requests = [{"action": "logs", "roots": [member.root_there], "lines": args.lines or
+                         10**9, "offset": offsets[member.job_id]} for member in group]
+            for member, answer in zip(group, group[0]._place.call(requests)):
+                if answer["text"] and shown != member.job_id:
+                    shown = member.job_id
+                    print(f"==> {member.job_id} <==")
+                sys.stdout.write(answer["text"])
+                if answer["ended"] and not answer["text"] and offsets[member.job_id] is not None:
+                    done.add(member.job_id)  # ended, and its log read to the end after
+                offsets[member.job_id] = answer["offset"]
+        sys.stdout.flush()
+        if len(done) < len(members):
+            time.sleep(0.25)
+    return 0
 
 
 def _members(target: Any) -> list[RemoteMachine]:

@@ -6943,6 +6943,57 @@ def test_slurm_bad_input_refused_before_anything_is_written(home, tmp_path, monk
     assert len(done.stderr.strip().splitlines()) <= 2
 
 
+ARRAY_TALK = """
+    import os, time
+
+    def talk(workload_params, seconds=0.0):
+        print(f"slice {workload_params.idx_start}-{workload_params.idx_end} says hello", flush=True)
+        time.sleep(seconds)
+        return workload_params.idx_start
+"""
+
+
+def test_slurm_array_logs_show_each_task_and_follow_ends_with_the_array(slurm, home):
+    """Issue 21, defect 7: `logs ID` of a Slurm array printed nothing, and `logs ID -f` nothing
+    until the whole array ended. Each task's log comes under a header of its own; `-f` ends when
+    the array ends, and when it is cancelled while followed."""
+    (home / "proj").mkdir()
+    (home / "proj" / "jobs.py").write_text(textwrap.dedent(ARRAY_TALK))
+    env = dict(os.environ, HOME=str(home))
+
+    def follow(job_id: str, seconds: float, cancel: bool) -> str:
+        done = cli("run", "proj/jobs.py:talk", "--slurm", "--workload", "0:4:2", "--kwargs",
+                   json.dumps({"seconds": seconds}), "--job-id", job_id, home=home)
+        assert done.returncode == 0, done.stderr
+        child = subprocess.Popen([sys.executable, str(SOURCE), "logs", job_id, "-f"], cwd=home,
+                                 env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            if cancel:
+                logs = [home / "tmp_results" / "remote_machines" / "jobs" / "queued" /
+                        f"{job_id}-{k}" / stackops.OUTPUT_LOG for k in (0, 1)]
+                wait_for(lambda: all(log.exists() and "hello" in log.read_text() for log in logs),
+                         120, "both tasks to talk")
+                assert cli("cancel", job_id, home=home).returncode == 0
+            out, err = child.communicate(timeout=240)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 0, (out, err)
+        return out
+
+    for job_id, seconds, cancel in (("talks", 2.0, False), ("hushed", 600.0, True)):
+        out = follow(job_id, seconds, cancel)
+        for k, (start, end) in enumerate(((0, 2), (2, 4))):
+            assert f"==> {job_id}-{k} <==" in out, out
+            assert f"slice {start}-{end} says hello" in out, out
+    done = cli("logs", "talks", home=home)
+    assert done.returncode == 0, done.stderr
+    parts = done.stdout.split("==> talks-1 <==")
+    assert len(parts) == 2 and "==> talks-0 <==" in parts[0] and "slice 0-2 says hello" in parts[0]
+    assert "slice 2-4 says hello" in parts[1] and "slice 0-2" not in parts[1], done.stdout
+
+
 def test_slurm_cli_run_wait_and_status_json(slurm, home):
     module_dir = home / "proj"
     module_dir.mkdir()
