@@ -6994,6 +6994,60 @@ def test_slurm_array_logs_show_each_task_and_follow_ends_with_the_array(slurm, h
     assert "slice 2-4 says hello" in parts[1] and "slice 0-2" not in parts[1], done.stdout
 
 
+def test_slurm_fire_refuses_a_folder_another_user_controls_before_sbatch(slurm, home, sshd):
+    """Issue 21, defect 8: the Slurm fire skipped the folder checks every other fire makes: a job
+    folder under a folder another local user controls was handed to sbatch, and that user's script
+    ran as you. Refused with one line, here and on a login node, before anything reaches Slurm;
+    also a folder of your own that others may write."""
+    login = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"),
+                 extra=f"SetEnv SLURM_CONF={slurm.conf}\n")
+    login.client_key = sshd.client_key
+    (home / "proj").mkdir()
+    (home / "proj" / "jobs.py").write_text(textwrap.dedent(SLURM_JOBS))
+    made = []
+
+    def slurm_knows(job_id: str) -> bool:
+        shown = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True,
+                               env=slurm.env)
+        return job_id in shown.stdout
+
+    def refused(job_id: str, base: str, *where: str) -> None:
+        for slurm_flag in (["--slurm"], []):  # the Slurm fire, and the plain one beside it
+            done = cli("run", "proj/jobs.py:where", *slurm_flag, *where, "--base-dir", base,
+                       "--job-id", job_id, "--copy-repo", home=home)
+            errors = [line for line in done.stderr.splitlines() if line.startswith("stackops: error")]
+            assert done.returncode == 2 and len(errors) == 1 and "refusing" in errors[0], done
+            assert any(why in errors[0] for why in ("another user", "writable by")), errors
+            assert not slurm_knows(job_id), f"{job_id} reached Slurm"
+
+    try:
+        _write_ssh_config(home, login, alias="login")
+        with _other_account() as uid:
+            for owner, name in ((uid, "theirs"), (pwd_uid(sshd.user), "open")):
+                evil = sshd.base / f"{name}-{os.getpid()}"  # "open": the login's own, 0777
+                evil.mkdir()
+                made.append(evil)
+                os.chown(evil, owner, -1)
+                evil.chmod(0o777)
+                link = sshd.remote_home / f"jobs-{name}"
+                link.symlink_to(evil)
+                os.lchown(link, pwd_uid(sshd.user), -1)
+                refused(f"far-{name}", f"~/jobs-{name}", "--host", "login")
+                (home / f"here-{name}").symlink_to(evil)  # and here, without --host
+                refused(f"near-{name}", f"~/here-{name}")
+        assert not list(sshd.base.glob("*/queued/*")), "nothing was written under those folders"
+    finally:
+        login.stop()
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def pwd_uid(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid
+
+
 def test_slurm_cli_run_wait_and_status_json(slurm, home):
     module_dir = home / "proj"
     module_dir.mkdir()
