@@ -7016,12 +7016,13 @@ def test_slurm_fire_refuses_a_folder_another_user_controls_before_sbatch(slurm, 
             done = cli("run", "proj/jobs.py:where", *slurm_flag, *where, "--base-dir", base,
                        "--job-id", job_id, "--copy-repo", home=home)
             errors = [line for line in done.stderr.splitlines() if line.startswith("stackops: error")]
-            assert done.returncode == 2 and len(errors) == 1 and "refusing" in errors[0], done
+            assert done.returncode == 2 and len(errors) == 1 and "refusing" in errors[0], done.stderr
             assert any(why in errors[0] for why in ("another user", "writable by")), errors
             assert not slurm_knows(job_id), f"{job_id} reached Slurm"
 
     try:
         _write_ssh_config(home, login, alias="login")
+        assert cli("list", "--host", "login", home=home).returncode == 0  # stackops in its store
         with _other_account() as uid:
             for owner, name in ((uid, "theirs"), (pwd_uid(sshd.user), "open")):
                 evil = sshd.base / f"{name}-{os.getpid()}"  # "open": the login's own, 0777
