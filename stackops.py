@@ -4460,6 +4460,73 @@ def _fire_queue(roots: list[Path], first: FileManager, after: bool) -> dict[str,
     return {"pid": slots.ensure_dispatcher()}
 
 
+WITHDRAWN = "not started: its submission was interrupted"
+
+
+def _withdraw_fire(roots: list[Path]) -> bool:
+    """A fire broken off (Ctrl-C, the submitting process failing): each of its jobs that has not
+    started is withdrawn: marked cancelled (no dispatcher starts it), its queue entry taken out, a
+    wrapper that took it meanwhile stopped, its end recorded cancelled. Returns whether any job of
+    it started: that one goes on, seen by every view, beside the withdrawn ones (when none did,
+    the caller may remove them all). A second Ctrl-C waits until this is done."""
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        entries = _entries_of([root.name for root in roots], roots[0] if roots else None)
+        started = False
+        for root in roots:
+            if not os.path.exists(root / STATE_JSON):
+                continue  # never written whole: nothing of it can start
+
+            def mark(state: dict[str, Any], root: Path = root) -> bool:
+                if state.get("started") or state.get("status") not in _NOT_STARTED:
+                    return False
+                state.setdefault("cancel", WITHDRAWN)
+                entries.setdefault(root.name, []).append(Path(state.pop("entry", None) or root))
+                return True
+
+            state = _update(root, mark)
+            if state.get("started") or state.get("status") not in _NOT_STARTED:
+                started = True
+                continue
+            for entry in entries.get(root.name, []):
+                if entry != root:
+                    with _suppress(FileNotFoundError):
+                        os.unlink(entry)
+            if _alive(root):
+                _stop(root, 2.0)
+            ended = _record_end(root, "cancelled", WITHDRAWN)
+            if ended is not None:
+                _report_end(root, ended, inline=False)
+        return started
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+_NOT_STARTED = (None, "prepared", "queued", "waiting")
+
+
+def _entries_of(names: list[str], root: Path | None) -> dict[str, list[Path]]:
+    """The entries of jobs ``names`` in the queue (and after/) of the job in ``root``: an entry
+    written before its job's record said so is found too."""
+    found: dict[str, list[Path]] = {}
+    if root is None:
+        return found
+    with _suppress(OSError, StackopsError):
+        slots = FileManager.from_job_root(root).slots()
+        wanted = set(names)
+        for folder in (slots.queue, slots.root / AFTER_DIR):
+            for entry in os.listdir(folder) if folder.is_dir() else []:
+                name = entry.split("-", 1)[-1]
+                if name in wanted:
+                    found.setdefault(name, []).append(folder / entry)
+    return found
+
+
 def _start_now(root: Path, python: str) -> int:
     """A job that takes no slot: its wrapper starts at once, holding the job's lock."""
     _record(root, status="queued", machine=machine_key(), node=os.uname().nodename,
@@ -9625,6 +9692,7 @@ class Sweep:
 
     def __init__(self, sweep_id: str, jobs: list[RemoteMachine]) -> None:
         self.sweep_id, self.jobs = sweep_id, jobs
+        self.gone: dict[str, str] = {}  # members whose folder here is gone: why (Sweep.load)
 
     job_id = property(lambda self: self.sweep_id)  # the CLI's verbs name it like a job
 
@@ -9643,7 +9711,7 @@ class Sweep:
     @classmethod
     def load(cls, sweep_id: str, base_dir: str | None = None) -> Sweep:
         """The sweep ``sweep_id`` submitted earlier from this machine (a member whose folder is
-        gone, deleted, is left out)."""
+        gone is in ``gone``: its status reads failed, saying so)."""
         queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
         try:
             ids = _read_json(queued / check_safe_name(sweep_id) / SWEEP_JSON)["ids"]
@@ -9654,7 +9722,10 @@ class Sweep:
                 if (queued / job_id / REMOTE_MACHINE_JSON).exists()]
         for job in jobs[1:]:
             job._place = jobs[0]._place  # one connection for all
-        return cls(sweep_id, jobs)
+        sweep = cls(sweep_id, jobs)
+        sweep.gone = {job_id: _gone(queued / job_id) for job_id in ids
+                      if not os.path.lexists(queued / job_id / REMOTE_MACHINE_JSON)}
+        return sweep
 
     def close(self) -> None:
         if self.jobs:
@@ -9668,10 +9739,12 @@ class Sweep:
 
     def check_job_status(self, timeout: float = 60.0) -> dict[str, JobStatus | StackopsError]:
         """Every job's status, judged where they run, all in one round trip."""
-        if not self.jobs:
-            return {}
-        reports = self.jobs[0]._place.reports(self.jobs, 0)
-        return {job.job_id: report for job, report in zip(self.jobs, reports)}
+        reports = self.jobs[0]._place.reports(self.jobs, 0) if self.jobs else []
+        answers: dict[str, JobStatus | StackopsError] = {
+            job_id: JobStatus(job_id, "failed", error_message=why)
+            for job_id, why in self.gone.items()}
+        answers.update((job.job_id, report) for job, report in zip(self.jobs, reports))
+        return dict(sorted(answers.items()))  # in the sweep's order (its ids are zero-padded)
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, JobStatus]:
         """Block until every job ended (a failed one does not stop the others); their statuses.
@@ -9790,10 +9863,11 @@ def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run:
         else:
             fired = fire_jobs([job.file_manager.job_root for job in jobs]) if run else {}
     except BaseException:
-        for name in made:
+        kept = not template.is_remote and _withdraw_fire([queued / name for name in made[1:]])
+        for name in [] if kept else made:  # a fire with no job started leaves nothing
             path = queued / name
-            if path.is_dir() and not path.is_symlink() and \
-                    read_state(path).get("status") in (None, "prepared"):
+            if path.is_dir() and not path.is_symlink() and (not template.is_remote or read_state(
+                    path).get("status") in (None, "prepared")):
                 shutil.rmtree(path, ignore_errors=True)
         raise
     for job in jobs:
@@ -10956,8 +11030,7 @@ def _cmd_logs(args: Any) -> int:
             return _follow_log(target, args)
         members = _members(target)
         if args.follow:
-            raise ConfigError(f"{args.job_id} has {len(members)} jobs: follow one of them",
-                              hint=f"{_prog()} logs {members[0].job_id} -f" if members else None)
+            return _follow_members(members, args)
         for member in members:
             print(f"==> {member.job_id} <==", flush=True)
             _follow_log(member, args)
@@ -10978,6 +11051,35 @@ def _follow_log(machine: RemoteMachine, args: Any) -> int:
         if not args.follow or answer["ended"]:
             return 0
         time.sleep(0.25)
+
+
+def _follow_members(members: list[RemoteMachine], args: Any) -> int:
+    """``logs -f`` of a group (an array's tasks, a sweep, a cluster): each member's new lines
+    under a header naming it, all members looked at each time (one call per place), until every
+    one has ended and nothing more came."""
+    offsets: dict[str, int | None] = {member.job_id: None for member in members}
+    done: set[str] = set()
+    shown = ""
+    while len(done) < len(members):
+        live = [member for member in members if member.job_id not in done]
+        places: dict[int, list[RemoteMachine]] = {}
+        for member in live:
+            places.setdefault(id(member._place), []).append(member)
+        for group in places.values():
+            requests = [{"action": "logs", "roots": [member.root_there], "lines": args.lines or
+                         10**9, "offset": offsets[member.job_id]} for member in group]
+            for member, answer in zip(group, group[0]._place.call(requests)):
+                if answer["text"] and shown != member.job_id:
+                    shown = member.job_id
+                    print(f"==> {member.job_id} <==")
+                sys.stdout.write(answer["text"])
+                if answer["ended"] and not answer["text"] and offsets[member.job_id] is not None:
+                    done.add(member.job_id)  # ended, and its log read to the end after
+                offsets[member.job_id] = answer["offset"]
+        sys.stdout.flush()
+        if len(done) < len(members):
+            time.sleep(0.25)
+    return 0
 
 
 def _members(target: Any) -> list[RemoteMachine]:
@@ -11216,6 +11318,8 @@ def _cmd_wait(args: Any) -> int:
                     group = "" if isinstance(target, RemoteMachine) else \
                         f" ({_counts_text(answers)})"
                     print(f"{job_id} {status}{group}", flush=True)
+                    if group:
+                        _say_failed(answers)
             if len(ended) < len(targets):
                 if deadline is not None and time.monotonic() >= deadline:
                     waiting = ", ".join(job_id for job_id in targets if job_id not in ended)
@@ -11226,6 +11330,16 @@ def _cmd_wait(args: Any) -> int:
         for target in targets.values():
             target.close()
     return 0 if all(status == "completed" for status in ended.values()) else 1
+
+
+def _say_failed(answers: dict[str, Any], most: int = 5) -> None:
+    """Name the failed members of an ended group, each with why (the first ``most``)."""
+    failed = [(part, report) for part, report in answers.items()
+              if isinstance(report, JobStatus) and report.status == "failed"]
+    for part, report in failed[:most]:
+        print(f"stackops: {part} failed: {_last_line(report.error_message)}", file=sys.stderr)
+    if len(failed) > most:
+        print(f"stackops: and {len(failed) - most} more failed", file=sys.stderr)
 
 
 def _cmd_rerun(args: Any) -> int:
@@ -12890,6 +13004,11 @@ def _plain_error(exc: BaseException) -> tuple[str, str]:
 # Each action takes a request (plain data) and returns plain data; here they are called directly,
 # on a host through serve(), so every view of a job is built by the same code wherever it runs.
 
+def _gone(root: Path) -> str:
+    """Why a job whose folder is gone reads failed: its record and results went with it."""
+    return f"no job folder at {collapse_home(root)} (removed?): how it ended is not known"
+
+
 def _reports_of(roots: list[Path], lines: int = 0,
                 tasks: list[list[str] | None] | None = None) -> list[dict[str, Any]]:
     """For each job folder: its judged state, its log tail, its place in line (and an array's
@@ -12897,6 +13016,8 @@ def _reports_of(roots: list[Path], lines: int = 0,
     once failed tasks were run again)."""
     answers = []
     for index, (root, state) in enumerate(zip(roots, judge_jobs(roots))):
+        if not state and not os.path.lexists(root):
+            state = {"status": "failed", "error": _gone(root)}
         answer: dict[str, Any] = {"root": collapse_home(root), "state": state}
         report = _job_status(root, state, lines)
         answer["tail"], answer["place"] = report.log_tail, report.place

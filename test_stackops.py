@@ -2676,6 +2676,66 @@ def sweep_ids_width():
     return [ids[0], ids[-1]]
 
 
+def test_sweep_interrupted_while_it_fires_leaves_each_job_started_and_seen_or_withdrawn(home):
+    """Issue 21, defect 6: Ctrl-C while a local sweep was fired left jobs running that no view
+    showed, the rest never started, and `wait SWEEP` said `completed` (exit 0). Each job is now
+    started and seen, or withdrawn (no queue entry, nothing that looks ready to start); a second
+    Ctrl-C while it withdraws changes nothing; broken off before any job started, nothing stays."""
+    mod = make_module(home, SWEEP_SOURCE)
+    target = f"{mod.__file__}:point"
+    grid = home / "grid.jsonl"
+    grid.write_text("".join(json.dumps({"x": index}) + "\n" for index in range(1500)))
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+
+    def interrupt(sweep_id: str, fired) -> None:
+        child = subprocess.Popen([sys.executable, str(SOURCE), "run", target, "--sweep", str(grid),
+                                  "--job-id", sweep_id, "--max-jobs", "2"], cwd=home,
+                                 env=dict(os.environ, HOME=str(home)), text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: fired(state_of(queued / f"{sweep_id}-0000").get("status"))
+                     or child.poll() is not None, 300, "the sweep's fire to be under way")
+            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGINT)  # an impatient user presses it twice
+            out, err = child.communicate(timeout=300)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 130 and "interrupted" in err, (out, err)
+
+    def entries_of(sweep_id: str) -> list[str]:
+        return [name for name in Slots().entries() if name.split("-", 1)[1].startswith(sweep_id)]
+
+    interrupt("early", lambda status: status == "waiting")  # in line, none started yet
+    assert not list(queued.glob("early*")) and not entries_of("early"), "nothing of it stays"
+    assert cli("wait", "early", home=home).returncode == 2
+
+    hold = cli("run", target, "--kwargs", '{"x": -1, "seconds": 600}', "--job-id", "hold",
+               "--max-jobs", "2", home=home)  # a live dispatcher: the sweep's jobs start at once
+    assert hold.returncode == 0, hold.stderr
+    wait_for(lambda: state_of(queued / "hold").get("status") == "running", 60, "hold to run")
+    interrupt("ki", lambda status: status in ("running", "completed"))
+    ids = stackops.sweep_job_ids("ki", 1500)
+    states = {job_id: state_of(queued / job_id) for job_id in ids}
+    started = [job_id for job_id, state in states.items() if state.get("started")]
+    withdrawn = [job_id for job_id in ids if job_id not in started]
+    assert started and withdrawn, "the interrupt came while the sweep was fired"
+    assert not entries_of("ki"), "a withdrawn job keeps no place in the queue"
+    for job_id in withdrawn:
+        state = states[job_id]
+        assert state.get("status") == "cancelled" and "interrupted" in state.get("error", ""), \
+            (job_id, state)
+    assert cli("cancel", "hold", "--grace", "1", home=home).returncode == 0
+    waited = cli("wait", "ki", "--timeout", "120", home=home)
+    assert waited.returncode == 1 and waited.stdout.startswith("ki cancelled ("), waited
+    assert f"{len(withdrawn)} cancelled" in waited.stdout, waited.stdout
+    listed = {row["job_id"]: row for row in stackops.list_job_rows()}
+    for job_id in started:  # seen in every view
+        assert listed[job_id]["report"].status == "completed", listed[job_id]
+        assert cli("status", job_id, home=home).returncode == 0
+
+
 # -- command jobs here: any program, its output in one stream, its variables, its end (issue 23) -
 
 def _git_proj(home: Path) -> Path:
@@ -6132,6 +6192,29 @@ def test_sweep_to_a_host_travels_as_one_stream_and_runs_each_line(remote, home):
         assert {r.status for r in small.wait(timeout=60).values()} == {"completed"}
 
 
+def test_sweep_on_a_host_downloads_every_result_in_one_connection(remote, home):
+    """Issue 21, defect 7: 51 downloads of a sweep took 65 s, one connection each. Every member's
+    results come in one connection; a member that failed is named and the others still come."""
+    mod = make_module(home, SWEEP_SOURCE)
+    cfg = config(job_id="dl", ssh_host="tb", copy_repo=True, max_simultaneous_jobs=3)
+    grid = [{"x": index, "fail": index == 4} for index in range(6)]
+    with stackops.run_sweep(mod.point, cfg, grid, func_kwargs={"tag": "dl"}) as sweep:
+        reports = sweep.wait(timeout=120)
+    assert [reports[f"dl-{i:04d}"].status for i in range(6)] == ["completed"] * 4 + ["failed", "completed"]
+
+    def accepted() -> int:
+        return remote.log_path.read_text().count("Accepted publickey")
+
+    before = accepted()
+    done = cli("download", "dl", "--to", str(home / "got"), home=home)
+    assert accepted() - before == 1, "one connection for the whole sweep"
+    assert done.returncode == 1 and "dl-0004 is failed" in done.stderr, done  # and the others come
+    for index in (0, 1, 2, 3, 5):
+        seen = json.loads((home / "got" / f"dl-{index:04d}" / "seen.json").read_text())
+        assert seen["x"] == index and seen["tag"] == "dl", seen  # its own results folder
+    assert not (home / "got" / "dl-0004").exists()
+
+
 def test_sweep_to_a_host_refuses_an_id_taken_there_and_leaves_nothing(remote, home):
     mod = make_module(home, SWEEP_SOURCE)
     with stackops.SSH.from_config_file("tb") as ssh:  # a job of another machine's, on the host only
@@ -6861,6 +6944,112 @@ def test_slurm_bad_input_refused_before_anything_is_written(home, tmp_path, monk
     assert len(done.stderr.strip().splitlines()) <= 2
 
 
+ARRAY_TALK = """
+    import os, time
+
+    def talk(workload_params, seconds=0.0):
+        print(f"slice {workload_params.idx_start}-{workload_params.idx_end} says hello", flush=True)
+        time.sleep(seconds)
+        return workload_params.idx_start
+"""
+
+
+def test_slurm_array_logs_show_each_task_and_follow_ends_with_the_array(slurm, home):
+    """Issue 21, defect 7: `logs ID` of a Slurm array printed nothing, and `logs ID -f` nothing
+    until the whole array ended. Each task's log comes under a header of its own; `-f` ends when
+    the array ends, and when it is cancelled while followed."""
+    (home / "proj").mkdir()
+    (home / "proj" / "jobs.py").write_text(textwrap.dedent(ARRAY_TALK))
+    env = dict(os.environ, HOME=str(home))
+
+    def follow(job_id: str, seconds: float, cancel: bool) -> str:
+        done = cli("run", "proj/jobs.py:talk", "--slurm", "--workload", "0:4:2", "--kwargs",
+                   json.dumps({"seconds": seconds}), "--job-id", job_id, home=home)
+        assert done.returncode == 0, done.stderr
+        child = subprocess.Popen([sys.executable, str(SOURCE), "logs", job_id, "-f"], cwd=home,
+                                 env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            if cancel:
+                logs = [home / "tmp_results" / "remote_machines" / "jobs" / "queued" /
+                        f"{job_id}-{k}" / stackops.OUTPUT_LOG for k in (0, 1)]
+                wait_for(lambda: all(log.exists() and "hello" in log.read_text() for log in logs),
+                         120, "both tasks to talk")
+                assert cli("cancel", job_id, home=home).returncode == 0
+            out, err = child.communicate(timeout=240)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 0, (out, err)
+        return out
+
+    for job_id, seconds, cancel in (("talks", 2.0, False), ("hushed", 600.0, True)):
+        out = follow(job_id, seconds, cancel)
+        for k, (start, end) in enumerate(((0, 2), (2, 4))):
+            assert f"==> {job_id}-{k} <==" in out, out
+            assert f"slice {start}-{end} says hello" in out, out
+    done = cli("logs", "talks", home=home)
+    assert done.returncode == 0, done.stderr
+    parts = done.stdout.split("==> talks-1 <==")
+    assert len(parts) == 2 and "==> talks-0 <==" in parts[0] and "slice 0-2 says hello" in parts[0]
+    assert "slice 2-4 says hello" in parts[1] and "slice 0-2" not in parts[1], done.stdout
+
+
+def test_slurm_fire_refuses_a_folder_another_user_controls_before_sbatch(slurm, home, sshd):
+    """Issue 21, defect 8: the Slurm fire skipped the folder checks every other fire makes: a job
+    folder under a folder another local user controls was handed to sbatch, and that user's script
+    ran as you. Refused with one line, here and on a login node, before anything reaches Slurm;
+    also a folder of your own that others may write."""
+    login = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"),
+                 extra=f"SetEnv SLURM_CONF={slurm.conf}\n")
+    login.client_key = sshd.client_key
+    (home / "proj").mkdir()
+    (home / "proj" / "jobs.py").write_text(textwrap.dedent(SLURM_JOBS))
+    made = []
+
+    def slurm_knows(job_id: str) -> bool:
+        shown = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True,
+                               env=slurm.env)
+        return job_id in shown.stdout
+
+    def refused(job_id: str, base: str, *where: str) -> None:
+        for slurm_flag in (["--slurm"], []):  # the Slurm fire, and the plain one beside it
+            done = cli("run", "proj/jobs.py:where", *slurm_flag, *where, "--base-dir", base,
+                       "--job-id", job_id, "--copy-repo", home=home)
+            errors = [line for line in done.stderr.splitlines() if line.startswith("stackops: error")]
+            assert done.returncode == 2 and len(errors) == 1 and "refusing" in errors[0], done.stderr
+            assert any(why in errors[0] for why in ("another user", "writable by")), errors
+            assert not slurm_knows(job_id), f"{job_id} reached Slurm"
+
+    try:
+        _write_ssh_config(home, login, alias="login")
+        assert cli("list", "--host", "login", home=home).returncode == 0  # stackops in its store
+        with _other_account() as uid:
+            for owner, name in ((uid, "theirs"), (pwd_uid(sshd.user), "open")):
+                evil = sshd.base / f"{name}-{os.getpid()}"  # "open": the login's own, 0777
+                evil.mkdir()
+                made.append(evil)
+                os.chown(evil, owner, -1)
+                evil.chmod(0o777)
+                link = sshd.remote_home / f"jobs-{name}"
+                link.symlink_to(evil)
+                os.lchown(link, pwd_uid(sshd.user), -1)
+                refused(f"far-{name}", f"~/jobs-{name}", "--host", "login")
+                (home / f"here-{name}").symlink_to(evil)  # and here, without --host
+                refused(f"near-{name}", f"~/here-{name}")
+        assert not list(sshd.base.glob("*/queued/*")), "nothing was written under those folders"
+    finally:
+        login.stop()
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def pwd_uid(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid
+
+
 def test_slurm_cli_run_wait_and_status_json(slurm, home):
     module_dir = home / "proj"
     module_dir.mkdir()
@@ -7023,6 +7212,46 @@ def test_control_retries_turn_a_flaky_first_run_into_completed_with_one_mail(hom
                                                                                     "fail_times": 9}).run()
     report = wait_done(never)
     assert report.status == "failed" and report.attempt == "2/2" and "flaky run 4" in report.error_message
+
+
+def test_control_wait_sweep_reports_a_member_that_cannot_be_read_and_never_hangs_on_it(home):
+    """Issue 21, defect 6: `wait SWEEP` hung silently when one member could not be read (its folder
+    deleted); now that member is named with its reason and the wait ends, never `completed`."""
+    mod = make_module(home, SWEEP_SOURCE)
+    sweep = stackops.run_sweep(mod.point, config(job_id="hw", max_simultaneous_jobs=2),
+                               [{"x": index} for index in range(3)])
+    assert {report.status for report in sweep.wait(timeout=120).values()} == {"completed"}
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    shutil.rmtree(queued / "hw-0001")  # a clean-up by hand
+    waited = cli("wait", "hw", "--timeout", "60", home=home)
+    said = waited.stdout + waited.stderr
+    assert waited.returncode not in (0, 124) and "hw completed" not in said, said
+    assert "hw-0001" in said and "no job folder" in said, said
+    state = queued / "hw-0002" / "logs" / "state.json"
+    state.write_text('{"status": "completed", ')  # hostile: a record cut short (a full disk)
+    waited = cli("wait", "hw", "--timeout", "60", home=home)
+    said = waited.stdout + waited.stderr
+    assert waited.returncode not in (0, 124) and "hw-0002" in said and "cannot be read" in said, said
+    state.unlink()
+    state.mkdir()  # and one that is not a file at all
+    waited = cli("wait", "hw", "--timeout", "60", home=home)
+    said = waited.stdout + waited.stderr
+    assert waited.returncode not in (0, 124) and "hw-0002" in said and "cannot be read" in said, said
+
+
+def test_control_wait_sweep_on_a_host_reports_a_member_gone_there(remote, home):
+    """The same on a host: a member's folder removed there (a clean-up, a reinstall) is named with
+    its reason within --timeout; the wait never waits on it silently."""
+    mod = make_module(home, SWEEP_SOURCE)
+    cfg = config(job_id="hwr", ssh_host="tb", copy_repo=True, max_simultaneous_jobs=2)
+    with stackops.run_sweep(mod.point, cfg, [{"x": index} for index in range(3)]) as sweep:
+        assert {report.status for report in sweep.wait(timeout=120).values()} == {"completed"}
+    there = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    shutil.rmtree(there / "hwr-0001")
+    waited = cli("wait", "hwr", "--timeout", "30", home=home)
+    said = waited.stdout + waited.stderr
+    assert waited.returncode != 0 and "hwr completed" not in said, said
+    assert "hwr-0001" in said and "no job folder" in said, said
 
 
 def test_control_after_waits_holding_no_slot_then_runs_or_ends_cancelled(home):
