@@ -4865,8 +4865,10 @@ def _blob(store: Path, digest: str) -> Path:
 
 def _handover_plan(request: dict[str, Any]) -> dict[str, Any]:
     """What this machine lacks for a job (blobs, data files), whether it sees the sender's files
-    (its nonce) and whether the job exists here already; with facts about this machine."""
+    (its nonce) and whether the job exists here already; with facts about this machine. A base
+    folder that is not yours alone is refused here, before anything is sent."""
     store = _store()
+    _trusted_dir(expand_home(request["job_root"]).parent, "base folder")
     wanted = list(request.get("blobs") or [])
     manifest = store / f"{_safe_relative(request['snapshot'])}.json" if request.get("snapshot") \
         else None
@@ -6475,6 +6477,16 @@ def _serve_remotely(ssh: SSH, requests: list[dict[str, Any]], python: str = "pyt
     said: list[str] = []
 
     def produce(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
+        try:
+            talk_to(write, readline)
+        except (OSError, EOFError, _paramiko().SSHException):
+            with _suppress(OSError, EOFError, _paramiko().SSHException):
+                for line in iter(readline, b""):  # the host refused and left while we sent:
+                    if "error" in _json_line(line):  # its word, rather than the broken pipe's
+                        _answer_of(line, ssh.target.alias)
+            raise
+
+    def talk_to(write: Callable[[bytes], None], readline: Callable[[], bytes]) -> None:
         word = _boot_word(readline, fence)
         if word == "need":
             source = _own_source()
