@@ -4786,14 +4786,27 @@ def delete_job(root: Path) -> str:
     if status not in TERMINAL_STATUSES and status != "prepared":
         raise ConfigError(f"job {root.name} is {status}; cancel it before deleting it",
                           hint=f"{_prog()} cancel {root.name}")
-    shared = root.parent / os.readlink(root / "python").split("/")[1] \
-        if os.path.islink(root / "python") else None
+    ids = _leave_sweep(root)
     shutil.rmtree(root)
-    if shared is not None and (shared / SWEEP_JSON).exists():
-        ids = _read_json(shared / SWEEP_JSON).get("ids") or []
-        if not any(os.path.lexists(root.parent / other) for other in ids):
-            shutil.rmtree(shared, ignore_errors=True)
+    if ids is not None and not any(os.path.lexists(root.parent / other) for other in ids[1]):
+        shutil.rmtree(ids[0], ignore_errors=True)
     return collapse_home(root)
+
+
+def _leave_sweep(root: Path) -> tuple[Path, list[str]] | None:
+    """A deleted job leaves its sweep: its id is taken out of the sweep's members (so that no
+    view counts it as a member gone missing). Returns (the sweep's folder, the ids left), or None
+    for a job of no sweep."""
+    if not os.path.islink(root / "python"):
+        return None
+    shared = root.parent / os.readlink(root / "python").split("/")[1]
+    if not (shared / SWEEP_JSON).is_file():
+        return None
+    with _FileLock(shared / SWEEP_JSON.replace(".json", ".lock")):
+        record = _read_json(shared / SWEEP_JSON)
+        record["ids"] = [other for other in record.get("ids") or [] if other != root.name]
+        _atomic_write_json(shared / SWEEP_JSON, record)
+    return shared, record["ids"]
 
 
 def _is_own_results(job_root: Path, job_id: str, path: Path) -> bool:
@@ -9107,6 +9120,7 @@ def _delete_job(machine: RemoteMachine, results: bool) -> None:
     place.call([{"action": "delete", "roots": [*roots, there], "results": results}])
     for folder in [task.file_manager.job_root for task in tasks] + [root]:
         if folder.is_dir() and not folder.is_symlink():  # the record here of a job on a host
+            _leave_sweep(folder)
             shutil.rmtree(folder)
     log.info("job %s deleted", machine.job_id)
 

@@ -7238,6 +7238,13 @@ def test_control_wait_sweep_reports_a_member_that_cannot_be_read_and_never_hangs
     waited = cli("wait", "hw", "--timeout", "60", home=home)
     said = waited.stdout + waited.stderr
     assert waited.returncode not in (0, 124) and "hw-0002" in said and "cannot be read" in said, said
+    kept = stackops.run_sweep(mod.point, config(job_id="hd"), [{"x": index} for index in range(2)])
+    assert {report.status for report in kept.wait(timeout=120).values()} == {"completed"}
+    assert cli("delete", "hd-0000", home=home).returncode == 0  # on purpose: it leaves the sweep
+    shown = cli("status", "hd", home=home)
+    assert shown.stdout.startswith("hd: 1 completed") and "hd-0000" not in shown.stdout, shown
+    assert cli("wait", "hd", "--timeout", "30", home=home).returncode == 0
+    assert cli("delete", "hd", home=home).returncode == 0 and not list(queued.glob("hd*"))
 
 
 def test_control_wait_sweep_on_a_host_reports_a_member_gone_there(remote, home):
