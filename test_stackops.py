@@ -6011,11 +6011,30 @@ def test_remote_progress_json_lines_for_tools(remote, home):
     assert 3 * 2**20 < events[-1]["total"] <= events[-1]["done"] < 8 * 2**20
 
 
+SLOW_RELAY = """
+import os, socket, sys, threading, time
+link = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+
+def up():  # at most 2 MiB/s towards the host: a transfer of 8 MiB lasts seconds, on any machine
+    for data in iter(lambda: os.read(0, 65536), b""):
+        link.sendall(data)
+        time.sleep(len(data) / 2**21)
+    link.shutdown(socket.SHUT_WR)
+
+threading.Thread(target=up, daemon=True).start()
+for data in iter(lambda: link.recv(65536), b""):
+    os.write(1, data)
+"""
+
+
 def test_remote_progress_line_on_a_terminal_is_cleared_before_the_next_output(remote, home):
     (home / "big.bin").write_bytes(os.urandom(8 * 2**20))
+    (home / "slow_relay.py").write_text(SLOW_RELAY)
+    _write_ssh_config(home, remote, alias="tbslow", known=False,
+                      extra=f"  ProxyCommand {sys.executable} {home / 'slow_relay.py'} %p\n")
     master, slave = os.openpty()
     try:
-        command = [sys.executable, str(SOURCE), "copy", "big.bin", "tb:~/big-tty.bin"]
+        command = [sys.executable, str(SOURCE), "copy", "big.bin", "tbslow:~/big-tty.bin"]
         proc = subprocess.Popen(command, cwd=home, env=dict(os.environ, HOME=str(home), COLUMNS="200"),
                                 stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
         os.close(slave)
@@ -6032,9 +6051,9 @@ def test_remote_progress_line_on_a_terminal_is_cleared_before_the_next_output(re
     finally:
         os.close(master)
     shown = b"".join(chunks).decode()
-    line = r"upload to tb:~/big-tty\.bin +\d+%  [\d.]+ MiB of 8\.0 MiB  [\d.]+ MiB/s  \d+:\d\d left"
+    line = r"upload to tbslow:~/big-tty\.bin +\d+%  [\d.]+ MiB of 8\.0 MiB  [\d.]+ MiB/s  \d+:\d\d left"
     assert re.search(line, shown), repr(shown)
-    assert shown.split("\r\x1b[K")[-1] == "tb:~/big-tty.bin\r\n", repr(shown[-200:])
+    assert shown.split("\r\x1b[K")[-1] == "tbslow:~/big-tty.bin\r\n", repr(shown[-200:])
 
 
 # -- sweeps, to a host ---------------------------------------------------------------------------
@@ -6626,6 +6645,37 @@ def test_slurm_over_ssh_to_a_login_node_sharing_the_home_completes(slurm, home, 
         login.stop()
 
 
+@needs_root
+def test_slurm_over_ssh_refuses_a_job_folder_another_user_controls(slurm, home, sshd):
+    """The login node's base folder is a link into a folder another user made (0777): the hand-over
+    refuses it before sbatch, as any fire does; nothing is written there, nothing reaches Slurm."""
+    login = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"),
+                 extra=f"SetEnv SLURM_CONF={slurm.conf}\n")
+    login.client_key = sshd.client_key
+    shared, link = sshd.base / f"open-{os.getpid()}", sshd.remote_home / "sjobs-open"
+    try:
+        with _other_account() as uid:
+            shared.mkdir()
+            shared.chmod(0o777)
+            os.chown(shared, uid, uid)
+            link.symlink_to(shared)
+            _write_ssh_config(home, login, alias="login2")
+            module = make_module(home, SLURM_JOBS)
+            cfg = config(ssh_host="login2", launch_method="slurm", copy_repo=True, base_dir="~/sjobs-open",
+                         job_id="s-trust")
+            with pytest.raises(ConfigError, match="belongs to another user"):
+                RemoteMachine(module.where, cfg).run()
+            assert list(shared.iterdir()) == []  # nothing written into her folder
+            queued = subprocess.run(["squeue", "-h", "-n", "s-trust"], capture_output=True, text=True,
+                                    env=slurm.env).stdout
+            assert queued.strip() == ""
+            assert not (home / "sjobs-open" / "queued" / "s-trust").exists()  # withdrawn here too
+    finally:
+        login.stop()
+        link.unlink(missing_ok=True)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 @needs_slurm
 def test_slurm_compute_node_that_does_not_see_the_home_is_reported(home, tmp_path_factory, monkeypatch):
     """slurmd runs where an empty tmpfs covers the login node's home: the job never finds its folder."""
@@ -6828,6 +6878,10 @@ def test_slurm_cli_run_wait_and_status_json(slurm, home):
     assert {task["status"] for task in status["tasks"]} == {"completed"}
     table = cli("status", "arr", home=home).stdout
     assert "arr-2" in table and f"{status['slurm_job_id']}_2" in table
+    listed = {row["job_id"]: row["status"] for row in json.loads(cli("list", "--json", home=home).stdout)}
+    assert [listed[job_id] for job_id in ("arr", "arr-0", "arr-1", "arr-2")] == ["completed"] * 4  # as status
+    logs = cli("logs", "arr", home=home).stdout  # an array's log is its tasks' logs
+    assert all(f"==> arr-{k} <==" in logs for k in range(3)) and logs.count("JOB COMPLETED") == 3, logs
 
 
 # ============================================================================================
