@@ -6612,6 +6612,19 @@ def test_slurm_over_ssh_to_a_login_node_submits_watches_and_cancels(slurm, home,
             local = machine.download_results(home / "back")
             result = json.loads((local / "result.json").read_text())
             assert result["tag"] == "far" and result["slurm_job_id"] == machine.slurm_job_id
+        arrays = make_module(home, SLURM_ARRAY_JOBS)  # an array: its tasks travel as members of its folder
+        workload = WorkloadParams(idx_min=0, idx_max=8, idx_start=0, idx_end=8, jobs=2)
+        with RemoteMachine(arrays.indices, config(job_id="far-arr", ssh_host="login", launch_method="slurm",
+                                                  copy_repo=True, workload_params=workload)) as array:
+            array.run()
+            report = _slurm_wait(array, 120)
+            assert report.status == "completed" and "2 completed" in report.reason, report
+            folder = array.download_results(home / "far-arr")
+            seen = [json.loads((folder / f"far-arr-{k}" / "result.json").read_text()) for k in range(2)]
+            assert [r["indices"] for r in seen] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+            assert [r["array"] for r in seen] == [array.slurm_job_id] * 2
+        listed = {row["job_id"]: row["status"] for row in json.loads(cli("list", "--json", home=home).stdout)}
+        assert listed["far-arr"] == "completed", listed  # judged on the login node, as status is
         with RemoteMachine(module.sleeper, config(ssh_host="login", launch_method="slurm", copy_repo=True)) as job:
             job.run()
             wait_for(lambda: job.get_status(0).status == "running", 60, "the job to run")
