@@ -1,4 +1,4 @@
-"""stackops: run a Python function or script detached on this machine or one reachable over SSH.
+"""stackops: run a Python function, a script or any command detached, here or over SSH or Slurm.
 
 Quick start (the first half runs as it is; the second needs a host in ~/.ssh/config):
 
@@ -18,11 +18,11 @@ Quick start (the first half runs as it is; the second needs a host in ~/.ssh/con
     print(job.get_status())             # queued, waiting, running, completed or failed
     folder = job.wait()                 # later, or elsewhere: RemoteMachine.load("fit-1").wait()
 
-A job is a folder: the function or script to call, its arguments, a generated shell launcher and
-Python wrapper, and a copy of this very file, so the executing machine needs nothing but python3
-(3.8 or newer). The job runs detached, waits for one of the machine's slots (at most
-``max_simultaneous_jobs`` at once, first come first served), and leaves its status, times, log
-and results path in the folder, where ``check_job_status`` reads them.
+A job is a folder: what to run, its arguments, a small Python wrapper and a copy of this very file,
+so the executing machine needs nothing but python3 (3.8 or newer). The job runs detached, waits for
+one of the machine's slots (at most ``max_simultaneous_jobs`` at once, first come first served),
+and keeps one record, ``logs/state.json``: one function decides its state (_judge), one writes its
+end (_record_end), and on a host every question goes to one entry of this file (serve).
 
 Three ways to use it:
 
@@ -38,9 +38,9 @@ Sections (bottom-up; each uses only the sections above it; 0-9 are standard libr
      3  errors          StackopsError and its subclasses
      4  utilities       atomic writes, home-relative paths, quoting, times, process liveness
      5  models          RemoteStackOpsConfig, WorkloadParams, JobStatus, ExecutionTimings, JobParams
-     6  templates       the shell launcher and the Python wrapper, one strict renderer
-     7  job folder      FileManager: layout, slots and queue, status
-     8  job execution   what the wrapper runs on the executing machine
+     6  templates       the Python wrapper and the #SBATCH header, one strict renderer
+     7  job folder      FileManager, the state record, liveness (a lock), slots and queue, _judge
+     8  job execution   the wrapper's lifecycle, the dispatcher, fire, cancel, the host's actions
      9  network         local addresses, the LAN address, the public IP and its rotation (warp-cli)
     10  SSH             paramiko (lazily): OpenSSH-style targets, host keys, commands
     11  transfer        copies as sftp and tar streams (whole or not at all), rclone transfers
@@ -51,6 +51,7 @@ Sections (bottom-up; each uses only the sections above it; 0-9 are standard libr
     15  cluster         load calculators, Cluster: one workload split over several hosts
     16  cloud worker    claims and runs the work units of a cloud queue
     17  CLI             argument parser, one small handler per command, main(argv) -> int
+    18  serve           the executing side's one entry: JSON requests in, JSON answers out
 
 Environment variables (read on the machine where they matter):
 
@@ -2366,7 +2367,10 @@ def _record_end(root: Path, status: str, error: str = "", final: bool = True,
         if state.get("status") in TERMINAL_STATUSES and state.get("final", True):
             return False
         cancelled = status == "failed" and state.get("cancel")
-        state.update(fields, status="cancelled" if cancelled else status, error=error,
+        if state.get("slurm") and "slurm" not in fields:  # Slurm's word of before no longer holds
+            state["slurm"] = {k: v for k, v in state["slurm"].items() if k not in ("state", "reason")}
+        state.update({"reason": ""}, **fields)  # why it waited, once it ended
+        state.update(status="cancelled" if cancelled else status, error=error,
                      ended=fields.get("ended") or _iso(_utcnow()), final=final)
         recorded.append(True)
         return True
@@ -6382,8 +6386,11 @@ def _serve_remotely(ssh: SSH, requests: list[dict[str, Any]], python: str = "pyt
                                timeout=max(timeout or 0.0, ssh.timeout))
     if len(answers) == len(requests):
         return answers
-    why = said[0][6:] if said and said[0].startswith("error ") else \
-        _last_line(response.stderr) or f"exit status {response.returncode}"
+    if said and said[0].startswith("error "):  # the boot's own refusal: one line, said as it is
+        hint = ("make it yours alone (chmod go-w), or set it elsewhere"
+                if "refusing the store" in said[0] else None)
+        raise ConfigError(f"on {ssh.target.alias}: {said[0][6:]}", hint=hint)
+    why = _last_line(response.stderr) or f"exit status {response.returncode}"
     if response.returncode == 127 or "not found" in why and python in why:
         raise ConfigError(f"the interpreter {python!r} is not found on {ssh.target.alias}",
                           hint="install python3 (3.8+) there, or pass --python with one it has")
@@ -7686,12 +7693,15 @@ class CloudQueue:
         self._put(f"{unit_id}/status.json", json.dumps(status))
         return True
 
-    def report(self) -> list[dict[str, Any]]:
-        """One row per unit: queued, running on a worker, stale (its worker went quiet), done, or
-        ``unreadable`` (its status.json, with why in ``error``). The bucket is written by anyone
-        who may: every text in a row is made safe for a terminal (_terminal_safe)."""
+    def report(self, only: list[str] | None = None) -> list[dict[str, Any]]:
+        """One row per unit (``only`` these): queued, running on a worker, stale (its worker went
+        quiet), done, or ``unreadable`` (its status.json, with why in ``error``). The bucket is
+        written by anyone who may: every text in a row is made safe for a terminal
+        (_terminal_safe)."""
         rows = []
         for unit_id, info in sorted(self.listing().items()):
+            if only is not None and unit_id not in only:
+                continue
             row: dict[str, Any] = {"unit": _terminal_safe(unit_id), "state": "queued",
                                    "worker": None}
             if not info["ready"]:
@@ -7744,7 +7754,10 @@ class CloudQueue:
 
 def _place_for(config: RemoteStackOpsConfig) -> _Place:
     """The place a job with ``config`` runs: here, over SSH, or over SSH with its files through
-    the cloud (``transfer_method='cloud'``). Decided once, when a RemoteMachine gets its config."""
+    the cloud (``transfer_method='cloud'``), or on a cloud queue's worker (its record is here, its
+    results in the bucket). Decided once, when a RemoteMachine gets its config."""
+    if config.launch_method == "cloud_manager":
+        return _InQueue(config)
     if config.ssh_host is None:
         return _Here(config)
     if config.transfer_method == "cloud":
@@ -7969,6 +7982,32 @@ class _Here(_Place):
         if target is None or _same_place(results, expand_home(target)):
             return results  # never copied onto itself
         return _copy_local(results, expand_home(target), overwrite)
+
+
+class _InQueue(_Here):
+    """A work unit of a cloud queue: made here, run by whichever worker claims it; what it did is
+    the queue's word, and its results are in the bucket (``units/<unit>/results``)."""
+
+    def results_path(self, text: str) -> Path:
+        return Path(text)  # REMOTE:path in the bucket
+
+    def results_here(self, machine: RemoteMachine, results: Path) -> Path:
+        return self.fetch_results(machine, results, None, True, None)
+
+    def fetch_results(self, machine: RemoteMachine, results: Path,
+                      target: str | os.PathLike[str] | None, overwrite: bool,
+                      progress: Callable[[int], None] | None) -> Path:
+        destination = _free_destination(
+            expand_home(target or f"{DEFAULT_RESULTS_DIR}/{machine.job_id}"), overwrite)
+        _mkdir_private(destination.parent)
+        staging = Path(_make_temp_dir(destination.parent))
+        try:
+            _rclone("copy", str(results), str(staging / "payload"), what="download of the results")
+            _remove(destination)
+            os.rename(staging / "payload", destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return destination
 
 
 class _OverSSH(_Place):
@@ -8313,10 +8352,25 @@ class _CloudQueueLauncher(_SlotLauncher):
         log.info("job %s queued on %s as unit %s", machine.job_id,
                  cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
 
+    @staticmethod
+    def _in_queue(machine: RemoteMachine) -> bool:
+        """Whether this is the submitter's record of a unit (a worker's copy of it was fired)."""
+        fired = read_state(machine.file_manager.job_root).get("fired")
+        return bool(machine.config.cloud_name) and not fired
+
+    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        """A unit's status is the queue's view of it (the record here, until it is queued); the
+        worker running it judges its own copy, as any job."""
+        queue = CloudQueue(machine.config.cloud_name or "")
+        rows = queue.report([machine.job_id]) if self._in_queue(machine) else []
+        if not rows:
+            return super().status(machine, log_lines)
+        return _unit_status(rows[0], queue.base)
+
     def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
         """A unit of a cloud queue: marked cancelled in the bucket (workers skip it; the one running
         it stops it at its next heartbeat). The status is the queue's view of it."""
-        if not machine.config.cloud_name:
+        if not self._in_queue(machine):
             return super().cancel(machine, grace)
         queue = CloudQueue(machine.config.cloud_name)
         rows = {row["unit"]: row for row in queue.report()}
@@ -8399,6 +8453,20 @@ class _CloudQueueLauncher(_SlotLauncher):
         unit.submitted = True
         unit._save()
         return unit
+
+
+def _unit_status(row: dict[str, Any], base: str) -> JobStatus:
+    """A JobStatus from a unit's row of CloudQueue.report."""
+    state = {"incomplete": "queued", "stale": "running", "unreadable": "failed"}.get(
+        row["state"], row["state"])
+    reason = {"incomplete": "its upload is incomplete",
+              "stale": f"its worker went quiet {row.get('last_seen_seconds')}s ago: it returns "
+                       "to the queue"}.get(row["state"], "")
+    return JobStatus(job_id=row["unit"], status=state if state in STATUSES else "failed",
+                     host=str(row.get("host") or row.get("worker") or "?"), reason=reason,
+                     error_message=row.get("error") or "",
+                     results_path=f"{base}/{row['unit']}/results" if state == "completed"
+                     else None)
 
 
 class _SlurmLauncher(_Launcher):
@@ -9104,7 +9172,7 @@ class RemoteMachine:
         return self
 
     def show_scripts(self) -> str:
-        """Print the generated launcher and wrapper (and return the same text)."""
+        """Print the generated wrapper (and a Slurm job's batch script; return the same text)."""
         text = _scripts_text(self)
         print(text, end="")
         return text
@@ -9115,7 +9183,7 @@ class RemoteMachine:
         return _submit_job(self, progress)
 
     def fire(self, run: bool = True) -> tuple[int | None, str]:
-        """Start the job detached and return (launcher pid, launch command) at once; the job
+        """Start the job detached and return (its wrapper's pid, launch command) at once; the job
         survives the connection closing. With ``run=False`` nothing starts: the pid is None and
         the command is what starts it later (``stackops start ID``)."""
         if not self.submitted:
@@ -10007,7 +10075,7 @@ class Cluster:
         return self
 
     def fire(self, run: bool = True) -> dict[str, tuple[int | None, str]]:
-        """Start every host's job at once (detached); returns each (launcher pid, command)."""
+        """Start every host's job at once (detached); returns each (wrapper's pid, command)."""
         results = self._parallel(lambda h: self.machines[h].fire(run), list(self.machines))
         self._save()
         self._raise_failures("fire", results)
@@ -10618,7 +10686,7 @@ def _run_sweep_and_report(target: Any, config: RemoteStackOpsConfig, args: Any) 
                 print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) fired on "
                       f"{sweep.jobs[0].host_name}")
                 print(f"  wait:    {_prog()} wait {sweep.sweep_id}")
-                print(f"  status:  {_prog()} status {first}")
+                print(f"  status:  {_prog()} status {sweep.sweep_id}")
             return 0
         try:
             reports = sweep.wait()
@@ -10656,7 +10724,7 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
     if args.no_launch:
         print(f"job {machine.job_id} is ready at {machine.file_manager.job_root_rh}; nothing was "
               "started.")
-        print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
+        print(f"launch it with:\n{machine.launch_command}")
         return 0
     if not args.wait:
         report = _handed_report(machine)
@@ -10664,7 +10732,7 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
             _print_json(report.to_dict())
         else:
             started = (f"Slurm job {machine.slurm_job_id}" if machine.uses_slurm
-                       else f"launcher pid {machine.launcher_pid}")
+                       else f"pid {machine.launcher_pid}")
             print(f"job {machine.job_id} {report.status} on {report.host} ({started})")
             print(f"  status:  {_prog()} status {machine.job_id}")
             print(f"  logs:    {_prog()} logs {machine.job_id} -f")
@@ -10995,6 +11063,14 @@ class _CloudUnits:
 
     def __init__(self, job_id: str, units: list[RemoteMachine]) -> None:
         self.job_id, self.units = job_id, units
+
+    def check_job_status(self) -> dict[str, JobStatus | StackopsError]:
+        """Each unit's status, from one listing of the queue."""
+        cloud = self.units[0].config.cloud_name or ""
+        queue = CloudQueue(cloud)
+        rows = {row["unit"]: row for row in queue.report([u.job_id for u in self.units])}
+        return {unit.job_id: _unit_status(rows[unit.job_id], queue.base)
+                if unit.job_id in rows else unit.get_status(0) for unit in self.units}
 
     def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
         answers: dict[str, JobStatus | StackopsError] = {}
@@ -11922,7 +11998,8 @@ def _cmd_cloud_submit(args: Any) -> int:
                                   transfer_method="cloud", cloud_name=args.cloud,
                                   launch_method="cloud_manager",
                                   allowed_remotes=allowed, python=args.python,
-                                  workload_params=_parse_workload(args.workload, False))
+                                  workload_params=_parse_workload(args.workload or "0:1000",
+                                                                  False))
     units = RemoteMachine(_run_target(args), config,
                           parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
     print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")
@@ -12139,13 +12216,13 @@ def _add_run_start_args(parser: Any) -> None:
                              "cancelled")
     parser.add_argument("--notify", action="store_true",
                         help="e-mail when the job ends (SMTP settings on the executing machine, "
-                             "see README)")
+                             "see docs/notify.md)")
     parser.add_argument("--email", metavar="ADDR",
                         help="with --notify: the address (default: your user config's)")
     parser.add_argument("--on-end", metavar="CMD",
                         help="a bash command run once when the job ends, on the machine it ran "
                              "on; {job_id} {status} {exit_code} {host} {duration} are filled in, "
-                             "quoted (e.g. curl -d \"{job_id} {status}\" ntfy.sh/mytopic)")
+                             "each as one quoted word (e.g. curl -d {status} ntfy.sh/mytopic)")
     parser.add_argument("--slurm", action="store_true",
                         help="hand the job to Slurm with sbatch (here, or on the --host login "
                              "node)")
@@ -12463,7 +12540,7 @@ def _add_rerun_args(sub: Any) -> None:
 
 
 def _add_delete_args(sub: Any) -> None:
-    _add_ids(sub, "an ended job's id (not a sweep's or a cluster's)", many=True)
+    _add_ids(sub, "an ended job's id (or a sweep's, a cluster's: all its jobs)", many=True)
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
 
 

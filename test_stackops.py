@@ -5721,6 +5721,55 @@ def test_snapshot_rerun_on_a_host_runs_its_own_snapshot(remote, home):
             assert _result(fresh, remote.remote_home)["version"] == 5
 
 
+def test_snapshot_damaged_or_planted_blob_in_the_hosts_store_is_sent_again_never_run(remote, home):
+    """A blob of the host's store that holds other bytes than its name says (planted there before
+    the first hand-over, or damaged after it) is found when the job's copy is made, and sent again:
+    the job runs the right code, and the store is repaired."""
+    import hashlib
+
+    repo = _git_repo(home / "proj", VERSIONED)
+    source = (repo / "vjobs.py").read_bytes().replace(b"VERSION = 1", b"VERSION = 77")
+    (repo / "vjobs.py").write_bytes(source)  # bytes of this test's own
+    blob = (remote.remote_home / "tmp_results" / "remote_machines" / "snapshots" / "blobs"
+            / hashlib.sha256(source).hexdigest()[:2] / hashlib.sha256(source).hexdigest())
+    evil = source + b"\nraise SystemExit('FOREIGN-CODE-RAN')\n"
+    with stackops.SSH.from_config_file("tb") as ssh:  # planted first, as the host's own user
+        ssh.run_shell_cmd_on_remote(f"umask 077 && mkdir -p {shlex.quote(str(blob.parent))} && "
+                                    f"printf %s {shlex.quote(evil.decode())} > {shlex.quote(str(blob))}")
+    for job_id, damage in (("blob-planted", None), ("blob-damaged", source[:20])):
+        if damage is not None:  # damaged after the first hand-over: cut short
+            os.chmod(blob, 0o600)
+            blob.write_bytes(damage)
+        with RemoteMachine(_ref(repo, "version"), config=config(job_id=job_id, ssh_host="tb",
+                                                                copy_repo=True)) as machine:
+            machine.run()
+            assert _result(machine, remote.remote_home)["version"] == 77, job_id
+        assert blob.read_bytes() == source  # repaired
+        queued = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+        assert (queued / job_id / "code" / "vjobs.py").read_bytes() == source
+
+
+def test_snapshot_store_another_user_could_change_is_refused_before_anything_runs(remote, home):
+    repo = _git_repo(home / "proj", VERSIONED)
+    store = remote.remote_home / "tmp_results" / "remote_machines" / "snapshots"
+    store.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(store, remote.user, remote.user)
+    store.chmod(0o777)
+    before = {str(p): p.lstat().st_mtime_ns for p in store.rglob("*")}
+    try:
+        with RemoteMachine(_ref(repo, "version"), config=config(job_id="open-store", ssh_host="tb",
+                                                                copy_repo=True)) as machine:
+            with pytest.raises(StackopsError, match="could be changed by another user") as caught:
+                machine.run()
+        assert "\n" not in str(caught.value).strip()
+        assert not (remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+                    / "open-store").exists()
+        assert {str(p): p.lstat().st_mtime_ns for p in store.rglob("*")} == before  # nothing put there
+    finally:
+        store.chmod(0o700)
+
+
 # A tree under an edit storm (another process): in-place truncate-and-write, same size with the
 # same mtime, a new file renamed over the old one; check.py keeps its function in every version.
 STORM = r'''
@@ -6195,7 +6244,7 @@ def test_places_remote_machine_uses_nothing_from_the_worker_or_the_cli():
     ({"ssh_host": "box", "transfer_method": "cloud", "cloud_name": "c"}, "_ThroughCloud",
      "_SlotLauncher"),
     ({"launch_method": "slurm"}, "_Here", "_SlurmLauncher"),
-    ({"launch_method": "cloud_manager", "cloud_name": "c"}, "_Here", "_CloudQueueLauncher"),
+    ({"launch_method": "cloud_manager", "cloud_name": "c"}, "_InQueue", "_CloudQueueLauncher"),
 ])
 def test_places_chosen_from_the_config_once(home, settings, place, launcher):
     job = RemoteMachine(stackops.demo_job, RemoteStackOpsConfig(job_id="seam-1", **settings))
@@ -6489,6 +6538,7 @@ def test_slurm_function_job_completes_and_sees_its_slurm_job(slurm, home):
     report = _slurm_wait(machine)
     assert report.status == "completed", report
     assert report.slurm_job_id == machine.slurm_job_id
+    assert report.reason == "" and state_of(machine)["slurm"].get("state") in (None, "COMPLETED")  # no PENDING left
     result = json.loads((machine.check_job_status() / "result.json").read_text())
     assert result["tag"] == "t1" and result["slurm_job_id"] == machine.slurm_job_id
     assert not list((home / "tmp_results" / "remote_machines" / "file_manager").glob("slots/slot-*.json"))
@@ -7898,7 +7948,7 @@ def test_cloud_transfer_job_runs_and_results_come_back(remote, home, clouds, kin
         assert machine.wait(timeout=90, download=False).as_posix() == f"~/out/cloud-{kind}"
         local = machine.download_results(home / "out" / f"cloud-{kind}")
     remote_job = remote.remote_home / "tmp_results" / "remote_machines" / "jobs" / "queued" / f"cloud-{kind}"
-    for part in ("data", "python", "shell"):  # the folder arrived whole (but the laptop's own bookkeeping)
+    for part in ("data", "python"):  # the folder arrived whole (but the laptop's own bookkeeping)
         sent, arrived = (_tree_hashes(root / part) for root in (machine.file_manager.job_root, remote_job))
         for made_there in ("remote_machine.json", "__pycache__/stackops.cpython-311.pyc"):
             sent.pop(made_there, None)
@@ -7985,6 +8035,15 @@ def test_cloud_queue_twelve_units_three_workers_each_runs_once(home, tmp_path):
     shown = cli("cloud", "status", "--cloud", f"tblocal:{bucket}", home=home)
     assert shown.returncode == 0 and shown.stdout.count("completed") == 12
     assert all(f" {r['worker']} " in shown.stdout for r in report)
+    # the submitter's views of the units are the queue's word, and their results come down
+    whole = cli("status", "q12", home=home)
+    assert whole.returncode == 0 and whole.stdout.startswith("q12: 12 completed"), whole.stdout + whole.stderr
+    one = json.loads(cli("status", units[3], "--json", home=home).stdout)
+    assert one["status"] == "completed" and one["host"] != "?"
+    got = cli("download", units[3], home=home)
+    assert got.returncode == 0, got.stderr
+    folder = stackops.expand_home(got.stdout.strip().splitlines()[-1])
+    assert json.loads((folder / "result.json").read_text()) == 3
 
 
 @slow
@@ -8086,7 +8145,7 @@ def test_cloud_transfer_replaced_archive_refused_on_host_nothing_unpacked(remote
         subprocess.run(["tar", "cf", str(clouds / "jobs" / "cloud-swap.tar"), "-C", str(evil), ".bashrc", ".ssh"],
                        check=True)  # another writer of the bucket swaps the archive
         before = {p: p.read_bytes() for p in [remote.remote_home / ".bashrc"] if p.exists()}
-        with pytest.raises(stackops.TransferError, match="not the one uploaded"):  # raised as on the host
+        with pytest.raises(stackops.TransferError, match="not the one uploaded"):  # the host's error, as it is
             machine.fire()
     assert {p: p.read_bytes() for p in [remote.remote_home / ".bashrc"] if p.exists()} == before
     assert b"intruder" not in (remote.remote_home / ".ssh" / "authorized_keys").read_bytes() \
@@ -8163,7 +8222,7 @@ def test_cloud_transfer_existing_id_on_host_refused(remote, home, clouds):
         with stackops.SSH.from_config_file("tb") as ssh:  # ... or arrives between submit and fire
             ssh.run_shell_cmd_on_remote("umask 077 && mkdir -p ~/tmp_results/remote_machines/jobs/queued/cloud-dup2 && "
                                         "echo mine > ~/tmp_results/remote_machines/jobs/queued/cloud-dup2/marker")
-        with pytest.raises(ConfigError, match="already exists on this host"):  # raised as on the host
+        with pytest.raises(ConfigError, match="on tb: .*already exists on this host"):
             machine.fire()
     for job_id in ("cloud-dup", "cloud-dup2"):
         folder = _remote_job_root(remote, job_id)
@@ -8413,7 +8472,7 @@ def test_cloud_command_units_each_get_their_slice_in_the_environment(home, tmp_p
     proj = _git_proj(home)
     slices = tmp_path / "slices"
     script = f'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_PART $(pwd -P)" >> {slices}'
-    done = cli("cloud", "submit", "--cloud", _local_cloud(home, bucket), "--split", "2", "--workload", "0:10",
+    done = cli("cloud", "submit", "--cloud", _local_cloud(home, bucket), "--split", "2",  # --workload 0:1000
                "--copy-repo", "--job-id", "qcmd", "--python", sys.executable, "--", "sh", "-c", script,
                home=home, cwd=proj / "sub")
     assert done.returncode == 0, done.stderr
@@ -8421,7 +8480,7 @@ def test_cloud_command_units_each_get_their_slice_in_the_environment(home, tmp_p
     out, _ = worker.communicate(timeout=120)
     assert out.strip() == "worker finished 2 unit(s)", (tmp_path / "wq.err").read_text()[-2000:]
     rows = sorted(line.split() for line in slices.read_text().splitlines())
-    assert [row[:3] for row in rows] == [["0", "5", "0"], ["5", "10", "1"]]
+    assert [row[:3] for row in rows] == [["0", "500", "0"], ["500", "1000", "1"]]
     for row, unit in zip(rows, ("qcmd-0-2", "qcmd-1-2")):  # in the unit's own copy of the repo, in sub/
         [attempt] = _unit_attempts(tmp_path / "home-wq", unit)
         assert row[3] == str((attempt / "code" / "sub").resolve())
@@ -8662,7 +8721,10 @@ def test_cli_run_status_list_logs_queue(home):
     failing = cli("run", "proj/m.py:f", "--kwargs", '{"n": "x", "bad": 1}', "--wait", home=home)
     assert failing.returncode == 2 and "f() takes no parameter 'bad'" in failing.stderr
     dry = cli("run", "proj/m.py:f", "--no-launch", "--job-id", "dry", home=home)
-    assert dry.returncode == 0 and "nothing was started" in dry.stdout and "bash -c" in dry.stdout
+    assert dry.returncode == 0 and "nothing was started" in dry.stdout
+    start = dry.stdout.strip().splitlines()[-1]  # the line it says starts the job does
+    assert start.endswith(" start dry") and cli(*shlex.split(start)[2:], home=home).returncode == 0
+    assert wait_done(RemoteMachine.load("dry")).status == "completed"
 
 
 def test_cli_logs_follow_counts_bytes_so_invalid_utf8_drops_nothing(home):
