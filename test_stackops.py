@@ -89,14 +89,18 @@ def _stop_leftovers(home: Path) -> None:
     """Kill, by pid, the job processes a test started and left behind (queue dispatchers first,
     so they start nothing more)."""
     for pid_file in home.glob("**/dispatcher.pid"):
+        if stackops.machine_key() not in pid_file.parts:
+            continue  # the queue of another machine (a namespaced node): its pids are not ours
         with contextlib.suppress(OSError, ValueError):
-            pid, start = pid_file.read_text().split()
-            if str(stackops.process_start_ticks(int(pid))) == start:
-                os.kill(int(pid), signal.SIGKILL)
+            pid = stackops.Slots(pid_file.parent).dispatcher_pid()  # only while it holds its lock
+            if pid:
+                os.kill(pid, signal.SIGKILL)
     for state_file in home.glob("**/logs/state.json"):
         with contextlib.suppress(OSError, ValueError):
-            pgid = json.loads(state_file.read_text()).get("pgid")
-            if pgid and stackops._alive(state_file.parent.parent):
+            state = json.loads(state_file.read_text())
+            pgid = state.get("pgid")  # a pid of the machine the record names: only ours are killed
+            if pgid and state.get("machine") == stackops.machine_key() \
+                    and stackops._alive(state_file.parent.parent):
                 os.killpg(int(pgid), signal.SIGKILL)
 
 
@@ -3810,12 +3814,9 @@ def sshd():
 
 
 def _kill_remote_leftovers(remote_home: Path) -> None:
+    """The jobs a test left running on the loopback host (its processes are in our pid namespace;
+    a namespaced node's die with it)."""
     _stop_leftovers(remote_home)
-    for pid_file in itertools.chain(remote_home.glob("**/logs/launcher_pid.txt"), remote_home.glob("**/logs/pid.txt")):
-        text = pid_file.read_text().strip()
-        if text.isdigit() and stackops.pid_is_alive(int(text), pid_file.parent.parent.name):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(text), signal.SIGKILL)
 
 
 def _write_ssh_config(home: Path, server: SSHD, alias: str = "tb", extra: str = "", known: bool = True) -> None:
