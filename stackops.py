@@ -3046,8 +3046,8 @@ def _slurm_again(root: Path, state: dict[str, Any], slurm: dict[str, Any]) -> di
             record.setdefault("runs", []).append(
                 run if status != "running" else dict(run, status="requeued",
                                                      error=f"requeued by Slurm ({restarts}x)"))
-            for key in ("ended", "error", "exit_code", "signal", "final"):
-                record.pop(key, None)
+            for key in ("started", "ended", "error", "exit_code", "signal", "final"):
+                record.pop(key, None)  # kept in runs; the next run records its own
         record.update(status="queued", slurm=slurm, reason=_slurm_words(slurm))
         return True
 
