@@ -7326,6 +7326,40 @@ def test_control_shared_home_a_reader_on_another_machine_never_judges_the_jobs_p
     assert answer["state"]["status"] == "completed"
 
 
+@needs_netns
+def test_control_shared_home_a_child_on_another_machine_waits_for_its_running_parent(cluster_home, nodes, sshd):
+    """Two login nodes behind one name share the home: the parent runs on node1, its --after child
+    lands on node2. node2's dispatcher never judges node1's pids: the child waits for the parent
+    as recorded, and runs once node1 records its end."""
+    home = cluster_home
+    mod = make_module(home, JOBS_SOURCE)
+    ssh_config = home / ".ssh" / "config"
+    _write_ssh_config(home, nodes.servers[0], alias="login")
+    parent = RemoteMachine(mod.sleeper, config(job_id="sh-parent", ssh_host="login", copy_repo=True),
+                           func_kwargs={"seconds": 6.0})
+    with parent:
+        parent.run()
+        root = sshd.remote_home / parent.file_manager.job_root_rh[2:]
+        wait_for(lambda: stackops.read_state(root).get("started"), 60, "the parent to run on node1")
+    first = ssh_config.read_text()
+    node1, node2 = nodes.servers[0], nodes.servers[1]
+    ssh_config.write_text(first.replace(f"Host login\n  HostName {node1.address}\n  Port {node1.port}\n",
+                                        f"Host login\n  HostName {node2.address}\n  Port {node2.port}\n"))
+    assert ssh_config.read_text() != first  # "login" now reaches node2
+    child = RemoteMachine(mod.echo, config(job_id="sh-child", ssh_host="login", copy_repo=True,
+                                           after=["sh-parent"]), func_kwargs={"a": 1})
+    with child:
+        child.run()
+        early = wait_for(lambda: (lambda r: r if "sh-parent" in r.reason else None)(child.get_status(0)), 30,
+                         "node2's dispatcher to look at the parent")
+        assert early.status == "waiting" and "sh-parent (running)" in early.reason, early
+        assert wait_done(child, 90).status == "completed"
+    recorded = stackops.read_state(root)
+    assert recorded["status"] == "completed" and not recorded.get("runs"), recorded  # never "process gone"
+    assert stackops.read_state(sshd.remote_home / child.file_manager.job_root_rh[2:])["started"] > \
+        recorded["ended"]
+
+
 def test_control_delete_and_prune_of_jobs_on_a_host_sharing_the_home(same_home, home):
     """The host's folder is this machine's: deleted once, said once, and prune goes on to the next."""
     _proj(home)
