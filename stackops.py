@@ -2368,15 +2368,22 @@ def _record_end(root: Path, status: str, error: str = "", final: bool = True,
             return False
         cancelled = status == "failed" and state.get("cancel")
         if state.get("slurm") and "slurm" not in fields:  # Slurm's word of before no longer holds
-            state["slurm"] = {k: v for k, v in state["slurm"].items() if k not in ("state", "reason")}
-        state.update({"reason": ""}, **fields)  # why it waited, once it ended
-        state.update(status="cancelled" if cancelled else status, error=error,
+            state["slurm"] = {key: value for key, value in state["slurm"].items()
+                              if key not in ("state", "reason")}
+        if "reason" not in fields:
+            state.pop("reason", None)  # why it waited or how it ran is not why it ended
+        state.update(fields, status="cancelled" if cancelled else status, error=error,
                      ended=fields.get("ended") or _iso(_utcnow()), final=final)
         recorded.append(True)
         return True
 
     state = _update(root, end)
     return state if recorded else None
+
+
+def _ended(state: dict[str, Any]) -> bool:
+    """Whether a state record holds the job's end for good (not a tentative Slurm one)."""
+    return state.get("status") in TERMINAL_STATUSES and state.get("final", True)
 
 
 def _alive(root: Path) -> bool:
@@ -3019,7 +3026,8 @@ def _judge_slurm(root: Path, state: dict[str, Any], view: dict[str, Any] | None)
         return _settle_slurm_end(root, dict(state, slurm=slurm), "cancelled", f"cancelled ({why})",
                                  reason=why)
     if word == "COMPLETED" and status in TERMINAL_STATUSES:
-        return _settle_slurm_end(root, dict(state, slurm=slurm), status, state.get("error") or "")
+        return _settle_slurm_end(root, dict(state, slurm=slurm), status, state.get("error") or "",
+                                 reason=why)
     if word == "COMPLETED":
         why = f"the job recorded no end though {why}; do the compute nodes see {root}?"
     elif not state.get("started"):
@@ -3058,8 +3066,7 @@ def _settle_slurm_end(root: Path, state: dict[str, Any], status: str, error: str
                       reason: str = "") -> dict[str, Any]:
     """Record Slurm's final word on a job (once; it is reported then), and return the record."""
     slurm = state.get("slurm") or {}
-    ended = _record_end(root, status, error, slurm=slurm, reason=reason or state.get("reason", ""),
-                        ended=state.get("ended"))
+    ended = _record_end(root, status, error, slurm=slurm, reason=reason, ended=state.get("ended"))
     if ended is not None:
         _report_end(root, ended, inline=False)
         return ended
@@ -4566,8 +4573,8 @@ def judge_jobs(roots: list[Path]) -> list[dict[str, Any]]:
         current = _judge(root, state, view)
         if silent and sid and view is False:
             current = dict(current, reason=silent)
-        if current.get("status") == "waiting" and current.get("entry"):
-            pools.add(Path(current["entry"]).parent.parent)
+        if current.get("status") == "waiting" and current.get("entry") and not current.get("as_of"):
+            pools.add(Path(current["entry"]).parent.parent)  # a queue of this machine's only
         judged.append(current)
     for pool in pools:
         with _suppress(OSError, StackopsError):
@@ -4601,6 +4608,8 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
     before = read_state(root)
     if before.get("status") in TERMINAL_STATUSES and before.get("final", True):
         return dict(before, was=before["status"])
+    if not (before.get("slurm") or {}).get("id"):
+        _check_runs_here(root, before)  # refused before the record is marked
     asked = f"asked {_iso(_utcnow())}"
 
     def mark(record: dict[str, Any]) -> bool:
@@ -4615,10 +4624,8 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
         done = _run_bounded(["scancel", str(state["slurm"]["id"])], SLURM_TIMEOUT)
         if done.returncode != 0:
             raise CommandError(os.uname().nodename, "scancel", done.returncode, done.stderr)
-    elif state.get("machine") not in (None, machine_key()):
-        raise StackopsError(f"job {root.name} runs on {state.get('node')}, not here",
-                            hint="cancel it from there (or through --host)")
     else:
+        _check_runs_here(root, state)  # (fired elsewhere meanwhile)
         with _suppress(FileNotFoundError):
             os.unlink(state.get("entry") or root / ".no-entry")
         if _stop(root, grace):
@@ -4628,6 +4635,13 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
         if ended is not None:
             _report_end(folder, ended, inline=False)
     return dict(read_state(root), was=was)
+
+
+def _check_runs_here(root: Path, state: dict[str, Any]) -> None:
+    """Refuse to act on the processes of a job that another machine runs (a shared home)."""
+    if state.get("machine") not in (None, machine_key()):
+        raise StackopsError(f"job {root.name} runs on {state.get('node')}, not here",
+                            hint="cancel it from there (or through --host)")
 
 
 def _stop(root: Path, grace: float) -> bool:
@@ -8080,8 +8094,13 @@ class _OverSSH(_Place):
 
     def reports(self, machines: list[RemoteMachine], log_lines: int) -> list[JobStatus]:
         sent = [m for m in machines if m.submitted]
-        found = dict(zip([m.job_id for m in sent], super().reports(sent, log_lines))) \
-            if sent else {}
+        try:
+            found = dict(zip([m.job_id for m in sent], super().reports(sent, log_lines))) \
+                if sent else {}
+        except StackopsConnectionError:
+            if not all(_ended(read_state(m.file_manager.job_root)) for m in sent):
+                raise
+            found = {}  # each ended, as its record kept here says: an end stands, host or not
         return [found.get(m.job_id) or _status_of(m.job_id, read_state(m.file_manager.job_root))
                 for m in machines]  # one never handed over: prepared here
 
@@ -12960,10 +12979,13 @@ def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
 
 
 def _act_list(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
-    """Every job folder under the base folder here, whoever submitted it, judged here."""
-    queued = expand_home(request.get("base_dir") or DEFAULT_BASE_DIR) / "queued"
-    roots = [queued / name for name in sorted(os.listdir(queued)) if not name.startswith(".")
-             and (queued / name / FILE_MANAGER_JSON).exists()] if queued.is_dir() else []
+    """Every job folder under the base folder here and the clusters' parts beside it, whoever
+    submitted them, judged here."""
+    base = expand_home(request.get("base_dir") or DEFAULT_BASE_DIR)
+    roots = []
+    for queued in [base / "queued", *sorted(base.parent.glob("job_id__*/queued"))]:
+        roots += [queued / name for name in sorted(os.listdir(queued)) if not name.startswith(".")
+                  and (queued / name / FILE_MANAGER_JSON).exists()] if queued.is_dir() else []
     return _reports_of(roots, 0)
 
 
