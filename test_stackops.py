@@ -6681,6 +6681,15 @@ def test_slurm_over_ssh_to_a_login_node_submits_watches_and_cancels(slurm, home,
             wait_for(lambda: job.get_status(0).status == "running", 60, "the job to run")
             job.cancel()
             assert _slurm_wait(job, 30).status == "cancelled"
+        slow = make_module(home, "import time\n\ndef slow_part(workload_params):\n    time.sleep(120)\n")
+        workload = WorkloadParams(idx_min=0, idx_max=4, idx_start=0, idx_end=4, jobs=2)
+        with RemoteMachine(slow.slow_part, config(job_id="far-arr-c", ssh_host="login", launch_method="slurm",
+                                                  copy_repo=True, workload_params=workload)) as array:
+            array.run()
+            wait_for(lambda: array.get_status(0).status == "running", 60, "the array to run")
+            assert array.cancel().status == "cancelled"
+            assert [state_of(task)["status"] for task in array.array_tasks()] == ["cancelled"] * 2  # as there
+            assert _slurm_wait(array, 30).status == "cancelled"
     finally:
         login.stop()
         _kill_remote_leftovers(sshd.remote_home)
