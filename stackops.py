@@ -989,6 +989,54 @@ def _link_inside(relative: str, target: str) -> bool:
     return resolved != ".." and not resolved.startswith("../")
 
 
+class _Staged:
+    """The one way a folder (or a file) is put in place: built at ``path`` (a hidden box beside
+    ``target``), then renamed to ``target``: whole under its name, or not at all (a failure,
+    Ctrl-C included, removes what was built). What is at ``target`` by then is removed first
+    with ``replace`` (a download allowed to overwrite), else refused with ``exists()``'s error.
+    ``folder``: ``path`` is made as an empty folder (else the caller makes it, a file or not)."""
+
+    def __init__(self, target: str | os.PathLike[str], replace: bool = False,
+                 exists: Callable[[], Exception] | None = None, folder: bool = True) -> None:
+        self.target = os.fspath(target)
+        self.replace, self.exists, self.folder = replace, exists, folder
+        parent = os.path.dirname(self.target) or "."
+        self.box = f"{parent}/.stackops-partial.{random.getrandbits(32):08x}"  # see below
+        self.path = f"{self.box}/payload"
+
+    def __enter__(self) -> str:
+        os.mkdir(self.box, 0o700)
+        if self.folder:
+            os.mkdir(self.path, 0o700)
+        return self.path
+
+    def __exit__(self, kind: Any, value: Any, trace: Any) -> None:
+        try:
+            if kind is None:
+                self._place()
+        finally:
+            try:
+                os.rmdir(self.box)  # empty once placed
+            except OSError:
+                shutil.rmtree(self.box, ignore_errors=True)
+
+    def _place(self) -> None:
+        if self.replace:
+            _remove(Path(self.target))
+        elif os.path.lexists(self.target):
+            raise self._taken()
+        try:
+            os.rename(self.path, self.target)
+        except OSError:
+            if os.path.lexists(self.target):  # made by another process at the same moment
+                raise self._taken() from None
+            raise
+
+    def _taken(self) -> Exception:
+        return self.exists() if self.exists is not None else \
+            FileExistsError(f"{self.target} exists already")
+
+
 def _materialize(entries: list[list[Any]], source_of: dict[str, Any],
                  folder: str | os.PathLike[str]) -> None:
     """Make ``folder`` the job's own copy of a snapshot (``entries``, its manifest): each file
@@ -998,11 +1046,8 @@ def _materialize(entries: list[list[Any]], source_of: dict[str, Any],
     come last, each relative and inside the tree. ``folder`` appears whole under its name
     (staging beside it, then a rename) or not at all: a file that no source holds raises
     _SnapshotMismatchError, a link out of the tree StackopsError."""
-    folder = Path(folder)
-    staging = f"{folder.parent}/.{folder.name}.{os.getpid()}.{random.getrandbits(32):08x}.partial"
     made: set[str] = set()
-    try:
-        _mkdir_private(Path(staging))
+    with _Staged(folder) as staging:
         for relative, kind, value in sorted(entries, key=lambda entry: entry[1] == "l"):
             path = f"{staging}/{_safe_relative(relative)}"
             parent = os.path.dirname(path)
@@ -1016,10 +1061,6 @@ def _materialize(entries: list[list[Any]], source_of: dict[str, Any],
             else:
                 _copy_first(source_of.get(value) or [], path, value,
                             0o700 if kind == "x" else 0o600, relative)
-        os.rename(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _copy_first(sources: Any, path: str, digest: str, mode: int, relative: str) -> None:
@@ -4897,8 +4938,16 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
     (``say``), at most twice. Returns the job folders written (nothing is left on a failure)."""
     store = _store()
     root = expand_home(request["job_root"])
-    staging = _staging(root)
-    try:
+    _trusted_dir(root.parent, "base folder")
+
+    def taken() -> Exception:
+        return ConfigError(f"job {root.name!r} already exists at {collapse_home(root)}",
+                           hint="choose another job_id, or leave it out for a fresh one")
+
+    if os.path.lexists(root):
+        raise taken()
+    with _Staged(root, exists=taken) as made:
+        staging = Path(made)
         _receive_parts(request, staging, stream)
         entries = header.get("manifest")  # None: no copy of the repo; []: an empty repo's
         blobs = {value: str(_blob(store, value)) for _, kind, value in entries or [] if kind != "l"}
@@ -4915,24 +4964,7 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
             raise TransferError("the snapshot store keeps damaging blobs",
                                 hint="check the host's disk")
         _keep_manifest(store, request.get("snapshot"), header.get("manifest"))
-        if os.path.lexists(root):
-            raise ConfigError(f"job {root.name!r} already exists at {collapse_home(root)}")
-        os.rename(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return [root] + _place_members(root, header.get("members") or [])
-
-
-def _staging(root: Path) -> Path:
-    """A hidden staging folder beside ``root`` (whose parent must be yours alone)."""
-    _trusted_dir(root.parent, "base folder")
-    if os.path.lexists(root):
-        raise ConfigError(f"job {root.name!r} already exists at {collapse_home(root)}",
-                          hint="choose another job_id, or leave it out for a fresh one")
-    staging = root.parent / f".{root.name}.{os.urandom(6).hex()}.partial"
-    staging.mkdir(mode=0o700)
-    return staging
 
 
 def _keep_manifest(store: Path, snapshot: str | None, entries: list[Any] | None) -> None:
@@ -5018,23 +5050,20 @@ def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
     its own for (an array task has its own config). A folder of that name that exists already
     is an error, never replaced. Plain string paths: a sweep writes thousands."""
     root = os.path.join(queued, check_safe_name(job_id))
+
+    def taken() -> Exception:
+        return ConfigError(f"job {job_id!r} already exists at {collapse_home(root)}")
+
     if os.path.lexists(root):
-        raise ConfigError(f"job {job_id!r} already exists at {collapse_home(root)}")
-    staging = os.path.join(queued, f".{job_id}.{os.getpid()}.partial")
-    try:
-        for folder in (staging, f"{staging}/data", f"{staging}/logs"):
+        raise taken()
+    with _Staged(root, exists=taken) as staging:
+        for folder in (f"{staging}/data", f"{staging}/logs"):
             os.mkdir(folder, 0o700)
         for relative, target in links.items():
             if relative not in files:
                 os.symlink(target, f"{staging}/{relative}")
         for relative, text in files.items():
             _write_new(f"{staging}/{relative}", text)
-        if os.path.lexists(root):
-            raise ConfigError(f"job {job_id!r} appeared at {collapse_home(root)} meanwhile")
-        os.rename(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Path(root)
 
 
@@ -6466,24 +6495,20 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
     destination = _free_destination(expand_home(target if target is not None else remote),
                                     overwrite)
     _mkdir_private(destination.parent)
-    staging = Path(_make_temp_dir(destination.parent))
-    produced = staging / "payload"
-    try:
-        with _Meter(progress, f"download from {ssh.target.alias}:{remote}") as meter:
-            meter.begin(None if compress else total)  # the bytes on the wire, of a known total
-            if kind == "dir":  # from inside: a results folder reached by a link comes as a folder
-                command = _copy_command(DOWNLOAD_TAR_TEMPLATE, source=remote,
-                                        mode=f"c{'z' if compress else ''}f")
-                _download_tar(ssh, command, produced, compress, meter)
-            else:  # a file growing meanwhile comes as it was then
-                template = DOWNLOAD_FILE_GZIP_TEMPLATE if compress else DOWNLOAD_FILE_TEMPLATE
-                command = _copy_command(template, source=remote, size=total or 0)
-                _download_file(ssh, command, produced, total or 0, meter, remote, compress)
-                os.chmod(produced, _kept_mode(fields[0]))
-        _remove(destination)
-        os.rename(produced, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _remove_stale_partials(destination.parent)
+    with _Staged(destination, replace=True, folder=False) as made, \
+            _Meter(progress, f"download from {ssh.target.alias}:{remote}") as meter:
+        produced = Path(made)
+        meter.begin(None if compress else total)  # the bytes on the wire, of a known total
+        if kind == "dir":  # from inside: a results folder reached by a link comes as a folder
+            command = _copy_command(DOWNLOAD_TAR_TEMPLATE, source=remote,
+                                    mode=f"c{'z' if compress else ''}f")
+            _download_tar(ssh, command, produced, compress, meter)
+        else:  # a file growing meanwhile comes as it was then
+            template = DOWNLOAD_FILE_GZIP_TEMPLATE if compress else DOWNLOAD_FILE_TEMPLATE
+            command = _copy_command(template, source=remote, size=total or 0)
+            _download_file(ssh, command, produced, total or 0, meter, remote, compress)
+            os.chmod(produced, _kept_mode(fields[0]))
     return destination
 
 
@@ -6684,8 +6709,9 @@ def _make_temp_dir(parent: Path) -> str:
 
 
 def _remove_stale_partials(parent: Path) -> None:
-    """Remove the staging folders that a dropped download left in ``parent`` (our names only)
-    once nothing in them changed for a day: a live download writes all the time."""
+    """Remove the staging folders (_Staged's boxes, _make_temp_dir's) that a dropped download
+    left in ``parent`` (our names only) once nothing in them changed for a day: a live download
+    writes all the time."""
     since = time.time() - 86400
     for folder in parent.glob(".stackops-partial.*"):
         if not re.match(r"\.stackops-partial\.[a-z0-9_]{8}\Z", folder.name) or folder.is_symlink():
@@ -8014,13 +8040,8 @@ class _InQueue(_Here):
         destination = _free_destination(
             expand_home(target or f"{DEFAULT_RESULTS_DIR}/{machine.job_id}"), overwrite)
         _mkdir_private(destination.parent)
-        staging = Path(_make_temp_dir(destination.parent))
-        try:
-            _rclone("copy", str(results), str(staging / "payload"), what="download of the results")
-            _remove(destination)
-            os.rename(staging / "payload", destination)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with _Staged(destination, replace=True, folder=False) as payload:
+            _rclone("copy", str(results), payload, what="download of the results")
         return destination
 
 
@@ -8213,13 +8234,8 @@ class _ThroughCloud(_OverSSH):
             self.call([{"action": "cloud_results", "results": results.as_posix(),
                         "target": f"{prefix}/payload"}])
             _mkdir_private(destination.parent)
-            staging = Path(_make_temp_dir(destination.parent))
-            try:
-                _rclone("copy", prefix, str(staging), what="download of the results")
-                _remove(destination)
-                os.rename(staging / "payload", destination)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+            with _Staged(destination, replace=True, folder=False) as payload:
+                _rclone("copy", prefix, os.path.dirname(payload), what="download of the results")
         finally:
             with _suppress(StackopsError):
                 _rclone("purge", prefix, what="removal of the downloaded results from the bucket")
@@ -8558,16 +8574,11 @@ def _same_place(one: Path, other: Path) -> bool:
 def _copy_local(source: Path, destination: Path, overwrite: bool) -> Path:
     _free_destination(destination, overwrite)
     _mkdir_private(destination.parent)
-    staging = Path(_make_temp_dir(destination.parent)) / "payload"
-    try:
+    with _Staged(destination, replace=True, folder=False) as staging:
         if source.is_dir():
             shutil.copytree(source, staging, symlinks=True)
         else:
             shutil.copy2(source, staging)
-        _remove(destination)
-        os.rename(staging, destination)
-    finally:
-        shutil.rmtree(staging.parent, ignore_errors=True)
     return destination
 
 
@@ -8633,23 +8644,12 @@ def _stage_folder(machine: RemoteMachine, source: Path,
                   finish: Callable[[Path], None] | None) -> None:
     """_put_folder_in_place's one attempt: the folder staged, finished, renamed into place."""
     root = machine.file_manager.job_root
-    staging = _trusted_dir(root.parent, "base folder") / f".{machine.job_id}.{os.getpid()}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    _trusted_dir(root.parent, "base folder")
+    with _Staged(root, exists=lambda: _exists_error(machine)) as made:
+        staging = Path(made)
         _write_job_folder(machine, staging, source)
         if finish is not None:
             finish(staging)
-        if os.path.lexists(root):
-            raise _exists_error(machine)
-        os.rename(staging, root)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if root.exists():  # another process made the same folder at the same moment
-            raise _exists_error(machine) from exc
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _new_array_task(machine: RemoteMachine, k: int, part: WorkloadParams) -> RemoteMachine:
