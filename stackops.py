@@ -3095,8 +3095,8 @@ def _slurm_again(root: Path, state: dict[str, Any], slurm: dict[str, Any]) -> di
             record.setdefault("runs", []).append(
                 run if status != "running" else dict(run, status="requeued",
                                                      error=f"requeued by Slurm ({restarts}x)"))
-            for key in ("ended", "error", "exit_code", "signal", "final"):
-                record.pop(key, None)
+            for key in ("started", "ended", "error", "exit_code", "signal", "final"):
+                record.pop(key, None)  # kept in runs; the next run records its own
         record.update(status="queued", slurm=slurm, reason=_slurm_words(slurm))
         return True
 
@@ -8643,9 +8643,11 @@ class _SlurmLauncher(_Launcher):
         return "" if status == "completed" else parent.slurm_job_id
 
     def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
+        """scancel the job (an array: all its tasks at once); an array's tasks are then read where
+        they run, in one round trip, so the records kept here say what they say there."""
         report = super().cancel(machine, grace)
-        for task in machine.array_tasks() if machine.array_parts else []:
-            task._place.mirror(task, read_state(task.file_manager.job_root))
+        if machine.array_parts:
+            machine._place.reports(machine.array_tasks(), 0)
         return report
 
 

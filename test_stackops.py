@@ -89,14 +89,18 @@ def _stop_leftovers(home: Path) -> None:
     """Kill, by pid, the job processes a test started and left behind (queue dispatchers first,
     so they start nothing more)."""
     for pid_file in home.glob("**/dispatcher.pid"):
+        if stackops.machine_key() not in pid_file.parts:
+            continue  # the queue of another machine (a namespaced node): its pids are not ours
         with contextlib.suppress(OSError, ValueError):
-            pid, start = pid_file.read_text().split()
-            if str(stackops.process_start_ticks(int(pid))) == start:
-                os.kill(int(pid), signal.SIGKILL)
+            pid = stackops.Slots(pid_file.parent).dispatcher_pid()  # only while it holds its lock
+            if pid:
+                os.kill(pid, signal.SIGKILL)
     for state_file in home.glob("**/logs/state.json"):
         with contextlib.suppress(OSError, ValueError):
-            pgid = json.loads(state_file.read_text()).get("pgid")
-            if pgid and stackops._alive(state_file.parent.parent):
+            state = json.loads(state_file.read_text())
+            pgid = state.get("pgid")  # a pid of the machine the record names: only ours are killed
+            if pgid and state.get("machine") == stackops.machine_key() \
+                    and stackops._alive(state_file.parent.parent):
                 os.killpg(int(pgid), signal.SIGKILL)
 
 
@@ -3870,12 +3874,9 @@ def sshd():
 
 
 def _kill_remote_leftovers(remote_home: Path) -> None:
+    """The jobs a test left running on the loopback host (its processes are in our pid namespace;
+    a namespaced node's die with it)."""
     _stop_leftovers(remote_home)
-    for pid_file in itertools.chain(remote_home.glob("**/logs/launcher_pid.txt"), remote_home.glob("**/logs/pid.txt")):
-        text = pid_file.read_text().strip()
-        if text.isdigit() and stackops.pid_is_alive(int(text), pid_file.parent.parent.name):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(text), signal.SIGKILL)
 
 
 def _write_ssh_config(home: Path, server: SSHD, alias: str = "tb", extra: str = "", known: bool = True) -> None:
@@ -6120,11 +6121,30 @@ def test_remote_progress_json_lines_for_tools(remote, home):
     assert 3 * 2**20 < events[-1]["total"] <= events[-1]["done"] < 8 * 2**20
 
 
+SLOW_RELAY = """
+import os, socket, sys, threading, time
+link = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+
+def up():  # at most 2 MiB/s towards the host: a transfer of 8 MiB lasts seconds, on any machine
+    for data in iter(lambda: os.read(0, 65536), b""):
+        link.sendall(data)
+        time.sleep(len(data) / 2**21)
+    link.shutdown(socket.SHUT_WR)
+
+threading.Thread(target=up, daemon=True).start()
+for data in iter(lambda: link.recv(65536), b""):
+    os.write(1, data)
+"""
+
+
 def test_remote_progress_line_on_a_terminal_is_cleared_before_the_next_output(remote, home):
     (home / "big.bin").write_bytes(os.urandom(8 * 2**20))
+    (home / "slow_relay.py").write_text(SLOW_RELAY)
+    _write_ssh_config(home, remote, alias="tbslow", known=False,
+                      extra=f"  ProxyCommand {sys.executable} {home / 'slow_relay.py'} %p\n")
     master, slave = os.openpty()
     try:
-        command = [sys.executable, str(SOURCE), "copy", "big.bin", "tb:~/big-tty.bin"]
+        command = [sys.executable, str(SOURCE), "copy", "big.bin", "tbslow:~/big-tty.bin"]
         proc = subprocess.Popen(command, cwd=home, env=dict(os.environ, HOME=str(home), COLUMNS="200"),
                                 stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
         os.close(slave)
@@ -6141,10 +6161,9 @@ def test_remote_progress_line_on_a_terminal_is_cleared_before_the_next_output(re
     finally:
         os.close(master)
     shown = b"".join(chunks).decode()
-    # (the rate and time left come after the first second: test_cli_progress_line_keeps_...)
-    line = r"upload to tb:~/big-tty\.bin +\d+%  [\d.]+ MiB of 8\.0 MiB(  [\d.]+ MiB/s  \d+:\d\d left)?"
+    line = r"upload to tbslow:~/big-tty\.bin +\d+%  [\d.]+ MiB of 8\.0 MiB  [\d.]+ MiB/s  \d+:\d\d left"
     assert re.search(line, shown), repr(shown)
-    assert shown.split("\r\x1b[K")[-1] == "tb:~/big-tty.bin\r\n", repr(shown[-200:])
+    assert shown.split("\r\x1b[K")[-1] == "tbslow:~/big-tty.bin\r\n", repr(shown[-200:])
 
 
 # -- sweeps, to a host ---------------------------------------------------------------------------
@@ -6727,11 +6746,33 @@ def test_slurm_over_ssh_to_a_login_node_submits_watches_and_cancels(slurm, home,
             local = machine.download_results(home / "back")
             result = json.loads((local / "result.json").read_text())
             assert result["tag"] == "far" and result["slurm_job_id"] == machine.slurm_job_id
+        arrays = make_module(home, SLURM_ARRAY_JOBS)  # an array: its tasks travel as members of its folder
+        workload = WorkloadParams(idx_min=0, idx_max=8, idx_start=0, idx_end=8, jobs=2)
+        with RemoteMachine(arrays.indices, config(job_id="far-arr", ssh_host="login", launch_method="slurm",
+                                                  copy_repo=True, workload_params=workload)) as array:
+            array.run()
+            report = _slurm_wait(array, 120)
+            assert report.status == "completed" and "2 completed" in report.reason, report
+            folder = array.download_results(home / "far-arr")
+            seen = [json.loads((folder / f"far-arr-{k}" / "result.json").read_text()) for k in range(2)]
+            assert [r["indices"] for r in seen] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+            assert [r["array"] for r in seen] == [array.slurm_job_id] * 2
+        listed = {row["job_id"]: row["status"] for row in json.loads(cli("list", "--json", home=home).stdout)}
+        assert listed["far-arr"] == "completed", listed  # judged on the login node, as status is
         with RemoteMachine(module.sleeper, config(ssh_host="login", launch_method="slurm", copy_repo=True)) as job:
             job.run()
             wait_for(lambda: job.get_status(0).status == "running", 60, "the job to run")
             job.cancel()
             assert _slurm_wait(job, 30).status == "cancelled"
+        slow = make_module(home, "import time\n\ndef slow_part(workload_params):\n    time.sleep(120)\n")
+        workload = WorkloadParams(idx_min=0, idx_max=4, idx_start=0, idx_end=4, jobs=2)
+        with RemoteMachine(slow.slow_part, config(job_id="far-arr-c", ssh_host="login", launch_method="slurm",
+                                                  copy_repo=True, workload_params=workload)) as array:
+            array.run()
+            wait_for(lambda: array.get_status(0).status == "running", 60, "the array to run")
+            assert array.cancel().status == "cancelled"
+            assert [state_of(task)["status"] for task in array.array_tasks()] == ["cancelled"] * 2  # as there
+            assert _slurm_wait(array, 30).status == "cancelled"
     finally:
         login.stop()
         _kill_remote_leftovers(sshd.remote_home)
@@ -6758,6 +6799,37 @@ def test_slurm_over_ssh_to_a_login_node_sharing_the_home_completes(slurm, home, 
         assert not list(home.glob("tmp_results/**/.stackops-partial.*"))
     finally:
         login.stop()
+
+
+@needs_root
+def test_slurm_over_ssh_refuses_a_job_folder_another_user_controls(slurm, home, sshd):
+    """The login node's base folder is a link into a folder another user made (0777): the hand-over
+    refuses it before sbatch, as any fire does; nothing is written there, nothing reaches Slurm."""
+    login = SSHD(sshd.base, sshd.user, sshd.remote_home, Path(f"{sshd.client_key}.pub"),
+                 extra=f"SetEnv SLURM_CONF={slurm.conf}\n")
+    login.client_key = sshd.client_key
+    shared, link = sshd.base / f"open-{os.getpid()}", sshd.remote_home / "sjobs-open"
+    try:
+        with _other_account() as uid:
+            shared.mkdir()
+            shared.chmod(0o777)
+            os.chown(shared, uid, uid)
+            link.symlink_to(shared)
+            _write_ssh_config(home, login, alias="login2")
+            module = make_module(home, SLURM_JOBS)
+            cfg = config(ssh_host="login2", launch_method="slurm", copy_repo=True, base_dir="~/sjobs-open",
+                         job_id="s-trust")
+            with pytest.raises(ConfigError, match="belongs to another user"):
+                RemoteMachine(module.where, cfg).run()
+            assert list(shared.iterdir()) == []  # nothing written into her folder
+            queued = subprocess.run(["squeue", "-h", "-n", "s-trust"], capture_output=True, text=True,
+                                    env=slurm.env).stdout
+            assert queued.strip() == ""
+            assert not (home / "sjobs-open" / "queued" / "s-trust").exists()  # withdrawn here too
+    finally:
+        login.stop()
+        link.unlink(missing_ok=True)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @needs_slurm
@@ -7069,6 +7141,10 @@ def test_slurm_cli_run_wait_and_status_json(slurm, home):
     assert {task["status"] for task in status["tasks"]} == {"completed"}
     table = cli("status", "arr", home=home).stdout
     assert "arr-2" in table and f"{status['slurm_job_id']}_2" in table
+    listed = {row["job_id"]: row["status"] for row in json.loads(cli("list", "--json", home=home).stdout)}
+    assert [listed[job_id] for job_id in ("arr", "arr-0", "arr-1", "arr-2")] == ["completed"] * 4  # as status
+    logs = cli("logs", "arr", home=home).stdout  # an array's log is its tasks' logs
+    assert all(f"==> arr-{k} <==" in logs for k in range(3)) and logs.count("JOB COMPLETED") == 3, logs
 
 
 # ============================================================================================
@@ -7496,23 +7572,38 @@ def test_control_shared_home_a_reader_on_another_machine_never_judges_the_jobs_p
     assert answer["state"]["status"] == "completed"
 
 
-def test_control_delete_and_prune_of_jobs_on_a_host_sharing_the_home(same_home, home):
-    """The host's folder is this machine's: deleted once, said once, and prune goes on to the next."""
-    _proj(home)
-    for job_id in ("sd1", "sd2", "sd3"):
-        done = cli("run", "proj/m.py:f", "--host", "same", "--copy-repo", "--wait", "--job-id", job_id, home=home)
-        assert done.returncode == 0 and "completed" in done.stdout, done.stderr
-    done = cli("run", "proj/m.py:f", "--wait", "--job-id", "sd-local", home=home)
-    assert done.returncode == 0, done.stderr
-    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
-    deleted = cli("delete", "sd1", home=home)
-    assert deleted.returncode == 0 and "sd1" in deleted.stdout and deleted.stderr == "", deleted
-    assert not (queued / "sd1").exists()
-    pruned = cli("prune", "--older-than", "0s", home=home)
-    assert pruned.returncode == 0, pruned.stderr
-    assert sorted(re.findall(r"deleted job (\S+)", pruned.stdout)) == ["sd-local", "sd2", "sd3"], pruned
-    assert "not pruned" not in pruned.stderr
-    assert not any((queued / job_id).exists() for job_id in ("sd2", "sd3", "sd-local"))
+@needs_netns
+def test_control_shared_home_a_child_on_another_machine_waits_for_its_running_parent(cluster_home, nodes, sshd):
+    """Two login nodes behind one name share the home: the parent runs on node1, its --after child
+    lands on node2. node2's dispatcher never judges node1's pids: the child waits for the parent
+    as recorded, and runs once node1 records its end."""
+    home = cluster_home
+    mod = make_module(home, JOBS_SOURCE)
+    ssh_config = home / ".ssh" / "config"
+    _write_ssh_config(home, nodes.servers[0], alias="login")
+    parent = RemoteMachine(mod.sleeper, config(job_id="sh-parent", ssh_host="login", copy_repo=True),
+                           func_kwargs={"seconds": 6.0})
+    with parent:
+        parent.run()
+        root = sshd.remote_home / parent.file_manager.job_root_rh[2:]
+        wait_for(lambda: stackops.read_state(root).get("started"), 60, "the parent to run on node1")
+    first = ssh_config.read_text()
+    node1, node2 = nodes.servers[0], nodes.servers[1]
+    ssh_config.write_text(first.replace(f"Host login\n  HostName {node1.address}\n  Port {node1.port}\n",
+                                        f"Host login\n  HostName {node2.address}\n  Port {node2.port}\n"))
+    assert ssh_config.read_text() != first  # "login" now reaches node2
+    child = RemoteMachine(mod.echo, config(job_id="sh-child", ssh_host="login", copy_repo=True,
+                                           after=["sh-parent"]), func_kwargs={"a": 1})
+    with child:
+        child.run()
+        early = wait_for(lambda: (lambda r: r if "sh-parent" in r.reason else None)(child.get_status(0)), 30,
+                         "node2's dispatcher to look at the parent")
+        assert early.status == "waiting" and "sh-parent (running)" in early.reason, early
+        assert wait_done(child, 90).status == "completed"
+    recorded = stackops.read_state(root)
+    assert recorded["status"] == "completed" and not recorded.get("runs"), recorded  # never "process gone"
+    assert stackops.read_state(sshd.remote_home / child.file_manager.job_root_rh[2:])["started"] > \
+        recorded["ended"]
 
 
 def test_control_list_of_a_host_judges_its_jobs_there(remote, home):
@@ -12054,7 +12145,10 @@ def test_remote_status_and_wait_of_an_ended_job_on_a_host_that_is_gone(home, ssh
         code, out, err = _in_process("status", "gone-live", "--json")
         assert code == 1 and "gone" in err, (out, err)
     finally:
-        (gates / "live").touch()
+        (gates / "live").touch()  # it ends, and frees the host's slot for the tests after this one
+        there = sshd.remote_home / "tmp_results/remote_machines/jobs/queued/gone-live"
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not stackops._alive(there), 30, "gone-live to end on the host")
         server.stop()
         shutil.rmtree(gates, ignore_errors=True)
 
@@ -12063,15 +12157,16 @@ def test_shared_home_host_delete_and_prune_say_what_they_did_and_go_on(same_home
     """Issue 21, defect 2: `delete` of a job that ran on a host sharing the home deleted the folder,
     then said '... is not a stackops job folder; nothing deleted' (exit 2); `prune` stopped there."""
     mod = make_module(home, JOBS_SOURCE)
-    for job_id in ("sh-del", "sh-p1", "sh-p2"):
-        machine = RemoteMachine(mod.echo, config(job_id=job_id, ssh_host="same"), func_kwargs={"x": 1}).run()
+    for job_id, extra in (("sh-del", {}), ("sh-p1", {"copy_repo": True}), ("sh-p2", {}), ("sh-local", None)):
+        where = {"ssh_host": "same", **extra} if extra is not None else {}  # and one that ran here
+        machine = RemoteMachine(mod.echo, config(job_id=job_id, **where), func_kwargs={"x": 1}).run()
         assert wait_done(machine).status == "completed"
     queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
     code, out, err = _in_process("delete", "sh-del")
     assert code == 0 and "nothing deleted" not in err and not (queued / "sh-del").exists(), (out, err)
     code, out, err = _in_process("prune", "--older-than", "0s")
-    assert code == 0 and "deleted job sh-p1" in out and "deleted job sh-p2" in out, (out, err)
-    assert not (queued / "sh-p1").exists() and not (queued / "sh-p2").exists()
+    assert code == 0 and sorted(re.findall(r"deleted job (\S+)", out)) == ["sh-local", "sh-p1", "sh-p2"], (out, err)
+    assert "not pruned" not in err and not any((queued / j).exists() for j in ("sh-p1", "sh-p2", "sh-local"))
 
 
 def test_job_id_used_again_after_delete_never_shows_the_old_jobs_results(home):
