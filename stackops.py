@@ -4946,7 +4946,8 @@ def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
                     links: dict[str, str]) -> Path:
     """One member folder, put in place whole (built under a hidden name, then renamed): ``files``
     (relative path: text) and ``links`` (see sweep_links). A folder of that name that exists
-    already is an error, never replaced. Plain string paths: a sweep writes thousands."""
+    already is an error, never replaced. A file of its own replaces the link of the same path (an
+    array's task has its own config). Plain string paths: a sweep writes thousands."""
     root = os.path.join(queued, check_safe_name(job_id))
     if os.path.lexists(root):
         raise ConfigError(f"job {job_id!r} already exists at {collapse_home(root)}")
@@ -4955,7 +4956,8 @@ def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
         for folder in (staging, f"{staging}/data", f"{staging}/logs"):
             os.mkdir(folder, 0o700)
         for relative, target in links.items():
-            os.symlink(target, f"{staging}/{relative}")
+            if relative not in files:
+                os.symlink(target, f"{staging}/{relative}")
         for relative, text in files.items():
             _write_new(f"{staging}/{relative}", text)
         if os.path.lexists(root):
