@@ -404,6 +404,76 @@ def snapshot_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
     return rows
 
 
+def big_repo_case(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
+    """A job with a repo of 5,000 files (quick: 1,000; 2 KiB each, a fresh repo each round) handed
+    over to a host: the first time, against `tar c | ssh host tar x` of the same folder, and
+    again unchanged, against `ssh host true`."""
+    files = 1000 if quick else 5000
+    firsts, seconds, tars, trues = [], [], [], []
+    for k in range(max(2, min(runs, 4))):
+        repo = bed.local_home / f"bigrepo{k}"
+        for i in range(files):
+            (repo / f"pkg{i % 50}").mkdir(parents=True, exist_ok=True)
+            (repo / f"pkg{i % 50}" / f"m{i}.py").write_bytes(os.urandom(2048))
+        (repo / "main.py").write_text("def noop():\n    return None\n")
+        run_cmd(["git", "-C", str(repo), "init", "-q"])
+
+        def hand_over() -> None:
+            config = stackops.RemoteStackOpsConfig(job_id=f"big-{next(_fresh)}", ssh_host="tb", copy_repo=True,
+                                                   lock_resources=False)
+            with stackops.RemoteMachine(f"{repo / 'main.py'}:noop", config=config) as machine:
+                machine.run()
+
+        firsts.append(timed(hand_over))
+        seconds.append(timed(hand_over))
+        target = f"~/tarcopy-{next(_fresh)}"
+        tar = f"tar c -C {shlex.quote(str(repo))} . | {shlex.join(bed.ssh('tb', f'mkdir {target} && tar x -C {target}'))}"
+        tars.append(timed(lambda: run_cmd(["bash", "-c", tar])))
+        trues.append(timed(lambda: run_cmd(bed.ssh("tb", "true"))))
+        shutil.rmtree(repo)
+    first, second = statistics.median(firsts), statistics.median(seconds)
+    rows = []
+    for name, mine, theirs, peer in ((f"submit with a {files}-file repo: first", firsts, tars,
+                                      "tar c | ssh host tar x"),
+                                     (f"submit with a {files}-file repo: unchanged", seconds, trues,
+                                      "ssh host true")):
+        row = {"case": name, "stackops_s": statistics.median(mine), "reference": peer,
+               "reference_s": statistics.median(theirs), "samples": len(mine), "load": os.getloadavg()[0]}
+        row["ratio"] = row["stackops_s"] / row["reference_s"]
+        print(f"{name:48s} {row['stackops_s'] * 1000:9.1f} ms  {peer:30s} {row['reference_s'] * 1000:9.1f} ms"
+              f"  ratio {row['ratio']:5.2f}", flush=True)
+        rows.append(row)
+    print(f"{'  unchanged / first':48s} {second / first:9.3f}    (target <= 0.1)", flush=True)
+    return rows
+
+
+def proptest_case(runs: int = 10) -> list[dict]:
+    """The property tests (`-k "property or state_machine"`) run ``runs`` times while CPU hogs
+    (one busy loop per core, and one more) keep the load average at 6 or above: how many passed.
+    A test that fails only under load shows here, never as a timed assertion."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range((os.cpu_count() or 2) + 1)]
+    results, loads = [], []
+    try:
+        time.sleep(20)  # the load average follows over a minute: let it climb
+        for _ in range(runs):
+            loads.append(os.getloadavg()[0])
+            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                                   "test_stackops.py", "-k", "property or state_machine"],
+                                  cwd=HERE, capture_output=True, text=True)
+            results.append(done.returncode == 0)
+            if done.returncode != 0:
+                print(done.stdout[-1500:], flush=True)
+    finally:
+        for hog in hogs:  # ours, by pid
+            hog.kill()
+            hog.wait()
+    note = (f"{sum(results)} of {runs} runs passed; load average {min(loads):.1f}-{max(loads):.1f} "
+            "(target: all pass at load >= 6)")
+    print(f"{'property tests under a CPU hog':48s} {note}", flush=True)
+    return [{"case": "property tests under a CPU hog", "unit": "runs", "passed": sum(results), "runs": runs,
+             "load_min": min(loads), "load_max": max(loads), "note": note}]
+
+
 def _local_jobs(stackops, script: Path, count: int, slots: int) -> list:
     """Fire ``count`` jobs of ``script`` here with ``slots`` slots (a private state folder); wait for all."""
     os.environ["STACKOPS_STATE_DIR"] = str(Path(tempfile.mkdtemp(dir=os.environ["HOME"])))
@@ -1069,8 +1139,9 @@ def main() -> int:
     parser.add_argument("--disk", action="store_true", help="keep both homes on disk instead of tmpfs")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--only", default="", help="comma-separated groups to run: ssh, transfer, job, snapshot, "
-                                                   "slot, sweep, queue, slow, cluster, cli, cancel, slurm, "
-                                                   "report (default: all but report)")
+                                                   "bigrepo, slot, local, sweep, queue, slow, hostlist, cluster, "
+                                                   "cli, cancel, slurm, report, proptest (default: all but report "
+                                                   "and proptest)")
     parser.add_argument("--report-png", help="report: also save a screenshot of the sweep's page here "
                                              "(docs/report.png)")
     args = parser.parse_args()
@@ -1094,6 +1165,8 @@ def main() -> int:
                   "job": lambda: job_cases(bed, stackops, runs),
                   "snapshot": lambda: snapshot_cases(bed, stackops, args.quick, runs),
                   "slot": lambda: slot_cases(bed, stackops, args.quick),
+                  "bigrepo": lambda: big_repo_case(bed, stackops, args.quick, runs),
+                  "proptest": lambda: proptest_case(3 if args.quick else 10),
                   "local": lambda: local_peer_cases(bed, args.quick, runs),
                   "sweep": lambda: sweep_cases(bed, stackops, args.quick, runs),
                   "queue": lambda: queue_cases(bed, stackops, args.quick),
@@ -1104,7 +1177,7 @@ def main() -> int:
                   "slurm": lambda: slurm_case(bed, runs),
                   "report": lambda: report_case(bed, stackops, args.quick, args.report_png)}
         wanted = [name.strip() for name in args.only.split(",") if name.strip()] or \
-            [name for name in groups if name != "report"]  # a sweep of 1,000 real jobs, and Chromium
+            [name for name in groups if name not in ("report", "proptest")]  # Chromium; minutes of tests
         for name in wanted:
             rows += groups[name]()
     finally:
