@@ -1482,16 +1482,7 @@ class RemoteStackOpsConfig:
         if self.transfer_method not in TRANSFER_METHODS:
             raise ConfigError(f"transfer_method must be one of {', '.join(TRANSFER_METHODS)}, "
                               f"got {self.transfer_method!r}")
-        if self.launch_method not in LAUNCH_METHODS:
-            raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
-                              f"got {self.launch_method!r}")
-        if self.launch_method == "cloud_manager" and not self.cloud_name:
-            raise ConfigError("launch_method 'cloud_manager' queues the job on a cloud remote: "
-                              "it needs cloud_name", hint="pass cloud_name=<an rclone remote name>")
-        if self.launch_method == "cloud_manager" and self.ssh_host is not None:
-            raise ConfigError("launch_method 'cloud_manager' runs the job on whichever worker "
-                              f"claims it, not on ssh_host {self.ssh_host!r}",
-                              hint="leave out one of the two")
+        self._check_launch()
         check_slurm_options(self.slurm_options)
         if not 0 <= self.retries <= 100 or not 0 <= self.retry_delay <= 86400:
             raise ConfigError(f"{_option('retries', '--retries')} must be 0 to 100 and "
@@ -1549,6 +1540,18 @@ class RemoteStackOpsConfig:
                 setattr(self, field, {**found[key], **value})
             elif isinstance(value, _UserDefault):
                 setattr(self, field, found[key])
+
+    def _check_launch(self) -> None:
+        if self.launch_method not in LAUNCH_METHODS:
+            raise ConfigError(f"launch_method must be one of {', '.join(LAUNCH_METHODS)}, "
+                              f"got {self.launch_method!r}")
+        if self.launch_method == "cloud_manager" and not self.cloud_name:
+            raise ConfigError("launch_method 'cloud_manager' queues the job on a cloud remote: "
+                              "it needs cloud_name", hint="pass cloud_name=<an rclone remote name>")
+        if self.launch_method == "cloud_manager" and self.ssh_host is not None:
+            raise ConfigError("launch_method 'cloud_manager' runs the job on whichever worker "
+                              f"claims it, not on ssh_host {self.ssh_host!r}",
+                              hint="leave out one of the two")
 
     def _take_email_settings(self) -> None:
         if self.to_email is not None:
@@ -1927,7 +1930,11 @@ class JobParams:
     def get_execution_line(self, workload_params: WorkloadParams | None = None,
                            parallelize: bool = False,
                            wrap_in_try_except: bool = False) -> str:
-        """The Python lines (indented for the wrapper's ``execute``) that call the job."""
+        """The Python lines (indented for the wrapper's ``execute``) that call the job. The
+        workload written here is the job's, unless its own config names a slice of it (a Slurm
+        array's task, whose wrapper is the array's: JobContext.workload)."""
+        workload = workload_params.to_dict() if workload_params is not None else None
+        given = f"workload_params = job.workload(WorkloadParams.from_dict({workload!r}))"
         if self.kind == "command":
             lines = _command_execution_lines(workload_params, parallelize)
         elif self.kind == "script":
@@ -1936,8 +1943,7 @@ class JobParams:
                                   "function; a script cannot be split")
             lines = []
             if workload_params is not None:
-                lines.append("workload_params = "
-                             f"WorkloadParams.from_dict({workload_params.to_dict()!r})")
+                lines.append(given)
             else:
                 lines.append("workload_params = None")
             lines.append("res = job.run_script(func_kwargs, workload_params)")
@@ -1947,11 +1953,11 @@ class JobParams:
                                   f"{_option('workload_params', '--workload')}")
             lines = ["func = job.load_callable()", "res = func(**func_kwargs)"]
         elif not parallelize:
-            lines = [f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})",
+            lines = [given,
                      "func = job.load_callable()",
                      "res = func(workload_params=workload_params, **func_kwargs)"]
         else:
-            lines = [f"workload_params = WorkloadParams.from_dict({workload_params.to_dict()!r})",
+            lines = [given,
                      "parts = workload_params.split_to_jobs(workload_params.jobs)",
                      "from concurrent.futures import ProcessPoolExecutor",
                      "workers = stackops.pool_size(len(parts))",
@@ -2397,6 +2403,7 @@ def _hold_alive(root: Path) -> int:
 
 _PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while it is unchanged
 _DETACHED: list[subprocess.Popen[bytes]] = []  # processes started here (kept, never waited for)
+_HOLDING: list[int] = []  # the wrapper's hold on its job's ALIVE_LOCK (a command inherits it)
 
 
 class Slots:
@@ -2930,10 +2937,11 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
     record. Otherwise only the machine that runs the job judges it: on any other (a shared home)
     the record is shown as of when it was written. There, a job in line waits; a job whose
     process holds its lock runs; one whose process is gone without an end failed, and that end is
-    recorded (and reported) here."""
+    recorded (and reported) here. An array is its tasks (each judged as a job; see _combine):
+    its own record is never judged."""
     state = read_state(root) if state is None else state
     status = state.get("status") or "prepared"
-    if status in TERMINAL_STATUSES and state.get("final", True):
+    if status in TERMINAL_STATUSES and state.get("final", True) or state.get("tasks"):
         return state
     if status not in STATUSES:
         ended = _record_end(root, "failed", f"unreadable status {status!r} in {STATE_JSON}")
@@ -2990,45 +2998,53 @@ def _judge_slurm(root: Path, state: dict[str, Any], view: dict[str, Any] | None)
         started = state.get("started") is not None
         why = ("lost by Slurm: it no longer knows job " + str(slurm.get("id")) +
                ", which recorded no end" if started else
-               f"the job never started: do the compute nodes see {collapse_home(root)}?")
+               f"the job never started: do the compute nodes see {root}?")
         return _settle_slurm_end(root, state, "failed", why)
     slurm.update(state=view["state"], reason=view.get("reason", ""), exit=view.get("exit", ""),
                  restarts=view.get("restarts", 0))
     why = _slurm_words(slurm)
     word = view["state"]
-    if word in SLURM_WAITING or (word in SLURM_RUNNING and status in TERMINAL_STATUSES):
-        return _slurm_again(root, state, slurm, "queued" if word in SLURM_WAITING else "running")
-    if word in SLURM_RUNNING:
-        return dict(state, status="running" if state.get("started") else "queued", reason=why,
+    if word in SLURM_WAITING:
+        return _slurm_again(root, state, slurm)
+    if word in SLURM_RUNNING:  # after a tentative end: ending (COMPLETING), or run again, whose
+        shown = {key: value for key, value in state.items()  # start the job records itself
+                 if key not in ("ended", "error", "exit_code", "signal", "final")}
+        return dict(shown, status="running" if state.get("started") else "queued", reason=why,
                     slurm=slurm)
     if word.startswith("CANCELLED"):
-        return _settle_slurm_end(root, dict(state, slurm=slurm), "cancelled", f"cancelled ({why})")
+        return _settle_slurm_end(root, dict(state, slurm=slurm), "cancelled", f"cancelled ({why})",
+                                 reason=why)
     if word == "COMPLETED" and status in TERMINAL_STATUSES:
         return _settle_slurm_end(root, dict(state, slurm=slurm), status, state.get("error") or "")
     if word == "COMPLETED":
-        why = (f"the job recorded no end though {why}; do the compute nodes see "
-               f"{collapse_home(root)}?")
+        why = f"the job recorded no end though {why}; do the compute nodes see {root}?"
     elif not state.get("started"):
-        why += f"; the job never started: do the compute nodes see {collapse_home(root)}?"
+        why += f"; the job never started: do the compute nodes see {root}?"
         if view.get("exit", "").startswith("127"):
             why += " (exit code 127: is its python installed there?)"
     error = f"{state['error']}\n{why}" if state.get("error") else why
     return _settle_slurm_end(root, dict(state, slurm=slurm), "failed", error, reason=why)
 
 
-def _slurm_again(root: Path, state: dict[str, Any], slurm: dict[str, Any],
-                 status: str) -> dict[str, Any]:
-    """Slurm runs (or will run) the job again after a run that ended tentatively: that run is
-    kept among the earlier ones and the job reads ``status`` (requeued, with the attempt)."""
+def _slurm_again(root: Path, state: dict[str, Any], slurm: dict[str, Any]) -> dict[str, Any]:
+    """Slurm will run the job (again, after a run that ended tentatively: that run is kept
+    among the earlier ones): it reads queued (requeued, with the attempt)."""
     def again(record: dict[str, Any]) -> bool:
-        if record.get("status") in TERMINAL_STATUSES and record.get("final", True):
+        status = record.get("status")
+        if status in TERMINAL_STATUSES and record.get("final", True):
             return False
-        if record.get("status") in TERMINAL_STATUSES:
-            record.setdefault("runs", []).append(_run_of(record))
+        restarts = int(slurm.get("restarts") or 0)
+        if status == "running" and restarts <= int((record.get("slurm") or {}).get("restarts")
+                                                   or 0):
+            return False  # it started after Slurm was asked
+        if status in TERMINAL_STATUSES or status == "running":  # a run Slurm stopped (requeued)
+            run = _run_of(record)
+            record.setdefault("runs", []).append(
+                run if status != "running" else dict(run, status="requeued",
+                                                     error=f"requeued by Slurm ({restarts}x)"))
             for key in ("ended", "error", "exit_code", "signal", "final"):
                 record.pop(key, None)
-        record.update(status=status if record.get("status") != "running" else "running",
-                      slurm=slurm, reason=_slurm_words(slurm))
+        record.update(status="queued", slurm=slurm, reason=_slurm_words(slurm))
         return True
 
     return _update(root, again)
@@ -3085,8 +3101,9 @@ def _status_of(job_id: str, state: dict[str, Any], tail: str = "",
                      results_path=state.get("results"), error_message=state.get("error") or "",
                      place=place, host=state.get("node") or "?", log_tail=tail,
                      slurm_job_id=slurm.get("id"),
-                     reason=state.get("reason") or (state.get("warning") if status not in TERMINAL_STATUSES else "")
-                     or "", attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
+                     reason=state.get("reason") or (
+                         state.get("warning") if status not in TERMINAL_STATUSES else "") or "",
+                     attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
                      exit_code=state.get("exit_code"), signal=state.get("signal"),
                      max_rss_bytes=state.get("max_rss_bytes"),
                      cpu_seconds=state.get("cpu_seconds"), slot=state.get("slot"),
@@ -3102,6 +3119,9 @@ class _Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    """Once: the same signal again (a cancel reaches the whole process group, and the wrapper
+    passes it on too) must not cut short the unwinding that records why the run ended."""
+    signal.signal(signum, signal.SIG_IGN)
     why = (" (Slurm sends it at the time limit, on scancel and on preemption)"
            if "SLURM_JOB_ID" in os.environ else "")
     raise _Terminated(f"terminated by signal {signum}{why}")
@@ -3134,6 +3154,12 @@ class JobContext:
             sys.dont_write_bytecode = True
             os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
         self._func: Callable[..., Any] | None = None
+
+    def workload(self, written: WorkloadParams) -> WorkloadParams:
+        """The slice of the workload this job runs: the one its own config names (an array's
+        task has a config of its own, its wrapper is the array's), else the ``written`` one."""
+        own = _read_json(self.job_root / CONFIG_JSON).get("workload_params")
+        return WorkloadParams.from_dict(own) if isinstance(own, dict) else written
 
     def sys_path(self) -> list[Path]:
         """The folders the job puts first on sys.path, in order (see the class docstring)."""
@@ -3293,13 +3319,15 @@ def run_job(job_root: str | os.PathLike[str],
     and for its slot, record the start, run ``execute`` in a child process of its own (again after
     a failed run, killed ones included, while retries allow; an interactive job runs it in this
     process, for its REPL), record the end with the run's exit status and resources, give the slot
-    back, report the end. Whatever happens inside, the job ends completed, failed or cancelled."""
+    back, report the end. Whatever happens inside, the job ends completed, failed or cancelled;
+    the wrapper's exit status is 0 only for a completed job (not interactive: its REPL stays)."""
     _job_logging()
     root = Path(os.path.abspath(job_root))
     _LOG[:] = [root / OUTPUT_LOG]
     manager = FileManager.from_job_root(root)
     config = _read_json(root / CONFIG_JSON)
     alive = _hold_alive(root)
+    _HOLDING[:] = [alive]
     interactive = bool(sys.flags.interactive)
     signal.signal(signal.SIGTERM, _raise_terminated if interactive else _note_term)
     res: Any = None
@@ -3322,6 +3350,8 @@ def run_job(job_root: str | os.PathLike[str],
             _report_end(root, ended)
         if not interactive:
             os.close(alive)
+    if not interactive and read_state(root).get("status") != "completed":
+        sys.exit(1)  # the wrapper's own exit status says it too: Slurm's afterok, sacct
     return res
 
 
@@ -3481,8 +3511,9 @@ def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
     params = JobParams.from_dict(_read_json(root / JOB_PARAMS_JSON))
     sys.stdout.flush()
     sys.stderr.flush()
-    if params.kind == "command":
-        return _run_command_job(root, params, env)
+    if params.kind == "command":  # it holds the job's lock and slot as a fork would
+        held = (*_HOLDING, *(fd for _, fd in manager._slot or []))
+        return _run_command_job(root, params, env, held)
     told = root / LOGS / f".outcome-{os.getpid()}.json"
     with _suppress(FileNotFoundError):
         os.unlink(told)
@@ -3501,10 +3532,13 @@ def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
     return _outcome(outcome, status, usage)
 
 
-def _run_command_job(root: Path, params: JobParams, env: dict[str, str]) -> dict[str, Any]:
+def _run_command_job(root: Path, params: JobParams, env: dict[str, str],
+                     held: tuple[int, ...] = ()) -> dict[str, Any]:
     """One run of a command job: its argv (a sweep's placeholders filled from its kwargs) in its
     folder of the repo (of its own copy, with copy_repo), with the job's variables, its output
-    into the job's log; the results folder is STACKOPS_RESULTS."""
+    into the job's log, holding the locks ``held`` (the job's liveness and slot: a command that
+    outlives its wrapper still counts as the job running); the results folder is
+    STACKOPS_RESULTS."""
     argv = command_argv(params, _read_json(root / KWARGS_JSON))
     folder = _work_dir(root) / params.file_path_r
     if params.code_snapshot and not folder.exists():  # empty here: no snapshot holds it
@@ -3513,7 +3547,7 @@ def _run_command_job(root: Path, params: JobParams, env: dict[str, str]) -> dict
     _mkdir_private(results)
     try:
         record = _run_command(argv, folder, {**os.environ, **env}, sys.stdout.fileno(),
-                              started=_CHILD)
+                              started=_CHILD, held=held)
     finally:
         _CHILD.clear()
     return dict(record, error=_command_failure(argv, record), results=collapse_home(results))
@@ -3966,7 +4000,8 @@ def _wait_child(pid: int, grace: float = 10.0) -> dict[str, Any]:
 
 
 def _run_command(argv: list[str], cwd: str | os.PathLike[str], env: dict[str, str], out_fd: int,
-                 grace: float = 10.0, started: list[int] | None = None) -> dict[str, Any]:
+                 grace: float = 10.0, started: list[int] | None = None,
+                 held: tuple[int, ...] = ()) -> dict[str, Any]:
     """One attempt of a command job: ``argv`` run without a shell (the program is looked up on
     ``env``'s PATH) in folder ``cwd`` with exactly ``env``, stdin empty, stdout and stderr both
     on ``out_fd`` (one stream, in the order the program writes). It stays in this process's
@@ -3976,7 +4011,7 @@ def _run_command(argv: list[str], cwd: str | os.PathLike[str], env: dict[str, st
         raise StackopsError(f"the command's folder {cwd} is not there")
     try:
         child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd,
-                                 stderr=out_fd)
+                                 stderr=out_fd, pass_fds=held)
     except OSError as exc:
         raise StackopsError(f"cannot run {argv[0]!r}: {exc.strerror or exc}",
                             hint="is it installed where the job runs, and on its PATH? (or give "
@@ -4500,7 +4535,7 @@ def judge_jobs(roots: list[Path]) -> list[dict[str, Any]]:
     or array, a queue with jobs in line gets its dispatcher made sure of (once)."""
     states = [read_state(root) for root in roots]
     asked = {str(s["slurm"]["id"]) for s in states
-             if isinstance(s.get("slurm"), dict) and s["slurm"].get("id")
+             if isinstance(s.get("slurm"), dict) and s["slurm"].get("id") and not s.get("tasks")
              and not (s.get("status") in TERMINAL_STATUSES and s.get("final", True))}
     views: dict[str, Any] = {}
     silent = ""
@@ -4739,15 +4774,21 @@ def _facts(wanted: list[str]) -> dict[str, Any]:
 
 
 def _local_specs() -> dict[str, Any]:
-    """This machine's CPUs and memory, as the cluster's load calculators read them."""
+    """This machine's OS, CPUs, memory, Python, home and user (SSH.remote_specs; the cluster's
+    load calculators read the CPUs and memory)."""
     memory = 0
     with _suppress(OSError, StopIteration, ValueError, IndexError), open("/proc/meminfo") as handle:
         line = next(line for line in handle if line.startswith("MemTotal:"))
         memory = int(line.split()[1]) * 1024
+    if not memory:
+        with _suppress(ValueError, OSError, AttributeError):
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     uname = os.uname()
     return {"os": uname.sysname, "release": uname.release, "machine": uname.machine,
             "hostname": uname.nodename, "cpu_count": os.cpu_count(), "memory_bytes": memory,
-            "python": sys.executable, "home": os.path.expanduser("~")}
+            "python": sys.executable, "python_version": ".".join(map(str, sys.version_info[:3])),
+            "home": os.path.expanduser("~"),
+            "user": os.environ.get("USER") or os.environ.get("LOGNAME") or ""}
 
 
 def _receive(stream: Any, size: int, path: Path, mode: int, digest: str | None = None,
@@ -4835,7 +4876,7 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
         blobs = {value: str(_blob(store, value)) for _, kind, value in entries if kind != "l"}
         for _ in range(3):
             try:
-                if entries:
+                if header.get("manifest") is not None:  # a snapshot, empty or not
                     _materialize(entries, blobs, staging / CODE_DIR)
                 break
             except _SnapshotMismatchError as exc:  # a blob of the store damaged: sent again
@@ -4945,9 +4986,9 @@ def sweep_links(queued: Path, sweep_id: str) -> dict[str, str]:
 def write_sweep_job(queued: Path, job_id: str, files: dict[str, str],
                     links: dict[str, str]) -> Path:
     """One member folder, put in place whole (built under a hidden name, then renamed): ``files``
-    (relative path: text) and ``links`` (see sweep_links). A folder of that name that exists
-    already is an error, never replaced. A file of its own replaces the link of the same path (an
-    array's task has its own config). Plain string paths: a sweep writes thousands."""
+    (relative path: text) and ``links`` (see sweep_links) to the shared parts it has no file of
+    its own for (an array task has its own config). A folder of that name that exists already
+    is an error, never replaced. Plain string paths: a sweep writes thousands."""
     root = os.path.join(queued, check_safe_name(job_id))
     if os.path.lexists(root):
         raise ConfigError(f"job {job_id!r} already exists at {collapse_home(root)}")
@@ -5310,7 +5351,7 @@ def ok():
 if not ok():
  say('need');b=i.read(int(i.readline()))
  if hashlib.sha256(b).hexdigest()!=h:bad('stackops.py arrived damaged')
- __import__('shutil').rmtree(v,True);os.makedirs(v,448,exist_ok=True);t=m+'.'+os.urandom(6).hex()
+ os.makedirs(v,448,exist_ok=True);t=m+'.'+os.urandom(6).hex()
  with open(os.open(t,os.O_WRONLY|os.O_CREAT|os.O_EXCL,384),'wb') as w:w.write(b)
  os.replace(t,m)
 say('ready');sys.path.insert(0,v);import stackops;sys.exit(stackops.serve([]))
@@ -7279,6 +7320,7 @@ class _HandOverTalk:
                 _ident, entries, sources = self.spec.snapshot  # the host runs it from here
                 _materialize(entries, {d: str(p) for d, p in sources.items()},
                              self.spec.root / CODE_DIR)
+                _link_members_code(self.spec.root, self.spec.members)
             roots = self.request["roots"]
             write(json.dumps({"shared": True, "roots": roots}).encode() + b"\n")
         else:
@@ -7296,7 +7338,13 @@ class _HandOverTalk:
 
     def _send(self, write: Callable[[bytes], None], blobs: list[str],
               data: list[dict[str, Any]], whole: bool) -> None:
-        """The header (``whole``: with the job folder), then the parts, then the end line."""
+        """The header (``whole``: with the job folder), then the parts, then the end line; the
+        meter counts what goes out."""
+        meter, plain = self.meter, write
+        if meter is not None:
+            def write(data: bytes) -> None:
+                plain(data)
+                meter(meter.done + len(data))
         by_blob = _folder_blobs(self.spec.root)
         sources = dict((self.spec.snapshot or ("", [], {}))[2])
         sources.update((digest, path) for digest, path in by_blob.values())
@@ -7315,11 +7363,20 @@ class _HandOverTalk:
                       "members": self.spec.members}
             write(json.dumps(header).encode() + b"\n")
         sizes = [path.stat().st_size for _name, path in parts if isinstance(path, Path)]
-        if self.meter is not None:
-            self.meter.begin(self.meter.done + sum(sizes))
+        if meter is not None:
+            meter.begin(meter.done + sum(sizes))
         for name, path in parts:
             _send_part(write, name, path)
         write(b'{"end": true}\n')
+
+
+def _link_members_code(shared: Path, members: list[list[Any]]) -> None:
+    """The members of a sweep or array, written here before the shared folder had its code (a
+    host's job carries none until the host turns out to share this home), link to it now."""
+    for job_id, _files in members:
+        link = shared.parent / job_id / CODE_DIR
+        if not os.path.lexists(link):
+            os.symlink(f"../{shared.name}/{CODE_DIR}", link)
 
 
 def _json_line(line: bytes) -> dict[str, Any]:
@@ -7819,7 +7876,8 @@ class _Place:
     def reports(self, machines: list[RemoteMachine], log_lines: int) -> list[JobStatus]:
         """The status of jobs of this place, all asked in one go (one round trip on a host)."""
         request = {"action": "status", "lines": log_lines,
-                   "roots": [machine.root_there for machine in machines]}
+                   "roots": [machine.root_there for machine in machines],
+                   "tasks": [machine.task_ids or None for machine in machines]}
         answers = self.call([request])[0]
         reports = []
         for machine, answer in zip(machines, answers):
@@ -8809,7 +8867,7 @@ def _rerun_failed_tasks(machine: RemoteMachine, fresh: bool = False) -> list[str
     if not machine.array_parts or machine.slurm_job_id is None:
         raise ConfigError(f"job {machine.job_id} is not a Slurm array: rerun it whole")
     tasks = machine.array_tasks()
-    reports = [task.get_status(0) for task in tasks]
+    reports = machine._place.reports(tasks, 0)  # one round trip for them all
     failed = [k for k, report in enumerate(reports) if report.status in ("failed", "cancelled")]
     if not failed:
         raise ConfigError(f"array {machine.job_id} has no failed task to rerun")
@@ -8817,6 +8875,8 @@ def _rerun_failed_tasks(machine: RemoteMachine, fresh: bool = False) -> list[str
         tasks[k] = tasks[k].rerun(fresh=fresh)
     machine.task_ids = [task.job_id for task in tasks]
     machine._save()
+    if not machine.is_remote:  # every view of the array here follows the new tasks (a host's
+        _record(machine.file_manager.job_root, tasks=machine.task_ids)  # are told them: reports)
     return [tasks[k].job_id for k in failed]
 
 
@@ -9262,9 +9322,10 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[di
                 continue
             (remote.setdefault(row["host"], []) if row.pop("asked_there") else here).append(row)
         rows.append(row)
-    for row, state in zip(here, judge_jobs([row["root"] for row in here])):
-        row["report"] = _job_status(row["root"], state)
-        row["as_of"] = state.get("as_of")
+    for row, answer in zip(here, _reports_of([row["root"] for row in here], 0,
+                                             [row.get("tasks") for row in here])):
+        row["report"] = report_from(answer)
+        row["as_of"] = answer["state"].get("as_of")
     for host, answers in _ask_hosts(remote, timeout).items():
         for row in remote[host]:
             _take_answer(row, answers.get(row["job_id"], answers.get("*")))
@@ -9348,7 +9409,7 @@ class _ListCache:
                 return None
             who = {"job_id": machine.job_id, "host": machine.host_name,
                    "sweep": machine._shared, "shared": machine.shared,
-                   "there": machine.root_there,
+                   "there": machine.root_there, "tasks": machine.task_ids or None,
                    "asked_there": machine.is_remote and machine.submitted}
         self.new[str(root)] = {"key": key, "who": who}
         return dict(who, cluster=cluster, as_of=None, error=None, root=root)
@@ -9378,7 +9439,8 @@ def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
     def ask(host: str, rows: list[dict[str, Any]]) -> None:
         try:
             with SSH.from_config_file(host, timeout=timeout) as ssh:
-                request = {"action": "status", "roots": [row["there"] for row in rows]}
+                request = {"action": "status", "roots": [row["there"] for row in rows],
+                           "tasks": [row.get("tasks") for row in rows]}
                 answers = ssh.serve([request], timeout=timeout)[0]
             results[host] = {row["job_id"]: answer for row, answer in zip(rows, answers)}
         except Exception as exc:  # the host's rows stay as last seen, and say why
@@ -10503,7 +10565,8 @@ def _cmd_run(args: Any) -> int:
         workload_params=_parse_workload(args.workload, args.parallelize),
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
-        on_end=args.on_end, retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus, group=args.group,
+        on_end=args.on_end, retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus,
+        group=args.group,
         after=[job_id.strip() for job_id in args.after.split(",") if job_id.strip()],
         slurm_options=dict(parse_slurm_option(text) for text in args.slurm_opt))
     if args.sweep:
@@ -11133,9 +11196,9 @@ def _cmd_delete(args: Any) -> int:
             else:
                 for member in _members(target):
                     member.delete(results=args.results)
-                if isinstance(target, Sweep):
-                    shutil.rmtree(expand_home(f"{args.base_dir}/queued/{target.job_id}"),
-                                  ignore_errors=True)
+                folder = target.root_dir if isinstance(target, Cluster) else \
+                    expand_home(f"{args.base_dir}/queued/{target.job_id}")
+                shutil.rmtree(folder, ignore_errors=True)  # its record, once its members went
         print(f"deleted {target.job_id}" + (" and its results" if args.results else ""))
     return 0
 
@@ -12714,26 +12777,31 @@ def _plain_error(exc: BaseException) -> tuple[str, str]:
 # Each action takes a request (plain data) and returns plain data; here they are called directly,
 # on a host through serve(), so every view of a job is built by the same code wherever it runs.
 
-def _reports_of(roots: list[Path], lines: int = 0) -> list[dict[str, Any]]:
+def _reports_of(roots: list[Path], lines: int = 0,
+                tasks: list[list[str] | None] | None = None) -> list[dict[str, Any]]:
     """For each job folder: its judged state, its log tail, its place in line (and an array's
-    tasks, the same way)."""
+    tasks, the same way: those its record names, or ``tasks[i]``, the ids the submitter follows
+    once failed tasks were run again)."""
     answers = []
-    for root, state in zip(roots, judge_jobs(roots)):
+    for index, (root, state) in enumerate(zip(roots, judge_jobs(roots))):
         answer: dict[str, Any] = {"root": collapse_home(root), "state": state}
         report = _job_status(root, state, lines)
         answer["tail"], answer["place"] = report.log_tail, report.place
-        if state.get("tasks"):
-            answer["tasks"] = _reports_of([root.parent / task for task in state["tasks"]], 0)
+        own = (tasks[index] if tasks and index < len(tasks) else None) or state.get("tasks")
+        if own:
+            answer["tasks"] = _reports_of([root.parent / check_safe_name(task) for task in own])
         answers.append(answer)
     return answers
 
 
 def report_from(answer: dict[str, Any]) -> JobStatus:
-    """The JobStatus of one answer of _reports_of (an array's: its tasks combined)."""
+    """The JobStatus of one answer of _reports_of (an array's: its tasks combined; its results
+    are its folder, which holds theirs)."""
     state = answer["state"]
     report = _status_of(Path(answer["root"]).name, state, answer.get("tail", ""),
                         answer.get("place"))
     if answer.get("tasks"):
+        report.results_path = answer["root"]
         report = _combine([report_from(task) for task in answer["tasks"]], report)
     return report
 
@@ -12743,7 +12811,7 @@ def _roots(request: dict[str, Any]) -> list[Path]:
 
 
 def _act_status(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
-    return _reports_of(_roots(request), int(request.get("lines") or 0))
+    return _reports_of(_roots(request), int(request.get("lines") or 0), request.get("tasks"))
 
 
 def _act_cancel(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
@@ -12785,9 +12853,9 @@ def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
     data = b""
     offset = request.get("offset")
     with _suppress(FileNotFoundError), open(path, "rb") as handle:
-        if offset is None:
-            data = _tail(handle.read().decode("utf-8", "replace"),
-                         int(request.get("lines") or 20)).encode()
+        if offset is None:  # the last lines as they are (a follower goes on from the offset)
+            data = b"".join(handle.read().splitlines(keepends=True)[
+                -max(1, int(request.get("lines") or 20)):])
             offset = handle.tell()
         else:
             handle.seek(int(offset))
