@@ -3143,7 +3143,12 @@ def _judge_slurm(root: Path, state: dict[str, Any], view: dict[str, Any] | None)
 
 def _slurm_again(root: Path, state: dict[str, Any], slurm: dict[str, Any]) -> dict[str, Any]:
     """Slurm will run the job (again, after a run that ended tentatively: that run is kept
-    among the earlier ones): it reads queued (requeued, with the attempt)."""
+    among the earlier ones): it reads queued (requeued, with the attempt). A record that says
+    so already is not written again (status of an array of 1,000 pending tasks writes none)."""
+    if state.get("status") == "queued" and state.get("slurm") == slurm \
+            and state.get("reason") == _slurm_words(slurm):
+        return state
+
     def again(record: dict[str, Any]) -> bool:
         status = record.get("status")
         if status in TERMINAL_STATUSES and record.get("final", True):
@@ -3471,9 +3476,18 @@ def run_job(job_root: str | os.PathLike[str],
             _report_end(root, ended)
         if not interactive:
             os.close(alive)
-    if not interactive and read_state(root).get("status") != "completed":
-        sys.exit(1)  # the wrapper's own exit status says it too: Slurm's afterok, sacct
+    if not interactive:  # the wrapper's own exit status says it too: Slurm's afterok, sacct
+        _leave(0 if read_state(root).get("status") == "completed" else 1)
     return res
+
+
+def _leave(code: int) -> None:
+    """End the wrapper's process now, its output flushed: it has nothing left to clean up, and
+    tearing down an interpreter that holds this module costs as much as a job's own run."""
+    for stream in (sys.stdout, sys.stderr):
+        with _suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _history_record(manager: FileManager, ended: dict[str, Any] | None) -> dict[str, Any]:
