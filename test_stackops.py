@@ -5893,7 +5893,7 @@ COPY_TEMPLATES = [name for name in dir(stackops) if name.endswith("_TEMPLATE") a
 @pytest.mark.parametrize("template", COPY_TEMPLATES)
 def test_transfer_copy_templates_render_strictly_and_parse(template, tmp_path):
     text = getattr(stackops, template)
-    found = stackops._Template(text).pattern.finditer(text)
+    found = stackops._template_class()(text).pattern.finditer(text)
     names = sorted({m.group("named") for m in found} - {None})
     values = {name: COPY_HOSTILE for name in names}
     script = stackops._copy_command(text, **values)
