@@ -671,15 +671,20 @@ def collapse_home(path: str | os.PathLike[str]) -> str:
     return full
 
 
-_HOMES: dict[str, tuple[str, str]] = {}  # $HOME: (home, its real path), resolved once
+_HOMES: dict[Any, tuple[str, str]] = {}  # (home, its inode): (home, its real path)
 
 
 def _homes() -> tuple[str, str]:
-    """This machine's home, absolute, and the same resolved through symlinks (a list of 10,000
-    jobs collapses 30,000 paths: resolving the home each time was most of its time)."""
-    key = os.environ.get("HOME", "")
+    """This machine's home, absolute, and the same resolved through symlinks, resolved again only
+    when the home changes (a list of 10,000 jobs collapses 30,000 paths: resolving the home each
+    time was most of its time)."""
+    home = os.path.abspath(os.path.expanduser("~"))
+    try:
+        info = os.lstat(home)
+        key: Any = (home, info.st_ino, info.st_mode)
+    except OSError:
+        key = (home,)
     if key not in _HOMES:
-        home = os.path.abspath(os.path.expanduser("~"))
         _HOMES[key] = (home, os.path.realpath(home))
     return _HOMES[key]
 

@@ -998,6 +998,32 @@ def test_utilities_home_paths_collapse_and_expand(home):
     assert out == "/h/it's $(x) here"
 
 
+
+def test_utilities_home_followed_when_it_changes_and_views_are_json_one_item_a_line(home, tmp_path,
+                                                                                     monkeypatch):
+    """The home is resolved once per $HOME (a list collapses 30,000 paths): a new $HOME is a new
+    home at once, a home reached through a symlink in both spellings, the root as home too."""
+    assert stackops.collapse_home(home / "x") == "~/x"
+    other = tmp_path / "data" / "other"
+    other.mkdir(parents=True)
+    link = tmp_path / "other-link"
+    link.symlink_to(other)
+    monkeypatch.setenv("HOME", str(link))
+    assert stackops.collapse_home(home / "x") == str(home / "x")
+    assert stackops.collapse_home(other / "y") == "~/y" == stackops.collapse_home(link / "y")
+    assert stackops.collapse_home(str(other) + "-sibling") == str(other) + "-sibling"
+    monkeypatch.setenv("HOME", str(other))
+    assert stackops.collapse_home(other / "y") == "~/y"
+    other.rename(other.with_name("moved"))
+    other.symlink_to(other.with_name("moved"))  # the same $HOME, now a link: seen at once
+    assert stackops.collapse_home(other.with_name("moved") / "y") == "~/y"
+    monkeypatch.setenv("HOME", "/")
+    assert stackops.collapse_home("/etc/hosts") == "~/etc/hosts" and stackops.collapse_home("/") == "~"
+    items = [{"job_id": "a", "note": "ü\n"}, {"job_id": "b"}]
+    text = stackops._json_lines(items)
+    assert json.loads(text) == items and len(text.splitlines()) == 4
+    assert json.loads(stackops._json_lines([])) == []
+
 @pytest.mark.parametrize("name", ["a", "job-1", "x.y_z", "A" * 128])
 def test_utilities_safe_names_accepted(name):
     assert stackops.check_safe_name(name) == name
@@ -1142,6 +1168,47 @@ def test_utilities_data_plan_compares_ns_stamps_and_hashes_racy_copies(home, tmp
 # ============================================================================================
 # 5. models
 # ============================================================================================
+
+def test_models_are_made_dataclasses_where_first_used_and_behave_as_dataclasses():
+    """An import makes none of the models (writing a dataclass's methods compiles them: a job's
+    wrapper would pay for all thirteen); the first use of any kind makes it, whole."""
+    program = textwrap.dedent("""
+        import copy, dataclasses, json, pickle, sys
+        sys.path.insert(0, sys.argv[1])
+        import stackops
+        models = ["RemoteStackOpsConfig", "WorkloadParams", "JobStatus", "InterfaceAddress"]
+        made = {name: "__init__" in vars(getattr(stackops, name)) for name in models}
+        work = stackops.WorkloadParams(idx_min=0, idx_max=4, idx_start=0, idx_end=4, jobs=2)
+        again = pickle.loads(pickle.dumps(work))
+        status = stackops.JobStatus.__new__(stackops.JobStatus)  # as list's cache makes them
+        address = stackops.InterfaceAddress("lo", "127.0.0.1")
+        try:
+            address.ipv4_address = "10.0.0.1"
+            frozen = False
+        except dataclasses.FrozenInstanceError:
+            frozen = True
+        try:
+            stackops.RemoteStackOpsConfig(job_id="x", bogus=1)
+            refused = ""
+        except TypeError as exc:
+            refused = str(exc)
+        print(json.dumps({
+            "made_at_import": made,
+            "is_dataclass": dataclasses.is_dataclass(stackops.RemoteStackOpsConfig),
+            "fields": len(dataclasses.fields(stackops.RemoteStackOpsConfig)),
+            "equal": [again == work, copy.copy(work) == work, work != dataclasses.replace(work, jobs=1)],
+            "repr": repr(work), "blank": type(status).__name__, "frozen": frozen,
+            "hashable": hash(address) == hash(copy.copy(address)), "refused": refused}))
+    """)
+    done = subprocess.run([sys.executable, "-S", "-c", program, str(SOURCE.parent)], capture_output=True,
+                          text=True, check=True)
+    seen = json.loads(done.stdout)
+    assert seen["made_at_import"] == {name: False for name in seen["made_at_import"]}
+    assert seen["is_dataclass"] and seen["fields"] == len(dataclasses.fields(RemoteStackOpsConfig)) > 20
+    assert seen["equal"] == [True, True, True] and seen["repr"].startswith("WorkloadParams(idx_min=0")
+    assert seen["blank"] == "JobStatus" and seen["frozen"] and seen["hashable"]
+    assert "unexpected keyword argument 'bogus'" in seen["refused"]
+
 
 def test_models_workload_split_reference_example():
     parts = WorkloadParams(idx_min=0, idx_max=7, idx_start=0, idx_end=7, jobs=3).split_to_jobs()
@@ -1825,6 +1892,44 @@ def test_slots_twenty_jobs_three_slots_fifo(home):
     assert Slots().holders() == [] and Slots().waiters() == []
     for view in ("queued_jobs.json", "running_jobs.json", "history_jobs.json"):
         json.loads((Slots().root / view).read_text())
+
+
+def test_slots_a_job_cancelled_while_first_in_line_never_starts_when_a_slot_frees(home):
+    """The dispatcher reads the first entry's job once while every slot is held and looks again
+    once it holds a slot: a job cancelled meanwhile never starts, the one after it does."""
+    mod = make_module(home, JOBS_SOURCE)
+    slots = Slots()
+    slots._ensure()
+    held = stackops._try_flock(slots.slots / "slot-0.lock")
+    try:
+        head = RemoteMachine(mod.train, config=config(job_id="head", max_simultaneous_jobs=1)).run()
+        after = RemoteMachine(mod.train, config=config(job_id="after", max_simultaneous_jobs=1)).run()
+        view = slots.root / stackops.QUEUED_VIEW  # written once the dispatcher has looked at the head
+        wait_for(lambda: view.exists() and "head" in view.read_text(), what="the dispatcher's first look")
+        head.cancel()
+    finally:
+        os.close(held)
+    assert wait_done(after).status == "completed"
+    assert wait_done(head).status == "cancelled" and not state_of(head).get("started")
+    log = head.file_manager.job_root / "logs" / "output.log"
+    assert not log.exists() or "EXECUTION START" not in log.read_text()
+
+
+def test_slots_wrapper_leaves_with_its_status_and_its_log_written_whole(home):
+    """The wrapper ends its process at once after the job's end (no interpreter teardown): its
+    exit status says how the job ended, and every line it wrote is in the log."""
+    mod = make_module(home, JOBS_SOURCE)
+    codes = {}
+    for func in (mod.train, mod.boom):
+        machine = RemoteMachine(func, config=config(job_id=func.__name__, lock_resources=False))
+        machine.run(run=False)
+        root = machine.file_manager.job_root
+        done = subprocess.run([sys.executable, str(root / "python" / "cluster_wrap.py")], cwd=root,
+                              capture_output=True, text=True, timeout=120)
+        codes[func.__name__] = done.returncode
+        assert done.stdout.rstrip().splitlines()[-1].startswith(f"stackops: JOB {state_of(root)['status'].upper()}")
+    assert codes == {"train": 0, "boom": 1}
+    assert "the job exploded on purpose" in done.stderr
 
 
 def test_slots_sigkilled_holder_lets_next_start_without_cleanup(home):
@@ -2611,6 +2716,29 @@ def test_sweep_here_ids_kwargs_shared_parts_and_a_failed_line_does_not_stop_the_
     assert not (base / "queued" / "sw" / "data" / "remote_machine.json").exists()  # no job itself
     rows = {row["job_id"] for row in stackops.list_job_rows()}
     assert rows == set(ids)
+
+
+def test_sweep_load_makes_members_like_the_first_and_reads_one_that_differs_whole(home):
+    """A loaded sweep's members whose records match the first's (but for the id) are copies of it,
+    checked once; a member whose record differs is read whole. Either way each is the job its
+    folder says."""
+    mod = make_module(home, SWEEP_SOURCE)
+    stackops.run_sweep(mod.point, config(job_id="ld", max_simultaneous_jobs=2), [{"x": i} for i in range(4)],
+                       run=False)
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    record = queued / "ld-0002" / "data" / "remote_machine.json"
+    data = json.loads(record.read_text())
+    data["results_path"] = str(home / "elsewhere")
+    record.write_text(json.dumps(data))
+    shutil.rmtree(queued / "ld-0003")  # deleted: left out
+    loaded = stackops.Sweep.load("ld")
+    assert [job.job_id for job in loaded] == ["ld-0000", "ld-0001", "ld-0002"]
+    full = [RemoteMachine.from_job_dir(queued / job.job_id) for job in loaded]
+    assert [job.to_dict() for job in loaded] == [job.to_dict() for job in full]
+    assert [job.kwargs for job in loaded] == [{"x": 0}, {"x": 1}, {"x": 2}]
+    assert [job.file_manager.job_root for job in loaded] == [queued / job.job_id for job in loaded]
+    assert loaded[2].results_path == home / "elsewhere" and loaded[1].results_path is None
+    assert {report.status for report in loaded.check_job_status().values()} == {"prepared"}
 
 
 def test_sweep_bad_input_is_refused_before_anything_is_written(home):
@@ -6460,6 +6588,26 @@ def _slurm_wait(machine: RemoteMachine, timeout: float = 90) -> JobStatus:
                     f"Slurm job {machine.slurm_job_id} to end")
 
 
+def test_slurm_status_of_a_pending_array_writes_no_record_it_need_not(slurm, home):
+    """A task Slurm keeps pending reads queued; asking again, with Slurm saying the same, leaves
+    its record as it was (status of an array of 1,000 tasks wrote 1,000 records each time)."""
+    module = make_module(home, SLURM_ARRAY_JOBS)
+    workload = WorkloadParams(idx_min=0, idx_max=6, idx_start=0, idx_end=6, jobs=3)
+    machine = RemoteMachine(module.indices, config(launch_method="slurm", workload_params=workload,
+                                                   max_simultaneous_jobs=1,
+                                                   slurm_options={"begin": "now+3600"})).run()
+    try:
+        machine.get_status(0)
+        last = machine.file_manager.job_root.parent / f"{machine.job_id}-2" / "logs" / "state.json"
+        before = (last.stat().st_mtime_ns, stackops.read_state(last.parent.parent))
+        assert before[1]["status"] == "queued" and before[1]["slurm"]["state"] == "PENDING"
+        report = machine.get_status(0)
+        assert report.status == "queued" and "3 queued" in report.reason
+        assert (last.stat().st_mtime_ns, stackops.read_state(last.parent.parent)) == before
+    finally:
+        machine.cancel(grace=0)
+
+
 def test_slurm_function_job_completes_and_sees_its_slurm_job(slurm, home):
     machine = _slurm_machine(home, "where", func_kwargs={"tag": "t1"}).run()
     assert machine.slurm_job_id and machine.launcher_pid is None
@@ -8426,6 +8574,25 @@ def test_cloud_status_reports_a_bad_status_per_unit_and_escapes_bucket_text(home
 # ============================================================================================
 # 17. the file as it is used: copied, on a bare interpreter, from the command line
 # ============================================================================================
+
+
+def test_cli_help_fits_the_terminal_width_and_the_script_exits_as_sys_exit_would(home, capsys):
+    """--help wraps at $COLUMNS as argparse does with shutil (not imported for it); the file run
+    as a script leaves with the status sys.exit would give (it skips the interpreter's teardown)."""
+    shown = {}
+    for columns in ("60", "150"):
+        done = cli("run", "--help", home=home, env_extra={"COLUMNS": columns})
+        assert done.returncode == 0, done.stderr
+        shown[columns] = done.stdout.splitlines()
+    assert len(shown["60"]) > len(shown["150"]) and max(map(len, shown["150"])) > 60
+    assert sum(len(line) > 60 for line in shown["60"]) <= 2  # the usage line and a long default
+    assert [stackops._script_status(run) for run in (lambda: None, lambda: 0, lambda: 3)] == [0, 0, 3]
+    assert stackops._script_status(lambda: sys.exit(4)) == 4
+    assert stackops._script_status(lambda: sys.exit("stopped: why")) == 1
+    assert "stopped: why" in capsys.readouterr().err
+    bad = cli("no-such-command", home=home)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
 
 def test_bare_interpreter_runs_help_and_a_whole_job(home, tmp_path):
     bare = tmp_path / "bare"
