@@ -1154,6 +1154,17 @@ def _plain_new(cls: type, *args: Any, **kwargs: Any) -> Any:
     return object.__new__(cls)
 
 
+class _ModelSignature:
+    """A model's ``__signature__``: its dataclass __init__'s, as inspect and help() show a
+    dataclass (its __new__ would otherwise stand in for it)."""
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        import inspect
+
+        init = inspect.signature(_made(owner).__init__)  # type: ignore[misc]
+        return init.replace(parameters=list(init.parameters.values())[1:])
+
+
 def _first_new(cls: type, *args: Any, **kwargs: Any) -> Any:
     for klass in cls.__mro__:
         if isinstance(klass.__dict__.get("__dataclass_fields__"), _Unmade):
@@ -1171,6 +1182,7 @@ else:
         def unmade(cls):
             cls.__dataclass_fields__ = _Unmade(options)
             cls.__new__ = staticmethod(_first_new)
+            cls.__signature__ = _ModelSignature()
             return cls
 
         return unmade if cls is None else unmade(cls)

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import inspect
 import itertools
 import json
 import logging
@@ -1173,11 +1174,12 @@ def test_models_are_made_dataclasses_where_first_used_and_behave_as_dataclasses(
     """An import makes none of the models (writing a dataclass's methods compiles them: a job's
     wrapper would pay for all thirteen); the first use of any kind makes it, whole."""
     program = textwrap.dedent("""
-        import copy, dataclasses, json, pickle, sys
+        import copy, dataclasses, inspect, json, pickle, sys
         sys.path.insert(0, sys.argv[1])
         import stackops
         models = ["RemoteStackOpsConfig", "WorkloadParams", "JobStatus", "InterfaceAddress"]
         made = {name: "__init__" in vars(getattr(stackops, name)) for name in models}
+        signature = str(inspect.signature(stackops.ExecutionTimings))  # as help() shows it
         work = stackops.WorkloadParams(idx_min=0, idx_max=4, idx_start=0, idx_end=4, jobs=2)
         again = pickle.loads(pickle.dumps(work))
         status = stackops.JobStatus.__new__(stackops.JobStatus)  # as list's cache makes them
@@ -1198,7 +1200,8 @@ def test_models_are_made_dataclasses_where_first_used_and_behave_as_dataclasses(
             "fields": len(dataclasses.fields(stackops.RemoteStackOpsConfig)),
             "equal": [again == work, copy.copy(work) == work, work != dataclasses.replace(work, jobs=1)],
             "repr": repr(work), "blank": type(status).__name__, "frozen": frozen,
-            "hashable": hash(address) == hash(copy.copy(address)), "refused": refused}))
+            "hashable": hash(address) == hash(copy.copy(address)), "refused": refused,
+            "signature": signature}))
     """)
     done = subprocess.run([sys.executable, "-S", "-c", program, str(SOURCE.parent)], capture_output=True,
                           text=True, check=True)
@@ -1208,6 +1211,8 @@ def test_models_are_made_dataclasses_where_first_used_and_behave_as_dataclasses(
     assert seen["equal"] == [True, True, True] and seen["repr"].startswith("WorkloadParams(idx_min=0")
     assert seen["blank"] == "JobStatus" and seen["frozen"] and seen["hashable"]
     assert "unexpected keyword argument 'bogus'" in seen["refused"]
+    assert seen["signature"] == str(inspect.signature(stackops.ExecutionTimings))
+    assert seen["signature"].startswith("(submission_time: ") and seen["signature"].endswith("-> None")
 
 
 def test_models_workload_split_reference_example():
