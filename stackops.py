@@ -9425,7 +9425,6 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
     kept in ~/.cache/stackops; any trouble just means the job compiles the file itself. A cache
     folder others could write to is refused; a cached file you did not write is compiled anew."""
     import hashlib
-    import py_compile
 
     tag = sys.implementation.cache_tag
     if tag is None:
@@ -9445,17 +9444,28 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
                           hint="remove that folder, or set XDG_CACHE_HOME to a folder of your own")
     try:
         if not _is_own_private_file(compiled):
-            py_compile.compile(str(source), cfile=str(partial), dfile=f"python/{source.name}",
-                               doraise=True,
-                               invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+            _compile_checked(source, partial)
             os.replace(partial, compiled)
         shipped = _mkdir_private(folder / "__pycache__") / f"{source.stem}.{tag}.pyc"
         shutil.copyfile(compiled, shipped)
         os.chmod(shipped, 0o600)
-    except (OSError, py_compile.PyCompileError) as exc:
+    except OSError as exc:
         log.debug("no bytecode shipped with the job: %s", exc)
         with _suppress(OSError):
             os.unlink(partial)
+
+
+def _compile_checked(source: Path, target: Path) -> None:
+    """``source`` compiled into ``target``, valid by the source's hash (see _ship_bytecode);
+    py_compile (and the traceback machinery it brings) imported only when a file is compiled."""
+    import py_compile
+
+    try:
+        py_compile.compile(str(source), cfile=str(target), dfile=f"python/{source.name}",
+                           doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    except py_compile.PyCompileError as exc:
+        raise OSError(f"{source.name} does not compile: {exc.msg}") from exc
 
 
 def _is_own_private_file(path: Path) -> bool:
