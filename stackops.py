@@ -1,4 +1,4 @@
-"""stackops: run a Python function or script detached on this machine or one reachable over SSH.
+"""stackops: run a Python function, a script or any command detached, here or over SSH or Slurm.
 
 Quick start (the first half runs as it is; the second needs a host in ~/.ssh/config):
 
@@ -18,11 +18,11 @@ Quick start (the first half runs as it is; the second needs a host in ~/.ssh/con
     print(job.get_status())             # queued, waiting, running, completed or failed
     folder = job.wait()                 # later, or elsewhere: RemoteMachine.load("fit-1").wait()
 
-A job is a folder: the function or script to call, its arguments, a generated shell launcher and
-Python wrapper, and a copy of this very file, so the executing machine needs nothing but python3
-(3.8 or newer). The job runs detached, waits for one of the machine's slots (at most
-``max_simultaneous_jobs`` at once, first come first served), and leaves its status, times, log
-and results path in the folder, where ``check_job_status`` reads them.
+A job is a folder: what to run, its arguments, a small Python wrapper and a copy of this very file,
+so the executing machine needs nothing but python3 (3.8 or newer). The job runs detached, waits for
+one of the machine's slots (at most ``max_simultaneous_jobs`` at once, first come first served),
+and keeps one record, ``logs/state.json``: one function decides its state (_judge), one writes its
+end (_record_end), and on a host every question goes to one entry of this file (serve).
 
 Three ways to use it:
 
@@ -38,9 +38,9 @@ Sections (bottom-up; each uses only the sections above it; 0-9 are standard libr
      3  errors          StackopsError and its subclasses
      4  utilities       atomic writes, home-relative paths, quoting, times, process liveness
      5  models          RemoteStackOpsConfig, WorkloadParams, JobStatus, ExecutionTimings, JobParams
-     6  templates       the shell launcher and the Python wrapper, one strict renderer
-     7  job folder      FileManager: layout, slots and queue, status
-     8  job execution   what the wrapper runs on the executing machine
+     6  templates       the Python wrapper and the #SBATCH header, one strict renderer
+     7  job folder      FileManager, the state record, liveness (a lock), slots and queue, _judge
+     8  job execution   the wrapper's lifecycle, the dispatcher, fire, cancel, the host's actions
      9  network         local addresses, the LAN address, the public IP and its rotation (warp-cli)
     10  SSH             paramiko (lazily): OpenSSH-style targets, host keys, commands
     11  transfer        copies as sftp and tar streams (whole or not at all), rclone transfers
@@ -51,6 +51,7 @@ Sections (bottom-up; each uses only the sections above it; 0-9 are standard libr
     15  cluster         load calculators, Cluster: one workload split over several hosts
     16  cloud worker    claims and runs the work units of a cloud queue
     17  CLI             argument parser, one small handler per command, main(argv) -> int
+    18  serve           the executing side's one entry: JSON requests in, JSON answers out
 
 Environment variables (read on the machine where they matter):
 
@@ -2498,6 +2499,11 @@ def _record_end(root: Path, status: str, error: str = "", final: bool = True,
         if state.get("status") in TERMINAL_STATUSES and state.get("final", True):
             return False
         cancelled = status == "failed" and state.get("cancel")
+        if state.get("slurm") and "slurm" not in fields:  # Slurm's word of before no longer holds
+            state["slurm"] = {key: value for key, value in state["slurm"].items()
+                              if key not in ("state", "reason")}
+        if "reason" not in fields:
+            state.pop("reason", None)  # why it waited or how it ran is not why it ended
         state.update(fields, status="cancelled" if cancelled else status, error=error,
                      ended=fields.get("ended") or _iso(_utcnow()), final=final)
         recorded.append(True)
@@ -2505,6 +2511,11 @@ def _record_end(root: Path, status: str, error: str = "", final: bool = True,
 
     state = _update(root, end)
     return state if recorded else None
+
+
+def _ended(state: dict[str, Any]) -> bool:
+    """Whether a state record holds the job's end for good (not a tentative Slurm one)."""
+    return state.get("status") in TERMINAL_STATUSES and state.get("final", True)
 
 
 def _alive(root: Path) -> bool:
@@ -3155,7 +3166,8 @@ def _judge_slurm(root: Path, state: dict[str, Any], view: dict[str, Any] | None)
         return _settle_slurm_end(root, dict(state, slurm=slurm), "cancelled", f"cancelled ({why})",
                                  reason=why)
     if word == "COMPLETED" and status in TERMINAL_STATUSES:
-        return _settle_slurm_end(root, dict(state, slurm=slurm), status, state.get("error") or "")
+        return _settle_slurm_end(root, dict(state, slurm=slurm), status, state.get("error") or "",
+                                 reason=why)
     if word == "COMPLETED":
         why = f"the job recorded no end though {why}; do the compute nodes see {root}?"
     elif not state.get("started"):
@@ -3199,8 +3211,7 @@ def _settle_slurm_end(root: Path, state: dict[str, Any], status: str, error: str
                       reason: str = "") -> dict[str, Any]:
     """Record Slurm's final word on a job (once; it is reported then), and return the record."""
     slurm = state.get("slurm") or {}
-    ended = _record_end(root, status, error, slurm=slurm, reason=reason or state.get("reason", ""),
-                        ended=state.get("ended"))
+    ended = _record_end(root, status, error, slurm=slurm, reason=reason, ended=state.get("ended"))
     if ended is not None:
         _report_end(root, ended, inline=False)
         return ended
@@ -4566,9 +4577,19 @@ def _record_fire_env(roots: list[Path], env: dict[str, str] | None) -> None:
 
 def _fire_queue(roots: list[Path], first: FileManager, after: bool) -> dict[str, Any]:
     """Each job becomes an entry of its pool's queue (or of ``after/``), recorded as waiting, in
-    order (consecutive tickets); then the queue's dispatcher is made sure of."""
+    order (consecutive tickets); then the queue's dispatcher is made sure of. A state folder
+    that cannot be trusted ends the jobs failed at once, saying why (they never run)."""
     slots = first.slots()
-    slots._ensure()
+    try:
+        slots._ensure()
+    except StackopsError as exc:
+        for root in roots:
+            if read_state(root).get("status") not in (None, "prepared"):
+                continue  # started before (a start again): not this fire's to end
+            ended = _record_end(root, "failed", f"not started: {exc}")
+            if ended is not None:
+                _report_end(root, ended, inline=False)
+        raise
     folder = slots.root / (AFTER_DIR if after else "queue")
     ticket = time.time_ns()
     node, machine = os.uname().nodename, machine_key()
@@ -4742,8 +4763,8 @@ def judge_jobs(roots: list[Path]) -> list[dict[str, Any]]:
         current = _judge(root, state, view)
         if silent and sid and view is False:
             current = dict(current, reason=silent)
-        if current.get("status") == "waiting" and current.get("entry"):
-            pools.add(Path(current["entry"]).parent.parent)
+        if current.get("status") == "waiting" and current.get("entry") and not current.get("as_of"):
+            pools.add(Path(current["entry"]).parent.parent)  # a queue of this machine's only
         judged.append(current)
     for pool in pools:
         with _suppress(OSError, StackopsError):
@@ -4777,6 +4798,8 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
     before = read_state(root)
     if before.get("status") in TERMINAL_STATUSES and before.get("final", True):
         return dict(before, was=before["status"])
+    if not (before.get("slurm") or {}).get("id"):
+        _check_runs_here(root, before)  # refused before the record is marked
     asked = f"asked {_iso(_utcnow())}"
 
     def mark(record: dict[str, Any]) -> bool:
@@ -4791,10 +4814,8 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
         done = _run_bounded(["scancel", str(state["slurm"]["id"])], SLURM_TIMEOUT)
         if done.returncode != 0:
             raise CommandError(os.uname().nodename, "scancel", done.returncode, done.stderr)
-    elif state.get("machine") not in (None, machine_key()):
-        raise StackopsError(f"job {root.name} runs on {state.get('node')}, not here",
-                            hint="cancel it from there (or through --host)")
     else:
+        _check_runs_here(root, state)  # (fired elsewhere meanwhile)
         with _suppress(FileNotFoundError):
             os.unlink(state.get("entry") or root / ".no-entry")
         if _stop(root, grace):
@@ -4804,6 +4825,13 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
         if ended is not None:
             _report_end(folder, ended, inline=False)
     return dict(read_state(root), was=was)
+
+
+def _check_runs_here(root: Path, state: dict[str, Any]) -> None:
+    """Refuse to act on the processes of a job that another machine runs (a shared home)."""
+    if state.get("machine") not in (None, machine_key()):
+        raise StackopsError(f"job {root.name} runs on {state.get('node')}, not here",
+                            hint="cancel it from there (or through --host)")
 
 
 def _stop(root: Path, grace: float) -> bool:
@@ -5062,11 +5090,11 @@ def _handover_commit(request: dict[str, Any], header: dict[str, Any], stream: An
     staging = _staging(root)
     try:
         _receive_parts(request, staging, stream)
-        entries = header.get("manifest") or []
-        blobs = {value: str(_blob(store, value)) for _, kind, value in entries if kind != "l"}
+        entries = header.get("manifest")  # None: no copy of the repo; []: an empty repo's
+        blobs = {value: str(_blob(store, value)) for _, kind, value in entries or [] if kind != "l"}
         for _ in range(3):
             try:
-                if header.get("manifest") is not None:  # a snapshot, empty or not
+                if entries is not None:  # a snapshot, empty or not
                     _materialize(entries, blobs, staging / CODE_DIR)
                 break
             except _SnapshotMismatchError as exc:  # a blob of the store damaged: sent again
@@ -6562,8 +6590,11 @@ def _serve_remotely(ssh: SSH, requests: list[dict[str, Any]], python: str = "pyt
                                timeout=max(timeout or 0.0, ssh.timeout))
     if len(answers) == len(requests):
         return answers
-    why = said[0][6:] if said and said[0].startswith("error ") else \
-        _last_line(response.stderr) or f"exit status {response.returncode}"
+    if said and said[0].startswith("error "):  # the boot's own refusal: one line, said as it is
+        hint = ("make it yours alone (chmod go-w), or set it elsewhere"
+                if "refusing the store" in said[0] else None)
+        raise ConfigError(f"on {ssh.target.alias}: {said[0][6:]}", hint=hint)
+    why = _last_line(response.stderr) or f"exit status {response.returncode}"
     if response.returncode == 127 or "not found" in why and python in why:
         raise ConfigError(f"the interpreter {python!r} is not found on {ssh.target.alias}",
                           hint="install python3 (3.8+) there, or pass --python with one it has")
@@ -7866,12 +7897,15 @@ class CloudQueue:
         self._put(f"{unit_id}/status.json", json.dumps(status))
         return True
 
-    def report(self) -> list[dict[str, Any]]:
-        """One row per unit: queued, running on a worker, stale (its worker went quiet), done, or
-        ``unreadable`` (its status.json, with why in ``error``). The bucket is written by anyone
-        who may: every text in a row is made safe for a terminal (_terminal_safe)."""
+    def report(self, only: list[str] | None = None) -> list[dict[str, Any]]:
+        """One row per unit (``only`` these): queued, running on a worker, stale (its worker went
+        quiet), done, or ``unreadable`` (its status.json, with why in ``error``). The bucket is
+        written by anyone who may: every text in a row is made safe for a terminal
+        (_terminal_safe)."""
         rows = []
         for unit_id, info in sorted(self.listing().items()):
+            if only is not None and unit_id not in only:
+                continue
             row: dict[str, Any] = {"unit": _terminal_safe(unit_id), "state": "queued",
                                    "worker": None}
             if not info["ready"]:
@@ -7924,7 +7958,10 @@ class CloudQueue:
 
 def _place_for(config: RemoteStackOpsConfig) -> _Place:
     """The place a job with ``config`` runs: here, over SSH, or over SSH with its files through
-    the cloud (``transfer_method='cloud'``). Decided once, when a RemoteMachine gets its config."""
+    the cloud (``transfer_method='cloud'``), or on a cloud queue's worker (its record is here, its
+    results in the bucket). Decided once, when a RemoteMachine gets its config."""
+    if config.launch_method == "cloud_manager":
+        return _InQueue(config)
     if config.ssh_host is None:
         return _Here(config)
     if config.transfer_method == "cloud":
@@ -8151,6 +8188,32 @@ class _Here(_Place):
         return _copy_local(results, expand_home(target), overwrite)
 
 
+class _InQueue(_Here):
+    """A work unit of a cloud queue: made here, run by whichever worker claims it; what it did is
+    the queue's word, and its results are in the bucket (``units/<unit>/results``)."""
+
+    def results_path(self, text: str) -> Path:
+        return Path(text)  # REMOTE:path in the bucket
+
+    def results_here(self, machine: RemoteMachine, results: Path) -> Path:
+        return self.fetch_results(machine, results, None, True, None)
+
+    def fetch_results(self, machine: RemoteMachine, results: Path,
+                      target: str | os.PathLike[str] | None, overwrite: bool,
+                      progress: Callable[[int], None] | None) -> Path:
+        destination = _free_destination(
+            expand_home(target or f"{DEFAULT_RESULTS_DIR}/{machine.job_id}"), overwrite)
+        _mkdir_private(destination.parent)
+        staging = Path(_make_temp_dir(destination.parent))
+        try:
+            _rclone("copy", str(results), str(staging / "payload"), what="download of the results")
+            _remove(destination)
+            os.rename(staging / "payload", destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return destination
+
+
 class _OverSSH(_Place):
     """The job runs on ``config.ssh_host``, reached over one SSH connection reused for every
     step; its folder, code and data go over it (a hand-over), and the executing side there is
@@ -8221,8 +8284,13 @@ class _OverSSH(_Place):
 
     def reports(self, machines: list[RemoteMachine], log_lines: int) -> list[JobStatus]:
         sent = [m for m in machines if m.submitted]
-        found = dict(zip([m.job_id for m in sent], super().reports(sent, log_lines))) \
-            if sent else {}
+        try:
+            found = dict(zip([m.job_id for m in sent], super().reports(sent, log_lines))) \
+                if sent else {}
+        except StackopsConnectionError:
+            if not all(_ended(read_state(m.file_manager.job_root)) for m in sent):
+                raise
+            found = {}  # each ended, as its record kept here says: an end stands, host or not
         return [found.get(m.job_id) or _status_of(m.job_id, read_state(m.file_manager.job_root))
                 for m in machines]  # one never handed over: prepared here
 
@@ -8458,6 +8526,12 @@ class _Launcher:
         return report
 
     def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        """The job's report, judged where it runs; a job whose hand-over to its host broke off
+        has none there (nothing of it runs), and is never shown as ready to start."""
+        if machine.is_remote and not machine.submitted:
+            raise StackopsError(f"job {machine.job_id} was never completely submitted to "
+                                f"{machine.host_name}, so nothing of it runs there (was the "
+                                "submission interrupted?)", hint="run it again under a new job_id")
         return machine._place.reports([machine], log_lines)[0]
 
 
@@ -8487,10 +8561,25 @@ class _CloudQueueLauncher(_SlotLauncher):
         log.info("job %s queued on %s as unit %s", machine.job_id,
                  cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
 
+    @staticmethod
+    def _in_queue(machine: RemoteMachine) -> bool:
+        """Whether this is the submitter's record of a unit (a worker's copy of it was fired)."""
+        fired = read_state(machine.file_manager.job_root).get("fired")
+        return bool(machine.config.cloud_name) and not fired
+
+    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+        """A unit's status is the queue's view of it (the record here, until it is queued); the
+        worker running it judges its own copy, as any job."""
+        queue = CloudQueue(machine.config.cloud_name or "")
+        rows = queue.report([machine.job_id]) if self._in_queue(machine) else []
+        if not rows:
+            return super().status(machine, log_lines)
+        return _unit_status(rows[0], queue.base)
+
     def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
         """A unit of a cloud queue: marked cancelled in the bucket (workers skip it; the one running
         it stops it at its next heartbeat). The status is the queue's view of it."""
-        if not machine.config.cloud_name:
+        if not self._in_queue(machine):
             return super().cancel(machine, grace)
         queue = CloudQueue(machine.config.cloud_name)
         rows = {row["unit"]: row for row in queue.report()}
@@ -8573,6 +8662,20 @@ class _CloudQueueLauncher(_SlotLauncher):
         unit.submitted = True
         unit._save()
         return unit
+
+
+def _unit_status(row: dict[str, Any], base: str) -> JobStatus:
+    """A JobStatus from a unit's row of CloudQueue.report."""
+    state = {"incomplete": "queued", "stale": "running", "unreadable": "failed"}.get(
+        row["state"], row["state"])
+    reason = {"incomplete": "its upload is incomplete",
+              "stale": f"its worker went quiet {row.get('last_seen_seconds')}s ago: it returns "
+                       "to the queue"}.get(row["state"], "")
+    return JobStatus(job_id=row["unit"], status=state if state in STATUSES else "failed",
+                     host=str(row.get("host") or row.get("worker") or "?"), reason=reason,
+                     error_message=row.get("error") or "",
+                     results_path=f"{base}/{row['unit']}/results" if state == "completed"
+                     else None)
 
 
 class _SlurmLauncher(_Launcher):
@@ -9278,7 +9381,7 @@ class RemoteMachine:
         return self
 
     def show_scripts(self) -> str:
-        """Print the generated launcher and wrapper (and return the same text)."""
+        """Print the generated wrapper (and a Slurm job's batch script; return the same text)."""
         text = _scripts_text(self)
         print(text, end="")
         return text
@@ -9289,7 +9392,7 @@ class RemoteMachine:
         return _submit_job(self, progress)
 
     def fire(self, run: bool = True) -> tuple[int | None, str]:
-        """Start the job detached and return (launcher pid, launch command) at once; the job
+        """Start the job detached and return (its wrapper's pid, launch command) at once; the job
         survives the connection closing. With ``run=False`` nothing starts: the pid is None and
         the command is what starts it later (``stackops start ID``)."""
         if not self.submitted:
@@ -10231,7 +10334,7 @@ class Cluster:
         return self
 
     def fire(self, run: bool = True) -> dict[str, tuple[int | None, str]]:
-        """Start every host's job at once (detached); returns each (launcher pid, command)."""
+        """Start every host's job at once (detached); returns each (wrapper's pid, command)."""
         results = self._parallel(lambda h: self.machines[h].fire(run), list(self.machines))
         self._save()
         self._raise_failures("fire", results)
@@ -10595,8 +10698,9 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
         started = time.time()
         while not (report := machine.get_status(0)).finished:
             if keeper.cancelled.is_set():
-                log.info("unit %s was cancelled: stopping it", unit_id)
-                report = machine.cancel(10.0)
+                log.info("unit %s was cancelled: stopping it", unit_id)  # here, where it runs
+                stopped = cancel_job(machine.file_manager.job_root, 10.0)  # (not the queue's)
+                report = _status_of(machine.job_id, stopped)
                 break
             time.sleep(0.2)
         if not keeper.held():
@@ -10841,7 +10945,7 @@ def _run_sweep_and_report(target: Any, config: RemoteStackOpsConfig, args: Any) 
                 print(f"sweep {sweep.sweep_id}: {len(sweep)} jobs ({first} .. {last}) fired on "
                       f"{sweep.jobs[0].host_name}")
                 print(f"  wait:    {_prog()} wait {sweep.sweep_id}")
-                print(f"  status:  {_prog()} status {first}")
+                print(f"  status:  {_prog()} status {sweep.sweep_id}")
             return 0
         try:
             reports = sweep.wait()
@@ -10879,7 +10983,7 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
     if args.no_launch:
         print(f"job {machine.job_id} is ready at {machine.file_manager.job_root_rh}; nothing was "
               "started.")
-        print(f"launch it with:\nbash -c {shlex.quote(machine.launch_command)}")
+        print(f"launch it with:\n{machine.launch_command}")
         return 0
     if not args.wait:
         report = _handed_report(machine)
@@ -10887,7 +10991,7 @@ def _run_and_report(machine: RemoteMachine, args: Any) -> int:
             _print_json(report.to_dict())
         else:
             started = (f"Slurm job {machine.slurm_job_id}" if machine.uses_slurm
-                       else f"launcher pid {machine.launcher_pid}")
+                       else f"pid {machine.launcher_pid}")
             print(f"job {machine.job_id} {report.status} on {report.host} ({started})")
             print(f"  status:  {_prog()} status {machine.job_id}")
             print(f"  logs:    {_prog()} logs {machine.job_id} -f")
@@ -11218,6 +11322,14 @@ class _CloudUnits:
 
     def __init__(self, job_id: str, units: list[RemoteMachine]) -> None:
         self.job_id, self.units = job_id, units
+
+    def check_job_status(self) -> dict[str, JobStatus | StackopsError]:
+        """Each unit's status, from one listing of the queue."""
+        cloud = self.units[0].config.cloud_name or ""
+        queue = CloudQueue(cloud)
+        rows = {row["unit"]: row for row in queue.report([u.job_id for u in self.units])}
+        return {unit.job_id: _unit_status(rows[unit.job_id], queue.base)
+                if unit.job_id in rows else unit.get_status(0) for unit in self.units}
 
     def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
         answers: dict[str, JobStatus | StackopsError] = {}
@@ -12154,7 +12266,8 @@ def _cmd_cloud_submit(args: Any) -> int:
                                   transfer_method="cloud", cloud_name=args.cloud,
                                   launch_method="cloud_manager",
                                   allowed_remotes=allowed, python=args.python,
-                                  workload_params=_parse_workload(args.workload, False))
+                                  workload_params=_parse_workload(args.workload or "0:1000",
+                                                                  False))
     units = RemoteMachine(_run_target(args), config,
                           parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
     print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")
@@ -12371,13 +12484,13 @@ def _add_run_start_args(parser: Any) -> None:
                              "cancelled")
     parser.add_argument("--notify", action="store_true",
                         help="e-mail when the job ends (SMTP settings on the executing machine, "
-                             "see README)")
+                             "see docs/notify.md)")
     parser.add_argument("--email", metavar="ADDR",
                         help="with --notify: the address (default: your user config's)")
     parser.add_argument("--on-end", metavar="CMD",
                         help="a bash command run once when the job ends, on the machine it ran "
                              "on; {job_id} {status} {exit_code} {host} {duration} are filled in, "
-                             "quoted (e.g. curl -d \"{job_id} {status}\" ntfy.sh/mytopic)")
+                             "each as one quoted word (e.g. curl -d {status} ntfy.sh/mytopic)")
     parser.add_argument("--slurm", action="store_true",
                         help="hand the job to Slurm with sbatch (here, or on the --host login "
                              "node)")
@@ -12695,7 +12808,7 @@ def _add_rerun_args(sub: Any) -> None:
 
 
 def _add_delete_args(sub: Any) -> None:
-    _add_ids(sub, "an ended job's id (not a sweep's or a cluster's)", many=True)
+    _add_ids(sub, "an ended job's id (or a sweep's, a cluster's: all its jobs)", many=True)
     sub.add_argument("--results", action="store_true", help="also delete their own results folders")
 
 
@@ -13134,10 +13247,13 @@ def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
 
 
 def _act_list(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
-    """Every job folder under the base folder here, whoever submitted it, judged here."""
-    queued = expand_home(request.get("base_dir") or DEFAULT_BASE_DIR) / "queued"
-    roots = [queued / name for name in sorted(os.listdir(queued)) if not name.startswith(".")
-             and (queued / name / FILE_MANAGER_JSON).exists()] if queued.is_dir() else []
+    """Every job folder under the base folder here and the clusters' parts beside it, whoever
+    submitted them, judged here."""
+    base = expand_home(request.get("base_dir") or DEFAULT_BASE_DIR)
+    roots = []
+    for queued in [base / "queued", *sorted(base.parent.glob("job_id__*/queued"))]:
+        roots += [queued / name for name in sorted(os.listdir(queued)) if not name.startswith(".")
+                  and (queued / name / FILE_MANAGER_JSON).exists()] if queued.is_dir() else []
     return _reports_of(roots, 0)
 
 
