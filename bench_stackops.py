@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+USER_ENV = dict(os.environ)  # before the bed points HOME and the SSH config at its own
 ACCOUNT = f"sob{os.getpid()}"  # a login of this run's own: two runs (or a run and the tests) never share it
 _fresh = itertools.count()
 
@@ -460,12 +461,13 @@ def proptest_case(runs: int = 10) -> list[dict]:
             loads.append(os.getloadavg()[0])
             done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
                                    "test_stackops.py", "-k", "property or state_machine"],
-                                  cwd=HERE, capture_output=True, text=True)
+                                  cwd=HERE, capture_output=True, text=True, env=USER_ENV)
             print(f"  run {len(results) + 1}: {done.stdout.strip().splitlines()[-1]} "
                   f"(load {loads[-1]:.1f})", flush=True)
             results.append(done.returncode == 0)
             if done.returncode != 0:
-                print(done.stdout[-1500:], flush=True)
+                print("\n".join(line for line in done.stdout.splitlines() if line.startswith(("FAILED", "E "))),
+                      flush=True)
     finally:
         for hog in hogs:  # ours, by pid
             hog.kill()
