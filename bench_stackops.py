@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+USER_ENV = dict(os.environ)  # before the bed points HOME and the SSH config at its own
 ACCOUNT = f"sob{os.getpid()}"  # a login of this run's own: two runs (or a run and the tests) never share it
 _fresh = itertools.count()
 
@@ -202,14 +203,17 @@ def timed(action) -> float:
     return time.perf_counter() - started
 
 
-def compare(name: str, ours, reference, runs: int, reference_name: str) -> dict:
-    """Run both sides alternately ``runs`` times; medians and ratio."""
+def compare(name: str, ours, reference, runs: int, reference_name: str, between=None) -> dict:
+    """Run both sides alternately ``runs`` times (``between``, untimed, after each of ours);
+    medians and ratio, and the load average of the machine at the end."""
     mine, theirs = [], []
     for _ in range(runs):
         mine.append(timed(ours))
+        if between is not None:
+            between()
         theirs.append(timed(reference))
     row = {"case": name, "stackops_s": statistics.median(mine), "reference": reference_name,
-           "reference_s": statistics.median(theirs)}
+           "reference_s": statistics.median(theirs), "samples": runs, "load": os.getloadavg()[0]}
     row["ratio"] = row["stackops_s"] / row["reference_s"]
     print(f"{name:48s} {row['stackops_s'] * 1000:9.1f} ms  {reference_name:30s} {row['reference_s'] * 1000:9.1f} ms"
           f"  ratio {row['ratio']:5.2f}", flush=True)
@@ -341,9 +345,13 @@ def job_cases(bed: Bed, stackops, runs: int) -> list[dict]:
         machine.run()
         while machine.get_status(0).status != "running":
             time.sleep(0.05)
+        run_cmd(bed.ssh_shared("-o", "ControlMaster=yes", "-o", "ControlPersist=600", "-N", "-f", "tb"))
+        python = bed.ssh_shared("-o", "ControlMaster=no", "tb", "python3 -S -c pass")
         rows.append(compare("status of a running job, connection open", lambda: machine.get_status(0),
-                            lambda: run_cmd(bed.ssh_shared("-o", "ControlMaster=no", "tb", "true")), runs * 2,
-                            "ssh true via ControlMaster"))
+                            lambda: run_cmd(python), runs * 2,
+                            "ControlMaster python3 -S -c pass (<= +50 ms)"))
+        rows[-1]["difference_s"] = rows[-1]["stackops_s"] - rows[-1]["reference_s"]
+        print(f"{'  difference':48s} {rows[-1]['difference_s'] * 1000:9.1f} ms  (target <= 50 ms)", flush=True)
         machine.cancel(grace=0)  # the job's whole process group, judged and killed on the host
     return rows
 
@@ -397,6 +405,80 @@ def snapshot_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
     return rows
 
 
+def big_repo_case(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
+    """A job with a repo of 5,000 files (quick: 1,000; 2 KiB each, a fresh repo each round) handed
+    over to a host: the first time, against `tar c | ssh host tar x` of the same folder, and
+    again unchanged, against `ssh host true`."""
+    files = 1000 if quick else 5000
+    firsts, seconds, tars, trues = [], [], [], []
+    for k in range(max(2, min(runs, 4))):
+        repo = bed.local_home / f"bigrepo{k}"
+        for i in range(files):
+            (repo / f"pkg{i % 50}").mkdir(parents=True, exist_ok=True)
+            (repo / f"pkg{i % 50}" / f"m{i}.py").write_bytes(os.urandom(2048))
+        (repo / "main.py").write_text("def noop():\n    return None\n")
+        run_cmd(["git", "-C", str(repo), "init", "-q"])
+
+        def hand_over() -> None:
+            config = stackops.RemoteStackOpsConfig(job_id=f"big-{next(_fresh)}", ssh_host="tb", copy_repo=True,
+                                                   lock_resources=False)
+            with stackops.RemoteMachine(f"{repo / 'main.py'}:noop", config=config) as machine:
+                machine.run()
+
+        firsts.append(timed(hand_over))
+        seconds.append(timed(hand_over))
+        target = f"~/tarcopy-{next(_fresh)}"
+        tar = f"tar c -C {shlex.quote(str(repo))} . | {shlex.join(bed.ssh('tb', f'mkdir {target} && tar x -C {target}'))}"
+        tars.append(timed(lambda: run_cmd(["bash", "-c", tar])))
+        trues.append(timed(lambda: run_cmd(bed.ssh("tb", "true"))))
+        shutil.rmtree(repo)
+    first, second = statistics.median(firsts), statistics.median(seconds)
+    rows = []
+    for name, mine, theirs, peer in ((f"submit with a {files}-file repo: first", firsts, tars,
+                                      "tar c | ssh host tar x"),
+                                     (f"submit with a {files}-file repo: unchanged", seconds, trues,
+                                      "ssh host true")):
+        row = {"case": name, "stackops_s": statistics.median(mine), "reference": peer,
+               "reference_s": statistics.median(theirs), "samples": len(mine), "load": os.getloadavg()[0]}
+        row["ratio"] = row["stackops_s"] / row["reference_s"]
+        print(f"{name:48s} {row['stackops_s'] * 1000:9.1f} ms  {peer:30s} {row['reference_s'] * 1000:9.1f} ms"
+              f"  ratio {row['ratio']:5.2f}", flush=True)
+        rows.append(row)
+    print(f"{'  unchanged / first':48s} {second / first:9.3f}    (target <= 0.1)", flush=True)
+    return rows
+
+
+def proptest_case(runs: int = 10) -> list[dict]:
+    """The property tests (`-k "property or state_machine"`: the hypothesis tests and state
+    machines, 2 pytest workers) run ``runs`` times while CPU hogs (one busy loop per core, and one
+    more) keep the load average at 6 or above: how many passed. A test that fails only under load
+    shows here, never as a timed assertion."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range((os.cpu_count() or 2) + 1)]
+    results, loads = [], []
+    try:
+        time.sleep(20)  # the load average follows over a minute: let it climb
+        for _ in range(runs):
+            loads.append(os.getloadavg()[0])
+            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
+                                   "test_stackops.py", "-k", "property or state_machine"],
+                                  cwd=HERE, capture_output=True, text=True, env=USER_ENV)
+            print(f"  run {len(results) + 1}: {done.stdout.strip().splitlines()[-1]} "
+                  f"(load {loads[-1]:.1f})", flush=True)
+            results.append(done.returncode == 0)
+            if done.returncode != 0:
+                print("\n".join(line for line in done.stdout.splitlines() if line.startswith(("FAILED", "E "))),
+                      flush=True)
+    finally:
+        for hog in hogs:  # ours, by pid
+            hog.kill()
+            hog.wait()
+    note = (f"{sum(results)} of {runs} runs passed; load average {min(loads):.1f}-{max(loads):.1f} "
+            "(target: all pass at load >= 6)")
+    print(f"{'property tests under a CPU hog':48s} {note}", flush=True)
+    return [{"case": "property tests under a CPU hog", "unit": "runs", "passed": sum(results), "runs": runs,
+             "load_min": min(loads), "load_max": max(loads), "note": note}]
+
+
 def _local_jobs(stackops, script: Path, count: int, slots: int) -> list:
     """Fire ``count`` jobs of ``script`` here with ``slots`` slots (a private state folder); wait for all."""
     os.environ["STACKOPS_STATE_DIR"] = str(Path(tempfile.mkdtemp(dir=os.environ["HOME"])))
@@ -434,6 +516,86 @@ def slot_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
                          note=f"(all fired in {fired:.2f} s, last ended after {wall:.2f} s)"))
     os.environ.pop("STACKOPS_STATE_DIR")
     return rows
+
+
+TRIVIAL_JOB = "def point(x):\n    return None\n"
+
+
+def _module_call(folder: Path, x: str) -> str:
+    """The trivial job as one Python line: the same function call the stackops jobs make."""
+    return f"import sys; sys.path.insert(0, {str(folder)!r}); import trivialjob; trivialjob.point({x})"
+
+
+def local_peer_cases(bed: Bed, quick: bool, runs: int) -> list[dict]:
+    """200 trivial Python jobs (the same function, the same interpreter), 4 at a time: a stackops
+    sweep from the command line (submit, then `wait`) against GNU parallel -j4 and task-spooler
+    -S 4 (each started by a shell loop, as a user would), and nq, which runs its queue one at a
+    time (its row is beside them for scale). Wall time from the first command to the last job's
+    end; alternated, medians."""
+    count = 40 if quick else 200
+    folder = bed.local_home / "peers"
+    folder.mkdir(exist_ok=True)
+    (folder / "trivialjob.py").write_text(TRIVIAL_JOB)
+    (folder / "grid.jsonl").write_text("".join(json.dumps({"x": x}) + "\n" for x in range(count)))
+    python = sys.executable
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    missing = [tool for tool in ("parallel", "tsp", "nq") if shutil.which(tool) is None]
+    if missing:
+        print(f"{'local queue vs peers':48s} skipped (missing: {', '.join(missing)}; "
+              "apt-get install parallel task-spooler nq)", flush=True)
+        return []
+    state = bed.base / "peer-state"
+
+    def ours() -> None:
+        sweep = f"peer{next(_fresh)}"
+        shutil.rmtree(state, ignore_errors=True)
+        run_cmd([python, "-m", "stackops", "run", "trivialjob.py:point", "--sweep", "grid.jsonl",
+                 "--max-jobs", "4", "--job-id", sweep], cwd=folder, env=dict(env, STACKOPS_STATE_DIR=str(state)))
+        run_cmd([python, "-m", "stackops", "wait", sweep], cwd=folder, env=env)
+
+    call = _module_call(folder, "{}")
+    parallel = ["parallel", "--will-cite", "-q", "-j4", python, "-c", call, ":::", *map(str, range(count))]
+    spool = bed.base / "ts"
+    spool.mkdir(exist_ok=True)
+    one = shlex.quote(_module_call(folder, "$x"))
+    # a fresh server numbers its jobs from 0 (tsp -n prints no id when its output is not a terminal)
+    tsp_script = (f'tsp -S 4 && for x in $(seq 0 {count - 1}); do tsp -n {python} -c "{one[1:-1]}"; '
+                  f'done && for id in $(seq 0 {count - 1}); do tsp -w "$id" >/dev/null 2>&1; done; tsp -K')
+    tsp_env = dict(env, TS_SOCKET=str(spool / "socket"), TMPDIR=str(spool), TS_MAXFINISHED=str(count + 10))
+    nq_dir = bed.base / "nq"
+    nq_script = (f'rm -rf {nq_dir} && mkdir {nq_dir} && for x in $(seq 0 {count - 1}); do '
+                 f'nq -q {python} -c "{one[1:-1]}"; done && nq -w')
+    sides = {"stackops": ours,
+             "GNU parallel -j4": lambda: run_cmd(parallel, env=env),
+             "task-spooler -S 4": lambda: run_cmd(["bash", "-c", tsp_script], env=tsp_env),
+             "nq (serial)": lambda: run_cmd(["bash", "-c", nq_script], env=dict(env, NQDIR=str(nq_dir)))}
+    walls: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(max(1, runs // 2) if not quick else 1):
+        for name, side in sides.items():
+            walls[name].append(timed(side))
+    mine = statistics.median(walls["stackops"])
+    rows = []
+    for name in list(sides)[1:]:
+        theirs = statistics.median(walls[name])
+        row = {"case": f"{count} trivial Python jobs, 4 slots: stackops sweep (CLI)", "stackops_s": mine,
+               "reference": name, "reference_s": theirs, "ratio": mine / theirs,
+               "samples": len(walls[name]), "load": os.getloadavg()[0]}
+        print(f"{row['case']:48s} {mine * 1000:9.1f} ms  {name:30s} {theirs * 1000:9.1f} ms  "
+              f"ratio {row['ratio']:5.2f}", flush=True)
+        rows.append(row)
+    print(f"{'  per job':48s} {mine / count * 1000:9.1f} ms  "
+          + "  ".join(f"{name} {statistics.median(v) / count * 1000:.1f} ms" for name, v in walls.items()
+                      if name != "stackops"), flush=True)
+    _remove_jobs(bed, "peer")
+    return rows
+
+
+def _remove_jobs(bed: Bed, prefix: str) -> None:
+    """Delete this bench's ended job folders named ``prefix``* (outside any timing)."""
+    queued = bed.local_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    for folder in queued.glob(f"{prefix}*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 _STOP_QUEUE = ('rm -rf -- "$S"/queue/*; read -r p t < "$S/dispatcher.pid" 2>/dev/null '
@@ -485,26 +647,6 @@ def sweep_cases(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
     return rows
 
 
-def _clone_jobs(stackops, template, count: int) -> list:
-    """``count`` prepared copies of a prepared job (hard links: the same files, their own ids), as a
-    sweep makes them; returns their FileManagers."""
-    root = template.file_manager.job_root
-    managers = []
-    for i in range(count):
-        folder = root.parent / f"{root.name}-{i:05d}"
-        shutil.copytree(root, folder, copy_function=os.link)
-        for relative in (stackops.FILE_MANAGER_JSON, stackops.CONFIG_JSON, stackops.REMOTE_MACHINE_JSON):
-            data = json.loads((root / relative).read_text())
-            data["job_id"] = folder.name
-            for part in ("config", "file_manager"):  # the job's own record holds both
-                if isinstance(data.get(part), dict):
-                    data[part]["job_id"] = folder.name
-            (folder / relative).unlink()
-            (folder / relative).write_text(json.dumps(data))
-        managers.append(stackops.FileManager.from_job_root(folder))
-    return managers
-
-
 def _procs_naming(text: str) -> list[int]:
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -541,57 +683,112 @@ def _ended(managers: list) -> list[tuple[float, float]]:
 
 
 def queue_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
-    """A queue of 10,000 (quick: 200) trivial jobs on this machine, fired while all four slots are
-    held from here: what the queue holds, the views, then the hand-off on one slot and the wall
-    time on four."""
-    count = 200 if quick else 10000
+    """A sweep of 10,000 (quick: 500) trivial jobs queued on this machine while all four slots are
+    held from here: what the queue holds, `list --json` and `status SWEEP` while they wait; the
+    hand-off on one slot; then the rest cancelled (one command) and the views of 10,000 ended
+    jobs, after a first `list` has read them once."""
+    count = 500 if quick else 10000
     state = Path(tempfile.mkdtemp(dir=os.environ["HOME"]))
     os.environ["STACKOPS_STATE_DIR"] = str(state)
     project = bed.local_home / "proj"
     project.mkdir(exist_ok=True)
-    (project / "trivial.py").write_text("res = None\n")
-    config = stackops.RemoteStackOpsConfig(job_id=f"sweep{next(_fresh)}", max_simultaneous_jobs=4)
-    template = stackops.RemoteMachine(str(project / "trivial.py"), config=config).run(run=False)
-    managers = _clone_jobs(stackops, template, count)
+    (project / "trivialjob.py").write_text(TRIVIAL_JOB)
+    sys.path.insert(0, str(project))
+    import trivialjob
+
+    sweep = f"qsweep{next(_fresh)}"
     slots = stackops.Slots(state)
     slots._ensure()
     held = [stackops._try_flock(slots.slots / f"slot-{i}.lock") for i in range(4)]
-    started = time.perf_counter()
-    stackops.fire_jobs([m.job_root for m in managers])
-    fired = time.perf_counter() - started
+    config = stackops.RemoteStackOpsConfig(job_id=sweep, max_simultaneous_jobs=4)
+    fired = timed(lambda: stackops.run_sweep(trivialjob.point, config, [{"x": x} for x in range(count)]))
+    managers = [stackops.FileManager.from_job_root(root) for root in _member_roots(bed, sweep)]
     time.sleep(1.0)
     pids = _procs_naming(str(state))
     rows = [absolute(f"memory held by {count} queued jobs", [sum(_rss_mib(pid) for pid in pids)], unit="MiB",
-                     note=f"{len(pids)} process(es); fired in {fired:.1f} s (target <= 50 MiB)")]
-    env = dict(os.environ, HOME=str(bed.local_home))
-    for what in (["list", "--json"], ["queue"]):
-        times = [timed(lambda what=what: run_cmd([sys.executable, "-m", "stackops", *what], cwd=HERE, env=env))
-                 for _ in range(3)]
-        rows.append(absolute(f"`{' '.join(what)}` with {count} jobs on the machine", times,
-                             note="(target <= 500 ms)"))
+                     note=f"{len(pids)} process(es); sweep submitted and fired in {fired:.1f} s "
+                          "(target <= 50 MiB)")]
+    env = dict(os.environ, HOME=str(bed.local_home), PYTHONPATH=str(HERE))
+    rows += _views(env, count, sweep, "queued")
     os.close(held.pop(0))  # one slot: each job's end hands it to the next
     while len(_ended(managers[:40])) < 31:
         time.sleep(0.2)
     chain = _ended(managers[:40])[:31]
     gaps = [later[0] - earlier[1] for earlier, later in zip(chain, chain[1:])]
     rows.append(absolute(f"slot hand-off with {count} queued", gaps, note="(median; target <= 50 ms)"))
-    done_before = len(_ended(managers))
-    released = time.time()
+    cancel = [sys.executable, "-m", "stackops", "cancel", sweep]
+    took = timed(lambda: run_cmd(cancel, env=env))
     for fd in held:
         os.close(fd)
-    while slots.entries() or slots.holders():
-        time.sleep(0.5)
-    last = max(end for _, end in _ended(managers))
-    ran = count - done_before
-    rows.append(absolute(f"{count} trivial jobs on 4 slots: wall per job", [(last - released) / ran],
-                         note=f"({ran} jobs in {last - released:.1f} s)"))
+    while slots.holders():
+        time.sleep(0.2)
     listing = [sys.executable, "-m", "stackops", "list", "--json"]
-    first = timed(lambda: run_cmd(listing, cwd=HERE, env=env))  # reads every ended job once
-    times = [timed(lambda: run_cmd(listing, cwd=HERE, env=env)) for _ in range(3)]
-    rows.append(absolute(f"`list --json` with {count} ended jobs", times,
-                         note=f"(target <= 500 ms; the first list, which reads them all: "
-                              f"{first * 1000:.0f} ms)"))
+    first = timed(lambda: run_cmd(listing, env=env))  # reads every ended job once
+    rows += _views(env, count, sweep, "ended", f"; cancel of the sweep {took:.1f} s, the first list, "
+                                                f"which reads them all, {first * 1000:.0f} ms")
     os.environ.pop("STACKOPS_STATE_DIR")
+    _remove_jobs(bed, sweep)
+    return rows
+
+
+def _member_roots(bed: Bed, sweep: str) -> list[Path]:
+    queued = bed.local_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    ids = json.loads((queued / sweep / "data" / "sweep.json").read_text())["ids"]
+    return [queued / job_id for job_id in ids]
+
+
+def _views(env: dict, count: int, sweep: str, what: str, note: str = "") -> list[dict]:
+    """`list --json` and `status SWEEP` (CLI, module cached) with ``count`` jobs: 3 runs each."""
+    rows = []
+    for argv in (["list", "--json"], ["status", sweep]):
+        times = [timed(lambda argv=argv: run_cmd([sys.executable, "-m", "stackops", *argv], env=env))
+                 for _ in range(3)]
+        name = "status SWEEP" if argv[0] == "status" else " ".join(argv)
+        rows.append(absolute(f"`{name}` with {count} {what} jobs", times, note=f"(target <= 500 ms{note})"))
+    return rows
+
+
+def host_list_case(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
+    """`list --host` of a host holding 1,000 (quick: 200) jobs: how many round trips it makes
+    (SSH channels opened, counted in process), and its time from the command line against
+    `ssh host true`."""
+    import io
+    from contextlib import redirect_stdout
+
+    import paramiko
+
+    count = 200 if quick else 1000
+    project = bed.local_home / "proj"
+    project.mkdir(exist_ok=True)
+    (project / "trivialjob.py").write_text(TRIVIAL_JOB)
+    sys.path.insert(0, str(project))
+    import trivialjob
+
+    config = stackops.RemoteStackOpsConfig(job_id=f"hl{next(_fresh)}", ssh_host="tb", copy_repo=True,
+                                           max_simultaneous_jobs=4)
+    with stackops.run_sweep(trivialjob.point, config, [{"x": x} for x in range(count)], run=False):
+        pass  # handed over, not started: every one of them is a job folder on the host
+    opened: list[str] = []
+    original = paramiko.Channel.exec_command
+
+    def counting(channel, command):
+        opened.append(command)
+        return original(channel, command)
+
+    paramiko.Channel.exec_command = counting
+    out = io.StringIO()
+    try:
+        with redirect_stdout(out):
+            stackops.main(["list", "--host", "tb", "--json"])
+    finally:
+        paramiko.Channel.exec_command = original
+    listed = len(json.loads(out.getvalue()))
+    rows = [absolute(f"`list --host` of {listed} jobs: round trips", [len(opened)], unit="count",
+                     note="(commands run on the host; target 1)")]
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    rows.append(compare(f"CLI list --host with {listed} jobs",
+                        lambda: run_cmd([sys.executable, "-m", "stackops", "list", "--host", "tb", "--json"], env=env),
+                        lambda: run_cmd(bed.ssh("tb", "true")), runs, "ssh host true"))
     return rows
 
 
@@ -625,17 +822,22 @@ def slow_shell_cases(bed: Bed, stackops, runs: int) -> list[dict]:
     project = bed.local_home / "proj"
     project.mkdir(exist_ok=True)
     (project / "slowjob.py").write_text("res = None\n")
+    (project / "slowsleep.py").write_text("import time\ntime.sleep(600)\n")
     there = bed.remote_home / "proj"  # a job without --copy-repo finds its file on the host
     there.mkdir(exist_ok=True)
-    shutil.copy(project / "slowjob.py", there / "slowjob.py")
+    for name in ("slowjob.py", "slowsleep.py"):
+        shutil.copy(project / name, there / name)
     if os.geteuid() == 0:
-        for path in (rc, there, there / "slowjob.py"):
+        for path in (rc, there, there / "slowjob.py", there / "slowsleep.py"):
             shutil.chown(path, bed.user, bed.user)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as users run it
+    env["PYTHONPATH"] = str(HERE)  # the module, its bytecode cached: as the installed command runs
+    last: list[str] = []
 
     def cli(*extra: str) -> None:
-        run_cmd([sys.executable, str(HERE / "stackops.py"), "run", "proj/slowjob.py", "--host", "tb",
-                 "--job-id", f"slow-{next(_fresh)}", *extra], cwd=bed.local_home, env=env)
+        last[:] = [f"slow-{next(_fresh)}"]
+        run_cmd([sys.executable, "-m", "stackops", "run", "proj/slowjob.py", "--host", "tb",
+                 "--job-id", last[0], *extra], cwd=bed.local_home, env=env)
 
     def api(ssh) -> None:
         config = stackops.RemoteStackOpsConfig(job_id=f"slow-{next(_fresh)}", ssh_host="tb")
@@ -647,9 +849,16 @@ def slow_shell_cases(bed: Bed, stackops, runs: int) -> list[dict]:
         cli("--copy-repo")  # the repo reaches the host once: the rows time an unchanged repo
         ssh_true = bed.ssh("tb", "true")
         rows = [compare("CLI run --host, host shell start 100 ms", cli, lambda: run_cmd(ssh_true), runs,
-                        "ssh host true"),
+                        "ssh host true (target <= 1.3x)"),
                 compare("CLI run --host --copy-repo (unchanged), shell 100 ms", lambda: cli("--copy-repo"),
                         lambda: run_cmd(ssh_true), runs, "ssh host true")]
+        run_cmd([sys.executable, "-m", "stackops", "run", "proj/slowsleep.py", "--host", "tb", "--job-id",
+                 "slow-sleeper"], cwd=bed.local_home, env=env)  # a job that runs: its status asks the host
+        status = [sys.executable, "-m", "stackops", "status", "slow-sleeper"]
+        rows.append(compare("CLI status of a running job on a host, shell 100 ms",
+                            lambda: run_cmd(status, env=env),
+                            lambda: run_cmd(ssh_true), runs, "ssh host true (target <= 1.2x)"))
+        run_cmd([sys.executable, "-m", "stackops", "cancel", "slow-sleeper"], env=env)
         with stackops.SSH.from_config_file("tb") as ssh:
             rows.append(compare("RemoteMachine.run(), open connection, shell 100 ms", lambda: api(ssh),
                                 lambda: ssh.run_shell_cmd_on_remote("true"), runs,
@@ -659,15 +868,55 @@ def slow_shell_cases(bed: Bed, stackops, runs: int) -> list[dict]:
     return rows
 
 
-def cli_cases(stackops, runs: int) -> list[dict]:
+def _installed(bed: Bed) -> Path | None:
+    """A virtual environment with this checkout installed as a user installs it (pip, a wheel:
+    the `stackops` console script, bytecode compiled at install); its bin folder."""
+    venv = bed.base / "venv"
+    if not (venv / "bin" / "stackops").exists():
+        try:  # pip fetches the build backend (setuptools) from the package index once
+            run_cmd([sys.executable, "-m", "venv", str(venv)])
+            run_cmd([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(HERE)])
+        except subprocess.CalledProcessError as exc:
+            print(f"{'installed stackops':48s} skipped: {exc.stderr.decode(errors='replace')[-300:]}", flush=True)
+            return None
+    return venv / "bin"
+
+
+def cli_cases(bed: Bed, runs: int) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as users run it
-    run_cmd([sys.executable, "-m", "stackops", "--help"], cwd=HERE, env=env)  # writes the bytecode cache
+    env["PYTHONPATH"] = str(HERE)
+    run_cmd([sys.executable, "-m", "stackops", "--help"], env=env)  # writes the bytecode cache
+    bare = [sys.executable, "-c", "pass"]
     rows = [compare("CLI start: python stackops.py --help",
                     lambda: run_cmd([sys.executable, str(HERE / "stackops.py"), "--help"], env=env),
-                    lambda: run_cmd([sys.executable, "-c", "pass"], env=env), runs * 2, "python -c pass")]
+                    lambda: run_cmd(bare, env=env), runs * 2, "python -c pass (target <= 4x)")]
     rows.append(compare("CLI start: python -m stackops --help (cached)",
-                        lambda: run_cmd([sys.executable, "-m", "stackops", "--help"], cwd=HERE, env=env),
-                        lambda: run_cmd([sys.executable, "-c", "pass"], env=env), runs * 2, "python -c pass"))
+                        lambda: run_cmd([sys.executable, "-m", "stackops", "--help"], env=env),
+                        lambda: run_cmd(bare, env=env), runs * 2, "python -c pass (target <= 1.3x)"))
+    folder = bed.local_home / "peers"
+    folder.mkdir(exist_ok=True)
+    (folder / "trivialjob.py").write_text(TRIVIAL_JOB)
+    state = bed.base / "cli-state"
+
+    def one_job() -> None:
+        run_cmd([sys.executable, "-m", "stackops", "run", "trivialjob.py:point", "--kwargs", '{"x": 1}',
+                 "--job-id", f"clijob{next(_fresh)}"], cwd=folder, env=dict(env, STACKOPS_STATE_DIR=str(state)))
+
+    def settled() -> None:  # the job ran before the next sample (outside the timing)
+        while any(True for _ in state.glob("queue/*")) or (state / "dispatcher.pid").exists():
+            time.sleep(0.05)
+
+    rows.append(compare("python -m stackops run FILE:F (one job, detached)", one_job,
+                        lambda: run_cmd(bare, env=env), runs * 2, "python -c pass (target <= 1.8x)", settled))
+    settled()
+    _remove_jobs(bed, "clijob")
+    bin_dir = _installed(bed)
+    if bin_dir is not None:
+        plain = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+        rows.append(compare("CLI start: installed `stackops --help`",
+                            lambda: run_cmd([str(bin_dir / "stackops"), "--help"], env=plain),
+                            lambda: run_cmd([str(bin_dir / "python"), "-c", "pass"], env=plain), runs * 2,
+                            "its python -c pass (target <= 1.3x)"))
     return rows
 
 
@@ -724,6 +973,11 @@ def slurm_case(bed: Bed, runs: int) -> list[dict]:
                             lambda: run_cmd(reference, env=env), runs, "sbatch --wrap true"),
                     compare("hand-over to Slurm (RemoteMachine.run(), in process)", api,
                             lambda: run_cmd(reference, env=env), runs, "sbatch --wrap true")]
+            submit = _submitit(home)
+            if submit is not None:
+                rows.append(compare("Slurm in process (RemoteMachine.run())", api, submit, runs * 2,
+                                    "submitit AutoExecutor.submit (<= 0.5x)"))
+            rows += _slurm_array(home, env, counter)
         finally:
             if saved is None:
                 os.environ.pop("SLURM_CONF", None)
@@ -733,6 +987,53 @@ def slurm_case(bed: Bed, runs: int) -> list[dict]:
     finally:
         cluster.stop()
         shutil.rmtree(cluster.base, ignore_errors=True)
+
+
+def _submitit(home: Path):
+    """submitit's AutoExecutor.submit of the same function on the same cluster (submitit from
+    PyPI, installed here when missing); None when it cannot be had."""
+    try:
+        import submitit
+    except ImportError:
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "submitit"], capture_output=True)
+        if done.returncode != 0:
+            print(f"{'submitit':48s} skipped (pip install submitit failed)", flush=True)
+            return None
+        import submitit
+    sys.path.insert(0, str(home))
+    import slurmjob
+
+    executor = submitit.AutoExecutor(folder=str(home / "submitit" / "%j"), cluster="slurm")
+    executor.update_parameters(timeout_min=10)
+    return lambda: executor.submit(slurmjob.noop)
+
+
+def _slurm_array(home: Path, env: dict, counter) -> list[dict]:
+    """A 1,000-task array (a workload of 1,000 parts; 2 tasks at a time): the CLI's `status` of
+    it, its time and its peak memory (target 1 s and 100 MiB)."""
+    import stackops
+
+    tasks = 1000
+    (home / "slurmarray.py").write_text("def part(workload_params):\n    return workload_params.idx_start\n")
+    workload = stackops.WorkloadParams(idx_min=0, idx_max=tasks, idx_start=0, idx_end=tasks, jobs=tasks)
+    config = stackops.RemoteStackOpsConfig(job_id=f"arr{next(counter)}", launch_method="slurm",
+                                           workload_params=workload, max_simultaneous_jobs=2)
+    submitted = timed(lambda: stackops.RemoteMachine(str(home / "slurmarray.py") + ":part", config).run())
+    times, peaks = [], []
+    for _ in range(3):
+        started = time.perf_counter()
+        done = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "stackops", "status",
+                               config.job_id], capture_output=True, text=True, env=env)
+        times.append(time.perf_counter() - started)
+        if done.returncode != 0:
+            raise RuntimeError(f"status of the array failed: {done.stderr[-500:]}")
+        peaks.append(int(done.stderr.split()[-1]) / 1024)
+    rows = [absolute(f"`status` of a {tasks}-task Slurm array", times,
+                     note=f"(target <= 1 s; the array was handed over in {submitted:.1f} s)"),
+            absolute(f"`status` of a {tasks}-task Slurm array: peak memory", peaks, unit="MiB",
+                     note="(target <= 100 MiB)")]
+    run_cmd(["scancel", stackops.RemoteMachine.load(config.job_id).slurm_job_id or "0"], env=env)
+    return rows
 
 
 REPORT_JOB = """import os, time
@@ -843,8 +1144,9 @@ def main() -> int:
     parser.add_argument("--disk", action="store_true", help="keep both homes on disk instead of tmpfs")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--only", default="", help="comma-separated groups to run: ssh, transfer, job, snapshot, "
-                                                   "slot, sweep, queue, slow, cluster, cli, cancel, slurm, "
-                                                   "report (default: all but report)")
+                                                   "bigrepo, slot, local, sweep, queue, slow, hostlist, cluster, "
+                                                   "cli, cancel, slurm, report, proptest (default: all but report "
+                                                   "and proptest)")
     parser.add_argument("--report-png", help="report: also save a screenshot of the sweep's page here "
                                              "(docs/report.png)")
     args = parser.parse_args()
@@ -868,15 +1170,19 @@ def main() -> int:
                   "job": lambda: job_cases(bed, stackops, runs),
                   "snapshot": lambda: snapshot_cases(bed, stackops, args.quick, runs),
                   "slot": lambda: slot_cases(bed, stackops, args.quick),
+                  "bigrepo": lambda: big_repo_case(bed, stackops, args.quick, runs),
+                  "proptest": lambda: proptest_case(3 if args.quick else 10),
+                  "local": lambda: local_peer_cases(bed, args.quick, runs),
                   "sweep": lambda: sweep_cases(bed, stackops, args.quick, runs),
                   "queue": lambda: queue_cases(bed, stackops, args.quick),
                   "slow": lambda: slow_shell_cases(bed, stackops, runs),
+                  "hostlist": lambda: host_list_case(bed, stackops, args.quick, runs),
                   "cluster": lambda: cluster_case(bed, stackops, args.quick, runs),
-                  "cli": lambda: cli_cases(stackops, runs), "cancel": lambda: cancel_case(bed, stackops, runs),
+                  "cli": lambda: cli_cases(bed, runs), "cancel": lambda: cancel_case(bed, stackops, runs),
                   "slurm": lambda: slurm_case(bed, runs),
                   "report": lambda: report_case(bed, stackops, args.quick, args.report_png)}
         wanted = [name.strip() for name in args.only.split(",") if name.strip()] or \
-            [name for name in groups if name != "report"]  # a sweep of 1,000 real jobs, and Chromium
+            [name for name in groups if name not in ("report", "proptest")]  # Chromium; minutes of tests
         for name in wanted:
             rows += groups[name]()
     finally:

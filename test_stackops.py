@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import inspect
 import itertools
 import json
 import logging
@@ -123,7 +124,7 @@ def _run_of(machine: RemoteMachine) -> int:
     wrapper = _wrapper_of(machine)
 
     def child():
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, IndexError):  # IndexError: not forked yet
             return int(Path(f"/proc/{wrapper}/task/{wrapper}/children").read_text().split()[0])
         return None
     return wait_for(child, what="the run's pid")
@@ -291,11 +292,12 @@ def public_surface() -> list[str]:
 EXPECTED_ALL = ['StackopsError', 'ConfigError', 'DependencyError', 'SlotError', 'CommandError',
     'JobFailedError', 'StackopsConnectionError', 'HostKeyError', 'TransferError',
     'RemoteStackOpsConfig', 'WorkloadParams', 'JobStatus', 'ExecutionTimings', 'JobParams',
-    'FileManager', 'Slots', 'render_execution_script', 'render_shell_script', 'run_job',
-    'call_job_part', 'job_report', 'delete_own_results', 'demo_job', 'notify_job_end',
-    'is_job_process', 'job_process_alive', 'process_start_ticks', 'SSH', 'SSHTarget', 'Response',
-    'resolve_ssh_target', 'parse_ssh_target', 'simple_sftp_get', 'transfer_sftp', 'transfer_cloud',
-    'cloud_base', 'RemoteMachine', 'list_jobs', 'list_job_rows', 'LoadCriterion', 'MachineSpecs',
+    'FileManager', 'Slots', 'render_execution_script', 'run_job', 'serve', 'read_state',
+    'judge_jobs', 'job_reports', 'fire_jobs', 'cancel_job', 'delete_job', 'call_job_part',
+    'delete_own_results', 'demo_job', 'fill_placeholders', 'notify_job_end', 'is_job_process',
+    'process_start_ticks', 'SSH', 'SSHTarget', 'Response', 'resolve_ssh_target',
+    'parse_ssh_target', 'simple_sftp_get', 'transfer_sftp', 'transfer_cloud', 'cloud_base',
+    'RemoteMachine', 'list_jobs', 'list_job_rows', 'LoadCriterion', 'MachineSpecs',
     'ThreadLoadCalculator', 'MachineLoadCalculator', 'Cluster', 'CloudQueue', 'run_worker',
     'InterfaceAddress', 'interface_table', 'get_all_ipv4_addresses', 'lan_score',
     'choose_lan_ipv4', 'select_lan_ipv4', 'get_public_ip_address', 'switch_public_ip_address',
@@ -304,7 +306,7 @@ EXPECTED_ALL = ['StackopsError', 'ConfigError', 'DependencyError', 'SlotError', 
 
 # Printed by public_surface() on the day the surface was fixed: a change here is one users see.
 EXPECTED_SURFACE = """
-__all__ = 60 names
+__all__ = 65 names
 class StackopsError(Exception)
 StackopsError(message: 'str', hint: 'str | None' = None) -> None
 class ConfigError(StackopsError, ValueError)
@@ -362,6 +364,7 @@ RemoteStackOpsConfig(
     gpus: 'int' = 0,
     group: 'str | None' = None,
     env: 'dict[str, str]' = <factory>,
+    on_end: 'str | None' = None,
 ) -> None
 classmethod RemoteStackOpsConfig.from_dict(data: 'Any') -> RemoteStackOpsConfig
 property RemoteStackOpsConfig.pool
@@ -399,6 +402,14 @@ JobStatus(
     slurm_job_id: 'str | None' = None,
     reason: 'str' = '',
     attempt: 'str' = '',
+    exit_code: 'int | None' = None,
+    signal: 'int | None' = None,
+    max_rss_bytes: 'int | None' = None,
+    cpu_seconds: 'float | None' = None,
+    slot: 'str | None' = None,
+    runs: 'list[dict[str, Any]]' = <factory>,
+    as_of: 'str | None' = None,
+    schema: 'int' = 1,
 ) -> None
 property JobStatus.finished
 classmethod JobStatus.from_dict(data: 'Any') -> JobStatus
@@ -463,53 +474,30 @@ FileManager(
     pool: 'str' = '',
     gpus: 'int' = 0,
 ) -> None
-FileManager.cancel_command(self, grace: 'float') -> str
-FileManager.delete_command(self) -> str
 property FileManager.execution_log_dir
 property FileManager.file_manager_path
 classmethod FileManager.from_dict(data: 'Any', job_root: 'Path | None' = None) -> FileManager
 classmethod FileManager.from_job_root(job_root: 'str | os.PathLike[str]') -> FileManager
-FileManager.get_fire_command(
-    self,
-    interactive: 'bool' = False,
-    join_queue: 'bool' = True,
-) -> str
 FileManager.get_job_status(self) -> str
 property FileManager.kwargs_path
-FileManager.parse_status_output(
-    self,
-    text: 'str',
-    marker: 'str',
-    log_lines: 'int',
-) -> tuple[JobStatus, dict[str, str]]
 FileManager.path(self, relative: 'str') -> Path
 property FileManager.py_script_path
 property FileManager.remote_machine_config_path
 property FileManager.remote_machine_path
-FileManager.sbatch_command(self, tasks: 'int' = 0) -> str
 FileManager.secure_resources(self) -> bool
-property FileManager.shell_script_path
+property FileManager.slot_names
 FileManager.slots(self) -> Slots
-FileManager.slurm_status_command(self, marker: 'str', log_lines: 'int') -> str
-FileManager.status_command(
-    self,
-    marker: 'str',
-    log_lines: 'int',
-    fallback: 'str',
-    notify: 'str' = '',
-) -> str
-FileManager.status_report(self, log_lines: 'int' = 20, verify: 'bool' = True) -> JobStatus
+FileManager.status_report(self, log_lines: 'int' = 20) -> JobStatus
 FileManager.to_dict(self) -> dict[str, Any]
 FileManager.unlock_resources(
     self,
     record: 'dict[str, Any] | None' = None,
     keep_slot: 'bool' = False,
 ) -> None
-FileManager.write_log(self, relative: 'str', text: 'str') -> None
 class Slots(object)
 Slots(root: 'Path | None' = None) -> None
 Slots.dispatcher_pid(self) -> int | None
-Slots.ensure_dispatcher(self, job_root: 'Path | None' = None) -> int | None
+Slots.ensure_dispatcher(self, python: 'str | None' = None) -> int | None
 Slots.entries(self, folder: 'str' = 'queue') -> list[str]
 Slots.entry_state(self, name: 'str', folder: 'str' = 'queue') -> str
 Slots.history(self) -> list[dict[str, Any]]
@@ -531,22 +519,23 @@ Slots.wait_for_slot(
 ) -> tuple[list[tuple[str, int]], _dt.datetime]
 Slots.waiters(self, checked: 'int' = 20) -> list[dict[str, Any]]
 render_execution_script(execution_line: 'str') -> str
-render_shell_script(
-    job_params: 'JobParams',
-    config: 'RemoteStackOpsConfig',
-    python: 'str',
-) -> str
 run_job(
     job_root: 'str | os.PathLike[str]',
     execute: 'Callable[[JobContext, dict[str, Any]], tuple[Any, str]]',
 ) -> Any
+serve(argv: 'list[str] | None' = None) -> int
+read_state(root: 'Path') -> dict[str, Any]
+judge_jobs(roots: 'list[Path]') -> list[dict[str, Any]]
+job_reports(roots: 'list[Path]', log_lines: 'int' = 0) -> list[JobStatus]
+fire_jobs(roots: 'list[Path]', env: 'dict[str, str] | None' = None) -> dict[str, Any]
+cancel_job(root: 'Path', grace: 'float' = 10.0) -> dict[str, Any]
+delete_job(root: 'Path') -> str
 call_job_part(job_root: 'str', part: 'dict[str, Any]', func_kwargs: 'dict[str, Any]') -> Any
-job_report(job_root: 'str | os.PathLike[str]', log_lines: 'int' = 20) -> dict[str, Any]
 delete_own_results(job_root: 'str | os.PathLike[str]') -> str
 demo_job(seconds: 'float' = 1.0, message: 'str' = 'hello from stackops') -> str
+fill_placeholders(template: 'str', values: 'dict[str, str]', quote: 'bool' = False) -> str
 notify_job_end(job_root: 'str | os.PathLike[str]') -> None
 is_job_process(pid: 'int', path: 'str', start: 'int | None') -> bool
-job_process_alive(job_root: 'Path', pid_file: 'str' = 'logs/pid.txt') -> bool | None
 process_start_ticks(pid: 'int | str' = 'self') -> int | None
 class SSH(object)
 SSH(
@@ -599,13 +588,14 @@ SSH.run_shell_cmd_on_remote(
     strict: 'bool' = True,
     stdin: 'bytes | None' = None,
 ) -> Response
-SSH.run_stackops(
-    self,
-    args: 'list[str]',
-    timeout: 'float | None' = None,
-    python: 'str' = 'python3',
-) -> Response
 SSH.send_ssh_key(self, key_path: 'str | None' = None) -> bool
+SSH.serve(
+    self,
+    requests: 'list[dict[str, Any]]',
+    python: 'str' = 'python3',
+    talk: 'Callable[..., Any] | None' = None,
+    timeout: 'float | None' = None,
+) -> list[Any]
 SSH.simple_sftp_get(self, remote_path: 'str', local_path: 'str | os.PathLike[str]') -> None
 SSH.stream_command(
     self,
@@ -693,6 +683,7 @@ property RemoteMachine.python
 RemoteMachine.rerun(self, run: 'bool' = True, fresh: 'bool' = False) -> RemoteMachine
 RemoteMachine.rerun_failed_tasks(self, fresh: 'bool' = False) -> list[str]
 RemoteMachine.results(self) -> Path
+property RemoteMachine.root_there
 RemoteMachine.run(
     self,
     run: 'bool' = True,
@@ -796,7 +787,7 @@ CloudQueue.live_claims(self, claims: 'list[tuple[str, float]]') -> list[str]
 CloudQueue.look(self, unit_id: 'str', claim: 'str') -> tuple[bool, bool]
 CloudQueue.meta(self, unit_id: 'str') -> dict[str, Any]
 CloudQueue.remove(self, unit_id: 'str') -> None
-CloudQueue.report(self) -> list[dict[str, Any]]
+CloudQueue.report(self, only: 'list[str] | None' = None) -> list[dict[str, Any]]
 CloudQueue.still_ours(self, unit_id: 'str', claim: 'str') -> bool
 run_worker(
     cloud_name: 'str',
@@ -1002,6 +993,32 @@ def test_utilities_home_paths_collapse_and_expand(home):
     assert out == "/h/it's $(x) here"
 
 
+
+def test_utilities_home_followed_when_it_changes_and_views_are_json_one_item_a_line(home, tmp_path,
+                                                                                     monkeypatch):
+    """The home is resolved once per $HOME (a list collapses 30,000 paths): a new $HOME is a new
+    home at once, a home reached through a symlink in both spellings, the root as home too."""
+    assert stackops.collapse_home(home / "x") == "~/x"
+    other = tmp_path / "data" / "other"
+    other.mkdir(parents=True)
+    link = tmp_path / "other-link"
+    link.symlink_to(other)
+    monkeypatch.setenv("HOME", str(link))
+    assert stackops.collapse_home(home / "x") == str(home / "x")
+    assert stackops.collapse_home(other / "y") == "~/y" == stackops.collapse_home(link / "y")
+    assert stackops.collapse_home(str(other) + "-sibling") == str(other) + "-sibling"
+    monkeypatch.setenv("HOME", str(other))
+    assert stackops.collapse_home(other / "y") == "~/y"
+    other.rename(other.with_name("moved"))
+    other.symlink_to(other.with_name("moved"))  # the same $HOME, now a link: seen at once
+    assert stackops.collapse_home(other.with_name("moved") / "y") == "~/y"
+    monkeypatch.setenv("HOME", "/")
+    assert stackops.collapse_home("/etc/hosts") == "~/etc/hosts" and stackops.collapse_home("/") == "~"
+    items = [{"job_id": "a", "note": "ü\n"}, {"job_id": "b"}]
+    text = stackops._json_lines(items)
+    assert json.loads(text) == items and len(text.splitlines()) == 4
+    assert json.loads(stackops._json_lines([])) == []
+
 @pytest.mark.parametrize("name", ["a", "job-1", "x.y_z", "A" * 128])
 def test_utilities_safe_names_accepted(name):
     assert stackops.check_safe_name(name) == name
@@ -1146,6 +1163,51 @@ def test_utilities_data_plan_compares_ns_stamps_and_hashes_racy_copies(home, tmp
 # ============================================================================================
 # 5. models
 # ============================================================================================
+
+def test_models_are_made_dataclasses_where_first_used_and_behave_as_dataclasses():
+    """An import makes none of the models (writing a dataclass's methods compiles them: a job's
+    wrapper would pay for all thirteen); the first use of any kind makes it, whole."""
+    program = textwrap.dedent("""
+        import copy, dataclasses, inspect, json, pickle, sys
+        sys.path.insert(0, sys.argv[1])
+        import stackops
+        models = ["RemoteStackOpsConfig", "WorkloadParams", "JobStatus", "InterfaceAddress"]
+        made = {name: "__init__" in vars(getattr(stackops, name)) for name in models}
+        signature = str(inspect.signature(stackops.ExecutionTimings))  # as help() shows it
+        work = stackops.WorkloadParams(idx_min=0, idx_max=4, idx_start=0, idx_end=4, jobs=2)
+        again = pickle.loads(pickle.dumps(work))
+        status = stackops.JobStatus.__new__(stackops.JobStatus)  # as list's cache makes them
+        address = stackops.InterfaceAddress("lo", "127.0.0.1")
+        try:
+            address.ipv4_address = "10.0.0.1"
+            frozen = False
+        except dataclasses.FrozenInstanceError:
+            frozen = True
+        try:
+            stackops.RemoteStackOpsConfig(job_id="x", bogus=1)
+            refused = ""
+        except TypeError as exc:
+            refused = str(exc)
+        print(json.dumps({
+            "made_at_import": made,
+            "is_dataclass": dataclasses.is_dataclass(stackops.RemoteStackOpsConfig),
+            "fields": len(dataclasses.fields(stackops.RemoteStackOpsConfig)),
+            "equal": [again == work, copy.copy(work) == work, work != dataclasses.replace(work, jobs=1)],
+            "repr": repr(work), "blank": type(status).__name__, "frozen": frozen,
+            "hashable": hash(address) == hash(copy.copy(address)), "refused": refused,
+            "signature": signature}))
+    """)
+    done = subprocess.run([sys.executable, "-S", "-c", program, str(SOURCE.parent)], capture_output=True,
+                          text=True, check=True)
+    seen = json.loads(done.stdout)
+    assert seen["made_at_import"] == {name: False for name in seen["made_at_import"]}
+    assert seen["is_dataclass"] and seen["fields"] == len(dataclasses.fields(RemoteStackOpsConfig)) > 20
+    assert seen["equal"] == [True, True, True] and seen["repr"].startswith("WorkloadParams(idx_min=0")
+    assert seen["blank"] == "JobStatus" and seen["frozen"] and seen["hashable"]
+    assert "unexpected keyword argument 'bogus'" in seen["refused"]
+    assert seen["signature"] == str(inspect.signature(stackops.ExecutionTimings))
+    assert seen["signature"].startswith("(submission_time: ") and seen["signature"].endswith("-> None")
+
 
 def test_models_workload_split_reference_example():
     parts = WorkloadParams(idx_min=0, idx_max=7, idx_start=0, idx_end=7, jobs=3).split_to_jobs()
@@ -1829,6 +1891,44 @@ def test_slots_twenty_jobs_three_slots_fifo(home):
     assert Slots().holders() == [] and Slots().waiters() == []
     for view in ("queued_jobs.json", "running_jobs.json", "history_jobs.json"):
         json.loads((Slots().root / view).read_text())
+
+
+def test_slots_a_job_cancelled_while_first_in_line_never_starts_when_a_slot_frees(home):
+    """The dispatcher reads the first entry's job once while every slot is held and looks again
+    once it holds a slot: a job cancelled meanwhile never starts, the one after it does."""
+    mod = make_module(home, JOBS_SOURCE)
+    slots = Slots()
+    slots._ensure()
+    held = stackops._try_flock(slots.slots / "slot-0.lock")
+    try:
+        head = RemoteMachine(mod.train, config=config(job_id="head", max_simultaneous_jobs=1)).run()
+        after = RemoteMachine(mod.train, config=config(job_id="after", max_simultaneous_jobs=1)).run()
+        view = slots.root / stackops.QUEUED_VIEW  # written once the dispatcher has looked at the head
+        wait_for(lambda: view.exists() and "head" in view.read_text(), what="the dispatcher's first look")
+        head.cancel()
+    finally:
+        os.close(held)
+    assert wait_done(after).status == "completed"
+    assert wait_done(head).status == "cancelled" and not state_of(head).get("started")
+    log = head.file_manager.job_root / "logs" / "output.log"
+    assert not log.exists() or "EXECUTION START" not in log.read_text()
+
+
+def test_slots_wrapper_leaves_with_its_status_and_its_log_written_whole(home):
+    """The wrapper ends its process at once after the job's end (no interpreter teardown): its
+    exit status says how the job ended, and every line it wrote is in the log."""
+    mod = make_module(home, JOBS_SOURCE)
+    codes = {}
+    for func in (mod.train, mod.boom):
+        machine = RemoteMachine(func, config=config(job_id=func.__name__, lock_resources=False))
+        machine.run(run=False)
+        root = machine.file_manager.job_root
+        done = subprocess.run([sys.executable, str(root / "python" / "cluster_wrap.py")], cwd=root,
+                              capture_output=True, text=True, timeout=120)
+        codes[func.__name__] = done.returncode
+        assert done.stdout.rstrip().splitlines()[-1].startswith(f"stackops: JOB {state_of(root)['status'].upper()}")
+    assert codes == {"train": 0, "boom": 1}
+    assert "the job exploded on purpose" in done.stderr
 
 
 def test_slots_sigkilled_holder_lets_next_start_without_cleanup(home):
@@ -2615,6 +2715,31 @@ def test_sweep_here_ids_kwargs_shared_parts_and_a_failed_line_does_not_stop_the_
     assert not (base / "queued" / "sw" / "data" / "remote_machine.json").exists()  # no job itself
     rows = {row["job_id"] for row in stackops.list_job_rows()}
     assert rows == set(ids)
+
+
+def test_sweep_load_makes_members_like_the_first_and_reads_one_that_differs_whole(home):
+    """A loaded sweep's members whose records match the first's (but for the id) are copies of it,
+    checked once; a member whose record differs is read whole. Either way each is the job its
+    folder says."""
+    mod = make_module(home, SWEEP_SOURCE)
+    stackops.run_sweep(mod.point, config(job_id="ld", max_simultaneous_jobs=2), [{"x": i} for i in range(4)],
+                       run=False)
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    record = queued / "ld-0002" / "data" / "remote_machine.json"
+    data = json.loads(record.read_text())
+    data["results_path"] = str(home / "elsewhere")
+    record.write_text(json.dumps(data))
+    shutil.rmtree(queued / "ld-0003")  # removed: left out of the loads
+    loaded = stackops.Sweep.load("ld")
+    assert [job.job_id for job in loaded] == ["ld-0000", "ld-0001", "ld-0002"]
+    full = [RemoteMachine.from_job_dir(queued / job.job_id) for job in loaded]
+    assert [job.to_dict() for job in loaded] == [job.to_dict() for job in full]
+    assert [job.kwargs for job in loaded] == [{"x": 0}, {"x": 1}, {"x": 2}]
+    assert [job.file_manager.job_root for job in loaded] == [queued / job.job_id for job in loaded]
+    assert loaded[2].results_path == home / "elsewhere" and loaded[1].results_path is None
+    statuses = {job_id: report.status for job_id, report in loaded.check_job_status().items()}
+    assert statuses == {"ld-0000": "prepared", "ld-0001": "prepared", "ld-0002": "prepared",
+                        "ld-0003": "failed"}  # removed by hand, not deleted: a member gone missing
 
 
 def test_sweep_bad_input_is_refused_before_anything_is_written(home):
@@ -6003,7 +6128,7 @@ COPY_TEMPLATES = [name for name in dir(stackops) if name.endswith("_TEMPLATE") a
 @pytest.mark.parametrize("template", COPY_TEMPLATES)
 def test_transfer_copy_templates_render_strictly_and_parse(template, tmp_path):
     text = getattr(stackops, template)
-    found = stackops._Template(text).pattern.finditer(text)
+    found = stackops._template_class()(text).pattern.finditer(text)
     names = sorted({m.group("named") for m in found} - {None})
     values = {name: COPY_HOSTILE for name in names}
     script = stackops._copy_command(text, **values)
@@ -6614,6 +6739,26 @@ def _slurm_machine(home, func: str, **kw) -> RemoteMachine:
 def _slurm_wait(machine: RemoteMachine, timeout: float = 90) -> JobStatus:
     return wait_for(lambda: (lambda r: r if r.finished else None)(machine.get_status(20)), timeout,
                     f"Slurm job {machine.slurm_job_id} to end")
+
+
+def test_slurm_status_of_a_pending_array_writes_no_record_it_need_not(slurm, home):
+    """A task Slurm keeps pending reads queued; asking again, with Slurm saying the same, leaves
+    its record as it was (status of an array of 1,000 tasks wrote 1,000 records each time)."""
+    module = make_module(home, SLURM_ARRAY_JOBS)
+    workload = WorkloadParams(idx_min=0, idx_max=6, idx_start=0, idx_end=6, jobs=3)
+    machine = RemoteMachine(module.indices, config(launch_method="slurm", workload_params=workload,
+                                                   max_simultaneous_jobs=1,
+                                                   slurm_options={"begin": "now+3600"})).run()
+    try:
+        machine.get_status(0)
+        last = machine.file_manager.job_root.parent / f"{machine.job_id}-2" / "logs" / "state.json"
+        before = (last.stat().st_mtime_ns, stackops.read_state(last.parent.parent))
+        assert before[1]["status"] == "queued" and before[1]["slurm"]["state"] == "PENDING"
+        report = machine.get_status(0)
+        assert report.status == "queued" and "3 queued" in report.reason
+        assert (last.stat().st_mtime_ns, stackops.read_state(last.parent.parent)) == before
+    finally:
+        machine.cancel(grace=0)
 
 
 def test_slurm_function_job_completes_and_sees_its_slurm_job(slurm, home):
@@ -8897,6 +9042,25 @@ def test_cloud_status_reports_a_bad_status_per_unit_and_escapes_bucket_text(home
 # ============================================================================================
 # 17. the file as it is used: copied, on a bare interpreter, from the command line
 # ============================================================================================
+
+
+def test_cli_help_fits_the_terminal_width_and_the_script_exits_as_sys_exit_would(home, capsys):
+    """--help wraps at $COLUMNS as argparse does with shutil (not imported for it); the file run
+    as a script leaves with the status sys.exit would give (it skips the interpreter's teardown)."""
+    shown = {}
+    for columns in ("60", "150"):
+        done = cli("run", "--help", home=home, env_extra={"COLUMNS": columns})
+        assert done.returncode == 0, done.stderr
+        shown[columns] = done.stdout.splitlines()
+    assert len(shown["60"]) > len(shown["150"]) and max(map(len, shown["150"])) > 60
+    assert sum(len(line) > 60 for line in shown["60"]) <= 2  # the usage line and a long default
+    assert [stackops._script_status(run) for run in (lambda: None, lambda: 0, lambda: 3)] == [0, 0, 3]
+    assert stackops._script_status(lambda: sys.exit(4)) == 4
+    assert stackops._script_status(lambda: sys.exit("stopped: why")) == 1
+    assert "stopped: why" in capsys.readouterr().err
+    bad = cli("no-such-command", home=home)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
 
 def test_bare_interpreter_runs_help_and_a_whole_job(home, tmp_path):
     bare = tmp_path / "bare"
