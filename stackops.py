@@ -2545,7 +2545,8 @@ def _record_end(root: Path, status: str, error: str = "", final: bool = True,
                               if key not in ("state", "reason")}
         if "reason" not in fields:
             state.pop("reason", None)  # why it waited or how it ran is not why it ended
-        state.update(fields, status="cancelled" if cancelled else status, error=error,
+        state.update(fields, status="cancelled" if cancelled else status,
+                     error=f"cancelled ({state['cancel']})" if cancelled else error,
                      ended=fields.get("ended") or _iso(_utcnow()), final=final)
         recorded.append(True)
         return True
@@ -4926,8 +4927,8 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
         _check_runs_here(root, state)  # (fired elsewhere meanwhile)
         with _suppress(FileNotFoundError):
             os.unlink(state.get("entry") or root / ".no-entry")
-        if _stop(root, grace):
-            state["cancel"] += "; killed: it ignored SIGTERM for the grace period"
+        _stop(root, grace)
+        state = read_state(root)
     for folder in [*tasks, root]:
         ended = _record_end(folder, "cancelled", f"cancelled ({state['cancel']})")
         if ended is not None:
@@ -4942,11 +4943,11 @@ def _check_runs_here(root: Path, state: dict[str, Any]) -> None:
                             hint="cancel it from there (or through --host)")
 
 
-def _stop(root: Path, grace: float) -> bool:
+def _stop(root: Path, grace: float) -> None:
     """SIGTERM the job's process group while the job's lock is held (its processes, and only
     while they live: the group's id cannot be taken by another while any of them does), then
-    SIGKILL after ``grace`` seconds; returns once the lock is free (at most a few seconds more),
-    saying whether SIGKILL was needed."""
+    SIGKILL after ``grace`` seconds, saying so in the record's cancel mark first; returns once the
+    lock is free (at most a few seconds more)."""
     deadline = time.monotonic() + grace
     sent: list[int] = []
     while _alive(root):
@@ -4955,13 +4956,21 @@ def _stop(root: Path, grace: float) -> bool:
         if isinstance(pgid, int) and pgid > 1:
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 if sig not in sent and (sig == signal.SIGTERM or late):
+                    if sig == signal.SIGKILL:
+                        _update(root, _killed_mark)
                     with _suppress(ProcessLookupError, PermissionError):
                         os.killpg(pgid, sig)
                     sent.append(sig)
         if late and time.monotonic() > deadline + 5.0:
             break
         time.sleep(0.05)
-    return signal.SIGKILL in sent
+
+
+def _killed_mark(record: dict[str, Any]) -> bool:
+    """A cancel mark completed with why SIGKILL followed (read by whoever records the end)."""
+    record["cancel"] = f"{record.get('cancel') or 'asked'}; killed: it ignored SIGTERM for the " \
+        "grace period"
+    return True
 
 
 def delete_job(root: Path) -> str:
