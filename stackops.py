@@ -4904,18 +4904,19 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
     group (only while the job's lock is held, so only its own processes), SIGKILL what is left
     after ``grace`` seconds, and record ``cancelled`` if the job could not. Returns the record
     after, with ``was`` the status it had (an ended job is left as it was)."""
-    before = read_state(root)
-    if before.get("status") in TERMINAL_STATUSES and before.get("final", True):
-        return dict(before, was=before["status"])
-    if not (before.get("slurm") or {}).get("id"):
-        _check_runs_here(root, before)  # refused before the record is marked
-    asked = f"asked {_iso(_utcnow())}"
+    return _cancel(root, _mark_cancel(root), grace)
+
+
+def _cancel(root: Path, marked: dict[str, Any], grace: float) -> dict[str, Any]:
+    """cancel_job of a job marked by _mark_cancel (``marked``, its record then)."""
+    if _ended(marked):
+        return marked
+    state = dict(marked)
+    asked, was = state["cancel"], state.pop("was")
 
     def mark(record: dict[str, Any]) -> bool:
         return "cancel" not in record and bool(record.update(cancel=asked) or True)
 
-    state = _update(root, mark)
-    was = _judge(root, state).get("status")
     tasks = [root.parent / task for task in state.get("tasks") or []]
     for task in tasks:  # an array's tasks: one scancel for them all, below
         _update(task, mark)
@@ -4934,6 +4935,22 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
         if ended is not None:
             _report_end(folder, ended, inline=False)
     return dict(read_state(root), was=was)
+
+
+def _mark_cancel(root: Path) -> dict[str, Any]:
+    """Mark the job in ``root`` cancelled (the queue then never starts it) unless it has ended;
+    its record after, with ``was`` the status judged before. A job that another machine runs is
+    refused before anything is marked."""
+    before = read_state(root)
+    if _ended(before):
+        return dict(before, was=before["status"])
+    if not (before.get("slurm") or {}).get("id"):
+        _check_runs_here(root, before)
+    was = _judge(root, before).get("status")
+    asked = f"asked {_iso(_utcnow())}"
+    state = _update(root, lambda record: "cancel" not in record and
+                    bool(record.update(cancel=asked) or True))
+    return dict(state, was=was)
 
 
 def _check_runs_here(root: Path, state: dict[str, Any]) -> None:
@@ -13356,7 +13373,10 @@ def _act_status(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
 
 
 def _act_cancel(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
-    return [cancel_job(root, float(request.get("grace", 10.0))) for root in _roots(request)]
+    roots = _roots(request)
+    marked = [_mark_cancel(root) for root in roots]  # all first: the queue starts none meanwhile
+    return [_cancel(root, state, float(request.get("grace", 10.0)))
+            for root, state in zip(roots, marked)]
 
 
 def _act_delete(request: dict[str, Any], _io: Any) -> list[str]:
