@@ -9011,9 +9011,11 @@ def _check_snapshot_call(machine: RemoteMachine, repo: Path) -> None:
                 f"{params.func_name}()")
 
 
-def _read_bytes(path: Path) -> bytes | None:
+def _read_bytes(path: Path | str) -> bytes | None:
+    """A file's bytes, or None when it cannot be read (missing)."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            return handle.read()
     except OSError:
         return None
 
@@ -9707,16 +9709,17 @@ def list_jobs(base_dir: str | None = None, timeout: float = 10.0) -> list[JobSta
     return [row["report"] for row in list_job_rows(base_dir, timeout)]
 
 
-def _job_folders(base_dir: str | None) -> list[tuple[Path, str | None]]:
+def _job_folders(base_dir: str | None, checked: bool = True) -> list[tuple[Path, str | None]]:
     """(job folder, cluster id or None): the jobs under ``base_dir`` and the clusters' parts (a
-    staging folder, hidden, is no job)."""
+    staging folder, hidden, is no job; ``checked=False``: nor is one without its record, but
+    the caller looks)."""
     base = expand_home(base_dir or DEFAULT_BASE_DIR)
     found: list[tuple[Path, str | None]] = []
     queued = base / "queued"
     with _suppress(FileNotFoundError):
         for name in os.listdir(queued):
             record = f"{queued}/{name}/{REMOTE_MACHINE_JSON}"
-            if not name.startswith(".") and os.path.exists(record):
+            if not name.startswith(".") and (not checked or os.path.exists(record)):
                 found.append((queued / name, None))
     for cluster_json in sorted(base.parent.glob("job_id__*/cluster.json")):
         try:
@@ -9739,9 +9742,11 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[di
     rows: list[dict[str, Any]] = []
     here: list[dict[str, Any]] = []
     remote: dict[str, list[dict[str, Any]]] = {}
-    for root, cluster in _job_folders(base_dir):
-        row = cache.row(root, cluster)
+    for root, cluster in _job_folders(base_dir, checked=False):
+        row = cache.row(root, cluster)  # (a row kept is a job's: its record is looked at)
         if row is None:
+            if not os.path.exists(f"{root}/{REMOTE_MACHINE_JSON}"):
+                continue  # a sweep's shared folder, a folder being made
             row = cache.identity(root, cluster)
             if row is None:
                 continue
@@ -9804,10 +9809,9 @@ class _ListCache:
 
     def row(self, root: Path, cluster: str | None) -> dict[str, Any] | None:
         """The whole row of an ended job whose record and state did not change, else None."""
-        hit = self.old.get(str(root))
+        hit = self.old.get(str(root))  # (an ended row is its state record's: the job's record
         if not isinstance(hit, dict) or not isinstance(hit.get("report"), dict) \
-                or hit.get("state_key") != self.key(f"{root}/{STATE_JSON}") \
-                or hit.get("key") != self.key(f"{root}/{REMOTE_MACHINE_JSON}"):
+                or hit.get("state_key") != self.key(f"{root}/{STATE_JSON}"):  # is not read again)
             return None
         plain = hit["report"]
         fields = JobStatus.__dataclass_fields__.keys()
@@ -9975,16 +9979,21 @@ class Sweep:
                               hint=f"{_prog()} list shows the jobs") from exc
         jobs: list[RemoteMachine] = []
         plain: dict[str, Any] = {}
+        first = b""  # the first member's record, as bytes
         for job_id in ids:
-            try:
-                data = _read_json(queued / job_id / REMOTE_MACHINE_JSON)
-            except StackopsError:
-                if (queued / job_id / REMOTE_MACHINE_JSON).exists():
-                    raise
+            raw = _read_bytes(f"{queued}/{job_id}/{REMOTE_MACHINE_JSON}")
+            if raw is None:
+                if os.path.lexists(queued / job_id / REMOTE_MACHINE_JSON):
+                    _read_json(queued / job_id / REMOTE_MACHINE_JSON)  # says why, naming it
                 continue
+            if jobs and raw == first.replace(jobs[0].job_id.encode(), job_id.encode()):
+                jobs.append(_member_as_loaded(jobs[0], job_id))  # byte for byte the first's
+                continue
+            data = _read_json(queued / job_id / REMOTE_MACHINE_JSON)
             if jobs and _id_aside(data) == plain:  # the first's record but for the id
                 jobs.append(_member_as_loaded(jobs[0], job_id))
                 continue
+            first = first or raw
             jobs.append(RemoteMachine.from_dict(data, job_root=queued / job_id))
             jobs[-1]._place = jobs[0]._place  # one connection for all
             plain = plain or _id_aside(data)
@@ -10047,19 +10056,10 @@ class Sweep:
 def _sweep_member(template: RemoteMachine, job_id: str, kwargs: dict[str, Any]) -> RemoteMachine:
     """Job ``job_id`` of a sweep: the template's function, config and connection, its kwargs.
     Copies, not constructions: they were checked once, and a sweep makes thousands."""
-    import copy
-
-    job = RemoteMachine.__new__(RemoteMachine)
-    job.__dict__.update(template.__dict__)
+    job = _member_as_loaded(template, job_id)
     job._init_state()
     job._place = template._place  # the template's connection
-    job.config = copy.copy(template.config)
-    job.config.job_id = job_id
     job.kwargs = kwargs
-    manager = job.file_manager = copy.copy(template.file_manager)
-    manager.job_id = job_id
-    manager.job_root_rh = f"{manager.job_root_rh.rsplit('/', 1)[0]}/{job_id}"
-    manager.job_root = manager.job_root.parent / job_id
     job.scripts_generated = True
     return job
 
@@ -10075,16 +10075,20 @@ def _id_aside(data: Any) -> dict[str, Any]:
     return aside
 
 
+def _twin(thing: Any) -> Any:
+    """A shallow copy of a plain object (copy.copy, without its generic protocol's cost)."""
+    twin = object.__new__(type(thing))
+    twin.__dict__.update(thing.__dict__)
+    return twin
+
+
 def _member_as_loaded(first: RemoteMachine, job_id: str) -> RemoteMachine:
     """A loaded sweep member whose record is ``first``'s but for its id (the rule in a sweep),
     made as a copy of ``first``: checked once, not 10,000 times. Its kwargs are read when asked."""
-    import copy
-
-    job = RemoteMachine.__new__(RemoteMachine)
-    job.__dict__.update(first.__dict__)
-    job.config = copy.copy(first.config)
+    job = _twin(first)
+    job.config = _twin(first.config)
     job.config.job_id = job_id
-    manager = job.file_manager = copy.copy(first.file_manager)
+    manager = job.file_manager = _twin(first.file_manager)
     manager.job_id = job_id
     manager.job_root_rh = f"{manager.job_root_rh.rsplit('/', 1)[0]}/{job_id}"
     manager.job_root = manager.job_root.parent / job_id
@@ -11281,9 +11285,12 @@ def _filter_rows(rows: list[dict[str, Any]], filters: dict[str, Any]) -> list[di
     return chosen[-filters["last"]:] if filters["last"] else chosen
 
 
+_DIGIT_RUNS = re.compile(r"(\d+)")
+
+
 def _natural_key(text: str) -> list[Any]:
     """``text`` split so that its numbers compare as numbers: job-9 before job-10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+    return [int(part) if part.isdigit() else part for part in _DIGIT_RUNS.split(text)]
 
 
 def _list_json(row: dict[str, Any]) -> dict[str, Any]:
