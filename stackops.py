@@ -918,6 +918,19 @@ def process_start_ticks(pid: int | str = "self") -> int | None:
         return None
 
 
+def _zombie_exit(pid: Any, start: Any) -> str:
+    """How the process ``pid`` that started at ``start`` (clock ticks) ended, while it is a zombie
+    its parent has not reaped yet (/proc/<pid>/stat field 52, its wait status); else ""."""
+    try:
+        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] != "Z" or int(fields[19]) != int(start):
+            return ""
+        status = int(fields[49])
+    except (OSError, IndexError, ValueError, TypeError):
+        return ""
+    return f"killed by signal {status & 0x7F}" if status & 0x7F else f"exit status {status >> 8}"
+
+
 def is_job_process(pid: int, path: str, start: int | None) -> bool:
     """True only when ``pid`` is provably a job's own process: alive and not a zombie, ``path`` (the
     wrapper's or launcher's exact path) one of its command-line arguments, and started at the
@@ -3158,8 +3171,11 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
     fresh = read_state(root)  # it may have ended (or started) meanwhile
     if fresh.get("at") != state.get("at"):
         return _judge(root, fresh, slurm)
-    ended = _record_end(root, "failed", "process gone: the job's process ended without "
-                                        "recording its end (killed, or out of memory?)")
+    how = _zombie_exit(state.get("pid"), state.get("pid_start"))  # its parent has not reaped it
+    ended = _record_end(root, "failed", f"process gone: the job's wrapper ended ({how}) without "
+                                        "recording the job's end" if how else
+                        "process gone: the job's process ended without recording its end "
+                        "(killed, or out of memory?)")
     if ended is None:
         return read_state(root)
     _report_end(root, ended, inline=False)
@@ -6456,10 +6472,17 @@ def _copy_command(template: str, **values: str | int | bool) -> str:
 _COPY_PATHS = ("target", "staging", "payload", "arrived", "old", "source")
 
 
+# Transfers under way, and a Ctrl-C they have yet to act on: while bytes move, Ctrl-C is taken
+# between two chunks (a KeyboardInterrupt raised inside paramiko's locks breaks them, and the
+# clean-up that follows then hangs or fails), see _interrupted.
+_CALM: list[Any] = [0, False]
+
+
 class _Meter:
     """One transfer as a progress callback sees it: ``progress(done)`` as bytes go by (any
     callable taking one int will do); a callback that has them also gets ``begin(what, total)``
-    before the first bytes (``total`` None when unknown) and ``end(done, ok)`` after the last."""
+    before the first bytes (``total`` None when unknown) and ``end(done, ok)`` after the last.
+    Within ``with meter:`` a Ctrl-C is raised at the next chunk (see _CALM)."""
 
     def __init__(self, progress: Callable[[int], None] | None, what: str) -> None:
         self.progress, self.what, self.done, self.begun = progress, what, 0, False
@@ -6472,18 +6495,27 @@ class _Meter:
 
     def __call__(self, done: int) -> None:
         self.done = done
+        if _CALM[1]:
+            _CALM[1] = False
+            raise KeyboardInterrupt
         if self.progress is not None:
             if not self.begun:
                 self.begin(None)
             self.progress(done)
 
     def __enter__(self) -> _Meter:
+        _CALM[0] += 1
         return self
 
     def __exit__(self, kind: Any, *rest: Any) -> None:
+        _CALM[0] -= 1
+        interrupted = _CALM[1] and not _CALM[0]
         end = getattr(self.progress, "end", None)
         if end is not None and self.begun:
-            end(self.done, kind is None)
+            end(self.done, kind is None and not interrupted)
+        if interrupted and kind is None:
+            _CALM[1] = False
+            raise KeyboardInterrupt
 
 
 def _tar_size(folder: Path, excludes: tuple[str, ...]) -> int:
@@ -6515,6 +6547,17 @@ def _upload(ssh: SSH, source_path: str | os.PathLike[str], target_rel2home: str 
     relative = target_rel2home if target_rel2home is not None else _home_relative(source)
     target = _remote_target(relative)
     staging = _prepare_target(ssh, target, overwrite)
+    try:
+        _upload_into(ssh, source, target, staging, compress, progress, excludes)
+    except BaseException:  # Ctrl-C at any moment (measuring the folder, starting the stream)
+        _discard(ssh, staging)
+        raise
+    return target
+
+
+def _upload_into(ssh: SSH, source: Path, target: str, staging: str, compress: bool,
+                 progress: Callable[[int], None] | None, excludes: tuple[str, ...]) -> None:
+    """_upload's transfer into the hidden ``staging`` folder, and the commit to ``target``."""
     meter = _Meter(progress, f"upload to {ssh.target.alias}:{target}")
     z = "z" if compress else ""
     if source.is_dir():
@@ -6538,7 +6581,6 @@ def _upload(ssh: SSH, source_path: str | os.PathLike[str], target_rel2home: str 
         meter.begin(total)
         sent = _upload_stream(ssh, command, producer, plain, staging, target, meter)
     _commit_upload(ssh, target, arrived, staging, sent if plain is not None else None)
-    return target
 
 
 def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
@@ -13276,9 +13318,32 @@ def main(argv: list[str] | None = None) -> int:
         undo_logging()
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+    """Ctrl-C in a command: a KeyboardInterrupt, as always; while bytes move it is taken between
+    two chunks (see _CALM), unless it is pressed again before that."""
+    if _CALM[0] and not _CALM[1]:
+        _CALM[1] = True
+        return
+    _CALM[1] = False
+    raise KeyboardInterrupt
+
+
 def _dispatch(args: Any, verbose: int) -> int:
     """Run the command's handler; map what it raises to one line and a hint on stderr, and an exit
     code."""
+    with _suppress(ValueError, TypeError):  # not in the main thread (main() called by a program)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupted)
+    try:
+        return _handled(args, verbose)
+    finally:
+        with _suppress(ValueError, TypeError):
+            if signal.getsignal(signal.SIGINT) is _interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _handled(args: Any, verbose: int) -> int:
+    """_dispatch's body: the handler's exit code, or what it raised said in one line."""
     try:
         code = int(args.handler(args))
         sys.stdout.flush()  # a buffered stdout (a pipe) fails here, not in the interpreter's exit
