@@ -2615,6 +2615,8 @@ def _place_in(queue: str, entry: str) -> int | None:
             cached = (version, {name: place for place, name in enumerate(names, 1)})
             _PLACES[queue] = cached
     return cached[1].get(entry) if cached else None
+
+
 _DETACHED: list[subprocess.Popen[bytes]] = []  # processes started here (kept, never waited for)
 _HOLDING: list[int] = []  # the wrapper's hold on its job's ALIVE_LOCK (a command inherits it)
 

@@ -1952,6 +1952,37 @@ def test_slots_sigkilled_holder_lets_next_start_without_cleanup(home):
     assert "killed by signal 9" in holder.get_status().error_message
 
 
+def test_slots_reader_that_finds_the_wrapper_unreaped_says_how_it_ended(tmp_path):
+    """A reader that finds a job's process gone before its parent reaped it reads the zombie's
+    wait status, so the end says what the parent would have said; a pid not that process (its
+    start ticks differ) says only that the process is gone."""
+    for kind, expected in (("kill", "killed by signal 9"), ("exit", "exit status 3"), ("other", None)):
+        root = tmp_path / kind
+        (root / "logs").mkdir(parents=True)
+        child = os.fork()
+        if child == 0:
+            if kind == "exit":
+                os._exit(3)
+            time.sleep(60)
+            os._exit(0)
+        ticks = stackops.process_start_ticks(child)
+        if kind != "exit":
+            os.kill(child, signal.SIGKILL)
+        wait_for(lambda child=child: Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                 what="a zombie")
+        state = {"status": "running", "machine": stackops.machine_key(), "pid": child,
+                 "pid_start": ticks + (1 if kind == "other" else 0), "at": "2026-01-01T00:00:00+00:00"}
+        (root / "logs" / "state.json").write_text(json.dumps(state))
+        (root / "logs" / "alive.lock").touch()  # nobody holds it
+        judged = stackops.judge_jobs([root])[0]
+        os.waitpid(child, 0)
+        assert judged["status"] == "failed", judged
+        if expected:
+            assert f"the job's wrapper ended ({expected})" in judged["error"], judged
+        else:
+            assert "the job's process ended without recording its end" in judged["error"], judged
+
+
 def test_slots_checking_a_vanished_entry_never_brings_it_back(home):
     """A waiter looking at the entry ahead just as its job takes a slot (and deletes it) once
     recreated it empty, and the phantom blocked the whole queue for the 60 s start-up grace."""
