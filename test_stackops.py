@@ -6090,7 +6090,8 @@ def _storm_repo(base: Path, tree: dict) -> tuple[Path, list[str]]:
     return repo, mutable
 
 
-def _storm_submits(home: Path, tree: dict, host: str | None, remote_home: Path | None) -> None:
+def _storm_submits(home: Path, tree: dict, host: str | None, remote_home: Path | None,
+                   **extra: object) -> None:
     """Jobs submitted while the storm runs: each one accepted must run exactly its snapshot's bytes
     (its own check says so), each one refused must say why in one line."""
     trial = next(_storms)
@@ -6100,7 +6101,7 @@ def _storm_submits(home: Path, tree: dict, host: str | None, remote_home: Path |
     accepted = []
     try:
         for k in range(2):
-            cfg = config(job_id=f"st{trial}-{k}", copy_repo=True, lock_resources=False, ssh_host=host)
+            cfg = config(job_id=f"st{trial}-{k}", copy_repo=True, lock_resources=False, ssh_host=host, **extra)
             try:
                 if k == 1 and host is None:  # a sweep here: its jobs share one copy of the code
                     accepted += list(stackops.run_sweep(f"{repo}/check.py:own_copy", cfg, [{}, {"seconds": 0}]))
@@ -6144,6 +6145,14 @@ def test_snapshot_storm_jobs_on_a_host_run_their_snapshot_or_are_refused(remote,
 @given(tree=_storm_trees())
 def test_snapshot_storm_jobs_on_a_shared_home_host_run_their_snapshot_or_are_refused(same_home, home, tree):
     _storm_submits(home, tree, "same", home)
+
+
+@STORM_SETTINGS
+@slow
+@given(tree=_storm_trees())
+def test_snapshot_storm_jobs_under_slurm_run_their_snapshot_or_are_refused(slurm, home, tree):
+    """The same storm, the jobs (one alone, then a sweep sharing one copy) run by Slurm."""
+    _storm_submits(home, tree, None, None, launch_method="slurm")
 
 
 # -- 10-11. SSH and transfer: the class's size, copy templates, errors as records, progress --------
