@@ -458,20 +458,23 @@ def big_repo_case(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
 
 def proptest_case(runs: int = 10) -> list[dict]:
     """The property tests (`-k "property or state_machine"`: the hypothesis tests and state
-    machines, 2 pytest workers) run ``runs`` times while CPU hogs (one busy loop per core, and one
-    more) keep the load average at 6 or above: how many passed. A test that fails only under load
-    shows here, never as a timed assertion."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range((os.cpu_count() or 2) + 1)]
+    machines, 2 pytest workers) run ``runs`` times while CPU hogs (two busy loops per core, and two
+    more) keep the load average at 6 or above: how many passed, and the load average at the start
+    and the end of each run. A test that fails only under load shows here, never as a timed
+    assertion."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(2 * (os.cpu_count() or 2) + 2)]
     results, loads = [], []
     try:
-        time.sleep(20)  # the load average follows over a minute: let it climb
+        time.sleep(60)  # the load average follows over a minute: let it climb
         for _ in range(runs):
             loads.append(os.getloadavg()[0])
             done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
                                    "test_stackops.py", "-k", "property or state_machine"],
                                   cwd=HERE, capture_output=True, text=True, env=USER_ENV)
+            loads.append(os.getloadavg()[0])
             print(f"  run {len(results) + 1}: {done.stdout.strip().splitlines()[-1]} "
-                  f"(load {loads[-1]:.1f})", flush=True)
+                  f"(load {loads[-2]:.1f} at its start, {loads[-1]:.1f} at its end)", flush=True)
             results.append(done.returncode == 0)
             if done.returncode != 0:
                 print("\n".join(line for line in done.stdout.splitlines() if line.startswith(("FAILED", "E "))),
