@@ -457,7 +457,7 @@ def big_repo_case(bed: Bed, stackops, quick: bool, runs: int) -> list[dict]:
 
 
 def proptest_case(runs: int = 10) -> list[dict]:
-    """The property tests (`-k "property or state_machine"`: the hypothesis tests and state
+    """The property tests (`-k "property or state_machine or every_place"`: the hypothesis tests and state
     machines, 2 pytest workers) run ``runs`` times while CPU hogs (two busy loops per core, and two
     more) keep the load average at 6 or above: how many passed, and the load average at the start
     and the end of each run. A test that fails only under load shows here, never as a timed
@@ -470,7 +470,7 @@ def proptest_case(runs: int = 10) -> list[dict]:
         for _ in range(runs):
             loads.append(os.getloadavg()[0])
             done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
-                                   "test_stackops.py", "-k", "property or state_machine"],
+                                   "test_stackops.py", "-k", "property or state_machine or every_place"],
                                   cwd=HERE, capture_output=True, text=True, env=USER_ENV)
             loads.append(os.getloadavg()[0])
             print(f"  run {len(results) + 1}: {done.stdout.strip().splitlines()[-1]} "
