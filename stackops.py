@@ -3531,6 +3531,13 @@ def _note_term(signum: int, frame: Any) -> None:
             os.kill(pid, signum)
 
 
+def _pass_term_on(pid: int) -> None:
+    """A SIGTERM that reached the wrapper while its run was being started reaches the run too."""
+    for signum in _TERM_SEEN[:1]:
+        with _suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 class _NeverRuns(BaseException):
     """The job ends before its first run: cancelled, or a job it runs after did not complete."""
 
@@ -3755,6 +3762,7 @@ def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
     if pid == 0:  # pragma: no cover (the child: it never returns)
         _child_main(root, manager, execute, env, told)
     _CHILD[:] = [pid]
+    _pass_term_on(pid)
     try:
         _, status, usage = os.wait4(pid, 0)
     finally:
@@ -4252,6 +4260,7 @@ def _run_command(argv: list[str], cwd: str | os.PathLike[str], env: dict[str, st
                                  "its path)") from exc
     if started is not None:
         started[:] = [child.pid]  # (the wrapper passes a SIGTERM on to it)
+        _pass_term_on(child.pid)
     try:
         record = _wait_child(child.pid, grace)
     finally:
