@@ -182,6 +182,13 @@ class Bed:
     def ssh_shared(self, *args: str) -> list[str]:
         return ["ssh", "-F", str(self.ssh_config), *args]
 
+    def share_connection(self) -> None:
+        """One open connection for the OpenSSH tools (ControlMaster), started once: a second
+        `-o ControlMaster=yes -N -f` would find the socket taken and stay as a plain session that
+        `-O exit` cannot reach, outliving the bench."""
+        if subprocess.run(self.ssh_shared("-O", "check", "tb"), capture_output=True).returncode != 0:
+            run_cmd(self.ssh_shared("-o", "ControlMaster=yes", "-o", "ControlPersist=600", "-N", "-f", "tb"))
+
     def close(self) -> None:
         subprocess.run(self.ssh_shared("-O", "exit", "tb"), capture_output=True, check=False)
         for proc in self.servers:  # ours, by pid
@@ -242,7 +249,7 @@ def ssh_cases(bed: Bed, stackops, runs: int) -> list[dict]:
     rows = [compare("connect + run `true`", connect_and_true, lambda: run_cmd(bed.ssh("tb", "true")), runs,
                     "ssh host true")]
     # from here on the OpenSSH tools share one open connection, as stackops does
-    run_cmd(bed.ssh_shared("-o", "ControlMaster=yes", "-o", "ControlPersist=600", "-N", "-f", "tb"))
+    bed.share_connection()
     with stackops.SSH.from_config_file("tb") as ssh:
         rows.append(compare("run `true`, connection open", lambda: ssh.run_shell_cmd_on_remote("true"),
                             lambda: run_cmd(bed.ssh_shared("-o", "ControlMaster=no", "tb", "true")), runs * 3,
@@ -345,7 +352,7 @@ def job_cases(bed: Bed, stackops, runs: int) -> list[dict]:
         machine.run()
         while machine.get_status(0).status != "running":
             time.sleep(0.05)
-        run_cmd(bed.ssh_shared("-o", "ControlMaster=yes", "-o", "ControlPersist=600", "-N", "-f", "tb"))
+        bed.share_connection()
         python = bed.ssh_shared("-o", "ControlMaster=no", "tb", "python3 -S -c pass")
         rows.append(compare("status of a running job, connection open", lambda: machine.get_status(0),
                             lambda: run_cmd(python), runs * 2,

@@ -10908,10 +10908,15 @@ def test_bad_input_ctrl_c_during_a_transfer_exits_130_and_leaves_nothing(remote,
         before = set(staging_in.glob(".stackops-partial.*"))  # an earlier test's broken connection may leave one
         copying = subprocess.Popen([sys.executable, str(SOURCE), "copy", source, target], cwd=home,
                                    env=dict(os.environ, HOME=str(home)), stderr=subprocess.PIPE, text=True)
-        wait_for(lambda staging_in=staging_in, before=before: set(staging_in.glob(".stackops-partial.*")) - before,
-                 timeout=30, what="the transfer to start")
-        copying.send_signal(signal.SIGINT)
-        _, err = copying.communicate(timeout=60)
+        try:
+            wait_for(lambda staging_in=staging_in, before=before: set(staging_in.glob(".stackops-partial.*")) - before,
+                     timeout=30, what="the transfer to start")
+            copying.send_signal(signal.SIGINT)
+            _, err = copying.communicate(timeout=60)
+        finally:  # ours, by pid, even when the test fails
+            if copying.poll() is None:
+                copying.kill()
+                copying.wait()
         assert copying.returncode == 130, err
         name = target.split(":")[-1].replace("~/", "")
         assert not (remote.remote_home / name).exists() and not (home / name).exists()
