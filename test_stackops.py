@@ -1886,9 +1886,9 @@ def test_slots_twenty_jobs_three_slots_fifo(home):
     assert now == 0 and peak == 3, (now, peak)
     starts = [stackops._parse_iso(r.start_time) for r in reports]
     assert starts == sorted(starts), "jobs must start in the order they were submitted"
-    history = Slots().history()
-    assert sorted(h["job_id"] for h in history) == [f"q{i:02d}" for i in range(20)]
-    assert Slots().holders() == [] and Slots().waiters() == []
+    everyone = [f"q{i:02d}" for i in range(20)]  # each wrapper adds its job just after its end
+    wait_for(lambda: sorted(h["job_id"] for h in Slots().history()) == everyone, 10, "the history view")
+    wait_for(lambda: Slots().holders() == [] and Slots().waiters() == [], 10, "the slots let go")
     for view in ("queued_jobs.json", "running_jobs.json", "history_jobs.json"):
         json.loads((Slots().root / view).read_text())
 
