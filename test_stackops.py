@@ -11249,7 +11249,18 @@ class Views:
         return result
 
 
-class PlacesMachine(stateful.RuleBasedStateMachine):
+class _ModelMachine(stateful.RuleBasedStateMachine):
+    """What the state machines of jobs share: the jobs they made (``jobs``: dicts with ``id`` and
+    ``expect``, the end the model knows of) and the status each was last seen in (``seen``)."""
+
+    def _pick(self, pick: int, *statuses: str) -> dict | None:
+        """A job the model has not seen end, last seen in one of ``statuses`` (any, when none)."""
+        found = [job for job in self.jobs if job["expect"] is None
+                 and (not statuses or self.seen.get(job["id"]) in statuses)]
+        return found[pick % len(found)] if found else None
+
+
+class PlacesMachine(_ModelMachine):
     """Jobs in every place one machine reaches over SSH and a shared home: here (one job and a sweep
     of two, two slots), on a host with its own home (`ownh`, two jobs, one slot), on a host that
     shares the home (`--host m2`) and on that second machine by its own user (two jobs; m2 has two
@@ -11307,12 +11318,6 @@ class PlacesMachine(stateful.RuleBasedStateMachine):
             assert code == 0, err
             self._add("m2local", job_id, RemoteMachine.load(job_id), queued / job_id)
         self.sweep_id = f"{tag}-sw"
-
-    def _pick(self, pick: int, *statuses: str) -> dict | None:
-        """A job the model has not seen end, last seen in one of ``statuses`` (any, when none)."""
-        found = [job for job in self.jobs if job["expect"] is None
-                 and (not statuses or self.seen.get(job["id"]) in statuses)]
-        return found[pick % len(found)] if found else None
 
     def _pid_here(self, job: dict, pid: int) -> int | None:
         return self.other.pid_here(pid) if job["owner"] == "m2" else pid
@@ -11699,7 +11704,7 @@ SLURM_GATED = """
 """
 
 
-class SlurmMachine(stateful.RuleBasedStateMachine):
+class SlurmMachine(_ModelMachine):
     """Slurm jobs on the one-node cluster: a job and an array of two tasks (the node has its CPUs;
     what does not fit is pending). Steps: a job or task let go, SIGKILL of its run or of its
     wrapper and run, cancel (a job, an array, a task), `scontrol requeue`, the node set down and
@@ -11745,11 +11750,6 @@ class SlurmMachine(stateful.RuleBasedStateMachine):
 
     def _open(self) -> bool:
         return any(job["expect"] is None for job in self.jobs)
-
-    def _pick(self, pick: int, *statuses: str) -> dict | None:
-        found = [job for job in self.jobs if job["expect"] is None
-                 and (not statuses or self.seen.get(job["id"]) in statuses)]
-        return found[pick % len(found)] if found else None
 
     def _slurm_id(self, job: dict) -> str:
         return str((stackops.read_state(job["root"]).get("slurm") or {}).get("id") or job["machine"].slurm_job_id)
@@ -11997,7 +11997,7 @@ def _node_key(nodes: Nodes, i: int) -> tuple[str, str]:
     return space, f"{stackops.machine_key().rsplit('-', 1)[0]}-{re.sub(r'[^0-9]', '', space)}"
 
 
-class ClusterMachine(stateful.RuleBasedStateMachine):
+class ClusterMachine(_ModelMachine):
     """A cluster over two hosts of their own (network and pid namespaces, one shared home), one slot
     each, and a plain job queued behind the cluster's part on node1. Steps: a part or the job let
     go, SIGKILL of a run or of a wrapper and its run, cancel (a part, the job, the whole cluster), a
@@ -12037,11 +12037,6 @@ class ClusterMachine(stateful.RuleBasedStateMachine):
                               func_kwargs={"gate": str(gates / "plain")}).run()
         self.jobs.append({"id": plain.job_id, "machine": plain, "root": queued / plain.job_id, "owner": "node1",
                           "gate": gates / "plain", "expect": None})
-
-    def _pick(self, pick: int, *statuses: str) -> dict | None:
-        found = [job for job in self.jobs if job["expect"] is None
-                 and (not statuses or self.seen.get(job["id"]) in statuses)]
-        return found[pick % len(found)] if found else None
 
     def _running(self) -> bool:
         return any(job["expect"] is None and self.seen.get(job["id"]) == "running" for job in self.jobs)
