@@ -3758,10 +3758,16 @@ def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
     told = root / LOGS / f".outcome-{os.getpid()}.json"
     with _suppress(FileNotFoundError):
         os.unlink(told)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child: it never returns)
-        _child_main(root, manager, execute, env, told)
-    _CHILD[:] = [pid]
+    # SIGTERM waits across the fork: the child takes it once its own handler is in place, the
+    # wrapper once it knows the child to pass it on to
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child: it never returns)
+            _child_main(root, manager, execute, env, told)
+        _CHILD[:] = [pid]
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _pass_term_on(pid)
     try:
         _, status, usage = os.wait4(pid, 0)
@@ -3826,6 +3832,7 @@ def _child_main(root: Path, manager: FileManager,
     wrapper = os.getppid()
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         os.environ.update(env)
         for stream in (sys.stdout, sys.stderr):
             with _suppress(AttributeError, ValueError):
