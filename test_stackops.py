@@ -1851,6 +1851,62 @@ def test_job_sigterm_ends_failed_with_reason(home):
     wait_for(lambda: Slots().holders() == [], timeout=10, what="the slot let go just after the end")
 
 
+LOOKS_SOURCE = """
+    import os, signal, sys
+
+    def looks():
+        \"\"\"What the job's process was given as its wrapper started, its folder written ROOT.\"\"\"
+        root = os.environ["STACKOPS_JOB_ROOT"]
+        mine = lambda text: str(text).replace(root, "ROOT")
+        fds = [fd for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+        wrapper = open(f"/proc/{os.getppid()}/cmdline", "rb").read().split(b"\\0")
+        return {"forked": b"dispatch" in wrapper, "fds": sorted(mine(os.readlink(f"/proc/self/fd/{fd}"))
+                                                                for fd in fds),
+                "path": [mine(item) for item in sys.path], "argv": [mine(item) for item in sys.argv],
+                "cwd": mine(os.getcwd()), "module": mine(sys.modules["stackops"].__file__),
+                "session": os.getsid(0) == os.getppid(), "no_site": sys.flags.no_site,
+                "signals": {sig.name: repr(signal.getsignal(sig)) for sig in
+                            (signal.SIGINT, signal.SIGPIPE, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)},
+                "blocked": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+                "env": {key: os.environ.get(key) for key in ("HOME", "PATH", "PYTHONPATH", "LOOKS")},
+                "main": getattr(sys.modules["__main__"], "__file__", "").endswith("cluster_wrap.py")}
+"""
+
+
+def test_job_forked_by_the_dispatcher_is_given_what_a_started_one_is(home, tmp_path, monkeypatch):
+    """The dispatcher forks a job's wrapper when that gives the same process as starting it (a
+    Python start and an import saved per job); another interpreter, another environment or
+    another stackops is started. Every job sees the same descriptors (no lock of the
+    dispatcher's), paths, signals, session and environment."""
+    mod = make_module(home, LOOKS_SOURCE)
+    monkeypatch.setenv("LOOKS", "yes")
+    other = tmp_path / "another-python"
+    other.symlink_to(sys.executable)
+    slots = stackops.Slots()
+    slots._ensure()
+    held = stackops._try_flock(slots.slots / "slot-0.lock")
+    jobs = [RemoteMachine(mod.looks, config=config(job_id=name, python=python)).run()
+            for name, python in (("forked", None), ("started", str(other)), ("edited", None))]
+    with open(jobs[2].file_manager.job_root / "python" / "stackops.py", "a") as copy:
+        copy.write("# this job's stackops is not the dispatcher's\n")
+    monkeypatch.setenv("LOOKS_ELSE", "1")  # the dispatcher started without it
+    jobs.append(RemoteMachine(mod.looks, config=config(job_id="other-env")).run())
+    os.close(held)  # all wait in line, so the dispatcher starts them
+    seen = [json.loads((wait_for(job.check_job_status, what=job.job_id) / "result.json").read_text())
+            for job in jobs]
+    assert [look.pop("forked") for look in seen] == [True, False, False, False]
+    assert all(look == seen[0] for look in seen) and seen[0]["env"]["LOOKS"] == "yes" and seen[0]["main"]
+    assert seen[0]["session"] and seen[0]["no_site"] == 0 and seen[0]["blocked"] == []
+    assert not [fd for fd in seen[0]["fds"] if "dispatcher" in fd or "pidfd" in fd]
+
+
+def test_slots_queue_entry_of_a_folder_with_a_carriage_return_names_that_folder(home):
+    """A queue entry holds its job's folder as written (read as text, "\\r" became "\\n")."""
+    mod = make_module(home, JOBS_SOURCE)
+    machine = RemoteMachine(mod.train, config=config(job_id="cr", base_dir="~/a\rb/jobs")).run()
+    assert wait_done(machine).status == "completed"
+
+
 def test_slots_twenty_jobs_three_slots_fifo(home):
     mod = make_module(home, JOBS_SOURCE)
     counter = home / "counter.json"
@@ -12722,8 +12778,9 @@ def test_fault_two_hundred_jobs_five_slots_random_kills(home, tmp_path):
             holders = [h for h in Slots().holders() if isinstance(h.get("pid"), int)]
             if holders:
                 victim = rng.choice(holders)
-                if stackops.pid_is_alive(victim["pid"], victim["job_id"]):
-                    os.kill(victim["pid"], signal.SIGKILL)
+                started = stackops.read_state(Path(victim["job_root"])).get("pid_start")
+                if stackops.is_job_process(victim["pid"], "", started) and started:
+                    os.kill(victim["pid"], signal.SIGKILL)  # provably the job's wrapper (not a reused pid)
                     killed.add(victim["job_id"])
 
     def kill_dispatcher():  # the process that hands slots over, every 0.7 s: the next call replaces it
