@@ -4310,7 +4310,7 @@ def run_dispatcher(root: str | os.PathLike[str]) -> None:
     booted = [os.path.dirname(_own_file()), *([] if getattr(sys.flags, "safe_path", False)
                                               else [""])]  # as _serve_argv starts it
     if not sys.flags.no_site and sys.path[:len(booted)] == booted:
-        _FORK_BASE[:] = [_start_environment(os.environ), sys.path[len(booted):]]
+        _FORK_BASE[:] = [_start_environment(os.environ), sys.path[len(booted):], _site_state()]
         _own_source()  # the bytes this process runs, before anyone edits the file
     _Dispatcher(Path(root)).run()
 
@@ -4391,7 +4391,7 @@ class _Dispatcher:
             del self.children[child]
             if child in self.ends:
                 os.close(self.ends.pop(child))
-            if code == 0:
+            if code == 0 or read_state(root).get("ended"):  # its end is recorded already
                 continue
             why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             if code == 127:
@@ -4401,10 +4401,11 @@ class _Dispatcher:
             if _alive(root):  # its run goes on (it records its end), or still dies with it
                 continue
             del self.orphans[root]
-            ended = _record_end(root, "failed", f"process gone: the job's wrapper ended ({why}) "
-                                                "without recording the job's end")
-            if ended is not None:
-                _report_end(root, ended, inline=False)
+            with _suppress(OSError, StackopsError):  # (its folder deleted meanwhile)
+                ended = _record_end(root, "failed", f"process gone: the job's wrapper ended "
+                                                    f"({why}) without recording the job's end")
+                if ended is not None:
+                    _report_end(root, ended, inline=False)
 
     def _nap(self, seconds: float) -> None:
         """Sleep ``seconds``, woken at once when a job this dispatcher started ends, so that the
@@ -4604,7 +4605,7 @@ def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
     return child
 
 
-_FORK_BASE: list[Any] = []  # a dispatcher's start: (its environment, sys.path without its own)
+_FORK_BASE: list[Any] = []  # a dispatcher's start: its environment, sys.path, site packages
 
 
 class _Forked:
@@ -4641,15 +4642,33 @@ def _forks_as_started(root: Path, python: str, env: dict[str, str]) -> bool:
     job Python's start and the module's import: most of a trivial job's cost."""
     if not _FORK_BASE or not hasattr(os, "fork"):
         return False
-    own = _start_environment(env)
     found = shutil.which(python, path=env.get("PATH", os.defpath)) if "/" not in python \
         else python
-    if own != _FORK_BASE[0] or not found or os.path.abspath(found) != sys.executable:
+    relative = [item for item in env.get("PYTHONPATH", "/").split(os.pathsep)
+                if not os.path.isabs(item)]  # made absolute at start, against the folder then
+    if relative or found != sys.executable or _start_environment(env) != _FORK_BASE[0] \
+            or _site_state() != _FORK_BASE[2]:
         return False
     try:
         return (root / STACKOPS_COPY).read_bytes() == _own_source()
     except OSError:
         return False
+
+
+def _site_state() -> list[Any]:
+    """What a Python start reads from the site packages: whether each folder exists, and its
+    ``.pth`` files (a package installed since, an editable install changed)."""
+    import site
+
+    state = []
+    for folder in [*site.getsitepackages(), site.getusersitepackages()]:
+        try:
+            with os.scandir(folder) as entries:
+                state.append((folder, sorted((entry.name, entry.stat().st_mtime_ns)
+                                             for entry in entries if entry.name.endswith(".pth"))))
+        except OSError:
+            state.append((folder, None))
+    return state
 
 
 def _fork_wrapper(root: Path, argv: list[str], env: dict[str, str], out: int,
@@ -4659,8 +4678,15 @@ def _fork_wrapper(root: Path, argv: list[str], env: dict[str, str], out: int,
         with _suppress(Exception):
             stream.flush()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child: it never returns)
-        _leave(_script_status(lambda: _as_wrapper(root, argv, env, out, keep)))
+    if pid == 0:  # pragma: no cover (the child: whatever happens, it never returns)
+        code = 1
+        try:
+            code = _script_status(lambda: _as_wrapper(root, argv, env, out, keep))
+        except BaseException:
+            with _suppress(BaseException):
+                traceback.print_exc()
+        finally:
+            _leave(code)
     return _Forked(pid, argv)
 
 

@@ -1869,7 +1869,8 @@ LOOKS_SOURCE = """
                             (signal.SIGINT, signal.SIGPIPE, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)},
                 "blocked": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
                 "env": {key: os.environ.get(key) for key in ("HOME", "PATH", "PYTHONPATH", "LOOKS")},
-                "main": getattr(sys.modules["__main__"], "__file__", "").endswith("cluster_wrap.py")}
+                "main": getattr(sys.modules["__main__"], "__file__", "").endswith("cluster_wrap.py"),
+                "extra": __import__("importlib.util").util.find_spec("extramod") is not None}
 """
 
 
@@ -1898,6 +1899,83 @@ def test_job_forked_by_the_dispatcher_is_given_what_a_started_one_is(home, tmp_p
     assert all(look == seen[0] for look in seen) and seen[0]["env"]["LOOKS"] == "yes" and seen[0]["main"]
     assert seen[0]["session"] and seen[0]["no_site"] == 0 and seen[0]["blocked"] == []
     assert not [fd for fd in seen[0]["fds"] if "dispatcher" in fd or "pidfd" in fd]
+
+
+def _looks_in_line(mod, job_id: str, before_release=None) -> dict:
+    """The looks of a job the dispatcher started (it waited for the only slot)."""
+    slots = stackops.Slots()
+    slots._ensure()
+    held = stackops._try_flock(slots.slots / "slot-0.lock")
+    job = RemoteMachine(mod.looks, config=config(job_id=job_id)).run()
+    if before_release:
+        before_release()
+    os.close(held)
+    return json.loads((wait_for(job.check_job_status, what=job_id) / "result.json").read_text())
+
+
+def test_job_not_forked_when_its_start_would_read_what_changed(home, tmp_path):
+    """A .pth file added to the site packages after the dispatcher started (a pip install -e):
+    the job is started, so it sees it, as any Python started now would."""
+    mod = make_module(home, LOOKS_SOURCE)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "extramod.py").write_text("X = 1\n")
+    user_site = Path(subprocess.run([sys.executable, "-c", "import site; print(site.getusersitepackages())"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    assert home in user_site.parents  # this test's home, never the real one
+
+    def install():  # once the dispatcher runs (it started with the job's fire)
+        wait_for(lambda: stackops.Slots().dispatcher_pid(), what="the dispatcher")
+        user_site.mkdir(parents=True)
+        (user_site / "extra.pth").write_text(f"{extra}\n")
+
+    looks = _looks_in_line(mod, "after-install", install)
+    assert (looks["forked"], looks["extra"]) == (False, True)
+
+
+def test_job_forked_wrapper_that_crashes_ends_its_job_and_only_its_job(home):
+    """A forked wrapper that raises (its job's config damaged) ends as a started one would: the
+    job failed with the wrapper's exit status, its traceback in its log, and the dispatcher's
+    own code never runs on in the fork (no second dispatcher, no job refused)."""
+    mod = make_module(home, JOBS_SOURCE)
+    slots = stackops.Slots()
+    slots._ensure()
+    held = stackops._try_flock(slots.slots / "slot-0.lock")
+    broken = RemoteMachine(mod.train, config=config(job_id="broken")).run()
+    after = RemoteMachine(mod.train, config=config(job_id="after-broken")).run()
+    (broken.file_manager.job_root / stackops.CONFIG_JSON).write_text("{")
+    os.close(held)
+    report = wait_done(broken)
+    assert report.status == "failed" and "exit status 1" in report.error_message
+    assert "Traceback" in (broken.file_manager.job_root / stackops.OUTPUT_LOG).read_text()
+    assert wait_done(after).status == "completed"
+    log = (slots.root / "dispatcher.log").read_text()
+    assert "could not be started" not in log and "Traceback" not in log
+
+
+def test_slots_dispatcher_outlives_a_job_folder_deleted_under_a_killed_wrapper(home):
+    """The dispatcher waits to record the end of a job whose wrapper was killed until its run
+    lets the job's lock go; the folder deleted meanwhile is no reason to stop dispatching."""
+    mod = make_module(home, JOBS_SOURCE)
+    victim = RemoteMachine(mod.sleeper, config=config(job_id="gone-folder")).run()
+    wait_for(lambda: victim.get_status().status == "running", what="running")
+    run = _run_of(victim)
+    os.kill(_wrapper_of(victim), signal.SIGKILL)  # the run lives on, holding the job's lock
+    time.sleep(0.5)
+    shutil.rmtree(victim.file_manager.job_root)
+    os.kill(run, signal.SIGKILL)
+    time.sleep(0.5)
+    assert wait_done(RemoteMachine(mod.train, config=config(job_id="next-after")).run()).status == "completed"
+    assert "Traceback" not in (Slots().root / "dispatcher.log").read_text()
+
+
+def test_job_not_forked_where_its_start_would_read_the_folder_it_starts_in(home, monkeypatch):
+    """A relative PYTHONPATH entry is made absolute against the folder Python starts in: the
+    job's own, not the dispatcher's."""
+    mod = make_module(home, LOOKS_SOURCE)
+    monkeypatch.setenv("PYTHONPATH", "lib")
+    looks = _looks_in_line(mod, "relative-path")
+    assert looks["forked"] is False and "ROOT/lib" in looks["path"]
 
 
 def test_slots_queue_entry_of_a_folder_with_a_carriage_return_names_that_folder(home):
