@@ -4628,10 +4628,10 @@ class _Forked:
 
 def _start_environment(env: Any) -> dict[str, str]:
     """The variables of ``env`` that a process could read as it starts: all (a ``.pth`` file of
-    the site packages may read any) but the shell's bookkeeping and the job's own variables,
-    which its wrapper reads later."""
+    the site packages may read any) but the shell's bookkeeping (and pyenv's: the folder its
+    shim was run in) and the job's own variables, which its wrapper reads later."""
     return {key: value for key, value in env.items() if not key.startswith("STACKOPS_")
-            and key not in ("PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES")}
+            and key not in ("PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES", "PYENV_DIR")}
 
 
 def _forks_as_started(root: Path, python: str, env: dict[str, str]) -> bool:
