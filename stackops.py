@@ -3178,6 +3178,9 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
     fresh = read_state(root)  # it may have ended (or started) meanwhile
     if fresh.get("at") != state.get("at"):
         return _judge(root, fresh, slurm)
+    if not state.get("pid") and state.get("entry") \
+            and Slots(Path(state["entry"]).parent.parent).dispatcher_pid():
+        return state  # its dispatcher started it: it records the end of a wrapper that failed
     how = _zombie_exit(state.get("pid"), state.get("pid_start"))  # its parent has not reaped it
     ended = _record_end(root, "failed", f"process gone: the job's wrapper ended ({how}) without "
                                         "recording the job's end" if how else
