@@ -2699,18 +2699,24 @@ class QueueMachine(stateful.RuleBasedStateMachine):
             report = machine.get_status(0)
             self.seen[machine.job_id] = report.status
             if report.start_time:  # live entries start in order: nobody passes a job still in line
-                assert not unstarted, f"{machine.job_id} started before {unstarted}, fired earlier"
+                passed = [other.job_id for other in unstarted  # (read one by one: it may have started
+                          if (again := other.get_status(0)).start_time is None  # since, before this one)
+                          or again.start_time > report.start_time]
+                assert not passed, f"{machine.job_id} started before {passed}, fired earlier"
             elif report.status == "waiting":
-                unstarted.append(machine.job_id)  # (one handed its slot may be slow to start)
+                unstarted.append(machine)  # (one handed its slot may be slow to start)
             wrapper = f"{os.path.realpath(machine.file_manager.job_root)}/python/cluster_wrap.py"
+            root = machine.file_manager.job_root  # (a wrapper its dispatcher forked names no path)
             if report.status == "waiting":  # an entry in line, started by nothing yet (or since)
                 in_line = any(name.endswith(f"-{machine.job_id}") for name in slots.entries())
                 assert in_line or machine.get_status(0).status != "waiting", machine.job_id
-                assert in_line or not _procs_naming(wrapper) or machine.get_status(0).status != "waiting"
+                assert in_line or not (_procs_naming(wrapper) or stackops._alive(root)) \
+                    or machine.get_status(0).status != "waiting"
             if report.status == "running":  # the kernel agrees: its lock is held
-                assert stackops._alive(machine.file_manager.job_root), machine.job_id
+                assert stackops._alive(root), machine.job_id
             if "process gone" in report.error_message:
-                assert not _procs_naming(wrapper), (machine.job_id, report.error_message)
+                assert not (_procs_naming(wrapper) or stackops._alive(root)), \
+                    (machine.job_id, report.error_message)
             if report.start_time:
                 starts.append(report.start_time)
         assert list(self.seen.values()).count("running") <= self.SLOTS, self.seen
