@@ -2646,8 +2646,13 @@ class QueueMachine(stateful.RuleBasedStateMachine):
             return
         machine = running[pick % len(running)]["machine"]
         if outcome == "sigkill":  # the run dies without a word (the OOM killer): its wrapper says so
+            def run() -> int | None:  # (not the `git pull` of a setup just let go, still ending)
+                pid = _run_of(machine)
+                with contextlib.suppress(OSError):
+                    return None if b"pull" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") else pid
+                return None
             with contextlib.suppress(ProcessLookupError):
-                os.kill(_run_of(machine), signal.SIGKILL)
+                os.kill(wait_for(run, what="the run"), signal.SIGKILL)
         else:
             Path(f"{self.gates / machine.job_id}.{outcome}").touch()
         report = wait_for(lambda: (r := machine.get_status(0)).finished and r, what="the end")
@@ -2666,9 +2671,11 @@ class QueueMachine(stateful.RuleBasedStateMachine):
         if not alive:
             return
         job = alive[pick % len(alive)]
+        wrapper = state_of(job["machine"])["pgid"]
         with contextlib.suppress(ProcessLookupError):
-            os.kill(state_of(job["machine"])["pgid"], signal.SIGKILL)
-        job["killed"] = True
+            os.kill(wrapper, signal.SIGKILL)
+        wait_for(lambda: not stackops.pid_is_alive(wrapper), what="the wrapper gone")  # (a big one
+        job["killed"] = True  # takes a moment to die: its lock, read meanwhile, is still held)
         if job["slow"]:
             job["slow"] = False
             report = wait_for(lambda: (r := job["machine"].get_status(0)).finished and r, what="found dead")
@@ -2682,6 +2689,7 @@ class QueueMachine(stateful.RuleBasedStateMachine):
         if pid and Slots().dispatcher_pid():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not stackops.pid_is_alive(pid), what="the dispatcher gone")
 
     # -- invariants ---------------------------------------------------------------------------------
 
