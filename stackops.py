@@ -4641,8 +4641,9 @@ def _forks_as_started(root: Path, python: str, env: dict[str, str]) -> bool:
     """Whether forking this dispatcher gives the job the process that starting ``python`` on
     its wrapper would: the same interpreter (by path: a virtual environment's differs from the
     one it links to), the same environment (variables such as PYTHONPATH, LD_LIBRARY_PATH or
-    the locale are read only at start) and the same stackops, byte for byte. A fork saves a
-    job Python's start and the module's import: most of a trivial job's cost."""
+    the locale are read only at start; no relative PYTHONPATH entry), the same site packages'
+    ``.pth`` files and the same stackops, byte for byte. A fork saves a job Python's start and
+    the module's import: most of a trivial job's cost."""
     if not _FORK_BASE or not hasattr(os, "fork"):
         return False
     found = shutil.which(python, path=env.get("PATH", os.defpath)) if "/" not in python \
@@ -4664,7 +4665,8 @@ def _site_state() -> list[Any]:
     import site
 
     state = []
-    for folder in [*site.getsitepackages(), site.getusersitepackages()]:
+    folders = getattr(site, "getsitepackages", list)()  # (an old virtualenv's site has none)
+    for folder in [*folders, site.getusersitepackages()]:
         try:
             with os.scandir(folder) as entries:
                 state.append((folder, sorted((entry.name, entry.stat().st_mtime_ns)
