@@ -2955,7 +2955,7 @@ def test_sweep_cancel_marks_every_member_before_stopping_any_so_the_queue_starts
     other: 2,000 queued jobs took 108 s to cancel)."""
     mod = make_module(home, SWEEP_SOURCE)
     sweep = stackops.run_sweep(mod.point, config(job_id="cq", max_simultaneous_jobs=1),
-                               [{"x": index, "seconds": 0.3} for index in range(30)])
+                               [{"x": index, "seconds": 2.0} for index in range(30)])
     wait_for(lambda: sweep[0].get_status(0).status == "running", what="the first job running")
     took = time.monotonic()
     cancelled = cli("cancel", "cq", "--grace", "5", home=home)
@@ -2965,6 +2965,8 @@ def test_sweep_cancel_marks_every_member_before_stopping_any_so_the_queue_starts
     assert {state["status"] for state in states} <= {"completed", "cancelled"}, states
     started = [job.job_id for job, state in zip(sweep, states) if state.get("started")]
     assert len(started) <= 3, (started, took)  # the one running, and at most a start under way
+    # (2 s jobs: the queue starts a job in milliseconds, and the cancel's own start takes a second
+    # or more under load; with 0.3 s jobs, four had started before its marks were down)
 
 
 def test_sweep_cli_ids_width_wait_and_cancel_on_the_sweep_id(home):
