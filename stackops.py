@@ -492,13 +492,14 @@ def _own_file() -> Path:
     return Path(os.path.abspath(own))
 
 
-def _serve_argv(python: str, *args: str) -> list[str]:
+def _serve_argv(python: str, *args: str, site: bool = False) -> list[str]:
     """The command that runs ``serve(args)`` of this very file with ``python``: the file imported
     as a module (its bytecode cached beside it, as any import's), not run as a script, which
-    Python compiles on every start."""
+    Python compiles on every start; with ``site``, the site packages too (a dispatcher's forks
+    are the jobs' wrappers)."""
     boot = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; "
             "sys.exit(stackops.serve(sys.argv[2:]))")
-    return [python, "-S", "-c", boot, str(_own_file().parent), *args]
+    return [python, *([] if site else ["-S"]), "-c", boot, str(_own_file().parent), *args]
 
 
 def _this_module() -> Any:
@@ -641,8 +642,9 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_text(path: Path, default: str = "") -> str:
+    """The text of ``path`` as written: a carriage return in a folder's name stays one."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        return path.read_bytes().decode("utf-8", "replace")
     except FileNotFoundError:
         return default
 
@@ -932,9 +934,11 @@ def _zombie_exit(pid: Any, start: Any) -> str:
 
 
 def is_job_process(pid: int, path: str, start: int | None) -> bool:
-    """True only when ``pid`` is provably a job's own process: alive and not a zombie, ``path`` (the
-    wrapper's or launcher's exact path) one of its command-line arguments, and started at the
-    recorded ``start``. A kernel thread, a stranger naming the job, a reused pid are all dead."""
+    """True only when ``pid`` is provably a job's own process: alive and not a zombie, and started
+    at the recorded ``start`` (clock ticks), or, with none recorded, ``path`` (the wrapper's or
+    launcher's exact path) one of its command-line arguments (a wrapper its dispatcher forked
+    shows the dispatcher's). A kernel thread, a stranger naming the job, a reused pid are all
+    dead."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -942,9 +946,9 @@ def is_job_process(pid: int, path: str, start: int | None) -> bool:
         if Path("/proc/self/stat").exists():
             return False
         return pid_is_alive(pid, path)  # no /proc (macOS): psutil or a bare signal 0
-    if fields[0] in ("Z", "X") or os.fsencode(path) not in args:
+    if fields[0] in ("Z", "X"):
         return False
-    return start is None or fields[19] == str(start)
+    return fields[19] == str(start) if start is not None else os.fsencode(path) in args
 
 
 def _run_bounded(argv: list[str], timeout: float, error: type[StackopsError] = StackopsError,
@@ -2693,7 +2697,8 @@ class Slots:
         pid = self.dispatcher_pid()
         if pid is None and (self.entries() or self.entries(AFTER_DIR)):
             pid = _start_detached(_serve_argv(python or sys.executable or "python3", "dispatch",
-                                              str(self.root)), self.root / DISPATCHER_LOG)
+                                              str(self.root), site=True),
+                                  self.root / DISPATCHER_LOG)
         return pid
 
     def wait_for_slot(self, entry: str, job_root: Path, max_jobs: int, on_start: Callable[[], None],
@@ -3173,6 +3178,9 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
     fresh = read_state(root)  # it may have ended (or started) meanwhile
     if fresh.get("at") != state.get("at"):
         return _judge(root, fresh, slurm)
+    if not state.get("pid") and state.get("entry") \
+            and Slots(Path(state["entry"]).parent.parent).dispatcher_pid():
+        return state  # its dispatcher started it: it records the end of a wrapper that failed
     how = _zombie_exit(state.get("pid"), state.get("pid_start"))  # its parent has not reaped it
     ended = _record_end(root, "failed", f"process gone: the job's wrapper ended ({how}) without "
                                         "recording the job's end" if how else
@@ -4302,6 +4310,11 @@ def run_dispatcher(root: str | os.PathLike[str]) -> None:
         handler.setFormatter(logging.Formatter(line))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    booted = [os.path.dirname(_own_file()), *([] if getattr(sys.flags, "safe_path", False)
+                                              else [""])]  # as _serve_argv starts it
+    if not sys.flags.no_site and sys.path[:len(booted)] == booted:
+        _FORK_BASE[:] = [_start_environment(os.environ), sys.path[len(booted):], _site_state()]
+        _own_source()  # the bytes this process runs, before anyone edits the file
     _Dispatcher(Path(root)).run()
 
 
@@ -4320,6 +4333,7 @@ class _Dispatcher:
         self.after_look = 0.0
         self.children: dict[subprocess.Popen[bytes], Path] = {}
         self.ends: dict[subprocess.Popen[bytes], int] = {}  # a pidfd per child: readable at its end
+        self.orphans: dict[Path, str] = {}  # jobs whose wrapper died (how) while their run lived
         self.in_person: set[str] = set()  # entries of jobs that take their slot themselves (tmux)
         self.parents: dict[str, list[str]] = {}
         self.head: tuple[str, Path] | None = None  # the first entry, found live and queued
@@ -4358,7 +4372,7 @@ class _Dispatcher:
             self._look_after()
         head = self._head()
         if head is None and not self.line:
-            if self.slots.entries(AFTER_DIR) or self.children:
+            if self.slots.entries(AFTER_DIR) or self.children or self.orphans:
                 self._nap(AFTER_POLL / 5)
                 return True
             return bool(self.slots.entries())
@@ -4371,7 +4385,8 @@ class _Dispatcher:
 
     def _reap(self) -> None:
         """Record the end of a job whose wrapper ended without recording it (killed by a signal,
-        its interpreter missing)."""
+        its interpreter missing) once the job's lock is free: its run, killed with it, may take
+        a moment longer to die, and one that lives on records its own end."""
         for child, root in list(self.children.items()):
             code = child.poll()
             if code is None:
@@ -4379,15 +4394,21 @@ class _Dispatcher:
             del self.children[child]
             if child in self.ends:
                 os.close(self.ends.pop(child))
-            if code == 0 or _alive(root):  # its run goes on: it (or a reader) records the end
+            if code == 0 or read_state(root).get("ended"):  # its end is recorded already
                 continue
             why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             if code == 127:
                 why += f": is {child.args[0]} installed?"  # type: ignore[index]
-            ended = _record_end(root, "failed", f"process gone: the job's wrapper ended ({why}) "
-                                                "without recording the job's end")
-            if ended is not None:
-                _report_end(root, ended, inline=False)
+            self.orphans[root] = why
+        for root, why in list(self.orphans.items()):
+            if _alive(root):  # its run goes on (it records its end), or still dies with it
+                continue
+            del self.orphans[root]
+            with _suppress(OSError, StackopsError):  # (its folder deleted meanwhile)
+                ended = _record_end(root, "failed", f"process gone: the job's wrapper ended "
+                                                    f"({why}) without recording the job's end")
+                if ended is not None:
+                    _report_end(root, ended, inline=False)
 
     def _nap(self, seconds: float) -> None:
         """Sleep ``seconds``, woken at once when a job this dispatcher started ends, so that the
@@ -4559,10 +4580,11 @@ def _fire_env(job_root: Path) -> dict[str, str]:
 
 
 def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
-                   fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes] | None:
+                   fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes] | _Forked | None:
     """Start the job's wrapper detached (a session of its own, output to its log), handing it
     the job's lock taken here, so the job is alive from this moment on (and reads running, its
-    queue entry or not); None when another process runs the job already."""
+    queue entry or not); None when another process runs the job already. A dispatcher forks
+    the wrapper when that is the same as starting it (see _forks_as_started)."""
     alive = _try_flock(root / ALIVE_LOCK)
     if alive is None:
         log.warning("job %s runs already: not started again", root.name)
@@ -4571,16 +4593,140 @@ def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
         env = dict(env, STACKOPS_ALIVE_FD=str(alive))
         with _private_append(root / OUTPUT_LOG) as out:
             argv = [os.path.expanduser(python), str(root / WRAPPER_PY)]
-            child = subprocess.Popen(argv if fds else _in_user_scope(argv, _logind()),
-                                     cwd=str(root), env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, pass_fds=(*fds, alive),
-                                     start_new_session=True)
+            if fds and _forks_as_started(root, argv[0], env):
+                child: Any = _fork_wrapper(root, argv, env, out.fileno(), (*fds, alive))
+            else:
+                child = subprocess.Popen(argv if fds else _in_user_scope(argv, _logind()),
+                                         cwd=str(root), env=env, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         pass_fds=(*fds, alive), start_new_session=True)
     finally:
         os.close(alive)
     with _suppress(FileNotFoundError):  # its job has it now: no copy of an environment stays
         os.unlink(root / FIRE_ENV)
     _DETACHED.append(child)
     return child
+
+
+_FORK_BASE: list[Any] = []  # a dispatcher's start: its environment, sys.path, site packages
+
+
+class _Forked:
+    """A wrapper forked by this dispatcher, with what the dispatcher asks of a Popen."""
+
+    def __init__(self, pid: int, args: list[str]) -> None:
+        self.pid, self.args, self.returncode = pid, args, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its lock says whether it lives
+                pid, status = self.pid, 0
+            if pid:
+                self.returncode = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                                   else os.WEXITSTATUS(status))
+        return self.returncode
+
+
+def _start_environment(env: Any) -> dict[str, str]:
+    """The variables of ``env`` that a process could read as it starts: all (a ``.pth`` file of
+    the site packages may read any) but the shell's bookkeeping (and pyenv's: the folder its
+    shim was run in) and the job's own variables, which its wrapper reads later."""
+    return {key: value for key, value in env.items() if not key.startswith("STACKOPS_")
+            and key not in ("PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES", "PYENV_DIR")}
+
+
+def _forks_as_started(root: Path, python: str, env: dict[str, str]) -> bool:
+    """Whether forking this dispatcher gives the job the process that starting ``python`` on
+    its wrapper would: the same interpreter (by path: a virtual environment's differs from the
+    one it links to), the same environment (variables such as PYTHONPATH, LD_LIBRARY_PATH or
+    the locale are read only at start; no relative PYTHONPATH entry), the same site packages'
+    ``.pth`` files and the same stackops, byte for byte. A fork saves a job Python's start and
+    the module's import: most of a trivial job's cost."""
+    if not _FORK_BASE or not hasattr(os, "fork"):
+        return False
+    found = shutil.which(python, path=env.get("PATH", os.defpath)) if "/" not in python \
+        else python
+    relative = [item for item in env.get("PYTHONPATH", "/").split(os.pathsep)
+                if not os.path.isabs(item)]  # made absolute at start, against the folder then
+    if relative or found != sys.executable or _start_environment(env) != _FORK_BASE[0] \
+            or _site_state() != _FORK_BASE[2]:
+        return False
+    try:
+        return (root / STACKOPS_COPY).read_bytes() == _own_source()
+    except OSError:
+        return False
+
+
+def _site_state() -> list[Any]:
+    """What a Python start reads from the site packages: whether each folder exists, and its
+    ``.pth`` files (a package installed since, an editable install changed)."""
+    import site
+
+    state = []
+    folders = getattr(site, "getsitepackages", list)()  # (an old virtualenv's site has none)
+    for folder in [*folders, site.getusersitepackages()]:
+        try:
+            with os.scandir(folder) as entries:
+                state.append((folder, sorted((entry.name, entry.stat().st_mtime_ns)
+                                             for entry in entries if entry.name.endswith(".pth"))))
+        except OSError:
+            state.append((folder, None))
+    return state
+
+
+def _fork_wrapper(root: Path, argv: list[str], env: dict[str, str], out: int,
+                  keep: tuple[int, ...]) -> _Forked:
+    """The job's wrapper as a fork of this dispatcher (see _forks_as_started)."""
+    for stream in (sys.stdout, sys.stderr):
+        with _suppress(Exception):
+            stream.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child: whatever happens, it never returns)
+        code = 1
+        try:
+            code = _script_status(lambda: _as_wrapper(root, argv, env, out, keep))
+        except BaseException:
+            with _suppress(BaseException):
+                traceback.print_exc()
+        finally:
+            _leave(code)
+    return _Forked(pid, argv)
+
+
+def _as_wrapper(root: Path, argv: list[str], env: dict[str, str], out: int,
+                keep: tuple[int, ...]) -> None:
+    """In the fork: become what ``python WRAPPER_PY`` would be (a session of its own in the job's
+    folder, output to its log, only the job's locks open, default signal handling, the job's
+    environment and script), then run the wrapper."""
+    import runpy
+
+    os.setsid()
+    os.chdir(root)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
+        if int(name) > 2 and int(name) not in keep:
+            with _suppress(OSError):  # (the listing's own, closed already)
+                os.close(int(name))
+    for number in signal.valid_signals():
+        if callable(signal.getsignal(number)):
+            signal.signal(number, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    log.handlers.clear()
+    log.setLevel(logging.NOTSET)
+    os.environ.clear()
+    os.environ.update(env)
+    globals()["__file__"] = str(root / STACKOPS_COPY)  # the same bytes: the job's own copy
+    _DETACHED.clear()
+    script = argv[1]
+    sys.argv[:] = [script]
+    sys.path[:] = [*([] if getattr(sys.flags, "safe_path", False)
+                     else [os.path.dirname(os.path.realpath(script))]), *_FORK_BASE[1]]
+    runpy.run_path(script, run_name="__main__")
 
 
 # -- fire: one way to start a job, a sweep's jobs or an array, where they are ------------------
