@@ -8225,7 +8225,7 @@ def test_cluster_cli_runs_a_command_with_each_host_slice_in_its_environment(clus
     proj = _git_proj(cluster_home)
     script = 'echo "$STACKOPS_IDX_START $STACKOPS_IDX_END $STACKOPS_IDX_MAX" > "$HOME/cmdclu-$STACKOPS_PART.txt"'
     done = cli("cluster", "run", "--hosts", "node1,node2", "--copy-repo", "--job-id", "cmdclu", "--max-num", "10",
-               "--wait", "--", "sh", "-c", script, home=cluster_home, cwd=proj)
+               "--wait", "--strict", "--", "sh", "-c", script, home=cluster_home, cwd=proj)
     assert done.returncode == 0, done.stderr + cli("status", "cmdclu", home=cluster_home).stdout
     first, second = ([int(n) for n in (sshd.remote_home / f"cmdclu-{part}.txt").read_text().split()]
                      for part in (0, 1))
@@ -8258,7 +8258,7 @@ def test_cluster_cli_run_sends_data_and_unknown_host_keys_keep_the_accept_new_hi
     known.write_text(saved)
     try:
         done = cli("cluster", "run", "proj/cd.py:part", "--hosts", "node1,node2", "--copy-repo",
-                   "--data", "~/cdata-cli", "--max-num", "10", "--job-id", "cdd", "--wait",
+                   "--data", "~/cdata-cli", "--max-num", "10", "--job-id", "cdd", "--wait", "--strict",
                    home=home)
         assert done.returncode == 0, done.stderr
         folder = stackops.expand_home(cli("cluster", "download", "cdd", home=home).stdout.strip())
@@ -8464,7 +8464,7 @@ def test_cluster_cancel_all_parts_and_rerun_only_the_failed_part(cluster_home, n
     (home / "proj" / "fc.py").write_text(textwrap.dedent(FLAKY_CLUSTER))
     flag = f"~/fail-first-{os.getpid()}-{time.monotonic_ns()}"  # the nodes share the remote home
     done = cli("cluster", "run", "proj/fc.py:part", "--hosts", "node1,node2", "--copy-repo", "--job-id", "flc",
-               "--kwargs", json.dumps({"flag": flag}), "--wait", home=home)
+               "--kwargs", json.dumps({"flag": flag}), "--wait", "--strict", home=home)
     assert done.returncode == 1, done.stdout + done.stderr
     before = json.loads(cli("cluster", "status", "flc", "--json", home=home).stdout)
     failed = [h for h, s in before.items() if s["status"] == "failed"]
@@ -8482,7 +8482,7 @@ def test_cluster_cancel_all_parts_and_rerun_only_the_failed_part(cluster_home, n
     assert done.returncode == 0 and "EXECUTION START" in done.stdout and "==>" not in done.stdout
     assert cli("cluster", "logs", "flc", "--part", "9", home=home).returncode == 2
     done = cli("cluster", "run", "proj/fc.py:long", "--hosts", "node1,node2", "--copy-repo", "--job-id", "flc2",
-               "--max-jobs", "2", home=home)
+               "--max-jobs", "2", "--strict", home=home)
     assert done.returncode == 0, done.stderr
     wait_for(lambda: all(s["status"] == "running" for s in
                          json.loads(cli("cluster", "status", "flc2", "--json", home=home).stdout).values()),
@@ -12490,7 +12490,7 @@ def test_cluster_list_host_shows_the_parts_run_there(cluster_home, nodes):
     (home / "proj").mkdir(exist_ok=True)
     (home / "proj" / "lh.py").write_text(textwrap.dedent(CLUSTER_JOBS))
     done = cli("cluster", "run", "proj/lh.py:indices", "--hosts", "node1,node2", "--copy-repo", "--job-id", "lhclu",
-               "--wait", home=home)
+               "--wait", "--strict", home=home)
     assert done.returncode == 0, done.stderr
     rows = {row["job_id"]: row for row in json.loads(_in_process("list", "--host", "node1", "--json")[1])}
     assert rows["lhclu_0"]["status"] == rows["lhclu_1"]["status"] == "completed", rows
