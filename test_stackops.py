@@ -3025,7 +3025,13 @@ def test_sweep_interrupted_while_it_fires_leaves_each_job_started_and_seen_or_wi
                      or child.poll() is not None, 300, "the sweep's fire to be under way")
             child.send_signal(signal.SIGINT)
             child.send_signal(signal.SIGINT)  # an impatient user presses it twice
-            out, err = child.communicate(timeout=300)
+            try:
+                out, err = child.communicate(timeout=200)
+            except subprocess.TimeoutExpired:  # say where it is stuck: each process and its wait
+                ps = subprocess.run(["ps", "-eo", "pid,ppid,stat,wchan:24,args"], text=True,
+                                    capture_output=True).stdout
+                pytest.fail("the interrupted fire did not end:\n" + "\n".join(
+                    line for line in ps.splitlines() if str(home) in line or f" {child.pid} " in line))
         finally:
             if child.poll() is None:
                 child.kill()
