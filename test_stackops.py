@@ -1824,7 +1824,7 @@ def test_job_that_raises_fails_with_traceback_and_frees_slot(home, wrap):
     assert "boom" in report.error_message  # the frame of the job's own function is kept
     with pytest.raises(JobFailedError, match="exploded"):
         machine.check_job_status()
-    assert Slots().holders() == []
+    wait_for(lambda: Slots().holders() == [], 10, "the slot let go just after the end")  # end, then slot
     after = RemoteMachine(mod.train, config=config(job_id=f"after{int(wrap)}")).run()
     assert wait_done(after).status == "completed"
 
