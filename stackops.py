@@ -9259,12 +9259,12 @@ def _settle(machine: RemoteMachine, report: JobStatus) -> Path | None:
     return machine.results_path
 
 
-def _restore_machine(data: Any, job_root: Path | None) -> RemoteMachine:
-    """A job from its record (RemoteMachine.from_dict)."""
+def _restore_machine(cls: type[RemoteMachine], data: Any, job_root: Path | None) -> RemoteMachine:
+    """A job from its record (RemoteMachine.from_dict, for ``cls``)."""
     if not isinstance(data, dict):
         raise ConfigError("remote_machine.json: expected a JSON object")
     try:
-        machine = RemoteMachine._blank(RemoteStackOpsConfig.from_dict(data["config"]))
+        machine = cls._blank(RemoteStackOpsConfig.from_dict(data["config"]))
         machine.job_params = JobParams.from_dict(data["job_params"])
         machine.file_manager = FileManager.from_dict(data["file_manager"], job_root)
         inline = data.get("kwargs")  # older records held them; now they are read when asked
@@ -9548,7 +9548,7 @@ class RemoteMachine:
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> RemoteMachine:
-        return _restore_machine(data, job_root)
+        return _restore_machine(cls, data, job_root)
 
     @classmethod
     def from_job_dir(cls, job_dir: str | os.PathLike[str]) -> RemoteMachine:
