@@ -8328,22 +8328,12 @@ def _launcher_for(config: RemoteStackOpsConfig) -> _Launcher:
     return _TmuxLauncher() if config.interactive else _SlotLauncher()
 
 
-def _copy_job(machine: RemoteMachine, config: RemoteStackOpsConfig) -> RemoteMachine:
-    """A new job with ``machine``'s callable, kwargs, data and pickled instance, and ``config``."""
-    other = RemoteMachine.__new__(RemoteMachine)
-    other.__dict__.update(machine.__dict__)
-    other._init_state()
-    other._use(config)
-    other.job_params = JobParams.from_dict(machine.job_params.to_dict())
-    return other
-
-
 def _code_here(machine: RemoteMachine, folder: Path) -> None:
     """Put the job's own copy of its snapshot into ``folder`` (a job folder on this machine, or
     the one packed for the cloud), each file checked against the manifest (_materialize): taken
     from the snapshot's own sources (for a rerun, the older job's copy), else the work tree."""
-    recorded = machine._snapshot is None  # a job loaded from its folder: the manifest it recorded
-    snapshot = machine._snapshot or _recorded_snapshot(machine)
+    recorded = machine.snapshot is None  # a job loaded from its folder: the manifest it recorded
+    snapshot = machine.snapshot or _recorded_snapshot(machine)
     sources: dict[str, Any] = {digest: [str(path)] for digest, path in snapshot[2].items()}
     tree = _tree_sources(expand_home(machine.job_params.repo_path_rh), snapshot[1])
     for digest, paths in tree.items():
@@ -8611,9 +8601,9 @@ class _OverSSH(_Place):
         the host, in one remote command (which may also fire the job there); a host that shares
         this home uses them in place."""
         spec = _handing(machine, launch, gate)
-        machine._handed = _hand_over(self.ssh, spec, progress)
-        machine.shared = machine._handed.shared
-        if machine.shared and self.config.copy_repo and machine._snapshot is not None \
+        machine.handed = _hand_over(self.ssh, spec, progress)
+        machine.shared = machine.handed.shared
+        if machine.shared and self.config.copy_repo and machine.snapshot is not None \
                 and not machine.file_manager.path(CODE_DIR).exists():
             _code_here(machine, machine.file_manager.job_root)
         return True
@@ -8693,8 +8683,8 @@ def _handing(machine: RemoteMachine, launch: bool, gate: _Gate | None) -> _Handi
         need.append(f"exists:{params.repo_path_rh.rstrip('/') or '/'}/{params.file_path_r}")
     email = machine.config.email_config_name if machine.config.notify_upon_completion else None
     return _Handing(machine.file_manager.job_root, machine.file_manager.job_root_rh,
-                    machine.python, machine._snapshot, list(machine.data),
-                    members=machine._members, need=need, email=email,
+                    machine.python, machine.snapshot, list(machine.data),
+                    members=machine.members, need=need, email=email,
                     fire=[machine.root_there] if launch else [], gate=gate)
 
 
@@ -8764,9 +8754,8 @@ def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None =
         machine.generate_scripts()
     sent = False
     try:
-        if not machine._checked:
-            machine._place.check_where_it_runs(machine)
-        sent = machine._place.hand_over(machine, progress, launch, gate)
+        machine.place.check_where_it_runs(machine)
+        sent = machine.place.hand_over(machine, progress, launch, gate)
     except BaseException:
         _withdraw(machine, sent)
         raise
@@ -8774,8 +8763,8 @@ def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None =
     for task in machine.array_tasks() if machine.array_parts else []:
         task.submitted = True
         task.shared = machine.shared
-        task._save()
-    machine._save()
+        _save_job(task)
+    _save_job(machine)
     return machine
 
 
@@ -8833,20 +8822,20 @@ class _Launcher:
         if machine.launcher_pid is not None or machine.slurm_job_id is not None:
             raise StackopsError(f"job {machine.job_id} was already started",
                                 hint=f"{_prog()} rerun {machine.job_id} runs it again")
-        fired = machine._handed.fired if machine._handed is not None else {}
+        fired = machine.handed.fired if machine.handed is not None else {}
         if not fired:
-            requests: list[dict[str, Any]] = getattr(machine._place, "fire_requests",
+            requests: list[dict[str, Any]] = getattr(machine.place, "fire_requests",
                                                      lambda m: [])(machine)
             requests.append({"action": "fire", "roots": [machine.root_there]})
-            fired = machine._place.call(requests)[-1]
+            fired = machine.place.call(requests)[-1]
         machine.launcher_pid = fired.get("pid")
         machine.slurm_job_id = fired.get("slurm_id")
-        machine._save()
+        _save_job(machine)
         if fired.get("warning"):
             log.warning("job %s on %s: %s", machine.job_id, machine.host_name, fired["warning"])
         for k, task in enumerate(machine.array_tasks() if machine.array_parts else []):
             task.slurm_job_id = f"{machine.slurm_job_id}_{k}"
-            task._save()
+            _save_job(task)
         log.info("job %s fired on %s (%s)", machine.job_id, machine.host_name,
                  f"Slurm job {machine.slurm_job_id}" if machine.slurm_job_id
                  else f"pid {machine.launcher_pid}")
@@ -8858,9 +8847,9 @@ class _Launcher:
         if not machine.submitted and machine.is_remote:
             raise StackopsError(f"job {machine.job_id} never reached {machine.host_name}: "
                                 "nothing to cancel")
-        state = machine._place.call([{"action": "cancel", "roots": [machine.root_there],
+        state = machine.place.call([{"action": "cancel", "roots": [machine.root_there],
                                       "grace": grace}])[0][0]
-        machine._place.mirror(machine, state)
+        machine.place.mirror(machine, state)
         report = _status_of(machine.job_id, state)
         report.reason = f"was {state.get('was')}"
         return report
@@ -8872,7 +8861,7 @@ class _Launcher:
             raise StackopsError(f"job {machine.job_id} was never completely submitted to "
                                 f"{machine.host_name}, so nothing of it runs there (was the "
                                 "submission interrupted?)", hint="run it again under a new job_id")
-        return machine._place.reports([machine], log_lines)[0]
+        return machine.place.reports([machine], log_lines)[0]
 
 
 class _SlotLauncher(_Launcher):
@@ -8995,12 +8984,12 @@ class _CloudQueueLauncher(_SlotLauncher):
         data.update(job_id=unit_id, ssh_host=None, launch_method="cloud_manager",
                     workload_params=part.to_dict() if part else None,
                     python=machine.config.python or "python3")
-        unit = _copy_job(machine, RemoteStackOpsConfig.from_dict(data))
+        unit = RemoteMachine._blank(RemoteStackOpsConfig.from_dict(data), machine)
         unit.file_manager = FileManager(unit_id, "Linux", unit.config.lock_resources,
                                         unit.config.max_simultaneous_jobs, unit.config.base_dir)
         unit.generate_scripts()
         unit.submitted = True
-        unit._save()
+        _save_job(unit)
         return unit
 
 
@@ -9045,7 +9034,7 @@ class _SlurmLauncher(_Launcher):
         throttle = config.max_simultaneous_jobs if config.max_simultaneous_jobs > 1 else 0
         tasks = len(machine.array_parts)
         script = render_sbatch_script(machine.job_id, config.slurm_options, tasks, throttle,
-                                      after=machine._parent_slurm_ids, python=machine.python)
+                                      after=machine.parent_slurm_ids, python=machine.python)
         _write_new(folder / SBATCH_SH, script, 0o700)
 
     def after(self, machine: RemoteMachine, parent_id: str) -> str:
@@ -9069,7 +9058,7 @@ class _SlurmLauncher(_Launcher):
         they run, in one round trip, so the records kept here say what they say there."""
         report = super().cancel(machine, grace)
         if machine.array_parts:
-            machine._place.reports(machine.array_tasks(), 0)
+            machine.place.reports(machine.array_tasks(), 0)
         return report
 
 
@@ -9108,7 +9097,7 @@ def _generate_job_folder(machine: RemoteMachine) -> None:
     root = machine.file_manager.job_root
     if root.exists():
         raise _exists_error(machine)
-    machine._place.check_job_root(root)
+    machine.place.check_job_root(root)
     parts = machine.array_parts
     if parts:
         taken = [p for p in (f"{machine.job_id}-{k}" for k in range(len(parts)))
@@ -9116,12 +9105,12 @@ def _generate_job_folder(machine: RemoteMachine) -> None:
         if taken:
             raise ConfigError(f"the array's task folder {taken[0]} exists already",
                               hint="choose another job_id")
-        machine._tasks = [_new_array_task(machine, k, part) for k, part in enumerate(parts)]
+        machine.tasks = [_new_array_task(machine, k, part) for k, part in enumerate(parts)]
     _put_folder_in_place(machine, "job")
     if parts:
-        _write_members(machine, machine._tasks or [])
+        _write_members(machine, machine.tasks or [])
     machine.scripts_generated = True
-    machine._save()
+    _save_job(machine)
     log.info("job %s generated at %s", machine.job_id, collapse_home(root))
 
 
@@ -9138,12 +9127,12 @@ def _put_folder_in_place(machine: RemoteMachine, what: str,
     fresh: set[str] = set()
     for _attempt in range(SNAPSHOT_TRIES):
         try:
-            if machine.config.copy_repo and not machine._pinned:
+            if machine.config.copy_repo and not machine.pinned:
                 _take_snapshot(machine, fresh)
             _stage_folder(machine, source, finish)
             return
         except _SnapshotMismatchError as exc:
-            if machine._pinned:
+            if machine.pinned:
                 raise StackopsError(f"the code of job {machine.job_id} is no longer here whole: "
                                     f"{exc.path} changed since it ran",
                                     hint="rerun --fresh takes the code as it is now") from exc
@@ -9171,12 +9160,12 @@ def _new_array_task(machine: RemoteMachine, k: int, part: WorkloadParams) -> Rem
     the array's folder (its code and wrapper are the array's)."""
     data = machine.config.to_dict()
     data.update(job_id=f"{machine.job_id}-{k}", workload_params=part.to_dict())
-    task = _copy_job(machine, RemoteStackOpsConfig.from_dict(data))
+    task = RemoteMachine._blank(RemoteStackOpsConfig.from_dict(data), machine)
     task.file_manager = FileManager(task.job_id, "Linux", False, 1, task.config.base_dir,
                                     submission_time=machine.file_manager.submission_time)
     task.file_manager.python = machine.file_manager.python
     task.scripts_generated = True
-    task._shared = machine.job_id
+    task.shared_folder = machine.job_id
     return task
 
 
@@ -9185,8 +9174,8 @@ def _take_snapshot(machine: RemoteMachine, fresh: set[str] | None = None) -> Non
     whatever the cache says), then the job's function checked against the snapshot's own bytes
     (and, for install_repo, the version git describe gives here: the snapshot has no .git)."""
     repo = expand_home(machine.job_params.repo_path_rh)
-    machine._snapshot = code_snapshot(repo, fresh)
-    machine.job_params.code_snapshot = machine._snapshot[0]
+    machine.snapshot = code_snapshot(repo, fresh)
+    machine.job_params.code_snapshot = machine.snapshot[0]
     _check_snapshot_call(machine, repo)
     if machine.config.install_repo:
         machine.job_params.scm_version = scm_version(repo)
@@ -9197,8 +9186,8 @@ def _check_snapshot_call(machine: RemoteMachine, repo: Path) -> None:
     the snapshot names (else _SnapshotMismatchError), then it must define the function at its top
     level and take the kwargs (what the submit checked in the file as it was then)."""
     params = machine.job_params
-    entry = next((e for e in machine._snapshot[1] if e[0] == params.file_path_r and e[1] != "l"),
-                 None) if machine._snapshot and params.kind != "script" else None
+    entry = next((e for e in machine.snapshot[1] if e[0] == params.file_path_r and e[1] != "l"),
+                 None) if machine.snapshot and params.kind != "script" else None
     if entry is None:
         return
     import hashlib
@@ -9247,26 +9236,26 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     machine.job_params.description = config.description
     machine.job_params.session_name = machine.job_params.tab_name = machine.job_id
     machine.job_params.ssh_repr = machine.host_name
-    machine.job_params.ssh_repr_remote = machine._place.account()
+    machine.job_params.ssh_repr_remote = machine.place.account()
     machine.file_manager.python = machine.python
     line = machine.job_params.get_execution_line(config.workload_params, config.parallelize,
                                                  config.wrap_in_try_except)
     _write_new_json(folder / JOB_PARAMS_JSON, machine.job_params.to_dict())
-    if config.copy_repo and machine._snapshot is not None:
+    if config.copy_repo and machine.snapshot is not None:
         _write_new(folder / CODE_MANIFEST_JSON,
-                   json.dumps(machine._snapshot[1], separators=(",", ":")))
+                   json.dumps(machine.snapshot[1], separators=(",", ":")))
     _write_new_json(folder / KWARGS_JSON, machine.kwargs)
     _write_new_json(folder / FILE_MANAGER_JSON, machine.file_manager.to_dict())
     _write_new_json(folder / CONFIG_JSON, config.to_dict())
-    if machine._instance is not None:
-        (folder / INSTANCE_PICKLE).write_bytes(machine._instance)
+    if machine.pickled_instance is not None:
+        (folder / INSTANCE_PICKLE).write_bytes(machine.pickled_instance)
     _write_new(folder / WRAPPER_PY, render_execution_script(line))
-    machine._launcher.write_extras(machine, folder)
+    machine.launcher.write_extras(machine, folder)
     shutil.copyfile(source, folder / STACKOPS_COPY)
     os.chmod(folder / STACKOPS_COPY, 0o600)
     _ship_bytecode(source, folder / "python")  # the job's start skips compiling it (~40 ms of CPU)
     _write_new(folder / STATE_JSON, json.dumps(_first_state(machine)))
-    if config.copy_repo and machine._place.code_in_folder and machine._snapshot is not None:
+    if config.copy_repo and machine.place.code_in_folder and machine.snapshot is not None:
         _code_here(machine, folder)  # here, or in the cloud archive: the folder carries its code
     machine.scripts_generated = True
     _write_new_json(folder / REMOTE_MACHINE_JSON, machine.to_dict())
@@ -9298,7 +9287,7 @@ def _member_files(job: RemoteMachine, manager: dict[str, Any],
 def _write_members(template: RemoteMachine, jobs: list[RemoteMachine],
                    per_job_config: bool = True) -> None:
     """The members of a sweep or an array beside the shared folder, here, each with its record;
-    the same files travel to a host (``template._members``)."""
+    the same files travel to a host (``template.members``)."""
     queued = template.file_manager.job_root.parent
     links = sweep_links(queued, template.job_id)
     manager = template.file_manager.to_dict()
@@ -9306,10 +9295,10 @@ def _write_members(template: RemoteMachine, jobs: list[RemoteMachine],
     for job in jobs:
         files = _member_files(job, manager, job.config.to_dict() if per_job_config else None)
         members.append([job.job_id, files])
-        job._members, job._shared = [], template.job_id
+        job.members, job.shared_folder = [], template.job_id
         record = dict(files, **{REMOTE_MACHINE_JSON: json.dumps(job.to_dict())})
         write_sweep_job(queued, job.job_id, record, links)
-    template._members = members
+    template.members = members
 
 
 # -- a new job's arguments and files, an array's tasks, waiting for the results --------------------
@@ -9320,7 +9309,7 @@ def _wait_for_results(machine: RemoteMachine, timeout: float | None, poll: float
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         report = machine.get_status(0)
-        results = machine._settle(report)
+        results = _settle(machine, report)
         if results is not None:
             return results
         if deadline is not None and time.monotonic() > deadline:
@@ -9330,12 +9319,12 @@ def _wait_for_results(machine: RemoteMachine, timeout: float | None, poll: float
 
 def _array_tasks(machine: RemoteMachine) -> list[RemoteMachine]:
     """RemoteMachine.array_tasks: loaded once, each given the array's connection."""
-    if machine._tasks is None:
+    if machine.tasks is None:
         ids = machine.task_ids or [f"{machine.job_id}-{k}" for k in range(len(machine.array_parts))]
-        machine._tasks = [RemoteMachine.load(task_id, machine.config.base_dir) for task_id in ids]
-    for task in machine._tasks:
-        task._place.connection = machine._place.connection
-    return machine._tasks
+        machine.tasks = [RemoteMachine.load(task_id, machine.config.base_dir) for task_id in ids]
+    for task in machine.tasks:
+        task.place.connection = machine.place.connection
+    return machine.tasks
 
 
 def _download_array(machine: RemoteMachine, target: str | os.PathLike[str] | None, overwrite: bool,
@@ -9350,7 +9339,7 @@ def _download_array(machine: RemoteMachine, target: str | os.PathLike[str] | Non
     for task in machine.array_tasks():
         task.download_results(folder / task.job_id, overwrite, progress)
     machine.results_downloaded = True
-    machine._save()
+    _save_job(machine)
     return folder
 
 
@@ -9396,21 +9385,36 @@ def _machine_record(machine: RemoteMachine) -> dict[str, Any]:
             "shared": machine.shared,
             "slurm_job_id": machine.slurm_job_id, "task_ids": machine.task_ids,
             "results_path": results.as_posix() if results else None,
-            "cloud_sha256": machine.cloud_sha256, "shared_folder": machine._shared,
+            "cloud_sha256": machine.cloud_sha256, "shared_folder": machine.shared_folder,
             "downloaded_to": str(downloaded) if downloaded else None}
 
 
-def _restore_machine(machine: RemoteMachine, data: Any, job_root: Path | None) -> RemoteMachine:
-    """A job from its record (RemoteMachine.from_dict); ``machine`` is a blank instance."""
+def _save_job(machine: RemoteMachine) -> None:
+    _atomic_write_json(machine.file_manager.path(REMOTE_MACHINE_JSON), machine.to_dict())
+
+
+def _settle(machine: RemoteMachine, report: JobStatus) -> Path | None:
+    """The results folder of a completed job (kept in its record); JobFailedError if it failed
+    or was cancelled; None while it has not ended."""
+    if report.status in ("failed", "cancelled"):
+        raise JobFailedError(machine.job_id, report.error_message)
+    if report.status != "completed" or not report.results_path:
+        return None
+    machine.results_path = machine.place.results_path(report.results_path)
+    _save_job(machine)
+    return machine.results_path
+
+
+def _restore_machine(cls: type[RemoteMachine], data: Any, job_root: Path | None) -> RemoteMachine:
+    """A job from its record (RemoteMachine.from_dict, for ``cls``)."""
     if not isinstance(data, dict):
         raise ConfigError("remote_machine.json: expected a JSON object")
-    machine._init_state()
     try:
-        machine._use(RemoteStackOpsConfig.from_dict(data["config"]))
+        machine = cls._blank(RemoteStackOpsConfig.from_dict(data["config"]))
         machine.job_params = JobParams.from_dict(data["job_params"])
         machine.file_manager = FileManager.from_dict(data["file_manager"], job_root)
         inline = data.get("kwargs")  # older records held them; now they are read when asked
-        machine._kwargs = _check_kwargs(inline) if inline is not None else None
+        machine.kwargs = _check_kwargs(inline) if inline is not None else None
         machine.data = list(data["data"])
         machine.scripts_generated = bool(data["scripts_generated"])
         machine.submitted = bool(data["submitted"])
@@ -9420,11 +9424,11 @@ def _restore_machine(machine: RemoteMachine, data: Any, job_root: Path | None) -
         machine.slurm_job_id = data.get("slurm_job_id")
         machine.task_ids = list(data.get("task_ids") or [])
         machine.cloud_sha256 = str(data.get("cloud_sha256") or "")
-        machine._shared = data.get("shared_folder")
+        machine.shared_folder = data.get("shared_folder")
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
-    machine._instance = None
-    machine._parent_slurm_ids = []
+    machine.pickled_instance = None
+    machine.parent_slurm_ids = []
     path = data.get("results_path")
     machine.results_path = Path(path) if path else None
     downloaded = data.get("downloaded_to")
@@ -9441,17 +9445,15 @@ def _rerun_copy(machine: RemoteMachine, fresh: bool = False) -> RemoteMachine:
         number += 1
     data = machine.config.to_dict()
     data["job_id"] = check_safe_name(f"{stem}-r{number}")
-    again = RemoteMachine.__new__(RemoteMachine)
-    again._init_state()
-    again._use(RemoteStackOpsConfig.from_dict(data))
+    again = RemoteMachine._blank(RemoteStackOpsConfig.from_dict(data))
     again.job_params = JobParams.from_dict(machine.job_params.to_dict())
     again.kwargs, again.data = dict(machine.kwargs), list(machine.data)
     pickled = machine.file_manager.path(INSTANCE_PICKLE)
-    again._instance = pickled.read_bytes() if pickled.exists() else None
+    again.pickled_instance = pickled.read_bytes() if pickled.exists() else None
     again.file_manager = FileManager(again.job_id, "Linux", machine.file_manager.lock_resources,
                                      again.config.max_simultaneous_jobs, again.config.base_dir,
                                      pool=machine.file_manager.pool, gpus=machine.file_manager.gpus)
-    again._parent_slurm_ids = [again._launcher.after(again, p) for p in again.config.after]
+    again.parent_slurm_ids = [again.launcher.after(again, p) for p in again.config.after]
     if machine.config.copy_repo and not fresh:
         _pin_snapshot(again, machine)
     return again
@@ -9479,8 +9481,8 @@ def _pin_snapshot(again: RemoteMachine, machine: RemoteMachine) -> None:
         now = code_snapshot(expand_home(machine.job_params.repo_path_rh))
         sources = {digest: now[2][digest] for _r, kind, digest in entries
                    if kind != "l" and digest in now[2]}
-    again._snapshot = (identity, entries, sources)
-    again._pinned = True
+    again.snapshot = (identity, entries, sources)
+    again.pinned = True
 
 
 def _rerun_failed_tasks(machine: RemoteMachine, fresh: bool = False) -> list[str]:
@@ -9488,14 +9490,14 @@ def _rerun_failed_tasks(machine: RemoteMachine, fresh: bool = False) -> list[str
     if not machine.array_parts or machine.slurm_job_id is None:
         raise ConfigError(f"job {machine.job_id} is not a Slurm array: rerun it whole")
     tasks = machine.array_tasks()
-    reports = machine._place.reports(tasks, 0)  # one round trip for them all
+    reports = machine.place.reports(tasks, 0)  # one round trip for them all
     failed = [k for k, report in enumerate(reports) if report.status in ("failed", "cancelled")]
     if not failed:
         raise ConfigError(f"array {machine.job_id} has no failed task to rerun")
     for k in failed:
         tasks[k] = tasks[k].rerun(fresh=fresh)
     machine.task_ids = [task.job_id for task in tasks]
-    machine._save()
+    _save_job(machine)
     if not machine.is_remote:  # every view of the array here follows the new tasks (a host's
         _record(machine.file_manager.job_root, tasks=machine.task_ids)  # are told them: reports)
     return [tasks[k].job_id for k in failed]
@@ -9508,8 +9510,8 @@ def _withdraw(machine: RemoteMachine, sent: bool) -> None:
         return
     if sent:
         with _suppress(Exception):
-            machine._place.withdraw(machine)
-    for task in machine._tasks or []:
+            machine.place.withdraw(machine)
+    for task in machine.tasks or []:
         shutil.rmtree(task.file_manager.job_root, ignore_errors=True)
     shutil.rmtree(machine.file_manager.job_root, ignore_errors=True)
     machine.scripts_generated = False
@@ -9538,11 +9540,11 @@ def _delete_job(machine: RemoteMachine, results: bool) -> None:
     if root.is_symlink() or not (root / FILE_MANAGER_JSON).is_file():
         raise ConfigError(f"{collapse_home(root)} is not a stackops job folder; nothing deleted")
     tasks = machine.array_tasks() if machine.array_parts else []
-    place: _Place = machine._place if machine.submitted or not machine.is_remote \
+    place: _Place = machine.place if machine.submitted or not machine.is_remote \
         else _Here(machine.config)
-    roots = [task.root_there if place is machine._place else str(task.file_manager.job_root)
+    roots = [task.root_there if place is machine.place else str(task.file_manager.job_root)
              for task in tasks]
-    there = machine.root_there if place is machine._place else str(root)
+    there = machine.root_there if place is machine.place else str(root)
     place.call([{"action": "delete", "roots": [*roots, there], "results": results}])
     for folder in [task.file_manager.job_root for task in tasks] + [root]:
         if folder.is_dir() and not folder.is_symlink():  # the record here of a job on a host
@@ -9572,44 +9574,53 @@ class RemoteMachine:
         if not isinstance(config, RemoteStackOpsConfig):
             raise ConfigError("config must be a RemoteStackOpsConfig")
         self._use(config)
-        self.job_params, self._instance = _job_params_for(func)
+        self.job_params, self.pickled_instance = _job_params_for(func)
         self.kwargs = _check_kwargs(func_kwargs)
         _check_arguments(func, self, config)
         self.data = list(config.data) + list(data or [])
         _check_job_files(self.data, config.copy_repo, self.job_params)
         if config.copy_repo:
             self.job_params.data_r = _data_in_repo(self.data, self.job_params.repo_path_rh)
-        slots = config.lock_resources and self._launcher.takes_slot
+        slots = config.lock_resources and self.launcher.takes_slot
         self.file_manager = FileManager(config.job_id, "Linux", slots, config.max_simultaneous_jobs,
                                         config.base_dir, pool=config.pool, gpus=config.gpus)
-        self._place.adopt_state_dir(self.file_manager)
-        self._init_state()
-        self._parent_slurm_ids = [self._launcher.after(self, parent) for parent in config.after]
+        self.place.adopt_state_dir(self.file_manager)
+        self.parent_slurm_ids = [self.launcher.after(self, parent) for parent in config.after]
+
+    @classmethod
+    def _blank(cls, config: RemoteStackOpsConfig, like: RemoteMachine | None = None,
+               ) -> RemoteMachine:
+        """A job with ``config``, not checked (loaded from its record, a rerun, an array's task,
+        a cloud unit): with ``like``'s callable, kwargs, data and pickled instance, if given."""
+        job = cls.__new__(cls)
+        if like is not None:
+            job.__dict__.update(like.__dict__)
+            job.job_params = JobParams.from_dict(like.job_params.to_dict())
+        job._use(config)
+        return job
 
     def _use(self, config: RemoteStackOpsConfig) -> None:
-        """Take ``config``, and with it the place the job runs and the launcher that starts it."""
+        """Take ``config``, with it the place the job runs and the launcher that starts it, and
+        the state of a job not generated yet."""
         self.config = config
-        self._place = _place_for(config)
-        self._launcher = _launcher_for(config)
-
-    def _init_state(self) -> None:
+        self.place = _place_for(config)
+        self.launcher = _launcher_for(config)
         self.scripts_generated = self.submitted = self.results_downloaded = False
         self.results_path: Path | None = None
         self.launcher_pid: int | None = None
         self.slurm_job_id: str | None = None
         self.task_ids: list[str] = []  # an array's tasks when some were rerun (else <id>-0, ...)
-        self._tasks: list[RemoteMachine] | None = None
+        self.tasks: list[RemoteMachine] | None = None
         self.launch_command = ""
         self.shared = False  # the host sees our job folder (a shared home): used in place
-        self._snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None
-        self._pinned = False  # the snapshot is an older job's (rerun): never taken again
+        self.snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None
+        self.pinned = False  # the snapshot is an older job's (rerun): never taken again
         self.cloud_sha256 = ""  # the SHA-256 of the archive a cloud transfer uploaded
         self.units: list[str] = []  # the work units a cloud_manager run queued
-        self._checked = False  # interpreter and script found where the job runs
         self.downloaded_to: Path | None = None  # where download_results() put the results here
-        self._handed: _HandOver | None = None  # what the hand-over to the host did
-        self._members: list[list[Any]] = []  # a sweep's or array's members: their own files
-        self._shared: str | None = None  # the shared folder of the sweep or array it belongs to
+        self.handed: _HandOver | None = None  # what the hand-over to the host did
+        self.members: list[list[Any]] = []  # a sweep's or array's members: their own files
+        self.shared_folder: str | None = None  # the shared folder of its sweep or array
 
     def __repr__(self) -> str:
         return f"RemoteMachine({self.config.job_id!r} @ {self.host_name})"
@@ -9623,7 +9634,7 @@ class RemoteMachine:
         return self._kwargs
 
     @kwargs.setter
-    def kwargs(self, value: dict[str, Any]) -> None:
+    def kwargs(self, value: dict[str, Any] | None) -> None:  # None: read from the folder
         self._kwargs = value
 
     @property
@@ -9632,22 +9643,22 @@ class RemoteMachine:
 
     @property
     def is_remote(self) -> bool:
-        return self._place.remote
+        return self.place.remote
 
     @property
     def host_name(self) -> str:
-        return self._place.host_name
+        return self.place.host_name
 
     @property
     def uses_slurm(self) -> bool:
         """Slurm starts and queues the job (``launch_method='slurm'``); it takes no slot."""
-        return isinstance(self._launcher, _SlurmLauncher)
+        return isinstance(self.launcher, _SlurmLauncher)
 
     @property
     def array_parts(self) -> list[WorkloadParams]:
         """The slices of a Slurm job array: a workload of K > 1 parts runs as K array tasks, task k
         a job of its own (``{job_id}-{k}``) with slice k; empty for any other job."""
-        return self._launcher.array_parts(self)
+        return self.launcher.array_parts(self)
 
     def array_tasks(self) -> list[RemoteMachine]:
         """The jobs of the array's tasks, in index order, sharing this job's connection."""
@@ -9655,20 +9666,20 @@ class RemoteMachine:
 
     @property
     def python(self) -> str:
-        return self.config.python or self._place.default_python
+        return self.config.python or self.place.default_python
 
     @property
     def ssh(self) -> SSH:
         """The one connection to the host, opened on first use."""
-        return self._place.ssh
+        return self.place.ssh
 
     @property
     def root_there(self) -> str:
         """The job folder where it runs, as the executing side is told it (``~/...`` on a host)."""
-        return self._place.there(self.file_manager)
+        return self.place.there(self.file_manager)
 
     def close(self) -> None:
-        self._place.close()
+        self.place.close()
 
     def __enter__(self) -> RemoteMachine:
         return self
@@ -9683,7 +9694,7 @@ class RemoteMachine:
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> RemoteMachine:
-        return _restore_machine(cls.__new__(cls), data, job_root)
+        return _restore_machine(cls, data, job_root)
 
     @classmethod
     def from_job_dir(cls, job_dir: str | os.PathLike[str]) -> RemoteMachine:
@@ -9698,9 +9709,6 @@ class RemoteMachine:
             raise ConfigError(f"no job {job_id!r} under {collapse_home(root.parent.parent)}",
                               hint=f"{_prog()} list shows the jobs")
         return cls.from_job_dir(root)
-
-    def _save(self) -> None:
-        _atomic_write_json(self.file_manager.path(REMOTE_MACHINE_JSON), self.to_dict())
 
     # -- the lifecycle --------------------------------------------------------------------------
 
@@ -9727,7 +9735,7 @@ class RemoteMachine:
         if not self.submitted:
             raise StackopsError(f"job {self.job_id} is not submitted yet",
                                 hint="call submit() first")
-        return self._launcher.fire(self, run)
+        return self.launcher.fire(self, run)
 
     def cancel(self, grace: float = 10.0) -> JobStatus:
         """Stop the job where it runs and return the status that holds after: ``cancelled``, or
@@ -9736,7 +9744,7 @@ class RemoteMachine:
         slot is free at once. A Slurm job is cancelled with ``scancel``."""
         if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not 0 <= grace <= 3600:
             raise ConfigError(f"grace must be 0 to 3600 seconds, got {grace!r}")
-        return self._launcher.cancel(self, grace)
+        return self.launcher.cancel(self, grace)
 
     def delete(self, results: bool = False) -> None:
         """Remove the job's folder where it ran and its record here (with ``results``, also its
@@ -9754,8 +9762,8 @@ class RemoteMachine:
             raise ConfigError(f"job {self.job_id} is {state}: only an ended job can be rerun",
                               hint=f"{'cancel it first' if report is not None else 'start it'}")
         again = _rerun_copy(self, fresh)
-        again._place.connection = self._place.connection
-        self._place.connection = None  # the connection goes on with the new job
+        again.place.connection = self.place.connection
+        self.place.connection = None  # the connection goes on with the new job
         return again.run(run)
 
     def rerun_failed_tasks(self, fresh: bool = False) -> list[str]:
@@ -9768,9 +9776,9 @@ class RemoteMachine:
         """Check what can be checked before anything is written or sent: the host answers and is
         trusted, the cloud remote is known, the launcher's tools and the GPUs asked for are there.
         run() starts with it."""
-        self._place.preflight()
-        self._launcher.preflight(self)
-        self._place.check_gpus(self)
+        self.place.preflight()
+        self.launcher.preflight(self)
+        self.place.check_gpus(self)
         return self
 
     def run(self, run: bool = True, show_scripts: bool = False,
@@ -9780,28 +9788,19 @@ class RemoteMachine:
         process that takes a slot where it runs. ``slurm``: the same, handed to sbatch.
         ``cloud_manager``: the job goes, as one work unit, to the queue on ``config.cloud_name``;
         any worker runs it (submit_to_cloud)."""
-        self._launcher.run(self, run, show_scripts, progress)
+        self.launcher.run(self, run, show_scripts, progress)
         return self
 
     def get_status(self, log_lines: int = 20) -> JobStatus:
         """The job's full status, judged where it runs (see _judge). Over SSH this is one round
         trip, and the host's record of the job is kept in the local job folder (shown "as of"
         when the host cannot be reached)."""
-        return self._launcher.status(self, log_lines)
+        return self.launcher.status(self, log_lines)
 
     def check_job_status(self) -> Path | None:
         """The results folder once the job completed (on the host, for a remote job); None while
         it is queued, waiting or running. A failed job raises JobFailedError with its error."""
-        return self._settle(self.get_status(0))
-
-    def _settle(self, report: JobStatus) -> Path | None:
-        if report.status in ("failed", "cancelled"):
-            raise JobFailedError(self.job_id, report.error_message)
-        if report.status != "completed" or not report.results_path:
-            return None
-        self.results_path = self._place.results_path(report.results_path)
-        self._save()
-        return self.results_path
+        return _settle(self, self.get_status(0))
 
     def wait(self, timeout: float | None = None, poll: float = 0.2, download: bool = True) -> Path:
         """Block until the job ends (raises JobFailedError if it failed) and return its results
@@ -9809,7 +9808,7 @@ class RemoteMachine:
         folder downloaded here first (download_results() with its default target; only once).
         ``download=False`` returns the folder's path on the host as the host recorded it."""
         results = _wait_for_results(self, timeout, poll)
-        return self._place.results_here(self, results) if download else results
+        return self.place.results_here(self, results) if download else results
 
     def results(self) -> Path:
         """The results folder, or an error saying why there is none yet."""
@@ -9830,10 +9829,10 @@ class RemoteMachine:
         results = self.results()
         if self.array_parts:
             return _download_array(self, target, overwrite, progress)
-        local = self._place.fetch_results(self, results, target, overwrite, progress)
+        local = self.place.fetch_results(self, results, target, overwrite, progress)
         self.results_downloaded = True
         self.downloaded_to = local
-        self._save()
+        _save_job(self)
         return local
 
     def submit_to_cloud(self, split: int) -> list[str]:
@@ -9846,7 +9845,7 @@ class RemoteMachine:
         """Delete the job's results folder where it ran, only if it is the job's own (its default
         results folder or inside its job folder); a path it returned from elsewhere is refused."""
         self.results()
-        self._place.call([{"action": "delete_results", "roots": [self.root_there]}])
+        self.place.call([{"action": "delete_results", "roots": [self.root_there]}])
         return self
 
 
@@ -10043,7 +10042,7 @@ class _ListCache:
                 log.warning("skipping %s: %s", collapse_home(root), exc)
                 return None
             who = {"job_id": machine.job_id, "host": machine.host_name,
-                   "sweep": machine._shared, "shared": machine.shared,
+                   "sweep": machine.shared_folder, "shared": machine.shared,
                    "there": machine.root_there, "tasks": machine.task_ids or None,
                    "asked_there": machine.is_remote and machine.submitted}
         self.new[str(root)] = {"key": key, "who": who}
@@ -10201,7 +10200,7 @@ class Sweep:
                 continue
             first = first or raw
             jobs.append(RemoteMachine.from_dict(data, job_root=queued / job_id))
-            jobs[-1]._place = jobs[0]._place  # one connection for all
+            jobs[-1].place = jobs[0].place  # one connection for all
             plain = plain or _id_aside(data)
         sweep = cls(sweep_id, jobs)
         loaded = {job.job_id for job in jobs}
@@ -10220,7 +10219,7 @@ class Sweep:
 
     def check_job_status(self, timeout: float = 60.0) -> dict[str, JobStatus | StackopsError]:
         """Every job's status, judged where they run, all in one round trip."""
-        reports = self.jobs[0]._place.reports(self.jobs, 0) if self.jobs else []
+        reports = self.jobs[0].place.reports(self.jobs, 0) if self.jobs else []
         answers: dict[str, JobStatus | StackopsError] = {
             job_id: JobStatus(job_id, "failed", error_message=why)
             for job_id, why in self.gone.items()}
@@ -10248,7 +10247,7 @@ class Sweep:
         queue starts none of them meanwhile."""
         if not self.jobs:
             return {}
-        place = self.jobs[0]._place
+        place = self.jobs[0].place
         request = {"action": "cancel", "roots": [job.root_there for job in self.jobs],
                    "grace": grace}
         answers: dict[str, JobStatus | StackopsError] = {}
@@ -10262,9 +10261,7 @@ class Sweep:
 def _sweep_member(template: RemoteMachine, job_id: str, kwargs: dict[str, Any]) -> RemoteMachine:
     """Job ``job_id`` of a sweep: the template's function, config and connection, its kwargs.
     Copies, not constructions: they were checked once, and a sweep makes thousands."""
-    job = _member_as_loaded(template, job_id)
-    job._init_state()
-    job._place = template._place  # the template's connection
+    job = _member_as_loaded(template, job_id)  # the template's state is new: so is the job's
     job.kwargs = kwargs
     job.scripts_generated = True
     return job
@@ -10298,7 +10295,7 @@ def _member_as_loaded(first: RemoteMachine, job_id: str) -> RemoteMachine:
     manager.job_id = job_id
     manager.job_root_rh = f"{manager.job_root_rh.rsplit('/', 1)[0]}/{job_id}"
     manager.job_root = manager.job_root.parent / job_id
-    job.data, job.task_ids, job._kwargs = list(first.data), list(first.task_ids), None
+    job.data, job.task_ids, job.kwargs = list(first.data), list(first.task_ids), None
     return job
 
 
@@ -10358,12 +10355,12 @@ def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run:
         made += [job.job_id for job in jobs]
         _write_members(template, jobs, per_job_config=False)
         for job in jobs:
-            job._snapshot = template._snapshot
+            job.snapshot = template.snapshot
         if template.is_remote:
             spec = _handing(template, False, None)
             spec.fire = [job.root_there for job in jobs] if run else []
-            template._handed = _hand_over(template.ssh, spec, progress)
-            fired = template._handed.fired
+            template.handed = _hand_over(template.ssh, spec, progress)
+            fired = template.handed.fired
         else:
             fired = fire_jobs([job.file_manager.job_root for job in jobs]) if run else {}
     except BaseException:
@@ -10375,7 +10372,7 @@ def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run:
                 shutil.rmtree(path, ignore_errors=True)
         raise
     for job in jobs:
-        job.submitted, job.shared = True, bool(template._handed and template._handed.shared)
+        job.submitted, job.shared = True, bool(template.handed and template.handed.shared)
         job.launcher_pid = fired.get("pid") if run else None
         _write_plain(job.file_manager.path(REMOTE_MACHINE_JSON), json.dumps(job.to_dict()))
     if fired.get("warning"):
@@ -10653,7 +10650,7 @@ class Cluster:
             if host in self.workloads and host not in self.machines:
                 machine = RemoteMachine(self.func, self._machine_config(index, host),
                                         self.func_kwargs)
-                machine._place.connection = self._ssh[host]
+                machine.place.connection = self._ssh[host]
                 self.machines[host] = machine
         gated = launch and self.config.transfer_method != "cloud"  # cloud: fetched when fired
         together = _Together(len(self.machines)) if gated else None
@@ -10735,7 +10732,7 @@ class Cluster:
             ssh.close()
         self._ssh.clear()
         for machine in self.machines.values():
-            machine._place.connection = None
+            machine.place.connection = None
 
     def __enter__(self) -> Cluster:
         return self
@@ -11303,7 +11300,7 @@ def _handed_report(machine: RemoteMachine) -> JobStatus:
     """The job as its fire left it, with no second round trip after run(): waiting, queued
     (Slurm) or running, on the node that took it; a job not handed over so (a cloud queue's)
     has its status read."""
-    handed = machine._handed
+    handed = machine.handed
     node = handed.node if handed is not None else ""
     if not machine.is_remote:
         node = os.uname().nodename
@@ -11357,7 +11354,7 @@ def _cmd_status(args: Any) -> int:
         if not isinstance(target, RemoteMachine):
             return _group_status(target, args)
         report = target.get_status(args.lines)
-        tasks = target._place.reports(target.array_tasks(), 0) if target.array_parts else []
+        tasks = target.place.reports(target.array_tasks(), 0) if target.array_parts else []
     if args.json:
         _print_json(dict(report.to_dict(),
                          tasks=[task.to_dict() for task in tasks]) if tasks else report.to_dict())
@@ -11551,7 +11548,7 @@ def _follow_log(machine: RemoteMachine, args: Any) -> int:
     while True:
         request = {"action": "logs", "roots": [machine.root_there], "offset": offset,
                    "lines": args.lines or 10**9}
-        answer = machine._place.call([request])[0]
+        answer = machine.place.call([request])[0]
         sys.stdout.write(answer["text"])
         sys.stdout.flush()
         offset = answer["offset"]
@@ -11571,11 +11568,11 @@ def _follow_members(members: list[RemoteMachine], args: Any) -> int:
         live = [member for member in members if member.job_id not in done]
         places: dict[int, list[RemoteMachine]] = {}
         for member in live:
-            places.setdefault(id(member._place), []).append(member)
+            places.setdefault(id(member.place), []).append(member)
         for group in places.values():
             requests = [{"action": "logs", "roots": [member.root_there], "lines": args.lines or
                          10**9, "offset": offsets[member.job_id]} for member in group]
-            for member, answer in zip(group, group[0]._place.call(requests)):
+            for member, answer in zip(group, group[0].place.call(requests)):
                 if answer["text"] and shown != member.job_id:
                     shown = member.job_id
                     print(f"==> {member.job_id} <==")
@@ -11661,7 +11658,7 @@ def _download_members(members: list[RemoteMachine], args: Any) -> int:
     if not members:
         raise ConfigError(f"{args.job_id} has no jobs")
     folder = expand_home(args.to or f"{DEFAULT_RESULTS_DIR}/{args.job_id}")
-    reports = members[0]._place.reports(members, 0)
+    reports = members[0].place.reports(members, 0)
     code = 0
     for member, report in zip(members, reports):
         if report.status != "completed":
@@ -11669,7 +11666,7 @@ def _download_members(members: list[RemoteMachine], args: Any) -> int:
                   file=sys.stderr)
             code = 1
             continue
-        member._settle(report)
+        _settle(member, report)
         member.download_results(folder / member.job_id, overwrite=args.overwrite,
                                 progress=_progress(args))
     print(collapse_home(folder))
@@ -11901,7 +11898,7 @@ def _code_note(machine: RemoteMachine) -> str:
     if not machine.config.copy_repo:
         return "the repo in place, as it is now"
     identity = machine.job_params.code_snapshot[:12]
-    if machine._pinned:
+    if machine.pinned:
         return f"its own snapshot {identity}"
     return f"the code as it is now (snapshot {identity})"
 

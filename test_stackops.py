@@ -898,6 +898,37 @@ def test_header_house_limits_hold_in_the_whole_module():
     assert spans["RemoteMachine"] <= 300 and spans["SSH"] <= 330, spans
 
 
+def test_header_house_limits_keep_the_job_s_insides_to_remote_machine():
+    """Issue 21 item 6, coupling read with ast: outside `class RemoteMachine` no code reads or
+    sets `X._name` where X is a job (a name `machine` or an attribute `.machine`), nor a private
+    name RemoteMachine itself defines (set on self, or a method) on anything but `self`, `cls`
+    or the class: places, launchers, sweeps and clusters take the fields they use."""
+    import ast
+
+    tree = ast.parse(SOURCE.read_text())
+    job = next(node for node in tree.body
+               if isinstance(node, ast.ClassDef) and node.name == "RemoteMachine")
+    inside = {id(node) for node in ast.walk(job)}
+    own = {node.attr for node in ast.walk(job) if isinstance(node, ast.Attribute)
+           and isinstance(node.value, ast.Name) and node.value.id == "self"}
+    own |= {node.name for node in job.body if isinstance(node, ast.FunctionDef)}
+    own = {name for name in own if name.startswith("_") and not name.startswith("__")}
+    assert {"_use", "_kwargs"} <= own  # the rule reads the class it guards
+
+    def reaches(node: ast.Attribute) -> bool:
+        value = node.value
+        if isinstance(value, ast.Name) and value.id == "machine" or \
+                isinstance(value, ast.Attribute) and value.attr == "machine":
+            return True
+        return node.attr in own and not (
+            isinstance(value, ast.Name) and value.id in ("self", "cls", "RemoteMachine"))
+
+    found = [f"{node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+             if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+             and id(node) not in inside and reaches(node)]
+    assert found == []
+
+
 def test_header_all_is_pinned():
     assert stackops.__all__ == EXPECTED_ALL
     assert all(hasattr(stackops, name) for name in stackops.__all__)
@@ -6672,12 +6703,12 @@ def test_places_remote_machine_uses_nothing_from_the_worker_or_the_cli():
 ])
 def test_places_chosen_from_the_config_once(home, settings, place, launcher):
     job = RemoteMachine(stackops.demo_job, RemoteStackOpsConfig(job_id="seam-1", **settings))
-    assert type(job._place).__name__ == place and type(job._launcher).__name__ == launcher
+    assert type(job.place).__name__ == place and type(job.launcher).__name__ == launcher
     assert job.is_remote == ("ssh_host" in settings)
     assert job.uses_slurm == (launcher == "_SlurmLauncher")
     assert job.host_name == settings.get("ssh_host", "localhost")
     again = RemoteMachine.from_dict(json.loads(json.dumps(job.to_dict())))
-    assert type(again._place).__name__ == place and type(again._launcher).__name__ == launcher
+    assert type(again.place).__name__ == place and type(again.launcher).__name__ == launcher
 
 
 SEAM_HOSTILE = "it's a \"folder\" $(touch /tmp/stackops-pwned) `x` ;&|<> *"
@@ -11623,7 +11654,7 @@ class PlacesMachine(_ModelMachine):
             statuses[job["id"]] = status
         own = [job for job in self.jobs if job["queue"] == "ownh"]
         if own and self.up["ownh"]:
-            for job, report in zip(own, own[0]["machine"]._place.reports([job["machine"] for job in own], 0)):
+            for job, report in zip(own, own[0]["machine"].place.reports([job["machine"] for job in own], 0)):
                 statuses[job["id"]] = report.status
         return statuses
 
