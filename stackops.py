@@ -3309,12 +3309,20 @@ def _job_status(root: Path, state: dict[str, Any], log_lines: int = 0) -> JobSta
     return _status_of(root.name, state, tail, place)
 
 
-def _place_and_tail(root: Path, state: dict[str, Any], log_lines: int) -> tuple[int | None, str]:
-    """A job's place in its queue (while it waits there) and the last lines of its log."""
+def _place_and_tail(root: Path, state: dict[str, Any], log_lines: int,
+                    places: dict[str, dict[str, int]] | None = None) -> tuple[int | None, str]:
+    """A job's place in its queue (while it waits there) and the last lines of its log
+    (``places``: the queues listed for the other jobs of one answer, by folder)."""
     entry = state.get("entry") or ""
     place = None
-    if state.get("status") == "waiting" and os.path.basename(os.path.dirname(entry)) == "queue":
-        place = _place_in(os.path.dirname(entry), os.path.basename(entry))
+    queue, name = os.path.split(entry)
+    if state.get("status") == "waiting" and os.path.basename(queue) == "queue":
+        if places is None or queue not in places:
+            place = _place_in(queue, name)
+            if places is not None:
+                places[queue] = _PLACES.get(queue, (0, {}))[1]
+        else:
+            place = places[queue].get(name)
     tail = _tail(_read_text(root / OUTPUT_LOG), log_lines) if log_lines > 0 else ""
     return place, tail
 
@@ -3322,10 +3330,16 @@ def _place_and_tail(root: Path, state: dict[str, Any], log_lines: int) -> tuple[
 def _status_of(job_id: str, state: dict[str, Any], tail: str = "",
                place: int | None = None) -> JobStatus:
     """A JobStatus from a job's judged state record (read here or sent by its host)."""
+    return JobStatus(**_status_fields(job_id, state, tail, place))
+
+
+def _status_fields(job_id: str, state: dict[str, Any], tail: str,
+                   place: int | None) -> dict[str, Any]:
+    """The fields of _status_of's JobStatus (unchecked)."""
     status = state.get("status") or "prepared"
     attempt, attempts = state.get("attempt"), state.get("attempts") or 1
     slurm = state.get("slurm") or {}
-    return JobStatus(job_id=job_id, status=status if status in STATUSES else "failed",
+    return dict(job_id=job_id, status=status if status in STATUSES else "failed",
                      pid=state.get("pid"), submission_time=state.get("submitted"),
                      start_time=state.get("started"), end_time=state.get("ended"),
                      results_path=state.get("results"), error_message=state.get("error") or "",
@@ -3337,7 +3351,8 @@ def _status_of(job_id: str, state: dict[str, Any], tail: str = "",
                      exit_code=state.get("exit_code"), signal=state.get("signal"),
                      max_rss_bytes=state.get("max_rss_bytes"),
                      cpu_seconds=state.get("cpu_seconds"), slot=state.get("slot"),
-                     runs=list(state.get("runs") or []), as_of=state.get("as_of"))
+                     runs=list(state.get("runs") or []), as_of=state.get("as_of"),
+                     schema=STATE_SCHEMA)
 
 
 # ============================================================================================
@@ -5033,7 +5048,11 @@ def _combine(reports: list[JobStatus], parent: JobStatus) -> JobStatus:
 def judge_jobs(roots: list[Path]) -> list[dict[str, Any]]:
     """Each job's state now (see _judge), for many jobs in one go: Slurm is asked once per job
     or array, a queue with jobs in line gets its dispatcher made sure of (once)."""
-    states = [read_state(root) for root in roots]
+    return _judge_records(roots, [read_state(root) for root in roots])
+
+
+def _judge_records(roots: list[Path], states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """judge_jobs of jobs whose records were read (``states``, read_state's)."""
     asked = {str(s["slurm"]["id"]) for s in states
              if isinstance(s.get("slurm"), dict) and s["slurm"].get("id") and not s.get("tasks")
              and not (s.get("status") in TERMINAL_STATUSES and s.get("final", True))}
@@ -9942,31 +9961,26 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[di
     ``as_of`` (None when current; else when its record was last read where it runs, because its
     host could not be asked within ``timeout`` seconds) and ``error`` (why not). Every job is
     judged where it runs (here: this machine's; a host's, all in one round trip per host);
-    an ended job's row is read once and kept (<base>/.list-cache.json)."""
-    cache = _ListCache(expand_home(base_dir or DEFAULT_BASE_DIR))
+    a job's state record is read once and kept while its file stays the same (_RecordCache)."""
+    cache = _RecordCache(expand_home(base_dir or DEFAULT_BASE_DIR))
     rows: list[dict[str, Any]] = []
     here: list[dict[str, Any]] = []
     remote: dict[str, list[dict[str, Any]]] = {}
     for root, cluster in _job_folders(base_dir, checked=False):
-        row = cache.row(root, cluster)  # (a row kept is a job's: its record is looked at)
-        if row is None:
-            if not os.path.exists(f"{root}/{REMOTE_MACHINE_JSON}"):
-                continue  # a sweep's shared folder, a folder being made
-            row = cache.identity(root, cluster)
-            if row is None:
-                continue
+        row = cache.identity(root, cluster)  # (None: a sweep's shared folder, one being made)
+        if row is not None:
             (remote.setdefault(row["host"], []) if row.pop("asked_there") else here).append(row)
-        rows.append(row)
+            rows.append(row)
     for row, answer in zip(here, _reports_of([row["root"] for row in here], 0,
-                                             [row.get("tasks") for row in here])):
-        row["report"] = report_from(answer)
+                                             [row.get("tasks") for row in here], cache)):
+        row["report"] = cache.report(answer, row["root"])
         row["as_of"] = answer["state"].get("as_of")
     for host, answers in _ask_hosts(remote, timeout).items():
         for row in remote[host]:
             _take_answer(row, answers.get(row["job_id"], answers.get("*")))
-    for row in here + [row for host_rows in remote.values() for row in host_rows]:
-        cache.keep(row.pop("root"), row)
-    cache.save()
+    for row in rows:
+        del row["root"]
+    cache.save(whole=True)
     return sorted(rows, key=lambda r: (r["report"].submission_time or "", r["job_id"]),
                   reverse=True)
 
@@ -9988,77 +10002,146 @@ def _take_answer(row: dict[str, Any], answer: Any) -> None:
 
 
 
-class _ListCache:
-    """What the last ``list`` found, in ``<base>/.list-cache.json``: for every job, who it is
-    (host, sweep, whether its host is asked: read from its record, kept while the record's mtime
-    and size stay), and for an ended job its whole row (kept while its state record stays the
-    same). So a history of 10,000 jobs lists without reading 10,000 records; anything odd about
-    the file just means the jobs are read in full."""
+class _RecordCache:
+    """What the last ``list`` or ``status`` of many jobs read, in ``<base>/.list-cache.json``: per
+    job folder, who it is (host, sweep, whether its host is asked: from its record) and its state
+    record, each kept with the stamps (inode, mtime, ctime, size) of the file it was read from and
+    used only while that file's stamps stay the same. Records are replaced whole (a new inode), so
+    a change, a deleted folder or an id used again shows in the stamps; a file is kept only once
+    its stamps are RACY_NS old (a write within the same clock tick may leave them as they were:
+    git's racy rule), and a state record only when no other machine writes it (an end, or a job
+    this machine judges). So 10,000 jobs list with a stat each, not a read; anything odd about the
+    file just means the jobs are read in full."""
 
     def __init__(self, base: Path) -> None:
         self.path = base / ".list-cache.json"
         self.old: dict[str, Any] = {}
         self.new: dict[str, Any] = {}
+        self.whos: list[Any] = []  # who the jobs are, each once (a sweep's members share one)
+        self.changed = False
+        self.since = time.time_ns() - RACY_NS  # a file older than this is stamped for good
         with _suppress(OSError, ValueError):
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and data.get("version") == __version__:
-                self.old = data.get("rows") or {}
+            with open(self.path, "rb") as handle:
+                data = json.loads(handle.read())
+            if isinstance(data, dict) and data.get("version") == [__version__, 2]:
+                rows, whos = data.get("rows"), data.get("whos")
+                if isinstance(rows, dict) and isinstance(whos, list):
+                    self.old, self.whos = rows, whos
 
-    @staticmethod
-    def key(path: str) -> list[int] | None:
+    def key(self, path: str) -> list[int] | None:
+        """The stamps of the file at ``path``; [] when too recent to stand for its bytes."""
         try:
             info = os.stat(path)
         except OSError:
             return None
-        return [info.st_mtime_ns, info.st_size]
+        if max(info.st_mtime_ns, info.st_ctime_ns) >= self.since:
+            return []
+        return [info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size]
 
-    def row(self, root: Path, cluster: str | None) -> dict[str, Any] | None:
-        """The whole row of an ended job whose record and state did not change, else None."""
-        hit = self.old.get(str(root))  # (an ended row is its state record's: the job's record
-        if not isinstance(hit, dict) or not isinstance(hit.get("report"), dict) \
-                or hit.get("state_key") != self.key(f"{root}/{STATE_JSON}"):  # is not read again)
-            return None
-        plain = hit["report"]
-        fields = JobStatus.__dataclass_fields__.keys()
-        if plain.keys() != fields or plain.get("status") not in TERMINAL_STATUSES \
-                or not all(isinstance(plain.get(k), (str, type(None))) for k in
-                           ("job_id", "submission_time", "start_time", "end_time", "host")):
-            return None
-        report = JobStatus.__new__(JobStatus)  # written from a checked JobStatus
-        report.__dict__.update(plain)
-        self.new[str(root)] = hit
-        return {"job_id": report.job_id, "host": hit["host"], "cluster": cluster,
-                "sweep": hit.get("sweep"), "as_of": None, "error": None, "report": report}
+    def entry(self, root: str) -> dict[str, Any]:
+        entry = self.new.get(root)
+        if entry is None:
+            old = self.old.get(root)
+            entry = self.new[root] = dict(old) if isinstance(old, dict) else {}
+        return entry
 
-    def identity(self, root: Path, cluster: str | None) -> dict[str, Any] | None:
-        """A job's row before its status: who it is, from its record (or from the cache)."""
+    def state(self, root: Path) -> dict[str, Any]:
+        """The job's state record (read_state), from the cache while its file is unchanged."""
+        entry = self.entry(str(root))
+        key = self.key(f"{root}/{STATE_JSON}")
+        state = entry.get("state")
+        if key and entry.get("state_key") == key and isinstance(state, dict):
+            return state
+        state = read_state(root)  # (stamped before it is read: a later write changes them)
+        kept = _ended(state) or state.get("machine") == machine_key() and not state.get("slurm")
+        for name in ("state", "state_key", "checked"):
+            self.changed |= entry.pop(name, None) is not None
+        if key and kept:
+            entry.update(state_key=key, state=state)
+            self.changed = True
+        return state
+
+    def identity(self, root: Path, cluster: str | None,
+                 warn: bool = True) -> dict[str, Any] | None:
+        """A job's row before its status: who it is, from its record (or from the cache); None
+        when it has no record (or, saying so unless not ``warn``, an unreadable one)."""
+        entry = self.entry(str(root))
         key = self.key(f"{root}/{REMOTE_MACHINE_JSON}")
-        hit = self.old.get(str(root))
-        who = hit.get("who") if isinstance(hit, dict) and hit.get("key") == key else None
-        if not isinstance(who, dict):
+        if key is None:
+            return None
+        who = self._who(root, entry)
+        if not key or entry.get("key") != key or who is None:
             try:
                 machine = RemoteMachine.from_job_dir(root)
             except StackopsError as exc:
-                log.warning("skipping %s: %s", collapse_home(root), exc)
+                if warn:
+                    log.warning("skipping %s: %s", collapse_home(root), exc)
                 return None
-            who = {"job_id": machine.job_id, "host": machine.host_name,
+            who = {"job_id": machine.job_id, "host": machine.host_name, "remote": machine.is_remote,
                    "sweep": machine.shared_folder, "shared": machine.shared,
                    "there": machine.root_there, "tasks": machine.task_ids or None,
                    "asked_there": machine.is_remote and machine.submitted}
-        self.new[str(root)] = {"key": key, "who": who}
+            entry.update(key=key, who=who)
+            entry.pop("w", None)
+            self.changed = True
         return dict(who, cluster=cluster, as_of=None, error=None, root=root)
 
-    def keep(self, root: Path, row: dict[str, Any]) -> None:
-        report = row["report"]
-        entry = self.new.setdefault(str(root), {})
-        if report.status in TERMINAL_STATUSES and row["as_of"] is None and row["error"] is None:
-            entry.update(report=report.to_dict(), host=row["host"], sweep=row.get("sweep"),
-                         state_key=self.key(f"{root}/{STATE_JSON}"))
+    def _who(self, root: Path, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """Who the job in ``root`` is, as ``entry`` keeps it (its id and folder: None for its
+        folder's)."""
+        who = entry.get("who")
+        if who is None:
+            index = entry.get("w")
+            if not isinstance(index, int) or not 0 <= index < len(self.whos) \
+                    or not isinstance(self.whos[index], dict):
+                return None
+            who = dict(self.whos[index])
+        if who.get("job_id") is None:
+            who["job_id"] = root.name
+        if who.get("there") is None:
+            who["there"] = str(root)
+        return who
 
-    def save(self) -> None:
-        if self.new != self.old and self.path.parent.is_dir():
-            with _suppress(OSError):
-                _write_plain(self.path, json.dumps({"version": __version__, "rows": self.new}))
+    def report(self, answer: dict[str, Any], root: Path) -> JobStatus:
+        """report_from(answer); of a record the judge found as it was (the same object), made
+        without checking its fields again once a JobStatus was made of it."""
+        entry = self.new.get(str(root)) or {}
+        state = entry.get("state")
+        if not isinstance(state, dict) or answer["state"] is not state or answer.get("tasks"):
+            return report_from(answer)
+        if not entry.get("checked"):
+            report = report_from(answer)
+            entry["checked"] = self.changed = True
+            return report
+        report = JobStatus.__new__(JobStatus)  # the fields a JobStatus was made of before
+        report.__dict__.update(_status_fields(root.name, state, answer["tail"], answer["place"]))
+        return report
+
+    def save(self, whole: bool) -> None:
+        """Write what was read: ``whole``, the cache is this reading (a listing of every job);
+        else this reading laid over the cache (a sweep's status)."""
+        rows = self.new if whole else {**self.old, **self.new}
+        if not (self.changed or (whole and rows.keys() != self.old.keys())) \
+                or not self.path.parent.is_dir():
+            return
+        whos: list[Any] = []
+        places: dict[str, int] = {}
+        for root, entry in rows.items():
+            who = self._who(Path(root), entry) if isinstance(entry, dict) else None
+            if who is None:
+                continue
+            name = root.rsplit("/", 1)[-1]
+            who.update(job_id=None if who["job_id"] == name else who["job_id"],
+                       there=None if who["there"] == root else who["there"])
+            text = json.dumps(who, sort_keys=True)
+            if text not in places:
+                places[text] = len(whos)
+                whos.append(who)
+            rows[root] = {k: v for k, v in entry.items() if k != "who"}
+            rows[root]["w"] = places[text]
+        with _suppress(OSError):
+            _write_plain(self.path, json.dumps({"version": [__version__, 2], "whos": whos,
+                                                "rows": rows}))
 
 
 def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
@@ -13568,28 +13651,46 @@ def _gone(root: Path) -> str:
 
 
 def _reports_of(roots: list[Path], lines: int = 0,
-                tasks: list[list[str] | None] | None = None) -> list[dict[str, Any]]:
+                tasks: list[list[str] | None] | None = None,
+                cache: _RecordCache | None = None) -> list[dict[str, Any]]:
     """For each job folder: its judged state, its log tail, its place in line (and an array's
     tasks, the same way: those its record names, or ``tasks[i]``, the ids the submitter follows
-    once failed tasks were run again)."""
+    once failed tasks were run again). With ``cache``, records are read through it."""
+    states = [cache.state(root) if cache else read_state(root) for root in roots]
+    places: dict[str, dict[str, int]] = {}  # each queue's listing, read once
     answers = []
-    for index, (root, state) in enumerate(zip(roots, judge_jobs(roots))):
+    for index, (root, state, shown) in enumerate(zip(roots, _judge_records(roots, states),
+                                                       _collapsed(roots))):
         if not state and not os.path.lexists(root):
             state = {"status": "failed", "error": _gone(root)}
-        answer: dict[str, Any] = {"root": collapse_home(root), "state": state}
-        answer["place"], answer["tail"] = _place_and_tail(root, state, lines)
+        answer: dict[str, Any] = {"root": shown, "state": state}
+        answer["place"], answer["tail"] = _place_and_tail(root, state, lines, places)
         own = (tasks[index] if tasks and index < len(tasks) else None) or state.get("tasks")
         if own:
-            answer["tasks"] = _reports_of([root.parent / check_safe_name(task) for task in own])
+            answer["tasks"] = _reports_of([root.parent / check_safe_name(task) for task in own],
+                                          cache=cache)
         answers.append(answer)
     return answers
+
+
+def _collapsed(roots: list[Path]) -> list[str]:
+    """collapse_home of each of ``roots``, the folder they are in worked out once."""
+    folders: dict[str, str] = {}
+    shown = []
+    for root in roots:
+        folder, name = os.path.split(str(root))
+        if folder not in folders:
+            folders[folder] = collapse_home(folder)
+        inside = folders[folder].startswith("~") and name not in ("", ".", "..")
+        shown.append(f"{folders[folder].rstrip('/')}/{name}" if inside else collapse_home(root))
+    return shown
 
 
 def report_from(answer: dict[str, Any]) -> JobStatus:
     """The JobStatus of one answer of _reports_of (an array's: its tasks combined; its results
     are its folder, which holds theirs)."""
     state = answer["state"]
-    report = _status_of(Path(answer["root"]).name, state, answer.get("tail", ""),
+    report = _status_of(answer["root"].rsplit("/", 1)[-1], state, answer.get("tail", ""),
                         answer.get("place"))
     if answer.get("tasks"):
         report.results_path = answer["root"]

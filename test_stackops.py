@@ -8406,25 +8406,77 @@ def test_cli_list_reads_ended_jobs_once_and_never_shows_a_stale_row(home):
         assert out.returncode == 0, out.stderr
         return {row["job_id"]: row for row in json.loads(out.stdout)}
 
+    time.sleep(stackops.RACY_NS / 1e9 + 0.2)  # records this old are kept (git's racy rule)
     first = listed()
     cache = home / "tmp_results" / "remote_machines" / "jobs" / ".list-cache.json"
     kept = json.loads(cache.read_text())["rows"]
-    whole = [row for row in kept.values() if "report" in row]
-    assert len(kept) == 4 and all("who" in row for row in kept.values())  # who each job is
-    assert len(whole) == 3 and all(row["report"]["status"] == "completed" for row in whole)
-    assert first["hist-live"]["status"] == "running"  # its row not kept: judged every time
+    assert len(kept) == 4 and all(isinstance(row.get("w"), int) for row in kept.values())  # who
+    assert sorted(row["state"]["status"] for row in kept.values()) == ["completed"] * 3 + ["running"]
+    assert first["hist-live"]["status"] == "running"  # its record kept, the job judged every time
     assert listed() == first
     root = RemoteMachine.load("hist1").file_manager.job_root
     stackops._record(root, status="failed", error="changed")  # a changed record changes the row
     assert listed()["hist1"]["status"] == "failed"
     assert cli("delete", "hist2", home=home).returncode == 0
     assert "hist2" not in listed()
-    cache.write_text('{"version": "%s", "rows": {"x": 1, "%s": {"key": [1], "report": 7}}}'
+    cache.write_text('{"version": ["%s", 2], "whos": [7], "rows": {"x": 1, "%s": {"key": [1], '
+                     '"w": 0, "state_key": [1], "state": 7, "checked": 1}}}'
                      % (stackops.__version__, RemoteMachine.load("hist0").file_manager.job_root))
     rows = listed()
     assert rows["hist0"]["status"] == "completed" and rows["hist1"]["status"] == "failed"
     assert running.cancel(grace=1).status == "cancelled"
     assert listed()["hist-live"]["status"] == "cancelled"
+
+
+def test_cli_list_keeps_no_stale_record_and_every_view_agrees(home):
+    """The records list keeps (so 10,000 jobs list with a stat each) stand only while their files
+    stay as read: a running job cancelled between two reads, a queued one that then starts and
+    ends, a folder deleted and its id used again, all read anew; a record that another machine
+    writes is never kept. list, status of the sweep and each job's status agree every time."""
+    mod = make_module(home, JOBS_SOURCE)
+    stackops.run_sweep(mod.sleeper, config(job_id="kept", max_simultaneous_jobs=1),
+                       [{"seconds": 60.0}, {"seconds": 0.1}])
+    cache = home / "tmp_results" / "remote_machines" / "jobs" / ".list-cache.json"
+
+    def views() -> dict[str, str]:
+        listed = {row["job_id"]: row["status"] for row in json.loads(cli("list", "--json", home=home).stdout)
+                  if row["job_id"].startswith("kept-")}
+        members = json.loads(cli("status", "kept", "--json", home=home).stdout)["members"]
+        each = {job_id: json.loads(cli("status", job_id, "--json", home=home).stdout)["status"]
+                for job_id in listed}
+        assert listed == each  # (a member deleted leaves the sweep)
+        assert {key: value["status"] for key, value in members.items()} == {key: listed[key] for key in members}
+        return listed
+
+    def kept() -> dict[str, str]:
+        rows = json.loads(cache.read_text())["rows"]
+        return {Path(root).name: row["state"]["status"] for root, row in rows.items() if "state" in row}
+
+    def aged() -> None:  # every record older than the racy window: the cache is used from here on
+        time.sleep(stackops.RACY_NS / 1e9 + 0.2)
+
+    wait_for(lambda: cli("status", "kept-0000", "--json", home=home).stdout.count('"running"'),
+             what="the first member to run")
+    aged()
+    assert views() == {"kept-0000": "running", "kept-0001": "waiting"}
+    assert kept() == {"kept-0000": "running", "kept-0001": "waiting"}  # kept: the cache is in use
+    assert views() == {"kept-0000": "running", "kept-0001": "waiting"}
+    assert cli("cancel", "kept-0000", "--grace", "1", home=home).returncode == 0
+    wait_for(lambda: '"completed"' in cli("status", "kept-0001", "--json", home=home).stdout,
+             what="the queued member to start and end")
+    assert views() == {"kept-0000": "cancelled", "kept-0001": "completed"}
+    aged()
+    assert views() == {"kept-0000": "cancelled", "kept-0001": "completed"}
+    assert kept() == {"kept-0000": "cancelled", "kept-0001": "completed"}
+    assert cli("delete", "kept-0001", home=home).returncode == 0
+    wait_done(RemoteMachine(mod.boom, config=config(job_id="kept-0001")).run())  # the id again
+    aged()
+    assert views() == {"kept-0000": "cancelled", "kept-0001": "failed"}
+    root = RemoteMachine.load("kept-0000").file_manager.job_root
+    stackops._update(root, lambda state: state.update(status="running", machine="another-machine",
+                                                      final=False))  # as a shared home's other reader
+    aged()
+    assert views()["kept-0000"] == "running" and "kept-0000" not in kept()
 
 
 def test_cli_list_into_a_closed_pipe_ends_quietly(home):
