@@ -10820,11 +10820,6 @@ def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
     return root
 
 
-def _unit_runs_here(root: Path) -> bool:
-    """Whether a job still runs in unit folder ``root`` on this machine: its lock is held."""
-    return _alive(root)
-
-
 def _earlier_run(units: Path, unit_id: str) -> Path | None:
     """An earlier attempt of ``unit_id`` on this machine whose job still runs (a worker killed
     and started again: its job went on, detached), to adopt; None when there is none. The
@@ -10838,7 +10833,7 @@ def _earlier_run(units: Path, unit_id: str) -> Path | None:
     for folder in [units / name for name in sorted(names, reverse=True)] + [units / unit_id]:
         if not (folder / FILE_MANAGER_JSON).is_file():
             continue
-        if _unit_runs_here(folder):
+        if _alive(folder):
             live = live or folder
             continue
         state = read_state(folder)
@@ -10846,7 +10841,7 @@ def _earlier_run(units: Path, unit_id: str) -> Path | None:
             shutil.rmtree(folder, ignore_errors=True)
             continue
         _record(folder, cancel="a later attempt of its unit replaced it")
-        if _unit_runs_here(folder):  # it started meanwhile: it runs despite the mark
+        if _alive(folder):  # it started meanwhile: it runs despite the mark
             live = live or folder
     return live
 
@@ -11601,12 +11596,8 @@ def _load_job_or_cluster(job_id: str,
     units = _cloud_units_of(job_id, base_dir)
     if units is None:
         raise ConfigError(f"no job or cluster {job_id!r} here",
-                          hint=f"{_program()} list shows the jobs")
+                          hint=f"{_prog()} list shows the jobs")
     return units
-
-
-def _program() -> str:
-    return _prog()
 
 
 def _cmd_cancel(args: Any) -> int:
@@ -11775,7 +11766,7 @@ def _cmd_start(args: Any) -> int:
     with RemoteMachine.load(args.job_id, args.base_dir) as machine:
         if machine.launcher_pid is not None or machine.slurm_job_id is not None:
             raise ConfigError(f"job {machine.job_id} was already started",
-                              hint=f"{_program()} rerun {machine.job_id} runs it again")
+                              hint=f"{_prog()} rerun {machine.job_id} runs it again")
         if not machine.submitted:
             raise ConfigError(f"job {machine.job_id} was never completely submitted; nothing to "
                               "start")
