@@ -995,8 +995,7 @@ def _sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _copy_verified(source: str, target: str, digest: str, mode: int,
-                   relative: str = "") -> None:
+def _copy_verified(source: str, target: str, digest: str, mode: int, relative: str = "") -> None:
     """A new file ``target`` (``mode``; never one that exists) with the bytes of ``source``, a
     store's blob or a live file, hashed as they are copied: when they are not the bytes of sha256
     ``digest`` (or the source is gone), the copy is removed and _SnapshotMismatchError raised
@@ -1460,8 +1459,7 @@ def _check_user_config(path: Path, text: str) -> dict[str, Any]:
             for host, entry in value.items():
                 _check_host_entry(path, text, [key, host], entry)
         elif key in ("default_email_address", "default_email_config"):
-            _user_config_type(path, text, [key], key, isinstance(value, str) and value != "",
-                              value)
+            _user_config_type(path, text, [key], key, isinstance(value, str) and value != "", value)
             if key == "default_email_address":
                 _located(path, text, [key], check_email_address, value, key)
         else:
@@ -1504,8 +1502,7 @@ def _user_config_type(path: Path, text: str, keys: list[str], kind: str, right: 
                                  f"{'.'.join(keys)} must be {_SETTING_TYPES[kind]}{got}")
 
 
-def _located(path: Path, text: str, keys: list[str], check: Callable[..., Any],
-             *args: Any) -> None:
+def _located(path: Path, text: str, keys: list[str], check: Callable[..., Any], *args: Any) -> None:
     """``check(*args)``, its refusal said with the file and the line of ``keys``."""
     try:
         check(*args)
@@ -1989,8 +1986,7 @@ class JobParams:
         repo = repo or find_repo_root(file)
         rel = file.relative_to(repo).as_posix()
         return cls(repo_path_rh=collapse_home(repo), file_path_rh=collapse_home(file),
-                   file_path_r=rel,
-                   **fields)
+                   file_path_r=rel, **fields)
 
     @classmethod
     def from_script(cls, path: str | os.PathLike[str]) -> JobParams:
@@ -2097,8 +2093,7 @@ class JobParams:
         return params
 
     def get_execution_line(self, workload_params: WorkloadParams | None = None,
-                           parallelize: bool = False,
-                           wrap_in_try_except: bool = False) -> str:
+                           parallelize: bool = False, wrap_in_try_except: bool = False) -> str:
         """The Python lines (indented for the wrapper's ``execute``) that call the job. The
         workload written here is the job's, unless its own config names a slice of it (a Slurm
         array's task, whose wrapper is the array's: JobContext.workload)."""
@@ -2122,8 +2117,7 @@ class JobParams:
                                   f"{_option('workload_params', '--workload')}")
             lines = ["func = job.load_callable()", "res = func(**func_kwargs)"]
         elif not parallelize:
-            lines = [given,
-                     "func = job.load_callable()",
+            lines = [given, "func = job.load_callable()",
                      "res = func(workload_params=workload_params, **func_kwargs)"]
         else:
             lines = [given,
@@ -2395,8 +2389,7 @@ def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, t
              for key, value in sorted(check_slurm_options(options).items())]
     if after:  # a parent that fails makes Slurm cancel this job, never leave it pending forever
         parents = ":".join(check_safe_name(i, "slurm job") for i in after)
-        lines += ["#SBATCH --dependency=afterok:" + parents,
-                  "#SBATCH --kill-on-invalid-dep=yes"]
+        lines += ["#SBATCH --dependency=afterok:" + parents, "#SBATCH --kill-on-invalid-dep=yes"]
     output, task_dir = OUTPUT_LOG, "."
     if tasks:
         lines.append(f"#SBATCH --array=0-{tasks - 1}" + (f"%{throttle}" if throttle else ""))
@@ -2939,9 +2932,8 @@ def _start_detached(argv: list[str], output: Path, env: dict[str, str] | None = 
     end it at logout (_logind); returns its pid."""
     with _private_append(output) as out:
         child = subprocess.Popen(_in_user_scope(argv, _logind()), stdin=subprocess.DEVNULL,
-                                 stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                                 cwd=str(cwd) if cwd else None, pass_fds=fds)
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env=env, cwd=str(cwd) if cwd else None, pass_fds=fds)
     _DETACHED.append(child)
     return child.pid
 
@@ -3007,10 +2999,9 @@ class FileManager:
         if not isinstance(data, dict) or not isinstance(data.get("job_id"), str):
             raise ConfigError("file_manager.json: expected an object with a job_id")
         manager = cls(data["job_id"], data.get("remote_machine_type", "Linux"),
-                      data.get("lock_resources", True),
-                      data.get("max_simultaneous_jobs", 1), data.get("base_dir"),
-                      _parse_iso(data.get("submission_time")), data.get("pool", ""),
-                      data.get("gpus", 0))
+                      data.get("lock_resources", True), data.get("max_simultaneous_jobs", 1),
+                      data.get("base_dir"), _parse_iso(data.get("submission_time")),
+                      data.get("pool", ""), data.get("gpus", 0))
         if job_root is not None:  # the folder is where it is, wherever it was made
             manager.job_root = job_root
         if isinstance(data.get("state_dir"), str) and os.path.isabs(data["state_dir"]):
@@ -3369,8 +3360,7 @@ class JobContext:
         self.repo = expand_home(self.params.repo_path_rh)
         if self.params.code_snapshot:  # the job's own copy of the code it was submitted with
             for relative in self.params.data_r:
-                _link_data(self.job_root / CODE_DIR, _safe_relative(relative),
-                           self.repo / relative)
+                _link_data(self.job_root / CODE_DIR, _safe_relative(relative), self.repo / relative)
             self.repo = self.job_root / CODE_DIR
         else:
             sys.dont_write_bytecode = True
@@ -3386,8 +3376,7 @@ class JobContext:
     def sys_path(self) -> list[Path]:
         """The folders the job puts first on sys.path, in order (see the class docstring)."""
         file = self.repo / self.params.file_path_r
-        return list(dict.fromkeys([file.parent, self.repo / self.params.import_root_r,
-                                   self.repo]))
+        return list(dict.fromkeys([file.parent, self.repo / self.params.import_root_r, self.repo]))
 
     def _put_on_path(self) -> None:
         for folder in reversed(self.sys_path()):
@@ -5412,8 +5401,7 @@ _PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|"
                                r".*wifi.*|.*ethernet.*)",
                                re.IGNORECASE)
 _NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16",
-                   "192.168.49.0/24",
-                   "10.0.2.0/24")
+                   "192.168.49.0/24", "10.0.2.0/24")
 
 
 @_model(frozen=True)
@@ -5955,12 +5943,10 @@ class SSH:
     ProxyCommand, host keys checked against known_hosts, timeouts everywhere."""
 
     def __init__(self, host: str | None = None, username: str | None = None,
-                 hostname: str | None = None,
-                 ssh_key_path: str | None = None, password: str | None = None,
-                 port: int | None = None,
+                 hostname: str | None = None, ssh_key_path: str | None = None,
+                 password: str | None = None, port: int | None = None,
                  enable_compression: bool = False, accept_new_host_key: bool = False,
-                 timeout: float = 15.0,
-                 _hop: int = 0) -> None:
+                 timeout: float = 15.0, _hop: int = 0) -> None:
         if host is None and hostname is None:
             raise ConfigError("SSH needs a host alias or a hostname")
         target = resolve_ssh_target(host or hostname or "")
@@ -6062,10 +6048,8 @@ class SSH:
         target = self.target
         try:
             client.connect(target.hostname, target.port, username=target.user, sock=sock,
-                           timeout=self.timeout,
-                           banner_timeout=self.timeout, auth_timeout=self.timeout,
-                           compress=self.compress,
-                           **credentials, **fast)
+                           timeout=self.timeout, banner_timeout=self.timeout,
+                           auth_timeout=self.timeout, compress=self.compress, **credentials, **fast)
         except HostKeyError:
             client.close()
             raise
@@ -6104,8 +6088,7 @@ class SSH:
     # -- commands --------------------------------------------------------------------------------
 
     def run_shell_cmd_on_remote(self, command: str, timeout: float | None = None,
-                                strict: bool = True,
-                                stdin: bytes | None = None) -> Response:
+                                strict: bool = True, stdin: bytes | None = None) -> Response:
         """Run ``command`` with bash on the host, whatever its login shell; read stdout and stderr
         together (no stall on large output). ``strict``: a non-zero exit raises CommandError."""
         channel = self._open_channel()
@@ -6118,8 +6101,7 @@ class SSH:
         finally:
             channel.close()
         response = Response(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), status,
-                            command,
-                            str(self.target))
+                            command, str(self.target))
         if strict and status != 0:
             raise CommandError(str(self.target), command, status,
                                response.stderr or response.stdout)
@@ -6204,8 +6186,7 @@ class SSH:
     def restart_computer(self) -> Response:
         """Reboot the host with non-interactive sudo; a host that wants a password says so."""
         response = self.run_shell_cmd_on_remote("sudo -n /sbin/reboot || sudo -n reboot",
-                                                timeout=self.timeout,
-                                                strict=False)
+                                                timeout=self.timeout, strict=False)
         if response.returncode != 0 and response.returncode != -1:
             raise CommandError(str(self.target), "sudo -n reboot", response.returncode,
                                response.stderr,
@@ -6216,9 +6197,8 @@ class SSH:
     # -- copies (section 11) ------------------------------------------------------------------
 
     def copy_from_here(self, source_path: str | os.PathLike[str],
-                       target_rel2home: str | None = None,
-                       compress_with_zip: bool = False, recursive: bool = False,
-                       overwrite_existing: bool = False,
+                       target_rel2home: str | None = None, compress_with_zip: bool = False,
+                       recursive: bool = False, overwrite_existing: bool = False,
                        progress: Callable[[int], None] | None = None,
                        excludes: tuple[str, ...] = ()) -> str:
         """Upload a file or (with ``recursive``) a folder; ``None`` target: the same home-relative
@@ -6255,8 +6235,7 @@ def _ssh_socket(ssh: SSH, hop: int) -> Any:
         return _paramiko().ProxyCommand(target.proxy_command)
     if target.proxy_jump:
         first, *rest = [jump.strip() for jump in target.proxy_jump.split(",")]
-        via = SSH(first, accept_new_host_key=ssh.accept_new, timeout=ssh.timeout,
-                  _hop=hop + 1)
+        via = SSH(first, accept_new_host_key=ssh.accept_new, timeout=ssh.timeout, _hop=hop + 1)
         ssh._jumps.append(via)
         for jump in rest:
             via = via._jump_to(jump, hop + 1)
@@ -6741,8 +6720,7 @@ def _stream_command(ssh: SSH, command: str,
             produce(write, readline)
         channel.shutdown_write()
         try:
-            out, err, status = _drain(channel, max(60.0, 4 * ssh.timeout), command,
-                                      str(ssh.target))
+            out, err, status = _drain(channel, max(60.0, 4 * ssh.timeout), command, str(ssh.target))
         except CommandError as exc:  # everything was sent, and then the host went quiet
             ssh._lost()
             raise TransferError(f"{what}: the host stopped answering after {sent[0]} bytes",
@@ -6923,8 +6901,7 @@ def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
                             hint="run the copy again")
 
 
-def _download_tar(ssh: SSH, command: str, staging: Path, compressed: bool,
-                  meter: _Meter) -> None:
+def _download_tar(ssh: SSH, command: str, staging: Path, compressed: bool, meter: _Meter) -> None:
     channel = _transfer_channel(ssh)
     reader = _CountingReader(channel, meter)
     try:
@@ -7395,8 +7372,7 @@ def _check_call(parameters: list[tuple[str, str, bool]] | None, kwargs: dict[str
 
 
 REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache",
-                 ".ruff_cache",
-                 ".tox", "*.egg-info")
+                 ".ruff_cache", ".tox", "*.egg-info")
 
 
 _EXCLUDED: list[Any] = []
@@ -7447,8 +7423,7 @@ def _repo_files(repo: Path, prefix: str = "") -> list[tuple[str, os.stat_result]
             if os.path.lexists(f"{root}{name}/.git"):
                 found += _repo_files(Path(root + name), f"{prefix}{name}/")
             else:
-                log.warning("left out %s%s: a submodule that is not checked out here", prefix,
-                            name)
+                log.warning("left out %s%s: a submodule that is not checked out here", prefix, name)
         elif stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
             found.append((prefix + name, info))
     return found if prefix else sorted(found, key=lambda item: item[0])
@@ -10357,8 +10332,7 @@ class MachineLoadCalculator:
             else:
                 end = min(self.max_num, start + int(spec.value(criterion) * self.max_num))
             result.append(WorkloadParams(idx_min=0, idx_max=self.max_num, idx_start=start,
-                                         idx_end=end,
-                                         idx=i, jobs=max(1, jobs)))
+                                         idx_end=end, idx=i, jobs=max(1, jobs)))
             start = end
         return result
 
@@ -11046,8 +11020,7 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
         raise ConfigError(f"--workload {text!r} is an empty range: END must be greater than START",
                           hint="e.g. --workload 0:1000:4 covers [0, 1000) in 4 parts")
     return WorkloadParams(idx_min=start, idx_max=max(start, end), idx_start=start,
-                          idx_end=max(start, end),
-                          jobs=parts)
+                          idx_end=max(start, end), jobs=parts)
 
 
 def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -11453,8 +11426,7 @@ def _queue_view(slots: Slots, history: int) -> dict[str, Any]:
     with _suppress(OSError, StackopsError):
         slots.ensure_dispatcher()  # a queue whose dispatcher died drains again from here
     return {"state_dir": collapse_home(slots.root), "running": slots.holders(),
-            "waiting": slots.waiters(),
-            "history": slots.history()[-history:] if history else []}
+            "waiting": slots.waiters(), "history": slots.history()[-history:] if history else []}
 
 
 def _cmd_queue(args: Any) -> int:
@@ -11800,8 +11772,7 @@ def _parse_age(text: str, option: str = "--older-than") -> float:
 
 
 def prune_jobs(older_than: float, status: str | None = None, host: str | None = None,
-               results: bool = False,
-               base_dir: str | None = None) -> list[str]:
+               results: bool = False, base_dir: str | None = None) -> list[str]:
     """Delete the jobs submitted from here that ended more than ``older_than`` seconds ago
     (only ``status`` ones, only on ``host`` when given), each judged where it runs (as ``list``
     judges it: one round trip per host); a job that has not ended is never touched, nor one its
@@ -12273,8 +12244,7 @@ def _cmd_copy(args: Any) -> int:
         with SSH.from_config_file(target[0], accept_new_host_key=args.accept_new) as ssh:
             remote = target[1] + (Path(args.source).name if target[1].endswith("/") else "")
             where = ssh.copy_from_here(args.source, remote, args.compress, args.recursive,
-                                       args.overwrite,
-                                       _progress(args))
+                                       args.overwrite, _progress(args))
         print(f"{target[0]}:{where}")
     elif source is not None:
         with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
@@ -12494,8 +12464,7 @@ def _cmd_cloud_submit(args: Any) -> int:
                                   transfer_method="cloud", cloud_name=args.cloud,
                                   launch_method="cloud_manager",
                                   allowed_remotes=allowed, python=args.python,
-                                  workload_params=_parse_workload(args.workload or "0:1000",
-                                                                  False))
+                                  workload_params=_parse_workload(args.workload or "0:1000", False))
     units = RemoteMachine(_run_target(args), config,
                           parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
     print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")
