@@ -194,7 +194,6 @@ __all__ = [
 ]
 
 
-
 class _Logger:
     """The "stackops" logger, logging imported when a line is first logged or a handler set (2 ms
     of every start that logs nothing: ``--help``, most of the command line, a job's wrapper).
@@ -401,7 +400,6 @@ def _option(api: str, cli: str) -> str:
 # -- errors as data: the executing side answers an error, the client raises it again -------------
 
 
-
 def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
     """``exc`` as plain data for the other side of a host boundary: its class, message, hint and
     plain attributes, and ``evidence`` (the traceback of a crash)."""
@@ -433,7 +431,6 @@ def _error_from_record(record: dict[str, Any], prefix: str = "",
         if isinstance(key, str) and key.isidentifier() and key[:1] != "_" and key != "hint":
             setattr(exc, key, value)
     return exc
-
 
 
 # ============================================================================================
@@ -729,8 +726,7 @@ def check_safe_name(name: Any, what: str = "job_id") -> str:
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
         raise ConfigError(f"{what} {name!r} is not a safe name",
                           hint="use letters, digits, '.', '_' and '-', not starting with '.' or "
-                               "'-', "
-                               "at most 128 characters")
+                               "'-', at most 128 characters")
     return name
 
 
@@ -2100,17 +2096,13 @@ class JobParams:
         workload = workload_params.to_dict() if workload_params is not None else None
         given = f"workload_params = job.workload(WorkloadParams.from_dict({workload!r}))"
         if self.kind == "command":
-            lines = _command_execution_lines(workload_params, parallelize)
+            lines = _command_execution_lines(parallelize)
         elif self.kind == "script":
             if parallelize:
                 raise ConfigError(f"{_option('parallelize=True', '--parallelize')} needs a "
                                   "function; a script cannot be split")
-            lines = []
-            if workload_params is not None:
-                lines.append(given)
-            else:
-                lines.append("workload_params = None")
-            lines.append("res = job.run_script(func_kwargs, workload_params)")
+            lines = [given if workload_params is not None else "workload_params = None",
+                     "res = job.run_script(func_kwargs, workload_params)"]
         elif workload_params is None:
             if parallelize:
                 raise ConfigError(f"{_option('parallelize=True', '--parallelize')} needs "
@@ -2153,8 +2145,7 @@ def _check_command(argv: Any) -> list[str]:
     return list(argv)
 
 
-def _command_execution_lines(workload_params: WorkloadParams | None,
-                             parallelize: bool) -> list[str]:
+def _command_execution_lines(parallelize: bool) -> list[str]:
     """The wrapper's lines for a command job: none of its own (run_job runs the command: see
     _run_command_job); a command cannot be split in processes."""
     if parallelize:
@@ -2450,7 +2441,6 @@ def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()]
-
 
 
 class _FileLock:
@@ -4034,7 +4024,6 @@ def _smtp_exchange(server: Any, settings: dict[str, Any], message: Any, context:
         server.quit()
     finally:
         server.close()
-
 
 
 def _report_end(root: Path, state: dict[str, Any], inline: bool = True) -> None:
@@ -6285,9 +6274,8 @@ def _host_key_policy(accept: bool, revoked: set[str], record: Path) -> Any:
     class _Policy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,name-defined]
         def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
             if key.get_base64() in revoked:
-                raise HostKeyError(f"host key of {hostname} ({key.get_name()} "
-                                   f"{_fingerprint(key)}) is REVOKED in known_hosts; "
-                                   "refusing to connect",
+                raise HostKeyError(f"host key of {hostname} ({key.get_name()} {_fingerprint(key)}) "
+                                   "is REVOKED in known_hosts; refusing to connect",
                                    hint="ask the host's administrator for its new key")
             if not accept:
                 raise HostKeyError(
@@ -6724,8 +6712,7 @@ def _stream_command(ssh: SSH, command: str,
         except CommandError as exc:  # everything was sent, and then the host went quiet
             ssh._lost()
             raise TransferError(f"{what}: the host stopped answering after {sent[0]} bytes",
-                                hint="nothing was left under the job's name; run it "
-                                     "again") from exc
+                                hint="nothing was left under the job's name; run it again") from exc
     except (OSError, EOFError, _paramiko().SSHException) as exc:
         raise _broke_off(ssh, what, sent[0], exc, channel, watchdog.fired) from exc
     finally:
@@ -7160,8 +7147,6 @@ def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str])
         for item in data:
             tar.add(str(expand_home(item)), arcname="home/" + _home_relative(expand_home(item))[2:])
     return archive
-
-
 
 
 def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams,
@@ -8628,8 +8613,7 @@ class _Launcher:
         parent = self._parent(machine, parent_id)
         if parent.host_name != machine.host_name or parent.uses_slurm != machine.uses_slurm:
             raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job runs on "
-                              f"{parent.host_name}"
-                              f"{' under Slurm' if parent.uses_slurm else ''}; "
+                              f"{parent.host_name}{' under Slurm' if parent.uses_slurm else ''}; "
                               "this one must run in the same place")
         return ""
 
@@ -8723,9 +8707,8 @@ class _CloudQueueLauncher(_SlotLauncher):
     def run(self, machine: RemoteMachine, run: bool, show_scripts: bool,
             progress: Callable[[int], None] | None) -> None:
         if not run:
-            raise ConfigError("a cloud_manager job is started by a worker as soon as it is "
-                              f"queued: {_option('run=False', '--no-launch')} has no meaning "
-                              "for it")
+            raise ConfigError("a cloud_manager job is started by a worker as soon as it is queued: "
+                              f"{_option('run=False', '--no-launch')} has no meaning for it")
         machine.units = self.submit(machine, 1)
         log.info("job %s queued on %s as unit %s", machine.job_id,
                  cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
@@ -9814,8 +9797,6 @@ def _take_answer(row: dict[str, Any], answer: Any) -> None:
     row["report"] = _status_of(row["job_id"], state)
     row["as_of"] = state.get("mirrored") or state.get("at")
     row["error"] = str(answer) if answer is not None else "not asked"
-
-
 
 
 class _ListCache:
@@ -11008,7 +10989,7 @@ def _status_rows(report: JobStatus) -> list[list[str]]:
     return rows
 
 
-def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | None:
+def _parse_workload(text: str | None) -> WorkloadParams | None:
     if text is None:
         return None
     match = re.match(r"(\d+):(\d+)(?::(\d+))?\Z", text)
@@ -11019,8 +11000,7 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
     if end <= start:
         raise ConfigError(f"--workload {text!r} is an empty range: END must be greater than START",
                           hint="e.g. --workload 0:1000:4 covers [0, 1000) in 4 parts")
-    return WorkloadParams(idx_min=start, idx_max=max(start, end), idx_start=start,
-                          idx_end=max(start, end), jobs=parts)
+    return WorkloadParams(idx_min=start, idx_max=end, idx_start=start, idx_end=end, jobs=parts)
 
 
 def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -11066,7 +11046,7 @@ def _cmd_run(args: Any) -> int:
         interactive=args.interactive, wrap_in_try_except=args.try_except,
         parallelize=args.parallelize,
         lock_resources=not args.no_lock, ssh_timeout=args.ssh_timeout,
-        workload_params=_parse_workload(args.workload, args.parallelize),
+        workload_params=_parse_workload(args.workload),
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
         on_end=args.on_end, retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus,
@@ -12464,7 +12444,7 @@ def _cmd_cloud_submit(args: Any) -> int:
                                   transfer_method="cloud", cloud_name=args.cloud,
                                   launch_method="cloud_manager",
                                   allowed_remotes=allowed, python=args.python,
-                                  workload_params=_parse_workload(args.workload or "0:1000", False))
+                                  workload_params=_parse_workload(args.workload or "0:1000"))
     units = RemoteMachine(_run_target(args), config,
                           parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
     print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")
@@ -12595,8 +12575,7 @@ def _add_run_args(parser: Any) -> None:
     _add_target_arg(parser, "run", "a script (path/to/train.py), a function (path/to/module.py:"
                                    "func), or after -- any command, run in this folder of its repo")
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or "
-                                       "user@host[:port]); "
-                                       "default: this machine")
+                                       "user@host[:port]); default: this machine")
     _add_setting_args(parser, "at most N jobs hold a slot on the machine at once; the rest "
                               "queue", "run a snapshot of the repo as it is here, in the job's "
                                        "own folder (without .git, virtual environments and "
@@ -12666,9 +12645,8 @@ def _add_run_start_args(parser: Any) -> None:
     """run's options for when and how the job starts and ends: resources, order, Slurm, e-mail."""
     parser.add_argument("--gpus", type=int, default=0, metavar="N",
                         help="wait for N of the machine's GPUs (nvidia-smi, or "
-                             "STACKOPS_GPUS=0,1,...) and get "
-                             "exactly them in CUDA_VISIBLE_DEVICES; jobs without --gpus never wait "
-                             "behind these")
+                             "STACKOPS_GPUS=0,1,...) and get exactly them in CUDA_VISIBLE_DEVICES; "
+                             "jobs without --gpus never wait behind these")
     parser.add_argument("--group", metavar="NAME",
                         help="a named pool with its own --max-jobs (e.g. --group io --max-jobs 8)")
     parser.add_argument("--retries", type=int, default=0, metavar="N",
