@@ -513,8 +513,7 @@ def _this_module() -> Any:
 
 
 def _mkdir_private(path: Path) -> Path:
-    """Create ``path`` and its missing parents, each private to the user (0700); folders that
-    exist already are left as they are."""
+    """Create ``path`` and its missing parents, each 0700; existing folders stay as they are."""
     missing = []
     while not path.is_dir() and path != path.parent:
         missing.append(path)
@@ -528,8 +527,7 @@ def _mkdir_private(path: Path) -> Path:
 def _untrusted_reason(path: Path) -> str | None:
     """Why someone else could change what is in folder ``path``, or None: like OpenSSH's
     StrictModes, the folder and each parent must belong to you or root and be writable by nobody
-    else; a root-owned sticky folder such as /tmp ends the walk (nobody may rename what is
-    yours there)."""
+    else; a root-owned sticky folder such as /tmp ends the walk (nobody may rename yours there)."""
     me = os.getuid()
     current = os.path.realpath(path)
     while True:
@@ -673,9 +671,8 @@ _HOMES: dict[Any, tuple[str, str]] = {}  # (home, its inode): (home, its real pa
 
 
 def _homes() -> tuple[str, str]:
-    """This machine's home, absolute, and the same resolved through symlinks, resolved again only
-    when the home changes (a list of 10,000 jobs collapses 30,000 paths: resolving the home each
-    time was most of its time)."""
+    """This machine's home, absolute and resolved through symlinks, resolved again only when the
+    home changes (a list of 10,000 jobs collapses 30,000 paths: resolving was most of it)."""
     home = os.path.abspath(os.path.expanduser("~"))
     try:
         info = os.lstat(home)
@@ -705,9 +702,8 @@ _PLACEHOLDER = _LazyPattern(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def fill_placeholders(template: str, values: dict[str, str], quote: bool = False) -> str:
-    """``template`` with each ``{name}`` replaced by its value (``quote``: shell-quoted, so it
-    arrives as one literal word whatever it holds); ``{{`` and ``}}`` stand for braces. A name
-    with no value is a ConfigError."""
+    """``template`` with each ``{name}`` replaced by its value (``quote``: shell-quoted, one literal
+    word); ``{{`` and ``}}`` stand for braces. A name with no value is a ConfigError."""
     def one(match: Any) -> str:
         if match[0] in ("{{", "}}"):
             return match[0][0]
@@ -721,8 +717,7 @@ def fill_placeholders(template: str, values: dict[str, str], quote: bool = False
 
 
 def check_safe_name(name: Any, what: str = "job_id") -> str:
-    """A name usable as a folder and in commands: letters, digits and ``._-``, not first
-    ``.``/``-``."""
+    """A name fit for a folder and commands: letters, digits, ``._-``, not first ``.``/``-``."""
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
         raise ConfigError(f"{what} {name!r} is not a safe name",
                           hint="use letters, digits, '.', '_' and '-', not starting with '.' or "
@@ -775,9 +770,8 @@ _ENV_NAME = _LazyPattern(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def check_job_env(env: Any, what: str = "env") -> dict[str, str]:
-    """``env`` as variables for a job's environment, refused (one line) unless each name is a
-    variable's name that stackops does not set itself (JOB_ENV_NAMES) and each value a string
-    without NUL."""
+    """``env`` as a job's variables, refused (one line) unless each name is a variable's name that
+    stackops does not set itself (JOB_ENV_NAMES) and each value a string without NUL."""
     if not isinstance(env, dict):
         raise ConfigError(f"{what} must be a dict of names and values, got {type(env).__name__}")
     for name, value in env.items():
@@ -1541,9 +1535,8 @@ def _json_key_line(text: str, keys: list[str]) -> int:
 
 
 def user_settings(ssh_host: str | None) -> dict[str, Any]:
-    """What the user config file sets for a job on ``ssh_host`` ("localhost": this machine; None:
-    no host's entry): its host entry's keys over its defaults', env and slurm merged key by key
-    (see above)."""
+    """What the user config file sets for a job on ``ssh_host`` ("localhost": this machine; None: no
+    host's entry): its host entry over its defaults, env and slurm merged key by key."""
     merged: dict[str, Any] = {}
     for key, (value, _) in _user_settings_from(ssh_host).items():
         name, _, item = key.partition(".")
@@ -1555,8 +1548,7 @@ def user_settings(ssh_host: str | None) -> dict[str, Any]:
 
 
 def _user_settings_from(ssh_host: str | None) -> dict[str, tuple[Any, list[str]]]:
-    """Each setting for ``ssh_host`` ("env.NAME" for an item of env or slurm) with the keys that
-    set it in the file."""
+    """Each setting for ``ssh_host`` ("env.NAME": env's or slurm's) with the keys that set it."""
     data = read_user_config()
     found: dict[str, tuple[Any, list[str]]] = {}
     entries = [(["defaults"], data.get("defaults") or {})]
@@ -2015,8 +2007,7 @@ class JobParams:
 
     @classmethod
     def from_function_ref(cls, ref: str) -> JobParams:
-        """``path/to/file.py:func`` or ``path/to/file.py:Class.func``, checked without importing
-        it."""
+        """``path/to/file.py:func`` or ``path/to/file.py:Class.func``, checked unimported."""
         path, sep, qualname = ref.rpartition(":")
         if not sep or not path or not re.match(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?\Z", qualname):
             raise ConfigError(f"{ref!r} is not FILE.py:FUNCTION", hint="e.g. mypkg/jobs.py:train")
@@ -2051,8 +2042,7 @@ class JobParams:
 
     @classmethod
     def from_callable(cls, func: Callable[..., Any]) -> JobParams:
-        """A function, a bound method (its instance travels pickled) or a ``runpy.run_path``
-        function."""
+        """A function, a bound method (its instance pickled) or a ``runpy.run_path`` one."""
         target = getattr(func, "__func__", func)
         name = getattr(target, "__name__", None)
         qualname = getattr(target, "__qualname__", "") or ""
@@ -2197,9 +2187,8 @@ def _shell_scripts(argv: list[str]) -> set[int]:
 
 
 def _shell_state(text: str, state: str) -> str:
-    """The quoting a POSIX shell is in after reading ``text`` from ``state``: "" (none), "'",
-    '"' or "$'" (bash's C-like string), with a "\\" after it when a backslash waits to escape the
-    next character."""
+    """The quoting a POSIX shell is in after reading ``text`` from ``state``: "" (none), "'", '"' or
+    "$'" (bash's C-like string), with a "\\" after it when a backslash escapes the next one."""
     quote, escaped, previous = state.rstrip("\\"), state.endswith("\\"), ""
     for char in text:
         if escaped:
@@ -2420,9 +2409,8 @@ def _machine_key() -> str:
 
 
 def state_dir(pool: str = "") -> Path:
-    """Where this machine's slots, queue and views live, for the current user: one folder per
-    executing machine (see machine_key), unless STACKOPS_STATE_DIR names one; a named pool's
-    are in ``pools/<name>`` inside."""
+    """Where this machine's slots, queue and views live, for this user: one folder per executing
+    machine (machine_key) unless STACKOPS_STATE_DIR names one; pools in ``pools/<name>``."""
     override = os.environ.get("STACKOPS_STATE_DIR")
     root = expand_home(override) if override else expand_home(DEFAULT_STATE_DIR) / machine_key()
     return root / "pools" / pool if pool else root
@@ -2738,8 +2726,7 @@ class Slots:
         return _place_in(str(self.queue), entry)
 
     def holders(self) -> list[dict[str, Any]]:
-        """The jobs holding a slot now (a slot lock nobody holds is free, whatever its JSON
-        says)."""
+        """The jobs holding a slot now (an unheld slot lock is free, whatever the JSON says)."""
         found = []
         for lock in sorted(self.slots.glob("*.lock"), key=lambda p: (len(p.stem), p.stem)):
             fd = _try_flock(lock)
@@ -3269,8 +3256,7 @@ def _slurm_words(slurm: dict[str, Any]) -> str:
 
 
 def _run_of(state: dict[str, Any]) -> dict[str, Any]:
-    """One earlier run of a job (a retry's, or a Slurm run before a requeue), as the report
-    shows it."""
+    """One earlier run of a job (a retry's, or a Slurm run before a requeue), as reported."""
     run = {key: state.get(key) for key in ("started", "ended", "status", "exit_code", "signal")}
     run["error"] = _last_line(state.get("error") or "")
     return run
@@ -4125,9 +4111,8 @@ def notify_job_end(job_root: str | os.PathLike[str]) -> None:
 # -- jobs that run after others -----------------------------------------------------------------
 
 def _parents(root: Path, parents: list[str]) -> tuple[list[str], list[str]]:
-    """(parents that ended without completing, or are gone: ``"P failed"``; parents not ended
-    yet: ``"P (running)"``), each judged as any reader judges a job (on another machine of a
-    shared home: as recorded)."""
+    """(parents that ended without completing, or are gone: ``"P failed"``; parents not ended yet:
+    ``"P (running)"``), each judged as any reader judges a job (elsewhere: as recorded)."""
     bad, pending = [], []
     for parent in parents:
         folder = root.parent / parent
@@ -4187,9 +4172,8 @@ def _job_environment(job_id: str, attempt: int, slot: str | None,
 
 def _exit_record(status: int, usage: Any) -> dict[str, Any]:
     """What a wait4() status and resource use say of an ended process: ``exit_code`` (None when a
-    signal ended it), ``signal`` (None when it exited), ``max_rss_bytes`` (the largest resident
-    set of it or of a descendant it waited for) and ``cpu_seconds`` (user + system time of it and
-    of the descendants it waited for)."""
+    signal ended it), ``signal`` (None when it exited), ``max_rss_bytes`` (the largest resident set
+    of it or of a descendant it waited for) and ``cpu_seconds`` (user + system, the same way)."""
     scale = 1 if sys.platform == "darwin" else 1024  # Linux counts ru_maxrss in KiB, macOS bytes
     killed = os.WIFSIGNALED(status)
     return {"exit_code": None if killed else os.WEXITSTATUS(status),
@@ -4894,8 +4878,7 @@ def judge_jobs(roots: list[Path]) -> list[dict[str, Any]]:
 
 
 def job_reports(roots: list[Path], log_lines: int = 0) -> list[JobStatus]:
-    """The JobStatus of each job folder in ``roots`` (an array's folder: its tasks combined),
-    judged where they are."""
+    """The JobStatus of each folder in ``roots`` (an array's: its tasks combined), judged there."""
     judged = judge_jobs(roots)
     reports = []
     for root, state in zip(roots, judged):
@@ -4950,9 +4933,8 @@ def _cancel(root: Path, marked: dict[str, Any], grace: float) -> dict[str, Any]:
 
 
 def _mark_cancel(root: Path) -> dict[str, Any]:
-    """Mark the job in ``root`` cancelled (the queue then never starts it) unless it has ended;
-    its record after, with ``was`` the status judged before. A job that another machine runs is
-    refused before anything is marked."""
+    """Mark the job in ``root`` cancelled (the queue then never starts it) unless it has ended; its
+    record after, ``was`` the status judged before. A job another machine runs is refused first."""
     before = read_state(root)
     if _ended(before):
         return dict(before, was=before["status"])
@@ -5022,9 +5004,8 @@ def delete_job(root: Path) -> str:
 
 
 def _leave_sweep(root: Path) -> tuple[Path, list[str]] | None:
-    """A deleted job leaves its sweep: its id is taken out of the sweep's members (so that no
-    view counts it as a member gone missing). Returns (the sweep's folder, the ids left), or None
-    for a job of no sweep."""
+    """A deleted job leaves its sweep's members (no view then counts it as gone missing). Returns
+    (the sweep's folder, the ids left), or None for a job of no sweep."""
     if not os.path.islink(root / "python"):
         return None
     shared = root.parent / os.readlink(root / "python").split("/")[1]
@@ -5288,8 +5269,7 @@ def _keep_manifest(store: Path, snapshot: str | None, entries: list[Any] | None)
 
 
 def _place_members(shared: Path, members: list[list[Any]]) -> list[Path]:
-    """The members of a sweep or an array beside its shared folder (see write_sweep_job); all of
-    them or none."""
+    """A sweep's or array's members beside its shared folder (see write_sweep_job); all or none."""
     written: list[Path] = []
     try:
         links = sweep_links(shared.parent, shared.name)
@@ -5473,8 +5453,7 @@ def get_all_ipv4_addresses() -> list[tuple[str, str]]:
 
 def lan_score(row: InterfaceAddress, prefer_vpn: bool = False) -> float | None:
     """How much ``row`` looks like the machine's real LAN address; None when it is out of the race
-    (down, loopback, link-local, or - unless ``prefer_vpn`` - a virtual interface or a noisy
-    network)."""
+    (down, loopback, link-local, or unless ``prefer_vpn``: virtual, or on a noisy network)."""
     import ipaddress
 
     try:
@@ -5512,8 +5491,7 @@ def choose_lan_ipv4(table: list[InterfaceAddress],
 
 def select_lan_ipv4(prefer_vpn: bool = False) -> str | None:
     """This machine's real LAN IPv4: physical interfaces first, 192.168 > 10 > 172.16, up only;
-    loopback, link-local, container/VPN interfaces and noisy networks left out unless
-    ``prefer_vpn``."""
+    loopback, link-local, container/VPN interfaces and noisy networks out unless ``prefer_vpn``."""
     chosen = choose_lan_ipv4(interface_table(), prefer_vpn)
     return chosen.ipv4_address if chosen else None
 
@@ -5906,8 +5884,7 @@ def _fingerprint(key: Any) -> str:
 
 
 def _gcm_first_transport(sock: Any, **kwargs: Any) -> Any:
-    """A paramiko Transport that prefers AES-GCM (measured fastest here; the others stay
-    offered)."""
+    """A paramiko Transport preferring AES-GCM (fastest here; the others stay offered)."""
     transport = _paramiko().Transport(sock, **kwargs)
     preferred = transport._preferred_ciphers
     gcm = tuple(c for c in preferred if "gcm" in c)
@@ -6141,8 +6118,7 @@ class SSH:
         return self._specs
 
     def simple_sftp_get(self, remote_path: str, local_path: str | os.PathLike[str]) -> None:
-        """Fetch one remote file over SFTP as is: no recursion, no ``~`` expansion (relative paths
-        are taken from the login folder by the SFTP server)."""
+        """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host``: alias or SSH."""
         try:
             with self.client.open_sftp() as sftp:
                 mode = _kept_mode(f"{(sftp.stat(remote_path).st_mode or 0) & 0o7777:o}")
@@ -6340,8 +6316,7 @@ def _drain(channel: Any, timeout: float | None, command: str,
 
 
 def simple_sftp_get(remote_path: str, local_path: str | os.PathLike[str], host: str | SSH) -> None:
-    """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host`` is an alias or an
-    SSH."""
+    """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host``: an alias or an SSH."""
     if isinstance(host, SSH):
         host.simple_sftp_get(remote_path, local_path)
         return
@@ -6351,8 +6326,7 @@ def simple_sftp_get(remote_path: str, local_path: str | os.PathLike[str], host: 
 
 def _known_hosts_entry(line: str) -> Any:
     """The paramiko entry of a plain known_hosts line; None for comments, markers (``@revoked``,
-    ``@cert-authority``) and key types paramiko does not know (``sk-`` keys): OpenSSH accepts
-    them all."""
+    ``@cert-authority``) and key types paramiko lacks (``sk-``): OpenSSH accepts them all."""
     if not line.strip() or line.lstrip().startswith(("#", "@")):
         return None
     try:
@@ -7041,9 +7015,8 @@ def _make_temp_dir(parent: Path) -> str:
 
 
 def _remove_stale_partials(parent: Path) -> None:
-    """Remove the staging folders (_Staged's boxes, _make_temp_dir's) that a dropped download
-    left in ``parent`` (our names only) once nothing in them changed for a day: a live download
-    writes all the time."""
+    """Remove the staging folders (_Staged's boxes, _make_temp_dir's) a dropped download left in
+    ``parent`` (our names only) once nothing in them changed for a day (a live one writes)."""
     since = time.time() - 86400
     for folder in parent.glob(".stackops-partial.*"):
         if not re.match(r"\.stackops-partial\.[a-z0-9_]{8}\Z", folder.name) or folder.is_symlink():
@@ -7073,8 +7046,7 @@ def _remote_path(path: str) -> str:
 
 
 def _remote_target(path: str) -> str:
-    """A remote path that a copy may (re)place: never the host's home, a folder holding it, or a
-    path climbing with '..'."""
+    """A remote path a copy may (re)place: not the host's home, a folder above it, or with '..'."""
     path = _remote_path(path)
     if posixpath.normpath(path) in ("~", "/") or ".." in path.split("/"):
         raise ConfigError(f"{path!r} is the host's home, holds it, or climbs out of it with '..': "
@@ -7435,8 +7407,7 @@ class _HashCache:
         self.now = time.time_ns()  # before any file is read
 
     def digest(self, path: str, info: os.stat_result, fresh: bool = False) -> str:
-        """The sha256 of the file at ``path``, whose lstat is ``info`` (``fresh``: not from the
-        cache)."""
+        """The sha256 of the file ``path``, lstat ``info`` (``fresh``: not from the cache)."""
         stamp = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
         cached = self.known.get(path)
         if not fresh and isinstance(cached, list) and cached[:5] == stamp:
@@ -7476,8 +7447,7 @@ def code_snapshot(repo: Path, fresh: set[str] | None = None
                   ) -> tuple[str, list[list[Any]], dict[str, Path]]:
     """The content-addressed snapshot of ``repo`` that copy_repo sends: (its id, its manifest of
     ``[path, kind, sha256 or link target]`` with kind ``f``, ``x`` (executable) or ``l`` (a link
-    inside the tree), and the local file of each blob). The files in ``fresh`` are hashed anew,
-    whatever the hash cache says."""
+    inside the tree), and the local file of each blob). The files in ``fresh`` are hashed anew."""
     import hashlib
 
     cache = _HashCache()
@@ -7543,9 +7513,8 @@ def scm_version(repo: Path) -> str:
 
 def _data_items(data: list[str]) -> list[dict[str, Any]]:
     """Each data path as it travels: its target (home-relative, or absolute outside the home),
-    whether it is a folder, its files with size, mtime_ns and, for a file changed less than
-    RACY_NS ago, its sha256 (``stamps``, what _data_plan reads), and the local path of each
-    (``sources``)."""
+    whether it is a folder, its files with size, mtime_ns and, for a file changed less than RACY_NS
+    ago, its sha256 (``stamps``, read by _data_plan), and each one's local path (``sources``)."""
     items = []
     now = time.time_ns()
     for text in data:
@@ -7587,9 +7556,8 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
                   file_manager: FileManager,
                   data: list[str], progress: Callable[[int], None] | None = None,
                   snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None) -> bool:
-    """Hand the job over in one remote command (see _hand_over). Returns True when the host sees
-    this machine's job folder (a shared home): then nothing is sent, and the folder, code and
-    data are used in place."""
+    """Hand the job over in one remote command (see _hand_over). True when the host sees our job
+    folder (a shared home): nothing is sent, and folder, code and data are used in place."""
     if config.copy_repo and snapshot is None:
         snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
     spec = _Handing(file_manager.job_root, file_manager.job_root_rh,
@@ -7677,10 +7645,9 @@ def _hand_over_request(spec: _Handing, items: list[dict[str, Any]],
 
 
 class _HandOverTalk:
-    """This machine's side of a hand-over's conversation (see _act_handover): read the plan,
-    refuse or send what the host lacks (or nothing, to a host that sees this machine's files),
-    send blobs again that the host found damaged, say go once the gate opens; returns the
-    final answer line."""
+    """This machine's side of a hand-over (see _act_handover): read the plan, refuse or send what
+    the host lacks (nothing to a host that sees our files), send again blobs the host found damaged,
+    say go once the gate opens; returns the final answer line."""
 
     def __init__(self, ssh: SSH, spec: _Handing, items: list[dict[str, Any]],
                  request: dict[str, Any], cache: dict[str, bool], key: str) -> None:
@@ -7723,8 +7690,7 @@ class _HandOverTalk:
 
     def _send(self, write: Callable[[bytes], None], blobs: list[str],
               data: list[dict[str, Any]], whole: bool) -> None:
-        """The header (``whole``: with the job folder), then the parts, then the end line; the
-        meter counts what goes out."""
+        """The header (``whole``: with the job folder), the parts, the end line; metered."""
         meter, plain = self.meter, write
         if meter is not None:
             def write(data: bytes) -> None:
@@ -7860,9 +7826,8 @@ def _folder_parts(root: Path, by_blob: dict[str, tuple[str, Path]]
 
 
 def _send_part(write: Callable[[bytes], None], name: str, path: Path | str | None) -> None:
-    """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes; a
-    folder (None), a link (``->target``) or a copy of a blob the host has (its digest) is the
-    line alone."""
+    """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes; a folder
+    (None), a link (``->target``) or a blob the host has (its digest) is the line alone."""
     if path is None:
         write(json.dumps({"name": name, "dir": True}).encode() + b"\n")
         return
@@ -8784,8 +8749,7 @@ class _CloudQueueLauncher(_SlotLauncher):
 
     @staticmethod
     def _check_unit_ids(machine: RemoteMachine, queue: CloudQueue, count: int) -> list[str]:
-        """Every unit's id, checked before any is made or uploaded: a safe name, no job here and
-        no unit in the queue by that name."""
+        """Each unit's id, checked first: a safe name, no job here, no unit queued by it."""
         unit_ids = [f"{machine.job_id}-{k}-{count}" for k in range(count)]
         for unit_id in unit_ids:
             if not _SAFE_NAME.match(unit_id):  # the job_id is safe: only the length can fail
@@ -9329,8 +9293,7 @@ def _withdraw(machine: RemoteMachine, sent: bool) -> None:
 
 
 def _scripts_text(machine: RemoteMachine) -> str:
-    """The generated wrapper (and the batch script for Slurm), each under a title line
-    (show_scripts)."""
+    """The generated wrapper (and Slurm's batch script), each under a title line (show_scripts)."""
     if not machine.scripts_generated:
         raise StackopsError("no scripts yet", hint="call generate_scripts() first")
     text = ""
@@ -9875,8 +9838,7 @@ class _ListCache:
 def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
                timeout: float) -> dict[str, dict[str, Any]]:
     """Every host's jobs judged there, one round trip per host, all hosts at once, within
-    ``timeout`` seconds: {host: {job_id: answer}} (``"*"``: the error that kept the host from
-    answering)."""
+    ``timeout`` seconds: {host: {job_id: answer}} (``"*"``: the error that kept the host silent)."""
     import threading
 
     results: dict[str, dict[str, Any]] = {}  # one assignment per host: late threads change nothing
@@ -9904,9 +9866,8 @@ def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
 # -- sweeps ------------------------------------------------------------------------------------
 
 def load_sweep_grid(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The kwargs of a sweep's jobs from a JSON Lines file: one JSON object per line, the K-th
-    object for job ``<id>-K`` (blank lines are skipped). A line that is not a JSON object is
-    refused with its number."""
+    """The kwargs of a sweep's jobs from a JSON Lines file: one JSON object per line, the K-th for
+    job ``<id>-K`` (blank lines skipped); a line that is no JSON object is refused by number."""
     source = os.fspath(path)
     grid = []
     for number, line in enumerate(_read_kwargs_file(source).splitlines(), 1):
@@ -10250,8 +10211,7 @@ class MachineSpecs:
 
     @staticmethod
     def normalise(specs: list[MachineSpecs]) -> list[MachineSpecs]:
-        """Fill each host's ``*_norm`` fields with its share of the total (0 when the total is
-        0)."""
+        """Set each host's ``*_norm`` fields to its share of the total (0 for a total of 0)."""
         for name in ("cpu", "ram", "product"):
             total = sum(getattr(spec, name) for spec in specs)
             for spec in specs:
@@ -10261,9 +10221,8 @@ class MachineSpecs:
 
 @_model
 class ThreadLoadCalculator:
-    """How many parallel parts a host runs: ``num_jobs`` on a host like the reference, scaled by
-    the criterion (half the CPUs of the reference: half the parts), at least 1.
-    ``num_jobs=None``: 1."""
+    """How many parallel parts a host runs: ``num_jobs`` (None: 1) on a host like the reference,
+    scaled by the criterion (half the reference's CPUs: half the parts), at least 1."""
 
     num_jobs: int | None = None
     load_criterion: LoadCriterion = LoadCriterion.cpu
@@ -10389,8 +10348,7 @@ class Cluster:
 
     def connect(self) -> Cluster:
         """Connect to and probe every host in parallel. An unreachable host is left out (and said
-        so) with ``ditch_unavailable``; otherwise nothing is launched anywhere and an error names
-        it."""
+        so) with ``ditch_unavailable``; else nothing is launched anywhere and an error names it."""
         def open_and_probe(host: str) -> tuple[SSH, MachineSpecs]:
             ssh = SSH.from_config_file(host, accept_new_host_key=self.config.accept_new_host_key,
                                        timeout=self.config.ssh_timeout)
@@ -13184,9 +13142,8 @@ def _subcommands(parser: Any) -> list[Any]:
 
 
 def _add_verbosity_everywhere(parser: Any) -> None:
-    """-v/-q after the command too (``stackops status JOB -v``): a command's parser (and each of
-    its actions') counts them into its own field, which main() adds to the ones given before the
-    command."""
+    """-v/-q after the command too (``stackops status JOB -v``): a command's parser (and its
+    actions') counts them into its own field, which main() adds to the ones given before."""
     argparse = _argparse()
     parser.add_argument("-v", "--verbose", dest="verbose_after", action="count",
                         default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
@@ -13364,9 +13321,8 @@ def _gone(root: Path) -> str:
 
 def _reports_of(roots: list[Path], lines: int = 0,
                 tasks: list[list[str] | None] | None = None) -> list[dict[str, Any]]:
-    """For each job folder: its judged state, its log tail, its place in line (and an array's
-    tasks, the same way: those its record names, or ``tasks[i]``, the ids the submitter follows
-    once failed tasks were run again)."""
+    """Each job folder's judged state, log tail and place in line (an array's tasks the same way:
+    those its record names, or ``tasks[i]``, the ids followed once failed ones ran again)."""
     answers = []
     for index, (root, state) in enumerate(zip(roots, judge_jobs(roots))):
         if not state and not os.path.lexists(root):
