@@ -194,7 +194,6 @@ __all__ = [
 ]
 
 
-
 class _Logger:
     """The "stackops" logger, logging imported when a line is first logged or a handler set (2 ms
     of every start that logs nothing: ``--help``, most of the command line, a job's wrapper).
@@ -401,7 +400,6 @@ def _option(api: str, cli: str) -> str:
 # -- errors as data: the executing side answers an error, the client raises it again -------------
 
 
-
 def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
     """``exc`` as plain data for the other side of a host boundary: its class, message, hint and
     plain attributes, and ``evidence`` (the traceback of a crash)."""
@@ -433,7 +431,6 @@ def _error_from_record(record: dict[str, Any], prefix: str = "",
         if isinstance(key, str) and key.isidentifier() and key[:1] != "_" and key != "hint":
             setattr(exc, key, value)
     return exc
-
 
 
 # ============================================================================================
@@ -517,8 +514,7 @@ def _this_module() -> Any:
 
 
 def _mkdir_private(path: Path) -> Path:
-    """Create ``path`` and its missing parents, each private to the user (0700); folders that
-    exist already are left as they are."""
+    """Create ``path`` and its missing parents, each 0700; existing folders stay as they are."""
     missing = []
     while not path.is_dir() and path != path.parent:
         missing.append(path)
@@ -532,8 +528,7 @@ def _mkdir_private(path: Path) -> Path:
 def _untrusted_reason(path: Path) -> str | None:
     """Why someone else could change what is in folder ``path``, or None: like OpenSSH's
     StrictModes, the folder and each parent must belong to you or root and be writable by nobody
-    else; a root-owned sticky folder such as /tmp ends the walk (nobody may rename what is
-    yours there)."""
+    else; a root-owned sticky folder such as /tmp ends the walk (nobody may rename yours there)."""
     me = os.getuid()
     current = os.path.realpath(path)
     while True:
@@ -678,9 +673,8 @@ _HOMES: dict[Any, tuple[str, str]] = {}  # (home, its inode): (home, its real pa
 
 
 def _homes() -> tuple[str, str]:
-    """This machine's home, absolute, and the same resolved through symlinks, resolved again only
-    when the home changes (a list of 10,000 jobs collapses 30,000 paths: resolving the home each
-    time was most of its time)."""
+    """This machine's home, absolute and resolved through symlinks, resolved again only when the
+    home changes (a list of 10,000 jobs collapses 30,000 paths: resolving was most of it)."""
     home = os.path.abspath(os.path.expanduser("~"))
     try:
         info = os.lstat(home)
@@ -710,9 +704,8 @@ _PLACEHOLDER = _LazyPattern(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def fill_placeholders(template: str, values: dict[str, str], quote: bool = False) -> str:
-    """``template`` with each ``{name}`` replaced by its value (``quote``: shell-quoted, so it
-    arrives as one literal word whatever it holds); ``{{`` and ``}}`` stand for braces. A name
-    with no value is a ConfigError."""
+    """``template`` with each ``{name}`` replaced by its value (``quote``: shell-quoted, one literal
+    word); ``{{`` and ``}}`` stand for braces. A name with no value is a ConfigError."""
     def one(match: Any) -> str:
         if match[0] in ("{{", "}}"):
             return match[0][0]
@@ -726,13 +719,11 @@ def fill_placeholders(template: str, values: dict[str, str], quote: bool = False
 
 
 def check_safe_name(name: Any, what: str = "job_id") -> str:
-    """A name usable as a folder and in commands: letters, digits and ``._-``, not first
-    ``.``/``-``."""
+    """A name fit for a folder and commands: letters, digits, ``._-``, not first ``.``/``-``."""
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
         raise ConfigError(f"{what} {name!r} is not a safe name",
                           hint="use letters, digits, '.', '_' and '-', not starting with '.' or "
-                               "'-', "
-                               "at most 128 characters")
+                               "'-', at most 128 characters")
     return name
 
 
@@ -781,9 +772,8 @@ _ENV_NAME = _LazyPattern(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def check_job_env(env: Any, what: str = "env") -> dict[str, str]:
-    """``env`` as variables for a job's environment, refused (one line) unless each name is a
-    variable's name that stackops does not set itself (JOB_ENV_NAMES) and each value a string
-    without NUL."""
+    """``env`` as a job's variables, refused (one line) unless each name is a variable's name that
+    stackops does not set itself (JOB_ENV_NAMES) and each value a string without NUL."""
     if not isinstance(env, dict):
         raise ConfigError(f"{what} must be a dict of names and values, got {type(env).__name__}")
     for name, value in env.items():
@@ -999,8 +989,7 @@ def _sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _copy_verified(source: str, target: str, digest: str, mode: int,
-                   relative: str = "") -> None:
+def _copy_verified(source: str, target: str, digest: str, mode: int, relative: str = "") -> None:
     """A new file ``target`` (``mode``; never one that exists) with the bytes of ``source``, a
     store's blob or a live file, hashed as they are copied: when they are not the bytes of sha256
     ``digest`` (or the source is gone), the copy is removed and _SnapshotMismatchError raised
@@ -1464,8 +1453,7 @@ def _check_user_config(path: Path, text: str) -> dict[str, Any]:
             for host, entry in value.items():
                 _check_host_entry(path, text, [key, host], entry)
         elif key in ("default_email_address", "default_email_config"):
-            _user_config_type(path, text, [key], key, isinstance(value, str) and value != "",
-                              value)
+            _user_config_type(path, text, [key], key, isinstance(value, str) and value != "", value)
             if key == "default_email_address":
                 _located(path, text, [key], check_email_address, value, key)
         else:
@@ -1508,8 +1496,7 @@ def _user_config_type(path: Path, text: str, keys: list[str], kind: str, right: 
                                  f"{'.'.join(keys)} must be {_SETTING_TYPES[kind]}{got}")
 
 
-def _located(path: Path, text: str, keys: list[str], check: Callable[..., Any],
-             *args: Any) -> None:
+def _located(path: Path, text: str, keys: list[str], check: Callable[..., Any], *args: Any) -> None:
     """``check(*args)``, its refusal said with the file and the line of ``keys``."""
     try:
         check(*args)
@@ -1552,9 +1539,8 @@ def _json_key_line(text: str, keys: list[str]) -> int:
 
 
 def user_settings(ssh_host: str | None) -> dict[str, Any]:
-    """What the user config file sets for a job on ``ssh_host`` ("localhost": this machine; None:
-    no host's entry): its host entry's keys over its defaults', env and slurm merged key by key
-    (see above)."""
+    """What the user config file sets for a job on ``ssh_host`` ("localhost": this machine; None: no
+    host's entry): its host entry over its defaults, env and slurm merged key by key."""
     merged: dict[str, Any] = {}
     for key, (value, _) in _user_settings_from(ssh_host).items():
         name, _, item = key.partition(".")
@@ -1566,8 +1552,7 @@ def user_settings(ssh_host: str | None) -> dict[str, Any]:
 
 
 def _user_settings_from(ssh_host: str | None) -> dict[str, tuple[Any, list[str]]]:
-    """Each setting for ``ssh_host`` ("env.NAME" for an item of env or slurm) with the keys that
-    set it in the file."""
+    """Each setting for ``ssh_host`` ("env.NAME": env's or slurm's) with the keys that set it."""
     data = read_user_config()
     found: dict[str, tuple[Any, list[str]]] = {}
     entries = [(["defaults"], data.get("defaults") or {})]
@@ -1993,8 +1978,7 @@ class JobParams:
         repo = repo or find_repo_root(file)
         rel = file.relative_to(repo).as_posix()
         return cls(repo_path_rh=collapse_home(repo), file_path_rh=collapse_home(file),
-                   file_path_r=rel,
-                   **fields)
+                   file_path_r=rel, **fields)
 
     @classmethod
     def from_script(cls, path: str | os.PathLike[str]) -> JobParams:
@@ -2027,8 +2011,7 @@ class JobParams:
 
     @classmethod
     def from_function_ref(cls, ref: str) -> JobParams:
-        """``path/to/file.py:func`` or ``path/to/file.py:Class.func``, checked without importing
-        it."""
+        """``path/to/file.py:func`` or ``path/to/file.py:Class.func``, checked unimported."""
         path, sep, qualname = ref.rpartition(":")
         if not sep or not path or not re.match(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?\Z", qualname):
             raise ConfigError(f"{ref!r} is not FILE.py:FUNCTION", hint="e.g. mypkg/jobs.py:train")
@@ -2063,8 +2046,7 @@ class JobParams:
 
     @classmethod
     def from_callable(cls, func: Callable[..., Any]) -> JobParams:
-        """A function, a bound method (its instance travels pickled) or a ``runpy.run_path``
-        function."""
+        """A function, a bound method (its instance pickled) or a ``runpy.run_path`` one."""
         target = getattr(func, "__func__", func)
         name = getattr(target, "__name__", None)
         qualname = getattr(target, "__qualname__", "") or ""
@@ -2101,33 +2083,27 @@ class JobParams:
         return params
 
     def get_execution_line(self, workload_params: WorkloadParams | None = None,
-                           parallelize: bool = False,
-                           wrap_in_try_except: bool = False) -> str:
+                           parallelize: bool = False, wrap_in_try_except: bool = False) -> str:
         """The Python lines (indented for the wrapper's ``execute``) that call the job. The
         workload written here is the job's, unless its own config names a slice of it (a Slurm
         array's task, whose wrapper is the array's: JobContext.workload)."""
         workload = workload_params.to_dict() if workload_params is not None else None
         given = f"workload_params = job.workload(WorkloadParams.from_dict({workload!r}))"
         if self.kind == "command":
-            lines = _command_execution_lines(workload_params, parallelize)
+            lines = _command_execution_lines(parallelize)
         elif self.kind == "script":
             if parallelize:
                 raise ConfigError(f"{_option('parallelize=True', '--parallelize')} needs a "
                                   "function; a script cannot be split")
-            lines = []
-            if workload_params is not None:
-                lines.append(given)
-            else:
-                lines.append("workload_params = None")
-            lines.append("res = job.run_script(func_kwargs, workload_params)")
+            lines = [given if workload_params is not None else "workload_params = None",
+                     "res = job.run_script(func_kwargs, workload_params)"]
         elif workload_params is None:
             if parallelize:
                 raise ConfigError(f"{_option('parallelize=True', '--parallelize')} needs "
                                   f"{_option('workload_params', '--workload')}")
             lines = ["func = job.load_callable()", "res = func(**func_kwargs)"]
         elif not parallelize:
-            lines = [given,
-                     "func = job.load_callable()",
+            lines = [given, "func = job.load_callable()",
                      "res = func(workload_params=workload_params, **func_kwargs)"]
         else:
             lines = [given,
@@ -2163,8 +2139,7 @@ def _check_command(argv: Any) -> list[str]:
     return list(argv)
 
 
-def _command_execution_lines(workload_params: WorkloadParams | None,
-                             parallelize: bool) -> list[str]:
+def _command_execution_lines(parallelize: bool) -> list[str]:
     """The wrapper's lines for a command job: none of its own (run_job runs the command: see
     _run_command_job); a command cannot be split in processes."""
     if parallelize:
@@ -2216,9 +2191,8 @@ def _shell_scripts(argv: list[str]) -> set[int]:
 
 
 def _shell_state(text: str, state: str) -> str:
-    """The quoting a POSIX shell is in after reading ``text`` from ``state``: "" (none), "'",
-    '"' or "$'" (bash's C-like string), with a "\\" after it when a backslash waits to escape the
-    next character."""
+    """The quoting a POSIX shell is in after reading ``text`` from ``state``: "" (none), "'", '"' or
+    "$'" (bash's C-like string), with a "\\" after it when a backslash escapes the next one."""
     quote, escaped, previous = state.rstrip("\\"), state.endswith("\\"), ""
     for char in text:
         if escaped:
@@ -2399,8 +2373,7 @@ def render_sbatch_script(job_id: str, options: dict[str, str], tasks: int = 0, t
              for key, value in sorted(check_slurm_options(options).items())]
     if after:  # a parent that fails makes Slurm cancel this job, never leave it pending forever
         parents = ":".join(check_safe_name(i, "slurm job") for i in after)
-        lines += ["#SBATCH --dependency=afterok:" + parents,
-                  "#SBATCH --kill-on-invalid-dep=yes"]
+        lines += ["#SBATCH --dependency=afterok:" + parents, "#SBATCH --kill-on-invalid-dep=yes"]
     output, task_dir = OUTPUT_LOG, "."
     if tasks:
         lines.append(f"#SBATCH --array=0-{tasks - 1}" + (f"%{throttle}" if throttle else ""))
@@ -2440,9 +2413,8 @@ def _machine_key() -> str:
 
 
 def state_dir(pool: str = "") -> Path:
-    """Where this machine's slots, queue and views live, for the current user: one folder per
-    executing machine (see machine_key), unless STACKOPS_STATE_DIR names one; a named pool's
-    are in ``pools/<name>`` inside."""
+    """Where this machine's slots, queue and views live, for this user: one folder per executing
+    machine (machine_key) unless STACKOPS_STATE_DIR names one; pools in ``pools/<name>``."""
     override = os.environ.get("STACKOPS_STATE_DIR")
     root = expand_home(override) if override else expand_home(DEFAULT_STATE_DIR) / machine_key()
     return root / "pools" / pool if pool else root
@@ -2461,7 +2433,6 @@ def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()]
-
 
 
 class _FileLock:
@@ -2760,8 +2731,7 @@ class Slots:
         return _place_in(str(self.queue), entry)
 
     def holders(self) -> list[dict[str, Any]]:
-        """The jobs holding a slot now (a slot lock nobody holds is free, whatever its JSON
-        says)."""
+        """The jobs holding a slot now (an unheld slot lock is free, whatever the JSON says)."""
         found = []
         for lock in sorted(self.slots.glob("*.lock"), key=lambda p: (len(p.stem), p.stem)):
             fd = _try_flock(lock)
@@ -2944,9 +2914,8 @@ def _start_detached(argv: list[str], output: Path, env: dict[str, str] | None = 
     end it at logout (_logind); returns its pid."""
     with _private_append(output) as out:
         child = subprocess.Popen(_in_user_scope(argv, _logind()), stdin=subprocess.DEVNULL,
-                                 stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                                 cwd=str(cwd) if cwd else None, pass_fds=fds)
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env=env, cwd=str(cwd) if cwd else None, pass_fds=fds)
     _DETACHED.append(child)
     return child.pid
 
@@ -3012,10 +2981,9 @@ class FileManager:
         if not isinstance(data, dict) or not isinstance(data.get("job_id"), str):
             raise ConfigError("file_manager.json: expected an object with a job_id")
         manager = cls(data["job_id"], data.get("remote_machine_type", "Linux"),
-                      data.get("lock_resources", True),
-                      data.get("max_simultaneous_jobs", 1), data.get("base_dir"),
-                      _parse_iso(data.get("submission_time")), data.get("pool", ""),
-                      data.get("gpus", 0))
+                      data.get("lock_resources", True), data.get("max_simultaneous_jobs", 1),
+                      data.get("base_dir"), _parse_iso(data.get("submission_time")),
+                      data.get("pool", ""), data.get("gpus", 0))
         if job_root is not None:  # the folder is where it is, wherever it was made
             manager.job_root = job_root
         if isinstance(data.get("state_dir"), str) and os.path.isabs(data["state_dir"]):
@@ -3296,8 +3264,7 @@ def _slurm_words(slurm: dict[str, Any]) -> str:
 
 
 def _run_of(state: dict[str, Any]) -> dict[str, Any]:
-    """One earlier run of a job (a retry's, or a Slurm run before a requeue), as the report
-    shows it."""
+    """One earlier run of a job (a retry's, or a Slurm run before a requeue), as reported."""
     run = {key: state.get(key) for key in ("started", "ended", "status", "exit_code", "signal")}
     run["error"] = _last_line(state.get("error") or "")
     return run
@@ -3392,8 +3359,7 @@ class JobContext:
         self.repo = expand_home(self.params.repo_path_rh)
         if self.params.code_snapshot:  # the job's own copy of the code it was submitted with
             for relative in self.params.data_r:
-                _link_data(self.job_root / CODE_DIR, _safe_relative(relative),
-                           self.repo / relative)
+                _link_data(self.job_root / CODE_DIR, _safe_relative(relative), self.repo / relative)
             self.repo = self.job_root / CODE_DIR
         else:
             sys.dont_write_bytecode = True
@@ -3409,8 +3375,7 @@ class JobContext:
     def sys_path(self) -> list[Path]:
         """The folders the job puts first on sys.path, in order (see the class docstring)."""
         file = self.repo / self.params.file_path_r
-        return list(dict.fromkeys([file.parent, self.repo / self.params.import_root_r,
-                                   self.repo]))
+        return list(dict.fromkeys([file.parent, self.repo / self.params.import_root_r, self.repo]))
 
     def _put_on_path(self) -> None:
         for folder in reversed(self.sys_path()):
@@ -4070,7 +4035,6 @@ def _smtp_exchange(server: Any, settings: dict[str, Any], message: Any, context:
         server.close()
 
 
-
 def _report_end(root: Path, state: dict[str, Any], inline: bool = True) -> None:
     """Report a recorded end (every end is recorded once, so it is reported once): the e-mail
     and the ``on_end`` hook the job asked for, each bounded in time. A check that found the end
@@ -4170,9 +4134,8 @@ def notify_job_end(job_root: str | os.PathLike[str]) -> None:
 # -- jobs that run after others -----------------------------------------------------------------
 
 def _parents(root: Path, parents: list[str]) -> tuple[list[str], list[str]]:
-    """(parents that ended without completing, or are gone: ``"P failed"``; parents not ended
-    yet: ``"P (running)"``), each judged as any reader judges a job (on another machine of a
-    shared home: as recorded)."""
+    """(parents that ended without completing, or are gone: ``"P failed"``; parents not ended yet:
+    ``"P (running)"``), each judged as any reader judges a job (elsewhere: as recorded)."""
     bad, pending = [], []
     for parent in parents:
         folder = root.parent / parent
@@ -4232,9 +4195,8 @@ def _job_environment(job_id: str, attempt: int, slot: str | None,
 
 def _exit_record(status: int, usage: Any) -> dict[str, Any]:
     """What a wait4() status and resource use say of an ended process: ``exit_code`` (None when a
-    signal ended it), ``signal`` (None when it exited), ``max_rss_bytes`` (the largest resident
-    set of it or of a descendant it waited for) and ``cpu_seconds`` (user + system time of it and
-    of the descendants it waited for)."""
+    signal ended it), ``signal`` (None when it exited), ``max_rss_bytes`` (the largest resident set
+    of it or of a descendant it waited for) and ``cpu_seconds`` (user + system, the same way)."""
     scale = 1 if sys.platform == "darwin" else 1024  # Linux counts ru_maxrss in KiB, macOS bytes
     killed = os.WIFSIGNALED(status)
     return {"exit_code": None if killed else os.WEXITSTATUS(status),
@@ -5081,8 +5043,7 @@ def _judge_records(roots: list[Path], states: list[dict[str, Any]]) -> list[dict
 
 
 def job_reports(roots: list[Path], log_lines: int = 0) -> list[JobStatus]:
-    """The JobStatus of each job folder in ``roots`` (an array's folder: its tasks combined),
-    judged where they are."""
+    """The JobStatus of each folder in ``roots`` (an array's: its tasks combined), judged there."""
     judged = judge_jobs(roots)
     reports = []
     for root, state in zip(roots, judged):
@@ -5137,9 +5098,8 @@ def _cancel(root: Path, marked: dict[str, Any], grace: float) -> dict[str, Any]:
 
 
 def _mark_cancel(root: Path) -> dict[str, Any]:
-    """Mark the job in ``root`` cancelled (the queue then never starts it) unless it has ended;
-    its record after, with ``was`` the status judged before. A job that another machine runs is
-    refused before anything is marked."""
+    """Mark the job in ``root`` cancelled (the queue then never starts it) unless it has ended; its
+    record after, ``was`` the status judged before. A job another machine runs is refused first."""
     before = read_state(root)
     if _ended(before):
         return dict(before, was=before["status"])
@@ -5209,9 +5169,8 @@ def delete_job(root: Path) -> str:
 
 
 def _leave_sweep(root: Path) -> tuple[Path, list[str]] | None:
-    """A deleted job leaves its sweep: its id is taken out of the sweep's members (so that no
-    view counts it as a member gone missing). Returns (the sweep's folder, the ids left), or None
-    for a job of no sweep."""
+    """A deleted job leaves its sweep's members (no view then counts it as gone missing). Returns
+    (the sweep's folder, the ids left), or None for a job of no sweep."""
     if not os.path.islink(root / "python"):
         return None
     shared = root.parent / os.readlink(root / "python").split("/")[1]
@@ -5475,8 +5434,7 @@ def _keep_manifest(store: Path, snapshot: str | None, entries: list[Any] | None)
 
 
 def _place_members(shared: Path, members: list[list[Any]]) -> list[Path]:
-    """The members of a sweep or an array beside its shared folder (see write_sweep_job); all of
-    them or none."""
+    """A sweep's or array's members beside its shared folder (see write_sweep_job); all or none."""
     written: list[Path] = []
     try:
         links = sweep_links(shared.parent, shared.name)
@@ -5577,8 +5535,7 @@ _PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|"
                                r".*wifi.*|.*ethernet.*)",
                                re.IGNORECASE)
 _NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16",
-                   "192.168.49.0/24",
-                   "10.0.2.0/24")
+                   "192.168.49.0/24", "10.0.2.0/24")
 
 
 @_model(frozen=True)
@@ -5661,8 +5618,7 @@ def get_all_ipv4_addresses() -> list[tuple[str, str]]:
 
 def lan_score(row: InterfaceAddress, prefer_vpn: bool = False) -> float | None:
     """How much ``row`` looks like the machine's real LAN address; None when it is out of the race
-    (down, loopback, link-local, or - unless ``prefer_vpn`` - a virtual interface or a noisy
-    network)."""
+    (down, loopback, link-local, or unless ``prefer_vpn``: virtual, or on a noisy network)."""
     import ipaddress
 
     try:
@@ -5700,8 +5656,7 @@ def choose_lan_ipv4(table: list[InterfaceAddress],
 
 def select_lan_ipv4(prefer_vpn: bool = False) -> str | None:
     """This machine's real LAN IPv4: physical interfaces first, 192.168 > 10 > 172.16, up only;
-    loopback, link-local, container/VPN interfaces and noisy networks left out unless
-    ``prefer_vpn``."""
+    loopback, link-local, container/VPN interfaces and noisy networks out unless ``prefer_vpn``."""
     chosen = choose_lan_ipv4(interface_table(), prefer_vpn)
     return chosen.ipv4_address if chosen else None
 
@@ -6094,8 +6049,7 @@ def _fingerprint(key: Any) -> str:
 
 
 def _gcm_first_transport(sock: Any, **kwargs: Any) -> Any:
-    """A paramiko Transport that prefers AES-GCM (measured fastest here; the others stay
-    offered)."""
+    """A paramiko Transport preferring AES-GCM (fastest here; the others stay offered)."""
     transport = _paramiko().Transport(sock, **kwargs)
     preferred = transport._preferred_ciphers
     gcm = tuple(c for c in preferred if "gcm" in c)
@@ -6120,12 +6074,10 @@ class SSH:
     ProxyCommand, host keys checked against known_hosts, timeouts everywhere."""
 
     def __init__(self, host: str | None = None, username: str | None = None,
-                 hostname: str | None = None,
-                 ssh_key_path: str | None = None, password: str | None = None,
-                 port: int | None = None,
+                 hostname: str | None = None, ssh_key_path: str | None = None,
+                 password: str | None = None, port: int | None = None,
                  enable_compression: bool = False, accept_new_host_key: bool = False,
-                 timeout: float = 15.0,
-                 _hop: int = 0) -> None:
+                 timeout: float = 15.0, _hop: int = 0) -> None:
         if host is None and hostname is None:
             raise ConfigError("SSH needs a host alias or a hostname")
         target = resolve_ssh_target(host or hostname or "")
@@ -6227,10 +6179,8 @@ class SSH:
         target = self.target
         try:
             client.connect(target.hostname, target.port, username=target.user, sock=sock,
-                           timeout=self.timeout,
-                           banner_timeout=self.timeout, auth_timeout=self.timeout,
-                           compress=self.compress,
-                           **credentials, **fast)
+                           timeout=self.timeout, banner_timeout=self.timeout,
+                           auth_timeout=self.timeout, compress=self.compress, **credentials, **fast)
         except HostKeyError:
             client.close()
             raise
@@ -6269,8 +6219,7 @@ class SSH:
     # -- commands --------------------------------------------------------------------------------
 
     def run_shell_cmd_on_remote(self, command: str, timeout: float | None = None,
-                                strict: bool = True,
-                                stdin: bytes | None = None) -> Response:
+                                strict: bool = True, stdin: bytes | None = None) -> Response:
         """Run ``command`` with bash on the host, whatever its login shell; read stdout and stderr
         together (no stall on large output). ``strict``: a non-zero exit raises CommandError."""
         channel = self._open_channel()
@@ -6283,8 +6232,7 @@ class SSH:
         finally:
             channel.close()
         response = Response(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), status,
-                            command,
-                            str(self.target))
+                            command, str(self.target))
         if strict and status != 0:
             raise CommandError(str(self.target), command, status,
                                response.stderr or response.stdout)
@@ -6335,8 +6283,7 @@ class SSH:
         return self._specs
 
     def simple_sftp_get(self, remote_path: str, local_path: str | os.PathLike[str]) -> None:
-        """Fetch one remote file over SFTP as is: no recursion, no ``~`` expansion (relative paths
-        are taken from the login folder by the SFTP server)."""
+        """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host``: alias or SSH."""
         try:
             with self.client.open_sftp() as sftp:
                 mode = _kept_mode(f"{(sftp.stat(remote_path).st_mode or 0) & 0o7777:o}")
@@ -6369,8 +6316,7 @@ class SSH:
     def restart_computer(self) -> Response:
         """Reboot the host with non-interactive sudo; a host that wants a password says so."""
         response = self.run_shell_cmd_on_remote("sudo -n /sbin/reboot || sudo -n reboot",
-                                                timeout=self.timeout,
-                                                strict=False)
+                                                timeout=self.timeout, strict=False)
         if response.returncode != 0 and response.returncode != -1:
             raise CommandError(str(self.target), "sudo -n reboot", response.returncode,
                                response.stderr,
@@ -6381,9 +6327,8 @@ class SSH:
     # -- copies (section 11) ------------------------------------------------------------------
 
     def copy_from_here(self, source_path: str | os.PathLike[str],
-                       target_rel2home: str | None = None,
-                       compress_with_zip: bool = False, recursive: bool = False,
-                       overwrite_existing: bool = False,
+                       target_rel2home: str | None = None, compress_with_zip: bool = False,
+                       recursive: bool = False, overwrite_existing: bool = False,
                        progress: Callable[[int], None] | None = None,
                        excludes: tuple[str, ...] = ()) -> str:
         """Upload a file or (with ``recursive``) a folder; ``None`` target: the same home-relative
@@ -6420,8 +6365,7 @@ def _ssh_socket(ssh: SSH, hop: int) -> Any:
         return _paramiko().ProxyCommand(target.proxy_command)
     if target.proxy_jump:
         first, *rest = [jump.strip() for jump in target.proxy_jump.split(",")]
-        via = SSH(first, accept_new_host_key=ssh.accept_new, timeout=ssh.timeout,
-                  _hop=hop + 1)
+        via = SSH(first, accept_new_host_key=ssh.accept_new, timeout=ssh.timeout, _hop=hop + 1)
         ssh._jumps.append(via)
         for jump in rest:
             via = via._jump_to(jump, hop + 1)
@@ -6471,9 +6415,8 @@ def _host_key_policy(accept: bool, revoked: set[str], record: Path) -> Any:
     class _Policy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,name-defined]
         def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
             if key.get_base64() in revoked:
-                raise HostKeyError(f"host key of {hostname} ({key.get_name()} "
-                                   f"{_fingerprint(key)}) is REVOKED in known_hosts; "
-                                   "refusing to connect",
+                raise HostKeyError(f"host key of {hostname} ({key.get_name()} {_fingerprint(key)}) "
+                                   "is REVOKED in known_hosts; refusing to connect",
                                    hint="ask the host's administrator for its new key")
             if not accept:
                 raise HostKeyError(
@@ -6538,8 +6481,7 @@ def _drain(channel: Any, timeout: float | None, command: str,
 
 
 def simple_sftp_get(remote_path: str, local_path: str | os.PathLike[str], host: str | SSH) -> None:
-    """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host`` is an alias or an
-    SSH."""
+    """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host``: an alias or an SSH."""
     if isinstance(host, SSH):
         host.simple_sftp_get(remote_path, local_path)
         return
@@ -6549,8 +6491,7 @@ def simple_sftp_get(remote_path: str, local_path: str | os.PathLike[str], host: 
 
 def _known_hosts_entry(line: str) -> Any:
     """The paramiko entry of a plain known_hosts line; None for comments, markers (``@revoked``,
-    ``@cert-authority``) and key types paramiko does not know (``sk-`` keys): OpenSSH accepts
-    them all."""
+    ``@cert-authority``) and key types paramiko lacks (``sk-``): OpenSSH accepts them all."""
     if not line.strip() or line.lstrip().startswith(("#", "@")):
         return None
     try:
@@ -6906,13 +6847,11 @@ def _stream_command(ssh: SSH, command: str,
             produce(write, readline)
         channel.shutdown_write()
         try:
-            out, err, status = _drain(channel, max(60.0, 4 * ssh.timeout), command,
-                                      str(ssh.target))
+            out, err, status = _drain(channel, max(60.0, 4 * ssh.timeout), command, str(ssh.target))
         except CommandError as exc:  # everything was sent, and then the host went quiet
             ssh._lost()
             raise TransferError(f"{what}: the host stopped answering after {sent[0]} bytes",
-                                hint="nothing was left under the job's name; run it "
-                                     "again") from exc
+                                hint="nothing was left under the job's name; run it again") from exc
     except (OSError, EOFError, _paramiko().SSHException) as exc:
         raise _broke_off(ssh, what, sent[0], exc, channel, watchdog.fired) from exc
     finally:
@@ -7088,8 +7027,7 @@ def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
                             hint="run the copy again")
 
 
-def _download_tar(ssh: SSH, command: str, staging: Path, compressed: bool,
-                  meter: _Meter) -> None:
+def _download_tar(ssh: SSH, command: str, staging: Path, compressed: bool, meter: _Meter) -> None:
     channel = _transfer_channel(ssh)
     reader = _CountingReader(channel, meter)
     try:
@@ -7242,9 +7180,8 @@ def _make_temp_dir(parent: Path) -> str:
 
 
 def _remove_stale_partials(parent: Path) -> None:
-    """Remove the staging folders (_Staged's boxes, _make_temp_dir's) that a dropped download
-    left in ``parent`` (our names only) once nothing in them changed for a day: a live download
-    writes all the time."""
+    """Remove the staging folders (_Staged's boxes, _make_temp_dir's) a dropped download left in
+    ``parent`` (our names only) once nothing in them changed for a day (a live one writes)."""
     since = time.time() - 86400
     for folder in parent.glob(".stackops-partial.*"):
         if not re.match(r"\.stackops-partial\.[a-z0-9_]{8}\Z", folder.name) or folder.is_symlink():
@@ -7274,8 +7211,7 @@ def _remote_path(path: str) -> str:
 
 
 def _remote_target(path: str) -> str:
-    """A remote path that a copy may (re)place: never the host's home, a folder holding it, or a
-    path climbing with '..'."""
+    """A remote path a copy may (re)place: not the host's home, a folder above it, or with '..'."""
     path = _remote_path(path)
     if posixpath.normpath(path) in ("~", "/") or ".." in path.split("/"):
         raise ConfigError(f"{path!r} is the host's home, holds it, or climbs out of it with '..': "
@@ -7348,8 +7284,6 @@ def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str])
         for item in data:
             tar.add(str(expand_home(item)), arcname="home/" + _home_relative(expand_home(item))[2:])
     return archive
-
-
 
 
 def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams,
@@ -7560,8 +7494,7 @@ def _check_call(parameters: list[tuple[str, str, bool]] | None, kwargs: dict[str
 
 
 REPO_EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache",
-                 ".ruff_cache",
-                 ".tox", "*.egg-info")
+                 ".ruff_cache", ".tox", "*.egg-info")
 
 
 _EXCLUDED: list[Any] = []
@@ -7612,8 +7545,7 @@ def _repo_files(repo: Path, prefix: str = "") -> list[tuple[str, os.stat_result]
             if os.path.lexists(f"{root}{name}/.git"):
                 found += _repo_files(Path(root + name), f"{prefix}{name}/")
             else:
-                log.warning("left out %s%s: a submodule that is not checked out here", prefix,
-                            name)
+                log.warning("left out %s%s: a submodule that is not checked out here", prefix, name)
         elif stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
             found.append((prefix + name, info))
     return found if prefix else sorted(found, key=lambda item: item[0])
@@ -7640,8 +7572,7 @@ class _HashCache:
         self.now = time.time_ns()  # before any file is read
 
     def digest(self, path: str, info: os.stat_result, fresh: bool = False) -> str:
-        """The sha256 of the file at ``path``, whose lstat is ``info`` (``fresh``: not from the
-        cache)."""
+        """The sha256 of the file ``path``, lstat ``info`` (``fresh``: not from the cache)."""
         stamp = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
         cached = self.known.get(path)
         if not fresh and isinstance(cached, list) and cached[:5] == stamp:
@@ -7681,8 +7612,7 @@ def code_snapshot(repo: Path, fresh: set[str] | None = None
                   ) -> tuple[str, list[list[Any]], dict[str, Path]]:
     """The content-addressed snapshot of ``repo`` that copy_repo sends: (its id, its manifest of
     ``[path, kind, sha256 or link target]`` with kind ``f``, ``x`` (executable) or ``l`` (a link
-    inside the tree), and the local file of each blob). The files in ``fresh`` are hashed anew,
-    whatever the hash cache says."""
+    inside the tree), and the local file of each blob). The files in ``fresh`` are hashed anew."""
     import hashlib
 
     cache = _HashCache()
@@ -7748,9 +7678,8 @@ def scm_version(repo: Path) -> str:
 
 def _data_items(data: list[str]) -> list[dict[str, Any]]:
     """Each data path as it travels: its target (home-relative, or absolute outside the home),
-    whether it is a folder, its files with size, mtime_ns and, for a file changed less than
-    RACY_NS ago, its sha256 (``stamps``, what _data_plan reads), and the local path of each
-    (``sources``)."""
+    whether it is a folder, its files with size, mtime_ns and, for a file changed less than RACY_NS
+    ago, its sha256 (``stamps``, read by _data_plan), and each one's local path (``sources``)."""
     items = []
     now = time.time_ns()
     for text in data:
@@ -7792,9 +7721,8 @@ def transfer_sftp(ssh: SSH, config: RemoteStackOpsConfig, job_params: JobParams,
                   file_manager: FileManager,
                   data: list[str], progress: Callable[[int], None] | None = None,
                   snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None = None) -> bool:
-    """Hand the job over in one remote command (see _hand_over). Returns True when the host sees
-    this machine's job folder (a shared home): then nothing is sent, and the folder, code and
-    data are used in place."""
+    """Hand the job over in one remote command (see _hand_over). True when the host sees our job
+    folder (a shared home): nothing is sent, and folder, code and data are used in place."""
     if config.copy_repo and snapshot is None:
         snapshot = code_snapshot(expand_home(job_params.repo_path_rh))
     spec = _Handing(file_manager.job_root, file_manager.job_root_rh,
@@ -7882,10 +7810,9 @@ def _hand_over_request(spec: _Handing, items: list[dict[str, Any]],
 
 
 class _HandOverTalk:
-    """This machine's side of a hand-over's conversation (see _act_handover): read the plan,
-    refuse or send what the host lacks (or nothing, to a host that sees this machine's files),
-    send blobs again that the host found damaged, say go once the gate opens; returns the
-    final answer line."""
+    """This machine's side of a hand-over (see _act_handover): read the plan, refuse or send what
+    the host lacks (nothing to a host that sees our files), send again blobs the host found damaged,
+    say go once the gate opens; returns the final answer line."""
 
     def __init__(self, ssh: SSH, spec: _Handing, items: list[dict[str, Any]],
                  request: dict[str, Any], cache: dict[str, bool], key: str) -> None:
@@ -7928,8 +7855,7 @@ class _HandOverTalk:
 
     def _send(self, write: Callable[[bytes], None], blobs: list[str],
               data: list[dict[str, Any]], whole: bool) -> None:
-        """The header (``whole``: with the job folder), then the parts, then the end line; the
-        meter counts what goes out."""
+        """The header (``whole``: with the job folder), the parts, the end line; metered."""
         meter, plain = self.meter, write
         if meter is not None:
             def write(data: bytes) -> None:
@@ -8065,9 +7991,8 @@ def _folder_parts(root: Path, by_blob: dict[str, tuple[str, Path]]
 
 
 def _send_part(write: Callable[[bytes], None], name: str, path: Path | str | None) -> None:
-    """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes; a
-    folder (None), a link (``->target``) or a copy of a blob the host has (its digest) is the
-    line alone."""
+    """One part of a hand-over: a line (name, size, mode, mtime), then exactly size bytes; a folder
+    (None), a link (``->target``) or a blob the host has (its digest) is the line alone."""
     if path is None:
         write(json.dumps({"name": name, "dir": True}).encode() + b"\n")
         return
@@ -8807,8 +8732,7 @@ class _Launcher:
         parent = self._parent(machine, parent_id)
         if parent.host_name != machine.host_name or parent.uses_slurm != machine.uses_slurm:
             raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job runs on "
-                              f"{parent.host_name}"
-                              f"{' under Slurm' if parent.uses_slurm else ''}; "
+                              f"{parent.host_name}{' under Slurm' if parent.uses_slurm else ''}; "
                               "this one must run in the same place")
         return ""
 
@@ -8902,9 +8826,8 @@ class _CloudQueueLauncher(_SlotLauncher):
     def run(self, machine: RemoteMachine, run: bool, show_scripts: bool,
             progress: Callable[[int], None] | None) -> None:
         if not run:
-            raise ConfigError("a cloud_manager job is started by a worker as soon as it is "
-                              f"queued: {_option('run=False', '--no-launch')} has no meaning "
-                              "for it")
+            raise ConfigError("a cloud_manager job is started by a worker as soon as it is queued: "
+                              f"{_option('run=False', '--no-launch')} has no meaning for it")
         machine.units = self.submit(machine, 1)
         log.info("job %s queued on %s as unit %s", machine.job_id,
                  cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
@@ -8980,8 +8903,7 @@ class _CloudQueueLauncher(_SlotLauncher):
 
     @staticmethod
     def _check_unit_ids(machine: RemoteMachine, queue: CloudQueue, count: int) -> list[str]:
-        """Every unit's id, checked before any is made or uploaded: a safe name, no job here and
-        no unit in the queue by that name."""
+        """Each unit's id, checked first: a safe name, no job here, no unit queued by it."""
         unit_ids = [f"{machine.job_id}-{k}-{count}" for k in range(count)]
         for unit_id in unit_ids:
             if not _SAFE_NAME.match(unit_id):  # the job_id is safe: only the length can fail
@@ -9538,8 +9460,7 @@ def _withdraw(machine: RemoteMachine, sent: bool) -> None:
 
 
 def _scripts_text(machine: RemoteMachine) -> str:
-    """The generated wrapper (and the batch script for Slurm), each under a title line
-    (show_scripts)."""
+    """The generated wrapper (and Slurm's batch script), each under a title line (show_scripts)."""
     if not machine.scripts_generated:
         raise StackopsError("no scripts yet", hint="call generate_scripts() first")
     text = ""
@@ -10000,8 +9921,6 @@ def _take_answer(row: dict[str, Any], answer: Any) -> None:
     row["error"] = str(answer) if answer is not None else "not asked"
 
 
-
-
 class _RecordCache:
     """What the last ``list`` or ``status`` of many jobs read, in ``<base>/.list-cache.json``: per
     job folder, who it is (host, sweep, whether its host is asked: from its record) and its state
@@ -10147,8 +10066,7 @@ class _RecordCache:
 def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
                timeout: float) -> dict[str, dict[str, Any]]:
     """Every host's jobs judged there, one round trip per host, all hosts at once, within
-    ``timeout`` seconds: {host: {job_id: answer}} (``"*"``: the error that kept the host from
-    answering)."""
+    ``timeout`` seconds: {host: {job_id: answer}} (``"*"``: the error that kept the host silent)."""
     import threading
 
     results: dict[str, dict[str, Any]] = {}  # one assignment per host: late threads change nothing
@@ -10176,9 +10094,8 @@ def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
 # -- sweeps ------------------------------------------------------------------------------------
 
 def load_sweep_grid(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The kwargs of a sweep's jobs from a JSON Lines file: one JSON object per line, the K-th
-    object for job ``<id>-K`` (blank lines are skipped). A line that is not a JSON object is
-    refused with its number."""
+    """The kwargs of a sweep's jobs from a JSON Lines file: one JSON object per line, the K-th for
+    job ``<id>-K`` (blank lines skipped); a line that is no JSON object is refused by number."""
     source = os.fspath(path)
     grid = []
     for number, line in enumerate(_read_kwargs_file(source).splitlines(), 1):
@@ -10520,8 +10437,7 @@ class MachineSpecs:
 
     @staticmethod
     def normalise(specs: list[MachineSpecs]) -> list[MachineSpecs]:
-        """Fill each host's ``*_norm`` fields with its share of the total (0 when the total is
-        0)."""
+        """Set each host's ``*_norm`` fields to its share of the total (0 for a total of 0)."""
         for name in ("cpu", "ram", "product"):
             total = sum(getattr(spec, name) for spec in specs)
             for spec in specs:
@@ -10531,9 +10447,8 @@ class MachineSpecs:
 
 @_model
 class ThreadLoadCalculator:
-    """How many parallel parts a host runs: ``num_jobs`` on a host like the reference, scaled by
-    the criterion (half the CPUs of the reference: half the parts), at least 1.
-    ``num_jobs=None``: 1."""
+    """How many parallel parts a host runs: ``num_jobs`` (None: 1) on a host like the reference,
+    scaled by the criterion (half the reference's CPUs: half the parts), at least 1."""
 
     num_jobs: int | None = None
     load_criterion: LoadCriterion = LoadCriterion.cpu
@@ -10583,8 +10498,7 @@ class MachineLoadCalculator:
             else:
                 end = min(self.max_num, start + int(spec.value(criterion) * self.max_num))
             result.append(WorkloadParams(idx_min=0, idx_max=self.max_num, idx_start=start,
-                                         idx_end=end,
-                                         idx=i, jobs=max(1, jobs)))
+                                         idx_end=end, idx=i, jobs=max(1, jobs)))
             start = end
         return result
 
@@ -10660,8 +10574,7 @@ class Cluster:
 
     def connect(self) -> Cluster:
         """Connect to and probe every host in parallel. An unreachable host is left out (and said
-        so) with ``ditch_unavailable``; otherwise nothing is launched anywhere and an error names
-        it."""
+        so) with ``ditch_unavailable``; else nothing is launched anywhere and an error names it."""
         def open_and_probe(host: str) -> tuple[SSH, MachineSpecs]:
             ssh = SSH.from_config_file(host, accept_new_host_key=self.config.accept_new_host_key,
                                        timeout=self.config.ssh_timeout)
@@ -11046,11 +10959,6 @@ def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
     return root
 
 
-def _unit_runs_here(root: Path) -> bool:
-    """Whether a job still runs in unit folder ``root`` on this machine: its lock is held."""
-    return _alive(root)
-
-
 def _earlier_run(units: Path, unit_id: str) -> Path | None:
     """An earlier attempt of ``unit_id`` on this machine whose job still runs (a worker killed
     and started again: its job went on, detached), to adopt; None when there is none. The
@@ -11064,7 +10972,7 @@ def _earlier_run(units: Path, unit_id: str) -> Path | None:
     for folder in [units / name for name in sorted(names, reverse=True)] + [units / unit_id]:
         if not (folder / FILE_MANAGER_JSON).is_file():
             continue
-        if _unit_runs_here(folder):
+        if _alive(folder):
             live = live or folder
             continue
         state = read_state(folder)
@@ -11072,7 +10980,7 @@ def _earlier_run(units: Path, unit_id: str) -> Path | None:
             shutil.rmtree(folder, ignore_errors=True)
             continue
         _record(folder, cancel="a later attempt of its unit replaced it")
-        if _unit_runs_here(folder):  # it started meanwhile: it runs despite the mark
+        if _alive(folder):  # it started meanwhile: it runs despite the mark
             live = live or folder
     return live
 
@@ -11265,7 +11173,7 @@ def _status_rows(report: JobStatus) -> list[list[str]]:
     return rows
 
 
-def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | None:
+def _parse_workload(text: str | None) -> WorkloadParams | None:
     if text is None:
         return None
     match = re.match(r"(\d+):(\d+)(?::(\d+))?\Z", text)
@@ -11276,9 +11184,7 @@ def _parse_workload(text: str | None, parallelize: bool) -> WorkloadParams | Non
     if end <= start:
         raise ConfigError(f"--workload {text!r} is an empty range: END must be greater than START",
                           hint="e.g. --workload 0:1000:4 covers [0, 1000) in 4 parts")
-    return WorkloadParams(idx_min=start, idx_max=max(start, end), idx_start=start,
-                          idx_end=max(start, end),
-                          jobs=parts)
+    return WorkloadParams(idx_min=start, idx_max=end, idx_start=start, idx_end=end, jobs=parts)
 
 
 def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -11324,7 +11230,7 @@ def _cmd_run(args: Any) -> int:
         interactive=args.interactive, wrap_in_try_except=args.try_except,
         parallelize=args.parallelize,
         lock_resources=not args.no_lock, ssh_timeout=args.ssh_timeout,
-        workload_params=_parse_workload(args.workload, args.parallelize),
+        workload_params=_parse_workload(args.workload),
         launch_method="slurm" if args.slurm else "remotely",
         notify_upon_completion=args.notify or args.email is not None, to_email=args.email,
         on_end=args.on_end, retries=args.retries, retry_delay=args.retry_delay, gpus=args.gpus,
@@ -11684,8 +11590,7 @@ def _queue_view(slots: Slots, history: int) -> dict[str, Any]:
     with _suppress(OSError, StackopsError):
         slots.ensure_dispatcher()  # a queue whose dispatcher died drains again from here
     return {"state_dir": collapse_home(slots.root), "running": slots.holders(),
-            "waiting": slots.waiters(),
-            "history": slots.history()[-history:] if history else []}
+            "waiting": slots.waiters(), "history": slots.history()[-history:] if history else []}
 
 
 def _cmd_queue(args: Any) -> int:
@@ -11827,12 +11732,8 @@ def _load_job_or_cluster(job_id: str,
     units = _cloud_units_of(job_id, base_dir)
     if units is None:
         raise ConfigError(f"no job or cluster {job_id!r} here",
-                          hint=f"{_program()} list shows the jobs")
+                          hint=f"{_prog()} list shows the jobs")
     return units
-
-
-def _program() -> str:
-    return _prog()
 
 
 def _cmd_cancel(args: Any) -> int:
@@ -12001,7 +11902,7 @@ def _cmd_start(args: Any) -> int:
     with RemoteMachine.load(args.job_id, args.base_dir) as machine:
         if machine.launcher_pid is not None or machine.slurm_job_id is not None:
             raise ConfigError(f"job {machine.job_id} was already started",
-                              hint=f"{_program()} rerun {machine.job_id} runs it again")
+                              hint=f"{_prog()} rerun {machine.job_id} runs it again")
         if not machine.submitted:
             raise ConfigError(f"job {machine.job_id} was never completely submitted; nothing to "
                               "start")
@@ -12035,8 +11936,7 @@ def _parse_age(text: str, option: str = "--older-than") -> float:
 
 
 def prune_jobs(older_than: float, status: str | None = None, host: str | None = None,
-               results: bool = False,
-               base_dir: str | None = None) -> list[str]:
+               results: bool = False, base_dir: str | None = None) -> list[str]:
     """Delete the jobs submitted from here that ended more than ``older_than`` seconds ago
     (only ``status`` ones, only on ``host`` when given), each judged where it runs (as ``list``
     judges it: one round trip per host); a job that has not ended is never touched, nor one its
@@ -12508,8 +12408,7 @@ def _cmd_copy(args: Any) -> int:
         with SSH.from_config_file(target[0], accept_new_host_key=args.accept_new) as ssh:
             remote = target[1] + (Path(args.source).name if target[1].endswith("/") else "")
             where = ssh.copy_from_here(args.source, remote, args.compress, args.recursive,
-                                       args.overwrite,
-                                       _progress(args))
+                                       args.overwrite, _progress(args))
         print(f"{target[0]}:{where}")
     elif source is not None:
         with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
@@ -12729,8 +12628,7 @@ def _cmd_cloud_submit(args: Any) -> int:
                                   transfer_method="cloud", cloud_name=args.cloud,
                                   launch_method="cloud_manager",
                                   allowed_remotes=allowed, python=args.python,
-                                  workload_params=_parse_workload(args.workload or "0:1000",
-                                                                  False))
+                                  workload_params=_parse_workload(args.workload or "0:1000"))
     units = RemoteMachine(_run_target(args), config,
                           parse_kwargs(args.kwargs)).submit_to_cloud(args.split)
     print(f"queued {len(units)} unit(s) on {cloud_base(args.cloud)}/units: {', '.join(units)}")
@@ -12861,8 +12759,7 @@ def _add_run_args(parser: Any) -> None:
     _add_target_arg(parser, "run", "a script (path/to/train.py), a function (path/to/module.py:"
                                    "func), or after -- any command, run in this folder of its repo")
     parser.add_argument("--host", help="run on this SSH host (~/.ssh/config alias or "
-                                       "user@host[:port]); "
-                                       "default: this machine")
+                                       "user@host[:port]); default: this machine")
     _add_setting_args(parser, "at most N jobs hold a slot on the machine at once; the rest "
                               "queue", "run a snapshot of the repo as it is here, in the job's "
                                        "own folder (without .git, virtual environments and "
@@ -12932,9 +12829,8 @@ def _add_run_start_args(parser: Any) -> None:
     """run's options for when and how the job starts and ends: resources, order, Slurm, e-mail."""
     parser.add_argument("--gpus", type=int, default=0, metavar="N",
                         help="wait for N of the machine's GPUs (nvidia-smi, or "
-                             "STACKOPS_GPUS=0,1,...) and get "
-                             "exactly them in CUDA_VISIBLE_DEVICES; jobs without --gpus never wait "
-                             "behind these")
+                             "STACKOPS_GPUS=0,1,...) and get exactly them in CUDA_VISIBLE_DEVICES; "
+                             "jobs without --gpus never wait behind these")
     parser.add_argument("--group", metavar="NAME",
                         help="a named pool with its own --max-jobs (e.g. --group io --max-jobs 8)")
     parser.add_argument("--retries", type=int, default=0, metavar="N",
@@ -13472,9 +13368,8 @@ def _subcommands(parser: Any) -> list[Any]:
 
 
 def _add_verbosity_everywhere(parser: Any) -> None:
-    """-v/-q after the command too (``stackops status JOB -v``): a command's parser (and each of
-    its actions') counts them into its own field, which main() adds to the ones given before the
-    command."""
+    """-v/-q after the command too (``stackops status JOB -v``): a command's parser (and its
+    actions') counts them into its own field, which main() adds to the ones given before."""
     argparse = _argparse()
     parser.add_argument("-v", "--verbose", dest="verbose_after", action="count",
                         default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
