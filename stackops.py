@@ -4308,8 +4308,8 @@ class _Dispatcher:
         self.relist = 0.0
         self.views = 0.0
         self.after_look = 0.0
-        self.children: dict[subprocess.Popen[bytes], Path] = {}
-        self.ends: dict[subprocess.Popen[bytes], int] = {}  # a pidfd per child: readable at its end
+        self.children: dict[subprocess.Popen[bytes] | _Forked, Path] = {}
+        self.ends: dict[subprocess.Popen[bytes] | _Forked, int] = {}  # a pidfd per child: readable at its end
         self.orphans: dict[Path, str] = {}  # jobs whose wrapper died (how) while their run lived
         self.in_person: set[str] = set()  # entries of jobs that take their slot themselves (tmux)
         self.parents: dict[str, list[str]] = {}
@@ -4592,7 +4592,8 @@ class _Forked:
     """A wrapper forked by this dispatcher, with what the dispatcher asks of a Popen."""
 
     def __init__(self, pid: int, args: list[str]) -> None:
-        self.pid, self.args, self.returncode = pid, args, None
+        self.pid, self.args = pid, args
+        self.returncode: int | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -4641,8 +4642,8 @@ def _site_state() -> list[Any]:
     ``.pth`` files (a package installed since, an editable install changed)."""
     import site
 
-    state = []
-    folders = getattr(site, "getsitepackages", list)()  # (an old virtualenv's site has none)
+    state: list[Any] = []
+    folders: list[str] = getattr(site, "getsitepackages", list)()  # (an old virtualenv's site has none)
     for folder in [*folders, site.getusersitepackages()]:
         try:
             with os.scandir(folder) as entries:
