@@ -4309,7 +4309,7 @@ class _Dispatcher:
         self.views = 0.0
         self.after_look = 0.0
         self.children: dict[subprocess.Popen[bytes] | _Forked, Path] = {}
-        self.ends: dict[subprocess.Popen[bytes] | _Forked, int] = {}  # a pidfd per child: readable at its end
+        self.ends: dict[subprocess.Popen[bytes] | _Forked, int] = {}  # pidfds: readable at the end
         self.orphans: dict[Path, str] = {}  # jobs whose wrapper died (how) while their run lived
         self.in_person: set[str] = set()  # entries of jobs that take their slot themselves (tmux)
         self.parents: dict[str, list[str]] = {}
@@ -4643,7 +4643,7 @@ def _site_state() -> list[Any]:
     import site
 
     state: list[Any] = []
-    folders: list[str] = getattr(site, "getsitepackages", list)()  # (an old virtualenv's site has none)
+    folders: list[str] = getattr(site, "getsitepackages", list)()  # (none in an old virtualenv)
     for folder in [*folders, site.getusersitepackages()]:
         try:
             with os.scandir(folder) as entries:
