@@ -9902,7 +9902,7 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[di
             _take_answer(row, answers.get(row["job_id"], answers.get("*")))
     for row in rows:
         del row["root"]
-    cache.save(whole=True)
+    cache.save()
     return sorted(rows, key=lambda r: (r["report"].submission_time or "", r["job_id"]),
                   reverse=True)
 
@@ -9922,8 +9922,11 @@ def _take_answer(row: dict[str, Any], answer: Any) -> None:
     row["error"] = str(answer) if answer is not None else "not asked"
 
 
+_WHO_KEYS = {"job_id", "host", "remote", "sweep", "shared", "there", "tasks", "asked_there"}
+
+
 class _RecordCache:
-    """What the last ``list`` or ``status`` of many jobs read, in ``<base>/.list-cache.json``: per
+    """What the last ``list`` read, in ``<base>/.list-cache.json``: per
     job folder, who it is (host, sweep, whether its host is asked: from its record) and its state
     record, each kept with the stamps (inode, mtime, ctime, size) of the file it was read from and
     used only while that file's stamps stay the same. Records are replaced whole (a new inode), so
@@ -9931,7 +9934,9 @@ class _RecordCache:
     its stamps are RACY_NS old (a write within the same clock tick may leave them as they were:
     git's racy rule), and a state record only when no other machine writes it (an end, or a job
     this machine judges). So 10,000 jobs list with a stat each, not a read; anything odd about the
-    file just means the jobs are read in full."""
+    file just means the jobs are read in full. On NFS a stat may answer from the client's
+    attribute cache (up to acregmax, 60 s) where an open would look again: there a row can show a
+    record that another machine replaced up to that long ago, until the next list."""
 
     def __init__(self, base: Path) -> None:
         self.path = base / ".list-cache.json"
@@ -9940,7 +9945,9 @@ class _RecordCache:
         self.whos: list[Any] = []  # who the jobs are, each once (a sweep's members share one)
         self.changed = False
         self.since = time.time_ns() - RACY_NS  # a file older than this is stamped for good
-        with _suppress(OSError, ValueError):
+        with _suppress(OSError, ValueError, RecursionError):
+            if not _is_own_private_file(self.path):  # a FIFO would hang, another's file lie
+                return
             with open(self.path, "rb") as handle:
                 data = json.loads(handle.read())
             if isinstance(data, dict) and data.get("version") == [__version__, 2]:
@@ -10016,6 +10023,8 @@ class _RecordCache:
                     or not isinstance(self.whos[index], dict):
                 return None
             who = dict(self.whos[index])
+        if not isinstance(who, dict) or who.keys() != _WHO_KEYS:  # another build's, or garbled
+            return None
         if who.get("job_id") is None:
             who["job_id"] = root.name
         if who.get("there") is None:
@@ -10037,12 +10046,10 @@ class _RecordCache:
         report.__dict__.update(_status_fields(root.name, state, answer["tail"], answer["place"]))
         return report
 
-    def save(self, whole: bool) -> None:
-        """Write what was read: ``whole``, the cache is this reading (a listing of every job);
-        else this reading laid over the cache (a sweep's status)."""
-        rows = self.new if whole else {**self.old, **self.new}
-        if not (self.changed or (whole and rows.keys() != self.old.keys())) \
-                or not self.path.parent.is_dir():
+    def save(self) -> None:
+        """Write what this listing of every job read: it is the cache from now on."""
+        rows = self.new
+        if not (self.changed or rows.keys() != self.old.keys()) or not self.path.parent.is_dir():
             return
         whos: list[Any] = []
         places: dict[str, int] = {}

@@ -8479,6 +8479,39 @@ def test_cli_list_keeps_no_stale_record_and_every_view_agrees(home):
     assert views()["kept-0000"] == "running" and "kept-0000" not in kept()
 
 
+def test_cli_list_reads_past_a_cache_file_that_is_garbled_a_fifo_or_writable_by_others(home):
+    """Anything odd about list's cache means the jobs are read in full: a cache of the right JSON
+    but the wrong fields (another build's) crashed every list until it was deleted by hand, and a
+    FIFO in its place hung list (found by review)."""
+    mod = make_module(home, JOBS_SOURCE)
+    wait_done(RemoteMachine(mod.train, config=config(job_id="odd")).run())
+    cache = home / "tmp_results" / "remote_machines" / "jobs" / ".list-cache.json"
+    time.sleep(stackops.RACY_NS / 1e9 + 0.2)
+
+    def listed() -> dict[str, str]:
+        done = subprocess.run([sys.executable, str(SOURCE), "list", "--json"], capture_output=True, text=True,
+                              env=dict(os.environ, HOME=str(home)), timeout=60)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        return {row["job_id"]: row["status"] for row in json.loads(done.stdout)}
+
+    assert listed() == {"odd": "completed"} == listed()
+    data = json.loads(cache.read_text())
+    assert data["whos"], "the cache is in use"
+    for who in data["whos"]:
+        who.pop("asked_there")
+    cache.write_text(json.dumps(data))
+    assert listed() == {"odd": "completed"}
+    forged = json.loads(cache.read_text())
+    for row in forged["rows"].values():
+        row.get("state", {})["status"] = "running"
+    cache.write_text(json.dumps(forged))
+    cache.chmod(0o666)  # another user could have written it: not believed
+    assert listed() == {"odd": "completed"}
+    cache.unlink()
+    os.mkfifo(cache)
+    assert listed() == {"odd": "completed"}  # (a FIFO opened for reading waits for a writer)
+
+
 def test_cli_list_into_a_closed_pipe_ends_quietly(home):
     """`stackops list | head` ended in a BrokenPipeError traceback."""
     mod = make_module(home, JOBS_SOURCE)
