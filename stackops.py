@@ -11144,7 +11144,8 @@ def _print_json(data: Any) -> None:
 
 def _print_json_rows(rows: list[Any]) -> None:
     """A JSON list, one row a line: as readable, and (json's C encoder) fast for 10,000 rows."""
-    lines = ",\n".join("  " + json.dumps(row, ensure_ascii=False) for row in rows)
+    encode = json.JSONEncoder(ensure_ascii=False).encode  # (one encoder: dumps makes one a row)
+    lines = ",\n".join("  " + encode(row) for row in rows)
     print(f"[\n{lines}\n]" if rows else "[]")
 
 
