@@ -1123,7 +1123,8 @@ def _data_plan(item: dict[str, Any]) -> dict[str, Any]:
     ...]}``, or why it cannot take them, ``{"conflict": why}``: a pure function of its own files
     and the request. ``item`` as _data_items makes it: ``target`` (home-relative, or absolute
     outside the home), ``dir``, and ``stamps``, one ``[relative, size, mtime_ns, sha256 or ""]``
-    per file (the sha256 only for a file changed less than RACY_NS before the request). A file
+    per file (the sha256 for a file changed less than RACY_NS before the request, and for every
+    file outside the home). A file
     is needed when it is missing here or differs in kind, size or mtime_ns. A copy whose stamps
     match is compared by hash when the request gives one; else it is trusted only if its mtime
     is more than RACY_NS older than the moment it was written here (its ctime), since a second
@@ -7680,11 +7681,15 @@ def scm_version(repo: Path) -> str:
 def _data_items(data: list[str]) -> list[dict[str, Any]]:
     """Each data path as it travels: its target (home-relative, or absolute outside the home),
     whether it is a folder, its files with size, mtime_ns and, for a file changed less than RACY_NS
-    ago, its sha256 (``stamps``, read by _data_plan), and each one's local path (``sources``)."""
+    ago or outside the home, its sha256 (``stamps``, read by _data_plan), and each one's local
+    path (``sources``). A file outside the home is never replaced there, so it is compared by its
+    bytes: a host that sees the very file (a shared disk) cannot tell it from a copy by stamps."""
     items = []
     now = time.time_ns()
+    hashes = _HashCache()
     for text in data:
         path = expand_home(text)
+        outside = not collapse_home(path).startswith("~")
         stamps: list[list[Any]] = []
         sources: dict[str, Path] = {}
         found = [(path, "")] if path.is_file() else []
@@ -7699,10 +7704,11 @@ def _data_items(data: list[str]) -> list[dict[str, Any]]:
             info = full.stat()
             recent = max(info.st_mtime_ns, info.st_ctime_ns) + RACY_NS >= now
             stamps.append([relative, info.st_size, info.st_mtime_ns,
-                           _sha256_file(full) if recent else ""])
+                           hashes.digest(str(full), info, recent) if recent or outside else ""])
             sources[relative] = full
         items.append({"target": collapse_home(path), "dir": path.is_dir(), "stamps": stamps,
                       "sources": sources})
+    hashes.save()
     return items
 
 

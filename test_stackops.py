@@ -5754,6 +5754,14 @@ def test_snapshot_data_outside_home_used_in_place_or_refused_never_replaced(remo
             machine.run()
             assert wire[0] < 4 * 1024 * 1024  # the host sees the very file: nothing of it travels
             assert wait_done(machine).status == "completed"
+        time.sleep(stackops.RACY_NS / 1e9 + 0.2)  # its stamps now stand for it: still the same file
+        cfg = config(job_id="outside1b", ssh_host="tb", copy_repo=True, data=[str(seen / "input.bin")])
+        with RemoteMachine(mod.crunch, config=cfg, func_kwargs={"data": str(seen / "input.bin"),
+                                                                "out": "~/out/outside1b"}) as machine:
+            wire[0] = 0
+            machine.run()  # was refused: "exists there with other content" (same stamps, ctime near mtime)
+            assert wire[0] < 4 * 1024 * 1024
+            assert wait_done(machine).status == "completed"
         import hashlib
         digest = (remote.remote_home / "out" / "outside1" / "digest.txt").read_text()
         assert digest == hashlib.sha256((seen / "input.bin").read_bytes()).hexdigest()
