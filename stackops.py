@@ -2584,8 +2584,10 @@ def _place_in(queue: str, entry: str) -> int | None:
         version = os.stat(queue).st_mtime_ns
     except FileNotFoundError:
         return None
+    if time.time_ns() - version < RACY_NS:  # changed within a clock tick may read unchanged
+        version = -1
     cached = _PLACES.get(queue)
-    if cached is None or cached[0] != version or entry not in cached[1]:
+    if cached is None or cached[0] != version or version < 0 or entry not in cached[1]:
         with _suppress(FileNotFoundError):
             names = sorted(name for name in os.listdir(queue) if not name.startswith("."))
             cached = (version, {name: place for place, name in enumerate(names, 1)})
