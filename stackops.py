@@ -5035,7 +5035,7 @@ def _judge_records(roots: list[Path], states: list[dict[str, Any]]) -> list[dict
         if silent and sid and view is False:
             current = dict(current, reason=silent)
         if current.get("status") == "waiting" and current.get("entry") and not current.get("as_of"):
-            pools.add(os.path.dirname(os.path.dirname(current["entry"])))  # this machine's
+            pools.add(current["entry"].rsplit("/", 2)[0])  # a queue of this machine's only
         judged.append(current)
     for pool in pools:
         with _suppress(OSError, StackopsError):
