@@ -10184,17 +10184,22 @@ class Sweep:
 
     @property
     def jobs(self) -> list[RemoteMachine]:
-        if self._jobs is None and self._queued is not None:  # (Sweep.load's)
-            self._jobs, self._gone = _load_members(self._queued, self._ids)
+        self._make()
         return self._jobs or []
 
     @property
     def gone(self) -> dict[str, str]:
-        return self._gone if self.jobs is not None else {}
+        self._make()
+        return self._gone
 
     @gone.setter
     def gone(self, gone: dict[str, str]) -> None:
         self._gone = gone
+
+    def _make(self) -> None:
+        """Make the members of a loaded sweep, their records read whole (once)."""
+        if self._jobs is None and self._queued is not None:
+            self._jobs, self._gone = _load_members(self._queued, self._ids)
 
     def __repr__(self) -> str:
         return f"Sweep({self.sweep_id!r}, {len(self.jobs)} jobs)"
@@ -10239,7 +10244,7 @@ class Sweep:
         found = self._reports_here() if self._jobs is None else None
         if found is None:
             jobs = self.jobs
-            found = [job.job_id for job in jobs], jobs[0].place.reports(jobs, 0) if jobs else []
+            found = ([job.job_id for job in jobs], jobs[0].place.reports(jobs, 0) if jobs else [])
         answers: dict[str, JobStatus | StackopsError] = {
             job_id: JobStatus(job_id, "failed", error_message=why)
             for job_id, why in self._gone.items()}
