@@ -5038,11 +5038,11 @@ def _judge_records(roots: list[Path], states: list[dict[str, Any]]) -> list[dict
         if silent and sid and view is False:
             current = dict(current, reason=silent)
         if current.get("status") == "waiting" and current.get("entry") and not current.get("as_of"):
-            pools.add(Path(current["entry"]).parent.parent)  # a queue of this machine's only
+            pools.add(current["entry"].rsplit("/", 2)[0])  # a queue of this machine's only
         judged.append(current)
     for pool in pools:
         with _suppress(OSError, StackopsError):
-            Slots(pool).ensure_dispatcher()
+            Slots(Path(pool)).ensure_dispatcher()
     return judged
 
 
@@ -9930,6 +9930,14 @@ def _take_answer(row: dict[str, Any], answer: Any) -> None:
     row["error"] = str(answer) if answer is not None else "not asked"
 
 
+def _who_of(machine: RemoteMachine) -> dict[str, Any]:
+    """Who a job is, as a list row needs it (its record, read whole: _RecordCache keeps it)."""
+    return {"job_id": machine.job_id, "host": machine.host_name, "remote": machine.is_remote,
+            "sweep": machine.shared_folder, "shared": machine.shared,
+            "there": machine.root_there, "tasks": machine.task_ids or None,
+            "asked_there": machine.is_remote and machine.submitted}
+
+
 _WHO_KEYS = {"job_id", "host", "remote", "sweep", "shared", "there", "tasks", "asked_there"}
 
 
@@ -10004,7 +10012,7 @@ class _RecordCache:
         key = self.key(f"{root}/{REMOTE_MACHINE_JSON}")
         if key is None:
             return None
-        who = self._who(root, entry)
+        who = self.who(str(root), entry)
         if not key or entry.get("key") != key or who is None:
             try:
                 machine = RemoteMachine.from_job_dir(root)
@@ -10012,16 +10020,17 @@ class _RecordCache:
                 if warn:
                     log.warning("skipping %s: %s", collapse_home(root), exc)
                 return None
-            who = {"job_id": machine.job_id, "host": machine.host_name, "remote": machine.is_remote,
-                   "sweep": machine.shared_folder, "shared": machine.shared,
-                   "there": machine.root_there, "tasks": machine.task_ids or None,
-                   "asked_there": machine.is_remote and machine.submitted}
-            entry.update(key=key, who=who)
-            entry.pop("w", None)
-            self.changed = True
+            who = _who_of(machine)
+            self.keep(entry, key, who)
         return dict(who, cluster=cluster, as_of=None, error=None, root=root)
 
-    def _who(self, root: Path, entry: dict[str, Any]) -> dict[str, Any] | None:
+    def keep(self, entry: dict[str, Any], key: list[int], who: dict[str, Any]) -> None:
+        """Keep ``who`` for the record stamped ``key`` (read just now) in ``entry``."""
+        entry.update(key=key, who=who)
+        entry.pop("w", None)
+        self.changed = True
+
+    def who(self, root: str, entry: dict[str, Any]) -> dict[str, Any] | None:
         """Who the job in ``root`` is, as ``entry`` keeps it (its id and folder: None for its
         folder's)."""
         who = entry.get("who")
@@ -10034,9 +10043,9 @@ class _RecordCache:
         if not isinstance(who, dict) or who.keys() != _WHO_KEYS:  # another build's, or garbled
             return None
         if who.get("job_id") is None:
-            who["job_id"] = root.name
+            who["job_id"] = root.rsplit("/", 1)[-1]
         if who.get("there") is None:
-            who["there"] = str(root)
+            who["there"] = root
         return who
 
     def report(self, answer: dict[str, Any], root: Path) -> JobStatus:
@@ -10054,15 +10063,16 @@ class _RecordCache:
         report.__dict__.update(_status_fields(root.name, state, answer["tail"], answer["place"]))
         return report
 
-    def save(self) -> None:
-        """Write what this listing of every job read: it is the cache from now on."""
-        rows = self.new
+    def save(self, every: bool = True) -> None:
+        """Write what was read: a listing of ``every`` job's rows are the cache from now on;
+        a sweep's (not ``every``) are laid over the rows of the others, kept as they were."""
+        rows = self.new if every else {**self.old, **self.new}
         if not (self.changed or rows.keys() != self.old.keys()) or not self.path.parent.is_dir():
             return
         whos: list[Any] = []
         places: dict[str, int] = {}
         for root, entry in rows.items():
-            who = self._who(Path(root), entry) if isinstance(entry, dict) else None
+            who = self.who(root, entry) if isinstance(entry, dict) else None
             if who is None:
                 continue
             name = root.rsplit("/", 1)[-1]
@@ -10170,11 +10180,34 @@ class Sweep:
     """The jobs of one sweep, made by run_sweep: job K is ``<sweep id>-K`` (zero-padded) with the
     kwargs of line K. Each is a RemoteMachine; this object follows them all at once."""
 
-    def __init__(self, sweep_id: str, jobs: list[RemoteMachine]) -> None:
-        self.sweep_id, self.jobs = sweep_id, jobs
-        self.gone: dict[str, str] = {}  # members whose folder here is gone: why (Sweep.load)
+    def __init__(self, sweep_id: str, jobs: list[RemoteMachine] | None,
+                 gone: dict[str, str] | None = None) -> None:
+        self.sweep_id = sweep_id
+        self._jobs = jobs  # None: not made yet (Sweep.load: made when first asked for)
+        self._gone = gone or {}  # members whose folder here is gone: why (Sweep.load)
+        self._queued: Path | None = None  # a loaded sweep's: its members' folders are in it
+        self._ids: list[str] = []
 
     job_id = property(lambda self: self.sweep_id)  # the CLI's verbs name it like a job
+
+    @property
+    def jobs(self) -> list[RemoteMachine]:
+        self._make()
+        return self._jobs or []
+
+    @property
+    def gone(self) -> dict[str, str]:
+        self._make()
+        return self._gone
+
+    @gone.setter
+    def gone(self, gone: dict[str, str]) -> None:
+        self._gone = gone
+
+    def _make(self) -> None:
+        """Make the members of a loaded sweep, their records read whole (once)."""
+        if self._jobs is None and self._queued is not None:
+            self._jobs, self._gone = _load_members(self._queued, self._ids)
 
     def __repr__(self) -> str:
         return f"Sweep({self.sweep_id!r}, {len(self.jobs)} jobs)"
@@ -10191,41 +10224,22 @@ class Sweep:
     @classmethod
     def load(cls, sweep_id: str, base_dir: str | None = None) -> Sweep:
         """The sweep ``sweep_id`` submitted earlier from this machine (a member whose folder is
-        gone is in ``gone``: its status reads failed, saying so)."""
+        gone is in ``gone``: its status reads failed, saying so). Its members' records are read
+        when first asked for (``jobs``); the status of a sweep here reads none that it read before
+        (_RecordCache)."""
         queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
         try:
             ids = _read_json(queued / check_safe_name(sweep_id) / SWEEP_JSON)["ids"]
         except (StackopsError, KeyError, TypeError) as exc:
             raise ConfigError(f"no sweep {sweep_id!r} under {collapse_home(queued.parent)}",
                               hint=f"{_prog()} list shows the jobs") from exc
-        jobs: list[RemoteMachine] = []
-        plain: dict[str, Any] = {}
-        first = b""  # the first member's record, as bytes
-        for job_id in ids:
-            raw = _read_bytes(f"{queued}/{job_id}/{REMOTE_MACHINE_JSON}")
-            if raw is None:
-                if os.path.lexists(queued / job_id / REMOTE_MACHINE_JSON):
-                    _read_json(queued / job_id / REMOTE_MACHINE_JSON)  # says why, naming it
-                continue
-            if jobs and raw == first.replace(jobs[0].job_id.encode(), job_id.encode()):
-                jobs.append(_member_as_loaded(jobs[0], job_id))  # byte for byte the first's
-                continue
-            data = _read_json(queued / job_id / REMOTE_MACHINE_JSON)
-            if jobs and _id_aside(data) == plain:  # the first's record but for the id
-                jobs.append(_member_as_loaded(jobs[0], job_id))
-                continue
-            first = first or raw
-            jobs.append(RemoteMachine.from_dict(data, job_root=queued / job_id))
-            jobs[-1].place = jobs[0].place  # one connection for all
-            plain = plain or _id_aside(data)
-        sweep = cls(sweep_id, jobs)
-        loaded = {job.job_id for job in jobs}
-        sweep.gone = {job_id: _gone(queued / job_id) for job_id in ids if job_id not in loaded}
+        sweep = cls(sweep_id, None)
+        sweep._queued, sweep._ids = queued, [str(job_id) for job_id in ids]
         return sweep
 
     def close(self) -> None:
-        if self.jobs:
-            self.jobs[0].close()  # the one connection they share
+        if self._jobs:
+            self._jobs[0].close()  # the one connection they share
 
     def __enter__(self) -> Sweep:
         return self
@@ -10235,12 +10249,28 @@ class Sweep:
 
     def check_job_status(self, timeout: float = 60.0) -> dict[str, JobStatus | StackopsError]:
         """Every job's status, judged where they run, all in one round trip."""
-        reports = self.jobs[0].place.reports(self.jobs, 0) if self.jobs else []
+        found = self._reports_here() if self._jobs is None else None
+        if found is None:
+            jobs = self.jobs
+            found = ([job.job_id for job in jobs], jobs[0].place.reports(jobs, 0) if jobs else [])
         answers: dict[str, JobStatus | StackopsError] = {
             job_id: JobStatus(job_id, "failed", error_message=why)
-            for job_id, why in self.gone.items()}
-        answers.update((job.job_id, report) for job, report in zip(self.jobs, reports))
+            for job_id, why in self._gone.items()}
+        answers.update(zip(*found))
         return dict(sorted(answers.items()))  # in the sweep's order (its ids are zero-padded)
+
+    def _reports_here(self) -> tuple[list[str], list[JobStatus]] | None:
+        """The members' ids and statuses of a loaded sweep on this machine, read as ``list`` reads
+        them (_RecordCache) and no member made; None for one elsewhere, or an odd record."""
+        here = _members_here(self._queued, self._ids)
+        if here is None:
+            return None
+        cache, members, self._gone = here
+        roots = [who["root"] for who in members]
+        answers = _reports_of(roots, 0, [who["tasks"] for who in members], cache)
+        reports = [cache.report(answer, root) for answer, root in zip(answers, roots)]
+        cache.save(every=False)
+        return [who["job_id"] for who in members], reports
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, JobStatus]:
         """Block until every job ended (a failed one does not stop the others); their statuses.
@@ -10272,6 +10302,78 @@ class Sweep:
             answers[job.job_id] = _status_of(job.job_id, state)
             answers[job.job_id].reason = f"was {state.get('was')}"  # type: ignore[union-attr]
         return answers
+
+
+def _load_members(queued: Path, ids: list[str]) -> tuple[list[RemoteMachine], dict[str, str]]:
+    """The members of a sweep (Sweep.jobs), made from their records, and why each one not found
+    is gone (Sweep.gone). A member whose record is the first's but for the id is a copy."""
+    jobs: list[RemoteMachine] = []
+    plain: dict[str, Any] = {}
+    first = b""  # the first member's record, as bytes
+    for job_id in ids:
+        raw = _read_bytes(f"{queued}/{job_id}/{REMOTE_MACHINE_JSON}")
+        if raw is None:
+            if os.path.lexists(queued / job_id / REMOTE_MACHINE_JSON):
+                _read_json(queued / job_id / REMOTE_MACHINE_JSON)  # says why, naming it
+            continue
+        if jobs and raw == first.replace(jobs[0].job_id.encode(), job_id.encode()):
+            jobs.append(_member_as_loaded(jobs[0], job_id))  # byte for byte the first's
+            continue
+        data = _read_json(queued / job_id / REMOTE_MACHINE_JSON)
+        if jobs and _id_aside(data) == plain:  # the first's record but for the id
+            jobs.append(_member_as_loaded(jobs[0], job_id))
+            continue
+        first = first or raw
+        jobs.append(RemoteMachine.from_dict(data, job_root=queued / job_id))
+        jobs[-1].place = jobs[0].place  # one connection for all
+        plain = plain or _id_aside(data)
+    loaded = {job.job_id for job in jobs}
+    return jobs, {job_id: _gone(queued / job_id) for job_id in ids if job_id not in loaded}
+
+
+def _members_here(queued: Path | None, ids: list[str],
+                  ) -> tuple[_RecordCache, list[dict[str, Any]], dict[str, str]] | None:
+    """Who each member of a sweep on this machine is (its id, folder and tasks, as a list row
+    has them), why each one not found is gone, and the record cache that read them. A record is
+    read only when changed since the cache kept it; read, it is kept without a RemoteMachine
+    made of it when its bytes are the first member's but for the id (_load_members' rule). None
+    for a sweep that runs elsewhere, or a record that is odd (Sweep.jobs then says why)."""
+    if queued is None:
+        return None
+    first_id = next((job_id for job_id in ids
+                     if os.path.isfile(f"{queued}/{job_id}/{REMOTE_MACHINE_JSON}")), None)
+    if first_id is None:
+        return None
+    raw = _read_bytes(f"{queued}/{first_id}/{REMOTE_MACHINE_JSON}") or b""
+    try:
+        first = RemoteMachine.from_dict(json.loads(raw), job_root=queued / first_id)
+    except (StackopsError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    model = _who_of(first)
+    if type(first.place) is not _Here or not model["there"].endswith(f"/{first_id}"):
+        return None
+    cache = _RecordCache(queued.parent)
+    members: list[dict[str, Any]] = []
+    gone: dict[str, str] = {}
+    for job_id in ids:
+        root = f"{queued}/{job_id}"
+        key = cache.key(f"{root}/{REMOTE_MACHINE_JSON}")
+        if key is None and not os.path.lexists(f"{root}/{REMOTE_MACHINE_JSON}"):
+            gone[job_id] = _gone(Path(root))
+            continue
+        entry = cache.entry(root)
+        who = cache.who(root, entry) if key and entry.get("key") == key else None
+        if who is None and key is not None and _read_bytes(f"{root}/{REMOTE_MACHINE_JSON}") \
+                == raw.replace(first_id.encode(), job_id.encode()):
+            who = dict(model, job_id=job_id, there=f"{model['there'][:-len(first_id)]}{job_id}")
+            if key:
+                cache.keep(entry, key, dict(who))
+        who = who or cache.identity(Path(root), None, warn=False)
+        if who is None:
+            return None
+        there = who["there"]  # where it is judged: its folder here, made a Path once
+        members.append(dict(who, root=queued / job_id if there == root else expand_home(there)))
+    return cache, members, gone
 
 
 def _sweep_member(template: RemoteMachine, job_id: str, kwargs: dict[str, Any]) -> RemoteMachine:
@@ -11142,8 +11244,8 @@ def _print_table(rows: list[list[str]], header: list[str] | None = None) -> None
     if not rows:
         return
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                    for row in rows))  # one write: 10,000 rows, unbuffered too
 
 
 def _print_json(data: Any) -> None:
@@ -11158,9 +11260,10 @@ def _print_json_rows(rows: list[Any]) -> None:
 
 
 def _duration(report: JobStatus) -> str:
-    start, end = _parse_iso(report.start_time), _parse_iso(report.end_time)
-    if start is None:
+    start = _parse_iso(report.start_time)
+    if start is None:  # (never started: 10,000 jobs cancelled in line are shown quickly)
         return "-"
+    end = _parse_iso(report.end_time)
     return _format_duration(((end or _utcnow()) - start).total_seconds())
 
 
@@ -11382,18 +11485,22 @@ def _group_status(target: Any, args: Any) -> int:
     """``status`` of a sweep, a cluster or a cloud job's units: the counts per status, then a
     line per member (each judged where it runs, as ``list`` judges it)."""
     answers = target.check_job_status()
-    reports = {key: value for key, value in answers.items() if isinstance(value, JobStatus)}
     if args.json:
         _print_json({"id": target.job_id, "counts": _counts(answers),
                      "members": {key: value.to_dict() if isinstance(value, JobStatus)
                                  else {"error": str(value)} for key, value in answers.items()}})
         return 0
     print(f"{target.job_id}: {_counts_text(answers)}")
-    _print_table([[key, reports[key].status if key in reports else "?", _duration(reports[key])
-                   if key in reports else "-", _last_line(reports[key].error_message)
-                   if key in reports else _last_line(str(answers[key]))] for key in answers],
+    _print_table([_member_row(key, value) for key, value in answers.items()],
                  ["member", "status", "duration", "error"])
     return 0
+
+
+def _member_row(key: str, value: JobStatus | StackopsError) -> list[str]:
+    """A sweep's, a cluster's or a cloud job's member as _group_status shows it."""
+    if not isinstance(value, JobStatus):
+        return [key, "?", "-", _last_line(str(value))]
+    return [key, value.status, _duration(value), _last_line(value.error_message)]
 
 
 def _counts(answers: dict[str, Any]) -> dict[str, int]:

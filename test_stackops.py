@@ -8487,6 +8487,70 @@ def test_cli_list_keeps_no_stale_record_and_every_view_agrees(home):
     assert views()["kept-0000"] == "running" and "kept-0000" not in kept()
 
 
+def test_cli_sweep_status_keeps_no_stale_record_and_every_view_agrees(home):
+    """status SWEEP reads its members through list's record cache (a stat each, once kept) and
+    keeps them there beside the other jobs' rows, yet shows no record that changed since: a
+    running member cancelled, a queued one that then starts and ends, a member's folder removed
+    by hand (gone) and its id used again by another job, a record another machine writes (never kept).
+    The sweep's status, each job's status and list agree every time."""
+    mod = make_module(home, JOBS_SOURCE)
+    wait_done(RemoteMachine(mod.train, config=config(job_id="other")).run())
+    cache = home / "tmp_results" / "remote_machines" / "jobs" / ".list-cache.json"
+
+    def aged() -> None:  # every record older than the racy window: the cache is used from here on
+        time.sleep(stackops.RACY_NS / 1e9 + 0.2)
+
+    def kept() -> dict[str, str]:
+        rows = json.loads(cache.read_text())["rows"]
+        return {Path(root).name: row["state"]["status"] for root, row in rows.items() if "state" in row}
+
+    def sweep() -> dict[str, dict]:
+        return json.loads(cli("status", "sw", "--json", home=home).stdout)["members"]
+
+    def views() -> dict[str, str]:
+        members = {key: value["status"] for key, value in sweep().items()}
+        each = {job_id: json.loads(cli("status", job_id, "--json", home=home).stdout)["status"]
+                for job_id in members}
+        listed = {row["job_id"]: row["status"] for row in json.loads(cli("list", "--json", home=home).stdout)
+                  if row["job_id"].startswith("sw-")}
+        assert members == each == listed
+        return members
+
+    aged()
+    assert json.loads(cli("list", "--json", home=home).stdout)[0]["status"] == "completed"
+    assert kept() == {"other": "completed"}
+    stackops.run_sweep(mod.sleeper, config(job_id="sw", max_simultaneous_jobs=1),
+                       [{"seconds": 60.0}, {"seconds": 0.1}])
+    wait_for(lambda: cli("status", "sw-0000", "--json", home=home).stdout.count('"running"'),
+             what="the first member to run")
+    aged()
+    assert {key: value["status"] for key, value in sweep().items()} == {"sw-0000": "running",
+                                                                      "sw-0001": "waiting"}
+    assert kept() == {"other": "completed", "sw-0000": "running", "sw-0001": "waiting"}  # laid over
+    assert views() == {"sw-0000": "running", "sw-0001": "waiting"}
+    assert cli("cancel", "sw-0000", "--grace", "1", home=home).returncode == 0
+    wait_for(lambda: '"completed"' in cli("status", "sw-0001", "--json", home=home).stdout,
+             what="the queued member to start and end")
+    assert {key: value["status"] for key, value in sweep().items()} == {"sw-0000": "cancelled",
+                                                                      "sw-0001": "completed"}
+    aged()
+    assert views() == {"sw-0000": "cancelled", "sw-0001": "completed"}
+    assert kept() == {"other": "completed", "sw-0000": "cancelled", "sw-0001": "completed"}
+    shutil.rmtree(RemoteMachine.load("sw-0001").file_manager.job_root)  # by hand: still a member
+    gone = sweep()["sw-0001"]
+    assert gone["status"] == "failed" and "no job folder" in gone["error_message"]
+    wait_done(RemoteMachine(mod.boom, config=config(job_id="sw-0001")).run())  # the id again
+    aged()
+    assert views() == {"sw-0000": "cancelled", "sw-0001": "failed"}
+    assert "no job folder" not in sweep()["sw-0001"]["error_message"]
+    root = RemoteMachine.load("sw-0000").file_manager.job_root
+    stackops._update(root, lambda state: state.update(status="running", machine="another-machine",
+                                                      final=False))  # as a shared home's other reader
+    aged()
+    assert views()["sw-0000"] == "running" and "sw-0000" not in kept()
+    assert kept()["other"] == "completed"
+
+
 def test_cli_list_reads_past_a_cache_file_that_is_garbled_a_fifo_or_writable_by_others(home):
     """Anything odd about list's cache means the jobs are read in full: a cache of the right JSON
     but the wrong fields (another build's) crashed every list until it was deleted by hand, and a
