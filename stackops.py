@@ -1185,7 +1185,7 @@ class _Unmade:
         return _made(owner).__dataclass_fields__  # type: ignore[attr-defined]
 
 
-_MADE_LOCK = _thread.allocate_lock()
+_MADE_LOCK = _thread.RLock()  # (making one asks inspect for its signature: _ModelSignature)
 
 
 def _made(cls: type) -> type:
@@ -1215,8 +1215,8 @@ class _ModelSignature:
 
 
 def _first_new(cls: type, *args: Any, **kwargs: Any) -> Any:
-    for klass in cls.__mro__:
-        if isinstance(klass.__dict__.get("__dataclass_fields__"), _Unmade):
+    for klass in cls.__mro__:  # each one's state asked under the lock: while another thread makes
+        if "__dataclass_fields__" in klass.__dict__:  # it, its fields are set before its __init__
             _made(klass)
     return object.__new__(cls)
 
@@ -10180,11 +10180,10 @@ class Sweep:
     """The jobs of one sweep, made by run_sweep: job K is ``<sweep id>-K`` (zero-padded) with the
     kwargs of line K. Each is a RemoteMachine; this object follows them all at once."""
 
-    def __init__(self, sweep_id: str, jobs: list[RemoteMachine] | None,
-                 gone: dict[str, str] | None = None) -> None:
+    def __init__(self, sweep_id: str, jobs: list[RemoteMachine]) -> None:
         self.sweep_id = sweep_id
-        self._jobs = jobs  # None: not made yet (Sweep.load: made when first asked for)
-        self._gone = gone or {}  # members whose folder here is gone: why (Sweep.load)
+        self._jobs: list[RemoteMachine] | None = jobs  # None: Sweep.load's, made when asked for
+        self._gone: dict[str, str] = {}  # members whose folder here is gone: why (Sweep.load)
         self._queued: Path | None = None  # a loaded sweep's: its members' folders are in it
         self._ids: list[str] = []
 
@@ -10233,8 +10232,8 @@ class Sweep:
         except (StackopsError, KeyError, TypeError) as exc:
             raise ConfigError(f"no sweep {sweep_id!r} under {collapse_home(queued.parent)}",
                               hint=f"{_prog()} list shows the jobs") from exc
-        sweep = cls(sweep_id, None)
-        sweep._queued, sweep._ids = queued, [str(job_id) for job_id in ids]
+        sweep = cls(sweep_id, [])
+        sweep._jobs, sweep._queued, sweep._ids = None, queued, [str(job_id) for job_id in ids]
         return sweep
 
     def close(self) -> None:

@@ -835,7 +835,9 @@ Sweep(sweep_id: 'str', jobs: 'list[RemoteMachine]') -> None
 Sweep.cancel(self, grace: 'float' = 10.0) -> dict[str, JobStatus | StackopsError]
 Sweep.check_job_status(self, timeout: 'float' = 60.0) -> dict[str, JobStatus | StackopsError]
 Sweep.close(self) -> None
+property Sweep.gone
 property Sweep.job_id
+property Sweep.jobs
 classmethod Sweep.load(sweep_id: 'str', base_dir: 'str | None' = None) -> Sweep
 Sweep.wait(self, timeout: 'float | None' = None, poll: 'float' = 0.5) -> dict[str, JobStatus]
 run_sweep(
@@ -1238,6 +1240,37 @@ def test_models_are_made_dataclasses_where_first_used_and_behave_as_dataclasses(
     assert "unexpected keyword argument 'bogus'" in seen["refused"]
     assert seen["signature"] == str(inspect.signature(stackops.ExecutionTimings))
     assert seen["signature"].startswith("(submission_time: ") and seen["signature"].endswith("-> None")
+
+
+def test_models_made_by_one_thread_are_whole_for_every_other():
+    """A model is made a dataclass at its first use; another thread that came in while it was
+    being made (its fields set, its __init__ not yet) got an instance with no attributes: a
+    cluster's parallel connects failed a host with "'SSHTarget' object has no attribute
+    'known_hosts'", and `cluster run` left that host out."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as a loaded machine makes them
+    try:
+        half_made = 0
+        for trial in range(30):
+            body = "".join(f"    f{i}: int = {i}\n" for i in range(60))
+            space: dict = {}
+            exec(f'class M{trial}:\n    """A model."""\n{body}', {}, space)
+            model = stackops._model(space[f"M{trial}"])
+            made: list = []
+
+            def make(delay: float, model=model, made=made) -> None:
+                time.sleep(delay)
+                made.append(model(f0=7))
+
+            threads = [threading.Thread(target=make, args=(i * 0.0003,)) for i in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            half_made += sum(1 for m in made if getattr(m, "f0", None) != 7 or not hasattr(m, "f59"))
+        assert half_made == 0
+    finally:
+        sys.setswitchinterval(switch)
 
 
 def test_models_workload_split_reference_example():
