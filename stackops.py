@@ -10185,6 +10185,7 @@ class Sweep:
         self._jobs: list[RemoteMachine] | None = jobs  # None: Sweep.load's, made when asked for
         self._gone: dict[str, str] = {}  # members whose folder here is gone: why (Sweep.load)
         self._queued: Path | None = None  # a loaded sweep's: its members' folders are in it
+        self._submitting: list[Any] | None = None  # its submitter, while it submits (Sweep.load)
         self._ids: list[str] = []
 
     job_id = property(lambda self: self.sweep_id)  # the CLI's verbs name it like a job
@@ -10228,12 +10229,14 @@ class Sweep:
         (_RecordCache)."""
         queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
         try:
-            ids = _read_json(queued / check_safe_name(sweep_id) / SWEEP_JSON)["ids"]
+            record = _read_json(queued / check_safe_name(sweep_id) / SWEEP_JSON)
+            ids = record["ids"]
         except (StackopsError, KeyError, TypeError) as exc:
             raise ConfigError(f"no sweep {sweep_id!r} under {collapse_home(queued.parent)}",
                               hint=f"{_prog()} list shows the jobs") from exc
         sweep = cls(sweep_id, [])
         sweep._jobs, sweep._queued, sweep._ids = None, queued, [str(job_id) for job_id in ids]
+        sweep._submitting = record.get("submitting")
         return sweep
 
     def close(self) -> None:
@@ -10256,7 +10259,19 @@ class Sweep:
             job_id: JobStatus(job_id, "failed", error_message=why)
             for job_id, why in self._gone.items()}
         answers.update(zip(*found))
+        if self._being_submitted():  # a member not written or not fired yet has not ended
+            for job_id, report in answers.items():
+                if job_id in self._gone or isinstance(report, JobStatus) and \
+                        report.status == "prepared":
+                    answers[job_id] = JobStatus(job_id, "queued", reason="being submitted")
         return dict(sorted(answers.items()))  # in the sweep's order (its ids are zero-padded)
+
+    def _being_submitted(self) -> bool:
+        """Whether the process submitting this sweep lives (on this machine: one elsewhere is
+        not judged here)."""
+        machine, pid, start = (self._submitting or [None, None, None])[:3]
+        return machine == machine_key() and isinstance(pid, int) and start is not None \
+            and is_job_process(pid, "", start)
 
     def _reports_here(self) -> tuple[list[str], list[JobStatus]] | None:
         """The members' ids and statuses of a loaded sweep on this machine, read as ``list`` reads
@@ -10482,6 +10497,8 @@ def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run:
             fired = fire_jobs([job.file_manager.job_root for job in jobs]) if run else {}
     except BaseException:
         kept = not template.is_remote and _withdraw_fire([queued / name for name in made[1:]])
+        if kept:
+            _sweep_submitted(queued / template.job_id)
         for name in [] if kept else made:  # a fire with no job started leaves nothing
             path = queued / name
             if path.is_dir() and not path.is_symlink() and (not template.is_remote or read_state(
@@ -10492,6 +10509,7 @@ def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run:
         job.submitted, job.shared = True, bool(template.handed and template.handed.shared)
         job.launcher_pid = fired.get("pid") if run else None
         _write_plain(job.file_manager.path(REMOTE_MACHINE_JSON), json.dumps(job.to_dict()))
+    _sweep_submitted(queued / template.job_id)
     if fired.get("warning"):
         log.warning("sweep %s on %s: %s", template.job_id, template.host_name, fired["warning"])
 
@@ -10502,7 +10520,17 @@ def _sweep_shared(template: RemoteMachine, staging: Path, jobs: list[RemoteMachi
         os.unlink(staging / relative)
     _write_new_json(staging / SWEEP_JSON, {"sweep_id": template.job_id,
                                            "ids": [job.job_id for job in jobs],
-                                           "host": template.host_name})
+                                           "host": template.host_name, "submitting": [
+                                               machine_key(), os.getpid(), process_start_ticks()]})
+
+
+def _sweep_submitted(shared: Path) -> None:
+    """The sweep's submission is over: from now on a member without a folder is gone."""
+    lock = _FileLock(shared / SWEEP_JSON.replace(".json", ".lock"))
+    with _suppress(OSError, StackopsError), lock:
+        record = _read_json(shared / SWEEP_JSON)
+        if record.pop("submitting", None) is not None:
+            _atomic_write_json(shared / SWEEP_JSON, record)
 
 
 # ============================================================================================
@@ -11905,6 +11933,9 @@ def _look(target: Any, ended: dict[str, Any] | None = None) -> dict[str, Any]:
         except (StackopsConnectionError, CommandError) as exc:
             return {target.job_id: exc}
     if not isinstance(target, Sweep) or ended is None:
+        return target.check_job_status()
+    if target._being_submitted():  # its members are still being written: each look reads anew
+        target._jobs = None
         return target.check_job_status()
     left = Sweep(target.sweep_id, [job for job in target.jobs if job.job_id not in ended])
     left.gone = target.gone

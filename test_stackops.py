@@ -8520,6 +8520,37 @@ def test_cli_list_keeps_no_stale_record_and_every_view_agrees(home):
     assert views()["kept-0000"] == "running" and "kept-0000" not in kept()
 
 
+def test_cli_sweep_being_submitted_reads_queued_not_failed_until_its_submitter_is_gone(home):
+    """A sweep's folder, naming every member, is in place before the members' folders are
+    written and fired: a `status` or `wait` in that window read each member not written yet as
+    failed ("no job folder") and each one not fired as ended (found by review). While the process
+    that submits it lives, such members read queued ("being submitted") and `wait` goes on; once
+    it is gone (killed mid-submit), they read as they are."""
+    mod = make_module(home, JOBS_SOURCE)
+    stackops.run_sweep(mod.train, config(job_id="sub"), [{}, {}, {}], run=False)
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    record = json.loads((queued / "sub" / "data" / "sweep.json").read_text())
+    assert "submitting" not in record  # a submission that ended says so
+    submitter = subprocess.Popen(["sleep", "60"])  # stands for the submitting process
+    try:
+        record["submitting"] = [stackops.machine_key(), submitter.pid,
+                                stackops.process_start_ticks(submitter.pid)]
+        (queued / "sub" / "data" / "sweep.json").write_text(json.dumps(record))
+        shutil.rmtree(queued / "sub-0002")  # not written yet
+        shown = json.loads(cli("status", "sub", "--json", home=home).stdout)["members"]
+        assert {job_id: row["status"] for job_id, row in shown.items()} == \
+            {"sub-0000": "queued", "sub-0001": "queued", "sub-0002": "queued"}, shown
+        waited = cli("wait", "sub", "--timeout", "1", home=home)
+        assert waited.returncode not in (0, 1) and "failed" not in waited.stdout, waited
+    finally:
+        submitter.kill()
+        submitter.wait()
+    shown = json.loads(cli("status", "sub", "--json", home=home).stdout)["members"]
+    assert shown["sub-0002"]["status"] == "failed" and "no job folder" in shown["sub-0002"]["error_message"]
+    assert shown["sub-0000"]["status"] == "prepared"
+    assert cli("wait", "sub", "--timeout", "1", home=home).returncode == 1
+
+
 def test_cli_sweep_status_keeps_no_stale_record_and_every_view_agrees(home):
     """status SWEEP reads its members through list's record cache (a stat each, once kept) and
     keeps them there beside the other jobs' rows, yet shows no record that changed since: a
