@@ -41,6 +41,17 @@ ACCOUNT = f"sob{os.getpid()}"  # a login of this run's own: two runs (or a run a
 _fresh = itertools.count()
 
 
+def _free_subnet(second: int) -> str:
+    """A /24 ``10.<second>.<x>`` that no interface here is in: the namespaces of a run that was
+    killed stay behind with theirs, and a host key of one of them must not meet ours."""
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+    for step in range(200):
+        third = (os.getpid() + step) % 200 + 1
+        if f" 10.{second}.{third}." not in used:
+            return f"10.{second}.{third}"
+    raise RuntimeError(f"every 10.{second}.x/24 is in use here")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -148,7 +159,7 @@ class Bed:
 
     def add_nodes(self, count: int) -> list[str]:
         """``count`` more hosts: network namespaces on a private bridge as root, else 127.0.0.2x."""
-        subnet = f"10.232.{os.getpid() % 200 + 1}"
+        subnet = _free_subnet(232) if self.netns else ""
         if self.netns:
             self._ip("link", "add", f"{self.tag}br", "type", "bridge")
             self._ip("addr", "add", f"{subnet}.1/24", "dev", f"{self.tag}br")
