@@ -5180,11 +5180,18 @@ def _leave_sweep(root: Path) -> tuple[Path, list[str]] | None:
     shared = root.parent / os.readlink(root / "python").split("/")[1]
     if not (shared / SWEEP_JSON).is_file():
         return None
+    record = _change_sweep(shared, lambda record: record.update(
+        ids=[other for other in record.get("ids") or [] if other != root.name]))
+    return shared, record["ids"]
+
+
+def _change_sweep(shared: Path, change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """A sweep's record (``sweep.json`` in its folder ``shared``) changed under its lock."""
     with _FileLock(shared / SWEEP_JSON.replace(".json", ".lock")):
         record = _read_json(shared / SWEEP_JSON)
-        record["ids"] = [other for other in record.get("ids") or [] if other != root.name]
+        change(record)
         _atomic_write_json(shared / SWEEP_JSON, record)
-    return shared, record["ids"]
+    return record
 
 
 def _is_own_results(job_root: Path, job_id: str, path: Path) -> bool:
@@ -10526,11 +10533,8 @@ def _sweep_shared(template: RemoteMachine, staging: Path, jobs: list[RemoteMachi
 
 def _sweep_submitted(shared: Path) -> None:
     """The sweep's submission is over: from now on a member without a folder is gone."""
-    lock = _FileLock(shared / SWEEP_JSON.replace(".json", ".lock"))
-    with _suppress(OSError, StackopsError), lock:
-        record = _read_json(shared / SWEEP_JSON)
-        if record.pop("submitting", None) is not None:
-            _atomic_write_json(shared / SWEEP_JSON, record)
+    with _suppress(OSError, StackopsError):
+        _change_sweep(shared, lambda record: record.pop("submitting", None))
 
 
 # ============================================================================================

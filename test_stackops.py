@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
+import bench_stackops  # (one free subnet rule for its namespace hosts and ours)
 import stackops
 from stackops import (ConfigError, FileManager, JobFailedError, JobParams, JobStatus, RemoteMachine,
                       RemoteStackOpsConfig, Slots, StackopsError, WorkloadParams)
@@ -8075,17 +8076,6 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def _free_subnet(second: int) -> str:
-    """A /24 ``10.<second>.<x>`` that no interface here is in: the namespaces of a run that was
-    killed stay behind with theirs, and their sshds' host keys must not meet ours."""
-    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
-    for step in range(200):
-        third = (os.getpid() + step) % 200 + 1
-        if f" 10.{second}.{third}." not in used:
-            return f"10.{second}.{third}"
-    raise RuntimeError(f"every 10.{second}.x/24 is in use here")
-
-
 class Nodes:
     """Three hosts. As root: network namespaces on a private bridge, each sshd in its own PID
     namespace (its pids are not ours). Otherwise: extra sshds on 127.0.0.11-13."""
@@ -8093,7 +8083,7 @@ class Nodes:
     def __init__(self, server: SSHD, count: int = 3, name: str = "sk", octet: int = 231) -> None:
         self.tag = f"{name}{os.getpid() % 100000}"  # several groups may live at once: own names, own subnet
         self.netns = os.geteuid() == 0 and shutil.which("ip") is not None
-        self.subnet = _free_subnet(octet) if self.netns else ""
+        self.subnet = bench_stackops._free_subnet(octet) if self.netns else ""  # (the bench's too)
         self.servers: list[SSHD] = []
         self.namespaces: list[str] = []
         if self.netns:
