@@ -2711,10 +2711,11 @@ class QueueMachine(stateful.RuleBasedStateMachine):
             return
         machine = running[pick % len(running)]["machine"]
         if outcome == "sigkill":  # the run dies without a word (the OOM killer): its wrapper says so
-            def run() -> int | None:  # (not the `git pull` of a setup just let go, still ending)
-                pid = _run_of(machine)
-                with contextlib.suppress(OSError):
-                    return None if b"pull" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") else pid
+            def run() -> int | None:  # the wrapper's fork: not the `git pull` of a setup just let
+                pid, wrapper = _run_of(machine), _wrapper_of(machine)  # go, still ending (nor that
+                with contextlib.suppress(OSError):  # one a zombie, its command line empty)
+                    own = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    return pid if own and own == Path(f"/proc/{wrapper}/cmdline").read_bytes() else None
                 return None
             with contextlib.suppress(ProcessLookupError):
                 os.kill(wait_for(run, what="the run"), signal.SIGKILL)
