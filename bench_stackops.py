@@ -760,6 +760,11 @@ def queue_cases(bed: Bed, stackops, quick: bool) -> list[dict]:
     return rows
 
 
+def _racy_window_s() -> float:
+    import stackops
+    return stackops.RACY_NS / 1e9 + 0.1
+
+
 def _member_roots(bed: Bed, sweep: str) -> list[Path]:
     queued = bed.local_home / "tmp_results" / "remote_machines" / "jobs" / "queued"
     ids = json.loads((queued / sweep / "data" / "sweep.json").read_text())["ids"]
@@ -767,9 +772,13 @@ def _member_roots(bed: Bed, sweep: str) -> list[Path]:
 
 
 def _views(env: dict, count: int, sweep: str, what: str, note: str = "") -> list[dict]:
-    """`list --json` and `status SWEEP` (CLI, module cached) with ``count`` jobs: 3 runs each."""
+    """`list --json` and `status SWEEP` (CLI, module cached) with ``count`` jobs: 3 runs each,
+    after one read (untimed) once the records are older than the cache's racy window (a record
+    written within it may change unseen in the same clock tick, so it is read, not trusted)."""
     rows = []
+    time.sleep(_racy_window_s())
     for argv in (["list", "--json"], ["status", sweep]):
+        run_cmd([sys.executable, "-m", "stackops", *argv], env=env)
         times = [timed(lambda argv=argv: run_cmd([sys.executable, "-m", "stackops", *argv], env=env))
                  for _ in range(3)]
         name = "status SWEEP" if argv[0] == "status" else " ".join(argv)
