@@ -388,6 +388,11 @@ class _SnapshotMismatchError(StackopsError):
                          hint="submit again once its files are written")
 
 
+class _RecordMissingError(ConfigError):
+    """A job folder is there without its record (removed by hand): it cannot be read as a job.
+    Caught to say so once no cluster, sweep or cloud job has the id (_load_job_or_cluster)."""
+
+
 _CLI: list[bool] = []  # not empty while main() runs a command: errors name its options
 
 
@@ -9662,6 +9667,9 @@ class RemoteMachine:
         """The job ``job_id`` submitted earlier from this machine (by this or another process)."""
         root = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued/{check_safe_name(job_id)}")
         if not (root / REMOTE_MACHINE_JSON).exists():
+            if root.is_dir() and not os.path.lexists(root / SWEEP_JSON):  # its record went
+                raise _RecordMissingError(f"job {job_id!r} cannot be read: {_gone(root)}",
+                                          hint=f"{_prog()} list shows the jobs")
             raise ConfigError(f"no job {job_id!r} under {collapse_home(root.parent.parent)}",
                               hint=f"{_prog()} list shows the jobs")
         return cls.from_job_dir(root)
@@ -11874,8 +11882,11 @@ def _cloud_units_of(job_id: str, base_dir: str) -> _CloudUnits | None:
 def _load_job_or_cluster(job_id: str,
                          base_dir: str) -> RemoteMachine | Cluster | Sweep | _CloudUnits:
     """A job, a cluster, a sweep, or a cloud job's units, by id; none of them is bad input."""
+    missing: ConfigError | None = None  # a job folder whose record is gone, if nothing else
     try:
         return RemoteMachine.load(job_id, base_dir)
+    except _RecordMissingError as exc:
+        missing = exc
     except ConfigError:
         pass
     try:
@@ -11886,8 +11897,8 @@ def _load_job_or_cluster(job_id: str,
         return Sweep.load(job_id, base_dir)
     units = _cloud_units_of(job_id, base_dir)
     if units is None:
-        raise ConfigError(f"no job or cluster {job_id!r} here",
-                          hint=f"{_prog()} list shows the jobs")
+        raise missing or ConfigError(f"no job or cluster {job_id!r} here",
+                                     hint=f"{_prog()} list shows the jobs")
     return units
 
 
@@ -13699,7 +13710,11 @@ def _plain_error(exc: BaseException) -> tuple[str, str]:
 # on a host through serve(), so every view of a job is built by the same code wherever it runs.
 
 def _gone(root: Path) -> str:
-    """Why a job whose folder is gone reads failed: its record and results went with it."""
+    """Why a job whose folder, or the record in it, is gone reads failed: how it ended went
+    with it."""
+    if os.path.isdir(root):
+        return (f"no job record at {collapse_home(root / REMOTE_MACHINE_JSON)} (removed?), "
+                "though its folder is there: how it ended is not known")
     return f"no job folder at {collapse_home(root)} (removed?): how it ended is not known"
 
 
