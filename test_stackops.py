@@ -8718,7 +8718,7 @@ def test_cli_sweep_status_keeps_no_stale_record_and_every_view_agrees(home):
     wait_done(RemoteMachine(mod.boom, config=config(job_id="sw-0001")).run())  # the id again
     aged()
     assert views() == {"sw-0000": "cancelled", "sw-0001": "failed"}
-    assert "no job folder" not in sweep()["sw-0001"]["error_message"]
+    assert "not a member of sweep sw" in sweep()["sw-0001"]["error_message"]  # the new job is not
     root = RemoteMachine.load("sw-0000").file_manager.job_root
     stackops._update(root, lambda state: state.update(status="running", machine="another-machine",
                                                       final=False))  # as a shared home's other reader
