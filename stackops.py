@@ -10265,7 +10265,8 @@ class Sweep:
         self.close()
 
     def check_job_status(self, timeout: float = 60.0) -> dict[str, JobStatus | StackopsError]:
-        """Every job's status, judged where they run, all in one round trip."""
+        """Every job's status, judged where they run, all in one round trip (a member whose
+        record names another place is asked there, as its own status is: _per_place)."""
         found = self._reports_here() if self._jobs is None else None
         if found is None:
             asked = _per_place(self.jobs, lambda place, jobs: dict(zip(
@@ -10322,8 +10323,8 @@ class Sweep:
             time.sleep(poll)
 
     def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
-        """Cancel every job that has not ended, in one round trip: each is marked first, so the
-        queue starts none of them meanwhile."""
+        """Cancel every job that has not ended, in one round trip (per place: _per_place): each
+        is marked first, so the queue starts none of them meanwhile."""
         return _per_place(self.jobs, lambda place, jobs: _cancel_at(place, jobs, grace))
 
 
