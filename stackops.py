@@ -388,6 +388,11 @@ class _SnapshotMismatchError(StackopsError):
                          hint="submit again once its files are written")
 
 
+class _RecordMissingError(ConfigError):
+    """A job folder is there without its record (removed by hand): it cannot be read as a job.
+    Caught to say so once no cluster, sweep or cloud job has the id (_load_job_or_cluster)."""
+
+
 _CLI: list[bool] = []  # not empty while main() runs a command: errors name its options
 
 
@@ -9678,6 +9683,9 @@ class RemoteMachine:
         """The job ``job_id`` submitted earlier from this machine (by this or another process)."""
         root = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued/{check_safe_name(job_id)}")
         if not (root / REMOTE_MACHINE_JSON).exists():
+            if root.is_dir() and not os.path.lexists(root / SWEEP_JSON):  # its record went
+                raise _RecordMissingError(f"job {job_id!r} cannot be read: {_gone(root)}",
+                                          hint=f"{_prog()} list shows the jobs")
             raise ConfigError(f"no job {job_id!r} under {collapse_home(root.parent.parent)}",
                               hint=f"{_prog()} list shows the jobs")
         return cls.from_job_dir(root)
@@ -10235,7 +10243,7 @@ class Sweep:
     def _make(self) -> None:
         """Make the members of a loaded sweep, their records read whole (once)."""
         if self._jobs is None and self._queued is not None:
-            self._jobs, self._gone = _load_members(self._queued, self._ids)
+            self._jobs, self._gone = _load_members(self._queued, self._ids, self.sweep_id)
 
     def __repr__(self) -> str:
         return f"Sweep({self.sweep_id!r}, {len(self.jobs)} jobs)"
@@ -10278,11 +10286,13 @@ class Sweep:
         self.close()
 
     def check_job_status(self, timeout: float = 60.0) -> dict[str, JobStatus | StackopsError]:
-        """Every job's status, judged where they run, all in one round trip."""
+        """Every job's status, judged where they run, all in one round trip (a member whose
+        record names another place is asked there, as its own status is: _per_place)."""
         found = self._reports_here() if self._jobs is None else None
         if found is None:
-            jobs = self.jobs
-            found = ([job.job_id for job in jobs], jobs[0].place.reports(jobs, 0) if jobs else [])
+            asked = _per_place(self.jobs, lambda place, jobs: dict(zip(
+                [job.job_id for job in jobs], place.reports(jobs, 0))))
+            found = (list(asked), list(asked.values()))
         answers: dict[str, JobStatus | StackopsError] = {
             job_id: JobStatus(job_id, "failed", error_message=why)
             for job_id, why in self._gone.items()}
@@ -10307,7 +10317,10 @@ class Sweep:
         here = _members_here(self._queued, self._ids)
         if here is None:
             return None
-        cache, members, self._gone = here
+        cache, found, self._gone = here
+        members = _own_members(self.sweep_id, found, self._gone)
+        if members is None:
+            return None
         roots = [who["root"] for who in members]
         answers = _reports_of(roots, 0, [who["tasks"] for who in members], cache)
         reports = [cache.report(answer, root) for answer, root in zip(answers, roots)]
@@ -10331,27 +10344,77 @@ class Sweep:
             time.sleep(poll)
 
     def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
-        """Cancel every job that has not ended, in one round trip: each is marked first, so the
-        queue starts none of them meanwhile."""
-        if not self.jobs:
-            return {}
-        place = self.jobs[0].place
-        request = {"action": "cancel", "roots": [job.root_there for job in self.jobs],
-                   "grace": grace}
-        answers: dict[str, JobStatus | StackopsError] = {}
-        for job, state in zip(self.jobs, place.call([request])[0]):
-            place.mirror(job, state)
-            answers[job.job_id] = _status_of(job.job_id, state)
-            answers[job.job_id].reason = f"was {state.get('was')}"  # type: ignore[union-attr]
-        return answers
+        """Cancel every job that has not ended, in one round trip (per place: _per_place): each
+        is marked first, so the queue starts none of them meanwhile."""
+        return _per_place(self.jobs, lambda place, jobs: _cancel_at(place, jobs, grace))
 
 
-def _load_members(queued: Path, ids: list[str]) -> tuple[list[RemoteMachine], dict[str, str]]:
+def _cancel_at(place: _Place, jobs: list[RemoteMachine], grace: float) -> dict[str, JobStatus]:
+    """Cancel ``jobs``, all of ``place``, in one round trip: each is marked before any stops."""
+    request = {"action": "cancel", "roots": [job.root_there for job in jobs], "grace": grace}
+    answers: dict[str, JobStatus] = {}
+    for job, state in zip(jobs, place.call([request])[0]):
+        place.mirror(job, state)
+        report = answers[job.job_id] = _status_of(job.job_id, state)
+        report.reason = f"was {state.get('was')}"
+    return answers
+
+
+def _per_place(jobs: list[RemoteMachine],
+               ask: Callable[[_Place, list[RemoteMachine]], dict[str, Any]]) -> dict[str, Any]:
+    """``ask(place, its jobs)`` of each place the jobs run at, one call each: {job id: answer}.
+    A sweep's members share one place; a member whose record names another (edited by hand) is
+    asked there, as ``status MEMBER`` asks it. A place that cannot be asked gives each of its
+    jobs the error, unless it is the only one (then the error is raised, as it was)."""
+    groups: dict[int, list[RemoteMachine]] = {}
+    for job in jobs:
+        groups.setdefault(id(job.place), []).append(job)
+    answers: dict[str, Any] = {}
+    for group in groups.values():
+        try:
+            answers.update(ask(group[0].place, group))
+        except StackopsError as exc:
+            if len(groups) == 1:
+                raise
+            answers.update(dict.fromkeys([job.job_id for job in group], exc))
+    return answers
+
+
+def _not_member(sweep_id: str, job_id: str, named: Any) -> str:
+    """Why the job under a member's id is not that member: its own record names another sweep,
+    or none (the member's folder was removed and its id used again)."""
+    names = f"sweep {named}" if named else "no sweep"
+    return (f"the job {job_id} here is not a member of sweep {sweep_id} (its record names "
+            f"{names}): the member's folder was removed (by hand?); how it ended is not known")
+
+
+def _own_members(sweep_id: str, members: list[dict[str, Any]],
+                 gone: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The members of a sweep here (as _members_here finds them) whose own record names the
+    sweep; each other job under a member's id is one gone, saying why (into ``gone``). None when
+    a member's record names a host: then each is read where its record says (Sweep.jobs)."""
+    own = []
+    for who in members:
+        if who["sweep"] != sweep_id:
+            gone[who["job_id"]] = _not_member(sweep_id, who["job_id"], who["sweep"])
+        elif who["remote"]:
+            return None
+        else:
+            own.append(who)
+    return own
+
+
+def _load_members(queued: Path, ids: list[str],
+                  sweep_id: str) -> tuple[list[RemoteMachine], dict[str, str]]:
     """The members of a sweep (Sweep.jobs), made from their records, and why each one not found
-    is gone (Sweep.gone). A member whose record is the first's but for the id is a copy."""
+    is gone (Sweep.gone): a job whose own record names no such sweep is no member. A member whose
+    record is the first's but for the id is a copy; members of one place share it (one
+    connection), and one whose record names another place is asked there."""
     jobs: list[RemoteMachine] = []
     plain: dict[str, Any] = {}
     first = b""  # the first member's record, as bytes
+    places: dict[tuple[str, str | None], _Place] = {}
+    strangers: dict[str, str] = {}
     for job_id in ids:
         raw = _read_bytes(f"{queued}/{job_id}/{REMOTE_MACHINE_JSON}")
         if raw is None:
@@ -10362,15 +10425,21 @@ def _load_members(queued: Path, ids: list[str]) -> tuple[list[RemoteMachine], di
             jobs.append(_member_as_loaded(jobs[0], job_id))  # byte for byte the first's
             continue
         data = _read_json(queued / job_id / REMOTE_MACHINE_JSON)
+        named = data.get("shared_folder") if isinstance(data, dict) else None
+        if named != sweep_id:
+            strangers[job_id] = _not_member(sweep_id, job_id, named)
+            continue
         if jobs and _id_aside(data) == plain:  # the first's record but for the id
             jobs.append(_member_as_loaded(jobs[0], job_id))
             continue
         first = first or raw
-        jobs.append(RemoteMachine.from_dict(data, job_root=queued / job_id))
-        jobs[-1].place = jobs[0].place  # one connection for all
+        job = RemoteMachine.from_dict(data, job_root=queued / job_id)
+        job.place = places.setdefault((type(job.place).__name__, job.config.ssh_host), job.place)
+        jobs.append(job)
         plain = plain or _id_aside(data)
     loaded = {job.job_id for job in jobs}
-    return jobs, {job_id: _gone(queued / job_id) for job_id in ids if job_id not in loaded}
+    return jobs, {job_id: strangers.get(job_id) or _gone(queued / job_id)
+                  for job_id in ids if job_id not in loaded}
 
 
 def _members_here(queued: Path | None, ids: list[str],
@@ -11619,7 +11688,7 @@ def _list_filters(args: Any) -> dict[str, Any]:
         since = _utcnow() - _dt.timedelta(seconds=_parse_age(args.since, "--since"))
     members = None if args.sweep is None else set(_sweep_members(args.sweep, args.base_dir))
     return {"statuses": statuses, "host": args.host, "since": since, "sweep": members,
-            "last": args.last}
+            "sweep_id": args.sweep, "last": args.last}
 
 
 def _sweep_members(sweep_id: str, base_dir: str) -> list[str]:
@@ -11642,7 +11711,8 @@ def _filter_rows(rows: list[dict[str, Any]], filters: dict[str, Any]) -> list[di
         report: JobStatus = row["report"]
         if statuses and report.status not in statuses:
             return False
-        if sweep is not None and row["job_id"] not in sweep:
+        if sweep is not None and (row["job_id"] not in sweep or  # (a host's rows name none)
+                                  row.get("sweep", filters["sweep_id"]) != filters["sweep_id"]):
             return False
         if since is not None and (_parse_iso(report.submission_time) or since) <= since:
             return False
@@ -11895,8 +11965,11 @@ def _cloud_units_of(job_id: str, base_dir: str) -> _CloudUnits | None:
 def _load_job_or_cluster(job_id: str,
                          base_dir: str) -> RemoteMachine | Cluster | Sweep | _CloudUnits:
     """A job, a cluster, a sweep, or a cloud job's units, by id; none of them is bad input."""
+    missing: ConfigError | None = None  # a job folder whose record is gone, if nothing else
     try:
         return RemoteMachine.load(job_id, base_dir)
+    except _RecordMissingError as exc:
+        missing = exc
     except ConfigError:
         pass
     try:
@@ -11907,8 +11980,8 @@ def _load_job_or_cluster(job_id: str,
         return Sweep.load(job_id, base_dir)
     units = _cloud_units_of(job_id, base_dir)
     if units is None:
-        raise ConfigError(f"no job or cluster {job_id!r} here",
-                          hint=f"{_prog()} list shows the jobs")
+        raise missing or ConfigError(f"no job or cluster {job_id!r} here",
+                                     hint=f"{_prog()} list shows the jobs")
     return units
 
 
@@ -13720,7 +13793,11 @@ def _plain_error(exc: BaseException) -> tuple[str, str]:
 # on a host through serve(), so every view of a job is built by the same code wherever it runs.
 
 def _gone(root: Path) -> str:
-    """Why a job whose folder is gone reads failed: its record and results went with it."""
+    """Why a job whose folder, or the record in it, is gone reads failed: how it ended went
+    with it."""
+    if os.path.isdir(root):
+        return (f"no job record at {collapse_home(root / REMOTE_MACHINE_JSON)} (removed?), "
+                "though its folder is there: how it ended is not known")
     return f"no job folder at {collapse_home(root)} (removed?): how it ended is not known"
 
 

@@ -3136,6 +3136,116 @@ def test_sweep_interrupted_while_it_fires_leaves_each_job_started_and_seen_or_wi
         assert cli("status", job_id, home=home).returncode == 0
 
 
+def _sweep_views(sweep_id: str, home: Path) -> dict[str, str]:
+    """Each member's state in `status SWEEP` (``?``: cannot be read, with why)."""
+    shown = cli("status", sweep_id, "--json", home=home)
+    assert shown.returncode == 0, shown.stderr
+    return {job_id: row.get("status") or f"? {row['error']}"
+            for job_id, row in json.loads(shown.stdout)["members"].items()}
+
+
+def test_sweep_member_replaced_by_a_new_job_of_its_id_is_missing_and_the_new_job_stands_alone(home):
+    """A member's folder removed by hand, then a new, unrelated job submitted under the same id:
+    `status SWEEP`, `list --sweep` and `wait SWEEP` showed the new job as the sweep's member, and
+    `cancel SWEEP` / `delete SWEEP` reached it (found by review). A job is a member only if its own
+    record names the sweep: the sweep reports that member missing, with why, and leaves the job be."""
+    mod = make_module(home, SWEEP_SOURCE)
+    jobs = make_module(home, JOBS_SOURCE)
+    sweep = stackops.run_sweep(mod.point, config(job_id="rp"), [{"x": index} for index in range(3)])
+    assert {report.status for report in sweep.wait(timeout=120).values()} == {"completed"}
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert _sweep_views("rp", home) == dict.fromkeys(["rp-0000", "rp-0001", "rp-0002"], "completed")
+    shutil.rmtree(queued / "rp-0001")  # by hand
+    new = RemoteMachine(jobs.sleeper, config(job_id="rp-0001"), func_kwargs={"seconds": 120}).run()
+    wait_for(lambda: new.get_status(0).status == "running", what="the new job to run")
+    for _ in range(2):  # records read afresh, then (older than the racy window) through the cache
+        shown = json.loads(cli("status", "rp", "--json", home=home).stdout)["members"]
+        assert {job_id: row["status"] for job_id, row in shown.items()} == {
+            "rp-0000": "completed", "rp-0001": "failed", "rp-0002": "completed"}, shown
+        said = shown["rp-0001"]["error_message"]
+        assert "not a member of sweep rp" in said and "names no sweep" in said, said
+        assert json.loads(cli("status", "rp-0001", "--json", home=home).stdout)["status"] == "running"
+        listed = json.loads(cli("list", "--sweep", "rp", "--json", home=home).stdout)
+        assert [row["job_id"] for row in listed] == ["rp-0000", "rp-0002"], listed
+        time.sleep(stackops.RACY_NS / 1e9 + 0.2)
+    assert {row["job_id"]: row["sweep"] for row in stackops.list_job_rows()} == {
+        "rp-0000": "rp", "rp-0001": None, "rp-0002": "rp"}
+    waited = cli("wait", "rp", "--timeout", "30", home=home)  # the new job runs on: not waited on
+    assert waited.returncode == 1 and waited.stdout == "rp failed (2 completed, 1 failed)\n", waited
+    assert "rp-0001 failed: " in waited.stderr and "not a member" in waited.stderr, waited.stderr
+    assert cli("cancel", "rp", home=home).returncode == 0
+    assert cli("delete", "rp", home=home).returncode == 0
+    assert sorted(path.name for path in queued.iterdir()) == ["rp-0001"]
+    assert new.get_status(0).status == "running"  # neither cancelled nor deleted with the sweep
+    assert new.cancel(grace=1).status == "cancelled"
+
+
+def test_sweep_member_whose_record_was_removed_says_its_record_is_missing(home):
+    """A member whose remote_machine.json was removed by hand read "no job folder" (its folder is
+    there), and `status MEMBER` said "no job or cluster" (found by review): both say the record is
+    missing, and `wait SWEEP` names it with that reason."""
+    mod = make_module(home, SWEEP_SOURCE)
+    sweep = stackops.run_sweep(mod.point, config(job_id="rr"), [{"x": index} for index in range(2)])
+    assert {report.status for report in sweep.wait(timeout=120).values()} == {"completed"}
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    (queued / "rr-0001" / "data" / "remote_machine.json").unlink()
+    missing = "no job record at ~/tmp_results/remote_machines/jobs/queued/rr-0001/data/remote_machine.json"
+    shown = json.loads(cli("status", "rr", "--json", home=home).stdout)["members"]
+    assert shown["rr-0000"]["status"] == "completed" and shown["rr-0001"]["status"] == "failed", shown
+    assert missing in shown["rr-0001"]["error_message"], shown
+    assert "no job folder" not in shown["rr-0001"]["error_message"], shown
+    alone = cli("status", "rr-0001", home=home)
+    assert alone.returncode == 2 and missing in alone.stderr, alone
+    assert "no job or cluster" not in alone.stderr, alone.stderr
+    waited = cli("wait", "rr", "--timeout", "30", home=home)
+    assert waited.returncode == 1 and f"rr-0001 failed: {missing}" in waited.stderr, waited
+    assert cli("status", "rr", home=home).returncode == 0  # the sweep itself still reads as one
+    nothing = cli("status", "rr-0009", home=home)
+    assert nothing.returncode == 2 and "no job or cluster 'rr-0009'" in nothing.stderr, nothing
+
+
+def test_sweep_member_whose_record_names_a_host_is_asked_there_as_status_member_is(home):
+    """A member whose record was edited to name another host was judged here (its pids read in
+    this machine's /proc: `running`) while `status MEMBER` asks that host (found by review); and
+    a first member edited so made every member be asked there. Each member is read where its own
+    record says it runs, as `status MEMBER` reads it: here a host that does not answer, so that
+    member alone cannot be read, with why, in `status SWEEP`, `wait SWEEP` and `cancel SWEEP`."""
+    mod = make_module(home, SWEEP_SOURCE)
+    sweep = stackops.run_sweep(mod.point, config(job_id="rh", max_simultaneous_jobs=2),
+                               [{"x": index, "seconds": 120.0} for index in range(2)])
+    wait_for(lambda: {report.status for report in sweep.check_job_status().values()} == {"running"},
+             60, "both members to run")
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    nowhere = f"127.0.0.1:{_free_port()}"  # nothing listens there
+
+    def host(job_id: str, name: str | None) -> None:
+        record = queued / job_id / "data" / "remote_machine.json"
+        data = json.loads(record.read_text())
+        data["config"]["ssh_host"] = name
+        record.write_text(json.dumps(data))
+
+    for edited, other in (("rh-0001", "rh-0000"), ("rh-0000", "rh-0001")):
+        host(edited, nowhere)
+        alone = cli("status", edited, home=home)
+        assert alone.returncode == 1 and "cannot connect" in alone.stderr, alone
+        for _ in range(2):  # read afresh, then through the record cache
+            views = _sweep_views("rh", home)
+            assert views[other] == "running" and views[edited].startswith("? cannot connect"), views
+            time.sleep(stackops.RACY_NS / 1e9 + 0.2)
+        waited = cli("wait", "rh", "--timeout", "1", home=home)
+        assert waited.returncode == 124, waited
+        assert f"{edited} cannot be read now (cannot connect" in waited.stderr, waited.stderr
+        host(edited, None)
+    host("rh-0001", nowhere)
+    cancelled = cli("cancel", "rh", "--grace", "1", home=home)
+    assert cancelled.returncode == 1 and "rh-0000 cancelled" in cancelled.stdout, cancelled
+    assert "rh-0001: not cancelled: cannot connect" in cancelled.stderr, cancelled.stderr
+    assert state_of(queued / "rh-0001")["status"] == "running"  # not judged, nor touched, here
+    host("rh-0001", None)
+    assert cli("cancel", "rh", "--grace", "1", home=home).returncode == 0
+    assert _sweep_views("rh", home) == {"rh-0000": "cancelled", "rh-0001": "cancelled"}
+
+
 # -- command jobs here: any program, its output in one stream, its variables, its end (issue 23) -
 
 def _git_proj(home: Path) -> Path:
@@ -8608,7 +8718,7 @@ def test_cli_sweep_status_keeps_no_stale_record_and_every_view_agrees(home):
     wait_done(RemoteMachine(mod.boom, config=config(job_id="sw-0001")).run())  # the id again
     aged()
     assert views() == {"sw-0000": "cancelled", "sw-0001": "failed"}
-    assert "no job folder" not in sweep()["sw-0001"]["error_message"]
+    assert "not a member of sweep sw" in sweep()["sw-0001"]["error_message"]  # the new job is not
     root = RemoteMachine.load("sw-0000").file_manager.job_root
     stackops._update(root, lambda state: state.update(status="running", machine="another-machine",
                                                       final=False))  # as a shared home's other reader
