@@ -2580,6 +2580,16 @@ def _hold_alive(root: Path) -> int:
     return fd
 
 
+def _mtime_ns(path: Path) -> int:
+    """The mtime of ``path`` while it stands for its contents (-1: missing, or changed within
+    the racy window, when a later change may leave it as it is)."""
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+    return -1 if time.time_ns() - mtime < RACY_NS else mtime
+
+
 _PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while it is unchanged
 
 
@@ -4318,9 +4328,13 @@ class _Dispatcher:
         self.slots = Slots(root)
         self.line: list[str] = []  # the queue as last listed, first in line first
         self.relist = 0.0
+        self.listed = -1  # the queue folder's mtime when it was last listed
         self.views = 0.0
+        self.viewed: tuple[Any, ...] = ()  # what the views were last written from
+        self.full_of_ours = False  # the head waits for slots only its own children hold
         self.after_look = 0.0
         self.children: dict[subprocess.Popen[bytes] | _Forked, Path] = {}
+        self.holding: dict[subprocess.Popen[bytes] | _Forked, list[str]] = {}  # slots each holds
         self.ends: dict[subprocess.Popen[bytes] | _Forked, int] = {}  # pidfds: readable at the end
         self.orphans: dict[Path, str] = {}  # jobs whose wrapper died (how) while their run lived
         self.in_person: set[str] = set()  # entries of jobs that take their slot themselves (tmux)
@@ -4365,11 +4379,18 @@ class _Dispatcher:
                 self._nap(AFTER_POLL / 5)
                 return True
             return bool(self.slots.entries())
-        if head is None or not self._hand_over(*head):
-            self._nap(DISPATCH_POLL)
+        if head is None or not self._hand_over(*head):  # a slot only an end of ours can free:
+            ours = head is not None and self.full_of_ours and not self.orphans \
+                and len(self.ends) == len(self.children)  # (its pidfd wakes the nap at once)
+            self._nap(AFTER_POLL if ours else DISPATCH_POLL)
         if time.monotonic() >= self.views:
             self.views = time.monotonic() + VIEWS_EVERY
-            self.slots.refresh_views()
+            seen = (*(_mtime_ns(self.slots.root / folder) for folder in ("queue", AFTER_DIR,
+                                                                            "slots")),
+                    len(self.children), int(time.monotonic() / 30))  # (and twice a minute)
+            if seen != self.viewed or min(seen[:3]) < 0:
+                self.viewed = seen
+                self.slots.refresh_views()
         return True
 
     def _reap(self) -> None:
@@ -4381,6 +4402,7 @@ class _Dispatcher:
             if code is None:
                 continue
             del self.children[child]
+            self.holding.pop(child, None)
             if child in self.ends:
                 os.close(self.ends.pop(child))
             if code == 0 or read_state(root).get("ended"):  # its end is recorded already
@@ -4415,9 +4437,11 @@ class _Dispatcher:
         entry found queued is not looked at again while it stays first (_hand_over looks once
         more before it starts the job)."""
         while True:
-            if not self.line or time.monotonic() >= self.relist:
-                self.line = self.slots.entries()
+            if not self.line or time.monotonic() >= self.relist:  # when it changed
                 self.relist = time.monotonic() + 1.0
+                mtime = _mtime_ns(self.slots.queue)
+                if not self.line or mtime != self.listed or mtime < 0:
+                    self.line, self.listed = self.slots.entries(), mtime
             if not self.line:
                 return None
             name = self.line[0]
@@ -4466,6 +4490,8 @@ class _Dispatcher:
             self._refuse(name, job_root, f"{exc} ({exc.hint})" if exc.hint else str(exc))
             return True
         if not held:
+            ours = {slot for child in self.children for slot in self.holding.get(child, ())}
+            self.full_of_ours = len(set(names) - ours) < need
             return False
         self.head = self.ready = None  # looked at again from here on
         try:
@@ -4488,6 +4514,7 @@ class _Dispatcher:
         child = _spawn_wrapper(root, manager.python, env, tuple(fd for _, fd in held))
         if child is not None:
             self.children[child] = root
+            self.holding[child] = [slot for slot, _ in held]
             with _suppress(AttributeError, OSError):  # Linux 5.3 and Python 3.9 or newer
                 self.ends[child] = os.pidfd_open(child.pid)
             holder = {"job_id": manager.job_id, "job_root": str(root), "pid": child.pid,
