@@ -10267,6 +10267,22 @@ class Sweep:
     def gone(self, gone: dict[str, str]) -> None:
         self._gone = gone
 
+    @property
+    def ids(self) -> list[str]:
+        """Every member's id, those gone too."""
+        return self._ids if self._jobs is None else [*self.gone, *(j.job_id for j in self.jobs)]
+
+    def without(self, ended: dict[str, Any]) -> Sweep:
+        """The sweep but for the members ``ended`` (a loaded one's members are not made: their
+        status is read as list reads it, _RecordCache)."""
+        if self._jobs is None:
+            left = Sweep.load_from(self.sweep_id, self._queued, self._ids)
+            left._ids = [job_id for job_id in self._ids if job_id not in ended]
+            return left
+        left = Sweep(self.sweep_id, [job for job in self.jobs if job.job_id not in ended])
+        left.gone = self.gone
+        return left
+
     def _make(self) -> None:
         """Make the members of a loaded sweep, their records read whole (once)."""
         if self._jobs is None and self._queued is not None:
@@ -10297,9 +10313,15 @@ class Sweep:
         except (StackopsError, KeyError, TypeError) as exc:
             raise ConfigError(f"no sweep {sweep_id!r} under {collapse_home(queued.parent)}",
                               hint=f"{_prog()} list shows the jobs") from exc
-        sweep = cls(sweep_id, [])
-        sweep._jobs, sweep._queued, sweep._ids = None, queued, [str(job_id) for job_id in ids]
+        sweep = cls.load_from(sweep_id, queued, [str(job_id) for job_id in ids])
         sweep._submitting = record.get("submitting")
+        return sweep
+
+    @classmethod
+    def load_from(cls, sweep_id: str, queued: Path | None, ids: list[str]) -> Sweep:
+        """A sweep of members ``ids`` in folder ``queued``, made when first asked for."""
+        sweep = cls(sweep_id, [])
+        sweep._jobs, sweep._queued, sweep._ids = None, queued, ids
         return sweep
 
     def close(self) -> None:
@@ -12073,13 +12095,10 @@ def _look(target: Any, ended: dict[str, Any] | None = None) -> dict[str, Any]:
     if target._being_submitted():  # its members are still being written: each look reads anew
         target._jobs = None
         return target.check_job_status()
-    left = Sweep(target.sweep_id, [job for job in target.jobs if job.job_id not in ended])
-    left.gone = target.gone
-    answers = left.check_job_status()
+    answers = target.without(ended).check_job_status()
     ended.update((key, value) for key, value in answers.items()
                  if isinstance(value, JobStatus) and value.finished and not value.slurm_job_id)
-    return dict(sorted((job_id, ended.get(job_id) or answers[job_id])
-                       for job_id in [*target.gone, *(job.job_id for job in target.jobs)]))
+    return dict(sorted((job_id, ended.get(job_id) or answers[job_id]) for job_id in target.ids))
 
 
 def _cmd_wait(args: Any) -> int:
