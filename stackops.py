@@ -3129,6 +3129,15 @@ class FileManager:
         return job_reports([self.job_root], log_lines)[0]
 
 
+def _gone(root: Path) -> str:
+    """Why a job whose folder, or the record in it, is gone reads failed: how it ended went
+    with it."""
+    if os.path.isdir(root):
+        return (f"no job record at {collapse_home(root / REMOTE_MACHINE_JSON)} (removed?), "
+                "though its folder is there: how it ended is not known")
+    return f"no job folder at {collapse_home(root)} (removed?): how it ended is not known"
+
+
 def _judge(root: Path, state: dict[str, Any] | None = None,
            slurm: dict[str, Any] | None | bool = False,
            listed: frozenset[str] = frozenset(), here: str = "") -> dict[str, Any]:
@@ -10267,16 +10276,15 @@ class Sweep:
     def gone(self, gone: dict[str, str]) -> None:
         self._gone = gone
 
-    @property
-    def ids(self) -> list[str]:
+    def _every_id(self) -> list[str]:
         """Every member's id, those gone too."""
         return self._ids if self._jobs is None else [*self.gone, *(j.job_id for j in self.jobs)]
 
-    def without(self, ended: dict[str, Any]) -> Sweep:
+    def _without(self, ended: dict[str, Any]) -> Sweep:
         """The sweep but for the members ``ended`` (a loaded one's members are not made: their
         status is read as list reads it, _RecordCache)."""
         if self._jobs is None:
-            left = Sweep.load_from(self.sweep_id, self._queued, self._ids)
+            left = Sweep._load_from(self.sweep_id, self._queued, self._ids)
             left._ids = [job_id for job_id in self._ids if job_id not in ended]
             return left
         left = Sweep(self.sweep_id, [job for job in self.jobs if job.job_id not in ended])
@@ -10313,12 +10321,12 @@ class Sweep:
         except (StackopsError, KeyError, TypeError) as exc:
             raise ConfigError(f"no sweep {sweep_id!r} under {collapse_home(queued.parent)}",
                               hint=f"{_prog()} list shows the jobs") from exc
-        sweep = cls.load_from(sweep_id, queued, [str(job_id) for job_id in ids])
+        sweep = cls._load_from(sweep_id, queued, [str(job_id) for job_id in ids])
         sweep._submitting = record.get("submitting")
         return sweep
 
     @classmethod
-    def load_from(cls, sweep_id: str, queued: Path | None, ids: list[str]) -> Sweep:
+    def _load_from(cls, sweep_id: str, queued: Path | None, ids: list[str]) -> Sweep:
         """A sweep of members ``ids`` in folder ``queued``, made when first asked for."""
         sweep = cls(sweep_id, [])
         sweep._jobs, sweep._queued, sweep._ids = None, queued, ids
@@ -12095,10 +12103,11 @@ def _look(target: Any, ended: dict[str, Any] | None = None) -> dict[str, Any]:
     if target._being_submitted():  # its members are still being written: each look reads anew
         target._jobs = None
         return target.check_job_status()
-    answers = target.without(ended).check_job_status()
+    answers = target._without(ended).check_job_status()
     ended.update((key, value) for key, value in answers.items()
                  if isinstance(value, JobStatus) and value.finished and not value.slurm_job_id)
-    return dict(sorted((job_id, ended.get(job_id) or answers[job_id]) for job_id in target.ids))
+    return dict(sorted((job_id, ended.get(job_id) or answers[job_id])
+                       for job_id in target._every_id()))
 
 
 def _cmd_wait(args: Any) -> int:
@@ -13853,15 +13862,6 @@ def _plain_error(exc: BaseException) -> tuple[str, str]:
 # -- the executing side's actions (what serve() answers) -----------------------------------------
 # Each action takes a request (plain data) and returns plain data; here they are called directly,
 # on a host through serve(), so every view of a job is built by the same code wherever it runs.
-
-def _gone(root: Path) -> str:
-    """Why a job whose folder, or the record in it, is gone reads failed: how it ended went
-    with it."""
-    if os.path.isdir(root):
-        return (f"no job record at {collapse_home(root / REMOTE_MACHINE_JSON)} (removed?), "
-                "though its folder is there: how it ended is not known")
-    return f"no job folder at {collapse_home(root)} (removed?): how it ended is not known"
-
 
 def _reports_of(roots: list[Path], lines: int = 0,
                 tasks: list[list[str] | None] | None = None,
