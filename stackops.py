@@ -9541,6 +9541,19 @@ def _delete_recordless(root: Path, results: bool) -> str:
     return _act_delete({"roots": [str(root)], "results": results}, None)[0]
 
 
+def _cancel_recordless(root: Path, grace: float) -> JobStatus:
+    """Cancel a job whose folder is here and whose record is gone (_record_gone) as the
+    executing side cancels one (refused when another machine runs it); the status after, its
+    ``reason`` saying what it was (as _Launcher.cancel's)."""
+    if not _record_gone(root):
+        raise ConfigError(f"{collapse_home(root)} is not a stackops job folder whose record is "
+                          "gone; nothing cancelled")
+    state = _act_cancel({"roots": [str(root)], "grace": grace}, None)[0]
+    report = _status_of(root.name, state)
+    report.reason = f"was {state.get('was')}"
+    return report
+
+
 def _shared_of(root: Path) -> Path | None:
     """The shared folder (a sweep's or an array's) the member in ``root`` links its code to."""
     with _suppress(OSError, IndexError):
@@ -9970,8 +9983,8 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0,
 def _record_gone(root: Path) -> bool:
     """Whether ``root`` is a job folder whose record was removed (by hand): a stackops job
     folder by its layout (its file manager's record; not a link), without its job record."""
-    return not os.path.islink(root) and os.path.isfile(root / FILE_MANAGER_JSON) \
-        and not os.path.lexists(root / REMOTE_MACHINE_JSON)
+    return os.path.isfile(root / FILE_MANAGER_JSON) and not os.path.islink(root) \
+        and not os.path.lexists(root / REMOTE_MACHINE_JSON)  # (a sweep's folder: one stat)
 
 
 def _recordless_why(root: Path, cluster: str | None = None) -> str:
@@ -12026,12 +12039,15 @@ def _load_job_or_cluster(job_id: str,
 
 def _cmd_cancel(args: Any) -> int:
     # all known first
-    targets = [_load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids]
+    targets = [_target_or_folder(job_id, args.base_dir) for job_id in args.job_ids]
     code = 0
     for target in targets:
-        with target:
-            answer = target.cancel(args.grace)
-        reports = answer if isinstance(answer, dict) else {target.job_id: answer}
+        if isinstance(target, Path):
+            answer: Any = _cancel_recordless(target, args.grace)
+        else:
+            with target:
+                answer = target.cancel(args.grace)
+        reports = answer if isinstance(answer, dict) else {answer.job_id: answer}
         for part, report in reports.items():
             if isinstance(report, Exception):
                 print(f"{part}: not cancelled: {report}", file=sys.stderr)
@@ -12203,10 +12219,10 @@ def _cmd_start(args: Any) -> int:
     return 0
 
 
-def _delete_target(job_id: str,
-                   base_dir: str) -> RemoteMachine | Cluster | Sweep | _CloudUnits | Path:
-    """What ``delete ID`` deletes: _load_job_or_cluster's, or the folder of a job whose record
-    is gone (_delete_recordless)."""
+def _target_or_folder(job_id: str,
+                      base_dir: str) -> RemoteMachine | Cluster | Sweep | _CloudUnits | Path:
+    """What ``delete ID`` or ``cancel ID`` acts on: _load_job_or_cluster's, or the folder of a
+    job whose record is gone (_delete_recordless, _cancel_recordless)."""
     try:
         return _load_job_or_cluster(job_id, base_dir)
     except _RecordMissingError:
@@ -12232,7 +12248,7 @@ def _print_recordless_deleted(root: Path, results: bool) -> None:
 
 
 def _cmd_delete(args: Any) -> int:
-    targets = [_delete_target(job_id, args.base_dir) for job_id in args.job_ids]
+    targets = [_target_or_folder(job_id, args.base_dir) for job_id in args.job_ids]
     for target in targets:
         if isinstance(target, Path):
             _print_recordless_deleted(target, args.results)

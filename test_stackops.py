@@ -7849,12 +7849,12 @@ def test_control_list_warns_of_a_job_folder_whose_record_was_removed(home):
         time.sleep(stackops.RACY_NS / 1e9 + 0.2)
 
 
-def test_control_delete_removes_a_job_folder_whose_record_was_removed_and_nothing_else(home):
+def test_control_delete_and_cancel_a_job_folder_whose_record_was_removed_and_nothing_else(home):
     """`delete SWEEP` left a member whose record was removed by hand behind (its code links dangling
     into the deleted sweep's folder) and `delete MEMBER` could not remove it: "cannot be read"
-    (found by review). Both remove it, saying so; a running one is refused as any job is, and a
-    folder that is not a job folder by its layout (no file manager record, or a link) is never
-    touched."""
+    (found by review). Both remove it, saying so; a running one is refused as any job is, and
+    `cancel` (which said "cannot be read" too) stops it; a folder that is not a job folder by its
+    layout (no file manager record, or a link) is never touched."""
     _two_ended(home, "rd", "rd-alone", members=3)
     queued = _recordless(home, "rd-0001", "rd-alone")
     done = cli("delete", "rd", home=home)
@@ -7871,8 +7871,8 @@ def test_control_delete_removes_a_job_folder_whose_record_was_removed_and_nothin
     done = cli("delete", "rd-busy", home=home)
     assert done.returncode == 2 and "rd-busy is running; cancel it before deleting" in done.stderr, done
     assert (queued / "rd-busy" / "logs" / "state.json").is_file() and not _gone(pids)
-    os.killpg(int(state_of(queued / "rd-busy")["pgid"]), signal.SIGKILL)
-    wait_for(lambda: _gone(pids), what="the job to die")
+    done = cli("cancel", "rd-busy", "--grace", "1", home=home)  # as the hint says
+    assert done.returncode == 0 and done.stdout == "rd-busy cancelled\n" and _gone(pids), done
     done = cli("delete", "rd-busy", home=home)
     assert done.returncode == 0 and done.stdout.startswith("deleted rd-busy: its folder "), done
     (queued / "rd-odd" / "data").mkdir(parents=True)  # not a job folder: no file manager record
@@ -7881,8 +7881,8 @@ def test_control_delete_removes_a_job_folder_whose_record_was_removed_and_nothin
     (elsewhere / "data").mkdir(parents=True)
     (elsewhere / "data" / "file_manager.json").write_text("{}")
     (queued / "rd-link").symlink_to(elsewhere)
-    for odd in ("rd-odd", "rd-link"):
-        done = cli("delete", odd, home=home)
+    for odd, verb in itertools.product(("rd-odd", "rd-link"), ("delete", "cancel")):
+        done = cli(verb, odd, home=home)
         assert done.returncode == 2 and "not a stackops job folder" in done.stderr, done
     assert (queued / "rd-odd" / "data" / "keep.txt").read_text() == "mine"
     assert (queued / "rd-link").is_symlink() and (elsewhere / "data" / "file_manager.json").is_file()
