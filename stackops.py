@@ -9947,17 +9947,15 @@ def _job_folders(base_dir: str | None, checked: bool = True) -> list[tuple[Path,
     return found
 
 
-def list_job_rows(base_dir: str | None = None, timeout: float = 10.0,
-                  recordless: list[Path] | None = None) -> list[dict[str, Any]]:
+def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[dict[str, Any]]:
     """One row per job (see list_jobs): ``job_id``, ``host`` (the alias it was submitted to),
     ``cluster``, ``sweep`` (the sweep or array it is a member of), ``report`` (a JobStatus),
     ``as_of`` (None when current; else when its record was last read where it runs, because its
     host could not be asked within ``timeout`` seconds) and ``error`` (why not). Every job is
     judged where it runs (here: this machine's; a host's, all in one round trip per host);
     a job's state record is read once and kept while its file stays the same (_RecordCache).
-    A job folder whose record is gone has no row: it is warned of (and put in ``recordless``)."""
+    A job folder whose record is gone has no row: it is warned of, naming it."""
     cache = _RecordCache(expand_home(base_dir or DEFAULT_BASE_DIR))
-    cache.recordless = recordless if recordless is not None else cache.recordless
     rows: list[dict[str, Any]] = []
     here: list[dict[str, Any]] = []
     remote: dict[str, list[dict[str, Any]]] = {}
@@ -10037,7 +10035,6 @@ class _RecordCache:
         self.old: dict[str, Any] = {}
         self.new: dict[str, Any] = {}
         self.whos: list[Any] = []  # who the jobs are, each once (a sweep's members share one)
-        self.recordless: list[Path] = []  # job folders whose record is gone (_record_gone)
         self.changed = False
         self.since = time.time_ns() - RACY_NS  # a file older than this is stamped for good
         with _suppress(OSError, ValueError, RecursionError):
@@ -10089,12 +10086,11 @@ class _RecordCache:
                  warn: bool = True) -> dict[str, Any] | None:
         """A job's row before its status: who it is, from its record (or from the cache); None
         when it has no record (or, saying so unless not ``warn``, an unreadable one, or a job
-        folder whose record is gone: kept in ``recordless``)."""
+        folder whose record is gone)."""
         entry = self.entry(str(root))
         key = self.key(f"{root}/{REMOTE_MACHINE_JSON}")
         if key is None:
             if warn and _record_gone(root):  # (a sweep's shared folder is none)
-                self.recordless.append(root)
                 log.warning("skipping %s: %s", collapse_home(root), _recordless_why(root, cluster))
             return None
         who = self.who(str(root), entry)
@@ -12281,11 +12277,13 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
     """Delete the jobs submitted from here that ended more than ``older_than`` seconds ago
     (only ``status`` ones, only on ``host`` when given), each judged where it runs (as ``list``
     judges it: one round trip per host); a job that has not ended is never touched, nor one its
-    host cannot confirm. Returns the ids deleted."""
+    host cannot confirm. A job folder here whose record is gone reads failed and goes once its
+    own state says it ended (never with ``host``: where it ran is not known). Returns the ids
+    deleted."""
     cutoff = _utcnow() - _dt.timedelta(seconds=older_than)
     deleted: list[str] = []
-    recordless: list[Path] = []
-    for row in list_job_rows(base_dir, recordless=recordless):
+    rows = list_job_rows(base_dir)
+    for row in rows:
         report = row["report"]
         ended = _parse_iso(report.end_time) if report.finished else None
         if row["cluster"] or row["as_of"] or row["error"] or ended is None or ended > cutoff \
@@ -12304,23 +12302,26 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
             log.warning("not pruned: %s: %s", row["job_id"], exc)
             continue
         deleted.append(row["job_id"])
-    return deleted + _prune_recordless(recordless, cutoff, status, host, results, base_dir)
+    if host is None and status in (None, "failed"):  # (where one without its record ran: unknown)
+        deleted += _prune_recordless(base_dir, {row["job_id"] for row in rows}, cutoff, results)
+    return deleted
 
 
-def _prune_recordless(roots: list[Path], cutoff: _dt.datetime, status: str | None,
-                      host: str | None, results: bool, base_dir: str | None) -> list[str]:
-    """prune of job folders here whose record is gone: each reads failed (as status says) and
-    goes once its own state record says it ended before ``cutoff``; never with ``host`` (where
-    it ran is not known), nor a cluster's part or an array's task (it goes with its array)."""
+def _prune_recordless(base_dir: str | None, listed: set[str], cutoff: _dt.datetime,
+                      results: bool) -> list[str]:
+    """prune of the job folders here whose record is gone (of those ``list`` has no row for):
+    each reads failed (as status says) and goes once its own state record says it ended before
+    ``cutoff``; an array's task goes with its array."""
     queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
-    if host is not None or status not in (None, "failed"):
-        return []
     deleted = []
-    for root in roots:
-        report = _status_of(root.name, judge_jobs([root])[0])
+    for name in sorted(os.listdir(queued) if queued.is_dir() else []):
+        root = queued / name
+        if name in listed or name.startswith(".") or not _record_gone(root):
+            continue
+        report = _status_of(name, judge_jobs([root])[0])
         ended = _parse_iso(report.end_time) if report.finished else None
         shared = _shared_of(root)
-        if root.parent != queued or ended is None or ended > cutoff \
+        if ended is None or ended > cutoff \
                 or shared is not None and (shared / REMOTE_MACHINE_JSON).exists():
             continue
         try:
