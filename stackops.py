@@ -9566,6 +9566,37 @@ def _delete_job(machine: RemoteMachine, results: bool) -> None:
     log.info("job %s deleted", machine.job_id)
 
 
+def _delete_recordless(root: Path, results: bool) -> str:
+    """Delete a job folder here whose record is gone (removed by hand: _record_gone) as the
+    executing side deletes one: only a job folder by its layout, refused while its job has not
+    ended (with ``results``, its own results folder too); it leaves its sweep. Where it ran, if
+    on a host, is not known without its record: a folder there stays. Returns what went."""
+    if not _record_gone(root):
+        raise ConfigError(f"{collapse_home(root)} is not a stackops job folder whose record is "
+                          "gone; nothing deleted")
+    return _act_delete({"roots": [str(root)], "results": results}, None)[0]
+
+
+def _cancel_recordless(root: Path, grace: float) -> JobStatus:
+    """Cancel a job whose folder is here and whose record is gone (_record_gone) as the
+    executing side cancels one (refused when another machine runs it); the status after, its
+    ``reason`` saying what it was (as _Launcher.cancel's)."""
+    if not _record_gone(root):
+        raise ConfigError(f"{collapse_home(root)} is not a stackops job folder whose record is "
+                          "gone; nothing cancelled")
+    state = _act_cancel({"roots": [str(root)], "grace": grace}, None)[0]
+    report = _status_of(root.name, state)
+    report.reason = f"was {state.get('was')}"
+    return report
+
+
+def _shared_of(root: Path) -> Path | None:
+    """The shared folder (a sweep's or an array's) the member in ``root`` links its code to."""
+    with _suppress(OSError, IndexError):
+        return root.parent / os.readlink(root / "python").split("/")[1]
+    return None
+
+
 class RemoteMachine:
     """One job: generate its folder, submit it, fire it detached, follow it, fetch its results.
 
@@ -9958,7 +9989,8 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[di
     ``as_of`` (None when current; else when its record was last read where it runs, because its
     host could not be asked within ``timeout`` seconds) and ``error`` (why not). Every job is
     judged where it runs (here: this machine's; a host's, all in one round trip per host);
-    a job's state record is read once and kept while its file stays the same (_RecordCache)."""
+    a job's state record is read once and kept while its file stays the same (_RecordCache).
+    A job folder whose record is gone has no row: it is warned of, naming it."""
     cache = _RecordCache(expand_home(base_dir or DEFAULT_BASE_DIR))
     rows: list[dict[str, Any]] = []
     here: list[dict[str, Any]] = []
@@ -9980,6 +10012,19 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[di
     cache.save()
     return sorted(rows, key=lambda r: (r["report"].submission_time or "", r["job_id"]),
                   reverse=True)
+
+
+def _record_gone(root: Path) -> bool:
+    """Whether ``root`` is a job folder whose record was removed (by hand): a stackops job
+    folder by its layout (its file manager's record; not a link), without its job record."""
+    return os.path.isfile(root / FILE_MANAGER_JSON) and not os.path.islink(root) \
+        and not os.path.lexists(root / REMOTE_MACHINE_JSON)  # (a sweep's folder: one stat)
+
+
+def _recordless_why(root: Path, cluster: str | None = None) -> str:
+    """What list says of a job folder whose record is gone (as status says it), and how it goes."""
+    how = "" if cluster else f" ({_prog()} delete {root.name} removes it)"
+    return f"{_gone(root)}{how}"
 
 
 def _take_answer(row: dict[str, Any], answer: Any) -> None:
@@ -10076,10 +10121,13 @@ class _RecordCache:
     def identity(self, root: Path, cluster: str | None,
                  warn: bool = True) -> dict[str, Any] | None:
         """A job's row before its status: who it is, from its record (or from the cache); None
-        when it has no record (or, saying so unless not ``warn``, an unreadable one)."""
+        when it has no record (or, saying so unless not ``warn``, an unreadable one, or a job
+        folder whose record is gone)."""
         entry = self.entry(str(root))
         key = self.key(f"{root}/{REMOTE_MACHINE_JSON}")
         if key is None:
+            if warn and _record_gone(root):  # (a sweep's shared folder is none)
+                log.warning("skipping %s: %s", collapse_home(root), _recordless_why(root, cluster))
             return None
         who = self.who(str(root), entry)
         if not key or entry.get("key") != key or who is None:
@@ -12055,12 +12103,15 @@ def _load_job_or_cluster(job_id: str,
 
 def _cmd_cancel(args: Any) -> int:
     # all known first
-    targets = [_load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids]
+    targets = [_target_or_folder(job_id, args.base_dir) for job_id in args.job_ids]
     code = 0
     for target in targets:
-        with target:
-            answer = target.cancel(args.grace)
-        reports = answer if isinstance(answer, dict) else {target.job_id: answer}
+        if isinstance(target, Path):
+            answer: Any = _cancel_recordless(target, args.grace)
+        else:
+            with target:
+                answer = target.cancel(args.grace)
+        reports = answer if isinstance(answer, dict) else {answer.job_id: answer}
         for part, report in reports.items():
             if isinstance(report, Exception):
                 print(f"{part}: not cancelled: {report}", file=sys.stderr)
@@ -12230,13 +12281,47 @@ def _cmd_start(args: Any) -> int:
     return 0
 
 
+def _target_or_folder(job_id: str,
+                      base_dir: str) -> RemoteMachine | Cluster | Sweep | _CloudUnits | Path:
+    """What ``delete ID`` or ``cancel ID`` acts on: _load_job_or_cluster's, or the folder of a
+    job whose record is gone (_delete_recordless, _cancel_recordless)."""
+    try:
+        return _load_job_or_cluster(job_id, base_dir)
+    except _RecordMissingError:
+        return expand_home(f"{base_dir}/queued/{check_safe_name(job_id)}")
+
+
+def _recordless_members(sweep: Sweep, base_dir: str) -> list[Path]:
+    """The folders here of ``sweep``'s members whose record is gone: job folders that link their
+    code to the sweep's folder (a stranger under a member's id has a record: not one)."""
+    queued = expand_home(f"{base_dir}/queued")
+    found = []
+    for job_id in sweep.gone:
+        with _suppress(ConfigError):
+            root = queued / check_safe_name(job_id)
+            if _record_gone(root) and _shared_of(root) == queued / sweep.sweep_id:
+                found.append(root)
+    return found
+
+
+def _print_recordless_deleted(root: Path, results: bool) -> None:
+    removed = _delete_recordless(root, results)
+    print(f"deleted {root.name}: its folder {removed}, whose job record was gone")
+
+
 def _cmd_delete(args: Any) -> int:
-    targets = [_load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids]
+    targets = [_target_or_folder(job_id, args.base_dir) for job_id in args.job_ids]
     for target in targets:
+        if isinstance(target, Path):
+            _print_recordless_deleted(target, args.results)
+            continue
         with target:
             if isinstance(target, RemoteMachine):
                 target.delete(results=args.results)
             else:
+                for root in _recordless_members(target, args.base_dir) \
+                        if isinstance(target, Sweep) else []:
+                    _print_recordless_deleted(root, args.results)
                 for member in _members(target):
                     member.delete(results=args.results)
                 folder = target.root_dir if isinstance(target, Cluster) else \
@@ -12258,10 +12343,13 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
     """Delete the jobs submitted from here that ended more than ``older_than`` seconds ago
     (only ``status`` ones, only on ``host`` when given), each judged where it runs (as ``list``
     judges it: one round trip per host); a job that has not ended is never touched, nor one its
-    host cannot confirm. Returns the ids deleted."""
+    host cannot confirm. A job folder here whose record is gone reads failed and goes once its
+    own state says it ended (never with ``host``: where it ran is not known). Returns the ids
+    deleted."""
     cutoff = _utcnow() - _dt.timedelta(seconds=older_than)
     deleted: list[str] = []
-    for row in list_job_rows(base_dir):
+    rows = list_job_rows(base_dir)
+    for row in rows:
         report = row["report"]
         ended = _parse_iso(report.end_time) if report.finished else None
         if row["cluster"] or row["as_of"] or row["error"] or ended is None or ended > cutoff \
@@ -12280,6 +12368,34 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
             log.warning("not pruned: %s: %s", row["job_id"], exc)
             continue
         deleted.append(row["job_id"])
+    if host is None and status in (None, "failed"):  # (where one without its record ran: unknown)
+        deleted += _prune_recordless(base_dir, {row["job_id"] for row in rows}, cutoff, results)
+    return deleted
+
+
+def _prune_recordless(base_dir: str | None, listed: set[str], cutoff: _dt.datetime,
+                      results: bool) -> list[str]:
+    """prune of the job folders here whose record is gone (of those ``list`` has no row for):
+    each reads failed (as status says) and goes once its own state record says it ended before
+    ``cutoff``; an array's task goes with its array."""
+    queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
+    deleted = []
+    for name in sorted(os.listdir(queued) if queued.is_dir() else []):
+        root = queued / name
+        if name in listed or name.startswith(".") or not _record_gone(root):
+            continue
+        report = _status_of(name, judge_jobs([root])[0])
+        ended = _parse_iso(report.end_time) if report.finished else None
+        shared = _shared_of(root)
+        if ended is None or ended > cutoff \
+                or shared is not None and (shared / REMOTE_MACHINE_JSON).exists():
+            continue
+        try:
+            _delete_recordless(root, results)
+        except StackopsError as exc:
+            log.warning("not pruned: %s: %s", root.name, exc)
+            continue
+        deleted.append(root.name)
     return deleted
 
 

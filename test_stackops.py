@@ -7805,6 +7805,111 @@ def test_control_cli_cancel_wait_start_delete_prune(home):
     assert listed == {"w-long", "w-later"}
 
 
+def _recordless(home: Path, *job_ids: str) -> Path:
+    """The jobs folder, with the records of ``job_ids`` removed by hand (their folders stay)."""
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    for job_id in job_ids:
+        (queued / job_id / "data" / "remote_machine.json").unlink()
+    return queued
+
+
+def _two_ended(home: Path, sweep_id: str, job_id: str, members: int = 2) -> None:
+    """A sweep of ``members`` quick jobs and one quick job, run through the CLI to their end."""
+    (home / "jobs.py").write_text(textwrap.dedent(CONTROL_SOURCE))
+    (home / "grid.jsonl").write_text("".join(f'{{"tag": "t{k}"}}\n' for k in range(members)))
+    done = cli("run", "jobs.py:quick", "--sweep", "grid.jsonl", "--job-id", sweep_id, home=home)
+    assert done.returncode == 0, done
+    assert cli("run", "jobs.py:quick", "--job-id", job_id, home=home).returncode == 0
+    for ended in (sweep_id, job_id):
+        assert cli("wait", ended, home=home).returncode == 0
+
+
+def test_control_list_warns_of_a_job_folder_whose_record_was_removed(home):
+    """`list` and `list --json` left out, without a word, a job folder whose record was removed by
+    hand: the one view that did not mention it (found by review). As for a record that cannot be
+    read, each says once that it skips it, why (as `status` says) and how it goes; a sweep's own
+    folder (it holds no job record) is not warned of."""
+    _two_ended(home, "rl", "rl-alone")
+    _recordless(home, "rl-0001", "rl-alone")
+    for _ in range(2):  # records read afresh, then through the list's cache
+        for args in (("list",), ("list", "--json")):
+            done = cli(*args, home=home)
+            assert done.returncode == 0, done
+            warned = done.stderr.splitlines()
+            assert len(warned) == 2, done.stderr
+            for job_id in ("rl-0001", "rl-alone"):
+                folder = f"~/tmp_results/remote_machines/jobs/queued/{job_id}"
+                said = [line for line in warned if line.startswith(f"stackops: skipping {folder}: ")]
+                assert len(said) == 1, done.stderr
+                assert f"no job record at {folder}/data/remote_machine.json (removed?), though its " \
+                       "folder is there" in said[0], said
+                assert said[0].endswith(f" delete {job_id} removes it)"), said
+        listed = json.loads(cli("list", "--json", home=home).stdout)
+        assert [row["job_id"] for row in listed] == ["rl-0000"], listed
+        time.sleep(stackops.RACY_NS / 1e9 + 0.2)
+
+
+def test_control_delete_and_cancel_a_job_folder_whose_record_was_removed_and_nothing_else(home):
+    """`delete SWEEP` left a member whose record was removed by hand behind (its code links dangling
+    into the deleted sweep's folder) and `delete MEMBER` could not remove it: "cannot be read"
+    (found by review). Both remove it, saying so; a running one is refused as any job is, and
+    `cancel` (which said "cannot be read" too) stops it; a folder that is not a job folder by its
+    layout (no file manager record, or a link) is never touched."""
+    _two_ended(home, "rd", "rd-alone", members=3)
+    queued = _recordless(home, "rd-0001", "rd-alone")
+    done = cli("delete", "rd", home=home)
+    assert done.returncode == 0, done
+    assert done.stdout == "deleted rd-0001: its folder ~/tmp_results/remote_machines/jobs/queued/" \
+                          "rd-0001, whose job record was gone\ndeleted rd\n", done.stdout
+    assert sorted(path.name for path in queued.iterdir()) == ["rd-alone"]
+    done = cli("delete", "rd-alone", home=home)
+    assert done.returncode == 0 and done.stdout.startswith("deleted rd-alone: its folder "), done
+    assert sorted(path.name for path in queued.iterdir()) == []
+    assert cli("run", "jobs.py:busy", "--job-id", "rd-busy", "--no-lock", home=home).returncode == 0
+    pids = _pids(home, "busy")
+    _recordless(home, "rd-busy")
+    done = cli("delete", "rd-busy", home=home)
+    assert done.returncode == 2 and "rd-busy is running; cancel it before deleting" in done.stderr, done
+    assert (queued / "rd-busy" / "logs" / "state.json").is_file() and not _gone(pids)
+    done = cli("cancel", "rd-busy", "--grace", "1", home=home)  # as the hint says
+    assert done.returncode == 0 and done.stdout == "rd-busy cancelled\n" and _gone(pids), done
+    done = cli("delete", "rd-busy", home=home)
+    assert done.returncode == 0 and done.stdout.startswith("deleted rd-busy: its folder "), done
+    (queued / "rd-odd" / "data").mkdir(parents=True)  # not a job folder: no file manager record
+    (queued / "rd-odd" / "data" / "keep.txt").write_text("mine")
+    elsewhere = home / "elsewhere"  # a job folder's layout, reached through a link
+    (elsewhere / "data").mkdir(parents=True)
+    (elsewhere / "data" / "file_manager.json").write_text("{}")
+    (queued / "rd-link").symlink_to(elsewhere)
+    for odd, verb in itertools.product(("rd-odd", "rd-link"), ("delete", "cancel")):
+        done = cli(verb, odd, home=home)
+        assert done.returncode == 2 and "not a stackops job folder" in done.stderr, done
+    assert (queued / "rd-odd" / "data" / "keep.txt").read_text() == "mine"
+    assert (queued / "rd-link").is_symlink() and (elsewhere / "data" / "file_manager.json").is_file()
+
+
+def test_control_prune_removes_an_ended_job_folder_whose_record_was_removed(home):
+    """`prune` never saw a job folder whose record was removed by hand, so it stayed for ever
+    (found by review). It goes as `delete` removes it, once its own state record says it ended
+    before the cutoff; it reads failed (as `status SWEEP` says), its host is not known, and one
+    never started is kept."""
+    _two_ended(home, "rp", "rp-done")
+    done = cli("run", "jobs.py:quick", "--job-id", "rp-later", "--no-launch", home=home)
+    assert done.returncode == 0, done
+    queued = _recordless(home, "rp-0001", "rp-done", "rp-later")
+    for args, said in ((("--older-than", "1d"), ""),
+                       (("--older-than", "0s", "--host", "elsewhere"), ""),
+                       (("--older-than", "0s", "--status", "completed"), "deleted job rp-0000\n")):
+        done = cli("prune", *args, home=home)
+        assert done.returncode == 0 and done.stdout == said, (args, done)
+    names = ["rp", "rp-0001", "rp-done", "rp-later"]
+    assert sorted(path.name for path in queued.iterdir()) == names
+    done = cli("prune", "--older-than", "0s", home=home)
+    assert done.returncode == 0, done
+    assert sorted(done.stdout.splitlines()) == ["deleted job rp-0001", "deleted job rp-done"], done
+    assert sorted(path.name for path in queued.iterdir()) == ["rp-later"]
+
+
 FLAKY_SOURCE = """
     import os
 
