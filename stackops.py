@@ -2442,18 +2442,28 @@ def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
 
 
 class _FileLock:
-    """An exclusive flock on a file, held while the block runs."""
+    """An exclusive flock on a file, held while the block runs. Ctrl-C waits until it is let go:
+    a KeyboardInterrupt raised as it is taken or let go would leave this process holding it,
+    and the withdrawal that Ctrl-C starts (_withdraw_fire) would wait for it for ever."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.fd = path, -1
+        self.mask: set[int] = set()
 
     def __enter__(self) -> _FileLock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            return self
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc: Any) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
 
 
 def _lock_kind(path: Path) -> str:
