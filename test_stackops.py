@@ -5864,6 +5864,8 @@ def test_snapshot_data_syncs_per_file_keeps_host_extras_and_refuses_conflicts(re
     (data / "sub").mkdir(parents=True)
     (data / "a.txt").write_text("one")
     (data / "sub" / "b.txt").write_text("two")
+    for path in (data / "a.txt", data / "sub" / "b.txt"):  # older than the racy window: the
+        os.utime(path, (time.time() - 10, time.time() - 10))  # host's copy is trusted by stamps
     run = lambda job_id: RemoteMachine(mod.sleeper, config=config(job_id=job_id, ssh_host="tb", data=["~/ds"],
                                                                   copy_repo=True),
                                        func_kwargs={"seconds": 0}).run()  # noqa: E731
