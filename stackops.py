@@ -76,29 +76,30 @@ from __future__ import annotations
 import _thread
 import enum
 import errno
-import fcntl
 import os
 import posixpath
 import re
-import shlex
 import stat
 import sys
 import time
 import types
-from pathlib import Path
+
 TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
     import copy
     import dataclasses
     import datetime as _dt
+    import fcntl
     import json
     import logging
     import random
+    import shlex
     import shutil
     import signal
     import string
     import subprocess
     import traceback
+    from pathlib import Path
     from typing import Any, Callable
 
     _Gate = Callable[[Callable[[bytes], None]], bool]  # see _Together.arrive
@@ -114,22 +115,42 @@ class _LazyModule(types.ModuleType):
         self.__spared = spared
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # the import system asking what it is (``__path__``: a package?)
+            raise AttributeError(name)
+        return getattr(self._real_module(), name)
+
+    def _real_module(self) -> Any:
+        """The module itself, imported now if it was not yet."""
         if sys.modules.get(self.__name__) is self:  # it stood in while another module was imported
             del sys.modules[self.__name__]
         if self.__spared:
-            return getattr(_import_sparing(self.__name__, self.__spared), name)
-        return getattr(__import__(self.__name__), name)
+            return _import_sparing(self.__name__, self.__spared)
+        __import__(self.__name__)
+        return sys.modules[self.__name__]
 
 
-def _import_sparing(name: str, spared: str) -> Any:
-    """Import ``name`` with ``spared``, a module it imports but seldom uses, standing in lazily."""
+def _import_sparing(name: str, spared: str, functions: tuple[str, ...] = ()) -> Any:
+    """Import ``name`` with ``spared``, a module it imports but seldom uses, standing in lazily;
+    ``functions``: the ones ``name`` takes from it by name, each importing it when called."""
     if spared not in sys.modules and name not in sys.modules:
-        sys.modules[spared] = _LazyModule(spared)
+        stand_in = sys.modules[spared] = _LazyModule(spared)
+        for function in functions:
+            setattr(stand_in, function, _later(stand_in, function))
     try:
-        return __import__(name)
+        __import__(name)
+        return sys.modules[name]
     finally:
         if isinstance(sys.modules.get(spared), _LazyModule):
             del sys.modules[spared]
+
+
+def _later(module: _LazyModule, name: str) -> Callable[..., Any]:
+    """Function ``name`` of ``module``, which is imported when it is first called."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(module._real_module(), name)(*args, **kwargs)
+
+    return call
 
 
 class _LazyPattern:
@@ -162,13 +183,17 @@ def _argparse() -> Any:
 
 
 if not TYPE_CHECKING:
-    dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: classes with no docstring
+    # urllib.parse (and the ipaddress it imports: 3 ms of every start) gives pathlib only
+    # quote_from_bytes, for Path.as_uri, which stackops does not call
+    Path = _import_sparing("pathlib", "urllib.parse", ("quote_from_bytes",)).Path
+    dataclasses = _LazyModule("dataclasses", "inspect")  # inspect: classes with no docstring
     logging = _LazyModule("logging", "traceback")  # traceback: to format an exception
     _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
     copy = _LazyModule("copy")
     shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
     subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
     string = _LazyModule("string")
+    fcntl, shlex = _LazyModule("fcntl"), _LazyModule("shlex")  # the locks; shell words
 
 
 __version__ = "0.1.0"
@@ -462,12 +487,14 @@ def _terminal_safe(value: Any, lines: bool = False) -> str:
     return _UNSHOWN.sub(lambda m: m[0] if lines and m[0] == "\n" else repr(m[0])[1:-1], text)
 
 
-_PROGRAM: list[str] = []  # how main() was run, once it has been
+_PROGRAM: list[str] = []  # how main() was run, once it has been: [program] or [python, script]
 
 
 def _prog() -> str:
     """The program as the user runs it, for hints: ``stackops`` (the installed console script) or
     ``python3 path/to/stackops.py``; outside main(), the console script when it is installed."""
+    if len(_PROGRAM) == 2:
+        return f"{_PROGRAM[0]} {shlex.quote(_PROGRAM[1])}"
     if _PROGRAM:
         return _PROGRAM[0]
     return "stackops" if shutil.which("stackops") else "python3 stackops.py"
@@ -477,7 +504,7 @@ def _note_program(argv0: str) -> None:
     name = os.path.basename(argv0)
     if name.endswith(".py"):
         python = os.path.basename(sys.executable or "") or "python3"
-        _PROGRAM[:] = [f"{python} {shlex.quote(argv0)}"]
+        _PROGRAM[:] = [python, argv0]  # (quoted when a hint names it: see _prog)
     elif name == "stackops":
         _PROGRAM[:] = ["stackops"]
 
@@ -1193,6 +1220,9 @@ def _made(cls: type) -> type:
     with _MADE_LOCK:
         unmade = cls.__dict__.get("__dataclass_fields__")
         if isinstance(unmade, _Unmade):
+            for name, value in list(vars(cls).items()):
+                if isinstance(value, _Field):
+                    setattr(cls, name, dataclasses.field(**value.options))
             dataclasses.dataclass(cls, **unmade.options)  # its fields replace the stand-in
             # (a __new__ once set cannot be deleted: object's would then refuse arguments)
             cls.__new__ = staticmethod(_plain_new)  # type: ignore[assignment]
@@ -1221,9 +1251,20 @@ def _first_new(cls: type, *args: Any, **kwargs: Any) -> Any:
     return object.__new__(cls)
 
 
+class _Field:
+    """A model's ``dataclasses.field(...)`` until its class is made (see _model): dataclasses
+    is imported then, not by every start."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+
 if TYPE_CHECKING:
     from dataclasses import dataclass as _model
+    from dataclasses import field as _field
 else:
+    _field = _Field
+
     def _model(cls=None, /, **options):
         """``dataclasses.dataclass``, done where the class is first used (an instance made,
         ``fields()`` or ``is_dataclass()`` asked), not at import: writing a dataclass's methods
@@ -1590,14 +1631,14 @@ class RemoteStackOpsConfig:
     ``copy_repo``, ``max_simultaneous_jobs``, ``python``, ``slurm_options`` and ``env`` left out
     come from the user config file for ``ssh_host`` (see user_settings), else their defaults."""
 
-    job_id: str = dataclasses.field(default_factory=_random_job_id)
+    job_id: str = _field(default_factory=_random_job_id)
     base_dir: str = DEFAULT_BASE_DIR
     description: str = ""
     ssh_host: str | None = None
     copy_repo: bool = _from_user_config(False)
     update_repo: bool = False
     install_repo: bool = False
-    data: list[str] = dataclasses.field(default_factory=list)
+    data: list[str] = _field(default_factory=list)
     transfer_method: str = "sftp"
     cloud_name: str | None = None
     allowed_remotes: list[str] | None = None
@@ -1615,15 +1656,15 @@ class RemoteStackOpsConfig:
     python: str | None = _from_user_config(None)
     accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
     ssh_timeout: float = 15.0  # seconds to connect, to open a command, or for a transfer to stall
-    slurm_options: dict[str, str] = dataclasses.field(default_factory=dict)  # sbatch long options
+    slurm_options: dict[str, str] = _field(default_factory=dict)  # sbatch long options
     retries: int = 0  # a failed run is repeated in place up to this many times
     retry_delay: float = 0.0  # seconds between a failed run and the next
     # start only once these jobs completed
-    after: list[str] = dataclasses.field(default_factory=list)
+    after: list[str] = _field(default_factory=list)
     # wait for this many of the machine's GPUs (their own pool of slots) and get exactly them
     gpus: int = 0
     group: str | None = None  # a named pool with its own max_simultaneous_jobs
-    env: dict[str, str] = dataclasses.field(default_factory=dict)  # the job's own variables
+    env: dict[str, str] = _field(default_factory=dict)  # the job's own variables
     # a bash command run once when the job ends, where it ran (see HOOK_PLACEHOLDERS)
     on_end: str | None = None
 
@@ -1795,7 +1836,7 @@ class JobStatus:
     max_rss_bytes: int | None = None  # peak memory of the last run, as the kernel counted it
     cpu_seconds: float | None = None  # CPU time (user and system) of the last run
     slot: str | None = None  # the slot(s) it held ("slot-0", "gpu-1,gpu-2")
-    runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # earlier runs
+    runs: list[dict[str, Any]] = _field(default_factory=list)  # earlier runs
     as_of: str | None = None  # read from a record on another machine: as of this moment
     schema: int = STATE_SCHEMA
 
@@ -1956,8 +1997,8 @@ class JobParams:
     # with install_repo: the version git describe gives here (the copy has no .git)
     scm_version: str = ""
     # with copy_repo: the data paths inside the repo (relative to it), linked into the job's copy
-    data_r: list[str] = dataclasses.field(default_factory=list)
-    command: list[str] = dataclasses.field(default_factory=list)  # kind "command": its argv
+    data_r: list[str] = _field(default_factory=list)
+    command: list[str] = _field(default_factory=list)  # kind "command": its argv
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -5954,10 +5995,10 @@ class SSHTarget:
     hostname: str
     user: str
     port: int = 22
-    identity_files: list[str] = dataclasses.field(default_factory=list)
+    identity_files: list[str] = _field(default_factory=list)
     proxy_jump: str | None = None
     proxy_command: str | None = None
-    known_hosts: list[str] = dataclasses.field(default_factory=lambda: ["~/.ssh/known_hosts"])
+    known_hosts: list[str] = _field(default_factory=lambda: ["~/.ssh/known_hosts"])
     strict_host_key_checking: str = "yes"
 
     def __str__(self) -> str:
@@ -7758,10 +7799,10 @@ class _Handing:
     python: str
     snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None
     data: list[str]
-    members: list[list[Any]] = dataclasses.field(default_factory=list)
-    need: list[str] = dataclasses.field(default_factory=list)
+    members: list[list[Any]] = _field(default_factory=list)
+    need: list[str] = _field(default_factory=list)
     email: str | None = None
-    fire: list[str] = dataclasses.field(default_factory=list)  # the job folders to fire (~/...)
+    fire: list[str] = _field(default_factory=list)  # the job folders to fire (~/...)
     gate: _Gate | None = None
 
 
@@ -11632,7 +11673,7 @@ def _filter_rows(rows: list[dict[str, Any]], filters: dict[str, Any]) -> list[di
     return chosen[-filters["last"]:] if filters["last"] else chosen
 
 
-_DIGIT_RUNS = re.compile(r"(\d+)")
+_DIGIT_RUNS = _LazyPattern(r"(\d+)")
 
 
 def _natural_key(text: str) -> list[Any]:

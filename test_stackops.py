@@ -9581,6 +9581,27 @@ def test_import_loads_neither_paramiko_nor_psutil(tmp_path):
     assert out.stdout.strip() == "[]", out.stderr
 
 
+def test_import_and_help_load_no_standard_module_only_some_commands_use(tmp_path):
+    """Each start (a job's wrapper, a dispatcher, --help) imports the module: the standard modules
+    only some commands use wait until one is used, pathlib's urllib.parse (and its ipaddress)
+    until Path.as_uri is called, and a model's fields until the model is first made."""
+    shutil.copy(SOURCE, tmp_path / "stackops.py")
+    later = ("urllib.parse", "ipaddress", "dataclasses", "inspect", "copy", "shlex", "fcntl",
+             "json", "logging", "subprocess", "shutil", "tempfile", "zipfile", "hashlib")
+    code = (f"import io, sys, contextlib\nsys.path.insert(0, '')\nimport stackops\n"
+            f"later = {later!r}\n"
+            "print([m for m in later if m in sys.modules])\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert stackops.main(['--help']) == 0\n"
+            "print([m for m in later if m in sys.modules])\n"
+            "print(stackops.Path('/a b').as_uri(), stackops.RemoteStackOpsConfig().data)\n"
+            "import urllib.parse\nprint(urllib.parse.quote('a b'))\n")
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "[]", "file:///a%20b []", "a%20b"], done.stdout
+
+
 def test_main_aliases_module_so_errors_are_one_class():
     # run as a script, the file leaves with os._exit (no interpreter tear-down): made an exception
     code = (f"import os, runpy, sys; sys.argv = ['stackops', '--version']\n"
