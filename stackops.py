@@ -220,21 +220,36 @@ __all__ = [
 
 
 class _Logger:
-    """The "stackops" logger, logging imported when a line is first logged or a handler set (2 ms
+    """The "stackops" logger, logging imported when a line is first logged or a handler set (4 ms
     of every start that logs nothing: ``--help``, most of the command line, a job's wrapper).
-    ``_LATE_HANDLER``: a function that sets the logger's handler then (the wrapper's)."""
+    ``_LATE_HANDLER``: pairs (lowest level it shows, function that sets the logger's handler
+    then): main()'s, the wrapper's. Until logging is imported, a debug or info line below that
+    level is dropped unimported: no handler or level that would show it can have been set."""
 
     def __getattr__(self, name: str) -> Any:
-        logger = logging.getLogger("stackops")
-        if _LATE_HANDLER:
-            _LATE_HANDLER.pop()(logger)
-        return getattr(logger, name)
+        if name in _QUIET_LEVELS and "logging" not in sys.modules \
+                and _QUIET_LEVELS[name] < (_LATE_HANDLER[-1][0] if _LATE_HANDLER else 30):
+            return _dropped
+        return getattr(_stackops_logger(), name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(logging.getLogger("stackops"), name, value)
 
 
-_LATE_HANDLER: list[Callable[[logging.Logger], None]] = []
+def _stackops_logger() -> logging.Logger:
+    """The "stackops" logger, with the handler _LATE_HANDLER holds set now."""
+    logger = logging.getLogger("stackops")
+    if _LATE_HANDLER:
+        _LATE_HANDLER.pop()[1](logger)
+    return logger
+
+
+def _dropped(*args: Any, **kwargs: Any) -> None:
+    """A debug or info line that nothing would show (see _Logger)."""
+
+
+_QUIET_LEVELS = {"debug": 10, "info": 20}  # logging.DEBUG, logging.INFO
+_LATE_HANDLER: list[tuple[int, Callable[[logging.Logger], None]]] = []
 log: logging.Logger = _Logger()  # type: ignore[assignment]
 
 
@@ -3582,7 +3597,7 @@ def run_job(job_root: str | os.PathLike[str],
     process, for its REPL), record the end with the run's exit status and resources, give the slot
     back, report the end. Whatever happens inside, the job ends completed, failed or cancelled;
     the wrapper's exit status is 0 only for a completed job (not interactive: its REPL stays)."""
-    _LATE_HANDLER[:] = [_job_logging]
+    _LATE_HANDLER[:] = [(20, _job_logging)]  # (its level: logging.INFO)
     root = Path(os.path.abspath(job_root))
     _LOG[:] = [root / OUTPUT_LOG]
     manager = FileManager.from_job_root(root)
@@ -5945,6 +5960,7 @@ def _paramiko() -> Any:
                 import paramiko
             finally:
                 del sys.modules["invoke"]
+            _stackops_logger()  # main()'s handlers (its quiet one for paramiko's log) set now
         import paramiko
     except ImportError as exc:
         raise DependencyError("SSH needs paramiko, which is not installed",
@@ -13579,6 +13595,30 @@ def _add_verbosity_everywhere(parser: Any) -> None:
             _add_verbosity_everywhere(sub)
 
 
+def _cli_level(level: int) -> int:
+    """The stackops logger's level for -v/-q counted ``level``: logging's ERROR, WARNING, INFO
+    or DEBUG."""
+    return {-1: 40, 0: 30, 1: 20}.get(max(-1, min(level, 2)), 10)
+
+
+def _configure_logging_later(level: int) -> Callable[[], None]:
+    """_configure_logging when the logger is first used or paramiko imported (see _Logger), not
+    before: most commands log nothing (logging is 4 ms of their start). Returns the undo."""
+    if "logging" in sys.modules:  # (a program calling main(): it costs nothing now)
+        return _configure_logging(level)
+    undo: list[Callable[[], None]] = []
+    late = (_cli_level(level), lambda logger: undo.append(_configure_logging(level)))
+    _LATE_HANDLER.append(late)
+
+    def undo_later() -> None:
+        if late in _LATE_HANDLER:
+            _LATE_HANDLER.remove(late)
+        for step in undo:
+            step()
+
+    return undo_later
+
+
 def _configure_logging(level: int) -> Callable[[], None]:
     """One stderr handler for stackops, replaced (not added to) by every main() call. paramiko's
     own log (an "Exception (client)" with a traceback from its thread, before our one line) shows
@@ -13596,8 +13636,7 @@ def _configure_logging(level: int) -> Callable[[], None]:
         new._stackops_cli = True  # type: ignore[attr-defined]
         logger.addHandler(new)
     log.propagate = False
-    levels = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
-    log.setLevel(levels.get(max(-1, min(level, 2)), logging.DEBUG))
+    log.setLevel(_cli_level(level))
 
     def undo() -> None:
         for logger, new in installed:
@@ -13647,7 +13686,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     verbose = args.verbose + getattr(args, "verbose_after", 0)
-    undo_logging = _configure_logging(verbose - args.quiet - getattr(args, "quiet_after", 0))
+    quiet = args.quiet + getattr(args, "quiet_after", 0)
+    undo_logging = _configure_logging_later(verbose - quiet)
     _CLI.append(True)  # errors name the command line's options (see _option)
     try:
         return _dispatch(args, verbose)

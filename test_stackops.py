@@ -9844,6 +9844,35 @@ def test_cli_main_in_process_prints_each_log_line_once_and_leaves_logging_as_it_
     assert capsys.readouterr().err.count("after main") == 1
 
 
+def test_cli_logging_is_set_up_when_a_line_is_logged_not_at_every_start(home):
+    """A command that logs nothing leaves logging unimported (4 ms of its start); a warning, or
+    -v's info lines, are printed once each as before, and -qq still hides a warning."""
+    broken = home / "tmp_results" / "remote_machines" / "job_id__broken"
+    broken.mkdir(parents=True)
+    (broken / "cluster.json").write_text("{}")  # `list` warns: skipping cluster ...
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    code = ("import sys\nsys.path.insert(0, sys.argv[1])\nimport stackops\n"
+            "code = stackops.main(sys.argv[2:])\n"
+            "print(code, 'logging' in sys.modules, stackops._LATE_HANDLER)\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-I", "-S", "-c", code, str(HERE), *args],
+                              cwd=home, env=dict(os.environ, HOME=str(home)),
+                              capture_output=True, text=True, timeout=120)
+
+    quiet = run("run", "proj/m.py:f", "--no-launch", "--job-id", "v1")
+    assert quiet.stdout.splitlines()[-1] == "0 False []" and quiet.stderr == "", quiet
+    loud = run("run", "proj/m.py:f", "--no-launch", "--job-id", "v2", "-v")
+    assert loud.stdout.splitlines()[-1] == "0 True []", loud
+    assert loud.stderr.count("stackops: job v2 generated at") == 1, loud.stderr
+    warned = run("list")
+    assert warned.stdout.splitlines()[-1] == "0 True []", warned
+    assert warned.stderr.count("stackops: skipping cluster") == 1, warned.stderr
+    hushed = run("-q", "-q", "list")
+    assert hushed.stdout.splitlines()[-1] == "0 True []" and hushed.stderr == "", hushed
+
+
 # -- report: a timeline of jobs as one HTML page, in a real headless Chromium ---------------------
 
 REPORT_SOURCE = """
