@@ -130,18 +130,22 @@ class _LazyModule(types.ModuleType):
 
 
 def _import_sparing(name: str, spared: str, functions: tuple[str, ...] = ()) -> Any:
-    """Import ``name`` with ``spared``, a module it imports but seldom uses, standing in lazily;
-    ``functions``: the ones ``name`` takes from it by name, each importing it when called."""
-    if spared not in sys.modules and name not in sys.modules:
-        stand_in = sys.modules[spared] = _LazyModule(spared)
-        for function in functions:
-            setattr(stand_in, function, _later(stand_in, function))
+    """Import ``name`` with ``spared`` (space-separated), modules it imports but seldom uses,
+    standing in lazily; ``functions``: the ones it takes from them by name, each importing its
+    module when called."""
+    stand_ins = {}
+    for each in spared.split() if name not in sys.modules else ():
+        if each not in sys.modules:
+            stand_ins[each] = sys.modules[each] = _LazyModule(each)
+            for function in functions:
+                setattr(stand_ins[each], function, _later(stand_ins[each], function))
     try:
         __import__(name)
         return sys.modules[name]
     finally:
-        if isinstance(sys.modules.get(spared), _LazyModule):
-            del sys.modules[spared]
+        for each, stand_in in stand_ins.items():
+            if sys.modules.get(each) is stand_in:
+                del sys.modules[each]
 
 
 def _later(module: _LazyModule, name: str) -> Callable[..., Any]:
@@ -190,7 +194,9 @@ if not TYPE_CHECKING:
     logging = _LazyModule("logging", "traceback")  # traceback: to format an exception
     _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
     copy = _LazyModule("copy")
-    shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
+    # shutil's bz2 and lzma (2 ms: their libraries loaded) say only which archive formats it
+    # makes and unpacks, which stackops does not ask it for
+    shutil, signal = _LazyModule("shutil", "bz2 lzma"), _LazyModule("signal")
     subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
     string = _LazyModule("string")
     fcntl, shlex = _LazyModule("fcntl"), _LazyModule("shlex")  # the locks; shell words
@@ -875,8 +881,10 @@ def _email_problem(address: str) -> str:
 
 
 def _random_job_id() -> str:
-    rng = random.SystemRandom()
-    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{rng.getrandbits(16):04x}"
+    """adjective-noun-4 hex digits, from os.urandom (importing random is 1 ms of a start)."""
+    adjective, noun, high, low = os.urandom(4)
+    return (f"{_ADJECTIVES[adjective % len(_ADJECTIVES)]}-{_NOUNS[noun % len(_NOUNS)]}"
+            f"-{high:02x}{low:02x}")
 
 
 def _utcnow() -> _dt.datetime:
@@ -1086,7 +1094,7 @@ class _Staged:
         self.target = os.fspath(target)
         self.replace, self.exists, self.folder = replace, exists, folder
         parent = os.path.dirname(self.target) or "."
-        self.box = f"{parent}/.stackops-partial.{random.getrandbits(32):08x}"  # see below
+        self.box = f"{parent}/.stackops-partial.{os.urandom(4).hex()}"  # see below
         self.path = f"{self.box}/payload"
 
     def __enter__(self) -> str:
