@@ -10814,6 +10814,29 @@ def test_cli_hints_name_the_program_as_it_was_run(home, tmp_path):
     assert "stackops.py" not in installed.stderr
 
 
+def test_cli_installed_command_is_main_leaving_as_python_m_does(home, tmp_path):
+    """pyproject's console script, run as pip writes it: main()'s exit status and its whole
+    output, flushed before the process leaves without tearing its interpreter down."""
+    entry = re.search(r'^stackops = "stackops:(\w+)"', HERE.joinpath("pyproject.toml").read_text(),
+                      re.M)[1]
+    script = tmp_path / "stackops"
+    script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(HERE)!r})\n"
+                      f"from stackops import {entry}\nif __name__ == '__main__':\n"
+                      f"    sys.exit({entry}())\n")
+    script.chmod(0o755)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(script), *args], cwd=home, capture_output=True, text=True,
+                              env=dict(os.environ, HOME=str(home)), timeout=60)
+
+    missing = run("status", "no-such-job")
+    assert missing.returncode == 2 and missing.stdout == "", missing
+    assert missing.stderr.endswith("hint: stackops list shows the jobs\n"), missing.stderr
+    helped = run("--help")
+    assert helped.returncode == 0 and helped.stdout == cli("--help", home=home).stdout != ""
+    assert run("--version").stdout == f"stackops {stackops.__version__}\n"
+
+
 def test_cli_job_run_under_cprofile_ships_this_module(home):
     _proj(home)
     done = subprocess.run([sys.executable, "-m", "cProfile", str(SOURCE), "run", "proj/m.py:f",
