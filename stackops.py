@@ -167,6 +167,26 @@ class _LazyPattern:
         return getattr(re.compile(self.pattern, self.flags), name)
 
 
+class _LazyPath:
+    """pathlib.Path, imported where a path is first made (pathlib, fnmatch and ntpath are 2 ms of
+    ``--help``, which makes none); this stand-in then gives its name in this module to it."""
+
+    def __call__(self, *args: Any) -> Any:
+        return _pathlib_path()(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_pathlib_path(), name)
+
+
+def _pathlib_path() -> type[Path]:
+    """pathlib.Path, which the module's ``Path`` is from now on. urllib.parse (and the ipaddress
+    it imports: 3 ms of every start) gives pathlib only quote_from_bytes, for Path.as_uri, which
+    stackops does not call: it is imported when that is."""
+    real = _import_sparing("pathlib", "urllib.parse", ("quote_from_bytes",)).Path
+    globals()["Path"] = real
+    return real
+
+
 def _argparse() -> Any:
     """argparse, imported without gettext and locale (7 ms at every start): its messages have no
     translations installed, so gettext would return them unchanged anyway."""
@@ -187,9 +207,7 @@ def _argparse() -> Any:
 
 
 if not TYPE_CHECKING:
-    # urllib.parse (and the ipaddress it imports: 3 ms of every start) gives pathlib only
-    # quote_from_bytes, for Path.as_uri, which stackops does not call
-    Path = _import_sparing("pathlib", "urllib.parse", ("quote_from_bytes",)).Path
+    Path = _LazyPath()
     dataclasses = _LazyModule("dataclasses", "inspect")  # inspect: classes with no docstring
     logging = _LazyModule("logging", "traceback")  # traceback: to format an exception
     _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")

@@ -9583,11 +9583,11 @@ def test_import_loads_neither_paramiko_nor_psutil(tmp_path):
 
 def test_import_and_help_load_no_standard_module_only_some_commands_use(tmp_path):
     """Each start (a job's wrapper, a dispatcher, --help) imports the module: the standard modules
-    only some commands use wait until one is used, pathlib's urllib.parse (and its ipaddress)
-    until Path.as_uri is called, and a model's fields until the model is first made."""
+    only some commands use wait until one is used (pathlib until a path is made, its urllib.parse
+    and ipaddress until Path.as_uri is called), a model's fields until the model is first made."""
     shutil.copy(SOURCE, tmp_path / "stackops.py")
-    later = ("urllib.parse", "ipaddress", "dataclasses", "inspect", "copy", "shlex", "fcntl",
-             "json", "logging", "subprocess", "shutil", "tempfile", "zipfile", "hashlib")
+    later = ("pathlib", "urllib.parse", "ipaddress", "dataclasses", "inspect", "copy", "shlex",
+             "fcntl", "json", "logging", "subprocess", "shutil", "tempfile", "zipfile", "hashlib")
     code = (f"import io, sys, contextlib\nsys.path.insert(0, '')\nimport stackops\n"
             f"later = {later!r}\n"
             "print([m for m in later if m in sys.modules])\n"
