@@ -76,6 +76,7 @@ from __future__ import annotations
 import _thread
 import enum
 import errno
+import fcntl
 import os
 import posixpath
 import re
@@ -89,7 +90,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import copy
     import dataclasses
     import datetime as _dt
-    import fcntl
     import json
     import logging
     import random
@@ -217,7 +217,7 @@ if not TYPE_CHECKING:
     shutil, signal = _LazyModule("shutil", "bz2 lzma"), _LazyModule("signal")
     subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
     string = _LazyModule("string")
-    fcntl, shlex = _LazyModule("fcntl"), _LazyModule("shlex")  # the locks; shell words
+    shlex = _LazyModule("shlex")
 
 
 __version__ = "0.1.0"
@@ -11715,7 +11715,7 @@ def _filter_rows(rows: list[dict[str, Any]], filters: dict[str, Any]) -> list[di
     return chosen[-filters["last"]:] if filters["last"] else chosen
 
 
-_DIGIT_RUNS = _LazyPattern(r"(\d+)")
+_DIGIT_RUNS = re.compile(r"(\d+)")
 
 
 def _natural_key(text: str) -> list[Any]:

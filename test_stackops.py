@@ -9587,7 +9587,7 @@ def test_import_and_help_load_no_standard_module_only_some_commands_use(tmp_path
     and ipaddress until Path.as_uri is called), a model's fields until the model is first made."""
     shutil.copy(SOURCE, tmp_path / "stackops.py")
     later = ("pathlib", "urllib.parse", "ipaddress", "dataclasses", "inspect", "copy", "shlex",
-             "fcntl", "json", "logging", "subprocess", "shutil", "tempfile", "zipfile", "hashlib")
+             "json", "logging", "subprocess", "shutil", "tempfile", "zipfile", "hashlib")
     code = (f"import io, sys, contextlib\nsys.path.insert(0, '')\nimport stackops\n"
             f"later = {later!r}\n"
             "print([m for m in later if m in sys.modules])\n"
