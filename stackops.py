@@ -5986,8 +5986,8 @@ def _paramiko() -> Any:
                 import paramiko
             finally:
                 del sys.modules["invoke"]
-            _stackops_logger()  # main()'s handlers (its quiet one for paramiko's log) set now
         import paramiko
+        _stackops_logger()  # main()'s handlers (its quiet one for paramiko's log) set by now
     except ImportError as exc:
         raise DependencyError("SSH needs paramiko, which is not installed",
                               hint="pip install paramiko (or: pip install stackops)") from exc
