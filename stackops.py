@@ -166,13 +166,16 @@ def _later(module: _LazyModule, name: str) -> Callable[..., Any]:
 
 
 class _LazyPattern:
-    """A regular expression compiled where it is first used (re caches it), not at start-up."""
+    """A regular expression compiled where it is first used, not at start-up; each of its
+    methods is kept here once asked for (re's cache is a lookup at every call)."""
 
     def __init__(self, pattern: str, flags: int = 0) -> None:
         self.pattern, self.flags = pattern, flags
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(re.compile(self.pattern, self.flags), name)
+        value = getattr(re.compile(self.pattern, self.flags), name)
+        setattr(self, name, value)
+        return value
 
 
 class _LazyPath:
