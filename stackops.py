@@ -110,9 +110,10 @@ class _LazyModule(types.ModuleType):
     job's wrapper pay only for what they use (``python -X importtime`` shows what that is).
     ``spared``: a module it imports but seldom uses, left lazy too (see _import_sparing)."""
 
-    def __init__(self, name: str, spared: str = "") -> None:
+    def __init__(self, name: str, spared: str = "", bound: str = "") -> None:
         super().__init__(name)
         self.__spared = spared
+        self.__bound = bound or name  # the name this module gives it
         self.__real: types.ModuleType | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -121,7 +122,7 @@ class _LazyModule(types.ModuleType):
         return getattr(self._real_module(), name)
 
     def _real_module(self) -> types.ModuleType:
-        """The module itself, imported the first time; this module's names for the stand-in are
+        """The module itself, imported the first time; this module's name for the stand-in is
         the module's from then on (a lookup through the stand-in costs microseconds each)."""
         if self.__real is None:
             if sys.modules.get(self.__name__) is self:  # it stood in while another was imported
@@ -131,9 +132,8 @@ class _LazyModule(types.ModuleType):
             else:
                 __import__(self.__name__)
                 self.__real = sys.modules[self.__name__]
-            for name, value in list(globals().items()):
-                if value is self:
-                    globals()[name] = self.__real
+            if globals().get(self.__bound) is self:
+                globals()[self.__bound] = self.__real
         return self.__real
 
 
@@ -221,7 +221,8 @@ if not TYPE_CHECKING:
     Path = _LazyPath()
     dataclasses = _LazyModule("dataclasses", "inspect")  # inspect: classes with no docstring
     logging = _LazyModule("logging", "traceback")  # traceback: to format an exception
-    _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
+    _dt, json = _LazyModule("datetime", bound="_dt"), _LazyModule("json")
+    random = _LazyModule("random")
     copy = _LazyModule("copy")
     # shutil's bz2 and lzma (2 ms: their libraries loaded) say only which archive formats it
     # makes and unpacks, which stackops does not ask it for

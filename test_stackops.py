@@ -9595,11 +9595,14 @@ def test_import_and_help_load_no_standard_module_only_some_commands_use(tmp_path
             "    assert stackops.main(['--help']) == 0\n"
             "print([m for m in later if m in sys.modules])\n"
             "print(stackops.Path('/a b').as_uri(), stackops.RemoteStackOpsConfig().data)\n"
-            "import urllib.parse\nprint(urllib.parse.quote('a b'))\n")
+            "import urllib.parse\nprint(urllib.parse.quote('a b'))\n"
+            "print(stackops.Path is sys.modules['pathlib'].Path,\n"
+            "      stackops.dataclasses is sys.modules['dataclasses'])\n")
     done = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["[]", "[]", "file:///a%20b []", "a%20b"], done.stdout
+    assert done.stdout.splitlines() == ["[]", "[]", "file:///a%20b []", "a%20b", "True True"], \
+        done.stdout  # (once imported, the module itself, not a stand-in, answers each lookup)
 
 
 def test_main_aliases_module_so_errors_are_one_class():
