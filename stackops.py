@@ -80,12 +80,11 @@ import fcntl
 import os
 import posixpath
 import re
-import shlex
 import stat
 import sys
 import time
 import types
-from pathlib import Path
+
 TYPE_CHECKING = False  # typing costs 2 ms at every start; the annotations are strings (PEP 563)
 if TYPE_CHECKING:  # pragma: no cover
     import copy
@@ -94,11 +93,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import json
     import logging
     import random
+    import shlex
     import shutil
     import signal
     import string
     import subprocess
     import traceback
+    from pathlib import Path
     from typing import Any, Callable
 
     _Gate = Callable[[Callable[[bytes], None]], bool]  # see _Together.arrive
@@ -109,37 +110,92 @@ class _LazyModule(types.ModuleType):
     job's wrapper pay only for what they use (``python -X importtime`` shows what that is).
     ``spared``: a module it imports but seldom uses, left lazy too (see _import_sparing)."""
 
-    def __init__(self, name: str, spared: str = "") -> None:
+    def __init__(self, name: str, spared: str = "", bound: str = "") -> None:
         super().__init__(name)
         self.__spared = spared
+        self.__bound = bound or name  # the name this module gives it
+        self.__real: types.ModuleType | None = None
 
     def __getattr__(self, name: str) -> Any:
-        if sys.modules.get(self.__name__) is self:  # it stood in while another module was imported
-            del sys.modules[self.__name__]
-        if self.__spared:
-            return getattr(_import_sparing(self.__name__, self.__spared), name)
-        return getattr(__import__(self.__name__), name)
+        if name.startswith("__"):  # the import system asking what it is (``__path__``: a package?)
+            raise AttributeError(name)
+        return getattr(self._real_module(), name)
+
+    def _real_module(self) -> types.ModuleType:
+        """The module itself, imported the first time; this module's name for the stand-in is
+        the module's from then on (a lookup through the stand-in costs microseconds each)."""
+        if self.__real is None:
+            if sys.modules.get(self.__name__) is self:  # it stood in while another was imported
+                del sys.modules[self.__name__]
+            if self.__spared:
+                self.__real = _import_sparing(self.__name__, self.__spared)
+            else:
+                __import__(self.__name__)
+                self.__real = sys.modules[self.__name__]
+            if globals().get(self.__bound) is self:
+                globals()[self.__bound] = self.__real
+        return self.__real
 
 
-def _import_sparing(name: str, spared: str) -> Any:
-    """Import ``name`` with ``spared``, a module it imports but seldom uses, standing in lazily."""
-    if spared not in sys.modules and name not in sys.modules:
-        sys.modules[spared] = _LazyModule(spared)
+def _import_sparing(name: str, spared: str, functions: tuple[str, ...] = ()) -> Any:
+    """Import ``name`` with ``spared`` (space-separated), modules it imports but seldom uses,
+    standing in lazily; ``functions``: the ones it takes from them by name, each importing its
+    module when called."""
+    stand_ins = {}
+    for each in spared.split() if name not in sys.modules else ():
+        if each not in sys.modules:
+            stand_ins[each] = sys.modules[each] = _LazyModule(each)
+            for function in functions:
+                setattr(stand_ins[each], function, _later(stand_ins[each], function))
     try:
-        return __import__(name)
+        __import__(name)
+        return sys.modules[name]
     finally:
-        if isinstance(sys.modules.get(spared), _LazyModule):
-            del sys.modules[spared]
+        for each, stand_in in stand_ins.items():
+            if sys.modules.get(each) is stand_in:
+                del sys.modules[each]
+
+
+def _later(module: _LazyModule, name: str) -> Callable[..., Any]:
+    """Function ``name`` of ``module``, which is imported when it is first called."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(module._real_module(), name)(*args, **kwargs)
+
+    return call
 
 
 class _LazyPattern:
-    """A regular expression compiled where it is first used (re caches it), not at start-up."""
+    """A regular expression compiled where it is first used, not at start-up; each of its
+    methods is kept here once asked for (re's cache is a lookup at every call)."""
 
     def __init__(self, pattern: str, flags: int = 0) -> None:
         self.pattern, self.flags = pattern, flags
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(re.compile(self.pattern, self.flags), name)
+        value = getattr(re.compile(self.pattern, self.flags), name)
+        setattr(self, name, value)
+        return value
+
+
+class _LazyPath:
+    """pathlib.Path, imported where a path is first made (pathlib, fnmatch and ntpath are 2 ms of
+    ``--help``, which makes none); this stand-in then gives its name in this module to it."""
+
+    def __call__(self, *args: Any) -> Any:
+        return _pathlib_path()(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_pathlib_path(), name)
+
+
+def _pathlib_path() -> type[Path]:
+    """pathlib.Path, which the module's ``Path`` is from now on. urllib.parse (and the ipaddress
+    it imports: 3 ms of every start) gives pathlib only quote_from_bytes, for Path.as_uri, which
+    stackops does not call: it is imported when that is."""
+    real = _import_sparing("pathlib", "urllib.parse", ("quote_from_bytes",)).Path
+    globals()["Path"] = real
+    return real
 
 
 def _argparse() -> Any:
@@ -162,13 +218,18 @@ def _argparse() -> Any:
 
 
 if not TYPE_CHECKING:
-    dataclasses = _import_sparing("dataclasses", "inspect")  # inspect: classes with no docstring
+    Path = _LazyPath()
+    dataclasses = _LazyModule("dataclasses", "inspect")  # inspect: classes with no docstring
     logging = _LazyModule("logging", "traceback")  # traceback: to format an exception
-    _dt, json, random = _LazyModule("datetime"), _LazyModule("json"), _LazyModule("random")
+    _dt, json = _LazyModule("datetime", bound="_dt"), _LazyModule("json")
+    random = _LazyModule("random")
     copy = _LazyModule("copy")
-    shutil, signal = _LazyModule("shutil"), _LazyModule("signal")
+    # shutil's bz2 and lzma (2 ms: their libraries loaded) say only which archive formats it
+    # makes and unpacks, which stackops does not ask it for
+    shutil, signal = _LazyModule("shutil", "bz2 lzma"), _LazyModule("signal")
     subprocess, traceback = _LazyModule("subprocess"), _LazyModule("traceback")
     string = _LazyModule("string")
+    shlex = _LazyModule("shlex")
 
 
 __version__ = "0.1.0"
@@ -195,21 +256,36 @@ __all__ = [
 
 
 class _Logger:
-    """The "stackops" logger, logging imported when a line is first logged or a handler set (2 ms
+    """The "stackops" logger, logging imported when a line is first logged or a handler set (4 ms
     of every start that logs nothing: ``--help``, most of the command line, a job's wrapper).
-    ``_LATE_HANDLER``: a function that sets the logger's handler then (the wrapper's)."""
+    ``_LATE_HANDLER``: pairs (lowest level it shows, function that sets the logger's handler
+    then): main()'s, the wrapper's. Until logging is imported, a debug or info line below that
+    level is dropped unimported: no handler or level that would show it can have been set."""
 
     def __getattr__(self, name: str) -> Any:
-        logger = logging.getLogger("stackops")
-        if _LATE_HANDLER:
-            _LATE_HANDLER.pop()(logger)
-        return getattr(logger, name)
+        if name in _QUIET_LEVELS and "logging" not in sys.modules \
+                and _QUIET_LEVELS[name] < (_LATE_HANDLER[-1][0] if _LATE_HANDLER else 30):
+            return _dropped
+        return getattr(_stackops_logger(), name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(logging.getLogger("stackops"), name, value)
 
 
-_LATE_HANDLER: list[Callable[[logging.Logger], None]] = []
+def _stackops_logger() -> logging.Logger:
+    """The "stackops" logger, with the handler _LATE_HANDLER holds set now."""
+    logger = logging.getLogger("stackops")
+    if _LATE_HANDLER:
+        _LATE_HANDLER.pop()[1](logger)
+    return logger
+
+
+def _dropped(*args: Any, **kwargs: Any) -> None:
+    """A debug or info line that nothing would show (see _Logger)."""
+
+
+_QUIET_LEVELS = {"debug": 10, "info": 20}  # logging.DEBUG, logging.INFO
+_LATE_HANDLER: list[tuple[int, Callable[[logging.Logger], None]]] = []
 log: logging.Logger = _Logger()  # type: ignore[assignment]
 
 
@@ -467,12 +543,14 @@ def _terminal_safe(value: Any, lines: bool = False) -> str:
     return _UNSHOWN.sub(lambda m: m[0] if lines and m[0] == "\n" else repr(m[0])[1:-1], text)
 
 
-_PROGRAM: list[str] = []  # how main() was run, once it has been
+_PROGRAM: list[str] = []  # how main() was run, once it has been: [program] or [python, script]
 
 
 def _prog() -> str:
     """The program as the user runs it, for hints: ``stackops`` (the installed console script) or
     ``python3 path/to/stackops.py``; outside main(), the console script when it is installed."""
+    if len(_PROGRAM) == 2:
+        return f"{_PROGRAM[0]} {shlex.quote(_PROGRAM[1])}"
     if _PROGRAM:
         return _PROGRAM[0]
     return "stackops" if shutil.which("stackops") else "python3 stackops.py"
@@ -482,7 +560,7 @@ def _note_program(argv0: str) -> None:
     name = os.path.basename(argv0)
     if name.endswith(".py"):
         python = os.path.basename(sys.executable or "") or "python3"
-        _PROGRAM[:] = [f"{python} {shlex.quote(argv0)}"]
+        _PROGRAM[:] = [python, argv0]  # (quoted when a hint names it: see _prog)
     elif name == "stackops":
         _PROGRAM[:] = ["stackops"]
 
@@ -838,8 +916,10 @@ def _email_problem(address: str) -> str:
 
 
 def _random_job_id() -> str:
-    rng = random.SystemRandom()
-    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{rng.getrandbits(16):04x}"
+    """adjective-noun-4 hex digits, from os.urandom (importing random is 1 ms of a start)."""
+    adjective, noun, high, low = os.urandom(4)
+    return (f"{_ADJECTIVES[adjective % len(_ADJECTIVES)]}-{_NOUNS[noun % len(_NOUNS)]}"
+            f"-{high:02x}{low:02x}")
 
 
 def _utcnow() -> _dt.datetime:
@@ -1049,7 +1129,7 @@ class _Staged:
         self.target = os.fspath(target)
         self.replace, self.exists, self.folder = replace, exists, folder
         parent = os.path.dirname(self.target) or "."
-        self.box = f"{parent}/.stackops-partial.{random.getrandbits(32):08x}"  # see below
+        self.box = f"{parent}/.stackops-partial.{os.urandom(4).hex()}"  # see below
         self.path = f"{self.box}/payload"
 
     def __enter__(self) -> str:
@@ -1198,6 +1278,9 @@ def _made(cls: type) -> type:
     with _MADE_LOCK:
         unmade = cls.__dict__.get("__dataclass_fields__")
         if isinstance(unmade, _Unmade):
+            for name, value in list(vars(cls).items()):
+                if isinstance(value, _Field):
+                    setattr(cls, name, dataclasses.field(**value.options))
             dataclasses.dataclass(cls, **unmade.options)  # its fields replace the stand-in
             # (a __new__ once set cannot be deleted: object's would then refuse arguments)
             cls.__new__ = staticmethod(_plain_new)  # type: ignore[assignment]
@@ -1226,9 +1309,20 @@ def _first_new(cls: type, *args: Any, **kwargs: Any) -> Any:
     return object.__new__(cls)
 
 
+class _Field:
+    """A model's ``dataclasses.field(...)`` until its class is made (see _model): dataclasses
+    is imported then, not by every start."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+
 if TYPE_CHECKING:
     from dataclasses import dataclass as _model
+    from dataclasses import field as _field
 else:
+    _field = _Field
+
     def _model(cls=None, /, **options):
         """``dataclasses.dataclass``, done where the class is first used (an instance made,
         ``fields()`` or ``is_dataclass()`` asked), not at import: writing a dataclass's methods
@@ -1595,14 +1689,14 @@ class RemoteStackOpsConfig:
     ``copy_repo``, ``max_simultaneous_jobs``, ``python``, ``slurm_options`` and ``env`` left out
     come from the user config file for ``ssh_host`` (see user_settings), else their defaults."""
 
-    job_id: str = dataclasses.field(default_factory=_random_job_id)
+    job_id: str = _field(default_factory=_random_job_id)
     base_dir: str = DEFAULT_BASE_DIR
     description: str = ""
     ssh_host: str | None = None
     copy_repo: bool = _from_user_config(False)
     update_repo: bool = False
     install_repo: bool = False
-    data: list[str] = dataclasses.field(default_factory=list)
+    data: list[str] = _field(default_factory=list)
     transfer_method: str = "sftp"
     cloud_name: str | None = None
     allowed_remotes: list[str] | None = None
@@ -1620,15 +1714,15 @@ class RemoteStackOpsConfig:
     python: str | None = _from_user_config(None)
     accept_new_host_key: bool = False  # trust and record an unknown host key (a changed one: never)
     ssh_timeout: float = 15.0  # seconds to connect, to open a command, or for a transfer to stall
-    slurm_options: dict[str, str] = dataclasses.field(default_factory=dict)  # sbatch long options
+    slurm_options: dict[str, str] = _field(default_factory=dict)  # sbatch long options
     retries: int = 0  # a failed run is repeated in place up to this many times
     retry_delay: float = 0.0  # seconds between a failed run and the next
     # start only once these jobs completed
-    after: list[str] = dataclasses.field(default_factory=list)
+    after: list[str] = _field(default_factory=list)
     # wait for this many of the machine's GPUs (their own pool of slots) and get exactly them
     gpus: int = 0
     group: str | None = None  # a named pool with its own max_simultaneous_jobs
-    env: dict[str, str] = dataclasses.field(default_factory=dict)  # the job's own variables
+    env: dict[str, str] = _field(default_factory=dict)  # the job's own variables
     # a bash command run once when the job ends, where it ran (see HOOK_PLACEHOLDERS)
     on_end: str | None = None
 
@@ -1800,7 +1894,7 @@ class JobStatus:
     max_rss_bytes: int | None = None  # peak memory of the last run, as the kernel counted it
     cpu_seconds: float | None = None  # CPU time (user and system) of the last run
     slot: str | None = None  # the slot(s) it held ("slot-0", "gpu-1,gpu-2")
-    runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # earlier runs
+    runs: list[dict[str, Any]] = _field(default_factory=list)  # earlier runs
     as_of: str | None = None  # read from a record on another machine: as of this moment
     schema: int = STATE_SCHEMA
 
@@ -1916,11 +2010,11 @@ def _entry_point_hint(text: str) -> str | None:
 def _top_level_names(file: Path, text: str | None = None) -> set[str]:
     """Names a module defines at its top level, read without importing it (from ``text``, the
     file's bytes as a snapshot holds them, when given)."""
-    import ast
+    import _ast as ast  # ast's own node classes, without ast.py (1.5 ms of a submit)
 
     try:
         source = file.read_text(encoding="utf-8") if text is None else text
-        tree = ast.parse(source, filename=str(file))
+        tree: Any = compile(source, str(file), "exec", ast.PyCF_ONLY_AST)  # (ast.parse's way)
     except (SyntaxError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"cannot read {file}: {exc}") from exc
     names: set[str] = set()
@@ -1961,8 +2055,8 @@ class JobParams:
     # with install_repo: the version git describe gives here (the copy has no .git)
     scm_version: str = ""
     # with copy_repo: the data paths inside the repo (relative to it), linked into the job's copy
-    data_r: list[str] = dataclasses.field(default_factory=list)
-    command: list[str] = dataclasses.field(default_factory=list)  # kind "command": its argv
+    data_r: list[str] = _field(default_factory=list)
+    command: list[str] = _field(default_factory=list)  # kind "command": its argv
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -3579,7 +3673,7 @@ def run_job(job_root: str | os.PathLike[str],
     process, for its REPL), record the end with the run's exit status and resources, give the slot
     back, report the end. Whatever happens inside, the job ends completed, failed or cancelled;
     the wrapper's exit status is 0 only for a completed job (not interactive: its REPL stays)."""
-    _LATE_HANDLER[:] = [_job_logging]
+    _LATE_HANDLER[:] = [(20, _job_logging)]  # (its level: logging.INFO)
     root = Path(os.path.abspath(job_root))
     _LOG[:] = [root / OUTPUT_LOG]
     manager = FileManager.from_job_root(root)
@@ -5972,6 +6066,7 @@ def _paramiko() -> Any:
             finally:
                 del sys.modules["invoke"]
         import paramiko
+        _stackops_logger()  # main()'s handlers (its quiet one for paramiko's log) set by now
     except ImportError as exc:
         raise DependencyError("SSH needs paramiko, which is not installed",
                               hint="pip install paramiko (or: pip install stackops)") from exc
@@ -6021,10 +6116,10 @@ class SSHTarget:
     hostname: str
     user: str
     port: int = 22
-    identity_files: list[str] = dataclasses.field(default_factory=list)
+    identity_files: list[str] = _field(default_factory=list)
     proxy_jump: str | None = None
     proxy_command: str | None = None
-    known_hosts: list[str] = dataclasses.field(default_factory=lambda: ["~/.ssh/known_hosts"])
+    known_hosts: list[str] = _field(default_factory=lambda: ["~/.ssh/known_hosts"])
     strict_host_key_checking: str = "yes"
 
     def __str__(self) -> str:
@@ -7513,10 +7608,12 @@ def _parameters(func: Any, params: JobParams) -> list[tuple[str, str, bool]] | N
 
 def _parameters_in_source(file: Path, owner: str | None, name: str,
                           text: str | None = None) -> list[tuple[str, str, bool]] | None:
-    import ast
+    import _ast as ast  # (see _top_level_names)
 
     try:
-        body = ast.parse(file.read_text(encoding="utf-8") if text is None else text).body
+        source = file.read_text(encoding="utf-8") if text is None else text
+        tree: Any = compile(source, "<unknown>", "exec", ast.PyCF_ONLY_AST)
+        body = tree.body
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
         return None
     for part in owner.split(".") if owner else []:
@@ -7825,10 +7922,10 @@ class _Handing:
     python: str
     snapshot: tuple[str, list[list[Any]], dict[str, Path]] | None
     data: list[str]
-    members: list[list[Any]] = dataclasses.field(default_factory=list)
-    need: list[str] = dataclasses.field(default_factory=list)
+    members: list[list[Any]] = _field(default_factory=list)
+    need: list[str] = _field(default_factory=list)
     email: str | None = None
-    fire: list[str] = dataclasses.field(default_factory=list)  # the job folders to fire (~/...)
+    fire: list[str] = _field(default_factory=list)  # the job folders to fire (~/...)
     gate: _Gate | None = None
 
 
@@ -13824,6 +13921,30 @@ def _add_verbosity_everywhere(parser: Any) -> None:
             _add_verbosity_everywhere(sub)
 
 
+def _cli_level(level: int) -> int:
+    """The stackops logger's level for -v/-q counted ``level``: logging's ERROR, WARNING, INFO
+    or DEBUG."""
+    return {-1: 40, 0: 30, 1: 20}.get(max(-1, min(level, 2)), 10)
+
+
+def _configure_logging_later(level: int) -> Callable[[], None]:
+    """_configure_logging when the logger is first used or paramiko imported (see _Logger), not
+    before: most commands log nothing (logging is 4 ms of their start). Returns the undo."""
+    if "logging" in sys.modules:  # (a program calling main(): it costs nothing now)
+        return _configure_logging(level)
+    undo: list[Callable[[], None]] = []
+    late = (_cli_level(level), lambda logger: undo.append(_configure_logging(level)))
+    _LATE_HANDLER.append(late)
+
+    def undo_later() -> None:
+        if late in _LATE_HANDLER:
+            _LATE_HANDLER.remove(late)
+        for step in undo:
+            step()
+
+    return undo_later
+
+
 def _configure_logging(level: int) -> Callable[[], None]:
     """One stderr handler for stackops, replaced (not added to) by every main() call. paramiko's
     own log (an "Exception (client)" with a traceback from its thread, before our one line) shows
@@ -13841,8 +13962,7 @@ def _configure_logging(level: int) -> Callable[[], None]:
         new._stackops_cli = True  # type: ignore[attr-defined]
         logger.addHandler(new)
     log.propagate = False
-    levels = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
-    log.setLevel(levels.get(max(-1, min(level, 2)), logging.DEBUG))
+    log.setLevel(_cli_level(level))
 
     def undo() -> None:
         for logger, new in installed:
@@ -13892,7 +14012,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     verbose = args.verbose + getattr(args, "verbose_after", 0)
-    undo_logging = _configure_logging(verbose - args.quiet - getattr(args, "quiet_after", 0))
+    quiet = args.quiet + getattr(args, "quiet_after", 0)
+    undo_logging = _configure_logging_later(verbose - quiet)
     _CLI.append(True)  # errors name the command line's options (see _option)
     import gc
 
@@ -14252,6 +14373,12 @@ def _script_status(run: Callable[[], Any]) -> int:
         return code or 0
     print(code, file=sys.stderr)
     return 1
+
+
+def _installed_command() -> None:
+    """The installed ``stackops`` command (pyproject's console script): main(), then it leaves
+    as ``python -m stackops`` does, its interpreter not torn down (3 ms of every command)."""
+    _leave(_script_status(main))
 
 
 if __name__ == "__main__":

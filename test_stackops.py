@@ -9798,6 +9798,30 @@ def test_import_loads_neither_paramiko_nor_psutil(tmp_path):
     assert out.stdout.strip() == "[]", out.stderr
 
 
+def test_import_and_help_load_no_standard_module_only_some_commands_use(tmp_path):
+    """Each start (a job's wrapper, a dispatcher, --help) imports the module: the standard modules
+    only some commands use wait until one is used (pathlib until a path is made, its urllib.parse
+    and ipaddress until Path.as_uri is called), a model's fields until the model is first made."""
+    shutil.copy(SOURCE, tmp_path / "stackops.py")
+    later = ("pathlib", "urllib.parse", "ipaddress", "dataclasses", "inspect", "copy", "shlex",
+             "json", "logging", "subprocess", "shutil", "tempfile", "zipfile", "hashlib")
+    code = (f"import io, sys, contextlib\nsys.path.insert(0, '')\nimport stackops\n"
+            f"later = {later!r}\n"
+            "print([m for m in later if m in sys.modules])\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert stackops.main(['--help']) == 0\n"
+            "print([m for m in later if m in sys.modules])\n"
+            "print(stackops.Path('/a b').as_uri(), stackops.RemoteStackOpsConfig().data)\n"
+            "import urllib.parse\nprint(urllib.parse.quote('a b'))\n"
+            "print(stackops.Path is sys.modules['pathlib'].Path,\n"
+            "      stackops.dataclasses is sys.modules['dataclasses'])\n")
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "[]", "file:///a%20b []", "a%20b", "True True"], \
+        done.stdout  # (once imported, the module itself, not a stand-in, answers each lookup)
+
+
 def test_main_aliases_module_so_errors_are_one_class():
     # run as a script, the file leaves with os._exit (no interpreter tear-down): made an exception
     code = (f"import os, runpy, sys; sys.argv = ['stackops', '--version']\n"
@@ -10038,6 +10062,35 @@ def test_cli_main_in_process_prints_each_log_line_once_and_leaves_logging_as_it_
     finally:
         root.removeHandler(program)
     assert capsys.readouterr().err.count("after main") == 1
+
+
+def test_cli_logging_is_set_up_when_a_line_is_logged_not_at_every_start(home):
+    """A command that logs nothing leaves logging unimported (4 ms of its start); a warning, or
+    -v's info lines, are printed once each as before, and -qq still hides a warning."""
+    broken = home / "tmp_results" / "remote_machines" / "job_id__broken"
+    broken.mkdir(parents=True)
+    (broken / "cluster.json").write_text("{}")  # `list` warns: skipping cluster ...
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text("def f():\n    return 1\n")
+    code = ("import sys\nsys.path.insert(0, sys.argv[1])\nimport stackops\n"
+            "code = stackops.main(sys.argv[2:])\n"
+            "print(code, 'logging' in sys.modules, stackops._LATE_HANDLER)\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-I", "-S", "-c", code, str(HERE), *args],
+                              cwd=home, env=dict(os.environ, HOME=str(home)),
+                              capture_output=True, text=True, timeout=120)
+
+    quiet = run("run", "proj/m.py:f", "--no-launch", "--job-id", "v1")
+    assert quiet.stdout.splitlines()[-1] == "0 False []" and quiet.stderr == "", quiet
+    loud = run("run", "proj/m.py:f", "--no-launch", "--job-id", "v2", "-v")
+    assert loud.stdout.splitlines()[-1] == "0 True []", loud
+    assert loud.stderr.count("stackops: job v2 generated at") == 1, loud.stderr
+    warned = run("list")
+    assert warned.stdout.splitlines()[-1] == "0 True []", warned
+    assert warned.stderr.count("stackops: skipping cluster") == 1, warned.stderr
+    hushed = run("-q", "-q", "list")
+    assert hushed.stdout.splitlines()[-1] == "0 True []" and hushed.stderr == "", hushed
 
 
 # -- report: a timeline of jobs as one HTML page, in a real headless Chromium ---------------------
@@ -10979,6 +11032,29 @@ def test_cli_hints_name_the_program_as_it_was_run(home, tmp_path):
     assert installed.returncode == 2
     assert "hint: stackops list shows the jobs" in installed.stderr
     assert "stackops.py" not in installed.stderr
+
+
+def test_cli_installed_command_is_main_leaving_as_python_m_does(home, tmp_path):
+    """pyproject's console script, run as pip writes it: main()'s exit status and its whole
+    output, flushed before the process leaves without tearing its interpreter down."""
+    entry = re.search(r'^stackops = "stackops:(\w+)"', HERE.joinpath("pyproject.toml").read_text(),
+                      re.M)[1]
+    script = tmp_path / "stackops"
+    script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(HERE)!r})\n"
+                      f"from stackops import {entry}\nif __name__ == '__main__':\n"
+                      f"    sys.exit({entry}())\n")
+    script.chmod(0o755)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(script), *args], cwd=home, capture_output=True, text=True,
+                              env=dict(os.environ, HOME=str(home)), timeout=60)
+
+    missing = run("status", "no-such-job")
+    assert missing.returncode == 2 and missing.stdout == "", missing
+    assert missing.stderr.endswith("hint: stackops list shows the jobs\n"), missing.stderr
+    helped = run("--help")
+    assert helped.returncode == 0 and helped.stdout == cli("--help", home=home).stdout != ""
+    assert run("--version").stdout == f"stackops {stackops.__version__}\n"
 
 
 def test_cli_job_run_under_cprofile_ships_this_module(home):
