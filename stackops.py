@@ -2251,7 +2251,7 @@ def _command_execution_lines(parallelize: bool) -> list[str]:
 
 
 # ``{name}`` is a placeholder; ``{{`` and ``}}`` stand for one brace; any other brace is itself
-_PLACEHOLDER = _LazyPattern(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
+_COMMAND_PLACEHOLDER = _LazyPattern(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
 _SHELLS = frozenset(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "posh"))
 _SHELL_OPTIONS_WITH_VALUE = frozenset(("--rcfile", "--init-file"))
 
@@ -2261,7 +2261,7 @@ def command_placeholders(argv: list[str]) -> list[str]:
     (``{{`` and ``}}`` are braces and name nothing)."""
     names: list[str] = []
     for word in argv:
-        for match in _PLACEHOLDER.finditer(word):
+        for match in _COMMAND_PLACEHOLDER.finditer(word):
             if match[1] and match[1] not in names:
                 names.append(match[1])
     return names
@@ -2329,7 +2329,7 @@ def _fill_word(word: str, values: dict[str, Any], script: bool) -> str:
     """One word of a command with its placeholders filled: literally in an argument (no shell
     reads it), shell-quoted for where each stands in a shell's script."""
     pieces, state, done = [], "", 0
-    for match in _PLACEHOLDER.finditer(word):
+    for match in _COMMAND_PLACEHOLDER.finditer(word):
         literal = word[done:match.start()]
         pieces.append(literal)
         state = _shell_state(literal, state) if script else state

@@ -867,18 +867,20 @@ def test_header_test_banners_follow_the_module_order():
 
 def test_header_no_name_of_this_file_is_defined_twice():
     """Blocks move (module order): a second module-level definition would silently replace the
-    first for every test that reads the name at run time."""
+    first for every function that reads the name at run time (in the tests, and in stackops.py,
+    where two patterns named _PLACEHOLDER once made the hooks' placeholders the commands')."""
     import ast
 
-    seen: dict[str, int] = {}
     twice = []
-    for node in ast.parse(HERE.joinpath("test_stackops.py").read_text()).body:
-        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
-            target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]
-        for name in names:
-            if name in seen:
-                twice.append((name, seen[name], node.lineno))
-            seen[name] = node.lineno
+    for file in ("test_stackops.py", "stackops.py"):
+        seen: dict[str, int] = {}
+        for node in ast.parse(HERE.joinpath(file).read_text()).body:
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+                target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]
+            for name in names:
+                if name in seen:
+                    twice.append((file, name, seen[name], node.lineno))
+                seen[name] = node.lineno
     assert twice == []
 
 
