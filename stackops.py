@@ -10143,10 +10143,16 @@ def _take_answer(row: dict[str, Any], answer: Any) -> None:
             state = dict(answer["state"], mirrored=_iso(_utcnow()))
             _write_plain(row["root"] / STATE_JSON, json.dumps(state))
         return
-    state = read_state(row["root"])
-    row["report"] = _status_of(row["job_id"], state)
-    row["as_of"] = state.get("mirrored") or state.get("at")
+    row["report"] = _as_last_read(row["job_id"], row["root"])
+    row["as_of"] = row["report"].as_of
     row["error"] = str(answer) if answer is not None else "not asked"
+
+
+def _as_last_read(job_id: str, root: Path) -> JobStatus:
+    """A job whose host could not be asked, as ``list`` and ``status`` show it: its record as
+    last mirrored here, as of when it was read there."""
+    state = read_state(root)
+    return _status_of(job_id, dict(state, as_of=state.get("mirrored") or state.get("at")))
 
 
 def _who_of(machine: RemoteMachine) -> dict[str, Any]:
@@ -11796,8 +11802,15 @@ def _cmd_status(args: Any) -> int:
     with target:
         if not isinstance(target, RemoteMachine):
             return _group_status(target, args)
-        report = target.get_status(args.lines)
-        tasks = target.place.reports(target.array_tasks(), 0) if target.array_parts else []
+        try:
+            report = target.get_status(args.lines)
+            tasks = target.place.reports(target.array_tasks(), 0) if target.array_parts else []
+        except StackopsConnectionError as exc:  # as list shows it: last read, saying so
+            if not target.is_remote:
+                raise
+            print(f"stackops: {target.host_name}: not refreshed ({_last_line(str(exc))})",
+                  file=sys.stderr)
+            report, tasks = _as_last_read(target.job_id, target.file_manager.job_root), []
     if args.json:
         _print_json(dict(report.to_dict(),
                          tasks=[task.to_dict() for task in tasks]) if tasks else report.to_dict())

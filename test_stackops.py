@@ -8611,12 +8611,15 @@ def test_list_hosts_clusters_refreshed_rows_and_unreachable_marked(cluster_home,
         started = time.monotonic()
         cut = cli("list", "--timeout", "3", home=home)
         took = time.monotonic() - started
+        alone = cli("status", "lst-away", home=home)  # the same answer as list's (it was an error)
     finally:
         fault_node.link(1, up=True)
     assert cut.returncode == 0 and took < 15, (took, cut.stderr)
     row = next(line for line in cut.stdout.splitlines() if line.startswith("lst-away"))
     assert "fnode" in row and "running (as of " in row, row
     assert "fnode: not refreshed" in cut.stderr and "node1" not in cut.stderr
+    assert alone.returncode == 0 and "fnode: not refreshed" in alone.stderr, alone
+    assert "running (as of " in alone.stdout and "its host could not be asked" in alone.stdout, alone
     fresh = next(line for line in cut.stdout.splitlines() if line.startswith("lst-ended"))
     assert "completed" in fresh and "as of" not in fresh
 
