@@ -2535,29 +2535,46 @@ def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
     return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()]
 
 
-class _FileLock:
-    """An exclusive flock on a file, held while the block runs. Ctrl-C waits until it is let go:
-    a KeyboardInterrupt raised as it is taken or let go would leave this process holding it,
-    and the withdrawal that Ctrl-C starts (_withdraw_fire) would wait for it for ever."""
+class _Uninterrupted:
+    """Ctrl-C waits while the block runs, and is taken right after it: for work that must be
+    whole once begun (a lock held, a fire's bookkeeping, a withdrawal)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.fd = path, -1
-        self.mask: set[int] = set()
-
-    def __enter__(self) -> _FileLock:
-        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    def __enter__(self) -> None:
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # (as it is)
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-            return self
-        except BaseException:
-            self.__exit__()
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        except BaseException:  # a Ctrl-C that came just before: taken now, the mask as it was
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
             raise
 
     def __exit__(self, *exc: Any) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
         signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+
+
+class _FileLock:
+    """An exclusive flock on a file, held while the block runs. Ctrl-C breaks off the wait for
+    it, and once it is held waits until it is let go: a KeyboardInterrupt raised as it is won or
+    let go would leave this process holding it, and the withdrawal that Ctrl-C starts
+    (_withdraw_fire) would wait for it for ever."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, -1
+        self.calm = _Uninterrupted()
+
+    def __enter__(self) -> _FileLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.calm.__enter__()
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)
+        self.calm.__exit__()
 
 
 def _lock_kind(path: Path) -> str:
@@ -4174,8 +4191,10 @@ def _report_end(root: Path, state: dict[str, Any], inline: bool = True) -> None:
     """Report a recorded end (every end is recorded once, so it is reported once): the e-mail
     and the ``on_end`` hook the job asked for, each bounded in time. A check that found the end
     (``inline=False``) leaves it to a detached process of the job's stackops, so that it never
-    waits for a mail server; a tentative end (a Slurm run that may be requeued) is not reported."""
-    if not state.get("final", True):
+    waits for a mail server; a tentative end (a Slurm run that may be requeued) is not reported,
+    nor the end of a job withdrawn from an interrupted submission: it never ran (a sweep of 2,000
+    broken off by Ctrl-C sent 2,000 mails, started by the submitter with Ctrl-C held back)."""
+    if not state.get("final", True) or state.get("cancel") == WITHDRAWN:
         return
     try:
         config = _read_json(root / CONFIG_JSON)
@@ -4970,12 +4989,7 @@ def _withdraw_fire(roots: list[Path]) -> bool:
     wrapper that took it meanwhile stopped, its end recorded cancelled. Returns whether any job of
     it started: that one goes on, seen by every view, beside the withdrawn ones (when none did,
     the caller may remove them all). A second Ctrl-C waits until this is done."""
-    import threading
-
-    main = threading.current_thread() is threading.main_thread()
-    if main:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
+    with _Uninterrupted():
         entries = _entries_of([root.name for root in roots], roots[0] if roots else None)
         started = False
         for root in roots:
@@ -5003,9 +5017,6 @@ def _withdraw_fire(roots: list[Path]) -> bool:
             if ended is not None:
                 _report_end(root, ended, inline=False)
         return started
-    finally:
-        if main:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 _NOT_STARTED = (None, "prepared", "queued", "waiting")
@@ -10820,11 +10831,12 @@ def _put_sweep_in_place(template: RemoteMachine, jobs: list[RemoteMachine], run:
                     path).get("status") in (None, "prepared")):
                 shutil.rmtree(path, ignore_errors=True)
         raise
-    for job in jobs:
-        job.submitted, job.shared = True, bool(template.handed and template.handed.shared)
-        job.launcher_pid = fired.get("pid") if run else None
-        _write_plain(job.file_manager.path(REMOTE_MACHINE_JSON), json.dumps(job.to_dict()))
-    _sweep_submitted(queued / template.job_id)
+    with _Uninterrupted():  # fired: its jobs run, and their records say so before Ctrl-C is taken
+        for job in jobs:
+            job.submitted, job.shared = True, bool(template.handed and template.handed.shared)
+            job.launcher_pid = fired.get("pid") if run else None
+            _write_plain(job.file_manager.path(REMOTE_MACHINE_JSON), json.dumps(job.to_dict()))
+        _sweep_submitted(queued / template.job_id)
     if fired.get("warning"):
         log.warning("sweep %s on %s: %s", template.job_id, template.host_name, fired["warning"])
 
