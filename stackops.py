@@ -6389,7 +6389,10 @@ class SSH:
                                           hint="check the user and the key (IdentityFile) for this "
                                                "host") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            transport = client.get_transport()
             client.close()
+            if transport is not None:  # its thread logs the failure with a traceback: now, while
+                transport.join(1.0)  # main()'s handler keeps paramiko quiet, not as we leave
             reason = _connect_reason(exc, self.timeout, self.target.port)
             raise StackopsConnectionError(f"cannot connect to {target}: {reason}",
                                           hint=self._connect_hint()) from exc
@@ -11817,16 +11820,20 @@ def _cmd_status(args: Any) -> int:
         try:
             report = target.get_status(args.lines)
             tasks = target.place.reports(target.array_tasks(), 0) if target.array_parts else []
-        except StackopsConnectionError as exc:  # as list shows it: last read, saying so
-            if not target.is_remote:
+        except StackopsConnectionError:  # what is known, as list shows it (last read, as of
+            if not target.is_remote:  # then), and the failure, saying why and what to do
                 raise
-            print(f"stackops: {target.host_name}: not refreshed ({_last_line(str(exc))})",
-                  file=sys.stderr)
-            report, tasks = _as_last_read(target.job_id, target.file_manager.job_root), []
+            _show_status(_as_last_read(target.job_id, target.file_manager.job_root), [], args)
+            raise
+    _show_status(report, tasks, args)
+    return 0
+
+
+def _show_status(report: JobStatus, tasks: list[JobStatus], args: Any) -> None:
     if args.json:
         _print_json(dict(report.to_dict(),
                          tasks=[task.to_dict() for task in tasks]) if tasks else report.to_dict())
-        return 0
+        return
     _print_table(_status_rows(report))
     if tasks:
         print()
@@ -11837,7 +11844,6 @@ def _cmd_status(args: Any) -> int:
         print("\n" + report.error_message.rstrip())
     if args.lines and report.log_tail:
         print(f"\nlast lines of the log:\n{report.log_tail}")
-    return 0
 
 
 def _group_status(target: Any, args: Any) -> int:
