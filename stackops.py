@@ -2701,7 +2701,7 @@ def _hold_alive(root: Path) -> int:
     return fd
 
 
-def _mtime_ns(path: Path) -> int:
+def _mtime_ns(path: str | Path) -> int:
     """The mtime of ``path`` while it stands for its contents (-1: missing, or changed within
     the racy window, when a later change may leave it as it is)."""
     try:
@@ -2716,19 +2716,22 @@ _PLACES: dict[str, tuple[int, dict[str, int]]] = {}  # a queue's listing, while 
 
 def _place_in(queue: str, entry: str) -> int | None:
     """The place of ``entry`` in the queue folder ``queue`` (see Slots.place_of)."""
-    try:
-        version = os.stat(queue).st_mtime_ns
-    except FileNotFoundError:
-        return None
-    if time.time_ns() - version < RACY_NS:  # changed within a clock tick may read unchanged
-        version = -1
+    places = _listing(queue)
+    return places[entry] if entry in places else _listing(queue, fresh=True).get(entry)
+
+
+def _listing(queue: str, fresh: bool = False) -> dict[str, int]:
+    """The entries of the queue folder ``queue`` and their places (1 first), listed again only
+    when the folder changed since (or ``fresh``); {} when it is gone."""
+    version = _mtime_ns(queue)
     cached = _PLACES.get(queue)
-    if cached is None or cached[0] != version or version < 0 or entry not in cached[1]:
-        with _suppress(FileNotFoundError):
+    if cached is None or cached[0] != version or version < 0 or fresh:
+        try:
             names = sorted(name for name in os.listdir(queue) if not name.startswith("."))
-            cached = (version, {name: place for place, name in enumerate(names, 1)})
-            _PLACES[queue] = cached
-    return cached[1].get(entry) if cached else None
+        except OSError:
+            return {}
+        cached = _PLACES[queue] = (version, {name: place for place, name in enumerate(names, 1)})
+    return cached[1]
 
 
 _DETACHED: list[subprocess.Popen[bytes]] = []  # processes started here (kept, never waited for)
@@ -5210,12 +5213,9 @@ def _judge_records(roots: list[Path], states: list[dict[str, Any]]) -> list[dict
 
 
 def _listed(folders: set[str]) -> frozenset[str]:
-    """The paths of the entries in queue ``folders`` now (each listed once, not each stat'ed)."""
-    found: list[str] = []
-    for folder in folders:
-        with _suppress(OSError):
-            found += [f"{folder}/{name}" for name in os.listdir(folder)]
-    return frozenset(found)
+    """The paths of the entries in queue ``folders`` now (each listed once, not each stat'ed;
+    the listing _place_in then reads its places from)."""
+    return frozenset(f"{folder}/{name}" for folder in folders for name in _listing(folder))
 
 
 def job_reports(roots: list[Path], log_lines: int = 0) -> list[JobStatus]:
