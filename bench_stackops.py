@@ -955,6 +955,11 @@ def cli_cases(bed: Bed, runs: int) -> list[dict]:
                             lambda: run_cmd([str(bin_dir / "stackops"), "--help"], env=plain),
                             lambda: run_cmd([str(bin_dir / "python"), "-c", "pass"], env=plain), runs * 2,
                             "its python -c pass (target <= 1.3x)"))
+        # pip's console script imports re before it imports stackops: the floor of any such script
+        rows.append(compare("CLI start: installed `stackops --help` (floor)",
+                            lambda: run_cmd([str(bin_dir / "stackops"), "--help"], env=plain),
+                            lambda: run_cmd([str(bin_dir / "python"), "-c", "import re"], env=plain),
+                            runs * 2, "its python -c 'import re', pip's script's own import"))
     return rows
 
 
