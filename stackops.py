@@ -430,8 +430,7 @@ class StackopsConnectionError(StackopsError, ConnectionError):
 
 
 class HostKeyError(StackopsConnectionError):
-    """The host's key is unknown (refused until accepted: ``unknown_key``, which is bad input
-    like a missing option) or changed (always refused)."""
+    """The host's key is unknown (``unknown_key``: refused until accepted) or changed."""
 
     def __init__(self, message: str, hint: str | None = None, unknown_key: bool = False) -> None:
         super().__init__(message, hint)
@@ -453,9 +452,7 @@ class JobFailedError(StackopsError):
 
 
 class _SnapshotMismatchError(StackopsError):
-    """A copy did not hold the bytes its snapshot's manifest names for ``path`` (sha256
-    ``digest``): the file changed after it was hashed, or a store's blob is damaged. Nothing of
-    the copy was left behind. Caught to take the snapshot again (see _materialize)."""
+    """A copy lacked the bytes its manifest names for ``path``: the snapshot is taken again."""
 
     def __init__(self, path: str, digest: str) -> None:
         self.path, self.digest = path, digest
@@ -465,16 +462,14 @@ class _SnapshotMismatchError(StackopsError):
 
 
 class _RecordMissingError(ConfigError):
-    """A job folder is there without its record (removed by hand): it cannot be read as a job.
-    Caught to say so once no cluster, sweep or cloud job has the id (_load_job_or_cluster)."""
+    """A job folder without its record; caught by _load_job_or_cluster to try the other kinds."""
 
 
 _CLI: list[bool] = []  # not empty while main() runs a command: errors name its options
 
 
 def _option(api: str, cli: str) -> str:
-    """An option as the reader of an error will type it: ``cli`` (``--overwrite``) while main()
-    runs a command, else ``api`` (``overwrite=True``)."""
+    """An option as the reader of an error types it: ``cli`` under main(), else ``api``."""
     return cli if _CLI else api
 
 
@@ -482,8 +477,7 @@ def _option(api: str, cli: str) -> str:
 
 
 def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
-    """``exc`` as plain data for the other side of a host boundary: its class, message, hint and
-    plain attributes, and ``evidence`` (the traceback of a crash)."""
+    """``exc`` as plain data (class, message, hint, plain attributes, ``evidence``)."""
     fields = {key: value for key, value in vars(exc).items()
               if key != "hint" and isinstance(value, (str, int, float, bool, type(None)))}
     record = {"class": type(exc).__name__, "message": str(exc),
@@ -536,9 +530,8 @@ _UNSHOWN = _LazyPattern("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2
 
 
 def _terminal_safe(value: Any, lines: bool = False) -> str:
-    """``value`` (text from elsewhere: a bucket, a host) as a string a terminal shows as it is:
-    each control or bidirectional character written as its Python escape (``\\x1b``), line
-    breaks kept only with ``lines``; anything but a string as its JSON."""
+    """``value`` (text from elsewhere) with each character of _UNSHOWN as its Python escape,
+    line breaks kept with ``lines``; anything but a string as its JSON."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return _UNSHOWN.sub(lambda m: m[0] if lines and m[0] == "\n" else repr(m[0])[1:-1], text)
 
@@ -547,8 +540,7 @@ _PROGRAM: list[str] = []  # how main() was run, once it has been: [program] or [
 
 
 def _prog() -> str:
-    """The program as the user runs it, for hints: ``stackops`` (the installed console script) or
-    ``python3 path/to/stackops.py``; outside main(), the console script when it is installed."""
+    """The program as the user runs it, for hints (``stackops`` or ``python3 stackops.py``)."""
     if len(_PROGRAM) == 2:
         return f"{_PROGRAM[0]} {shlex.quote(_PROGRAM[1])}"
     if _PROGRAM:
@@ -573,18 +565,15 @@ def _own_file() -> Path:
 
 
 def _serve_argv(python: str, *args: str, site: bool = False) -> list[str]:
-    """The command that runs ``serve(args)`` of this very file with ``python``: the file imported
-    as a module (its bytecode cached beside it, as any import's), not run as a script, which
-    Python compiles on every start; with ``site``, the site packages too (a dispatcher's forks
-    are the jobs' wrappers)."""
+    """The command that runs ``serve(args)`` of this file with ``python``, imported (its bytecode
+    cached) rather than run as a script; ``site``: with site packages (for jobs' wrappers)."""
     boot = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; "
             "sys.exit(stackops.serve(sys.argv[2:]))")
     return [python, *([] if site else ["-S"]), "-c", boot, str(_own_file().parent), *args]
 
 
 def _this_module() -> Any:
-    """The module this code runs as. A runner that executes the file in a plain namespace
-    (cProfile, trace) has none: a module is made from that namespace, with the same objects, so
+    """The module this code runs as; under cProfile or trace, one made from these globals, so
     ``except stackops.StackopsError`` still catches what this code raises."""
     module = sys.modules.get(__name__)
     if module is not None and vars(module) is globals():
@@ -609,9 +598,8 @@ def _mkdir_private(path: Path) -> Path:
 
 
 def _untrusted_reason(path: Path) -> str | None:
-    """Why someone else could change what is in folder ``path``, or None: like OpenSSH's
-    StrictModes, the folder and each parent must belong to you or root and be writable by nobody
-    else; a root-owned sticky folder such as /tmp ends the walk (nobody may rename yours there)."""
+    """Why someone else could change folder ``path``, or None (OpenSSH's StrictModes up to /, or
+    to a root-owned sticky folder such as /tmp, where nobody may rename yours)."""
     me = os.getuid()
     current = os.path.realpath(path)
     while True:
@@ -628,8 +616,8 @@ def _untrusted_reason(path: Path) -> str | None:
 
 
 def _trusted_dir(path: Path, what: str) -> Path:
-    """Create ``path`` private (0700) if it is missing, and refuse it if anyone but you (or root)
-    could change what is inside it: a folder someone else made first is never used."""
+    """``path``, made 0700 when missing; refused if anyone but you or root could change it."""
+
     existing = path
     while not existing.is_dir() and existing != existing.parent:
         existing = existing.parent
@@ -651,18 +639,7 @@ def _trusted_dir(path: Path, what: str) -> Path:
 def _atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
     """Write a whole file or nothing: temp file, fsync, rename over the target."""
     _mkdir_private(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _write_plain(path, text, mode, sync=True)
 
 
 def _write_new(path: str | Path, text: str, mode: int = 0o600) -> None:
@@ -682,15 +659,19 @@ def _private_append(path: str | Path) -> Any:
     return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
 
 
-def _write_plain(path: str | Path, text: str | bytes) -> None:
-    """A small file that appears whole (temp file, rename), without fsync: records and queue
-    entries are written thousands of times."""
+def _write_plain(path: str | Path, text: str | bytes, mode: int = 0o600,
+                 sync: bool = False) -> None:
+    """A file that appears whole (temp file, rename); fsync only with ``sync``: records and
+    queue entries are written thousands of times."""
     folder, name = os.path.split(path)
     temp = f"{folder}/.{name}.{os.getpid()}.{os.urandom(3).hex()}.tmp"  # random costs an import
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with open(fd, "wb") as handle:
             handle.write(text.encode("utf-8") if isinstance(text, str) else text)
+            if sync:
+                handle.flush()
+                os.fsync(fd)
         os.replace(temp, path)
     except BaseException:
         with _suppress(OSError):
@@ -756,8 +737,8 @@ _HOMES: dict[Any, tuple[str, str]] = {}  # (home, its inode): (home, its real pa
 
 
 def _homes() -> tuple[str, str]:
-    """This machine's home, absolute and resolved through symlinks, resolved again only when the
-    home changes (a list of 10,000 jobs collapses 30,000 paths: resolving was most of it)."""
+    """This machine's home, as is and resolved, resolved again only when the home changes (a
+    list of 10,000 jobs collapses 30,000 paths: resolving was most of it)."""
     home = os.path.abspath(os.path.expanduser("~"))
     try:
         info = os.lstat(home)
@@ -1009,11 +990,9 @@ def _zombie_exit(pid: Any, start: Any) -> str:
 
 
 def is_job_process(pid: int, path: str, start: int | None) -> bool:
-    """True only when ``pid`` is provably a job's own process: alive and not a zombie, and started
-    at the recorded ``start`` (clock ticks), or, with none recorded, ``path`` (the wrapper's or
-    launcher's exact path) one of its command-line arguments (a wrapper its dispatcher forked
-    shows the dispatcher's). A kernel thread, a stranger naming the job, a reused pid are all
-    dead."""
+    """True only when ``pid`` is provably a job's own process: alive, not a zombie, and started at
+    the recorded ``start`` (clock ticks), or with none recorded, ``path`` one of its arguments (a
+    wrapper its dispatcher forked shows the dispatcher's). A reused pid is dead."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -1075,10 +1054,8 @@ def _sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def _copy_verified(source: str, target: str, digest: str, mode: int, relative: str = "") -> None:
-    """A new file ``target`` (``mode``; never one that exists) with the bytes of ``source``, a
-    store's blob or a live file, hashed as they are copied: when they are not the bytes of sha256
-    ``digest`` (or the source is gone), the copy is removed and _SnapshotMismatchError raised
-    for ``relative`` (the file's path in its tree; else ``source``)."""
+    """A new file ``target`` with the bytes of ``source``, hashed as they are copied: unless they
+    are sha256 ``digest``, it is removed and _SnapshotMismatchError raised for ``relative``."""
     import hashlib
 
     hasher = hashlib.sha256()
@@ -1118,11 +1095,10 @@ def _link_inside(relative: str, target: str) -> bool:
 
 
 class _Staged:
-    """The one way a folder (or a file) is put in place: built at ``path`` (a hidden box beside
-    ``target``), then renamed to ``target``: whole under its name, or not at all (a failure,
-    Ctrl-C included, removes what was built). What is at ``target`` by then is removed first
-    with ``replace`` (a download allowed to overwrite), else refused with ``exists()``'s error.
-    ``folder``: ``path`` is made as an empty folder (else the caller makes it, a file or not)."""
+    """The one way a folder (or file) is put in place: built at ``path`` in a hidden box beside
+    ``target``, then renamed to it, or removed on any failure (Ctrl-C too). What is at ``target``
+    is removed first with ``replace``, else refused with ``exists()``'s error. ``folder``: make
+    ``path`` an empty folder (else the caller makes it)."""
 
     def __init__(self, target: str | os.PathLike[str], replace: bool = False,
                  exists: Callable[[], Exception] | None = None, folder: bool = True) -> None:
@@ -1167,13 +1143,10 @@ class _Staged:
 
 def _materialize(entries: list[list[Any]], source_of: dict[str, Any],
                  folder: str | os.PathLike[str]) -> None:
-    """Make ``folder`` the job's own copy of a snapshot (``entries``, its manifest): each file
-    copied (never hard-linked: what the job writes reaches no store and no other job) from the
-    first of its sources that holds the bytes its sha256 names. ``source_of`` maps a sha256 to a
-    path (a store's blob, a file of the work tree) or a list of paths tried in turn. The links
-    come last, each relative and inside the tree. ``folder`` appears whole under its name
-    (staging beside it, then a rename) or not at all: a file that no source holds raises
-    _SnapshotMismatchError, a link out of the tree StackopsError."""
+    """Make ``folder`` (whole, or not at all) the job's own copy of a snapshot (``entries``, its
+    manifest): each file copied, never hard-linked (what the job writes reaches no store and no
+    other job), from the first source that holds its bytes (``source_of``: sha256 to a path or a
+    list of paths); links last, each inside the tree."""
     made: set[str] = set()
     with _Staged(folder) as staging:
         for relative, kind, value in sorted(entries, key=lambda entry: entry[1] == "l"):
@@ -1186,36 +1159,22 @@ def _materialize(entries: list[list[Any]], source_of: dict[str, Any],
                 if not _link_inside(relative, value):
                     raise StackopsError(f"refusing the link {relative} -> {value}: out of the tree")
                 os.symlink(value, path)
+                continue
+            sources = source_of.get(value) or []
+            mode = 0o700 if kind == "x" else 0o600
+            for source in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+                with _suppress(_SnapshotMismatchError):
+                    _copy_verified(os.fspath(source), path, value, mode, relative)
+                    break
             else:
-                _copy_first(source_of.get(value) or [], path, value,
-                            0o700 if kind == "x" else 0o600, relative)
-
-
-def _copy_first(sources: Any, path: str, digest: str, mode: int, relative: str) -> None:
-    """_copy_verified from the first of ``sources`` (a path or a list) that holds ``digest``."""
-    candidates = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
-    for source in candidates:
-        try:
-            _copy_verified(os.fspath(source), path, digest, mode, relative)
-        except _SnapshotMismatchError:
-            continue
-        return
-    raise _SnapshotMismatchError(relative, digest)
+                raise _SnapshotMismatchError(relative, value)
 
 
 def _data_plan(item: dict[str, Any]) -> dict[str, Any]:
-    """Which files of one data item the executing machine must be sent, ``{"need": [relative,
-    ...]}``, or why it cannot take them, ``{"conflict": why}``: a pure function of its own files
-    and the request. ``item`` as _data_items makes it: ``target`` (home-relative, or absolute
-    outside the home), ``dir``, and ``stamps``, one ``[relative, size, mtime_ns, sha256 or ""]``
-    per file (the sha256 for a file changed less than RACY_NS before the request, and for every
-    file outside the home). A file
-    is needed when it is missing here or differs in kind, size or mtime_ns. A copy whose stamps
-    match is compared by hash when the request gives one; else it is trusted only if its mtime
-    is more than RACY_NS older than the moment it was written here (its ctime), since a second
-    write within the first one's clock tick leaves the stamps as they were (git's racy rule).
-    Copies sent are stamped with the sender's mtime_ns (``os.utime(path, ns=(m, m))``), so an
-    unchanged file matches."""
+    """Which files of one data item (as _data_items makes it) this machine must be sent,
+    ``{"need": [relative, ...]}``, or why it cannot take them, ``{"conflict": why}``. A file is
+    needed when missing or different in kind, size or mtime_ns (copies sent keep the sender's),
+    or, when its stamps match, in hash (_data_differs: git's racy rule)."""
     target = os.path.abspath(os.path.expanduser(item["target"]))
     if os.path.lexists(target) and os.path.isdir(target) != item["dir"]:
         kind = "file" if item["dir"] else "folder"
@@ -1244,7 +1203,8 @@ def _data_plan(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _data_differs(path: str, info: os.stat_result, size: int, mtime_ns: int, digest: str) -> bool:
-    """Whether the file at ``path`` (``info``, its lstat) is not the sender's (_data_plan)."""
+    """Whether the file at ``path`` (``info``, its lstat) is not the sender's: a recent one
+    (``digest`` given) by hash; else unless written here more than RACY_NS after its mtime."""
     if not stat.S_ISREG(info.st_mode) or info.st_size != size or info.st_mtime_ns != mtime_ns:
         return True
     if digest:  # the sender's file is recent: its stamps may not have changed with its bytes
