@@ -5789,12 +5789,9 @@ def lan_score(row: InterfaceAddress, prefer_vpn: bool = False) -> float | None:
 def choose_lan_ipv4(table: list[InterfaceAddress],
                     prefer_vpn: bool = False) -> InterfaceAddress | None:
     """The best-scoring row of ``table`` (the first one on a tie), or None."""
-    best, best_score = None, -1e9
-    for row in table:
-        score = lan_score(row, prefer_vpn)
-        if score is not None and score > best_score:
-            best, best_score = row, score
-    return best
+    rows = [row for row in table if lan_score(row, prefer_vpn) is not None]
+    return max(rows, key=lambda row: lan_score(row, prefer_vpn) or 0.0, default=None)
+
 
 
 def select_lan_ipv4(prefer_vpn: bool = False) -> str | None:
@@ -5834,17 +5831,6 @@ def _check_http_url(url: str) -> str:
     return url
 
 
-def _http_only_opener() -> Any:
-    """A urllib opener for http and https only, redirects included (no file:, ftp:, data:)."""
-    import urllib.request as request
-
-    opener = request.OpenerDirector()
-    for handler in (request.ProxyHandler(), request.HTTPHandler(), request.HTTPSHandler(),
-                    request.HTTPDefaultErrorHandler(), request.HTTPRedirectHandler(),
-                    request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    return opener
-
 
 def _fetch_within(url: str, timeout: float, limit: int = 1 << 20) -> str:
     """The body of ``url`` (at most ``limit`` bytes), all within ``timeout`` seconds: a silent DNS
@@ -5858,10 +5844,16 @@ def _fetch_within(url: str, timeout: float, limit: int = 1 << 20) -> str:
     request = urllib.request.Request(url, headers={"Accept": "application/json",
                                                    "User-Agent": f"stackops/{__version__}"})
     box: dict[str, Any] = {}
+    opener = urllib.request.OpenerDirector()  # http and https only, redirects included
+    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
 
     def fetch() -> None:
         try:
-            with _http_only_opener().open(request, timeout=timeout) as response:
+            with opener.open(request, timeout=timeout) as response:
+
                 box["body"] = response.read(limit)
         except BaseException as exc:  # handed to the caller below
             box["error"] = exc
@@ -6030,7 +6022,7 @@ def _paramiko() -> Any:
     try:
         if "paramiko" not in sys.modules and "invoke" not in sys.modules:
             # paramiko imports invoke (which imports unittest.mock), a third of its import time,
-            # only for "Match exec" lines of an SSH config: _paramiko_invoke brings it when needed
+            # only for "Match exec" lines of an SSH config: resolve_ssh_target brings it then
             sys.modules["invoke"] = None  # type: ignore[assignment]
             try:
                 import paramiko
@@ -6043,15 +6035,6 @@ def _paramiko() -> Any:
                               hint="pip install paramiko (or: pip install stackops)") from exc
     return paramiko
 
-
-def _paramiko_invoke() -> None:
-    """Give paramiko invoke, which it runs "Match exec" lines with (see _paramiko)."""
-    import paramiko.config
-
-    if getattr(paramiko.config, "invoke", True) is None:
-        import invoke
-
-        paramiko.config.invoke = invoke  # type: ignore[attr-defined]
 
 
 _TARGET = _LazyPattern(r"(?:(?P<user>[^@\s/:]+)@)?"
@@ -6097,23 +6080,22 @@ class SSHTarget:
         return f"{self.user}@{self.hostname}:{self.port}"
 
 
-def _ssh_config_path() -> Path:
-    return expand_home(os.environ.get("STACKOPS_SSH_CONFIG") or "~/.ssh/config")
-
 
 def resolve_ssh_target(host: str) -> SSHTarget:
     """Resolve an alias of ~/.ssh/config (or ``user@host[:port]``) into an SSHTarget."""
     import getpass
 
     user, name, port = parse_ssh_target(host)
-    path = _ssh_config_path()
+    path = expand_home(os.environ.get("STACKOPS_SSH_CONFIG") or "~/.ssh/config")
     paramiko = _paramiko()
     try:
         config = paramiko.SSHConfig.from_path(str(path)) if path.exists() else paramiko.SSHConfig()
         try:
             entry = config.lookup(name)
-        except ImportError:  # a "Match exec" line
-            _paramiko_invoke()
+        except ImportError:  # a "Match exec" line: paramiko runs it with invoke (see _paramiko)
+            import invoke
+
+            paramiko.config.invoke = invoke
             entry = config.lookup(name)
     except Exception as exc:  # paramiko raises assorted errors for a bad config
         raise ConfigError(f"cannot read {path}: {exc}") from exc
@@ -6162,11 +6144,10 @@ _QUICKACK_SOCKET: Any = None
 
 
 def _quickack_socket() -> Any:
-    """A socket class that acknowledges every segment at once (Linux TCP_QUICKACK, re-armed after
-    each read, as the kernel drops it by itself). After login sshd sends a host-keys notice, then
-    holds the reply to our first channel open until that notice is acknowledged (Nagle: it sets
-    TCP_NODELAY only for terminals), while our kernel delays the acknowledgement by 40 ms: the
-    first command on every connection took 43 ms, and takes 2 ms this way."""
+    """A socket class that acknowledges every segment at once (TCP_QUICKACK, re-armed after each
+    read: the kernel drops it). sshd holds the reply to our first channel open until its
+    host-keys notice is acknowledged (Nagle: TCP_NODELAY only for terminals), which our kernel
+    delays 40 ms: the first command took 43 ms, and takes 2 ms this way."""
     global _QUICKACK_SOCKET
     if _QUICKACK_SOCKET is None:
         import socket
@@ -6430,7 +6411,8 @@ class SSH:
         return self._specs
 
     def simple_sftp_get(self, remote_path: str, local_path: str | os.PathLike[str]) -> None:
-        """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host``: alias or SSH."""
+        """One remote file over SFTP, with its mode (never setuid, setgid or sticky)."""
+
         try:
             with self.client.open_sftp() as sftp:
                 mode = _kept_mode(f"{(sftp.stat(remote_path).st_mode or 0) & 0o7777:o}")
@@ -6850,8 +6832,16 @@ def _upload_into(ssh: SSH, source: Path, target: str, staging: str, compress: bo
         total = None if compress else source.stat().st_size
     with meter:
         meter.begin(total)
-        sent = _upload_stream(ssh, command, producer, plain, staging, target, meter)
-    _commit_upload(ssh, target, arrived, staging, sent if plain is not None else None)
+        _upload_stream(ssh, command, producer, plain, meter)
+    # only once everything went through does this second command put the upload under the
+    # target's name (a broken connection can never trigger it), its size checked first
+    commit = _copy_command(UPLOAD_COMMIT_TEMPLATE, target=target, arrived=arrived,
+                           old=staging + ".old", staging=staging,
+                           size=meter.done if plain is not None else "-")
+    response = ssh.run_shell_cmd_on_remote(commit, timeout=ssh.timeout, strict=False)
+    if response.returncode != 0:
+        raise TransferError(f"{meter.what} could not be put in place: "
+                            f"{_last_line(response.stderr) or 'size mismatch'}")
 
 
 def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
@@ -6879,73 +6869,33 @@ def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
 
 
 def _upload_stream(ssh: SSH, command: str, producer: list[str] | None, source: Path | None,
-                   staging: str, target: str, meter: _Meter) -> int:
-    """Stream into the hidden staging folder (from ``producer``'s output, else the file
-    ``source``); returns the bytes sent. Any failure removes the staging folder."""
-    channel = _transfer_channel(ssh)
-    watchdog = _Watchdog(ssh)
-    what = f"upload to {ssh.target.alias}:{target}"
-    proc = None
-    try:
-        channel.exec_command(_bash_line(command))
+                   meter: _Meter) -> None:
+    """Stream ``producer``'s output (else the file ``source``) into ``command`` on the host; the
+    caller (_upload) removes the staging folder on any failure."""
+    def produce(write: Callable[[bytes], None], _readline: Any) -> None:
+        proc = None
         if producer is not None:
             proc = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        stream: Any = proc.stdout if proc is not None else open(str(source), "rb")  # noqa: SIM115
-        with stream, watchdog:
-            _pump(stream, channel, watchdog, meter)
-        if proc is not None and proc.wait() != 0:
-            why = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise TransferError(f"local {(producer or ['tar'])[0]} failed: {_last_line(why)}")
-        channel.shutdown_write()
-        _out, err, status = _drain(channel, max(60.0, 4 * ssh.timeout), command, str(ssh.target))
-    except CommandError as exc:  # everything was sent, and then the host went quiet
-        ssh._lost()
-        raise TransferError(f"{what}: the host stopped answering after {meter.done} bytes",
-                            hint="nothing was left under the target's name; run the copy again"
-                            ) from exc
-    except (OSError, EOFError, _paramiko().SSHException) as exc:
-        error = _broke_off(ssh, what, meter.done, exc, channel, watchdog.fired)
-        _discard(ssh, staging)  # a dropped connection keeps the hidden staging folder, not the name
-        raise error from exc
-    except BaseException:
-        _discard(ssh, staging)
-        raise
-    finally:
-        channel.close()
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if status != 0:
-        _discard(ssh, staging)
-        raise TransferError(f"{what} failed (exit status {status}): "
-                            f"{_reason(err.decode(errors='replace'))}")
-    return meter.done
+        try:
+            stream: Any = proc.stdout if proc else open(str(source), "rb")  # noqa: SIM115
 
+            with stream:
 
-def _pump(stream: Any, channel: Any, watchdog: _Watchdog, meter: _Meter) -> None:
-    """Copy ``stream`` into ``channel`` in chunks, telling the watchdog and the meter."""
-    sent = 0
-    while True:
-        chunk = stream.read(1 << 18)
-        if not chunk:
-            return
-        channel.sendall(chunk)
-        watchdog.tick()
-        sent += len(chunk)
-        meter(sent)
+                for chunk in iter(lambda: stream.read(1 << 18), b""):
+                    write(chunk)
+            if proc is not None and proc.wait() != 0:
+                why = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise TransferError(f"local {(producer or ['tar'])[0]} failed: {_last_line(why)}")
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
-
-def _commit_upload(ssh: SSH, target: str, arrived: str, staging: str, size: int | None) -> None:
-    """Only once everything went through does this second command move the upload under the
-    target's name (a broken connection can never trigger it); ``size``: checked first."""
-    commit = _copy_command(UPLOAD_COMMIT_TEMPLATE, target=target, arrived=arrived,
-                           old=staging + ".old", staging=staging,
-                           size="-" if size is None else size)
-    response = ssh.run_shell_cmd_on_remote(commit, timeout=ssh.timeout, strict=False)
+    response = _stream_command(ssh, command, produce, meter, what=meter.what,
+                               hint="nothing was left under the target's name; run the copy again")
     if response.returncode != 0:
-        _discard(ssh, staging)
-        raise TransferError(f"upload to {ssh.target.alias}:{target} could not be put in place: "
-                            f"{_last_line(response.stderr) or 'size mismatch'}")
+        raise TransferError(f"{meter.what} failed (exit status {response.returncode}): "
+                            f"{_reason(response.stderr)}")
 
 
 def _discard(ssh: SSH, staging: str) -> None:
@@ -6958,11 +6908,11 @@ def _discard(ssh: SSH, staging: str) -> None:
 
 def _stream_command(ssh: SSH, command: str,
                     produce: Callable[[Callable[[bytes], None], Callable[[], bytes]], None],
-                    progress: Callable[[int], None] | None = None,
-                    timeout: float | None = None) -> Response:
-    """SSH.stream_command: ``produce(write, readline)`` feeds the command's stdin and may read
-    its answers line by line; then the rest of its output is read (not strict). Silence in
-    both directions for ``timeout`` (default: the connection's) counts as a lost host."""
+                    progress: Callable[[int], None] | None = None, timeout: float | None = None,
+                    what: str = "",
+                    hint: str = "nothing was left under the job's name; run it again") -> Response:
+    """SSH.stream_command; silence both ways for ``timeout`` (default: the connection's) counts
+    as a lost host. ``what`` and ``hint``: for the error when the host stops answering."""
     channel = _transfer_channel(ssh)
     if timeout is not None:
         channel.settimeout(timeout)
@@ -6987,7 +6937,7 @@ def _stream_command(ssh: SSH, command: str,
         pending[:] = rest
         return line + b"\n"
 
-    what = f"upload to {ssh.target.alias}"
+    what = what or f"upload to {ssh.target.alias}"
     try:
         channel.exec_command(_bash_line(command))
         with watchdog:
@@ -6998,7 +6948,7 @@ def _stream_command(ssh: SSH, command: str,
         except CommandError as exc:  # everything was sent, and then the host went quiet
             ssh._lost()
             raise TransferError(f"{what}: the host stopped answering after {sent[0]} bytes",
-                                hint="nothing was left under the job's name; run it again") from exc
+                                hint=hint) from exc
     except (OSError, EOFError, _paramiko().SSHException) as exc:
         raise _broke_off(ssh, what, sent[0], exc, channel, watchdog.fired) from exc
     finally:
@@ -7141,32 +7091,26 @@ def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
                    remote: str, compressed: bool) -> None:
     import zlib
 
-    channel = _transfer_channel(ssh)
-    received = written = 0
     unzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if compressed else None
-    try:
-        channel.exec_command(_bash_line(command))
-        channel.shutdown_write()
+    written = 0
+
+    def receive(reader: _CountingReader) -> None:
+        nonlocal written
         with open(path, "wb") as handle:
             while True:
-                chunk = channel.recv(1 << 20)
-                received += len(chunk)
-                data = chunk if unzip is None else _gunzip_step(unzip, chunk)
+                chunk = data = reader.read(1 << 20)
+                if unzip is not None:  # an empty chunk (the end) flushes the rest
+                    data = unzip.decompress(chunk) if chunk else unzip.flush()
                 handle.write(data)
                 written += len(data)
                 if not chunk:
                     break
-                meter(received)
-        status = channel.recv_exit_status()
-        err = _stderr_so_far(channel)
+
+    try:
+        status, err = _download_stream(ssh, command, meter, receive)
     except zlib.error as exc:
         raise TransferError(f"download from {ssh.target.alias}: the compressed stream is "
                             f"damaged: {exc}") from exc
-    except (OSError, EOFError, _paramiko().SSHException) as exc:
-        what = f"download from {ssh.target.alias}"
-        raise _broke_off(ssh, what, received, exc, channel) from exc
-    finally:
-        channel.close()
     if status != 0 or written != size or (unzip is not None and not unzip.eof):
         why = _reason(err) or f"{remote} shrank while it was read (truncated or replaced?)"
         raise TransferError(f"download of {ssh.target.alias}:{remote} failed (exit status "
@@ -7175,22 +7119,28 @@ def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
 
 
 def _download_tar(ssh: SSH, command: str, staging: Path, compressed: bool, meter: _Meter) -> None:
+    status, err = _download_stream(ssh, command, meter,
+                                   lambda reader: _extract_tar(reader, staging, compressed))
+    if status != 0:
+        raise TransferError(f"download from {ssh.target.alias} failed (exit status {status}): "
+                            f"{_reason(err)}")
+
+
+def _download_stream(ssh: SSH, command: str, meter: _Meter,
+                     receive: Callable[[_CountingReader], None]) -> tuple[int, str]:
+    """Run ``command`` on the host, ``receive`` its stdout; its exit status and stderr."""
     channel = _transfer_channel(ssh)
     reader = _CountingReader(channel, meter)
     try:
         channel.exec_command(_bash_line(command))
         channel.shutdown_write()
-        _extract_tar(reader, staging, compressed)
-        status = channel.recv_exit_status()
-        err = _stderr_so_far(channel)
+        receive(reader)
+        return channel.recv_exit_status(), _stderr_so_far(channel)
     except (OSError, EOFError, _paramiko().SSHException) as exc:
         what = f"download from {ssh.target.alias}"
         raise _broke_off(ssh, what, reader.count, exc, channel) from exc
     finally:
         channel.close()
-    if status != 0:
-        raise TransferError(f"download from {ssh.target.alias} failed (exit status {status}): "
-                            f"{_reason(err)}")
 
 
 def _transfer_channel(ssh: SSH) -> Any:
@@ -7248,10 +7198,6 @@ class _Watchdog:
                 return
 
 
-def _gunzip_step(unzip: Any, chunk: bytes) -> bytes:
-    """What one chunk of a gzip stream unpacks to; an empty chunk (the end) flushes the rest."""
-    return unzip.decompress(chunk) if chunk else unzip.flush()
-
 
 def _stderr_so_far(channel: Any) -> str:
     data = b""
@@ -7276,10 +7222,12 @@ class _CountingReader:
 
     def read(self, size: int = -1) -> bytes:
         chunk = self.channel.recv(size if size > 0 else 1 << 20)
+
         self.count += len(chunk)
         if self.progress is not None and chunk:
             self.progress(self.count)
         return chunk
+
 
 
 def _extract_tar(stream: Any, folder: Path, compressed: bool) -> None:
