@@ -487,10 +487,9 @@ def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
     return record
 
 
-def _error_from_record(record: dict[str, Any], prefix: str = "",
-                       hint: str | None = None) -> StackopsError | None:
-    """The StackopsError a record describes (``prefix`` before its message, ``hint`` when it has
-    none), with the attributes it carried; None for a class that is not one of ours."""
+def _error_from_record(record: dict[str, Any], prefix: str = "") -> StackopsError | None:
+    """The StackopsError a record describes, ``prefix`` before its message, with the attributes
+    it carried; None for a class that is not one of ours."""
     classes, todo = {}, [StackopsError]
     while todo:
         cls = todo.pop()
@@ -500,7 +499,7 @@ def _error_from_record(record: dict[str, Any], prefix: str = "",
     if known is None:
         return None
     exc = known.__new__(known)
-    StackopsError.__init__(exc, prefix + record["message"], record.get("hint") or hint)
+    StackopsError.__init__(exc, prefix + record["message"], record.get("hint"))
     fields = record.get("fields")
     for key, value in (fields.items() if isinstance(fields, dict) else ()):
         if isinstance(key, str) and key.isidentifier() and key[:1] != "_" and key != "hint":
@@ -558,8 +557,8 @@ def _note_program(argv0: str) -> None:
 
 
 def _own_file() -> Path:
-    """This module's own file, which every job ships as its stackops.py. Read from this code's own
-    globals: under ``python -m cProfile stackops.py`` sys.modules['__main__'] is cProfile."""
+    """This module's file (every job ships it), from these globals (under cProfile, __main__
+    is cProfile)."""
     own = globals().get("__file__") or getattr(sys.modules.get("stackops"), "__file__", None) or ""
     return Path(os.path.abspath(own))
 
@@ -617,7 +616,6 @@ def _untrusted_reason(path: Path) -> str | None:
 
 def _trusted_dir(path: Path, what: str) -> Path:
     """``path``, made 0700 when missing; refused if anyone but you or root could change it."""
-
     existing = path
     while not existing.is_dir() and existing != existing.parent:
         existing = existing.parent
@@ -722,8 +720,8 @@ class _suppress:
 
 
 def collapse_home(path: str | os.PathLike[str]) -> str:
-    """``~/rel`` for a path inside this machine's home, else the absolute path. A home reached
-    through a symlink (``/home/me -> /data/me``) is recognised in both spellings."""
+    """``~/rel`` for a path inside this machine's home (either spelling of a linked home), else
+    the absolute path."""
     full = os.path.abspath(os.path.expanduser(str(path)))
     for base in _homes():
         if full == base:
@@ -867,8 +865,7 @@ def parse_env_option(text: str) -> tuple[str, str]:
 
 
 def check_email_address(address: Any, what: str = "to_email") -> str:
-    """``address`` as one e-mail address, refused (one line) unless it is one line with one @,
-    something before it and a plausible domain after it."""
+    """``address`` as one e-mail address, or a ConfigError saying why not (_email_problem)."""
     shown = _shorten(repr(address), 60)
     if not isinstance(address, str):
         raise ConfigError(f"{what} must be an e-mail address (a string), got {shown}")
@@ -962,8 +959,7 @@ def _process_state(pid: int) -> tuple[bool, str]:
 
 
 def pid_is_alive(pid: int, marker: str | None = None) -> bool:
-    """True when ``pid`` runs and is not a zombie; with ``marker``, its command line must name it
-    (a reused pid belongs to some other program and does not count)."""
+    """True when ``pid`` runs (not a zombie); with ``marker``, its command line must name it."""
     alive, cmdline = _process_state(pid)
     return alive and (marker is None or not cmdline or marker in cmdline)
 
@@ -5675,8 +5671,7 @@ _VIRTUAL_IFACE = _LazyPattern(
     r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)",
     re.IGNORECASE)
 _PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|"
-                               r".*wifi.*|.*ethernet.*)",
-                               re.IGNORECASE)
+                               r".*wifi.*|.*ethernet.*)", re.IGNORECASE)
 _NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16",
                    "192.168.49.0/24", "10.0.2.0/24")
 
@@ -5715,9 +5710,9 @@ def _table_from_psutil(psutil: Any) -> list[InterfaceAddress]:
             if addr.family == socket.AF_INET and addr.address:
                 # getifaddrs reports the address itself when no broadcast is set; iproute2 says none
                 broadcast = addr.broadcast if addr.broadcast != addr.address else None
+                speed = int(stat.speed) if stat and stat.speed else 0
                 rows.append(InterfaceAddress(name, addr.address, mac, bool(stat and stat.isup),
-                                             broadcast,
-                                             int(stat.speed) if stat and stat.speed else 0))
+                                             broadcast, speed))
     return rows
 
 
@@ -5793,7 +5788,6 @@ def choose_lan_ipv4(table: list[InterfaceAddress],
     return max(rows, key=lambda row: lan_score(row, prefer_vpn) or 0.0, default=None)
 
 
-
 def select_lan_ipv4(prefer_vpn: bool = False) -> str | None:
     """This machine's real LAN IPv4: physical interfaces first, 192.168 > 10 > 172.16, up only;
     loopback, link-local, container/VPN interfaces and noisy networks out unless ``prefer_vpn``."""
@@ -5818,8 +5812,7 @@ def get_public_ip_address(endpoint: str | None = None, timeout: float = 5.0) -> 
 
 
 def _check_http_url(url: str) -> str:
-    """``url`` when it is http:// or https:// with a host (a file:// or ftp:// URL reads what it
-    should not), else a ConfigError."""
+    """``url`` if it is http(s):// with a host (file:// reads what it should not); else refused."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -5829,7 +5822,6 @@ def _check_http_url(url: str) -> str:
                           f"got {shown!r}",
                           hint="e.g. --endpoint https://ipinfo.io/json (or STACKOPS_PUBLIC_IP_URL)")
     return url
-
 
 
 def _fetch_within(url: str, timeout: float, limit: int = 1 << 20) -> str:
@@ -5853,7 +5845,6 @@ def _fetch_within(url: str, timeout: float, limit: int = 1 << 20) -> str:
     def fetch() -> None:
         try:
             with opener.open(request, timeout=timeout) as response:
-
                 box["body"] = response.read(limit)
         except BaseException as exc:  # handed to the caller below
             box["error"] = exc
@@ -6036,7 +6027,6 @@ def _paramiko() -> Any:
     return paramiko
 
 
-
 _TARGET = _LazyPattern(r"(?:(?P<user>[^@\s/:]+)@)?"
                        r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]/]+))"
                        r"(?::(?P<port>\d+))?\Z")
@@ -6078,7 +6068,6 @@ class SSHTarget:
 
     def __str__(self) -> str:
         return f"{self.user}@{self.hostname}:{self.port}"
-
 
 
 def resolve_ssh_target(host: str) -> SSHTarget:
@@ -6412,7 +6401,6 @@ class SSH:
 
     def simple_sftp_get(self, remote_path: str, local_path: str | os.PathLike[str]) -> None:
         """One remote file over SFTP, with its mode (never setuid, setgid or sticky)."""
-
         try:
             with self.client.open_sftp() as sftp:
                 mode = _kept_mode(f"{(sftp.stat(remote_path).st_mode or 0) & 0o7777:o}")
@@ -6715,9 +6703,7 @@ def _copy_command(template: str, **values: str | int | bool) -> str:
     """One copy command: paths (``~/...`` too) and every other value quoted for the shell."""
     quoted = {}
     for name, value in values.items():
-        if isinstance(value, bool):
-            value = int(value)
-        text = str(value)
+        text = str(int(value) if isinstance(value, bool) else value)
         quoted[name] = _sh_path(text) if name in _COPY_PATHS else shlex.quote(text)
     return render_template(template, **quoted)
 
@@ -6870,17 +6856,14 @@ def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
 
 def _upload_stream(ssh: SSH, command: str, producer: list[str] | None, source: Path | None,
                    meter: _Meter) -> None:
-    """Stream ``producer``'s output (else the file ``source``) into ``command`` on the host; the
-    caller (_upload) removes the staging folder on any failure."""
+    """Stream ``producer``'s output (else the file ``source``) into ``command`` on the host."""
     def produce(write: Callable[[bytes], None], _readline: Any) -> None:
         proc = None
         if producer is not None:
             proc = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             stream: Any = proc.stdout if proc else open(str(source), "rb")  # noqa: SIM115
-
             with stream:
-
                 for chunk in iter(lambda: stream.read(1 << 18), b""):
                     write(chunk)
             if proc is not None and proc.wait() != 0:
@@ -6960,8 +6943,7 @@ def _stream_command(ssh: SSH, command: str,
 def _serve_remotely(ssh: SSH, requests: list[dict[str, Any]], python: str = "python3",
                     talk: Callable[..., Any] | None = None,
                     timeout: float | None = None) -> list[Any]:
-    """SSH.serve: one command on the host, one shell start; the boot first (see SERVE_BOOT_PY),
-    then each request and its answer line in turn."""
+    """SSH.serve: the boot (see SERVE_BOOT_PY), then each request and its answer line in turn."""
     fence = f"--stackops-{random.getrandbits(64):016x}"
     answers: list[Any] = []
     said: list[str] = []
@@ -7198,7 +7180,6 @@ class _Watchdog:
                 return
 
 
-
 def _stderr_so_far(channel: Any) -> str:
     data = b""
     with _suppress(Exception):
@@ -7222,12 +7203,10 @@ class _CountingReader:
 
     def read(self, size: int = -1) -> bytes:
         chunk = self.channel.recv(size if size > 0 else 1 << 20)
-
         self.count += len(chunk)
         if self.progress is not None and chunk:
             self.progress(self.count)
         return chunk
-
 
 
 def _extract_tar(stream: Any, folder: Path, compressed: bool) -> None:
@@ -7337,8 +7316,7 @@ def _rclone(*args: str, what: str, timeout: float = 3600,
 
 
 def cloud_base(cloud_name: str) -> str:
-    """Where stackops keeps things on a cloud remote: ``name`` means ``name:stackops``;
-    ``name:path`` is used as given."""
+    """Where stackops keeps things on a cloud remote: ``name:stackops``; ``name:path`` as given."""
     return cloud_name if ":" in cloud_name else f"{cloud_name}:stackops"
 
 
@@ -7361,21 +7339,13 @@ def check_cloud_remote(cloud_name: str) -> None:
                           hint="add it with: rclone config")
 
 
-def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
-    """One tar of a cloud unit, laid out so that a worker unpacks it into the unit's own folder:
-    ``job/`` (the job folder), ``code/`` (the repo, caches and .git left out) and ``home/<path>``
-    for each data path (relative to home)."""
-    import fnmatch
+def _pack_unit(archive: Path, job_root: Path, data: list[str]) -> Path:
+    """One tar of a cloud unit, as a worker unpacks it into the unit's own folder: ``job/`` (the
+    job folder, its code inside with copy_repo) and ``home/<path>`` for each data path."""
     import tarfile
-
-    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        name = info.name.rsplit("/", 1)[-1]
-        return None if any(fnmatch.fnmatch(name, pattern) for pattern in REPO_EXCLUDES) else info
 
     with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
         tar.add(str(job_root), arcname="job")
-        if repo:
-            tar.add(str(expand_home(repo)), arcname="code", filter=keep)
         for item in data:
             tar.add(str(expand_home(item)), arcname="home/" + _home_relative(expand_home(item))[2:])
     return archive
@@ -7383,13 +7353,10 @@ def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str])
 
 def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams,
                    file_manager: FileManager, data: list[str]) -> tuple[str, str]:
-    """Pack the job folder (with its code, for ``copy_repo``) and its data into one archive and
-    upload it with rclone; the host fetches it with its own rclone when the job is fired.
-    One object instead of thousands of files: rclone's per-file hash check runs once.
-    Returns (where the archive is, its SHA-256): the host checks the digest before it unpacks
-    anything, so an archive another writer of the bucket replaced is refused. With ``ssh``, a
-    job id whose folder exists on the host, or a host whose rclone lacks the remote, is refused
-    before anything is uploaded."""
+    """Upload the job folder and its data with rclone as one archive (rclone's per-file hash
+    check runs once), which the host fetches when the job is fired. Returns (where it is, its
+    SHA-256, checked before anything is unpacked). With ``ssh``, a job id the host has, or a
+    host whose rclone lacks the remote, is refused before anything is uploaded."""
     cloud = config.cloud_name or ""
     check_cloud_remote(cloud)
     if ssh is not None:
@@ -7404,7 +7371,7 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
                               hint="install rclone on the host and configure the same remote there")
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
-        _pack_unit(archive, file_manager.job_root, None, data)
+        _pack_unit(archive, file_manager.job_root, data)
         digest = _sha256_file(archive)
         target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
         _rclone("copyto", str(archive), target, what=f"upload to {target}")
@@ -8989,7 +8956,7 @@ class _CloudQueueLauncher(_SlotLauncher):
             for unit_id, part in zip(unit_ids, parts):
                 unit = self._unit(machine, unit_id, part)
                 units.append(unit)
-                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root, None,
+                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root,
                                      unit.data)  # with copy_repo the unit's folder carries its code
                 queue.add(unit_id, archive, {"unit": unit_id, "submitted_at": _iso(_utcnow()),
                                              "allowed_remotes": config.allowed_remotes})
