@@ -662,7 +662,9 @@ def _write_plain(path: str | Path, text: str | bytes, mode: int = 0o600,
     """A file that appears whole (temp file, rename); fsync only with ``sync``: records and
     queue entries are written thousands of times."""
     folder, name = os.path.split(path)
-    temp = f"{folder}/.{name}.{os.getpid()}.{os.urandom(3).hex()}.tmp"  # random costs an import
+    # (os.urandom: random costs an import; join: a bare file name has no folder)
+    temp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(3).hex()}.tmp")
+
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with open(fd, "wb") as handle:
