@@ -664,7 +664,6 @@ def _write_plain(path: str | Path, text: str | bytes, mode: int = 0o600,
     folder, name = os.path.split(path)
     # (os.urandom: random costs an import; join: a bare file name has no folder)
     temp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(3).hex()}.tmp")
-
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with open(fd, "wb") as handle:
@@ -6275,9 +6274,8 @@ class SSH:
             info = os.stat(key)
             if info.st_mode & 0o077 and info.st_uid == os.getuid():
                 raise ConfigError(f"private key {key} is readable by others (mode "
-                                  f"{info.st_mode & 0o777:o}); "
-                                  "OpenSSH refuses such a key, and so does stackops",
-                                  hint=f"chmod 600 {key}")
+                                  f"{info.st_mode & 0o777:o}); OpenSSH refuses such a key, and so "
+                                  "does stackops", hint=f"chmod 600 {key}")
         return {"key_filename": keys or None, "password": self._password,
                 "allow_agent": not keys, "look_for_keys": not keys}
 
@@ -6312,8 +6310,7 @@ class SSH:
             raise ConfigError(f"the key for {target.user}@{target.hostname} is encrypted and no "
                               "passphrase was given",
                               hint="add it to ssh-agent (ssh-add), or pass password=... (used as "
-                                   "the passphrase)") \
-                from exc
+                                   "the passphrase)") from exc
         except paramiko.AuthenticationException as exc:
             client.close()
             raise StackopsConnectionError("authentication failed for "
@@ -6438,9 +6435,8 @@ class SSH:
                                                 timeout=self.timeout, strict=False)
         if response.returncode != 0 and response.returncode != -1:
             raise CommandError(str(self.target), "sudo -n reboot", response.returncode,
-                               response.stderr,
-                               hint="allow it without a password (sudoers NOPASSWD for reboot), or "
-                                    "reboot by hand")
+                               response.stderr, hint="allow it without a password (sudoers "
+                                                     "NOPASSWD for reboot), or reboot by hand")
         return response
 
     # -- copies (section 11) ------------------------------------------------------------------
@@ -7274,8 +7270,7 @@ def _home_relative(path: Path) -> str:
     collapsed = collapse_home(path)
     if not collapsed.startswith("~"):
         raise ConfigError(f"{path} is outside your home, so it has no home-relative place on the "
-                          "host",
-                          hint="give the target path explicitly")
+                          "host", hint="give the target path explicitly")
     return collapsed
 
 
