@@ -430,8 +430,7 @@ class StackopsConnectionError(StackopsError, ConnectionError):
 
 
 class HostKeyError(StackopsConnectionError):
-    """The host's key is unknown (refused until accepted: ``unknown_key``, which is bad input
-    like a missing option) or changed (always refused)."""
+    """The host's key is unknown (``unknown_key``: refused until accepted) or changed."""
 
     def __init__(self, message: str, hint: str | None = None, unknown_key: bool = False) -> None:
         super().__init__(message, hint)
@@ -453,9 +452,7 @@ class JobFailedError(StackopsError):
 
 
 class _SnapshotMismatchError(StackopsError):
-    """A copy did not hold the bytes its snapshot's manifest names for ``path`` (sha256
-    ``digest``): the file changed after it was hashed, or a store's blob is damaged. Nothing of
-    the copy was left behind. Caught to take the snapshot again (see _materialize)."""
+    """A copy lacked the bytes its manifest names for ``path``: the snapshot is taken again."""
 
     def __init__(self, path: str, digest: str) -> None:
         self.path, self.digest = path, digest
@@ -465,16 +462,14 @@ class _SnapshotMismatchError(StackopsError):
 
 
 class _RecordMissingError(ConfigError):
-    """A job folder is there without its record (removed by hand): it cannot be read as a job.
-    Caught to say so once no cluster, sweep or cloud job has the id (_load_job_or_cluster)."""
+    """A job folder without its record; caught by _load_job_or_cluster to try the other kinds."""
 
 
 _CLI: list[bool] = []  # not empty while main() runs a command: errors name its options
 
 
 def _option(api: str, cli: str) -> str:
-    """An option as the reader of an error will type it: ``cli`` (``--overwrite``) while main()
-    runs a command, else ``api`` (``overwrite=True``)."""
+    """An option as the reader of an error types it: ``cli`` under main(), else ``api``."""
     return cli if _CLI else api
 
 
@@ -482,8 +477,7 @@ def _option(api: str, cli: str) -> str:
 
 
 def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
-    """``exc`` as plain data for the other side of a host boundary: its class, message, hint and
-    plain attributes, and ``evidence`` (the traceback of a crash)."""
+    """``exc`` as plain data (class, message, hint, plain attributes, ``evidence``)."""
     fields = {key: value for key, value in vars(exc).items()
               if key != "hint" and isinstance(value, (str, int, float, bool, type(None)))}
     record = {"class": type(exc).__name__, "message": str(exc),
@@ -493,10 +487,9 @@ def _error_record(exc: BaseException, evidence: str = "") -> dict[str, Any]:
     return record
 
 
-def _error_from_record(record: dict[str, Any], prefix: str = "",
-                       hint: str | None = None) -> StackopsError | None:
-    """The StackopsError a record describes (``prefix`` before its message, ``hint`` when it has
-    none), with the attributes it carried; None for a class that is not one of ours."""
+def _error_from_record(record: dict[str, Any], prefix: str = "") -> StackopsError | None:
+    """The StackopsError a record describes, ``prefix`` before its message, with the attributes
+    it carried; None for a class that is not one of ours."""
     classes, todo = {}, [StackopsError]
     while todo:
         cls = todo.pop()
@@ -506,7 +499,7 @@ def _error_from_record(record: dict[str, Any], prefix: str = "",
     if known is None:
         return None
     exc = known.__new__(known)
-    StackopsError.__init__(exc, prefix + record["message"], record.get("hint") or hint)
+    StackopsError.__init__(exc, prefix + record["message"], record.get("hint"))
     fields = record.get("fields")
     for key, value in (fields.items() if isinstance(fields, dict) else ()):
         if isinstance(key, str) and key.isidentifier() and key[:1] != "_" and key != "hint":
@@ -536,9 +529,8 @@ _UNSHOWN = _LazyPattern("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2
 
 
 def _terminal_safe(value: Any, lines: bool = False) -> str:
-    """``value`` (text from elsewhere: a bucket, a host) as a string a terminal shows as it is:
-    each control or bidirectional character written as its Python escape (``\\x1b``), line
-    breaks kept only with ``lines``; anything but a string as its JSON."""
+    """``value`` (text from elsewhere) with each character of _UNSHOWN as its Python escape,
+    line breaks kept with ``lines``; anything but a string as its JSON."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return _UNSHOWN.sub(lambda m: m[0] if lines and m[0] == "\n" else repr(m[0])[1:-1], text)
 
@@ -547,8 +539,7 @@ _PROGRAM: list[str] = []  # how main() was run, once it has been: [program] or [
 
 
 def _prog() -> str:
-    """The program as the user runs it, for hints: ``stackops`` (the installed console script) or
-    ``python3 path/to/stackops.py``; outside main(), the console script when it is installed."""
+    """The program as the user runs it, for hints (``stackops`` or ``python3 stackops.py``)."""
     if len(_PROGRAM) == 2:
         return f"{_PROGRAM[0]} {shlex.quote(_PROGRAM[1])}"
     if _PROGRAM:
@@ -566,25 +557,22 @@ def _note_program(argv0: str) -> None:
 
 
 def _own_file() -> Path:
-    """This module's own file, which every job ships as its stackops.py. Read from this code's own
-    globals: under ``python -m cProfile stackops.py`` sys.modules['__main__'] is cProfile."""
+    """This module's file (every job ships it), from these globals (under cProfile, __main__
+    is cProfile)."""
     own = globals().get("__file__") or getattr(sys.modules.get("stackops"), "__file__", None) or ""
     return Path(os.path.abspath(own))
 
 
 def _serve_argv(python: str, *args: str, site: bool = False) -> list[str]:
-    """The command that runs ``serve(args)`` of this very file with ``python``: the file imported
-    as a module (its bytecode cached beside it, as any import's), not run as a script, which
-    Python compiles on every start; with ``site``, the site packages too (a dispatcher's forks
-    are the jobs' wrappers)."""
+    """The command that runs ``serve(args)`` of this file with ``python``, imported (its bytecode
+    cached) rather than run as a script; ``site``: with site packages (for jobs' wrappers)."""
     boot = ("import sys; sys.path.insert(0, sys.argv[1]); import stackops; "
             "sys.exit(stackops.serve(sys.argv[2:]))")
     return [python, *([] if site else ["-S"]), "-c", boot, str(_own_file().parent), *args]
 
 
 def _this_module() -> Any:
-    """The module this code runs as. A runner that executes the file in a plain namespace
-    (cProfile, trace) has none: a module is made from that namespace, with the same objects, so
+    """The module this code runs as; under cProfile or trace, one made from these globals, so
     ``except stackops.StackopsError`` still catches what this code raises."""
     module = sys.modules.get(__name__)
     if module is not None and vars(module) is globals():
@@ -609,9 +597,8 @@ def _mkdir_private(path: Path) -> Path:
 
 
 def _untrusted_reason(path: Path) -> str | None:
-    """Why someone else could change what is in folder ``path``, or None: like OpenSSH's
-    StrictModes, the folder and each parent must belong to you or root and be writable by nobody
-    else; a root-owned sticky folder such as /tmp ends the walk (nobody may rename yours there)."""
+    """Why someone else could change folder ``path``, or None (OpenSSH's StrictModes up to /, or
+    to a root-owned sticky folder such as /tmp, where nobody may rename yours)."""
     me = os.getuid()
     current = os.path.realpath(path)
     while True:
@@ -628,8 +615,7 @@ def _untrusted_reason(path: Path) -> str | None:
 
 
 def _trusted_dir(path: Path, what: str) -> Path:
-    """Create ``path`` private (0700) if it is missing, and refuse it if anyone but you (or root)
-    could change what is inside it: a folder someone else made first is never used."""
+    """``path``, made 0700 when missing; refused if anyone but you or root could change it."""
     existing = path
     while not existing.is_dir() and existing != existing.parent:
         existing = existing.parent
@@ -651,18 +637,7 @@ def _trusted_dir(path: Path, what: str) -> Path:
 def _atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
     """Write a whole file or nothing: temp file, fsync, rename over the target."""
     _mkdir_private(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _write_plain(path, text, mode, sync=True)
 
 
 def _write_new(path: str | Path, text: str, mode: int = 0o600) -> None:
@@ -682,15 +657,20 @@ def _private_append(path: str | Path) -> Any:
     return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
 
 
-def _write_plain(path: str | Path, text: str | bytes) -> None:
-    """A small file that appears whole (temp file, rename), without fsync: records and queue
-    entries are written thousands of times."""
+def _write_plain(path: str | Path, text: str | bytes, mode: int = 0o600,
+                 sync: bool = False) -> None:
+    """A file that appears whole (temp file, rename); fsync only with ``sync``: records and
+    queue entries are written thousands of times."""
     folder, name = os.path.split(path)
-    temp = f"{folder}/.{name}.{os.getpid()}.{os.urandom(3).hex()}.tmp"  # random costs an import
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # (os.urandom: random costs an import; join: a bare file name has no folder)
+    temp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(3).hex()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with open(fd, "wb") as handle:
             handle.write(text.encode("utf-8") if isinstance(text, str) else text)
+            if sync:
+                handle.flush()
+                os.fsync(fd)
         os.replace(temp, path)
     except BaseException:
         with _suppress(OSError):
@@ -741,8 +721,8 @@ class _suppress:
 
 
 def collapse_home(path: str | os.PathLike[str]) -> str:
-    """``~/rel`` for a path inside this machine's home, else the absolute path. A home reached
-    through a symlink (``/home/me -> /data/me``) is recognised in both spellings."""
+    """``~/rel`` for a path inside this machine's home (either spelling of a linked home), else
+    the absolute path."""
     full = os.path.abspath(os.path.expanduser(str(path)))
     for base in _homes():
         if full == base:
@@ -756,8 +736,8 @@ _HOMES: dict[Any, tuple[str, str]] = {}  # (home, its inode): (home, its real pa
 
 
 def _homes() -> tuple[str, str]:
-    """This machine's home, absolute and resolved through symlinks, resolved again only when the
-    home changes (a list of 10,000 jobs collapses 30,000 paths: resolving was most of it)."""
+    """This machine's home, as is and resolved, resolved again only when the home changes (a
+    list of 10,000 jobs collapses 30,000 paths: resolving was most of it)."""
     home = os.path.abspath(os.path.expanduser("~"))
     try:
         info = os.lstat(home)
@@ -886,8 +866,7 @@ def parse_env_option(text: str) -> tuple[str, str]:
 
 
 def check_email_address(address: Any, what: str = "to_email") -> str:
-    """``address`` as one e-mail address, refused (one line) unless it is one line with one @,
-    something before it and a plausible domain after it."""
+    """``address`` as one e-mail address, or a ConfigError saying why not (_email_problem)."""
     shown = _shorten(repr(address), 60)
     if not isinstance(address, str):
         raise ConfigError(f"{what} must be an e-mail address (a string), got {shown}")
@@ -981,8 +960,7 @@ def _process_state(pid: int) -> tuple[bool, str]:
 
 
 def pid_is_alive(pid: int, marker: str | None = None) -> bool:
-    """True when ``pid`` runs and is not a zombie; with ``marker``, its command line must name it
-    (a reused pid belongs to some other program and does not count)."""
+    """True when ``pid`` runs (not a zombie); with ``marker``, its command line must name it."""
     alive, cmdline = _process_state(pid)
     return alive and (marker is None or not cmdline or marker in cmdline)
 
@@ -1009,11 +987,9 @@ def _zombie_exit(pid: Any, start: Any) -> str:
 
 
 def is_job_process(pid: int, path: str, start: int | None) -> bool:
-    """True only when ``pid`` is provably a job's own process: alive and not a zombie, and started
-    at the recorded ``start`` (clock ticks), or, with none recorded, ``path`` (the wrapper's or
-    launcher's exact path) one of its command-line arguments (a wrapper its dispatcher forked
-    shows the dispatcher's). A kernel thread, a stranger naming the job, a reused pid are all
-    dead."""
+    """True only when ``pid`` is provably a job's own process: alive, not a zombie, and started at
+    the recorded ``start`` (clock ticks), or with none recorded, ``path`` one of its arguments (a
+    wrapper its dispatcher forked shows the dispatcher's). A reused pid is dead."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -1075,10 +1051,8 @@ def _sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def _copy_verified(source: str, target: str, digest: str, mode: int, relative: str = "") -> None:
-    """A new file ``target`` (``mode``; never one that exists) with the bytes of ``source``, a
-    store's blob or a live file, hashed as they are copied: when they are not the bytes of sha256
-    ``digest`` (or the source is gone), the copy is removed and _SnapshotMismatchError raised
-    for ``relative`` (the file's path in its tree; else ``source``)."""
+    """A new file ``target`` with the bytes of ``source``, hashed as they are copied: unless they
+    are sha256 ``digest``, it is removed and _SnapshotMismatchError raised for ``relative``."""
     import hashlib
 
     hasher = hashlib.sha256()
@@ -1118,11 +1092,10 @@ def _link_inside(relative: str, target: str) -> bool:
 
 
 class _Staged:
-    """The one way a folder (or a file) is put in place: built at ``path`` (a hidden box beside
-    ``target``), then renamed to ``target``: whole under its name, or not at all (a failure,
-    Ctrl-C included, removes what was built). What is at ``target`` by then is removed first
-    with ``replace`` (a download allowed to overwrite), else refused with ``exists()``'s error.
-    ``folder``: ``path`` is made as an empty folder (else the caller makes it, a file or not)."""
+    """The one way a folder (or file) is put in place: built at ``path`` in a hidden box beside
+    ``target``, then renamed to it, or removed on any failure (Ctrl-C too). What is at ``target``
+    is removed first with ``replace``, else refused with ``exists()``'s error. ``folder``: make
+    ``path`` an empty folder (else the caller makes it)."""
 
     def __init__(self, target: str | os.PathLike[str], replace: bool = False,
                  exists: Callable[[], Exception] | None = None, folder: bool = True) -> None:
@@ -1167,13 +1140,10 @@ class _Staged:
 
 def _materialize(entries: list[list[Any]], source_of: dict[str, Any],
                  folder: str | os.PathLike[str]) -> None:
-    """Make ``folder`` the job's own copy of a snapshot (``entries``, its manifest): each file
-    copied (never hard-linked: what the job writes reaches no store and no other job) from the
-    first of its sources that holds the bytes its sha256 names. ``source_of`` maps a sha256 to a
-    path (a store's blob, a file of the work tree) or a list of paths tried in turn. The links
-    come last, each relative and inside the tree. ``folder`` appears whole under its name
-    (staging beside it, then a rename) or not at all: a file that no source holds raises
-    _SnapshotMismatchError, a link out of the tree StackopsError."""
+    """Make ``folder`` (whole, or not at all) the job's own copy of a snapshot (``entries``, its
+    manifest): each file copied, never hard-linked (what the job writes reaches no store and no
+    other job), from the first source that holds its bytes (``source_of``: sha256 to a path or a
+    list of paths); links last, each inside the tree."""
     made: set[str] = set()
     with _Staged(folder) as staging:
         for relative, kind, value in sorted(entries, key=lambda entry: entry[1] == "l"):
@@ -1186,36 +1156,22 @@ def _materialize(entries: list[list[Any]], source_of: dict[str, Any],
                 if not _link_inside(relative, value):
                     raise StackopsError(f"refusing the link {relative} -> {value}: out of the tree")
                 os.symlink(value, path)
+                continue
+            sources = source_of.get(value) or []
+            mode = 0o700 if kind == "x" else 0o600
+            for source in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+                with _suppress(_SnapshotMismatchError):
+                    _copy_verified(os.fspath(source), path, value, mode, relative)
+                    break
             else:
-                _copy_first(source_of.get(value) or [], path, value,
-                            0o700 if kind == "x" else 0o600, relative)
-
-
-def _copy_first(sources: Any, path: str, digest: str, mode: int, relative: str) -> None:
-    """_copy_verified from the first of ``sources`` (a path or a list) that holds ``digest``."""
-    candidates = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
-    for source in candidates:
-        try:
-            _copy_verified(os.fspath(source), path, digest, mode, relative)
-        except _SnapshotMismatchError:
-            continue
-        return
-    raise _SnapshotMismatchError(relative, digest)
+                raise _SnapshotMismatchError(relative, value)
 
 
 def _data_plan(item: dict[str, Any]) -> dict[str, Any]:
-    """Which files of one data item the executing machine must be sent, ``{"need": [relative,
-    ...]}``, or why it cannot take them, ``{"conflict": why}``: a pure function of its own files
-    and the request. ``item`` as _data_items makes it: ``target`` (home-relative, or absolute
-    outside the home), ``dir``, and ``stamps``, one ``[relative, size, mtime_ns, sha256 or ""]``
-    per file (the sha256 for a file changed less than RACY_NS before the request, and for every
-    file outside the home). A file
-    is needed when it is missing here or differs in kind, size or mtime_ns. A copy whose stamps
-    match is compared by hash when the request gives one; else it is trusted only if its mtime
-    is more than RACY_NS older than the moment it was written here (its ctime), since a second
-    write within the first one's clock tick leaves the stamps as they were (git's racy rule).
-    Copies sent are stamped with the sender's mtime_ns (``os.utime(path, ns=(m, m))``), so an
-    unchanged file matches."""
+    """Which files of one data item (as _data_items makes it) this machine must be sent,
+    ``{"need": [relative, ...]}``, or why it cannot take them, ``{"conflict": why}``. A file is
+    needed when missing or different in kind, size or mtime_ns (copies sent keep the sender's),
+    or, when its stamps match, in hash (_data_differs: git's racy rule)."""
     target = os.path.abspath(os.path.expanduser(item["target"]))
     if os.path.lexists(target) and os.path.isdir(target) != item["dir"]:
         kind = "file" if item["dir"] else "folder"
@@ -1244,7 +1200,8 @@ def _data_plan(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _data_differs(path: str, info: os.stat_result, size: int, mtime_ns: int, digest: str) -> bool:
-    """Whether the file at ``path`` (``info``, its lstat) is not the sender's (_data_plan)."""
+    """Whether the file at ``path`` (``info``, its lstat) is not the sender's: a recent one
+    (``digest`` given) by hash; else unless written here more than RACY_NS after its mtime."""
     if not stat.S_ISREG(info.st_mode) or info.st_size != size or info.st_mtime_ns != mtime_ns:
         return True
     if digest:  # the sender's file is recent: its stamps may not have changed with its bytes
@@ -5715,8 +5672,7 @@ _VIRTUAL_IFACE = _LazyPattern(
     r"tailscale.*|wg\d*|utun\d*|llw\d*|awdl\d*|tun\d*|tap\d*|cloudflarewarp.*|warp.*)",
     re.IGNORECASE)
 _PHYSICAL_IFACE = _LazyPattern(r"(eth\d*|en\d*|enp.*|ens.*|eno.*|wlan\d*|wl.*|"
-                               r".*wifi.*|.*ethernet.*)",
-                               re.IGNORECASE)
+                               r".*wifi.*|.*ethernet.*)", re.IGNORECASE)
 _NOISY_NETWORKS = ("100.64.0.0/10", "172.17.0.0/16", "172.18.0.0/16", "172.19.0.0/16",
                    "192.168.49.0/24", "10.0.2.0/24")
 
@@ -5755,9 +5711,9 @@ def _table_from_psutil(psutil: Any) -> list[InterfaceAddress]:
             if addr.family == socket.AF_INET and addr.address:
                 # getifaddrs reports the address itself when no broadcast is set; iproute2 says none
                 broadcast = addr.broadcast if addr.broadcast != addr.address else None
+                speed = int(stat.speed) if stat and stat.speed else 0
                 rows.append(InterfaceAddress(name, addr.address, mac, bool(stat and stat.isup),
-                                             broadcast,
-                                             int(stat.speed) if stat and stat.speed else 0))
+                                             broadcast, speed))
     return rows
 
 
@@ -5829,12 +5785,8 @@ def lan_score(row: InterfaceAddress, prefer_vpn: bool = False) -> float | None:
 def choose_lan_ipv4(table: list[InterfaceAddress],
                     prefer_vpn: bool = False) -> InterfaceAddress | None:
     """The best-scoring row of ``table`` (the first one on a tie), or None."""
-    best, best_score = None, -1e9
-    for row in table:
-        score = lan_score(row, prefer_vpn)
-        if score is not None and score > best_score:
-            best, best_score = row, score
-    return best
+    rows = [row for row in table if lan_score(row, prefer_vpn) is not None]
+    return max(rows, key=lambda row: lan_score(row, prefer_vpn) or 0.0, default=None)
 
 
 def select_lan_ipv4(prefer_vpn: bool = False) -> str | None:
@@ -5861,8 +5813,7 @@ def get_public_ip_address(endpoint: str | None = None, timeout: float = 5.0) -> 
 
 
 def _check_http_url(url: str) -> str:
-    """``url`` when it is http:// or https:// with a host (a file:// or ftp:// URL reads what it
-    should not), else a ConfigError."""
+    """``url`` if it is http(s):// with a host (file:// reads what it should not); else refused."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -5872,18 +5823,6 @@ def _check_http_url(url: str) -> str:
                           f"got {shown!r}",
                           hint="e.g. --endpoint https://ipinfo.io/json (or STACKOPS_PUBLIC_IP_URL)")
     return url
-
-
-def _http_only_opener() -> Any:
-    """A urllib opener for http and https only, redirects included (no file:, ftp:, data:)."""
-    import urllib.request as request
-
-    opener = request.OpenerDirector()
-    for handler in (request.ProxyHandler(), request.HTTPHandler(), request.HTTPSHandler(),
-                    request.HTTPDefaultErrorHandler(), request.HTTPRedirectHandler(),
-                    request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    return opener
 
 
 def _fetch_within(url: str, timeout: float, limit: int = 1 << 20) -> str:
@@ -5898,10 +5837,15 @@ def _fetch_within(url: str, timeout: float, limit: int = 1 << 20) -> str:
     request = urllib.request.Request(url, headers={"Accept": "application/json",
                                                    "User-Agent": f"stackops/{__version__}"})
     box: dict[str, Any] = {}
+    opener = urllib.request.OpenerDirector()  # http and https only, redirects included
+    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
 
     def fetch() -> None:
         try:
-            with _http_only_opener().open(request, timeout=timeout) as response:
+            with opener.open(request, timeout=timeout) as response:
                 box["body"] = response.read(limit)
         except BaseException as exc:  # handed to the caller below
             box["error"] = exc
@@ -6070,7 +6014,7 @@ def _paramiko() -> Any:
     try:
         if "paramiko" not in sys.modules and "invoke" not in sys.modules:
             # paramiko imports invoke (which imports unittest.mock), a third of its import time,
-            # only for "Match exec" lines of an SSH config: _paramiko_invoke brings it when needed
+            # only for "Match exec" lines of an SSH config: resolve_ssh_target brings it then
             sys.modules["invoke"] = None  # type: ignore[assignment]
             try:
                 import paramiko
@@ -6082,16 +6026,6 @@ def _paramiko() -> Any:
         raise DependencyError("SSH needs paramiko, which is not installed",
                               hint="pip install paramiko (or: pip install stackops)") from exc
     return paramiko
-
-
-def _paramiko_invoke() -> None:
-    """Give paramiko invoke, which it runs "Match exec" lines with (see _paramiko)."""
-    import paramiko.config
-
-    if getattr(paramiko.config, "invoke", True) is None:
-        import invoke
-
-        paramiko.config.invoke = invoke  # type: ignore[attr-defined]
 
 
 _TARGET = _LazyPattern(r"(?:(?P<user>[^@\s/:]+)@)?"
@@ -6137,23 +6071,21 @@ class SSHTarget:
         return f"{self.user}@{self.hostname}:{self.port}"
 
 
-def _ssh_config_path() -> Path:
-    return expand_home(os.environ.get("STACKOPS_SSH_CONFIG") or "~/.ssh/config")
-
-
 def resolve_ssh_target(host: str) -> SSHTarget:
     """Resolve an alias of ~/.ssh/config (or ``user@host[:port]``) into an SSHTarget."""
     import getpass
 
     user, name, port = parse_ssh_target(host)
-    path = _ssh_config_path()
+    path = expand_home(os.environ.get("STACKOPS_SSH_CONFIG") or "~/.ssh/config")
     paramiko = _paramiko()
     try:
         config = paramiko.SSHConfig.from_path(str(path)) if path.exists() else paramiko.SSHConfig()
         try:
             entry = config.lookup(name)
-        except ImportError:  # a "Match exec" line
-            _paramiko_invoke()
+        except ImportError:  # a "Match exec" line: paramiko runs it with invoke (see _paramiko)
+            import invoke
+
+            paramiko.config.invoke = invoke
             entry = config.lookup(name)
     except Exception as exc:  # paramiko raises assorted errors for a bad config
         raise ConfigError(f"cannot read {path}: {exc}") from exc
@@ -6202,11 +6134,10 @@ _QUICKACK_SOCKET: Any = None
 
 
 def _quickack_socket() -> Any:
-    """A socket class that acknowledges every segment at once (Linux TCP_QUICKACK, re-armed after
-    each read, as the kernel drops it by itself). After login sshd sends a host-keys notice, then
-    holds the reply to our first channel open until that notice is acknowledged (Nagle: it sets
-    TCP_NODELAY only for terminals), while our kernel delays the acknowledgement by 40 ms: the
-    first command on every connection took 43 ms, and takes 2 ms this way."""
+    """A socket class that acknowledges every segment at once (TCP_QUICKACK, re-armed after each
+    read: the kernel drops it). sshd holds the reply to our first channel open until its
+    host-keys notice is acknowledged (Nagle: TCP_NODELAY only for terminals), which our kernel
+    delays 40 ms: the first command took 43 ms, and takes 2 ms this way."""
     global _QUICKACK_SOCKET
     if _QUICKACK_SOCKET is None:
         import socket
@@ -6343,9 +6274,8 @@ class SSH:
             info = os.stat(key)
             if info.st_mode & 0o077 and info.st_uid == os.getuid():
                 raise ConfigError(f"private key {key} is readable by others (mode "
-                                  f"{info.st_mode & 0o777:o}); "
-                                  "OpenSSH refuses such a key, and so does stackops",
-                                  hint=f"chmod 600 {key}")
+                                  f"{info.st_mode & 0o777:o}); OpenSSH refuses such a key, and so "
+                                  "does stackops", hint=f"chmod 600 {key}")
         return {"key_filename": keys or None, "password": self._password,
                 "allow_agent": not keys, "look_for_keys": not keys}
 
@@ -6380,8 +6310,7 @@ class SSH:
             raise ConfigError(f"the key for {target.user}@{target.hostname} is encrypted and no "
                               "passphrase was given",
                               hint="add it to ssh-agent (ssh-add), or pass password=... (used as "
-                                   "the passphrase)") \
-                from exc
+                                   "the passphrase)") from exc
         except paramiko.AuthenticationException as exc:
             client.close()
             raise StackopsConnectionError("authentication failed for "
@@ -6470,7 +6399,7 @@ class SSH:
         return self._specs
 
     def simple_sftp_get(self, remote_path: str, local_path: str | os.PathLike[str]) -> None:
-        """One remote file over SFTP, as is (see SSH.simple_sftp_get); ``host``: alias or SSH."""
+        """One remote file over SFTP, with its mode (never setuid, setgid or sticky)."""
         try:
             with self.client.open_sftp() as sftp:
                 mode = _kept_mode(f"{(sftp.stat(remote_path).st_mode or 0) & 0o7777:o}")
@@ -6506,9 +6435,8 @@ class SSH:
                                                 timeout=self.timeout, strict=False)
         if response.returncode != 0 and response.returncode != -1:
             raise CommandError(str(self.target), "sudo -n reboot", response.returncode,
-                               response.stderr,
-                               hint="allow it without a password (sudoers NOPASSWD for reboot), or "
-                                    "reboot by hand")
+                               response.stderr, hint="allow it without a password (sudoers "
+                                                     "NOPASSWD for reboot), or reboot by hand")
         return response
 
     # -- copies (section 11) ------------------------------------------------------------------
@@ -6773,9 +6701,7 @@ def _copy_command(template: str, **values: str | int | bool) -> str:
     """One copy command: paths (``~/...`` too) and every other value quoted for the shell."""
     quoted = {}
     for name, value in values.items():
-        if isinstance(value, bool):
-            value = int(value)
-        text = str(value)
+        text = str(int(value) if isinstance(value, bool) else value)
         quoted[name] = _sh_path(text) if name in _COPY_PATHS else shlex.quote(text)
     return render_template(template, **quoted)
 
@@ -6890,8 +6816,16 @@ def _upload_into(ssh: SSH, source: Path, target: str, staging: str, compress: bo
         total = None if compress else source.stat().st_size
     with meter:
         meter.begin(total)
-        sent = _upload_stream(ssh, command, producer, plain, staging, target, meter)
-    _commit_upload(ssh, target, arrived, staging, sent if plain is not None else None)
+        _upload_stream(ssh, command, producer, plain, meter)
+    # only once everything went through does this second command put the upload under the
+    # target's name (a broken connection can never trigger it), its size checked first
+    commit = _copy_command(UPLOAD_COMMIT_TEMPLATE, target=target, arrived=arrived,
+                           old=staging + ".old", staging=staging,
+                           size=meter.done if plain is not None else "-")
+    response = ssh.run_shell_cmd_on_remote(commit, timeout=ssh.timeout, strict=False)
+    if response.returncode != 0:
+        raise TransferError(f"{meter.what} could not be put in place: "
+                            f"{_last_line(response.stderr) or 'size mismatch'}")
 
 
 def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
@@ -6919,73 +6853,30 @@ def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
 
 
 def _upload_stream(ssh: SSH, command: str, producer: list[str] | None, source: Path | None,
-                   staging: str, target: str, meter: _Meter) -> int:
-    """Stream into the hidden staging folder (from ``producer``'s output, else the file
-    ``source``); returns the bytes sent. Any failure removes the staging folder."""
-    channel = _transfer_channel(ssh)
-    watchdog = _Watchdog(ssh)
-    what = f"upload to {ssh.target.alias}:{target}"
-    proc = None
-    try:
-        channel.exec_command(_bash_line(command))
+                   meter: _Meter) -> None:
+    """Stream ``producer``'s output (else the file ``source``) into ``command`` on the host."""
+    def produce(write: Callable[[bytes], None], _readline: Any) -> None:
+        proc = None
         if producer is not None:
             proc = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        stream: Any = proc.stdout if proc is not None else open(str(source), "rb")  # noqa: SIM115
-        with stream, watchdog:
-            _pump(stream, channel, watchdog, meter)
-        if proc is not None and proc.wait() != 0:
-            why = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise TransferError(f"local {(producer or ['tar'])[0]} failed: {_last_line(why)}")
-        channel.shutdown_write()
-        _out, err, status = _drain(channel, max(60.0, 4 * ssh.timeout), command, str(ssh.target))
-    except CommandError as exc:  # everything was sent, and then the host went quiet
-        ssh._lost()
-        raise TransferError(f"{what}: the host stopped answering after {meter.done} bytes",
-                            hint="nothing was left under the target's name; run the copy again"
-                            ) from exc
-    except (OSError, EOFError, _paramiko().SSHException) as exc:
-        error = _broke_off(ssh, what, meter.done, exc, channel, watchdog.fired)
-        _discard(ssh, staging)  # a dropped connection keeps the hidden staging folder, not the name
-        raise error from exc
-    except BaseException:
-        _discard(ssh, staging)
-        raise
-    finally:
-        channel.close()
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if status != 0:
-        _discard(ssh, staging)
-        raise TransferError(f"{what} failed (exit status {status}): "
-                            f"{_reason(err.decode(errors='replace'))}")
-    return meter.done
+        try:
+            stream: Any = proc.stdout if proc else open(str(source), "rb")  # noqa: SIM115
+            with stream:
+                for chunk in iter(lambda: stream.read(1 << 18), b""):
+                    write(chunk)
+            if proc is not None and proc.wait() != 0:
+                why = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise TransferError(f"local {(producer or ['tar'])[0]} failed: {_last_line(why)}")
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
-
-def _pump(stream: Any, channel: Any, watchdog: _Watchdog, meter: _Meter) -> None:
-    """Copy ``stream`` into ``channel`` in chunks, telling the watchdog and the meter."""
-    sent = 0
-    while True:
-        chunk = stream.read(1 << 18)
-        if not chunk:
-            return
-        channel.sendall(chunk)
-        watchdog.tick()
-        sent += len(chunk)
-        meter(sent)
-
-
-def _commit_upload(ssh: SSH, target: str, arrived: str, staging: str, size: int | None) -> None:
-    """Only once everything went through does this second command move the upload under the
-    target's name (a broken connection can never trigger it); ``size``: checked first."""
-    commit = _copy_command(UPLOAD_COMMIT_TEMPLATE, target=target, arrived=arrived,
-                           old=staging + ".old", staging=staging,
-                           size="-" if size is None else size)
-    response = ssh.run_shell_cmd_on_remote(commit, timeout=ssh.timeout, strict=False)
+    response = _stream_command(ssh, command, produce, meter, what=meter.what,
+                               hint="nothing was left under the target's name; run the copy again")
     if response.returncode != 0:
-        _discard(ssh, staging)
-        raise TransferError(f"upload to {ssh.target.alias}:{target} could not be put in place: "
-                            f"{_last_line(response.stderr) or 'size mismatch'}")
+        raise TransferError(f"{meter.what} failed (exit status {response.returncode}): "
+                            f"{_reason(response.stderr)}")
 
 
 def _discard(ssh: SSH, staging: str) -> None:
@@ -6998,11 +6889,11 @@ def _discard(ssh: SSH, staging: str) -> None:
 
 def _stream_command(ssh: SSH, command: str,
                     produce: Callable[[Callable[[bytes], None], Callable[[], bytes]], None],
-                    progress: Callable[[int], None] | None = None,
-                    timeout: float | None = None) -> Response:
-    """SSH.stream_command: ``produce(write, readline)`` feeds the command's stdin and may read
-    its answers line by line; then the rest of its output is read (not strict). Silence in
-    both directions for ``timeout`` (default: the connection's) counts as a lost host."""
+                    progress: Callable[[int], None] | None = None, timeout: float | None = None,
+                    what: str = "",
+                    hint: str = "nothing was left under the job's name; run it again") -> Response:
+    """SSH.stream_command; silence both ways for ``timeout`` (default: the connection's) counts
+    as a lost host. ``what`` and ``hint``: for the error when the host stops answering."""
     channel = _transfer_channel(ssh)
     if timeout is not None:
         channel.settimeout(timeout)
@@ -7027,7 +6918,7 @@ def _stream_command(ssh: SSH, command: str,
         pending[:] = rest
         return line + b"\n"
 
-    what = f"upload to {ssh.target.alias}"
+    what = what or f"upload to {ssh.target.alias}"
     try:
         channel.exec_command(_bash_line(command))
         with watchdog:
@@ -7038,7 +6929,7 @@ def _stream_command(ssh: SSH, command: str,
         except CommandError as exc:  # everything was sent, and then the host went quiet
             ssh._lost()
             raise TransferError(f"{what}: the host stopped answering after {sent[0]} bytes",
-                                hint="nothing was left under the job's name; run it again") from exc
+                                hint=hint) from exc
     except (OSError, EOFError, _paramiko().SSHException) as exc:
         raise _broke_off(ssh, what, sent[0], exc, channel, watchdog.fired) from exc
     finally:
@@ -7050,8 +6941,7 @@ def _stream_command(ssh: SSH, command: str,
 def _serve_remotely(ssh: SSH, requests: list[dict[str, Any]], python: str = "python3",
                     talk: Callable[..., Any] | None = None,
                     timeout: float | None = None) -> list[Any]:
-    """SSH.serve: one command on the host, one shell start; the boot first (see SERVE_BOOT_PY),
-    then each request and its answer line in turn."""
+    """SSH.serve: the boot (see SERVE_BOOT_PY), then each request and its answer line in turn."""
     fence = f"--stackops-{random.getrandbits(64):016x}"
     answers: list[Any] = []
     said: list[str] = []
@@ -7181,32 +7071,26 @@ def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
                    remote: str, compressed: bool) -> None:
     import zlib
 
-    channel = _transfer_channel(ssh)
-    received = written = 0
     unzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if compressed else None
-    try:
-        channel.exec_command(_bash_line(command))
-        channel.shutdown_write()
+    written = 0
+
+    def receive(reader: _CountingReader) -> None:
+        nonlocal written
         with open(path, "wb") as handle:
             while True:
-                chunk = channel.recv(1 << 20)
-                received += len(chunk)
-                data = chunk if unzip is None else _gunzip_step(unzip, chunk)
+                chunk = data = reader.read(1 << 20)
+                if unzip is not None:  # an empty chunk (the end) flushes the rest
+                    data = unzip.decompress(chunk) if chunk else unzip.flush()
                 handle.write(data)
                 written += len(data)
                 if not chunk:
                     break
-                meter(received)
-        status = channel.recv_exit_status()
-        err = _stderr_so_far(channel)
+
+    try:
+        status, err = _download_stream(ssh, command, meter, receive)
     except zlib.error as exc:
         raise TransferError(f"download from {ssh.target.alias}: the compressed stream is "
                             f"damaged: {exc}") from exc
-    except (OSError, EOFError, _paramiko().SSHException) as exc:
-        what = f"download from {ssh.target.alias}"
-        raise _broke_off(ssh, what, received, exc, channel) from exc
-    finally:
-        channel.close()
     if status != 0 or written != size or (unzip is not None and not unzip.eof):
         why = _reason(err) or f"{remote} shrank while it was read (truncated or replaced?)"
         raise TransferError(f"download of {ssh.target.alias}:{remote} failed (exit status "
@@ -7215,22 +7099,28 @@ def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
 
 
 def _download_tar(ssh: SSH, command: str, staging: Path, compressed: bool, meter: _Meter) -> None:
+    status, err = _download_stream(ssh, command, meter,
+                                   lambda reader: _extract_tar(reader, staging, compressed))
+    if status != 0:
+        raise TransferError(f"download from {ssh.target.alias} failed (exit status {status}): "
+                            f"{_reason(err)}")
+
+
+def _download_stream(ssh: SSH, command: str, meter: _Meter,
+                     receive: Callable[[_CountingReader], None]) -> tuple[int, str]:
+    """Run ``command`` on the host, ``receive`` its stdout; its exit status and stderr."""
     channel = _transfer_channel(ssh)
     reader = _CountingReader(channel, meter)
     try:
         channel.exec_command(_bash_line(command))
         channel.shutdown_write()
-        _extract_tar(reader, staging, compressed)
-        status = channel.recv_exit_status()
-        err = _stderr_so_far(channel)
+        receive(reader)
+        return channel.recv_exit_status(), _stderr_so_far(channel)
     except (OSError, EOFError, _paramiko().SSHException) as exc:
         what = f"download from {ssh.target.alias}"
         raise _broke_off(ssh, what, reader.count, exc, channel) from exc
     finally:
         channel.close()
-    if status != 0:
-        raise TransferError(f"download from {ssh.target.alias} failed (exit status {status}): "
-                            f"{_reason(err)}")
 
 
 def _transfer_channel(ssh: SSH) -> Any:
@@ -7286,11 +7176,6 @@ class _Watchdog:
                 self.fired = True
                 self.ssh._lost()
                 return
-
-
-def _gunzip_step(unzip: Any, chunk: bytes) -> bytes:
-    """What one chunk of a gzip stream unpacks to; an empty chunk (the end) flushes the rest."""
-    return unzip.decompress(chunk) if chunk else unzip.flush()
 
 
 def _stderr_so_far(channel: Any) -> str:
@@ -7385,8 +7270,7 @@ def _home_relative(path: Path) -> str:
     collapsed = collapse_home(path)
     if not collapsed.startswith("~"):
         raise ConfigError(f"{path} is outside your home, so it has no home-relative place on the "
-                          "host",
-                          hint="give the target path explicitly")
+                          "host", hint="give the target path explicitly")
     return collapsed
 
 
@@ -7429,8 +7313,7 @@ def _rclone(*args: str, what: str, timeout: float = 3600,
 
 
 def cloud_base(cloud_name: str) -> str:
-    """Where stackops keeps things on a cloud remote: ``name`` means ``name:stackops``;
-    ``name:path`` is used as given."""
+    """Where stackops keeps things on a cloud remote: ``name:stackops``; ``name:path`` as given."""
     return cloud_name if ":" in cloud_name else f"{cloud_name}:stackops"
 
 
@@ -7453,21 +7336,13 @@ def check_cloud_remote(cloud_name: str) -> None:
                           hint="add it with: rclone config")
 
 
-def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str]) -> Path:
-    """One tar of a cloud unit, laid out so that a worker unpacks it into the unit's own folder:
-    ``job/`` (the job folder), ``code/`` (the repo, caches and .git left out) and ``home/<path>``
-    for each data path (relative to home)."""
-    import fnmatch
+def _pack_unit(archive: Path, job_root: Path, data: list[str]) -> Path:
+    """One tar of a cloud unit, as a worker unpacks it into the unit's own folder: ``job/`` (the
+    job folder, its code inside with copy_repo) and ``home/<path>`` for each data path."""
     import tarfile
-
-    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        name = info.name.rsplit("/", 1)[-1]
-        return None if any(fnmatch.fnmatch(name, pattern) for pattern in REPO_EXCLUDES) else info
 
     with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
         tar.add(str(job_root), arcname="job")
-        if repo:
-            tar.add(str(expand_home(repo)), arcname="code", filter=keep)
         for item in data:
             tar.add(str(expand_home(item)), arcname="home/" + _home_relative(expand_home(item))[2:])
     return archive
@@ -7475,13 +7350,10 @@ def _pack_unit(archive: Path, job_root: Path, repo: str | None, data: list[str])
 
 def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: JobParams,
                    file_manager: FileManager, data: list[str]) -> tuple[str, str]:
-    """Pack the job folder (with its code, for ``copy_repo``) and its data into one archive and
-    upload it with rclone; the host fetches it with its own rclone when the job is fired.
-    One object instead of thousands of files: rclone's per-file hash check runs once.
-    Returns (where the archive is, its SHA-256): the host checks the digest before it unpacks
-    anything, so an archive another writer of the bucket replaced is refused. With ``ssh``, a
-    job id whose folder exists on the host, or a host whose rclone lacks the remote, is refused
-    before anything is uploaded."""
+    """Upload the job folder and its data with rclone as one archive (rclone's per-file hash
+    check runs once), which the host fetches when the job is fired. Returns (where it is, its
+    SHA-256, checked before anything is unpacked). With ``ssh``, a job id the host has, or a
+    host whose rclone lacks the remote, is refused before anything is uploaded."""
     cloud = config.cloud_name or ""
     check_cloud_remote(cloud)
     if ssh is not None:
@@ -7496,7 +7368,7 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
                               hint="install rclone on the host and configure the same remote there")
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
-        _pack_unit(archive, file_manager.job_root, None, data)
+        _pack_unit(archive, file_manager.job_root, data)
         digest = _sha256_file(archive)
         target = f"{cloud_base(cloud)}/jobs/{file_manager.job_id}.tar"
         _rclone("copyto", str(archive), target, what=f"upload to {target}")
@@ -9081,7 +8953,7 @@ class _CloudQueueLauncher(_SlotLauncher):
             for unit_id, part in zip(unit_ids, parts):
                 unit = self._unit(machine, unit_id, part)
                 units.append(unit)
-                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root, None,
+                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root,
                                      unit.data)  # with copy_repo the unit's folder carries its code
                 queue.add(unit_id, archive, {"unit": unit_id, "submitted_at": _iso(_utcnow()),
                                              "allowed_remotes": config.allowed_remotes})
