@@ -10965,10 +10965,8 @@ class MachineLoadCalculator:
         criterion = self.load_criterion.normalised
         result, start = [], 0
         for i, (spec, jobs) in enumerate(zip(specs, threads)):
-            if i == len(specs) - 1:
-                end = self.max_num
-            else:
-                end = min(self.max_num, start + int(spec.value(criterion) * self.max_num))
+            end = min(self.max_num, start + int(spec.value(criterion) * self.max_num))
+            end = self.max_num if i == len(specs) - 1 else end
             result.append(WorkloadParams(idx_min=0, idx_max=self.max_num, idx_start=start,
                                          idx_end=end, idx=i, jobs=max(1, jobs)))
             start = end
@@ -11186,11 +11184,8 @@ class Cluster:
         """Every completed host's results into one local folder, one sub-folder per host."""
         folder = expand_home(target) if target is not None else self.root_dir / "results"
         _mkdir_private(folder)
-
-        def fetch(host: str) -> Path:
-            return self.machines[host].download_results(folder / _host_folder(host), overwrite=True)
-
-        results = self._parallel(fetch, list(self.machines))
+        results = self._parallel(lambda h: self.machines[h].download_results(
+            folder / _host_folder(h), overwrite=True), list(self.machines))
         self._save()
         self._raise_failures("download", results)
         return folder
@@ -11370,10 +11365,9 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
 
 
 def _place_unit(staging: Path, root: Path, data: list[str], unit_id: str = "") -> None:
-    """Move an unpacked unit into its own folder ``root`` (its code inside it, at ``root/code``)
-    and rewrite its records to say so. Data go to their home-relative places file by file, unless
-    this machine sees the submitter's files (a worker on the submitting machine): then they are
-    there already, and nothing of yours is written over."""
+    """Move an unpacked unit into ``root`` (its code to ``root/code``, its records saying so),
+    and its data to their home-relative places, unless this machine sees the submitter's files
+    (a worker on the submitting machine): then nothing of yours is written over."""
     os.rename(staging / "job", root)
     params = _read_json(root / JOB_PARAMS_JSON)
     if (staging / "code").is_dir():
@@ -11403,16 +11397,14 @@ def _place_data(staging: Path, data: list[str]) -> None:
 
 
 def _units_folder(base_dir: str | None) -> Path:
-    """Where this worker unpacks its units: ``cloud_units`` under its base dir."""
     return expand_home(f"{base_dir or DEFAULT_BASE_DIR}/{CLOUD_UNITS_DIR}")
 
 
 def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
                 attempt: str = "") -> Path:
-    """Download a claimed unit and unpack it into a folder of its own under this worker's base
-    dir, ``<unit id>.<attempt>`` (never a path a record names): a fresh folder for each attempt,
-    so that nothing is pulled from under an earlier attempt's job, and no end of one passes for
-    another's. A folder of that name already there is an error, never replaced."""
+    """Download a claimed unit and unpack it into ``<unit id>.<attempt>`` under this worker's
+    base dir (never a path a record names): a fresh folder per attempt, so no attempt's files or
+    end pass for another's; one already there is an error, never replaced."""
     units = _units_folder(base_dir)
     _mkdir_private(units)
     name = check_safe_name(unit_id, "unit id") + (f".{attempt}" if attempt else "")
@@ -11432,11 +11424,10 @@ def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
 
 
 def _earlier_run(units: Path, unit_id: str) -> Path | None:
-    """An earlier attempt of ``unit_id`` on this machine whose job still runs (a worker killed
-    and started again: its job went on, detached), to adopt; None when there is none. The
-    earlier attempts' folders (``<unit>.<attempt>``, or ``<unit>`` of an older stackops) whose
-    job provably ended are removed; one that never started is marked cancelled first (its queue
-    entry, if any, is then dropped), and removed by a later look."""
+    """An earlier attempt of ``unit_id`` whose job still runs here (its worker was killed and
+    started again), to adopt, or None. Earlier attempts (``<unit>.<attempt>``, or ``<unit>``)
+    that provably ended are removed; one that never started is marked cancelled first (its
+    queue entry is then dropped), and removed by a later look."""
     prefix = check_safe_name(unit_id, "unit id") + "."
     names = [name for name in os.listdir(units)
              if name.startswith(prefix) and name[len(prefix):].isdigit()]
@@ -11459,9 +11450,8 @@ def _earlier_run(units: Path, unit_id: str) -> Path | None:
 
 def _start_unit(queue: CloudQueue, unit_id: str, claim: str,
                 base_dir: str | None) -> tuple[RemoteMachine, bool]:
-    """The claimed unit's job started here, and whether it was adopted: an earlier attempt that
-    still runs on this machine is followed (not started again, not removed); else a fresh
-    attempt is fetched into a folder of its own and fired."""
+    """The claimed unit's job started here, and whether it was adopted (an earlier attempt
+    that still runs here: see _earlier_run) rather than fetched afresh and fired."""
     units = _units_folder(base_dir)
     root = _earlier_run(units, unit_id) if units.is_dir() else None
     adopted = root is not None
@@ -11480,10 +11470,9 @@ def _start_unit(queue: CloudQueue, unit_id: str, claim: str,
 
 def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
               base_dir: str | None = None) -> str:
-    """Fetch a claimed unit, run it here with this machine's slots (or follow the run of an
-    earlier attempt that still goes on here), then upload its results and status, all while a
-    background heartbeat refreshes the claim. A unit whose claim was lost is not uploaded.
-    Returns the unit's status (or ``lost``)."""
+    """Run a claimed unit here with this machine's slots (or follow an earlier attempt's run),
+    then upload its results and status, while a heartbeat refreshes the claim; a unit whose
+    claim was lost is not uploaded. Returns the unit's status (or ``lost``)."""
     with _ClaimKeeper(queue, unit_id, claim, worker) as keeper:
         try:
             machine, adopted = _start_unit(queue, unit_id, claim, base_dir)
@@ -11520,8 +11509,8 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
 
 def _units_to_claim(queue: CloudQueue, worker: str,
                     running: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """(units this worker may run and nobody runs, the fresh listing). A unit whose name or
-    unit.json cannot be used is skipped with a warning; it stops nothing."""
+    """(units this worker may run and nobody runs, a fresh listing); an unusable unit is
+    skipped with a warning."""
     mine = []
     for unit_id, info in sorted(queue.listing().items()):
         if not info["ready"] or info["done"] or info.get("cancelled") or unit_id in running:
@@ -11542,8 +11531,8 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
                base_dir: str | None = None) -> int:
     """Claim and run work units from the cloud queue, up to ``max_jobs`` at a time, until stopped
     (``until_idle``: until every unit is done). Returns how many units this worker finished.
-    A queue that cannot be read (rclone failed) is logged and looked at again later, each time
-    waiting longer (up to CLOUD_BACKOFF_MAX seconds): the worker goes on."""
+    A queue that cannot be read is logged and read again later, backing off up to
+    CLOUD_BACKOFF_MAX seconds: the worker goes on."""
     from concurrent.futures import ThreadPoolExecutor
 
     worker = check_safe_name(name or f"{os.uname().nodename}-{os.getpid()}", "worker name")
@@ -12711,22 +12700,16 @@ def _config_rows(host: str | None) -> list[tuple[str, Any, str]]:
 
 
 def render_report(rows: list[dict[str, Any]], title: str) -> str:
-    """One self-contained HTML page (inline SVG, CSS and JS; it fetches nothing) that draws
-    ``rows`` as a timeline: a lane per host and slot, a bar per job from its submission (thin) to
-    its start and end (thick), coloured by its state, its earlier runs faint before it; a header
-    with the counts per state, the wall time, the run time and the slots' utilisation; hovering
-    or clicking a bar shows the job. A job not ended (running, waiting) is drawn up to now.
-
-    A row is a plain dict; any key may be missing or None, and a value of the wrong type is
-    left out. ``job_id``, ``host``; ``slot`` ("slot-0", "gpu-1", a Slurm task: without one, a
-    host's jobs are packed into as few lanes as never overlap, and those that never started go
-    to its "waiting" lane); ``group`` (its sweep, cluster or array); ``status`` (completed,
-    failed, cancelled, running, waiting, queued, prepared); ``submitted``, ``started``, ``ended``
-    (ISO-8601; without a zone, UTC); ``attempt`` ("2/3"); ``exit_code``, ``signal``,
-    ``max_rss_bytes`` (ints); ``cpu_seconds``; ``error`` (the error's last line); ``call`` (the
-    kwargs as compact JSON, or the command line); ``runs``, the earlier runs (retries, requeues),
-    each a dict of ``started``, ``ended``, ``status``, ``exit_code``, ``signal``. Texts reach
-    the page as inert text: the data is one JSON blob, every ``<`` in it escaped."""
+    """One self-contained HTML page (it fetches nothing) that draws ``rows`` as a timeline (see
+    docs/report.md). A row is a plain dict; any key may be missing or None, and a value of the
+    wrong type is left out. ``job_id``, ``host``; ``slot`` ("slot-0", "gpu-1", a Slurm task;
+    without one, the host's jobs are packed into lanes); ``group`` (its sweep, cluster or array);
+    ``status`` (completed, failed, cancelled, running, waiting, queued, prepared); ``submitted``,
+    ``started``, ``ended`` (ISO-8601; without a zone, UTC); ``attempt`` ("2/3"); ``exit_code``,
+    ``signal``, ``max_rss_bytes`` (ints); ``cpu_seconds``; ``error`` (the error's last line);
+    ``call`` (the kwargs as compact JSON, or the command line); ``runs``, the earlier runs
+    (retries, requeues), each a dict of ``started``, ``ended``, ``status``, ``exit_code``,
+    ``signal``. Texts reach the page as inert text: one JSON blob, every ``<`` in it escaped."""
     now = _utcnow().timestamp()
     jobs = [_report_job(row if isinstance(row, dict) else {}) for row in rows]
     times = [t for job in jobs for t in (*job[3:6], *(t for run in job[15] for t in run[:2]))
@@ -12911,9 +12894,8 @@ class _Progress:
         where a few buffered bytes would say gigabytes a second."""
         elapsed = now - self.started
         rate = self.done / elapsed if elapsed >= 1.0 else 0.0
-        parts = {"percent": "", "sizes": _mib(self.done), "rate": "", "left": ""}
-        if rate:
-            parts["rate"] = f"{_mib(rate)}/s"
+        rate_text = f"{_mib(rate)}/s" if rate else ""
+        parts = {"percent": "", "sizes": _mib(self.done), "rate": rate_text, "left": ""}
         if self.total:
             parts["percent"] = f"{min(100.0, 100.0 * self.done / self.total):3.0f}%"
             parts["sizes"] += f" of {_mib(self.total)}"
@@ -12972,20 +12954,21 @@ def _split_remote(text: str) -> tuple[str, str] | None:
 
 
 def _cmd_copy(args: Any) -> int:
-    source, target = _split_remote(args.source), _split_remote(args.target)
-    if (source is None) == (target is None):
+    target = _split_remote(args.target)
+    sides = [side for side in (_split_remote(args.source), target) if side is not None]
+    if len(sides) != 1:
         raise ConfigError("copy needs exactly one side on a host (HOST:PATH) and one here",
                           hint="e.g. copy ./results gpu-box:~/backup -r, or copy gpu-box:~/x ./x")
-    if target is not None:
-        with SSH.from_config_file(target[0], accept_new_host_key=args.accept_new) as ssh:
-            remote = target[1] + (Path(args.source).name if target[1].endswith("/") else "")
+    host, path = sides[0]
+    with SSH.from_config_file(host, accept_new_host_key=args.accept_new) as ssh:
+        if target is not None:
+            remote = path + (Path(args.source).name if path.endswith("/") else "")
             where = ssh.copy_from_here(args.source, remote, args.compress, args.recursive,
                                        args.overwrite, _progress(args))
-        print(f"{target[0]}:{where}")
-    elif source is not None:
-        with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
-            local = args.target + (Path(source[1]).name if args.target.endswith("/") else "")
-            print(collapse_home(ssh.copy_to_here(source[1], local, args.compress, args.recursive,
+            print(f"{host}:{where}")
+        else:
+            local = args.target + (Path(path).name if args.target.endswith("/") else "")
+            print(collapse_home(ssh.copy_to_here(path, local, args.compress, args.recursive,
                                                  args.overwrite, _progress(args))))
     return 0
 
@@ -13063,16 +13046,13 @@ def _wait_cluster(cluster: Cluster, host_timeout: float = 120.0) -> int:
             if isinstance(answer, JobStatus) and answer.finished:
                 waiting.discard(host)
                 print(f"stackops: {host}: job {answer.job_id} {answer.status}", file=sys.stderr)
-            elif time.monotonic() - heard[host] > host_timeout:
+            elif (silent := time.monotonic() - heard[host]) > host_timeout:
                 waiting.discard(host)
-                given_up[host] = _give_up(host, answer, time.monotonic() - heard[host])
+                why = _last_line(str(answer)) if isinstance(answer, Exception) else "no answer"
+                print(f"stackops: {host}: giving up, unreachable for {silent:.0f}s ({why})",
+                      file=sys.stderr)
+                given_up[host] = StackopsConnectionError(f"unreachable for {silent:.0f}s: {why}")
     return _show_cluster(cluster, {**answers, **given_up}, as_json=False)
-
-
-def _give_up(host: str, answer: Any, silent: float) -> StackopsError:
-    why = _last_line(str(answer)) if isinstance(answer, Exception) else "no answer"
-    print(f"stackops: {host}: giving up, unreachable for {silent:.0f}s ({why})", file=sys.stderr)
-    return StackopsConnectionError(f"unreachable for {silent:.0f}s: {why}")
 
 
 def _show_cluster(cluster: Cluster, statuses: dict[str, Any], as_json: bool) -> int:
@@ -13123,8 +13103,7 @@ def _cmd_cluster_logs(args: Any) -> int:
         for host in hosts:
             if len(hosts) > 1:
                 print(f"==> {host} ({cluster.machines[host].job_id}) <==", flush=True)
-            machine = cluster.machines[host]
-            with machine:
+            with cluster.machines[host] as machine:
                 _follow_log(machine, args)
     return 0
 
@@ -13544,10 +13523,9 @@ def _bash_completion(tree: dict[str, dict[str, Any]]) -> str:
     commands, values = [], []
     replies = {"jobs": '"$(_stackops_ids jobs "$base")"', "hosts": '"$(_stackops_hosts)"'}
     for path, node in tree.items():
-        valued = [option for option, (kind, _) in node["values"].items()]
         opts, words = " ".join(node["options"]), " ".join(node["words"])
         commands.append(f"        {shlex.quote(path)}) opts={shlex.quote(opts)}"
-                        f" valued={shlex.quote(' '.join(valued))} kind={node['kind']}"
+                        f" valued={shlex.quote(' '.join(node['values']))} kind={node['kind']}"
                         f" words={shlex.quote(words)};;")
         for option, (kind, choices) in node["values"].items():
             reply = shlex.quote(" ".join(choices)) if kind == "words" else replies.get(kind)
@@ -14020,15 +13998,6 @@ def _take_ssh_command(args: Any, extras: list[str], parser: Any) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extras)}{more}")
 
 
-def _os_error_line(exc: OSError) -> tuple[str, str]:
-    """One line for an OSError that no caller made a StackopsError: what, which path, a hint."""
-    what = exc.strerror or str(exc) or type(exc).__name__
-    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-    hint = "check that path (its permissions, its free space, that its folders exist)" if paths \
-        else "run again with -vv to see where it happened"
-    return f"{what}: {paths}" if paths else what, hint
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 success, 1 failure, 2 bad input, 130 interrupted."""
     sys.modules.setdefault("stackops", _this_module())
@@ -14119,11 +14088,17 @@ def _handled(args: Any, verbose: int) -> int:
 
 
 def _plain_error(exc: BaseException) -> tuple[str, str]:
-    """One line and a hint for an OSError, MemoryError or EOFError that reached main()."""
-    if isinstance(exc, OSError):
-        return _os_error_line(exc)
+    """One line and a hint for an OSError (what, which path), MemoryError or EOFError that
+    reached main()."""
     if isinstance(exc, MemoryError):
         return "out of memory", "give it less to hold at once (smaller --kwargs, data as files)"
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc) or type(exc).__name__
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+        if not paths:
+            return what, "run again with -vv to see where it happened"
+        return f"{what}: {paths}", ("check that path (its permissions, its free space, that its "
+                                    "folders exist)")
     return "the connection was closed by the other side", "is the host reachable? -vv shows where"
 
 
@@ -14136,10 +14111,6 @@ def _plain_error(exc: BaseException) -> tuple[str, str]:
 # a log, the queue, list --host, the dispatcher, the end's report) is an action: a request of
 # plain data in, one answer of plain data out (or an error record the client raises again).
 # Here, the same actions are called in this process, so a job is the same wherever it runs.
-
-# -- the executing side's actions (what serve() answers) -----------------------------------------
-# Each action takes a request (plain data) and returns plain data; here they are called directly,
-# on a host through serve(), so every view of a job is built by the same code wherever it runs.
 
 def _reports_of(roots: list[Path], lines: int = 0,
                 tasks: list[list[str] | None] | None = None,
@@ -14194,10 +14165,6 @@ def _roots(request: dict[str, Any]) -> list[Path]:
     return [expand_home(root) for root in request["roots"]]
 
 
-def _act_status(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
-    return _reports_of(_roots(request), int(request.get("lines") or 0), request.get("tasks"))
-
-
 def _act_cancel(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
     roots = _roots(request)
     marked = [_mark_cancel(root) for root in roots]  # all first: the queue starts none meanwhile
@@ -14215,21 +14182,9 @@ def _act_delete(request: dict[str, Any], _io: Any) -> list[str]:
     return removed
 
 
-def _act_delete_results(request: dict[str, Any], _io: Any) -> str:
-    return delete_own_results(_roots(request)[0])
-
-
 def _act_check_email(request: dict[str, Any], _io: Any) -> bool:
     load_email_config(str(request.get("name") or ""))
     return True
-
-
-def _act_fire(request: dict[str, Any], _io: Any) -> dict[str, Any]:
-    return fire_jobs(_roots(request))
-
-
-def _act_facts(request: dict[str, Any], _io: Any) -> dict[str, Any]:
-    return _facts(list(request.get("facts") or []))
 
 
 def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
@@ -14299,10 +14254,6 @@ def _act_handover(request: dict[str, Any], io: Any) -> dict[str, Any]:
     return {"placed": [collapse_home(root) for root in roots], "fired": fired}
 
 
-def _act_queue(request: dict[str, Any], _io: Any) -> dict[str, Any]:
-    return _queue_view(Slots(), int(request.get("history") or 0))
-
-
 def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
     """A job that travelled through the cloud: its archive fetched with this machine's rclone,
     checked against the SHA-256 recorded at upload, unpacked as a unit is (nothing outside the
@@ -14346,10 +14297,15 @@ def _act_cloud_results(request: dict[str, Any], _io: Any) -> str:
 
 
 _ACTIONS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
-    "status": _act_status, "cancel": _act_cancel, "delete": _act_delete,
-    "delete_results": _act_delete_results, "check_email": _act_check_email, "fire": _act_fire,
-    "facts": _act_facts, "logs": _act_logs, "list": _act_list, "handover": _act_handover,
-    "queue": _act_queue, "cloud_fetch": _act_cloud_fetch, "cloud_results": _act_cloud_results}
+    "status": lambda request, _io: _reports_of(_roots(request), int(request.get("lines") or 0),
+                                               request.get("tasks")),
+    "cancel": _act_cancel, "delete": _act_delete,
+    "delete_results": lambda request, _io: delete_own_results(_roots(request)[0]),
+    "check_email": _act_check_email, "fire": lambda request, _io: fire_jobs(_roots(request)),
+    "facts": lambda request, _io: _facts(list(request.get("facts") or [])),
+    "logs": _act_logs, "list": _act_list, "handover": _act_handover,
+    "queue": lambda request, _io: _queue_view(Slots(), int(request.get("history") or 0)),
+    "cloud_fetch": _act_cloud_fetch, "cloud_results": _act_cloud_results}
 
 
 def _answer(request: Any, stream: Any, say: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
