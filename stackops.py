@@ -11337,10 +11337,11 @@ class _UnitRefused(TransferError):
 
 
 def _unpack_unit(archive: Path, staging: Path) -> list[str]:
-    """Unpack a unit's archive into the private ``staging`` folder, refusing the whole archive if a
-    member is outside the unit's places; never chowns. Returns its data paths (relative to home)."""
+    """Unpack a unit's archive into a new private folder ``staging``, refusing the whole archive
+    if a member is outside the unit's places; never chowns. Returns its data paths (from home)."""
     import tarfile
 
+    staging.mkdir(mode=0o700)
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
@@ -11415,7 +11416,6 @@ def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
     try:
         _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"),
                 what="download of a unit")
-        (staging / "x").mkdir(mode=0o700)
         data = _unpack_unit(staging / "unit.tar", staging / "x")
         _place_unit(staging / "x", root, data, unit_id)
     finally:
@@ -13112,29 +13112,29 @@ def _add_cluster_args(cluster: Any) -> None:
     sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
     sub.required = True
     default_base = DEFAULT_BASE_DIR.rsplit("/", 1)[0]
-    run = sub.add_parser("run",
-                         help="launch a function on several hosts, each on its share of [0, MAX)")
-    run.set_defaults(handler=_cmd_cluster_run)
-    _add_cluster_run_args(run)
     for name, handler, text in (
+            ("run", _cmd_cluster_run,
+             "launch a function on several hosts, each on its share of [0, MAX)"),
             ("status", _cmd_cluster_status, "one line per host: share, status, times"),
             ("download", _cmd_cluster_download, "every host's results into one folder"),
             ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
         action = sub.add_parser(name, help=text)
         action.set_defaults(handler=handler)
-        action.add_argument("cluster_id", help="the cluster's id")
+        if name == "run":
+            _add_cluster_run_args(action)
+        else:
+            action.add_argument("cluster_id", help="the cluster's id")
         if name == "status":
             action.add_argument("--json", action="store_true")
         elif name == "download":
             action.add_argument("--to",
                                 help="the local folder (default: the cluster's results folder)")
-        else:
+        elif name == "logs":
             action.add_argument("--part", metavar="K",
                                 help="the part: its host, or its number (1, 2, ...)")
             action.add_argument("-f", "--follow", action="store_true",
                                 help="keep printing while the part runs")
             action.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
-    for action in (run, *[p for n, p in sub.choices.items() if n != "run"]):
         action.add_argument("--base-dir", default=default_base,
                             help=f"where clusters live (default {default_base})")
 
@@ -13874,16 +13874,13 @@ def _parser_class() -> Any:
 def _terminal_columns() -> int:
     """The terminal's width as shutil.get_terminal_size says it ($COLUMNS, else stdout's
     terminal, else 80), without importing shutil (2 ms of every --help)."""
-    try:
+    columns = 0
+    with _suppress(ValueError):
         columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        columns = 0
     if columns <= 0:
-        try:
+        with _suppress(AttributeError, ValueError, OSError):
             columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns or 80
+    return columns if columns > 0 else 80
 
 
 def _build_parser() -> Any:
@@ -13955,11 +13952,9 @@ def _configure_logging_later(level: int) -> Callable[[], None]:
 
 
 def _configure_logging(level: int) -> Callable[[], None]:
-    """One stderr handler for stackops, replaced (not added to) by every main() call. paramiko's
-    own log (an "Exception (client)" with a traceback from its thread, before our one line) shows
-    only with -vv. The stackops logger does not propagate meanwhile, so a program that calls
-    main() and logs to stderr itself does not see each line twice. Returns the undo, which
-    main() calls on its way out: it leaves the loggers as it found them."""
+    """One stderr handler for stackops, replaced (not added to) by every main() call; paramiko's
+    log (a traceback from its thread) only with -vv; stackops' lines not propagated meanwhile (a
+    program calling main() would see them twice). Returns the undo, which restores the loggers."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("stackops: %(message)s"))
     quiet_paramiko: logging.Handler = logging.NullHandler() if level < 2 else handler
@@ -14038,8 +14033,7 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 
 def _dispatch(args: Any, verbose: int) -> int:
-    """Run the command's handler; map what it raises to one line and a hint on stderr, and an exit
-    code."""
+    """Run the command's handler, Ctrl-C taken as _interrupted says (see _handled)."""
     with _suppress(ValueError, TypeError):  # not in the main thread (main() called by a program)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, _interrupted)
@@ -14272,7 +14266,6 @@ def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
             raise TransferError(f"the archive {source} is not the one uploaded (its sha256 is "
                                 f"{digest}, expected {request['sha256']}): another writer of the "
                                 "bucket replaced it; nothing was unpacked")
-        (staging / "x").mkdir(mode=0o700)
         data = _unpack_unit(staging / "job.tar", staging / "x")
         _write_plain(staging / "x" / "job" / LOGS / "archive_sha256.txt", digest)
         os.rename(staging / "x" / "job", root)
