@@ -11223,8 +11223,7 @@ class Cluster:
 
     @classmethod
     def load(cls, job_id: str, base_dir: str | None = None) -> Cluster:
-        """A cluster launched earlier (by this or another process), ready for status and
-        download."""
+        """A cluster launched earlier (by any process), ready for status and download."""
         base = base_dir or DEFAULT_BASE_DIR.rsplit('/', 1)[0]
         root = expand_home(f"{base}/job_id__{check_safe_name(job_id)}")
         data = _read_json(root / "cluster.json")
@@ -11315,8 +11314,7 @@ class _ClaimKeeper:
 
 
 def _unit_member_ok(info: Any, data: list[str]) -> bool:
-    """A member of a unit's archive that may be unpacked: a file, folder or link under ``job/``,
-    ``code/`` or one of the unit's data paths (``home/<path>``), and a link that stays there."""
+    """A member that may be unpacked: under job/, code/ or home/<data path>, a link within it."""
     name = posixpath.normpath(info.name)
     if info.name.startswith("/") or name.startswith(".."):
         return False
@@ -11450,8 +11448,7 @@ def _earlier_run(units: Path, unit_id: str) -> Path | None:
 
 def _start_unit(queue: CloudQueue, unit_id: str, claim: str,
                 base_dir: str | None) -> tuple[RemoteMachine, bool]:
-    """The claimed unit's job started here, and whether it was adopted (an earlier attempt
-    that still runs here: see _earlier_run) rather than fetched afresh and fired."""
+    """The claimed unit's job, started here or adopted (see _earlier_run), and whether adopted."""
     units = _units_folder(base_dir)
     root = _earlier_run(units, unit_id) if units.is_dir() else None
     adopted = root is not None
@@ -11509,8 +11506,7 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
 
 def _units_to_claim(queue: CloudQueue, worker: str,
                     running: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """(units this worker may run and nobody runs, a fresh listing); an unusable unit is
-    skipped with a warning."""
+    """(the units this worker may claim, a fresh listing); an unusable one is warned of."""
     mine = []
     for unit_id, info in sorted(queue.listing().items()):
         if not info["ready"] or info["done"] or info.get("cancelled") or unit_id in running:
@@ -12674,8 +12670,7 @@ def _cmd_config(args: Any) -> int:
 
 
 def _config_rows(host: str | None) -> list[tuple[str, Any, str]]:
-    """Each setting for jobs on ``host`` (None: here): its value and where it comes from (the
-    file, line and keys; or the built-in default)."""
+    """Each setting for jobs on ``host`` (None: here): (name, value, where it comes from)."""
     path = user_config_location()[0]
     found = _user_settings_from(host or "localhost")
     data = read_user_config()
@@ -12784,8 +12779,7 @@ def _report_rows(ids: list[str], last: int | None, host: str | None, base_dir: s
 
 
 def _report_members(target: Any) -> dict[str, tuple[str | None, str | None]]:
-    """The jobs an id names (as _load_job_or_cluster found it): {job id: (group, slot)}; an
-    array's tasks are its slots."""
+    """{job id: (group, slot)} of what an id names (an array's tasks are its slots)."""
     if isinstance(target, RemoteMachine) and target.array_parts:
         return {task.job_id: (target.job_id, f"task-{k}")
                 for k, task in enumerate(target.array_tasks())}
@@ -13471,8 +13465,7 @@ complete -o default -F _stackops stackops
 
 
 def _completion_tree() -> dict[str, dict[str, Any]]:
-    """Each command the completion knows, by its path ("", "run", "cluster run"): its options,
-    what each option's value is (see _value_kind), help lines, and what its arguments are."""
+    """Each command by its path ("", "cluster run"): its options, values, help, arguments."""
     argparse = _argparse()
     tree: dict[str, dict[str, Any]] = {}
     todo = [("", _full_parser())]
@@ -13496,8 +13489,7 @@ def _completion_tree() -> dict[str, dict[str, Any]]:
 
 
 def _value_kind(action: Any) -> tuple[str, list[str]]:
-    """What completes an option's value: words (its choices), job ids ("jobs"), host aliases
-    ("hosts"), files ("files"), or nothing ("": a free value)."""
+    """What completes an option's value: "words" (its choices), "jobs", "hosts", "files" or ""."""
     if action.choices or action.dest == "status":
         return "words", [str(word) for word in action.choices or STATUSES]
     if str(action.metavar).startswith("ID"):
@@ -13509,8 +13501,7 @@ def _value_kind(action: Any) -> tuple[str, list[str]]:
 
 
 def _argument_kind(path: str, action: Any) -> tuple[str, list[str]]:
-    """What completes a command's arguments: ids of jobs (and of sweeps and clusters: "both"),
-    host aliases, files; and the words it takes."""
+    """What completes a command's arguments ("jobs", "both", "clusters", ...), and its words."""
     if action.dest in ("job_id", "job_ids"):
         return ("both" if path in ("cancel", "wait", "rerun") else "jobs"), []
     if action.dest == "cluster_id":
@@ -13766,8 +13757,7 @@ def _add_config_args(sub: Any) -> None:
 
 
 def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str | None, Any], ...]:
-    """Every command: its name, handler, line in ``stackops --help`` and what adds its
-    arguments. Only the command given is built."""
+    """Every command: name, handler, line in ``stackops --help``, what adds its arguments."""
     return (
         ("run", _cmd_run, "run a script, function or command as a detached job", _add_run_args),
         ("status", _cmd_status, "status, times, results and error of a job", _add_status_args),
@@ -13810,8 +13800,7 @@ def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str | None
 
 
 class _LazyParsers(dict):  # type: ignore[type-arg]
-    """argparse's map from a command's name to its parser, each built when first looked up: a
-    command line (``--help`` too) builds the parser of its one command, not of all of them."""
+    """argparse's map of commands to parsers, each built when looked up (one per command line)."""
 
     def __init__(self, action: Any) -> None:
         table = {row[0]: row for row in _command_table()}
@@ -13838,8 +13827,7 @@ _PARSER_CLASS: list[Any] = []  # made once, by _parser_class
 
 
 def _parser_class() -> Any:
-    """argparse's ArgumentParser with help wrapped word by word: textwrap's regular expressions
-    cost 2 ms of every ``--help``. Its sub-parsers are of the same class."""
+    """ArgumentParser (its sub-parsers too) wrapping help by words: textwrap is 2 ms of --help."""
     if not _PARSER_CLASS:
         argparse = _argparse()
 
@@ -13872,8 +13860,7 @@ def _parser_class() -> Any:
 
 
 def _terminal_columns() -> int:
-    """The terminal's width as shutil.get_terminal_size says it ($COLUMNS, else stdout's
-    terminal, else 80), without importing shutil (2 ms of every --help)."""
+    """shutil.get_terminal_size's columns ($COLUMNS, stdout's, 80) without shutil (2 ms)."""
     columns = 0
     with _suppress(ValueError):
         columns = int(os.environ.get("COLUMNS", ""))
@@ -13915,8 +13902,7 @@ def _subcommands(parser: Any) -> list[Any]:
 
 
 def _add_verbosity_everywhere(parser: Any) -> None:
-    """-v/-q after the command too (``stackops status JOB -v``): a command's parser (and its
-    actions') counts them into its own field, which main() adds to the ones given before."""
+    """-v/-q after the command too (``status JOB -v``), counted apart: main() adds them."""
     argparse = _argparse()
     parser.add_argument("-v", "--verbose", dest="verbose_after", action="count",
                         default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
@@ -13928,14 +13914,12 @@ def _add_verbosity_everywhere(parser: Any) -> None:
 
 
 def _cli_level(level: int) -> int:
-    """The stackops logger's level for -v/-q counted ``level``: logging's ERROR, WARNING, INFO
-    or DEBUG."""
+    """The logger's level for -v/-q counted ``level``: ERROR, WARNING, INFO or DEBUG."""
     return {-1: 40, 0: 30, 1: 20}.get(max(-1, min(level, 2)), 10)
 
 
 def _configure_logging_later(level: int) -> Callable[[], None]:
-    """_configure_logging when the logger is first used or paramiko imported (see _Logger), not
-    before: most commands log nothing (logging is 4 ms of their start). Returns the undo."""
+    """_configure_logging once logging is used (see _Logger: 4 ms of a start); the undo."""
     if "logging" in sys.modules:  # (a program calling main(): it costs nothing now)
         return _configure_logging(level)
     undo: list[Callable[[], None]] = []
@@ -14082,8 +14066,7 @@ def _handled(args: Any, verbose: int) -> int:
 
 
 def _plain_error(exc: BaseException) -> tuple[str, str]:
-    """One line and a hint for an OSError (what, which path), MemoryError or EOFError that
-    reached main()."""
+    """One line and a hint for an OSError, MemoryError or EOFError that reached main()."""
     if isinstance(exc, MemoryError):
         return "out of memory", "give it less to hold at once (smaller --kwargs, data as files)"
     if isinstance(exc, OSError):
@@ -14202,8 +14185,7 @@ def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
 
 
 def _act_list(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
-    """Every job folder under the base folder here and the clusters' parts beside it, whoever
-    submitted them, judged here."""
+    """Each job folder under the base folder and the clusters' here, whoever sent it, judged."""
     base = expand_home(request.get("base_dir") or DEFAULT_BASE_DIR)
     roots = []
     for queued in [base / "queued", *sorted(base.parent.glob("job_id__*/queued"))]:
