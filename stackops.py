@@ -14302,11 +14302,9 @@ def serve(argv: list[str] | None = None) -> int:
     itself. Without: JSON request lines on stdin, each answered by one JSON line on stdout (see
     _answer), until stdin ends or brings an empty line."""
     args = list(sys.argv[2:] if argv is None else argv)
-    if args[:1] == ["dispatch"] and len(args) == 2:
-        run_dispatcher(args[1])
-        return 0
-    if args[:1] == ["notify"] and len(args) == 2:
-        notify_job_end(args[1])
+    detached = {"dispatch": run_dispatcher, "notify": notify_job_end}
+    if len(args) == 2 and args[0] in detached:
+        detached[args[0]](args[1])
         return 0
     if args:
         raise ConfigError(f"stackops --serve: unknown action {' '.join(args)!r}")
