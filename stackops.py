@@ -11228,15 +11228,14 @@ class Cluster:
         root = expand_home(f"{base}/job_id__{check_safe_name(job_id)}")
         data = _read_json(root / "cluster.json")
         cluster = cls.__new__(cls)
+        cluster.func = cluster.job_params = None
+        cluster.root_dir = root
         try:
-            cluster.func, cluster.job_params = None, None
-            cluster.job_id, cluster.base_dir = data["job_id"], data["base_dir"]
-            cluster.root_dir = root
-            cluster.description, cluster.ssh_hosts = data["description"], list(data["ssh_hosts"])
-            cluster.func_kwargs = data["func_kwargs"]
+            for key in ("job_id", "base_dir", "description", "func_kwargs", "ditch_unavailable"):
+                setattr(cluster, key, data[key])
+            cluster.ssh_hosts = list(data["ssh_hosts"])
             cluster.config = RemoteStackOpsConfig.from_dict(data["config"])
             cluster.unavailable = dict(data["unavailable"])
-            cluster.ditch_unavailable = data["ditch_unavailable"]
             cluster.specs = {h: MachineSpecs(cpu=s["cpu"], ram=s["ram"]) for h,
                              s in data["specs"].items()}
             cluster.workloads = {h: WorkloadParams.from_dict(w) for h,
