@@ -13472,7 +13472,7 @@ def _completion_tree() -> dict[str, dict[str, Any]]:
         path, parser = todo.pop(0)
         node: dict[str, Any] = {"options": {}, "values": {}, "kind": "", "words": {}}
         for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):  # shown ones: not job-report...
+            if isinstance(action, argparse._SubParsersAction):  # the ones --help lists
                 node["words"] = {pseudo.dest: pseudo.help for pseudo in action._choices_actions}
                 todo += [(f"{path} {name}".strip(), action.choices[name]) for name in node["words"]]
             elif action.option_strings:
@@ -13755,7 +13755,7 @@ def _add_config_args(sub: Any) -> None:
     sub.add_argument("--json", action="store_true")
 
 
-def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str | None, Any], ...]:
+def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str, Any], ...]:
     """Every command: name, handler, line in ``stackops --help``, what adds its arguments."""
     return (
         ("run", _cmd_run, "run a script, function or command as a detached job", _add_run_args),
@@ -13805,9 +13805,8 @@ class _LazyParsers(dict):  # type: ignore[type-arg]
         table = {row[0]: row for row in _command_table()}
         super().__init__(dict.fromkeys(table))
         self.action, self.table = action, table
-        for name, _, help_text, _ in table.values():
-            if help_text is not None:  # its line in the top-level help
-                action._choices_actions.append(action._ChoicesPseudoAction(name, (), help_text))
+        for name, _, help_text, _ in table.values():  # its line in the top-level help
+            action._choices_actions.append(action._ChoicesPseudoAction(name, (), help_text))
 
     def __getitem__(self, name: str) -> Any:
         parser = dict.__getitem__(self, name)
