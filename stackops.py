@@ -10966,7 +10966,8 @@ class MachineLoadCalculator:
         result, start = [], 0
         for i, (spec, jobs) in enumerate(zip(specs, threads)):
             end = min(self.max_num, start + int(spec.value(criterion) * self.max_num))
-            end = self.max_num if i == len(specs) - 1 else end
+            if i == len(specs) - 1:
+                end = self.max_num
             result.append(WorkloadParams(idx_min=0, idx_max=self.max_num, idx_start=start,
                                          idx_end=end, idx=i, jobs=max(1, jobs)))
             start = end
@@ -14166,10 +14167,9 @@ def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
     """A slice of a job's log: from byte ``offset`` (following it), else its last ``lines``; and
     whether the job has ended (a follower stops then)."""
     root = _roots(request)[0]
-    path = root / OUTPUT_LOG
     data = b""
     offset = request.get("offset")
-    with _suppress(FileNotFoundError), open(path, "rb") as handle:
+    with _suppress(FileNotFoundError), open(root / OUTPUT_LOG, "rb") as handle:
         if offset is None:  # the last lines as they are (a follower goes on from the offset)
             data = b"".join(handle.read().splitlines(keepends=True)[
                 -max(1, int(request.get("lines") or 20)):])
@@ -14262,9 +14262,8 @@ def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
 def _act_cloud_results(request: dict[str, Any], _io: Any) -> str:
     """A job's results up to the bucket with this machine's rclone (a download's own prefix)."""
     results = expand_home(request["results"])
-    verb = "copy" if results.is_dir() else "copyto"
-    _rclone(verb, str(results), request["target"] + ("" if results.is_dir() else
-                                                      f"/{results.name}"),
+    target = request["target"] + ("" if results.is_dir() else f"/{results.name}")
+    _rclone("copy" if results.is_dir() else "copyto", str(results), target,
             what="upload of the results")
     return request["target"]
 
