@@ -12997,9 +12997,8 @@ def _cmd_cluster_run(args: Any) -> int:
         cluster.run()
         for host, error in cluster.unavailable.items():
             print(f"left out {host}: {_last_line(error)}", file=sys.stderr)
-        _print_table([[host, f"{wp.idx_start}..{wp.idx_end}", str(wp.jobs)] for host,
-                      wp in cluster.workloads.items()],
-                     ["HOST", "SHARE", "THREADS"])
+        _print_table([[host, f"{wp.idx_start}..{wp.idx_end}", str(wp.jobs)]
+                      for host, wp in cluster.workloads.items()], ["HOST", "SHARE", "THREADS"])
         print(f"cluster {cluster.job_id} launched on {len(cluster.machines)} host(s); "
               f"{_prog()} cluster status {cluster.job_id}")
         if args.wait:
@@ -13242,9 +13241,8 @@ def _add_worker_args(worker: Any) -> None:
 
 def _cmd_ip(args: Any) -> int:
     if args.action == "switch":
-        success, address, seen = switch_public_ip_address_with_log(args.max_trials, args.wait,
-                                                                   args.target or None,
-                                                                   args.endpoint, args.timeout)
+        success, address, seen = switch_public_ip_address_with_log(
+            args.max_trials, args.wait, args.target or None, args.endpoint, args.timeout)
         if args.json:
             _print_json({"success": success, "ip": address, "attempted": seen})
         else:
