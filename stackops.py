@@ -10837,10 +10837,9 @@ class MachineLoadCalculator:
         criterion = self.load_criterion.normalised
         result, start = [], 0
         for i, (spec, jobs) in enumerate(zip(specs, threads)):
+            end = min(self.max_num, start + int(spec.value(criterion) * self.max_num))
             if i == len(specs) - 1:
                 end = self.max_num
-            else:
-                end = min(self.max_num, start + int(spec.value(criterion) * self.max_num))
             result.append(WorkloadParams(idx_min=0, idx_max=self.max_num, idx_start=start,
                                          idx_end=end, idx=i, jobs=max(1, jobs)))
             start = end
@@ -11058,11 +11057,8 @@ class Cluster:
         """Every completed host's results into one local folder, one sub-folder per host."""
         folder = expand_home(target) if target is not None else self.root_dir / "results"
         _mkdir_private(folder)
-
-        def fetch(host: str) -> Path:
-            return self.machines[host].download_results(folder / _host_folder(host), overwrite=True)
-
-        results = self._parallel(fetch, list(self.machines))
+        results = self._parallel(lambda h: self.machines[h].download_results(
+            folder / _host_folder(h), overwrite=True), list(self.machines))
         self._save()
         self._raise_failures("download", results)
         return folder
@@ -11100,21 +11096,19 @@ class Cluster:
 
     @classmethod
     def load(cls, job_id: str, base_dir: str | None = None) -> Cluster:
-        """A cluster launched earlier (by this or another process), ready for status and
-        download."""
+        """A cluster launched earlier (by any process), ready for status and download."""
         base = base_dir or DEFAULT_BASE_DIR.rsplit('/', 1)[0]
         root = expand_home(f"{base}/job_id__{check_safe_name(job_id)}")
         data = _read_json(root / "cluster.json")
         cluster = cls.__new__(cls)
+        cluster.func = cluster.job_params = None
+        cluster.root_dir = root
         try:
-            cluster.func, cluster.job_params = None, None
-            cluster.job_id, cluster.base_dir = data["job_id"], data["base_dir"]
-            cluster.root_dir = root
-            cluster.description, cluster.ssh_hosts = data["description"], list(data["ssh_hosts"])
-            cluster.func_kwargs = data["func_kwargs"]
+            for key in ("job_id", "base_dir", "description", "func_kwargs", "ditch_unavailable"):
+                setattr(cluster, key, data[key])
+            cluster.ssh_hosts = list(data["ssh_hosts"])
             cluster.config = RemoteStackOpsConfig.from_dict(data["config"])
             cluster.unavailable = dict(data["unavailable"])
-            cluster.ditch_unavailable = data["ditch_unavailable"]
             cluster.specs = {h: MachineSpecs(cpu=s["cpu"], ram=s["ram"]) for h,
                              s in data["specs"].items()}
             cluster.workloads = {h: WorkloadParams.from_dict(w) for h,
@@ -11192,8 +11186,7 @@ class _ClaimKeeper:
 
 
 def _unit_member_ok(info: Any, data: list[str]) -> bool:
-    """A member of a unit's archive that may be unpacked: a file, folder or link under ``job/``,
-    ``code/`` or one of the unit's data paths (``home/<path>``), and a link that stays there."""
+    """A member that may be unpacked: under job/, code/ or home/<data path>, a link within it."""
     name = posixpath.normpath(info.name)
     if info.name.startswith("/") or name.startswith(".."):
         return False
@@ -11214,10 +11207,11 @@ class _UnitRefused(TransferError):
 
 
 def _unpack_unit(archive: Path, staging: Path) -> list[str]:
-    """Unpack a unit's archive into the private ``staging`` folder, refusing the whole archive if a
-    member is outside the unit's places; never chowns. Returns its data paths (relative to home)."""
+    """Unpack a unit's archive into a new private folder ``staging``, refusing the whole archive
+    if a member is outside the unit's places; never chowns. Returns its data paths (from home)."""
     import tarfile
 
+    staging.mkdir(mode=0o700)
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
@@ -11242,10 +11236,9 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
 
 
 def _place_unit(staging: Path, root: Path, data: list[str], unit_id: str = "") -> None:
-    """Move an unpacked unit into its own folder ``root`` (its code inside it, at ``root/code``)
-    and rewrite its records to say so. Data go to their home-relative places file by file, unless
-    this machine sees the submitter's files (a worker on the submitting machine): then they are
-    there already, and nothing of yours is written over."""
+    """Move an unpacked unit into ``root`` (its code to ``root/code``, its records saying so),
+    and its data to their home-relative places, unless this machine sees the submitter's files
+    (a worker on the submitting machine): then nothing of yours is written over."""
     os.rename(staging / "job", root)
     params = _read_json(root / JOB_PARAMS_JSON)
     if (staging / "code").is_dir():
@@ -11275,16 +11268,14 @@ def _place_data(staging: Path, data: list[str]) -> None:
 
 
 def _units_folder(base_dir: str | None) -> Path:
-    """Where this worker unpacks its units: ``cloud_units`` under its base dir."""
     return expand_home(f"{base_dir or DEFAULT_BASE_DIR}/{CLOUD_UNITS_DIR}")
 
 
 def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
                 attempt: str = "") -> Path:
-    """Download a claimed unit and unpack it into a folder of its own under this worker's base
-    dir, ``<unit id>.<attempt>`` (never a path a record names): a fresh folder for each attempt,
-    so that nothing is pulled from under an earlier attempt's job, and no end of one passes for
-    another's. A folder of that name already there is an error, never replaced."""
+    """Download a claimed unit and unpack it into ``<unit id>.<attempt>`` under this worker's
+    base dir (never a path a record names): a fresh folder per attempt, so no attempt's files or
+    end pass for another's; one already there is an error, never replaced."""
     units = _units_folder(base_dir)
     _mkdir_private(units)
     name = check_safe_name(unit_id, "unit id") + (f".{attempt}" if attempt else "")
@@ -11295,7 +11286,6 @@ def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
     try:
         _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"),
                 what="download of a unit")
-        (staging / "x").mkdir(mode=0o700)
         data = _unpack_unit(staging / "unit.tar", staging / "x")
         _place_unit(staging / "x", root, data, unit_id)
     finally:
@@ -11304,11 +11294,10 @@ def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
 
 
 def _earlier_run(units: Path, unit_id: str) -> Path | None:
-    """An earlier attempt of ``unit_id`` on this machine whose job still runs (a worker killed
-    and started again: its job went on, detached), to adopt; None when there is none. The
-    earlier attempts' folders (``<unit>.<attempt>``, or ``<unit>`` of an older stackops) whose
-    job provably ended are removed; one that never started is marked cancelled first (its queue
-    entry, if any, is then dropped), and removed by a later look."""
+    """An earlier attempt of ``unit_id`` whose job still runs here (its worker was killed and
+    started again), to adopt, or None. Earlier attempts (``<unit>.<attempt>``, or ``<unit>``)
+    that provably ended are removed; one that never started is marked cancelled first (its
+    queue entry is then dropped), and removed by a later look."""
     prefix = check_safe_name(unit_id, "unit id") + "."
     names = [name for name in os.listdir(units)
              if name.startswith(prefix) and name[len(prefix):].isdigit()]
@@ -11331,9 +11320,7 @@ def _earlier_run(units: Path, unit_id: str) -> Path | None:
 
 def _start_unit(queue: CloudQueue, unit_id: str, claim: str,
                 base_dir: str | None) -> tuple[RemoteMachine, bool]:
-    """The claimed unit's job started here, and whether it was adopted: an earlier attempt that
-    still runs on this machine is followed (not started again, not removed); else a fresh
-    attempt is fetched into a folder of its own and fired."""
+    """The claimed unit's job, started here or adopted (see _earlier_run), and whether adopted."""
     units = _units_folder(base_dir)
     root = _earlier_run(units, unit_id) if units.is_dir() else None
     adopted = root is not None
@@ -11352,10 +11339,9 @@ def _start_unit(queue: CloudQueue, unit_id: str, claim: str,
 
 def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
               base_dir: str | None = None) -> str:
-    """Fetch a claimed unit, run it here with this machine's slots (or follow the run of an
-    earlier attempt that still goes on here), then upload its results and status, all while a
-    background heartbeat refreshes the claim. A unit whose claim was lost is not uploaded.
-    Returns the unit's status (or ``lost``)."""
+    """Run a claimed unit here with this machine's slots (or follow an earlier attempt's run),
+    then upload its results and status, while a heartbeat refreshes the claim; a unit whose
+    claim was lost is not uploaded. Returns the unit's status (or ``lost``)."""
     with _ClaimKeeper(queue, unit_id, claim, worker) as keeper:
         try:
             machine, adopted = _start_unit(queue, unit_id, claim, base_dir)
@@ -11392,8 +11378,7 @@ def _run_unit(queue: CloudQueue, unit_id: str, claim: str, worker: str,
 
 def _units_to_claim(queue: CloudQueue, worker: str,
                     running: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """(units this worker may run and nobody runs, the fresh listing). A unit whose name or
-    unit.json cannot be used is skipped with a warning; it stops nothing."""
+    """(the units this worker may claim, a fresh listing); an unusable one is warned of."""
     mine = []
     for unit_id, info in sorted(queue.listing().items()):
         if not info["ready"] or info["done"] or info.get("cancelled") or unit_id in running:
@@ -11414,8 +11399,8 @@ def run_worker(cloud_name: str, name: str | None = None, max_jobs: int = 1, poll
                base_dir: str | None = None) -> int:
     """Claim and run work units from the cloud queue, up to ``max_jobs`` at a time, until stopped
     (``until_idle``: until every unit is done). Returns how many units this worker finished.
-    A queue that cannot be read (rclone failed) is logged and looked at again later, each time
-    waiting longer (up to CLOUD_BACKOFF_MAX seconds): the worker goes on."""
+    A queue that cannot be read is logged and read again later, backing off up to
+    CLOUD_BACKOFF_MAX seconds: the worker goes on."""
     from concurrent.futures import ThreadPoolExecutor
 
     worker = check_safe_name(name or f"{os.uname().nodename}-{os.getpid()}", "worker name")
@@ -12557,8 +12542,7 @@ def _cmd_config(args: Any) -> int:
 
 
 def _config_rows(host: str | None) -> list[tuple[str, Any, str]]:
-    """Each setting for jobs on ``host`` (None: here): its value and where it comes from (the
-    file, line and keys; or the built-in default)."""
+    """Each setting for jobs on ``host`` (None: here): (name, value, where it comes from)."""
     path = user_config_location()[0]
     found = _user_settings_from(host or "localhost")
     data = read_user_config()
@@ -12583,22 +12567,16 @@ def _config_rows(host: str | None) -> list[tuple[str, Any, str]]:
 
 
 def render_report(rows: list[dict[str, Any]], title: str) -> str:
-    """One self-contained HTML page (inline SVG, CSS and JS; it fetches nothing) that draws
-    ``rows`` as a timeline: a lane per host and slot, a bar per job from its submission (thin) to
-    its start and end (thick), coloured by its state, its earlier runs faint before it; a header
-    with the counts per state, the wall time, the run time and the slots' utilisation; hovering
-    or clicking a bar shows the job. A job not ended (running, waiting) is drawn up to now.
-
-    A row is a plain dict; any key may be missing or None, and a value of the wrong type is
-    left out. ``job_id``, ``host``; ``slot`` ("slot-0", "gpu-1", a Slurm task: without one, a
-    host's jobs are packed into as few lanes as never overlap, and those that never started go
-    to its "waiting" lane); ``group`` (its sweep, cluster or array); ``status`` (completed,
-    failed, cancelled, running, waiting, queued, prepared); ``submitted``, ``started``, ``ended``
-    (ISO-8601; without a zone, UTC); ``attempt`` ("2/3"); ``exit_code``, ``signal``,
-    ``max_rss_bytes`` (ints); ``cpu_seconds``; ``error`` (the error's last line); ``call`` (the
-    kwargs as compact JSON, or the command line); ``runs``, the earlier runs (retries, requeues),
-    each a dict of ``started``, ``ended``, ``status``, ``exit_code``, ``signal``. Texts reach
-    the page as inert text: the data is one JSON blob, every ``<`` in it escaped."""
+    """One self-contained HTML page (it fetches nothing) that draws ``rows`` as a timeline (see
+    docs/report.md). A row is a plain dict; any key may be missing or None, and a value of the
+    wrong type is left out. ``job_id``, ``host``; ``slot`` ("slot-0", "gpu-1", a Slurm task;
+    without one, the host's jobs are packed into lanes); ``group`` (its sweep, cluster or array);
+    ``status`` (completed, failed, cancelled, running, waiting, queued, prepared); ``submitted``,
+    ``started``, ``ended`` (ISO-8601; without a zone, UTC); ``attempt`` ("2/3"); ``exit_code``,
+    ``signal``, ``max_rss_bytes`` (ints); ``cpu_seconds``; ``error`` (the error's last line);
+    ``call`` (the kwargs as compact JSON, or the command line); ``runs``, the earlier runs
+    (retries, requeues), each a dict of ``started``, ``ended``, ``status``, ``exit_code``,
+    ``signal``. Texts reach the page as inert text: one JSON blob, every ``<`` in it escaped."""
     now = _utcnow().timestamp()
     jobs = [_report_job(row if isinstance(row, dict) else {}) for row in rows]
     times = [t for job in jobs for t in (*job[3:6], *(t for run in job[15] for t in run[:2]))
@@ -12673,8 +12651,7 @@ def _report_rows(ids: list[str], last: int | None, host: str | None, base_dir: s
 
 
 def _report_members(target: Any) -> dict[str, tuple[str | None, str | None]]:
-    """The jobs an id names (as _load_job_or_cluster found it): {job id: (group, slot)}; an
-    array's tasks are its slots."""
+    """{job id: (group, slot)} of what an id names (an array's tasks are its slots)."""
     if isinstance(target, RemoteMachine) and target.array_parts:
         return {task.job_id: (target.job_id, f"task-{k}")
                 for k, task in enumerate(target.array_tasks())}
@@ -12783,9 +12760,8 @@ class _Progress:
         where a few buffered bytes would say gigabytes a second."""
         elapsed = now - self.started
         rate = self.done / elapsed if elapsed >= 1.0 else 0.0
-        parts = {"percent": "", "sizes": _mib(self.done), "rate": "", "left": ""}
-        if rate:
-            parts["rate"] = f"{_mib(rate)}/s"
+        rate_text = f"{_mib(rate)}/s" if rate else ""
+        parts = {"percent": "", "sizes": _mib(self.done), "rate": rate_text, "left": ""}
         if self.total:
             parts["percent"] = f"{min(100.0, 100.0 * self.done / self.total):3.0f}%"
             parts["sizes"] += f" of {_mib(self.total)}"
@@ -12844,20 +12820,21 @@ def _split_remote(text: str) -> tuple[str, str] | None:
 
 
 def _cmd_copy(args: Any) -> int:
-    source, target = _split_remote(args.source), _split_remote(args.target)
-    if (source is None) == (target is None):
+    target = _split_remote(args.target)
+    sides = [side for side in (_split_remote(args.source), target) if side is not None]
+    if len(sides) != 1:
         raise ConfigError("copy needs exactly one side on a host (HOST:PATH) and one here",
                           hint="e.g. copy ./results gpu-box:~/backup -r, or copy gpu-box:~/x ./x")
-    if target is not None:
-        with SSH.from_config_file(target[0], accept_new_host_key=args.accept_new) as ssh:
-            remote = target[1] + (Path(args.source).name if target[1].endswith("/") else "")
+    host, path = sides[0]
+    with SSH.from_config_file(host, accept_new_host_key=args.accept_new) as ssh:
+        if target is not None:
+            remote = path + (Path(args.source).name if path.endswith("/") else "")
             where = ssh.copy_from_here(args.source, remote, args.compress, args.recursive,
                                        args.overwrite, _progress(args))
-        print(f"{target[0]}:{where}")
-    elif source is not None:
-        with SSH.from_config_file(source[0], accept_new_host_key=args.accept_new) as ssh:
-            local = args.target + (Path(source[1]).name if args.target.endswith("/") else "")
-            print(collapse_home(ssh.copy_to_here(source[1], local, args.compress, args.recursive,
+            print(f"{host}:{where}")
+        else:
+            local = args.target + (Path(path).name if args.target.endswith("/") else "")
+            print(collapse_home(ssh.copy_to_here(path, local, args.compress, args.recursive,
                                                  args.overwrite, _progress(args))))
     return 0
 
@@ -12892,9 +12869,8 @@ def _cmd_cluster_run(args: Any) -> int:
         cluster.run()
         for host, error in cluster.unavailable.items():
             print(f"left out {host}: {_last_line(error)}", file=sys.stderr)
-        _print_table([[host, f"{wp.idx_start}..{wp.idx_end}", str(wp.jobs)] for host,
-                      wp in cluster.workloads.items()],
-                     ["HOST", "SHARE", "THREADS"])
+        _print_table([[host, f"{wp.idx_start}..{wp.idx_end}", str(wp.jobs)]
+                      for host, wp in cluster.workloads.items()], ["HOST", "SHARE", "THREADS"])
         print(f"cluster {cluster.job_id} launched on {len(cluster.machines)} host(s); "
               f"{_prog()} cluster status {cluster.job_id}")
         if args.wait:
@@ -12935,16 +12911,13 @@ def _wait_cluster(cluster: Cluster, host_timeout: float = 120.0) -> int:
             if isinstance(answer, JobStatus) and answer.finished:
                 waiting.discard(host)
                 print(f"stackops: {host}: job {answer.job_id} {answer.status}", file=sys.stderr)
-            elif time.monotonic() - heard[host] > host_timeout:
+            elif (silent := time.monotonic() - heard[host]) > host_timeout:
                 waiting.discard(host)
-                given_up[host] = _give_up(host, answer, time.monotonic() - heard[host])
+                why = _last_line(str(answer)) if isinstance(answer, Exception) else "no answer"
+                print(f"stackops: {host}: giving up, unreachable for {silent:.0f}s ({why})",
+                      file=sys.stderr)
+                given_up[host] = StackopsConnectionError(f"unreachable for {silent:.0f}s: {why}")
     return _show_cluster(cluster, {**answers, **given_up}, as_json=False)
-
-
-def _give_up(host: str, answer: Any, silent: float) -> StackopsError:
-    why = _last_line(str(answer)) if isinstance(answer, Exception) else "no answer"
-    print(f"stackops: {host}: giving up, unreachable for {silent:.0f}s ({why})", file=sys.stderr)
-    return StackopsConnectionError(f"unreachable for {silent:.0f}s: {why}")
 
 
 def _show_cluster(cluster: Cluster, statuses: dict[str, Any], as_json: bool) -> int:
@@ -12995,8 +12968,7 @@ def _cmd_cluster_logs(args: Any) -> int:
         for host in hosts:
             if len(hosts) > 1:
                 print(f"==> {host} ({cluster.machines[host].job_id}) <==", flush=True)
-            machine = cluster.machines[host]
-            with machine:
+            with cluster.machines[host] as machine:
                 _follow_log(machine, args)
     return 0
 
@@ -13005,29 +12977,29 @@ def _add_cluster_args(cluster: Any) -> None:
     sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
     sub.required = True
     default_base = DEFAULT_BASE_DIR.rsplit("/", 1)[0]
-    run = sub.add_parser("run",
-                         help="launch a function on several hosts, each on its share of [0, MAX)")
-    run.set_defaults(handler=_cmd_cluster_run)
-    _add_cluster_run_args(run)
     for name, handler, text in (
+            ("run", _cmd_cluster_run,
+             "launch a function on several hosts, each on its share of [0, MAX)"),
             ("status", _cmd_cluster_status, "one line per host: share, status, times"),
             ("download", _cmd_cluster_download, "every host's results into one folder"),
             ("logs", _cmd_cluster_logs, "a part's output (every part's, without --part)")):
         action = sub.add_parser(name, help=text)
         action.set_defaults(handler=handler)
-        action.add_argument("cluster_id", help="the cluster's id")
+        if name == "run":
+            _add_cluster_run_args(action)
+        else:
+            action.add_argument("cluster_id", help="the cluster's id")
         if name == "status":
             action.add_argument("--json", action="store_true")
         elif name == "download":
             action.add_argument("--to",
                                 help="the local folder (default: the cluster's results folder)")
-        else:
+        elif name == "logs":
             action.add_argument("--part", metavar="K",
                                 help="the part: its host, or its number (1, 2, ...)")
             action.add_argument("-f", "--follow", action="store_true",
                                 help="keep printing while the part runs")
             action.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
-    for action in (run, *[p for n, p in sub.choices.items() if n != "run"]):
         action.add_argument("--base-dir", default=default_base,
                             help=f"where clusters live (default {default_base})")
 
@@ -13141,9 +13113,8 @@ def _add_worker_args(worker: Any) -> None:
 
 def _cmd_ip(args: Any) -> int:
     if args.action == "switch":
-        success, address, seen = switch_public_ip_address_with_log(args.max_trials, args.wait,
-                                                                   args.target or None,
-                                                                   args.endpoint, args.timeout)
+        success, address, seen = switch_public_ip_address_with_log(
+            args.max_trials, args.wait, args.target or None, args.endpoint, args.timeout)
         if args.json:
             _print_json({"success": success, "ip": address, "attempted": seen})
         else:
@@ -13364,8 +13335,7 @@ complete -o default -F _stackops stackops
 
 
 def _completion_tree() -> dict[str, dict[str, Any]]:
-    """Each command the completion knows, by its path ("", "run", "cluster run"): its options,
-    what each option's value is (see _value_kind), help lines, and what its arguments are."""
+    """Each command by its path ("", "cluster run"): its options, values, help, arguments."""
     argparse = _argparse()
     tree: dict[str, dict[str, Any]] = {}
     todo = [("", _full_parser())]
@@ -13373,7 +13343,7 @@ def _completion_tree() -> dict[str, dict[str, Any]]:
         path, parser = todo.pop(0)
         node: dict[str, Any] = {"options": {}, "values": {}, "kind": "", "words": {}}
         for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):  # shown ones: not job-report...
+            if isinstance(action, argparse._SubParsersAction):  # the ones --help lists
                 node["words"] = {pseudo.dest: pseudo.help for pseudo in action._choices_actions}
                 todo += [(f"{path} {name}".strip(), action.choices[name]) for name in node["words"]]
             elif action.option_strings:
@@ -13389,8 +13359,7 @@ def _completion_tree() -> dict[str, dict[str, Any]]:
 
 
 def _value_kind(action: Any) -> tuple[str, list[str]]:
-    """What completes an option's value: words (its choices), job ids ("jobs"), host aliases
-    ("hosts"), files ("files"), or nothing ("": a free value)."""
+    """What completes an option's value: "words" (its choices), "jobs", "hosts", "files" or ""."""
     if action.choices or action.dest == "status":
         return "words", [str(word) for word in action.choices or STATUSES]
     if str(action.metavar).startswith("ID"):
@@ -13402,8 +13371,7 @@ def _value_kind(action: Any) -> tuple[str, list[str]]:
 
 
 def _argument_kind(path: str, action: Any) -> tuple[str, list[str]]:
-    """What completes a command's arguments: ids of jobs (and of sweeps and clusters: "both"),
-    host aliases, files; and the words it takes."""
+    """What completes a command's arguments ("jobs", "both", "clusters", ...), and its words."""
     if action.dest in ("job_id", "job_ids"):
         return ("both" if path in ("cancel", "wait", "rerun") else "jobs"), []
     if action.dest == "cluster_id":
@@ -13416,10 +13384,9 @@ def _bash_completion(tree: dict[str, dict[str, Any]]) -> str:
     commands, values = [], []
     replies = {"jobs": '"$(_stackops_ids jobs "$base")"', "hosts": '"$(_stackops_hosts)"'}
     for path, node in tree.items():
-        valued = [option for option, (kind, _) in node["values"].items()]
         opts, words = " ".join(node["options"]), " ".join(node["words"])
         commands.append(f"        {shlex.quote(path)}) opts={shlex.quote(opts)}"
-                        f" valued={shlex.quote(' '.join(valued))} kind={node['kind']}"
+                        f" valued={shlex.quote(' '.join(node['values']))} kind={node['kind']}"
                         f" words={shlex.quote(words)};;")
         for option, (kind, choices) in node["values"].items():
             reply = shlex.quote(" ".join(choices)) if kind == "words" else replies.get(kind)
@@ -13659,9 +13626,8 @@ def _add_config_args(sub: Any) -> None:
     sub.add_argument("--json", action="store_true")
 
 
-def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str | None, Any], ...]:
-    """Every command: its name, handler, line in ``stackops --help`` and what adds its
-    arguments. Only the command given is built."""
+def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str, Any], ...]:
+    """Every command: name, handler, line in ``stackops --help``, what adds its arguments."""
     return (
         ("run", _cmd_run, "run a script, function or command as a detached job", _add_run_args),
         ("status", _cmd_status, "status, times, results and error of a job", _add_status_args),
@@ -13704,16 +13670,14 @@ def _command_table() -> tuple[tuple[str, Callable[[Any], int] | None, str | None
 
 
 class _LazyParsers(dict):  # type: ignore[type-arg]
-    """argparse's map from a command's name to its parser, each built when first looked up: a
-    command line (``--help`` too) builds the parser of its one command, not of all of them."""
+    """argparse's map of commands to parsers, each built when looked up (one per command line)."""
 
     def __init__(self, action: Any) -> None:
         table = {row[0]: row for row in _command_table()}
         super().__init__(dict.fromkeys(table))
         self.action, self.table = action, table
-        for name, _, help_text, _ in table.values():
-            if help_text is not None:  # its line in the top-level help
-                action._choices_actions.append(action._ChoicesPseudoAction(name, (), help_text))
+        for name, _, help_text, _ in table.values():  # its line in the top-level help
+            action._choices_actions.append(action._ChoicesPseudoAction(name, (), help_text))
 
     def __getitem__(self, name: str) -> Any:
         parser = dict.__getitem__(self, name)
@@ -13732,8 +13696,7 @@ _PARSER_CLASS: list[Any] = []  # made once, by _parser_class
 
 
 def _parser_class() -> Any:
-    """argparse's ArgumentParser with help wrapped word by word: textwrap's regular expressions
-    cost 2 ms of every ``--help``. Its sub-parsers are of the same class."""
+    """ArgumentParser (its sub-parsers too) wrapping help by words: textwrap is 2 ms of --help."""
     if not _PARSER_CLASS:
         argparse = _argparse()
 
@@ -13766,18 +13729,14 @@ def _parser_class() -> Any:
 
 
 def _terminal_columns() -> int:
-    """The terminal's width as shutil.get_terminal_size says it ($COLUMNS, else stdout's
-    terminal, else 80), without importing shutil (2 ms of every --help)."""
-    try:
+    """shutil.get_terminal_size's columns ($COLUMNS, stdout's, 80) without shutil (2 ms)."""
+    columns = 0
+    with _suppress(ValueError):
         columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        columns = 0
     if columns <= 0:
-        try:
+        with _suppress(AttributeError, ValueError, OSError):
             columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns or 80
+    return columns if columns > 0 else 80
 
 
 def _build_parser() -> Any:
@@ -13812,8 +13771,7 @@ def _subcommands(parser: Any) -> list[Any]:
 
 
 def _add_verbosity_everywhere(parser: Any) -> None:
-    """-v/-q after the command too (``stackops status JOB -v``): a command's parser (and its
-    actions') counts them into its own field, which main() adds to the ones given before."""
+    """-v/-q after the command too (``status JOB -v``), counted apart: main() adds them."""
     argparse = _argparse()
     parser.add_argument("-v", "--verbose", dest="verbose_after", action="count",
                         default=argparse.SUPPRESS, help="more diagnostics (-vv: tracebacks)")
@@ -13825,14 +13783,12 @@ def _add_verbosity_everywhere(parser: Any) -> None:
 
 
 def _cli_level(level: int) -> int:
-    """The stackops logger's level for -v/-q counted ``level``: logging's ERROR, WARNING, INFO
-    or DEBUG."""
+    """The logger's level for -v/-q counted ``level``: ERROR, WARNING, INFO or DEBUG."""
     return {-1: 40, 0: 30, 1: 20}.get(max(-1, min(level, 2)), 10)
 
 
 def _configure_logging_later(level: int) -> Callable[[], None]:
-    """_configure_logging when the logger is first used or paramiko imported (see _Logger), not
-    before: most commands log nothing (logging is 4 ms of their start). Returns the undo."""
+    """_configure_logging once logging is used (see _Logger: 4 ms of a start); the undo."""
     if "logging" in sys.modules:  # (a program calling main(): it costs nothing now)
         return _configure_logging(level)
     undo: list[Callable[[], None]] = []
@@ -13849,11 +13805,9 @@ def _configure_logging_later(level: int) -> Callable[[], None]:
 
 
 def _configure_logging(level: int) -> Callable[[], None]:
-    """One stderr handler for stackops, replaced (not added to) by every main() call. paramiko's
-    own log (an "Exception (client)" with a traceback from its thread, before our one line) shows
-    only with -vv. The stackops logger does not propagate meanwhile, so a program that calls
-    main() and logs to stderr itself does not see each line twice. Returns the undo, which
-    main() calls on its way out: it leaves the loggers as it found them."""
+    """One stderr handler for stackops, replaced (not added to) by every main() call; paramiko's
+    log (a traceback from its thread) only with -vv; stackops' lines not propagated meanwhile (a
+    program calling main() would see them twice). Returns the undo, which restores the loggers."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("stackops: %(message)s"))
     quiet_paramiko: logging.Handler = logging.NullHandler() if level < 2 else handler
@@ -13890,15 +13844,6 @@ def _take_ssh_command(args: Any, extras: list[str], parser: Any) -> None:
         if getattr(args, "handler", None) in (_cmd_run, _cmd_cluster_run):
             more = " (a command and its arguments go after --: run [options] -- COMMAND ...)"
         parser.error(f"unrecognized arguments: {' '.join(extras)}{more}")
-
-
-def _os_error_line(exc: OSError) -> tuple[str, str]:
-    """One line for an OSError that no caller made a StackopsError: what, which path, a hint."""
-    what = exc.strerror or str(exc) or type(exc).__name__
-    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-    hint = "check that path (its permissions, its free space, that its folders exist)" if paths \
-        else "run again with -vv to see where it happened"
-    return f"{what}: {paths}" if paths else what, hint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13941,8 +13886,7 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 
 def _dispatch(args: Any, verbose: int) -> int:
-    """Run the command's handler; map what it raises to one line and a hint on stderr, and an exit
-    code."""
+    """Run the command's handler, Ctrl-C taken as _interrupted says (see _handled)."""
     with _suppress(ValueError, TypeError):  # not in the main thread (main() called by a program)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, _interrupted)
@@ -13992,10 +13936,15 @@ def _handled(args: Any, verbose: int) -> int:
 
 def _plain_error(exc: BaseException) -> tuple[str, str]:
     """One line and a hint for an OSError, MemoryError or EOFError that reached main()."""
-    if isinstance(exc, OSError):
-        return _os_error_line(exc)
     if isinstance(exc, MemoryError):
         return "out of memory", "give it less to hold at once (smaller --kwargs, data as files)"
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc) or type(exc).__name__
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+        if not paths:
+            return what, "run again with -vv to see where it happened"
+        return f"{what}: {paths}", ("check that path (its permissions, its free space, that its "
+                                    "folders exist)")
     return "the connection was closed by the other side", "is the host reachable? -vv shows where"
 
 
@@ -14008,10 +13957,6 @@ def _plain_error(exc: BaseException) -> tuple[str, str]:
 # a log, the queue, list --host, the dispatcher, the end's report) is an action: a request of
 # plain data in, one answer of plain data out (or an error record the client raises again).
 # Here, the same actions are called in this process, so a job is the same wherever it runs.
-
-# -- the executing side's actions (what serve() answers) -----------------------------------------
-# Each action takes a request (plain data) and returns plain data; here they are called directly,
-# on a host through serve(), so every view of a job is built by the same code wherever it runs.
 
 def _reports_of(roots: list[Path], lines: int = 0,
                 tasks: list[list[str] | None] | None = None,
@@ -14066,10 +14011,6 @@ def _roots(request: dict[str, Any]) -> list[Path]:
     return [expand_home(root) for root in request["roots"]]
 
 
-def _act_status(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
-    return _reports_of(_roots(request), int(request.get("lines") or 0), request.get("tasks"))
-
-
 def _act_cancel(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
     roots = _roots(request)
     marked = [_mark_cancel(root) for root in roots]  # all first: the queue starts none meanwhile
@@ -14087,31 +14028,18 @@ def _act_delete(request: dict[str, Any], _io: Any) -> list[str]:
     return removed
 
 
-def _act_delete_results(request: dict[str, Any], _io: Any) -> str:
-    return delete_own_results(_roots(request)[0])
-
-
 def _act_check_email(request: dict[str, Any], _io: Any) -> bool:
     load_email_config(str(request.get("name") or ""))
     return True
-
-
-def _act_fire(request: dict[str, Any], _io: Any) -> dict[str, Any]:
-    return fire_jobs(_roots(request))
-
-
-def _act_facts(request: dict[str, Any], _io: Any) -> dict[str, Any]:
-    return _facts(list(request.get("facts") or []))
 
 
 def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
     """A slice of a job's log: from byte ``offset`` (following it), else its last ``lines``; and
     whether the job has ended (a follower stops then)."""
     root = _roots(request)[0]
-    path = root / OUTPUT_LOG
     data = b""
     offset = request.get("offset")
-    with _suppress(FileNotFoundError), open(path, "rb") as handle:
+    with _suppress(FileNotFoundError), open(root / OUTPUT_LOG, "rb") as handle:
         if offset is None:  # the last lines as they are (a follower goes on from the offset)
             data = b"".join(handle.read().splitlines(keepends=True)[
                 -max(1, int(request.get("lines") or 20)):])
@@ -14125,8 +14053,7 @@ def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
 
 
 def _act_list(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
-    """Every job folder under the base folder here and the clusters' parts beside it, whoever
-    submitted them, judged here."""
+    """Each job folder under the base folder and the clusters' here, whoever sent it, judged."""
     base = expand_home(request.get("base_dir") or DEFAULT_BASE_DIR)
     roots = []
     for queued in [base / "queued", *sorted(base.parent.glob("job_id__*/queued"))]:
@@ -14171,10 +14098,6 @@ def _act_handover(request: dict[str, Any], io: Any) -> dict[str, Any]:
     return {"placed": [collapse_home(root) for root in roots], "fired": fired}
 
 
-def _act_queue(request: dict[str, Any], _io: Any) -> dict[str, Any]:
-    return _queue_view(Slots(), int(request.get("history") or 0))
-
-
 def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
     """A job that travelled through the cloud: its archive fetched with this machine's rclone,
     checked against the SHA-256 recorded at upload, unpacked as a unit is (nothing outside the
@@ -14193,7 +14116,6 @@ def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
             raise TransferError(f"the archive {source} is not the one uploaded (its sha256 is "
                                 f"{digest}, expected {request['sha256']}): another writer of the "
                                 "bucket replaced it; nothing was unpacked")
-        (staging / "x").mkdir(mode=0o700)
         data = _unpack_unit(staging / "job.tar", staging / "x")
         _write_plain(staging / "x" / "job" / LOGS / "archive_sha256.txt", digest)
         os.rename(staging / "x" / "job", root)
@@ -14210,18 +14132,22 @@ def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
 def _act_cloud_results(request: dict[str, Any], _io: Any) -> str:
     """A job's results up to the bucket with this machine's rclone (a download's own prefix)."""
     results = expand_home(request["results"])
-    verb = "copy" if results.is_dir() else "copyto"
-    _rclone(verb, str(results), request["target"] + ("" if results.is_dir() else
-                                                      f"/{results.name}"),
+    target = request["target"] + ("" if results.is_dir() else f"/{results.name}")
+    _rclone("copy" if results.is_dir() else "copyto", str(results), target,
             what="upload of the results")
     return request["target"]
 
 
 _ACTIONS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
-    "status": _act_status, "cancel": _act_cancel, "delete": _act_delete,
-    "delete_results": _act_delete_results, "check_email": _act_check_email, "fire": _act_fire,
-    "facts": _act_facts, "logs": _act_logs, "list": _act_list, "handover": _act_handover,
-    "queue": _act_queue, "cloud_fetch": _act_cloud_fetch, "cloud_results": _act_cloud_results}
+    "status": lambda request, _io: _reports_of(_roots(request), int(request.get("lines") or 0),
+                                               request.get("tasks")),
+    "cancel": _act_cancel, "delete": _act_delete,
+    "delete_results": lambda request, _io: delete_own_results(_roots(request)[0]),
+    "check_email": _act_check_email, "fire": lambda request, _io: fire_jobs(_roots(request)),
+    "facts": lambda request, _io: _facts(list(request.get("facts") or [])),
+    "logs": _act_logs, "list": _act_list, "handover": _act_handover,
+    "queue": lambda request, _io: _queue_view(Slots(), int(request.get("history") or 0)),
+    "cloud_fetch": _act_cloud_fetch, "cloud_results": _act_cloud_results}
 
 
 def _answer(request: Any, stream: Any, say: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -14243,11 +14169,9 @@ def serve(argv: list[str] | None = None) -> int:
     itself. Without: JSON request lines on stdin, each answered by one JSON line on stdout (see
     _answer), until stdin ends or brings an empty line."""
     args = list(sys.argv[2:] if argv is None else argv)
-    if args[:1] == ["dispatch"] and len(args) == 2:
-        run_dispatcher(args[1])
-        return 0
-    if args[:1] == ["notify"] and len(args) == 2:
-        notify_job_end(args[1])
+    detached = {"dispatch": run_dispatcher, "notify": notify_job_end}
+    if len(args) == 2 and args[0] in detached:
+        detached[args[0]](args[1])
         return 0
     if args:
         raise ConfigError(f"stackops --serve: unknown action {' '.join(args)!r}")
