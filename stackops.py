@@ -9729,6 +9729,7 @@ def _delete_recordless(root: Path, results: bool) -> str:
     if not _record_gone(root, unreadable=True):
         raise ConfigError(f"{collapse_home(root)} is not a stackops job folder whose record is "
                           "gone; nothing deleted")
+    _not_on_a_host(root, "deleted")
     return _act_delete({"roots": [str(root)], "results": results}, None)[0]
 
 
@@ -9740,10 +9741,23 @@ def _cancel_recordless(root: Path, grace: float) -> JobStatus:
     if not _record_gone(root, unreadable=True):
         raise ConfigError(f"{collapse_home(root)} is not a stackops job folder whose record is "
                           "gone; nothing cancelled")
+    _not_on_a_host(root, "cancelled")
     state = _act_cancel({"roots": [str(root)], "grace": grace}, None)[0]
     report = _status_of(root.name, state)
     report.reason = f"was {state.get('was')}"
     return report
+
+
+def _not_on_a_host(root: Path, verb: str) -> None:
+    """Refuse to act here on a job that runs on a host, its record gone (the folder here holds the
+    copy of its state last read there, and has not ended): its record said how to reach it."""
+    state = read_state(root)
+    if state.get("mirrored") and not _ended(state):
+        raise StackopsError(f"job {root.name} was {state.get('status')} on {state.get('node')} "
+                            f"when last read there ({state['mirrored'][:19]}), and its record, "
+                            f"which says how to reach it, is gone; nothing {verb}",
+                            hint=f"cancel it on its host ({_prog()} list --host HOST shows it "
+                                 "there), then delete it here")
 
 
 def _shared_of(root: Path) -> Path | None:
@@ -10694,9 +10708,10 @@ def _last_read(job: RemoteMachine, exc: StackopsError) -> JobStatus | StackopsEr
 
 
 def _unasked(report: Any) -> str | None:
-    """Why a member's report is its last read one (_last_read), or None for one read now."""
+    """Why a member's report is its last read one (_last_read: why its host could not be
+    asked), or None for one read now."""
     if isinstance(report, JobStatus) and report.as_of and report.reason.startswith(_NOT_ASKED):
-        return report.reason
+        return report.reason[len(_NOT_ASKED):]
     return None
 
 
@@ -10720,11 +10735,18 @@ def _recordless_reports(roots: list[Path]) -> dict[str, JobStatus]:
     """Members whose record is gone (_recordless_members), each as its folder's own state record
     says, judged as any job here is (one whose process holds its lock runs), and its ``reason``
     saying that its record is missing: not failed for that (its record says where it runs and
-    how it is read, its state how it is doing)."""
+    how it is read, its state how it is doing). One that runs on a host (its folder here holds
+    the copy of its state last read there) or on another machine (as of when written there) and
+    has not ended cannot be asked there: its record said where."""
+    own = [root for root in roots if not read_state(root).get("mirrored")]
+    judged = dict(zip(own, judge_jobs(own)))
     reports = {}
-    for root, state in zip(roots, judge_jobs(roots)):
-        report = reports[root.name] = _status_of(root.name, state)
+    for root in roots:
+        report = reports[root.name] = _status_of(root.name, judged[root]) if root in judged \
+            else _as_last_read(root.name, root)
         report.reason = f"{_record_missing(root)}: read from its folder"
+        if report.as_of and not report.finished:
+            report.reason = f"{_NOT_ASKED}{_record_missing(root)}, and it says where it runs"
     return reports
 
 
@@ -11969,7 +11991,7 @@ def _group_status(target: Any, args: Any) -> int:
     if args.json:
         _print_json({"id": target.job_id, "counts": _counts(answers),
                      "members": {key: _member_json(value) for key, value in answers.items()}})
-        return 0
+        return _say_unasked(answers)
     print(f"{target.job_id}: {_counts_text(answers)}")
     _print_table([_member_row(key, value) for key, value in answers.items()],
                  ["member", "status", "duration", "error"])
@@ -11983,7 +12005,8 @@ def _say_unasked(answers: dict[str, Any]) -> int:
     for why in dict.fromkeys(unasked.values()):
         keys = [key for key, said in unasked.items() if said == why]
         more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-        print(f"stackops: {', '.join(keys[:3])}{more} shown as last read: {why}", file=sys.stderr)
+        print(f"stackops: {', '.join(keys[:3])}{more} shown as last read: {_NOT_ASKED}{why}",
+              file=sys.stderr)
     return 1 if unasked else 0
 
 
@@ -11994,7 +12017,7 @@ def _member_json(value: JobStatus | StackopsError) -> dict[str, Any]:
     if not isinstance(value, JobStatus):
         return {"error": str(value)}
     why = _unasked(value)
-    return dict(value.to_dict(), error=why[len(_NOT_ASKED):]) if why else value.to_dict()
+    return dict(value.to_dict(), error=why) if why else value.to_dict()
 
 
 def _member_row(key: str, value: JobStatus | StackopsError) -> list[str]:

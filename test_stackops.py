@@ -3218,7 +3218,8 @@ def test_sweep_member_whose_record_names_a_host_is_asked_there_as_status_member_
     this machine's /proc: `running`) while `status MEMBER` asks that host (found by review); and
     a first member edited so made every member be asked there. Each member is read where its own
     record says it runs, as `status MEMBER` reads it: here a host that does not answer, so that
-    member alone cannot be read, with why, in `status SWEEP`, `wait SWEEP` and `cancel SWEEP`."""
+    member alone is shown as last read, with why, in `status SWEEP` (as `status MEMBER` shows it),
+    cannot be read now in `wait SWEEP`, and is not cancelled by `cancel SWEEP`, saying why."""
     mod = make_module(home, SWEEP_SOURCE)
     sweep = stackops.run_sweep(mod.point, config(job_id="rh", max_simultaneous_jobs=2),
                                [{"x": index, "seconds": 120.0} for index in range(2)])
@@ -3239,8 +3240,12 @@ def test_sweep_member_whose_record_names_a_host_is_asked_there_as_status_member_
         assert alone.returncode == 1 and "cannot connect" in alone.stderr, alone
         assert "(as of " in alone.stdout, alone
         for _ in range(2):  # read afresh, then through the record cache
-            views = _sweep_views("rh", home)
-            assert views[other] == "running" and views[edited].startswith("? cannot connect"), views
+            shown = cli("status", "rh", "--json", home=home)  # the member as status MEMBER shows it
+            members = json.loads(shown.stdout)["members"]
+            assert shown.returncode == 1 and members[other]["status"] == "running", shown
+            assert members[other]["as_of"] is None and members[edited]["as_of"], members
+            assert members[edited]["status"] == "running", members  # as last read
+            assert members[edited]["error"].startswith("cannot connect"), members
             time.sleep(stackops.RACY_NS / 1e9 + 0.2)
         waited = cli("wait", "rh", "--timeout", "1", home=home)
         assert waited.returncode == 124, waited
@@ -8142,6 +8147,62 @@ def test_control_wait_sweep_on_a_host_reports_a_member_gone_there(remote, home):
     said = waited.stdout + waited.stderr
     assert waited.returncode != 0 and "hwr completed" not in said, said
     assert "hwr-0001" in said and "no job folder" in said, said
+
+
+def test_control_sweep_on_a_host_that_cannot_be_reached_shows_each_member_as_last_read(remote, home):
+    """`status SWEEP` showed a member whose host could not be reached as unreadable (the whole sweep
+    there: it failed with no row at all), while `status MEMBER` and `list` show the member's record as
+    last read there, "as of" then (found by review). `status SWEEP` and `wait SWEEP` say the same:
+    each member as last read, with why its host was not asked; an end seen before stands."""
+    mod = make_module(home, SWEEP_SOURCE)
+    cfg = config(job_id="ua", ssh_host="tb", copy_repo=True, max_simultaneous_jobs=2)
+    with stackops.run_sweep(mod.point, cfg, [{"x": 0}, {"x": 1, "seconds": 120.0}]) as sweep:
+        wait_for(lambda: [report.status for report in sweep.check_job_status().values()] ==
+                 ["completed", "running"], 60, "one member ended, one running")
+    ssh_config = home / ".ssh" / "config"
+    saved = ssh_config.read_text()
+    ssh_config.write_text(saved.replace(f"Port {remote.port}\n", f"Port {_free_port()}\n"))  # tb is gone
+    try:
+        shown = cli("status", "ua", "--json", home=home)
+        table = cli("status", "ua", home=home)
+        alone = cli("status", "ua-0001", "--json", home=home)
+        listed = cli("list", "--json", "--timeout", "5", home=home)
+        waited = cli("wait", "ua", "--timeout", "2", home=home)
+    finally:
+        ssh_config.write_text(saved)
+    assert shown.returncode == 1 and "cannot connect" in shown.stderr, shown
+    members = json.loads(shown.stdout)["members"]
+    assert {job_id: member["status"] for job_id, member in members.items()} == {
+        "ua-0000": "completed", "ua-0001": "running"}, members
+    assert all(member["as_of"] for member in members.values()), members
+    assert "cannot connect" in members["ua-0001"]["error"], members
+    one = json.loads(alone.stdout)  # status MEMBER: the same report, as of the same moment
+    assert alone.returncode == 1 and (one["status"], one["as_of"]) == ("running", members["ua-0001"]["as_of"])
+    rows = {row["job_id"]: row for row in json.loads(listed.stdout)}
+    assert (rows["ua-0001"]["status"], rows["ua-0001"]["as_of"]) == ("running", members["ua-0001"]["as_of"])
+    row = next(line for line in table.stdout.splitlines() if line.startswith("ua-0001"))
+    assert table.returncode == 1 and "running (as of " in row and "cannot connect" in row, table
+    assert table.stdout.startswith("ua: 1 running, 1 completed (2 as last read: not asked now)"), table
+    assert waited.returncode == 124 and "ua-0001 cannot be read now (" in waited.stderr, waited
+    assert "cannot connect" in waited.stderr and "ua-0000 cannot" not in waited.stderr, waited.stderr
+    record = home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "ua-0001" / "data" / "remote_machine.json"
+    kept = record.read_bytes()
+    record.unlink()  # the host is back, and the record of the member that runs there is gone here
+    shown = cli("status", "ua", "--json", home=home)
+    member = json.loads(shown.stdout)["members"]["ua-0001"]
+    assert shown.returncode == 1 and (member["status"], bool(member["as_of"])) == ("running", True), shown
+    assert member["error"].startswith("no job record at ") and "it says where it runs" in member["error"]
+    waited = cli("wait", "ua", "--timeout", "2", home=home)
+    assert waited.returncode == 124 and "ua-0001 cannot be read now (no job record at " in waited.stderr, waited
+    for verb in ("cancel", "delete"):  # not judged here, nor removed while it runs there
+        done = cli(verb, "ua-0001", home=home)
+        assert done.returncode != 0 and "was running on " in done.stderr and "nothing " in done.stderr, done
+    record.write_bytes(kept)
+    done = cli("cancel", "ua", "--grace", "1", home=home)  # as it is now
+    assert done.returncode == 0 and "ua-0001 cancelled" in done.stdout, done
+    shown = json.loads(cli("status", "ua", "--json", home=home).stdout)["members"]
+    assert {job_id: (member["status"], member["as_of"]) for job_id, member in shown.items()} == {
+        "ua-0000": ("completed", None), "ua-0001": ("cancelled", None)}, shown
 
 
 def test_control_after_waits_holding_no_slot_then_runs_or_ends_cancelled(home):
