@@ -9919,10 +9919,10 @@ class RemoteMachine:
     def load(cls, job_id: str, base_dir: str | None = None) -> RemoteMachine:
         """The job ``job_id`` submitted earlier from this machine (by this or another process)."""
         root = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued/{check_safe_name(job_id)}")
-        if _record_gone(root):
-            raise _RecordMissingError(f"job {job_id!r} cannot be read: {_gone(root)}",
-                                      hint=f"{_prog()} list shows the jobs")
         if not (root / REMOTE_MACHINE_JSON).exists():
+            if _record_gone(root):  # (the one rule of a job folder without its record)
+                raise _RecordMissingError(f"job {job_id!r} cannot be read: {_gone(root)}",
+                                          hint=f"{_prog()} list shows the jobs")
             raise ConfigError(f"no job {job_id!r} under {collapse_home(root.parent.parent)}",
                               hint=f"{_prog()} list shows the jobs")
         return cls.from_job_dir(root)
