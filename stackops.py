@@ -5290,7 +5290,13 @@ def delete_job(root: Path) -> str:
         if not os.path.lexists(root):
             return ""
         raise ConfigError(f"{collapse_home(root)} is not a stackops job folder; nothing deleted")
-    status = judge_jobs([root])[0].get("status") or "prepared"
+    state = judge_jobs([root])[0]
+    status = state.get("status") or "prepared"
+    if "at" not in state and _alive(root):  # a record damaged or removed, and its process lives
+        lock = collapse_home(root / ALIVE_LOCK)
+        raise ConfigError(f"job {root.name} runs (its processes hold {lock}), and its state "
+                          "record is missing or damaged: cancel cannot stop it; nothing deleted",
+                          hint=f"stop it with: fuser -k -TERM {lock}; then delete it")
     if status not in TERMINAL_STATUSES and status != "prepared":
         raise ConfigError(f"job {root.name} is {status}; cancel it before deleting it",
                           hint=f"{_prog()} cancel {root.name}")
@@ -5309,9 +5315,36 @@ def _leave_sweep(root: Path) -> tuple[Path, list[str]] | None:
     shared = root.parent / os.readlink(root / "python").split("/")[1]
     if not (shared / SWEEP_JSON).is_file():
         return None
-    record = _change_sweep(shared, lambda record: record.update(
-        ids=[other for other in record.get("ids") or [] if other != root.name]))
-    return shared, record["ids"]
+
+    def leave(record: dict[str, Any]) -> None:
+        _not_submitting(root, record)
+        record["ids"] = [other for other in record.get("ids") or [] if other != root.name]
+
+    return shared, _change_sweep(shared, leave)["ids"]
+
+
+def _submitter(record: dict[str, Any]) -> int | None:
+    """The pid of the process that submits a sweep (its record's "submitting" mark), while it
+    lives on this machine (one elsewhere is not judged here); None once the submission is over."""
+    machine, pid, start = (record.get("submitting") or [None, None, None])[:3]
+    if machine == machine_key() and isinstance(pid, int) and start is not None \
+            and is_job_process(pid, "", start):
+        return pid
+    return None
+
+
+def _not_submitting(root: Path, record: dict[str, Any]) -> None:
+    """Refuse to delete a member of a sweep still being submitted (its submission would fail on
+    the folder gone, and be rolled back whole)."""
+    pid = _submitter(record)
+    if pid is not None:
+        sweep = record.get("sweep_id")
+        what = f"sweep {sweep}" if root.name == sweep else \
+            f"job {root.name} is a member of sweep {sweep}, which"
+        raise ConfigError(f"{what} is still being submitted (by pid {pid}); nothing deleted",
+                          hint="wait for the submission to end, then delete it (or stop the "
+                               f"submission: Ctrl-C in pid {pid} withdraws what it has not "
+                               "started)")
 
 
 def _change_sweep(shared: Path, change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
@@ -9563,24 +9596,40 @@ def _delete_recordless(root: Path, results: bool) -> str:
     """Delete a job folder here whose record is gone (removed by hand: _record_gone) as the
     executing side deletes one: only a job folder by its layout, refused while its job has not
     ended (with ``results``, its own results folder too); it leaves its sweep. Where it ran, if
-    on a host, is not known without its record: a folder there stays. Returns what went."""
-    if not _record_gone(root):
+    on a host, is not known without its record: a folder there stays. A folder whose record is
+    damaged (_record_gone's ``unreadable``) goes the same way. Returns what went."""
+    if not _record_gone(root, unreadable=True):
         raise ConfigError(f"{collapse_home(root)} is not a stackops job folder whose record is "
                           "gone; nothing deleted")
+    _not_on_a_host(root, "deleted")
     return _act_delete({"roots": [str(root)], "results": results}, None)[0]
 
 
 def _cancel_recordless(root: Path, grace: float) -> JobStatus:
     """Cancel a job whose folder is here and whose record is gone (_record_gone) as the
     executing side cancels one (refused when another machine runs it); the status after, its
-    ``reason`` saying what it was (as _Launcher.cancel's)."""
-    if not _record_gone(root):
+    ``reason`` saying what it was (as _Launcher.cancel's). Its processes are stopped only while
+    they hold its lock (_stop); a folder whose record is damaged is cancelled the same way."""
+    if not _record_gone(root, unreadable=True):
         raise ConfigError(f"{collapse_home(root)} is not a stackops job folder whose record is "
                           "gone; nothing cancelled")
+    _not_on_a_host(root, "cancelled")
     state = _act_cancel({"roots": [str(root)], "grace": grace}, None)[0]
     report = _status_of(root.name, state)
     report.reason = f"was {state.get('was')}"
     return report
+
+
+def _not_on_a_host(root: Path, verb: str) -> None:
+    """Refuse to act here on a job that runs on a host, its record gone (the folder here holds the
+    copy of its state last read there, and has not ended): its record said how to reach it."""
+    state = read_state(root)
+    if state.get("mirrored") and not _ended(state):
+        raise StackopsError(f"job {root.name} was {state.get('status')} on {state.get('node')} "
+                            f"when last read there ({state['mirrored'][:19]}), and its record, "
+                            f"which says how to reach it, is gone; nothing {verb}",
+                            hint=f"cancel it on its host ({_prog()} list --host HOST shows it "
+                                 "there), then delete it here")
 
 
 def _shared_of(root: Path) -> Path | None:
@@ -9743,7 +9792,7 @@ class RemoteMachine:
         """The job ``job_id`` submitted earlier from this machine (by this or another process)."""
         root = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued/{check_safe_name(job_id)}")
         if not (root / REMOTE_MACHINE_JSON).exists():
-            if root.is_dir() and not os.path.lexists(root / SWEEP_JSON):  # its record went
+            if _record_gone(root):  # (the one rule of a job folder without its record)
                 raise _RecordMissingError(f"job {job_id!r} cannot be read: {_gone(root)}",
                                           hint=f"{_prog()} list shows the jobs")
             raise ConfigError(f"no job {job_id!r} under {collapse_home(root.parent.parent)}",
@@ -10007,17 +10056,39 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[di
                   reverse=True)
 
 
-def _record_gone(root: Path) -> bool:
-    """Whether ``root`` is a job folder whose record was removed (by hand): a stackops job
-    folder by its layout (its file manager's record; not a link), without its job record."""
-    return os.path.isfile(root / FILE_MANAGER_JSON) and not os.path.islink(root) \
-        and not os.path.lexists(root / REMOTE_MACHINE_JSON)  # (a sweep's folder: one stat)
+def _record_gone(root: Path, unreadable: bool = False) -> bool:
+    """Whether ``root`` is a job folder without its job record: the one rule of a record-less
+    job folder (RemoteMachine.load, list, a sweep's members, cancel, delete and prune follow it).
+    A stackops job folder by its layout (its file manager's record; not a link: a sweep's own
+    folder is none) whose record was removed (by hand); with ``unreadable``, also one whose
+    record is there but is no job's (damaged: not JSON, cut short)."""
+    if not os.path.isfile(root / FILE_MANAGER_JSON) or os.path.islink(root):
+        return False  # (a sweep's folder: one stat)
+    if not os.path.lexists(root / REMOTE_MACHINE_JSON):
+        return True
+    if not unreadable:
+        return False
+    try:
+        RemoteMachine.from_job_dir(root)
+    except (StackopsError, ValueError, TypeError, KeyError, AttributeError):
+        return True
+    except OSError:  # (not readable by us: not damaged, and not ours to remove)
+        return False
+    return False
 
 
 def _recordless_why(root: Path, cluster: str | None = None) -> str:
-    """What list says of a job folder whose record is gone (as status says it), and how it goes."""
-    how = "" if cluster else f" ({_prog()} delete {root.name} removes it)"
-    return f"{_gone(root)}{how}"
+    """What list says of a job folder whose record is gone (as status says it), and how it goes
+    (a job whose process lives is cancelled first: delete refuses it)."""
+    how = f"{_prog()} delete {root.name} removes it"
+    if _alive(root):
+        how = f"{_prog()} cancel {root.name} stops it, then {how}"
+    return _record_missing(root) + ("" if cluster else f" ({how})")
+
+
+def _record_missing(root: Path) -> str:
+    return (f"no job record at {collapse_home(root / REMOTE_MACHINE_JSON)} (removed?), though its "
+            "folder is there")
 
 
 def _take_answer(row: dict[str, Any], answer: Any) -> None:
@@ -10358,7 +10429,8 @@ class Sweep:
     @classmethod
     def load(cls, sweep_id: str, base_dir: str | None = None) -> Sweep:
         """The sweep ``sweep_id`` submitted earlier from this machine (a member whose folder is
-        gone is in ``gone``: its status reads failed, saying so). Its members' records are read
+        gone is in ``gone``: its status reads failed, saying so; one whose record alone is gone
+        reads as its folder's state says, _recordless_reports). Its members' records are read
         when first asked for (``jobs``); the status of a sweep here reads none that it read before
         (_RecordCache)."""
         queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
@@ -10395,11 +10467,12 @@ class Sweep:
         found = self._reports_here() if self._jobs is None else None
         if found is None:
             asked = _per_place(self.jobs, lambda place, jobs: dict(zip(
-                [job.job_id for job in jobs], place.reports(jobs, 0))))
+                [job.job_id for job in jobs], place.reports(jobs, 0))), _last_read)
             found = (list(asked), list(asked.values()))
         answers: dict[str, JobStatus | StackopsError] = {
             job_id: JobStatus(job_id, "failed", error_message=why)
             for job_id, why in self._gone.items()}
+        answers.update(_recordless_reports(_recordless_members(self, self._gone)))
         answers.update(zip(*found))
         if self._being_submitted():  # a member not written or not fired yet has not ended
             for job_id, report in answers.items():
@@ -10411,9 +10484,7 @@ class Sweep:
     def _being_submitted(self) -> bool:
         """Whether the process submitting this sweep lives (on this machine: one elsewhere is
         not judged here)."""
-        machine, pid, start = (self._submitting or [None, None, None])[:3]
-        return machine == machine_key() and isinstance(pid, int) and start is not None \
-            and is_job_process(pid, "", start)
+        return _submitter({"submitting": self._submitting}) is not None
 
     def _reports_here(self) -> tuple[list[str], list[JobStatus]] | None:
         """The members' ids and statuses of a loaded sweep on this machine, read as ``list`` reads
@@ -10449,8 +10520,15 @@ class Sweep:
 
     def cancel(self, grace: float = 10.0) -> dict[str, JobStatus | StackopsError]:
         """Cancel every job that has not ended, in one round trip (per place: _per_place): each
-        is marked first, so the queue starts none of them meanwhile."""
-        return _per_place(self.jobs, lambda place, jobs: _cancel_at(place, jobs, grace))
+        is marked first, so the queue starts none of them meanwhile. A member here whose record
+        is gone is cancelled too, as ``cancel MEMBER`` cancels it (_cancel_recordless)."""
+        answers = _per_place(self.jobs, lambda place, jobs: _cancel_at(place, jobs, grace))
+        for root in _recordless_members(self, self.gone):
+            try:
+                answers[root.name] = _cancel_recordless(root, grace)
+            except StackopsError as exc:
+                answers[root.name] = exc
+        return dict(sorted(answers.items()))
 
 
 def _cancel_at(place: _Place, jobs: list[RemoteMachine], grace: float) -> dict[str, JobStatus]:
@@ -10465,11 +10543,14 @@ def _cancel_at(place: _Place, jobs: list[RemoteMachine], grace: float) -> dict[s
 
 
 def _per_place(jobs: list[RemoteMachine],
-               ask: Callable[[_Place, list[RemoteMachine]], dict[str, Any]]) -> dict[str, Any]:
+               ask: Callable[[_Place, list[RemoteMachine]], dict[str, Any]],
+               lost: Callable[[RemoteMachine, StackopsError], Any] | None = None,
+               ) -> dict[str, Any]:
     """``ask(place, its jobs)`` of each place the jobs run at, one call each: {job id: answer}.
     A sweep's members share one place; a member whose record names another (edited by hand) is
     asked there, as ``status MEMBER`` asks it. A place that cannot be asked gives each of its
-    jobs the error, unless it is the only one (then the error is raised, as it was)."""
+    jobs ``lost(job, error)`` (with no ``lost``: the error, unless the place is the only one:
+    then the error is raised, as it was)."""
     groups: dict[int, list[RemoteMachine]] = {}
     for job in jobs:
         groups.setdefault(id(job.place), []).append(job)
@@ -10478,10 +10559,67 @@ def _per_place(jobs: list[RemoteMachine],
         try:
             answers.update(ask(group[0].place, group))
         except StackopsError as exc:
-            if len(groups) == 1:
+            if len(groups) == 1 and lost is None:
                 raise
-            answers.update(dict.fromkeys([job.job_id for job in group], exc))
+            answers.update({job.job_id: lost(job, exc) if lost else exc for job in group})
     return answers
+
+
+_NOT_ASKED = "its host could not be asked: "  # a report as last read there: the reason begins so
+
+
+def _last_read(job: RemoteMachine, exc: StackopsError) -> JobStatus | StackopsError:
+    """A member whose host could not be asked, as ``status MEMBER`` and ``list`` show it: its
+    record as last read there, as of then, its ``reason`` saying why (_NOT_ASKED); an error of
+    another kind (or a job here) stays the error."""
+    if not job.is_remote or not isinstance(exc, StackopsConnectionError):
+        return exc
+    report = _as_last_read(job.job_id, job.file_manager.job_root)
+    report.reason = f"{_NOT_ASKED}{exc}"
+    return report
+
+
+def _unasked(report: Any) -> str | None:
+    """Why a member's report is its last read one (_last_read: why its host could not be
+    asked), or None for one read now."""
+    if isinstance(report, JobStatus) and report.as_of and report.reason.startswith(_NOT_ASKED):
+        return report.reason[len(_NOT_ASKED):]
+    return None
+
+
+def _recordless_members(sweep: Sweep, gone: dict[str, str]) -> list[Path]:
+    """The folders here of ``sweep``'s members whose record is gone (of those in ``gone``, by the
+    one rule: _record_gone): job folders that link their code to the sweep's folder (a stranger
+    under a member's id has a record: not one)."""
+    queued = sweep._queued
+    found: list[Path] = []
+    if queued is None:
+        return found
+    for job_id in gone:
+        with _suppress(ConfigError):
+            root = queued / check_safe_name(job_id)
+            if _record_gone(root) and _shared_of(root) == queued / sweep.sweep_id:
+                found.append(root)
+    return found
+
+
+def _recordless_reports(roots: list[Path]) -> dict[str, JobStatus]:
+    """Members whose record is gone (_recordless_members), each as its folder's own state record
+    says, judged as any job here is (one whose process holds its lock runs), and its ``reason``
+    saying that its record is missing: not failed for that (its record says where it runs and
+    how it is read, its state how it is doing). One that runs on a host (its folder here holds
+    the copy of its state last read there) or on another machine (as of when written there) and
+    has not ended cannot be asked there: its record said where."""
+    own = [root for root in roots if not read_state(root).get("mirrored")]
+    judged = dict(zip(own, judge_jobs(own)))
+    reports = {}
+    for root in roots:
+        report = reports[root.name] = _status_of(root.name, judged[root]) if root in judged \
+            else _as_last_read(root.name, root)
+        report.reason = f"{_record_missing(root)}: read from its folder"
+        if report.as_of and not report.finished:
+            report.reason = f"{_NOT_ASKED}{_record_missing(root)}, and it says where it runs"
+    return reports
 
 
 def _not_member(sweep_id: str, job_id: str, named: Any) -> str:
@@ -11709,20 +11847,44 @@ def _group_status(target: Any, args: Any) -> int:
     answers = target.check_job_status()
     if args.json:
         _print_json({"id": target.job_id, "counts": _counts(answers),
-                     "members": {key: value.to_dict() if isinstance(value, JobStatus)
-                                 else {"error": str(value)} for key, value in answers.items()}})
-        return 0
+                     "members": {key: _member_json(value) for key, value in answers.items()}})
+        return _say_unasked(answers)
     print(f"{target.job_id}: {_counts_text(answers)}")
     _print_table([_member_row(key, value) for key, value in answers.items()],
                  ["member", "status", "duration", "error"])
-    return 0
+    return _say_unasked(answers)
+
+
+def _say_unasked(answers: dict[str, Any]) -> int:
+    """Say on stderr why members are shown as last read (their host could not be asked), each
+    reason once: 1 then (as ``status ID`` of such a job fails, saying why), else 0."""
+    unasked = {key: why for key, value in answers.items() if (why := _unasked(value))}
+    for why in dict.fromkeys(unasked.values()):
+        keys = [key for key, said in unasked.items() if said == why]
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        print(f"stackops: {', '.join(keys[:3])}{more} shown as last read: {_NOT_ASKED}{why}",
+              file=sys.stderr)
+    return 1 if unasked else 0
+
+
+def _member_json(value: JobStatus | StackopsError) -> dict[str, Any]:
+    """A member as ``status --json`` of its group shows it: its report (one as last read says
+    why in ``error`` too, as a ``list --json`` row does), or the error that kept it from being
+    read."""
+    if not isinstance(value, JobStatus):
+        return {"error": str(value)}
+    why = _unasked(value)
+    return dict(value.to_dict(), error=why) if why else value.to_dict()
 
 
 def _member_row(key: str, value: JobStatus | StackopsError) -> list[str]:
-    """A sweep's, a cluster's or a cloud job's member as _group_status shows it."""
+    """A sweep's, a cluster's or a cloud job's member as _group_status shows it: one read as of
+    some time says so (as ``status MEMBER`` and ``list`` do); with no error, its reason (why it
+    waits, why its host was not asked, that its record is missing)."""
     if not isinstance(value, JobStatus):
         return [key, "?", "-", _last_line(str(value))]
-    return [key, value.status, _duration(value), _last_line(value.error_message)]
+    status = value.status + (f" (as of {value.as_of[:19]})" if value.as_of else "")
+    return [key, status, _duration(value), _last_line(value.error_message or value.reason)]
 
 
 def _counts(answers: dict[str, Any]) -> dict[str, int]:
@@ -11736,7 +11898,9 @@ def _counts(answers: dict[str, Any]) -> dict[str, int]:
 def _counts_text(answers: dict[str, Any]) -> str:
     order = [*STATUSES, "unreadable"]
     counts = _counts(answers)
-    return ", ".join(f"{counts[name]} {name}" for name in order if name in counts) or "no jobs"
+    text = ", ".join(f"{counts[name]} {name}" for name in order if name in counts) or "no jobs"
+    unasked = sum(1 for value in answers.values() if _unasked(value))
+    return f"{text} ({unasked} as last read: not asked now)" if unasked else text
 
 
 def _pause_gc() -> None:
@@ -12171,11 +12335,7 @@ def _cmd_wait(args: Any) -> int:
                     continue
                 answers = _look(target, seen[job_id])
                 status = _overall(answers)
-                for part, answer in answers.items():
-                    if isinstance(answer, Exception) and part not in told:
-                        told.add(part)
-                        print(f"stackops: {part} cannot be read now ({_last_line(str(answer))});"
-                              " still waiting", file=sys.stderr)
+                _tell_unread(answers, told)
                 if status is not None:
                     ended[job_id] = status
                     group = "" if isinstance(target, RemoteMachine) else \
@@ -12193,6 +12353,17 @@ def _cmd_wait(args: Any) -> int:
         for target in targets.values():
             target.close()
     return 0 if all(status == "completed" for status in ended.values()) else 1
+
+
+def _tell_unread(answers: dict[str, Any], told: set[str]) -> None:
+    """Say once of each member that cannot be read now why (an error, or its host not asked:
+    its last read report stands only once it says the member ended)."""
+    for part, answer in answers.items():
+        why = str(answer) if isinstance(answer, Exception) else _unasked(answer)
+        if why and part not in told and not (isinstance(answer, JobStatus) and answer.finished):
+            told.add(part)
+            print(f"stackops: {part} cannot be read now ({_last_line(why)}); still waiting",
+                  file=sys.stderr)
 
 
 def _say_failed(answers: dict[str, Any], most: int = 5) -> None:
@@ -12279,29 +12450,29 @@ def _cmd_start(args: Any) -> int:
 def _target_or_folder(job_id: str,
                       base_dir: str) -> RemoteMachine | Cluster | Sweep | _CloudUnits | Path:
     """What ``delete ID`` or ``cancel ID`` acts on: _load_job_or_cluster's, or the folder of a
-    job whose record is gone (_delete_recordless, _cancel_recordless)."""
+    job whose record is gone or damaged (_delete_recordless, _cancel_recordless: each says why a
+    folder that is neither is left alone)."""
     try:
         return _load_job_or_cluster(job_id, base_dir)
-    except _RecordMissingError:
-        return expand_home(f"{base_dir}/queued/{check_safe_name(job_id)}")
-
-
-def _recordless_members(sweep: Sweep, base_dir: str) -> list[Path]:
-    """The folders here of ``sweep``'s members whose record is gone: job folders that link their
-    code to the sweep's folder (a stranger under a member's id has a record: not one)."""
-    queued = expand_home(f"{base_dir}/queued")
-    found = []
-    for job_id in sweep.gone:
-        with _suppress(ConfigError):
-            root = queued / check_safe_name(job_id)
-            if _record_gone(root) and _shared_of(root) == queued / sweep.sweep_id:
-                found.append(root)
-    return found
+    except StackopsError:
+        root = expand_home(f"{base_dir}/queued/{check_safe_name(job_id)}")
+        if not os.path.lexists(root) or os.path.lexists(root / SWEEP_JSON):
+            raise
+        return root
 
 
 def _print_recordless_deleted(root: Path, results: bool) -> None:
+    how = "was gone" if _record_gone(root) else "could not be read"
     removed = _delete_recordless(root, results)
-    print(f"deleted {root.name}: its folder {removed}, whose job record was gone")
+    print(f"deleted {root.name}: its folder {removed}, whose job record {how}")
+
+
+def _refuse_while_submitted(target: Any) -> None:
+    """delete SWEEP while it is still being submitted is refused whole (a member's delete would
+    be: _not_submitting), before any member goes."""
+    if isinstance(target, Sweep) and target._being_submitted():
+        _not_submitting(Path(target.sweep_id), {"sweep_id": target.sweep_id,
+                                                "submitting": target._submitting})
 
 
 def _cmd_delete(args: Any) -> int:
@@ -12314,7 +12485,8 @@ def _cmd_delete(args: Any) -> int:
             if isinstance(target, RemoteMachine):
                 target.delete(results=args.results)
             else:
-                for root in _recordless_members(target, args.base_dir) \
+                _refuse_while_submitted(target)
+                for root in _recordless_members(target, target.gone) \
                         if isinstance(target, Sweep) else []:
                     _print_recordless_deleted(root, args.results)
                 for member in _members(target):

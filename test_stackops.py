@@ -3190,7 +3190,8 @@ def test_sweep_member_replaced_by_a_new_job_of_its_id_is_missing_and_the_new_job
 def test_sweep_member_whose_record_was_removed_says_its_record_is_missing(home):
     """A member whose remote_machine.json was removed by hand read "no job folder" (its folder is
     there), and `status MEMBER` said "no job or cluster" (found by review): both say the record is
-    missing, and `wait SWEEP` names it with that reason."""
+    missing. The member reads as its folder's own state record says (completed here: not failed
+    for its record missing), and `wait SWEEP` goes by that."""
     mod = make_module(home, SWEEP_SOURCE)
     sweep = stackops.run_sweep(mod.point, config(job_id="rr"), [{"x": index} for index in range(2)])
     assert {report.status for report in sweep.wait(timeout=120).values()} == {"completed"}
@@ -3198,15 +3199,16 @@ def test_sweep_member_whose_record_was_removed_says_its_record_is_missing(home):
     (queued / "rr-0001" / "data" / "remote_machine.json").unlink()
     missing = "no job record at ~/tmp_results/remote_machines/jobs/queued/rr-0001/data/remote_machine.json"
     shown = json.loads(cli("status", "rr", "--json", home=home).stdout)["members"]
-    assert shown["rr-0000"]["status"] == "completed" and shown["rr-0001"]["status"] == "failed", shown
-    assert missing in shown["rr-0001"]["error_message"], shown
-    assert "no job folder" not in shown["rr-0001"]["error_message"], shown
+    assert shown["rr-0000"]["status"] == "completed" and shown["rr-0001"]["status"] == "completed", shown
+    assert missing in shown["rr-0001"]["reason"], shown
+    assert "no job folder" not in shown["rr-0001"]["reason"], shown
     alone = cli("status", "rr-0001", home=home)
     assert alone.returncode == 2 and missing in alone.stderr, alone
     assert "no job or cluster" not in alone.stderr, alone.stderr
     waited = cli("wait", "rr", "--timeout", "30", home=home)
-    assert waited.returncode == 1 and f"rr-0001 failed: {missing}" in waited.stderr, waited
-    assert cli("status", "rr", home=home).returncode == 0  # the sweep itself still reads as one
+    assert waited.returncode == 0 and waited.stdout == "rr completed (2 completed)\n", waited
+    table = cli("status", "rr", home=home)  # the sweep itself still reads as one
+    assert table.returncode == 0 and missing in table.stdout, table
     nothing = cli("status", "rr-0009", home=home)
     assert nothing.returncode == 2 and "no job or cluster 'rr-0009'" in nothing.stderr, nothing
 
@@ -3216,7 +3218,8 @@ def test_sweep_member_whose_record_names_a_host_is_asked_there_as_status_member_
     this machine's /proc: `running`) while `status MEMBER` asks that host (found by review); and
     a first member edited so made every member be asked there. Each member is read where its own
     record says it runs, as `status MEMBER` reads it: here a host that does not answer, so that
-    member alone cannot be read, with why, in `status SWEEP`, `wait SWEEP` and `cancel SWEEP`."""
+    member alone is shown as last read, with why, in `status SWEEP` (as `status MEMBER` shows it),
+    cannot be read now in `wait SWEEP`, and is not cancelled by `cancel SWEEP`, saying why."""
     mod = make_module(home, SWEEP_SOURCE)
     sweep = stackops.run_sweep(mod.point, config(job_id="rh", max_simultaneous_jobs=2),
                                [{"x": index, "seconds": 120.0} for index in range(2)])
@@ -3237,8 +3240,12 @@ def test_sweep_member_whose_record_names_a_host_is_asked_there_as_status_member_
         assert alone.returncode == 1 and "cannot connect" in alone.stderr, alone
         assert "(as of " in alone.stdout, alone
         for _ in range(2):  # read afresh, then through the record cache
-            views = _sweep_views("rh", home)
-            assert views[other] == "running" and views[edited].startswith("? cannot connect"), views
+            shown = cli("status", "rh", "--json", home=home)  # the member as status MEMBER shows it
+            members = json.loads(shown.stdout)["members"]
+            assert shown.returncode == 1 and members[other]["status"] == "running", shown
+            assert members[other]["as_of"] is None and members[edited]["as_of"], members
+            assert members[edited]["status"] == "running", members  # as last read
+            assert members[edited]["error"].startswith("cannot connect"), members
             time.sleep(stackops.RACY_NS / 1e9 + 0.2)
         waited = cli("wait", "rh", "--timeout", "1", home=home)
         assert waited.returncode == 124, waited
@@ -7920,6 +7927,149 @@ def test_control_prune_removes_an_ended_job_folder_whose_record_was_removed(home
     assert sorted(path.name for path in queued.iterdir()) == ["rp-later"]
 
 
+def _running_sweep(home: Path, sweep_id: str, seconds: list[float]) -> Path:
+    """A sweep here whose member K sleeps ``seconds[K]``, each slept one running; the jobs folder."""
+    mod = make_module(home, SWEEP_SOURCE)
+    grid = [{"x": index, "seconds": wait} for index, wait in enumerate(seconds)]
+    sweep = stackops.run_sweep(mod.point, config(job_id=sweep_id, max_simultaneous_jobs=len(grid)), grid)
+    for job, wait in zip(sweep, seconds):
+        wait_for(lambda job=job, wait=wait: job.get_status(0).status == ("running" if wait > 10 else "completed"),
+                 60, f"{job.job_id} to run (or end)")
+    return home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+
+
+def test_control_sweep_member_running_whose_record_was_removed_reads_running_and_wait_goes_on(home):
+    """A running member whose record was removed by hand read `failed` in `status SWEEP`, and
+    `wait SWEEP` returned 1 while its process still ran (found by review). It reads as its folder's
+    own state says (running: its process holds its lock), saying its record is missing; `wait`
+    goes on until it ends."""
+    queued = _running_sweep(home, "rw", [0.0, 120.0])
+    (queued / "rw-0001" / "data" / "remote_machine.json").unlink()
+    missing = "no job record at ~/tmp_results/remote_machines/jobs/queued/rw-0001/data/remote_machine.json"
+    shown = json.loads(cli("status", "rw", "--json", home=home).stdout)
+    assert shown["counts"] == {"completed": 1, "running": 1}, shown
+    assert shown["members"]["rw-0001"]["status"] == "running", shown
+    assert missing in shown["members"]["rw-0001"]["reason"], shown
+    table = cli("status", "rw", home=home)
+    row = next(line for line in table.stdout.splitlines() if line.startswith("rw-0001"))
+    assert table.returncode == 0 and "running" in row and missing in row, table
+    waited = cli("wait", "rw", "--timeout", "2", home=home)
+    assert waited.returncode == 124 and "failed" not in waited.stdout + waited.stderr, waited
+    assert stackops._alive(queued / "rw-0001")  # it runs on, untouched
+    listed = cli("list", home=home)  # list says how it goes: cancel first (delete refuses it)
+    assert "cancel rw-0001 stops it, then " in listed.stderr, listed.stderr
+    assert cli("cancel", "rw-0001", "--grace", "1", home=home).returncode == 0
+    waited = cli("wait", "rw", "--timeout", "30", home=home)
+    assert waited.returncode == 1 and waited.stdout == "rw cancelled (1 completed, 1 cancelled)\n", waited
+
+
+def test_control_cancel_sweep_stops_a_running_member_whose_record_was_removed(home):
+    """`cancel SWEEP` left a running member whose record was removed by hand running (found by
+    review): it is cancelled as `cancel MEMBER` cancels it, its process group stopped."""
+    queued = _running_sweep(home, "rc", [120.0, 120.0])
+    (queued / "rc-0000" / "data" / "remote_machine.json").unlink()
+    done = cli("cancel", "rc", "--grace", "1", home=home)
+    assert done.returncode == 0, done
+    assert sorted(done.stdout.splitlines()) == ["rc-0000 cancelled", "rc-0001 cancelled"], done
+    assert not stackops._alive(queued / "rc-0000") and not stackops._alive(queued / "rc-0001")
+    assert state_of(queued / "rc-0000")["status"] == "cancelled"
+    assert cli("delete", "rc", home=home).returncode == 0 and not list(queued.glob("rc*"))
+
+
+def test_control_delete_a_member_of_a_sweep_being_submitted_is_refused_saying_so(home):
+    """`delete MEMBER` while its sweep was still being submitted removed the member, and the
+    submission then failed on it, rolled back whole, with an unclear "no job folder" (found by
+    review). While the process that submits the sweep lives, `delete MEMBER` and `delete SWEEP`
+    are refused, saying why and what to do, and nothing goes; once it is gone, both go."""
+    mod = make_module(home, JOBS_SOURCE)
+    stackops.run_sweep(mod.train, config(job_id="ds"), [{}, {}, {}], run=False)
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    record = json.loads((queued / "ds" / "data" / "sweep.json").read_text())
+    submitter = subprocess.Popen(["sleep", "60"])  # stands for the process that submits it
+    try:
+        record["submitting"] = [stackops.machine_key(), submitter.pid,
+                                stackops.process_start_ticks(submitter.pid)]
+        (queued / "ds" / "data" / "sweep.json").write_text(json.dumps(record))
+        (queued / "ds-0002" / "data" / "remote_machine.json").unlink()  # its record not written yet
+        for target, said in (("ds-0001", "job ds-0001 is a member of sweep ds, which is still being submitted"),
+                             ("ds-0002", "job ds-0002 is a member of sweep ds, which is still being submitted"),
+                             ("ds", "sweep ds is still being submitted")):
+            done = cli("delete", target, home=home)
+            assert done.returncode == 2 and said in done.stderr, (target, done)
+            assert f"(by pid {submitter.pid}); nothing deleted" in done.stderr, done.stderr
+            assert "hint: wait for the submission to end" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr
+        assert sorted(path.name for path in queued.iterdir()) == ["ds", "ds-0000", "ds-0001", "ds-0002"]
+    finally:
+        submitter.kill()
+        submitter.wait()
+    assert cli("delete", "ds-0001", home=home).returncode == 0
+    assert cli("delete", "ds", home=home).returncode == 0 and not list(queued.glob("ds*"))
+
+
+def test_control_delete_and_cancel_a_job_whose_record_is_damaged(home):
+    """A job whose record (remote_machine.json) is damaged (not JSON) could not be deleted: "corrupted
+    JSON ..., submit the job again" (found by review). `delete` removes it as a job folder by its
+    layout, refusing while it runs, and `cancel` stops it first. A job whose state record is
+    damaged while its process runs was deleted under it: refused now, saying exactly how to stop it."""
+    (home / "jobs.py").write_text(textwrap.dedent(CONTROL_SOURCE))
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert cli("run", "jobs.py:quick", "--job-id", "dm-done", "--wait", home=home).returncode == 0
+    assert cli("run", "jobs.py:busy", "--job-id", "dm-busy", "--no-lock", home=home).returncode == 0
+    pids = _pids(home, "busy")
+    for job_id in ("dm-done", "dm-busy"):
+        (queued / job_id / "data" / "remote_machine.json").write_text("{not json")
+    assert cli("status", "dm-done", home=home).returncode == 1  # as before: it says the record is damaged
+    done = cli("delete", "dm-done", home=home)
+    assert done.returncode == 0, done
+    assert done.stdout == "deleted dm-done: its folder ~/tmp_results/remote_machines/jobs/queued/dm-done, " \
+                          "whose job record could not be read\n", done.stdout
+    done = cli("delete", "dm-busy", home=home)
+    assert done.returncode == 2 and "dm-busy is running; cancel it before deleting it" in done.stderr, done
+    assert not _gone(pids)
+    done = cli("cancel", "dm-busy", "--grace", "1", home=home)
+    assert done.returncode == 0 and done.stdout == "dm-busy cancelled\n" and _gone(pids), done
+    assert cli("delete", "dm-busy", home=home).returncode == 0
+    assert sorted(path.name for path in queued.iterdir()) == []
+    assert cli("run", "jobs.py:busy", "--job-id", "dm-state", "--no-lock", "--kwargs", '{"tag": "state"}',
+               home=home).returncode == 0
+    pids = _pids(home, "state")
+    (queued / "dm-state" / "logs" / "state.json").write_text("{not json")
+    done = cli("delete", "dm-state", home=home)
+    lock = "~/tmp_results/remote_machines/jobs/queued/dm-state/logs/alive.lock"
+    assert done.returncode == 2 and "its state record is missing or damaged" in done.stderr, done
+    assert f"hint: stop it with: fuser -k -TERM {lock}; then delete it" in done.stderr, done.stderr
+    assert (queued / "dm-state" / "data" / "file_manager.json").is_file() and not _gone(pids)
+    for pid in pids:  # as the hint says (fuser signals every process that holds the lock)
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not stackops._alive(queued / "dm-state"), 30, "the job to stop")
+    assert cli("delete", "dm-state", home=home).returncode == 0 and not (queued / "dm-state").exists()
+
+
+def test_control_one_rule_says_what_a_job_folder_without_its_record_is(home):
+    """`status ID` called a folder that is no job folder by its layout (no file manager record, or
+    a link) one whose record is missing, while list, delete and cancel said it is no job folder
+    (two rules; found by review). One rule now: such a folder is no job in every view, and a job
+    folder whose record was removed is one whose record is missing in every view."""
+    _two_ended(home, "or", "or-alone")
+    queued = _recordless(home, "or-alone")
+    (queued / "or-odd" / "data").mkdir(parents=True)  # no file manager record: no job folder
+    (queued / "or-odd" / "data" / "keep.txt").write_text("mine")
+    (queued / "or-link").symlink_to(queued / "or-alone")  # a job folder's layout, through a link
+    for odd in ("or-odd", "or-link"):
+        shown = cli("status", odd, home=home)
+        assert shown.returncode == 2 and f"no job or cluster {odd!r}" in shown.stderr, shown
+        assert "no job record" not in shown.stderr, shown.stderr
+        for verb in ("delete", "cancel"):
+            done = cli(verb, odd, home=home)
+            assert done.returncode == 2 and "not a stackops job folder" in done.stderr, done
+    shown = cli("status", "or-alone", home=home)
+    assert shown.returncode == 2 and "no job record at " in shown.stderr, shown
+    listed = cli("list", home=home)
+    assert "or-alone" in listed.stderr and "or-odd" not in listed.stderr and "or-link" not in listed.stderr
+    assert (queued / "or-odd" / "data" / "keep.txt").read_text() == "mine" and (queued / "or-link").is_symlink()
+
+
 FLAKY_SOURCE = """
     import os
 
@@ -7997,6 +8147,62 @@ def test_control_wait_sweep_on_a_host_reports_a_member_gone_there(remote, home):
     said = waited.stdout + waited.stderr
     assert waited.returncode != 0 and "hwr completed" not in said, said
     assert "hwr-0001" in said and "no job folder" in said, said
+
+
+def test_control_sweep_on_a_host_that_cannot_be_reached_shows_each_member_as_last_read(remote, home):
+    """`status SWEEP` showed a member whose host could not be reached as unreadable (the whole sweep
+    there: it failed with no row at all), while `status MEMBER` and `list` show the member's record as
+    last read there, "as of" then (found by review). `status SWEEP` and `wait SWEEP` say the same:
+    each member as last read, with why its host was not asked; an end seen before stands."""
+    mod = make_module(home, SWEEP_SOURCE)
+    cfg = config(job_id="ua", ssh_host="tb", copy_repo=True, max_simultaneous_jobs=2)
+    with stackops.run_sweep(mod.point, cfg, [{"x": 0}, {"x": 1, "seconds": 120.0}]) as sweep:
+        wait_for(lambda: [report.status for report in sweep.check_job_status().values()] ==
+                 ["completed", "running"], 60, "one member ended, one running")
+    ssh_config = home / ".ssh" / "config"
+    saved = ssh_config.read_text()
+    ssh_config.write_text(saved.replace(f"Port {remote.port}\n", f"Port {_free_port()}\n"))  # tb is gone
+    try:
+        shown = cli("status", "ua", "--json", home=home)
+        table = cli("status", "ua", home=home)
+        alone = cli("status", "ua-0001", "--json", home=home)
+        listed = cli("list", "--json", "--timeout", "5", home=home)
+        waited = cli("wait", "ua", "--timeout", "2", home=home)
+    finally:
+        ssh_config.write_text(saved)
+    assert shown.returncode == 1 and "cannot connect" in shown.stderr, shown
+    members = json.loads(shown.stdout)["members"]
+    assert {job_id: member["status"] for job_id, member in members.items()} == {
+        "ua-0000": "completed", "ua-0001": "running"}, members
+    assert all(member["as_of"] for member in members.values()), members
+    assert "cannot connect" in members["ua-0001"]["error"], members
+    one = json.loads(alone.stdout)  # status MEMBER: the same report, as of the same moment
+    assert alone.returncode == 1 and (one["status"], one["as_of"]) == ("running", members["ua-0001"]["as_of"])
+    rows = {row["job_id"]: row for row in json.loads(listed.stdout)}
+    assert (rows["ua-0001"]["status"], rows["ua-0001"]["as_of"]) == ("running", members["ua-0001"]["as_of"])
+    row = next(line for line in table.stdout.splitlines() if line.startswith("ua-0001"))
+    assert table.returncode == 1 and "running (as of " in row and "cannot connect" in row, table
+    assert table.stdout.startswith("ua: 1 running, 1 completed (2 as last read: not asked now)"), table
+    assert waited.returncode == 124 and "ua-0001 cannot be read now (" in waited.stderr, waited
+    assert "cannot connect" in waited.stderr and "ua-0000 cannot" not in waited.stderr, waited.stderr
+    record = home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "ua-0001" / "data" / "remote_machine.json"
+    kept = record.read_bytes()
+    record.unlink()  # the host is back, and the record of the member that runs there is gone here
+    shown = cli("status", "ua", "--json", home=home)
+    member = json.loads(shown.stdout)["members"]["ua-0001"]
+    assert shown.returncode == 1 and (member["status"], bool(member["as_of"])) == ("running", True), shown
+    assert member["error"].startswith("no job record at ") and "it says where it runs" in member["error"]
+    waited = cli("wait", "ua", "--timeout", "2", home=home)
+    assert waited.returncode == 124 and "ua-0001 cannot be read now (no job record at " in waited.stderr, waited
+    for verb in ("cancel", "delete"):  # not judged here, nor removed while it runs there
+        done = cli(verb, "ua-0001", home=home)
+        assert done.returncode != 0 and "was running on " in done.stderr and "nothing " in done.stderr, done
+    record.write_bytes(kept)
+    done = cli("cancel", "ua", "--grace", "1", home=home)  # as it is now
+    assert done.returncode == 0 and "ua-0001 cancelled" in done.stdout, done
+    shown = json.loads(cli("status", "ua", "--json", home=home).stdout)["members"]
+    assert {job_id: (member["status"], member["as_of"]) for job_id, member in shown.items()} == {
+        "ua-0000": ("completed", None), "ua-0001": ("cancelled", None)}, shown
 
 
 def test_control_after_waits_holding_no_slot_then_runs_or_ends_cancelled(home):
