@@ -3477,20 +3477,18 @@ def _status_fields(job_id: str, state: dict[str, Any], tail: str,
     status = state.get("status") or "prepared"
     attempt, attempts = state.get("attempt"), state.get("attempts") or 1
     slurm = state.get("slurm") or {}
-    return dict(job_id=job_id, status=status if status in STATUSES else "failed",
-                     pid=state.get("pid"), submission_time=state.get("submitted"),
-                     start_time=state.get("started"), end_time=state.get("ended"),
-                     results_path=state.get("results"), error_message=state.get("error") or "",
-                     place=place, host=state.get("node") or "?", log_tail=tail,
-                     slurm_job_id=slurm.get("id"),
-                     reason=state.get("reason") or (
-                         state.get("warning") if status not in TERMINAL_STATUSES else "") or "",
-                     attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
-                     exit_code=state.get("exit_code"), signal=state.get("signal"),
-                     max_rss_bytes=state.get("max_rss_bytes"),
-                     cpu_seconds=state.get("cpu_seconds"), slot=state.get("slot"),
-                     runs=list(state.get("runs") or []), as_of=state.get("as_of"),
-                     schema=STATE_SCHEMA)
+    warning = state.get("warning") if status not in TERMINAL_STATUSES else ""
+    return {"job_id": job_id, "status": status if status in STATUSES else "failed",  # (a literal:
+            "pid": state.get("pid"), "submission_time": state.get("submitted"),  # 10,000 rows)
+            "start_time": state.get("started"), "end_time": state.get("ended"),
+            "results_path": state.get("results"), "error_message": state.get("error") or "",
+            "place": place, "host": state.get("node") or "?", "log_tail": tail,
+            "slurm_job_id": slurm.get("id"), "reason": state.get("reason") or warning or "",
+            "attempt": f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
+            "exit_code": state.get("exit_code"), "signal": state.get("signal"),
+            "max_rss_bytes": state.get("max_rss_bytes"), "cpu_seconds": state.get("cpu_seconds"),
+            "slot": state.get("slot"), "runs": list(state.get("runs") or []),
+            "as_of": state.get("as_of"), "schema": STATE_SCHEMA}
 
 
 # ============================================================================================
@@ -10359,7 +10357,7 @@ class _RecordCache:
             entry["checked"] = self.changed = True
             return report
         report = JobStatus.__new__(JobStatus)  # the fields a JobStatus was made of before
-        report.__dict__.update(_status_fields(root.name, state, answer["tail"], answer["place"]))
+        report.__dict__ = _status_fields(root.name, state, answer["tail"], answer["place"])
         return report
 
     def save(self, every: bool = True) -> None:
