@@ -4695,21 +4695,18 @@ class _Dispatcher:
         _take_entry), each put back in its place, or dropped when its job started (it recorded
         its start, or its wrapper holds the job's lock), ended or was cancelled: a job is never
         lost, and never started again once its wrapper has recorded its start."""
-        with _suppress(FileNotFoundError):
-            for name in os.listdir(self.slots.queue):
-                if not name.startswith(STARTING):
-                    continue
-                path = self.slots.queue / name
-                text = _read_text(path)
-                root = Path(text)
-                state = read_state(root) if text and (root / FILE_MANAGER_JSON).is_file() else {}
-                waits = bool(state) and state.get("status") in _NOT_STARTED \
-                    and not state.get("started")
+        for name in self.slots._starting():
+            path = self.slots.queue / name
+            text = _read_text(path)
+            root = Path(text)
+            state = read_state(root) if text and (root / FILE_MANAGER_JSON).is_file() else {}
+            waits = bool(state) and state.get("status") in _NOT_STARTED \
+                and not state.get("started")
+            with _suppress(FileNotFoundError):
                 if waits and not state.get("cancel") and not _alive(root):
                     os.rename(path, self.slots.queue / name[len(STARTING):])
                 else:
-                    with _suppress(FileNotFoundError):
-                        os.unlink(path)
+                    os.unlink(path)
 
     def _refuse(self, name: str, job_root: Path, why: str, folder: str = "queue",
                 status: str = "failed") -> None:
