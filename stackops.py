@@ -357,6 +357,7 @@ DISPATCHER_PID = "dispatcher.pid"    # the pid of the queue's live dispatcher
 DISPATCHER_LOCK = "dispatcher.lock"  # flocked by the one live dispatcher of a state folder
 DISPATCHER_LOG = "dispatcher.log"
 AFTER_DIR = "after"  # entries of jobs waiting for their parents (--after), not yet in the queue
+STARTING = ".starting-"  # an entry the dispatcher took out of the line to start its job
 DISPATCH_POLL = 0.02  # how often the dispatcher looks for a free slot (seconds)
 VIEWS_EVERY = 1.0     # the dispatcher rewrites the queue view at most this often (seconds)
 AFTER_POLL = 0.5      # how often the dispatcher looks at the parents of jobs that wait for them
@@ -2725,6 +2726,12 @@ class Slots:
             return []
         return sorted(name for name in names if not name.startswith("."))
 
+    def _starting(self) -> list[str]:
+        """The entries a dispatcher took out of the line to start their jobs (_take_entry)."""
+        with _suppress(FileNotFoundError):
+            return [name for name in os.listdir(self.queue) if name.startswith(STARTING)]
+        return []
+
     def entry_state(self, name: str, folder: str = "queue") -> str:
         """``waiting`` (its own wrapper holds it: an interactive job waits in person), ``queued``
         (data: the dispatcher starts it) or ``stale`` (its job went, ended, was cancelled or
@@ -2765,7 +2772,7 @@ class Slots:
         Any stackops call that finds a queued job does this, so no entry waits forever because
         the process that would have started it died."""
         pid = self.dispatcher_pid()
-        if pid is None and (self.entries() or self.entries(AFTER_DIR)):
+        if pid is None and (self.entries() or self.entries(AFTER_DIR) or self._starting()):
             pid = _start_detached(_serve_argv(python or sys.executable or "python3", "dispatch",
                                               str(self.root), site=True),
                                   self.root / DISPATCHER_LOG)
@@ -3244,13 +3251,15 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
         return state
     if state["machine"] != (here or machine_key()):
         return dict(state, as_of=state.get("at"))
-    in_line = bool(state.get("entry")) and (state["entry"] in listed
-                                            or os.path.exists(state["entry"]))
+    entry = state.get("entry") or ""
+    if entry in listed:  # in line, so not started: the dispatcher takes a job out of the line
+        return state     # before it starts it (a job in line in person waits too)
+    in_line = bool(entry) and os.path.exists(entry)
     if _alive(root):  # its process holds its lock (and, unless it waits in line in person, a slot)
-        if status == "waiting" and in_line and _waits_in_person(Path(state["entry"])):
+        if status == "waiting" and in_line and _waits_in_person(Path(entry)):
             return state
         return dict(state, status="running") if status in ("queued", "waiting") else state
-    if in_line:
+    if in_line or entry and _being_started(entry):
         return state  # in line: for a slot, or for the jobs it runs after
     starting = _parse_iso(state.get("starting"))
     if starting is not None and (_utcnow() - starting).total_seconds() < STARTING_GRACE:
@@ -3270,6 +3279,13 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
         return read_state(root)
     _report_end(root, ended, inline=False)
     return ended
+
+
+def _being_started(entry: str) -> bool:
+    """Whether the queue entry ``entry`` was taken out of the line to start its job (by a
+    dispatcher that may have died since: the next one puts it back; see _take_entry)."""
+    folder, _, name = entry.rpartition("/")
+    return os.path.exists(f"{folder}/{STARTING}{name}")
 
 
 def _waits_in_person(entry: Path) -> bool:
@@ -3418,20 +3434,18 @@ def _status_fields(job_id: str, state: dict[str, Any], tail: str,
     status = state.get("status") or "prepared"
     attempt, attempts = state.get("attempt"), state.get("attempts") or 1
     slurm = state.get("slurm") or {}
-    return dict(job_id=job_id, status=status if status in STATUSES else "failed",
-                     pid=state.get("pid"), submission_time=state.get("submitted"),
-                     start_time=state.get("started"), end_time=state.get("ended"),
-                     results_path=state.get("results"), error_message=state.get("error") or "",
-                     place=place, host=state.get("node") or "?", log_tail=tail,
-                     slurm_job_id=slurm.get("id"),
-                     reason=state.get("reason") or (
-                         state.get("warning") if status not in TERMINAL_STATUSES else "") or "",
-                     attempt=f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
-                     exit_code=state.get("exit_code"), signal=state.get("signal"),
-                     max_rss_bytes=state.get("max_rss_bytes"),
-                     cpu_seconds=state.get("cpu_seconds"), slot=state.get("slot"),
-                     runs=list(state.get("runs") or []), as_of=state.get("as_of"),
-                     schema=STATE_SCHEMA)
+    warning = state.get("warning") if status not in TERMINAL_STATUSES else ""
+    return {"job_id": job_id, "status": status if status in STATUSES else "failed",  # (a literal:
+            "pid": state.get("pid"), "submission_time": state.get("submitted"),  # 10,000 rows)
+            "start_time": state.get("started"), "end_time": state.get("ended"),
+            "results_path": state.get("results"), "error_message": state.get("error") or "",
+            "place": place, "host": state.get("node") or "?", "log_tail": tail,
+            "slurm_job_id": slurm.get("id"), "reason": state.get("reason") or warning or "",
+            "attempt": f"{attempt}/{attempts}" if attempt and attempts > 1 else "",
+            "exit_code": state.get("exit_code"), "signal": state.get("signal"),
+            "max_rss_bytes": state.get("max_rss_bytes"), "cpu_seconds": state.get("cpu_seconds"),
+            "slot": state.get("slot"), "runs": list(state.get("runs") or []),
+            "as_of": state.get("as_of"), "schema": STATE_SCHEMA}
 
 
 # ============================================================================================
@@ -4444,6 +4458,7 @@ class _Dispatcher:
             try:
                 _write_plain(self.slots.root / DISPATCHER_PID, str(os.getpid()))
                 log.info("dispatching the queue in %s", collapse_home(self.slots.root))
+                self._give_back()
                 while self._round():
                     pass
             finally:
@@ -4587,7 +4602,8 @@ class _Dispatcher:
             return False
         self.head = self.ready = None  # looked at again from here on
         try:
-            if self.slots.entry_state(name) == "queued":  # not cancelled or started meanwhile
+            # not cancelled or started meanwhile, and out of the line before it starts
+            if self.slots.entry_state(name) == "queued" and self._take_entry(name):
                 self._start(name, manager, env, held)
         except OSError as exc:
             self._refuse(name, job_root, f"its wrapper could not be started: {exc}")
@@ -4615,9 +4631,39 @@ class _Dispatcher:
             for slot, _ in held:
                 _write_plain(self.slots.slots / f"{slot}.json", json.dumps(holder))
         with _suppress(FileNotFoundError):
-            os.unlink(self.slots.queue / name)
+            os.unlink(self.slots.queue / f"{STARTING}{name}")
         if self.line and self.line[0] == name:
             self.line.pop(0)
+
+    def _take_entry(self, name: str) -> bool:
+        """Take entry ``name`` out of the line (renamed STARTING...: no listing shows it) before
+        its job is started, so that a job listed in line has not started: the judge need not
+        probe it. False when it went meanwhile (a cancel took it out)."""
+        try:
+            os.rename(self.slots.queue / name, self.slots.queue / f"{STARTING}{name}")
+        except FileNotFoundError:
+            if self.line and self.line[0] == name:
+                self.line.pop(0)
+            return False
+        return True
+
+    def _give_back(self) -> None:
+        """The entries a dispatcher killed while starting their jobs left out of the line (see
+        _take_entry), each put back in its place, or dropped when its job started (it recorded
+        its start, or its wrapper holds the job's lock), ended or was cancelled: a job is never
+        lost, and never started again once its wrapper has recorded its start."""
+        for name in self.slots._starting():
+            path = self.slots.queue / name
+            text = _read_text(path)
+            root = Path(text)
+            state = read_state(root) if text and (root / FILE_MANAGER_JSON).is_file() else {}
+            waits = bool(state) and state.get("status") in _NOT_STARTED \
+                and not state.get("started")
+            with _suppress(FileNotFoundError):
+                if waits and not state.get("cancel") and not _alive(root):
+                    os.rename(path, self.slots.queue / name[len(STARTING):])
+                else:
+                    os.unlink(path)
 
     def _refuse(self, name: str, job_root: Path, why: str, folder: str = "queue",
                 status: str = "failed") -> None:
@@ -4629,8 +4675,9 @@ class _Dispatcher:
             ended = _record_end(job_root, status, why)
             if ended is not None:
                 _report_end(job_root, ended, inline=False)
-        with _suppress(FileNotFoundError):
-            os.unlink(self.slots.root / folder / name)
+        for gone in (name, f"{STARTING}{name}"):
+            with _suppress(FileNotFoundError):
+                os.unlink(self.slots.root / folder / gone)
         if folder == "queue" and self.line and self.line[0] == name:
             self.line.pop(0)
 
@@ -10250,7 +10297,7 @@ class _RecordCache:
             entry["checked"] = self.changed = True
             return report
         report = JobStatus.__new__(JobStatus)  # the fields a JobStatus was made of before
-        report.__dict__.update(_status_fields(root.name, state, answer["tail"], answer["place"]))
+        report.__dict__ = _status_fields(root.name, state, answer["tail"], answer["place"])
         return report
 
     def save(self, every: bool = True) -> None:

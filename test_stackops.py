@@ -10221,6 +10221,74 @@ def test_queue_dispatcher_sigkilled_is_replaced_and_the_queue_drains(home):
     assert json.loads(counter.read_text())[1] <= 2
 
 
+RUNS_SOURCE = """
+    import time
+
+    def mark(path, seconds=0.0):
+        with open(path, "a") as handle:
+            handle.write("ran\\n")
+        time.sleep(seconds)
+"""
+
+
+def _dispatcher_killed_at(home: Path, step: str) -> tuple[RemoteMachine, Path, str]:
+    """A job fired while its one slot is held, then handed over by a real dispatcher that SIGKILLs
+    itself at ``step``: "start" (it took the job out of the line, and starts nothing) or "spawned"
+    (its wrapper was just started). Returns the job, the file each run of it marks, its entry."""
+    mod = make_module(home, RUNS_SOURCE)
+    runs = home / "runs.txt"
+    slots = Slots()
+    slots._ensure()
+    held = stackops._try_flock(slots.slots / "slot-0.lock")
+    machine = RemoteMachine(mod.mark, config=config(job_id=f"k-{step}"),
+                            func_kwargs={"path": str(runs), "seconds": 1.0}).run()
+    os.kill(wait_for(_dispatcher_pid, what="the queue's dispatcher"), signal.SIGKILL)
+    wait_for(lambda: _dispatcher_pid() is None, what="the dispatcher gone")
+    [entry] = slots.entries()
+    kill = "lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)"
+    patch = {"start": f"stackops._Dispatcher._start = {kill}",
+             "spawned": "real = stackops._spawn_wrapper\n"
+                        f"stackops._spawn_wrapper = lambda *a, **k: [real(*a, **k), ({kill})()]"}[step]
+    code = (f"import os, signal, sys\nsys.path.insert(0, {str(SOURCE.parent)!r})\nimport stackops\n"
+            f"{patch}\nstackops.run_dispatcher({str(slots.root)!r})\n")
+    doomed = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
+    wait_for(_dispatcher_pid, what="the doomed dispatcher")
+    os.close(held)
+    assert doomed.wait(timeout=60) == -signal.SIGKILL
+    assert slots.entries() == [] and slots._starting() == [stackops.STARTING + entry]
+    return machine, runs, entry
+
+
+def test_queue_dispatcher_killed_after_taking_a_job_out_of_line_loses_it_not(home):
+    """A dispatcher takes a job out of the line before starting it (so a job seen in line has not
+    started, and no view probes it); SIGKILLed in between, the job still reads waiting (never
+    failed), the next stackops call that looks at it makes sure of a dispatcher, which puts it
+    back in its place, and it runs, once."""
+    machine, runs, entry = _dispatcher_killed_at(home, "start")
+    assert not runs.exists() and _dispatcher_pid() is None
+    assert stackops.list_job_rows()[0]["report"].status == "waiting"  # (judged here: no dispatcher)
+    assert machine.get_status(0).status == "waiting"  # and this look starts one
+    assert wait_done(machine).status == "completed"
+    assert runs.read_text() == "ran\n"
+    wait_for(lambda: _dispatcher_pid() is None, what="the dispatcher to end with its queue")
+    assert Slots().entries() == [] and Slots()._starting() == []
+
+
+def test_queue_dispatcher_killed_just_after_starting_a_job_never_starts_it_again(home):
+    """SIGKILLed once the job's wrapper was started, before it let the entry go: the next dispatcher
+    finds the job started (its lock held, or its start or end recorded) and drops the entry."""
+    machine, runs, entry = _dispatcher_killed_at(home, "spawned")
+
+    def dropped() -> bool:  # by a dispatcher, made sure of again: one started while the fork
+        Slots().ensure_dispatcher()  # still held the dead one's lock (its first instant) left
+        return Slots()._starting() == []
+
+    wait_for(dropped, what="the entry left behind dropped")
+    assert Slots().entries() == [] and wait_done(machine).status == "completed"
+    wait_for(lambda: _dispatcher_pid() is None, what="the dispatcher to end with its queue")
+    assert runs.read_text() == "ran\n", "the job ran once"
+
+
 def test_queue_cancel_of_a_queued_entry_removes_it_and_nothing_runs(home):
     mod = make_module(home, JOBS_SOURCE)
     holder = RemoteMachine(mod.sleeper, config=config(job_id="hold")).run()
