@@ -7898,12 +7898,14 @@ class _Handing:
 @_model
 class _HandOver:
     """What one hand-over did: whether the host sees this machine's job folder (a shared home),
-    the host's node name, the facts it answered and what it fired."""
+    the host's node name, the facts it answered, what it fired (and for a cloud transfer, the
+    SHA-256 of the archive it uploaded)."""
 
     shared: bool
     node: str
     facts: dict[str, Any]
     fired: dict[str, Any]
+    sha256: str = ""
 
 
 def _hand_over(ssh: SSH, spec: _Handing,
@@ -8394,7 +8396,8 @@ class CloudQueue:
 # follows from that: _SlotLauncher (a detached process that takes a slot), _TmuxLauncher (the
 # same, in a tmux session), _CloudQueueLauncher (work units any worker runs), _SlurmLauncher
 # (sbatch). The start itself is the executing side's one fire (fire_jobs), which reads the job's
-# own config. RemoteMachine picks a place and a launcher once (_place_for, _launcher_for).
+# own config. RemoteMachine picks a place and a launcher once (_place_for, _launcher_for); each
+# is told a _Job, the fields it uses (as bottle's adapter is handed the one app it serves).
 
 def _place_for(config: RemoteStackOpsConfig) -> _Place:
     """The place a job with ``config`` runs: here, over SSH, or over SSH with its files through
@@ -8414,8 +8417,28 @@ def _launcher_for(config: RemoteStackOpsConfig) -> _Launcher:
     if config.launch_method == "slurm":
         return _SlurmLauncher()
     if config.launch_method == "cloud_manager":
-        return _CloudQueueLauncher(config.interactive)
+        return _CloudQueueLauncher()
     return _TmuxLauncher() if config.interactive else _SlotLauncher()
+
+
+@_model(frozen=True)
+class _Job:
+    """What a place or a launcher is told of a job (_seen): never the job itself, so none calls
+    back into it or changes it; what they find out, they return."""
+
+    config: RemoteStackOpsConfig  # the job's own (a sweep's members share one place)
+    files: FileManager  # its folder here
+    there: str  # its folder as the executing side is told it (``~/...`` on a host)
+    python: str
+    params: JobParams
+    submitted: bool  # it reached its host
+    shared: bool  # its host sees this folder (a shared home): used in place
+    tasks: list[str] | None  # an array's tasks, once some were rerun (else <id>-0, ...)
+    sha256: str  # of the archive a cloud transfer uploaded
+
+    @property
+    def job_id(self) -> str:
+        return self.config.job_id
 
 
 def _code_here(machine: RemoteMachine, folder: Path) -> None:
@@ -8513,40 +8536,40 @@ class _Place:
         """Who runs the job where: ``user@host:port`` or ``user@node``."""
         raise NotImplementedError
 
-    def check_where_it_runs(self, machine: RemoteMachine) -> None:
+    def check_where_it_runs(self, job: _Job) -> None:
         """Refuse now what would fail only after launch (interpreter, the job's file), unless
         the hand-over checks them in its own round trip."""
 
-    def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None,
-                  launch: bool = False, gate: _Gate | None = None) -> bool:
-        """Put the generated job where it runs; True when something was sent to the host. With
-        ``launch`` the place may start it in the same round trip (fire() then reads the answer),
-        once ``gate`` says go (see _Together)."""
-        return False
+    def hand_over(self, job: _Job, spec: _Handing,
+                  progress: Callable[[int], None] | None) -> _HandOver | None:
+        """Put the generated job where it runs (``spec``: what goes); what the hand-over did,
+        None when nothing had to move. With ``spec.fire`` the place may start it in the same
+        round trip (fire() then reads the answer), once ``spec.gate`` says go (see _Together)."""
+        return None
 
-    def withdraw(self, machine: RemoteMachine) -> None:
-        """Remove what hand_over sent (a submission broken off before launch)."""
+    def fire_requests(self, job: _Job) -> list[dict[str, Any]]:
+        """What the executing side is asked before it fires the job."""
+        return []
 
-    def mirror(self, machine: RemoteMachine, state: dict[str, Any]) -> None:
+    def mirror(self, job: _Job, state: dict[str, Any]) -> None:
         """Keep the job's state record, as read where it runs, in the job folder here."""
 
-    def reports(self, machines: list[RemoteMachine], log_lines: int) -> list[JobStatus]:
+    def reports(self, jobs: list[_Job], log_lines: int) -> list[JobStatus]:
         """The status of jobs of this place, all asked in one go (one round trip on a host)."""
-        request = {"action": "status", "lines": log_lines,
-                   "roots": [machine.root_there for machine in machines],
-                   "tasks": [machine.task_ids or None for machine in machines]}
+        request = {"action": "status", "lines": log_lines, "roots": [job.there for job in jobs],
+                   "tasks": [job.tasks for job in jobs]}
         answers = self.call([request])[0]
         reports = []
-        for machine, answer in zip(machines, answers):
-            self.mirror(machine, answer["state"])
+        for job, answer in zip(jobs, answers):
+            self.mirror(job, answer["state"])
             reports.append(report_from(answer))
         return reports
 
-    def check_gpus(self, machine: RemoteMachine) -> None:
+    def check_gpus(self, job: _Job) -> None:
         """A job that asks for more GPUs than the machine has could only wait forever: refused."""
-        found = self.facts(["gpus"])["gpus"] if machine.config.gpus else []
-        if len(found) < machine.config.gpus:
-            raise ConfigError(f"job {machine.job_id} asks for {machine.config.gpus} GPU(s) and "
+        found = self.facts(["gpus"])["gpus"] if job.config.gpus else []
+        if len(found) < job.config.gpus:
+            raise ConfigError(f"job {job.job_id} asks for {job.config.gpus} GPU(s) and "
                               f"{self.host_name} has {len(found)}"
                               + (f" ({', '.join(found)})" if found else ""),
                               hint="STACKOPS_GPUS=0,1,... declares them where nvidia-smi "
@@ -8556,13 +8579,12 @@ class _Place:
         """The results folder a report names, as a path for this machine's bookkeeping."""
         return Path(text)
 
-    def results_here(self, machine: RemoteMachine, results: Path) -> Path:
-        """The results folder as a path usable on this machine (wait())."""
-        raise NotImplementedError
+    def results_target(self, job: _Job, results: Path) -> Path | None:
+        """Where wait() downloads the results folder; None: it is usable here where it is."""
+        return None
 
-    def fetch_results(self, machine: RemoteMachine, results: Path,
-                      target: str | os.PathLike[str] | None, overwrite: bool,
-                      progress: Callable[[int], None] | None) -> Path:
+    def fetch_results(self, job: _Job, results: Path, target: str | os.PathLike[str] | None,
+                      overwrite: bool, progress: Callable[[int], None] | None) -> Path:
         """The results folder here (download_results())."""
         raise NotImplementedError
 
@@ -8593,25 +8615,21 @@ class _Here(_Place):
             user = str(os.getuid())
         return f"{user}@{os.uname().nodename}"
 
-    def check_where_it_runs(self, machine: RemoteMachine) -> None:
-        if shutil.which(os.path.expanduser(machine.python)) is None:
-            raise ConfigError(f"the interpreter {machine.python!r} is not found on this machine",
+    def check_where_it_runs(self, job: _Job) -> None:
+        if shutil.which(os.path.expanduser(job.python)) is None:
+            raise ConfigError(f"the interpreter {job.python!r} is not found on this machine",
                               hint=f"pass {_option('python=', '--python')} with an installed "
                                    "interpreter")
-        if machine.config.notify_upon_completion:
-            load_email_config(machine.config.email_config_name or "")
+        if job.config.notify_upon_completion:
+            load_email_config(job.config.email_config_name or "")
 
     def results_path(self, text: str) -> Path:
         return expand_home(text)
 
-    def results_here(self, machine: RemoteMachine, results: Path) -> Path:
-        return results
-
-    def fetch_results(self, machine: RemoteMachine, results: Path,
-                      target: str | os.PathLike[str] | None, overwrite: bool,
-                      progress: Callable[[int], None] | None) -> Path:
+    def fetch_results(self, job: _Job, results: Path, target: str | os.PathLike[str] | None,
+                      overwrite: bool, progress: Callable[[int], None] | None) -> Path:
         if not results.exists():
-            raise ConfigError(f"the results folder of job {machine.job_id}, "
+            raise ConfigError(f"the results folder of job {job.job_id}, "
                               f"{collapse_home(results)}, no longer exists")
         if target is None or _same_place(results, expand_home(target)):
             return results  # never copied onto itself
@@ -8625,14 +8643,13 @@ class _InQueue(_Here):
     def results_path(self, text: str) -> Path:
         return Path(text)  # REMOTE:path in the bucket
 
-    def results_here(self, machine: RemoteMachine, results: Path) -> Path:
-        return self.fetch_results(machine, results, None, True, None)
+    def results_target(self, job: _Job, results: Path) -> Path | None:
+        return expand_home(f"{DEFAULT_RESULTS_DIR}/{job.job_id}")
 
-    def fetch_results(self, machine: RemoteMachine, results: Path,
-                      target: str | os.PathLike[str] | None, overwrite: bool,
-                      progress: Callable[[int], None] | None) -> Path:
+    def fetch_results(self, job: _Job, results: Path, target: str | os.PathLike[str] | None,
+                      overwrite: bool, progress: Callable[[int], None] | None) -> Path:
         destination = _free_destination(
-            expand_home(target or f"{DEFAULT_RESULTS_DIR}/{machine.job_id}"), overwrite)
+            expand_home(target or f"{DEFAULT_RESULTS_DIR}/{job.job_id}"), overwrite)
         _mkdir_private(destination.parent)
         with _Staged(destination, replace=True, folder=False) as payload:
             _rclone("copy", str(results), payload, what="download of the results")
@@ -8685,81 +8702,67 @@ class _OverSSH(_Place):
             return str(self.connection.target)
         return str(resolve_ssh_target(self.host_name))
 
-    def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None,
-                  launch: bool = False, gate: _Gate | None = None) -> bool:
+    def hand_over(self, job: _Job, spec: _Handing,
+                  progress: Callable[[int], None] | None) -> _HandOver | None:
         """The job folder, the repo (``copy_repo``) and the data go to their home-relative places on
         the host, in one remote command (which may also fire the job there); a host that shares
         this home uses them in place."""
-        spec = _handing(machine, launch, gate)
-        machine.handed = _hand_over(self.ssh, spec, progress)
-        machine.shared = machine.handed.shared
-        if machine.shared and self.config.copy_repo and machine.snapshot is not None \
-                and not machine.file_manager.path(CODE_DIR).exists():
-            _code_here(machine, machine.file_manager.job_root)
-        return True
+        return _hand_over(self.ssh, spec, progress)
 
-    def withdraw(self, machine: RemoteMachine) -> None:
-        with _suppress(StackopsError):
-            self.call([{"action": "delete", "roots": [machine.root_there]}])
-
-    def mirror(self, machine: RemoteMachine, state: dict[str, Any]) -> None:
-        root = machine.file_manager.job_root
-        if not machine.shared and root.is_dir() and state:  # a shared home has it already
+    def mirror(self, job: _Job, state: dict[str, Any]) -> None:
+        root = job.files.job_root
+        if not job.shared and root.is_dir() and state:  # a shared home has it already
             _write_plain(root / STATE_JSON, json.dumps(dict(state, mirrored=_iso(_utcnow()))))
 
-    def reports(self, machines: list[RemoteMachine], log_lines: int) -> list[JobStatus]:
-        sent = [m for m in machines if m.submitted]
+    def reports(self, jobs: list[_Job], log_lines: int) -> list[JobStatus]:
+        sent = [job for job in jobs if job.submitted]
         try:
-            found = dict(zip([m.job_id for m in sent], super().reports(sent, log_lines))) \
+            found = dict(zip([job.job_id for job in sent], super().reports(sent, log_lines))) \
                 if sent else {}
         except StackopsConnectionError:
-            if not all(_ended(read_state(m.file_manager.job_root)) for m in sent):
+            if not all(_ended(read_state(job.files.job_root)) for job in sent):
                 raise
             found = {}  # each ended, as its record kept here says: an end stands, host or not
-        return [found.get(m.job_id) or _status_of(m.job_id, read_state(m.file_manager.job_root))
-                for m in machines]  # one never handed over: prepared here
+        return [found.get(job.job_id) or _status_of(job.job_id, read_state(job.files.job_root))
+                for job in jobs]  # one never handed over: prepared here
 
-    def results_here(self, machine: RemoteMachine, results: Path) -> Path:
-        """The results downloaded here (once) with download_results()'s default target."""
-        done = machine.downloaded_to
-        if machine.results_downloaded and done is not None and done.exists():
-            return done
+    def results_target(self, job: _Job, results: Path) -> Path | None:
+        """download_results()'s default target (the job's own folder here, if the host named a
+        folder elsewhere)."""
         try:
-            target = self.own_results_here(machine, results.as_posix())
-        except ConfigError:  # the host named a folder elsewhere: to the job's own folder here
-            target = expand_home(f"{DEFAULT_RESULTS_DIR}/{machine.job_id}")
-        return machine.download_results(target, overwrite=True)
+            return self.own_results_here(job, results.as_posix())
+        except ConfigError:
+            return expand_home(f"{DEFAULT_RESULTS_DIR}/{job.job_id}")
 
-    def own_results_here(self, machine: RemoteMachine, results: str) -> Path:
+    def own_results_here(self, job: _Job, results: str) -> Path:
         """Where results named by the host go without a target: the same home-relative path here,
         only inside the job's own results folder or job folder. The host's word is data: a path
         it names elsewhere (``~/.local/bin/ls``) is refused, never written."""
-        own = (f"{DEFAULT_RESULTS_DIR}/{machine.job_id}", machine.file_manager.job_root_rh)
+        own = (f"{DEFAULT_RESULTS_DIR}/{job.job_id}", job.files.job_root_rh)
         inside = any(results == folder or results.startswith(folder + "/") for folder in own)
         if results.startswith("~/") and ".." not in results.split("/") and inside:
             return expand_home(results)
-        raise ConfigError(f"the results of job {machine.job_id} are at {self.host_name}:{results}, "
+        raise ConfigError(f"the results of job {job.job_id} are at {self.host_name}:{results}, "
                           f"outside the job's own results folder ({own[0]}); stackops writes "
                           "there only when you say so",
                           hint="give the target: " + _option(
-                              "download_results(target)", f"download {machine.job_id} --to DIR"))
+                              "download_results(target)", f"download {job.job_id} --to DIR"))
 
-    def fetch_results(self, machine: RemoteMachine, results: Path,
-                      target: str | os.PathLike[str] | None, overwrite: bool,
-                      progress: Callable[[int], None] | None) -> Path:
+    def fetch_results(self, job: _Job, results: Path, target: str | os.PathLike[str] | None,
+                      overwrite: bool, progress: Callable[[int], None] | None) -> Path:
         if target is None:
-            target = self.own_results_here(machine, results.as_posix())
-        if machine.shared:  # the host wrote them into the home this machine sees
+            target = self.own_results_here(job, results.as_posix())
+        if job.shared:  # the host wrote them into the home this machine sees
             local = expand_home(results.as_posix())
             if not local.exists():
-                raise ConfigError(f"the results folder of job {machine.job_id}, "
+                raise ConfigError(f"the results folder of job {job.job_id}, "
                                   f"{collapse_home(local)}, no longer exists")
             if not _same_place(local, expand_home(target)):
                 local = _copy_local(local, expand_home(target), overwrite)
             return local
-        return self.fetch(machine, results, target, overwrite, progress)
+        return self.fetch(job, results, target, overwrite, progress)
 
-    def fetch(self, machine: RemoteMachine, results: Path, target: str | os.PathLike[str],
+    def fetch(self, job: _Job, results: Path, target: str | os.PathLike[str],
               overwrite: bool, progress: Callable[[int], None] | None) -> Path:
         return self.ssh.copy_to_here(results.as_posix(), target, recursive=True,
                                      overwrite=overwrite, progress=progress)
@@ -8789,40 +8792,40 @@ class _ThroughCloud(_OverSSH):
         super().preflight()
         check_cloud_remote(self.config.cloud_name or "")
 
-    def hand_over(self, machine: RemoteMachine, progress: Callable[[int], None] | None,
-                  launch: bool = False, gate: _Gate | None = None) -> bool:
+    def hand_over(self, job: _Job, spec: _Handing,
+                  progress: Callable[[int], None] | None) -> _HandOver | None:
+        """Up to the cloud: nothing is on the host before the job is fired (the archive's SHA-256
+        is what the hand-over returns)."""
         cloud = self.config.cloud_name or ""
-        facts = self.facts([f"exists:{machine.file_manager.job_root_rh}", f"rclone:{cloud}",
-                            f"command:{machine.python}"])
-        if facts.get(f"exists:{machine.file_manager.job_root_rh}"):
-            raise ConfigError(f"job {machine.job_id!r} already exists on {self.host_name} at "
-                              f"{machine.file_manager.job_root_rh}",
+        root_rh = job.files.job_root_rh
+        facts = self.facts([f"exists:{root_rh}", f"rclone:{cloud}", f"command:{job.python}"])
+        if facts.get(f"exists:{root_rh}"):
+            raise ConfigError(f"job {job.job_id!r} already exists on {self.host_name} at "
+                              f"{root_rh}",
                               hint="choose another job_id, or leave it out for a fresh one")
         if not facts.get(f"rclone:{cloud}"):
             raise ConfigError(f"{self.host_name} cannot reach cloud remote {cloud!r}",
                               hint="install rclone on the host and configure the same remote")
-        if not facts.get(f"command:{machine.python}"):
-            raise ConfigError(f"the interpreter {machine.python!r} is not found on "
+        if not facts.get(f"command:{job.python}"):
+            raise ConfigError(f"the interpreter {job.python!r} is not found on "
                               f"{self.host_name}",
                               hint="install it there, or pass --python (python=) with one it has")
-        _, machine.cloud_sha256 = transfer_cloud(None, self.config, machine.job_params,
-                                                 machine.file_manager, machine.data)
-        return False  # nothing is on the host before the job is fired
+        _, digest = transfer_cloud(None, self.config, job.params, job.files, spec.data)
+        return _HandOver(False, "", facts, {}, sha256=digest)
 
-    def fire_requests(self, machine: RemoteMachine) -> list[dict[str, Any]]:
+    def fire_requests(self, job: _Job) -> list[dict[str, Any]]:
         """The host fetches the job (checked), checks its e-mail config, then fires it."""
-        email = machine.config.email_config_name if machine.config.notify_upon_completion else ""
+        email = job.config.email_config_name if job.config.notify_upon_completion else ""
         return [{"action": "cloud_fetch", "cloud": self.config.cloud_name,
-                 "root": machine.file_manager.job_root_rh, "sha256": machine.cloud_sha256,
-                 "email": email}]
+                 "root": job.files.job_root_rh, "sha256": job.sha256, "email": email}]
 
-    def fetch(self, machine: RemoteMachine, results: Path, target: str | os.PathLike[str],
+    def fetch(self, job: _Job, results: Path, target: str | os.PathLike[str],
               overwrite: bool, progress: Callable[[int], None] | None) -> Path:
         """The host uploads the results with its rclone under a fresh prefix of this download's own
         (a later job with the same id never mixes in); they come down here the same way, and the
         prefix is removed from the bucket afterwards, whatever happened."""
         destination = _free_destination(expand_home(target), overwrite)
-        prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{machine.job_id}/"
+        prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{job.job_id}/"
                   f"{random.getrandbits(64):016x}")
         try:
             self.call([{"action": "cloud_results", "results": results.as_posix(),
@@ -8839,15 +8842,23 @@ class _ThroughCloud(_OverSSH):
 def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None = None,
                 launch: bool = False, gate: _Gate | None = None) -> RemoteMachine:
     """RemoteMachine.submit(); with ``launch`` (run()) the host also starts the job in the same
-    round trip once ``gate`` says go, and the fire() that follows reads its answer."""
+    round trip once ``gate`` says go, and the fire() that follows reads its answer. A host that
+    shares this home uses the job folder in place (its code copied in, for copy_repo)."""
     if not machine.scripts_generated:
         machine.generate_scripts()
-    sent = False
+    job = _seen(machine)
     try:
-        machine.place.check_where_it_runs(machine)
-        sent = machine.place.hand_over(machine, progress, launch, gate)
+        machine.place.check_where_it_runs(job)
+        handed = machine.place.hand_over(job, _handing(machine, launch, gate), progress)
+        if handed is not None:
+            machine.handed = handed
+            machine.shared = handed.shared
+            machine.cloud_sha256 = handed.sha256
+        if machine.shared and machine.config.copy_repo and machine.snapshot is not None \
+                and not machine.file_manager.path(CODE_DIR).exists():
+            _code_here(machine, machine.file_manager.job_root)
     except BaseException:
-        _withdraw(machine, sent)
+        _withdraw(machine)
         raise
     machine.submitted = True
     for task in machine.array_tasks() if machine.array_parts else []:
@@ -8859,98 +8870,30 @@ def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None =
 
 
 class _Launcher:
-    """How a job starts where it runs, and what follows from that (status, cancel, arrays)."""
+    """How a job starts where it runs, and what follows from that: whether it holds a slot, an
+    array's parts, the files it needs in its folder, a queue's own word on it. The start itself
+    is the executing side's one fire (_fire_job), the same for every launcher."""
 
     takes_slot = True  # the job holds one of the machine's stackops slots while it runs
+    queues = False  # run() puts the job in a queue whose workers start it (_run_job)
 
-    def preflight(self, machine: RemoteMachine) -> None:
+    def preflight(self, place: _Place) -> None:
         """What this launcher needs where the job runs, checked before anything is written."""
 
-    def array_parts(self, machine: RemoteMachine) -> list[WorkloadParams]:
+    def array_parts(self, whole: WorkloadParams | None) -> list[WorkloadParams]:
         return []
 
-    def write_extras(self, machine: RemoteMachine, folder: Path) -> None:
-        """Files this launcher needs in the job folder besides the wrapper."""
+    def write_extras(self, job: _Job, folder: Path, after: list[str]) -> None:
+        """Files this launcher needs in the job folder besides the wrapper (``after``: the Slurm
+        jobs it waits for)."""
 
-    def after(self, machine: RemoteMachine, parent_id: str) -> str:
-        """A job ``machine`` runs after: submitted from here to the same place, started the same
-        way (for Slurm, already handed to Slurm); returns its Slurm id or ""."""
-        parent = self._parent(machine, parent_id)
-        if parent.host_name != machine.host_name or parent.uses_slurm != machine.uses_slurm:
-            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job runs on "
-                              f"{parent.host_name}{' under Slurm' if parent.uses_slurm else ''}; "
-                              "this one must run in the same place")
-        return ""
+    def queued_status(self, job: _Job) -> JobStatus | None:
+        """The status of a job its queue still holds, as the queue says it; None: ask the job."""
+        return None
 
-    @staticmethod
-    def _parent(machine: RemoteMachine, parent_id: str) -> RemoteMachine:
-        try:
-            return RemoteMachine.load(parent_id, machine.config.base_dir)
-        except ConfigError:
-            raise ConfigError(f"{_option('after', '--after')} {parent_id}: no such job here",
-                              hint=f"{_prog()} list shows the jobs") from None
-
-    def run(self, machine: RemoteMachine, run: bool, show_scripts: bool,
-            progress: Callable[[int], None] | None) -> None:
-        """preflight, generate_scripts, optionally show_scripts, submit, fire(run)."""
-        machine.preflight()
-        machine.generate_scripts()
-        if show_scripts:
-            machine.show_scripts()
-        _submit_job(machine, progress, launch=run)
-        machine.fire(run)
-
-    def fire(self, machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
-        """Start the job where it is (the executing side's fire_jobs, or the answer of the
-        hand-over that fired it already); ``run=False`` starts nothing and says how to."""
-        machine.launch_command = f"{_prog()} start {machine.job_id}"
-        if not run:
-            log.info("job %s is ready on %s and was not started; start it with: %s",
-                     machine.job_id, machine.host_name, machine.launch_command)
-            return None, machine.launch_command
-        if machine.launcher_pid is not None or machine.slurm_job_id is not None:
-            raise StackopsError(f"job {machine.job_id} was already started",
-                                hint=f"{_prog()} rerun {machine.job_id} runs it again")
-        fired = machine.handed.fired if machine.handed is not None else {}
-        if not fired:
-            requests: list[dict[str, Any]] = getattr(machine.place, "fire_requests",
-                                                     lambda m: [])(machine)
-            requests.append({"action": "fire", "roots": [machine.root_there]})
-            fired = machine.place.call(requests)[-1]
-        machine.launcher_pid = fired.get("pid")
-        machine.slurm_job_id = fired.get("slurm_id")
-        _save_job(machine)
-        if fired.get("warning"):
-            log.warning("job %s on %s: %s", machine.job_id, machine.host_name, fired["warning"])
-        for k, task in enumerate(machine.array_tasks() if machine.array_parts else []):
-            task.slurm_job_id = f"{machine.slurm_job_id}_{k}"
-            _save_job(task)
-        log.info("job %s fired on %s (%s)", machine.job_id, machine.host_name,
-                 f"Slurm job {machine.slurm_job_id}" if machine.slurm_job_id
-                 else f"pid {machine.launcher_pid}")
-        return machine.launcher_pid, machine.launch_command
-
-    def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
-        """Cancel the job where it runs (cancel_job); the status after, ``reason`` saying what it
-        was before (an ended job is left as it was)."""
-        if not machine.submitted and machine.is_remote:
-            raise StackopsError(f"job {machine.job_id} never reached {machine.host_name}: "
-                                "nothing to cancel")
-        state = machine.place.call([{"action": "cancel", "roots": [machine.root_there],
-                                      "grace": grace}])[0][0]
-        machine.place.mirror(machine, state)
-        report = _status_of(machine.job_id, state)
-        report.reason = f"was {state.get('was')}"
-        return report
-
-    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
-        """The job's report, judged where it runs; a job whose hand-over to its host broke off
-        has none there (nothing of it runs), and is never shown as ready to start."""
-        if machine.is_remote and not machine.submitted:
-            raise StackopsError(f"job {machine.job_id} was never completely submitted to "
-                                f"{machine.host_name}, so nothing of it runs there (was the "
-                                "submission interrupted?)", hint="run it again under a new job_id")
-        return machine.place.reports([machine], log_lines)[0]
+    def cancel_queued(self, job: _Job) -> JobStatus | None:
+        """Cancel a job its queue still holds (the status after); None: cancel it where it runs."""
+        return None
 
 
 class _SlotLauncher(_Launcher):
@@ -8966,118 +8909,39 @@ class _CloudQueueLauncher(_SlotLauncher):
     """The job goes, as one work unit, to the queue on ``config.cloud_name``; any worker runs it.
     Where a worker runs the unit, it starts as a detached process with a slot (fire)."""
 
-    def __init__(self, interactive: bool = False) -> None:
-        self.interactive = interactive
-
-    def run(self, machine: RemoteMachine, run: bool, show_scripts: bool,
-            progress: Callable[[int], None] | None) -> None:
-        if not run:
-            raise ConfigError("a cloud_manager job is started by a worker as soon as it is queued: "
-                              f"{_option('run=False', '--no-launch')} has no meaning for it")
-        machine.units = self.submit(machine, 1)
-        log.info("job %s queued on %s as unit %s", machine.job_id,
-                 cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
+    queues = True
 
     @staticmethod
-    def _in_queue(machine: RemoteMachine) -> bool:
+    def _in_queue(job: _Job) -> bool:
         """Whether this is the submitter's record of a unit (a worker's copy of it was fired)."""
-        fired = read_state(machine.file_manager.job_root).get("fired")
-        return bool(machine.config.cloud_name) and not fired
+        fired = read_state(job.files.job_root).get("fired")
+        return bool(job.config.cloud_name) and not fired
 
-    def status(self, machine: RemoteMachine, log_lines: int) -> JobStatus:
+    def queued_status(self, job: _Job) -> JobStatus | None:
         """A unit's status is the queue's view of it (the record here, until it is queued); the
         worker running it judges its own copy, as any job."""
-        queue = CloudQueue(machine.config.cloud_name or "")
-        rows = queue.report([machine.job_id]) if self._in_queue(machine) else []
-        if not rows:
-            return super().status(machine, log_lines)
-        return _unit_status(rows[0], queue.base)
+        queue = CloudQueue(job.config.cloud_name or "")
+        rows = queue.report([job.job_id]) if self._in_queue(job) else []
+        return _unit_status(rows[0], queue.base) if rows else None
 
-    def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
+    def cancel_queued(self, job: _Job) -> JobStatus | None:
         """A unit of a cloud queue: marked cancelled in the bucket (workers skip it; the one running
         it stops it at its next heartbeat). The status is the queue's view of it."""
-        if not self._in_queue(machine):
-            return super().cancel(machine, grace)
-        queue = CloudQueue(machine.config.cloud_name)
+        if not self._in_queue(job):
+            return None
+        queue = CloudQueue(job.config.cloud_name or "")
         rows = {row["unit"]: row for row in queue.report()}
-        row = rows.get(machine.job_id)
+        row = rows.get(job.job_id)
         if row is None:
-            raise ConfigError(f"unit {machine.job_id} is not in the queue on "
-                              f"{machine.config.cloud_name}")
+            raise ConfigError(f"unit {job.job_id} is not in the queue on {job.config.cloud_name}")
         if row["state"] in TERMINAL_STATUSES:
-            return JobStatus(job_id=machine.job_id, status=row["state"],
+            return JobStatus(job_id=job.job_id, status=row["state"],
                              host=str(row.get("host") or "?"), reason=f"was {row['state']}")
-        queue.cancel(machine.job_id)
+        queue.cancel(job.job_id)
         state = "cancelled" if row["state"] in ("queued", "stale") else "running"
         reason = "was queued" if state == "cancelled" else "cancel asked: the worker stops it"
-        return JobStatus(job_id=machine.job_id, status=state, host=str(row.get("worker") or "?"),
+        return JobStatus(job_id=job.job_id, status=state, host=str(row.get("worker") or "?"),
                          reason=reason)
-
-    def submit(self, machine: RemoteMachine, split: int) -> list[str]:
-        """Expand the job into ``split`` work units, each with its slice of the workload, and put
-        them in the queue on ``config.cloud_name``: all of them, or none."""
-        config = machine.config
-        if not config.cloud_name:
-            raise ConfigError("submit_to_cloud needs cloud_name (an rclone remote)")
-        if split < 1 or (split > 1 and machine.job_params.kind == "script"):
-            why = ": a script cannot be split" if split > 1 else ""
-            raise ConfigError(f"cannot split into {split} units{why}")
-        check_cloud_remote(config.cloud_name)
-        whole = config.workload_params or WorkloadParams(jobs=1)
-        parts = whole.split_to_jobs(split) if split > 1 or config.workload_params else [None]
-        queue = CloudQueue(config.cloud_name)
-        unit_ids = self._check_unit_ids(machine, queue, len(parts))
-        staging = Path(_make_temp_dir(_mkdir_private(expand_home(config.base_dir))))
-        units: list[RemoteMachine] = []
-        try:
-            for unit_id, part in zip(unit_ids, parts):
-                unit = self._unit(machine, unit_id, part)
-                units.append(unit)
-                archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root,
-                                     unit.data)  # with copy_repo the unit's folder carries its code
-                queue.add(unit_id, archive, {"unit": unit_id, "submitted_at": _iso(_utcnow()),
-                                             "allowed_remotes": config.allowed_remotes})
-        except BaseException:  # all units or none: what went up comes down, what was made here goes
-            for unit in units:
-                with _suppress(StackopsError):
-                    queue.remove(unit.job_id)
-                shutil.rmtree(unit.file_manager.job_root, ignore_errors=True)
-            raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return unit_ids
-
-    @staticmethod
-    def _check_unit_ids(machine: RemoteMachine, queue: CloudQueue, count: int) -> list[str]:
-        """Each unit's id, checked first: a safe name, no job here, no unit queued by it."""
-        unit_ids = [f"{machine.job_id}-{k}-{count}" for k in range(count)]
-        for unit_id in unit_ids:
-            if not _SAFE_NAME.match(unit_id):  # the job_id is safe: only the length can fail
-                raise ConfigError(f"unit id {unit_id!r} is {len(unit_id)} characters, over 128",
-                                  hint=f"choose a shorter job_id for {count} units")
-            root = FileManager(unit_id, base=machine.config.base_dir).job_root
-            if root.exists():
-                raise ConfigError(f"unit {unit_id!r} already exists at {collapse_home(root)}",
-                                  hint="choose another job_id, or leave it out for a fresh one")
-        taken = sorted(set(unit_ids) & set(queue.listing()))
-        if taken:
-            raise ConfigError(f"the queue on {queue.base} already holds unit(s) {', '.join(taken)}",
-                              hint="choose another job_id, or leave it out for a fresh one")
-        return unit_ids
-
-    @staticmethod
-    def _unit(machine: RemoteMachine, unit_id: str, part: WorkloadParams | None) -> RemoteMachine:
-        data = machine.config.to_dict()
-        data.update(job_id=unit_id, ssh_host=None, launch_method="cloud_manager",
-                    workload_params=part.to_dict() if part else None,
-                    python=machine.config.python or "python3")
-        unit = RemoteMachine._blank(RemoteStackOpsConfig.from_dict(data), machine)
-        unit.file_manager = FileManager(unit_id, "Linux", unit.config.lock_resources,
-                                        unit.config.max_simultaneous_jobs, unit.config.base_dir)
-        unit.generate_scripts()
-        unit.submitted = True
-        _save_job(unit)
-        return unit
 
 
 def _unit_status(row: dict[str, Any], base: str) -> JobStatus:
@@ -9101,52 +8965,27 @@ class _SlurmLauncher(_Launcher):
 
     takes_slot = False
 
-    def preflight(self, machine: RemoteMachine) -> None:
+    def preflight(self, place: _Place) -> None:
         """A Slurm job needs sbatch where it is submitted: refused before anything is written
         (on a host, its hand-over checks it in the same round trip)."""
-        if not machine.is_remote and shutil.which("sbatch") is None:
+        if not place.remote and shutil.which("sbatch") is None:
             slurm = _option("launch_method='slurm'", "--slurm")
-            raise ConfigError(f"{slurm} needs sbatch on {machine.host_name}, and there is none",
+            raise ConfigError(f"{slurm} needs sbatch on {place.host_name}, and there is none",
                               hint=f"submit from a Slurm login node "
                                    f"({_option('ssh_host', '--host')}), or leave out {slurm}")
 
-    def array_parts(self, machine: RemoteMachine) -> list[WorkloadParams]:
-        whole = machine.config.workload_params
+    def array_parts(self, whole: WorkloadParams | None) -> list[WorkloadParams]:
         if whole is None or whole.jobs < 2:
             return []
         return [dataclasses.replace(part, jobs=1) for part in whole.split_to_jobs()]
 
-    def write_extras(self, machine: RemoteMachine, folder: Path) -> None:
-        config = machine.config
+    def write_extras(self, job: _Job, folder: Path, after: list[str]) -> None:
+        config = job.config
         throttle = config.max_simultaneous_jobs if config.max_simultaneous_jobs > 1 else 0
-        tasks = len(machine.array_parts)
-        script = render_sbatch_script(machine.job_id, config.slurm_options, tasks, throttle,
-                                      after=machine.parent_slurm_ids, python=machine.python)
+        tasks = len(self.array_parts(config.workload_params))
+        script = render_sbatch_script(job.job_id, config.slurm_options, tasks, throttle,
+                                      after=after, python=job.python)
         _write_new(folder / SBATCH_SH, script, 0o700)
-
-    def after(self, machine: RemoteMachine, parent_id: str) -> str:
-        """A parent under Slurm, judged from stackops' own record of it: one that failed or was
-        cancelled refuses the child now, one that completed needs no dependency, and one still
-        to end is a Slurm dependency (its id)."""
-        super().after(machine, parent_id)
-        parent = self._parent(machine, parent_id)
-        if parent.slurm_job_id is None:
-            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job was "
-                              "never handed to Slurm")
-        status = parent.get_status(0).status
-        if status in ("failed", "cancelled"):
-            raise ConfigError(f"{_option('after', '--after')} {parent.job_id}: that job {status}, "
-                              "so this one would never run",
-                              hint=f"{_prog()} rerun {parent.job_id} first")
-        return "" if status == "completed" else parent.slurm_job_id
-
-    def cancel(self, machine: RemoteMachine, grace: float) -> JobStatus:
-        """scancel the job (an array: all its tasks at once); an array's tasks are then read where
-        they run, in one round trip, so the records kept here say what they say there."""
-        report = super().cancel(machine, grace)
-        if machine.array_parts:
-            machine.place.reports(machine.array_tasks(), 0)
-        return report
 
 
 def _same_place(one: Path, other: Path) -> bool:
@@ -9337,7 +9176,7 @@ def _write_job_folder(machine: RemoteMachine, folder: Path, source: Path) -> Non
     if machine.pickled_instance is not None:
         (folder / INSTANCE_PICKLE).write_bytes(machine.pickled_instance)
     _write_new(folder / WRAPPER_PY, render_execution_script(line))
-    machine.launcher.write_extras(machine, folder)
+    machine.launcher.write_extras(_seen(machine), folder, machine.parent_slurm_ids)
     shutil.copyfile(source, folder / STACKOPS_COPY)
     os.chmod(folder / STACKOPS_COPY, 0o600)
     _ship_bytecode(source, folder / "python")  # the job's start skips compiling it (~40 ms of CPU)
@@ -9462,18 +9301,71 @@ def _check_job_files(data: list[str], copy_repo: bool, job_params: JobParams) ->
 
 # -- a job's record here (remote_machine.json); rerun, withdraw, delete ----------------------------
 
-def _machine_record(machine: RemoteMachine) -> dict[str, Any]:
-    """What RemoteMachine.to_dict() returns: the job's own record (its kwargs are a file)."""
-    results, downloaded = machine.results_path, machine.downloaded_to
-    return {"config": machine.config.to_dict(), "job_params": machine.job_params.to_dict(),
-            "file_manager": machine.file_manager.to_dict(), "data": machine.data,
-            "scripts_generated": machine.scripts_generated, "submitted": machine.submitted,
-            "results_downloaded": machine.results_downloaded, "launcher_pid": machine.launcher_pid,
-            "shared": machine.shared,
-            "slurm_job_id": machine.slurm_job_id, "task_ids": machine.task_ids,
-            "results_path": results.as_posix() if results else None,
-            "cloud_sha256": machine.cloud_sha256, "shared_folder": machine.shared_folder,
-            "downloaded_to": str(downloaded) if downloaded else None}
+@_model
+class _JobRecord:
+    """A job's record here, ``remote_machine.json`` (RemoteMachine.to_dict, from_dict): what it
+    is and how far it got, named as RemoteMachine names them. Its kwargs are a file of their own
+    (an older record holds them); a key it does not know is left aside."""
+
+    config: RemoteStackOpsConfig
+    job_params: JobParams
+    file_manager: FileManager
+    data: list[str]
+    scripts_generated: bool
+    submitted: bool
+    results_downloaded: bool
+    launcher_pid: int | None = None
+    shared: bool = False
+    slurm_job_id: str | None = None
+    task_ids: list[str] = _field(default_factory=list)
+    results_path: Path | None = None
+    cloud_sha256: str = ""
+    shared_folder: str | None = None
+    downloaded_to: Path | None = None
+    kwargs: dict[str, Any] | None = None  # None: in their own file, read when asked
+
+    @classmethod
+    def of(cls, machine: RemoteMachine) -> _JobRecord:
+        return cls(**{name: getattr(machine, name) for name in cls.__dataclass_fields__
+                      if name != "kwargs"})
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(vars(self))  # (in the fields' order)
+        del data["kwargs"]
+        data.update(config=self.config.to_dict(), job_params=self.job_params.to_dict(),
+                    file_manager=self.file_manager.to_dict())
+        data["results_path"] = self.results_path.as_posix() if self.results_path else None
+        data["downloaded_to"] = str(self.downloaded_to) if self.downloaded_to else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, job_root: Path | None) -> _JobRecord:
+        if not isinstance(data, dict):
+            raise ConfigError("remote_machine.json: expected a JSON object")
+        path = data.get("results_path")
+        downloaded = data.get("downloaded_to")
+        inline = data.get("kwargs")
+        try:
+            return cls(RemoteStackOpsConfig.from_dict(data["config"]),
+                       JobParams.from_dict(data["job_params"]),
+                       FileManager.from_dict(data["file_manager"], job_root), list(data["data"]),
+                       bool(data["scripts_generated"]), bool(data["submitted"]),
+                       bool(data["results_downloaded"]), data.get("launcher_pid"),
+                       bool(data.get("shared", False)), data.get("slurm_job_id"),
+                       list(data.get("task_ids") or []), Path(path) if path else None,
+                       str(data.get("cloud_sha256") or ""), data.get("shared_folder"),
+                       Path(downloaded) if isinstance(downloaded, str) else None,
+                       _check_kwargs(inline) if inline is not None else None)
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
+
+    def restore(self, machine: RemoteMachine) -> RemoteMachine:
+        """``machine``, a blank job with this record's config, as the record has it."""
+        for name in self.__dataclass_fields__:
+            setattr(machine, name, getattr(self, name))
+        machine.pickled_instance = None
+        machine.parent_slurm_ids = []
+        return machine
 
 
 def _save_job(machine: RemoteMachine) -> None:
@@ -9492,35 +9384,205 @@ def _settle(machine: RemoteMachine, report: JobStatus) -> Path | None:
     return machine.results_path
 
 
-def _restore_machine(cls: type[RemoteMachine], data: Any, job_root: Path | None) -> RemoteMachine:
-    """A job from its record (RemoteMachine.from_dict, for ``cls``)."""
-    if not isinstance(data, dict):
-        raise ConfigError("remote_machine.json: expected a JSON object")
+# -- what a place and a launcher are told; run, fire, status and cancel through them ---------------
+
+def _seen(machine: RemoteMachine) -> _Job:
+    """What the job's place and launcher are told of it (see _Job)."""
+    return _Job(machine.config, machine.file_manager, machine.root_there, machine.python,
+                machine.job_params, machine.submitted, machine.shared, machine.task_ids or None,
+                machine.cloud_sha256)
+
+
+def _reports(machines: list[RemoteMachine], log_lines: int = 0) -> list[JobStatus]:
+    """The status of jobs of one place (the first's), all asked in one go."""
+    if not machines:
+        return []
+    return machines[0].place.reports([_seen(machine) for machine in machines], log_lines)
+
+
+def _run_job(machine: RemoteMachine, run: bool, show_scripts: bool,
+             progress: Callable[[int], None] | None) -> None:
+    """RemoteMachine.run(): preflight, generate_scripts, optionally show_scripts, submit,
+    fire(run); a queue's job goes to the queue as one unit (its workers start it)."""
+    if machine.launcher.queues:
+        if not run:
+            raise ConfigError("a cloud_manager job is started by a worker as soon as it is queued: "
+                              f"{_option('run=False', '--no-launch')} has no meaning for it")
+        machine.units = _submit_units(machine, 1)
+        log.info("job %s queued on %s as unit %s", machine.job_id,
+                 cloud_base(machine.config.cloud_name or ""), ", ".join(machine.units))
+        return
+    machine.preflight()
+    machine.generate_scripts()
+    if show_scripts:
+        machine.show_scripts()
+    _submit_job(machine, progress, launch=run)
+    machine.fire(run)
+
+
+def _fire_job(machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
+    """Start the job where it is (the executing side's fire_jobs, or the answer of the
+    hand-over that fired it already); ``run=False`` starts nothing and says how to."""
+    machine.launch_command = f"{_prog()} start {machine.job_id}"
+    if not run:
+        log.info("job %s is ready on %s and was not started; start it with: %s",
+                 machine.job_id, machine.host_name, machine.launch_command)
+        return None, machine.launch_command
+    if machine.launcher_pid is not None or machine.slurm_job_id is not None:
+        raise StackopsError(f"job {machine.job_id} was already started",
+                            hint=f"{_prog()} rerun {machine.job_id} runs it again")
+    fired = machine.handed.fired if machine.handed is not None else {}
+    if not fired:
+        requests = machine.place.fire_requests(_seen(machine))
+        requests.append({"action": "fire", "roots": [machine.root_there]})
+        fired = machine.place.call(requests)[-1]
+    machine.launcher_pid = fired.get("pid")
+    machine.slurm_job_id = fired.get("slurm_id")
+    _save_job(machine)
+    if fired.get("warning"):
+        log.warning("job %s on %s: %s", machine.job_id, machine.host_name, fired["warning"])
+    for k, task in enumerate(machine.array_tasks() if machine.array_parts else []):
+        task.slurm_job_id = f"{machine.slurm_job_id}_{k}"
+        _save_job(task)
+    log.info("job %s fired on %s (%s)", machine.job_id, machine.host_name,
+             f"Slurm job {machine.slurm_job_id}" if machine.slurm_job_id
+             else f"pid {machine.launcher_pid}")
+    return machine.launcher_pid, machine.launch_command
+
+
+def _get_status(machine: RemoteMachine, log_lines: int) -> JobStatus:
+    """RemoteMachine.get_status(): its queue's word while a queue holds it, else judged where it
+    runs; a job whose hand-over to its host broke off has none there (nothing of it runs), and
+    is never shown as ready to start."""
+    queued = machine.launcher.queued_status(_seen(machine))
+    if queued is not None:
+        return queued
+    if machine.is_remote and not machine.submitted:
+        raise StackopsError(f"job {machine.job_id} was never completely submitted to "
+                            f"{machine.host_name}, so nothing of it runs there (was the "
+                            "submission interrupted?)", hint="run it again under a new job_id")
+    return _reports([machine], log_lines)[0]
+
+
+def _cancel_job(machine: RemoteMachine, grace: float) -> JobStatus:
+    """RemoteMachine.cancel(): where the job runs (cancel_job); the status after, ``reason``
+    saying what it was before (an ended job is left as it was). An array's tasks are then read
+    where they run, in one round trip, so the records kept here say what they say there."""
+    queued = machine.launcher.cancel_queued(_seen(machine))
+    if queued is not None:
+        return queued
+    if not machine.submitted and machine.is_remote:
+        raise StackopsError(f"job {machine.job_id} never reached {machine.host_name}: "
+                            "nothing to cancel")
+    report = _cancel_at(machine.place, [machine], grace)[machine.job_id]
+    if machine.array_parts:
+        _reports(machine.array_tasks())
+    return report
+
+
+def _after(machine: RemoteMachine, parent_id: str) -> str:
+    """A job ``machine`` runs after: submitted from here to the same place, started the same
+    way. Under Slurm it is judged from stackops' own record of it: one that failed or was
+    cancelled refuses the child now, one that completed needs no dependency, and one still to
+    end is a Slurm dependency (its id is returned; else "")."""
+    after = _option("after", "--after")
     try:
-        machine = cls._blank(RemoteStackOpsConfig.from_dict(data["config"]))
-        machine.job_params = JobParams.from_dict(data["job_params"])
-        machine.file_manager = FileManager.from_dict(data["file_manager"], job_root)
-        inline = data.get("kwargs")  # older records held them; now they are read when asked
-        machine.kwargs = _check_kwargs(inline) if inline is not None else None
-        machine.data = list(data["data"])
-        machine.scripts_generated = bool(data["scripts_generated"])
-        machine.submitted = bool(data["submitted"])
-        machine.results_downloaded = bool(data["results_downloaded"])
-        machine.launcher_pid = data.get("launcher_pid")
-        machine.shared = bool(data.get("shared", False))
-        machine.slurm_job_id = data.get("slurm_job_id")
-        machine.task_ids = list(data.get("task_ids") or [])
-        machine.cloud_sha256 = str(data.get("cloud_sha256") or "")
-        machine.shared_folder = data.get("shared_folder")
-    except (KeyError, TypeError) as exc:
-        raise ConfigError(f"remote_machine.json is incomplete: {exc}") from exc
-    machine.pickled_instance = None
-    machine.parent_slurm_ids = []
-    path = data.get("results_path")
-    machine.results_path = Path(path) if path else None
-    downloaded = data.get("downloaded_to")
-    machine.downloaded_to = Path(downloaded) if isinstance(downloaded, str) else None
-    return machine
+        parent = RemoteMachine.load(parent_id, machine.config.base_dir)
+    except ConfigError:
+        raise ConfigError(f"{after} {parent_id}: no such job here",
+                          hint=f"{_prog()} list shows the jobs") from None
+    if parent.host_name != machine.host_name or parent.uses_slurm != machine.uses_slurm:
+        raise ConfigError(f"{after} {parent.job_id}: that job runs on {parent.host_name}"
+                          f"{' under Slurm' if parent.uses_slurm else ''}; "
+                          "this one must run in the same place")
+    if not machine.uses_slurm:
+        return ""
+    if parent.slurm_job_id is None:
+        raise ConfigError(f"{after} {parent.job_id}: that job was never handed to Slurm")
+    status = parent.get_status(0).status
+    if status in ("failed", "cancelled"):
+        raise ConfigError(f"{after} {parent.job_id}: that job {status}, so this one would never "
+                          "run", hint=f"{_prog()} rerun {parent.job_id} first")
+    return "" if status == "completed" else parent.slurm_job_id
+
+
+def _results_here(machine: RemoteMachine, results: Path) -> Path:
+    """wait()'s results folder as a path here: where it is, or downloaded (once) to its place's
+    default target."""
+    target = machine.place.results_target(_seen(machine), results)
+    done = machine.downloaded_to
+    if target is None:
+        return results
+    if machine.results_downloaded and done is not None and done.exists():
+        return done
+    return machine.download_results(target, overwrite=True)
+
+
+def _submit_units(machine: RemoteMachine, split: int) -> list[str]:
+    """RemoteMachine.submit_to_cloud(): the job as ``split`` work units, each with its slice of
+    the workload, in the queue on ``config.cloud_name``: all of them, or none."""
+    config = machine.config
+    if not config.cloud_name:
+        raise ConfigError("submit_to_cloud needs cloud_name (an rclone remote)")
+    if split < 1 or (split > 1 and machine.job_params.kind == "script"):
+        why = ": a script cannot be split" if split > 1 else ""
+        raise ConfigError(f"cannot split into {split} units{why}")
+    check_cloud_remote(config.cloud_name)
+    whole = config.workload_params or WorkloadParams(jobs=1)
+    parts = whole.split_to_jobs(split) if split > 1 or config.workload_params else [None]
+    queue = CloudQueue(config.cloud_name)
+    unit_ids = _check_unit_ids(machine, queue, len(parts))
+    staging = Path(_make_temp_dir(_mkdir_private(expand_home(config.base_dir))))
+    units: list[RemoteMachine] = []
+    try:
+        for unit_id, part in zip(unit_ids, parts):
+            unit = _unit_of(machine, unit_id, part)
+            units.append(unit)
+            archive = _pack_unit(staging / f"{unit_id}.tar", unit.file_manager.job_root,
+                                 unit.data)  # with copy_repo the unit's folder carries its code
+            queue.add(unit_id, archive, {"unit": unit_id, "submitted_at": _iso(_utcnow()),
+                                         "allowed_remotes": config.allowed_remotes})
+    except BaseException:  # all units or none: what went up comes down, what was made here goes
+        for unit in units:
+            with _suppress(StackopsError):
+                queue.remove(unit.job_id)
+            shutil.rmtree(unit.file_manager.job_root, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return unit_ids
+
+
+def _check_unit_ids(machine: RemoteMachine, queue: CloudQueue, count: int) -> list[str]:
+    """Each unit's id, checked first: a safe name, no job here, no unit queued by it."""
+    unit_ids = [f"{machine.job_id}-{k}-{count}" for k in range(count)]
+    for unit_id in unit_ids:
+        if not _SAFE_NAME.match(unit_id):  # the job_id is safe: only the length can fail
+            raise ConfigError(f"unit id {unit_id!r} is {len(unit_id)} characters, over 128",
+                              hint=f"choose a shorter job_id for {count} units")
+        root = FileManager(unit_id, base=machine.config.base_dir).job_root
+        if root.exists():
+            raise ConfigError(f"unit {unit_id!r} already exists at {collapse_home(root)}",
+                              hint="choose another job_id, or leave it out for a fresh one")
+    taken = sorted(set(unit_ids) & set(queue.listing()))
+    if taken:
+        raise ConfigError(f"the queue on {queue.base} already holds unit(s) {', '.join(taken)}",
+                          hint="choose another job_id, or leave it out for a fresh one")
+    return unit_ids
+
+
+def _unit_of(machine: RemoteMachine, unit_id: str, part: WorkloadParams | None) -> RemoteMachine:
+    data = machine.config.to_dict()
+    data.update(job_id=unit_id, ssh_host=None, launch_method="cloud_manager",
+                workload_params=part.to_dict() if part else None,
+                python=machine.config.python or "python3")
+    unit = RemoteMachine._blank(RemoteStackOpsConfig.from_dict(data), machine)
+    unit.file_manager = FileManager(unit_id, "Linux", unit.config.lock_resources,
+                                    unit.config.max_simultaneous_jobs, unit.config.base_dir)
+    unit.generate_scripts()
+    unit.submitted = True
+    _save_job(unit)
+    return unit
 
 
 def _rerun_copy(machine: RemoteMachine, fresh: bool = False) -> RemoteMachine:
@@ -9540,7 +9602,7 @@ def _rerun_copy(machine: RemoteMachine, fresh: bool = False) -> RemoteMachine:
     again.file_manager = FileManager(again.job_id, "Linux", machine.file_manager.lock_resources,
                                      again.config.max_simultaneous_jobs, again.config.base_dir,
                                      pool=machine.file_manager.pool, gpus=machine.file_manager.gpus)
-    again.parent_slurm_ids = [again.launcher.after(again, p) for p in again.config.after]
+    again.parent_slurm_ids = [_after(again, p) for p in again.config.after]
     if machine.config.copy_repo and not fresh:
         _pin_snapshot(again, machine)
     return again
@@ -9577,7 +9639,7 @@ def _rerun_failed_tasks(machine: RemoteMachine, fresh: bool = False) -> list[str
     if not machine.array_parts or machine.slurm_job_id is None:
         raise ConfigError(f"job {machine.job_id} is not a Slurm array: rerun it whole")
     tasks = machine.array_tasks()
-    reports = machine.place.reports(tasks, 0)  # one round trip for them all
+    reports = _reports(tasks)  # one round trip for them all
     failed = [k for k, report in enumerate(reports) if report.status in ("failed", "cancelled")]
     if not failed:
         raise ConfigError(f"array {machine.job_id} has no failed task to rerun")
@@ -9590,14 +9652,11 @@ def _rerun_failed_tasks(machine: RemoteMachine, fresh: bool = False) -> list[str
     return [tasks[k].job_id for k in failed]
 
 
-def _withdraw(machine: RemoteMachine, sent: bool) -> None:
-    """A submission refused or broken off before launch leaves no job behind (its folder here,
-    and on the host once it was sent there), so the same job_id works again."""
+def _withdraw(machine: RemoteMachine) -> None:
+    """A submission refused or broken off before launch leaves no job behind here (a refused
+    hand-over sends nothing), so the same job_id works again."""
     if machine.submitted or machine.launcher_pid is not None or machine.slurm_job_id is not None:
         return
-    if sent:
-        with _suppress(Exception):
-            machine.place.withdraw(machine)
     for task in machine.tasks or []:
         shutil.rmtree(task.file_manager.job_root, ignore_errors=True)
     shutil.rmtree(machine.file_manager.job_root, ignore_errors=True)
@@ -9718,7 +9777,7 @@ class RemoteMachine:
         self.file_manager = FileManager(config.job_id, "Linux", slots, config.max_simultaneous_jobs,
                                         config.base_dir, pool=config.pool, gpus=config.gpus)
         self.place.adopt_state_dir(self.file_manager)
-        self.parent_slurm_ids = [self.launcher.after(self, parent) for parent in config.after]
+        self.parent_slurm_ids = [_after(self, parent) for parent in config.after]
 
     @classmethod
     def _blank(cls, config: RemoteStackOpsConfig, like: RemoteMachine | None = None,
@@ -9791,7 +9850,7 @@ class RemoteMachine:
     def array_parts(self) -> list[WorkloadParams]:
         """The slices of a Slurm job array: a workload of K > 1 parts runs as K array tasks, task k
         a job of its own (``{job_id}-{k}``) with slice k; empty for any other job."""
-        return self.launcher.array_parts(self)
+        return self.launcher.array_parts(self.config.workload_params)
 
     def array_tasks(self) -> list[RemoteMachine]:
         """The jobs of the array's tasks, in index order, sharing this job's connection."""
@@ -9823,11 +9882,12 @@ class RemoteMachine:
     # -- persistence ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return _machine_record(self)
+        return _JobRecord.of(self).to_json()
 
     @classmethod
     def from_dict(cls, data: Any, job_root: Path | None = None) -> RemoteMachine:
-        return _restore_machine(cls, data, job_root)
+        record = _JobRecord.from_json(data, job_root)
+        return record.restore(cls._blank(record.config))
 
     @classmethod
     def from_job_dir(cls, job_dir: str | os.PathLike[str]) -> RemoteMachine:
@@ -9871,7 +9931,7 @@ class RemoteMachine:
         if not self.submitted:
             raise StackopsError(f"job {self.job_id} is not submitted yet",
                                 hint="call submit() first")
-        return self.launcher.fire(self, run)
+        return _fire_job(self, run)
 
     def cancel(self, grace: float = 10.0) -> JobStatus:
         """Stop the job where it runs and return the status that holds after: ``cancelled``, or
@@ -9880,7 +9940,7 @@ class RemoteMachine:
         slot is free at once. A Slurm job is cancelled with ``scancel``."""
         if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not 0 <= grace <= 3600:
             raise ConfigError(f"grace must be 0 to 3600 seconds, got {grace!r}")
-        return self.launcher.cancel(self, grace)
+        return _cancel_job(self, grace)
 
     def delete(self, results: bool = False) -> None:
         """Remove the job's folder where it ran and its record here (with ``results``, also its
@@ -9913,8 +9973,8 @@ class RemoteMachine:
         trusted, the cloud remote is known, the launcher's tools and the GPUs asked for are there.
         run() starts with it."""
         self.place.preflight()
-        self.launcher.preflight(self)
-        self.place.check_gpus(self)
+        self.launcher.preflight(self.place)
+        self.place.check_gpus(_seen(self))
         return self
 
     def run(self, run: bool = True, show_scripts: bool = False,
@@ -9924,14 +9984,14 @@ class RemoteMachine:
         process that takes a slot where it runs. ``slurm``: the same, handed to sbatch.
         ``cloud_manager``: the job goes, as one work unit, to the queue on ``config.cloud_name``;
         any worker runs it (submit_to_cloud)."""
-        self.launcher.run(self, run, show_scripts, progress)
+        _run_job(self, run, show_scripts, progress)
         return self
 
     def get_status(self, log_lines: int = 20) -> JobStatus:
         """The job's full status, judged where it runs (see _judge). Over SSH this is one round
         trip, and the host's record of the job is kept in the local job folder (shown "as of"
         when the host cannot be reached)."""
-        return self.launcher.status(self, log_lines)
+        return _get_status(self, log_lines)
 
     def check_job_status(self) -> Path | None:
         """The results folder once the job completed (on the host, for a remote job); None while
@@ -9944,7 +10004,7 @@ class RemoteMachine:
         folder downloaded here first (download_results() with its default target; only once).
         ``download=False`` returns the folder's path on the host as the host recorded it."""
         results = _wait_for_results(self, timeout, poll)
-        return self.place.results_here(self, results) if download else results
+        return _results_here(self, results) if download else results
 
     def results(self) -> Path:
         """The results folder, or an error saying why there is none yet."""
@@ -9965,7 +10025,7 @@ class RemoteMachine:
         results = self.results()
         if self.array_parts:
             return _download_array(self, target, overwrite, progress)
-        local = self.place.fetch_results(self, results, target, overwrite, progress)
+        local = self.place.fetch_results(_seen(self), results, target, overwrite, progress)
         self.results_downloaded = True
         self.downloaded_to = local
         _save_job(self)
@@ -9975,7 +10035,7 @@ class RemoteMachine:
         """Expand this job into ``split`` work units, each with its slice of the workload, and put
         them in the queue on ``config.cloud_name``; any ``worker`` (among ``allowed_remotes``)
         runs them."""
-        return _CloudQueueLauncher().submit(self, split)
+        return _submit_units(self, split)
 
     def delete_remote_results(self) -> RemoteMachine:
         """Delete the job's results folder where it ran, only if it is the job's own (its default
@@ -10514,7 +10574,8 @@ class Sweep:
         found = self._reports_here() if self._jobs is None else None
         if found is None:
             asked = _per_place(self.jobs, lambda place, jobs: dict(zip(
-                [job.job_id for job in jobs], place.reports(jobs, 0))), _last_read)
+                [job.job_id for job in jobs], place.reports([_seen(job) for job in jobs], 0))),
+                _last_read)
             found = (list(asked), list(asked.values()))
         answers: dict[str, JobStatus | StackopsError] = {
             job_id: JobStatus(job_id, "failed", error_message=why)
@@ -10583,7 +10644,7 @@ def _cancel_at(place: _Place, jobs: list[RemoteMachine], grace: float) -> dict[s
     request = {"action": "cancel", "roots": [job.root_there for job in jobs], "grace": grace}
     answers: dict[str, JobStatus] = {}
     for job, state in zip(jobs, place.call([request])[0]):
-        place.mirror(job, state)
+        place.mirror(_seen(job), state)
         report = answers[job.job_id] = _status_of(job.job_id, state)
         report.reason = f"was {state.get('was')}"
     return answers
@@ -11861,7 +11922,7 @@ def _cmd_status(args: Any) -> int:
             return _group_status(target, args)
         try:
             report = target.get_status(args.lines)
-            tasks = target.place.reports(target.array_tasks(), 0) if target.array_parts else []
+            tasks = _reports(target.array_tasks()) if target.array_parts else []
         except StackopsConnectionError:  # what is known, as list shows it (last read, as of
             if not target.is_remote:  # then), and the failure, saying why and what to do
                 raise
@@ -12214,7 +12275,7 @@ def _download_members(members: list[RemoteMachine], args: Any) -> int:
     if not members:
         raise ConfigError(f"{args.job_id} has no jobs")
     folder = expand_home(args.to or f"{DEFAULT_RESULTS_DIR}/{args.job_id}")
-    reports = members[0].place.reports(members, 0)
+    reports = _reports(members)
     code = 0
     for member, report in zip(members, reports):
         if report.status != "completed":

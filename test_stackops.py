@@ -934,6 +934,54 @@ def test_header_house_limits_keep_the_job_s_insides_to_remote_machine():
     assert found == []
 
 
+def test_header_house_limits_places_and_launchers_take_what_they_use():
+    """Issue 21 item 6, the seams read with ast (bottle's ServerAdapter.run(handler)): no method
+    of a place or a launcher (a class whose bases lead to _Place or _Launcher) takes a job, one
+    parameter named ``machine``/``machines`` or annotated with RemoteMachine, or names
+    RemoteMachine at all (it gets a _Job, the fields it uses, and returns what it found out);
+    and no module-level function or place/launcher method reads ``X._name`` of a job X (a
+    parameter named ``machine`` or annotated RemoteMachine, but ``self`` and ``cls``)."""
+    import ast
+
+    tree = ast.parse(SOURCE.read_text())
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+    def adapter(name: str) -> bool:
+        bases = [base.id for base in classes[name].bases if isinstance(base, ast.Name)]
+        return name in ("_Place", "_Launcher") or any(
+            base in classes and adapter(base) for base in bases)
+
+    adapters = [node for name, node in classes.items() if adapter(name)]
+    assert {"_Here", "_InQueue", "_OverSSH", "_ThroughCloud", "_SlotLauncher", "_TmuxLauncher",
+            "_CloudQueueLauncher", "_SlurmLauncher"} <= {node.name for node in adapters}
+    methods = [(cls.name, node) for cls in adapters for node in cls.body
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    functions = [("", node) for node in tree.body if isinstance(node, ast.FunctionDef)]
+
+    def jobs_of(function: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+        arguments = function.args
+        every = [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs,
+                 *filter(None, [arguments.vararg, arguments.kwarg])]
+        return {arg.arg for arg in every if arg.arg in ("machine", "machines") or
+                arg.annotation is not None and "RemoteMachine" in ast.unparse(arg.annotation)}
+
+    taken = [f"{node.lineno}: {owner}.{node.name}({', '.join(sorted(jobs_of(node)))})"
+             for owner, node in methods if jobs_of(node)]
+    named = sorted({f"{node.lineno}: {owner}.{method.name}" for owner, method in methods
+                    for node in ast.walk(method) if isinstance(node, ast.Name)
+                    and node.id == "RemoteMachine" or isinstance(node, ast.Attribute)
+                    and node.attr == "machine"})
+    reached = [f"{node.lineno}: {owner or 'module'}.{function.name}: {ast.unparse(node)}"
+               for owner, function in methods + functions for node in ast.walk(function)
+               if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+               and node.value.id in jobs_of(function) - {"self", "cls"}
+               and node.attr.startswith("_") and not node.attr.startswith("__")]
+    assert len(functions) > 100 and len(methods) > 30
+    assert taken == []
+    assert named == []
+    assert reached == []
+
+
 def test_header_all_is_pinned():
     assert stackops.__all__ == EXPECTED_ALL
     assert all(hasattr(stackops, name) for name in stackops.__all__)
@@ -6881,6 +6929,29 @@ def test_places_chosen_from_the_config_once(home, settings, place, launcher):
     assert type(again.place).__name__ == place and type(again.launcher).__name__ == launcher
 
 
+def test_places_job_record_is_one_dataclass_that_reads_older_records(home):
+    """remote_machine.json is _JobRecord's fields, in the order earlier versions wrote them (its
+    kwargs a file of their own); a record from before some keys existed (kwargs inline) loads,
+    a key this version does not know is left aside, and one missing a key it needs is refused."""
+    import dataclasses
+
+    job = RemoteMachine(stackops.demo_job, RemoteStackOpsConfig(job_id="rec-1")).generate_scripts()
+    written = json.loads(job.file_manager.path(stackops.REMOTE_MACHINE_JSON).read_text())
+    keys = ["config", "job_params", "file_manager", "data", "scripts_generated", "submitted",
+            "results_downloaded", "launcher_pid", "shared", "slurm_job_id", "task_ids",
+            "results_path", "cloud_sha256", "shared_folder", "downloaded_to"]
+    assert list(written) == keys
+    assert [spec.name for spec in dataclasses.fields(stackops._JobRecord)] == keys + ["kwargs"]
+    older = {key: written[key] for key in keys[:8] + ["slurm_job_id", "results_path"]}
+    older.update(kwargs={"seconds": 0}, a_key_from_elsewhere=1)
+    again = RemoteMachine.from_dict(older, job.file_manager.job_root)
+    assert again.kwargs == {"seconds": 0} and again.task_ids == [] and again.cloud_sha256 == ""
+    assert again.to_dict() == written and again.shared is False and again.downloaded_to is None
+    del older["submitted"]
+    with pytest.raises(stackops.ConfigError, match="remote_machine.json is incomplete"):
+        RemoteMachine.from_dict(older)
+
+
 SEAM_HOSTILE = "it's a \"folder\" $(touch /tmp/stackops-pwned) `x` ;&|<> *"
 
 
@@ -12455,7 +12526,7 @@ class PlacesMachine(_ModelMachine):
             statuses[job["id"]] = status
         own = [job for job in self.jobs if job["queue"] == "ownh"]
         if own and self.up["ownh"]:
-            for job, report in zip(own, own[0]["machine"].place.reports([job["machine"] for job in own], 0)):
+            for job, report in zip(own, stackops._reports([job["machine"] for job in own])):
                 statuses[job["id"]] = report.status
         return statuses
 
