@@ -9393,11 +9393,9 @@ def _seen(machine: RemoteMachine) -> _Job:
                 machine.cloud_sha256)
 
 
-def _reports(machines: list[RemoteMachine], log_lines: int = 0) -> list[JobStatus]:
-    """The status of jobs of one place (the first's), all asked in one go."""
-    if not machines:
-        return []
-    return machines[0].place.reports([_seen(machine) for machine in machines], log_lines)
+def _reports(place: _Place, machines: list[RemoteMachine], log_lines: int = 0) -> list[JobStatus]:
+    """The status of jobs of ``place``, all asked in one go."""
+    return place.reports([_seen(machine) for machine in machines], log_lines)
 
 
 def _run_job(machine: RemoteMachine, run: bool, show_scripts: bool,
@@ -9461,7 +9459,7 @@ def _get_status(machine: RemoteMachine, log_lines: int) -> JobStatus:
         raise StackopsError(f"job {machine.job_id} was never completely submitted to "
                             f"{machine.host_name}, so nothing of it runs there (was the "
                             "submission interrupted?)", hint="run it again under a new job_id")
-    return _reports([machine], log_lines)[0]
+    return _reports(machine.place, [machine], log_lines)[0]
 
 
 def _cancel_job(machine: RemoteMachine, grace: float) -> JobStatus:
@@ -9476,7 +9474,7 @@ def _cancel_job(machine: RemoteMachine, grace: float) -> JobStatus:
                             "nothing to cancel")
     report = _cancel_at(machine.place, [machine], grace)[machine.job_id]
     if machine.array_parts:
-        _reports(machine.array_tasks())
+        _reports(machine.place, machine.array_tasks())
     return report
 
 
@@ -9639,7 +9637,7 @@ def _rerun_failed_tasks(machine: RemoteMachine, fresh: bool = False) -> list[str
     if not machine.array_parts or machine.slurm_job_id is None:
         raise ConfigError(f"job {machine.job_id} is not a Slurm array: rerun it whole")
     tasks = machine.array_tasks()
-    reports = _reports(tasks)  # one round trip for them all
+    reports = _reports(machine.place, tasks)  # one round trip for them all
     failed = [k for k, report in enumerate(reports) if report.status in ("failed", "cancelled")]
     if not failed:
         raise ConfigError(f"array {machine.job_id} has no failed task to rerun")
@@ -11922,7 +11920,7 @@ def _cmd_status(args: Any) -> int:
             return _group_status(target, args)
         try:
             report = target.get_status(args.lines)
-            tasks = _reports(target.array_tasks()) if target.array_parts else []
+            tasks = _reports(target.place, target.array_tasks()) if target.array_parts else []
         except StackopsConnectionError:  # what is known, as list shows it (last read, as of
             if not target.is_remote:  # then), and the failure, saying why and what to do
                 raise
@@ -12275,7 +12273,7 @@ def _download_members(members: list[RemoteMachine], args: Any) -> int:
     if not members:
         raise ConfigError(f"{args.job_id} has no jobs")
     folder = expand_home(args.to or f"{DEFAULT_RESULTS_DIR}/{args.job_id}")
-    reports = _reports(members)
+    reports = _reports(members[0].place, members)
     code = 0
     for member, report in zip(members, reports):
         if report.status != "completed":

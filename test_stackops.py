@@ -12526,7 +12526,8 @@ class PlacesMachine(_ModelMachine):
             statuses[job["id"]] = status
         own = [job for job in self.jobs if job["queue"] == "ownh"]
         if own and self.up["ownh"]:
-            for job, report in zip(own, stackops._reports([job["machine"] for job in own])):
+            reports = stackops._reports(own[0]["machine"].place, [job["machine"] for job in own])
+            for job, report in zip(own, reports):
                 statuses[job["id"]] = report.status
         return statuses
 
