@@ -1957,6 +1957,10 @@ def test_job_forked_by_the_dispatcher_is_given_what_a_started_one_is(home, tmp_p
             for name, python in (("forked", None), ("started", str(other)), ("edited", None))]
     with open(jobs[2].file_manager.job_root / "python" / "stackops.py", "a") as copy:
         copy.write("# this job's stackops is not the dispatcher's\n")
+    # each run() and each status read starts a dispatcher while none holds its lock: under load
+    # (a slow Python start) one started below, with LOOKS_ELSE, could win, so the one that runs
+    # the queue is made sure of first
+    wait_for(slots.dispatcher_pid, what="the dispatcher to hold the queue")
     monkeypatch.setenv("LOOKS_ELSE", "1")  # the dispatcher started without it
     jobs.append(RemoteMachine(mod.looks, config=config(job_id="other-env")).run())
     os.close(held)  # all wait in line, so the dispatcher starts them
