@@ -2005,6 +2005,10 @@ def test_job_forked_by_the_dispatcher_is_given_what_a_started_one_is(home, tmp_p
             for name, python in (("forked", None), ("started", str(other)), ("edited", None))]
     with open(jobs[2].file_manager.job_root / "python" / "stackops.py", "a") as copy:
         copy.write("# this job's stackops is not the dispatcher's\n")
+    # each run() and each status read starts a dispatcher while none holds its lock: under load
+    # (a slow Python start) one started below, with LOOKS_ELSE, could win, so the one that runs
+    # the queue is made sure of first
+    wait_for(slots.dispatcher_pid, what="the dispatcher to hold the queue")
     monkeypatch.setenv("LOOKS_ELSE", "1")  # the dispatcher started without it
     jobs.append(RemoteMachine(mod.looks, config=config(job_id="other-env")).run())
     os.close(held)  # all wait in line, so the dispatcher starts them
@@ -9469,8 +9473,12 @@ def test_cloud_queue_killed_worker_unit_rerun_after_lease(home, tmp_path):
     bucket.mkdir()
     runs = tmp_path / "runs.log"
     _queue_job(home, bucket, "qkill", 1, log=str(runs), seconds=3).submit_to_cloud(1)
-    queue = stackops.CloudQueue(f"tblocal:{bucket}", lease=3)
-    first = _start_worker(tmp_path, bucket, "wa", "--lease", "3", "--settle", "0.3")
+    # a live worker refreshes its claim every lease/4, each time with two rclone runs; a lease of
+    # 3 s was shorter than that under load (rclone starting in seconds), so wb's own claim went
+    # stale as it ran, it let the run go (as it must) and ran the unit a second time
+    lease = "12"
+    queue = stackops.CloudQueue(f"tblocal:{bucket}", lease=float(lease))
+    first = _start_worker(tmp_path, bucket, "wa", "--lease", lease, "--settle", "0.3")
     try:
         wait_for(lambda: [r for r in queue.report() if r["state"] == "running" and r["worker"] == "wa"], timeout=60,
                  what="wa running the unit")
@@ -9479,9 +9487,9 @@ def test_cloud_queue_killed_worker_unit_rerun_after_lease(home, tmp_path):
         first.kill()  # the worker dies mid-unit ...
         first.wait()
         _stop_leftovers(tmp_path / "home-wa")  # ... and its machine with it
-    stale = wait_for(lambda: [r for r in queue.report() if r["state"] == "stale"], timeout=30, what="stale")
+    stale = wait_for(lambda: [r for r in queue.report() if r["state"] == "stale"], timeout=60, what="stale")
     assert stale[0]["worker"] == "wa"
-    second = _start_worker(tmp_path, bucket, "wb", "--lease", "3", "--settle", "0.3", "--until-idle")
+    second = _start_worker(tmp_path, bucket, "wb", "--lease", lease, "--settle", "0.3", "--until-idle")
     out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err[-2000:]
     [row] = queue.report()
