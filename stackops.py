@@ -6746,6 +6746,7 @@ H=/${H#"${H%%[!/]*}"} && R=/${R#"${R%%[!/]*}"} && \
 { [ "$R" = / ] || [ "$R" = "$H" ] || case "$H" in "$R"/*) true;; *) false;; esac; } && \
 { echo "is $R (the home is $H)" >&2; exit 18; }
 if [ @@overwrite != 1 ] && { [ -e "$T" ] || [ -L "$T" ]; }; then echo "exists: $T" >&2; exit 17; fi
+if [ @@file = 1 ] && [ -d "$T" ] && [ ! -L "$T" ]; then exit 19; fi
 for d in "$(dirname "$T")"/.stackops-partial.*; do
     [[ "${d##*/}" =~ ^\.stackops-partial\.[0-9a-f]{12}(\.old\.[0-9]+)?$ ]] || continue
     [ -z "$(find "$d" -mmin -1440 2>/dev/null | head -n 1)" ] && rm -rf -- "$d"
@@ -6863,7 +6864,7 @@ def _upload(ssh: SSH, source_path: str | os.PathLike[str], target_rel2home: str 
                           f"{_option('recursive=True', '-r')} to copy folders")
     relative = target_rel2home if target_rel2home is not None else _home_relative(source)
     target = _remote_target(relative)
-    staging = _prepare_target(ssh, target, overwrite)
+    staging = _prepare_target(ssh, target, overwrite, not source.is_dir())
     try:
         _upload_into(ssh, source, target, staging, compress, progress, excludes)
     except BaseException:  # Ctrl-C at any moment (measuring the folder, starting the stream)
@@ -6908,12 +6909,13 @@ def _upload_into(ssh: SSH, source: Path, target: str, staging: str, compress: bo
                             f"{_last_line(response.stderr) or 'size mismatch'}")
 
 
-def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
-    """Refuse an existing target unless asked; make a hidden staging folder beside it, named
-    here, so that an interruption at any moment knows what to remove."""
+def _prepare_target(ssh: SSH, target: str, overwrite: bool, file: bool = False) -> str:
+    """Refuse an existing target unless asked (a folder, to a ``file``: never); make a hidden
+    staging folder beside it, named here, so that an interruption at any moment knows what to
+    remove."""
     staging = f"{posixpath.dirname(target)}/.stackops-partial.{random.getrandbits(48):012x}"
     script = _copy_command(UPLOAD_PREPARE_TEMPLATE, target=target, staging=staging,
-                           overwrite=overwrite)
+                           overwrite=overwrite, file=file)
     try:
         response = ssh.run_shell_cmd_on_remote(script, timeout=ssh.timeout, strict=False)
     except BaseException:
@@ -6923,6 +6925,9 @@ def _prepare_target(ssh: SSH, target: str, overwrite: bool) -> str:
     if response.returncode == 18:
         raise ConfigError(f"{where} {_last_line(response.stderr)}: a copy never replaces the home, "
                           "a folder holding it, or /", hint="name a folder inside it")
+    if response.returncode == 19:
+        raise ConfigError(f"{where} is a folder: a file never replaces one",
+                          hint="end the target with / to copy the file into it")
     if response.returncode == 17:
         raise ConfigError(f"{target} already exists on {ssh.target.alias}",
                           hint=f"pass {_option('overwrite_existing=True', '--overwrite')} to "
@@ -7123,6 +7128,9 @@ def _download(ssh: SSH, source: str, target: str | os.PathLike[str] | None, comp
                             hint="is it readable by the account you log in as there?")
     destination = _free_destination(expand_home(target if target is not None else remote),
                                     overwrite)
+    if kind == "file" and destination.is_dir() and not destination.is_symlink():
+        raise ConfigError(f"{collapse_home(destination)} is a folder: a file never replaces one",
+                          hint="end the target with / to copy the file into it")
     _mkdir_private(destination.parent)
     _remove_stale_partials(destination.parent)
     with _Staged(destination, replace=True, folder=False) as made, \
@@ -7318,6 +7326,11 @@ def _free_destination(destination: Path, overwrite: bool) -> Path:
     if real in (home, os.sep) or home.startswith(real.rstrip(os.sep) + os.sep):
         raise ConfigError(f"{destination} is your home, or holds it: a copy never replaces that",
                           hint="name a folder inside it")
+    here = os.path.realpath(os.getcwd())
+    if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
+        raise ConfigError(f"{destination} is the folder you are in, or holds it: a copy never "
+                          "replaces that", hint="name a folder inside it, or end it with / to "
+                                                "copy into it")
     if (destination.exists() or destination.is_symlink()) and not overwrite:
         raise ConfigError(f"{collapse_home(destination)} already exists",
                           hint=f"pass {_option('overwrite=True', '--overwrite')} to replace it")

@@ -3140,7 +3140,8 @@ def test_sweep_interrupted_while_it_fires_leaves_each_job_started_and_seen_or_wi
                                   "--job-id", sweep_id, "--max-jobs", "2",
                                   "--on-end", f"echo {{job_id}} >> {home}/ended.txt"], cwd=home,
                                  env=dict(os.environ, HOME=str(home)), text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 preexec_fn=_sigint_as_a_terminal_gives)
         try:
             wait_for(lambda: fired(state_of(queued / f"{sweep_id}-0000").get("status"))
                      or child.poll() is not None, 300, "the sweep's fire to be under way")
@@ -11964,6 +11965,37 @@ def test_bad_input_kwargs_too_big_for_a_command_line_travel_by_file(home):
     assert json.loads((home / "tmp_results" / "tmp_dirs" / "bigkw" / "result.json").read_text()) == big
 
 
+def test_bad_input_copy_never_puts_a_file_in_place_of_a_folder_or_the_folder_you_are_in(remote, home):
+    """Review, data loss: `copy --overwrite tb:f .` replaced the folder you were in (and `..`, or
+    any folder named without a trailing /) with the file, everything in it gone; an upload did the
+    same to a folder on the host. A file never replaces a folder; nothing replaces where you are."""
+    (home / "f.bin").write_bytes(b"file\n")
+    assert cli("copy", "f.bin", "tb:~/f.bin", home=home).returncode == 0
+    work = home / "work" / "inner"
+    work.mkdir(parents=True)
+    (work / "precious.txt").write_text("precious")
+    for target, cwd in ((".", work), ("..", work), (str(work), home)):
+        done = cli("copy", "--overwrite", "tb:~/f.bin", target, home=home, cwd=cwd)
+        assert done.returncode == 2 and "never replaces" in done.stderr, (target, done.stderr)
+        assert (work / "precious.txt").read_text() == "precious"
+    (home / "keep").mkdir()
+    (home / "keep" / "x.txt").write_text("kept")
+    assert cli("copy", "-r", "keep", "tb:~/keep", home=home).returncode == 0  # the host's user's
+    done = cli("copy", "--overwrite", "f.bin", "tb:~/keep", home=home)
+    assert done.returncode == 2 and "a file never replaces one" in done.stderr, done.stderr
+    assert (remote.remote_home / "keep" / "x.txt").read_text() == "kept"
+    into = cli("copy", "tb:~/f.bin", f"{work}/", home=home)  # into the folder: what the hint says
+    assert into.returncode == 0 and (work / "f.bin").read_bytes() == b"file\n", into.stderr
+    assert cli("copy", "f.bin", "tb:~/keep/", home=home).returncode == 0
+    assert (remote.remote_home / "keep" / "f.bin").read_bytes() == b"file\n"
+
+
+def _sigint_as_a_terminal_gives() -> None:
+    """A child's Ctrl-C as a user's terminal delivers it, however the suite was started (a shell
+    without job control starts a background job with SIGINT ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @slow
 def test_bad_input_ctrl_c_during_a_transfer_exits_130_and_leaves_nothing(remote, home):
     _random_file(home / "big.bin", 400)
@@ -11974,7 +12006,8 @@ def test_bad_input_ctrl_c_during_a_transfer_exits_130_and_leaves_nothing(remote,
                 ssh.copy_from_here(home / "big.bin", "~/blob-for-ctrl-c.bin", overwrite_existing=True)
         before = set(staging_in.glob(".stackops-partial.*"))  # an earlier test's broken connection may leave one
         copying = subprocess.Popen([sys.executable, str(SOURCE), "copy", source, target], cwd=home,
-                                   env=dict(os.environ, HOME=str(home)), stderr=subprocess.PIPE, text=True)
+                                   env=dict(os.environ, HOME=str(home)), stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=_sigint_as_a_terminal_gives)
         try:
             wait_for(lambda staging_in=staging_in, before=before: set(staging_in.glob(".stackops-partial.*")) - before,
                      timeout=30, what="the transfer to start")
