@@ -12605,6 +12605,7 @@ def _cmd_delete(args: Any) -> int:
                 target.delete(results=args.results)
             else:
                 _refuse_while_submitted(target)
+                _refuse_unended(target)
                 for root in _recordless_members(target, target.gone) \
                         if isinstance(target, Sweep) else []:
                     _print_recordless_deleted(root, args.results)
@@ -12615,6 +12616,21 @@ def _cmd_delete(args: Any) -> int:
                 shutil.rmtree(folder, ignore_errors=True)  # its record, once its members went
         print(f"deleted {target.job_id}" + (" and its results" if args.results else ""))
     return 0
+
+
+def _refuse_unended(target: Any) -> None:
+    """Delete a sweep or cluster whole or not at all: refused, before any member goes, while a
+    member has not ended or cannot be read (each member's delete would refuse it alone, after
+    the ones before it went)."""
+    answers = target.check_job_status()
+    left = [f"{key} ({value.status})" if isinstance(value, JobStatus) else f"{key} ({value})"
+            for key, value in answers.items() if not isinstance(value, JobStatus)
+            or value.status not in TERMINAL_STATUSES and value.status != "prepared"]
+    if left:
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        raise ConfigError(f"{target.job_id}: {', '.join(left[:3])}{more} not ended or not "
+                          "readable; nothing deleted", hint=f"{_prog()} cancel {target.job_id}, "
+                                                             "then delete it")
 
 
 def _parse_age(text: str, option: str = "--older-than") -> float:

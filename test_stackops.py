@@ -8052,6 +8052,21 @@ def test_control_cancel_sweep_stops_a_running_member_whose_record_was_removed(ho
     assert cli("delete", "rc", home=home).returncode == 0 and not list(queued.glob("rc*"))
 
 
+def test_control_delete_of_a_sweep_still_running_deletes_nothing(home):
+    """`delete SWEEP` while a member still ran deleted the ended members one by one, then stopped
+    at the running one (exit 2) with the sweep shortened for good (found by review). It is refused
+    before any member goes, naming what has not ended; once all ended, it deletes the whole."""
+    queued = _running_sweep(home, "dr", [0.0, 0.0, 120.0])
+    done = cli("delete", "dr", home=home)
+    assert done.returncode == 2 and "dr-0002 (running)" in done.stderr, done
+    assert "nothing deleted" in done.stderr and "cancel dr" in done.stderr, done
+    assert all((queued / f"dr-{k:04d}").is_dir() for k in range(3))
+    shown = json.loads(cli("status", "dr", "--json", home=home).stdout)
+    assert shown["counts"] == {"completed": 2, "running": 1}, shown
+    assert cli("cancel", "dr", "--grace", "1", home=home).returncode == 0
+    assert cli("delete", "dr", home=home).returncode == 0 and not list(queued.glob("dr*"))
+
+
 def test_control_delete_a_member_of_a_sweep_being_submitted_is_refused_saying_so(home):
     """`delete MEMBER` while its sweep was still being submitted removed the member, and the
     submission then failed on it, rolled back whole, with an unclear "no job folder" (found by
