@@ -4565,10 +4565,27 @@ class _Dispatcher:
                 with _suppress(OSError, StackopsError):
                     if _read_json(job_root / CONFIG_JSON).get("interactive"):
                         self.in_person.add(name)
+            if state == "queued" and name in self.in_person and self._left_line(name, job_root):
+                continue
             if state != "queued" or name in self.in_person:
                 return None
             self.head = (name, job_root)
             return self.head
+
+    def _left_line(self, name: str, job_root: Path) -> bool:
+        """Whether the job that waits first in line in person has gone: its wrapper holds its
+        entry (and its lock) while it lives, so one not held was killed once it had recorded its
+        pid, or never started STARTING_GRACE after its fire. It ends failed and the line moves
+        on (it held up the queue for ever)."""
+        state = read_state(job_root)
+        starting = _parse_iso(state.get("starting"))
+        if not state.get("pid") and starting is not None \
+                and (_utcnow() - starting).total_seconds() < STARTING_GRACE:
+            return False
+        self.in_person.discard(name)
+        self._refuse(name, job_root, "process gone: its wrapper, waiting in line in person, "
+                                     "ended without recording the job's end (killed?)")
+        return True
 
     def _hand_over(self, name: str, job_root: Path) -> bool:
         """Start the job of entry ``name`` holding a free slot (or its GPUs); False: none free.

@@ -2535,6 +2535,30 @@ def test_job_interactive_fire_that_fails_leaves_no_entry_and_ends_failed(home, t
 
 
 @needs_tmux
+def test_job_interactive_killed_while_it_waits_in_line_in_person_ends_and_the_line_moves_on(home, tmp_path):
+    """Review: an interactive job waits in line in person (its wrapper holds its entry); SIGKILLed
+    there, its entry stayed first, unheld, and every job behind it waited for ever with the slot
+    free. It now ends failed (its process gone) and the next in line runs."""
+    mod = make_module(home, JOBS_SOURCE)
+    try:
+        holder = RemoteMachine(mod.sleeper, config=config(job_id="ib-hold", max_simultaneous_jobs=1),
+                               func_kwargs={"seconds": 3}).run()
+        wait_for(lambda: holder.get_status(0).status == "running", what="the holder running")
+        waiter = RemoteMachine(mod.echo, config=config(job_id="ib-person", interactive=True,
+                                                       max_simultaneous_jobs=1)).run()
+        behind = RemoteMachine(mod.echo, config=config(job_id="ib-behind", max_simultaneous_jobs=1)).run()
+        wait_for(lambda: state_of(waiter).get("pid") and waiter.get_status(0).status == "waiting",
+                 what="the interactive job waiting in line in person")
+        os.kill(state_of(waiter)["pid"], signal.SIGKILL)
+        assert wait_done(behind).status == "completed"
+        report = waiter.get_status(0)
+        assert report.status == "failed" and "process gone" in report.error_message, report
+        assert wait_done(holder).status == "completed"
+    finally:
+        _end_tmux()
+
+
+@needs_tmux
 def test_job_interactive_runs_with_the_callers_environment_not_the_tmux_servers(home, tmp_path, monkeypatch):
     (home / "proj").mkdir()
     (home / "proj" / "envjob.py").write_text(
