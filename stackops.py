@@ -3259,13 +3259,13 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
         if status == "waiting" and in_line and _waits_in_person(Path(entry)):
             return state
         return dict(state, status="running") if status in ("queued", "waiting") else state
-    if in_line or entry and _being_started(entry):
+    if in_line or entry and (_being_started(entry) or _moved_in_line(entry, root.name)):
         return state  # in line: for a slot, or for the jobs it runs after
     starting = _parse_iso(state.get("starting"))
     if starting is not None and (_utcnow() - starting).total_seconds() < STARTING_GRACE:
         return state
     fresh = read_state(root)  # it may have ended (or started) meanwhile
-    if fresh.get("at") != state.get("at"):
+    if fresh.get("at") != state.get("at") or _alive(root):
         return _judge(root, fresh, slurm)
     if not state.get("pid") and state.get("entry") \
             and Slots(Path(state["entry"]).parent.parent).dispatcher_pid():
@@ -3286,6 +3286,15 @@ def _being_started(entry: str) -> bool:
     dispatcher that may have died since: the next one puts it back; see _take_entry)."""
     folder, _, name = entry.rpartition("/")
     return os.path.exists(f"{folder}/{STARTING}{name}")
+
+
+def _moved_in_line(entry: str, job_id: str) -> bool:
+    """Whether the job is in line under another entry than ``entry``, the one its record names: a
+    dispatcher killed as it moved the job from after/ to the queue, before it recorded the move
+    (see _Dispatcher._in_line)."""
+    state_dir = entry.rpartition("/")[0].rpartition("/")[0]
+    return any(name[20:] == job_id for folder in ("queue", AFTER_DIR)
+               for name in _listing(f"{state_dir}/{folder}", fresh=True))
 
 
 def _waits_in_person(entry: Path) -> bool:

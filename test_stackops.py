@@ -10340,6 +10340,29 @@ def test_queue_dispatcher_sigkilled_is_replaced_and_the_queue_drains(home):
     assert json.loads(counter.read_text())[1] <= 2
 
 
+def test_queue_dispatcher_killed_as_it_moves_an_after_job_into_line_loses_it_not(home):
+    """Review: a dispatcher killed inside its move of a job from after/ to the queue (the entry
+    renamed, the record not yet saying so) lost the job: the next look found no entry where its
+    record said, no process, and recorded it failed, so it never ran. Such a job is in line."""
+    mod = make_module(home, JOBS_SOURCE)
+    parent = RemoteMachine(mod.sleeper, config=config(job_id="mv-parent"), func_kwargs={"seconds": 3}).run()
+    child = RemoteMachine(mod.echo, config=config(job_id="mv-child", after=["mv-parent"])).run()
+    slots = Slots()
+    wait_for(lambda: slots.entries(stackops.AFTER_DIR) and _dispatcher_pid(), what="the child waiting after")
+    os.kill(_dispatcher_pid(), signal.SIGKILL)
+    wait_for(lambda: _dispatcher_pid() is None, what="the killed dispatcher gone, its lock free")
+    [name] = slots.entries(stackops.AFTER_DIR)
+    recorded = state_of(child)["entry"]
+    # what the kill leaves: the entry in the queue under its new name, the record not yet moved
+    os.rename(slots.root / stackops.AFTER_DIR / name, slots.queue / f"{time.time_ns():019d}-mv-child")
+    assert state_of(child)["entry"] == recorded
+    report = child.get_status(0)
+    assert report.status == "waiting", report
+    assert wait_done(parent).status == "completed"
+    report = wait_done(child)
+    assert report.status == "completed", report
+
+
 RUNS_SOURCE = """
     import time
 
