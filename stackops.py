@@ -13009,17 +13009,21 @@ def _cmd_report(args: Any) -> int:
         raise ConfigError("report needs IDs, or --last N (N >= 1) and/or --host H",
                           hint=f"e.g. {_prog()} report SWEEP_ID -o sweep.html")
     output = None if args.output == "-" else Path(args.output).expanduser()
-    if output is not None and (output.is_dir() or not os.access(
+    where = "-o FILE.html in a folder of yours that exists (- for stdout)"
+    if output is not None and (output.is_dir() or not output.parent.is_dir() or not os.access(
             output if output.exists() else output.parent, os.W_OK)):
-        raise ConfigError(f"cannot write the report to {args.output}",
-                          hint="-o FILE.html in a folder of yours that exists (- for stdout)")
+        raise ConfigError(f"cannot write the report to {args.output}", hint=where)
     rows = _report_rows(args.job_ids, args.last, args.host, args.base_dir, args.timeout)
     what = " ".join(args.job_ids) or f"the last {args.last or len(rows)} jobs"
     page = render_report(rows, f"stackops: {what}" + (f" on {args.host}" if args.host else ""))
     if output is None:
         sys.stdout.write(page)
         return 0
-    _atomic_write_text(output, page, 0o644)
+    try:
+        _atomic_write_text(output, page, 0o644)
+    except OSError as exc:  # a folder that takes no new file (/proc), a full disk
+        raise StackopsError(f"cannot write the report to {args.output}: "
+                            f"{exc.strerror or exc}", hint=where) from exc
     print(f"{collapse_home(output)}: {len(rows)} jobs, {len(page.encode()) / 1e3:,.0f} kB")
     return 0
 

@@ -10657,6 +10657,12 @@ def test_cli_report_of_a_real_sweep_here_and_its_bad_input(home):
         errors = [line for line in done.stderr.splitlines() if line.startswith("stackops: error:")]
         assert done.returncode == 2 and len(errors) == 1 and said in errors[0], (args, done.stderr)
     assert not (home / "bad.html").exists() and not (home / "no").exists()
+    (home / "afile").write_text("x")  # a parent that is a file; a folder that takes no new file
+    done = cli("report", "rep", "-o", "afile/r.html", home=home)
+    assert done.returncode == 2 and "cannot write the report to afile/r.html" in done.stderr, done.stderr
+    done = cli("report", "rep", "-o", "/proc/r.html", home=home)
+    assert done.returncode in (1, 2) and "cannot write the report to /proc/r.html" in done.stderr, done.stderr
+    assert ".tmp" not in done.stderr and (home / "afile").read_text() == "x"
 
 
 def test_cli_report_of_a_host_reads_its_jobs_there(remote, home):
