@@ -2581,7 +2581,8 @@ def read_state(root: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        return {"status": "failed", "error": f"its state record cannot be read: {exc}"}
+        return {"status": "failed", "error": f"its state record cannot be read: {exc}",
+                "unreadable": True}
     return data if isinstance(data, dict) else {"status": "failed", "error": "state not a dict"}
 
 
@@ -3239,6 +3240,8 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
     the record was read (one seen there waits, or runs if its process lives); ``here``: this
     machine's key, when worked out already."""
     state = read_state(root) if state is None else state
+    if state.get("unreadable") and _alive(root):  # a damaged record: the job's process lives
+        return dict(state, status="running", error="", reason=state["error"])
     status = state.get("status") or "prepared"
     if status in TERMINAL_STATUSES and state.get("final", True) or state.get("tasks"):
         return state

@@ -8150,6 +8150,9 @@ def test_control_delete_and_cancel_a_job_whose_record_is_damaged(home):
                home=home).returncode == 0
     pids = _pids(home, "state")
     (queued / "dm-state" / "logs" / "state.json").write_text("{not json")
+    shown = json.loads(cli("status", "dm-state", "--json", home=home).stdout)  # not ended: it runs
+    assert shown["status"] == "running" and "state record cannot be read" in shown["reason"], shown
+    assert json.loads(cli("list", "--json", home=home).stdout)[0]["status"] == "running"
     done = cli("delete", "dm-state", home=home)
     lock = "~/tmp_results/remote_machines/jobs/queued/dm-state/logs/alive.lock"
     assert done.returncode == 2 and "its state record is missing or damaged" in done.stderr, done
