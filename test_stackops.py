@@ -2539,10 +2539,11 @@ def test_job_interactive_killed_while_it_waits_in_line_in_person_ends_and_the_li
     """Review: an interactive job waits in line in person (its wrapper holds its entry); SIGKILLed
     there, its entry stayed first, unheld, and every job behind it waited for ever with the slot
     free. It now ends failed (its process gone) and the next in line runs."""
-    mod = make_module(home, JOBS_SOURCE)
+    mod = make_module(home, JOBS_SOURCE + GATED_SOURCE)
+    gate = home / "gate"
     try:
-        holder = RemoteMachine(mod.sleeper, config=config(job_id="ib-hold", max_simultaneous_jobs=1),
-                               func_kwargs={"seconds": 3}).run()
+        holder = RemoteMachine(mod.gated, config=config(job_id="ib-hold", max_simultaneous_jobs=1),
+                               func_kwargs={"gate": str(gate)}).run()
         wait_for(lambda: holder.get_status(0).status == "running", what="the holder running")
         waiter = RemoteMachine(mod.echo, config=config(job_id="ib-person", interactive=True,
                                                        max_simultaneous_jobs=1)).run()
@@ -2550,6 +2551,7 @@ def test_job_interactive_killed_while_it_waits_in_line_in_person_ends_and_the_li
         wait_for(lambda: state_of(waiter).get("pid") and waiter.get_status(0).status == "waiting",
                  what="the interactive job waiting in line in person")
         os.kill(state_of(waiter)["pid"], signal.SIGKILL)
+        gate.write_text("open")  # the holder ends: its slot goes to the next in line
         assert wait_done(behind).status == "completed"
         report = waiter.get_status(0)
         assert report.status == "failed" and "process gone" in report.error_message, report
@@ -10343,17 +10345,30 @@ def test_queue_dispatcher_sigkilled_is_replaced_and_the_queue_drains(home):
     assert json.loads(counter.read_text())[1] <= 2
 
 
+GATED_SOURCE = """
+
+    def gated(gate):
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+"""
+
+
 def test_queue_dispatcher_killed_as_it_moves_an_after_job_into_line_loses_it_not(home):
     """Review: a dispatcher killed inside its move of a job from after/ to the queue (the entry
     renamed, the record not yet saying so) lost the job: the next look found no entry where its
     record said, no process, and recorded it failed, so it never ran. Such a job is in line."""
-    mod = make_module(home, JOBS_SOURCE)
-    parent = RemoteMachine(mod.sleeper, config=config(job_id="mv-parent"), func_kwargs={"seconds": 3}).run()
+    mod = make_module(home, JOBS_SOURCE + GATED_SOURCE)
+    gate = home / "gate"
+    parent = RemoteMachine(mod.gated, config=config(job_id="mv-parent"), func_kwargs={"gate": str(gate)}).run()
     child = RemoteMachine(mod.echo, config=config(job_id="mv-child", after=["mv-parent"])).run()
     slots = Slots()
     wait_for(lambda: slots.entries(stackops.AFTER_DIR) and _dispatcher_pid(), what="the child waiting after")
-    os.kill(_dispatcher_pid(), signal.SIGKILL)
-    wait_for(lambda: _dispatcher_pid() is None, what="the killed dispatcher gone, its lock free")
+    deadline = time.monotonic() + 30
+    while (pid := _dispatcher_pid()) is not None:  # (one just starting may have a second pid)
+        assert time.monotonic() < deadline, "the dispatcher outlived SIGKILL"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
     [name] = slots.entries(stackops.AFTER_DIR)
     recorded = state_of(child)["entry"]
     # what the kill leaves: the entry in the queue under its new name, the record not yet moved
@@ -10361,6 +10376,7 @@ def test_queue_dispatcher_killed_as_it_moves_an_after_job_into_line_loses_it_not
     assert state_of(child)["entry"] == recorded
     report = child.get_status(0)
     assert report.status == "waiting", report
+    gate.write_text("open")  # the parent ends now (the kill and the move happened while it ran)
     assert wait_done(parent).status == "completed"
     report = wait_done(child)
     assert report.status == "completed", report
