@@ -3219,11 +3219,13 @@ class FileManager:
 
 
 def _gone(root: Path) -> str:
-    """Why a job whose folder, or the record in it, is gone reads failed: how it ended went
-    with it."""
+    """Why a job whose folder, or the record in it, is gone cannot be read as a job: how it
+    ended went with it (or, while its process holds its lock, that it still runs)."""
     if os.path.isdir(root):
+        how = f"its process still runs ({_prog()} cancel {root.name} stops it)" if _alive(root) \
+            else "how it ended is not known"
         return (f"no job record at {collapse_home(root / REMOTE_MACHINE_JSON)} (removed?), "
-                "though its folder is there: how it ended is not known")
+                f"though its folder is there: {how}")
     return f"no job folder at {collapse_home(root)} (removed?): how it ended is not known"
 
 

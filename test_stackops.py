@@ -8058,6 +8058,9 @@ def test_control_sweep_member_running_whose_record_was_removed_reads_running_and
     waited = cli("wait", "rw", "--timeout", "2", home=home)
     assert waited.returncode == 124 and "failed" not in waited.stdout + waited.stderr, waited
     assert stackops._alive(queued / "rw-0001")  # it runs on, untouched
+    alone = cli("status", "rw-0001", home=home)  # it cannot be read as a job, and it is not said to have ended
+    assert alone.returncode == 2 and missing in alone.stderr, alone
+    assert "its process still runs" in alone.stderr and "how it ended" not in alone.stderr, alone.stderr
     listed = cli("list", home=home)  # list says how it goes: cancel first (delete refuses it)
     assert "cancel rw-0001 stops it, then " in listed.stderr, listed.stderr
     assert cli("cancel", "rw-0001", "--grace", "1", home=home).returncode == 0
