@@ -7171,6 +7171,19 @@ class SlurmCluster:
             deadline = time.monotonic() + 10
             while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
+        for pid in self._strays():  # a job's step daemon (and its srun) can outlive slurmd
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _strays(self) -> list[int]:
+        """The processes this cluster started (their environment names its config) still alive."""
+        mark = f"SLURM_CONF={self.conf}".encode()
+        found = []
+        for name in os.listdir("/proc"):
+            with contextlib.suppress(OSError):
+                if name.isdigit() and mark in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
+                    found.append(int(name))
+        return [pid for pid in found if pid != os.getpid()]
 
 
 def _slurm_or_skip() -> None:
