@@ -3224,9 +3224,13 @@ def _gone(root: Path) -> str:
     if os.path.isdir(root):
         how = f"its process still runs ({_prog()} cancel {root.name} stops it)" if _alive(root) \
             else "how it ended is not known"
-        return (f"no job record at {collapse_home(root / REMOTE_MACHINE_JSON)} (removed?), "
-                f"though its folder is there: {how}")
+        return f"{_record_missing(root)}: {how}"
     return f"no job folder at {collapse_home(root)} (removed?): how it ended is not known"
+
+
+def _record_missing(root: Path) -> str:
+    return (f"no job record at {collapse_home(root / REMOTE_MACHINE_JSON)} (removed?), though its "
+            "folder is there")
 
 
 def _judge(root: Path, state: dict[str, Any] | None = None,
@@ -3264,7 +3268,7 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
         if status == "waiting" and in_line and _waits_in_person(Path(entry)):
             return state
         return dict(state, status="running") if status in ("queued", "waiting") else state
-    if in_line or entry and (_being_started(entry) or _moved_in_line(entry, root.name)):
+    if in_line or entry and _in_line_elsewhere(entry, root.name):
         return state  # in line: for a slot, or for the jobs it runs after
     starting = _parse_iso(state.get("starting"))
     if starting is not None and (_utcnow() - starting).total_seconds() < STARTING_GRACE:
@@ -3286,20 +3290,17 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
     return ended
 
 
-def _being_started(entry: str) -> bool:
-    """Whether the queue entry ``entry`` was taken out of the line to start its job (by a
-    dispatcher that may have died since: the next one puts it back; see _take_entry)."""
+def _in_line_elsewhere(entry: str, job_id: str) -> bool:
+    """Whether the job is in line under another name than ``entry``, the one its record names:
+    taken out of the line to be started (STARTING; the next dispatcher puts it back, see
+    _take_entry), or moved from after/ to the queue before the move was recorded (see
+    _Dispatcher._in_line), each by a dispatcher that may have died since."""
     folder, _, name = entry.rpartition("/")
-    return os.path.exists(f"{folder}/{STARTING}{name}")
-
-
-def _moved_in_line(entry: str, job_id: str) -> bool:
-    """Whether the job is in line under another entry than ``entry``, the one its record names: a
-    dispatcher killed as it moved the job from after/ to the queue, before it recorded the move
-    (see _Dispatcher._in_line)."""
-    state_dir = entry.rpartition("/")[0].rpartition("/")[0]
-    return any(name[20:] == job_id for folder in ("queue", AFTER_DIR)
-               for name in _listing(f"{state_dir}/{folder}", fresh=True))
+    if os.path.exists(f"{folder}/{STARTING}{name}"):
+        return True
+    state_dir = folder.rpartition("/")[0]
+    return any(other[20:] == job_id for line in ("queue", AFTER_DIR)
+               for other in _listing(f"{state_dir}/{line}", fresh=True))
 
 
 def _waits_in_person(entry: Path) -> bool:
@@ -5360,6 +5361,11 @@ def _killed_mark(record: dict[str, Any]) -> bool:
     return True
 
 
+def _deletable(status: str) -> bool:
+    """Whether a job of ``status`` may be deleted: ended, or never fired."""
+    return status in TERMINAL_STATUSES or status == "prepared"
+
+
 def delete_job(root: Path) -> str:
     """Remove an ended job's folder where it ran: only a real job folder (not a link), never one
     whose job has not ended. The shared folder of a sweep or array goes with its last job.
@@ -5375,7 +5381,7 @@ def delete_job(root: Path) -> str:
         raise ConfigError(f"job {root.name} runs (its processes hold {lock}), and its state "
                           "record is missing or damaged: cancel cannot stop it; nothing deleted",
                           hint=f"stop it with: fuser -k -TERM {lock}; then delete it")
-    if status not in TERMINAL_STATUSES and status != "prepared":
+    if not _deletable(status):
         raise ConfigError(f"job {root.name} is {status}; cancel it before deleting it",
                           hint=f"{_prog()} cancel {root.name}")
     ids = _leave_sweep(root)
@@ -10235,11 +10241,6 @@ def _recordless_why(root: Path, cluster: str | None = None) -> str:
     return _record_missing(root) + ("" if cluster else f" ({how})")
 
 
-def _record_missing(root: Path) -> str:
-    return (f"no job record at {collapse_home(root / REMOTE_MACHINE_JSON)} (removed?), though its "
-            "folder is there")
-
-
 def _take_answer(row: dict[str, Any], answer: Any) -> None:
     """A remote row from its host's answer, or (none: the host could not be asked) from the
     record last mirrored here, as of when it was read there."""
@@ -12656,7 +12657,7 @@ def _refuse_unended(target: Any) -> None:
     answers = target.check_job_status()
     left = [f"{key} ({value.status})" if isinstance(value, JobStatus) else f"{key} ({value})"
             for key, value in answers.items() if not isinstance(value, JobStatus)
-            or value.status not in TERMINAL_STATUSES and value.status != "prepared"]
+            or not _deletable(value.status)]
     if left:
         more = f" and {len(left) - 3} more" if len(left) > 3 else ""
         raise ConfigError(f"{target.job_id}: {', '.join(left[:3])}{more} not ended or not "
