@@ -2862,7 +2862,8 @@ class QueueMachine(stateful.RuleBasedStateMachine):
             wrapper = f"{os.path.realpath(machine.file_manager.job_root)}/python/cluster_wrap.py"
             root = machine.file_manager.job_root  # (a wrapper its dispatcher forked names no path)
             if report.status == "waiting":  # an entry in line, started by nothing yet (or since)
-                in_line = any(name.endswith(f"-{machine.job_id}") for name in slots.entries())
+                in_line = any(name.endswith(f"-{machine.job_id}")  # (or taken out to be started
+                              for name in slots.entries() + slots._starting())  # by one killed since)
                 assert in_line or machine.get_status(0).status != "waiting", machine.job_id
                 assert in_line or not (_procs_naming(wrapper) or stackops._alive(root)) \
                     or machine.get_status(0).status != "waiting"
