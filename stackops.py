@@ -12191,37 +12191,15 @@ def _cluster_row(cluster: str, parts: list[dict[str, Any]]) -> list[str]:
 def _cmd_logs(args: Any) -> int:
     target = _load_job_or_cluster(args.job_id, args.base_dir)
     with target:
-        if isinstance(target, RemoteMachine) and not target.array_parts:
-            return _follow_log(target, args)
-        members = _members(target)
-        if args.follow:
-            return _follow_members(members, args)
-        for member in members:
-            print(f"==> {member.job_id} <==", flush=True)
-            _follow_log(member, args)
-    return 0
+        alone = isinstance(target, RemoteMachine) and not target.array_parts
+        return _follow_logs(_members(target), args, headers=not alone)
 
 
-def _follow_log(machine: RemoteMachine, args: Any) -> int:
-    """A job's log (its last ``--lines``, or all), read where it runs; with ``--follow``, what it
-    adds, until the job ends (a line appears here within a second of the job printing it)."""
-    offset: int | None = None
-    while True:
-        request = {"action": "logs", "roots": [machine.root_there], "offset": offset,
-                   "lines": args.lines or 10**9}
-        answer = machine.place.call([request])[0]
-        sys.stdout.write(answer["text"])
-        sys.stdout.flush()
-        offset = answer["offset"]
-        if not args.follow or answer["ended"]:
-            return 0
-        time.sleep(0.25)
-
-
-def _follow_members(members: list[RemoteMachine], args: Any) -> int:
-    """``logs -f`` of a group (an array's tasks, a sweep, a cluster): each member's new lines
-    under a header naming it, all members looked at each time (one call per place), until every
-    one has ended and nothing more came."""
+def _follow_logs(members: list[RemoteMachine], args: Any, headers: bool = False) -> int:
+    """The jobs' logs (each one's last ``--lines``, or all), read where they run (one call per
+    place), each under a header naming it if ``headers``; with ``--follow``, what they add, until
+    every one has ended and nothing more came (a line appears here within a second of the job
+    printing it)."""
     offsets: dict[str, int | None] = {member.job_id: None for member in members}
     done: set[str] = set()
     shown = ""
@@ -12234,7 +12212,7 @@ def _follow_members(members: list[RemoteMachine], args: Any) -> int:
             requests = [{"action": "logs", "roots": [member.root_there], "lines": args.lines or
                          10**9, "offset": offsets[member.job_id]} for member in group]
             for member, answer in zip(group, group[0].place.call(requests)):
-                if answer["text"] and shown != member.job_id:
+                if headers and shown != member.job_id and (answer["text"] or not args.follow):
                     shown = member.job_id
                     print(f"==> {member.job_id} <==")
                 sys.stdout.write(answer["text"])
@@ -12242,6 +12220,8 @@ def _follow_members(members: list[RemoteMachine], args: Any) -> int:
                     done.add(member.job_id)  # ended, and its log read to the end after
                 offsets[member.job_id] = answer["offset"]
         sys.stdout.flush()
+        if not args.follow:
+            return 0
         if len(done) < len(members):
             time.sleep(0.25)
     return 0
@@ -13312,7 +13292,7 @@ def _cmd_cluster_logs(args: Any) -> int:
             if len(hosts) > 1:
                 print(f"==> {host} ({cluster.machines[host].job_id}) <==", flush=True)
             with cluster.machines[host] as machine:
-                _follow_log(machine, args)
+                _follow_logs([machine], args)
     return 0
 
 
