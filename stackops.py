@@ -12455,34 +12455,40 @@ def _cmd_wait(args: Any) -> int:
     if args.timeout is not None and args.timeout < 0:
         raise ConfigError(f"--timeout must be positive seconds, got {args.timeout}")
     targets = {job_id: _load_job_or_cluster(job_id, args.base_dir) for job_id in args.job_ids}
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    ended: dict[str, str] = {}
-    told: set[str] = set()
-    seen: dict[str, dict[str, Any]] = {job_id: {} for job_id in targets}  # members ended
     try:
-        while len(ended) < len(targets):
-            for job_id, target in targets.items():
-                if job_id in ended:
-                    continue
-                answers = _look(target, seen[job_id])
-                status = _overall(answers)
-                _tell_unread(answers, told)
-                if status is not None:
-                    ended[job_id] = status
-                    group = "" if isinstance(target, RemoteMachine) else \
-                        f" ({_counts_text(answers)})"
-                    print(f"{job_id} {status}{group}", flush=True)
-                    if group:
-                        _say_failed(answers)
-            if len(ended) < len(targets):
-                if deadline is not None and time.monotonic() >= deadline:
-                    waiting = ", ".join(job_id for job_id in targets if job_id not in ended)
-                    print(f"still not ended after {args.timeout:g}s: {waiting}", file=sys.stderr)
-                    return 124
-                time.sleep(0.3)
+        return _wait_for(targets, args.timeout)
     finally:
         for target in targets.values():
             target.close()
+
+
+def _wait_for(targets: dict[str, Any], timeout: float | None = None) -> int:
+    """Block until every target (a job, sweep, cluster, ...) has ended, saying each end (a
+    group's with its counts, and its failed members); 0 if all completed, 1 if not, 124 when
+    ``timeout`` seconds went by first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ended: dict[str, str] = {}
+    told: set[str] = set()
+    seen: dict[str, dict[str, Any]] = {job_id: {} for job_id in targets}  # members ended
+    while len(ended) < len(targets):
+        for job_id, target in targets.items():
+            if job_id in ended:
+                continue
+            answers = _look(target, seen[job_id])
+            status = _overall(answers)
+            _tell_unread(answers, told)
+            if status is not None:
+                ended[job_id] = status
+                group = "" if isinstance(target, RemoteMachine) else f" ({_counts_text(answers)})"
+                print(f"{job_id} {status}{group}", flush=True)
+                if group:
+                    _say_failed(answers)
+        if len(ended) < len(targets):
+            if deadline is not None and time.monotonic() >= deadline:
+                waiting = ", ".join(job_id for job_id in targets if job_id not in ended)
+                print(f"still not ended after {timeout:g}s: {waiting}", file=sys.stderr)
+                return 124
+            time.sleep(0.3)
     return 0 if all(status == "completed" for status in ended.values()) else 1
 
 
@@ -12523,7 +12529,7 @@ def _cmd_rerun(args: Any) -> int:
             for task in target.array_tasks():
                 if task.job_id in tasks:
                     print(f"rerun task as job {task.job_id} with {_code_note(task)}")
-            return _wait_ids([target]) if args.wait else 0
+            return _wait_for({target.job_id: target}) if args.wait else 0
     if args.failed or isinstance(target, _CloudUnits):
         raise ConfigError("--failed is for a cluster id" if args.failed
                           else "a cloud queue's units are not rerun")
@@ -12551,17 +12557,6 @@ def _code_note(machine: RemoteMachine) -> str:
     if machine.pinned:
         return f"its own snapshot {identity}"
     return f"the code as it is now (snapshot {identity})"
-
-
-def _wait_ids(targets: list[RemoteMachine]) -> int:
-    """Block until every job ends; 0 if all completed."""
-    ended = {}
-    for target in targets:
-        while (report := target.get_status(0)).status not in TERMINAL_STATUSES:
-            time.sleep(0.3)
-        ended[target.job_id] = report.status
-        print(f"{target.job_id} {report.status}", flush=True)
-    return 0 if all(status == "completed" for status in ended.values()) else 1
 
 
 def _cmd_start(args: Any) -> int:
@@ -12658,59 +12653,48 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
     (only ``status`` ones, only on ``host`` when given), each judged where it runs (as ``list``
     judges it: one round trip per host); a job that has not ended is never touched, nor one its
     host cannot confirm. A job folder here whose record is gone reads failed and goes once its
-    own state says it ended (never with ``host``: where it ran is not known). Returns the ids
-    deleted."""
+    own state says it ended (never with ``host``: where it ran is not known); an array's task
+    goes with its array. Returns the ids deleted."""
     cutoff = _utcnow() - _dt.timedelta(seconds=older_than)
-    deleted: list[str] = []
-    rows = list_job_rows(base_dir)
-    for row in rows:
-        report = row["report"]
-        ended = _parse_iso(report.end_time) if report.finished else None
-        if row["cluster"] or row["as_of"] or row["error"] or ended is None or ended > cutoff \
-                or status not in (None, report.status) or host not in (None, row["host"]):
-            continue
-        if row.get("sweep") and (expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued") /
-                                 row["sweep"] / REMOTE_MACHINE_JSON).exists():
-            continue  # a task of an array: it goes with its array
-        root = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued/{row['job_id']}")
-        if not (root / REMOTE_MACHINE_JSON).exists():  # an array's task, deleted with its array
-            continue
-        try:
-            with RemoteMachine.from_job_dir(root) as machine:
-                machine.delete(results=results)
-        except StackopsError as exc:
-            log.warning("not pruned: %s: %s", row["job_id"], exc)
-            continue
-        deleted.append(row["job_id"])
-    if host is None and status in (None, "failed"):  # (where one without its record ran: unknown)
-        deleted += _prune_recordless(base_dir, {row["job_id"] for row in rows}, cutoff, results)
-    return deleted
-
-
-def _prune_recordless(base_dir: str | None, listed: set[str], cutoff: _dt.datetime,
-                      results: bool) -> list[str]:
-    """prune of the job folders here whose record is gone (of those ``list`` has no row for):
-    each reads failed (as status says) and goes once its own state record says it ended before
-    ``cutoff``; an array's task goes with its array."""
     queued = expand_home(f"{base_dir or DEFAULT_BASE_DIR}/queued")
+    rows = list_job_rows(base_dir)
+    chosen = [(queued / row["job_id"], row["report"], False) for row in rows
+              if not (row["cluster"] or row["as_of"] or row["error"])
+              and status in (None, row["report"].status) and host in (None, row["host"])
+              and not (row.get("sweep") and (queued / row["sweep"] / REMOTE_MACHINE_JSON).exists())
+              and (queued / row["job_id"] / REMOTE_MACHINE_JSON).exists()]
+    if host is None and status in (None, "failed"):  # (where one without its record ran: unknown)
+        chosen += _recordless_here(queued, {row["job_id"] for row in rows})
     deleted = []
-    for name in sorted(os.listdir(queued) if queued.is_dir() else []):
-        root = queued / name
-        if name in listed or name.startswith(".") or not _record_gone(root):
-            continue
-        report = _status_of(name, judge_jobs([root])[0])
+    for root, report, recordless in chosen:
         ended = _parse_iso(report.end_time) if report.finished else None
-        shared = _shared_of(root)
-        if ended is None or ended > cutoff \
-                or shared is not None and (shared / REMOTE_MACHINE_JSON).exists():
+        if ended is None or ended > cutoff:
             continue
         try:
-            _delete_recordless(root, results)
+            if recordless:
+                _delete_recordless(root, results)
+            else:
+                with RemoteMachine.from_job_dir(root) as machine:
+                    machine.delete(results=results)
         except StackopsError as exc:
             log.warning("not pruned: %s: %s", root.name, exc)
             continue
         deleted.append(root.name)
     return deleted
+
+
+def _recordless_here(queued: Path, listed: set[str]) -> list[tuple[Path, JobStatus, bool]]:
+    """The job folders here whose record is gone (of those ``list`` has no row for; not an
+    array's task), each as status reads it (failed, once its own state record says it ended)."""
+    names = sorted(os.listdir(queued)) if queued.is_dir() else []
+    roots = [queued / name for name in names if name not in listed
+             and not name.startswith(".") and _record_gone(queued / name)]
+    found = []
+    for root in roots:
+        shared = _shared_of(root)
+        if shared is None or not (shared / REMOTE_MACHINE_JSON).exists():
+            found.append((root, _status_of(root.name, judge_jobs([root])[0]), True))
+    return found
 
 
 def _cmd_prune(args: Any) -> int:
