@@ -12180,9 +12180,7 @@ def _list_row(name: str, row: dict[str, Any]) -> list[str]:
 
 
 def _cluster_row(cluster: str, parts: list[dict[str, Any]]) -> list[str]:
-    counts: dict[str, int] = {}
-    for part in parts:
-        counts[part["report"].status] = counts.get(part["report"].status, 0) + 1
+    counts = _counts({part["job_id"]: part["report"] for part in parts})
     summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
     submitted = min((p["report"].submission_time or "-" for p in parts), default="-")
     return [f"{cluster} (cluster)", f"{len(parts)} host(s)", summary, submitted[:19], "", ""]
@@ -12955,15 +12953,11 @@ def _report_rows(ids: list[str], last: int | None, host: str | None, base_dir: s
 
 def _report_members(target: Any) -> dict[str, tuple[str | None, str | None]]:
     """{job id: (group, slot)} of what an id names (an array's tasks are its slots)."""
-    if isinstance(target, RemoteMachine) and target.array_parts:
-        return {task.job_id: (target.job_id, f"task-{k}")
-                for k, task in enumerate(target.array_tasks())}
-    if isinstance(target, RemoteMachine):
+    if isinstance(target, RemoteMachine) and not target.array_parts:
         return {target.job_id: (None, None)}
-    if isinstance(target, Cluster):
-        return {job.job_id: (target.job_id, None) for job in target.machines.values()}
-    jobs = target.jobs if isinstance(target, Sweep) else target.units  # a cloud job's units
-    return {job.job_id: (target.job_id, None) for job in jobs}
+    tasks = isinstance(target, RemoteMachine)
+    return {job.job_id: (target.job_id, f"task-{k}" if tasks else None)
+            for k, job in enumerate(_members(target))}
 
 
 def _report_call(root: Path | None) -> str | None:
