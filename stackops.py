@@ -12190,14 +12190,15 @@ def _cmd_logs(args: Any) -> int:
     target = _load_job_or_cluster(args.job_id, args.base_dir)
     with target:
         alone = isinstance(target, RemoteMachine) and not target.array_parts
-        return _follow_logs(_members(target), args, headers=not alone)
+        return _follow_logs(_members(target), args, None if alone else {})
 
 
-def _follow_logs(members: list[RemoteMachine], args: Any, headers: bool = False) -> int:
+def _follow_logs(members: list[RemoteMachine], args: Any,
+                 names: dict[str, str] | None = None) -> int:
     """The jobs' logs (each one's last ``--lines``, or all), read where they run (one call per
-    place), each under a header naming it if ``headers``; with ``--follow``, what they add, until
-    every one has ended and nothing more came (a line appears here within a second of the job
-    printing it)."""
+    place), each under a header naming it (by ``names``, else its id) unless ``names`` is None;
+    with ``--follow``, what they add, until every one has ended and nothing more came (a line
+    appears here within a second of the job printing it)."""
     offsets: dict[str, int | None] = {member.job_id: None for member in members}
     done: set[str] = set()
     shown = ""
@@ -12210,9 +12211,10 @@ def _follow_logs(members: list[RemoteMachine], args: Any, headers: bool = False)
             requests = [{"action": "logs", "roots": [member.root_there], "lines": args.lines or
                          10**9, "offset": offsets[member.job_id]} for member in group]
             for member, answer in zip(group, group[0].place.call(requests)):
-                if headers and shown != member.job_id and (answer["text"] or not args.follow):
+                if names is not None and shown != member.job_id and \
+                        (answer["text"] or not args.follow):
                     shown = member.job_id
-                    print(f"==> {member.job_id} <==")
+                    print(f"==> {names.get(member.job_id, member.job_id)} <==")
                 sys.stdout.write(answer["text"])
                 if answer["ended"] and not answer["text"] and offsets[member.job_id] is not None:
                     done.add(member.job_id)  # ended, and its log read to the end after
@@ -13266,12 +13268,9 @@ def _cmd_cluster_logs(args: Any) -> int:
                 raise ConfigError(f"cluster {cluster.job_id} has no part {args.part!r}",
                                   hint=f"parts: {', '.join(hosts)} (or 1 to {len(hosts)})")
             hosts = [chosen]
-        for host in hosts:
-            if len(hosts) > 1:
-                print(f"==> {host} ({cluster.machines[host].job_id}) <==", flush=True)
-            with cluster.machines[host] as machine:
-                _follow_logs([machine], args)
-    return 0
+        machines = {host: cluster.machines[host] for host in hosts}
+        names = {machine.job_id: f"{host} ({machine.job_id})" for host, machine in machines.items()}
+        return _follow_logs(list(machines.values()), args, names if len(hosts) > 1 else None)
 
 
 def _add_cluster_args(cluster: Any) -> None:
