@@ -7482,13 +7482,15 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
                    file_manager: FileManager, data: list[str]) -> tuple[str, str]:
     """Upload the job folder and its data with rclone as one archive (rclone's per-file hash
     check runs once), which the host fetches when the job is fired. Returns (where it is, its
-    SHA-256, checked before anything is unpacked). With ``ssh``, a job id the host has, or a
-    host whose rclone lacks the remote, is refused before anything is uploaded."""
+    SHA-256, checked before anything is unpacked). With ``ssh``, a job id the host has, a host
+    whose rclone lacks the remote or without the job's interpreter, is refused before anything
+    is uploaded."""
     cloud = config.cloud_name or ""
     check_cloud_remote(cloud)
+    python = config.python or "python3"
     if ssh is not None:
-        facts = ssh.serve([{"action": "facts",
-                            "facts": [f"exists:{file_manager.job_root_rh}", f"rclone:{cloud}"]}])[0]
+        wanted = [f"exists:{file_manager.job_root_rh}", f"rclone:{cloud}", f"command:{python}"]
+        facts = ssh.serve([{"action": "facts", "facts": wanted}])[0]
         if facts.get(f"exists:{file_manager.job_root_rh}"):
             raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias} "
                               f"at {file_manager.job_root_rh}",
@@ -7496,6 +7498,9 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
         if not facts.get(f"rclone:{cloud}"):
             raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r}",
                               hint="install rclone on the host and configure the same remote there")
+        if not facts.get(f"command:{python}"):
+            raise ConfigError(f"the interpreter {python!r} is not found on {ssh.target.alias}",
+                              hint="install it there, or pass --python (python=) with one it has")
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
         _pack_unit(archive, file_manager.job_root, data)
@@ -8846,22 +8851,8 @@ class _ThroughCloud(_OverSSH):
                   progress: Callable[[int], None] | None) -> _HandOver | None:
         """Up to the cloud: nothing is on the host before the job is fired (the archive's SHA-256
         is what the hand-over returns)."""
-        cloud = self.config.cloud_name or ""
-        root_rh = job.files.job_root_rh
-        facts = self.facts([f"exists:{root_rh}", f"rclone:{cloud}", f"command:{job.python}"])
-        if facts.get(f"exists:{root_rh}"):
-            raise ConfigError(f"job {job.job_id!r} already exists on {self.host_name} at "
-                              f"{root_rh}",
-                              hint="choose another job_id, or leave it out for a fresh one")
-        if not facts.get(f"rclone:{cloud}"):
-            raise ConfigError(f"{self.host_name} cannot reach cloud remote {cloud!r}",
-                              hint="install rclone on the host and configure the same remote")
-        if not facts.get(f"command:{job.python}"):
-            raise ConfigError(f"the interpreter {job.python!r} is not found on "
-                              f"{self.host_name}",
-                              hint="install it there, or pass --python (python=) with one it has")
-        _, digest = transfer_cloud(None, self.config, job.params, job.files, spec.data)
-        return _HandOver(False, "", facts, {}, sha256=digest)
+        _, digest = transfer_cloud(self.ssh, job.config, job.params, job.files, spec.data)
+        return _HandOver(False, "", {}, {}, sha256=digest)
 
     def fire_requests(self, job: _Job) -> list[dict[str, Any]]:
         """The host fetches the job (checked), checks its e-mail config, then fires it."""
@@ -11475,13 +11466,13 @@ class _ClaimKeeper:
 
 
 def _unit_member_ok(info: Any, data: list[str]) -> bool:
-    """A member that may be unpacked: under job/, code/ or home/<data path>, a link within it."""
+    """A member that may be unpacked: under job/ or home/<data path>, a link within it."""
     name = posixpath.normpath(info.name)
     if info.name.startswith("/") or name.startswith(".."):
         return False
     if not (info.isfile() or info.isdir() or info.issym()):
         return False
-    places = ["job", "code"] + [f"home/{item}" for item in data]
+    places = ["job"] + [f"home/{item}" for item in data]
     top = next((place for place in places if name == place or name.startswith(place + "/")), None)
     if top is None:
         return False
@@ -11512,7 +11503,7 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
             if job is None or bad:
                 what = ", ".join(bad[:3]) or "no job folder"
                 raise _UnitRefused(f"unit archive {archive.name} holds {what}, outside the unit's "
-                                    "job folder, code and data: nothing was unpacked",
+                                    "job folder and data: nothing was unpacked",
                                     hint="a unit packed by an older stackops? submit it again")
             tar.chown = lambda *args, **kwargs: None  # type: ignore[method-assign]  # never chown
             extra: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
@@ -11525,22 +11516,38 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
 
 
 def _place_unit(staging: Path, root: Path, data: list[str], unit_id: str = "") -> None:
-    """Move an unpacked unit into ``root`` (its code to ``root/code``, its records saying so),
-    and its data to their home-relative places, unless this machine sees the submitter's files
-    (a worker on the submitting machine): then nothing of yours is written over."""
+    """Move an unpacked unit into ``root`` and its data to their home-relative places, unless
+    this machine sees the submitter's files (a worker, ``unit_id``, on the submitting machine):
+    then nothing of yours is written over."""
     os.rename(staging / "job", root)
-    params = _read_json(root / JOB_PARAMS_JSON)
-    if (staging / "code").is_dir():
-        os.rename(staging / "code", root / "code")
-        params["repo_path_rh"] = collapse_home(root / "code")
-        _atomic_write_json(root / JOB_PARAMS_JSON, params)
     manager = _read_json(root / FILE_MANAGER_JSON)
-    base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
-    mine = base / "queued" / (unit_id or root.name) / FILE_MANAGER_JSON
+    mine = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR) / "queued" / unit_id
     with _suppress(OSError):
-        if mine.read_bytes() == (root / FILE_MANAGER_JSON).read_bytes():
+        if unit_id and (mine / FILE_MANAGER_JSON).read_bytes() == \
+                (root / FILE_MANAGER_JSON).read_bytes():
             return  # the submitter's own folder is here: so are its data
     _place_data(staging, data)
+
+
+def _fetch_archive(source: str, root: Path, sha256: str | None = None, unit_id: str = "") -> None:
+    """The archive of a job (or of a worker's ``unit_id``) at ``source``, fetched with this
+    machine's rclone (checked against the ``sha256`` recorded at upload, unless None: a unit,
+    and kept in its logs), unpacked as a unit is (nothing outside the job folder and its data),
+    put in place at ``root`` (_place_unit)."""
+    staging = Path(_make_temp_dir(_trusted_dir(root.parent, "base folder")))
+    try:
+        _rclone("copyto", source, str(staging / "job.tar"), what=f"fetch of {source}")
+        digest = _sha256_file(staging / "job.tar")
+        if sha256 is not None and digest != sha256:
+            raise TransferError(f"the archive {source} is not the one uploaded (its sha256 is "
+                                f"{digest}, expected {sha256}): another writer of the bucket "
+                                "replaced it; nothing was unpacked")
+        data = _unpack_unit(staging / "job.tar", staging / "x")
+        if sha256 is not None:
+            _write_plain(staging / "x" / "job" / LOGS / "archive_sha256.txt", digest)
+        _place_unit(staging / "x", root, data, unit_id)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _place_data(staging: Path, data: list[str]) -> None:
@@ -11571,14 +11578,7 @@ def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
     root = units / name
     if os.path.lexists(root):
         raise TransferError(f"unit {unit_id}: its attempt's folder {collapse_home(root)} exists")
-    staging = Path(_make_temp_dir(units))
-    try:
-        _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"),
-                what="download of a unit")
-        data = _unpack_unit(staging / "unit.tar", staging / "x")
-        _place_unit(staging / "x", root, data, unit_id)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _fetch_archive(f"{queue.base}/{unit_id}/unit.tar", root, unit_id=unit_id)
     return root
 
 
@@ -14451,20 +14451,7 @@ def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
             return collapse_home(root)  # fetched before by a fire that failed later
         raise ConfigError(f"job folder {collapse_home(root)} already exists on this host")
     source = f"{cloud_base(request['cloud'])}/jobs/{check_safe_name(root.name)}.tar"
-    staging = Path(_make_temp_dir(_trusted_dir(root.parent, "base folder")))
-    try:
-        _rclone("copyto", source, str(staging / "job.tar"), what=f"fetch of {source}")
-        digest = _sha256_file(staging / "job.tar")
-        if digest != request["sha256"]:
-            raise TransferError(f"the archive {source} is not the one uploaded (its sha256 is "
-                                f"{digest}, expected {request['sha256']}): another writer of the "
-                                "bucket replaced it; nothing was unpacked")
-        data = _unpack_unit(staging / "job.tar", staging / "x")
-        _write_plain(staging / "x" / "job" / LOGS / "archive_sha256.txt", digest)
-        os.rename(staging / "x" / "job", root)
-        _place_data(staging / "x", data)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _fetch_archive(source, root, str(request["sha256"]))
     if request.get("email"):
         load_email_config(request["email"])
     with _suppress(StackopsError):
