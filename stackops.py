@@ -7010,7 +7010,7 @@ def _discard(ssh: SSH, staging: str) -> None:
 
 
 def _stream_command(ssh: SSH, command: str,
-                    produce: Callable[[Callable[[bytes], None], Callable[[], bytes]], None],
+                    produce: Callable[[Callable[[bytes], None], Callable[..., bytes]], None],
                     progress: Callable[[int], None] | None = None, timeout: float | None = None,
                     what: str = "",
                     hint: str = "nothing was left under the job's name; run it again") -> Response:
@@ -7020,7 +7020,7 @@ def _stream_command(ssh: SSH, command: str,
     if timeout is not None:
         channel.settimeout(timeout)
     watchdog = _Watchdog(ssh, timeout)
-    sent, pending = [0], bytearray()
+    sent, pending = [0, 0], bytearray()  # bytes sent, received
 
     def write(data: bytes) -> None:
         channel.sendall(data)
@@ -7029,16 +7029,19 @@ def _stream_command(ssh: SSH, command: str,
         if progress is not None:
             progress(sent[0])
 
-    def readline() -> bytes:
-        while b"\n" not in pending:
-            chunk = channel.recv(65536)
+    def readline(size: int | None = None) -> bytes:
+        """A line of its output (b"" at the end); with ``size``, up to that many bytes."""
+        while (b"\n" not in pending) if size is None else not pending:
+            chunk = channel.recv(1 << 20)
             if not chunk:
                 return b""
             pending.extend(chunk)
+            sent[1] += len(chunk)
             watchdog.tick()
-        line, _, rest = bytes(pending).partition(b"\n")
-        pending[:] = rest
-        return line + b"\n"
+        end = pending.index(b"\n") + 1 if size is None else min(size, len(pending))
+        line = bytes(pending[:end])
+        del pending[:end]
+        return line
 
     what = what or f"upload to {ssh.target.alias}"
     try:
@@ -7053,7 +7056,7 @@ def _stream_command(ssh: SSH, command: str,
             raise TransferError(f"{what}: the host stopped answering after {sent[0]} bytes",
                                 hint=hint) from exc
     except (OSError, EOFError, _paramiko().SSHException) as exc:
-        raise _broke_off(ssh, what, sent[0], exc, channel, watchdog.fired) from exc
+        raise _broke_off(ssh, what, sent[0] or sent[1], exc, channel, watchdog.fired) from exc
     finally:
         channel.close()
     return Response((bytes(pending) + out).decode("utf-8", "replace"),
@@ -7234,18 +7237,11 @@ def _download_tar(ssh: SSH, command: str, staging: Path, compressed: bool, meter
 def _download_stream(ssh: SSH, command: str, meter: _Meter,
                      receive: Callable[[_CountingReader], None]) -> tuple[int, str]:
     """Run ``command`` on the host, ``receive`` its stdout; its exit status and stderr."""
-    channel = _transfer_channel(ssh)
-    reader = _CountingReader(channel, meter)
-    try:
-        channel.exec_command(_bash_line(command))
-        channel.shutdown_write()
-        receive(reader)
-        return channel.recv_exit_status(), _stderr_so_far(channel)
-    except (OSError, EOFError, _paramiko().SSHException) as exc:
-        what = f"download from {ssh.target.alias}"
-        raise _broke_off(ssh, what, reader.count, exc, channel) from exc
-    finally:
-        channel.close()
+    response = _stream_command(ssh, command,
+                               lambda _write, read: receive(_CountingReader(read, meter)),
+                               what=f"download from {ssh.target.alias}",
+                               hint="nothing was left under the target's name; run the copy again")
+    return response.returncode, response.stderr
 
 
 def _transfer_channel(ssh: SSH) -> Any:
@@ -7319,13 +7315,14 @@ def _reason(stderr: str) -> str:
 
 
 class _CountingReader:
-    """A file-like view of a channel's stdout that reports how many bytes went by."""
+    """A file-like view of a command's stdout (``read(size)``: _stream_command's) that reports
+    how many bytes went by."""
 
-    def __init__(self, channel: Any, progress: Callable[[int], None] | None) -> None:
-        self.channel, self.progress, self.count = channel, progress, 0
+    def __init__(self, read: Callable[..., bytes], progress: Callable[[int], None] | None) -> None:
+        self.read_some, self.progress, self.count = read, progress, 0
 
     def read(self, size: int = -1) -> bytes:
-        chunk = self.channel.recv(size if size > 0 else 1 << 20)
+        chunk = self.read_some(size if size > 0 else 1 << 20)
         self.count += len(chunk)
         if self.progress is not None and chunk:
             self.progress(self.count)
@@ -8703,12 +8700,8 @@ class _InQueue(_Here):
 
     def fetch_results(self, job: _Job, results: Path, target: str | os.PathLike[str] | None,
                       overwrite: bool, progress: Callable[[int], None] | None) -> Path:
-        destination = _free_destination(
-            expand_home(target or f"{DEFAULT_RESULTS_DIR}/{job.job_id}"), overwrite)
-        _mkdir_private(destination.parent)
-        with _Staged(destination, replace=True, folder=False) as payload:
-            _rclone("copy", str(results), payload, what="download of the results")
-        return destination
+        return _rclone_down(str(results), expand_home(target or f"{DEFAULT_RESULTS_DIR}/"
+                                                              f"{job.job_id}"), overwrite)
 
 
 class _OverSSH(_Place):
@@ -8865,26 +8858,32 @@ class _ThroughCloud(_OverSSH):
         """The host uploads the results with its rclone under a fresh prefix of this download's own
         (a later job with the same id never mixes in); they come down here the same way, and the
         prefix is removed from the bucket afterwards, whatever happened."""
-        destination = _free_destination(expand_home(target), overwrite)
+        _free_destination(expand_home(target), overwrite)
         prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{job.job_id}/"
                   f"{random.getrandbits(64):016x}")
         try:
             self.call([{"action": "cloud_results", "results": results.as_posix(),
-                        "target": f"{prefix}/payload"}])
-            _mkdir_private(destination.parent)
-            with _Staged(destination, replace=True, folder=False) as payload:
-                _rclone("copy", prefix, os.path.dirname(payload), what="download of the results")
+                        "target": prefix}])
+            return _rclone_down(prefix, expand_home(target), overwrite)
         finally:
             with _suppress(StackopsError):
                 _rclone("purge", prefix, what="removal of the downloaded results from the bucket")
-        return destination
+
+
+def _rclone_down(source: str, target: Path, overwrite: bool) -> Path:
+    """Results in the bucket (``source``) to ``target`` here, whole under its name or not at all."""
+    destination = _free_destination(target, overwrite)
+    _mkdir_private(destination.parent)
+    with _Staged(destination, replace=True, folder=False) as payload:
+        _rclone("copy", source, payload, what="download of the results")
+    return destination
 
 
 def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None = None,
                 launch: bool = False, gate: _Gate | None = None) -> RemoteMachine:
     """RemoteMachine.submit(); with ``launch`` (run()) the host also starts the job in the same
     round trip once ``gate`` says go, and the fire() that follows reads its answer. A host that
-    shares this home uses the job folder in place (its code copied in, for copy_repo)."""
+    shares this home uses the job folder in place (its code copied in by the hand-over)."""
     if not machine.scripts_generated:
         machine.generate_scripts()
     job = _seen(machine)
@@ -8895,9 +8894,6 @@ def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None =
             machine.handed = handed
             machine.shared = handed.shared
             machine.cloud_sha256 = handed.sha256
-        if machine.shared and machine.config.copy_repo and machine.snapshot is not None \
-                and not machine.file_manager.path(CODE_DIR).exists():
-            _code_here(machine, machine.file_manager.job_root)
     except BaseException:
         _withdraw(machine)
         raise
