@@ -7950,12 +7950,11 @@ class _Handing:
 @_model
 class _HandOver:
     """What one hand-over did: whether the host sees this machine's job folder (a shared home),
-    the host's node name, the facts it answered, what it fired (and for a cloud transfer, the
-    SHA-256 of the archive it uploaded)."""
+    the host's node name, what it fired (and for a cloud transfer, the SHA-256 of the archive it
+    uploaded)."""
 
     shared: bool
     node: str
-    facts: dict[str, Any]
     fired: dict[str, Any]
     sha256: str = ""
 
@@ -7990,8 +7989,7 @@ def _hand_over(ssh: SSH, spec: _Handing,
     if shared:
         log.info("%s sees this machine's %s: the job is used in place", ssh.target.alias, base_rh)
     plan = conversation.plan or {}
-    return _HandOver(shared, str(plan.get("node", "")), plan.get("facts") or {},
-                     answer.get("fired") or {})
+    return _HandOver(shared, str(plan.get("node", "")), answer.get("fired") or {})
 
 
 def _hand_over_request(spec: _Handing, items: list[dict[str, Any]],
@@ -8845,7 +8843,7 @@ class _ThroughCloud(_OverSSH):
         """Up to the cloud: nothing is on the host before the job is fired (the archive's SHA-256
         is what the hand-over returns)."""
         _, digest = transfer_cloud(self.ssh, job.config, job.params, job.files, spec.data)
-        return _HandOver(False, "", {}, {}, sha256=digest)
+        return _HandOver(False, "", {}, sha256=digest)
 
     def fire_requests(self, job: _Job) -> list[dict[str, Any]]:
         """The host fetches the job (checked), checks its e-mail config, then fires it."""
