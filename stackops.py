@@ -8305,8 +8305,7 @@ class CloudQueue:
         raised; one that cannot even be withdrawn is remembered (``pending``), so that this
         worker takes it up at its next look instead of leaving its own unit blocked a lease."""
         name = f"{time.time_ns():019d}-{worker}"
-        self._put(f"{unit_id}/claims/{name}", json.dumps({"worker": worker,
-                                                          "host": os.uname().nodename}))
+        self.heartbeat(unit_id, name, worker)  # the claim's first beat
         time.sleep(self.settle)
         try:
             live = self._live_again(unit_id)
