@@ -7010,7 +7010,7 @@ def _discard(ssh: SSH, staging: str) -> None:
 
 
 def _stream_command(ssh: SSH, command: str,
-                    produce: Callable[[Callable[[bytes], None], Callable[[], bytes]], None],
+                    produce: Callable[[Callable[[bytes], None], Callable[..., bytes]], None],
                     progress: Callable[[int], None] | None = None, timeout: float | None = None,
                     what: str = "",
                     hint: str = "nothing was left under the job's name; run it again") -> Response:
@@ -7020,7 +7020,7 @@ def _stream_command(ssh: SSH, command: str,
     if timeout is not None:
         channel.settimeout(timeout)
     watchdog = _Watchdog(ssh, timeout)
-    sent, pending = [0], bytearray()
+    sent, pending = [0, 0], bytearray()  # bytes sent, received
 
     def write(data: bytes) -> None:
         channel.sendall(data)
@@ -7029,16 +7029,19 @@ def _stream_command(ssh: SSH, command: str,
         if progress is not None:
             progress(sent[0])
 
-    def readline() -> bytes:
-        while b"\n" not in pending:
-            chunk = channel.recv(65536)
+    def readline(size: int | None = None) -> bytes:
+        """A line of its output (b"" at the end); with ``size``, up to that many bytes."""
+        while (b"\n" not in pending) if size is None else not pending:
+            chunk = channel.recv(1 << 20)
             if not chunk:
                 return b""
             pending.extend(chunk)
+            sent[1] += len(chunk)
             watchdog.tick()
-        line, _, rest = bytes(pending).partition(b"\n")
-        pending[:] = rest
-        return line + b"\n"
+        end = pending.index(b"\n") + 1 if size is None else min(size, len(pending))
+        line = bytes(pending[:end])
+        del pending[:end]
+        return line
 
     what = what or f"upload to {ssh.target.alias}"
     try:
@@ -7053,7 +7056,7 @@ def _stream_command(ssh: SSH, command: str,
             raise TransferError(f"{what}: the host stopped answering after {sent[0]} bytes",
                                 hint=hint) from exc
     except (OSError, EOFError, _paramiko().SSHException) as exc:
-        raise _broke_off(ssh, what, sent[0], exc, channel, watchdog.fired) from exc
+        raise _broke_off(ssh, what, sent[0] or sent[1], exc, channel, watchdog.fired) from exc
     finally:
         channel.close()
     return Response((bytes(pending) + out).decode("utf-8", "replace"),
@@ -7234,18 +7237,11 @@ def _download_tar(ssh: SSH, command: str, staging: Path, compressed: bool, meter
 def _download_stream(ssh: SSH, command: str, meter: _Meter,
                      receive: Callable[[_CountingReader], None]) -> tuple[int, str]:
     """Run ``command`` on the host, ``receive`` its stdout; its exit status and stderr."""
-    channel = _transfer_channel(ssh)
-    reader = _CountingReader(channel, meter)
-    try:
-        channel.exec_command(_bash_line(command))
-        channel.shutdown_write()
-        receive(reader)
-        return channel.recv_exit_status(), _stderr_so_far(channel)
-    except (OSError, EOFError, _paramiko().SSHException) as exc:
-        what = f"download from {ssh.target.alias}"
-        raise _broke_off(ssh, what, reader.count, exc, channel) from exc
-    finally:
-        channel.close()
+    response = _stream_command(ssh, command,
+                               lambda _write, read: receive(_CountingReader(read, meter)),
+                               what=f"download from {ssh.target.alias}",
+                               hint="nothing was left under the target's name; run the copy again")
+    return response.returncode, response.stderr
 
 
 def _transfer_channel(ssh: SSH) -> Any:
@@ -7319,13 +7315,14 @@ def _reason(stderr: str) -> str:
 
 
 class _CountingReader:
-    """A file-like view of a channel's stdout that reports how many bytes went by."""
+    """A file-like view of a command's stdout (``read(size)``: _stream_command's) that reports
+    how many bytes went by."""
 
-    def __init__(self, channel: Any, progress: Callable[[int], None] | None) -> None:
-        self.channel, self.progress, self.count = channel, progress, 0
+    def __init__(self, read: Callable[..., bytes], progress: Callable[[int], None] | None) -> None:
+        self.read_some, self.progress, self.count = read, progress, 0
 
     def read(self, size: int = -1) -> bytes:
-        chunk = self.channel.recv(size if size > 0 else 1 << 20)
+        chunk = self.read_some(size if size > 0 else 1 << 20)
         self.count += len(chunk)
         if self.progress is not None and chunk:
             self.progress(self.count)
@@ -7482,13 +7479,15 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
                    file_manager: FileManager, data: list[str]) -> tuple[str, str]:
     """Upload the job folder and its data with rclone as one archive (rclone's per-file hash
     check runs once), which the host fetches when the job is fired. Returns (where it is, its
-    SHA-256, checked before anything is unpacked). With ``ssh``, a job id the host has, or a
-    host whose rclone lacks the remote, is refused before anything is uploaded."""
+    SHA-256, checked before anything is unpacked). With ``ssh``, a job id the host has, a host
+    whose rclone lacks the remote or without the job's interpreter, is refused before anything
+    is uploaded."""
     cloud = config.cloud_name or ""
     check_cloud_remote(cloud)
+    python = config.python or "python3"
     if ssh is not None:
-        facts = ssh.serve([{"action": "facts",
-                            "facts": [f"exists:{file_manager.job_root_rh}", f"rclone:{cloud}"]}])[0]
+        wanted = [f"exists:{file_manager.job_root_rh}", f"rclone:{cloud}", f"command:{python}"]
+        facts = ssh.serve([{"action": "facts", "facts": wanted}])[0]
         if facts.get(f"exists:{file_manager.job_root_rh}"):
             raise ConfigError(f"job {file_manager.job_id!r} already exists on {ssh.target.alias} "
                               f"at {file_manager.job_root_rh}",
@@ -7496,6 +7495,9 @@ def transfer_cloud(ssh: SSH | None, config: RemoteStackOpsConfig, job_params: Jo
         if not facts.get(f"rclone:{cloud}"):
             raise ConfigError(f"{ssh.target.alias} cannot reach cloud remote {cloud!r}",
                               hint="install rclone on the host and configure the same remote there")
+        if not facts.get(f"command:{python}"):
+            raise ConfigError(f"the interpreter {python!r} is not found on {ssh.target.alias}",
+                              hint="install it there, or pass --python (python=) with one it has")
     archive = Path(_make_temp_dir(file_manager.job_root.parent)) / f"{file_manager.job_id}.tar"
     try:
         _pack_unit(archive, file_manager.job_root, data)
@@ -7948,12 +7950,11 @@ class _Handing:
 @_model
 class _HandOver:
     """What one hand-over did: whether the host sees this machine's job folder (a shared home),
-    the host's node name, the facts it answered, what it fired (and for a cloud transfer, the
-    SHA-256 of the archive it uploaded)."""
+    the host's node name, what it fired (and for a cloud transfer, the SHA-256 of the archive it
+    uploaded)."""
 
     shared: bool
     node: str
-    facts: dict[str, Any]
     fired: dict[str, Any]
     sha256: str = ""
 
@@ -7988,8 +7989,7 @@ def _hand_over(ssh: SSH, spec: _Handing,
     if shared:
         log.info("%s sees this machine's %s: the job is used in place", ssh.target.alias, base_rh)
     plan = conversation.plan or {}
-    return _HandOver(shared, str(plan.get("node", "")), plan.get("facts") or {},
-                     answer.get("fired") or {})
+    return _HandOver(shared, str(plan.get("node", "")), answer.get("fired") or {})
 
 
 def _hand_over_request(spec: _Handing, items: list[dict[str, Any]],
@@ -8305,8 +8305,7 @@ class CloudQueue:
         raised; one that cannot even be withdrawn is remembered (``pending``), so that this
         worker takes it up at its next look instead of leaving its own unit blocked a lease."""
         name = f"{time.time_ns():019d}-{worker}"
-        self._put(f"{unit_id}/claims/{name}", json.dumps({"worker": worker,
-                                                          "host": os.uname().nodename}))
+        self.heartbeat(unit_id, name, worker)  # the claim's first beat
         time.sleep(self.settle)
         try:
             live = self._live_again(unit_id)
@@ -8698,12 +8697,8 @@ class _InQueue(_Here):
 
     def fetch_results(self, job: _Job, results: Path, target: str | os.PathLike[str] | None,
                       overwrite: bool, progress: Callable[[int], None] | None) -> Path:
-        destination = _free_destination(
-            expand_home(target or f"{DEFAULT_RESULTS_DIR}/{job.job_id}"), overwrite)
-        _mkdir_private(destination.parent)
-        with _Staged(destination, replace=True, folder=False) as payload:
-            _rclone("copy", str(results), payload, what="download of the results")
-        return destination
+        return _rclone_down(str(results), expand_home(target or f"{DEFAULT_RESULTS_DIR}/"
+                                                              f"{job.job_id}"), overwrite)
 
 
 class _OverSSH(_Place):
@@ -8846,22 +8841,8 @@ class _ThroughCloud(_OverSSH):
                   progress: Callable[[int], None] | None) -> _HandOver | None:
         """Up to the cloud: nothing is on the host before the job is fired (the archive's SHA-256
         is what the hand-over returns)."""
-        cloud = self.config.cloud_name or ""
-        root_rh = job.files.job_root_rh
-        facts = self.facts([f"exists:{root_rh}", f"rclone:{cloud}", f"command:{job.python}"])
-        if facts.get(f"exists:{root_rh}"):
-            raise ConfigError(f"job {job.job_id!r} already exists on {self.host_name} at "
-                              f"{root_rh}",
-                              hint="choose another job_id, or leave it out for a fresh one")
-        if not facts.get(f"rclone:{cloud}"):
-            raise ConfigError(f"{self.host_name} cannot reach cloud remote {cloud!r}",
-                              hint="install rclone on the host and configure the same remote")
-        if not facts.get(f"command:{job.python}"):
-            raise ConfigError(f"the interpreter {job.python!r} is not found on "
-                              f"{self.host_name}",
-                              hint="install it there, or pass --python (python=) with one it has")
-        _, digest = transfer_cloud(None, self.config, job.params, job.files, spec.data)
-        return _HandOver(False, "", facts, {}, sha256=digest)
+        _, digest = transfer_cloud(self.ssh, job.config, job.params, job.files, spec.data)
+        return _HandOver(False, "", {}, sha256=digest)
 
     def fire_requests(self, job: _Job) -> list[dict[str, Any]]:
         """The host fetches the job (checked), checks its e-mail config, then fires it."""
@@ -8874,26 +8855,32 @@ class _ThroughCloud(_OverSSH):
         """The host uploads the results with its rclone under a fresh prefix of this download's own
         (a later job with the same id never mixes in); they come down here the same way, and the
         prefix is removed from the bucket afterwards, whatever happened."""
-        destination = _free_destination(expand_home(target), overwrite)
+        _free_destination(expand_home(target), overwrite)
         prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{job.job_id}/"
                   f"{random.getrandbits(64):016x}")
         try:
             self.call([{"action": "cloud_results", "results": results.as_posix(),
-                        "target": f"{prefix}/payload"}])
-            _mkdir_private(destination.parent)
-            with _Staged(destination, replace=True, folder=False) as payload:
-                _rclone("copy", prefix, os.path.dirname(payload), what="download of the results")
+                        "target": prefix}])
+            return _rclone_down(prefix, expand_home(target), overwrite)
         finally:
             with _suppress(StackopsError):
                 _rclone("purge", prefix, what="removal of the downloaded results from the bucket")
-        return destination
+
+
+def _rclone_down(source: str, target: Path, overwrite: bool) -> Path:
+    """Results in the bucket (``source``) to ``target`` here, whole under its name or not at all."""
+    destination = _free_destination(target, overwrite)
+    _mkdir_private(destination.parent)
+    with _Staged(destination, replace=True, folder=False) as payload:
+        _rclone("copy", source, payload, what="download of the results")
+    return destination
 
 
 def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None = None,
                 launch: bool = False, gate: _Gate | None = None) -> RemoteMachine:
     """RemoteMachine.submit(); with ``launch`` (run()) the host also starts the job in the same
     round trip once ``gate`` says go, and the fire() that follows reads its answer. A host that
-    shares this home uses the job folder in place (its code copied in, for copy_repo)."""
+    shares this home uses the job folder in place (its code copied in by the hand-over)."""
     if not machine.scripts_generated:
         machine.generate_scripts()
     job = _seen(machine)
@@ -8904,9 +8891,6 @@ def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None =
             machine.handed = handed
             machine.shared = handed.shared
             machine.cloud_sha256 = handed.sha256
-        if machine.shared and machine.config.copy_repo and machine.snapshot is not None \
-                and not machine.file_manager.path(CODE_DIR).exists():
-            _code_here(machine, machine.file_manager.job_root)
     except BaseException:
         _withdraw(machine)
         raise
@@ -11475,13 +11459,13 @@ class _ClaimKeeper:
 
 
 def _unit_member_ok(info: Any, data: list[str]) -> bool:
-    """A member that may be unpacked: under job/, code/ or home/<data path>, a link within it."""
+    """A member that may be unpacked: under job/ or home/<data path>, a link within it."""
     name = posixpath.normpath(info.name)
     if info.name.startswith("/") or name.startswith(".."):
         return False
     if not (info.isfile() or info.isdir() or info.issym()):
         return False
-    places = ["job", "code"] + [f"home/{item}" for item in data]
+    places = ["job"] + [f"home/{item}" for item in data]
     top = next((place for place in places if name == place or name.startswith(place + "/")), None)
     if top is None:
         return False
@@ -11512,7 +11496,7 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
             if job is None or bad:
                 what = ", ".join(bad[:3]) or "no job folder"
                 raise _UnitRefused(f"unit archive {archive.name} holds {what}, outside the unit's "
-                                    "job folder, code and data: nothing was unpacked",
+                                    "job folder and data: nothing was unpacked",
                                     hint="a unit packed by an older stackops? submit it again")
             tar.chown = lambda *args, **kwargs: None  # type: ignore[method-assign]  # never chown
             extra: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
@@ -11525,22 +11509,38 @@ def _unpack_unit(archive: Path, staging: Path) -> list[str]:
 
 
 def _place_unit(staging: Path, root: Path, data: list[str], unit_id: str = "") -> None:
-    """Move an unpacked unit into ``root`` (its code to ``root/code``, its records saying so),
-    and its data to their home-relative places, unless this machine sees the submitter's files
-    (a worker on the submitting machine): then nothing of yours is written over."""
+    """Move an unpacked unit into ``root`` and its data to their home-relative places, unless
+    this machine sees the submitter's files (a worker, ``unit_id``, on the submitting machine):
+    then nothing of yours is written over."""
     os.rename(staging / "job", root)
-    params = _read_json(root / JOB_PARAMS_JSON)
-    if (staging / "code").is_dir():
-        os.rename(staging / "code", root / "code")
-        params["repo_path_rh"] = collapse_home(root / "code")
-        _atomic_write_json(root / JOB_PARAMS_JSON, params)
     manager = _read_json(root / FILE_MANAGER_JSON)
-    base = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR)
-    mine = base / "queued" / (unit_id or root.name) / FILE_MANAGER_JSON
+    mine = expand_home(manager.get("base_dir") or DEFAULT_BASE_DIR) / "queued" / unit_id
     with _suppress(OSError):
-        if mine.read_bytes() == (root / FILE_MANAGER_JSON).read_bytes():
+        if unit_id and (mine / FILE_MANAGER_JSON).read_bytes() == \
+                (root / FILE_MANAGER_JSON).read_bytes():
             return  # the submitter's own folder is here: so are its data
     _place_data(staging, data)
+
+
+def _fetch_archive(source: str, root: Path, sha256: str | None = None, unit_id: str = "") -> None:
+    """The archive of a job (or of a worker's ``unit_id``) at ``source``, fetched with this
+    machine's rclone (checked against the ``sha256`` recorded at upload, unless None: a unit,
+    and kept in its logs), unpacked as a unit is (nothing outside the job folder and its data),
+    put in place at ``root`` (_place_unit)."""
+    staging = Path(_make_temp_dir(_trusted_dir(root.parent, "base folder")))
+    try:
+        _rclone("copyto", source, str(staging / "job.tar"), what=f"fetch of {source}")
+        digest = _sha256_file(staging / "job.tar")
+        if sha256 is not None and digest != sha256:
+            raise TransferError(f"the archive {source} is not the one uploaded (its sha256 is "
+                                f"{digest}, expected {sha256}): another writer of the bucket "
+                                "replaced it; nothing was unpacked")
+        data = _unpack_unit(staging / "job.tar", staging / "x")
+        if sha256 is not None:
+            _write_plain(staging / "x" / "job" / LOGS / "archive_sha256.txt", digest)
+        _place_unit(staging / "x", root, data, unit_id)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _place_data(staging: Path, data: list[str]) -> None:
@@ -11571,14 +11571,7 @@ def _fetch_unit(queue: CloudQueue, unit_id: str, base_dir: str | None = None,
     root = units / name
     if os.path.lexists(root):
         raise TransferError(f"unit {unit_id}: its attempt's folder {collapse_home(root)} exists")
-    staging = Path(_make_temp_dir(units))
-    try:
-        _rclone("copyto", f"{queue.base}/{unit_id}/unit.tar", str(staging / "unit.tar"),
-                what="download of a unit")
-        data = _unpack_unit(staging / "unit.tar", staging / "x")
-        _place_unit(staging / "x", root, data, unit_id)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _fetch_archive(f"{queue.base}/{unit_id}/unit.tar", root, unit_id=unit_id)
     return root
 
 
@@ -14408,20 +14401,7 @@ def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
             return collapse_home(root)  # fetched before by a fire that failed later
         raise ConfigError(f"job folder {collapse_home(root)} already exists on this host")
     source = f"{cloud_base(request['cloud'])}/jobs/{check_safe_name(root.name)}.tar"
-    staging = Path(_make_temp_dir(_trusted_dir(root.parent, "base folder")))
-    try:
-        _rclone("copyto", source, str(staging / "job.tar"), what=f"fetch of {source}")
-        digest = _sha256_file(staging / "job.tar")
-        if digest != request["sha256"]:
-            raise TransferError(f"the archive {source} is not the one uploaded (its sha256 is "
-                                f"{digest}, expected {request['sha256']}): another writer of the "
-                                "bucket replaced it; nothing was unpacked")
-        data = _unpack_unit(staging / "job.tar", staging / "x")
-        _write_plain(staging / "x" / "job" / LOGS / "archive_sha256.txt", digest)
-        os.rename(staging / "x" / "job", root)
-        _place_data(staging / "x", data)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _fetch_archive(source, root, str(request["sha256"]))
     if request.get("email"):
         load_email_config(request["email"])
     with _suppress(StackopsError):
