@@ -2573,6 +2573,9 @@ def _try_flock(path: str | Path, shared: bool = False, create: bool = True) -> i
 # lock probe the kernel answers (as nq's is), and only on the machine that runs it (the record
 # names it): a machine sharing the home shows the record as of when it was written.
 
+_REMOVED = f"its state record {STATE_JSON} was removed"  # (said while its job runs: _judge)
+
+
 def read_state(root: Path) -> dict[str, Any]:
     """A job's state record as last written (``{}`` before the job was written whole)."""
     try:  # plain strings, not Paths: list and status read 10,000 of these
@@ -2591,10 +2594,68 @@ def _update(root: Path, change: Callable[[dict[str, Any]], bool | None]) -> dict
     in place (returning False leaves it as it was), write it whole. Returns the record."""
     with _FileLock(root / STATE_LOCK):
         state = read_state(root)
+        if not state or state.get("unreadable"):
+            state = _afresh(root, state)
         if change(state) is not False:
             state["schema"], state["at"] = STATE_SCHEMA, _iso(_utcnow())
             _write_plain(root / STATE_JSON, json.dumps(state, ensure_ascii=False))
         return state
+
+
+def _afresh(root: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """A record damaged or removed (``state``, read_state's), started again from what is known,
+    never taken as an end: while the job's process holds its lock, it runs, and that lock's
+    holder here (_lock_holder) is its process and group (what cancel stops). Else as read."""
+    if not _alive(root):
+        return {key: value for key, value in state.items() if key != "unreadable"}
+    fresh: dict[str, Any] = {"status": "running"}
+    if state:  # (damaged: why is said while it runs; a record not written yet is no news)
+        fresh["warning"] = f"{state['error']}: written again"
+    pid = _lock_holder(f"{root}/{ALIVE_LOCK}")
+    with _suppress(OSError, ValueError, TypeError):
+        if pid is not None:
+            start = process_start_ticks(pid)
+            fresh.update(pgid=os.getpgid(pid), pid=pid, pid_start=start, machine=machine_key(),
+                         node=os.uname().nodename, started=_started_at(start))
+    return fresh
+
+
+def _started_at(ticks: int | None) -> str | None:
+    """When a process that started ``ticks`` clock ticks after boot (/proc/stat's btime) did."""
+    boot = re.search(r"^btime (\d+)$", _read_text(Path("/proc/stat")), re.M)
+    if ticks is None or boot is None:
+        return None
+    moment = int(boot[1]) + ticks / os.sysconf("SC_CLK_TCK")
+    return _iso(_dt.datetime.fromtimestamp(moment, _dt.timezone.utc))
+
+
+def _lock_holder(path: str) -> int | None:
+    """The first started of the processes here that hold the flock on ``path`` (a job's wrapper;
+    the others are its children): each has a file open on it whose /proc fdinfo shows the lock,
+    so it is the holder, not a number that matches. None when none here does (or no /proc)."""
+    try:
+        lock = os.stat(path)
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    found = []
+    for pid in pids:
+        with _suppress(OSError):
+            if any(_holds(f"/proc/{pid}", fd, lock) for fd in os.listdir(f"/proc/{pid}/fd")):
+                found.append((process_start_ticks(pid) or 0, int(pid)))
+    return min(found)[1] if found else None
+
+
+def _holds(process: str, fd: str, lock: os.stat_result) -> bool:
+    """Whether ``fd`` of ``process`` (its /proc folder) is the file ``lock`` with a flock on it."""
+    try:
+        info = os.stat(f"{process}/fd/{fd}")
+        if (info.st_ino, info.st_dev) != (lock.st_ino, lock.st_dev):
+            return False
+        with open(f"{process}/fdinfo/{fd}", encoding="utf-8") as handle:
+            return "FLOCK" in handle.read()
+    except OSError:
+        return False
 
 
 def _record(root: Path, **fields: Any) -> dict[str, Any]:
@@ -3246,8 +3307,8 @@ def _judge(root: Path, state: dict[str, Any] | None = None,
     the record was read (one seen there waits, or runs if its process lives); ``here``: this
     machine's key, when worked out already."""
     state = read_state(root) if state is None else state
-    if state.get("unreadable") and _alive(root):  # a damaged record: the job's process lives
-        return dict(state, status="running", error="", reason=state["error"])
+    if (not state or state.get("unreadable")) and _alive(root):  # damaged or removed: it lives
+        return dict(state, status="running", error="", reason=state.get("error") or _REMOVED)
     status = state.get("status") or "prepared"
     if status in TERMINAL_STATUSES and state.get("final", True) or state.get("tasks"):
         return state
@@ -5313,6 +5374,8 @@ def _mark_cancel(root: Path) -> dict[str, Any]:
     """Mark the job in ``root`` cancelled (the queue then never starts it) unless it has ended; its
     record after, ``was`` the status judged before. A job another machine runs is refused first."""
     before = read_state(root)
+    if before.get("unreadable"):  # damaged: it runs while its process holds its lock
+        before = _judge(root, before)
     if _ended(before):
         return dict(before, was=before["status"])
     if not (before.get("slurm") or {}).get("id"):
@@ -5376,11 +5439,6 @@ def delete_job(root: Path) -> str:
         raise ConfigError(f"{collapse_home(root)} is not a stackops job folder; nothing deleted")
     state = judge_jobs([root])[0]
     status = state.get("status") or "prepared"
-    if "at" not in state and _alive(root):  # a record damaged or removed, and its process lives
-        lock = collapse_home(root / ALIVE_LOCK)
-        raise ConfigError(f"job {root.name} runs (its processes hold {lock}), and its state "
-                          "record is missing or damaged: cancel cannot stop it; nothing deleted",
-                          hint=f"stop it with: fuser -k -TERM {lock}; then delete it")
     if not _deletable(status):
         raise ConfigError(f"job {root.name} is {status}; cancel it before deleting it",
                           hint=f"{_prog()} cancel {root.name}")

@@ -8173,14 +8173,76 @@ def test_control_delete_and_cancel_a_job_whose_record_is_damaged(home):
     assert shown["status"] == "running" and "state record cannot be read" in shown["reason"], shown
     assert json.loads(cli("list", "--json", home=home).stdout)[0]["status"] == "running"
     done = cli("delete", "dm-state", home=home)
-    lock = "~/tmp_results/remote_machines/jobs/queued/dm-state/logs/alive.lock"
-    assert done.returncode == 2 and "its state record is missing or damaged" in done.stderr, done
-    assert f"hint: stop it with: fuser -k -TERM {lock}; then delete it" in done.stderr, done.stderr
+    assert done.returncode == 2 and "dm-state is running; cancel it before deleting it" in done.stderr, done
     assert (queued / "dm-state" / "data" / "file_manager.json").is_file() and not _gone(pids)
-    for pid in pids:  # as the hint says (fuser signals every process that holds the lock)
-        os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not stackops._alive(queued / "dm-state"), 30, "the job to stop")
+    done = cli("cancel", "dm-state", "--grace", "1", home=home)  # its process found by its lock
+    assert done.returncode == 0 and done.stdout == "dm-state cancelled\n" and _gone(pids), done
     assert cli("delete", "dm-state", home=home).returncode == 0 and not (queued / "dm-state").exists()
+
+
+UNTIL_GO_SOURCE = """
+    import os, signal, time
+
+    def until_go(tag, ignore_term=False):
+        if ignore_term:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with open(os.path.expanduser(f"~/{tag}.pids"), "w") as handle:
+            handle.write(str(os.getpid()))
+        while not os.path.exists(os.path.expanduser(f"~/{tag}.go")):
+            time.sleep(0.05)
+        return tag
+"""
+
+
+def _until_go(home: Path, job_id: str, tag: str, *more: str) -> Path:
+    """A job (run through the CLI) that runs until ~/TAG.go exists, once it runs; its folder."""
+    (home / "until.py").write_text(textwrap.dedent(UNTIL_GO_SOURCE))
+    done = cli("run", "until.py:until_go", "--job-id", job_id, "--no-lock", "--kwargs",
+               json.dumps({"tag": tag}), *more, home=home)
+    assert done.returncode == 0, done
+    _pids(home, tag)
+    return home / "tmp_results" / "remote_machines" / "jobs" / "queued" / job_id
+
+
+def test_control_a_running_job_whose_state_record_is_damaged_is_cancelled_and_its_end_recorded(home):
+    """A running job whose logs/state.json was damaged (not JSON) read running, but `cancel` said it
+    "had already ended (failed)" and stopped nothing (its process group is in the record), and the
+    job's own end was not recorded over the damaged file, so once it completed it read failed (review
+    D4). The one writer now starts a damaged record afresh from what is known (its process holds its
+    lock, found in /proc as the lock's holder), never as an end: cancel stops it, and a job that
+    completes reads completed."""
+    ends = _until_go(home, "dmg-ends", "ends")
+    (ends / "logs" / "state.json").write_text("{not json")
+    assert json.loads(cli("status", "dmg-ends", "--json", home=home).stdout)["status"] == "running"
+    (home / "ends.go").touch()
+    waited = cli("wait", "dmg-ends", "--timeout", "60", home=home)
+    assert waited.returncode == 0 and "completed" in waited.stdout, waited
+    shown = json.loads(cli("status", "dmg-ends", "--json", home=home).stdout)
+    assert shown["status"] == "completed" and shown["results_path"], shown
+    stopped = _until_go(home, "dmg-stop", "stop")
+    pids = _pids(home, "stop")
+    (stopped / "logs" / "state.json").write_text("{not json")
+    refused = cli("delete", "dmg-stop", home=home)
+    assert refused.returncode == 2 and "dmg-stop is running; cancel it" in refused.stderr, refused
+    done = cli("cancel", "dmg-stop", "--grace", "1", home=home)
+    assert done.returncode == 0 and done.stdout == "dmg-stop cancelled\n" and _gone(pids), done
+    assert json.loads(cli("status", "dmg-stop", "--json", home=home).stdout)["status"] == "cancelled"
+    assert cli("delete", "dmg-stop", home=home).returncode == 0 and not stopped.exists()
+
+
+def test_control_a_running_job_whose_state_record_was_removed_reads_running_and_its_end_is_recorded(home):
+    """A running job whose logs/state.json was removed read `prepared` (as a job never fired), and
+    its end was recorded over nothing it knew (left open by the last session). It reads running while
+    its process holds its lock, saying its record was removed; its end is recorded when it ends."""
+    root = _until_go(home, "rmst", "rmst")
+    (root / "logs" / "state.json").unlink()
+    shown = json.loads(cli("status", "rmst", "--json", home=home).stdout)
+    assert shown["status"] == "running" and "state.json was removed" in shown["reason"], shown
+    assert json.loads(cli("list", "--json", home=home).stdout)[0]["status"] == "running"
+    (home / "rmst.go").touch()
+    wait_for(lambda: not stackops._alive(root), 60, "the job to end")
+    shown = json.loads(cli("status", "rmst", "--json", home=home).stdout)
+    assert shown["status"] == "completed" and shown["start_time"] and shown["end_time"], shown
 
 
 def test_control_one_rule_says_what_a_job_folder_without_its_record_is(home):
