@@ -5345,7 +5345,7 @@ def _cancel(root: Path, marked: dict[str, Any], grace: float) -> dict[str, Any]:
     if _ended(marked):
         return marked
     state = dict(marked)
-    asked, was = state["cancel"], state.pop("was")
+    asked, was, ours = state["cancel"], state.pop("was"), state.pop("ours", True)
 
     def mark(record: dict[str, Any]) -> bool:
         return "cancel" not in record and bool(record.update(cancel=asked) or True)
@@ -5367,7 +5367,10 @@ def _cancel(root: Path, marked: dict[str, Any], grace: float) -> dict[str, Any]:
         ended = _record_end(folder, "cancelled", f"cancelled ({state['cancel']})")
         if ended is not None:
             _report_end(folder, ended, inline=False)
-    return dict(read_state(root), was=was)
+    after = read_state(root)
+    if not ours and _ended(after):  # another cancel marked it first: that one cancelled it
+        was = after["status"]
+    return dict(after, was=was)
 
 
 def _mark_cancel(root: Path) -> dict[str, Any]:
@@ -5382,9 +5385,16 @@ def _mark_cancel(root: Path) -> dict[str, Any]:
         _check_runs_here(root, before)
     was = _judge(root, before).get("status")
     asked = f"asked {_iso(_utcnow())}"
-    state = _update(root, lambda record: "cancel" not in record and
-                    bool(record.update(cancel=asked) or True))
-    return dict(state, was=was)
+    ours: list[bool] = []
+
+    def mark(record: dict[str, Any]) -> bool:
+        if "cancel" in record:  # another cancel asked first
+            return False
+        record["cancel"] = asked
+        ours.append(True)
+        return True
+
+    return dict(_update(root, mark), was=was, ours=bool(ours))
 
 
 def _check_runs_here(root: Path, state: dict[str, Any]) -> None:

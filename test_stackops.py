@@ -8245,6 +8245,33 @@ def test_control_a_running_job_whose_state_record_was_removed_reads_running_and_
     assert shown["status"] == "completed" and shown["start_time"] and shown["end_time"], shown
 
 
+def test_control_two_cancels_of_a_sweep_at_once_only_one_says_it_cancelled(home):
+    """Two `cancel SWEEP` at once both printed "X cancelled" for a member whose job record was removed
+    (review D9): each judged it running before either ended it. The one whose cancel mark is the
+    record's says it cancelled; the other says it was already cancelled. The member whose record
+    was removed ignores SIGTERM, so the first cancel is still in its grace when the second comes."""
+    (home / "until.py").write_text(textwrap.dedent(UNTIL_GO_SOURCE))
+    (home / "grid.jsonl").write_text('{"tag": "d9a"}\n{"tag": "d9b", "ignore_term": true}\n')
+    done = cli("run", "until.py:until_go", "--sweep", "grid.jsonl", "--job-id", "d9", "--no-lock", home=home)
+    assert done.returncode == 0, done
+    pids = _pids(home, "d9a") + _pids(home, "d9b")
+    queued = _recordless(home, "d9-0001")
+    first = subprocess.Popen([sys.executable, str(SOURCE), "cancel", "d9", "--grace", "60"], cwd=home,
+                             env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "cancel" in state_of(queued / "d9-0001"), 60, "the first cancel's mark")
+        second = cli("cancel", "d9", "--grace", "1", home=home)
+        out, err = first.communicate(timeout=90)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0 and out == "d9-0000 cancelled\nd9-0001 cancelled\n", (out, err)
+    assert second.returncode == 0, second
+    assert second.stdout == "d9-0000 was already cancelled\nd9-0001 was already cancelled\n", second
+    assert _gone(pids) and _sweep_views("d9", home) == {"d9-0000": "cancelled", "d9-0001": "cancelled"}
+
+
 def test_control_one_rule_says_what_a_job_folder_without_its_record_is(home):
     """`status ID` called a folder that is no job folder by its layout (no file manager record, or
     a link) one whose record is missing, while list, delete and cancel said it is no job folder
