@@ -11824,7 +11824,7 @@ def _duration(report: JobStatus) -> str:
     start = _parse_iso(report.start_time)
     if start is None:  # (never started: 10,000 jobs cancelled in line are shown quickly)
         return "-"
-    end = _parse_iso(report.end_time)
+    end = _parse_iso(report.end_time) or _parse_iso(report.as_of)  # (as list: known until then)
     return _format_duration(((end or _utcnow()) - start).total_seconds())
 
 

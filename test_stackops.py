@@ -3341,6 +3341,38 @@ def test_sweep_member_whose_record_names_a_host_is_asked_there_as_status_member_
     assert _sweep_views("rh", home) == {"rh-0000": "cancelled", "rh-0001": "cancelled"}
 
 
+def test_sweep_member_whose_host_cannot_be_asked_has_one_duration_in_list_and_status(home):
+    """A running member shown as last read (its host could not be asked) had two durations: `list`
+    counted up to when it was last read, `status SWEEP` up to now (review D7). One rule now, list's:
+    what is known, until then. `status SWEEP` exits 1 then, in its table and JSON forms alike."""
+    (home / "until.py").write_text(textwrap.dedent(UNTIL_GO_SOURCE))
+    (home / "grid.jsonl").write_text('{"tag": "d7a"}\n{"tag": "d7b"}\n')
+    done = cli("run", "until.py:until_go", "--sweep", "grid.jsonl", "--job-id", "d7", "--no-lock", home=home)
+    assert done.returncode == 0, done
+    _pids(home, "d7a")
+    _pids(home, "d7b")
+    record = home / "tmp_results" / "remote_machines" / "jobs" / "queued" / "d7-0001" / "data" / "remote_machine.json"
+    data = json.loads(record.read_text())
+    data["config"]["ssh_host"] = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    record.write_text(json.dumps(data))
+    try:
+        wait_for(lambda: state_of(record.parent.parent)["status"] == "running", 60, "d7-0001 to run")
+        listed = cli("list", "--timeout", "3", home=home)
+        table = cli("status", "d7", home=home)
+        shown = cli("status", "d7", "--json", home=home)
+    finally:
+        for tag in ("d7a", "d7b"):
+            (home / f"{tag}.go").touch()
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("d7-0001"))
+    in_list = re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\s+(\S+)", row)[1]
+    member = next(line for line in table.stdout.splitlines() if line.startswith("d7-0001"))
+    assert "running (as of " in row and "running (as of " in member, (row, member)
+    assert re.search(r"\)\s+(\S+)\s", member)[1] == in_list, (row, member)
+    assert table.returncode == 1 and shown.returncode == 1, (table, shown)
+    members = json.loads(shown.stdout)["members"]
+    assert members["d7-0001"]["as_of"] and "cannot connect" in members["d7-0001"]["error"], members
+
+
 # -- command jobs here: any program, its output in one stream, its variables, its end (issue 23) -
 
 def _git_proj(home: Path) -> Path:
