@@ -3279,13 +3279,25 @@ class FileManager:
         return job_reports([self.job_root], log_lines)[0]
 
 
-def _gone(root: Path) -> str:
+def _shared_of(root: Path) -> Path | None:
+    """The shared folder (a sweep's or an array's) the member in ``root`` links its code to."""
+    with _suppress(OSError, IndexError):
+        return root.parent / os.readlink(root / "python").split("/")[1]
+    return None
+
+
+def _gone(root: Path, shared: Path | None = None) -> str:
     """Why a job whose folder, or the record in it, is gone cannot be read as a job: how it
-    ended went with it (or, while its process holds its lock, that it still runs)."""
-    if os.path.isdir(root):
+    ended went with it (or, while its process holds its lock, that it still runs). ``shared``:
+    the folder of the sweep it is a member of (a folder there linked to no such one is not it)."""
+    if os.path.isfile(root / FILE_MANAGER_JSON) and not os.path.islink(root) \
+            and shared in (None, _shared_of(root)):
         how = f"its process still runs ({_prog()} cancel {root.name} stops it)" if _alive(root) \
             else "how it ended is not known"
         return f"{_record_missing(root)}: {how}"
+    if os.path.lexists(root):
+        return (f"its folder was removed (by hand?), and {collapse_home(root)} is another's: "
+                "how it ended is not known")
     return f"no job folder at {collapse_home(root)} (removed?): how it ended is not known"
 
 
@@ -9838,13 +9850,6 @@ def _not_on_a_host(root: Path, verb: str) -> None:
                                  "there), then delete it here")
 
 
-def _shared_of(root: Path) -> Path | None:
-    """The shared folder (a sweep's or an array's) the member in ``root`` links its code to."""
-    with _suppress(OSError, IndexError):
-        return root.parent / os.readlink(root / "python").split("/")[1]
-    return None
-
-
 class RemoteMachine:
     """One job: generate its folder, submit it, fire it detached, follow it, fetch its results.
 
@@ -10692,7 +10697,7 @@ class Sweep:
     def _reports_here(self) -> tuple[list[str], list[JobStatus]] | None:
         """The members' ids and statuses of a loaded sweep on this machine, read as ``list`` reads
         them (_RecordCache) and no member made; None for one elsewhere, or an odd record."""
-        here = _members_here(self._queued, self._ids)
+        here = _members_here(self._queued, self._ids, self.sweep_id)
         if here is None:
             return None
         cache, found, self._gone = here
@@ -10883,11 +10888,11 @@ def _load_members(queued: Path, ids: list[str],
         jobs.append(job)
         plain = plain or _id_aside(data)
     loaded = {job.job_id for job in jobs}
-    return jobs, {job_id: strangers.get(job_id) or _gone(queued / job_id)
+    return jobs, {job_id: strangers.get(job_id) or _gone(queued / job_id, queued / sweep_id)
                   for job_id in ids if job_id not in loaded}
 
 
-def _members_here(queued: Path | None, ids: list[str],
+def _members_here(queued: Path | None, ids: list[str], sweep_id: str,
                   ) -> tuple[_RecordCache, list[dict[str, Any]], dict[str, str]] | None:
     """Who each member of a sweep on this machine is (its id, folder and tasks, as a list row
     has them), why each one not found is gone, and the record cache that read them. A record is
@@ -10915,7 +10920,7 @@ def _members_here(queued: Path | None, ids: list[str],
         root = f"{queued}/{job_id}"
         key = cache.key(f"{root}/{REMOTE_MACHINE_JSON}")
         if key is None and not os.path.lexists(f"{root}/{REMOTE_MACHINE_JSON}"):
-            gone[job_id] = _gone(Path(root))
+            gone[job_id] = _gone(Path(root), queued / sweep_id)
             continue
         entry = cache.entry(root)
         who = cache.who(root, entry) if key and entry.get("key") == key else None

@@ -3267,6 +3267,28 @@ def test_sweep_member_replaced_by_a_new_job_of_its_id_is_missing_and_the_new_job
     assert new.cancel(grace=1).status == "cancelled"
 
 
+def test_sweep_member_whose_id_is_now_another_sweeps_folder_is_not_called_that_folder(home):
+    """A member's folder removed by hand, then a sweep submitted under the member's id: `status SWEEP`
+    said of the member "no job record at <the other sweep's folder>/data/remote_machine.json, though
+    its folder is there", calling the other sweep's folder the member's (review D8). It says the
+    member's folder was removed and the one there is another's; delete SWEEP leaves that sweep be."""
+    _two_ended(home, "rq", "rq-alone")
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    shutil.rmtree(queued / "rq-0001")  # by hand
+    done = cli("run", "jobs.py:quick", "--sweep", "grid.jsonl", "--job-id", "rq-0001", home=home)
+    assert done.returncode == 0 and cli("wait", "rq-0001", home=home).returncode == 0, done
+    for _ in range(2):  # read afresh, then through the record cache
+        shown = json.loads(cli("status", "rq", "--json", home=home).stdout)["members"]
+        said = shown["rq-0001"]["error_message"]
+        assert shown["rq-0001"]["status"] == "failed" and "no job record" not in said, said
+        assert "its folder was removed" in said and "queued/rq-0001 is another's" in said, said
+        table = cli("status", "rq", home=home)
+        assert "rq-0001  failed" in table.stdout and "no job record" not in table.stdout, table
+        time.sleep(stackops.RACY_NS / 1e9 + 0.2)
+    assert cli("delete", "rq", home=home).returncode == 0
+    assert _sweep_views("rq-0001", home) == {"rq-0001-0000": "completed", "rq-0001-0001": "completed"}
+
+
 def test_sweep_member_whose_record_was_removed_says_its_record_is_missing(home):
     """A member whose remote_machine.json was removed by hand read "no job folder" (its folder is
     there), and `status MEMBER` said "no job or cluster" (found by review): both say the record is
