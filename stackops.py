@@ -9814,12 +9814,17 @@ def _delete_recordless(root: Path, results: bool) -> str:
     """Delete a job folder here whose record is gone (removed by hand: _record_gone) as the
     executing side deletes one: only a job folder by its layout, refused while its job has not
     ended (with ``results``, its own results folder too); it leaves its sweep. Where it ran, if
-    on a host, is not known without its record: a folder there stays. A folder whose record is
-    damaged (_record_gone's ``unreadable``) goes the same way. Returns what went."""
+    on a host, is not known without its record: a folder there stays, and the copy here of its
+    state (ended) goes alone, never judged as a job here. A folder whose record is damaged
+    (_record_gone's ``unreadable``) goes the same way. Returns what went."""
     if not _record_gone(root, unreadable=True):
         raise ConfigError(f"{collapse_home(root)} is not a stackops job folder whose record is "
                           "gone; nothing deleted")
     _not_on_a_host(root, "deleted")
+    if read_state(root).get("mirrored"):  # a host's job, ended: only its copy here goes
+        _leave_sweep(root)
+        shutil.rmtree(root)
+        return collapse_home(root)
     return _act_delete({"roots": [str(root)], "results": results}, None)[0]
 
 
@@ -12751,7 +12756,8 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
 
 def _recordless_here(queued: Path, listed: set[str]) -> list[tuple[Path, JobStatus, bool]]:
     """The job folders here whose record is gone (of those ``list`` has no row for; not an
-    array's task), each as status reads it (failed, once its own state record says it ended)."""
+    array's task), each as status reads it (failed, once its own state record says it ended; one
+    that ran on a host as last read there: never judged here, _recordless_reports)."""
     names = sorted(os.listdir(queued)) if queued.is_dir() else []
     roots = [queued / name for name in names if name not in listed
              and not name.startswith(".") and _record_gone(queued / name)]
@@ -12759,7 +12765,7 @@ def _recordless_here(queued: Path, listed: set[str]) -> list[tuple[Path, JobStat
     for root in roots:
         shared = _shared_of(root)
         if shared is None or not (shared / REMOTE_MACHINE_JSON).exists():
-            found.append((root, _status_of(root.name, judge_jobs([root])[0]), True))
+            found.append((root, _recordless_reports([root])[root.name], True))
     return found
 
 

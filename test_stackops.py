@@ -8485,6 +8485,30 @@ def test_control_sweep_on_a_host_that_cannot_be_reached_shows_each_member_as_las
         "ua-0000": ("completed", None), "ua-0001": ("cancelled", None)}, shown
 
 
+def test_control_prune_leaves_the_copy_here_of_a_job_that_runs_on_a_host_whose_record_is_gone(remote, home):
+    """`prune` judged the copy here of a job that runs on a host, its record removed here by hand, in
+    this machine's /proc (where the host shares its machine key, as the test host does): its process
+    "gone", it recorded (and reported) the job failed here, and the next prune deleted the copy,
+    while the job ran on there (left open by the last session). The copy is read as last read
+    there, as status reads it: not ended, so it stays, and nothing is recorded over it."""
+    mod = make_module(home, JOBS_SOURCE)
+    job = RemoteMachine(mod.sleeper, config(job_id="pr-host", ssh_host="tb", copy_repo=True,
+                                            lock_resources=False), func_kwargs={"seconds": 120}).run()
+    try:
+        wait_for(lambda: job.get_status(0).status == "running", 60, "the job to run there")
+        kept = (job.file_manager.job_root / "data" / "remote_machine.json").read_bytes()
+        queued = _recordless(home, "pr-host")
+        for _ in range(2):
+            pruned = cli("prune", "--older-than", "0s", home=home)
+            assert pruned.returncode == 0 and "deleted job" not in pruned.stdout, pruned
+        assert state_of(queued / "pr-host")["status"] == "running", state_of(queued / "pr-host")
+        (queued / "pr-host" / "data" / "remote_machine.json").write_bytes(kept)
+        assert job.get_status(0).status == "running"
+    finally:
+        job.cancel(grace=1)
+        job.close()
+
+
 def test_control_after_waits_holding_no_slot_then_runs_or_ends_cancelled(home):
     mod = make_module(home, CONTROL_SOURCE)
     parent = RemoteMachine(mod.busy, config(job_id="a-parent", lock_resources=False),
