@@ -10778,7 +10778,21 @@ def _per_place(jobs: list[RemoteMachine],
     return answers
 
 
-_NOT_ASKED = "its host could not be asked: "  # a report as last read there: the reason begins so
+_NOT_ASKED = "its host could not be asked: "  # a report as last read there: its reason says so
+
+
+class _Unasked(str):
+    """The ``reason`` of a report that is its record as last read, its host not asked now: the
+    text says so (_NOT_ASKED, then ``why``), and the value, not the text, marks it (_unasked).
+    A str to everything else: JobStatus, its dict and its JSON are unchanged."""
+
+    why = ""
+
+
+def _not_asked(why: str) -> _Unasked:
+    reason = _Unasked(f"{_NOT_ASKED}{why}")
+    reason.why = why
+    return reason
 
 
 def _last_read(job: RemoteMachine, exc: StackopsError) -> JobStatus | StackopsError:
@@ -10788,15 +10802,15 @@ def _last_read(job: RemoteMachine, exc: StackopsError) -> JobStatus | StackopsEr
     if not job.is_remote or not isinstance(exc, StackopsConnectionError):
         return exc
     report = _as_last_read(job.job_id, job.file_manager.job_root)
-    report.reason = f"{_NOT_ASKED}{exc}"
+    report.reason = _not_asked(str(exc))
     return report
 
 
 def _unasked(report: Any) -> str | None:
     """Why a member's report is its last read one (_last_read: why its host could not be
     asked), or None for one read now."""
-    if isinstance(report, JobStatus) and report.as_of and report.reason.startswith(_NOT_ASKED):
-        return report.reason[len(_NOT_ASKED):]
+    if isinstance(report, JobStatus) and report.as_of and isinstance(report.reason, _Unasked):
+        return report.reason.why
     return None
 
 
@@ -10831,7 +10845,7 @@ def _recordless_reports(roots: list[Path]) -> dict[str, JobStatus]:
             else _as_last_read(root.name, root)
         report.reason = f"{_record_missing(root)}: read from its folder"
         if report.as_of and not report.finished:
-            report.reason = f"{_NOT_ASKED}{_record_missing(root)}, and it says where it runs"
+            report.reason = _not_asked(f"{_record_missing(root)}, and it says where it runs")
     return reports
 
 
