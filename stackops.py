@@ -5354,10 +5354,11 @@ def cancel_job(root: Path, grace: float = 10.0) -> dict[str, Any]:
 
 def _cancel(root: Path, marked: dict[str, Any], grace: float) -> dict[str, Any]:
     """cancel_job of a job marked by _mark_cancel (``marked``, its record then)."""
-    if _ended(marked):
-        return marked
     state = dict(marked)
-    asked, was, ours = state["cancel"], state.pop("was"), state.pop("ours", True)
+    ours = state.pop("ours", True)  # (False: another cancel marked it first)
+    if _ended(state):
+        return state
+    asked, was = state["cancel"], state.pop("was")
 
     def mark(record: dict[str, Any]) -> bool:
         return "cancel" not in record and bool(record.update(cancel=asked) or True)
