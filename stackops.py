@@ -4527,10 +4527,10 @@ class _Dispatcher:
         self.viewed: tuple[Any, ...] = ()  # what the views were last written from
         self.full_of_ours = False  # the head waits for slots only its own children hold
         self.after_look = 0.0
-        self.children: dict[subprocess.Popen[bytes] | _Forked, Path] = {}
+        self.children: dict[subprocess.Popen[bytes] | _Forked, tuple[Path, _dt.datetime]] = {}
         self.holding: dict[subprocess.Popen[bytes] | _Forked, list[str]] = {}  # slots each holds
         self.ends: dict[subprocess.Popen[bytes] | _Forked, int] = {}  # pidfds: readable at the end
-        self.orphans: dict[Path, str] = {}  # jobs whose wrapper died (how) while their run lived
+        self.orphans: dict[Path, tuple[str, _dt.datetime]] = {}  # wrapper died (how), run lived
         self.in_person: set[str] = set()  # entries of jobs that take their slot themselves (tmux)
         self.parents: dict[str, list[str]] = {}
         self.head: tuple[str, Path] | None = None  # the first entry, found live and queued
@@ -4592,7 +4592,7 @@ class _Dispatcher:
         """Record the end of a job whose wrapper ended without recording it (killed by a signal,
         its interpreter missing) once the job's lock is free: its run, killed with it, may take
         a moment longer to die, and one that lives on records its own end."""
-        for child, root in list(self.children.items()):
+        for child, (root, submitted) in list(self.children.items()):
             code = child.poll()
             if code is None:
                 continue
@@ -4605,12 +4605,14 @@ class _Dispatcher:
             why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             if code == 127:
                 why += f": is {child.args[0]} installed?"  # type: ignore[index]
-            self.orphans[root] = why
-        for root, why in list(self.orphans.items()):
+            self.orphans[root] = (why, submitted)
+        for root, (why, submitted) in list(self.orphans.items()):
             if _alive(root):  # its run goes on (it records its end), or still dies with it
                 continue
             del self.orphans[root]
-            with _suppress(OSError, StackopsError):  # (its folder deleted meanwhile)
+            with _suppress(OSError, StackopsError):  # (its folder deleted meanwhile, and its id
+                if FileManager.from_job_root(root).submission_time != submitted:  # used again)
+                    continue
                 ended = _record_end(root, "failed", f"process gone: the job's wrapper ended "
                                                     f"({why}) without recording the job's end")
                 if ended is not None:
@@ -4726,7 +4728,7 @@ class _Dispatcher:
                    STACKOPS_ADMITTED=_iso(taken) or "")
         child = _spawn_wrapper(root, manager.python, env, tuple(fd for _, fd in held))
         if child is not None:
-            self.children[child] = root
+            self.children[child] = (root, manager.submission_time)
             self.holding[child] = [slot for slot, _ in held]
             with _suppress(AttributeError, OSError):  # Linux 5.3 and Python 3.9 or newer
                 self.ends[child] = os.pidfd_open(child.pid)
@@ -5465,6 +5467,9 @@ def delete_job(root: Path) -> str:
     if not _deletable(status):
         raise ConfigError(f"job {root.name} is {status}; cancel it before deleting it",
                           hint=f"{_prog()} cancel {root.name}")
+    deadline = time.monotonic() + 5  # an ended job's wrapper may still be finishing (its report):
+    while _alive(root) and time.monotonic() < deadline:  # removed under it, it would end failed,
+        time.sleep(0.02)  # and its dispatcher would take a new job of its id for it
     ids = _leave_sweep(root)
     shutil.rmtree(root)
     if ids is not None and not any(os.path.lexists(root.parent / other) for other in ids[1]):

@@ -13784,6 +13784,31 @@ def test_job_id_used_again_after_delete_never_shows_the_old_jobs_results(home):
         "old" not in (folder / "result.json").read_text(), folder
 
 
+LINGERS_SOURCE = """
+    import os, time
+
+    def lingers(seconds=2.0, mark="~/lingered"):
+        if os.fork() == 0:  # a child that outlives the job's end, holding all its parent held
+            time.sleep(seconds)
+            open(os.path.expanduser(mark), "w").close()
+            os._exit(0)
+        return "done"
+"""
+
+
+def test_job_delete_of_an_ended_job_whose_last_process_lives_waits_for_it(home):
+    """An ended job whose last process still runs (its wrapper finishing its report, or a child
+    it forked) is deleted once that ends: removed under its wrapper, the wrapper ended failed and
+    its dispatcher recorded that end onto the next job given the same id."""
+    mod = make_module(home, LINGERS_SOURCE)
+    first = RemoteMachine(mod.lingers, config(job_id="nightly")).run()
+    assert wait_done(first).status == "completed"
+    assert _in_process("delete", "nightly")[0] == 0
+    assert (home / "lingered").exists(), "deleted while the job's last process ran"
+    again = RemoteMachine(mod.lingers, config(job_id="nightly"), func_kwargs={"seconds": 0}).run()
+    assert wait_done(again).status == "completed"
+
+
 def test_sweep_id_works_where_a_job_id_does_status_logs_download(home):
     """Issue 21, defect 7: `status`, `logs` and `download` refused a sweep id ("no job 'fmt'")."""
     mod = make_module(home, JOBS_SOURCE)
