@@ -77,6 +77,7 @@ import _thread
 import enum
 import errno
 import fcntl
+import marshal
 import os
 import posixpath
 import re
@@ -10271,10 +10272,12 @@ def _who_of(machine: RemoteMachine) -> dict[str, Any]:
 
 
 _WHO_KEYS = {"job_id", "host", "remote", "sweep", "shared", "there", "tasks", "asked_there"}
+_CACHE_VERSION = [__version__, 3, list(sys.version_info[:2])]  # (marshal's format is Python's)
 
 
 class _RecordCache:
-    """What the last ``list`` read, in ``<base>/.list-cache.json``: per
+    """What the last ``list`` read, in ``<base>/.list-cache`` (marshal: read 2x, written 6x as
+    fast as JSON; only this Python's, from your own private file, is believed): per
     job folder, who it is (host, sweep, whether its host is asked: from its record) and its state
     record, each kept with the stamps (inode, mtime, ctime, size) of the file it was read from and
     used only while that file's stamps stay the same. Records are replaced whole (a new inode), so
@@ -10287,18 +10290,20 @@ class _RecordCache:
     record that another machine replaced up to that long ago, until the next list."""
 
     def __init__(self, base: Path) -> None:
-        self.path = base / ".list-cache.json"
+        self.path = base / ".list-cache"
         self.old: dict[str, Any] = {}
         self.new: dict[str, Any] = {}
         self.whos: list[Any] = []  # who the jobs are, each once (a sweep's members share one)
         self.changed = False
         self.since = time.time_ns() - RACY_NS  # a file older than this is stamped for good
-        with _suppress(OSError, ValueError, RecursionError):
+        self.inside = f"{base}/queued/"  # the job folders, stat'ed from an fd of it (_folder)
+        self.fd: int | None = None
+        with _suppress(OSError, ValueError, EOFError, TypeError, RecursionError):
             if not _is_own_private_file(self.path):  # a FIFO would hang, another's file lie
                 return
             with open(self.path, "rb") as handle:
-                data = json.loads(handle.read())
-            if isinstance(data, dict) and data.get("version") == [__version__, 2]:
+                data = marshal.loads(handle.read())
+            if isinstance(data, dict) and data.get("version") == _CACHE_VERSION:
                 rows, whos = data.get("rows"), data.get("whos")
                 if isinstance(rows, dict) and isinstance(whos, list):  # (checked once here)
                     self.old = rows
@@ -10308,12 +10313,30 @@ class _RecordCache:
     def key(self, path: str) -> list[int] | None:
         """The stamps of the file at ``path``; [] when too recent to stand for its bytes."""
         try:
-            info = os.stat(path)
+            fd = self._folder() if path.startswith(self.inside) else -1
+            info = os.stat(path[len(self.inside):], dir_fd=fd) if fd >= 0 else os.stat(path)
         except OSError:
             return None
         if info.st_mtime_ns >= self.since or info.st_ctime_ns >= self.since:
             return []
         return [info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size]
+
+    def _folder(self) -> int:
+        """An fd of the job folders' folder, opened once (save closes it): a stat from it does
+        not walk the path again, which halves the cost of 20,000 stats; -1 where it cannot be."""
+        if self.fd is None:
+            self.fd = -1
+            if os.stat in os.supports_dir_fd:
+                with _suppress(OSError):
+                    self.fd = os.open(self.inside, os.O_RDONLY | os.O_DIRECTORY)
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd is not None and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = None
+
+    __del__ = close
 
     def entry(self, root: str) -> dict[str, Any]:
         entry = self.new.get(root)
@@ -10406,6 +10429,7 @@ class _RecordCache:
     def save(self, every: bool = True) -> None:
         """Write what was read: a listing of ``every`` job's rows are the cache from now on;
         a sweep's (not ``every``) are laid over the rows of the others, kept as they were."""
+        self.close()
         rows = self.new if every else {**self.old, **self.new}
         if not (self.changed or rows.keys() != self.old.keys()) or not self.path.parent.is_dir():
             return
@@ -10424,9 +10448,12 @@ class _RecordCache:
                 whos.append(who)
             rows[root] = {k: v for k, v in entry.items() if k != "who"}
             rows[root]["w"] = places[text]
-        with _suppress(OSError):
-            _write_plain(self.path, json.dumps({"version": [__version__, 2], "whos": whos,
-                                                "rows": rows}))
+            state = entry.get("state")
+            if isinstance(state, dict):  # its keys written once: marshal refers back to them
+                rows[root]["state"] = {sys.intern(k): v for k, v in state.items()}
+        with _suppress(OSError, ValueError):
+            _write_plain(self.path, marshal.dumps({"version": _CACHE_VERSION, "whos": whos,
+                                                   "rows": rows}))
 
 
 def _ask_hosts(remote: dict[str, list[dict[str, Any]]],
