@@ -10438,6 +10438,7 @@ class _RecordCache:
             return
         whos: list[Any] = []
         places: dict[str, int] = {}
+        texts: dict[str, str] = {}
         for root, entry in rows.items():
             who = self.who(root, entry) if isinstance(entry, dict) else None
             if who is None:
@@ -10452,8 +10453,10 @@ class _RecordCache:
             rows[root] = {k: v for k, v in entry.items() if k != "who"}
             rows[root]["w"] = places[text]
             state = entry.get("state")
-            if isinstance(state, dict):  # its keys written once: marshal refers back to them
-                rows[root]["state"] = {sys.intern(k): v for k, v in state.items()}
+            if isinstance(state, dict):  # a key or a text that records share (a sweep's time
+                # of submission, a status, the machine) is written once: marshal refers back to it
+                rows[root]["state"] = {sys.intern(k): texts.setdefault(v, v)
+                                       if type(v) is str else v for k, v in state.items()}
         with _suppress(OSError, ValueError):
             _write_plain(self.path, marshal.dumps({"version": _CACHE_VERSION, "whos": whos,
                                                    "rows": rows}))
