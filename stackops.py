@@ -10162,18 +10162,20 @@ def list_jobs(base_dir: str | None = None, timeout: float = 10.0) -> list[JobSta
     return [row["report"] for row in list_job_rows(base_dir, timeout)]
 
 
-def _job_folders(base_dir: str | None, checked: bool = True) -> list[tuple[Path, str | None]]:
+def _job_folders(base_dir: str | None,
+                 checked: bool = True) -> list[tuple[Path | str, str | None]]:
     """(job folder, cluster id or None): the jobs under ``base_dir`` and the clusters' parts (a
     staging folder, hidden, is no job; ``checked=False``: nor is one without its record, but
-    the caller looks)."""
+    the caller looks, and a folder here is given as text: list reads 10,000, and a Path each
+    is a tenth of its time)."""
     base = expand_home(base_dir or DEFAULT_BASE_DIR)
-    found: list[tuple[Path, str | None]] = []
+    found: list[tuple[Path | str, str | None]] = []
     queued = base / "queued"
     with _suppress(FileNotFoundError):
         for name in os.listdir(queued):
             if not name.startswith(".") and (not checked or os.path.exists(
                     f"{queued}/{name}/{REMOTE_MACHINE_JSON}")):
-                found.append((queued / name, None))
+                found.append((queued / name if checked else f"{queued}/{name}", None))
     for cluster_json in sorted(base.parent.glob("job_id__*/cluster.json")):
         try:
             data = _read_json(cluster_json)
@@ -10198,9 +10200,14 @@ def list_job_rows(base_dir: str | None = None, timeout: float = 10.0) -> list[di
     remote: dict[str, list[dict[str, Any]]] = {}
     for root, cluster in _job_folders(base_dir, checked=False):
         row = cache.identity(root, cluster)  # (None: a sweep's shared folder, one being made)
-        if row is not None:
-            (remote.setdefault(row["host"], []) if row.pop("asked_there") else here).append(row)
-            rows.append(row)
+        if row is None:
+            continue
+        if row.pop("asked_there"):
+            row["root"] = Path(row["root"])  # (_take_answer writes into it)
+            remote.setdefault(row["host"], []).append(row)
+        else:
+            here.append(row)
+        rows.append(row)
     for row, answer in zip(here, _reports_of([row["root"] for row in here], 0,
                                              [row.get("tasks") for row in here], cache)):
         row["report"] = cache.report(answer, row["root"])
@@ -10365,7 +10372,7 @@ class _RecordCache:
             self.changed = True
         return state
 
-    def identity(self, root: Path, cluster: str | None,
+    def identity(self, root: Path | str, cluster: str | None,
                  warn: bool = True) -> dict[str, Any] | None:
         """A job's row before its status: who it is, from its record (or from the cache); None
         when it has no record (or, saying so unless not ``warn``, an unreadable one, or a job
@@ -10374,13 +10381,14 @@ class _RecordCache:
         entry = self.entry(path)
         key = self.key(f"{path}/{REMOTE_MACHINE_JSON}")
         if key is None:
-            if warn and _record_gone(root):  # (a sweep's shared folder is none)
-                log.warning("skipping %s: %s", collapse_home(root), _recordless_why(root, cluster))
+            if warn and _record_gone(Path(root)):  # (a sweep's shared folder is none)
+                log.warning("skipping %s: %s", collapse_home(root),
+                            _recordless_why(Path(root), cluster))
             return None
         who = self.who(path, entry)
         if not key or entry.get("key") != key or who is None:
             try:
-                machine = RemoteMachine.from_job_dir(root)
+                machine = RemoteMachine.from_job_dir(Path(root))
             except StackopsError as exc:
                 if warn:
                     log.warning("skipping %s: %s", collapse_home(root), exc)
@@ -13022,7 +13030,7 @@ def _report_rows(ids: list[str], last: int | None, host: str | None, base_dir: s
     listed = listed[last - 1::-1] if last else listed[::-1]
     place = {job_id: k for k, job_id in enumerate(members)}
     listed.sort(key=lambda row: place.get(row["job_id"], 0))  # by index in a sweep or array
-    roots = {root.name: root for root, _ in _job_folders(base_dir)}
+    roots = {os.path.basename(root): Path(root) for root, _ in _job_folders(base_dir)}
     rows = []
     for row in listed:
         report, (group, slot) = row["report"], members.get(row["job_id"], (row["cluster"], None))
