@@ -526,7 +526,7 @@ run_job(
     execute: 'Callable[[JobContext, dict[str, Any]], tuple[Any, str]]',
 ) -> Any
 serve(argv: 'list[str] | None' = None) -> int
-read_state(root: 'Path') -> dict[str, Any]
+read_state(root: 'Path | str') -> dict[str, Any]
 judge_jobs(roots: 'list[Path]') -> list[dict[str, Any]]
 job_reports(roots: 'list[Path]', log_lines: 'int' = 0) -> list[JobStatus]
 fire_jobs(roots: 'list[Path]', env: 'dict[str, str] | None' = None) -> dict[str, Any]
