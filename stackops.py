@@ -3939,7 +3939,7 @@ def _run_environment(root: Path, manager: FileManager, config: dict[str, Any],
     """What a run adds to its environment: the user's ``env`` and the job's own variables (see
     _job_environment), its folder and results folder, and unbuffered Python output (a job run in
     place writes no bytecode into the user's tree: JobContext)."""
-    sweep = re.search(r"-(\d+)\Z", manager.job_id) if os.path.islink(root / WRAPPER_PY) else None
+    sweep = re.search(r"-(\d+)\Z", manager.job_id) if os.path.islink(root / "python") else None
     env = _job_environment(manager.job_id, attempt, ",".join(manager.slot_names),
                            config.get("workload_params"), int(sweep[1]) if sweep else None,
                            config.get("env"))

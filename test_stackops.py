@@ -3468,7 +3468,8 @@ def test_jobs_command_sweep_fills_each_line_into_the_command(home):
     proj = _git_proj(home)
     values = ["a b", "it's \"q\"", "$(touch pwned)", "x\ny", "", "{name}"]
     (proj / "grid.jsonl").write_text("".join(json.dumps({"name": v, "i": i}) + "\n" for i, v in enumerate(values)))
-    code = "import json, sys; print('ARGV ' + json.dumps(sys.argv[1:]))"
+    code = ("import json, os, sys; print('ARGV ' + json.dumps(sys.argv[1:])); "
+            "print('INDEX ' + os.environ.get('STACKOPS_SWEEP_INDEX', 'unset'))")
     done = cli("run", "--sweep", "grid.jsonl", "--job-id", "csw", "--max-jobs", "2", "--wait", "--",
                sys.executable, "-c", code, "--out", "out/{name}", "{i}", home=home, cwd=proj)
     assert done.returncode == 0, done.stderr
@@ -3476,6 +3477,7 @@ def test_jobs_command_sweep_fills_each_line_into_the_command(home):
         log = cli("logs", f"csw-{i:04d}", home=home).stdout
         [line] = [line for line in log.splitlines() if line.startswith("ARGV ")]
         assert json.loads(line[5:]) == ["--out", f"out/{value}", str(i)]
+        assert f"INDEX {i}" in log.splitlines(), log  # its line of the sweep, as docs/jobs.md says
     assert not list(proj.rglob("pwned"))
 
 
