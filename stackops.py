@@ -5474,11 +5474,17 @@ def delete_job(root: Path) -> str:
     deadline = time.monotonic() + 5  # an ended job's wrapper may still be finishing (its report):
     while _alive(root) and time.monotonic() < deadline:  # removed under it, it would end failed,
         time.sleep(0.02)  # and its dispatcher would take a new job of its id for it
+    _remove_job_folder(root)
+    return collapse_home(root)
+
+
+def _remove_job_folder(root: Path) -> None:
+    """Remove a job folder; it leaves its sweep first, and the sweep's shared folder goes with
+    its last job."""
     ids = _leave_sweep(root)
     shutil.rmtree(root)
     if ids is not None and not any(os.path.lexists(root.parent / other) for other in ids[1]):
         shutil.rmtree(ids[0], ignore_errors=True)
-    return collapse_home(root)
 
 
 def _leave_sweep(root: Path) -> tuple[Path, list[str]] | None:
@@ -5499,10 +5505,11 @@ def _leave_sweep(root: Path) -> tuple[Path, list[str]] | None:
 
 def _submitter(record: dict[str, Any]) -> int | None:
     """The pid of the process that submits a sweep (its record's "submitting" mark), while it
-    lives on this machine (one elsewhere is not judged here); None once the submission is over."""
-    machine, pid, start = (record.get("submitting") or [None, None, None])[:3]
+    lives on this machine (one elsewhere is not judged here), in this home (the copy of the
+    mark a host is sent names the submitter's); None once the submission is over."""
+    machine, pid, start, *home = record.get("submitting") or [None, None, None]
     if machine == machine_key() and isinstance(pid, int) and start is not None \
-            and is_job_process(pid, "", start):
+            and home[:1] in ([], [os.path.expanduser("~")]) and is_job_process(pid, "", start):
         return pid
     return None
 
@@ -9815,8 +9822,7 @@ def _delete_job(machine: RemoteMachine, results: bool) -> None:
     place.call([{"action": "delete", "roots": [*roots, there], "results": results}])
     for folder in [task.file_manager.job_root for task in tasks] + [root]:
         if folder.is_dir() and not folder.is_symlink():  # the record here of a job on a host
-            _leave_sweep(folder)
-            shutil.rmtree(folder)
+            _remove_job_folder(folder)
     log.info("job %s deleted", machine.job_id)
 
 
@@ -9832,8 +9838,7 @@ def _delete_recordless(root: Path, results: bool) -> str:
                           "gone; nothing deleted")
     _not_on_a_host(root, "deleted")
     if read_state(root).get("mirrored"):  # a host's job, ended: only its copy here goes
-        _leave_sweep(root)
-        shutil.rmtree(root)
+        _remove_job_folder(root)
         return collapse_home(root)
     return _act_delete({"roots": [str(root)], "results": results}, None)[0]
 
@@ -11142,7 +11147,8 @@ def _sweep_shared(template: RemoteMachine, staging: Path, jobs: list[RemoteMachi
     _write_new_json(staging / SWEEP_JSON, {"sweep_id": template.job_id,
                                            "ids": [job.job_id for job in jobs],
                                            "host": template.host_name, "submitting": [
-                                               machine_key(), os.getpid(), process_start_ticks()]})
+                                               machine_key(), os.getpid(), process_start_ticks(),
+                                               os.path.expanduser("~")]})
 
 
 def _sweep_submitted(shared: Path) -> None:

@@ -6912,6 +6912,21 @@ def test_sweep_on_a_host_downloads_every_result_in_one_connection(remote, home):
     assert not (home / "got" / "dl-0004").exists()
 
 
+def test_sweep_on_a_host_pruned_whole_leaves_no_sweep_folder_here(remote, home):
+    """Pruning every member of a sweep that ran on a host removed the members' records here but
+    left the sweep's own folder, so `wait SWEEP` said "completed (no jobs)" (hostile review 6)."""
+    mod = make_module(home, SWEEP_SOURCE)
+    with stackops.run_sweep(mod.point, config(job_id="prw", ssh_host="tb", copy_repo=True),
+                            [{"x": 0}, {"x": 1}]) as sweep:
+        assert {report.status for report in sweep.wait(timeout=120).values()} == {"completed"}
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    assert (queued / "prw").is_dir()
+    done = cli("prune", "--older-than", "0s", home=home)
+    assert done.returncode == 0 and "2 job(s) deleted" in done.stderr, done
+    assert not [path.name for path in queued.iterdir() if path.name.startswith("prw")]
+    assert cli("wait", "prw", home=home).returncode == 2  # no such job, sweep or cluster
+
+
 def test_sweep_to_a_host_refuses_an_id_taken_there_and_leaves_nothing(remote, home):
     mod = make_module(home, SWEEP_SOURCE)
     with stackops.SSH.from_config_file("tb") as ssh:  # a job of another machine's, on the host only
