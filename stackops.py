@@ -12819,6 +12819,13 @@ def prune_jobs(older_than: float, status: str | None = None, host: str | None = 
               and (queued / row["job_id"] / REMOTE_MACHINE_JSON).exists()]
     if host is None and status in (None, "failed"):  # (where one without its record ran: unknown)
         chosen += _recordless_here(queued, {row["job_id"] for row in rows})
+    unasked: dict[str, int] = {}
+    for row in rows:
+        if row["error"] and not row["cluster"] and host in (None, row["host"]):
+            unasked[row["host"]] = unasked.get(row["host"], 0) + 1
+    for name, count in sorted(unasked.items()):  # (said, not passed over in silence)
+        log.warning("not pruned: %d job(s) on %s, which cannot be asked now; prune again once "
+                    "it answers", count, name)
     deleted = []
     for root, report, recordless in chosen:
         ended = _parse_iso(report.end_time) if report.finished else None

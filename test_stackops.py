@@ -8466,8 +8466,11 @@ def test_control_sweep_on_a_host_that_cannot_be_reached_shows_each_member_as_las
         alone = cli("status", "ua-0001", "--json", home=home)
         listed = cli("list", "--json", "--timeout", "5", home=home)
         waited = cli("wait", "ua", "--timeout", "2", home=home)
+        pruned = cli("prune", "--older-than", "0s", home=home)
     finally:
         ssh_config.write_text(saved)
+    assert pruned.returncode == 0 and "0 job(s) deleted" in pruned.stderr, pruned  # nothing judged,
+    assert "not pruned: 2 job(s) on tb, which cannot be asked now" in pruned.stderr, pruned  # said so
     assert shown.returncode == 1 and "cannot connect" in shown.stderr, shown
     members = json.loads(shown.stdout)["members"]
     assert {job_id: member["status"] for job_id, member in members.items()} == {
