@@ -12463,7 +12463,8 @@ def _download_members(members: list[RemoteMachine], args: Any) -> int:
         _settle(member, report)
         member.download_results(folder / member.job_id, overwrite=args.overwrite,
                                 progress=_progress(args))
-    print(collapse_home(folder))
+    if folder.is_dir():  # (none completed: no folder to name)
+        print(collapse_home(folder))
     return code
 
 

@@ -13875,6 +13875,18 @@ def test_job_delete_of_an_ended_job_whose_last_process_lives_waits_for_it(home):
     assert wait_done(again).status == "completed"
 
 
+def test_sweep_download_with_no_completed_member_names_no_folder(home):
+    """`download SWEEP` of a sweep none of whose members completed printed a folder that was never
+    made (hostile review 6)."""
+    (home / "g.jsonl").write_text('{"x": 1}\n{"x": 2}\n')
+    ran = cli("run", "--no-lock", "--job-id", "dlf", "--sweep", "g.jsonl", "--wait", "--",
+              "bash", "-c", "exit {x}", home=home)
+    assert ran.returncode == 1, ran
+    done = cli("download", "dlf", "--to", str(home / "got"), home=home)
+    assert done.returncode == 1 and "dlf-0000 is failed: nothing to download" in done.stderr, done
+    assert done.stdout == "" and not (home / "got").exists(), done
+
+
 def test_sweep_id_works_where_a_job_id_does_status_logs_download(home):
     """Issue 21, defect 7: `status`, `logs` and `download` refused a sweep id ("no job 'fmt'")."""
     mod = make_module(home, JOBS_SOURCE)
