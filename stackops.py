@@ -14673,6 +14673,9 @@ def _script_status(run: Callable[[], Any]) -> int:
         code = run()
     except SystemExit as exc:
         code = exc.code
+    except KeyboardInterrupt:  # (Ctrl-C at start-up, before the command takes it as its own)
+        print("stackops: interrupted", file=sys.stderr)
+        return 130
     if code is None or isinstance(code, int):
         return code or 0
     print(code, file=sys.stderr)
