@@ -12349,36 +12349,89 @@ def _cmd_logs(args: Any) -> int:
 
 def _follow_logs(members: list[RemoteMachine], args: Any,
                  names: dict[str, str] | None = None) -> int:
-    """The jobs' logs (each one's last ``--lines``, or all), read where they run (one call per
-    place), each under a header naming it (by ``names``, else its id) unless ``names`` is None;
-    with ``--follow``, what they add, until every one has ended and nothing more came (a line
-    appears here within a second of the job printing it)."""
-    offsets: dict[str, int | None] = {member.job_id: None for member in members}
+    """The jobs' logs (each one's last ``--lines``, or all in slices), read where they run (one
+    call per place), each under a header naming it (by ``names``, else its id) unless ``names``
+    is None; with ``--follow``, what they add, until every one has ended and nothing more came
+    (a line appears here within a second of the job printing it; a host that cannot be read now
+    is said once and asked again, the others followed meanwhile)."""
+    if args.lines is not None and args.lines < 0:
+        raise ConfigError(f"-n takes a number of lines, 0 or more, not {args.lines}")
+    start = 0 if args.lines is None else None  # None: the server reads the last lines first
+    offsets: dict[str, int | None] = {member.job_id: start for member in members}
     done: set[str] = set()
-    shown = ""
+    shown: dict[str, Any] = {"job": "", "open": False, "told": set()}
+    streaming: RemoteMachine | None = None  # without -f: a log printed whole before the next
     while len(done) < len(members):
-        live = [member for member in members if member.job_id not in done]
-        places: dict[int, list[RemoteMachine]] = {}
-        for member in live:
-            places.setdefault(id(member.place), []).append(member)
-        for group in places.values():
-            requests = [{"action": "logs", "roots": [member.root_there], "lines": args.lines or
-                         10**9, "offset": offsets[member.job_id]} for member in group]
-            for member, answer in zip(group, group[0].place.call(requests)):
-                if names is not None and shown != member.job_id and \
-                        (answer["text"] or not args.follow):
-                    shown = member.job_id
-                    print(f"==> {names.get(member.job_id, member.job_id)} <==")
-                sys.stdout.write(answer["text"])
-                if answer["ended"] and not answer["text"] and offsets[member.job_id] is not None:
-                    done.add(member.job_id)  # ended, and its log read to the end after
+        live = [streaming] if streaming else [m for m in members if m.job_id not in done]
+        streaming, more = None, False
+        for group in _by_place(live):
+            for member, answer in zip(group, _read_logs(group, offsets, args, shown["told"])):
+                if answer is None:
+                    continue
+                _show_log(member.job_id, answer, args.follow, names, shown)
+                more = more or bool(answer.get("more"))
+                if answer.get("more") or not args.follow:
+                    streaming = member if answer.get("more") and not args.follow else None
+                    if not answer.get("more"):
+                        done.add(member.job_id)
+                elif answer["ended"] and not answer["text"] and offsets[member.job_id] is not None:
+                    done.add(member.job_id)  # ended before a read that found nothing more
                 offsets[member.job_id] = answer["offset"]
+                if streaming:
+                    break
+            if streaming:
+                break
         sys.stdout.flush()
-        if not args.follow:
-            return 0
-        if len(done) < len(members):
+        if not more and len(done) < len(members):
             time.sleep(0.25)
     return 0
+
+
+def _by_place(members: list[RemoteMachine]) -> list[list[RemoteMachine]]:
+    places: dict[int, list[RemoteMachine]] = {}
+    for member in members:
+        places.setdefault(id(member.place), []).append(member)
+    return list(places.values())
+
+
+def _read_logs(group: list[RemoteMachine], offsets: dict[str, int | None], args: Any,
+               told: set[str]) -> list[Any]:
+    """One call to the members' place for their logs' next slices; following, a place that
+    cannot be read now answers None for each (said once until it answers again)."""
+    requests = [{"action": "logs", "roots": [member.root_there], "lines": args.lines,
+                 "offset": offsets[member.job_id]} for member in group]
+    try:
+        answers = group[0].place.call(requests)
+    except (StackopsConnectionError, CommandError) as exc:
+        if not args.follow:
+            raise
+        for member in group:
+            if member.job_id not in told:
+                told.add(member.job_id)
+                print(f"stackops: {member.job_id} cannot be read now ({_last_line(str(exc))}); "
+                      "still following", file=sys.stderr, flush=True)
+        return [None] * len(group)
+    told.difference_update(member.job_id for member in group)
+    return list(answers)
+
+
+def _show_log(job_id: str, answer: dict[str, Any], follow: bool, names: dict[str, str] | None,
+              shown: dict[str, Any]) -> None:
+    """Print a slice of a job's log, under its header when it is not the last one printed
+    (a partial line before ends first); a log found shorter than read is said on stderr."""
+    label = job_id if names is None else names.get(job_id, job_id)
+    if answer.get("truncated"):
+        where = "" if names is None else f"{label}: "
+        print(f"stackops: {where}(log truncated)", file=sys.stderr, flush=True)
+    text = answer["text"]
+    if names is not None and shown["job"] != job_id and (text or not follow):
+        if shown["open"]:
+            sys.stdout.write("\n")
+        shown["job"] = job_id
+        print(f"==> {label} <==")
+    sys.stdout.write(text)
+    if text:
+        shown["open"] = not text.endswith("\n")
 
 
 def _members(target: Any) -> list[RemoteMachine]:
@@ -13488,7 +13541,7 @@ def _add_cluster_args(cluster: Any) -> None:
                                 help="the part: its host, or its number (1, 2, ...)")
             action.add_argument("-f", "--follow", action="store_true",
                                 help="keep printing while the part runs")
-            action.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
+            action.add_argument("-n", "--lines", type=int, metavar="N", help=_LINES_HELP)
         action.add_argument("--base-dir", default=default_base,
                             help=f"where clusters live (default {default_base})")
 
@@ -14025,7 +14078,10 @@ def _add_status_args(sub: Any) -> None:
 def _add_logs_args(sub: Any) -> None:
     _add_ids(sub)
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing while the job runs")
-    sub.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
+    sub.add_argument("-n", "--lines", type=int, metavar="N", help=_LINES_HELP)
+
+
+_LINES_HELP = "only the last N lines (0: none; with -f, only what comes next)"
 
 
 def _add_queue_args(sub: Any) -> None:
@@ -14524,22 +14580,64 @@ def _act_check_email(request: dict[str, Any], _io: Any) -> bool:
 
 
 def _act_logs(request: dict[str, Any], _io: Any) -> dict[str, Any]:
-    """A slice of a job's log: from byte ``offset`` (following it), else its last ``lines``; and
-    whether the job has ended (a follower stops then)."""
+    """A slice of a job's log: from byte ``offset`` (following it; a log now shorter than it is
+    read from its start, ``truncated``), else its last ``lines`` (0: none, only where it ends);
+    whether more was there (``more``: ask again at once), and whether the job had ended before
+    it was read (a follower stops once such a read is empty). A character cut by the slice's end
+    waits for the next read, unless the job has ended and the log was read to its end."""
     root = _roots(request)[0]
-    data = b""
-    offset = request.get("offset")
-    with _suppress(FileNotFoundError), open(root / OUTPUT_LOG, "rb") as handle:
-        if offset is None:  # the last lines as they are (a follower goes on from the offset)
-            data = b"".join(handle.read().splitlines(keepends=True)[
-                -max(1, int(request.get("lines") or 20)):])
-            offset = handle.tell()
-        else:
-            handle.seek(int(offset))
-            data = handle.read(1 << 20)
-            offset = int(offset) + len(data)
     ended = judge_jobs([root])[0].get("status") in TERMINAL_STATUSES
-    return {"text": data.decode("utf-8", "replace"), "offset": offset or 0, "ended": ended}
+    offset = request.get("offset")
+    data, more, truncated = b"", False, False
+    with _suppress(FileNotFoundError), open(root / OUTPUT_LOG, "rb") as handle:
+        if offset is None:
+            data, offset = _log_tail(handle, int(request.get("lines", 20)))
+        else:
+            truncated = int(offset) > os.fstat(handle.fileno()).st_size
+            offset = 0 if truncated else int(offset)
+            handle.seek(offset)
+            data = handle.read(_LOG_CHUNK)
+            more = len(data) == _LOG_CHUNK
+    if offset and not data and not os.path.exists(root / OUTPUT_LOG):
+        truncated, offset = True, 0  # the log is gone: read it from the start once it is back
+    if more or not ended:
+        data = data[:_complete_utf8(data)]
+    offset = (offset or 0) + len(data)
+    return {"text": data.decode("utf-8", "replace"), "offset": offset, "ended": ended,
+            "more": more, "truncated": truncated}
+
+
+_LOG_CHUNK = 1 << 20  # what one read of a log answers at most
+
+
+def _log_tail(handle: Any, lines: int) -> tuple[bytes, int]:
+    """The last ``lines`` lines of an open log, read backwards in blocks (a huge log costs only
+    its tail), and the offset where they start."""
+    end = handle.seek(0, os.SEEK_END)
+    start, data = end, b""
+    while start > 0 and lines > 0 and data.count(b"\n", 0, max(0, len(data) - 1)) < lines:
+        step = min(start, 1 << 16)
+        start -= step
+        handle.seek(start)
+        data = handle.read(step) + data
+    if lines <= 0:
+        return b"", end
+    head = data[:-1].rsplit(b"\n", lines)
+    cut = len(head[0]) + 1 if len(head) > lines else 0
+    return data[cut:], start + cut
+
+
+def _complete_utf8(data: bytes) -> int:
+    """How much of ``data`` ends with a whole UTF-8 character: a sequence cut at its end is left
+    for the next read (bytes that are no UTF-8 at all are not held: they show replaced)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # not a continuation byte: the start of the last sequence
+            need = 1
+            if 0xC2 <= byte <= 0xF4:
+                need = 2 + (byte >= 0xE0) + (byte >= 0xF0)
+            return len(data) - back if need > back else len(data)
+    return len(data)
 
 
 def _act_list(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:

@@ -10465,6 +10465,184 @@ def test_cli_logs_follow_counts_bytes_so_invalid_utf8_drops_nothing(home):
     assert "bad \ufffd" in out and "AFTER-THE-BAD-BYTES" in out, out[-500:]
 
 
+def _peak_rss_kb(*argv: str, home: Path) -> tuple[int, bytes]:
+    """Run the CLI; its output and the peak memory (KB) of it and what it started."""
+    probe = ("import resource, subprocess, sys\n"
+             "out = subprocess.run(sys.argv[1:], capture_output=True).stdout\n"
+             "sys.stdout.buffer.write(out)\n"
+             "sys.stderr.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n")
+    done = subprocess.run([sys.executable, "-c", probe, sys.executable, str(SOURCE), *argv],
+                          cwd=home, env=dict(os.environ, HOME=str(home)), capture_output=True)
+    return int(done.stderr.decode().split()[-1]), done.stdout
+
+
+def test_cli_logs_of_a_huge_log_reads_its_tail_or_slices_and_n_is_checked(home):
+    """Review (logs 1, 7): `logs -n 3` of a 30 MB log held the whole log (and its lines) in
+    memory (~0.9 GB); without -n, one answer of the whole log. Now the tail is read backwards and
+    the rest in slices. `-n 0` printed the whole log and `-n -2` was accepted."""
+    started = cli("run", "--job-id", "big", "--", "bash", "-c", "yes | head -c 30000000", home=home)
+    assert started.returncode == 0, started.stderr
+    assert wait_done(RemoteMachine.load("big")).status == "completed"
+    log = (home / "tmp_results").rglob("big/logs/output.log")
+    whole = next(log).read_bytes()
+    peak, out = _peak_rss_kb("logs", "big", "-n", "3", home=home)
+    assert out == b"".join(whole.splitlines(keepends=True)[-3:]) and peak < 200_000, (peak, out)
+    peak, out = _peak_rss_kb("logs", "big", home=home)
+    assert out == whole and peak < 200_000, peak
+    assert cli("logs", "big", "-n", "0", home=home).stdout == ""
+    refused = cli("logs", "big", "-n", "-2", home=home)
+    assert refused.returncode == 2 and "-n" in refused.stderr and refused.stdout == "", refused
+    assert "0: none" in cli("logs", "--help", home=home).stdout
+
+
+def test_cli_logs_follow_keeps_a_character_split_between_reads_whole(home):
+    """Review (logs 2): each slice was decoded alone, so a character the follower found half
+    written showed as U+FFFD. Now its start waits for the rest; bytes that are no UTF-8 (here
+    a lone lead byte at the end of an ended job's log) still show, replaced."""
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text(textwrap.dedent("""
+        import os, sys, time
+        def f():
+            sys.stdout.buffer.write(b"x" + "\\u20ac".encode()[:2])
+            sys.stdout.flush()
+            while not os.path.exists(os.path.expanduser("~/go")):
+                time.sleep(0.05)
+            sys.stdout.buffer.write("\\u20ac".encode()[2:] + b"-euro\\nend \\xe2")
+            sys.stdout.flush()
+    """))
+    assert cli("run", "proj/m.py:f", "--job-id", "split", home=home).returncode == 0
+    wait_for(lambda: b"x\xe2\x82" in b"".join(p.read_bytes() for p in home.rglob("split/**/*.log")),
+             what="the half character in the log")
+    follower = subprocess.Popen([sys.executable, str(SOURCE), "logs", "split", "-f"], cwd=home,
+                                env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE)
+    head = b""
+    while not head.endswith(b"x"):  # the follower has read the half character
+        head += follower.stdout.read1(1)
+        assert head, "the follower ended"
+    (home / "go").write_text("")
+    rest, _ = follower.communicate(timeout=60)
+    text = (head + rest).decode("utf-8", "replace")
+    assert "x\u20ac-euro\nend \ufffd" in text and text.count("\ufffd") == 1, text[-300:]
+
+
+def test_cli_logs_follow_of_a_sweep_goes_on_when_a_members_host_is_unreachable(home):
+    """Review (logs 3): `logs -f SWEEP` ended (1, "lost the connection") when one member's host
+    did not answer, abandoning the others. Now it says so once and follows the others."""
+    mod = make_module(home, SWEEP_SOURCE)
+    sweep = stackops.run_sweep(mod.point, config(job_id="lu", max_simultaneous_jobs=2),
+                               [{"x": 0}, {"x": 1}])
+    assert all(report.status == "completed" for report in sweep.wait(timeout=120).values())
+    record = home / "tmp_results/remote_machines/jobs/queued/lu-0001/data/remote_machine.json"
+    data = json.loads(record.read_text())
+    data["config"]["ssh_host"] = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    record.write_text(json.dumps(data))
+    follower = subprocess.Popen([sys.executable, str(SOURCE), "logs", "lu", "-f"], cwd=home,
+                                env=dict(os.environ, HOME=str(home)), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        said = follower.stderr.readline()  # the follower's first word on stderr
+        assert "lu-0001 cannot be read now (" in said and follower.poll() is None, said
+        out = ""
+        while "JOB COMPLETED: lu-0000" not in out:
+            line = follower.stdout.readline()
+            assert line, out
+            out += line
+        assert out.startswith("==> lu-0000 <==\n"), out
+    finally:
+        follower.kill()
+        _, later = follower.communicate()
+    assert "cannot be read now" not in later, later  # said once
+
+
+def test_cli_logs_follow_reads_a_truncated_log_again_from_its_start(home):
+    """Review (logs 4): a log found shorter than the follower's offset (truncated, replaced)
+    was silently never shown again. Now the follower says so and reads it from the start."""
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text(textwrap.dedent("""
+        import os, time
+        def f():
+            print("before " * 50, flush=True)
+            while not os.path.exists(os.path.expanduser("~/go")):
+                time.sleep(0.05)
+    """))
+    assert cli("run", "proj/m.py:f", "--job-id", "cut", home=home).returncode == 0
+    log = wait_for(lambda: next((p for p in home.rglob("cut/logs/output.log")
+                                 if b"before" in p.read_bytes()), None), what="the first line")
+    follower = subprocess.Popen([sys.executable, str(SOURCE), "logs", "cut", "-f"], cwd=home,
+                                env=dict(os.environ, HOME=str(home)), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    said: list[str] = []
+    threading.Thread(target=lambda: said.extend(follower.stderr), daemon=True).start()
+    lines = iter(follower.stdout.readline, "")
+    assert "before" in next(line for line in lines if "before" in line)
+    log.write_text("fresh\n")  # shorter than what was read
+    try:
+        wait_for(lambda: said, 60, "the follower to say the log was truncated")
+        assert said == ["stackops: (log truncated)\n"], said
+        assert next(lines) == "fresh\n"
+    finally:
+        (home / "go").write_text("")
+        follower.communicate(timeout=60)
+
+
+def test_cli_logs_follow_reads_again_at_once_after_a_full_slice(home, monkeypatch):
+    """Review (logs 5): the follower slept a quarter second after every read, a full one too
+    (about 4 MiB/s). Now it sleeps only when a read found no more than it gave."""
+    (home / "proj").mkdir()
+    (home / "proj" / "m.py").write_text(textwrap.dedent("""
+        import os, sys, time
+        def f():
+            print("ready", flush=True)
+            while not os.path.exists(os.path.expanduser("~/go")):
+                time.sleep(0.05)
+            sys.stdout.write("y\\n" * (3 << 20))
+    """))
+    assert cli("run", "proj/m.py:f", "--job-id", "fast", home=home).returncode == 0
+    job = RemoteMachine.load("fast")
+    wait_for(lambda: "ready" in (job.get_status(5).log_tail or ""), what="the job to be ready")
+    naps: list[float] = []
+    sleep = time.sleep
+
+    def nap(seconds: float) -> None:  # the follower's sleeps, counted (and slept)
+        if seconds == 0.25:
+            naps.append(seconds)
+            if len(naps) == 1:  # the follower has read "ready": let the job write 6 MiB and end
+                (home / "go").write_text("")
+                wait_done(job)
+        sleep(seconds)
+
+    monkeypatch.setattr(stackops.time, "sleep", nap)
+    code, out, _ = _in_process("logs", "fast", "-f")
+    monkeypatch.setattr(stackops.time, "sleep", sleep)
+    assert code == 0 and out.splitlines().count("y") == 3 << 20, out[-200:]
+    assert len(naps) <= 3, len(naps)  # not one per MiB
+
+
+def test_cli_logs_of_a_sweep_ends_a_partial_line_before_the_next_header(home):
+    """Review (logs 6): a member's partial last line got the next member's header glued on
+    (`p0==> sw-0001 <==`). Now the line is ended first."""
+    mod = make_module(home, """
+        import os, sys, time
+        def partial(x):
+            sys.stdout.write(f"p{x}")
+            sys.stdout.flush()
+            while not os.path.exists(os.path.expanduser("~/go")):
+                time.sleep(0.05)
+    """)
+    sweep = stackops.run_sweep(mod.partial, config(job_id="gl", max_simultaneous_jobs=2),
+                               [{"x": 0}, {"x": 1}])
+    logs = [home / f"tmp_results/remote_machines/jobs/queued/gl-000{x}/logs/output.log"
+            for x in (0, 1)]
+    wait_for(lambda: all(p.exists() and f"p{x}" in p.read_text() for x, p in enumerate(logs)),
+             60, "both partial lines")
+    try:
+        code, out, err = _in_process("logs", "gl")
+        assert code == 0 and "p0\n==> gl-0001 <==\n" in out, (out, err)
+    finally:
+        (home / "go").write_text("")
+        sweep.wait(timeout=120)
+
+
 # -- queued jobs are data: one dispatcher per queue, whatever its length (issue 16) ---------------
 
 def _dispatcher_pid(slots: Slots | None = None) -> int | None:
