@@ -5460,6 +5460,60 @@ def test_remote_download_as_root_keeps_nothing_of_the_hosts_owner_or_setuid(remo
     assert (local / "sub" / "f").stat().st_mode & 0o7777 == 0o755
 
 
+def test_remote_download_keeps_hard_links_and_leaves_out_links_out_and_fifos_with_a_warning(
+        remote, home):
+    made = ('cd "$STACKOPS_RESULTS" && echo data > a && ln a b && mkdir ck && echo w > ck/w && '
+            'ln -s "$PWD/a" ck/latest && ln -s ../a ck/up && ln -s w ck/near && mkfifo p && '
+            'python3 -c "import socket; socket.socket(socket.AF_UNIX).bind(\'s\')"')
+    done = cli("run", "--host", "tb", "--job-id", "hl2", "--wait", "--", "bash", "-c", made,
+               home=home)
+    assert done.returncode == 0, done.stderr
+    got = cli("download", "hl2", "--to", "dl/hl2", home=home)
+    assert got.returncode == 0, got.stderr
+    local = home / "dl" / "hl2"
+    assert (local / "a").read_text() == (local / "b").read_text() == "data\n"
+    assert os.readlink(local / "ck" / "near") == "w" and (local / "ck" / "near").read_text() == "w\n"
+    left_out = ("ck/latest", "ck/up", "p", "s")  # never a link out of the results, nor a FIFO
+    assert not any(os.path.lexists(local / name) for name in left_out)
+    warnings = [line for line in got.stderr.splitlines() if "left out" in line]
+    assert len(warnings) == 1 and all(name in warnings[0] for name in left_out), got.stderr
+
+
+def test_extract_tar_hard_links_only_to_members_already_here_nothing_written_outside(tmp_path):
+    import io
+    import tarfile
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret\n")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        body = tarfile.TarInfo("./a")
+        body.size = 5
+        archive.addfile(body, io.BytesIO(b"data\n"))
+        fifo = tarfile.TarInfo("./p")
+        fifo.type = tarfile.FIFOTYPE
+        archive.addfile(fifo)
+        for name, target in (("./b", "./a"), ("./c", str(outside)), ("./d", "../outside.txt"),
+                             ("./e", "./p"), ("./f", "./nothing")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.LNKTYPE, target
+            archive.addfile(link)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    buffer.seek(0)
+    skipped = stackops._extract_tar(buffer, folder, compressed=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["a", "b"]
+    assert (folder / "b").read_text() == "data\n" and outside.read_text() == "secret\n"
+    assert outside.stat().st_nlink == 1 and skipped == ["c", "d", "e", "f", "p"]
+    for bad in ("/etc/x", "../x", "./sub/../../x"):  # names out of the folder are still refused
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            archive.addfile(tarfile.TarInfo(bad))
+        buffer.seek(0)
+        with pytest.raises(stackops.TransferError, match="refusing archive member"):
+            stackops._extract_tar(buffer, folder, compressed=False)
+
+
 def _processes_running(text: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
