@@ -9002,9 +9002,13 @@ class _ThroughCloud(_OverSSH):
         prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{job.job_id}/"
                   f"{random.getrandbits(64):016x}")
         try:
-            self.call([{"action": "cloud_results", "results": results.as_posix(),
-                        "target": prefix}])
-            return _rclone_down(prefix, expand_home(target), overwrite)
+            answer = self.call([{"action": "cloud_results", "results": results.as_posix(),
+                                 "target": prefix}])[0]
+            local = _rclone_down(prefix, expand_home(target), overwrite)
+            left_out = answer.get("left_out") if isinstance(answer, dict) else None
+            _warn_left_out(f"download from {self.ssh.target.alias} through the cloud",
+                           [str(name) for name in left_out or []])
+            return local
         finally:
             with _suppress(StackopsError):
                 _rclone("purge", prefix, what="removal of the downloaded results from the bucket")
@@ -9016,7 +9020,21 @@ def _rclone_down(source: str, target: Path, overwrite: bool) -> Path:
     _mkdir_private(destination.parent)
     with _Staged(destination, replace=True, folder=False) as payload:
         _rclone("copy", source, payload, what="download of the results")
+        _make_private(Path(payload))
     return destination
+
+
+def _make_private(folder: Path) -> None:
+    """rclone writes as the umask says (0755/0644) and carries no modes: a download's folders are
+    0700 and its files 0600 (an SSH download keeps the host's bits, and the results are private
+    there), before the folder is moved into place."""
+    for parent, folders, files in os.walk(folder):
+        os.chmod(parent, 0o700)
+        for name in folders:
+            os.chmod(os.path.join(parent, name), 0o700)
+        for name in files:
+            if not os.path.islink(os.path.join(parent, name)):
+                os.chmod(os.path.join(parent, name), 0o600)
 
 
 def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None = None,
@@ -14619,13 +14637,25 @@ def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
     return collapse_home(root)
 
 
-def _act_cloud_results(request: dict[str, Any], _io: Any) -> str:
+def _act_cloud_results(request: dict[str, Any], _io: Any) -> dict[str, Any]:
     """A job's results up to the bucket with this machine's rclone (a download's own prefix)."""
     results = expand_home(request["results"])
     target = request["target"] + ("" if results.is_dir() else f"/{results.name}")
     _rclone("copy" if results.is_dir() else "copyto", str(results), target,
             what="upload of the results")
-    return request["target"]
+    return {"target": request["target"], "left_out": _not_carried(results)}
+
+
+def _not_carried(results: Path) -> list[str]:
+    """What rclone leaves out of a results folder: links (whichever way they point), FIFOs,
+    devices, sockets; their names, relative to it."""
+    left_out = []
+    for parent, folders, files in os.walk(results):
+        for name in folders + files:
+            path = os.path.join(parent, name)
+            if os.path.islink(path) or not (os.path.isdir(path) or os.path.isfile(path)):
+                left_out.append(os.path.relpath(path, results))
+    return sorted(left_out)
 
 
 _ACTIONS: dict[str, Callable[[dict[str, Any], Any], Any]] = {

@@ -9928,6 +9928,24 @@ def test_cloud_transfer_results_from_a_fresh_prefix_and_bucket_left_clean(remote
     assert _bucket_files(clouds, "results/cloud-clean") == ["payload/stale.txt"]  # ours came and went
 
 
+def test_cloud_download_is_private_like_ssh_and_names_what_it_left_out(remote, home, clouds):
+    made = ('cd "$STACKOPS_RESULTS" && mkdir sub && echo data > sub/a && ln sub/a b && '
+            'ln -s "$PWD/sub/a" out && ln -s sub/a near && mkfifo p')
+    done = cli("run", "--host", "tb", "--job-id", "cl-modes", "--transfer", "cloud", "--cloud",
+               f"tblocal:{clouds}", "--wait", "--", "bash", "-c", made, home=home)
+    assert done.returncode == 0, done.stderr
+    got = cli("download", "cl-modes", "--to", "dl/cl-modes", home=home)
+    assert got.returncode == 0, got.stderr
+    local = home / "dl" / "cl-modes"
+    assert (local / "sub" / "a").read_text() == (local / "b").read_text() == "data\n"
+    modes = {path.relative_to(local).as_posix(): oct(path.stat().st_mode & 0o777)
+             for path in [local, *local.rglob("*")]}
+    assert modes == {".": "0o700", "sub": "0o700", "sub/a": "0o600", "b": "0o600"}, modes
+    warnings = [line for line in got.stderr.splitlines() if "left out" in line]
+    assert len(warnings) == 1 and all(name in warnings[0] for name in ("out", "near", "p")), \
+        got.stderr
+
+
 def test_cloud_submit_checks_every_unit_id_before_uploading_any(home, tmp_path):
     _rclone_or_skip()
     bucket = tmp_path / "bucket"
