@@ -4947,8 +4947,11 @@ def test_remote_copy_property_identical_or_refused_in_one_line(remote, home, tre
         if (rhome / f"dst{trial}" / top).exists():
             try:
                 ssh.copy_to_here(target, back, recursive=True, compress_with_zip=compress)
-                assert _snapshot(back) == expected
-                event("download identical")
+                # a link out of the tree is never made here: left out (with a warning), the rest comes
+                out = {key for key, (kind, *what) in expected.items() if kind == "link"
+                       and (os.path.isabs(what[0]) or ".." in Path(what[0]).parts)}
+                assert _snapshot(back) == {key: value for key, value in expected.items() if key not in out}
+                event("download identical" + (" but its links out" if out else ""))
             except StackopsError as exc:
                 event(f"download refused: {str(exc)[:40]}")
                 assert "\n" not in str(exc) and not back.exists(), str(exc)
