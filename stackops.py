@@ -7324,11 +7324,27 @@ def _download_file(ssh: SSH, command: str, path: Path, size: int, meter: _Meter,
 
 
 def _download_tar(ssh: SSH, command: str, staging: Path, compressed: bool, meter: _Meter) -> None:
-    status, err = _download_stream(ssh, command, meter,
-                                   lambda reader: _extract_tar(reader, staging, compressed))
+    skipped: list[str] = []
+
+    def receive(reader: _CountingReader) -> None:
+        skipped.extend(_extract_tar(reader, staging, compressed))
+
+    status, err = _download_stream(ssh, command, meter, receive)
     if status != 0:
         raise TransferError(f"download from {ssh.target.alias} failed (exit status {status}): "
                             f"{_reason(err)}")
+    # tar itself leaves sockets out, and says so on its stderr
+    skipped += [os.path.normpath(name)
+                for name in re.findall(r"^tar: (.*): socket ignored$", err, re.MULTILINE)]
+    _warn_left_out(f"download from {ssh.target.alias}", skipped)
+
+
+def _warn_left_out(what: str, skipped: list[str]) -> None:
+    """One warning naming what a copy of a folder left out (see _extract_tar)."""
+    if skipped:
+        log.warning("%s left out %d entr%s that cannot come safely (a link out of the folder, "
+                    "a FIFO, a device, a socket): %s", what, len(skipped),
+                    "y" if len(skipped) == 1 else "ies", _shorten(", ".join(sorted(skipped)), 600))
 
 
 def _download_stream(ssh: SSH, command: str, meter: _Meter,
@@ -7426,28 +7442,65 @@ class _CountingReader:
         return chunk
 
 
-def _extract_tar(stream: Any, folder: Path, compressed: bool) -> None:
-    """Unpack a tar stream into ``folder``, refusing members that would land outside it."""
+def _extract_tar(stream: Any, folder: Path, compressed: bool) -> list[str]:
+    """Unpack a tar stream into ``folder``, refusing members named outside it. What cannot come
+    safely is left out, and its names returned: a link out of the tree (absolute or through ..,
+    never made: nothing may be written through it), a FIFO, a device. A hard link becomes a link
+    to (or a copy of) a file unpacked before it, else it is left out too."""
     import tarfile
 
+    files: set[str] = set()
+    skipped: list[str] = []
     try:
         with tarfile.open(fileobj=stream, mode="r|gz" if compressed else "r|") as archive:
             for member in archive:
                 name = Path(member.name)
-                if name.is_absolute() or ".." in name.parts \
-                        or not (member.isfile() or member.isdir() or member.issym()):
+                if name.is_absolute() or ".." in name.parts:
                     raise TransferError(f"refusing archive member {member.name!r}")
-                if member.issym() and (os.path.isabs(member.linkname)
-                                       or ".." in Path(member.linkname).parts):
-                    raise TransferError(f"refusing link {member.name!r} -> {member.linkname!r}")
+                here = os.path.normpath(name)
+                if member.islnk():
+                    if not _hard_link(folder, here, member.linkname, files):
+                        skipped.append(here)
+                    continue
+                if not (member.isfile() or member.isdir()
+                        or member.issym() and _inside_link(member.linkname)):
+                    skipped.append(here)
+                    continue
                 # as root, tarfile would chown to the host's owner: the files are ours, and no
                 # setuid, setgid or sticky bit comes with them
                 member.uid, member.gid = os.getuid(), os.getgid()
                 member.uname = member.gname = ""
                 member.mode &= 0o777
                 archive.extract(member, folder, set_attrs=not member.issym())
+                if member.isfile():
+                    files.add(here)
     except tarfile.TarError as exc:
         raise TransferError(f"the archive broke off: {exc}") from exc
+    return sorted(skipped)
+
+
+def _inside_link(target: str) -> bool:
+    """Whether a link's target stays in its tree: relative and never through .."""
+    return bool(target) and not os.path.isabs(target) and ".." not in Path(target).parts
+
+
+def _hard_link(folder: Path, name: str, target: str, files: set[str]) -> bool:
+    """``name`` made the same file as ``target``, a file unpacked from the same archive before
+    (a link to it, or a copy where the file system has none); False when there is none."""
+    source = os.path.normpath(target) if _inside_link(target) else ""
+    if source not in files:
+        return False
+    path = folder / name
+    if path.is_dir() and not path.is_symlink():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(path):
+        path.unlink()
+    try:
+        os.link(folder / source, path)
+    except OSError:
+        shutil.copy(folder / source, path)
+    return True
 
 
 def _free_destination(destination: Path, overwrite: bool) -> Path:
@@ -8956,9 +9009,13 @@ class _ThroughCloud(_OverSSH):
         prefix = (f"{cloud_base(self.config.cloud_name or '')}/results/{job.job_id}/"
                   f"{random.getrandbits(64):016x}")
         try:
-            self.call([{"action": "cloud_results", "results": results.as_posix(),
-                        "target": prefix}])
-            return _rclone_down(prefix, expand_home(target), overwrite)
+            answer = self.call([{"action": "cloud_results", "results": results.as_posix(),
+                                 "target": prefix}])[0]
+            local = _rclone_down(prefix, expand_home(target), overwrite)
+            left_out = answer.get("left_out") if isinstance(answer, dict) else None
+            _warn_left_out(f"download from {self.ssh.target.alias} through the cloud",
+                           [str(name) for name in left_out or []])
+            return local
         finally:
             with _suppress(StackopsError):
                 _rclone("purge", prefix, what="removal of the downloaded results from the bucket")
@@ -8970,7 +9027,21 @@ def _rclone_down(source: str, target: Path, overwrite: bool) -> Path:
     _mkdir_private(destination.parent)
     with _Staged(destination, replace=True, folder=False) as payload:
         _rclone("copy", source, payload, what="download of the results")
+        _make_private(Path(payload))
     return destination
+
+
+def _make_private(folder: Path) -> None:
+    """rclone writes as the umask says (0755/0644) and carries no modes: a download's folders are
+    0700 and its files 0600 (an SSH download keeps the host's bits, and the results are private
+    there), before the folder is moved into place."""
+    for parent, folders, files in os.walk(folder):
+        os.chmod(parent, 0o700)
+        for name in folders:
+            os.chmod(os.path.join(parent, name), 0o700)
+        for name in files:
+            if not os.path.islink(os.path.join(parent, name)):
+                os.chmod(os.path.join(parent, name), 0o600)
 
 
 def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None = None,
@@ -14704,13 +14775,25 @@ def _act_cloud_fetch(request: dict[str, Any], _io: Any) -> str:
     return collapse_home(root)
 
 
-def _act_cloud_results(request: dict[str, Any], _io: Any) -> str:
+def _act_cloud_results(request: dict[str, Any], _io: Any) -> dict[str, Any]:
     """A job's results up to the bucket with this machine's rclone (a download's own prefix)."""
     results = expand_home(request["results"])
     target = request["target"] + ("" if results.is_dir() else f"/{results.name}")
     _rclone("copy" if results.is_dir() else "copyto", str(results), target,
             what="upload of the results")
-    return request["target"]
+    return {"target": request["target"], "left_out": _not_carried(results)}
+
+
+def _not_carried(results: Path) -> list[str]:
+    """What rclone leaves out of a results folder: links (whichever way they point), FIFOs,
+    devices, sockets; their names, relative to it."""
+    left_out = []
+    for parent, folders, files in os.walk(results):
+        for name in folders + files:
+            path = os.path.join(parent, name)
+            if os.path.islink(path) or not (os.path.isdir(path) or os.path.isfile(path)):
+                left_out.append(os.path.relpath(path, results))
+    return sorted(left_out)
 
 
 _ACTIONS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
