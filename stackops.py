@@ -12753,9 +12753,7 @@ def _wait_for(targets: dict[str, Any], timeout: float | None = None) -> int:
         for job_id, target in targets.items():
             if job_id in ended:
                 continue
-            answers = _look_until(deadline, target, seen[job_id])
-            if answers is None:  # a host that does not answer held the look past the deadline
-                break
+            answers = _look(target, seen[job_id])
             status = _overall(answers)
             _tell_unread(answers, told)
             if status is not None:
@@ -12771,30 +12769,6 @@ def _wait_for(targets: dict[str, Any], timeout: float | None = None) -> int:
                 return 124
             time.sleep(0.3)
     return 0 if all(status == "completed" for status in ended.values()) else 1
-
-
-def _look_until(deadline: float | None, target: Any,
-                ended: dict[str, Any]) -> dict[str, Any] | None:
-    """_look, given up at ``deadline`` (a host that does not answer holds a look for as long
-    as connecting may take): None then; the look, left in its thread, goes with the process."""
-    if deadline is None:
-        return _look(target, ended)
-    import threading
-
-    box: list[Any] = []
-
-    def look() -> None:
-        try:
-            box.append(_look(target, ended))
-        except BaseException as exc:  # (raised here, in wait's own thread)
-            box.append(exc)
-
-    thread = threading.Thread(target=look, daemon=True)
-    thread.start()
-    thread.join(max(0.0, deadline - time.monotonic()))
-    if box and isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0] if box else None
 
 
 def _tell_unread(answers: dict[str, Any], told: set[str]) -> None:

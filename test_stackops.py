@@ -8504,28 +8504,11 @@ def test_control_wait_sweep_on_a_host_reports_a_member_gone_there(remote, home):
     assert "hwr-0001" in said and "no job folder" in said, said
 
 
-def test_control_wait_timeout_holds_while_a_host_does_not_answer(remote, home):
-    """`wait --timeout 5` on a job whose host let the connection in and then said nothing ran
-    for the whole connect timeout (15 s) of each look, past its own (hostile review 6)."""
-    mod = make_module(home, JOBS_SOURCE)
-    job = RemoteMachine(mod.sleeper, config(job_id="mute", ssh_host="tb", copy_repo=True),
-                        func_kwargs={"seconds": 120}).run()
-    wait_for(lambda: job.get_status(0).status == "running", 60, "the job to run")
-    ssh_config = home / ".ssh" / "config"
-    saved = ssh_config.read_text()
-    with socket.socket() as silent:  # takes connections (the kernel's backlog), never says a word
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        ssh_config.write_text(saved.replace(f"Port {remote.port}\n", f"Port {silent.getsockname()[1]}\n"))
-        try:  # (the bound is the command's: 2 s asked, well under the 15 s a look could hold it)
-            waited = cli("wait", "mute", "--timeout", "2", home=home, timeout=12)
-        finally:
-            ssh_config.write_text(saved)
-    assert waited.returncode == 124 and "still not ended after 2s: mute" in waited.stderr, waited
-    for bad in ("nan", "-1"):  # refused before anything is asked (nan waited for ever)
-        refused = cli("wait", "mute", "--timeout", bad, home=home, timeout=12)
+def test_control_wait_refuses_a_timeout_that_is_not_a_number_of_seconds(home):
+    """`wait --timeout nan` waited for ever (hostile review 6); a negative one was refused."""
+    for bad in ("nan", "-1"):  # refused before anything is asked
+        refused = cli("wait", "nojob", "--timeout", bad, home=home)
         assert refused.returncode == 2 and "--timeout must be" in refused.stderr, refused
-    job.cancel()
 
 
 def test_control_sweep_on_a_host_that_cannot_be_reached_shows_each_member_as_last_read(remote, home):
