@@ -8752,13 +8752,17 @@ class _Here(_Place):
             manager.state_dir = str(expand_home(os.environ["STACKOPS_STATE_DIR"]))
 
     def account(self) -> str:
-        """``user@node`` of this machine."""
-        import getpass
+        """``user@node`` of this machine: the user as getpass.getuser() finds it (importing getpass
+        costs termios, 2 ms of every run)."""
+        names = ("LOGNAME", "USER", "LNAME", "USERNAME")
+        user = next((os.environ[name] for name in names if os.environ.get(name)), "")
+        if not user:
+            import pwd
 
-        try:
-            user = getpass.getuser()
-        except (KeyError, OSError):  # no USER and no passwd entry
-            user = str(os.getuid())
+            try:
+                user = pwd.getpwuid(os.getuid()).pw_name
+            except KeyError:  # no USER and no passwd entry
+                user = str(os.getuid())
         return f"{user}@{os.uname().nodename}"
 
     def check_where_it_runs(self, job: _Job) -> None:
@@ -9163,11 +9167,11 @@ def _generate_job_folder(machine: RemoteMachine) -> None:
             raise ConfigError(f"the array's task folder {taken[0]} exists already",
                               hint="choose another job_id")
         machine.tasks = [_new_array_task(machine, k, part) for k, part in enumerate(parts)]
-    _put_folder_in_place(machine, "job")
+    _put_folder_in_place(machine, "job")  # its record in it, as it stands now
+    machine.scripts_generated = True
     if parts:
         _write_members(machine, machine.tasks or [])
-    machine.scripts_generated = True
-    _save_job(machine)
+        _save_job(machine)
     log.info("job %s generated at %s", machine.job_id, collapse_home(root))
 
 
@@ -10174,14 +10178,18 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
     """Put ``source`` compiled for this Python into ``folder/__pycache__``, validated by the hash of
     the source rather than its mtime, so it stays valid beside a copy of the source wherever both
     land (an interpreter of another version ignores it). Compiled once per version of the file and
-    kept in ~/.cache/stackops; any trouble just means the job compiles the file itself. A cache
-    folder others could write to is refused; a cached file you did not write is compiled anew."""
-    import hashlib
+    kept in ~/.cache/stackops, named by the hash its bytecode is checked by (importlib's
+    source_hash: hashlib, with OpenSSL, costs an import of some 5 ms); any trouble just means the
+    job compiles the file itself. A cache folder others could write to is refused; a cached file
+    you did not write is compiled anew."""
+    import _frozen_importlib_external as bootstrap
+    import _imp
 
     tag = sys.implementation.cache_tag
     if tag is None:
         return
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:20]
+    key = int.from_bytes(bootstrap.MAGIC_NUMBER, "little")  # importlib.util.source_hash's
+    digest = _imp.source_hash(key, source.read_bytes()).hex()
     cache = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "stackops"
     compiled = cache / f"{source.stem}-{digest}.{tag}.pyc"
     partial = cache / f".{compiled.name}.{os.getpid()}"
