@@ -8805,13 +8805,17 @@ class _Here(_Place):
             manager.state_dir = str(expand_home(os.environ["STACKOPS_STATE_DIR"]))
 
     def account(self) -> str:
-        """``user@node`` of this machine."""
-        import getpass
+        """``user@node`` of this machine: the user as getpass.getuser() finds it (importing getpass
+        costs termios, 2 ms of every run)."""
+        names = ("LOGNAME", "USER", "LNAME", "USERNAME")
+        user = next((os.environ[name] for name in names if os.environ.get(name)), "")
+        if not user:
+            import pwd
 
-        try:
-            user = getpass.getuser()
-        except (KeyError, OSError):  # no USER and no passwd entry
-            user = str(os.getuid())
+            try:
+                user = pwd.getpwuid(os.getuid()).pw_name
+            except KeyError:  # no USER and no passwd entry
+                user = str(os.getuid())
         return f"{user}@{os.uname().nodename}"
 
     def check_where_it_runs(self, job: _Job) -> None:
@@ -9067,7 +9071,7 @@ def _submit_job(machine: RemoteMachine, progress: Callable[[int], None] | None =
         task.submitted = True
         task.shared = machine.shared
         _save_job(task)
-    _save_job(machine)
+    _save_job(machine, sync=not launch)  # (the fire that follows saves it again)
     return machine
 
 
@@ -9234,11 +9238,11 @@ def _generate_job_folder(machine: RemoteMachine) -> None:
             raise ConfigError(f"the array's task folder {taken[0]} exists already",
                               hint="choose another job_id")
         machine.tasks = [_new_array_task(machine, k, part) for k, part in enumerate(parts)]
-    _put_folder_in_place(machine, "job")
+    _put_folder_in_place(machine, "job")  # its record in it, as it stands now
+    machine.scripts_generated = True
     if parts:
         _write_members(machine, machine.tasks or [])
-    machine.scripts_generated = True
-    _save_job(machine)
+        _save_job(machine)
     log.info("job %s generated at %s", machine.job_id, collapse_home(root))
 
 
@@ -9570,8 +9574,13 @@ class _JobRecord:
         return machine
 
 
-def _save_job(machine: RemoteMachine) -> None:
-    _atomic_write_json(machine.file_manager.path(REMOTE_MACHINE_JSON), machine.to_dict())
+def _save_job(machine: RemoteMachine, sync: bool = True) -> None:
+    """The job's record, whole or not at all; fsynced unless ``sync`` is False: a record that
+    another save follows at once, or one no more lasting than the folder beside it."""
+    path = machine.file_manager.path(REMOTE_MACHINE_JSON)
+    _mkdir_private(path.parent)
+    text = json.dumps(machine.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    _write_plain(path, text, sync=sync)
 
 
 def _settle(machine: RemoteMachine, report: JobStatus) -> Path | None:
@@ -9638,7 +9647,9 @@ def _fire_job(machine: RemoteMachine, run: bool) -> tuple[int | None, str]:
         fired = machine.place.call(requests)[-1]
     machine.launcher_pid = fired.get("pid")
     machine.slurm_job_id = fired.get("slurm_id")
-    _save_job(machine)
+    # a job here: its folder, queue entry and state record are written unsynced (one fsync
+    # costs 3-15 ms of every run); its record synced would not let it outlive a crash
+    _save_job(machine, sync=machine.is_remote)
     if fired.get("warning"):
         log.warning("job %s on %s: %s", machine.job_id, machine.host_name, fired["warning"])
     for k, task in enumerate(machine.array_tasks() if machine.array_parts else []):
@@ -10245,14 +10256,18 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
     """Put ``source`` compiled for this Python into ``folder/__pycache__``, validated by the hash of
     the source rather than its mtime, so it stays valid beside a copy of the source wherever both
     land (an interpreter of another version ignores it). Compiled once per version of the file and
-    kept in ~/.cache/stackops; any trouble just means the job compiles the file itself. A cache
-    folder others could write to is refused; a cached file you did not write is compiled anew."""
-    import hashlib
+    kept in ~/.cache/stackops, named by the hash its bytecode is checked by (importlib's
+    source_hash: hashlib, with OpenSSL, costs an import of some 5 ms); any trouble just means the
+    job compiles the file itself. A cache folder others could write to is refused; a cached file
+    you did not write is compiled anew."""
+    import _frozen_importlib_external as bootstrap
+    import _imp
 
     tag = sys.implementation.cache_tag
     if tag is None:
         return
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:20]
+    key = int.from_bytes(bootstrap.MAGIC_NUMBER, "little")  # importlib.util.source_hash's
+    digest = _imp.source_hash(key, source.read_bytes()).hex()
     cache = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "stackops"
     compiled = cache / f"{source.stem}-{digest}.{tag}.pyc"
     partial = cache / f".{compiled.name}.{os.getpid()}"

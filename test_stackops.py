@@ -12264,9 +12264,9 @@ def _planted_pyc(path: Path) -> None:
 
 
 def _cached_pyc_name() -> str:
-    import hashlib
+    import importlib.util
 
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:20]
+    digest = importlib.util.source_hash(SOURCE.read_bytes()).hex()
     return f"{SOURCE.stem}-{digest}.{sys.implementation.cache_tag}.pyc"
 
 
