@@ -10263,11 +10263,11 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
     import _frozen_importlib_external as bootstrap
     import _imp
 
-    tag = sys.implementation.cache_tag
-    if tag is None:
+    tag, source_hash = sys.implementation.cache_tag, getattr(_imp, "source_hash", None)
+    if tag is None or source_hash is None:  # (CPython's own: another Python ships none)
         return
     key = int.from_bytes(bootstrap.MAGIC_NUMBER, "little")  # importlib.util.source_hash's
-    digest = _imp.source_hash(key, source.read_bytes()).hex()
+    digest = source_hash(key, source.read_bytes()).hex()
     cache = expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "stackops"
     compiled = cache / f"{source.stem}-{digest}.{tag}.pyc"
     partial = cache / f".{compiled.name}.{os.getpid()}"
