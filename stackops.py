@@ -10260,9 +10260,11 @@ def _ship_bytecode(source: Path, folder: Path) -> None:
     source_hash: hashlib, with OpenSSL, costs an import of some 5 ms); any trouble just means the
     job compiles the file itself. A cache folder others could write to is refused; a cached file
     you did not write is compiled anew."""
-    import _frozen_importlib_external as bootstrap
-    import _imp
-
+    try:
+        import _frozen_importlib_external as bootstrap
+        import _imp
+    except ImportError:
+        return
     tag, source_hash = sys.implementation.cache_tag, getattr(_imp, "source_hash", None)
     if tag is None or source_hash is None:  # (CPython's own: another Python ships none)
         return
