@@ -14674,16 +14674,19 @@ _LOG_CHUNK = 1 << 20  # what one read of a log answers at most
 
 def _log_tail(handle: Any, lines: int) -> tuple[bytes, int]:
     """The last ``lines`` lines of an open log, read backwards in blocks (a huge log costs only
-    its tail), and the offset where they start."""
+    its tail; lines longer than 8 reads in all, a progress bar's, only their last 8 MiB), and the
+    offset where they start."""
     end = handle.seek(0, os.SEEK_END)
-    start, data = end, b""
-    while start > 0 and lines > 0 and data.count(b"\n", 0, max(0, len(data) - 1)) < lines:
+    if lines <= 0:
+        return b"", end
+    start, blocks, found = end, [], 0
+    while start > 0 and found <= lines and end - start < 8 * _LOG_CHUNK:
         step = min(start, 1 << 16)
         start -= step
         handle.seek(start)
-        data = handle.read(step) + data
-    if lines <= 0:
-        return b"", end
+        blocks.append(handle.read(step))
+        found += blocks[-1].count(b"\n")
+    data = b"".join(reversed(blocks))
     head = data[:-1].rsplit(b"\n", lines)
     cut = len(head[0]) + 1 if len(head) > lines else 0
     return data[cut:], start + cut

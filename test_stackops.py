@@ -10535,6 +10535,21 @@ def _peak_rss_kb(*argv: str, home: Path) -> tuple[int, bytes]:
     return int(done.stderr.decode().split()[-1]), done.stdout
 
 
+def test_cli_logs_tail_of_a_log_whose_last_line_is_huge_reads_only_its_end(tmp_path):
+    """`logs -n 5` of a 40 MB log without a line break (a progress bar's \\r) read it backwards
+    whole, recounting at every block, and answered all 40 MB (hostile review 7)."""
+    log = tmp_path / "output.log"
+    log.write_bytes(b"first\n" + b"x" * (40 << 20))
+    with open(log, "rb") as handle:
+        data, start = stackops._log_tail(handle, 5)
+    assert len(data) <= 8 * stackops._LOG_CHUNK + (1 << 16) and start + len(data) == log.stat().st_size
+    for text, lines, tail in [(b"a\nb\nc\n", 2, b"b\nc\n"), (b"a\nb\nc", 2, b"b\nc"), (b"", 3, b""),
+                              (b"a\nb\n", 9, b"a\nb\n"), (b"\n\n\n", 2, b"\n\n"), (b"a\r\nb\r\n", 1, b"b\r\n")]:
+        log.write_bytes(text)
+        with open(log, "rb") as handle:
+            assert stackops._log_tail(handle, lines)[0] == tail, (text, lines)
+
+
 def test_cli_logs_of_a_huge_log_reads_its_tail_or_slices_and_n_is_checked(home):
     """Review (logs 1, 7): `logs -n 3` of a 30 MB log held the whole log (and its lines) in
     memory (~0.9 GB); without -n, one answer of the whole log. Now the tail is read backwards and
