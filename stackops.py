@@ -4914,8 +4914,8 @@ def _forks_as_started(root: Path, python: str, env: dict[str, str]) -> bool:
         return False
     found = shutil.which(python, path=env.get("PATH", os.defpath)) if "/" not in python \
         else python
-    relative = [item for item in env.get("PYTHONPATH", "/").split(os.pathsep)
-                if not os.path.isabs(item)]  # made absolute at start, against the folder then
+    relative = [item for item in (env.get("PYTHONPATH") or "/").split(os.pathsep)  # (an empty
+                if not os.path.isabs(item)]  # one is none) made absolute at start, against the cwd
     if relative or found != sys.executable or _start_environment(env) != _FORK_BASE[0] \
             or _site_state() != _FORK_BASE[2]:
         return False

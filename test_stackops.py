@@ -1832,18 +1832,15 @@ def test_job_run_path_function(home):
     assert json.loads((results / "result.json").read_text()) == {"double": 42}
 
 
-def test_job_imports_shipped_repo_not_installed_copy(home, tmp_path):
+def test_job_imports_shipped_repo_not_installed_copy(home, tmp_path, monkeypatch):
     """A module of the same name earlier on the path must not win over the job's own repo."""
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     mod = make_module(home, "def which():\n    return 'repo'\n")
     (shadow / f"{mod.__name__}.py").write_text("def which():\n    return 'shadow'\n")
-    env_path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = str(shadow)
-    try:
+    with monkeypatch.context() as patched:  # (it left PYTHONPATH="" behind for later tests)
+        patched.setenv("PYTHONPATH", str(shadow))
         machine = RemoteMachine(mod.which, config=config(job_id="shadowed")).run()
-    finally:
-        os.environ["PYTHONPATH"] = env_path
     results = wait_for(machine.check_job_status, what="shadowed job")
     assert json.loads((results / "result.json").read_text()) == "repo"
 
