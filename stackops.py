@@ -5471,16 +5471,16 @@ def delete_job(root: Path) -> str:
     if not _deletable(status):
         raise ConfigError(f"job {root.name} is {status}; cancel it before deleting it",
                           hint=f"{_prog()} cancel {root.name}")
-    deadline = time.monotonic() + 5  # an ended job's wrapper may still be finishing (its report):
-    while _alive(root) and time.monotonic() < deadline:  # removed under it, it would end failed,
-        time.sleep(0.02)  # and its dispatcher would take a new job of its id for it
     _remove_job_folder(root)
     return collapse_home(root)
 
 
 def _remove_job_folder(root: Path) -> None:
-    """Remove a job folder; it leaves its sweep first, and the sweep's shared folder goes with
-    its last job."""
+    """Remove an ended job's folder, once its last process has ended (5 s at most); it leaves its
+    sweep first, and the sweep's shared folder goes with its last job."""
+    deadline = time.monotonic() + 5  # an ended job's wrapper may still be finishing (its report):
+    while _alive(root) and time.monotonic() < deadline:  # removed under it, it would end failed,
+        time.sleep(0.02)  # and its dispatcher would take a new job of its id for it
     ids = _leave_sweep(root)
     shutil.rmtree(root)
     if ids is not None and not any(os.path.lexists(root.parent / other) for other in ids[1]):
@@ -9039,10 +9039,8 @@ def _make_private(folder: Path) -> None:
     """rclone writes as the umask says (0755/0644) and carries no modes: a download's folders are
     0700 and its files 0600 (an SSH download keeps the host's bits, and the results are private
     there), before the folder is moved into place."""
-    for parent, folders, files in os.walk(folder):
+    for parent, _folders, files in os.walk(folder):  # (each folder is a parent once)
         os.chmod(parent, 0o700)
-        for name in folders:
-            os.chmod(os.path.join(parent, name), 0o700)
         for name in files:
             if not os.path.islink(os.path.join(parent, name)):
                 os.chmod(os.path.join(parent, name), 0o600)
@@ -14787,7 +14785,7 @@ def _not_carried(results: Path) -> list[str]:
             path = os.path.join(parent, name)
             if os.path.islink(path) or not (os.path.isdir(path) or os.path.isfile(path)):
                 left_out.append(os.path.relpath(path, results))
-    return sorted(left_out)
+    return left_out  # (named in order where they are told: _warn_left_out)
 
 
 _ACTIONS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
