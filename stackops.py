@@ -3262,7 +3262,8 @@ class FileManager:
                 continue
             with _suppress(FileNotFoundError):
                 os.unlink(info)
-            os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)  # for every copy: a process the job left behind
+            os.close(fd)  # (`cmd &`, a fork) holds one, and the slot is free all the same
         with _suppress(OSError, StackopsError):
             slots.refresh_views(finished=record, queue=False)
 

@@ -3461,6 +3461,31 @@ def test_jobs_command_outliving_its_wrapper_still_runs_holds_its_slot_and_is_can
     assert wait_done(second).status == "completed"
 
 
+def test_jobs_process_left_behind_by_an_ended_job_holds_no_slot(home, monkeypatch):
+    """A job that leaves a process behind (`server &`, a forked daemon) gives its slot back when it
+    ends: the left process inherited the slot's lock, and the next job waited for it for ever,
+    with nothing in any view saying why (hostile review 7)."""
+    proj = _git_proj(home)
+    monkeypatch.chdir(proj)
+    pids = home / "left"
+    mod = make_module(home, LINGERS_SOURCE)
+    first = RemoteMachine(["sh", "-c", f"setsid sleep 300 & echo $! >> {shlex.quote(str(pids))}"],
+                          config(job_id="leaves", max_simultaneous_jobs=1)).run()
+    forked = RemoteMachine(mod.lingers, config(job_id="forks", max_simultaneous_jobs=1),
+                           func_kwargs={"seconds": 300}).run()
+    after = RemoteMachine(["true"], config(job_id="next", max_simultaneous_jobs=1)).run()
+    try:
+        assert [wait_done(job, timeout=60).status for job in (first, forked, after)] == ["completed"] * 3
+        assert stackops.Slots().holders() == []
+    finally:
+        for line in pids.read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line), signal.SIGKILL)
+        for pid in _group_of({"root": forked.file_manager.job_root}, None):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_jobs_command_sweep_fills_each_line_into_the_command(home):
     proj = _git_proj(home)
     values = ["a b", "it's \"q\"", "$(touch pwned)", "x\ny", "", "{name}"]
