@@ -2755,7 +2755,7 @@ def _listing(queue: str, fresh: bool = False) -> dict[str, int]:
     return cached[1]
 
 
-_DETACHED: list[subprocess.Popen[bytes]] = []  # processes started here (kept, never waited for)
+_DETACHED: list[subprocess.Popen[bytes]] = []  # processes started here, kept until they end
 _HOLDING: list[int] = []  # the wrapper's hold on its job's ALIVE_LOCK (a command inherits it)
 
 
@@ -2830,12 +2830,17 @@ class Slots:
         pid = _read_text(self.root / DISPATCHER_PID).split()[:1]
         return int(pid[0]) if pid and pid[0].isdigit() else 0
 
-    def ensure_dispatcher(self, python: str | None = None) -> int | None:
+    def ensure_dispatcher(self, python: str | None = None, view: bool = False) -> int | None:
         """Start this queue's dispatcher unless one lives or nothing is queued; returns its pid.
         Any stackops call that finds a queued job does this, so no entry waits forever because
-        the process that would have started it died."""
+        the process that would have started it died. A ``view`` (status, list, queue: asked
+        again and again by a wait) leaves one it started, still starting, to start."""
         pid = self.dispatcher_pid()
         if pid is None and (self.entries() or self.entries(AFTER_DIR) or self._starting()):
+            _detached(None)
+            mine = [child.pid for child in _DETACHED if str(self.root) in child.args]
+            if view and mine:
+                return mine[0]
             pid = _start_detached(_serve_argv(python or sys.executable or "python3", "dispatch",
                                               str(self.root), site=True),
                                   self.root / DISPATCHER_LOG)
@@ -2866,7 +2871,7 @@ class Slots:
                     continue
                 if state == "queued" and time.monotonic() > look:  # data ahead: a dispatcher lives
                     look = time.monotonic() + 1.0
-                    self.ensure_dispatcher()
+                    self.ensure_dispatcher(view=True)
                 # the next in line looks as often as the first, so a freed slot passes on fast
                 if ahead:
                     time.sleep(SLOT_POLL_HEAD if len(ahead) == 1 else SLOT_POLL_OTHERS)
@@ -3085,8 +3090,16 @@ def _start_detached(argv: list[str], output: Path, env: dict[str, str] | None = 
         child = subprocess.Popen(_in_user_scope(argv, _logind()), stdin=subprocess.DEVNULL,
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                  env=env, cwd=str(cwd) if cwd else None, pass_fds=fds)
-    _DETACHED.append(child)
+    _detached(child)
     return child.pid
+
+
+def _detached(child: Any) -> None:
+    """Keep ``child`` (None: none), started here and never waited for, and reap those kept that
+    ended: a process that starts thousands of jobs (a notebook, a dispatcher) gathers no zombies."""
+    _DETACHED[:] = [kept for kept in _DETACHED if kept.poll() is None]
+    if child is not None:
+        _DETACHED.append(child)
 
 
 def tmux_session_name(job_id: str) -> str:
@@ -4870,7 +4883,7 @@ def _spawn_wrapper(root: Path, python: str, env: dict[str, str],
         os.close(alive)
     with _suppress(FileNotFoundError):  # its job has it now: no copy of an environment stays
         os.unlink(root / FIRE_ENV)
-    _DETACHED.append(child)
+    _detached(child)
     return child
 
 
@@ -5324,7 +5337,7 @@ def _judge_records(roots: Sequence[Path | str],
         judged.append(current)
     for pool in pools:
         with _suppress(OSError, StackopsError):
-            Slots(Path(pool)).ensure_dispatcher()
+            Slots(Path(pool)).ensure_dispatcher(view=True)
     return judged
 
 
@@ -12534,7 +12547,7 @@ def _members(target: Any) -> list[RemoteMachine]:
 
 def _queue_view(slots: Slots, history: int) -> dict[str, Any]:
     with _suppress(OSError, StackopsError):
-        slots.ensure_dispatcher()  # a queue whose dispatcher died drains again from here
+        slots.ensure_dispatcher(view=True)  # a queue whose dispatcher died drains again from here
     return {"state_dir": collapse_home(slots.root), "running": slots.holders(),
             "waiting": slots.waiters(), "history": slots.history()[-history:] if history else []}
 

@@ -3486,6 +3486,30 @@ def test_jobs_process_left_behind_by_an_ended_job_holds_no_slot(home, monkeypatc
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_jobs_started_from_a_long_lived_process_leave_no_zombies(home):
+    """A process that starts job after job (a notebook) gathered a zombie for each (the job's
+    wrapper, or its queue's dispatcher: started, never waited for) until it exited; and each of
+    its looks at a queued job started one more dispatcher while the last was still starting."""
+    mod = make_module(home, JOBS_SOURCE)
+    started: set[int] = set()
+    for n in range(6):
+        job = RemoteMachine(mod.train, config(job_id=f"nbz{n}", lock_resources=n % 2 == 0)).run()
+        started |= {child.pid for child in stackops._DETACHED}
+        assert wait_done(job).status == "completed"
+        started |= {child.pid for child in stackops._DETACHED}
+
+    def state(pid: int) -> str:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return fields[0] if int(fields[1]) == os.getpid() else "gone"
+        return "gone"
+    wait_for(lambda: all(state(pid) in ("Z", "gone") for pid in started), what="every process started to end")
+    assert wait_done(RemoteMachine(mod.train, config(job_id="nbz-last", lock_resources=False)).run()).status \
+        == "completed"
+    assert 6 <= len(started) <= 9, "one dispatcher for each queued job (and a wrapper each for the rest)"
+    assert [pid for pid in started if state(pid) == "Z"] == []
+
+
 def test_jobs_command_sweep_fills_each_line_into_the_command(home):
     proj = _git_proj(home)
     values = ["a b", "it's \"q\"", "$(touch pwned)", "x\ny", "", "{name}"]
