@@ -8887,18 +8887,22 @@ class _OverSSH(_Place):
 
     @property
     def ssh(self) -> SSH:
-        """The one connection to the host, opened on first use."""
+        """The one connection to the host, opened on first use; its timeout is the job's, or
+        less while wait looks (_within)."""
         if self.connection is not None and not self.connection.is_alive:  # the host went away
             self.connection.close()
             self.connection = None
+        timeout = _bounded(self.config.ssh_timeout)
         if self.connection is None:
             accept = self.config.accept_new_host_key
-            self.connection = SSH.from_config_file(self.host_name, timeout=self.config.ssh_timeout,
+            self.connection = SSH.from_config_file(self.host_name, timeout=timeout,
                                                    accept_new_host_key=accept)
+        self.connection.timeout = timeout
         return self.connection
 
     def call(self, requests: list[dict[str, Any]]) -> list[Any]:
-        return self.ssh.serve(requests, timeout=max(self.config.ssh_timeout, 60.0))
+        ssh = self.ssh
+        return ssh.serve(requests, timeout=ssh.timeout if _LOOKS.by else max(ssh.timeout, 60.0))
 
     def there(self, manager: FileManager) -> str:
         return manager.job_root_rh  # home-relative: the host's home may be elsewhere
@@ -9452,7 +9456,7 @@ def _wait_for_results(machine: RemoteMachine, timeout: float | None, poll: float
     failed, StackopsError once ``timeout`` seconds passed."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        report = machine.get_status(0)
+        report = _within(timeout, deadline, machine.get_status, 0)
         results = _settle(machine, report)
         if results is not None:
             return results
@@ -10878,7 +10882,7 @@ class Sweep:
         A job never started (its fire was broken off) ends the wait too: it never will start."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            answers = self.check_job_status()
+            answers = _within(timeout, deadline, self.check_job_status)
             ended = {key: value for key, value in answers.items()
                      if isinstance(value, JobStatus) and (value.finished or value.status ==
                                                           "prepared")}
@@ -11429,7 +11433,10 @@ class Cluster:
         """Run ``action(host)`` for every host at once; a failure is returned, not raised."""
         from concurrent.futures import ThreadPoolExecutor
 
+        by = _LOOKS.by  # (a thread's own: wait's bound holds in each host's thread too)
+
         def guarded(host: str) -> Any:
+            _LOOKS.by = by
             try:
                 return action(host)
             except StackopsError as exc:
@@ -12782,7 +12789,7 @@ def _wait_for(targets: dict[str, Any], timeout: float | None = None) -> int:
         for job_id, target in targets.items():
             if job_id in ended:
                 continue
-            answers = _look(target, seen[job_id])
+            answers = _within(timeout, deadline, _look, target, seen[job_id])
             status = _overall(answers)
             _tell_unread(answers, told)
             if status is not None:
@@ -12798,6 +12805,34 @@ def _wait_for(targets: dict[str, Any], timeout: float | None = None) -> int:
                 return 124
             time.sleep(0.3)
     return 0 if all(status == "completed" for status in ended.values()) else 1
+
+
+class _Looks(_thread._local):
+    by: float | None = None  # wait's deadline (monotonic) for this thread's looks (_within)
+
+
+_LOOKS = _Looks()
+LOOK_FLOOR = 5.0  # seconds a look of wait may take however near its deadline (connecting needs)
+
+
+def _within(timeout: float | None, deadline: float | None, look: Callable[..., Any],
+            *args: Any) -> Any:
+    """``look(*args)`` of wait, each connect to a host and each answer waited for given what is
+    left until ``deadline`` (LOOK_FLOOR at least, the connection's own timeout at most): a host
+    that takes the connection and says nothing (a frozen sshd) holds wait past its ``timeout``
+    by LOOK_FLOOR at most, and its member is said unreadable with why. ``timeout`` 0 (look
+    once) gives the look the connection's whole timeout."""
+    before, _LOOKS.by = _LOOKS.by, deadline if timeout else None
+    try:
+        return look(*args)
+    finally:
+        _LOOKS.by = before
+
+
+def _bounded(timeout: float) -> float:
+    """A host's ``timeout`` within the deadline of wait's look (_within)."""
+    by = _LOOKS.by
+    return timeout if by is None else min(timeout, max(by - time.monotonic(), LOOK_FLOOR))
 
 
 def _tell_unread(answers: dict[str, Any], told: set[str]) -> None:

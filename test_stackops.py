@@ -14325,6 +14325,43 @@ def test_fault_frozen_host_status_is_one_line_with_what_to_do(fault_node, home):
     assert "No existing session" not in done.stderr and "Traceback" not in done.stderr
 
 
+def test_fault_wait_timeout_holds_on_a_frozen_host_and_timeout_0_still_asks_it(fault_node, home, sshd):
+    """Issue 21: a member that cannot be read is reported, with why, within --timeout. `wait
+    --timeout 3` on a job whose host froze (its kernel takes the connection, its sshd says nothing)
+    held on for the whole 15 s connect timeout; a look now gets what is left (LOOK_FLOOR at least).
+    `wait --timeout 0` (look once: the state machines' way) still gives its look the whole
+    connect timeout, and the host's answer. A cluster's parts are looked at in threads: the same."""
+    mod = make_module(home, REMOTE_JOBS)
+    (home / "proj" / "fc.py").write_text(textwrap.dedent(CLUSTER_JOBS))
+    sent = cli("cluster", "run", "proj/fc.py:indices", "--hosts", "fnode", "--copy-repo", "--job-id", "fc",
+               home=home)
+    assert sent.returncode == 0, sent.stderr
+    cfg = config(job_id="frozen-wait", ssh_host="fnode", copy_repo=True)  # ssh_timeout 15 s
+    with RemoteMachine(mod.sleeper, config=cfg, func_kwargs={"seconds": 8}) as machine:
+        machine.run()
+        wait_for(lambda: machine.get_status(0).status == "running", 60, "the job to run")
+
+    def wait_3s(target: str):
+        started = time.monotonic()
+        return cli("wait", target, "--timeout", "3", home=home, timeout=60), time.monotonic() - started
+
+    fault_node.freeze(1, True)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waits = dict(zip(("frozen-wait", "fc"), pool.map(wait_3s, ("frozen-wait", "fc"))))
+    finally:
+        fault_node.freeze(1, False)
+    for target, (waited, took) in waits.items():
+        assert waited.returncode == 124 and f"still not ended after 3s: {target}" in waited.stderr, waited
+        assert " cannot be read now (cannot connect to " in waited.stderr, waited.stderr
+        assert f"no SSH greeting within {stackops.LOOK_FLOOR:g}s" in waited.stderr, waited.stderr
+        assert took < 3 + stackops.LOOK_FLOOR + 5, took  # a bound, not a speed: a look alone took 15 s
+    state = sshd.remote_home / machine.file_manager.job_root_rh[2:] / "logs" / "state.json"
+    wait_for(lambda: '"completed"' in state.read_text(), 60, "the job's end there, not read from here")
+    done = cli("wait", "frozen-wait", "--timeout", "0", home=home)  # one look, answered by the host
+    assert done.returncode == 0 and done.stdout == "frozen-wait completed\n", done
+
+
 def test_fault_five_percent_packet_loss_transfers_complete_intact(fault_node, home):
     digest = _random_file(home / "lossy.bin", 50)
     fault_node.nft(1, "table inet fault {\n"
