@@ -5887,29 +5887,43 @@ def _no_jobs_named(home: Path, remote, job_id: str) -> bool:
     return not (home / queued / job_id).exists() and not (remote.remote_home / queued / job_id).exists()
 
 
+# the bench's groups in four runs at once (pytest-xdist spreads them), each with rows it must make:
+# (start, end) of a row's name, or its whole name
+_BENCH_PARTS = {
+    "ssh,transfer,job,cancel": ["connect + run `true`", "50 MiB upload", "50 MiB download",
+                                "500 x 4 KiB folder upload", "hand a trivial job over (RemoteMachine.run)",
+                                "status of a running job, connection open", "peak Python memory during transfers"],
+    "snapshot,slot,bigrepo,local": ["hand-over ratios", "slot hand-off: one job ends, the next starts",
+                                    ("", " trivial jobs, 4 slots: wall per job"),
+                                    ("", " trivial Python jobs, 4 slots: stackops sweep (CLI)")],
+    "sweep,queue,hostlist,cluster,slurm": ["launch on 4 hosts vs 1 host (Cluster.run)",
+                                           ("memory held by ", " queued jobs"), ("slot hand-off with ", " queued"),
+                                           ("`list --json` with ", " jobs")],
+    "slow,cli": ["CLI start: python stackops.py --help", "CLI run --host, host shell start 100 ms",
+                 "CLI run --host --copy-repo (unchanged), shell 100 ms",
+                 "RemoteMachine.run(), open connection, shell 100 ms"],
+}
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"), reason="no sshd")
-def test_bench_quick_runs(tmp_path):
-    """The benchmark works end to end (its figures are for people; nothing about speed is asserted)."""
-    done = subprocess.run([sys.executable, str(HERE / "bench_stackops.py"), "--quick", "--runs", "1", "--json",
-                           str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("groups", list(_BENCH_PARTS))
+def test_bench_quick_runs(tmp_path, groups):
+    """The benchmark works end to end, every group of it (its figures are for people; nothing
+    about speed is asserted)."""
+    done = subprocess.run([sys.executable, str(HERE / "bench_stackops.py"), "--quick", "--runs", "1", "--only",
+                           groups, "--json", str(tmp_path / "bench.json")], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {row["case"]: row for row in json.loads((tmp_path / "bench.json").read_text())}
-    wanted = ["connect + run `true`", "50 MiB upload", "50 MiB download", "500 x 4 KiB folder upload",
-              "hand a trivial job over (RemoteMachine.run)", "status of a running job, connection open",
-              "slot hand-off: one job ends, the next starts", "launch on 4 hosts vs 1 host (Cluster.run)",
-              "CLI start: python stackops.py --help", "peak Python memory during transfers", "hand-over ratios",
-              "CLI run --host, host shell start 100 ms", "CLI run --host --copy-repo (unchanged), shell 100 ms",
-              "RemoteMachine.run(), open connection, shell 100 ms"]
-    assert set(wanted) <= set(rows), sorted(rows)
-    assert any(case.endswith("trivial jobs, 4 slots: wall per job") for case in rows)
-    for start, end in (("memory held by ", " queued jobs"), ("slot hand-off with ", " queued"),
-                       ("`list --json` with ", " jobs"), ("", " trivial jobs, 4 slots: wall per job"),
-                       ("", " trivial Python jobs, 4 slots: stackops sweep (CLI)")):
-        assert any(case.startswith(start) and case.endswith(end) for case in rows), sorted(rows)
+    for wanted in _BENCH_PARTS[groups]:
+        start, end = (wanted, wanted) if isinstance(wanted, str) else wanted
+        assert any(case.startswith(start) and case.endswith(end) for case in rows), (wanted, sorted(rows))
     for row in rows.values():
         if "reference_s" in row:
             assert row["stackops_s"] > 0 and row["reference_s"] > 0 and row["ratio"] > 0, row
-    assert rows["peak Python memory during transfers"]["upload_whole"] > 0
+    if "transfer" in groups:
+        assert rows["peak Python memory during transfers"]["upload_whole"] > 0
 
 
 
