@@ -7481,7 +7481,11 @@ def _extract_tar(stream: Any, folder: Path, compressed: bool) -> list[str]:
                     skipped.append(here)
                     continue
                 # as root, tarfile would chown to the host's owner: the files are ours, and no
-                # setuid, setgid or sticky bit comes with them
+                # setuid, setgid or sticky bit comes with them; a name already here (a hard link
+                # to a file before it, a link) is replaced, never written through
+                path = folder / here
+                if not member.isdir() and (path.is_symlink() or path.is_file()):
+                    path.unlink()
                 member.uid, member.gid = os.getuid(), os.getgid()
                 member.uname = member.gname = ""
                 member.mode &= 0o777
@@ -7490,6 +7494,10 @@ def _extract_tar(stream: Any, folder: Path, compressed: bool) -> list[str]:
                     files.add(here)
     except tarfile.TarError as exc:
         raise TransferError(f"the archive broke off: {exc}") from exc
+    except OSError as exc:  # (a file's: a name too long here, a file where a folder is)
+        if exc.filename is None:  # the stream's: _stream_command says the transfer broke off
+            raise
+        raise TransferError(f"cannot unpack {exc.filename}: {exc.strerror}") from exc
     return sorted(skipped)
 
 
@@ -10348,9 +10356,10 @@ def _job_folders(base_dir: str | None,
     base = expand_home(base_dir or DEFAULT_BASE_DIR)
     found: list[tuple[Path | str, str | None]] = []
     queued = base / "queued"
-    with _suppress(FileNotFoundError):
-        for name in os.listdir(queued):
-            if not name.startswith(".") and (not checked or os.path.exists(
+    with _suppress(FileNotFoundError), os.scandir(queued) as entries:
+        for entry in entries:  # (a link is no job folder: one to a job's would list it twice)
+            name = entry.name
+            if not (name.startswith(".") or entry.is_symlink()) and (not checked or os.path.exists(
                     f"{queued}/{name}/{REMOTE_MACHINE_JSON}")):
                 found.append((queued / name if checked else f"{queued}/{name}", None))
     for cluster_json in sorted(base.parent.glob("job_id__*/cluster.json")):
@@ -10462,6 +10471,16 @@ _WHO_KEYS = {"job_id", "host", "remote", "sweep", "shared", "there", "tasks", "a
 _CACHE_VERSION = [__version__, 3, list(sys.version_info[:2])]  # (marshal's format is Python's)
 
 
+def _is_who(who: Any) -> bool:
+    """Whether a cached ``who`` is one _who_of makes (of each field, the type: a cache file
+    crafted by hand could hold a list that takes ages to walk, or an id that is no text)."""
+    return isinstance(who, dict) and who.keys() == _WHO_KEYS and all(
+        type(who[k]) is bool for k in ("remote", "shared", "asked_there")) and all(
+        who[k] is None or type(who[k]) is str for k in ("job_id", "host", "sweep", "there")) \
+        and (who["tasks"] is None or type(who["tasks"]) is list
+             and all(type(task) is str for task in who["tasks"]))
+
+
 class _RecordCache:
     """What the last ``list`` read, in ``<base>/.list-cache`` (marshal: read 2x, written 6x as
     fast as JSON; only this Python's, from your own private file, is believed): per
@@ -10485,17 +10504,19 @@ class _RecordCache:
         self.since = time.time_ns() - RACY_NS  # a file older than this is stamped for good
         self.inside = f"{base}/queued/"  # the job folders, stat'ed from an fd of it (_folder)
         self.fd: int | None = None
-        with _suppress(OSError, ValueError, EOFError, TypeError, RecursionError):
+        with _suppress(OSError, ValueError, EOFError, TypeError, RecursionError, MemoryError):
             if not _is_own_private_file(self.path):  # a FIFO would hang, another's file lie
                 return
-            with open(self.path, "rb") as handle:
+            with open(self.path, "rb") as handle:  # (at most 16 KiB a job folder: a row is ~1)
+                size = os.fstat(handle.fileno()).st_size
+                if size > 1 << 20 and size > (len(os.listdir(self.inside)) + 1) << 14:
+                    return
                 data = marshal.loads(handle.read())
             if isinstance(data, dict) and data.get("version") == _CACHE_VERSION:
                 rows, whos = data.get("rows"), data.get("whos")
                 if isinstance(rows, dict) and isinstance(whos, list):  # (checked once here)
                     self.old = rows
-                    self.whos = [who if isinstance(who, dict) and who.keys() == _WHO_KEYS
-                                 else None for who in whos]
+                    self.whos = [who if _is_who(who) else None for who in whos]
 
     def key(self, path: str) -> list[int] | None:
         """The stamps of the file at ``path``; [] when too recent to stand for its bytes."""
@@ -10591,7 +10612,7 @@ class _RecordCache:
                     self.whos[index] is None:
                 return None
             who = dict(self.whos[index])
-        elif not isinstance(who, dict) or who.keys() != _WHO_KEYS:  # another build's, or garbled
+        elif not _is_who(who):  # another build's, or garbled
             return None
         else:
             who = dict(who)
@@ -14680,6 +14701,9 @@ def _act_delete(request: dict[str, Any], _io: Any) -> list[str]:
             with _suppress(StackopsError):
                 delete_own_results(root)
         removed.append(delete_job(root))
+        if request.get("results"):  # an unfinished command's, made empty at its start
+            with _suppress(OSError):
+                os.rmdir(expand_home(f"{DEFAULT_RESULTS_DIR}/{root.name}"))
     return removed
 
 
@@ -14758,7 +14782,8 @@ def _act_list(request: dict[str, Any], _io: Any) -> list[dict[str, Any]]:
     roots = []
     for queued in [base / "queued", *sorted(base.parent.glob("job_id__*/queued"))]:
         roots += [queued / name for name in sorted(os.listdir(queued)) if not name.startswith(".")
-                  and (queued / name / FILE_MANAGER_JSON).exists()] if queued.is_dir() else []
+                  and (queued / name / FILE_MANAGER_JSON).exists()
+                  and not os.path.islink(queued / name)] if queued.is_dir() else []
     return _reports_of(roots, 0)
 
 

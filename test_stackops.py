@@ -5566,6 +5566,38 @@ def test_extract_tar_hard_links_only_to_members_already_here_nothing_written_out
             stackops._extract_tar(buffer, folder, compressed=False)
 
 
+def test_extract_tar_replaces_a_hard_linked_name_and_says_what_it_cannot_unpack(tmp_path):
+    """From a hand-made archive: a later member named as an earlier hard link was written through
+    the link, into its target, and a name too long for the file system escaped as a bare OSError
+    (found by review). The name is replaced (the target keeps its bytes); the long name is a
+    TransferError naming it."""
+    import io
+    import tarfile
+
+    def archive(*members: tuple[str, bytes | str]) -> io.BytesIO:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name, body in members:
+                info = tarfile.TarInfo(name)
+                if isinstance(body, str):
+                    info.type, info.linkname = tarfile.LNKTYPE, body
+                    tar.addfile(info)
+                else:
+                    info.size = len(body)
+                    tar.addfile(info, io.BytesIO(body))
+        buffer.seek(0)
+        return buffer
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    stackops._extract_tar(archive(("./a", b"mine\n"), ("./b", "./a"), ("./b", b"theirs\n")),
+                          folder, compressed=False)
+    assert (folder / "a").read_text() == "mine\n" and (folder / "b").read_text() == "theirs\n"
+    assert (folder / "a").stat().st_nlink == 1
+    with pytest.raises(stackops.TransferError, match="cannot unpack .*File name too long"):
+        stackops._extract_tar(archive(("./" + "x" * 300, b"long\n")), folder, compressed=False)
+
+
 def _processes_running(text: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -8128,6 +8160,25 @@ def test_control_cli_cancel_wait_start_delete_prune(home):
     assert listed == {"w-long", "w-later"}
 
 
+def test_control_prune_results_removes_the_empty_results_folder_of_a_cancelled_command(home):
+    """`prune --results` left behind the results folder a command job makes (empty) at its start,
+    once the job was cancelled or failed: only a completed job's were removed (found by review).
+    An empty one goes with its job; a running job's stays."""
+    proj = _git_proj(home)
+    results = home / "tmp_results" / "tmp_dirs"
+    assert cli("run", "--job-id", "pr-fail", "--wait", "--", "false", home=home, cwd=proj).returncode == 1
+    assert cli("run", "--job-id", "pr-cut", "--", "sleep", "60", home=home, cwd=proj).returncode == 0
+    wait_for(lambda: (results / "pr-cut").is_dir(), 60, "pr-cut to start")
+    done = cli("cancel", "pr-cut", "--grace", "1", home=home)
+    assert done.returncode == 0 and "pr-cut cancelled" in done.stdout, done
+    assert cli("run", "--job-id", "pr-run", "--", "sleep", "60", home=home, cwd=proj).returncode == 0
+    wait_for(lambda: (results / "pr-run").is_dir(), 60, "pr-run to start")
+    done = cli("prune", "--older-than", "0s", "--results", home=home)
+    assert done.returncode == 0 and sorted(done.stdout.split()[2::3]) == ["pr-cut", "pr-fail"], done
+    assert sorted(path.name for path in results.iterdir()) == ["pr-run"]
+    assert cli("cancel", "pr-run", "--grace", "1", home=home).returncode == 0
+
+
 def _recordless(home: Path, *job_ids: str) -> Path:
     """The jobs folder, with the records of ``job_ids`` removed by hand (their folders stay)."""
     queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
@@ -8170,6 +8221,22 @@ def test_control_list_warns_of_a_job_folder_whose_record_was_removed(home):
         listed = json.loads(cli("list", "--json", home=home).stdout)
         assert [row["job_id"] for row in listed] == ["rl-0000"], listed
         time.sleep(stackops.RACY_NS / 1e9 + 0.2)
+
+
+def test_control_list_counts_a_job_once_whatever_links_are_in_the_queue_folder(home):
+    """A link in the queue folder to a job's folder, or to a copy of it, showed the job twice in
+    `list` (found by review): job folders are never links (delete refuses one), so a link there
+    is no job and has no row."""
+    (home / "jobs.py").write_text(textwrap.dedent(CONTROL_SOURCE))
+    assert cli("run", "jobs.py:quick", "--job-id", "ql", "--wait", home=home).returncode == 0
+    queued = home / "tmp_results" / "remote_machines" / "jobs" / "queued"
+    (queued / "ql-alias").symlink_to(queued / "ql")
+    shutil.copytree(queued / "ql", home / "ql-copy", symlinks=True)
+    (queued / "ql-copied").symlink_to(home / "ql-copy")
+    for _ in range(2):  # read afresh, then through the list's cache
+        done = cli("list", "--json", home=home)
+        assert done.returncode == 0, done
+        assert [row["job_id"] for row in json.loads(done.stdout)] == ["ql"], done.stdout
 
 
 def test_control_delete_and_cancel_a_job_folder_whose_record_was_removed_and_nothing_else(home):
@@ -9537,6 +9604,45 @@ def test_cli_list_reads_past_a_cache_file_that_is_garbled_a_fifo_or_writable_by_
     cache.unlink()
     os.mkfifo(cache)
     assert listed() == {"odd": "completed"}  # (a FIFO opened for reading waits for a writer)
+
+
+def test_cli_list_reads_past_a_cache_file_crafted_by_hand_huge_or_of_odd_types(home):
+    """A list cache you crafted yourself (your own private file) crashed list (a host that is a
+    list, an id that is a number, tasks nested 1,900 deep) or stalled it (tasks a list of 2**40
+    made of back-references), and a huge one was read whole (found by review). A who of the wrong
+    types, or a file far bigger than its job folders' rows could be, is not believed."""
+    mod = make_module(home, JOBS_SOURCE)
+    wait_done(RemoteMachine(mod.train, config=config(job_id="odd")).run())
+    cache = home / "tmp_results" / "remote_machines" / "jobs" / ".list-cache"
+    time.sleep(stackops.RACY_NS / 1e9 + 0.2)
+
+    def listed(field: str = "status") -> dict[str, str]:
+        done = subprocess.run([sys.executable, str(SOURCE), "list", "--json"], capture_output=True, text=True,
+                              env=dict(os.environ, HOME=str(home)), timeout=120)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        return {row["job_id"]: row[field] for row in json.loads(done.stdout)}
+
+    assert listed() == {"odd": "completed"} == listed()
+    good = cache.read_bytes()
+    deep: list = []
+    for _ in range(1900):
+        deep = [deep]
+    shared = ["t"]
+    for _ in range(40):
+        shared = [shared, shared]
+    for field, value in (("host", ["x"]), ("job_id", 5), ("tasks", deep), ("tasks", shared)):
+        data = marshal.loads(good)
+        data["whos"][0][field] = value
+        cache.write_bytes(marshal.dumps(data))
+        assert listed() == {"odd": "completed"}, field
+    data = marshal.loads(good)
+    for row in data["rows"].values():
+        row["state"]["results"] = "~/forged"  # believed from a file of a fitting size
+    cache.write_bytes(marshal.dumps(data))
+    assert listed(field="results_path") == {"odd": "~/forged"}
+    data["rows"]["/nowhere"] = {"pad": "x" * (2 << 20)}
+    cache.write_bytes(marshal.dumps(data))
+    assert listed(field="results_path") == {"odd": "~/results/train"}
 
 
 def test_cli_list_into_a_closed_pipe_ends_quietly(home):
