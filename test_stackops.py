@@ -13840,6 +13840,18 @@ def _combined_status(tasks: list[str | None]) -> str | None:
     return "failed" if "failed" in tasks else "cancelled"
 
 
+def test_slurm_job_failed_after_a_requeue_says_it_never_started_again(tmp_path):
+    """A job Slurm requeued (its node went down) and then failed before its second run started
+    (slurmd: "Job credential revoked") read "the job never started", though its first run had."""
+    root = tmp_path / "job"
+    (root / "logs").mkdir(parents=True)
+    stackops._update(root, lambda state: state.update(status="queued", slurm={"id": "7"}, runs=[
+        {"started": "2026-12-08T00:00:00+00:00", "ended": None, "status": "requeued"}]))
+    view = {"state": "FAILED", "reason": "NonZeroExitCode", "exit": "1:0", "restarts": 1}
+    judged = stackops._judge_slurm(root, stackops.read_state(root), view)
+    assert judged["status"] == "failed" and "requeued 1x; the job never started again:" in judged["error"], judged
+
+
 def test_slurm_state_machine_every_view_agrees_under_requeues_kills_and_a_node_going_down(slurm, home):
     """Issue 21's state machine under Slurm (SlurmMachine): requeued, preempted-like and node-down
     jobs read queued (not failed) and run again; every view of a job, an array and its tasks
