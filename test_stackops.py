@@ -499,7 +499,7 @@ FileManager.unlock_resources(
 class Slots(object)
 Slots(root: 'Path | None' = None) -> None
 Slots.dispatcher_pid(self) -> int | None
-Slots.ensure_dispatcher(self, python: 'str | None' = None) -> int | None
+Slots.ensure_dispatcher(self, python: 'str | None' = None, view: 'bool' = False) -> int | None
 Slots.entries(self, folder: 'str' = 'queue') -> list[str]
 Slots.entry_state(self, name: 'str', folder: 'str' = 'queue') -> str
 Slots.history(self) -> list[dict[str, Any]]
