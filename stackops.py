@@ -3438,8 +3438,9 @@ def _judge_slurm(root: Path, state: dict[str, Any], view: dict[str, Any] | None)
                                  reason=why)
     if word == "COMPLETED":
         why = f"the job recorded no end though {why}; do the compute nodes see {root}?"
-    elif not state.get("started"):
-        why += f"; the job never started: do the compute nodes see {root}?"
+    elif not state.get("started"):  # (again: Slurm requeued a run, then failed the job)
+        why += f"; the job never started{' again' if state.get('runs') else ''}: do the compute " \
+               f"nodes see {root}?"
         if view.get("exit", "").startswith("127"):
             why += " (exit code 127: is its python installed there?)"
     error = f"{state['error']}\n{why}" if state.get("error") else why

@@ -499,7 +499,7 @@ FileManager.unlock_resources(
 class Slots(object)
 Slots(root: 'Path | None' = None) -> None
 Slots.dispatcher_pid(self) -> int | None
-Slots.ensure_dispatcher(self, python: 'str | None' = None) -> int | None
+Slots.ensure_dispatcher(self, python: 'str | None' = None, view: 'bool' = False) -> int | None
 Slots.entries(self, folder: 'str' = 'queue') -> list[str]
 Slots.entry_state(self, name: 'str', folder: 'str' = 'queue') -> str
 Slots.history(self) -> list[dict[str, Any]]
@@ -13654,7 +13654,8 @@ class SlurmMachine(_ModelMachine):
         target = job["array"] if whole and job["array"] is not None else job["machine"]
         if how == "api":
             report = target.cancel(grace=3)
-            assert report.status in ("cancelled", "queued", "running"), report
+            failed = {"failed"} & {other["expect"] for other in self.jobs if other["array"] is target}
+            assert report.status in ("cancelled", "queued", "running", *failed), report  # (tasks combine)
         else:
             code, out, err = _in_process("cancel", target.job_id, "--grace", "3")
             assert code == 0 and "had already ended" not in out, (out, err)
@@ -13679,7 +13680,12 @@ class SlurmMachine(_ModelMachine):
     @stateful.rule(again=st.booleans())
     @_noted
     def node_down(self, again: bool) -> None:
-        """The node goes down under its jobs and comes back (Slurm requeues them)."""
+        """The node goes down under its jobs and comes back (Slurm requeues them: stackops submits
+        batch jobs, requeued by Slurm's default JobRequeue=1). With ``again`` (as with `requeue`'s)
+        Slurm may give a job back to the node before slurmd has let go of the run it killed:
+        slurmd refuses it ("Job N already killed, do not launch batch job") and slurmctld ends it
+        FAILED ("Killing non-startable batch JobId=N: Job credential revoked"), for good. Such a
+        job reads failed, truly (see _check), and a cancel after finds it ended."""
         foreign = self._slurm("squeue", "-h", "-o", "%i %j").stdout.split("\n")
         if any(line and self.tag not in line for line in foreign):
             return  # another test's job is on the node: leave it be
@@ -13766,6 +13772,12 @@ class SlurmMachine(_ModelMachine):
             said = ended.get(job_id, "not ended" if job_id in waiting else "nothing")
             if status is not None and said != (status if status in stackops.TERMINAL_STATUSES else "not ended"):
                 problems.append(f"wait says {job_id} {said} while it is {status}")
+        for job in self.jobs:  # an end no step made: only Slurm's of a requeued job (see node_down)
+            status, reason = agreed.get(job["id"]), self.reasons.get(job["id"], "")
+            if job["expect"] is None and status in stackops.TERMINAL_STATUSES:
+                if status != "failed" or not re.search(r"Slurm: FAILED.*, requeued \d+x", reason):
+                    problems.append(f"{job['id']} reads {status}, though no step ended it: {reason}")
+                job["expect"] = status
         deadline = time.monotonic() + 20
         for job in self.jobs:
             status = agreed.get(job["id"])
@@ -13826,6 +13838,18 @@ def _combined_status(tasks: list[str | None]) -> str | None:
     if all(status == "completed" for status in tasks):
         return "completed"
     return "failed" if "failed" in tasks else "cancelled"
+
+
+def test_slurm_job_failed_after_a_requeue_says_it_never_started_again(tmp_path):
+    """A job Slurm requeued (its node went down) and then failed before its second run started
+    (slurmd: "Job credential revoked") read "the job never started", though its first run had."""
+    root = tmp_path / "job"
+    (root / "logs").mkdir(parents=True)
+    stackops._update(root, lambda state: state.update(status="queued", slurm={"id": "7"}, runs=[
+        {"started": "2026-12-08T00:00:00+00:00", "ended": None, "status": "requeued"}]))
+    view = {"state": "FAILED", "reason": "NonZeroExitCode", "exit": "1:0", "restarts": 1}
+    judged = stackops._judge_slurm(root, stackops.read_state(root), view)
+    assert judged["status"] == "failed" and "requeued 1x; the job never started again:" in judged["error"], judged
 
 
 def test_slurm_state_machine_every_view_agrees_under_requeues_kills_and_a_node_going_down(slurm, home):
