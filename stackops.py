@@ -3989,15 +3989,15 @@ def _run_child(root: Path, manager: FileManager, config: dict[str, Any],
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _pass_term_on(pid)
-    try:
-        _, status, usage = os.wait4(pid, 0)
+    try:  # (a Ctrl-C here stops the run first: the slot it holds is let go for every copy)
+        ended = _wait_child(pid)
     finally:
         _CHILD.clear()
     outcome: dict[str, Any] = {}
     with _suppress(OSError, ValueError):
         outcome = json.loads(told.read_text(encoding="utf-8"))
         os.unlink(told)
-    return _outcome(outcome, status, usage)
+    return _outcome(outcome, ended)
 
 
 def _run_command_job(root: Path, params: JobParams, env: dict[str, str],
@@ -4021,13 +4021,9 @@ def _run_command_job(root: Path, params: JobParams, env: dict[str, str],
     return dict(record, error=_command_failure(argv, record), results=collapse_home(results))
 
 
-def _outcome(outcome: dict[str, Any], status: int, usage: Any) -> dict[str, Any]:
-    """A run's outcome with how it ended (``wait4``'s status and resource use)."""
-    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-    killed = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-    outcome = dict(outcome, exit_code=code, signal=killed,
-                   max_rss_bytes=int(usage.ru_maxrss) * 1024,
-                   cpu_seconds=round(usage.ru_utime + usage.ru_stime, 3))
+def _outcome(outcome: dict[str, Any], ended: dict[str, Any]) -> dict[str, Any]:
+    """A run's outcome with how it ended (its _exit_record)."""
+    outcome, code, killed = dict(outcome, **ended), ended["exit_code"], ended["signal"]
     if killed is not None and not outcome.get("error"):
         name = _signal_name(killed)
         outcome["error"] = f"the run was killed by signal {killed} ({name})" + (

@@ -3486,6 +3486,50 @@ def test_jobs_process_left_behind_by_an_ended_job_holds_no_slot(home, monkeypatc
                 os.kill(pid, signal.SIGKILL)
 
 
+INTERRUPTED_SOURCE = """
+    import fcntl, json, os, time
+
+    def holds(counter, mark="", seconds=60.0):
+        def change(delta):
+            with open(counter, "a+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                handle.seek(0)
+                now, peak = json.loads(handle.read() or "[0, 0]")
+                handle.seek(0); handle.truncate()
+                handle.write(json.dumps([now + delta, max(peak, now + delta)]))
+        change(+1)
+        try:
+            try:
+                if mark:
+                    open(mark + ".ready", "w").close()
+                time.sleep(seconds)
+            except KeyboardInterrupt:  # Ctrl-C: save a checkpoint, which takes a while
+                open(mark, "w").close()
+                time.sleep(seconds)
+        finally:
+            change(-1)
+"""
+
+
+def test_jobs_interrupted_function_job_holds_its_slot_while_its_run_lives(home):
+    """SIGINT to a function job's process group (Ctrl-C, to have the run save a checkpoint) ended
+    its wrapper at once (a KeyboardInterrupt in its wait for the run) and, as an ending job's slot is
+    now let go for every copy, the next job took the slot while the run went on: two jobs on one
+    slot (found by review). The wrapper stops its run first, as it does a command's."""
+    mod = make_module(home, INTERRUPTED_SOURCE)
+    counter, mark = home / "counter", home / "interrupted"
+    first = RemoteMachine(mod.holds, config(job_id="ckpt", max_simultaneous_jobs=1),
+                          func_kwargs={"counter": str(counter), "mark": str(mark)}).run()
+    wait_for(lambda: os.path.exists(f"{mark}.ready"), 60, "the run to start")
+    second = RemoteMachine(mod.holds, config(job_id="ckpt-next", max_simultaneous_jobs=1),
+                           func_kwargs={"counter": str(counter), "seconds": 0.3}).run()
+    os.killpg(state_of(first)["pgid"], signal.SIGINT)
+    wait_for(mark.exists, 60, "the run to take the interrupt")
+    assert wait_done(second, timeout=90).status == "completed"
+    assert wait_done(first).status == "failed"
+    assert json.loads(counter.read_text()) == [0, 1], "never two runs on the one slot"
+
+
 def test_jobs_started_from_a_long_lived_process_leave_no_zombies(home):
     """A process that starts job after job (a notebook) gathered a zombie for each (the job's
     wrapper, or its queue's dispatcher: started, never waited for) until it exited; and each of
