@@ -8906,8 +8906,13 @@ class _OverSSH(_Place):
         return self.connection
 
     def call(self, requests: list[dict[str, Any]]) -> list[Any]:
-        ssh = self.ssh
-        return ssh.serve(requests, timeout=ssh.timeout if _LOOKS.by else max(ssh.timeout, 60.0))
+        """The executing side's answers, each waited for 60 s (or what is left of wait's look);
+        a host that goes quiet meanwhile is lost, as one never reached (no copy broke off)."""
+        try:
+            return self.ssh.serve(requests, timeout=_bounded(max(self.config.ssh_timeout, 60.0)))
+        except TransferError as exc:
+            raise StackopsConnectionError(f"{self.host_name} stopped answering: {exc}",
+                                          hint=f"is {self.host_name} overloaded?") from exc
 
     def there(self, manager: FileManager) -> str:
         return manager.job_root_rh  # home-relative: the host's home may be elsewhere

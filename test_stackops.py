@@ -14550,6 +14550,30 @@ def test_fault_wait_timeout_holds_on_a_frozen_host_and_timeout_0_still_asks_it(f
     assert done.returncode == 0 and done.stdout == "frozen-wait completed\n", done
 
 
+def test_wait_timeout_reads_a_host_slower_to_answer_than_its_ssh_timeout(remote, home):
+    """A host that answers a look after its ssh_timeout (a login file that takes a while: conda
+    init, a module load over NFS) was read by `wait`, which gives an answer 60 s, and never by
+    `wait --timeout 30`, which gave it the connect timeout however much of the 30 s was left; a
+    look given less than the answer took ended wait with "upload to tb broke off" (found by
+    review). An answer gets what is left of the wait, 60 s at most, as without one; a host that
+    goes quiet is unreadable."""
+    mod = make_module(home, REMOTE_JOBS)
+    with RemoteMachine(mod.sleeper, config=config(job_id="slow-login", ssh_host="tb", copy_repo=True,
+                                                  ssh_timeout=3), func_kwargs={"seconds": 0}) as machine:
+        machine.run()
+    login = remote.remote_home / ".bashrc"
+    login.write_text("sleep 6\n")
+    try:
+        done = cli("wait", "slow-login", "--timeout", "30", home=home)
+        assert done.returncode == 0 and done.stdout == "slow-login completed\n", done
+        # a look given less than the answer takes: the host is unreadable (not a copy that broke
+        # off, which ended wait with an error), and the end last read there stands
+        done = cli("wait", "slow-login", "--timeout", "1", home=home)
+    finally:
+        login.unlink()
+    assert done.returncode == 0 and done.stdout == "slow-login completed\n", done
+
+
 def test_fault_five_percent_packet_loss_transfers_complete_intact(fault_node, home):
     digest = _random_file(home / "lossy.bin", 50)
     fault_node.nft(1, "table inet fault {\n"
