@@ -2612,7 +2612,7 @@ def _afresh(root: Path, state: dict[str, Any]) -> dict[str, Any]:
     fresh: dict[str, Any] = {"status": "running"}
     if state:  # (damaged: why is said while it runs; a record not written yet is no news)
         fresh["warning"] = f"{state['error']}: written again"
-    pid = _lock_holder(f"{root}/{ALIVE_LOCK}")
+    pid = next(iter(_lock_holders(f"{root}/{ALIVE_LOCK}")), None)
     with _suppress(OSError, ValueError, TypeError):
         if pid is not None:
             start = process_start_ticks(pid)
@@ -2630,21 +2630,22 @@ def _started_at(ticks: int | None) -> str | None:
     return _iso(_dt.datetime.fromtimestamp(moment, _dt.timezone.utc))
 
 
-def _lock_holder(path: str) -> int | None:
-    """The first started of the processes here that hold the flock on ``path`` (a job's wrapper;
-    the others are its children): each has a file open on it whose /proc fdinfo shows the lock,
-    so it is the holder, not a number that matches. None when none here does (or no /proc)."""
+def _lock_holders(path: str) -> list[int]:
+    """The processes here that hold the flock on ``path``, first started first (of a job's: its
+    wrapper, then its children and what they left running): each has a file open on it whose
+    /proc fdinfo shows the lock, so it is a holder, not a number that matches. [] when none
+    here does (or no /proc)."""
     try:
         lock = os.stat(path)
         pids = [name for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
-        return None
+        return []
     found = []
     for pid in pids:
         with _suppress(OSError):
             if any(_holds(f"/proc/{pid}", fd, lock) for fd in os.listdir(f"/proc/{pid}/fd")):
                 found.append((process_start_ticks(pid) or 0, int(pid)))
-    return min(found)[1] if found else None
+    return [pid for _, pid in sorted(found)]
 
 
 def _holds(process: str, fd: str, lock: os.stat_result) -> bool:
@@ -2838,7 +2839,7 @@ class Slots:
         pid = self.dispatcher_pid()
         if pid is None and (self.entries() or self.entries(AFTER_DIR) or self._starting()):
             _detached(None)
-            mine = [child.pid for child in _DETACHED if str(self.root) in child.args]
+            mine = [kept.pid for kept in _DETACHED if str(self.root) in getattr(kept, "args", ())]
             if view and mine:
                 return mine[0]
             pid = _start_detached(_serve_argv(python or sys.executable or "python3", "dispatch",
@@ -5437,10 +5438,12 @@ def _check_runs_here(root: Path, state: dict[str, Any]) -> None:
 def _stop(root: Path, grace: float) -> None:
     """SIGTERM the job's process group while the job's lock is held (its processes, and only
     while they live: the group's id cannot be taken by another while any of them does), then
-    SIGKILL after ``grace`` seconds, saying so in the record's cancel mark first; returns once the
-    lock is free (at most a few seconds more)."""
+    SIGKILL after ``grace`` seconds, saying so in the record's cancel mark first; what the job
+    left running outside its group, holding its lock, is told the same, once the group is gone;
+    returns once the lock is free (at most a few seconds more)."""
     deadline = time.monotonic() + grace
     sent: list[int] = []
+    told: set[tuple[int, int]] = set()
     while _alive(root):
         pgid = read_state(root).get("pgid")
         late = time.monotonic() > deadline
@@ -5452,9 +5455,29 @@ def _stop(root: Path, grace: float) -> None:
                     with _suppress(ProcessLookupError, PermissionError):
                         os.killpg(pgid, sig)
                     sent.append(sig)
+        if sent and (late or not _group_lives(int(pgid or 0))):  # what it left (`cmd &`,
+            sig = signal.SIGKILL if late else signal.SIGTERM  # setsid) holds its lock, and its
+            for pid in _lock_holders(f"{root}/{ALIVE_LOCK}"):  # slot if its wrapper was killed:
+                if (pid, sig) not in told:  # it goes with the job, told as its group was
+                    told.add((pid, sig))
+                    with _suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
         if late and time.monotonic() > deadline + 5.0:
             break
         time.sleep(0.05)
+
+
+def _group_lives(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` lives (one of another user's counts; a zombie counts
+    too, so this process's own that ended are reaped first)."""
+    _detached(None)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _killed_mark(record: dict[str, Any]) -> bool:

@@ -3530,6 +3530,36 @@ def test_jobs_interrupted_function_job_holds_its_slot_while_its_run_lives(home):
     assert json.loads(counter.read_text()) == [0, 1], "never two runs on the one slot"
 
 
+def test_control_cancel_stops_what_the_job_left_running_and_frees_its_slot(home, monkeypatch):
+    """A job that left a process running (`setsid server &`) and ignored SIGTERM was killed on
+    cancel, but the process it left kept the job's lock and slot: the next job waited for ever,
+    `queue` showed the cancelled job running; one that honoured SIGTERM cancelled in grace + 5 s
+    (hostile review 8, item 5)."""
+    proj = _git_proj(home)
+    monkeypatch.chdir(proj)
+    left = home / "left"
+    deaf = f"setsid sleep 300 & echo $! >> {shlex.quote(str(left))}; trap '' TERM; while :; do sleep 0.2; done"
+    polite = f"setsid sleep 300 & echo $! >> {shlex.quote(str(left))}; exec sleep 300"
+    try:
+        first = RemoteMachine(["sh", "-c", deaf], config(job_id="deaf", max_simultaneous_jobs=1)).run()
+        wait_for(lambda: left.exists() and first.get_status(0).status == "running", what="deaf runs")
+        after = RemoteMachine(["true"], config(job_id="deaf-next", max_simultaneous_jobs=1)).run()
+        assert first.cancel(grace=1).status == "cancelled"
+        assert wait_done(after).status == "completed", "the slot went with the job"
+        second = RemoteMachine(["sh", "-c", polite], config(job_id="polite", lock_resources=False)).run()
+        wait_for(lambda: len(left.read_text().split()) == 2 and second.get_status(0).status == "running",
+                 what="polite runs")
+        started = time.monotonic()
+        assert second.cancel(grace=60).status == "cancelled"
+        assert time.monotonic() - started < 30, "waited out the grace for a process outside the group"
+        for pid in left.read_text().split():
+            wait_for(lambda pid=pid: not stackops.pid_is_alive(int(pid)), what=f"left process {pid} to end")
+    finally:
+        for pid in left.read_text().split() if left.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
 def test_jobs_started_from_a_long_lived_process_leave_no_zombies(home):
     """A process that starts job after job (a notebook) gathered a zombie for each (the job's
     wrapper, or its queue's dispatcher: started, never waited for) until it exited; and each of
