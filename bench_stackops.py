@@ -26,6 +26,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -1199,6 +1200,7 @@ def main() -> int:
             return 2
     runs = args.runs or (3 if args.quick else 7)
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # as users run it: bytecode cached
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: its servers and hosts go too
     bed = Bed(args.disk)
     sys.path.insert(0, str(HERE))
     import stackops
