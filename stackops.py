@@ -8931,9 +8931,12 @@ class _OverSSH(_Place):
     def call(self, requests: list[dict[str, Any]]) -> list[Any]:
         """The executing side's answers, each waited for 60 s (or what is left of wait's look);
         a host that goes quiet meanwhile is lost, as one never reached (no copy broke off)."""
+        ssh = self.ssh
         try:
-            return self.ssh.serve(requests, timeout=_bounded(max(self.config.ssh_timeout, 60.0)))
+            return ssh.serve(requests, timeout=_bounded(max(self.config.ssh_timeout, 60.0)))
         except TransferError as exc:
+            if ssh.is_alive:  # the host's own word (an archive refused), not its silence
+                raise
             raise StackopsConnectionError(f"{self.host_name} stopped answering: {exc}",
                                           hint=f"is {self.host_name} overloaded?") from exc
 
