@@ -2649,13 +2649,14 @@ def _lock_holders(path: str) -> list[int]:
 
 
 def _holds(process: str, fd: str, lock: os.stat_result) -> bool:
-    """Whether ``fd`` of ``process`` (its /proc folder) is the file ``lock`` with a flock on it."""
+    """Whether ``fd`` of ``process`` (its /proc folder) is the file ``lock`` with an exclusive
+    flock on it: a job's (a reader's probe of it, _alive's, is shared: never taken for one)."""
     try:
         info = os.stat(f"{process}/fd/{fd}")
         if (info.st_ino, info.st_dev) != (lock.st_ino, lock.st_dev):
             return False
         with open(f"{process}/fdinfo/{fd}", encoding="utf-8") as handle:
-            return "FLOCK" in handle.read()
+            return any("FLOCK" in line and "WRITE" in line for line in handle)
     except OSError:
         return False
 

@@ -3530,6 +3530,27 @@ def test_jobs_interrupted_function_job_holds_its_slot_while_its_run_lives(home):
     assert json.loads(counter.read_text()) == [0, 1], "never two runs on the one slot"
 
 
+def test_control_lock_holders_are_who_hold_a_job_lock_never_a_reader_probing_it(tmp_path):
+    """cancel signals what holds the job's lock (its processes, and what they left running): a
+    `status` or `list` probing the lock at that moment holds a shared flock on it, and was taken
+    for one of the job's processes (review 9)."""
+    lock = tmp_path / "alive.lock"
+    lock.touch()
+    hold = "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.{}); print(1, flush=True); time.sleep(60)"
+    reader = subprocess.Popen([sys.executable, "-c", hold.format("LOCK_SH"), str(lock)], stdout=subprocess.PIPE)
+    try:
+        reader.stdout.readline()
+        assert stackops._lock_holders(str(lock)) == []
+        reader.kill()
+        reader.wait()
+        reader = subprocess.Popen([sys.executable, "-c", hold.format("LOCK_EX"), str(lock)], stdout=subprocess.PIPE)
+        reader.stdout.readline()
+        assert stackops._lock_holders(str(lock)) == [reader.pid]
+    finally:
+        reader.kill()
+        reader.wait()
+
+
 def test_control_cancel_stops_what_the_job_left_running_and_frees_its_slot(home, monkeypatch):
     """A job that left a process running (`setsid server &`) and ignored SIGTERM was killed on
     cancel, but the process it left kept the job's lock and slot: the next job waited for ever,
