@@ -4438,15 +4438,16 @@ def _exit_record(status: int, usage: Any) -> dict[str, Any]:
 
 
 def _stop_child(pid: int, grace: float) -> None:
-    """SIGTERM to child ``pid``, SIGKILL if it still runs ``grace`` seconds later; reaped."""
-    deadline = time.monotonic() + grace
+    """Child ``pid`` ended and reaped: ``grace`` seconds to end of itself (it took the same
+    Ctrl-C: a checkpoint being saved), then SIGTERM, and SIGKILL ``grace`` seconds after."""
     try:
-        os.kill(pid, signal.SIGTERM)
-        while time.monotonic() < deadline:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+                time.sleep(0.05)
+            os.kill(pid, sig)
         os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
         pass  # gone, and reaped already
@@ -4454,9 +4455,8 @@ def _stop_child(pid: int, grace: float) -> None:
 
 def _wait_child(pid: int, grace: float = 10.0) -> dict[str, Any]:
     """Wait for child ``pid`` (a command job's program, or the forked Python of a function job)
-    and return its _exit_record. Whatever is raised meanwhile (the wrapper's SIGTERM handler: a
-    cancel, Slurm's time limit) stops the child first (SIGTERM, then SIGKILL after ``grace``
-    seconds) and then goes on up."""
+    and return its _exit_record. Whatever is raised meanwhile (Ctrl-C: SIGINT to the group, the
+    child's too) stops the child first (see _stop_child) and then goes on up."""
     try:
         _, status, usage = os.wait4(pid, 0)
     except BaseException:
@@ -5469,16 +5469,14 @@ def _stop(root: Path, grace: float) -> None:
 
 
 def _group_lives(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` lives (one of another user's counts; a zombie counts
-    too, so this process's own that ended are reaped first)."""
-    _detached(None)
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+    """Whether a process of group ``pgid`` lives, not a zombie (a wrapper that ended stays one
+    until its starter, a notebook that fired it, reaps it: no telling when)."""
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():  # (none: no holders)
+        with _suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
 
 
 def _killed_mark(record: dict[str, Any]) -> bool:
