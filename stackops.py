@@ -4460,7 +4460,8 @@ def _wait_child(pid: int, grace: float = 10.0) -> dict[str, Any]:
     try:
         _, status, usage = os.wait4(pid, 0)
     except BaseException:
-        _stop_child(pid, grace)
+        with _Uninterrupted():  # (a second Ctrl-C is taken once it is stopped)
+            _stop_child(pid, grace)
         raise
     return _exit_record(status, usage)
 

@@ -3487,7 +3487,7 @@ def test_jobs_process_left_behind_by_an_ended_job_holds_no_slot(home, monkeypatc
 
 
 INTERRUPTED_SOURCE = """
-    import fcntl, json, os, time
+    import fcntl, json, os, signal, time
 
     def holds(counter, mark="", seconds=60.0):
         def change(delta):
@@ -3504,6 +3504,7 @@ INTERRUPTED_SOURCE = """
                     open(mark + ".ready", "w").close()
                 time.sleep(seconds)
             except KeyboardInterrupt:  # Ctrl-C: save a checkpoint, which takes a while
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the same again cuts it short)
                 open(mark, "w").close()
                 time.sleep(0.5)
                 open(mark + ".saved", "w").close()
@@ -3527,6 +3528,7 @@ def test_jobs_interrupted_function_job_holds_its_slot_while_its_run_lives(home):
                            func_kwargs={"counter": str(counter), "seconds": 0.3}).run()
     os.killpg(state_of(first)["pgid"], signal.SIGINT)
     wait_for(mark.exists, 60, "the run to take the interrupt")
+    os.killpg(state_of(first)["pgid"], signal.SIGINT)  # pressed twice: the wrapper still waits
     assert wait_done(second, timeout=90).status == "completed"
     assert wait_done(first).status == "failed"
     assert json.loads(counter.read_text()) == [0, 1], "never two runs on the one slot"
