@@ -7616,8 +7616,10 @@ def test_slurm_status_of_a_pending_array_writes_no_record_it_need_not(slurm, hom
                                                    max_simultaneous_jobs=1,
                                                    slurm_options={"begin": "now+3600"})).run()
     try:
-        machine.get_status(0)
         last = machine.file_manager.job_root.parent / f"{machine.job_id}-2" / "logs" / "state.json"
+        # (until slurmctld has looked at the job, it says PENDING without a reason, then BeginTime)
+        wait_for(lambda: machine.get_status(0) and (stackops.read_state(last.parent.parent).get("slurm") or {})
+                 .get("reason") == "BeginTime", what="Slurm's reason for the pending tasks")
         before = (last.stat().st_mtime_ns, stackops.read_state(last.parent.parent))
         assert before[1]["status"] == "queued" and before[1]["slurm"]["state"] == "PENDING"
         report = machine.get_status(0)
