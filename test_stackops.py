@@ -4554,7 +4554,7 @@ def _remove_stale_test_users() -> None:
         for line in Path("/etc/passwd").read_text().splitlines():
             name = line.split(":", 1)[0]
             if name.startswith("sor") and name[3:].isdigit() and not Path(f"/proc/{name[3:]}").exists():
-                subprocess.run(["userdel", name], capture_output=True)
+                _drop_account(name)
 
 
 def _free_port() -> int:
@@ -4676,7 +4676,32 @@ def sshd():
     finally:
         shutil.rmtree(base, ignore_errors=True)
         if os.geteuid() == 0:
-            subprocess.run(["userdel", _remote_user_name()], capture_output=True)
+            _drop_account(_remote_user_name())
+
+
+def _drop_account(name: str) -> None:
+    """Remove a test's own account once what runs under it (jobs a test left on its host, still
+    ending) is gone: userdel refuses an account in use, and the account stayed behind."""
+    import pwd
+
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        pids = []
+        for status in Path("/proc").glob("[0-9]*/status"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(next(line for line in status.read_text().splitlines() if line.startswith("Uid:")).split()[1]) == uid:
+                    pids.append(int(status.parent.name))
+        if not pids:
+            break
+        for pid in pids:  # (the account is this session's own: so is each of its processes)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    subprocess.run(["userdel", name], capture_output=True)
 
 
 def _kill_remote_leftovers(remote_home: Path) -> None:
@@ -5416,7 +5441,7 @@ def _login_account(sshd: SSHD, shell: str):
         yield user, home
     finally:
         _kill_remote_leftovers(home)
-        subprocess.run(["userdel", user], capture_output=True)
+        _drop_account(user)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -5827,7 +5852,7 @@ def test_remote_cli_send_key_prompts_for_the_password_on_a_terminal(sshd, home, 
         with contextlib.suppress(AssertionError):  # its sessions end a moment after the connections
             wait_for(lambda: subprocess.run(["pgrep", "-u", user], capture_output=True).returncode != 0,
                      timeout=10, what=f"the processes of {user} to end")
-        subprocess.run(["userdel", user], capture_output=True)
+        _drop_account(user)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -12541,7 +12566,7 @@ def _other_account():
     try:
         yield pwd.getpwnam(name).pw_uid
     finally:
-        subprocess.run(["userdel", name], capture_output=True)
+        _drop_account(name)
 
 
 def _planted_pyc(path: Path) -> None:
