@@ -5445,7 +5445,7 @@ def _stop(root: Path, grace: float) -> None:
     returns once the lock is free (at most a few seconds more)."""
     deadline = time.monotonic() + grace
     sent: list[int] = []
-    told: set[tuple[int, int]] = set()
+    told: set[int] = set()
     while _alive(root):
         pgid = read_state(root).get("pgid")
         late = time.monotonic() > deadline
@@ -5457,13 +5457,12 @@ def _stop(root: Path, grace: float) -> None:
                     with _suppress(ProcessLookupError, PermissionError):
                         os.killpg(pgid, sig)
                     sent.append(sig)
-        if sent and (late or not _group_lives(int(pgid or 0))):  # what it left (`cmd &`,
-            sig = signal.SIGKILL if late else signal.SIGTERM  # setsid) holds its lock, and its
-            for pid in _lock_holders(f"{root}/{ALIVE_LOCK}"):  # slot if its wrapper was killed:
-                if (pid, sig) not in told:  # it goes with the job, told as its group was
-                    told.add((pid, sig))
-                    with _suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, sig)
+        sig = signal.SIGKILL if late else signal.SIGTERM  # what it left (`cmd &`, setsid) holds
+        if sent and sig not in told and (late or not _group_lives(int(pgid or 0))):  # its lock,
+            told.add(sig)  # and its slot if its wrapper was killed: it goes with the job, told
+            for pid in _lock_holders(f"{root}/{ALIVE_LOCK}"):  # as its group was (once each)
+                with _suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
         if late and time.monotonic() > deadline + 5.0:
             break
         time.sleep(0.05)
